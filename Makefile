@@ -1,0 +1,38 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both bootstrap .venv (idempotent,
+# re-run when pyproject.toml changes) and install Debian's prometheus package when it is missing.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: all venv prometheus node-exporter test demo bench lint clean
+
+all: test
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# torch first and pinned: the CPU build on disk, never a multi-GB CUDA download.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+venv: $(STAMP)
+
+prometheus:
+	@scripts/ensure-debian-package prometheus prometheus promtool
+
+node-exporter:
+	@scripts/ensure-debian-package prometheus-node-exporter prometheus-node-exporter
+
+test: venv prometheus
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+demo: venv prometheus
+	$(BIN)/trainmetrics demo
+
+bench: venv prometheus node-exporter
+	@set -e; for script in bench/*.py; do echo "== $$script"; $(BIN)/python $$script; done
+
+clean:
+	rm -rf $(VENV) .pytest_cache *.egg-info

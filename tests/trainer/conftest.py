@@ -1,0 +1,54 @@
+"""Helpers for trainer tests: run the real trainer in-process or as the real command."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from trainer.config import TrainConfig
+from trainer.metrics import JobMetrics
+from trainer.runner import StopFlag, Trainer, prepare
+
+
+def build_trainer(**overrides) -> Trainer:
+    """A Trainer for the config, with metrics not served over HTTP."""
+    config = TrainConfig(**{"job_id": "test-job", **overrides})
+    device, dataset, model, _ = prepare(config)
+    metrics = JobMetrics(config.job_id, model=config.model, dataset=dataset.name, listen=None,
+                         log_every=config.log_every)
+    return Trainer(config, dataset, model, device, metrics, StopFlag())
+
+
+@pytest.fixture
+def make_trainer():
+    """Build Trainers and release their metrics afterwards."""
+    made = []
+
+    def make(**overrides) -> Trainer:
+        trainer = build_trainer(**overrides)
+        made.append(trainer)
+        return trainer
+
+    yield make
+    for trainer in made:
+        trainer.metrics.close()
+
+
+def train_command(*args: str) -> list[str]:
+    """The real `trainmetrics train` command line."""
+    return [sys.executable, "-m", "trainmetrics", "train", *args]
+
+
+def parse_summary(stdout: str) -> dict:
+    """The job's closing `summary {...}` line."""
+    lines = [line for line in stdout.splitlines() if line.startswith("summary ")]
+    assert lines, f"no summary line in output:\n{stdout}"
+    return json.loads(lines[-1][len("summary "):])
+
+
+def run_train(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    """Run `trainmetrics train ARGS` to completion, capturing output."""
+    return subprocess.run(train_command(*args), capture_output=True, text=True, timeout=timeout,
+                          cwd=Path(__file__).parent)

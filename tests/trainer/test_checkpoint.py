@@ -1,0 +1,76 @@
+"""Checkpoints are atomic, weights-only loadable, and a resume continues exactly."""
+
+import errno
+
+import pytest
+import torch
+
+from trainer import checkpoint as ckpt
+
+
+def test_checkpoint_loads_with_weights_only(make_trainer, tmp_path):
+    trainer = make_trainer(model="mlp", dataset="blobs", epochs=1, checkpoint_dir=tmp_path)
+    trainer.run()
+    checkpoints = ckpt.list_checkpoints(tmp_path)
+    assert [c.step for c in checkpoints] == [trainer.metrics.steps]
+    state = torch.load(checkpoints[0].path, weights_only=True)
+    assert state["step"] == trainer.metrics.steps and state["epoch"] == 1
+    weights = torch.load(tmp_path / ckpt.FINAL_MODEL_NAME, weights_only=True)
+    assert set(weights) == set(trainer.model.state_dict())
+
+
+def test_failed_write_keeps_previous_checkpoint_and_leaves_no_temp_file(tmp_path, monkeypatch):
+    ckpt.save_checkpoint(tmp_path, {"step": 1, "w": torch.ones(3)})
+    real_save = torch.save
+
+    def disk_full(obj, handle):
+        real_save(obj, handle)
+        handle.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError):
+        ckpt.save_checkpoint(tmp_path, {"step": 2, "w": torch.zeros(3)})
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [ckpt.checkpoint_name(1)]
+    assert torch.equal(ckpt.load_latest(tmp_path)["w"], torch.ones(3))
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path):
+    ckpt.save_checkpoint(tmp_path, {"step": 1, "w": torch.ones(2)})
+    (tmp_path / ckpt.checkpoint_name(2)).write_bytes(b"truncated by a crash")
+    assert ckpt.load_latest(tmp_path)["step"] == 1
+
+
+def test_only_newest_checkpoints_are_kept(tmp_path):
+    for step in range(1, 6):
+        ckpt.save_checkpoint(tmp_path, {"step": step}, keep=2)
+    assert [c.step for c in ckpt.list_checkpoints(tmp_path)] == [4, 5]
+
+
+def test_resume_mid_epoch_equals_an_uninterrupted_run(make_trainer, tmp_path):
+    common = dict(model="mlp", dataset="blobs", epochs=2, batch_size=64, seed=3)
+    straight = make_trainer(**common)
+    straight.run()
+
+    first = make_trainer(**common, checkpoint_dir=tmp_path, checkpoint_every=30)
+    first.stop.signal_name = None
+    # Stop after the checkpoint at step 60 (mid epoch 2), as SIGTERM would at a step boundary.
+    original_step = first.metrics.step
+
+    def step_then_maybe_stop(*args, **kwargs):
+        original_step(*args, **kwargs)
+        if first.metrics.steps == 60:
+            first.stop.signal_name = "SIGTERM"
+
+    first.metrics.step = step_then_maybe_stop
+    assert first.run() == "cancelled"
+    assert ckpt.list_checkpoints(tmp_path)[-1].step == 60
+
+    resumed = make_trainer(**common, checkpoint_dir=tmp_path)
+    resumed.restore(ckpt.load_latest(tmp_path))
+    assert resumed.run() == "completed"
+    assert resumed.metrics.steps == straight.metrics.steps
+    assert resumed.metrics.samples == straight.metrics.samples
+    for name, tensor in straight.model.state_dict().items():
+        assert torch.allclose(resumed.model.state_dict()[name], tensor, atol=1e-6), name

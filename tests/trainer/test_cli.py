@@ -1,0 +1,126 @@
+"""`trainmetrics train` as a user runs it: bad input, signals, failures, resume."""
+
+import os
+import signal
+import socket
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+from trainmetrics.cli import main
+
+from .conftest import parse_summary, run_train, train_command
+
+
+def bad_csv(tmp_path, name: str, text: str) -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+BAD_INPUTS = {
+    "unknown model": (lambda t: ["--model", "resnet9000"], "unknown model 'resnet9000'"),
+    "unknown dataset": (lambda t: ["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
+    "missing file": (lambda t: ["--dataset", str(t / "nope.csv")], "dataset file not found"),
+    "ragged csv": (lambda t: ["--dataset", bad_csv(t, "r.csv", "a,b,label\n1,2,0\n1,2\n3,4,1\n")],
+                   "line 3 has 2 fields, the header has 3"),
+    "non-numeric csv": (lambda t: ["--dataset", bad_csv(t, "n.csv", "a,b,label\n1,2,0\n1,x,1\n")],
+                        "line 3: non-numeric value 'x'"),
+    "empty csv": (lambda t: ["--dataset", bad_csv(t, "e.csv", "")], "empty file"),
+    "csv without label": (lambda t: ["--dataset", bad_csv(t, "l.csv", "a,b\n1,2\n3,4\n")],
+                          "no target column 'label'"),
+    "npz without y": (lambda t: (np.savez(t / "x.npz", x=np.ones((4, 2))), ["--dataset", str(t / "x.npz")])[1],
+                      "missing array(s) ['y']"),
+    "npz not a zip": (lambda t: ["--dataset", bad_csv(t, "z.npz", "not a zip")], "not a readable NPZ"),
+    "bad job id": (lambda t: ["--job-id", "../etc"], "invalid job id '../etc'"),
+    "bad epochs": (lambda t: ["--epochs", "0"], "--epochs must be at least 1"),
+    "unwritable checkpoint dir": (lambda t: (bad_csv(t, "file", "x"), ["--checkpoint-dir", str(t / "file" / "ck")])[1],
+                                  "is not writable"),
+    "bad listen address": (lambda t: ["--metrics-listen", "127.0.0.1:99999"], "invalid listen address"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=list(BAD_INPUTS))
+def test_bad_input_is_one_line_exit_2_and_leaves_nothing(case, tmp_path, capsys):
+    make_args, message = BAD_INPUTS[case]
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    args = make_args(inputs)
+    outputs = tmp_path / "outputs"
+    outputs.mkdir()
+    common = ["--targets-dir", str(outputs / "targets"), "--job-dir", str(outputs / "jobs"), "--epochs", "1"]
+    if "--checkpoint-dir" not in args:
+        common += ["--checkpoint-dir", str(outputs / "ckpt")]
+    code = main(["train", *common, *args])
+    stderr = capsys.readouterr().err
+    assert code == 2
+    assert message in stderr
+    assert len(stderr.strip().splitlines()) == 1, stderr
+    assert list(outputs.rglob("*")) == []
+
+
+def test_metrics_port_in_use_is_bad_input(tmp_path, capsys):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code = main(["train", "--metrics-listen", f"127.0.0.1:{port}", "--targets-dir", str(tmp_path / "t"),
+                     "--checkpoint-dir", str(tmp_path / "ck")])
+    stderr = capsys.readouterr().err
+    assert code == 2 and f"cannot serve metrics on 127.0.0.1:{port}" in stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def wait_for_line(process: subprocess.Popen, needle: str, timeout: float = 120) -> list[str]:
+    lines, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = process.stderr.readline()
+        if not line:
+            break
+        lines.append(line)
+        if needle in line:
+            return lines
+    raise AssertionError(f"{needle!r} not seen:\n{''.join(lines)}")
+
+
+def test_sigterm_cancels_after_a_checkpoint_and_resume_keeps_the_step_count(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    args = ["--job-id", "sig-1", "--dataset", "blobs", "--epochs", "30", "--batch-size", "16",
+            "--log-every", "20", "--checkpoint-dir", str(ckpt), "--checkpoint-every", "1000"]
+    process = subprocess.Popen(train_command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_line(process, "step=40 ")
+    process.send_signal(signal.SIGTERM)
+    stdout, _ = process.communicate(timeout=60)
+    assert process.returncode == 3
+    cancelled = parse_summary(stdout)
+    assert cancelled["state"] == "cancelled" and cancelled["steps"] >= 40
+    names = sorted(p.name for p in ckpt.iterdir())
+    assert names == [f"step-{cancelled['steps']:09d}.pt"]        # the final checkpoint at the boundary
+
+    resumed = run_train(*args[:5], "2", *args[6:], "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    summary = parse_summary(resumed.stdout)
+    assert summary["state"] == "completed"
+    assert summary["steps"] == 2 * 200                            # 3200 samples / 16 per batch, 2 epochs
+    assert f"resumed at step {cancelled['steps']}" in resumed.stderr
+
+
+def test_exception_mid_run_fails_with_exit_1_and_names_the_error(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    process = subprocess.Popen(
+        train_command("--job-id", "fail-1", "--epochs", "50", "--batch-size", "16", "--log-every", "10",
+                      "--checkpoint-dir", str(ckpt), "--checkpoint-every", "5"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_line(process, "step=10 ")
+    # The checkpoint dir turns into a file: the next checkpoint write fails for real.
+    for entry in ckpt.iterdir():
+        entry.unlink()
+    os.rmdir(ckpt)
+    ckpt.write_text("not a directory")
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 1
+    summary = parse_summary(stdout)
+    assert summary["state"] == "failed" and summary["error_type"] in ("NotADirectoryError", "FileNotFoundError")
+    assert f"job fail-1 failed: {summary['error_type']}" in stderr

@@ -1,0 +1,5 @@
+import sys
+
+from trainmetrics.cli import main
+
+sys.exit(main(["train", *sys.argv[1:]]))

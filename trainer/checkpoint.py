@@ -1,0 +1,96 @@
+"""Atomic, weights-only-loadable checkpoints: temp file in the same dir, fsync, rename, fsync the dir.
+
+A crash or a full disk mid-write leaves the previous checkpoint intact and no partial file under a
+checkpoint name. Files hold only tensors, numbers, strings, lists and dicts, so
+``torch.load(path, weights_only=True)`` loads them.
+"""
+
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+CHECKPOINT_PATTERN = re.compile(r"^step-(\d{9})\.pt$")
+FINAL_MODEL_NAME = "model.pt"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint file and the step it was taken at."""
+
+    path: Path
+    step: int
+
+
+def checkpoint_name(step: int) -> str:
+    """The file name for a checkpoint at `step` (zero-padded so names sort by step)."""
+    return f"step-{step:09d}.pt"
+
+
+def ensure_writable_dir(directory: Path) -> Path:
+    """Create the directory if needed and prove we can write into it; raise OSError otherwise."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"):
+        pass
+    return directory
+
+
+def atomic_save(obj, path: Path) -> Path:
+    """torch.save `obj` to `path` atomically and durably."""
+    path = Path(path)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        try:
+            os.unlink(tmp_name)
+        except FileNotFoundError:
+            pass
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return path
+
+
+def list_checkpoints(directory: Path) -> list[Checkpoint]:
+    """Checkpoints in the directory, oldest first (temp files and other names ignored)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = []
+    for entry in directory.iterdir():
+        match = CHECKPOINT_PATTERN.match(entry.name)
+        if match and entry.is_file():
+            found.append(Checkpoint(entry, int(match.group(1))))
+    return sorted(found, key=lambda c: c.step)
+
+
+def save_checkpoint(directory: Path, state: dict, keep: int = 3) -> Checkpoint:
+    """Write state (must hold 'step') as the newest checkpoint and prune all but the newest `keep`."""
+    step = int(state["step"])
+    path = atomic_save(state, Path(directory) / checkpoint_name(step))
+    if keep > 0:
+        for old in list_checkpoints(directory)[:-keep]:
+            old.path.unlink(missing_ok=True)
+    return Checkpoint(path, step)
+
+
+def load_latest(directory: Path, map_location="cpu") -> dict | None:
+    """The newest checkpoint that loads; a corrupt newest file falls back to the one before it."""
+    for checkpoint in reversed(list_checkpoints(directory)):
+        try:
+            return torch.load(checkpoint.path, map_location=map_location, weights_only=True)
+        except Exception:   # truncated or corrupt: try the previous one
+            continue
+    return None

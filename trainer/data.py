@@ -1,0 +1,223 @@
+"""Datasets: built-in (generated, shipped in a package, or committed to the repo) and user CSV/NPZ files.
+
+Built-ins need no download:
+- ``blobs``: generated 5-class Gaussian clusters in 20 dimensions (tabular classification);
+- ``digits``: scikit-learn's 8x8 handwritten digits, 1,797 images shipped inside the package;
+- ``corpus``: ~120 KB of the Python Language Reference committed in trainer/corpus (character LM).
+
+A user CSV has a header row, numeric feature columns and a target column (``label`` unless told
+otherwise); integer targets mean classification, other numbers regression. An NPZ holds arrays ``x``
+(samples first) and ``y``. A ``.txt`` file is a corpus for the language model.
+"""
+
+import csv
+import math
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import TensorDataset
+
+from trainer.config import BUILTIN_DATASETS
+
+CORPUS_PATH = Path(__file__).parent / "corpus" / "python_reference.txt"
+EVAL_FRACTION = 0.2
+LM_BLOCK_SIZE = 64
+MAX_CLASSES = 10_000
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be used; the message names the file, line or array at fault."""
+
+
+@dataclass
+class Dataset:
+    """Train and eval splits plus what a model needs to know about them."""
+
+    name: str
+    task: str                     # "classification", "regression" or "language"
+    train: TensorDataset
+    eval: TensorDataset
+    input_shape: tuple[int, ...]  # one sample's shape
+    num_outputs: int              # classes, 1 for regression, vocabulary size for language
+
+    @property
+    def is_image(self) -> bool:
+        """True when samples are (channels, height, width) images."""
+        return len(self.input_shape) == 3
+
+
+def load_dataset(spec: str, target: str = "label", seed: int = 0) -> Dataset:
+    """Load a built-in dataset by name or a user file by path (.csv, .npz, .txt)."""
+    if spec == "blobs":
+        return _split("blobs", *_make_blobs(seed), seed=seed)
+    if spec == "digits":
+        return _digits(seed)
+    if spec == "corpus":
+        return _language("corpus", CORPUS_PATH.read_text(encoding="utf-8"))
+    path = Path(spec)
+    suffix = path.suffix.lower()
+    if suffix not in (".csv", ".npz", ".txt"):
+        raise DatasetError(f"unknown dataset {spec!r}: use one of {', '.join(BUILTIN_DATASETS)} "
+                           "or a path to a .csv, .npz or .txt file")
+    if not path.is_file():
+        raise DatasetError(f"dataset file not found: {spec}")
+    if suffix == ".csv":
+        x, y = read_csv(path, target)
+    elif suffix == ".npz":
+        x, y = read_npz(path)
+    else:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            raise DatasetError(f"{path}: not UTF-8 text ({error.reason})") from None
+        return _language(path.name, text)
+    return _split(path.name, x, y, seed=seed)
+
+
+def _make_blobs(seed: int, samples: int = 4000, features: int = 20, classes: int = 5):
+    generator = np.random.default_rng(seed)
+    centers = generator.normal(0.0, 1.0, size=(classes, features))
+    y = generator.integers(0, classes, size=samples)
+    x = centers[y] + generator.normal(0.0, 1.5, size=(samples, features))
+    return x.astype(np.float32), y.astype(np.int64)
+
+
+def _digits(seed: int) -> Dataset:
+    from sklearn.datasets import load_digits  # the images ship inside the package: no download
+
+    digits = load_digits()
+    x = (digits.images / 16.0).astype(np.float32)[:, None, :, :]   # (N, 1, 8, 8), scaled to 0..1
+    return _split("digits", x, digits.target.astype(np.int64), seed=seed)
+
+
+def read_csv(path: Path, target: str = "label") -> tuple[np.ndarray, np.ndarray]:
+    """Read a numeric CSV with a header; returns (features, target) or raises DatasetError."""
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            reader = csv.reader(handle)
+            header = next(reader, None)
+            if not header or all(not cell.strip() for cell in header):
+                raise DatasetError(f"{path}: empty file (expected a header row)")
+            header = [cell.strip() for cell in header]
+            if target not in header:
+                raise DatasetError(f"{path}: no target column {target!r} in header {header}")
+            target_index = header.index(target)
+            rows = []
+            integral_target = True
+            for line_number, row in enumerate(reader, start=2):
+                if not row or all(not cell.strip() for cell in row):
+                    continue
+                if len(row) != len(header):
+                    raise DatasetError(f"{path}: line {line_number} has {len(row)} fields, "
+                                       f"the header has {len(header)}")
+                try:
+                    values = [float(cell) for cell in row]
+                except ValueError:
+                    bad = next(c for c in row if not _is_number(c))
+                    raise DatasetError(f"{path}: line {line_number}: non-numeric value {bad!r}") from None
+                if not all(math.isfinite(v) for v in values):
+                    raise DatasetError(f"{path}: line {line_number}: NaN or infinite value")
+                integral_target = integral_target and _is_integer(row[target_index])
+                rows.append(values)
+    except UnicodeDecodeError as error:
+        raise DatasetError(f"{path}: not UTF-8 text ({error.reason})") from None
+    except csv.Error as error:
+        raise DatasetError(f"{path}: malformed CSV ({error})") from None
+    if len(header) < 2:
+        raise DatasetError(f"{path}: need at least one feature column besides {target!r}")
+    if len(rows) < 2:
+        raise DatasetError(f"{path}: need at least 2 data rows, found {len(rows)}")
+    table = np.asarray(rows, dtype=np.float64)
+    y = table[:, target_index]
+    x = np.delete(table, target_index, axis=1).astype(np.float32)
+    return x, _target_array(y.astype(np.int64) if integral_target else y)
+
+
+def _is_integer(text: str) -> bool:
+    try:
+        int(text.strip())
+    except ValueError:
+        return False
+    return True
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Read arrays x and y from an NPZ (no pickles); returns (x, y) or raises DatasetError."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            missing = {"x", "y"} - set(archive.files)
+            if missing:
+                raise DatasetError(f"{path}: missing array(s) {sorted(missing)}; found {archive.files}")
+            x, y = archive["x"], archive["y"]
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as error:
+        if isinstance(error, DatasetError):
+            raise
+        raise DatasetError(f"{path}: not a readable NPZ archive ({error})") from None
+    if x.ndim < 2 or y.ndim != 1:
+        raise DatasetError(f"{path}: expected x with shape (samples, ...) and 1-D y; got {x.shape} and {y.shape}")
+    if len(x) != len(y):
+        raise DatasetError(f"{path}: x has {len(x)} samples but y has {len(y)}")
+    if len(x) < 2:
+        raise DatasetError(f"{path}: need at least 2 samples, found {len(x)}")
+    if not (np.issubdtype(x.dtype, np.number) and np.issubdtype(y.dtype, np.number)):
+        raise DatasetError(f"{path}: x and y must be numeric; got {x.dtype} and {y.dtype}")
+    x = x.astype(np.float32)
+    if not np.isfinite(x).all() or not np.isfinite(y.astype(np.float64)).all():
+        raise DatasetError(f"{path}: NaN or infinite values")
+    return x, _target_array(y)
+
+
+def _target_array(y: np.ndarray) -> np.ndarray:
+    """Integer targets become class labels (int64), floats regression targets (float32)."""
+    if np.issubdtype(y.dtype, np.integer):
+        if y.min() < 0:
+            raise DatasetError("class labels must be non-negative integers")
+        if y.max() >= MAX_CLASSES:
+            raise DatasetError(f"class label {int(y.max())} too large: at most {MAX_CLASSES} classes")
+        return y.astype(np.int64)
+    return y.astype(np.float32)
+
+
+def _split(name: str, x: np.ndarray, y: np.ndarray, seed: int) -> Dataset:
+    order = np.random.default_rng(seed).permutation(len(x))
+    n_eval = max(1, int(len(x) * EVAL_FRACTION))
+    eval_idx, train_idx = order[:n_eval], order[n_eval:]
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    classification = y.dtype == np.int64
+    if not classification:
+        yt = yt.unsqueeze(1)
+    return Dataset(
+        name=name,
+        task="classification" if classification else "regression",
+        train=TensorDataset(xt[train_idx], yt[train_idx]),
+        eval=TensorDataset(xt[eval_idx], yt[eval_idx]),
+        input_shape=tuple(x.shape[1:]),
+        num_outputs=int(y.max()) + 1 if classification else 1,
+    )
+
+
+def _language(name: str, text: str, block_size: int = LM_BLOCK_SIZE) -> Dataset:
+    vocabulary = sorted(set(text))
+    if len(text) < 4 * (block_size + 1):
+        raise DatasetError(f"{name}: corpus too short ({len(text)} characters; need {4 * (block_size + 1)})")
+    index = {ch: i for i, ch in enumerate(vocabulary)}
+    tokens = torch.tensor([index[ch] for ch in text], dtype=torch.long)
+    windows = tokens[: (len(tokens) - 1) // block_size * block_size + 1]
+    x = windows[:-1].view(-1, block_size)
+    y = windows[1:].view(-1, block_size)
+    n_eval = max(1, int(len(x) * EVAL_FRACTION))
+    # Held-out text is the end of the corpus, not a shuffle, so eval text is unseen.
+    return Dataset(name=name, task="language", train=TensorDataset(x[:-n_eval], y[:-n_eval]),
+                   eval=TensorDataset(x[-n_eval:], y[-n_eval:]), input_shape=(block_size,),
+                   num_outputs=len(vocabulary))

@@ -1,0 +1,35 @@
+"""Announcing a job to Prometheus: one file_sd target file per job process, removed at exit."""
+
+import json
+import os
+import socket
+from pathlib import Path
+
+
+def announced_host(listen_host: str) -> str:
+    """The host Prometheus should scrape: the listen host, or this machine's name for a wildcard bind."""
+    if listen_host in ("", "0.0.0.0", "::"):
+        return socket.getfqdn()
+    return listen_host
+
+
+def write_target_file(targets_dir: Path, file_stem: str, address: str) -> Path:
+    """Write `<targets_dir>/<file_stem>.json` atomically; the temp name does not match `*.json`."""
+    targets_dir = Path(targets_dir)
+    targets_dir.mkdir(parents=True, exist_ok=True)
+    path = targets_dir / f"{file_stem}.json"
+    tmp = targets_dir / f".{file_stem}.json.tmp"
+    # No job_id target label: the series carry job_id themselves, and a target label of the same name
+    # would turn theirs into exported_job_id.
+    tmp.write_text(json.dumps([{"targets": [address], "labels": {}}]))
+    os.replace(tmp, path)
+    return path
+
+
+def remove_quietly(path: Path | None) -> None:
+    """Remove a file we wrote; it may already be gone."""
+    if path is not None:
+        try:
+            Path(path).unlink()
+        except FileNotFoundError:
+            pass

@@ -1,0 +1,134 @@
+"""Built-in models, each knowing its training FLOPs per sample (for MFU).
+
+Training FLOPs ≈ 6 × multiply-accumulates of one forward pass (2 FLOPs per MAC, backward ≈ 2× forward).
+"""
+
+import torch
+from torch import nn
+
+from trainer.config import MODELS
+from trainer.data import Dataset
+
+
+class ModelError(ValueError):
+    """A model that cannot be built for the chosen dataset."""
+
+
+class MLP(nn.Module):
+    """A two-hidden-layer perceptron for tabular data (or flattened images)."""
+
+    def __init__(self, in_features: int, num_outputs: int, hidden: int = 128):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(in_features, hidden), nn.ReLU(),
+                                 nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, num_outputs))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def flops_per_sample(self) -> float:
+        """Training FLOPs for one sample."""
+        return 6.0 * sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+
+
+class SmallCNN(nn.Module):
+    """Two 3×3 convolutions, a pooling layer and a classifier head, for small images."""
+
+    def __init__(self, input_shape: tuple[int, int, int], num_outputs: int):
+        super().__init__()
+        channels, height, width = input_shape
+        self.input_shape = input_shape
+        self.features = nn.Sequential(
+            nn.Conv2d(channels, 16, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(32 * (height // 2) * (width // 2), 64), nn.ReLU(),
+                                  nn.Linear(64, num_outputs))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+    def flops_per_sample(self) -> float:
+        """Training FLOPs for one sample (convolutions at full resolution, then the head)."""
+        _, height, width = self.input_shape
+        macs = sum(m.weight.numel() * height * width for m in self.features if isinstance(m, nn.Conv2d))
+        macs += sum(m.weight.numel() for m in self.head if isinstance(m, nn.Linear))
+        return 6.0 * macs
+
+
+class CharTransformer(nn.Module):
+    """A tiny decoder-only transformer language model over characters."""
+
+    def __init__(self, vocab_size: int, block_size: int, d_model: int = 64, heads: int = 4, layers: int = 2):
+        super().__init__()
+        self.block_size, self.d_model, self.layers = block_size, d_model, layers
+        self.token = nn.Embedding(vocab_size, d_model)
+        self.position = nn.Embedding(block_size, d_model)
+        layer = nn.TransformerEncoderLayer(d_model, heads, dim_feedforward=4 * d_model, dropout=0.0,
+                                           batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, vocab_size)
+        self.register_buffer("causal_mask", nn.Transformer.generate_square_subsequent_mask(block_size),
+                             persistent=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        length = tokens.shape[1]
+        positions = torch.arange(length, device=tokens.device)
+        h = self.token(tokens) + self.position(positions)
+        h = self.blocks(h, mask=self.causal_mask[:length, :length], is_causal=True)
+        return self.head(self.norm(h))
+
+    def flops_per_sample(self) -> float:
+        """Training FLOPs for one sequence: weight matmuls plus attention scores and mixing."""
+        matmul_params = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        matmul_params += sum(m.in_proj_weight.numel() for m in self.modules()
+                             if isinstance(m, nn.MultiheadAttention))
+        attention = 2 * self.layers * self.block_size * self.d_model
+        return 6.0 * self.block_size * (matmul_params + attention)
+
+
+def build_model(name: str, dataset: Dataset) -> nn.Module:
+    """The named model shaped for the dataset; ModelError when they do not fit together."""
+    if name not in MODELS:
+        raise ModelError(f"unknown model {name!r}: choose one of {', '.join(MODELS)}")
+    if name == "transformer":
+        if dataset.task != "language":
+            raise ModelError(f"model 'transformer' needs a text dataset (corpus or .txt), not {dataset.name!r}")
+        return CharTransformer(dataset.num_outputs, dataset.input_shape[0])
+    if dataset.task == "language":
+        raise ModelError(f"dataset {dataset.name!r} is text: use --model transformer")
+    if name == "cnn":
+        if not dataset.is_image:
+            raise ModelError(f"model 'cnn' needs images shaped (channels, height, width); "
+                             f"{dataset.name!r} samples have shape {dataset.input_shape}")
+        return SmallCNN(dataset.input_shape, dataset.num_outputs)
+    in_features = 1
+    for size in dataset.input_shape:
+        in_features *= size
+    return MLP(in_features, dataset.num_outputs)
+
+
+# Dense FP32 (non-tensor-core) peak FLOP/s by GPU name; the default training dtype is FP32.
+GPU_PEAK_FLOPS_FP32 = {
+    "H200": 67e12,
+    "H100 PCIe": 51e12,
+    "H100": 67e12,
+    "A100": 19.5e12,
+    "L40S": 91.6e12,
+    "A10G": 31.2e12,
+    "L4": 30.3e12,
+    "V100": 15.7e12,
+    "T4": 8.1e12,
+}
+
+
+def device_peak_flops(device: torch.device) -> float | None:
+    """Peak FP32 FLOP/s of a known CUDA device, else None (CPU peaks vary too much to guess)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peak in GPU_PEAK_FLOPS_FP32.items():   # most specific names first
+        if key in name:
+            return peak
+    return None

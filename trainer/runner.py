@@ -1,0 +1,311 @@
+"""The built-in training loop: real PyTorch training, instrumented through JobMetrics.
+
+Exit codes: 0 completed, 1 failed, 2 bad input (nothing left behind), 3 cancelled (SIGINT/SIGTERM,
+after a final checkpoint at the next step boundary).
+"""
+
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from trainer.checkpoint import FINAL_MODEL_NAME, atomic_save, ensure_writable_dir, load_latest, save_checkpoint
+from trainer.config import TrainConfig
+from trainer.data import Dataset, DatasetError, load_dataset
+from trainer.metrics import IntervalStats, JobMetrics
+from trainer.models import ModelError, build_model, device_peak_flops
+from trainmetrics.names import validate_job_id
+
+EXIT_COMPLETED, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_CANCELLED = 0, 1, 2, 3
+EVAL_BATCH_SIZE = 512
+
+log = logging.getLogger("trainmetrics.trainer")
+
+
+class BadInput(Exception):
+    """A problem with the job's input or environment, reported in one line with exit code 2."""
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM; the loop checks it at each step boundary."""
+
+    def __init__(self):
+        self.signal_name: str | None = None
+
+    def __bool__(self) -> bool:
+        return self.signal_name is not None
+
+    @contextmanager
+    def installed(self):
+        """Route SIGINT and SIGTERM to this flag for the duration of the block (main thread only)."""
+        def handler(signum, frame):
+            self.signal_name = signal.Signals(signum).name
+
+        previous = {}
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, handler)
+        try:
+            yield self
+        finally:
+            for signum, old in previous.items():
+                signal.signal(signum, old)
+
+
+def resolve_device(requested: str) -> torch.device:
+    """auto → cuda when available, else cpu; an unavailable cuda request is bad input."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise BadInput(f"--device {requested}: CUDA is not available on this machine")
+        device = torch.device(requested)
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise BadInput(f"--device {requested}: only {torch.cuda.device_count()} CUDA device(s)")
+        return device
+    return torch.device(requested)
+
+
+def physical_gpu_indices(device: torch.device) -> list[int]:
+    """The NVML index of the job's GPU (CUDA_VISIBLE_DEVICES remaps torch's numbering)."""
+    if device.type != "cuda":
+        return []
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible:
+        entries = [entry.strip() for entry in visible.split(",")]
+        if index < len(entries) and entries[index].isdigit():
+            return [int(entries[index])]
+    return [index]
+
+
+class Trainer:
+    """One job: data, model, optimizer, checkpoints and the loop."""
+
+    def __init__(self, config: TrainConfig, dataset: Dataset, model: nn.Module, device: torch.device,
+                 metrics: JobMetrics, stop: StopFlag):
+        self.config, self.dataset, self.device, self.metrics, self.stop = config, dataset, device, metrics, stop
+        self.model = model.to(device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr)
+        self.loss_fn = nn.CrossEntropyLoss() if dataset.task != "regression" else nn.MSELoss()
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.eval_accuracy: float | None = None
+        self.eval_loss: float | None = None
+
+    # ----- checkpoints -------------------------------------------------------------------------------
+    def state(self) -> dict:
+        """A weights-only checkpoint: model, optimizer and the exact position in the data."""
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "step": self.metrics.steps, "samples": self.metrics.samples, "epoch": self.epoch,
+                "batch_in_epoch": self.batch_in_epoch, "job_id": self.config.job_id,
+                "model_name": self.config.model, "dataset": self.dataset.name}
+
+    def restore(self, state: dict) -> None:
+        """Continue from a checkpoint: weights, optimizer, counters and data position."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.metrics.steps, self.metrics.samples = int(state["step"]), int(state["samples"])
+        self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
+        log.info("job %s: resumed at step %d (epoch %d, batch %d)", self.config.job_id, self.metrics.steps,
+                 self.epoch, self.batch_in_epoch)
+
+    def checkpoint(self) -> None:
+        """Write a checkpoint when a checkpoint dir is configured."""
+        if self.config.checkpoint_dir is None:
+            return
+        with self.metrics.checkpoint():
+            save_checkpoint(self.config.checkpoint_dir, self.state(), keep=self.config.keep_checkpoints)
+
+    # ----- the loop ----------------------------------------------------------------------------------
+    def epoch_order(self, epoch: int) -> list[int]:
+        """The epoch's sample order: a fixed function of seed and epoch, so a resume continues exactly."""
+        generator = torch.Generator().manual_seed(self.config.seed * 100_003 + epoch)
+        return torch.randperm(len(self.dataset.train), generator=generator).tolist()
+
+    def batches(self, epoch: int, skip_batches: int) -> DataLoader:
+        """The epoch's DataLoader, starting `skip_batches` batches in (without loading the skipped ones)."""
+        order = self.epoch_order(epoch)[skip_batches * self.config.batch_size:]
+        return DataLoader(self.dataset.train, batch_size=self.config.batch_size, sampler=order,
+                          num_workers=self.config.workers, pin_memory=self.device.type == "cuda")
+
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Task loss; language models flatten (batch, time) into one axis."""
+        if self.dataset.task == "language":
+            return self.loss_fn(outputs.reshape(-1, outputs.shape[-1]), targets.reshape(-1))
+        return self.loss_fn(outputs, targets)
+
+    def run(self) -> str:
+        """Train to the end or until stopped; returns the final state (completed or cancelled)."""
+        config, metrics = self.config, self.metrics
+        metrics.set_learning_rate(config.lr)
+        while self.epoch < config.epochs:
+            metrics.set_epoch(self.epoch)
+            self.model.train()
+            for inputs, targets in metrics.timed(self.batches(self.epoch, self.batch_in_epoch)):
+                inputs = inputs.to(self.device, non_blocking=True)
+                targets = targets.to(self.device, non_blocking=True)
+                loss = self.loss(self.model(inputs), targets)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+                self.batch_in_epoch += 1
+                metrics.step(loss=loss, samples=len(inputs))
+                if config.checkpoint_every and metrics.steps % config.checkpoint_every == 0:
+                    self.checkpoint()
+                if config.eval_every and metrics.steps % config.eval_every == 0:
+                    self.evaluate()
+                    self.model.train()
+                if self.stop:
+                    log.info("job %s: %s received, checkpointing at step %d and stopping", config.job_id,
+                             self.stop.signal_name, metrics.steps)
+                    self.checkpoint()
+                    return "cancelled"
+            self.epoch += 1
+            self.batch_in_epoch = 0
+            self.evaluate()
+            if not config.checkpoint_every:
+                self.checkpoint()
+        if config.checkpoint_dir is not None:
+            atomic_save(self.model.state_dict(), Path(config.checkpoint_dir) / FINAL_MODEL_NAME)
+        return "completed"
+
+    @torch.no_grad()
+    def evaluate(self) -> None:
+        """Loss and accuracy on the held-out split, published as eval series."""
+        self.model.eval()
+        total_loss, correct, count, predictions = 0.0, 0, 0, 0
+        for inputs, targets in DataLoader(self.dataset.eval, batch_size=EVAL_BATCH_SIZE):
+            inputs, targets = inputs.to(self.device), targets.to(self.device)
+            outputs = self.model(inputs)
+            total_loss += self.loss(outputs, targets).item() * len(inputs)
+            count += len(inputs)
+            if self.dataset.task != "regression":
+                correct += (outputs.argmax(dim=-1) == targets).sum().item()
+                predictions += targets.numel()
+        self.eval_loss = total_loss / count
+        self.eval_accuracy = correct / predictions if predictions else None
+        self.metrics.eval(loss=self.eval_loss, accuracy=self.eval_accuracy)
+        log.info("job %s: eval after step %d: loss %.4f%s", self.config.job_id, self.metrics.steps,
+                 self.eval_loss, f", accuracy {self.eval_accuracy:.4f}" if self.eval_accuracy is not None else "")
+
+
+class ProgressReporter:
+    """A tqdm bar on a terminal with --progress, plain log lines otherwise."""
+
+    def __init__(self, config: TrainConfig, total_steps: int):
+        self.job_id = config.job_id
+        self.bar = None
+        if config.progress and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, desc=config.job_id, unit="step", dynamic_ncols=True)
+
+    def __call__(self, stats: IntervalStats) -> None:
+        loss = f"{stats.loss:.4f}" if stats.loss is not None else "n/a"
+        if self.bar is not None:
+            self.bar.update(stats.step - self.bar.n)
+            self.bar.set_postfix(loss=loss, samples_per_s=f"{stats.samples_per_second:.0f}")
+        else:
+            mfu = f" mfu={stats.mfu:.4f}" if stats.mfu is not None else ""
+            log.info("job %s: step=%d samples=%d loss=%s samples_per_s=%.1f%s", self.job_id, stats.step,
+                     stats.samples, loss, stats.samples_per_second, mfu)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def prepare(config: TrainConfig):
+    """Validate everything that can be checked before any file is written; raises BadInput."""
+    try:
+        config.check()
+        validate_job_id(config.job_id)
+        device = resolve_device(config.device)
+        began = time.monotonic()
+        dataset = load_dataset(config.dataset, target=config.target, seed=config.seed)
+        load_seconds = time.monotonic() - began
+        torch.manual_seed(config.seed)   # same seed, same initial weights: runs are reproducible
+        model = build_model(config.model, dataset)
+    except (ValueError, DatasetError, ModelError) as error:
+        raise BadInput(str(error)) from None
+    return device, dataset, model, load_seconds
+
+
+def open_checkpoint_dir(config: TrainConfig) -> Path | None:
+    """Create/verify the checkpoint dir; returns the dir if this call created it (to undo on bad input)."""
+    if config.checkpoint_dir is None:
+        return None
+    directory = Path(config.checkpoint_dir)
+    created = None if directory.exists() else directory
+    try:
+        ensure_writable_dir(directory)
+    except OSError as error:
+        raise BadInput(f"checkpoint dir {directory} is not writable: {error.strerror or error}") from None
+    return created
+
+
+def run_job(config: TrainConfig) -> int:
+    """Run one job in the foreground; returns the exit code."""
+    try:
+        device, dataset, model, load_seconds = prepare(config)
+        created_dir = open_checkpoint_dir(config)
+    except BadInput as error:
+        print(f"trainmetrics train: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+    total_steps = config.epochs * -(-len(dataset.train) // config.batch_size)
+    progress = ProgressReporter(config, total_steps)
+    try:
+        metrics = JobMetrics(
+            config.job_id, job_name=config.job_name, model=config.model, dataset=dataset.name,
+            owner=config.owner, device=str(device), listen=config.metrics_listen, targets_dir=config.targets_dir,
+            job_dir=config.job_dir, gpus=physical_gpu_indices(device),
+            upload_seconds=config.upload_seconds if config.upload_seconds is not None else load_seconds,
+            log_every=config.log_every, flops_per_sample=model.flops_per_sample(),
+            peak_flops=config.peak_flops or device_peak_flops(device), linger_timeout=config.linger_timeout,
+            on_log=progress)
+    except (OSError, ValueError) as error:
+        if created_dir is not None:
+            shutil.rmtree(created_dir, ignore_errors=True)
+        detail = error.strerror if isinstance(error, OSError) and error.strerror else error
+        print(f"trainmetrics train: error: cannot serve metrics on {config.metrics_listen}: {detail}",
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+    log.info("job %s: model=%s dataset=%s device=%s metrics=http://%s:%s/metrics", config.job_id, config.model,
+             dataset.name, device, metrics._server.host if metrics._server else "-", metrics.metrics_port)
+    stop = StopFlag()
+    trainer = Trainer(config, dataset, model, device, metrics, stop)
+    exit_code = EXIT_FAILED
+    try:
+        with stop.installed():
+            if config.resume:
+                state = load_latest(config.checkpoint_dir, map_location=device)
+                if state is not None:
+                    trainer.restore(state)
+            metrics.start()
+            final_state = trainer.run()
+        metrics.finish(final_state)
+        exit_code = EXIT_COMPLETED if final_state == "completed" else EXIT_CANCELLED
+    except Exception as error:   # the job fails; the error class goes to the log and to Prometheus
+        log.error("job %s failed: %s: %s", config.job_id, type(error).__name__, error)
+        metrics.finish("failed", error)
+    finally:
+        progress.close()
+        summary = {"job_id": config.job_id, "state": metrics.state, "steps": metrics.steps,
+                   "samples": metrics.samples, "loss": metrics.last_loss, "eval_loss": trainer.eval_loss,
+                   "eval_accuracy": trainer.eval_accuracy, "checkpoints": metrics.checkpoints,
+                   "start_time": metrics.start_time, "end_time": metrics.end_time,
+                   "error_type": metrics.error_type}
+        metrics.close()
+    print("summary " + json.dumps(summary), flush=True)
+    return exit_code

@@ -1,0 +1,177 @@
+"""Start and query a real Prometheus: used by `trainmetrics demo`, the tests and the benchmarks.
+
+The deployable deploy/prometheus/prometheus.yml is the single source of the scrape configuration;
+this module renders it with local paths (targets dir, exporter address) and runs the real binary on a
+loopback port with a temporary data dir.
+"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_TEMPLATE = REPO_ROOT / "deploy" / "prometheus" / "prometheus.yml"
+
+
+class PrometheusNotFound(RuntimeError):
+    """No prometheus binary: set PROMETHEUS_BIN or install Debian's prometheus package."""
+
+
+def find_binary(name: str) -> str:
+    """Locate prometheus/promtool: $PROMETHEUS_BIN / $PROMTOOL_BIN, beside PROMETHEUS_BIN, then PATH."""
+    override = os.environ.get(f"{name.upper()}_BIN")
+    if override:
+        return override
+    configured = os.environ.get("PROMETHEUS_BIN")
+    if configured and name != "prometheus":
+        sibling = Path(configured).with_name(name)
+        if sibling.exists():
+            return str(sibling)
+    found = shutil.which(name)
+    if not found:
+        raise PrometheusNotFound(f"{name} not found: install Debian's prometheus package or set PROMETHEUS_BIN")
+    return found
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def render_config(targets_dir: Path, static_targets: dict[str, list[str]] | None = None,
+                  rule_files: list[str] | None = None) -> dict:
+    """The deployable config with file_sd pointed at targets_dir and static targets replaced."""
+    config = yaml.safe_load(CONFIG_TEMPLATE.read_text())
+    static_targets = static_targets or {}
+    kept = []
+    for scrape in config["scrape_configs"]:
+        name = scrape["job_name"]
+        if "file_sd_configs" in scrape:
+            for sd in scrape["file_sd_configs"]:
+                sd["files"] = [str(Path(targets_dir) / "*.json")]
+            kept.append(scrape)
+        elif name in static_targets:
+            scrape["static_configs"] = [{"targets": static_targets[name]}]
+            kept.append(scrape)
+    config["scrape_configs"] = kept
+    if rule_files is not None:
+        config["rule_files"] = rule_files
+    return config
+
+
+class PrometheusServer:
+    """A real Prometheus process on a free loopback port with its own data dir."""
+
+    def __init__(self, workdir: Path, static_targets: dict[str, list[str]] | None = None,
+                 rule_files: list[str] | None = None, port: int | None = None,
+                 extra_args: list[str] | None = None):
+        self.workdir = Path(workdir)
+        self.targets_dir = self.workdir / "targets"
+        self.data_dir = self.workdir / "data"
+        self.config_path = self.workdir / "prometheus.yml"
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.static_targets = static_targets
+        self.rule_files = rule_files
+        self.extra_args = extra_args or []
+        self.process: subprocess.Popen | None = None
+        self.log_path = self.workdir / "prometheus.log"
+
+    def start(self, timeout: float = 30.0) -> "PrometheusServer":
+        """Write the config, start the binary and wait until /-/ready answers."""
+        self.targets_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        config = render_config(self.targets_dir, self.static_targets, self.rule_files)
+        self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        command = [
+            find_binary("prometheus"),
+            f"--config.file={self.config_path}",
+            f"--storage.tsdb.path={self.data_dir}",
+            f"--web.listen-address=127.0.0.1:{self.port}",
+            "--web.enable-lifecycle",
+            "--log.level=warn",
+            *self.extra_args,
+        ]
+        log = open(self.log_path, "wb")
+        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"prometheus exited with {self.process.returncode}: "
+                                   f"{self.log_path.read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as response:
+                    if response.status == 200:
+                        return self
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"prometheus not ready after {timeout}s")
+
+    def stop(self) -> None:
+        """Terminate the process and wait for it."""
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def __enter__(self) -> "PrometheusServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def api(self, path: str, **params) -> dict:
+        """GET /api/v1/<path> and return its "data"; raise RuntimeError on an error answer."""
+        query = urllib.parse.urlencode({k: v for k, v in params.items() if v is not None})
+        url = f"{self.url}/api/v1/{path}" + (f"?{query}" if query else "")
+        try:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                body = json.load(response)
+        except urllib.error.HTTPError as error:
+            raise RuntimeError(f"{url}: {error.code} {error.read()[:500]!r}") from error
+        if body.get("status") != "success":
+            raise RuntimeError(f"{url}: {body}")
+        return body["data"]
+
+    def query(self, expr: str, time_: float | None = None) -> list[dict]:
+        """Instant query; returns the result vector."""
+        return self.api("query", query=expr, time=time_)["result"]
+
+    def query_range(self, expr: str, start: float, end: float, step: float) -> list[dict]:
+        """Range query; returns the result matrix."""
+        return self.api("query_range", query=expr, start=start, end=end, step=step)["result"]
+
+    def wait_for(self, expr: str, timeout: float = 20.0, predicate=bool) -> list[dict]:
+        """Poll an instant query until predicate(result) holds; return the result or raise TimeoutError."""
+        deadline = time.monotonic() + timeout
+        result: list[dict] = []
+        while time.monotonic() < deadline:
+            result = self.query(expr)
+            if predicate(result):
+                return result
+            time.sleep(0.25)
+        raise TimeoutError(f"{expr!r} did not match within {timeout}s; last result {result}")
+
+
+def temporary_prometheus(**kwargs) -> PrometheusServer:
+    """A PrometheusServer in a fresh temp dir (caller starts and stops it)."""
+    return PrometheusServer(Path(tempfile.mkdtemp(prefix="trainmetrics-prometheus-")), **kwargs)
