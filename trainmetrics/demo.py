@@ -27,19 +27,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="node exporter port (a free one is picked if it is taken)")
     parser.add_argument("--model", default="cnn", help="demo job's model")
     parser.add_argument("--dataset", default="digits", help="demo job's dataset")
-    parser.add_argument("--epochs", type=int, default=6, help="demo job's epochs")
+    parser.add_argument("--epochs", type=int, default=15, help="demo job's epochs")
+    parser.add_argument("--batch-size", type=int, default=16, help="demo job's batch size")
     parser.add_argument("--exit-after-job", action="store_true",
                         help="stop everything once the job has finished and its summary is printed")
 
 
 def _port_or_free(port: int) -> int:
+    """`port` when it is free, else (or for 0) a free one."""
     with socket.socket() as sock:
         try:
             sock.bind(("127.0.0.1", port))
-            return port
         except OSError:
             sock.bind(("127.0.0.1", 0))
-            return sock.getsockname()[1]
+        return sock.getsockname()[1]
 
 
 def graph_url(prometheus_url: str, *exprs: str) -> str:
@@ -70,7 +71,8 @@ def print_summary(prometheus, job_id: str) -> None:
                                             f"(max(last_over_time(trainer_job_end_timestamp_seconds{selector}{window}))"
                                             f" - max(last_over_time(trainer_job_start_timestamp_seconds{selector}{window})))")]:
         value = _value(prometheus, expr)
-        print(f"  {label + ':':16} {value:.4g}" if value is not None else f"  {label + ':':16} n/a")
+        shown = "n/a" if value is None else f"{value:.0f}" if value.is_integer() else f"{value:.4g}"
+        print(f"  {label + ':':16} {shown}")
     end = time.time()
     series = prometheus.query_range(f"trainer_eval_accuracy_ratio{selector}", end - 600, end, 0.25)
     accuracies = []
@@ -105,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"node exporter    http://{exporter_address}/metrics")
         job_command = [sys.executable, "-m", "trainmetrics", "train", "--job-id", job_id,
                        "--model", args.model, "--dataset", args.dataset, "--epochs", str(args.epochs),
-                       "--log-every", "10", "--checkpoint-dir", str(workdir / "checkpoints" / job_id),
+                       "--batch-size", str(args.batch_size), "--log-every", "25",
+                       "--checkpoint-dir", str(workdir / "checkpoints" / job_id),
                        "--targets-dir", str(prometheus.targets_dir), "--job-dir", str(job_dir)]
         selector = f'{{job_id="{job_id}"}}'
         print(f"demo job         {job_id}: {args.model} on {args.dataset}, {args.epochs} epochs")
@@ -113,8 +116,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"  throughput     {graph_url(prometheus.url, f'sum(rate(trainer_samples_total{selector}[2s]))')}")
         print(f"  accuracy       {graph_url(prometheus.url, f'trainer_eval_accuracy_ratio{selector}')}")
         sys.stdout.flush()
-        job = subprocess.Popen(job_command)
+        job_log = workdir / f"{job_id}.log"
+        print(f"  log            {job_log}")
+        job = subprocess.Popen(job_command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         children.append(job)
+        with open(job_log, "w") as log_file:
+            for line in job.stdout:            # the whole log to the file, evaluations to the screen
+                log_file.write(line)
+                if "eval after" in line or " ERROR " in line or line.startswith("trainmetrics train: error"):
+                    print("  " + line.split(": ", 1)[-1].rstrip(), flush=True)
         code = job.wait()
         print(f"\ndemo job exited with code {code}")
         print_summary(prometheus, job_id)

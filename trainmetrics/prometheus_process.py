@@ -66,8 +66,9 @@ def render_config(targets_dir: Path, static_targets: dict[str, list[str]] | None
             scrape["static_configs"] = [{"targets": static_targets[name]}]
             kept.append(scrape)
     config["scrape_configs"] = kept
-    if rule_files is not None:
-        config["rule_files"] = rule_files
+    if rule_files is None:   # the deployable rules, found relative to the template as Prometheus would
+        rule_files = [str(CONFIG_TEMPLATE.parent / pattern) for pattern in config.get("rule_files", [])]
+    config["rule_files"] = rule_files
     return config
 
 

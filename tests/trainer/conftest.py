@@ -36,6 +36,23 @@ def make_trainer():
         trainer.metrics.close()
 
 
+@pytest.fixture
+def spawn_train():
+    """Start `trainmetrics train ARGS` in the background (stdout/stderr piped); killed at teardown."""
+    processes = []
+
+    def spawn(*args: str) -> subprocess.Popen:
+        process = subprocess.Popen(train_command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        processes.append(process)
+        return process
+
+    yield spawn
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+        process.communicate()
+
+
 def train_command(*args: str) -> list[str]:
     """The real `trainmetrics train` command line."""
     return [sys.executable, "-m", "trainmetrics", "train", *args]

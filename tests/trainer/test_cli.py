@@ -11,7 +11,7 @@ import pytest
 
 from trainmetrics.cli import main
 
-from .conftest import parse_summary, run_train, train_command
+from .conftest import parse_summary, run_train
 
 
 def bad_csv(tmp_path, name: str, text: str) -> str:
@@ -85,11 +85,11 @@ def wait_for_line(process: subprocess.Popen, needle: str, timeout: float = 120) 
     raise AssertionError(f"{needle!r} not seen:\n{''.join(lines)}")
 
 
-def test_sigterm_cancels_after_a_checkpoint_and_resume_keeps_the_step_count(tmp_path):
+def test_sigterm_cancels_after_a_checkpoint_and_resume_keeps_the_step_count(tmp_path, spawn_train):
     ckpt = tmp_path / "ckpt"
     args = ["--job-id", "sig-1", "--dataset", "blobs", "--epochs", "30", "--batch-size", "16",
             "--log-every", "20", "--checkpoint-dir", str(ckpt), "--checkpoint-every", "1000"]
-    process = subprocess.Popen(train_command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = spawn_train(*args)
     wait_for_line(process, "step=40 ")
     process.send_signal(signal.SIGTERM)
     stdout, _ = process.communicate(timeout=60)
@@ -107,17 +107,13 @@ def test_sigterm_cancels_after_a_checkpoint_and_resume_keeps_the_step_count(tmp_
     assert f"resumed at step {cancelled['steps']}" in resumed.stderr
 
 
-def test_exception_mid_run_fails_with_exit_1_and_names_the_error(tmp_path):
+def test_exception_mid_run_fails_with_exit_1_and_names_the_error(tmp_path, spawn_train):
     ckpt = tmp_path / "ckpt"
-    process = subprocess.Popen(
-        train_command("--job-id", "fail-1", "--epochs", "50", "--batch-size", "16", "--log-every", "10",
-                      "--checkpoint-dir", str(ckpt), "--checkpoint-every", "5"),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = spawn_train("--job-id", "fail-1", "--epochs", "50", "--batch-size", "16", "--log-every", "10",
+                          "--checkpoint-dir", str(ckpt), "--checkpoint-every", "5")
     wait_for_line(process, "step=10 ")
-    # The checkpoint dir turns into a file: the next checkpoint write fails for real.
-    for entry in ckpt.iterdir():
-        entry.unlink()
-    os.rmdir(ckpt)
+    # The checkpoint dir turns into a file (rename is atomic): the next checkpoint write fails for real.
+    os.rename(ckpt, tmp_path / "moved-away")
     ckpt.write_text("not a directory")
     stdout, stderr = process.communicate(timeout=60)
     assert process.returncode == 1

@@ -1,0 +1,62 @@
+"""The deployable Prometheus configuration, rules and alert tests pass promtool."""
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from trainmetrics.prometheus_process import find_binary
+
+PROMETHEUS_DIR = Path(__file__).resolve().parents[2] / "deploy" / "prometheus"
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+
+
+def promtool(*args: str, cwd: Path = PROMETHEUS_DIR) -> subprocess.CompletedProcess:
+    return subprocess.run([find_binary("promtool"), *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def test_config_is_valid():
+    result = promtool("check", "config", "prometheus.yml")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_scrape_interval_is_250ms_with_timeouts_under_it():
+    config = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
+    assert config["global"]["scrape_interval"] == "250ms"
+    assert config["global"]["scrape_timeout"] == "200ms"
+    assert {job["job_name"] for job in config["scrape_configs"]} >= {"trainer", "exporter"}
+
+
+@pytest.mark.parametrize("rules", sorted(p.name for p in (PROMETHEUS_DIR / "rules").glob("*.yml")))
+def test_rules_are_valid(rules):
+    result = promtool("check", "rules", f"rules/{rules}")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("tests", sorted(p.name for p in (PROMETHEUS_DIR / "tests").glob("*_test.yml")))
+def test_rule_unit_tests_pass(tests):
+    result = promtool("test", "rules", f"tests/{tests}")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def alert_rules() -> list[dict]:
+    groups = yaml.safe_load((PROMETHEUS_DIR / "rules" / "alerts.yml").read_text())["groups"]
+    return [rule for group in groups for rule in group["rules"]]
+
+
+def test_every_alert_is_complete_documented_and_tested():
+    tests = (PROMETHEUS_DIR / "tests" / "alerts_test.yml").read_text()
+    runbooks = (DOCS / "alerts.md").read_text()
+    names = [rule["alert"] for rule in alert_rules()]
+    assert len(names) == len(set(names)) >= 16
+    for rule in alert_rules():
+        name = rule["alert"]
+        assert "for" in rule and rule["labels"]["severity"] in ("critical", "warning", "info"), name
+        assert {"summary", "description", "runbook_url"} <= set(rule["annotations"]), name
+        assert rule["annotations"]["runbook_url"] == f"docs/alerts.md#{name.lower()}"
+        assert f"\n## {name}\n" in runbooks, f"no runbook section for {name}"
+        # fires (an expected alert) and stays silent (an empty expectation) somewhere in the tests
+        assert f"alertname: {name}\n        exp_alerts: []" in tests, f"{name} has no silent case"
+        assert f"alertname: {name}\n        exp_alerts:\n" in tests or \
+            f"alertname: {name}\n        exp_alerts: &" in tests, f"{name} has no firing case"
