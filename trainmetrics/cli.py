@@ -10,13 +10,22 @@ import sys
 
 COMMANDS = {
     "train": ("trainer.cli", "run one training job in the foreground, publishing its metrics"),
+    "exporter": ("exporters.cli", "run the node exporter (CPU, memory, disk, network, processes, GPUs per job)"),
+    "analytics": ("analytics.cli", "serve job analytics, fleet summary and comparisons over the Prometheus API"),
     "demo": ("trainmetrics.demo", "start Prometheus and the stack, run a demo job, print its URLs"),
 }
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """Bad flags are reported in one line (no usage dump), exit code 2, like every other bad input."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with one sub-parser per command."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="trainmetrics",
         description="Prometheus-native metrics for PyTorch training jobs and the machines under them.",
     )

@@ -7,6 +7,10 @@ JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 DEFAULT_ANALYTICS_PORT = 8000
 DEFAULT_EXPORTER_PORT = 9105
 DEFAULT_PROMETHEUS_PORT = 9090
+# Where jobs announce themselves (file_sd) and where they write job-mapping files for the exporter,
+# as deploy/prometheus/prometheus.yml and the exporter expect them by default.
+DEFAULT_TARGETS_DIR = "/var/lib/trainmetrics/targets"
+DEFAULT_JOB_DIR = "/var/lib/trainmetrics/jobs"
 
 
 def validate_job_id(job_id: str) -> str:

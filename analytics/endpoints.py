@@ -1,0 +1,210 @@
+"""The HTTP endpoints: parse and check parameters, call reports, answer JSON (or CSV where a table fits)."""
+
+import csv
+import io
+import math
+import re
+import time
+from datetime import datetime
+
+from prometheus_client import generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from analytics import queries as q
+from analytics import reports
+from analytics.openapi import openapi_document
+from trainmetrics.names import validate_job_id
+
+MAX_RANGE_SECONDS = 90 * 86400
+DEFAULT_SUMMARY_RANGE = "24h"
+DEFAULT_TREND_POINTS = 240
+MAX_COMPARE_JOBS = 10
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+class BadParameter(ValueError):
+    """A request parameter is missing or out of range; the message names it."""
+
+    def __init__(self, parameter: str, message: str):
+        super().__init__(f"parameter {parameter!r}: {message}")
+        self.parameter = parameter
+
+
+# ----- parameters ---------------------------------------------------------------------------------------
+
+def _job_id(request: Request) -> str:
+    job_id = request.path_params["job_id"]
+    try:
+        return validate_job_id(job_id)
+    except ValueError as error:
+        raise BadParameter("job_id", str(error)) from None
+
+
+def parse_duration(parameter: str, text: str) -> float:
+    """'90s', '15m', '24h', '7d', '1h30m' or plain seconds -> seconds in (0, 90 d]; BadParameter otherwise."""
+    text = text.strip()
+    seconds = None
+    try:
+        seconds = float(text)
+    except ValueError:
+        parts = _DURATION.findall(text)
+        if parts and "".join(number + unit for number, unit in parts) == text:
+            seconds = sum(float(number) * _UNITS[unit] for number, unit in parts)
+    if seconds is None or not math.isfinite(seconds) or not 0 < seconds <= MAX_RANGE_SECONDS:
+        raise BadParameter(parameter, f"expected a duration like 30m, 24h or 7d (at most 90d), got {text[:80]!r}")
+    return seconds
+
+
+def parse_time(parameter: str, text: str) -> float:
+    """Unix seconds or an ISO 8601 time with a zone -> unix seconds; BadParameter otherwise."""
+    try:
+        value = float(text)
+    except ValueError:
+        try:
+            parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        except ValueError:
+            raise BadParameter(parameter, f"expected unix seconds or an ISO 8601 time, got {text[:80]!r}") from None
+        if parsed.tzinfo is None:
+            raise BadParameter(parameter, f"ISO 8601 time needs a zone (Z or +HH:MM), got {text[:80]!r}")
+        value = parsed.timestamp()
+    if not math.isfinite(value) or value < 0:
+        raise BadParameter(parameter, f"expected a time after 1970, got {text[:80]!r}")
+    return value
+
+
+def _only(request: Request, allowed: set[str]) -> None:
+    for name in request.query_params:
+        if name not in allowed:
+            raise BadParameter(name, f"unknown parameter; this endpoint takes {', '.join(sorted(allowed)) or 'none'}")
+
+
+def _format(request: Request, tabular: bool) -> str:
+    value = request.query_params.get("format", "json")
+    allowed = ("json", "csv") if tabular else ("json",)
+    if value not in allowed:
+        raise BadParameter("format", f"expected one of {', '.join(allowed)}, got {value[:40]!r}")
+    return value
+
+
+def _csv(table: list[dict], columns: list[str], filename: str) -> Response:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in table:
+        writer.writerow({key: "" if row.get(key) is None else row.get(key) for key in columns})
+    return Response(out.getvalue(), media_type="text/csv; charset=utf-8",
+                    headers={"content-disposition": f'attachment; filename="{filename}"'})
+
+
+# ----- endpoints ----------------------------------------------------------------------------------------
+
+async def job_analytics(request: Request) -> JSONResponse:
+    """GET /api/training/{job_id}/analytics"""
+    job_id = _job_id(request)
+    _only(request, {"format"})
+    _format(request, tabular=False)
+    settings = request.app.state.settings
+    analytics = await reports.cached_job_analytics(request.state.prometheus, request.state.cache, job_id,
+                                                   settings.lookback)
+    return JSONResponse(analytics)
+
+
+async def summary(request: Request) -> Response:
+    """GET /api/training/analytics/summary"""
+    _only(request, {"range", "step", "owner", "format"})
+    fmt = _format(request, tabular=True)
+    range_seconds = parse_duration("range", request.query_params.get("range", DEFAULT_SUMMARY_RANGE))
+    minimum_step = q.range_step(range_seconds)
+    if "step" in request.query_params:
+        step = parse_duration("step", request.query_params["step"])
+        if step < minimum_step:
+            raise BadParameter("step", f"at least {minimum_step:g}s for this range (one scrape interval, "
+                                       f"and at most {q.MAX_POINTS_PER_SERIES} points)")
+    else:
+        step = max(minimum_step, range_seconds / DEFAULT_TREND_POINTS)
+    body = await reports.summary(request.state.prometheus, range_seconds, step, request.query_params.get("owner"))
+    if fmt == "csv":
+        return _csv(body["top_performing_jobs"], list(TOP_JOB_COLUMNS), "top_jobs.csv")
+    return JSONResponse(body)
+
+
+TOP_JOB_COLUMNS = ("job_id", "job_name", "owner", "status", "average_samples_per_second", "duration_seconds",
+                   "total_samples", "final_loss")
+JOB_COLUMNS = ("job_id", "job_name", "model", "dataset", "owner", "device", "status", "start_time", "end_time",
+               "duration_seconds", "total_samples", "average_samples_per_second", "final_loss")
+COMPARE_COLUMNS = ("job_id", "job_name", "status", "duration_seconds", "throughput", "peak_throughput",
+                   "total_samples", "final_loss", "best_loss", "gpu_utilization", "average_cpu_percent",
+                   "peak_memory_mb", "overall_score")
+
+
+async def compare(request: Request) -> Response:
+    """GET /api/training/analytics/compare?job_ids=a,b,c"""
+    _only(request, {"job_ids", "format"})
+    fmt = _format(request, tabular=True)
+    raw = request.query_params.get("job_ids")
+    if not raw:
+        raise BadParameter("job_ids", "required: a comma-separated list of job ids")
+    job_ids = [part.strip() for part in raw.split(",")]
+    if len(job_ids) > MAX_COMPARE_JOBS:
+        raise BadParameter("job_ids", f"at most {MAX_COMPARE_JOBS} jobs, got {len(job_ids)}")
+    for job_id in job_ids:
+        try:
+            validate_job_id(job_id)
+        except ValueError as error:
+            raise BadParameter("job_ids", str(error)) from None
+    duplicates = sorted({job_id for job_id in job_ids if job_ids.count(job_id) > 1})
+    if duplicates:
+        raise BadParameter("job_ids", f"listed more than once: {', '.join(duplicates)}")
+    body = await reports.compare(request.state.prometheus, request.state.cache, job_ids,
+                                 request.app.state.settings.lookback)
+    if fmt == "csv":
+        return _csv(body["jobs"], list(COMPARE_COLUMNS), "compare.csv")
+    return JSONResponse(body)
+
+
+async def jobs(request: Request) -> Response:
+    """GET /api/training/jobs"""
+    _only(request, {"status", "owner", "since", "until", "range", "format"})
+    fmt = _format(request, tabular=True)
+    params = request.query_params
+    status = params.get("status")
+    if status is not None and status not in reports.STATUSES:
+        raise BadParameter("status", f"expected one of {', '.join(reports.STATUSES)}, got {status[:40]!r}")
+    now = time.time()
+    since = parse_time("since", params["since"]) if "since" in params else None
+    until = parse_time("until", params["until"]) if "until" in params else None
+    if since is not None and until is not None and until < since:
+        raise BadParameter("until", "must not be before since")
+    if "range" in params:
+        range_seconds = parse_duration("range", params["range"])
+    elif since is not None:
+        range_seconds = max(now - since, 1.0)
+        if range_seconds > MAX_RANGE_SECONDS:
+            raise BadParameter("since", "at most 90 days ago")
+    else:
+        range_seconds = parse_duration("range", DEFAULT_SUMMARY_RANGE)
+    table = await reports.fleet(request.state.prometheus, range_seconds, now)
+    table = reports.filter_jobs(table, status, params.get("owner"), since, until, now)
+    if fmt == "csv":
+        return _csv(table, list(JOB_COLUMNS), "jobs.csv")
+    return JSONResponse({"range_seconds": range_seconds, "count": len(table), "jobs": table})
+
+
+async def healthz(request: Request) -> JSONResponse:
+    """GET /healthz: 200 when Prometheus answers /-/ready, else the Prometheus error (503/504)."""
+    _only(request, set())
+    await request.state.prometheus.ready()
+    return JSONResponse({"status": "ok", "prometheus": request.state.prometheus.base_url})
+
+
+async def metrics(request: Request) -> Response:
+    """GET /metrics: the service's own request and Prometheus-client metrics."""
+    return Response(generate_latest(request.app.state.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+async def openapi(request: Request) -> JSONResponse:
+    """GET /openapi.json"""
+    return JSONResponse(openapi_document())

@@ -1,0 +1,137 @@
+"""The Prometheus HTTP API client: one shared httpx.AsyncClient, a deadline per request below the service's
+own, bounded concurrency, and one error type for everything that can go wrong on the way."""
+
+import asyncio
+import logging
+import time
+
+import httpx
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+log = logging.getLogger("trainmetrics.analytics")
+
+DEFAULT_RETRY_AFTER_SECONDS = 5
+
+
+class PrometheusError(Exception):
+    """Prometheus could not answer: kind is unavailable (503), timeout (504) or bad_answer (502)."""
+
+    STATUS = {"unavailable": 503, "timeout": 504, "bad_answer": 502}
+
+    def __init__(self, kind: str, message: str, retry_after: int | None = None):
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.retry_after = retry_after
+
+    @property
+    def status_code(self) -> int:
+        """The HTTP status the service answers with."""
+        return self.STATUS[self.kind]
+
+
+class ClientMetrics:
+    """Requests to Prometheus, counted by outcome and timed; created once per registry."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self.requests = Counter("analytics_prometheus_requests_total",
+                                "Requests to Prometheus by outcome.", ["outcome"], registry=registry)
+        self.duration = Histogram("analytics_prometheus_request_duration_seconds",
+                                  "Time per request to Prometheus, queueing included.", registry=registry,
+                                  buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
+
+
+class PrometheusClient:
+    """Instant and range queries over the Prometheus HTTP API (any compatible backend)."""
+
+    def __init__(self, base_url: str, *, deadline: float = 8.0, max_concurrency: int = 8,
+                 transport: httpx.AsyncBaseTransport | None = None, metrics: ClientMetrics | None = None):
+        self.base_url = base_url.rstrip("/")
+        self.deadline = deadline
+        self._semaphore = asyncio.Semaphore(max_concurrency)
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url, transport=transport,
+            timeout=httpx.Timeout(deadline, connect=min(deadline, 2.0)),
+            limits=httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency))
+        self._metrics = metrics if metrics is not None else ClientMetrics(CollectorRegistry())
+
+    async def aclose(self) -> None:
+        """Close the shared connection pool."""
+        await self._http.aclose()
+
+    async def query(self, expr: str, time_: float | None = None) -> list[dict]:
+        """Instant query; returns the result vector (scalars come back as one unlabelled sample)."""
+        params = {"query": expr}
+        if time_ is not None:
+            params["time"] = f"{time_:.3f}"
+        data = await self._get("/api/v1/query", params)
+        if data.get("resultType") == "scalar":
+            return [{"metric": {}, "value": data["result"]}]
+        return data["result"]
+
+    async def query_range(self, expr: str, start: float, end: float, step: float) -> list[dict]:
+        """Range query; returns the result matrix."""
+        params = {"query": expr, "start": f"{start:.3f}", "end": f"{end:.3f}", "step": f"{step:.3f}"}
+        return (await self._get("/api/v1/query_range", params))["result"]
+
+    async def ready(self) -> None:
+        """Return when Prometheus answers /-/ready with 200; raise PrometheusError otherwise."""
+        await self._request("/-/ready", {}, expect_json=False)
+
+    async def _get(self, path: str, params: dict) -> dict:
+        # Prometheus stops evaluating at our deadline too, instead of working on for nobody.
+        params = {**params, "timeout": f"{max(1, round(self.deadline * 1000))}ms"}
+        return await self._request(path, params, expect_json=True)
+
+    async def _request(self, path: str, params: dict, expect_json: bool):
+        began = time.perf_counter()
+        outcome = "error"
+        try:
+            async with asyncio.timeout(self.deadline):
+                async with self._semaphore:
+                    response = await self._http.get(path, params=params)
+            result = self._parse(response, params.get("query"), expect_json)
+            outcome = "success"
+            return result
+        except PrometheusError as error:
+            outcome = error.kind
+            raise
+        except (TimeoutError, httpx.ReadTimeout, httpx.WriteTimeout, httpx.PoolTimeout) as error:
+            outcome = "timeout"
+            raise PrometheusError("timeout", f"Prometheus did not answer within {self.deadline:g}s") from error
+        except httpx.TransportError as error:   # refused, reset, DNS, connect timeout
+            outcome = "unavailable"
+            raise PrometheusError("unavailable", f"Prometheus at {self.base_url} is unreachable: "
+                                  f"{type(error).__name__}", DEFAULT_RETRY_AFTER_SECONDS) from error
+        finally:
+            self._metrics.requests.labels(outcome).inc()
+            self._metrics.duration.observe(time.perf_counter() - began)
+
+    def _parse(self, response: httpx.Response, expr: str | None, expect_json: bool):
+        status = response.status_code
+        body = None
+        if "json" in response.headers.get("content-type", ""):
+            try:
+                body = response.json()
+            except ValueError:
+                body = None
+        error_type = body.get("errorType") if isinstance(body, dict) else None
+        detail = body.get("error") if isinstance(body, dict) else response.text[:200].strip()
+        if status == 503 or error_type in ("timeout", "canceled", "unavailable"):
+            if error_type == "timeout":
+                raise PrometheusError("timeout", f"Prometheus timed out evaluating a query: {detail}")
+            retry_after = response.headers.get("retry-after", "")
+            raise PrometheusError("unavailable", f"Prometheus is not ready: {detail or status}",
+                                  int(retry_after) if retry_after.isdigit() else DEFAULT_RETRY_AFTER_SECONDS)
+        if 400 <= status < 500:
+            # Every expression is built by queries.py from validated input: a 4xx is our bug.
+            log.error("BUG: Prometheus rejected a query (%s %s): %s; query: %s", status, error_type, detail, expr)
+            raise PrometheusError("bad_answer", f"Prometheus rejected a query ({status} {error_type}): {detail}")
+        if status != 200:
+            raise PrometheusError("bad_answer", f"Prometheus answered {status}: {detail}")
+        if not expect_json:
+            return None
+        if not isinstance(body, dict) or body.get("status") != "success" or "data" not in body:
+            raise PrometheusError("bad_answer", f"Prometheus answered 200 without a success body: "
+                                  f"{response.text[:200]!r}")
+        return body["data"]

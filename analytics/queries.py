@@ -1,0 +1,276 @@
+"""Every PromQL expression the analytics service runs, and the one function that lets a job id in.
+
+User input reaches PromQL only as a job id, only after the allowlist check (trainmetrics.names), and only
+through `quote_job_id` as the value of an equality matcher -- never inside a regex. Everything else in an
+expression is a constant of this module or a number the service computed (a duration, a timestamp).
+
+Finished jobs' series go stale, so per-job expressions use the job's own start and end: `*_over_time`
+with an explicit window that is evaluated at the job's end time (the caller passes `time=`).
+"""
+
+import math
+
+from trainmetrics.names import validate_job_id
+
+SCRAPE_INTERVAL_SECONDS = 0.25
+# Prometheus refuses range queries with more than 11,000 points per series; stay under with a margin.
+MAX_POINTS_PER_SERIES = 10_000
+# The trainer lingers until the first scrape after its end (bounded by --linger-timeout, 15 s): the final
+# loss, counters and end timestamp land in Prometheus up to that long after the end time.
+FINAL_SCRAPE_GRACE_SECONDS = 15.0
+# Host baseline: the minute before the job started.
+BASELINE_SECONDS = 60.0
+# Window of a "peak rate" (samples/s, CPU): 4 scrapes, the shortest window rate() reads reliably.
+PEAK_RATE_WINDOW_SECONDS = 1.0
+# Peaks and per-job GPU averages evaluate their expression on a grid of at most this many points; each
+# point covers the whole step before it (a rate over the step, a max_over_time over the step), so no
+# sample is skipped and a 1-hour job costs 1,000 evaluations, not 14,400.
+PEAK_GRID_POINTS = 1000
+# First loss: the raw samples of the job's first minute, then of its whole window if there were none.
+FIRST_LOSS_SECONDS = 60.0
+FINAL_STATES = ("completed", "failed", "cancelled")
+JOB_STATES = ("queued", "running", "paused", "completed", "failed", "cancelled")
+
+
+def quote_job_id(job_id: str) -> str:
+    """The job id as a PromQL string literal, after the allowlist check (ValueError when it fails).
+
+    The allowlist admits no quote, backslash or control character; escaping them anyway keeps this the
+    one correct place should the allowlist ever widen.
+    """
+    validate_job_id(job_id)
+    escaped = job_id.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return f'"{escaped}"'
+
+
+def job_selector(metric: str, job_id: str, extra: str = "") -> str:
+    """`metric{job_id="..."<extra>}` where extra is a constant matcher list of this module."""
+    return f"{metric}{{job_id={quote_job_id(job_id)}{extra}}}"
+
+
+def duration(seconds: float) -> str:
+    """A PromQL duration literal in whole milliseconds, at least 1 ms."""
+    return f"{max(1, math.ceil(seconds * 1000))}ms"
+
+
+def range_step(range_seconds: float) -> float:
+    """Step for a range or subquery over range_seconds: at most 10,000 points, never below one scrape."""
+    return max(SCRAPE_INTERVAL_SECONDS, range_seconds / MAX_POINTS_PER_SERIES)
+
+
+def timestamp_literal(unix_seconds: float) -> str:
+    """A unix time for an `@` modifier, to the millisecond."""
+    return f"{unix_seconds:.3f}"
+
+
+PART_LABEL = "analytics_part"
+
+
+def union(parts: dict[str, str]) -> str:
+    """Several expressions answered by one request: each result tagged with analytics_part=<name>.
+
+    Names are constants of the caller ([a-z_]); `or` keeps every part since their tags differ.
+    """
+    return " or ".join(f'label_replace({expr}, "{PART_LABEL}", "{name}", "", "")' for name, expr in parts.items())
+
+
+def over(seconds: float, at: float) -> str:
+    """A range `[W] @ T`: the window (T - W, T], evaluated at T whatever the query's own time."""
+    return f"[{duration(seconds)}] @ {timestamp_literal(at)}"
+
+
+def peak_step(seconds: float) -> float:
+    """Grid step for peaks over a window: at most PEAK_GRID_POINTS points, never below one scrape."""
+    return max(SCRAPE_INTERVAL_SECONDS, seconds / PEAK_GRID_POINTS)
+
+
+def grid(seconds: float, at: float) -> str:
+    """A subquery range `[W:STEP] @ T` on the peak grid."""
+    return f"[{duration(seconds)}:{duration(peak_step(seconds))}] @ {timestamp_literal(at)}"
+
+
+def step_window(seconds: float) -> str:
+    """The window each grid point reads: its whole step, and at least one second for rates."""
+    return duration(max(PEAK_RATE_WINDOW_SECONDS, peak_step(seconds)))
+
+
+# ----- finding jobs ---------------------------------------------------------------------------------------
+# Reading every sample of a job over the lookback window costs as much as the job is long, so a job is found
+# in two cheap steps: its end timestamps (published only in the last scrapes) over the lookback plus
+# instant lookups at now; then, for processes that ended longer ago than the staleness window, their last
+# values in the seconds before their final scrape. `job_lookup_full` is the fallback for a job that never
+# reported an end and is no longer scraped (its process was killed).
+
+def _lookup(job_id: str, r: str, instant: bool) -> dict[str, str]:
+    def sel(metric: str) -> str:
+        return job_selector(metric, job_id)
+
+    def last(metric: str) -> str:
+        return f"{sel(metric)} {r}" if instant else f"last_over_time({sel(metric)}{r})"
+
+    return {
+        "start": last("trainer_job_start_timestamp_seconds"),
+        "state": f"{last('trainer_job_state')} == 1",
+        "info": last("trainer_job_info"),
+        "failure": last("trainer_job_failure_info"),
+        "upload": last("trainer_upload_duration_seconds"),
+    }
+
+
+def job_recent(job_id: str, lookback: float, now: float) -> dict[str, str]:
+    """Every process's end over the lookback, and what is scraped now (start, state, metadata...)."""
+    return {
+        "end": f"last_over_time({job_selector('trainer_job_end_timestamp_seconds', job_id)}{over(lookback, now)})",
+        **_lookup(job_id, f"@ {timestamp_literal(now)}", instant=True),
+        # Still scraped? A finished job's target is removed after its final scrape; its series then go
+        # stale, and nothing about the job can change any more.
+        "live": f"count({job_selector('trainer_job_state', job_id)} @ {timestamp_literal(now)})",
+    }
+
+
+def job_ended(job_id: str, ends: list[float]) -> dict[str, str]:
+    """Last values of processes that ended at `ends`: parts <part>_<i>, read up to each final scrape."""
+    parts = {}
+    for index, end in enumerate(ends):
+        window = over(FINAL_SCRAPE_GRACE_SECONDS + 60.0, end + FINAL_SCRAPE_GRACE_SECONDS)
+        parts.update({f"{name}_{index}": expr for name, expr in _lookup(job_id, window, instant=False).items()})
+    return parts
+
+
+def job_lookup_full(job_id: str, lookback: float, now: float) -> dict[str, str]:
+    """Last values over the whole lookback (costly; only when the cheap lookup found nothing)."""
+    return {"end": f"last_over_time({job_selector('trainer_job_end_timestamp_seconds', job_id)}{over(lookback, now)})",
+            **_lookup(job_id, over(lookback, now), instant=False), "live": "vector(0)"}
+
+
+# ----- one job, over its own window -----------------------------------------------------------------------
+# Cumulative and last values read (start, final] where final is the end plus the linger's final scrape;
+# rates, averages and peaks read (start, end].
+
+def job_totals(job_id: str, window: float, final: float) -> dict[str, str]:
+    """Counters, losses and last values up to the final scrape."""
+    r = over(window, final)
+
+    def sel(metric: str) -> str:
+        return job_selector(metric, job_id)
+
+    return {
+        # A resumed job's processes continue the count: max over processes, summed over ranks.
+        "samples": f"sum(max by (rank) (max_over_time({sel('trainer_samples_total')}{r})))",
+        "steps": f"min(max by (rank) (max_over_time({sel('trainer_steps_total')}{r})))",
+        "checkpoints": f"sum(max_over_time({sel('trainer_checkpoints_total')}{r}))",
+        "step_seconds": (f"sum(max_over_time({sel('trainer_step_duration_seconds_sum')}{r})) / "
+                         f"sum(max_over_time({sel('trainer_step_duration_seconds_count')}{r}))"),
+        "loss_last": f"last_over_time({sel('trainer_loss')}{r})",
+        "loss_best": f"min(min_over_time({sel('trainer_loss')}{r}))",
+        "accuracy": f"max(last_over_time({sel('trainer_eval_accuracy_ratio')}{r}))",
+        "gpu_memory_peak": (f"max(max_over_time({sel('trainer_gpu_memory_peak_bytes')}{r})) or "
+                            f"max_over_time(max({_job_gpus('hw_gpu_memory_usage_bytes', job_id)}){grid(window, final)})"),
+    }
+
+
+def first_losses(job_id: str, start: float, seconds: float) -> str:
+    """The raw trainer_loss samples of the job's first `seconds` (a range vector: its first sample is the
+    initial loss)."""
+    return f"{job_selector('trainer_loss', job_id)}{over(seconds, start + seconds)}"
+
+
+def _peak(name: str, expression: str, window: float, end: float) -> dict[str, str]:
+    """<name>_peak: max of a label-free expression over the window; <name>_peak_at: when it was first reached.
+
+    Both read the same subquery grid, so the time is that of the reported maximum.
+    """
+    g = grid(window, end)
+    peak = f"max_over_time(({expression}){g})"
+    when = f"min_over_time((timestamp({expression}) and ({expression}) >= scalar({peak})){g})"
+    return {f"{name}_peak": peak, f"{name}_peak_at": when}
+
+
+def _job_gpus(metric: str, job_id: str) -> str:
+    # hw_gpu_job_info{gpu,uuid,job_id} = 1 attributes a GPU to the job: keep the job's GPUs only.
+    return f"({metric} * on (instance, gpu, uuid) {job_selector('hw_gpu_job_info', job_id)})"
+
+
+def job_rates(job_id: str, window: float, end: float) -> dict[str, str]:
+    """Throughput peak, the job's CPU, memory and GPUs over (start, end]."""
+    g, w = grid(window, end), step_window(window)
+
+    def sel(metric: str) -> str:
+        return job_selector(metric, job_id)
+
+    return {
+        **_peak("samples_per_second", f"sum(rate({sel('trainer_samples_total')}[{w}]))", window, end),
+        "cpu_seconds": f"sum(increase({sel('process_cpu_time_seconds_total')}{over(window, end)}))",
+        **_peak("job_cpu", f"sum(rate({sel('process_cpu_time_seconds_total')}[{w}]))", window, end),
+        **_peak("job_rss", f"sum(max_over_time({sel('process_memory_rss_bytes')}[{w}]))", window, end),
+        "gpu_average": f"avg_over_time(avg({_job_gpus('hw_gpu_utilization_ratio', job_id)}){g})",
+        **_peak("gpu_utilization", f"max({_job_gpus('hw_gpu_utilization_ratio', job_id)})", window, end),
+        "gpu_temperature": f"avg_over_time(avg({_job_gpus('hw_gpu_temperature_celsius', job_id)}){g})",
+    }
+
+
+# ----- the host under the job ---------------------------------------------------------------------------
+# Not per job: every exporter's host series, averaged (CPU) or summed (memory) over hosts.
+
+def host(window: float, start: float, end: float) -> dict[str, str]:
+    """The host in the minute before the job (baseline) and during it (average, peak and when)."""
+    during, before, w = over(window, end), over(BASELINE_SECONDS, start), step_window(window)
+    used = 'system_memory_usage_bytes{state="used"}'
+    return {
+        "host_cpu_average": f"avg(avg_over_time(system_cpu_utilization_ratio{during}))",
+        "host_cpu_baseline": f"avg(avg_over_time(system_cpu_utilization_ratio{before}))",
+        **_peak("host_cpu", f"max(max_over_time(system_cpu_utilization_peak_ratio[{w}]))", window, end),
+        "host_memory_average": f"sum(avg_over_time({used}{during}))",
+        "host_memory_baseline": f"sum(avg_over_time({used}{before}))",
+        **_peak("host_memory", f"sum(max_over_time(system_memory_used_peak_bytes[{w}]))", window, end),
+        "host_memory_limit": f"sum(avg_over_time(system_memory_limit_bytes{during}))",
+    }
+
+
+# ----- the fleet ----------------------------------------------------------------------------------------
+# Evaluated at "now" over the summary range: one row per job process; no user input.
+
+def fleet_start(range_seconds: float) -> str:
+    """Start timestamp of every job process seen in the range."""
+    return f"last_over_time(trainer_job_start_timestamp_seconds[{duration(range_seconds)}])"
+
+
+def fleet_end(range_seconds: float) -> str:
+    """End timestamp of every finished job process in the range."""
+    return f"last_over_time(trainer_job_end_timestamp_seconds[{duration(range_seconds)}])"
+
+
+def fleet_state(range_seconds: float) -> str:
+    """Last state of every job process in the range."""
+    return f"last_over_time(trainer_job_state[{duration(range_seconds)}]) == 1"
+
+
+def fleet_info(range_seconds: float) -> str:
+    """Metadata of every job process in the range."""
+    return f"last_over_time(trainer_job_info[{duration(range_seconds)}])"
+
+
+def fleet_samples(range_seconds: float) -> str:
+    """Samples processed by every job (max over a resumed job's processes, summed over ranks)."""
+    return f"sum by (job_id) (max by (job_id, rank) (max_over_time(trainer_samples_total[{duration(range_seconds)}])))"
+
+
+def fleet_loss(range_seconds: float) -> str:
+    """Last logged training loss of every job process."""
+    return f"last_over_time(trainer_loss[{duration(range_seconds)}])"
+
+
+# Resource trends over the summary range (range queries). Each point covers the step before it, so a
+# short job or a spike between two points still shows: {window} is the step (at least one second).
+TRENDS = {
+    "running_jobs": 'count(max_over_time(trainer_job_state{state="running"}[{window}]) == 1) or vector(0)',
+    "samples_per_second": "sum(rate(trainer_samples_total[{window}]))",
+    "host_cpu_utilization_ratio": "avg(avg_over_time(system_cpu_utilization_ratio[{window}]))",
+    "host_memory_used_bytes": 'sum(avg_over_time(system_memory_usage_bytes{state="used"}[{window}]))',
+    "gpu_utilization_ratio": "avg(avg_over_time(hw_gpu_utilization_ratio[{window}]))",
+}
+
+
+def trend(name: str, step: float) -> str:
+    """A resource-trend expression for range queries at `step`."""
+    return TRENDS[name].replace("{window}", duration(max(PEAK_RATE_WINDOW_SECONDS, step)))

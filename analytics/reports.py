@@ -1,0 +1,470 @@
+"""What the endpoints answer, built from PromQL results: one job's analytics, the fleet summary, the job
+list and the comparison. Queries come from queries.py only; scores from scoring.py."""
+
+import asyncio
+import math
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from analytics import queries as q
+from analytics import scoring
+from analytics.prometheus import PrometheusClient
+
+MIB = 1024 * 1024
+STATUSES = q.JOB_STATES
+
+
+class JobNotFound(LookupError):
+    """No series of this job id within the lookback window."""
+
+    def __init__(self, job_id: str):
+        super().__init__(f"no training job {job_id!r} in Prometheus")
+        self.job_id = job_id
+
+
+# ----- reading PromQL results ---------------------------------------------------------------------------
+
+def _number(text) -> float | None:
+    value = float(text)
+    return value if math.isfinite(value) else None
+
+
+def scalar(result: list[dict]) -> float | None:
+    """The value of a one-sample result; None when empty or not finite."""
+    return _number(result[0]["value"][1]) if result else None
+
+
+def rows(result: list[dict]) -> list[tuple[dict, float | None]]:
+    """(labels, value) per sample."""
+    return [(sample["metric"], _number(sample["value"][1])) for sample in result]
+
+
+def _mib(value: float | None) -> float | None:
+    return None if value is None else value / MIB
+
+
+def _percent(ratio: float | None) -> float | None:
+    return None if ratio is None else 100.0 * ratio
+
+
+def _minus(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
+
+
+def _r(value: float | None) -> float | None:
+    return scoring.rounded(value)
+
+
+# ----- one job ------------------------------------------------------------------------------------------
+
+@dataclass
+class Process:
+    """One process of a job as Prometheus saw it (a resumed job has several)."""
+
+    instance: str
+    start: float | None = None
+    end: float | None = None
+    state: str | None = None
+
+
+@dataclass
+class JobFacts:
+    """Where and when a job ran: found by id over the lookback window."""
+
+    job_id: str
+    info: dict
+    status: str
+    start: float | None
+    end: float | None
+    latest_instance: str | None
+    error_type: str | None
+    upload_seconds: float | None
+    live: bool
+
+    @property
+    def settled(self) -> bool:
+        """Finished and no longer scraped: its analytics cannot change."""
+        return self.status in q.FINAL_STATES and self.end is not None and not self.live
+
+
+async def query_parts(client: PrometheusClient, parts: dict[str, str], at: float) -> dict[str, list[dict]]:
+    """Run several expressions in one request (queries.union) and split the answer by part."""
+    grouped: dict[str, list[dict]] = {name: [] for name in parts}
+    for sample in await client.query(q.union(parts), at):
+        name = sample["metric"].pop(q.PART_LABEL, None)
+        if name in grouped:
+            grouped[name].append(sample)
+    return grouped
+
+
+async def find_job(client: PrometheusClient, job_id: str, lookback: float, now: float) -> JobFacts:
+    """The job's processes, state and timestamps; JobNotFound when Prometheus holds nothing of it."""
+    found = await query_parts(client, q.job_recent(job_id, lookback, now), now)
+    processes: dict[str, Process] = {}
+    info, failure, upload = [], [], []
+
+    def process(labels: dict) -> Process:
+        instance = labels.get("instance", "")
+        return processes.setdefault(instance, Process(instance))
+
+    def absorb(parts: dict[str, list[dict]], suffix: str = "", instance: str | None = None) -> None:
+        def mine(name: str) -> list[tuple[dict, float | None]]:
+            return [(labels, value) for labels, value in rows(parts.get(name + suffix, []))
+                    if instance is None or labels.get("instance", "") == instance]
+
+        for labels, value in mine("start"):
+            process(labels).start = value
+        for labels, _ in mine("state"):
+            process(labels).state = labels.get("state")
+        info.extend(labels for labels, _ in mine("info"))
+        failure.extend(labels for labels, _ in mine("failure"))
+        upload.extend(value for _, value in mine("upload") if value is not None)
+
+    absorb(found)
+    for labels, value in rows(found["end"]):
+        process(labels).end = value
+    # Processes that ended longer ago than the staleness window: read them just before their final scrape.
+    ended = [p for p in processes.values() if p.start is None and p.end is not None][-8:]
+    if ended:
+        older = await query_parts(client, q.job_ended(job_id, [p.end for p in ended]), now)
+        for index, proc in enumerate(ended):
+            absorb(older, f"_{index}", proc.instance)
+    if not processes:   # never reported an end and no longer scraped: the costly full lookup
+        full = await query_parts(client, q.job_lookup_full(job_id, lookback, now), now)
+        absorb(full)
+        for labels, value in rows(full["end"]):
+            process(labels).end = value
+    if not any(p.start is not None or p.state is not None for p in processes.values()) and not info:
+        raise JobNotFound(job_id)
+    # The newest process speaks for the job: a resumed job's earlier process ended "cancelled".
+    latest = max(processes.values(), key=lambda p: (p.start is not None, p.start or 0.0), default=None)
+    status = (latest.state if latest else None) or "unknown"
+    known_starts = [p.start for p in processes.values() if p.start is not None]
+    labels = dict(info[0]) if info else {}
+    for internal in ("__name__", "instance", "job", "job_id", "rank"):
+        labels.pop(internal, None)
+    return JobFacts(job_id=job_id, info=labels, status=status, start=min(known_starts) if known_starts else None,
+                    end=latest.end if latest and status in q.FINAL_STATES else None,
+                    latest_instance=latest.instance if latest else None,
+                    error_type=failure[0].get("error_type") if failure else None,
+                    upload_seconds=max(upload) if upload else None, live=bool(scalar(found["live"])))
+
+
+async def first_loss(client: PrometheusClient, job_id: str, start: float, window: float, now: float) -> float | None:
+    """The first trainer_loss sample Prometheus holds for the job: its first minute, else its whole window."""
+    for seconds in dict.fromkeys((min(q.FIRST_LOSS_SECONDS, window), window)):
+        series = await client.query(q.first_losses(job_id, start, seconds), now)
+        firsts = [s["values"][0] for s in series if s.get("values")]
+        if firsts:
+            return _number(min(firsts, key=lambda point: point[0])[1])
+    return None
+
+
+async def job_analytics(client: PrometheusClient, job_id: str, lookback: float) -> dict:
+    """The analytics of one job (the /api/training/{job_id}/analytics body)."""
+    return (await _job_analytics(client, job_id, lookback))[0]
+
+
+async def _job_analytics(client: PrometheusClient, job_id: str, lookback: float) -> tuple[dict, JobFacts]:
+    now = time.time()
+    facts = await find_job(client, job_id, lookback, now)
+    if facts.start is None:     # queued: nothing ran yet
+        return _assemble(facts, now, {}, None), facts
+    end = facts.end if facts.end is not None else now
+    window = max(end - facts.start, 1e-3)
+    # Cumulative and last values: up to the final scrape after the end (the linger), never past now.
+    final_time = min(now, end + q.FINAL_SCRAPE_GRACE_SECONDS) if facts.end is not None else now
+    final_window = max(final_time - facts.start, 1e-3)
+    # Separate requests, so Prometheus evaluates them on separate cores; every expression carries its `@`.
+    *groups, initial_loss = await asyncio.gather(
+        query_parts(client, q.job_totals(job_id, final_window, final_time), now),
+        query_parts(client, q.job_rates(job_id, window, end), now),
+        query_parts(client, q.host(window, facts.start, end), now),
+        first_loss(client, job_id, facts.start, final_window, now))
+    results = {name: samples for group in groups for name, samples in group.items()}
+    return _assemble(facts, now, results, initial_loss, window=window), facts
+
+
+def _final_loss(facts: JobFacts, result: list[dict]) -> float | None:
+    values = rows(result)
+    own = [value for labels, value in values if labels.get("instance") == facts.latest_instance
+           and labels.get("rank", "0") == "0"]
+    candidates = own or [value for _, value in values]
+    candidates = [value for value in candidates if value is not None]
+    return min(candidates) if candidates else None
+
+
+def _assemble(facts: JobFacts, now: float, results: dict, initial_loss: float | None,
+              window: float | None = None) -> dict:
+    def value(name: str) -> float | None:
+        return scalar(results.get(name, []))
+
+    total_seconds = window or 0.0
+    samples = value("samples")
+    average_sps = samples / total_seconds if samples is not None and total_seconds > 0 else None
+    peak_sps = value("samples_per_second_peak")
+    if peak_sps is not None and average_sps is not None and peak_sps < average_sps:
+        # Some window must reach the whole run's average; a lower observed peak means Prometheus saw only
+        # part of the run (a job scraped late or briefly), so the average is the better lower bound.
+        peak_sps = average_sps
+    cpu_seconds = value("cpu_seconds")
+    average_gpu = _percent(value("gpu_average"))
+    final_loss = _final_loss(facts, results.get("loss_last", []))
+    best_loss = value("loss_best")
+    reduction = (100.0 * (initial_loss - final_loss) / initial_loss
+                 if initial_loss and final_loss is not None else None)
+    host_cpu_average, host_cpu_baseline = _percent(value("host_cpu_average")), _percent(value("host_cpu_baseline"))
+    host_memory_average = _mib(value("host_memory_average"))
+    host_memory_baseline = _mib(value("host_memory_baseline"))
+    return {
+        "job_id": facts.job_id,
+        "job_name": facts.info.get("job_name"),
+        "model": facts.info.get("model"),
+        "dataset": facts.info.get("dataset"),
+        "owner": facts.info.get("owner"),
+        "device": facts.info.get("device"),
+        "status": facts.status,
+        "error_type": facts.error_type,
+        "start_time": facts.start,
+        "end_time": facts.end,
+        "evaluated_at": round(now, 3),
+        "duration": {
+            "total_seconds": _r(total_seconds),
+            "total_minutes": _r(total_seconds / 60),
+            "total_hours": _r(total_seconds / 3600),
+            "upload_seconds": _r(facts.upload_seconds),
+        },
+        "performance": {
+            "total_samples": int(samples) if samples is not None else None,
+            "total_steps": int(value("steps")) if value("steps") is not None else None,
+            "average_samples_per_second": _r(average_sps),
+            "peak_samples_per_second": _r(peak_sps),
+            "peak_samples_per_second_at": value("samples_per_second_peak_at"),
+            "average_step_seconds": _r(value("step_seconds")),
+        },
+        "resource_utilization": {
+            "average_gpu_utilization_percent": _r(average_gpu),
+            "peak_gpu_utilization_percent": _r(_percent(value("gpu_utilization_peak"))),
+            "peak_gpu_utilization_at": value("gpu_utilization_peak_at"),
+            "peak_gpu_memory_mb": _r(_mib(value("gpu_memory_peak"))),
+            "average_gpu_temperature_celsius": _r(value("gpu_temperature")),
+            "average_cpu_percent": _r(100.0 * cpu_seconds / total_seconds
+                                      if cpu_seconds is not None and total_seconds > 0 else None),
+            "peak_cpu_percent": _r(_percent(value("job_cpu_peak"))),
+            "peak_cpu_at": value("job_cpu_peak_at"),
+            "peak_memory_mb": _r(_mib(value("job_rss_peak"))),
+            "peak_memory_at": value("job_rss_peak_at"),
+            "host": {
+                "cpu": {
+                    "baseline_percent": _r(host_cpu_baseline),
+                    "average_percent": _r(host_cpu_average),
+                    "increase_percent": _r(_minus(host_cpu_average, host_cpu_baseline)),
+                    "peak_percent": _r(_percent(value("host_cpu_peak"))),
+                    "peak_at": value("host_cpu_peak_at"),
+                },
+                "memory": {
+                    "baseline_mb": _r(host_memory_baseline),
+                    "average_mb": _r(host_memory_average),
+                    "increase_mb": _r(_minus(host_memory_average, host_memory_baseline)),
+                    "peak_mb": _r(_mib(value("host_memory_peak"))),
+                    "peak_at": value("host_memory_peak_at"),
+                    "limit_mb": _r(_mib(value("host_memory_limit"))),
+                },
+            },
+        },
+        "checkpoints": {"count": int(value("checkpoints")) if value("checkpoints") is not None else None},
+        "losses": {
+            "initial": initial_loss,
+            "final": final_loss,
+            "best": best_loss,
+            "reduction_percent": _r(reduction),
+            "final_eval_accuracy": value("accuracy"),
+        },
+        "efficiency": scoring.efficiency(average_gpu, average_sps, peak_sps),
+    }
+
+
+class AnalyticsCache:
+    """Finished jobs' analytics, bounded (least recently used out). Only settled jobs enter: final state
+    and no longer scraped, so nothing about them can change. Running jobs are never cached."""
+
+    def __init__(self, max_entries: int = 1024):
+        self.max_entries = max_entries
+        self._entries: OrderedDict[str, dict] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def get(self, job_id: str) -> dict | None:
+        """The cached analytics, or None."""
+        entry = self._entries.get(job_id)
+        if entry is None:
+            self.misses += 1
+            return None
+        self._entries.move_to_end(job_id)
+        self.hits += 1
+        return entry
+
+    def put(self, job_id: str, analytics: dict) -> None:
+        """Keep analytics (the caller checked that the job is settled)."""
+        if self.max_entries <= 0:
+            return
+        self._entries[job_id] = analytics
+        self._entries.move_to_end(job_id)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+async def cached_job_analytics(client: PrometheusClient, cache: AnalyticsCache, job_id: str,
+                               lookback: float) -> dict:
+    """job_analytics through the cache."""
+    cached = cache.get(job_id)
+    if cached is not None:
+        return cached
+    analytics, facts = await _job_analytics(client, job_id, lookback)
+    if facts.settled:
+        cache.put(job_id, analytics)
+    return analytics
+
+
+# ----- the fleet ----------------------------------------------------------------------------------------
+
+async def fleet(client: PrometheusClient, range_seconds: float, now: float) -> list[dict]:
+    """One row per job seen in the last range_seconds: metadata, status, times, samples, throughput."""
+    starts, ends, states, infos, samples, losses = await asyncio.gather(
+        *(client.query(expr, now) for expr in (
+            q.fleet_start(range_seconds), q.fleet_end(range_seconds), q.fleet_state(range_seconds),
+            q.fleet_info(range_seconds), q.fleet_samples(range_seconds), q.fleet_loss(range_seconds))))
+    processes: dict[tuple[str, str], Process] = {}
+
+    def process(labels: dict) -> Process:
+        key = (labels.get("job_id", ""), labels.get("instance", ""))
+        return processes.setdefault(key, Process(key[1]))
+
+    for labels, value in rows(starts):
+        process(labels).start = value
+    for labels, value in rows(ends):
+        process(labels).end = value
+    for labels, _ in rows(states):
+        process(labels).state = labels.get("state")
+    info_by_job = {labels.get("job_id"): labels for labels, _ in rows(infos)}
+    samples_by_job = {labels.get("job_id"): value for labels, value in rows(samples)}
+    loss_by_process = {(labels.get("job_id"), labels.get("instance")): value for labels, value in rows(losses)
+                       if labels.get("rank", "0") == "0"}
+    by_job: dict[str, list[Process]] = {}
+    for (job_id, _), proc in processes.items():
+        by_job.setdefault(job_id, []).append(proc)
+    table = []
+    for job_id, procs in sorted(by_job.items()):
+        latest = max(procs, key=lambda p: (p.start is not None, p.start or 0.0))
+        status = latest.state or "unknown"
+        starts_known = [p.start for p in procs if p.start is not None]
+        start = min(starts_known) if starts_known else None
+        end = latest.end if status in q.FINAL_STATES else None
+        duration = ((end if end is not None else now) - start) if start is not None else None
+        total = samples_by_job.get(job_id)
+        info = info_by_job.get(job_id, {})
+        table.append({
+            "job_id": job_id, "job_name": info.get("job_name"), "model": info.get("model"),
+            "dataset": info.get("dataset"), "owner": info.get("owner"), "device": info.get("device"),
+            "status": status, "start_time": start, "end_time": end, "duration_seconds": _r(duration),
+            "total_samples": int(total) if total is not None else None,
+            "average_samples_per_second": _r(total / duration) if total is not None and duration else None,
+            "final_loss": loss_by_process.get((job_id, latest.instance)),
+        })
+    return table
+
+
+def filter_jobs(table: list[dict], status: str | None, owner: str | None, since: float | None,
+                until: float | None, now: float) -> list[dict]:
+    """Jobs matching every given filter; since/until keep jobs that ran at some time in [since, until]."""
+    kept = []
+    for row in table:
+        if status is not None and row["status"] != status:
+            continue
+        if owner is not None and row["owner"] != owner:
+            continue
+        start = row["start_time"]
+        end = row["end_time"] if row["end_time"] is not None else now
+        if since is not None and (end is None or end < since):
+            continue
+        if until is not None and (start is None or start > until):
+            continue
+        kept.append(row)
+    return kept
+
+
+async def summary(client: PrometheusClient, range_seconds: float, step: float, owner: str | None = None) -> dict:
+    """The fleet summary over the last range_seconds (one owner's jobs when given), with the hosts'
+    resource trends at `step` resolution."""
+    now = time.time()
+    trend_names = list(q.TRENDS)
+    table, *trend_results = await asyncio.gather(
+        fleet(client, range_seconds, now),
+        *(client.query_range(q.trend(name, step), now - range_seconds, now, step) for name in trend_names))
+    if owner is not None:
+        table = [row for row in table if row["owner"] == owner]
+    by_status = {status: 0 for status in STATUSES}
+    for row in table:
+        by_status[row["status"]] = by_status.get(row["status"], 0) + 1
+    durations = [row["duration_seconds"] for row in table if row["duration_seconds"] is not None]
+    finished = [row["duration_seconds"] for row in table
+                if row["status"] in q.FINAL_STATES and row["duration_seconds"] is not None]
+    throughputs = [row["average_samples_per_second"] for row in table
+                   if row["average_samples_per_second"] is not None]
+    top = sorted((row for row in table if row["average_samples_per_second"] is not None),
+                 key=lambda row: (-row["average_samples_per_second"], row["job_id"]))[:5]
+    trends = {}
+    for name, result in zip(trend_names, trend_results):
+        points = result[0]["values"] if result else []
+        values = [v for _, v in ((t, _number(v)) for t, v in points) if v is not None]
+        trends[name] = {
+            "average": _r(sum(values) / len(values)) if values else None,
+            "peak": _r(max(values)) if values else None,
+            "points": [[float(t), _number(v)] for t, v in points],
+        }
+    return {
+        "range_seconds": range_seconds,
+        "evaluated_at": round(now, 3),
+        "total_jobs": len(table),
+        "jobs_by_status": by_status,
+        "average_duration_seconds": _r(sum(finished) / len(finished)) if finished else None,
+        "total_training_seconds": _r(sum(durations)) if durations else 0.0,
+        "average_throughput_samples_per_sec": _r(sum(throughputs) / len(throughputs)) if throughputs else None,
+        "top_performing_jobs": [{key: row[key] for key in ("job_id", "job_name", "owner", "status",
+                                                           "average_samples_per_second", "duration_seconds",
+                                                           "total_samples", "final_loss")} for row in top],
+        "resource_trends": {"step_seconds": step, "series": trends},
+    }
+
+
+# ----- comparison ---------------------------------------------------------------------------------------
+
+def comparison_row(analytics: dict) -> dict:
+    """One job's side-by-side row."""
+    performance, resources = analytics["performance"], analytics["resource_utilization"]
+    return {
+        "job_id": analytics["job_id"],
+        "job_name": analytics["job_name"],
+        "status": analytics["status"],
+        "duration_seconds": analytics["duration"]["total_seconds"],
+        "throughput": performance["average_samples_per_second"],
+        "peak_throughput": performance["peak_samples_per_second"],
+        "total_samples": performance["total_samples"],
+        "final_loss": analytics["losses"]["final"],
+        "best_loss": analytics["losses"]["best"],
+        "gpu_utilization": resources["average_gpu_utilization_percent"],
+        "average_cpu_percent": resources["average_cpu_percent"],
+        "peak_memory_mb": resources["peak_memory_mb"],
+        "overall_score": analytics["efficiency"]["overall_score"],
+    }
+
+
+async def compare(client: PrometheusClient, cache: AnalyticsCache, job_ids: list[str], lookback: float) -> dict:
+    """Side-by-side rows and the winner per category, ties stated."""
+    analytics = await asyncio.gather(*(cached_job_analytics(client, cache, job_id, lookback) for job_id in job_ids))
+    table = [comparison_row(a) for a in analytics]
+    winner, ties = scoring.winners(table)
+    return {"jobs": table, "winner": winner, "ties": ties}

@@ -1,0 +1,96 @@
+"""The efficiency formula and the comparison's winners: pure functions, no I/O.
+
+Efficiency, each score 0..100 (docs/api.md holds the same text):
+
+- gpu_utilization_score = mean utilisation of the job's GPUs over its run, in percent; null without GPU data.
+- throughput_score = 100 × average samples/s ÷ peak samples/s (capped at 100): how close the job ran to
+  its own best rate over a window of max(1 s, duration / 1000); stalls, slow data loading and checkpoint
+  pauses lower it. Null without a peak.
+- overall_score = the weighted mean of the available scores, GPU 0.6 and throughput 0.4; a missing score
+  drops out and the weights of the others are renormalised (a CPU job's overall score is its throughput
+  score). Null when neither is available.
+"""
+
+import math
+
+GPU_WEIGHT = 0.6
+THROUGHPUT_WEIGHT = 0.4
+# Values are compared as they are reported (rounded), so a tie the reader sees is a tie the service states.
+REPORTED_DIGITS = 6
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def gpu_utilization_score(average_gpu_utilization_percent: float | None) -> float | None:
+    """The mean GPU utilisation in percent, clamped to 0..100; None without GPU data."""
+    if not _finite(average_gpu_utilization_percent):
+        return None
+    return min(100.0, max(0.0, float(average_gpu_utilization_percent)))
+
+
+def throughput_score(average_samples_per_second: float | None, peak_samples_per_second: float | None) -> float | None:
+    """100 × average ÷ peak samples/s, capped at 100; None when either is missing or the peak is not positive."""
+    if not (_finite(average_samples_per_second) and _finite(peak_samples_per_second)) or peak_samples_per_second <= 0:
+        return None
+    return min(100.0, max(0.0, 100.0 * average_samples_per_second / peak_samples_per_second))
+
+
+def overall_score(gpu_score: float | None, throughput: float | None) -> float | None:
+    """Weighted mean of the available scores (GPU 0.6, throughput 0.4, renormalised); None if none."""
+    parts = [(score, weight) for score, weight in ((gpu_score, GPU_WEIGHT), (throughput, THROUGHPUT_WEIGHT))
+             if score is not None]
+    if not parts:
+        return None
+    return sum(score * weight for score, weight in parts) / sum(weight for _, weight in parts)
+
+
+def efficiency(average_gpu_utilization_percent: float | None, average_samples_per_second: float | None,
+               peak_samples_per_second: float | None) -> dict:
+    """The efficiency block of a job's analytics."""
+    gpu = gpu_utilization_score(average_gpu_utilization_percent)
+    throughput = throughput_score(average_samples_per_second, peak_samples_per_second)
+    overall = overall_score(gpu, throughput)
+    return {"gpu_utilization_score": rounded(gpu), "throughput_score": rounded(throughput),
+            "overall_score": rounded(overall)}
+
+
+def rounded(value: float | None, digits: int = REPORTED_DIGITS) -> float | None:
+    """`value` to `digits` significant digits (None and non-finite values become None)."""
+    if not _finite(value):
+        return None
+    if value == 0:
+        return 0.0
+    return float(f"{value:.{digits}g}")
+
+
+# Category -> (row field, True when higher wins). Rows are the comparison's per-job rows.
+CATEGORIES = {
+    "best_throughput": ("throughput", True),
+    "best_loss": ("final_loss", False),
+    "fastest": ("duration_seconds", False),
+    "most_efficient": ("overall_score", True),
+}
+
+
+def winners(rows: list[dict]) -> tuple[dict, dict]:
+    """(winner, ties): per category the winning job id (first in request order among equals) or None when
+    no row has a value, and for each tied category every job id that shares the best value.
+
+    `fastest` only considers completed jobs: a job that failed after ten seconds did not finish fastest.
+    """
+    winner, ties = {}, {}
+    for category, (field, higher_wins) in CATEGORIES.items():
+        candidates = [row for row in rows if _finite(row.get(field))
+                      and (category != "fastest" or row.get("status") == "completed")]
+        if not candidates:
+            winner[category] = None
+            continue
+        values = [rounded(row[field]) for row in candidates]
+        best = max(values) if higher_wins else min(values)
+        best_ids = [row["job_id"] for row, value in zip(candidates, values) if value == best]
+        winner[category] = best_ids[0]
+        if len(best_ids) > 1:
+            ties[category] = best_ids
+    return winner, ties

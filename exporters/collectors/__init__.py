@@ -1,0 +1,43 @@
+"""The collectors, one module each, and the one table the exporter and its CLI flags are built from.
+
+A new collector is one module (a `Collector` subclass) plus one line in COLLECTORS. Entries name the
+class as "module:Class" and load it on use, so `trainmetrics --help` does not import prometheus_client,
+psutil or NVML.
+"""
+
+import importlib
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class CollectorSpec:
+    """One row of the table: where the class lives, whether it runs by default, its --help text."""
+
+    target: str
+    enabled_by_default: bool
+    help: str
+
+    def load(self) -> type:
+        """Import and return the collector class."""
+        module_name, _, class_name = self.target.partition(":")
+        return getattr(importlib.import_module(module_name), class_name)
+
+
+COLLECTORS: dict[str, CollectorSpec] = {
+    "cpu": CollectorSpec("exporters.collectors.cpu:CpuCollector", True,
+                         "CPU time per cpu and mode, host utilisation mean and peak"),
+    "memory": CollectorSpec("exporters.collectors.memory:MemoryCollector", True,
+                            "memory usage by state, limit, used peak"),
+    "disk": CollectorSpec("exporters.collectors.disk:DiskCollector", True,
+                          "disk bytes and operations per device and direction"),
+    "filesystem": CollectorSpec("exporters.collectors.filesystem:FilesystemCollector", True,
+                                "usage and size of real mounts"),
+    "network": CollectorSpec("exporters.collectors.network:NetworkCollector", True,
+                             "network bytes, packets and errors per interface and direction"),
+    "processes": CollectorSpec("exporters.collectors.processes:ProcessesCollector", True,
+                               "process count by scheduler state"),
+    "jobs": CollectorSpec("exporters.collectors.jobs:JobsCollector", True,
+                          "CPU time, RSS and process count of each training job's process tree"),
+    "gpu": CollectorSpec("exporters.collectors.gpu:GpuCollector", True,
+                         "NVIDIA GPUs through NVML, attributed to jobs"),
+}

@@ -1,0 +1,57 @@
+"""What every collector is: a class that samples its source and yields metric families from the sample."""
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from prometheus_client.metrics_core import Metric
+
+
+class CollectorUnavailable(Exception):
+    """The collector's source does not exist on this machine (no GPU, no NVML library): not an error."""
+
+
+@dataclass(frozen=True)
+class CollectorContext:
+    """What the exporter hands every collector's build(): data sources and timing."""
+
+    proc_root: Path = Path("/proc")
+    peak_window: float = 1.0
+    job_tracker: object | None = None
+
+
+class Collector:
+    """Base class: sample() in the fast loop, sample_slow() in the slow loop, collect() to render.
+
+    sample() and sample_slow() raise on failure; the exporter's wrapper turns that into
+    exporter_collector_success{collector}=0 and drops the collector's series. collect() only reads
+    what the last samples stored and must not touch the source.
+    """
+
+    name = ""
+    fast = False  # True: sample() does work every --sample-interval (gauges with peaks, counters)
+    slow = False  # True: sample_slow() does work every --slow-interval (costly or slow-moving sources)
+
+    @classmethod
+    def build(cls, context: CollectorContext) -> "Collector":
+        """Create the collector from the exporter's context."""
+        return cls()
+
+    def sample(self, now: float) -> None:
+        """Read the cheap, fast-moving part of the source at monotonic time now."""
+
+    def sample_slow(self, now: float) -> None:
+        """Read the costly or slow-moving part of the source."""
+
+    def collect(self) -> Iterable[Metric]:
+        """Yield GaugeMetricFamily/CounterMetricFamily objects built from the latest samples."""
+        return ()
+
+    def close(self) -> None:
+        """Release the source (NVML handles, files)."""
+
+
+def read_bytes(path: str) -> bytes:
+    """The whole file in one read: /proc files are generated on open, so read them in one go."""
+    with open(path, "rb", buffering=0) as handle:
+        return handle.read()

@@ -1,0 +1,76 @@
+"""CPU: time counters per cpu and mode from /proc/stat; host utilisation as window mean and window peak."""
+
+import os
+from pathlib import Path
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from exporters.collectors.base import Collector, CollectorContext, read_bytes
+from exporters.window import SampleWindow
+
+# /proc/stat columns in order; guest time is already inside user/nice, so it is not exported twice.
+MODES = ("user", "nice", "system", "idle", "iowait", "interrupt", "softirq", "steal")
+IDLE_COLUMNS = (3, 4)  # idle, iowait
+
+
+class CpuCollector(Collector):
+    """system_cpu_time_seconds_total{cpu,mode}, system_cpu_utilization_ratio and its peak."""
+
+    name = "cpu"
+    fast = True
+
+    def __init__(self, proc_root: Path | str = "/proc", peak_window: float = 1.0,
+                 clock_ticks: int | None = None):
+        self.proc_root = str(proc_root)
+        self.clock_ticks = clock_ticks or os.sysconf("SC_CLK_TCK")
+        self.utilization = SampleWindow(peak_window)
+        self._per_cpu: list[tuple[str, list[int]]] = []
+        self._previous_total: tuple[int, int] | None = None
+
+    @classmethod
+    def build(cls, context: CollectorContext) -> "CpuCollector":
+        return cls(proc_root=context.proc_root, peak_window=context.peak_window)
+
+    def sample(self, now: float) -> None:
+        per_cpu = []
+        host = None
+        for line in read_bytes(f"{self.proc_root}/stat").split(b"\n"):
+            if not line.startswith(b"cpu"):
+                break  # the cpu lines come first
+            fields = line.split()
+            ticks = [int(value) for value in fields[1:9]]
+            ticks.extend([0] * (8 - len(ticks)))
+            if fields[0] == b"cpu":
+                host = ticks
+            else:
+                per_cpu.append((fields[0][3:].decode(), ticks))
+        if host is None:
+            raise ValueError(f"{self.proc_root}/stat has no aggregate cpu line")
+        self._per_cpu = per_cpu
+        total = sum(host)
+        idle = host[IDLE_COLUMNS[0]] + host[IDLE_COLUMNS[1]]
+        if self._previous_total is not None:
+            previous_total, previous_idle = self._previous_total
+            elapsed = total - previous_total
+            if elapsed > 0:
+                busy = 1.0 - (idle - previous_idle) / elapsed
+                self.utilization.add(now, min(1.0, max(0.0, busy)))
+        self._previous_total = (total, idle)
+
+    def collect(self):
+        times = CounterMetricFamily("system_cpu_time_seconds_total",
+                                    "Seconds each logical CPU spent in each mode (from /proc/stat).",
+                                    labels=["cpu", "mode"])
+        ticks_per_second = self.clock_ticks
+        for cpu, ticks in self._per_cpu:
+            for mode, value in zip(MODES, ticks):
+                times.add_metric([cpu, mode], value / ticks_per_second)
+        yield times
+        mean = self.utilization.mean()
+        if mean is not None:
+            yield GaugeMetricFamily("system_cpu_utilization_ratio",
+                                    "Host CPU busy share (0-1), mean of the samples over the peak window.",
+                                    value=mean)
+            yield GaugeMetricFamily("system_cpu_utilization_peak_ratio",
+                                    "Host CPU busy share (0-1), max of the samples over the peak window.",
+                                    value=self.utilization.peak())

@@ -1,0 +1,226 @@
+"""Every error path answers JSON {"error": {"code", "message"}}: bad input never reaches Prometheus, and a
+stopped, paused, starting or misbehaving Prometheus maps to 503 / 504 / 502."""
+
+import asyncio
+import logging
+import os
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+
+from analytics.app import Settings
+from trainmetrics.prometheus_process import PrometheusServer
+
+from .conftest import CapturingTransport, empty_vector, serve
+from .test_queries import HOSTILE_IDS
+
+
+def encoded(job_id: str) -> str:
+    """Every byte percent-encoded, so the id reaches the route as it is (no dot-segment folding)."""
+    return "".join(f"%{byte:02X}" for byte in job_id.encode())
+
+
+@pytest.fixture(scope="module")
+def capturing():
+    transport = CapturingTransport(empty_vector)
+    with serve(Settings(transport=transport)) as client:
+        yield client, transport
+
+
+def assert_error(response: httpx.Response, status: int, code: str, mentions: str = "") -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    error = response.json()["error"]
+    assert error["code"] == code and mentions in error["message"], error
+    return error
+
+
+@pytest.mark.parametrize("job_id", [v for v in HOSTILE_IDS.values() if v], ids=[k for k, v in HOSTILE_IDS.items() if v])
+def test_hostile_job_ids_are_400_and_never_reach_prometheus(capturing, job_id):
+    client, transport = capturing
+    transport.requests.clear()
+    response = client.get(f"/api/training/{encoded(job_id)}/analytics")
+    if "/" in job_id:     # a decoded slash leaves the route: no job id was even parsed
+        assert_error(response, 404, "not_found")
+    else:
+        assert_error(response, 400, "bad_request", "'job_id'")
+    assert_error(client.get("/api/training/analytics/compare", params={"job_ids": f"ok-1,{job_id}"}),
+                 400, "bad_request", "'job_ids'")
+    assert transport.requests == []
+
+
+def test_an_empty_job_id_is_400_or_no_route(capturing):
+    client, transport = capturing
+    transport.requests.clear()
+    assert_error(client.get("/api/training/analytics/compare", params={"job_ids": "a,,b"}), 400, "bad_request",
+                 "'job_ids'")
+    assert_error(client.get("/api/training//analytics"), 404, "not_found")
+    assert transport.requests == []
+
+
+BAD_PARAMETERS = {
+    "range not a duration": ("/api/training/analytics/summary", {"range": "abc"}, "range"),
+    "range too long": ("/api/training/analytics/summary", {"range": "100d"}, "range"),
+    "range injection": ("/api/training/analytics/summary", {"range": "1h]) or vector(1"}, "range"),
+    "step below the point limit": ("/api/training/analytics/summary", {"range": "30d", "step": "1s"}, "step"),
+    "unknown format": ("/api/training/analytics/summary", {"format": "xml"}, "format"),
+    "csv of one job": ("/api/training/run-1/analytics", {"format": "csv"}, "format"),
+    "unknown parameter": ("/api/training/jobs", {"color": "red"}, "color"),
+    "unknown status": ("/api/training/jobs", {"status": "exploded"}, "status"),
+    "since not a time": ("/api/training/jobs", {"since": "yesterday"}, "since"),
+    "since without zone": ("/api/training/jobs", {"since": "2026-01-01T00:00:00"}, "since"),
+    "until before since": ("/api/training/jobs", {"since": "2000", "until": "1000"}, "until"),
+    "job_ids missing": ("/api/training/analytics/compare", {}, "job_ids"),
+    "job_ids too many": ("/api/training/analytics/compare", {"job_ids": ",".join(f"j{i}" for i in range(11))},
+                         "job_ids"),
+    "job_ids repeated": ("/api/training/analytics/compare", {"job_ids": "a,b,a"}, "job_ids"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_PARAMETERS, ids=list(BAD_PARAMETERS))
+def test_bad_parameters_are_400_naming_the_parameter(capturing, case):
+    client, transport = capturing
+    path, params, parameter = BAD_PARAMETERS[case]
+    transport.requests.clear()
+    assert_error(client.get(path, params=params), 400, "bad_request", f"'{parameter}'")
+    assert transport.requests == []
+
+
+def test_unknown_routes_and_methods_answer_json(capturing):
+    client, _ = capturing
+    assert_error(client.get("/api/nothing"), 404, "not_found")
+    assert_error(client.post("/api/training/jobs"), 405, "method_not_allowed")
+
+
+def test_unknown_job_asks_prometheus_with_a_quoted_id_only(capturing):
+    client, transport = capturing
+    transport.requests.clear()
+    assert_error(client.get("/api/training/run-1/analytics"), 404, "not_found", "run-1")
+    queries = transport.queries()
+    assert queries and all('job_id="run-1"' in query for query in queries)
+    assert all("=~" not in query for query in queries)
+
+
+# ----- rare answers, through MockTransport ----------------------------------------------------------------
+
+def answering(response_factory):
+    def handler(request: httpx.Request) -> httpx.Response:
+        return response_factory(request)
+    return CapturingTransport(handler)
+
+
+RARE_ANSWERS = {
+    "plain-text 503 while starting": (
+        lambda r: httpx.Response(503, text="Service Unavailable", headers={"content-type": "text/plain"}),
+        503, "prometheus_unavailable"),
+    "503 with Retry-After": (
+        lambda r: httpx.Response(503, text="Service Unavailable", headers={"retry-after": "7"}),
+        503, "prometheus_unavailable"),
+    "query timeout": (
+        lambda r: httpx.Response(503, json={"status": "error", "errorType": "timeout",
+                                            "error": "query timed out in query execution"}),
+        504, "prometheus_timeout"),
+    "400 bad_data": (
+        lambda r: httpx.Response(400, json={"status": "error", "errorType": "bad_data",
+                                            "error": "1:1: parse error"}),
+        502, "prometheus_bad_answer"),
+    "422 execution": (
+        lambda r: httpx.Response(422, json={"status": "error", "errorType": "execution",
+                                            "error": "query processing would load too many samples"}),
+        502, "prometheus_bad_answer"),
+    "200 that is not JSON": (lambda r: httpx.Response(200, text="<html>proxy</html>"), 502, "prometheus_bad_answer"),
+    "500 from a proxy": (lambda r: httpx.Response(500, text="oops"), 502, "prometheus_bad_answer"),
+}
+
+
+@pytest.mark.parametrize("case", RARE_ANSWERS, ids=list(RARE_ANSWERS))
+def test_rare_prometheus_answers_map_to_gateway_errors(case, caplog):
+    factory, status, code = RARE_ANSWERS[case]
+    with serve(Settings(transport=answering(factory))) as client:
+        for path in ("/api/training/run-1/analytics", "/api/training/analytics/summary", "/api/training/jobs",
+                     "/api/training/analytics/compare?job_ids=a,b"):
+            response = client.get(path)
+            assert_error(response, status, code)
+            if status == 503:
+                expected = "7" if "Retry-After" in case else "5"
+                assert response.headers["retry-after"] == expected
+            else:
+                assert "retry-after" not in response.headers
+    bug_logged = any("BUG" in record.getMessage() and record.levelno == logging.ERROR for record in caplog.records)
+    assert bug_logged == case.startswith(("400", "422"))
+
+
+def test_a_slow_prometheus_is_504_at_the_client_deadline():
+    async def slow(request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(30)
+        return empty_vector(request)
+
+    with serve(Settings(transport=httpx.MockTransport(slow), prometheus_deadline=0.3, service_deadline=2)) as client:
+        began = time.monotonic()
+        assert_error(client.get("/api/training/run-1/analytics"), 504, "prometheus_timeout")
+        assert time.monotonic() - began < 1.5
+
+
+def test_the_service_deadline_bounds_a_request_of_many_prometheus_calls():
+    async def sluggish(request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(0.2)
+        return empty_vector(request)
+
+    # Each call is within the client's deadline, but the endpoint as a whole is not.
+    settings = Settings(transport=httpx.MockTransport(sluggish), prometheus_deadline=1, service_deadline=0.3,
+                        max_concurrency=1)
+    with serve(settings) as client:
+        assert_error(client.get("/api/training/analytics/summary"), 504, "timeout")
+
+
+# ----- a real Prometheus: stopped, paused, starting -------------------------------------------------------
+
+@pytest.mark.slow
+def test_a_stopped_prometheus_is_503_with_retry_after(prometheus):
+    prometheus.stop()
+    with serve(Settings(prometheus_url=prometheus.url)) as client:
+        for path in ("/healthz", "/api/training/run-1/analytics", "/api/training/analytics/summary"):
+            response = client.get(path)
+            assert_error(response, 503, "prometheus_unavailable", "unreachable")
+            assert int(response.headers["retry-after"]) > 0
+
+
+@pytest.mark.slow
+def test_a_paused_prometheus_is_504_within_the_deadline(prometheus):
+    with serve(Settings(prometheus_url=prometheus.url, prometheus_deadline=1.0, service_deadline=2.0)) as client:
+        assert client.get("/healthz").status_code == 200
+        os.kill(prometheus.process.pid, signal.SIGSTOP)
+        try:
+            for path in ("/healthz", "/api/training/run-1/analytics"):
+                began = time.monotonic()
+                assert_error(client.get(path), 504, "prometheus_timeout")
+                assert time.monotonic() - began < 2.0
+        finally:
+            os.kill(prometheus.process.pid, signal.SIGCONT)
+        assert client.get("/healthz").status_code == 200
+
+
+@pytest.mark.slow
+def test_a_starting_prometheus_is_503_until_ready(tmp_path):
+    server = PrometheusServer(tmp_path / "prometheus")
+    answers = []
+    with serve(Settings(prometheus_url=server.url)) as client:
+        starter = threading.Thread(target=server.start)
+        starter.start()
+        try:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                response = client.get("/healthz")
+                answers.append(response.status_code)
+                if response.status_code == 200:
+                    break
+                assert_error(response, 503, "prometheus_unavailable")
+                assert response.headers["retry-after"]
+                time.sleep(0.01)
+        finally:
+            starter.join()
+            server.stop()
+    assert answers[-1] == 200 and 503 in answers

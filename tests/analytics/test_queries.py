@@ -1,0 +1,85 @@
+"""PromQL construction: the one quoting function, the allowlist before it, windows and steps."""
+
+import re
+
+import pytest
+
+from analytics import queries as q
+
+HOSTILE_IDS = {
+    "quote": 'a"b',
+    "backslash": "a\\b",
+    "close matcher": 'x"}',
+    "or vector": 'x"} or vector(1) or {job_id="',
+    "or vector bare": "x or vector(1)",
+    "regex dot-star": ".*",
+    "regex alternation": "a|b",
+    "regex group": "(a)",
+    "regex plus": "a+",
+    "empty": "",
+    "10 KB": "a" * 10240,
+    "65 chars": "a" * 65,
+    "NUL": "a\x00b",
+    "newline": "a\nb",
+    "emoji": "job-🚀",
+    "dot-dot": "..",
+    "path": "../etc",
+    "leading dash": "-x",
+    "space": "a b",
+    "brace": "a{b}",
+}
+
+
+@pytest.mark.parametrize("job_id", HOSTILE_IDS.values(), ids=list(HOSTILE_IDS))
+def test_hostile_ids_never_become_promql(job_id):
+    with pytest.raises(ValueError, match="invalid job id"):
+        q.quote_job_id(job_id)
+    for build in (lambda: q.job_recent(job_id, 60, 1e9), lambda: q.job_ended(job_id, [1e9]),
+                  lambda: q.job_lookup_full(job_id, 60, 1e9), lambda: q.job_totals(job_id, 60, 1e9),
+                  lambda: q.job_rates(job_id, 60, 1e9), lambda: q.first_losses(job_id, 1e9, 60)):
+        with pytest.raises(ValueError):
+            build()
+
+
+def test_a_valid_id_enters_only_as_an_equality_matcher():
+    job_id = "run-7.b_2"
+    expressions = [*q.job_recent(job_id, 60, 1e9).values(), *q.job_ended(job_id, [1e9, 2e9]).values(),
+                   *q.job_lookup_full(job_id, 60, 1e9).values(), *q.job_totals(job_id, 60, 1e9).values(),
+                   *q.job_rates(job_id, 60, 1e9).values(), q.first_losses(job_id, 1e9, 60)]
+    for expr in expressions:
+        assert "=~" not in expr and "!~" not in expr
+        # Every occurrence of the id is the whole value of a job_id="..." matcher.
+        assert expr.count(job_id) == expr.count(f'job_id="{job_id}"'), expr
+    assert q.quote_job_id(job_id) == '"run-7.b_2"'
+
+
+def test_durations_steps_and_timestamps():
+    assert q.duration(1.5) == "1500ms"
+    assert q.duration(0.0001) == "1ms"
+    assert q.duration(3600) == "3600000ms"
+    assert q.range_step(60) == 0.25                 # never below the scrape interval
+    assert q.range_step(3600) == 0.36               # 10,000 points for an hour
+    assert q.range_step(86400) == pytest.approx(8.64)
+    assert 86400 / q.range_step(86400) <= 11_000
+    assert q.over(60, 1700000000.1234) == "[60000ms] @ 1700000000.123"
+    assert q.peak_step(3600) == 3.6                 # peaks: at most 1,000 grid points
+    assert q.grid(3600, 1700000000) == "[3600000ms:3600ms] @ 1700000000.000"
+    assert q.step_window(10) == "1000ms" and q.step_window(3600) == "3600ms"
+
+
+def test_union_tags_each_part():
+    expr = q.union({"a": "up", "b": "vector(1)"})
+    assert expr == ('label_replace(up, "analytics_part", "a", "", "") or '
+                    'label_replace(vector(1), "analytics_part", "b", "", "")')
+
+
+def test_every_part_name_is_a_plain_identifier():
+    names = [*q.job_recent("j", 1, 1), *q.job_ended("j", [1, 2]), *q.job_totals("j", 1, 1), *q.job_rates("j", 1, 1),
+             *q.host(1, 1, 2)]
+    assert len(names) == len(set(names))
+    assert all(re.fullmatch(r"[a-z_]+[0-9]*", name) for name in names)
+
+
+def test_trend_windows_follow_the_step():
+    assert "[1000ms]" in q.trend("samples_per_second", 0.25)
+    assert "[15000ms]" in q.trend("host_cpu_utilization_ratio", 15)

@@ -1,0 +1,85 @@
+"""The efficiency formula and the comparison's winners on hand-checked cases."""
+
+import math
+
+import pytest
+
+from analytics import scoring
+
+
+def test_throughput_score_is_average_over_peak_in_percent():
+    assert scoring.throughput_score(450.0, 600.0) == pytest.approx(75.0)
+    assert scoring.throughput_score(600.0, 600.0) == pytest.approx(100.0)
+    assert scoring.throughput_score(700.0, 600.0) == 100.0          # capped: extrapolation can overshoot
+    assert scoring.throughput_score(0.0, 600.0) == 0.0
+    assert scoring.throughput_score(450.0, 0.0) is None
+    assert scoring.throughput_score(None, 600.0) is None
+    assert scoring.throughput_score(450.0, math.nan) is None
+
+
+def test_gpu_score_is_the_mean_utilisation_clamped():
+    assert scoring.gpu_utilization_score(98.5) == 98.5
+    assert scoring.gpu_utilization_score(101.0) == 100.0
+    assert scoring.gpu_utilization_score(None) is None
+
+
+def test_overall_score_weights_gpu_0_6_and_throughput_0_4():
+    # 0.6 * 90 + 0.4 * 75 = 54 + 30 = 84
+    assert scoring.overall_score(90.0, 75.0) == pytest.approx(84.0)
+    # Without GPU data the throughput score stands alone (weights renormalised), and vice versa.
+    assert scoring.overall_score(None, 75.0) == pytest.approx(75.0)
+    assert scoring.overall_score(90.0, None) == pytest.approx(90.0)
+    assert scoring.overall_score(None, None) is None
+
+
+def test_efficiency_block_for_a_gpu_job_and_a_cpu_job():
+    # GPU 80 %, 300 of a 400 samples/s peak: throughput 75, overall 0.6*80 + 0.4*75 = 78
+    assert scoring.efficiency(80.0, 300.0, 400.0) == {"gpu_utilization_score": 80.0, "throughput_score": 75.0,
+                                                      "overall_score": 78.0}
+    assert scoring.efficiency(None, 300.0, 400.0) == {"gpu_utilization_score": None, "throughput_score": 75.0,
+                                                      "overall_score": 75.0}
+
+
+def row(job_id, status="completed", **values):
+    return {"job_id": job_id, "status": status, "throughput": None, "final_loss": None,
+            "duration_seconds": None, "overall_score": None, **values}
+
+
+def test_winners_per_category():
+    rows = [row("a", throughput=100.0, final_loss=0.30, duration_seconds=60.0, overall_score=70.0),
+            row("b", throughput=250.0, final_loss=0.25, duration_seconds=90.0, overall_score=65.0),
+            row("c", throughput=180.0, final_loss=0.40, duration_seconds=30.0, overall_score=80.0)]
+    winner, ties = scoring.winners(rows)
+    assert winner == {"best_throughput": "b", "best_loss": "b", "fastest": "c", "most_efficient": "c"}
+    assert ties == {}
+
+
+def test_fastest_counts_only_completed_jobs():
+    rows = [row("quick-fail", status="failed", duration_seconds=5.0),
+            row("slow-done", duration_seconds=500.0),
+            row("cancelled", status="cancelled", duration_seconds=1.0)]
+    winner, _ = scoring.winners(rows)
+    assert winner["fastest"] == "slow-done"
+
+
+def test_ties_are_stated_and_the_first_requested_job_is_named():
+    rows = [row("x", throughput=200.0, final_loss=0.1, duration_seconds=10.0, overall_score=50.0),
+            row("y", throughput=200.0000001, final_loss=0.2, duration_seconds=10.0, overall_score=60.0),
+            row("z", throughput=150.0, final_loss=0.1, duration_seconds=12.0, overall_score=60.0)]
+    winner, ties = scoring.winners(rows)
+    # 200.0 and 200.0000001 print alike at six significant digits: a tie the reader would see.
+    assert winner == {"best_throughput": "x", "best_loss": "x", "fastest": "x", "most_efficient": "y"}
+    assert ties == {"best_throughput": ["x", "y"], "best_loss": ["x", "z"], "fastest": ["x", "y"],
+                    "most_efficient": ["y", "z"]}
+
+
+def test_no_values_means_no_winner():
+    winner, ties = scoring.winners([row("a", status="running"), row("b", status="failed")])
+    assert winner == {"best_throughput": None, "best_loss": None, "fastest": None, "most_efficient": None}
+    assert ties == {}
+
+
+def test_rounded_keeps_six_significant_digits():
+    assert scoring.rounded(3.14159265) == 3.14159
+    assert scoring.rounded(123456789.0) == 123457000.0
+    assert scoring.rounded(math.inf) is None and scoring.rounded(None) is None and scoring.rounded(0) == 0.0

@@ -1,0 +1,137 @@
+"""Collector isolation: NVML missing, a GPU lost mid-run and back, an unreadable /proc file, a broken collector."""
+
+import logging
+import shutil
+import urllib.error
+import urllib.request
+
+from exporters.collectors.base import Collector
+from exporters.exporter import Exporter
+from tests.exporters.exporter_fixtures import PROC_T1, FakeNvml, build_fixture_host, parse_exposition, scrape, two_gpus
+
+
+def gpu_series(metrics: dict) -> set[str]:
+    return {name for name in metrics if name.startswith("hw_gpu_")}
+
+
+def success(metrics: dict) -> dict[str, float]:
+    return {dict(labels)["collector"]: value for labels, value in metrics["exporter_collector_success"].items()}
+
+
+def test_nvml_missing_is_debug_level_and_the_scrape_stays_whole(serve, caplog):
+    host = build_fixture_host(nvml=FakeNvml(two_gpus(), missing=True))
+    caplog.set_level(logging.DEBUG, logger="exporters")
+    host.sample_twice()
+    status, content_type, body = scrape(serve(host.exporter))
+    metrics = parse_exposition(body)
+    assert status == 200 and content_type.startswith("text/plain; version=0.0.4")
+    assert success(metrics) == {"cpu": 1, "memory": 1, "disk": 1, "filesystem": 1, "network": 1,
+                                "processes": 1, "jobs": 1, "gpu": 0}
+    assert gpu_series(metrics) == set()
+    assert "process_cpu_time_seconds_total" in metrics
+    gpu_records = [record for record in caplog.records if "gpu" in record.getMessage()]
+    assert gpu_records and all(record.levelno == logging.DEBUG for record in gpu_records)
+
+
+def test_gpu_lost_mid_run_reports_failure_then_recovers_after_backoff(serve, caplog):
+    host = build_fixture_host(backoff_initial=0.5)
+    url = serve(host.exporter)
+    host.sample_twice()
+    assert success(parse_exposition(scrape(url)[2]))["gpu"] == 1
+    assert "hw_gpu_utilization_peak_ratio" in parse_exposition(scrape(url)[2])
+
+    host.nvml.lost = True
+    host.exporter.sample(101.0)
+    host.exporter.sample(101.1)  # still lost, and inside the backoff: no retry yet
+    host.exporter.render()
+    status, _, body = scrape(url)
+    metrics = parse_exposition(body)
+    assert status == 200
+    assert success(metrics)["gpu"] == 0 and success(metrics)["cpu"] == 1
+    assert gpu_series(metrics) == set()  # no frozen values
+    errors = [record for record in caplog.records if record.levelno == logging.ERROR]
+    assert len(errors) == 1 and "GpuIsLost" in errors[0].getMessage()  # logged once, not per sample
+    init_calls = host.nvml.init_calls
+
+    host.nvml.lost = False
+    host.exporter.sample(101.2)  # 0.2 s after the loss: backoff (0.5 s) not over
+    assert host.nvml.init_calls == init_calls
+    host.exporter.sample(101.6)
+    host.exporter.sample_slow(101.6)
+    host.exporter.render()
+    metrics = parse_exposition(scrape(url)[2])
+    assert host.nvml.init_calls == init_calls + 1
+    assert success(metrics)["gpu"] == 1
+    assert {"hw_gpu_utilization_ratio", "hw_gpu_power_watts", "hw_gpu_job_info"} <= gpu_series(metrics)
+
+
+def test_gpu_lost_in_the_slow_loop_is_handled_by_the_fast_loop():
+    host = build_fixture_host(backoff_initial=0.5)
+    host.sample_twice()
+    host.nvml.lost = True
+    host.exporter.sample_slow(101.0)
+    metrics = parse_exposition(host.exporter.render())
+    assert success(metrics)["gpu"] == 0 and gpu_series(metrics) == set()
+    host.nvml.lost = False
+    host.exporter.sample(101.1)  # tears NVML down, schedules the re-init
+    host.exporter.sample(101.7)
+    host.exporter.sample_slow(101.7)
+    metrics = parse_exposition(host.exporter.render())
+    assert success(metrics)["gpu"] == 1 and "hw_gpu_temperature_celsius" in metrics
+
+
+def test_unreadable_proc_file_fails_only_its_collector(tmp_path, serve):
+    proc = tmp_path / "proc"
+    shutil.copytree(PROC_T1, proc)
+    host = build_fixture_host()
+    url = serve(host.exporter)
+    host.sample_twice()
+    (proc / "meminfo").unlink()
+    (proc / "meminfo").mkdir()  # reading it now fails with IsADirectoryError, even as root
+    host.use_proc(proc)
+    host.exporter.sample(100.2)
+    host.exporter.render()
+    status, _, body = scrape(url)
+    metrics = parse_exposition(body)
+    assert status == 200
+    assert success(metrics)["memory"] == 0
+    assert all(value == 1 for name, value in success(metrics).items() if name != "memory")
+    assert not any(name.startswith("system_memory_") for name in metrics)
+    assert "system_cpu_utilization_peak_ratio" in metrics
+
+    (proc / "meminfo").rmdir()
+    shutil.copy(PROC_T1 / "meminfo", proc / "meminfo")
+    host.exporter.sample(100.3)
+    metrics = parse_exposition(host.exporter.render())
+    assert success(metrics)["memory"] == 1 and "system_memory_used_peak_bytes" in metrics
+
+
+class BrokenCollector(Collector):
+    name = "broken"
+    fast = True
+
+    def collect(self):
+        raise RuntimeError("bug in collect")
+
+
+def test_collector_failing_while_rendering_is_dropped_and_reported(fixture_host):
+    exporter = Exporter([BrokenCollector(), *fixture_host.collectors])
+    for now in (100.0, 100.1):  # failing stays failing on the next render too
+        exporter.sample(now)
+        metrics = parse_exposition(exporter.render())
+        assert success(metrics)["broken"] == 0 and success(metrics)["memory"] == 1
+        assert "system_memory_limit_bytes" in metrics
+
+
+def test_http_server_serves_only_the_snapshot(fixture_host, serve):
+    fixture_host.sample_twice()
+    url = serve(fixture_host.exporter)
+    assert scrape(url)[2] == fixture_host.exporter.snapshot()
+    request = urllib.request.Request(f"{url}/metrics", method="HEAD")
+    with urllib.request.urlopen(request, timeout=5) as response:
+        assert response.status == 200 and int(response.headers["Content-Length"]) == len(fixture_host.exporter.snapshot())
+    try:
+        urllib.request.urlopen(f"{url}/nothing", timeout=5)
+        raise AssertionError("expected 404")
+    except urllib.error.HTTPError as error:
+        assert error.code == 404

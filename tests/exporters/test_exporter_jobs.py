@@ -1,0 +1,97 @@
+"""Job attribution on real processes: the mapping file, the process tree, CPU time of reaped children."""
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from exporters.collectors.jobs import JobsCollector, JobTracker
+from exporters.exporter import Exporter
+from tests.exporters.exporter_fixtures import parse_exposition
+from trainmetrics.jobmap import JobMapping, write_job_mapping
+
+# A job process that spawns a long-lived worker (like a DataLoader worker), optionally burns CPU in
+# short-lived helper processes it reaps, then waits for stdin to close.
+JOB_SCRIPT = r"""
+import subprocess, sys, time
+worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+print("worker", worker.pid, flush=True)
+burn = float(sys.argv[1])
+if burn:
+    helper = subprocess.Popen([sys.executable, "-c",
+        "import time\nend = time.process_time() + %f\nwhile time.process_time() < end: pass" % burn])
+    helper.wait()
+    print("reaped", flush=True)
+sys.stdin.read()
+worker.kill()
+worker.wait()
+"""
+
+
+@pytest.fixture
+def start_job():
+    """start_job(burn_seconds) -> (Popen, worker pid); every job is ended after the test."""
+    jobs = []
+
+    def start(burn: float = 0.0):
+        process = subprocess.Popen([sys.executable, "-c", JOB_SCRIPT, str(burn)], stdin=subprocess.PIPE,
+                                   stdout=subprocess.PIPE, text=True)
+        jobs.append(process)
+        worker_pid = int(process.stdout.readline().split()[1])
+        return process, worker_pid
+
+    yield start
+    for process in jobs:
+        process.communicate(timeout=10)  # closes stdin (the job exits) and stdout
+
+
+def test_job_tree_is_attributed_and_dropped_when_its_file_goes(tmp_path, start_job):
+    job, worker_pid = start_job()
+    tracker = JobTracker(tmp_path)
+    assert tracker.update(1.0).usage == {}
+    path = write_job_mapping(tmp_path, JobMapping(job_id="tree-1", pid=job.pid, gpus=[0], started=time.time()))
+    snapshot = tracker.update(1.1)  # picked up within one sample
+    assert snapshot.usage["tree-1"].processes == 2
+    assert snapshot.job_of_pid == {job.pid: "tree-1", worker_pid: "tree-1"}
+    assert snapshot.gpus == {"tree-1": frozenset({0})}
+    assert snapshot.usage["tree-1"].rss_bytes > 1 << 20
+    path.unlink()
+    assert tracker.update(1.2).usage == {}
+
+
+def test_cpu_time_of_reaped_children_stays_in_the_counter(tmp_path, start_job):
+    job, _ = start_job(burn=0.4)
+    write_job_mapping(tmp_path, JobMapping(job_id="burner", pid=job.pid, started=time.time()))
+    exporter = Exporter([JobsCollector(JobTracker(tmp_path))])
+    exporter.sample(1.0)
+    exporter.sample_slow(1.0)
+    assert job.stdout.readline().strip() == "reaped"  # the helper burned 0.4 s of CPU and is gone
+    exporter.sample(2.0)
+    metrics = parse_exposition(exporter.render())
+    assert metrics["process_cpu_time_seconds_total"][(("job_id", "burner"),)] >= 0.38
+    assert metrics["process_tree_processes"][(("job_id", "burner"),)] == 2  # job + worker; the helper has exited
+
+
+def test_stale_malformed_and_reused_pid_files_are_ignored(tmp_path, start_job):
+    job, _ = start_job()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    write_job_mapping(tmp_path, JobMapping(job_id="dead", pid=dead.pid, started=time.time()))
+    # The pid is alive, but the process started an hour after the job did: a reused pid.
+    write_job_mapping(tmp_path, JobMapping(job_id="reused", pid=job.pid, started=time.time() - 3600))
+    (tmp_path / "half-written.rank0.json").write_text('{"job_id": "x", "pid"')
+    (tmp_path / "bad-id.rank0.json").write_text(json.dumps({"job_id": "no spaces allowed", "pid": job.pid}))
+    write_job_mapping(tmp_path, JobMapping(job_id="live", pid=job.pid, started=time.time()))
+    assert set(JobTracker(tmp_path).update(1.0).usage) == {"live"}
+
+
+def test_unreadable_job_dir_fails_the_jobs_collector_only(tmp_path):
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    exporter = Exporter([JobsCollector(JobTracker(not_a_dir))])
+    exporter.sample(1.0)
+    metrics = parse_exposition(exporter.render())
+    assert metrics["exporter_collector_success"] == {(("collector", "jobs"),): 0}
+    assert "process_tree_processes" not in metrics
