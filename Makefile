@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: all venv prometheus node-exporter test demo bench lint clean
+.PHONY: all venv prometheus alertmanager node-exporter dashboards test demo bench clean
 
 all: test
 
@@ -22,10 +22,17 @@ venv: $(STAMP)
 prometheus:
 	@scripts/ensure-debian-package prometheus prometheus promtool
 
+alertmanager:
+	@scripts/ensure-debian-package prometheus-alertmanager prometheus-alertmanager
+
 node-exporter:
 	@scripts/ensure-debian-package prometheus-node-exporter prometheus-node-exporter
 
-test: venv prometheus
+# Regenerate the Grafana dashboards and docs/dashboards.md from deploy/grafana/dashboards/src.
+dashboards: venv
+	$(BIN)/python deploy/grafana/dashboards/src/generate.py
+
+test: venv prometheus alertmanager
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 demo: venv prometheus

@@ -51,9 +51,14 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def render_config(targets_dir: Path, static_targets: dict[str, list[str]] | None = None,
-                  rule_files: list[str] | None = None) -> dict:
-    """The deployable config with file_sd pointed at targets_dir and static targets replaced."""
+                  rule_files: list[str] | None = None, alertmanagers: list[str] | None = None) -> dict:
+    """The deployable config with file_sd pointed at targets_dir, static targets and alertmanagers replaced
+    (scrape jobs without a static target given are dropped; no alertmanager unless given)."""
     config = yaml.safe_load(CONFIG_TEMPLATE.read_text())
+    if alertmanagers:
+        config["alerting"] = {"alertmanagers": [{"static_configs": [{"targets": alertmanagers}]}]}
+    else:
+        config.pop("alerting", None)
     static_targets = static_targets or {}
     kept = []
     for scrape in config["scrape_configs"]:
@@ -77,7 +82,7 @@ class PrometheusServer:
 
     def __init__(self, workdir: Path, static_targets: dict[str, list[str]] | None = None,
                  rule_files: list[str] | None = None, port: int | None = None,
-                 extra_args: list[str] | None = None):
+                 extra_args: list[str] | None = None, alertmanagers: list[str] | None = None):
         self.workdir = Path(workdir)
         self.targets_dir = self.workdir / "targets"
         self.data_dir = self.workdir / "data"
@@ -86,6 +91,7 @@ class PrometheusServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.static_targets = static_targets
         self.rule_files = rule_files
+        self.alertmanagers = alertmanagers
         self.extra_args = extra_args or []
         self.process: subprocess.Popen | None = None
         self.log_path = self.workdir / "prometheus.log"
@@ -94,7 +100,7 @@ class PrometheusServer:
         """Write the config, start the binary and wait until /-/ready answers."""
         self.targets_dir.mkdir(parents=True, exist_ok=True)
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        config = render_config(self.targets_dir, self.static_targets, self.rule_files)
+        config = render_config(self.targets_dir, self.static_targets, self.rule_files, self.alertmanagers)
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         command = [
             find_binary("prometheus"),

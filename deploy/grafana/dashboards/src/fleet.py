@@ -1,0 +1,43 @@
+"""Fleet: every job at once: how many in each state, who is running how fast, what failed."""
+
+from panels import new_dashboard, query, row, stat_panel, table_panel, timeseries_panel
+
+
+def build():
+    """The Fleet dashboard."""
+    return (
+        new_dashboard("trainmetrics / Fleet", "trainmetrics-fleet",
+                      "All training jobs: states, throughput of running jobs, failures, top jobs, node peaks.",
+                      ["fleet"])
+        .with_row(row("Jobs"))
+        .with_panel(stat_panel("Running jobs", "Jobs currently running.", "short",
+                               query("count(job_id:trainer_job_running:max) or vector(0)")))
+        .with_panel(stat_panel("Failed in the last hour", "Jobs that entered failed in the last hour.", "short",
+                               query('count(max by (job_id) (max_over_time(trainer_job_state{state="failed"}[1h])) '
+                                     '== 1) or vector(0)')))
+        .with_panel(stat_panel("Completed in the last hour", "Jobs that completed in the last hour.", "short",
+                               query('count(max by (job_id) (max_over_time(trainer_job_state{state="completed"}[1h])) '
+                                     '== 1) or vector(0)')))
+        .with_panel(stat_panel("Samples per second", "Throughput of all jobs together.", "short",
+                               query("sum(job_id:trainer_samples:rate10s) or vector(0)")))
+        .with_panel(timeseries_panel("Jobs by state", "Live jobs in each state.", "short",
+                                     query("count by (state) (max by (job_id, state) (trainer_job_state) == 1)",
+                                           "{{state}}")))
+        .with_panel(timeseries_panel("Throughput of running jobs", "Samples per second per job.", "short",
+                                     query("job_id:trainer_samples:rate10s and on (job_id) job_id:trainer_job_running:max",
+                                           "{{job_id}}")))
+        .with_panel(table_panel("Top jobs by throughput", "The ten fastest jobs in the time range (peak of the "
+                                "1-minute samples/s).",
+                                query("topk(10, max by (job_id) (max_over_time(job_id:trainer_samples:rate1m[$__range])))",
+                                      "", instant=True, table_format=True)))
+        .with_row(row("Nodes"))
+        .with_panel(timeseries_panel("Node CPU peak", "Peak CPU utilisation per node over the last minute.",
+                                     "percentunit", query("instance:system_cpu_utilization_peak:max1m", "{{instance}}"),
+                                     min_value=0, max_value=1))
+        .with_panel(timeseries_panel("Node memory used", "Used memory share per node.", "percentunit",
+                                     query("instance:system_memory_utilization:ratio", "{{instance}}"),
+                                     min_value=0, max_value=1))
+        .with_panel(timeseries_panel("Node GPU peak", "Peak GPU utilisation per node over the last minute.",
+                                     "percentunit", query("instance:hw_gpu_utilization_peak:max1m", "{{instance}}"),
+                                     min_value=0, max_value=1))
+    )

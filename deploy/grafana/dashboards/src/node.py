@@ -1,0 +1,68 @@
+"""Node: the host and its GPUs, mean vs peak, network and disk, and the exporter's own health."""
+
+from panels import label_variable, new_dashboard, query, row, timeseries_panel
+
+NODE = 'instance=~"$instance"'
+
+
+def build():
+    """The Node dashboard."""
+    return (
+        new_dashboard("trainmetrics / Node", "trainmetrics-node",
+                      "A machine under training jobs: CPU and memory (mean vs peak over the sampling window), "
+                      "network, disks, filesystems, processes and GPUs.", ["node"])
+        .with_variable(label_variable("instance", "Node", "label_values(system_memory_limit_bytes, instance)",
+                                      multi=True))
+        .with_row(row("Host"))
+        .with_panel(timeseries_panel("CPU utilisation: mean vs peak",
+                                     "Mean and max of the 10 Hz samples over the peak window: spikes between "
+                                     "scrapes show in the peak.", "percentunit",
+                                     query(f"system_cpu_utilization_ratio{{{NODE}}}", "mean {{instance}}"),
+                                     query(f"system_cpu_utilization_peak_ratio{{{NODE}}}", "peak {{instance}}", "B"),
+                                     min_value=0, max_value=1))
+        .with_panel(timeseries_panel("Memory", "Memory by state, and the peak of used memory.", "bytes",
+                                     query(f"system_memory_usage_bytes{{{NODE}}}", "{{state}} {{instance}}"),
+                                     query(f"system_memory_used_peak_bytes{{{NODE}}}", "used peak {{instance}}", "B"),
+                                     query(f"system_memory_limit_bytes{{{NODE}}}", "limit {{instance}}", "C")))
+        .with_panel(timeseries_panel("Network", "Bytes per second by device and direction.", "Bps",
+                                     query(f"rate(system_network_io_bytes_total{{{NODE}}}[$__rate_interval])",
+                                           "{{device}} {{direction}}")))
+        .with_panel(timeseries_panel("Disk throughput", "Bytes per second by device and direction.", "Bps",
+                                     query(f"rate(system_disk_io_bytes_total{{{NODE}}}[$__rate_interval])",
+                                           "{{device}} {{direction}}")))
+        .with_panel(timeseries_panel("Disk operations", "Operations per second by device and direction.", "iops",
+                                     query(f"rate(system_disk_operations_total{{{NODE}}}[$__rate_interval])",
+                                           "{{device}} {{direction}}")))
+        .with_panel(timeseries_panel("Filesystem used", "Share of each real filesystem in use.", "percentunit",
+                                     query(f"system_filesystem_usage_bytes{{{NODE},state=\"used\"}} / ignoring (state) "
+                                           f"system_filesystem_limit_bytes{{{NODE}}}", "{{mountpoint}}"),
+                                     min_value=0, max_value=1))
+        .with_panel(timeseries_panel("Processes", "Processes by status.", "short",
+                                     query(f"system_processes{{{NODE}}}", "{{status}}")))
+        .with_panel(timeseries_panel("Exporter collectors", "1 when the collector succeeded; its duration.", "short",
+                                     query(f"exporter_collector_success{{{NODE}}}", "{{collector}}")))
+        .with_row(row("GPUs"))
+        .with_panel(timeseries_panel("GPU utilisation: mean vs peak", "Per GPU, mean and max over the window.",
+                                     "percentunit",
+                                     query(f"hw_gpu_utilization_ratio{{{NODE}}}", "mean gpu {{gpu}}"),
+                                     query(f"hw_gpu_utilization_peak_ratio{{{NODE}}}", "peak gpu {{gpu}}", "B"),
+                                     min_value=0, max_value=1))
+        .with_panel(timeseries_panel("GPU memory", "Used, peak over the window, and size.", "bytes",
+                                     query(f"hw_gpu_memory_usage_bytes{{{NODE}}}", "used gpu {{gpu}}"),
+                                     query(f"hw_gpu_memory_usage_peak_bytes{{{NODE}}}", "peak gpu {{gpu}}", "B"),
+                                     query(f"hw_gpu_memory_limit_bytes{{{NODE}}}", "size gpu {{gpu}}", "C")))
+        .with_panel(timeseries_panel("GPU temperature", "Core temperature.", "celsius",
+                                     query(f"hw_gpu_temperature_celsius{{{NODE}}}", "gpu {{gpu}}")))
+        .with_panel(timeseries_panel("GPU power", "Board power draw, and energy per second from the counter.",
+                                     "watt",
+                                     query(f"hw_gpu_power_watts{{{NODE}}}", "power gpu {{gpu}}"),
+                                     query(f"rate(hw_gpu_energy_joules_total{{{NODE}}}[$__rate_interval])",
+                                           "energy rate gpu {{gpu}}", "B")))
+        .with_panel(timeseries_panel("GPU SM clock", "Current SM clock.", "hertz",
+                                     query(f"hw_gpu_clock_sm_hertz{{{NODE}}}", "gpu {{gpu}}")))
+        .with_panel(timeseries_panel("GPU throttling and errors", "Active throttle reasons (1) and new "
+                                     "ECC/XID errors per second.", "short",
+                                     query(f"hw_gpu_throttle_reasons{{{NODE}}} == 1", "gpu {{gpu}} {{reason}}"),
+                                     query(f"rate(hw_gpu_errors_total{{{NODE}}}[$__rate_interval])",
+                                           "gpu {{gpu}} {{type}}", "B")))
+    )

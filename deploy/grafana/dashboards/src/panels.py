@@ -1,0 +1,119 @@
+"""Small panel factories shared by every dashboard: one datasource, one query shape, one style."""
+
+from grafana_foundation_sdk.builders import common, dashboard, prometheus, stat, table, timeseries
+from grafana_foundation_sdk.models import common as enums
+from grafana_foundation_sdk.models.dashboard import DataSourceRef, DataTransformerConfig, VariableRefresh, VariableSort
+from grafana_foundation_sdk.models.prometheus import PromQueryFormat
+
+DATASOURCE = DataSourceRef(type_val="prometheus", uid="${datasource}")
+# 250 ms scrapes: let Grafana go down to 1 s per point; $__rate_interval covers at least 4 scrapes.
+MIN_INTERVAL = "1s"
+REFRESH_INTERVALS = ["1s", "5s", "10s", "30s", "1m", "5m"]
+
+
+def new_dashboard(title: str, uid: str, description: str, tags: list[str]) -> dashboard.Dashboard:
+    """A dashboard with the Prometheus datasource variable, a 1 s refresh option and our tags."""
+    return (
+        dashboard.Dashboard(title)
+        .uid(uid)
+        .description(description)
+        .tags(["trainmetrics", *tags])
+        .editable()
+        .refresh("5s")
+        .time("now-15m", "now")
+        .timepicker(dashboard.TimePicker().refresh_intervals(REFRESH_INTERVALS))
+        .with_variable(dashboard.DatasourceVariable("datasource").label("Prometheus").type("prometheus"))
+    )
+
+
+def label_variable(name: str, label: str, query: str, multi: bool = False) -> dashboard.QueryVariable:
+    """A variable listing the values of a label (label_values(...)), refreshed with the time range."""
+    variable = (
+        dashboard.QueryVariable(name)
+        .label(label)
+        .datasource(DATASOURCE)
+        .query(query)
+        .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED)
+        .sort(VariableSort.ALPHABETICAL_ASC)
+    )
+    return variable.multi(True) if multi else variable
+
+
+def query(expr: str, legend: str = "__auto", ref_id: str = "A", instant: bool = False,
+          table_format: bool = False) -> prometheus.Dataquery:
+    """One PromQL target."""
+    target = prometheus.Dataquery().expr(expr).legend_format(legend).ref_id(ref_id).datasource(DATASOURCE)
+    if instant:
+        target = target.instant()
+    if table_format:
+        target = target.format(PromQueryFormat.TABLE)
+    return target
+
+
+def timeseries_panel(title: str, description: str, unit: str, *targets: prometheus.Dataquery,
+                     width: int = 12, height: int = 8, min_value: float | None = None,
+                     max_value: float | None = None) -> timeseries.Panel:
+    """A time-series panel; several targets overlay (e.g. mean vs peak)."""
+    panel = (
+        timeseries.Panel()
+        .title(title)
+        .description(description)
+        .unit(unit)
+        .datasource(DATASOURCE)
+        .interval(MIN_INTERVAL)
+        .span(width)
+        .height(height)
+        .line_width(1)
+        .fill_opacity(10)
+        .legend(common.VizLegendOptions().show_legend(True).display_mode(enums.LegendDisplayMode.LIST)
+                .placement(enums.LegendPlacement.BOTTOM))
+        .tooltip(common.VizTooltipOptions().mode(enums.TooltipDisplayMode.MULTI).sort(enums.SortOrder.DESCENDING))
+    )
+    if min_value is not None:
+        panel = panel.min(min_value)
+    if max_value is not None:
+        panel = panel.max(max_value)
+    for target in targets:
+        panel = panel.with_target(target)
+    return panel
+
+
+def stat_panel(title: str, description: str, unit: str, target: prometheus.Dataquery, width: int = 4,
+               height: int = 4, text_mode: enums.BigValueTextMode = enums.BigValueTextMode.AUTO) -> stat.Panel:
+    """A single number: the last value of the series."""
+    return (
+        stat.Panel()
+        .title(title)
+        .description(description)
+        .unit(unit)
+        .datasource(DATASOURCE)
+        .interval(MIN_INTERVAL)
+        .span(width)
+        .height(height)
+        .text_mode(text_mode)
+        .graph_mode(enums.BigValueGraphMode.NONE)
+        .reduce_options(common.ReduceDataOptions().calcs(["lastNotNull"]).values(False))
+        .with_target(target)
+    )
+
+
+def table_panel(title: str, description: str, *targets: prometheus.Dataquery, width: int = 24,
+                height: int = 8) -> table.Panel:
+    """A table of instant queries joined on their labels (one row per job)."""
+    panel = (
+        table.Panel()
+        .title(title)
+        .description(description)
+        .datasource(DATASOURCE)
+        .span(width)
+        .height(height)
+        .with_transformation(DataTransformerConfig(id_val="merge", options={}))
+    )
+    for target in targets:
+        panel = panel.with_target(target)
+    return panel
+
+
+def row(title: str) -> dashboard.Row:
+    """A row header."""
+    return dashboard.Row(title)

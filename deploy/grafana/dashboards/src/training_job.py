@@ -1,0 +1,74 @@
+"""Training job: one job's state, learning curves, speed, data wait, checkpoints and the resources it uses."""
+
+from grafana_foundation_sdk.models.common import BigValueTextMode
+
+from panels import label_variable, new_dashboard, query, row, stat_panel, timeseries_panel
+
+JOB = 'job_id="$job_id"'
+
+
+def build():
+    """The Training job dashboard."""
+    return (
+        new_dashboard("trainmetrics / Training job", "trainmetrics-job",
+                      "One training job: state, loss and accuracy, throughput, step time, data wait, "
+                      "checkpoints, and the GPUs and processes it uses.", ["job"])
+        .with_variable(label_variable("job_id", "Job", "label_values(trainer_job_info, job_id)"))
+        .with_row(row("Job"))
+        .with_panel(stat_panel("State", "The job's current lifecycle state.", "none",
+                               query(f"max by (state) (trainer_job_state{{{JOB}}}) == 1", "{{state}}"),
+                               text_mode=BigValueTextMode.NAME))
+        .with_panel(stat_panel("Steps", "Optimizer steps completed.", "short",
+                               query(f"max(trainer_steps_total{{{JOB}}})")))
+        .with_panel(stat_panel("Samples", "Training samples processed, all ranks.", "short",
+                               query(f"sum(trainer_samples_total{{{JOB}}})")))
+        .with_panel(stat_panel("Eval accuracy", "Accuracy at the last evaluation.", "percentunit",
+                               query(f"max(trainer_eval_accuracy_ratio{{{JOB}}})")))
+        .with_panel(stat_panel("Duration", "Running time so far, or start to end for a finished job.", "s",
+                               query(f"(max(trainer_job_end_timestamp_seconds{{{JOB}}}) or vector(time()))"
+                                     f" - max(trainer_job_start_timestamp_seconds{{{JOB}}})")))
+        .with_panel(stat_panel("Checkpoints", "Checkpoints written.", "short",
+                               query(f"max(trainer_checkpoints_total{{{JOB}}})")))
+        .with_row(row("Learning"))
+        .with_panel(timeseries_panel("Loss", "Training loss (mean over each log interval) and eval loss.", "short",
+                                     query(f"trainer_loss{{{JOB}}}", "train {{rank}}"),
+                                     query(f"trainer_eval_loss{{{JOB}}}", "eval", "B")))
+        .with_panel(timeseries_panel("Eval accuracy", "Accuracy on the held-out split at each evaluation.",
+                                     "percentunit", query(f"trainer_eval_accuracy_ratio{{{JOB}}}", "accuracy"),
+                                     min_value=0, max_value=1))
+        .with_row(row("Speed"))
+        .with_panel(timeseries_panel("Samples per second", "Throughput, all ranks summed.", "short",
+                                     query(f"job_id:trainer_samples:rate10s{{{JOB}}}", "samples/s")))
+        .with_panel(timeseries_panel("Step time", "Step-time quantiles over 30 s (all ranks pooled).", "s",
+                                     query(f"job_id:trainer_step_duration_seconds:histogram_quantile{{{JOB}}}",
+                                           "p{{quantile}}")))
+        .with_panel(timeseries_panel("Data wait", "Share of step time spent waiting for the next batch.",
+                                     "percentunit",
+                                     query(f"sum(rate(trainer_data_wait_seconds_sum{{{JOB}}}[$__rate_interval])) / "
+                                           f"sum(rate(trainer_step_duration_seconds_sum{{{JOB}}}[$__rate_interval]))",
+                                           "data wait"), min_value=0, max_value=1))
+        .with_panel(timeseries_panel("Model FLOPs utilisation", "Achieved FLOP/s ÷ device peak (where known).",
+                                     "percentunit", query(f"trainer_model_flops_utilization_ratio{{{JOB}}}",
+                                                          "MFU {{rank}}"), min_value=0))
+        .with_row(row("Resources"))
+        .with_panel(timeseries_panel("Job GPU utilisation: mean vs peak",
+                                     "The job's GPUs: mean and max over the exporter's sampling window.",
+                                     "percentunit",
+                                     query(f"hw_gpu_utilization_ratio * on (instance, uuid) group_right "
+                                           f"hw_gpu_job_info{{{JOB}}}", "mean gpu {{gpu}}"),
+                                     query(f"hw_gpu_utilization_peak_ratio * on (instance, uuid) group_right "
+                                           f"hw_gpu_job_info{{{JOB}}}", "peak gpu {{gpu}}", "B"),
+                                     min_value=0, max_value=1))
+        .with_panel(timeseries_panel("Job GPU memory", "GPU memory held by the job's processes and the "
+                                     "allocator's peak.", "bytes",
+                                     query(f"hw_gpu_process_memory_bytes{{{JOB}}}", "gpu {{gpu}}"),
+                                     query(f"trainer_gpu_memory_peak_bytes{{{JOB}}}", "allocator peak", "B")))
+        .with_panel(timeseries_panel("Job CPU", "CPU cores used by the job's process tree (DataLoader workers "
+                                     "included).", "short",
+                                     query(f"sum(rate(process_cpu_time_seconds_total{{{JOB}}}[$__rate_interval]))",
+                                           "cores")))
+        .with_panel(timeseries_panel("Job memory and processes", "Resident memory of the job's process tree and "
+                                     "its process count.", "bytes",
+                                     query(f"sum(process_memory_rss_bytes{{{JOB}}})", "rss"),
+                                     query(f"sum(process_tree_processes{{{JOB}}})", "processes", "B")))
+    )

@@ -1,0 +1,39 @@
+"""deploy/docker-compose.yml: what can be checked without a Docker engine (none runs on our machines)."""
+
+from pathlib import Path
+
+import yaml
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+
+
+def compose() -> dict:
+    return yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+
+
+def test_stack_has_every_service_on_the_host_network():
+    services = compose()["services"]
+    assert set(services) == {"prometheus", "alertmanager", "grafana", "exporter", "analytics"}
+    assert all(service["network_mode"] == "host" for service in services.values())
+    assert services["exporter"]["pid"] == "host"
+
+
+def test_grafana_needs_an_admin_password_and_allows_no_anonymous_access():
+    env = compose()["services"]["grafana"]["environment"]
+    assert env["GF_SECURITY_ADMIN_PASSWORD"].startswith("${GRAFANA_ADMIN_PASSWORD:?")
+    assert env["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
+
+
+def test_every_mounted_repo_file_exists():
+    for name, service in compose()["services"].items():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("./"):
+                assert (DEPLOY / source).exists(), f"{name}: {source}"
+
+
+def test_services_listen_on_loopback_only():
+    services = compose()["services"]
+    commands = " ".join(" ".join(map(str, s.get("command", []))) for s in services.values())
+    assert "0.0.0.0" not in commands
+    assert services["grafana"]["environment"]["GF_SERVER_HTTP_ADDR"] == "127.0.0.1"
