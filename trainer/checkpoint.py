@@ -31,11 +31,14 @@ def checkpoint_name(step: int) -> str:
 
 
 def ensure_writable_dir(directory: Path) -> Path:
-    """Create the directory if needed and prove we can write into it; raise OSError otherwise."""
+    """Create the directory if needed, prove we can write into it (OSError otherwise), and remove temp
+    files a writer killed mid-checkpoint left behind."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"):
         pass
+    for leftover in directory.glob(".step-*.tmp"):
+        leftover.unlink(missing_ok=True)
     return directory
 
 

@@ -55,7 +55,8 @@ class JobMetrics:
                  listen: str | None = "127.0.0.1:0", targets_dir: Path | None = None,
                  job_dir: Path | None = None, gpus: Iterable[int] = (), upload_seconds: float | None = None,
                  log_every: int = 50, flops_per_sample: float | None = None, peak_flops: float | None = None,
-                 linger_timeout: float = 15.0, on_log: Callable[[IntervalStats], None] | None = None):
+                 linger_timeout: float = 15.0, on_log: Callable[[IntervalStats], None] | None = None,
+                 start_steps: int = 0, start_samples: int = 0):
         self.job_id = validate_job_id(job_id)
         self.rank = rank
         self.log_every = max(1, int(log_every))
@@ -72,8 +73,10 @@ class JobMetrics:
         self.end_time: float | None = None
         self._end_monotonic: float | None = None
         self.upload_seconds = upload_seconds
-        self.steps = 0
-        self.samples = 0
+        # A resumed job continues its counters from the checkpoint before its first scrape, so Prometheus
+        # never sees them restart from 0.
+        self.steps = start_steps
+        self.samples = start_samples
         self.checkpoints = 0
         self.nonfinite_losses = 0
         self.last_loss: float | None = None
@@ -83,7 +86,7 @@ class JobMetrics:
         self._pending_step_durations: list[float] = []
         self._pending_data_waits: list[float] = []
         self._last_step_end: float | None = None
-        self._interval_start = (time.perf_counter(), 0, 0)   # (time, steps, samples) at the last log
+        self._interval_start = (time.perf_counter(), start_steps, start_samples)   # (time, steps, samples) at the last log
         self._server: MetricsServer | None = None
         self._target_file: Path | None = None
         self._mapping_file: Path | None = None
@@ -172,6 +175,15 @@ class JobMetrics:
         """The port /metrics is served on (None when not serving)."""
         return self._server.port if self._server else None
 
+    def wait_for_first_scrape(self, timeout: float) -> bool:
+        """Block until Prometheus has scraped this job once (only when announced through targets_dir).
+
+        Prometheus discovers a new file_sd target within ~5 s; a job that waits for that scrape before
+        training has its whole history in Prometheus, first loss included. False when none came in time."""
+        if self._server is None or self._target_file is None:
+            return False
+        return self._server.wait_for_scrape_after(float("-inf"), timeout)
+
     def start(self) -> "JobMetrics":
         """Mark the job running and note its start time."""
         if self.start_time is None:
@@ -197,6 +209,14 @@ class JobMetrics:
         self.error_type = type(error).__name__ if error is not None and state == "failed" else None
         self.end_time = time.time()
         self.state = state
+        self._end_monotonic = time.monotonic()
+
+    def pause(self) -> None:
+        """Mark the job paused before its process exits (it resumes later, from a checkpoint, in a new one).
+
+        Like finish(), the state is held until it has been scraped (close() lingers for it)."""
+        self._log_interval()
+        self.state = "paused"
         self._end_monotonic = time.monotonic()
 
     def __enter__(self) -> "JobMetrics":

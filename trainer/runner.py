@@ -1,7 +1,7 @@
 """The built-in training loop: real PyTorch training, instrumented through JobMetrics.
 
-Exit codes: 0 completed, 1 failed, 2 bad input (nothing left behind), 3 cancelled (SIGINT/SIGTERM,
-after a final checkpoint at the next step boundary).
+Exit codes: 0 completed, 1 failed, 2 bad input (nothing left behind), 3 cancelled (SIGINT/SIGTERM),
+4 paused (SIGUSR1, the job server's pause); both stops write a checkpoint at the next step boundary.
 """
 
 import json
@@ -25,7 +25,10 @@ from trainer.metrics import IntervalStats, JobMetrics
 from trainer.models import ModelError, build_model, device_peak_flops
 from trainmetrics.names import validate_job_id
 
-EXIT_COMPLETED, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_CANCELLED = 0, 1, 2, 3
+EXIT_COMPLETED, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_PAUSED = 0, 1, 2, 3, 4
+EXIT_CODES = {"completed": EXIT_COMPLETED, "cancelled": EXIT_CANCELLED, "paused": EXIT_PAUSED}
+# The state a stop signal leads to: SIGUSR1 pauses (resumable with --resume), the others cancel.
+STOP_SIGNALS = {signal.SIGINT: "cancelled", signal.SIGTERM: "cancelled", signal.SIGUSR1: "paused"}
 EVAL_BATCH_SIZE = 512
 
 log = logging.getLogger("trainmetrics.trainer")
@@ -36,23 +39,26 @@ class BadInput(Exception):
 
 
 class StopFlag:
-    """Set by SIGINT/SIGTERM; the loop checks it at each step boundary."""
+    """Set by SIGINT/SIGTERM (cancel) or SIGUSR1 (pause); the loop checks it at each step boundary."""
 
     def __init__(self):
         self.signal_name: str | None = None
+        self.outcome: str | None = None      # "cancelled" or "paused"
 
     def __bool__(self) -> bool:
-        return self.signal_name is not None
+        return self.outcome is not None
+
+    def request(self, signum: int) -> None:
+        """Record a stop request; a cancel overrides an earlier pause, never the reverse."""
+        outcome = STOP_SIGNALS[signum]
+        if self.outcome is None or outcome == "cancelled":
+            self.signal_name, self.outcome = signal.Signals(signum).name, outcome
 
     @contextmanager
     def installed(self):
-        """Route SIGINT and SIGTERM to this flag for the duration of the block (main thread only)."""
-        def handler(signum, frame):
-            self.signal_name = signal.Signals(signum).name
-
-        previous = {}
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            previous[signum] = signal.signal(signum, handler)
+        """Route the stop signals to this flag for the duration of the block (main thread only)."""
+        previous = {signum: signal.signal(signum, lambda signum, frame: self.request(signum))
+                    for signum in STOP_SIGNALS}
         try:
             yield self
         finally:
@@ -144,7 +150,7 @@ class Trainer:
         return self.loss_fn(outputs, targets)
 
     def run(self) -> str:
-        """Train to the end or until stopped; returns the final state (completed or cancelled)."""
+        """Train to the end or until stopped; returns completed, cancelled or paused."""
         config, metrics = self.config, self.metrics
         metrics.set_learning_rate(config.lr)
         while self.epoch < config.epochs:
@@ -168,7 +174,7 @@ class Trainer:
                     log.info("job %s: %s received, checkpointing at step %d and stopping", config.job_id,
                              self.stop.signal_name, metrics.steps)
                     self.checkpoint()
-                    return "cancelled"
+                    return self.stop.outcome
             self.epoch += 1
             self.batch_in_epoch = 0
             self.evaluate()
@@ -264,6 +270,7 @@ def run_job(config: TrainConfig) -> int:
 
     total_steps = config.epochs * -(-len(dataset.train) // config.batch_size)
     progress = ProgressReporter(config, total_steps)
+    resume_state = load_latest(config.checkpoint_dir, map_location=device) if config.resume else None
     try:
         metrics = JobMetrics(
             config.job_id, job_name=config.job_name, model=config.model, dataset=dataset.name,
@@ -272,7 +279,8 @@ def run_job(config: TrainConfig) -> int:
             upload_seconds=config.upload_seconds if config.upload_seconds is not None else load_seconds,
             log_every=config.log_every, flops_per_sample=model.flops_per_sample(),
             peak_flops=config.peak_flops or device_peak_flops(device), linger_timeout=config.linger_timeout,
-            on_log=progress)
+            on_log=progress, start_steps=int(resume_state["step"]) if resume_state else 0,
+            start_samples=int(resume_state["samples"]) if resume_state else 0)
     except (OSError, ValueError) as error:
         if created_dir is not None:
             shutil.rmtree(created_dir, ignore_errors=True)
@@ -288,14 +296,18 @@ def run_job(config: TrainConfig) -> int:
     exit_code = EXIT_FAILED
     try:
         with stop.installed():
-            if config.resume:
-                state = load_latest(config.checkpoint_dir, map_location=device)
-                if state is not None:
-                    trainer.restore(state)
+            if resume_state is not None:
+                trainer.restore(resume_state)
+            if config.targets_dir is not None and not metrics.wait_for_first_scrape(config.linger_timeout):
+                log.warning("job %s: not scraped within %.0fs of announcing itself; starting anyway",
+                            config.job_id, config.linger_timeout)
             metrics.start()
             final_state = trainer.run()
-        metrics.finish(final_state)
-        exit_code = EXIT_COMPLETED if final_state == "completed" else EXIT_CANCELLED
+        if final_state == "paused":
+            metrics.pause()
+        else:
+            metrics.finish(final_state)
+        exit_code = EXIT_CODES[final_state]
     except Exception as error:   # the job fails; the error class goes to the log and to Prometheus
         log.error("job %s failed: %s: %s", config.job_id, type(error).__name__, error)
         metrics.finish("failed", error)

@@ -12,6 +12,7 @@ COMMANDS = {
     "train": ("trainer.cli", "run one training job in the foreground, publishing its metrics"),
     "exporter": ("exporters.cli", "run the node exporter (CPU, memory, disk, network, processes, GPUs per job)"),
     "analytics": ("analytics.cli", "serve job analytics, fleet summary and comparisons over the Prometheus API"),
+    "server": ("trainer.server_cli", "run the job server: upload datasets, submit, pause/resume/cancel, download"),
     "demo": ("trainmetrics.demo", "start Prometheus and the stack, run a demo job, print its URLs"),
 }
 

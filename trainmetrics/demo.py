@@ -1,11 +1,11 @@
-"""`trainmetrics demo`: a real Prometheus, the node exporter and a demo training job, wired together.
+"""`trainmetrics demo`: a real Prometheus, the node exporter and the job server, wired together.
 
-Prints the Prometheus URLs for the job's loss and throughput while it runs, then a summary read back
-from Prometheus. Ctrl-C stops every child cleanly.
+Uploads a small CSV to the job server, submits the demo job, prints the Prometheus URLs for its loss
+and throughput and its evaluations while it runs, then a summary read back from Prometheus. Ctrl-C
+stops every child cleanly (the server pauses a job still running).
 """
 
 import argparse
-import json
 import socket
 import subprocess
 import sys
@@ -14,7 +14,7 @@ import time
 import urllib.parse
 from pathlib import Path
 
-from trainmetrics.names import DEFAULT_EXPORTER_PORT, DEFAULT_PROMETHEUS_PORT
+from trainmetrics.names import DEFAULT_ANALYTICS_PORT, DEFAULT_EXPORTER_PORT, DEFAULT_PROMETHEUS_PORT
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -25,8 +25,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="Prometheus port (a free one is picked if it is taken)")
     parser.add_argument("--exporter-port", type=int, default=DEFAULT_EXPORTER_PORT,
                         help="node exporter port (a free one is picked if it is taken)")
-    parser.add_argument("--model", default="cnn", help="demo job's model")
-    parser.add_argument("--dataset", default="digits", help="demo job's dataset")
+    parser.add_argument("--server-port", type=int, default=DEFAULT_ANALYTICS_PORT,
+                        help="job server port (a free one is picked if it is taken)")
+    parser.add_argument("--model", default="mlp", help="demo job's model (the uploaded digits CSV is tabular)")
     parser.add_argument("--epochs", type=int, default=15, help="demo job's epochs")
     parser.add_argument("--batch-size", type=int, default=16, help="demo job's batch size")
     parser.add_argument("--exit-after-job", action="store_true",
@@ -82,19 +83,83 @@ def print_summary(prometheus, job_id: str) -> None:
     print("  accuracy by evaluation: " + " → ".join(f"{a:.3f}" for a in accuracies))
 
 
+def print_analytics(client, job_id: str) -> None:
+    """The analytics service's view of the job (GET /api/training/{job_id}/analytics), abridged."""
+    response = client.get(f"/api/training/{job_id}/analytics")
+    print(f"\nAnalytics: GET {client.base_url}/api/training/{job_id}/analytics")
+    if response.status_code != 200:
+        print(f"  unavailable: {response.status_code} {response.text[:200]}")
+        return
+    body = response.json()
+    for section in ("duration", "performance", "losses", "efficiency"):
+        fields = ", ".join(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
+                           for key, value in body.get(section, {}).items() if not isinstance(value, (dict, list)))
+        print(f"  {section + ':':13} {fields}")
+
+
+def write_digits_csv(path: Path) -> Path:
+    """scikit-learn's 8x8 digits as a CSV with a header and a label column: the demo's upload."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    header = ",".join(f"p{i}" for i in range(digits.data.shape[1])) + ",label"
+    rows = [",".join(str(int(v)) for v in row) + f",{label}" for row, label in zip(digits.data, digits.target)]
+    path.write_text(header + "\n" + "\n".join(rows) + "\n")
+    return path
+
+
+def follow_job(client, job_id: str, log_path: Path) -> dict:
+    """Print the job's evaluations as they happen; return the job once it reaches a final state."""
+    printed = 0
+    while True:
+        job = client.get(f"/api/training/jobs/{job_id}").json()
+        if log_path.exists():
+            lines = log_path.read_text(errors="replace").splitlines()
+            for line in lines[printed:]:
+                if "eval after" in line or " ERROR " in line or "trainmetrics train: error" in line:
+                    print("  " + line.split(": ", 1)[-1], flush=True)
+            printed = len(lines)
+        if job["state"] in ("completed", "failed", "cancelled"):
+            return job
+        time.sleep(0.5)
+
+
+def start_child(command: list[str], children: list[subprocess.Popen], log_path: Path) -> None:
+    """Start a stack process with its output in a log file."""
+    with open(log_path, "ab") as log:
+        children.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
+
+
+def wait_http(url: str, timeout: float = 60) -> None:
+    """Wait until a URL answers 200."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} did not answer within {timeout}s")
+
+
 def run(args: argparse.Namespace) -> int:
-    """Start Prometheus, the exporter and the demo job; print URLs and the job's summary."""
+    """Start Prometheus, the exporter and the job server; upload a CSV, submit the demo job, print URLs,
+    its evaluations and its summary read back from Prometheus."""
+    import httpx
+
     from trainmetrics.prometheus_process import PrometheusNotFound, PrometheusServer
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="trainmetrics-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    exporter_port = _port_or_free(args.exporter_port)
-    exporter_address = f"127.0.0.1:{exporter_port}"
+    exporter_address = f"127.0.0.1:{_port_or_free(args.exporter_port)}"
+    server_address = f"127.0.0.1:{_port_or_free(args.server_port)}"
     prometheus = PrometheusServer(workdir / "prometheus", port=_port_or_free(args.prometheus_port),
-                                  static_targets={"exporter": [exporter_address]})
+                                  static_targets={"exporter": [exporter_address], "server": [server_address]})
     job_dir = workdir / "jobs"
     children: list[subprocess.Popen] = []
-    job_id = f"demo-{time.strftime('%H%M%S')}"
     try:
         try:
             prometheus.start()
@@ -102,34 +167,41 @@ def run(args: argparse.Namespace) -> int:
             print(f"trainmetrics demo: error: {error}", file=sys.stderr)
             return 2
         print(f"Prometheus       {prometheus.url}   (data in {prometheus.data_dir})")
-        children.append(subprocess.Popen([sys.executable, "-m", "trainmetrics", "exporter",
-                                          "--listen", exporter_address, "--job-dir", str(job_dir)]))
+        trainmetrics = [sys.executable, "-m", "trainmetrics"]
+        start_child([*trainmetrics, "exporter", "--listen", exporter_address, "--job-dir", str(job_dir)],
+                    children, workdir / "exporter.log")
         print(f"node exporter    http://{exporter_address}/metrics")
-        job_command = [sys.executable, "-m", "trainmetrics", "train", "--job-id", job_id,
-                       "--model", args.model, "--dataset", args.dataset, "--epochs", str(args.epochs),
-                       "--batch-size", str(args.batch_size), "--log-every", "25",
-                       "--checkpoint-dir", str(workdir / "checkpoints" / job_id),
-                       "--targets-dir", str(prometheus.targets_dir), "--job-dir", str(job_dir)]
-        selector = f'{{job_id="{job_id}"}}'
-        print(f"demo job         {job_id}: {args.model} on {args.dataset}, {args.epochs} epochs")
-        print(f"  loss           {graph_url(prometheus.url, f'trainer_loss{selector}', f'trainer_eval_loss{selector}')}")
-        print(f"  throughput     {graph_url(prometheus.url, f'sum(rate(trainer_samples_total{selector}[2s]))')}")
-        print(f"  accuracy       {graph_url(prometheus.url, f'trainer_eval_accuracy_ratio{selector}')}")
-        sys.stdout.flush()
-        job_log = workdir / f"{job_id}.log"
-        print(f"  log            {job_log}")
-        job = subprocess.Popen(job_command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        children.append(job)
-        with open(job_log, "w") as log_file:
-            for line in job.stdout:            # the whole log to the file, evaluations to the screen
-                log_file.write(line)
-                if "eval after" in line or " ERROR " in line or line.startswith("trainmetrics train: error"):
-                    print("  " + line.split(": ", 1)[-1].rstrip(), flush=True)
-        code = job.wait()
-        print(f"\ndemo job exited with code {code}")
-        print_summary(prometheus, job_id)
+        start_child([*trainmetrics, "server", "--listen", server_address, "--data-dir", str(workdir / "server"),
+                     "--prometheus-url", prometheus.url, "--targets-dir", str(prometheus.targets_dir),
+                     "--job-dir", str(job_dir)], children, workdir / "server.log")
+        base = f"http://{server_address}"
+        wait_http(f"{base}/healthz")
+        print(f"job server       {base}   (log {workdir / 'server.log'})")
+        with httpx.Client(base_url=base, timeout=60) as client:
+            csv_path = write_digits_csv(workdir / "digits.csv")
+            print(f"\n1. upload        {csv_path.name} ({csv_path.stat().st_size // 1024} KiB) "
+                  f"→ POST {base}/api/training/datasets")
+            dataset = client.post("/api/training/datasets", params={"name": csv_path.name},
+                                  content=csv_path.read_bytes()).raise_for_status().json()
+            print(f"                 dataset {dataset['dataset_id']}: {dataset['rows']} rows, "
+                  f"{dataset['features']} features, uploaded in {dataset['upload_seconds']:.3f} s")
+            spec = {"model": args.model, "dataset": dataset["dataset_id"], "epochs": args.epochs,
+                    "batch_size": args.batch_size, "log_every": 25, "name": "demo digits classifier"}
+            job = client.post("/api/training/jobs", json=spec).raise_for_status().json()
+            job_id = job["job_id"]
+            selector = f'{{job_id="{job_id}"}}'
+            print(f"2. submit        {args.model}, {args.epochs} epochs → job {job_id} ({job['state']})")
+            print(f"   loss          {graph_url(prometheus.url, f'trainer_loss{selector}', f'trainer_eval_loss{selector}')}")
+            print(f"   throughput    {graph_url(prometheus.url, f'sum(rate(trainer_samples_total{selector}[2s]))')}")
+            print(f"   accuracy      {graph_url(prometheus.url, f'trainer_eval_accuracy_ratio{selector}')}")
+            print("3. train         (evaluations as they happen)", flush=True)
+            job = follow_job(client, job_id, workdir / "server" / "jobs" / job_id / "train.log")
+            print(f"4. {job['state']:<13} exit code {job['exit_code']}"
+                  f"{'; model at ' + base + '/api/training/jobs/' + job_id + '/download/model' if job['state'] == 'completed' else ''}")
+            print_summary(prometheus, job_id)
+            print_analytics(client, job_id)
         if args.exit_after_job:
-            return 0 if code == 0 else 1
+            return 0 if job["state"] == "completed" else 1
         print("\nEverything keeps running for you to explore; Ctrl-C stops it.")
         while True:
             time.sleep(3600)
@@ -142,7 +214,7 @@ def run(args: argparse.Namespace) -> int:
                 child.terminate()
         for child in children:
             try:
-                child.wait(timeout=20)
+                child.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 child.kill()
         prometheus.stop()

@@ -1,6 +1,7 @@
 """Checkpoints are atomic, weights-only loadable, and a resume continues exactly."""
 
 import errno
+import signal
 
 import pytest
 import torch
@@ -54,14 +55,13 @@ def test_resume_mid_epoch_equals_an_uninterrupted_run(make_trainer, tmp_path):
     straight.run()
 
     first = make_trainer(**common, checkpoint_dir=tmp_path, checkpoint_every=30)
-    first.stop.signal_name = None
     # Stop after the checkpoint at step 60 (mid epoch 2), as SIGTERM would at a step boundary.
     original_step = first.metrics.step
 
     def step_then_maybe_stop(*args, **kwargs):
         original_step(*args, **kwargs)
         if first.metrics.steps == 60:
-            first.stop.signal_name = "SIGTERM"
+            first.stop.request(signal.SIGTERM)
 
     first.metrics.step = step_then_maybe_stop
     assert first.run() == "cancelled"

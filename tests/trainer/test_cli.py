@@ -120,3 +120,16 @@ def test_exception_mid_run_fails_with_exit_1_and_names_the_error(tmp_path, spawn
     summary = parse_summary(stdout)
     assert summary["state"] == "failed" and summary["error_type"] in ("NotADirectoryError", "FileNotFoundError")
     assert f"job fail-1 failed: {summary['error_type']}" in stderr
+
+
+def test_sigusr1_pauses_with_exit_4_after_a_checkpoint(tmp_path, spawn_train):
+    ckpt = tmp_path / "ckpt"
+    process = spawn_train("--job-id", "pause-1", "--epochs", "30", "--batch-size", "16", "--log-every", "20",
+                          "--checkpoint-dir", str(ckpt), "--checkpoint-every", "1000")
+    wait_for_line(process, "step=20 ")
+    process.send_signal(signal.SIGUSR1)
+    stdout, _ = process.communicate(timeout=60)
+    assert process.returncode == 4
+    summary = parse_summary(stdout)
+    assert summary["state"] == "paused" and summary["end_time"] is None
+    assert [p.name for p in ckpt.iterdir()] == [f"step-{summary['steps']:09d}.pt"]

@@ -1,0 +1,343 @@
+"""The job server through a real HTTP server on loopback, real child training processes and a real Prometheus."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from trainmetrics.prometheus_process import PrometheusServer, free_port
+
+TOKENS = {"alice": "alice-token-0123456789", "bob": "bob-token-0123456789ab"}
+
+
+class Server:
+    """`trainmetrics server` as a child process."""
+
+    def __init__(self, data_dir: Path, targets_dir: Path | None = None, extra: tuple[str, ...] = ()):
+        self.data_dir, self.targets_dir, self.extra = data_dir, targets_dir, extra
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+        self.clients: list[httpx.Client] = []
+
+    def start(self) -> "Server":
+        command = [sys.executable, "-m", "trainmetrics", "server", "--listen", f"127.0.0.1:{self.port}",
+                   "--data-dir", str(self.data_dir), "--linger-timeout", "10", *self.extra]
+        if self.targets_dir is not None:
+            command += ["--targets-dir", str(self.targets_dir)]
+        with open(self.data_dir / "server.log", "ab") as log:
+            self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                time.sleep(0.2)
+        raise RuntimeError("server did not start: " + (self.data_dir / "server.log").read_text()[-2000:])
+
+    def stop(self, sig=signal.SIGTERM) -> None:
+        for client in self.clients:
+            client.close()
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(sig)
+            self.process.wait(timeout=60)
+
+    def client(self, owner: str | None = None) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {TOKENS[owner]}"} if owner else {}
+        client = httpx.Client(base_url=self.url, headers=headers, timeout=150)
+        self.clients.append(client)
+        return client
+
+
+def wait_job(client: httpx.Client, job_id: str, predicate, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/api/training/jobs/{job_id}").json()
+        if predicate(job):
+            return job
+        time.sleep(0.25)
+    raise AssertionError(f"job {job_id} did not reach the condition: {job}")
+
+
+def classification_csv(path: Path, rows: int = 480, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(0, 2.0, size=(3, 4))
+    labels = rng.integers(0, 3, size=rows)
+    x = centers[labels] + rng.normal(0, 1.0, size=(rows, 4))
+    lines = ["f1,f2,f3,f4,label"] + [",".join(f"{v:.4f}" for v in row) + f",{label}" for row, label in zip(x, labels)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def stack(tmp_path):
+    prometheus = PrometheusServer(tmp_path / "prometheus", static_targets={"server": []})
+    port = free_port()
+    prometheus.static_targets = {"server": [f"127.0.0.1:{port}"]}
+    prometheus.start()
+    server = Server(tmp_path / "data", prometheus.targets_dir)
+    server.data_dir.mkdir()
+    server.port, server.url = port, f"http://127.0.0.1:{port}"
+    server.start()
+    yield server, prometheus
+    server.stop()
+    prometheus.stop()
+
+
+def steps_by_instance(prometheus, job_id: str, start: float) -> dict[str, list[float]]:
+    series = prometheus.query_range(f'trainer_steps_total{{job_id="{job_id}"}}', start, time.time(), 0.25)
+    return {s["metric"]["instance"]: [float(v) for _, v in s["values"]] for s in series}
+
+
+def test_upload_submit_pause_resume_complete_download(stack, tmp_path):
+    server, prometheus = stack
+    began = time.time()
+    client = server.client()
+    csv = classification_csv(tmp_path / "train.csv")
+    uploaded = client.post("/api/training/datasets", params={"name": "train.csv"}, content=csv.read_bytes())
+    assert uploaded.status_code == 201, uploaded.text
+    dataset = uploaded.json()
+    assert (dataset["rows"], dataset["features"], dataset["format"]) == (480, 4, "csv")
+    assert client.get("/api/training/datasets").json()["datasets"][0]["dataset_id"] == dataset["dataset_id"]
+
+    submitted = client.post("/api/training/jobs", json={"model": "mlp", "dataset": dataset["dataset_id"],
+                                                        "epochs": 40, "batch_size": 16, "log_every": 10,
+                                                        "checkpoint_every": 50, "job_id": "flow-1"})
+    assert submitted.status_code == 201, submitted.text
+    prometheus.wait_for('trainer_steps_total{job_id="flow-1"} > 100', timeout=90)
+    paused = client.post("/api/training/jobs/flow-1/pause")
+    assert paused.status_code == 200 and paused.json()["state"] == "paused", paused.text
+    prometheus.wait_for('trainer_job_state{job_id="flow-1",state="paused"} == 1', timeout=30)
+    assert client.post("/api/training/jobs/flow-1/pause").status_code == 409       # not running
+
+    assert client.post("/api/training/jobs/flow-1/resume").json()["state"] in ("queued", "running")
+    done = wait_job(client, "flow-1", lambda j: j["state"] in ("completed", "failed"), timeout=180)
+    assert done["state"] == "completed", done
+    assert client.post("/api/training/jobs/flow-1/resume").status_code == 409      # completed
+
+    # Prometheus: two processes; the second started exactly where the first paused; totals equal an
+    # uninterrupted run's (40 epochs x 384 training rows / 16).
+    prometheus.wait_for('last_over_time(trainer_job_state{job_id="flow-1",state="completed"}[5m]) == 1', timeout=30)
+    by_instance = steps_by_instance(prometheus, "flow-1", began)
+    assert len(by_instance) == 2, by_instance
+    first, second = sorted(by_instance.values(), key=lambda values: values[0])
+    assert first[-1] <= second[0]
+    assert max(second) == 40 * 24
+    samples = prometheus.query('max(last_over_time(trainer_samples_total{job_id="flow-1"}[5m]))')
+    assert float(samples[0]["value"][1]) == 40 * 384
+
+    model = client.get("/api/training/jobs/flow-1/download/model")
+    assert model.status_code == 200
+    (tmp_path / "model.pt").write_bytes(model.content)
+    weights = torch.load(tmp_path / "model.pt", weights_only=True)
+    from trainer.data import read_csv
+    from trainer.models import MLP
+
+    net = MLP(4, 3)
+    net.load_state_dict(weights)
+    x, y = read_csv(csv)
+    accuracy = (net(torch.from_numpy(x)).argmax(1).numpy() == y).mean()
+    assert accuracy > 0.8                       # 3 classes: chance is 1/3
+
+    checkpoints = client.get("/api/training/jobs/flow-1/checkpoints").json()["checkpoints"]
+    assert checkpoints and all(c["name"].startswith("step-") for c in checkpoints)
+    one = client.get(f"/api/training/jobs/flow-1/download/checkpoints/{checkpoints[-1]['name']}")
+    assert one.status_code == 200 and len(one.content) == checkpoints[-1]["size_bytes"]
+
+
+def test_cancel_queue_and_invalid_transitions(tmp_path):
+    server = Server(tmp_path, extra=("--max-concurrent", "1"))
+    server.start()
+    try:
+        client = server.client()
+        spec = {"model": "mlp", "dataset": "blobs", "epochs": 200, "batch_size": 16, "log_every": 10}
+        assert client.post("/api/training/jobs", json={**spec, "job_id": "long-1"}).status_code == 201
+        assert client.post("/api/training/jobs", json={**spec, "job_id": "waits-1"}).json()["state"] == "queued"
+        assert client.post("/api/training/jobs", json={**spec, "job_id": "long-1"}).status_code == 409
+        wait_job(client, "long-1", lambda j: j["state"] == "running")
+        assert client.post("/api/training/jobs/waits-1/pause").status_code == 409      # queued
+        assert client.post("/api/training/jobs/waits-1/cancel").json()["state"] == "cancelled"
+        time.sleep(8)                                                                  # let it train a little
+        cancelled = client.post("/api/training/jobs/long-1/cancel").json()
+        assert cancelled["state"] == "cancelled" and cancelled["exit_code"] == 3
+        assert client.post("/api/training/jobs/long-1/cancel").status_code == 409
+        assert client.post("/api/training/jobs/long-1/resume").status_code == 409
+        assert client.get("/api/training/jobs/long-1/checkpoints").json()["checkpoints"]   # final checkpoint
+        assert client.get("/api/training/jobs/long-1/download/model").status_code == 404   # never finished
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("body,field", [
+    ({"model": "resnet"}, "model"), ({"dataset": "nope"}, "dataset"), ({"epochs": 0}, "epochs"),
+    ({"epochs": "3"}, "epochs"), ({"job_id": "a b"}, "job id"), ({"colour": "red"}, "colour"),
+    ({"lr": -1}, "lr"), ({"batch_size": True}, "batch_size"),
+])
+def test_bad_job_specs_are_400_naming_the_field(body, field, server_only):
+    response = server_only.client().post("/api/training/jobs", json=body)
+    assert response.status_code == 400
+    assert field in response.json()["error"]["message"]
+
+
+@pytest.fixture(scope="module")
+def server_only(tmp_path_factory):
+    server = Server(tmp_path_factory.mktemp("server"), extra=("--max-upload-bytes", "2000"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("name,content,status", [
+    ("big.csv", b"a,label\n" + b"1,0\n" * 1000, 413),
+    ("ragged.csv", b"a,b,label\n1,2,0\n1,2\n", 400),
+    ("words.csv", b"a,label\nx,0\ny,1\n", 400),
+    ("empty.csv", b"", 400),
+    ("data.exe", b"a,label\n1,0\n2,1\n", 400),
+    ("../escape.csv", b"a,label\n1,0\n2,1\n", 400),
+    ("bad.npz", b"PK not really a zip", 400),
+])
+def test_bad_uploads_are_rejected_and_leave_nothing(name, content, status, server_only):
+    response = server_only.client().post("/api/training/datasets", params={"name": name}, content=content)
+    assert response.status_code == status, response.text
+    assert "error" in response.json()
+    assert list((server_only.data_dir / "datasets").iterdir()) == []
+
+
+def test_downloads_never_leave_the_job_dir(tmp_path):
+    server = Server(tmp_path)
+    server.start()
+    try:
+        client = server.client()
+        client.post("/api/training/jobs", json={"dataset": "blobs", "epochs": 1, "job_id": "dl-1"})
+        job = wait_job(client, "dl-1", lambda j: j["state"] in ("completed", "failed"))
+        assert job["state"] == "completed"
+        ckpt_dir = tmp_path / "jobs" / "dl-1" / "checkpoints"
+        (ckpt_dir / "step-000000999.pt").symlink_to("/etc/passwd")
+        for name in ["../../../trainmetrics.db", "..%2F..%2Ftrainmetrics.db", "%2Fetc%2Fpasswd", "/etc/passwd",
+                     "step-000000999.pt", "step-1.pt", "model.pt", "..", "%2e%2e%2f%2e%2e%2fserver.log"]:
+            response = client.get(f"/api/training/jobs/dl-1/download/checkpoints/{name}")
+            assert response.status_code in (400, 404), (name, response.status_code)
+            assert b"root:" not in response.content and b"SQLite" not in response.content
+        assert client.get("/api/training/jobs/..%2Fdl-1/checkpoints").status_code in (400, 404)
+    finally:
+        server.stop()
+
+
+def test_tokens_scope_jobs_to_their_owner(tmp_path):
+    tokens = tmp_path / "tokens"
+    tokens.write_text("".join(f"{token} {owner}\n" for owner, token in TOKENS.items()))
+    server = Server(tmp_path, extra=("--tokens", str(tokens)))
+    server.start()
+    try:
+        assert server.client().get("/api/training/datasets").status_code == 401
+        alice, bob = server.client("alice"), server.client("bob")
+        assert alice.post("/api/training/jobs", json={"dataset": "blobs", "epochs": 1, "job_id": "alice-1"}).status_code == 201
+        assert alice.get("/api/training/jobs/alice-1").json()["owner"] == "alice"
+        assert bob.get("/api/training/jobs/alice-1").status_code == 404
+        assert bob.post("/api/training/jobs/alice-1/cancel").status_code == 404
+        assert [j["job_id"] for j in bob.get("/api/training/jobs").json()["jobs"]] == []
+    finally:
+        server.stop()
+
+
+def test_refuses_a_non_loopback_address_without_tokens(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "trainmetrics", "server", "--listen", "0.0.0.0:0",
+                             "--data-dir", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "without --tokens" in result.stderr
+
+
+def test_server_killed_mid_job_restarts_without_losing_jobs(tmp_path):
+    server = Server(tmp_path, extra=("--max-concurrent", "1"))
+    server.start()
+    client = server.client()
+    spec = {"dataset": "blobs", "batch_size": 16, "log_every": 10, "checkpoint_every": 20}
+    client.post("/api/training/jobs", json={**spec, "epochs": 1, "job_id": "short-1"})
+    wait_job(client, "short-1", lambda j: j["state"] == "completed")
+    client.post("/api/training/jobs", json={**spec, "epochs": 6, "job_id": "survivor-1"})
+    client.post("/api/training/jobs", json={**spec, "epochs": 1, "job_id": "queued-1"})
+    wait_job(client, "survivor-1", lambda j: j["state"] == "running")
+    time.sleep(4)
+    server.stop(signal.SIGKILL)
+
+    restarted = Server(tmp_path, extra=("--max-concurrent", "1"))
+    restarted.port, restarted.url = server.port, server.url
+    restarted.start()
+    try:
+        client = restarted.client()
+        states = {j["job_id"]: j["state"] for j in client.get("/api/training/jobs").json()["jobs"]}
+        assert states == {"short-1": "completed", "survivor-1": "running", "queued-1": "queued"}
+        done = wait_job(client, "survivor-1", lambda j: j["state"] not in ("running", "queued"), timeout=180)
+        assert done["state"] == "completed"
+        assert wait_job(client, "queued-1", lambda j: j["state"] == "completed", timeout=120)
+    finally:
+        restarted.stop()
+
+
+def test_job_killed_while_checkpointing_fails_then_resumes_from_the_previous_checkpoint(tmp_path):
+    server = Server(tmp_path)
+    server.start()
+    try:
+        client = server.client()
+        client.post("/api/training/jobs", json={"dataset": "blobs", "epochs": 4, "batch_size": 16, "log_every": 10,
+                                                "checkpoint_every": 5, "job_id": "killed-1"})
+        job = wait_job(client, "killed-1", lambda j: j["state"] == "running")
+        ckpt_dir = tmp_path / "jobs" / "killed-1" / "checkpoints"
+        from trainer.checkpoint import list_checkpoints, load_latest
+
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not list_checkpoints(ckpt_dir):            # a first checkpoint
+            time.sleep(0.01)
+        while time.monotonic() < deadline and not list(ckpt_dir.glob(".step-*.tmp")):   # a later write in progress
+            time.sleep(0.001)
+        os.kill(job_pid(tmp_path, "killed-1"), signal.SIGKILL)
+        failed = wait_job(client, "killed-1", lambda j: j["state"] == "failed")
+        assert "SIGKILL" in failed["error"]
+        assert list_checkpoints(ckpt_dir) and load_latest(ckpt_dir) is not None
+        assert client.post("/api/training/jobs/killed-1/resume").status_code == 200
+        assert wait_job(client, "killed-1", lambda j: j["state"] in ("completed", "failed"))["state"] == "completed"
+        assert "resumed at step" in (tmp_path / "jobs" / "killed-1" / "train.log").read_text()
+        assert not list(ckpt_dir.glob(".*.tmp"))            # the interrupted write's temp file was cleaned up
+    finally:
+        server.stop()
+
+
+def job_pid(data_dir: Path, job_id: str) -> int:
+    import sqlite3
+
+    with sqlite3.connect(data_dir / "trainmetrics.db") as db:
+        return db.execute("SELECT pid FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]
+
+
+def test_analytics_on_the_server_are_owner_scoped(tmp_path):
+    tokens = tmp_path / "tokens"
+    tokens.write_text("".join(f"{token} {owner}\n" for owner, token in TOKENS.items()))
+    prometheus = PrometheusServer(tmp_path / "prometheus").start()
+    data = tmp_path / "data"
+    data.mkdir()
+    server = Server(data, prometheus.targets_dir,
+                    extra=("--tokens", str(tokens), "--prometheus-url", prometheus.url))
+    server.start()
+    try:
+        alice, bob = server.client("alice"), server.client("bob")
+        alice.post("/api/training/jobs", json={"dataset": "blobs", "epochs": 2, "job_id": "alice-a1"})
+        assert wait_job(alice, "alice-a1", lambda j: j["state"] in ("completed", "failed"))["state"] == "completed"
+        prometheus.wait_for('last_over_time(trainer_job_state{job_id="alice-a1",state="completed"}[5m]) == 1')
+        mine = alice.get("/api/training/alice-a1/analytics")
+        assert mine.status_code == 200, mine.text
+        assert mine.json()["status"] == "completed" and mine.json()["performance"]["total_samples"] == 2 * 3200
+        assert bob.get("/api/training/alice-a1/analytics").status_code == 404
+        assert bob.get("/api/training/analytics/compare", params={"job_ids": "alice-a1"}).status_code == 404
+        assert alice.get("/api/training/analytics/summary", params={"range": "10m"}).json()["total_jobs"] == 1
+        assert bob.get("/api/training/analytics/summary", params={"range": "10m", "owner": "alice"}).json()["total_jobs"] == 0
+        assert server.client().get("/api/training/analytics/summary").status_code == 401
+    finally:
+        server.stop()
+        prometheus.stop()

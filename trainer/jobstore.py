@@ -1,0 +1,161 @@
+"""The job server's persistent state: datasets and jobs in SQLite inside the data dir.
+
+Every change is committed before the server answers (WAL, synchronous=FULL), so a server killed with -9
+loses nothing it has acknowledged.
+"""
+
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS datasets (
+    id TEXT PRIMARY KEY, owner TEXT NOT NULL, name TEXT NOT NULL, path TEXT NOT NULL, format TEXT NOT NULL,
+    rows INTEGER NOT NULL, features INTEGER NOT NULL, size_bytes INTEGER NOT NULL,
+    upload_seconds REAL NOT NULL, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY, owner TEXT NOT NULL, name TEXT NOT NULL, spec TEXT NOT NULL, state TEXT NOT NULL,
+    pid INTEGER, exit_code INTEGER, error TEXT, resume INTEGER NOT NULL DEFAULT 0,
+    created REAL NOT NULL, started REAL, ended REAL);
+"""
+
+# Server-side job states: the trainer's lifecycle states, all persisted.
+ACTIVE_STATES = ("queued", "running", "paused")
+FINAL_STATES = ("completed", "failed", "cancelled")
+
+
+@dataclass
+class DatasetRecord:
+    """An uploaded dataset."""
+
+    id: str
+    owner: str
+    name: str
+    path: str
+    format: str
+    rows: int
+    features: int
+    size_bytes: int
+    upload_seconds: float
+    created: float
+
+    def public(self) -> dict:
+        """The API view (no server paths)."""
+        return {"dataset_id": self.id, "name": self.name, "format": self.format, "rows": self.rows,
+                "features": self.features, "size_bytes": self.size_bytes,
+                "upload_seconds": self.upload_seconds, "created": self.created}
+
+
+@dataclass
+class JobRecord:
+    """A submitted job and where it is in its life."""
+
+    id: str
+    owner: str
+    name: str
+    spec: dict
+    state: str
+    pid: int | None = None
+    exit_code: int | None = None
+    error: str | None = None
+    resume: bool = False
+    created: float = field(default_factory=time.time)
+    started: float | None = None
+    ended: float | None = None
+
+    def public(self) -> dict:
+        """The API view."""
+        return {"job_id": self.id, "name": self.name, "owner": self.owner, "state": self.state, "spec": self.spec,
+                "exit_code": self.exit_code, "error": self.error, "created": self.created,
+                "started": self.started, "ended": self.ended}
+
+
+class JobStore:
+    """SQLite-backed store; safe to share between the event loop and the supervisor."""
+
+    def __init__(self, path: Path):
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        """Close the database."""
+        with self._lock:
+            self._db.close()
+
+    def _execute(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(sql, params).fetchall()
+
+    # ----- datasets ----------------------------------------------------------------------------------
+    def add_dataset(self, record: DatasetRecord) -> None:
+        """Persist a validated upload."""
+        self._execute("INSERT INTO datasets VALUES (?,?,?,?,?,?,?,?,?,?)",
+                      (record.id, record.owner, record.name, record.path, record.format, record.rows,
+                       record.features, record.size_bytes, record.upload_seconds, record.created))
+
+    def get_dataset(self, dataset_id: str, owner: str | None) -> DatasetRecord | None:
+        """The dataset, if it exists and (when owner is given) belongs to owner."""
+        rows = self._execute("SELECT * FROM datasets WHERE id = ?", (dataset_id,))
+        if not rows or (owner is not None and rows[0]["owner"] != owner):
+            return None
+        return DatasetRecord(**dict(rows[0]))
+
+    def list_datasets(self, owner: str | None) -> list[DatasetRecord]:
+        """Datasets, oldest first, of one owner or all."""
+        if owner is None:
+            rows = self._execute("SELECT * FROM datasets ORDER BY created")
+        else:
+            rows = self._execute("SELECT * FROM datasets WHERE owner = ? ORDER BY created", (owner,))
+        return [DatasetRecord(**dict(row)) for row in rows]
+
+    # ----- jobs --------------------------------------------------------------------------------------
+    @staticmethod
+    def _job(row: sqlite3.Row) -> JobRecord:
+        values = dict(row)
+        values["spec"] = json.loads(values["spec"])
+        values["resume"] = bool(values["resume"])
+        return JobRecord(**values)
+
+    def add_job(self, job: JobRecord) -> bool:
+        """Persist a new job; False when the id is taken."""
+        try:
+            self._execute("INSERT INTO jobs VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                          (job.id, job.owner, job.name, json.dumps(job.spec), job.state, job.pid, job.exit_code,
+                           job.error, int(job.resume), job.created, job.started, job.ended))
+        except sqlite3.IntegrityError:
+            return False
+        return True
+
+    def get_job(self, job_id: str, owner: str | None = None) -> JobRecord | None:
+        """The job, if it exists and (when owner is given) belongs to owner."""
+        rows = self._execute("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        if not rows or (owner is not None and rows[0]["owner"] != owner):
+            return None
+        return self._job(rows[0])
+
+    def list_jobs(self, owner: str | None = None, states: tuple[str, ...] | None = None) -> list[JobRecord]:
+        """Jobs, oldest first, filtered by owner and states."""
+        sql, params = "SELECT * FROM jobs WHERE 1=1", []
+        if owner is not None:
+            sql += " AND owner = ?"
+            params.append(owner)
+        if states:
+            sql += f" AND state IN ({','.join('?' * len(states))})"
+            params.extend(states)
+        return [self._job(row) for row in self._execute(sql + " ORDER BY created", tuple(params))]
+
+    def update_job(self, job_id: str, **changes) -> None:
+        """Change some fields of a job."""
+        if "spec" in changes:
+            changes["spec"] = json.dumps(changes["spec"])
+        if "resume" in changes:
+            changes["resume"] = int(changes["resume"])
+        assignments = ", ".join(f"{name} = ?" for name in changes)
+        self._execute(f"UPDATE jobs SET {assignments} WHERE id = ?", (*changes.values(), job_id))
