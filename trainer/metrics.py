@@ -56,7 +56,7 @@ class JobMetrics:
                  job_dir: Path | None = None, gpus: Iterable[int] = (), upload_seconds: float | None = None,
                  log_every: int = 50, flops_per_sample: float | None = None, peak_flops: float | None = None,
                  linger_timeout: float = 15.0, on_log: Callable[[IntervalStats], None] | None = None,
-                 start_steps: int = 0, start_samples: int = 0):
+                 start_steps: int = 0, start_samples: int = 0, publish_job_state: bool = True):
         self.job_id = validate_job_id(job_id)
         self.rank = rank
         self.log_every = max(1, int(log_every))
@@ -95,6 +95,9 @@ class JobMetrics:
         if world_size > 1:
             labels["rank"] = str(rank)
         self._provider, self.registry = build_meter_provider(labels)
+        # In a multi-process job only rank 0 publishes the job's lifecycle (info, state, start/end, failure,
+        # upload): the state is the job's, not a rank's. Every rank publishes its own progress.
+        self._publish_job_state = publish_job_state
         self._create_instruments()
         try:
             if listen is not None:
@@ -135,14 +138,15 @@ class JobMetrics:
         self._step_duration = histogram(inst.STEP_DURATION)
         self._data_wait = histogram(inst.DATA_WAIT)
         self._checkpoint_duration = histogram(inst.CHECKPOINT_DURATION)
-        observe(inst.JOB_INFO, lambda options: [Observation(1, self._info)])
-        observe(inst.JOB_STATE, self._observe_state)
-        observe(inst.JOB_FAILURE, lambda options: [Observation(1, {"error_type": self.error_type})]
-                if self.error_type else [])
-        observe(inst.JOB_START, lambda options: [Observation(self.start_time)] if self.start_time else [])
-        observe(inst.JOB_END, lambda options: [Observation(self.end_time)] if self.end_time else [])
-        observe(inst.UPLOAD_DURATION, lambda options: [Observation(self.upload_seconds)]
-                if self.upload_seconds is not None else [])
+        if self._publish_job_state:
+            observe(inst.JOB_INFO, lambda options: [Observation(1, self._info)])
+            observe(inst.JOB_STATE, self._observe_state)
+            observe(inst.JOB_FAILURE, lambda options: [Observation(1, {"error_type": self.error_type})]
+                    if self.error_type else [])
+            observe(inst.JOB_START, lambda options: [Observation(self.start_time)] if self.start_time else [])
+            observe(inst.JOB_END, lambda options: [Observation(self.end_time)] if self.end_time else [])
+            observe(inst.UPLOAD_DURATION, lambda options: [Observation(self.upload_seconds)]
+                    if self.upload_seconds is not None else [])
         observe(inst.STEPS, self._observe_steps, counter=True)
         observe(inst.SAMPLES, lambda options: [Observation(self.samples)], counter=True)
         observe(inst.CHECKPOINTS, lambda options: [Observation(self.checkpoints)], counter=True)

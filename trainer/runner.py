@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from trainer import distributed
 from trainer.checkpoint import FINAL_MODEL_NAME, atomic_save, ensure_writable_dir, load_latest, save_checkpoint
 from trainer.config import TrainConfig
 from trainer.data import Dataset, DatasetError, load_dataset
@@ -97,9 +98,14 @@ class Trainer:
     """One job: data, model, optimizer, checkpoints and the loop."""
 
     def __init__(self, config: TrainConfig, dataset: Dataset, model: nn.Module, device: torch.device,
-                 metrics: JobMetrics, stop: StopFlag):
+                 metrics: JobMetrics, stop: StopFlag, dist: distributed.Distributed | None = None):
         self.config, self.dataset, self.device, self.metrics, self.stop = config, dataset, device, metrics, stop
-        self.model = model.to(device)
+        self.dist = dist or distributed.Distributed()
+        self.net = model.to(device)          # the bare module: checkpoints, evaluation
+        self.model = self.net                # what the loop calls: DDP-wrapped in a multi-process job
+        if self.dist.enabled:
+            self.model = nn.parallel.DistributedDataParallel(
+                self.net, device_ids=[device.index] if device.type == "cuda" else None)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr)
         self.loss_fn = nn.CrossEntropyLoss() if dataset.task != "regression" else nn.MSELoss()
         self.epoch = 0
@@ -110,14 +116,14 @@ class Trainer:
     # ----- checkpoints -------------------------------------------------------------------------------
     def state(self) -> dict:
         """A weights-only checkpoint: model, optimizer and the exact position in the data."""
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+        return {"model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "step": self.metrics.steps, "samples": self.metrics.samples, "epoch": self.epoch,
                 "batch_in_epoch": self.batch_in_epoch, "job_id": self.config.job_id,
                 "model_name": self.config.model, "dataset": self.dataset.name}
 
     def restore(self, state: dict) -> None:
         """Continue from a checkpoint: weights, optimizer, counters and data position."""
-        self.model.load_state_dict(state["model"])
+        self.net.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.metrics.steps, self.metrics.samples = int(state["step"]), int(state["samples"])
         self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
@@ -125,8 +131,8 @@ class Trainer:
                  self.epoch, self.batch_in_epoch)
 
     def checkpoint(self) -> None:
-        """Write a checkpoint when a checkpoint dir is configured."""
-        if self.config.checkpoint_dir is None:
+        """Write a checkpoint when a checkpoint dir is configured (rank 0 alone in a multi-process job)."""
+        if self.config.checkpoint_dir is None or not self.dist.is_main:
             return
         with self.metrics.checkpoint():
             save_checkpoint(self.config.checkpoint_dir, self.state(), keep=self.config.keep_checkpoints)
@@ -138,8 +144,12 @@ class Trainer:
         return torch.randperm(len(self.dataset.train), generator=generator).tolist()
 
     def batches(self, epoch: int, skip_batches: int) -> DataLoader:
-        """The epoch's DataLoader, starting `skip_batches` batches in (without loading the skipped ones)."""
-        order = self.epoch_order(epoch)[skip_batches * self.config.batch_size:]
+        """The epoch's DataLoader for this rank, starting `skip_batches` batches in (without loading the
+        skipped ones). Ranks take interleaved, equal shares of the order, so they step in lockstep."""
+        order = self.epoch_order(epoch)
+        world = self.dist.world_size
+        order = order[: len(order) - len(order) % world][self.dist.rank::world]
+        order = order[skip_batches * self.config.batch_size:]
         return DataLoader(self.dataset.train, batch_size=self.config.batch_size, sampler=order,
                           num_workers=self.config.workers, pin_memory=self.device.type == "cuda")
 
@@ -170,28 +180,39 @@ class Trainer:
                 if config.eval_every and metrics.steps % config.eval_every == 0:
                     self.evaluate()
                     self.model.train()
-                if self.stop:
-                    log.info("job %s: %s received, checkpointing at step %d and stopping", config.job_id,
-                             self.stop.signal_name, metrics.steps)
+                outcome = self.stop_outcome()
+                if outcome:
+                    log.info("job %s: %s requested, checkpointing at step %d and stopping", config.job_id,
+                             outcome[:-2] if outcome == "paused" else "cancel", metrics.steps)
                     self.checkpoint()
-                    return self.stop.outcome
+                    return outcome
             self.epoch += 1
             self.batch_in_epoch = 0
             self.evaluate()
             if not config.checkpoint_every:
                 self.checkpoint()
-        if config.checkpoint_dir is not None:
-            atomic_save(self.model.state_dict(), Path(config.checkpoint_dir) / FINAL_MODEL_NAME)
+        if config.checkpoint_dir is not None and self.dist.is_main:
+            atomic_save(self.net.state_dict(), Path(config.checkpoint_dir) / FINAL_MODEL_NAME)
         return "completed"
+
+    def stop_outcome(self) -> str | None:
+        """"paused" or "cancelled" when this step is where the job stops (every rank at the same step)."""
+        if not self.dist.enabled:
+            return self.stop.outcome
+        if self.metrics.steps % distributed.STOP_CHECK_EVERY:
+            return None
+        return distributed.agree_on_stop(self.dist, self.stop.outcome)
 
     @torch.no_grad()
     def evaluate(self) -> None:
-        """Loss and accuracy on the held-out split, published as eval series."""
-        self.model.eval()
+        """Loss and accuracy on the held-out split, published as eval series (by rank 0)."""
+        if not self.dist.is_main:
+            return
+        self.net.eval()
         total_loss, correct, count, predictions = 0.0, 0, 0, 0
         for inputs, targets in DataLoader(self.dataset.eval, batch_size=EVAL_BATCH_SIZE):
             inputs, targets = inputs.to(self.device), targets.to(self.device)
-            outputs = self.model(inputs)
+            outputs = self.net(inputs)
             total_loss += self.loss(outputs, targets).item() * len(inputs)
             count += len(inputs)
             if self.dataset.task != "regression":
@@ -268,7 +289,9 @@ def run_job(config: TrainConfig) -> int:
         print(f"trainmetrics train: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
-    total_steps = config.epochs * -(-len(dataset.train) // config.batch_size)
+    ranks = distributed.from_environment()
+    device = distributed.rank_device(ranks, device)
+    total_steps = config.epochs * -(-len(dataset.train) // ranks.world_size // config.batch_size)
     progress = ProgressReporter(config, total_steps)
     resume_state = load_latest(config.checkpoint_dir, map_location=device) if config.resume else None
     try:
@@ -280,7 +303,8 @@ def run_job(config: TrainConfig) -> int:
             log_every=config.log_every, flops_per_sample=model.flops_per_sample(),
             peak_flops=config.peak_flops or device_peak_flops(device), linger_timeout=config.linger_timeout,
             on_log=progress, start_steps=int(resume_state["step"]) if resume_state else 0,
-            start_samples=int(resume_state["samples"]) if resume_state else 0)
+            start_samples=int(resume_state["samples"]) if resume_state else 0,   # per rank, as all ranks are equal
+            rank=ranks.rank, world_size=ranks.world_size, publish_job_state=ranks.is_main)
     except (OSError, ValueError) as error:
         if created_dir is not None:
             shutil.rmtree(created_dir, ignore_errors=True)
@@ -292,9 +316,11 @@ def run_job(config: TrainConfig) -> int:
     log.info("job %s: model=%s dataset=%s device=%s metrics=http://%s:%s/metrics", config.job_id, config.model,
              dataset.name, device, metrics._server.host if metrics._server else "-", metrics.metrics_port)
     stop = StopFlag()
-    trainer = Trainer(config, dataset, model, device, metrics, stop)
+    trainer = None
     exit_code = EXIT_FAILED
     try:
+        distributed.initialize(ranks, device)
+        trainer = Trainer(config, dataset, model, device, metrics, stop, ranks)
         with stop.installed():
             if resume_state is not None:
                 trainer.restore(resume_state)
@@ -314,10 +340,12 @@ def run_job(config: TrainConfig) -> int:
     finally:
         progress.close()
         summary = {"job_id": config.job_id, "state": metrics.state, "steps": metrics.steps,
-                   "samples": metrics.samples, "loss": metrics.last_loss, "eval_loss": trainer.eval_loss,
-                   "eval_accuracy": trainer.eval_accuracy, "checkpoints": metrics.checkpoints,
+                   "samples": metrics.samples, "loss": metrics.last_loss,
+                   "eval_loss": trainer.eval_loss if trainer else None,
+                   "eval_accuracy": trainer.eval_accuracy if trainer else None, "checkpoints": metrics.checkpoints,
                    "start_time": metrics.start_time, "end_time": metrics.end_time,
-                   "error_type": metrics.error_type}
+                   "error_type": metrics.error_type, "rank": ranks.rank, "world_size": ranks.world_size}
         metrics.close()
+        distributed.shutdown(ranks)
     print("summary " + json.dumps(summary), flush=True)
     return exit_code

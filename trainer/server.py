@@ -38,7 +38,8 @@ DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 UPLOAD_CHUNK = 1 << 16
 TICK_SECONDS = 0.2
 SPEC_DEFAULTS = {"model": "mlp", "epochs": 3, "batch_size": 64, "lr": 1e-3, "device": "auto", "seed": 0,
-                 "log_every": 50, "checkpoint_every": 0, "target": "label"}
+                 "log_every": 50, "checkpoint_every": 0, "target": "label", "nproc": 1}
+MAX_NPROC = 64
 
 
 class ApiError(Exception):
@@ -188,10 +189,12 @@ class JobServer:
             raise ApiError(400, "bad_request", f"{unknown[0]}: unknown field (allowed: {', '.join(sorted(allowed))})")
         spec = {**SPEC_DEFAULTS, **{k: v for k, v in body.items() if k in SPEC_DEFAULTS}}
         types = {"model": str, "device": str, "target": str, "epochs": int, "batch_size": int, "seed": int,
-                 "log_every": int, "checkpoint_every": int, "lr": (int, float)}
+                 "log_every": int, "checkpoint_every": int, "lr": (int, float), "nproc": int}
         for field_name, expected in types.items():
             if not isinstance(spec[field_name], expected) or isinstance(spec[field_name], bool):
                 raise ApiError(400, "bad_request", f"{field_name}: wrong type")
+        if not 1 <= spec["nproc"] <= MAX_NPROC:
+            raise ApiError(400, "bad_request", f"nproc: processes (torchrun ranks) for the job, 1..{MAX_NPROC}")
         if spec["model"] not in MODELS:
             raise ApiError(400, "bad_request", f"model: one of {', '.join(MODELS)}")
         dataset = body.get("dataset", "blobs")

@@ -56,7 +56,11 @@ class Supervisor:
     def command(self, job: JobRecord) -> list[str]:
         """The `trainmetrics train` command line for a job."""
         spec = job.spec
-        command = [sys.executable, "-m", "trainmetrics", "train", "--job-id", job.id, "--job-name", job.name,
+        launcher = [sys.executable, "-m", "trainmetrics"]
+        if spec.get("nproc", 1) > 1:     # one process per rank under torchrun, one job id
+            launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        f"--nproc_per_node={spec['nproc']}", "-m", "trainmetrics"]
+        command = [*launcher, "train", "--job-id", job.id, "--job-name", job.name,
                    "--owner", job.owner, "--model", spec["model"], "--dataset", spec["dataset_path"],
                    "--epochs", str(spec["epochs"]), "--batch-size", str(spec["batch_size"]), "--lr", str(spec["lr"]),
                    "--device", spec["device"], "--seed", str(spec["seed"]), "--log-every", str(spec["log_every"]),
@@ -109,6 +113,10 @@ class Supervisor:
 
     def _finished(self, job_id: str, code: int) -> None:
         requested = self.stop_requests.pop(job_id, None)
+        summary = _summary(self.log_path(job_id))
+        if self.store.get_job(job_id).spec.get("nproc", 1) > 1 and code > 0 and summary:
+            # torchrun turns any worker's non-zero exit into its own 1: rank 0's summary has the job's state.
+            code = {state: exit_code for exit_code, state in EXIT_STATES.items()}.get(summary["state"], code)
         if code < 0:     # killed by a signal: what we asked for, else a failure
             state = requested or "failed"
             error = None if requested else f"killed by {signal.Signals(-code).name}"
@@ -153,16 +161,22 @@ class Supervisor:
 
     # ----- signalling --------------------------------------------------------------------------------
     def request_stop(self, job_id: str, outcome: str) -> bool:
-        """Ask a running job to stop at its next step boundary (pause: SIGUSR1, cancel: SIGTERM)."""
+        """Ask a running job to stop at its next step boundary (pause: SIGUSR1, cancel: SIGTERM).
+
+        The signal goes to the trainer processes themselves: under torchrun, its workers (the launcher
+        would die of SIGUSR1); the ranks agree on the step to stop at."""
         pid = self.children[job_id].pid if job_id in self.children else self.adopted.get(job_id)
         if pid is None:
             return False
         self.stop_requests[job_id] = outcome
-        try:
-            os.kill(pid, signal.SIGUSR1 if outcome == "paused" else signal.SIGTERM)
-        except ProcessLookupError:
-            return False
-        return True
+        sent = False
+        for process in _trainer_processes(pid, job_id):
+            try:
+                process.send_signal(signal.SIGUSR1 if outcome == "paused" else signal.SIGTERM)
+                sent = True
+            except psutil.NoSuchProcess:
+                pass
+        return sent
 
     def is_active(self, job_id: str) -> bool:
         """True while the job's process runs."""
@@ -196,8 +210,26 @@ def _is_job_process(pid: int, job_id: str) -> bool:
         return False
 
 
+def _trainer_processes(pid: int, job_id: str) -> list[psutil.Process]:
+    """The job's `trainmetrics train` processes: the process itself, or torchrun's workers under it."""
+    try:
+        root = psutil.Process(pid)
+        candidates = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+    found = []
+    for process in candidates:
+        try:
+            command = process.cmdline()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if job_id in command and "train" in command and "torch.distributed.run" not in command:
+            found.append(process)
+    return found
+
+
 def _summary(log_path: Path) -> dict | None:
-    """The trainer's closing `summary {...}` line, if it wrote one."""
+    """The trainer's closing `summary {...}` line (rank 0's in a multi-process job), if it wrote one."""
     try:
         lines = log_path.read_text(errors="replace").splitlines()
     except OSError:
@@ -205,9 +237,11 @@ def _summary(log_path: Path) -> dict | None:
     for line in reversed(lines):
         if line.startswith("summary "):
             try:
-                return json.loads(line[len("summary "):])
+                summary = json.loads(line[len("summary "):])
             except ValueError:
-                return None
+                continue
+            if summary.get("rank", 0) == 0:
+                return summary
     return None
 
 

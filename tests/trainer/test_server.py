@@ -113,6 +113,10 @@ def test_upload_submit_pause_resume_complete_download(stack, tmp_path):
                                                         "checkpoint_every": 50, "job_id": "flow-1"})
     assert submitted.status_code == 201, submitted.text
     prometheus.wait_for('trainer_steps_total{job_id="flow-1"} > 100', timeout=90)
+    # One job at a time on a CPU machine: a second one waits, and Prometheus sees it queued (via the server).
+    assert client.post("/api/training/jobs", json={"dataset": "blobs", "job_id": "flow-2"}).json()["state"] == "queued"
+    prometheus.wait_for('trainer_job_state{job_id="flow-2",state="queued"} == 1', timeout=30)
+    assert client.post("/api/training/jobs/flow-2/cancel").json()["state"] == "cancelled"
     paused = client.post("/api/training/jobs/flow-1/pause")
     assert paused.status_code == 200 and paused.json()["state"] == "paused", paused.text
     prometheus.wait_for('trainer_job_state{job_id="flow-1",state="paused"} == 1', timeout=30)
@@ -341,3 +345,55 @@ def test_analytics_on_the_server_are_owner_scoped(tmp_path):
     finally:
         server.stop()
         prometheus.stop()
+
+
+def test_job_whose_process_died_with_the_server_resumes_from_its_checkpoint(tmp_path):
+    server = Server(tmp_path)
+    server.start()
+    client = server.client()
+    client.post("/api/training/jobs", json={"dataset": "blobs", "epochs": 3, "batch_size": 16, "log_every": 10,
+                                            "checkpoint_every": 20, "job_id": "orphan-1"})
+    wait_job(client, "orphan-1", lambda j: j["state"] == "running")
+    ckpt_dir = tmp_path / "jobs" / "orphan-1" / "checkpoints"
+    from trainer.checkpoint import list_checkpoints
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not list_checkpoints(ckpt_dir):
+        time.sleep(0.05)
+    server.stop(signal.SIGKILL)
+    os.kill(job_pid(tmp_path, "orphan-1"), signal.SIGKILL)        # the machine went down, say
+
+    restarted = Server(tmp_path)
+    restarted.start()
+    try:
+        client = restarted.client()
+        done = wait_job(client, "orphan-1", lambda j: j["state"] in ("completed", "failed"), timeout=120)
+        assert done["state"] == "completed"
+        log = (tmp_path / "jobs" / "orphan-1" / "train.log").read_text()
+        assert "resumed at step" in log and '"steps": 600' in log       # 3 epochs x 3200 / 16
+    finally:
+        restarted.stop()
+
+
+def test_multi_process_job_pauses_resumes_and_completes_as_one_job(tmp_path):
+    server = Server(tmp_path)
+    server.start()
+    try:
+        client = server.client()
+        spec = {"dataset": "blobs", "epochs": 8, "batch_size": 16, "log_every": 10, "nproc": 2, "job_id": "ddp-s1"}
+        assert client.post("/api/training/jobs", json=spec).status_code == 201
+        wait_job(client, "ddp-s1", lambda j: j["state"] == "running")
+        log = tmp_path / "jobs" / "ddp-s1" / "train.log"
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and log.read_text().count("step=20 ") < 2:    # both ranks training
+            time.sleep(0.2)
+        paused = client.post("/api/training/jobs/ddp-s1/pause").json()
+        assert paused["state"] == "paused", paused
+        client.post("/api/training/jobs/ddp-s1/resume")
+        done = wait_job(client, "ddp-s1", lambda j: j["state"] in ("completed", "failed"), timeout=180)
+        assert done["state"] == "completed", done
+        text = log.read_text()
+        assert text.count('"world_size": 2') >= 4 and "resumed at step" in text
+        assert '"state": "completed", "steps": 800' in text          # 8 epochs x 3200 / 2 ranks / 16
+    finally:
+        server.stop()

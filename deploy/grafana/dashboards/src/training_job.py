@@ -50,6 +50,14 @@ def build():
         .with_panel(timeseries_panel("Model FLOPs utilisation", "Achieved FLOP/s ÷ device peak (where known).",
                                      "percentunit", query(f"trainer_model_flops_utilization_ratio{{{JOB}}}",
                                                           "MFU {{rank}}"), min_value=0))
+        .with_panel(timeseries_panel("Ranks: step time", "Each rank's mean step time over 1 m (multi-process "
+                                     "jobs; one line for a single process).", "s",
+                                     query(f"job_id_rank:trainer_step_duration_seconds:mean_rate1m{{{JOB}}}",
+                                           "rank {{rank}}")))
+        .with_panel(timeseries_panel("Ranks: data wait", "Each rank's share of step time waiting for data: a "
+                                     "rank far above the others is a straggler.", "percentunit",
+                                     query(f"job_id_rank:trainer_data_wait:ratio_rate1m{{{JOB}}}", "rank {{rank}}"),
+                                     min_value=0, max_value=1))
         .with_row(row("Resources"))
         .with_panel(timeseries_panel("Job GPU utilisation: mean vs peak",
                                      "The job's GPUs: mean and max over the exporter's sampling window.",

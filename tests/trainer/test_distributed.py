@@ -1,0 +1,94 @@
+"""A 2-rank CPU job under torchrun (gloo, DistributedDataParallel) end to end through a real Prometheus."""
+
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from trainmetrics.prometheus_process import PrometheusServer, free_port
+
+from .conftest import parse_summary
+
+JOB_ID = "ddp-e2e-1"
+
+
+@pytest.fixture(scope="module")
+def finished_ddp_job(tmp_path_factory):
+    work = tmp_path_factory.mktemp("ddp")
+    prometheus = PrometheusServer(work / "prometheus").start()
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+             "-m", "trainmetrics", "train", "--job-id", JOB_ID, "--dataset", "blobs", "--epochs", "3",
+             "--batch-size", "32", "--log-every", "10", "--checkpoint-dir", str(work / "ckpt"),
+             "--targets-dir", str(prometheus.targets_dir)],
+            capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        summaries = sorted((parse_summary(line) for line in result.stdout.splitlines() if line.startswith("summary ")),
+                           key=lambda s: s["rank"])
+        yield prometheus, summaries, work
+    finally:
+        prometheus.stop()
+
+
+def scalar(prometheus, expr: str) -> float:
+    result = prometheus.query(expr)
+    assert len(result) == 1, (expr, result)
+    return float(result[0]["value"][1])
+
+
+def test_both_ranks_publish_and_the_job_completes_once(finished_ddp_job):
+    prometheus, summaries, work = finished_ddp_job
+    assert [s["rank"] for s in summaries] == [0, 1] and all(s["state"] == "completed" for s in summaries)
+    selector = f'job_id="{JOB_ID}"'
+    ranks = prometheus.query(f"count by (rank) (last_over_time(trainer_steps_total{{{selector}}}[5m]))")
+    assert sorted(r["metric"]["rank"] for r in ranks) == ["0", "1"]
+    # Each rank takes half of every epoch: 3200 samples / 2 ranks / 32 per batch = 50 steps per epoch.
+    assert all(s["steps"] == 150 and s["samples"] == 4800 for s in summaries)
+    total = scalar(prometheus, f"sum(last_over_time(trainer_samples_total{{{selector}}}[5m]))")
+    assert total == sum(s["samples"] for s in summaries) == 9600
+    states = prometheus.query(f"last_over_time(trainer_job_state{{{selector}}}[5m]) == 1")
+    assert [s["metric"]["state"] for s in states] == ["completed"]          # one job state, rank 0's
+    info = prometheus.query(f"last_over_time(trainer_job_info{{{selector}}}[5m])")
+    assert len(info) == 1 and info[0]["metric"]["world_size"] == "2"
+    # Rank 0 alone checkpoints and evaluates.
+    assert summaries[0]["checkpoints"] == 3 and summaries[1]["checkpoints"] == 0
+    assert summaries[0]["eval_accuracy"] > 0.8 and summaries[1]["eval_accuracy"] is None
+    assert (work / "ckpt" / "model.pt").exists()
+
+
+def test_recorded_throughput_is_the_sum_of_the_ranks(finished_ddp_job):
+    prometheus, summaries, _ = finished_ddp_job
+    start, end = summaries[0]["start_time"], summaries[0]["end_time"] + 3
+    recorded = prometheus.query_range(f'job_id:trainer_samples:rate10s{{job_id="{JOB_ID}"}}', start, end, 1)
+    per_rank = prometheus.query_range(f'rate(trainer_samples_total{{job_id="{JOB_ID}"}}[10s])', start, end, 1)
+    assert len(recorded) == 1 and len(per_rank) == 2
+    recorded_peak = max(float(v) for _, v in recorded[0]["values"])
+    rank_peaks = [max(float(v) for _, v in series["values"]) for series in per_rank]
+    # The ranks step in lockstep: the summed throughput peaks at about twice one rank's peak.
+    assert recorded_peak == pytest.approx(sum(rank_peaks), rel=0.2)
+
+
+def test_analytics_treat_the_ranks_as_one_job(finished_ddp_job):
+    prometheus, summaries, _ = finished_ddp_job
+    port = free_port()
+    service = subprocess.Popen([sys.executable, "-m", "trainmetrics", "analytics", "--listen", f"127.0.0.1:{port}",
+                                "--prometheus-url", prometheus.url], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                response = httpx.get(f"http://127.0.0.1:{port}/api/training/{JOB_ID}/analytics", timeout=10)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["status"] == "completed"
+        assert body["performance"]["total_samples"] == 9600
+    finally:
+        service.terminate()
+        service.wait(timeout=10)
