@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: all venv prometheus alertmanager node-exporter dashboards test demo bench clean
+.PHONY: all venv prometheus alertmanager victoria-metrics node-exporter dashboards test demo bench clean
 
 all: test
 
@@ -25,6 +25,9 @@ prometheus:
 alertmanager:
 	@scripts/ensure-debian-package prometheus-alertmanager prometheus-alertmanager
 
+victoria-metrics:
+	@scripts/ensure-debian-package victoria-metrics victoria-metrics
+
 node-exporter:
 	@scripts/ensure-debian-package prometheus-node-exporter prometheus-node-exporter
 
@@ -32,7 +35,7 @@ node-exporter:
 dashboards: venv
 	$(BIN)/python deploy/grafana/dashboards/src/generate.py
 
-test: venv prometheus alertmanager
+test: venv prometheus alertmanager victoria-metrics
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 demo: venv prometheus

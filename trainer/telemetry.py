@@ -4,6 +4,8 @@ Each JobMetrics gets its own MeterProvider and its own prometheus_client Collect
 state), so several jobs can live in one process (tests, notebooks) without sharing series.
 """
 
+import logging
+import os
 import threading
 import time
 from socketserver import ThreadingMixIn
@@ -11,11 +13,14 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 from opentelemetry.sdk.resources import Resource
 from prometheus_client import CollectorRegistry, make_wsgi_app
 
 from trainer import instruments
+
+log = logging.getLogger("trainmetrics.trainer")
 
 # Resource attributes copied onto every series as labels.
 SERIES_LABELS = ("job_id", "rank")
@@ -32,8 +37,28 @@ def histogram_views() -> list[View]:
     ]
 
 
+OTLP_ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
+
+
+def otlp_readers() -> list[MetricReader]:
+    """An OTLP/HTTP push reader when the standard OTEL_EXPORTER_OTLP_* variables ask for one, else none.
+
+    The exporter reads its endpoint, headers and timeout from those variables, and the periodic reader
+    its interval from OTEL_METRIC_EXPORT_INTERVAL; trainmetrics adds nothing of its own."""
+    if not any(os.environ.get(name) for name in OTLP_ENDPOINT_VARIABLES):
+        return []
+    try:
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+    except ImportError:
+        log.warning("OTEL_EXPORTER_OTLP_* is set but opentelemetry-exporter-otlp-proto-http is not installed "
+                    "(pip install 'trainmetrics[otlp]'); pushing nothing")
+        return []
+    return [PeriodicExportingMetricReader(OTLPMetricExporter())]
+
+
 def build_meter_provider(resource_attributes: dict[str, str]) -> tuple[MeterProvider, CollectorRegistry]:
-    """A MeterProvider exporting through a Prometheus reader into a registry of its own."""
+    """A MeterProvider exporting through a Prometheus reader into a registry of its own (and over OTLP
+    when configured)."""
     registry = CollectorRegistry(auto_describe=False)
     reader = PrometheusMetricReader(
         disable_target_info=True,          # trainer_job_info carries the job's metadata
@@ -42,7 +67,7 @@ def build_meter_provider(resource_attributes: dict[str, str]) -> tuple[MeterProv
         registry=registry,
     )
     resource = Resource.create({"service.name": "trainmetrics-trainer", **resource_attributes})
-    provider = MeterProvider(metric_readers=[reader], resource=resource, views=histogram_views())
+    provider = MeterProvider(metric_readers=[reader, *otlp_readers()], resource=resource, views=histogram_views())
     return provider, registry
 
 

@@ -51,10 +51,16 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def render_config(targets_dir: Path, static_targets: dict[str, list[str]] | None = None,
-                  rule_files: list[str] | None = None, alertmanagers: list[str] | None = None) -> dict:
-    """The deployable config with file_sd pointed at targets_dir, static targets and alertmanagers replaced
-    (scrape jobs without a static target given are dropped; no alertmanager unless given)."""
+                  rule_files: list[str] | None = None, alertmanagers: list[str] | None = None,
+                  remote_write: list[str] | None = None) -> dict:
+    """The deployable config with file_sd pointed at targets_dir, static targets, alertmanagers and
+    remote_write URLs replaced (scrape jobs without a static target given are dropped; no alertmanager
+    and no remote_write unless given)."""
     config = yaml.safe_load(CONFIG_TEMPLATE.read_text())
+    if remote_write:
+        # Flush small batches quickly so a short test sees its samples in the central store within seconds.
+        config["remote_write"] = [{"url": url, "queue_config": {"batch_send_deadline": "1s"}}
+                                  for url in remote_write]
     if alertmanagers:
         config["alerting"] = {"alertmanagers": [{"static_configs": [{"targets": alertmanagers}]}]}
     else:
@@ -82,7 +88,8 @@ class PrometheusServer:
 
     def __init__(self, workdir: Path, static_targets: dict[str, list[str]] | None = None,
                  rule_files: list[str] | None = None, port: int | None = None,
-                 extra_args: list[str] | None = None, alertmanagers: list[str] | None = None):
+                 extra_args: list[str] | None = None, alertmanagers: list[str] | None = None,
+                 remote_write: list[str] | None = None):
         self.workdir = Path(workdir)
         self.targets_dir = self.workdir / "targets"
         self.data_dir = self.workdir / "data"
@@ -92,6 +99,7 @@ class PrometheusServer:
         self.static_targets = static_targets
         self.rule_files = rule_files
         self.alertmanagers = alertmanagers
+        self.remote_write = remote_write
         self.extra_args = extra_args or []
         self.process: subprocess.Popen | None = None
         self.log_path = self.workdir / "prometheus.log"
@@ -100,7 +108,8 @@ class PrometheusServer:
         """Write the config, start the binary and wait until /-/ready answers."""
         self.targets_dir.mkdir(parents=True, exist_ok=True)
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        config = render_config(self.targets_dir, self.static_targets, self.rule_files, self.alertmanagers)
+        config = render_config(self.targets_dir, self.static_targets, self.rule_files, self.alertmanagers,
+                               self.remote_write)
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         command = [
             find_binary("prometheus"),
@@ -182,3 +191,37 @@ class PrometheusServer:
 def temporary_prometheus(**kwargs) -> PrometheusServer:
     """A PrometheusServer in a fresh temp dir (caller starts and stops it)."""
     return PrometheusServer(Path(tempfile.mkdtemp(prefix="trainmetrics-prometheus-")), **kwargs)
+
+
+class VictoriaMetricsServer(PrometheusServer):
+    """A real single-node VictoriaMetrics (Debian's victoria-metrics) on a free loopback port: the central
+    store Prometheus remote-writes into, queried through the same Prometheus HTTP API."""
+
+    def start(self, timeout: float = 30.0) -> "VictoriaMetricsServer":
+        """Start the binary and wait until /health answers."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        binary = os.environ.get("VICTORIA_METRICS_BIN") or shutil.which("victoria-metrics")
+        if not binary:
+            raise PrometheusNotFound("victoria-metrics not found: install Debian's victoria-metrics package")
+        command = [binary, f"-httpListenAddr=127.0.0.1:{self.port}", f"-storageDataPath={self.data_dir}",
+                   "-retentionPeriod=1", "-search.latencyOffset=0s", "-loggerLevel=WARN", *self.extra_args]
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"victoria-metrics exited: {self.log_path.read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=1) as response:
+                    if response.status == 200:
+                        return self
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"victoria-metrics not ready after {timeout}s")
+
+    @property
+    def remote_write_url(self) -> str:
+        """Where Prometheus remote-writes to this store."""
+        return f"{self.url}/api/v1/write"
