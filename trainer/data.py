@@ -152,9 +152,18 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Read arrays x and y from an NPZ (no pickles); returns (x, y) or raises DatasetError."""
+def read_npz(path: Path, max_uncompressed_bytes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Read arrays x and y from an NPZ (no pickles); returns (x, y) or raises DatasetError.
+
+    With max_uncompressed_bytes, an archive whose members would inflate beyond it is refused before
+    anything is decompressed (a zip bomb: zipfile never reads past a member's declared size)."""
     try:
+        if max_uncompressed_bytes is not None:
+            with zipfile.ZipFile(path) as archive:
+                inflated = sum(member.file_size for member in archive.infolist())
+            if inflated > max_uncompressed_bytes:
+                raise DatasetError(f"{path}: arrays would take {inflated} bytes uncompressed, over the "
+                                   f"{max_uncompressed_bytes}-byte limit")
         with np.load(path, allow_pickle=False) as archive:
             missing = {"x", "y"} - set(archive.files)
             if missing:

@@ -35,7 +35,11 @@ log = logging.getLogger("trainmetrics.server")
 
 DATASET_FORMATS = {".csv": "csv", ".npz": "npz"}
 DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-UPLOAD_CHUNK = 1 << 16
+# An uploaded NPZ may inflate to this many times the upload limit, no more (zip bombs).
+NPZ_INFLATION_LIMIT = 4
+# The body is the file itself; a multipart form or JSON wrapping is a client mistake worth naming. (curl
+# --data-binary labels a raw file application/x-www-form-urlencoded, so that type is accepted.)
+REFUSED_UPLOAD_TYPES = ("multipart/form-data", "application/json")
 TICK_SECONDS = 0.2
 SPEC_DEFAULTS = {"model": "mlp", "epochs": 3, "batch_size": 64, "lr": 1e-3, "device": "auto", "seed": 0,
                  "log_every": 50, "checkpoint_every": 0, "target": "label", "nproc": 1}
@@ -131,6 +135,10 @@ class JobServer:
         if not DATASET_NAME.fullmatch(name) or Path(name).suffix.lower() not in DATASET_FORMATS:
             raise ApiError(400, "bad_request", "name: give the file name, ending in .csv or .npz "
                                                "(letters, digits, '.', '_', '-')")
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type in REFUSED_UPLOAD_TYPES:
+            raise ApiError(415, "unsupported_media_type", f"content-type {content_type}: send the file itself as "
+                                                          "the request body (e.g. curl --data-binary @FILE)")
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > self.settings.max_upload_bytes:
             raise ApiError(413, "too_large", f"upload exceeds {self.settings.max_upload_bytes} bytes")
@@ -148,7 +156,8 @@ class JobServer:
                     handle.write(chunk)
             if size == 0:
                 raise ApiError(400, "bad_request", "empty upload")
-            rows, features = await asyncio.to_thread(inspect_dataset, Path(tmp_name), DATASET_FORMATS[final_path.suffix])
+            rows, features = await asyncio.to_thread(inspect_dataset, Path(tmp_name), DATASET_FORMATS[final_path.suffix],
+                                                     NPZ_INFLATION_LIMIT * self.settings.max_upload_bytes)
             os.replace(tmp_name, final_path)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
@@ -375,12 +384,12 @@ class QueuedJobsCollector:
         yield family
 
 
-def inspect_dataset(path: Path, fmt: str) -> tuple[int, int]:
+def inspect_dataset(path: Path, fmt: str, max_uncompressed_bytes: int) -> tuple[int, int]:
     """(rows, features) of an uploaded file, or ApiError 400 naming what is wrong."""
     from trainer.data import DatasetError, read_csv, read_npz
 
     try:
-        x, _ = read_csv(path) if fmt == "csv" else read_npz(path)
+        x, _ = read_csv(path) if fmt == "csv" else read_npz(path, max_uncompressed_bytes)
     except DatasetError as error:
         raise ApiError(400, "bad_dataset", str(error).replace(str(path), "upload")) from None
     features = 1

@@ -207,8 +207,20 @@ def server_only(tmp_path_factory):
     ("data.exe", b"a,label\n1,0\n2,1\n", 400),
     ("../escape.csv", b"a,label\n1,0\n2,1\n", 400),
     ("bad.npz", b"PK not really a zip", 400),
+    ("bomb.npz", "zip-bomb", 400),
 ])
-def test_bad_uploads_are_rejected_and_leave_nothing(name, content, status, server_only):
+def test_bad_uploads_are_rejected_and_leave_nothing(name, content, status, server_only, tmp_path):
+    if content == "zip-bomb":    # 1 MiB of zeros in about 1 KB: over 4 x this server's 2000-byte upload limit
+        import zipfile
+
+        bomb = tmp_path / "bomb.npz"
+        with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+            with archive.open("x.npy", "w", force_zip64=True) as member:
+                header = b"\x93NUMPY\x01\x00v\x00{'descr': '<f4', 'fortran_order': False, 'shape': (262144, 1), }"
+                member.write(header.ljust(127, b" ") + b"\n")
+                member.write(bytes(1 << 20))
+        content = bomb.read_bytes()
+        assert len(content) < 2000
     response = server_only.client().post("/api/training/datasets", params={"name": name}, content=content)
     assert response.status_code == status, response.text
     assert "error" in response.json()
@@ -233,6 +245,15 @@ def test_downloads_never_leave_the_job_dir(tmp_path):
         assert client.get("/api/training/jobs/..%2Fdl-1/checkpoints").status_code in (400, 404)
     finally:
         server.stop()
+
+
+def test_wrapped_uploads_are_415(server_only):
+    client = server_only.client()
+    form = client.post("/api/training/datasets", params={"name": "a.csv"}, files={"file": ("a.csv", b"a,label\n1,0\n")})
+    assert form.status_code == 415 and "request body" in form.json()["error"]["message"]
+    as_json = client.post("/api/training/datasets", params={"name": "a.csv"}, json={"a": 1})
+    assert as_json.status_code == 415
+    assert list((server_only.data_dir / "datasets").iterdir()) == []
 
 
 def test_tokens_scope_jobs_to_their_owner(tmp_path):
