@@ -1,7 +1,11 @@
 """`trainmetrics train` as a user runs it: bad input, signals, failures, resume."""
 
+import fcntl
 import os
+import pty
 import signal
+import struct
+import termios
 import socket
 import subprocess
 import time
@@ -11,7 +15,7 @@ import pytest
 
 from trainmetrics.cli import main
 
-from .conftest import parse_summary, run_train
+from .conftest import parse_summary, run_train, train_command
 
 
 def bad_csv(tmp_path, name: str, text: str) -> str:
@@ -133,3 +137,29 @@ def test_sigusr1_pauses_with_exit_4_after_a_checkpoint(tmp_path, spawn_train):
     summary = parse_summary(stdout)
     assert summary["state"] == "paused" and summary["end_time"] is None
     assert [p.name for p in ckpt.iterdir()] == [f"step-{summary['steps']:09d}.pt"]
+
+
+def test_progress_draws_a_bar_on_a_terminal_and_plain_lines_otherwise(tmp_path):
+    args = ("--job-id", "bar-1", "--epochs", "1", "--log-every", "10", "--progress")
+    primary, secondary = pty.openpty()
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 160, 0, 0))   # a 160-column terminal
+    process = subprocess.Popen(train_command(*args), stdin=secondary, stdout=secondary, stderr=secondary,
+                               cwd=tmp_path)
+    os.close(secondary)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(primary, 65536)
+        except OSError:          # the terminal closed: the job exited
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(primary)
+    assert process.wait(timeout=60) == 0
+    text = output.decode(errors="replace")
+    assert "bar-1:" in text and "50/50" in text and "samples_per_s=" in text     # tqdm's bar with our postfix
+    assert " step=10 " not in text                                                 # no plain log lines on a TTY
+
+    piped = run_train(*args)
+    assert piped.returncode == 0 and "step=10 samples=640" in piped.stderr and "50/50" not in piped.stderr
