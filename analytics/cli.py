@@ -5,6 +5,7 @@ import logging
 import sys
 
 from trainmetrics.names import DEFAULT_ANALYTICS_PORT, DEFAULT_PROMETHEUS_PORT, parse_listen
+from trainmetrics.webconfig import load_web_config, serve_uvicorn
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -17,6 +18,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="seconds per request to Prometheus (below --request-timeout)")
     parser.add_argument("--request-timeout", type=float, default=10.0, help="seconds per request to this service")
     parser.add_argument("--max-concurrency", type=int, default=8, help="requests in flight to Prometheus")
+    parser.add_argument("--web.config.file", dest="web_config_file", default=None,
+                        help="TLS (optionally client certificates) and basic-auth settings, in Prometheus "
+                             "exporter-toolkit's web-config format")
     parser.add_argument("--cache-entries", type=int, default=1024,
                         help="finished jobs' analytics kept in memory (0: no cache)")
 
@@ -36,10 +40,10 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--max-concurrency must be at least 1 and --cache-entries not negative")
         if not args.prometheus_url.startswith(("http://", "https://")):
             raise ValueError(f"--prometheus-url must be an http(s) URL, got {args.prometheus_url!r}")
+        web_config = load_web_config(args.web_config_file)
     except (ValueError, BadParameter) as error:
         print(f"trainmetrics analytics: error: {error}", file=sys.stderr)
         return 2
-    import uvicorn
 
     from analytics.app import Settings, create_app
 
@@ -47,5 +51,5 @@ def run(args: argparse.Namespace) -> int:
                               prometheus_deadline=args.prometheus_timeout,
                               service_deadline=args.request_timeout, max_concurrency=args.max_concurrency,
                               cache_entries=args.cache_entries))
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    serve_uvicorn(app, host, port, web_config)
     return 0

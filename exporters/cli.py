@@ -16,6 +16,7 @@ from pathlib import Path
 
 from exporters.collectors import COLLECTORS
 from trainmetrics.names import DEFAULT_EXPORTER_PORT, DEFAULT_JOB_DIR, parse_listen
+from trainmetrics.webconfig import load_web_config
 
 DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m)?\s*$")
 UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}
@@ -35,6 +36,8 @@ def parse_duration(value: str) -> float:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     """Add the exporter's flags to parser."""
+    parser.add_argument("--web.config.file", dest="web_config_file", type=Path, default=None,
+                        help="TLS and basic-auth settings, in Prometheus exporter-toolkit's web-config format")
     parser.add_argument("--listen", default=f"127.0.0.1:{DEFAULT_EXPORTER_PORT}",
                         help="HOST:PORT to serve /metrics on")
     parser.add_argument("--sample-interval", type=parse_duration, default=0.1, metavar="DURATION",
@@ -126,9 +129,13 @@ def run(args: argparse.Namespace) -> int:
     context = CollectorContext(peak_window=args.peak_window, job_tracker=JobTracker(job_dir))
     collectors = [spec.load().build(context) for name, spec in COLLECTORS.items()
                   if getattr(args, f"collector_{name}")]
+    try:
+        web_config = load_web_config(args.web_config_file)
+    except ValueError as error:
+        _exit_bad_input(str(error))
     exporter = Exporter(collectors, sample_interval=args.sample_interval, slow_interval=args.slow_interval)
     try:
-        server = MetricsServer((host, port), exporter)
+        server = MetricsServer((host, port), exporter, web_config)
     except OSError as error:
         _exit_bad_input(f"cannot listen on {host}:{port}: {error.strerror or error}")
     # A short GIL switch interval lets a scrape's thread in while the sampler parses /proc.

@@ -18,6 +18,7 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import CollectorRegistry
 
 from exporters.collectors.base import Collector, CollectorUnavailable
+from trainmetrics.webconfig import WebConfig
 
 log = logging.getLogger(__name__)
 
@@ -232,6 +233,12 @@ class SnapshotHandler(BaseHTTPRequestHandler):
 
     def _respond(self, send_body: bool) -> None:
         path = self.path.partition("?")[0]
+        if not self.server.web_config.authorized(self.headers.get("Authorization")):
+            body = b"basic authentication required\n"
+            self.wfile.write(b'HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Basic realm="trainmetrics"\r\n'
+                             b"Content-Type: text/plain; charset=utf-8\r\n"
+                             + f"Content-Length: {len(body)}\r\n\r\n".encode() + (body if send_body else b""))
+            return
         if path == "/metrics":
             status, content_type, body = "200 OK", CONTENT_TYPE, self.server.exporter.snapshot()
         elif path == "/":
@@ -255,9 +262,14 @@ class MetricsServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, address: tuple[str, int], exporter: Exporter):
+    def __init__(self, address: tuple[str, int], exporter: Exporter, web_config: WebConfig | None = None):
         self.exporter = exporter
+        self.web_config = web_config or WebConfig()
         super().__init__(address, SnapshotHandler)
+        if self.web_config.ssl_context is not None:
+            # The handshake runs on the first read, in the request's own thread, not in the accept loop.
+            self.socket = self.web_config.ssl_context.wrap_socket(self.socket, server_side=True,
+                                                                  do_handshake_on_connect=False)
 
     def serve_in_background(self, poll_interval: float = 0.5) -> threading.Thread:
         """Serve until shutdown() from a daemon thread (shutdown() takes up to poll_interval)."""

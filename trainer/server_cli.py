@@ -27,6 +27,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--targets-dir", type=Path, default=None,
                         help="Prometheus file_sd directory the jobs announce themselves in")
     parser.add_argument("--job-dir", type=Path, default=None, help="job-mapping directory read by the exporter")
+    parser.add_argument("--web.config.file", dest="web_config_file", type=Path, default=None,
+                        help="TLS (optionally client certificates) and basic-auth settings, in Prometheus "
+                             "exporter-toolkit's web-config format")
     parser.add_argument("--max-upload-bytes", type=int, default=256 * 1024 * 1024, help="largest dataset upload")
     parser.add_argument("--linger-timeout", type=float, default=15.0,
                         help="how long a finished job waits for Prometheus to scrape its final state")
@@ -83,15 +86,20 @@ def run(args: argparse.Namespace) -> int:
         args.data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         return _fail(f"--data-dir {args.data_dir}: {error.strerror or error}")
+    from trainmetrics.webconfig import load_web_config
+
+    try:
+        web_config = load_web_config(args.web_config_file)
+    except ValueError as error:
+        return _fail(str(error))
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
         try:
             probe.bind((host, port))
         except OSError as error:
             return _fail(f"cannot listen on {args.listen}: {error.strerror or error}")
 
-    import uvicorn
-
     from trainer.server import ServerSettings, build_app
+    from trainmetrics.webconfig import serve_uvicorn
 
     settings = ServerSettings(data_dir=args.data_dir, targets_dir=args.targets_dir, job_dir=args.job_dir,
                               tokens=tokens, max_concurrent=max_concurrent, max_upload_bytes=args.max_upload_bytes,
@@ -99,5 +107,5 @@ def run(args: argparse.Namespace) -> int:
     from analytics.app import Settings, create_app
 
     analytics = create_app(Settings(prometheus_url=args.prometheus_url))
-    uvicorn.run(build_app(settings, analytics), host=host, port=port, log_level="warning", lifespan="on")
+    serve_uvicorn(build_app(settings, analytics), host, port, web_config)
     return 0

@@ -1,0 +1,149 @@
+"""TLS, client certificates and basic auth from a web-config file, with real TLS clients against the real
+exporter and job server processes."""
+
+import base64
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import warnings
+
+import bcrypt
+import pytest
+
+from trainmetrics.prometheus_process import free_port
+from trainmetrics.webconfig import load_web_config
+
+
+def openssl(*args: str, cwd) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def issue(name: str, ca: str | None, cwd, san: str | None = None) -> None:
+    """An EC key and a certificate for `name`, signed by `ca` (or self-signed)."""
+    openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout",
+            f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=cwd)
+    extension = cwd / f"{name}.ext"
+    extension.write_text(f"subjectAltName={san}\n" if san else "basicConstraints=CA:FALSE\n")
+    if ca is None:
+        openssl("x509", "-req", "-in", f"{name}.csr", "-signkey", f"{name}.key", "-out", f"{name}.crt",
+                "-days", "2", "-extfile", extension.name, cwd=cwd)
+    else:
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key",
+                "-CAcreateserial", "-out", f"{name}.crt", "-days", "2", "-extfile", extension.name, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("pki")
+    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout",
+            "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=test-ca", cwd=cwd)
+    issue("server", "ca", cwd, san="IP:127.0.0.1")
+    issue("client", "ca", cwd)
+    issue("stranger", None, cwd)                    # a client certificate no trusted CA signed
+    return cwd
+
+
+PASSWORD = "s3cret-scraper"
+
+
+def context(pki, client: str | None = None, max_version=None) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+    if client:
+        ctx.load_cert_chain(str(pki / f"{client}.crt"), str(pki / f"{client}.key"))
+    if max_version:     # an old client on purpose: Python warns that these versions are deprecated
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            ctx.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
+            ctx.maximum_version = max_version
+    return ctx
+
+
+def get(url: str, ctx: ssl.SSLContext | None, user: str | None = None, password: str = PASSWORD):
+    request = urllib.request.Request(url)
+    if user:
+        request.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
+    return urllib.request.urlopen(request, context=ctx, timeout=10)
+
+
+def wait_until_listening(port: int, process: subprocess.Popen) -> None:
+    import socket
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.stderr.read() if process.stderr else "exited"
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise AssertionError("server did not start")
+
+
+def test_exporter_serves_tls_with_basic_auth(pki, tmp_path):
+    hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=4)).decode()
+    config = tmp_path / "web.yml"
+    config.write_text(f"tls_server_config:\n  cert_file: {pki / 'server.crt'}\n  key_file: {pki / 'server.key'}\n"
+                      f"basic_auth_users:\n  prometheus: '{hashed}'\n")
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "trainmetrics", "exporter", "--listen", f"127.0.0.1:{port}",
+                                "--web.config.file", str(config), "--no-collector.gpu"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until_listening(port, process)
+        url = f"https://127.0.0.1:{port}/metrics"
+        with pytest.raises(urllib.error.HTTPError) as no_credentials:
+            get(url, context(pki))
+        assert no_credentials.value.code == 401
+        no_credentials.value.close()
+        with pytest.raises(urllib.error.HTTPError) as wrong:
+            get(url, context(pki), "prometheus", "guess")
+        assert wrong.value.code == 401
+        wrong.value.close()
+        for _ in range(2):                          # the second request takes the cached check
+            with get(url, context(pki), "prometheus") as response:
+                assert response.status == 200 and b"system_cpu_time_seconds_total" in response.read()
+        with pytest.raises((ssl.SSLError, urllib.error.URLError)):
+            get(url, context(pki, max_version=ssl.TLSVersion.TLSv1_1), "prometheus")
+        with pytest.raises((urllib.error.URLError, ConnectionError, OSError)):
+            get(f"http://127.0.0.1:{port}/metrics", None, "prometheus")     # plain HTTP is not spoken
+    finally:
+        process.terminate()
+        process.communicate(timeout=20)
+
+
+def test_job_server_requires_a_client_certificate_from_the_configured_ca(pki, tmp_path):
+    config = tmp_path / "web.yml"
+    config.write_text(f"tls_server_config:\n  cert_file: {pki / 'server.crt'}\n  key_file: {pki / 'server.key'}\n"
+                      f"  client_ca_file: {pki / 'ca.crt'}\n  client_auth_type: RequireAndVerifyClientCert\n")
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "trainmetrics", "server", "--listen", f"127.0.0.1:{port}",
+                                "--data-dir", str(tmp_path / "data"), "--web.config.file", str(config)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until_listening(port, process)
+        url = f"https://127.0.0.1:{port}/healthz"
+        with get(url, context(pki, client="client")) as response:
+            assert response.status == 200
+        for client in (None, "stranger"):
+            with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
+                get(url, context(pki, client=client)).read()
+    finally:
+        process.terminate()
+        process.communicate(timeout=30)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("tls_server_config:\n  cert_file: missing.crt\n  key_file: missing.key\n", "not found"),
+    ("basic_auth_users:\n  a: plaintext\n", "bcrypt hash"),
+    ("tls_config: {}\n", "unknown key"),
+])
+def test_bad_web_configs_are_named(text, message, tmp_path):
+    config = tmp_path / "web.yml"
+    config.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        load_web_config(config)
+    result = subprocess.run([sys.executable, "-m", "trainmetrics", "exporter", "--web.config.file", str(config),
+                             "--listen", f"127.0.0.1:{free_port()}"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
