@@ -24,3 +24,35 @@ def prometheus_factory(tmp_path):
 def prometheus(prometheus_factory) -> PrometheusServer:
     """A real Prometheus scraping trainer targets from its targets_dir every 250 ms."""
     return prometheus_factory()
+
+
+@pytest.fixture
+def analytics_get():
+    """get(prometheus_url, path) -> httpx.Response: a real `trainmetrics analytics` process pointed at
+    prometheus_url answers one GET (started per call, stopped afterwards)."""
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    from trainmetrics.prometheus_process import free_port
+
+    def get(prometheus_url: str, path: str) -> httpx.Response:
+        port = free_port()
+        service = subprocess.Popen([sys.executable, "-m", "trainmetrics", "analytics", "--listen",
+                                    f"127.0.0.1:{port}", "--prometheus-url", prometheus_url],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    return httpx.get(f"http://127.0.0.1:{port}{path}", timeout=15)
+                except httpx.TransportError:
+                    assert time.monotonic() < deadline, "analytics did not start"
+                    time.sleep(0.2)
+        finally:
+            service.terminate()
+            service.wait(timeout=10)
+
+    return get

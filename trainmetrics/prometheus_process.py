@@ -120,24 +120,26 @@ class PrometheusServer:
             "--log.level=warn",
             *self.extra_args,
         ]
-        log = open(self.log_path, "wb")
-        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL)
-        log.close()
+        return self._launch(command, "/-/ready", timeout)
+
+    def _launch(self, command: list[str], ready_path: str, timeout: float):
+        """Start the command with its output in the log, and wait until ready_path answers 200."""
+        name = Path(command[0]).name
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"prometheus exited with {self.process.returncode}: "
-                                   f"{self.log_path.read_text()[-2000:]}")
+                raise RuntimeError(f"{name} exited with {self.process.returncode}: {self.log_path.read_text()[-2000:]}")
             try:
-                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as response:
+                with urllib.request.urlopen(f"{self.url}{ready_path}", timeout=1) as response:
                     if response.status == 200:
                         return self
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
             time.sleep(0.1)
         self.stop()
-        raise RuntimeError(f"prometheus not ready after {timeout}s")
+        raise RuntimeError(f"{name} not ready after {timeout}s")
 
     def stop(self) -> None:
         """Terminate the process and wait for it."""
@@ -205,21 +207,7 @@ class VictoriaMetricsServer(PrometheusServer):
             raise PrometheusNotFound("victoria-metrics not found: install Debian's victoria-metrics package")
         command = [binary, f"-httpListenAddr=127.0.0.1:{self.port}", f"-storageDataPath={self.data_dir}",
                    "-retentionPeriod=1", "-search.latencyOffset=0s", "-loggerLevel=WARN", *self.extra_args]
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"victoria-metrics exited: {self.log_path.read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=1) as response:
-                    if response.status == 200:
-                        return self
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"victoria-metrics not ready after {timeout}s")
+        return self._launch(command, "/health", timeout)
 
     @property
     def remote_write_url(self) -> str:

@@ -5,33 +5,11 @@ import subprocess
 import sys
 import time
 
-import httpx
 import pytest
 
-from trainmetrics.prometheus_process import PrometheusServer, VictoriaMetricsServer, free_port
+from trainmetrics.prometheus_process import PrometheusServer, VictoriaMetricsServer
 
 JOB_ID = "rw-job-1"
-
-
-def analytics(prometheus_url: str, path: str) -> dict:
-    port = free_port()
-    service = subprocess.Popen([sys.executable, "-m", "trainmetrics", "analytics", "--listen", f"127.0.0.1:{port}",
-                                "--prometheus-url", prometheus_url], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                response = httpx.get(f"http://127.0.0.1:{port}{path}", timeout=15)
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "analytics did not start"
-                time.sleep(0.2)
-        assert response.status_code == 200, response.text
-        return response.json()
-    finally:
-        service.terminate()
-        service.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -59,10 +37,11 @@ def test_every_sample_arrives_in_the_central_store(both_backends):
     assert prometheus.query(expr)[0]["value"][1] == victoria.query(expr)[0]["value"][1] == str(3 * 3200)
 
 
-def test_analytics_agree_on_both_backends(both_backends):
+def test_analytics_agree_on_both_backends(both_backends, analytics_get):
     prometheus, victoria = both_backends
-    from_prometheus = analytics(prometheus.url, f"/api/training/{JOB_ID}/analytics")
-    from_victoria = analytics(victoria.url, f"/api/training/{JOB_ID}/analytics")
+    responses = [analytics_get(backend.url, f"/api/training/{JOB_ID}/analytics") for backend in both_backends]
+    assert [r.status_code for r in responses] == [200, 200], [r.text for r in responses]
+    from_prometheus, from_victoria = (r.json() for r in responses)
     for section, field in [("performance", "total_samples"), ("performance", "total_steps"), ("checkpoints", "count")]:
         assert from_victoria[section][field] == from_prometheus[section][field], (section, field)
     # VictoriaMetrics stores values with 12 significant decimal digits: losses agree to that precision.

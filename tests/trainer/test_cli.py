@@ -4,10 +4,10 @@ import fcntl
 import os
 import pty
 import signal
-import struct
-import termios
 import socket
+import struct
 import subprocess
+import termios
 import time
 
 import numpy as np

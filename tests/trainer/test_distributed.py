@@ -2,12 +2,10 @@
 
 import subprocess
 import sys
-import time
 
-import httpx
 import pytest
 
-from trainmetrics.prometheus_process import PrometheusServer, free_port
+from trainmetrics.prometheus_process import PrometheusServer
 
 from .conftest import parse_summary
 
@@ -71,24 +69,10 @@ def test_recorded_throughput_is_the_sum_of_the_ranks(finished_ddp_job):
     assert recorded_peak == pytest.approx(sum(rank_peaks), rel=0.2)
 
 
-def test_analytics_treat_the_ranks_as_one_job(finished_ddp_job):
+def test_analytics_treat_the_ranks_as_one_job(finished_ddp_job, analytics_get):
     prometheus, summaries, _ = finished_ddp_job
-    port = free_port()
-    service = subprocess.Popen([sys.executable, "-m", "trainmetrics", "analytics", "--listen", f"127.0.0.1:{port}",
-                                "--prometheus-url", prometheus.url], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                response = httpx.get(f"http://127.0.0.1:{port}/api/training/{JOB_ID}/analytics", timeout=10)
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline
-                time.sleep(0.2)
-        assert response.status_code == 200, response.text
-        body = response.json()
-        assert body["status"] == "completed"
-        assert body["performance"]["total_samples"] == 9600
-    finally:
-        service.terminate()
-        service.wait(timeout=10)
+    response = analytics_get(prometheus.url, f"/api/training/{JOB_ID}/analytics")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["status"] == "completed"
+    assert body["performance"]["total_samples"] == 9600
