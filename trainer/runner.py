@@ -30,6 +30,7 @@ EXIT_COMPLETED, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_PAUSED = 0, 1,
 EXIT_CODES = {"completed": EXIT_COMPLETED, "cancelled": EXIT_CANCELLED, "paused": EXIT_PAUSED}
 # The state a stop signal leads to: SIGUSR1 pauses (resumable with --resume), the others cancel.
 STOP_SIGNALS = {signal.SIGINT: "cancelled", signal.SIGTERM: "cancelled", signal.SIGUSR1: "paused"}
+STOP_VERBS = {"cancelled": "cancel", "paused": "pause"}
 EVAL_BATCH_SIZE = 512
 
 log = logging.getLogger("trainmetrics.trainer")
@@ -183,7 +184,7 @@ class Trainer:
                 outcome = self.stop_outcome()
                 if outcome:
                     log.info("job %s: %s requested, checkpointing at step %d and stopping", config.job_id,
-                             outcome[:-2] if outcome == "paused" else "cancel", metrics.steps)
+                             STOP_VERBS[outcome], metrics.steps)
                     self.checkpoint()
                     return outcome
             self.epoch += 1

@@ -28,6 +28,7 @@ from starlette.routing import Mount, Route
 from trainer.checkpoint import CHECKPOINT_PATTERN, list_checkpoints
 from trainer.config import BUILTIN_DATASETS, MODELS, TrainConfig
 from trainer.jobstore import FINAL_STATES, DatasetRecord, JobRecord, JobStore
+from trainer.runner import STOP_VERBS
 from trainer.supervisor import Supervisor
 from trainmetrics.names import JOB_ID_PATTERN, validate_job_id
 
@@ -257,7 +258,7 @@ class JobServer:
 
     async def _stop(self, job: JobRecord, outcome: str) -> JSONResponse:
         if job.state != "running" or not self.supervisor.request_stop(job.id, outcome):
-            raise ApiError(409, "conflict", f"job {job.id} is {job.state}: cannot {outcome[:-2] if outcome == 'paused' else 'cancel'} it")
+            raise ApiError(409, "conflict", f"job {job.id} is {job.state}: cannot {STOP_VERBS[outcome]} it")
         deadline = time.monotonic() + 120
         while self.supervisor.is_active(job.id) and time.monotonic() < deadline:
             await asyncio.sleep(TICK_SECONDS)
