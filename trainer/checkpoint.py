@@ -11,8 +11,6 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d{9})\.pt$")
 FINAL_MODEL_NAME = "model.pt"
 
@@ -44,6 +42,8 @@ def ensure_writable_dir(directory: Path) -> Path:
 
 def atomic_save(obj, path: Path) -> Path:
     """torch.save `obj` to `path` atomically and durably."""
+    import torch   # here, not at import: the job server lists checkpoints without loading torch
+
     path = Path(path)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -91,6 +91,8 @@ def save_checkpoint(directory: Path, state: dict, keep: int = 3) -> Checkpoint:
 
 def load_latest(directory: Path, map_location="cpu") -> dict | None:
     """The newest checkpoint that loads; a corrupt newest file falls back to the one before it."""
+    import torch
+
     for checkpoint in reversed(list_checkpoints(directory)):
         try:
             return torch.load(checkpoint.path, map_location=map_location, weights_only=True)

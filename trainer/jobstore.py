@@ -25,6 +25,8 @@ CREATE TABLE IF NOT EXISTS jobs (
 # Server-side job states: the trainer's lifecycle states, all persisted.
 ACTIVE_STATES = ("queued", "running", "paused")
 FINAL_STATES = ("completed", "failed", "cancelled")
+# What a stop that ends in a state is called, for messages: "cannot pause it", "cancel requested".
+STOP_VERBS = {"cancelled": "cancel", "paused": "pause"}
 
 
 @dataclass

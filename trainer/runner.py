@@ -22,6 +22,7 @@ from trainer import distributed
 from trainer.checkpoint import FINAL_MODEL_NAME, atomic_save, ensure_writable_dir, load_latest, save_checkpoint
 from trainer.config import TrainConfig
 from trainer.data import Dataset, DatasetError, load_dataset
+from trainer.jobstore import STOP_VERBS
 from trainer.metrics import IntervalStats, JobMetrics
 from trainer.models import ModelError, build_model, device_peak_flops
 from trainmetrics.names import validate_job_id
@@ -30,7 +31,6 @@ EXIT_COMPLETED, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_PAUSED = 0, 1,
 EXIT_CODES = {"completed": EXIT_COMPLETED, "cancelled": EXIT_CANCELLED, "paused": EXIT_PAUSED}
 # The state a stop signal leads to: SIGUSR1 pauses (resumable with --resume), the others cancel.
 STOP_SIGNALS = {signal.SIGINT: "cancelled", signal.SIGTERM: "cancelled", signal.SIGUSR1: "paused"}
-STOP_VERBS = {"cancelled": "cancel", "paused": "pause"}
 EVAL_BATCH_SIZE = 512
 
 log = logging.getLogger("trainmetrics.trainer")

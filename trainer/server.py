@@ -27,8 +27,7 @@ from starlette.routing import Mount, Route
 
 from trainer.checkpoint import CHECKPOINT_PATTERN, list_checkpoints
 from trainer.config import BUILTIN_DATASETS, MODELS, TrainConfig
-from trainer.jobstore import FINAL_STATES, DatasetRecord, JobRecord, JobStore
-from trainer.runner import STOP_VERBS
+from trainer.jobstore import FINAL_STATES, STOP_VERBS, DatasetRecord, JobRecord, JobStore
 from trainer.supervisor import Supervisor
 from trainmetrics.names import JOB_ID_PATTERN, validate_job_id
 
