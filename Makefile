@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: all venv prometheus alertmanager victoria-metrics node-exporter dashboards test demo bench clean
+.PHONY: all venv prometheus alertmanager victoria-metrics node-exporter dashboards test fuzz demo bench clean
 
 all: test
 
@@ -37,6 +37,10 @@ dashboards: venv
 
 test: venv prometheus alertmanager victoria-metrics
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# A longer schemathesis run than make test's bounded one (tests/hardening/test_fuzz.py).
+fuzz: venv prometheus
+	HARDENING_FUZZ_EXAMPLES=500 $(BIN)/python -m pytest -q -p no:cacheprovider tests/hardening/test_fuzz.py
 
 demo: venv prometheus
 	$(BIN)/trainmetrics demo

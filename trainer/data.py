@@ -158,21 +158,22 @@ def read_npz(path: Path, max_uncompressed_bytes: int | None = None) -> tuple[np.
     With max_uncompressed_bytes, an archive whose members would inflate beyond it is refused before
     anything is decompressed (a zip bomb: zipfile never reads past a member's declared size)."""
     try:
-        if max_uncompressed_bytes is not None:
-            with zipfile.ZipFile(path) as archive:
-                inflated = sum(member.file_size for member in archive.infolist())
-            if inflated > max_uncompressed_bytes:
+        with zipfile.ZipFile(path) as archive:
+            inflated = sum(member.file_size for member in archive.infolist())
+            if max_uncompressed_bytes is not None and inflated > max_uncompressed_bytes:
                 raise DatasetError(f"{path}: arrays would take {inflated} bytes uncompressed, over the "
                                    f"{max_uncompressed_bytes}-byte limit")
+            for member in archive.infolist():
+                _check_npy_header(path, archive, member)
         with np.load(path, allow_pickle=False) as archive:
             missing = {"x", "y"} - set(archive.files)
             if missing:
                 raise DatasetError(f"{path}: missing array(s) {sorted(missing)}; found {archive.files}")
             x, y = archive["x"], archive["y"]
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as error:
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, MemoryError) as error:
         if isinstance(error, DatasetError):
             raise
-        raise DatasetError(f"{path}: not a readable NPZ archive ({error})") from None
+        raise DatasetError(f"{path}: not a readable NPZ archive ({type(error).__name__}: {error})") from None
     if x.ndim < 2 or y.ndim != 1:
         raise DatasetError(f"{path}: expected x with shape (samples, ...) and 1-D y; got {x.shape} and {y.shape}")
     if len(x) != len(y):
@@ -185,6 +186,24 @@ def read_npz(path: Path, max_uncompressed_bytes: int | None = None) -> tuple[np.
     if not np.isfinite(x).all() or not np.isfinite(y.astype(np.float64)).all():
         raise DatasetError(f"{path}: NaN or infinite values")
     return x, _target_array(y)
+
+
+def _check_npy_header(path: Path, archive: zipfile.ZipFile, member: zipfile.ZipInfo) -> None:
+    """Refuse an array whose header declares more data than its member holds: np.load would allocate the
+    declared size (terabytes for a 300-byte file) before finding out."""
+    if not member.filename.endswith(".npy"):
+        return
+    with archive.open(member) as handle:
+        version = np.lib.format.read_magic(handle)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                       (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+        if read_header is None:
+            raise DatasetError(f"{path}: {member.filename}: unsupported .npy version {version}")
+        shape, _, dtype = read_header(handle)
+    declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if declared > member.file_size:
+        raise DatasetError(f"{path}: {member.filename} declares {declared} bytes of data but holds "
+                           f"{member.file_size}")
 
 
 def _target_array(y: np.ndarray) -> np.ndarray:

@@ -25,6 +25,7 @@ CREATE TABLE IF NOT EXISTS jobs (
 # Server-side job states: the trainer's lifecycle states, all persisted.
 ACTIVE_STATES = ("queued", "running", "paused")
 FINAL_STATES = ("completed", "failed", "cancelled")
+JOB_STATES = (*ACTIVE_STATES, *FINAL_STATES)
 # What a stop that ends in a state is called, for messages: "cannot pause it", "cancel requested".
 STOP_VERBS = {"cancelled": "cancel", "paused": "pause"}
 

@@ -21,13 +21,15 @@ from urllib.parse import urlencode
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 
 from trainer.checkpoint import CHECKPOINT_PATTERN, list_checkpoints
 from trainer.config import BUILTIN_DATASETS, MODELS, TrainConfig
-from trainer.jobstore import FINAL_STATES, STOP_VERBS, DatasetRecord, JobRecord, JobStore
+from trainer.jobstore import FINAL_STATES, JOB_STATES, STOP_VERBS, DatasetRecord, JobRecord, JobStore
 from trainer.supervisor import Supervisor
 from trainmetrics.names import JOB_ID_PATTERN, validate_job_id
 
@@ -217,7 +219,10 @@ class JobServer:
                 raise ApiError(400, "bad_request", f"dataset: no dataset {dataset!r} (built-ins: "
                                                    f"{', '.join(BUILTIN_DATASETS)})")
             spec["dataset"], spec["dataset_path"], spec["upload_seconds"] = dataset, record.path, record.upload_seconds
-        job_id = body.get("job_id") or f"job-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
+        job_id = body["job_id"] if "job_id" in body else \
+            f"job-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
+        if not isinstance(job_id, str):
+            raise ApiError(400, "bad_request", "job_id: a string")
         try:
             validate_job_id(job_id)
             TrainConfig(job_id=job_id, model=spec["model"], epochs=spec["epochs"], batch_size=spec["batch_size"],
@@ -232,8 +237,14 @@ class JobServer:
 
     async def list_jobs(self, request: Request) -> JSONResponse:
         """GET /api/training/jobs?state=... (the server's own jobs)."""
+        owner = self.owner(request)
+        unknown = sorted(set(request.query_params) - {"state"})
+        if unknown:
+            raise ApiError(400, "bad_request", f"{unknown[0]}: unknown parameter (allowed: state)")
         state = request.query_params.get("state")
-        jobs = self.store.list_jobs(self.owner(request), (state,) if state else None)
+        if state is not None and state not in JOB_STATES:
+            raise ApiError(400, "bad_request", f"state: one of {', '.join(JOB_STATES)}")
+        jobs = self.store.list_jobs(owner, (state,) if state else None)
         return JSONResponse({"jobs": [job.public() for job in jobs]})
 
     async def get_job(self, request: Request) -> JSONResponse:
@@ -436,6 +447,29 @@ class OwnerScopedAnalytics:
         return scope
 
 
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class RejectControlCharacters:
+    """400 JSON for a path holding a control character (a line feed in a job id, say): no route could use
+    it, and the router would otherwise answer its own plain-text 404."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and CONTROL_CHARACTERS.search(scope.get("path", "")):
+            response = error_json(400, "bad_request", "path: control characters are not allowed")
+            return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+async def http_error(request: Request, error: HTTPException) -> JSONResponse:
+    """The router's own 404 and 405 in the one error shape."""
+    code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
+    return error_json(error.status_code, code, str(error.detail))
+
+
 def build_app(settings: ServerSettings, analytics_app: Starlette | None = None) -> Starlette:
     """The job server app; the analytics app, when given, shares its base URL (and its tokens)."""
     server = JobServer(settings)
@@ -458,6 +492,7 @@ def build_app(settings: ServerSettings, analytics_app: Starlette | None = None) 
                 async with analytics_app.router.lifespan_context(analytics_app) as state:
                     yield state
 
-    app = Starlette(routes=routes, lifespan=lifespan)
+    app = Starlette(routes=routes, lifespan=lifespan, middleware=[Middleware(RejectControlCharacters)],
+                    exception_handlers={HTTPException: http_error})
     app.state.job_server = server
     return app

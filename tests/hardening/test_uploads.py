@@ -1,0 +1,114 @@
+"""Hostile dataset uploads to the real job server (--max-upload-bytes 1 MiB): every one a JSON 4xx, the
+server's RSS bounded, nothing left in DATA_DIR/datasets."""
+
+import io
+import socket
+import time
+import urllib.parse
+import zipfile
+
+import httpx
+import numpy as np
+import pytest
+
+from .conftest import MAX_UPLOAD_BYTES
+
+
+def npz_bytes(arrays: dict[str, np.ndarray], compress: bool = True) -> bytes:
+    buffer = io.BytesIO()
+    (np.savez_compressed if compress else np.savez)(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def lying_npz(shape: tuple[int, ...]) -> bytes:
+    """A tiny NPZ whose x.npy header declares `shape` (float64) but holds 16 bytes of data; the zip member's
+    declared size is honest (tiny), so only numpy's reading of the header sees the huge array."""
+    header = {"descr": "<f8", "fortran_order": False, "shape": shape}
+    text = repr(header).encode()
+    text += b" " * (-(len(text) + 11) % 64) + b"\n"
+    npy = b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text + b"\x00" * 16
+    y = io.BytesIO()
+    np.save(y, np.zeros(2))
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("x.npy", npy)
+        archive.writestr("y.npy", y.getvalue())
+    return buffer.getvalue()
+
+
+def deflate_bomb() -> bytes:
+    """64 MiB of zeros as x (compresses to ~64 KiB): honest sizes, 64x the upload limit uncompressed."""
+    return npz_bytes({"x": np.zeros((8 << 20, 1)), "y": np.zeros(8 << 20)})
+
+
+def chunks(total: int, size: int = 64 * 1024):
+    sent = 0
+    while sent < total:
+        yield b"1" * min(size, total - sent)
+        sent += size
+
+
+def leftovers(stack) -> list[str]:
+    return sorted(p.name for p in (stack.data_dir / "datasets").iterdir())
+
+
+CASES = {
+    "declared oversize": dict(name="big.csv", content=b"a,label\n" + b"1,0\n" * (MAX_UPLOAD_BYTES // 4 + 10),
+                              status=413),
+    "chunked oversize": dict(name="big.csv", content=lambda: chunks(3 * MAX_UPLOAD_BYTES), status=413),
+    "multipart form": dict(name="form.csv", files=True, status=415),
+    "json wrapper": dict(name="data.csv", content=b'{"file": "a,label\\n1,0\\n"}',
+                         headers={"content-type": "application/json"}, status=415),
+    "malformed multipart": dict(name="m.csv", content=b"--xx\r\nContent-Disposition: form-data; name=\"f\"\r\n\r\n1,0",
+                                headers={"content-type": "multipart/form-data; boundary=yy"}, status=415),
+    "deflate bomb npz": dict(name="bomb.npz", content=deflate_bomb, status=400),
+    "npz header claims 8 TB": dict(name="liar.npz", content=lambda: lying_npz((10 ** 12,)), status=400),
+    "npz header claims 4 GB": dict(name="liar2.npz", content=lambda: lying_npz((1 << 29, 1)), status=400),
+    "npz header claims negative shape": dict(name="neg.npz", content=lambda: lying_npz((-1, 4)), status=400),
+    "not a zip": dict(name="x.npz", content=b"PK\x03\x04" + b"\x00" * 100, status=400),
+    "binary as csv": dict(name="x.csv", content=bytes(range(256)) * 8, status=400),
+}
+
+
+@pytest.mark.parametrize("spec", CASES.values(), ids=list(CASES))
+def test_hostile_upload_is_a_json_4xx_and_leaves_nothing(stack, json_error, rss, spec):
+    before = leftovers(stack)
+    rss_before = rss(stack.server.pid)
+    with httpx.Client(base_url=stack.server_url, timeout=60) as client:
+        url = f"/api/training/datasets?name={spec['name']}"
+        if spec.get("files"):
+            response = client.post(url, files={"file": ("form.csv", b"a,label\n1,0\n2,1\n")})
+        else:
+            content = spec["content"]
+            content = content() if callable(content) else content
+            try:
+                response = client.post(url, content=content, headers=spec.get("headers"))
+            except httpx.WriteError:     # the server answered and closed before the whole body went out
+                pytest.fail("the server closed the connection without an answer")
+    json_error(response, spec["status"])
+    assert leftovers(stack) == before
+    growth = rss(stack.server.pid) - rss_before
+    assert growth < 64 << 20, f"server RSS grew by {growth >> 20} MiB"
+
+
+def test_truncated_upload_leaves_nothing(stack, rss):
+    """The client declares 800 KB, sends 100 KB and closes: no dataset, no temp file, the server lives on."""
+    before = leftovers(stack)
+    port = urllib.parse.urlsplit(stack.server_url).port
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"POST /api/training/datasets?name=cut.csv HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Type: application/octet-stream\r\nContent-Length: 800000\r\n\r\n")
+        sock.sendall(b"a,label\n" + b"1,0\n" * 25000)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and leftovers(stack) != before:
+        time.sleep(0.1)
+    assert leftovers(stack) == before
+    assert httpx.get(f"{stack.server_url}/healthz", timeout=10).status_code == 200
+
+
+def test_a_valid_upload_still_works_after_the_hostile_ones(stack):
+    npz = npz_bytes({"x": np.random.default_rng(0).normal(size=(64, 3)), "y": np.arange(64) % 2})
+    response = httpx.post(f"{stack.server_url}/api/training/datasets", params={"name": "ok.npz"}, content=npz,
+                          timeout=30)
+    assert response.status_code == 201, response.text
+    assert (response.json()["rows"], response.json()["features"]) == (64, 3)
