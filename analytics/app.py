@@ -32,6 +32,7 @@ class Settings:
     service_deadline: float = 10.0                # per request to this service; above the client's
     max_concurrency: int = 8                      # requests in flight to Prometheus
     cache_entries: int = 1024                     # finished jobs' analytics kept (0: no cache)
+    recorded_series: bool = True                  # fleet reads analytics.rules.yml's series where they cover it
     transport: httpx.AsyncBaseTransport | None = None   # tests inject httpx.MockTransport here
 
     @property

@@ -23,6 +23,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "exporter-toolkit's web-config format")
     parser.add_argument("--cache-entries", type=int, default=1024,
                         help="finished jobs' analytics kept in memory (0: no cache)")
+    parser.add_argument("--no-recorded-series", dest="recorded_series", action="store_false",
+                        help="summary and job list read raw series only, never the analytics recording rules'")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -50,6 +52,6 @@ def run(args: argparse.Namespace) -> int:
     app = create_app(Settings(prometheus_url=args.prometheus_url, lookback_seconds=lookback,
                               prometheus_deadline=args.prometheus_timeout,
                               service_deadline=args.request_timeout, max_concurrency=args.max_concurrency,
-                              cache_entries=args.cache_entries))
+                              cache_entries=args.cache_entries, recorded_series=args.recorded_series))
     serve_uvicorn(app, host, port, web_config)
     return 0

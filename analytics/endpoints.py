@@ -125,7 +125,8 @@ async def summary(request: Request) -> Response:
                                        f"and at most {q.MAX_POINTS_PER_SERIES} points)")
     else:
         step = max(minimum_step, range_seconds / DEFAULT_TREND_POINTS)
-    body = await reports.summary(request.state.prometheus, range_seconds, step, request.query_params.get("owner"))
+    body = await reports.summary(request.state.prometheus, range_seconds, step, request.query_params.get("owner"),
+                                 recorded=request.app.state.settings.recorded_series)
     if fmt == "csv":
         return _csv(body["top_performing_jobs"], list(TOP_JOB_COLUMNS), "top_jobs.csv")
     return JSONResponse(body)
@@ -186,7 +187,9 @@ async def jobs(request: Request) -> Response:
             raise BadParameter("since", "at most 90 days ago")
     else:
         range_seconds = parse_duration("range", DEFAULT_SUMMARY_RANGE)
-    table = await reports.fleet(request.state.prometheus, range_seconds, now)
+    split = await reports.recorded_split(request.state.prometheus, range_seconds, now,
+                                         request.app.state.settings.recorded_series)
+    table = await reports.fleet(request.state.prometheus, range_seconds, now, split)
     table = reports.filter_jobs(table, status, params.get("owner"), since, until, now)
     if fmt == "csv":
         return _csv(table, list(JOB_COLUMNS), "jobs.csv")

@@ -69,9 +69,11 @@ class PrometheusClient:
             return [{"metric": {}, "value": data["result"]}]
         return data["result"]
 
-    async def query_range(self, expr: str, start: float, end: float, step: float) -> list[dict]:
-        """Range query; returns the result matrix."""
-        params = {"query": expr, "start": f"{start:.3f}", "end": f"{end:.3f}", "step": f"{step:.3f}"}
+    async def query_range(self, expr: str, start: float, end: float, step: float | str) -> list[dict]:
+        """Range query; returns the result matrix. step: seconds, or a duration literal such as "3600ms"
+        (exact where a float number of seconds might round to a neighbouring millisecond)."""
+        step_text = step if isinstance(step, str) else f"{step:.3f}"
+        params = {"query": expr, "start": f"{start:.3f}", "end": f"{end:.3f}", "step": step_text}
         return (await self._get("/api/v1/query_range", params))["result"]
 
     async def ready(self) -> None:

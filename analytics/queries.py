@@ -175,15 +175,46 @@ def first_losses(job_id: str, start: float, seconds: float) -> str:
     return f"{job_selector('trainer_loss', job_id)}{over(seconds, start + seconds)}"
 
 
-def _peak(name: str, expression: str, window: float, end: float) -> dict[str, str]:
-    """<name>_peak: max of a label-free expression over the window; <name>_peak_at: when it was first reached.
+def peak_grid(seconds: float, at: float) -> tuple[float, float, str]:
+    """start, end and step of a range query whose points are exactly those of the subquery grid(seconds, at).
 
-    Both read the same subquery grid, so the time is that of the reported maximum.
+    Prometheus aligns a subquery's points to multiples of its step: the first is the first multiple at or
+    after T - W, the last the last one at or before T. The range query starts and ends on those multiples
+    (so a backend that aligns range queries to the step, as VictoriaMetrics does, moves nothing), and its
+    step is the same millisecond duration literal.
     """
-    g = grid(window, end)
-    peak = f"max_over_time(({expression}){g})"
-    when = f"min_over_time((timestamp({expression}) and ({expression}) >= scalar({peak})){g})"
-    return {f"{name}_peak": peak, f"{name}_peak_at": when}
+    step_ms = max(1, math.ceil(peak_step(seconds) * 1000))
+    end_ms = round(float(timestamp_literal(at)) * 1000)   # the instant an `@ T` literal names
+    first_ms = end_ms - max(1, math.ceil(seconds * 1000))
+    first_ms = -(-first_ms // step_ms) * step_ms
+    last_ms = first_ms + (end_ms - first_ms) // step_ms * step_ms
+    return first_ms / 1000, last_ms / 1000, f"{step_ms}ms"
+
+
+def job_peaks(job_id: str, window: float) -> dict[str, str]:
+    """Label-free expressions whose maximum over the peak grid (and the first point reaching it) are the
+    job's peaks: one range query evaluates each once, where max_over_time plus a "when" subquery evaluated
+    it three times."""
+    w = step_window(window)
+
+    def sel(metric: str) -> str:
+        return job_selector(metric, job_id)
+
+    return {
+        "samples_per_second": f"sum(rate({sel('trainer_samples_total')}[{w}]))",
+        "job_cpu": f"sum(rate({sel('process_cpu_time_seconds_total')}[{w}]))",
+        "job_rss": f"sum(max_over_time({sel('process_memory_rss_bytes')}[{w}]))",
+        "gpu_utilization": f"max({_job_gpus('hw_gpu_utilization_ratio', job_id)})",
+    }
+
+
+def host_peaks(window: float) -> dict[str, str]:
+    """The host's peak expressions, on the same grid as job_peaks."""
+    w = step_window(window)
+    return {
+        "host_cpu": f"max(max_over_time(system_cpu_utilization_peak_ratio[{w}]))",
+        "host_memory": f"sum(max_over_time(system_memory_used_peak_bytes[{w}]))",
+    }
 
 
 def _job_gpus(metric: str, job_id: str) -> str:
@@ -192,19 +223,11 @@ def _job_gpus(metric: str, job_id: str) -> str:
 
 
 def job_rates(job_id: str, window: float, end: float) -> dict[str, str]:
-    """Throughput peak, the job's CPU, memory and GPUs over (start, end]."""
-    g, w = grid(window, end), step_window(window)
-
-    def sel(metric: str) -> str:
-        return job_selector(metric, job_id)
-
+    """The job's CPU time and GPUs over (start, end] (its peaks: job_peaks)."""
+    g = grid(window, end)
     return {
-        **_peak("samples_per_second", f"sum(rate({sel('trainer_samples_total')}[{w}]))", window, end),
-        "cpu_seconds": f"sum(increase({sel('process_cpu_time_seconds_total')}{over(window, end)}))",
-        **_peak("job_cpu", f"sum(rate({sel('process_cpu_time_seconds_total')}[{w}]))", window, end),
-        **_peak("job_rss", f"sum(max_over_time({sel('process_memory_rss_bytes')}[{w}]))", window, end),
+        "cpu_seconds": f"sum(increase({job_selector('process_cpu_time_seconds_total', job_id)}{over(window, end)}))",
         "gpu_average": f"avg_over_time(avg({_job_gpus('hw_gpu_utilization_ratio', job_id)}){g})",
-        **_peak("gpu_utilization", f"max({_job_gpus('hw_gpu_utilization_ratio', job_id)})", window, end),
         "gpu_temperature": f"avg_over_time(avg({_job_gpus('hw_gpu_temperature_celsius', job_id)}){g})",
     }
 
@@ -213,51 +236,131 @@ def job_rates(job_id: str, window: float, end: float) -> dict[str, str]:
 # Not per job: every exporter's host series, averaged (CPU) or summed (memory) over hosts.
 
 def host(window: float, start: float, end: float) -> dict[str, str]:
-    """The host in the minute before the job (baseline) and during it (average, peak and when)."""
-    during, before, w = over(window, end), over(BASELINE_SECONDS, start), step_window(window)
+    """The host in the minute before the job (baseline) and during it (average; its peaks: host_peaks)."""
+    during, before = over(window, end), over(BASELINE_SECONDS, start)
     used = 'system_memory_usage_bytes{state="used"}'
     return {
         "host_cpu_average": f"avg(avg_over_time(system_cpu_utilization_ratio{during}))",
         "host_cpu_baseline": f"avg(avg_over_time(system_cpu_utilization_ratio{before}))",
-        **_peak("host_cpu", f"max(max_over_time(system_cpu_utilization_peak_ratio[{w}]))", window, end),
         "host_memory_average": f"sum(avg_over_time({used}{during}))",
         "host_memory_baseline": f"sum(avg_over_time({used}{before}))",
-        **_peak("host_memory", f"sum(max_over_time(system_memory_used_peak_bytes[{w}]))", window, end),
         "host_memory_limit": f"sum(avg_over_time(system_memory_limit_bytes{during}))",
     }
 
 
 # ----- the fleet ----------------------------------------------------------------------------------------
 # Evaluated at "now" over the summary range: one row per job process; no user input.
+#
+# Reading every raw sample of every job in the range costs as much as the fleet ran (345,600 samples per
+# series for a day at 250 ms). deploy/prometheus/rules/analytics.rules.yml records, every RULE_INTERVAL, each
+# process's last start/end/state/info/loss and max samples over the last RULE_WINDOW; where those recorded
+# series provably cover the range, the fleet reads them instead:
+#
+#   now - range ......... split ............................ now - RECENT .......... now
+#   |  raw (older)        |  recorded (rules ran, no gap)                |  raw (recent)  |
+#
+# split is the later of (now - range + RULE_WINDOW) -- so a recorded point cannot pull in a process whose
+# samples all lie before the range -- and the last point where the heartbeat rule had not run within
+# COVERAGE_WINDOW (its first evaluation, a restart, rules loaded late). The recent part covers what the
+# rules have not recorded yet. Where the recorded part would be empty (no rules, or a gap in the last
+# RECENT seconds) the fleet reads raw series exactly as without rules.
 
-def fleet_start(range_seconds: float) -> str:
+RULE_INTERVAL_SECONDS = 60.0
+RULE_WINDOW_SECONDS = 300.0
+# A heartbeat within this window of every grid point means no raw sample escaped the rules' 5-minute windows.
+COVERAGE_WINDOW_SECONDS = RULE_WINDOW_SECONDS - RULE_INTERVAL_SECONDS
+RECENT_SECONDS = COVERAGE_WINDOW_SECONDS + RULE_INTERVAL_SECONDS
+HEARTBEAT = "trainmetrics:analytics_rules:heartbeat"
+RECORDED = {
+    "start": "job_process:trainer_job_start_timestamp_seconds:last5m",
+    "end": "job_process:trainer_job_end_timestamp_seconds:last5m",
+    "info": "job_process:trainer_job_info:last5m",
+    "state": "job_process:trainer_job_state:seen_timestamp5m",
+    "samples": "job_process:trainer_samples:max5m",
+    "loss": "job_process:trainer_loss:last5m",
+}
+RAW = {
+    "start": "trainer_job_start_timestamp_seconds",
+    "end": "trainer_job_end_timestamp_seconds",
+    "info": "trainer_job_info",
+    "state": "trainer_job_state",
+    "samples": "trainer_samples_total",
+    "loss": "trainer_loss",
+}
+# Trends read recorded series only at steps this long or longer (each point then spans several recordings).
+RECORDED_TREND_MIN_STEP_SECONDS = RULE_WINDOW_SECONDS
+
+
+def recorded_gap(range_seconds: float, now: float) -> str:
+    """The last minute (on the rules' grid) over the range plus one rule window at which the heartbeat had
+    not run within COVERAGE_WINDOW; empty when the recorded series cover the whole span."""
+    span = range_seconds + RULE_WINDOW_SECONDS
+    return (f"max_over_time((vector(time()) unless on () count_over_time({HEARTBEAT}"
+            f"[{duration(COVERAGE_WINDOW_SECONDS)}]))[{duration(span)}:{duration(RULE_INTERVAL_SECONDS)}] "
+            f"@ {timestamp_literal(now)})")
+
+
+def recorded_split(range_seconds: float, now: float, gap: float | None) -> float | None:
+    """Where the raw older part ends and the recorded part begins; None: read raw series only."""
+    split = now - range_seconds + RULE_WINDOW_SECONDS
+    if gap is not None:
+        split = max(split, gap)
+    return split if split < now - RECENT_SECONDS else None
+
+
+def _fleet_last(part: str, range_seconds: float, now: float, split: float | None, raw_suffix: str = "") -> str:
+    """Last value per process: the raw recent part, else the recorded one, else the raw older one (`or`
+    keeps the left side's sample wherever the label sets match)."""
+    if split is None:
+        return f"last_over_time({RAW[part]}[{duration(range_seconds)}]){raw_suffix}"
+    return (f"last_over_time({RAW[part]}{over(RECENT_SECONDS, now)}){raw_suffix} or "
+            f"last_over_time({RECORDED[part]}{over(now - split, now)}) or "
+            f"last_over_time({RAW[part]}{over(split - (now - range_seconds), split)}){raw_suffix}")
+
+
+def fleet_start(range_seconds: float, now: float | None = None, split: float | None = None) -> str:
     """Start timestamp of every job process seen in the range."""
-    return f"last_over_time(trainer_job_start_timestamp_seconds[{duration(range_seconds)}])"
+    return _fleet_last("start", range_seconds, now, split)
 
 
-def fleet_end(range_seconds: float) -> str:
+def fleet_end(range_seconds: float, now: float | None = None, split: float | None = None) -> str:
     """End timestamp of every finished job process in the range."""
-    return f"last_over_time(trainer_job_end_timestamp_seconds[{duration(range_seconds)}])"
+    return _fleet_last("end", range_seconds, now, split)
 
 
-def fleet_state(range_seconds: float) -> str:
-    """Last state of every job process in the range."""
-    return f"last_over_time(trainer_job_state[{duration(range_seconds)}]) == 1"
-
-
-def fleet_info(range_seconds: float) -> str:
+def fleet_info(range_seconds: float, now: float | None = None, split: float | None = None) -> str:
     """Metadata of every job process in the range."""
-    return f"last_over_time(trainer_job_info[{duration(range_seconds)}])"
+    return _fleet_last("info", range_seconds, now, split)
 
 
-def fleet_samples(range_seconds: float) -> str:
-    """Samples processed by every job (max over a resumed job's processes, summed over ranks)."""
-    return f"sum by (job_id) (max by (job_id, rank) (max_over_time(trainer_samples_total[{duration(range_seconds)}])))"
-
-
-def fleet_loss(range_seconds: float) -> str:
+def fleet_loss(range_seconds: float, now: float | None = None, split: float | None = None) -> str:
     """Last logged training loss of every job process."""
-    return f"last_over_time(trainer_loss[{duration(range_seconds)}])"
+    return _fleet_last("loss", range_seconds, now, split)
+
+
+def fleet_state(range_seconds: float, now: float | None = None, split: float | None = None) -> str | dict[str, str]:
+    """Last state of every job process in the range: one expression (raw only), or the parts recent,
+    recorded and older; a process's recorded states are valued with when they were last seen, so the
+    highest is its newest."""
+    if split is None:
+        return f"last_over_time({RAW['state']}[{duration(range_seconds)}]) == 1"
+    return {
+        "recent": f"last_over_time({RAW['state']}{over(RECENT_SECONDS, now)}) == 1",
+        "recorded": f"last_over_time({RECORDED['state']}{over(now - split, now)})",
+        "older": f"last_over_time({RAW['state']}{over(split - (now - range_seconds), split)}) == 1",
+    }
+
+
+def fleet_samples(range_seconds: float, now: float | None = None, split: float | None = None) -> str:
+    """Samples processed by every job (max over a resumed job's processes, summed over ranks)."""
+    if split is None:
+        per_process = f"max_over_time({RAW['samples']}[{duration(range_seconds)}])"
+    else:   # every part kept (distinct tags), the max taken over them
+        per_process = union({
+            "recent": f"max_over_time({RAW['samples']}{over(RECENT_SECONDS, now)})",
+            "recorded": f"max_over_time({RECORDED['samples']}{over(now - split, now)})",
+            "older": f"max_over_time({RAW['samples']}{over(split - (now - range_seconds), split)})"})
+    return f"sum by (job_id) (max by (job_id, rank) ({per_process}))"
 
 
 # Resource trends over the summary range (range queries). Each point covers the step before it, so a
@@ -269,8 +372,17 @@ TRENDS = {
     "host_memory_used_bytes": 'sum(avg_over_time(system_memory_usage_bytes{state="used"}[{window}]))',
     "gpu_utilization_ratio": "avg(avg_over_time(hw_gpu_utilization_ratio[{window}]))",
 }
+# The per-job trends from the recorded series, at steps of RECORDED_TREND_MIN_STEP_SECONDS or more: a process
+# counts as running at a point when a recording in the step saw "running" as its last state (up to one rule
+# window after its last raw sample), and throughput is the rate of the per-minute recorded sample counts.
+RECORDED_TRENDS = {
+    "running_jobs": f'count(max_over_time({RECORDED["state"]}{{state="running"}}[{{window}}])) or vector(0)',
+    "samples_per_second": f"sum(rate({RECORDED['samples']}[{{window}}]))",
+}
 
 
-def trend(name: str, step: float) -> str:
-    """A resource-trend expression for range queries at `step`."""
-    return TRENDS[name].replace("{window}", duration(max(PEAK_RATE_WINDOW_SECONDS, step)))
+def trend(name: str, step: float, recorded: bool = False) -> str:
+    """A resource-trend expression for range queries at `step` (from the recorded series where asked and
+    available)."""
+    template = RECORDED_TRENDS[name] if recorded and name in RECORDED_TRENDS else TRENDS[name]
+    return template.replace("{window}", duration(max(PEAK_RATE_WINDOW_SECONDS, step)))

@@ -176,14 +176,38 @@ async def _job_analytics(client: PrometheusClient, job_id: str, lookback: float)
     # Cumulative and last values: up to the final scrape after the end (the linger), never past now.
     final_time = min(now, end + q.FINAL_SCRAPE_GRACE_SECONDS) if facts.end is not None else now
     final_window = max(final_time - facts.start, 1e-3)
-    # Separate requests, so Prometheus evaluates them on separate cores; every expression carries its `@`.
+    # Separate requests, so Prometheus evaluates them on separate cores; every expression carries its `@`
+    # (or, for the peak grids, the range query's own start and end).
     *groups, initial_loss = await asyncio.gather(
         query_parts(client, q.job_totals(job_id, final_window, final_time), now),
-        query_parts(client, q.job_rates(job_id, window, end), now),
-        query_parts(client, q.host(window, facts.start, end), now),
+        query_parts(client, {**q.job_rates(job_id, window, end), **q.host(window, facts.start, end)}, now),
+        peaks(client, q.job_peaks(job_id, window), window, end),
+        peaks(client, q.host_peaks(window), window, end),
         first_loss(client, job_id, facts.start, final_window, now))
     results = {name: samples for group in groups for name, samples in group.items()}
     return _assemble(facts, now, results, initial_loss, window=window), facts
+
+
+async def peaks(client: PrometheusClient, expressions: dict[str, str], window: float, end: float) -> dict:
+    """<name>_peak and <name>_peak_at for each label-free expression: its maximum over the peak grid of
+    (end - window, end] and the first grid time that reached it, from one range query of all of them."""
+    start, last, step = q.peak_grid(window, end)
+    grouped: dict[str, list] = {name: [] for name in expressions}
+    for series in await client.query_range(q.union(expressions), start, last, step):
+        name = series["metric"].get(q.PART_LABEL)
+        if name in grouped:
+            grouped[name].extend(series.get("values", []))
+    results = {}
+    for name, points in grouped.items():
+        values = [(float(t), _number(v)) for t, v in points]
+        values = [(t, v) for t, v in values if v is not None and not math.isnan(v)]
+        results[f"{name}_peak"], results[f"{name}_peak_at"] = [], []
+        if values:
+            peak = max(v for _, v in values)
+            when = min(t for t, v in values if v >= peak)
+            results[f"{name}_peak"] = [{"metric": {}, "value": [end, repr(peak)]}]
+            results[f"{name}_peak_at"] = [{"metric": {}, "value": [end, repr(when)]}]
+    return results
 
 
 def _final_loss(facts: JobFacts, result: list[dict]) -> float | None:
@@ -331,12 +355,28 @@ async def cached_job_analytics(client: PrometheusClient, cache: AnalyticsCache, 
 
 # ----- the fleet ----------------------------------------------------------------------------------------
 
-async def fleet(client: PrometheusClient, range_seconds: float, now: float) -> list[dict]:
-    """One row per job seen in the last range_seconds: metadata, status, times, samples, throughput."""
+async def recorded_split(client: PrometheusClient, range_seconds: float, now: float,
+                         enabled: bool = True) -> float | None:
+    """Where the fleet's recorded part begins (queries.recorded_split); None: raw series only."""
+    if not enabled:
+        return None
+    gap = scalar(await client.query(q.recorded_gap(range_seconds, now), now))
+    return q.recorded_split(range_seconds, now, gap)
+
+
+async def fleet(client: PrometheusClient, range_seconds: float, now: float, split: float | None = None) -> list[dict]:
+    """One row per job seen in the last range_seconds: metadata, status, times, samples, throughput.
+
+    split (recorded_split): read the recorded per-process series there, raw ones before and after it."""
+    state_expr = q.fleet_state(range_seconds, now, split)
+    state_parts = state_expr if isinstance(state_expr, dict) else {"raw": state_expr}
     starts, ends, states, infos, samples, losses = await asyncio.gather(
-        *(client.query(expr, now) for expr in (
-            q.fleet_start(range_seconds), q.fleet_end(range_seconds), q.fleet_state(range_seconds),
-            q.fleet_info(range_seconds), q.fleet_samples(range_seconds), q.fleet_loss(range_seconds))))
+        client.query(q.fleet_start(range_seconds, now, split), now),
+        client.query(q.fleet_end(range_seconds, now, split), now),
+        query_parts(client, state_parts, now),
+        client.query(q.fleet_info(range_seconds, now, split), now),
+        client.query(q.fleet_samples(range_seconds, now, split), now),
+        client.query(q.fleet_loss(range_seconds, now, split), now))
     processes: dict[tuple[str, str], Process] = {}
 
     def process(labels: dict) -> Process:
@@ -347,8 +387,16 @@ async def fleet(client: PrometheusClient, range_seconds: float, now: float) -> l
         process(labels).start = value
     for labels, value in rows(ends):
         process(labels).end = value
-    for labels, _ in rows(states):
-        process(labels).state = labels.get("state")
+    # A process's state: the raw recent one, else its recorded state seen last, else the raw older one.
+    chosen: dict[tuple[str, str], tuple[int, float, str | None]] = {}
+    for rank, part in enumerate(("raw", "recent", "recorded", "older")):
+        for labels, value in rows(states.get(part, [])):
+            key = (labels.get("job_id", ""), labels.get("instance", ""))
+            best = chosen.get(key)
+            if best is None or (best[0] == rank and (value or 0.0) >= best[1]):
+                chosen[key] = (rank, value or 0.0, labels.get("state"))
+    for (job_id, instance), (_, _, state) in chosen.items():
+        process({"job_id": job_id, "instance": instance}).state = state
     info_by_job = {labels.get("job_id"): labels for labels, _ in rows(infos)}
     samples_by_job = {labels.get("job_id"): value for labels, value in rows(samples)}
     loss_by_process = {(labels.get("job_id"), labels.get("instance")): value for labels, value in rows(losses)
@@ -396,14 +444,21 @@ def filter_jobs(table: list[dict], status: str | None, owner: str | None, since:
     return kept
 
 
-async def summary(client: PrometheusClient, range_seconds: float, step: float, owner: str | None = None) -> dict:
+async def summary(client: PrometheusClient, range_seconds: float, step: float, owner: str | None = None,
+                  recorded: bool = True) -> dict:
     """The fleet summary over the last range_seconds (one owner's jobs when given), with the hosts'
-    resource trends at `step` resolution."""
+    resource trends at `step` resolution. recorded: read the analytics recording rules' series where they
+    cover the range."""
     now = time.time()
+    split = await recorded_split(client, range_seconds, now, recorded)
+    # Trends from recorded series only where they cover the whole range and each point spans several.
+    recorded_trends = (split is not None and split <= now - range_seconds + q.RULE_WINDOW_SECONDS
+                       and step >= q.RECORDED_TREND_MIN_STEP_SECONDS)
     trend_names = list(q.TRENDS)
     table, *trend_results = await asyncio.gather(
-        fleet(client, range_seconds, now),
-        *(client.query_range(q.trend(name, step), now - range_seconds, now, step) for name in trend_names))
+        fleet(client, range_seconds, now, split),
+        *(client.query_range(q.trend(name, step, recorded_trends), now - range_seconds, now, step)
+          for name in trend_names))
     if owner is not None:
         table = [row for row in table if row["owner"] == owner]
     by_status = {status: 0 for status in STATUSES}

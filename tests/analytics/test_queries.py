@@ -1,8 +1,10 @@
 """PromQL construction: the one quoting function, the allowlist before it, windows and steps."""
 
 import re
+from pathlib import Path
 
 import pytest
+import yaml
 
 from analytics import queries as q
 
@@ -83,3 +85,52 @@ def test_every_part_name_is_a_plain_identifier():
 def test_trend_windows_follow_the_step():
     assert "[1000ms]" in q.trend("samples_per_second", 0.25)
     assert "[15000ms]" in q.trend("host_cpu_utilization_ratio", 15)
+
+
+def test_peak_grid_lands_on_the_subquery_grid():
+    # grid(3600, T): step 3600 ms, points at multiples of it in [T - 3600 s, T]
+    start, end, step = q.peak_grid(3600, 1700000000.5)
+    assert step == "3600ms"
+    assert start == pytest.approx(1699996400.8) and end == pytest.approx(1700000000.4)
+    assert round(start * 1000) % 3600 == 0 and round(end * 1000) % 3600 == 0
+    # an aligned window keeps both ends; a short one steps at the scrape interval
+    assert q.peak_grid(36, 36.0) == (0.0, 36.0, "250ms")
+    assert q.peak_grid(0.1, 1.0) == (1.0, 1.0, "250ms")
+
+
+def test_peak_expressions_are_label_free_and_id_safe():
+    for expressions in (q.job_peaks("run-1", 60), q.host_peaks(60)):
+        for expr in expressions.values():
+            assert expr.startswith(("sum(", "max(")), expr     # one series per expression
+    with pytest.raises(ValueError):
+        q.job_peaks('x"}', 60)
+
+
+def test_recorded_split():
+    now, day = 1_000_000.0, 86400.0
+    assert q.recorded_split(day, now, None) == now - day + q.RULE_WINDOW_SECONDS     # rules ran throughout
+    assert q.recorded_split(day, now, now - 3600) == now - 3600                      # since the last gap
+    assert q.recorded_split(day, now, now - 60) is None                              # recent gap / no rules
+    assert q.recorded_split(q.RECENT_SECONDS, now, None) is None                     # range too short
+
+
+def test_fleet_reads_raw_series_only_without_a_split():
+    assert q.fleet_start(3600) == "last_over_time(trainer_job_start_timestamp_seconds[3600000ms])"
+    assert q.fleet_state(3600) == "last_over_time(trainer_job_state[3600000ms]) == 1"
+    assert q.RECORDED["start"] not in q.fleet_start(3600, 1e6, None)
+    split_parts = q.fleet_start(86400, 1e6, 1e6 - 80000)
+    assert q.RECORDED["start"] in split_parts and "@ 920000.000" in split_parts
+    assert set(q.fleet_state(86400, 1e6, 1e6 - 80000)) == {"recent", "recorded", "older"}
+    assert q.trend("running_jobs", 600, recorded=True).startswith(f"count(max_over_time({q.RECORDED['state']}")
+    assert q.trend("host_cpu_utilization_ratio", 600, recorded=True) == q.trend("host_cpu_utilization_ratio", 600)
+
+
+def test_recorded_names_and_windows_match_the_rules_file():
+    rules_file = Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "rules" / "analytics.rules.yml"
+    (group,) = yaml.safe_load(rules_file.read_text())["groups"]
+    assert group["interval"] == f"{q.RULE_INTERVAL_SECONDS / 60:g}m"
+    records = {rule["record"]: rule["expr"] for rule in group["rules"]}
+    assert set(records) == {q.HEARTBEAT, *q.RECORDED.values()}
+    window = f"[{q.RULE_WINDOW_SECONDS / 60:g}m]"
+    for part, name in q.RECORDED.items():
+        assert f"{q.RAW[part]}{window}" in records[name], name

@@ -1,0 +1,168 @@
+"""The fleet read from the analytics recording rules' series equals the fleet read from raw series.
+
+History is backfilled with promtool (raw samples, then deploy/prometheus/rules/analytics.rules.yml over them
+from 100 minutes ago only), so one range is covered by the recorded series throughout and a longer one has a
+gap at its start that the raw older part must fill."""
+
+import asyncio
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from analytics import queries as q
+from analytics import reports
+from analytics.prometheus import PrometheusClient
+from trainmetrics.prometheus_process import PrometheusServer, find_binary
+
+pytestmark = pytest.mark.slow
+
+RULES = Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "rules" / "analytics.rules.yml"
+STATES = ("queued", "running", "paused", "completed", "failed", "cancelled")
+RULES_SINCE = 100 * 60
+
+
+def process_lines(job_id: str, instance: str, start: float, end: float, final: str | None, owner: str,
+                  rank: str = "0", samples_from: int = 0) -> list[str]:
+    """One process's series at 10 s: final None = killed (no end timestamp, its last state running)."""
+    base = f'job_id="{job_id}",instance="{instance}",job="trainer",rank="{rank}"'
+    times = [start + i * 10.0 for i in range(int((end - start) / 10) + 1)]
+    lines = []
+    for t in times:
+        progress = t - start
+        last = final is not None and t == times[-1]
+        lines += [f'trainer_job_info{{{base},job_name="{job_id}",model="mlp",dataset="blobs",owner="{owner}",'
+                  f'device="cpu"}} 1 {t:.3f}',
+                  f"trainer_job_start_timestamp_seconds{{{base}}} {start:.3f} {t:.3f}",
+                  f"trainer_samples_total{{{base}}} {samples_from + int(50 * progress)} {t:.3f}",
+                  f"trainer_loss{{{base}}} {2.0 / (1 + progress / 60):.6f} {t:.3f}"]
+        lines += [f'trainer_job_state{{{base},state="{state}"}} '
+                  f'{int(state == (final if last else "running"))} {t:.3f}' for state in STATES]
+        if last:
+            lines.append(f"trainer_job_end_timestamp_seconds{{{base}}} {end:.3f} {t:.3f}")
+    return lines
+
+
+def history(now: float) -> str:
+    lines = []
+    for index in range(24):     # one job starting every 7.5 minutes over the last 3 hours
+        start = now - 3 * 3600 + index * 450 + 3
+        final = ("completed", "failed", "cancelled", None)[index % 4]
+        lines += process_lines(f"job-{index:02d}", f"h:{index}", start, start + 300 + 20 * index, final,
+                               ("alice", "bob")[index % 2])
+    # Resumed: a cancelled process, then one on another instance that continues the count and completes.
+    lines += process_lines("resumed", "h:100", now - 5400, now - 4800, "cancelled", "carol")
+    lines += process_lines("resumed", "h:101", now - 4500, now - 3900, "completed", "carol", samples_from=30000)
+    # Two ranks.
+    for rank in ("0", "1"):
+        lines += process_lines("ranks", f"h:20{rank}", now - 2400, now - 1800, "completed", "alice", rank=rank)
+    # Samples on both sides of the start of a 1-hour range read 11 minutes after `now`.
+    lines += process_lines("straddle", "h:300", now + 660 - 3700, now + 660 - 3500, "completed", "bob")
+    by_series: dict[str, list[str]] = {}
+    for line in lines:
+        by_series.setdefault(line.rsplit(" ", 2)[0], []).append(line)
+    return "\n".join(line for series in by_series.values() for line in series) + "\n# EOF\n"
+
+
+@pytest.fixture(scope="module")
+def backfilled(tmp_path_factory):
+    work = tmp_path_factory.mktemp("recorded")
+    now = time.time() - 660     # the history ends 11 minutes before the fixture starts the service
+    (work / "history.om").write_text(history(now))
+    promtool = find_binary("promtool")
+    subprocess.run([promtool, "tsdb", "create-blocks-from", "openmetrics", str(work / "history.om"),
+                    str(work / "blocks")], check=True, capture_output=True)
+    prometheus = PrometheusServer(work / "prometheus", rule_files=[])
+    prometheus.data_dir.mkdir(parents=True)
+    for block in (work / "blocks").iterdir():
+        shutil.move(str(block), prometheus.data_dir / block.name)
+    prometheus.start(timeout=60)
+    try:
+        subprocess.run([promtool, "tsdb", "create-blocks-from", "rules", "--url", prometheus.url,
+                        "--start", f"{now - RULES_SINCE:.0f}", "--end", f"{time.time():.0f}",
+                        "--output-dir", str(work / "rule-blocks"), str(RULES)], check=True, capture_output=True)
+    finally:
+        prometheus.stop()
+    for block in (work / "rule-blocks").iterdir():
+        shutil.move(str(block), prometheus.data_dir / block.name)
+    # No live rule evaluation: the recorded series end with the backfill, and the recent raw part after it.
+    prometheus.start(timeout=60)
+    try:
+        yield prometheus
+    finally:
+        prometheus.stop()
+
+
+def both_ways(prometheus: PrometheusServer, range_seconds: float):
+    async def run():
+        client = PrometheusClient(prometheus.url)
+        try:
+            now = time.time()
+            split = await reports.recorded_split(client, range_seconds, now)
+            recorded = await reports.fleet(client, range_seconds, now, split)
+            raw = await reports.fleet(client, range_seconds, now, None)
+            return now, split, recorded, raw
+        finally:
+            await client.aclose()
+
+    return asyncio.run(run())
+
+
+def test_a_covered_range_reads_recorded_series_and_agrees_with_raw(backfilled):
+    now, split, recorded, raw = both_ways(backfilled, 3600)
+    assert split == pytest.approx(now - 3600 + q.RULE_WINDOW_SECONDS, abs=1e-3)    # covered throughout
+    assert recorded == raw
+    by_id = {row["job_id"]: row for row in raw}
+    assert "straddle" in by_id and "resumed" not in by_id and len(raw) >= 8
+    assert by_id["ranks"]["total_samples"] == 2 * 50 * 600 and by_id["ranks"]["status"] == "completed"
+
+
+def test_a_range_reaching_before_the_rules_reads_raw_series_there(backfilled):
+    now, split, recorded, raw = both_ways(backfilled, 3 * 3600)
+    # The last minute without a heartbeat: the one before the backfill's first evaluation (seconds of test
+    # time later than the history's `now`).
+    assert now - 660 - RULES_SINCE - 120 < split < now - 660 - RULES_SINCE + 60
+    assert recorded == raw
+    by_id = {row["job_id"]: row for row in raw}
+    assert len(raw) == 23 + 3      # job-00 ended before the range
+    assert by_id["resumed"]["status"] == "completed" and by_id["resumed"]["total_samples"] == 30000 + 50 * 600
+    assert by_id["job-03"]["status"] == "running" and by_id["job-03"]["end_time"] is None     # killed
+    assert {row["status"] for row in raw} >= {"completed", "failed", "cancelled", "running"}
+
+
+def test_summary_agrees_apart_from_its_trends(backfilled):
+    async def run():
+        client = PrometheusClient(backfilled.url)
+        try:
+            return [await reports.summary(client, 3 * 3600, 600, recorded=recorded) for recorded in (True, False)]
+        finally:
+            await client.aclose()
+
+    recorded, raw = asyncio.run(run())
+    for body in (recorded, raw):
+        del body["evaluated_at"]
+        trends = body.pop("resource_trends")["series"]
+        assert trends["running_jobs"]["peak"] >= 1 and trends["samples_per_second"]["peak"] > 0
+    # Killed jobs count as running: their durations grow between the two calls.
+    for moving in ("total_training_seconds", "average_throughput_samples_per_sec"):
+        assert recorded.pop(moving) == pytest.approx(raw.pop(moving), rel=1e-3)
+    assert recorded == raw
+
+
+def test_trends_from_recorded_series_approximate_the_raw_ones(backfilled):
+    async def run():
+        client = PrometheusClient(backfilled.url)
+        try:
+            return [(await reports.summary(client, 3600, 300, recorded=recorded))["resource_trends"]["series"]
+                    for recorded in (True, False)]
+        finally:
+            await client.aclose()
+
+    recorded, raw = asyncio.run(run())
+    # Recorded: a process stays "running" up to a rule window after its last sample, and throughput is the
+    # rate of per-minute recordings: close to the raw trends, not equal.
+    assert recorded["running_jobs"]["peak"] == pytest.approx(raw["running_jobs"]["peak"], abs=2)
+    assert recorded["samples_per_second"]["average"] == pytest.approx(raw["samples_per_second"]["average"], rel=0.25)
+    assert recorded["samples_per_second"]["points"] != raw["samples_per_second"]["points"]    # really recorded
