@@ -47,6 +47,8 @@ def parse_duration(parameter: str, text: str) -> float:
     """'90s', '15m', '24h', '7d', '1h30m' or plain seconds -> seconds in (0, 90 d]; BadParameter otherwise."""
     text = text.strip()
     seconds = None
+    if not text.isascii():     # float() and \d would read other scripts' digits: the syntax is ASCII only
+        raise BadParameter(parameter, f"expected a duration like 30m, 24h or 7d (at most 90d), got {text[:80]!r}")
     try:
         seconds = float(text)
     except ValueError:
@@ -60,6 +62,8 @@ def parse_duration(parameter: str, text: str) -> float:
 
 def parse_time(parameter: str, text: str) -> float:
     """Unix seconds or an ISO 8601 time with a zone -> unix seconds; BadParameter otherwise."""
+    if not text.isascii():
+        raise BadParameter(parameter, f"expected unix seconds or an ISO 8601 time, got {text[:80]!r}")
     try:
         value = float(text)
     except ValueError:

@@ -132,17 +132,11 @@ def test_server_answers_json_for_a_job_id_with_a_newline(stack, json_error, requ
     json_error(httpx.get(f"{stack.server_url}/api/training/a%0Ab/analytics"), 400)
 
 
-UNICODE_DIGITS = pytest.mark.xfail(
-    strict=True, reason="bug: summary range/step accept non-ASCII digits: range=\u0661\u0662\u0663 (Arabic-Indic "
-                        "123) answers 200 with range_seconds 123.0 instead of 400")
-
 
 @pytest.mark.parametrize("name", HOSTILE)
 @pytest.mark.parametrize("service", ["analytics", "server"])
 def test_summary_and_job_list_parameters(stack, proxy, json_error, request, service, name):
     value = HOSTILE[name]
-    if name == "arabic digit":
-        request.applymarker(UNICODE_DIGITS)
     base = stack.analytics_url if service == "analytics" else stack.server_url
     with httpx.Client(base_url=base, timeout=30) as client:
         for parameter in ("range", "step"):
