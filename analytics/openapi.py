@@ -1,6 +1,7 @@
 """The OpenAPI 3.1 document of the analytics service: every route, parameter, response and schema."""
 
 from analytics import scoring
+from trainmetrics.names import JOB_ID_PATTERN
 
 NUMBER_OR_NULL = {"type": ["number", "null"]}
 STRING_OR_NULL = {"type": ["string", "null"]}
@@ -134,7 +135,8 @@ def openapi_document() -> dict:
         "paths": {
             "/api/training/{job_id}/analytics": {"get": {
                 "summary": "Analytics of one job over its own start..end window",
-                "parameters": [_param("job_id", "path", "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", required=True)],
+                "parameters": [_param("job_id", "path", "the job's id",
+                                      {"type": "string", "pattern": JOB_ID_PATTERN.pattern}, required=True)],
                 "responses": {"200": _ok("JobAnalytics"), "400": bad, "404": _error("No such job in Prometheus"),
                               **PROMETHEUS_ERRORS}}},
             "/api/training/analytics/summary": {"get": {

@@ -224,3 +224,20 @@ def test_a_starting_prometheus_is_503_until_ready(tmp_path):
             starter.join()
             server.stop()
     assert answers[-1] == 200 and 503 in answers
+
+
+@pytest.mark.slow
+def test_a_prometheus_killed_mid_request_is_503(prometheus):
+    with serve(Settings(prometheus_url=prometheus.url, prometheus_deadline=5.0, service_deadline=8.0)) as client:
+        assert client.get("/healthz").status_code == 200
+        os.kill(prometheus.process.pid, signal.SIGSTOP)        # the request connects, then waits ...
+        answers = []
+        request = threading.Thread(target=lambda: answers.append(client.get("/api/training/run-1/analytics")))
+        request.start()
+        time.sleep(0.5)
+        os.kill(prometheus.process.pid, signal.SIGKILL)        # ... and its connection dies under it
+        request.join(timeout=10)
+        prometheus.process.wait(timeout=10)
+    assert answers, "no answer"
+    assert_error(answers[0], 503, "prometheus_unavailable")
+    assert int(answers[0].headers["retry-after"]) > 0
