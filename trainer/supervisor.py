@@ -228,13 +228,17 @@ def _trainer_processes(pid: int, job_id: str) -> list[psutil.Process]:
     return found
 
 
+def _newest_lines_first(log_path: Path) -> list[str]:
+    """The job log's lines, newest first (none when it cannot be read)."""
+    try:
+        return log_path.read_text(errors="replace").splitlines()[::-1]
+    except OSError:
+        return []
+
+
 def _summary(log_path: Path) -> dict | None:
     """The trainer's closing `summary {...}` line (rank 0's in a multi-process job), if it wrote one."""
-    try:
-        lines = log_path.read_text(errors="replace").splitlines()
-    except OSError:
-        return None
-    for line in reversed(lines):
+    for line in _newest_lines_first(log_path):
         if line.startswith("summary "):
             try:
                 summary = json.loads(line[len("summary "):])
@@ -247,11 +251,7 @@ def _summary(log_path: Path) -> dict | None:
 
 def _last_error(log_path: Path) -> str | None:
     """The trainer's one-line error: 'job X failed: Class: message' or 'trainmetrics train: error: ...'."""
-    try:
-        lines = log_path.read_text(errors="replace").splitlines()
-    except OSError:
-        return None
-    for line in reversed(lines):
+    for line in _newest_lines_first(log_path):
         for marker in (" failed: ", "trainmetrics train: error: "):
             if marker in line:
                 return line.split(marker, 1)[1][:500]
