@@ -40,6 +40,7 @@ class TrainConfig:
     linger_timeout: float = 15.0
     upload_seconds: float | None = None
     peak_flops: float | None = None
+    web_config_file: Path | None = None
     progress: bool = False
 
     def check(self) -> None:
@@ -116,6 +117,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                            help="dataset upload time to publish (the job server sets it; default: the load time)")
     telemetry.add_argument("--peak-flops", type=float, default=None,
                            help="device peak FLOP/s for MFU (default: known GPUs only)")
+    telemetry.add_argument("--web.config.file", dest="web_config_file", type=Path, default=None,
+                           help="TLS and basic auth for /metrics, in Prometheus exporter-toolkit's web-config "
+                                "format (the file_sd target then says https)")
     parser.add_argument("--progress", action="store_true", help="progress bar on a terminal (log lines otherwise)")
 
 

@@ -13,7 +13,7 @@ def announced_host(listen_host: str) -> str:
     return listen_host
 
 
-def write_target_file(targets_dir: Path, file_stem: str, address: str) -> Path:
+def write_target_file(targets_dir: Path, file_stem: str, address: str, scheme: str = "http") -> Path:
     """Write `<targets_dir>/<file_stem>.json` atomically; the temp name does not match `*.json`."""
     targets_dir = Path(targets_dir)
     targets_dir.mkdir(parents=True, exist_ok=True)
@@ -21,7 +21,8 @@ def write_target_file(targets_dir: Path, file_stem: str, address: str) -> Path:
     tmp = targets_dir / f".{file_stem}.json.tmp"
     # No job_id target label: the series carry job_id themselves, and a target label of the same name
     # would turn theirs into exported_job_id.
-    tmp.write_text(json.dumps([{"targets": [address], "labels": {}}]))
+    labels = {"__scheme__": scheme} if scheme != "http" else {}     # TLS: Prometheus scrapes over https
+    tmp.write_text(json.dumps([{"targets": [address], "labels": labels}]))
     os.replace(tmp, path)
     return path
 

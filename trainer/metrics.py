@@ -30,6 +30,7 @@ from trainer.discovery import announced_host, remove_quietly, write_target_file
 from trainer.telemetry import MetricsServer, build_meter_provider
 from trainmetrics.jobmap import JobMapping, write_job_mapping
 from trainmetrics.names import parse_listen, validate_job_id
+from trainmetrics.webconfig import WebConfig
 
 log = logging.getLogger("trainmetrics.trainer")
 
@@ -56,7 +57,8 @@ class JobMetrics:
                  job_dir: Path | None = None, gpus: Iterable[int] = (), upload_seconds: float | None = None,
                  log_every: int = 50, flops_per_sample: float | None = None, peak_flops: float | None = None,
                  linger_timeout: float = 15.0, on_log: Callable[[IntervalStats], None] | None = None,
-                 start_steps: int = 0, start_samples: int = 0, publish_job_state: bool = True):
+                 start_steps: int = 0, start_samples: int = 0, publish_job_state: bool = True,
+                 web_config: WebConfig | None = None):
         self.job_id = validate_job_id(job_id)
         self.rank = rank
         self.log_every = max(1, int(log_every))
@@ -102,10 +104,11 @@ class JobMetrics:
         try:
             if listen is not None:
                 host, port = parse_listen(listen)
-                self._server = MetricsServer(self.registry, host, port)
+                self._server = MetricsServer(self.registry, host, port, web_config)
                 if targets_dir is not None:
                     address = f"{announced_host(host)}:{self._server.port}"
-                    self._target_file = write_target_file(Path(targets_dir), self._file_stem(), address)
+                    scheme = "https" if web_config is not None and web_config.ssl_context else "http"
+                    self._target_file = write_target_file(Path(targets_dir), self._file_stem(), address, scheme)
             if job_dir is not None:
                 mapping = JobMapping(job_id=self.job_id, pid=os.getpid(), gpus=list(gpus), rank=rank,
                                      started=time.time())

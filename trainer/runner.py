@@ -26,6 +26,7 @@ from trainer.jobstore import STOP_VERBS
 from trainer.metrics import IntervalStats, JobMetrics
 from trainer.models import ModelError, build_model, device_peak_flops
 from trainmetrics.names import validate_job_id
+from trainmetrics.webconfig import load_web_config
 
 EXIT_COMPLETED, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_PAUSED = 0, 1, 2, 3, 4
 EXIT_CODES = {"completed": EXIT_COMPLETED, "cancelled": EXIT_CANCELLED, "paused": EXIT_PAUSED}
@@ -256,6 +257,7 @@ def prepare(config: TrainConfig):
     """Validate everything that can be checked before any file is written; raises BadInput."""
     try:
         config.check()
+        load_web_config(config.web_config_file)
         validate_job_id(config.job_id)
         device = resolve_device(config.device)
         began = time.monotonic()
@@ -305,7 +307,8 @@ def run_job(config: TrainConfig) -> int:
             peak_flops=config.peak_flops or device_peak_flops(device), linger_timeout=config.linger_timeout,
             on_log=progress, start_steps=int(resume_state["step"]) if resume_state else 0,
             start_samples=int(resume_state["samples"]) if resume_state else 0,   # per rank, as all ranks are equal
-            rank=ranks.rank, world_size=ranks.world_size, publish_job_state=ranks.is_main)
+            rank=ranks.rank, world_size=ranks.world_size, publish_job_state=ranks.is_main,
+            web_config=load_web_config(config.web_config_file))
     except (OSError, ValueError) as error:
         if created_dir is not None:
             shutil.rmtree(created_dir, ignore_errors=True)

@@ -19,6 +19,7 @@ from opentelemetry.sdk.resources import Resource
 from prometheus_client import CollectorRegistry, make_wsgi_app
 
 from trainer import instruments
+from trainmetrics.webconfig import WebConfig
 
 log = logging.getLogger("trainmetrics.trainer")
 
@@ -87,13 +88,17 @@ class MetricsServer:
     a short job's end reaches Prometheus (see JobMetrics.close).
     """
 
-    def __init__(self, registry: CollectorRegistry, host: str, port: int):
+    def __init__(self, registry: CollectorRegistry, host: str, port: int, web_config: WebConfig | None = None):
         self._app = make_wsgi_app(registry)
-        self._scrape_started: list[float] = []
         self._scraped = threading.Condition()
         self.last_scrape_started = float("-inf")
+        self.web_config = web_config or WebConfig()
         self._server = make_server(host, port, self._track_scrapes, server_class=_ThreadingWSGIServer,
                                    handler_class=_QuietHandler)
+        if self.web_config.ssl_context is not None:
+            # The handshake runs on the first read, in the request's thread, not in the accept loop.
+            self._server.socket = self.web_config.ssl_context.wrap_socket(
+                self._server.socket, server_side=True, do_handshake_on_connect=False)
         self.host = host
         self.port = self._server.server_port
         self._thread = threading.Thread(target=self._server.serve_forever, name="trainmetrics-metrics",
@@ -101,6 +106,10 @@ class MetricsServer:
         self._thread.start()
 
     def _track_scrapes(self, environ, start_response):
+        if not self.web_config.authorized(environ.get("HTTP_AUTHORIZATION")):
+            start_response("401 Unauthorized", [("WWW-Authenticate", 'Basic realm="trainmetrics"'),
+                                                ("Content-Type", "text/plain; charset=utf-8")])
+            return [b"basic authentication required\n"]
         began = time.monotonic()
         body = self._app(environ, start_response)
         if environ.get("PATH_INFO", "/") in ("/", "/metrics"):

@@ -43,6 +43,8 @@ BAD_INPUTS = {
     "unwritable checkpoint dir": (lambda t: (bad_csv(t, "file", "x"), ["--checkpoint-dir", str(t / "file" / "ck")])[1],
                                   "is not writable"),
     "bad listen address": (lambda t: ["--metrics-listen", "127.0.0.1:99999"], "invalid listen address"),
+    "bad web config": (lambda t: (bad_csv(t, "web.yml", "tls_config: {}\n"), ["--web.config.file", str(t / "web.yml")])[1],
+                       "unknown key(s) ['tls_config']"),
 }
 
 

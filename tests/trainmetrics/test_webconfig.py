@@ -147,3 +147,26 @@ def test_bad_web_configs_are_named(text, message, tmp_path):
     result = subprocess.run([sys.executable, "-m", "trainmetrics", "exporter", "--web.config.file", str(config),
                              "--listen", f"127.0.0.1:{free_port()}"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_job_serves_its_metrics_over_tls_with_basic_auth_and_announces_https(pki, tmp_path):
+    from trainer.metrics import JobMetrics
+
+    hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=4)).decode()
+    config = tmp_path / "web.yml"
+    config.write_text(f"tls_server_config:\n  cert_file: {pki / 'server.crt'}\n  key_file: {pki / 'server.key'}\n"
+                      f"basic_auth_users:\n  prometheus: '{hashed}'\n")
+    metrics = JobMetrics("tls-job-1", targets_dir=tmp_path / "targets", web_config=load_web_config(config),
+                         linger_timeout=0)
+    try:
+        url = f"https://127.0.0.1:{metrics.metrics_port}/metrics"
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            get(url, context(pki))
+        assert refused.value.code == 401
+        refused.value.close()
+        with get(url, context(pki), "prometheus") as response:
+            assert b'trainer_job_state{job_id="tls-job-1",state="queued"} 1.0' in response.read()
+        target = (tmp_path / "targets" / "tls-job-1.rank0.json").read_text()
+        assert '"__scheme__": "https"' in target
+    finally:
+        metrics.close()
