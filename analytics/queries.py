@@ -188,6 +188,10 @@ def peak_grid(seconds: float, at: float) -> tuple[float, float, str]:
     first_ms = end_ms - max(1, math.ceil(seconds * 1000))
     first_ms = -(-first_ms // step_ms) * step_ms
     last_ms = first_ms + (end_ms - first_ms) // step_ms * step_ms
+    if first_ms > end_ms:
+        # A window shorter than a step can hold no grid point (a sub-second job): take the one point at
+        # or before its end, rather than a range whose end precedes its start (Prometheus' 400).
+        first_ms = last_ms = end_ms // step_ms * step_ms
     return first_ms / 1000, last_ms / 1000, f"{step_ms}ms"
 
 

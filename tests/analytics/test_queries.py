@@ -96,6 +96,13 @@ def test_peak_grid_lands_on_the_subquery_grid():
     # an aligned window keeps both ends; a short one steps at the scrape interval
     assert q.peak_grid(36, 36.0) == (0.0, 36.0, "250ms")
     assert q.peak_grid(0.1, 1.0) == (1.0, 1.0, "250ms")
+    # a window shorter than a step that holds no grid point: the point at or before the end, never a range
+    # ending before it starts (make test once caught a sub-second window doing that: Prometheus said 400)
+    assert q.peak_grid(0.06, 1795402000.695542) == (1795402000.5, 1795402000.5, "250ms")
+    for window in (0.01, 0.05, 0.1, 0.2, 0.24):
+        for offset in range(0, 1000, 7):
+            start, end, _ = q.peak_grid(window, 1795402000 + offset / 1000)
+            assert start <= end <= 1795402000 + offset / 1000
 
 
 def test_peak_expressions_are_label_free_and_id_safe():
