@@ -266,10 +266,7 @@ class MetricsServer(ThreadingHTTPServer):
         self.exporter = exporter
         self.web_config = web_config or WebConfig()
         super().__init__(address, SnapshotHandler)
-        if self.web_config.ssl_context is not None:
-            # The handshake runs on the first read, in the request's own thread, not in the accept loop.
-            self.socket = self.web_config.ssl_context.wrap_socket(self.socket, server_side=True,
-                                                                  do_handshake_on_connect=False)
+        self.web_config.secure(self)
 
     def serve_in_background(self, poll_interval: float = 0.5) -> threading.Thread:
         """Serve until shutdown() from a daemon thread (shutdown() takes up to poll_interval)."""

@@ -95,10 +95,7 @@ class MetricsServer:
         self.web_config = web_config or WebConfig()
         self._server = make_server(host, port, self._track_scrapes, server_class=_ThreadingWSGIServer,
                                    handler_class=_QuietHandler)
-        if self.web_config.ssl_context is not None:
-            # The handshake runs on the first read, in the request's thread, not in the accept loop.
-            self._server.socket = self.web_config.ssl_context.wrap_socket(
-                self._server.socket, server_side=True, do_handshake_on_connect=False)
+        self.web_config.secure(self._server)
         self.host = host
         self.port = self._server.server_port
         self._thread = threading.Thread(target=self._server.serve_forever, name="trainmetrics-metrics",

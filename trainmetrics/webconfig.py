@@ -41,6 +41,13 @@ class WebConfig:
     _verified: set = field(default_factory=set, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
+    def secure(self, server) -> None:
+        """Put a threaded socketserver's listening socket under TLS when configured. The handshake runs
+        on the first read, in the request's own thread, not in the accept loop."""
+        if self.ssl_context is not None:
+            server.socket = self.ssl_context.wrap_socket(server.socket, server_side=True,
+                                                         do_handshake_on_connect=False)
+
     def authorized(self, header: str | None) -> bool:
         """True when no users are configured, or the Authorization header carries a known user's password.
 
