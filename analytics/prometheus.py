@@ -4,6 +4,7 @@ own, bounded concurrency, and one error type for everything that can go wrong on
 import asyncio
 import logging
 import time
+from urllib.parse import urlencode
 
 import httpx
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -52,6 +53,8 @@ class PrometheusClient:
         self._http = httpx.AsyncClient(
             base_url=self.base_url, transport=transport,
             timeout=httpx.Timeout(deadline, connect=min(deadline, 2.0)),
+            # Uncompressed: on the loopback or a LAN, gzip costs both sides more CPU than it saves in time.
+            headers={"accept-encoding": "identity"},
             limits=httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency))
         self._metrics = metrics if metrics is not None else ClientMetrics(CollectorRegistry())
 
@@ -91,7 +94,13 @@ class PrometheusClient:
         try:
             async with asyncio.timeout(self.deadline):
                 async with self._semaphore:
-                    response = await self._http.get(path, params=params)
+                    if params:
+                        # POSTed as a form (the query API takes either): no URL length limit, and urlencode
+                        # quotes a long expression several times faster than httpx's URL builder.
+                        response = await self._http.post(path, content=urlencode(params).encode(), headers={
+                            "content-type": "application/x-www-form-urlencoded"})
+                    else:
+                        response = await self._http.get(path)
             result = self._parse(response, params.get("query"), expect_json)
             outcome = "success"
             return result

@@ -199,12 +199,13 @@ async def peaks(client: PrometheusClient, expressions: dict[str, str], window: f
             grouped[name].extend(series.get("values", []))
     results = {}
     for name, points in grouped.items():
-        values = [(float(t), _number(v)) for t, v in points]
-        values = [(t, v) for t, v in values if v is not None and not math.isnan(v)]
         results[f"{name}_peak"], results[f"{name}_peak_at"] = [], []
-        if values:
-            peak = max(v for _, v in values)
-            when = min(t for t, v in values if v >= peak)
+        # A 1,000-point grid per expression: one float() per value, no per-point tuples.
+        values = [float(v) for _, v in points]
+        finite = [v for v in values if math.isfinite(v)]
+        if finite:
+            peak = max(finite)
+            when = min(float(t) for (t, _), v in zip(points, values) if v == peak)
             results[f"{name}_peak"] = [{"metric": {}, "value": [end, repr(peak)]}]
             results[f"{name}_peak_at"] = [{"metric": {}, "value": [end, repr(when)]}]
     return results

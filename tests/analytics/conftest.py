@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -54,7 +55,14 @@ class CapturingTransport(httpx.MockTransport):
 
     def queries(self) -> list[str]:
         """The PromQL of every query received."""
-        return [request.url.params.get("query", "") for request in self.requests]
+        return [self.params(request).get("query", "") for request in self.requests]
+
+    @staticmethod
+    def params(request: httpx.Request) -> dict[str, str]:
+        """The API parameters of a request: its form body (the client POSTs queries), else its URL."""
+        if request.method == "POST":
+            return dict(urllib.parse.parse_qsl(request.content.decode()))
+        return dict(request.url.params)
 
 
 def empty_vector(request: httpx.Request) -> httpx.Response:
