@@ -147,24 +147,44 @@ def job_lookup_full(job_id: str, lookback: float, now: float) -> dict[str, str]:
 # Cumulative and last values read (start, final] where final is the end plus the linger's final scrape;
 # rates, averages and peaks read (start, end].
 
-def job_totals(job_id: str, window: float, final: float) -> dict[str, str]:
-    """Counters, losses and last values up to the final scrape."""
-    r = over(window, final)
+# How far before a process's final instant its last values are looked for: its linger plus a minute, so a
+# few failed scrapes at the end still leave a sample.
+LAST_VALUES_SECONDS = FINAL_SCRAPE_GRACE_SECONDS + 60.0
+
+
+def job_totals(job_id: str, window: float, final: float, finals: list[float] | None = None) -> dict[str, str]:
+    """Counters, losses and last values up to the final scrape.
+
+    finals: each process's final instant (its end plus the linger, or now while it runs). Counters only grow
+    within a process and the gauges read here keep their last value on every scrape, so the process's last
+    samples say it all: only the minute before each final instant is read, not every sample of the job (a
+    1-hour job at 250 ms is 14,400 per series). Without finals (a process that vanished without an end) the
+    whole window is read. The best loss always reads the whole window: it is a minimum over time.
+    """
+    whole = over(window, final)
 
     def sel(metric: str) -> str:
         return job_selector(metric, job_id)
 
+    def last(function: str, metric: str) -> str:
+        """function(metric[r]) per process, one union over the processes (their instance labels differ)."""
+        if not finals:
+            return f"{function}({sel(metric)}{whole})"
+        return " or ".join(f"{function}({sel(metric)}{over(min(LAST_VALUES_SECONDS, window), at)})"
+                           for at in finals)
+
     return {
         # A resumed job's processes continue the count: max over processes, summed over ranks.
-        "samples": f"sum(max by (rank) (max_over_time({sel('trainer_samples_total')}{r})))",
-        "steps": f"min(max by (rank) (max_over_time({sel('trainer_steps_total')}{r})))",
-        "checkpoints": f"sum(max_over_time({sel('trainer_checkpoints_total')}{r}))",
-        "step_seconds": (f"sum(max_over_time({sel('trainer_step_duration_seconds_sum')}{r})) / "
-                         f"sum(max_over_time({sel('trainer_step_duration_seconds_count')}{r}))"),
-        "loss_last": f"last_over_time({sel('trainer_loss')}{r})",
-        "loss_best": f"min(min_over_time({sel('trainer_loss')}{r}))",
-        "accuracy": f"max(last_over_time({sel('trainer_eval_accuracy_ratio')}{r}))",
-        "gpu_memory_peak": (f"max(max_over_time({sel('trainer_gpu_memory_peak_bytes')}{r})) or "
+        "samples": f"sum(max by (rank) ({last('max_over_time', 'trainer_samples_total')}))",
+        "steps": f"min(max by (rank) ({last('max_over_time', 'trainer_steps_total')}))",
+        "checkpoints": f"sum({last('max_over_time', 'trainer_checkpoints_total')})",
+        "step_seconds": (f"sum({last('max_over_time', 'trainer_step_duration_seconds_sum')}) / "
+                         f"sum({last('max_over_time', 'trainer_step_duration_seconds_count')})"),
+        "loss_last": last("last_over_time", "trainer_loss"),
+        "loss_best": f"min(min_over_time({sel('trainer_loss')}{whole}))",
+        "accuracy": f"max({last('last_over_time', 'trainer_eval_accuracy_ratio')})",
+        # The trainer's gauge is the allocator's running peak; without it, the exporter's view of the job's GPUs.
+        "gpu_memory_peak": (f"max({last('max_over_time', 'trainer_gpu_memory_peak_bytes')}) or "
                             f"max_over_time(max({_job_gpus('hw_gpu_memory_usage_bytes', job_id)}){grid(window, final)})"),
     }
 
@@ -248,7 +268,8 @@ def host(window: float, start: float, end: float) -> dict[str, str]:
         "host_cpu_baseline": f"avg(avg_over_time(system_cpu_utilization_ratio{before}))",
         "host_memory_average": f"sum(avg_over_time({used}{during}))",
         "host_memory_baseline": f"sum(avg_over_time({used}{before}))",
-        "host_memory_limit": f"sum(avg_over_time(system_memory_limit_bytes{during}))",
+        # The limit does not change while a host runs: its last minute will do.
+        "host_memory_limit": f"sum(avg_over_time(system_memory_limit_bytes{over(min(window, 60.0), end)}))",
     }
 
 

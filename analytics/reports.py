@@ -81,6 +81,8 @@ class JobFacts:
     error_type: str | None
     upload_seconds: float | None
     live: bool
+    # Each process's final instant (end plus linger, or now while it runs); None when one is unknown.
+    finals: list[float] | None = None
 
     @property
     def settled(self) -> bool:
@@ -141,6 +143,16 @@ async def find_job(client: PrometheusClient, job_id: str, lookback: float, now: 
     latest = max(processes.values(), key=lambda p: (p.start is not None, p.start or 0.0), default=None)
     status = (latest.state if latest else None) or "unknown"
     known_starts = [p.start for p in processes.values() if p.start is not None]
+    live = bool(scalar(found["live"]))
+    finals = []
+    for proc in processes.values():
+        if proc.end is not None:
+            finals.append(min(now, proc.end + q.FINAL_SCRAPE_GRACE_SECONDS))
+        elif live and proc is latest:
+            finals.append(now)
+        else:   # paused, killed or not yet ended: where its last samples lie is unknown
+            finals = None
+            break
     labels = dict(info[0]) if info else {}
     for internal in ("__name__", "instance", "job", "job_id", "rank"):
         labels.pop(internal, None)
@@ -148,7 +160,7 @@ async def find_job(client: PrometheusClient, job_id: str, lookback: float, now: 
                     end=latest.end if latest and status in q.FINAL_STATES else None,
                     latest_instance=latest.instance if latest else None,
                     error_type=failure[0].get("error_type") if failure else None,
-                    upload_seconds=max(upload) if upload else None, live=bool(scalar(found["live"])))
+                    upload_seconds=max(upload) if upload else None, live=live, finals=finals)
 
 
 async def first_loss(client: PrometheusClient, job_id: str, start: float, window: float, now: float) -> float | None:
@@ -179,13 +191,24 @@ async def _job_analytics(client: PrometheusClient, job_id: str, lookback: float)
     # Separate requests, so Prometheus evaluates them on separate cores; every expression carries its `@`
     # (or, for the peak grids, the range query's own start and end).
     *groups, initial_loss = await asyncio.gather(
-        query_parts(client, q.job_totals(job_id, final_window, final_time), now),
+        totals(client, job_id, final_window, final_time, facts.finals, now),
         query_parts(client, {**q.job_rates(job_id, window, end), **q.host(window, facts.start, end)}, now),
         peaks(client, q.job_peaks(job_id, window), window, end),
         peaks(client, q.host_peaks(window), window, end),
         first_loss(client, job_id, facts.start, final_window, now))
     results = {name: samples for group in groups for name, samples in group.items()}
     return _assemble(facts, now, results, initial_loss, window=window), facts
+
+
+async def totals(client: PrometheusClient, job_id: str, window: float, final: float, finals: list[float] | None,
+                 now: float) -> dict[str, list[dict]]:
+    """queries.job_totals from each process's last minute; from the whole window when that found no samples
+    (scrapes failed through a process's last minute) or a process's final instant is unknown."""
+    if finals:
+        found = await query_parts(client, q.job_totals(job_id, window, final, finals), now)
+        if found["samples"]:
+            return found
+    return await query_parts(client, q.job_totals(job_id, window, final), now)
 
 
 async def peaks(client: PrometheusClient, expressions: dict[str, str], window: float, end: float) -> dict:

@@ -38,6 +38,7 @@ def test_hostile_ids_never_become_promql(job_id):
         q.quote_job_id(job_id)
     for build in (lambda: q.job_recent(job_id, 60, 1e9), lambda: q.job_ended(job_id, [1e9]),
                   lambda: q.job_lookup_full(job_id, 60, 1e9), lambda: q.job_totals(job_id, 60, 1e9),
+                  lambda: q.job_totals(job_id, 60, 1e9, [1e9]),
                   lambda: q.job_rates(job_id, 60, 1e9), lambda: q.first_losses(job_id, 1e9, 60)):
         with pytest.raises(ValueError):
             build()
@@ -47,6 +48,7 @@ def test_a_valid_id_enters_only_as_an_equality_matcher():
     job_id = "run-7.b_2"
     expressions = [*q.job_recent(job_id, 60, 1e9).values(), *q.job_ended(job_id, [1e9, 2e9]).values(),
                    *q.job_lookup_full(job_id, 60, 1e9).values(), *q.job_totals(job_id, 60, 1e9).values(),
+                   *q.job_totals(job_id, 600, 2e9, [1e9, 2e9]).values(),
                    *q.job_rates(job_id, 60, 1e9).values(), q.first_losses(job_id, 1e9, 60)]
     for expr in expressions:
         assert "=~" not in expr and "!~" not in expr
@@ -67,6 +69,17 @@ def test_durations_steps_and_timestamps():
     assert q.peak_step(3600) == 3.6                 # peaks: at most 1,000 grid points
     assert q.grid(3600, 1700000000) == "[3600000ms:3600ms] @ 1700000000.000"
     assert q.step_window(10) == "1000ms" and q.step_window(3600) == "3600ms"
+
+
+def test_totals_read_each_process_last_minute_except_the_best_loss():
+    parts = q.job_totals("j", 3600, 2000.0, [1000.0, 2000.0])
+    assert parts["samples"] == ('sum(max by (rank) (max_over_time(trainer_samples_total{job_id="j"}[75000ms] @ 1000.000)'
+                                ' or max_over_time(trainer_samples_total{job_id="j"}[75000ms] @ 2000.000)))')
+    assert parts["loss_best"] == 'min(min_over_time(trainer_loss{job_id="j"}[3600000ms] @ 2000.000))'
+    whole = q.job_totals("j", 3600, 2000.0)
+    assert whole["samples"] == 'sum(max by (rank) (max_over_time(trainer_samples_total{job_id="j"}[3600000ms] @ 2000.000)))'
+    # A job shorter than the last-values window reads no further back than its start.
+    assert "[30000ms] @ 2000.000" in q.job_totals("j", 30, 2000.0, [2000.0])["steps"]
 
 
 def test_union_tags_each_part():

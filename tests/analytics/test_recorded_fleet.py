@@ -166,3 +166,48 @@ def test_trends_from_recorded_series_approximate_the_raw_ones(backfilled):
     assert recorded["running_jobs"]["peak"] == pytest.approx(raw["running_jobs"]["peak"], abs=2)
     assert recorded["samples_per_second"]["average"] == pytest.approx(raw["samples_per_second"]["average"], rel=0.25)
     assert recorded["samples_per_second"]["points"] != raw["samples_per_second"]["points"]    # really recorded
+
+
+def test_job_totals_from_each_process_last_minute_equal_the_whole_window(backfilled, monkeypatch):
+    """Counters and last values read from the minute before each process's final scrape (a resumed job's
+    two processes, two ranks, jobs of 5 to 13 minutes) equal those read from every sample of the job."""
+    find_job = reports.find_job
+    whole_window = {"on": False}
+    took_finals = []
+
+    async def find(*args, **kwargs):
+        facts = await find_job(*args, **kwargs)
+        if whole_window["on"]:
+            facts.finals = None
+        elif facts.finals:
+            took_finals.append(facts.job_id)
+        return facts
+
+    monkeypatch.setattr(reports, "find_job", find)
+    job_totals, whole_reads = q.job_totals, []
+
+    def totals(job_id, window, final, finals=None):
+        if not finals and not whole_window["on"]:
+            whole_reads.append(job_id)      # the fallback: the last minutes held no samples
+        return job_totals(job_id, window, final, finals)
+
+    monkeypatch.setattr(q, "job_totals", totals)
+    job_ids = [f"job-{index:02d}" for index in range(24) if index % 4 != 3] + ["resumed", "ranks", "straddle"]
+
+    async def run(whole: bool):
+        whole_window["on"] = whole
+        client = PrometheusClient(backfilled.url)
+        try:
+            answers = {job_id: await reports.job_analytics(client, job_id, 6 * 3600) for job_id in job_ids}
+        finally:
+            await client.aclose()
+        for body in answers.values():
+            del body["evaluated_at"]
+        return answers
+
+    from_last_minutes, from_whole = asyncio.run(run(False)), asyncio.run(run(True))
+    assert sorted(took_finals) == sorted(job_ids) and whole_reads == []
+    assert from_last_minutes == from_whole
+    assert from_whole["resumed"]["performance"]["total_samples"] == 30000 + 50 * 600
+    assert from_whole["ranks"]["performance"]["total_samples"] == 2 * 50 * 600
+    assert from_whole["job-05"]["losses"]["final"] == pytest.approx(2.0 / (1 + 400 / 60), abs=1e-6)
