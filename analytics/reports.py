@@ -223,7 +223,7 @@ async def peaks(client: PrometheusClient, expressions: dict[str, str], window: f
     results = {}
     for name, points in grouped.items():
         results[f"{name}_peak"], results[f"{name}_peak_at"] = [], []
-        # A 1,000-point grid per expression: one float() per value, no per-point tuples.
+        # A 500-point grid per expression: one float() per value, no per-point tuples.
         values = [float(v) for _, v in points]
         finite = [v for v in values if math.isfinite(v)]
         if finite:
@@ -388,19 +388,31 @@ async def recorded_split(client: PrometheusClient, range_seconds: float, now: fl
     return q.recorded_split(range_seconds, now, gap)
 
 
-async def fleet(client: PrometheusClient, range_seconds: float, now: float, split: float | None = None) -> list[dict]:
+async def fleet(client: PrometheusClient, range_seconds: float, now: float, split: float | None = None,
+                details: bool = True) -> list[dict]:
     """One row per job seen in the last range_seconds: metadata, status, times, samples, throughput.
 
-    split (recorded_split): read the recorded per-process series there, raw ones before and after it."""
+    split (recorded_split): read the recorded per-process series there, raw ones before and after it.
+    details=False: leave metadata and final loss out (None) for add_details to fill in for a few rows."""
+    return (await _fleet(client, range_seconds, now, split, details))[0]
+
+
+async def _fleet(client: PrometheusClient, range_seconds: float, now: float, split: float | None,
+                 details: bool) -> tuple[list[dict], dict[str, str]]:
+    """The fleet's rows, and each job's newest process (its instance)."""
     state_expr = q.fleet_state(range_seconds, now, split)
     state_parts = state_expr if isinstance(state_expr, dict) else {"raw": state_expr}
+
+    async def nothing() -> list:
+        return []
+
     starts, ends, states, infos, samples, losses = await asyncio.gather(
         client.query(q.fleet_start(range_seconds, now, split), now),
         client.query(q.fleet_end(range_seconds, now, split), now),
         query_parts(client, state_parts, now),
-        client.query(q.fleet_info(range_seconds, now, split), now),
+        client.query(q.fleet_info(range_seconds, now, split), now) if details else nothing(),
         client.query(q.fleet_samples(range_seconds, now, split), now),
-        client.query(q.fleet_loss(range_seconds, now, split), now))
+        client.query(q.fleet_loss(range_seconds, now, split), now) if details else nothing())
     processes: dict[tuple[str, str], Process] = {}
 
     def process(labels: dict) -> Process:
@@ -428,9 +440,10 @@ async def fleet(client: PrometheusClient, range_seconds: float, now: float, spli
     by_job: dict[str, list[Process]] = {}
     for (job_id, _), proc in processes.items():
         by_job.setdefault(job_id, []).append(proc)
-    table = []
+    table, latest_instance = [], {}
     for job_id, procs in sorted(by_job.items()):
         latest = max(procs, key=lambda p: (p.start is not None, p.start or 0.0))
+        latest_instance[job_id] = latest.instance
         status = latest.state or "unknown"
         starts_known = [p.start for p in procs if p.start is not None]
         start = min(starts_known) if starts_known else None
@@ -446,7 +459,25 @@ async def fleet(client: PrometheusClient, range_seconds: float, now: float, spli
             "average_samples_per_second": _r(total / duration) if total is not None and duration else None,
             "final_loss": loss_by_process.get((job_id, latest.instance)),
         })
-    return table
+    return table, latest_instance
+
+
+METADATA = ("job_name", "model", "dataset", "owner", "device")
+
+
+async def add_details(client: PrometheusClient, chosen: list[dict], latest_instance: dict[str, str],
+                      range_seconds: float, now: float, split: float | None) -> None:
+    """Fill in the metadata and final loss of chosen rows of fleet(details=False), in one request."""
+    if not chosen:
+        return
+    found = await query_parts(client, q.fleet_details([row["job_id"] for row in chosen], range_seconds, now, split), now)
+    for index, row in enumerate(chosen):
+        infos = [labels for labels, _ in rows(found[f"info_{index}"])]
+        info = infos[0] if infos else {}
+        row.update({key: info.get(key) for key in METADATA})
+        instance = latest_instance.get(row["job_id"])
+        row["final_loss"] = next((value for labels, value in rows(found[f"loss_{index}"])
+                                  if labels.get("instance") == instance and labels.get("rank", "0") == "0"), None)
 
 
 def filter_jobs(table: list[dict], status: str | None, owner: str | None, since: float | None,
@@ -479,8 +510,9 @@ async def summary(client: PrometheusClient, range_seconds: float, step: float, o
     recorded_trends = (split is not None and split <= now - range_seconds + q.RULE_WINDOW_SECONDS
                        and step >= q.RECORDED_TREND_MIN_STEP_SECONDS)
     trend_names = list(q.TRENDS)
-    table, *trend_results = await asyncio.gather(
-        fleet(client, range_seconds, now, split),
+    # Metadata and final losses only where shown (the top 5), unless the owner filter needs everyone's.
+    (table, latest_instance), *trend_results = await asyncio.gather(
+        _fleet(client, range_seconds, now, split, details=owner is not None),
         *(client.query_range(q.trend(name, step, recorded_trends), now - range_seconds, now, step)
           for name in trend_names))
     if owner is not None:
@@ -495,6 +527,8 @@ async def summary(client: PrometheusClient, range_seconds: float, step: float, o
                    if row["average_samples_per_second"] is not None]
     top = sorted((row for row in table if row["average_samples_per_second"] is not None),
                  key=lambda row: (-row["average_samples_per_second"], row["job_id"]))[:5]
+    if owner is None:
+        await add_details(client, top, latest_instance, range_seconds, now, split)
     trends = {}
     for name, result in zip(trend_names, trend_results):
         points = result[0]["values"] if result else []

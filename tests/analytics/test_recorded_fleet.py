@@ -211,3 +211,34 @@ def test_job_totals_from_each_process_last_minute_equal_the_whole_window(backfil
     assert from_whole["resumed"]["performance"]["total_samples"] == 30000 + 50 * 600
     assert from_whole["ranks"]["performance"]["total_samples"] == 2 * 50 * 600
     assert from_whole["job-05"]["losses"]["final"] == pytest.approx(2.0 / (1 + 400 / 60), abs=1e-6)
+
+
+def test_summary_top_jobs_details_equal_the_full_job_table(backfilled):
+    """The summary reads metadata and final losses for its top 5 only (or for everyone under an owner
+    filter): the same values as the full job table's rows."""
+    keys = ("job_id", "job_name", "owner", "status", "average_samples_per_second", "duration_seconds",
+            "total_samples", "final_loss")
+
+    async def run():
+        client = PrometheusClient(backfilled.url)
+        try:
+            summary = await reports.summary(client, 3 * 3600, 600)
+            owned = await reports.summary(client, 3 * 3600, 600, owner="bob")
+            now = time.time()
+            table = await reports.fleet(client, 3 * 3600, now, await reports.recorded_split(client, 3 * 3600, now))
+            return summary, owned, table
+        finally:
+            await client.aclose()
+
+    summary, owned, table = asyncio.run(run())
+    rows = {row["job_id"]: {key: row[key] for key in keys} for row in table}
+    for body in (summary, owned):
+        top = body["top_performing_jobs"]
+        assert len(top) == 5 and all(job["final_loss"] is not None and job["job_name"] for job in top)
+        for job in top:
+            expected = rows[job["job_id"]]
+            if job["status"] == "running":      # a killed job's duration grows between the calls
+                job.pop("duration_seconds"), job.pop("average_samples_per_second")
+                expected = {key: value for key, value in expected.items() if key in job}
+            assert job == expected
+    assert {job["owner"] for job in owned["top_performing_jobs"]} == {"bob"}
