@@ -17,7 +17,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prometheus-timeout", type=float, default=8.0,
                         help="seconds per request to Prometheus (below --request-timeout)")
     parser.add_argument("--request-timeout", type=float, default=10.0, help="seconds per request to this service")
-    parser.add_argument("--max-concurrency", type=int, default=8, help="requests in flight to Prometheus")
+    parser.add_argument("--max-concurrency", type=int, default=4,
+                        help="requests in flight to Prometheus, shared by all callers (default 4: a query runs on "
+                             "one Prometheus core; raise it for a Prometheus with many cores and many callers)")
     parser.add_argument("--web.config.file", dest="web_config_file", default=None,
                         help="TLS (optionally client certificates) and basic-auth settings, in Prometheus "
                              "exporter-toolkit's web-config format")

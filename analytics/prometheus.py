@@ -45,7 +45,7 @@ class ClientMetrics:
 class PrometheusClient:
     """Instant and range queries over the Prometheus HTTP API (any compatible backend)."""
 
-    def __init__(self, base_url: str, *, deadline: float = 8.0, max_concurrency: int = 8,
+    def __init__(self, base_url: str, *, deadline: float = 8.0, max_concurrency: int = 4,
                  transport: httpx.AsyncBaseTransport | None = None, metrics: ClientMetrics | None = None):
         self.base_url = base_url.rstrip("/")
         self.deadline = deadline

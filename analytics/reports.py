@@ -188,27 +188,30 @@ async def _job_analytics(client: PrometheusClient, job_id: str, lookback: float)
     # Cumulative and last values: up to the final scrape after the end (the linger), never past now.
     final_time = min(now, end + q.FINAL_SCRAPE_GRACE_SECONDS) if facts.end is not None else now
     final_window = max(final_time - facts.start, 1e-3)
-    # Separate requests, so Prometheus evaluates them on separate cores; every expression carries its `@`
-    # (or, for the peak grids, the range query's own start and end).
+    # Three requests: every instant expression (each carries its `@`), every peak expression on the one
+    # peak grid (a range query with the grid's own start and end), and the first loss (a range vector).
+    # More, smaller requests would spread over more cores but cost more than they gain on a small host: the
+    # HTTP client's own overhead grows with the requests in flight, and a comparison runs five jobs at once.
     *groups, initial_loss = await asyncio.gather(
-        totals(client, job_id, final_window, final_time, facts.finals, now),
-        query_parts(client, {**q.job_rates(job_id, window, end), **q.host(window, facts.start, end)}, now),
-        peaks(client, q.job_peaks(job_id, window), window, end),
-        peaks(client, q.host_peaks(window), window, end),
+        totals(client, job_id, final_window, final_time, facts.finals, now,
+               also={**q.job_rates(job_id, window, end), **q.host(window, facts.start, end)}),
+        peaks(client, {**q.job_peaks(job_id, window), **q.host_peaks(window)}, window, end),
         first_loss(client, job_id, facts.start, final_window, now))
     results = {name: samples for group in groups for name, samples in group.items()}
     return _assemble(facts, now, results, initial_loss, window=window), facts
 
 
 async def totals(client: PrometheusClient, job_id: str, window: float, final: float, finals: list[float] | None,
-                 now: float) -> dict[str, list[dict]]:
-    """queries.job_totals from each process's last minute; from the whole window when that found no samples
-    (scrapes failed through a process's last minute) or a process's final instant is unknown."""
+                 now: float, also: dict[str, str]) -> dict[str, list[dict]]:
+    """queries.job_totals (and the `also` parts, in the same request) from each process's last minute; from
+    the whole window when that found no samples (scrapes failed through a process's last minute) or a
+    process's final instant is unknown."""
     if finals:
-        found = await query_parts(client, q.job_totals(job_id, window, final, finals), now)
+        found = await query_parts(client, {**q.job_totals(job_id, window, final, finals), **also}, now)
         if found["samples"]:
             return found
-    return await query_parts(client, q.job_totals(job_id, window, final), now)
+        return {**found, **await query_parts(client, q.job_totals(job_id, window, final), now)}
+    return await query_parts(client, {**q.job_totals(job_id, window, final), **also}, now)
 
 
 async def peaks(client: PrometheusClient, expressions: dict[str, str], window: float, end: float) -> dict:
