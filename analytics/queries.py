@@ -20,7 +20,7 @@ MAX_POINTS_PER_SERIES = 10_000
 FINAL_SCRAPE_GRACE_SECONDS = 15.0
 # Host baseline: the minute before the job started.
 BASELINE_SECONDS = 60.0
-# Window of a "peak rate" (samples/s, CPU): 4 scrapes, the shortest window rate() reads reliably.
+# Window of a "peak rate" (samples/s, CPU): 4 scrape intervals, so one late scrape does not halve a rate.
 PEAK_RATE_WINDOW_SECONDS = 1.0
 # Peaks and per-job GPU averages evaluate their expression on a grid of at most this many points; each
 # point covers the whole step before it (a rate over the step, a max_over_time over the step), so no
@@ -184,16 +184,17 @@ def job_totals(job_id: str, window: float, final: float, finals: list[float] | N
         "loss_last": last("last_over_time", "trainer_loss"),
         "loss_best": f"min(min_over_time({sel('trainer_loss')}{whole}))",
         "accuracy": f"max({last('last_over_time', 'trainer_eval_accuracy_ratio')})",
-        # The trainer's gauge is the allocator's running peak; without it, the exporter's view of the job's GPUs.
-        "gpu_memory_peak": (f"max({last('max_over_time', 'trainer_gpu_memory_peak_bytes')}) or "
-                            f"max_over_time(max({_job_gpus('hw_gpu_memory_usage_bytes', job_id)}){grid(window, final)})"),
+        # The allocator's running peak (CUDA jobs); without it, the service reads the exporter's view of the
+        # job's GPUs on the peak grid (job_peaks' gpu_memory).
+        "trainer_gpu_memory_peak": f"max({last('max_over_time', 'trainer_gpu_memory_peak_bytes')})",
     }
 
 
-def first_losses(job_id: str, start: float, seconds: float) -> str:
-    """The raw trainer_loss samples of the job's first `seconds` (a range vector: its first sample is the
-    initial loss)."""
-    return f"{job_selector('trainer_loss', job_id)}{over(seconds, start + seconds)}"
+def first_losses(job_id: str, seconds: float) -> str:
+    """The raw trainer_loss samples of the `seconds` before the query's time (a range vector: with the
+    time at start + seconds, its first sample is the initial loss). The time goes in the request, not in
+    an `@`: VictoriaMetrics answers a bare range selector with `@` with nothing."""
+    return f"{job_selector('trainer_loss', job_id)}[{duration(seconds)}]"
 
 
 def peak_grid(seconds: float, at: float) -> tuple[float, float, str]:
@@ -216,20 +217,37 @@ def peak_grid(seconds: float, at: float) -> tuple[float, float, str]:
     return first_ms / 1000, last_ms / 1000, f"{step_ms}ms"
 
 
+def step_seconds(window: float) -> float:
+    """The seconds step_window(window) names (whole milliseconds)."""
+    return max(1, math.ceil(max(PEAK_RATE_WINDOW_SECONDS, peak_step(window)) * 1000)) / 1000
+
+
+def increase_per_second(selector: str, window: float) -> str:
+    """Per series, the counter's increase over the grid point's window divided by the window: its newest
+    sample now minus its newest sample one window ago. Not rate(): Prometheus extrapolates to the window's
+    edges and VictoriaMetrics does not, so rate() answers differ between the two; this one does not."""
+    w = step_window(window)
+    return f"({selector} - {selector} offset {w}) / {step_seconds(window)!r}"
+
+
 def job_peaks(job_id: str, window: float) -> dict[str, str]:
-    """Label-free expressions whose maximum over the peak grid (and the first point reaching it) are the
-    job's peaks: one range query evaluates each once, where max_over_time plus a "when" subquery evaluated
-    it three times."""
+    """Label-free expressions on the peak grid: the service takes each one's maximum (and the first point
+    reaching it) or its mean over the grid, from one range query that evaluates each once.
+
+    *_mean use: gpu_utilization_avg (the job's GPUs averaged), gpu_temperature; the rest are peaks."""
     w = step_window(window)
 
     def sel(metric: str) -> str:
         return job_selector(metric, job_id)
 
     return {
-        "samples_per_second": f"sum(rate({sel('trainer_samples_total')}[{w}]))",
-        "job_cpu": f"sum(rate({sel('process_cpu_time_seconds_total')}[{w}]))",
+        "samples_per_second": f"sum({increase_per_second(sel('trainer_samples_total'), window)})",
+        "job_cpu": f"sum({increase_per_second(sel('process_cpu_time_seconds_total'), window)})",
         "job_rss": f"sum(max_over_time({sel('process_memory_rss_bytes')}[{w}]))",
         "gpu_utilization": f"max({_job_gpus('hw_gpu_utilization_ratio', job_id)})",
+        "gpu_utilization_avg": f"avg({_job_gpus('hw_gpu_utilization_ratio', job_id)})",
+        "gpu_temperature": f"avg({_job_gpus('hw_gpu_temperature_celsius', job_id)})",
+        "gpu_memory": f"max({_job_gpus('hw_gpu_memory_usage_bytes', job_id)})",
     }
 
 
@@ -248,13 +266,11 @@ def _job_gpus(metric: str, job_id: str) -> str:
 
 
 def job_rates(job_id: str, window: float, end: float) -> dict[str, str]:
-    """The job's CPU time and GPUs over (start, end] (its peaks: job_peaks)."""
-    g = grid(window, end)
-    return {
-        "cpu_seconds": f"sum(increase({job_selector('process_cpu_time_seconds_total', job_id)}{over(window, end)}))",
-        "gpu_average": f"avg_over_time(avg({_job_gpus('hw_gpu_utilization_ratio', job_id)}){g})",
-        "gpu_temperature": f"avg_over_time(avg({_job_gpus('hw_gpu_temperature_celsius', job_id)}){g})",
-    }
+    """The CPU seconds of the job's process trees over (start, end]: each counter's last minus first sample
+    in the window (not increase(), whose extrapolation differs between Prometheus and VictoriaMetrics). Its
+    peaks and GPU figures: job_peaks."""
+    cpu = f"{job_selector('process_cpu_time_seconds_total', job_id)}{over(window, end)}"
+    return {"cpu_seconds": f"sum(max_over_time({cpu}) - min_over_time({cpu}))"}
 
 
 # ----- the host under the job ---------------------------------------------------------------------------
@@ -407,24 +423,58 @@ def fleet_samples(range_seconds: float, now: float | None = None, split: float |
 
 # Resource trends over the summary range (range queries). Each point covers the step before it, so a
 # short job or a spike between two points still shows: {window} is the step (at least one second).
+#
+# Throughput is the samples counted in the window divided by it: per process, its newest count in the window
+# minus its newest count before the window (or, for a process that started in the window, its first count
+# in it). Windows tile, so the points add up to the samples processed. Not rate(): Prometheus extrapolates
+# to the window's edges and VictoriaMetrics takes the sample before the window instead, so the same data
+# would give two different trends.
+def _raw_window_increase(counter: str) -> str:
+    """For raw series, whatever their scrape interval: the count before the window from an `offset` match."""
+    newest = f"max_over_time({counter}[{{window}}])"
+    return (f"sum(({newest} - {counter} offset {{window}}) or ({newest} - min_over_time({counter}[{{window}}]))) "
+            f"/ {{seconds}}")
+
+
+def _recorded_window_increase(counter: str) -> str:
+    """For the recorded series, written every RULE_INTERVAL exactly: the window stretched back by one
+    interval holds exactly the count before the window, so a minimum replaces the costlier `offset` match
+    (half the cost over a day of 1,000 jobs)."""
+    return (f"sum(max_over_time({counter}[{{window}}]) - min_over_time({counter}[{{window+rule}}])) "
+            f"/ {{seconds}}")
+
+
 TRENDS = {
     "running_jobs": 'count(max_over_time(trainer_job_state{state="running"}[{window}]) == 1) or vector(0)',
-    "samples_per_second": "sum(rate(trainer_samples_total[{window}]))",
+    "samples_per_second": _raw_window_increase("trainer_samples_total"),
     "host_cpu_utilization_ratio": "avg(avg_over_time(system_cpu_utilization_ratio[{window}]))",
     "host_memory_used_bytes": 'sum(avg_over_time(system_memory_usage_bytes{state="used"}[{window}]))',
     "gpu_utilization_ratio": "avg(avg_over_time(hw_gpu_utilization_ratio[{window}]))",
 }
 # The per-job trends from the recorded series, at steps of RECORDED_TREND_MIN_STEP_SECONDS or more: a process
 # counts as running at a point when a recording in the step saw "running" as its last state (up to one rule
-# window after its last raw sample), and throughput is the rate of the per-minute recorded sample counts.
+# window after its last raw sample), and throughput counts the per-minute recorded sample counts as above.
 RECORDED_TRENDS = {
     "running_jobs": f'count(max_over_time({RECORDED["state"]}{{state="running"}}[{{window}}])) or vector(0)',
-    "samples_per_second": f"sum(rate({RECORDED['samples']}[{{window}}]))",
+    "samples_per_second": _recorded_window_increase(RECORDED["samples"]),
 }
+
+
+def trend_grid(range_seconds: float, step: float, now: float) -> tuple[float, float, str]:
+    """start, end and step of the trends' range queries: points on multiples of the step, the last at or
+    before now (the service adds the point at now from an instant query). VictoriaMetrics moves a range
+    query's start and end to multiples of its step and answers points after now from what it had at now;
+    on multiples up to now both backends evaluate the same points the same way."""
+    step_ms = max(1, round(step * 1000))
+    end_ms = math.floor(now * 1000 / step_ms) * step_ms
+    start_ms = end_ms - math.floor(range_seconds * 1000 / step_ms) * step_ms
+    return start_ms / 1000, end_ms / 1000, f"{step_ms}ms"
 
 
 def trend(name: str, step: float, recorded: bool = False) -> str:
     """A resource-trend expression for range queries at `step` (from the recorded series where asked and
     available)."""
     template = RECORDED_TRENDS[name] if recorded and name in RECORDED_TRENDS else TRENDS[name]
-    return template.replace("{window}", duration(max(PEAK_RATE_WINDOW_SECONDS, step)))
+    window_ms = max(1, math.ceil(max(PEAK_RATE_WINDOW_SECONDS, step) * 1000))
+    template = template.replace("{window+rule}", f"{window_ms + round(RULE_INTERVAL_SECONDS * 1000)}ms")
+    return template.replace("{window}", f"{window_ms}ms").replace("{seconds}", repr(window_ms / 1000))

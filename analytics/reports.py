@@ -166,7 +166,7 @@ async def find_job(client: PrometheusClient, job_id: str, lookback: float, now: 
 async def first_loss(client: PrometheusClient, job_id: str, start: float, window: float, now: float) -> float | None:
     """The first trainer_loss sample Prometheus holds for the job: its first minute, else its whole window."""
     for seconds in dict.fromkeys((min(q.FIRST_LOSS_SECONDS, window), window)):
-        series = await client.query(q.first_losses(job_id, start, seconds), now)
+        series = await client.query(q.first_losses(job_id, seconds), start + seconds)
         firsts = [s["values"][0] for s in series if s.get("values")]
         if firsts:
             return _number(min(firsts, key=lambda point: point[0])[1])
@@ -215,8 +215,9 @@ async def totals(client: PrometheusClient, job_id: str, window: float, final: fl
 
 
 async def peaks(client: PrometheusClient, expressions: dict[str, str], window: float, end: float) -> dict:
-    """<name>_peak and <name>_peak_at for each label-free expression: its maximum over the peak grid of
-    (end - window, end] and the first grid time that reached it, from one range query of all of them."""
+    """<name>_peak, <name>_peak_at and <name>_mean for each label-free expression: its maximum over the peak
+    grid of (end - window, end], the first grid time that reached it, and its mean over the grid (what
+    avg_over_time over the subquery grid gives), from one range query of all of them."""
     start, last, step = q.peak_grid(window, end)
     grouped: dict[str, list] = {name: [] for name in expressions}
     for series in await client.query_range(q.union(expressions), start, last, step):
@@ -225,7 +226,7 @@ async def peaks(client: PrometheusClient, expressions: dict[str, str], window: f
             grouped[name].extend(series.get("values", []))
     results = {}
     for name, points in grouped.items():
-        results[f"{name}_peak"], results[f"{name}_peak_at"] = [], []
+        results[f"{name}_peak"], results[f"{name}_peak_at"], results[f"{name}_mean"] = [], [], []
         # A 500-point grid per expression: one float() per value, no per-point tuples.
         values = [float(v) for _, v in points]
         finite = [v for v in values if math.isfinite(v)]
@@ -234,6 +235,7 @@ async def peaks(client: PrometheusClient, expressions: dict[str, str], window: f
             when = min(float(t) for (t, _), v in zip(points, values) if v == peak)
             results[f"{name}_peak"] = [{"metric": {}, "value": [end, repr(peak)]}]
             results[f"{name}_peak_at"] = [{"metric": {}, "value": [end, repr(when)]}]
+            results[f"{name}_mean"] = [{"metric": {}, "value": [end, repr(sum(finite) / len(finite))]}]
     return results
 
 
@@ -260,7 +262,10 @@ def _assemble(facts: JobFacts, now: float, results: dict, initial_loss: float | 
         # part of the run (a job scraped late or briefly), so the average is the better lower bound.
         peak_sps = average_sps
     cpu_seconds = value("cpu_seconds")
-    average_gpu = _percent(value("gpu_average"))
+    average_gpu = _percent(value("gpu_utilization_avg_mean"))
+    gpu_memory_peak = value("trainer_gpu_memory_peak")
+    if gpu_memory_peak is None:
+        gpu_memory_peak = value("gpu_memory_peak")
     final_loss = _final_loss(facts, results.get("loss_last", []))
     best_loss = value("loss_best")
     reduction = (100.0 * (initial_loss - final_loss) / initial_loss
@@ -298,8 +303,8 @@ def _assemble(facts: JobFacts, now: float, results: dict, initial_loss: float | 
             "average_gpu_utilization_percent": _r(average_gpu),
             "peak_gpu_utilization_percent": _r(_percent(value("gpu_utilization_peak"))),
             "peak_gpu_utilization_at": value("gpu_utilization_peak_at"),
-            "peak_gpu_memory_mb": _r(_mib(value("gpu_memory_peak"))),
-            "average_gpu_temperature_celsius": _r(value("gpu_temperature")),
+            "peak_gpu_memory_mb": _r(_mib(gpu_memory_peak)),
+            "average_gpu_temperature_celsius": _r(value("gpu_temperature_mean")),
             "average_cpu_percent": _r(100.0 * cpu_seconds / total_seconds
                                       if cpu_seconds is not None and total_seconds > 0 else None),
             "peak_cpu_percent": _r(_percent(value("job_cpu_peak"))),
@@ -409,10 +414,15 @@ async def _fleet(client: PrometheusClient, range_seconds: float, now: float, spl
     async def nothing() -> list:
         return []
 
+    async def each_state() -> dict[str, list[dict]]:
+        """The state parts as separate requests: together they were the fleet's longest one."""
+        results = await asyncio.gather(*(client.query(expr, now) for expr in state_parts.values()))
+        return dict(zip(state_parts, results))
+
     starts, ends, states, infos, samples, losses = await asyncio.gather(
         client.query(q.fleet_start(range_seconds, now, split), now),
         client.query(q.fleet_end(range_seconds, now, split), now),
-        query_parts(client, state_parts, now),
+        each_state(),
         client.query(q.fleet_info(range_seconds, now, split), now) if details else nothing(),
         client.query(q.fleet_samples(range_seconds, now, split), now),
         client.query(q.fleet_loss(range_seconds, now, split), now) if details else nothing())
@@ -502,6 +512,30 @@ def filter_jobs(table: list[dict], status: str | None, owner: str | None, since:
     return kept
 
 
+async def resource_trends(client: PrometheusClient, range_seconds: float, step: float, now: float,
+                          recorded: bool) -> dict[str, dict]:
+    """Each trend's points (on multiples of the step, then one at now), average and peak: a range query per
+    trend (a fleet's trends are the summary's costliest queries: one each spreads them over Prometheus'
+    cores) and one instant query at now for all of them."""
+    parts = {name: q.trend(name, step, recorded) for name in q.TRENDS}
+    start, end, step_literal = q.trend_grid(range_seconds, step, now)
+    latest, *series = await asyncio.gather(
+        query_parts(client, parts, now), *(client.query_range(expr, start, end, step_literal) for expr in parts.values()))
+    points = {name: [[float(t), _number(v)] for t, v in result[0].get("values", [])] if result else []
+              for name, result in zip(parts, series)}
+    trends = {}
+    for name, values in points.items():
+        if now > end and latest[name]:
+            values.append([round(now, 3), _number(latest[name][0]["value"][1])])
+        numbers = [v for _, v in values if v is not None]
+        trends[name] = {
+            "average": _r(sum(numbers) / len(numbers)) if numbers else None,
+            "peak": _r(max(numbers)) if numbers else None,
+            "points": values,
+        }
+    return trends
+
+
 async def summary(client: PrometheusClient, range_seconds: float, step: float, owner: str | None = None,
                   recorded: bool = True) -> dict:
     """The fleet summary over the last range_seconds (one owner's jobs when given), with the hosts'
@@ -512,12 +546,10 @@ async def summary(client: PrometheusClient, range_seconds: float, step: float, o
     # Trends from recorded series only where they cover the whole range and each point spans several.
     recorded_trends = (split is not None and split <= now - range_seconds + q.RULE_WINDOW_SECONDS
                        and step >= q.RECORDED_TREND_MIN_STEP_SECONDS)
-    trend_names = list(q.TRENDS)
     # Metadata and final losses only where shown (the top 5), unless the owner filter needs everyone's.
-    (table, latest_instance), *trend_results = await asyncio.gather(
+    (table, latest_instance), trends = await asyncio.gather(
         _fleet(client, range_seconds, now, split, details=owner is not None),
-        *(client.query_range(q.trend(name, step, recorded_trends), now - range_seconds, now, step)
-          for name in trend_names))
+        resource_trends(client, range_seconds, step, now, recorded_trends))
     if owner is not None:
         table = [row for row in table if row["owner"] == owner]
     by_status = {status: 0 for status in STATUSES}
@@ -532,15 +564,6 @@ async def summary(client: PrometheusClient, range_seconds: float, step: float, o
                  key=lambda row: (-row["average_samples_per_second"], row["job_id"]))[:5]
     if owner is None:
         await add_details(client, top, latest_instance, range_seconds, now, split)
-    trends = {}
-    for name, result in zip(trend_names, trend_results):
-        points = result[0]["values"] if result else []
-        values = [v for _, v in ((t, _number(v)) for t, v in points) if v is not None]
-        trends[name] = {
-            "average": _r(sum(values) / len(values)) if values else None,
-            "peak": _r(max(values)) if values else None,
-            "points": [[float(t), _number(v)] for t, v in points],
-        }
     return {
         "range_seconds": range_seconds,
         "evaluated_at": round(now, 3),

@@ -18,7 +18,7 @@ import pytest
 import uvicorn
 
 from analytics.app import Settings, create_app
-from trainmetrics.prometheus_process import PrometheusServer, free_port
+from trainmetrics.prometheus_process import PrometheusServer, VictoriaMetricsServer, free_port
 
 
 @contextmanager
@@ -136,13 +136,36 @@ def read_until(process: subprocess.Popen, needle: str, timeout: float = 120) -> 
     raise AssertionError(f"{needle!r} not seen:\n{''.join(lines)}")
 
 
+# What must agree between Prometheus and the store it remote-writes to before the tests read the store.
+ARRIVED = ("count(last_over_time(trainer_job_end_timestamp_seconds[10m]))",
+           "sum(max_over_time(trainer_samples_total[10m]))",
+           "count(count_over_time(trainer_loss[10m]))",
+           "sum(count_over_time(trainer_loss[10m]))")
+
+
+def wait_for_remote_write(prometheus: PrometheusServer, store: VictoriaMetricsServer, timeout: float = 60) -> None:
+    """Until the store answers ARRIVED as Prometheus does: every job's samples, to the last, were written."""
+    deadline = time.monotonic() + timeout
+    while True:
+        now = time.time()
+        pairs = [(prometheus.query(expr, now), store.query(expr, now)) for expr in ARRIVED]
+        values = [tuple(result[0]["value"][1] if result else None for result in pair) for pair in pairs]
+        if all(ours == theirs for ours, theirs in values):
+            return
+        assert time.monotonic() < deadline, f"remote write incomplete: {list(zip(ARRIVED, values))}"
+        time.sleep(0.5)
+
+
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory):
-    """A real Prometheus and three real jobs that have exited: completed, failed and cancelled.
+    """A real Prometheus remote-writing into a real VictoriaMetrics, and three real jobs that have exited:
+    completed, failed and cancelled. Yields ({backend name: server}, jobs); both backends hold every sample.
 
     The three run at once (each pays ~6 s of interpreter and torch start-up); the module's tests share them.
     """
-    prometheus = PrometheusServer(tmp_path_factory.mktemp("prometheus")).start()
+    victoria = VictoriaMetricsServer(tmp_path_factory.mktemp("victoria")).start()
+    prometheus = PrometheusServer(tmp_path_factory.mktemp("prometheus"),
+                                  remote_write=[victoria.remote_write_url]).start()
     work = tmp_path_factory.mktemp("jobs")
     processes: list[subprocess.Popen] = []
     try:
@@ -172,10 +195,12 @@ def fleet(tmp_path_factory):
         cancelled.send_signal(signal.SIGTERM)
         jobs = {job.job_id: job for job in (finish("done-1", done, []), finish("fail-1", failing, fail_lines),
                                             finish("cancel-1", cancelled, cancel_lines))}
-        yield prometheus, jobs
+        wait_for_remote_write(prometheus, victoria)
+        yield {"prometheus": prometheus, "victoria-metrics": victoria}, jobs
     finally:
         for process in processes:
             if process.poll() is None:
                 process.kill()
             process.communicate()
         prometheus.stop()
+        victoria.stop()

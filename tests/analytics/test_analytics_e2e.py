@@ -1,4 +1,5 @@
-"""Real jobs through a real Prometheus: the analytics agree with what each job logged itself."""
+"""Real jobs through a real Prometheus, and through the VictoriaMetrics it remote-writes to: the analytics
+agree with what each job logged itself, on either backend."""
 
 import csv
 import io
@@ -17,11 +18,14 @@ EXIT_CODES = {"done-1": (0, "completed"), "fail-1": (1, "failed"), "cancel-1": (
 LOG_ROUNDING = 0.5e-4     # log lines print losses with 4 decimals
 
 
-@pytest.fixture(scope="module")
-def service(fleet):
-    prometheus, jobs = fleet
-    with serve(Settings(prometheus_url=prometheus.url)) as client:
-        yield client, prometheus, jobs
+@pytest.fixture(scope="module", params=["prometheus", "victoria-metrics"])
+def service(request, fleet):
+    """The service on one backend: the Prometheus that scraped the jobs, or the VictoriaMetrics it
+    remote-wrote every sample to. Every test runs on both and must get the same answers."""
+    backends, jobs = fleet
+    backend = backends[request.param]
+    with serve(Settings(prometheus_url=backend.url)) as client:
+        yield client, backend, jobs
 
 
 def near_one_of(value: float, candidates: list[float]) -> bool:
@@ -223,12 +227,14 @@ def test_metrics_counts_requests_by_route_and_code(service):
 
 
 @pytest.mark.parametrize("job_id", ["done-1", "cancel-1"])
-def test_peaks_from_one_range_query_equal_the_subquery_grid(service, job_id):
+def test_peaks_from_one_range_query_equal_the_subquery_grid(service, fleet, job_id):
     """The peak and its time come from a range query on the subquery grid's own points: the same answers as
-    max_over_time over the subquery and the first subquery point that reached it."""
+    Prometheus' max_over_time over the subquery and the first subquery point that reached it (on either
+    backend: VictoriaMetrics' own subqueries place points differently, so Prometheus is the reference)."""
     from analytics import queries as q
 
-    client, prometheus, _ = service
+    client, _, _ = service
+    prometheus = fleet[0]["prometheus"]
     body = client.get(f"/api/training/{job_id}/analytics").json()
     end = body["end_time"]
     window = end - body["start_time"]
@@ -241,3 +247,48 @@ def test_peaks_from_one_range_query_equal_the_subquery_grid(service, job_id):
     assert performance["peak_samples_per_second_at"] == when
     assert performance["peak_samples_per_second"] == pytest.approx(
         max(peak, performance["average_samples_per_second"]), rel=1e-5)   # 6 digits
+
+
+def same_answer(ours, theirs, where: str = "") -> None:
+    """Equal, but for float digits the backends cannot share. VictoriaMetrics stores a value to 12-15
+    significant digits: a unix time stored as a value (a job's start and end) to 10 microseconds, a loss to
+    1e-12 relative. So times agree to 20 us; figures derived from them differ by those microseconds over the
+    job's duration (fail-1 runs for ~65 ms: 3e-5 relative) and may round the other way at 6 digits."""
+    if isinstance(ours, dict) and isinstance(theirs, dict):
+        assert set(ours) == set(theirs), where
+        for key in ours:
+            if key != "evaluated_at":
+                same_answer(ours[key], theirs[key], f"{where}.{key}")
+    elif isinstance(ours, list) and isinstance(theirs, list):
+        assert len(ours) == len(theirs), where
+        for index, (a, b) in enumerate(zip(ours, theirs)):
+            same_answer(a, b, f"{where}[{index}]")
+    elif isinstance(ours, float) and isinstance(theirs, float):
+        if where.endswith(("_time", "_at")):
+            assert ours == pytest.approx(theirs, abs=2e-5), where
+        else:
+            assert ours == pytest.approx(theirs, rel=1e-4, abs=1e-12), where
+    else:
+        assert ours == theirs, where
+
+
+def test_both_backends_give_identical_answers(fleet):
+    """The same paths on the Prometheus that scraped the jobs and on the VictoriaMetrics it remote-wrote
+    to: the same answers, peaks and their times included."""
+    backends, jobs = fleet
+    answers = {}
+    for name, backend in backends.items():
+        with serve(Settings(prometheus_url=backend.url)) as client:
+            paths = [f"/api/training/{job_id}/analytics" for job_id in sorted(jobs)]
+            paths += ["/api/training/jobs", "/api/training/analytics/compare?job_ids=" + ",".join(sorted(jobs)),
+                      "/api/training/analytics/summary?range=1h"]
+            responses = [client.get(path) for path in paths]
+            assert [r.status_code for r in responses] == [200] * len(paths), [r.text for r in responses]
+            answers[name] = {path: r.json() for path, r in zip(paths, responses)}
+            trends = answers[name]["/api/training/analytics/summary?range=1h"]["resource_trends"]["series"]
+            assert trends["samples_per_second"]["peak"] > 0 and trends["running_jobs"]["peak"] >= 1
+            # A trend's last point is at the call's own time: compare the points on the step grid.
+            for trend in trends.values():
+                del trend["points"][-1:], trend["average"], trend["peak"]
+    for path, from_prometheus in answers["prometheus"].items():
+        same_answer(from_prometheus, answers["victoria-metrics"][path], path)

@@ -39,7 +39,7 @@ def test_hostile_ids_never_become_promql(job_id):
     for build in (lambda: q.job_recent(job_id, 60, 1e9), lambda: q.job_ended(job_id, [1e9]),
                   lambda: q.job_lookup_full(job_id, 60, 1e9), lambda: q.job_totals(job_id, 60, 1e9),
                   lambda: q.job_totals(job_id, 60, 1e9, [1e9]),
-                  lambda: q.job_rates(job_id, 60, 1e9), lambda: q.first_losses(job_id, 1e9, 60)):
+                  lambda: q.job_rates(job_id, 60, 1e9), lambda: q.first_losses(job_id, 60)):
         with pytest.raises(ValueError):
             build()
 
@@ -49,7 +49,7 @@ def test_a_valid_id_enters_only_as_an_equality_matcher():
     expressions = [*q.job_recent(job_id, 60, 1e9).values(), *q.job_ended(job_id, [1e9, 2e9]).values(),
                    *q.job_lookup_full(job_id, 60, 1e9).values(), *q.job_totals(job_id, 60, 1e9).values(),
                    *q.job_totals(job_id, 600, 2e9, [1e9, 2e9]).values(),
-                   *q.job_rates(job_id, 60, 1e9).values(), q.first_losses(job_id, 1e9, 60)]
+                   *q.job_rates(job_id, 60, 1e9).values(), q.first_losses(job_id, 60)]
     for expr in expressions:
         assert "=~" not in expr and "!~" not in expr
         # Every occurrence of the id is the whole value of a job_id="..." matcher.
@@ -121,7 +121,7 @@ def test_peak_grid_lands_on_the_subquery_grid():
 def test_peak_expressions_are_label_free_and_id_safe():
     for expressions in (q.job_peaks("run-1", 60), q.host_peaks(60)):
         for expr in expressions.values():
-            assert expr.startswith(("sum(", "max(")), expr     # one series per expression
+            assert expr.startswith(("sum(", "max(", "avg(")), expr     # one series per expression
     with pytest.raises(ValueError):
         q.job_peaks('x"}', 60)
 
