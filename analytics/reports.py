@@ -195,7 +195,8 @@ async def _job_analytics(client: PrometheusClient, job_id: str, lookback: float)
     *groups, initial_loss = await asyncio.gather(
         totals(client, job_id, final_window, final_time, facts.finals, now,
                also={**q.job_rates(job_id, window, end), **q.host(window, facts.start, end)}),
-        peaks(client, {**q.job_peaks(job_id, window), **q.host_peaks(window)}, window, end),
+        peaks(client, {**q.job_peaks(job_id, window, gpus=facts.info.get("device") != "cpu"),
+                       **q.host_peaks(window)}, window, end),
         first_loss(client, job_id, facts.start, final_window, now))
     results = {name: samples for group in groups for name, samples in group.items()}
     return _assemble(facts, now, results, initial_loss, window=window), facts

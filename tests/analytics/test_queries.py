@@ -154,3 +154,11 @@ def test_recorded_names_and_windows_match_the_rules_file():
     window = f"[{q.RULE_WINDOW_SECONDS / 60:g}m]"
     for part, name in q.RECORDED.items():
         assert f"{q.RAW[part]}{window}" in records[name], name
+
+
+def test_a_cpu_job_peaks_leave_the_gpu_joins_out():
+    with_gpus, without = q.job_peaks("j", 600), q.job_peaks("j", 600, gpus=False)
+    assert {name for name in with_gpus if name.startswith("gpu_")} == {
+        "gpu_utilization", "gpu_utilization_avg", "gpu_temperature", "gpu_memory"}
+    assert set(without) == {name for name in with_gpus if not name.startswith("gpu_")}
+    assert all("hw_gpu" not in expr for expr in without.values())
