@@ -100,70 +100,114 @@ async def query_parts(client: PrometheusClient, parts: dict[str, str], at: float
     return grouped
 
 
-async def find_job(client: PrometheusClient, job_id: str, lookback: float, now: float) -> JobFacts:
-    """The job's processes, state and timestamps; JobNotFound when Prometheus holds nothing of it."""
-    found = await query_parts(client, q.job_recent(job_id, lookback, now), now)
-    processes: dict[str, Process] = {}
-    info, failure, upload = [], [], []
+async def query_parts_many(client: PrometheusClient, many: list[dict[str, str]], at: float) -> list[dict[str, list[dict]]]:
+    """query_parts for several part sets (one per job) in one request: fewer, larger requests cost the HTTP
+    client and Prometheus less per expression than one request per job."""
+    merged = {f"{name}__{index}": expr for index, parts in enumerate(many) for name, expr in parts.items()}
+    if not merged:
+        return [{} for _ in many]
+    found = await query_parts(client, merged, at)
+    return [{name: found[f"{name}__{index}"] for name in parts} for index, parts in enumerate(many)]
 
-    def process(labels: dict) -> Process:
+
+class _Lookup:
+    """One job's processes as the lookup queries find them (find_jobs runs each step for all jobs at once)."""
+
+    def __init__(self, job_id: str):
+        self.job_id = job_id
+        self.processes: dict[str, Process] = {}
+        self.info, self.failure, self.upload = [], [], []
+        self.live = False
+        self.ended: list[Process] = []
+
+    def process(self, labels: dict) -> Process:
         instance = labels.get("instance", "")
-        return processes.setdefault(instance, Process(instance))
+        return self.processes.setdefault(instance, Process(instance))
 
-    def absorb(parts: dict[str, list[dict]], suffix: str = "", instance: str | None = None) -> None:
+    def absorb(self, parts: dict[str, list[dict]], suffix: str = "", instance: str | None = None) -> None:
         def mine(name: str) -> list[tuple[dict, float | None]]:
             return [(labels, value) for labels, value in rows(parts.get(name + suffix, []))
                     if instance is None or labels.get("instance", "") == instance]
 
         for labels, value in mine("start"):
-            process(labels).start = value
+            self.process(labels).start = value
         for labels, _ in mine("state"):
-            process(labels).state = labels.get("state")
-        info.extend(labels for labels, _ in mine("info"))
-        failure.extend(labels for labels, _ in mine("failure"))
-        upload.extend(value for _, value in mine("upload") if value is not None)
+            self.process(labels).state = labels.get("state")
+        self.info.extend(labels for labels, _ in mine("info"))
+        self.failure.extend(labels for labels, _ in mine("failure"))
+        self.upload.extend(value for _, value in mine("upload") if value is not None)
 
-    absorb(found)
-    for labels, value in rows(found["end"]):
-        process(labels).end = value
-    # Processes that ended longer ago than the staleness window: read them just before their final scrape.
-    ended = [p for p in processes.values() if p.start is None and p.end is not None][-8:]
+    def absorb_ends(self, parts: dict[str, list[dict]]) -> None:
+        for labels, value in rows(parts["end"]):
+            self.process(labels).end = value
+
+    def recent(self, found: dict[str, list[dict]]) -> dict[str, str] | None:
+        """Take job_recent's answer; the job_ended parts for processes that ended longer ago than the
+        staleness window (read just before their final scrape), None when there are none."""
+        self.absorb(found)
+        self.absorb_ends(found)
+        self.live = bool(scalar(found["live"]))
+        self.ended = [p for p in self.processes.values() if p.start is None and p.end is not None][-8:]
+        return q.job_ended(self.job_id, [p.end for p in self.ended]) if self.ended else None
+
+    def older(self, found: dict[str, list[dict]]) -> None:
+        for index, proc in enumerate(self.ended):
+            self.absorb(found, f"_{index}", proc.instance)
+
+    def facts(self, now: float) -> JobFacts:
+        processes = self.processes
+        if not any(p.start is not None or p.state is not None for p in processes.values()) and not self.info:
+            raise JobNotFound(self.job_id)
+        # The newest process speaks for the job: a resumed job's earlier process ended "cancelled".
+        latest = max(processes.values(), key=lambda p: (p.start is not None, p.start or 0.0), default=None)
+        status = (latest.state if latest else None) or "unknown"
+        known_starts = [p.start for p in processes.values() if p.start is not None]
+        finals = []
+        for proc in processes.values():
+            if proc.end is not None:
+                finals.append(min(now, proc.end + q.FINAL_SCRAPE_GRACE_SECONDS))
+            elif self.live and proc is latest:
+                finals.append(now)
+            else:   # paused, killed or not yet ended: where its last samples lie is unknown
+                finals = None
+                break
+        labels = dict(self.info[0]) if self.info else {}
+        for internal in ("__name__", "instance", "job", "job_id", "rank"):
+            labels.pop(internal, None)
+        return JobFacts(job_id=self.job_id, info=labels, status=status,
+                        start=min(known_starts) if known_starts else None,
+                        end=latest.end if latest and status in q.FINAL_STATES else None,
+                        latest_instance=latest.instance if latest else None,
+                        error_type=self.failure[0].get("error_type") if self.failure else None,
+                        upload_seconds=max(self.upload) if self.upload else None, live=self.live, finals=finals)
+
+
+async def find_jobs(client: PrometheusClient, job_ids: list[str], lookback: float, now: float) -> list[JobFacts]:
+    """Each job's processes, state and timestamps, every step one request for all the jobs; JobNotFound
+    (for the first in order) when Prometheus holds nothing of a job."""
+    lookups = [_Lookup(job_id) for job_id in job_ids]
+    found = await query_parts_many(client, [q.job_recent(job_id, lookback, now) for job_id in job_ids], now)
+    ended = [(lookup, lookup.recent(parts)) for lookup, parts in zip(lookups, found)]
+    ended = [(lookup, parts) for lookup, parts in ended if parts]
     if ended:
-        older = await query_parts(client, q.job_ended(job_id, [p.end for p in ended]), now)
-        for index, proc in enumerate(ended):
-            absorb(older, f"_{index}", proc.instance)
-    if not processes:   # never reported an end and no longer scraped: the costly full lookup
-        full = await query_parts(client, q.job_lookup_full(job_id, lookback, now), now)
-        absorb(full)
-        for labels, value in rows(full["end"]):
-            process(labels).end = value
-    if not any(p.start is not None or p.state is not None for p in processes.values()) and not info:
-        raise JobNotFound(job_id)
-    # The newest process speaks for the job: a resumed job's earlier process ended "cancelled".
-    latest = max(processes.values(), key=lambda p: (p.start is not None, p.start or 0.0), default=None)
-    status = (latest.state if latest else None) or "unknown"
-    known_starts = [p.start for p in processes.values() if p.start is not None]
-    live = bool(scalar(found["live"]))
-    finals = []
-    for proc in processes.values():
-        if proc.end is not None:
-            finals.append(min(now, proc.end + q.FINAL_SCRAPE_GRACE_SECONDS))
-        elif live and proc is latest:
-            finals.append(now)
-        else:   # paused, killed or not yet ended: where its last samples lie is unknown
-            finals = None
-            break
-    labels = dict(info[0]) if info else {}
-    for internal in ("__name__", "instance", "job", "job_id", "rank"):
-        labels.pop(internal, None)
-    return JobFacts(job_id=job_id, info=labels, status=status, start=min(known_starts) if known_starts else None,
-                    end=latest.end if latest and status in q.FINAL_STATES else None,
-                    latest_instance=latest.instance if latest else None,
-                    error_type=failure[0].get("error_type") if failure else None,
-                    upload_seconds=max(upload) if upload else None, live=live, finals=finals)
+        for (lookup, _), parts in zip(ended, await query_parts_many(client, [p for _, p in ended], now)):
+            lookup.older(parts)
+    # Never reported an end and no longer scraped: the costly full lookup.
+    lost = [lookup for lookup in lookups if not lookup.processes]
+    if lost:
+        full = await query_parts_many(client, [q.job_lookup_full(lookup.job_id, lookback, now) for lookup in lost], now)
+        for lookup, parts in zip(lost, full):
+            lookup.absorb(parts)
+            lookup.absorb_ends(parts)
+    return [lookup.facts(now) for lookup in lookups]
 
 
-async def first_loss(client: PrometheusClient, job_id: str, start: float, window: float, now: float) -> float | None:
+async def find_job(client: PrometheusClient, job_id: str, lookback: float, now: float) -> JobFacts:
+    """find_jobs for one job."""
+    return (await find_jobs(client, [job_id], lookback, now))[0]
+
+
+async def first_loss(client: PrometheusClient, job_id: str, start: float, window: float) -> float | None:
     """The first trainer_loss sample Prometheus holds for the job: its first minute, else its whole window."""
     for seconds in dict.fromkeys((min(q.FIRST_LOSS_SECONDS, window), window)):
         series = await client.query(q.first_losses(job_id, seconds), start + seconds)
@@ -175,44 +219,62 @@ async def first_loss(client: PrometheusClient, job_id: str, start: float, window
 
 async def job_analytics(client: PrometheusClient, job_id: str, lookback: float) -> dict:
     """The analytics of one job (the /api/training/{job_id}/analytics body)."""
-    return (await _job_analytics(client, job_id, lookback))[0]
+    return (await jobs_analytics(client, [job_id], lookback))[0][0]
 
 
-async def _job_analytics(client: PrometheusClient, job_id: str, lookback: float) -> tuple[dict, JobFacts]:
+@dataclass
+class _Window:
+    """Where a job's figures are read: rates and peaks over (start, end], cumulative and last values up to
+    the final scrape after the end (the linger), never past now."""
+
+    end: float
+    window: float
+    final_time: float
+    final_window: float
+
+    @classmethod
+    def of(cls, facts: JobFacts, now: float) -> "_Window":
+        end = facts.end if facts.end is not None else now
+        final_time = min(now, end + q.FINAL_SCRAPE_GRACE_SECONDS) if facts.end is not None else now
+        return cls(end, max(end - facts.start, 1e-3), final_time, max(final_time - facts.start, 1e-3))
+
+
+async def jobs_analytics(client: PrometheusClient, job_ids: list[str], lookback: float) -> list[tuple[dict, JobFacts]]:
+    """The analytics of several jobs, in order, with each job's facts.
+
+    Requests: the lookup (one, or two when some process ended long ago, for all the jobs), every instant
+    expression of every job (each carries its `@`; one request), then per job one range query of its peak
+    grid and one of its first loss. Fewer requests would lose Prometheus' cores to one query; more cost the
+    HTTP client more than they gain on a small host."""
     now = time.time()
-    facts = await find_job(client, job_id, lookback, now)
-    if facts.start is None:     # queued: nothing ran yet
-        return _assemble(facts, now, {}, None), facts
-    end = facts.end if facts.end is not None else now
-    window = max(end - facts.start, 1e-3)
-    # Cumulative and last values: up to the final scrape after the end (the linger), never past now.
-    final_time = min(now, end + q.FINAL_SCRAPE_GRACE_SECONDS) if facts.end is not None else now
-    final_window = max(final_time - facts.start, 1e-3)
-    # Three requests: every instant expression (each carries its `@`), every peak expression on the one
-    # peak grid (a range query with the grid's own start and end), and the first loss (a range vector).
-    # More, smaller requests would spread over more cores but cost more than they gain on a small host: the
-    # HTTP client's own overhead grows with the requests in flight, and a comparison runs five jobs at once.
-    *groups, initial_loss = await asyncio.gather(
-        totals(client, job_id, final_window, final_time, facts.finals, now,
-               also={**q.job_rates(job_id, window, end), **q.host(window, facts.start, end)}),
-        peaks(client, {**q.job_peaks(job_id, window, gpus=facts.info.get("device") != "cpu"),
-                       **q.host_peaks(window)}, window, end),
-        first_loss(client, job_id, facts.start, final_window, now))
-    results = {name: samples for group in groups for name, samples in group.items()}
-    return _assemble(facts, now, results, initial_loss, window=window), facts
+    all_facts = await find_jobs(client, job_ids, lookback, now)
+    started = [(facts, _Window.of(facts, now)) for facts in all_facts if facts.start is not None]   # not queued
 
+    async def instant() -> list[dict[str, list[dict]]]:
+        def parts(facts: JobFacts, w: _Window, finals: list[float] | None) -> dict[str, str]:
+            return {**q.job_totals(facts.job_id, w.final_window, w.final_time, finals),
+                    **q.job_rates(facts.job_id, w.window, w.end), **q.host(w.window, facts.start, w.end)}
 
-async def totals(client: PrometheusClient, job_id: str, window: float, final: float, finals: list[float] | None,
-                 now: float, also: dict[str, str]) -> dict[str, list[dict]]:
-    """queries.job_totals (and the `also` parts, in the same request) from each process's last minute; from
-    the whole window when that found no samples (scrapes failed through a process's last minute) or a
-    process's final instant is unknown."""
-    if finals:
-        found = await query_parts(client, {**q.job_totals(job_id, window, final, finals), **also}, now)
-        if found["samples"]:
-            return found
-        return {**found, **await query_parts(client, q.job_totals(job_id, window, final), now)}
-    return await query_parts(client, {**q.job_totals(job_id, window, final), **also}, now)
+        found = await query_parts_many(client, [parts(facts, w, facts.finals) for facts, w in started], now)
+        # Counters and last values come from each process's last minute; where that held no samples (scrapes
+        # failed through it) read the whole window.
+        again = [i for i, (facts, _) in enumerate(started) if facts.finals and not found[i]["samples"]]
+        if again:
+            whole = await query_parts_many(client, [q.job_totals(started[i][0].job_id, started[i][1].final_window,
+                                                                 started[i][1].final_time) for i in again], now)
+            for i, parts in zip(again, whole):
+                found[i].update(parts)
+        return found
+
+    instants, *per_job = await asyncio.gather(
+        instant(),
+        *(peaks(client, {**q.job_peaks(facts.job_id, w.window, gpus=facts.info.get("device") != "cpu"),
+                         **q.host_peaks(w.window)}, w.window, w.end) for facts, w in started),
+        *(first_loss(client, facts.job_id, facts.start, w.final_window) for facts, w in started))
+    peak_results, initial_losses = per_job[:len(started)], per_job[len(started):]
+    answers = {facts.job_id: (_assemble(facts, now, {**found, **peak}, initial, window=w.window), facts)
+               for (facts, w), found, peak, initial in zip(started, instants, peak_results, initial_losses)}
+    return [answers.get(facts.job_id) or (_assemble(facts, now, {}, None), facts) for facts in all_facts]
 
 
 async def peaks(client: PrometheusClient, expressions: dict[str, str], window: float, end: float) -> dict:
@@ -374,16 +436,22 @@ class AnalyticsCache:
         return len(self._entries)
 
 
+async def cached_jobs_analytics(client: PrometheusClient, cache: AnalyticsCache, job_ids: list[str],
+                                lookback: float) -> list[dict]:
+    """jobs_analytics through the cache: the jobs not cached are read together."""
+    cached = {job_id: cache.get(job_id) for job_id in dict.fromkeys(job_ids)}
+    missing = [job_id for job_id, analytics in cached.items() if analytics is None]
+    for analytics, facts in await jobs_analytics(client, missing, lookback) if missing else []:
+        cached[facts.job_id] = analytics
+        if facts.settled:
+            cache.put(facts.job_id, analytics)
+    return [cached[job_id] for job_id in job_ids]
+
+
 async def cached_job_analytics(client: PrometheusClient, cache: AnalyticsCache, job_id: str,
                                lookback: float) -> dict:
     """job_analytics through the cache."""
-    cached = cache.get(job_id)
-    if cached is not None:
-        return cached
-    analytics, facts = await _job_analytics(client, job_id, lookback)
-    if facts.settled:
-        cache.put(job_id, analytics)
-    return analytics
+    return (await cached_jobs_analytics(client, cache, [job_id], lookback))[0]
 
 
 # ----- the fleet ----------------------------------------------------------------------------------------
@@ -604,7 +672,7 @@ def comparison_row(analytics: dict) -> dict:
 
 async def compare(client: PrometheusClient, cache: AnalyticsCache, job_ids: list[str], lookback: float) -> dict:
     """Side-by-side rows and the winner per category, ties stated."""
-    analytics = await asyncio.gather(*(cached_job_analytics(client, cache, job_id, lookback) for job_id in job_ids))
+    analytics = await cached_jobs_analytics(client, cache, job_ids, lookback)
     table = [comparison_row(a) for a in analytics]
     winner, ties = scoring.winners(table)
     return {"jobs": table, "winner": winner, "ties": ties}

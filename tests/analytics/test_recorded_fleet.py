@@ -184,19 +184,20 @@ def test_trends_from_recorded_series_approximate_the_raw_ones(backfilled):
 def test_job_totals_from_each_process_last_minute_equal_the_whole_window(backfilled, monkeypatch):
     """Counters and last values read from the minute before each process's final scrape (a resumed job's
     two processes, two ranks, jobs of 5 to 13 minutes) equal those read from every sample of the job."""
-    find_job = reports.find_job
+    find_jobs = reports.find_jobs
     whole_window = {"on": False}
     took_finals = []
 
     async def find(*args, **kwargs):
-        facts = await find_job(*args, **kwargs)
-        if whole_window["on"]:
-            facts.finals = None
-        elif facts.finals:
-            took_finals.append(facts.job_id)
-        return facts
+        found = await find_jobs(*args, **kwargs)
+        for facts in found:
+            if whole_window["on"]:
+                facts.finals = None
+            elif facts.finals:
+                took_finals.append(facts.job_id)
+        return found
 
-    monkeypatch.setattr(reports, "find_job", find)
+    monkeypatch.setattr(reports, "find_jobs", find)
     job_totals, whole_reads = q.job_totals, []
 
     def totals(job_id, window, final, finals=None):
