@@ -290,7 +290,7 @@ async def peaks(client: PrometheusClient, expressions: dict[str, str], window: f
     results = {}
     for name, points in grouped.items():
         results[f"{name}_peak"], results[f"{name}_peak_at"], results[f"{name}_mean"] = [], [], []
-        # A 500-point grid per expression: one float() per value, no per-point tuples.
+        # A 250-point grid per expression: one float() per value, no per-point tuples.
         values = [float(v) for _, v in points]
         finite = [v for v in values if math.isfinite(v)]
         if finite:

@@ -66,9 +66,9 @@ def test_durations_steps_and_timestamps():
     assert q.range_step(86400) == pytest.approx(8.64)
     assert 86400 / q.range_step(86400) <= 11_000
     assert q.over(60, 1700000000.1234) == "[60000ms] @ 1700000000.123"
-    assert q.peak_step(3600) == 7.2                 # peaks: at most 500 grid points
-    assert q.grid(3600, 1700000000) == "[3600000ms:7200ms] @ 1700000000.000"
-    assert q.step_window(10) == "1000ms" and q.step_window(3600) == "7200ms"
+    assert q.peak_step(3600) == 14.4                # peaks: at most 250 grid points
+    assert q.grid(3600, 1700000000) == "[3600000ms:14400ms] @ 1700000000.000"
+    assert q.step_window(10) == "1000ms" and q.step_window(3600) == "14400ms"
 
 
 def test_totals_read_each_process_last_minute_except_the_best_loss():
@@ -101,11 +101,11 @@ def test_trend_windows_follow_the_step():
 
 
 def test_peak_grid_lands_on_the_subquery_grid():
-    # grid(3600, T): step 7200 ms, points at multiples of it in [T - 3600 s, T]
+    # grid(3600, T): step 14400 ms, points at multiples of it in [T - 3600 s, T]
     start, end, step = q.peak_grid(3600, 1700000000.5)
-    assert step == "7200ms"
-    assert start == pytest.approx(1699996406.4) and end == pytest.approx(1699999999.2)
-    assert round(start * 1000) % 7200 == 0 and round(end * 1000) % 7200 == 0
+    assert step == "14400ms"
+    assert start == pytest.approx(1699996406.4) and end == pytest.approx(1699999992.0)
+    assert round(start * 1000) % 14400 == 0 and round(end * 1000) % 14400 == 0
     # an aligned window keeps both ends; a short one steps at the scrape interval
     assert q.peak_grid(36, 36.0) == (0.0, 36.0, "250ms")
     assert q.peak_grid(0.1, 1.0) == (1.0, 1.0, "250ms")
