@@ -272,12 +272,20 @@ def _job_gpus(metric: str, job_id: str) -> str:
     return f"({metric} * on (instance, gpu, uuid) {job_selector('hw_gpu_job_info', job_id)})"
 
 
-def job_rates(job_id: str, window: float, end: float) -> dict[str, str]:
-    """The CPU seconds of the job's process trees over (start, end]: each counter's last minus first sample
-    in the window (not increase(), whose extrapolation differs between Prometheus and VictoriaMetrics). Its
-    peaks and GPU figures: job_peaks."""
-    cpu = f"{job_selector('process_cpu_time_seconds_total', job_id)}{over(window, end)}"
-    return {"cpu_seconds": f"sum(max_over_time({cpu}) - min_over_time({cpu}))"}
+def job_rates(job_id: str, window: float, end: float,
+              segments: list[tuple[float, float]] | None = None) -> dict[str, str]:
+    """The CPU seconds of the job's process trees: each counter's last minus first sample (not increase(),
+    whose extrapolation differs between Prometheus and VictoriaMetrics). The exporter's counter is per job
+    and starts again when a resumed job's new process does, so with segments (the spans in which the job's
+    processes ran) each span is counted on its own and the spans summed; without, the whole window
+    (start, end]. Its peaks and GPU figures: job_peaks."""
+    cpu = job_selector("process_cpu_time_seconds_total", job_id)
+    spans = segments or [(end - window, end)]
+    parts = []
+    for index, (start, stop) in enumerate(spans):
+        r = over(max(stop - start, 1e-3), stop)
+        parts.append(f'label_replace(max_over_time({cpu}{r}) - min_over_time({cpu}{r}), "segment", "{index}", "", "")')
+    return {"cpu_seconds": f"sum({' or '.join(parts)})"}
 
 
 # ----- the host under the job ---------------------------------------------------------------------------

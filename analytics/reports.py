@@ -83,6 +83,9 @@ class JobFacts:
     live: bool
     # Each process's final instant (end plus linger, or now while it runs); None when one is unknown.
     finals: list[float] | None = None
+    # The disjoint spans (start, end-or-now) in which the job's processes ran (ranks overlap, a resumed job's
+    # processes follow each other); None when a process's start or end is unknown.
+    segments: list[tuple[float, float]] | None = None
 
     @property
     def settled(self) -> bool:
@@ -171,6 +174,15 @@ class _Lookup:
             else:   # paused, killed or not yet ended: where its last samples lie is unknown
                 finals = None
                 break
+        segments = None
+        if finals is not None and all(p.start is not None for p in processes.values()):
+            spans = sorted((p.start, p.end if p.end is not None else now) for p in processes.values())
+            segments = []
+            for start, stop in spans:
+                if segments and start <= segments[-1][1]:
+                    segments[-1] = (segments[-1][0], max(segments[-1][1], stop))
+                else:
+                    segments.append((start, stop))
         labels = dict(self.info[0]) if self.info else {}
         for internal in ("__name__", "instance", "job", "job_id", "rank"):
             labels.pop(internal, None)
@@ -179,7 +191,8 @@ class _Lookup:
                         end=latest.end if latest and status in q.FINAL_STATES else None,
                         latest_instance=latest.instance if latest else None,
                         error_type=self.failure[0].get("error_type") if self.failure else None,
-                        upload_seconds=max(self.upload) if self.upload else None, live=self.live, finals=finals)
+                        upload_seconds=max(self.upload) if self.upload else None, live=self.live, finals=finals,
+                        segments=segments)
 
 
 async def find_jobs(client: PrometheusClient, job_ids: list[str], lookback: float, now: float) -> list[JobFacts]:
@@ -253,7 +266,8 @@ async def jobs_analytics(client: PrometheusClient, job_ids: list[str], lookback:
     async def instant() -> list[dict[str, list[dict]]]:
         def parts(facts: JobFacts, w: _Window, finals: list[float] | None) -> dict[str, str]:
             return {**q.job_totals(facts.job_id, w.final_window, w.final_time, finals),
-                    **q.job_rates(facts.job_id, w.window, w.end), **q.host(w.window, facts.start, w.end)}
+                    **q.job_rates(facts.job_id, w.window, w.end, facts.segments),
+                    **q.host(w.window, facts.start, w.end)}
 
         found = await query_parts_many(client, [parts(facts, w, facts.finals) for facts, w in started], now)
         # Counters and last values come from each process's last minute; where that held no samples (scrapes

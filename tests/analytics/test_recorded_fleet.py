@@ -58,6 +58,15 @@ def history(now: float) -> str:
     # Two ranks.
     for rank in ("0", "1"):
         lines += process_lines("ranks", f"h:20{rank}", now - 2400, now - 1800, "completed", "alice", rank=rank)
+    # The exporter's CPU counter of a job's process tree: one series per job, starting again from 0 with a
+    # resumed job's new process.
+    def exporter_cpu(job_id: str, spans: list[tuple[float, float]], per_second: float) -> list[str]:
+        return [f'process_cpu_time_seconds_total{{job_id="{job_id}",instance="exporter:9105",job="exporter"}} '
+                f"{per_second * (t - start):.3f} {t:.3f}"
+                for start, end in spans for t in (start + i * 10.0 for i in range(int((end - start) / 10) + 1))]
+
+    lines += exporter_cpu("resumed", [(now - 5400, now - 4800), (now - 4500, now - 3900)], 2.0)
+    lines += exporter_cpu("ranks", [(now - 2400, now - 1800)], 1.0)
     # Samples on both sides of the start of a 1-hour range read 11 minutes after `now`.
     lines += process_lines("straddle", "h:300", now + 660 - 3700, now + 660 - 3500, "completed", "bob")
     by_series: dict[str, list[str]] = {}
@@ -227,6 +236,13 @@ def test_job_totals_from_each_process_last_minute_equal_the_whole_window(backfil
     assert from_whole["resumed"]["performance"]["total_samples"] == 30000 + 50 * 600
     assert from_whole["ranks"]["performance"]["total_samples"] == 2 * 50 * 600
     assert from_whole["job-05"]["losses"]["final"] == pytest.approx(2.0 / (1 + 400 / 60), abs=1e-6)
+    # CPU seconds per span the job's processes ran: the resumed job's counter started again with its second
+    # process (2 x 600 s at 2 CPU-s/s), the two ranks' spans overlap (600 s at 1 CPU-s/s, once).
+    resumed, ranks = from_whole["resumed"], from_whole["ranks"]
+    assert resumed["resource_utilization"]["average_cpu_percent"] == pytest.approx(
+        100 * 2 * 1200 / resumed["duration"]["total_seconds"], rel=1e-6)
+    assert ranks["resource_utilization"]["average_cpu_percent"] == pytest.approx(
+        100 * 600 / ranks["duration"]["total_seconds"], rel=1e-6)
 
 
 def test_summary_top_jobs_details_equal_the_full_job_table(backfilled):

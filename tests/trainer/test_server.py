@@ -286,7 +286,8 @@ def test_server_killed_mid_job_restarts_without_losing_jobs(tmp_path):
     spec = {"dataset": "blobs", "batch_size": 16, "log_every": 10, "checkpoint_every": 20}
     client.post("/api/training/jobs", json={**spec, "epochs": 1, "job_id": "short-1"})
     wait_job(client, "short-1", lambda j: j["state"] == "completed")
-    client.post("/api/training/jobs", json={**spec, "epochs": 6, "job_id": "survivor-1"})
+    # Long enough to be still running after the kill and the restart, even on a fast, idle machine.
+    client.post("/api/training/jobs", json={**spec, "epochs": 40, "job_id": "survivor-1"})
     client.post("/api/training/jobs", json={**spec, "epochs": 1, "job_id": "queued-1"})
     wait_job(client, "survivor-1", lambda j: j["state"] == "running")
     time.sleep(4)
