@@ -264,12 +264,12 @@ async def jobs_analytics(client: PrometheusClient, job_ids: list[str], lookback:
     started = [(facts, _Window.of(facts, now)) for facts in all_facts if facts.start is not None]   # not queued
 
     async def instant() -> list[dict[str, list[dict]]]:
-        def parts(facts: JobFacts, w: _Window, finals: list[float] | None) -> dict[str, str]:
-            return {**q.job_totals(facts.job_id, w.final_window, w.final_time, finals),
+        def parts(facts: JobFacts, w: _Window) -> dict[str, str]:
+            return {**q.job_totals(facts.job_id, w.final_window, w.final_time, facts.finals),
                     **q.job_rates(facts.job_id, w.window, w.end, facts.segments),
                     **q.host(w.window, facts.start, w.end)}
 
-        found = await query_parts_many(client, [parts(facts, w, facts.finals) for facts, w in started], now)
+        found = await query_parts_many(client, [parts(facts, w) for facts, w in started], now)
         # Counters and last values come from each process's last minute; where that held no samples (scrapes
         # failed through it) read the whole window.
         again = [i for i, (facts, _) in enumerate(started) if facts.finals and not found[i]["samples"]]
