@@ -88,7 +88,8 @@ def peak_step(seconds: float) -> float:
 
 
 def grid(seconds: float, at: float) -> str:
-    """A subquery range `[W:STEP] @ T` on the peak grid."""
+    """A subquery range `[W:STEP] @ T` on the peak grid: the definition that peak_grid's range queries
+    reproduce point for point (the tests compare the two; the service itself runs no subquery of it)."""
     return f"[{duration(seconds)}:{duration(peak_step(seconds))}] @ {timestamp_literal(at)}"
 
 
