@@ -93,9 +93,15 @@ def grid(seconds: float, at: float) -> str:
     return f"[{duration(seconds)}:{duration(peak_step(seconds))}] @ {timestamp_literal(at)}"
 
 
+def rate_window_ms(step: float) -> int:
+    """The window a point `step` seconds after the previous one reads, in whole milliseconds: its whole
+    step, and at least PEAK_RATE_WINDOW_SECONDS for a counter's growth (the peak grid and the trends)."""
+    return max(1, math.ceil(max(PEAK_RATE_WINDOW_SECONDS, step) * 1000))
+
+
 def step_window(seconds: float) -> str:
-    """The window each grid point reads: its whole step, and at least one second for rates."""
-    return duration(max(PEAK_RATE_WINDOW_SECONDS, peak_step(seconds)))
+    """The window each peak-grid point reads, as a duration literal."""
+    return f"{rate_window_ms(peak_step(seconds))}ms"
 
 
 # ----- finding jobs ---------------------------------------------------------------------------------------
@@ -220,17 +226,12 @@ def peak_grid(seconds: float, at: float) -> tuple[float, float, str]:
     return first_ms / 1000, last_ms / 1000, f"{step_ms}ms"
 
 
-def step_seconds(window: float) -> float:
-    """The seconds step_window(window) names (whole milliseconds)."""
-    return max(1, math.ceil(max(PEAK_RATE_WINDOW_SECONDS, peak_step(window)) * 1000)) / 1000
-
-
 def increase_per_second(selector: str, window: float) -> str:
     """Per series, the counter's increase over the grid point's window divided by the window: its newest
     sample now minus its newest sample one window ago. Not rate(): Prometheus extrapolates to the window's
     edges and VictoriaMetrics does not, so rate() answers differ between the two; this one does not."""
     w = step_window(window)
-    return f"({selector} - {selector} offset {w}) / {step_seconds(window)!r}"
+    return f"({selector} - {selector} offset {w}) / {rate_window_ms(peak_step(window)) / 1000!r}"
 
 
 def job_peaks(job_id: str, window: float, gpus: bool = True) -> dict[str, str]:
@@ -491,6 +492,6 @@ def trend(name: str, step: float, recorded: bool = False) -> str:
     """A resource-trend expression for range queries at `step` (from the recorded series where asked and
     available)."""
     template = RECORDED_TRENDS[name] if recorded and name in RECORDED_TRENDS else TRENDS[name]
-    window_ms = max(1, math.ceil(max(PEAK_RATE_WINDOW_SECONDS, step) * 1000))
+    window_ms = rate_window_ms(step)
     template = template.replace("{window+rule}", f"{window_ms + round(RULE_INTERVAL_SECONDS * 1000)}ms")
     return template.replace("{window}", f"{window_ms}ms").replace("{seconds}", repr(window_ms / 1000))

@@ -215,11 +215,6 @@ async def find_jobs(client: PrometheusClient, job_ids: list[str], lookback: floa
     return [lookup.facts(now) for lookup in lookups]
 
 
-async def find_job(client: PrometheusClient, job_id: str, lookback: float, now: float) -> JobFacts:
-    """find_jobs for one job."""
-    return (await find_jobs(client, [job_id], lookback, now))[0]
-
-
 async def first_loss(client: PrometheusClient, job_id: str, start: float, window: float) -> float | None:
     """The first trainer_loss sample Prometheus holds for the job: its first minute, else its whole window."""
     for seconds in dict.fromkeys((min(q.FIRST_LOSS_SECONDS, window), window)):
