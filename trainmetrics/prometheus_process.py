@@ -213,3 +213,19 @@ class VictoriaMetricsServer(PrometheusServer):
     def remote_write_url(self) -> str:
         """Where Prometheus remote-writes to this store."""
         return f"{self.url}/api/v1/write"
+
+    def wait_until_agrees(self, source: PrometheusServer, expressions: tuple[str, ...],
+                          timeout: float = 60.0) -> None:
+        """Poll until every expression answers here as it does on the Prometheus that remote-writes here
+        (both asked at the same time): the samples they count have all arrived. TimeoutError otherwise.
+        Ask for counts and integer sums: a stored float keeps fewer digits here than in Prometheus."""
+        deadline = time.monotonic() + timeout
+        while True:
+            now = time.time()
+            values = [tuple(result[0]["value"][1] if result else None
+                            for result in (source.query(expr, now), self.query(expr, now))) for expr in expressions]
+            if all(ours == theirs for ours, theirs in values):
+                return
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"remote write incomplete after {timeout}s: {list(zip(expressions, values))}")
+            time.sleep(0.5)

@@ -143,19 +143,6 @@ ARRIVED = ("count(last_over_time(trainer_job_end_timestamp_seconds[10m]))",
            "sum(count_over_time(trainer_loss[10m]))")
 
 
-def wait_for_remote_write(prometheus: PrometheusServer, store: VictoriaMetricsServer, timeout: float = 60) -> None:
-    """Until the store answers ARRIVED as Prometheus does: every job's samples, to the last, were written."""
-    deadline = time.monotonic() + timeout
-    while True:
-        now = time.time()
-        pairs = [(prometheus.query(expr, now), store.query(expr, now)) for expr in ARRIVED]
-        values = [tuple(result[0]["value"][1] if result else None for result in pair) for pair in pairs]
-        if all(ours == theirs for ours, theirs in values):
-            return
-        assert time.monotonic() < deadline, f"remote write incomplete: {list(zip(ARRIVED, values))}"
-        time.sleep(0.5)
-
-
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory):
     """A real Prometheus remote-writing into a real VictoriaMetrics, and three real jobs that have exited:
@@ -195,7 +182,7 @@ def fleet(tmp_path_factory):
         cancelled.send_signal(signal.SIGTERM)
         jobs = {job.job_id: job for job in (finish("done-1", done, []), finish("fail-1", failing, fail_lines),
                                             finish("cancel-1", cancelled, cancel_lines))}
-        wait_for_remote_write(prometheus, victoria)
+        victoria.wait_until_agrees(prometheus, ARRIVED)
         yield {"prometheus": prometheus, "victoria-metrics": victoria}, jobs
     finally:
         for process in processes:

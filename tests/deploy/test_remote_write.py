@@ -3,7 +3,6 @@ VictoriaMetrics answer as they do pointed at Prometheus."""
 
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -22,9 +21,11 @@ def both_backends(tmp_path_factory):
                               "--batch-size", "32", "--log-every", "10", "--targets-dir", str(prometheus.targets_dir)],
                              capture_output=True, text=True, timeout=300)
         assert job.returncode == 0, job.stderr
-        selector = f'last_over_time(trainer_job_end_timestamp_seconds{{job_id="{JOB_ID}"}}[5m])'
-        victoria.wait_for(selector, timeout=60)            # the remote-written samples arrived
-        time.sleep(3)                                      # and the rest of the queue after them
+        # The remote-written samples arrived, to the last of the job's (its end) and all of its counts.
+        victoria.wait_until_agrees(prometheus, (
+            f'count(last_over_time(trainer_job_end_timestamp_seconds{{job_id="{JOB_ID}"}}[5m]))',
+            f'sum(count_over_time(trainer_samples_total{{job_id="{JOB_ID}"}}[5m]))',
+            f'sum(count_over_time(trainer_loss{{job_id="{JOB_ID}"}}[5m]))'))
         yield prometheus, victoria
     finally:
         prometheus.stop()
