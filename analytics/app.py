@@ -1,30 +1,36 @@
-"""The analytics application: settings, the routes list and the lifespan that owns the shared Prometheus
-client. Errors map to JSON once, here."""
+"""The analytics service: settings, routes and the lifespan that owns the shared Prometheus client, as a
+component of an app behind the edge (trainmetrics.edge: the error shape, /healthz, /metrics, auth)."""
 
 import asyncio
 import contextlib
 import logging
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import httpx
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from analytics import endpoints
-from analytics.prometheus import ClientMetrics, PrometheusClient, PrometheusError
-from analytics.reports import AnalyticsCache, JobNotFound
+from trainmetrics.analytics import endpoints
+from trainmetrics.analytics.prometheus import ClientMetrics, PrometheusClient
+from trainmetrics.analytics.cache import AnalyticsCache
+from trainmetrics.edge import ApiError, Component, build_app, error_response
+from trainmetrics.webconfig import WebConfig
 
 log = logging.getLogger("trainmetrics.analytics")
 
 
+def everyone(request: Request) -> str | None:
+    """The default owner scope: no owners, every job visible."""
+    return None
+
+
 @dataclass
 class Settings:
-    """How the service reaches Prometheus and how long it waits."""
+    """How the service reaches Prometheus, how long it waits, and whose jobs a request may see."""
 
     prometheus_url: str = "http://127.0.0.1:9090"
     lookback_seconds: float = 30 * 86400          # how far back a job is looked up by id
@@ -37,35 +43,14 @@ class Settings:
     cache_entries: int = 1024                     # finished jobs' analytics kept (0: no cache)
     recorded_series: bool = True                  # fleet reads analytics.rules.yml's series where they cover it
     transport: httpx.AsyncBaseTransport | None = None   # tests inject httpx.MockTransport here
+    # The owner whose jobs a request may see (None: all). The analytics check it against each job's own
+    # `owner` label in Prometheus on every route; trainmetrics.service passes the job server's token owner.
+    owner_scope: Callable[[Request], str | None] = everyone
 
     @property
     def lookback(self) -> float:
         """Alias used by the endpoints."""
         return self.lookback_seconds
-
-
-def error_body(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
-    """The one error shape: {"error": {"code", "message"}}."""
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
-
-
-PROMETHEUS_CODES = {"unavailable": "prometheus_unavailable", "timeout": "prometheus_timeout",
-                    "bad_answer": "prometheus_bad_answer"}
-
-
-def error_response(error: Exception) -> JSONResponse:
-    """Map an exception from an endpoint to its JSON answer."""
-    if isinstance(error, endpoints.BadParameter):
-        return error_body(400, "bad_request", str(error))
-    if isinstance(error, JobNotFound):
-        return error_body(404, "not_found", str(error))
-    if isinstance(error, PrometheusError):
-        headers = {"Retry-After": str(error.retry_after)} if error.retry_after else None
-        return error_body(error.status_code, PROMETHEUS_CODES[error.kind], error.message, headers)
-    if isinstance(error, TimeoutError):
-        return error_body(504, "timeout", "the analytics service ran out of time answering this request")
-    log.exception("unexpected error", exc_info=error)
-    return error_body(500, "internal", f"internal error: {type(error).__name__}")
 
 
 class RequestMetrics:
@@ -80,14 +65,16 @@ class RequestMetrics:
 
 
 def instrumented(route: str, endpoint, metrics: RequestMetrics, deadline: float):
-    """The endpoint under the service deadline, its errors mapped to JSON, counted and timed."""
+    """The endpoint under the service deadline, counted and timed; its errors leave through the edge's shape."""
     async def handle(request: Request):
         began = time.perf_counter()
         try:
             async with asyncio.timeout(deadline):
                 response = await endpoint(request)
-        except Exception as error:   # every failure leaves as JSON
-            response = error_response(error)
+        except ApiError as error:
+            response = error_response(error.status, error.code, error.message, error.headers)
+        except TimeoutError:
+            response = error_response(504, "timeout", "the analytics service ran out of time answering this request")
         metrics.requests.labels(route, str(response.status_code)).inc()
         metrics.duration.labels(route).observe(time.perf_counter() - began)
         return response
@@ -100,40 +87,39 @@ def instrumented(route: str, endpoint, metrics: RequestMetrics, deadline: float)
 ROUTES = (
     ("/api/training/analytics/summary", endpoints.summary),
     ("/api/training/analytics/compare", endpoints.compare),
-    ("/api/training/jobs", endpoints.jobs),
+    ("/api/training/analytics/jobs", endpoints.jobs),
     ("/api/training/{job_id}/analytics", endpoints.job_analytics),
-    ("/healthz", endpoints.healthz),
-    ("/metrics", endpoints.metrics),
     ("/openapi.json", endpoints.openapi),
 )
 
 
-async def http_error(request: Request, error: HTTPException) -> JSONResponse:
-    """Starlette's own 404/405 in the one error shape."""
-    code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
-    return error_body(error.status_code, code, str(error.detail), getattr(error, "headers", None))
-
-
-def create_app(settings: Settings | None = None) -> Starlette:
-    """The Starlette application for `settings`."""
-    settings = settings or Settings()
+def build_component(settings: Settings) -> Component:
+    """The analytics as a component of an app (trainmetrics.edge.build_app)."""
     registry = CollectorRegistry()
     metrics = RequestMetrics(registry)
     client_metrics = ClientMetrics(registry)
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette):
+    async def lifespan():
         client = PrometheusClient(settings.prometheus_url, deadline=settings.prometheus_deadline,
                                   max_concurrency=settings.max_concurrency, transport=settings.transport,
                                   metrics=client_metrics)
         try:
-            yield {"prometheus": client, "cache": AnalyticsCache(settings.cache_entries)}
+            yield {"prometheus": client, "cache": AnalyticsCache(settings.cache_entries),
+                   "analytics_settings": settings}
         finally:
             await client.aclose()
 
+    async def health(request: Request) -> dict:
+        """Prometheus answers /-/ready."""
+        await request.state.prometheus.ready()
+        return {"prometheus": request.state.prometheus.base_url}
+
     routes = [Route(path, instrumented(path, endpoint, metrics, settings.service_deadline), methods=["GET"])
               for path, endpoint in ROUTES]
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
-    app.state.settings = settings
-    app.state.registry = registry
-    return app
+    return Component(name="prometheus", routes=routes, lifespan=lifespan, registry=registry, health=health)
+
+
+def create_app(settings: Settings | None = None, web_config: WebConfig | None = None) -> Starlette:
+    """The analytics service on its own (`trainmetrics analytics`)."""
+    return build_app([build_component(settings or Settings())], web_config=web_config)

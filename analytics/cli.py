@@ -1,59 +1,94 @@
-"""`trainmetrics analytics`: the analytics HTTP service over a Prometheus-API backend."""
+"""`trainmetrics analytics`: the analytics HTTP service over a Prometheus-API backend. Its flags are shared with
+`trainmetrics server`, which serves the same analytics beside the job API."""
 
 import argparse
 import logging
-import sys
 
-from trainmetrics.names import DEFAULT_ANALYTICS_PORT, DEFAULT_PROMETHEUS_PORT, parse_listen
-from trainmetrics.webconfig import load_web_config, serve_uvicorn
+from trainmetrics.command import (DEFAULT_ANALYTICS_PORT, DEFAULT_PROMETHEUS_PORT, FlagError, listen_flag,
+                                  listening_socket, say_listening)
+from trainmetrics.webconfig import load_web_config
+
+
+def add_analytics_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags that set how the analytics reach Prometheus (both commands take them)."""
+    group = parser.add_argument_group("analytics")
+    group.add_argument("--prometheus-url", default=f"http://127.0.0.1:{DEFAULT_PROMETHEUS_PORT}",
+                       help="base URL of Prometheus or any Prometheus-API backend")
+    group.add_argument("--lookback", default="30d", help="how far back a job is found by id")
+    group.add_argument("--prometheus-timeout", type=float, default=8.0,
+                       help="seconds per request to Prometheus (below --request-timeout)")
+    group.add_argument("--request-timeout", type=float, default=10.0,
+                       help="seconds per request to the analytics")
+    group.add_argument("--max-concurrency", type=int, default=4,
+                       help="requests in flight to Prometheus, shared by all callers (a query runs on one "
+                            "Prometheus core; raise it for a Prometheus with many cores and many callers)")
+    group.add_argument("--cache-entries", type=int, default=1024,
+                       help="finished jobs' analytics kept in memory (0: no cache)")
+    group.add_argument("--recorded-series", action=argparse.BooleanOptionalAction, default=True,
+                       help="the summary and the job list read the analytics recording rules' series where they "
+                            "cover the range (--no-recorded-series: raw series only)")
+
+
+def analytics_settings(args: argparse.Namespace):
+    """Settings from the flags; FlagError naming the first bad one."""
+    from trainmetrics.analytics.app import Settings
+    from trainmetrics.analytics.endpoints import BadParameter, parse_duration
+
+    try:
+        lookback = parse_duration("lookback", args.lookback)
+    except BadParameter as error:
+        raise FlagError("--lookback", error.message.split(": ", 1)[-1]) from None
+    if not args.prometheus_timeout > 0:
+        raise FlagError("--prometheus-timeout", f"must be positive, got {args.prometheus_timeout:g}")
+    if not args.prometheus_timeout < args.request_timeout:
+        raise FlagError("--prometheus-timeout", f"must be below --request-timeout ({args.request_timeout:g})")
+    if args.max_concurrency < 1:
+        raise FlagError("--max-concurrency", f"must be at least 1, got {args.max_concurrency}")
+    if args.cache_entries < 0:
+        raise FlagError("--cache-entries", f"must not be negative, got {args.cache_entries}")
+    if not args.prometheus_url.startswith(("http://", "https://")):
+        raise FlagError("--prometheus-url", f"must be an http(s) URL, got {args.prometheus_url[:80]!r}")
+    return Settings(prometheus_url=args.prometheus_url, lookback_seconds=lookback,
+                    prometheus_deadline=args.prometheus_timeout, service_deadline=args.request_timeout,
+                    max_concurrency=args.max_concurrency, cache_entries=args.cache_entries,
+                    recorded_series=args.recorded_series)
+
+
+def add_web_flags(parser: argparse.ArgumentParser, port: int = DEFAULT_ANALYTICS_PORT) -> None:
+    """--listen and --web.config.file, as every trainmetrics server takes them."""
+    parser.add_argument("--listen", default=f"127.0.0.1:{port}", help="HOST:PORT to serve on")
+    parser.add_argument("--web.config.file", dest="web_config_file", default=None, metavar="FILE",
+                        help="TLS (optionally client certificates) and basic-auth settings, in Prometheus "
+                             "exporter-toolkit's web-config format")
+
+
+def web_config_flag(args: argparse.Namespace):
+    """The web config, or FlagError."""
+    try:
+        return load_web_config(args.web_config_file)
+    except ValueError as error:
+        raise FlagError("--web.config.file", str(error)) from None
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     """Add the analytics flags (imports nothing heavy)."""
-    parser.add_argument("--listen", default=f"127.0.0.1:{DEFAULT_ANALYTICS_PORT}", help="HOST:PORT to serve on")
-    parser.add_argument("--prometheus-url", default=f"http://127.0.0.1:{DEFAULT_PROMETHEUS_PORT}",
-                        help="base URL of Prometheus or any Prometheus-API backend")
-    parser.add_argument("--lookback", default="30d", help="how far back a job is found by id")
-    parser.add_argument("--prometheus-timeout", type=float, default=8.0,
-                        help="seconds per request to Prometheus (below --request-timeout)")
-    parser.add_argument("--request-timeout", type=float, default=10.0, help="seconds per request to this service")
-    parser.add_argument("--max-concurrency", type=int, default=4,
-                        help="requests in flight to Prometheus, shared by all callers (default 4: a query runs on "
-                             "one Prometheus core; raise it for a Prometheus with many cores and many callers)")
-    parser.add_argument("--web.config.file", dest="web_config_file", default=None,
-                        help="TLS (optionally client certificates) and basic-auth settings, in Prometheus "
-                             "exporter-toolkit's web-config format")
-    parser.add_argument("--cache-entries", type=int, default=1024,
-                        help="finished jobs' analytics kept in memory (0: no cache)")
-    parser.add_argument("--no-recorded-series", dest="recorded_series", action="store_false",
-                        help="summary and job list read raw series only, never the analytics recording rules'")
+    add_web_flags(parser)
+    add_analytics_flags(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Serve until interrupted; 2 on bad flags."""
+    """Serve until interrupted; bad flags raise FlagError (exit 2)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)     # one INFO line per Prometheus request otherwise
-    from analytics.endpoints import BadParameter, parse_duration
+    host, port = listen_flag("--listen", args.listen)
+    settings = analytics_settings(args)
+    web_config = web_config_flag(args)
+    sock = listening_socket("--listen", host, port)
 
-    try:
-        host, port = parse_listen(args.listen)
-        lookback = parse_duration("lookback", args.lookback)
-        if not 0 < args.prometheus_timeout < args.request_timeout:
-            raise ValueError("--prometheus-timeout must be positive and below --request-timeout")
-        if args.max_concurrency < 1 or args.cache_entries < 0:
-            raise ValueError("--max-concurrency must be at least 1 and --cache-entries not negative")
-        if not args.prometheus_url.startswith(("http://", "https://")):
-            raise ValueError(f"--prometheus-url must be an http(s) URL, got {args.prometheus_url!r}")
-        web_config = load_web_config(args.web_config_file)
-    except (ValueError, BadParameter) as error:
-        print(f"trainmetrics analytics: error: {error}", file=sys.stderr)
-        return 2
+    from trainmetrics.analytics.app import create_app
+    from trainmetrics.edge import serve
 
-    from analytics.app import Settings, create_app
-
-    app = create_app(Settings(prometheus_url=args.prometheus_url, lookback_seconds=lookback,
-                              prometheus_deadline=args.prometheus_timeout,
-                              service_deadline=args.request_timeout, max_concurrency=args.max_concurrency,
-                              cache_entries=args.cache_entries, recorded_series=args.recorded_series))
-    serve_uvicorn(app, host, port, web_config)
+    scheme = "https" if web_config.ssl_context else "http"
+    serve(create_app(settings, web_config), sock, web_config, lambda: say_listening(
+        "analytics", f"{scheme}://{host}:{sock.getsockname()[1]}", f" (Prometheus {settings.prometheus_url})"))
     return 0

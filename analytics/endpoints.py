@@ -1,4 +1,5 @@
-"""The HTTP endpoints: parse and check parameters, call reports, answer JSON (or CSV where a table fits)."""
+"""The HTTP endpoints: parse and check parameters, call the reports (job, cache, fleet), answer JSON (or CSV
+where a table fits)."""
 
 import csv
 import io
@@ -7,15 +8,15 @@ import re
 import time
 from datetime import datetime
 
-from prometheus_client import generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from analytics import queries as q
-from analytics import reports
-from analytics.openapi import openapi_document
-from trainmetrics.names import validate_job_id
+from trainmetrics.analytics import fleet, shapes
+from trainmetrics.analytics import queries as q
+from trainmetrics.analytics.cache import cached_job_analytics
+from trainmetrics.analytics.openapi import openapi_document
+from trainmetrics.contract import validate_job_id
+from trainmetrics.edge import ApiError
 
 MAX_RANGE_SECONDS = 90 * 86400
 DEFAULT_SUMMARY_RANGE = "24h"
@@ -25,12 +26,21 @@ _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
-class BadParameter(ValueError):
-    """A request parameter is missing or out of range; the message names it."""
+class BadParameter(ApiError):
+    """A request parameter is missing or out of range (400); the message names it."""
 
     def __init__(self, parameter: str, message: str):
-        super().__init__(f"parameter {parameter!r}: {message}")
+        super().__init__(400, "bad_request", f"parameter {parameter!r}: {message}")
         self.parameter = parameter
+
+
+def _settings(request: Request):
+    return request.state.analytics_settings
+
+
+def _owner(request: Request) -> str | None:
+    """Whose jobs this request may see (None: everyone's)."""
+    return _settings(request).owner_scope(request)
 
 
 # ----- parameters ---------------------------------------------------------------------------------------
@@ -93,12 +103,14 @@ def _format(request: Request, tabular: bool) -> str:
     return value
 
 
-def _csv(table: list[dict], columns: list[str], filename: str) -> Response:
+def _csv(table: list, shape: type, filename: str) -> Response:
+    """Rows of a shape as CSV, one column per field."""
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
+    writer = csv.writer(out, lineterminator="\n")
+    columns = shapes.columns(shape)
+    writer.writerow(columns)
     for row in table:
-        writer.writerow({key: "" if row.get(key) is None else row.get(key) for key in columns})
+        writer.writerow("" if getattr(row, key) is None else getattr(row, key) for key in columns)
     return Response(out.getvalue(), media_type="text/csv; charset=utf-8",
                     headers={"content-disposition": f'attachment; filename="{filename}"'})
 
@@ -110,10 +122,9 @@ async def job_analytics(request: Request) -> JSONResponse:
     job_id = _job_id(request)
     _only(request, {"format"})
     _format(request, tabular=False)
-    settings = request.app.state.settings
-    analytics = await reports.cached_job_analytics(request.state.prometheus, request.state.cache, job_id,
-                                                   settings.lookback)
-    return JSONResponse(analytics)
+    analytics = await cached_job_analytics(request.state.prometheus, request.state.cache, job_id,
+                                           _settings(request).lookback, _owner(request))
+    return JSONResponse(shapes.plain(analytics))
 
 
 async def summary(request: Request) -> Response:
@@ -129,20 +140,12 @@ async def summary(request: Request) -> Response:
                                        f"and at most {q.MAX_POINTS_PER_SERIES} points)")
     else:
         step = max(minimum_step, range_seconds / DEFAULT_TREND_POINTS)
-    body = await reports.summary(request.state.prometheus, range_seconds, step, request.query_params.get("owner"),
-                                 recorded=request.app.state.settings.recorded_series)
+    owner = _owner(request) or request.query_params.get("owner")     # an owner sees only their own jobs
+    body = await fleet.summary(request.state.prometheus, range_seconds, step, owner,
+                               recorded=_settings(request).recorded_series)
     if fmt == "csv":
-        return _csv(body["top_performing_jobs"], list(TOP_JOB_COLUMNS), "top_jobs.csv")
-    return JSONResponse(body)
-
-
-TOP_JOB_COLUMNS = ("job_id", "job_name", "owner", "status", "average_samples_per_second", "duration_seconds",
-                   "total_samples", "final_loss")
-JOB_COLUMNS = ("job_id", "job_name", "model", "dataset", "owner", "device", "status", "start_time", "end_time",
-               "duration_seconds", "total_samples", "average_samples_per_second", "final_loss")
-COMPARE_COLUMNS = ("job_id", "job_name", "status", "duration_seconds", "throughput", "peak_throughput",
-                   "total_samples", "final_loss", "best_loss", "gpu_utilization", "average_cpu_percent",
-                   "peak_memory_mb", "overall_score")
+        return _csv(body.top_performing_jobs, shapes.TopJob, "top_jobs.csv")
+    return JSONResponse(shapes.plain(body))
 
 
 async def compare(request: Request) -> Response:
@@ -163,21 +166,21 @@ async def compare(request: Request) -> Response:
     duplicates = sorted({job_id for job_id in job_ids if job_ids.count(job_id) > 1})
     if duplicates:
         raise BadParameter("job_ids", f"listed more than once: {', '.join(duplicates)}")
-    body = await reports.compare(request.state.prometheus, request.state.cache, job_ids,
-                                 request.app.state.settings.lookback)
+    body = await fleet.compare(request.state.prometheus, request.state.cache, job_ids, _settings(request).lookback,
+                               _owner(request))
     if fmt == "csv":
-        return _csv(body["jobs"], list(COMPARE_COLUMNS), "compare.csv")
-    return JSONResponse(body)
+        return _csv(body.jobs, shapes.CompareRow, "compare.csv")
+    return JSONResponse(shapes.plain(body))
 
 
 async def jobs(request: Request) -> Response:
-    """GET /api/training/jobs"""
+    """GET /api/training/analytics/jobs"""
     _only(request, {"status", "owner", "since", "until", "range", "format"})
     fmt = _format(request, tabular=True)
     params = request.query_params
     status = params.get("status")
-    if status is not None and status not in reports.STATUSES:
-        raise BadParameter("status", f"expected one of {', '.join(reports.STATUSES)}, got {status[:40]!r}")
+    if status is not None and status not in shapes.STATES:
+        raise BadParameter("status", f"expected one of {', '.join(shapes.STATES)}, got {status[:40]!r}")
     now = time.time()
     since = parse_time("since", params["since"]) if "since" in params else None
     until = parse_time("until", params["until"]) if "until" in params else None
@@ -191,25 +194,13 @@ async def jobs(request: Request) -> Response:
             raise BadParameter("since", "at most 90 days ago")
     else:
         range_seconds = parse_duration("range", DEFAULT_SUMMARY_RANGE)
-    split = await reports.recorded_split(request.state.prometheus, range_seconds, now,
-                                         request.app.state.settings.recorded_series)
-    table = await reports.fleet(request.state.prometheus, range_seconds, now, split)
-    table = reports.filter_jobs(table, status, params.get("owner"), since, until, now)
+    split = await fleet.recorded_split(request.state.prometheus, range_seconds, now,
+                                       _settings(request).recorded_series)
+    table = await fleet.fleet(request.state.prometheus, range_seconds, now, split)
+    table = fleet.filter_jobs(table, status, _owner(request) or params.get("owner"), since, until, now)
     if fmt == "csv":
-        return _csv(table, list(JOB_COLUMNS), "jobs.csv")
-    return JSONResponse({"range_seconds": range_seconds, "count": len(table), "jobs": table})
-
-
-async def healthz(request: Request) -> JSONResponse:
-    """GET /healthz: 200 when Prometheus answers /-/ready, else the Prometheus error (503/504)."""
-    _only(request, set())
-    await request.state.prometheus.ready()
-    return JSONResponse({"status": "ok", "prometheus": request.state.prometheus.base_url})
-
-
-async def metrics(request: Request) -> Response:
-    """GET /metrics: the service's own request and Prometheus-client metrics."""
-    return Response(generate_latest(request.app.state.registry), media_type=CONTENT_TYPE_LATEST)
+        return _csv(table, shapes.JobRow, "jobs.csv")
+    return JSONResponse(shapes.plain(shapes.JobList(range_seconds=range_seconds, count=len(table), jobs=table)))
 
 
 async def openapi(request: Request) -> JSONResponse:

@@ -1,5 +1,6 @@
 """The Prometheus HTTP API client: one shared httpx.AsyncClient, a deadline per request below the service's
-own, bounded concurrency, and one error type for everything that can go wrong on the way."""
+own, bounded concurrency, requests no caller's cancellation reaches, and one error type for everything that
+can go wrong on the way."""
 
 import asyncio
 import logging
@@ -9,26 +10,29 @@ from urllib.parse import urlencode
 import httpx
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from trainmetrics.edge import ApiError
+
 log = logging.getLogger("trainmetrics.analytics")
 
 DEFAULT_RETRY_AFTER_SECONDS = 5
+CONNECT_TIMEOUT_SECONDS = 2.0
 
 
-class PrometheusError(Exception):
+class PrometheusError(ApiError):
     """Prometheus could not answer: kind is unavailable (503), timeout (504) or bad_answer (502)."""
 
     STATUS = {"unavailable": 503, "timeout": 504, "bad_answer": 502}
 
     def __init__(self, kind: str, message: str, retry_after: int | None = None):
-        super().__init__(message)
+        super().__init__(self.STATUS[kind], f"prometheus_{kind}", message,
+                         {"Retry-After": str(retry_after)} if retry_after else None)
         self.kind = kind
-        self.message = message
         self.retry_after = retry_after
 
     @property
     def status_code(self) -> int:
         """The HTTP status the service answers with."""
-        return self.STATUS[self.kind]
+        return self.status
 
 
 class ClientMetrics:
@@ -50,9 +54,10 @@ class PrometheusClient:
         self.base_url = base_url.rstrip("/")
         self.deadline = deadline
         self._semaphore = asyncio.Semaphore(max_concurrency)
+        self._sending: set[asyncio.Task] = set()     # requests in flight (the event loop keeps weak references)
         self._http = httpx.AsyncClient(
             base_url=self.base_url, transport=transport,
-            timeout=httpx.Timeout(deadline, connect=min(deadline, 2.0)),
+            timeout=httpx.Timeout(deadline, connect=min(deadline, CONNECT_TIMEOUT_SECONDS)),
             # Uncompressed: on the loopback or a LAN, gzip costs both sides more CPU than it saves in time.
             headers={"accept-encoding": "identity"},
             limits=httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency))
@@ -93,14 +98,16 @@ class PrometheusClient:
         outcome = "error"
         try:
             async with asyncio.timeout(self.deadline):
-                async with self._semaphore:
-                    if params:
-                        # POSTed as a form (the query API takes either): no URL length limit, and urlencode
-                        # quotes a long expression several times faster than httpx's URL builder.
-                        response = await self._http.post(path, content=urlencode(params).encode(), headers={
-                            "content-type": "application/x-www-form-urlencoded"})
-                    else:
-                        response = await self._http.get(path)
+                await self._semaphore.acquire()
+                # The request runs in a task of its own that no caller cancels, and holds its slot until it
+                # ends; the caller stops waiting at the deadline. A request cancelled inside httpcore's pool
+                # can leave its connection slot taken for good (httpcore#1093: a burst of cancelled requests
+                # took every slot, and every later request timed out); httpx's own timeouts end it instead.
+                remaining = self.deadline - (time.perf_counter() - began)
+                sending = asyncio.ensure_future(self._send(path, params, remaining))
+                self._sending.add(sending)
+                sending.add_done_callback(self._sent)
+                response = await asyncio.shield(sending)
             result = self._parse(response, params.get("query"), expect_json)
             outcome = "success"
             return result
@@ -117,6 +124,26 @@ class PrometheusClient:
         finally:
             self._metrics.requests.labels(outcome).inc()
             self._metrics.duration.observe(time.perf_counter() - began)
+
+    async def _send(self, path: str, params: dict, seconds: float) -> httpx.Response:
+        """One request within `seconds` (httpx's timeouts), then its slot freed for the next."""
+        seconds = max(seconds, 0.001)
+        timeout = httpx.Timeout(seconds, connect=min(seconds, CONNECT_TIMEOUT_SECONDS))
+        try:
+            if params:
+                # POSTed as a form (the query API takes either): no URL length limit, and urlencode quotes a
+                # long expression several times faster than httpx's URL builder.
+                return await self._http.post(path, content=urlencode(params).encode(), timeout=timeout,
+                                             headers={"content-type": "application/x-www-form-urlencoded"})
+            return await self._http.get(path, timeout=timeout)
+        finally:
+            self._semaphore.release()
+
+    def _sent(self, sending: asyncio.Task) -> None:
+        """Forget a finished request; its error, if its caller stopped waiting, is nobody's to hear."""
+        self._sending.discard(sending)
+        if not sending.cancelled():
+            sending.exception()
 
     def _parse(self, response: httpx.Response, expr: str | None, expect_json: bool):
         status = response.status_code

@@ -1,6 +1,6 @@
 """Every PromQL expression the analytics service runs, and the one function that lets a job id in.
 
-User input reaches PromQL only as a job id, only after the allowlist check (trainmetrics.names), and only
+User input reaches PromQL only as a job id, only after the allowlist check (trainmetrics.contract), and only
 through `quote_job_id` as the value of an equality matcher -- never inside a regex. Everything else in an
 expression is a constant of this module or a number the service computed (a duration, a timestamp).
 
@@ -10,7 +10,7 @@ with an explicit window that is evaluated at the job's end time (the caller pass
 
 import math
 
-from trainmetrics.names import validate_job_id
+from trainmetrics.contract import Node, Trainer, validate_job_id
 
 SCRAPE_INTERVAL_SECONDS = 0.25
 # Prometheus refuses range queries with more than 11,000 points per series; stay under with a margin.
@@ -29,10 +29,9 @@ PEAK_RATE_WINDOW_SECONDS = 1.0
 # time is known and how wide a throughput or CPU-rate window is (a 1-hour job: 14.4 s). Each point costs
 # Prometheus and this service alike: on a 2-core host, 500 points made a 5-job comparison ~30 % slower.
 PEAK_GRID_POINTS = 250
-# First loss: the raw samples of the job's first minute, then of its whole window if there were none.
-FIRST_LOSS_SECONDS = 60.0
-FINAL_STATES = ("completed", "failed", "cancelled")
-JOB_STATES = ("queued", "running", "paused", "completed", "failed", "cancelled")
+# Raw reads of the evaluation history per job, at most: the grid cells that showed new evaluations are read
+# raw, the closest of them merged into one read until this many remain.
+MAX_HISTORY_READS = 8
 
 
 def quote_job_id(job_id: str) -> str:
@@ -108,33 +107,36 @@ def step_window(seconds: float) -> str:
 # Reading every sample of a job over the lookback window costs as much as the job is long, so a job is found
 # in two cheap steps: its end timestamps (published only in the last scrapes) over the lookback plus
 # instant lookups at now; then, for processes that ended longer ago than the staleness window, their last
-# values in the seconds before their final scrape. `job_lookup_full` is the fallback for a job that never
-# reported an end and is no longer scraped (its process was killed).
+# values in the seconds before their final scrape. `job_lookup_full` is the fallback for processes that never
+# reported an end and are no longer scraped (killed): a job with nothing else, or whose earliest process
+# found took its checkpoint count over from a run not found.
 
 def _lookup(job_id: str, r: str, instant: bool) -> dict[str, str]:
-    def sel(metric: str) -> str:
-        return job_selector(metric, job_id)
-
     def last(metric: str) -> str:
-        return f"{sel(metric)} {r}" if instant else f"last_over_time({sel(metric)}{r})"
+        selector = job_selector(metric, job_id)
+        return f"{selector} {r}" if instant else f"last_over_time({selector}{r})"
 
     return {
-        "start": last("trainer_job_start_timestamp_seconds"),
-        "state": f"{last('trainer_job_state')} == 1",
-        "info": last("trainer_job_info"),
-        "failure": last("trainer_job_failure_info"),
-        "upload": last("trainer_upload_duration_seconds"),
+        "start": last(Trainer.JOB_START),
+        "state": f"{last(Trainer.JOB_STATE)} == 1",
+        "info": last(Trainer.JOB_INFO),
+        "failure": last(Trainer.JOB_FAILURE),
+        "upload": last(Trainer.UPLOAD_DURATION),
+        # When each process was last seen: the end of one that vanished.
+        "heartbeat": last(Trainer.HEARTBEAT),
+        # Checkpoints counted (a resumed process takes its run's count over) and written by the process itself.
+        "counted": last(Trainer.CHECKPOINTS),
+        "written": last(f"{Trainer.CHECKPOINT_DURATION}_count"),
     }
 
 
 def job_recent(job_id: str, lookback: float, now: float) -> dict[str, str]:
-    """Every process's end over the lookback, and what is scraped now (start, state, metadata...)."""
+    """Every process's end over the lookback, and what is scraped now (start, state, metadata, heartbeat...).
+    A process's series go stale when it stops being scraped (stale markers at its first failed or missing
+    scrape, else the backend's lookback): what answers at now is live, whatever the backend's settings."""
     return {
-        "end": f"last_over_time({job_selector('trainer_job_end_timestamp_seconds', job_id)}{over(lookback, now)})",
+        "end": f"last_over_time({job_selector(Trainer.JOB_END, job_id)}{over(lookback, now)})",
         **_lookup(job_id, f"@ {timestamp_literal(now)}", instant=True),
-        # Still scraped? A finished job's target is removed after its final scrape; its series then go
-        # stale, and nothing about the job can change any more.
-        "live": f"count({job_selector('trainer_job_state', job_id)} @ {timestamp_literal(now)})",
     }
 
 
@@ -148,9 +150,9 @@ def job_ended(job_id: str, ends: list[float]) -> dict[str, str]:
 
 
 def job_lookup_full(job_id: str, lookback: float, now: float) -> dict[str, str]:
-    """Last values over the whole lookback (costly; only when the cheap lookup found nothing)."""
-    return {"end": f"last_over_time({job_selector('trainer_job_end_timestamp_seconds', job_id)}{over(lookback, now)})",
-            **_lookup(job_id, over(lookback, now), instant=False), "live": "vector(0)"}
+    """Last values over the whole lookback (costly; only where the cheap lookup cannot account for a process)."""
+    return {"end": f"last_over_time({job_selector(Trainer.JOB_END, job_id)}{over(lookback, now)})",
+            **_lookup(job_id, over(lookback, now), instant=False)}
 
 
 # ----- one job, over its own window -----------------------------------------------------------------------
@@ -161,49 +163,73 @@ def job_lookup_full(job_id: str, lookback: float, now: float) -> dict[str, str]:
 # few failed scrapes at the end still leave a sample.
 LAST_VALUES_SECONDS = FINAL_SCRAPE_GRACE_SECONDS + 60.0
 
+# Each process's last value of these (part: function, series): counters and the trainer's held values, so
+# every figure is the trainer's own. A resumed process takes the job's counters and held values over; the
+# histograms start again with each process. The service combines processes and ranks itself.
+TOTALS = {
+    "samples": ("max_over_time", Trainer.SAMPLES),
+    "steps": ("max_over_time", Trainer.STEPS),
+    "checkpoints": ("max_over_time", Trainer.CHECKPOINTS),
+    "checkpoint_seconds": ("max_over_time", f"{Trainer.CHECKPOINT_DURATION}_sum"),
+    "checkpoints_written": ("max_over_time", f"{Trainer.CHECKPOINT_DURATION}_count"),
+    "step_seconds": ("max_over_time", f"{Trainer.STEP_DURATION}_sum"),
+    "step_count": ("max_over_time", f"{Trainer.STEP_DURATION}_count"),
+    "step_max": ("last_over_time", Trainer.STEP_DURATION_MAX),
+    "data_wait_seconds": ("max_over_time", f"{Trainer.DATA_WAIT}_sum"),
+    "loss_last": ("last_over_time", Trainer.LOSS),
+    "loss_first": ("last_over_time", Trainer.LOSS_FIRST),
+    "loss_min": ("last_over_time", Trainer.LOSS_MIN),
+    "loss_sum": ("max_over_time", Trainer.LOSS_SUM),
+    "loss_intervals": ("max_over_time", Trainer.LOSS_INTERVALS),
+    "evaluations": ("max_over_time", Trainer.EVALUATIONS),
+    "eval_loss": ("last_over_time", Trainer.EVAL_LOSS),
+    "eval_accuracy": ("last_over_time", Trainer.EVAL_ACCURACY),
+    "eval_loss_min": ("last_over_time", Trainer.EVAL_LOSS_MIN),
+    "eval_accuracy_max": ("last_over_time", Trainer.EVAL_ACCURACY_MAX),
+    # The allocator's running peak (CUDA jobs); without it, the service reads the exporter's view of the
+    # job's GPUs on the peak grid (job_peaks' gpu_memory).
+    "gpu_memory_peak": ("max_over_time", Trainer.GPU_MEMORY_PEAK),
+}
+
 
 def job_totals(job_id: str, window: float, final: float, finals: list[float] | None = None) -> dict[str, str]:
-    """Counters, losses and last values up to the final scrape.
+    """Each process's (instance and rank) last values of TOTALS, up to its final scrape.
 
-    finals: each process's final instant (its end plus the linger, or now while it runs). Counters only grow
-    within a process and the gauges read here keep their last value on every scrape, so the process's last
-    samples say it all: only the minute before each final instant is read, not every sample of the job (a
-    1-hour job at 250 ms is 14,400 per series). Without finals (a process that vanished without an end) the
-    whole window is read. The best loss always reads the whole window: it is a minimum over time.
+    finals: each process's final instant (its end plus the linger, or now while it runs), newest first.
+    Counters only grow within a process and the gauges read here keep their last value on every scrape, so a
+    process's last samples say it all: only the minute before each final instant is read, not every sample
+    of the job (a 1-hour job at 250 ms is 14,400 per series). `or` keeps a series' first answer: newest
+    first, a window that holds another process's samples holds its last ones too (they end before it), so
+    every process's answer is its last. Without finals (a process whose end is unknown) the whole window is
+    read.
     """
-    whole = over(window, final)
-
-    def sel(metric: str) -> str:
-        return job_selector(metric, job_id)
-
     def last(function: str, metric: str) -> str:
-        """function(metric[r]) per process, one union over the processes (their instance labels differ)."""
+        selector = job_selector(metric, job_id)
         if not finals:
-            return f"{function}({sel(metric)}{whole})"
-        return " or ".join(f"{function}({sel(metric)}{over(min(LAST_VALUES_SECONDS, window), at)})"
-                           for at in finals)
+            return f"{function}({selector}{over(window, final)})"
+        return " or ".join(f"{function}({selector}{over(min(LAST_VALUES_SECONDS, window), at)})" for at in finals)
 
-    return {
-        # A resumed job's processes continue the count: max over processes, summed over ranks.
-        "samples": f"sum(max by (rank) ({last('max_over_time', 'trainer_samples_total')}))",
-        "steps": f"min(max by (rank) ({last('max_over_time', 'trainer_steps_total')}))",
-        "checkpoints": f"sum({last('max_over_time', 'trainer_checkpoints_total')})",
-        "step_seconds": (f"sum({last('max_over_time', 'trainer_step_duration_seconds_sum')}) / "
-                         f"sum({last('max_over_time', 'trainer_step_duration_seconds_count')})"),
-        "loss_last": last("last_over_time", "trainer_loss"),
-        "loss_best": f"min(min_over_time({sel('trainer_loss')}{whole}))",
-        "accuracy": f"max({last('last_over_time', 'trainer_eval_accuracy_ratio')})",
-        # The allocator's running peak (CUDA jobs); without it, the service reads the exporter's view of the
-        # job's GPUs on the peak grid (job_peaks' gpu_memory).
-        "trainer_gpu_memory_peak": f"max({last('max_over_time', 'trainer_gpu_memory_peak_bytes')})",
-    }
+    return {name: last(function, metric) for name, (function, metric) in TOTALS.items()}
 
 
-def first_losses(job_id: str, seconds: float) -> str:
-    """The raw trainer_loss samples of the `seconds` before the query's time (a range vector: with the
-    time at start + seconds, its first sample is the initial loss). The time goes in the request, not in
-    an `@`: VictoriaMetrics answers a bare range selector with `@` with nothing."""
-    return f"{job_selector('trainer_loss', job_id)}[{duration(seconds)}]"
+HISTORY = {"index": Trainer.EVAL_HISTORY_INDEX, "step": Trainer.EVAL_HISTORY_STEP,
+           "time": Trainer.EVAL_HISTORY_TIME, "loss": Trainer.EVAL_HISTORY_LOSS,
+           "accuracy": Trainer.EVAL_HISTORY_ACCURACY}
+
+
+def eval_history_changes(job_id: str, step: str) -> str:
+    """For a range query on a grid of `step` (peak_grid's literal): each history slot's last evaluation number
+    in each grid step. A slot's number only grows, so a step in which a slot showed a new evaluation ends on a
+    new number there: the steps to read raw (eval_history_samples)."""
+    return f"last_over_time({job_selector(Trainer.EVAL_HISTORY_INDEX, job_id)}[{step}])"
+
+
+def eval_history_samples(job_id: str, seconds: float) -> str:
+    """The raw samples of every history series in the `seconds` before the query's time (its time goes in the
+    request: VictoriaMetrics answers a bare range selector with `@` with nothing). The regex is over this
+    module's metric names, never over user input."""
+    names = "|".join(HISTORY.values())
+    return f'{{__name__=~"{names}",job_id={quote_job_id(job_id)}}}[{duration(seconds)}]'
 
 
 def peak_grid(seconds: float, at: float) -> tuple[float, float, str]:
@@ -246,16 +272,16 @@ def job_peaks(job_id: str, window: float, gpus: bool = True) -> dict[str, str]:
         return job_selector(metric, job_id)
 
     expressions = {
-        "samples_per_second": f"sum({increase_per_second(sel('trainer_samples_total'), window)})",
-        "job_cpu": f"sum({increase_per_second(sel('process_cpu_time_seconds_total'), window)})",
-        "job_rss": f"sum(max_over_time({sel('process_memory_rss_bytes')}[{w}]))",
+        "samples_per_second": f"sum({increase_per_second(sel(Trainer.SAMPLES), window)})",
+        "job_cpu": f"sum({increase_per_second(sel(Node.JOB_CPU_SECONDS), window)})",
+        "job_rss": f"sum(max_over_time({sel(Node.JOB_RSS)}[{w}]))",
     }
     if gpus:
         expressions.update({
-            "gpu_utilization": f"max({_job_gpus('hw_gpu_utilization_ratio', job_id)})",
-            "gpu_utilization_avg": f"avg({_job_gpus('hw_gpu_utilization_ratio', job_id)})",
-            "gpu_temperature": f"avg({_job_gpus('hw_gpu_temperature_celsius', job_id)})",
-            "gpu_memory": f"max({_job_gpus('hw_gpu_memory_usage_bytes', job_id)})",
+            "gpu_utilization": f"max({_job_gpus(Node.GPU_UTILIZATION, job_id)})",
+            "gpu_utilization_avg": f"avg({_job_gpus(Node.GPU_UTILIZATION, job_id)})",
+            "gpu_temperature": f"avg({_job_gpus(Node.GPU_TEMPERATURE, job_id)})",
+            "gpu_memory": f"max({_job_gpus(Node.GPU_MEMORY_USAGE, job_id)})",
         })
     return expressions
 
@@ -264,14 +290,14 @@ def host_peaks(window: float) -> dict[str, str]:
     """The host's peak expressions, on the same grid as job_peaks."""
     w = step_window(window)
     return {
-        "host_cpu": f"max(max_over_time(system_cpu_utilization_peak_ratio[{w}]))",
-        "host_memory": f"sum(max_over_time(system_memory_used_peak_bytes[{w}]))",
+        "host_cpu": f"max(max_over_time({Node.CPU_UTILIZATION_PEAK}[{w}]))",
+        "host_memory": f"sum(max_over_time({Node.MEMORY_USED_PEAK}[{w}]))",
     }
 
 
 def _job_gpus(metric: str, job_id: str) -> str:
     # hw_gpu_job_info{gpu,uuid,job_id} = 1 attributes a GPU to the job: keep the job's GPUs only.
-    return f"({metric} * on (instance, gpu, uuid) {job_selector('hw_gpu_job_info', job_id)})"
+    return f"({metric} * on (instance, gpu, uuid) {job_selector(Node.GPU_JOB, job_id)})"
 
 
 def job_rates(job_id: str, window: float, end: float,
@@ -281,7 +307,7 @@ def job_rates(job_id: str, window: float, end: float,
     and starts again when a resumed job's new process does, so with segments (the spans in which the job's
     processes ran) each span is counted on its own and the spans summed; without, the whole window
     (start, end]. Its peaks and GPU figures: job_peaks."""
-    cpu = job_selector("process_cpu_time_seconds_total", job_id)
+    cpu = job_selector(Node.JOB_CPU_SECONDS, job_id)
     spans = segments or [(end - window, end)]
     parts = []
     for index, (start, stop) in enumerate(spans):
@@ -296,14 +322,14 @@ def job_rates(job_id: str, window: float, end: float,
 def host(window: float, start: float, end: float) -> dict[str, str]:
     """The host in the minute before the job (baseline) and during it (average; its peaks: host_peaks)."""
     during, before = over(window, end), over(BASELINE_SECONDS, start)
-    used = 'system_memory_usage_bytes{state="used"}'
+    used = f'{Node.MEMORY_USAGE}{{state="used"}}'
     return {
-        "host_cpu_average": f"avg(avg_over_time(system_cpu_utilization_ratio{during}))",
-        "host_cpu_baseline": f"avg(avg_over_time(system_cpu_utilization_ratio{before}))",
+        "host_cpu_average": f"avg(avg_over_time({Node.CPU_UTILIZATION}{during}))",
+        "host_cpu_baseline": f"avg(avg_over_time({Node.CPU_UTILIZATION}{before}))",
         "host_memory_average": f"sum(avg_over_time({used}{during}))",
         "host_memory_baseline": f"sum(avg_over_time({used}{before}))",
         # The limit does not change while a host runs: its last minute will do.
-        "host_memory_limit": f"sum(avg_over_time(system_memory_limit_bytes{over(min(window, 60.0), end)}))",
+        "host_memory_limit": f"sum(avg_over_time({Node.MEMORY_LIMIT}{over(min(window, 60.0), end)}))",
     }
 
 
@@ -339,12 +365,12 @@ RECORDED = {
     "loss": "job_process:trainer_loss:last5m",
 }
 RAW = {
-    "start": "trainer_job_start_timestamp_seconds",
-    "end": "trainer_job_end_timestamp_seconds",
-    "info": "trainer_job_info",
-    "state": "trainer_job_state",
-    "samples": "trainer_samples_total",
-    "loss": "trainer_loss",
+    "start": Trainer.JOB_START,
+    "end": Trainer.JOB_END,
+    "info": Trainer.JOB_INFO,
+    "state": Trainer.JOB_STATE,
+    "samples": Trainer.SAMPLES,
+    "loss": Trainer.LOSS,
 }
 # Trends read recorded series only at steps this long or longer (each point then spans several recordings).
 RECORDED_TREND_MIN_STEP_SECONDS = RULE_WINDOW_SECONDS
@@ -412,6 +438,19 @@ def fleet_details(job_ids: list[str], range_seconds: float, now: float, split: f
     return parts
 
 
+def fleet_live() -> str:
+    """Every job process scraped at the query's time (its series not stale): what runs now. (The state too:
+    trainers from before the heartbeat have none.)"""
+    return f"count by (job_id, instance) ({Trainer.HEARTBEAT} or {Trainer.JOB_STATE})"
+
+
+def fleet_last_seen(job_ids: list[str], range_seconds: float, now: float) -> dict[str, str]:
+    """When each process of a few jobs (seen_<i>) was last seen over the range: the end of a process that
+    vanished without one (raw series: the recording rules keep no heartbeat)."""
+    return {f"seen_{index}": f"max_over_time({job_selector(Trainer.HEARTBEAT, job_id)}{over(range_seconds, now)})"
+            for index, job_id in enumerate(job_ids)}
+
+
 def fleet_state(range_seconds: float, now: float | None = None, split: float | None = None) -> str | dict[str, str]:
     """Last state of every job process in the range: one expression (raw only), or the parts recent,
     recorded and older; a process's recorded states are valued with when they were last seen, so the
@@ -462,11 +501,11 @@ def _recorded_window_increase(counter: str) -> str:
 
 
 TRENDS = {
-    "running_jobs": 'count(max_over_time(trainer_job_state{state="running"}[{window}]) == 1) or vector(0)',
-    "samples_per_second": _raw_window_increase("trainer_samples_total"),
-    "host_cpu_utilization_ratio": "avg(avg_over_time(system_cpu_utilization_ratio[{window}]))",
-    "host_memory_used_bytes": 'sum(avg_over_time(system_memory_usage_bytes{state="used"}[{window}]))',
-    "gpu_utilization_ratio": "avg(avg_over_time(hw_gpu_utilization_ratio[{window}]))",
+    "running_jobs": f'count(max_over_time({Trainer.JOB_STATE}{{state="running"}}[{{window}}]) == 1) or vector(0)',
+    "samples_per_second": _raw_window_increase(Trainer.SAMPLES),
+    "host_cpu_utilization_ratio": f"avg(avg_over_time({Node.CPU_UTILIZATION}[{{window}}]))",
+    "host_memory_used_bytes": f'sum(avg_over_time({Node.MEMORY_USAGE}{{state="used"}}[{{window}}]))',
+    "gpu_utilization_ratio": f"avg(avg_over_time({Node.GPU_UTILIZATION}[{{window}}]))",
 }
 # The per-job trends from the recorded series, at steps of RECORDED_TREND_MIN_STEP_SECONDS or more: a process
 # counts as running at a point when a recording in the step saw "running" as its last state (up to one rule

@@ -29,7 +29,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from analytics import queries as q  # noqa: E402
+from trainmetrics.analytics import queries as q  # noqa: E402
 from trainmetrics.prometheus_process import PrometheusServer, find_binary, free_port  # noqa: E402
 
 GOALS_MS = {"job analytics (1-hour job)": 50, "summary (1,000 jobs)": 200, "compare (5 jobs)": 100}
@@ -82,6 +82,9 @@ def write_history(path: Path, now: float, seed: int = 7) -> tuple[list[str], int
         series(f"trainer_loss{{{base}}}", [f"{2.3 * math.exp(-p / (duration / 3)) + 0.05:.6f}" for p in progress])
         series(f"trainer_eval_accuracy_ratio{{{base}}}", [f"{min(0.99, 0.1 + p / duration):.4f}" for p in progress])
         series(f"trainer_checkpoints_total{{{base}}}", [int(p // 300) for p in progress])
+        # Every checkpoint written by the process itself (a resumed one counts more than it wrote).
+        series(f"trainer_checkpoint_duration_seconds_count{{{base}}}", [int(p // 300) for p in progress])
+        series(f"trainer_heartbeat_timestamp_seconds{{{base}}}", [f"{t:.3f}" for t in every])
         series(f"trainer_step_duration_seconds_sum{{{base}}}", [f"{s / throughput:.3f}" for s in samples])
         series(f"trainer_step_duration_seconds_count{{{base}}}", [s // 64 for s in samples])
         exporter = f'job_id="{job_id}",instance="127.0.0.1:9105",job="exporter"'
@@ -105,7 +108,7 @@ def start_service(prometheus_url: str, cache_entries: int, log_path: Path,
                   extra: tuple[str, ...] = (), source: Path | None = None) -> tuple[subprocess.Popen, str]:
     """`analytics.cli` in its own process; returns it and its base URL once /healthz answers."""
     port = free_port()
-    code = ("import argparse, sys; from analytics import cli; p = argparse.ArgumentParser(); cli.configure(p); "
+    code = ("import argparse, sys; from trainmetrics.analytics import cli; p = argparse.ArgumentParser(); cli.configure(p); "
             "sys.exit(cli.run(p.parse_args(sys.argv[1:])))")
     process = subprocess.Popen([sys.executable, "-c", code, "--listen", f"127.0.0.1:{port}", "--prometheus-url",
                                 prometheus_url, "--cache-entries", str(cache_entries), *extra],
@@ -211,7 +214,7 @@ def main() -> int:
         for mode, extra in (("recorded", ()), ("raw", ("--no-recorded-series",))):
             process, url = start_service(prometheus.url, 0, work / f"analytics-{mode}.log", extra)
             services.append(process)
-            jobs = httpx.get(f"{url}/api/training/jobs?range=24h", timeout=60).json()["jobs"]
+            jobs = httpx.get(f"{url}/api/training/analytics/jobs?range=24h", timeout=60).json()["jobs"]
             same[mode] = jobs
             process.terminate()
             process.wait(timeout=10)

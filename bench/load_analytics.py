@@ -46,7 +46,7 @@ def start_jobs(prometheus: PrometheusServer, work: Path) -> None:
 
 MIX = [("job analytics", f"/api/training/{JOBS[0]}/analytics", 200),
        ("compare", f"/api/training/analytics/compare?job_ids={','.join(JOBS)}", 200),
-       ("job list", "/api/training/jobs?range=1h", 200),
+       ("job list", "/api/training/analytics/jobs?range=1h", 200),
        ("summary 10m", "/api/training/analytics/summary?range=10m", 200),
        ("unknown job", "/api/training/no-such-job/analytics", 404)]
 

@@ -18,7 +18,8 @@ import urllib.request
 import torch
 from torch import nn
 
-from trainer.metrics import JobMetrics
+from trainmetrics.trainer.metrics import JobMetrics
+from trainmetrics.trainer.telemetry import Publish
 
 
 def make_job(batch_size: int):
@@ -79,14 +80,16 @@ def main() -> None:
 
     torch.set_num_threads(1)
     batches, train_step = make_job(args.batch_size)
-    metrics = JobMetrics("bench-overhead", listen="127.0.0.1:0", log_every=50)
+    metrics = JobMetrics("bench-overhead", publish=Publish(), log_every=50)
     metrics.start()
     stop = threading.Event()
 
     def scrape():
         url = f"http://127.0.0.1:{metrics.metrics_port}/metrics"
         while not stop.wait(0.25):
-            urllib.request.urlopen(url).read()
+            # As Prometheus asks: a counting scrape (the header), so the linger and eval paths are live.
+            request = urllib.request.Request(url, headers={"X-Prometheus-Scrape-Timeout-Seconds": "0.2"})
+            urllib.request.urlopen(request).read()
 
     scraper = threading.Thread(target=scrape, daemon=True)
     scraper.start()

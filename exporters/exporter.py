@@ -5,41 +5,64 @@ utilisation and memory, the gauges with peaks) and the slow loop every --slow-in
 statvfs, slow NVML calls). After each fast pass the fast thread renders the exposition text, re-rendering
 only the collectors whose data changed, and swaps in the new bytes. A scrape returns those bytes: it never
 waits on /proc, psutil or NVML, so its latency is that of a small HTTP response.
+
+A sample that hangs (a dead network mount, a wedged driver) must neither pass for success nor freeze the
+other collectors. Once a sample has run longer than its loop's stall bound, its collector reports
+exporter_collector_success 0 and its series are dropped, and a watchdog hands the loop to a new thread that
+skips that collector until the sample returns; the stuck thread ends then.
 """
 
 import logging
 import threading
 import time
 from collections.abc import Iterable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import generate_latest
-from prometheus_client.registry import CollectorRegistry
 
-from exporters.collectors.base import Collector, CollectorUnavailable
+from trainmetrics.exporters.collectors.base import Collector, CollectorUnavailable
+from trainmetrics.metrics_http import MetricsHTTPServer
 from trainmetrics.webconfig import WebConfig
 
 log = logging.getLogger(__name__)
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# A sample is stalled once it has run this many of its loop's intervals, and at least STALL_MIN_SECONDS
+# (the first NVML initialisation may take a second).
+STALL_INTERVALS = 5
+STALL_MIN_SECONDS = 1.0
+WATCH_SECONDS = 0.25        # how often the watchdog looks for stalled samples
+STOP_SECONDS = 2.0          # how long stop() waits for the sampler threads
+# A node is scraped by one or two Prometheus servers, each over one keep-alive connection: 32 leaves room
+# for more scrapers and for curl while it bounds the threads. A connection idle for 30 s (half-open, or a
+# client that connected and said nothing) is closed; until then it holds its slot.
+MAX_CONNECTIONS = 32
+IDLE_TIMEOUT_SECONDS = 30.0
 
 
 class CollectorRunner:
     """The one wrapper around every collector: catches its failures and times its samples.
 
     A failing collector's series are dropped (no frozen values) and exporter_collector_success is 0
-    until a sample succeeds again. Each failure is logged once when it starts (debug level when the
-    source simply is not there, error level otherwise) and the recovery once when it ends.
+    until a sample succeeds again; the same holds while a sample hangs (see `stalled`). Each failure is
+    logged once when it starts (debug level when the source simply is not there, error level otherwise)
+    and the recovery once when it ends.
     """
 
-    def __init__(self, collector: Collector):
+    def __init__(self, collector: Collector, stall_after: dict[str, float]):
         self.collector = collector
         self.name = collector.name
+        self.stall_after = stall_after  # per part: seconds after which a running sample is stalled
         # Fixed keys: the fast thread reads them while the slow thread writes, so sizes never change.
         self.errors: dict[str, Exception | None] = {"fast": None, "slow": None, "render": None}
         self.durations: dict[str, float] = {"fast": 0.0, "slow": 0.0}
+        # A sample in progress in the background loops: (monotonic start, its thread).
+        self.running: dict[str, tuple[float, threading.Thread] | None] = {"fast": None, "slow": None}
+        self.stall_reported = {"fast": False, "slow": False}
         self.generation = 0  # changes whenever a sample may have changed what collect() yields
+
+    def runs(self, part: str) -> bool:
+        """True when the collector does work in the fast or slow loop."""
+        return self.collector.fast if part == "fast" else self.collector.slow
 
     def sample(self, now: float) -> None:
         """Run the collector's fast-loop sample."""
@@ -73,6 +96,13 @@ class CollectorRunner:
             log.info("collector %s recovered", self.name)
 
     @property
+    def stalled(self) -> bool:
+        """True while one of its samples has run longer than its loop's stall bound."""
+        now = time.monotonic()
+        return any(running is not None and now - running[0] > self.stall_after[part]
+                   for part, running in self.running.items())
+
+    @property
     def sampled(self) -> bool:
         """True when the latest fast and slow samples succeeded."""
         return self.errors["fast"] is None and self.errors["slow"] is None
@@ -101,6 +131,7 @@ class SelfMetrics:
 
     def __init__(self, runners: list[CollectorRunner]):
         self.runners = runners
+        self.stalled: set[str] = set()  # set by each render, so success and the dropped series agree
 
     def collect(self):
         success = GaugeMetricFamily("exporter_collector_success",
@@ -109,7 +140,7 @@ class SelfMetrics:
                                      "Seconds the collector's latest fast and slow samples took.",
                                      labels=["collector"])
         for runner in self.runners:
-            success.add_metric([runner.name], 1 if runner.success else 0)
+            success.add_metric([runner.name], 1 if runner.success and runner.name not in self.stalled else 0)
             duration.add_metric([runner.name], runner.duration)
         yield success
         yield duration
@@ -122,20 +153,21 @@ class Exporter:
                  clock=time.monotonic):
         if sample_interval <= 0 or slow_interval <= 0:
             raise ValueError("sample and slow intervals must be > 0")
-        self.runners = [CollectorRunner(collector) for collector in collectors]
-        self.sample_interval = sample_interval
-        self.slow_interval = slow_interval
+        self.intervals = {"fast": sample_interval, "slow": slow_interval}
+        self.stall_after = {part: max(STALL_MIN_SECONDS, STALL_INTERVALS * interval)
+                            for part, interval in self.intervals.items()}
+        self.runners = [CollectorRunner(collector, self.stall_after) for collector in collectors]
         self.clock = clock
         self.self_metrics = SelfMetrics(self.runners)
-        # The same collectors as a standard registry, for callers that want prometheus_client's API.
-        self.registry = CollectorRegistry(auto_describe=False)
-        for runner in self.runners:
-            self.registry.register(runner)
-        self.registry.register(self.self_metrics)
         self._chunks: dict[str, tuple[int, bytes]] = {}
         self._snapshot = b""
         self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()  # guards _loops and every runner's `running`
+        self._loops: dict[str, threading.Thread] = {}  # the thread that owns each loop now
+        self._watchdog: threading.Thread | None = None
+        self._fast_passed = threading.Event()
+        self._slow_passed = threading.Event()
+        self._ready = threading.Event()  # a snapshot holding a whole fast and slow pass was rendered
 
     def sample(self, now: float | None = None) -> None:
         """One fast pass over every collector."""
@@ -150,9 +182,14 @@ class Exporter:
             runner.sample_slow(now)
 
     def render(self) -> bytes:
-        """Render the exposition text, reusing each collector's text while its data is unchanged."""
+        """Render the exposition text, reusing each collector's text while its data is unchanged and leaving
+        out the collectors whose sample is stalled."""
         chunks = []
+        stalled = set()
         for runner in self.runners:
+            if runner.stalled:
+                stalled.add(runner.name)
+                continue
             cached = self._chunks.get(runner.name)
             if cached is not None and cached[0] == runner.generation:
                 chunks.append(cached[1])
@@ -168,6 +205,7 @@ class Exporter:
                 runner.errors["render"] = None
             self._chunks[runner.name] = (generation, text)
             chunks.append(text)
+        self.self_metrics.stalled = stalled
         chunks.append(generate_latest(self.self_metrics))
         self._snapshot = b"".join(chunks)
         return self._snapshot
@@ -177,19 +215,28 @@ class Exporter:
         return self._snapshot
 
     def start(self) -> "Exporter":
-        """Take a first full sample, render it, and start the fast and slow sampler threads."""
-        self.sample()  # first: it initialises sources (NVML) that the slow pass reads
-        self.sample_slow()
-        self.render()
-        for name, loop in (("fast", self._fast_loop), ("slow", self._slow_loop)):
-            thread = threading.Thread(target=loop, name=f"exporter-{name}-sampler", daemon=True)
-            thread.start()
-            self._threads.append(thread)
+        """Start the sampler threads and the watchdog; return once a snapshot holds a whole fast and slow
+        pass (or, when a sample hangs from the start, once its stall bound has passed)."""
+        self._watchdog = threading.Thread(target=self._watch, name="exporter-watchdog", daemon=True)
+        self._watchdog.start()
+        with self._lock:
+            self._start_loop("fast")
+        # The fast pass first: it initialises sources (NVML) that the slow pass reads.
+        self._fast_passed.wait(self.stall_after["fast"] + 1.0)
+        with self._lock:
+            self._start_loop("slow")
+        self._ready.wait(self.stall_after["slow"] + 1.0)
         return self
 
+    def _start_loop(self, part: str) -> None:
+        """Start a thread that owns the loop from now on (call with _lock held)."""
+        thread = threading.Thread(target=self._loop, args=(part,), name=f"exporter-{part}-sampler", daemon=True)
+        self._loops[part] = thread
+        thread.start()
+
     def _every(self, interval: float):
-        """Yield at each multiple of interval (skipping missed ones) until stopped."""
-        next_at = self.clock() + interval
+        """Yield at once, then at each multiple of interval (skipping missed ones), until stopped."""
+        next_at = self.clock()
         while not self._stop.wait(max(0.0, next_at - self.clock())):
             now = self.clock()
             yield now
@@ -197,21 +244,61 @@ class Exporter:
             if next_at <= now:  # overran: skip the missed ticks instead of bursting to catch up
                 next_at = now + interval
 
-    def _fast_loop(self) -> None:
-        for now in self._every(self.sample_interval):
-            self.sample(now)
-            self.render()
+    def _loop(self, part: str) -> None:
+        """Sample every collector of the loop, then (fast loop) render; ends when the watchdog replaced it."""
+        me = threading.current_thread()
+        runners = [(runner, runner.sample if part == "fast" else runner.sample_slow)
+                   for runner in self.runners if runner.runs(part)]
+        for now in self._every(self.intervals[part]):
+            for runner, sample in runners:
+                with self._lock:
+                    if runner.running[part] is not None:
+                        continue  # still hanging in the thread this one replaced
+                    runner.running[part] = (time.monotonic(), me)
+                sample(now)
+                with self._lock:
+                    started = runner.running[part][0]
+                    runner.running[part] = None
+                    if runner.stall_reported[part]:
+                        runner.stall_reported[part] = False
+                        log.warning("collector %s: %s sample returned after %.1fs", runner.name, part,
+                                    time.monotonic() - started)
+                    if self._loops[part] is not me:
+                        return  # the watchdog gave the loop to another thread while this one hung
+            if part == "fast":
+                slow_passed = self._slow_passed.is_set()
+                self.render()
+                self._fast_passed.set()
+                if slow_passed:
+                    self._ready.set()
+            else:
+                self._slow_passed.set()
 
-    def _slow_loop(self) -> None:
-        for now in self._every(self.slow_interval):
-            self.sample_slow(now)
+    def _watch(self) -> None:
+        """Report stalled samples, and give a loop stuck in one to a new thread."""
+        for _ in self._every(WATCH_SECONDS):
+            now = time.monotonic()
+            with self._lock:
+                for runner in self.runners:
+                    for part, running in runner.running.items():
+                        if running is None or now - running[0] <= self.stall_after[part]:
+                            continue
+                        if not runner.stall_reported[part]:
+                            runner.stall_reported[part] = True
+                            log.error("collector %s: %s sample has not returned for %.1fs: reported as failing "
+                                      "until it does; the other collectors go on", runner.name, part,
+                                      now - running[0])
+                        if running[1] is self._loops[part]:
+                            self._start_loop(part)
 
     def stop(self) -> None:
         """Stop the sampler threads and release the collectors' sources."""
         self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout=5)
-        self._threads.clear()
+        deadline = time.monotonic() + STOP_SECONDS
+        with self._lock:
+            threads = [*self._loops.values(), *([self._watchdog] if self._watchdog else [])]
+        for thread in threads:  # a thread stuck in a sample is a daemon: it cannot hold the process
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
         for runner in self.runners:
             try:
                 runner.collector.close()
@@ -219,58 +306,10 @@ class Exporter:
                 log.debug("closing collector %s: %s", runner.name, error)
 
 
-class SnapshotHandler(BaseHTTPRequestHandler):
-    """Serves /metrics from the exporter's snapshot; keep-alive so a scraper reuses its connection."""
-
-    protocol_version = "HTTP/1.1"
-    server: "MetricsServer"
-
-    def do_GET(self) -> None:
-        self._respond(send_body=True)
-
-    def do_HEAD(self) -> None:
-        self._respond(send_body=False)
-
-    def _respond(self, send_body: bool) -> None:
-        path = self.path.partition("?")[0]
-        if not self.server.web_config.authorized(self.headers.get("Authorization")):
-            body = b"basic authentication required\n"
-            self.wfile.write(b'HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Basic realm="trainmetrics"\r\n'
-                             b"Content-Type: text/plain; charset=utf-8\r\n"
-                             + f"Content-Length: {len(body)}\r\n\r\n".encode() + (body if send_body else b""))
-            return
-        if path == "/metrics":
-            status, content_type, body = "200 OK", CONTENT_TYPE, self.server.exporter.snapshot()
-        elif path == "/":
-            status, content_type = "200 OK", "text/html; charset=utf-8"
-            body = b'<html><body><h1>trainmetrics exporter</h1><a href="/metrics">/metrics</a></body></html>\n'
-        else:
-            status, content_type, body = "404 Not Found", "text/plain; charset=utf-8", b"not found\n"
-        # One write for head and body: every extra socket call is one more wait for the GIL while the
-        # sampler thread holds it, and the tail of the scrape latency is made of those waits.
-        head = (f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
-                f"Content-Length: {len(body)}\r\n\r\n").encode()
-        self.wfile.write(head + body if send_body else head)
-
-    def log_message(self, format: str, *args) -> None:
-        """No access log: a scrape every 250 ms would flood it."""
-
-
-class MetricsServer(ThreadingHTTPServer):
-    """An HTTP server for one exporter; binding happens in the constructor (OSError when the port is taken)."""
-
-    daemon_threads = True
-    allow_reuse_address = True
-
-    def __init__(self, address: tuple[str, int], exporter: Exporter, web_config: WebConfig | None = None):
-        self.exporter = exporter
-        self.web_config = web_config or WebConfig()
-        super().__init__(address, SnapshotHandler)
-        self.web_config.secure(self)
-
-    def serve_in_background(self, poll_interval: float = 0.5) -> threading.Thread:
-        """Serve until shutdown() from a daemon thread (shutdown() takes up to poll_interval)."""
-        thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": poll_interval},
-                                  name="exporter-http", daemon=True)
-        thread.start()
-        return thread
+def metrics_server(exporter: Exporter, address: tuple[str, int], web_config: WebConfig | None = None
+                   ) -> MetricsHTTPServer:
+    """An HTTP server for the exporter's snapshot, bound to address (OSError when it cannot); start it with
+    serve_in_background()."""
+    return MetricsHTTPServer(address, lambda _scrape: exporter.snapshot(), web_config=web_config,
+                             max_connections=MAX_CONNECTIONS, idle_timeout=IDLE_TIMEOUT_SECONDS,
+                             title="trainmetrics exporter")

@@ -6,26 +6,13 @@ checkpoint name. Files hold only tensors, numbers, strings, lists and dicts, so
 """
 
 import os
-import re
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
-CHECKPOINT_PATTERN = re.compile(r"^step-(\d{9})\.pt$")
-FINAL_MODEL_NAME = "model.pt"
+from trainmetrics.jobfiles import FINAL_MODEL_NAME, Checkpoint, checkpoint_name, list_checkpoints
 
-
-@dataclass(frozen=True)
-class Checkpoint:
-    """A checkpoint file and the step it was taken at."""
-
-    path: Path
-    step: int
-
-
-def checkpoint_name(step: int) -> str:
-    """The file name for a checkpoint at `step` (zero-padded so names sort by step)."""
-    return f"step-{step:09d}.pt"
+__all__ = ["FINAL_MODEL_NAME", "atomic_save", "ensure_writable_dir", "list_checkpoints", "load_latest",
+           "save_checkpoint"]
 
 
 def ensure_writable_dir(directory: Path) -> Path:
@@ -64,19 +51,6 @@ def atomic_save(obj, path: Path) -> Path:
     finally:
         os.close(dir_fd)
     return path
-
-
-def list_checkpoints(directory: Path) -> list[Checkpoint]:
-    """Checkpoints in the directory, oldest first (temp files and other names ignored)."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return []
-    found = []
-    for entry in directory.iterdir():
-        match = CHECKPOINT_PATTERN.match(entry.name)
-        if match and entry.is_file():
-            found.append(Checkpoint(entry, int(match.group(1))))
-    return sorted(found, key=lambda c: c.step)
 
 
 def save_checkpoint(directory: Path, state: dict, keep: int = 3) -> Checkpoint:

@@ -1,9 +1,12 @@
 """`trainmetrics train`: one job in the foreground."""
 
 import argparse
+import importlib.util
 import logging
 
-from trainer import config as train_config
+from trainmetrics.trainer import config as train_config
+from trainmetrics.trainer.outcome import bad_input
+from trainmetrics.trainer.stopping import StopFlag
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -12,8 +15,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the job; torch is imported only now."""
+    """Run the job. The stop signals are caught from here on: a SIGTERM while torch is still importing ends
+    the job as cancelled, with its result, like one at any later moment."""
+    stop = StopFlag.for_process()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from trainer.runner import run_job
+    config = train_config.from_args(args)
+    if importlib.util.find_spec("torch") is None:
+        return bad_input(config, "training needs PyTorch: pip install 'trainmetrics[train]'")
+    from trainmetrics.trainer.runner import run_job
 
-    return run_job(train_config.from_args(args))
+    return run_job(config, stop)

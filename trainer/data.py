@@ -10,9 +10,6 @@ otherwise); integer targets mean classification, other numbers regression. An NP
 (samples first) and ``y``. A ``.txt`` file is a corpus for the language model.
 """
 
-import csv
-import math
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,16 +17,12 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from trainer.config import BUILTIN_DATASETS
+from trainmetrics.contract import BUILTIN_DATASETS
+from trainmetrics.datafiles import DatasetError, read_csv, read_npz
 
 CORPUS_PATH = Path(__file__).parent / "corpus" / "python_reference.txt"
 EVAL_FRACTION = 0.2
 LM_BLOCK_SIZE = 64
-MAX_CLASSES = 10_000
-
-
-class DatasetError(ValueError):
-    """A dataset that cannot be used; the message names the file, line or array at fault."""
 
 
 @dataclass
@@ -91,130 +84,6 @@ def _digits(seed: int) -> Dataset:
     digits = load_digits()
     x = (digits.images / 16.0).astype(np.float32)[:, None, :, :]   # (N, 1, 8, 8), scaled to 0..1
     return _split("digits", x, digits.target.astype(np.int64), seed=seed)
-
-
-def read_csv(path: Path, target: str = "label") -> tuple[np.ndarray, np.ndarray]:
-    """Read a numeric CSV with a header; returns (features, target) or raises DatasetError."""
-    try:
-        with open(path, newline="", encoding="utf-8") as handle:
-            reader = csv.reader(handle)
-            header = next(reader, None)
-            if not header or all(not cell.strip() for cell in header):
-                raise DatasetError(f"{path}: empty file (expected a header row)")
-            header = [cell.strip() for cell in header]
-            if target not in header:
-                raise DatasetError(f"{path}: no target column {target!r} in header {header}")
-            target_index = header.index(target)
-            rows = []
-            integral_target = True
-            for line_number, row in enumerate(reader, start=2):
-                if not row or all(not cell.strip() for cell in row):
-                    continue
-                if len(row) != len(header):
-                    raise DatasetError(f"{path}: line {line_number} has {len(row)} fields, "
-                                       f"the header has {len(header)}")
-                try:
-                    values = [float(cell) for cell in row]
-                except ValueError:
-                    bad = next(c for c in row if not _is_number(c))
-                    raise DatasetError(f"{path}: line {line_number}: non-numeric value {bad!r}") from None
-                if not all(math.isfinite(v) for v in values):
-                    raise DatasetError(f"{path}: line {line_number}: NaN or infinite value")
-                integral_target = integral_target and _is_integer(row[target_index])
-                rows.append(values)
-    except UnicodeDecodeError as error:
-        raise DatasetError(f"{path}: not UTF-8 text ({error.reason})") from None
-    except csv.Error as error:
-        raise DatasetError(f"{path}: malformed CSV ({error})") from None
-    if len(header) < 2:
-        raise DatasetError(f"{path}: need at least one feature column besides {target!r}")
-    if len(rows) < 2:
-        raise DatasetError(f"{path}: need at least 2 data rows, found {len(rows)}")
-    table = np.asarray(rows, dtype=np.float64)
-    y = table[:, target_index]
-    x = np.delete(table, target_index, axis=1).astype(np.float32)
-    return x, _target_array(y.astype(np.int64) if integral_target else y)
-
-
-def _is_integer(text: str) -> bool:
-    try:
-        int(text.strip())
-    except ValueError:
-        return False
-    return True
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
-def read_npz(path: Path, max_uncompressed_bytes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Read arrays x and y from an NPZ (no pickles); returns (x, y) or raises DatasetError.
-
-    With max_uncompressed_bytes, an archive whose members would inflate beyond it is refused before
-    anything is decompressed (a zip bomb: zipfile never reads past a member's declared size)."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            inflated = sum(member.file_size for member in archive.infolist())
-            if max_uncompressed_bytes is not None and inflated > max_uncompressed_bytes:
-                raise DatasetError(f"{path}: arrays would take {inflated} bytes uncompressed, over the "
-                                   f"{max_uncompressed_bytes}-byte limit")
-            for member in archive.infolist():
-                _check_npy_header(path, archive, member)
-        with np.load(path, allow_pickle=False) as archive:
-            missing = {"x", "y"} - set(archive.files)
-            if missing:
-                raise DatasetError(f"{path}: missing array(s) {sorted(missing)}; found {archive.files}")
-            x, y = archive["x"], archive["y"]
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError, MemoryError) as error:
-        if isinstance(error, DatasetError):
-            raise
-        raise DatasetError(f"{path}: not a readable NPZ archive ({type(error).__name__}: {error})") from None
-    if x.ndim < 2 or y.ndim != 1:
-        raise DatasetError(f"{path}: expected x with shape (samples, ...) and 1-D y; got {x.shape} and {y.shape}")
-    if len(x) != len(y):
-        raise DatasetError(f"{path}: x has {len(x)} samples but y has {len(y)}")
-    if len(x) < 2:
-        raise DatasetError(f"{path}: need at least 2 samples, found {len(x)}")
-    if not (np.issubdtype(x.dtype, np.number) and np.issubdtype(y.dtype, np.number)):
-        raise DatasetError(f"{path}: x and y must be numeric; got {x.dtype} and {y.dtype}")
-    x = x.astype(np.float32)
-    if not np.isfinite(x).all() or not np.isfinite(y.astype(np.float64)).all():
-        raise DatasetError(f"{path}: NaN or infinite values")
-    return x, _target_array(y)
-
-
-def _check_npy_header(path: Path, archive: zipfile.ZipFile, member: zipfile.ZipInfo) -> None:
-    """Refuse an array whose header declares more data than its member holds: np.load would allocate the
-    declared size (terabytes for a 300-byte file) before finding out."""
-    if not member.filename.endswith(".npy"):
-        return
-    with archive.open(member) as handle:
-        version = np.lib.format.read_magic(handle)
-        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
-                       (2, 0): np.lib.format.read_array_header_2_0}.get(version)
-        if read_header is None:
-            raise DatasetError(f"{path}: {member.filename}: unsupported .npy version {version}")
-        shape, _, dtype = read_header(handle)
-    declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
-    if declared > member.file_size:
-        raise DatasetError(f"{path}: {member.filename} declares {declared} bytes of data but holds "
-                           f"{member.file_size}")
-
-
-def _target_array(y: np.ndarray) -> np.ndarray:
-    """Integer targets become class labels (int64), floats regression targets (float32)."""
-    if np.issubdtype(y.dtype, np.integer):
-        if y.min() < 0:
-            raise DatasetError("class labels must be non-negative integers")
-        if y.max() >= MAX_CLASSES:
-            raise DatasetError(f"class label {int(y.max())} too large: at most {MAX_CLASSES} classes")
-        return y.astype(np.int64)
-    return y.astype(np.float32)
 
 
 def _split(name: str, x: np.ndarray, y: np.ndarray, seed: int) -> Dataset:

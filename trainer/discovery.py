@@ -2,15 +2,7 @@
 
 import json
 import os
-import socket
 from pathlib import Path
-
-
-def announced_host(listen_host: str) -> str:
-    """The host Prometheus should scrape: the listen host, or this machine's name for a wildcard bind."""
-    if listen_host in ("", "0.0.0.0", "::"):
-        return socket.getfqdn()
-    return listen_host
 
 
 def write_target_file(targets_dir: Path, file_stem: str, address: str, scheme: str = "http") -> Path:

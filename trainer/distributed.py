@@ -68,6 +68,15 @@ def agree_on_stop(ctx: Distributed, local_outcome: str | None) -> str | None:
     return {code: outcome for outcome, code in _OUTCOME_CODES.items()}[int(flag.item())]
 
 
+def gather_objects(ctx: Distributed, value) -> list:
+    """Every rank's `value`, in rank order (on the gloo control group; every rank must call it)."""
+    if not ctx.enabled:
+        return [value]
+    gathered = [None] * ctx.world_size
+    dist.all_gather_object(gathered, value, group=ctx.control_group)
+    return gathered
+
+
 def shutdown(ctx: Distributed) -> None:
     """Leave the process group."""
     if ctx.enabled and dist.is_initialized():

@@ -1,75 +1,62 @@
-"""Every trainer metric, declared once: Prometheus name, OpenTelemetry unit, description, kind.
+"""Every trainer instrument, declared once: exposition name (from the contract), OpenTelemetry unit and
+description. docs/metrics.md is the maintained contract for these names; tests compare the two both ways.
 
-docs/metrics.md is the maintained contract for these names; tests compare the two both ways.
-Names are the exposition names: the Prometheus exporter appends no unit suffix when the name already
-ends with it, and writes counters as ``<name>`` + ``_total``.
+Names are the exposition names: the Prometheus exporter appends no unit suffix when the name already ends
+with it, and writes counters as ``<name>`` + ``_total``.
 """
 
 from dataclasses import dataclass
-from enum import Enum
 
-
-class Kind(Enum):
-    """How an instrument is fed: synchronously from the loop or observed at collection time."""
-
-    COUNTER = "counter"                      # observable: read from a Python int at scrape time
-    GAUGE = "gauge"                          # synchronous gauge, set at log/eval/lifecycle points
-    OBSERVABLE_GAUGE = "observable_gauge"    # read at scrape time
-    HISTOGRAM = "histogram"
+from trainmetrics.contract import Trainer as T
 
 
 @dataclass(frozen=True)
 class Instrument:
-    """One metric: its exposition name, unit, meaning and kind."""
+    """One metric: its exposition name, unit and meaning."""
 
     name: str
     unit: str
     description: str
-    kind: Kind
 
 
-JOB_STATES = ("queued", "running", "paused", "completed", "failed", "cancelled")
-
-JOB_INFO = Instrument("trainer_job_info", "1", "Job metadata; always 1.", Kind.OBSERVABLE_GAUGE)
-JOB_STATE = Instrument("trainer_job_state", "1", "1 for the job's current lifecycle state, 0 for the others.",
-                       Kind.OBSERVABLE_GAUGE)
-JOB_FAILURE = Instrument("trainer_job_failure_info", "1",
-                         "1 with the exception class of a failed job; absent unless the job failed.",
-                         Kind.OBSERVABLE_GAUGE)
-JOB_START = Instrument("trainer_job_start_timestamp_seconds", "s",
-                       "Unix time the job started running.", Kind.OBSERVABLE_GAUGE)
-JOB_END = Instrument("trainer_job_end_timestamp_seconds", "s",
-                     "Unix time the job reached a final state; absent while it runs.", Kind.OBSERVABLE_GAUGE)
-UPLOAD_DURATION = Instrument("trainer_upload_duration_seconds", "s",
-                             "Time to upload and ingest the job's dataset.", Kind.OBSERVABLE_GAUGE)
-STEPS = Instrument("trainer_steps_total", "1", "Optimizer steps completed.", Kind.COUNTER)
-SAMPLES = Instrument("trainer_samples_total", "1", "Training samples processed.", Kind.COUNTER)
-EPOCH = Instrument("trainer_epoch", "1", "Current epoch, counted from 0.", Kind.GAUGE)
-LOSS = Instrument("trainer_loss", "1", "Mean training loss over the last log interval.", Kind.GAUGE)
+JOB_INFO = Instrument(T.JOB_INFO, "1", "Job metadata; always 1.")
+JOB_STATE = Instrument(T.JOB_STATE, "1", "1 for the job's current lifecycle state, 0 for the others.")
+JOB_FAILURE = Instrument(T.JOB_FAILURE, "1", "1 with the exception class of a failed job; absent unless it failed.")
+JOB_START = Instrument(T.JOB_START, "s", "Unix time this process started training the job.")
+JOB_END = Instrument(T.JOB_END, "s", "Unix time this process stopped training: a final state, or paused.")
+HEARTBEAT = Instrument(T.HEARTBEAT, "s", "Unix time of this scrape, by the job's clock: when the job was last seen.")
+UPLOAD_DURATION = Instrument(T.UPLOAD_DURATION, "s", "Time to upload and ingest the job's dataset.")
+STEPS = Instrument(T.STEPS, "1", "Optimizer steps completed.")
+SAMPLES = Instrument(T.SAMPLES, "1", "Training samples processed.")
+EPOCH = Instrument(T.EPOCH, "1", "Current epoch, counted from 0.")
+LOSS = Instrument(T.LOSS, "1", "Mean training loss over the last log interval.")
+LOSS_FIRST = Instrument(T.LOSS_FIRST, "1", "Mean training loss of the job's first log interval.")
+LOSS_MIN = Instrument(T.LOSS_MIN, "1", "Lowest mean training loss of any log interval so far.")
+LOSS_SUM = Instrument(T.LOSS_SUM, "1", "Sum of the logged (finite) mean training losses.")
+LOSS_INTERVALS = Instrument(T.LOSS_INTERVALS, "1", "Log intervals with a finite mean training loss.")
 # The OpenTelemetry SDK drops NaN and infinite measurements, so a diverged loss cannot appear as a NaN
 # gauge: this counter is how it reaches Prometheus (and the TrainerLossNaN alert).
-LOSS_NONFINITE = Instrument("trainer_loss_nonfinite_total", "1",
-                            "Log intervals whose mean training loss was NaN or infinite.", Kind.COUNTER)
-EVAL_LOSS = Instrument("trainer_eval_loss", "1", "Loss of the last evaluation.", Kind.GAUGE)
-EVAL_ACCURACY = Instrument("trainer_eval_accuracy_ratio", "1", "Accuracy (0..1) of the last evaluation.",
-                           Kind.GAUGE)
-LEARNING_RATE = Instrument("trainer_learning_rate", "1", "Current learning rate.", Kind.GAUGE)
-STEP_DURATION = Instrument("trainer_step_duration_seconds", "s",
-                           "Wall time per optimizer step, data wait included.", Kind.HISTOGRAM)
-DATA_WAIT = Instrument("trainer_data_wait_seconds", "s", "Time spent waiting for the next batch.",
-                       Kind.HISTOGRAM)
-CHECKPOINTS = Instrument("trainer_checkpoints_total", "1", "Checkpoints written.", Kind.COUNTER)
-CHECKPOINT_DURATION = Instrument("trainer_checkpoint_duration_seconds", "s",
-                                 "Time to write one checkpoint.", Kind.HISTOGRAM)
-GPU_MEMORY_PEAK = Instrument("trainer_gpu_memory_peak_bytes", "By",
-                             "Peak bytes allocated by the CUDA caching allocator (CUDA jobs only).", Kind.GAUGE)
-MFU = Instrument("trainer_model_flops_utilization_ratio", "1",
-                 "Model FLOPs utilisation over the last log interval (where the model's FLOPs and the device "
-                 "peak are known).", Kind.GAUGE)
-
-ALL = (JOB_INFO, JOB_STATE, JOB_FAILURE, JOB_START, JOB_END, UPLOAD_DURATION, STEPS, SAMPLES, EPOCH, LOSS,
-       LOSS_NONFINITE, EVAL_LOSS, EVAL_ACCURACY, LEARNING_RATE, STEP_DURATION, DATA_WAIT, CHECKPOINTS, CHECKPOINT_DURATION,
-       GPU_MEMORY_PEAK, MFU)
+LOSS_NONFINITE = Instrument(T.LOSS_NONFINITE, "1", "Log intervals whose mean training loss was NaN or infinite.")
+EVALUATIONS = Instrument(T.EVALUATIONS, "1", "Evaluations completed.")
+EVAL_LOSS = Instrument(T.EVAL_LOSS, "1", "Loss of the last evaluation.")
+EVAL_ACCURACY = Instrument(T.EVAL_ACCURACY, "1", "Accuracy (0..1) of the last evaluation.")
+EVAL_LOSS_MIN = Instrument(T.EVAL_LOSS_MIN, "1", "Lowest evaluation loss so far.")
+EVAL_ACCURACY_MAX = Instrument(T.EVAL_ACCURACY_MAX, "1", "Highest evaluation accuracy (0..1) so far.")
+EVAL_HISTORY_INDEX = Instrument(T.EVAL_HISTORY_INDEX, "1", "Number (from 1) of the evaluation held in the slot.")
+EVAL_HISTORY_STEP = Instrument(T.EVAL_HISTORY_STEP, "1", "Step after which the slot's evaluation ran.")
+EVAL_HISTORY_TIME = Instrument(T.EVAL_HISTORY_TIME, "s", "Unix time the slot's evaluation finished.")
+EVAL_HISTORY_LOSS = Instrument(T.EVAL_HISTORY_LOSS, "1", "Loss of the slot's evaluation.")
+EVAL_HISTORY_ACCURACY = Instrument(T.EVAL_HISTORY_ACCURACY, "1", "Accuracy (0..1) of the slot's evaluation.")
+LEARNING_RATE = Instrument(T.LEARNING_RATE, "1", "Current learning rate.")
+STEP_DURATION = Instrument(T.STEP_DURATION, "s", "Wall time per optimizer step, data wait included.")
+STEP_DURATION_MAX = Instrument(T.STEP_DURATION_MAX, "s", "Longest optimizer step so far, data wait included.")
+DATA_WAIT = Instrument(T.DATA_WAIT, "s", "Time spent waiting for the next batch.")
+CHECKPOINTS = Instrument(T.CHECKPOINTS, "1", "Checkpoints written.")
+CHECKPOINT_DURATION = Instrument(T.CHECKPOINT_DURATION, "s", "Time to write one checkpoint.")
+GPU_MEMORY_PEAK = Instrument(T.GPU_MEMORY_PEAK, "By",
+                             "Peak bytes allocated by the CUDA caching allocator (CUDA jobs only).")
+MFU = Instrument(T.MFU, "1", "Model FLOPs utilisation over the last log interval (where the model's FLOPs and "
+                             "the device peak are known).")
 
 # Seconds. Steps run from ~1 ms (small CPU models) to ~10 s (large GPU models); data waits can be far
 # shorter, so the scale starts at 100 µs. The SDK default (0..10,000) is shaped for milliseconds.

@@ -1,7 +1,11 @@
-"""JobMetrics: the instrumentation library for one training job, used by the built-in runner and by
-users' own loops::
+"""JobMetrics: the instrumentation library for one training job, used by the built-in runner and by users'
+own loops::
 
-    with JobMetrics(job_id="resnet-7", model="resnet18", dataset="cifar10") as m:
+    from trainmetrics.trainer.metrics import JobInfo, JobMetrics
+    from trainmetrics.trainer.telemetry import Publish
+
+    with JobMetrics("resnet-7", JobInfo(model="resnet18", dataset="cifar10"),
+                    Publish(targets_dir="/var/lib/trainmetrics/targets", job_dir="/var/lib/trainmetrics/jobs")) as m:
         for epoch in range(epochs):
             m.set_epoch(epoch)
             for x, y in m.timed(loader):            # measures data-loader wait
@@ -9,32 +13,52 @@ users' own loops::
                 m.step(loss=loss, samples=len(x))   # no GPU sync: losses are read once per log interval
             m.eval(loss=val_loss, accuracy=val_acc)
 
-The hot path (`step`, `timed`) only appends to Python lists and bumps ints; counters are observed and
-histograms filled at scrape time, so the loop never waits on telemetry and a metric call never raises.
+This module records; trainer/telemetry.py publishes. The hot path (`step`, `timed`) appends to short Python
+lists and bumps numbers; counters and held values are read when something collects, step times enter
+their histograms in batches. Memory stays bounded whether or not anything scrapes, and no metric call
+raises: a failure is logged once and training goes on.
 """
 
+import functools
 import logging
+from bisect import bisect_left
 import math
-import os
+import signal
 import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from opentelemetry.metrics import CallbackOptions, Observation
 
-from trainer import instruments as inst
-from trainer.discovery import announced_host, remove_quietly, write_target_file
-from trainer.telemetry import MetricsServer, build_meter_provider
-from trainmetrics.jobmap import JobMapping, write_job_mapping
-from trainmetrics.names import parse_listen, validate_job_id
-from trainmetrics.webconfig import WebConfig
+from trainmetrics.contract import FINAL_STATES, JOB_STATES, validate_job_id
+from trainmetrics.trainer import instruments as inst
+from trainmetrics.trainer.evaluations import Evaluation, EvaluationHistory
+from trainmetrics.trainer.histograms import DurationHistogram, HistogramCollector
+from trainmetrics.trainer.telemetry import Publication, Publish, current_scrape
 
 log = logging.getLogger("trainmetrics.trainer")
 
-FINAL_STATES = ("completed", "failed", "cancelled")
+# With OTLP push on, step times and data waits also wait in a list for the OpenTelemetry histograms; past this
+# many the loop moves them itself (a collection usually does it first).
+PENDING_LIMIT = 1024
+# Losses not yet read (device tensors or floats) are folded into one partial sum past this many.
+LOSS_FOLD_LIMIT = 256
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    """What the job is (the labels of trainer_job_info) and which of its processes this one is."""
+
+    job_name: str | None = None
+    model: str = ""
+    dataset: str = ""
+    owner: str | None = None
+    device: str = "cpu"
+    rank: int = 0
+    world_size: int = 1
+    upload_seconds: float | None = None
 
 
 @dataclass(frozen=True)
@@ -48,123 +72,222 @@ class IntervalStats:
     mfu: float | None
 
 
-class JobMetrics:
-    """Publishes one job's trainer_* series through OpenTelemetry and its Prometheus exporter."""
+def _never_raises(method):
+    """A metric call logs its failure (once per method) and returns None: telemetry never breaks training."""
+    failed_once = []
 
-    def __init__(self, job_id: str, *, job_name: str | None = None, model: str = "", dataset: str = "",
-                 owner: str = "", device: str = "cpu", rank: int = 0, world_size: int = 1,
-                 listen: str | None = "127.0.0.1:0", targets_dir: Path | None = None,
-                 job_dir: Path | None = None, gpus: Iterable[int] = (), upload_seconds: float | None = None,
-                 log_every: int = 50, flops_per_sample: float | None = None, peak_flops: float | None = None,
-                 linger_timeout: float = 15.0, on_log: Callable[[IntervalStats], None] | None = None,
-                 start_steps: int = 0, start_samples: int = 0, publish_job_state: bool = True,
-                 web_config: WebConfig | None = None):
+    @functools.wraps(method)
+    def guarded(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except Exception:
+            if not failed_once:
+                failed_once.append(True)
+                log.exception("job %s: metrics call %s failed (further failures of it are not logged)",
+                              getattr(self, "job_id", "?"), method.__name__)
+            return None
+
+    return guarded
+
+
+def _device_sum(tensors: list):
+    """The sum of loss tensors in float64, as a tensor where they live: on an accelerator one stacked sum
+    (no host sync until it is read); on the CPU, where reading costs no sync, the values read one by one
+    (cheaper than a stack)."""
+    import torch
+
+    if tensors[0].is_cpu:
+        return torch.tensor(math.fsum(t.item() for t in tensors), dtype=torch.float64)
+    try:
+        return torch.stack(tensors).sum(dtype=torch.float64)
+    except RuntimeError:     # losses of different shapes (a scalar and a one-element tensor): one by one
+        return torch.stack([t.reshape(()) for t in tensors]).sum(dtype=torch.float64)
+
+
+class _LossAccumulator:
+    """The losses of the current log interval, read once at its end (the one device sync per interval).
+    JobMetrics.step appends to `tensors` or `floats` and counts them itself (the hot path)."""
+
+    def __init__(self):
+        self.tensors: list = []
+        self.floats: list[float] = []
+        self.count = 0
+
+    def fold(self) -> None:
+        """One partial sum for the losses so far (on the device: asynchronous, no sync), so an endless
+        interval holds a bounded list."""
+        if self.tensors:
+            self.tensors = [_device_sum(self.tensors)]
+        self.floats = [math.fsum(self.floats)]
+
+    def mean(self) -> float | None:
+        """The interval's mean loss (None without losses); starts a new interval."""
+        tensors, floats, count = self.tensors, self.floats, self.count
+        self.tensors, self.floats, self.count = [], [], 0
+        if count == 0:
+            return None
+        total = math.fsum(floats)
+        if tensors:     # the library works without torch for float losses: only tensors need it
+            total += _device_sum(tensors).item()
+        return total / count
+
+
+class JobMetrics:
+    """Records one job process's progress and publishes it as trainer_* series."""
+
+    def __init__(self, job_id: str, info: JobInfo | None = None, publish: Publish | None = None, *,
+                 log_every: int = 50, on_log: Callable[[IntervalStats], None] | None = None,
+                 flops_per_sample: float | None = None, peak_flops: float | None = None):
         self.job_id = validate_job_id(job_id)
-        self.rank = rank
+        self.info = info or JobInfo()
         self.log_every = max(1, int(log_every))
-        self.flops_per_sample = flops_per_sample
-        self.peak_flops = peak_flops
-        self.linger_timeout = linger_timeout
         self.on_log = on_log
-        self._cuda = device.startswith("cuda")
-        self._info = {"job_name": job_name or job_id, "model": model, "dataset": dataset, "owner": owner,
-                      "device": device, "world_size": str(world_size)}
+        self.flops_per_sample, self.peak_flops = flops_per_sample, peak_flops
+        self._cuda = self.info.device.startswith("cuda")
+        # In a multi-process job only rank 0 publishes the job's lifecycle (info, state, start/end, failure,
+        # upload): the state is the job's, not a rank's. Every rank publishes its own progress.
+        self._lifecycle = self.info.rank == 0
+        self._labels = {"job_name": self.info.job_name or job_id, "model": self.info.model,
+                        "dataset": self.info.dataset, "owner": self.info.owner or "", "device": self.info.device,
+                        "world_size": str(self.info.world_size)}
         self.state = "queued"
         self.error_type: str | None = None
         self.start_time: float | None = None
         self.end_time: float | None = None
         self._end_monotonic: float | None = None
-        self.upload_seconds = upload_seconds
-        # A resumed job continues its counters from the checkpoint before its first scrape, so Prometheus
-        # never sees them restart from 0.
-        self.steps = start_steps
-        self.samples = start_samples
+        # Counters and held values of the whole job: a resumed process takes them over from the checkpoint
+        # (load_state_dict) before its first scrape, so no series restarts.
+        self.steps = 0
+        self.samples = 0
         self.checkpoints = 0
+        self.loss_first: float | None = None
+        self.loss_min: float | None = None
+        self.loss_sum = 0.0
+        self.loss_intervals = 0
         self.nonfinite_losses = 0
-        self.last_loss: float | None = None
-        self._loss_tensors: list = []
-        self._loss_floats: list[float] = []
+        self.last_loss: float | None = None         # the last interval's mean, finite or not
+        self.loss: float | None = None              # the last finite one: trainer_loss
+        self.epoch: int | None = None
+        self.learning_rate: float | None = None
+        self.mfu: float | None = None
+        self.gpu_memory_peak: int | None = None
+        self.eval_loss_min: float | None = None
+        self.eval_accuracy_max: float | None = None
+        self.last_evaluation: Evaluation | None = None
+        self.step_duration_max = 0.0
+        self._warned_bad_step = False
+        self.evaluations = EvaluationHistory()
+        self._losses = _LossAccumulator()
         self._pending_lock = threading.Lock()
         self._pending_step_durations: list[float] = []
         self._pending_data_waits: list[float] = []
         self._last_step_end: float | None = None
-        self._interval_start = (time.perf_counter(), start_steps, start_samples)   # (time, steps, samples) at the last log
-        self._server: MetricsServer | None = None
-        self._target_file: Path | None = None
-        self._mapping_file: Path | None = None
+        self._new_interval(time.perf_counter())
+        self._linger_cut_short = threading.Event()
+        self._previous_handlers: dict[int, object] = {}
 
-        labels = {"job_id": self.job_id}
-        if world_size > 1:
-            labels["rank"] = str(rank)
-        self._provider, self.registry = build_meter_provider(labels)
-        # In a multi-process job only rank 0 publishes the job's lifecycle (info, state, start/end, failure,
-        # upload): the state is the job's, not a rank's. Every rank publishes its own progress.
-        self._publish_job_state = publish_job_state
+        self._publication = Publication(job_id, self.info.rank, self.info.world_size, publish,
+                                        delivered=self._scrape_delivered)
         self._create_instruments()
         try:
-            if listen is not None:
-                host, port = parse_listen(listen)
-                self._server = MetricsServer(self.registry, host, port, web_config)
-                if targets_dir is not None:
-                    address = f"{announced_host(host)}:{self._server.port}"
-                    scheme = "https" if web_config is not None and web_config.ssl_context else "http"
-                    self._target_file = write_target_file(Path(targets_dir), self._file_stem(), address, scheme)
-            if job_dir is not None:
-                mapping = JobMapping(job_id=self.job_id, pid=os.getpid(), gpus=list(gpus), rank=rank,
-                                     started=time.time())
-                self._mapping_file = write_job_mapping(Path(job_dir), mapping)
+            self._publication.open()
         except BaseException:
-            self._release()
+            self._publication.shutdown()
             raise
 
     # ----- instruments -------------------------------------------------------------------------------
     def _create_instruments(self) -> None:
-        meter = self._provider.get_meter("trainmetrics.trainer")
-
-        def gauge(spec):
-            return meter.create_gauge(spec.name, unit=spec.unit, description=spec.description)
+        meter = self._publication.provider.get_meter("trainmetrics.trainer")
 
         def histogram(spec):
             return meter.create_histogram(spec.name, unit=spec.unit, description=spec.description)
 
-        def observe(spec, callback, counter=False):
+        def observe(spec, read, counter=False):
+            """An observable instrument showing read() (a number, or None for no sample)."""
+            def callback(options: CallbackOptions) -> list[Observation]:
+                value = read()
+                return [] if value is None else [Observation(value)]
+
             factory = meter.create_observable_counter if counter else meter.create_observable_gauge
             factory(spec.name, callbacks=[callback], unit=spec.unit, description=spec.description)
 
-        self._epoch = gauge(inst.EPOCH)
-        self._loss = gauge(inst.LOSS)
-        self._eval_loss = gauge(inst.EVAL_LOSS)
-        self._eval_accuracy = gauge(inst.EVAL_ACCURACY)
-        self._learning_rate = gauge(inst.LEARNING_RATE)
-        self._gpu_memory_peak = gauge(inst.GPU_MEMORY_PEAK)
-        self._mfu = gauge(inst.MFU)
-        self._step_duration = histogram(inst.STEP_DURATION)
-        self._data_wait = histogram(inst.DATA_WAIT)
+        def observe_each(spec, callback):
+            meter.create_observable_gauge(spec.name, callbacks=[callback], unit=spec.unit,
+                                          description=spec.description)
+
+        # Every gauge is read when something collects: setting one costs the loop an attribute store.
+        observe(inst.EPOCH, lambda: self.epoch)
+        observe(inst.LOSS, lambda: self.loss)
+        observe(inst.EVAL_LOSS, lambda: self.last_evaluation.loss if self.last_evaluation else None)
+        observe(inst.EVAL_ACCURACY, lambda: self.last_evaluation.accuracy if self.last_evaluation else None)
+        observe(inst.LEARNING_RATE, lambda: self.learning_rate)
+        observe(inst.GPU_MEMORY_PEAK, lambda: self.gpu_memory_peak)
+        observe(inst.MFU, lambda: self.mfu)
+        # Step times and data waits: our own histograms on the Prometheus side (histograms.py says why), the
+        # OpenTelemetry ones only for an OTLP push.
+        self.step_times = DurationHistogram(inst.DURATION_BUCKETS)
+        self.data_waits = DurationHistogram(inst.DURATION_BUCKETS)
+        rendered = HistogramCollector(self._publication.labels)
+        rendered.add(inst.STEP_DURATION.name, inst.STEP_DURATION.description, self.step_times)
+        rendered.add(inst.DATA_WAIT.name, inst.DATA_WAIT.description, self.data_waits)
+        self._publication.registry.register(rendered)
+        self._pushed = self._publication.pushes_otlp
+        if self._pushed:
+            self._step_duration = histogram(inst.STEP_DURATION)
+            self._data_wait = histogram(inst.DATA_WAIT)
         self._checkpoint_duration = histogram(inst.CHECKPOINT_DURATION)
-        if self._publish_job_state:
-            observe(inst.JOB_INFO, lambda options: [Observation(1, self._info)])
-            observe(inst.JOB_STATE, self._observe_state)
-            observe(inst.JOB_FAILURE, lambda options: [Observation(1, {"error_type": self.error_type})]
-                    if self.error_type else [])
-            observe(inst.JOB_START, lambda options: [Observation(self.start_time)] if self.start_time else [])
-            observe(inst.JOB_END, lambda options: [Observation(self.end_time)] if self.end_time else [])
-            observe(inst.UPLOAD_DURATION, lambda options: [Observation(self.upload_seconds)]
-                    if self.upload_seconds is not None else [])
-        observe(inst.STEPS, self._observe_steps, counter=True)
-        observe(inst.SAMPLES, lambda options: [Observation(self.samples)], counter=True)
-        observe(inst.CHECKPOINTS, lambda options: [Observation(self.checkpoints)], counter=True)
-        observe(inst.LOSS_NONFINITE, lambda options: [Observation(self.nonfinite_losses)], counter=True)
+        if self._lifecycle:
+            observe_each(inst.JOB_INFO, lambda options: [Observation(1, self._labels)])
+            observe_each(inst.JOB_STATE, lambda options: [Observation(1 if state == self.state else 0, {"state": state})
+                                                          for state in JOB_STATES])
+            observe_each(inst.JOB_FAILURE, lambda options: [Observation(1, {"error_type": self.error_type})]
+                         if self.error_type else [])
+            observe(inst.JOB_START, lambda: self.start_time)
+            observe(inst.JOB_END, lambda: self.end_time)
+            observe(inst.UPLOAD_DURATION, lambda: self.info.upload_seconds)
+        observe(inst.HEARTBEAT, time.time)
+        observe(inst.STEPS, self._steps_at_collection, counter=True)
+        observe(inst.SAMPLES, lambda: self.samples, counter=True)
+        observe(inst.CHECKPOINTS, lambda: self.checkpoints, counter=True)
+        observe(inst.LOSS_NONFINITE, lambda: self.nonfinite_losses, counter=True)
+        observe(inst.LOSS_SUM, lambda: self.loss_sum, counter=True)
+        observe(inst.LOSS_INTERVALS, lambda: self.loss_intervals, counter=True)
+        observe(inst.LOSS_FIRST, lambda: self.loss_first)
+        observe(inst.LOSS_MIN, lambda: self.loss_min)
+        observe(inst.STEP_DURATION_MAX, lambda: self.step_duration_max if self.step_times.count else None)
+        observe(inst.EVALUATIONS, lambda: self.evaluations.count, counter=True)
+        observe(inst.EVAL_LOSS_MIN, lambda: self.eval_loss_min)
+        observe(inst.EVAL_ACCURACY_MAX, lambda: self.eval_accuracy_max)
+        for spec, field in ((inst.EVAL_HISTORY_INDEX, "index"), (inst.EVAL_HISTORY_STEP, "step"),
+                            (inst.EVAL_HISTORY_TIME, "time"), (inst.EVAL_HISTORY_LOSS, "loss"),
+                            (inst.EVAL_HISTORY_ACCURACY, "accuracy")):
+            observe_each(spec, functools.partial(self._observe_history, field))
 
-    def _observe_state(self, options: CallbackOptions) -> list[Observation]:
-        return [Observation(1 if state == self.state else 0, {"state": state}) for state in inst.JOB_STATES]
-
-    def _observe_steps(self, options: CallbackOptions) -> list[Observation]:
-        # Callbacks run at the start of every collection, before the histograms are read: the step-time
-        # and data-wait samples buffered by the loop enter their histograms here, off the hot path.
+    def _steps_at_collection(self) -> int:
+        # Callbacks run at the start of every collection, before the histograms are read: the step times
+        # and data waits buffered by the loop enter their histograms here, off the hot path.
         self._flush_pending()
-        return [Observation(self.steps)]
+        return self.steps
+
+    def _observe_history(self, field: str, options: CallbackOptions) -> list[Observation]:
+        scrape = current_scrape.get()
+        if scrape is None:
+            shown = self.evaluations.shown(None)
+        else:   # the five history series of one scrape show the same evaluations
+            shown = scrape.shown.get("evaluations")
+            if shown is None:
+                shown = scrape.shown["evaluations"] = self.evaluations.shown(scrape.scraper)
+        return [Observation(getattr(record, field), {"slot": record.slot}) for record in shown
+                if getattr(record, field) is not None]
+
+    def _scrape_delivered(self, scrape) -> None:
+        shown = scrape.shown.get("evaluations")
+        if shown is not None:
+            self.evaluations.delivered(scrape.scraper, shown, self._publication.scrapers.active() | {scrape.scraper})
 
     def _flush_pending(self) -> None:
+        if not self._pushed:
+            return
         with self._pending_lock:
             durations, self._pending_step_durations = self._pending_step_durations, []
             waits, self._pending_data_waits = self._pending_data_waits, []
@@ -173,39 +296,69 @@ class JobMetrics:
         for value in waits:
             self._data_wait.record(value)
 
-    # ----- lifecycle ---------------------------------------------------------------------------------
-    def _file_stem(self) -> str:
-        return f"{self.job_id}.rank{self.rank}"
+    # ----- the job's state carried across processes --------------------------------------------------------
+    def state_dict(self) -> dict:
+        """What a resumed process must take over for the job's series to carry on (goes into checkpoints)."""
+        return {"steps": self.steps, "samples": self.samples, "checkpoints": self.checkpoints,
+                "loss_first": self.loss_first, "loss_min": self.loss_min, "loss_sum": self.loss_sum,
+                "loss_intervals": self.loss_intervals, "nonfinite_losses": self.nonfinite_losses,
+                "evaluations": self.evaluations.count, "eval_loss_min": self.eval_loss_min,
+                "eval_accuracy_max": self.eval_accuracy_max, "step_duration_max": self.step_duration_max}
 
+    @_never_raises
+    def load_state_dict(self, state: dict) -> None:
+        """Take over a previous process's state_dict() (before start(), so no series restarts)."""
+        self.steps, self.samples = int(state.get("steps", 0)), int(state.get("samples", 0))
+        self.checkpoints = int(state.get("checkpoints", 0))
+        self.loss_first, self.loss_min = state.get("loss_first"), state.get("loss_min")
+        self.loss_sum, self.loss_intervals = float(state.get("loss_sum", 0.0)), int(state.get("loss_intervals", 0))
+        self.nonfinite_losses = int(state.get("nonfinite_losses", 0))
+        self.evaluations = EvaluationHistory(first_index=int(state.get("evaluations", 0)) + 1)
+        self.eval_loss_min, self.eval_accuracy_max = state.get("eval_loss_min"), state.get("eval_accuracy_max")
+        self.step_duration_max = state.get("step_duration_max") or 0.0
+        self._new_interval(time.perf_counter())
+
+    # ----- lifecycle ---------------------------------------------------------------------------------
     @property
     def metrics_port(self) -> int | None:
         """The port /metrics is served on (None when not serving)."""
-        return self._server.port if self._server else None
+        return self._publication.port
 
-    def wait_for_first_scrape(self, timeout: float) -> bool:
-        """Block until Prometheus has scraped this job once (only when announced through targets_dir).
+    @property
+    def registry(self):
+        """The prometheus_client registry the series are collected into."""
+        return self._publication.registry
 
-        Prometheus discovers a new file_sd target within ~5 s; a job that waits for that scrape before
-        training has its whole history in Prometheus, first loss included. False when none came in time."""
-        if self._server is None or self._target_file is None:
-            return False
-        return self._server.wait_for_scrape_after(float("-inf"), timeout)
+    def collect(self) -> bytes:
+        """The exposition text now, as a reader that does not count sees it."""
+        return self._publication.collect()
 
-    def start(self) -> "JobMetrics":
-        """Mark the job running and note its start time."""
+    @_never_raises
+    def start(self, give_up: Callable[[], bool] = lambda: False) -> "JobMetrics":
+        """Mark the job running. When it was announced to Prometheus, first wait (up to the publication's
+        linger timeout, or until give_up() holds) for a scrape, so Prometheus holds the job from its first
+        step."""
+        publication = self._publication
+        if publication.announced and self.start_time is None:
+            if not publication.scrapers.wait(lambda: publication.scrapers.any_since(float("-inf")),
+                                             publication.publish.linger_timeout, give_up) and not give_up():
+                log.warning("job %s: not scraped within %.0fs of announcing itself; starting anyway",
+                            self.job_id, publication.publish.linger_timeout)
         if self.start_time is None:
             self.start_time = time.time()
         self.state = "running"
         self._last_step_end = time.perf_counter()
-        self._interval_start = (self._last_step_end, self.steps, self.samples)
+        self._new_interval(self._last_step_end)
         return self
 
+    @_never_raises
     def set_state(self, state: str) -> None:
         """Move to a non-final state (queued, running, paused); final states go through finish()."""
-        if state not in inst.JOB_STATES or state in FINAL_STATES:
+        if state not in JOB_STATES or state in FINAL_STATES:
             raise ValueError(f"unknown or final state {state!r}; use finish() for final states")
         self.state = state
 
+    @_never_raises
     def finish(self, state: str, error: BaseException | None = None) -> None:
         """Enter a final state (completed, failed, cancelled) and note the end time; idempotent."""
         if state not in FINAL_STATES:
@@ -214,19 +367,23 @@ class JobMetrics:
             return
         self._log_interval()
         self.error_type = type(error).__name__ if error is not None and state == "failed" else None
+        self._ended(state)
+
+    @_never_raises
+    def pause(self) -> None:
+        """Mark the job paused before its process exits (it resumes later, from a checkpoint, in a new one).
+
+        Like finish(), the state is held until every scraper has read it (close() lingers for it)."""
+        self._log_interval()
+        self._ended("paused")
+
+    def _ended(self, state: str) -> None:
         self.end_time = time.time()
         self.state = state
         self._end_monotonic = time.monotonic()
 
-    def pause(self) -> None:
-        """Mark the job paused before its process exits (it resumes later, from a checkpoint, in a new one).
-
-        Like finish(), the state is held until it has been scraped (close() lingers for it)."""
-        self._log_interval()
-        self.state = "paused"
-        self._end_monotonic = time.monotonic()
-
     def __enter__(self) -> "JobMetrics":
+        self._install_signal_handlers()
         return self.start()
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -236,74 +393,151 @@ class JobMetrics:
             self.finish("cancelled")
         else:
             self.finish("failed", exc)
-        self.close()
+        try:
+            self.close()
+        finally:
+            self._restore_signal_handlers()
+
+    def _install_signal_handlers(self) -> None:
+        """SIGTERM stops the block like Ctrl-C (the job ends `cancelled`, its files removed); a second signal
+        during the final linger cuts the linger short. Main thread only (Python's rule for handlers)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        interrupted = []
+
+        def stop(signum, frame):
+            # Only the first signal interrupts the loop; a later one, maybe mid-cleanup, only hurries the exit.
+            if interrupted or self.state in (*FINAL_STATES, "paused"):
+                self._linger_cut_short.set()
+                return
+            interrupted.append(signum)
+            raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous_handlers[signum] = signal.signal(signum, stop)
+
+    def _restore_signal_handlers(self) -> None:
+        for signum, previous in self._previous_handlers.items():
+            signal.signal(signum, previous)
+        self._previous_handlers.clear()
+
+    def cut_linger_short(self) -> None:
+        """Stop waiting for scrapers now (a second stop signal); close() then cleans up at once."""
+        self._linger_cut_short.set()
+
+    def final_state_read(self) -> bool:
+        """True when the end has been read: some scraper scraped after it, and every active scraper did and
+        has every evaluation."""
+        end, scrapers = self._end_monotonic, self._publication.scrapers
+        if end is None or not scrapers.any_since(end):
+            return False
+        return all(scrapers.delivered_since(scraper, end) and self.evaluations.complete_for(scraper)
+                   for scraper in scrapers.active())
 
     def close(self) -> None:
-        """Linger until the final state has been scraped (when announced to Prometheus), then clean up."""
-        self._flush_pending()
-        if self._server and self._target_file and self._end_monotonic is not None:
-            if not self._server.wait_for_scrape_after(self._end_monotonic, self.linger_timeout):
-                log.warning("job %s: no scrape within %.0fs after the end; its final state may be missing "
-                            "from Prometheus", self.job_id, self.linger_timeout)
-        self._release()
-
-    def _release(self) -> None:
-        remove_quietly(self._target_file)
-        remove_quietly(self._mapping_file)
-        self._target_file = self._mapping_file = None
-        if self._server:
-            self._server.close()
-            self._server = None
-        self._provider.shutdown()
+        """Linger until every scraper has read the final state (when announced), then remove the job's files
+        and stop serving. Never raises."""
+        try:
+            self._flush_pending()
+            publication = self._publication
+            if publication.announced and self._end_monotonic is not None:
+                timeout = publication.publish.linger_timeout
+                if not publication.scrapers.wait(self.final_state_read, timeout, self._linger_cut_short.is_set):
+                    log.warning("job %s: its final state was not read by every scraper within %.0fs%s", self.job_id,
+                                timeout, " (stopped waiting on a second signal)" if self._linger_cut_short.is_set()
+                                else "; it may be missing from Prometheus")
+        except Exception:
+            log.exception("job %s: lingering for the final scrape failed", self.job_id)
+        finally:
+            try:
+                self._publication.shutdown()
+            except Exception:
+                log.exception("job %s: releasing the metrics endpoint failed", self.job_id)
 
     # ----- the hot path ------------------------------------------------------------------------------
     def timed(self, batches: Iterable) -> Iterator:
         """Yield from `batches`, recording how long each batch took to arrive (data-loader wait)."""
         iterator = iter(batches)
-        self._last_step_end = time.perf_counter()
+        clock, waits, pushed = time.perf_counter, self.data_waits, self._pushed
+        counts, bounds = waits.counts, waits.bounds
+        self._last_step_end = clock()
         while True:
-            began = time.perf_counter()
+            began = clock()
             try:
                 batch = next(iterator)
             except StopIteration:
                 return
-            with self._pending_lock:
-                self._pending_data_waits.append(time.perf_counter() - began)
+            waited = clock() - began
+            counts[bisect_left(bounds, waited)] += 1
+            waits.sum += waited
+            if pushed:
+                self._buffer(self._pending_data_waits, waited)
             yield batch
 
+    def _buffer(self, pending: list[float], value: float) -> None:
+        with self._pending_lock:
+            pending.append(value)
+            full = len(pending) >= PENDING_LIMIT
+        if full:
+            self._flush_pending()
+
     def step(self, loss=None, samples: int = 0) -> None:
-        """Record one optimizer step. `loss` may be a tensor on any device: it is not read here."""
-        now = time.perf_counter()
-        if self._last_step_end is not None:
-            with self._pending_lock:
-                self._pending_step_durations.append(now - self._last_step_end)
-        self._last_step_end = now
-        self.steps += 1
-        self.samples += samples
-        if loss is not None:
-            try:
-                if hasattr(loss, "detach"):
-                    self._loss_tensors.append(loss.detach())
+        """Record one optimizer step. `loss` may be a tensor on any device: it is not read here.
+
+        The hot path, written for its cost (~2 µs, twice that with cold caches between torch ops): no call it
+        can avoid, every failure caught here (a metric call never raises)."""
+        try:
+            now = time.perf_counter()
+            last = self._last_step_end
+            if last is not None:
+                duration = now - last
+                if duration > self.step_duration_max:
+                    self.step_duration_max = duration
+                times = self.step_times
+                times.counts[bisect_left(times.bounds, duration)] += 1
+                times.sum += duration
+                if self._pushed:
+                    self._buffer(self._pending_step_durations, duration)
+            self._last_step_end = now
+            self.steps += 1
+            self.samples += samples
+            if loss is not None:
+                losses = self._losses
+                detach = getattr(loss, "detach", None)
+                if detach is not None:
+                    losses.tensors.append(detach())
+                    if len(losses.tensors) >= LOSS_FOLD_LIMIT:
+                        losses.fold()
                 else:
-                    self._loss_floats.append(float(loss))
-            except (TypeError, ValueError):   # a bad loss value must not break the loop
-                log.warning("job %s: ignoring a loss that is not a number: %r", self.job_id, loss)
-        if self.steps - self._interval_start[1] >= self.log_every:
-            self._log_interval()
+                    losses.floats.append(float(loss))
+                losses.count += 1
+            if self.steps >= self._next_log_step:
+                self._log_interval()
+        except Exception as error:
+            self._step_failed(error, loss, samples)
+
+    def _step_failed(self, error: Exception, loss, samples) -> None:
+        """A bad value in step(): count what can be counted, say so once, go on."""
+        if isinstance(samples, int) is False:
+            try:
+                self.samples += int(samples)
+            except (TypeError, ValueError):
+                pass
+        if not self._warned_bad_step:
+            self._warned_bad_step = True
+            log.warning("job %s: step() got a value it cannot use (%s: %s; loss %r, samples %r); such values "
+                        "are ignored", self.job_id, type(error).__name__, error, loss, samples)
 
     # ----- once per log interval / eval / checkpoint ---------------------------------------------------
-    def _mean_loss(self) -> float | None:
-        tensors, floats = self._loss_tensors, self._loss_floats
-        self._loss_tensors, self._loss_floats = [], []
-        count = len(tensors) + len(floats)
-        if count == 0:
-            return None
-        total = math.fsum(floats)
-        if tensors:
-            import torch  # the library works without torch for float losses
+    @_never_raises
+    def end_interval(self) -> None:
+        """End the current log interval now (before a checkpoint: its state then holds every loss so far)."""
+        self._log_interval()
 
-            total += torch.stack(tensors).double().sum().item()   # the one device sync per interval
-        return total / count
+    def _new_interval(self, now: float) -> None:
+        self._interval_start = (now, self.steps, self.samples)      # (time, steps, samples) at its start
+        self._next_log_step = self.steps + self.log_every
 
     def _log_interval(self) -> None:
         try:
@@ -311,50 +545,78 @@ class JobMetrics:
             began, steps_before, samples_before = self._interval_start
             if self.steps == steps_before:
                 return
-            self._interval_start = (now, self.steps, self.samples)
-            loss = self._mean_loss()
+            self._new_interval(now)
+            loss = self._losses.mean()
             if loss is not None:
                 self.last_loss = loss
                 if math.isfinite(loss):
-                    self._loss.set(loss)
+                    self.loss = loss
+                    if self.loss_first is None:
+                        self.loss_first = loss
+                    self.loss_min = loss if self.loss_min is None else min(self.loss_min, loss)
+                    self.loss_sum += loss
+                    self.loss_intervals += 1
                 else:
                     self.nonfinite_losses += 1
             elapsed = max(now - began, 1e-9)
             throughput = (self.samples - samples_before) / elapsed
             mfu = None
             if self.flops_per_sample and self.peak_flops:
-                mfu = throughput * self.flops_per_sample / self.peak_flops
-                self._mfu.set(mfu)
+                mfu = self.mfu = throughput * self.flops_per_sample / self.peak_flops
             if self._cuda:
                 import torch
 
-                self._gpu_memory_peak.set(torch.cuda.max_memory_allocated())
+                self.gpu_memory_peak = torch.cuda.max_memory_allocated()
             if self.on_log:
                 self.on_log(IntervalStats(self.steps, self.samples, loss, throughput, mfu))
         except Exception:   # telemetry must never break the training loop
             log.exception("job %s: metrics log interval failed", self.job_id)
 
+    @_never_raises
     def set_epoch(self, epoch: int) -> None:
         """Publish the current epoch."""
-        self._epoch.set(epoch)
+        self.epoch = int(epoch)
 
+    @_never_raises
     def set_learning_rate(self, lr: float) -> None:
         """Publish the current learning rate."""
-        self._learning_rate.set(lr)
+        self.learning_rate = float(lr)
 
-    def eval(self, loss: float | None = None, accuracy: float | None = None) -> None:
-        """Publish the result of an evaluation (accuracy as a 0..1 ratio)."""
+    @_never_raises
+    def eval(self, loss: float | None = None, accuracy: float | None = None) -> Evaluation | None:
+        """Record an evaluation (accuracy as a 0..1 ratio). Each one reaches every scraper, in order, however
+        fast they come (the eval history series); non-finite values are left out."""
+        loss = _finite_float(loss)
+        accuracy = _finite_float(accuracy)
         if loss is not None:
-            self._eval_loss.set(float(loss))
+            self.eval_loss_min = loss if self.eval_loss_min is None else min(self.eval_loss_min, loss)
         if accuracy is not None:
-            self._eval_accuracy.set(float(accuracy))
+            self.eval_accuracy_max = accuracy if self.eval_accuracy_max is None else max(self.eval_accuracy_max,
+                                                                                           accuracy)
+        self.last_evaluation = self.evaluations.add(self.steps, time.time(), loss, accuracy)
+        return self.last_evaluation
 
     @contextmanager
     def checkpoint(self):
         """Time a checkpoint write; counts it only when the block succeeds."""
         began = time.perf_counter()
         yield
-        self._checkpoint_duration.record(time.perf_counter() - began)
-        self.checkpoints += 1
-        # The gap spent checkpointing is not a training step's time.
-        self._last_step_end = time.perf_counter()
+        try:
+            self._checkpoint_duration.record(time.perf_counter() - began)
+            self.checkpoints += 1
+            # The gap spent checkpointing is not a training step's time.
+            self._last_step_end = time.perf_counter()
+        except Exception:
+            log.exception("job %s: recording a checkpoint failed", self.job_id)
+
+
+def _finite_float(value) -> float | None:
+    """value as a finite float, or None (None, NaN, infinity, or not a number at all)."""
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        log.warning("ignoring an evaluation result that is not a number: %r", value)
+        return None
+    return number if math.isfinite(number) else None

@@ -6,8 +6,8 @@ Training FLOPs ≈ 6 × multiply-accumulates of one forward pass (2 FLOPs per MA
 import torch
 from torch import nn
 
-from trainer.config import MODELS
-from trainer.data import Dataset
+from trainmetrics.contract import MODELS
+from trainmetrics.trainer.data import Dataset
 
 
 class ModelError(ValueError):

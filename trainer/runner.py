@@ -1,37 +1,34 @@
 """The built-in training loop: real PyTorch training, instrumented through JobMetrics.
 
-Exit codes: 0 completed, 1 failed, 2 bad input (nothing left behind), 3 cancelled (SIGINT/SIGTERM),
-4 paused (SIGUSR1, the job server's pause); both stops write a checkpoint at the next step boundary.
+Exit codes (trainmetrics.contract.ExitCode): 0 completed, 1 failed, 2 bad input (nothing left behind),
+3 cancelled (SIGINT/SIGTERM), 4 paused (SIGUSR1, the job server's pause); both stops write a checkpoint at
+the next step boundary. With --result-file the outcome is also written there, atomically, as JSON.
 """
 
-import json
 import logging
 import os
 import shutil
-import signal
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from trainer import distributed
-from trainer.checkpoint import FINAL_MODEL_NAME, atomic_save, ensure_writable_dir, load_latest, save_checkpoint
-from trainer.config import TrainConfig
-from trainer.data import Dataset, DatasetError, load_dataset
-from trainer.jobstore import STOP_VERBS
-from trainer.metrics import IntervalStats, JobMetrics
-from trainer.models import ModelError, build_model, device_peak_flops
-from trainmetrics.names import validate_job_id
+from trainmetrics.contract import STOP_VERBS, exit_code_for, validate_job_id
+from trainmetrics.datafiles import DatasetError
+from trainmetrics.trainer import distributed
+from trainmetrics.trainer.checkpoint import FINAL_MODEL_NAME, atomic_save, ensure_writable_dir, load_latest, save_checkpoint
+from trainmetrics.trainer.config import TrainConfig
+from trainmetrics.trainer.data import Dataset, load_dataset
+from trainmetrics.trainer.metrics import IntervalStats, JobInfo, JobMetrics
+from trainmetrics.trainer.models import ModelError, build_model, device_peak_flops
+from trainmetrics.trainer.outcome import Outcome, bad_input
+from trainmetrics.trainer.stopping import StopFlag
+from trainmetrics.trainer.telemetry import Publish
 from trainmetrics.webconfig import load_web_config
 
-EXIT_COMPLETED, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_PAUSED = 0, 1, 2, 3, 4
-EXIT_CODES = {"completed": EXIT_COMPLETED, "cancelled": EXIT_CANCELLED, "paused": EXIT_PAUSED}
-# The state a stop signal leads to: SIGUSR1 pauses (resumable with --resume), the others cancel.
-STOP_SIGNALS = {signal.SIGINT: "cancelled", signal.SIGTERM: "cancelled", signal.SIGUSR1: "paused"}
 EVAL_BATCH_SIZE = 512
 
 log = logging.getLogger("trainmetrics.trainer")
@@ -39,34 +36,6 @@ log = logging.getLogger("trainmetrics.trainer")
 
 class BadInput(Exception):
     """A problem with the job's input or environment, reported in one line with exit code 2."""
-
-
-class StopFlag:
-    """Set by SIGINT/SIGTERM (cancel) or SIGUSR1 (pause); the loop checks it at each step boundary."""
-
-    def __init__(self):
-        self.signal_name: str | None = None
-        self.outcome: str | None = None      # "cancelled" or "paused"
-
-    def __bool__(self) -> bool:
-        return self.outcome is not None
-
-    def request(self, signum: int) -> None:
-        """Record a stop request; a cancel overrides an earlier pause, never the reverse."""
-        outcome = STOP_SIGNALS[signum]
-        if self.outcome is None or outcome == "cancelled":
-            self.signal_name, self.outcome = signal.Signals(signum).name, outcome
-
-    @contextmanager
-    def installed(self):
-        """Route the stop signals to this flag for the duration of the block (main thread only)."""
-        previous = {signum: signal.signal(signum, lambda signum, frame: self.request(signum))
-                    for signum in STOP_SIGNALS}
-        try:
-            yield self
-        finally:
-            for signum, old in previous.items():
-                signal.signal(signum, old)
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -116,28 +85,39 @@ class Trainer:
         self.eval_loss: float | None = None
 
     # ----- checkpoints -------------------------------------------------------------------------------
-    def state(self) -> dict:
-        """A weights-only checkpoint: model, optimizer and the exact position in the data."""
+    def state(self, metrics_by_rank: list[dict]) -> dict:
+        """A weights-only checkpoint: model, optimizer, the exact position in the data and every rank's
+        metrics state (this checkpoint counted in, as it will have been written when a resume reads it)."""
+        for metrics_state in metrics_by_rank:
+            metrics_state["checkpoints"] += 1
         return {"model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "step": self.metrics.steps, "samples": self.metrics.samples, "epoch": self.epoch,
                 "batch_in_epoch": self.batch_in_epoch, "job_id": self.config.job_id,
-                "model_name": self.config.model, "dataset": self.dataset.name}
+                "model_name": self.config.model, "dataset": self.dataset.name, "metrics_by_rank": metrics_by_rank}
 
     def restore(self, state: dict) -> None:
-        """Continue from a checkpoint: weights, optimizer, counters and data position."""
+        """Continue from a checkpoint: weights, optimizer, counters and data position, and this rank's own
+        metrics state (its losses are its own; a checkpoint of another world size gives counters only)."""
         self.net.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.metrics.steps, self.metrics.samples = int(state["step"]), int(state["samples"])
+        by_rank = state.get("metrics_by_rank") or []
+        own = by_rank[self.dist.rank] if len(by_rank) == self.dist.world_size else {"checkpoints": 1}
+        self.metrics.load_state_dict({**own, "steps": int(state["step"]), "samples": int(state["samples"])})
         self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
         log.info("job %s: resumed at step %d (epoch %d, batch %d)", self.config.job_id, self.metrics.steps,
                  self.epoch, self.batch_in_epoch)
 
     def checkpoint(self) -> None:
-        """Write a checkpoint when a checkpoint dir is configured (rank 0 alone in a multi-process job)."""
-        if self.config.checkpoint_dir is None or not self.dist.is_main:
+        """Write a checkpoint when a checkpoint dir is configured: every rank ends its log interval there (so
+        the checkpoint holds every loss up to its step) and hands its metrics state to rank 0, which writes."""
+        if self.config.checkpoint_dir is None:
+            return
+        self.metrics.end_interval()
+        metrics_by_rank = distributed.gather_objects(self.dist, self.metrics.state_dict())
+        if not self.dist.is_main:
             return
         with self.metrics.checkpoint():
-            save_checkpoint(self.config.checkpoint_dir, self.state(), keep=self.config.keep_checkpoints)
+            save_checkpoint(self.config.checkpoint_dir, self.state(metrics_by_rank), keep=self.config.keep_checkpoints)
 
     # ----- the loop ----------------------------------------------------------------------------------
     def epoch_order(self, epoch: int) -> list[int]:
@@ -283,14 +263,14 @@ def open_checkpoint_dir(config: TrainConfig) -> Path | None:
     return created
 
 
-def run_job(config: TrainConfig) -> int:
-    """Run one job in the foreground; returns the exit code."""
+def run_job(config: TrainConfig, stop: StopFlag | None = None) -> int:
+    """Run one job in the foreground; returns the exit code. `stop` was installed at process start."""
+    stop = stop or StopFlag.for_process()
     try:
         device, dataset, model, load_seconds = prepare(config)
         created_dir = open_checkpoint_dir(config)
     except BadInput as error:
-        print(f"trainmetrics train: error: {error}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return bad_input(config, str(error))
 
     ranks = distributed.from_environment()
     device = distributed.rank_device(ranks, device)
@@ -298,58 +278,52 @@ def run_job(config: TrainConfig) -> int:
     progress = ProgressReporter(config, total_steps)
     resume_state = load_latest(config.checkpoint_dir, map_location=device) if config.resume else None
     try:
+        web_config = load_web_config(config.web_config_file)
         metrics = JobMetrics(
-            config.job_id, job_name=config.job_name, model=config.model, dataset=dataset.name,
-            owner=config.owner, device=str(device), listen=config.metrics_listen, targets_dir=config.targets_dir,
-            job_dir=config.job_dir, gpus=physical_gpu_indices(device),
-            upload_seconds=config.upload_seconds if config.upload_seconds is not None else load_seconds,
-            log_every=config.log_every, flops_per_sample=model.flops_per_sample(),
-            peak_flops=config.peak_flops or device_peak_flops(device), linger_timeout=config.linger_timeout,
-            on_log=progress, start_steps=int(resume_state["step"]) if resume_state else 0,
-            start_samples=int(resume_state["samples"]) if resume_state else 0,   # per rank, as all ranks are equal
-            rank=ranks.rank, world_size=ranks.world_size, publish_job_state=ranks.is_main,
-            web_config=load_web_config(config.web_config_file))
+            config.job_id,
+            JobInfo(job_name=config.job_name, model=config.model, dataset=dataset.name, owner=config.owner,
+                    device=str(device), rank=ranks.rank, world_size=ranks.world_size,
+                    upload_seconds=config.upload_seconds if config.upload_seconds is not None else load_seconds),
+            Publish(listen=config.metrics_listen, targets_dir=config.targets_dir, job_dir=config.job_dir,
+                    gpus=physical_gpu_indices(device), linger_timeout=config.linger_timeout,
+                    web_config=web_config, register_url=config.register_url),
+            log_every=config.log_every, on_log=progress, flops_per_sample=model.flops_per_sample(),
+            peak_flops=config.peak_flops or device_peak_flops(device))
     except (OSError, ValueError) as error:
         if created_dir is not None:
             shutil.rmtree(created_dir, ignore_errors=True)
         detail = error.strerror if isinstance(error, OSError) and error.strerror else error
-        print(f"trainmetrics train: error: cannot serve metrics on {config.metrics_listen}: {detail}",
-              file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return bad_input(config, f"--metrics-listen: cannot serve metrics on {config.metrics_listen}: {detail}")
 
-    log.info("job %s: model=%s dataset=%s device=%s metrics=http://%s:%s/metrics", config.job_id, config.model,
-             dataset.name, device, metrics._server.host if metrics._server else "-", metrics.metrics_port)
-    stop = StopFlag()
+    log.info("job %s: model=%s dataset=%s device=%s metrics=http://%s/metrics", config.job_id, config.model,
+             dataset.name, device, f"127.0.0.1:{metrics.metrics_port}" if metrics.metrics_port else "-")
+    outcome = Outcome(config, ranks)
     trainer = None
-    exit_code = EXIT_FAILED
     try:
         distributed.initialize(ranks, device)
         trainer = Trainer(config, dataset, model, device, metrics, stop, ranks)
-        with stop.installed():
-            if resume_state is not None:
-                trainer.restore(resume_state)
-            if config.targets_dir is not None and not metrics.wait_for_first_scrape(config.linger_timeout):
-                log.warning("job %s: not scraped within %.0fs of announcing itself; starting anyway",
-                            config.job_id, config.linger_timeout)
-            metrics.start()
-            final_state = trainer.run()
+        if resume_state is not None:
+            trainer.restore(resume_state)
+        metrics.start(give_up=lambda: bool(stop))
+        # A stop before the first step ends a one-process job at once; ranks agree on theirs in the loop.
+        final_state = stop.outcome if stop.outcome and not ranks.enabled else trainer.run()
         if final_state == "paused":
             metrics.pause()
         else:
             metrics.finish(final_state)
-        exit_code = EXIT_CODES[final_state]
-    except Exception as error:   # the job fails; the error class goes to the log and to Prometheus
+        outcome.state = final_state
+    except Exception as error:   # the job fails; the error class goes to the log, the result and Prometheus
         log.error("job %s failed: %s: %s", config.job_id, type(error).__name__, error)
+        outcome.error_type, outcome.error = type(error).__name__, f"{type(error).__name__}: {error}"[:500]
         metrics.finish("failed", error)
     finally:
+        stop.decided = True
+        stop.on_late_signal = metrics.cut_linger_short
+        if stop.hurry:
+            metrics.cut_linger_short()
         progress.close()
-        summary = {"job_id": config.job_id, "state": metrics.state, "steps": metrics.steps,
-                   "samples": metrics.samples, "loss": metrics.last_loss,
-                   "eval_loss": trainer.eval_loss if trainer else None,
-                   "eval_accuracy": trainer.eval_accuracy if trainer else None, "checkpoints": metrics.checkpoints,
-                   "start_time": metrics.start_time, "end_time": metrics.end_time,
-                   "error_type": metrics.error_type, "rank": ranks.rank, "world_size": ranks.world_size}
+        result = outcome.result(metrics)
+        outcome.report(result)
         metrics.close()
         distributed.shutdown(ranks)
-    print("summary " + json.dumps(summary), flush=True)
-    return exit_code
+    return exit_code_for(outcome.state)

@@ -1,30 +1,65 @@
-"""OpenTelemetry wiring in one place: MeterProvider, Prometheus reader, histogram views, /metrics server.
+"""Where a job's series go: the OpenTelemetry MeterProvider and its Prometheus reader (and OTLP push when
+configured), the job's /metrics endpoint, its file_sd target and job-mapping files, and the scrapers that
+read it. JobMetrics (metrics.py) records; this module publishes.
 
-Each JobMetrics gets its own MeterProvider and its own prometheus_client CollectorRegistry (no global
-state), so several jobs can live in one process (tests, notebooks) without sharing series.
+Each Publication has its own MeterProvider and prometheus_client CollectorRegistry (no global state), so
+several jobs can live in one process (tests, notebooks) without sharing series.
 """
 
+import contextvars
 import logging
 import os
 import threading
 import time
-from socketserver import ThreadingMixIn
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
 
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 from opentelemetry.sdk.resources import Resource
-from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client import CollectorRegistry, generate_latest
 
-from trainer import instruments
+from trainmetrics.jobmap import JobMapping, write_job_mapping
+from trainmetrics.metrics_http import MetricsHTTPServer, Scrape
+from trainmetrics.trainer import instruments
+from trainmetrics.trainer.discovery import remove_quietly, write_target_file
+from trainmetrics.trainer.registration import Registration
 from trainmetrics.webconfig import WebConfig
 
 log = logging.getLogger("trainmetrics.trainer")
 
 # Resource attributes copied onto every series as labels.
 SERIES_LABELS = ("job_id", "rank")
+OTLP_ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
+# A scraper counts as active while it keeps to its own rhythm: seen within this many of its intervals, and at
+# least MIN_ACTIVE_SECONDS (a scraper reconnecting shows up under a new connection and the old one fades).
+ACTIVE_INTERVALS = 3
+MIN_ACTIVE_SECONDS = 2.0
+
+# The scrape being rendered, for collection callbacks that show a scraper its own view (evaluations).
+current_scrape: contextvars.ContextVar[Scrape | None] = contextvars.ContextVar("current_scrape", default=None)
+
+
+def _env_path(name: str) -> Path | None:
+    value = os.environ.get(name)
+    return Path(value) if value else None
+
+
+@dataclass
+class Publish:
+    """Where a job's series are published. The defaults serve /metrics on a free loopback port and announce
+    the job where the environment says (TRAINMETRICS_TARGETS_DIR, TRAINMETRICS_JOB_DIR)."""
+
+    listen: str | None = "127.0.0.1:0"          # None: no /metrics endpoint
+    targets_dir: Path | None = field(default_factory=lambda: _env_path("TRAINMETRICS_TARGETS_DIR"))
+    job_dir: Path | None = field(default_factory=lambda: _env_path("TRAINMETRICS_JOB_DIR"))
+    gpus: Iterable[int] = ()                     # NVML indices of the job's GPUs, for the job-mapping file
+    linger_timeout: float = 15.0                 # bound on the waits for the first and the final scrapes
+    web_config: WebConfig | None = None
+    register_url: str | None = None              # the job server's service discovery (registration.py)
 
 
 def histogram_views() -> list[View]:
@@ -36,9 +71,6 @@ def histogram_views() -> list[View]:
         View(instrument_name=instruments.DATA_WAIT.name, aggregation=duration),
         View(instrument_name=instruments.CHECKPOINT_DURATION.name, aggregation=checkpoint),
     ]
-
-
-OTLP_ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
 
 
 def otlp_readers() -> list[MetricReader]:
@@ -57,9 +89,9 @@ def otlp_readers() -> list[MetricReader]:
     return [PeriodicExportingMetricReader(OTLPMetricExporter())]
 
 
-def build_meter_provider(resource_attributes: dict[str, str]) -> tuple[MeterProvider, CollectorRegistry]:
+def build_meter_provider(resource_attributes: dict[str, str]) -> tuple[MeterProvider, CollectorRegistry, bool]:
     """A MeterProvider exporting through a Prometheus reader into a registry of its own (and over OTLP
-    when configured)."""
+    when configured); the last item says whether it pushes over OTLP."""
     registry = CollectorRegistry(auto_describe=False)
     reader = PrometheusMetricReader(
         disable_target_info=True,          # trainer_job_info carries the job's metadata
@@ -68,65 +100,165 @@ def build_meter_provider(resource_attributes: dict[str, str]) -> tuple[MeterProv
         registry=registry,
     )
     resource = Resource.create({"service.name": "trainmetrics-trainer", **resource_attributes})
-    provider = MeterProvider(metric_readers=[reader, *otlp_readers()], resource=resource, views=histogram_views())
-    return provider, registry
+    pushers = otlp_readers()
+    provider = MeterProvider(metric_readers=[reader, *pushers], resource=resource, views=histogram_views())
+    return provider, registry, bool(pushers)
 
 
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format, *args):  # noqa: A002 - signature fixed by the base class
-        """Scrapes every 250 ms would flood the job's log."""
+@dataclass
+class _Scraper:
+    last_began: float
+    last_delivered_began: float = float("-inf")
+    interval: float | None = None
 
 
-class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
+class ScraperLog:
+    """The Prometheus-compatible scrapers reading this job, and when each last had an answer delivered."""
 
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self._clock = clock
+        self._changed = threading.Condition()
+        self._scrapers: dict[str, _Scraper] = {}
 
-class MetricsServer:
-    """Serves /metrics from a registry and remembers when the last complete scrape began.
+    def delivered(self, scrape: Scrape) -> None:
+        """A counting scrape's answer was written to its scraper."""
+        with self._changed:
+            known = self._scrapers.get(scrape.scraper)
+            if known is None:
+                self._scrapers[scrape.scraper] = _Scraper(scrape.began, scrape.began)
+            else:
+                if scrape.began > known.last_began:
+                    known.interval = scrape.began - known.last_began
+                    known.last_began = scrape.began
+                known.last_delivered_began = max(known.last_delivered_began, scrape.began)
+            self._changed.notify_all()
 
-    The job's linger after its end waits for a scrape that began after the final state was set, so
-    a short job's end reaches Prometheus (see JobMetrics.close).
-    """
+    def active(self) -> set[str]:
+        """Scrapers still keeping to their rhythm."""
+        now = self._clock()
+        with self._changed:
+            return {name for name, scraper in self._scrapers.items()
+                    if now - scraper.last_began <= max(MIN_ACTIVE_SECONDS, ACTIVE_INTERVALS * (scraper.interval or 0))}
 
-    def __init__(self, registry: CollectorRegistry, host: str, port: int, web_config: WebConfig | None = None):
-        self._app = make_wsgi_app(registry)
-        self._scraped = threading.Condition()
-        self.last_scrape_started = float("-inf")
-        self.web_config = web_config or WebConfig()
-        self._server = make_server(host, port, self._track_scrapes, server_class=_ThreadingWSGIServer,
-                                   handler_class=_QuietHandler)
-        self.web_config.secure(self._server)
-        self.host = host
-        self.port = self._server.server_port
-        self._thread = threading.Thread(target=self._server.serve_forever, name="trainmetrics-metrics",
-                                        daemon=True)
-        self._thread.start()
+    def delivered_since(self, scraper: str, moment: float) -> bool:
+        """True when `scraper` had an answer delivered for a scrape that began after `moment`."""
+        with self._changed:
+            known = self._scrapers.get(scraper)
+            return known is not None and known.last_delivered_began > moment
 
-    def _track_scrapes(self, environ, start_response):
-        if not self.web_config.authorized(environ.get("HTTP_AUTHORIZATION")):
-            start_response("401 Unauthorized", [("WWW-Authenticate", 'Basic realm="trainmetrics"'),
-                                                ("Content-Type", "text/plain; charset=utf-8")])
-            return [b"basic authentication required\n"]
-        began = time.monotonic()
-        body = self._app(environ, start_response)
-        if environ.get("PATH_INFO", "/") in ("/", "/metrics"):
-            with self._scraped:
-                self.last_scrape_started = max(self.last_scrape_started, began)
-                self._scraped.notify_all()
-        return body
+    def any_since(self, moment: float) -> bool:
+        """True when any scraper had an answer delivered for a scrape that began after `moment`."""
+        with self._changed:
+            return any(scraper.last_delivered_began > moment for scraper in self._scrapers.values())
 
-    def wait_for_scrape_after(self, moment: float, timeout: float) -> bool:
-        """Block until a scrape that began after `moment` (monotonic) completed; False on timeout."""
-        deadline = time.monotonic() + timeout
-        with self._scraped:
-            while self.last_scrape_started <= moment:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self._scraped.wait(remaining)
+    def wait(self, done: Callable[[], bool], timeout: float, cancelled: Callable[[], bool] = lambda: False) -> bool:
+        """Block until done() holds (re-checked at each delivery and every 100 ms), the timeout passes or
+        cancelled() holds; returns done()."""
+        deadline = self._clock() + timeout
+        while not done():
+            remaining = deadline - self._clock()
+            if remaining <= 0 or cancelled():
+                return done()
+            with self._changed:
+                self._changed.wait(min(remaining, 0.1))
         return True
 
-    def close(self) -> None:
-        """Stop serving."""
-        self._server.shutdown()
-        self._server.server_close()
+
+class Publication:
+    """A job process's publication: provider and registry, /metrics, file_sd target, job-mapping file."""
+
+    def __init__(self, job_id: str, rank: int, world_size: int, publish: Publish | None,
+                 delivered: Callable[[Scrape], None] | None = None):
+        self.publish = publish or Publish(listen=None, targets_dir=None, job_dir=None)
+        self.scrapers = ScraperLog()
+        self._render_lock = threading.Lock()
+        self._delivered_hook = delivered
+        labels = {"job_id": job_id}
+        if world_size > 1:
+            labels["rank"] = str(rank)
+        self.labels = labels
+        self.provider, self.registry, self.pushes_otlp = build_meter_provider(labels)
+        self.server: MetricsHTTPServer | None = None
+        self.registration: Registration | None = None
+        self.target_file: Path | None = None
+        self.mapping_file: Path | None = None
+        self._job_id, self._rank = job_id, rank
+
+    def open(self) -> None:
+        """Serve /metrics and announce the job (OSError/ValueError when it cannot; nothing is left behind)."""
+        from trainmetrics.command import parse_listen, reachable_address
+
+        publish = self.publish
+        try:
+            if publish.listen is not None:
+                host, port = parse_listen(publish.listen)
+                self.server = MetricsHTTPServer((host, port), self._render, web_config=publish.web_config,
+                                                delivered=self._delivered, title=f"trainmetrics job {self._job_id}")
+                self.server.serve_in_background(name="trainmetrics-metrics")
+                address = reachable_address(host, self.server.port)
+                scheme = "https" if publish.web_config is not None and publish.web_config.ssl_context else "http"
+                if publish.targets_dir is not None:
+                    self.target_file = write_target_file(Path(publish.targets_dir), self.file_stem, address, scheme)
+                if publish.register_url:
+                    self.registration = Registration(publish.register_url, self._rank)
+                    self.registration.register(address, scheme)
+            if publish.job_dir is not None:
+                mapping = JobMapping(job_id=self._job_id, pid=os.getpid(), gpus=list(publish.gpus), rank=self._rank,
+                                     started=time.time())
+                self.mapping_file = write_job_mapping(Path(publish.job_dir), mapping)
+        except BaseException:
+            self.release()
+            raise
+
+    @property
+    def file_stem(self) -> str:
+        """This process's name in the targets and job-mapping directories."""
+        return f"{self._job_id}.rank{self._rank}"
+
+    @property
+    def announced(self) -> bool:
+        """True when Prometheus was told about this job (a file_sd target, or the job server's service
+        discovery) and can scrape it."""
+        registered = self.registration is not None and self.registration.watched
+        return self.server is not None and (self.target_file is not None or registered)
+
+    @property
+    def port(self) -> int | None:
+        """The port /metrics is served on (None when not serving)."""
+        return self.server.port if self.server else None
+
+    def _render(self, scrape: Scrape) -> bytes:
+        # One collection at a time: the callbacks read the scrape being served from current_scrape.
+        with self._render_lock:
+            token = current_scrape.set(scrape)
+            try:
+                return generate_latest(self.registry)
+            finally:
+                current_scrape.reset(token)
+
+    def _delivered(self, scrape: Scrape) -> None:
+        if scrape.counting:
+            if self._delivered_hook is not None:
+                self._delivered_hook(scrape)
+            self.scrapers.delivered(scrape)
+
+    def collect(self) -> bytes:
+        """The exposition text as a reader that does not count would see it (tests, debugging)."""
+        return self._render(Scrape(None, time.monotonic()))
+
+    def release(self) -> None:
+        """Remove the files this process wrote and stop serving (idempotent)."""
+        remove_quietly(self.target_file)
+        remove_quietly(self.mapping_file)
+        if self.registration is not None:
+            self.registration.withdraw()
+            self.registration = None
+        self.target_file = self.mapping_file = None
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+
+    def shutdown(self) -> None:
+        """release(), and the provider (flushes an OTLP push)."""
+        self.release()
+        self.provider.shutdown()

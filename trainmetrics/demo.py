@@ -14,7 +14,7 @@ import time
 import urllib.parse
 from pathlib import Path
 
-from trainmetrics.names import DEFAULT_ANALYTICS_PORT, DEFAULT_EXPORTER_PORT, DEFAULT_PROMETHEUS_PORT
+from trainmetrics.command import DEFAULT_ANALYTICS_PORT, DEFAULT_EXPORTER_PORT, DEFAULT_PROMETHEUS_PORT
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -58,43 +58,62 @@ def _value(prometheus, expr: str) -> float | None:
 
 
 def print_summary(prometheus, job_id: str) -> None:
-    """What Prometheus holds about the job: state, totals and the accuracy after each evaluation."""
+    """What Prometheus itself holds about the job, read back with PromQL: its state and totals."""
     selector = f'{{job_id="{job_id}"}}'
     window = "[10m]"
     state = prometheus.query(f'last_over_time(trainer_job_state{selector}{window}) == 1')
-    print("\nSummary read back from Prometheus:")
-    print(f"  state:           {state[0]['metric']['state'] if state else 'unknown'}")
+    print("\nRead back from Prometheus:")
+    print(f"  state            {state[0]['metric']['state'] if state else 'unknown'}")
     for label, expr in [("steps", f"max(last_over_time(trainer_steps_total{selector}{window}))"),
                         ("samples", f"max(last_over_time(trainer_samples_total{selector}{window}))"),
-                        ("final loss", f"last_over_time(trainer_loss{selector}{window})"),
-                        ("eval accuracy", f"last_over_time(trainer_eval_accuracy_ratio{selector}{window})"),
-                        ("samples/s (avg)", f"max(last_over_time(trainer_samples_total{selector}{window})) / "
-                                            f"(max(last_over_time(trainer_job_end_timestamp_seconds{selector}{window}))"
-                                            f" - max(last_over_time(trainer_job_start_timestamp_seconds{selector}{window})))")]:
+                        ("evaluations", f"max(last_over_time(trainer_evaluations_total{selector}{window}))")]:
         value = _value(prometheus, expr)
-        shown = "n/a" if value is None else f"{value:.0f}" if value.is_integer() else f"{value:.4g}"
-        print(f"  {label + ':':16} {shown}")
-    end = time.time()
-    series = prometheus.query_range(f"trainer_eval_accuracy_ratio{selector}", end - 600, end, 0.25)
-    accuracies = []
-    for _, value in (series[0]["values"] if series else []):
-        if not accuracies or float(value) != accuracies[-1]:
-            accuracies.append(float(value))
-    print("  accuracy by evaluation: " + " → ".join(f"{a:.3f}" for a in accuracies))
+        print(f"  {label:16} {'n/a' if value is None else f'{value:,.0f}'}")
+
+
+def _number(value) -> str:
+    """A number as a person reads it: thousands separated, four significant digits for fractions."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, int) or float(value).is_integer() and abs(value) >= 1:
+        return f"{value:,.0f}"
+    return f"{value:,.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
+
+
+def _clock(unix_seconds: float | None) -> str:
+    return "n/a" if unix_seconds is None else time.strftime("%H:%M:%S", time.localtime(unix_seconds)) + \
+        f".{int(unix_seconds % 1 * 1000):03d}"
 
 
 def print_analytics(client, job_id: str) -> None:
-    """The analytics service's view of the job (GET /api/training/{job_id}/analytics), abridged."""
+    """The analytics' view of the job (GET /api/training/{job_id}/analytics): every evaluation, in order."""
     response = client.get(f"/api/training/{job_id}/analytics")
     print(f"\nAnalytics: GET {client.base_url}/api/training/{job_id}/analytics")
     if response.status_code != 200:
         print(f"  unavailable: {response.status_code} {response.text[:200]}")
         return
     body = response.json()
-    for section in ("duration", "performance", "losses", "efficiency"):
-        fields = ", ".join(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
-                           for key, value in body.get(section, {}).items() if not isinstance(value, (dict, list)))
-        print(f"  {section + ':':13} {fields}")
+    duration, performance, losses = body["duration"], body["performance"], body["losses"]
+    print(f"  ran              {_clock(body['start_time'])} to {_clock(body['end_time'])}: "
+          f"{_number(duration['training_seconds'])} s training, {_number(duration['paused_seconds'])} s paused "
+          f"(upload {_number(duration['upload_seconds'])} s)")
+    print(f"  throughput       {_number(performance['average_samples_per_second'])} samples/s over "
+          f"{_number(performance['total_samples'])} samples, {_number(performance['total_steps'])} steps "
+          f"(mean step {_number(performance['average_step_seconds'])} s, longest "
+          f"{_number(performance['peak_step_seconds'])} s)")
+    print(f"  loss             {_number(losses['initial'])} → {_number(losses['final'])} (best "
+          f"{_number(losses['best'])}, mean {_number(losses['mean'])}, −{_number(losses['reduction_percent'])} %)")
+    evaluations = body.get("evaluations") or []
+    print(f"  evaluations      {len(evaluations)}, every one, in order:")
+    for evaluation in evaluations:
+        accuracy = evaluation.get("accuracy")
+        loss = evaluation.get("loss")
+        print(f"    step {evaluation['step']:>6}  {_clock(evaluation['time'])}"
+              + (f"  loss {loss:.4f}" if loss is not None else "")
+              + (f"  accuracy {accuracy:.4f}" if accuracy is not None else ""))
+    efficiency = body["efficiency"]
+    print(f"  efficiency       overall {_number(efficiency['overall_score'])} (throughput score "
+          f"{_number(efficiency['throughput_score'])}, GPU score {_number(efficiency['gpu_utilization_score'])})")
 
 
 def write_digits_csv(path: Path) -> Path:
@@ -157,7 +176,8 @@ def run(args: argparse.Namespace) -> int:
     exporter_address = f"127.0.0.1:{_port_or_free(args.exporter_port)}"
     server_address = f"127.0.0.1:{_port_or_free(args.server_port)}"
     prometheus = PrometheusServer(workdir / "prometheus", port=_port_or_free(args.prometheus_port),
-                                  static_targets={"exporter": [exporter_address], "server": [server_address]})
+                                  static_targets={"exporter": [exporter_address], "server": [server_address]},
+                                  job_server=f"http://{server_address}")
     job_dir = workdir / "jobs"
     children: list[subprocess.Popen] = []
     try:
@@ -172,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
                     children, workdir / "exporter.log")
         print(f"node exporter    http://{exporter_address}/metrics")
         start_child([*trainmetrics, "server", "--listen", server_address, "--data-dir", str(workdir / "server"),
-                     "--prometheus-url", prometheus.url, "--targets-dir", str(prometheus.targets_dir),
+                     "--prometheus-url", prometheus.url,
                      "--job-dir", str(job_dir)], children, workdir / "server.log")
         base = f"http://{server_address}"
         wait_http(f"{base}/healthz")

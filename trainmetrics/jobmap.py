@@ -3,38 +3,51 @@
 Each running job process writes one JSON file, ``<job_id>[.rank<N>].json``, into the directory at start and
 removes it at exit (the idea of dcgm-exporter's job mapping, without a scheduler)::
 
-    {"job_id": "mnist-1", "pid": 4242, "gpus": [0], "rank": 0, "started": 1763779200.5}
+    {"job_id": "mnist-1", "pid": 4242, "gpus": [0], "rank": 0, "started": 1763779200.5, "start_ticks": 8630412}
 
-Readers must ignore files whose pid is dead (a job killed with -9 cannot clean up) and files they
-cannot parse (a writer may be half-way through, although writes go through a rename).
+`start_ticks` is when the process started, in clock ticks since boot (/proc/PID/stat field 22): with the
+file's owner it proves which process the file means. Readers treat the directory as untrusted: they ignore
+files that do not parse, files whose pid is dead or now another process (a job killed with -9 cannot clean
+up), and files whose owner is neither root nor the process's user.
 """
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from trainmetrics.names import validate_job_id
+from trainmetrics.contract import validate_job_id
 
 
 @dataclass(frozen=True)
 class JobMapping:
-    """One job process: its id, pid, the GPU indices it uses and its rank."""
+    """One job process: its id, pid, the GPU indices it uses, its rank, and when it started."""
 
     job_id: str
     pid: int
     gpus: list[int] = field(default_factory=list)
     rank: int = 0
     started: float = 0.0
+    start_ticks: int = 0    # 0: write_job_mapping reads it from /proc/PID/stat
 
     def file_name(self) -> str:
         """The mapping's file name: one file per job process."""
         return f"{self.job_id}.rank{self.rank}.json"
 
 
+def process_start_ticks(pid: int | str = "self") -> int:
+    """When the process started, in clock ticks since boot (/proc/PID/stat field 22)."""
+    with open(f"/proc/{pid}/stat", "rb") as handle:
+        stat = handle.read()
+    # The command name (field 2) may hold spaces and parentheses: count fields after the last ')'.
+    return int(stat[stat.rfind(b")") + 2:].split()[19])
+
+
 def write_job_mapping(directory: Path, mapping: JobMapping) -> Path:
-    """Write the mapping atomically (temp file + rename) and return its path."""
+    """Write the mapping atomically (temp file + rename), with its process's start ticks; return its path."""
     validate_job_id(mapping.job_id)
+    if not mapping.start_ticks:
+        mapping = replace(mapping, start_ticks=process_start_ticks(mapping.pid))
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / mapping.file_name()
@@ -42,38 +55,3 @@ def write_job_mapping(directory: Path, mapping: JobMapping) -> Path:
     tmp.write_text(json.dumps(asdict(mapping)))
     os.replace(tmp, path)
     return path
-
-
-def pid_alive(pid: int) -> bool:
-    """True when a process with this pid exists (zombies included)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def read_job_mappings(directory: Path) -> list[JobMapping]:
-    """All mappings in the directory whose process is alive; unparsable or stale files are skipped."""
-    mappings = []
-    try:
-        entries = sorted(Path(directory).glob("*.json"))
-    except OSError:
-        return []
-    for path in entries:
-        try:
-            raw = json.loads(path.read_text())
-            mapping = JobMapping(
-                job_id=validate_job_id(raw["job_id"]),
-                pid=int(raw["pid"]),
-                gpus=[int(g) for g in raw.get("gpus", [])],
-                rank=int(raw.get("rank", 0)),
-                started=float(raw.get("started", 0.0)),
-            )
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        if pid_alive(mapping.pid):
-            mappings.append(mapping)
-    return mappings

@@ -10,7 +10,6 @@ import os
 import shutil
 import socket
 import subprocess
-import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -52,10 +51,12 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def render_config(targets_dir: Path, static_targets: dict[str, list[str]] | None = None,
                   rule_files: list[str] | None = None, alertmanagers: list[str] | None = None,
-                  remote_write: list[str] | None = None) -> dict:
-    """The deployable config with file_sd pointed at targets_dir, static targets, alertmanagers and
-    remote_write URLs replaced (scrape jobs without a static target given are dropped; no alertmanager
-    and no remote_write unless given)."""
+                  remote_write: list[str] | None = None, job_server: str | None = None,
+                  job_server_token: str | None = None) -> dict:
+    """The deployable config with file_sd pointed at targets_dir, the job server's HTTP service discovery at
+    job_server (with the @metrics token when given), static targets, alertmanagers and remote_write URLs
+    replaced (scrape jobs without a static target or a job server given are dropped; no alertmanager and no
+    remote_write unless given)."""
     config = yaml.safe_load(CONFIG_TEMPLATE.read_text())
     if remote_write:
         # Flush small batches quickly so a short test sees its samples in the central store within seconds.
@@ -73,6 +74,15 @@ def render_config(targets_dir: Path, static_targets: dict[str, list[str]] | None
             for sd in scrape["file_sd_configs"]:
                 sd["files"] = [str(Path(targets_dir) / "*.json")]
             kept.append(scrape)
+        elif "http_sd_configs" in scrape:
+            if job_server is None:
+                continue
+            for sd in scrape["http_sd_configs"]:
+                sd["url"] = f"{job_server}/api/training/sd"
+                if job_server_token:
+                    # `type` spelled out: Prometheus 2.42's http_sd sends the bare token without it.
+                    sd["authorization"] = {"type": "Bearer", "credentials": job_server_token}
+            kept.append(scrape)
         elif name in static_targets:
             scrape["static_configs"] = [{"targets": static_targets[name]}]
             kept.append(scrape)
@@ -89,7 +99,8 @@ class PrometheusServer:
     def __init__(self, workdir: Path, static_targets: dict[str, list[str]] | None = None,
                  rule_files: list[str] | None = None, port: int | None = None,
                  extra_args: list[str] | None = None, alertmanagers: list[str] | None = None,
-                 remote_write: list[str] | None = None):
+                 remote_write: list[str] | None = None, job_server: str | None = None,
+                 job_server_token: str | None = None):
         self.workdir = Path(workdir)
         self.targets_dir = self.workdir / "targets"
         self.data_dir = self.workdir / "data"
@@ -100,6 +111,7 @@ class PrometheusServer:
         self.rule_files = rule_files
         self.alertmanagers = alertmanagers
         self.remote_write = remote_write
+        self.job_server, self.job_server_token = job_server, job_server_token
         self.extra_args = extra_args or []
         self.process: subprocess.Popen | None = None
         self.log_path = self.workdir / "prometheus.log"
@@ -109,7 +121,7 @@ class PrometheusServer:
         self.targets_dir.mkdir(parents=True, exist_ok=True)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         config = render_config(self.targets_dir, self.static_targets, self.rule_files, self.alertmanagers,
-                               self.remote_write)
+                               self.remote_write, self.job_server, self.job_server_token)
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         command = [
             find_binary("prometheus"),
@@ -188,11 +200,6 @@ class PrometheusServer:
                 return result
             time.sleep(0.25)
         raise TimeoutError(f"{expr!r} did not match within {timeout}s; last result {result}")
-
-
-def temporary_prometheus(**kwargs) -> PrometheusServer:
-    """A PrometheusServer in a fresh temp dir (caller starts and stops it)."""
-    return PrometheusServer(Path(tempfile.mkdtemp(prefix="trainmetrics-prometheus-")), **kwargs)
 
 
 class VictoriaMetricsServer(PrometheusServer):

@@ -16,14 +16,15 @@ Imports nothing heavy; bcrypt only when basic auth is configured.
 import base64
 import binascii
 import hashlib
-import hmac
 import ssl
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+MAX_REMEMBERED_VERDICTS = 4096
 TLS_VERSIONS = {"TLS10": ssl.TLSVersion.TLSv1, "TLS11": ssl.TLSVersion.TLSv1_1,
                 "TLS12": ssl.TLSVersion.TLSv1_2, "TLS13": ssl.TLSVersion.TLSv1_3}
 CLIENT_AUTH = {"NoClientCert": ssl.CERT_NONE, "RequestClientCert": ssl.CERT_OPTIONAL,
@@ -38,7 +39,7 @@ class WebConfig:
     ssl_context: ssl.SSLContext | None = None
     users: dict[str, bytes] = field(default_factory=dict)
     cert_files: tuple[str, str] | None = None     # (cert, key), for servers that want paths
-    _verified: set = field(default_factory=set, repr=False)
+    _verdicts: OrderedDict = field(default_factory=OrderedDict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def secure(self, server) -> None:
@@ -48,34 +49,51 @@ class WebConfig:
             server.socket = self.ssl_context.wrap_socket(server.socket, server_side=True,
                                                          do_handshake_on_connect=False)
 
+    def _credentials(self, header: str | None) -> tuple[bytes, bytes] | None:
+        """(bcrypt hash, password) for a Basic Authorization header naming a known user; None otherwise."""
+        scheme, _, encoded = (header or "").partition(" ")
+        if scheme.lower() != "basic":
+            return None
+        try:
+            user, _, password = base64.b64decode(encoded.strip(), validate=True).decode().partition(":")
+        except (binascii.Error, UnicodeDecodeError, ValueError):
+            return None
+        hashed = self.users.get(user)
+        return None if hashed is None else (hashed, password.encode())
+
+    def cached_verdict(self, header: str | None) -> bool | None:
+        """True or False when known without bcrypt (no users, malformed, unknown user, checked before); None
+        when authorized() would have to run bcrypt."""
+        if not self.users:
+            return True
+        credentials = self._credentials(header)
+        if credentials is None:
+            return False
+        with self._lock:
+            return self._verdicts.get(self._digest(*credentials))
+
+    @staticmethod
+    def _digest(hashed: bytes, password: bytes) -> bytes:
+        return hashlib.sha256(hashed + b"\0" + password).digest()
+
     def authorized(self, header: str | None) -> bool:
         """True when no users are configured, or the Authorization header carries a known user's password.
 
-        bcrypt is slow by design (~0.1-0.3 s); a successful check is remembered by a keyed digest of the
-        credentials, so a scraper every 250 ms pays it once."""
-        if not self.users:
-            return True
-        scheme, _, encoded = (header or "").partition(" ")
-        if scheme.lower() != "basic":
-            return False
-        try:
-            user, _, password = base64.b64decode(encoded.strip(), validate=True).decode().partition(":")
-        except (binascii.Error, UnicodeDecodeError):
-            return False
-        hashed = self.users.get(user)
-        if hashed is None:
-            return False
-        digest = hashlib.sha256(hashed + b"\0" + password.encode()).digest()
-        with self._lock:
-            if digest in self._verified:
-                return True
+        bcrypt is slow by design (~0.1-0.3 s); every verdict, good or bad, is remembered by a keyed digest of
+        the credentials (a bounded number of them), so a scraper every 250 ms pays it once and a client
+        repeating a wrong password does not cost a bcrypt each time."""
+        verdict = self.cached_verdict(header)
+        if verdict is not None:
+            return verdict
         import bcrypt
 
-        if not bcrypt.checkpw(password.encode(), hashed):
-            return False
+        hashed, password = self._credentials(header)
+        verdict = bcrypt.checkpw(password, hashed)
         with self._lock:
-            self._verified.add(digest)
-        return True
+            self._verdicts[self._digest(hashed, password)] = verdict
+            while len(self._verdicts) > MAX_REMEMBERED_VERDICTS:
+                self._verdicts.popitem(last=False)
+        return verdict
 
 
 def load_web_config(path: Path | None) -> WebConfig:
@@ -88,6 +106,8 @@ def load_web_config(path: Path | None) -> WebConfig:
         raw = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as error:
         raise ValueError(f"web config {path}: {error}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"web config {path}: expected a mapping of settings")
     unknown = set(raw) - {"tls_server_config", "basic_auth_users", "http_server_config"}
     if unknown:
         raise ValueError(f"web config {path}: unknown key(s) {sorted(unknown)}")
@@ -126,38 +146,3 @@ def _ssl_context(tls: dict, base: Path) -> ssl.SSLContext:
     elif context.verify_mode == ssl.CERT_REQUIRED and tls.get("client_auth_type") == "RequireAndVerifyClientCert":
         raise ValueError("web config: RequireAndVerifyClientCert needs client_ca_file")
     return context
-
-
-def basic_auth_middleware(app, config: WebConfig):
-    """An ASGI wrapper answering 401 (with a JSON error) to requests without valid basic-auth credentials."""
-    if not config.users:
-        return app
-
-    async def guarded(scope, receive, send):
-        if scope["type"] == "http":
-            headers = dict(scope.get("headers") or [])
-            authorization = headers.get(b"authorization", b"").decode("latin-1")
-            if not config.authorized(authorization):
-                body = b'{"error": {"code": "unauthorized", "message": "basic authentication required"}}'
-                await send({"type": "http.response.start", "status": 401,
-                            "headers": [(b"content-type", b"application/json"),
-                                        (b"www-authenticate", b'Basic realm="trainmetrics"'),
-                                        (b"content-length", str(len(body)).encode())]})
-                await send({"type": "http.response.body", "body": body})
-                return
-        await app(scope, receive, send)
-
-    return guarded
-
-
-def serve_uvicorn(app, host: str, port: int, web_config: WebConfig) -> None:
-    """Run an ASGI app under uvicorn with the web config's TLS context and basic auth."""
-    import uvicorn
-
-    cert, key = web_config.cert_files or (None, None)
-    config = uvicorn.Config(basic_auth_middleware(app, web_config), host=host, port=port, log_level="warning",
-                            lifespan="on", ssl_certfile=cert, ssl_keyfile=key)
-    config.load()
-    if web_config.ssl_context is not None:
-        config.ssl = web_config.ssl_context     # ours, with the minimum version and client verification
-    uvicorn.Server(config).run()

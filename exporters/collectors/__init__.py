@@ -24,20 +24,20 @@ class CollectorSpec:
 
 
 COLLECTORS: dict[str, CollectorSpec] = {
-    "cpu": CollectorSpec("exporters.collectors.cpu:CpuCollector", True,
+    "cpu": CollectorSpec("trainmetrics.exporters.collectors.cpu:CpuCollector", True,
                          "CPU time per cpu and mode, host utilisation mean and peak"),
-    "memory": CollectorSpec("exporters.collectors.memory:MemoryCollector", True,
+    "memory": CollectorSpec("trainmetrics.exporters.collectors.memory:MemoryCollector", True,
                             "memory usage by state, limit, used peak"),
-    "disk": CollectorSpec("exporters.collectors.disk:DiskCollector", True,
+    "disk": CollectorSpec("trainmetrics.exporters.collectors.disk:DiskCollector", True,
                           "disk bytes and operations per device and direction"),
-    "filesystem": CollectorSpec("exporters.collectors.filesystem:FilesystemCollector", True,
+    "filesystem": CollectorSpec("trainmetrics.exporters.collectors.filesystem:FilesystemCollector", True,
                                 "usage and size of real mounts"),
-    "network": CollectorSpec("exporters.collectors.network:NetworkCollector", True,
+    "network": CollectorSpec("trainmetrics.exporters.collectors.network:NetworkCollector", True,
                              "network bytes, packets and errors per interface and direction"),
-    "processes": CollectorSpec("exporters.collectors.processes:ProcessesCollector", True,
+    "processes": CollectorSpec("trainmetrics.exporters.collectors.processes:ProcessesCollector", True,
                                "process count by scheduler state"),
-    "jobs": CollectorSpec("exporters.collectors.jobs:JobsCollector", True,
+    "jobs": CollectorSpec("trainmetrics.exporters.collectors.jobs:JobsCollector", True,
                           "CPU time, RSS and process count of each training job's process tree"),
-    "gpu": CollectorSpec("exporters.collectors.gpu:GpuCollector", True,
+    "gpu": CollectorSpec("trainmetrics.exporters.collectors.gpu:GpuCollector", True,
                          "NVIDIA GPUs through NVML, attributed to jobs"),
 }

@@ -5,8 +5,9 @@ from pathlib import Path
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from exporters.collectors.base import Collector, CollectorContext, read_bytes
-from exporters.window import SampleWindow
+from trainmetrics.contract import Node
+from trainmetrics.exporters.collectors.base import Collector, CollectorContext, read_bytes
+from trainmetrics.exporters.window import SampleWindow
 
 # /proc/stat columns in order; guest time is already inside user/nice, so it is not exported twice.
 MODES = ("user", "nice", "system", "idle", "iowait", "interrupt", "softirq", "steal")
@@ -68,9 +69,9 @@ class CpuCollector(Collector):
         yield times
         mean = self.utilization.mean()
         if mean is not None:
-            yield GaugeMetricFamily("system_cpu_utilization_ratio",
+            yield GaugeMetricFamily(Node.CPU_UTILIZATION,
                                     "Host CPU busy share (0-1), mean of the samples over the peak window.",
                                     value=mean)
-            yield GaugeMetricFamily("system_cpu_utilization_peak_ratio",
+            yield GaugeMetricFamily(Node.CPU_UTILIZATION_PEAK,
                                     "Host CPU busy share (0-1), max of the samples over the peak window.",
                                     value=self.utilization.peak())

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from prometheus_client.core import CounterMetricFamily
 
-from exporters.collectors.base import Collector, CollectorContext, read_bytes
+from trainmetrics.exporters.collectors.base import Collector, CollectorContext, read_bytes
 
 # node_exporter's default: skip RAM/loop devices and partitions, whose I/O their disk already counts.
 IGNORED_DEVICES = re.compile(r"^(z?ram|loop|fd|(h|s|v|xv)d[a-z]|nvme\d+n\d+p|mmcblk\d+p)\d+$")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from prometheus_client.core import GaugeMetricFamily
 
-from exporters.collectors.base import Collector, CollectorContext, read_bytes
+from trainmetrics.exporters.collectors.base import Collector, CollectorContext, read_bytes
 
 # Kernel and in-memory filesystems: node_exporter's default exclusions plus tmpfs/ramfs (memory, which
 # the memory collector already counts) and squashfs/erofs (read-only images, always 100 % full).

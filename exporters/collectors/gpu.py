@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from exporters.collectors.base import Collector, CollectorContext, CollectorUnavailable
-from exporters.window import SampleWindow
+from trainmetrics.contract import Node
+from trainmetrics.exporters.collectors.base import Collector, CollectorContext, CollectorUnavailable
+from trainmetrics.exporters.window import SampleWindow
 
 log = logging.getLogger(__name__)
 
@@ -261,15 +262,15 @@ class GpuCollector(Collector):
         def family(kind, name, help_text, extra=()):
             return kind(name, help_text, labels=labels + list(extra))
 
-        utilization = family(GaugeMetricFamily, "hw_gpu_utilization_ratio",
+        utilization = family(GaugeMetricFamily, Node.GPU_UTILIZATION,
                              "Share of time a kernel ran (0-1), mean of the samples over the peak window.")
         utilization_peak = family(GaugeMetricFamily, "hw_gpu_utilization_peak_ratio",
                                   "Share of time a kernel ran (0-1), max of the samples over the peak window.")
-        memory = family(GaugeMetricFamily, "hw_gpu_memory_usage_bytes", "GPU memory in use.")
+        memory = family(GaugeMetricFamily, Node.GPU_MEMORY_USAGE, "GPU memory in use.")
         memory_limit = family(GaugeMetricFamily, "hw_gpu_memory_limit_bytes", "GPU memory size.")
         memory_peak = family(GaugeMetricFamily, "hw_gpu_memory_usage_peak_bytes",
                              "Max of GPU memory in use over the peak window.")
-        temperature = family(GaugeMetricFamily, "hw_gpu_temperature_celsius", "GPU core temperature.")
+        temperature = family(GaugeMetricFamily, Node.GPU_TEMPERATURE, "GPU core temperature.")
         power = family(GaugeMetricFamily, "hw_gpu_power_watts", "GPU board power draw.")
         energy = family(CounterMetricFamily, "hw_gpu_energy_joules_total",
                         "Energy the GPU consumed since the driver loaded.")
@@ -279,7 +280,7 @@ class GpuCollector(Collector):
         errors = family(CounterMetricFamily, "hw_gpu_errors_total",
                         "ECC errors since the driver loaded (corrected, uncorrected) and XID critical "
                         "errors seen since the exporter started.", ["type"])
-        job_info = family(GaugeMetricFamily, "hw_gpu_job_info",
+        job_info = family(GaugeMetricFamily, Node.GPU_JOB,
                           "1 for each job the GPU serves (declared in the job mapping or running on it).",
                           ["job_id"])
         process_memory = GaugeMetricFamily("hw_gpu_process_memory_bytes",

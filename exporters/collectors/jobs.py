@@ -11,12 +11,25 @@ the time of a process that leaves the tree before it exits (re-parented to init:
 a worker whose parent died first); it drops out at the next tree walk. The exported counter never
 decreases: reads of a tree are not atomic, and a reap between two reads (or such a departure) would
 otherwise show as a dip that Prometheus takes for a counter reset.
+
+The directory is untrusted input (any user who can write to it may drop anything there):
+- only regular files of at most MAX_MAPPING_BYTES are read, opened without following symlinks and without
+  blocking (a FIFO, /dev/zero behind a symlink, a huge file are refused);
+- a mapping must prove which process it means: its `start_ticks` must equal the live process's start time,
+  and the file's owner must be root or the process's user. Anything else is refused, so a file cannot claim
+  pid 1 (every process of the host) or another user's processes;
+- what a file said is cached by (inode, mtime, ctime, size) with its verdict (refused, dead, live), and the
+  directory is listed again only when it changed, so thousands of stale files of jobs killed with -9 cost
+  nothing per sample; listing is also held to SCAN_SHARE of a core when the directory keeps changing (a new
+  mapping then waits up to MAX_SCAN_PAUSE).
 """
 
 import json
 import logging
 import os
+import stat
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,25 +37,67 @@ from pathlib import Path
 import psutil
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from exporters.collectors.base import Collector, CollectorContext, read_bytes
+from trainmetrics.contract import Node, validate_job_id
+from trainmetrics.exporters.collectors.base import Collector, CollectorContext, read_bytes
 from trainmetrics.jobmap import JobMapping
-from trainmetrics.names import validate_job_id
 
 log = logging.getLogger(__name__)
 
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-# Mapping files record when the job started; a process older than that (by more than clock skew
-# between the trainer's time.time() and the kernel's boot-relative start time) is a reused pid.
-START_TOLERANCE_SECONDS = 2.0
+MAX_MAPPING_BYTES = 64 * 1024       # a mapping is ~150 bytes: anything far larger is not one
+MAX_MAPPING_FILES = 100_000         # bounds the cache (~40 MiB) whatever lands in the directory
+# O_NONBLOCK: opening a FIFO must not wait for a writer; O_NOFOLLOW: no symlink to /dev/zero or elsewhere.
+OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC
+SCAN_SHARE = 0.05                   # listing the directory may use at most this share of a core...
+MAX_SCAN_PAUSE = 5.0                # ...but a new job waits at most this long after a costly listing
+# A directory's mtime has the kernel's coarse clock granularity: two changes within one tick leave the same
+# mtime. A listing taken while the mtime was this recent is repeated once it has settled.
+SETTLE_SECONDS = 1.0
+RELIST_SECONDS = 10.0               # and a listing anyway now and then (a file rewritten in place)
 
 
-def parse_mapping(text: str) -> JobMapping:
-    """One mapping file's JSON as a JobMapping; raises ValueError/KeyError/TypeError when malformed."""
-    raw = json.loads(text)
-    return JobMapping(job_id=validate_job_id(raw["job_id"]), pid=int(raw["pid"]),
-                      gpus=[int(gpu) for gpu in raw.get("gpus", [])], rank=int(raw.get("rank", 0)),
-                      started=float(raw.get("started", 0.0)))
+def parse_mapping(data: bytes) -> JobMapping:
+    """One mapping file's JSON as a JobMapping; raises ValueError when malformed or without start_ticks."""
+    try:
+        raw = json.loads(data)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    if not isinstance(raw, dict):
+        raise ValueError("not a JSON object")
+
+    def integer(key: str, default: int | None = None, minimum: int = 0) -> int:
+        value = raw.get(key, default)
+        if type(value) is not int or value < minimum:  # type(), not isinstance(): True is not a pid
+            raise ValueError(f"{key} must be an integer >= {minimum}, got {str(value)[:40]!r}")
+        return value
+
+    gpus = raw.get("gpus", [])
+    if not isinstance(gpus, list) or not all(type(gpu) is int for gpu in gpus):
+        raise ValueError("gpus must be a list of GPU indices")
+    started = raw.get("started", 0.0)
+    if type(started) not in (int, float):
+        raise ValueError("started must be a number")
+    if "start_ticks" not in raw:
+        raise ValueError("no start_ticks (written by an older trainmetrics?): cannot prove its process")
+    return JobMapping(job_id=validate_job_id(raw.get("job_id")), pid=integer("pid", minimum=1), gpus=gpus,
+                      rank=integer("rank", 0), started=float(started), start_ticks=integer("start_ticks"))
+
+
+def read_mapping_file(path: str) -> tuple[JobMapping, int]:
+    """The mapping in a file and the file's owner uid, reading only a regular file of bounded size without
+    ever blocking or following a symlink; raises OSError or ValueError."""
+    fd = os.open(path, OPEN_FLAGS)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError("not a regular file")
+        data = os.read(fd, MAX_MAPPING_BYTES + 1)
+    finally:
+        os.close(fd)
+    if len(data) > MAX_MAPPING_BYTES:
+        raise ValueError(f"larger than {MAX_MAPPING_BYTES} bytes")
+    return parse_mapping(data), info.st_uid
 
 
 @dataclass
@@ -66,8 +121,7 @@ class JobsSnapshot:
 @dataclass
 class _Tree:
     mapping: JobMapping
-    start_ticks: int  # the root's start time in clock ticks since boot: identifies it across pid reuse
-    members: dict[int, int]  # pid -> start ticks
+    members: dict[int, int]  # pid -> start ticks (the root's is mapping.start_ticks)
     dead: bool = False
 
 
@@ -82,53 +136,102 @@ class JobTracker:
         self.descendants = descendants or psutil_descendants
         self.clock_ticks = clock_ticks
         self.page_bytes = page_bytes
-        self._files: dict[str, tuple[tuple[int, int, int], JobMapping | None]] = {}
-        self._trees: dict[str, _Tree] = {}  # by mapping file name
+        # Per file name: (inode, mtime, ctime, size) when read (ctime: a chown changes the verdict), and its
+        # tree (None: refused or unparsable).
+        self._files: dict[str, tuple[tuple[int, int, int, int], _Tree | None]] = {}
+        self._live: list[_Tree] = []
+        self._listed: tuple[int, int] | None = None  # the directory's (inode, mtime) at the last listing
+        self._next_listing = 0.0    # earliest time of the next listing (SCAN_SHARE)
+        self._relist_at = 0.0       # time of the next listing even if the directory looks unchanged
+        self._warned_full = False
         self._cpu_floor: dict[str, float] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()           # guards _live between the fast and the slow thread
+        self._updating = threading.Lock()       # one update at a time (the jobs and gpu collectors share it)
         self._updated_at: float | None = None
         self._trees_refreshed_at: float | None = None
         self.snapshot = JobsSnapshot()
 
-    def _scan_directory(self) -> dict[str, JobMapping]:
-        """Current mappings by file name; only files whose inode, mtime or size changed are re-read."""
-        if self.job_dir is None:
-            return {}
+    def _list_directory(self, now: float) -> bool:
+        """Re-read the directory if it may have changed; True when the set of trees was rebuilt."""
+        if self.job_dir is None or now < self._next_listing:
+            return False
         try:
-            entries = list(os.scandir(self.job_dir))
+            info = os.stat(self.job_dir)
         except FileNotFoundError:
-            entries = []  # the trainer creates it with its first job
+            info = None             # the trainer creates it with its first job
+        identity = None if info is None else (info.st_ino, info.st_mtime_ns)
+        if identity == self._listed and now < self._relist_at:
+            return False
+        self._listed = None         # until this listing succeeds
+        started = time.thread_time()
         files = {}
-        for entry in entries:
-            if not entry.name.endswith(".json") or entry.name.startswith("."):
-                continue
-            try:
-                stat = entry.stat()
-            except FileNotFoundError:
-                continue
-            key = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
-            known = self._files.get(entry.name)
-            if known is not None and known[0] == key:
-                files[entry.name] = known
-                continue
-            try:
-                mapping = parse_mapping(Path(entry.path).read_text())
-            except FileNotFoundError:
-                continue
-            except (OSError, ValueError, KeyError, TypeError) as error:
-                log.debug("ignoring job mapping %s: %s", entry.path, error)
-                mapping = None
-            files[entry.name] = (key, mapping)
+        if info is not None:
+            with os.scandir(self.job_dir) as entries:
+                for entry in entries:
+                    if not entry.name.endswith(".json") or entry.name.startswith("."):
+                        continue
+                    if len(files) == MAX_MAPPING_FILES:
+                        if not self._warned_full:
+                            log.error("job dir %s holds over %d mapping files: ignoring the rest", self.job_dir,
+                                      MAX_MAPPING_FILES)
+                            self._warned_full = True
+                        break
+                    try:
+                        info_of_entry = entry.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue
+                    key = (info_of_entry.st_ino, info_of_entry.st_mtime_ns, info_of_entry.st_ctime_ns,
+                           info_of_entry.st_size)
+                    known = self._files.get(entry.name)
+                    if known is None or known[0] != key:
+                        known = (key, self._admit(entry.path, info_of_entry))
+                    files[entry.name] = known
         self._files = files
-        return {name: mapping for name, (_key, mapping) in files.items() if mapping is not None}
+        with self._lock:
+            self._live = [tree for _key, tree in files.values() if tree is not None and not tree.dead]
+        settled = info is None or time.time_ns() - info.st_mtime_ns > SETTLE_SECONDS * 1e9
+        self._listed = identity
+        self._relist_at = now + (RELIST_SECONDS if settled else SETTLE_SECONDS)
+        self._next_listing = now + min((time.thread_time() - started) / SCAN_SHARE, MAX_SCAN_PAUSE)
+        return True
+
+    def _admit(self, path: str, info: os.stat_result) -> _Tree | None:
+        """The tree of a new or changed mapping file, dead when its process is gone; None when refused."""
+        try:
+            if not stat.S_ISREG(info.st_mode):
+                raise ValueError("not a regular file")
+            if info.st_size > MAX_MAPPING_BYTES:
+                raise ValueError(f"larger than {MAX_MAPPING_BYTES} bytes")
+            mapping, owner = read_mapping_file(path)
+        except FileNotFoundError:
+            return None             # removed since the listing: the next listing drops it
+        except (OSError, ValueError) as error:
+            log.warning("ignoring job mapping %s: %s", path, error)
+            return None
+        fields = self._read_stat(mapping.pid)
+        if fields is None or int(fields[19]) != mapping.start_ticks:
+            log.debug("job mapping %s: pid %d is gone or another process now: stale", path, mapping.pid)
+            return _Tree(mapping, {}, dead=True)
+        if owner != 0 and owner != self._process_uid(mapping.pid):
+            log.warning("ignoring job mapping %s: owned by uid %d, which does not own pid %d", path, owner,
+                        mapping.pid)
+            return None
+        return _Tree(mapping, self._discover(mapping.pid, mapping.start_ticks))
+
+    def _process_uid(self, pid: int) -> int | None:
+        """The effective uid of a process (the owner of /proc/PID), or None when it is gone."""
+        try:
+            return os.stat(f"{self.proc_root}/{pid}").st_uid
+        except FileNotFoundError:
+            return None
 
     def _read_stat(self, pid: int) -> list[bytes] | None:
         """The fields of /proc/PID/stat after the command name, or None when the process is gone."""
         try:
-            stat = read_bytes(f"{self.proc_root}/{pid}/stat")
+            stat_text = read_bytes(f"{self.proc_root}/{pid}/stat")
         except (FileNotFoundError, ProcessLookupError):
             return None
-        return stat[stat.rfind(b")") + 2:].split()
+        return stat_text[stat_text.rfind(b")") + 2:].split()
 
     def _discover(self, root_pid: int, root_ticks: int) -> dict[int, int]:
         """The root and all its descendants, pid -> start ticks."""
@@ -139,35 +242,25 @@ class JobTracker:
                 members[pid] = int(fields[19])
         return members
 
-    def _new_tree(self, mapping: JobMapping) -> _Tree:
-        fields = self._read_stat(mapping.pid)
-        if fields is None:
-            return _Tree(mapping, 0, {}, dead=True)  # stale file of a dead pid
-        start_ticks = int(fields[19])
-        if mapping.started > 0 and start_ticks / self.clock_ticks > boot_relative(mapping.started) + START_TOLERANCE_SECONDS:
-            log.debug("job %s: pid %d was reused, ignoring its mapping", mapping.job_id, mapping.pid)
-            return _Tree(mapping, start_ticks, {}, dead=True)
-        return _Tree(mapping, start_ticks, self._discover(mapping.pid, start_ticks))
-
     def update(self, now: float) -> JobsSnapshot:
-        """Pick up new and removed mapping files and read every tree's usage (cheap: one file per process)."""
-        if self._updated_at == now:
+        """Pick up new and removed mapping files and read every live tree's usage (one file per process)."""
+        if self._updated_at == now or not self._updating.acquire(blocking=False):
             return self.snapshot
-        mappings = self._scan_directory()
-        with self._lock:
-            trees = {}
-            for name, mapping in mappings.items():
-                tree = self._trees.get(name)
-                if tree is None or tree.mapping != mapping:
-                    tree = self._new_tree(mapping)
-                trees[name] = tree
-            self._trees = trees
-            live = [tree for tree in trees.values() if not tree.dead]
+        try:
+            self._list_directory(now)
+            self.snapshot = self._measure()
+            self._updated_at = now
+        finally:
+            self._updating.release()
+        return self.snapshot
+
+    def _measure(self) -> JobsSnapshot:
         usage: dict[str, JobUsage] = {}
         job_of_pid: dict[int, str] = {}
         gpus: dict[str, set[int]] = {}
         ticks = self.clock_ticks
-        for tree in live:
+        died = False
+        for tree in self._live:
             job_id = tree.mapping.job_id
             job = usage.setdefault(job_id, JobUsage())
             gpus.setdefault(job_id, set()).update(tree.mapping.gpus)
@@ -177,13 +270,16 @@ class JobTracker:
                 fields = self._read_stat(pid)
                 if fields is None or int(fields[19]) != start_ticks:
                     if pid == tree.mapping.pid:
-                        tree.dead = True  # the job process is gone; its leftover file is stale
+                        tree.dead = died = True  # the job process is gone; its leftover file is stale
                         break
                     continue
                 job_of_pid[pid] = job_id
                 job.cpu_seconds += (int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])) / ticks
                 job.rss_bytes += int(fields[21]) * self.page_bytes
                 job.processes += 1
+        if died:
+            with self._lock:
+                self._live = [tree for tree in self._live if not tree.dead]
         floors = {}
         for job_id, job in list(usage.items()):
             if job.processes == 0:
@@ -192,20 +288,17 @@ class JobTracker:
             job.cpu_seconds = max(job.cpu_seconds, self._cpu_floor.get(job_id, 0.0))
             floors[job_id] = job.cpu_seconds
         self._cpu_floor = floors
-        self.snapshot = JobsSnapshot(usage, job_of_pid,
-                                     {job_id: frozenset(indices) for job_id, indices in gpus.items()
-                                      if job_id in usage})
-        self._updated_at = now
-        return self.snapshot
+        return JobsSnapshot(usage, job_of_pid,
+                            {job_id: frozenset(indices) for job_id, indices in gpus.items() if job_id in usage})
 
     def refresh_trees(self, now: float) -> None:
         """Re-walk every live tree to find processes started since the last walk (slow loop)."""
         if self._trees_refreshed_at == now:
             return
         with self._lock:
-            trees = [tree for tree in self._trees.values() if not tree.dead]
+            trees = list(self._live)
         for tree in trees:
-            members = self._discover(tree.mapping.pid, tree.start_ticks)
+            members = self._discover(tree.mapping.pid, tree.mapping.start_ticks)
             with self._lock:
                 tree.members = members
         self._trees_refreshed_at = now
@@ -217,11 +310,6 @@ def psutil_descendants(pid: int) -> list[int]:
         return [child.pid for child in psutil.Process(pid).children(recursive=True)]
     except psutil.Error:
         return []
-
-
-def boot_relative(unix_time: float) -> float:
-    """A time.time() value as seconds since boot, the clock /proc/PID/stat start times use."""
-    return unix_time - psutil.boot_time()
 
 
 class JobsCollector(Collector):
@@ -246,13 +334,13 @@ class JobsCollector(Collector):
 
     def collect(self):
         usage = self.tracker.snapshot.usage
-        cpu = CounterMetricFamily("process_cpu_time_seconds_total",
+        cpu = CounterMetricFamily(Node.JOB_CPU_SECONDS,
                                   "CPU seconds of the job's whole process tree (user + system, reaped "
                                   "children included).", labels=["job_id"])
-        rss = GaugeMetricFamily("process_memory_rss_bytes",
+        rss = GaugeMetricFamily(Node.JOB_RSS,
                                 "Resident memory summed over the job's process tree (shared pages count "
                                 "once per process).", labels=["job_id"])
-        count = GaugeMetricFamily("process_tree_processes", "Processes in the job's tree (DataLoader workers included).",
+        count = GaugeMetricFamily(Node.JOB_PROCESSES, "Processes in the job's tree (DataLoader workers included).",
                                   labels=["job_id"])
         for job_id in sorted(usage):
             job = usage[job_id]

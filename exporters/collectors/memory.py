@@ -4,8 +4,9 @@ from pathlib import Path
 
 from prometheus_client.core import GaugeMetricFamily
 
-from exporters.collectors.base import Collector, CollectorContext, read_bytes
-from exporters.window import SampleWindow
+from trainmetrics.contract import Node
+from trainmetrics.exporters.collectors.base import Collector, CollectorContext, read_bytes
+from trainmetrics.exporters.window import SampleWindow
 
 FIELDS = {b"MemTotal:": "total", b"MemFree:": "free", b"Buffers:": "buffers", b"Cached:": "cached",
           b"SReclaimable:": "slab_reclaimable"}
@@ -49,13 +50,13 @@ class MemoryCollector(Collector):
     def collect(self):
         if not self._usage:
             return
-        usage = GaugeMetricFamily("system_memory_usage_bytes",
+        usage = GaugeMetricFamily(Node.MEMORY_USAGE,
                                   "Memory in each state; the states sum to system_memory_limit_bytes.",
                                   labels=["state"])
         for state in STATES:
             usage.add_metric([state], self._usage[state])
         yield usage
-        yield GaugeMetricFamily("system_memory_limit_bytes", "Total usable memory (MemTotal).",
+        yield GaugeMetricFamily(Node.MEMORY_LIMIT, "Total usable memory (MemTotal).",
                                 value=self._usage["total"])
-        yield GaugeMetricFamily("system_memory_used_peak_bytes",
+        yield GaugeMetricFamily(Node.MEMORY_USED_PEAK,
                                 "Max of used memory over the peak window.", value=self.used.peak())

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from prometheus_client.core import CounterMetricFamily
 
-from exporters.collectors.base import Collector, CollectorContext, read_bytes
+from trainmetrics.exporters.collectors.base import Collector, CollectorContext, read_bytes
 
 # /proc/net/dev columns after "iface:": 8 receive columns, then 8 transmit columns.
 RECEIVE_BYTES, RECEIVE_PACKETS, RECEIVE_ERRORS = 0, 1, 2

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from prometheus_client.core import GaugeMetricFamily
 
-from exporters.collectors.base import Collector, CollectorContext, read_bytes
+from trainmetrics.exporters.collectors.base import Collector, CollectorContext, read_bytes
 
 STATUS_BY_CODE = {b"R": "running", b"S": "sleeping", b"D": "blocked", b"I": "idle", b"T": "stopped",
                   b"t": "stopped", b"Z": "defunct", b"X": "defunct", b"W": "paging", b"P": "parked"}

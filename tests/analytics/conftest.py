@@ -1,6 +1,8 @@
 """Helpers for analytics tests: the real service on a free port, real jobs, a capturing MockTransport."""
 
+import concurrent.futures
 import json
+import os
 import re
 import signal
 import subprocess
@@ -9,15 +11,16 @@ import threading
 import time
 import urllib.parse
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 import uvicorn
 
-from analytics.app import Settings, create_app
+from trainmetrics.analytics.app import Settings, create_app
 from trainmetrics.prometheus_process import PrometheusServer, VictoriaMetricsServer, free_port
 
 
@@ -72,6 +75,31 @@ def empty_vector(request: httpx.Request) -> httpx.Response:
     return httpx.Response(200, json={"status": "success", "data": {"resultType": "vector", "result": []}})
 
 
+def same_answer(ours, theirs, where: str = "") -> None:
+    """Equal, but for float digits the backends cannot share (nor VictoriaMetrics with itself once it merged
+    its data). VictoriaMetrics stores a value to 12-15 significant digits: a unix time stored as a value (a
+    job's start and end) to 10 microseconds, a loss to 1e-12 relative. So times agree to 20 us; figures
+    derived from them differ by those microseconds over the job's duration (fail-1 runs for ~65 ms: 3e-5
+    relative) and may round the other way at 6 digits."""
+    if isinstance(ours, dict) and isinstance(theirs, dict):
+        assert set(ours) == set(theirs), where
+        for key in ours:
+            if key != "evaluated_at":
+                same_answer(ours[key], theirs[key], f"{where}.{key}")
+    elif isinstance(ours, list) and isinstance(theirs, list):
+        assert len(ours) == len(theirs), where
+        for index, (a, b) in enumerate(zip(ours, theirs)):
+            same_answer(a, b, f"{where}[{index}]")
+    elif isinstance(ours, float) and isinstance(theirs, float):
+        if where.endswith(("_time", "_at", ".time")):
+            assert ours == pytest.approx(theirs, abs=2e-5), where
+        else:
+            assert ours == pytest.approx(theirs, rel=1e-4, abs=1e-12), where
+    else:
+        assert ours == theirs, where
+
+
+
 # ----- real jobs ----------------------------------------------------------------------------------------
 
 def train_command(*args: str) -> list[str]:
@@ -80,48 +108,131 @@ def train_command(*args: str) -> list[str]:
 
 
 LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .* step=\d+ samples=\d+ loss=(\S+) ")
+EVAL_LINE = re.compile(r" eval after step (\d+): loss (\S+)(?:, accuracy (\S+))?$")
+
+
+@dataclass
+class Run:
+    """One run of a job that has exited (torchrun's processes for several ranks): what it printed."""
+
+    returncode: int
+    summaries: list[dict]       # by rank
+    stderr: str                 # rank 0's
+
+    @property
+    def summary(self) -> dict:
+        """Rank 0's summary line."""
+        return self.summaries[0]
 
 
 @dataclass
 class RealJob:
-    """A finished `trainmetrics train` run: its exit code, summary line and logged losses."""
+    """A real job that has exited, run by run (a resumed job has several): what its rank 0 printed."""
 
     job_id: str
-    returncode: int
-    summary: dict
-    stderr: str
-    # (unix time of the log line, loss) per log interval, in order
-    logged_losses: list[tuple[float, float]] = field(default_factory=list)
+    runs: list[Run]
 
-    def held_losses(self, at_least: float, after: float) -> list[float]:
-        """Losses logged after `after` that stayed published for at least `at_least` seconds (till the next
-        log line, or the end for the last one)."""
-        times = [t for t, _ in self.logged_losses] + [self.summary["end_time"]]
-        return [loss for (t, loss), following in zip(self.logged_losses, times[1:])
-                if t >= after and following - t >= at_least]
+    @property
+    def returncode(self) -> int:
+        return self.runs[-1].returncode
+
+    @property
+    def summary(self) -> dict:
+        """The last run's summary line (rank 0's)."""
+        return self.runs[-1].summary
+
+    @property
+    def stderr(self) -> str:
+        return "".join(run.stderr for run in self.runs)
+
+    @property
+    def logged_losses(self) -> list[tuple[float, float]]:
+        """(unix time of the log line, loss) per logged interval, in order (4 decimals)."""
+        losses = []
+        for line in self.stderr.splitlines():
+            match = LOG_LINE.match(line)
+            if match and match.group(2) != "n/a":
+                logged = datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+                losses.append((logged, float(match.group(2))))
+        return losses
+
+    @property
+    def logged_evaluations(self) -> list[tuple[int, float, float | None]]:
+        """(step, loss, accuracy) per evaluation, in order (4 decimals)."""
+        found = [EVAL_LINE.search(line) for line in self.stderr.splitlines()]
+        return [(int(m.group(1)), float(m.group(2)), None if m.group(3) is None else float(m.group(3)))
+                for m in found if m]
 
 
-def finish(job_id: str, process: subprocess.Popen, stderr_lines: list[str], timeout: float = 120) -> RealJob:
-    """Wait for a started job and parse what it printed."""
-    stdout, stderr_rest = process.communicate(timeout=timeout)
-    stderr = "".join(stderr_lines) + stderr_rest
-    summaries = [line for line in stdout.splitlines() if line.startswith("summary ")]
-    assert summaries, f"job {job_id}: no summary line\n{stdout}\n{stderr}"
-    losses = []
-    for line in stderr.splitlines():
-        match = LOG_LINE.match(line)
-        if match and match.group(2) != "None":
-            logged = datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
-            losses.append((logged, float(match.group(2))))
-    return RealJob(job_id, process.returncode, json.loads(summaries[-1][len("summary "):]), stderr, losses)
+def parse_run(job_id: str, returncode: int, stdout: str, stderr: str) -> Run:
+    """A run from its exit code, stdout (every rank's summary line) and rank 0's stderr."""
+    summaries = sorted((json.loads(line[len("summary "):]) for line in stdout.splitlines()
+                        if line.startswith("summary ")), key=lambda summary: summary["rank"])
+    assert summaries, f"job {job_id}: no summary line\n{stdout}\n{stderr[-3000:]}"
+    return Run(returncode, summaries, stderr)
 
 
-def start_job(job_id: str, targets_dir: Path, *args: str) -> subprocess.Popen:
-    """Start `trainmetrics train` announced to Prometheus through targets_dir."""
-    return subprocess.Popen(train_command("--job-id", job_id, "--targets-dir", str(targets_dir), *args),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=Path(__file__).parent)
+def finish(job_id: str, process: subprocess.Popen, stderr_lines: list[str] = (), timeout: float = 120) -> Run:
+    """Wait for a job started by start_job and parse what it printed."""
+    stdout, stderr = process.communicate(timeout=timeout)
+    if process.log is not None:
+        stderr = process.log.read_text()
+    return parse_run(job_id, process.returncode, stdout, "".join(stderr_lines) + stderr)
 
+
+def start_job(job_id: str, targets_dir: Path, *args: str, log: Path | None = None) -> subprocess.Popen:
+    """Start `trainmetrics train` announced to Prometheus through targets_dir; its stderr piped, or in `log`
+    (a job that logs every step outgrows a pipe nobody reads)."""
+    with open(log or os.devnull, "w") as log_file:
+        process = subprocess.Popen(train_command("--job-id", job_id, "--targets-dir", str(targets_dir), *args),
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE if log is None else log_file,
+                                   text=True, cwd=Path(__file__).parent)
+    process.log = log
+    return process
+
+
+def start_ranks(job_id: str, targets_dir: Path, log_dir: Path, *args: str) -> subprocess.Popen:
+    """Start `trainmetrics train` under torchrun with two ranks, each rank's stderr in log_dir (rank_log)."""
+    log_dir.mkdir(parents=True)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--redirects", "2",
+               "--log-dir", str(log_dir), "-m", "trainmetrics", "train", "--job-id", job_id, "--targets-dir",
+               str(targets_dir), *args]
+    with open(log_dir / "launcher.log", "w") as launcher:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=launcher, text=True,
+                                   cwd=Path(__file__).parent)
+    process.log = log_dir
+    return process
+
+
+def rank_log(log_dir: Path, rank: int) -> Path | None:
+    """A rank's stderr file under torchrun's log dir, once it exists."""
+    return next(log_dir.glob(f"*/attempt_*/{rank}/stderr.log"), None)
+
+
+def finish_ranks(job_id: str, process: subprocess.Popen, timeout: float = 120) -> Run:
+    """Wait for a job started by start_ranks and parse what it printed (every rank's summary, rank 0's log)."""
+    stdout, _ = process.communicate(timeout=timeout)
+    log = rank_log(process.log, 0)
+    return parse_run(job_id, process.returncode, stdout, log.read_text() if log else "")
+
+
+def wait_for_log(log_dir: Path, needle: str, timeout: float = 120) -> None:
+    """Poll rank 0's stderr file until it holds needle."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        log = rank_log(log_dir, 0)
+        if log is not None and needle in log.read_text():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"{needle!r} not logged within {timeout}s under {log_dir}")
+
+
+def signal_ranks(process: subprocess.Popen, signum: int) -> None:
+    """Signal torchrun's workers (the job server's way: the launcher would die of SIGUSR1)."""
+    for child in psutil.Process(process.pid).children(recursive=True):
+        command = child.cmdline()
+        if "train" in command and "torch.distributed.run" not in command:
+            child.send_signal(signum)
 
 def read_until(process: subprocess.Popen, needle: str, timeout: float = 120) -> list[str]:
     """Read stderr lines until one contains needle; return them."""
@@ -136,54 +247,91 @@ def read_until(process: subprocess.Popen, needle: str, timeout: float = 120) -> 
     raise AssertionError(f"{needle!r} not seen:\n{''.join(lines)}")
 
 
+def checkpointed_metrics(checkpoint_dir: Path) -> dict:
+    """The job's own figures as its newest checkpoint holds them, at full precision (its losses' first, lowest,
+    sum and count; its evaluations' count, lowest loss, highest accuracy; its longest step)."""
+    import torch    # only here: the analytics tests otherwise never load it
+
+    newest = max(checkpoint_dir.glob("step-*.pt"))
+    return torch.load(newest, weights_only=True)["metrics_by_rank"][0]     # rank 0: the job's losses
+
+
 # What must agree between Prometheus and the store it remote-writes to before the tests read the store.
 ARRIVED = ("count(last_over_time(trainer_job_end_timestamp_seconds[10m]))",
            "sum(max_over_time(trainer_samples_total[10m]))",
            "count(count_over_time(trainer_loss[10m]))",
-           "sum(count_over_time(trainer_loss[10m]))")
+           "sum(count_over_time(trainer_loss[10m]))",
+           "sum(count_over_time(trainer_eval_history_index[10m]))",
+           "count(trainer_heartbeat_timestamp_seconds)")
+
+
+def pause_and_resume(job_id: str, targets_dir: Path, work: Path, *args: str) -> list[Run]:
+    """A two-rank job paused (SIGUSR1) once rank 0 logged step 40, then resumed to its end: its two runs."""
+    first = start_ranks(job_id, targets_dir, work / "logs-1", *args)
+    try:
+        wait_for_log(work / "logs-1", "step=40 ")
+        signal_ranks(first, signal.SIGUSR1)
+        paused = finish_ranks(job_id, first)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    second = start_ranks(job_id, targets_dir, work / "logs-2", *args, "--resume")
+    try:
+        return [paused, finish_ranks(job_id, second)]
+    finally:
+        if second.poll() is None:
+            second.kill()
 
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory):
-    """A real Prometheus remote-writing into a real VictoriaMetrics, and three real jobs that have exited:
-    completed, failed and cancelled. Yields ({backend name: server}, jobs); both backends hold every sample.
+    """A real Prometheus remote-writing into a real VictoriaMetrics, and four real jobs that have exited:
+    completed (logging every step, evaluating every 10), failed, cancelled, and a two-rank job paused and
+    resumed to completion. Yields ({backend name: server}, jobs, work dir); both backends hold every sample.
 
-    The three run at once (each pays ~6 s of interpreter and torch start-up); the module's tests share them.
+    They run at once (each pays ~6 s of interpreter and torch start-up); the module's tests share them.
     """
     victoria = VictoriaMetricsServer(tmp_path_factory.mktemp("victoria")).start()
     prometheus = PrometheusServer(tmp_path_factory.mktemp("prometheus"),
                                   remote_write=[victoria.remote_write_url]).start()
     work = tmp_path_factory.mktemp("jobs")
+    targets = prometheus.targets_dir
     processes: list[subprocess.Popen] = []
     try:
         common = ("--model", "mlp", "--dataset", "blobs")
-        done = start_job("done-1", prometheus.targets_dir, *common, "--epochs", "6", "--log-every", "10",
-                         "--owner", "alice", "--checkpoint-dir", str(work / "done"))
-        processes.append(done)
-        fail_ckpt = work / "fail"
-        failing = start_job("fail-1", prometheus.targets_dir, *common, "--epochs", "50", "--batch-size", "16",
-                            "--log-every", "10", "--owner", "bob", "--checkpoint-dir", str(fail_ckpt),
-                            "--checkpoint-every", "5")
-        # Long log intervals: some of its losses stay published for over a second, so they must be scraped.
-        cancelled = start_job("cancel-1", prometheus.targets_dir, *common, "--epochs", "50", "--batch-size", "16",
-                              "--log-every", "150", "--owner", "bob")
-        processes += [failing, cancelled]
-        fail_lines = read_until(failing, "step=10 ")
-        # The checkpoint dir turns into a file: the next checkpoint write fails for real. (A rename, not a
-        # removal: the job may be writing a checkpoint into it right now.)
-        fail_ckpt.rename(work / "fail-moved")
-        fail_ckpt.write_text("not a directory")
-        # Cancel once Prometheus scrapes the job and three more losses were logged, so its rates and some
-        # long-held losses are measured before the end.
-        prometheus.wait_for('trainer_samples_total{job_id="cancel-1"} > 0', timeout=30)
-        cancel_lines = []
-        for _ in range(3):
-            cancel_lines += read_until(cancelled, " loss=")
-        cancelled.send_signal(signal.SIGTERM)
-        jobs = {job.job_id: job for job in (finish("done-1", done, []), finish("fail-1", failing, fail_lines),
-                                            finish("cancel-1", cancelled, cancel_lines))}
+        with concurrent.futures.ThreadPoolExecutor(1) as background:
+            ranks = background.submit(pause_and_resume, "ddp-1", targets, work / "ddp", *common, "--epochs", "12",
+                                      "--batch-size", "32", "--log-every", "1", "--eval-every", "15", "--owner",
+                                      "carol", "--checkpoint-dir", str(work / "ddp" / "checkpoints"))
+            done = start_job("done-1", targets, *common, "--epochs", "8", "--log-every", "1", "--eval-every", "10",
+                             "--owner", "alice", "--checkpoint-dir", str(work / "done"), log=work / "done.log")
+            processes.append(done)
+            fail_ckpt = work / "fail"
+            failing = start_job("fail-1", targets, *common, "--epochs", "50", "--batch-size", "16",
+                                "--log-every", "10", "--owner", "bob", "--checkpoint-dir", str(fail_ckpt),
+                                "--checkpoint-every", "5")
+            # Long log intervals: some of its losses stay published for over a second.
+            cancelled = start_job("cancel-1", targets, *common, "--epochs", "50", "--batch-size", "16",
+                                  "--log-every", "150", "--owner", "bob")
+            processes += [failing, cancelled]
+            fail_lines = read_until(failing, "step=10 ")
+            # The checkpoint dir turns into a file: the next checkpoint write fails for real. (A rename, not a
+            # removal: the job may be writing a checkpoint into it right now.)
+            fail_ckpt.rename(work / "fail-moved")
+            fail_ckpt.write_text("not a directory")
+            # Cancel once Prometheus scrapes the job and three more losses were logged, so its rates are
+            # measured before the end.
+            prometheus.wait_for('trainer_samples_total{job_id="cancel-1"} > 0', timeout=30)
+            cancel_lines = []
+            for _ in range(3):
+                cancel_lines += read_until(cancelled, " loss=")
+            cancelled.send_signal(signal.SIGTERM)
+            jobs = {"done-1": RealJob("done-1", [finish("done-1", done)]),
+                    "fail-1": RealJob("fail-1", [finish("fail-1", failing, fail_lines)]),
+                    "cancel-1": RealJob("cancel-1", [finish("cancel-1", cancelled, cancel_lines)]),
+                    "ddp-1": RealJob("ddp-1", ranks.result(timeout=300))}
         victoria.wait_until_agrees(prometheus, ARRIVED)
-        yield {"prometheus": prometheus, "victoria-metrics": victoria}, jobs
+        yield {"prometheus": prometheus, "victoria-metrics": victoria}, jobs, work
     finally:
         for process in processes:
             if process.poll() is None:

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from analytics import queries as q
+from trainmetrics.analytics import queries as q
 
 HOSTILE_IDS = {
     "quote": 'a"b',
@@ -38,8 +38,9 @@ def test_hostile_ids_never_become_promql(job_id):
         q.quote_job_id(job_id)
     for build in (lambda: q.job_recent(job_id, 60, 1e9), lambda: q.job_ended(job_id, [1e9]),
                   lambda: q.job_lookup_full(job_id, 60, 1e9), lambda: q.job_totals(job_id, 60, 1e9),
-                  lambda: q.job_totals(job_id, 60, 1e9, [1e9]),
-                  lambda: q.job_rates(job_id, 60, 1e9), lambda: q.first_losses(job_id, 60)):
+                  lambda: q.job_totals(job_id, 60, 1e9, [1e9]), lambda: q.job_rates(job_id, 60, 1e9),
+                  lambda: q.eval_history_changes(job_id, "250ms"), lambda: q.eval_history_samples(job_id, 60),
+                  lambda: q.fleet_last_seen(["ok-1", job_id], 60, 1e9)):
         with pytest.raises(ValueError):
             build()
 
@@ -48,10 +49,12 @@ def test_a_valid_id_enters_only_as_an_equality_matcher():
     job_id = "run-7.b_2"
     expressions = [*q.job_recent(job_id, 60, 1e9).values(), *q.job_ended(job_id, [1e9, 2e9]).values(),
                    *q.job_lookup_full(job_id, 60, 1e9).values(), *q.job_totals(job_id, 60, 1e9).values(),
-                   *q.job_totals(job_id, 600, 2e9, [1e9, 2e9]).values(),
-                   *q.job_rates(job_id, 60, 1e9).values(), q.first_losses(job_id, 60)]
+                   *q.job_totals(job_id, 600, 2e9, [2e9, 1e9]).values(), *q.job_rates(job_id, 60, 1e9).values(),
+                   q.eval_history_changes(job_id, "250ms"), q.eval_history_samples(job_id, 60),
+                   *q.fleet_last_seen([job_id], 60, 1e9).values()]
+    names = '__name__=~"' + "|".join(q.HISTORY.values()) + '"'     # the one regex: over constant metric names
     for expr in expressions:
-        assert "=~" not in expr and "!~" not in expr
+        assert "=~" not in expr.replace(names, "") and "!~" not in expr
         # Every occurrence of the id is the whole value of a job_id="..." matcher.
         assert expr.count(job_id) == expr.count(f'job_id="{job_id}"'), expr
     assert q.quote_job_id(job_id) == '"run-7.b_2"'
@@ -71,15 +74,23 @@ def test_durations_steps_and_timestamps():
     assert q.step_window(10) == "1000ms" and q.step_window(3600) == "14400ms"
 
 
-def test_totals_read_each_process_last_minute_except_the_best_loss():
-    parts = q.job_totals("j", 3600, 2000.0, [1000.0, 2000.0])
-    assert parts["samples"] == ('sum(max by (rank) (max_over_time(trainer_samples_total{job_id="j"}[75000ms] @ 1000.000)'
-                                ' or max_over_time(trainer_samples_total{job_id="j"}[75000ms] @ 2000.000)))')
-    assert parts["loss_best"] == 'min(min_over_time(trainer_loss{job_id="j"}[3600000ms] @ 2000.000))'
+def test_totals_read_each_process_last_minute_newest_first():
+    parts = q.job_totals("j", 3600, 2000.0, [2000.0, 1000.0])
+    assert parts["samples"] == ('max_over_time(trainer_samples_total{job_id="j"}[75000ms] @ 2000.000) or '
+                                'max_over_time(trainer_samples_total{job_id="j"}[75000ms] @ 1000.000)')
+    assert parts["loss_min"] == ('last_over_time(trainer_loss_min{job_id="j"}[75000ms] @ 2000.000) or '
+                                 'last_over_time(trainer_loss_min{job_id="j"}[75000ms] @ 1000.000)')
     whole = q.job_totals("j", 3600, 2000.0)
-    assert whole["samples"] == 'sum(max by (rank) (max_over_time(trainer_samples_total{job_id="j"}[3600000ms] @ 2000.000)))'
+    assert whole["samples"] == 'max_over_time(trainer_samples_total{job_id="j"}[3600000ms] @ 2000.000)'
     # A job shorter than the last-values window reads no further back than its start.
     assert "[30000ms] @ 2000.000" in q.job_totals("j", 30, 2000.0, [2000.0])["steps"]
+
+
+def test_the_history_reads_every_series_of_one_job_raw():
+    expr = q.eval_history_samples("j", 1.5)
+    assert expr.endswith('job_id="j"}[1500ms]') and "@" not in expr
+    assert all(metric in expr for metric in q.HISTORY.values())
+    assert q.eval_history_changes("j", "250ms") == 'last_over_time(trainer_eval_history_index{job_id="j"}[250ms])'
 
 
 def test_union_tags_each_part():
@@ -90,7 +101,7 @@ def test_union_tags_each_part():
 
 def test_every_part_name_is_a_plain_identifier():
     names = [*q.job_recent("j", 1, 1), *q.job_ended("j", [1, 2]), *q.job_totals("j", 1, 1), *q.job_rates("j", 1, 1),
-             *q.host(1, 1, 2)]
+             *q.host(1, 1, 2), *q.fleet_last_seen(["j", "k"], 1, 1)]
     assert len(names) == len(set(names))
     assert all(re.fullmatch(r"[a-z_]+[0-9]*", name) for name in names)
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from analytics import queries as q
-from analytics import reports
-from analytics.prometheus import PrometheusClient
+from trainmetrics.analytics import fleet, job, shapes
+from trainmetrics.analytics import queries as q
+from trainmetrics.analytics.prometheus import PrometheusClient
 from trainmetrics.prometheus_process import PrometheusServer, find_binary
 
 pytestmark = pytest.mark.slow
@@ -25,8 +25,9 @@ RULES_SINCE = 100 * 60
 
 
 def process_lines(job_id: str, instance: str, start: float, end: float, final: str | None, owner: str,
-                  rank: str = "0", samples_from: int = 0) -> list[str]:
-    """One process's series at 10 s: final None = killed (no end timestamp, its last state running)."""
+                  rank: str = "0", samples_from: int = 0, checkpoints_from: int = 0) -> list[str]:
+    """One process's series at 10 s: final None = killed (no end timestamp, its last state running). A resumed
+    process takes samples_from and checkpoints_from over from its checkpoint."""
     base = f'job_id="{job_id}",instance="{instance}",job="trainer",rank="{rank}"'
     times = [start + i * 10.0 for i in range(int((end - start) / 10) + 1)]
     lines = []
@@ -37,6 +38,8 @@ def process_lines(job_id: str, instance: str, start: float, end: float, final: s
                   f'device="cpu"}} 1 {t:.3f}',
                   f"trainer_job_start_timestamp_seconds{{{base}}} {start:.3f} {t:.3f}",
                   f"trainer_samples_total{{{base}}} {samples_from + int(50 * progress)} {t:.3f}",
+                  f"trainer_checkpoints_total{{{base}}} {checkpoints_from} {t:.3f}",
+                  f"trainer_heartbeat_timestamp_seconds{{{base}}} {t:.3f} {t:.3f}",
                   f"trainer_loss{{{base}}} {2.0 / (1 + progress / 60):.6f} {t:.3f}"]
         lines += [f'trainer_job_state{{{base},state="{state}"}} '
                   f'{int(state == (final if last else "running"))} {t:.3f}' for state in STATES]
@@ -55,6 +58,10 @@ def history(now: float) -> str:
     # Resumed: a cancelled process, then one on another instance that continues the count and completes.
     lines += process_lines("resumed", "h:100", now - 5400, now - 4800, "cancelled", "carol")
     lines += process_lines("resumed", "h:101", now - 4500, now - 3900, "completed", "carol", samples_from=30000)
+    # Killed (no end) and resumed from its checkpoint on another instance: one job from the first start.
+    lines += process_lines("crashed", "h:110", now - 5000, now - 4700, None, "carol")
+    lines += process_lines("crashed", "h:111", now - 4600, now - 4000, "completed", "carol", samples_from=15000,
+                           checkpoints_from=3)
     # Two ranks.
     for rank in ("0", "1"):
         lines += process_lines("ranks", f"h:20{rank}", now - 2400, now - 1800, "completed", "alice", rank=rank)
@@ -109,9 +116,9 @@ def both_ways(prometheus: PrometheusServer, range_seconds: float):
         client = PrometheusClient(prometheus.url)
         try:
             now = time.time()
-            split = await reports.recorded_split(client, range_seconds, now)
-            recorded = await reports.fleet(client, range_seconds, now, split)
-            raw = await reports.fleet(client, range_seconds, now, None)
+            split = await fleet.recorded_split(client, range_seconds, now)
+            recorded = await fleet.fleet(client, range_seconds, now, split)
+            raw = await fleet.fleet(client, range_seconds, now, None)
             return now, split, recorded, raw
         finally:
             await client.aclose()
@@ -123,9 +130,9 @@ def test_a_covered_range_reads_recorded_series_and_agrees_with_raw(backfilled):
     now, split, recorded, raw = both_ways(backfilled, 3600)
     assert split == pytest.approx(now - 3600 + q.RULE_WINDOW_SECONDS, abs=1e-3)    # covered throughout
     assert recorded == raw
-    by_id = {row["job_id"]: row for row in raw}
+    by_id = {row.job_id: row for row in raw}
     assert "straddle" in by_id and "resumed" not in by_id and len(raw) >= 8
-    assert by_id["ranks"]["total_samples"] == 2 * 50 * 600 and by_id["ranks"]["status"] == "completed"
+    assert by_id["ranks"].total_samples == 2 * 50 * 600 and by_id["ranks"].status == "completed"
 
 
 def test_a_range_reaching_before_the_rules_reads_raw_series_there(backfilled):
@@ -134,18 +141,25 @@ def test_a_range_reaching_before_the_rules_reads_raw_series_there(backfilled):
     # time later than the history's `now`).
     assert now - 660 - RULES_SINCE - 120 < split < now - 660 - RULES_SINCE + 60
     assert recorded == raw
-    by_id = {row["job_id"]: row for row in raw}
-    assert len(raw) == 23 + 3      # job-00 ended before the range
-    assert by_id["resumed"]["status"] == "completed" and by_id["resumed"]["total_samples"] == 30000 + 50 * 600
-    assert by_id["job-03"]["status"] == "running" and by_id["job-03"]["end_time"] is None     # killed
-    assert {row["status"] for row in raw} >= {"completed", "failed", "cancelled", "running"}
+    by_id = {row.job_id: row for row in raw}
+    assert len(raw) == 23 + 4      # job-00 ended before the range
+    resumed = by_id["resumed"]
+    assert resumed.status == "completed" and resumed.total_samples == 30000 + 50 * 600
+    assert (resumed.duration_seconds, resumed.paused_seconds, resumed.training_seconds) == (1500, 300, 1200)
+    assert resumed.average_samples_per_second == pytest.approx(resumed.total_samples / 1200, rel=1e-5)
+    # Killed: no end, no longer scraped, its heartbeat's last value its end.
+    killed = by_id["job-03"]
+    assert killed.status == "vanished" and killed.end_time == pytest.approx(killed.start_time + 300 + 60, abs=1e-3)
+    assert by_id["crashed"].status == "completed" and by_id["crashed"].paused_seconds == pytest.approx(100, abs=1e-3)
+    assert {row.status for row in raw} >= {"completed", "failed", "cancelled", "vanished"}
 
 
 def test_summary_agrees_apart_from_its_trends(backfilled):
     async def run():
         client = PrometheusClient(backfilled.url)
         try:
-            return [await reports.summary(client, 3 * 3600, 600, recorded=recorded) for recorded in (True, False)]
+            return [shapes.plain(await fleet.summary(client, 3 * 3600, 600, recorded=recorded))
+                    for recorded in (True, False)]
         finally:
             await client.aclose()
 
@@ -154,17 +168,15 @@ def test_summary_agrees_apart_from_its_trends(backfilled):
         del body["evaluated_at"]
         trends = body.pop("resource_trends")["series"]
         assert trends["running_jobs"]["peak"] >= 1 and trends["samples_per_second"]["peak"] > 0
-    # Killed jobs count as running: their durations grow between the two calls.
-    for moving in ("total_training_seconds", "average_throughput_samples_per_sec"):
-        assert recorded.pop(moving) == pytest.approx(raw.pop(moving), rel=1e-3)
     assert recorded == raw
+    assert raw["jobs_by_status"]["vanished"] == 6 and raw["jobs_by_status"]["running"] == 0
 
 
 def test_trends_from_recorded_series_approximate_the_raw_ones(backfilled):
     async def run():
         client = PrometheusClient(backfilled.url)
         try:
-            return [(await reports.summary(client, 3600, 300, recorded=recorded))["resource_trends"]["series"]
+            return [shapes.plain(await fleet.summary(client, 3600, 300, recorded=recorded))["resource_trends"]["series"]
                     for recorded in (True, False)]
         finally:
             await client.aclose()
@@ -194,71 +206,67 @@ def test_trends_from_recorded_series_approximate_the_raw_ones(backfilled):
 
 def test_job_totals_from_each_process_last_minute_equal_the_whole_window(backfilled, monkeypatch):
     """Counters and last values read from the minute before each process's final scrape (a resumed job's
-    two processes, two ranks, jobs of 5 to 13 minutes) equal those read from every sample of the job."""
-    find_jobs = reports.find_jobs
-    whole_window = {"on": False}
-    took_finals = []
-
-    async def find(*args, **kwargs):
-        found = await find_jobs(*args, **kwargs)
-        for facts in found:
-            if whole_window["on"]:
-                facts.finals = None
-            elif facts.finals:
-                took_finals.append(facts.job_id)
-        return found
-
-    monkeypatch.setattr(reports, "find_jobs", find)
-    job_totals, whole_reads = q.job_totals, []
+    two processes, a crashed and resumed one, two ranks, jobs of 5 to 13 minutes, killed ones) equal those read
+    from every sample of the job."""
+    job_totals, read = q.job_totals, {"whole": False, "by_process": [], "whole_window": []}
 
     def totals(job_id, window, final, finals=None):
-        if not finals and not whole_window["on"]:
-            whole_reads.append(job_id)      # the fallback: the last minutes held no samples
-        return job_totals(job_id, window, final, finals)
+        read["by_process" if finals and not read["whole"] else "whole_window"].append(job_id)
+        return job_totals(job_id, window, final, None if read["whole"] else finals)
 
     monkeypatch.setattr(q, "job_totals", totals)
-    job_ids = [f"job-{index:02d}" for index in range(24) if index % 4 != 3] + ["resumed", "ranks", "straddle"]
+    job_ids = [f"job-{index:02d}" for index in range(24)] + ["resumed", "crashed", "ranks", "straddle"]
 
     async def run(whole: bool):
-        whole_window["on"] = whole
+        read["whole"] = whole
         client = PrometheusClient(backfilled.url)
         try:
-            answers = {job_id: await reports.job_analytics(client, job_id, 6 * 3600) for job_id in job_ids}
+            answers = {job_id: shapes.plain(await job.job_analytics(client, job_id, 6 * 3600)) for job_id in job_ids}
         finally:
             await client.aclose()
         for body in answers.values():
             del body["evaluated_at"]
         return answers
 
-    from_last_minutes, from_whole = asyncio.run(run(False)), asyncio.run(run(True))
-    assert sorted(took_finals) == sorted(job_ids) and whole_reads == []
+    from_last_minutes = asyncio.run(run(False))
+    assert sorted(read["by_process"]) == sorted(job_ids) and read["whole_window"] == []
+    from_whole = asyncio.run(run(True))
     assert from_last_minutes == from_whole
     assert from_whole["resumed"]["performance"]["total_samples"] == 30000 + 50 * 600
     assert from_whole["ranks"]["performance"]["total_samples"] == 2 * 50 * 600
     assert from_whole["job-05"]["losses"]["final"] == pytest.approx(2.0 / (1 + 400 / 60), abs=1e-6)
-    # CPU seconds per span the job's processes ran: the resumed job's counter started again with its second
-    # process (2 x 600 s at 2 CPU-s/s), the two ranks' spans overlap (600 s at 1 CPU-s/s, once).
+    # CPU seconds per span the job's processes ran, over the time they ran: the resumed job's counter
+    # started again with its second process (2 x 600 s at 2 CPU-s/s), the two ranks' spans overlap (600 s
+    # at 1 CPU-s/s, once).
     resumed, ranks = from_whole["resumed"], from_whole["ranks"]
-    assert resumed["resource_utilization"]["average_cpu_percent"] == pytest.approx(
-        100 * 2 * 1200 / resumed["duration"]["total_seconds"], rel=1e-6)
-    assert ranks["resource_utilization"]["average_cpu_percent"] == pytest.approx(
-        100 * 600 / ranks["duration"]["total_seconds"], rel=1e-6)
+    assert resumed["duration"] == {"total_seconds": 1500, "total_minutes": 25, "paused_seconds": 300,
+                                   "total_hours": pytest.approx(1500 / 3600), "training_seconds": 1200,
+                                   "upload_seconds": None}
+    assert resumed["resource_utilization"]["average_cpu_percent"] == pytest.approx(200, rel=1e-6)
+    assert ranks["resource_utilization"]["average_cpu_percent"] == pytest.approx(100, rel=1e-6)
+    # Killed, then resumed from its checkpoint: the lookup finds the run that never ended through the one that
+    # took its checkpoint count over; the job starts with it, and the time between is a pause.
+    crashed = from_whole["crashed"]
+    assert crashed["status"] == "completed" and crashed["performance"]["total_samples"] == 15000 + 50 * 600
+    assert crashed["end_time"] - crashed["start_time"] == pytest.approx(1000, abs=1e-3)
+    assert crashed["duration"]["paused_seconds"] == pytest.approx(100, abs=1e-3)
+    killed = from_whole["job-03"]
+    assert killed["status"] == "vanished" and killed["end_time"] - killed["start_time"] == pytest.approx(360, abs=1e-3)
 
 
 def test_summary_top_jobs_details_equal_the_full_job_table(backfilled):
     """The summary reads metadata and final losses for its top 5 only (or for everyone under an owner
     filter): the same values as the full job table's rows."""
-    keys = ("job_id", "job_name", "owner", "status", "average_samples_per_second", "duration_seconds",
-            "total_samples", "final_loss")
+    keys = shapes.columns(shapes.TopJob)
 
     async def run():
         client = PrometheusClient(backfilled.url)
         try:
-            summary = await reports.summary(client, 3 * 3600, 600)
-            owned = await reports.summary(client, 3 * 3600, 600, owner="bob")
+            summary = shapes.plain(await fleet.summary(client, 3 * 3600, 600))
+            owned = shapes.plain(await fleet.summary(client, 3 * 3600, 600, owner="bob"))
             now = time.time()
-            table = await reports.fleet(client, 3 * 3600, now, await reports.recorded_split(client, 3 * 3600, now))
-            return summary, owned, table
+            table = await fleet.fleet(client, 3 * 3600, now, await fleet.recorded_split(client, 3 * 3600, now))
+            return summary, owned, shapes.plain(table)
         finally:
             await client.aclose()
 
@@ -266,11 +274,7 @@ def test_summary_top_jobs_details_equal_the_full_job_table(backfilled):
     rows = {row["job_id"]: {key: row[key] for key in keys} for row in table}
     for body in (summary, owned):
         top = body["top_performing_jobs"]
-        assert len(top) == 5 and all(job["final_loss"] is not None and job["job_name"] for job in top)
-        for job in top:
-            expected = rows[job["job_id"]]
-            if job["status"] == "running":      # a killed job's duration grows between the calls
-                job.pop("duration_seconds"), job.pop("average_samples_per_second")
-                expected = {key: value for key, value in expected.items() if key in job}
-            assert job == expected
-    assert {job["owner"] for job in owned["top_performing_jobs"]} == {"bob"}
+        assert len(top) == 5 and all(row["final_loss"] is not None and row["job_name"] for row in top)
+        for row in top:
+            assert row == rows[row["job_id"]]
+    assert {row["owner"] for row in owned["top_performing_jobs"]} == {"bob"}

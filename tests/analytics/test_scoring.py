@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from analytics import scoring
+from trainmetrics.analytics import scoring
 
 
 def test_throughput_score_is_average_over_peak_in_percent():

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from trainer.metrics import JobMetrics
+from trainmetrics.trainer.metrics import JobMetrics
+from trainmetrics.trainer.telemetry import Publish
 from trainmetrics.prometheus_process import PrometheusServer, free_port
 
 ALERTMANAGER_CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "alertmanager" / "alertmanager.yml"
@@ -56,7 +57,7 @@ def alertmanager(tmp_path):
 def test_failed_job_alert_reaches_alertmanager(alertmanager, tmp_path):
     prometheus = PrometheusServer(tmp_path / "prometheus", alertmanagers=[alertmanager]).start()
     try:
-        metrics = JobMetrics("am-failing-job", targets_dir=prometheus.targets_dir, linger_timeout=20)
+        metrics = JobMetrics("am-failing-job", publish=Publish(targets_dir=prometheus.targets_dir, linger_timeout=20))
         metrics.start()
         metrics.finish("failed", MemoryError())
         metrics.close()                          # returns once Prometheus has scraped the failed state

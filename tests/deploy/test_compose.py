@@ -1,5 +1,6 @@
 """deploy/docker-compose.yml: what can be checked without a Docker engine (none runs on our machines)."""
 
+import tomllib
 from pathlib import Path
 
 import yaml
@@ -37,3 +38,12 @@ def test_services_listen_on_loopback_only():
     commands = " ".join(" ".join(map(str, s.get("command", []))) for s in services.values())
     assert "0.0.0.0" not in commands
     assert services["grafana"]["environment"]["GF_SERVER_HTTP_ADDR"] == "127.0.0.1"
+
+
+def test_the_image_installs_every_part_of_the_package_and_no_torch():
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    copied = {line.split()[1] for line in dockerfile.splitlines() if line.startswith("COPY ")}
+    mapping = tomllib.loads((DEPLOY.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    assert {path.split("/")[0] for path in mapping.values()} <= copied
+    commands = [line for line in dockerfile.splitlines() if not line.startswith("#")]
+    assert not any("torch" in line for line in commands if "find_spec('torch')" not in line)

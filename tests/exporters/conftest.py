@@ -3,7 +3,7 @@
 import pytest
 
 from tests.exporters.exporter_fixtures import FixtureHost, build_fixture_host
-from exporters.exporter import Exporter, MetricsServer
+from trainmetrics.exporters.exporter import Exporter, metrics_server
 
 
 @pytest.fixture
@@ -14,17 +14,14 @@ def fixture_host() -> FixtureHost:
 
 @pytest.fixture
 def serve():
-    """serve(exporter) -> base URL of a MetricsServer on a free loopback port, shut down after the test."""
+    """serve(exporter) -> base URL of the exporter's HTTP server on a free loopback port, closed after the test."""
     servers = []
 
     def start(exporter: Exporter) -> str:
-        server = MetricsServer(("127.0.0.1", 0), exporter)
-        server.serve_in_background(poll_interval=0.05)
+        server = metrics_server(exporter, ("127.0.0.1", 0)).serve_in_background()
         servers.append(server)
-        return f"http://127.0.0.1:{server.server_port}"
+        return f"http://127.0.0.1:{server.port}"
 
     yield start
     for server in servers:
-        server.shutdown()
-        server.server_close()
-
+        server.close()

@@ -9,15 +9,15 @@ from types import SimpleNamespace
 import pynvml
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporters.collectors.cpu import CpuCollector
-from exporters.collectors.disk import DiskCollector
-from exporters.collectors.filesystem import FilesystemCollector
-from exporters.collectors.gpu import GpuCollector
-from exporters.collectors.jobs import JobsCollector, JobTracker
-from exporters.collectors.memory import MemoryCollector
-from exporters.collectors.network import NetworkCollector
-from exporters.collectors.processes import ProcessesCollector
-from exporters.exporter import Exporter
+from trainmetrics.exporters.collectors.cpu import CpuCollector
+from trainmetrics.exporters.collectors.disk import DiskCollector
+from trainmetrics.exporters.collectors.filesystem import FilesystemCollector
+from trainmetrics.exporters.collectors.gpu import GpuCollector
+from trainmetrics.exporters.collectors.jobs import JobsCollector, JobTracker
+from trainmetrics.exporters.collectors.memory import MemoryCollector
+from trainmetrics.exporters.collectors.network import NetworkCollector
+from trainmetrics.exporters.collectors.processes import ProcessesCollector
+from trainmetrics.exporters.exporter import Exporter
 
 FIXTURES = Path(__file__).parent / "fixtures"
 PROC_T0 = FIXTURES / "proc" / "t0"

@@ -1,6 +1,8 @@
-"""`trainmetrics exporter` flags: bad input exits 2 with one line on stderr; good input serves and stops."""
+"""`trainmetrics exporter` flags: bad input exits 2 with one line on stderr naming the flag; --help explains every
+option; good input says where it listens, serves and stops."""
 
 import argparse
+import re
 import signal
 import socket
 import subprocess
@@ -11,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from exporters import cli
-from exporters.collectors import COLLECTORS
+from trainmetrics.exporters import cli
+from trainmetrics.exporters.collectors import COLLECTORS
 from tests.exporters.exporter_fixtures import parse_exposition
 from trainmetrics.prometheus_process import free_port
 
@@ -20,45 +22,70 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def exporter_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "exporters", *args]
+    return [sys.executable, "-m", "trainmetrics", "exporter", *args]
 
 
 def run_exporter(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(exporter_command(*args), capture_output=True, text=True, timeout=30, cwd=REPO)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--collector.nope"], "unknown collector 'nope'"),
-    (["--no-collector.nope"], "unknown collector 'nope'"),
-    (["--sample-interval", "0"], "--sample-interval must be > 0"),
-    (["--sample-interval", "-1"], "invalid duration"),
-    (["--sample-interval", "fast"], "invalid duration"),
-    (["--sample-interval", "200ms", "--peak-window", "100ms"], "--peak-window (0.1s) must be >= --sample-interval"),
-    (["--listen", "127.0.0.1:99999"], "invalid listen address"),
-])
-def test_bad_flags_exit_2_with_one_line(args, message, tmp_path):
-    result = run_exporter("--job-dir", str(tmp_path), *args)
-    assert result.returncode == 2
+def assert_one_line_error(result: subprocess.CompletedProcess, message: str) -> None:
+    assert result.returncode == 2, result.stderr
     assert result.stdout == ""
     assert len(result.stderr.splitlines()) == 1, result.stderr
-    assert message in result.stderr
+    assert result.stderr.startswith("trainmetrics exporter: error: ") and message in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--collector.nope"], "--collector.nope: unknown collector 'nope' (known: cpu, memory,"),
+    (["--no-collector.nope"], "--no-collector.nope: unknown collector 'nope'"),
+    (["--sample-interval", "0"], "--sample-interval: must be > 0"),
+    (["--sample-interval", "-1"], "--sample-interval: invalid duration"),
+    (["--slow-interval", "fast"], "--slow-interval: invalid duration"),
+    (["--peak-window", "1h"], "--peak-window: invalid duration"),
+    (["--sample-interval", "200ms", "--peak-window", "100ms"], "--peak-window: '100ms' is shorter than --sample-interval"),
+    (["--listen", "127.0.0.1:99999"], "--listen: invalid listen address"),
+    (["--listen", "no-port"], "--listen: invalid listen address"),
+    (["--web.config.file", "/nonexistent/web.yml"], "--web.config.file: web config /nonexistent/web.yml"),
+])
+def test_bad_flags_exit_2_with_one_line(args, message, tmp_path):
+    assert_one_line_error(run_exporter("--job-dir", str(tmp_path), *args), message)
 
 
 def test_port_in_use_exits_2_with_one_line(tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        result = run_exporter("--job-dir", str(tmp_path), "--listen", f"127.0.0.1:{taken.getsockname()[1]}")
-    assert result.returncode == 2
-    assert len(result.stderr.splitlines()) == 1 and "cannot listen on" in result.stderr
+        port = taken.getsockname()[1]
+        result = run_exporter("--job-dir", str(tmp_path), "--listen", f"127.0.0.1:{port}", "--no-collector.gpu")
+    assert_one_line_error(result, f"--listen: cannot listen on 127.0.0.1:{port}: address already in use")
 
 
 def test_unreadable_job_dir_exits_2_with_one_line(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
     result = run_exporter("--job-dir", str(blocker / "jobs"), "--listen", f"127.0.0.1:{free_port()}")
-    assert result.returncode == 2
-    assert len(result.stderr.splitlines()) == 1 and "job dir" in result.stderr
+    assert_one_line_error(result, f"--job-dir: '{blocker / 'jobs'}' is not readable")
+
+
+def test_help_explains_every_option_and_says_each_default_once():
+    result = run_exporter("--help")
+    assert result.returncode == 0, result.stderr
+    options = " ".join(result.stdout.split("options:", 1)[1].split())     # one line, single spaces
+    entries = re.split(r" (?=-h, |--[\w.-]+[ ,])(?<!, )", " " + options)[1:]
+    helps = {entry.split(" ", 1)[0].rstrip(","): entry for entry in entries}
+    assert set(helps) >= {"--listen", "--web.config.file", "--sample-interval", "--slow-interval", "--peak-window",
+                          "--job-dir", "--log-level", *(f"--collector.{name}" for name in COLLECTORS)}
+    for entry in helps.values():
+        assert entry.count("default") <= 1, entry
+        assert "(default: True)" not in entry and "(default: False)" not in entry, entry
+    parser = argparse.ArgumentParser()
+    cli.configure(parser)
+    assert all(action.help for action in parser._actions), [action.dest for action in parser._actions if not action.help]
+    for name, spec in COLLECTORS.items():
+        assert helps[f"--collector.{name}"].endswith(f"(default: {'on' if spec.enabled_by_default else 'off'})")
+    assert helps["--sample-interval"].endswith("(default: 100ms)")
+    assert helps["--listen"].endswith("(default: 127.0.0.1:9105)")
 
 
 def test_collector_flags_come_from_the_table():
@@ -67,7 +94,7 @@ def test_collector_flags_come_from_the_table():
     args = parser.parse_args(["--no-collector.gpu", "--collector.cpu"])
     assert {name: getattr(args, f"collector_{name}") for name in COLLECTORS} == {
         name: name != "gpu" for name in COLLECTORS}
-    assert args.sample_interval == 0.1 and args.peak_window == 1.0
+    assert cli.durations(args) == (0.1, 1.0, 1.0)
 
 
 @pytest.mark.parametrize("text, seconds", [("0.1", 0.1), ("100ms", 0.1), ("1s", 1.0), ("2m", 120.0), (".5", 0.5)])
@@ -97,3 +124,4 @@ def test_serves_selected_collectors_and_stops_on_sigterm(tmp_path):
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=10)
     assert process.returncode == 0, stderr
+    assert f"trainmetrics exporter: listening on http://127.0.0.1:{port}/metrics (collectors: cpu," in stderr

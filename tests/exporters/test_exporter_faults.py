@@ -5,8 +5,8 @@ import shutil
 import urllib.error
 import urllib.request
 
-from exporters.collectors.base import Collector
-from exporters.exporter import Exporter
+from trainmetrics.exporters.collectors.base import Collector
+from trainmetrics.exporters.exporter import Exporter
 from tests.exporters.exporter_fixtures import PROC_T1, FakeNvml, build_fixture_host, parse_exposition, scrape, two_gpus
 
 
@@ -20,7 +20,7 @@ def success(metrics: dict) -> dict[str, float]:
 
 def test_nvml_missing_is_debug_level_and_the_scrape_stays_whole(serve, caplog):
     host = build_fixture_host(nvml=FakeNvml(two_gpus(), missing=True))
-    caplog.set_level(logging.DEBUG, logger="exporters")
+    caplog.set_level(logging.DEBUG, logger="trainmetrics.exporters")
     host.sample_twice()
     status, content_type, body = scrape(serve(host.exporter))
     metrics = parse_exposition(body)

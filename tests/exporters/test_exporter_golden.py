@@ -11,10 +11,10 @@ import time
 import pytest
 
 from tests.exporters.exporter_fixtures import FIXTURES, build_fixture_host, parse_exposition
-from exporters.collectors import COLLECTORS
-from exporters.collectors.base import CollectorContext
-from exporters.collectors.jobs import JobTracker
-from exporters.exporter import Exporter
+from trainmetrics.exporters.collectors import COLLECTORS
+from trainmetrics.exporters.collectors.base import CollectorContext
+from trainmetrics.exporters.collectors.jobs import JobTracker
+from trainmetrics.exporters.exporter import Exporter
 from trainmetrics.prometheus_process import find_binary
 
 GOLDEN = FIXTURES / "golden" / "exporter.prom"

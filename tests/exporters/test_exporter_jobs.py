@@ -1,16 +1,17 @@
 """Job attribution on real processes: the mapping file, the process tree, CPU time of reaped children."""
 
 import json
+import os
 import subprocess
 import sys
 import time
 
 import pytest
 
-from exporters.collectors.jobs import JobsCollector, JobTracker
-from exporters.exporter import Exporter
+from trainmetrics.exporters.collectors.jobs import MAX_MAPPING_BYTES, JobsCollector, JobTracker, read_mapping_file
+from trainmetrics.exporters.exporter import Exporter
 from tests.exporters.exporter_fixtures import parse_exposition
-from trainmetrics.jobmap import JobMapping, write_job_mapping
+from trainmetrics.jobmap import JobMapping, process_start_ticks, write_job_mapping
 
 # A job process that spawns a long-lived worker (like a DataLoader worker), optionally burns CPU in
 # short-lived helper processes it reaps, then waits for stdin to close.
@@ -76,15 +77,27 @@ def test_cpu_time_of_reaped_children_stays_in_the_counter(tmp_path, start_job):
 
 def test_stale_malformed_and_reused_pid_files_are_ignored(tmp_path, start_job):
     job, _ = start_job()
+    ticks = process_start_ticks(job.pid)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    write_job_mapping(tmp_path, JobMapping(job_id="dead", pid=dead.pid, started=time.time()))
-    # The pid is alive, but the process started an hour after the job did: a reused pid.
-    write_job_mapping(tmp_path, JobMapping(job_id="reused", pid=job.pid, started=time.time() - 3600))
+    write_job_mapping(tmp_path, JobMapping(job_id="dead", pid=dead.pid, start_ticks=ticks))
+    # The pid is alive, but its process started at another time than the mapping says: a reused pid.
+    write_job_mapping(tmp_path, JobMapping(job_id="reused", pid=job.pid, start_ticks=ticks - 1))
     (tmp_path / "half-written.rank0.json").write_text('{"job_id": "x", "pid"')
-    (tmp_path / "bad-id.rank0.json").write_text(json.dumps({"job_id": "no spaces allowed", "pid": job.pid}))
+    (tmp_path / "bad-id.rank0.json").write_text(json.dumps({"job_id": "no spaces allowed", "pid": job.pid,
+                                                            "start_ticks": ticks}))
+    (tmp_path / "no-ticks.rank0.json").write_text(json.dumps({"job_id": "no-ticks", "pid": job.pid}))
+    (tmp_path / "deep.rank0.json").write_text("[" * 60_000)
     write_job_mapping(tmp_path, JobMapping(job_id="live", pid=job.pid, started=time.time()))
     assert set(JobTracker(tmp_path).update(1.0).usage) == {"live"}
+
+
+def test_the_writer_records_the_start_ticks_of_the_process_it_names(tmp_path, start_job):
+    job, _ = start_job()
+    path = write_job_mapping(tmp_path, JobMapping(job_id="ticks", pid=job.pid))
+    assert json.loads(path.read_text())["start_ticks"] == process_start_ticks(job.pid) > 0
+    own = write_job_mapping(tmp_path, JobMapping(job_id="self", pid=os.getpid()))
+    assert json.loads(own.read_text())["start_ticks"] == process_start_ticks("self")
 
 
 def test_unreadable_job_dir_fails_the_jobs_collector_only(tmp_path):
@@ -95,3 +108,21 @@ def test_unreadable_job_dir_fails_the_jobs_collector_only(tmp_path):
     metrics = parse_exposition(exporter.render())
     assert metrics["exporter_collector_success"] == {(("collector", "jobs"),): 0}
     assert "process_tree_processes" not in metrics
+
+
+def test_a_mapping_file_is_read_without_blocking_following_links_or_reading_much(tmp_path):
+    """What the tracker opens after listing may have been swapped since: the read itself refuses a FIFO (without
+    waiting for a writer), a symlink and an oversized file."""
+    fifo, link, big = tmp_path / "fifo.json", tmp_path / "link.json", tmp_path / "big.json"
+    os.mkfifo(fifo)
+    link.symlink_to("/dev/zero")
+    big.write_text(json.dumps({"job_id": "big", "pid": 1, "start_ticks": 1, "pad": "x" * MAX_MAPPING_BYTES}))
+    with pytest.raises(ValueError, match="not a regular file"):
+        read_mapping_file(str(fifo))
+    with pytest.raises(OSError):                    # ELOOP: O_NOFOLLOW
+        read_mapping_file(str(link))
+    with pytest.raises(ValueError, match="larger than"):
+        read_mapping_file(str(big))
+    good = write_job_mapping(tmp_path, JobMapping(job_id="good", pid=os.getpid()))
+    assert read_mapping_file(str(good)) == (JobMapping(job_id="good", pid=os.getpid(),
+                                                       start_ticks=process_start_ticks("self")), os.geteuid())

@@ -2,7 +2,7 @@
 
 import pytest
 
-from exporters.window import SampleWindow
+from trainmetrics.exporters.window import SampleWindow
 
 
 def test_mean_and_peak_cover_exactly_the_window():

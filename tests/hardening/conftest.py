@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from trainmetrics.names import JOB_ID_PATTERN
+from trainmetrics.contract import JOB_ID_PATTERN
 from trainmetrics.prometheus_process import PrometheusServer, free_port
 
 COMPLETED_JOBS = {"hard-srv-1": "default", "hard-cli-1": "alice"}   # job id -> owner
@@ -157,7 +157,8 @@ def start_logged(command: list[str], log: Path, **kwargs) -> subprocess.Popen:
 def stack(tmp_path_factory):
     work = tmp_path_factory.mktemp("hardening")
     server_port = free_port()
-    prometheus = PrometheusServer(work / "prometheus", static_targets={"server": [f"127.0.0.1:{server_port}"]})
+    prometheus = PrometheusServer(work / "prometheus", static_targets={"server": [f"127.0.0.1:{server_port}"]},
+                                  job_server=f"http://127.0.0.1:{server_port}")   # its jobs through http_sd
     prometheus.start()
     data_dir = work / "data"
     data_dir.mkdir()
@@ -169,8 +170,7 @@ def stack(tmp_path_factory):
                                               "--prometheus-url", proxy.url), work / "analytics.log")
         processes.append(analytics)
         server = start_logged(trainmetrics("server", "--listen", f"127.0.0.1:{server_port}", "--data-dir",
-                                           str(data_dir), "--prometheus-url", proxy.url, "--targets-dir",
-                                           str(prometheus.targets_dir), "--max-upload-bytes",
+                                           str(data_dir), "--prometheus-url", proxy.url, "--max-upload-bytes",
                                            str(MAX_UPLOAD_BYTES), "--linger-timeout", "10"),
                               work / "server.log")
         processes.append(server)
@@ -181,7 +181,7 @@ def stack(tmp_path_factory):
                                             "alice", *common), work / "cli-job.log", cwd=work)
         processes += [victim, cli_job]
         analytics_url, server_url = f"http://127.0.0.1:{analytics_port}", f"http://127.0.0.1:{server_port}"
-        wait_http(f"{server_url}/healthz", server, work / "server.log")
+        wait_http(f"{server_url}/api/training/jobs", server, work / "server.log")
         submitted = httpx.post(f"{server_url}/api/training/jobs", timeout=30,
                                json={"dataset": "blobs", "epochs": 1, "job_id": "hard-srv-1"})
         assert submitted.status_code == 201, submitted.text

@@ -1,90 +1,49 @@
-"""Faults under the real `trainmetrics exporter` process: the job-mapping dir deleted while it runs, and
-/proc entries vanishing between listing and reading (a job whose process tree churns short-lived children)."""
+"""Faults of the exporter: under the real `trainmetrics exporter` process, the job-mapping dir deleted while it
+runs, /proc entries vanishing between listing and reading, hundreds of idle connections and SIGTERM at any
+moment; in process, a collector whose sample hangs."""
 
-import re
+import os
+import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
 import pytest
+from prometheus_client.core import GaugeMetricFamily
 
+from tests.hardening.exporter_process import collector_ok, job_series, parse, start_exporter
+from trainmetrics.exporters.collectors.base import Collector
+from trainmetrics.exporters.exporter import MAX_CONNECTIONS, Exporter
 from trainmetrics.jobmap import JobMapping, write_job_mapping
-from trainmetrics.prometheus_process import free_port
-
-SAMPLE = re.compile(r'^(\w+)(?:\{([^}]*)\})? (\S+)$')
-
-
-def scrape(url: str) -> dict[tuple[str, str], float]:
-    response = httpx.get(url, timeout=5)
-    assert response.status_code == 200, response.text[:300]
-    series = {}
-    for line in response.text.splitlines():
-        match = SAMPLE.match(line)
-        if match:
-            series[(match.group(1), match.group(2) or "")] = float(match.group(3))
-    return series
 
 
 @pytest.fixture
 def exporter(tmp_path):
-    job_dir = tmp_path / "jobs"
-    job_dir.mkdir()
-    port = free_port()
-    log = open(tmp_path / "exporter.log", "wb")
-    process = subprocess.Popen([sys.executable, "-m", "trainmetrics", "exporter", "--listen", f"127.0.0.1:{port}",
-                                "--sample-interval", "0.1", "--job-dir", str(job_dir), "--no-collector.gpu"],
-                               stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/metrics"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            assert time.monotonic() < deadline and process.poll() is None, (tmp_path / "exporter.log").read_text()
-            time.sleep(0.1)
-    yield url, job_dir, process
-    process.send_signal(signal.SIGTERM)
-    process.wait(timeout=10)
-    log.close()
+    running = start_exporter(tmp_path)
+    yield running
+    running.stop()
 
 
-def job_series(series, job_id: str) -> dict:
-    return {key: value for key, value in series.items() if f'job_id="{job_id}"' in key[1]}
-
-
-def collector_ok(series, name: str) -> float:
-    return series[("exporter_collector_success", f'collector="{name}"')]
-
-
-def wait_until(predicate, url: str, timeout: float = 10):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        series = scrape(url)
-        if predicate(series):
-            return series
-        time.sleep(0.1)
-    raise AssertionError(f"condition not met within {timeout}s")
-
-
-def test_job_mapping_dir_deleted_while_running(exporter, tmp_path):
-    url, job_dir, _ = exporter
+def test_job_mapping_dir_deleted_while_running(exporter):
+    job_dir = exporter.job_dir
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         write_job_mapping(job_dir, JobMapping(job_id="map-1", pid=sleeper.pid, started=time.time()))
-        wait_until(lambda s: job_series(s, "map-1"), url)
+        exporter.wait_until(lambda s: job_series(s, "map-1"))
         shutil.rmtree(job_dir)
         for _ in range(20):                       # 2 s of scrapes: every one 200, the jobs collector healthy
-            series = scrape(url)
+            series = exporter.scrape()
             assert collector_ok(series, "jobs") == 1
             time.sleep(0.1)
         assert not job_series(series, "map-1")    # the mapping is gone, so is the attribution
         job_dir.mkdir()                           # and it comes back when the dir and the file do
         write_job_mapping(job_dir, JobMapping(job_id="map-1", pid=sleeper.pid, started=time.time()))
-        wait_until(lambda s: job_series(s, "map-1"), url)
+        exporter.wait_until(lambda s: job_series(s, "map-1"))
     finally:
         sleeper.kill()
         sleeper.wait()
@@ -103,13 +62,12 @@ while time.monotonic() < end:
 def test_proc_entries_vanishing_between_listing_and_reading(exporter):
     """A job whose tree spawns and reaps short-lived processes all the time: /proc/PID entries listed by the
     sampler disappear before they are read. Every scrape stays 200 with every collector succeeding."""
-    url, job_dir, _ = exporter
     churn = subprocess.Popen([sys.executable, "-c", CHURN])
     try:
-        write_job_mapping(job_dir, JobMapping(job_id="churn-1", pid=churn.pid, started=time.time()))
+        write_job_mapping(exporter.job_dir, JobMapping(job_id="churn-1", pid=churn.pid, started=time.time()))
         scrapes, most_processes = 0, 0.0
         while churn.poll() is None:
-            series = scrape(url)
+            series = exporter.scrape()
             scrapes += 1
             failing = {key[1] for key, value in series.items() if key[0] == "exporter_collector_success" and value != 1}
             assert not failing, failing
@@ -124,3 +82,122 @@ def test_proc_entries_vanishing_between_listing_and_reading(exporter):
         if churn.poll() is None:
             churn.kill()
         churn.wait()
+
+
+def test_idle_connections_do_not_cost_a_thread_each(exporter):
+    """500 half-open connections cost 500 threads. Now at most MAX_CONNECTIONS connections are served (one thread
+    each) and more are closed at once; the slots come back when the idle ones go (or after the idle timeout)."""
+    threads_before = exporter.threads()
+    idle = []
+    try:
+        for _ in range(200):
+            idle.append(socket.create_connection(("127.0.0.1", exporter.port), timeout=10))
+            time.sleep(0.005)   # paced: a burst overflows the listen backlog (5) and waits on SYN retries
+        time.sleep(1)
+        assert exporter.threads() <= threads_before + MAX_CONNECTIONS, exporter.threads()
+        with pytest.raises(httpx.TransportError):           # every slot is held: a newcomer is closed
+            httpx.get(exporter.url, timeout=5)
+    finally:
+        for connection in idle:
+            connection.close()
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            assert collector_ok(exporter.scrape(), "cpu") == 1
+            break
+        except httpx.TransportError:
+            assert time.monotonic() < deadline, "no slot came back after the idle connections closed"
+            time.sleep(0.1)
+
+
+def test_sigterm_at_any_moment_ends_the_exporter_with_0(tmp_path):
+    """Once, SIGTERM was ignored for 15 minutes: the signal handler (Event.set(), which takes a lock) ran again on
+    the next SIGTERM while the main thread held that lock, and blocked on it. A storm of SIGTERM (as many as can be
+    sent for a few milliseconds) at a random moment, right after start included: every run ends promptly with 0."""
+    rng = random.Random()
+    for run in range(8):
+        workdir = tmp_path / f"run-{run}"
+        workdir.mkdir()
+        exporter = start_exporter(workdir)
+        try:
+            time.sleep(0 if run == 0 else rng.uniform(0, 0.5))
+            storm_ends = time.monotonic() + rng.uniform(0.001, 0.03)
+            while time.monotonic() < storm_ends and exporter.process.poll() is None:
+                os.kill(exporter.process.pid, signal.SIGTERM)
+            try:
+                code = exporter.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                raise AssertionError(f"run {run}: still running 10 s after SIGTERM") from None
+            assert code == 0, (run, exporter.log.read_text()[-2000:])
+        finally:
+            exporter.stop()
+
+
+class Hanging(Collector):
+    """Samples in the fast or the slow loop, and hangs in its sample while `hang` is set, until `release`."""
+
+    name = "hanging"
+
+    def __init__(self, part: str):
+        self.fast, self.slow = part == "fast", part == "slow"
+        self.hang = threading.Event()
+        self.release = threading.Event()
+
+    def sample(self, now: float) -> None:
+        if self.hang.is_set():
+            self.release.wait(60)
+
+    sample_slow = sample
+
+    def collect(self):
+        yield GaugeMetricFamily("hanging_value", "Present while the collector samples.", value=1)
+
+
+class Counting(Collector):
+    """Counts its fast samples."""
+
+    name = "counting"
+    fast = True
+
+    def __init__(self):
+        self.samples = 0
+
+    def sample(self, now: float) -> None:
+        self.samples += 1
+
+    def collect(self):
+        yield GaugeMetricFamily("counting_samples", "Fast samples taken.", value=self.samples)
+
+
+@pytest.mark.parametrize("part", ["fast", "slow"])
+def test_a_hanging_sample_is_reported_as_failing_and_the_others_go_on(part):
+    """A sample that does not return (a FIFO, a dead NFS mount, a wedged driver) froze the loop with every
+    collector still saying success 1. Now the collector reports 0 and loses its series after its stall bound,
+    the other collectors keep sampling, and it comes back when its sample returns."""
+    hanging, counting = Hanging(part), Counting()
+    exporter = Exporter([hanging, counting], sample_interval=0.05, slow_interval=0.1).start()
+
+    def wait(predicate, timeout: float = 10) -> dict:
+        deadline = time.monotonic() + timeout
+        while not predicate(series := parse(exporter.snapshot().decode())):
+            assert time.monotonic() < deadline, series
+            time.sleep(0.05)
+        return series
+
+    def sampler_threads() -> int:
+        return sum(thread.name == f"exporter-{part}-sampler" for thread in threading.enumerate())
+
+    try:
+        assert collector_ok(wait(lambda s: ("hanging_value", "") in s), "hanging") == 1
+        hanging.hang.set()
+        series = wait(lambda s: collector_ok(s, "hanging") == 0)
+        assert ("hanging_value", "") not in series and collector_ok(series, "counting") == 1
+        counted = series[("counting_samples", "")]
+        wait(lambda s: s[("counting_samples", "")] >= counted + 5)        # the others go on
+        hanging.hang.clear()
+        hanging.release.set()
+        wait(lambda s: collector_ok(s, "hanging") == 1 and ("hanging_value", "") in s)
+        wait(lambda s: sampler_threads() == 1)                            # the stuck thread has ended
+    finally:
+        hanging.release.set()
+        exporter.stop()

@@ -142,15 +142,12 @@ def test_summary_and_job_list_parameters(stack, proxy, json_error, request, serv
         for parameter in ("range", "step"):
             json_error(client.get(f"/api/training/analytics/summary?{query(**{parameter: value})}"), 400)
         assert proxy.requests == [], proxy.requests
-        if service == "analytics":           # the server's own job list shadows this route (see below)
-            json_error(client.get(f"/api/training/jobs?{query(status=value)}"), 400)
-            assert proxy.requests == []
+        json_error(client.get(f"/api/training/analytics/jobs?{query(status=value)}"), 400)
+        assert proxy.requests == []
         if name not in OWNER_CASES:
             return
         # owner is free text compared in Python: accepted, and never sent to Prometheus in any form.
-        # (The server's own job list reads SQLite, not Prometheus, and takes only `state`.)
-        paths = ["/api/training/analytics/summary"] + (["/api/training/jobs"] if service == "analytics" else [])
-        for path in paths:
+        for path in ("/api/training/analytics/summary", "/api/training/analytics/jobs"):
             response = client.get(f"{path}?{query(owner=value, range='10m')}")
             assert response.status_code == 200, (path, response.text[:300])
             if path.endswith("summary"):

@@ -7,17 +7,17 @@ from pathlib import Path
 
 import pytest
 
-from trainer.config import TrainConfig
-from trainer.metrics import JobMetrics
-from trainer.runner import StopFlag, Trainer, prepare
+from trainmetrics.trainer.config import TrainConfig
+from trainmetrics.trainer.metrics import JobInfo, JobMetrics
+from trainmetrics.trainer.runner import Trainer, prepare
+from trainmetrics.trainer.stopping import StopFlag
 
 
 def build_trainer(**overrides) -> Trainer:
     """A Trainer for the config, with metrics not served over HTTP."""
     config = TrainConfig(**{"job_id": "test-job", **overrides})
     device, dataset, model, _ = prepare(config)
-    metrics = JobMetrics(config.job_id, model=config.model, dataset=dataset.name, listen=None,
-                         log_every=config.log_every)
+    metrics = JobMetrics(config.job_id, JobInfo(model=config.model, dataset=dataset.name), log_every=config.log_every)
     return Trainer(config, dataset, model, device, metrics, StopFlag())
 
 

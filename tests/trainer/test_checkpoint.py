@@ -6,7 +6,7 @@ import signal
 import pytest
 import torch
 
-from trainer import checkpoint as ckpt
+from trainmetrics.trainer import checkpoint as ckpt
 
 
 def test_checkpoint_loads_with_weights_only(make_trainer, tmp_path):

@@ -1,44 +1,75 @@
-"""JobMetrics, the instrumentation library: exposition, lifecycle, linger, never breaking the loop."""
+"""JobMetrics, the instrumentation library: exposition, lifecycle, exact loss statistics, evaluations held until
+read, the linger that waits for every scraper and only for scrapers, bounded memory, never breaking the loop."""
 
+import http.client
+import json
 import subprocess
+import sys
+import textwrap
 import threading
 import time
+import tracemalloc
 import urllib.request
 
 import pytest
 import torch
-from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from trainer import instruments
-from trainer.metrics import JobMetrics
+from trainmetrics.metrics_http import SCRAPE_TIMEOUT_HEADER
 from trainmetrics.prometheus_process import find_binary
+from trainmetrics.trainer import evaluations, instruments
+from trainmetrics.trainer.metrics import JobInfo, JobMetrics
+from trainmetrics.trainer.telemetry import Publish
 
 
-def samples_by_name(registry) -> dict[str, list]:
-    families = text_string_to_metric_families(generate_latest(registry).decode())
+def samples_by_name(metrics: JobMetrics) -> dict[str, list]:
     found: dict[str, list] = {}
-    for family in families:
+    for family in text_string_to_metric_families(metrics.collect().decode()):
         for sample in family.samples:
             found.setdefault(sample.name, []).append(sample)
     return found
 
 
+def value(metrics: JobMetrics, name: str) -> float | None:
+    found = samples_by_name(metrics).get(name)
+    return found[0].value if found else None
+
+
 def state_of(metrics: JobMetrics) -> str:
-    states = [s for s in samples_by_name(metrics.registry)["trainer_job_state"] if s.value == 1]
+    states = [s for s in samples_by_name(metrics)["trainer_job_state"] if s.value == 1]
     assert len(states) == 1
     return states[0].labels["state"]
 
 
+class Scraper:
+    """A Prometheus-like scraper: one keep-alive connection, the scrape-timeout header on every GET."""
+
+    def __init__(self, port: int, counting: bool = True):
+        self.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        self.headers = {SCRAPE_TIMEOUT_HEADER: "0.2"} if counting else {}
+
+    def scrape(self) -> dict[str, list]:
+        self.connection.request("GET", "/metrics", headers=self.headers)
+        body = self.connection.getresponse().read().decode()
+        found: dict[str, list] = {}
+        for family in text_string_to_metric_families(body):
+            for sample in family.samples:
+                found.setdefault(sample.name, []).append(sample)
+        return found
+
+    def close(self):
+        self.connection.close()
+
+
 def test_lifecycle_queued_running_completed_and_series_carry_job_id():
-    metrics = JobMetrics("lib-1", model="mlp", dataset="blobs", listen=None, log_every=2)
+    metrics = JobMetrics("lib-1", JobInfo(model="mlp", dataset="blobs"), log_every=2)
     assert state_of(metrics) == "queued"
     with metrics:
         assert state_of(metrics) == "running"
         for loss in (torch.tensor(4.0), torch.tensor(2.0), 1.0):
             metrics.step(loss=loss, samples=10)
         metrics.eval(loss=0.5, accuracy=0.75)
-        found = samples_by_name(metrics.registry)
+        found = samples_by_name(metrics)
         assert found["trainer_steps_total"][0].value == 3
         assert found["trainer_samples_total"][0].value == 30
         assert found["trainer_loss"][0].value == 3.0          # mean of the first interval (4, 2)
@@ -49,30 +80,99 @@ def test_lifecycle_queued_running_completed_and_series_carry_job_id():
     assert metrics.state == "completed" and metrics.last_loss == 1.0
 
 
+def test_loss_statistics_are_exact_whatever_was_scraped():
+    metrics = JobMetrics("lib-stats", log_every=1)
+    metrics.start()
+    losses = [3.0, 1.5, 0.25, 2.0, float("nan"), 0.5]
+    for loss in losses:
+        metrics.step(loss=torch.tensor(loss), samples=1)     # nothing collects in between
+    finite = [loss for loss in losses if loss == loss]
+    assert value(metrics, "trainer_loss_first") == 3.0
+    assert value(metrics, "trainer_loss_min") == 0.25
+    assert value(metrics, "trainer_loss_sum_total") == pytest.approx(sum(finite))
+    assert value(metrics, "trainer_loss_intervals_total") == len(finite)
+    assert value(metrics, "trainer_loss_nonfinite_total") == 1
+    assert value(metrics, "trainer_loss") == 0.5
+    metrics.finish("completed")
+    metrics.close()
+
+
+def test_a_resumed_process_carries_the_jobs_statistics_on():
+    first = JobMetrics("lib-resume", log_every=1)
+    first.start()
+    for loss in (2.0, 1.0):
+        first.step(loss=loss, samples=4)
+    first.eval(loss=0.9, accuracy=0.6)
+    saved = first.state_dict()
+    first.pause()
+    first.close()
+    second = JobMetrics("lib-resume", log_every=1)
+    second.load_state_dict(json.loads(json.dumps(saved)))     # as a checkpoint would carry it
+    second.start()
+    second.step(loss=1.5, samples=4)
+    second.eval(loss=1.1, accuracy=0.5)
+    assert value(second, "trainer_loss_first") == 2.0        # the job's first, not the resume's
+    assert value(second, "trainer_loss_min") == 1.0
+    assert value(second, "trainer_loss_sum_total") == 4.5
+    assert value(second, "trainer_steps_total") == 3 and value(second, "trainer_samples_total") == 12
+    assert value(second, "trainer_evaluations_total") == 2
+    assert value(second, "trainer_eval_loss_min") == 0.9 and value(second, "trainer_eval_accuracy_max_ratio") == 0.6
+    history = samples_by_name(second)["trainer_eval_history_index"]
+    assert [s.value for s in history] == [2.0]                # numbering continues
+    second.finish("completed")
+    second.close()
+
+
 def test_step_histogram_uses_training_buckets_and_counts_every_step():
-    metrics = JobMetrics("lib-2", listen=None)
+    metrics = JobMetrics("lib-2")
     metrics.start()
     for _ in metrics.timed(range(7)):
         time.sleep(0.002)
         metrics.step(samples=1)
-    found = samples_by_name(metrics.registry)
+    found = samples_by_name(metrics)
     bounds = [float(s.labels["le"]) for s in found["trainer_step_duration_seconds_bucket"]][:-1]
     assert tuple(bounds) == instruments.DURATION_BUCKETS
     assert found["trainer_step_duration_seconds_count"][0].value == 7
     assert found["trainer_data_wait_seconds_count"][0].value == 7
     assert found["trainer_step_duration_seconds_sum"][0].value >= 7 * 0.002
+    assert found["trainer_step_duration_max_seconds"][0].value >= 0.002
     metrics.finish("completed")
     metrics.close()
 
 
+def test_memory_stays_flat_over_100000_steps_when_nothing_scrapes():
+    metrics = JobMetrics("lib-memory", log_every=10_000_000)     # one endless log interval: losses pile up
+    metrics.start()
+
+    def run(steps: int) -> None:
+        for _ in metrics.timed(range(steps)):
+            metrics.step(loss=torch.tensor(0.5), samples=1)
+
+    run(5_000)
+    tracemalloc.start()
+    try:
+        run(10_000)
+        after_warmup = tracemalloc.get_traced_memory()[0]
+        run(90_000)
+        after_all = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert metrics.steps == 105_000
+    # Step times, data waits and unread losses are folded as they come: no growth per step.
+    assert after_all - after_warmup < 256 * 1024, (after_warmup, after_all)
+    metrics.finish("completed")
+    assert samples_by_name(metrics)["trainer_step_duration_seconds_count"][0].value == 105_000
+    metrics.close()
+
+
 def test_exception_marks_failed_with_error_class_and_interrupt_marks_cancelled():
-    failing = JobMetrics("lib-3", listen=None)
+    failing = JobMetrics("lib-3")
     with pytest.raises(ZeroDivisionError):
         with failing:
             1 / 0
     assert failing.state == "failed" and failing.error_type == "ZeroDivisionError"
 
-    interrupted = JobMetrics("lib-4", listen=None)
+    interrupted = JobMetrics("lib-4")
     with pytest.raises(KeyboardInterrupt):
         with interrupted:
             raise KeyboardInterrupt
@@ -80,44 +180,54 @@ def test_exception_marks_failed_with_error_class_and_interrupt_marks_cancelled()
 
 
 def test_failure_info_series_names_the_error_class():
-    metrics = JobMetrics("lib-5", listen=None)
+    metrics = JobMetrics("lib-5")
     metrics.start()
     metrics.finish("failed", RuntimeError("boom"))
-    found = samples_by_name(metrics.registry)
+    found = samples_by_name(metrics)
     assert found["trainer_job_failure_info"][0].labels["error_type"] == "RuntimeError"
     assert found["trainer_job_end_timestamp_seconds"][0].value >= found["trainer_job_start_timestamp_seconds"][0].value
     metrics.close()
 
 
-def test_bad_values_never_raise_out_of_a_metric_call():
-    metrics = JobMetrics("lib-6", listen=None, log_every=1)
+def test_no_metric_call_raises_whatever_it_is_given():
+    metrics = JobMetrics("lib-6", log_every=1)
     metrics.start()
     metrics.step(loss="not a number", samples=1)
     metrics.step(loss=torch.tensor(float("nan")), samples=1)
     assert metrics.steps == 2
     metrics.step(loss=torch.tensor(2.0), samples=1)
-    found = samples_by_name(metrics.registry)
+    metrics.eval(loss="x", accuracy=object())
+    metrics.eval(loss=float("inf"), accuracy=float("nan"))
+    metrics.set_learning_rate("fast")
+    metrics.set_epoch(None)
+    metrics.step(loss=None, samples="many")
+    metrics.set_state("exploded")
+    metrics.finish("unheard-of")
+    found = samples_by_name(metrics)
     # The SDK drops NaN gauges: the divergence is counted instead, and the gauge keeps finite values only.
     assert found["trainer_loss_nonfinite_total"][0].value == 1
     assert found["trainer_loss"][0].value == 2.0
+    assert found["trainer_evaluations_total"][0].value == 2   # counted, their non-numbers left out
+    assert "trainer_eval_loss" not in found
     metrics.close()
 
 
 def test_invalid_job_id_is_rejected():
     for bad in ("", "-x", "a b", "x" * 65, 'a"}', "ünï"):
         with pytest.raises(ValueError, match="invalid job id"):
-            JobMetrics(bad, listen=None)
+            JobMetrics(bad)
 
 
-def test_served_metrics_pass_promtool_check(tmp_path):
-    metrics = JobMetrics("lib-7", model="cnn", dataset="digits", listen="127.0.0.1:0", log_every=1,
-                         flops_per_sample=1e6, peak_flops=1e12, upload_seconds=0.1)
+def test_served_metrics_pass_promtool_check():
+    metrics = JobMetrics("lib-7", JobInfo(model="cnn", dataset="digits", upload_seconds=0.1), Publish(),
+                         log_every=1, flops_per_sample=1e6, peak_flops=1e12)
     metrics.start()
     for _ in metrics.timed(range(3)):
         metrics.step(loss=torch.tensor(1.0), samples=4)
     with metrics.checkpoint():
         pass
-    metrics.eval(loss=1.0, accuracy=0.5)
+    for _ in range(3):
+        metrics.eval(loss=1.0, accuracy=0.5)
     metrics.set_epoch(0)
     metrics.set_learning_rate(0.01)
     body = urllib.request.urlopen(f"http://127.0.0.1:{metrics.metrics_port}/metrics").read()
@@ -127,37 +237,149 @@ def test_served_metrics_pass_promtool_check(tmp_path):
     assert check.returncode == 0 and check.stdout == b"" and check.stderr == b"", check
 
 
-def test_close_lingers_until_a_scrape_after_the_end_then_removes_its_target_file(tmp_path):
-    metrics = JobMetrics("lib-8", listen="127.0.0.1:0", targets_dir=tmp_path, linger_timeout=30)
+def test_every_evaluation_reaches_a_scraper_in_order_however_fast_they_come(tmp_path):
+    metrics = JobMetrics("lib-evals", publish=Publish(targets_dir=tmp_path, linger_timeout=30), log_every=1)
+    scraper = Scraper(metrics.metrics_port)
+    scraper.scrape()
+    metrics.start()
+    for step in range(1, 21):                      # 20 evaluations between two scrapes
+        metrics.step(loss=1.0 / step, samples=1)
+        metrics.eval(loss=1.0 / step, accuracy=step / 20)
+    seen: dict[int, tuple[float, float]] = {}
+    for _ in range(4):                             # 8 slots per scrape: 3 scrapes deliver them all
+        found = scraper.scrape()
+        indices = {s.labels["slot"]: int(s.value) for s in found["trainer_eval_history_index"]}
+        steps = {s.labels["slot"]: s.value for s in found["trainer_eval_history_step"]}
+        accuracy = {s.labels["slot"]: s.value for s in found["trainer_eval_history_accuracy_ratio"]}
+        for slot, index in indices.items():
+            seen[index] = (steps[slot], accuracy[slot])
+    assert sorted(seen) == list(range(1, 21))
+    assert all(seen[i] == (i, i / 20) for i in seen)
+    metrics.finish("completed")
+    closer = threading.Thread(target=metrics.close)
+    closer.start()
+    scraper.scrape()
+    closer.join(timeout=20)
+    assert not closer.is_alive()
+    scraper.close()
+
+
+def test_the_linger_waits_for_unread_evaluations(tmp_path):
+    metrics = JobMetrics("lib-evals-2", publish=Publish(targets_dir=tmp_path, linger_timeout=30), log_every=1)
+    scraper = Scraper(metrics.metrics_port)
+    scraper.scrape()
+    metrics.start()
+    for step in range(3 * evaluations.SLOTS):
+        metrics.step(samples=1)
+        metrics.eval(loss=float(step))
+    metrics.finish("completed")
+    closer = threading.Thread(target=metrics.close)
+    closer.start()
+    scrapes = 0
+    while closer.is_alive() and scrapes < 10:
+        found = scraper.scrape()
+        scrapes += 1
+        closer.join(timeout=0.3)
+    assert not closer.is_alive()
+    assert scrapes == 3                           # the first scrape after the end is not enough
+    assert max(s.value for s in found["trainer_eval_history_index"]) == 3 * evaluations.SLOTS
+    scraper.close()
+
+
+def test_the_linger_counts_scrapers_only_and_waits_for_each(tmp_path):
+    metrics = JobMetrics("lib-8", publish=Publish(targets_dir=tmp_path, linger_timeout=30))
     target = tmp_path / "lib-8.rank0.json"
     assert target.exists()
+    first, second, curl = (Scraper(metrics.metrics_port), Scraper(metrics.metrics_port),
+                           Scraper(metrics.metrics_port, counting=False))
+    first.scrape(), second.scrape()                # an HA pair scrapes the job
     metrics.start()
     metrics.finish("completed")
-    scraped_at = []
-
-    def scrape_later():
-        time.sleep(0.5)
-        started = time.monotonic()
-        body = urllib.request.urlopen(f"http://127.0.0.1:{metrics.metrics_port}/metrics").read().decode()
-        scraped_at.append((started, 'state="completed"} 1.0' in body))
-
-    scraper = threading.Thread(target=scrape_later)
-    scraper.start()
-    began = time.monotonic()
-    metrics.close()
-    returned = time.monotonic()
-    scraper.join()
-    assert scraped_at and scraped_at[0][1]            # the scrape saw the final state
-    assert scraped_at[0][0] <= returned               # close returned only after that scrape began ...
-    assert returned - began < 25                      # ... not after the whole 30 s timeout
+    closer = threading.Thread(target=metrics.close)
+    closer.start()
+    for _ in range(5):                             # anything else reading /metrics does not count
+        assert curl.scrape()
+    first.scrape()
+    closer.join(timeout=1.0)
+    assert closer.is_alive()                       # the second scraper has not read the end yet
+    found = second.scrape()
+    closer.join(timeout=10)
+    assert not closer.is_alive()
+    assert [s.labels["state"] for s in found["trainer_job_state"] if s.value == 1] == ["completed"]
     assert not target.exists()
+    for scraper in (first, second, curl):
+        scraper.close()
 
 
 def test_linger_is_bounded_when_nobody_scrapes(tmp_path):
-    metrics = JobMetrics("lib-9", listen="127.0.0.1:0", targets_dir=tmp_path, linger_timeout=0.3)
+    metrics = JobMetrics("lib-9", publish=Publish(targets_dir=tmp_path, linger_timeout=0.3))
     metrics.start()
     metrics.finish("completed")
     began = time.monotonic()
     metrics.close()
     assert 0.3 <= time.monotonic() - began < 5
     assert list(tmp_path.iterdir()) == []
+
+
+USER_LOOP = textwrap.dedent("""
+    import sys, time
+    from trainmetrics.trainer.metrics import JobInfo, JobMetrics
+    from trainmetrics.trainer.telemetry import Publish
+
+    with JobMetrics("lib-sigterm", JobInfo(model="mlp"),
+                    Publish(targets_dir=sys.argv[1], job_dir=sys.argv[2], linger_timeout=60)) as m:
+        print("training", flush=True)
+        while True:
+            m.step(loss=1.0, samples=1)
+            time.sleep(0.001)
+""")
+
+
+def test_sigterm_ends_a_users_loop_cancelled_and_a_second_one_cuts_the_linger_short(tmp_path):
+    targets, jobs = tmp_path / "targets", tmp_path / "jobs"
+    process = subprocess.Popen([sys.executable, "-c", USER_LOOP, str(targets), str(jobs)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not list(targets.glob("*.json")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        port = json.loads(next(targets.glob("*.json")).read_text())[0]["targets"][0].rsplit(":", 1)[1]
+        scraper = Scraper(int(port))
+        scraper.scrape()                           # the loop starts once a scraper has seen the job
+        assert process.stdout.readline() == "training\n"
+        process.terminate()
+        time.sleep(0.5)
+        assert process.poll() is None              # lingering: the scraper has not read the end
+        assert [s.labels["state"] for s in scraper.scrape()["trainer_job_state"] if s.value == 1] == ["cancelled"]
+        process.wait(timeout=10)
+        scraper.close()
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.communicate()
+    assert process.returncode != 0                 # KeyboardInterrupt propagates out of the user's loop
+    assert not list(targets.glob("*")) and not list(jobs.glob("*"))
+
+    # A second signal while it lingers: it stops waiting at once, and still leaves nothing behind.
+    process = subprocess.Popen([sys.executable, "-c", USER_LOOP, str(targets), str(jobs)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not list(targets.glob("*.json")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        port = json.loads(next(targets.glob("*.json")).read_text())[0]["targets"][0].rsplit(":", 1)[1]
+        scraper = Scraper(int(port))
+        scraper.scrape()
+        scraper.close()
+        assert process.stdout.readline() == "training\n"
+        process.terminate()
+        time.sleep(0.5)
+        began = time.monotonic()
+        process.terminate()
+        process.wait(timeout=10)
+        assert time.monotonic() - began < 5
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.communicate()
+    assert not list(targets.glob("*")) and not list(jobs.glob("*"))

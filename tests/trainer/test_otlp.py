@@ -6,7 +6,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 
-from trainer.metrics import JobMetrics
+from trainmetrics.trainer.metrics import JobMetrics
 
 
 class Receiver(BaseHTTPRequestHandler):
@@ -32,7 +32,7 @@ def test_job_pushes_its_metrics_over_otlp_when_asked(monkeypatch):
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{receiver.server_port}")
     monkeypatch.setenv("OTEL_METRIC_EXPORT_INTERVAL", "200")
     try:
-        metrics = JobMetrics("otlp-job-1", listen=None, log_every=1)
+        metrics = JobMetrics("otlp-job-1", log_every=1)
         with metrics:
             for _ in range(5):
                 metrics.step(loss=0.5, samples=8)

@@ -66,8 +66,8 @@ def test_user_npz_classification_with_custom_target_column(make_trainer, tmp_pat
 
 @pytest.mark.parametrize("model,dataset", [("cnn", "blobs"), ("transformer", "digits"), ("mlp", "corpus")])
 def test_model_and_dataset_must_fit(model, dataset):
-    from trainer.config import TrainConfig
-    from trainer.runner import BadInput, prepare
+    from trainmetrics.trainer.config import TrainConfig
+    from trainmetrics.trainer.runner import BadInput, prepare
 
     with pytest.raises(BadInput, match=model if model != "mlp" else "transformer"):
         prepare(TrainConfig(job_id="x", model=model, dataset=dataset))

@@ -123,7 +123,7 @@ def test_job_server_requires_a_client_certificate_from_the_configured_ca(pki, tm
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         wait_until_listening(port, process)
-        url = f"https://127.0.0.1:{port}/healthz"
+        url = f"https://127.0.0.1:{port}/api/training/jobs"
         with get(url, context(pki, client="client")) as response:
             assert response.status == 200
         for client in (None, "stranger"):
@@ -150,14 +150,15 @@ def test_bad_web_configs_are_named(text, message, tmp_path):
 
 
 def test_a_job_serves_its_metrics_over_tls_with_basic_auth_and_announces_https(pki, tmp_path):
-    from trainer.metrics import JobMetrics
+    from trainmetrics.trainer.metrics import JobMetrics
+    from trainmetrics.trainer.telemetry import Publish
 
     hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=4)).decode()
     config = tmp_path / "web.yml"
     config.write_text(f"tls_server_config:\n  cert_file: {pki / 'server.crt'}\n  key_file: {pki / 'server.key'}\n"
                       f"basic_auth_users:\n  prometheus: '{hashed}'\n")
-    metrics = JobMetrics("tls-job-1", targets_dir=tmp_path / "targets", web_config=load_web_config(config),
-                         linger_timeout=0)
+    metrics = JobMetrics("tls-job-1", publish=Publish(targets_dir=tmp_path / "targets",
+                                                      web_config=load_web_config(config), linger_timeout=0))
     try:
         url = f"https://127.0.0.1:{metrics.metrics_port}/metrics"
         with pytest.raises(urllib.error.HTTPError) as refused:

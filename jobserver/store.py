@@ -1,7 +1,8 @@
 """The job server's persistent state: datasets and jobs in SQLite inside the data dir.
 
 Every change is committed before the server answers (WAL, synchronous=FULL), so a server killed with -9
-loses nothing it has acknowledged.
+loses nothing it has acknowledged. The store is synchronous: the job server calls it from its state thread,
+never from the event loop.
 """
 
 import json
@@ -20,14 +21,12 @@ CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY, owner TEXT NOT NULL, name TEXT NOT NULL, spec TEXT NOT NULL, state TEXT NOT NULL,
     pid INTEGER, exit_code INTEGER, error TEXT, resume INTEGER NOT NULL DEFAULT 0,
     created REAL NOT NULL, started REAL, ended REAL);
+CREATE TABLE IF NOT EXISTS endpoints (
+    job_id TEXT NOT NULL, rank INTEGER NOT NULL, address TEXT NOT NULL, scheme TEXT NOT NULL,
+    PRIMARY KEY (job_id, rank));
 """
-
-# Server-side job states: the trainer's lifecycle states, all persisted.
-ACTIVE_STATES = ("queued", "running", "paused")
-FINAL_STATES = ("completed", "failed", "cancelled")
-JOB_STATES = (*ACTIVE_STATES, *FINAL_STATES)
-# What a stop that ends in a state is called, for messages: "cannot pause it", "cancel requested".
-STOP_VERBS = {"cancelled": "cancel", "paused": "pause"}
+# Columns added since the first schema: (name, SQL type); an older database gains them at open.
+ADDED_COLUMNS = (("requested", "TEXT"), ("run_token", "TEXT"))
 
 
 @dataclass
@@ -68,12 +67,14 @@ class JobRecord:
     created: float = field(default_factory=time.time)
     started: float | None = None
     ended: float | None = None
+    requested: str | None = None    # the stop accepted for the running process: "paused" or "cancelled"
+    run_token: str | None = None    # the running process's secret for reporting its endpoints
 
     def public(self) -> dict:
         """The API view."""
         return {"job_id": self.id, "name": self.name, "owner": self.owner, "state": self.state, "spec": self.spec,
                 "exit_code": self.exit_code, "error": self.error, "created": self.created,
-                "started": self.started, "ended": self.ended}
+                "started": self.started, "ended": self.ended, "stop_requested": self.requested}
 
 
 class JobStore:
@@ -86,6 +87,10 @@ class JobStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        present = {row["name"] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        for name, kind in ADDED_COLUMNS:
+            if name not in present:
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
 
     def close(self) -> None:
         """Close the database."""
@@ -129,9 +134,11 @@ class JobStore:
     def add_job(self, job: JobRecord) -> bool:
         """Persist a new job; False when the id is taken."""
         try:
-            self._execute("INSERT INTO jobs VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            self._execute("INSERT INTO jobs (id, owner, name, spec, state, pid, exit_code, error, resume, created, "
+                          "started, ended, requested, run_token) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                           (job.id, job.owner, job.name, json.dumps(job.spec), job.state, job.pid, job.exit_code,
-                           job.error, int(job.resume), job.created, job.started, job.ended))
+                           job.error, int(job.resume), job.created, job.started, job.ended, job.requested,
+                           job.run_token))
         except sqlite3.IntegrityError:
             return False
         return True
@@ -162,3 +169,21 @@ class JobStore:
             changes["resume"] = int(changes["resume"])
         assignments = ", ".join(f"{name} = ?" for name in changes)
         self._execute(f"UPDATE jobs SET {assignments} WHERE id = ?", (*changes.values(), job_id))
+
+    # ----- endpoints (HTTP service discovery) -------------------------------------------------------------
+    def set_endpoint(self, job_id: str, rank: int, address: str, scheme: str) -> None:
+        """Record where one process of a job serves /metrics."""
+        self._execute("INSERT OR REPLACE INTO endpoints VALUES (?,?,?,?)", (job_id, rank, address, scheme))
+
+    def remove_endpoints(self, job_id: str, rank: int | None = None) -> None:
+        """Forget one process's endpoint, or all of a job's."""
+        if rank is None:
+            self._execute("DELETE FROM endpoints WHERE job_id = ?", (job_id,))
+        else:
+            self._execute("DELETE FROM endpoints WHERE job_id = ? AND rank = ?", (job_id, rank))
+
+    def endpoints(self) -> list[tuple[str, str, int, str, str]]:
+        """(job id, owner, rank, address, scheme) of every recorded endpoint."""
+        rows = self._execute("SELECT e.job_id, j.owner, e.rank, e.address, e.scheme FROM endpoints e "
+                             "JOIN jobs j ON j.id = e.job_id ORDER BY e.job_id, e.rank")
+        return [tuple(row) for row in rows]

@@ -1,5 +1,6 @@
 """The job server through a real HTTP server on loopback, real child training processes and a real Prometheus."""
 
+import json
 import os
 import signal
 import subprocess
@@ -7,64 +8,13 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 import torch
 
 from trainmetrics.prometheus_process import PrometheusServer, free_port
 
-TOKENS = {"alice": "alice-token-0123456789", "bob": "bob-token-0123456789ab"}
-
-
-class Server:
-    """`trainmetrics server` as a child process."""
-
-    def __init__(self, data_dir: Path, targets_dir: Path | None = None, extra: tuple[str, ...] = ()):
-        self.data_dir, self.targets_dir, self.extra = data_dir, targets_dir, extra
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.process: subprocess.Popen | None = None
-        self.clients: list[httpx.Client] = []
-
-    def start(self) -> "Server":
-        command = [sys.executable, "-m", "trainmetrics", "server", "--listen", f"127.0.0.1:{self.port}",
-                   "--data-dir", str(self.data_dir), "--linger-timeout", "10", *self.extra]
-        if self.targets_dir is not None:
-            command += ["--targets-dir", str(self.targets_dir)]
-        with open(self.data_dir / "server.log", "ab") as log:
-            self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                time.sleep(0.2)
-        raise RuntimeError("server did not start: " + (self.data_dir / "server.log").read_text()[-2000:])
-
-    def stop(self, sig=signal.SIGTERM) -> None:
-        for client in self.clients:
-            client.close()
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(sig)
-            self.process.wait(timeout=60)
-
-    def client(self, owner: str | None = None) -> httpx.Client:
-        headers = {"Authorization": f"Bearer {TOKENS[owner]}"} if owner else {}
-        client = httpx.Client(base_url=self.url, headers=headers, timeout=150)
-        self.clients.append(client)
-        return client
-
-
-def wait_job(client: httpx.Client, job_id: str, predicate, timeout: float = 120) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = client.get(f"/api/training/jobs/{job_id}").json()
-        if predicate(job):
-            return job
-        time.sleep(0.25)
-    raise AssertionError(f"job {job_id} did not reach the condition: {job}")
+from .server_process import TOKENS, Server, wait_job, write_tokens
 
 
 def classification_csv(path: Path, rows: int = 480, seed: int = 0) -> Path:
@@ -79,11 +29,11 @@ def classification_csv(path: Path, rows: int = 480, seed: int = 0) -> Path:
 
 @pytest.fixture
 def stack(tmp_path):
-    prometheus = PrometheusServer(tmp_path / "prometheus", static_targets={"server": []})
-    port = free_port()
-    prometheus.static_targets = {"server": [f"127.0.0.1:{port}"]}
+    port = free_port()     # the server's jobs reach Prometheus through its http_sd
+    prometheus = PrometheusServer(tmp_path / "prometheus", static_targets={"server": [f"127.0.0.1:{port}"]},
+                                  job_server=f"http://127.0.0.1:{port}")
     prometheus.start()
-    server = Server(tmp_path / "data", prometheus.targets_dir)
+    server = Server(tmp_path / "data")
     server.data_dir.mkdir()
     server.port, server.url = port, f"http://127.0.0.1:{port}"
     server.start()
@@ -118,7 +68,8 @@ def test_upload_submit_pause_resume_complete_download(stack, tmp_path):
     prometheus.wait_for('trainer_job_state{job_id="flow-2",state="queued"} == 1', timeout=30)
     assert client.post("/api/training/jobs/flow-2/cancel").json()["state"] == "cancelled"
     paused = client.post("/api/training/jobs/flow-1/pause")
-    assert paused.status_code == 200 and paused.json()["state"] == "paused", paused.text
+    assert paused.status_code == 202 and paused.json()["stop_requested"] == "paused", paused.text
+    assert wait_job(client, "flow-1", lambda j: j["state"] != "running")["state"] == "paused"
     prometheus.wait_for('trainer_job_state{job_id="flow-1",state="paused"} == 1', timeout=30)
     assert client.post("/api/training/jobs/flow-1/pause").status_code == 409       # not running
 
@@ -142,8 +93,8 @@ def test_upload_submit_pause_resume_complete_download(stack, tmp_path):
     assert model.status_code == 200
     (tmp_path / "model.pt").write_bytes(model.content)
     weights = torch.load(tmp_path / "model.pt", weights_only=True)
-    from trainer.data import read_csv
-    from trainer.models import MLP
+    from trainmetrics.trainer.data import read_csv
+    from trainmetrics.trainer.models import MLP
 
     net = MLP(4, 3)
     net.load_state_dict(weights)
@@ -170,7 +121,10 @@ def test_cancel_queue_and_invalid_transitions(tmp_path):
         assert client.post("/api/training/jobs/waits-1/pause").status_code == 409      # queued
         assert client.post("/api/training/jobs/waits-1/cancel").json()["state"] == "cancelled"
         time.sleep(8)                                                                  # let it train a little
-        cancelled = client.post("/api/training/jobs/long-1/cancel").json()
+        accepted = client.post("/api/training/jobs/long-1/cancel")
+        assert accepted.status_code == 202 and accepted.json()["stop_requested"] == "cancelled"
+        assert client.post("/api/training/jobs/long-1/pause").status_code == 409      # a cancel is under way
+        cancelled = wait_job(client, "long-1", lambda j: j["state"] != "running")
         assert cancelled["state"] == "cancelled" and cancelled["exit_code"] == 3
         assert client.post("/api/training/jobs/long-1/cancel").status_code == 409
         assert client.post("/api/training/jobs/long-1/resume").status_code == 409
@@ -182,7 +136,7 @@ def test_cancel_queue_and_invalid_transitions(tmp_path):
 
 @pytest.mark.parametrize("body,field", [
     ({"model": "resnet"}, "model"), ({"dataset": "nope"}, "dataset"), ({"epochs": 0}, "epochs"),
-    ({"epochs": "3"}, "epochs"), ({"job_id": "a b"}, "job id"), ({"colour": "red"}, "colour"),
+    ({"epochs": "3"}, "epochs"), ({"job_id": "a b"}, "job_id"), ({"colour": "red"}, "colour"),
     ({"lr": -1}, "lr"), ({"batch_size": True}, "batch_size"),
 ])
 def test_bad_job_specs_are_400_naming_the_field(body, field, server_only):
@@ -257,8 +211,7 @@ def test_wrapped_uploads_are_415(server_only):
 
 
 def test_tokens_scope_jobs_to_their_owner(tmp_path):
-    tokens = tmp_path / "tokens"
-    tokens.write_text("".join(f"{token} {owner}\n" for owner, token in TOKENS.items()))
+    tokens = write_tokens(tmp_path / "tokens")
     server = Server(tmp_path, extra=("--tokens", str(tokens)))
     server.start()
     try:
@@ -314,9 +267,9 @@ def test_job_killed_while_checkpointing_fails_then_resumes_from_the_previous_che
         client = server.client()
         client.post("/api/training/jobs", json={"dataset": "blobs", "epochs": 4, "batch_size": 16, "log_every": 10,
                                                 "checkpoint_every": 5, "job_id": "killed-1"})
-        job = wait_job(client, "killed-1", lambda j: j["state"] == "running")
+        wait_job(client, "killed-1", lambda j: j["state"] == "running")
         ckpt_dir = tmp_path / "jobs" / "killed-1" / "checkpoints"
-        from trainer.checkpoint import list_checkpoints, load_latest
+        from trainmetrics.trainer.checkpoint import list_checkpoints, load_latest
 
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not list_checkpoints(ckpt_dir):            # a first checkpoint
@@ -343,13 +296,14 @@ def job_pid(data_dir: Path, job_id: str) -> int:
 
 
 def test_analytics_on_the_server_are_owner_scoped(tmp_path):
-    tokens = tmp_path / "tokens"
-    tokens.write_text("".join(f"{token} {owner}\n" for owner, token in TOKENS.items()))
-    prometheus = PrometheusServer(tmp_path / "prometheus").start()
+    tokens = write_tokens(tmp_path / "tokens")
     data = tmp_path / "data"
     data.mkdir()
-    server = Server(data, prometheus.targets_dir,
-                    extra=("--tokens", str(tokens), "--prometheus-url", prometheus.url))
+    port = free_port()
+    prometheus = PrometheusServer(tmp_path / "prometheus", job_server=f"http://127.0.0.1:{port}",
+                                  job_server_token=TOKENS["@metrics"]).start()
+    server = Server(data, extra=("--tokens", str(tokens), "--prometheus-url", prometheus.url))
+    server.port, server.url = port, f"http://127.0.0.1:{port}"
     server.start()
     try:
         alice, bob = server.client("alice"), server.client("bob")
@@ -377,7 +331,7 @@ def test_job_whose_process_died_with_the_server_resumes_from_its_checkpoint(tmp_
                                             "checkpoint_every": 20, "job_id": "orphan-1"})
     wait_job(client, "orphan-1", lambda j: j["state"] == "running")
     ckpt_dir = tmp_path / "jobs" / "orphan-1" / "checkpoints"
-    from trainer.checkpoint import list_checkpoints
+    from trainmetrics.trainer.checkpoint import list_checkpoints
 
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not list_checkpoints(ckpt_dir):
@@ -409,13 +363,15 @@ def test_multi_process_job_pauses_resumes_and_completes_as_one_job(tmp_path):
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline and log.read_text().count("step=20 ") < 2:    # both ranks training
             time.sleep(0.2)
-        paused = client.post("/api/training/jobs/ddp-s1/pause").json()
+        assert client.post("/api/training/jobs/ddp-s1/pause").status_code == 202
+        paused = wait_job(client, "ddp-s1", lambda j: j["state"] != "running")
         assert paused["state"] == "paused", paused
         client.post("/api/training/jobs/ddp-s1/resume")
         done = wait_job(client, "ddp-s1", lambda j: j["state"] in ("completed", "failed"), timeout=180)
         assert done["state"] == "completed", done
         text = log.read_text()
         assert text.count('"world_size": 2') >= 4 and "resumed at step" in text
-        assert '"state": "completed", "steps": 800' in text          # 8 epochs x 3200 / 2 ranks / 16
+        result = json.loads((tmp_path / "jobs" / "ddp-s1" / "result.json").read_text())
+        assert (result["state"], result["steps"], result["world_size"]) == ("completed", 800, 2)   # 8 x 3200 / 2 / 16
     finally:
         server.stop()

@@ -1,0 +1,92 @@
+"""Settled jobs' analytics kept in memory, each valid while the cheap lookup sees the job as it did."""
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from trainmetrics.analytics import queries as q
+from trainmetrics.analytics.job import jobs_analytics
+from trainmetrics.analytics.lookup import JobNotFound, fingerprint
+from trainmetrics.analytics.prometheus import PrometheusClient
+from trainmetrics.analytics.results import query_parts_many
+from trainmetrics.analytics.shapes import JobAnalytics
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A settled job's analytics, its owners, and what the cheap lookup saw of it (lookup.fingerprint)."""
+
+    analytics: JobAnalytics
+    owners: frozenset[str]
+    fingerprint: frozenset
+
+
+class AnalyticsCache:
+    """Settled jobs' analytics (stopped and no longer scraped), bounded, least recently used out. A settled job
+    changes only when a new process of it runs (a resume), which the cheap lookup sees: every use checks
+    that first. Running jobs are never kept."""
+
+    def __init__(self, max_entries: int = 1024):
+        self.max_entries = max_entries
+        self._entries: OrderedDict[str, Entry] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def get(self, job_id: str) -> Entry | None:
+        """The job's entry, or None."""
+        entry = self._entries.get(job_id)
+        if entry is None:
+            self.misses += 1
+            return None
+        self._entries.move_to_end(job_id)
+        self.hits += 1
+        return entry
+
+    def put(self, job_id: str, entry: Entry) -> None:
+        """Keep an entry (the caller checked that the job is settled)."""
+        if self.max_entries <= 0:
+            return
+        self._entries[job_id] = entry
+        self._entries.move_to_end(job_id)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+    def drop(self, job_id: str) -> None:
+        """Forget a job's entry."""
+        self._entries.pop(job_id, None)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+async def cached_jobs_analytics(client: PrometheusClient, cache: AnalyticsCache, job_ids: list[str],
+                                lookback: float, owner: str | None = None) -> list[JobAnalytics]:
+    """jobs_analytics through the cache: the cached jobs checked in one request (a job whose processes changed
+    is read again), the others read together. With an owner, a job whose processes do not all carry that
+    owner label is not found (404), exactly like one Prometheus lacks."""
+    entries = {job_id: cache.get(job_id) for job_id in dict.fromkeys(job_ids)}
+    cached = [job_id for job_id, entry in entries.items() if entry is not None]
+    if cached:
+        now = time.time()
+        found = await query_parts_many(client, [q.job_recent(job_id, lookback, now) for job_id in cached], now)
+        for job_id, parts in zip(cached, found):
+            if fingerprint(parts) != entries[job_id].fingerprint:
+                cache.drop(job_id)
+                entries[job_id] = None
+    missing = [job_id for job_id, entry in entries.items() if entry is None]
+    for result in await jobs_analytics(client, missing, lookback, strict=False) if missing else []:
+        if result is not None:
+            analytics, facts = result
+            entries[facts.job_id] = Entry(analytics, facts.owners, facts.fingerprint)
+            if facts.settled:
+                cache.put(facts.job_id, entries[facts.job_id])
+    for job_id in job_ids:    # the first job, in order, that is not there or not the caller's
+        entry = entries[job_id]
+        if entry is None or (owner is not None and entry.owners != {owner}):
+            raise JobNotFound(job_id)
+    return [entries[job_id].analytics for job_id in job_ids]
+
+
+async def cached_job_analytics(client: PrometheusClient, cache: AnalyticsCache, job_id: str,
+                               lookback: float, owner: str | None = None) -> JobAnalytics:
+    """jobs_analytics of one job through the cache."""
+    return (await cached_jobs_analytics(client, cache, [job_id], lookback, owner))[0]

@@ -1,0 +1,244 @@
+"""The fleet: one row per job seen over a range (the job list), the summary with the hosts' resource trends,
+and the comparison of a few jobs. A job's status, times and throughput are told as its own analytics tell
+them (lookup.py): every process and rank, runs and the pauses between them."""
+
+import asyncio
+import time
+
+from trainmetrics.analytics import queries as q
+from trainmetrics.analytics import scoring, shapes
+from trainmetrics.analytics.cache import AnalyticsCache, cached_jobs_analytics
+from trainmetrics.analytics.lookup import ENDED, Process, Timeline, status_of
+from trainmetrics.analytics.prometheus import PrometheusClient
+from trainmetrics.analytics.results import number, query_parts, ratio, rounded, rows, scalar
+from trainmetrics.contract import FINAL_STATES, validate_job_id
+
+METADATA = ("job_name", "model", "dataset", "owner", "device")
+
+
+async def recorded_split(client: PrometheusClient, range_seconds: float, now: float,
+                         enabled: bool = True) -> float | None:
+    """Where the fleet's recorded part begins (queries.recorded_split); None: raw series only."""
+    if not enabled:
+        return None
+    gap = scalar(await client.query(q.recorded_gap(range_seconds, now), now))
+    return q.recorded_split(range_seconds, now, gap)
+
+
+async def fleet(client: PrometheusClient, range_seconds: float, now: float, split: float | None = None,
+                details: bool = True) -> list[shapes.JobRow]:
+    """One row per job seen in the last range_seconds: metadata, status, times, samples, throughput.
+
+    split (recorded_split): read the recorded per-process series there, raw ones before and after it.
+    details=False: leave metadata and final loss out (None) for add_details to fill in for a few rows."""
+    return (await _fleet(client, range_seconds, now, split, details))[0]
+
+
+async def _fleet(client: PrometheusClient, range_seconds: float, now: float, split: float | None,
+                 details: bool) -> tuple[list[shapes.JobRow], dict[str, str]]:
+    """The fleet's rows, and each job's newest process (its instance)."""
+    state_expr = q.fleet_state(range_seconds, now, split)
+    state_parts = state_expr if isinstance(state_expr, dict) else {"raw": state_expr}
+
+    async def nothing() -> list:
+        return []
+
+    async def each_state() -> dict[str, list[dict]]:
+        """The state parts as separate requests: together they were the fleet's longest one."""
+        results = await asyncio.gather(*(client.query(expr, now) for expr in state_parts.values()))
+        return dict(zip(state_parts, results))
+
+    starts, ends, states, infos, samples, losses, live = await asyncio.gather(
+        client.query(q.fleet_start(range_seconds, now, split), now),
+        client.query(q.fleet_end(range_seconds, now, split), now),
+        each_state(),
+        client.query(q.fleet_info(range_seconds, now, split), now) if details else nothing(),
+        client.query(q.fleet_samples(range_seconds, now, split), now),
+        client.query(q.fleet_loss(range_seconds, now, split), now) if details else nothing(),
+        client.query(q.fleet_live(), now))
+    processes: dict[tuple[str, str], Process] = {}
+
+    def process(labels: dict) -> Process:
+        key = (labels.get("job_id", ""), labels.get("instance", ""))
+        return processes.setdefault(key, Process(key[1]))
+
+    for labels, value in rows(starts):
+        process(labels).start = value
+    for labels, value in rows(ends):
+        process(labels).end = value
+    # A process's state: the raw recent one, else its recorded state seen last, else the raw older one.
+    chosen: dict[tuple[str, str], tuple[int, float, str | None]] = {}
+    for rank, part in enumerate(("raw", "recent", "recorded", "older")):
+        for labels, value in rows(states.get(part, [])):
+            key = (labels.get("job_id", ""), labels.get("instance", ""))
+            best = chosen.get(key)
+            if best is None or (best[0] == rank and (value or 0.0) >= best[1]):
+                chosen[key] = (rank, value or 0.0, labels.get("state"))
+    for (job_id, instance), (_, _, state) in chosen.items():
+        process({"job_id": job_id, "instance": instance}).state = state
+    scraped_now = {(labels.get("job_id", ""), labels.get("instance", "")) for labels, _ in rows(live)}
+    for key, proc in processes.items():
+        proc.live = key in scraped_now
+    await _add_last_seen(client, processes, range_seconds, now)
+    info_by_job = {labels.get("job_id"): labels for labels, _ in rows(infos)}
+    samples_by_job = {labels.get("job_id"): value for labels, value in rows(samples)}
+    loss_by_process = {(labels.get("job_id"), labels.get("instance")): value for labels, value in rows(losses)
+                       if labels.get("rank", "0") == "0"}
+    by_job: dict[str, list[Process]] = {}
+    for (job_id, _), proc in processes.items():
+        by_job.setdefault(job_id, []).append(proc)
+    table, latest_instance = [], {}
+    for job_id, procs in sorted(by_job.items()):
+        latest = max(procs, key=lambda p: (p.start is not None, p.start or 0.0))
+        latest_instance[job_id] = latest.instance
+        status = status_of(latest)
+        timeline = Timeline.of([(p.start, p.stop(now)) for p in procs
+                                if p.start is not None and p.stop(now) is not None])
+        starts_known = [p.start for p in procs if p.start is not None]
+        total = samples_by_job.get(job_id)
+        info = info_by_job.get(job_id, {})
+        table.append(shapes.JobRow(
+            job_id=job_id, **{key: info.get(key) for key in METADATA}, status=status,
+            start_time=min(starts_known) if starts_known else None,
+            end_time=latest.stop(now) if status in ENDED else None,
+            duration_seconds=rounded(timeline.total_seconds), paused_seconds=rounded(timeline.paused_seconds),
+            training_seconds=rounded(timeline.training_seconds),
+            total_samples=int(total) if total is not None else None,
+            average_samples_per_second=rounded(ratio(total, timeline.training_seconds)),
+            final_loss=loss_by_process.get((job_id, latest.instance))))
+    return table, latest_instance
+
+
+async def _add_last_seen(client: PrometheusClient, processes: dict[tuple[str, str], Process], range_seconds: float,
+                         now: float) -> None:
+    """When each process that stopped without an end (and is not scraped now) was last seen, in one request
+    for their jobs."""
+    job_ids = []
+    for (job_id, _), proc in processes.items():
+        if proc.start is not None and proc.end is None and not proc.live and job_id not in job_ids:
+            try:
+                job_ids.append(validate_job_id(job_id))
+            except ValueError:     # not a trainer's job id: nothing of it enters a query
+                continue
+    if not job_ids:
+        return
+    found = await query_parts(client, q.fleet_last_seen(job_ids, range_seconds, now), now)
+    for index, job_id in enumerate(job_ids):
+        for labels, value in rows(found[f"seen_{index}"]):
+            proc = processes.get((job_id, labels.get("instance", "")))
+            if proc is not None and labels.get("rank", "0") == "0":
+                proc.last_seen = value
+
+
+async def add_details(client: PrometheusClient, chosen: list[shapes.JobRow], latest_instance: dict[str, str],
+                      range_seconds: float, now: float, split: float | None) -> None:
+    """Fill in the metadata and final loss of chosen rows of fleet(details=False), in one request."""
+    if not chosen:
+        return
+    found = await query_parts(client, q.fleet_details([row.job_id for row in chosen], range_seconds, now, split), now)
+    for index, row in enumerate(chosen):
+        infos = [labels for labels, _ in rows(found[f"info_{index}"])]
+        info = infos[0] if infos else {}
+        for key in METADATA:
+            setattr(row, key, info.get(key))
+        instance = latest_instance.get(row.job_id)
+        row.final_loss = next((value for labels, value in rows(found[f"loss_{index}"])
+                               if labels.get("instance") == instance and labels.get("rank", "0") == "0"), None)
+
+
+def filter_jobs(table: list[shapes.JobRow], status: str | None, owner: str | None, since: float | None,
+                until: float | None, now: float) -> list[shapes.JobRow]:
+    """Jobs matching every given filter; since/until keep jobs that ran at some time in [since, until]."""
+    kept = []
+    for row in table:
+        if status is not None and row.status != status:
+            continue
+        if owner is not None and row.owner != owner:
+            continue
+        end = row.end_time if row.end_time is not None else now
+        if since is not None and end < since:
+            continue
+        if until is not None and (row.start_time is None or row.start_time > until):
+            continue
+        kept.append(row)
+    return kept
+
+
+async def resource_trends(client: PrometheusClient, range_seconds: float, step: float, now: float,
+                          recorded: bool) -> dict[str, shapes.Trend]:
+    """Each trend's points (on multiples of the step, then one at now), average and peak: a range query per
+    trend (a fleet's trends are the summary's costliest queries: one each spreads them over Prometheus'
+    cores) and one instant query at now for all of them."""
+    parts = {name: q.trend(name, step, recorded) for name in q.TRENDS}
+    start, end, step_literal = q.trend_grid(range_seconds, step, now)
+    latest, *series = await asyncio.gather(
+        query_parts(client, parts, now), *(client.query_range(expr, start, end, step_literal) for expr in parts.values()))
+    trends = {}
+    for name, result in zip(parts, series):
+        points = [(float(t), number(v)) for t, v in result[0].get("values", [])] if result else []
+        if now > end and latest[name]:
+            points.append((round(now, 3), number(latest[name][0]["value"][1])))
+        numbers = [v for _, v in points if v is not None]
+        trends[name] = shapes.Trend(average=rounded(sum(numbers) / len(numbers)) if numbers else None,
+                                    peak=rounded(max(numbers)) if numbers else None, points=points)
+    return trends
+
+
+async def summary(client: PrometheusClient, range_seconds: float, step: float, owner: str | None = None,
+                  recorded: bool = True) -> shapes.Summary:
+    """The fleet summary over the last range_seconds (one owner's jobs when given), with the hosts'
+    resource trends at `step` resolution. recorded: read the analytics recording rules' series where they
+    cover the range."""
+    now = time.time()
+    split = await recorded_split(client, range_seconds, now, recorded)
+    # Trends from recorded series only where they cover the whole range and each point spans several.
+    recorded_trends = (split is not None and split <= now - range_seconds + q.RULE_WINDOW_SECONDS
+                       and step >= q.RECORDED_TREND_MIN_STEP_SECONDS)
+    # Metadata and final losses only where shown (the top 5), unless the owner filter needs everyone's.
+    (table, latest_instance), trends = await asyncio.gather(
+        _fleet(client, range_seconds, now, split, details=owner is not None),
+        resource_trends(client, range_seconds, step, now, recorded_trends))
+    if owner is not None:
+        table = [row for row in table if row.owner == owner]
+    by_status = {status: 0 for status in shapes.STATES}
+    for row in table:
+        by_status[row.status] = by_status.get(row.status, 0) + 1
+    finished = [row.duration_seconds for row in table
+                if row.status in FINAL_STATES and row.duration_seconds is not None]
+    training = [row.training_seconds for row in table if row.training_seconds is not None]
+    throughputs = [row.average_samples_per_second for row in table if row.average_samples_per_second is not None]
+    top = sorted((row for row in table if row.average_samples_per_second is not None),
+                 key=lambda row: (-row.average_samples_per_second, row.job_id))[:5]
+    if owner is None:
+        await add_details(client, top, latest_instance, range_seconds, now, split)
+    return shapes.Summary(
+        range_seconds=range_seconds, evaluated_at=round(now, 3), total_jobs=len(table), jobs_by_status=by_status,
+        average_duration_seconds=rounded(sum(finished) / len(finished)) if finished else None,
+        total_training_seconds=rounded(sum(training)) if training else 0.0,
+        average_throughput_samples_per_sec=rounded(sum(throughputs) / len(throughputs)) if throughputs else None,
+        top_performing_jobs=[shapes.TopJob(**{key: getattr(row, key) for key in shapes.columns(shapes.TopJob)})
+                             for row in top],
+        resource_trends=shapes.ResourceTrends(step_seconds=step, series=trends))
+
+
+def comparison_row(analytics: shapes.JobAnalytics) -> shapes.CompareRow:
+    """One job's side-by-side row."""
+    duration, performance, resources = analytics.duration, analytics.performance, analytics.resource_utilization
+    return shapes.CompareRow(
+        job_id=analytics.job_id, job_name=analytics.job_name, status=analytics.status,
+        duration_seconds=duration.total_seconds, paused_seconds=duration.paused_seconds,
+        training_seconds=duration.training_seconds, throughput=performance.average_samples_per_second,
+        peak_throughput=performance.peak_samples_per_second, total_samples=performance.total_samples,
+        final_loss=analytics.losses.final, best_loss=analytics.losses.best,
+        gpu_utilization=resources.average_gpu_utilization_percent,
+        average_cpu_percent=resources.average_cpu_percent, peak_memory_mb=resources.peak_memory_mb,
+        overall_score=analytics.efficiency.overall_score)
+
+
+async def compare(client: PrometheusClient, cache: AnalyticsCache, job_ids: list[str], lookback: float,
+                  owner: str | None = None) -> shapes.Comparison:
+    """Side-by-side rows and the winner per category, ties stated."""
+    analytics = await cached_jobs_analytics(client, cache, job_ids, lookback, owner)
+    table = [comparison_row(a) for a in analytics]
+    winner, ties = scoring.winners([shapes.plain(row) for row in table])
+    return shapes.Comparison(jobs=table, winner=shapes.Winner(**winner), ties=ties)

@@ -1,0 +1,101 @@
+"""A job's evaluations, every one in order, from the trainer_eval_history_* series.
+
+The trainer shows evaluation i in slot i mod 8 until evaluation i + 8 replaces it and holds each until every
+scraper has read it, so every evaluation is in the raw samples. Reading every raw sample of a long job costs as
+much as it ran (40 series at 250 ms), so a range query on the peak grid first finds the grid steps in which a
+slot showed a new evaluation, and only those are read raw (queries.MAX_HISTORY_READS reads at most)."""
+
+import asyncio
+from dataclasses import dataclass
+
+from trainmetrics.analytics import queries as q
+from trainmetrics.analytics.prometheus import PrometheusClient
+from trainmetrics.analytics.results import number
+from trainmetrics.analytics.shapes import Evaluation
+
+FIELDS = {metric: name for name, metric in q.HISTORY.items()}
+
+
+@dataclass(frozen=True)
+class _Shown:
+    """One evaluation as a process's scrape showed it."""
+
+    instance: str
+    index: int
+    step: float | None
+    time: float | None
+    loss: float | None
+    accuracy: float | None
+
+
+async def evaluation_history(client: PrometheusClient, job_id: str, start: float,
+                             final_time: float) -> list[Evaluation]:
+    """Every evaluation of the job in (start, final_time], in order: raw samples, each evaluation once."""
+    window = max(final_time - start, 1e-3)
+    first, last, step = q.peak_grid(window, final_time)
+    changes = await client.query_range(q.eval_history_changes(job_id, step), first, last, step)
+    reads = _reads(_new_steps(changes), int(step.removesuffix("ms")) / 1000)
+    answers = await asyncio.gather(*(client.query(q.eval_history_samples(job_id, to - since), to)
+                                     for since, to in reads))
+    return _in_order([shown for matrix in answers for shown in _shown(matrix)])
+
+
+def _new_steps(changes: list[dict]) -> list[float]:
+    """The grid points whose step showed a new evaluation in some slot: its last number changed."""
+    points = set()
+    for series in changes:
+        previous = None
+        for t, value in series.get("values", []):
+            if value != previous:
+                points.add(float(t))
+            previous = value
+    return sorted(points)
+
+
+def _reads(points: list[float], step: float) -> list[tuple[float, float]]:
+    """The (since, to] windows that cover each point's step: adjacent steps joined, then the closest reads
+    merged until at most MAX_HISTORY_READS remain."""
+    reads: list[tuple[float, float]] = []
+    for point in points:
+        if reads and point - step <= reads[-1][1] + 1e-9:
+            reads[-1] = (reads[-1][0], point)
+        else:
+            reads.append((point - step, point))
+    while len(reads) > q.MAX_HISTORY_READS:
+        gap = min(range(len(reads) - 1), key=lambda i: reads[i + 1][0] - reads[i][1])
+        reads[gap:gap + 2] = [(reads[gap][0], reads[gap + 1][1])]
+    return reads
+
+
+def _shown(matrix: list[dict]) -> list[_Shown]:
+    """The evaluations in raw history samples: the five series of a slot scraped at one time are one."""
+    scraped: dict[tuple[str, str, float], dict[str, float]] = {}
+    for series in matrix:
+        labels = series["metric"]
+        name = FIELDS.get(labels.get("__name__"))
+        if name is None or labels.get("rank", "0") != "0":
+            continue
+        key = (labels.get("instance", ""), labels.get("slot", ""))
+        for t, text in series.get("values", []):
+            value = number(text)      # VictoriaMetrics returns stale markers as NaN samples
+            if value is not None:
+                scraped.setdefault((*key, float(t)), {})[name] = value
+    return [_Shown(instance, int(values["index"]), values.get("step"), values.get("time"), values.get("loss"),
+                   values.get("accuracy"))
+            for (instance, _, _), values in scraped.items() if "index" in values]
+
+
+def _in_order(shown: list[_Shown]) -> list[Evaluation]:
+    """Each evaluation once, by number. A resumed run numbers on from its checkpoint's count, so where an
+    earlier run evaluated after its last checkpoint, the evaluations from the resumed run's first number on are
+    the resumed run's (the earlier ones were thrown away with the steps after the checkpoint)."""
+    runs: dict[str, dict[int, _Shown]] = {}
+    for evaluation in shown:
+        runs.setdefault(evaluation.instance, {})[evaluation.index] = evaluation
+    kept: dict[int, _Shown] = {}
+    for run in sorted(runs.values(), key=lambda run: min(e.time or 0.0 for e in run.values())):
+        first = min(run)
+        kept = {index: evaluation for index, evaluation in kept.items() if index < first}
+        kept.update(run)
+    return [Evaluation(step=None if e.step is None else int(e.step), loss=e.loss, accuracy=e.accuracy, time=e.time)
+            for _, e in sorted(kept.items())]

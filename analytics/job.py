@@ -1,0 +1,260 @@
+"""One job's report (GET /api/training/{job_id}/analytics): its facts (lookup.py), each process's last values,
+its peak grid and its evaluation history, assembled into shapes.JobAnalytics. Queries come from queries.py
+only; scores from scoring.py."""
+
+import asyncio
+import math
+import time
+from dataclasses import dataclass
+
+from trainmetrics.analytics import queries as q
+from trainmetrics.analytics import scoring, shapes
+from trainmetrics.analytics.history import evaluation_history
+from trainmetrics.analytics.lookup import JobFacts, find_jobs
+from trainmetrics.analytics.prometheus import PrometheusClient
+from trainmetrics.analytics.results import mib, minus, percent, query_parts_many, ratio, rounded, rows, scalar
+
+
+@dataclass
+class _Window:
+    """Where a job's figures are read: rates and peaks over (start, end], cumulative and last values up to
+    the final scrape after the end (the linger), never past now."""
+
+    end: float
+    window: float
+    final_time: float
+    final_window: float
+
+    @classmethod
+    def of(cls, facts: JobFacts, now: float) -> "_Window":
+        end = facts.end if facts.end is not None else now
+        final_time = min(now, end + q.FINAL_SCRAPE_GRACE_SECONDS) if facts.end is not None else now
+        return cls(end, max(end - facts.start, 1e-3), final_time, max(final_time - facts.start, 1e-3))
+
+
+@dataclass(frozen=True)
+class Peak:
+    """An expression's maximum over the peak grid, the first grid time that reached it, and its grid mean."""
+
+    value: float
+    at: float
+    mean: float
+
+
+async def peaks(client: PrometheusClient, expressions: dict[str, str], window: float, end: float) -> dict[str, Peak]:
+    """The Peak of each label-free expression over the peak grid of (end - window, end] (what max_over_time
+    and avg_over_time over the subquery grid give), from one range query of all of them; none for an
+    expression without values."""
+    start, last, step = q.peak_grid(window, end)
+    grouped: dict[str, list] = {name: [] for name in expressions}
+    for series in await client.query_range(q.union(expressions), start, last, step):
+        name = series["metric"].get(q.PART_LABEL)
+        if name in grouped:
+            grouped[name].extend(series.get("values", []))
+    found = {}
+    for name, points in grouped.items():
+        # A 250-point grid per expression: one float() per value, no per-point tuples.
+        values = [float(v) for _, v in points]
+        finite = [v for v in values if math.isfinite(v)]
+        if finite:
+            peak = max(finite)
+            when = min(float(t) for (t, _), v in zip(points, values) if v == peak)
+            found[name] = Peak(peak, when, sum(finite) / len(finite))
+    return found
+
+
+@dataclass(frozen=True)
+class _Value:
+    order: int        # the process's place among the job's processes, oldest first (-1: not one of them)
+    rank: str
+    value: float
+
+
+class Totals:
+    """Each process's last values (queries.TOTALS), combined as the trainer counts: counters and held values
+    carry over a resume (the newest process holds the job's), histograms start again with each process, every
+    rank counts its own samples, and rank 0 speaks for the job's losses, evaluations and checkpoints."""
+
+    def __init__(self, found: dict[str, list[dict]], facts: JobFacts):
+        order = {p.instance: index for index, p in enumerate(facts.processes)}
+        self._values = {name: sorted((_Value(order.get(labels.get("instance", ""), -1), labels.get("rank", "0"), value)
+                                      for labels, value in rows(found.get(name, [])) if value is not None),
+                                     key=lambda v: (v.order, v.rank))
+                        for name in q.TOTALS}
+
+    def _rank0(self, name: str) -> list[float]:
+        return [v.value for v in self._values[name] if v.rank == "0"]
+
+    def newest(self, name: str) -> float | None:
+        """Rank 0's newest process's value."""
+        values = self._rank0(name)
+        return values[-1] if values else None
+
+    def earliest(self, name: str) -> float | None:
+        """Rank 0's earliest process's value."""
+        values = self._rank0(name)
+        return values[0] if values else None
+
+    def lowest(self, name: str) -> float | None:
+        """The lowest of rank 0's processes' values."""
+        return min(self._rank0(name), default=None)
+
+    def highest(self, name: str, every_rank: bool = False) -> float | None:
+        """The highest of rank 0's processes' values (of every rank's)."""
+        values = [v.value for v in self._values[name]] if every_rank else self._rank0(name)
+        return max(values, default=None)
+
+    def total(self, name: str) -> float | None:
+        """Every process's and rank's values added up."""
+        values = [v.value for v in self._values[name]]
+        return sum(values) if values else None
+
+    def per_rank(self, name: str, combine=sum) -> float | None:
+        """combine() over the ranks of each rank's highest value over its processes."""
+        highest: dict[str, float] = {}
+        for v in self._values[name]:
+            highest[v.rank] = max(highest.get(v.rank, v.value), v.value)
+        return combine(highest.values()) if highest else None
+
+    def mean_loss(self) -> float | None:
+        """The mean of every logged loss: the newest sum and count of them (rank 0's, from one process)."""
+        sums = {v.order: v.value for v in self._values["loss_sum"] if v.rank == "0"}
+        counts = {v.order: v.value for v in self._values["loss_intervals"] if v.rank == "0" and v.order in sums}
+        return ratio(sums[max(counts)], counts[max(counts)]) if counts else None
+
+
+async def job_analytics(client: PrometheusClient, job_id: str, lookback: float) -> shapes.JobAnalytics:
+    """The analytics of one job."""
+    return (await jobs_analytics(client, [job_id], lookback))[0][0]
+
+
+async def jobs_analytics(client: PrometheusClient, job_ids: list[str], lookback: float,
+                         strict: bool = True) -> list[tuple[shapes.JobAnalytics, JobFacts] | None]:
+    """The analytics of several jobs, in order, with each job's facts (None for a job Prometheus does not hold,
+    when not strict; JobNotFound for the first such otherwise).
+
+    Requests: the lookup (one to three, for all the jobs), every instant expression of every job (each carries
+    its `@`; one request), then per job one range query of its peak grid, one of its evaluation history's grid
+    and a raw read of the grid steps that showed evaluations. Fewer requests would lose Prometheus' cores to
+    one query; more cost the HTTP client more than they gain on a small host."""
+    now = time.time()
+    all_facts = await find_jobs(client, job_ids, lookback, now, strict)
+    started = [(facts, _Window.of(facts, now)) for facts in all_facts
+               if facts is not None and facts.start is not None]   # not queued
+
+    async def instant() -> list[dict[str, list[dict]]]:
+        def parts(facts: JobFacts, w: _Window) -> dict[str, str]:
+            return {**q.job_totals(facts.job_id, w.final_window, w.final_time, facts.finals),
+                    **q.job_rates(facts.job_id, w.window, w.end, facts.segments),
+                    **q.host(w.window, facts.start, w.end)}
+
+        found = await query_parts_many(client, [parts(facts, w) for facts, w in started], now)
+        # Last values come from each process's last minute; where that held no samples (scrapes failed
+        # through it) read the whole window.
+        again = [i for i, (facts, _) in enumerate(started) if facts.finals and not found[i]["samples"]]
+        if again:
+            whole = await query_parts_many(client, [q.job_totals(started[i][0].job_id, started[i][1].final_window,
+                                                                 started[i][1].final_time) for i in again], now)
+            for i, parts in zip(again, whole):
+                found[i].update(parts)
+        return found
+
+    instants, *per_job = await asyncio.gather(
+        instant(),
+        *(peaks(client, {**q.job_peaks(facts.job_id, w.window, gpus=facts.info.get("device") != "cpu"),
+                         **q.host_peaks(w.window)}, w.window, w.end) for facts, w in started),
+        *(evaluation_history(client, facts.job_id, facts.start, w.final_time) for facts, w in started))
+    peak_results, histories = per_job[:len(started)], per_job[len(started):]
+    answers = {facts.job_id: (_assemble(facts, found, peak, history, w), facts)
+               for (facts, w), found, peak, history in zip(started, instants, peak_results, histories)}
+    return [None if facts is None else answers.get(facts.job_id) or (_assemble(facts, {}, {}, [], None), facts)
+            for facts in all_facts]
+
+
+def _assemble(facts: JobFacts, found: dict[str, list[dict]], peak: dict[str, Peak],
+              evaluations: list[shapes.Evaluation], w: _Window | None) -> shapes.JobAnalytics:
+    def value(name: str) -> float | None:
+        return scalar(found.get(name, []))
+
+    def peak_value(name: str) -> float | None:
+        return peak[name].value if name in peak else None
+
+    def peak_at(name: str) -> float | None:
+        return peak[name].at if name in peak else None
+
+    def peak_mean(name: str) -> float | None:
+        return peak[name].mean if name in peak else None
+
+    totals = Totals(found, facts)
+    timeline = facts.timeline
+    training = timeline.training_seconds
+    samples = totals.per_rank("samples")
+    steps = totals.per_rank("steps", min)
+    average_sps = ratio(samples, training)
+    peak_sps = peak_value("samples_per_second")
+    if peak_sps is not None and average_sps is not None and peak_sps < average_sps:
+        # Some window must reach the whole run's average; a lower observed peak means Prometheus saw only
+        # part of the run (a job scraped late or briefly), so the average is the better lower bound.
+        peak_sps = average_sps
+    cpu_seconds = value("cpu_seconds")
+    average_gpu = percent(peak_mean("gpu_utilization_avg"))
+    gpu_memory_peak = totals.highest("gpu_memory_peak", every_rank=True)
+    if gpu_memory_peak is None:
+        gpu_memory_peak = peak_value("gpu_memory")
+    initial, final = totals.earliest("loss_first"), totals.newest("loss_last")
+    checkpoint_seconds = totals.total("checkpoint_seconds")
+    step_seconds = totals.total("step_seconds")
+    host_cpu_average, host_cpu_baseline = percent(value("host_cpu_average")), percent(value("host_cpu_baseline"))
+    host_memory_average, host_memory_baseline = mib(value("host_memory_average")), mib(value("host_memory_baseline"))
+    return shapes.JobAnalytics(
+        job_id=facts.job_id, job_name=facts.info.get("job_name"), model=facts.info.get("model"),
+        dataset=facts.info.get("dataset"), owner=facts.info.get("owner"), device=facts.info.get("device"),
+        status=facts.status, error_type=facts.error_type, start_time=facts.start, end_time=facts.end,
+        evaluated_at=round(facts.now, 3),
+        duration=shapes.Duration(
+            total_seconds=rounded(timeline.total_seconds),
+            total_minutes=rounded(ratio(timeline.total_seconds, 60.0)),
+            total_hours=rounded(ratio(timeline.total_seconds, 3600.0)),
+            paused_seconds=rounded(timeline.paused_seconds), training_seconds=rounded(training),
+            upload_seconds=rounded(facts.upload_seconds)),
+        performance=shapes.Performance(
+            total_samples=_integer(samples), total_steps=_integer(steps),
+            average_samples_per_second=rounded(average_sps), peak_samples_per_second=rounded(peak_sps),
+            peak_samples_per_second_at=peak_at("samples_per_second"),
+            peak_window_seconds=q.rate_window_ms(q.peak_step(w.window)) / 1000 if w else None,
+            average_step_seconds=rounded(ratio(step_seconds, totals.total("step_count"))),
+            peak_step_seconds=rounded(totals.highest("step_max", every_rank=True)),
+            data_wait_percent=rounded(percent(ratio(totals.total("data_wait_seconds"), step_seconds)))),
+        resource_utilization=shapes.ResourceUtilization(
+            average_gpu_utilization_percent=rounded(average_gpu),
+            peak_gpu_utilization_percent=rounded(percent(peak_value("gpu_utilization"))),
+            peak_gpu_utilization_at=peak_at("gpu_utilization"),
+            peak_gpu_memory_mb=rounded(mib(gpu_memory_peak)),
+            average_gpu_temperature_celsius=rounded(peak_mean("gpu_temperature")),
+            average_cpu_percent=rounded(percent(ratio(cpu_seconds, training))),
+            peak_cpu_percent=rounded(percent(peak_value("job_cpu"))), peak_cpu_at=peak_at("job_cpu"),
+            peak_memory_mb=rounded(mib(peak_value("job_rss"))), peak_memory_at=peak_at("job_rss"),
+            host=shapes.Host(
+                cpu=shapes.HostCpu(
+                    baseline_percent=rounded(host_cpu_baseline), average_percent=rounded(host_cpu_average),
+                    increase_percent=rounded(minus(host_cpu_average, host_cpu_baseline)),
+                    peak_percent=rounded(percent(peak_value("host_cpu"))), peak_at=peak_at("host_cpu")),
+                memory=shapes.HostMemory(
+                    baseline_mb=rounded(host_memory_baseline), average_mb=rounded(host_memory_average),
+                    increase_mb=rounded(minus(host_memory_average, host_memory_baseline)),
+                    peak_mb=rounded(mib(peak_value("host_memory"))), peak_at=peak_at("host_memory"),
+                    limit_mb=rounded(mib(value("host_memory_limit")))))),
+        checkpoints=shapes.Checkpoints(
+            count=_integer(totals.newest("checkpoints")), total_seconds=rounded(checkpoint_seconds),
+            mean_seconds=rounded(ratio(checkpoint_seconds, totals.total("checkpoints_written")))),
+        losses=shapes.Losses(
+            initial=initial, final=final, best=totals.lowest("loss_min"), mean=totals.mean_loss(),
+            reduction_percent=rounded(100.0 * (initial - final) / initial) if initial and final is not None else None,
+            final_eval_loss=totals.newest("eval_loss"), final_eval_accuracy=totals.newest("eval_accuracy"),
+            best_eval_loss=totals.lowest("eval_loss_min"), best_eval_accuracy=totals.highest("eval_accuracy_max")),
+        evaluations=evaluations,
+        efficiency=shapes.Efficiency(**scoring.efficiency(average_gpu, average_sps, peak_sps)))
+
+
+def _integer(value: float | None) -> int | None:
+    return None if value is None else int(value)

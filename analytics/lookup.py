@@ -1,0 +1,274 @@
+"""Finding a job by id over the lookback window: its processes (rank 0's: a resumed job has one per run), its
+state, when it ran and when it stopped (JobFacts). Queries come from queries.py only."""
+
+from dataclasses import dataclass
+
+from trainmetrics.analytics import queries as q
+from trainmetrics.analytics.prometheus import PrometheusClient
+from trainmetrics.analytics.results import query_parts_many, rows
+from trainmetrics.contract import FINAL_STATES, VANISHED
+from trainmetrics.edge import ApiError
+
+# A process in one of these states has stopped for good: only a new process (a resume) changes the job.
+STOPPED_STATES = (*FINAL_STATES, "paused")
+# A job with one of these statuses is not running: it has an end.
+ENDED = (*STOPPED_STATES, VANISHED)
+# Labels of trainer_job_info that say where a process ran, not what the job is.
+INTERNAL_LABELS = ("__name__", "instance", "job", "job_id", "rank")
+
+
+class JobNotFound(ApiError):
+    """No series of this job id within the lookback window, or not the caller's job (404 either way)."""
+
+    def __init__(self, job_id: str):
+        super().__init__(404, "not_found", f"no training job {job_id!r} in Prometheus")
+        self.job_id = job_id
+
+
+@dataclass
+class Process:
+    """One process of a job (its rank 0) as Prometheus saw it."""
+
+    instance: str
+    start: float | None = None
+    end: float | None = None            # its end timestamp: a final state, or paused
+    state: str | None = None
+    error_type: str | None = None
+    last_seen: float | None = None      # its heartbeat's last value
+    live: bool = False                  # scraped now
+    checkpoints: float | None = None    # checkpoints counted, a resumed run's taken over from its checkpoint
+    written: float | None = None        # checkpoints this process wrote itself
+
+    def stop(self, now: float) -> float | None:
+        """When it stopped running: its end, now while it is scraped, else when it was last seen."""
+        if self.end is not None:
+            return self.end
+        return now if self.live else self.last_seen
+
+    @property
+    def resumed(self) -> bool:
+        """It took its checkpoint count over from an earlier run: it counts more than it wrote."""
+        return (self.checkpoints or 0) > (self.written or 0)
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """When a job ran: its runs (its processes' spans, merged where they overlap: ranks overlap, a resumed
+    job's runs follow each other), from the first start to the last stop."""
+
+    runs: tuple[tuple[float, float], ...]
+
+    @classmethod
+    def of(cls, spans: list[tuple[float, float]]) -> "Timeline":
+        """The timeline of (start, stop) spans."""
+        runs: list[tuple[float, float]] = []
+        for start, stop in sorted(spans):
+            if runs and start <= runs[-1][1]:
+                runs[-1] = (runs[-1][0], max(runs[-1][1], stop))
+            else:
+                runs.append((start, stop))
+        return cls(tuple(runs))
+
+    @property
+    def total_seconds(self) -> float | None:
+        """First start to last stop."""
+        return self.runs[-1][1] - self.runs[0][0] if self.runs else None
+
+    @property
+    def training_seconds(self) -> float | None:
+        """The runs' lengths added up."""
+        return sum(stop - start for start, stop in self.runs) if self.runs else None
+
+    @property
+    def paused_seconds(self) -> float | None:
+        """The gaps between the runs."""
+        return self.total_seconds - self.training_seconds if self.runs else None
+
+
+@dataclass
+class JobFacts:
+    """Where and when a job ran, found by id over the lookback window."""
+
+    job_id: str
+    info: dict
+    status: str
+    processes: list[Process]            # oldest first
+    timeline: Timeline
+    upload_seconds: float | None
+    # The `owner` label of every process of the job: a job belongs to an owner only when all say so.
+    owners: frozenset[str]
+    # What the cheap lookup saw (lookup.fingerprint): a cached report holds while it stays the same.
+    fingerprint: frozenset
+    now: float
+
+    @property
+    def latest(self) -> Process | None:
+        """The newest process: it speaks for the job (a resumed job's earlier one ended "paused" or failed)."""
+        return self.processes[-1] if self.processes else None
+
+    @property
+    def started(self) -> list[Process]:
+        """The processes that started training (a job server's queued or paused job has a state only)."""
+        return [p for p in self.processes if p.start is not None]
+
+    @property
+    def start(self) -> float | None:
+        """The first start."""
+        starts = [p.start for p in self.started]
+        return min(starts) if starts else None
+
+    @property
+    def end(self) -> float | None:
+        """The last stop of a job that stopped (final, paused or vanished); None while it runs."""
+        if self.status not in ENDED or self.latest is None:
+            return None
+        return self.latest.stop(self.now)
+
+    @property
+    def live(self) -> bool:
+        """Some process is scraped now."""
+        return any(p.live for p in self.processes)
+
+    @property
+    def settled(self) -> bool:
+        """Stopped and no longer scraped: only a new process (a resume) can change its analytics."""
+        return self.end is not None and not self.live
+
+    @property
+    def error_type(self) -> str | None:
+        """The exception class of the job's last run, when it failed."""
+        return self.latest.error_type if self.latest else None
+
+    @property
+    def finals(self) -> list[float] | None:
+        """Each process's final instant (its stop plus the linger, never past now), newest first; None when a
+        process's stop is unknown."""
+        stops = [p.stop(self.now) for p in self.started]
+        if None in stops:
+            return None
+        return sorted({min(self.now, stop + q.FINAL_SCRAPE_GRACE_SECONDS) for stop in stops}, reverse=True)
+
+    @property
+    def segments(self) -> list[tuple[float, float]] | None:
+        """The job's runs; None when a process's stop is unknown."""
+        return list(self.timeline.runs) if self.finals is not None else None
+
+
+def status_of(latest: Process) -> str:
+    """A job's status: its newest process's state, or vanished when that stopped without a final one (kill -9,
+    a lost node) and is no longer scraped."""
+    status = latest.state or "unknown"
+    if status not in STOPPED_STATES and latest.start is not None and not latest.live:
+        return VANISHED
+    return status
+
+
+def fingerprint(found: dict[str, list[dict]]) -> frozenset:
+    """What job_recent's answer says of a job's processes, leaving out the values that move while nothing
+    changes (heartbeats, counters): equal as long as no process starts, stops or is seen anew."""
+    return frozenset((part, tuple(sorted(labels.items())), None if part == "heartbeat" else value)
+                     for part in ("end", "start", "state", "heartbeat") for labels, value in rows(found.get(part, [])))
+
+
+class _Lookup:
+    """One job's processes as the lookup queries find them (find_jobs runs each step for all jobs at once)."""
+
+    def __init__(self, job_id: str):
+        self.job_id = job_id
+        self.processes: dict[str, Process] = {}
+        self.info: list[dict] = []
+        self.upload: list[float] = []
+        self.ended: list[Process] = []
+        self.fingerprint: frozenset = frozenset()
+
+    def process(self, labels: dict) -> Process:
+        instance = labels.get("instance", "")
+        return self.processes.setdefault(instance, Process(instance))
+
+    def absorb(self, parts: dict[str, list[dict]], suffix: str = "", instance: str | None = None,
+               live: bool = False) -> None:
+        """Take the lookup parts' answers (rank 0's: the job's lifecycle series come from it alone)."""
+        def mine(name: str) -> list[tuple[dict, float | None]]:
+            return [(labels, value) for labels, value in rows(parts.get(name + suffix, []))
+                    if labels.get("rank", "0") == "0" and (instance is None or labels.get("instance", "") == instance)]
+
+        for labels, value in mine("end"):
+            self.process(labels).end = value
+        for labels, value in mine("start"):
+            self.process(labels).start = value
+        for labels, _ in mine("state"):
+            self.process(labels).state = labels.get("state")
+        for labels, _ in mine("failure"):
+            self.process(labels).error_type = labels.get("error_type")
+        for labels, value in mine("heartbeat"):
+            self.process(labels).last_seen = value
+        for labels, value in mine("counted"):
+            self.process(labels).checkpoints = value
+        for labels, value in mine("written"):
+            self.process(labels).written = value
+        if live:    # answered at now: scraped now (a start at now, for trainers without a heartbeat)
+            for labels, _ in mine("heartbeat") + mine("start"):
+                self.process(labels).live = True
+        self.info.extend(labels for labels, _ in mine("info"))
+        self.upload.extend(value for _, value in mine("upload") if value is not None)
+
+    def recent(self, found: dict[str, list[dict]]) -> dict[str, str] | None:
+        """Take job_recent's answer; the job_ended parts for processes that ended longer ago than the
+        staleness window (read just before their final scrape), None when there are none."""
+        self.absorb(found, live=True)
+        self.fingerprint = fingerprint(found)
+        self.ended = [p for p in self.processes.values() if not p.live and p.end is not None][-8:]
+        return q.job_ended(self.job_id, [p.end for p in self.ended]) if self.ended else None
+
+    def older(self, found: dict[str, list[dict]]) -> None:
+        """Take job_ended's answer."""
+        for index, proc in enumerate(self.ended):
+            self.absorb(found, f"_{index}", proc.instance)
+
+    def incomplete(self) -> bool:
+        """Nothing found, or the earliest process found resumed a run that was not: a process that stopped
+        without an end (killed) and is no longer scraped, which only the full lookup finds."""
+        started = [p for p in self.processes.values() if p.start is not None]
+        return not self.processes or (bool(started) and min(started, key=lambda p: p.start).resumed)
+
+    def facts(self, now: float) -> JobFacts:
+        processes = sorted(self.processes.values(), key=lambda p: (p.start is not None, p.start or 0.0))
+        if not any(p.start is not None or p.state is not None for p in processes):
+            raise JobNotFound(self.job_id)
+        latest = processes[-1]
+        spans = [(p.start, p.stop(now)) for p in processes if p.start is not None and p.stop(now) is not None]
+        info = next((labels for labels in self.info if labels.get("instance") == latest.instance),
+                    self.info[0] if self.info else {})
+        return JobFacts(job_id=self.job_id, info={k: v for k, v in info.items() if k not in INTERNAL_LABELS},
+                        status=status_of(latest), processes=processes, timeline=Timeline.of(spans),
+                        upload_seconds=max(self.upload) if self.upload else None,
+                        owners=frozenset(labels.get("owner", "") for labels in self.info),
+                        fingerprint=self.fingerprint, now=now)
+
+
+async def find_jobs(client: PrometheusClient, job_ids: list[str], lookback: float, now: float,
+                    strict: bool = True) -> list[JobFacts | None]:
+    """Each job's processes, state and times, every step one request for all the jobs. When Prometheus holds
+    nothing of a job: JobNotFound for the first in order, or None in its place when not strict."""
+    lookups = [_Lookup(job_id) for job_id in job_ids]
+    found = await query_parts_many(client, [q.job_recent(job_id, lookback, now) for job_id in job_ids], now)
+    ended = [(lookup, lookup.recent(parts)) for lookup, parts in zip(lookups, found)]
+    ended = [(lookup, parts) for lookup, parts in ended if parts]
+    if ended:
+        for (lookup, _), parts in zip(ended, await query_parts_many(client, [p for _, p in ended], now)):
+            lookup.older(parts)
+    incomplete = [lookup for lookup in lookups if lookup.incomplete()]
+    if incomplete:
+        full = await query_parts_many(client, [q.job_lookup_full(lookup.job_id, lookback, now)
+                                               for lookup in incomplete], now)
+        for lookup, parts in zip(incomplete, full):
+            lookup.absorb(parts)
+    if strict:
+        return [lookup.facts(now) for lookup in lookups]
+    found_facts = []
+    for lookup in lookups:
+        try:
+            found_facts.append(lookup.facts(now))
+        except JobNotFound:
+            found_facts.append(None)
+    return found_facts

@@ -1,0 +1,354 @@
+"""The analytics' response bodies, declared once: the reports fill these dataclasses, `plain` turns them into
+JSON, and openapi.py generates its schemas from them (`schemas`). docs/api.md says what each field means."""
+
+import dataclasses
+import functools
+import types
+import typing
+from dataclasses import dataclass, field
+
+from trainmetrics.analytics import scoring
+from trainmetrics.contract import JOB_STATES, VANISHED
+
+# A job's status: a state its processes publish, or vanished (the job list filters and the summary counts
+# by these); STATUSES adds unknown (no state seen).
+STATES = (*JOB_STATES, VANISHED)
+STATUSES = (*STATES, "unknown")
+
+
+def described(text: str, **schema) -> dataclasses.Field:
+    """A field with a description (and any further JSON-schema keywords) in its schema."""
+    return field(metadata={"description": text, **schema})
+
+
+def unix_time() -> dataclasses.Field:
+    """A field holding unix seconds."""
+    return described("unix seconds")
+
+
+def status_field() -> dataclasses.Field:
+    """A job's status field."""
+    return described("the newest process's state; vanished: stopped without one and no longer scraped",
+                     enum=list(STATUSES))
+
+
+# ----- one job ----------------------------------------------------------------------------------------------
+
+@dataclass(slots=True)
+class Duration:
+    """Wall time from the first start to the last end (or now), and how it splits into runs and pauses."""
+
+    total_seconds: float | None
+    total_minutes: float | None
+    total_hours: float | None
+    paused_seconds: float | None = described("gaps between the job's runs (paused, or crashed and resumed)")
+    training_seconds: float | None = described("total_seconds - paused_seconds")
+    upload_seconds: float | None = described("dataset upload and ingest")
+
+
+@dataclass(slots=True)
+class Performance:
+    """Throughput and step times; exact (counters, the trainer's running maximum) unless described otherwise."""
+
+    total_samples: int | None
+    total_steps: int | None
+    average_samples_per_second: float | None = described("total_samples / training_seconds")
+    peak_samples_per_second: float | None = described("sampled: the highest rate over any peak_window_seconds")
+    peak_samples_per_second_at: float | None = unix_time()
+    peak_window_seconds: float | None = described("the window of the sampled peaks (throughput, CPU)")
+    average_step_seconds: float | None = described("step-time histogram sum / count")
+    peak_step_seconds: float | None = described("the longest step")
+    data_wait_percent: float | None = described("data-wait histogram sum / step-time histogram sum")
+
+
+@dataclass(slots=True)
+class HostCpu:
+    """The host's CPU before (the minute before the start) and during the job."""
+
+    baseline_percent: float | None
+    average_percent: float | None
+    increase_percent: float | None
+    peak_percent: float | None
+    peak_at: float | None = unix_time()
+
+
+@dataclass(slots=True)
+class HostMemory:
+    """The host's memory before (the minute before the start) and during the job."""
+
+    baseline_mb: float | None
+    average_mb: float | None
+    increase_mb: float | None
+    peak_mb: float | None
+    peak_at: float | None = unix_time()
+    limit_mb: float | None
+
+
+@dataclass(slots=True)
+class Host:
+    """The host under the job: the minute before it started (baseline) and during it."""
+
+    cpu: HostCpu
+    memory: HostMemory
+
+
+@dataclass(slots=True)
+class ResourceUtilization:
+    """Percent of one CPU core for the job's process tree; MB are MiB (2^20 bytes)."""
+
+    average_gpu_utilization_percent: float | None
+    peak_gpu_utilization_percent: float | None
+    peak_gpu_utilization_at: float | None = unix_time()
+    peak_gpu_memory_mb: float | None
+    average_gpu_temperature_celsius: float | None
+    average_cpu_percent: float | None = described("CPU seconds / training_seconds")
+    peak_cpu_percent: float | None
+    peak_cpu_at: float | None = unix_time()
+    peak_memory_mb: float | None
+    peak_memory_at: float | None = unix_time()
+    host: Host
+
+
+@dataclass(slots=True)
+class Checkpoints:
+    """Checkpoints written: the counter (it carries over a resume) and the write-time histogram's sum."""
+
+    count: int | None
+    total_seconds: float | None
+    mean_seconds: float | None
+
+
+@dataclass(slots=True)
+class Losses:
+    """Training and evaluation losses, each exactly the trainer's own figure."""
+
+    initial: float | None = described("the first logged training loss of the job's first run")
+    final: float | None = described("the last logged training loss")
+    best: float | None = described("the lowest logged training loss")
+    mean: float | None = described("the mean of every logged training loss")
+    reduction_percent: float | None = described("100 * (initial - final) / initial")
+    final_eval_loss: float | None
+    final_eval_accuracy: float | None
+    best_eval_loss: float | None
+    best_eval_accuracy: float | None
+
+
+@dataclass(slots=True)
+class Evaluation:
+    """One evaluation of the job on its held-out split."""
+
+    step: int | None = described("the step after which it ran")
+    loss: float | None
+    accuracy: float | None
+    time: float | None = unix_time()
+
+
+@dataclass(slots=True)
+class Efficiency:
+    __doc__ = scoring.__doc__.split("docs/api.md holds the same text):", 1)[-1].strip()
+
+    gpu_utilization_score: float | None
+    throughput_score: float | None
+    overall_score: float | None
+
+
+@dataclass(slots=True)
+class JobAnalytics:
+    """One job over its own run (every process, every rank)."""
+
+    job_id: str
+    job_name: str | None
+    model: str | None
+    dataset: str | None
+    owner: str | None
+    device: str | None
+    status: str = status_field()
+    error_type: str | None = described("the exception class that ended the job's last run")
+    start_time: float | None = unix_time()
+    end_time: float | None = described("unix seconds; null while running")
+    evaluated_at: float = described("unix seconds the analytics were computed at")
+    duration: Duration
+    performance: Performance
+    resource_utilization: ResourceUtilization
+    checkpoints: Checkpoints
+    losses: Losses
+    evaluations: list[Evaluation] = described("every evaluation, in order")
+    efficiency: Efficiency
+
+
+# ----- the fleet ----------------------------------------------------------------------------------------------
+
+@dataclass(slots=True)
+class JobRow:
+    """One job seen in Prometheus; durations and throughput as the job's analytics give them."""
+
+    job_id: str
+    job_name: str | None
+    model: str | None
+    dataset: str | None
+    owner: str | None
+    device: str | None
+    status: str = status_field()
+    start_time: float | None = unix_time()
+    end_time: float | None = unix_time()
+    duration_seconds: float | None
+    paused_seconds: float | None
+    training_seconds: float | None
+    total_samples: int | None
+    average_samples_per_second: float | None
+    final_loss: float | None
+
+
+@dataclass(slots=True)
+class JobList:
+    """Jobs seen in Prometheus, filtered."""
+
+    range_seconds: float
+    count: int
+    jobs: list[JobRow]
+
+
+@dataclass(slots=True)
+class TopJob:
+    """One of the fleet's fastest jobs."""
+
+    job_id: str
+    job_name: str | None
+    owner: str | None
+    status: str = status_field()
+    average_samples_per_second: float | None
+    duration_seconds: float | None
+    paused_seconds: float | None
+    training_seconds: float | None
+    total_samples: int | None
+    final_loss: float | None
+
+
+@dataclass(slots=True)
+class Trend:
+    """A resource trend: its points [unix seconds, value], their average and peak."""
+
+    average: float | None
+    peak: float | None
+    points: list[tuple[float, float | None]]
+
+
+@dataclass(slots=True)
+class ResourceTrends:
+    """The hosts' and jobs' trends at step_seconds resolution."""
+
+    step_seconds: float
+    series: dict[str, Trend]
+
+
+@dataclass(slots=True)
+class Summary:
+    """The fleet over the last range_seconds."""
+
+    range_seconds: float
+    evaluated_at: float
+    total_jobs: int
+    jobs_by_status: dict[str, int]
+    average_duration_seconds: float | None
+    total_training_seconds: float | None
+    average_throughput_samples_per_sec: float | None
+    top_performing_jobs: list[TopJob] = described("the 5 fastest jobs", maxItems=5)
+    resource_trends: ResourceTrends
+
+
+@dataclass(slots=True)
+class CompareRow:
+    """One job of a comparison."""
+
+    job_id: str
+    job_name: str | None
+    status: str = status_field()
+    duration_seconds: float | None
+    paused_seconds: float | None
+    training_seconds: float | None
+    throughput: float | None = described("average samples/s")
+    peak_throughput: float | None
+    total_samples: int | None
+    final_loss: float | None
+    best_loss: float | None
+    gpu_utilization: float | None
+    average_cpu_percent: float | None
+    peak_memory_mb: float | None
+    overall_score: float | None
+
+
+Winner = dataclasses.make_dataclass("Winner", [(category, str | None) for category in scoring.CATEGORIES], slots=True)
+Winner.__doc__ = ("Winning job id per category (first in request order among equals); fastest counts completed "
+                  "jobs only; null when no job has the value.")
+
+
+@dataclass(slots=True)
+class Comparison:
+    """Jobs side by side, and the winner per category."""
+
+    jobs: list[CompareRow]
+    winner: Winner
+    ties: dict[str, list[str]] = described("for each tied category, every job id sharing the best value")
+
+
+# ----- JSON and schemas ---------------------------------------------------------------------------------------
+
+@functools.cache
+def _names(shape: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(shape))
+
+
+def plain(value):
+    """A shape as JSON-ready dicts and lists."""
+    if dataclasses.is_dataclass(value):
+        return {name: plain(getattr(value, name)) for name in _names(type(value))}
+    if isinstance(value, (list, tuple)):
+        return [plain(item) for item in value]
+    if isinstance(value, dict):
+        return {key: plain(item) for key, item in value.items()}
+    return value
+
+
+def columns(shape: type) -> list[str]:
+    """A row shape's field names, in order (a CSV's columns)."""
+    return list(_names(shape))
+
+
+JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean"}
+
+
+def _schema(annotation, components: dict) -> dict:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation in JSON_TYPES:
+        return {"type": JSON_TYPES[annotation]}
+    if origin in (types.UnionType, typing.Union):
+        (inner,) = [arg for arg in args if arg is not type(None)]
+        schema = _schema(inner, components)
+        if "type" in schema:
+            return {**schema, "type": [schema["type"], "null"]}
+        return {"anyOf": [schema, {"type": "null"}]}
+    if origin is list:
+        return {"type": "array", "items": _schema(args[0], components)}
+    if origin is tuple:
+        return {"type": "array", "prefixItems": [_schema(arg, components) for arg in args]}
+    if origin is dict:
+        return {"type": "object", "additionalProperties": _schema(args[1], components)}
+    if dataclasses.is_dataclass(annotation):
+        name = annotation.__name__
+        if name not in components:
+            components[name] = {}    # claimed before its fields: a shape may refer to itself
+            hints = typing.get_type_hints(annotation)
+            properties = {f.name: {**_schema(hints[f.name], components), **f.metadata}
+                          for f in dataclasses.fields(annotation)}
+            components[name] = {"type": "object", "description": annotation.__doc__, "properties": properties,
+                                "required": list(properties)}
+        return {"$ref": f"#/components/schemas/{name}"}
+    raise TypeError(f"no JSON schema for {annotation!r}")
+
+
+def schemas(*roots: type) -> dict[str, dict]:
+    """The JSON schemas of the shapes and of every shape they hold, by name."""
+    components: dict[str, dict] = {}
+    for root in roots:
+        _schema(root, components)
+    return components

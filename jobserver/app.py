@@ -1,0 +1,291 @@
+"""The job server's HTTP side: upload datasets, submit jobs, pause/resume/cancel them, list and download
+checkpoints. Handlers are thin: they read the request, run one JobService operation on the state thread and
+answer. The event loop never blocks: SQLite, process starts, psutil and file inspection run off it.
+
+build_component() gives the edge (trainmetrics.edge) the routes, the lifespan (store, supervisor, the state
+thread and the supervision loop), the /metrics registry and the health check.
+"""
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import signal
+import time
+from pathlib import Path
+from typing import Callable, TypeVar
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Route
+
+from trainmetrics.contract import JOB_STATES, Trainer
+from trainmetrics.edge import ApiError, Component, read_json
+from trainmetrics.jobserver.jobs import JobService, ServerSettings
+from trainmetrics.jobserver.local import STOP_SIGNALS
+from trainmetrics.jobserver.store import JobStore
+from trainmetrics.jobserver.supervisor import Supervisor
+from trainmetrics.jobserver.uploads import check_upload_request, receive_dataset
+
+log = logging.getLogger("trainmetrics.server")
+
+TICK_SECONDS = 0.2
+# The supervision loop is healthy while it has ticked within this long.
+STALE_TICK_SECONDS = 10.0
+Result = TypeVar("Result")
+
+
+class StateThread:
+    """One worker thread that owns the store and the supervisor: every operation on them runs here, one at a
+    time, so they need no locks and the event loop waits on nothing."""
+
+    def __init__(self):
+        # Job processes are started from this thread: with the stop signals blocked here, a job starts with
+        # them blocked and gets any that came early once its handlers exist (trainer/stopping.py).
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="jobserver-state",
+            initializer=signal.pthread_sigmask, initargs=(signal.SIG_BLOCK, STOP_SIGNALS.values()))
+
+    async def run(self, operation: Callable[..., Result], *args) -> Result:
+        """Run operation(*args) on the state thread and wait for it without blocking the loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, operation, *args)
+
+    def close(self) -> None:
+        """Finish what is queued and stop the thread."""
+        self._executor.shutdown(wait=True)
+
+
+class JobServer:
+    """What the routes share: the settings, the operations and the state thread (set up by the lifespan)."""
+
+    def __init__(self, settings: ServerSettings):
+        self.settings = settings
+        self.service: JobService | None = None
+        self.state = StateThread()
+        self.waiting: list[tuple[str, str]] = []    # queued and paused jobs as of the last tick, for /metrics
+        self.last_tick: float | None = None
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(WaitingJobsCollector(self))
+
+    async def call(self, operation: Callable[..., Result], *args) -> Result:
+        """Run a JobService operation on the state thread."""
+        return await self.state.run(operation, *args)
+
+    def tick(self) -> None:
+        """One round of supervision (on the state thread)."""
+        self.service.supervisor.tick()
+        self.waiting = self.service.waiting_jobs()
+        self.last_tick = time.monotonic()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self):
+        """Open the store, recover jobs, supervise them while serving; on the way out pause running jobs (they
+        resume at the next start)."""
+        settings = self.settings
+        data_dir = Path(settings.data_dir)
+        (data_dir / "datasets").mkdir(parents=True, exist_ok=True)
+
+        def open_service() -> JobService:
+            store = JobStore(data_dir / "trainmetrics.db")
+            supervisor = Supervisor(store, data_dir, settings.job_dir, settings.max_concurrent,
+                                    settings.linger_timeout, advertise_url=settings.advertise_url)
+            supervisor.recover()
+            return JobService(settings, store, supervisor)
+
+        self.service = await self.call(open_service)
+        task = asyncio.create_task(self._supervise())
+        try:
+            yield {"jobserver": self}
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await self.call(self.service.supervisor.shutdown)
+            await self.call(self.service.store.close)
+            self.state.close()
+
+    async def _supervise(self) -> None:
+        while True:
+            try:
+                await self.call(self.tick)
+            except Exception:
+                log.exception("supervisor tick failed")
+            await asyncio.sleep(TICK_SECONDS)
+
+    async def health(self, request: Request) -> dict:
+        """Supervising: the loop ticked lately (the state thread is not stuck)."""
+        if self.last_tick is None or time.monotonic() - self.last_tick > STALE_TICK_SECONDS:
+            raise ApiError(503, "not_supervising", "the job supervision loop has not run lately")
+        return {"running_jobs": self.service.supervisor.running_count()}
+
+
+class WaitingJobsCollector:
+    """trainer_job_state for jobs without a process (queued, paused), so Prometheus sees every state. Reads
+    the last tick's list: collecting never touches the database."""
+
+    def __init__(self, server: JobServer):
+        self.server = server
+
+    def collect(self):
+        family = GaugeMetricFamily(Trainer.JOB_STATE, "1 for the job's current lifecycle state, 0 for the others.",
+                                   labels=["job_id", "state"])
+        for job_id, current in self.server.waiting:
+            for state in JOB_STATES:
+                family.add_metric([job_id, state], 1 if state == current else 0)
+        yield family
+
+
+def _server(request: Request) -> JobServer:
+    return request.state.jobserver
+
+
+def _caller(request: Request) -> str | None:
+    return getattr(request.state, "owner", None)
+
+
+def _allow_only(request: Request, allowed: set[str]) -> None:
+    unknown = sorted(set(request.query_params) - allowed)
+    if unknown:
+        raise ApiError(400, "bad_request", f"{unknown[0][:40]}: unknown parameter (allowed: "
+                                           f"{', '.join(sorted(allowed)) or 'none'})")
+
+
+# ----- routes ----------------------------------------------------------------------------------------------
+
+async def upload_dataset(request: Request) -> JSONResponse:
+    """POST /api/training/datasets?name=FILE.csv|.npz with the file as the raw body (streamed to disk)."""
+    server = _server(request)
+    _allow_only(request, {"name"})
+    max_bytes = server.settings.max_upload_bytes
+    name = check_upload_request(request, max_bytes)
+    fields = await receive_dataset(request, name, Path(server.settings.data_dir) / "datasets", max_bytes)
+    return JSONResponse(await server.call(server.service.add_dataset, _caller(request), fields), status_code=201)
+
+
+async def list_datasets(request: Request) -> JSONResponse:
+    """GET /api/training/datasets."""
+    server = _server(request)
+    _allow_only(request, set())
+    return JSONResponse({"datasets": await server.call(server.service.list_datasets, _caller(request))})
+
+
+async def submit_job(request: Request) -> JSONResponse:
+    """POST /api/training/jobs with a JSON spec -> 201 {job_id, state, ...}."""
+    server = _server(request)
+    _allow_only(request, set())
+    body = await read_json(request)
+    return JSONResponse(await server.call(server.service.submit, _caller(request), body), status_code=201)
+
+
+async def list_jobs(request: Request) -> JSONResponse:
+    """GET /api/training/jobs?state=... (the server's own jobs, queued ones included)."""
+    server = _server(request)
+    _allow_only(request, {"state"})
+    jobs = await server.call(server.service.list_jobs, _caller(request), request.query_params.get("state"))
+    return JSONResponse({"jobs": jobs})
+
+
+async def get_job(request: Request) -> JSONResponse:
+    """GET /api/training/jobs/{job_id}."""
+    server = _server(request)
+    return JSONResponse(await server.call(server.service.get, _caller(request), request.path_params["job_id"]))
+
+
+async def pause_job(request: Request) -> JSONResponse:
+    """POST .../pause: a running job checkpoints at its next step boundary and stops, resumable (202)."""
+    server = _server(request)
+    status, job = await server.call(server.service.stop, _caller(request), request.path_params["job_id"], "paused")
+    return JSONResponse(job, status_code=status)
+
+
+async def cancel_job(request: Request) -> JSONResponse:
+    """POST .../cancel: queued or paused -> cancelled at once (200); running -> at its next step (202)."""
+    server = _server(request)
+    status, job = await server.call(server.service.stop, _caller(request), request.path_params["job_id"],
+                                    "cancelled")
+    return JSONResponse(job, status_code=status)
+
+
+async def resume_job(request: Request) -> JSONResponse:
+    """POST .../resume: paused (or failed with a checkpoint) -> queued, continuing from its checkpoint."""
+    server = _server(request)
+    return JSONResponse(await server.call(server.service.resume, _caller(request), request.path_params["job_id"]))
+
+
+async def list_job_checkpoints(request: Request) -> JSONResponse:
+    """GET .../checkpoints."""
+    server = _server(request)
+    return JSONResponse(await server.call(server.service.checkpoints, _caller(request),
+                                          request.path_params["job_id"]))
+
+
+async def download_model(request: Request) -> Response:
+    """GET .../download/model: the final weights (a state dict, torch.load(weights_only=True))."""
+    server = _server(request)
+    job_id, path = await server.call(server.service.model_path, _caller(request), request.path_params["job_id"])
+    return FileResponse(path, filename=f"{job_id}-model.pt", media_type="application/octet-stream")
+
+
+async def download_checkpoint(request: Request) -> Response:
+    """GET .../download/checkpoints/{name}: only names like step-000000123.pt inside the job's dir."""
+    server = _server(request)
+    job_id, path = await server.call(server.service.checkpoint_path, _caller(request),
+                                     request.path_params["job_id"], request.path_params["name"])
+    return FileResponse(path, filename=f"{job_id}-{path.name}", media_type="application/octet-stream")
+
+
+def _bearer(request: Request) -> str:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
+async def register_endpoint(request: Request) -> JSONResponse:
+    """POST /api/internal/jobs/{job_id}/endpoints: a job process reports its /metrics (its run's secret)."""
+    server = _server(request)
+    _allow_only(request, set())
+    body = await read_json(request)
+    return JSONResponse(await server.call(server.service.register_endpoint, request.path_params["job_id"],
+                                          _bearer(request), body), status_code=201)
+
+
+async def withdraw_endpoint(request: Request) -> Response:
+    """DELETE /api/internal/jobs/{job_id}/endpoints?rank=N: the process is done being scraped."""
+    server = _server(request)
+    _allow_only(request, {"rank"})
+    await server.call(server.service.withdraw_endpoint, request.path_params["job_id"], _bearer(request),
+                      request.query_params.get("rank"))
+    return Response(status_code=204)
+
+
+async def service_discovery(request: Request) -> JSONResponse:
+    """GET /api/training/sd: Prometheus http_sd targets, every running job process's /metrics."""
+    server = _server(request)
+    _allow_only(request, set())
+    return JSONResponse(await server.call(server.service.discovery))
+
+
+ROUTES = [
+    Route("/api/training/datasets", upload_dataset, methods=["POST"]),
+    Route("/api/training/datasets", list_datasets, methods=["GET"]),
+    Route("/api/training/jobs", submit_job, methods=["POST"]),
+    Route("/api/training/jobs", list_jobs, methods=["GET"]),
+    Route("/api/training/jobs/{job_id}", get_job, methods=["GET"]),
+    Route("/api/training/jobs/{job_id}/pause", pause_job, methods=["POST"]),
+    Route("/api/training/jobs/{job_id}/resume", resume_job, methods=["POST"]),
+    Route("/api/training/jobs/{job_id}/cancel", cancel_job, methods=["POST"]),
+    Route("/api/training/jobs/{job_id}/checkpoints", list_job_checkpoints, methods=["GET"]),
+    Route("/api/training/jobs/{job_id}/download/model", download_model, methods=["GET"]),
+    Route("/api/training/jobs/{job_id}/download/checkpoints/{name:path}", download_checkpoint, methods=["GET"]),
+    Route("/api/training/sd", service_discovery, methods=["GET"]),
+    Route("/api/internal/jobs/{job_id}/endpoints", register_endpoint, methods=["POST"]),
+    Route("/api/internal/jobs/{job_id}/endpoints", withdraw_endpoint, methods=["DELETE"]),
+]
+
+
+def build_component(settings: ServerSettings) -> Component:
+    """The job server as a component of an app (trainmetrics.edge.build_app)."""
+    server = JobServer(settings)
+    return Component(name="jobs", routes=ROUTES, lifespan=server.lifespan, registry=server.registry,
+                     health=server.health, extra={"server": server})

@@ -1,0 +1,66 @@
+"""Owners and their bearer tokens: a tokens file of `TOKEN OWNER` lines.
+
+With tokens, every request but /healthz needs `Authorization: Bearer TOKEN`; each owner sees and touches only
+their own datasets and jobs, and job ids are theirs by name: an owner's job ids start with `OWNER-`, so no
+owner can claim, or probe for, another's. The reserved owner `@metrics` is a scraper's identity: it may read
+/metrics (which lists every owner's queued and paused jobs) and the HTTP service discovery, and nothing else.
+"""
+
+import hmac
+import re
+from pathlib import Path
+
+from trainmetrics.edge import ApiError
+
+METRICS_READER = "@metrics"
+SCRAPER_PATHS = ("/metrics", "/api/training/sd")
+OWNER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_]{0,31}$")
+MIN_TOKEN_LENGTH = 16
+
+
+def load_tokens(path: Path) -> dict[bytes, str]:
+    """A tokens file: one `TOKEN OWNER` per line, `#` comments. Raises ValueError naming the bad line."""
+    tokens: dict[bytes, str] = {}
+    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.split()
+        if len(parts) != 2 or len(parts[0]) < MIN_TOKEN_LENGTH or not parts[0].isascii():
+            raise ValueError(f"{path}: line {number}: expected 'TOKEN OWNER' with an ASCII token of "
+                             f"{MIN_TOKEN_LENGTH}+ characters")
+        if parts[1] != METRICS_READER and not OWNER_NAME.fullmatch(parts[1]):
+            raise ValueError(f"{path}: line {number}: owner {parts[1][:40]!r} must match {OWNER_NAME.pattern} "
+                             f"(or be {METRICS_READER})")
+        tokens[parts[0].encode()] = parts[1]
+    if not tokens:
+        raise ValueError(f"{path}: no tokens")
+    return tokens
+
+
+class TokenAuth:
+    """Bearer tokens to owners, compared in constant time."""
+
+    def __init__(self, tokens: dict[bytes, str]):
+        self.tokens = tokens
+
+    def owner(self, authorization: str | None) -> str:
+        """The caller's owner, or ApiError 401 for a missing, unknown or malformed token."""
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() == "bearer":
+            presented = token.strip().encode("utf-8", "replace")
+            for known, owner in self.tokens.items():
+                if hmac.compare_digest(known, presented):
+                    return owner
+        raise ApiError(401, "unauthorized", "missing or unknown bearer token",
+                       {"WWW-Authenticate": 'Bearer realm="trainmetrics"'})
+
+    def allows(self, owner: str, path: str) -> bool:
+        """The metrics reader reads /metrics and the service discovery (both name every owner's jobs) and
+        nothing else; owners everything else."""
+        return (path in SCRAPER_PATHS) == (owner == METRICS_READER)
+
+
+def job_id_prefix(owner: str | None) -> str:
+    """What an owner's job ids start with ("" without owners)."""
+    return f"{owner}-" if owner else ""

@@ -1,0 +1,88 @@
+"""The job server's flags and settings (`trainmetrics server`, composed with the analytics in
+trainmetrics/service.py)."""
+
+import argparse
+import ipaddress
+from pathlib import Path
+
+from trainmetrics.command import FlagError
+
+
+def add_jobserver_flags(parser: argparse.ArgumentParser) -> None:
+    """The job server's own flags."""
+    group = parser.add_argument_group("jobs")
+    group.add_argument("--data-dir", type=Path, required=True,
+                       help="where datasets, jobs (checkpoints, logs, results) and the SQLite database live")
+    group.add_argument("--tokens", type=Path, default=None, metavar="FILE",
+                       help="file of 'TOKEN OWNER' lines: every request then needs 'Authorization: Bearer TOKEN', "
+                            "sees only its owner's jobs, and job ids start with 'OWNER-' (default: no owners)")
+    group.add_argument("--insecure-no-auth", action="store_true",
+                       help="allow a non-loopback --listen without --tokens (anyone reaching it controls jobs)")
+    group.add_argument("--max-concurrent", type=int, default=None,
+                       help="jobs running at once; more wait queued (default: one per GPU, 1 without)")
+    group.add_argument("--advertise-url", default=None, metavar="URL",
+                       help="how jobs reach this server to report their /metrics endpoints for Prometheus' HTTP "
+                            "service discovery (default: from --listen; give it when jobs run on other hosts)")
+    group.add_argument("--job-dir", type=Path, default=None,
+                       help="job-mapping directory the node exporter reads (default: none)")
+    group.add_argument("--max-upload-bytes", type=int, default=256 * 1024 * 1024, help="largest dataset upload")
+    group.add_argument("--linger-timeout", type=float, default=15.0,
+                       help="how long a finished job waits for every scraper to read its final state")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _gpu_count() -> int:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return pynvml.nvmlDeviceGetCount()
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:   # no NVML, no driver, no GPU: a CPU machine
+        return 0
+
+
+def jobserver_settings(args: argparse.Namespace, host: str, web_config):
+    """(ServerSettings, TokenAuth or None) from the flags; FlagError naming the first bad one."""
+    from trainmetrics.jobserver.auth import TokenAuth, load_tokens
+    from trainmetrics.jobserver.jobs import ServerSettings
+
+    auth = None
+    if args.tokens is not None:
+        try:
+            auth = TokenAuth(load_tokens(args.tokens))
+        except (OSError, ValueError) as error:
+            raise FlagError("--tokens", str(error)) from None
+        if web_config.users:
+            raise FlagError("--tokens", "cannot be used with basic_auth_users in --web.config.file: both take the "
+                                        "Authorization header")
+    elif not _is_loopback(host) and not args.insecure_no_auth:
+        raise FlagError("--listen", f"refusing to serve on {host} without --tokens (add --insecure-no-auth to "
+                                    "allow it)")
+    max_concurrent = args.max_concurrent if args.max_concurrent is not None else max(1, _gpu_count())
+    if max_concurrent < 1:
+        raise FlagError("--max-concurrent", f"must be at least 1, got {max_concurrent}")
+    if args.max_upload_bytes < 1:
+        raise FlagError("--max-upload-bytes", f"must be at least 1, got {args.max_upload_bytes}")
+    if args.linger_timeout < 0:
+        raise FlagError("--linger-timeout", f"must not be negative, got {args.linger_timeout:g}")
+    try:
+        args.data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise FlagError("--data-dir", f"{args.data_dir}: {error.strerror or error}") from None
+    if args.advertise_url is not None and not args.advertise_url.startswith(("http://", "https://")):
+        raise FlagError("--advertise-url", f"must be an http(s) URL, got {args.advertise_url[:80]!r}")
+    settings = ServerSettings(data_dir=args.data_dir, job_dir=args.job_dir, advertise_url=args.advertise_url,
+                              owners=auth is not None, max_concurrent=max_concurrent,
+                              max_upload_bytes=args.max_upload_bytes, linger_timeout=args.linger_timeout)
+    return settings, auth

@@ -1,0 +1,221 @@
+"""What the job API does, as plain synchronous operations on the store and the supervisor. The routes
+(app.py) run each one on the job server's state thread, one at a time, so requests and supervision never
+race and the event loop never waits on SQLite, psutil or a process start.
+
+Every operation takes the caller's owner; another owner's job or dataset is "not found" (404), never 403.
+"""
+
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from trainmetrics.contract import BUILTIN_DATASETS, JOB_STATES, SpecError, new_job_id, parse_spec, validate_job_id
+from trainmetrics.edge import ApiError
+from trainmetrics.jobfiles import CHECKPOINT_PATTERN, list_checkpoints
+from trainmetrics.jobserver.auth import job_id_prefix
+from trainmetrics.jobserver.store import DatasetRecord, JobRecord, JobStore
+from trainmetrics.jobserver.supervisor import StopRefused, Supervisor, token_matches
+
+DEFAULT_OWNER = "default"     # the owner of every job when the server has no tokens
+# The service discovery counts as read by a scraper for this long after a read (deploy/'s refresh_interval
+# is 1 s). A job reported while nobody reads it does not wait for a first scrape that would never come.
+DISCOVERY_WATCHED_SECONDS = 10.0
+# HOST:PORT a job reports: a DNS name or IPv4 address, or an IPv6 address in brackets.
+ENDPOINT_ADDRESS = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]{2,45}\]):\d{1,5}$")
+
+
+@dataclass
+class ServerSettings:
+    """What `trainmetrics server` was started with."""
+
+    data_dir: Path
+    job_dir: Path | None = None
+    advertise_url: str | None = None           # how jobs reach this server (set once it listens)
+    owners: bool = False                       # True with --tokens: ids and data are per owner
+    max_concurrent: int = 1
+    max_upload_bytes: int = 256 * 1024 * 1024
+    linger_timeout: float = 15.0
+
+
+class JobService:
+    """The job API's operations."""
+
+    def __init__(self, settings: ServerSettings, store: JobStore, supervisor: Supervisor):
+        self.settings, self.store, self.supervisor = settings, store, supervisor
+        self.discovery_read_at: float | None = None     # when a scraper last read the service discovery
+
+    def owner(self, caller: str | None) -> str:
+        """The owner recorded on jobs and datasets: the caller's, or 'default' without tokens."""
+        return caller or DEFAULT_OWNER
+
+    # ----- datasets ----------------------------------------------------------------------------------
+    def add_dataset(self, caller: str | None, fields: dict) -> dict:
+        """Record an uploaded dataset."""
+        record = DatasetRecord(owner=self.owner(caller), created=time.time(), **fields)
+        self.store.add_dataset(record)
+        return record.public()
+
+    def list_datasets(self, caller: str | None) -> list[dict]:
+        """The caller's datasets."""
+        return [d.public() for d in self.store.list_datasets(self.owner(caller))]
+
+    # ----- jobs --------------------------------------------------------------------------------------
+    def job(self, caller: str | None, job_id: str) -> JobRecord:
+        """The job, if the caller may see it (404 otherwise)."""
+        try:
+            validate_job_id(job_id)
+        except ValueError as error:
+            raise ApiError(400, "bad_request", f"job_id: {error}") from None
+        job = self.store.get_job(job_id, self.owner(caller))
+        if job is None:
+            raise ApiError(404, "not_found", f"no job {job_id!r}")
+        return job
+
+    def submit(self, caller: str | None, body: object) -> dict:
+        """Check a spec against the contract and queue the job (started at once when there is room)."""
+        owner = self.owner(caller)
+        try:
+            values = parse_spec(body)
+        except SpecError as error:
+            raise ApiError(400, "bad_request", str(error)) from None
+        prefix = job_id_prefix(caller if self.settings.owners else None)
+        job_id = values.pop("job_id", None) or prefix + new_job_id()
+        if not job_id.startswith(prefix):
+            raise ApiError(400, "bad_request", f"job_id: must start with {prefix!r}: job ids are per owner")
+        name = values.pop("job_name", None) or job_id
+        dataset = values.get("dataset", "blobs")
+        if dataset in BUILTIN_DATASETS:
+            values.update(dataset=dataset, dataset_path=dataset, upload_seconds=None)
+        else:
+            record = self.store.get_dataset(dataset, owner)
+            if record is None:
+                raise ApiError(400, "bad_request", f"dataset: no dataset {dataset[:80]!r} (built-ins: "
+                                                   f"{', '.join(BUILTIN_DATASETS)})")
+            values.update(dataset=dataset, dataset_path=record.path, upload_seconds=record.upload_seconds)
+        values.setdefault("nproc", 1)
+        job = JobRecord(id=job_id, owner=owner, name=name, spec=values, state="queued")
+        if not self.store.add_job(job):
+            raise ApiError(409, "conflict", f"job_id: {job_id!r} exists")
+        self.supervisor.tick()
+        return self.store.get_job(job_id).public()
+
+    def list_jobs(self, caller: str | None, state: str | None) -> list[dict]:
+        """The caller's jobs, oldest first, optionally in one state."""
+        if state is not None and state not in JOB_STATES:
+            raise ApiError(400, "bad_request", f"state: one of {', '.join(JOB_STATES)}")
+        return [job.public() for job in self.store.list_jobs(self.owner(caller), (state,) if state else None)]
+
+    def get(self, caller: str | None, job_id: str) -> dict:
+        """One job, with its checkpoint count."""
+        job = self.job(caller, job_id)
+        return {**job.public(), "checkpoints": len(list_checkpoints(self.supervisor.checkpoint_dir(job.id)))}
+
+    def stop(self, caller: str | None, job_id: str, outcome: str) -> tuple[int, dict]:
+        """Pause or cancel. A queued or paused job is cancelled at once (200); a running one is signalled and
+        stops at its next step boundary (202, `stop_requested` says which stop is under way)."""
+        job = self.job(caller, job_id)
+        if outcome == "cancelled" and job.state in ("queued", "paused"):
+            self.store.update_job(job.id, state="cancelled", ended=time.time(), resume=False)
+            return 200, self.store.get_job(job.id).public()
+        try:
+            self.supervisor.request_stop(job, outcome)
+        except StopRefused as error:
+            raise ApiError(409, "conflict", str(error)) from None
+        return 202, self.store.get_job(job.id).public()
+
+    def resume(self, caller: str | None, job_id: str) -> dict:
+        """Paused, or failed with a checkpoint: queued again, to continue from its last checkpoint."""
+        job = self.job(caller, job_id)
+        has_checkpoint = bool(list_checkpoints(self.supervisor.checkpoint_dir(job.id)))
+        if not (job.state == "paused" or (job.state == "failed" and has_checkpoint)):
+            raise ApiError(409, "conflict", f"job {job.id} is {job.state}: only paused jobs, or failed ones with "
+                                            "a checkpoint, resume")
+        self.store.update_job(job.id, state="queued", resume=True, ended=None, error=None)
+        self.supervisor.tick()
+        return self.store.get_job(job.id).public()
+
+    # ----- checkpoints and downloads -----------------------------------------------------------------
+    def checkpoints(self, caller: str | None, job_id: str) -> dict:
+        """The job's checkpoints, oldest first."""
+        job = self.job(caller, job_id)
+        found = []
+        for checkpoint in list_checkpoints(self.supervisor.checkpoint_dir(job.id)):
+            try:
+                stat = checkpoint.path.stat()
+            except FileNotFoundError:     # pruned by the job meanwhile
+                continue
+            found.append({"name": checkpoint.path.name, "step": checkpoint.step, "size_bytes": stat.st_size,
+                          "modified": stat.st_mtime})
+        return {"job_id": job.id, "checkpoints": found}
+
+    def model_path(self, caller: str | None, job_id: str) -> tuple[str, Path]:
+        """The job's final weights file (404 until it completed)."""
+        job = self.job(caller, job_id)
+        path = self.supervisor.final_model(job.id)
+        if not path.is_file():
+            raise ApiError(404, "not_found", f"job {job.id} has no final model (state {job.state})")
+        return job.id, path
+
+    def checkpoint_path(self, caller: str | None, job_id: str, name: str) -> tuple[str, Path]:
+        """One checkpoint file, only by a checkpoint's name, only inside the job's directory."""
+        job = self.job(caller, job_id)
+        if not CHECKPOINT_PATTERN.fullmatch(name):
+            raise ApiError(400, "bad_request", "name: a checkpoint name like step-000000123.pt")
+        directory = self.supervisor.checkpoint_dir(job.id).resolve()
+        path = directory / name
+        if path.is_symlink() or not path.is_file() or path.resolve().parent != directory:
+            raise ApiError(404, "not_found", f"job {job.id} has no checkpoint {name}")
+        return job.id, path
+
+    # ----- endpoints for Prometheus' HTTP service discovery ---------------------------------------------
+    def _reporting_job(self, job_id: str, token: str) -> JobRecord:
+        """The running job whose current run holds this secret; 401 for anything else (one answer for all)."""
+        try:
+            validate_job_id(job_id)
+            job = self.store.get_job(job_id)
+        except ValueError:
+            job = None
+        if job is None or job.state != "running" or not token_matches(job, token):
+            raise ApiError(401, "unauthorized", "not a running job's endpoint secret")
+        return job
+
+    def register_endpoint(self, job_id: str, token: str, body: object) -> dict:
+        """A job process reports where it serves /metrics: {rank, address: "HOST:PORT", scheme}."""
+        job = self._reporting_job(job_id, token)
+        if not isinstance(body, dict) or set(body) != {"rank", "address", "scheme"}:
+            raise ApiError(400, "bad_request", "body: expected {rank, address, scheme}")
+        rank, address, scheme = body["rank"], body["address"], body["scheme"]
+        if not isinstance(rank, int) or isinstance(rank, bool) or not 0 <= rank < job.spec.get("nproc", 1):
+            raise ApiError(400, "bad_request", "rank: one of the job's ranks")
+        if not isinstance(address, str) or not ENDPOINT_ADDRESS.fullmatch(address) or \
+                not 0 < int(address.rsplit(":", 1)[1]) < 65536:
+            raise ApiError(400, "bad_request", "address: HOST:PORT")
+        if scheme not in ("http", "https"):
+            raise ApiError(400, "bad_request", "scheme: http or https")
+        self.store.set_endpoint(job.id, rank, address, scheme)
+        # `watched`: a scraper reads the service discovery, so the job can wait for its first scrape.
+        read_at = self.discovery_read_at
+        watched = read_at is not None and time.monotonic() - read_at < DISCOVERY_WATCHED_SECONDS
+        return {"job_id": job.id, "rank": rank, "address": address, "scheme": scheme, "watched": watched}
+
+    def withdraw_endpoint(self, job_id: str, token: str, rank: str | None) -> None:
+        """A job process is done being scraped."""
+        job = self._reporting_job(job_id, token)
+        if rank is None or not rank.isascii() or not rank.isdigit():
+            raise ApiError(400, "bad_request", "rank: one of the job's ranks")
+        self.store.remove_endpoints(job.id, int(rank))
+
+    def discovery(self) -> list[dict]:
+        """Every running job process's /metrics, in Prometheus' http_sd format; the job's identity goes in
+        __meta_ labels (the series carry job_id themselves: a target label of that name would clash)."""
+        self.discovery_read_at = time.monotonic()
+        return [{"targets": [address], "labels": {"__scheme__": scheme, "__meta_trainmetrics_job_id": job_id,
+                                                  "__meta_trainmetrics_owner": owner,
+                                                  "__meta_trainmetrics_rank": str(rank)}}
+                for job_id, owner, rank, address, scheme in self.store.endpoints()]
+
+    def waiting_jobs(self) -> list[tuple[str, str]]:
+        """(job id, state) of every queued and paused job, for /metrics (their own process publishes while
+        they run)."""
+        return [(job.id, job.state) for job in self.store.list_jobs(states=("queued", "paused"))]

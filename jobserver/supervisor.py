@@ -1,0 +1,196 @@
+"""Runs the job server's jobs through an executor, queued beyond a limit, and owns every state change that
+follows a process: it starts queued jobs, learns each run's outcome from the result file the job writes
+(trainmetrics.jobfiles; never from its log), adopts jobs that survived a server restart, resumes the ones
+whose process died with the server, and signals stops.
+
+Not thread-safe by design: the job server calls it from its one state thread only.
+"""
+
+import hashlib
+import hmac
+import logging
+import secrets
+import signal
+import time
+from pathlib import Path
+
+from trainmetrics.contract import EXIT_STATES, REGISTER_TOKEN_VARIABLE, STOP_VERBS, train_args
+from trainmetrics.jobfiles import FINAL_MODEL_NAME, RESULT_FILE_NAME, list_checkpoints, read_result
+from trainmetrics.jobserver.local import LocalExecutor, Run
+from trainmetrics.jobserver.store import JobRecord, JobStore
+
+
+log = logging.getLogger("trainmetrics.server")
+
+# How strongly each stop binds: a cancel accepted after a pause wins, a pause never undoes a cancel.
+STOP_STRENGTH = {None: 0, "paused": 1, "cancelled": 2}
+
+
+def token_digest(token: str) -> str:
+    """How a run's secret is kept: its SHA-256, never the secret."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def token_matches(job: JobRecord, presented: str) -> bool:
+    """True when `presented` is the secret of the job's current run (constant time)."""
+    return job.run_token is not None and hmac.compare_digest(job.run_token, token_digest(presented))
+
+
+class StopRefused(Exception):
+    """A stop that cannot be accepted; the message says why."""
+
+
+class Supervisor:
+    """Starts, watches and signals the job processes."""
+
+    def __init__(self, store: JobStore, data_dir: Path, job_dir: Path | None, max_concurrent: int,
+                 linger_timeout: float = 15.0, executor: LocalExecutor | None = None,
+                 advertise_url: str | None = None):
+        self.store = store
+        self.data_dir = Path(data_dir)
+        self.job_dir = job_dir
+        self.advertise_url = advertise_url      # how jobs reach this server, to report their endpoints
+        self.max_concurrent = max_concurrent
+        self.linger_timeout = linger_timeout
+        self.executor = executor or LocalExecutor()
+        self.runs: dict[str, Run] = {}      # job id -> its process, started here or adopted
+
+    def job_path(self, job_id: str) -> Path:
+        """The job's own directory (checkpoints, final model, log, result)."""
+        return self.data_dir / "jobs" / job_id
+
+    def checkpoint_dir(self, job_id: str) -> Path:
+        """Where the job's checkpoints and model.pt go."""
+        return self.job_path(job_id) / "checkpoints"
+
+    def log_path(self, job_id: str) -> Path:
+        """The job process's stdout and stderr."""
+        return self.job_path(job_id) / "train.log"
+
+    def result_path(self, job_id: str) -> Path:
+        """Where the job's process writes its outcome."""
+        return self.job_path(job_id) / RESULT_FILE_NAME
+
+    def final_model(self, job_id: str) -> Path:
+        """Path of the job's final weights (may not exist yet)."""
+        return self.checkpoint_dir(job_id) / FINAL_MODEL_NAME
+
+    # ----- starting ----------------------------------------------------------------------------------
+    def train_args(self, job: JobRecord) -> list[str]:
+        """The `trainmetrics train` arguments of a job: its spec, and what the server decides."""
+        spec = job.spec
+        values = {**{name: value for name, value in spec.items() if name not in ("dataset", "nproc")},
+                  "job_id": job.id, "job_name": job.name, "owner": job.owner, "dataset": spec["dataset_path"],
+                  "checkpoint_dir": self.checkpoint_dir(job.id), "result_file": self.result_path(job.id),
+                  "job_dir": self.job_dir, "linger_timeout": self.linger_timeout, "resume": job.resume,
+                  "register_url": f"{self.advertise_url}/api/internal/jobs/{job.id}/endpoints"
+                  if self.advertise_url else None}
+        return train_args(values)
+
+    def start(self, job: JobRecord) -> None:
+        """Start the job's process; an older run's result is removed first, so only this run's can be read."""
+        self.checkpoint_dir(job.id).mkdir(parents=True, exist_ok=True)
+        self.result_path(job.id).unlink(missing_ok=True)
+        self.store.remove_endpoints(job.id)
+        token = secrets.token_urlsafe(24)
+        run = self.executor.start(job.id, job.spec.get("nproc", 1), self.train_args(job), self.log_path(job.id),
+                                  {REGISTER_TOKEN_VARIABLE: token})
+        self.runs[job.id] = run
+        self.store.update_job(job.id, state="running", pid=run.pid, started=job.started or time.time(),
+                              exit_code=None, error=None, requested=None, run_token=token_digest(token))
+        log.info("job %s: started pid %d%s", job.id, run.pid, " (resuming)" if job.resume else "")
+
+    # ----- watching ----------------------------------------------------------------------------------
+    def running_count(self) -> int:
+        """Job processes alive now."""
+        return len(self.runs)
+
+    def tick(self) -> None:
+        """Reap ended processes, then start queued jobs while there is room."""
+        for job_id, run in list(self.runs.items()):
+            ended, code = self.executor.poll(run)
+            if ended:
+                del self.runs[job_id]
+                self._ended(job_id, code)
+        for job in self.store.list_jobs(states=("queued",)):
+            if self.running_count() >= self.max_concurrent:
+                break
+            self.start(job)
+
+    def _ended(self, job_id: str, code: int | None) -> None:
+        """Record how a run ended: its result decides; without one, a signal or exit code is a failure."""
+        job = self.store.get_job(job_id)
+        result = read_result(self.result_path(job_id))
+        if result is not None and result.get("state") in EXIT_STATES.values():
+            state, error = result["state"], result.get("error")
+            code = result.get("exit_code", code) if code is None or code > 0 else code
+        elif code is not None and code < 0:
+            state, error = "failed", f"killed by {signal.Signals(-code).name} without a result"
+        elif code is not None:
+            state, error = "failed", f"exit code {code} without a result"
+        else:
+            state, error = "failed", "its process ended without a result (adopted after a server restart)"
+        if state in ("paused", "cancelled") and STOP_STRENGTH[job.requested] > STOP_STRENGTH[state]:
+            state = job.requested    # a cancel accepted after the pause that stopped the process
+        if state != "failed":
+            error = None
+        self.store.update_job(job_id, state=state, exit_code=code if isinstance(code, int) else None, error=error,
+                              ended=None if state == "paused" else time.time(), resume=state == "paused",
+                              requested=None, run_token=None)
+        self.store.remove_endpoints(job_id)
+        log.info("job %s: %s (exit code %s)", job_id, state, code)
+
+    def _resume_or_fail(self, job: JobRecord, why: str) -> None:
+        if list_checkpoints(self.checkpoint_dir(job.id)):
+            self.store.update_job(job.id, state="queued", resume=True, pid=None, requested=None)
+            log.warning("job %s: %s; queued to resume from its last checkpoint", job.id, why)
+        else:
+            self.store.update_job(job.id, state="failed", error=f"{why} before its first checkpoint",
+                                  ended=time.time(), requested=None)
+            log.warning("job %s: %s and had no checkpoint: failed", job.id, why)
+
+    def recover(self) -> None:
+        """After a (re)start: adopt running jobs whose process lives on; for the others, their result decides,
+        else they resume from their last checkpoint (or fail without one)."""
+        for job in self.store.list_jobs(states=("running",)):
+            run = self.executor.adopt(job.id, job.pid)
+            if run is not None:
+                self.runs[job.id] = run
+                log.info("job %s: still running as pid %d, adopted", job.id, run.pid)
+            elif read_result(self.result_path(job.id)) is not None:
+                self._ended(job.id, None)
+            else:
+                self._resume_or_fail(job, "the server restarted and its process was gone")
+
+    # ----- signalling --------------------------------------------------------------------------------
+    def request_stop(self, job: JobRecord, outcome: str) -> None:
+        """Ask a running job to stop at its next step boundary; the request is recorded once the signal was
+        sent, so the job ends in the state this answer promises. StopRefused otherwise."""
+        run = self.runs.get(job.id)
+        if job.state != "running" or run is None:
+            raise StopRefused(f"job {job.id} is {job.state}: cannot {STOP_VERBS[outcome]} it")
+        if STOP_STRENGTH[job.requested] > STOP_STRENGTH[outcome]:
+            raise StopRefused(f"job {job.id} is being cancelled: cannot {STOP_VERBS[outcome]} it")
+        if not self.executor.signal(run, outcome):
+            raise StopRefused(f"job {job.id} is ending: cannot {STOP_VERBS[outcome]} it")
+        if STOP_STRENGTH[outcome] > STOP_STRENGTH[job.requested]:
+            self.store.update_job(job.id, requested=outcome)
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Pause every running job, adopted ones included (checkpoint, exit 4), and queue it to resume on the
+        next start. A job that does not stop in time keeps running and is adopted next time."""
+        for job_id, run in list(self.runs.items()):
+            try:
+                self.request_stop(self.store.get_job(job_id), "paused")
+            except StopRefused:
+                pass
+        deadline = time.monotonic() + timeout
+        while self.runs and time.monotonic() < deadline:
+            time.sleep(0.1)
+            for job_id, run in list(self.runs.items()):
+                ended, code = self.executor.poll(run)
+                if ended:
+                    del self.runs[job_id]
+                    self._ended(job_id, code)
+                    if self.store.get_job(job_id).state == "paused":
+                        self.store.update_job(job_id, state="queued", resume=True)

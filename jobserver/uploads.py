@@ -1,0 +1,88 @@
+"""Dataset uploads: the raw body streamed to a temp file (off the event loop, bounded), checked with the
+numpy readers the trainer uses (trainmetrics.datafiles, no torch), then moved into place."""
+
+import contextlib
+import os
+import re
+import secrets
+import tempfile
+import time
+from pathlib import Path
+
+import anyio
+from starlette.requests import Request
+
+from trainmetrics.datafiles import DatasetError, read_csv, read_npz
+from trainmetrics.edge import ApiError
+
+DATASET_FORMATS = {".csv": "csv", ".npz": "npz"}
+DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+# An uploaded NPZ may inflate to this many times the upload limit, no more (zip bombs).
+NPZ_INFLATION_LIMIT = 4
+# The body is the file itself; a multipart form or JSON wrapping is a client mistake worth naming. (curl
+# --data-binary labels a raw file application/x-www-form-urlencoded, so that type is accepted.)
+REFUSED_UPLOAD_TYPES = ("multipart/form-data", "application/json")
+# Body chunks are gathered to this size before each write, which runs in a worker thread.
+WRITE_BATCH_BYTES = 1 << 20
+
+
+def check_upload_request(request: Request, max_bytes: int) -> str:
+    """The upload's file name, after the checks that need no body (400, 413, 415)."""
+    name = request.query_params.get("name", "")
+    if not DATASET_NAME.fullmatch(name) or Path(name).suffix.lower() not in DATASET_FORMATS:
+        raise ApiError(400, "bad_request", "name: give the file name, ending in .csv or .npz "
+                                           "(letters, digits, '.', '_', '-')")
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type in REFUSED_UPLOAD_TYPES:
+        raise ApiError(415, "unsupported_media_type", f"content-type {content_type}: send the file itself as "
+                                                      "the request body (e.g. curl --data-binary @FILE)")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise ApiError(413, "too_large", f"upload exceeds {max_bytes} bytes")
+    return name
+
+
+async def receive_dataset(request: Request, name: str, datasets_dir: Path, max_bytes: int) -> dict:
+    """Stream the body into datasets_dir and check it; returns the dataset's fields (id, path, format, rows,
+    features, size, upload time). Nothing is left behind on any error."""
+    dataset_id = f"ds-{secrets.token_hex(6)}"
+    suffix = Path(name).suffix.lower()
+    final_path = datasets_dir / f"{dataset_id}{suffix}"
+    began = time.monotonic()
+    fd, tmp_name = tempfile.mkstemp(dir=datasets_dir, prefix=".upload-")
+    size = 0
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            batch = bytearray()
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > max_bytes:
+                    raise ApiError(413, "too_large", f"upload exceeds {max_bytes} bytes")
+                batch += chunk
+                if len(batch) >= WRITE_BATCH_BYTES:
+                    await anyio.to_thread.run_sync(handle.write, bytes(batch))
+                    batch.clear()
+            await anyio.to_thread.run_sync(handle.write, bytes(batch))
+        if size == 0:
+            raise ApiError(400, "bad_request", "empty upload")
+        rows, features = await anyio.to_thread.run_sync(inspect_dataset, Path(tmp_name), DATASET_FORMATS[suffix],
+                                                        NPZ_INFLATION_LIMIT * max_bytes)
+        os.replace(tmp_name, final_path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
+    return {"id": dataset_id, "name": name, "path": str(final_path), "format": DATASET_FORMATS[suffix],
+            "rows": rows, "features": features, "size_bytes": size, "upload_seconds": time.monotonic() - began}
+
+
+def inspect_dataset(path: Path, fmt: str, max_uncompressed_bytes: int) -> tuple[int, int]:
+    """(rows, features) of an uploaded file, or ApiError 400 naming what is wrong."""
+    try:
+        x, _ = read_csv(path) if fmt == "csv" else read_npz(path, max_uncompressed_bytes)
+    except DatasetError as error:
+        raise ApiError(400, "bad_dataset", str(error).replace(str(path), "upload")) from None
+    features = 1
+    for size in x.shape[1:]:
+        features *= size
+    return int(x.shape[0]), int(features)

@@ -1,0 +1,308 @@
+"""The job server off the happy path: hostile bodies and tokens, owners that must stay apart, a restart after a
+crash, and stop requests that race (issue "Trust under faults", items 4-7; docs/reliability.md)."""
+
+import json
+import os
+import signal
+import socket
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from tests.jobserver.server_process import TOKENS, Server, wait_job, write_tokens
+from trainmetrics.edge import MAX_JSON_BYTES
+
+LONG_JOB = {"dataset": "blobs", "epochs": 300, "batch_size": 16, "log_every": 10, "checkpoint_every": 20}
+
+
+def json_error(response: httpx.Response, status: int) -> dict:
+    assert response.status_code == status, (response.status_code, response.text[:300])
+    assert response.headers["content-type"].startswith("application/json"), response.headers
+    return response.json()["error"]
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+@pytest.fixture(scope="module")
+def owned_server(tmp_path_factory):
+    """A job server with tokens (alice, bob and the @metrics scraper); no Prometheus behind it."""
+    data = tmp_path_factory.mktemp("owned")
+    server = Server(data, extra=("--tokens", str(write_tokens(data / "tokens"))))
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_bodies_are_capped_and_bad_json_of_any_shape_is_400(owned_server):
+    alice = owned_server.client("alice")
+    before = rss_bytes(owned_server.process.pid)
+
+    def endless():
+        chunk = b"[" * 65536
+        for _ in range(400):                       # 25 MB, no content-length: read until the cap, no further
+            yield chunk
+
+    json_error(alice.post("/api/training/jobs", content=endless(), headers={"content-type": "application/json"}), 413)
+    with socket.create_connection(("127.0.0.1", owned_server.port), timeout=10) as raw:   # 400 MB announced
+        raw.sendall(f"POST /api/training/jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKENS['alice']}\r\n"
+                    f"Content-Type: application/json\r\nContent-Length: {400 << 20}\r\n\r\n{{".encode())
+        assert raw.recv(4096).startswith(b"HTTP/1.1 413 ")      # answered before the body is sent
+    assert rss_bytes(owned_server.process.pid) - before < 32 << 20
+    json_error(alice.post("/api/training/jobs", content=b"[" * 5000 + b"]" * 5000), 400)
+    json_error(alice.post("/api/training/jobs", content=b'{"epochs": ' + b"[" * 5000 + b"]" * 5000 + b"}"), 400)
+    for body in (b"", b"nul", b"\xff\xfe", b"[]", b"1e999", b'"x"', b"null", b'{"epochs": 1e400}'):
+        json_error(alice.post("/api/training/jobs", content=body), 400)
+    json_error(alice.post("/api/training/jobs", content=b"{" + b" " * (MAX_JSON_BYTES + 1) + b"}"), 413)
+
+
+def raw_get(port: int, path: str, authorization: bytes) -> tuple[int, dict, bytes]:
+    """A GET with an Authorization header of any bytes (HTTP clients refuse to send some of them)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        raw.sendall(b"GET " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: " +
+                    authorization + b"\r\n\r\n")
+        answer = b""
+        while chunk := raw.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in lines[1:] if ": " in line)
+    return int(lines[0].split()[1]), headers, body
+
+
+@pytest.mark.parametrize("path", ["/api/training/jobs", "/api/training/datasets", "/api/training/x/analytics",
+                                  "/api/training/analytics/summary", "/api/training/analytics/jobs", "/metrics"])
+@pytest.mark.parametrize("authorization", ["Bearer ünïcode-token-0123456789".encode(), "Bearer \u202etoken".encode(),
+                                           "Bearer ünï".encode("latin-1"), b"Basic Zm9vOmJhcg==", b"Bearer",
+                                           b"bearer  ", b"Bearer " + b"x" * 10000, b"Bearer \x00\x01"])
+def test_every_bad_token_is_401_json_on_every_route(owned_server, path, authorization):
+    status, headers, body = raw_get(owned_server.port, path, authorization)
+    assert status in (400, 401), (status, body[:200])           # 400: the HTTP parser refused the header itself
+    if status == 401:
+        assert headers["content-type"].startswith("application/json")
+        assert json.loads(body)["error"]["code"] == "unauthorized"
+
+
+def test_owners_cannot_claim_probe_or_list_each_others_jobs(owned_server):
+    alice, bob, scraper = owned_server.client("alice"), owned_server.client("bob"), owned_server.client("@metrics")
+    assert alice.post("/api/training/jobs", json={"job_id": "alice-secret", "dataset": "blobs", "epochs": 1,
+                                                  "nproc": 1, **{"batch_size": 8}}).status_code == 201
+    # bob asking for alice's id and for an id nobody has gets the same answer: nothing to learn.
+    taken = bob.post("/api/training/jobs", json={"job_id": "alice-secret", "dataset": "blobs"})
+    free = bob.post("/api/training/jobs", json={"job_id": "alice-unused", "dataset": "blobs"})
+    assert taken.status_code == free.status_code == 400
+    assert json_error(taken, 400)["message"].replace("alice-secret", "X") == \
+        json_error(free, 400)["message"].replace("alice-unused", "X")
+    for method, path in [("GET", "/api/training/jobs/alice-secret"), ("POST", "/api/training/jobs/alice-secret/cancel"),
+                         ("POST", "/api/training/jobs/alice-secret/pause"), ("GET", "/api/training/alice-secret/analytics")]:
+        assert bob.request(method, path).status_code in (404, 503), path     # 503: no Prometheus behind it
+        assert "alice-secret" not in bob.request(method, path).text or bob.request(method, path).status_code == 404
+    assert json_error(alice.post("/api/training/jobs", json={"job_id": "alice-secret"}), 409)["code"] == "conflict"
+    assert "alice-secret" not in bob.get("/api/training/jobs").text
+    # /metrics lists every owner's waiting jobs: only the scraper's token reads it.
+    json_error(httpx.get(f"{owned_server.url}/metrics", timeout=10), 401)
+    json_error(alice.get("/metrics"), 403)
+    json_error(scraper.get("/api/training/jobs"), 403)
+    assert scraper.get("/metrics").status_code == 200
+    health = httpx.get(f"{owned_server.url}/healthz", timeout=10)      # the one open route names no job
+    assert "alice" not in health.text
+    alice.post("/api/training/jobs/alice-secret/cancel")
+
+
+def test_a_killed_server_binds_its_port_again_at_once(tmp_path):
+    server = Server(tmp_path)
+    server.start()
+    keep_alive = httpx.Client(base_url=server.url, timeout=10)
+    for _ in range(3):                              # connections the dying server closes first: TIME_WAIT
+        keep_alive.get("/api/training/jobs")
+    peers = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(5)]
+    server.stop(signal.SIGKILL)
+    restarted = Server(tmp_path)
+    restarted.port, restarted.url = server.port, server.url
+    began = time.monotonic()
+    try:
+        restarted.start()
+        assert time.monotonic() - began < 20
+        assert "address already in use" not in (tmp_path / "server.log").read_text()
+    finally:
+        keep_alive.close()
+        for peer in peers:
+            peer.close()
+        restarted.stop()
+
+
+def test_stops_that_race_end_in_the_state_that_was_promised(tmp_path):
+    server = Server(tmp_path, extra=("--max-concurrent", "3"))
+    server.start()
+    try:
+        client = server.client()
+        # Paused the moment it starts: the process is milliseconds old, its handlers not yet installed.
+        assert client.post("/api/training/jobs", json={**LONG_JOB, "job_id": "race-early"}).json()["state"] == "running"
+        assert client.post("/api/training/jobs/race-early/pause").status_code == 202
+        for job_id in ("race-pc", "race-cp"):
+            assert client.post("/api/training/jobs", json={**LONG_JOB, "job_id": job_id}).status_code == 201
+        for job_id in ("race-pc", "race-cp"):
+            wait_job(client, job_id, lambda j: j["state"] == "running")
+        log = tmp_path / "jobs" / "race-pc" / "train.log"
+        deadline = time.monotonic() + 60
+        while "step=10 " not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        answers = {}
+
+        def post(name, path):
+            answers[name] = client.post(path)
+
+        # A pause and a cancel within milliseconds of each other: the accepted cancel wins.
+        threads = [threading.Thread(target=post, args=("pause", "/api/training/jobs/race-pc/pause")),
+                   threading.Thread(target=post, args=("cancel", "/api/training/jobs/race-pc/cancel"))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert answers["cancel"].status_code == 202, answers["cancel"].text
+        # A cancel, then a pause that must be refused and must change nothing.
+        assert client.post("/api/training/jobs/race-cp/cancel").status_code == 202
+        assert json_error(client.post("/api/training/jobs/race-cp/pause"), 409)["code"] == "conflict"
+        for job_id in ("race-pc", "race-cp"):
+            ended = wait_job(client, job_id, lambda j: j["state"] not in ("running", "queued"))
+            assert ended["state"] == "cancelled", ended
+        early = wait_job(client, "race-early", lambda j: j["state"] != "running")
+        assert (early["state"], early["error"], early["exit_code"]) == ("paused", None, 4), early
+    finally:
+        server.stop()
+
+
+def gone(pid: int) -> bool:
+    """True when the process has exited (a zombie nobody reaped yet has exited too)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def pid_of(data_dir: Path, job_id: str) -> int:
+    with sqlite3.connect(data_dir / "trainmetrics.db") as db:
+        return db.execute("SELECT pid FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]
+
+
+def test_adopted_jobs_are_paused_on_shutdown_and_their_death_is_never_an_old_state(tmp_path):
+    server = Server(tmp_path)
+    server.start()
+    client = server.client()
+    client.post("/api/training/jobs", json={**LONG_JOB, "job_id": "adopted-1"})
+    wait_job(client, "adopted-1", lambda j: j["state"] == "running")
+    # Pause it once, so its log holds a "paused" outcome from an earlier run, and resume it.
+    time.sleep(3)
+    assert client.post("/api/training/jobs/adopted-1/pause").status_code == 202
+    wait_job(client, "adopted-1", lambda j: j["state"] == "paused")
+    client.post("/api/training/jobs/adopted-1/resume")
+    wait_job(client, "adopted-1", lambda j: j["state"] == "running")
+    server.stop(signal.SIGKILL)
+
+    adopting = Server(tmp_path)
+    adopting.port, adopting.url = server.port, server.url
+    adopting.start()
+    first_pid = pid_of(tmp_path, "adopted-1")
+    assert adopting.client().get("/api/training/jobs/adopted-1").json()["state"] == "running"
+    adopting.stop(signal.SIGTERM)                   # docs: running jobs are paused and resume at the next start
+    assert gone(first_pid)
+    with sqlite3.connect(tmp_path / "trainmetrics.db") as db:
+        state, resume = db.execute("SELECT state, resume FROM jobs WHERE id = 'adopted-1'").fetchone()
+    assert (state, resume) == ("queued", 1)
+    result = json.loads((tmp_path / "jobs" / "adopted-1" / "result.json").read_text())
+    assert result["state"] == "paused"
+
+    # It resumes at the next start; kill that server, adopt the job again, then kill the job itself.
+    again = Server(tmp_path)
+    again.start()
+    wait_job(again.client(), "adopted-1", lambda j: j["state"] == "running")
+    again.stop(signal.SIGKILL)
+    last = Server(tmp_path)
+    last.start()
+    try:
+        os.kill(pid_of(tmp_path, "adopted-1"), signal.SIGKILL)
+        ended = wait_job(last.client(), "adopted-1", lambda j: j["state"] != "running")
+        assert ended["state"] == "failed" and "without a result" in ended["error"], ended
+        assert not (tmp_path / "jobs" / "adopted-1" / "result.json").exists()
+    finally:
+        last.stop()
+
+
+def test_tokens_file_names_its_bad_line(tmp_path):
+    import subprocess
+    import sys
+
+    tokens = tmp_path / "tokens"
+    for text, message in [("short alice\n", "line 1"), (f"{TOKENS['alice']} al/ice\n", "owner 'al/ice'"),
+                          ("# nothing\n", "no tokens")]:
+        tokens.write_text(text)
+        result = subprocess.run([sys.executable, "-m", "trainmetrics", "server", "--data-dir", str(tmp_path / "d"),
+                                 "--tokens", str(tokens), "--listen", "127.0.0.1:0"], capture_output=True, text=True,
+                                timeout=60)
+        assert result.returncode == 2 and message in result.stderr and "--tokens" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_the_event_loop_keeps_answering_under_password_guessing_and_submissions(tmp_path):
+    """bcrypt (13 rounds: ~0.4 s a check here), SQLite writes and process starts all run off the event loop:
+    /healthz answers within a bounded time while one client guesses passwords and another submits jobs."""
+    import base64
+
+    import bcrypt
+
+    config = tmp_path / "web.yml"
+    hashed = bcrypt.hashpw(b"right-password", bcrypt.gensalt(rounds=13)).decode()
+    config.write_text(f"basic_auth_users:\n  admin: '{hashed}'\n")
+    server = Server(tmp_path, extra=("--web.config.file", str(config), "--max-concurrent", "1"))
+    server.start()
+    stop = threading.Event()
+    counts = {"guesses": 0, "submits": 0}
+
+    def basic(password: str) -> dict:
+        return {"Authorization": "Basic " + base64.b64encode(f"admin:{password}".encode()).decode()}
+
+    def guess():
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            while not stop.is_set():
+                assert client.get("/api/training/jobs", headers=basic(f"guess-{counts['guesses']}")).status_code == 401
+                counts["guesses"] += 1
+
+    def submit():
+        with httpx.Client(base_url=server.url, timeout=30, headers=basic("right-password")) as client:
+            while not stop.is_set():
+                answer = client.post("/api/training/jobs", json={"dataset": "blobs", "epochs": 1, "batch_size": 512})
+                assert answer.status_code == 201, answer.text
+                counts["submits"] += 1
+
+    workers = [threading.Thread(target=guess), threading.Thread(target=guess), threading.Thread(target=submit)]
+    latencies = []
+    try:
+        for worker in workers:
+            worker.start()
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            deadline = time.monotonic() + 8
+            while time.monotonic() < deadline:
+                began = time.perf_counter()
+                assert client.get("/healthz").status_code in (200, 503)      # 503: no Prometheus behind it
+                latencies.append(time.perf_counter() - began)
+                time.sleep(0.02)
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join(timeout=60)
+        server.stop()
+    latencies.sort()
+    p99 = latencies[int(len(latencies) * 0.99) - 1]
+    print(f"healthz p99 {p99 * 1000:.1f} ms over {len(latencies)} requests; {counts['guesses']} wrong passwords, "
+          f"{counts['submits']} submissions")
+    assert counts["guesses"] >= 5 and counts["submits"] >= 5, counts
+    assert p99 < 0.3, p99          # loose; a blocked loop would wait out whole bcrypt checks (0.4 s each)

@@ -1,0 +1,119 @@
+"""Every documented stop signal, at any moment of a job's life, ends `trainmetrics train` with the documented
+exit code, a strict-JSON result, and no file_sd target or job-mapping file left behind (issue "Trust under
+faults", items 8 and 9)."""
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+EXIT = {signal.SIGTERM: (3, "cancelled"), signal.SIGINT: (3, "cancelled"), signal.SIGUSR1: (4, "paused")}
+
+
+@dataclass
+class Case:
+    """A signal sent at a moment: `delay` seconds after start, or once the job "announced" itself (it then
+    waits for a first scrape), or once it is "training"; a second one `again` seconds later."""
+
+    name: str
+    signum: int
+    delay: float = 0.0
+    moment: str = "delay"
+    again: float | None = None
+    linger: float = 1.0
+
+
+CASES = [
+    Case("usr1-while-starting", signal.SIGUSR1, 0.15),          # before torch is imported
+    Case("usr1-while-importing", signal.SIGUSR1, 1.0),
+    Case("term-while-importing", signal.SIGTERM, 1.5),
+    Case("int-while-waiting-for-a-scrape", signal.SIGINT, moment="announced", linger=2.0),
+    Case("usr1-while-training", signal.SIGUSR1, moment="training"),
+    # The first cancels while it waits for a scrape; the second comes during the 60 s final linger.
+    Case("term-twice-while-lingering", signal.SIGTERM, moment="announced", again=1.0, linger=60.0),
+]
+
+
+def start(case: Case, work: Path) -> subprocess.Popen:
+    for name in ("targets", "jobs", "ckpt"):
+        (work / name).mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "trainmetrics", "train", "--job-id", case.name, "--epochs", "500", "--log-every", "5",
+         "--targets-dir", str(work / "targets"), "--job-dir", str(work / "jobs"), "--checkpoint-dir",
+         str(work / "ckpt"), "--result-file", str(work / "result.json"), "--linger-timeout", str(case.linger)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def drive(case: Case, process: subprocess.Popen, work: Path, lines: list[str]) -> None:
+    """Send the case's signal(s) at its moment, reading the job's output meanwhile."""
+    if case.moment == "announced":
+        deadline = time.monotonic() + 60
+        while not list((work / "targets").glob("*.json")) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    elif case.moment == "training":
+        for line in process.stdout:                 # training: a loss was logged
+            lines.append(line)
+            if " loss=" in line:
+                break
+    else:
+        time.sleep(case.delay)
+    process.send_signal(case.signum)
+    if case.again is not None:
+        time.sleep(case.again)
+        process.send_signal(case.signum)
+
+
+@pytest.mark.slow
+def test_every_stop_signal_at_any_moment_ends_the_job_as_documented(tmp_path):
+    runs = []
+    for case in CASES:
+        work = tmp_path / case.name
+        process = start(case, work)
+        lines: list[str] = []
+        driver = threading.Thread(target=drive, args=(case, process, work, lines))
+        driver.start()
+        runs.append((case, work, process, driver, lines))
+    failures = []
+    for case, work, process, driver, lines in runs:
+        driver.join(timeout=120)
+        began = time.monotonic()
+        try:
+            rest, _ = process.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            rest, _ = process.communicate()
+        output = "".join(lines) + rest
+        code, state = EXIT[case.signum]
+        result_path = work / "result.json"
+        result = json.loads(result_path.read_text(), parse_constant=lambda c: pytest.fail(f"not JSON: {c}")) \
+            if result_path.exists() else None
+        leftovers = [p.name for d in ("targets", "jobs") for p in (work / d).iterdir()]
+        if (process.returncode, result and result["state"], leftovers) != (code, state, []):
+            failures.append((case.name, process.returncode, result, leftovers, output[-1500:]))
+        if case.again is not None:                  # the second signal cut the 60 s linger short
+            assert time.monotonic() - began < 30, case.name
+        summary = [line for line in output.splitlines() if line.startswith("summary ")]
+        assert summary and json.loads(summary[-1][len("summary "):])["state"] == state, (case.name, output[-800:])
+    assert not failures, failures
+
+
+def test_a_non_finite_loss_is_written_as_null_in_strict_json(tmp_path):
+    dataset = tmp_path / "huge.csv"
+    dataset.write_text("a,b,label\n" + "".join(f"{1e300 * (i % 3)},{-1e300},{i % 2}\n" for i in range(64)))
+    result = subprocess.run([sys.executable, "-m", "trainmetrics", "train", "--job-id", "nan-1", "--dataset",
+                             str(dataset), "--epochs", "1", "--log-every", "1", "--result-file",
+                             str(tmp_path / "result.json")], capture_output=True, text=True, timeout=120)
+    summary = [line for line in result.stdout.splitlines() if line.startswith("summary ")][-1]
+
+    def refuse(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    for text in (summary[len("summary "):], (tmp_path / "result.json").read_text()):
+        parsed = json.loads(text, parse_constant=refuse)
+        assert parsed["loss"] is None or parsed["loss"] == parsed["loss"]

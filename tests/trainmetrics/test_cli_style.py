@@ -1,0 +1,93 @@
+"""One CLI style for every subcommand: --help explains every option and says each default once; bad input is
+one line on stderr naming the flag as typed, exit code 2; a server says where it listens."""
+
+import re
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from trainmetrics.cli import COMMANDS, build_parser
+
+
+def helps() -> dict[str, str]:
+    parser = build_parser()
+    actions = parser._subparsers._group_actions[0].choices    # the subcommands' parsers
+    return {name: sub.format_help() for name, sub in actions.items()}
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_help_explains_every_option_and_says_each_default_once(command):
+    parser = build_parser()._subparsers._group_actions[0].choices[command]
+    text = helps()[command]
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            assert action.help, f"{command} {action.option_strings[0]} has no help text"
+    entries = re.split(r"\n  (?=-)", text)
+    for entry in entries:
+        flat = " ".join(entry.split())
+        assert flat.count("(default") <= 1, f"{command}: default said twice: {flat}"
+        assert "(default: )" not in flat and "(default: None)" not in flat, f"{command}: empty default: {flat}"
+        assert "(default: True)" not in flat and "(default: False)" not in flat, f"{command}: {flat}"
+
+
+def one_line_error(args: list[str], mentions: str) -> None:
+    result = subprocess.run([sys.executable, "-m", "trainmetrics", *args], capture_output=True, text=True,
+                            timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, (args, result.stderr[-1500:])
+    assert len(lines) == 1 and lines[0].startswith("trainmetrics") and mentions in lines[0], (args, result.stderr)
+
+
+BAD = [
+    (["analytics", "--lookback", "forever"], "--lookback"),
+    (["analytics", "--prometheus-timeout", "20"], "--prometheus-timeout"),
+    (["analytics", "--listen", "nowhere:99999"], "--listen"),
+    (["analytics", "--cache-entries", "-1"], "--cache-entries"),
+    (["analytics", "--prometheus-url", "ftp://x"], "--prometheus-url"),
+    (["server", "--data-dir", "/proc/forbidden", "--listen", "127.0.0.1:0"], "--data-dir"),
+    (["server", "--data-dir", "/tmp/x", "--max-concurrent", "0", "--listen", "127.0.0.1:0"], "--max-concurrent"),
+    (["server", "--data-dir", "/tmp/x", "--listen", "0.0.0.0:0"], "--listen"),
+    (["train", "--epochs", "0"], "--epochs"),
+    (["train", "--lr", "-1"], "--lr"),
+    (["train", "--device", "tpu"], "--device"),
+    (["train", "--epochs", "three"], "--epochs"),
+    (["exporter", "--sample-interval", "0"], "--sample-interval"),
+    (["exporter", "--listen", "127.0.0.1:99999"], "--listen"),
+]
+
+
+@pytest.mark.parametrize("args,flag", BAD, ids=[" ".join(args) for args, _ in BAD])
+def test_bad_input_is_one_line_naming_the_flag(args, flag):
+    one_line_error(args, flag)
+
+
+@pytest.mark.parametrize("command", ["analytics", "server", "exporter"])
+def test_a_port_in_use_is_one_line_naming_the_flag(command, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        extra = ["--data-dir", str(tmp_path)] if command == "server" else []
+        one_line_error([command, "--listen", f"127.0.0.1:{port}", *extra], "--listen")
+
+
+@pytest.mark.parametrize("command", ["analytics", "server", "exporter"])
+def test_a_server_says_where_it_listens(command, tmp_path):
+    extra = {"server": ["--data-dir", str(tmp_path)], "exporter": ["--no-collector.gpu"]}.get(command, [])
+    process = subprocess.Popen([sys.executable, "-m", "trainmetrics", command, "--listen", "127.0.0.1:0", *extra],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        line = ""
+        while "listening on" not in line and time.monotonic() < deadline:
+            line = process.stderr.readline()
+            assert line or process.poll() is None, "exited without saying where it listens"
+        assert re.search(rf"^trainmetrics {command}: listening on https?://127\.0\.0\.1:\d+", line), line
+        assert not line.rstrip().endswith(":0")
+    finally:
+        process.terminate()
+        process.communicate(timeout=60)
+    assert process.returncode == 0

@@ -1,0 +1,64 @@
+"""How a job ended, told once: the result file the job server reads (atomic, strict JSON) and the `summary`
+line on stdout. Imports nothing heavy: a job that cannot even import torch still reports its outcome."""
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+from trainmetrics.contract import ExitCode, exit_code_for
+from trainmetrics.jobfiles import strict_json, write_result
+
+log = logging.getLogger("trainmetrics.trainer")
+
+
+class Outcome:
+    """How the job ended, as the summary line and the result file tell it."""
+
+    def __init__(self, config, ranks):
+        self.config, self.ranks = config, ranks
+        self.state = "failed"
+        self.error_type: str | None = None
+        self.error: str | None = None
+
+    def result(self, metrics) -> dict:
+        """The result: state, exit code, error and the job's figures (strict JSON: no NaN)."""
+        evaluation = metrics.last_evaluation if metrics else None
+        return {"job_id": self.config.job_id, "state": self.state, "exit_code": int(exit_code_for(self.state)),
+                "error_type": self.error_type, "error": self.error,
+                "steps": metrics.steps if metrics else 0, "samples": metrics.samples if metrics else 0,
+                "loss": metrics.last_loss if metrics else None,
+                "loss_first": metrics.loss_first if metrics else None,
+                "loss_min": metrics.loss_min if metrics else None,
+                "loss_mean": metrics.loss_sum / metrics.loss_intervals if metrics and metrics.loss_intervals else None,
+                "eval_loss_min": metrics.eval_loss_min if metrics else None,
+                "eval_accuracy_max": metrics.eval_accuracy_max if metrics else None,
+                "eval_loss": evaluation.loss if evaluation else None,
+                "eval_accuracy": evaluation.accuracy if evaluation else None,
+                "evaluations": metrics.evaluations.count if metrics else 0,
+                "checkpoints": metrics.checkpoints if metrics else 0,
+                "start_time": metrics.start_time if metrics else None, "end_time": metrics.end_time if metrics else None,
+                "rank": self.ranks.rank, "world_size": self.ranks.world_size, "pid": os.getpid()}
+
+    def report(self, result: dict) -> None:
+        """Write the result file (rank 0) and print the summary line."""
+        if self.config.result_file is not None and self.ranks.is_main:
+            try:
+                write_result(Path(self.config.result_file), result)
+            except OSError as error:
+                log.error("job %s: cannot write the result file %s: %s", self.config.job_id,
+                          self.config.result_file, error.strerror or error)
+        print("summary " + strict_json(result), flush=True)
+
+
+def bad_input(config, message: str) -> int:
+    """One line on stderr, the result file when asked for, exit 2."""
+    print(f"trainmetrics train: error: {message}", file=sys.stderr, flush=True)
+    if config.result_file is not None:
+        try:
+            write_result(Path(config.result_file), {
+                "job_id": config.job_id, "state": "failed", "exit_code": int(ExitCode.BAD_INPUT),
+                "error_type": "BadInput", "error": message[:500]})
+        except OSError:
+            pass
+    return ExitCode.BAD_INPUT

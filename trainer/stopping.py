@@ -1,0 +1,59 @@
+"""Stop signals of `trainmetrics train`, caught from the first moment of the process (before torch is
+imported) to its last: SIGINT and SIGTERM cancel, SIGUSR1 pauses, each at the next step boundary after a
+checkpoint. A handler only records the request; the loop acts on it. A signal after the outcome is decided
+cuts the final linger short. Imports nothing heavy.
+
+The job server starts jobs with these signals blocked (its spawning thread blocks them, and a child inherits
+the mask): one sent before the handlers exist stays pending until install() unblocks it, so no moment of a
+job's life is left to the default action, which would kill it with no result."""
+
+import signal
+import threading
+from typing import Callable
+
+# The state each stop signal leads to: SIGUSR1 pauses (resumable with --resume), the others cancel.
+STOP_SIGNALS = {signal.SIGINT: "cancelled", signal.SIGTERM: "cancelled", signal.SIGUSR1: "paused"}
+
+
+_process_flag: "StopFlag | None" = None
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM (cancel) or SIGUSR1 (pause); the loop checks it at each step boundary."""
+
+    @classmethod
+    def for_process(cls) -> "StopFlag":
+        """The process's one flag, installed on first use (`python -m trainmetrics train` does it first)."""
+        global _process_flag
+        if _process_flag is None:
+            _process_flag = cls().install()
+        return _process_flag
+
+    def __init__(self):
+        self.outcome: str | None = None      # "cancelled" or "paused"
+        self.decided = False                 # the job's outcome is known: later signals only hurry the exit
+        self.hurry = False                   # a signal came that changed nothing: cut the final linger short
+        self.on_late_signal: Callable[[], None] | None = None
+
+    def __bool__(self) -> bool:
+        return self.outcome is not None
+
+    def request(self, signum: int) -> None:
+        """Record a stop request; a cancel overrides an earlier pause, never the reverse. A signal that changes
+        nothing (a repeat, or any signal once the outcome is decided) asks for a quick exit instead."""
+        outcome = STOP_SIGNALS[signum]
+        if not self.decided and (self.outcome is None or (outcome == "cancelled" and self.outcome == "paused")):
+            self.outcome = outcome
+            return
+        self.hurry = True
+        if self.on_late_signal is not None:
+            self.on_late_signal()
+
+    def install(self) -> "StopFlag":
+        """Route the stop signals to this flag, then unblock them (a signal that came while they were blocked
+        is handled now). Main thread only; elsewhere nothing changes."""
+        if threading.current_thread() is threading.main_thread():
+            for signum in STOP_SIGNALS:
+                signal.signal(signum, lambda signum, frame: self.request(signum))
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        return self

@@ -1,0 +1,96 @@
+"""What every `trainmetrics` subcommand shares: one style of error (one line on stderr, exit 2, naming the flag
+as typed), listen addresses, a listening socket bound once, the "listening on" line, and --help that says
+each default once. Imports nothing heavy."""
+
+import argparse
+import errno
+import socket
+import sys
+
+DEFAULT_ANALYTICS_PORT = 8000
+DEFAULT_EXPORTER_PORT = 9105
+DEFAULT_PROMETHEUS_PORT = 9090
+EXIT_BAD_INPUT = 2
+
+
+class FlagError(Exception):
+    """A flag's value cannot be used: reported as `trainmetrics CMD: error: FLAG: message`, exit 2."""
+
+    def __init__(self, flag: str, message: str):
+        super().__init__(f"{flag}: {message}" if flag else message)
+        self.flag = flag
+
+
+def parse_listen(value: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
+    """Parse 'HOST:PORT', ':PORT' or 'PORT' into (host, port); raise ValueError on anything else."""
+    host, sep, port_text = value.rpartition(":")
+    if not sep:
+        host, port_text = "", value
+    host = host.strip("[]") or default_host
+    if not port_text.isascii() or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"invalid listen address {value!r}: expected HOST:PORT with PORT in 0..65535")
+    return host, int(port_text)
+
+
+def reachable_address(listen_host: str, port: int) -> str:
+    """HOST:PORT others use to reach a server listening on listen_host: the host itself, or this machine's
+    name for a wildcard bind; an IPv6 host in brackets."""
+    host = socket.getfqdn() if listen_host in ("", "0.0.0.0", "::") else listen_host
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def listen_flag(flag: str, value: str) -> tuple[str, int]:
+    """parse_listen for a flag: FlagError naming it."""
+    try:
+        return parse_listen(value)
+    except ValueError as error:
+        raise FlagError(flag, str(error)) from None
+
+
+def listening_socket(flag: str, host: str, port: int) -> socket.socket:
+    """A socket bound and listening on host:port, or FlagError naming the flag (address in use, no such
+    address). SO_REUSEADDR: a server restarted after a crash binds at once, whatever TIME_WAIT is left; a
+    live listener on the port still refuses the bind."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # IPPROTO_TCP spelled out: asyncio sets TCP_NODELAY only on sockets that say they are TCP, and without
+    # it every small answer waits ~40 ms for the peer's delayed ACK.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as error:
+        sock.close()
+        reason = "address already in use" if error.errno == errno.EADDRINUSE else (error.strerror or str(error))
+        raise FlagError(flag, f"cannot listen on {host}:{port}: {reason}") from None
+    except OverflowError as error:
+        sock.close()
+        raise FlagError(flag, str(error)) from None
+    return sock
+
+
+def say_listening(command: str, url: str, extra: str = "") -> None:
+    """The one line every server prints once it accepts connections."""
+    print(f"trainmetrics {command}: listening on {url}{extra}", file=sys.stderr, flush=True)
+
+
+def fail(command: str, message: str) -> int:
+    """Report bad input in the one style; returns the exit code."""
+    print(f"trainmetrics {command}: error: {message}", file=sys.stderr, flush=True)
+    return EXIT_BAD_INPUT
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Adds "(default: X)" where a default says something and the help text does not already."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if isinstance(action, argparse.BooleanOptionalAction):
+            # Python 3.11 appends its own "(default: %(default)s)"; say on/off once instead.
+            text = text.replace(" (default: %(default)s)", "")
+            return f"{text} (default: {'on' if default else 'off'})"
+        if ("default" in text or default in (None, "", False, argparse.SUPPRESS) or action.nargs == 0
+                or isinstance(action, argparse._HelpAction)):
+            return text
+        return f"{text} (default: {default})"

@@ -1,0 +1,327 @@
+"""The contract between the parts of trainmetrics, written once: job ids, job states, exit codes, the metric
+names more than one part reads, and the job spec (every `trainmetrics train` option, which of them a job
+server request may set, and how a spec becomes `trainmetrics train` arguments).
+
+Imports the standard library only: the CLI's --help, the job server and the analytics load it for free.
+"""
+
+import math
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from enum import IntEnum
+from pathlib import Path
+from typing import Callable
+
+# ----- job ids -------------------------------------------------------------------------------------------
+
+JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def validate_job_id(job_id: str) -> str:
+    """Return job_id unchanged, or raise ValueError naming the rule it breaks."""
+    if not isinstance(job_id, str) or not JOB_ID_PATTERN.fullmatch(job_id):
+        shown = job_id[:80] if isinstance(job_id, str) else job_id
+        raise ValueError(
+            f"invalid job id {shown!r}: must match {JOB_ID_PATTERN.pattern} "
+            "(letters, digits, '.', '_', '-'; first a letter or digit; at most 64 characters)"
+        )
+    return job_id
+
+
+def new_job_id() -> str:
+    """A fresh, valid job id: job-<UTC time>-<random hex>."""
+    return f"job-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
+
+
+# The environment variable that carries a job run's secret for reporting its endpoints to the job server.
+REGISTER_TOKEN_VARIABLE = "TRAINMETRICS_REGISTER_TOKEN"
+
+# Where jobs write their job-mapping files for the node exporter, as deploy/ expects it.
+DEFAULT_JOB_DIR = "/var/lib/trainmetrics/jobs"
+
+# ----- job states ----------------------------------------------------------------------------------------
+
+ACTIVE_STATES = ("queued", "running", "paused")
+FINAL_STATES = ("completed", "failed", "cancelled")
+JOB_STATES = (*ACTIVE_STATES, *FINAL_STATES)
+# What the analytics say of a job whose processes stopped being scraped without a final state (kill -9, a
+# lost node): not a state any process publishes.
+VANISHED = "vanished"
+# What a stop that ends in a state is called, for messages: "cannot pause it", "cancel requested".
+STOP_VERBS = {"cancelled": "cancel", "paused": "pause"}
+
+
+class ExitCode(IntEnum):
+    """`trainmetrics train`'s exit codes; every other command exits 0, or 2 on bad input."""
+
+    COMPLETED = 0
+    FAILED = 1
+    BAD_INPUT = 2
+    CANCELLED = 3
+    PAUSED = 4
+
+
+# The job state each exit code stands for (bad input is a failure of the job).
+EXIT_STATES = {ExitCode.COMPLETED: "completed", ExitCode.FAILED: "failed", ExitCode.BAD_INPUT: "failed",
+               ExitCode.CANCELLED: "cancelled", ExitCode.PAUSED: "paused"}
+
+
+def exit_code_for(state: str) -> ExitCode:
+    """The exit code of a job process that ended in `state`."""
+    return {"completed": ExitCode.COMPLETED, "cancelled": ExitCode.CANCELLED,
+            "paused": ExitCode.PAUSED}.get(state, ExitCode.FAILED)
+
+
+# ----- metric names read by more than one part (docs/metrics.md describes every series) -------------------
+
+class Trainer:
+    """Series a training process publishes (exposition names)."""
+
+    JOB_INFO = "trainer_job_info"
+    JOB_STATE = "trainer_job_state"
+    JOB_FAILURE = "trainer_job_failure_info"
+    JOB_START = "trainer_job_start_timestamp_seconds"
+    JOB_END = "trainer_job_end_timestamp_seconds"
+    HEARTBEAT = "trainer_heartbeat_timestamp_seconds"
+    UPLOAD_DURATION = "trainer_upload_duration_seconds"
+    STEPS = "trainer_steps_total"
+    SAMPLES = "trainer_samples_total"
+    EPOCH = "trainer_epoch"
+    LOSS = "trainer_loss"
+    LOSS_FIRST = "trainer_loss_first"
+    LOSS_MIN = "trainer_loss_min"
+    LOSS_SUM = "trainer_loss_sum_total"
+    LOSS_INTERVALS = "trainer_loss_intervals_total"
+    LOSS_NONFINITE = "trainer_loss_nonfinite_total"
+    EVALUATIONS = "trainer_evaluations_total"
+    EVAL_LOSS = "trainer_eval_loss"
+    EVAL_ACCURACY = "trainer_eval_accuracy_ratio"
+    EVAL_LOSS_MIN = "trainer_eval_loss_min"
+    EVAL_ACCURACY_MAX = "trainer_eval_accuracy_max_ratio"
+    EVAL_HISTORY_INDEX = "trainer_eval_history_index"
+    EVAL_HISTORY_STEP = "trainer_eval_history_step"
+    EVAL_HISTORY_TIME = "trainer_eval_history_timestamp_seconds"
+    EVAL_HISTORY_LOSS = "trainer_eval_history_loss"
+    EVAL_HISTORY_ACCURACY = "trainer_eval_history_accuracy_ratio"
+    LEARNING_RATE = "trainer_learning_rate"
+    STEP_DURATION = "trainer_step_duration_seconds"
+    STEP_DURATION_MAX = "trainer_step_duration_max_seconds"
+    DATA_WAIT = "trainer_data_wait_seconds"
+    CHECKPOINTS = "trainer_checkpoints_total"
+    CHECKPOINT_DURATION = "trainer_checkpoint_duration_seconds"
+    GPU_MEMORY_PEAK = "trainer_gpu_memory_peak_bytes"
+    MFU = "trainer_model_flops_utilization_ratio"
+
+
+class Node:
+    """Series the node exporter publishes that other parts read."""
+
+    CPU_UTILIZATION = "system_cpu_utilization_ratio"
+    CPU_UTILIZATION_PEAK = "system_cpu_utilization_peak_ratio"
+    MEMORY_USAGE = "system_memory_usage_bytes"
+    MEMORY_USED_PEAK = "system_memory_used_peak_bytes"
+    MEMORY_LIMIT = "system_memory_limit_bytes"
+    JOB_CPU_SECONDS = "process_cpu_time_seconds_total"
+    JOB_RSS = "process_memory_rss_bytes"
+    JOB_PROCESSES = "process_tree_processes"
+    GPU_JOB = "hw_gpu_job_info"
+    GPU_UTILIZATION = "hw_gpu_utilization_ratio"
+    GPU_TEMPERATURE = "hw_gpu_temperature_celsius"
+    GPU_MEMORY_USAGE = "hw_gpu_memory_usage_bytes"
+
+
+# ----- the job spec ----------------------------------------------------------------------------------------
+
+MODELS = ("mlp", "cnn", "transformer")
+BUILTIN_DATASETS = ("blobs", "digits", "corpus")
+MAX_NPROC = 64
+MAX_NAME_LENGTH = 200
+
+
+def _device_problem(value: str) -> str | None:
+    if value in ("auto", "cpu") or re.fullmatch(r"cuda(:\d{1,3})?", value):
+        return None
+    return f"must be auto, cpu or cuda[:N], got {value[:40]!r}"
+
+
+@dataclass(frozen=True)
+class Option:
+    """One `trainmetrics train` option: its flag, type, default, help, checks, and whether a job spec sent to
+    the job server may set it (`api`: True, or the reason it may not, as docs/api.md lists it)."""
+
+    name: str
+    kind: type                      # int, float, str, bool (a switch) or Path
+    default: object
+    help: str
+    group: str
+    api: bool | str = True
+    minimum: float | None = None    # inclusive
+    above: float | None = None      # exclusive
+    choices: tuple[str, ...] | None = None
+    problem: Callable[[object], str | None] | None = None    # a further check: None, or what is wrong
+    env: str | None = None          # the flag's default comes from this variable when it is set
+    flag: str | None = None         # when not --<name with dashes>
+
+    @property
+    def cli_flag(self) -> str:
+        """The flag as a user types it."""
+        return self.flag or "--" + self.name.replace("_", "-")
+
+    def check(self, value):
+        """`value` if it is allowed, else ValueError saying why (without the option's name)."""
+        if value is None:
+            if self.default is None:
+                return value
+            raise ValueError("must not be null")
+        if self.minimum is not None and value < self.minimum:
+            raise ValueError(f"must be at least {self.minimum:g}, got {value}")
+        if self.above is not None and not value > self.above:
+            raise ValueError(f"must be above {self.above:g}, got {value}")
+        if self.choices is not None and value not in self.choices:
+            raise ValueError(f"must be one of {', '.join(self.choices)}, got {str(value)[:40]!r}")
+        if self.problem is not None:
+            problem = self.problem(value)
+            if problem:
+                raise ValueError(problem)
+        return value
+
+    def from_json(self, value):
+        """A value from a request body, strictly typed (no bool for a number, no string for a number)."""
+        if value is None:
+            return self.check(None)
+        if self.kind is bool:
+            ok = isinstance(value, bool)
+        elif self.kind is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif self.kind is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            value = float(value) if ok else value
+        else:
+            ok = isinstance(value, str) and 0 < len(value) <= 1000
+        if not ok:
+            raise ValueError(f"expected {_KIND_WORDS[self.kind]}")
+        if self.kind is float and not math.isfinite(value):
+            raise ValueError("expected a finite number")
+        return self.check(value)
+
+    def to_args(self, value) -> list[str]:
+        """The arguments that set this option to `value` on the command line."""
+        if self.kind is bool:
+            return [self.cli_flag] if value else []
+        if value is None:
+            return []
+        return [self.cli_flag, repr(value) if self.kind is float else str(value)]
+
+
+_KIND_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false", Path: "a path"}
+
+_SERVER_SETS = "set by the job server"
+TRAIN_OPTIONS: tuple[Option, ...] = (
+    # job
+    Option("job_id", str, None, "job id, ^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$ (default: job-<UTC time>-<random>)",
+           "job", problem=lambda v: None if JOB_ID_PATTERN.fullmatch(v) else
+           f"must be letters, digits, '.', '_', '-' (first a letter or digit; at most 64), got {v[:80]!r}"),
+    Option("job_name", str, None, "human-readable name (default: the job id)", "job",
+           problem=lambda v: None if len(v) <= MAX_NAME_LENGTH else f"at most {MAX_NAME_LENGTH} characters"),
+    Option("owner", str, None, "owner label on trainer_job_info (default: none)", "job",
+           api="the job server sets it from the caller's token"),
+    Option("model", str, "mlp", f"model to train: {', '.join(MODELS)}", "job", choices=MODELS),
+    Option("dataset", str, "blobs", f"built-in ({', '.join(BUILTIN_DATASETS)}) or a path to a .csv, .npz or "
+           ".txt file", "job"),
+    Option("target", str, "label", "target column of a CSV dataset", "job"),
+    # training
+    Option("epochs", int, 3, "passes over the training split", "training", minimum=1),
+    Option("batch_size", int, 64, "samples per optimizer step (per rank)", "training", minimum=1),
+    Option("lr", float, 1e-3, "AdamW learning rate", "training", above=0),
+    Option("device", str, "auto", "auto, cpu or cuda[:N]", "training", problem=_device_problem),
+    Option("seed", int, 0, "seed for data order and initial weights", "training"),
+    Option("workers", int, 0, "DataLoader worker processes", "training", minimum=0),
+    Option("eval_every", int, 0, "evaluate every N steps as well as at each epoch end (0: epoch ends only)",
+           "training", minimum=0),
+    # checkpoints
+    Option("checkpoint_dir", Path, None, "where checkpoints and the final model.pt go (default: no "
+           "checkpoints)", "checkpoints", api="the job server keeps them in the job's directory"),
+    Option("checkpoint_every", int, 0, "checkpoint every N steps (0: at each epoch end)", "checkpoints",
+           minimum=0),
+    Option("keep_checkpoints", int, 3, "newest checkpoints kept (0: all)", "checkpoints", minimum=0),
+    Option("resume", bool, False, "continue from the newest checkpoint in --checkpoint-dir", "checkpoints",
+           api="POST /api/training/jobs/{job_id}/resume"),
+    # telemetry
+    Option("log_every", int, 50, "steps per log interval (loss read, log line, MFU)", "telemetry", minimum=1),
+    Option("metrics_listen", str, "127.0.0.1:0", "HOST:PORT to serve /metrics on (port 0: a free one)",
+           "telemetry", api=_SERVER_SETS),
+    Option("targets_dir", Path, None, "Prometheus file_sd directory to announce the job in (default: not "
+           "announced)", "telemetry", api="the job server's --targets-dir", env="TRAINMETRICS_TARGETS_DIR"),
+    Option("job_dir", Path, None, "job-mapping directory the node exporter reads (default: none)", "telemetry",
+           api="the job server's --job-dir", env="TRAINMETRICS_JOB_DIR"),
+    Option("linger_timeout", float, 15.0, "after the end, wait up to this many seconds for every scraper to "
+           "read the final state (only with --targets-dir)", "telemetry", api="the job server's "
+           "--linger-timeout", minimum=0),
+    Option("upload_seconds", float, None, "dataset upload time to publish (default: the load time)", "telemetry",
+           api="measured by the job server at upload", minimum=0),
+    Option("peak_flops", float, None, "device peak FLOP/s for MFU (default: known GPUs only)", "telemetry",
+           above=0),
+    Option("web_config_file", Path, None, "TLS and basic auth for /metrics, in Prometheus exporter-toolkit's "
+           "web-config format (the file_sd target then says https)", "telemetry",
+           api="server-wide: the job server's own --web.config.file is not passed on", flag="--web.config.file"),
+    Option("register_url", str, None, "report this process's /metrics endpoint to this URL (the job server's "
+           "HTTP service discovery; the secret comes in TRAINMETRICS_REGISTER_TOKEN)", "telemetry", api=_SERVER_SETS),
+    Option("result_file", Path, None, "write the job's outcome here as JSON when it ends (atomically)",
+           "telemetry", api=_SERVER_SETS),
+    Option("progress", bool, False, "progress bar on a terminal (log lines otherwise)", "telemetry",
+           api="jobs of the job server have no terminal"),
+)
+
+# A job spec sent to the job server: the API-settable train options plus what only the server knows how to do.
+# `name` is the API's word for --job-name; `nproc` is the number of processes (torchrun ranks).
+SPEC_EXTRAS: tuple[Option, ...] = (
+    Option("nproc", int, 1, f"processes (torchrun ranks) for the job, 1..{MAX_NPROC}", "job", minimum=1,
+           problem=lambda v: None if v <= MAX_NPROC else f"at most {MAX_NPROC}"),
+)
+SPEC_ALIASES = {"name": "job_name"}
+
+
+class SpecError(ValueError):
+    """A job spec field that cannot be accepted; `field` is its name in the request body."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+def spec_fields() -> dict[str, Option]:
+    """Every field a job spec may hold, by its name in the request body."""
+    fields = {option.name: option for option in (*TRAIN_OPTIONS, *SPEC_EXTRAS) if option.api is True}
+    for alias, name in SPEC_ALIASES.items():
+        fields[alias] = fields.pop(name)
+    return fields
+
+
+def parse_spec(body: object) -> dict:
+    """A request body checked against the spec: only known fields, each of its type and in range. Returns the
+    given fields under their option names (defaults are not filled in). Raises SpecError naming the field."""
+    if not isinstance(body, dict):
+        raise SpecError("body", "expected a JSON object")
+    fields = spec_fields()
+    values = {}
+    for key, raw in body.items():
+        option = fields.get(key) if isinstance(key, str) else None
+        if option is None:
+            shown = str(key)[:40]
+            raise SpecError(shown, f"unknown field (allowed: {', '.join(sorted(fields))})")
+        try:
+            values[option.name] = option.from_json(raw)
+        except ValueError as error:
+            raise SpecError(key, str(error)) from None
+    return values
+
+
+def train_args(values: dict) -> list[str]:
+    """`trainmetrics train` arguments for the given option values (option names as keys; extras ignored)."""
+    args = []
+    for option in TRAIN_OPTIONS:
+        if option.name in values:
+            args += option.to_args(values[option.name])
+    return args

@@ -1,0 +1,248 @@
+"""The HTTP edge of the Starlette services (the job server, the analytics, or both on one URL), in one place:
+the error shape, the exception handlers, request-body limits, authentication and the composed /healthz and
+/metrics.
+
+Every error leaves as JSON, `{"error": {"code": "...", "message": "..."}}`, whatever raised it. A service
+contributes a Component (routes, lifespan, metrics registry, health check); build_app puts one or more of
+them behind one edge.
+"""
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import AsyncContextManager, Awaitable, Callable, Protocol
+
+import anyio
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from trainmetrics.webconfig import WebConfig
+
+log = logging.getLogger("trainmetrics.edge")
+
+# A job spec is a few hundred bytes; a JSON body past this is refused unread.
+MAX_JSON_BYTES = 64 * 1024
+# Health checks answer within this, whatever hangs behind them.
+HEALTH_TIMEOUT_SECONDS = 3.0
+# bcrypt checks run in at most this many threads at once: a flood of wrong passwords cannot take every
+# worker thread (and the event loop never runs one).
+PASSWORD_CHECK_THREADS = 2
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
+# Routes whose credential is not the caller's: a job run reporting its endpoints with its run's secret.
+SELF_CHECKED_PREFIXES = ("/api/internal/",)
+
+
+class ApiError(Exception):
+    """An error answer: HTTP status, a stable code, a message naming the problem, optional headers."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers = status, code, message, headers
+
+
+def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    """The one error shape."""
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+
+
+async def _api_error(request: Request, error: ApiError) -> JSONResponse:
+    return error_response(error.status, error.code, error.message, error.headers)
+
+
+HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "too_large"}
+
+
+async def _http_error(request: Request, error: HTTPException) -> JSONResponse:
+    """Starlette's own 404 and 405 (and any HTTPException) in the one error shape."""
+    return error_response(error.status_code, HTTP_CODES.get(error.status_code, "http_error"), str(error.detail),
+                          getattr(error, "headers", None))
+
+
+async def _timeout(request: Request, error: TimeoutError) -> JSONResponse:
+    return error_response(504, "timeout", "the service ran out of time answering this request")
+
+
+async def _unexpected(request: Request, error: Exception) -> JSONResponse:
+    log.error("%s %s failed", request.method, request.url.path, exc_info=error)
+    return error_response(500, "internal", f"internal error: {type(error).__name__}")
+
+
+EXCEPTION_HANDLERS = {ApiError: _api_error, HTTPException: _http_error, TimeoutError: _timeout, Exception: _unexpected}
+
+
+async def read_json(request: Request, limit: int = MAX_JSON_BYTES) -> object:
+    """The request body as JSON: 413 past `limit` bytes (refused before reading when the length is declared),
+    400 for anything that is not JSON of a sane depth."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, "too_large", f"body: at most {limit} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise ApiError(413, "too_large", f"body: at most {limit} bytes")
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):
+        raise ApiError(400, "bad_request", "body: expected a JSON object") from None
+
+
+# ----- authentication ---------------------------------------------------------------------------------------
+
+class Authenticator(Protocol):
+    """Who a request comes from (bearer tokens, for example)."""
+
+    def owner(self, authorization: str | None) -> str:
+        """The caller's owner name, or ApiError 401."""
+
+    def allows(self, owner: str, path: str) -> bool:
+        """True when this caller may use this path (/metrics names every owner's jobs)."""
+
+
+@dataclass
+class Component:
+    """What one service brings to an app: routes, a lifespan yielding its request state, its own metrics
+    registry, and a health check (returns a small dict; raises ApiError when unhealthy)."""
+
+    name: str
+    routes: list[BaseRoute]
+    lifespan: Callable[[], AsyncContextManager[dict]] | None = None
+    registry: CollectorRegistry | None = None
+    health: Callable[[Request], Awaitable[dict]] | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class EdgeMiddleware:
+    """Before any route: refuse control characters in the path, authenticate (basic auth from the web
+    config, bearer tokens from the authenticator) and put the caller's owner on request.state.owner (None
+    when the service has no owners). /healthz is open: it is the one explicit health check. Paths under a
+    self-checked prefix carry their own credential, which their route checks (a job run's secret)."""
+
+    def __init__(self, app, web_config: WebConfig, authenticator: Authenticator | None, open_paths: tuple[str, ...],
+                 self_checked: tuple[str, ...] = ()):
+        self.app, self.web_config, self.authenticator, self.open_paths = app, web_config, authenticator, open_paths
+        self.self_checked = self_checked
+        self._limiter = anyio.CapacityLimiter(PASSWORD_CHECK_THREADS)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        try:
+            owner = await self._check(scope)
+        except ApiError as error:
+            response = error_response(error.status, error.code, error.message, error.headers)
+            return await response(scope, receive, send)
+        scope.setdefault("state", {})
+        scope["state"]["owner"] = owner
+        return await self.app(scope, receive, send)
+
+    async def _check(self, scope) -> str | None:
+        path = scope.get("path", "")
+        if CONTROL_CHARACTERS.search(path):
+            raise ApiError(400, "bad_request", "path: control characters are not allowed")
+        if path in self.open_paths or path.startswith(self.self_checked):
+            return None
+        authorization = None
+        for key, value in scope.get("headers") or []:
+            if key == b"authorization":
+                authorization = value.decode("latin-1")
+        if self.web_config.users:
+            verdict = self.web_config.cached_verdict(authorization)
+            if verdict is None:
+                verdict = await anyio.to_thread.run_sync(self.web_config.authorized, authorization,
+                                                         limiter=self._limiter)
+            if not verdict:
+                raise ApiError(401, "unauthorized", "basic authentication required",
+                               {"WWW-Authenticate": 'Basic realm="trainmetrics"'})
+        if self.authenticator is None:
+            return None
+        owner = self.authenticator.owner(authorization)
+        if not self.authenticator.allows(owner, path):
+            raise ApiError(403, "forbidden", f"this token may not use {path[:100]}")
+        return owner
+
+
+# ----- the app ---------------------------------------------------------------------------------------------
+
+def build_app(components: list[Component], *, web_config: WebConfig | None = None,
+              authenticator: Authenticator | None = None) -> Starlette:
+    """One Starlette app for the components: their routes, one /healthz over all their checks, one /metrics
+    over all their registries, one lifespan running theirs, and the edge in front."""
+
+    async def healthz(request: Request) -> JSONResponse:
+        """GET /healthz: every component's check; 200 when all pass, else 503 naming what failed."""
+        checked = [c for c in components if c.health is not None]
+
+        async def run(component: Component) -> dict:
+            try:
+                async with asyncio.timeout(HEALTH_TIMEOUT_SECONDS):
+                    return {"status": "ok", **await component.health(request)}
+            except ApiError as error:
+                return {"status": "failing", "error": {"code": error.code, "message": error.message}}
+            except TimeoutError:
+                return {"status": "failing", "error": {"code": "timeout", "message":
+                                                       f"no answer within {HEALTH_TIMEOUT_SECONDS:g}s"}}
+
+        results = dict(zip((c.name for c in checked), await asyncio.gather(*(run(c) for c in checked))))
+        healthy = all(result["status"] == "ok" for result in results.values())
+        return JSONResponse({"status": "ok" if healthy else "failing", "checks": results},
+                            status_code=200 if healthy else 503)
+
+    async def metrics(request: Request) -> Response:
+        """GET /metrics: the services' own metrics."""
+        body = b"".join(generate_latest(c.registry) for c in components if c.registry is not None)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        async with contextlib.AsyncExitStack() as stack:
+            state: dict = {}
+            for component in components:
+                if component.lifespan is not None:
+                    state.update(await stack.enter_async_context(component.lifespan()) or {})
+            yield state
+
+    routes = [route for component in components for route in component.routes]
+    routes += [Route("/healthz", healthz, methods=["GET"]), Route("/metrics", metrics, methods=["GET"])]
+    middleware = [Middleware(EdgeMiddleware, web_config=web_config or WebConfig(), authenticator=authenticator,
+                             open_paths=("/healthz",), self_checked=SELF_CHECKED_PREFIXES)]
+    app = Starlette(routes=routes, lifespan=lifespan, middleware=middleware, exception_handlers=EXCEPTION_HANDLERS)
+    app.state.components = {component.name: component for component in components}
+    return app
+
+
+def serve(app: Starlette, sock, web_config: WebConfig, on_ready: Callable[[], None] = lambda: None) -> None:
+    """Run an app under uvicorn on an already bound, listening socket, with the web config's TLS; on_ready()
+    once it accepts requests. Until SIGINT/SIGTERM; then it shuts down cleanly and returns (the process exits
+    0, as every trainmetrics server does)."""
+    import signal
+
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets)
+            if not self.should_exit:
+                on_ready()
+
+    cert, key = web_config.cert_files or (None, None)
+    config = uvicorn.Config(app, log_level="warning", lifespan="on", ssl_certfile=cert, ssl_keyfile=key)
+    config.load()
+    if web_config.ssl_context is not None:
+        config.ssl = web_config.ssl_context     # ours, with the minimum version and client verification
+    server = Server(config)
+    # A stop signal before uvicorn has its own handlers must still stop it; and uvicorn re-raises the signal
+    # it caught, once shut down, to the handler it found: this one, so the command returns its own exit code
+    # instead of dying of the signal.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda signum, frame: setattr(server, "should_exit", True))
+    server.run(sockets=[sock])

@@ -1,0 +1,104 @@
+"""The files a training job leaves for the job server: its checkpoints (by name) and its result.
+
+The result is one JSON object written atomically when the job process ends, next to its log: the job server
+learns a job's outcome from it (never from the log). Strict JSON: a non-finite number is written as null.
+"""
+
+import json
+import math
+import os
+import re
+import stat
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+CHECKPOINT_PATTERN = re.compile(r"^step-(\d{9})\.pt$")
+FINAL_MODEL_NAME = "model.pt"
+RESULT_FILE_NAME = "result.json"
+# A result is a few hundred bytes; anything far larger is not ours.
+MAX_RESULT_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint file and the step it was taken at."""
+
+    path: Path
+    step: int
+
+
+def checkpoint_name(step: int) -> str:
+    """The file name for a checkpoint at `step` (zero-padded so names sort by step)."""
+    return f"step-{step:09d}.pt"
+
+
+def list_checkpoints(directory: Path) -> list[Checkpoint]:
+    """Checkpoints in the directory, oldest first (temp files, other names and non-files ignored)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = []
+    for entry in os.scandir(directory):
+        match = CHECKPOINT_PATTERN.match(entry.name)
+        if match and entry.is_file(follow_symlinks=False):
+            found.append(Checkpoint(Path(entry.path), int(match.group(1))))
+    return sorted(found, key=lambda c: c.step)
+
+
+def finite_or_none(value):
+    """`value` with every non-finite float inside it replaced by None (JSON has no NaN or Infinity)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(item) for item in value]
+    return value
+
+
+def strict_json(value) -> str:
+    """JSON that strict parsers accept: non-finite numbers become null."""
+    return json.dumps(finite_or_none(value), allow_nan=False)
+
+
+def write_result(path: Path, result: dict) -> None:
+    """Write the job's result atomically and durably (temp file in the same dir, fsync, rename)."""
+    path = Path(path)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(strict_json(result))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        try:
+            os.unlink(tmp_name)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def read_result(path: Path) -> dict | None:
+    """The job's result, or None when there is none (not written yet, unreadable, not one of ours)."""
+    try:
+        # Non-blocking: whatever sits at the path (a FIFO, a device) must not stall the reader.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        data = os.read(fd, MAX_RESULT_BYTES + 1)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_RESULT_BYTES:
+        return None
+    try:
+        result = json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+    return result if isinstance(result, dict) and isinstance(result.get("state"), str) else None

@@ -1,0 +1,179 @@
+"""The HTTP server behind every trainmetrics /metrics endpoint (the node exporter's and each job's).
+
+- HTTP/1.1 with keep-alive: a Prometheus-compatible scraper (Prometheus, vmagent, the OpenTelemetry
+  Collector) keeps one connection per target open, so the connection tells one scraper from another.
+- A scrape counts only when it comes from such a scraper: it sends `X-Prometheus-Scrape-Timeout-Seconds`.
+  A `curl` or a health check reads the same text but never counts (the job's linger waits for scrapers).
+- Bounded: at most `max_connections` connections (one thread each); more are closed at once. A connection
+  idle for `idle_timeout` (half-open, a slow client, a stalled TLS handshake) is closed.
+- TLS and basic auth from a web-config file (trainmetrics.webconfig).
+"""
+
+import logging
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable
+
+from trainmetrics.webconfig import WebConfig
+
+log = logging.getLogger(__name__)
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+SCRAPE_TIMEOUT_HEADER = "X-Prometheus-Scrape-Timeout-Seconds"
+DEFAULT_MAX_CONNECTIONS = 32
+DEFAULT_IDLE_TIMEOUT = 30.0
+
+
+@dataclass
+class Scrape:
+    """One GET of /metrics: who asked (the scraper's connection, or None for a reader that does not count)
+    and when it began; `shown` is for the renderer to note what it served, handed back once delivered."""
+
+    scraper: str | None
+    began: float
+    shown: dict = field(default_factory=dict)
+
+    @property
+    def counting(self) -> bool:
+        """True for a scrape by a Prometheus-compatible scraper."""
+        return self.scraper is not None
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: "MetricsHTTPServer"
+
+    def setup(self) -> None:
+        self.timeout = self.server.idle_timeout     # StreamRequestHandler applies it to the socket
+        super().setup()
+
+    def do_GET(self) -> None:
+        self._respond(send_body=True)
+
+    def do_HEAD(self) -> None:
+        self._respond(send_body=False)
+
+    def _respond(self, send_body: bool) -> None:
+        server = self.server
+        if not server.web_config.authorized(self.headers.get("Authorization")):
+            self._send("401 Unauthorized", b"basic authentication required\n", "text/plain; charset=utf-8",
+                       send_body, extra=b'WWW-Authenticate: Basic realm="trainmetrics"\r\n')
+            return
+        path = self.path.partition("?")[0]
+        if path == "/metrics":
+            counting = self.headers.get(SCRAPE_TIMEOUT_HEADER) is not None
+            scrape = Scrape(f"{self.client_address[0]}:{self.client_address[1]}" if counting else None,
+                            time.monotonic())
+            try:
+                body = server.render(scrape)
+            except Exception:   # a renderer bug must not take the endpoint down
+                log.exception("rendering /metrics failed")
+                self._send("500 Internal Server Error", b"internal error\n", "text/plain; charset=utf-8", send_body)
+                return
+            self._send("200 OK", body, CONTENT_TYPE, send_body)
+            if send_body:
+                server.delivered(scrape)
+        elif path == "/":
+            self._send("200 OK", server.index_page, "text/html; charset=utf-8", send_body)
+        else:
+            self._send("404 Not Found", b"not found\n", "text/plain; charset=utf-8", send_body)
+
+    def _send(self, status: str, body: bytes, content_type: str, send_body: bool, extra: bytes = b"") -> None:
+        # One write for head and body: every extra socket call is one more wait for the GIL while a sampler
+        # thread holds it, and the tail of the scrape latency is made of those waits.
+        head = (f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
+                f"Content-Length: {len(body)}\r\n").encode() + extra + b"\r\n"
+        self.wfile.write(head + body if send_body else head)
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002 - signature fixed by the base class
+        """No access log: a scrape every 250 ms would flood it."""
+
+
+class MetricsHTTPServer(ThreadingHTTPServer):
+    """Serves `render(scrape) -> bytes` on /metrics; binds in the constructor (OSError when it cannot)."""
+
+    daemon_threads = True
+    allow_reuse_address = True      # restart at once after a crash, whatever TIME_WAIT the scrapes left
+    block_on_close = False
+    request_queue_size = 128        # a burst of connects waits in the kernel's queue, not on SYN retries
+
+    def __init__(self, address: tuple[str, int], render: Callable[[Scrape], bytes], *,
+                 web_config: WebConfig | None = None, delivered: Callable[[Scrape], None] | None = None,
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS, idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+                 title: str = "trainmetrics"):
+        self.render = render
+        self._delivered = delivered
+        self.web_config = web_config or WebConfig()
+        self.idle_timeout = idle_timeout
+        self.index_page = (f'<html><body><h1>{title}</h1><a href="/metrics">/metrics</a></body></html>\n').encode()
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._open: set[socket.socket] = set()
+        self._open_lock = threading.Lock()
+        host = address[0]
+        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        super().__init__(address, _Handler)
+        self.web_config.secure(self)
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        """The port actually bound (for port 0)."""
+        return self.server_address[1]
+
+    def delivered(self, scrape: Scrape) -> None:
+        """A scrape's answer has been written to its connection."""
+        if self._delivered is not None:
+            try:
+                self._delivered(scrape)
+            except Exception:
+                log.exception("scrape delivery hook failed")
+
+    def process_request(self, request, client_address) -> None:
+        """One thread per connection, up to the limit; a connection over it is closed at once."""
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        with self._open_lock:
+            self._open.add(request)
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._open_lock:
+                self._open.discard(request)
+            self._slots.release()
+
+    def handle_error(self, request, client_address) -> None:
+        """A client that went away or timed out is not an error worth a traceback."""
+        log.debug("connection from %s ended with an error", client_address, exc_info=True)
+
+    def serve_in_background(self, name: str = "metrics-http", poll_interval: float = 0.1) -> "MetricsHTTPServer":
+        """Serve from a daemon thread until close()."""
+        self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": poll_interval},
+                                        name=name, daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop accepting, close the listening socket and every open connection (a scraper's keep-alive
+        connection would otherwise go on being served)."""
+        if self._thread is not None:
+            self.shutdown()
+            self._thread = None
+        self.server_close()
+        with self._open_lock:
+            connections = list(self._open)
+        for connection in connections:
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass

@@ -1,0 +1,60 @@
+"""`trainmetrics server`: the job server and the analytics on one URL, behind one edge.
+
+Neither part knows the other: the job server contributes its routes and supervision, the analytics theirs,
+and the edge authenticates each request once. With --tokens the analytics are given the caller's owner as
+their scope, and check it against each job's own `owner` label in Prometheus.
+"""
+
+import argparse
+import logging
+
+from trainmetrics.analytics.cli import add_analytics_flags, add_web_flags, analytics_settings, web_config_flag
+from trainmetrics.command import listen_flag, listening_socket, reachable_address, say_listening
+from trainmetrics.jobserver.cli import add_jobserver_flags, jobserver_settings
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Add the server flags (imports nothing heavy)."""
+    add_web_flags(parser)
+    add_jobserver_flags(parser)
+    add_analytics_flags(parser)
+
+
+def caller_owner(request) -> str | None:
+    """The analytics' owner scope: the owner the edge authenticated (None without tokens: everyone)."""
+    return getattr(request.state, "owner", None)
+
+
+def build(args: argparse.Namespace, host: str):
+    """The app and its web config, from the flags (FlagError on a bad one)."""
+    web_config = web_config_flag(args)
+    server_settings, auth = jobserver_settings(args, host, web_config)
+    analytics = analytics_settings(args)
+    analytics.owner_scope = caller_owner
+
+    from trainmetrics.analytics.app import build_component as analytics_component
+    from trainmetrics.edge import build_app
+    from trainmetrics.jobserver.app import build_component as jobs_component
+
+    app = build_app([jobs_component(server_settings), analytics_component(analytics)], web_config=web_config,
+                    authenticator=auth)
+    return app, web_config, analytics
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until SIGINT/SIGTERM (running jobs are paused and resume at the next start)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    host, port = listen_flag("--listen", args.listen)
+    app, web_config, analytics = build(args, host)
+    sock = listening_socket("--listen", host, port)
+    scheme = "https" if web_config.ssl_context else "http"
+    jobs = app.state.components["jobs"].extra["server"].settings
+    if jobs.advertise_url is None:     # the port is known now (--listen :0 picks one)
+        jobs.advertise_url = f"{scheme}://{reachable_address(host, sock.getsockname()[1])}"
+
+    from trainmetrics.edge import serve
+
+    serve(app, sock, web_config, lambda: say_listening(
+        "server", f"{scheme}://{host}:{sock.getsockname()[1]}", f" (Prometheus {analytics.prometheus_url})"))
+    return 0
