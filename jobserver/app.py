@@ -21,10 +21,11 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from trainmetrics.contract import JOB_STATES, Trainer
+from trainmetrics.contract import JOB_STATES, STOP_SIGNALS, Trainer
 from trainmetrics.edge import ApiError, Component, read_json
+from trainmetrics.jobserver.executors import build_executor
 from trainmetrics.jobserver.jobs import JobService, ServerSettings
-from trainmetrics.jobserver.local import STOP_SIGNALS
+
 from trainmetrics.jobserver.store import JobStore
 from trainmetrics.jobserver.supervisor import Supervisor
 from trainmetrics.jobserver.uploads import check_upload_request, receive_dataset
@@ -89,8 +90,9 @@ class JobServer:
 
         def open_service() -> JobService:
             store = JobStore(data_dir / "trainmetrics.db")
+            executor = build_executor(settings.executor, settings.ray_address, settings.ray_python)
             supervisor = Supervisor(store, data_dir, settings.job_dir, settings.max_concurrent,
-                                    settings.linger_timeout, advertise_url=settings.advertise_url)
+                                    settings.linger_timeout, executor=executor, advertise_url=settings.advertise_url)
             supervisor.recover()
             return JobService(settings, store, supervisor)
 

@@ -2,6 +2,7 @@
 trainmetrics/service.py)."""
 
 import argparse
+import importlib.util
 import ipaddress
 from pathlib import Path
 
@@ -25,6 +26,13 @@ def add_jobserver_flags(parser: argparse.ArgumentParser) -> None:
                             "service discovery (default: from --listen; give it when jobs run on other hosts)")
     group.add_argument("--job-dir", type=Path, default=None,
                        help="job-mapping directory the node exporter reads (default: none)")
+    group.add_argument("--executor", choices=("local", "ray"), default="local",
+                       help="where jobs run: local child processes, or a Ray cluster through its Jobs API "
+                            "(pip install 'trainmetrics[ray]'; the data dir must be on storage the nodes share)")
+    group.add_argument("--ray-address", default=None, metavar="URL",
+                       help="the Ray cluster's dashboard, e.g. http://HEAD:8265 (with --executor ray)")
+    group.add_argument("--ray-python", default=None, metavar="PATH",
+                       help="the Python with trainmetrics[train] on the Ray nodes (default: this one's)")
     group.add_argument("--max-upload-bytes", type=int, default=256 * 1024 * 1024, help="largest dataset upload")
     group.add_argument("--linger-timeout", type=float, default=15.0,
                        help="how long a finished job waits for every scraper to read its final state")
@@ -80,9 +88,17 @@ def jobserver_settings(args: argparse.Namespace, host: str, web_config):
         args.data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise FlagError("--data-dir", f"{args.data_dir}: {error.strerror or error}") from None
+    if args.executor == "ray":
+        if not args.ray_address or not args.ray_address.startswith(("http://", "https://")):
+            raise FlagError("--ray-address", "--executor ray needs the cluster's dashboard URL, e.g. http://HEAD:8265")
+        if importlib.util.find_spec("ray") is None:
+            raise FlagError("--executor", "ray needs Ray: pip install 'trainmetrics[ray]'")
+    elif args.ray_address or args.ray_python:
+        raise FlagError("--ray-address" if args.ray_address else "--ray-python", "only with --executor ray")
     if args.advertise_url is not None and not args.advertise_url.startswith(("http://", "https://")):
         raise FlagError("--advertise-url", f"must be an http(s) URL, got {args.advertise_url[:80]!r}")
     settings = ServerSettings(data_dir=args.data_dir, job_dir=args.job_dir, advertise_url=args.advertise_url,
+                              executor=args.executor, ray_address=args.ray_address, ray_python=args.ray_python,
                               owners=auth is not None, max_concurrent=max_concurrent,
                               max_upload_bytes=args.max_upload_bytes, linger_timeout=args.linger_timeout)
     return settings, auth

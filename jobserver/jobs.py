@@ -32,6 +32,9 @@ class ServerSettings:
     data_dir: Path
     job_dir: Path | None = None
     advertise_url: str | None = None           # how jobs reach this server (set once it listens)
+    executor: str = "local"                    # "local" or "ray" (executors.py)
+    ray_address: str | None = None
+    ray_python: str | None = None
     owners: bool = False                       # True with --tokens: ids and data are per owner
     max_concurrent: int = 1
     max_upload_bytes: int = 256 * 1024 * 1024

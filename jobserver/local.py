@@ -1,28 +1,16 @@
 """The local executor: each job is `trainmetrics train` child processes on this machine (torchrun's workers
 for nproc > 1), each in its own session so a Ctrl-C to the server does not reach it."""
 
-import logging
 import os
-import signal
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 
-log = logging.getLogger("trainmetrics.server")
-
-STOP_SIGNALS = {"paused": signal.SIGUSR1, "cancelled": signal.SIGTERM}
-
-
-@dataclass
-class Run:
-    """One started (or adopted) job process."""
-
-    job_id: str
-    pid: int
-    process: subprocess.Popen | None = None     # None for a process adopted after a server restart
+from trainmetrics.contract import STOP_SIGNALS
+from trainmetrics.jobfiles import LOG_NAME
+from trainmetrics.jobserver.executors import Run
 
 
 class LocalExecutor:
@@ -38,16 +26,18 @@ class LocalExecutor:
                         "-m", "trainmetrics"]
         return [*launcher, "train", *train_args]
 
-    def start(self, job_id: str, nproc: int, train_args: list[str], log_path: Path, env: dict[str, str]) -> Run:
-        """Start the job's process with its output appended to log_path and `env` added to its environment."""
-        with open(log_path, "ab") as log_file:
+    def start(self, job_id: str, nproc: int, train_args: list[str], job_dir: Path, env: dict[str, str]) -> Run:
+        """Start the job's process with its output appended to job_dir/train.log and `env` added to its
+        environment."""
+        with open(job_dir / LOG_NAME, "ab") as log_file:
             process = subprocess.Popen(self.command(nproc, train_args), stdout=log_file, stderr=subprocess.STDOUT,
                                        stdin=subprocess.DEVNULL, start_new_session=True, env={**os.environ, **env})
-        return Run(job_id, process.pid, process)
+        return Run(job_id, str(process.pid), job_dir, process.pid, process)
 
-    def adopt(self, job_id: str, pid: int | None) -> Run | None:
+    def adopt(self, job_id: str, handle: str | None, job_dir: Path) -> Run | None:
         """The job's process left running by a previous server, if it still runs (pids get reused)."""
-        return Run(job_id, pid) if pid and _is_job_process(pid, job_id) else None
+        pid = int(handle) if handle and handle.isdigit() else None
+        return Run(job_id, handle, job_dir, pid) if pid and _is_job_process(pid, job_id) else None
 
     def poll(self, run: Run) -> tuple[bool, int | None]:
         """(ended, exit code): the code is negative for a signal, None when not known (an adopted process)."""
@@ -60,7 +50,7 @@ class LocalExecutor:
         """Ask the job to stop at its next step boundary (pause: SIGUSR1, cancel: SIGTERM); True when a signal
         reached a trainer process. Under torchrun the workers get it (the launcher would die of SIGUSR1)."""
         sent = False
-        for process in _trainer_processes(run.pid, run.job_id):
+        for process in _trainer_processes(run.pid, run.job_id) if run.pid else []:
             try:
                 process.send_signal(STOP_SIGNALS[outcome])
                 sent = True

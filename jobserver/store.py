@@ -26,7 +26,7 @@ CREATE TABLE IF NOT EXISTS endpoints (
     PRIMARY KEY (job_id, rank));
 """
 # Columns added since the first schema: (name, SQL type); an older database gains them at open.
-ADDED_COLUMNS = (("requested", "TEXT"), ("run_token", "TEXT"))
+ADDED_COLUMNS = (("requested", "TEXT"), ("run_token", "TEXT"), ("handle", "TEXT"))
 
 
 @dataclass
@@ -69,6 +69,7 @@ class JobRecord:
     ended: float | None = None
     requested: str | None = None    # the stop accepted for the running process: "paused" or "cancelled"
     run_token: str | None = None    # the running process's secret for reporting its endpoints
+    handle: str | None = None       # the running process as its executor names it (a pid, a Ray submission)
 
     def public(self) -> dict:
         """The API view."""
@@ -135,10 +136,10 @@ class JobStore:
         """Persist a new job; False when the id is taken."""
         try:
             self._execute("INSERT INTO jobs (id, owner, name, spec, state, pid, exit_code, error, resume, created, "
-                          "started, ended, requested, run_token) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                          "started, ended, requested, run_token, handle) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                           (job.id, job.owner, job.name, json.dumps(job.spec), job.state, job.pid, job.exit_code,
                            job.error, int(job.resume), job.created, job.started, job.ended, job.requested,
-                           job.run_token))
+                           job.run_token, job.handle))
         except sqlite3.IntegrityError:
             return False
         return True

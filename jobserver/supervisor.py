@@ -15,8 +15,10 @@ import time
 from pathlib import Path
 
 from trainmetrics.contract import EXIT_STATES, REGISTER_TOKEN_VARIABLE, STOP_VERBS, train_args
-from trainmetrics.jobfiles import FINAL_MODEL_NAME, RESULT_FILE_NAME, list_checkpoints, read_result
-from trainmetrics.jobserver.local import LocalExecutor, Run
+from trainmetrics.jobfiles import (CONTROL_FILE_NAME, FINAL_MODEL_NAME, LOG_NAME, RESULT_FILE_NAME,
+                                   list_checkpoints, read_result)
+from trainmetrics.jobserver.executors import Executor, Run
+from trainmetrics.jobserver.local import LocalExecutor
 from trainmetrics.jobserver.store import JobRecord, JobStore
 
 
@@ -44,7 +46,7 @@ class Supervisor:
     """Starts, watches and signals the job processes."""
 
     def __init__(self, store: JobStore, data_dir: Path, job_dir: Path | None, max_concurrent: int,
-                 linger_timeout: float = 15.0, executor: LocalExecutor | None = None,
+                 linger_timeout: float = 15.0, executor: Executor | None = None,
                  advertise_url: str | None = None):
         self.store = store
         self.data_dir = Path(data_dir)
@@ -65,7 +67,7 @@ class Supervisor:
 
     def log_path(self, job_id: str) -> Path:
         """The job process's stdout and stderr."""
-        return self.job_path(job_id) / "train.log"
+        return self.job_path(job_id) / LOG_NAME
 
     def result_path(self, job_id: str) -> Path:
         """Where the job's process writes its outcome."""
@@ -90,15 +92,17 @@ class Supervisor:
     def start(self, job: JobRecord) -> None:
         """Start the job's process; an older run's result is removed first, so only this run's can be read."""
         self.checkpoint_dir(job.id).mkdir(parents=True, exist_ok=True)
-        self.result_path(job.id).unlink(missing_ok=True)
+        for leftover in (RESULT_FILE_NAME, CONTROL_FILE_NAME):     # only this run's may be read
+            (self.job_path(job.id) / leftover).unlink(missing_ok=True)
         self.store.remove_endpoints(job.id)
         token = secrets.token_urlsafe(24)
-        run = self.executor.start(job.id, job.spec.get("nproc", 1), self.train_args(job), self.log_path(job.id),
+        run = self.executor.start(job.id, job.spec.get("nproc", 1), self.train_args(job), self.job_path(job.id),
                                   {REGISTER_TOKEN_VARIABLE: token})
         self.runs[job.id] = run
-        self.store.update_job(job.id, state="running", pid=run.pid, started=job.started or time.time(),
-                              exit_code=None, error=None, requested=None, run_token=token_digest(token))
-        log.info("job %s: started pid %d%s", job.id, run.pid, " (resuming)" if job.resume else "")
+        self.store.update_job(job.id, state="running", pid=run.pid, handle=run.handle,
+                              started=job.started or time.time(), exit_code=None, error=None, requested=None,
+                              run_token=token_digest(token))
+        log.info("job %s: started %s %s%s", job.id, self.executor.name, run.handle, " (resuming)" if job.resume else "")
 
     # ----- watching ----------------------------------------------------------------------------------
     def running_count(self) -> int:
@@ -153,10 +157,10 @@ class Supervisor:
         """After a (re)start: adopt running jobs whose process lives on; for the others, their result decides,
         else they resume from their last checkpoint (or fail without one)."""
         for job in self.store.list_jobs(states=("running",)):
-            run = self.executor.adopt(job.id, job.pid)
+            run = self.executor.adopt(job.id, job.handle or (str(job.pid) if job.pid else None), self.job_path(job.id))
             if run is not None:
                 self.runs[job.id] = run
-                log.info("job %s: still running as pid %d, adopted", job.id, run.pid)
+                log.info("job %s: still running as %s, adopted", job.id, run.handle)
             elif read_result(self.result_path(job.id)) is not None:
                 self._ended(job.id, None)
             else:

@@ -8,6 +8,7 @@ Imports the standard library only: the CLI's --help, the job server and the anal
 import math
 import re
 import secrets
+import signal
 import time
 from dataclasses import dataclass
 from enum import IntEnum
@@ -51,6 +52,8 @@ JOB_STATES = (*ACTIVE_STATES, *FINAL_STATES)
 VANISHED = "vanished"
 # What a stop that ends in a state is called, for messages: "cannot pause it", "cancel requested".
 STOP_VERBS = {"cancelled": "cancel", "paused": "pause"}
+# The signal that asks a training process for each stop (at its next step boundary, after a checkpoint).
+STOP_SIGNALS = {"paused": signal.SIGUSR1, "cancelled": signal.SIGTERM}
 
 
 class ExitCode(IntEnum):
@@ -126,6 +129,7 @@ class Node:
     JOB_CPU_SECONDS = "process_cpu_time_seconds_total"
     JOB_RSS = "process_memory_rss_bytes"
     JOB_PROCESSES = "process_tree_processes"
+    JOB_ENERGY = "process_energy_joules_total"
     GPU_JOB = "hw_gpu_job_info"
     GPU_UTILIZATION = "hw_gpu_utilization_ratio"
     GPU_TEMPERATURE = "hw_gpu_temperature_celsius"

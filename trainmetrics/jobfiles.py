@@ -16,6 +16,10 @@ from pathlib import Path
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d{9})\.pt$")
 FINAL_MODEL_NAME = "model.pt"
 RESULT_FILE_NAME = "result.json"
+LOG_NAME = "train.log"
+# A stop request for a job run that no signal can reach (ranks on other hosts): "paused" or "cancelled",
+# written by the job server, read by the run's launcher.
+CONTROL_FILE_NAME = "control"
 # A result is a few hundred bytes; anything far larger is not ours.
 MAX_RESULT_BYTES = 1 << 20
 

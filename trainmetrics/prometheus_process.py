@@ -20,6 +20,7 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_TEMPLATE = REPO_ROOT / "deploy" / "prometheus" / "prometheus.yml"
+AGENT_TEMPLATE = REPO_ROOT / "deploy" / "prometheus" / "agent.yml"
 
 
 class PrometheusNotFound(RuntimeError):
@@ -52,12 +53,14 @@ def free_port(host: str = "127.0.0.1") -> int:
 def render_config(targets_dir: Path, static_targets: dict[str, list[str]] | None = None,
                   rule_files: list[str] | None = None, alertmanagers: list[str] | None = None,
                   remote_write: list[str] | None = None, job_server: str | None = None,
-                  job_server_token: str | None = None) -> dict:
+                  job_server_token: str | None = None, extra_target_dirs: list[Path] = (),
+                  template: Path = CONFIG_TEMPLATE) -> dict:
     """The deployable config with file_sd pointed at targets_dir, the job server's HTTP service discovery at
     job_server (with the @metrics token when given), static targets, alertmanagers and remote_write URLs
     replaced (scrape jobs without a static target or a job server given are dropped; no alertmanager and no
     remote_write unless given)."""
-    config = yaml.safe_load(CONFIG_TEMPLATE.read_text())
+    config = yaml.safe_load(template.read_text())
+    config.pop("remote_write", None)
     if remote_write:
         # Flush small batches quickly so a short test sees its samples in the central store within seconds.
         config["remote_write"] = [{"url": url, "queue_config": {"batch_send_deadline": "1s"}}
@@ -72,11 +75,12 @@ def render_config(targets_dir: Path, static_targets: dict[str, list[str]] | None
         name = scrape["job_name"]
         if "file_sd_configs" in scrape:
             for sd in scrape["file_sd_configs"]:
-                sd["files"] = [str(Path(targets_dir) / "*.json")]
+                sd["files"] = [str(Path(directory) / "*.json") for directory in (targets_dir, *extra_target_dirs)]
             kept.append(scrape)
         elif "http_sd_configs" in scrape:
             if job_server is None:
                 continue
+            scrape.pop("relabel_configs", None)     # the agent template's per-node filter: all nodes are this one
             for sd in scrape["http_sd_configs"]:
                 sd["url"] = f"{job_server}/api/training/sd"
                 if job_server_token:
@@ -87,6 +91,8 @@ def render_config(targets_dir: Path, static_targets: dict[str, list[str]] | None
             scrape["static_configs"] = [{"targets": static_targets[name]}]
             kept.append(scrape)
     config["scrape_configs"] = kept
+    if template == AGENT_TEMPLATE:      # an agent evaluates no rules
+        return config
     if rule_files is None:   # the deployable rules, found relative to the template as Prometheus would
         rule_files = [str(CONFIG_TEMPLATE.parent / pattern) for pattern in config.get("rule_files", [])]
     config["rule_files"] = rule_files
@@ -100,7 +106,7 @@ class PrometheusServer:
                  rule_files: list[str] | None = None, port: int | None = None,
                  extra_args: list[str] | None = None, alertmanagers: list[str] | None = None,
                  remote_write: list[str] | None = None, job_server: str | None = None,
-                 job_server_token: str | None = None):
+                 job_server_token: str | None = None, extra_target_dirs: list[Path] = (), agent: bool = False):
         self.workdir = Path(workdir)
         self.targets_dir = self.workdir / "targets"
         self.data_dir = self.workdir / "data"
@@ -112,6 +118,7 @@ class PrometheusServer:
         self.alertmanagers = alertmanagers
         self.remote_write = remote_write
         self.job_server, self.job_server_token = job_server, job_server_token
+        self.extra_target_dirs, self.agent = list(extra_target_dirs), agent
         self.extra_args = extra_args or []
         self.process: subprocess.Popen | None = None
         self.log_path = self.workdir / "prometheus.log"
@@ -121,12 +128,15 @@ class PrometheusServer:
         self.targets_dir.mkdir(parents=True, exist_ok=True)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         config = render_config(self.targets_dir, self.static_targets, self.rule_files, self.alertmanagers,
-                               self.remote_write, self.job_server, self.job_server_token)
+                               self.remote_write, self.job_server, self.job_server_token, self.extra_target_dirs,
+                               AGENT_TEMPLATE if self.agent else CONFIG_TEMPLATE)
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        storage = ["--enable-feature=agent", f"--storage.agent.path={self.data_dir}"] if self.agent else \
+            [f"--storage.tsdb.path={self.data_dir}"]
         command = [
             find_binary("prometheus"),
             f"--config.file={self.config_path}",
-            f"--storage.tsdb.path={self.data_dir}",
+            *storage,
             f"--web.listen-address=127.0.0.1:{self.port}",
             "--web.enable-lifecycle",
             "--log.level=warn",

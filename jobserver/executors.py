@@ -1,0 +1,52 @@
+"""How the job server runs its jobs: an executor starts a job's processes, tells when they ended, and passes
+on pause and cancel. The supervisor (supervisor.py) owns the states; an executor only runs processes.
+
+- `local` (local.py): `trainmetrics train` child processes on this machine; the default, nothing to install.
+- `ray` (ray_executor.py): jobs through Ray's Jobs API on an existing Ray cluster, each rank a Ray actor
+  placed by Ray (`pip install 'trainmetrics[ray]'`; only that module imports ray).
+"""
+
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+
+@dataclass
+class Run:
+    """One started (or adopted) run of a job: `handle` names it to its executor (a pid, a Ray submission id)."""
+
+    job_id: str
+    handle: str
+    job_dir: Path
+    pid: int | None = None
+    process: subprocess.Popen | None = None     # a local child started by this server
+
+
+class Executor(Protocol):
+    """What the supervisor needs of an executor (every call returns promptly: it runs on the state thread)."""
+
+    name: str
+
+    def start(self, job_id: str, nproc: int, train_args: list[str], job_dir: Path, env: dict[str, str]) -> Run:
+        """Start the job's processes (`trainmetrics train ARGS`, nproc ranks), output in job_dir/train.log."""
+
+    def adopt(self, job_id: str, handle: str | None, job_dir: Path) -> Run | None:
+        """The run a previous server left going, if it still runs."""
+
+    def poll(self, run: Run) -> tuple[bool, int | None]:
+        """(ended, exit code); the code is negative for a signal and None when it is not known."""
+
+    def signal(self, run: Run, outcome: str) -> bool:
+        """Ask the run to stop at its next step boundary ("paused" or "cancelled"); True when it was told."""
+
+
+def build_executor(kind: str, ray_address: str | None = None, ray_python: str | None = None) -> Executor:
+    """The executor of a kind ("local" or "ray")."""
+    if kind == "ray":
+        from trainmetrics.jobserver.ray_executor import RayExecutor
+
+        return RayExecutor(ray_address, ray_python)
+    from trainmetrics.jobserver.local import LocalExecutor
+
+    return LocalExecutor()

@@ -1,0 +1,103 @@
+"""The Ray executor: each run of a job is a Ray job, submitted through Ray's Jobs API to an existing cluster
+(`trainmetrics server --executor ray --ray-address http://HEAD:8265`). Its entrypoint is the launcher
+(ray_launch.py), which places one Ray actor per rank where Ray decides, across nodes, and runs
+`trainmetrics train` in each with torch.distributed's rendezvous variables.
+
+Ray has no pause and its stop is a signal to the entrypoint only: a pause or cancel is written to the job's
+control file, which the launcher watches and turns into SIGUSR1 or SIGTERM for every rank, wherever it runs.
+The job's directory (checkpoints, log, result, control file) must therefore be on storage every Ray node
+shares with the job server, as checkpoints must be for a resume to land on any node.
+"""
+
+import logging
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from ray.job_submission import JobStatus, JobSubmissionClient
+
+from trainmetrics.jobfiles import CONTROL_FILE_NAME, LOG_NAME
+from trainmetrics.jobserver.executors import Run
+
+log = logging.getLogger("trainmetrics.server")
+
+# A run's status is asked of Ray at most this often (each ask is an HTTP request to the head).
+POLL_SECONDS = 1.0
+FINISHED = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED)
+
+
+class RayExecutor:
+    """Runs jobs as Ray jobs on the cluster whose dashboard answers at `address`."""
+
+    name = "ray"
+
+    def __init__(self, address: str, python: str | None = None):
+        self.address = address
+        self.python = python or sys.executable     # the interpreter on the cluster's nodes that has trainmetrics
+        self._client: JobSubmissionClient | None = None
+        self._polled: dict[str, tuple[float, tuple[bool, int | None]]] = {}
+
+    @property
+    def client(self) -> JobSubmissionClient:
+        """The Jobs API client, made on first use (its constructor asks the head for its version)."""
+        if self._client is None:
+            self._client = JobSubmissionClient(self.address)
+        return self._client
+
+    def entrypoint(self, nproc: int, train_args: list[str], job_dir: Path) -> str:
+        """The shell command Ray runs: the launcher, its output appended to the job's log."""
+        command = [self.python, "-m", "trainmetrics.jobserver.ray_launch", "--nproc", str(nproc),
+                   "--job-dir", str(job_dir), "--", *train_args]
+        return f"exec {shlex.join(command)} >> {shlex.quote(str(job_dir / LOG_NAME))} 2>&1"
+
+    def start(self, job_id: str, nproc: int, train_args: list[str], job_dir: Path, env: dict[str, str]) -> Run:
+        """Submit the run; its submission id names it (unique per run: the job id and the time)."""
+        submission = f"{job_id}-{time.time_ns()}"
+        self.client.submit_job(entrypoint=self.entrypoint(nproc, train_args, job_dir), submission_id=submission,
+                               runtime_env={"env_vars": env}, metadata={"trainmetrics_job_id": job_id})
+        return Run(job_id, submission, job_dir)
+
+    def adopt(self, job_id: str, handle: str | None, job_dir: Path) -> Run | None:
+        """A run a previous server submitted, if Ray still runs it."""
+        if not handle:
+            return None
+        try:
+            status = self.client.get_job_status(handle)
+        except Exception as error:       # unknown to this cluster (RuntimeError), or the head is gone
+            log.warning("job %s: Ray submission %s not found: %s", job_id, handle, error)
+            return None
+        return None if status in FINISHED else Run(job_id, handle, job_dir)
+
+    def poll(self, run: Run) -> tuple[bool, int | None]:
+        """(ended, the launcher's exit code), asked of Ray at most every POLL_SECONDS."""
+        now = time.monotonic()
+        known = self._polled.get(run.handle)
+        if known is not None and now - known[0] < POLL_SECONDS:
+            return known[1]
+        try:
+            info = self.client.get_job_info(run.handle)
+        except Exception as error:
+            log.warning("job %s: Ray did not answer about %s: %s", run.job_id, run.handle, error)
+            return False, None
+        answer = (info.status in FINISHED, info.driver_exit_code if info.status in FINISHED else None)
+        if answer[0]:
+            self._polled.pop(run.handle, None)
+        else:
+            self._polled[run.handle] = (now, answer)
+        return answer
+
+    def signal(self, run: Run, outcome: str) -> bool:
+        """Ask every rank to stop at its next step boundary, through the control file the launcher watches
+        (written atomically); True while Ray runs the job."""
+        try:
+            status = self.client.get_job_status(run.handle)
+        except Exception:
+            return False
+        if status in FINISHED:
+            return False
+        tmp = run.job_dir / f".{CONTROL_FILE_NAME}.tmp"
+        tmp.write_text(outcome)
+        os.replace(tmp, run.job_dir / CONTROL_FILE_NAME)
+        return True

@@ -1,0 +1,137 @@
+"""The entrypoint of a Ray job run by the Ray executor: one Ray actor per rank, placed by Ray (spread over the
+cluster's nodes), each running `trainmetrics train` with torch.distributed's rendezvous variables (RANK,
+WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) and serving its /metrics on its node's address.
+
+It watches the job's control file and turns "paused"/"cancelled" into SIGUSR1/SIGTERM for every rank; a
+SIGTERM to itself (Ray's stop) becomes a cancel. It exits with rank 0's exit code (the job's outcome is in
+the result file rank 0 writes).
+
+    python -m trainmetrics.jobserver.ray_launch --nproc N --job-dir DIR -- TRAIN_ARGS...
+"""
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import ray
+from ray.util.placement_group import placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from trainmetrics.contract import STOP_SIGNALS, ExitCode
+from trainmetrics.jobfiles import CONTROL_FILE_NAME, LOG_NAME, RESULT_FILE_NAME, write_result
+
+CONTROL_POLL_SECONDS = 0.2
+
+
+@ray.remote(num_cpus=1, max_concurrency=4)
+class Rank:
+    """One rank's `trainmetrics train` process, on whichever node Ray placed this actor."""
+
+    def __init__(self):
+        self.process: subprocess.Popen | None = None
+
+    def where(self) -> tuple[str, str]:
+        """(node IP, node id) of this actor."""
+        return ray.util.get_node_ip_address(), ray.get_runtime_context().get_node_id()
+
+    def free_port(self) -> int:
+        """A port free on this node a moment ago (rank 0's, for the rendezvous)."""
+        with socket.socket() as sock:
+            sock.bind(("", 0))
+            return sock.getsockname()[1]
+
+    def run(self, command: list[str], env: dict[str, str], log_path: str) -> int:
+        """Run the rank to its end; its exit code (negative: the signal that ended it). The rank starts with
+        the stop signals blocked (a child inherits its spawning thread's mask) and unblocks them once its
+        handlers exist, so a stop that comes early is not fatal."""
+        stops = set(STOP_SIGNALS.values())
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+        try:
+            with open(log_path, "ab") as log_file:
+                self.process = subprocess.Popen(command, env={**os.environ, **env}, stdout=log_file,
+                                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        return self.process.wait()
+
+    def signal(self, signum: int) -> bool:
+        """Pass a stop signal to the rank's process."""
+        if self.process is None or self.process.poll() is not None:
+            return False
+        self.process.send_signal(signum)
+        return True
+
+
+def control_request(job_dir: Path) -> str | None:
+    """The stop the job server asked for in the control file, if any."""
+    try:
+        text = (job_dir / CONTROL_FILE_NAME).read_text().strip()
+    except OSError:
+        return None
+    return text if text in STOP_SIGNALS else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Place the ranks, run them, pass stops on, and return rank 0's exit code."""
+    parser = argparse.ArgumentParser(prog="trainmetrics.jobserver.ray_launch")
+    parser.add_argument("--nproc", type=int, required=True)
+    parser.add_argument("--job-dir", type=Path, required=True)
+    parser.add_argument("train_args", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    train_args = [a for a in args.train_args if a != "--"] if args.train_args[:1] == ["--"] else args.train_args
+    stopped: list[str] = []
+    signal.signal(signal.SIGTERM, lambda *_: stopped.append("cancelled"))      # Ray's stop_job
+    already = control_request(args.job_dir)
+    if already is not None:              # stopped before anything started: the outcome at once
+        write_result(args.job_dir / RESULT_FILE_NAME, {"state": already, "exit_code": int(
+            ExitCode.PAUSED if already == "paused" else ExitCode.CANCELLED), "error": None, "error_type": None})
+        return int(ExitCode.PAUSED if already == "paused" else ExitCode.CANCELLED)
+
+    ray.init(address="auto", log_to_driver=False, logging_level="ERROR")
+    group = placement_group([{"CPU": 1}] * args.nproc, strategy="SPREAD")
+    ray.get(group.ready())
+    ranks = [Rank.options(scheduling_strategy=PlacementGroupSchedulingStrategy(group, index)).remote()
+             for index in range(args.nproc)]
+    places = ray.get([rank.where.remote() for rank in ranks])
+    for index, (node_ip, node) in enumerate(places):
+        print(f"rank {index}: node {node} ({node_ip})", flush=True)
+    master_port = ray.get(ranks[0].free_port.remote())
+    local_ranks, seen = [], {}
+    for _, node in places:
+        local_ranks.append(seen.get(node, 0))
+        seen[node] = seen.get(node, 0) + 1
+    runs = []
+    for index, (rank, (node_ip, _)) in enumerate(zip(ranks, places)):
+        env = {"RANK": str(index), "WORLD_SIZE": str(args.nproc), "LOCAL_RANK": str(local_ranks[index]),
+               "MASTER_ADDR": places[0][0], "MASTER_PORT": str(master_port)}
+        command = [sys.executable, "-m", "trainmetrics", "train", *train_args, "--metrics-listen", f"{node_ip}:0"]
+        runs.append(rank.run.remote(command, env if args.nproc > 1 else {}, str(args.job_dir / LOG_NAME)))
+
+    passed: set[str] = set()
+    lock = threading.Lock()
+
+    def pass_on(outcome: str) -> None:
+        with lock:
+            if outcome in passed:
+                return
+            passed.add(outcome)
+        for rank in ranks:
+            rank.signal.remote(int(STOP_SIGNALS[outcome]))
+
+    pending = list(runs)
+    while pending:
+        _, pending = ray.wait(pending, timeout=CONTROL_POLL_SECONDS)
+        for outcome in [control_request(args.job_dir), *stopped]:
+            if outcome is not None:
+                pass_on(outcome)
+    codes = ray.get(runs)
+    return codes[0] if codes[0] != 0 or all(code == 0 for code in codes) else int(ExitCode.FAILED)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

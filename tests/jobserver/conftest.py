@@ -1,0 +1,26 @@
+"""The job server's fixtures: the executor the flows run on (local processes, or a real Ray cluster)."""
+
+import importlib.util
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real two-node Ray cluster on loopback, for the whole session (~12 s to start)."""
+    if importlib.util.find_spec("ray") is None:
+        pytest.skip("Ray is not installed (pip install 'trainmetrics[ray]'; make test installs it)")
+    from .ray_cluster import RayCluster
+
+    cluster = RayCluster().start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(params=["local", "ray"])
+def executor(request) -> tuple[str, ...]:
+    """The `trainmetrics server` arguments of each executor; the flows run on both."""
+    if request.param == "local":
+        return ()
+    cluster = request.getfixturevalue("ray_cluster")
+    return ("--executor", "ray", "--ray-address", cluster.dashboard)

@@ -1,0 +1,91 @@
+"""A real Ray cluster on loopback for the tests: a head and a second node (`ray start --block`, one CPU each, so
+a 2-rank job spans both), in their own process groups, stopped by ending those groups (a `ray start --block`
+outlives a SIGTERM to its group; nothing else on the machine is touched: no `ray stop`)."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from trainmetrics.prometheus_process import free_port
+
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+class RayCluster:
+    """Two Ray nodes on 127.0.0.1; `dashboard` is the Jobs API's address."""
+
+    def __init__(self):
+        # Ray's sockets live under its temp dir: a short path (unix sockets allow ~107 characters).
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+        self.port, self.dashboard_port = free_port(), free_port()
+        self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
+        self.nodes: list[subprocess.Popen] = []
+        self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+
+    def _start_node(self, *args: str) -> None:
+        log = open(self.temp_dir / f"node{len(self.nodes)}.log", "wb")
+        self.nodes.append(subprocess.Popen([RAY, "start", "--block", "--num-cpus", "1", "--node-ip-address", "127.0.0.1",
+                                            "--temp-dir", str(self.temp_dir), "--disable-usage-stats", *args],
+                                           stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                           start_new_session=True, env=self.env))
+        log.close()
+
+    def start(self, timeout: float = 120) -> "RayCluster":
+        """Start the head, wait for its Jobs API, add the second node and wait until Ray counts two."""
+        self._start_node("--head", "--port", str(self.port), "--include-dashboard", "true", "--dashboard-host",
+                         "127.0.0.1", "--dashboard-port", str(self.dashboard_port))
+        from ray.job_submission import JobSubmissionClient
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                JobSubmissionClient(self.dashboard).list_jobs()
+                break
+            except Exception:
+                self._check_alive(deadline)
+                time.sleep(0.5)
+        self._start_node("--address", f"127.0.0.1:{self.port}")
+        while self.alive_nodes() < 2:
+            self._check_alive(deadline)
+            time.sleep(0.5)
+        return self
+
+    def alive_nodes(self) -> int:
+        """Nodes the head counts alive (asked of its status command)."""
+        status = subprocess.run([RAY, "status", "--address", f"127.0.0.1:{self.port}"], capture_output=True,
+                                text=True, timeout=60, env=self.env)
+        return status.stdout.count(" node_")
+
+    def _check_alive(self, deadline: float) -> None:
+        for node in self.nodes:
+            if node.poll() is not None:
+                raise RuntimeError("a Ray node exited: " + self.logs())
+        if time.monotonic() > deadline:
+            raise RuntimeError("the Ray cluster did not come up: " + self.logs())
+
+    def logs(self) -> str:
+        """The nodes' own output, for failure messages."""
+        return "\n".join(path.read_text(errors="replace")[-1500:] for path in sorted(self.temp_dir.glob("node*.log")))
+
+    def stop(self) -> None:
+        """End both nodes' process groups (SIGTERM, then SIGKILL), and remove the temp dir."""
+        for node in reversed(self.nodes):
+            for signum, wait in ((signal.SIGTERM, 2), (signal.SIGKILL, 10)):
+                try:
+                    os.killpg(node.pid, signum)
+                except ProcessLookupError:
+                    break
+                try:
+                    node.wait(timeout=wait)
+                except subprocess.TimeoutExpired:
+                    continue
+            try:
+                os.killpg(node.pid, signal.SIGKILL)      # its daemons, should the leader have gone first
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
