@@ -14,10 +14,11 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.routing import Route
 
-from trainmetrics.analytics import endpoints
+from trainmetrics.analytics import endpoints, shapes
+from trainmetrics.analytics.cache import AnalyticsCache, cached_job_analytics
 from trainmetrics.analytics.prometheus import ClientMetrics, PrometheusClient
-from trainmetrics.analytics.cache import AnalyticsCache
 from trainmetrics.edge import ApiError, Component, build_app, error_response
+from trainmetrics.reports import ReportArchive
 from trainmetrics.webconfig import WebConfig
 
 log = logging.getLogger("trainmetrics.analytics")
@@ -46,6 +47,8 @@ class Settings:
     # The owner whose jobs a request may see (None: all). The analytics check it against each job's own
     # `owner` label in Prometheus on every route; trainmetrics.service passes the job server's token owner.
     owner_scope: Callable[[Request], str | None] = everyone
+    # Stored reports of jobs Prometheus no longer holds (inside `trainmetrics server`; trainmetrics.reports).
+    archive: ReportArchive | None = None
 
     @property
     def lookback(self) -> float:
@@ -104,10 +107,17 @@ def build_component(settings: Settings) -> Component:
         client = PrometheusClient(settings.prometheus_url, deadline=settings.prometheus_deadline,
                                   max_concurrency=settings.max_concurrency, transport=settings.transport,
                                   metrics=client_metrics)
+        cache = AnalyticsCache(settings.cache_entries)
+        if settings.archive is not None:
+            async def compute(job_id: str) -> dict:
+                return shapes.plain(await cached_job_analytics(client, cache, job_id, settings.lookback,
+                                                               archive=None))
+            settings.archive.compute = compute
         try:
-            yield {"prometheus": client, "cache": AnalyticsCache(settings.cache_entries),
-                   "analytics_settings": settings}
+            yield {"prometheus": client, "cache": cache, "analytics_settings": settings}
         finally:
+            if settings.archive is not None:
+                settings.archive.compute = None
             await client.aclose()
 
     async def health(request: Request) -> dict:

@@ -9,7 +9,8 @@ from trainmetrics.analytics.job import jobs_analytics
 from trainmetrics.analytics.lookup import JobNotFound, fingerprint
 from trainmetrics.analytics.prometheus import PrometheusClient
 from trainmetrics.analytics.results import query_parts_many
-from trainmetrics.analytics.shapes import JobAnalytics
+from trainmetrics.analytics.shapes import JobAnalytics, from_plain
+from trainmetrics.reports import ReportArchive
 
 
 @dataclass(frozen=True)
@@ -59,9 +60,11 @@ class AnalyticsCache:
 
 
 async def cached_jobs_analytics(client: PrometheusClient, cache: AnalyticsCache, job_ids: list[str],
-                                lookback: float, owner: str | None = None) -> list[JobAnalytics]:
+                                lookback: float, owner: str | None = None,
+                                archive: ReportArchive | None = None) -> list[JobAnalytics]:
     """jobs_analytics through the cache: the cached jobs checked in one request (a job whose processes changed
-    is read again), the others read together. With an owner, a job whose processes do not all carry that
+    is read again), the others read together; a job Prometheus does not hold comes from its stored report
+    (`source: stored`) where the archive has one. With an owner, a job whose processes do not all carry that
     owner label is not found (404), exactly like one Prometheus lacks."""
     entries = {job_id: cache.get(job_id) for job_id in dict.fromkeys(job_ids)}
     cached = [job_id for job_id, entry in entries.items() if entry is not None]
@@ -79,6 +82,9 @@ async def cached_jobs_analytics(client: PrometheusClient, cache: AnalyticsCache,
             entries[facts.job_id] = Entry(analytics, facts.owners, facts.fingerprint)
             if facts.settled:
                 cache.put(facts.job_id, entries[facts.job_id])
+    if archive is not None and archive.load is not None:
+        for job_id in [job_id for job_id, entry in entries.items() if entry is None]:
+            entries[job_id] = await stored_entry(archive, job_id)
     for job_id in job_ids:    # the first job, in order, that is not there or not the caller's
         entry = entries[job_id]
         if entry is None or (owner is not None and entry.owners != {owner}):
@@ -86,7 +92,19 @@ async def cached_jobs_analytics(client: PrometheusClient, cache: AnalyticsCache,
     return [entries[job_id].analytics for job_id in job_ids]
 
 
+async def stored_entry(archive: ReportArchive, job_id: str) -> Entry | None:
+    """The job's stored report as an entry (never cached here: the job server holds it), or None."""
+    found = await archive.load(job_id)
+    if found is None:
+        return None
+    owner, report = found
+    analytics = from_plain(JobAnalytics, report)
+    analytics.source = "stored"
+    return Entry(analytics, frozenset({owner}), frozenset())
+
+
 async def cached_job_analytics(client: PrometheusClient, cache: AnalyticsCache, job_id: str,
-                               lookback: float, owner: str | None = None) -> JobAnalytics:
-    """jobs_analytics of one job through the cache."""
-    return (await cached_jobs_analytics(client, cache, [job_id], lookback, owner))[0]
+                               lookback: float, owner: str | None = None,
+                               archive: ReportArchive | None = None) -> JobAnalytics:
+    """jobs_analytics of one job through the cache (and the stored reports)."""
+    return (await cached_jobs_analytics(client, cache, [job_id], lookback, owner, archive))[0]

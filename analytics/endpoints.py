@@ -123,7 +123,7 @@ async def job_analytics(request: Request) -> JSONResponse:
     _only(request, {"format"})
     _format(request, tabular=False)
     analytics = await cached_job_analytics(request.state.prometheus, request.state.cache, job_id,
-                                           _settings(request).lookback, _owner(request))
+                                           _settings(request).lookback, _owner(request), _settings(request).archive)
     return JSONResponse(shapes.plain(analytics))
 
 
@@ -167,7 +167,7 @@ async def compare(request: Request) -> Response:
     if duplicates:
         raise BadParameter("job_ids", f"listed more than once: {', '.join(duplicates)}")
     body = await fleet.compare(request.state.prometheus, request.state.cache, job_ids, _settings(request).lookback,
-                               _owner(request))
+                               _owner(request), _settings(request).archive)
     if fmt == "csv":
         return _csv(body.jobs, shapes.CompareRow, "compare.csv")
     return JSONResponse(shapes.plain(body))

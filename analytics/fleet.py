@@ -232,13 +232,15 @@ def comparison_row(analytics: shapes.JobAnalytics) -> shapes.CompareRow:
         final_loss=analytics.losses.final, best_loss=analytics.losses.best,
         gpu_utilization=resources.average_gpu_utilization_percent,
         average_cpu_percent=resources.average_cpu_percent, peak_memory_mb=resources.peak_memory_mb,
-        overall_score=analytics.efficiency.overall_score)
+        overall_score=analytics.efficiency.overall_score, total_joules=analytics.energy.total_joules,
+        samples_per_joule=analytics.energy.samples_per_joule, goodput_ratio=analytics.goodput.goodput_ratio)
 
 
 async def compare(client: PrometheusClient, cache: AnalyticsCache, job_ids: list[str], lookback: float,
-                  owner: str | None = None) -> shapes.Comparison:
-    """Side-by-side rows and the winner per category, ties stated."""
-    analytics = await cached_jobs_analytics(client, cache, job_ids, lookback, owner)
+                  owner: str | None = None, archive=None) -> shapes.Comparison:
+    """Side-by-side rows and the winner per category, ties stated (stored reports where Prometheus lacks a
+    job)."""
+    analytics = await cached_jobs_analytics(client, cache, job_ids, lookback, owner, archive)
     table = [comparison_row(a) for a in analytics]
     winner, ties = scoring.winners([shapes.plain(row) for row in table])
     return shapes.Comparison(jobs=table, winner=shapes.Winner(**winner), ties=ties)

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 
 from trainmetrics.analytics import queries as q
-from trainmetrics.analytics import scoring, shapes
+from trainmetrics.analytics import goodput, scoring, shapes
 from trainmetrics.analytics.history import evaluation_history
 from trainmetrics.analytics.lookup import JobFacts, find_jobs
 from trainmetrics.analytics.prometheus import PrometheusClient
@@ -145,6 +145,7 @@ async def jobs_analytics(client: PrometheusClient, job_ids: list[str], lookback:
     async def instant() -> list[dict[str, list[dict]]]:
         def parts(facts: JobFacts, w: _Window) -> dict[str, str]:
             return {**q.job_totals(facts.job_id, w.final_window, w.final_time, facts.finals),
+                    **q.job_energy(facts.job_id, w.final_window, w.final_time, now, facts.finals),
                     **q.job_rates(facts.job_id, w.window, w.end, facts.segments),
                     **q.host(w.window, facts.start, w.end)}
 
@@ -253,7 +254,34 @@ def _assemble(facts: JobFacts, found: dict[str, list[dict]], peak: dict[str, Pea
             final_eval_loss=totals.newest("eval_loss"), final_eval_accuracy=totals.newest("eval_accuracy"),
             best_eval_loss=totals.lowest("eval_loss_min"), best_eval_accuracy=totals.highest("eval_accuracy_max")),
         evaluations=evaluations,
-        efficiency=shapes.Efficiency(**scoring.efficiency(average_gpu, average_sps, peak_sps)))
+        efficiency=shapes.Efficiency(**scoring.efficiency(average_gpu, average_sps, peak_sps)),
+        energy=_energy(found.get("energy", []), samples, attributed=cpu_seconds is not None),
+        goodput=goodput.ledger(facts, found), source="prometheus")
+
+
+# Why an energy figure is null. An exporter that attributed the job publishes its CPU time whatever else it has.
+NOT_ATTRIBUTED = ("no node exporter attributed the job (its processes were in no exporter's job-mapping "
+                  "directory): its energy is unknown")
+NO_ENERGY_SOURCE = "no GPU energy counter and no RAPL powercap readable on the job's hosts"
+NO_GPU_ENERGY = "no GPU energy: the job held no GPU with an energy counter; total_joules is the CPU estimate only"
+NO_CPU_ENERGY = "no CPU energy: no RAPL powercap readable on the job's hosts; total_joules is GPU energy only"
+
+
+def _energy(found: list[dict], samples: float | None, attributed: bool) -> shapes.Energy:
+    """The job's energy block: every exporter's counters added up per source."""
+    by_source: dict[str, float] = {}
+    for labels, value in rows(found):
+        source = labels.get("source")
+        if value is not None:
+            by_source[source] = by_source.get(source, 0.0) + value
+    gpu, cpu = by_source.get("gpu"), by_source.get("cpu")
+    total = None if gpu is None and cpu is None else (gpu or 0.0) + (cpu or 0.0)
+    if total is None:
+        reason = NO_ENERGY_SOURCE if attributed else NOT_ATTRIBUTED
+    else:
+        reason = NO_GPU_ENERGY if gpu is None else NO_CPU_ENERGY if cpu is None else None
+    return shapes.Energy(gpu_joules=rounded(gpu), cpu_joules=rounded(cpu), total_joules=rounded(total),
+                         samples_per_joule=rounded(ratio(samples, total)), unavailable_reason=reason)
 
 
 def _integer(value: float | None) -> int | None:

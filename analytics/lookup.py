@@ -180,6 +180,7 @@ class _Lookup:
         self.upload: list[float] = []
         self.ended: list[Process] = []
         self.fingerprint: frozenset = frozenset()
+        self.started_instances: set[str] = set()     # every process that started over the lookback (rank 0)
 
     def process(self, labels: dict) -> Process:
         instance = labels.get("instance", "")
@@ -217,6 +218,8 @@ class _Lookup:
         staleness window (read just before their final scrape), None when there are none."""
         self.absorb(found, live=True)
         self.fingerprint = fingerprint(found)
+        self.started_instances = {labels.get("instance", "") for labels, _ in rows(found.get("starts", []))
+                                  if labels.get("rank", "0") == "0"}
         self.ended = [p for p in self.processes.values() if not p.live and p.end is not None][-8:]
         return q.job_ended(self.job_id, [p.end for p in self.ended]) if self.ended else None
 
@@ -226,10 +229,12 @@ class _Lookup:
             self.absorb(found, f"_{index}", proc.instance)
 
     def incomplete(self) -> bool:
-        """Nothing found, or the earliest process found resumed a run that was not: a process that stopped
-        without an end (killed) and is no longer scraped, which only the full lookup finds."""
+        """Nothing found, a process started that was not found, or the earliest process found resumed a run
+        that was not: a process that stopped without an end (killed) and is no longer scraped, which only the
+        full lookup finds."""
         started = [p for p in self.processes.values() if p.start is not None]
-        return not self.processes or (bool(started) and min(started, key=lambda p: p.start).resumed)
+        missing = self.started_instances - {instance for instance, p in self.processes.items() if p.start is not None}
+        return not self.processes or bool(missing) or (bool(started) and min(started, key=lambda p: p.start).resumed)
 
     def facts(self, now: float) -> JobFacts:
         processes = sorted(self.processes.values(), key=lambda p: (p.start is not None, p.start or 0.0))

@@ -136,6 +136,9 @@ def job_recent(job_id: str, lookback: float, now: float) -> dict[str, str]:
     scrape, else the backend's lookback): what answers at now is live, whatever the backend's settings."""
     return {
         "end": f"last_over_time({job_selector(Trainer.JOB_END, job_id)}{over(lookback, now)})",
+        # Every process that started over the lookback: one that was killed between two others (no end, not
+        # scraped now) shows only here, and sends the lookup to the full read.
+        "starts": f"last_over_time({job_selector(Trainer.JOB_START, job_id)}{over(lookback, now)})",
         **_lookup(job_id, f"@ {timestamp_literal(now)}", instant=True),
     }
 
@@ -189,7 +192,12 @@ TOTALS = {
     # The allocator's running peak (CUDA jobs); without it, the service reads the exporter's view of the
     # job's GPUs on the peak grid (job_peaks' gpu_memory).
     "gpu_memory_peak": ("max_over_time", Trainer.GPU_MEMORY_PEAK),
+    # The goodput ledger (goodput.py): when each process started, and when the job was submitted.
+    "process_start": ("last_over_time", Trainer.PROCESS_START),
+    "submitted": ("last_over_time", Trainer.JOB_SUBMITTED),
 }
+# Each process's last seconds per phase (rows with a `phase` label; goodput.py combines them).
+PHASE_TOTALS = {"phase_seconds": ("max_over_time", Trainer.PHASE_SECONDS)}
 
 
 def job_totals(job_id: str, window: float, final: float, finals: list[float] | None = None) -> dict[str, str]:
@@ -209,7 +217,27 @@ def job_totals(job_id: str, window: float, final: float, finals: list[float] | N
             return f"{function}({selector}{over(window, final)})"
         return " or ".join(f"{function}({selector}{over(min(LAST_VALUES_SECONDS, window), at)})" for at in finals)
 
-    return {name: last(function, metric) for name, (function, metric) in TOTALS.items()}
+    return {name: last(function, metric) for name, (function, metric) in {**TOTALS, **PHASE_TOTALS}.items()}
+
+
+def job_energy(job_id: str, window: float, final: float, now: float,
+               finals: list[float] | None = None) -> dict[str, str]:
+    """Each exporter's (instance's) last value of the job's energy counters, per source.
+
+    The exporter's counters are per job and carry on over resumes and exporter restarts, so the last value
+    is the job's energy on that host. It lands within a scrape of the job's mapping file going, which is at
+    the latest the process's final instant (the end of its linger): each final instant is read
+    FINAL_SCRAPE_GRACE_SECONDS further (never past now), where the exporter still shows the counts (it holds
+    them a minute). As in job_totals: newest first, and the whole window without finals."""
+    selector = job_selector(Node.JOB_ENERGY, job_id)
+
+    def last(seconds: float, at: float) -> str:
+        until = min(now, at + FINAL_SCRAPE_GRACE_SECONDS)
+        return f"max_over_time({selector}{over(seconds + until - at, until)})"
+
+    if not finals:
+        return {"energy": last(window, final)}
+    return {"energy": " or ".join(last(min(LAST_VALUES_SECONDS, window), at) for at in finals)}
 
 
 HISTORY = {"index": Trainer.EVAL_HISTORY_INDEX, "step": Trainer.EVAL_HISTORY_STEP,

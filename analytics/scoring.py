@@ -71,6 +71,8 @@ CATEGORIES = {
     "best_loss": ("final_loss", False),
     "fastest": ("duration_seconds", False),
     "most_efficient": ("overall_score", True),
+    "most_energy_efficient": ("samples_per_joule", True),
+    "best_goodput": ("goodput_ratio", True),
 }
 
 

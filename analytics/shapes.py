@@ -153,6 +153,36 @@ class Efficiency:
 
 
 @dataclass(slots=True)
+class Energy:
+    """Energy used for the job on its hosts, from the node exporter's per-job counters (docs/metrics.md)."""
+
+    gpu_joules: float | None = described("exact: the energy counters of the GPUs the job held, over the "
+                                         "slow intervals it held them")
+    cpu_joules: float | None = described("an estimate: the CPU packages' energy (RAPL) shared out by the "
+                                         "job's share of the host's busy CPU time")
+    total_joules: float | None = described("gpu_joules + cpu_joules, of those known")
+    samples_per_joule: float | None = described("total_samples / total_joules")
+    unavailable_reason: str | None = described("why gpu_joules or cpu_joules is null; null when neither is")
+
+
+@dataclass(slots=True)
+class Goodput:
+    """Where the job's wall-clock time went, submission to end (docs/api.md, "Goodput")."""
+
+    wall_clock_seconds: float | None = described(
+        "the submission (else the first process's start) to the job's end, or to its newest scrape while it runs")
+    goodput_ratio: float | None = described("seconds.step / wall_clock_seconds")
+    seconds: dict[str, float | None] = described(
+        "seconds per phase: queued, init, restore, step, data_wait, eval, checkpoint, paused, lost")
+    badput_percent: dict[str, float | None] = described("each phase but step, in percent of wall_clock_seconds")
+    step_seconds_by_part: dict[str, float | None] = described(
+        "the step split: compute (forward, backward), optimizer, collective (waiting in the gradient all-reduce)")
+    unaccounted_seconds: float | None = described(
+        "wall_clock_seconds less every phase: how far the trainer's clocks miss the wall clock (about 0)")
+    unavailable_reason: str | None = described("why a figure is missing or partial; null when none is")
+
+
+@dataclass(slots=True)
 class JobAnalytics:
     """One job over its own run (every process, every rank)."""
 
@@ -174,6 +204,11 @@ class JobAnalytics:
     losses: Losses
     evaluations: list[Evaluation] = described("every evaluation, in order")
     efficiency: Efficiency
+    energy: Energy
+    goodput: Goodput
+    source: str = described("prometheus: computed now from Prometheus; stored: the report the job server "
+                            "stored when the job ended (Prometheus no longer holds the job)",
+                            enum=["prometheus", "stored"])
 
 
 # ----- the fleet ----------------------------------------------------------------------------------------------
@@ -275,6 +310,9 @@ class CompareRow:
     average_cpu_percent: float | None
     peak_memory_mb: float | None
     overall_score: float | None
+    total_joules: float | None
+    samples_per_joule: float | None
+    goodput_ratio: float | None = described("step seconds / wall-clock seconds (the job's goodput block)")
 
 
 Winner = dataclasses.make_dataclass("Winner", [(category, str | None) for category in scoring.CATEGORIES], slots=True)
@@ -306,6 +344,31 @@ def plain(value):
         return [plain(item) for item in value]
     if isinstance(value, dict):
         return {key: plain(item) for key, item in value.items()}
+    return value
+
+
+def from_plain(shape: type, value):
+    """A shape back from its JSON (a stored report): missing fields become None, unknown ones are dropped."""
+    hints = typing.get_type_hints(shape)
+    known = value if isinstance(value, dict) else {}
+    return shape(**{f.name: _from_plain(hints[f.name], known.get(f.name)) for f in dataclasses.fields(shape)})
+
+
+def _from_plain(annotation, value):
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if value is None:
+        return None
+    if origin in (types.UnionType, typing.Union):
+        (inner,) = [arg for arg in args if arg is not type(None)]
+        return _from_plain(inner, value)
+    if dataclasses.is_dataclass(annotation):
+        return from_plain(annotation, value)
+    if origin is list and isinstance(value, list):
+        return [_from_plain(args[0], item) for item in value]
+    if origin is tuple and isinstance(value, list):
+        return tuple(_from_plain(arg, item) for arg, item in zip(args, value))
+    if origin is dict and isinstance(value, dict):
+        return {key: _from_plain(args[1], item) for key, item in value.items()}
     return value
 
 

@@ -43,7 +43,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "utilisation and memory)")
     parser.add_argument("--slow-interval", default="1s", metavar="DURATION",
                         help="how often the slow loop samples (process counts, filesystems, GPU power, "
-                             "energy, clocks, errors and process lists)")
+                             "energy, clocks, errors and process lists, CPU package energy, energy per job)")
     parser.add_argument("--peak-window", default="1s", metavar="DURATION",
                         help="window of the *_peak_* and mean utilisation series; keep it >= 2 x the "
                              "scrape interval so every scrape sees every spike")
@@ -127,8 +127,10 @@ def run(args: argparse.Namespace) -> int:
     from trainmetrics.exporters.collectors.base import CollectorContext
     from trainmetrics.exporters.collectors.jobs import JobTracker
     from trainmetrics.exporters.exporter import Exporter, metrics_server
+    from trainmetrics.exporters.job_energy import JobEnergy, state_file_for
 
-    context = CollectorContext(peak_window=peak_window, job_tracker=JobTracker(job_dir))
+    context = CollectorContext(peak_window=peak_window, job_tracker=JobTracker(job_dir),
+                               job_energy=JobEnergy(state_file_for(job_dir)) if args.collector_energy else None)
     collectors = [spec.load().build(context) for name, spec in COLLECTORS.items()
                   if getattr(args, f"collector_{name}")]
     exporter = Exporter(collectors, sample_interval=sample_interval, slow_interval=slow_interval)

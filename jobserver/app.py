@@ -21,9 +21,11 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from trainmetrics.contract import JOB_STATES, STOP_SIGNALS, Trainer
+from trainmetrics.contract import JOB_STATES, SPAWN_BLOCKED_SIGNALS, Trainer
 from trainmetrics.edge import ApiError, Component, read_json
+from trainmetrics.jobserver import stacks
 from trainmetrics.jobserver.executors import build_executor
+from trainmetrics.jobserver.reports import ReportKeeper
 from trainmetrics.jobserver.jobs import JobService, ServerSettings
 
 from trainmetrics.jobserver.store import JobStore
@@ -33,6 +35,8 @@ from trainmetrics.jobserver.uploads import check_upload_request, receive_dataset
 log = logging.getLogger("trainmetrics.server")
 
 TICK_SECONDS = 0.2
+# How often ended jobs are checked for a report to store (reports.py).
+REPORT_ROUND_SECONDS = 1.0
 # The supervision loop is healthy while it has ticked within this long.
 STALE_TICK_SECONDS = 10.0
 Result = TypeVar("Result")
@@ -43,11 +47,12 @@ class StateThread:
     time, so they need no locks and the event loop waits on nothing."""
 
     def __init__(self):
-        # Job processes are started from this thread: with the stop signals blocked here, a job starts with
-        # them blocked and gets any that came early once its handlers exist (trainer/stopping.py).
+        # Job processes are started from this thread: with the stop and stacks signals blocked here, a job
+        # starts with them blocked and gets any that came early once its handlers exist (trainer/stopping.py,
+        # trainer/watchdog.py).
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="jobserver-state",
-            initializer=signal.pthread_sigmask, initargs=(signal.SIG_BLOCK, STOP_SIGNALS.values()))
+            initializer=signal.pthread_sigmask, initargs=(signal.SIG_BLOCK, SPAWN_BLOCKED_SIGNALS))
 
     async def run(self, operation: Callable[..., Result], *args) -> Result:
         """Run operation(*args) on the state thread and wait for it without blocking the loop."""
@@ -97,13 +102,18 @@ class JobServer:
             return JobService(settings, store, supervisor)
 
         self.service = await self.call(open_service)
-        task = asyncio.create_task(self._supervise())
+        self.reports = ReportKeeper(settings.archive, self.call, self.service.store)
+        if settings.archive is not None:
+            settings.archive.load = self.reports.load
+        tasks = [asyncio.create_task(self._supervise()), asyncio.create_task(self._keep_reports())]
         try:
             yield {"jobserver": self}
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await self.call(self.service.supervisor.shutdown)
             await self.call(self.service.store.close)
             self.state.close()
@@ -115,6 +125,15 @@ class JobServer:
             except Exception:
                 log.exception("supervisor tick failed")
             await asyncio.sleep(TICK_SECONDS)
+
+    async def _keep_reports(self) -> None:
+        """Its own loop: a Prometheus that is slow to answer must not hold up supervision."""
+        while True:
+            try:
+                await self.reports.round()
+            except Exception:
+                log.exception("storing job reports failed")
+            await asyncio.sleep(REPORT_ROUND_SECONDS)
 
     async def health(self, request: Request) -> dict:
         """Supervising: the loop ticked lately (the state thread is not stuck)."""
@@ -238,6 +257,20 @@ async def download_checkpoint(request: Request) -> Response:
     return FileResponse(path, filename=f"{job_id}-{path.name}", media_type="application/octet-stream")
 
 
+async def job_stacks(request: Request) -> JSONResponse:
+    """GET .../stacks: every rank's Python thread stacks, taken now (a running job), else the last ones its
+    hang watchdog wrote (`fresh: false`)."""
+    server = _server(request)
+    _allow_only(request, set())
+    job, path, before = await server.call(server.service.request_stacks, _caller(request),
+                                          request.path_params["job_id"])
+    if before is None:
+        answer = stacks.earlier(path, job["spec"].get("nproc", 1))
+    else:
+        answer = await stacks.collect(path, before)
+    return JSONResponse({"job_id": job["job_id"], "state": job["state"], **answer})
+
+
 def _bearer(request: Request) -> str:
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     return token.strip() if scheme.lower() == "bearer" else ""
@@ -278,6 +311,7 @@ ROUTES = [
     Route("/api/training/jobs/{job_id}/resume", resume_job, methods=["POST"]),
     Route("/api/training/jobs/{job_id}/cancel", cancel_job, methods=["POST"]),
     Route("/api/training/jobs/{job_id}/checkpoints", list_job_checkpoints, methods=["GET"]),
+    Route("/api/training/jobs/{job_id}/stacks", job_stacks, methods=["GET"]),
     Route("/api/training/jobs/{job_id}/download/model", download_model, methods=["GET"]),
     Route("/api/training/jobs/{job_id}/download/checkpoints/{name:path}", download_checkpoint, methods=["GET"]),
     Route("/api/training/sd", service_discovery, methods=["GET"]),

@@ -40,6 +40,9 @@ class Executor(Protocol):
     def signal(self, run: Run, outcome: str) -> bool:
         """Ask the run to stop at its next step boundary ("paused" or "cancelled"); True when it was told."""
 
+    def request_stacks(self, run: Run) -> bool:
+        """Ask every rank of the run to write its thread stacks (SIGUSR2); True when the request went out."""
+
 
 def build_executor(kind: str, ray_address: str | None = None, ray_python: str | None = None) -> Executor:
     """The executor of a kind ("local" or "ray")."""

@@ -13,6 +13,8 @@ from pathlib import Path
 from trainmetrics.contract import BUILTIN_DATASETS, JOB_STATES, SpecError, new_job_id, parse_spec, validate_job_id
 from trainmetrics.edge import ApiError
 from trainmetrics.jobfiles import CHECKPOINT_PATTERN, list_checkpoints
+from trainmetrics.jobserver import stacks
+from trainmetrics.reports import ReportArchive
 from trainmetrics.jobserver.auth import job_id_prefix
 from trainmetrics.jobserver.store import DatasetRecord, JobRecord, JobStore
 from trainmetrics.jobserver.supervisor import StopRefused, Supervisor, token_matches
@@ -39,6 +41,7 @@ class ServerSettings:
     max_concurrent: int = 1
     max_upload_bytes: int = 256 * 1024 * 1024
     linger_timeout: float = 15.0
+    archive: ReportArchive | None = None       # stored reports, shared with the analytics (trainmetrics.reports)
 
 
 class JobService:
@@ -110,9 +113,10 @@ class JobService:
         return [job.public() for job in self.store.list_jobs(self.owner(caller), (state,) if state else None)]
 
     def get(self, caller: str | None, job_id: str) -> dict:
-        """One job, with its checkpoint count."""
+        """One job, with its checkpoint count and whether its analytics report is stored."""
         job = self.job(caller, job_id)
-        return {**job.public(), "checkpoints": len(list_checkpoints(self.supervisor.checkpoint_dir(job.id)))}
+        return {**job.public(), "checkpoints": len(list_checkpoints(self.supervisor.checkpoint_dir(job.id))),
+                "report_stored": self.store.get_report(job.id) is not None}
 
     def stop(self, caller: str | None, job_id: str, outcome: str) -> tuple[int, dict]:
         """Pause or cancel. A queued or paused job is cancelled at once (200); a running one is signalled and
@@ -134,9 +138,20 @@ class JobService:
         if not (job.state == "paused" or (job.state == "failed" and has_checkpoint)):
             raise ApiError(409, "conflict", f"job {job.id} is {job.state}: only paused jobs, or failed ones with "
                                             "a checkpoint, resume")
-        self.store.update_job(job.id, state="queued", resume=True, ended=None, error=None)
+        self.store.update_job(job.id, state="queued", resume=True, ended=None, error=None, report=None)
         self.supervisor.tick()
         return self.store.get_job(job.id).public()
+
+    def request_stacks(self, caller: str | None, job_id: str) -> tuple[dict, Path, dict[int, int] | None]:
+        """Ask a running job's ranks for their thread stacks: (the job, its directory, each rank's stacks-file
+        length before the request), the lengths None when no process was asked (the job is not running)."""
+        job = self.job(caller, job_id)
+        path, nproc = self.supervisor.job_path(job.id), job.spec.get("nproc", 1)
+        run = self.supervisor.runs.get(job.id)
+        if job.state != "running" or run is None:
+            return job.public(), path, None
+        before = stacks.sizes(path, nproc)
+        return job.public(), path, before if self.supervisor.executor.request_stacks(run) else None
 
     # ----- checkpoints and downloads -----------------------------------------------------------------
     def checkpoints(self, caller: str | None, job_id: str) -> dict:

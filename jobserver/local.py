@@ -8,7 +8,7 @@ from pathlib import Path
 
 import psutil
 
-from trainmetrics.contract import STOP_SIGNALS
+from trainmetrics.contract import STACKS_SIGNAL, STOP_SIGNALS
 from trainmetrics.jobfiles import LOG_NAME
 from trainmetrics.jobserver.executors import Run
 
@@ -49,14 +49,23 @@ class LocalExecutor:
     def signal(self, run: Run, outcome: str) -> bool:
         """Ask the job to stop at its next step boundary (pause: SIGUSR1, cancel: SIGTERM); True when a signal
         reached a trainer process. Under torchrun the workers get it (the launcher would die of SIGUSR1)."""
-        sent = False
-        for process in _trainer_processes(run.pid, run.job_id) if run.pid else []:
-            try:
-                process.send_signal(STOP_SIGNALS[outcome])
-                sent = True
-            except psutil.NoSuchProcess:
-                pass
-        return sent
+        return _send(run, STOP_SIGNALS[outcome])
+
+    def request_stacks(self, run: Run) -> bool:
+        """SIGUSR2 to every trainer process of the job (never to torchrun, which it would kill)."""
+        return _send(run, STACKS_SIGNAL)
+
+
+def _send(run: Run, signum: int) -> bool:
+    """Send a signal to the run's trainer processes; True when one got it."""
+    sent = False
+    for process in _trainer_processes(run.pid, run.job_id) if run.pid else []:
+        try:
+            process.send_signal(signum)
+            sent = True
+        except psutil.NoSuchProcess:
+            pass
+    return sent
 
 
 def _is_job_process(pid: int, job_id: str) -> bool:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ray.job_submission import JobStatus, JobSubmissionClient
 
-from trainmetrics.jobfiles import CONTROL_FILE_NAME, LOG_NAME
+from trainmetrics.jobfiles import CONTROL_FILE_NAME, LOG_NAME, STACKS_REQUEST_NAME
 from trainmetrics.jobserver.executors import Run
 
 log = logging.getLogger("trainmetrics.server")
@@ -91,13 +91,33 @@ class RayExecutor:
     def signal(self, run: Run, outcome: str) -> bool:
         """Ask every rank to stop at its next step boundary, through the control file the launcher watches
         (written atomically); True while Ray runs the job."""
+        if not self._running(run):
+            return False
+        _replace(run.job_dir / CONTROL_FILE_NAME, outcome)
+        return True
+
+    def request_stacks(self, run: Run) -> bool:
+        """Ask every rank for its thread stacks: the launcher passes SIGUSR2 on when the request file's number
+        changes (it may sit on another node: only the shared job directory reaches it)."""
+        if not self._running(run):
+            return False
+        path = run.job_dir / STACKS_REQUEST_NAME
         try:
-            status = self.client.get_job_status(run.handle)
+            number = int(path.read_text().strip() or 0)
+        except (OSError, ValueError):
+            number = 0
+        _replace(path, str(number + 1))
+        return True
+
+    def _running(self, run: Run) -> bool:
+        try:
+            return self.client.get_job_status(run.handle) not in FINISHED
         except Exception:
             return False
-        if status in FINISHED:
-            return False
-        tmp = run.job_dir / f".{CONTROL_FILE_NAME}.tmp"
-        tmp.write_text(outcome)
-        os.replace(tmp, run.job_dir / CONTROL_FILE_NAME)
-        return True
+
+
+def _replace(path: Path, text: str) -> None:
+    """Write a small file atomically (a reader sees the old text or the new, never half)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

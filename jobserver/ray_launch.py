@@ -2,8 +2,8 @@
 cluster's nodes), each running `trainmetrics train` with torch.distributed's rendezvous variables (RANK,
 WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) and serving its /metrics on its node's address.
 
-It watches the job's control file and turns "paused"/"cancelled" into SIGUSR1/SIGTERM for every rank; a
-SIGTERM to itself (Ray's stop) becomes a cancel. It exits with rank 0's exit code (the job's outcome is in
+It watches the job's control file and turns "paused"/"cancelled" into SIGUSR1/SIGTERM for every rank, and
+its stacks request file into SIGUSR2 for every rank; a SIGTERM to itself (Ray's stop) becomes a cancel. It exits with rank 0's exit code (the job's outcome is in
 the result file rank 0 writes).
 
     python -m trainmetrics.jobserver.ray_launch --nproc N --job-dir DIR -- TRAIN_ARGS...
@@ -22,8 +22,8 @@ import ray
 from ray.util.placement_group import placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from trainmetrics.contract import STOP_SIGNALS, ExitCode
-from trainmetrics.jobfiles import CONTROL_FILE_NAME, LOG_NAME, RESULT_FILE_NAME, write_result
+from trainmetrics.contract import SPAWN_BLOCKED_SIGNALS, STACKS_SIGNAL, STOP_SIGNALS, ExitCode
+from trainmetrics.jobfiles import CONTROL_FILE_NAME, LOG_NAME, RESULT_FILE_NAME, STACKS_REQUEST_NAME, write_result
 
 CONTROL_POLL_SECONDS = 0.2
 
@@ -47,10 +47,9 @@ class Rank:
 
     def run(self, command: list[str], env: dict[str, str], log_path: str) -> int:
         """Run the rank to its end; its exit code (negative: the signal that ended it). The rank starts with
-        the stop signals blocked (a child inherits its spawning thread's mask) and unblocks them once its
-        handlers exist, so a stop that comes early is not fatal."""
-        stops = set(STOP_SIGNALS.values())
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+        the stop and stacks signals blocked (a child inherits its spawning thread's mask) and unblocks them once
+        its handlers exist, so one that comes early is not fatal."""
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, SPAWN_BLOCKED_SIGNALS)
         try:
             with open(log_path, "ab") as log_file:
                 self.process = subprocess.Popen(command, env={**os.environ, **env}, stdout=log_file,
@@ -60,7 +59,7 @@ class Rank:
         return self.process.wait()
 
     def signal(self, signum: int) -> bool:
-        """Pass a stop signal to the rank's process."""
+        """Pass a stop or stacks signal to the rank's process."""
         if self.process is None or self.process.poll() is not None:
             return False
         self.process.send_signal(signum)
@@ -74,6 +73,14 @@ def control_request(job_dir: Path) -> str | None:
     except OSError:
         return None
     return text if text in STOP_SIGNALS else None
+
+
+def stacks_request(job_dir: Path) -> str | None:
+    """The job server's latest stacks request (a number it raises), if any."""
+    try:
+        return (job_dir / STACKS_REQUEST_NAME).read_text().strip() or None
+    except OSError:
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,12 +130,18 @@ def main(argv: list[str] | None = None) -> int:
         for rank in ranks:
             rank.signal.remote(int(STOP_SIGNALS[outcome]))
 
+    answered_stacks = stacks_request(args.job_dir)      # a request from an earlier run is not this run's
     pending = list(runs)
     while pending:
         _, pending = ray.wait(pending, timeout=CONTROL_POLL_SECONDS)
         for outcome in [control_request(args.job_dir), *stopped]:
             if outcome is not None:
                 pass_on(outcome)
+        request = stacks_request(args.job_dir)
+        if request != answered_stacks:
+            answered_stacks = request
+            for rank in ranks:
+                rank.signal.remote(int(STACKS_SIGNAL))
     codes = ray.get(runs)
     return codes[0] if codes[0] != 0 or all(code == 0 for code in codes) else int(ExitCode.FAILED)
 

@@ -26,7 +26,7 @@ CREATE TABLE IF NOT EXISTS endpoints (
     PRIMARY KEY (job_id, rank));
 """
 # Columns added since the first schema: (name, SQL type); an older database gains them at open.
-ADDED_COLUMNS = (("requested", "TEXT"), ("run_token", "TEXT"), ("handle", "TEXT"))
+ADDED_COLUMNS = (("requested", "TEXT"), ("run_token", "TEXT"), ("handle", "TEXT"), ("report", "TEXT"))
 
 
 @dataclass
@@ -128,6 +128,7 @@ class JobStore:
     @staticmethod
     def _job(row: sqlite3.Row) -> JobRecord:
         values = dict(row)
+        values.pop("report", None)       # read on its own (get_report): it is the largest column
         values["spec"] = json.loads(values["spec"])
         values["resume"] = bool(values["resume"])
         return JobRecord(**values)
@@ -170,6 +171,22 @@ class JobStore:
             changes["resume"] = int(changes["resume"])
         assignments = ", ".join(f"{name} = ?" for name in changes)
         self._execute(f"UPDATE jobs SET {assignments} WHERE id = ?", (*changes.values(), job_id))
+
+    # ----- stored analytics reports ------------------------------------------------------------------
+    def set_report(self, job_id: str, report: str | None) -> None:
+        """Keep a job's analytics report (JSON text), or forget it (None)."""
+        self._execute("UPDATE jobs SET report = ? WHERE id = ?", (report, job_id))
+
+    def get_report(self, job_id: str) -> tuple[str, str] | None:
+        """(owner, report JSON) of a job with a stored report."""
+        rows = self._execute("SELECT owner, report FROM jobs WHERE id = ? AND report IS NOT NULL", (job_id,))
+        return (rows[0]["owner"], rows[0]["report"]) if rows else None
+
+    def jobs_to_report(self, states: tuple[str, ...], ended_after: float, ended_before: float) -> list[str]:
+        """Ids of jobs in one of `states` that ended in (ended_after, ended_before] without a stored report."""
+        rows = self._execute(f"SELECT id FROM jobs WHERE report IS NULL AND state IN ({','.join('?' * len(states))}) "
+                             "AND ended > ? AND ended <= ? ORDER BY ended", (*states, ended_after, ended_before))
+        return [row["id"] for row in rows]
 
     # ----- endpoints (HTTP service discovery) -------------------------------------------------------------
     def set_endpoint(self, job_id: str, rank: int, address: str, scheme: str) -> None:

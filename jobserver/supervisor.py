@@ -85,6 +85,7 @@ class Supervisor:
                   "job_id": job.id, "job_name": job.name, "owner": job.owner, "dataset": spec["dataset_path"],
                   "checkpoint_dir": self.checkpoint_dir(job.id), "result_file": self.result_path(job.id),
                   "job_dir": self.job_dir, "linger_timeout": self.linger_timeout, "resume": job.resume,
+                  "submitted_at": job.created, "diagnostics_dir": self.job_path(job.id),
                   "register_url": f"{self.advertise_url}/api/internal/jobs/{job.id}/endpoints"
                   if self.advertise_url else None}
         return train_args(values)

@@ -77,6 +77,22 @@ def gather_objects(ctx: Distributed, value) -> list:
     return gathered
 
 
+def mark_collectives(model, phases) -> None:
+    """Count the time a rank waits in DDP's gradient all-reduce as the `collective` phase: a communication hook
+    enters it when the first bucket goes out (the loop marks `optimizer` once backward returns). A rank that
+    waits for a stuck peer then shows `collective`, and the peer the phase it is stuck in."""
+    from trainmetrics.trainer.phases import COLLECTIVE
+
+    def all_reduce(state, bucket):
+        if phases.phase != COLLECTIVE:
+            phases.enter(COLLECTIVE)
+        tensor = bucket.buffer()
+        tensor.div_(dist.get_world_size())
+        return dist.all_reduce(tensor, async_op=True).get_future().then(lambda future: future.value()[0])
+
+    model.register_comm_hook(None, all_reduce)
+
+
 def shutdown(ctx: Distributed) -> None:
     """Leave the process group."""
     if ctx.enabled and dist.is_initialized():

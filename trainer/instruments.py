@@ -58,6 +58,18 @@ GPU_MEMORY_PEAK = Instrument(T.GPU_MEMORY_PEAK, "By",
 MFU = Instrument(T.MFU, "1", "Model FLOPs utilisation over the last log interval (where the model's FLOPs and "
                              "the device peak are known).")
 
+JOB_SUBMITTED = Instrument(T.JOB_SUBMITTED, "s", "Unix time the job was submitted (jobs of the job server).")
+PROCESS_START = Instrument(T.PROCESS_START, "s", "Unix time this process started (before its imports): the "
+                                                "start of its init phase.")
+PHASE = Instrument(T.PHASE, "1", "1 for the phase this process is in now, 0 for the others.")
+PHASE_SINCE = Instrument(T.PHASE_SINCE, "s", "Unix time the current phase began.")
+PHASE_SECONDS = Instrument(T.PHASE_SECONDS, "s", "Seconds of the job spent in each phase (carried across resumes).")
+LAST_STEP = Instrument(T.LAST_STEP, "s", "Unix time the last optimizer step completed.")
+PROGRESS = Instrument(T.PROGRESS, "s", "Unix time the loop last made progress: a step completed, or an evaluation "
+                                      "or checkpoint ended, or training started.")
+LOSS_SPIKES = Instrument(T.LOSS_SPIKES, "1", "Log intervals whose loss spiked far above its running mean.")
+STACK_DUMPS = Instrument(T.STACK_DUMPS, "1", "Thread stack dumps the hang watchdog wrote.")
+
 # Seconds. Steps run from ~1 ms (small CPU models) to ~10 s (large GPU models); data waits can be far
 # shorter, so the scale starts at 100 µs. The SDK default (0..10,000) is shaped for milliseconds.
 DURATION_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,

@@ -28,6 +28,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from opentelemetry.metrics import CallbackOptions, Observation
@@ -36,6 +37,10 @@ from trainmetrics.contract import FINAL_STATES, JOB_STATES, validate_job_id
 from trainmetrics.trainer import instruments as inst
 from trainmetrics.trainer.evaluations import Evaluation, EvaluationHistory
 from trainmetrics.trainer.histograms import DurationHistogram, HistogramCollector
+from trainmetrics.trainer.phases import (CHECKPOINT, COMPUTE, CURRENT_PHASES, DATA, ENDED, EVAL, INIT, PAUSED, RESTORE,
+                                         PhaseClock)
+from trainmetrics.trainer.spikes import LossSpikeDetector
+from trainmetrics.trainer.watchdog import StackWatch
 from trainmetrics.trainer.telemetry import Publication, Publish, current_scrape
 
 log = logging.getLogger("trainmetrics.trainer")
@@ -59,6 +64,18 @@ class JobInfo:
     rank: int = 0
     world_size: int = 1
     upload_seconds: float | None = None
+    submitted_at: float | None = None      # unix time the job was submitted (the job server knows)
+
+
+@dataclass(frozen=True)
+class Diagnostics:
+    """What the job watches in itself: where thread stacks go (SIGUSR2, a hang), and loss spikes."""
+
+    stacks_dir: Path | None = None          # None: stacks go to stderr
+    hang_seconds: float = 60.0              # the watchdog's least hang (watchdog.py)
+    loss_spike_z: float = 6.0
+    loss_spike_warmup: int = 10
+    on_loss_spike: Callable[[int], None] | None = None      # called with the step of a spike
 
 
 @dataclass(frozen=True)
@@ -137,9 +154,16 @@ class JobMetrics:
 
     def __init__(self, job_id: str, info: JobInfo | None = None, publish: Publish | None = None, *,
                  log_every: int = 50, on_log: Callable[[IntervalStats], None] | None = None,
-                 flops_per_sample: float | None = None, peak_flops: float | None = None):
+                 flops_per_sample: float | None = None, peak_flops: float | None = None,
+                 diagnostics: Diagnostics | None = None):
         self.job_id = validate_job_id(job_id)
         self.info = info or JobInfo()
+        self.diagnostics = diagnostics or Diagnostics()
+        # Step times and data waits: our own histograms on the Prometheus side (histograms.py says why).
+        self.step_times = DurationHistogram(inst.DURATION_BUCKETS)
+        self.data_waits = DurationHistogram(inst.DURATION_BUCKETS)
+        self.phases = PhaseClock(self.data_waits)
+        self.spikes = LossSpikeDetector(self.diagnostics.loss_spike_z, self.diagnostics.loss_spike_warmup)
         self.log_every = max(1, int(log_every))
         self.on_log = on_log
         self.flops_per_sample, self.peak_flops = flops_per_sample, peak_flops
@@ -189,8 +213,11 @@ class JobMetrics:
         self._publication = Publication(job_id, self.info.rank, self.info.world_size, publish,
                                         delivered=self._scrape_delivered)
         self._create_instruments()
+        self._stack_watch: StackWatch | None = None
         try:
             self._publication.open()
+            self._stack_watch = StackWatch(self, self.diagnostics.stacks_dir, self.info.rank,
+                                           min_hang_seconds=self.diagnostics.hang_seconds)
         except BaseException:
             self._publication.shutdown()
             raise
@@ -223,10 +250,7 @@ class JobMetrics:
         observe(inst.LEARNING_RATE, lambda: self.learning_rate)
         observe(inst.GPU_MEMORY_PEAK, lambda: self.gpu_memory_peak)
         observe(inst.MFU, lambda: self.mfu)
-        # Step times and data waits: our own histograms on the Prometheus side (histograms.py says why), the
-        # OpenTelemetry ones only for an OTLP push.
-        self.step_times = DurationHistogram(inst.DURATION_BUCKETS)
-        self.data_waits = DurationHistogram(inst.DURATION_BUCKETS)
+        # The OpenTelemetry step-time and data-wait histograms only for an OTLP push.
         rendered = HistogramCollector(self._publication.labels)
         rendered.add(inst.STEP_DURATION.name, inst.STEP_DURATION.description, self.step_times)
         rendered.add(inst.DATA_WAIT.name, inst.DATA_WAIT.description, self.data_waits)
@@ -245,6 +269,8 @@ class JobMetrics:
             observe(inst.JOB_START, lambda: self.start_time)
             observe(inst.JOB_END, lambda: self.end_time)
             observe(inst.UPLOAD_DURATION, lambda: self.info.upload_seconds)
+            observe(inst.JOB_SUBMITTED, lambda: self.info.submitted_at)
+            observe(inst.PROCESS_START, lambda: self.phases.process_start)
         observe(inst.HEARTBEAT, time.time)
         observe(inst.STEPS, self._steps_at_collection, counter=True)
         observe(inst.SAMPLES, lambda: self.samples, counter=True)
@@ -258,6 +284,17 @@ class JobMetrics:
         observe(inst.EVALUATIONS, lambda: self.evaluations.count, counter=True)
         observe(inst.EVAL_LOSS_MIN, lambda: self.eval_loss_min)
         observe(inst.EVAL_ACCURACY_MAX, lambda: self.eval_accuracy_max)
+        observe_each(inst.PHASE, lambda options: [Observation(1 if phase == self.phases.phase else 0, {"phase": phase})
+                                                  for phase in CURRENT_PHASES])
+        observe(inst.PHASE_SINCE, lambda: self.phases.unix(self.phases.since))
+        observe(inst.LAST_STEP, self.phases.last_step_unix)
+        observe(inst.PROGRESS, self.phases.progress_unix)
+        meter.create_observable_counter(
+            inst.PHASE_SECONDS.name, unit=inst.PHASE_SECONDS.unit, description=inst.PHASE_SECONDS.description,
+            callbacks=[lambda options: [Observation(seconds, {"phase": phase})
+                                        for phase, seconds in self.phases.totals().items()]])
+        observe(inst.LOSS_SPIKES, lambda: self.spikes.spikes, counter=True)
+        observe(inst.STACK_DUMPS, lambda: self._stack_watch.dumps if self._stack_watch else None, counter=True)
         for spec, field in ((inst.EVAL_HISTORY_INDEX, "index"), (inst.EVAL_HISTORY_STEP, "step"),
                             (inst.EVAL_HISTORY_TIME, "time"), (inst.EVAL_HISTORY_LOSS, "loss"),
                             (inst.EVAL_HISTORY_ACCURACY, "accuracy")):
@@ -303,7 +340,8 @@ class JobMetrics:
                 "loss_first": self.loss_first, "loss_min": self.loss_min, "loss_sum": self.loss_sum,
                 "loss_intervals": self.loss_intervals, "nonfinite_losses": self.nonfinite_losses,
                 "evaluations": self.evaluations.count, "eval_loss_min": self.eval_loss_min,
-                "eval_accuracy_max": self.eval_accuracy_max, "step_duration_max": self.step_duration_max}
+                "eval_accuracy_max": self.eval_accuracy_max, "step_duration_max": self.step_duration_max,
+                "loss_spikes": self.spikes.spikes, "phases": self.phases.state_dict()}
 
     @_never_raises
     def load_state_dict(self, state: dict) -> None:
@@ -316,6 +354,8 @@ class JobMetrics:
         self.evaluations = EvaluationHistory(first_index=int(state.get("evaluations", 0)) + 1)
         self.eval_loss_min, self.eval_accuracy_max = state.get("eval_loss_min"), state.get("eval_accuracy_max")
         self.step_duration_max = state.get("step_duration_max") or 0.0
+        self.spikes.spikes = int(state.get("loss_spikes", 0))
+        self.phases.load_state_dict(state.get("phases") or {})
         self._new_interval(time.perf_counter())
 
     # ----- lifecycle ---------------------------------------------------------------------------------
@@ -349,6 +389,7 @@ class JobMetrics:
         self.state = "running"
         self._last_step_end = time.perf_counter()
         self._new_interval(self._last_step_end)
+        self.phases.start_loop(self._last_step_end)
         return self
 
     @_never_raises
@@ -378,6 +419,7 @@ class JobMetrics:
         self._ended("paused")
 
     def _ended(self, state: str) -> None:
+        self.phases.end_loop(PAUSED if state == "paused" else ENDED)
         self.end_time = time.time()
         self.state = state
         self._end_monotonic = time.monotonic()
@@ -450,6 +492,9 @@ class JobMetrics:
         except Exception:
             log.exception("job %s: lingering for the final scrape failed", self.job_id)
         finally:
+            if self._stack_watch is not None:
+                self._stack_watch.close()
+                self._stack_watch = None
             try:
                 self._publication.shutdown()
             except Exception:
@@ -459,18 +504,22 @@ class JobMetrics:
     def timed(self, batches: Iterable) -> Iterator:
         """Yield from `batches`, recording how long each batch took to arrive (data-loader wait)."""
         iterator = iter(batches)
-        clock, waits, pushed = time.perf_counter, self.data_waits, self._pushed
+        clock, waits, pushed, phases = time.perf_counter, self.data_waits, self._pushed, self.phases
         counts, bounds = waits.counts, waits.bounds
         self._last_step_end = clock()
         while True:
             began = clock()
+            phases.phase, phases.since = DATA, began
             try:
                 batch = next(iterator)
             except StopIteration:
+                phases.phase, phases.since = COMPUTE, clock()
                 return
-            waited = clock() - began
+            arrived = clock()
+            waited = arrived - began
             counts[bisect_left(bounds, waited)] += 1
             waits.sum += waited
+            phases.phase, phases.since = COMPUTE, arrived
             if pushed:
                 self._buffer(self._pending_data_waits, waited)
             yield batch
@@ -500,6 +549,10 @@ class JobMetrics:
                 if self._pushed:
                     self._buffer(self._pending_step_durations, duration)
             self._last_step_end = now
+            phases = self.phases
+            if phases.phase != COMPUTE:          # leaving the optimizer or a collective the loop marked
+                phases.enter(COMPUTE, now)
+            phases.last_step = phases.progress = now
             self.steps += 1
             self.samples += samples
             if loss is not None:
@@ -550,6 +603,8 @@ class JobMetrics:
             if loss is not None:
                 self.last_loss = loss
                 if math.isfinite(loss):
+                    if self.spikes.observe(loss):
+                        self._loss_spike(loss)
                     self.loss = loss
                     if self.loss_first is None:
                         self.loss_first = loss
@@ -598,9 +653,13 @@ class JobMetrics:
 
     @contextmanager
     def checkpoint(self):
-        """Time a checkpoint write; counts it only when the block succeeds."""
+        """Time a checkpoint write (the checkpoint phase); counts it only when the block succeeds."""
         began = time.perf_counter()
-        yield
+        self.phases.enter(CHECKPOINT, began)
+        try:
+            yield
+        finally:
+            self.phases.enter(COMPUTE)
         try:
             self._checkpoint_duration.record(time.perf_counter() - began)
             self.checkpoints += 1
@@ -608,6 +667,25 @@ class JobMetrics:
             self._last_step_end = time.perf_counter()
         except Exception:
             log.exception("job %s: recording a checkpoint failed", self.job_id)
+
+    @contextmanager
+    def phase(self, name: str):
+        """Mark a part of the loop as its own phase: "eval", "optimizer", "collective" (docs/metrics.md), or
+        "restore" before training starts. Time outside every marked phase and the data wait is compute."""
+        previous = self.phases.phase
+        self.phases.enter(name if name in CURRENT_PHASES else COMPUTE)
+        try:
+            yield
+        finally:
+            self.phases.enter(previous if previous in (INIT, RESTORE) else COMPUTE)
+            if name == EVAL:            # an evaluation is not a training step's time either
+                self._last_step_end = time.perf_counter()
+
+    def _loss_spike(self, loss: float) -> None:
+        log.warning("job %s: loss spike at step %d: %.4g against a running mean of %.4g", self.job_id, self.steps,
+                    loss, self.spikes.mean)
+        if self.diagnostics.on_loss_spike is not None:
+            self.diagnostics.on_loss_spike(self.steps)
 
 
 def _finite_float(value) -> float | None:

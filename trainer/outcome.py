@@ -20,12 +20,13 @@ class Outcome:
         self.state = "failed"
         self.error_type: str | None = None
         self.error: str | None = None
+        self.reason: str | None = None       # why the job stopped by itself (a loss spike)
 
     def result(self, metrics) -> dict:
         """The result: state, exit code, error and the job's figures (strict JSON: no NaN)."""
         evaluation = metrics.last_evaluation if metrics else None
         return {"job_id": self.config.job_id, "state": self.state, "exit_code": int(exit_code_for(self.state)),
-                "error_type": self.error_type, "error": self.error,
+                "error_type": self.error_type, "error": self.error, "reason": self.reason,
                 "steps": metrics.steps if metrics else 0, "samples": metrics.samples if metrics else 0,
                 "loss": metrics.last_loss if metrics else None,
                 "loss_first": metrics.loss_first if metrics else None,

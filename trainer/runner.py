@@ -18,11 +18,12 @@ from torch.utils.data import DataLoader
 
 from trainmetrics.contract import STOP_VERBS, exit_code_for, validate_job_id
 from trainmetrics.datafiles import DatasetError
-from trainmetrics.trainer import distributed
+from trainmetrics.trainer import distributed, faults
 from trainmetrics.trainer.checkpoint import FINAL_MODEL_NAME, atomic_save, ensure_writable_dir, load_latest, save_checkpoint
 from trainmetrics.trainer.config import TrainConfig
 from trainmetrics.trainer.data import Dataset, load_dataset
-from trainmetrics.trainer.metrics import IntervalStats, JobInfo, JobMetrics
+from trainmetrics.trainer.metrics import Diagnostics, IntervalStats, JobInfo, JobMetrics
+from trainmetrics.trainer.phases import OPTIMIZER
 from trainmetrics.trainer.models import ModelError, build_model, device_peak_flops
 from trainmetrics.trainer.outcome import Outcome, bad_input
 from trainmetrics.trainer.stopping import StopFlag
@@ -77,6 +78,8 @@ class Trainer:
         if self.dist.enabled:
             self.model = nn.parallel.DistributedDataParallel(
                 self.net, device_ids=[device.index] if device.type == "cuda" else None)
+            distributed.mark_collectives(self.model, metrics.phases)
+        self.faults = faults.from_environment(self.dist.rank, config.job_id)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr)
         self.loss_fn = nn.CrossEntropyLoss() if dataset.task != "regression" else nn.MSELoss()
         self.epoch = 0
@@ -118,6 +121,8 @@ class Trainer:
             return
         with self.metrics.checkpoint():
             save_checkpoint(self.config.checkpoint_dir, self.state(metrics_by_rank), keep=self.config.keep_checkpoints)
+            if self.faults is not None:
+                self.faults.during_checkpoint()
 
     # ----- the loop ----------------------------------------------------------------------------------
     def epoch_order(self, epoch: int) -> list[int]:
@@ -125,15 +130,18 @@ class Trainer:
         generator = torch.Generator().manual_seed(self.config.seed * 100_003 + epoch)
         return torch.randperm(len(self.dataset.train), generator=generator).tolist()
 
-    def batches(self, epoch: int, skip_batches: int) -> DataLoader:
+    def batches(self, epoch: int, skip_batches: int):
         """The epoch's DataLoader for this rank, starting `skip_batches` batches in (without loading the
         skipped ones). Ranks take interleaved, equal shares of the order, so they step in lockstep."""
         order = self.epoch_order(epoch)
         world = self.dist.world_size
         order = order[: len(order) - len(order) % world][self.dist.rank::world]
         order = order[skip_batches * self.config.batch_size:]
-        return DataLoader(self.dataset.train, batch_size=self.config.batch_size, sampler=order,
-                          num_workers=self.config.workers, pin_memory=self.device.type == "cuda")
+        loader = DataLoader(self.dataset.train, batch_size=self.config.batch_size, sampler=order,
+                            num_workers=self.config.workers, pin_memory=self.device.type == "cuda")
+        if self.faults is not None and self.faults.slow_data:      # a drill: data that arrives late
+            return _slowed(loader, self.faults)
+        return loader
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Task loss; language models flatten (batch, time) into one axis."""
@@ -151,9 +159,13 @@ class Trainer:
             for inputs, targets in metrics.timed(self.batches(self.epoch, self.batch_in_epoch)):
                 inputs = inputs.to(self.device, non_blocking=True)
                 targets = targets.to(self.device, non_blocking=True)
+                if self.faults is not None:
+                    self.faults.before_forward(metrics.steps + 1, lambda: bool(self.stop))
+                    inputs = self.faults.corrupt(inputs, metrics.steps + 1)
                 loss = self.loss(self.model(inputs), targets)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                metrics.phases.enter(OPTIMIZER)
                 self.optimizer.step()
                 self.batch_in_epoch += 1
                 metrics.step(loss=loss, samples=len(inputs))
@@ -164,6 +176,10 @@ class Trainer:
                     self.model.train()
                 outcome = self.stop_outcome()
                 if outcome:
+                    if self.stop.keep_last_checkpoint:     # a loss spike: the last checkpoint is from before it
+                        log.info("job %s: %s at step %d without a checkpoint: %s", config.job_id,
+                                 STOP_VERBS[outcome], metrics.steps, self.stop.reason)
+                        return outcome
                     log.info("job %s: %s requested, checkpointing at step %d and stopping", config.job_id,
                              STOP_VERBS[outcome], metrics.steps)
                     self.checkpoint()
@@ -185,11 +201,16 @@ class Trainer:
             return None
         return distributed.agree_on_stop(self.dist, self.stop.outcome)
 
-    @torch.no_grad()
     def evaluate(self) -> None:
-        """Loss and accuracy on the held-out split, published as eval series (by rank 0)."""
+        """Loss and accuracy on the held-out split, published as eval series (by rank 0): the eval phase."""
         if not self.dist.is_main:
             return
+        with self.metrics.phase("eval"), torch.no_grad():
+            self._evaluate()
+            if self.faults is not None:
+                self.faults.during_eval()
+
+    def _evaluate(self) -> None:
         self.net.eval()
         total_loss, correct, count, predictions = 0.0, 0, 0, 0
         for inputs, targets in DataLoader(self.dataset.eval, batch_size=EVAL_BATCH_SIZE):
@@ -205,6 +226,13 @@ class Trainer:
         self.metrics.eval(loss=self.eval_loss, accuracy=self.eval_accuracy)
         log.info("job %s: eval after step %d: loss %.4f%s", self.config.job_id, self.metrics.steps,
                  self.eval_loss, f", accuracy {self.eval_accuracy:.4f}" if self.eval_accuracy is not None else "")
+
+
+def _slowed(loader, drill: "faults.Faults"):
+    """The loader's batches, each after the drill's delay (it counts as data wait, as a slow loader's would)."""
+    for batch in loader:
+        drill.before_data()
+        yield batch
 
 
 class ProgressReporter:
@@ -276,19 +304,23 @@ def run_job(config: TrainConfig, stop: StopFlag | None = None) -> int:
     device = distributed.rank_device(ranks, device)
     total_steps = config.epochs * -(-len(dataset.train) // ranks.world_size // config.batch_size)
     progress = ProgressReporter(config, total_steps)
-    resume_state = load_latest(config.checkpoint_dir, map_location=device) if config.resume else None
     try:
         web_config = load_web_config(config.web_config_file)
         metrics = JobMetrics(
             config.job_id,
             JobInfo(job_name=config.job_name, model=config.model, dataset=dataset.name, owner=config.owner,
                     device=str(device), rank=ranks.rank, world_size=ranks.world_size,
-                    upload_seconds=config.upload_seconds if config.upload_seconds is not None else load_seconds),
+                    upload_seconds=config.upload_seconds if config.upload_seconds is not None else load_seconds,
+                    submitted_at=config.submitted_at),
             Publish(listen=config.metrics_listen, targets_dir=config.targets_dir, job_dir=config.job_dir,
                     gpus=physical_gpu_indices(device), linger_timeout=config.linger_timeout,
                     web_config=web_config, register_url=config.register_url),
             log_every=config.log_every, on_log=progress, flops_per_sample=model.flops_per_sample(),
-            peak_flops=config.peak_flops or device_peak_flops(device))
+            peak_flops=config.peak_flops or device_peak_flops(device),
+            diagnostics=Diagnostics(
+                stacks_dir=config.diagnostics_dir, hang_seconds=config.hang_seconds, loss_spike_z=config.loss_spike_z,
+                loss_spike_warmup=config.loss_spike_warmup,
+                on_loss_spike=stop.pause_for_loss_spike if config.on_loss_spike == "pause" else None))
     except (OSError, ValueError) as error:
         if created_dir is not None:
             shutil.rmtree(created_dir, ignore_errors=True)
@@ -302,8 +334,11 @@ def run_job(config: TrainConfig, stop: StopFlag | None = None) -> int:
     try:
         distributed.initialize(ranks, device)
         trainer = Trainer(config, dataset, model, device, metrics, stop, ranks)
-        if resume_state is not None:
-            trainer.restore(resume_state)
+        if config.resume:
+            with metrics.phase("restore"):
+                resume_state = load_latest(config.checkpoint_dir, map_location=device)
+                if resume_state is not None:
+                    trainer.restore(resume_state)
         metrics.start(give_up=lambda: bool(stop))
         # A stop before the first step ends a one-process job at once; ranks agree on theirs in the loop.
         final_state = stop.outcome if stop.outcome and not ranks.enabled else trainer.run()
@@ -311,7 +346,7 @@ def run_job(config: TrainConfig, stop: StopFlag | None = None) -> int:
             metrics.pause()
         else:
             metrics.finish(final_state)
-        outcome.state = final_state
+        outcome.state, outcome.reason = final_state, stop.reason
     except Exception as error:   # the job fails; the error class goes to the log, the result and Prometheus
         log.error("job %s failed: %s: %s", config.job_id, type(error).__name__, error)
         outcome.error_type, outcome.error = type(error).__name__, f"{type(error).__name__}: {error}"[:500]

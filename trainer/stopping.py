@@ -34,6 +34,8 @@ class StopFlag:
         self.decided = False                 # the job's outcome is known: later signals only hurry the exit
         self.hurry = False                   # a signal came that changed nothing: cut the final linger short
         self.on_late_signal: Callable[[], None] | None = None
+        self.reason: str | None = None       # why the job stopped by itself
+        self.keep_last_checkpoint = False    # stop without writing one (a loss spike: keep the one before it)
 
     def __bool__(self) -> bool:
         return self.outcome is not None
@@ -48,6 +50,13 @@ class StopFlag:
         self.hurry = True
         if self.on_late_signal is not None:
             self.on_late_signal()
+
+    def pause_for_loss_spike(self, step: int) -> None:
+        """The job asked to be paused on a loss spike: pause at once, its last checkpoint from before the spike
+        kept (no new one)."""
+        if self.outcome is None and not self.decided:
+            self.outcome, self.keep_last_checkpoint = "paused", True
+            self.reason = f"loss spike at step {step}"
 
     def install(self) -> "StopFlag":
         """Route the stop signals to this flag, then unblock them (a signal that came while they were blocked

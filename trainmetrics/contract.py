@@ -54,6 +54,18 @@ VANISHED = "vanished"
 STOP_VERBS = {"cancelled": "cancel", "paused": "pause"}
 # The signal that asks a training process for each stop (at its next step boundary, after a checkpoint).
 STOP_SIGNALS = {"paused": signal.SIGUSR1, "cancelled": signal.SIGTERM}
+# The signal that makes a training process write every thread's stack (trainer/watchdog.py).
+STACKS_SIGNAL = signal.SIGUSR2
+# Blocked while a job process is spawned: each is unblocked once its handler exists, so one that comes early
+# is handled then instead of killing the process.
+SPAWN_BLOCKED_SIGNALS = (*STOP_SIGNALS.values(), STACKS_SIGNAL)
+
+
+# Where a job's time goes: every second of a job process falls in exactly one (trainer_phase_seconds_total).
+# The step, goodput's numerator, is compute + optimizer + collective; the job server adds `queued`, the
+# analytics `paused` (between runs) and `lost` (trained, then thrown away by a resume from an older checkpoint).
+ACCOUNTED_PHASES = ("init", "restore", "data_wait", "compute", "optimizer", "collective", "eval", "checkpoint")
+STEP_PHASES = ("compute", "optimizer", "collective")
 
 
 class ExitCode(IntEnum):
@@ -116,6 +128,15 @@ class Trainer:
     CHECKPOINT_DURATION = "trainer_checkpoint_duration_seconds"
     GPU_MEMORY_PEAK = "trainer_gpu_memory_peak_bytes"
     MFU = "trainer_model_flops_utilization_ratio"
+    JOB_SUBMITTED = "trainer_job_submitted_timestamp_seconds"
+    PROCESS_START = "trainer_process_start_timestamp_seconds"
+    PHASE = "trainer_phase"
+    PHASE_SINCE = "trainer_phase_since_timestamp_seconds"
+    PHASE_SECONDS = "trainer_phase_seconds_total"
+    LAST_STEP = "trainer_last_step_timestamp_seconds"
+    PROGRESS = "trainer_progress_timestamp_seconds"
+    LOSS_SPIKES = "trainer_loss_spikes_total"
+    STACK_DUMPS = "trainer_stack_dumps_total"
 
 
 class Node:
@@ -235,6 +256,8 @@ TRAIN_OPTIONS: tuple[Option, ...] = (
     Option("dataset", str, "blobs", f"built-in ({', '.join(BUILTIN_DATASETS)}) or a path to a .csv, .npz or "
            ".txt file", "job"),
     Option("target", str, "label", "target column of a CSV dataset", "job"),
+    Option("submitted_at", float, None, "unix time the job was submitted, for its queued time (the job server "
+           "sets it)", "job", api=_SERVER_SETS, minimum=0),
     # training
     Option("epochs", int, 3, "passes over the training split", "training", minimum=1),
     Option("batch_size", int, 64, "samples per optimizer step (per rank)", "training", minimum=1),
@@ -244,6 +267,11 @@ TRAIN_OPTIONS: tuple[Option, ...] = (
     Option("workers", int, 0, "DataLoader worker processes", "training", minimum=0),
     Option("eval_every", int, 0, "evaluate every N steps as well as at each epoch end (0: epoch ends only)",
            "training", minimum=0),
+    Option("loss_spike_z", float, 6.0, "a log interval whose mean loss is this many standard deviations above "
+           "its running mean is a loss spike", "training", above=0),
+    Option("loss_spike_warmup", int, 10, "log intervals before loss spikes are looked for", "training", minimum=1),
+    Option("on_loss_spike", str, "none", "none, or pause: stop at once, keeping the last checkpoint from before "
+           "the spike", "training", choices=("none", "pause")),
     # checkpoints
     Option("checkpoint_dir", Path, None, "where checkpoints and the final model.pt go (default: no "
            "checkpoints)", "checkpoints", api="the job server keeps them in the job's directory"),
@@ -272,6 +300,11 @@ TRAIN_OPTIONS: tuple[Option, ...] = (
            api="server-wide: the job server's own --web.config.file is not passed on", flag="--web.config.file"),
     Option("register_url", str, None, "report this process's /metrics endpoint to this URL (the job server's "
            "HTTP service discovery; the secret comes in TRAINMETRICS_REGISTER_TOKEN)", "telemetry", api=_SERVER_SETS),
+    Option("diagnostics_dir", Path, None, "where every rank's thread stacks go (stacks.rank<N>.txt): on SIGUSR2, "
+           "and once when the job seems hung (default: stderr)", "telemetry", api="the job's directory"),
+    Option("hang_seconds", float, 60.0, "the trainer's hang watchdog writes the thread stacks once no step has "
+           "completed for max(this, 10 x the recent p99 step time), outside evaluations and checkpoints",
+           "telemetry", minimum=1),
     Option("result_file", Path, None, "write the job's outcome here as JSON when it ends (atomically)",
            "telemetry", api=_SERVER_SETS),
     Option("progress", bool, False, "progress bar on a terminal (log lines otherwise)", "telemetry",

@@ -20,6 +20,9 @@ LOG_NAME = "train.log"
 # A stop request for a job run that no signal can reach (ranks on other hosts): "paused" or "cancelled",
 # written by the job server, read by the run's launcher.
 CONTROL_FILE_NAME = "control"
+# A request for every rank's thread stacks that no signal can reach: a number the job server raises, read by
+# the run's launcher, which passes SIGUSR2 on to every rank.
+STACKS_REQUEST_NAME = "stacks.request"
 # A result is a few hundred bytes; anything far larger is not ours.
 MAX_RESULT_BYTES = 1 << 20
 
@@ -30,6 +33,11 @@ class Checkpoint:
 
     path: Path
     step: int
+
+
+def stacks_path(directory: Path, rank: int) -> Path:
+    """Where a rank writes its thread stacks (SIGUSR2, or its hang watchdog)."""
+    return Path(directory) / f"stacks.rank{rank}.txt"
 
 
 def checkpoint_name(step: int) -> str:

@@ -246,3 +246,41 @@ class VictoriaMetricsServer(PrometheusServer):
             if time.monotonic() >= deadline:
                 raise TimeoutError(f"remote write incomplete after {timeout}s: {list(zip(expressions, values))}")
             time.sleep(0.5)
+
+
+ALERTMANAGER_TEMPLATE = REPO_ROOT / "deploy" / "alertmanager" / "alertmanager.yml"
+
+
+class AlertmanagerServer(PrometheusServer):
+    """A real Alertmanager (Debian's prometheus-alertmanager) on a free loopback port, with the deployable
+    config: its receiver's webhook pointed at `webhook` (None: left as deployed, whose failed deliveries do
+    not matter to what the API lists) and a short group wait."""
+
+    def __init__(self, workdir: Path, webhook: str | None = None, group_wait: str = "1s"):
+        super().__init__(workdir)
+        self.webhook, self.group_wait = webhook, group_wait
+
+    def start(self, timeout: float = 30.0) -> "AlertmanagerServer":
+        """Write the config, start the binary and wait until /-/ready answers."""
+        binary = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
+        if binary is None:
+            raise PrometheusNotFound("prometheus-alertmanager not installed (make test installs Debian's package)")
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        config = yaml.safe_load(ALERTMANAGER_TEMPLATE.read_text())
+        if self.webhook:
+            config["receivers"][0]["webhook_configs"][0]["url"] = self.webhook
+        config["route"]["group_wait"] = self.group_wait
+        self.config_path.write_text(yaml.safe_dump(config))
+        command = [binary, f"--config.file={self.config_path}", f"--storage.path={self.data_dir}",
+                   f"--web.listen-address=127.0.0.1:{self.port}", "--cluster.listen-address=", "--log.level=warn"]
+        return self._launch(command, "/-/ready", timeout)
+
+    @property
+    def address(self) -> str:
+        """HOST:PORT, as Prometheus' alerting config takes it."""
+        return f"127.0.0.1:{self.port}"
+
+    def alerts(self) -> list[dict]:
+        """Every alert it holds now (API v2), firing or resolved-but-kept."""
+        with urllib.request.urlopen(f"{self.url}/api/v2/alerts", timeout=10) as response:
+            return json.load(response)

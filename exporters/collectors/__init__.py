@@ -40,4 +40,7 @@ COLLECTORS: dict[str, CollectorSpec] = {
                           "CPU time, RSS and process count of each training job's process tree"),
     "gpu": CollectorSpec("trainmetrics.exporters.collectors.gpu:GpuCollector", True,
                          "NVIDIA GPUs through NVML, attributed to jobs"),
+    # After gpu: it publishes the energy accounts the gpu collector's slow sample adds to.
+    "energy": CollectorSpec("trainmetrics.exporters.collectors.energy:EnergyCollector", True,
+                            "energy per job: its GPUs' (NVML) and its CPU time's share of the CPU packages' (RAPL)"),
 }

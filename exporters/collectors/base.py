@@ -16,8 +16,10 @@ class CollectorContext:
     """What the exporter hands every collector's build(): data sources and timing."""
 
     proc_root: Path = Path("/proc")
+    powercap_root: Path = Path("/sys/class/powercap")
     peak_window: float = 1.0
     job_tracker: object | None = None
+    job_energy: object | None = None    # the gpu and energy collectors' shared JobEnergy
 
 
 class Collector:

@@ -5,6 +5,10 @@ well under a millisecond. Slow loop (every --slow-interval, its own thread): tem
 energy counter (~4 ms), clocks, throttle reasons, ECC counters, XID events and the per-GPU process lists
 that attribute GPUs to jobs. When NVML fails (library missing, driver gone, "GPU is lost") the collector
 reports failure, shuts NVML down and re-initialises it with exponential backoff.
+
+Energy per job: each slow sample adds a GPU's energy since its previous reading to the jobs holding the GPU
+now, split evenly among them (exporters/job_energy.py keeps the accounts, the energy collector publishes
+them). A counter that went back (a driver reload, a GPU reset) counts its new value, never a negative step.
 """
 
 import logging
@@ -68,10 +72,12 @@ class GpuCollector(Collector):
     slow = True
 
     def __init__(self, nvml=None, peak_window: float = 1.0, job_tracker=None,
-                 backoff_initial: float = 1.0, backoff_max: float = 60.0):
+                 backoff_initial: float = 1.0, backoff_max: float = 60.0, job_energy=None):
         self._nvml = nvml
         self.peak_window = peak_window
         self.job_tracker = job_tracker
+        self.job_energy = job_energy
+        self._energy_read: dict[str, float] = {}    # uuid -> joules at the previous slow sample (over re-inits)
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
         self._backoff = backoff_initial
@@ -85,7 +91,7 @@ class GpuCollector(Collector):
 
     @classmethod
     def build(cls, context: CollectorContext) -> "GpuCollector":
-        return cls(peak_window=context.peak_window, job_tracker=context.job_tracker)
+        return cls(peak_window=context.peak_window, job_tracker=context.job_tracker, job_energy=context.job_energy)
 
     @property
     def nvml(self):
@@ -212,6 +218,27 @@ class GpuCollector(Collector):
             self._last_slow_error = error
             self._lost_generation = generation
             raise
+        if self.job_energy is not None:
+            self._add_energy(gpus)
+
+    def _add_energy(self, gpus: list[Gpu]) -> None:
+        """Each GPU's energy since the previous sample to the jobs holding it now, split evenly."""
+        jobs = self.job_tracker.snapshot if self.job_tracker is not None else None
+        for gpu in gpus:
+            joules = gpu.slow.energy_joules
+            if joules is None:
+                continue
+            previous = self._energy_read.get(gpu.uuid)
+            self._energy_read[gpu.uuid] = joules
+            if previous is None:
+                used = 0.0              # the first reading is the baseline; the holders get their account
+            elif joules < previous:
+                used = joules           # reset (driver reload, GPU reset): what it counted since
+            else:
+                used = joules - previous
+            holders = _jobs_on(gpu, gpu.slow, jobs)[1]
+            for job_id in holders:
+                self.job_energy.add(job_id, "gpu", used / len(holders))
 
     def _read_slow(self, gpu: Gpu) -> SlowReadings:
         nvml, optional, handle = self.nvml, self._optional, gpu.handle
@@ -313,15 +340,8 @@ class GpuCollector(Collector):
                 errors.add_metric(ids + ["ecc_uncorrected"], slow.ecc_uncorrected)
             if self._events is not None:
                 errors.add_metric(ids + ["xid"], gpu.xid_errors)
-            if jobs is None:
-                continue
-            used_by_job: dict[str, int] = {}
-            for pid, used in slow.process_memory.items():
-                job_id = jobs.job_of_pid.get(pid)
-                if job_id is not None:
-                    used_by_job[job_id] = used_by_job.get(job_id, 0) + used
-            declared = {job_id for job_id, indices in jobs.gpus.items() if gpu.index in indices}
-            for job_id in sorted(declared | used_by_job.keys()):
+            used_by_job, holders = _jobs_on(gpu, slow, jobs)
+            for job_id in holders:
                 job_info.add_metric(ids + [job_id], 1)
             for job_id in sorted(used_by_job):
                 process_memory.add_metric([str(gpu.index), job_id], used_by_job[job_id])
@@ -331,3 +351,17 @@ class GpuCollector(Collector):
     def close(self) -> None:
         if self._gpus is not None:
             self._shutdown()
+
+
+def _jobs_on(gpu: Gpu, slow: SlowReadings, jobs) -> tuple[dict[str, int], list[str]]:
+    """GPU memory the jobs' processes use on the GPU, and the jobs holding it (declared in their mapping or
+    running on it), sorted."""
+    if jobs is None:
+        return {}, []
+    used_by_job: dict[str, int] = {}
+    for pid, used in slow.process_memory.items():
+        job_id = jobs.job_of_pid.get(pid)
+        if job_id is not None:
+            used_by_job[job_id] = used_by_job.get(job_id, 0) + used
+    declared = {job_id for job_id, indices in jobs.gpus.items() if gpu.index in indices}
+    return used_by_job, sorted(declared | used_by_job.keys())

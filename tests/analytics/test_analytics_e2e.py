@@ -9,6 +9,7 @@ import time
 import pytest
 
 from trainmetrics.analytics.app import ROUTES, Settings
+from trainmetrics.analytics.job import NOT_ATTRIBUTED
 from trainmetrics.analytics.queries import MAX_POINTS_PER_SERIES, SCRAPE_INTERVAL_SECONDS
 
 from .conftest import checkpointed_metrics, same_answer, serve
@@ -97,6 +98,8 @@ def test_job_analytics_agree_with_the_jobs_own_summary(service, job_id):
         assert resources[name] is None, name
     efficiency = body["efficiency"]
     assert efficiency["gpu_utilization_score"] is None
+    assert body["energy"] == {"gpu_joules": None, "cpu_joules": None, "total_joules": None,
+                              "samples_per_joule": None, "unavailable_reason": NOT_ATTRIBUTED}
     if job_id == "fail-1":
         assert body["error_type"] in ("NotADirectoryError", "FileNotFoundError")
     else:

@@ -39,7 +39,7 @@ def test_hostile_ids_never_become_promql(job_id):
     for build in (lambda: q.job_recent(job_id, 60, 1e9), lambda: q.job_ended(job_id, [1e9]),
                   lambda: q.job_lookup_full(job_id, 60, 1e9), lambda: q.job_totals(job_id, 60, 1e9),
                   lambda: q.job_totals(job_id, 60, 1e9, [1e9]), lambda: q.job_rates(job_id, 60, 1e9),
-                  lambda: q.eval_history_changes(job_id, "250ms"), lambda: q.eval_history_samples(job_id, 60),
+                  lambda: q.job_energy(job_id, 60, 1e9, 1e9, [1e9]), lambda: q.eval_history_changes(job_id, "250ms"), lambda: q.eval_history_samples(job_id, 60),
                   lambda: q.fleet_last_seen(["ok-1", job_id], 60, 1e9)):
         with pytest.raises(ValueError):
             build()
@@ -50,7 +50,7 @@ def test_a_valid_id_enters_only_as_an_equality_matcher():
     expressions = [*q.job_recent(job_id, 60, 1e9).values(), *q.job_ended(job_id, [1e9, 2e9]).values(),
                    *q.job_lookup_full(job_id, 60, 1e9).values(), *q.job_totals(job_id, 60, 1e9).values(),
                    *q.job_totals(job_id, 600, 2e9, [2e9, 1e9]).values(), *q.job_rates(job_id, 60, 1e9).values(),
-                   q.eval_history_changes(job_id, "250ms"), q.eval_history_samples(job_id, 60),
+                   *q.job_energy(job_id, 600, 2e9, 2e9, [2e9, 1e9]).values(), q.eval_history_changes(job_id, "250ms"), q.eval_history_samples(job_id, 60),
                    *q.fleet_last_seen([job_id], 60, 1e9).values()]
     names = '__name__=~"' + "|".join(q.HISTORY.values()) + '"'     # the one regex: over constant metric names
     for expr in expressions:
@@ -86,6 +86,15 @@ def test_totals_read_each_process_last_minute_newest_first():
     assert "[30000ms] @ 2000.000" in q.job_totals("j", 30, 2000.0, [2000.0])["steps"]
 
 
+def test_energy_reads_each_process_last_minute_and_the_exporters_grace_after_it():
+    # The newer process ended 5 s ago: read up to now; the older one up to 15 s after its final instant.
+    parts = q.job_energy("j", 3600, 2000.0, 2000.0, [2000.0, 1000.0])
+    assert parts["energy"] == ('max_over_time(process_energy_joules_total{job_id="j"}[75000ms] @ 2000.000) or '
+                               'max_over_time(process_energy_joules_total{job_id="j"}[90000ms] @ 1015.000)')
+    assert q.job_energy("j", 3600, 1000.0, 2000.0)["energy"] == \
+        'max_over_time(process_energy_joules_total{job_id="j"}[3615000ms] @ 1015.000)'
+
+
 def test_the_history_reads_every_series_of_one_job_raw():
     expr = q.eval_history_samples("j", 1.5)
     assert expr.endswith('job_id="j"}[1500ms]') and "@" not in expr
@@ -101,7 +110,7 @@ def test_union_tags_each_part():
 
 def test_every_part_name_is_a_plain_identifier():
     names = [*q.job_recent("j", 1, 1), *q.job_ended("j", [1, 2]), *q.job_totals("j", 1, 1), *q.job_rates("j", 1, 1),
-             *q.host(1, 1, 2), *q.fleet_last_seen(["j", "k"], 1, 1)]
+             *q.job_energy("j", 1, 1, 1), *q.host(1, 1, 2), *q.fleet_last_seen(["j", "k"], 1, 1)]
     assert len(names) == len(set(names))
     assert all(re.fullmatch(r"[a-z_]+[0-9]*", name) for name in names)
 

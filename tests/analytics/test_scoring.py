@@ -42,15 +42,18 @@ def test_efficiency_block_for_a_gpu_job_and_a_cpu_job():
 
 def row(job_id, status="completed", **values):
     return {"job_id": job_id, "status": status, "throughput": None, "final_loss": None,
-            "duration_seconds": None, "overall_score": None, **values}
+            "duration_seconds": None, "overall_score": None, "samples_per_joule": None, "goodput_ratio": None, **values}
 
 
 def test_winners_per_category():
-    rows = [row("a", throughput=100.0, final_loss=0.30, duration_seconds=60.0, overall_score=70.0),
-            row("b", throughput=250.0, final_loss=0.25, duration_seconds=90.0, overall_score=65.0),
+    rows = [row("a", throughput=100.0, final_loss=0.30, duration_seconds=60.0, overall_score=70.0,
+                samples_per_joule=41.5, goodput_ratio=0.61),
+            row("b", throughput=250.0, final_loss=0.25, duration_seconds=90.0, overall_score=65.0,
+                samples_per_joule=12.0, goodput_ratio=0.83),
             row("c", throughput=180.0, final_loss=0.40, duration_seconds=30.0, overall_score=80.0)]
     winner, ties = scoring.winners(rows)
-    assert winner == {"best_throughput": "b", "best_loss": "b", "fastest": "c", "most_efficient": "c"}
+    assert winner == {"best_throughput": "b", "best_loss": "b", "fastest": "c", "most_efficient": "c",
+                      "most_energy_efficient": "a", "best_goodput": "b"}
     assert ties == {}
 
 
@@ -68,14 +71,16 @@ def test_ties_are_stated_and_the_first_requested_job_is_named():
             row("z", throughput=150.0, final_loss=0.1, duration_seconds=12.0, overall_score=60.0)]
     winner, ties = scoring.winners(rows)
     # 200.0 and 200.0000001 print alike at six significant digits: a tie the reader would see.
-    assert winner == {"best_throughput": "x", "best_loss": "x", "fastest": "x", "most_efficient": "y"}
+    assert winner == {"best_throughput": "x", "best_loss": "x", "fastest": "x", "most_efficient": "y",
+                      "most_energy_efficient": None, "best_goodput": None}
     assert ties == {"best_throughput": ["x", "y"], "best_loss": ["x", "z"], "fastest": ["x", "y"],
                     "most_efficient": ["y", "z"]}
 
 
 def test_no_values_means_no_winner():
     winner, ties = scoring.winners([row("a", status="running"), row("b", status="failed")])
-    assert winner == {"best_throughput": None, "best_loss": None, "fastest": None, "most_efficient": None}
+    assert winner == {"best_throughput": None, "best_loss": None, "fastest": None, "most_efficient": None,
+                      "most_energy_efficient": None, "best_goodput": None}
     assert ties == {}
 
 

@@ -1,21 +1,15 @@
 """A real Alertmanager receives a firing alert from a real Prometheus running the deployable rules."""
 
 import json
-import shutil
-import subprocess
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
-import yaml
 
 from trainmetrics.trainer.metrics import JobMetrics
 from trainmetrics.trainer.telemetry import Publish
-from trainmetrics.prometheus_process import PrometheusServer, free_port
-
-ALERTMANAGER_CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "alertmanager" / "alertmanager.yml"
+from trainmetrics.prometheus_process import AlertmanagerServer, PrometheusServer
 
 
 class Webhook(BaseHTTPRequestHandler):
@@ -32,24 +26,13 @@ class Webhook(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def alertmanager(tmp_path):
-    binary = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
-    if binary is None:
-        pytest.fail("prometheus-alertmanager not installed (make test installs Debian's package)")
     webhook = ThreadingHTTPServer(("127.0.0.1", 0), Webhook)
     threading.Thread(target=webhook.serve_forever, daemon=True).start()
-    # The deployable config with the webhook pointed here and a short group wait for the test.
-    config = yaml.safe_load(ALERTMANAGER_CONFIG.read_text())
-    config["receivers"][0]["webhook_configs"][0]["url"] = f"http://127.0.0.1:{webhook.server_port}/alerts"
-    config["route"]["group_wait"] = "1s"
-    (tmp_path / "am.yml").write_text(yaml.safe_dump(config))
-    port = free_port()
-    process = subprocess.Popen([binary, f"--config.file={tmp_path / 'am.yml'}", f"--storage.path={tmp_path / 'am'}",
-                                f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address="],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = AlertmanagerServer(tmp_path / "alertmanager", webhook=f"http://127.0.0.1:{webhook.server_port}/alerts")
+    server.start()
     Webhook.received = []
-    yield f"127.0.0.1:{port}"
-    process.terminate()
-    process.wait(timeout=10)
+    yield server.address
+    server.stop()
     webhook.shutdown()
     webhook.server_close()
 

@@ -1,4 +1,5 @@
-"""Helpers for the exporter tests: a fake NVML, the /proc fixtures, collectors built on them, parsing."""
+"""Helpers for the exporter tests: a fake NVML, the /proc and powercap fixtures, collectors built on them,
+parsing."""
 
 import os
 import urllib.request
@@ -11,6 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from trainmetrics.exporters.collectors.cpu import CpuCollector
 from trainmetrics.exporters.collectors.disk import DiskCollector
+from trainmetrics.exporters.collectors.energy import EnergyCollector
 from trainmetrics.exporters.collectors.filesystem import FilesystemCollector
 from trainmetrics.exporters.collectors.gpu import GpuCollector
 from trainmetrics.exporters.collectors.jobs import JobsCollector, JobTracker
@@ -18,11 +20,15 @@ from trainmetrics.exporters.collectors.memory import MemoryCollector
 from trainmetrics.exporters.collectors.network import NetworkCollector
 from trainmetrics.exporters.collectors.processes import ProcessesCollector
 from trainmetrics.exporters.exporter import Exporter
+from trainmetrics.exporters.job_energy import JobEnergy
 
 FIXTURES = Path(__file__).parent / "fixtures"
 PROC_T0 = FIXTURES / "proc" / "t0"
 PROC_T1 = FIXTURES / "proc" / "t1"
 FIXTURE_JOB_DIR = FIXTURES / "jobs"
+# One CPU package (intel-rapl:0, with its cores' subzone, also listed at the top as in sysfs) and the
+# platform's psys zone, which holds the package's energy too: only intel-rapl:0 counts.
+FIXTURE_POWERCAP = FIXTURES / "powercap"
 FIXTURE_DESCENDANTS = {4242: [4250, 4251]}
 GIB = 1 << 30
 
@@ -37,7 +43,7 @@ class FakeGpu:
     memory_total: int = 80 * GIB
     temperature: int = 55
     power_milliwatts: int = 250_000
-    energy_millijoules: int = 9_000_000
+    energy_millijoules: int | None = 9_000_000     # None: not supported
     clock_sm_mhz: int = 1410
     throttle_reasons: int = 0
     ecc: tuple[int, int] | None = (0, 0)
@@ -116,7 +122,10 @@ class FakeNvml:
         return self._device(handle).power_milliwatts
 
     def nvmlDeviceGetTotalEnergyConsumption(self, handle):
-        return self._device(handle).energy_millijoules
+        gpu = self._device(handle)
+        if gpu.energy_millijoules is None:
+            raise self._error(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        return gpu.energy_millijoules
 
     def nvmlDeviceGetClockInfo(self, handle, clock):
         assert clock == pynvml.NVML_CLOCK_SM
@@ -168,6 +177,18 @@ def two_gpus() -> list[FakeGpu]:
     ]
 
 
+MAX_RANGE_UJ = 262_143_328_850      # a real package's max_energy_range_uj
+
+
+def write_zone(root: Path, name: str, kind: str, energy_uj: int, max_uj: int = MAX_RANGE_UJ) -> None:
+    """A powercap zone directory as sysfs shows it (kind: its name file, package-N, psys, dram...)."""
+    zone = root / name
+    zone.mkdir(parents=True, exist_ok=True)
+    (zone / "name").write_text(f"{kind}\n")
+    (zone / "energy_uj").write_text(f"{energy_uj}\n")
+    (zone / "max_energy_range_uj").write_text(f"{max_uj}\n")
+
+
 def fixture_statvfs(mountpoint: str) -> os.statvfs_result:
     """statvfs answers for the fixture mounts: (bsize, frsize, blocks, bfree, bavail, files, ffree, favail, flag, namemax)."""
     sizes = {"/": (4096, 4096, 1_000_000, 400_000, 350_000), "/boot/efi": (4096, 4096, 130_000, 100_000, 100_000),
@@ -184,6 +205,7 @@ class FixtureHost:
 
     nvml: FakeNvml
     tracker: JobTracker
+    energy: JobEnergy
     collectors: list
     exporter: Exporter
 
@@ -205,9 +227,11 @@ class FixtureHost:
 
 
 def build_fixture_host(nvml: FakeNvml | None = None, job_dir: Path = FIXTURE_JOB_DIR, proc_root: Path = PROC_T0,
-                       backoff_initial: float = 1.0) -> FixtureHost:
+                       backoff_initial: float = 1.0, powercap_root: Path = FIXTURE_POWERCAP,
+                       energy: JobEnergy | None = None) -> FixtureHost:
     """Collectors over the fixtures, in the COLLECTORS table's order, inside an Exporter."""
     nvml = nvml if nvml is not None else FakeNvml(two_gpus())
+    energy = energy if energy is not None else JobEnergy()
     tracker = JobTracker(job_dir, proc_root=proc_root, descendants=lambda pid: FIXTURE_DESCENDANTS.get(pid, []),
                          clock_ticks=100, page_bytes=4096)
     collectors = [
@@ -218,9 +242,11 @@ def build_fixture_host(nvml: FakeNvml | None = None, job_dir: Path = FIXTURE_JOB
         NetworkCollector(proc_root),
         ProcessesCollector(proc_root),
         JobsCollector(tracker),
-        GpuCollector(nvml=nvml, peak_window=1.0, job_tracker=tracker, backoff_initial=backoff_initial),
+        GpuCollector(nvml=nvml, peak_window=1.0, job_tracker=tracker, backoff_initial=backoff_initial,
+                     job_energy=energy),
+        EnergyCollector(energy, tracker, proc_root, powercap_root, clock_ticks=100),
     ]
-    return FixtureHost(nvml, tracker, collectors, Exporter(collectors, sample_interval=0.1))
+    return FixtureHost(nvml, tracker, energy, collectors, Exporter(collectors, sample_interval=0.1))
 
 
 def parse_exposition(text: str | bytes) -> dict[str, dict[tuple, float]]:

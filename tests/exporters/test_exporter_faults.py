@@ -26,7 +26,7 @@ def test_nvml_missing_is_debug_level_and_the_scrape_stays_whole(serve, caplog):
     metrics = parse_exposition(body)
     assert status == 200 and content_type.startswith("text/plain; version=0.0.4")
     assert success(metrics) == {"cpu": 1, "memory": 1, "disk": 1, "filesystem": 1, "network": 1,
-                                "processes": 1, "jobs": 1, "gpu": 0}
+                                "processes": 1, "jobs": 1, "gpu": 0, "energy": 1}
     assert gpu_series(metrics) == set()
     assert "process_cpu_time_seconds_total" in metrics
     gpu_records = [record for record in caplog.records if "gpu" in record.getMessage()]

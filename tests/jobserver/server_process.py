@@ -1,5 +1,6 @@
 """`trainmetrics server` as a child process, for the job server's tests and the hardening suite."""
 
+import os
 import signal
 import subprocess
 import sys
@@ -16,8 +17,8 @@ TOKENS = {"alice": "alice-token-0123456789", "bob": "bob-token-0123456789ab", "@
 class Server:
     """`trainmetrics server` as a child process."""
 
-    def __init__(self, data_dir: Path, extra: tuple[str, ...] = ()):
-        self.data_dir, self.extra = data_dir, extra
+    def __init__(self, data_dir: Path, extra: tuple[str, ...] = (), env: dict[str, str] | None = None):
+        self.data_dir, self.extra, self.env = data_dir, extra, env
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
@@ -28,7 +29,8 @@ class Server:
         command = [sys.executable, "-m", "trainmetrics", "server", "--listen", f"127.0.0.1:{self.port}",
                    "--data-dir", str(self.data_dir), "--linger-timeout", "10", *self.extra]
         with open(self.data_dir / "server.log", "ab") as log:
-            self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log)
+            self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log,
+                                            env={**os.environ, **self.env} if self.env else None)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

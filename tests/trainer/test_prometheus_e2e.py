@@ -13,7 +13,7 @@ from .conftest import parse_summary, run_train
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "metrics.md"
 JOB_ID = "e2e-blobs-1"
 # Series a CPU job without a failure does not expose; each is documented as conditional.
-CONDITIONAL = {"trainer_gpu_memory_peak_bytes", "trainer_job_failure_info"}
+CONDITIONAL = {"trainer_gpu_memory_peak_bytes", "trainer_job_failure_info", "trainer_job_submitted_timestamp_seconds"}
 
 
 @pytest.fixture(scope="module")
@@ -75,4 +75,4 @@ def test_docs_list_exactly_the_series_a_job_exposes(finished_job):
     assert exposed - documented == set(), "exposed but not documented"
     assert documented - exposed == CONDITIONAL, "documented but not exposed"
     labels = {key for s in series if ":" not in s["__name__"] for key in s} - {"__name__", "instance", "job"}
-    assert labels == {"job_id", "state", "job_name", "model", "dataset", "owner", "device", "world_size", "le", "slot"}
+    assert labels == {"job_id", "state", "job_name", "model", "dataset", "owner", "device", "world_size", "le", "slot", "phase"}

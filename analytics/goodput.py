@@ -1,0 +1,94 @@
+"""The goodput ledger of one job: where its wall-clock time went, from submission to its end.
+
+Every process of a job counts its own life per phase (trainer_phase_seconds_total: init, restore, data_wait,
+compute, optimizer, collective, eval, checkpoint; they add up to the process's age) and carries the job's
+totals in its checkpoints, so the newest process's totals are the job's up to that process, less what was
+thrown away. The ledger adds what no process sees:
+
+- queued: the submission (trainer_job_submitted_timestamp_seconds) to the first process's start;
+- paused: each gap between a process's end (a pause, a failure, a kill) and the next one's start;
+- lost: what a process trained after its last checkpoint and a successor threw away by resuming from that
+  checkpoint. A process's carried totals are its totals less its own age (its totals only grow with its
+  life), so what a run lost is its last totals less what its successor carried in.
+
+The step (compute + optimizer + collective) over the wall clock is the goodput ratio; the rest is badput by
+cause. The parts add up to the wall clock by construction; `unaccounted_seconds` says how far they miss it
+(the clocks of separate processes, a scrape interval at a crash).
+"""
+
+from dataclasses import dataclass
+
+from trainmetrics.analytics import shapes
+from trainmetrics.analytics.lookup import JobFacts
+from trainmetrics.analytics.results import ratio, rounded, rows
+from trainmetrics.contract import STEP_PHASES
+
+# The ledger's phases, in a job's order; `step` is goodput, the others badput.
+LEDGER_PHASES = ("queued", "init", "restore", "step", "data_wait", "eval", "checkpoint", "paused", "lost")
+NO_PHASES = "the job's trainer published no phase totals (trainer_phase_seconds_total): a trainer before the ledger"
+
+
+@dataclass(frozen=True)
+class _Run:
+    """One process of the job (rank 0) as the ledger needs it."""
+
+    started: float            # the process's start (before its imports)
+    as_of: float              # when its totals were last read: its end, else its last scrape
+    totals: dict[str, float]  # seconds per accounted phase, the job's (carried plus its own)
+
+    @property
+    def life(self) -> float:
+        return self.as_of - self.started
+
+    @property
+    def total(self) -> float:
+        return sum(self.totals.values())
+
+    @property
+    def carried(self) -> float:
+        """The seconds it took over from the checkpoint it resumed from."""
+        return self.total - self.life
+
+
+def ledger(facts: JobFacts, found: dict[str, list[dict]]) -> shapes.Goodput:
+    """The job's goodput block from its facts and its processes' last values (queries.job_totals)."""
+    def rank0(name: str) -> list[tuple[dict, float]]:
+        return [(labels, value) for labels, value in rows(found.get(name, []))
+                if value is not None and labels.get("rank", "0") == "0"]
+
+    phases: dict[str, dict[str, float]] = {}
+    for labels, value in rank0("phase_seconds"):
+        phases.setdefault(labels.get("instance", ""), {})[labels.get("phase", "")] = value
+    started_at = {labels.get("instance", ""): value for labels, value in rank0("process_start")}
+    submitted = max((value for _, value in rank0("submitted")), default=None)
+    runs = []
+    for process in facts.started:
+        as_of = process.end if process.end is not None else process.last_seen
+        if process.instance in phases and process.instance in started_at and as_of is not None:
+            runs.append(_Run(started_at[process.instance], as_of, phases[process.instance]))
+    if not runs:
+        return shapes.Goodput(wall_clock_seconds=None, goodput_ratio=None, seconds={}, badput_percent={},
+                              step_seconds_by_part={}, unaccounted_seconds=None, unavailable_reason=NO_PHASES)
+    runs.sort(key=lambda run: run.started)
+    final = runs[-1].totals
+    lost = sum(max(0.0, run.total - after.carried) for run, after in zip(runs, runs[1:]))
+    paused = sum(max(0.0, after.started - run.as_of) for run, after in zip(runs, runs[1:]))
+    began = submitted if submitted is not None and submitted <= runs[0].started else runs[0].started
+    wall = runs[-1].as_of - began
+    step_parts = {part: final.get(part, 0.0) for part in STEP_PHASES}
+    seconds = {"queued": runs[0].started - began, "init": final.get("init", 0.0),
+               "restore": final.get("restore", 0.0), "step": sum(step_parts.values()),
+               "data_wait": final.get("data_wait", 0.0), "eval": final.get("eval", 0.0),
+               "checkpoint": final.get("checkpoint", 0.0), "paused": paused, "lost": lost}
+    return shapes.Goodput(
+        wall_clock_seconds=rounded(wall), goodput_ratio=rounded(ratio(seconds["step"], wall)),
+        seconds={name: rounded(seconds[name]) for name in LEDGER_PHASES},
+        badput_percent={name: rounded(100.0 * ratio(seconds[name], wall)) if wall > 0 else None
+                        for name in LEDGER_PHASES if name != "step"},
+        step_seconds_by_part={part: rounded(value) for part, value in step_parts.items()},
+        # To the millisecond: a difference of large sums, whose last digits a backend storing fewer (such as
+        # VictoriaMetrics) would change.
+        unaccounted_seconds=round(wall - sum(seconds.values()), 3),
+        unavailable_reason=None if submitted is not None else
+        "no submission time (a job started without the job server): queued is 0 and the wall clock starts at "
+        "the first process")

@@ -1,0 +1,136 @@
+"""Energy per job: CPU package energy (RAPL) shared out by CPU time, and every job's energy account published.
+
+Slow loop: the energy counter of each CPU package (powercap zones `intel-rapl:N` named `package-N`, AMD's
+included), the host's busy CPU time (/proc/stat) and each job's CPU time (the job tracker). An interval's
+package energy goes to the jobs in proportion to their share of the host's busy CPU time in it: an
+estimate (a busy core does not draw what the average one does, and the packages' idle power is shared out
+with the rest). A job's first interval only takes its baseline. A zone's counter wraps at
+max_energy_range_uj: a reading below the previous one has wrapped.
+
+Since Linux 5.10 (CVE-2020-8694) energy_uj is readable by root only. Where no package zone is readable
+the collector publishes no CPU energy (absent, not zero) and does not fail, like the gpu collector without
+a GPU. It then looks for zones again every RESCAN_SECONDS (a module loaded later).
+
+The gpu collector adds GPU energy to the same accounts (exporters/job_energy.py), which this collector
+publishes after its sample, so its slow sample runs after the gpu collector's.
+"""
+
+import logging
+import os
+import re
+from pathlib import Path
+
+from prometheus_client.core import CounterMetricFamily
+
+from trainmetrics.contract import Node
+from trainmetrics.exporters.collectors.base import Collector, CollectorContext, read_bytes
+from trainmetrics.exporters.collectors.cpu import IDLE_COLUMNS
+from trainmetrics.exporters.job_energy import JobEnergy
+
+log = logging.getLogger(__name__)
+
+PACKAGE_ZONE = re.compile(r"^intel-rapl:\d+$")  # intel-rapl:N:M are parts of package N (cores, uncore, DRAM)
+RESCAN_SECONDS = 60.0
+
+
+class EnergyCollector(Collector):
+    """process_energy_joules_total{job_id,source}: the jobs' energy accounts, CPU shares added here."""
+
+    name = "energy"
+    slow = True
+
+    def __init__(self, energy: JobEnergy, tracker=None, proc_root: Path | str = "/proc",
+                 powercap_root: Path | str = "/sys/class/powercap", clock_ticks: int | None = None):
+        self.energy = energy
+        self.tracker = tracker
+        self.proc_root = str(proc_root)
+        self.powercap_root = Path(powercap_root)
+        self.clock_ticks = clock_ticks or os.sysconf("SC_CLK_TCK")
+        self._zones: dict[Path, int] = {}           # energy_uj file -> its max_energy_range_uj
+        self._next_scan = 0.0
+        self._scanned = False
+        self._last: tuple[dict[Path, int], float, dict[str, float]] | None = None  # readings, busy s, jobs' CPU s
+
+    @classmethod
+    def build(cls, context: CollectorContext) -> "EnergyCollector":
+        return cls(context.job_energy or JobEnergy(), context.job_tracker, context.proc_root, context.powercap_root)
+
+    def _scan(self, now: float) -> None:
+        """Find the readable package zones."""
+        self._next_scan = now + RESCAN_SECONDS
+        zones, problems = {}, []
+        try:
+            names = sorted(name for name in os.listdir(self.powercap_root) if PACKAGE_ZONE.match(name))
+        except OSError as error:
+            names, problems = [], [f"{self.powercap_root}: {error.strerror or error}"]
+        for name in names:
+            zone = self.powercap_root / name
+            try:
+                if not read_bytes(zone / "name").startswith(b"package"):
+                    continue    # psys: the whole platform, packages included
+                maximum = int(read_bytes(zone / "max_energy_range_uj"))
+                int(read_bytes(zone / "energy_uj"))
+            except (OSError, ValueError) as error:
+                problems.append(f"{name}: {error}")
+                continue
+            zones[zone / "energy_uj"] = maximum
+        if zones:
+            log.info("CPU package energy from %d RAPL zone(s) under %s", len(zones), self.powercap_root)
+        elif not self._scanned:
+            log.debug("no readable RAPL package zone (%s): no CPU energy per job", "; ".join(problems) or "none")
+        self._zones, self._scanned = zones, True
+
+    def _read_zones(self) -> dict[Path, int] | None:
+        """Each zone's counter in microjoules; None (and a rescan later) when one can no longer be read."""
+        try:
+            return {path: int(read_bytes(path)) for path in self._zones}
+        except (OSError, ValueError) as error:
+            log.warning("RAPL zone no longer readable (%s): no CPU energy per job until it is", error)
+            self._zones = {}
+            return None
+
+    def _host_busy_seconds(self) -> float:
+        """CPU seconds all CPUs spent busy (not idle, not iowait) since boot."""
+        ticks = [int(value) for value in read_bytes(f"{self.proc_root}/stat").split(b"\n", 1)[0].split()[1:9]]
+        return (sum(ticks) - sum(ticks[column] for column in IDLE_COLUMNS)) / self.clock_ticks
+
+    def sample_slow(self, now: float) -> None:
+        if not self._zones and now >= self._next_scan:
+            self._scan(now)
+        readings = self._read_zones() if self._zones else None
+        if readings is None:
+            self._last = None
+        else:
+            usage = self.tracker.snapshot.usage if self.tracker is not None else {}
+            jobs = {job_id: job.cpu_seconds for job_id, job in usage.items()}
+            busy = self._host_busy_seconds()
+            if self._last is not None:
+                self._share(readings, busy, jobs)
+            for job_id in jobs:
+                self.energy.add(job_id, "cpu")
+            self._last = (readings, busy, jobs)
+        self.energy.publish()
+
+    def _share(self, readings: dict[Path, int], busy: float, jobs: dict[str, float]) -> None:
+        """Add the interval's package energy to the jobs by their share of the busy CPU time."""
+        last_readings, last_busy, last_jobs = self._last
+        microjoules = 0
+        for path, value in readings.items():
+            previous = last_readings.get(path, value)
+            microjoules += value - previous if value >= previous else self._zones[path] - previous + value
+        used = {job_id: seconds - last_jobs[job_id] for job_id, seconds in jobs.items() if job_id in last_jobs}
+        # Reads of the trees and of /proc/stat are not atomic: never share out more than the interval's energy.
+        whole = max(busy - last_busy, sum(used.values()))
+        if whole <= 0:
+            return
+        for job_id, seconds in used.items():
+            self.energy.add(job_id, "cpu", microjoules / 1e6 * (seconds / whole))
+
+    def collect(self):
+        family = CounterMetricFamily(Node.JOB_ENERGY,
+                                     "Energy used for the job: its GPUs' (source gpu) and its share of the CPU "
+                                     "packages' by CPU time (source cpu, an estimate).",
+                                     labels=["job_id", "source"])
+        for (job_id, source), joules in sorted(self.energy.published.items()):
+            family.add_metric([job_id, source], joules)
+        yield family

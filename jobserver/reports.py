@@ -1,0 +1,59 @@
+"""Stored reports: once a job has ended (completed, failed or cancelled) and settled in Prometheus, the job
+server asks the analytics for its report and keeps it in the job's row, so its analytics outlive Prometheus'
+retention (trainmetrics.reports). A job whose report cannot be computed yet (Prometheus down) is asked for
+again later, up to an hour after its end; a resumed job's stored report is dropped (its new runs change it).
+"""
+
+import json
+import logging
+import time
+
+from trainmetrics.contract import FINAL_STATES
+
+log = logging.getLogger("trainmetrics.server")
+
+# After a job's end its final scrape is in (the process lingered for it before exiting); a few seconds more
+# let its series go stale (the analytics call it settled) and the node exporter's last energy figures land.
+SETTLE_SECONDS = 5.0
+# A job Prometheus never held (no Prometheus, a target that was never scraped) is given up on after this.
+GIVE_UP_SECONDS = 3600.0
+RETRY_SECONDS = 30.0
+# Reports computed per round at most, so a backlog after a restart does not hold up a round for long.
+PER_ROUND = 4
+
+
+class ReportKeeper:
+    """Computes and stores the reports of jobs that ended; run one round at a time from the server's loop."""
+
+    def __init__(self, archive, call, store):
+        self.archive, self.call, self.store = archive, call, store
+        self._retry_at: dict[str, float] = {}
+
+    async def load(self, job_id: str) -> tuple[str, dict] | None:
+        """(owner, report) of a job with a stored report."""
+        found = await self.call(self.store.get_report, job_id)
+        if found is None:
+            return None
+        owner, text = found
+        try:
+            return owner, json.loads(text)
+        except ValueError:
+            log.warning("job %s: its stored report is not JSON; ignored", job_id)
+            return None
+
+    async def round(self) -> None:
+        """Store the reports of jobs that ended lately and have none."""
+        if self.archive is None or self.archive.compute is None:
+            return
+        now, clock = time.time(), time.monotonic()
+        waiting = await self.call(self.store.jobs_to_report, FINAL_STATES, now - GIVE_UP_SECONDS, now - SETTLE_SECONDS)
+        for job_id in [job_id for job_id in waiting if self._retry_at.get(job_id, 0.0) <= clock][:PER_ROUND]:
+            try:
+                report = json.dumps(await self.archive.compute(job_id), allow_nan=False)
+            except Exception as error:
+                self._retry_at[job_id] = clock + RETRY_SECONDS
+                log.info("job %s: its report cannot be stored yet: %s", job_id, getattr(error, "message", error))
+                continue
+            self._retry_at.pop(job_id, None)
+            await self.call(self.store.set_report, job_id, report)
+            log.info("job %s: its analytics report is stored", job_id)

@@ -1,0 +1,85 @@
+"""`GET /api/training/jobs/{job_id}/stacks`: every rank's Python thread stacks, now.
+
+Each rank of a running job writes its stacks to `<job dir>/stacks.rank<N>.txt` when it gets SIGUSR2
+(trainer/watchdog.py; faulthandler writes from the signal handler, so a rank stuck in C, a collective or a
+sleep answers too). The job server notes how long each file is, asks every rank through its executor, and
+returns what each file gained. A job that is not running answers with the end of each file, which holds the
+stacks its own hang watchdog took, if any (`fresh: false`).
+"""
+
+import asyncio
+import time
+from pathlib import Path
+
+from trainmetrics.jobfiles import stacks_path
+
+# How long the ranks get to answer, and how long a file must stop growing to count as written.
+ANSWER_SECONDS = 5.0
+SETTLED_SECONDS = 0.2
+POLL_SECONDS = 0.05
+# At most this much of each rank's stacks is returned (a dump of a few hundred threads is far less).
+MAX_STACK_BYTES = 256 * 1024
+
+
+def stacks_file(job_path: Path, rank: int) -> Path:
+    """Where a rank of the job writes its stacks (the trainer's --diagnostics-dir is the job's directory)."""
+    return stacks_path(job_path, rank)
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _read(path: Path, start: int) -> str:
+    """The file from byte `start`, its last MAX_STACK_BYTES at most."""
+    with open(path, "rb") as file:
+        end = file.seek(0, 2)
+        file.seek(max(start, end - MAX_STACK_BYTES))
+        return file.read().decode("utf-8", "replace")
+
+
+def sizes(job_path: Path, nproc: int) -> dict[int, int]:
+    """Each rank's stacks file length now (0 for one not written yet)."""
+    return {rank: _size(stacks_file(job_path, rank)) for rank in range(nproc)}
+
+
+async def collect(job_path: Path, before: dict[int, int]) -> dict:
+    """What each rank's file gained since `before`, once it stopped growing (or ANSWER_SECONDS passed)."""
+    deadline = time.monotonic() + ANSWER_SECONDS
+    last = dict(before)
+    steady_since: dict[int, float] = {}
+    while time.monotonic() < deadline:
+        now = time.monotonic()
+        for rank in before:
+            size = _size(stacks_file(job_path, rank))
+            if size != last[rank]:
+                last[rank] = size
+                steady_since.pop(rank, None)
+            elif size > before[rank]:
+                steady_since.setdefault(rank, now)
+        if all(now - steady_since.get(rank, now) >= SETTLED_SECONDS for rank in before) and \
+                len(steady_since) == len(before):
+            break
+        await asyncio.sleep(POLL_SECONDS)
+    ranks, missing = [], []
+    for rank, start in before.items():
+        if last[rank] > start:
+            ranks.append({"rank": rank, "stacks": _read(stacks_file(job_path, rank), start)})
+        else:
+            missing.append(rank)
+    return {"fresh": True, "taken_at": time.time(), "ranks": ranks, "missing_ranks": missing}
+
+
+def earlier(job_path: Path, nproc: int) -> dict:
+    """The end of each rank's stacks file, for a job with no process to ask."""
+    ranks, missing = [], []
+    for rank in range(nproc):
+        path = stacks_file(job_path, rank)
+        if _size(path):
+            ranks.append({"rank": rank, "stacks": _read(path, 0)})
+        else:
+            missing.append(rank)
+    return {"fresh": False, "ranks": ranks, "missing_ranks": missing}

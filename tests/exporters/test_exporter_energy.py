@@ -1,0 +1,229 @@
+"""Energy per job: GPU energy from a fake NVML whose counters the tests set (a reset included), CPU package
+energy from fake powercap trees (a wrap-around included) shared out by CPU time, absent sources, the hold
+after a job leaves, and the state file that carries the counts over an exporter restart."""
+
+import json
+import logging
+from pathlib import Path
+
+from tests.exporters.exporter_fixtures import (FIXTURE_JOB_DIR, MAX_RANGE_UJ, FakeNvml, build_fixture_host,
+                                              parse_exposition, two_gpus, write_zone)
+from trainmetrics.exporters.collectors.energy import EnergyCollector
+from trainmetrics.exporters.collectors.jobs import JobTracker
+from trainmetrics.exporters.exporter import Exporter
+from trainmetrics.exporters.job_energy import HOLD_SECONDS, MAX_JOBS, RETENTION_SECONDS, JobEnergy
+from trainmetrics.jobmap import JobMapping, write_job_mapping
+
+
+def energy_series(text: bytes) -> dict[tuple[str, str], float]:
+    """process_energy_joules_total by (job_id, source)."""
+    series = parse_exposition(text).get("process_energy_joules_total", {})
+    return {(dict(labels)["job_id"], dict(labels)["source"]): value for labels, value in series.items()}
+
+
+def success(text: bytes) -> dict[str, float]:
+    return {dict(labels)["collector"]: value
+            for labels, value in parse_exposition(text)["exporter_collector_success"].items()}
+
+
+def write_proc(root: Path, host_busy: int, host_idle: int, processes: dict[int, int]) -> None:
+    """A /proc with the aggregate cpu line (busy and idle ticks) and each pid's stat: its utime in ticks,
+    started at tick 1000 + pid."""
+    root.mkdir(parents=True, exist_ok=True)
+    line = f"{host_busy} 0 0 {host_idle} 0 0 0 0 0 0"
+    (root / "stat").write_text(f"cpu  {line}\ncpu0 {line}\n")
+    for pid, utime in processes.items():
+        (root / str(pid)).mkdir(exist_ok=True)
+        (root / str(pid) / "stat").write_text(
+            f"{pid} (python) R 1 {pid} {pid} 0 -1 0 0 0 0 0 {utime} 0 0 0 20 0 1 0 {1000 + pid} 1000 10 0\n")
+
+
+def test_gpu_energy_goes_to_the_jobs_holding_the_gpu_split_evenly_and_a_reset_counts_its_new_value(tmp_path):
+    # mnist-1 (pid 4242) declares GPU 0; a second job on the fixtures' pid 5100 declares it too, for a while.
+    job_dir = tmp_path / "jobs"
+    job_dir.mkdir()
+    (job_dir / "mnist-1.rank0.json").write_text((FIXTURE_JOB_DIR / "mnist-1.rank0.json").read_text())
+    second = write_job_mapping(job_dir, JobMapping(job_id="eval-2", pid=5100, gpus=[0], start_ticks=8))
+    host = build_fixture_host(job_dir=job_dir, powercap_root=tmp_path / "no-powercap")
+    gpu0, gpu1 = host.nvml.gpus
+
+    def slow_pass(now: float, gpu0_mj: int) -> dict:
+        gpu0.energy_millijoules = gpu0_mj
+        gpu1.energy_millijoules += 5_000       # nobody's GPU: its energy goes to no job
+        host.exporter.sample(now)
+        host.exporter.sample_slow(now)
+        return energy_series(host.exporter.render())
+
+    # The first reading is the baseline: both jobs have their account, at 0.
+    assert slow_pass(100.0, 9_000_000) == {("mnist-1", "gpu"): 0.0, ("eval-2", "gpu"): 0.0}
+    assert slow_pass(101.0, 9_003_000) == {("mnist-1", "gpu"): 1.5, ("eval-2", "gpu"): 1.5}
+    second.unlink()
+    # eval-2 left: the next interval is mnist-1's alone, and eval-2's final count stays published (the hold).
+    assert slow_pass(102.0, 9_005_500) == {("mnist-1", "gpu"): 4.0, ("eval-2", "gpu"): 1.5}
+    # A driver reload: the counter starts again from 0 and reads 750 mJ; that is what counts, not -9004.75 J.
+    assert slow_pass(103.0, 750) == {("mnist-1", "gpu"): 4.75, ("eval-2", "gpu"): 1.5}
+    assert slow_pass(104.0, 2_750) == {("mnist-1", "gpu"): 6.75, ("eval-2", "gpu"): 1.5}
+    # NVML lost and back: the GPU keeps its previous reading (by uuid), so the gap is one longer interval.
+    host.nvml.lost = True
+    host.exporter.sample(105.0)
+    host.nvml.lost = False
+    host.exporter.sample(107.0)
+    assert slow_pass(107.5, 4_750) == {("mnist-1", "gpu"): 8.75, ("eval-2", "gpu"): 1.5}
+    assert success(host.exporter.render())["energy"] == 1
+
+
+def test_cpu_package_energy_is_shared_by_cpu_time_and_survives_a_wrap(tmp_path):
+    proc, powercap, job_dir = tmp_path / "proc", tmp_path / "powercap", tmp_path / "jobs"
+    write_proc(proc, host_busy=10_000, host_idle=50_000, processes={100: 1_000, 200: 2_000})
+    write_job_mapping(job_dir, JobMapping(job_id="a", pid=100, start_ticks=1100))
+    write_job_mapping(job_dir, JobMapping(job_id="b", pid=200, start_ticks=1200))
+    write_zone(powercap, "intel-rapl:0", "package-0", 10_000_000)
+    write_zone(powercap, "intel-rapl:1", "package-1", MAX_RANGE_UJ - 2_000_000)
+    write_zone(powercap, "intel-rapl:1:0", "dram", 0)               # a part of package 1: not counted again
+    write_zone(powercap, "intel-rapl:2", "psys", 0)                 # the whole platform: not the packages'
+    tracker = JobTracker(job_dir, proc_root=proc, descendants=lambda pid: [], clock_ticks=100)
+    energy = JobEnergy()
+    exporter = Exporter([EnergyCollector(energy, tracker, proc, powercap, clock_ticks=100)])
+
+    def slow_pass(now: float) -> dict:
+        tracker.update(now)
+        exporter.sample_slow(now)
+        return energy_series(exporter.render())
+
+    assert slow_pass(1.0) == {("a", "cpu"): 0.0, ("b", "cpu"): 0.0}
+    # 4 busy seconds on the host, 1 of them job a's and 2 job b's; package 0 used 10 J and package 1 wrapped
+    # after 2 J and counted 4 J more: 16 J, of which a gets a quarter and b a half (the rest: other processes).
+    write_proc(proc, host_busy=10_400, host_idle=50_600, processes={100: 1_100, 200: 2_200})
+    write_zone(powercap, "intel-rapl:0", "package-0", 20_000_000)
+    write_zone(powercap, "intel-rapl:1", "package-1", 4_000_000)
+    write_zone(powercap, "intel-rapl:1:0", "dram", 9_000_000)
+    write_zone(powercap, "intel-rapl:2", "psys", 99_000_000)
+    assert slow_pass(2.0) == {("a", "cpu"): 4.0, ("b", "cpu"): 8.0}
+    # Reads of the trees and /proc/stat are not atomic: a job seen using more than the host's busy time gets
+    # the interval's whole energy, never more.
+    write_proc(proc, host_busy=10_500, host_idle=50_700, processes={100: 1_250, 200: 2_200})
+    write_zone(powercap, "intel-rapl:0", "package-0", 23_000_000)
+    assert slow_pass(3.0) == {("a", "cpu"): 7.0, ("b", "cpu"): 8.0}
+
+
+def test_without_rapl_or_gpu_energy_there_are_no_energy_series_and_no_failure(tmp_path):
+    unreadable = tmp_path / "powercap"
+    write_zone(unreadable, "intel-rapl:0", "package-0", 1)
+    (unreadable / "intel-rapl:0" / "energy_uj").unlink()
+    (unreadable / "intel-rapl:0" / "energy_uj").mkdir()    # read() fails, as for a non-root user since 5.10
+    gpus = two_gpus()
+    for gpu in gpus:
+        gpu.energy_millijoules = None
+    for powercap, nvml in ((tmp_path / "missing", FakeNvml(two_gpus(), missing=True)), (unreadable, FakeNvml(gpus))):
+        host = build_fixture_host(nvml=nvml, powercap_root=powercap)
+        host.sample_twice()
+        host.exporter.sample_slow(101.0)
+        text = host.exporter.render()
+        assert energy_series(text) == {}, powercap      # absent, not zero
+        assert success(text)["energy"] == 1
+        assert "process_cpu_time_seconds_total" in parse_exposition(text)   # the job is there
+
+
+class Clock:
+    """A wall clock the test moves."""
+
+    def __init__(self, now: float = 1_000_000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_job_gone_is_published_for_the_hold_then_kept_until_the_retention_ends():
+    clock = Clock()
+    energy = JobEnergy(clock=clock)
+    energy.add("a", "gpu", 2.0)
+    energy.publish()
+    assert energy.published == {("a", "gpu"): 2.0}
+    clock.now += HOLD_SECONDS
+    energy.publish()
+    assert energy.published == {("a", "gpu"): 2.0}
+    clock.now += 1
+    energy.publish()
+    assert energy.published == {}
+    energy.add("a", "gpu", 0.5)     # resumed on this host: the count carries on
+    energy.publish()
+    assert energy.published == {("a", "gpu"): 2.5}
+    clock.now += RETENTION_SECONDS + 1
+    energy.publish()
+    energy.add("a", "gpu", 0.5)
+    energy.publish()
+    assert energy.published == {("a", "gpu"): 0.5}
+
+
+def test_the_jobs_seen_longest_ago_go_first_beyond_the_limit():
+    clock = Clock()
+    energy = JobEnergy(clock=clock)
+    for index in range(MAX_JOBS + 2):
+        clock.now += 1
+        energy.add(f"job-{index}", "cpu", 1.0)
+    clock.now += HOLD_SECONDS + 1   # none is published any more: what is left shows when a job comes back
+    energy.publish()
+    for index in (0, 1, 2):
+        energy.add(f"job-{index}", "cpu", 1.0)
+    energy.publish()
+    assert energy.published == {("job-0", "cpu"): 1.0, ("job-1", "cpu"): 1.0, ("job-2", "cpu"): 2.0}
+
+
+def test_a_restarted_exporter_carries_the_counts_on_without_counting_anything_twice(tmp_path):
+    state = tmp_path / "jobs.energy.json"
+    powercap = tmp_path / "powercap"
+    write_zone(powercap, "intel-rapl:0", "package-0", 81_234_567)
+    first = build_fixture_host(powercap_root=powercap, energy=JobEnergy(state))
+    gpu0 = first.nvml.gpus[0]
+    first.sample_twice()
+    gpu0.energy_millijoules += 2_000
+    write_zone(powercap, "intel-rapl:0", "package-0", 82_234_567)
+    first.exporter.sample_slow(100.5)
+    before = energy_series(first.exporter.render())
+    assert before == {("mnist-1", "gpu"): 2.0, ("mnist-1", "cpu"): 1.0}
+    # What was published was saved first.
+    saved = json.loads(state.read_text())["jobs"]["mnist-1"]
+    assert (saved["gpu"], saved["cpu"]) == (2.0, 1.0)
+    first.exporter.stop()
+
+    # Energy used while no exporter runs is not counted: the new exporter's first readings are baselines.
+    gpu0.energy_millijoules += 50_000
+    write_zone(powercap, "intel-rapl:0", "package-0", 99_234_567)
+    second = build_fixture_host(nvml=first.nvml, powercap_root=powercap, energy=JobEnergy(state))
+    assert energy_series(second.sample_twice()) == before
+    gpu0.energy_millijoules += 1_000
+    write_zone(powercap, "intel-rapl:0", "package-0", 99_734_567)
+    second.exporter.sample_slow(100.5)
+    assert energy_series(second.exporter.render()) == {("mnist-1", "gpu"): 3.0, ("mnist-1", "cpu"): 1.5}
+
+
+def test_a_bad_state_file_is_ignored_and_replaced(tmp_path, caplog):
+    state = tmp_path / "jobs.energy.json"
+    for text in ('{"jobs": {"no spaces allowed": {"gpu": 1, "seen": 0}}}', '{"jobs": {"a": {"gpu": -1, "seen": 0}}}',
+                 '{"jobs": []}', "[" * 100_000, "not json"):
+        state.write_text(text)
+        with caplog.at_level(logging.WARNING):
+            energy = JobEnergy(state)
+        assert "ignoring the energy state file" in caplog.text
+        caplog.clear()
+        energy.add("a", "cpu", 1.0)
+        energy.publish()
+        assert json.loads(state.read_text())["jobs"]["a"]["cpu"] == 1.0
+    state.unlink()
+    state.symlink_to(tmp_path / "elsewhere.json")
+    (tmp_path / "elsewhere.json").write_text('{"jobs": {"a": {"gpu": 5, "seen": 0}}}')
+    energy = JobEnergy(state)
+    energy.add("a", "gpu")
+    energy.publish()
+    assert energy.published == {("a", "gpu"): 0.0}         # a symlink is not followed
+
+
+def test_an_unwritable_state_file_is_logged_once_and_the_counts_go_on(tmp_path, caplog):
+    energy = JobEnergy(tmp_path / "missing-dir" / "jobs.energy.json")
+    with caplog.at_level(logging.WARNING):
+        for joules in (1.0, 2.0):
+            energy.add("a", "gpu", joules)
+            energy.publish()
+    assert energy.published == {("a", "gpu"): 3.0}
+    assert len([record for record in caplog.records if "cannot write" in record.getMessage()]) == 1

@@ -1,0 +1,162 @@
+"""The goodput ledger and stored reports end to end: `trainmetrics server` (job server and analytics) runs real
+jobs, a real Prometheus scrapes them, and each phase of the ledger is checked against what the test itself
+saw happen: how long a job waited in the queue, was paused, was down after a kill -9, and what that kill
+threw away. Then Prometheus loses everything, and the jobs' analytics answer from the stored reports."""
+
+import json
+import shutil
+import signal
+import time
+
+import psutil
+import pytest
+
+from trainmetrics.prometheus_process import PrometheusServer, free_port
+
+from .server_process import Server, wait_job
+
+STEP_SECONDS = 0.02           # each step of the ledger job sleeps this long (slow_compute): steps are countable
+CHECKPOINT_EVERY = 50
+FAULTS = {"slow_compute": {"job": "gp-ledger", "seconds": STEP_SECONDS}}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("goodput")
+    port = free_port()
+    prometheus = PrometheusServer(tmp / "prometheus", static_targets={"server": [f"127.0.0.1:{port}"]},
+                                  job_server=f"http://127.0.0.1:{port}")
+    server = Server(tmp / "data", extra=("--prometheus-url", prometheus.url),
+                    env={"TRAINMETRICS_FAULTS": json.dumps(FAULTS)})
+    server.data_dir.mkdir()
+    server.port, server.url = port, f"http://127.0.0.1:{port}"
+    prometheus.start()
+    try:
+        server.start()
+        yield server, prometheus
+    finally:
+        server.stop()
+        prometheus.stop()
+
+
+def state_seen(client, job_id: str, states: tuple[str, ...], timeout: float = 60) -> float:
+    """Wait until the job is in one of the states; the time it was first seen so."""
+    wait_job(client, job_id, lambda job: job["state"] in states, timeout=timeout)
+    return time.time()
+
+
+def steps(prometheus, job_id: str) -> float:
+    found = prometheus.query(f'max(trainer_steps_total{{job_id="{job_id}"}})')
+    return float(found[0]["value"][1]) if found else 0.0
+
+
+def trainer_pid(job_id: str) -> int:
+    for process in psutil.process_iter(["cmdline"]):
+        command = process.info["cmdline"] or []
+        if job_id in command and "train" in command:
+            return process.pid
+    raise AssertionError(f"no process of {job_id}")
+
+
+@pytest.fixture(scope="module")
+def ledger_run(stack):
+    """A job that waits in the queue behind another, is paused for 5 s, is killed with -9 some steps after a
+    checkpoint and resumed, then completes; with the times the test saw each of those happen."""
+    server, prometheus = stack
+    client = server.client()
+    seen = {}
+    first = client.post("/api/training/jobs", json={"job_id": "gp-first", "dataset": "blobs", "epochs": 2}).json()
+    ledger = client.post("/api/training/jobs", json={"job_id": "gp-ledger", "dataset": "blobs", "epochs": 6,
+                                                     "log_every": 10, "checkpoint_every": CHECKPOINT_EVERY})
+    assert ledger.json()["state"] == "queued", ledger.text
+    seen["created"], seen["first_created"] = ledger.json()["created"], first["created"]
+    seen["running1"] = state_seen(client, "gp-ledger", ("running",))
+
+    # Paused for 5 s.
+    prometheus.wait_for('trainer_steps_total{job_id="gp-ledger"} >= 20', timeout=60)
+    seen["pause_sent"] = time.time()
+    assert client.post("/api/training/jobs/gp-ledger/pause").status_code == 202
+    seen["paused"] = state_seen(client, "gp-ledger", ("paused",))
+    time.sleep(5)
+    seen["resume_sent"] = time.time()
+    assert client.post("/api/training/jobs/gp-ledger/resume").status_code == 200
+    seen["running2"] = state_seen(client, "gp-ledger", ("running",))
+
+    # Killed 20 steps after the checkpoint at step 50, long before the next (at 100).
+    prometheus.wait_for(f'trainer_steps_total{{job_id="gp-ledger"}} >= {CHECKPOINT_EVERY + 20}', timeout=60)
+    checkpoint = max(c["step"] for c in client.get("/api/training/jobs/gp-ledger/checkpoints").json()["checkpoints"])
+    assert checkpoint == CHECKPOINT_EVERY
+    psutil.Process(trainer_pid("gp-ledger")).send_signal(signal.SIGKILL)
+    seen["killed"] = time.time()
+    seen["failed"] = state_seen(client, "gp-ledger", ("failed",))
+    seen["resume2_sent"] = time.time()
+    assert client.post("/api/training/jobs/gp-ledger/resume").status_code == 200
+    seen["running3"] = state_seen(client, "gp-ledger", ("running",))
+    seen["checkpoint"] = checkpoint
+    state_seen(client, "gp-ledger", ("completed",), timeout=120)
+    for job_id in ("gp-first", "gp-ledger"):
+        wait_job(client, job_id, lambda job: job["report_stored"], timeout=60)
+    return client, seen
+
+
+def analytics(client, job_id: str) -> dict:
+    answer = client.get(f"/api/training/{job_id}/analytics")
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+def test_a_single_runs_phases_add_up_to_its_wall_clock_within_1_percent(ledger_run):
+    client, seen = ledger_run
+    report = analytics(client, "gp-first")
+    goodput = report["goodput"]
+    wall = report["end_time"] - seen["first_created"]        # the job server's submission, the trainer's end
+    assert sum(goodput["seconds"].values()) == pytest.approx(wall, rel=0.01)
+    assert goodput["wall_clock_seconds"] == pytest.approx(wall, rel=0.01)
+    assert 0 < goodput["goodput_ratio"] < 1 and goodput["seconds"]["step"] > 0
+    assert goodput["seconds"]["paused"] == goodput["seconds"]["lost"] == 0
+
+
+def test_queued_paused_and_lost_time_are_what_happened(ledger_run, stack):
+    client, seen = ledger_run
+    _, prometheus = stack
+    first, report = analytics(client, "gp-first"), analytics(client, "gp-ledger")
+    seconds = report["goodput"]["seconds"]
+    # Queued: it could not start before the first job ended, and it had started when seen running.
+    assert first["end_time"] - seen["created"] <= seconds["queued"] <= seen["running1"] - seen["created"]
+    # Paused: the pause (not running from when it was seen paused until the resume was sent, at most from the
+    # pause request until it was seen running again), and the time it was down after the kill.
+    pause_low, pause_high = seen["resume_sent"] - seen["paused"], seen["running2"] - seen["pause_sent"]
+    down_low, down_high = seen["resume2_sent"] - seen["killed"], seen["running3"] - seen["killed"] + 0.5
+    assert pause_low + down_low <= seconds["paused"] <= pause_high + down_high
+    assert pause_low >= 5
+    # Lost: the steps the killed process took after the checkpoint, each STEP_SECONDS and a little more.
+    killed = prometheus.query('max_over_time(trainer_step_duration_seconds_sum{job_id="gp-ledger"}[10m]) '
+                              '/ max_over_time(trainer_step_duration_seconds_count{job_id="gp-ledger"}[10m])')
+    per_step = {s["metric"]["instance"]: float(s["value"][1]) for s in killed}
+    steps_at_kill = max(float(s["value"][1]) for s in prometheus.query(
+        f'max_over_time(trainer_steps_total{{job_id="gp-ledger"}}[10m]) < 300'))      # the killed run's last
+    step_time = max(per_step.values())
+    thrown_away = (steps_at_kill - seen["checkpoint"]) * step_time
+    assert thrown_away > 15 * STEP_SECONDS
+    assert seconds["lost"] == pytest.approx(thrown_away, abs=step_time + 0.02)
+    assert report["performance"]["total_steps"] == 300 and report["status"] == "completed"
+
+
+def test_reports_outlive_prometheus_and_a_comparison_names_the_best_goodput(ledger_run, stack):
+    client, _ = ledger_run
+    _, prometheus = stack
+    before = {job_id: analytics(client, job_id) for job_id in ("gp-first", "gp-ledger")}
+    assert {report["source"] for report in before.values()} == {"prometheus"}
+    prometheus.stop()
+    shutil.rmtree(prometheus.data_dir)
+    prometheus.start()
+    prometheus.wait_for('up{job="server"} == 1', timeout=30)
+    for job_id, earlier in before.items():
+        stored = analytics(client, job_id)
+        assert stored["source"] == "stored"
+        assert {**stored, "source": None, "evaluated_at": None} == {**earlier, "source": None, "evaluated_at": None}
+    compared = client.get("/api/training/analytics/compare", params={"job_ids": "gp-first,gp-ledger"})
+    assert compared.status_code == 200, compared.text
+    ratios = {row["job_id"]: row["goodput_ratio"] for row in compared.json()["jobs"]}
+    assert compared.json()["winner"]["best_goodput"] == max(ratios, key=ratios.get)
+    assert client.get("/api/training/never-ran/analytics").status_code == 404

@@ -1,0 +1,175 @@
+"""Where a job's time goes and what it watches in itself: the phase clock, loss spikes, the hang watchdog and
+the stacks signal, and the faults used to drill them. Real loops, real training, real signals."""
+
+import os
+import signal
+import time
+
+import pytest
+
+from trainmetrics.trainer import faults
+from trainmetrics.trainer.metrics import Diagnostics, JobMetrics
+from trainmetrics.trainer.spikes import LossSpikeDetector
+
+
+def loop(metrics: JobMetrics, steps: int, data_seconds: float = 0.0, compute_seconds: float = 0.0):
+    """A training loop of sleeps: each batch takes data_seconds to arrive and compute_seconds to train."""
+    def batches():
+        for _ in range(steps):
+            time.sleep(data_seconds)
+            yield None
+
+    for _ in metrics.timed(batches()):
+        time.sleep(compute_seconds)
+        metrics.step(loss=1.0, samples=1)
+
+
+def test_the_phases_add_up_to_the_process_life_and_each_phase_is_where_its_time_went():
+    metrics = JobMetrics("phases-job", log_every=5)
+    try:
+        metrics.start()
+        loop(metrics, 10, data_seconds=0.02, compute_seconds=0.01)
+        with metrics.phase("eval"):
+            time.sleep(0.15)
+        with metrics.checkpoint():
+            time.sleep(0.1)
+        loop(metrics, 5, compute_seconds=0.01)
+        totals = metrics.phases.totals()
+        age = time.time() - metrics.phases.process_start
+    finally:
+        metrics.close()
+    assert sum(totals.values()) == pytest.approx(age, abs=0.02)
+    assert totals["data_wait"] == pytest.approx(10 * 0.02, abs=0.03)
+    assert totals["eval"] == pytest.approx(0.15, abs=0.02)
+    assert totals["checkpoint"] == pytest.approx(0.1, abs=0.02)
+    assert totals["compute"] == pytest.approx(15 * 0.01, abs=0.05)
+    assert totals["init"] > 0.5              # this test process's imports, before the loop began
+
+
+def test_published_totals_never_fall_and_a_checkpoint_carries_them_into_the_next_process():
+    first = JobMetrics("carried-job")
+    try:
+        first.start()
+        loop(first, 5, compute_seconds=0.01)
+        seen = [first.phases.totals() for _ in range(3)]
+        state = first.state_dict()
+    finally:
+        first.close()
+    assert all(later[name] >= earlier[name] for earlier, later in zip(seen, seen[1:]) for name in later)
+    second = JobMetrics("carried-job")
+    try:
+        second.load_state_dict(state)
+        resumed = second.phases.totals()
+    finally:
+        second.close()
+    # Everything the first process counted, plus the second's own age so far (its init).
+    assert resumed["compute"] == pytest.approx(state["phases"]["compute"])
+    assert resumed["init"] > state["phases"]["init"]
+
+
+def test_the_current_phase_and_the_last_progress_follow_the_loop():
+    metrics = JobMetrics("where-job")
+    try:
+        assert metrics.phases.phase == "init" and metrics.phases.progress_unix() is None
+        metrics.start()
+        loop(metrics, 3, compute_seconds=0.01)
+        after_steps = metrics.phases.progress_unix()
+        assert metrics.phases.last_step_unix() == after_steps
+        with metrics.phase("eval"):
+            assert metrics.phases.phase == "eval"
+            time.sleep(0.05)
+        assert metrics.phases.phase == "compute"
+        # The end of an evaluation is progress (the hang clock starts again), not a step.
+        assert metrics.phases.progress_unix() > after_steps == metrics.phases.last_step_unix()
+        metrics.finish("completed")
+        assert metrics.phases.phase == "ended"
+    finally:
+        metrics.close()
+
+
+def test_a_loss_jump_is_a_spike_a_falling_noisy_loss_is_not_and_a_spike_does_not_hide_the_next():
+    detector = LossSpikeDetector(z=6.0, warmup=10)
+    losses = [2.0 * 0.97 ** i + 0.02 * ((-1) ** i) for i in range(60)]
+    assert not any(detector.observe(loss) for loss in losses)
+    assert detector.observe(losses[-1] + 5.0)              # far above the running mean
+    assert not detector.observe(losses[-1])                # back to normal
+    assert detector.observe(losses[-1] + 5.0)              # the first spike did not widen the spread
+    assert detector.spikes == 2
+    early = LossSpikeDetector(z=6.0, warmup=10)
+    assert not any(early.observe(loss) for loss in [1.0] * 5 + [100.0])     # still warming up
+
+
+def test_the_hang_watchdog_writes_every_threads_stack_once_per_hang(tmp_path):
+    metrics = JobMetrics("hung-job", diagnostics=Diagnostics(stacks_dir=tmp_path, hang_seconds=0.4))
+    try:
+        metrics.start()
+        loop(metrics, 3, compute_seconds=0.01)
+        for _ in metrics.timed([None]):
+            time.sleep(1.5)                  # a step that hangs: in compute, no progress
+            metrics.step(loss=1.0, samples=1)
+        loop(metrics, 2)
+        dumps = metrics._stack_watch.dumps
+    finally:
+        metrics.close()
+    text = (tmp_path / "stacks.rank0.txt").read_text()
+    assert dumps == 1 and text.count("no step completed for") == 1
+    assert "(phase compute)" in text
+    assert "test_the_hang_watchdog_writes_every_threads_stack_once_per_hang" in text     # this very frame
+
+
+def test_sigusr2_writes_the_stacks_even_while_the_loop_sleeps(tmp_path):
+    metrics = JobMetrics("asked-job", diagnostics=Diagnostics(stacks_dir=tmp_path))
+    path = tmp_path / "stacks.rank0.txt"
+    try:
+        metrics.start()
+        os.kill(os.getpid(), signal.SIGUSR2)
+        time.sleep(0.2)
+        text = path.read_text()
+    finally:
+        metrics.close()
+    assert "Current thread" in text and "test_sigusr2_writes_the_stacks_even_while_the_loop_sleeps" in text
+    # After the job, a late request is ignored instead of killing the process.
+    os.kill(os.getpid(), signal.SIGUSR2)
+    time.sleep(0.1)
+
+
+def test_faults_apply_to_the_rank_and_job_they_name(monkeypatch):
+    monkeypatch.setenv(faults.VARIABLE, '{"stall": {"rank": 1, "step": 3, "seconds": 9}, '
+                                        '"slow_data": {"job": "other", "seconds": 1}}')
+    assert faults.from_environment(0, "this") is None
+    mine = faults.from_environment(1, "this")
+    assert mine.stall == {"rank": 1, "step": 3, "seconds": 9} and mine.slow_data is None
+    assert faults.from_environment(0, "other").slow_data == {"job": "other", "seconds": 1}
+    began = time.monotonic()
+    mine.before_forward(3, stopping=lambda: time.monotonic() - began > 0.2)     # a stop ends the stall
+    assert time.monotonic() - began < 2
+    monkeypatch.setenv(faults.VARIABLE, "{not json")
+    assert faults.from_environment(0, "this") is None
+
+
+def test_a_corrupted_batch_is_flagged_on_its_interval_and_pauses_a_job_that_asked(tmp_path, monkeypatch):
+    from trainmetrics.trainer.config import TrainConfig
+    from trainmetrics.trainer.runner import run_job
+    from trainmetrics.trainer.stopping import StopFlag
+    from trainmetrics.jobfiles import list_checkpoints, read_result
+
+    monkeypatch.setenv(faults.VARIABLE, '{"corrupt_batch": {"step": 81, "scale": 1000}}')
+    config = TrainConfig(job_id="spiky", model="mlp", dataset="blobs", epochs=3, log_every=5, checkpoint_every=20,
+                         checkpoint_dir=tmp_path / "ckpt", result_file=tmp_path / "result.json",
+                         on_loss_spike="pause")
+    assert run_job(config, StopFlag()) == 4                      # paused
+    result = read_result(tmp_path / "result.json")
+    assert result["state"] == "paused" and result["reason"] == "loss spike at step 85"     # the interval 81..85
+    # No checkpoint after the spike: the newest is from before it.
+    assert max(c.step for c in list_checkpoints(tmp_path / "ckpt")) == 80
+
+
+@pytest.mark.parametrize("model,dataset,batch_size,epochs", [("mlp", "blobs", 64, 3), ("cnn", "digits", 32, 2),
+                                                             ("transformer", "corpus", 16, 1)])
+def test_clean_seeded_runs_of_every_built_in_model_raise_no_spike(make_trainer, model, dataset, batch_size, epochs):
+    for seed in (0, 1, 2):
+        trainer = make_trainer(model=model, dataset=dataset, epochs=epochs, batch_size=batch_size, seed=seed,
+                               log_every=4, lr=3e-3 if model == "transformer" else 1e-3)
+        trainer.run()
+        assert trainer.metrics.loss_intervals > 20           # enough intervals past the warm-up to look
+        assert trainer.metrics.spikes.spikes == 0, (model, seed)

@@ -1,0 +1,139 @@
+"""Where a job process is now, and where its time went: the phase clock behind `trainer_phase{phase}`,
+`trainer_phase_since_timestamp_seconds`, `trainer_last_step_timestamp_seconds` and
+`trainer_phase_seconds_total{phase}`.
+
+The loop pays for a phase change with two attribute stores (the phase, the perf_counter it began): every
+sum is made when something collects. Every second of the process falls in exactly one accounted phase:
+`init` (process start to training start, the wait for a first scrape included), `restore` (loading a
+checkpoint), `data_wait`, `optimizer` and `collective` (where the loop marks them), `eval`, `checkpoint`, and
+`compute`, the rest of the loop: `compute` is never summed, it is the loop's time minus the others, so the
+phases add up to the process's life by construction. A phase in progress counts as far as it has gone, and
+each published total only grows (a scrape between two of the loop's stores cannot make one dip).
+"""
+
+import os
+import threading
+import time
+
+from trainmetrics.contract import ACCOUNTED_PHASES
+
+# The phases a process can be in now (trainer_phase{phase}): the accounted ones, and paused at the end of a
+# paused run. `data` is the data_wait phase as the loop is in it.
+INIT, RESTORE, DATA, COMPUTE, OPTIMIZER, COLLECTIVE, EVAL, CHECKPOINT, PAUSED, ENDED = (
+    "init", "restore", "data_wait", "compute", "optimizer", "collective", "eval", "checkpoint", "paused", "ended")
+CURRENT_PHASES = (INIT, RESTORE, DATA, COMPUTE, OPTIMIZER, COLLECTIVE, EVAL, CHECKPOINT, PAUSED, ENDED)
+# Phases whose time is summed as they end (compute is what the loop's time leaves over; the data wait the loop
+# sums itself).
+SUMMED = (RESTORE, OPTIMIZER, COLLECTIVE, EVAL, CHECKPOINT)
+
+
+def process_start_time() -> float:
+    """Unix time this process started (its interpreter's start, before any import of ours), to the kernel's
+    clock tick (10 ms): its start since boot (/proc/self/stat) against the uptime now. Not psutil's
+    create_time, which adds the boot time in whole seconds (up to a second off)."""
+    try:
+        with open("/proc/self/stat") as stat, open("/proc/uptime") as uptime:
+            after_name = stat.read().rsplit(")", 1)[1].split()
+            since_boot = float(uptime.read().split()[0])
+        started = int(after_name[19]) / os.sysconf("SC_CLK_TCK")       # field 22, starttime, in ticks
+        return time.time() - (since_boot - started)
+    except (OSError, ValueError, IndexError):     # no /proc: the phase clock's own creation is close enough
+        return time.time()
+
+
+class PhaseClock:
+    """The current phase and the time spent per phase, for one process (carried totals from a checkpoint).
+
+    The data wait is summed by the loop itself (JobMetrics.timed adds each wait to `data_waits.sum`), so the
+    loop sets `phase` and `since` directly around it, without enter()."""
+
+    def __init__(self, data_waits):
+        self.data_waits = data_waits
+        self.phase = INIT
+        self.since = time.perf_counter()                  # when the current phase began (perf_counter)
+        self.process_start = process_start_time()         # unix seconds
+        self.loop_began: float | None = None              # perf_counter at training start
+        self.loop_ended: float | None = None
+        self.summed = dict.fromkeys(SUMMED, 0.0)          # this process's finished phases, by name
+        self.carried = dict.fromkeys(ACCOUNTED_PHASES, 0.0)   # the job's totals at the checkpoint resumed from
+        self.last_step: float | None = None               # perf_counter of the last completed step
+        # perf_counter of the loop's last progress: a step, or the end of an evaluation or checkpoint (the
+        # hang clock: those phases are not a hang, and the step after one has had no time to complete).
+        self.progress: float | None = None
+        self._published = dict.fromkeys(ACCOUNTED_PHASES, 0.0)
+        self._lock = threading.Lock()
+        # perf_counter to unix time: one fixed offset, so published times do not jitter.
+        self._epoch = time.time() - time.perf_counter()
+
+    def unix(self, perf: float) -> float:
+        """A perf_counter reading as unix seconds."""
+        return self._epoch + perf
+
+    def enter(self, phase: str, now: float | None = None) -> None:
+        """Leave the current phase for `phase`: the time of a summed phase is added as it ends."""
+        now = time.perf_counter() if now is None else now
+        if self.phase in self.summed:
+            self.summed[self.phase] += now - self.since
+            if self.phase in (EVAL, CHECKPOINT) and self.loop_began is not None:
+                self.progress = now
+        self.phase, self.since = phase, now
+
+    def last_step_unix(self) -> float | None:
+        """Unix time of the last completed step."""
+        return None if self.last_step is None else self.unix(self.last_step)
+
+    def progress_unix(self) -> float | None:
+        """Unix time of the loop's last progress (a step, the end of an evaluation or checkpoint, the start)."""
+        return None if self.progress is None else self.unix(self.progress)
+
+    def start_loop(self, now: float) -> None:
+        """Training starts: init is over."""
+        self.enter(COMPUTE, now)
+        self.loop_began = self.progress = now
+
+    def end_loop(self, phase: str) -> None:
+        """Training is over (the run's final state): the clock stops."""
+        now = time.perf_counter()
+        self.enter(phase, now)
+        self.loop_ended = now
+
+    def totals(self) -> dict[str, float]:
+        """The job's seconds per accounted phase: the carried totals plus this process's, the current phase
+        counted as far as it has gone; each never below what was published before."""
+        with self._lock:
+            now = time.perf_counter()
+            summed = dict(self.summed)
+            summed[DATA] = self.data_waits.sum
+            phase, since = self.phase, self.since
+            if phase in summed:
+                summed[phase] += now - since
+            started = self.loop_began
+            if started is None:          # still in init (or restoring): init is the process's age so far
+                init = self.unix(now) - self.process_start - summed[RESTORE]
+                loop = 0.0
+            else:
+                init = self.unix(started) - self.process_start - summed[RESTORE]
+                loop = (self.loop_ended if self.loop_ended is not None else now) - started
+            own = {"init": max(init, 0.0), "restore": summed[RESTORE], "data_wait": summed[DATA],
+                   "optimizer": summed[OPTIMIZER], "collective": summed[COLLECTIVE], "eval": summed[EVAL],
+                   "checkpoint": summed[CHECKPOINT]}
+            loop_others = sum(value for name, value in own.items() if name not in ("init", "restore"))
+            own["compute"] = max(loop - loop_others, 0.0)
+            totals = {}
+            for name in ACCOUNTED_PHASES:
+                value = max(self.carried[name] + own[name], self._published[name])
+                self._published[name] = totals[name] = value
+            return totals
+
+    def state_dict(self) -> dict[str, float]:
+        """The job's totals now, for a checkpoint."""
+        return self.totals()
+
+    def load_state_dict(self, totals: dict) -> None:
+        """Take over the totals a checkpoint holds (before training starts)."""
+        for name in ACCOUNTED_PHASES:
+            value = totals.get(name)
+            if isinstance(value, (int, float)):
+                self.carried[name] = float(value)
+        with self._lock:
+            self._published = dict.fromkeys(ACCOUNTED_PHASES, 0.0)

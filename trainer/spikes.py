@@ -1,0 +1,38 @@
+"""Loss spikes caught on the log interval they happen in: an interval whose mean loss lies more than `z`
+standard deviations above the running mean of the intervals before it (exponentially weighted, so the
+mean follows a falling loss) is a spike. Spikes do not enter the running mean, so one does not hide the
+next. Defaults: z = 6, after 10 intervals of warm-up (docs/metrics.md)."""
+
+import math
+
+# Weight of a new interval in the running mean and variance: about the last 20 intervals count.
+ALPHA = 0.1
+
+
+class LossSpikeDetector:
+    """Running mean and variance of the log intervals' losses, and the spikes above them."""
+
+    def __init__(self, z: float = 6.0, warmup: int = 10):
+        self.z, self.warmup = z, warmup
+        self.mean: float | None = None
+        self.variance = 0.0
+        self.seen = 0
+        self.spikes = 0
+
+    def observe(self, loss: float) -> bool:
+        """Take an interval's mean loss; True when it is a spike."""
+        if not math.isfinite(loss):
+            return False
+        if self.mean is not None and self.seen >= self.warmup:
+            spread = math.sqrt(self.variance)
+            if spread > 0 and (loss - self.mean) / spread > self.z:
+                self.spikes += 1
+                return True
+        self.seen += 1
+        if self.mean is None:
+            self.mean = loss
+            return False
+        delta = loss - self.mean
+        self.mean += ALPHA * delta
+        self.variance = (1 - ALPHA) * (self.variance + ALPHA * delta * delta)
+        return False

@@ -1,0 +1,112 @@
+"""Every thread's Python stack, on demand and when the job seems hung.
+
+- On demand: SIGUSR2 makes the standard library's faulthandler write every thread's stack to
+  `<dir>/stacks.rank<N>.txt`, or to stderr (the job's log) when no directory is given (in the signal handler, without the GIL: it works when the loop is stuck in C,
+  a collective or a sleep). The job server's `GET /api/training/jobs/{job_id}/stacks` sends it to every rank.
+- When hung: a watchdog thread checks every few seconds whether a step has completed lately; past
+  max(MIN_HANG_SECONDS, HANG_FACTOR x the recent p99 step time) outside checkpoints and evaluations, it writes
+  the stacks once (once per hang: a step that completes ends it). The same rule as the TrainerHang alert.
+"""
+
+import faulthandler
+import logging
+import signal
+import sys
+import threading
+import time
+from collections import deque
+from pathlib import Path
+
+from trainmetrics.contract import STACKS_SIGNAL
+from trainmetrics.jobfiles import stacks_path
+from trainmetrics.trainer.phases import COLLECTIVE, COMPUTE, DATA, OPTIMIZER
+
+log = logging.getLogger("trainmetrics.trainer")
+
+MIN_HANG_SECONDS = 60.0
+HANG_FACTOR = 10.0
+CHECK_SECONDS = 5.0
+# The recent step times: bucket counts over this many checks (a minute at 5 s).
+WINDOW_CHECKS = 12
+LOOP_PHASES = (DATA, COMPUTE, OPTIMIZER, COLLECTIVE)
+
+
+def open_stacks_file(directory: Path | None, rank: int):
+    """The file a rank's stacks go to: its file in `directory`, or stderr. Returns (file, name, owned)."""
+    if directory is None:
+        return sys.stderr, "stderr", False
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    path = stacks_path(directory, rank)
+    return open(path, "a"), str(path), True
+
+
+class StackWatch:
+    """SIGUSR2 and the hang watchdog for one job process."""
+
+    def __init__(self, metrics, directory: Path | None, rank: int, min_hang_seconds: float = MIN_HANG_SECONDS,
+                 check_seconds: float = CHECK_SECONDS):
+        self.metrics = metrics
+        # Checked often enough to see a hang within a quarter of the bound (a short bound: a drill, a test).
+        self.min_hang_seconds, self.check_seconds = min_hang_seconds, min(check_seconds, max(0.05, min_hang_seconds / 4))
+        self.dumps = 0
+        # Kept open: faulthandler writes to its descriptor from the signal handler.
+        self._file, self.path, self._owns_file = open_stacks_file(directory, rank)
+        self._stop = threading.Event()
+        self._windows: deque[list[int]] = deque(maxlen=WINDOW_CHECKS + 1)
+        self._dumped_for: float | None = None      # the last step whose hang was dumped
+        if threading.current_thread() is threading.main_thread():
+            faulthandler.register(STACKS_SIGNAL, file=self._file, all_threads=True, chain=False)
+            # The job server spawns jobs with it blocked (a SIGUSR2 before this point would have killed us).
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {STACKS_SIGNAL})
+        self._thread = threading.Thread(target=self._watch, name="trainmetrics-watchdog", daemon=True)
+        self._thread.start()
+
+    def hang_bound(self) -> float:
+        """Seconds without a step that mean a hang: MIN_HANG_SECONDS, or HANG_FACTOR x the recent p99."""
+        if len(self._windows) < 2:
+            return self.min_hang_seconds
+        newest, oldest = self._windows[-1], self._windows[0]
+        counts = [a - b for a, b in zip(newest, oldest)]
+        total = sum(counts)
+        if total == 0:
+            return self.min_hang_seconds
+        bounds = (*self.metrics.step_times.bounds, float("inf"))
+        seen = 0
+        for bound, count in zip(bounds, counts):
+            seen += count
+            if seen >= 0.99 * total:
+                return max(self.min_hang_seconds, HANG_FACTOR * bound)
+        return self.min_hang_seconds
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.check_seconds):
+            try:
+                self._windows.append(list(self.metrics.step_times.counts))
+                clock = self.metrics.phases
+                last = clock.progress
+                if self.metrics.state != "running" or clock.phase not in LOOP_PHASES or last is None:
+                    continue
+                stuck = time.perf_counter() - last
+                if stuck > self.hang_bound() and self._dumped_for != last:
+                    self._dumped_for = last
+                    self.dump(f"no step completed for {stuck:.0f} s (phase {clock.phase})")
+            except Exception:
+                log.exception("job %s: the hang watchdog failed", self.metrics.job_id)
+
+    def dump(self, reason: str) -> None:
+        """Write every thread's stack now, under a header saying why and when."""
+        self._file.write(f"\n=== {time.strftime('%Y-%m-%dT%H:%M:%S%z')} {reason}\n")
+        self._file.flush()
+        faulthandler.dump_traceback(file=self._file, all_threads=True)
+        self._file.flush()
+        self.dumps += 1
+        log.warning("job %s: %s; thread stacks written to %s", self.metrics.job_id, reason, self.path)
+
+    def close(self) -> None:
+        """Stop watching; SIGUSR2 is ignored from now on."""
+        self._stop.set()
+        if threading.current_thread() is threading.main_thread():
+            faulthandler.unregister(STACKS_SIGNAL)
+            signal.signal(STACKS_SIGNAL, signal.SIG_IGN)      # a late request must not kill a finished job
+        if self._owns_file:
+            self._file.close()

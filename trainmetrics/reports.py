@@ -1,0 +1,20 @@
+"""Job reports that outlive Prometheus' retention: where the job server (which keeps them) and the analytics
+(which compute them, and fall back to them) meet inside one `trainmetrics server`.
+
+Neither part imports the other: the server composition (trainmetrics.service) hands both the same archive;
+the analytics set `compute` in their lifespan, the job server sets `load` in its own. Run apart (`trainmetrics
+analytics` alone) the archive is absent, and jobs Prometheus no longer holds are not found.
+"""
+
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+
+@dataclass
+class ReportArchive:
+    """The two halves of stored reports."""
+
+    # The analytics: a job's report now, as JSON-ready dicts (raises when Prometheus does not hold the job).
+    compute: Callable[[str], Awaitable[dict]] | None = None
+    # The job server: (owner, report) of a job whose report it stored, else None.
+    load: Callable[[str], Awaitable[tuple[str, dict] | None]] | None = None
