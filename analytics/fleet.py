@@ -6,7 +6,7 @@ import asyncio
 import time
 
 from trainmetrics.analytics import queries as q
-from trainmetrics.analytics import scoring, shapes
+from trainmetrics.analytics import goodput, scoring, shapes
 from trainmetrics.analytics.cache import AnalyticsCache, cached_jobs_analytics
 from trainmetrics.analytics.lookup import ENDED, Process, Timeline, status_of
 from trainmetrics.analytics.prometheus import PrometheusClient
@@ -35,8 +35,8 @@ async def fleet(client: PrometheusClient, range_seconds: float, now: float, spli
 
 
 async def _fleet(client: PrometheusClient, range_seconds: float, now: float, split: float | None,
-                 details: bool) -> tuple[list[shapes.JobRow], dict[str, str]]:
-    """The fleet's rows, and each job's newest process (its instance)."""
+                 details: bool) -> tuple[list[shapes.JobRow], dict[str, str], dict[tuple[str, str], Process]]:
+    """The fleet's rows, each job's newest process (its instance), and every process by (job id, instance)."""
     state_expr = q.fleet_state(range_seconds, now, split)
     state_parts = state_expr if isinstance(state_expr, dict) else {"raw": state_expr}
 
@@ -106,7 +106,7 @@ async def _fleet(client: PrometheusClient, range_seconds: float, now: float, spl
             total_samples=int(total) if total is not None else None,
             average_samples_per_second=rounded(ratio(total, timeline.training_seconds)),
             final_loss=loss_by_process.get((job_id, latest.instance))))
-    return table, latest_instance
+    return table, latest_instance, processes
 
 
 async def _add_last_seen(client: PrometheusClient, processes: dict[tuple[str, str], Process], range_seconds: float,
@@ -195,9 +195,10 @@ async def summary(client: PrometheusClient, range_seconds: float, step: float, o
     recorded_trends = (split is not None and split <= now - range_seconds + q.RULE_WINDOW_SECONDS
                        and step >= q.RECORDED_TREND_MIN_STEP_SECONDS)
     # Metadata and final losses only where shown (the top 5), unless the owner filter needs everyone's.
-    (table, latest_instance), trends = await asyncio.gather(
+    (table, latest_instance, processes), trends, ledger = await asyncio.gather(
         _fleet(client, range_seconds, now, split, details=owner is not None),
-        resource_trends(client, range_seconds, step, now, recorded_trends))
+        resource_trends(client, range_seconds, step, now, recorded_trends),
+        query_parts(client, q.fleet_goodput(range_seconds, now), now))
     if owner is not None:
         table = [row for row in table if row.owner == owner]
     by_status = {status: 0 for status in shapes.STATES}
@@ -218,7 +219,8 @@ async def summary(client: PrometheusClient, range_seconds: float, step: float, o
         average_throughput_samples_per_sec=rounded(sum(throughputs) / len(throughputs)) if throughputs else None,
         top_performing_jobs=[shapes.TopJob(**{key: getattr(row, key) for key in shapes.columns(shapes.TopJob)})
                              for row in top],
-        resource_trends=shapes.ResourceTrends(step_seconds=step, series=trends))
+        resource_trends=shapes.ResourceTrends(step_seconds=step, series=trends),
+        goodput=goodput.fleet(ledger, processes, {row.job_id for row in table}, now - range_seconds, now))
 
 
 def comparison_row(analytics: shapes.JobAnalytics) -> shapes.CompareRow:

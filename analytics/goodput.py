@@ -19,7 +19,7 @@ cause. The parts add up to the wall clock by construction; `unaccounted_seconds`
 from dataclasses import dataclass
 
 from trainmetrics.analytics import shapes
-from trainmetrics.analytics.lookup import JobFacts
+from trainmetrics.analytics.lookup import JobFacts, Process
 from trainmetrics.analytics.results import ratio, rounded, rows
 from trainmetrics.contract import STEP_PHASES
 
@@ -92,3 +92,47 @@ def ledger(facts: JobFacts, found: dict[str, list[dict]]) -> shapes.Goodput:
         unavailable_reason=None if submitted is not None else
         "no submission time (a job started without the job server): queued is 0 and the wall clock starts at "
         "the first process")
+
+
+# The fleet's phases over a range: the ledger's, less lost (a per-job figure: it needs each job's runs).
+FLEET_PHASES = tuple(name for name in LEDGER_PHASES if name != "lost")
+
+
+def fleet(found: dict[str, list[dict]], processes: dict[tuple[str, str], Process], job_ids: set[str],
+          range_start: float, now: float) -> shapes.FleetGoodput:
+    """The fleet's goodput over (range_start, now] for the jobs in job_ids: queries.fleet_goodput's answer and
+    the fleet's processes (their stops). Phases grow from each process's first scrape; queued is each job's
+    submission to its first process's start (or to now, still queued), paused each gap from a process's stop
+    to the next one's start (or to now, paused), both cut to the range."""
+    def within(begin: float, end: float) -> float:
+        return max(0.0, min(end, now) - max(begin, range_start))
+
+    seconds = dict.fromkeys(FLEET_PHASES, 0.0)
+    for labels, value in rows(found.get("phases", [])):
+        if labels.get("job_id") in job_ids and value is not None:
+            phase = labels.get("phase", "")
+            name = "step" if phase in STEP_PHASES else phase
+            if name in seconds:
+                seconds[name] += value
+    submitted = {labels.get("job_id"): value for labels, value in rows(found.get("submitted", [])) if value}
+    starts: dict[str, list[tuple[float, str]]] = {}
+    for labels, value in rows(found.get("process_start", [])):
+        if labels.get("job_id") in job_ids and value is not None:
+            starts.setdefault(labels["job_id"], []).append((value, labels.get("instance", "")))
+    for job_id in job_ids:
+        runs = sorted(starts.get(job_id, []))
+        if job_id in submitted:
+            seconds["queued"] += within(submitted[job_id], runs[0][0] if runs else now)
+        stops = [processes.get((job_id, instance)) for _, instance in runs]
+        for stopped, (following, _) in zip(stops, runs[1:]):
+            stop = stopped.stop(now) if stopped is not None else None
+            if stop is not None:
+                seconds["paused"] += within(stop, following)
+        if stops and stops[-1] is not None and stops[-1].state == "paused" and stops[-1].end is not None:
+            seconds["paused"] += within(stops[-1].end, now)
+    total = sum(seconds.values())
+    return shapes.FleetGoodput(
+        goodput_ratio=rounded(ratio(seconds["step"], total)),
+        seconds={name: rounded(value) for name, value in seconds.items()},
+        badput_percent={name: rounded(100.0 * ratio(value, total)) if total > 0 else None
+                        for name, value in seconds.items() if name != "step"})

@@ -505,6 +505,18 @@ def fleet_samples(range_seconds: float, now: float | None = None, split: float |
     return f"sum by (job_id) (max by (job_id, rank) ({per_process}))"
 
 
+def fleet_goodput(range_seconds: float, now: float) -> dict[str, str]:
+    """What the fleet's goodput over the range needs (goodput.fleet): each job's rank-0 seconds per phase
+    grown within the range (`phases`: a process's last less its first value, exact from its first scrape,
+    not extrapolated as increase() would), each process's start (`process_start`), and each job's submission
+    (`submitted`: its trainer's, or the job server's for a job still queued)."""
+    window = over(range_seconds, now)
+    phases = f'{Trainer.PHASE_SECONDS}{{rank=~"0|"}}{window}'
+    return {"phases": f"sum by (job_id, phase) (max_over_time({phases}) - min_over_time({phases}))",
+            "process_start": f'last_over_time({Trainer.PROCESS_START}{{rank=~"0|"}}{window})',
+            "submitted": f"max by (job_id) (last_over_time({Trainer.JOB_SUBMITTED}{window}))"}
+
+
 # Resource trends over the summary range (range queries). Each point covers the step before it, so a
 # short job or a spike between two points still shows: {window} is the step (at least one second).
 #

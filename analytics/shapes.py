@@ -277,6 +277,18 @@ class ResourceTrends:
 
 
 @dataclass(slots=True)
+class FleetGoodput:
+    """Where the fleet's time went over the range (docs/api.md, "Goodput"): every job's seconds per phase, added."""
+
+    goodput_ratio: float | None = described("seconds.step / the sum of every phase")
+    seconds: dict[str, float | None] = described(
+        "seconds per phase over the range: queued, init, restore, step, data_wait, eval, checkpoint, paused "
+        "(sampled: a process counts from its first scrape, queued and paused per scrape interval; lost is per "
+        "job only)")
+    badput_percent: dict[str, float | None] = described("each phase but step, in percent of the sum of every phase")
+
+
+@dataclass(slots=True)
 class Summary:
     """The fleet over the last range_seconds."""
 
@@ -289,6 +301,7 @@ class Summary:
     average_throughput_samples_per_sec: float | None
     top_performing_jobs: list[TopJob] = described("the 5 fastest jobs", maxItems=5)
     resource_trends: ResourceTrends
+    goodput: FleetGoodput
 
 
 @dataclass(slots=True)

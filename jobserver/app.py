@@ -70,7 +70,7 @@ class JobServer:
         self.settings = settings
         self.service: JobService | None = None
         self.state = StateThread()
-        self.waiting: list[tuple[str, str]] = []    # queued and paused jobs as of the last tick, for /metrics
+        self.waiting: list[tuple[str, str, float]] = []    # queued and paused jobs as of the last tick, for /metrics
         self.last_tick: float | None = None
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(WaitingJobsCollector(self))
@@ -152,10 +152,13 @@ class WaitingJobsCollector:
     def collect(self):
         family = GaugeMetricFamily(Trainer.JOB_STATE, "1 for the job's current lifecycle state, 0 for the others.",
                                    labels=["job_id", "state"])
-        for job_id, current in self.server.waiting:
+        submitted = GaugeMetricFamily(Trainer.JOB_SUBMITTED, "Unix time the job was submitted.", labels=["job_id"])
+        for job_id, current, created in self.server.waiting:
             for state in JOB_STATES:
                 family.add_metric([job_id, state], 1 if state == current else 0)
+            submitted.add_metric([job_id], created)
         yield family
+        yield submitted
 
 
 def _server(request: Request) -> JobServer:

@@ -233,7 +233,7 @@ class JobService:
                                                   "__meta_trainmetrics_rank": str(rank)}}
                 for job_id, owner, rank, address, scheme in self.store.endpoints()]
 
-    def waiting_jobs(self) -> list[tuple[str, str]]:
-        """(job id, state) of every queued and paused job, for /metrics (their own process publishes while
-        they run)."""
-        return [(job.id, job.state) for job in self.store.list_jobs(states=("queued", "paused"))]
+    def waiting_jobs(self) -> list[tuple[str, str, float]]:
+        """(job id, state, submission time) of every queued and paused job, for /metrics (their own process
+        publishes while they run)."""
+        return [(job.id, job.state, job.created) for job in self.store.list_jobs(states=("queued", "paused"))]

@@ -142,6 +142,22 @@ def test_queued_paused_and_lost_time_are_what_happened(ledger_run, stack):
     assert report["performance"]["total_steps"] == 300 and report["status"] == "completed"
 
 
+def test_the_fleet_summary_adds_up_the_jobs_phases(ledger_run):
+    client, seen = ledger_run
+    jobs = [analytics(client, job_id)["goodput"]["seconds"] for job_id in ("gp-first", "gp-ledger")]
+    answer = client.get("/api/training/analytics/summary", params={"range": "10m"})
+    assert answer.status_code == 200, answer.text
+    fleet = answer.json()["goodput"]["seconds"]
+    # Each process counts from its first scrape (a job's steps all come after it), and the fleet's steps
+    # include those a kill threw away (a job's ledger calls them lost).
+    for phase in ("step", "data_wait", "eval", "checkpoint"):
+        lost = jobs[1]["lost"] if phase == "step" else 0.0
+        assert fleet[phase] == pytest.approx(sum(job[phase] for job in jobs) + lost, abs=0.1), (phase, fleet, jobs)
+    for phase in ("queued", "paused"):             # exact as the jobs' own ledgers
+        assert fleet[phase] == pytest.approx(sum(job[phase] for job in jobs), abs=0.01), (phase, fleet, jobs)
+    assert 0 < answer.json()["goodput"]["goodput_ratio"] < 1
+
+
 def test_reports_outlive_prometheus_and_a_comparison_names_the_best_goodput(ledger_run, stack):
     client, _ = ledger_run
     _, prometheus = stack
