@@ -30,6 +30,16 @@ def build():
                                 "1-minute samples/s).",
                                 query("topk(10, max by (job_id) (max_over_time(job_id:trainer_samples:rate1m[$__range])))",
                                       "", instant=True, table_format=True)))
+        .with_row(row("Goodput"))
+        .with_panel(timeseries_panel("Where the fleet's time goes", "Every job's seconds per second in each "
+                                     "phase (rank 0): step is goodput (the summary's goodput adds queued and "
+                                     "paused).", "short",
+                                     query('sum by (phase) (rate(trainer_phase_seconds_total{rank=~"0|"}'
+                                           '[$__rate_interval]))', "{{phase}}"), stacked=True, min_value=0))
+        .with_panel(timeseries_panel("Goodput per job over 15 minutes", "Each running job's share of time in "
+                                     "steps (TrainerGoodputLow below 50 %).", "percentunit",
+                                     query("job_id:trainer_goodput:ratio_rate15m", "{{job_id}}"),
+                                     min_value=0, max_value=1))
         .with_row(row("Nodes"))
         .with_panel(timeseries_panel("Node CPU peak", "Peak CPU utilisation per node over the last minute.",
                                      "percentunit", query("instance:system_cpu_utilization_peak:max1m", "{{instance}}"),

@@ -52,8 +52,8 @@ def query(expr: str, legend: str = "__auto", ref_id: str = "A", instant: bool = 
 
 def timeseries_panel(title: str, description: str, unit: str, *targets: prometheus.Dataquery,
                      width: int = 12, height: int = 8, min_value: float | None = None,
-                     max_value: float | None = None) -> timeseries.Panel:
-    """A time-series panel; several targets overlay (e.g. mean vs peak)."""
+                     max_value: float | None = None, stacked: bool = False) -> timeseries.Panel:
+    """A time-series panel; several targets overlay (e.g. mean vs peak), or stack (parts of a whole)."""
     panel = (
         timeseries.Panel()
         .title(title)
@@ -69,6 +69,8 @@ def timeseries_panel(title: str, description: str, unit: str, *targets: promethe
                 .placement(enums.LegendPlacement.BOTTOM))
         .tooltip(common.VizTooltipOptions().mode(enums.TooltipDisplayMode.MULTI).sort(enums.SortOrder.DESCENDING))
     )
+    if stacked:
+        panel = panel.stacking(common.StackingConfig().mode(enums.StackingMode.NORMAL)).fill_opacity(60)
     if min_value is not None:
         panel = panel.min(min_value)
     if max_value is not None:
@@ -117,3 +119,9 @@ def table_panel(title: str, description: str, *targets: prometheus.Dataquery, wi
 def row(title: str) -> dashboard.Row:
     """A row header."""
     return dashboard.Row(title)
+
+
+def alert_annotation(name: str, expr: str, color: str) -> dashboard.AnnotationQuery:
+    """Marks on every time-series panel where the expression has a value (an alert's ALERTS series)."""
+    return (dashboard.AnnotationQuery().name(name).datasource(DATASOURCE).expr(expr).enable(True)
+            .icon_color(color))

@@ -2,7 +2,7 @@
 
 from grafana_foundation_sdk.models.common import BigValueTextMode
 
-from panels import label_variable, new_dashboard, query, row, stat_panel, timeseries_panel
+from panels import alert_annotation, label_variable, new_dashboard, query, row, stat_panel, timeseries_panel
 
 JOB = 'job_id="$job_id"'
 
@@ -14,6 +14,8 @@ def build():
                       "One training job: state, loss and accuracy, throughput, step time, data wait, "
                       "checkpoints, and the GPUs and processes it uses.", ["job"])
         .with_variable(label_variable("job_id", "Job", "label_values(trainer_job_info, job_id)"))
+        .annotation(alert_annotation("Hangs", f'ALERTS{{alertname=~"TrainerHang|TrainerRankStuck",{JOB}}}', "red"))
+        .annotation(alert_annotation("Loss spikes", f'ALERTS{{alertname="TrainerLossSpike",{JOB}}}', "orange"))
         .with_row(row("Job"))
         .with_panel(stat_panel("State", "The job's current lifecycle state.", "none",
                                query(f"max by (state) (trainer_job_state{{{JOB}}}) == 1", "{{state}}"),
@@ -58,6 +60,44 @@ def build():
                                      "rank far above the others is a straggler.", "percentunit",
                                      query(f"job_id_rank:trainer_data_wait:ratio_rate1m{{{JOB}}}", "rank {{rank}}"),
                                      min_value=0, max_value=1))
+        .with_row(row("Goodput"))
+        .with_panel(timeseries_panel("Where the time goes", "Seconds per second in each phase (rank 0): step "
+                                     "(compute, optimizer, collective) is goodput; the job's analytics add "
+                                     "queued, paused and lost (docs/api.md, Goodput).", "percentunit",
+                                     query(f'sum by (phase) (rate(trainer_phase_seconds_total{{{JOB},rank=~"0|"}}'
+                                           f'[$__rate_interval]))', "{{phase}}"),
+                                     stacked=True, min_value=0))
+        .with_panel(timeseries_panel("Goodput over 15 minutes", "Share of the job's time spent in steps over the "
+                                     "last 15 minutes (TrainerGoodputLow below 50 %).", "percentunit",
+                                     query(f"job_id:trainer_goodput:ratio_rate15m{{{JOB}}}", "goodput"),
+                                     min_value=0, max_value=1))
+        .with_row(row("Diagnosis"))
+        .with_panel(timeseries_panel("Phase per rank", "The phase each rank is in (1): a rank outside "
+                                     "collective while the others wait in it is the one they wait for.", "short",
+                                     query(f"max by (rank, phase) (trainer_phase{{{JOB}}}) == 1",
+                                           "rank {{rank}} {{phase}}"), min_value=0, max_value=1))
+        .with_panel(timeseries_panel("Seconds without progress", "Per rank, since its last step (or the end of "
+                                     "an evaluation or checkpoint), inside the loop; TrainerHang past the "
+                                     "job's bound.", "s",
+                                     query(f"job_id_rank:trainer_no_progress_seconds{{{JOB}}}", "rank {{rank}}"),
+                                     query(f"job_id:trainer_hang_bound_seconds{{{JOB}}}", "hang bound", "B"),
+                                     min_value=0))
+        .with_panel(timeseries_panel("Straggler score", "Each rank's own work per step (all but the "
+                                     "all-reduce) over the fastest rank's (1 = fastest; TrainerStraggler above "
+                                     "1.2) and over its own best minute.", "short",
+                                     query(f"job_id_rank:trainer_straggler_score:ratio{{{JOB}}}",
+                                           "rank {{rank}} vs fastest"),
+                                     query(f"job_id_rank:trainer_straggler_score_self:ratio{{{JOB}}}",
+                                           "rank {{rank}} vs own best", "B"), min_value=0))
+        .with_panel(timeseries_panel("Time per step by phase", "Per rank and phase, seconds per step over 1 m: "
+                                     "the phase that makes a rank slow.", "s",
+                                     query(f"job_id_rank_phase:trainer_phase_seconds_per_step:rate1m{{{JOB}}}",
+                                           "rank {{rank}} {{phase}}"), stacked=True, min_value=0))
+        .with_panel(timeseries_panel("Loss spikes and stack dumps", "Loss spikes flagged and thread-stack dumps "
+                                     "the hang watchdog wrote (counts).", "short",
+                                     query(f"max(trainer_loss_spikes_total{{{JOB}}})", "loss spikes"),
+                                     query(f"sum(trainer_stack_dumps_total{{{JOB}}})", "stack dumps", "B"),
+                                     min_value=0))
         .with_row(row("Resources"))
         .with_panel(timeseries_panel("Job GPU utilisation: mean vs peak",
                                      "The job's GPUs: mean and max over the exporter's sampling window.",
