@@ -557,9 +557,10 @@ class JobMetrics:
             self.samples += samples
             if loss is not None:
                 losses = self._losses
-                detach = getattr(loss, "detach", None)
-                if detach is not None:
-                    losses.tensors.append(detach())
+                if getattr(loss, "is_cpu", False):      # a CPU tensor: read now, no sync to avoid, no tensor kept
+                    losses.floats.append(loss.item())
+                elif hasattr(loss, "detach"):            # on an accelerator: kept, read once per interval
+                    losses.tensors.append(loss.detach())
                     if len(losses.tensors) >= LOSS_FOLD_LIMIT:
                         losses.fold()
                 else:
