@@ -364,6 +364,10 @@ def test_multi_process_job_pauses_resumes_and_completes_as_one_job(tmp_path, exe
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline and (not log.exists() or log.read_text().count("step=20 ") < 2):
             time.sleep(0.2)                                                              # both ranks training
+        # Every rank's thread stacks, wherever the executor placed it (Ray: through the job's request file).
+        stacks = client.get("/api/training/jobs/ddp-s1/stacks").json()
+        assert stacks["fresh"] and stacks["missing_ranks"] == [] and [r["rank"] for r in stacks["ranks"]] == [0, 1]
+        assert all("runner.py" in r["stacks"] and "(most recent call first)" in r["stacks"] for r in stacks["ranks"])
         assert client.post("/api/training/jobs/ddp-s1/pause").status_code == 202
         paused = wait_job(client, "ddp-s1", lambda j: j["state"] != "running")
         assert paused["state"] == "paused", paused
