@@ -135,7 +135,8 @@ class _LossAccumulator:
         interval holds a bounded list."""
         if self.tensors:
             self.tensors = [_device_sum(self.tensors)]
-        self.floats = [math.fsum(self.floats)]
+        if self.floats:
+            self.floats = [math.fsum(self.floats)]
 
     def mean(self) -> float | None:
         """The interval's mean loss (None without losses); starts a new interval."""
@@ -558,13 +559,16 @@ class JobMetrics:
             if loss is not None:
                 losses = self._losses
                 if getattr(loss, "is_cpu", False):      # a CPU tensor: read now, no sync to avoid, no tensor kept
-                    losses.floats.append(loss.item())
+                    pending = losses.floats
+                    pending.append(loss.item())
                 elif hasattr(loss, "detach"):            # on an accelerator: kept, read once per interval
-                    losses.tensors.append(loss.detach())
-                    if len(losses.tensors) >= LOSS_FOLD_LIMIT:
-                        losses.fold()
+                    pending = losses.tensors
+                    pending.append(loss.detach())
                 else:
-                    losses.floats.append(float(loss))
+                    pending = losses.floats
+                    pending.append(float(loss))
+                if len(pending) >= LOSS_FOLD_LIMIT:      # an endless interval still holds a bounded list
+                    losses.fold()
                 losses.count += 1
             if self.steps >= self._next_log_step:
                 self._log_interval()
