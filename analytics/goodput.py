@@ -9,7 +9,9 @@ thrown away. The ledger adds what no process sees:
 - paused: each gap between a process's end (a pause, a failure, a kill) and the next one's start;
 - lost: what a process trained after its last checkpoint and a successor threw away by resuming from that
   checkpoint. A process's carried totals are its totals less its own age (its totals only grow with its
-  life), so what a run lost is its last totals less what its successor carried in.
+  life), so what a run lost is its last totals less what its successor carried in. A run that stopped on
+  request (paused, cancelled) wrote its checkpoint at the stop: what follows the checkpoint's snapshot (its
+  write, the exit) threw nothing away, and counts as checkpoint time.
 
 The step (compute + optimizer + collective) over the wall clock is the goodput ratio; the rest is badput by
 cause. The parts add up to the wall clock by construction; `unaccounted_seconds` says how far they miss it
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 from trainmetrics.analytics import shapes
 from trainmetrics.analytics.lookup import JobFacts, Process
 from trainmetrics.analytics.results import ratio, rounded, rows
-from trainmetrics.contract import STEP_PHASES
+from trainmetrics.contract import STEP_PHASES, STOP_SIGNALS
 
 # The ledger's phases, in a job's order; `step` is goodput, the others badput.
 LEDGER_PHASES = ("queued", "init", "restore", "step", "data_wait", "eval", "checkpoint", "paused", "lost")
@@ -35,6 +37,7 @@ class _Run:
     started: float            # the process's start (before its imports)
     as_of: float              # when its totals were last read: its end, else its last scrape
     totals: dict[str, float]  # seconds per accounted phase, the job's (carried plus its own)
+    stopped: bool             # it stopped on request, after a checkpoint (paused, cancelled)
 
     @property
     def life(self) -> float:
@@ -65,13 +68,20 @@ def ledger(facts: JobFacts, found: dict[str, list[dict]]) -> shapes.Goodput:
     for process in facts.started:
         as_of = process.end if process.end is not None else process.last_seen
         if process.instance in phases and process.instance in started_at and as_of is not None:
-            runs.append(_Run(started_at[process.instance], as_of, phases[process.instance]))
+            runs.append(_Run(started_at[process.instance], as_of, phases[process.instance],
+                             stopped=process.state in STOP_SIGNALS))
     if not runs:
         return shapes.Goodput(wall_clock_seconds=None, goodput_ratio=None, seconds={}, badput_percent={},
                               step_seconds_by_part={}, unaccounted_seconds=None, unavailable_reason=NO_PHASES)
     runs.sort(key=lambda run: run.started)
     final = runs[-1].totals
-    lost = sum(max(0.0, run.total - after.carried) for run, after in zip(runs, runs[1:]))
+    lost = stop_checkpoints = 0.0
+    for run, after in zip(runs, runs[1:]):
+        after_checkpoint = max(0.0, run.total - after.carried)
+        if run.stopped and after.carried > 0:      # resumed from the checkpoint written at the stop
+            stop_checkpoints += after_checkpoint
+        else:
+            lost += after_checkpoint
     paused = sum(max(0.0, after.started - run.as_of) for run, after in zip(runs, runs[1:]))
     began = submitted if submitted is not None and submitted <= runs[0].started else runs[0].started
     wall = runs[-1].as_of - began
@@ -79,10 +89,11 @@ def ledger(facts: JobFacts, found: dict[str, list[dict]]) -> shapes.Goodput:
     seconds = {"queued": runs[0].started - began, "init": final.get("init", 0.0),
                "restore": final.get("restore", 0.0), "step": sum(step_parts.values()),
                "data_wait": final.get("data_wait", 0.0), "eval": final.get("eval", 0.0),
-               "checkpoint": final.get("checkpoint", 0.0), "paused": paused, "lost": lost}
+               "checkpoint": final.get("checkpoint", 0.0) + stop_checkpoints, "paused": paused, "lost": lost}
     return shapes.Goodput(
         wall_clock_seconds=rounded(wall), goodput_ratio=rounded(ratio(seconds["step"], wall)),
-        seconds={name: rounded(seconds[name]) for name in LEDGER_PHASES},
+        # lost to the millisecond: a difference of large sums, as unaccounted_seconds below.
+        seconds={name: round(seconds[name], 3) if name == "lost" else rounded(seconds[name]) for name in LEDGER_PHASES},
         badput_percent={name: rounded(100.0 * ratio(seconds[name], wall)) if wall > 0 else None
                         for name in LEDGER_PHASES if name != "step"},
         step_seconds_by_part={part: rounded(value) for part, value in step_parts.items()},

@@ -1,0 +1,45 @@
+"""The goodput ledger's arithmetic on a job's processes as the lookup finds them (analytics/goodput.py)."""
+
+import pytest
+
+from trainmetrics.analytics.goodput import ledger
+from trainmetrics.analytics.lookup import JobFacts, Process, Timeline
+
+
+def facts(*processes: Process) -> JobFacts:
+    return JobFacts(job_id="j", info={}, status="completed", processes=list(processes),
+                    timeline=Timeline.of([(p.start, p.end) for p in processes]), upload_seconds=None,
+                    owners=frozenset(), fingerprint=frozenset(), now=1000.0)
+
+
+def found(runs: dict[str, tuple[float, dict[str, float]]], submitted: float) -> dict[str, list[dict]]:
+    """What queries.job_totals and job_facts answer: per instance its start and its phase totals."""
+    sample = lambda labels, value: {"metric": {"rank": "0", **labels}, "value": [0, str(value)]}  # noqa: E731
+    return {"process_start": [sample({"instance": i}, start) for i, (start, _) in runs.items()],
+            "phase_seconds": [sample({"instance": i, "phase": phase}, seconds)
+                              for i, (_, totals) in runs.items() for phase, seconds in totals.items()],
+            "submitted": [sample({}, submitted)]}
+
+
+def two_runs(first_state: str) -> dict:
+    """Submitted at 90; run a: 100-130 (ends first_state); run b: 140-170 resumed from a's checkpoint, whose
+    snapshot held 29.5 s of a's 30 (what a did after it: 0.5 s)."""
+    a = {"init": 2.0, "compute": 20.0, "data_wait": 3.0, "checkpoint": 5.0}                     # 30 s: its life
+    b = {"init": 4.0, "restore": 1.0, "compute": 42.5, "data_wait": 7.0, "checkpoint": 5.0}    # 29.5 + 30
+    body = ledger(facts(Process("a", start=100.0, end=130.0, state=first_state),
+                        Process("b", start=140.0, end=170.0, state="completed")),
+                  found({"a": (100.0, a), "b": (140.0, b)}, submitted=90.0))
+    assert body.wall_clock_seconds == 80.0
+    assert sum(body.seconds.values()) == pytest.approx(80.0) and body.unaccounted_seconds == 0
+    assert (body.seconds["queued"], body.seconds["paused"], body.seconds["step"]) == (10.0, 10.0, 42.5)
+    return body.seconds
+
+
+def test_what_a_killed_run_did_after_its_checkpoint_is_lost():
+    seconds = two_runs("failed")
+    assert (seconds["lost"], seconds["checkpoint"]) == (0.5, 5.0)
+
+
+def test_what_a_paused_run_did_after_its_stop_checkpoint_is_checkpoint_time_not_lost():
+    seconds = two_runs("paused")
+    assert (seconds["lost"], seconds["checkpoint"]) == (0.0, 5.5)
