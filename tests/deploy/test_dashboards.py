@@ -71,7 +71,7 @@ def stack(tmp_path_factory):
         prometheus.wait_for('up{job="exporter"} == 1', timeout=30)
         began = time.time()
         job = subprocess.run([sys.executable, "-m", "trainmetrics", "train", "--job-id", JOB_ID, "--model", "cnn",
-                              "--dataset", "digits", "--epochs", "6", "--batch-size", "8", "--log-every", "20",
+                              "--dataset", "digits", "--epochs", "3", "--batch-size", "8", "--log-every", "20",
                               "--workers", "1", "--peak-flops", "1e11", "--checkpoint-dir", str(work / "ckpt"),
                               "--targets-dir", str(prometheus.targets_dir), "--job-dir", str(job_dir)],
                              capture_output=True, text=True, timeout=300)

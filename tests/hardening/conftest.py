@@ -199,6 +199,12 @@ def stack(tmp_path_factory):
         for job_id in COMPLETED_JOBS:
             prometheus.wait_for(f'last_over_time(trainer_job_state{{job_id="{job_id}",state="completed"}}[5m]) == 1',
                                 timeout=120)
+        # The server stores its job's report once the job has settled, asking Prometheus: done before the
+        # tests count what reaches Prometheus.
+        deadline = time.monotonic() + 60
+        while not httpx.get(f"{server_url}/api/training/jobs/hard-srv-1", timeout=30).json().get("report_stored"):
+            assert time.monotonic() < deadline, "the server never stored hard-srv-1's report"
+            time.sleep(0.2)
         yield stack
     finally:
         for process in reversed(processes):

@@ -99,7 +99,7 @@ def wait_until(condition, timeout: float, what: str):
 def test_a_stalled_rank_is_named_to_alertmanager_within_90_s_and_its_stacks_show_where(stack):
     client, prometheus, _, alertmanager = stack
     # When rank 1 made its last progress: the stall began right after it.
-    progress = f'trainer_progress_timestamp_seconds{{job_id="diag-stall",rank="1"}}'
+    progress = 'trainer_progress_timestamp_seconds{job_id="diag-stall",rank="1"}'
     prometheus.wait_for(f'trainer_steps_total{{job_id="diag-stall",rank="1"}} >= {STALL_STEP - 1}', timeout=120)
     stalled_at = float(prometheus.wait_for(progress, timeout=10)[0]["value"][1])
 
