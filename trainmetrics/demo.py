@@ -114,6 +114,14 @@ def print_analytics(client, job_id: str) -> None:
     efficiency = body["efficiency"]
     print(f"  efficiency       overall {_number(efficiency['overall_score'])} (throughput score "
           f"{_number(efficiency['throughput_score'])}, GPU score {_number(efficiency['gpu_utilization_score'])})")
+    goodput = body.get("goodput") or {}
+    if goodput.get("goodput_ratio") is not None:
+        phases = ", ".join(f"{name} {_number(seconds)} s" for name, seconds in goodput["seconds"].items() if seconds)
+        print(f"  goodput          {_number(100 * goodput['goodput_ratio'])} % of {_number(goodput['wall_clock_seconds'])} s "
+              f"from submission to end: {phases}")
+    energy = body.get("energy") or {}
+    print("  energy           " + (f"{_number(energy['total_joules'])} J, {_number(energy['samples_per_joule'])} samples/J"
+                                    if energy.get("total_joules") is not None else energy.get("unavailable_reason") or "unknown"))
 
 
 def write_digits_csv(path: Path) -> Path:

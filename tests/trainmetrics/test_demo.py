@@ -4,6 +4,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 
 def test_demo_runs_a_job_through_prometheus_and_reads_it_back(tmp_path):
     result = subprocess.run(
@@ -24,3 +26,10 @@ def test_demo_runs_a_job_through_prometheus_and_reads_it_back(tmp_path):
     assert float(rows[-1][3]) > 0.8
     assert "e+0" not in out.split("Analytics:", 1)[1]
     assert re.search(r"^  throughput\s+[\d,]+ samples/s over 4,314 samples", out, re.M)   # 3 x 1438
+    # The goodput ledger, and the energy line: joules, or why not (no GPU and no readable RAPL here; a job
+    # this short may also end before the exporter attributes it).
+    goodput = re.search(r"^  goodput\s+([\d.]+) % of ([\d.]+) s from submission to end: (.*)$", out, re.M)
+    assert goodput and 0 < float(goodput[1]) < 100, out
+    parts = dict(re.findall(r"(\w+) ([\d.]+) s", goodput[3]))
+    assert {"init", "step"} <= set(parts) and sum(map(float, parts.values())) == pytest.approx(float(goodput[2]), rel=0.01)
+    assert re.search(r"^  energy\s+(\d[\d,.]* J, [\d,.]+ samples/J|no .+)$", out, re.M), out
