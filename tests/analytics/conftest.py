@@ -257,12 +257,18 @@ def checkpointed_metrics(checkpoint_dir: Path) -> dict:
 
 
 # What must agree between Prometheus and the store it remote-writes to before the tests read the store.
+# Sample counts of every series family the tests read over time: remote write sends each series through
+# one of several shards, so one series' samples (a job's final state, say) can still be queued after
+# another's have all arrived.
 ARRIVED = ("count(last_over_time(trainer_job_end_timestamp_seconds[10m]))",
            "sum(max_over_time(trainer_samples_total[10m]))",
            "count(count_over_time(trainer_loss[10m]))",
            "sum(count_over_time(trainer_loss[10m]))",
            "sum(count_over_time(trainer_eval_history_index[10m]))",
-           "count(trainer_heartbeat_timestamp_seconds)")
+           "count(trainer_heartbeat_timestamp_seconds)",
+           "sum(count_over_time(trainer_job_state[10m]))",
+           "sum(count_over_time(trainer_samples_total[10m]))",
+           "sum(count_over_time(trainer_phase_seconds_total[10m]))")
 
 
 def pause_and_resume(job_id: str, targets_dir: Path, work: Path, *args: str) -> list[Run]:
