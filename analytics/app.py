@@ -15,9 +15,11 @@ from starlette.requests import Request
 from starlette.routing import Route
 
 from trainmetrics.analytics import endpoints, shapes
+from trainmetrics.analytics import queries as q
 from trainmetrics.analytics.cache import AnalyticsCache, cached_job_analytics
 from trainmetrics.analytics.prometheus import ClientMetrics, PrometheusClient
 from trainmetrics.edge import ApiError, Component, build_app, error_response
+from trainmetrics.hangs import HangFeed
 from trainmetrics.reports import ReportArchive
 from trainmetrics.webconfig import WebConfig
 
@@ -49,6 +51,8 @@ class Settings:
     owner_scope: Callable[[Request], str | None] = everyone
     # Stored reports of jobs Prometheus no longer holds (inside `trainmetrics server`; trainmetrics.reports).
     archive: ReportArchive | None = None
+    # The jobs TrainerHang fires for, told to the job server (inside `trainmetrics server`; trainmetrics.hangs).
+    hangs: HangFeed | None = None
 
     @property
     def lookback(self) -> float:
@@ -113,11 +117,17 @@ def build_component(settings: Settings) -> Component:
                 return shapes.plain(await cached_job_analytics(client, cache, job_id, settings.lookback,
                                                                archive=None))
             settings.archive.compute = compute
+        if settings.hangs is not None:
+            async def hung_jobs() -> set[str]:
+                return {sample["metric"].get("job_id", "") for sample in await client.query(q.HUNG_JOBS)} - {""}
+            settings.hangs.hung_jobs = hung_jobs
         try:
             yield {"prometheus": client, "cache": cache, "analytics_settings": settings}
         finally:
             if settings.archive is not None:
                 settings.archive.compute = None
+            if settings.hangs is not None:
+                settings.hangs.hung_jobs = None
             await client.aclose()
 
     async def health(request: Request) -> dict:

@@ -574,3 +574,8 @@ def trend(name: str, step: float, recorded: bool = False) -> str:
     window_ms = rate_window_ms(step)
     template = template.replace("{window+rule}", f"{window_ms + round(RULE_INTERVAL_SECONDS * 1000)}ms")
     return template.replace("{window}", f"{window_ms}ms").replace("{seconds}", repr(window_ms / 1000))
+
+
+# The jobs TrainerHang fires for now (deploy/prometheus/rules/alerts.yml, evaluated by the Prometheus read):
+# the job server takes their ranks' stacks once per hang (trainmetrics.hangs).
+HUNG_JOBS = 'max by (job_id) (ALERTS{alertname="TrainerHang",alertstate="firing"})'

@@ -25,6 +25,7 @@ from trainmetrics.contract import JOB_STATES, SPAWN_BLOCKED_SIGNALS, Trainer
 from trainmetrics.edge import ApiError, Component, read_json
 from trainmetrics.jobserver import stacks
 from trainmetrics.jobserver.executors import build_executor
+from trainmetrics.jobserver.hangs import HangStacks
 from trainmetrics.jobserver.reports import ReportKeeper
 from trainmetrics.jobserver.jobs import JobService, ServerSettings
 
@@ -37,6 +38,8 @@ log = logging.getLogger("trainmetrics.server")
 TICK_SECONDS = 0.2
 # How often ended jobs are checked for a report to store (reports.py).
 REPORT_ROUND_SECONDS = 1.0
+# How often the server asks whether TrainerHang fires for one of its jobs (the rule evaluates every second).
+HANG_ROUND_SECONDS = 2.0
 # The supervision loop is healthy while it has ticked within this long.
 STALE_TICK_SECONDS = 10.0
 Result = TypeVar("Result")
@@ -105,7 +108,9 @@ class JobServer:
         self.reports = ReportKeeper(settings.archive, self.call, self.service.store)
         if settings.archive is not None:
             settings.archive.load = self.reports.load
-        tasks = [asyncio.create_task(self._supervise()), asyncio.create_task(self._keep_reports())]
+        self.hang_stacks = HangStacks(settings.hangs, self.call, self.service)
+        tasks = [asyncio.create_task(self._supervise()), asyncio.create_task(self._keep_reports()),
+                 asyncio.create_task(self._take_hung_stacks())]
         try:
             yield {"jobserver": self}
         finally:
@@ -134,6 +139,15 @@ class JobServer:
             except Exception:
                 log.exception("storing job reports failed")
             await asyncio.sleep(REPORT_ROUND_SECONDS)
+
+    async def _take_hung_stacks(self) -> None:
+        """Its own loop too: asking ranks for stacks waits for their files."""
+        while True:
+            try:
+                await self.hang_stacks.round()
+            except Exception:
+                log.exception("taking the stacks of hung jobs failed")
+            await asyncio.sleep(HANG_ROUND_SECONDS)
 
     async def health(self, request: Request) -> dict:
         """Supervising: the loop ticked lately (the state thread is not stuck)."""

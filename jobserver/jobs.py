@@ -14,6 +14,7 @@ from trainmetrics.contract import BUILTIN_DATASETS, JOB_STATES, SpecError, new_j
 from trainmetrics.edge import ApiError
 from trainmetrics.jobfiles import CHECKPOINT_PATTERN, list_checkpoints
 from trainmetrics.jobserver import stacks
+from trainmetrics.hangs import HangFeed
 from trainmetrics.reports import ReportArchive
 from trainmetrics.jobserver.auth import job_id_prefix
 from trainmetrics.jobserver.store import DatasetRecord, JobRecord, JobStore
@@ -42,6 +43,7 @@ class ServerSettings:
     max_upload_bytes: int = 256 * 1024 * 1024
     linger_timeout: float = 15.0
     archive: ReportArchive | None = None       # stored reports, shared with the analytics (trainmetrics.reports)
+    hangs: HangFeed | None = None              # the jobs TrainerHang fires for, from the analytics (trainmetrics.hangs)
 
 
 class JobService:

@@ -11,6 +11,7 @@ import logging
 from trainmetrics.analytics.cli import add_analytics_flags, add_web_flags, analytics_settings, web_config_flag
 from trainmetrics.command import listen_flag, listening_socket, reachable_address, say_listening
 from trainmetrics.jobserver.cli import add_jobserver_flags, jobserver_settings
+from trainmetrics.hangs import HangFeed
 from trainmetrics.reports import ReportArchive
 
 
@@ -34,6 +35,8 @@ def build(args: argparse.Namespace, host: str):
     analytics.owner_scope = caller_owner
     # Reports of ended jobs: the job server keeps them, the analytics compute them and fall back to them.
     server_settings.archive = analytics.archive = ReportArchive()
+    # Hung jobs: the analytics read TrainerHang from Prometheus, the job server takes their stacks.
+    server_settings.hangs = analytics.hangs = HangFeed()
 
     from trainmetrics.analytics.app import build_component as analytics_component
     from trainmetrics.edge import build_app

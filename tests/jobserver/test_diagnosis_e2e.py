@@ -63,7 +63,9 @@ def stack(tmp_path_factory):
     alertmanager = AlertmanagerServer(tmp / "alertmanager").start()
     prometheus = PrometheusServer(tmp / "prometheus", job_server=job_server, alertmanagers=[alertmanager.address])
     scaled = PrometheusServer(tmp / "scaled", job_server=job_server, rule_files=rules)
-    server = Server(tmp / "data", extra=("--max-concurrent", "8"), env={"TRAINMETRICS_FAULTS": json.dumps(FAULTS)})
+    # The job server reads TrainerHang from the scaled Prometheus: it takes a hung job's stacks within seconds.
+    server = Server(tmp / "data", extra=("--max-concurrent", "8", "--prometheus-url", scaled.url),
+                    env={"TRAINMETRICS_FAULTS": json.dumps(FAULTS)})
     server.data_dir.mkdir()
     server.port, server.url = port, job_server
     started = []
@@ -74,7 +76,7 @@ def stack(tmp_path_factory):
         for job_id, spec in JOBS.items():
             answer = client.post("/api/training/jobs", json={"job_id": job_id, "dataset": "blobs", **spec})
             assert answer.status_code == 201, answer.text
-        yield client, prometheus, scaled, alertmanager
+        yield client, prometheus, scaled, alertmanager, server.data_dir
     finally:
         for part in reversed(started):
             part.stop()
@@ -97,7 +99,7 @@ def wait_until(condition, timeout: float, what: str):
 
 
 def test_a_stalled_rank_is_named_to_alertmanager_within_90_s_and_its_stacks_show_where(stack):
-    client, prometheus, _, alertmanager = stack
+    client, prometheus, _, alertmanager, data_dir = stack
     # When rank 1 made its last progress: the stall began right after it.
     progress = 'trainer_progress_timestamp_seconds{job_id="diag-stall",rank="1"}'
     prometheus.wait_for(f'trainer_steps_total{{job_id="diag-stall",rank="1"}} >= {STALL_STEP - 1}', timeout=120)
@@ -113,6 +115,14 @@ def test_a_stalled_rank_is_named_to_alertmanager_within_90_s_and_its_stacks_show
     assert received[0]["labels"]["rank"] == "1" and received[0]["labels"]["phase"] == "compute"
     assert [a["labels"]["rank"] for a in received] == ["1"]          # only the stuck rank, not its waiting peer
 
+    # The job server took every rank's stacks once by itself when TrainerHang fired (on the scaled rules,
+    # a few seconds into the stall; the trainer's own watchdog waits its 60 s): on disk before anyone asked.
+    job_dir = data_dir / "jobs" / "diag-stall"
+    taken = {rank: (job_dir / f"stacks.rank{rank}.txt").read_text() for rank in (0, 1)}
+    assert "before_forward" in taken[1] and "backward" in taken[0] and "before_forward" not in taken[0]
+    log = (data_dir / "server.log").read_text()
+    assert log.count("job diag-stall: TrainerHang fires: took the stacks of ranks [0, 1]") == 1, log[-3000:]
+
     answer = client.get("/api/training/jobs/diag-stall/stacks")
     assert answer.status_code == 200, answer.text
     stacks = {rank["rank"]: rank["stacks"] for rank in answer.json()["ranks"]}
@@ -126,7 +136,7 @@ def test_a_stalled_rank_is_named_to_alertmanager_within_90_s_and_its_stacks_show
 
 @pytest.mark.parametrize("job_id,rank,cause", [("diag-data", "1", "data"), ("diag-compute", "0", "compute")])
 def test_a_straggling_rank_is_flagged_with_its_cause(stack, job_id, rank, cause):
-    client, prometheus, _, _ = stack
+    client, prometheus, _, _, _ = stack
     flagged = wait_until(lambda: alert_labels(prometheus, "TrainerStraggler", job_id), timeout=90,
                          what=f"TrainerStraggler for {job_id}")
     assert [(labels["rank"], labels["cause"]) for labels in flagged] == [(rank, cause)]
@@ -134,7 +144,7 @@ def test_a_straggling_rank_is_flagged_with_its_cause(stack, job_id, rank, cause)
 
 
 def test_slow_evaluations_and_checkpoints_are_not_a_hang_and_a_clean_job_has_no_spike(stack):
-    client, prometheus, scaled, _ = stack
+    client, prometheus, scaled, _, _ = stack
     job = wait_job(client, "diag-phases", lambda j: j["state"] in ("completed", "failed"), timeout=150)
     assert job["state"] == "completed", job
     window = "[5m]"
@@ -151,7 +161,7 @@ def test_slow_evaluations_and_checkpoints_are_not_a_hang_and_a_clean_job_has_no_
 
 
 def test_a_loss_spike_is_flagged_alerted_and_pauses_the_job_that_asked(stack):
-    client, prometheus, _, alertmanager = stack
+    client, prometheus, _, alertmanager, _ = stack
     job = wait_job(client, "diag-spike", lambda j: j["state"] != "running" and j["state"] != "queued", timeout=120)
     assert job["state"] == "paused", job
     spikes = prometheus.query('max_over_time(trainer_loss_spikes_total{job_id="diag-spike"}[5m])')

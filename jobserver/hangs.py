@@ -1,0 +1,60 @@
+"""Stacks of hung jobs, taken by the job server itself: when TrainerHang fires for one of its running jobs, the
+server asks every rank for its thread stacks once (as `GET .../stacks` does), so they are on disk in the job's
+directory (`stacks.rank<N>.txt`) before anyone looks. Once per hang: a job is asked again only after the
+alert has stopped firing for it and fired anew.
+
+The alert is read through the analytics (trainmetrics.hangs), from the Prometheus they read, which must
+evaluate the deployable rules. The trainer's own watchdog (trainer/watchdog.py) applies the same bound from
+inside the process; this one works from outside it, also for a process whose Python threads cannot run.
+"""
+
+import logging
+
+from trainmetrics.edge import ApiError
+from trainmetrics.jobserver import stacks
+
+log = logging.getLogger("trainmetrics.server")
+
+
+class HangStacks:
+    """One round at a time from the server's loop: take the stacks of jobs that became hung."""
+
+    def __init__(self, feed, call, service):
+        self.feed, self.call, self.service = feed, call, service
+        self.taken: set[str] = set()        # jobs whose current hang has its stacks
+        self._unreachable = False
+
+    def _ask(self, job_id: str) -> tuple | None:
+        """Ask the job's ranks for their stacks, whoever owns it: (its directory, each rank's stacks-file length
+        before), or None when it is not a running job of this server."""
+        job = self.service.store.get_job(job_id)
+        if job is None:
+            return None
+        try:
+            _, path, before = self.service.request_stacks(job.owner, job_id)
+        except ApiError:
+            return None
+        return None if before is None else (path, before)
+
+    async def round(self) -> None:
+        if self.feed is None or self.feed.hung_jobs is None:
+            return
+        try:
+            hung = await self.feed.hung_jobs()
+        except Exception as error:
+            if not self._unreachable:       # said once per outage, not every round
+                log.warning("cannot tell hung jobs (TrainerHang) from Prometheus: %s", getattr(error, "message", error))
+            self._unreachable = True
+            return
+        self._unreachable = False
+        self.taken &= hung                  # a hang that ended: the next one is taken again
+        for job_id in sorted(hung - self.taken):
+            asked = await self.call(self._ask, job_id)
+            if asked is None:               # not one of this server's running jobs
+                continue
+            path, before = asked
+            self.taken.add(job_id)
+            answer = await stacks.collect(path, before)
+            log.warning("job %s: TrainerHang fires: took the stacks of ranks %s (%s), missing %s", job_id,
+                        [rank["rank"] for rank in answer["ranks"]], stacks.stacks_file(path, 0).parent,
+                        answer["missing_ranks"] or "none")
