@@ -118,7 +118,8 @@ def energy_run(tmp_path_factory):
         prometheus.start()
         loops.start()
         real.start()
-        common = ("--model", "mlp", "--dataset", "blobs", "--epochs", "3", "--device", "cpu")
+        # Long enough (~1 s of training) for the exporter to sample each job several times.
+        common = ("--model", "mlp", "--dataset", "blobs", "--epochs", "8", "--device", "cpu")
         processes = [start_job(job_id, prometheus.targets_dir, "--job-dir", str(job_dir), "--metrics-listen",
                                f"127.0.0.1:{ports[job_id]}", *common)
                      for job_id, job_dir in ((JOB, fake_dir), (ABSENT, real_dir))]
