@@ -109,8 +109,12 @@ class JobServer:
         if settings.archive is not None:
             settings.archive.load = self.reports.load
         self.hang_stacks = HangStacks(settings.hangs, self.call, self.service)
-        tasks = [asyncio.create_task(self._supervise()), asyncio.create_task(self._keep_reports()),
-                 asyncio.create_task(self._take_hung_stacks())]
+        # Each in its own loop: a Prometheus slow to answer must not hold up supervision, nor a rank slow to
+        # write its stacks the stored reports.
+        tasks = [asyncio.create_task(repeat(work, seconds, what)) for work, seconds, what in (
+            (lambda: self.call(self.tick), TICK_SECONDS, "supervisor tick"),
+            (self.reports.round, REPORT_ROUND_SECONDS, "storing job reports"),
+            (self.hang_stacks.round, HANG_ROUND_SECONDS, "taking the stacks of hung jobs"))]
         try:
             yield {"jobserver": self}
         finally:
@@ -123,37 +127,21 @@ class JobServer:
             await self.call(self.service.store.close)
             self.state.close()
 
-    async def _supervise(self) -> None:
-        while True:
-            try:
-                await self.call(self.tick)
-            except Exception:
-                log.exception("supervisor tick failed")
-            await asyncio.sleep(TICK_SECONDS)
-
-    async def _keep_reports(self) -> None:
-        """Its own loop: a Prometheus that is slow to answer must not hold up supervision."""
-        while True:
-            try:
-                await self.reports.round()
-            except Exception:
-                log.exception("storing job reports failed")
-            await asyncio.sleep(REPORT_ROUND_SECONDS)
-
-    async def _take_hung_stacks(self) -> None:
-        """Its own loop too: asking ranks for stacks waits for their files."""
-        while True:
-            try:
-                await self.hang_stacks.round()
-            except Exception:
-                log.exception("taking the stacks of hung jobs failed")
-            await asyncio.sleep(HANG_ROUND_SECONDS)
-
     async def health(self, request: Request) -> dict:
         """Supervising: the loop ticked lately (the state thread is not stuck)."""
         if self.last_tick is None or time.monotonic() - self.last_tick > STALE_TICK_SECONDS:
             raise ApiError(503, "not_supervising", "the job supervision loop has not run lately")
         return {"running_jobs": self.service.supervisor.running_count()}
+
+
+async def repeat(work, seconds: float, what: str) -> None:
+    """Await `work()` every `seconds`, for good; a round that fails is logged and the next one comes."""
+    while True:
+        try:
+            await work()
+        except Exception:
+            log.exception("%s failed", what)
+        await asyncio.sleep(seconds)
 
 
 class WaitingJobsCollector:

@@ -3,8 +3,8 @@
 and the job server's stacks endpoint asking the real ranks.
 
 The jobs run side by side (one server, one fault each, named by job id). A second Prometheus evaluates the
-same rules with their hang thresholds scaled from 60 s and 30 s down to 3 s, so that a job whose
-evaluations and checkpoints each take 5 s on purpose shows, within seconds, that they are not taken for a
+same rules with their hang thresholds scaled from 60 s and 30 s down to 5 s, so that a job whose
+evaluations and checkpoints each take 7 s on purpose shows, within seconds, that they are not taken for a
 hang (the real thresholds would need minutes of them to say anything)."""
 
 import json
@@ -24,8 +24,8 @@ FAULTS = {
     "stall": {"job": "diag-stall", "rank": 1, "step": STALL_STEP, "seconds": 300},
     "slow_data": {"job": "diag-data", "rank": 1, "seconds": 0.05},
     "slow_compute": {"job": "diag-compute", "rank": 0, "seconds": 0.05},
-    "slow_eval": {"job": "diag-phases", "seconds": 5},
-    "slow_checkpoint": {"job": "diag-phases", "seconds": 5},
+    "slow_eval": {"job": "diag-phases", "seconds": 7},
+    "slow_checkpoint": {"job": "diag-phases", "seconds": 7},
     "corrupt_batch": {"job": "diag-spike", "step": 81, "scale": 1000},
 }
 JOBS = {
@@ -38,13 +38,14 @@ JOBS = {
 
 
 def scaled_rules(directory: Path) -> list[str]:
-    """The deployable rule files with the hang bounds (60 s, 30 s) at 3 s and their `for: 5s` at 1 s."""
+    """The deployable rule files with the hang bounds (60 s, 30 s) at 5 s and their `for: 5s` at 1 s: under the
+    7 s evaluations and checkpoints, above the gaps in progress that a loaded 2-core machine makes."""
     directory.mkdir()
     recording = (RULES / "trainmetrics.rules.yml").read_text()
-    recording, count = re.subn(r"(trainer_step_duration_seconds:p99_10m, )60\)", r"\g<1>3)", recording)
-    recording, count2 = re.subn(r"(trainer_progress_timestamp_seconds\)) \+ 60\n", r"\1 + 3\n", recording)
+    recording, count = re.subn(r"(trainer_step_duration_seconds:p99_10m, )60\)", r"\g<1>5)", recording)
+    recording, count2 = re.subn(r"(trainer_progress_timestamp_seconds\)) \+ 60\n", r"\1 + 5\n", recording)
     alerts = (RULES / "alerts.yml").read_text()
-    alerts, count3 = re.subn(r"> 30\b", "> 3", alerts)
+    alerts, count3 = re.subn(r"> 30\b", "> 5", alerts)
     alerts, count4 = re.subn(r"^( +)for: 5s$", r"\1for: 1s", alerts, flags=re.M)
     assert (count, count2, count3, count4) == (1, 1, 2, 2), "the hang rules changed: update this test"
     (directory / "trainmetrics.rules.yml").write_text(recording)
@@ -152,7 +153,7 @@ def test_slow_evaluations_and_checkpoints_are_not_a_hang_and_a_clean_job_has_no_
     for phase in ("eval", "checkpoint"):
         spent = scaled.query(f'max(max_over_time(trainer_phase_seconds_total{{job_id="diag-phases",rank="0",'
                              f'phase="{phase}"}}{window}))')
-        assert float(spent[0]["value"][1]) >= 15
+        assert float(spent[0]["value"][1]) >= 21
     # ...and the scaled rules do fire on a real stall (they are live), yet not on this job.
     assert scaled.query(f'max_over_time(ALERTS{{alertname="TrainerRankStuck",job_id="diag-stall"}}{window})')
     alerts = 'ALERTS{job_id="diag-phases",alertname=~"TrainerHang|TrainerRankStuck|TrainerLossSpike"}'
