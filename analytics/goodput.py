@@ -9,9 +9,11 @@ thrown away. The ledger adds what no process sees:
 - paused: each gap between a process's end (a pause, a failure, a kill) and the next one's start;
 - lost: what a process trained after its last checkpoint and a successor threw away by resuming from that
   checkpoint. A process's carried totals are its totals less its own age (its totals only grow with its
-  life), so what a run lost is its last totals less what its successor carried in. A run that stopped on
-  request (paused, cancelled) wrote its checkpoint at the stop: what follows the checkpoint's snapshot (its
-  write, the exit) threw nothing away, and counts as checkpoint time.
+  life), so what a run lost is its last totals less what its successor carried in. A checkpoint carries the
+  totals of its snapshot, taken before its write: the write of the checkpoint a successor resumed from
+  (trainer_checkpointed_seconds: the totals when that write ended) threw nothing away and counts as
+  checkpoint time; so does, for a run that stopped on request (paused, cancelled) and wrote its checkpoint
+  at the stop, everything after the snapshot (the write, the exit).
 
 The step (compute + optimizer + collective) over the wall clock is the goodput ratio; the rest is badput by
 cause. The parts add up to the wall clock by construction; `unaccounted_seconds` says how far they miss it
@@ -38,6 +40,7 @@ class _Run:
     as_of: float              # when its totals were last read: its end, else its last scrape
     totals: dict[str, float]  # seconds per accounted phase, the job's (carried plus its own)
     stopped: bool             # it stopped on request, after a checkpoint (paused, cancelled)
+    checkpointed: float | None = None   # its totals in all when its last checkpoint write ended
 
     @property
     def life(self) -> float:
@@ -63,25 +66,31 @@ def ledger(facts: JobFacts, found: dict[str, list[dict]]) -> shapes.Goodput:
     for labels, value in rank0("phase_seconds"):
         phases.setdefault(labels.get("instance", ""), {})[labels.get("phase", "")] = value
     started_at = {labels.get("instance", ""): value for labels, value in rank0("process_start")}
+    checkpointed = {labels.get("instance", ""): value for labels, value in rank0("checkpointed")}
     submitted = max((value for _, value in rank0("submitted")), default=None)
     runs = []
     for process in facts.started:
         as_of = process.end if process.end is not None else process.last_seen
         if process.instance in phases and process.instance in started_at and as_of is not None:
             runs.append(_Run(started_at[process.instance], as_of, phases[process.instance],
-                             stopped=process.state in STOP_SIGNALS))
+                             stopped=process.state in STOP_SIGNALS,
+                             checkpointed=checkpointed.get(process.instance)))
     if not runs:
         return shapes.Goodput(wall_clock_seconds=None, goodput_ratio=None, seconds={}, badput_percent={},
                               step_seconds_by_part={}, unaccounted_seconds=None, unavailable_reason=NO_PHASES)
     runs.sort(key=lambda run: run.started)
     final = runs[-1].totals
-    lost = stop_checkpoints = 0.0
+    lost = checkpoint_writes = 0.0
     for run, after in zip(runs, runs[1:]):
-        after_checkpoint = max(0.0, run.total - after.carried)
-        if run.stopped and after.carried > 0:      # resumed from the checkpoint written at the stop
-            stop_checkpoints += after_checkpoint
-        else:
-            lost += after_checkpoint
+        after_snapshot = max(0.0, run.total - after.carried)
+        if after.carried <= 0:                     # started afresh: the whole run was thrown away
+            lost += after_snapshot
+        elif run.stopped:                          # resumed from the checkpoint written at the stop
+            checkpoint_writes += after_snapshot
+        else:                                      # a failure or a kill: what followed its last checkpoint
+            written = min(after_snapshot, max(0.0, (run.checkpointed or after.carried) - after.carried))
+            checkpoint_writes += written
+            lost += after_snapshot - written
     paused = sum(max(0.0, after.started - run.as_of) for run, after in zip(runs, runs[1:]))
     began = submitted if submitted is not None and submitted <= runs[0].started else runs[0].started
     wall = runs[-1].as_of - began
@@ -89,7 +98,7 @@ def ledger(facts: JobFacts, found: dict[str, list[dict]]) -> shapes.Goodput:
     seconds = {"queued": runs[0].started - began, "init": final.get("init", 0.0),
                "restore": final.get("restore", 0.0), "step": sum(step_parts.values()),
                "data_wait": final.get("data_wait", 0.0), "eval": final.get("eval", 0.0),
-               "checkpoint": final.get("checkpoint", 0.0) + stop_checkpoints, "paused": paused, "lost": lost}
+               "checkpoint": final.get("checkpoint", 0.0) + checkpoint_writes, "paused": paused, "lost": lost}
     return shapes.Goodput(
         wall_clock_seconds=rounded(wall), goodput_ratio=rounded(ratio(seconds["step"], wall)),
         # lost to the millisecond: a difference of large sums, as unaccounted_seconds below.

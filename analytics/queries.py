@@ -197,7 +197,8 @@ TOTALS = {
     "submitted": ("last_over_time", Trainer.JOB_SUBMITTED),
 }
 # Each process's last seconds per phase (rows with a `phase` label; goodput.py combines them).
-PHASE_TOTALS = {"phase_seconds": ("max_over_time", Trainer.PHASE_SECONDS)}
+PHASE_TOTALS = {"phase_seconds": ("max_over_time", Trainer.PHASE_SECONDS),
+                "checkpointed": ("max_over_time", Trainer.CHECKPOINTED_SECONDS)}
 
 
 def job_totals(job_id: str, window: float, final: float, finals: list[float] | None = None) -> dict[str, str]:

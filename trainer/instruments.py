@@ -64,6 +64,8 @@ PROCESS_START = Instrument(T.PROCESS_START, "s", "Unix time this process started
 PHASE = Instrument(T.PHASE, "1", "1 for the phase this process is in now, 0 for the others.")
 PHASE_SINCE = Instrument(T.PHASE_SINCE, "s", "Unix time the current phase began.")
 PHASE_SECONDS = Instrument(T.PHASE_SECONDS, "s", "Seconds of the job spent in each phase (carried across resumes).")
+CHECKPOINTED_SECONDS = Instrument(T.CHECKPOINTED_SECONDS, "s", "The job's phase seconds in all when its last checkpoint "
+                                                              "was written, its write included.")
 LAST_STEP = Instrument(T.LAST_STEP, "s", "Unix time the last optimizer step completed.")
 PROGRESS = Instrument(T.PROGRESS, "s", "Unix time the loop last made progress: a step completed, or an evaluation "
                                       "or checkpoint ended, or training started.")

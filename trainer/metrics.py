@@ -294,6 +294,7 @@ class JobMetrics:
             inst.PHASE_SECONDS.name, unit=inst.PHASE_SECONDS.unit, description=inst.PHASE_SECONDS.description,
             callbacks=[lambda options: [Observation(seconds, {"phase": phase})
                                         for phase, seconds in self.phases.totals().items()]])
+        observe(inst.CHECKPOINTED_SECONDS, lambda: self.phases.checkpointed)
         observe(inst.LOSS_SPIKES, lambda: self.spikes.spikes, counter=True)
         observe(inst.STACK_DUMPS, lambda: self._stack_watch.dumps if self._stack_watch else None, counter=True)
         for spec, field in ((inst.EVAL_HISTORY_INDEX, "index"), (inst.EVAL_HISTORY_STEP, "step"),
@@ -668,6 +669,7 @@ class JobMetrics:
         try:
             self._checkpoint_duration.record(time.perf_counter() - began)
             self.checkpoints += 1
+            self.phases.checkpointed = sum(self.phases.totals().values())
             # The gap spent checkpointing is not a training step's time.
             self._last_step_end = time.perf_counter()
         except Exception:

@@ -60,6 +60,9 @@ class PhaseClock:
         # perf_counter of the loop's last progress: a step, or the end of an evaluation or checkpoint (the
         # hang clock: those phases are not a hang, and the step after one has had no time to complete).
         self.progress: float | None = None
+        # The job's phase seconds in all when the last checkpoint write ended: a resume from that checkpoint
+        # carries its snapshot (taken before the write), so the write itself is not thrown away.
+        self.checkpointed: float | None = None
         self._published = dict.fromkeys(ACCOUNTED_PHASES, 0.0)
         self._lock = threading.Lock()
         # perf_counter to unix time: one fixed offset, so published times do not jitter.

@@ -133,6 +133,7 @@ class Trainer:
     PHASE = "trainer_phase"
     PHASE_SINCE = "trainer_phase_since_timestamp_seconds"
     PHASE_SECONDS = "trainer_phase_seconds_total"
+    CHECKPOINTED_SECONDS = "trainer_checkpointed_seconds"
     LAST_STEP = "trainer_last_step_timestamp_seconds"
     PROGRESS = "trainer_progress_timestamp_seconds"
     LOSS_SPIKES = "trainer_loss_spikes_total"

@@ -12,23 +12,26 @@ def facts(*processes: Process) -> JobFacts:
                     owners=frozenset(), fingerprint=frozenset(), now=1000.0)
 
 
-def found(runs: dict[str, tuple[float, dict[str, float]]], submitted: float) -> dict[str, list[dict]]:
-    """What queries.job_totals and job_facts answer: per instance its start and its phase totals."""
+def found(runs: dict[str, tuple[float, dict[str, float]]], submitted: float,
+          checkpointed: dict[str, float] = {}) -> dict[str, list[dict]]:
+    """What queries.job_totals and job_facts answer: per instance its start, its phase totals and its totals
+    when its last checkpoint write ended."""
     sample = lambda labels, value: {"metric": {"rank": "0", **labels}, "value": [0, str(value)]}  # noqa: E731
     return {"process_start": [sample({"instance": i}, start) for i, (start, _) in runs.items()],
             "phase_seconds": [sample({"instance": i, "phase": phase}, seconds)
                               for i, (_, totals) in runs.items() for phase, seconds in totals.items()],
+            "checkpointed": [sample({"instance": i}, seconds) for i, seconds in checkpointed.items()],
             "submitted": [sample({}, submitted)]}
 
 
-def two_runs(first_state: str) -> dict:
+def two_runs(first_state: str, checkpointed: dict[str, float] = {}) -> dict:
     """Submitted at 90; run a: 100-130 (ends first_state); run b: 140-170 resumed from a's checkpoint, whose
     snapshot held 29.5 s of a's 30 (what a did after it: 0.5 s)."""
     a = {"init": 2.0, "compute": 20.0, "data_wait": 3.0, "checkpoint": 5.0}                     # 30 s: its life
     b = {"init": 4.0, "restore": 1.0, "compute": 42.5, "data_wait": 7.0, "checkpoint": 5.0}    # 29.5 + 30
     body = ledger(facts(Process("a", start=100.0, end=130.0, state=first_state),
                         Process("b", start=140.0, end=170.0, state="completed")),
-                  found({"a": (100.0, a), "b": (140.0, b)}, submitted=90.0))
+                  found({"a": (100.0, a), "b": (140.0, b)}, submitted=90.0, checkpointed=checkpointed))
     assert body.wall_clock_seconds == 80.0
     assert sum(body.seconds.values()) == pytest.approx(80.0) and body.unaccounted_seconds == 0
     assert (body.seconds["queued"], body.seconds["paused"], body.seconds["step"]) == (10.0, 10.0, 42.5)
@@ -43,3 +46,10 @@ def test_what_a_killed_run_did_after_its_checkpoint_is_lost():
 def test_what_a_paused_run_did_after_its_stop_checkpoint_is_checkpoint_time_not_lost():
     seconds = two_runs("paused")
     assert (seconds["lost"], seconds["checkpoint"]) == (0.0, 5.5)
+
+
+def test_the_write_of_the_checkpoint_a_killed_run_was_resumed_from_is_checkpoint_time_not_lost():
+    """Its snapshot (29.5 s) is taken before the write; the write ended at 29.7 s: 0.2 s of checkpoint, 0.3 s
+    of steps thrown away."""
+    seconds = two_runs("failed", checkpointed={"a": 29.7})
+    assert seconds["lost"] == pytest.approx(0.3) and seconds["checkpoint"] == pytest.approx(5.2)
