@@ -38,6 +38,9 @@ OTLP_ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "OTEL_EXPORTER
 # least MIN_ACTIVE_SECONDS (a scraper reconnecting shows up under a new connection and the old one fades).
 ACTIVE_INTERVALS = 3
 MIN_ACTIVE_SECONDS = 2.0
+# Scrapers gone this long (and past their active window) are forgotten: a scraper that opens a connection per
+# scrape (no keep-alive) shows up under a new name each time, 345,600 names a day at 250 ms.
+FORGET_SECONDS = 60.0
 
 # The scrape being rendered, for collection callbacks that show a scraper its own view (evaluations).
 current_scrape: contextvars.ContextVar[Scrape | None] = contextvars.ContextVar("current_scrape", default=None)
@@ -125,6 +128,7 @@ class ScraperLog:
         with self._changed:
             known = self._scrapers.get(scrape.scraper)
             if known is None:
+                self._forget_gone()
                 self._scrapers[scrape.scraper] = _Scraper(scrape.began, scrape.began)
             else:
                 if scrape.began > known.last_began:
@@ -132,6 +136,13 @@ class ScraperLog:
                     known.last_began = scrape.began
                 known.last_delivered_began = max(known.last_delivered_began, scrape.began)
             self._changed.notify_all()
+
+    def _forget_gone(self) -> None:
+        now = self._clock()
+        gone = [name for name, scraper in self._scrapers.items()
+                if now - scraper.last_began > max(FORGET_SECONDS, ACTIVE_INTERVALS * (scraper.interval or 0))]
+        for name in gone:
+            del self._scrapers[name]
 
     def active(self) -> set[str]:
         """Scrapers still keeping to their rhythm."""

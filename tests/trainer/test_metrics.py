@@ -383,3 +383,42 @@ def test_sigterm_ends_a_users_loop_cancelled_and_a_second_one_cuts_the_linger_sh
             process.kill()
         process.communicate()
     assert not list(targets.glob("*")) and not list(jobs.glob("*"))
+
+
+def test_scrapers_without_keep_alive_are_forgotten_once_gone():
+    # Each scrape on a new connection is a new scraper name: 345,600 a day at 250 ms, kept for ever before.
+    from trainmetrics.metrics_http import Scrape
+    from trainmetrics.trainer.telemetry import FORGET_SECONDS, ScraperLog
+
+    now = [0.0]
+    log = ScraperLog(clock=lambda: now[0])
+    for port in range(2000):
+        now[0] = port * 0.25
+        log.delivered(Scrape(f"127.0.0.1:{port}", now[0]))
+    assert len(log._scrapers) <= FORGET_SECONDS / 0.25 + 2
+    assert log.active() == {f"127.0.0.1:{port}" for port in range(1991, 2000)}      # the last 2 s
+    assert log.any_since(now[0] - 1)
+
+
+def test_the_metrics_server_sleeps_until_a_connection_or_close(monkeypatch):
+    # No poll: socketserver's serve_forever woke 10 times a second (~1.6 ms of CPU a second on an idle job).
+    import selectors
+
+    from trainmetrics import metrics_http
+
+    timeouts = []
+
+    class Recording(selectors.DefaultSelector):
+        def select(self, timeout=None):
+            timeouts.append(timeout)
+            return super().select(timeout)
+
+    monkeypatch.setattr(metrics_http.selectors, "DefaultSelector", Recording)
+    server = metrics_http.MetricsHTTPServer(("127.0.0.1", 0), lambda scrape: b"up 1\n").serve_in_background()
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=5) as response:
+        assert response.read() == b"up 1\n"
+    thread = server._thread
+    began = time.monotonic()
+    server.close()
+    assert time.monotonic() - began < 2 and not thread.is_alive()
+    assert timeouts and set(timeouts) == {None}
