@@ -1,7 +1,10 @@
 """Loss spikes caught on the log interval they happen in: an interval whose mean loss lies more than `z`
 standard deviations above the running mean of the intervals before it (exponentially weighted, so the
 mean follows a falling loss) is a spike. Spikes do not enter the running mean, so one does not hide the
-next. Defaults: z = 6, after 10 intervals of warm-up (docs/metrics.md)."""
+next; but a rise that lasts `warmup` intervals in a row is the loss's new level, not a spike that goes on for
+ever: the detector learns again from those intervals (otherwise every interval after a lasting shift, a new
+data mix or a learning-rate restart, would be flagged until the job ends). Defaults: z = 6, after 10
+intervals of warm-up (docs/metrics.md)."""
 
 import math
 
@@ -18,6 +21,7 @@ class LossSpikeDetector:
         self.variance = 0.0
         self.seen = 0
         self.spikes = 0
+        self._run: list[float] = []       # the spikes in a row so far
 
     def observe(self, loss: float) -> bool:
         """Take an interval's mean loss; True when it is a spike."""
@@ -27,12 +31,21 @@ class LossSpikeDetector:
             spread = math.sqrt(self.variance)
             if spread > 0 and (loss - self.mean) / spread > self.z:
                 self.spikes += 1
+                self._run.append(loss)
+                if len(self._run) >= self.warmup:      # a lasting rise: the new level, learnt from its intervals
+                    run, self.mean, self.variance, self.seen, self._run = self._run, None, 0.0, 0, []
+                    for value in run:
+                        self._learn(value)
                 return True
+        self._run = []
+        self._learn(loss)
+        return False
+
+    def _learn(self, loss: float) -> None:
         self.seen += 1
         if self.mean is None:
             self.mean = loss
-            return False
+            return
         delta = loss - self.mean
         self.mean += ALPHA * delta
         self.variance = (1 - ALPHA) * (self.variance + ALPHA * delta * delta)
-        return False

@@ -99,6 +99,19 @@ def test_a_loss_jump_is_a_spike_a_falling_noisy_loss_is_not_and_a_spike_does_not
     assert not any(early.observe(loss) for loss in [1.0] * 5 + [100.0])     # still warming up
 
 
+def test_a_lasting_rise_is_flagged_for_warmup_intervals_then_learnt_as_the_new_level():
+    # Before, every interval after a lasting shift (a new data mix, a learning-rate restart) was a spike until
+    # the job ended: a warning per interval and TrainerLossSpike firing for ever.
+    detector = LossSpikeDetector(z=6.0, warmup=10)
+    assert not any(detector.observe(1.0 + 0.01 * ((-1) ** i)) for i in range(40))
+    shifted = [3.0 + 0.01 * ((-1) ** i) for i in range(60)]
+    flagged = [detector.observe(loss) for loss in shifted]
+    assert flagged[:10] == [True] * 10 and not any(flagged[10:])
+    assert detector.spikes == 10
+    assert 2.9 < detector.mean < 3.1
+    assert detector.observe(8.0)                           # a spike above the new level is still caught
+
+
 def test_the_hang_watchdog_writes_every_threads_stack_once_per_hang(tmp_path):
     metrics = JobMetrics("hung-job", diagnostics=Diagnostics(stacks_dir=tmp_path, hang_seconds=0.4))
     try:
