@@ -94,6 +94,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50, help="steps per round and side")
     parser.add_argument("--batch-size", type=int, default=128)
     args = parser.parse_args()
+    if args.rounds < 2 or args.steps < 1:
+        parser.error("--rounds must be at least 2 (the run is also shown in halves) and --steps at least 1")
 
     torch.set_num_threads(1)
     batches, train_step = make_job(args.batch_size)
