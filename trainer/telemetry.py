@@ -114,6 +114,10 @@ class _Scraper:
     last_delivered_began: float = float("-inf")
     interval: float | None = None
 
+    def idle_past(self, now: float, at_least: float) -> bool:
+        """True when its last scrape began longer ago than `at_least` and ACTIVE_INTERVALS of its own intervals."""
+        return now - self.last_began > max(at_least, ACTIVE_INTERVALS * (self.interval or 0))
+
 
 class ScraperLog:
     """The Prometheus-compatible scrapers reading this job, and when each last had an answer delivered."""
@@ -139,8 +143,7 @@ class ScraperLog:
 
     def _forget_gone(self) -> None:
         now = self._clock()
-        gone = [name for name, scraper in self._scrapers.items()
-                if now - scraper.last_began > max(FORGET_SECONDS, ACTIVE_INTERVALS * (scraper.interval or 0))]
+        gone = [name for name, scraper in self._scrapers.items() if scraper.idle_past(now, FORGET_SECONDS)]
         for name in gone:
             del self._scrapers[name]
 
@@ -148,8 +151,7 @@ class ScraperLog:
         """Scrapers still keeping to their rhythm."""
         now = self._clock()
         with self._changed:
-            return {name for name, scraper in self._scrapers.items()
-                    if now - scraper.last_began <= max(MIN_ACTIVE_SECONDS, ACTIVE_INTERVALS * (scraper.interval or 0))}
+            return {name for name, scraper in self._scrapers.items() if not scraper.idle_past(now, MIN_ACTIVE_SECONDS)}
 
     def delivered_since(self, scraper: str, moment: float) -> bool:
         """True when `scraper` had an answer delivered for a scrape that began after `moment`."""

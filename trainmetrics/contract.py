@@ -270,7 +270,8 @@ TRAIN_OPTIONS: tuple[Option, ...] = (
            "training", minimum=0),
     Option("loss_spike_z", float, 6.0, "a log interval whose mean loss is this many standard deviations above "
            "its running mean is a loss spike", "training", above=0),
-    Option("loss_spike_warmup", int, 10, "log intervals before loss spikes are looked for; a rise lasting this many is the new level", "training", minimum=1),
+    Option("loss_spike_warmup", int, 10, "log intervals before loss spikes are looked for; a rise lasting this "
+           "many is the new level", "training", minimum=1),
     Option("on_loss_spike", str, "none", "none, or pause: stop at once, keeping the last checkpoint from before "
            "the spike", "training", choices=("none", "pause")),
     # checkpoints
