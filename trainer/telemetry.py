@@ -20,8 +20,9 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 from opentelemetry.sdk.resources import Resource
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 
+from trainmetrics.exposition import TextExposition
 from trainmetrics.jobmap import JobMapping, write_job_mapping
 from trainmetrics.metrics_http import MetricsHTTPServer, Scrape
 from trainmetrics.trainer import instruments
@@ -185,6 +186,7 @@ class Publication:
         self.publish = publish or Publish(listen=None, targets_dir=None, job_dir=None)
         self.scrapers = ScraperLog()
         self._render_lock = threading.Lock()
+        self._exposition = TextExposition()
         self._delivered_hook = delivered
         labels = {"job_id": job_id}
         if world_size > 1:
@@ -245,7 +247,7 @@ class Publication:
         with self._render_lock:
             token = current_scrape.set(scrape)
             try:
-                return generate_latest(self.registry)
+                return self._exposition.render(self.registry)
             finally:
                 current_scrape.reset(token)
 
