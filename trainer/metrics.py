@@ -536,7 +536,7 @@ class JobMetrics:
     def step(self, loss=None, samples: int = 0) -> None:
         """Record one optimizer step. `loss` may be a tensor on any device: it is not read here.
 
-        The hot path, written for its cost (~1 µs in a tight loop; 8-9 µs between a CPU model's torch ops, whose
+        The hot path, written for its cost (~1 µs in a tight loop; 9-13 µs between a CPU model's torch ops, whose
         kernels leave its data out of cache: bench/README.md): no call it can avoid, every failure caught here
         (a metric call never raises)."""
         try:
