@@ -38,14 +38,13 @@ class TextExposition:
             try:
                 output.append(self._header(name, kind, metric.documentation, ""))
                 moved: dict[str, list[str]] = {}
+                moved_names = {name + suffix: suffix for suffix in OPENMETRICS_SUFFIXES}
                 for sample in metric.samples:
-                    line = self._line(sample)
-                    for suffix in OPENMETRICS_SUFFIXES:
-                        if sample.name == name + suffix:
-                            moved.setdefault(suffix, []).append(line)
-                            break
+                    suffix = moved_names.get(sample.name)
+                    if suffix is None:
+                        output.append(self._line(sample))
                     else:
-                        output.append(line)
+                        moved.setdefault(suffix, []).append(self._line(sample))
             except Exception as exception:      # as generate_latest does: say which family it was
                 exception.args = (exception.args or ("",)) + (metric,)
                 raise
