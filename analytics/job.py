@@ -203,6 +203,10 @@ def _assemble(facts: JobFacts, found: dict[str, list[dict]], peak: dict[str, Pea
     if gpu_memory_peak is None:
         gpu_memory_peak = peak_value("gpu_memory")
     initial, final = totals.earliest("loss_first"), totals.newest("loss_last")
+    # The last evaluation is one fact: read from its history series, not again from trainer_eval_loss. A
+    # backend that stores fewer digits (VictoriaMetrics: each block's values to one decimal exponent) may
+    # give two series holding the same value back a unit in the last place apart.
+    last_evaluation = evaluations[-1] if evaluations else None
     checkpoint_seconds = totals.total("checkpoint_seconds")
     step_seconds = totals.total("step_seconds")
     host_cpu_average, host_cpu_baseline = percent(value("host_cpu_average")), percent(value("host_cpu_baseline"))
@@ -251,7 +255,8 @@ def _assemble(facts: JobFacts, found: dict[str, list[dict]], peak: dict[str, Pea
         losses=shapes.Losses(
             initial=initial, final=final, best=totals.lowest("loss_min"), mean=totals.mean_loss(),
             reduction_percent=rounded(100.0 * (initial - final) / initial) if initial and final is not None else None,
-            final_eval_loss=totals.newest("eval_loss"), final_eval_accuracy=totals.newest("eval_accuracy"),
+            final_eval_loss=last_evaluation.loss if last_evaluation else totals.newest("eval_loss"),
+            final_eval_accuracy=last_evaluation.accuracy if last_evaluation else totals.newest("eval_accuracy"),
             best_eval_loss=totals.lowest("eval_loss_min"), best_eval_accuracy=totals.highest("eval_accuracy_max")),
         evaluations=evaluations,
         efficiency=shapes.Efficiency(**scoring.efficiency(average_gpu, average_sps, peak_sps)),

@@ -156,7 +156,7 @@ class JobMetrics:
     def __init__(self, job_id: str, info: JobInfo | None = None, publish: Publish | None = None, *,
                  log_every: int = 50, on_log: Callable[[IntervalStats], None] | None = None,
                  flops_per_sample: float | None = None, peak_flops: float | None = None,
-                 diagnostics: Diagnostics | None = None):
+                 diagnostics: Diagnostics | None = None, resuming: bool = False):
         self.job_id = validate_job_id(job_id)
         self.info = info or JobInfo()
         self.diagnostics = diagnostics or Diagnostics()
@@ -181,7 +181,11 @@ class JobMetrics:
         self.end_time: float | None = None
         self._end_monotonic: float | None = None
         # Counters and held values of the whole job: a resumed process takes them over from the checkpoint
-        # (load_state_dict) before its first scrape, so no series restarts.
+        # (load_state_dict). Until it has (resuming), the job's counters are not published: a scrape during
+        # init would read them from zero, and the jump to the checkpoint's totals would count as the
+        # process's own growth (the fleet's phases and throughput count each process from its first scrape).
+        # When they became known (time.monotonic): start() waits for a scrape after it.
+        self._carried_known_at: float | None = None if resuming else time.monotonic()
         self.steps = 0
         self.samples = 0
         self.checkpoints = 0
@@ -230,9 +234,12 @@ class JobMetrics:
         def histogram(spec):
             return meter.create_histogram(spec.name, unit=spec.unit, description=spec.description)
 
-        def observe(spec, read, counter=False):
-            """An observable instrument showing read() (a number, or None for no sample)."""
+        def observe(spec, read, counter=False, carried=False):
+            """An observable instrument showing read() (a number, or None for no sample); a `carried` one (the
+            job's totals, taken over by a resumed process) only once they are known."""
             def callback(options: CallbackOptions) -> list[Observation]:
+                if carried and self._carried_known_at is None:
+                    return []
                 value = read()
                 return [] if value is None else [Observation(value)]
 
@@ -273,16 +280,16 @@ class JobMetrics:
             observe(inst.JOB_SUBMITTED, lambda: self.info.submitted_at)
             observe(inst.PROCESS_START, lambda: self.phases.process_start)
         observe(inst.HEARTBEAT, time.time)
-        observe(inst.STEPS, self._steps_at_collection, counter=True)
-        observe(inst.SAMPLES, lambda: self.samples, counter=True)
-        observe(inst.CHECKPOINTS, lambda: self.checkpoints, counter=True)
-        observe(inst.LOSS_NONFINITE, lambda: self.nonfinite_losses, counter=True)
-        observe(inst.LOSS_SUM, lambda: self.loss_sum, counter=True)
-        observe(inst.LOSS_INTERVALS, lambda: self.loss_intervals, counter=True)
+        observe(inst.STEPS, self._steps_at_collection, counter=True, carried=True)
+        observe(inst.SAMPLES, lambda: self.samples, counter=True, carried=True)
+        observe(inst.CHECKPOINTS, lambda: self.checkpoints, counter=True, carried=True)
+        observe(inst.LOSS_NONFINITE, lambda: self.nonfinite_losses, counter=True, carried=True)
+        observe(inst.LOSS_SUM, lambda: self.loss_sum, counter=True, carried=True)
+        observe(inst.LOSS_INTERVALS, lambda: self.loss_intervals, counter=True, carried=True)
         observe(inst.LOSS_FIRST, lambda: self.loss_first)
         observe(inst.LOSS_MIN, lambda: self.loss_min)
         observe(inst.STEP_DURATION_MAX, lambda: self.step_duration_max if self.step_times.count else None)
-        observe(inst.EVALUATIONS, lambda: self.evaluations.count, counter=True)
+        observe(inst.EVALUATIONS, lambda: self.evaluations.count, counter=True, carried=True)
         observe(inst.EVAL_LOSS_MIN, lambda: self.eval_loss_min)
         observe(inst.EVAL_ACCURACY_MAX, lambda: self.eval_accuracy_max)
         observe_each(inst.PHASE, lambda options: [Observation(1 if phase == self.phases.phase else 0, {"phase": phase})
@@ -292,10 +299,10 @@ class JobMetrics:
         observe(inst.PROGRESS, self.phases.progress_unix)
         meter.create_observable_counter(
             inst.PHASE_SECONDS.name, unit=inst.PHASE_SECONDS.unit, description=inst.PHASE_SECONDS.description,
-            callbacks=[lambda options: [Observation(seconds, {"phase": phase})
-                                        for phase, seconds in self.phases.totals().items()]])
+            callbacks=[lambda options: [] if self._carried_known_at is None else
+                       [Observation(seconds, {"phase": phase}) for phase, seconds in self.phases.totals().items()]])
         observe(inst.CHECKPOINTED_SECONDS, lambda: self.phases.checkpointed)
-        observe(inst.LOSS_SPIKES, lambda: self.spikes.spikes, counter=True)
+        observe(inst.LOSS_SPIKES, lambda: self.spikes.spikes, counter=True, carried=True)
         observe(inst.STACK_DUMPS, lambda: self._stack_watch.dumps if self._stack_watch else None, counter=True)
         for spec, field in ((inst.EVAL_HISTORY_INDEX, "index"), (inst.EVAL_HISTORY_STEP, "step"),
                             (inst.EVAL_HISTORY_TIME, "time"), (inst.EVAL_HISTORY_LOSS, "loss"),
@@ -359,6 +366,7 @@ class JobMetrics:
         self.spikes.spikes = int(state.get("loss_spikes", 0))
         self.phases.load_state_dict(state.get("phases") or {})
         self._new_interval(time.perf_counter())
+        self._carried_known_at = time.monotonic()
 
     # ----- lifecycle ---------------------------------------------------------------------------------
     @property
@@ -378,11 +386,14 @@ class JobMetrics:
     @_never_raises
     def start(self, give_up: Callable[[], bool] = lambda: False) -> "JobMetrics":
         """Mark the job running. When it was announced to Prometheus, first wait (up to the publication's
-        linger timeout, or until give_up() holds) for a scrape, so Prometheus holds the job from its first
-        step."""
+        linger timeout, or until give_up() holds) for a scrape that read the job's totals (a resumed process's
+        after load_state_dict), so Prometheus holds the job from its first step."""
         publication = self._publication
+        if self._carried_known_at is None:            # resuming, but no checkpoint was found: a fresh start
+            self._carried_known_at = time.monotonic()
+        known_at = self._carried_known_at
         if publication.announced and self.start_time is None:
-            if not publication.scrapers.wait(lambda: publication.scrapers.any_since(float("-inf")),
+            if not publication.scrapers.wait(lambda: publication.scrapers.any_since(known_at),
                                              publication.publish.linger_timeout, give_up) and not give_up():
                 log.warning("job %s: not scraped within %.0fs of announcing itself; starting anyway",
                             self.job_id, publication.publish.linger_timeout)

@@ -315,7 +315,7 @@ def run_job(config: TrainConfig, stop: StopFlag | None = None) -> int:
             Publish(listen=config.metrics_listen, targets_dir=config.targets_dir, job_dir=config.job_dir,
                     gpus=physical_gpu_indices(device), linger_timeout=config.linger_timeout,
                     web_config=web_config, register_url=config.register_url),
-            log_every=config.log_every, on_log=progress, flops_per_sample=model.flops_per_sample(),
+            log_every=config.log_every, on_log=progress, resuming=config.resume, flops_per_sample=model.flops_per_sample(),
             peak_flops=config.peak_flops or device_peak_flops(device),
             diagnostics=Diagnostics(
                 stacks_dir=config.diagnostics_dir, hang_seconds=config.hang_seconds, loss_spike_z=config.loss_spike_z,

@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from trainmetrics.exporters.collectors.jobs import MAX_MAPPING_BYTES, JobsCollector, JobTracker, read_mapping_file
+from trainmetrics.exporters.collectors.jobs import (MAX_MAPPING_BYTES, MAX_SCAN_PAUSE, SETTLE_SECONDS, JobsCollector,
+                                                   JobTracker, read_mapping_file)
 from trainmetrics.exporters.exporter import Exporter
 from tests.exporters.exporter_fixtures import parse_exposition
 from trainmetrics.jobmap import JobMapping, process_start_ticks, write_job_mapping
@@ -59,7 +60,10 @@ def test_job_tree_is_attributed_and_dropped_when_its_file_goes(tmp_path, start_j
     assert snapshot.gpus == {"tree-1": frozenset({0})}
     assert snapshot.usage["tree-1"].rss_bytes > 1 << 20
     path.unlink()
-    assert tracker.update(1.2).usage == {}
+    # Dropped at the next listing. Finding the tree read every process's stat: on a busy host that costs over
+    # SCAN_SHARE of the next 0.1 s, which holds the next listing back (up to MAX_SCAN_PAUSE); and a removal in
+    # the write's clock tick leaves the directory's mtime as it was (a listing SETTLE_SECONDS later).
+    assert tracker.update(1.1 + max(MAX_SCAN_PAUSE, SETTLE_SECONDS)).usage == {}
 
 
 def test_cpu_time_of_reaped_children_stays_in_the_counter(tmp_path, start_job):

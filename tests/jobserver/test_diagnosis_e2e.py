@@ -158,7 +158,10 @@ def test_slow_evaluations_and_checkpoints_are_not_a_hang_and_a_clean_job_has_no_
     assert scaled.query(f'max_over_time(ALERTS{{alertname="TrainerRankStuck",job_id="diag-stall"}}{window})')
     alerts = 'ALERTS{job_id="diag-phases",alertname=~"TrainerHang|TrainerRankStuck|TrainerLossSpike"}'
     for server in (scaled, prometheus):
-        assert server.query(f"max_over_time({alerts}{window})") == []
+        fired = server.query(f"max_over_time({alerts}{window})")
+        assert fired == [], [(alert["metric"], server.query_range(
+            f'{alerts[:-1]},alertname="{alert["metric"]["alertname"]}"}}', time.time() - 300, time.time(), 1))
+            for alert in fired]
 
 
 def test_a_loss_spike_is_flagged_alerted_and_pauses_the_job_that_asked(stack):

@@ -105,6 +105,23 @@ def analytics(client, job_id: str) -> dict:
     return answer.json()
 
 
+def killed_run_steps(prometheus, job_id: str, checkpoint: int) -> tuple[float, float]:
+    """The killed process's steps at its last scrape, and its mean step time from its last scrape at or before
+    the checkpoint's step to its last: from its raw samples (the killed run is the process whose count
+    stopped past the checkpoint short of the job's end)."""
+    def raw(metric: str) -> dict[str, dict[float, float]]:
+        found = prometheus.query(f'{metric}{{job_id="{job_id}"}}[10m]')
+        return {s["metric"]["instance"]: {float(t): float(v) for t, v in s["values"]} for s in found}
+
+    steps, sums = raw("trainer_steps_total"), raw("trainer_step_duration_seconds_sum")
+    counts = raw("trainer_step_duration_seconds_count")
+    killed = next(instance for instance, samples in steps.items() if checkpoint < max(samples.values()) < 200)
+    at_checkpoint = max(t for t, value in steps[killed].items() if value <= checkpoint and t in sums[killed])
+    last = max(t for t in steps[killed] if t in sums[killed])
+    took = sums[killed][last] - sums[killed][at_checkpoint]
+    return steps[killed][last], took / (counts[killed][last] - counts[killed][at_checkpoint])
+
+
 def test_a_single_runs_phases_add_up_to_its_wall_clock_within_1_percent(ledger_run):
     client, seen = ledger_run
     report = analytics(client, "gp-first")
@@ -129,13 +146,11 @@ def test_queued_paused_and_lost_time_are_what_happened(ledger_run, stack):
     down_low, down_high = seen["resume2_sent"] - seen["killed"], seen["running3"] - seen["killed"] + 0.5
     assert pause_low + down_low <= seconds["paused"] <= pause_high + down_high
     assert pause_low >= 5
-    # Lost: the steps the killed process took after the checkpoint, each STEP_SECONDS and a little more.
-    killed = prometheus.query('max_over_time(trainer_step_duration_seconds_sum{job_id="gp-ledger"}[10m]) '
-                              '/ max_over_time(trainer_step_duration_seconds_count{job_id="gp-ledger"}[10m])')
-    per_step = {s["metric"]["instance"]: float(s["value"][1]) for s in killed}
-    steps_at_kill = max(float(s["value"][1]) for s in prometheus.query(
-        'max_over_time(trainer_steps_total{job_id="gp-ledger"}[10m]) < 200'))      # the killed run's last
-    step_time = max(per_step.values())
+    # Lost: the steps the killed process took after the checkpoint, each STEP_SECONDS and a little more, and
+    # the step it was in at its last scrape. The steps are timed as the killed process's own step-time sums
+    # say they went from its last scrape at or before the checkpoint on: a loaded host slows some stretches
+    # of a run, so the run's mean step would misjudge these ones.
+    steps_at_kill, step_time = killed_run_steps(prometheus, "gp-ledger", seen["checkpoint"])
     thrown_away = (steps_at_kill - seen["checkpoint"]) * step_time
     assert thrown_away > 15 * STEP_SECONDS
     assert seconds["lost"] == pytest.approx(thrown_away, abs=step_time + 0.02)

@@ -123,6 +123,75 @@ def test_a_resumed_process_carries_the_jobs_statistics_on():
     second.close()
 
 
+CARRIED_COUNTERS = ("trainer_steps_total", "trainer_samples_total", "trainer_checkpoints_total",
+                    "trainer_loss_sum_total", "trainer_loss_intervals_total", "trainer_evaluations_total",
+                    "trainer_phase_seconds_total")
+
+
+def saved_job_state() -> dict:
+    first = JobMetrics("lib-carried", log_every=1)
+    first.start()
+    for loss in (2.0, 1.0):
+        first.step(loss=loss, samples=4)
+    first.eval(loss=0.9, accuracy=0.6)
+    with first.checkpoint():
+        pass
+    saved = json.loads(json.dumps(first.state_dict()))
+    first.pause()
+    first.close()
+    return saved
+
+
+def test_a_resuming_process_publishes_the_jobs_counters_only_once_it_has_them():
+    # Scraped during init, a resumed process would show its counters at zero and then jump to the
+    # checkpoint's totals: the fleet's phases and throughput would count the whole job again as its growth.
+    saved = saved_job_state()
+    second = JobMetrics("lib-carried", resuming=True, log_every=1)
+    before = samples_by_name(second)
+    assert not set(CARRIED_COUNTERS) & set(before)
+    assert "trainer_heartbeat_timestamp_seconds" in before and state_of(second) == "queued"
+    second.load_state_dict(saved)
+    after = samples_by_name(second)
+    assert value(second, "trainer_steps_total") == 2 and value(second, "trainer_checkpoints_total") == 1
+    compute = {s.labels["phase"]: s.value for s in after["trainer_phase_seconds_total"]}["compute"]
+    assert compute >= saved["phases"]["compute"] > 0
+    second.start()
+    second.step(loss=1.0, samples=4)
+    assert value(second, "trainer_steps_total") == 3
+    second.finish("completed")
+    second.close()
+
+
+def test_a_resuming_process_without_a_checkpoint_publishes_its_counters_at_start():
+    metrics = JobMetrics("lib-nothing-to-resume", resuming=True)
+    assert "trainer_steps_total" not in samples_by_name(metrics)
+    metrics.start()
+    assert value(metrics, "trainer_steps_total") == 0
+    metrics.finish("completed")
+    metrics.close()
+
+
+def test_start_waits_for_a_scrape_that_read_the_carried_totals(tmp_path):
+    saved = saved_job_state()
+    metrics = JobMetrics("lib-carried", publish=Publish(targets_dir=tmp_path, linger_timeout=30), resuming=True)
+    scraper = Scraper(metrics.metrics_port)
+    assert "trainer_steps_total" not in scraper.scrape()          # scraped during init: no totals yet
+    metrics.load_state_dict(saved)
+    starter = threading.Thread(target=metrics.start)
+    starter.start()
+    starter.join(timeout=0.5)
+    assert starter.is_alive()            # that scrape did not read the totals: Prometheus would miss them
+    assert scraper.scrape()["trainer_steps_total"][0].value == 2
+    starter.join(timeout=10)
+    assert not starter.is_alive() and metrics.state == "running"
+    metrics.finish("completed")
+    closer = threading.Thread(target=metrics.close)
+    closer.start()
+    scraper.scrape()
+    closer.join(timeout=10)
+    scraper.close()
+
+
 def test_step_histogram_uses_training_buckets_and_counts_every_step():
     metrics = JobMetrics("lib-2")
     metrics.start()
