@@ -77,6 +77,12 @@ def gather_objects(ctx: Distributed, value) -> list:
     return gathered
 
 
+def barrier(ctx: Distributed) -> None:
+    """Wait until every rank is here (on the gloo control group; every rank must call it)."""
+    if ctx.enabled:
+        dist.barrier(group=ctx.control_group)
+
+
 def mark_collectives(model, phases) -> None:
     """Count the time a rank waits in DDP's gradient all-reduce as the `collective` phase: a communication hook
     enters it when the first bucket goes out (the loop marks `optimizer` once backward returns). A rank that

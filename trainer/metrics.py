@@ -697,7 +697,7 @@ class JobMetrics:
             yield
         finally:
             self.phases.enter(previous if previous in (INIT, RESTORE) else COMPUTE)
-            if name == EVAL:            # an evaluation is not a training step's time either
+            if name in (EVAL, CHECKPOINT):     # nor is an evaluation or a wait for rank 0's checkpoint write
                 self._last_step_end = time.perf_counter()
 
     def _loss_spike(self, loss: float) -> None:

@@ -23,7 +23,7 @@ from trainmetrics.trainer.checkpoint import FINAL_MODEL_NAME, atomic_save, ensur
 from trainmetrics.trainer.config import TrainConfig
 from trainmetrics.trainer.data import Dataset, load_dataset
 from trainmetrics.trainer.metrics import Diagnostics, IntervalStats, JobInfo, JobMetrics
-from trainmetrics.trainer.phases import OPTIMIZER
+from trainmetrics.trainer.phases import CHECKPOINT, EVAL, OPTIMIZER
 from trainmetrics.trainer.models import ModelError, build_model, device_peak_flops
 from trainmetrics.trainer.outcome import Outcome, bad_input
 from trainmetrics.trainer.stopping import StopFlag
@@ -118,11 +118,20 @@ class Trainer:
         self.metrics.end_interval()
         metrics_by_rank = distributed.gather_objects(self.dist, self.metrics.state_dict())
         if not self.dist.is_main:
+            # The other ranks wait for the write in the checkpoint phase. Without the barrier they would wait
+            # in the next step's all-reduce: that step's time would hold the write, and the hang watchdog, the
+            # hang alerts and the per-rank phases would take it for a collective that does not finish.
+            with self.metrics.phase(CHECKPOINT):
+                distributed.barrier(self.dist)
             return
-        with self.metrics.checkpoint():
-            save_checkpoint(self.config.checkpoint_dir, self.state(metrics_by_rank), keep=self.config.keep_checkpoints)
-            if self.faults is not None:
-                self.faults.during_checkpoint()
+        try:
+            with self.metrics.checkpoint():
+                save_checkpoint(self.config.checkpoint_dir, self.state(metrics_by_rank),
+                                keep=self.config.keep_checkpoints)
+                if self.faults is not None:
+                    self.faults.during_checkpoint()
+        finally:
+            distributed.barrier(self.dist)
 
     # ----- the loop ----------------------------------------------------------------------------------
     def epoch_order(self, epoch: int) -> list[int]:
@@ -202,13 +211,19 @@ class Trainer:
         return distributed.agree_on_stop(self.dist, self.stop.outcome)
 
     def evaluate(self) -> None:
-        """Loss and accuracy on the held-out split, published as eval series (by rank 0): the eval phase."""
+        """Loss and accuracy on the held-out split, published as eval series (by rank 0): the eval phase, in
+        which the other ranks wait for it (as for a checkpoint write)."""
         if not self.dist.is_main:
+            with self.metrics.phase(EVAL):
+                distributed.barrier(self.dist)
             return
-        with self.metrics.phase("eval"), torch.no_grad():
-            self._evaluate()
-            if self.faults is not None:
-                self.faults.during_eval()
+        try:
+            with self.metrics.phase(EVAL), torch.no_grad():
+                self._evaluate()
+                if self.faults is not None:
+                    self.faults.during_eval()
+        finally:
+            distributed.barrier(self.dist)
 
     def _evaluate(self) -> None:
         self.net.eval()
