@@ -59,13 +59,18 @@ def initialize(ctx: Distributed, device: torch.device) -> None:
     ctx.control_group = dist.new_group(backend="gloo")
 
 
-def agree_on_stop(ctx: Distributed, local_outcome: str | None) -> str | None:
-    """The stop every rank takes at this step: the strongest request any rank received (or None)."""
+def agree_on_stop(ctx: Distributed, local_outcome: str | None,
+                  keep_last_checkpoint: bool = False) -> tuple[str | None, int | None]:
+    """The stop every rank takes at this step: the strongest request any rank received (or None), and the
+    highest rank that asked to stop without a new checkpoint (a loss spike), or None. Every rank must take
+    both: a rank that wrote a checkpoint while another did not would wait for it in the gather forever."""
     if not ctx.enabled:
-        return local_outcome
-    flag = torch.tensor([_OUTCOME_CODES[local_outcome]], dtype=torch.int32)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=ctx.control_group)
-    return {code: outcome for outcome, code in _OUTCOME_CODES.items()}[int(flag.item())]
+        return local_outcome, ctx.rank if keep_last_checkpoint else None
+    flags = torch.tensor([_OUTCOME_CODES[local_outcome], ctx.rank + 1 if keep_last_checkpoint else 0],
+                         dtype=torch.int32)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=ctx.control_group)
+    outcome, keeping = (int(flag) for flag in flags.tolist())
+    return {code: name for name, code in _OUTCOME_CODES.items()}[outcome], keeping - 1 if keeping else None
 
 
 def gather_objects(ctx: Distributed, value) -> list:

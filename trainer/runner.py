@@ -178,17 +178,19 @@ class Trainer:
                 self.optimizer.step()
                 self.batch_in_epoch += 1
                 metrics.step(loss=loss, samples=len(inputs))
-                if config.checkpoint_every and metrics.steps % config.checkpoint_every == 0:
+                checkpoint_due = bool(config.checkpoint_every) and metrics.steps % config.checkpoint_every == 0
+                # Decided before a checkpoint is written: one after a loss spike would hold its weights.
+                outcome = self.stop_outcome(checkpoint_due)
+                if outcome and self.stop.keep_last_checkpoint:     # the last checkpoint is from before the spike
+                    log.info("job %s: %s at step %d without a checkpoint: %s", config.job_id,
+                             STOP_VERBS[outcome], metrics.steps, self.stop.reason)
+                    return outcome
+                if checkpoint_due:
                     self.checkpoint()
                 if config.eval_every and metrics.steps % config.eval_every == 0:
                     self.evaluate()
                     self.model.train()
-                outcome = self.stop_outcome()
                 if outcome:
-                    if self.stop.keep_last_checkpoint:     # a loss spike: the last checkpoint is from before it
-                        log.info("job %s: %s at step %d without a checkpoint: %s", config.job_id,
-                                 STOP_VERBS[outcome], metrics.steps, self.stop.reason)
-                        return outcome
                     log.info("job %s: %s requested, checkpointing at step %d and stopping", config.job_id,
                              STOP_VERBS[outcome], metrics.steps)
                     self.checkpoint()
@@ -202,13 +204,18 @@ class Trainer:
             atomic_save(self.net.state_dict(), Path(config.checkpoint_dir) / FINAL_MODEL_NAME)
         return "completed"
 
-    def stop_outcome(self) -> str | None:
-        """"paused" or "cancelled" when this step is where the job stops (every rank at the same step)."""
+    def stop_outcome(self, checkpoint_due: bool = False) -> str | None:
+        """"paused" or "cancelled" when this step is where the job stops (every rank at the same step: ranks
+        agree every STOP_CHECK_EVERY steps and before each checkpoint)."""
         if not self.dist.enabled:
             return self.stop.outcome
-        if self.metrics.steps % distributed.STOP_CHECK_EVERY:
+        if self.metrics.steps % distributed.STOP_CHECK_EVERY and not checkpoint_due:
             return None
-        return distributed.agree_on_stop(self.dist, self.stop.outcome)
+        outcome, keeping_rank = distributed.agree_on_stop(self.dist, self.stop.outcome, self.stop.keep_last_checkpoint)
+        if keeping_rank is not None and not self.stop.keep_last_checkpoint:    # another rank's loss spike
+            self.stop.keep_last_checkpoint = True
+            self.stop.reason = f"loss spike on rank {keeping_rank}"
+        return outcome
 
     def evaluate(self) -> None:
         """Loss and accuracy on the held-out split, published as eval series (by rank 0): the eval phase, in

@@ -76,3 +76,33 @@ def test_analytics_treat_the_ranks_as_one_job(finished_ddp_job, analytics_get):
     body = response.json()
     assert body["status"] == "completed"
     assert body["performance"]["total_samples"] == 9600
+
+
+@pytest.mark.parametrize("spiking_rank", [0, 1])
+def test_a_loss_spike_on_one_rank_pauses_every_rank_without_a_checkpoint_after_it(tmp_path, spiking_rank):
+    """The rank that sees the spike keeps the last checkpoint; the others must agree, or rank 0 would write one
+    holding the spike's weights (rank 1 spiking) or wait forever in the checkpoint's gather (rank 0 spiking).
+    Checkpoints every 10 steps; the batch of step 81 is corrupted, its interval (81..85) flags the spike, and
+    the ranks agree at step 90, before the checkpoint due then."""
+    import json
+    import os
+
+    from trainmetrics.jobfiles import list_checkpoints, read_result
+
+    env = {**os.environ, "TRAINMETRICS_FAULTS": json.dumps(
+        {"corrupt_batch": {"rank": spiking_rank, "step": 81, "scale": 1000}})}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "trainmetrics", "train", "--job-id", f"ddp-spike-{spiking_rank}", "--dataset", "blobs",
+         "--epochs", "3", "--batch-size", "32", "--log-every", "5", "--checkpoint-every", "10",
+         "--on-loss-spike", "pause", "--checkpoint-dir", str(tmp_path / "ckpt"),
+         "--result-file", str(tmp_path / "result.json")],
+        capture_output=True, text=True, timeout=120, env=env)
+    # Every rank ended paused (torchrun itself exits 1 when a rank does not exit 0, and stops the others).
+    summaries = [parse_summary(line) for line in result.stdout.splitlines() if line.startswith("summary ")]
+    assert sorted((s["rank"], s["state"]) for s in summaries) == [(0, "paused"), (1, "paused")], \
+        result.stdout[-3000:] + result.stderr[-3000:]
+    outcome = read_result(tmp_path / "result.json")
+    assert outcome["state"] == "paused"
+    assert outcome["reason"] == ("loss spike at step 85" if spiking_rank == 0 else "loss spike on rank 1")
+    assert max(c.step for c in list_checkpoints(tmp_path / "ckpt")) == 80
