@@ -18,9 +18,9 @@ import time
 from collections.abc import Iterable
 
 from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.exposition import generate_latest
 
 from trainmetrics.exporters.collectors.base import Collector, CollectorUnavailable
+from trainmetrics.exposition import TextExposition
 from trainmetrics.metrics_http import MetricsHTTPServer
 from trainmetrics.webconfig import WebConfig
 
@@ -160,6 +160,9 @@ class Exporter:
         self.clock = clock
         self.self_metrics = SelfMetrics(self.runners)
         self._chunks: dict[str, tuple[int, bytes]] = {}
+        # generate_latest's text with each series' escaped name and labels kept: one writer per collector.
+        self._writers = {runner.name: TextExposition() for runner in self.runners}
+        self._self_writer = TextExposition()
         self._snapshot = b""
         self._stop = threading.Event()
         self._lock = threading.Lock()  # guards _loops and every runner's `running`
@@ -196,7 +199,7 @@ class Exporter:
                 continue
             generation = runner.generation
             try:
-                text = generate_latest(runner)
+                text = self._writers[runner.name].render(runner)
             except Exception as error:  # a bug in collect(): drop its series, keep the scrape
                 log.error("collector %s failed to render: %s: %s", runner.name, type(error).__name__, error)
                 runner.errors["render"] = error
@@ -206,7 +209,7 @@ class Exporter:
             self._chunks[runner.name] = (generation, text)
             chunks.append(text)
         self.self_metrics.stalled = stalled
-        chunks.append(generate_latest(self.self_metrics))
+        chunks.append(self._self_writer.render(self.self_metrics))
         self._snapshot = b"".join(chunks)
         return self._snapshot
 
