@@ -105,21 +105,27 @@ def analytics(client, job_id: str) -> dict:
     return answer.json()
 
 
-def killed_run_steps(prometheus, job_id: str, checkpoint: int) -> tuple[float, float]:
-    """The killed process's steps at its last scrape, and its mean step time from its last scrape at or before
-    the checkpoint's step to its last: from its raw samples (the killed run is the process whose count
-    stopped past the checkpoint short of the job's end)."""
-    def raw(metric: str) -> dict[str, dict[float, float]]:
-        found = prometheus.query(f'{metric}{{job_id="{job_id}"}}[10m]')
+def killed_run(prometheus, job_id: str, checkpoint: int) -> dict[str, float]:
+    """What the killed process did after the checkpoint it was resumed from, from its raw samples (the killed
+    run is the process whose count stopped past the checkpoint short of the job's end): its steps at its last
+    scrape, its mean step time from its last scrape at or before the checkpoint's step to its last, and its
+    evaluation seconds (it ran from the pause, within the first epoch, to the kill, within the second: its only
+    evaluation is the first epoch's, right after the checkpoint at its end, which the resumed run did again)."""
+    def raw(metric: str, labels: str = "") -> dict[str, dict[float, float]]:
+        found = prometheus.query(f'{metric}{{job_id="{job_id}"{labels}}}[10m]')
         return {s["metric"]["instance"]: {float(t): float(v) for t, v in s["values"]} for s in found}
 
     steps, sums = raw("trainer_steps_total"), raw("trainer_step_duration_seconds_sum")
     counts = raw("trainer_step_duration_seconds_count")
+    evals = raw("trainer_phase_seconds_total", ',phase="eval"')
     killed = next(instance for instance, samples in steps.items() if checkpoint < max(samples.values()) < 200)
-    at_checkpoint = max(t for t, value in steps[killed].items() if value <= checkpoint and t in sums[killed])
-    last = max(t for t in steps[killed] if t in sums[killed])
+    scraped = [t for t in steps[killed] if t in sums[killed] and t in evals[killed]]
+    at_checkpoint = max(t for t in scraped if steps[killed][t] <= checkpoint)
+    last = max(scraped)
     took = sums[killed][last] - sums[killed][at_checkpoint]
-    return steps[killed][last], took / (counts[killed][last] - counts[killed][at_checkpoint])
+    return {"steps": steps[killed][last],
+            "step_time": took / (counts[killed][last] - counts[killed][at_checkpoint]),
+            "eval": evals[killed][last] - evals[killed][min(scraped)]}
 
 
 def test_a_single_runs_phases_add_up_to_its_wall_clock_within_1_percent(ledger_run):
@@ -150,24 +156,27 @@ def test_queued_paused_and_lost_time_are_what_happened(ledger_run, stack):
     # the step it was in at its last scrape. The steps are timed as the killed process's own step-time sums
     # say they went from its last scrape at or before the checkpoint on: a loaded host slows some stretches
     # of a run, so the run's mean step would misjudge these ones.
-    steps_at_kill, step_time = killed_run_steps(prometheus, "gp-ledger", seen["checkpoint"])
-    thrown_away = (steps_at_kill - seen["checkpoint"]) * step_time
-    assert thrown_away > 15 * STEP_SECONDS
-    assert seconds["lost"] == pytest.approx(thrown_away, abs=step_time + 0.02)
+    killed = killed_run(prometheus, "gp-ledger", seen["checkpoint"])
+    thrown_away = (killed["steps"] - seen["checkpoint"]) * killed["step_time"]
+    assert thrown_away > 15 * STEP_SECONDS and killed["eval"] > 0
+    assert seconds["lost"] == pytest.approx(thrown_away + killed["eval"], abs=killed["step_time"] + 0.02)
     assert report["performance"]["total_steps"] == 200 and report["status"] == "completed"
 
 
-def test_the_fleet_summary_adds_up_the_jobs_phases(ledger_run):
+def test_the_fleet_summary_adds_up_the_jobs_phases(ledger_run, stack):
     client, seen = ledger_run
+    _, prometheus = stack
     jobs = [analytics(client, job_id)["goodput"]["seconds"] for job_id in ("gp-first", "gp-ledger")]
     answer = client.get("/api/training/analytics/summary", params={"range": "10m"})
     assert answer.status_code == 200, answer.text
     fleet = answer.json()["goodput"]["seconds"]
-    # Each process counts from its first scrape (a job's steps all come after it), and the fleet's steps
-    # include those a kill threw away (a job's ledger calls them lost).
+    # Each process counts from its first scrape (a job's steps all come after it), and the fleet counts what a
+    # kill threw away in its phases (a job's ledger calls it lost): an evaluation, the rest steps.
+    thrown_away_eval = killed_run(prometheus, "gp-ledger", seen["checkpoint"])["eval"]
+    thrown_away = {"step": jobs[1]["lost"] - thrown_away_eval, "eval": thrown_away_eval}
     for phase in ("step", "data_wait", "eval", "checkpoint"):
-        lost = jobs[1]["lost"] if phase == "step" else 0.0
-        assert fleet[phase] == pytest.approx(sum(job[phase] for job in jobs) + lost, abs=0.1), (phase, fleet, jobs)
+        expected = sum(job[phase] for job in jobs) + thrown_away.get(phase, 0.0)
+        assert fleet[phase] == pytest.approx(expected, abs=0.1), (phase, fleet, jobs)
     for phase in ("queued", "paused"):             # exact as the jobs' own ledgers
         assert fleet[phase] == pytest.approx(sum(job[phase] for job in jobs), abs=0.01), (phase, fleet, jobs)
     assert 0 < answer.json()["goodput"]["goodput_ratio"] < 1
