@@ -49,7 +49,10 @@ class Outcome:
             except OSError as error:
                 log.error("job %s: cannot write the result file %s: %s", self.config.job_id,
                           self.config.result_file, error.strerror or error)
-        print("summary " + strict_json(result), flush=True)
+        # One write, newline included: torchrun runs its ranks unbuffered (PYTHONUNBUFFERED=1) on one shared
+        # stdout, where print()'s separate write of the newline let two ranks' lines run into one.
+        sys.stdout.write("summary " + strict_json(result) + "\n")
+        sys.stdout.flush()
 
 
 def bad_input(config, message: str) -> int:

@@ -165,3 +165,30 @@ def test_progress_draws_a_bar_on_a_terminal_and_plain_lines_otherwise(tmp_path):
 
     piped = run_train(*args)
     assert piped.returncode == 0 and "step=10 samples=640" in piped.stderr and "50/50" not in piped.stderr
+
+
+def test_the_summary_line_is_one_write_so_ranks_sharing_stdout_never_run_into_each_other(monkeypatch):
+    """torchrun runs every rank unbuffered on one shared stdout: a line written in two parts (print() writes
+    its newline apart) can end up as `summary {rank 1}summary {rank 0}`, which no reader can parse."""
+    from types import SimpleNamespace
+
+    from trainmetrics.trainer.outcome import Outcome
+
+    class Unbuffered:
+        def __init__(self):
+            self.writes = []
+
+        def write(self, text):
+            self.writes.append(text)
+
+        def flush(self):
+            pass
+
+    stdout = Unbuffered()
+    monkeypatch.setattr("sys.stdout", stdout)
+    outcome = Outcome(SimpleNamespace(job_id="one-write", result_file=None),
+                      SimpleNamespace(rank=1, world_size=2, is_main=False))
+    outcome.state = "completed"
+    outcome.report(outcome.result(None))
+    assert len(stdout.writes) == 1 and stdout.writes[0].startswith("summary {") and stdout.writes[0].endswith("}\n")
+    assert parse_summary(stdout.writes[0].rstrip("\n"))["rank"] == 1
