@@ -175,5 +175,6 @@ def main() -> None:
     print(f"throughput per CPU second, instrumented / uninstrumented: {ratio(off, on):.4f}  (goal >= 0.99); "
           f"halves {ratio(off[:half], on[:half]):.4f}, {ratio(off[half:], on[half:]):.4f}")
 
+
 if __name__ == "__main__":
     main()

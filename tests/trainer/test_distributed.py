@@ -1,10 +1,13 @@
 """A 2-rank CPU job under torchrun (gloo, DistributedDataParallel) end to end through a real Prometheus."""
 
+import json
+import os
 import subprocess
 import sys
 
 import pytest
 
+from trainmetrics.jobfiles import list_checkpoints, read_result
 from trainmetrics.prometheus_process import PrometheusServer
 
 from .conftest import parse_summary
@@ -12,20 +15,26 @@ from .conftest import parse_summary
 JOB_ID = "ddp-e2e-1"
 
 
+def run_two_ranks(*train_args: str, timeout: float, env: dict | None = None) -> tuple[subprocess.CompletedProcess,
+                                                                                     list[dict]]:
+    """`trainmetrics train ARGS` as 2 ranks under torchrun, and the ranks' summaries, in rank order."""
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "trainmetrics", "train", *train_args], capture_output=True, text=True, timeout=timeout, env=env)
+    summaries = sorted((parse_summary(line) for line in result.stdout.splitlines() if line.startswith("summary ")),
+                       key=lambda s: s["rank"])
+    return result, summaries
+
+
 @pytest.fixture(scope="module")
 def finished_ddp_job(tmp_path_factory):
     work = tmp_path_factory.mktemp("ddp")
     prometheus = PrometheusServer(work / "prometheus").start()
     try:
-        result = subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-             "-m", "trainmetrics", "train", "--job-id", JOB_ID, "--dataset", "blobs", "--epochs", "3",
-             "--batch-size", "32", "--log-every", "10", "--checkpoint-dir", str(work / "ckpt"),
-             "--targets-dir", str(prometheus.targets_dir)],
-            capture_output=True, text=True, timeout=300)
+        result, summaries = run_two_ranks(
+            "--job-id", JOB_ID, "--dataset", "blobs", "--epochs", "3", "--batch-size", "32", "--log-every", "10",
+            "--checkpoint-dir", str(work / "ckpt"), "--targets-dir", str(prometheus.targets_dir), timeout=300)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        summaries = sorted((parse_summary(line) for line in result.stdout.splitlines() if line.startswith("summary ")),
-                           key=lambda s: s["rank"])
         yield prometheus, summaries, work
     finally:
         prometheus.stop()
@@ -84,23 +93,15 @@ def test_a_loss_spike_on_one_rank_pauses_every_rank_without_a_checkpoint_after_i
     holding the spike's weights (rank 1 spiking) or wait forever in the checkpoint's gather (rank 0 spiking).
     Checkpoints every 10 steps; the batch of step 81 is corrupted, its interval (81..85) flags the spike, and
     the ranks agree at step 90, before the checkpoint due then."""
-    import json
-    import os
-
-    from trainmetrics.jobfiles import list_checkpoints, read_result
-
     env = {**os.environ, "TRAINMETRICS_FAULTS": json.dumps(
         {"corrupt_batch": {"rank": spiking_rank, "step": 81, "scale": 1000}})}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "trainmetrics", "train", "--job-id", f"ddp-spike-{spiking_rank}", "--dataset", "blobs",
-         "--epochs", "3", "--batch-size", "32", "--log-every", "5", "--checkpoint-every", "10",
-         "--on-loss-spike", "pause", "--checkpoint-dir", str(tmp_path / "ckpt"),
-         "--result-file", str(tmp_path / "result.json")],
-        capture_output=True, text=True, timeout=120, env=env)
+    result, summaries = run_two_ranks(
+        "--job-id", f"ddp-spike-{spiking_rank}", "--dataset", "blobs", "--epochs", "3", "--batch-size", "32",
+        "--log-every", "5", "--checkpoint-every", "10", "--on-loss-spike", "pause",
+        "--checkpoint-dir", str(tmp_path / "ckpt"), "--result-file", str(tmp_path / "result.json"),
+        timeout=120, env=env)
     # Every rank ended paused (torchrun itself exits 1 when a rank does not exit 0, and stops the others).
-    summaries = [parse_summary(line) for line in result.stdout.splitlines() if line.startswith("summary ")]
-    assert sorted((s["rank"], s["state"]) for s in summaries) == [(0, "paused"), (1, "paused")], \
+    assert [(s["rank"], s["state"]) for s in summaries] == [(0, "paused"), (1, "paused")], \
         result.stdout[-3000:] + result.stderr[-3000:]
     outcome = read_result(tmp_path / "result.json")
     assert outcome["state"] == "paused"

@@ -97,17 +97,25 @@ def test_loss_statistics_are_exact_whatever_was_scraped():
     metrics.close()
 
 
-def test_a_resumed_process_carries_the_jobs_statistics_on():
+def saved_job_state() -> dict:
+    """A first process's state_dict() after two steps (losses 2.0, 1.0; 4 samples each), an evaluation (0.9,
+    0.6) and a checkpoint, as a checkpoint carries it."""
     first = JobMetrics("lib-resume", log_every=1)
     first.start()
     for loss in (2.0, 1.0):
         first.step(loss=loss, samples=4)
     first.eval(loss=0.9, accuracy=0.6)
-    saved = first.state_dict()
+    with first.checkpoint():
+        pass
+    saved = json.loads(json.dumps(first.state_dict()))
     first.pause()
     first.close()
+    return saved
+
+
+def test_a_resumed_process_carries_the_jobs_statistics_on():
     second = JobMetrics("lib-resume", log_every=1)
-    second.load_state_dict(json.loads(json.dumps(saved)))     # as a checkpoint would carry it
+    second.load_state_dict(saved_job_state())
     second.start()
     second.step(loss=1.5, samples=4)
     second.eval(loss=1.1, accuracy=0.5)
@@ -128,25 +136,11 @@ CARRIED_COUNTERS = ("trainer_steps_total", "trainer_samples_total", "trainer_che
                     "trainer_phase_seconds_total")
 
 
-def saved_job_state() -> dict:
-    first = JobMetrics("lib-carried", log_every=1)
-    first.start()
-    for loss in (2.0, 1.0):
-        first.step(loss=loss, samples=4)
-    first.eval(loss=0.9, accuracy=0.6)
-    with first.checkpoint():
-        pass
-    saved = json.loads(json.dumps(first.state_dict()))
-    first.pause()
-    first.close()
-    return saved
-
-
 def test_a_resuming_process_publishes_the_jobs_counters_only_once_it_has_them():
     # Scraped during init, a resumed process would show its counters at zero and then jump to the
     # checkpoint's totals: the fleet's phases and throughput would count the whole job again as its growth.
     saved = saved_job_state()
-    second = JobMetrics("lib-carried", resuming=True, log_every=1)
+    second = JobMetrics("lib-resume", resuming=True, log_every=1)
     before = samples_by_name(second)
     assert not set(CARRIED_COUNTERS) & set(before)
     assert "trainer_heartbeat_timestamp_seconds" in before and state_of(second) == "queued"
@@ -173,7 +167,7 @@ def test_a_resuming_process_without_a_checkpoint_publishes_its_counters_at_start
 
 def test_start_waits_for_a_scrape_that_read_the_carried_totals(tmp_path):
     saved = saved_job_state()
-    metrics = JobMetrics("lib-carried", publish=Publish(targets_dir=tmp_path, linger_timeout=30), resuming=True)
+    metrics = JobMetrics("lib-resume", publish=Publish(targets_dir=tmp_path, linger_timeout=30), resuming=True)
     scraper = Scraper(metrics.metrics_port)
     assert "trainer_steps_total" not in scraper.scrape()          # scraped during init: no totals yet
     metrics.load_state_dict(saved)
