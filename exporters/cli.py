@@ -14,7 +14,7 @@ import signal
 import sys
 from pathlib import Path
 
-from trainmetrics.command import DEFAULT_EXPORTER_PORT, FlagError, listen_flag, say_listening
+from trainmetrics.command import DEFAULT_EXPORTER_PORT, FlagError, check_directory, listen_flag, say_listening
 from trainmetrics.contract import DEFAULT_JOB_DIR
 from trainmetrics.exporters.collectors import COLLECTORS
 from trainmetrics.webconfig import load_web_config
@@ -101,6 +101,7 @@ def job_dir_flag(value: str | None) -> Path:
     if value is None:
         return Path(DEFAULT_JOB_DIR)  # missing is fine: no jobs until the trainer creates it
     path = Path(value)
+    check_directory("--job-dir", path)
     try:
         path.mkdir(parents=True, exist_ok=True)
         os.listdir(path)

@@ -6,7 +6,7 @@ import importlib.util
 import ipaddress
 from pathlib import Path
 
-from trainmetrics.command import FlagError
+from trainmetrics.command import FlagError, check_directory
 
 
 def add_jobserver_flags(parser: argparse.ArgumentParser) -> None:
@@ -84,6 +84,7 @@ def jobserver_settings(args: argparse.Namespace, host: str, web_config):
         raise FlagError("--max-upload-bytes", f"must be at least 1, got {args.max_upload_bytes}")
     if args.linger_timeout < 0:
         raise FlagError("--linger-timeout", f"must not be negative, got {args.linger_timeout:g}")
+    check_directory("--data-dir", args.data_dir)
     try:
         args.data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:

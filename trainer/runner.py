@@ -16,7 +16,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from trainmetrics.contract import STOP_VERBS, exit_code_for, validate_job_id
+from trainmetrics.command import FlagError, check_directory
+from trainmetrics.contract import STOP_VERBS, TRAIN_OPTIONS, exit_code_for, validate_job_id
 from trainmetrics.datafiles import DatasetError
 from trainmetrics.trainer import distributed, faults
 from trainmetrics.trainer.checkpoint import FINAL_MODEL_NAME, atomic_save, ensure_writable_dir, load_latest, save_checkpoint
@@ -283,10 +284,32 @@ class ProgressReporter:
             self.bar.close()
 
 
+# The options naming a directory the job writes into, checked before anything is written: a file in the way is
+# bad input naming its flag, not an error blamed on another flag (the target file) or found at the very end
+# (the result file).
+OUTPUT_DIRECTORIES = ("checkpoint_dir", "targets_dir", "job_dir", "diagnostics_dir")
+
+
+def check_output_paths(config: TrainConfig) -> None:
+    """FlagError unless every output directory is one or can be created, and the result file's directory
+    exists (it is written in place, atomically, at the end)."""
+    flags = {option.name: option.cli_flag for option in TRAIN_OPTIONS}
+    for name in OUTPUT_DIRECTORIES:
+        if getattr(config, name) is not None:
+            check_directory(flags[name], Path(getattr(config, name)))
+    if config.result_file is not None:
+        result_file = Path(config.result_file)
+        if result_file.is_dir():
+            raise FlagError(flags["result_file"], f"{str(result_file)!r} is a directory")
+        if not result_file.parent.is_dir():
+            raise FlagError(flags["result_file"], f"{str(result_file)!r}: no directory {str(result_file.parent)!r}")
+
+
 def prepare(config: TrainConfig):
     """Validate everything that can be checked before any file is written; raises BadInput."""
     try:
         config.check()
+        check_output_paths(config)
         load_web_config(config.web_config_file)
         validate_job_id(config.job_id)
         device = resolve_device(config.device)
@@ -295,7 +318,7 @@ def prepare(config: TrainConfig):
         load_seconds = time.monotonic() - began
         torch.manual_seed(config.seed)   # same seed, same initial weights: runs are reproducible
         model = build_model(config.model, dataset)
-    except (ValueError, DatasetError, ModelError) as error:
+    except (ValueError, DatasetError, ModelError, FlagError) as error:
         raise BadInput(str(error)) from None
     return device, dataset, model, load_seconds
 

@@ -6,6 +6,7 @@ import argparse
 import errno
 import socket
 import sys
+from pathlib import Path
 
 DEFAULT_ANALYTICS_PORT = 8000
 DEFAULT_EXPORTER_PORT = 9105
@@ -19,6 +20,20 @@ class FlagError(Exception):
     def __init__(self, flag: str, message: str):
         super().__init__(f"{flag}: {message}" if flag else message)
         self.flag = flag
+
+
+def check_directory(flag: str, path: Path) -> None:
+    """FlagError naming the flag unless `path` is a directory, or could be created as one: the path itself or
+    the nearest of its parents that exists must be a directory. Checks only; creates nothing."""
+    try:
+        for part in (path, *path.parents):
+            if part.exists():
+                if part.is_dir():
+                    return
+                where = "" if part == path else f" ({str(part)!r} is a file)"
+                raise FlagError(flag, f"{str(path)!r} is not a directory{where}")
+    except OSError as error:
+        raise FlagError(flag, f"{str(path)!r}: {error.strerror or error}") from None
 
 
 def parse_listen(value: str, default_host: str = "127.0.0.1") -> tuple[str, int]:

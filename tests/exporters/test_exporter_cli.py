@@ -65,7 +65,9 @@ def test_unreadable_job_dir_exits_2_with_one_line(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
     result = run_exporter("--job-dir", str(blocker / "jobs"), "--listen", f"127.0.0.1:{free_port()}")
-    assert_one_line_error(result, f"--job-dir: '{blocker / 'jobs'}' is not readable")
+    assert_one_line_error(result, f"--job-dir: '{blocker / 'jobs'}' is not a directory ('{blocker}' is a file)")
+    result = run_exporter("--job-dir", str(blocker), "--listen", f"127.0.0.1:{free_port()}")
+    assert_one_line_error(result, f"--job-dir: '{blocker}' is not a directory")
 
 
 def test_help_explains_every_option_and_says_each_default_once():

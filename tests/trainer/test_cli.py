@@ -40,8 +40,13 @@ BAD_INPUTS = {
     "npz not a zip": (lambda t: ["--dataset", bad_csv(t, "z.npz", "not a zip")], "not a readable NPZ"),
     "bad job id": (lambda t: ["--job-id", "../etc"], "--job-id must be letters, digits, '.', '_', '-' (first a letter or digit; at most 64), got '../etc'"),
     "bad epochs": (lambda t: ["--epochs", "0"], "--epochs must be at least 1"),
-    "unwritable checkpoint dir": (lambda t: (bad_csv(t, "file", "x"), ["--checkpoint-dir", str(t / "file" / "ck")])[1],
-                                  "is not writable"),
+    "checkpoint dir under a file": (lambda t: (bad_csv(t, "file", "x"), ["--checkpoint-dir", str(t / "file" / "ck")])[1],
+                                    "/file/ck' is not a directory ("),
+    # A file where an output directory goes: named by its own flag, before anything is written.
+    **{f"{flag} a file": (lambda t, flag=flag: [flag, bad_csv(t, "file", "x")], (f"{flag}: '", "/file' is not a directory"))
+       for flag in ("--targets-dir", "--job-dir", "--diagnostics-dir")},
+    "result file a directory": (lambda t: ["--result-file", str(t)], ("--result-file: '", "/inputs' is a directory")),
+    "result file in no directory": (lambda t: ["--result-file", str(t / "nope" / "r.json")], "/nope/r.json': no directory"),
     "bad listen address": (lambda t: ["--metrics-listen", "127.0.0.1:99999"], "--metrics-listen: cannot serve metrics"),
     "bad web config": (lambda t: (bad_csv(t, "web.yml", "tls_config: {}\n"), ["--web.config.file", str(t / "web.yml")])[1],
                        "unknown key(s) ['tls_config']"),
@@ -62,7 +67,7 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(case, tmp_path, capsys)
     code = main(["train", *common, *args])
     stderr = capsys.readouterr().err
     assert code == 2
-    assert message in stderr
+    assert all(part in stderr for part in ((message,) if isinstance(message, str) else message)), stderr
     assert len(stderr.strip().splitlines()) == 1, stderr
     assert list(outputs.rglob("*")) == []
 

@@ -48,6 +48,8 @@ BAD = [
     (["analytics", "--cache-entries", "-1"], "--cache-entries"),
     (["analytics", "--prometheus-url", "ftp://x"], "--prometheus-url"),
     (["server", "--data-dir", "/proc/forbidden", "--listen", "127.0.0.1:0"], "--data-dir"),
+    (["server", "--data-dir", "/proc/self/status", "--listen", "127.0.0.1:0"],
+     "--data-dir: '/proc/self/status' is not a directory"),
     (["server", "--data-dir", "/tmp/x", "--max-concurrent", "0", "--listen", "127.0.0.1:0"], "--max-concurrent"),
     (["server", "--data-dir", "/tmp/x", "--listen", "0.0.0.0:0"], "--listen"),
     (["train", "--epochs", "0"], "--epochs"),
