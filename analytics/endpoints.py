@@ -93,6 +93,8 @@ def _only(request: Request, allowed: set[str]) -> None:
     for name in request.query_params:
         if name not in allowed:
             raise BadParameter(name, f"unknown parameter; this endpoint takes {', '.join(sorted(allowed)) or 'none'}")
+        if len(request.query_params.getlist(name)) > 1:     # which one would count is anybody's guess
+            raise BadParameter(name, "given more than once")
 
 
 def _format(request: Request, tabular: bool) -> str:

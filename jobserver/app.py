@@ -176,6 +176,9 @@ def _allow_only(request: Request, allowed: set[str]) -> None:
     if unknown:
         raise ApiError(400, "bad_request", f"{unknown[0][:40]}: unknown parameter (allowed: "
                                            f"{', '.join(sorted(allowed)) or 'none'})")
+    repeated = sorted(name for name in allowed if len(request.query_params.getlist(name)) > 1)
+    if repeated:        # which one would count is anybody's guess
+        raise ApiError(400, "bad_request", f"{repeated[0]}: given more than once")
 
 
 # ----- routes ----------------------------------------------------------------------------------------------

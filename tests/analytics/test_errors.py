@@ -88,6 +88,7 @@ BAD_PARAMETERS = {
     "job_ids too many": ("/api/training/analytics/compare", {"job_ids": ",".join(f"j{i}" for i in range(11))},
                          "job_ids"),
     "job_ids repeated": ("/api/training/analytics/compare", {"job_ids": "a,b,a"}, "job_ids"),
+    "a parameter given twice": ("/api/training/analytics/summary", [("range", "1h"), ("range", "2h")], "range"),
 }
 
 

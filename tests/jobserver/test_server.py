@@ -154,6 +154,16 @@ def test_bad_job_specs_are_400_naming_the_field(body, field, server_only):
     assert field in response.json()["error"]["message"]
 
 
+@pytest.mark.parametrize("params,problem", [
+    ([("colour", "red")], "colour: unknown parameter"),
+    ([("state", "running"), ("state", "failed")], "state: given more than once"),
+    ([("state", "exploded")], "state: one of"),
+])
+def test_bad_list_parameters_are_400_naming_the_parameter(params, problem, server_only):
+    response = server_only.client().get("/api/training/jobs", params=params)
+    assert response.status_code == 400 and problem in response.json()["error"]["message"], response.text
+
+
 @pytest.fixture(scope="module")
 def server_only(tmp_path_factory):
     server = Server(tmp_path_factory.mktemp("server"), extra=("--max-upload-bytes", "2000"))
