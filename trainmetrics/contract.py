@@ -163,6 +163,8 @@ class Node:
 MODELS = ("mlp", "cnn", "transformer")
 BUILTIN_DATASETS = ("blobs", "digits", "corpus")
 MAX_NPROC = 64
+MAX_WORKERS = 64            # DataLoader processes per rank: a spec must not fork without bound on a shared host
+MAX_SEED = 2**64 - 1        # what torch.manual_seed takes (numpy's generators take any non-negative int)
 MAX_NAME_LENGTH = 200
 
 
@@ -264,8 +266,10 @@ TRAIN_OPTIONS: tuple[Option, ...] = (
     Option("batch_size", int, 64, "samples per optimizer step (per rank)", "training", minimum=1),
     Option("lr", float, 1e-3, "AdamW learning rate", "training", above=0),
     Option("device", str, "auto", "auto, cpu or cuda[:N]", "training", problem=_device_problem),
-    Option("seed", int, 0, "seed for data order and initial weights", "training"),
-    Option("workers", int, 0, "DataLoader worker processes", "training", minimum=0),
+    Option("seed", int, 0, "seed for data order and initial weights", "training", minimum=0,
+           problem=lambda v: None if v <= MAX_SEED else "at most 2**64 - 1"),
+    Option("workers", int, 0, f"DataLoader worker processes, 0..{MAX_WORKERS}", "training", minimum=0,
+           problem=lambda v: None if v <= MAX_WORKERS else f"at most {MAX_WORKERS}"),
     Option("eval_every", int, 0, "evaluate every N steps as well as at each epoch end (0: epoch ends only)",
            "training", minimum=0),
     Option("loss_spike_z", float, 6.0, "a log interval whose mean loss is this many standard deviations above "

@@ -147,6 +147,8 @@ def test_cancel_queue_and_invalid_transitions(tmp_path, executor):
     ({"model": "resnet"}, "model"), ({"dataset": "nope"}, "dataset"), ({"epochs": 0}, "epochs"),
     ({"epochs": "3"}, "epochs"), ({"job_id": "a b"}, "job_id"), ({"colour": "red"}, "colour"),
     ({"lr": -1}, "lr"), ({"batch_size": True}, "batch_size"),
+    # Accepted before, then failed at the start (numpy, torch); a fork per worker with no bound.
+    ({"seed": -1}, "seed"), ({"seed": 2**64}, "seed"), ({"workers": 10**6}, "workers"),
 ])
 def test_bad_job_specs_are_400_naming_the_field(body, field, server_only):
     response = server_only.client().post("/api/training/jobs", json=body)
