@@ -23,6 +23,7 @@ import functools
 import logging
 from bisect import bisect_left
 import math
+import operator
 import signal
 import threading
 import time
@@ -568,7 +569,10 @@ class JobMetrics:
                 phases.enter(COMPUTE, now)
             phases.last_step = phases.progress = now
             self.steps += 1
-            self.samples += samples
+            if samples.__class__ is int and samples >= 0:
+                self.samples += samples
+            else:       # a counter only grows, and by whole samples: one NaN would stay in it for good
+                self._odd_samples(samples)
             if loss is not None:
                 losses = self._losses
                 if getattr(loss, "is_cpu", False):      # a CPU tensor: read now, no sync to avoid, no tensor kept
@@ -588,13 +592,22 @@ class JobMetrics:
         except Exception as error:
             self._step_failed(error, loss, samples)
 
+    def _odd_samples(self, samples) -> None:
+        """step()'s samples when not a plain non-negative int: another integer type (numpy's, a 0-d integer
+        tensor) counts; a negative number, a fraction, NaN, a bool or anything else is left out, said once."""
+        try:
+            if isinstance(samples, bool):
+                raise TypeError("a bool")
+            count = operator.index(samples)
+            if count < 0:
+                raise ValueError("a negative count")
+        except (TypeError, ValueError) as error:
+            self._step_failed(error, None, samples)
+            return
+        self.samples += count
+
     def _step_failed(self, error: Exception, loss, samples) -> None:
-        """A bad value in step(): count what can be counted, say so once, go on."""
-        if isinstance(samples, int) is False:
-            try:
-                self.samples += int(samples)
-            except (TypeError, ValueError):
-                pass
+        """A bad value in step(): say so once, go on."""
         if not self._warned_bad_step:
             self._warned_bad_step = True
             log.warning("job %s: step() got a value it cannot use (%s: %s; loss %r, samples %r); such values "

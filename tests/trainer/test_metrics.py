@@ -12,6 +12,7 @@ import tracemalloc
 import urllib.request
 
 import pytest
+import numpy as np
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -272,6 +273,20 @@ def test_no_metric_call_raises_whatever_it_is_given():
     assert found["trainer_loss"][0].value == 2.0
     assert found["trainer_evaluations_total"][0].value == 2   # counted, their non-numbers left out
     assert "trainer_eval_loss" not in found
+    metrics.close()
+
+
+def test_the_sample_counter_takes_whole_non_negative_counts_only(caplog):
+    """A negative count made the counter go down (a reset to Prometheus) and a NaN stayed in it for good."""
+    metrics = JobMetrics("lib-6b", log_every=1)
+    metrics.start()
+    for odd in (-5, float("nan"), 2.7, True, "many", None):
+        metrics.step(loss=1.0, samples=odd)
+    for whole in (10, np.int64(3), torch.tensor(4)):
+        metrics.step(loss=1.0, samples=whole)
+    assert metrics.steps == 9
+    assert samples_by_name(metrics)["trainer_samples_total"][0].value == 17
+    assert sum("step() got a value it cannot use" in record.message for record in caplog.records) == 1
     metrics.close()
 
 
