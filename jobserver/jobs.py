@@ -52,6 +52,8 @@ class JobService:
     def __init__(self, settings: ServerSettings, store: JobStore, supervisor: Supervisor):
         self.settings, self.store, self.supervisor = settings, store, supervisor
         self.discovery_read_at: float | None = None     # when a scraper last read the service discovery
+        # The last stacks request per job: (monotonic time, the run asked, each rank's stacks-file length before).
+        self._stacks_asked: dict[str, tuple[float, object, dict[int, int]]] = {}
 
     def owner(self, caller: str | None) -> str:
         """The owner recorded on jobs and datasets: the caller's, or 'default' without tokens."""
@@ -146,14 +148,26 @@ class JobService:
 
     def request_stacks(self, caller: str | None, job_id: str) -> tuple[dict, Path, dict[int, int] | None]:
         """Ask a running job's ranks for their thread stacks: (the job, its directory, each rank's stacks-file
-        length before the request), the lengths None when no process was asked (the job is not running)."""
+        length before the request), the lengths None when no process was asked (the job is not running).
+
+        Requests within stacks.ANSWER_SECONDS of the one that asked share its answer: the ranks are asked once
+        (a burst of requests is one dump in their files, and every caller gets that same dump)."""
         job = self.job(caller, job_id)
         path, nproc = self.supervisor.job_path(job.id), job.spec.get("nproc", 1)
         run = self.supervisor.runs.get(job.id)
         if job.state != "running" or run is None:
             return job.public(), path, None
+        now = time.monotonic()
+        asked = self._stacks_asked.get(job.id)
+        if asked is not None and asked[1] is run and now - asked[0] < stacks.ANSWER_SECONDS:
+            return job.public(), path, asked[2]
         before = stacks.sizes(path, nproc)
-        return job.public(), path, before if self.supervisor.executor.request_stacks(run) else None
+        if not self.supervisor.executor.request_stacks(run):
+            return job.public(), path, None
+        self._stacks_asked = {other: entry for other, entry in self._stacks_asked.items()
+                              if now - entry[0] < stacks.ANSWER_SECONDS}
+        self._stacks_asked[job.id] = (now, run, before)
+        return job.public(), path, before
 
     # ----- checkpoints and downloads -----------------------------------------------------------------
     def checkpoints(self, caller: str | None, job_id: str) -> dict:

@@ -1,5 +1,6 @@
 """The job server through a real HTTP server on loopback, real child training processes and a real Prometheus."""
 
+import concurrent.futures
 import json
 import os
 import re
@@ -383,10 +384,17 @@ def test_multi_process_job_pauses_resumes_and_completes_as_one_job(tmp_path, exe
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline and (not log.exists() or log.read_text().count("step=20 ") < 2):
             time.sleep(0.2)                                                              # both ranks training
-        # Every rank's thread stacks, wherever the executor placed it (Ray: through the job's request file).
-        stacks = client.get("/api/training/jobs/ddp-s1/stacks").json()
+        # Every rank's thread stacks, wherever the executor placed it (Ray: through the job's request file). Three
+        # callers at once: the ranks are asked once, and all three get that one dump.
+        files = [tmp_path / "jobs" / "ddp-s1" / f"stacks.rank{rank}.txt" for rank in (0, 1)]
+        dumps_before = [f.read_text().count(" in run_job\n") if f.exists() else 0 for f in files]
+        with concurrent.futures.ThreadPoolExecutor(3) as callers:
+            answers = list(callers.map(lambda _: client.get("/api/training/jobs/ddp-s1/stacks").json(), range(3)))
+        stacks = answers[0]
         assert stacks["fresh"] and stacks["missing_ranks"] == [] and [r["rank"] for r in stacks["ranks"]] == [0, 1]
         assert all("runner.py" in r["stacks"] and "(most recent call first)" in r["stacks"] for r in stacks["ranks"])
+        assert all(answer["ranks"] == stacks["ranks"] for answer in answers), answers
+        assert [f.read_text().count(" in run_job\n") for f in files] == [n + 1 for n in dumps_before]
         assert client.post("/api/training/jobs/ddp-s1/pause").status_code == 202
         paused = wait_job(client, "ddp-s1", lambda j: j["state"] != "running")
         assert paused["state"] == "paused", paused
