@@ -220,13 +220,17 @@ def build_app(components: list[Component], *, web_config: WebConfig | None = Non
     return app
 
 
-def serve(app: Starlette, sock, web_config: WebConfig, on_ready: Callable[[], None] = lambda: None) -> None:
+def serve(app: Starlette, sock, web_config: WebConfig, on_ready: Callable[[], None] = lambda: None, *,
+          client_idle_seconds: float | None = None) -> None:
     """Run an app under uvicorn on an already bound, listening socket, with the web config's TLS; on_ready()
     once it accepts requests. Until SIGINT/SIGTERM; then it shuts down cleanly and returns (the process exits
-    0, as every trainmetrics server does)."""
+    0, as every trainmetrics server does). A client silent while its request is due is cut after
+    client_idle_seconds (trainmetrics.client_timeout; its default when None)."""
     import signal
 
     import uvicorn
+
+    from trainmetrics.client_timeout import CLIENT_IDLE_SECONDS, client_timeout_protocol
 
     class Server(uvicorn.Server):
         async def startup(self, sockets=None) -> None:
@@ -235,7 +239,8 @@ def serve(app: Starlette, sock, web_config: WebConfig, on_ready: Callable[[], No
                 on_ready()
 
     cert, key = web_config.cert_files or (None, None)
-    config = uvicorn.Config(app, log_level="warning", lifespan="on", ssl_certfile=cert, ssl_keyfile=key)
+    config = uvicorn.Config(app, log_level="warning", lifespan="on", ssl_certfile=cert, ssl_keyfile=key,
+                            http=client_timeout_protocol(client_idle_seconds or CLIENT_IDLE_SECONDS))
     config.load()
     if web_config.ssl_context is not None:
         config.ssl = web_config.ssl_context     # ours, with the minimum version and client verification

@@ -1,0 +1,55 @@
+"""A connection that keeps a Starlette service waiting for its request is closed after CLIENT_IDLE_SECONDS
+without a byte from it.
+
+uvicorn keeps a connection for as long as its client does while it waits for the request line, the headers
+or the body: a client that connects and sends nothing, or stops halfway, holds a descriptor and a task for
+good, and enough of them take every descriptor the process has (the job server's SQLite, its job logs and
+every new connection with them). uvicorn's own keep-alive timeout only covers the gap after a response.
+The server's own time does not count: a request being answered, however slowly, or a body the service is
+slow to read (reading paused) is never cut.
+"""
+
+import asyncio
+
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+CLIENT_IDLE_SECONDS = 30.0
+
+
+def client_timeout_protocol(seconds: float = CLIENT_IDLE_SECONDS) -> type[H11Protocol]:
+    """uvicorn's h11 protocol, closing a connection whose client has been silent for `seconds` while the
+    server waited for it."""
+
+    class ClientTimeoutProtocol(H11Protocol):
+        _silence: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._wait_for_client()
+
+        def data_received(self, data: bytes) -> None:
+            self._wait_for_client()
+            super().data_received(data)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._silence is not None:
+                self._silence.cancel()
+            super().connection_lost(exc)
+
+        def _wait_for_client(self) -> None:
+            if self._silence is not None:
+                self._silence.cancel()
+            self._silence = self.loop.call_later(seconds, self._silent)
+
+        def _silent(self) -> None:
+            self._silence = None
+            if self.transport.is_closing():
+                return
+            # The client's turn: its request (IDLE) or its body (SEND_BODY) is due, and we are reading.
+            if self.conn.their_state in (h11.IDLE, h11.SEND_BODY) and not self.flow.read_paused:
+                self.transport.close()
+            else:
+                self._wait_for_client()
+
+    return ClientTimeoutProtocol
