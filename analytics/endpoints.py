@@ -105,6 +105,19 @@ def _format(request: Request, tabular: bool) -> str:
     return value
 
 
+# A spreadsheet runs a cell that starts with one of these as a formula (CSV injection): a job name is anybody's
+# text ("=HYPERLINK(...)"), so such a text cell gets a leading apostrophe, which shows it as the text it is.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _cell(value):
+    if value is None:
+        return ""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
+
+
 def _csv(table: list, shape: type, filename: str) -> Response:
     """Rows of a shape as CSV, one column per field."""
     out = io.StringIO()
@@ -112,7 +125,7 @@ def _csv(table: list, shape: type, filename: str) -> Response:
     columns = shapes.columns(shape)
     writer.writerow(columns)
     for row in table:
-        writer.writerow("" if getattr(row, key) is None else getattr(row, key) for key in columns)
+        writer.writerow(_cell(getattr(row, key)) for key in columns)
     return Response(out.getvalue(), media_type="text/csv; charset=utf-8",
                     headers={"content-disposition": f'attachment; filename="{filename}"'})
 

@@ -289,6 +289,9 @@ def pause_and_resume(job_id: str, targets_dir: Path, work: Path, *args: str) -> 
             second.kill()
 
 
+CANCELLED_JOB_NAME = "=1+2 cancelled"
+
+
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory):
     """A real Prometheus remote-writing into a real VictoriaMetrics, and four real jobs that have exited:
@@ -317,8 +320,9 @@ def fleet(tmp_path_factory):
                                 "--log-every", "10", "--owner", "bob", "--checkpoint-dir", str(fail_ckpt),
                                 "--checkpoint-every", "5")
             # Long log intervals: some of its losses stay published for over a second.
+            # A name a spreadsheet would run as a formula (the CSV answers must not let it).
             cancelled = start_job("cancel-1", targets, *common, "--epochs", "50", "--batch-size", "16",
-                                  "--log-every", "150", "--owner", "bob")
+                                  "--log-every", "150", "--owner", "bob", "--job-name", CANCELLED_JOB_NAME)
             processes += [failing, cancelled]
             fail_lines = read_until(failing, "step=10 ")
             # The checkpoint dir turns into a file: the next checkpoint write fails for real. (A rename, not a

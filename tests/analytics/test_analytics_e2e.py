@@ -12,7 +12,7 @@ from trainmetrics.analytics.app import ROUTES, Settings
 from trainmetrics.analytics.job import NOT_ATTRIBUTED
 from trainmetrics.analytics.queries import MAX_POINTS_PER_SERIES, SCRAPE_INTERVAL_SECONDS
 
-from .conftest import checkpointed_metrics, same_answer, serve
+from .conftest import CANCELLED_JOB_NAME, checkpointed_metrics, same_answer, serve
 
 pytestmark = pytest.mark.slow
 
@@ -241,6 +241,11 @@ def test_jobs_list_filters_by_status_owner_and_time(service):
     done = next(row for row in rows if row["job_id"] == "done-1")
     assert int(done["total_samples"]) == jobs["done-1"].summary["samples"] and done["status"] == "completed"
     assert float(done["paused_seconds"]) == 0
+    # A name that starts like a formula: as it is in JSON, shown as text in the CSV.
+    cancelled = next(row for row in rows if row["job_id"] == "cancel-1")
+    assert cancelled["job_name"] == "'" + CANCELLED_JOB_NAME
+    listed = get(client, "/api/training/analytics/jobs")["jobs"]
+    assert next(row for row in listed if row["job_id"] == "cancel-1")["job_name"] == CANCELLED_JOB_NAME
 
 
 def test_compare_names_a_winner_per_category(service):
