@@ -252,7 +252,8 @@ TRAIN_OPTIONS: tuple[Option, ...] = (
            "job", problem=lambda v: None if JOB_ID_PATTERN.fullmatch(v) else
            f"must be letters, digits, '.', '_', '-' (first a letter or digit; at most 64), got {v[:80]!r}"),
     Option("job_name", str, None, "human-readable name (default: the job id)", "job",
-           problem=lambda v: None if len(v) <= MAX_NAME_LENGTH else f"at most {MAX_NAME_LENGTH} characters"),
+           problem=lambda v: f"at most {MAX_NAME_LENGTH} characters" if len(v) > MAX_NAME_LENGTH else
+           "no control characters (a line break, a tab...)" if any(c < " " or c == "\x7f" for c in v) else None),
     Option("owner", str, None, "owner label on trainer_job_info (default: none)", "job",
            api="the job server sets it from the caller's token"),
     Option("model", str, "mlp", f"model to train: {', '.join(MODELS)}", "job", choices=MODELS),
