@@ -4,17 +4,23 @@ A gauge shows one value per scrape, so evaluations that come faster than scrapes
 The history series (`trainer_eval_history_*{slot}`) hold them instead: evaluation number i sits in slot
 i mod SLOTS, and each scraper is shown, per scrape, the next SLOTS evaluations it has not been delivered
 yet (a slot without one keeps showing its last). An evaluation is kept until every active scraper has had
-it delivered (its answer was written to the scraper's connection); the job's linger waits for that.
+it delivered (its answer was written to the scraper's connection), and for LATE_SCRAPER_SECONDS at least,
+so a scraper that starts a little after the others (an HA pair's second Prometheus, finding the job later)
+is shown it too; the job's linger waits for every active scraper.
 """
 
 import logging
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 
 log = logging.getLogger("trainmetrics.trainer")
 
 SLOTS = 8
+# Evaluations every scraper has are still kept this long for a scraper not seen yet. Seen in the suite: a
+# 2-node job's first two evaluations came within the 250 ms before the second Prometheus' first scrape.
+LATE_SCRAPER_SECONDS = 30.0
 # Evaluations kept for scrapers that have not read them; beyond this the oldest go (a job evaluating
 # thousands of times while nothing scrapes).
 MAX_RETAINED = 10_000
@@ -39,7 +45,8 @@ class Evaluation:
 class EvaluationHistory:
     """The evaluations not yet delivered to every scraper, and each scraper's progress through them."""
 
-    def __init__(self, first_index: int = 1):
+    def __init__(self, first_index: int = 1, clock=time.time):
+        self._clock = clock             # the evaluations' own clock (Evaluation.time)
         self._lock = threading.Lock()
         self._records: deque[Evaluation] = deque()
         self._newest_per_slot: dict[str, Evaluation] = {}
@@ -59,10 +66,11 @@ class EvaluationHistory:
             self._next_index += 1
             self._records.append(record)
             if len(self._records) > MAX_RETAINED:
-                if not self._dropping:
+                oldest = self._records.popleft()
+                everyone_has = min(self._delivered.values(), default=0)
+                if oldest.index > everyone_has and not self._dropping:    # not one kept for a late scraper
                     self._dropping = True
                     log.warning("over %d evaluations not read by a scraper: dropping the oldest", MAX_RETAINED)
-                self._records.popleft()
             return record
 
     def _after(self, scraper: str | None) -> int:
@@ -100,7 +108,8 @@ class EvaluationHistory:
             for gone in set(self._delivered) - active - {scraper}:
                 del self._delivered[gone]
             everyone_has = min(self._delivered.values())
-            while self._records and self._records[0].index <= everyone_has:
+            kept_since = self._clock() - LATE_SCRAPER_SECONDS
+            while self._records and self._records[0].index <= everyone_has and self._records[0].time < kept_since:
                 self._records.popleft()
 
     def complete_for(self, scraper: str) -> bool:
