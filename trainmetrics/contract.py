@@ -166,6 +166,9 @@ MAX_NPROC = 64
 MAX_WORKERS = 64            # DataLoader processes per rank: a spec must not fork without bound on a shared host
 MAX_SEED = 2**64 - 1        # what torch.manual_seed takes (numpy's generators take any non-negative int)
 MAX_NAME_LENGTH = 200
+# No text from outside (a request path, a job name) may carry these: a line break or an escape in a log, a
+# label, a CSV.
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def _device_problem(value: str) -> str | None:
@@ -253,7 +256,7 @@ TRAIN_OPTIONS: tuple[Option, ...] = (
            f"must be letters, digits, '.', '_', '-' (first a letter or digit; at most 64), got {v[:80]!r}"),
     Option("job_name", str, None, "human-readable name (default: the job id)", "job",
            problem=lambda v: f"at most {MAX_NAME_LENGTH} characters" if len(v) > MAX_NAME_LENGTH else
-           "no control characters (a line break, a tab...)" if any(c < " " or c == "\x7f" for c in v) else None),
+           "no control characters (a line break, a tab...)" if CONTROL_CHARACTERS.search(v) else None),
     Option("owner", str, None, "owner label on trainer_job_info (default: none)", "job",
            api="the job server sets it from the caller's token"),
     Option("model", str, "mlp", f"model to train: {', '.join(MODELS)}", "job", choices=MODELS),

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import re
 from dataclasses import dataclass, field
 from typing import AsyncContextManager, Awaitable, Callable, Protocol
 
@@ -25,6 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from trainmetrics.contract import CONTROL_CHARACTERS
 from trainmetrics.webconfig import WebConfig
 
 log = logging.getLogger("trainmetrics.edge")
@@ -36,7 +36,6 @@ HEALTH_TIMEOUT_SECONDS = 3.0
 # bcrypt checks run in at most this many threads at once: a flood of wrong passwords cannot take every
 # worker thread (and the event loop never runs one).
 PASSWORD_CHECK_THREADS = 2
-CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
 # Routes whose credential is not the caller's: a job run reporting its endpoints with its run's secret.
 SELF_CHECKED_PREFIXES = ("/api/internal/",)
 
