@@ -11,6 +11,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -118,19 +119,26 @@ class Trainer:
             return
         self.metrics.end_interval()
         metrics_by_rank = distributed.gather_objects(self.dist, self.metrics.state_dict())
-        if not self.dist.is_main:
-            # The other ranks wait for the write in the checkpoint phase. Without the barrier they would wait
-            # in the next step's all-reduce: that step's time would hold the write, and the hang watchdog, the
-            # hang alerts and the per-rank phases would take it for a collective that does not finish.
-            with self.metrics.phase(CHECKPOINT):
-                distributed.barrier(self.dist)
-            return
-        try:
+
+        def write() -> None:
             with self.metrics.checkpoint():
                 save_checkpoint(self.config.checkpoint_dir, self.state(metrics_by_rank),
                                 keep=self.config.keep_checkpoints)
                 if self.faults is not None:
                     self.faults.during_checkpoint()
+
+        self.on_rank_0(write, CHECKPOINT)
+
+    def on_rank_0(self, work: Callable[[], None], phase: str) -> None:
+        """Rank 0 does `work`; the other ranks wait for it at a barrier, in `phase`. Without the barrier they
+        would wait in the next step's all-reduce: that step's time would hold rank 0's work, and the hang
+        watchdog, the hang alerts and the per-rank phases would take it for a collective that does not finish."""
+        if not self.dist.is_main:
+            with self.metrics.phase(phase):
+                distributed.barrier(self.dist)
+            return
+        try:
+            work()
         finally:
             distributed.barrier(self.dist)
 
@@ -221,17 +229,13 @@ class Trainer:
     def evaluate(self) -> None:
         """Loss and accuracy on the held-out split, published as eval series (by rank 0): the eval phase, in
         which the other ranks wait for it (as for a checkpoint write)."""
-        if not self.dist.is_main:
-            with self.metrics.phase(EVAL):
-                distributed.barrier(self.dist)
-            return
-        try:
+        def run() -> None:
             with self.metrics.phase(EVAL), torch.no_grad():
                 self._evaluate()
                 if self.faults is not None:
                     self.faults.during_eval()
-        finally:
-            distributed.barrier(self.dist)
+
+        self.on_rank_0(run, EVAL)
 
     def _evaluate(self) -> None:
         self.net.eval()
