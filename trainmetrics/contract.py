@@ -206,6 +206,9 @@ class Option:
             if self.default is None:
                 return value
             raise ValueError("must not be null")
+        if self.kind is str and CONTROL_CHARACTERS.search(value):
+            # Text becomes an argument of the job's process (where a NUL cannot be at all), a path, a label.
+            raise ValueError("no control characters (a NUL, a line break, a tab...)")
         if self.minimum is not None and value < self.minimum:
             raise ValueError(f"must be at least {self.minimum:g}, got {value}")
         if self.above is not None and not value > self.above:
@@ -243,7 +246,11 @@ class Option:
             return [self.cli_flag] if value else []
         if value is None:
             return []
-        return [self.cli_flag, repr(value) if self.kind is float else str(value)]
+        text = repr(value) if self.kind is float else str(value)
+        # A value that starts with '-' (a target column named "--resume") goes as one --flag=value argument:
+        # argparse would take it for a flag. The others stay two arguments (the job id one of its own, which
+        # is how the job's processes are recognised).
+        return [f"{self.cli_flag}={text}"] if text.startswith("-") else [self.cli_flag, text]
 
 
 _KIND_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false", Path: "a path"}
@@ -255,8 +262,7 @@ TRAIN_OPTIONS: tuple[Option, ...] = (
            "job", problem=lambda v: None if JOB_ID_PATTERN.fullmatch(v) else
            f"must be letters, digits, '.', '_', '-' (first a letter or digit; at most 64), got {v[:80]!r}"),
     Option("job_name", str, None, "human-readable name (default: the job id)", "job",
-           problem=lambda v: f"at most {MAX_NAME_LENGTH} characters" if len(v) > MAX_NAME_LENGTH else
-           "no control characters (a line break, a tab...)" if CONTROL_CHARACTERS.search(v) else None),
+           problem=lambda v: f"at most {MAX_NAME_LENGTH} characters" if len(v) > MAX_NAME_LENGTH else None),
     Option("owner", str, None, "owner label on trainer_job_info (default: none)", "job",
            api="the job server sets it from the caller's token"),
     Option("model", str, "mlp", f"model to train: {', '.join(MODELS)}", "job", choices=MODELS),

@@ -151,6 +151,9 @@ def test_cancel_queue_and_invalid_transitions(tmp_path, executor):
     # Accepted before, then failed at the start (numpy, torch); a fork per worker with no bound.
     ({"seed": -1}, "seed"), ({"seed": 2**64}, "seed"), ({"workers": 10**6}, "workers"),
     ({"name": "two\nlines"}, "name"), ({"name": "x" * 201}, "name"),
+    # A NUL reached the job's argv: Popen refused it on every tick, and no queued job started again.
+    ({"target": "la\x00bel"}, "target"), ({"target": "a\tb"}, "target"), ({"dataset": "ds\x00"}, "dataset"),
+    ({"device": "cpu\x00"}, "device"),
 ])
 def test_bad_job_specs_are_400_naming_the_field(body, field, server_only):
     response = server_only.client().post("/api/training/jobs", json=body)

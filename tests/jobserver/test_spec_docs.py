@@ -32,3 +32,12 @@ def test_a_spec_becomes_the_flags_the_cli_parses_back():
     config = from_args(build_parser().parse_args(["train", "--job-id", "x-1", *train_args(values)]))
     assert (config.model, config.epochs, config.lr, config.eval_every, config.workers, config.keep_checkpoints,
             config.job_name, config.peak_flops, config.device) == ("cnn", 7, 0.5, 3, 2, 0, "a b", 1e12, "cpu")
+
+
+def test_a_value_that_starts_with_a_dash_is_passed_as_that_value():
+    from trainmetrics.cli import build_parser
+    from trainmetrics.trainer.config import from_args
+
+    values = parse_spec({"target": "--resume", "name": "-x", "dataset": "-data.csv"})
+    config = from_args(build_parser().parse_args(["train", "--job-id", "x-1", *train_args(values)]))
+    assert (config.target, config.job_name, config.dataset, config.resume) == ("--resume", "-x", "-data.csv", False)
