@@ -120,7 +120,17 @@ class Supervisor:
         for job in self.store.list_jobs(states=("queued",)):
             if self.running_count() >= self.max_concurrent:
                 break
-            self.start(job)
+            try:
+                self.start(job)
+            except Exception as error:      # this job's own failure: the jobs queued behind it still start
+                self._failed_to_start(job, error)
+
+    def _failed_to_start(self, job: JobRecord, error: Exception) -> None:
+        self.runs.pop(job.id, None)
+        message = f"could not start: {type(error).__name__}: {error}".splitlines()[0][:500]
+        self.store.update_job(job.id, state="failed", error=message, ended=time.time(), pid=None, handle=None,
+                              exit_code=None, requested=None, run_token=None)
+        log.exception("job %s: %s", job.id, message)
 
     def _ended(self, job_id: str, code: int | None) -> None:
         """Record how a run ended: its result decides; without one, a signal or exit code is a failure."""

@@ -55,9 +55,14 @@ def supervisor(tmp_path):
     store.close()
 
 
-def submit(supervisor: Supervisor, job_id: str, model: str = "mlp") -> JobRecord:
+def queue(supervisor: Supervisor, job_id: str, model: str = "mlp", **spec) -> None:
     supervisor.store.add_job(JobRecord(id=job_id, owner="default", name=job_id, state="queued",
-                                       spec={"model": model, "dataset": "blobs", "dataset_path": "blobs", "nproc": 1}))
+                                       spec={"model": model, "dataset": "blobs", "dataset_path": "blobs", "nproc": 1,
+                                             **spec}))
+
+
+def submit(supervisor: Supervisor, job_id: str, model: str = "mlp") -> JobRecord:
+    queue(supervisor, job_id, model)
     supervisor.tick()
     job = supervisor.store.get_job(job_id)
     assert job.state == "running"
@@ -121,3 +126,12 @@ def test_a_stale_result_of_an_earlier_run_is_never_read(supervisor):
     run.process.send_signal(signal.SIGKILL)
     ended = settle(supervisor, job.id)
     assert ended.state == "failed" and "SIGKILL" in ended.error
+
+
+def test_a_job_whose_start_fails_fails_alone_and_the_queue_goes_on(supervisor):
+    queue(supervisor, "unstartable", target="la\x00bel")     # what the contract refuses now: a NUL in argv
+    queue(supervisor, "behind-it")
+    supervisor.tick()
+    failed, behind = supervisor.store.get_job("unstartable"), supervisor.store.get_job("behind-it")
+    assert failed.state == "failed" and "embedded null byte" in failed.error and "\n" not in failed.error
+    assert behind.state == "running"
