@@ -67,7 +67,9 @@ class JobRecord:
     created: float = field(default_factory=time.time)
     started: float | None = None
     ended: float | None = None
-    requested: str | None = None    # the stop accepted for the running process: "paused" or "cancelled"
+    # The stop accepted for the running process: "paused", "cancelled", or "shutdown" (the server's own pause
+    # when it stops: the job is queued to resume once it has paused). A stored text column: no migration.
+    requested: str | None = None
     run_token: str | None = None    # the running process's secret for reporting its endpoints
     handle: str | None = None       # the running process as its executor names it (a pid, a Ray submission)
 

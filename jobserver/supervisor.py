@@ -24,8 +24,13 @@ from trainmetrics.jobserver.store import JobRecord, JobStore
 
 log = logging.getLogger("trainmetrics.server")
 
-# How strongly each stop binds: a cancel accepted after a pause wins, a pause never undoes a cancel.
-STOP_STRENGTH = {None: 0, "paused": 1, "cancelled": 2}
+# The stop the server itself asks of a running job when it stops: a pause, recorded as its own (not a user's),
+# so that whenever the job is seen paused by it (at once, or after the next start adopted it) it is queued to
+# resume, while a user's pause stays paused.
+SHUTDOWN_PAUSE = "shutdown"
+# How strongly each stop binds: a cancel accepted after a pause wins, a pause never undoes a cancel, and a
+# user's pause or cancel takes over from the server's own shutdown pause.
+STOP_STRENGTH = {None: 0, SHUTDOWN_PAUSE: 0, "paused": 1, "cancelled": 2}
 
 
 def token_digest(token: str) -> str:
@@ -137,8 +142,9 @@ class Supervisor:
         job = self.store.get_job(job_id)
         result = read_result(self.result_path(job_id))
         if result is not None and result.get("state") in EXIT_STATES.values():
+            # The result says how the run ended, whatever killed the process after it was written.
             state, error = result["state"], result.get("error")
-            code = result.get("exit_code", code) if code is None or code > 0 else code
+            code = result["exit_code"] if isinstance(result.get("exit_code"), int) else code
         elif code is not None and code < 0:
             state, error = "failed", f"killed by {signal.Signals(-code).name} without a result"
         elif code is not None:
@@ -147,21 +153,32 @@ class Supervisor:
             state, error = "failed", "its process ended without a result (adopted after a server restart)"
         if state in ("paused", "cancelled") and STOP_STRENGTH[job.requested] > STOP_STRENGTH[state]:
             state = job.requested    # a cancel accepted after the pause that stopped the process
+        if state == "paused" and job.requested == SHUTDOWN_PAUSE:
+            state = "queued"         # paused by a server's stop: it resumes at this (or the next) start
         if state != "failed":
             error = None
+        waiting = state in ("paused", "queued")
         self.store.update_job(job_id, state=state, exit_code=code if isinstance(code, int) else None, error=error,
-                              ended=None if state == "paused" else time.time(), resume=state == "paused",
-                              requested=None, run_token=None)
+                              ended=None if waiting else time.time(), resume=waiting, requested=None, run_token=None)
         self.store.remove_endpoints(job_id)
-        log.info("job %s: %s (exit code %s)", job_id, state, code)
+        log.info("job %s: %s (exit code %s)%s", job_id, state, code,
+                 " after the server's shutdown pause, to resume" if state == "queued" else "")
 
     def _resume_or_fail(self, job: JobRecord, why: str) -> None:
-        if list_checkpoints(self.checkpoint_dir(job.id)):
-            self.store.update_job(job.id, state="queued", resume=True, pid=None, requested=None)
+        """A run gone without a result: the stop a user was promised (202) stands; else it resumes from its last
+        checkpoint, or fails without one."""
+        self.store.remove_endpoints(job.id)
+        if job.requested in ("paused", "cancelled"):
+            paused = job.requested == "paused"
+            self.store.update_job(job.id, state=job.requested, resume=paused, pid=None, requested=None,
+                                  run_token=None, error=None, ended=None if paused else time.time())
+            log.warning("job %s: %s; %s as requested before", job.id, why, job.requested)
+        elif list_checkpoints(self.checkpoint_dir(job.id)):
+            self.store.update_job(job.id, state="queued", resume=True, pid=None, requested=None, run_token=None)
             log.warning("job %s: %s; queued to resume from its last checkpoint", job.id, why)
         else:
             self.store.update_job(job.id, state="failed", error=f"{why} before its first checkpoint",
-                                  ended=time.time(), requested=None)
+                                  ended=time.time(), requested=None, run_token=None)
             log.warning("job %s: %s and had no checkpoint: failed", job.id, why)
 
     def recover(self) -> None:
@@ -180,25 +197,35 @@ class Supervisor:
     # ----- signalling --------------------------------------------------------------------------------
     def request_stop(self, job: JobRecord, outcome: str) -> None:
         """Ask a running job to stop at its next step boundary; the request is recorded once the signal was
-        sent, so the job ends in the state this answer promises. StopRefused otherwise."""
+        sent, so the job ends in the state this answer promises. StopRefused otherwise.
+
+        A stop already under way is not signalled again: a second signal that lands while the process exits
+        can kill it there. A pause during the server's own shutdown pause needs no signal either."""
         run = self.runs.get(job.id)
         if job.state != "running" or run is None:
             raise StopRefused(f"job {job.id} is {job.state}: cannot {STOP_VERBS[outcome]} it")
         if STOP_STRENGTH[job.requested] > STOP_STRENGTH[outcome]:
             raise StopRefused(f"job {job.id} is being cancelled: cannot {STOP_VERBS[outcome]} it")
-        if not self.executor.signal(run, outcome):
+        if job.requested == outcome:
+            return
+        signalled = outcome == "paused" and job.requested == SHUTDOWN_PAUSE
+        if not signalled and not self.executor.signal(run, outcome):
             raise StopRefused(f"job {job.id} is ending: cannot {STOP_VERBS[outcome]} it")
-        if STOP_STRENGTH[outcome] > STOP_STRENGTH[job.requested]:
-            self.store.update_job(job.id, requested=outcome)
+        self.store.update_job(job.id, requested=outcome)
+
+    def _pause_for_shutdown(self, job_id: str) -> None:
+        """The server's own pause of a running job, unless a stop is already under way (a user's stands)."""
+        job = self.store.get_job(job_id)
+        if job is not None and job.state == "running" and job.requested is None and \
+                self.executor.signal(self.runs[job_id], "paused"):
+            self.store.update_job(job_id, requested=SHUTDOWN_PAUSE)
 
     def shutdown(self, timeout: float = 30.0) -> None:
-        """Pause every running job, adopted ones included (checkpoint, exit 4), and queue it to resume on the
-        next start. A job that does not stop in time keeps running and is adopted next time."""
-        for job_id, run in list(self.runs.items()):
-            try:
-                self.request_stop(self.store.get_job(job_id), "paused")
-            except StopRefused:
-                pass
+        """Pause every running job, adopted ones included (checkpoint, exit 4), to resume on the next start; a
+        job whose user already asked for a pause or a cancel ends as they asked. A job that does not stop in
+        time keeps running, is adopted next time, and is queued to resume once it has paused."""
+        for job_id in list(self.runs):
+            self._pause_for_shutdown(job_id)
         deadline = time.monotonic() + timeout
         while self.runs and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -207,5 +234,3 @@ class Supervisor:
                 if ended:
                     del self.runs[job_id]
                     self._ended(job_id, code)
-                    if self.store.get_job(job_id).state == "paused":
-                        self.store.update_job(job_id, state="queued", resume=True)

@@ -14,13 +14,15 @@ from trainmetrics.jobserver.store import JobRecord, JobStore
 from trainmetrics.jobserver.supervisor import StopRefused, Supervisor
 
 # Stops on the FIRST signal it gets, like a trainer at a step boundary, but takes its time writing the outcome:
-# a second signal arrives while it is still alive and changes nothing in what it writes.
+# a second signal arrives while it is still alive and changes nothing in what it writes (the result counts the
+# signals it got). "late-kill" dies of SIGKILL just after writing its result, like a process a late signal
+# killed on its way out.
 SCRIPTED_TRAINER = textwrap.dedent("""
     import json, os, signal, sys, time
     result = sys.argv[sys.argv.index("--result-file") + 1]
-    first = []
+    first, received = [], []
     for signum in (signal.SIGUSR1, signal.SIGTERM):
-        signal.signal(signum, lambda s, f: first.append(s) if not first else None)
+        signal.signal(signum, lambda s, f: (received.append(s), first.append(s) if not first else None))
     mode = sys.argv[sys.argv.index("--model") + 1]
     deadline = time.monotonic() + 30
     while not first and time.monotonic() < deadline:
@@ -31,7 +33,10 @@ SCRIPTED_TRAINER = textwrap.dedent("""
     state = {signal.SIGUSR1: "paused", signal.SIGTERM: "cancelled"}.get(first[0] if first else None, "completed")
     if mode != "transformer":     # the transformer "dies" without a result
         with open(result, "w") as handle:
-            json.dump({"state": state, "exit_code": {"paused": 4, "cancelled": 3}.get(state, 0)}, handle)
+            json.dump({"state": state, "exit_code": {"paused": 4, "cancelled": 3}.get(state, 0),
+                       "signals": len(received)}, handle)
+    if mode == "late-kill":
+        os.kill(os.getpid(), signal.SIGKILL)
     sys.exit({"paused": 4, "cancelled": 3}.get(state, 0) if mode != "transformer" else 9)
 """)
 
@@ -128,6 +133,21 @@ def test_a_stale_result_of_an_earlier_run_is_never_read(supervisor):
     assert ended.state == "failed" and "SIGKILL" in ended.error
 
 
+def restarted(supervisor: Supervisor, max_concurrent: int = 4) -> Supervisor:
+    """A new server's supervisor on the same data dir and database, after recover()."""
+    again = Supervisor(supervisor.store, supervisor.data_dir, None, max_concurrent=max_concurrent,
+                       executor=ScriptedExecutor())
+    again.recover()
+    return again
+
+
+def crash(supervisor: Supervisor, job_id: str) -> None:
+    """The job's process dies with the server (kill -9 of both): nothing is reaped or recorded."""
+    process = supervisor.runs.pop(job_id).process
+    process.kill()
+    process.wait()
+
+
 def test_a_job_whose_start_fails_fails_alone_and_the_queue_goes_on(supervisor):
     queue(supervisor, "unstartable", target="la\x00bel")     # what the contract refuses now: a NUL in argv
     queue(supervisor, "behind-it")
@@ -135,3 +155,70 @@ def test_a_job_whose_start_fails_fails_alone_and_the_queue_goes_on(supervisor):
     failed, behind = supervisor.store.get_job("unstartable"), supervisor.store.get_job("behind-it")
     assert failed.state == "failed" and "embedded null byte" in failed.error and "\n" not in failed.error
     assert behind.state == "running"
+
+
+def test_a_pause_accepted_before_the_server_stops_ends_paused(supervisor):
+    job = submit(supervisor, "user-paused")
+    time.sleep(0.3)
+    supervisor.request_stop(job, "paused")
+    supervisor.shutdown(timeout=20)
+    ended = supervisor.store.get_job(job.id)
+    assert (ended.state, ended.resume, ended.exit_code) == ("paused", True, 4)    # not queued to run again
+
+
+def test_the_shutdown_pause_of_a_job_that_stops_after_the_shutdown_is_kept_to_resume(supervisor):
+    job = submit(supervisor, "slow-to-pause")
+    time.sleep(0.3)
+    supervisor.shutdown(timeout=0.05)                     # it takes 0.5 s to pause: still running
+    assert supervisor.store.get_job(job.id).state == "running"
+    adopting = restarted(supervisor, max_concurrent=0)    # adopts it; starts nothing
+    assert job.id in adopting.runs
+    deadline = time.monotonic() + 20
+    while job.id in adopting.runs and time.monotonic() < deadline:
+        adopting.tick()
+        time.sleep(0.05)
+    ended = supervisor.store.get_job(job.id)
+    assert (ended.state, ended.resume, ended.requested) == ("queued", True, None)
+
+
+@pytest.mark.parametrize("outcome", ["paused", "cancelled"])
+def test_a_stop_accepted_before_the_server_and_the_job_crashed_stands_after_the_restart(supervisor, outcome):
+    job = submit(supervisor, f"crashed-{outcome}")
+    time.sleep(0.3)
+    supervisor.checkpoint_dir(job.id).joinpath("step-000000010.pt").write_bytes(b"weights")
+    supervisor.store.set_endpoint(job.id, 0, "127.0.0.1:9999", "http")
+    supervisor.request_stop(job, outcome)
+    crash(supervisor, job.id)                             # before it wrote a result
+    assert not supervisor.result_path(job.id).exists()
+    again = restarted(supervisor)
+    again.tick()
+    ended = supervisor.store.get_job(job.id)
+    assert (ended.state, ended.resume, ended.requested) == (outcome, outcome == "paused", None)
+    assert job.id not in again.runs and supervisor.store.endpoints() == []
+
+
+def test_a_job_gone_with_the_server_before_its_first_checkpoint_fails_and_leaves_the_discovery(supervisor):
+    job = submit(supervisor, "gone-early")
+    supervisor.store.set_endpoint(job.id, 0, "127.0.0.1:9999", "http")
+    crash(supervisor, job.id)
+    restarted(supervisor)
+    assert supervisor.store.get_job(job.id).state == "failed"
+    assert supervisor.store.endpoints() == []
+
+
+@pytest.mark.parametrize("outcome", ["paused", "cancelled"])
+def test_a_repeated_stop_sends_no_second_signal(supervisor, outcome):
+    job = submit(supervisor, f"twice-{outcome}")
+    time.sleep(0.3)
+    supervisor.request_stop(job, outcome)
+    supervisor.request_stop(supervisor.store.get_job(job.id), outcome)      # accepted: no change
+    assert settle(supervisor, job.id).state == outcome
+    assert json.loads(supervisor.result_path(job.id).read_text())["signals"] == 1
+
+
+def test_the_exit_code_is_the_results_when_a_signal_killed_the_process_after_it(supervisor):
+    job = submit(supervisor, "killed-on-its-way-out", model="late-kill")
+    time.sleep(0.3)
+    supervisor.request_stop(job, "paused")
+    ended = settle(supervisor, job.id)
+    assert (ended.state, ended.exit_code, ended.error) == ("paused", 4, None)
