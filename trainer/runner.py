@@ -145,7 +145,9 @@ class Trainer:
     # ----- the loop ----------------------------------------------------------------------------------
     def epoch_order(self, epoch: int) -> list[int]:
         """The epoch's sample order: a fixed function of seed and epoch, so a resume continues exactly."""
-        generator = torch.Generator().manual_seed(self.config.seed * 100_003 + epoch)
+        # Modulo 2**64, torch's seed range: the same seed as before wherever it fitted, and no overflow for a
+        # large --seed (2**64 - 1 is allowed).
+        generator = torch.Generator().manual_seed((self.config.seed * 100_003 + epoch) % 2**64)
         return torch.randperm(len(self.dataset.train), generator=generator).tolist()
 
     def batches(self, epoch: int, skip_batches: int):

@@ -414,3 +414,12 @@ def test_multi_process_job_pauses_resumes_and_completes_as_one_job(tmp_path, exe
         assert (result["state"], result["steps"], result["world_size"]) == ("completed", 800, 2)   # 8 x 3200 / 2 / 16
     finally:
         server.stop()
+
+
+def test_the_largest_seed_the_contract_allows_trains(server_only):
+    client = server_only.client()
+    seed = 2**64 - 1         # seed * 100_003 + epoch, torch's per-epoch seed, overflowed 2**64 at the first epoch
+    assert client.post("/api/training/jobs", json={"dataset": "blobs", "epochs": 2, "seed": seed,
+                                                   "job_id": "seed-max"}).status_code == 201
+    done = wait_job(client, "seed-max", lambda j: j["state"] in ("completed", "failed"))
+    assert done["state"] == "completed", done
