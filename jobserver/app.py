@@ -219,12 +219,14 @@ async def list_jobs(request: Request) -> JSONResponse:
 async def get_job(request: Request) -> JSONResponse:
     """GET /api/training/jobs/{job_id}."""
     server = _server(request)
+    _allow_only(request, set())
     return JSONResponse(await server.call(server.service.get, _caller(request), request.path_params["job_id"]))
 
 
 async def pause_job(request: Request) -> JSONResponse:
     """POST .../pause: a running job checkpoints at its next step boundary and stops, resumable (202)."""
     server = _server(request)
+    _allow_only(request, set())
     status, job = await server.call(server.service.stop, _caller(request), request.path_params["job_id"], "paused")
     return JSONResponse(job, status_code=status)
 
@@ -232,6 +234,7 @@ async def pause_job(request: Request) -> JSONResponse:
 async def cancel_job(request: Request) -> JSONResponse:
     """POST .../cancel: queued or paused -> cancelled at once (200); running -> at its next step (202)."""
     server = _server(request)
+    _allow_only(request, set())
     status, job = await server.call(server.service.stop, _caller(request), request.path_params["job_id"],
                                     "cancelled")
     return JSONResponse(job, status_code=status)
@@ -240,12 +243,14 @@ async def cancel_job(request: Request) -> JSONResponse:
 async def resume_job(request: Request) -> JSONResponse:
     """POST .../resume: paused (or failed with a checkpoint) -> queued, continuing from its checkpoint."""
     server = _server(request)
+    _allow_only(request, set())
     return JSONResponse(await server.call(server.service.resume, _caller(request), request.path_params["job_id"]))
 
 
 async def list_job_checkpoints(request: Request) -> JSONResponse:
     """GET .../checkpoints."""
     server = _server(request)
+    _allow_only(request, set())
     return JSONResponse(await server.call(server.service.checkpoints, _caller(request),
                                           request.path_params["job_id"]))
 
@@ -253,6 +258,7 @@ async def list_job_checkpoints(request: Request) -> JSONResponse:
 async def download_model(request: Request) -> Response:
     """GET .../download/model: the final weights (a state dict, torch.load(weights_only=True))."""
     server = _server(request)
+    _allow_only(request, set())
     job_id, path = await server.call(server.service.model_path, _caller(request), request.path_params["job_id"])
     return FileResponse(path, filename=f"{job_id}-model.pt", media_type="application/octet-stream")
 
@@ -260,6 +266,7 @@ async def download_model(request: Request) -> Response:
 async def download_checkpoint(request: Request) -> Response:
     """GET .../download/checkpoints/{name}: only names like step-000000123.pt inside the job's dir."""
     server = _server(request)
+    _allow_only(request, set())
     job_id, path = await server.call(server.service.checkpoint_path, _caller(request),
                                      request.path_params["job_id"], request.path_params["name"])
     return FileResponse(path, filename=f"{job_id}-{path.name}", media_type="application/octet-stream")

@@ -423,3 +423,14 @@ def test_the_largest_seed_the_contract_allows_trains(server_only):
                                                    "job_id": "seed-max"}).status_code == 201
     done = wait_job(client, "seed-max", lambda j: j["state"] in ("completed", "failed"))
     assert done["state"] == "completed", done
+
+
+@pytest.mark.parametrize("method,path", [
+    ("GET", "/api/training/jobs/some-job"), ("POST", "/api/training/jobs/some-job/pause"),
+    ("POST", "/api/training/jobs/some-job/resume"), ("POST", "/api/training/jobs/some-job/cancel"),
+    ("GET", "/api/training/jobs/some-job/checkpoints"), ("GET", "/api/training/jobs/some-job/download/model"),
+    ("GET", "/api/training/jobs/some-job/download/checkpoints/step-000000001.pt"),
+])
+def test_every_route_refuses_an_unknown_parameter(method, path, server_only):
+    response = server_only.client().request(method, path, params={"colour": "red"})
+    assert response.status_code == 400 and "colour: unknown parameter" in response.json()["error"]["message"]
