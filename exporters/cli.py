@@ -17,7 +17,7 @@ from pathlib import Path
 from trainmetrics.command import DEFAULT_EXPORTER_PORT, FlagError, check_directory, listen_flag, say_listening
 from trainmetrics.contract import DEFAULT_JOB_DIR
 from trainmetrics.exporters.collectors import COLLECTORS
-from trainmetrics.webconfig import load_web_config
+from trainmetrics.webconfig import web_config_flag
 
 DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m)?\s*$")
 UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}
@@ -120,10 +120,7 @@ def run(args: argparse.Namespace) -> int:
     host, port = listen_flag("--listen", args.listen)
     sample_interval, slow_interval, peak_window = durations(args)
     job_dir = job_dir_flag(args.job_dir)
-    try:
-        web_config = load_web_config(args.web_config_file)
-    except (ValueError, OSError) as error:  # OSError: ssl.SSLError from a key that does not fit its cert
-        raise FlagError("--web.config.file", str(error)) from None
+    web_config = web_config_flag(args.web_config_file)
 
     from trainmetrics.exporters.collectors.base import CollectorContext
     from trainmetrics.exporters.collectors.jobs import JobTracker

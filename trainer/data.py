@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from trainmetrics.contract import BUILTIN_DATASETS
-from trainmetrics.datafiles import DatasetError, read_csv, read_npz
+from trainmetrics.datafiles import DatasetError, TargetColumnError, read_csv, read_npz
 
 CORPUS_PATH = Path(__file__).parent / "corpus" / "python_reference.txt"
 EVAL_FRACTION = 0.2
@@ -58,7 +58,10 @@ def load_dataset(spec: str, target: str = "label", seed: int = 0) -> Dataset:
     if not path.is_file():
         raise DatasetError(f"dataset file not found: {spec}")
     if suffix == ".csv":
-        x, y = read_csv(path, target)
+        try:
+            x, y = read_csv(path, target)
+        except TargetColumnError as error:
+            raise DatasetError(f"--target: {error}") from None
     elif suffix == ".npz":
         x, y = read_npz(path)
     else:

@@ -30,7 +30,7 @@ from trainmetrics.trainer.models import ModelError, build_model, device_peak_flo
 from trainmetrics.trainer.outcome import Outcome, bad_input
 from trainmetrics.trainer.stopping import StopFlag
 from trainmetrics.trainer.telemetry import Publish
-from trainmetrics.webconfig import load_web_config
+from trainmetrics.webconfig import load_web_config, web_config_flag
 
 EVAL_BATCH_SIZE = 512
 
@@ -316,7 +316,7 @@ def prepare(config: TrainConfig):
     try:
         config.check()
         check_output_paths(config)
-        load_web_config(config.web_config_file)
+        web_config_flag(config.web_config_file)
         validate_job_id(config.job_id)
         device = resolve_device(config.device)
         began = time.monotonic()

@@ -24,10 +24,24 @@ COMMANDS = {
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
-    """Bad flags are reported in one line (no usage dump), exit code 2, like every other bad input."""
+    """Bad flags are reported in one line (no usage dump), exit code 2, as `trainmetrics COMMAND: error: ...`
+    like every other bad input (trainmetrics.command.fail)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.commands: dict[str, argparse.ArgumentParser] = {}     # the top level's: each command's parser
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+    def parse_args(self, args=None, namespace=None):
+        """As argparse's, but a flag the command does not know is reported by the command's parser (argparse
+        leaves unknown arguments to the top-level one, whose prog is plain `trainmetrics`)."""
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            self.commands.get(getattr(parsed, "command", None), self).error(
+                f"unrecognized arguments: {' '.join(unknown)}")
+        return parsed
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub = subparsers.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
         module.configure(sub)
         sub.set_defaults(run=module.run)
+        parser.commands[name] = sub
     return parser
 
 

@@ -105,7 +105,8 @@ class HelpFormatter(argparse.HelpFormatter):
             # Python 3.11 appends its own "(default: %(default)s)"; say on/off once instead.
             text = text.replace(" (default: %(default)s)", "")
             return f"{text} (default: {'on' if default else 'off'})"
-        if ("default" in text or default in (None, "", False, argparse.SUPPRESS) or action.nargs == 0
-                or isinstance(action, argparse._HelpAction)):
+        # `is`, not `in`: 0 == False, and a default of 0 says something.
+        if ("default" in text or default is None or default is False or default == "" or default == argparse.SUPPRESS
+                or action.nargs == 0 or isinstance(action, argparse._HelpAction)):
             return text
         return f"{text} (default: {default})"

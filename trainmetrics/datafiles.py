@@ -16,6 +16,19 @@ class DatasetError(ValueError):
     """A dataset that cannot be used; the message names the file, line or array at fault."""
 
 
+class TargetColumnError(DatasetError):
+    """A CSV without the target column asked for."""
+
+
+# A header named in a message: its first columns and a count, not all of them (a CSV may have thousands).
+SHOWN_COLUMNS = 8
+
+
+def _first_columns(header: list[str]) -> str:
+    shown = ", ".join(name[:40] for name in header[:SHOWN_COLUMNS])
+    return shown + (", ..." if len(header) > SHOWN_COLUMNS else "")
+
+
 def read_csv(path: Path, target: str = "label") -> tuple[np.ndarray, np.ndarray]:
     """Read a numeric CSV with a header; returns (features, target) or raises DatasetError."""
     try:
@@ -26,7 +39,8 @@ def read_csv(path: Path, target: str = "label") -> tuple[np.ndarray, np.ndarray]
                 raise DatasetError(f"{path}: empty file (expected a header row)")
             header = [cell.strip() for cell in header]
             if target not in header:
-                raise DatasetError(f"{path}: no target column {target!r} in header {header}")
+                raise TargetColumnError(f"{path}: no target column {target[:40]!r} among its {len(header)} columns "
+                                        f"({_first_columns(header)})")
             target_index = header.index(target)
             rows = []
             integral_target = True

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import yaml
 
+from trainmetrics.command import FlagError
+
 MAX_REMEMBERED_VERDICTS = 4096
 TLS_VERSIONS = {"TLS10": ssl.TLSVersion.TLSv1, "TLS11": ssl.TLSVersion.TLSv1_1,
                 "TLS12": ssl.TLSVersion.TLSv1_2, "TLS13": ssl.TLSVersion.TLSv1_3}
@@ -121,6 +123,15 @@ def load_web_config(path: Path | None) -> WebConfig:
             raise ValueError(f"web config {path}: basic_auth_users.{user} must be a bcrypt hash")
         config.users[str(user)] = hashed.encode()
     return config
+
+
+def web_config_flag(path: Path | str | None, flag: str = "--web.config.file") -> WebConfig:
+    """load_web_config for a flag: FlagError naming it, for every problem (an ssl.SSLError, an OSError, from a
+    key that does not fit its certificate too)."""
+    try:
+        return load_web_config(path)
+    except (ValueError, OSError) as error:
+        raise FlagError(flag, str(error)) from None
 
 
 def _ssl_context(tls: dict, base: Path) -> ssl.SSLContext:

@@ -34,7 +34,12 @@ BAD_INPUTS = {
                         "line 3: non-numeric value 'x'"),
     "empty csv": (lambda t: ["--dataset", bad_csv(t, "e.csv", "")], "empty file"),
     "csv without label": (lambda t: ["--dataset", bad_csv(t, "l.csv", "a,b\n1,2\n3,4\n")],
-                          "no target column 'label'"),
+                          ("--target: ", "no target column 'label' among its 2 columns (a, b)")),
+    # A wide header is named by its first columns and a count, not dumped whole.
+    "csv without the target": (lambda t: ["--dataset", bad_csv(t, "w.csv", ",".join(f"f{i}" for i in range(65))
+                                                              + ",label\n" + "1," * 65 + "0\n"), "--target", "nosuch"],
+                               ("--target: ", "no target column 'nosuch' among its 66 columns (f0, f1, f2, f3, f4, "
+                                              "f5, f6, f7, ...)")),
     "npz without y": (lambda t: (np.savez(t / "x.npz", x=np.ones((4, 2))), ["--dataset", str(t / "x.npz")])[1],
                       "missing array(s) ['y']"),
     "npz not a zip": (lambda t: ["--dataset", bad_csv(t, "z.npz", "not a zip")], "not a readable NPZ"),
@@ -49,7 +54,9 @@ BAD_INPUTS = {
     "result file in no directory": (lambda t: ["--result-file", str(t / "nope" / "r.json")], "/nope/r.json': no directory"),
     "bad listen address": (lambda t: ["--metrics-listen", "127.0.0.1:99999"], "--metrics-listen: cannot serve metrics"),
     "bad web config": (lambda t: (bad_csv(t, "web.yml", "tls_config: {}\n"), ["--web.config.file", str(t / "web.yml")])[1],
-                       "unknown key(s) ['tls_config']"),
+                       ("--web.config.file: ", "unknown key(s) ['tls_config']")),
+    "missing web config": (lambda t: ["--web.config.file", str(t / "nope.yml")],
+                           ("trainmetrics train: error: --web.config.file: ", "nope.yml")),
 }
 
 

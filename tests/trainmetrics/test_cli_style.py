@@ -31,6 +31,11 @@ def test_help_explains_every_option_and_says_each_default_once(command):
         assert flat.count("(default") <= 1, f"{command}: default said twice: {flat}"
         assert "(default: )" not in flat and "(default: None)" not in flat, f"{command}: empty default: {flat}"
         assert "(default: True)" not in flat and "(default: False)" not in flat, f"{command}: {flat}"
+    for action in parser._actions:
+        # A number says its default, 0 included (0 == False once hid it).
+        if type(action.default) in (int, float) and action.option_strings:
+            flat = " ".join(next(e for e in entries if action.option_strings[0] in e.split()[0]).split())
+            assert "default" in flat, f"{command} {action.option_strings[0]}: no default shown: {flat}"
 
 
 def one_line_error(args: list[str], mentions: str) -> None:
@@ -38,7 +43,10 @@ def one_line_error(args: list[str], mentions: str) -> None:
                             timeout=120)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2, (args, result.stderr[-1500:])
-    assert len(lines) == 1 and lines[0].startswith("trainmetrics") and mentions in lines[0], (args, result.stderr)
+    assert len(lines) == 1 and mentions in lines[0], (args, result.stderr)
+    # One style, whoever found the problem (argparse or a check): the command's own prefix, nothing appended.
+    assert lines[0].startswith(f"trainmetrics {args[0]}: error: "), lines[0]
+    assert not lines[0].endswith("(see --help)"), lines[0]
 
 
 BAD = [
@@ -58,6 +66,10 @@ BAD = [
     (["train", "--epochs", "three"], "--epochs"),
     (["exporter", "--sample-interval", "0"], "--sample-interval"),
     (["exporter", "--listen", "127.0.0.1:99999"], "--listen"),
+    (["exporter", "--web.config.file", "/nonexistent.yml"], "--web.config.file: "),
+    (["train", "--web.config.file", "/nonexistent.yml"], "--web.config.file: "),
+    *[([command, *(["--data-dir", "/tmp/x"] if command == "server" else []), "--nproc", "2"],
+       "unrecognized arguments: --nproc 2") for command in COMMANDS],
 ]
 
 
