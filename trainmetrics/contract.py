@@ -301,7 +301,8 @@ TRAIN_OPTIONS: tuple[Option, ...] = (
     Option("metrics_listen", str, "127.0.0.1:0", "HOST:PORT to serve /metrics on (port 0: a free one)",
            "telemetry", api=_SERVER_SETS),
     Option("targets_dir", Path, None, "Prometheus file_sd directory to announce the job in (default: not "
-           "announced)", "telemetry", api="the job server's --targets-dir", env="TRAINMETRICS_TARGETS_DIR"),
+           "announced)", "telemetry", api="never passed: Prometheus finds the job server's jobs through GET "
+           "/api/training/sd", env="TRAINMETRICS_TARGETS_DIR"),
     Option("job_dir", Path, None, "job-mapping directory the node exporter reads (default: none)", "telemetry",
            api="the job server's --job-dir", env="TRAINMETRICS_JOB_DIR"),
     Option("linger_timeout", float, 15.0, "after the end, wait up to this many seconds for every scraper to "

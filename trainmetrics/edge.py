@@ -9,6 +9,7 @@ them behind one edge.
 
 import asyncio
 import contextlib
+import copy
 import json
 import logging
 from dataclasses import dataclass, field
@@ -170,6 +171,26 @@ class EdgeMiddleware:
         return owner
 
 
+class WithoutCreated:
+    """A registry's families without the `_created` samples prometheus_client adds to its counters, histograms
+    and summaries (each series' creation time, served as one more gauge per series). Only what this edge serves
+    changes: prometheus_client.disable_created_metrics() would change every registry of the process."""
+
+    TYPES = ("counter", "histogram", "summary", "gaugehistogram")
+
+    def __init__(self, registry: CollectorRegistry):
+        self.registry = registry
+
+    def collect(self):
+        """The registry's families, each copied without its `_created` samples."""
+        for family in self.registry.collect():
+            if family.type in self.TYPES:
+                created = family.name + "_created"
+                family = copy.copy(family)
+                family.samples = [sample for sample in family.samples if sample.name != created]
+            yield family
+
+
 # ----- the app ---------------------------------------------------------------------------------------------
 
 def build_app(components: list[Component], *, web_config: WebConfig | None = None,
@@ -198,7 +219,7 @@ def build_app(components: list[Component], *, web_config: WebConfig | None = Non
 
     async def metrics(request: Request) -> Response:
         """GET /metrics: the services' own metrics."""
-        body = b"".join(generate_latest(c.registry) for c in components if c.registry is not None)
+        body = b"".join(generate_latest(WithoutCreated(c.registry)) for c in components if c.registry is not None)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     @contextlib.asynccontextmanager
