@@ -43,7 +43,8 @@ class Dataset:
 
 
 def load_dataset(spec: str, target: str = "label", seed: int = 0) -> Dataset:
-    """Load a built-in dataset by name or a user file by path (.csv, .npz, .txt)."""
+    """Load a built-in dataset by name or a user file by path (.csv, .npz, .txt). A file's dataset is named by
+    its stem, as the job server names an upload (`ds-<hex>`, stored as `ds-<hex>.csv`)."""
     if spec == "blobs":
         return _split("blobs", *_make_blobs(seed), seed=seed)
     if spec == "digits":
@@ -69,8 +70,8 @@ def load_dataset(spec: str, target: str = "label", seed: int = 0) -> Dataset:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as error:
             raise DatasetError(f"{path}: not UTF-8 text ({error.reason})") from None
-        return _language(path.name, text)
-    return _split(path.name, x, y, seed=seed)
+        return _language(path.stem, text)
+    return _split(path.stem, x, y, seed=seed)
 
 
 def _make_blobs(seed: int, samples: int = 4000, features: int = 20, classes: int = 5):

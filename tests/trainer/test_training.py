@@ -71,3 +71,15 @@ def test_model_and_dataset_must_fit(model, dataset):
 
     with pytest.raises(BadInput, match=model if model != "mlp" else "transformer"):
         prepare(TrainConfig(job_id="x", model=model, dataset=dataset))
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".npz", ".txt"])
+def test_a_file_dataset_is_named_as_the_job_server_names_the_upload(tmp_path, suffix):
+    from trainmetrics.trainer.data import load_dataset
+
+    path = tmp_path / f"ds-03ec8b82c3d2{suffix}"
+    if suffix == ".npz":
+        np.savez(path, x=np.ones((20, 2), dtype=np.float32), y=np.arange(20) % 2)
+    else:
+        path.write_text("a,label\n" + "".join(f"{i},{i % 2}\n" for i in range(20)) if suffix == ".csv" else "ab" * 500)
+    assert load_dataset(str(path)).name == "ds-03ec8b82c3d2"       # the job spec's `dataset`, no file suffix
