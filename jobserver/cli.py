@@ -87,6 +87,8 @@ def jobserver_settings(args: argparse.Namespace, host: str, web_config):
     check_directory("--data-dir", args.data_dir)
     try:
         args.data_dir.mkdir(parents=True, exist_ok=True)
+        # Absolute: the paths it makes (datasets, jobs) hold after a restart from another directory.
+        data_dir = args.data_dir.resolve()
     except OSError as error:
         raise FlagError("--data-dir", f"{args.data_dir}: {error.strerror or error}") from None
     if args.executor == "ray":
@@ -98,7 +100,8 @@ def jobserver_settings(args: argparse.Namespace, host: str, web_config):
         raise FlagError("--ray-address" if args.ray_address else "--ray-python", "only with --executor ray")
     if args.advertise_url is not None and not args.advertise_url.startswith(("http://", "https://")):
         raise FlagError("--advertise-url", f"must be an http(s) URL, got {args.advertise_url[:80]!r}")
-    settings = ServerSettings(data_dir=args.data_dir, job_dir=args.job_dir, advertise_url=args.advertise_url,
+    settings = ServerSettings(data_dir=data_dir, job_dir=args.job_dir.absolute() if args.job_dir else None,
+                              advertise_url=args.advertise_url,
                               executor=args.executor, ray_address=args.ray_address, ray_python=args.ray_python,
                               owners=auth is not None, max_concurrent=max_concurrent,
                               max_upload_bytes=args.max_upload_bytes, linger_timeout=args.linger_timeout)

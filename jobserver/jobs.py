@@ -96,13 +96,13 @@ class JobService:
         name = values.pop("job_name", None) or job_id
         dataset = values.get("dataset", "blobs")
         if dataset in BUILTIN_DATASETS:
-            values.update(dataset=dataset, dataset_path=dataset, upload_seconds=None)
+            values.update(dataset=dataset, upload_seconds=None)
         else:
             record = self.store.get_dataset(dataset, owner)
             if record is None:
                 raise ApiError(400, "bad_request", f"dataset: no dataset {dataset[:80]!r} (built-ins: "
                                                    f"{', '.join(BUILTIN_DATASETS)})")
-            values.update(dataset=dataset, dataset_path=record.path, upload_seconds=record.upload_seconds)
+            values.update(dataset=dataset, upload_seconds=record.upload_seconds)
         values.setdefault("nproc", 1)
         job = JobRecord(id=job_id, owner=owner, name=name, spec=values, state="queued")
         if not self.store.add_job(job):

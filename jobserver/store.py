@@ -74,8 +74,9 @@ class JobRecord:
     handle: str | None = None       # the running process as its executor names it (a pid, a Ray submission)
 
     def public(self) -> dict:
-        """The API view."""
-        return {"job_id": self.id, "name": self.name, "owner": self.owner, "state": self.state, "spec": self.spec,
+        """The API view, with no server path (an older job's spec held its dataset's path)."""
+        spec = {name: value for name, value in self.spec.items() if name != "dataset_path"}
+        return {"job_id": self.id, "name": self.name, "owner": self.owner, "state": self.state, "spec": spec,
                 "exit_code": self.exit_code, "error": self.error, "created": self.created,
                 "started": self.started, "ended": self.ended, "stop_requested": self.requested}
 

@@ -14,7 +14,7 @@ import signal
 import time
 from pathlib import Path
 
-from trainmetrics.contract import EXIT_STATES, REGISTER_TOKEN_VARIABLE, STOP_VERBS, train_args
+from trainmetrics.contract import BUILTIN_DATASETS, EXIT_STATES, REGISTER_TOKEN_VARIABLE, STOP_VERBS, train_args
 from trainmetrics.jobfiles import (CONTROL_FILE_NAME, FINAL_MODEL_NAME, LOG_NAME, RESULT_FILE_NAME,
                                    list_checkpoints, read_result)
 from trainmetrics.jobserver.executors import Executor, Run
@@ -82,12 +82,24 @@ class Supervisor:
         """Path of the job's final weights (may not exist yet)."""
         return self.checkpoint_dir(job_id) / FINAL_MODEL_NAME
 
+    def dataset_file(self, job: JobRecord) -> str:
+        """The job's --dataset: a built-in's name, or its uploaded file in this data dir, found by its dataset
+        id when the job starts (a spec holds no server path; a data dir moved or reached by another relative
+        path still works)."""
+        dataset = job.spec.get("dataset", "blobs")
+        if dataset in BUILTIN_DATASETS:
+            return dataset
+        record = self.store.get_dataset(dataset, None)
+        if record is None:
+            raise FileNotFoundError(f"dataset {dataset} is not in the data dir")
+        return str(self.data_dir / "datasets" / Path(record.path).name)
+
     # ----- starting ----------------------------------------------------------------------------------
     def train_args(self, job: JobRecord) -> list[str]:
         """The `trainmetrics train` arguments of a job: its spec, and what the server decides."""
         spec = job.spec
         values = {**{name: value for name, value in spec.items() if name not in ("dataset", "nproc")},
-                  "job_id": job.id, "job_name": job.name, "owner": job.owner, "dataset": spec["dataset_path"],
+                  "job_id": job.id, "job_name": job.name, "owner": job.owner, "dataset": self.dataset_file(job),
                   "checkpoint_dir": self.checkpoint_dir(job.id), "result_file": self.result_path(job.id),
                   "job_dir": self.job_dir, "linger_timeout": self.linger_timeout, "resume": job.resume,
                   "submitted_at": job.created, "diagnostics_dir": self.job_path(job.id),

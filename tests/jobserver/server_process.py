@@ -17,8 +17,10 @@ TOKENS = {"alice": "alice-token-0123456789", "bob": "bob-token-0123456789ab", "@
 class Server:
     """`trainmetrics server` as a child process."""
 
-    def __init__(self, data_dir: Path, extra: tuple[str, ...] = (), env: dict[str, str] | None = None):
-        self.data_dir, self.extra, self.env = data_dir, extra, env
+    def __init__(self, data_dir: Path, extra: tuple[str, ...] = (), env: dict[str, str] | None = None,
+                 cwd: Path | None = None):
+        """With `cwd`, it runs there and is given the data dir relative to it."""
+        self.data_dir, self.extra, self.env, self.cwd = data_dir, extra, env, cwd
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
@@ -26,10 +28,11 @@ class Server:
 
     def start(self) -> "Server":
         """Start it and wait until it supervises jobs."""
+        data_dir = os.path.relpath(self.data_dir, self.cwd) if self.cwd else str(self.data_dir)
         command = [sys.executable, "-m", "trainmetrics", "server", "--listen", f"127.0.0.1:{self.port}",
-                   "--data-dir", str(self.data_dir), "--linger-timeout", "10", *self.extra]
+                   "--data-dir", data_dir, "--linger-timeout", "10", *self.extra]
         with open(self.data_dir / "server.log", "ab") as log:
-            self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log,
+            self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, cwd=self.cwd,
                                             env={**os.environ, **self.env} if self.env else None)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

@@ -434,3 +434,30 @@ def test_the_largest_seed_the_contract_allows_trains(server_only):
 def test_every_route_refuses_an_unknown_parameter(method, path, server_only):
     response = server_only.client().request(method, path, params={"colour": "red"})
     assert response.status_code == 400 and "colour: unknown parameter" in response.json()["error"]["message"]
+
+
+def test_a_relative_data_dir_holds_after_a_restart_from_another_directory(tmp_path):
+    first_cwd, second_cwd, data = tmp_path / "a", tmp_path / "b" / "c", tmp_path / "a" / "data"
+    for directory in (first_cwd, second_cwd, data):
+        directory.mkdir(parents=True, exist_ok=True)
+    server = Server(data, cwd=first_cwd)             # --data-dir data
+    server.start()
+    try:
+        uploaded = server.client().post("/api/training/datasets", params={"name": "train.csv"},
+                                        content=classification_csv(tmp_path / "train.csv", rows=200).read_bytes())
+        assert uploaded.status_code == 201, uploaded.text
+    finally:
+        server.stop()
+    restarted = Server(data, cwd=second_cwd)         # --data-dir ../../a/data
+    restarted.start()
+    try:
+        client = restarted.client()
+        job = {"dataset": uploaded.json()["dataset_id"], "epochs": 1, "job_id": "moved-1"}
+        assert client.post("/api/training/jobs", json=job).status_code == 201
+        done = wait_job(client, "moved-1", lambda j: j["state"] in ("completed", "failed"))
+        assert done["state"] == "completed", done
+        answer = client.get("/api/training/jobs/moved-1").text
+        assert "dataset_path" not in answer and str(tmp_path) not in answer      # no server paths
+    finally:
+        restarted.stop()
+
