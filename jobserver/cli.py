@@ -2,11 +2,15 @@
 trainmetrics/service.py)."""
 
 import argparse
+import fcntl
 import importlib.util
 import ipaddress
 from pathlib import Path
 
 from trainmetrics.command import FlagError, check_directory
+
+# The file in the data dir a server holds an exclusive lock on for its life: one server per data dir.
+LOCK_NAME = "server.lock"
 
 
 def add_jobserver_flags(parser: argparse.ArgumentParser) -> None:
@@ -60,6 +64,19 @@ def _gpu_count() -> int:
         return 0
 
 
+def lock_data_dir(data_dir: Path):
+    """The data dir's lock file, locked for as long as it stays open (the server's life); FlagError when
+    another server holds it (a second one would adopt the first one's jobs and pause them when it stops)."""
+    handle = open(data_dir / LOCK_NAME, "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        handle.close()
+        why = "another trainmetrics server uses it" if isinstance(error, BlockingIOError) else error.strerror
+        raise FlagError("--data-dir", f"{data_dir}: {why}") from None
+    return handle
+
+
 def jobserver_settings(args: argparse.Namespace, host: str, web_config):
     """(ServerSettings, TokenAuth or None) from the flags; FlagError naming the first bad one."""
     from trainmetrics.jobserver.auth import TokenAuth, load_tokens
@@ -104,5 +121,6 @@ def jobserver_settings(args: argparse.Namespace, host: str, web_config):
                               advertise_url=args.advertise_url,
                               executor=args.executor, ray_address=args.ray_address, ray_python=args.ray_python,
                               owners=auth is not None, max_concurrent=max_concurrent,
-                              max_upload_bytes=args.max_upload_bytes, linger_timeout=args.linger_timeout)
+                              max_upload_bytes=args.max_upload_bytes, linger_timeout=args.linger_timeout,
+                              data_dir_lock=lock_data_dir(data_dir))
     return settings, auth

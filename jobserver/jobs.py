@@ -44,6 +44,7 @@ class ServerSettings:
     linger_timeout: float = 15.0
     archive: ReportArchive | None = None       # stored reports, shared with the analytics (trainmetrics.reports)
     hangs: HangFeed | None = None              # the jobs TrainerHang fires for, from the analytics (trainmetrics.hangs)
+    data_dir_lock: object | None = None        # the data dir's lock file, held open for the server's life (cli.py)
 
 
 class JobService:

@@ -461,3 +461,20 @@ def test_a_relative_data_dir_holds_after_a_restart_from_another_directory(tmp_pa
     finally:
         restarted.stop()
 
+
+def test_a_second_server_on_the_same_data_dir_is_refused(tmp_path):
+    server = Server(tmp_path)
+    server.start()
+    second = subprocess.Popen([sys.executable, "-m", "trainmetrics", "server", "--listen", f"127.0.0.1:{free_port()}",
+                               "--data-dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True)
+    try:
+        _, stderr = second.communicate(timeout=60)
+        assert second.returncode == 2 and len(stderr.strip().splitlines()) == 1, stderr
+        assert "--data-dir" in stderr and str(tmp_path) in stderr and "another trainmetrics server" in stderr
+        assert server.client().get("/api/training/jobs").status_code == 200       # the first one serves on
+    finally:
+        if second.poll() is None:
+            second.kill()
+            second.communicate()
+        server.stop()
