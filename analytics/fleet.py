@@ -8,7 +8,7 @@ import time
 from trainmetrics.analytics import queries as q
 from trainmetrics.analytics import goodput, scoring, shapes
 from trainmetrics.analytics.cache import AnalyticsCache, cached_jobs_analytics
-from trainmetrics.analytics.lookup import ENDED, Process, Timeline, status_of
+from trainmetrics.analytics.lookup import ENDED, Process, in_order, status_of, timeline_of
 from trainmetrics.analytics.prometheus import PrometheusClient
 from trainmetrics.analytics.results import number, query_parts, ratio, rounded, rows, scalar
 from trainmetrics.contract import FINAL_STATES, validate_job_id
@@ -62,14 +62,18 @@ async def _fleet(client: PrometheusClient, range_seconds: float, now: float, spl
         key = (labels.get("job_id", ""), labels.get("instance", ""))
         return processes.setdefault(key, Process(key[1]))
 
-    for labels, value in rows(starts):
+    def rank0(result: list[dict]) -> list[tuple[dict, float | None]]:
+        """The lifecycle series are rank 0's (the job's, not a rank's): as the job lookup reads them."""
+        return [(labels, value) for labels, value in rows(result) if labels.get("rank", "0") == "0"]
+
+    for labels, value in rank0(starts):
         process(labels).start = value
-    for labels, value in rows(ends):
+    for labels, value in rank0(ends):
         process(labels).end = value
     # A process's state: the raw recent one, else its recorded state seen last, else the raw older one.
     chosen: dict[tuple[str, str], tuple[int, float, str | None]] = {}
     for rank, part in enumerate(("raw", "recent", "recorded", "older")):
-        for labels, value in rows(states.get(part, [])):
+        for labels, value in rank0(states.get(part, [])):
             key = (labels.get("job_id", ""), labels.get("instance", ""))
             best = chosen.get(key)
             if best is None or (best[0] == rank and (value or 0.0) >= best[1]):
@@ -89,11 +93,11 @@ async def _fleet(client: PrometheusClient, range_seconds: float, now: float, spl
         by_job.setdefault(job_id, []).append(proc)
     table, latest_instance = [], {}
     for job_id, procs in sorted(by_job.items()):
-        latest = max(procs, key=lambda p: (p.start is not None, p.start or 0.0))
+        procs = in_order(procs)
+        latest = procs[-1]
         latest_instance[job_id] = latest.instance
         status = status_of(latest)
-        timeline = Timeline.of([(p.start, p.stop(now)) for p in procs
-                                if p.start is not None and p.stop(now) is not None])
+        timeline = timeline_of(procs, now)
         starts_known = [p.start for p in procs if p.start is not None]
         total = samples_by_job.get(job_id)
         info = info_by_job.get(job_id, {})
@@ -113,9 +117,13 @@ async def _add_last_seen(client: PrometheusClient, processes: dict[tuple[str, st
                          now: float) -> None:
     """When each process that stopped without an end (and is not scraped now) was last seen, in one request
     for their jobs."""
+    # A job none of whose processes started training may have one killed in its init (its state queued
+    # for good): its heartbeat tells it from the job server's entry for a job that left the queue.
+    started_jobs = {job_id for (job_id, _), proc in processes.items() if proc.start is not None}
     job_ids = []
     for (job_id, _), proc in processes.items():
-        if proc.start is not None and proc.end is None and not proc.live and job_id not in job_ids:
+        if proc.end is None and not proc.live and job_id not in job_ids and (
+                proc.start is not None or job_id not in started_jobs):
             try:
                 job_ids.append(validate_job_id(job_id))
             except ValueError:     # not a trainer's job id: nothing of it enters a query
@@ -168,7 +176,9 @@ async def resource_trends(client: PrometheusClient, range_seconds: float, step: 
                           recorded: bool) -> dict[str, shapes.Trend]:
     """Each trend's points (on multiples of the step, then one at now), average and peak: a range query per
     trend (a fleet's trends are the summary's costliest queries: one each spreads them over Prometheus'
-    cores) and one instant query at now for all of them."""
+    cores) and one instant query at now for all of them. The point at now reads the step before now, which
+    overlaps the last grid point's: the average is over the grid, whose steps tile the range, the peak over
+    every point."""
     parts = {name: q.trend(name, step, recorded) for name in q.TRENDS}
     start, end, step_literal = q.trend_grid(range_seconds, step, now)
     latest, *series = await asyncio.gather(
@@ -176,11 +186,14 @@ async def resource_trends(client: PrometheusClient, range_seconds: float, step: 
     trends = {}
     for name, result in zip(parts, series):
         points = [(float(t), number(v)) for t, v in result[0].get("values", [])] if result else []
+        gridded = [v for _, v in points if v is not None]
         if now > end and latest[name]:
             points.append((round(now, 3), number(latest[name][0]["value"][1])))
         numbers = [v for _, v in points if v is not None]
-        trends[name] = shapes.Trend(average=rounded(sum(numbers) / len(numbers)) if numbers else None,
-                                    peak=rounded(max(numbers)) if numbers else None, points=points)
+        averaged = gridded or numbers
+        trends[name] = shapes.Trend(average=rounded(sum(averaged) / len(averaged)) if averaged else None,
+                                    peak=rounded(max(numbers)) if numbers else None,
+                                    points=[(t, rounded(v)) for t, v in points])
     return trends
 
 

@@ -8,7 +8,7 @@ thrown away. The ledger adds what no process sees:
 - queued: the submission (trainer_job_submitted_timestamp_seconds) to the first process's start;
 - paused: each gap between a process's end (a pause, a failure, a kill) and the next one's start;
 - lost: what a process trained after its last checkpoint and a successor threw away by resuming from that
-  checkpoint. A process's carried totals are its totals less its own age (its totals only grow with its
+  checkpoint (or, with none, by starting afresh: then all it trained, its init and restore staying theirs). A process's carried totals are its totals less its own age (its totals only grow with its
   life), so what a run lost is its last totals less what its successor carried in. A checkpoint carries the
   totals of its snapshot, taken before its write: the write of the checkpoint a successor resumed from
   (trainer_checkpointed_seconds: the totals when that write ended) threw nothing away and counts as
@@ -29,6 +29,8 @@ from trainmetrics.contract import STEP_PHASES, STOP_SIGNALS
 
 # The ledger's phases, in a job's order; `step` is goodput, the others badput.
 LEDGER_PHASES = ("queued", "init", "restore", "step", "data_wait", "eval", "checkpoint", "paused", "lost")
+# A run's time before its first step: what a run thrown away whole spent on them stays theirs, not lost.
+SETUP_PHASES = ("init", "restore")
 NO_PHASES = "the job's trainer published no phase totals (trainer_phase_seconds_total): a trainer before the ledger"
 
 
@@ -69,7 +71,7 @@ def ledger(facts: JobFacts, found: dict[str, list[dict]]) -> shapes.Goodput:
     checkpointed = {labels.get("instance", ""): value for labels, value in rank0("checkpointed")}
     submitted = max((value for _, value in rank0("submitted")), default=None)
     runs = []
-    for process in facts.started:
+    for process in facts.processes:     # a run that failed its restore too: its init and restore are the job's
         as_of = process.end if process.end is not None else process.last_seen
         if process.instance in phases and process.instance in started_at and as_of is not None:
             runs.append(_Run(started_at[process.instance], as_of, phases[process.instance],
@@ -81,10 +83,14 @@ def ledger(facts: JobFacts, found: dict[str, list[dict]]) -> shapes.Goodput:
     runs.sort(key=lambda run: run.started)
     final = runs[-1].totals
     lost = checkpoint_writes = 0.0
+    thrown_setup = dict.fromkeys(SETUP_PHASES, 0.0)
     for run, after in zip(runs, runs[1:]):
         after_snapshot = max(0.0, run.total - after.carried)
-        if after.carried <= 0:                     # started afresh: the whole run was thrown away
-            lost += after_snapshot
+        if after.carried <= 0:                     # started afresh: the whole run was thrown away...
+            setup = {name: run.totals.get(name, 0.0) for name in SETUP_PHASES}
+            for name, value in setup.items():      # ...but its setup was setup (a run paused in its init)
+                thrown_setup[name] += value
+            lost += max(0.0, after_snapshot - sum(setup.values()))
         elif run.stopped:                          # resumed from the checkpoint written at the stop
             checkpoint_writes += after_snapshot
         else:                                      # a failure or a kill: what followed its last checkpoint
@@ -95,8 +101,8 @@ def ledger(facts: JobFacts, found: dict[str, list[dict]]) -> shapes.Goodput:
     began = submitted if submitted is not None and submitted <= runs[0].started else runs[0].started
     wall = runs[-1].as_of - began
     step_parts = {part: final.get(part, 0.0) for part in STEP_PHASES}
-    seconds = {"queued": runs[0].started - began, "init": final.get("init", 0.0),
-               "restore": final.get("restore", 0.0), "step": sum(step_parts.values()),
+    seconds = {"queued": runs[0].started - began, "init": final.get("init", 0.0) + thrown_setup["init"],
+               "restore": final.get("restore", 0.0) + thrown_setup["restore"], "step": sum(step_parts.values()),
                "data_wait": final.get("data_wait", 0.0), "eval": final.get("eval", 0.0),
                "checkpoint": final.get("checkpoint", 0.0) + checkpoint_writes, "paused": paused, "lost": lost}
     return shapes.Goodput(

@@ -193,9 +193,12 @@ def _assemble(facts: JobFacts, found: dict[str, list[dict]], peak: dict[str, Pea
     steps = totals.per_rank("steps", min)
     average_sps = ratio(samples, training)
     peak_sps = peak_value("samples_per_second")
-    if peak_sps is not None and average_sps is not None and peak_sps < average_sps:
+    peak_window = q.rate_window_ms(q.peak_step(w.window)) / 1000 if w else None
+    if average_sps is not None and (peak_sps is not None and peak_sps < average_sps or peak_sps is None and
+                                    training is not None and peak_window is not None and training < peak_window):
         # Some window must reach the whole run's average; a lower observed peak means Prometheus saw only
-        # part of the run (a job scraped late or briefly), so the average is the better lower bound.
+        # part of the run (a job scraped late or briefly), so the average is the better lower bound. A run
+        # shorter than the peak window has no window's rate at all: its average is its peak.
         peak_sps = average_sps
     cpu_seconds = value("cpu_seconds")
     average_gpu = percent(peak_mean("gpu_utilization_avg"))
@@ -226,7 +229,7 @@ def _assemble(facts: JobFacts, found: dict[str, list[dict]], peak: dict[str, Pea
             total_samples=_integer(samples), total_steps=_integer(steps),
             average_samples_per_second=rounded(average_sps), peak_samples_per_second=rounded(peak_sps),
             peak_samples_per_second_at=peak_at("samples_per_second"),
-            peak_window_seconds=q.rate_window_ms(q.peak_step(w.window)) / 1000 if w else None,
+            peak_window_seconds=peak_window,
             average_step_seconds=rounded(ratio(step_seconds, totals.total("step_count"))),
             peak_step_seconds=rounded(totals.highest("step_max", every_rank=True)),
             data_wait_percent=rounded(percent(ratio(totals.total("data_wait_seconds"), step_seconds)))),

@@ -30,7 +30,7 @@ class Process:
     """One process of a job (its rank 0) as Prometheus saw it."""
 
     instance: str
-    start: float | None = None
+    start: float | None = None          # when it started training (None: it never did)
     end: float | None = None            # its end timestamp: a final state, or paused
     state: str | None = None
     error_type: str | None = None
@@ -38,12 +38,27 @@ class Process:
     live: bool = False                  # scraped now
     checkpoints: float | None = None    # checkpoints counted, a resumed run's taken over from its checkpoint
     written: float | None = None        # checkpoints this process wrote itself
+    process_start: float | None = None  # when the process itself started (before its imports)
 
     def stop(self, now: float) -> float | None:
         """When it stopped running: its end, now while it is scraped, else when it was last seen."""
         if self.end is not None:
             return self.end
         return now if self.live else self.last_seen
+
+    @property
+    def trainer(self) -> bool:
+        """A trainer's process: it published its own life (the job server publishes only the state of a
+        job that has no process: queued, or paused)."""
+        return any(t is not None for t in (self.start, self.end, self.last_seen, self.process_start))
+
+    @property
+    def order(self) -> tuple[bool, float]:
+        """Its place among the job's processes, oldest first: the job server's state of a job without a
+        process first, then the trainer's processes by when each started (one that failed or was killed
+        before its first step too: it is newer than the run it tried to resume)."""
+        began = next((t for t in (self.process_start, self.start, self.end, self.last_seen) if t is not None), 0.0)
+        return self.trainer, began
 
     @property
     def resumed(self) -> bool:
@@ -154,11 +169,27 @@ class JobFacts:
         return list(self.timeline.runs) if self.finals is not None else None
 
 
+def in_order(processes) -> list[Process]:
+    """A job's processes, oldest first (Process.order)."""
+    return sorted(processes, key=lambda p: p.order)
+
+
+def timeline_of(processes: list[Process], now: float) -> Timeline:
+    """When a job ran: its processes' spans from their start of training to their stop; a process that stopped
+    before its first step (a failed restore, a kill in its init) after the others ends the job there."""
+    spans = [(p.start, p.stop(now)) for p in processes if p.start is not None and p.stop(now) is not None]
+    if spans:
+        last = max(stop for _, stop in spans)
+        spans += [(stop, stop) for p in processes if p.start is None and p.trainer
+                  for stop in [p.stop(now)] if stop is not None and stop > last]
+    return Timeline.of(spans)
+
+
 def status_of(latest: Process) -> str:
     """A job's status: its newest process's state, or vanished when that stopped without a final one (kill -9,
     a lost node) and is no longer scraped."""
     status = latest.state or "unknown"
-    if status not in STOPPED_STATES and latest.start is not None and not latest.live:
+    if status not in STOPPED_STATES and latest.trainer and not latest.live:
         return VANISHED
     return status
 
@@ -207,6 +238,8 @@ class _Lookup:
             self.process(labels).checkpoints = value
         for labels, value in mine("written"):
             self.process(labels).written = value
+        for labels, value in mine("spawned"):
+            self.process(labels).process_start = value
         if live:    # answered at now: scraped now (a start at now, for trainers without a heartbeat)
             for labels, _ in mine("heartbeat") + mine("start"):
                 self.process(labels).live = True
@@ -237,15 +270,14 @@ class _Lookup:
         return not self.processes or bool(missing) or (bool(started) and min(started, key=lambda p: p.start).resumed)
 
     def facts(self, now: float) -> JobFacts:
-        processes = sorted(self.processes.values(), key=lambda p: (p.start is not None, p.start or 0.0))
+        processes = in_order(self.processes.values())
         if not any(p.start is not None or p.state is not None for p in processes):
             raise JobNotFound(self.job_id)
         latest = processes[-1]
-        spans = [(p.start, p.stop(now)) for p in processes if p.start is not None and p.stop(now) is not None]
         info = next((labels for labels in self.info if labels.get("instance") == latest.instance),
                     self.info[0] if self.info else {})
         return JobFacts(job_id=self.job_id, info={k: v for k, v in info.items() if k not in INTERNAL_LABELS},
-                        status=status_of(latest), processes=processes, timeline=Timeline.of(spans),
+                        status=status_of(latest), processes=processes, timeline=timeline_of(processes, now),
                         upload_seconds=max(self.upload) if self.upload else None,
                         owners=frozenset(labels.get("owner", "") for labels in self.info),
                         fingerprint=self.fingerprint, now=now)

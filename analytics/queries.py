@@ -56,8 +56,10 @@ def duration(seconds: float) -> str:
 
 
 def range_step(range_seconds: float) -> float:
-    """Step for a range or subquery over range_seconds: at most 10,000 points, never below one scrape."""
-    return max(SCRAPE_INTERVAL_SECONDS, range_seconds / MAX_POINTS_PER_SERIES)
+    """The least trend step for a range: at most 10,000 points, and never below the window a counter's growth
+    is read over (PEAK_RATE_WINDOW_SECONDS, four scrapes), so each point reads exactly its own step and the
+    points tile the range (a shorter step would read overlapping windows and count samples twice)."""
+    return max(PEAK_RATE_WINDOW_SECONDS, range_seconds / MAX_POINTS_PER_SERIES)
 
 
 def timestamp_literal(unix_seconds: float) -> str:
@@ -118,6 +120,8 @@ def _lookup(job_id: str, r: str, instant: bool) -> dict[str, str]:
 
     return {
         "start": last(Trainer.JOB_START),
+        # When the process itself started: orders a job's processes, one that never started training too.
+        "spawned": last(Trainer.PROCESS_START),
         "state": f"{last(Trainer.JOB_STATE)} == 1",
         "info": last(Trainer.JOB_INFO),
         "failure": last(Trainer.JOB_FAILURE),

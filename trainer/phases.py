@@ -111,8 +111,10 @@ class PhaseClock:
             if phase in summed:
                 summed[phase] += now - since
             started = self.loop_began
-            if started is None:          # still in init (or restoring): init is the process's age so far
-                init = self.unix(now) - self.process_start - summed[RESTORE]
+            if started is None:          # still in init (or restoring): init is the process's age so far, up to
+                # the end of a run that ended before its first step (not on through its final linger)
+                init = self.unix(self.loop_ended if self.loop_ended is not None else now) - self.process_start
+                init -= summed[RESTORE]
                 loop = 0.0
             else:
                 init = self.unix(started) - self.process_start - summed[RESTORE]

@@ -102,12 +102,16 @@ class Trainer:
 
     def restore(self, state: dict) -> None:
         """Continue from a checkpoint: weights, optimizer, counters and data position, and this rank's own
-        metrics state (its losses are its own; a checkpoint of another world size gives counters only)."""
-        self.net.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        metrics state (its losses are its own; a checkpoint of another world size gives counters only).
+
+        The metrics first: the job's totals up to the checkpoint hold whether or not the weights then load (a
+        checkpoint of another model fails here), so a run that fails its restore still publishes the job's
+        counters and phase seconds, its own init and restore counted in."""
         by_rank = state.get("metrics_by_rank") or []
         own = by_rank[self.dist.rank] if len(by_rank) == self.dist.world_size else {"checkpoints": 1}
         self.metrics.load_state_dict({**own, "steps": int(state["step"]), "samples": int(state["samples"])})
+        self.net.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
         self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
         log.info("job %s: resumed at step %d (epoch %d, batch %d)", self.config.job_id, self.metrics.steps,
                  self.epoch, self.batch_in_epoch)

@@ -8,7 +8,8 @@ from trainmetrics.analytics.lookup import JobFacts, Process, Timeline
 
 def facts(*processes: Process) -> JobFacts:
     return JobFacts(job_id="j", info={}, status="completed", processes=list(processes),
-                    timeline=Timeline.of([(p.start, p.end) for p in processes]), upload_seconds=None,
+                    timeline=Timeline.of([(p.start, p.end) for p in processes if p.start is not None]),
+                    upload_seconds=None,
                     owners=frozenset(), fingerprint=frozenset(), now=1000.0)
 
 
@@ -53,3 +54,20 @@ def test_the_write_of_the_checkpoint_a_killed_run_was_resumed_from_is_checkpoint
     of steps thrown away."""
     seconds = two_runs("failed", checkpointed={"a": 29.7})
     assert seconds["lost"] == pytest.approx(0.3) and seconds["checkpoint"] == pytest.approx(5.2)
+
+
+def test_a_run_thrown_away_whole_loses_what_it_trained_and_keeps_its_init_as_init():
+    """Run a (100-110) trained 4 s after a 6 s init and stopped without a checkpoint; run b (120-150) started
+    afresh: a's 4 s of training are lost, its init is init (a run paused in its init loses nothing)."""
+    a = {"init": 6.0, "compute": 3.0, "data_wait": 1.0}
+    b = {"init": 5.0, "compute": 20.0, "data_wait": 5.0}
+    for state in ("paused", "failed"):
+        body = ledger(facts(Process("a", start=106.0, end=110.0, state=state),
+                            Process("b", start=125.0, end=150.0, state="completed")),
+                      found({"a": (100.0, a), "b": (120.0, b)}, submitted=100.0))
+        assert sum(body.seconds.values()) == pytest.approx(body.wall_clock_seconds) == 50.0
+        assert (body.seconds["init"], body.seconds["lost"], body.seconds["paused"]) == (11.0, 4.0, 10.0), state
+    in_init = ledger(facts(Process("a", start=None, end=104.0, state="paused", last_seen=104.0),
+                           Process("b", start=125.0, end=150.0, state="completed")),
+                     found({"a": (100.0, {"init": 4.0}), "b": (120.0, b)}, submitted=100.0))
+    assert (in_init.seconds["init"], in_init.seconds["lost"]) == (9.0, 0.0)

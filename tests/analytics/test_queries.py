@@ -64,8 +64,8 @@ def test_durations_steps_and_timestamps():
     assert q.duration(1.5) == "1500ms"
     assert q.duration(0.0001) == "1ms"
     assert q.duration(3600) == "3600000ms"
-    assert q.range_step(60) == 0.25                 # never below the scrape interval
-    assert q.range_step(3600) == 0.36               # 10,000 points for an hour
+    assert q.range_step(60) == 1.0                  # never below the window a rate is read over
+    assert q.range_step(36_000) == 3.6              # 10,000 points for ten hours
     assert q.range_step(86400) == pytest.approx(8.64)
     assert 86400 / q.range_step(86400) <= 11_000
     assert q.over(60, 1700000000.1234) == "[60000ms] @ 1700000000.123"

@@ -67,6 +67,22 @@ def test_published_totals_never_fall_and_a_checkpoint_carries_them_into_the_next
     assert resumed["init"] > state["phases"]["init"]
 
 
+def test_a_run_that_ends_before_its_first_step_stops_its_clock_at_its_end():
+    """A restore that fails or a cancel in init: the run's init ends with it, not with its final linger."""
+    metrics = JobMetrics("ended-in-init")
+    try:
+        with metrics.phase("restore"):
+            time.sleep(0.05)
+        metrics.finish("failed", RuntimeError("the checkpoint does not fit"))
+        at_end = metrics.phases.totals()
+        time.sleep(0.2)                     # the linger, waiting for the final scrape
+        later = metrics.phases.totals()
+    finally:
+        metrics.close()
+    assert at_end["restore"] == pytest.approx(0.05, abs=0.02)
+    assert later == at_end
+
+
 def test_the_current_phase_and_the_last_progress_follow_the_loop():
     metrics = JobMetrics("where-job")
     try:

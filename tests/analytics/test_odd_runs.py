@@ -1,0 +1,142 @@
+"""Runs off the happy path, told as the trainer itself told them: a resume that fails in its restore, a process
+killed before its first step, a job whose loss diverges, a job shorter than a rate window; and the fleet's
+throughput trend adding up to the samples the jobs counted."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from trainmetrics.analytics.app import Settings
+from trainmetrics.prometheus_process import PrometheusServer
+
+from .conftest import finish, read_until, serve, start_job, train_command
+
+pytestmark = pytest.mark.slow
+
+COMMON = ("--model", "mlp", "--batch-size", "32", "--log-every", "5", "--epochs", "50")
+# A user's own loop through the library, announced to Prometheus, killed while it is still setting up.
+SETTING_UP = """
+import sys, time
+from trainmetrics.trainer.metrics import JobInfo, JobMetrics
+from trainmetrics.trainer.telemetry import Publish
+metrics = JobMetrics("setup-killed", JobInfo(model="mlp", dataset="blobs"), Publish(targets_dir=sys.argv[1]))
+time.sleep(120)
+"""
+
+
+@pytest.fixture(scope="module")
+def odd_runs(tmp_path_factory):
+    """Every odd run on one Prometheus, run side by side; yields (Prometheus, what each run said)."""
+    work = tmp_path_factory.mktemp("odd-runs")
+    prometheus = PrometheusServer(work / "prometheus").start()
+    targets, checkpoints = prometheus.targets_dir, work / "checkpoints"
+    processes = []
+    try:
+        # Paused at step 20 (its checkpoint written), then resumed on another dataset: the weights do not fit.
+        first = start_job("restore-failed", targets, *COMMON, "--dataset", "blobs", "--checkpoint-dir",
+                          str(checkpoints))
+        # Loss NaN from step 25 (a corrupt batch) to its end, well under a second of training.
+        diverging = subprocess.Popen(
+            train_command("--job-id", "diverged", "--targets-dir", str(targets), "--model", "mlp", "--dataset",
+                          "blobs", "--epochs", "1", "--batch-size", "64", "--log-every", "10"),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "TRAINMETRICS_FAULTS": '{"corrupt_batch": {"step": 25, "scale": Infinity}}'})
+        diverging.log = None
+        setting_up = subprocess.Popen([sys.executable, "-c", SETTING_UP, str(targets)])
+        processes += [first, diverging, setting_up]
+        first_lines = read_until(first, "step=20 ")
+        first.send_signal(signal.SIGUSR1)
+        paused = finish("restore-failed", first, first_lines)
+        second = start_job("restore-failed", targets, *COMMON, "--dataset", "digits", "--checkpoint-dir",
+                           str(checkpoints), "--resume")
+        processes.append(second)
+        failed = finish("restore-failed", second)
+        diverged = finish("diverged", diverging)
+        prometheus.wait_for('trainer_job_state{job_id="setup-killed",state="queued"} == 1', timeout=30)
+        setting_up.send_signal(signal.SIGKILL)
+        setting_up.wait()
+        killed_at = time.time()
+        # Stale at its first failed scrape; the others' final scrapes are in once their processes exited.
+        prometheus.wait_for('absent(trainer_heartbeat_timestamp_seconds{job_id="setup-killed"})', timeout=30)
+        yield prometheus, {"paused": paused, "failed": failed, "diverged": diverged, "killed_at": killed_at}
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        prometheus.stop()
+
+
+def analytics(client, job_id: str) -> dict:
+    response = client.get(f"/api/training/{job_id}/analytics")
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def job_row(client, job_id: str) -> dict:
+    jobs = client.get("/api/training/analytics/jobs").json()["jobs"]
+    return next(row for row in jobs if row["job_id"] == job_id)
+
+
+def test_a_resume_that_fails_its_restore_is_the_job_s_last_word(odd_runs):
+    prometheus, runs = odd_runs
+    paused, failed = runs["paused"].summary, runs["failed"].summary
+    assert (paused["state"], failed["state"], failed["error_type"]) == ("paused", "failed", "RuntimeError")
+    with serve(Settings(prometheus_url=prometheus.url)) as client:
+        body = analytics(client, "restore-failed")
+        assert (body["status"], body["error_type"]) == ("failed", "RuntimeError")
+        assert body["end_time"] == failed["end_time"]
+        assert body["start_time"] == paused["start_time"]
+        duration = body["duration"]
+        assert duration["total_seconds"] == pytest.approx(failed["end_time"] - paused["start_time"], rel=1e-5)
+        assert duration["training_seconds"] == pytest.approx(paused["end_time"] - paused["start_time"], rel=1e-5)
+        assert body["performance"]["total_steps"] == paused["steps"] == failed["steps"]
+        # The failed run's init and restore are in the ledger, which still adds up to the wall clock.
+        goodput = body["goodput"]
+        assert goodput["wall_clock_seconds"] == pytest.approx(sum(goodput["seconds"].values()), abs=0.01)
+        assert goodput["seconds"]["restore"] > 0 and goodput["seconds"]["lost"] == 0
+        assert job_row(client, "restore-failed")["status"] == "failed"
+        assert job_row(client, "restore-failed")["end_time"] == failed["end_time"]
+
+
+def test_a_process_killed_before_its_first_step_vanished(odd_runs):
+    prometheus, runs = odd_runs
+    with serve(Settings(prometheus_url=prometheus.url)) as client:
+        body = analytics(client, "setup-killed")
+        assert body["status"] == "vanished"
+        assert runs["killed_at"] - 5 < body["end_time"] <= runs["killed_at"]
+        assert job_row(client, "setup-killed")["status"] == "vanished"
+
+
+def test_a_run_shorter_than_the_rate_window_has_its_average_as_its_peak(odd_runs):
+    prometheus, runs = odd_runs
+    with serve(Settings(prometheus_url=prometheus.url)) as client:
+        performance = analytics(client, "diverged")["performance"]
+    summary = runs["diverged"].summary
+    assert performance["total_samples"] == summary["samples"]
+    assert performance["peak_samples_per_second"] >= performance["average_samples_per_second"] > 0
+    if summary["end_time"] - summary["start_time"] < performance["peak_window_seconds"]:   # ~0.8 s here
+        assert performance["peak_samples_per_second"] == performance["average_samples_per_second"]
+
+
+def test_the_throughput_trend_adds_up_to_the_samples_counted(odd_runs):
+    prometheus, runs = odd_runs
+    with serve(Settings(prometheus_url=prometheus.url)) as client:
+        response = client.get("/api/training/analytics/summary", params={"range": "2m", "step": "0.5s"})
+        assert response.status_code == 400 and "step" in response.json()["error"]["message"]
+        trends = client.get("/api/training/analytics/summary", params={"range": "2m"}).json()["resource_trends"]
+    # The default step (2 minutes / 240 = 0.5 s) is raised to the 1 s a rate is read over: no point reads
+    # the samples of another's step.
+    assert trends["step_seconds"] == 1.0
+    throughput = trends["series"]["samples_per_second"]
+    grid = throughput["points"][:-1] if throughput["points"][-1][0] % 1 else throughput["points"]
+    counted = runs["paused"].summary["samples"] + runs["diverged"].summary["samples"]
+    assert sum(value for _, value in grid if value) * trends["step_seconds"] == pytest.approx(counted, rel=1e-5)
+    assert throughput["average"] == pytest.approx(sum(v for _, v in grid if v is not None) / len(
+        [v for _, v in grid if v is not None]), rel=1e-5)
+    for series in trends["series"].values():     # six significant digits, as every figure
+        assert all(value is None or value == float(f"{value:.6g}") for _, value in series["points"])
