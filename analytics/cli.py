@@ -6,7 +6,7 @@ import logging
 
 from trainmetrics.command import (DEFAULT_ANALYTICS_PORT, DEFAULT_PROMETHEUS_PORT, FlagError, listen_flag,
                                   listening_socket, say_listening)
-from trainmetrics.webconfig import load_web_config
+from trainmetrics.webconfig import web_config_flag
 
 
 def add_analytics_flags(parser: argparse.ArgumentParser) -> None:
@@ -62,14 +62,6 @@ def add_web_flags(parser: argparse.ArgumentParser, port: int = DEFAULT_ANALYTICS
                              "exporter-toolkit's web-config format")
 
 
-def web_config_flag(args: argparse.Namespace):
-    """The web config, or FlagError."""
-    try:
-        return load_web_config(args.web_config_file)
-    except ValueError as error:
-        raise FlagError("--web.config.file", str(error)) from None
-
-
 def configure(parser: argparse.ArgumentParser) -> None:
     """Add the analytics flags (imports nothing heavy)."""
     add_web_flags(parser)
@@ -82,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)     # one INFO line per Prometheus request otherwise
     host, port = listen_flag("--listen", args.listen)
     settings = analytics_settings(args)
-    web_config = web_config_flag(args)
+    web_config = web_config_flag(args.web_config_file)
     sock = listening_socket("--listen", host, port)
 
     from trainmetrics.analytics.app import create_app

@@ -8,11 +8,12 @@ their scope, and check it against each job's own `owner` label in Prometheus.
 import argparse
 import logging
 
-from trainmetrics.analytics.cli import add_analytics_flags, add_web_flags, analytics_settings, web_config_flag
+from trainmetrics.analytics.cli import add_analytics_flags, add_web_flags, analytics_settings
 from trainmetrics.command import listen_flag, listening_socket, reachable_address, say_listening
 from trainmetrics.jobserver.cli import add_jobserver_flags, jobserver_settings
 from trainmetrics.hangs import HangFeed
 from trainmetrics.reports import ReportArchive
+from trainmetrics.webconfig import web_config_flag
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -29,7 +30,7 @@ def caller_owner(request) -> str | None:
 
 def build(args: argparse.Namespace, host: str):
     """The app and its web config, from the flags (FlagError on a bad one)."""
-    web_config = web_config_flag(args)
+    web_config = web_config_flag(args.web_config_file)
     server_settings, auth = jobserver_settings(args, host, web_config)
     analytics = analytics_settings(args)
     analytics.owner_scope = caller_owner

@@ -106,8 +106,12 @@ def load_web_config(path: Path | None) -> WebConfig:
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as error:
+    except OSError as error:
         raise ValueError(f"web config {path}: {error}") from None
+    except yaml.YAMLError as error:     # its text spans lines (the line quoted, a caret): one line here
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ValueError(f"web config {path}: not YAML{where}: {getattr(error, 'problem', None) or error}") from None
     if not isinstance(raw, dict):
         raise ValueError(f"web config {path}: expected a mapping of settings")
     unknown = set(raw) - {"tls_server_config", "basic_auth_users", "http_server_config"}

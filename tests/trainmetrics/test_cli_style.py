@@ -68,6 +68,8 @@ BAD = [
     (["exporter", "--listen", "127.0.0.1:99999"], "--listen"),
     (["exporter", "--web.config.file", "/nonexistent.yml"], "--web.config.file: "),
     (["train", "--web.config.file", "/nonexistent.yml"], "--web.config.file: "),
+    (["analytics", "--web.config.file", "/nonexistent.yml"], "--web.config.file: "),
+    (["server", "--data-dir", "/tmp/x", "--web.config.file", "/nonexistent.yml"], "--web.config.file: "),
     *[([command, *(["--data-dir", "/tmp/x"] if command == "server" else []), "--nproc", "2"],
        "unrecognized arguments: --nproc 2") for command in COMMANDS],
 ]

@@ -138,6 +138,7 @@ def test_job_server_requires_a_client_certificate_from_the_configured_ca(pki, tm
     ("tls_server_config:\n  cert_file: missing.crt\n  key_file: missing.key\n", "not found"),
     ("basic_auth_users:\n  a: plaintext\n", "bcrypt hash"),
     ("tls_config: {}\n", "unknown key"),
+    ("basic_auth_users: {\n", "not YAML at line 2"),        # yaml's own text spans three lines
 ])
 def test_bad_web_configs_are_named(text, message, tmp_path):
     config = tmp_path / "web.yml"
