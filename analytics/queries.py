@@ -184,6 +184,9 @@ TOTALS = {
     "step_max": ("last_over_time", Trainer.STEP_DURATION_MAX),
     "data_wait_seconds": ("max_over_time", f"{Trainer.DATA_WAIT}_sum"),
     "loss_last": ("last_over_time", Trainer.LOSS),
+    # 0 when the last logged interval's loss was NaN or infinite (trainer_loss keeps the last finite one).
+    "loss_finite": ("last_over_time", Trainer.LOSS_FINITE),
+    "loss_nonfinite": ("max_over_time", Trainer.LOSS_NONFINITE),
     "loss_first": ("last_over_time", Trainer.LOSS_FIRST),
     "loss_min": ("last_over_time", Trainer.LOSS_MIN),
     "loss_sum": ("max_over_time", Trainer.LOSS_SUM),
@@ -396,6 +399,7 @@ RECORDED = {
     "state": "job_process:trainer_job_state:seen_timestamp5m",
     "samples": "job_process:trainer_samples:max5m",
     "loss": "job_process:trainer_loss:last5m",
+    "loss_finite": "job_process:trainer_loss_finite:last5m",
 }
 RAW = {
     "start": Trainer.JOB_START,
@@ -404,6 +408,7 @@ RAW = {
     "state": Trainer.JOB_STATE,
     "samples": Trainer.SAMPLES,
     "loss": Trainer.LOSS,
+    "loss_finite": Trainer.LOSS_FINITE,
 }
 # Trends read recorded series only at steps this long or longer (each point then spans several recordings).
 RECORDED_TREND_MIN_STEP_SECONDS = RULE_WINDOW_SECONDS
@@ -456,9 +461,13 @@ def fleet_info(range_seconds: float, now: float | None = None, split: float | No
     return _fleet_last("info", range_seconds, now, split)
 
 
-def fleet_loss(range_seconds: float, now: float | None = None, split: float | None = None) -> str:
-    """Last logged training loss of every job process."""
-    return _fleet_last("loss", range_seconds, now, split)
+def fleet_loss(range_seconds: float, now: float | None = None, split: float | None = None,
+               job_id: str | None = None) -> str:
+    """Last logged training loss of every job process (of one job's); none where that was NaN or infinite
+    (trainer_loss keeps the last finite one, trainer_loss_finite says the last was not)."""
+    loss = _fleet_last("loss", range_seconds, now, split, job_id=job_id)
+    finite = _fleet_last("loss_finite", range_seconds, now, split, job_id=job_id)
+    return f"({loss}) unless on (job_id, instance, rank) (({finite}) == 0)"
 
 
 def fleet_details(job_ids: list[str], range_seconds: float, now: float, split: float | None) -> dict[str, str]:
@@ -467,7 +476,7 @@ def fleet_details(job_ids: list[str], range_seconds: float, now: float, split: f
     parts = {}
     for index, job_id in enumerate(job_ids):
         parts[f"info_{index}"] = _fleet_last("info", range_seconds, now, split, job_id=job_id)
-        parts[f"loss_{index}"] = _fleet_last("loss", range_seconds, now, split, job_id=job_id)
+        parts[f"loss_{index}"] = fleet_loss(range_seconds, now, split, job_id=job_id)
     return parts
 
 

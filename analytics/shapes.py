@@ -123,7 +123,7 @@ class Losses:
     """Training and evaluation losses, each exactly the trainer's own figure."""
 
     initial: float | None = described("the first logged training loss of the job's first run")
-    final: float | None = described("the last logged training loss")
+    final: float | None = described("the last logged training loss; null when that was NaN or infinite")
     best: float | None = described("the lowest logged training loss")
     mean: float | None = described("the mean of every logged training loss")
     reduction_percent: float | None = described("100 * (initial - final) / initial")
@@ -131,6 +131,8 @@ class Losses:
     final_eval_accuracy: float | None
     best_eval_loss: float | None
     best_eval_accuracy: float | None
+    nonfinite_intervals: int | None = described("log intervals whose mean training loss was NaN or infinite")
+    final_nonfinite: bool | None = described("the last logged training loss was NaN or infinite (diverged)")
 
 
 @dataclass(slots=True)

@@ -37,6 +37,10 @@ LOSS_INTERVALS = Instrument(T.LOSS_INTERVALS, "1", "Log intervals with a finite 
 # The OpenTelemetry SDK drops NaN and infinite measurements, so a diverged loss cannot appear as a NaN
 # gauge: this counter is how it reaches Prometheus (and the TrainerLossNaN alert).
 LOSS_NONFINITE = Instrument(T.LOSS_NONFINITE, "1", "Log intervals whose mean training loss was NaN or infinite.")
+# ...and this gauge says whether the last interval's was: trainer_loss alone would show a diverged job's last
+# finite loss as its final one.
+LOSS_FINITE = Instrument(T.LOSS_FINITE, "1", "1 when the last log interval's mean training loss was finite, 0 when "
+                         "NaN or infinite (trainer_loss then holds the last finite one).")
 EVALUATIONS = Instrument(T.EVALUATIONS, "1", "Evaluations completed.")
 EVAL_LOSS = Instrument(T.EVAL_LOSS, "1", "Loss of the last evaluation.")
 EVAL_ACCURACY = Instrument(T.EVAL_ACCURACY, "1", "Accuracy (0..1) of the last evaluation.")

@@ -254,6 +254,7 @@ class JobMetrics:
         # Every gauge is read when something collects: setting one costs the loop an attribute store.
         observe(inst.EPOCH, lambda: self.epoch)
         observe(inst.LOSS, lambda: self.loss)
+        observe(inst.LOSS_FINITE, lambda: None if self.last_loss is None else int(math.isfinite(self.last_loss)))
         observe(inst.EVAL_LOSS, lambda: self.last_evaluation.loss if self.last_evaluation else None)
         observe(inst.EVAL_ACCURACY, lambda: self.last_evaluation.accuracy if self.last_evaluation else None)
         observe(inst.LEARNING_RATE, lambda: self.learning_rate)

@@ -110,6 +110,7 @@ class Trainer:
     LOSS_SUM = "trainer_loss_sum_total"
     LOSS_INTERVALS = "trainer_loss_intervals_total"
     LOSS_NONFINITE = "trainer_loss_nonfinite_total"
+    LOSS_FINITE = "trainer_loss_finite"
     EVALUATIONS = "trainer_evaluations_total"
     EVAL_LOSS = "trainer_eval_loss"
     EVAL_ACCURACY = "trainer_eval_accuracy_ratio"

@@ -95,6 +95,7 @@ def test_a_resume_that_fails_its_restore_is_the_job_s_last_word(odd_runs):
         assert duration["total_seconds"] == pytest.approx(failed["end_time"] - paused["start_time"], rel=1e-5)
         assert duration["training_seconds"] == pytest.approx(paused["end_time"] - paused["start_time"], rel=1e-5)
         assert body["performance"]["total_steps"] == paused["steps"] == failed["steps"]
+        assert (body["losses"]["final"], body["losses"]["final_nonfinite"]) == (paused["loss"], False)
         # The failed run's init and restore are in the ledger, which still adds up to the wall clock.
         goodput = body["goodput"]
         assert goodput["wall_clock_seconds"] == pytest.approx(sum(goodput["seconds"].values()), abs=0.01)
@@ -110,6 +111,20 @@ def test_a_process_killed_before_its_first_step_vanished(odd_runs):
         assert body["status"] == "vanished"
         assert runs["killed_at"] - 5 < body["end_time"] <= runs["killed_at"]
         assert job_row(client, "setup-killed")["status"] == "vanished"
+
+
+def test_a_job_whose_loss_diverged_has_no_final_loss(odd_runs):
+    """NaN from step 25: trainer_loss keeps step 20's finite loss, which is not the job's final one."""
+    prometheus, runs = odd_runs
+    summary = runs["diverged"].summary
+    assert summary["loss"] is None and summary["loss_first"] is not None     # the trainer's own word: NaN
+    with serve(Settings(prometheus_url=prometheus.url)) as client:
+        losses = analytics(client, "diverged")["losses"]
+        row = job_row(client, "diverged")
+    assert losses["final"] is None and losses["reduction_percent"] is None
+    assert (losses["final_nonfinite"], losses["nonfinite_intervals"]) == (True, 3)     # steps 30, 40 and 50
+    assert losses["initial"] == summary["loss_first"] and losses["best"] == summary["loss_min"]
+    assert row["final_loss"] is None
 
 
 def test_a_run_shorter_than_the_rate_window_has_its_average_as_its_peak(odd_runs):

@@ -94,6 +94,9 @@ def test_loss_statistics_are_exact_whatever_was_scraped():
     assert value(metrics, "trainer_loss_intervals_total") == len(finite)
     assert value(metrics, "trainer_loss_nonfinite_total") == 1
     assert value(metrics, "trainer_loss") == 0.5
+    assert value(metrics, "trainer_loss_finite") == 1
+    metrics.step(loss=torch.tensor(float("inf")), samples=1)   # diverged at the end: trainer_loss holds 0.5
+    assert (value(metrics, "trainer_loss"), value(metrics, "trainer_loss_finite")) == (0.5, 0)
     metrics.finish("completed")
     metrics.close()
 

@@ -30,7 +30,9 @@ def build():
                   "samples", instant=True, table_format=True),
             query(f"min by (job_id) (min_over_time(trainer_loss{{{JOBS}}}[$__range]))", "", "best_loss",
                   instant=True, table_format=True),
-            query(f"max by (job_id) (last_over_time(trainer_loss{{{JOBS}}}[$__range]))", "", "final_loss",
+            # None for a job whose last interval's loss was NaN: trainer_loss keeps its last finite one.
+            query(f"max by (job_id) (last_over_time(trainer_loss{{{JOBS}}}[$__range]) unless on (job_id, instance, "
+                  f"rank) (last_over_time(trainer_loss_finite{{{JOBS}}}[$__range]) == 0))", "", "final_loss",
                   instant=True, table_format=True),
             query(f"max by (job_id) (last_over_time(trainer_eval_accuracy_ratio{{{JOBS}}}[$__range]))", "",
                   "accuracy", instant=True, table_format=True),
