@@ -63,7 +63,7 @@ def openapi_document() -> dict:
                 "summary": "Fleet summary over the last `range`",
                 "parameters": [_param("range", "query", "duration, e.g. 30m, 24h, 7d (default 24h, at most 90d)"),
                                _param("step", "query", "trend resolution (default range/240; at least "
-                                                       "max(0.25s, range/10000))"),
+                                                       "max(1s, range/10000))"),
                                _param("owner", "query", "only this owner's jobs (the hosts' trends stay whole)"),
                                FORMAT],
                 "responses": {"200": _ok("Summary", csv=True), "400": bad, **PROMETHEUS_ERRORS}}},
