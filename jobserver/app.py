@@ -184,12 +184,13 @@ def _allow_only(request: Request, allowed: set[str]) -> None:
 # ----- routes ----------------------------------------------------------------------------------------------
 
 async def upload_dataset(request: Request) -> JSONResponse:
-    """POST /api/training/datasets?name=FILE.csv|.npz with the file as the raw body (streamed to disk)."""
+    """POST /api/training/datasets?name=FILE.csv|.npz[&target=COLUMN] with the file as the raw body (streamed
+    to disk)."""
     server = _server(request)
-    _allow_only(request, {"name"})
+    _allow_only(request, {"name", "target"})
     max_bytes = server.settings.max_upload_bytes
-    name = check_upload_request(request, max_bytes)
-    fields = await receive_dataset(request, name, Path(server.settings.data_dir) / "datasets", max_bytes)
+    name, target = check_upload_request(request, max_bytes)
+    fields = await receive_dataset(request, name, target, Path(server.settings.data_dir) / "datasets", max_bytes)
     return JSONResponse(await server.call(server.service.add_dataset, _caller(request), fields), status_code=201)
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainmetrics.contract import BUILTIN_DATASETS, JOB_STATES, SpecError, new_job_id, parse_spec, validate_job_id
+from trainmetrics.datafiles import csv_columns
 from trainmetrics.edge import ApiError
 from trainmetrics.jobfiles import CHECKPOINT_PATTERN, list_checkpoints
 from trainmetrics.jobserver import stacks
@@ -104,12 +105,27 @@ class JobService:
                 raise ApiError(400, "bad_request", f"dataset: no dataset {dataset[:80]!r} (built-ins: "
                                                    f"{', '.join(BUILTIN_DATASETS)})")
             values.update(dataset=dataset, upload_seconds=record.upload_seconds)
+            if record.format == "csv":
+                values["target"] = self._target(record, values.get("target"))
         values.setdefault("nproc", 1)
         job = JobRecord(id=job_id, owner=owner, name=name, spec=values, state="queued")
         if not self.store.add_job(job):
             raise ApiError(409, "conflict", f"job_id: {job_id!r} exists")
         self.supervisor.tick()
         return self.store.get_job(job_id).public()
+
+    def _target(self, record: DatasetRecord, asked: str | None) -> str:
+        """The target column of a job on an uploaded CSV: the spec's, which must be one of its columns, else the
+        one named at upload."""
+        if asked is None or asked == record.target_column:
+            return record.target_column
+        path = self.supervisor.datasets_dir() / Path(record.path).name
+        columns = csv_columns(path)
+        if asked not in columns:
+            raise ApiError(400, "bad_request", f"target: no column {asked[:40]!r} in dataset {record.id} (its "
+                                               f"{len(columns)} columns: {', '.join(c[:40] for c in columns[:8])}"
+                                               f"{', ...' if len(columns) > 8 else ''})")
+        return asked
 
     def list_jobs(self, caller: str | None, state: str | None) -> list[dict]:
         """The caller's jobs, oldest first, optionally in one state."""

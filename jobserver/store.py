@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from trainmetrics.datafiles import DEFAULT_TARGET
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS datasets (
     id TEXT PRIMARY KEY, owner TEXT NOT NULL, name TEXT NOT NULL, path TEXT NOT NULL, format TEXT NOT NULL,
@@ -25,8 +26,9 @@ CREATE TABLE IF NOT EXISTS endpoints (
     job_id TEXT NOT NULL, rank INTEGER NOT NULL, address TEXT NOT NULL, scheme TEXT NOT NULL,
     PRIMARY KEY (job_id, rank));
 """
-# Columns added since the first schema: (name, SQL type); an older database gains them at open.
-ADDED_COLUMNS = (("requested", "TEXT"), ("run_token", "TEXT"), ("handle", "TEXT"), ("report", "TEXT"))
+# Columns added since the first schema: table -> (name, SQL type); an older database gains them at open.
+ADDED_COLUMNS = {"jobs": (("requested", "TEXT"), ("run_token", "TEXT"), ("handle", "TEXT"), ("report", "TEXT")),
+                 "datasets": (("target", "TEXT"),)}
 
 
 @dataclass
@@ -43,11 +45,17 @@ class DatasetRecord:
     size_bytes: int
     upload_seconds: float
     created: float
+    target: str | None = None       # a CSV's target column (None: an NPZ, or an older upload: the default)
+
+    @property
+    def target_column(self) -> str | None:
+        """The column a job on this dataset learns, unless its spec names another (None for an NPZ)."""
+        return (self.target or DEFAULT_TARGET) if self.format == "csv" else None
 
     def public(self) -> dict:
         """The API view (no server paths)."""
-        return {"dataset_id": self.id, "name": self.name, "format": self.format, "rows": self.rows,
-                "features": self.features, "size_bytes": self.size_bytes,
+        return {"dataset_id": self.id, "name": self.name, "format": self.format, "target": self.target_column,
+                "rows": self.rows, "features": self.features, "size_bytes": self.size_bytes,
                 "upload_seconds": self.upload_seconds, "created": self.created}
 
 
@@ -91,10 +99,11 @@ class JobStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
-        present = {row["name"] for row in self._db.execute("PRAGMA table_info(jobs)")}
-        for name, kind in ADDED_COLUMNS:
-            if name not in present:
-                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
+        for table, columns in ADDED_COLUMNS.items():
+            present = {row["name"] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            for name, kind in columns:
+                if name not in present:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
 
     def close(self) -> None:
         """Close the database."""
@@ -108,9 +117,10 @@ class JobStore:
     # ----- datasets ----------------------------------------------------------------------------------
     def add_dataset(self, record: DatasetRecord) -> None:
         """Persist a validated upload."""
-        self._execute("INSERT INTO datasets VALUES (?,?,?,?,?,?,?,?,?,?)",
+        self._execute("INSERT INTO datasets (id, owner, name, path, format, rows, features, size_bytes, "
+                      "upload_seconds, created, target) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                       (record.id, record.owner, record.name, record.path, record.format, record.rows,
-                       record.features, record.size_bytes, record.upload_seconds, record.created))
+                       record.features, record.size_bytes, record.upload_seconds, record.created, record.target))
 
     def get_dataset(self, dataset_id: str, owner: str | None) -> DatasetRecord | None:
         """The dataset, if it exists and (when owner is given) belongs to owner."""

@@ -82,6 +82,10 @@ class Supervisor:
         """Path of the job's final weights (may not exist yet)."""
         return self.checkpoint_dir(job_id) / FINAL_MODEL_NAME
 
+    def datasets_dir(self) -> Path:
+        """Where uploaded datasets are kept."""
+        return self.data_dir / "datasets"
+
     def dataset_file(self, job: JobRecord) -> str:
         """The job's --dataset: a built-in's name, or its uploaded file in this data dir, found by its dataset
         id when the job starts (a spec holds no server path; a data dir moved or reached by another relative
@@ -92,7 +96,7 @@ class Supervisor:
         record = self.store.get_dataset(dataset, None)
         if record is None:
             raise FileNotFoundError(f"dataset {dataset} is not in the data dir")
-        return str(self.data_dir / "datasets" / Path(record.path).name)
+        return str(self.datasets_dir() / Path(record.path).name)
 
     # ----- starting ----------------------------------------------------------------------------------
     def train_args(self, job: JobRecord) -> list[str]:

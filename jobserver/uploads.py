@@ -12,11 +12,13 @@ from pathlib import Path
 import anyio
 from starlette.requests import Request
 
-from trainmetrics.datafiles import DatasetError, read_csv, read_npz
+from trainmetrics.contract import CONTROL_CHARACTERS
+from trainmetrics.datafiles import DEFAULT_TARGET, DatasetError, TargetColumnError, read_csv, read_npz
 from trainmetrics.edge import ApiError
 
 DATASET_FORMATS = {".csv": "csv", ".npz": "npz"}
 DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+MAX_TARGET_LENGTH = 200
 # An uploaded NPZ may inflate to this many times the upload limit, no more (zip bombs).
 NPZ_INFLATION_LIMIT = 4
 # The body is the file itself; a multipart form or JSON wrapping is a client mistake worth naming. (curl
@@ -26,12 +28,22 @@ REFUSED_UPLOAD_TYPES = ("multipart/form-data", "application/json")
 WRITE_BATCH_BYTES = 1 << 20
 
 
-def check_upload_request(request: Request, max_bytes: int) -> str:
-    """The upload's file name, after the checks that need no body (400, 413, 415)."""
+def check_upload_request(request: Request, max_bytes: int) -> tuple[str, str | None]:
+    """The upload's file name and, for a CSV, its target column, after the checks that need no body (400,
+    413, 415)."""
     name = request.query_params.get("name", "")
     if not DATASET_NAME.fullmatch(name) or Path(name).suffix.lower() not in DATASET_FORMATS:
         raise ApiError(400, "bad_request", "name: give the file name, ending in .csv or .npz "
                                            "(letters, digits, '.', '_', '-')")
+    target = request.query_params.get("target")
+    if DATASET_FORMATS[Path(name).suffix.lower()] != "csv":
+        if target is not None:
+            raise ApiError(400, "bad_request", "target: only for a CSV (an NPZ's target is its array y)")
+    elif target is None:
+        target = DEFAULT_TARGET
+    elif not 0 < len(target) <= MAX_TARGET_LENGTH or CONTROL_CHARACTERS.search(target):
+        raise ApiError(400, "bad_request", f"target: a column name of 1 to {MAX_TARGET_LENGTH} characters, "
+                                           "no control characters")
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type in REFUSED_UPLOAD_TYPES:
         raise ApiError(415, "unsupported_media_type", f"content-type {content_type}: send the file itself as "
@@ -39,12 +51,14 @@ def check_upload_request(request: Request, max_bytes: int) -> str:
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > max_bytes:
         raise ApiError(413, "too_large", f"upload exceeds {max_bytes} bytes")
-    return name
+    return name, target
 
 
-async def receive_dataset(request: Request, name: str, datasets_dir: Path, max_bytes: int) -> dict:
-    """Stream the body into datasets_dir and check it; returns the dataset's fields (id, path, format, rows,
-    features, size, upload time). Nothing is left behind on any error."""
+async def receive_dataset(request: Request, name: str, target: str | None, datasets_dir: Path,
+                          max_bytes: int) -> dict:
+    """Stream the body into datasets_dir and check it (a CSV with `target` as its target column); returns the
+    dataset's fields (id, path, format, target, rows, features, size, upload time). Nothing is left behind on
+    any error."""
     dataset_id = f"ds-{secrets.token_hex(6)}"
     suffix = Path(name).suffix.lower()
     final_path = datasets_dir / f"{dataset_id}{suffix}"
@@ -66,20 +80,22 @@ async def receive_dataset(request: Request, name: str, datasets_dir: Path, max_b
         if size == 0:
             raise ApiError(400, "bad_request", "empty upload")
         rows, features = await anyio.to_thread.run_sync(inspect_dataset, Path(tmp_name), DATASET_FORMATS[suffix],
-                                                        NPZ_INFLATION_LIMIT * max_bytes)
+                                                        NPZ_INFLATION_LIMIT * max_bytes, target)
         os.replace(tmp_name, final_path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
         raise
     return {"id": dataset_id, "name": name, "path": str(final_path), "format": DATASET_FORMATS[suffix],
-            "rows": rows, "features": features, "size_bytes": size, "upload_seconds": time.monotonic() - began}
+            "target": target, "rows": rows, "features": features, "size_bytes": size, "upload_seconds": time.monotonic() - began}
 
 
-def inspect_dataset(path: Path, fmt: str, max_uncompressed_bytes: int) -> tuple[int, int]:
+def inspect_dataset(path: Path, fmt: str, max_uncompressed_bytes: int, target: str | None) -> tuple[int, int]:
     """(rows, features) of an uploaded file, or ApiError 400 naming what is wrong."""
     try:
-        x, _ = read_csv(path) if fmt == "csv" else read_npz(path, max_uncompressed_bytes)
+        x, _ = read_csv(path, target) if fmt == "csv" else read_npz(path, max_uncompressed_bytes)
+    except TargetColumnError as error:
+        raise ApiError(400, "bad_dataset", "target: " + str(error).replace(f"{path}: ", "")) from None
     except DatasetError as error:
         raise ApiError(400, "bad_dataset", str(error).replace(str(path), "upload")) from None
     features = 1

@@ -20,6 +20,12 @@ class TargetColumnError(DatasetError):
     """A CSV without the target column asked for."""
 
 
+# A CSV's target column when none is named (`trainmetrics train --target`, an upload's `target`).
+DEFAULT_TARGET = "label"
+# UTF-8, with or without a byte-order mark (Excel's "CSV UTF-8" writes one): the mark is never part of the
+# first column's name.
+CSV_ENCODING = "utf-8-sig"
+
 # A header named in a message: its first columns and a count, not all of them (a CSV may have thousands).
 SHOWN_COLUMNS = 8
 
@@ -29,10 +35,16 @@ def _first_columns(header: list[str]) -> str:
     return shown + (", ..." if len(header) > SHOWN_COLUMNS else "")
 
 
-def read_csv(path: Path, target: str = "label") -> tuple[np.ndarray, np.ndarray]:
+def csv_columns(path: Path) -> list[str]:
+    """The column names of a CSV that read_csv accepted."""
+    with open(path, newline="", encoding=CSV_ENCODING) as handle:
+        return [cell.strip() for cell in next(csv.reader(handle), [])]
+
+
+def read_csv(path: Path, target: str = DEFAULT_TARGET) -> tuple[np.ndarray, np.ndarray]:
     """Read a numeric CSV with a header; returns (features, target) or raises DatasetError."""
     try:
-        with open(path, newline="", encoding="utf-8") as handle:
+        with open(path, newline="", encoding=CSV_ENCODING) as handle:
             reader = csv.reader(handle)
             header = next(reader, None)
             if not header or all(not cell.strip() for cell in header):
@@ -117,8 +129,12 @@ def read_npz(path: Path, max_uncompressed_bytes: int | None = None) -> tuple[np.
         raise DatasetError(f"{path}: x has {len(x)} samples but y has {len(y)}")
     if len(x) < 2:
         raise DatasetError(f"{path}: need at least 2 samples, found {len(x)}")
+    if 0 in x.shape[1:]:
+        raise DatasetError(f"{path}: x has no features: shape {x.shape}")
     if not (np.issubdtype(x.dtype, np.number) and np.issubdtype(y.dtype, np.number)):
         raise DatasetError(f"{path}: x and y must be numeric; got {x.dtype} and {y.dtype}")
+    if np.iscomplexobj(x) or np.iscomplexobj(y):      # float32 would keep the real parts and drop the rest
+        raise DatasetError(f"{path}: x and y must be real numbers; got {x.dtype} and {y.dtype}")
     x = x.astype(np.float32)
     if not np.isfinite(x).all() or not np.isfinite(y.astype(np.float64)).all():
         raise DatasetError(f"{path}: NaN or infinite values")

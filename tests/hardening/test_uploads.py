@@ -112,3 +112,43 @@ def test_a_valid_upload_still_works_after_the_hostile_ones(stack):
                           timeout=30)
     assert response.status_code == 201, response.text
     assert (response.json()["rows"], response.json()["features"]) == (64, 3)
+
+
+UNUSABLE = {
+    # Accepted before, then the job "completed" on nothing, or trained on the real parts alone.
+    "npz with no features": dict(name="none.npz", content=lambda: npz_bytes({"x": np.zeros((5, 0)), "y": np.arange(5)}),
+                                 problem="no features"),
+    "npz with complex x": dict(name="complex.npz", problem="real numbers",
+                               content=lambda: npz_bytes({"x": np.ones((5, 2)) * (1 + 2j), "y": np.arange(5) % 2})),
+    "target for an npz": dict(name="t.npz", params={"target": "y"}, problem="target: only for a CSV",
+                              content=lambda: npz_bytes({"x": np.ones((5, 2)), "y": np.arange(5) % 2})),
+    "a target the csv lacks": dict(name="t.csv", params={"target": "y"}, content=b"a,label\n1,0\n2,1\n",
+                                   problem="target: no target column 'y'"),
+    "a target with a control character": dict(name="t.csv", params={"target": "la\tbel"},
+                                              content=b"a,la\tbel\n1,0\n2,1\n", problem="target: a column name"),
+}
+
+
+@pytest.mark.parametrize("spec", UNUSABLE.values(), ids=list(UNUSABLE))
+def test_an_unusable_upload_is_400_naming_why(stack, json_error, spec):
+    before = leftovers(stack)
+    content = spec["content"]() if callable(spec["content"]) else spec["content"]
+    response = httpx.post(f"{stack.server_url}/api/training/datasets", params={"name": spec["name"],
+                          **spec.get("params", {})}, content=content, timeout=30)
+    assert spec["problem"] in json_error(response, 400)["message"], response.text
+    assert leftovers(stack) == before
+
+
+def test_a_csv_with_a_byte_order_mark_is_read_as_excel_wrote_it(stack):
+    content = "\ufefflabel,a,b\n0,1,2\n1,3,4\n0,5,6\n".encode()        # Excel's "CSV UTF-8"
+    response = httpx.post(f"{stack.server_url}/api/training/datasets", params={"name": "excel.csv"},
+                          content=content, timeout=30)
+    assert response.status_code == 201, response.text
+    assert (response.json()["rows"], response.json()["features"], response.json()["target"]) == (3, 2, "label")
+
+
+def test_an_upload_names_its_target_column(stack):
+    response = httpx.post(f"{stack.server_url}/api/training/datasets", params={"name": "y.csv", "target": "y"},
+                          content=b"a,b,y\n1,2,0\n3,4,1\n5,6,0\n", timeout=30)
+    assert response.status_code == 201, response.text
+    assert (response.json()["features"], response.json()["target"]) == (2, "y")

@@ -478,3 +478,26 @@ def test_a_second_server_on_the_same_data_dir_is_refused(tmp_path):
             second.kill()
             second.communicate()
         server.stop()
+
+
+def test_a_job_learns_the_target_column_its_upload_named_unless_its_spec_names_another(tmp_path):
+    server = Server(tmp_path)
+    server.start()
+    try:
+        client = server.client()
+        lines = classification_csv(tmp_path / "train.csv", rows=200).read_text().replace(",label\n", ",kind\n", 1)
+        uploaded = client.post("/api/training/datasets", params={"name": "kinds.csv", "target": "kind"},
+                               content=lines.encode())
+        assert uploaded.status_code == 201 and uploaded.json()["target"] == "kind", uploaded.text
+        dataset = uploaded.json()["dataset_id"]
+        refused = client.post("/api/training/jobs", json={"dataset": dataset, "target": "label"})
+        assert refused.status_code == 400 and "target: no column 'label'" in refused.json()["error"]["message"]
+        job = client.post("/api/training/jobs", json={"dataset": dataset, "epochs": 1, "job_id": "kinds-1"}).json()
+        assert job["spec"]["target"] == "kind"
+        assert wait_job(client, "kinds-1", lambda j: j["state"] in ("completed", "failed"))["state"] == "completed"
+        other = client.post("/api/training/jobs", json={"dataset": dataset, "target": "f1", "epochs": 1,
+                                                        "job_id": "kinds-2"})
+        assert other.status_code == 201 and other.json()["spec"]["target"] == "f1"      # a regression on f1
+        assert wait_job(client, "kinds-2", lambda j: j["state"] in ("completed", "failed"))["state"] == "completed"
+    finally:
+        server.stop()

@@ -222,3 +222,18 @@ def test_the_exit_code_is_the_results_when_a_signal_killed_the_process_after_it(
     supervisor.request_stop(job, "paused")
     ended = settle(supervisor, job.id)
     assert (ended.state, ended.exit_code, ended.error) == ("paused", 4, None)
+
+
+def test_a_data_dir_from_before_upload_targets_opens_and_its_csvs_keep_the_default_target(tmp_path):
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "old.db") as db:       # the datasets table as it was, with one upload
+        db.execute("CREATE TABLE datasets (id TEXT PRIMARY KEY, owner TEXT NOT NULL, name TEXT NOT NULL, path TEXT "
+                   "NOT NULL, format TEXT NOT NULL, rows INTEGER NOT NULL, features INTEGER NOT NULL, size_bytes "
+                   "INTEGER NOT NULL, upload_seconds REAL NOT NULL, created REAL NOT NULL)")
+        db.execute("INSERT INTO datasets VALUES ('ds-1', 'default', 'a.csv', 'd/ds-1.csv', 'csv', 2, 1, 9, 0.1, 1.0)")
+    store = JobStore(tmp_path / "old.db")
+    try:
+        assert store.get_dataset("ds-1", "default").public()["target"] == "label"
+    finally:
+        store.close()
