@@ -78,7 +78,7 @@ async def receive_dataset(request: Request, name: str, target: str | None, datas
                     batch.clear()
             await anyio.to_thread.run_sync(handle.write, bytes(batch))
         if size == 0:
-            raise ApiError(400, "bad_request", "empty upload")
+            raise ApiError(400, "bad_dataset", "empty upload")
         rows, features = await anyio.to_thread.run_sync(inspect_dataset, Path(tmp_name), DATASET_FORMATS[suffix],
                                                         NPZ_INFLATION_LIMIT * max_bytes, target)
         os.replace(tmp_name, final_path)

@@ -179,17 +179,17 @@ def server_only(tmp_path_factory):
     server.stop()
 
 
-@pytest.mark.parametrize("name,content,status", [
-    ("big.csv", b"a,label\n" + b"1,0\n" * 1000, 413),
-    ("ragged.csv", b"a,b,label\n1,2,0\n1,2\n", 400),
-    ("words.csv", b"a,label\nx,0\ny,1\n", 400),
-    ("empty.csv", b"", 400),
-    ("data.exe", b"a,label\n1,0\n2,1\n", 400),
-    ("../escape.csv", b"a,label\n1,0\n2,1\n", 400),
-    ("bad.npz", b"PK not really a zip", 400),
-    ("bomb.npz", "zip-bomb", 400),
+@pytest.mark.parametrize("name,content,status,code", [
+    ("big.csv", b"a,label\n" + b"1,0\n" * 1000, 413, "too_large"),
+    ("ragged.csv", b"a,b,label\n1,2,0\n1,2\n", 400, "bad_dataset"),
+    ("words.csv", b"a,label\nx,0\ny,1\n", 400, "bad_dataset"),
+    ("empty.csv", b"", 400, "bad_dataset"),          # docs/api.md: an empty body is a bad dataset
+    ("data.exe", b"a,label\n1,0\n2,1\n", 400, "bad_request"),
+    ("../escape.csv", b"a,label\n1,0\n2,1\n", 400, "bad_request"),
+    ("bad.npz", b"PK not really a zip", 400, "bad_dataset"),
+    ("bomb.npz", "zip-bomb", 400, "bad_dataset"),
 ])
-def test_bad_uploads_are_rejected_and_leave_nothing(name, content, status, server_only, tmp_path):
+def test_bad_uploads_are_rejected_and_leave_nothing(name, content, status, code, server_only, tmp_path):
     if content == "zip-bomb":    # 1 MiB of zeros in about 1 KB: over 4 x this server's 2000-byte upload limit
         import zipfile
 
@@ -203,7 +203,7 @@ def test_bad_uploads_are_rejected_and_leave_nothing(name, content, status, serve
         assert len(content) < 2000
     response = server_only.client().post("/api/training/datasets", params={"name": name}, content=content)
     assert response.status_code == status, response.text
-    assert "error" in response.json()
+    assert response.json()["error"]["code"] == code
     assert list((server_only.data_dir / "datasets").iterdir()) == []
 
 
