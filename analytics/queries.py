@@ -189,7 +189,7 @@ TOTALS = {
     "loss_nonfinite": ("max_over_time", Trainer.LOSS_NONFINITE),
     "loss_first": ("last_over_time", Trainer.LOSS_FIRST),
     "loss_min": ("last_over_time", Trainer.LOSS_MIN),
-    "loss_sum": ("max_over_time", Trainer.LOSS_SUM),
+    "loss_sum": ("last_over_time", Trainer.LOSS_SUM),      # a gauge: losses may be negative
     "loss_intervals": ("max_over_time", Trainer.LOSS_INTERVALS),
     "evaluations": ("max_over_time", Trainer.EVALUATIONS),
     "eval_loss": ("last_over_time", Trainer.EVAL_LOSS),

@@ -32,7 +32,8 @@ EPOCH = Instrument(T.EPOCH, "1", "Current epoch, counted from 0.")
 LOSS = Instrument(T.LOSS, "1", "Mean training loss over the last log interval.")
 LOSS_FIRST = Instrument(T.LOSS_FIRST, "1", "Mean training loss of the job's first log interval.")
 LOSS_MIN = Instrument(T.LOSS_MIN, "1", "Lowest mean training loss of any log interval so far.")
-LOSS_SUM = Instrument(T.LOSS_SUM, "1", "Sum of the logged (finite) mean training losses.")
+LOSS_SUM = Instrument(T.LOSS_SUM, "1", "Sum of the logged (finite) mean training losses (a gauge: a loss may be "
+                      "negative).")
 LOSS_INTERVALS = Instrument(T.LOSS_INTERVALS, "1", "Log intervals with a finite mean training loss.")
 # The OpenTelemetry SDK drops NaN and infinite measurements, so a diverged loss cannot appear as a NaN
 # gauge: this counter is how it reaches Prometheus (and the TrainerLossNaN alert).

@@ -38,8 +38,7 @@ from trainmetrics.contract import FINAL_STATES, JOB_STATES, validate_job_id
 from trainmetrics.trainer import instruments as inst
 from trainmetrics.trainer.evaluations import Evaluation, EvaluationHistory
 from trainmetrics.trainer.histograms import DurationHistogram, HistogramCollector
-from trainmetrics.trainer.phases import (CHECKPOINT, COMPUTE, CURRENT_PHASES, DATA, ENDED, EVAL, INIT, PAUSED, RESTORE,
-                                         PhaseClock)
+from trainmetrics.trainer.phases import CHECKPOINT, COMPUTE, CURRENT_PHASES, DATA, ENDED, EVAL, PAUSED, PhaseClock
 from trainmetrics.trainer.spikes import LossSpikeDetector
 from trainmetrics.trainer.watchdog import StackWatch
 from trainmetrics.trainer.telemetry import Publication, Publish, current_scrape
@@ -91,21 +90,30 @@ class IntervalStats:
 
 
 def _never_raises(method):
-    """A metric call logs its failure (once per method) and returns None: telemetry never breaks training."""
-    failed_once = []
-
+    """A metric call logs its failure (once per method and job) and returns None: telemetry never breaks
+    training."""
     @functools.wraps(method)
     def guarded(self, *args, **kwargs):
         try:
             return method(self, *args, **kwargs)
         except Exception:
-            if not failed_once:
-                failed_once.append(True)
+            failed = self.__dict__.setdefault("_failed_calls", set())
+            if method.__name__ not in failed:
+                failed.add(method.__name__)
                 log.exception("job %s: metrics call %s failed (further failures of it are not logged)",
                               getattr(self, "job_id", "?"), method.__name__)
             return None
 
     return guarded
+
+
+def _sum(values: list[float]) -> float:
+    """math.fsum, which raises where a loss diverged (inf - inf, an overflow): there the plain sum, NaN or
+    infinite, so the interval counts as non-finite instead of being lost."""
+    try:
+        return math.fsum(values)
+    except (ValueError, OverflowError):
+        return float(sum(values))
 
 
 def _device_sum(tensors: list):
@@ -115,7 +123,7 @@ def _device_sum(tensors: list):
     import torch
 
     if tensors[0].is_cpu:
-        return torch.tensor(math.fsum(t.item() for t in tensors), dtype=torch.float64)
+        return torch.tensor(_sum([t.item() for t in tensors]), dtype=torch.float64)
     try:
         return torch.stack(tensors).sum(dtype=torch.float64)
     except RuntimeError:     # losses of different shapes (a scalar and a one-element tensor): one by one
@@ -137,7 +145,7 @@ class _LossAccumulator:
         if self.tensors:
             self.tensors = [_device_sum(self.tensors)]
         if self.floats:
-            self.floats = [math.fsum(self.floats)]
+            self.floats = [_sum(self.floats)]
 
     def mean(self) -> float | None:
         """The interval's mean loss (None without losses); starts a new interval."""
@@ -145,7 +153,7 @@ class _LossAccumulator:
         self.tensors, self.floats, self.count = [], [], 0
         if count == 0:
             return None
-        total = math.fsum(floats)
+        total = _sum(floats)
         if tensors:     # the library works without torch for float losses: only tensors need it
             total += _device_sum(tensors).item()
         return total / count
@@ -206,6 +214,7 @@ class JobMetrics:
         self.last_evaluation: Evaluation | None = None
         self.step_duration_max = 0.0
         self._warned_bad_step = False
+        self._warned_interval = False
         self.evaluations = EvaluationHistory()
         self._losses = _LossAccumulator()
         self._pending_lock = threading.Lock()
@@ -286,7 +295,7 @@ class JobMetrics:
         observe(inst.SAMPLES, lambda: self.samples, counter=True, carried=True)
         observe(inst.CHECKPOINTS, lambda: self.checkpoints, counter=True, carried=True)
         observe(inst.LOSS_NONFINITE, lambda: self.nonfinite_losses, counter=True, carried=True)
-        observe(inst.LOSS_SUM, lambda: self.loss_sum, counter=True, carried=True)
+        observe(inst.LOSS_SUM, lambda: self.loss_sum, carried=True)     # a gauge: losses may be negative
         observe(inst.LOSS_INTERVALS, lambda: self.loss_intervals, counter=True, carried=True)
         observe(inst.LOSS_FIRST, lambda: self.loss_first)
         observe(inst.LOSS_MIN, lambda: self.loss_min)
@@ -356,17 +365,42 @@ class JobMetrics:
 
     @_never_raises
     def load_state_dict(self, state: dict) -> None:
-        """Take over a previous process's state_dict() (before start(), so no series restarts)."""
-        self.steps, self.samples = int(state.get("steps", 0)), int(state.get("samples", 0))
-        self.checkpoints = int(state.get("checkpoints", 0))
-        self.loss_first, self.loss_min = state.get("loss_first"), state.get("loss_min")
-        self.loss_sum, self.loss_intervals = float(state.get("loss_sum", 0.0)), int(state.get("loss_intervals", 0))
-        self.nonfinite_losses = int(state.get("nonfinite_losses", 0))
-        self.evaluations = EvaluationHistory(first_index=int(state.get("evaluations", 0)) + 1)
-        self.eval_loss_min, self.eval_accuracy_max = state.get("eval_loss_min"), state.get("eval_accuracy_max")
-        self.step_duration_max = state.get("step_duration_max") or 0.0
-        self.spikes.spikes = int(state.get("loss_spikes", 0))
-        self.phases.load_state_dict(state.get("phases") or {})
+        """Take over a previous process's state_dict() (before start(), so no series restarts). A state that is
+        not one (a count that is negative or not whole, a loss that is not a finite number, phases that are not
+        a mapping of seconds) is refused whole, said once: nothing of it is taken."""
+        if self.start_time is not None:
+            raise ValueError("load_state_dict() after start(): the job's counters would go back")
+
+        def count(key: str) -> int:
+            value = state.get(key, 0)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or value != int(value):
+                raise ValueError(f"{key} must be a whole number >= 0, got {str(value)[:40]!r}")
+            return int(value)
+
+        def number(key: str, default: float | None = None) -> float | None:
+            value = state.get(key, default)
+            if value is None:
+                return None
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{key} must be a finite number, got {str(value)[:40]!r}")
+            return float(value)
+
+        phases = state.get("phases") or {}
+        if not isinstance(phases, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and
+                                                   math.isfinite(v) and v >= 0 for v in phases.values()):
+            raise ValueError("phases must map phase names to seconds >= 0")
+        taken = {"steps": count("steps"), "samples": count("samples"), "checkpoints": count("checkpoints"),
+                 "loss_first": number("loss_first"), "loss_min": number("loss_min"),
+                 "loss_sum": number("loss_sum", 0.0), "loss_intervals": count("loss_intervals"),
+                 "nonfinite_losses": count("nonfinite_losses"), "eval_loss_min": number("eval_loss_min"),
+                 "eval_accuracy_max": number("eval_accuracy_max"),
+                 "step_duration_max": number("step_duration_max") or 0.0}
+        evaluations, spikes = count("evaluations"), count("loss_spikes")
+        for name, value in taken.items():
+            setattr(self, name, value)
+        self.evaluations = EvaluationHistory(first_index=evaluations + 1)
+        self.spikes.spikes = spikes
+        self.phases.load_state_dict(phases)
         self._new_interval(time.perf_counter())
         self._carried_known_at = time.monotonic()
 
@@ -390,6 +424,8 @@ class JobMetrics:
         """Mark the job running. When it was announced to Prometheus, first wait (up to the publication's
         linger timeout, or until give_up() holds) for a scrape that read the job's totals (a resumed process's
         after load_state_dict), so Prometheus holds the job from its first step."""
+        if self.state in FINAL_STATES or self.state == "paused" and self.end_time is not None:
+            raise ValueError(f"the job already ended {self.state}: start() cannot run it again")
         publication = self._publication
         if self._carried_known_at is None:            # resuming, but no checkpoint was found: a fresh start
             self._carried_known_at = time.monotonic()
@@ -412,6 +448,8 @@ class JobMetrics:
         """Move to a non-final state (queued, running, paused); final states go through finish()."""
         if state not in JOB_STATES or state in FINAL_STATES:
             raise ValueError(f"unknown or final state {state!r}; use finish() for final states")
+        if self.state in FINAL_STATES:
+            raise ValueError(f"the job already ended {self.state}: its state stays")
         self.state = state
 
     @_never_raises
@@ -429,7 +467,10 @@ class JobMetrics:
     def pause(self) -> None:
         """Mark the job paused before its process exits (it resumes later, from a checkpoint, in a new one).
 
-        Like finish(), the state is held until every scraper has read it (close() lingers for it)."""
+        Like finish(), the state is held until every scraper has read it (close() lingers for it); a job that
+        already ended stays as it ended."""
+        if self.state in FINAL_STATES or self.state == "paused":
+            return
         self._log_interval()
         self._ended("paused")
 
@@ -448,6 +489,8 @@ class JobMetrics:
             self.finish("completed")
         elif issubclass(exc_type, KeyboardInterrupt):
             self.finish("cancelled")
+        elif issubclass(exc_type, SystemExit) and exc.code in (0, None):     # sys.exit() that says success
+            self.finish("completed")
         else:
             self.finish("failed", exc)
         try:
@@ -530,6 +573,12 @@ class JobMetrics:
             except StopIteration:
                 phases.phase, phases.since = COMPUTE, clock()
                 return
+            except BaseException:        # the loader failed: its wait was data wait, what follows is not
+                failed = clock()
+                counts[bisect_left(bounds, failed - began)] += 1
+                waits.sum += failed - began
+                phases.phase, phases.since = COMPUTE, failed
+                raise
             arrived = clock()
             waited = arrived - began
             counts[bisect_left(bounds, waited)] += 1
@@ -585,9 +634,9 @@ class JobMetrics:
                 else:
                     pending = losses.floats
                     pending.append(float(loss))
+                losses.count += 1
                 if len(pending) >= LOSS_FOLD_LIMIT:      # an endless interval still holds a bounded list
                     losses.fold()
-                losses.count += 1
             if self.steps >= self._next_log_step:
                 self._log_interval()
         except Exception as error:
@@ -656,8 +705,10 @@ class JobMetrics:
                 self.gpu_memory_peak = torch.cuda.max_memory_allocated()
             if self.on_log:
                 self.on_log(IntervalStats(self.steps, self.samples, loss, throughput, mfu))
-        except Exception:   # telemetry must never break the training loop
-            log.exception("job %s: metrics log interval failed", self.job_id)
+        except Exception:   # telemetry must never break the training loop (said once: it fails every interval)
+            if not self._warned_interval:
+                self._warned_interval = True
+                log.exception("job %s: metrics log interval failed (further failures are not logged)", self.job_id)
 
     @_never_raises
     def set_epoch(self, epoch: int) -> None:
@@ -666,8 +717,10 @@ class JobMetrics:
 
     @_never_raises
     def set_learning_rate(self, lr: float) -> None:
-        """Publish the current learning rate."""
-        self.learning_rate = float(lr)
+        """Publish the current learning rate (a NaN or infinite one is left out, said once)."""
+        value = _finite_float(lr, "learning rate")
+        if value is not None:
+            self.learning_rate = value
 
     @_never_raises
     def eval(self, loss: float | None = None, accuracy: float | None = None) -> Evaluation | None:
@@ -687,11 +740,12 @@ class JobMetrics:
     def checkpoint(self):
         """Time a checkpoint write (the checkpoint phase); counts it only when the block succeeds."""
         began = time.perf_counter()
+        previous = self.phases.phase
         self.phases.enter(CHECKPOINT, began)
         try:
             yield
         finally:
-            self.phases.enter(COMPUTE)
+            self.phases.enter(_resumed_phase(previous))
         try:
             self._checkpoint_duration.record(time.perf_counter() - began)
             self.checkpoints += 1
@@ -710,7 +764,7 @@ class JobMetrics:
         try:
             yield
         finally:
-            self.phases.enter(previous if previous in (INIT, RESTORE) else COMPUTE)
+            self.phases.enter(_resumed_phase(previous))
             if name in (EVAL, CHECKPOINT):     # nor is an evaluation or a wait for rank 0's checkpoint write
                 self._last_step_end = time.perf_counter()
 
@@ -721,13 +775,19 @@ class JobMetrics:
             self.diagnostics.on_loss_spike(self.steps)
 
 
-def _finite_float(value) -> float | None:
+def _resumed_phase(previous: str) -> str:
+    """The phase to go back to when a marked one ends: the one it was marked in (init before training, an
+    evaluation around a collective), compute where the loop was waiting for data."""
+    return COMPUTE if previous == DATA else previous
+
+
+def _finite_float(value, what: str = "evaluation result") -> float | None:
     """value as a finite float, or None (None, NaN, infinity, or not a number at all)."""
     if value is None:
         return None
     try:
         number = float(value)
     except (TypeError, ValueError):
-        log.warning("ignoring an evaluation result that is not a number: %r", value)
+        log.warning("ignoring a %s that is not a number: %r", what, value)
         return None
     return number if math.isfinite(number) else None

@@ -55,6 +55,7 @@ class PhaseClock:
         self.loop_began: float | None = None              # perf_counter at training start
         self.loop_ended: float | None = None
         self.summed = dict.fromkeys(SUMMED, 0.0)          # this process's finished phases, by name
+        self.before_loop = 0.0                            # of which before training started (a restore...)
         self.carried = dict.fromkeys(ACCOUNTED_PHASES, 0.0)   # the job's totals at the checkpoint resumed from
         self.last_step: float | None = None               # perf_counter of the last completed step
         # perf_counter of the loop's last progress: a step, or the end of an evaluation or checkpoint (the
@@ -93,6 +94,7 @@ class PhaseClock:
         """Training starts: init is over."""
         self.enter(COMPUTE, now)
         self.loop_began = self.progress = now
+        self.before_loop = sum(self.summed.values()) + self.data_waits.sum
 
     def end_loop(self, phase: str) -> None:
         """Training is over (the run's final state): the clock stops."""
@@ -110,20 +112,22 @@ class PhaseClock:
             phase, since = self.phase, self.since
             if phase in summed:
                 summed[phase] += now - since
+            marked = {"restore": summed[RESTORE], "data_wait": summed[DATA], "optimizer": summed[OPTIMIZER],
+                      "collective": summed[COLLECTIVE], "eval": summed[EVAL], "checkpoint": summed[CHECKPOINT]}
+            # init is the process's life before training less the phases marked in it (a restore, an evaluation
+            # or a checkpoint before the first step), compute the loop's less those marked in it: each second
+            # in one phase only.
             started = self.loop_began
-            if started is None:          # still in init (or restoring): init is the process's age so far, up to
-                # the end of a run that ended before its first step (not on through its final linger)
+            if started is None:          # still in init: its age so far, up to the end of a run that ended before
+                # its first step (not on through its final linger)
                 init = self.unix(self.loop_ended if self.loop_ended is not None else now) - self.process_start
-                init -= summed[RESTORE]
-                loop = 0.0
+                init -= sum(marked.values())
+                compute = 0.0
             else:
-                init = self.unix(started) - self.process_start - summed[RESTORE]
+                init = self.unix(started) - self.process_start - self.before_loop
                 loop = (self.loop_ended if self.loop_ended is not None else now) - started
-            own = {"init": max(init, 0.0), "restore": summed[RESTORE], "data_wait": summed[DATA],
-                   "optimizer": summed[OPTIMIZER], "collective": summed[COLLECTIVE], "eval": summed[EVAL],
-                   "checkpoint": summed[CHECKPOINT]}
-            loop_others = sum(value for name, value in own.items() if name not in ("init", "restore"))
-            own["compute"] = max(loop - loop_others, 0.0)
+                compute = loop - (sum(marked.values()) - self.before_loop)
+            own = {"init": max(init, 0.0), "compute": max(compute, 0.0), **marked}
             totals = {}
             for name in ACCOUNTED_PHASES:
                 value = max(self.carried[name] + own[name], self._published[name])

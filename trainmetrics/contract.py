@@ -107,7 +107,7 @@ class Trainer:
     LOSS = "trainer_loss"
     LOSS_FIRST = "trainer_loss_first"
     LOSS_MIN = "trainer_loss_min"
-    LOSS_SUM = "trainer_loss_sum_total"
+    LOSS_SUM = "trainer_loss_accumulated"
     LOSS_INTERVALS = "trainer_loss_intervals_total"
     LOSS_NONFINITE = "trainer_loss_nonfinite_total"
     LOSS_FINITE = "trainer_loss_finite"

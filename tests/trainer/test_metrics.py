@@ -90,7 +90,7 @@ def test_loss_statistics_are_exact_whatever_was_scraped():
     finite = [loss for loss in losses if loss == loss]
     assert value(metrics, "trainer_loss_first") == 3.0
     assert value(metrics, "trainer_loss_min") == 0.25
-    assert value(metrics, "trainer_loss_sum_total") == pytest.approx(sum(finite))
+    assert value(metrics, "trainer_loss_accumulated") == pytest.approx(sum(finite))
     assert value(metrics, "trainer_loss_intervals_total") == len(finite)
     assert value(metrics, "trainer_loss_nonfinite_total") == 1
     assert value(metrics, "trainer_loss") == 0.5
@@ -125,7 +125,7 @@ def test_a_resumed_process_carries_the_jobs_statistics_on():
     second.eval(loss=1.1, accuracy=0.5)
     assert value(second, "trainer_loss_first") == 2.0        # the job's first, not the resume's
     assert value(second, "trainer_loss_min") == 1.0
-    assert value(second, "trainer_loss_sum_total") == 4.5
+    assert value(second, "trainer_loss_accumulated") == 4.5
     assert value(second, "trainer_steps_total") == 3 and value(second, "trainer_samples_total") == 12
     assert value(second, "trainer_evaluations_total") == 2
     assert value(second, "trainer_eval_loss_min") == 0.9 and value(second, "trainer_eval_accuracy_max_ratio") == 0.6
@@ -136,7 +136,7 @@ def test_a_resumed_process_carries_the_jobs_statistics_on():
 
 
 CARRIED_COUNTERS = ("trainer_steps_total", "trainer_samples_total", "trainer_checkpoints_total",
-                    "trainer_loss_sum_total", "trainer_loss_intervals_total", "trainer_evaluations_total",
+                    "trainer_loss_accumulated", "trainer_loss_intervals_total", "trainer_evaluations_total",
                     "trainer_phase_seconds_total")
 
 
@@ -503,3 +503,123 @@ def test_the_metrics_server_sleeps_until_a_connection_or_close(monkeypatch):
     server.close()
     assert time.monotonic() - began < 2 and not thread.is_alive()
     assert timeouts and set(timeouts) == {None}
+
+
+# ----- a user's odd calls (a QA pass found each; every test failed before) ------------------------------------
+
+def test_an_interval_of_infinities_of_both_signs_counts_as_non_finite_and_the_pending_list_stays_bounded():
+    metrics = JobMetrics("lib-infinities", log_every=2)
+    try:
+        metrics.start()
+        for loss in (float("inf"), float("-inf"), 1e308, 1e308, 1.0, 3.0):    # inf - inf, an overflow, finite
+            metrics.step(loss=loss, samples=1)
+        assert value(metrics, "trainer_loss_nonfinite_total") == 2 and value(metrics, "trainer_loss") == 2.0
+        endless = JobMetrics("lib-endless", log_every=10**9)
+        try:
+            endless.start()
+            for loss in [float("inf"), float("-inf")] + [0.5] * 2000:
+                endless.step(loss=loss, samples=1)
+            assert len(endless._losses.floats) < 300 and endless._losses.count == 2002
+        finally:
+            endless.close()
+    finally:
+        metrics.close()
+
+
+def test_negative_losses_are_summed_in_a_gauge():
+    metrics = JobMetrics("lib-negative", log_every=1)
+    try:
+        metrics.start()
+        for loss in (2.0, -1.0, -3.0):         # a Gaussian NLL, an ELBO: a counter here would seem to reset
+            metrics.step(loss=loss, samples=1)
+        families = {family.name: family for family in text_string_to_metric_families(metrics.collect().decode())}
+        assert families["trainer_loss_accumulated"].type == "gauge"
+        assert value(metrics, "trainer_loss_accumulated") == -2.0
+    finally:
+        metrics.close()
+
+
+def test_a_state_that_is_not_one_is_refused_whole():
+    metrics = JobMetrics("lib-garbage", log_every=1)
+    try:
+        for garbage in ({"steps": 10, "step_duration_max": "x"}, {"steps": 10, "loss_min": "abc"},
+                        {"steps": -100}, {"steps": 10, "loss_sum": float("nan")}, {"steps": 10, "phases": [1]}):
+            metrics.load_state_dict(garbage)
+            assert metrics.steps == 0 and metrics._carried_known_at is not None
+        metrics.start()
+        for _ in range(5):
+            metrics.step(loss=1.0, samples=1)
+        assert (value(metrics, "trainer_steps_total"), value(metrics, "trainer_loss_intervals_total")) == (5, 5)
+    finally:
+        metrics.close()
+
+
+def test_a_failure_is_said_once_per_job_not_once_per_process(caplog):
+    first, second = JobMetrics("lib-first"), JobMetrics("lib-second")
+    try:
+        for metrics in (first, second):
+            metrics.load_state_dict({"steps": "many"})
+        failed = [record for record in caplog.records if "load_state_dict failed" in record.getMessage()]
+        assert [record.getMessage().split()[1] for record in failed] == ["lib-first:", "lib-second:"]
+    finally:
+        first.close()
+        second.close()
+
+
+def test_a_non_finite_learning_rate_keeps_the_last_one():
+    metrics = JobMetrics("lib-lr")
+    try:
+        metrics.set_learning_rate(torch.tensor(0.01))
+        metrics.set_learning_rate(float("nan"))
+        assert value(metrics, "trainer_learning_rate") == pytest.approx(0.01)
+    finally:
+        metrics.close()
+
+
+def test_marked_phases_nest_and_before_training_they_are_not_init_too():
+    metrics = JobMetrics("lib-phases")
+    try:
+        with metrics.phase("eval"):            # an evaluation before the first step
+            time.sleep(0.1)
+        assert metrics.phases.phase == "init"
+        metrics.start()
+        with metrics.phase("eval"):
+            time.sleep(0.05)
+            with metrics.phase("collective"):
+                time.sleep(0.05)
+            assert metrics.phases.phase == "eval"
+            time.sleep(0.1)
+
+        def failing():
+            yield 1
+            time.sleep(0.05)
+            raise OSError("the loader's disk went away")
+
+        with pytest.raises(OSError):
+            for _ in metrics.timed(failing()):
+                metrics.step(loss=1.0, samples=1)
+        assert metrics.phases.phase == "compute"
+        totals = metrics.phases.totals()
+        age = time.time() - metrics.phases.process_start
+    finally:
+        metrics.close()
+    assert sum(totals.values()) == pytest.approx(age, abs=0.02)
+    assert totals["eval"] == pytest.approx(0.25, abs=0.03) and totals["collective"] == pytest.approx(0.05, abs=0.02)
+    assert totals["data_wait"] >= 0.05 and totals["compute"] < 0.05
+
+
+def test_an_ended_job_stays_as_it_ended():
+    metrics = JobMetrics("lib-ended")
+    try:
+        metrics.start()
+        metrics.finish("completed")
+        metrics.pause()
+        metrics.start()
+        metrics.set_state("running")
+        assert metrics.state == "completed" and value(metrics, "trainer_job_end_timestamp_seconds") is not None
+    finally:
+        metrics.close()
+    with pytest.raises(SystemExit):
+        with JobMetrics("lib-exit") as exiting:
+            sys.exit(0)                      # success, by Python's convention
+    assert exiting.state == "completed"
