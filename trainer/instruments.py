@@ -77,8 +77,10 @@ PROGRESS = Instrument(T.PROGRESS, "s", "Unix time the loop last made progress: a
 LOSS_SPIKES = Instrument(T.LOSS_SPIKES, "1", "Log intervals whose loss spiked far above its running mean.")
 STACK_DUMPS = Instrument(T.STACK_DUMPS, "1", "Thread stack dumps the hang watchdog wrote.")
 
-# Seconds. Steps run from ~1 ms (small CPU models) to ~10 s (large GPU models); data waits can be far
-# shorter, so the scale starts at 100 µs. The SDK default (0..10,000) is shaped for milliseconds.
+# Seconds. Steps run from ~1 ms (small CPU models) to minutes (large models, gradient accumulation); data
+# waits can be far shorter, so the scale starts at 100 µs. The SDK default (0..10,000) is shaped for
+# milliseconds. The hang bound is 10 x the p99 step: a p99 past the last finite bucket reads as that bucket,
+# so the scale reaches 10 minutes (with 10 s last, TrainerHang fired on every step of a job with 2-minute steps).
 DURATION_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-                    1.0, 2.5, 5.0, 10.0)
+                    1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 CHECKPOINT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)

@@ -146,6 +146,20 @@ def test_the_hang_watchdog_writes_every_threads_stack_once_per_hang(tmp_path):
     assert "test_the_hang_watchdog_writes_every_threads_stack_once_per_hang" in text     # this very frame
 
 
+def test_the_hang_bound_of_a_job_with_two_minute_steps_is_twenty_minutes(tmp_path):
+    """10 x the p99 step, which the step histogram must resolve: its scale reaches 10 minutes."""
+    metrics = JobMetrics("slow-steps", diagnostics=Diagnostics(stacks_dir=tmp_path))
+    try:
+        watch, times = metrics._stack_watch, metrics.step_times
+        before = list(times.counts)
+        times.counts[times.bounds.index(120.0) if 120.0 in times.bounds else -1] += 5     # five 2-minute steps
+        watch._windows.clear()
+        watch._windows.extend([before, list(times.counts)])
+        assert watch.hang_bound() == 1200.0
+    finally:
+        metrics.close()
+
+
 def test_sigusr2_writes_the_stacks_even_while_the_loop_sleeps(tmp_path):
     metrics = JobMetrics("asked-job", diagnostics=Diagnostics(stacks_dir=tmp_path))
     path = tmp_path / "stacks.rank0.txt"
