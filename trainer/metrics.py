@@ -215,6 +215,7 @@ class JobMetrics:
         self.step_duration_max = 0.0
         self._warned_bad_step = False
         self._warned_interval = False
+        self._closed = False
         self.evaluations = EvaluationHistory()
         self._losses = _LossAccumulator()
         self._pending_lock = threading.Lock()
@@ -433,7 +434,7 @@ class JobMetrics:
         if publication.announced and self.start_time is None:
             if not publication.scrapers.wait(lambda: publication.scrapers.any_since(known_at),
                                              publication.publish.linger_timeout, give_up) and not give_up():
-                log.warning("job %s: not scraped within %.0fs of announcing itself; starting anyway",
+                log.warning("job %s: not scraped within %gs of announcing itself; starting anyway",
                             self.job_id, publication.publish.linger_timeout)
         if self.start_time is None:
             self.start_time = time.time()
@@ -537,14 +538,17 @@ class JobMetrics:
 
     def close(self) -> None:
         """Linger until every scraper has read the final state (when announced), then remove the job's files
-        and stop serving. Never raises."""
+        and stop serving. Never raises; a second call does nothing."""
+        if self._closed:
+            return
+        self._closed = True
         try:
             self._flush_pending()
             publication = self._publication
             if publication.announced and self._end_monotonic is not None:
                 timeout = publication.publish.linger_timeout
                 if not publication.scrapers.wait(self.final_state_read, timeout, self._linger_cut_short.is_set):
-                    log.warning("job %s: its final state was not read by every scraper within %.0fs%s", self.job_id,
+                    log.warning("job %s: its final state was not read by every scraper within %gs%s", self.job_id,
                                 timeout, " (stopped waiting on a second signal)" if self._linger_cut_short.is_set()
                                 else "; it may be missing from Prometheus")
         except Exception:
@@ -728,6 +732,9 @@ class JobMetrics:
         fast they come (the eval history series); non-finite values are left out."""
         loss = _finite_float(loss)
         accuracy = _finite_float(accuracy)
+        if accuracy is not None and not 0.0 <= accuracy <= 1.0:     # 95 for 95 %: it would be the max for good
+            log.warning("job %s: ignoring an accuracy of %r: a ratio from 0 to 1 is expected", self.job_id, accuracy)
+            accuracy = None
         if loss is not None:
             self.eval_loss_min = loss if self.eval_loss_min is None else min(self.eval_loss_min, loss)
         if accuracy is not None:

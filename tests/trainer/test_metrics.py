@@ -623,3 +623,14 @@ def test_an_ended_job_stays_as_it_ended():
         with JobMetrics("lib-exit") as exiting:
             sys.exit(0)                      # success, by Python's convention
     assert exiting.state == "completed"
+
+
+def test_an_accuracy_that_is_not_a_ratio_is_left_out_and_a_second_close_does_nothing(caplog):
+    metrics = JobMetrics("lib-accuracy")
+    metrics.eval(loss=0.5, accuracy=0.9)
+    metrics.eval(loss=0.4, accuracy=95)          # 95 %: as the running max it would stay for good
+    assert value(metrics, "trainer_eval_accuracy_max_ratio") == 0.9
+    metrics.close()
+    caplog.clear()
+    metrics.close()
+    assert not [record for record in caplog.records if record.levelno >= 30]
