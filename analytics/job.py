@@ -194,11 +194,10 @@ def _assemble(facts: JobFacts, found: dict[str, list[dict]], peak: dict[str, Pea
     average_sps = ratio(samples, training)
     peak_sps = peak_value("samples_per_second")
     peak_window = q.rate_window_ms(q.peak_step(w.window)) / 1000 if w else None
-    if average_sps is not None and (peak_sps is not None and peak_sps < average_sps or peak_sps is None and
-                                    training is not None and peak_window is not None and training < peak_window):
+    if average_sps is not None and (peak_sps is None or peak_sps < average_sps):
         # Some window must reach the whole run's average; a lower observed peak means Prometheus saw only
         # part of the run (a job scraped late or briefly), so the average is the better lower bound. A run
-        # shorter than the peak window has no window's rate at all: its average is its peak.
+        # about as short as the peak window has no window's rate at all: its average is its peak.
         peak_sps = average_sps
     cpu_seconds = value("cpu_seconds")
     average_gpu = percent(peak_mean("gpu_utilization_avg"))
