@@ -29,6 +29,9 @@ CHECK_SECONDS = 5.0
 # The recent step times: bucket counts over this many checks (a minute at 5 s).
 WINDOW_CHECKS = 12
 LOOP_PHASES = (DATA, COMPUTE, OPTIMIZER, COLLECTIVE)
+# The watches that hold SIGUSR2 in this process, oldest first (several jobs in one process: a notebook, tests).
+# faulthandler keeps one file per signal: the newest watch's; closing it hands the signal back to the one before.
+_holding: list["StackWatch"] = []
 
 
 def open_stacks_file(directory: Path | None, rank: int):
@@ -56,6 +59,7 @@ class StackWatch:
         self._dumped_for: float | None = None      # the last step whose hang was dumped
         if threading.current_thread() is threading.main_thread():
             faulthandler.register(STACKS_SIGNAL, file=self._file, all_threads=True, chain=False)
+            _holding.append(self)
             # The job server spawns jobs with it blocked (a SIGUSR2 before this point would have killed us).
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {STACKS_SIGNAL})
         self._thread = threading.Thread(target=self._watch, name="trainmetrics-watchdog", daemon=True)
@@ -103,10 +107,14 @@ class StackWatch:
         log.warning("job %s: %s; thread stacks written to %s", self.metrics.job_id, reason, self.path)
 
     def close(self) -> None:
-        """Stop watching; SIGUSR2 is ignored from now on."""
+        """Stop watching; SIGUSR2 goes to another job's watch in this process, else is ignored from now on."""
         self._stop.set()
-        if threading.current_thread() is threading.main_thread():
-            faulthandler.unregister(STACKS_SIGNAL)
-            signal.signal(STACKS_SIGNAL, signal.SIG_IGN)      # a late request must not kill a finished job
+        if threading.current_thread() is threading.main_thread() and self in _holding:
+            _holding.remove(self)
+            if _holding:
+                faulthandler.register(STACKS_SIGNAL, file=_holding[-1]._file, all_threads=True, chain=False)
+            else:
+                faulthandler.unregister(STACKS_SIGNAL)
+                signal.signal(STACKS_SIGNAL, signal.SIG_IGN)      # a late request must not kill a finished job
         if self._owns_file:
             self._file.close()

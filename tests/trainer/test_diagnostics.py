@@ -176,6 +176,19 @@ def test_sigusr2_writes_the_stacks_even_while_the_loop_sleeps(tmp_path):
     time.sleep(0.1)
 
 
+def test_closing_one_of_two_jobs_in_a_process_leaves_sigusr2_to_the_other(tmp_path):
+    first = JobMetrics("first-job", diagnostics=Diagnostics(stacks_dir=tmp_path / "first"))
+    second = JobMetrics("second-job", diagnostics=Diagnostics(stacks_dir=tmp_path / "second"))
+    try:
+        second.close()                          # the newest goes first: the signal goes back to the first
+        os.kill(os.getpid(), signal.SIGUSR2)
+        time.sleep(0.2)
+        assert "Current thread" in (tmp_path / "first" / "stacks.rank0.txt").read_text()
+    finally:
+        first.close()
+        second.close()
+
+
 def test_faults_apply_to_the_rank_and_job_they_name(monkeypatch):
     monkeypatch.setenv(faults.VARIABLE, '{"stall": {"rank": 1, "step": 3, "seconds": 9}, '
                                         '"slow_data": {"job": "other", "seconds": 1}}')
