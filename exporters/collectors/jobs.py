@@ -8,9 +8,10 @@ CPU time of a tree is the sum over its live processes of utime + stime + cutime 
 in the tree exits and its parent (also in the tree) reaps it, the kernel moves its whole time into the
 parent's cutime/cstime, so the sum carries on without a dip and without counting anything twice. Lost is
 the time of a process that leaves the tree before it exits (re-parented to init: a daemonised grandchild,
-a worker whose parent died first); it drops out at the next tree walk. The exported counter never
-decreases: reads of a tree are not atomic, and a reap between two reads (or such a departure) would
-otherwise show as a dip that Prometheus takes for a counter reset.
+a worker whose parent died first); it drops out at the next tree walk. A rank (a mapped process of a job
+with several) that ends before the others keeps the time of its last sample in its job's counter. The
+exported counter never decreases: reads of a tree are not atomic, and a reap between two reads (or such a
+departure) would otherwise show as a dip that Prometheus takes for a counter reset.
 
 The directory is untrusted input (any user who can write to it may drop anything there):
 - only regular files of at most MAX_MAPPING_BYTES are read, opened without following symlinks and without
@@ -123,6 +124,7 @@ class _Tree:
     mapping: JobMapping
     members: dict[int, int]  # pid -> start ticks (the root's is mapping.start_ticks)
     dead: bool = False
+    cpu_seconds: float = 0.0     # what it counted at its last sample: kept for its job when it ends
 
 
 class JobTracker:
@@ -145,6 +147,7 @@ class JobTracker:
         self._relist_at = 0.0       # time of the next listing even if the directory looks unchanged
         self._warned_full = False
         self._cpu_floor: dict[str, float] = {}
+        self._retired_cpu: dict[str, float] = {}    # per job: the CPU time of its ranks that ended before it
         self._lock = threading.Lock()           # guards _live between the fast and the slow thread
         self._updating = threading.Lock()       # one update at a time (the jobs and gpu collectors share it)
         self._updated_at: float | None = None
@@ -260,10 +263,12 @@ class JobTracker:
         gpus: dict[str, set[int]] = {}
         ticks = self.clock_ticks
         died = False
+        ended: dict[str, float] = {}
         for tree in self._live:
             job_id = tree.mapping.job_id
             job = usage.setdefault(job_id, JobUsage())
             gpus.setdefault(job_id, set()).update(tree.mapping.gpus)
+            counted = 0.0
             for pid, start_ticks in tree.members.items():
                 if pid in job_of_pid:
                     continue  # a process in two ranks' trees counts once
@@ -274,20 +279,26 @@ class JobTracker:
                         break
                     continue
                 job_of_pid[pid] = job_id
-                job.cpu_seconds += (int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])) / ticks
+                counted += (int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])) / ticks
                 job.rss_bytes += int(fields[21]) * self.page_bytes
                 job.processes += 1
+            if tree.dead:       # a rank that ended: its time stays the job's (as of its last sample)
+                ended[job_id] = ended.get(job_id, 0.0) + tree.cpu_seconds
+            else:
+                tree.cpu_seconds = counted
+                job.cpu_seconds += counted
         if died:
             with self._lock:
                 self._live = [tree for tree in self._live if not tree.dead]
-        floors = {}
+        floors, retired = {}, {}
         for job_id, job in list(usage.items()):
-            if job.processes == 0:
+            if job.processes == 0:      # the job's last process ended: its series ends (a resume starts anew)
                 del usage[job_id]
                 continue
-            job.cpu_seconds = max(job.cpu_seconds, self._cpu_floor.get(job_id, 0.0))
+            retired[job_id] = self._retired_cpu.get(job_id, 0.0) + ended.get(job_id, 0.0)
+            job.cpu_seconds = max(job.cpu_seconds + retired[job_id], self._cpu_floor.get(job_id, 0.0))
             floors[job_id] = job.cpu_seconds
-        self._cpu_floor = floors
+        self._cpu_floor, self._retired_cpu = floors, retired
         return JobsSnapshot(usage, job_of_pid,
                             {job_id: frozenset(indices) for job_id, indices in gpus.items() if job_id in usage})
 

@@ -79,6 +79,45 @@ def test_cpu_time_of_reaped_children_stays_in_the_counter(tmp_path, start_job):
     assert metrics["process_tree_processes"][(("job_id", "burner"),)] == 2  # job + worker; the helper has exited
 
 
+# Burns 0.3 s of CPU, then again for each line it reads, until its stdin closes.
+BURNER = """
+import sys, time
+def burn():
+    end = time.process_time() + 0.3
+    while time.process_time() < end:
+        pass
+    print("burned", flush=True)
+burn()
+for line in sys.stdin:
+    burn()
+"""
+
+
+def test_a_rank_that_ends_first_keeps_its_cpu_time_in_the_jobs_counter(tmp_path):
+    """Two ranks (processes of one job side by side, as torchrun starts them): rank 1 burns 0.3 s and exits,
+    rank 0 burns 0.3 s more; the job's counter holds all 0.9 s (rank 1's dropped out of the sum before)."""
+    ranks = [subprocess.Popen([sys.executable, "-c", BURNER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    try:
+        for rank, process in enumerate(ranks):
+            write_job_mapping(tmp_path, JobMapping(job_id="two-ranks", pid=process.pid, rank=rank, started=time.time()))
+        tracker = JobTracker(tmp_path)
+        tracker.update(1.0)
+        assert [process.stdout.readline().strip() for process in ranks] == ["burned", "burned"]
+        assert tracker.update(2.0).usage["two-ranks"].cpu_seconds >= 0.58
+        ranks[1].communicate(timeout=10)             # rank 1 exits
+        tracker.update(3.0)
+        ranks[0].stdin.write("again\n")
+        ranks[0].stdin.flush()
+        assert ranks[0].stdout.readline().strip() == "burned"
+        after = tracker.update(4.0).usage["two-ranks"]
+        assert after.processes == 1 and after.cpu_seconds >= 0.88
+    finally:
+        for process in ranks:
+            if process.poll() is None:
+                process.communicate(timeout=10)
+
+
 def test_stale_malformed_and_reused_pid_files_are_ignored(tmp_path, start_job):
     job, _ = start_job()
     ticks = process_start_ticks(job.pid)
