@@ -26,6 +26,13 @@ log = logging.getLogger("trainmetrics.server")
 # A run's status is asked of Ray at most this often (each ask is an HTTP request to the head).
 POLL_SECONDS = 1.0
 FINISHED = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED)
+# While Ray does not answer about a run, this is said at most once per this many seconds per run.
+UNANSWERED_LOG_SECONDS = 60.0
+
+
+def unknown_to_ray(error: Exception) -> bool:
+    """Ray answered that it has no such submission (404: it never had it, or its head restarted since)."""
+    return isinstance(error, RuntimeError) and "status code 404" in str(error)
 
 
 class RayExecutor:
@@ -38,6 +45,7 @@ class RayExecutor:
         self.python = python or sys.executable     # the interpreter on the cluster's nodes that has trainmetrics
         self._client: JobSubmissionClient | None = None
         self._polled: dict[str, tuple[float, tuple[bool, int | None]]] = {}
+        self._unanswered_said: dict[str, float] = {}     # per run: when "Ray did not answer" was last logged
 
     @property
     def client(self) -> JobSubmissionClient:
@@ -65,9 +73,15 @@ class RayExecutor:
             return None
         try:
             status = self.client.get_job_status(handle)
-        except Exception as error:       # unknown to this cluster (RuntimeError), or the head is gone
-            log.warning("job %s: Ray submission %s not found: %s", job_id, handle, error)
-            return None
+        except Exception as error:
+            if unknown_to_ray(error):
+                log.warning("job %s: Ray no longer knows its submission %s", job_id, handle)
+                return None
+            # Unreachable (a restart of its head or dashboard, the network): it may well run on. Adopted, so
+            # it is not started a second time; polling tells its fate once Ray answers.
+            log.warning("job %s: Ray did not answer about %s (%s); adopted until it does", job_id, handle,
+                        _one_line(error))
+            return Run(job_id, handle, job_dir)
         return None if status in FINISHED else Run(job_id, handle, job_dir)
 
     def poll(self, run: Run) -> tuple[bool, int | None]:
@@ -79,14 +93,27 @@ class RayExecutor:
         try:
             info = self.client.get_job_info(run.handle)
         except Exception as error:
-            log.warning("job %s: Ray did not answer about %s: %s", run.job_id, run.handle, error)
+            if unknown_to_ray(error):       # its head restarted: the run died with it, and no result tells how
+                log.warning("job %s: Ray no longer knows its submission %s: it ended", run.job_id, run.handle)
+                self._forget(run)
+                return True, None
+            if now - self._unanswered_said.get(run.handle, float("-inf")) >= UNANSWERED_LOG_SECONDS:
+                self._unanswered_said[run.handle] = now
+                log.warning("job %s: Ray did not answer about %s (%s); still taken for running", run.job_id,
+                            run.handle, _one_line(error))
+            self._polled[run.handle] = (now, (False, None))
             return False, None
         answer = (info.status in FINISHED, info.driver_exit_code if info.status in FINISHED else None)
         if answer[0]:
-            self._polled.pop(run.handle, None)
+            self._forget(run)
         else:
             self._polled[run.handle] = (now, answer)
+            self._unanswered_said.pop(run.handle, None)
         return answer
+
+    def _forget(self, run: Run) -> None:
+        self._polled.pop(run.handle, None)
+        self._unanswered_said.pop(run.handle, None)
 
     def signal(self, run: Run, outcome: str) -> bool:
         """Ask every rank to stop at its next step boundary, through the control file the launcher watches
@@ -110,10 +137,18 @@ class RayExecutor:
         return True
 
     def _running(self, run: Run) -> bool:
+        """True while Ray runs it, or cannot be asked: a stop written to the shared control file then reaches
+        the launcher if it runs on, and polling settles the run once Ray answers."""
         try:
             return self.client.get_job_status(run.handle) not in FINISHED
-        except Exception:
-            return False
+        except Exception as error:
+            return not unknown_to_ray(error)
+
+
+def _one_line(error: Exception) -> str:
+    """An error as one short line (requests' connection errors run to hundreds of characters)."""
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:160]}{'...' if len(text) > 160 else ''}"
 
 
 def _replace(path: Path, text: str) -> None:

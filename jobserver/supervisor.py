@@ -166,7 +166,8 @@ class Supervisor:
         elif code is not None:
             state, error = "failed", f"exit code {code} without a result"
         else:
-            state, error = "failed", "its process ended without a result (adopted after a server restart)"
+            state, error = "failed", ("its process ended without a result or an exit code (adopted after a server "
+                                      "restart, or its Ray submission stopped or lost)")
         if state in ("paused", "cancelled") and STOP_STRENGTH[job.requested] > STOP_STRENGTH[state]:
             state = job.requested    # a cancel accepted after the pause that stopped the process
         if state == "paused" and job.requested == SHUTDOWN_PAUSE:
