@@ -50,10 +50,12 @@ def steps(prometheus, job_id: str) -> float:
     return float(found[0]["value"][1]) if found else 0.0
 
 
-def trainer_pid(job_id: str) -> int:
+def trainer_pid(server, job_id: str) -> int:
+    """The job's trainer process: this server's (its arguments name this server's data directory), not one of
+    another test run's on the same machine with the same job id."""
     for process in psutil.process_iter(["cmdline"]):
         command = process.info["cmdline"] or []
-        if job_id in command and "train" in command:
+        if job_id in command and "train" in command and any(str(server.data_dir) in part for part in command):
             return process.pid
     raise AssertionError(f"no process of {job_id}")
 
@@ -86,7 +88,7 @@ def ledger_run(stack):
     prometheus.wait_for(f'trainer_steps_total{{job_id="gp-ledger"}} >= {CHECKPOINT_EVERY + 20}', timeout=60)
     checkpoint = max(c["step"] for c in client.get("/api/training/jobs/gp-ledger/checkpoints").json()["checkpoints"])
     assert checkpoint == CHECKPOINT_EVERY
-    psutil.Process(trainer_pid("gp-ledger")).send_signal(signal.SIGKILL)
+    psutil.Process(trainer_pid(server, "gp-ledger")).send_signal(signal.SIGKILL)
     seen["killed"] = time.time()
     seen["failed"] = state_seen(client, "gp-ledger", ("failed",))
     seen["resume2_sent"] = time.time()
