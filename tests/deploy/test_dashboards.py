@@ -105,3 +105,56 @@ def test_variable_queries_list_the_job_and_the_node(stack):
     job_ids = prometheus.api("label/job_id/values", **{"match[]": "trainer_job_info"})
     assert JOB_ID in job_ids
     assert instance in prometheus.api("label/instance/values", **{"match[]": "system_memory_limit_bytes"})
+
+
+# Compare's summary table against jobs whose figures are known: m2 runs two ranks (2,000 samples each); r1
+# was paused at 5 m (its first run from 0) and resumed at 10 m, its newest loss 0.5; d1 was resumed too and its
+# newest run's last interval diverged (trainer_loss holds 0.4, trainer_loss_finite says 0).
+COMPARE_JOBS = """
+      - series: 'trainer_samples_total{job_id="m2",rank="0",instance="h:1"}'
+        values: '0+100x20'
+      - series: 'trainer_samples_total{job_id="m2",rank="1",instance="h:2"}'
+        values: '0+100x20'
+"""
+for job, newest in (("r1", "0.8 0.7 0.6 0.5"), ("d1", "0.8 0.4 0.4 0.4")):
+    finite = "1 1 1 1" if job == "r1" else "1 0 0 0"
+    COMPARE_JOBS += f"""
+      - series: 'trainer_loss{{job_id="{job}",instance="p1"}}'
+        values: '2 1.5 1.2 1.0 0.9 0.9'
+      - series: 'trainer_loss_finite{{job_id="{job}",instance="p1"}}'
+        values: '1x5'
+      - series: 'trainer_loss{{job_id="{job}",instance="p2"}}'
+        values: '_x9 {newest} 0.5x6'
+      - series: 'trainer_loss_finite{{job_id="{job}",instance="p2"}}'
+        values: '_x9 {finite} {finite[-1]}x6'
+      - series: 'trainer_job_start_timestamp_seconds{{job_id="{job}",instance="p1"}}'
+        values: '0x5'
+      - series: 'trainer_job_end_timestamp_seconds{{job_id="{job}",instance="p1"}}'
+        values: '_x4 300'
+      - series: 'trainer_job_start_timestamp_seconds{{job_id="{job}",instance="p2"}}'
+        values: '_x9 600x10'
+      - series: 'trainer_heartbeat_timestamp_seconds{{job_id="{job}",instance="p1"}}'
+        values: '0+60x5'
+      - series: 'trainer_heartbeat_timestamp_seconds{{job_id="{job}",instance="p2"}}'
+        values: '_x9 600+60x10'
+"""
+COMPARE_EXPECTED = {"samples": {"m2": 4000}, "final_loss": {"r1": 0.5}, "duration_seconds": {"r1": 1200, "d1": 1200}}
+
+
+def test_the_compare_summary_shows_every_rank_and_the_newest_run(tmp_path):
+    """Every rank's samples (one rank's were shown), the newest run's final loss (an earlier run's could win;
+    a diverged run showed its predecessor's) and a resumed running job's duration (it was negative)."""
+    (summary,) = [panel for panel in all_dashboards()["compare.json"]["panels"] if panel["type"] == "table"]
+    tests = []
+    for target in summary["targets"]:
+        if target["refId"] in COMPARE_EXPECTED:
+            expr = target["expr"].replace("$job_id", "m2|r1|d1").replace("$__range", "1h")
+            samples = "".join(f"\n          - labels: '{{job_id=\"{job}\"}}'\n            value: {value}"
+                              for job, value in COMPARE_EXPECTED[target["refId"]].items())
+            tests.append(f"      - expr: '{expr}'\n        eval_time: 20m\n        exp_samples:{samples}")
+    assert len(tests) == 3
+    config = tmp_path / "compare_test.yml"
+    config.write_text("evaluation_interval: 1m\ntests:\n  - interval: 1m\n    input_series:" + COMPARE_JOBS
+                      + "    promql_expr_test:\n" + "\n".join(tests) + "\n")
+    result = subprocess.run(["promtool", "test", "rules", str(config)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr

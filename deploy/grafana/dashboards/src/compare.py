@@ -3,6 +3,12 @@
 from panels import label_variable, new_dashboard, query, row, table_panel, timeseries_panel
 
 JOBS = 'job_id=~"$job_id"'
+RANK0 = 'rank=~"0|"'
+LAST_START = f"max by (job_id) (last_over_time(trainer_job_start_timestamp_seconds{{{JOBS}}}[$__range]))"
+LAST_END = f"max by (job_id) (last_over_time(trainer_job_end_timestamp_seconds{{{JOBS}}}[$__range]))"
+# The processes of a job's newest run: seen after that run started (a resumed job's earlier runs ended before).
+NEWEST_RUN = (f"and on (job_id, instance, rank) (last_over_time(trainer_heartbeat_timestamp_seconds{{{JOBS}}}"
+              f"[$__range]) >= on (job_id) group_left {LAST_START})")
 
 
 def build():
@@ -13,8 +19,8 @@ def build():
                       ["compare"])
         .with_variable(label_variable("job_id", "Jobs", "label_values(trainer_job_info, job_id)", multi=True))
         .with_row(row("Overlaid"))
-        .with_panel(timeseries_panel("Loss", "Training loss of each job.", "short",
-                                     query(f"max by (job_id) (trainer_loss{{{JOBS}}})", "{{job_id}}")))
+        .with_panel(timeseries_panel("Loss", "Training loss of each job (the mean of its ranks').", "short",
+                                     query(f"avg by (job_id) (trainer_loss{{{JOBS}}})", "{{job_id}}")))
         .with_panel(timeseries_panel("Eval accuracy", "Accuracy at each evaluation.", "percentunit",
                                      query(f"max by (job_id) (trainer_eval_accuracy_ratio{{{JOBS}}})", "{{job_id}}"),
                                      min_value=0, max_value=1))
@@ -25,18 +31,22 @@ def build():
                                            "{{job_id}}")))
         .with_row(row("Summary"))
         .with_panel(table_panel(
-            "Summary", "Per job over the time range: samples, best and final loss, accuracy, duration.",
-            query(f"max by (job_id) (max_over_time(trainer_samples_total{{{JOBS}}}[$__range]))", "",
-                  "samples", instant=True, table_format=True),
+            "Summary", "Per job over the time range: samples (every rank's), best loss, final loss (rank 0's newest "
+                       "run; empty when its last interval's loss was NaN), accuracy, duration (first start to the "
+                       "last end, or to now while it runs).",
+            query(f"sum by (job_id) (max by (job_id, rank) (max_over_time(trainer_samples_total{{{JOBS}}}[$__range])))",
+                  "", "samples", instant=True, table_format=True),
             query(f"min by (job_id) (min_over_time(trainer_loss{{{JOBS}}}[$__range]))", "", "best_loss",
                   instant=True, table_format=True),
-            # None for a job whose last interval's loss was NaN: trainer_loss keeps its last finite one.
-            query(f"max by (job_id) (last_over_time(trainer_loss{{{JOBS}}}[$__range]) unless on (job_id, instance, "
-                  f"rank) (last_over_time(trainer_loss_finite{{{JOBS}}}[$__range]) == 0))", "", "final_loss",
-                  instant=True, table_format=True),
+            # A resumed job has a process per run: only the newest run's counts (NEWEST_RUN), and none where its
+            # last interval's loss was NaN (trainer_loss keeps the last finite one).
+            query(f"max by (job_id) ((last_over_time(trainer_loss{{{JOBS},{RANK0}}}[$__range]) unless on (job_id, "
+                  f"instance, rank) (last_over_time(trainer_loss_finite{{{JOBS}}}[$__range]) == 0)) {NEWEST_RUN})",
+                  "", "final_loss", instant=True, table_format=True),
             query(f"max by (job_id) (last_over_time(trainer_eval_accuracy_ratio{{{JOBS}}}[$__range]))", "",
                   "accuracy", instant=True, table_format=True),
-            query(f"max by (job_id) (last_over_time(trainer_job_end_timestamp_seconds{{{JOBS}}}[$__range]))"
-                  f" - max by (job_id) (last_over_time(trainer_job_start_timestamp_seconds{{{JOBS}}}[$__range]))",
+            query(f"({LAST_END} >= on (job_id) {LAST_START} or on (job_id) max by (job_id) (last_over_time("
+                  f"trainer_heartbeat_timestamp_seconds{{{JOBS},{RANK0}}}[$__range]))) - on (job_id) min by (job_id) "
+                  f"(last_over_time(trainer_job_start_timestamp_seconds{{{JOBS}}}[$__range]))",
                   "", "duration_seconds", instant=True, table_format=True)))
     )

@@ -39,7 +39,7 @@ def build():
                                      min_value=0, max_value=1))
         .with_panel(timeseries_panel("Processes", "Processes by status.", "short",
                                      query(f"system_processes{{{NODE}}}", "{{status}}")))
-        .with_panel(timeseries_panel("Exporter collectors", "1 when the collector succeeded; its duration.", "short",
+        .with_panel(timeseries_panel("Exporter collectors", "1 when the collector's last sample succeeded, 0 when it failed.", "short",
                                      query(f"exporter_collector_success{{{NODE}}}", "{{collector}}")))
         .with_row(row("GPUs"))
         .with_panel(timeseries_panel("GPU utilisation: mean vs peak", "Per GPU, mean and max over the window.",

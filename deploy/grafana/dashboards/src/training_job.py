@@ -89,13 +89,14 @@ def build():
                                            "rank {{rank}} vs fastest"),
                                      query(f"job_id_rank:trainer_straggler_score_self:ratio{{{JOB}}}",
                                            "rank {{rank}} vs own best", "B"), min_value=0))
+        # Lines, not a stack: every rank spends the whole step, so stacking ranks would show N x the step.
         .with_panel(timeseries_panel("Time per step by phase", "Per rank and phase, seconds per step over 1 m: "
                                      "the phase that makes a rank slow.", "s",
                                      query(f"job_id_rank_phase:trainer_phase_seconds_per_step:rate1m{{{JOB}}}",
-                                           "rank {{rank}} {{phase}}"), stacked=True, min_value=0))
+                                           "rank {{rank}} {{phase}}"), min_value=0))
         .with_panel(timeseries_panel("Loss spikes and stack dumps", "Loss spikes flagged and thread-stack dumps "
                                      "the hang watchdog wrote (counts).", "short",
-                                     query(f"max(trainer_loss_spikes_total{{{JOB}}})", "loss spikes"),
+                                     query(f"sum(trainer_loss_spikes_total{{{JOB}}})", "loss spikes"),
                                      query(f"sum(trainer_stack_dumps_total{{{JOB}}})", "stack dumps", "B"),
                                      min_value=0))
         .with_row(row("Resources"))
@@ -115,8 +116,9 @@ def build():
                                      "included).", "short",
                                      query(f"sum(rate(process_cpu_time_seconds_total{{{JOB}}}[$__rate_interval]))",
                                            "cores")))
-        .with_panel(timeseries_panel("Job memory and processes", "Resident memory of the job's process tree and "
-                                     "its process count.", "bytes",
-                                     query(f"sum(process_memory_rss_bytes{{{JOB}}})", "rss"),
-                                     query(f"sum(process_tree_processes{{{JOB}}})", "processes", "B")))
+        .with_panel(timeseries_panel("Job memory", "Resident memory of the job's process trees (every rank's).",
+                                     "bytes", query(f"sum(process_memory_rss_bytes{{{JOB}}})", "rss"), width=6))
+        .with_panel(timeseries_panel("Job processes", "Processes in the job's trees (ranks, data-loader workers).",
+                                     "short", query(f"sum(process_tree_processes{{{JOB}}})", "processes"), width=6,
+                                     min_value=0))
     )
