@@ -47,3 +47,13 @@ def test_the_image_installs_every_part_of_the_package_and_no_torch():
     assert {path.split("/")[0] for path in mapping.values()} <= copied
     commands = [line for line in dockerfile.splitlines() if not line.startswith("#")]
     assert not any("torch" in line for line in commands if "find_spec('torch')" not in line)
+
+
+def test_no_service_takes_the_job_servers_port_that_prometheus_discovers_jobs_on():
+    """prometheus.yml reads the job server's /api/training/sd at 127.0.0.1:8000 (the server runs on the host,
+    with torch): the compose analytics held that port, so discovery got 404 and the server could not start."""
+    config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    (sd_job,) = [job for job in config["scrape_configs"] if "http_sd_configs" in job]
+    address = sd_job["http_sd_configs"][0]["url"].split("/")[2]
+    commands = [" ".join(map(str, service.get("command", []))) for service in compose()["services"].values()]
+    assert not [command for command in commands if address in command]
