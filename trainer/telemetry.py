@@ -212,11 +212,14 @@ class Publication:
                 self.server.serve_in_background(name="trainmetrics-metrics")
                 address = reachable_address(host, self.server.port)
                 scheme = "https" if publish.web_config is not None and publish.web_config.ssl_context else "http"
-                if publish.targets_dir is not None:
-                    self.target_file = write_target_file(Path(publish.targets_dir), self.file_stem, address, scheme)
                 if publish.register_url:
                     self.registration = Registration(publish.register_url, self._rank)
                     self.registration.register(address, scheme)
+                # Announced once: a job server whose service discovery Prometheus reads announces it (a
+                # TRAINMETRICS_TARGETS_DIR inherited from the server's environment would have it scraped twice,
+                # as two scrape jobs, and every sum over the job doubled); else its file_sd target.
+                if publish.targets_dir is not None and not (self.registration and self.registration.watched):
+                    self.target_file = write_target_file(Path(publish.targets_dir), self.file_stem, address, scheme)
             if publish.job_dir is not None:
                 mapping = JobMapping(job_id=self._job_id, pid=os.getpid(), gpus=list(publish.gpus), rank=self._rank,
                                      started=time.time())

@@ -26,8 +26,11 @@ def stack(tmp_path_factory):
     port = free_port()
     prometheus = PrometheusServer(tmp / "prometheus", static_targets={"server": [f"127.0.0.1:{port}"]},
                                   job_server=f"http://127.0.0.1:{port}")
+    # TRAINMETRICS_TARGETS_DIR set where the server runs (as for CLI jobs on that host): its jobs inherit it,
+    # and must still be announced once (through the server's discovery), not also through file_sd.
     server = Server(tmp / "data", extra=("--prometheus-url", prometheus.url),
-                    env={"TRAINMETRICS_FAULTS": json.dumps(FAULTS)})
+                    env={"TRAINMETRICS_FAULTS": json.dumps(FAULTS),
+                         "TRAINMETRICS_TARGETS_DIR": str(prometheus.targets_dir)})
     server.data_dir.mkdir()
     server.port, server.url = port, f"http://127.0.0.1:{port}"
     prometheus.start()
@@ -76,6 +79,8 @@ def ledger_run(stack):
 
     # Paused for 5 s.
     prometheus.wait_for('trainer_steps_total{job_id="gp-ledger"} >= 20', timeout=60)
+    scraped_as = prometheus.query('count by (job) (trainer_steps_total{job_id="gp-ledger"})')
+    assert [series["metric"]["job"] for series in scraped_as] == ["trainer-jobs"]     # one scrape job
     seen["pause_sent"] = time.time()
     assert client.post("/api/training/jobs/gp-ledger/pause").status_code == 202
     seen["paused"] = state_seen(client, "gp-ledger", ("paused",))
