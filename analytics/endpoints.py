@@ -151,8 +151,9 @@ async def summary(request: Request) -> Response:
     if "step" in request.query_params:
         step = parse_duration("step", request.query_params["step"])
         if step < minimum_step:
-            raise BadParameter("step", f"at least {minimum_step:g}s for this range (the {q.PEAK_RATE_WINDOW_SECONDS:g}s "
-                                       f"a rate is read over, and at most {q.MAX_POINTS_PER_SERIES} points)")
+            raise BadParameter("step", f"at least {minimum_step:g}s for this range (the "
+                                       f"{q.PEAK_RATE_WINDOW_SECONDS:g}s a rate is read over, and at most "
+                                       f"{q.MAX_POINTS_PER_SERIES} points)")
     else:
         step = max(minimum_step, range_seconds / DEFAULT_TREND_POINTS)
     owner = _owner(request) or request.query_params.get("owner")     # an owner sees only their own jobs

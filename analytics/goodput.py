@@ -8,8 +8,9 @@ thrown away. The ledger adds what no process sees:
 - queued: the submission (trainer_job_submitted_timestamp_seconds) to the first process's start;
 - paused: each gap between a process's end (a pause, a failure, a kill) and the next one's start;
 - lost: what a process trained after its last checkpoint and a successor threw away by resuming from that
-  checkpoint (or, with none, by starting afresh: then all it trained, its init and restore staying theirs). A process's carried totals are its totals less its own age (its totals only grow with its
-  life), so what a run lost is its last totals less what its successor carried in. A checkpoint carries the
+  checkpoint (or, with none, by starting afresh: then all it trained, its init and restore staying theirs).
+  A process's carried totals are its totals less its own age (its totals only grow with its life), so what
+  a run lost is its last totals less what its successor carried in. A checkpoint carries the
   totals of its snapshot, taken before its write: the write of the checkpoint a successor resumed from
   (trainer_checkpointed_seconds: the totals when that write ended) threw nothing away and counts as
   checkpoint time; so does, for a run that stopped on request (paused, cancelled) and wrote its checkpoint

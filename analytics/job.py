@@ -205,7 +205,8 @@ def _assemble(facts: JobFacts, found: dict[str, list[dict]], peak: dict[str, Pea
     if gpu_memory_peak is None:
         gpu_memory_peak = peak_value("gpu_memory")
     initial, final = totals.earliest("loss_first"), totals.newest("loss_last")
-    if totals.newest("loss_finite") == 0:      # diverged: its last logged loss was NaN or infinite, not this
+    last_finite = totals.newest("loss_finite")
+    if last_finite == 0:      # diverged: its last logged loss was NaN or infinite, not this
         final = None
     # The last evaluation is one fact: read from its history series, not again from trainer_eval_loss. A
     # backend that stores fewer digits (VictoriaMetrics: each block's values to one decimal exponent) may
@@ -263,7 +264,7 @@ def _assemble(facts: JobFacts, found: dict[str, list[dict]], peak: dict[str, Pea
             final_eval_accuracy=last_evaluation.accuracy if last_evaluation else totals.newest("eval_accuracy"),
             best_eval_loss=totals.lowest("eval_loss_min"), best_eval_accuracy=totals.highest("eval_accuracy_max"),
             nonfinite_intervals=_integer(totals.newest("loss_nonfinite")),
-            final_nonfinite=None if totals.newest("loss_finite") is None else totals.newest("loss_finite") == 0),
+            final_nonfinite=None if last_finite is None else last_finite == 0),
         evaluations=evaluations,
         efficiency=shapes.Efficiency(**scoring.efficiency(average_gpu, average_sps, peak_sps)),
         energy=_energy(found.get("energy", []), samples, attributed=cpu_seconds is not None),

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainmetrics.contract import BUILTIN_DATASETS, JOB_STATES, SpecError, new_job_id, parse_spec, validate_job_id
-from trainmetrics.datafiles import csv_columns
+from trainmetrics.datafiles import csv_columns, first_columns
 from trainmetrics.edge import ApiError
 from trainmetrics.jobfiles import CHECKPOINT_PATTERN, list_checkpoints
 from trainmetrics.jobserver import stacks
@@ -119,12 +119,10 @@ class JobService:
         one named at upload."""
         if asked is None or asked == record.target_column:
             return record.target_column
-        path = self.supervisor.datasets_dir() / Path(record.path).name
-        columns = csv_columns(path)
+        columns = csv_columns(self.supervisor.uploaded_file(record))
         if asked not in columns:
             raise ApiError(400, "bad_request", f"target: no column {asked[:40]!r} in dataset {record.id} (its "
-                                               f"{len(columns)} columns: {', '.join(c[:40] for c in columns[:8])}"
-                                               f"{', ...' if len(columns) > 8 else ''})")
+                                               f"{len(columns)} columns: {first_columns(columns)})")
         return asked
 
     def list_jobs(self, caller: str | None, state: str | None) -> list[dict]:

@@ -19,7 +19,7 @@ from trainmetrics.jobfiles import (CONTROL_FILE_NAME, FINAL_MODEL_NAME, LOG_NAME
                                    list_checkpoints, read_result)
 from trainmetrics.jobserver.executors import Executor, Run
 from trainmetrics.jobserver.local import LocalExecutor
-from trainmetrics.jobserver.store import JobRecord, JobStore
+from trainmetrics.jobserver.store import DatasetRecord, JobRecord, JobStore
 
 
 log = logging.getLogger("trainmetrics.server")
@@ -96,7 +96,12 @@ class Supervisor:
         record = self.store.get_dataset(dataset, None)
         if record is None:
             raise FileNotFoundError(f"dataset {dataset} is not in the data dir")
-        return str(self.datasets_dir() / Path(record.path).name)
+        return str(self.uploaded_file(record))
+
+    def uploaded_file(self, record: DatasetRecord) -> Path:
+        """An uploaded dataset's file in this data dir (by its file name: the stored path may be relative to an
+        older server's working directory)."""
+        return self.datasets_dir() / Path(record.path).name
 
     # ----- starting ----------------------------------------------------------------------------------
     def train_args(self, job: JobRecord) -> list[str]:

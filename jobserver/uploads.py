@@ -87,7 +87,8 @@ async def receive_dataset(request: Request, name: str, target: str | None, datas
             os.unlink(tmp_name)
         raise
     return {"id": dataset_id, "name": name, "path": str(final_path), "format": DATASET_FORMATS[suffix],
-            "target": target, "rows": rows, "features": features, "size_bytes": size, "upload_seconds": time.monotonic() - began}
+            "target": target, "rows": rows, "features": features, "size_bytes": size,
+            "upload_seconds": time.monotonic() - began}
 
 
 def inspect_dataset(path: Path, fmt: str, max_uncompressed_bytes: int, target: str | None) -> tuple[int, int]:

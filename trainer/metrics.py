@@ -425,7 +425,7 @@ class JobMetrics:
         """Mark the job running. When it was announced to Prometheus, first wait (up to the publication's
         linger timeout, or until give_up() holds) for a scrape that read the job's totals (a resumed process's
         after load_state_dict), so Prometheus holds the job from its first step."""
-        if self.state in FINAL_STATES or self.state == "paused" and self.end_time is not None:
+        if self.ended:
             raise ValueError(f"the job already ended {self.state}: start() cannot run it again")
         publication = self._publication
         if self._carried_known_at is None:            # resuming, but no checkpoint was found: a fresh start
@@ -444,12 +444,17 @@ class JobMetrics:
         self.phases.start_loop(self._last_step_end)
         return self
 
+    @property
+    def ended(self) -> bool:
+        """This process's run has ended (finish() or pause()): its state stays as it ended."""
+        return self._end_monotonic is not None
+
     @_never_raises
     def set_state(self, state: str) -> None:
         """Move to a non-final state (queued, running, paused); final states go through finish()."""
         if state not in JOB_STATES or state in FINAL_STATES:
             raise ValueError(f"unknown or final state {state!r}; use finish() for final states")
-        if self.state in FINAL_STATES:
+        if self.ended:
             raise ValueError(f"the job already ended {self.state}: its state stays")
         self.state = state
 
@@ -470,7 +475,7 @@ class JobMetrics:
 
         Like finish(), the state is held until every scraper has read it (close() lingers for it); a job that
         already ended stays as it ended."""
-        if self.state in FINAL_STATES or self.state == "paused":
+        if self.ended:
             return
         self._log_interval()
         self._ended("paused")

@@ -30,7 +30,8 @@ CSV_ENCODING = "utf-8-sig"
 SHOWN_COLUMNS = 8
 
 
-def _first_columns(header: list[str]) -> str:
+def first_columns(header: list[str]) -> str:
+    """A header named in a message: its first SHOWN_COLUMNS names, then "..." when there are more."""
     shown = ", ".join(name[:40] for name in header[:SHOWN_COLUMNS])
     return shown + (", ..." if len(header) > SHOWN_COLUMNS else "")
 
@@ -52,7 +53,7 @@ def read_csv(path: Path, target: str = DEFAULT_TARGET) -> tuple[np.ndarray, np.n
             header = [cell.strip() for cell in header]
             if target not in header:
                 raise TargetColumnError(f"{path}: no target column {target[:40]!r} among its {len(header)} columns "
-                                        f"({_first_columns(header)})")
+                                        f"({first_columns(header)})")
             target_index = header.index(target)
             rows = []
             integral_target = True

@@ -609,6 +609,13 @@ def test_marked_phases_nest_and_before_training_they_are_not_init_too():
 
 
 def test_an_ended_job_stays_as_it_ended():
+    paused = JobMetrics("lib-set-paused")
+    try:
+        paused.set_state("paused")               # a state set on the way, not an end: pause() still ends the run
+        paused.pause()
+        assert paused.ended and value(paused, "trainer_job_end_timestamp_seconds") is not None
+    finally:
+        paused.close()
     metrics = JobMetrics("lib-ended")
     try:
         metrics.start()
