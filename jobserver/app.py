@@ -24,7 +24,7 @@ from starlette.routing import Route
 from trainmetrics.contract import JOB_STATES, SPAWN_BLOCKED_SIGNALS, Trainer
 from trainmetrics.edge import ApiError, Component, read_json
 from trainmetrics.jobserver import stacks
-from trainmetrics.jobserver.executors import build_executor
+from trainmetrics.jobserver.executors import ExecutorUnavailable, build_executor
 from trainmetrics.jobserver.hangs import HangStacks
 from trainmetrics.jobserver.reports import ReportKeeper
 from trainmetrics.jobserver.jobs import JobService, ServerSettings
@@ -128,10 +128,15 @@ class JobServer:
             self.state.close()
 
     async def health(self, request: Request) -> dict:
-        """Supervising: the loop ticked lately (the state thread is not stuck)."""
+        """Supervising: the loop ticked lately (the state thread is not stuck), and the executor can run jobs
+        (Ray's head answers; asked off the state thread, which may be waiting on it)."""
         if self.last_tick is None or time.monotonic() - self.last_tick > STALE_TICK_SECONDS:
             raise ApiError(503, "not_supervising", "the job supervision loop has not run lately")
-        return {"running_jobs": self.service.supervisor.running_count()}
+        try:
+            executor = await asyncio.to_thread(self.service.supervisor.executor.check)
+        except ExecutorUnavailable as error:
+            raise ApiError(503, "executor_unavailable", str(error)) from error
+        return {"running_jobs": self.service.supervisor.running_count(), **executor}
 
 
 async def repeat(work, seconds: float, what: str) -> None:

@@ -12,6 +12,11 @@ from pathlib import Path
 from typing import Protocol
 
 
+class ExecutorUnavailable(Exception):
+    """The executor could not be asked to start a run (Ray's head not answering): the job stays queued and is
+    tried again; not the job's own failure."""
+
+
 @dataclass
 class Run:
     """One started (or adopted) run of a job: `handle` names it to its executor (a pid, a Ray submission id)."""
@@ -29,7 +34,8 @@ class Executor(Protocol):
     name: str
 
     def start(self, job_id: str, nproc: int, train_args: list[str], job_dir: Path, env: dict[str, str]) -> Run:
-        """Start the job's processes (`trainmetrics train ARGS`, nproc ranks), output in job_dir/train.log."""
+        """Start the job's processes (`trainmetrics train ARGS`, nproc ranks), output in job_dir/train.log;
+        ExecutorUnavailable when it cannot be asked now."""
 
     def adopt(self, job_id: str, handle: str | None, job_dir: Path) -> Run | None:
         """The run a previous server left going, if it still runs."""
@@ -42,6 +48,9 @@ class Executor(Protocol):
 
     def request_stacks(self, run: Run) -> bool:
         """Ask every rank of the run to write its thread stacks (SIGUSR2); True when the request went out."""
+
+    def check(self) -> dict:
+        """For /healthz: what the executor says of itself; raises when it cannot run jobs now."""
 
 
 def build_executor(kind: str, ray_address: str | None = None, ray_python: str | None = None) -> Executor:

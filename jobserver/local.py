@@ -34,6 +34,10 @@ class LocalExecutor:
                                        stdin=subprocess.DEVNULL, start_new_session=True, env={**os.environ, **env})
         return Run(job_id, str(process.pid), job_dir, process.pid, process)
 
+    def check(self) -> dict:
+        """Nothing to reach: processes start on this machine."""
+        return {"executor": "local"}
+
     def adopt(self, job_id: str, handle: str | None, job_dir: Path) -> Run | None:
         """The job's process left running by a previous server, if it still runs (pids get reused)."""
         pid = int(handle) if handle and handle.isdigit() else None

@@ -16,10 +16,11 @@ import sys
 import time
 from pathlib import Path
 
+import requests
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from trainmetrics.jobfiles import CONTROL_FILE_NAME, LOG_NAME, STACKS_REQUEST_NAME
-from trainmetrics.jobserver.executors import Run
+from trainmetrics.jobserver.executors import ExecutorUnavailable, Run
 
 log = logging.getLogger("trainmetrics.server")
 
@@ -28,11 +29,36 @@ POLL_SECONDS = 1.0
 FINISHED = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED)
 # While Ray does not answer about a run, this is said at most once per this many seconds per run.
 UNANSWERED_LOG_SECONDS = 60.0
+# Every request to Ray's head gives up after this long: the calls run on the job server's one state thread,
+# and a head that accepts connections but never answers must not stop supervision for good.
+REQUEST_TIMEOUT_SECONDS = 10.0
+# /healthz asks the head for its version within this (the health check's own limit).
+CHECK_TIMEOUT_SECONDS = 3.0
 
 
 def unknown_to_ray(error: Exception) -> bool:
     """Ray answered that it has no such submission (404: it never had it, or its head restarted since)."""
     return isinstance(error, RuntimeError) and "status code 404" in str(error)
+
+
+def unanswered(error: Exception) -> bool:
+    """Ray could not be asked: refused, timed out or cut off (requests' errors and the client's own
+    ConnectionError are OSErrors), or its dashboard answered that it cannot serve now (502-504)."""
+    return isinstance(error, OSError) or (isinstance(error, RuntimeError) and any(
+        f"status code {code}" in str(error) for code in (502, 503, 504)))
+
+
+def already_submitted(error: Exception) -> bool:
+    """Ray refused a submission id it already has: an earlier submit of it reached Ray after all."""
+    return isinstance(error, RuntimeError) and "already exists" in str(error)
+
+
+class TimedJobSubmissionClient(JobSubmissionClient):
+    """Ray's Jobs API client with a timeout on every request (Ray's own sets none)."""
+
+    def _do_request(self, method, endpoint, **kwargs):
+        kwargs.setdefault("timeout", REQUEST_TIMEOUT_SECONDS)
+        return super()._do_request(method, endpoint, **kwargs)
 
 
 class RayExecutor:
@@ -46,12 +72,13 @@ class RayExecutor:
         self._client: JobSubmissionClient | None = None
         self._polled: dict[str, tuple[float, tuple[bool, int | None]]] = {}
         self._unanswered_said: dict[str, float] = {}     # per run: when "Ray did not answer" was last logged
+        self._unconfirmed: dict[str, str] = {}     # job id -> a submission id Ray may or may not have received
 
     @property
     def client(self) -> JobSubmissionClient:
         """The Jobs API client, made on first use (its constructor asks the head for its version)."""
         if self._client is None:
-            self._client = JobSubmissionClient(self.address)
+            self._client = TimedJobSubmissionClient(self.address)
         return self._client
 
     def entrypoint(self, nproc: int, train_args: list[str], job_dir: Path) -> str:
@@ -61,10 +88,24 @@ class RayExecutor:
         return f"exec {shlex.join(command)} >> {shlex.quote(str(job_dir / LOG_NAME))} 2>&1"
 
     def start(self, job_id: str, nproc: int, train_args: list[str], job_dir: Path, env: dict[str, str]) -> Run:
-        """Submit the run; its submission id names it (unique per run: the job id and the time)."""
-        submission = f"{job_id}-{time.time_ns()}"
-        self.client.submit_job(entrypoint=self.entrypoint(nproc, train_args, job_dir), submission_id=submission,
-                               runtime_env={"env_vars": env}, metadata={"trainmetrics_job_id": job_id})
+        """Submit the run; its submission id names it (unique per run: the job id and the time).
+
+        When Ray does not answer, ExecutorUnavailable: the job stays queued, and the next try submits under the
+        same id, so a submission that reached Ray despite the error (its answer lost) is taken, not doubled."""
+        submission = self._unconfirmed.get(job_id) or f"{job_id}-{time.time_ns()}"
+        try:
+            self.client.submit_job(entrypoint=self.entrypoint(nproc, train_args, job_dir), submission_id=submission,
+                                   runtime_env={"env_vars": env}, metadata={"trainmetrics_job_id": job_id})
+        except Exception as error:
+            if already_submitted(error) and job_id in self._unconfirmed:
+                log.warning("job %s: Ray had received its submission %s after all", job_id, submission)
+            elif unanswered(error):
+                self._unconfirmed[job_id] = submission
+                raise ExecutorUnavailable(f"Ray did not answer ({_one_line(error)})") from error
+            else:
+                self._unconfirmed.pop(job_id, None)
+                raise
+        self._unconfirmed.pop(job_id, None)
         return Run(job_id, submission, job_dir)
 
     def adopt(self, job_id: str, handle: str | None, job_dir: Path) -> Run | None:
@@ -135,6 +176,16 @@ class RayExecutor:
             number = 0
         _replace(path, str(number + 1))
         return True
+
+    def check(self) -> dict:
+        """Ray's head answers its version (one request, not through the client the state thread uses)."""
+        try:
+            answer = requests.get(f"{self.address.rstrip('/')}/api/version", timeout=CHECK_TIMEOUT_SECONDS)
+            answer.raise_for_status()
+            version = answer.json()["ray_version"]
+        except Exception as error:
+            raise ExecutorUnavailable(f"Ray at {self.address} did not answer ({_one_line(error)})") from error
+        return {"executor": "ray", "ray_version": version}
 
     def _running(self, run: Run) -> bool:
         """True while Ray runs it, or cannot be asked: a stop written to the shared control file then reaches

@@ -17,7 +17,7 @@ from pathlib import Path
 from trainmetrics.contract import BUILTIN_DATASETS, EXIT_STATES, REGISTER_TOKEN_VARIABLE, STOP_VERBS, train_args
 from trainmetrics.jobfiles import (CONTROL_FILE_NAME, FINAL_MODEL_NAME, LOG_NAME, RESULT_FILE_NAME,
                                    list_checkpoints, read_result)
-from trainmetrics.jobserver.executors import Executor, Run
+from trainmetrics.jobserver.executors import Executor, ExecutorUnavailable, Run
 from trainmetrics.jobserver.local import LocalExecutor
 from trainmetrics.jobserver.store import DatasetRecord, JobRecord, JobStore
 
@@ -31,6 +31,10 @@ SHUTDOWN_PAUSE = "shutdown"
 # How strongly each stop binds: a cancel accepted after a pause wins, a pause never undoes a cancel, and a
 # user's pause or cancel takes over from the server's own shutdown pause.
 STOP_STRENGTH = {None: 0, SHUTDOWN_PAUSE: 0, "paused": 1, "cancelled": 2}
+# When the executor cannot be asked to start a run (Ray's head down), queued jobs wait this long before the
+# next try, and the outage is said at most once per UNAVAILABLE_LOG_SECONDS.
+UNAVAILABLE_RETRY_SECONDS = 5.0
+UNAVAILABLE_LOG_SECONDS = 60.0
 
 
 def token_digest(token: str) -> str:
@@ -61,6 +65,9 @@ class Supervisor:
         self.linger_timeout = linger_timeout
         self.executor = executor or LocalExecutor()
         self.runs: dict[str, Run] = {}      # job id -> its process, started here or adopted
+        self._start_again_at = float("-inf")       # monotonic time before which no start is tried (an outage)
+        self._unavailable_said_at = float("-inf")
+        self._untaken_tokens: dict[str, str] = {}   # job id -> the run secret of a start the executor did not take
 
     def job_path(self, job_id: str) -> Path:
         """The job's own directory (checkpoints, final model, log, result)."""
@@ -122,9 +129,13 @@ class Supervisor:
         for leftover in (RESULT_FILE_NAME, CONTROL_FILE_NAME):     # only this run's may be read
             (self.job_path(job.id) / leftover).unlink(missing_ok=True)
         self.store.remove_endpoints(job.id)
-        token = secrets.token_urlsafe(24)
-        run = self.executor.start(job.id, job.spec.get("nproc", 1), self.train_args(job), self.job_path(job.id),
-                                  {REGISTER_TOKEN_VARIABLE: token})
+        token = self._untaken_tokens.pop(job.id, None) or secrets.token_urlsafe(24)
+        try:
+            run = self.executor.start(job.id, job.spec.get("nproc", 1), self.train_args(job), self.job_path(job.id),
+                                      {REGISTER_TOKEN_VARIABLE: token})
+        except ExecutorUnavailable:
+            self._untaken_tokens[job.id] = token    # the submission a retry may find received keeps its secret
+            raise
         self.runs[job.id] = run
         self.store.update_job(job.id, state="running", pid=run.pid, handle=run.handle,
                               started=job.started or time.time(), exit_code=None, error=None, requested=None,
@@ -143,13 +154,26 @@ class Supervisor:
             if ended:
                 del self.runs[job_id]
                 self._ended(job_id, code)
+        if time.monotonic() < self._start_again_at:
+            return
         for job in self.store.list_jobs(states=("queued",)):
             if self.running_count() >= self.max_concurrent:
                 break
             try:
                 self.start(job)
+            except ExecutorUnavailable as error:     # not the job's failure: it stays queued, tried again later
+                self._executor_unavailable(job, error)
+                break
             except Exception as error:      # this job's own failure: the jobs queued behind it still start
                 self._failed_to_start(job, error)
+
+    def _executor_unavailable(self, job: JobRecord, error: ExecutorUnavailable) -> None:
+        now = time.monotonic()
+        self._start_again_at = now + UNAVAILABLE_RETRY_SECONDS
+        if now - self._unavailable_said_at >= UNAVAILABLE_LOG_SECONDS:
+            self._unavailable_said_at = now
+            log.warning("job %s: not started: %s; queued jobs stay queued and are tried again every %gs", job.id,
+                        error, UNAVAILABLE_RETRY_SECONDS)
 
     def _failed_to_start(self, job: JobRecord, error: Exception) -> None:
         self.runs.pop(job.id, None)

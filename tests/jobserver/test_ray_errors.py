@@ -5,13 +5,18 @@ its control file, and said once a minute, not at every poll. The flows themselve
 test_server.py."""
 
 import logging
+import socket
 
 import pytest
 import requests
 
+from trainmetrics.contract import REGISTER_TOKEN_VARIABLE
 from trainmetrics.jobfiles import CONTROL_FILE_NAME
-from trainmetrics.jobserver.executors import Run
+from trainmetrics.jobserver import supervisor as supervisor_module
+from trainmetrics.jobserver.executors import ExecutorUnavailable, Run
 from trainmetrics.jobserver.ray_executor import RayExecutor
+from trainmetrics.jobserver.store import JobRecord, JobStore
+from trainmetrics.jobserver.supervisor import Supervisor, token_matches
 
 GONE = RuntimeError("Request failed with status code 404: Job ray-1 does not exist.")
 UNREACHABLE = requests.exceptions.ConnectionError("HTTPConnectionPool(host='127.0.0.1', port=8265): Max retries "
@@ -68,3 +73,60 @@ def test_a_run_ray_reports_finished_after_an_outage_is_polled_afresh(error, tmp_
     ray._client = Unanswering(GONE)
     assert ray.poll(run) == (True, None)
     assert ray._polled == {} and ray._unanswered_said == {}
+
+
+class Submissions:
+    """A Jobs API client that refuses connections until told to answer, and keeps what it was given; like
+    Ray, it refuses a submission id it already has."""
+
+    def __init__(self, received_despite_error: bool = False):
+        self.answering = False
+        self.received_despite_error = received_despite_error    # the request landed, its answer was lost
+        self.submitted: dict[str, dict] = {}
+
+    def submit_job(self, *, entrypoint, submission_id, runtime_env, metadata):
+        if not self.answering:
+            if self.received_despite_error:
+                self.submitted[submission_id] = runtime_env["env_vars"]
+            raise UNREACHABLE
+        if submission_id in self.submitted:
+            raise RuntimeError(f"Request failed with status code 400: Job with submission_id {submission_id} "
+                               "already exists. Please use a different submission_id.")
+        self.submitted[submission_id] = runtime_env["env_vars"]
+        return submission_id
+
+
+@pytest.mark.parametrize("received", [False, True], ids=["refused", "answer-lost"])
+def test_a_job_submitted_while_ray_does_not_answer_waits_queued_and_runs_once(received, tmp_path, caplog, monkeypatch):
+    ray, client = RayExecutor("http://127.0.0.1:8265"), Submissions(received_despite_error=received)
+    ray._client = client
+    store = JobStore(tmp_path / "db.sqlite")
+    supervisor = Supervisor(store, tmp_path, None, max_concurrent=2, executor=ray)
+    monkeypatch.setattr(supervisor_module, "UNAVAILABLE_RETRY_SECONDS", 0.0)
+    for job_id in ("first", "second"):
+        store.add_job(JobRecord(id=job_id, owner="default", name=job_id, state="queued",
+                                spec={"model": "mlp", "dataset": "blobs", "nproc": 1}))
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):
+            supervisor.tick()
+    assert [job.state for job in store.list_jobs()] == ["queued", "queued"]     # not failed: Ray was away
+    said = [record.getMessage() for record in caplog.records if "not started" in record.getMessage()]
+    assert len(said) == 1 and "\n" not in said[0] and len(said[0]) < 400
+    client.answering = True
+    supervisor.tick()
+    jobs = {job.id: job for job in store.list_jobs()}
+    assert {job.state for job in jobs.values()} == {"running"}
+    assert len(client.submitted) == 2                        # each job once, whatever reached Ray before
+    for job in jobs.values():                                # the run's secret is the one Ray holds
+        token = client.submitted[job.handle][REGISTER_TOKEN_VARIABLE]
+        assert token_matches(job, token)
+    store.close()
+
+
+def test_health_says_when_ray_does_not_answer(tmp_path):
+    with socket.socket() as closed:             # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        address = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    with pytest.raises(ExecutorUnavailable, match=r"^Ray at http://127\.0\.0\.1:\d+ did not answer \(") as raised:
+        RayExecutor(address).check()
+    assert "\n" not in str(raised.value) and len(str(raised.value)) < 300

@@ -123,6 +123,9 @@ def test_cancel_queue_and_invalid_transitions(tmp_path, executor):
     server.start()
     try:
         client = server.client()
+        jobs_health = client.get("/healthz").json()["checks"]["jobs"]           # the executor answers for itself
+        assert jobs_health["status"] == "ok" and jobs_health["executor"] == ("ray" if executor else "local")
+        assert ("ray_version" in jobs_health) == bool(executor)
         spec = {"model": "mlp", "dataset": "blobs", "epochs": 200, "batch_size": 16, "log_every": 10}
         assert client.post("/api/training/jobs", json={**spec, "job_id": "long-1"}).status_code == 201
         assert client.post("/api/training/jobs", json={**spec, "job_id": "waits-1"}).json()["state"] == "queued"
