@@ -6,13 +6,14 @@ test_server.py."""
 
 import logging
 import socket
+import time
 
 import pytest
 import requests
 
 from trainmetrics.contract import REGISTER_TOKEN_VARIABLE
 from trainmetrics.jobfiles import CONTROL_FILE_NAME
-from trainmetrics.jobserver import supervisor as supervisor_module
+from trainmetrics.jobserver import ray_executor, supervisor as supervisor_module
 from trainmetrics.jobserver.executors import ExecutorUnavailable, Run
 from trainmetrics.jobserver.ray_executor import RayExecutor
 from trainmetrics.jobserver.store import JobRecord, JobStore
@@ -130,3 +131,16 @@ def test_health_says_when_ray_does_not_answer(tmp_path):
     with pytest.raises(ExecutorUnavailable, match=r"^Ray at http://127\.0\.0\.1:\d+ did not answer \(") as raised:
         RayExecutor(address).check()
     assert "\n" not in str(raised.value) and len(str(raised.value)) < 300
+
+
+def test_a_ray_head_that_never_answers_does_not_hold_the_state_thread(tmp_path, monkeypatch):
+    monkeypatch.setattr(ray_executor, "REQUEST_TIMEOUT_SECONDS", 0.5)
+    with socket.socket() as frozen:             # takes connections (the backlog), answers nothing
+        frozen.bind(("127.0.0.1", 0))
+        frozen.listen(8)
+        ray = RayExecutor(f"http://127.0.0.1:{frozen.getsockname()[1]}")
+        began = time.monotonic()
+        assert ray.poll(Run("job-1", "ray-1", tmp_path)) == (False, None)      # taken for running, said once
+        with pytest.raises(ExecutorUnavailable):
+            ray.start("job-2", 1, ["--model", "mlp"], tmp_path, {})
+        assert time.monotonic() - began < 5
