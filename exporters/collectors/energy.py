@@ -9,7 +9,10 @@ max_energy_range_uj: a reading below the previous one has wrapped.
 
 Since Linux 5.10 (CVE-2020-8694) energy_uj is readable by root only. Where no package zone is readable
 the collector publishes no CPU energy (absent, not zero) and does not fail, like the gpu collector without
-a GPU. It then looks for zones again every RESCAN_SECONDS (a module loaded later).
+a GPU. It looks for zones again every RESCAN_SECONDS (a module loaded later, a package readable later).
+
+Each zone counts on its own: a zone that cannot be read in one round loses its energy from its last reading to
+its next (that reading is its new baseline) and leaves the other packages counting.
 
 The gpu collector adds GPU energy to the same accounts (exporters/job_energy.py), which this collector
 publishes after its sample, so its slow sample runs after the gpu collector's.
@@ -47,6 +50,7 @@ class EnergyCollector(Collector):
         self.powercap_root = Path(powercap_root)
         self.clock_ticks = clock_ticks or os.sysconf("SC_CLK_TCK")
         self._zones: dict[Path, int] = {}           # energy_uj file -> its max_energy_range_uj
+        self._unreadable: set[Path] = set()         # zones whose last read failed (said once per outage)
         self._next_scan = 0.0
         self._scanned = False
         self._last: tuple[dict[Path, int], float, dict[str, float]] | None = None  # readings, busy s, jobs' CPU s
@@ -56,15 +60,18 @@ class EnergyCollector(Collector):
         return cls(context.job_energy or JobEnergy(), context.job_tracker, context.proc_root, context.powercap_root)
 
     def _scan(self, now: float) -> None:
-        """Find the readable package zones."""
+        """Add the package zones readable now to those watched (a watched zone stays: a failed read of it is
+        retried every round)."""
         self._next_scan = now + RESCAN_SECONDS
-        zones, problems = {}, []
+        found, problems = {}, []
         try:
             names = sorted(name for name in os.listdir(self.powercap_root) if PACKAGE_ZONE.match(name))
         except OSError as error:
             names, problems = [], [f"{self.powercap_root}: {error.strerror or error}"]
         for name in names:
             zone = self.powercap_root / name
+            if zone / "energy_uj" in self._zones:
+                continue
             try:
                 if not read_bytes(zone / "name").startswith(b"package"):
                     continue    # psys: the whole platform, packages included
@@ -73,21 +80,30 @@ class EnergyCollector(Collector):
             except (OSError, ValueError) as error:
                 problems.append(f"{name}: {error}")
                 continue
-            zones[zone / "energy_uj"] = maximum
-        if zones:
-            log.info("CPU package energy from %d RAPL zone(s) under %s", len(zones), self.powercap_root)
-        elif not self._scanned:
+            found[zone / "energy_uj"] = maximum
+        if found:
+            self._zones.update(found)
+            log.info("CPU package energy from %d RAPL zone(s) under %s", len(self._zones), self.powercap_root)
+        elif not self._scanned and not self._zones:
             log.debug("no readable RAPL package zone (%s): no CPU energy per job", "; ".join(problems) or "none")
-        self._zones, self._scanned = zones, True
+        self._scanned = True
 
-    def _read_zones(self) -> dict[Path, int] | None:
-        """Each zone's counter in microjoules; None (and a rescan later) when one can no longer be read."""
-        try:
-            return {path: int(read_bytes(path)) for path in self._zones}
-        except (OSError, ValueError) as error:
-            log.warning("RAPL zone no longer readable (%s): no CPU energy per job until it is", error)
-            self._zones = {}
-            return None
+    def _read_zones(self) -> dict[Path, int]:
+        """The counters in microjoules of the zones that could be read now."""
+        readings = {}
+        for path in self._zones:
+            try:
+                readings[path] = int(read_bytes(path))
+            except (OSError, ValueError) as error:
+                if path not in self._unreadable:
+                    self._unreadable.add(path)
+                    log.warning("RAPL zone %s not readable (%s): its energy is not counted until it is", path.parent.name,
+                                error)
+                continue
+            if path in self._unreadable:
+                self._unreadable.discard(path)
+                log.info("RAPL zone %s readable again", path.parent.name)
+        return readings
 
     def _host_busy_seconds(self) -> float:
         """CPU seconds all CPUs spent busy (not idle, not iowait) since boot."""
@@ -95,10 +111,10 @@ class EnergyCollector(Collector):
         return (sum(ticks) - sum(ticks[column] for column in IDLE_COLUMNS)) / self.clock_ticks
 
     def sample_slow(self, now: float) -> None:
-        if not self._zones and now >= self._next_scan:
+        if now >= self._next_scan:
             self._scan(now)
-        readings = self._read_zones() if self._zones else None
-        if readings is None:
+        readings = self._read_zones()
+        if not readings:
             self._last = None
         else:
             usage = self.tracker.snapshot.usage if self.tracker is not None else {}
@@ -116,7 +132,7 @@ class EnergyCollector(Collector):
         last_readings, last_busy, last_jobs = self._last
         microjoules = 0
         for path, value in readings.items():
-            previous = last_readings.get(path, value)
+            previous = last_readings.get(path, value)      # a zone not read last round: this is its baseline
             microjoules += value - previous if value >= previous else self._zones[path] - previous + value
         used = {job_id: seconds - last_jobs[job_id] for job_id, seconds in jobs.items() if job_id in last_jobs}
         # Reads of the trees and of /proc/stat are not atomic: never share out more than the interval's energy.

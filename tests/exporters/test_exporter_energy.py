@@ -106,6 +106,44 @@ def test_cpu_package_energy_is_shared_by_cpu_time_and_survives_a_wrap(tmp_path):
     assert slow_pass(3.0) == {("a", "cpu"): 7.0, ("b", "cpu"): 8.0}
 
 
+def test_a_package_that_cannot_be_read_for_a_while_leaves_the_others_counting(tmp_path):
+    """One failed read of one package threw away every package's energy until a rescan a minute later, and a
+    package unreadable at the first scan was never added (990 J read as 400 J and 205 J)."""
+    proc, powercap, job_dir = tmp_path / "proc", tmp_path / "powercap", tmp_path / "jobs"
+    write_job_mapping(job_dir, JobMapping(job_id="a", pid=100, start_ticks=1100))
+    tracker = JobTracker(job_dir, proc_root=proc, descendants=lambda pid: [], clock_ticks=100)
+    energy = JobEnergy()
+    exporter = Exporter([EnergyCollector(energy, tracker, proc, powercap, clock_ticks=100)])
+    unreadable = {"intel-rapl:1"}              # at the first scan, package 1 cannot be read (then it can)
+
+    def second(t: int) -> float:
+        """Each package adds 5 J a second; job a is all of the host's busy CPU time."""
+        write_proc(proc, host_busy=10_000 + 100 * t, host_idle=50_000, processes={100: 1_000 + 100 * t})
+        for zone in ("intel-rapl:0", "intel-rapl:1"):
+            counter = powercap / zone / "energy_uj"
+            if counter.is_dir():
+                counter.rmdir()
+            write_zone(powercap, zone, f"package-{zone[-1]}", 5_000_000 * t)
+            if zone in unreadable:
+                counter.unlink()
+                counter.mkdir()                              # read() fails, as for a non-root user
+        tracker.update(float(t))
+        exporter.sample_slow(float(t))
+        return energy_series(exporter.render())[("a", "cpu")]
+
+    assert second(0) == 0.0
+    assert second(1) == 5.0                              # package 0 alone
+    unreadable.clear()
+    assert second(2) == 10.0                             # package 1 is found at the next scan only
+    assert second(61) == 10.0 + 59 * 5                   # found: its first reading is its baseline
+    assert second(62) == 305.0 + 10
+    unreadable.add("intel-rapl:0")                       # one failed read of package 0
+    assert second(63) == 315.0 + 5                       # package 1 counts on
+    unreadable.clear()
+    assert second(64) == 320.0 + 5                       # package 0's new baseline
+    assert second(65) == 325.0 + 10
+
+
 def test_without_rapl_or_gpu_energy_there_are_no_energy_series_and_no_failure(tmp_path):
     unreadable = tmp_path / "powercap"
     write_zone(unreadable, "intel-rapl:0", "package-0", 1)
