@@ -16,7 +16,7 @@ from starlette.routing import Route
 
 from trainmetrics.analytics import endpoints, shapes
 from trainmetrics.analytics import queries as q
-from trainmetrics.analytics.cache import AnalyticsCache, cached_job_analytics
+from trainmetrics.analytics.cache import AnalyticsCache, settled_job_analytics
 from trainmetrics.analytics.prometheus import ClientMetrics, PrometheusClient
 from trainmetrics.edge import ApiError, Component, build_app, error_response
 from trainmetrics.hangs import HangFeed
@@ -114,8 +114,7 @@ def build_component(settings: Settings) -> Component:
         cache = AnalyticsCache(settings.cache_entries)
         if settings.archive is not None:
             async def compute(job_id: str) -> dict:
-                return shapes.plain(await cached_job_analytics(client, cache, job_id, settings.lookback,
-                                                               archive=None))
+                return shapes.plain(await settled_job_analytics(client, cache, job_id, settings.lookback))
             settings.archive.compute = compute
         if settings.hangs is not None:
             async def hung_jobs() -> set[str]:

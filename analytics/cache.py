@@ -7,10 +7,10 @@ from dataclasses import dataclass
 from trainmetrics.analytics import queries as q
 from trainmetrics.analytics.job import jobs_analytics
 from trainmetrics.analytics.lookup import JobNotFound, fingerprint
-from trainmetrics.analytics.prometheus import PrometheusClient
+from trainmetrics.analytics.prometheus import PrometheusClient, PrometheusError
 from trainmetrics.analytics.results import query_parts_many
 from trainmetrics.analytics.shapes import JobAnalytics, from_plain
-from trainmetrics.reports import ReportArchive
+from trainmetrics.reports import NotSettled, ReportArchive
 
 
 @dataclass(frozen=True)
@@ -64,9 +64,28 @@ async def cached_jobs_analytics(client: PrometheusClient, cache: AnalyticsCache,
                                 archive: ReportArchive | None = None) -> list[JobAnalytics]:
     """jobs_analytics through the cache: the cached jobs checked in one request (a job whose processes changed
     is read again), the others read together; a job Prometheus does not hold comes from its stored report
-    (`source: stored`) where the archive has one. With an owner, a job whose processes do not all carry that
+    (`source: stored`) where the archive has one, and so do all of them while Prometheus cannot answer. With an owner, a job whose processes do not all carry that
     owner label is not found (404), exactly like one Prometheus lacks."""
     entries = {job_id: cache.get(job_id) for job_id in dict.fromkeys(job_ids)}
+    try:
+        await _from_prometheus(client, cache, entries, lookback)
+    except PrometheusError:
+        # Prometheus cannot answer (nor say whether a cached job resumed): answered from the stored reports
+        # when every job asked for has one.
+        entries = await _stored_entries(archive, list(entries))
+        if None in entries.values():
+            raise
+    entries.update(await _stored_entries(archive, [job_id for job_id, entry in entries.items() if entry is None]))
+    for job_id in job_ids:    # the first job, in order, that is not there or not the caller's
+        entry = entries[job_id]
+        if entry is None or (owner is not None and entry.owners != {owner}):
+            raise JobNotFound(job_id)
+    return [entries[job_id].analytics for job_id in job_ids]
+
+
+async def _from_prometheus(client: PrometheusClient, cache: AnalyticsCache, entries: dict[str, Entry | None],
+                           lookback: float) -> None:
+    """Fill in `entries` from Prometheus: the cached ones checked in one request, the others read together."""
     cached = [job_id for job_id, entry in entries.items() if entry is not None]
     if cached:
         now = time.time()
@@ -82,14 +101,24 @@ async def cached_jobs_analytics(client: PrometheusClient, cache: AnalyticsCache,
             entries[facts.job_id] = Entry(analytics, facts.owners, facts.fingerprint)
             if facts.settled:
                 cache.put(facts.job_id, entries[facts.job_id])
-    if archive is not None and archive.load is not None:
-        for job_id in [job_id for job_id, entry in entries.items() if entry is None]:
-            entries[job_id] = await stored_entry(archive, job_id)
-    for job_id in job_ids:    # the first job, in order, that is not there or not the caller's
-        entry = entries[job_id]
-        if entry is None or (owner is not None and entry.owners != {owner}):
-            raise JobNotFound(job_id)
-    return [entries[job_id].analytics for job_id in job_ids]
+
+
+async def _stored_entries(archive: ReportArchive | None, job_ids: list[str]) -> dict[str, Entry | None]:
+    if archive is None or archive.load is None:
+        return {job_id: None for job_id in job_ids}
+    return {job_id: await stored_entry(archive, job_id) for job_id in job_ids}
+
+
+async def settled_job_analytics(client: PrometheusClient, cache: AnalyticsCache, job_id: str,
+                                lookback: float) -> JobAnalytics:
+    """A job's analytics for its stored report: NotSettled while a process of it, or a node exporter that
+    attributes it (its energy counts), is still scraped; JobNotFound when Prometheus does not hold it."""
+    result = (await jobs_analytics(client, [job_id], lookback, strict=True))[0]
+    analytics, facts = result
+    if not facts.settled:
+        raise NotSettled(job_id)
+    cache.put(job_id, Entry(analytics, facts.owners, facts.fingerprint))
+    return analytics
 
 
 async def stored_entry(archive: ReportArchive, job_id: str) -> Entry | None:

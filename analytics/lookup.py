@@ -115,6 +115,8 @@ class JobFacts:
     # What the cheap lookup saw (lookup.fingerprint): a cached report holds while it stays the same.
     fingerprint: frozenset
     now: float
+    # A node exporter attributes the job's processes now: its energy counts may still grow.
+    attributed_now: bool = False
 
     @property
     def latest(self) -> Process | None:
@@ -146,8 +148,9 @@ class JobFacts:
 
     @property
     def settled(self) -> bool:
-        """Stopped and no longer scraped: only a new process (a resume) can change its analytics."""
-        return self.end is not None and not self.live
+        """Stopped, no longer scraped, and no exporter attributes it any more (its energy counts are final):
+        only a new process (a resume) can change its analytics."""
+        return self.end is not None and not self.live and not self.attributed_now
 
     @property
     def error_type(self) -> str | None:
@@ -198,7 +201,8 @@ def fingerprint(found: dict[str, list[dict]]) -> frozenset:
     """What job_recent's answer says of a job's processes, leaving out the values that move while nothing
     changes (heartbeats, counters): equal as long as no process starts, stops or is seen anew."""
     return frozenset((part, tuple(sorted(labels.items())), None if part == "heartbeat" else value)
-                     for part in ("end", "start", "state", "heartbeat") for labels, value in rows(found.get(part, [])))
+                     for part in ("end", "start", "starts", "state", "heartbeat")
+                     for labels, value in rows(found.get(part, [])))
 
 
 class _Lookup:
@@ -211,6 +215,7 @@ class _Lookup:
         self.upload: list[float] = []
         self.ended: list[Process] = []
         self.fingerprint: frozenset = frozenset()
+        self.attributed_now = False
         self.started_instances: set[str] = set()     # every process that started over the lookback (rank 0)
 
     def process(self, labels: dict) -> Process:
@@ -251,6 +256,7 @@ class _Lookup:
         staleness window (read just before their final scrape), None when there are none."""
         self.absorb(found, live=True)
         self.fingerprint = fingerprint(found)
+        self.attributed_now = bool(found.get("attributed"))
         self.started_instances = {labels.get("instance", "") for labels, _ in rows(found.get("starts", []))
                                   if labels.get("rank", "0") == "0"}
         self.ended = [p for p in self.processes.values() if not p.live and p.end is not None][-8:]
@@ -280,7 +286,7 @@ class _Lookup:
                         status=status_of(latest), processes=processes, timeline=timeline_of(processes, now),
                         upload_seconds=max(self.upload) if self.upload else None,
                         owners=frozenset(labels.get("owner", "") for labels in self.info),
-                        fingerprint=self.fingerprint, now=now)
+                        fingerprint=self.fingerprint, now=now, attributed_now=self.attributed_now)
 
 
 async def find_jobs(client: PrometheusClient, job_ids: list[str], lookback: float, now: float,

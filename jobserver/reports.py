@@ -9,12 +9,16 @@ import logging
 import time
 
 from trainmetrics.contract import FINAL_STATES
+from trainmetrics.reports import NotSettled
 
 log = logging.getLogger("trainmetrics.server")
 
 # After a job's end its final scrape is in (the process lingered for it before exiting); a few seconds more
-# let its series go stale (the analytics call it settled) and the node exporter's last energy figures land.
+# let its series go stale. The report is stored once the analytics call the job settled: no process of it and
+# no node exporter attributing it scraped any more (the exporter's last energy counts are in); until then it
+# is asked again every SETTLE_RETRY_SECONDS.
 SETTLE_SECONDS = 5.0
+SETTLE_RETRY_SECONDS = 2.0
 # A job Prometheus never held (no Prometheus, a target that was never scraped) is given up on after this.
 GIVE_UP_SECONDS = 3600.0
 RETRY_SECONDS = 30.0
@@ -50,6 +54,9 @@ class ReportKeeper:
         for job_id in [job_id for job_id in waiting if self._retry_at.get(job_id, 0.0) <= clock][:PER_ROUND]:
             try:
                 report = json.dumps(await self.archive.compute(job_id), allow_nan=False)
+            except NotSettled:
+                self._retry_at[job_id] = clock + SETTLE_RETRY_SECONDS
+                continue
             except Exception as error:
                 self._retry_at[job_id] = clock + RETRY_SECONDS
                 log.info("job %s: its report cannot be stored yet: %s", job_id, getattr(error, "message", error))

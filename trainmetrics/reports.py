@@ -10,11 +10,16 @@ from dataclasses import dataclass
 from typing import Awaitable, Callable
 
 
+class NotSettled(Exception):
+    """The job's report could still change: a process of it or a node exporter attributing it is scraped."""
+
+
 @dataclass
 class ReportArchive:
     """The two halves of stored reports."""
 
-    # The analytics: a job's report now, as JSON-ready dicts (raises when Prometheus does not hold the job).
+    # The analytics: a settled job's report, as JSON-ready dicts (NotSettled while it could still change; another
+    # error when Prometheus does not hold the job or cannot answer).
     compute: Callable[[str], Awaitable[dict]] | None = None
     # The job server: (owner, report) of a job whose report it stored, else None.
     load: Callable[[str], Awaitable[tuple[str, dict] | None]] | None = None

@@ -7,6 +7,7 @@ hand; the analytics must report it exactly, and the CPU estimate exactly as the 
 other exporter is this machine's own (no NVML, no readable RAPL): its job's energy is null, and says why.
 """
 
+import asyncio
 import threading
 import time
 from pathlib import Path
@@ -15,6 +16,8 @@ import pytest
 
 from tests.exporters.exporter_fixtures import GIB, FakeGpu, FakeNvml, write_zone
 from trainmetrics.analytics.app import Settings
+from trainmetrics.analytics.lookup import find_jobs
+from trainmetrics.analytics.prometheus import PrometheusClient
 from trainmetrics.analytics.job import NOT_ATTRIBUTED, NO_CPU_ENERGY, NO_ENERGY_SOURCE, NO_GPU_ENERGY, _energy
 from trainmetrics.analytics.scoring import rounded
 from trainmetrics.contract import Node
@@ -66,17 +69,25 @@ class JobPoweredNvml(FakeNvml):
 
 class Loops(threading.Thread):
     """The fake exporter's fast pass every 50 ms and slow pass every other, in one thread (so the fake NVML and
-    the collectors see the same jobs in a slow pass), the fake package advancing before each slow pass."""
+    the collectors see the same jobs in a slow pass), the fake package advancing before each slow pass.
 
-    def __init__(self, exporter: Exporter, package: Path):
+    Once JOB's mapping file is gone while the tracker still holds the job, the passes stop until `thaw` is
+    set: the exporter goes on serving the job's series, as a slowly scraped exporter does after a job ends."""
+
+    def __init__(self, exporter: Exporter, package: Path, tracker: JobTracker, job_dir: Path):
         super().__init__(daemon=True)
-        self.exporter, self.package = exporter, package
-        self.halt = threading.Event()
+        self.exporter, self.package, self.tracker, self.job_dir = exporter, package, tracker, job_dir
+        self.halt, self.frozen, self.thaw = threading.Event(), threading.Event(), threading.Event()
         self.package_uj = int(package.read_text())
 
     def run(self) -> None:
         tick = 0
         while not self.halt.wait(0.05):
+            if not self.thaw.is_set() and JOB in self.tracker.snapshot.usage and \
+                    not any(self.job_dir.glob(f"{JOB}*")):
+                self.frozen.set()
+                while not self.thaw.wait(0.05) and not self.halt.is_set():
+                    pass
             now = time.monotonic()
             self.exporter.sample(now)
             if tick % 2 == 0:
@@ -99,7 +110,7 @@ def energy_run(tmp_path_factory):
     write_zone(powercap, "intel-rapl:0", "package-0", 5_000_000)
     fake = Exporter([JobsCollector(tracker), GpuCollector(nvml=nvml, job_tracker=tracker, job_energy=ledger),
                      EnergyCollector(ledger, tracker, powercap_root=powercap)])
-    loops = Loops(fake, powercap / "intel-rapl:0" / "energy_uj")
+    loops = Loops(fake, powercap / "intel-rapl:0" / "energy_uj", tracker, fake_dir)
     # This machine's exporter: every collector as `trainmetrics exporter` builds them.
     context = CollectorContext(job_tracker=JobTracker(real_dir), job_energy=JobEnergy(state_file_for(real_dir)))
     real = Exporter([spec.load().build(context) for spec in COLLECTORS.values()])
@@ -124,6 +135,14 @@ def energy_run(tmp_path_factory):
                                f"127.0.0.1:{ports[job_id]}", *common)
                      for job_id, job_dir in ((JOB, fake_dir), (ABSENT, real_dir))]
         runs = {job_id: finish(job_id, process) for job_id, process in zip((JOB, ABSENT), processes)}
+        # Ended and no longer scraped, but an exporter still attributes it: its energy may still grow, so its
+        # report is not yet to be kept (it was stored 5 s after the end whatever the exporter's interval).
+        assert loops.frozen.wait(10), "the exporter never saw the job's mapping go"
+        facts = asyncio.run(settledness(prometheus.url, lambda facts: not facts.live))
+        assert facts.end is not None and facts.attributed_now and not facts.settled
+        loops.thaw.set()
+        facts = asyncio.run(settledness(prometheus.url, lambda facts: not facts.attributed_now))
+        assert facts.settled
         # Once the exporter no longer attributes the job (its mapping file went), every slow pass that counted
         # for it has published: its counts are final, and the exporter holds them for Prometheus.
         deadline = time.monotonic() + 10
@@ -151,6 +170,20 @@ def energy_run(tmp_path_factory):
                 process.communicate()
         prometheus.stop()
         victoria.stop()
+
+
+async def settledness(url: str, until, timeout: float = 15):
+    """The job's facts once `until(facts)` holds."""
+    client = PrometheusClient(url)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            facts = (await find_jobs(client, [JOB], 3600, time.time()))[0]
+            if until(facts) or time.monotonic() > deadline:
+                return facts
+            await asyncio.sleep(0.2)
+    finally:
+        await client.aclose()
 
 
 def energy_sources_here() -> bool:

@@ -182,3 +182,14 @@ def test_a_cpu_job_peaks_leave_the_gpu_joins_out():
         "gpu_utilization", "gpu_utilization_avg", "gpu_temperature", "gpu_memory"}
     assert set(without) == {name for name in with_gpus if not name.startswith("gpu_")}
     assert all("hw_gpu" not in expr for expr in without.values())
+
+
+def test_a_vanished_jobs_cached_analytics_are_dropped_once_prometheus_forgets_it():
+    """A job killed with -9 and no longer scraped answers the cheap lookup with its start over the lookback
+    only; the fingerprint left that out, so after a wiped Prometheus its cached analytics still answered as
+    `source: prometheus` instead of the stored report."""
+    from trainmetrics.analytics.lookup import fingerprint
+
+    vanished = {"starts": [{"metric": {"job_id": "k", "instance": "h:1", "rank": "0"}, "value": [1.0, "100"]}]}
+    assert fingerprint(vanished) != fingerprint({})
+    assert "attributed" in q.job_recent("k", 3600, 2000.0)       # an exporter still counting for the job

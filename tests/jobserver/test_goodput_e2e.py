@@ -195,6 +195,12 @@ def test_reports_outlive_prometheus_and_a_comparison_names_the_best_goodput(ledg
     before = {job_id: analytics(client, job_id) for job_id in ("gp-first", "gp-ledger")}
     assert {report["source"] for report in before.values()} == {"prometheus"}
     prometheus.stop()
+    # Prometheus down (answered 503 before): the ended jobs answer from their stored reports.
+    for job_id, earlier in before.items():
+        stored = analytics(client, job_id)
+        assert stored["source"] == "stored"
+        assert {**stored, "source": None, "evaluated_at": None} == {**earlier, "source": None, "evaluated_at": None}
+    assert client.get("/api/training/never-ran/analytics").status_code == 503     # no report: Prometheus' error
     shutil.rmtree(prometheus.data_dir)
     prometheus.start()
     prometheus.wait_for('up{job="server"} == 1', timeout=30)
