@@ -50,6 +50,10 @@ log = logging.getLogger("trainmetrics.trainer")
 PENDING_LIMIT = 1024
 # Losses not yet read (device tensors or floats) are folded into one partial sum past this many.
 LOSS_FOLD_LIMIT = 256
+# A stop signal during the final linger shortens it: it ends once one scraper has read the final state, or
+# this long after the signal (a double Ctrl-C still reaches a Prometheus scraping every 250 ms), or at once on
+# one more signal.
+HURRIED_LINGER_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -223,7 +227,8 @@ class JobMetrics:
         self._pending_data_waits: list[float] = []
         self._last_step_end: float | None = None
         self._new_interval(time.perf_counter())
-        self._linger_cut_short = threading.Event()
+        self._hurried_at: float | None = None      # when a stop signal came during the final linger
+        self._linger_cut_short = threading.Event()  # one more came: stop waiting at once
         self._previous_handlers: dict[int, object] = {}
 
         self._publication = Publication(job_id, self.info.rank, self.info.world_size, publish,
@@ -359,6 +364,7 @@ class JobMetrics:
         """What a resumed process must take over for the job's series to carry on (goes into checkpoints)."""
         return {"steps": self.steps, "samples": self.samples, "checkpoints": self.checkpoints,
                 "loss_first": self.loss_first, "loss_min": self.loss_min, "loss_sum": self.loss_sum,
+                "loss": self.loss, "last_loss": self.last_loss,
                 "loss_intervals": self.loss_intervals, "nonfinite_losses": self.nonfinite_losses,
                 "evaluations": self.evaluations.count, "eval_loss_min": self.eval_loss_min,
                 "eval_accuracy_max": self.eval_accuracy_max, "step_duration_max": self.step_duration_max,
@@ -386,6 +392,9 @@ class JobMetrics:
                 raise ValueError(f"{key} must be a finite number, got {str(value)[:40]!r}")
             return float(value)
 
+        last_loss = state.get("last_loss")     # the last interval's mean: NaN or infinite for a diverged job
+        if last_loss is not None and (isinstance(last_loss, bool) or not isinstance(last_loss, (int, float))):
+            raise ValueError(f"last_loss must be a number, got {str(last_loss)[:40]!r}")
         phases = state.get("phases") or {}
         if not isinstance(phases, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and
                                                    math.isfinite(v) and v >= 0 for v in phases.values()):
@@ -393,6 +402,8 @@ class JobMetrics:
         taken = {"steps": count("steps"), "samples": count("samples"), "checkpoints": count("checkpoints"),
                  "loss_first": number("loss_first"), "loss_min": number("loss_min"),
                  "loss_sum": number("loss_sum", 0.0), "loss_intervals": count("loss_intervals"),
+                 # A resumed run that trains no step (paused or killed at the last one) still has a final loss.
+                 "loss": number("loss"), "last_loss": None if last_loss is None else float(last_loss),
                  "nonfinite_losses": count("nonfinite_losses"), "eval_loss_min": number("eval_loss_min"),
                  "eval_accuracy_max": number("eval_accuracy_max"),
                  "step_duration_max": number("step_duration_max") or 0.0}
@@ -515,7 +526,7 @@ class JobMetrics:
         def stop(signum, frame):
             # Only the first signal interrupts the loop; a later one, maybe mid-cleanup, only hurries the exit.
             if interrupted or self.state in (*FINAL_STATES, "paused"):
-                self._linger_cut_short.set()
+                self.cut_linger_short()
                 return
             interrupted.append(signum)
             raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
@@ -529,8 +540,19 @@ class JobMetrics:
         self._previous_handlers.clear()
 
     def cut_linger_short(self) -> None:
-        """Stop waiting for scrapers now (a second stop signal); close() then cleans up at once."""
-        self._linger_cut_short.set()
+        """A stop signal during the final linger: wait for one scraper only, at most HURRIED_LINGER_SECONDS
+        more; a second one stops the wait at once (close() then cleans up)."""
+        if self._hurried_at is None:
+            self._hurried_at = time.monotonic()
+        else:
+            self._linger_cut_short.set()
+
+    def _hurried_enough(self) -> bool:
+        """The linger was shortened by a signal, and one scraper has read the final state since the end, or
+        the short wait is over, or another signal came."""
+        hurried, end = self._hurried_at, self._end_monotonic
+        return hurried is not None and (self._linger_cut_short.is_set() or time.monotonic() - hurried >=
+                                        HURRIED_LINGER_SECONDS or self._publication.scrapers.any_since(end))
 
     def final_state_read(self) -> bool:
         """True when the end has been read: some scraper scraped after it, and every active scraper did and
@@ -552,10 +574,15 @@ class JobMetrics:
             publication = self._publication
             if publication.announced and self._end_monotonic is not None:
                 timeout = publication.publish.linger_timeout
-                if not publication.scrapers.wait(self.final_state_read, timeout, self._linger_cut_short.is_set):
+                if not publication.scrapers.wait(self.final_state_read, timeout, self._hurried_enough):
+                    if self._hurried_at is None:
+                        why = "; it may be missing from Prometheus"
+                    elif publication.scrapers.any_since(self._end_monotonic):
+                        why = " (read by one; stopped waiting for the others on a stop signal)"
+                    else:
+                        why = " (stopped waiting on a stop signal)"
                     log.warning("job %s: its final state was not read by every scraper within %gs%s", self.job_id,
-                                timeout, " (stopped waiting on a second signal)" if self._linger_cut_short.is_set()
-                                else "; it may be missing from Prometheus")
+                                timeout, why)
         except Exception:
             log.exception("job %s: lingering for the final scrape failed", self.job_id)
         finally:

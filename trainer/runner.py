@@ -200,8 +200,8 @@ class Trainer:
                     log.info("job %s: %s at step %d without a checkpoint: %s", config.job_id,
                              STOP_VERBS[outcome], metrics.steps, self.stop.reason)
                     return outcome
-                if checkpoint_due:
-                    self.checkpoint()
+                # The evaluation due at this step comes first: a checkpoint of step N holds it, as a resume
+                # from that checkpoint starts at step N + 1 and would never run it again.
                 if config.eval_every and metrics.steps % config.eval_every == 0:
                     self.evaluate()
                     self.model.train()
@@ -210,6 +210,8 @@ class Trainer:
                              STOP_VERBS[outcome], metrics.steps)
                     self.checkpoint()
                     return outcome
+                if checkpoint_due:
+                    self.checkpoint()
             self.epoch += 1
             self.batch_in_epoch = 0
             self.evaluate()
@@ -415,5 +417,6 @@ def run_job(config: TrainConfig, stop: StopFlag | None = None) -> int:
         result = outcome.result(metrics)
         outcome.report(result)
         metrics.close()
+        stop.stand_down()
         distributed.shutdown(ranks)
     return exit_code_for(outcome.state)

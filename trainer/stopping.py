@@ -1,7 +1,9 @@
 """Stop signals of `trainmetrics train`, caught from the first moment of the process (before torch is
 imported) to its last: SIGINT and SIGTERM cancel, SIGUSR1 pauses, each at the next step boundary after a
 checkpoint. A handler only records the request; the loop acts on it. A signal after the outcome is decided
-cuts the final linger short. Imports nothing heavy.
+cuts the final linger short; a repeat before that changes nothing (a double Ctrl-C must not keep the final
+state from the scrapers). Once the outcome is reported and the job's files removed, the stop signals are
+ignored to the end of the process. Imports nothing heavy.
 
 The job server starts jobs with these signals blocked (its spawning thread blocks them, and a child inherits
 the mask): one sent before the handlers exist stays pending until install() unblocks it, so no moment of a
@@ -36,16 +38,19 @@ class StopFlag:
         self.on_late_signal: Callable[[], None] | None = None
         self.reason: str | None = None       # why the job stopped by itself
         self.keep_last_checkpoint = False    # stop without writing one (a loss spike: keep the one before it)
+        self._installed = False              # the stop signals are routed here (install())
 
     def __bool__(self) -> bool:
         return self.outcome is not None
 
     def request(self, signum: int) -> None:
-        """Record a stop request; a cancel overrides an earlier pause, never the reverse. A signal that changes
-        nothing (a repeat, or any signal once the outcome is decided) asks for a quick exit instead."""
+        """Record a stop request; a cancel overrides an earlier pause, never the reverse. Once the outcome is
+        decided (the final linger) a signal asks for a quick exit instead; before that a repeat changes
+        nothing: the job still lingers until its final state is read."""
         outcome = STOP_SIGNALS[signum]
-        if not self.decided and (self.outcome is None or (outcome == "cancelled" and self.outcome == "paused")):
-            self.outcome = outcome
+        if not self.decided:
+            if self.outcome is None or (outcome == "cancelled" and self.outcome == "paused"):
+                self.outcome = outcome
             return
         self.hurry = True
         if self.on_late_signal is not None:
@@ -58,6 +63,16 @@ class StopFlag:
             self.outcome, self.keep_last_checkpoint = "paused", True
             self.reason = f"loss spike at step {step}"
 
+    def stand_down(self) -> None:
+        """The outcome is reported and the job's files removed: nothing is left for a stop signal to stop, so
+        from now on they are ignored. Else one could still end the exiting process by its default action
+        (Python's finalization puts its handlers back to SIG_DFL, and torch's teardown takes about a second
+        more), with 143 or 130 instead of the job's exit code. Only the flag the signals were routed to
+        (install()), on the main thread."""
+        if self._installed and threading.current_thread() is threading.main_thread():
+            for signum in STOP_SIGNALS:
+                signal.signal(signum, signal.SIG_IGN)
+
     def install(self) -> "StopFlag":
         """Route the stop signals to this flag, then unblock them (a signal that came while they were blocked
         is handled now). Main thread only; elsewhere nothing changes."""
@@ -65,4 +80,5 @@ class StopFlag:
             for signum in STOP_SIGNALS:
                 signal.signal(signum, lambda signum, frame: self.request(signum))
             signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+            self._installed = True
         return self

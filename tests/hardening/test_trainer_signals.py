@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 
 EXIT = {signal.SIGTERM: (3, "cancelled"), signal.SIGINT: (3, "cancelled"), signal.SIGUSR1: (4, "paused")}
@@ -19,14 +20,18 @@ EXIT = {signal.SIGTERM: (3, "cancelled"), signal.SIGINT: (3, "cancelled"), signa
 @dataclass
 class Case:
     """A signal sent at a moment: `delay` seconds after start, or once the job "announced" itself (it then
-    waits for a first scrape), or once it is "training"; a second one `again` seconds later."""
+    waits for a first scrape), or once it is "training"; a second one `again` seconds later, or once it
+    lingers (`again="lingering"`: its result is written), or every 50 ms from when it printed its summary
+    (`again="summary"`) to its exit. With `scraped`, a scraper reads its
+    /metrics every 0.5 s as Prometheus would."""
 
     name: str
     signum: int
     delay: float = 0.0
     moment: str = "delay"
-    again: float | None = None
+    again: float | str | None = None
     linger: float = 1.0
+    scraped: bool = False
 
 
 CASES = [
@@ -35,8 +40,14 @@ CASES = [
     Case("term-while-importing", signal.SIGTERM, 1.5),
     Case("int-while-waiting-for-a-scrape", signal.SIGINT, moment="announced", linger=2.0),
     Case("usr1-while-training", signal.SIGUSR1, moment="training"),
-    # The first cancels while it waits for a scrape; the second comes during the 60 s final linger.
-    Case("term-twice-while-lingering", signal.SIGTERM, moment="announced", again=1.0, linger=60.0),
+    # The first cancels while it waits for a scrape; the second comes during the 60 s final linger (once its
+    # result is written).
+    Case("term-twice-while-lingering", signal.SIGTERM, moment="announced", again="lingering", linger=60.0),
+    # A double Ctrl-C while training: the repeat changes nothing, and the job still lingers until its scraper
+    # has read the final state (the repeat cut the linger short: the scraper last read `running`).
+    Case("int-twice-while-training", signal.SIGINT, moment="training", again=0.01, linger=30.0, scraped=True),
+    # Signals while the process exits: ignored (they killed it in Python's finalization: -15 for 3).
+    Case("term-again-while-exiting", signal.SIGTERM, moment="training", again="summary"),
 ]
 
 
@@ -64,9 +75,47 @@ def drive(case: Case, process: subprocess.Popen, work: Path, lines: list[str]) -
     else:
         time.sleep(case.delay)
     process.send_signal(case.signum)
-    if case.again is not None:
+    if case.again == "summary":
+        for line in process.stdout:
+            lines.append(line)
+            if line.startswith("summary "):
+                break
+        while process.poll() is None:
+            process.send_signal(case.signum)
+            time.sleep(0.05)
+    elif case.again == "lingering":
+        deadline = time.monotonic() + 60
+        while not (work / "result.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        process.send_signal(case.signum)
+    elif case.again is not None:
         time.sleep(case.again)
         process.send_signal(case.signum)
+
+
+class Scraper(threading.Thread):
+    """Reads the job's /metrics every 0.5 s as a Prometheus scraper (its header counts it), from when the job
+    announced itself until it is gone; keeps the last text it read."""
+
+    def __init__(self, work: Path):
+        super().__init__(daemon=True)
+        self.work, self.last = work, ""
+
+    def run(self) -> None:
+        deadline = time.monotonic() + 60
+        while not (targets := list((self.work / "targets").glob("*.json"))) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        try:
+            address = json.loads(targets[0].read_text())[0]["targets"][0]
+        except (IndexError, OSError, ValueError):
+            return
+        while time.monotonic() < deadline:
+            try:
+                self.last = httpx.get(f"http://{address}/metrics", timeout=2,
+                                      headers={"X-Prometheus-Scrape-Timeout-Seconds": "0.2"}).text
+            except httpx.TransportError:
+                return                                  # it stopped serving
+            time.sleep(0.5)
 
 
 @pytest.mark.slow
@@ -78,9 +127,12 @@ def test_every_stop_signal_at_any_moment_ends_the_job_as_documented(tmp_path):
         lines: list[str] = []
         driver = threading.Thread(target=drive, args=(case, process, work, lines))
         driver.start()
-        runs.append((case, work, process, driver, lines))
+        scraper = Scraper(work) if case.scraped else None
+        if scraper is not None:
+            scraper.start()
+        runs.append((case, work, process, driver, lines, scraper))
     failures = []
-    for case, work, process, driver, lines in runs:
+    for case, work, process, driver, lines, scraper in runs:
         driver.join(timeout=120)
         began = time.monotonic()
         try:
@@ -96,8 +148,14 @@ def test_every_stop_signal_at_any_moment_ends_the_job_as_documented(tmp_path):
         leftovers = [p.name for d in ("targets", "jobs") for p in (work / d).iterdir()]
         if (process.returncode, result and result["state"], leftovers) != (code, state, []):
             failures.append((case.name, process.returncode, result, leftovers, output[-1500:]))
-        if case.again is not None:                  # the second signal cut the 60 s linger short
+        if case.linger == 60.0:                     # the second signal cut the 60 s linger short
             assert time.monotonic() - began < 30, case.name
+        if scraper is not None:
+            scraper.join(timeout=60)
+            final = [line for line in scraper.last.splitlines() if line.startswith("trainer_job_state{")
+                     and line.endswith(" 1.0")]
+            if not (len(final) == 1 and f'state="{state}"' in final[0]):
+                failures.append((case.name, "the scraper's last read", final))
         summary = [line for line in output.splitlines() if line.startswith("summary ")]
         assert summary and json.loads(summary[-1][len("summary "):])["state"] == state, (case.name, output[-800:])
     assert not failures, failures

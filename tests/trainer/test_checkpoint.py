@@ -74,3 +74,31 @@ def test_resume_mid_epoch_equals_an_uninterrupted_run(make_trainer, tmp_path):
     assert resumed.metrics.samples == straight.metrics.samples
     for name, tensor in straight.model.state_dict().items():
         assert torch.allclose(resumed.model.state_dict()[name], tensor, atol=1e-6), name
+
+
+def test_a_crash_in_the_evaluation_due_with_a_checkpoint_does_not_lose_it(make_trainer, tmp_path):
+    """With checkpoints and evaluations every 30 steps, the checkpoint of step 60 was written before step 60's
+    evaluation: a kill during that evaluation resumed at step 61, and the evaluation never ran (5 for 6)."""
+    common = dict(model="mlp", dataset="blobs", epochs=2, batch_size=64, seed=3, eval_every=30)
+    straight = make_trainer(**common)
+    straight.run()
+
+    class Killed(Exception):
+        pass
+
+    first = make_trainer(**common, checkpoint_dir=tmp_path, checkpoint_every=30)
+    evaluate = first._evaluate
+
+    def killed_in_the_evaluation_at_step_60():
+        if first.metrics.steps == 60:
+            raise Killed
+        evaluate()
+
+    first._evaluate = killed_in_the_evaluation_at_step_60
+    with pytest.raises(Killed):
+        first.run()
+    resumed = make_trainer(**common, checkpoint_dir=tmp_path)
+    resumed.restore(ckpt.load_latest(tmp_path))
+    assert resumed.run() == "completed"
+    assert resumed.metrics.state_dict()["evaluations"] == straight.metrics.state_dict()["evaluations"]
+    assert resumed.metrics.steps == straight.metrics.steps

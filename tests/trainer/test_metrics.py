@@ -135,6 +135,23 @@ def test_a_resumed_process_carries_the_jobs_statistics_on():
     second.close()
 
 
+def test_a_resumed_process_that_trains_no_step_still_has_the_jobs_final_loss():
+    """Paused (or killed) at its last step and resumed: the new run has nothing left to train. Its trainer_loss
+    and result loss were missing (the job list's final loss null, the analytics' not)."""
+    second = JobMetrics("lib-resume", log_every=1)
+    second.load_state_dict(saved_job_state())
+    second.start()
+    assert value(second, "trainer_loss") == 1.0 and value(second, "trainer_loss_finite") == 1
+    assert second.last_loss == 1.0
+    second.finish("completed")
+    second.close()
+    diverged = JobMetrics("lib-resume-nan", log_every=1)
+    diverged.load_state_dict({**saved_job_state(), "last_loss": float("nan")})
+    diverged.start()
+    assert value(diverged, "trainer_loss_finite") == 0           # still diverged, as its last interval said
+    diverged.close()
+
+
 CARRIED_COUNTERS = ("trainer_steps_total", "trainer_samples_total", "trainer_checkpoints_total",
                     "trainer_loss_accumulated", "trainer_loss_intervals_total", "trainer_evaluations_total",
                     "trainer_phase_seconds_total")
