@@ -79,7 +79,9 @@ class Diagnostics:
     hang_seconds: float = 60.0              # the watchdog's least hang (watchdog.py)
     loss_spike_z: float = 6.0
     loss_spike_warmup: int = 10
-    on_loss_spike: Callable[[int], None] | None = None      # called with the step of a spike
+    # Called with the step and what happened ("loss spike", "non-finite loss") when an interval's loss is a
+    # spike or not a number: the job may pause (on_loss_spike: pause).
+    on_loss_spike: Callable[[int, str], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -730,6 +732,8 @@ class JobMetrics:
                     self.loss_intervals += 1
                 else:
                     self.nonfinite_losses += 1
+                    if self.diagnostics.on_loss_spike is not None:     # diverged: worse than a spike
+                        self.diagnostics.on_loss_spike(self.steps, "non-finite loss")
             elapsed = max(now - began, 1e-9)
             throughput = (self.samples - samples_before) / elapsed
             mfu = None
@@ -811,7 +815,7 @@ class JobMetrics:
         log.warning("job %s: loss spike at step %d: %.4g against a running mean of %.4g", self.job_id, self.steps,
                     loss, self.spikes.mean)
         if self.diagnostics.on_loss_spike is not None:
-            self.diagnostics.on_loss_spike(self.steps)
+            self.diagnostics.on_loss_spike(self.steps, "loss spike")
 
 
 def _resumed_phase(previous: str) -> str:

@@ -116,12 +116,17 @@ class Trainer:
         log.info("job %s: resumed at step %d (epoch %d, batch %d)", self.config.job_id, self.metrics.steps,
                  self.epoch, self.batch_in_epoch)
 
-    def checkpoint(self) -> None:
+    def checkpoint(self) -> bool:
         """Write a checkpoint when a checkpoint dir is configured: every rank ends its log interval there (so
-        the checkpoint holds every loss up to its step) and hands its metrics state to rank 0, which writes."""
+        the checkpoint holds every loss up to its step) and hands its metrics state to rank 0, which writes.
+
+        False, and nothing written, when a job that pauses on loss spikes finds one (on any rank) in the
+        interval just ended: its last checkpoint stays the one from before the spike."""
         if self.config.checkpoint_dir is None:
-            return
+            return True
         self.metrics.end_interval()
+        if self.spike_keeps_the_last_checkpoint():
+            return False
         metrics_by_rank = distributed.gather_objects(self.dist, self.metrics.state_dict())
 
         def write() -> None:
@@ -132,6 +137,20 @@ class Trainer:
                     self.faults.during_checkpoint()
 
         self.on_rank_0(write, CHECKPOINT)
+        return True
+
+    def spike_keeps_the_last_checkpoint(self) -> bool:
+        """Whether a rank stops for a loss spike without a new checkpoint; every rank learns it here (each must
+        write its part of a checkpoint or none), and takes the stop."""
+        if self.dist.enabled and self.config.on_loss_spike == "pause":
+            outcome, keeping_rank = distributed.agree_on_stop(self.dist, self.stop.outcome,
+                                                              self.stop.keep_last_checkpoint)
+            if keeping_rank is not None and not self.stop.keep_last_checkpoint:
+                self.stop.keep_last_checkpoint = True
+                self.stop.reason = f"loss spike on rank {keeping_rank}"
+            if keeping_rank is not None:
+                self.stop.outcome = outcome
+        return self.stop.keep_last_checkpoint
 
     def on_rank_0(self, work: Callable[[], None], phase: str) -> None:
         """Rank 0 does `work`; the other ranks wait for it at a barrier, in `phase`. Without the barrier they
@@ -208,18 +227,25 @@ class Trainer:
                 if outcome:
                     log.info("job %s: %s requested, checkpointing at step %d and stopping", config.job_id,
                              STOP_VERBS[outcome], metrics.steps)
-                    self.checkpoint()
+                    if not self.checkpoint():
+                        return self.stopped_for_spike()
                     return outcome
-                if checkpoint_due:
-                    self.checkpoint()
+                if checkpoint_due and not self.checkpoint():
+                    return self.stopped_for_spike()
             self.epoch += 1
             self.batch_in_epoch = 0
             self.evaluate()
-            if not config.checkpoint_every:
-                self.checkpoint()
+            if not config.checkpoint_every and not self.checkpoint():
+                return self.stopped_for_spike()
         if config.checkpoint_dir is not None and self.dist.is_main:
             atomic_save(self.net.state_dict(), Path(config.checkpoint_dir) / FINAL_MODEL_NAME)
         return "completed"
+
+    def stopped_for_spike(self) -> str:
+        """The stop a loss spike found at a checkpoint ends the run with (no checkpoint written after it)."""
+        log.info("job %s: %s at step %d without a checkpoint: %s", self.config.job_id,
+                 STOP_VERBS[self.stop.outcome or "paused"], self.metrics.steps, self.stop.reason)
+        return self.stop.outcome or "paused"
 
     def stop_outcome(self, checkpoint_due: bool = False) -> str | None:
         """"paused" or "cancelled" when this step is where the job stops (every rank at the same step: ranks
@@ -350,7 +376,7 @@ def open_checkpoint_dir(config: TrainConfig) -> Path | None:
 
 def run_job(config: TrainConfig, stop: StopFlag | None = None) -> int:
     """Run one job in the foreground; returns the exit code. `stop` was installed at process start."""
-    stop = stop or StopFlag.for_process()
+    stop = stop if stop is not None else StopFlag.for_process()     # a StopFlag with no stop is falsy
     try:
         device, dataset, model, load_seconds = prepare(config)
         created_dir = open_checkpoint_dir(config)

@@ -56,12 +56,12 @@ class StopFlag:
         if self.on_late_signal is not None:
             self.on_late_signal()
 
-    def pause_for_loss_spike(self, step: int) -> None:
-        """The job asked to be paused on a loss spike: pause at once, its last checkpoint from before the spike
-        kept (no new one)."""
+    def pause_for_loss_spike(self, step: int, what: str = "loss spike") -> None:
+        """The job asked to be paused on a loss spike (or a non-finite loss): pause at once, its last
+        checkpoint from before it kept (no new one)."""
         if self.outcome is None and not self.decided:
             self.outcome, self.keep_last_checkpoint = "paused", True
-            self.reason = f"loss spike at step {step}"
+            self.reason = f"{what} at step {step}"
 
     def stand_down(self) -> None:
         """The outcome is reported and the job's files removed: nothing is left for a stop signal to stop, so

@@ -87,17 +87,22 @@ def test_analytics_treat_the_ranks_as_one_job(finished_ddp_job, analytics_get):
     assert body["performance"]["total_samples"] == 9600
 
 
-@pytest.mark.parametrize("spiking_rank", [0, 1])
-def test_a_loss_spike_on_one_rank_pauses_every_rank_without_a_checkpoint_after_it(tmp_path, spiking_rank):
+@pytest.mark.parametrize("spiking_rank,step,log_every,checkpoint_every,kept",
+                         [(0, 81, 5, 10, 80), (1, 100, 7, 0, 50)])
+def test_a_loss_spike_on_one_rank_pauses_every_rank_without_a_checkpoint_after_it(tmp_path, spiking_rank, step,
+                                                                                   log_every, checkpoint_every, kept):
     """The rank that sees the spike keeps the last checkpoint; the others must agree, or rank 0 would write one
     holding the spike's weights (rank 1 spiking) or wait forever in the checkpoint's gather (rank 0 spiking).
     Checkpoints every 10 steps; the batch of step 81 is corrupted, its interval (81..85) flags the spike, and
-    the ranks agree at step 90, before the checkpoint due then."""
+    the ranks agree at step 90, before the checkpoint due then. With checkpoints at each epoch's end (50
+    steps) and intervals of 7 (57, 64 ... 99), rank 1's spike at step 100 is found when the epoch's
+    checkpoint ends its interval (100..100): that checkpoint was written after it (the ranks did not agree
+    before it)."""
     env = {**os.environ, "TRAINMETRICS_FAULTS": json.dumps(
-        {"corrupt_batch": {"rank": spiking_rank, "step": 81, "scale": 1000}})}
+        {"corrupt_batch": {"rank": spiking_rank, "step": step, "scale": 1000}})}
     result, summaries = run_two_ranks(
         "--job-id", f"ddp-spike-{spiking_rank}", "--dataset", "blobs", "--epochs", "3", "--batch-size", "32",
-        "--log-every", "5", "--checkpoint-every", "10", "--on-loss-spike", "pause",
+        "--log-every", str(log_every), "--checkpoint-every", str(checkpoint_every), "--on-loss-spike", "pause",
         "--checkpoint-dir", str(tmp_path / "ckpt"), "--result-file", str(tmp_path / "result.json"),
         timeout=120, env=env)
     # Every rank ended paused (torchrun itself exits 1 when a rank does not exit 0, and stops the others).
@@ -106,4 +111,4 @@ def test_a_loss_spike_on_one_rank_pauses_every_rank_without_a_checkpoint_after_i
     outcome = read_result(tmp_path / "result.json")
     assert outcome["state"] == "paused"
     assert outcome["reason"] == ("loss spike at step 85" if spiking_rank == 0 else "loss spike on rank 1")
-    assert max(c.step for c in list_checkpoints(tmp_path / "ckpt")) == 80
+    assert max(c.step for c in list_checkpoints(tmp_path / "ckpt")) == kept
