@@ -207,6 +207,9 @@ class Option:
             if self.default is None:
                 return value
             raise ValueError("must not be null")
+        if self.kind is float and not math.isfinite(value):
+            # `inf` parses as a float: --loss-spike-z inf turned spike detection off in silence.
+            raise ValueError(f"must be a finite number, got {value}")
         if self.kind is str and CONTROL_CHARACTERS.search(value):
             # Text becomes an argument of the job's process (where a NUL cannot be at all), a path, a label.
             raise ValueError("no control characters (a NUL, a line break, a tab...)")

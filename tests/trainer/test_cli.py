@@ -45,6 +45,8 @@ BAD_INPUTS = {
     "npz not a zip": (lambda t: ["--dataset", bad_csv(t, "z.npz", "not a zip")], "not a readable NPZ"),
     "bad job id": (lambda t: ["--job-id", "../etc"], "--job-id must be letters, digits, '.', '_', '-' (first a letter or digit; at most 64), got '../etc'"),
     "bad epochs": (lambda t: ["--epochs", "0"], "--epochs must be at least 1"),
+    # Accepted before, and spike detection was off in silence (on_loss_spike: pause never acted).
+    "infinite spike threshold": (lambda t: ["--loss-spike-z", "inf"], "--loss-spike-z must be a finite number, got inf"),
     "checkpoint dir under a file": (lambda t: (bad_csv(t, "file", "x"), ["--checkpoint-dir", str(t / "file" / "ck")])[1],
                                     "/file/ck' is not a directory ("),
     # A file where an output directory goes: named by its own flag, before anything is written.
