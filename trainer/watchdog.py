@@ -57,6 +57,7 @@ class StackWatch:
         self._stop = threading.Event()
         self._windows: deque[list[int]] = deque(maxlen=WINDOW_CHECKS + 1)
         self._dumped_for: float | None = None      # the last step whose hang was dumped
+        self._last_bound = self.min_hang_seconds
         if threading.current_thread() is threading.main_thread():
             faulthandler.register(STACKS_SIGNAL, file=self._file, all_threads=True, chain=False)
             _holding.append(self)
@@ -66,21 +67,24 @@ class StackWatch:
         self._thread.start()
 
     def hang_bound(self) -> float:
-        """Seconds without a step that mean a hang: MIN_HANG_SECONDS, or HANG_FACTOR x the recent p99."""
+        """Seconds without a step that mean a hang: MIN_HANG_SECONDS, or HANG_FACTOR x the recent p99. With no
+        step in the window (steps longer than it, or a hang) the bound stays the last one found, as the
+        TrainerHang rule's does: falling back to the minimum dumped the stacks on every long step."""
         if len(self._windows) < 2:
-            return self.min_hang_seconds
+            return self._last_bound
         newest, oldest = self._windows[-1], self._windows[0]
         counts = [a - b for a, b in zip(newest, oldest)]
         total = sum(counts)
         if total == 0:
-            return self.min_hang_seconds
+            return self._last_bound
         bounds = (*self.metrics.step_times.bounds, float("inf"))
         seen = 0
         for bound, count in zip(bounds, counts):
             seen += count
             if seen >= 0.99 * total:
-                return max(self.min_hang_seconds, HANG_FACTOR * bound)
-        return self.min_hang_seconds
+                self._last_bound = max(self.min_hang_seconds, HANG_FACTOR * bound)
+                break
+        return self._last_bound
 
     def _watch(self) -> None:
         while not self._stop.wait(self.check_seconds):

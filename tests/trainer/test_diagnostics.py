@@ -157,6 +157,10 @@ def test_the_hang_bound_of_a_job_with_two_minute_steps_is_twenty_minutes(tmp_pat
         watch._windows.clear()
         watch._windows.extend([before, list(times.counts)])
         assert watch.hang_bound() == 1200.0
+        # The next step takes longer than the window (a minute of checks): no step in it, and the bound
+        # stays 20 minutes (it fell to 60 s, and the stacks were dumped a minute into every such step).
+        watch._windows.extend([list(times.counts)] * (watch._windows.maxlen or 1))
+        assert watch.hang_bound() == 1200.0
     finally:
         metrics.close()
 
