@@ -8,6 +8,7 @@ import time
 from trainmetrics.analytics import queries as q
 from trainmetrics.analytics import goodput, scoring, shapes
 from trainmetrics.analytics.cache import AnalyticsCache, cached_jobs_analytics
+from trainmetrics.analytics.job import NO_GPU_ENERGY
 from trainmetrics.analytics.lookup import ENDED, Process, in_order, status_of, timeline_of
 from trainmetrics.analytics.prometheus import PrometheusClient
 from trainmetrics.analytics.results import number, query_parts, ratio, rounded, rows, scalar
@@ -248,7 +249,16 @@ def comparison_row(analytics: shapes.JobAnalytics) -> shapes.CompareRow:
         gpu_utilization=resources.average_gpu_utilization_percent,
         average_cpu_percent=resources.average_cpu_percent, peak_memory_mb=resources.peak_memory_mb,
         overall_score=analytics.efficiency.overall_score, total_joules=analytics.energy.total_joules,
-        samples_per_joule=analytics.energy.samples_per_joule, goodput_ratio=analytics.goodput.goodput_ratio)
+        samples_per_joule=analytics.energy.samples_per_joule, goodput_ratio=analytics.goodput.goodput_ratio,
+        energy_complete=energy_complete(analytics))
+
+
+def energy_complete(analytics: shapes.JobAnalytics) -> bool:
+    """Every source the job used was counted on every host: no figure missing, or only the GPU one of a job
+    that ran on the CPU. A job whose GPU energy went uncounted would otherwise win on its CPU share alone."""
+    reason = analytics.energy.unavailable_reason
+    return analytics.energy.total_joules is not None and (reason is None or (
+        reason == NO_GPU_ENERGY and analytics.device == "cpu"))
 
 
 async def compare(client: PrometheusClient, cache: AnalyticsCache, job_ids: list[str], lookback: float,

@@ -352,7 +352,9 @@ def job_rates(job_id: str, window: float, end: float,
     for index, (start, stop) in enumerate(spans):
         r = over(max(stop - start, 1e-3), stop)
         parts.append(f'label_replace(max_over_time({cpu}{r}) - min_over_time({cpu}{r}), "segment", "{index}", "", "")')
-    return {"cpu_seconds": f"sum({' or '.join(parts)})"}
+    # The hosts (exporters) that attributed the job: its energy is whole only with a figure from each.
+    return {"cpu_seconds": f"sum({' or '.join(parts)})",
+            "cpu_hosts": f"count by (instance) (max_over_time({cpu}{over(window, end)}))"}
 
 
 # ----- the host under the job ---------------------------------------------------------------------------

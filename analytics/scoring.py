@@ -80,12 +80,14 @@ def winners(rows: list[dict]) -> tuple[dict, dict]:
     """(winner, ties): per category the winning job id (first in request order among equals) or None when
     no row has a value, and for each tied category every job id that shares the best value.
 
-    `fastest` only considers completed jobs: a job that failed after ten seconds did not finish fastest.
+    `fastest` only considers completed jobs: a job that failed after ten seconds did not finish fastest;
+    `most_energy_efficient` only jobs whose energy was counted whole (`energy_complete`).
     """
     winner, ties = {}, {}
     for category, (field, higher_wins) in CATEGORIES.items():
         candidates = [row for row in rows if _finite(row.get(field))
-                      and (category != "fastest" or row.get("status") == "completed")]
+                      and (category != "fastest" or row.get("status") == "completed")
+                      and (category != "most_energy_efficient" or row.get("energy_complete"))]
         if not candidates:
             winner[category] = None
             continue

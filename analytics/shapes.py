@@ -164,7 +164,8 @@ class Energy:
                                          "job's share of the host's busy CPU time")
     total_joules: float | None = described("gpu_joules + cpu_joules, of those known")
     samples_per_joule: float | None = described("total_samples / total_joules")
-    unavailable_reason: str | None = described("why gpu_joules or cpu_joules is null; null when neither is")
+    unavailable_reason: str | None = described("why gpu_joules or cpu_joules is null, or counts only some of the "
+                                                "job's hosts; null when neither")
 
 
 @dataclass(slots=True)
@@ -328,6 +329,8 @@ class CompareRow:
     total_joules: float | None
     samples_per_joule: float | None
     goodput_ratio: float | None = described("step seconds / wall-clock seconds (the job's goodput block)")
+    energy_complete: bool = described("every energy source the job used was counted on every host it ran on "
+                                      "(only such jobs can be most_energy_efficient)")
 
 
 Winner = dataclasses.make_dataclass("Winner", [(category, str | None) for category in scoring.CATEGORIES], slots=True)

@@ -28,7 +28,8 @@ CREATE TABLE IF NOT EXISTS endpoints (
     PRIMARY KEY (job_id, rank));
 """
 # Columns added since the first schema: table -> (name, SQL type); an older database gains them at open.
-ADDED_COLUMNS = {"jobs": (("requested", "TEXT"), ("run_token", "TEXT"), ("handle", "TEXT"), ("report", "TEXT")),
+ADDED_COLUMNS = {"jobs": (("requested", "TEXT"), ("run_token", "TEXT"), ("handle", "TEXT"), ("report", "TEXT"),
+                          ("reason", "TEXT")),
                  "datasets": (("target", "TEXT"),)}
 
 
@@ -81,13 +82,15 @@ class JobRecord:
     requested: str | None = None
     run_token: str | None = None    # the running process's secret for reporting its endpoints
     handle: str | None = None       # the running process as its executor names it (a pid, a Ray submission)
+    reason: str | None = None       # why the last run stopped by itself (its result: "loss spike at step 85")
 
     def public(self) -> dict:
         """The API view, with no server path (an older job's spec held its dataset's path)."""
         spec = {name: value for name, value in self.spec.items() if name != "dataset_path"}
         return {"job_id": self.id, "name": self.name, "owner": self.owner, "state": self.state, "spec": spec,
                 "exit_code": self.exit_code, "error": self.error, "created": self.created,
-                "started": self.started, "ended": self.ended, "stop_requested": self.requested}
+                "started": self.started, "ended": self.ended, "stop_requested": self.requested,
+                "reason": self.reason}
 
 
 class JobStore:

@@ -139,7 +139,7 @@ class Supervisor:
         self.runs[job.id] = run
         self.store.update_job(job.id, state="running", pid=run.pid, handle=run.handle,
                               started=job.started or time.time(), exit_code=None, error=None, requested=None,
-                              run_token=token_digest(token))
+                              run_token=token_digest(token), reason=None)
         log.info("job %s: started %s %s%s", job.id, self.executor.name, run.handle, " (resuming)" if job.resume else "")
 
     # ----- watching ----------------------------------------------------------------------------------
@@ -186,10 +186,12 @@ class Supervisor:
         """Record how a run ended: its result decides; without one, a signal or exit code is a failure."""
         job = self.store.get_job(job_id)
         result = read_result(self.result_path(job_id))
+        reason = None
         if result is not None and result.get("state") in EXIT_STATES.values():
             # The result says how the run ended, whatever killed the process after it was written.
             state, error = result["state"], result.get("error")
             code = result["exit_code"] if isinstance(result.get("exit_code"), int) else code
+            reason = result["reason"][:500] if isinstance(result.get("reason"), str) else None
         elif code is not None and code < 0:
             state, error = "failed", f"killed by {signal.Signals(-code).name} without a result"
         elif code is not None:
@@ -205,7 +207,8 @@ class Supervisor:
             error = None
         waiting = state in ("paused", "queued")
         self.store.update_job(job_id, state=state, exit_code=code if isinstance(code, int) else None, error=error,
-                              ended=None if waiting else time.time(), resume=waiting, requested=None, run_token=None)
+                              ended=None if waiting else time.time(), resume=waiting, requested=None, run_token=None,
+                              reason=reason)
         self.store.remove_endpoints(job_id)
         log.info("job %s: %s (exit code %s)%s", job_id, state, code,
                  " after the server's shutdown pause, to resume" if state == "queued" else "")

@@ -18,7 +18,8 @@ from tests.exporters.exporter_fixtures import GIB, FakeGpu, FakeNvml, write_zone
 from trainmetrics.analytics.app import Settings
 from trainmetrics.analytics.lookup import find_jobs
 from trainmetrics.analytics.prometheus import PrometheusClient
-from trainmetrics.analytics.job import NOT_ATTRIBUTED, NO_CPU_ENERGY, NO_ENERGY_SOURCE, NO_GPU_ENERGY, _energy
+from trainmetrics.analytics.job import (NOT_ATTRIBUTED, NO_CPU_ENERGY, NO_ENERGY_SOURCE, NO_GPU_ENERGY,
+                                         PARTIAL_CPU_ENERGY, _energy)
 from trainmetrics.analytics.scoring import rounded
 from trainmetrics.contract import Node
 from trainmetrics.exporters.collectors import COLLECTORS
@@ -269,5 +270,9 @@ def test_the_energy_block_says_which_figure_is_missing_and_why():
     cpu_only = _energy(block(cpu=4.0), 10.0, True)
     assert (cpu_only.gpu_joules, cpu_only.total_joules, cpu_only.unavailable_reason) == (None, 4.0, NO_GPU_ENERGY)
     assert _energy([], 10.0, attributed=True).unavailable_reason == NO_ENERGY_SOURCE
+    # Two hosts attributed the job, one without readable RAPL: the CPU figure is partial and says so.
+    partial = _energy(block(gpu=30.0, cpu=10.0), 10.0, True, hosts={"n1", "n2"})
+    assert (partial.cpu_joules, partial.unavailable_reason) == (10.0, PARTIAL_CPU_ENERGY.format(counted=1, hosts=2))
+    assert _energy(block(gpu=30.0, cpu=10.0), 10.0, True, hosts={"n1"}).unavailable_reason is None
     nothing = _energy([], 10.0, attributed=False)
     assert nothing.total_joules is None and nothing.unavailable_reason == NOT_ATTRIBUTED

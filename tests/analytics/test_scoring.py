@@ -42,7 +42,15 @@ def test_efficiency_block_for_a_gpu_job_and_a_cpu_job():
 
 def row(job_id, status="completed", **values):
     return {"job_id": job_id, "status": status, "throughput": None, "final_loss": None,
-            "duration_seconds": None, "overall_score": None, "samples_per_joule": None, "goodput_ratio": None, **values}
+            "duration_seconds": None, "overall_score": None, "samples_per_joule": None, "goodput_ratio": None,
+            "energy_complete": True, **values}
+
+
+def test_most_energy_efficient_counts_only_jobs_whose_energy_was_counted_whole():
+    """A GPU job whose GPU energy went uncounted, or one whose CPU energy came from one host of two, had a
+    CPU share for its whole energy and won the category (300 samples/J against 100)."""
+    rows = [row("partial", samples_per_joule=300.0, energy_complete=False), row("whole", samples_per_joule=100.0)]
+    assert scoring.winners(rows)[0]["most_energy_efficient"] == "whole"
 
 
 def test_winners_per_category():

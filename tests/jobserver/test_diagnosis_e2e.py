@@ -173,6 +173,7 @@ def test_a_loss_spike_is_flagged_alerted_and_pauses_the_job_that_asked(stack):
     client, prometheus, _, alertmanager, _ = stack
     job = wait_job(client, "diag-spike", lambda j: j["state"] != "running" and j["state"] != "queued", timeout=120)
     assert job["state"] == "paused", job
+    assert job["reason"] == "loss spike at step 85"          # the API says why (only result.json did)
     spikes = prometheus.query('max_over_time(trainer_loss_spikes_total{job_id="diag-spike"}[5m])')
     assert spikes[0]["value"][1] == "1"
     assert max(c["step"] for c in client.get("/api/training/jobs/diag-spike/checkpoints").json()["checkpoints"]) == 80
