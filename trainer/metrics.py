@@ -370,7 +370,8 @@ class JobMetrics:
                 "loss_intervals": self.loss_intervals, "nonfinite_losses": self.nonfinite_losses,
                 "evaluations": self.evaluations.count, "eval_loss_min": self.eval_loss_min,
                 "eval_accuracy_max": self.eval_accuracy_max, "step_duration_max": self.step_duration_max,
-                "loss_spikes": self.spikes.spikes, "phases": self.phases.state_dict()}
+                "loss_spikes": self.spikes.spikes, "loss_spike_detector": self.spikes.state_dict(),
+                "phases": self.phases.state_dict()}
 
     @_never_raises
     def load_state_dict(self, state: dict) -> None:
@@ -410,10 +411,18 @@ class JobMetrics:
                  "eval_accuracy_max": number("eval_accuracy_max"),
                  "step_duration_max": number("step_duration_max") or 0.0}
         evaluations, spikes = count("evaluations"), count("loss_spikes")
+        detector = state.get("loss_spike_detector")
+        if detector is not None:     # checked whole before anything is taken (a checkpoint from before has none)
+            if not isinstance(detector, dict):
+                raise ValueError("loss_spike_detector must be a mapping")
+            probe = type(self.spikes)()
+            probe.load_state_dict(detector)
         for name, value in taken.items():
             setattr(self, name, value)
         self.evaluations = EvaluationHistory(first_index=evaluations + 1)
         self.spikes.spikes = spikes
+        if detector is not None:
+            self.spikes.load_state_dict(detector)
         self.phases.load_state_dict(phases)
         self._new_interval(time.perf_counter())
         self._carried_known_at = time.monotonic()

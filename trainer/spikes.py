@@ -41,6 +41,24 @@ class LossSpikeDetector:
         self._learn(loss)
         return False
 
+    def state_dict(self) -> dict:
+        """What a resumed process needs to watch on at once (without it, a resume was blind for `warmup`
+        intervals: the very spike a job paused on went unflagged when its batch came again)."""
+        return {"mean": self.mean, "variance": self.variance, "seen": self.seen, "run": list(self._run)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Take over state_dict(); ValueError, and nothing taken, for anything that is not one."""
+        mean, variance, seen, run = state.get("mean"), state.get("variance"), state.get("seen"), state.get("run")
+
+        def finite(value) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+        if not ((mean is None or finite(mean)) and finite(variance) and variance >= 0 and isinstance(seen, int)
+                and not isinstance(seen, bool) and seen >= 0 and isinstance(run, list) and all(map(finite, run))):
+            raise ValueError("loss_spike_detector: not a detector's state")
+        self.mean, self.variance, self.seen = None if mean is None else float(mean), float(variance), seen
+        self._run = [float(value) for value in run]
+
     def _learn(self, loss: float) -> None:
         self.seen += 1
         if self.mean is None:

@@ -658,3 +658,25 @@ def test_an_accuracy_that_is_not_a_ratio_is_left_out_and_a_second_close_does_not
     caplog.clear()
     metrics.close()
     assert not [record for record in caplog.records if record.levelno >= 30]
+
+
+def test_a_resumed_process_watches_for_spikes_at_once():
+    """The detector's running mean was not carried: a resume was blind for its warm-up (10 intervals), so the
+    spike a job had paused on went unflagged when its batch came again."""
+    first = JobMetrics("lib-spiky", log_every=1)
+    first.start()
+    for step in range(30):
+        first.step(loss=1.0 + 0.01 * (step % 3), samples=1)
+    saved = json.loads(json.dumps(first.state_dict()))
+    first.pause()
+    first.close()
+    second = JobMetrics("lib-spiky", log_every=1)
+    second.load_state_dict(saved)
+    second.start()
+    second.step(loss=100.0, samples=1)
+    assert second.spikes.spikes == 1
+    second.close()
+    refused = JobMetrics("lib-spiky-bad", log_every=1)
+    refused.load_state_dict({**saved, "loss_spike_detector": {"mean": "x"}, "steps": 7})
+    assert refused.steps == 0                                   # refused whole
+    refused.close()
