@@ -113,8 +113,8 @@ def build_component(settings: Settings) -> Component:
                                   metrics=client_metrics)
         cache = AnalyticsCache(settings.cache_entries)
         if settings.archive is not None:
-            async def compute(job_id: str) -> dict:
-                return shapes.plain(await settled_job_analytics(client, cache, job_id, settings.lookback))
+            async def compute(job_id: str, settled: bool = True) -> dict:
+                return shapes.plain(await settled_job_analytics(client, cache, job_id, settings.lookback, settled))
             settings.archive.compute = compute
         if settings.hangs is not None:
             async def hung_jobs() -> set[str]:

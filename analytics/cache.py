@@ -64,8 +64,9 @@ async def cached_jobs_analytics(client: PrometheusClient, cache: AnalyticsCache,
                                 archive: ReportArchive | None = None) -> list[JobAnalytics]:
     """jobs_analytics through the cache: the cached jobs checked in one request (a job whose processes changed
     is read again), the others read together; a job Prometheus does not hold comes from its stored report
-    (`source: stored`) where the archive has one, and so do all of them while Prometheus cannot answer. With an owner, a job whose processes do not all carry that
-    owner label is not found (404), exactly like one Prometheus lacks."""
+    (`source: stored`) where the archive has one, and so do all of them while Prometheus cannot answer. With
+    an owner, a job whose processes do not all carry that owner label is not found (404), exactly like one
+    Prometheus lacks."""
     entries = {job_id: cache.get(job_id) for job_id in dict.fromkeys(job_ids)}
     try:
         await _from_prometheus(client, cache, entries, lookback)
@@ -110,14 +111,15 @@ async def _stored_entries(archive: ReportArchive | None, job_ids: list[str]) -> 
 
 
 async def settled_job_analytics(client: PrometheusClient, cache: AnalyticsCache, job_id: str,
-                                lookback: float) -> JobAnalytics:
+                                lookback: float, settled: bool = True) -> JobAnalytics:
     """A job's analytics for its stored report: NotSettled while a process of it, or a node exporter that
-    attributes it (its energy counts), is still scraped; JobNotFound when Prometheus does not hold it."""
-    result = (await jobs_analytics(client, [job_id], lookback, strict=True))[0]
-    analytics, facts = result
-    if not facts.settled:
+    attributes it (its energy counts), is still scraped (unless `settled` is False: the keeper's last
+    word); JobNotFound when Prometheus does not hold it."""
+    analytics, facts = (await jobs_analytics(client, [job_id], lookback, strict=True))[0]
+    if settled and not facts.settled:
         raise NotSettled(job_id)
-    cache.put(job_id, Entry(analytics, facts.owners, facts.fingerprint))
+    if facts.settled:
+        cache.put(job_id, Entry(analytics, facts.owners, facts.fingerprint))
     return analytics
 
 

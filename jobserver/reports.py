@@ -19,6 +19,9 @@ log = logging.getLogger("trainmetrics.server")
 # is asked again every SETTLE_RETRY_SECONDS.
 SETTLE_SECONDS = 5.0
 SETTLE_RETRY_SECONDS = 2.0
+# A job still not settled this long after its first try (an exporter that goes on attributing it: a process
+# of its tree that outlived it) is stored as it stands: a report a little short beats none.
+UNSETTLED_LIMIT_SECONDS = 120.0
 # A job Prometheus never held (no Prometheus, a target that was never scraped) is given up on after this.
 GIVE_UP_SECONDS = 3600.0
 RETRY_SECONDS = 30.0
@@ -32,6 +35,7 @@ class ReportKeeper:
     def __init__(self, archive, call, store):
         self.archive, self.call, self.store = archive, call, store
         self._retry_at: dict[str, float] = {}
+        self._unsettled_since: dict[str, float] = {}
 
     async def load(self, job_id: str) -> tuple[str, dict] | None:
         """(owner, report) of a job with a stored report."""
@@ -52,8 +56,10 @@ class ReportKeeper:
         now, clock = time.time(), time.monotonic()
         waiting = await self.call(self.store.jobs_to_report, FINAL_STATES, now - GIVE_UP_SECONDS, now - SETTLE_SECONDS)
         for job_id in [job_id for job_id in waiting if self._retry_at.get(job_id, 0.0) <= clock][:PER_ROUND]:
+            waited = clock - self._unsettled_since.setdefault(job_id, clock)
             try:
-                report = json.dumps(await self.archive.compute(job_id), allow_nan=False)
+                report = json.dumps(await self.archive.compute(job_id, settled=waited < UNSETTLED_LIMIT_SECONDS),
+                                    allow_nan=False)
             except NotSettled:
                 self._retry_at[job_id] = clock + SETTLE_RETRY_SECONDS
                 continue
@@ -62,5 +68,6 @@ class ReportKeeper:
                 log.info("job %s: its report cannot be stored yet: %s", job_id, getattr(error, "message", error))
                 continue
             self._retry_at.pop(job_id, None)
+            self._unsettled_since.pop(job_id, None)
             await self.call(self.store.set_report, job_id, report)
             log.info("job %s: its analytics report is stored", job_id)

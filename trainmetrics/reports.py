@@ -18,8 +18,8 @@ class NotSettled(Exception):
 class ReportArchive:
     """The two halves of stored reports."""
 
-    # The analytics: a settled job's report, as JSON-ready dicts (NotSettled while it could still change; another
-    # error when Prometheus does not hold the job or cannot answer).
-    compute: Callable[[str], Awaitable[dict]] | None = None
+    # The analytics: a settled job's report, as JSON-ready dicts (NotSettled while it could still change, unless
+    # called with settled=False; another error when Prometheus does not hold the job or cannot answer).
+    compute: Callable[..., Awaitable[dict]] | None = None
     # The job server: (owner, report) of a job whose report it stored, else None.
     load: Callable[[str], Awaitable[tuple[str, dict] | None]] | None = None
