@@ -237,3 +237,37 @@ def test_a_data_dir_from_before_upload_targets_opens_and_its_csvs_keep_the_defau
         assert store.get_dataset("ds-1", "default").public()["target"] == "label"
     finally:
         store.close()
+
+
+def test_a_report_waits_for_the_job_to_settle_then_is_stored_as_it_stands(tmp_path, monkeypatch):
+    """The keeper's reading of the analytics' answers (a stand-in for them): not settled yet (an exporter still
+    attributes the job) is asked again soon, not given up; after the limit the report is stored as it stands."""
+    import asyncio
+    import json as json_module
+
+    from trainmetrics.jobserver import reports
+    from trainmetrics.reports import NotSettled, ReportArchive
+
+    store = JobStore(tmp_path / "db.sqlite")
+    store.add_job(JobRecord(id="ended-1", owner="default", name="ended-1", state="completed", spec={},
+                            ended=time.time() - 10))
+    asked = []
+
+    async def compute(job_id, settled=True):
+        asked.append(settled)
+        if settled:
+            raise NotSettled(job_id)
+        return {"job_id": job_id}
+
+    async def call(operation, *args):
+        return operation(*args)
+
+    keeper = reports.ReportKeeper(ReportArchive(compute=compute), call, store)
+    monkeypatch.setattr(reports, "SETTLE_RETRY_SECONDS", 0.0)
+    asyncio.run(keeper.round())
+    assert asked == [True] and store.get_report("ended-1") is None
+    monkeypatch.setattr(reports, "UNSETTLED_LIMIT_SECONDS", 0.0)
+    asyncio.run(keeper.round())
+    assert asked == [True, False]
+    assert json_module.loads(store.get_report("ended-1")[1]) == {"job_id": "ended-1"}
+    store.close()
