@@ -121,7 +121,8 @@ class Scraper(threading.Thread):
 @pytest.mark.slow
 def test_every_stop_signal_at_any_moment_ends_the_job_as_documented(tmp_path):
     runs = []
-    for case in CASES:
+
+    def launch(case: Case) -> None:
         work = tmp_path / case.name
         process = start(case, work)
         lines: list[str] = []
@@ -131,8 +132,19 @@ def test_every_stop_signal_at_any_moment_ends_the_job_as_documented(tmp_path):
         if scraper is not None:
             scraper.start()
         runs.append((case, work, process, driver, lines, scraper))
+
+    # The cases timed from the start go first, alone: a signal 0.15 s after the start must land in the
+    # interpreter's start, not later because eight processes start at once on two cores.
+    early = [case for case in CASES if case.moment == "delay"]
+    for case in early:
+        launch(case)
+    for _, _, _, driver, _, _ in runs:
+        driver.join(timeout=30)
+    for case in CASES:
+        if case not in early:
+            launch(case)
     failures = []
-    for case, work, process, driver, lines, scraper in runs:
+    for case, work, process, driver, lines, scraper in runs:     # every process reaped before judging
         driver.join(timeout=120)
         began = time.monotonic()
         try:
@@ -148,8 +160,8 @@ def test_every_stop_signal_at_any_moment_ends_the_job_as_documented(tmp_path):
         leftovers = [p.name for d in ("targets", "jobs") for p in (work / d).iterdir()]
         if (process.returncode, result and result["state"], leftovers) != (code, state, []):
             failures.append((case.name, process.returncode, result, leftovers, output[-1500:]))
-        if case.linger == 60.0:                     # the second signal cut the 60 s linger short
-            assert time.monotonic() - began < 30, case.name
+        if case.linger == 60.0 and time.monotonic() - began >= 30:    # the second signal cut the linger short
+            failures.append((case.name, "lingered on after the second signal"))
         if scraper is not None:
             scraper.join(timeout=60)
             final = [line for line in scraper.last.splitlines() if line.startswith("trainer_job_state{")
@@ -157,7 +169,8 @@ def test_every_stop_signal_at_any_moment_ends_the_job_as_documented(tmp_path):
             if not (len(final) == 1 and f'state="{state}"' in final[0]):
                 failures.append((case.name, "the scraper's last read", final))
         summary = [line for line in output.splitlines() if line.startswith("summary ")]
-        assert summary and json.loads(summary[-1][len("summary "):])["state"] == state, (case.name, output[-800:])
+        if not (summary and json.loads(summary[-1][len("summary "):])["state"] == state):
+            failures.append((case.name, "summary", output[-800:]))
     assert not failures, failures
 
 
