@@ -283,9 +283,12 @@ class JobMetrics:
         rendered.add(inst.DATA_WAIT.name, inst.DATA_WAIT.description, self.data_waits)
         self._publication.registry.register(rendered)
         self._pushed = self._publication.pushes_otlp
-        if self._pushed:
-            self._step_duration = histogram(inst.STEP_DURATION)
-            self._data_wait = histogram(inst.DATA_WAIT)
+        if self._pushed:      # on the provider that only pushes: /metrics has them from `rendered`
+            push_meter = self._publication.push_provider.get_meter("trainmetrics.trainer")
+            self._step_duration = push_meter.create_histogram(
+                inst.STEP_DURATION.name, unit=inst.STEP_DURATION.unit, description=inst.STEP_DURATION.description)
+            self._data_wait = push_meter.create_histogram(
+                inst.DATA_WAIT.name, unit=inst.DATA_WAIT.unit, description=inst.DATA_WAIT.description)
         self._checkpoint_duration = histogram(inst.CHECKPOINT_DURATION)
         if self._lifecycle:
             observe_each(inst.JOB_INFO, lambda options: [Observation(1, self._labels)])

@@ -35,6 +35,10 @@ log = logging.getLogger("trainmetrics.trainer")
 # Resource attributes copied onto every series as labels.
 SERIES_LABELS = ("job_id", "rank")
 OTLP_ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
+OTLP_TIMEOUT_VARIABLES = ("OTEL_EXPORTER_OTLP_METRICS_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT")
+# An OTLP push, the last one at the end of a job included, gets this long (the SDK: 10 s a request, retried,
+# and 30 s for the last one).
+FINAL_PUSH_SECONDS = 5.0
 # A scraper counts as active while it keeps to its own rhythm: seen within this many of its intervals, and at
 # least MIN_ACTIVE_SECONDS (a scraper reconnecting shows up under a new connection and the old one fades).
 ACTIVE_INTERVALS = 3
@@ -90,12 +94,18 @@ def otlp_readers() -> list[MetricReader]:
         log.warning("OTEL_EXPORTER_OTLP_* is set but opentelemetry-exporter-otlp-proto-http is not installed "
                     "(pip install 'trainmetrics[otlp]'); pushing nothing")
         return []
-    return [PeriodicExportingMetricReader(OTLPMetricExporter())]
+    # A push gives up after FINAL_PUSH_SECONDS (retries included) unless the variables set a timeout: the SDK's
+    # 10 s, retried, held a job's exit for 15-31 s when the collector was down or never answered.
+    timeout_set = any(os.environ.get(name) for name in OTLP_TIMEOUT_VARIABLES)
+    return [PeriodicExportingMetricReader(OTLPMetricExporter(timeout=None if timeout_set else FINAL_PUSH_SECONDS))]
 
 
-def build_meter_provider(resource_attributes: dict[str, str]) -> tuple[MeterProvider, CollectorRegistry, bool]:
+def build_meter_provider(resource_attributes: dict[str, str]) -> tuple[MeterProvider, CollectorRegistry,
+                                                                     MeterProvider | None]:
     """A MeterProvider exporting through a Prometheus reader into a registry of its own (and over OTLP
-    when configured); the last item says whether it pushes over OTLP."""
+    when configured); and, when it pushes, a second provider that only pushes, for the instruments the
+    Prometheus side renders itself (the step-time and data-wait histograms: through the first provider
+    /metrics showed each family twice, the two copies apart by a collection)."""
     registry = CollectorRegistry(auto_describe=False)
     reader = PrometheusMetricReader(
         disable_target_info=True,          # trainer_job_info carries the job's metadata
@@ -106,7 +116,9 @@ def build_meter_provider(resource_attributes: dict[str, str]) -> tuple[MeterProv
     resource = Resource.create({"service.name": "trainmetrics-trainer", **resource_attributes})
     pushers = otlp_readers()
     provider = MeterProvider(metric_readers=[reader, *pushers], resource=resource, views=histogram_views())
-    return provider, registry, bool(pushers)
+    push_only = MeterProvider(metric_readers=otlp_readers(), resource=resource, views=histogram_views()) \
+        if pushers else None
+    return provider, registry, push_only
 
 
 @dataclass
@@ -192,7 +204,8 @@ class Publication:
         if world_size > 1:
             labels["rank"] = str(rank)
         self.labels = labels
-        self.provider, self.registry, self.pushes_otlp = build_meter_provider(labels)
+        self.provider, self.registry, self.push_provider = build_meter_provider(labels)
+        self.pushes_otlp = self.push_provider is not None
         self.server: MetricsHTTPServer | None = None
         self.registration: Registration | None = None
         self.target_file: Path | None = None
@@ -277,6 +290,14 @@ class Publication:
             self.server = None
 
     def shutdown(self) -> None:
-        """release(), and the provider (flushes an OTLP push)."""
+        """release(), and the providers (a last OTLP push, given FINAL_PUSH_SECONDS: a collector that is down
+        or never answers held every job's exit for 15-31 s, its slot and memory with it)."""
         self.release()
-        self.provider.shutdown()
+        providers = [provider for provider in (self.provider, self.push_provider) if provider is not None]
+        closers = [threading.Thread(target=provider.shutdown, kwargs={"timeout_millis": FINAL_PUSH_SECONDS * 1000},
+                                    name="trainmetrics-otlp-shutdown", daemon=True) for provider in providers[1:]]
+        for closer in closers:      # side by side: each may wait its whole last push
+            closer.start()
+        providers[0].shutdown(timeout_millis=FINAL_PUSH_SECONDS * 1000)
+        for closer in closers:
+            closer.join(FINAL_PUSH_SECONDS + 1)

@@ -1,12 +1,15 @@
 """Optional OTLP push: with the standard OTEL_EXPORTER_OTLP_* variables a job also pushes its metrics to an
 OTLP/HTTP receiver (here a real HTTP server decoding the protobuf requests)."""
 
+import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 
 from trainmetrics.trainer.metrics import JobMetrics
+from trainmetrics.trainer import telemetry
 
 
 class Receiver(BaseHTTPRequestHandler):
@@ -36,16 +39,38 @@ def test_job_pushes_its_metrics_over_otlp_when_asked(monkeypatch):
         with metrics:
             for _ in range(5):
                 metrics.step(loss=0.5, samples=8)
-        # close() shut the provider down, which pushes a last time
+            # /metrics shows each family once (the pushed step-time histogram was a second copy there)
+            families = [line.split()[2] for line in metrics.collect().decode().splitlines()
+                        if line.startswith("# TYPE ")]
+            assert len(families) == len(set(families)) and "trainer_step_duration_seconds" in families
+        # close() shut the providers down, which push a last time
         assert Receiver.requests
-        path, last = Receiver.requests[-1]
-        assert path == "/v1/metrics"
-        resource = {kv.key: kv.value.string_value for kv in last.resource_metrics[0].resource.attributes}
+        assert {path for path, _ in Receiver.requests} == {"/v1/metrics"}
+        resource = {kv.key: kv.value.string_value
+                    for kv in Receiver.requests[-1][1].resource_metrics[0].resource.attributes}
         assert resource["job_id"] == "otlp-job-1"
-        points = {metric.name: metric for scope in last.resource_metrics[0].scope_metrics for metric in scope.metrics}
+        points = {metric.name: metric for _, request in Receiver.requests for resource in request.resource_metrics
+                  for scope in resource.scope_metrics for metric in scope.metrics}     # the newest of each
         assert points["trainer_steps_total"].sum.data_points[0].as_int == 5
         assert points["trainer_samples_total"].sum.data_points[0].as_int == 40
         assert points["trainer_step_duration_seconds"].histogram.data_points[0].count == 5
     finally:
         receiver.shutdown()
         receiver.server_close()
+
+
+def test_a_collector_that_never_answers_holds_the_end_of_a_job_for_a_bounded_time(monkeypatch):
+    """The SDK's last push waited up to 30 s (its retries, its 10 s request timeout) for a collector that took
+    the connection and never answered: every job's exit, and its job server slot, with it."""
+    monkeypatch.setattr(telemetry, "FINAL_PUSH_SECONDS", 1.0)
+    with socket.socket() as frozen:             # takes connections (the backlog), answers nothing
+        frozen.bind(("127.0.0.1", 0))
+        frozen.listen(8)
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{frozen.getsockname()[1]}")
+        metrics = JobMetrics("otlp-frozen-1", log_every=1)
+        with metrics:
+            metrics.step(loss=0.5, samples=8)
+            began = time.monotonic()
+        assert metrics.ended                    # the block's end closed it: the last push included
+    closed_in = time.monotonic() - began
+    assert closed_in < 1.0 + 3, closed_in     # 10 s here before (15-31 s with retries)
