@@ -41,7 +41,7 @@ from trainmetrics.trainer.histograms import DurationHistogram, HistogramCollecto
 from trainmetrics.trainer.phases import CHECKPOINT, COMPUTE, CURRENT_PHASES, DATA, ENDED, EVAL, PAUSED, PhaseClock
 from trainmetrics.trainer.spikes import LossSpikeDetector
 from trainmetrics.trainer.watchdog import StackWatch
-from trainmetrics.trainer.telemetry import Publication, Publish, current_scrape
+from trainmetrics.trainer.telemetry import Publication, Publish, current_scrape, pushing
 
 log = logging.getLogger("trainmetrics.trainer")
 
@@ -230,6 +230,8 @@ class JobMetrics:
         self._last_step_end: float | None = None
         self._new_interval(time.perf_counter())
         self._hurried_at: float | None = None      # when a stop signal came during the final linger
+        self._carried_base: dict[str, float] = {}     # the carried counters' values at load_state_dict()
+        self._carried_phases: dict[str, float] = {}
         self._linger_cut_short = threading.Event()  # one more came: stop waiting at once
         self._previous_handlers: dict[int, object] = {}
 
@@ -254,12 +256,17 @@ class JobMetrics:
 
         def observe(spec, read, counter=False, carried=False):
             """An observable instrument showing read() (a number, or None for no sample); a `carried` one (the
-            job's totals, taken over by a resumed process) only once they are known."""
+            job's totals, taken over by a resumed process) only once they are known, and as this process's own
+            count to an OTLP push (telemetry.pushing)."""
             def callback(options: CallbackOptions) -> list[Observation]:
                 if carried and self._carried_known_at is None:
                     return []
                 value = read()
-                return [] if value is None else [Observation(value)]
+                if value is None:
+                    return []
+                if counter and carried and pushing.get():
+                    value -= self._carried_base.get(spec.name, 0)
+                return [Observation(value)]
 
             factory = meter.create_observable_counter if counter else meter.create_observable_gauge
             factory(spec.name, callbacks=[callback], unit=spec.unit, description=spec.description)
@@ -319,10 +326,15 @@ class JobMetrics:
         observe(inst.PHASE_SINCE, lambda: self.phases.unix(self.phases.since))
         observe(inst.LAST_STEP, self.phases.last_step_unix)
         observe(inst.PROGRESS, self.phases.progress_unix)
-        meter.create_observable_counter(
-            inst.PHASE_SECONDS.name, unit=inst.PHASE_SECONDS.unit, description=inst.PHASE_SECONDS.description,
-            callbacks=[lambda options: [] if self._carried_known_at is None else
-                       [Observation(seconds, {"phase": phase}) for phase, seconds in self.phases.totals().items()]])
+        def phase_seconds(options: CallbackOptions) -> list[Observation]:
+            if self._carried_known_at is None:
+                return []
+            base = self._carried_phases if pushing.get() else {}
+            return [Observation(seconds - base.get(phase, 0.0), {"phase": phase})
+                    for phase, seconds in self.phases.totals().items()]
+
+        meter.create_observable_counter(inst.PHASE_SECONDS.name, unit=inst.PHASE_SECONDS.unit,
+                                        description=inst.PHASE_SECONDS.description, callbacks=[phase_seconds])
         observe(inst.CHECKPOINTED_SECONDS, lambda: self.phases.checkpointed)
         observe(inst.LOSS_SPIKES, lambda: self.spikes.spikes, counter=True, carried=True)
         observe(inst.STACK_DUMPS, lambda: self._stack_watch.dumps if self._stack_watch else None, counter=True)
@@ -426,6 +438,12 @@ class JobMetrics:
         self.spikes.spikes = spikes
         if detector is not None:
             self.spikes.load_state_dict(detector)
+        # What an OTLP push leaves out of the carried counters (it counts this process's own).
+        self._carried_base = {inst.STEPS.name: self.steps, inst.SAMPLES.name: self.samples,
+                              inst.CHECKPOINTS.name: self.checkpoints, inst.LOSS_NONFINITE.name: self.nonfinite_losses,
+                              inst.LOSS_INTERVALS.name: self.loss_intervals, inst.EVALUATIONS.name: evaluations,
+                              inst.LOSS_SPIKES.name: spikes}
+        self._carried_phases = {phase: float(seconds) for phase, seconds in phases.items()}
         self.phases.load_state_dict(phases)
         self._new_interval(time.perf_counter())
         self._carried_known_at = time.monotonic()

@@ -49,6 +49,21 @@ FORGET_SECONDS = 60.0
 
 # The scrape being rendered, for collection callbacks that show a scraper its own view (evaluations).
 current_scrape: contextvars.ContextVar[Scrape | None] = contextvars.ContextVar("current_scrape", default=None)
+# True while an OTLP push collects: the job's carried counters then show this process's own counts. OTLP
+# stamps a cumulative counter with the process's start: job totals there would count a resumed job's
+# earlier runs again in a collector that turns cumulative into delta (Prometheus reads resets by value).
+pushing: contextvars.ContextVar[bool] = contextvars.ContextVar("pushing", default=False)
+
+
+class PushReader(PeriodicExportingMetricReader):
+    """The periodic OTLP reader, its collections marked `pushing` (the callbacks run in them)."""
+
+    def collect(self, timeout_millis: float = 10_000) -> None:
+        token = pushing.set(True)
+        try:
+            super().collect(timeout_millis=timeout_millis)
+        finally:
+            pushing.reset(token)
 
 
 def _env_path(name: str) -> Path | None:
@@ -97,7 +112,7 @@ def otlp_readers() -> list[MetricReader]:
     # A push gives up after FINAL_PUSH_SECONDS (retries included) unless the variables set a timeout: the SDK's
     # 10 s, retried, held a job's exit for 15-31 s when the collector was down or never answered.
     timeout_set = any(os.environ.get(name) for name in OTLP_TIMEOUT_VARIABLES)
-    return [PeriodicExportingMetricReader(OTLPMetricExporter(timeout=None if timeout_set else FINAL_PUSH_SECONDS))]
+    return [PushReader(OTLPMetricExporter(timeout=None if timeout_set else FINAL_PUSH_SECONDS))]
 
 
 def build_meter_provider(resource_attributes: dict[str, str]) -> tuple[MeterProvider, CollectorRegistry,

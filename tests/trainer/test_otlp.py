@@ -74,3 +74,33 @@ def test_a_collector_that_never_answers_holds_the_end_of_a_job_for_a_bounded_tim
         assert metrics.ended                    # the block's end closed it: the last push included
     closed_in = time.monotonic() - began
     assert closed_in < 1.0 + 3, closed_in     # 10 s here before (15-31 s with retries)
+
+
+def test_a_resumed_process_pushes_its_own_counts_while_its_endpoint_shows_the_jobs(monkeypatch):
+    """A resumed process's counters are the job's totals on /metrics (Prometheus reads a reset by its value),
+    but OTLP stamps a cumulative counter with the process's own start: pushed as totals, a collector turning
+    them into deltas counted the earlier runs again (761 steps for 500)."""
+    receiver = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    Receiver.requests = []
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{receiver.server_port}")
+    try:
+        resumed = JobMetrics("otlp-resumed-1", log_every=1)
+        resumed.load_state_dict({"steps": 100, "samples": 800, "checkpoints": 2, "evaluations": 3,
+                                 "phases": {"compute": 40.0}})
+        with resumed:
+            for _ in range(5):
+                resumed.step(loss=0.5, samples=8)
+            shown = resumed.collect().decode()
+            assert "trainer_steps_total 105.0" in shown.replace('{job_id="otlp-resumed-1"}', "")
+        points = {metric.name: metric for _, request in Receiver.requests for resource in request.resource_metrics
+                  for scope in resource.scope_metrics for metric in scope.metrics}
+        assert points["trainer_steps_total"].sum.data_points[0].as_int == 5
+        assert points["trainer_samples_total"].sum.data_points[0].as_int == 40
+        assert points["trainer_checkpoints_total"].sum.data_points[0].as_int == 0
+        phases = {point.attributes[0].value.string_value: point.as_double
+                  for point in points["trainer_phase_seconds_total"].sum.data_points}
+        assert 0 <= phases["compute"] < 40.0                     # its own, not the carried 40 s
+    finally:
+        receiver.shutdown()
+        receiver.server_close()
