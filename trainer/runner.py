@@ -216,9 +216,7 @@ class Trainer:
                 # Decided before a checkpoint is written: one after a loss spike would hold its weights.
                 outcome = self.stop_outcome(checkpoint_due)
                 if outcome and self.stop.keep_last_checkpoint:     # the last checkpoint is from before the spike
-                    log.info("job %s: %s at step %d without a checkpoint: %s", config.job_id,
-                             STOP_VERBS[outcome], metrics.steps, self.stop.reason)
-                    return outcome
+                    return self.stopped_for_spike(outcome)
                 # The evaluation due at this step comes first: a checkpoint of step N holds it, as a resume
                 # from that checkpoint starts at step N + 1 and would never run it again.
                 if config.eval_every and metrics.steps % config.eval_every == 0:
@@ -241,11 +239,13 @@ class Trainer:
             atomic_save(self.net.state_dict(), Path(config.checkpoint_dir) / FINAL_MODEL_NAME)
         return "completed"
 
-    def stopped_for_spike(self) -> str:
-        """The stop a loss spike found at a checkpoint ends the run with (no checkpoint written after it)."""
-        log.info("job %s: %s at step %d without a checkpoint: %s", self.config.job_id,
-                 STOP_VERBS[self.stop.outcome or "paused"], self.metrics.steps, self.stop.reason)
-        return self.stop.outcome or "paused"
+    def stopped_for_spike(self, outcome: str | None = None) -> str:
+        """The stop a loss spike ends the run with, no checkpoint written after it (`outcome`: the one the
+        ranks agreed on, else this rank's)."""
+        outcome = outcome or self.stop.outcome or "paused"
+        log.info("job %s: %s at step %d without a checkpoint: %s", self.config.job_id, STOP_VERBS[outcome],
+                 self.metrics.steps, self.stop.reason)
+        return outcome
 
     def stop_outcome(self, checkpoint_due: bool = False) -> str | None:
         """"paused" or "cancelled" when this step is where the job stops (every rank at the same step: ranks

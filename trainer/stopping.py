@@ -1,7 +1,7 @@
 """Stop signals of `trainmetrics train`, caught from the first moment of the process (before torch is
 imported) to its last: SIGINT and SIGTERM cancel, SIGUSR1 pauses, each at the next step boundary after a
 checkpoint. A handler only records the request; the loop acts on it. A signal after the outcome is decided
-cuts the final linger short; a repeat before that changes nothing (a double Ctrl-C must not keep the final
+shortens the final linger (JobMetrics.cut_linger_short); a repeat before that changes nothing (a double Ctrl-C must not keep the final
 state from the scrapers). Once the outcome is reported and the job's files removed, the stop signals are
 ignored to the end of the process. Imports nothing heavy.
 
