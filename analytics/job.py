@@ -268,7 +268,8 @@ def _assemble(facts: JobFacts, found: dict[str, list[dict]], peak: dict[str, Pea
         evaluations=evaluations,
         efficiency=shapes.Efficiency(**scoring.efficiency(average_gpu, average_sps, peak_sps)),
         energy=_energy(found.get("energy", []), samples, attributed=cpu_seconds is not None,
-                       hosts={labels.get("instance", "") for labels, _ in rows(found.get("cpu_hosts", []))}),
+                       hosts={labels.get("instance", "") for labels, _ in rows(found.get("cpu_hosts", []))},
+                       on_gpus=facts.info.get("device") not in (None, "cpu")),
         goodput=goodput.ledger(facts, found), source="prometheus")
 
 
@@ -280,25 +281,30 @@ NO_GPU_ENERGY = "no GPU energy: the job held no GPU with an energy counter; tota
 NO_CPU_ENERGY = "no CPU energy: no RAPL powercap readable on the job's hosts; total_joules is GPU energy only"
 PARTIAL_CPU_ENERGY = ("CPU energy from {counted} of the {hosts} hosts the job ran on (no RAPL readable on the others): "
                       "cpu_joules and total_joules count those hosts only")
+PARTIAL_GPU_ENERGY = ("GPU energy from {counted} of the {hosts} hosts the job ran on (no GPU energy counter on the "
+                      "others): gpu_joules and total_joules count those hosts only")
 
 
-def _energy(found: list[dict], samples: float | None, attributed: bool, hosts: set[str] = frozenset()) -> shapes.Energy:
+def _energy(found: list[dict], samples: float | None, attributed: bool, hosts: set[str] = frozenset(),
+            on_gpus: bool = False) -> shapes.Energy:
     """The job's energy block: every exporter's counters added up per source. `hosts`: the exporters that
-    attributed the job; a CPU figure from only some of them is said to be partial."""
+    attributed the job; a CPU figure (or, for a job on GPUs, a GPU figure) from only some of them is said to
+    be partial."""
     by_source: dict[str, float] = {}
-    cpu_hosts = set()
+    hosts_of: dict[str, set[str]] = {"cpu": set(), "gpu": set()}
     for labels, value in rows(found):
         source = labels.get("source")
         if value is not None:
             by_source[source] = by_source.get(source, 0.0) + value
-            if source == "cpu":
-                cpu_hosts.add(labels.get("instance", ""))
+            hosts_of.setdefault(source, set()).add(labels.get("instance", ""))
     gpu, cpu = by_source.get("gpu"), by_source.get("cpu")
     total = None if gpu is None and cpu is None else (gpu or 0.0) + (cpu or 0.0)
     if total is None:
         reason = NO_ENERGY_SOURCE if attributed else NOT_ATTRIBUTED
-    elif cpu is not None and hosts - cpu_hosts:
-        reason = PARTIAL_CPU_ENERGY.format(counted=len(hosts & cpu_hosts), hosts=len(hosts))
+    elif cpu is not None and hosts - hosts_of["cpu"]:
+        reason = PARTIAL_CPU_ENERGY.format(counted=len(hosts & hosts_of["cpu"]), hosts=len(hosts))
+    elif gpu is not None and on_gpus and hosts - hosts_of["gpu"]:
+        reason = PARTIAL_GPU_ENERGY.format(counted=len(hosts & hosts_of["gpu"]), hosts=len(hosts))
     else:
         reason = NO_GPU_ENERGY if gpu is None else NO_CPU_ENERGY if cpu is None else None
     return shapes.Energy(gpu_joules=rounded(gpu), cpu_joules=rounded(cpu), total_joules=rounded(total),

@@ -34,6 +34,9 @@ UNANSWERED_LOG_SECONDS = 60.0
 REQUEST_TIMEOUT_SECONDS = 10.0
 # /healthz asks the head for its version within this (the health check's own limit).
 CHECK_TIMEOUT_SECONDS = 3.0
+# After a request Ray did not answer, no other is sent for this long: with a frozen head every request waits
+# its whole timeout, and a tick asking about every run would hold the state thread for runs x 10 s.
+QUIET_SECONDS = 5.0
 
 
 def unknown_to_ray(error: Exception) -> bool:
@@ -73,6 +76,7 @@ class RayExecutor:
         self._polled: dict[str, tuple[float, tuple[bool, int | None]]] = {}
         self._unanswered_said: dict[str, float] = {}     # per run: when "Ray did not answer" was last logged
         self._unconfirmed: dict[str, str] = {}     # job id -> a submission id Ray may or may not have received
+        self._quiet_until = float("-inf")           # no request before this (monotonic): Ray did not answer
 
     @property
     def client(self) -> JobSubmissionClient:
@@ -92,6 +96,8 @@ class RayExecutor:
 
         When Ray does not answer, ExecutorUnavailable: the job stays queued, and the next try submits under the
         same id, so a submission that reached Ray despite the error (its answer lost) is taken, not doubled."""
+        if self._quiet():
+            raise ExecutorUnavailable("Ray did not answer lately")
         submission = self._unconfirmed.get(job_id) or f"{job_id}-{time.time_ns()}"
         try:
             self.client.submit_job(entrypoint=self.entrypoint(nproc, train_args, job_dir), submission_id=submission,
@@ -101,6 +107,7 @@ class RayExecutor:
                 log.warning("job %s: Ray had received its submission %s after all", job_id, submission)
             elif unanswered(error):
                 self._unconfirmed[job_id] = submission
+                self._went_quiet()
                 raise ExecutorUnavailable(f"Ray did not answer ({_one_line(error)})") from error
             else:
                 self._unconfirmed.pop(job_id, None)
@@ -112,12 +119,15 @@ class RayExecutor:
         """A run a previous server submitted, if Ray still runs it."""
         if not handle:
             return None
+        if self._quiet():
+            return Run(job_id, handle, job_dir)
         try:
             status = self.client.get_job_status(handle)
         except Exception as error:
             if unknown_to_ray(error):
                 log.warning("job %s: Ray no longer knows its submission %s", job_id, handle)
                 return None
+            self._went_quiet()
             # Unreachable (a restart of its head or dashboard, the network): it may well run on. Adopted, so
             # it is not started a second time; polling tells its fate once Ray answers.
             log.warning("job %s: Ray did not answer about %s (%s); adopted until it does", job_id, handle,
@@ -131,6 +141,8 @@ class RayExecutor:
         known = self._polled.get(run.handle)
         if known is not None and now - known[0] < POLL_SECONDS:
             return known[1]
+        if self._quiet():
+            return False, None
         try:
             info = self.client.get_job_info(run.handle)
         except Exception as error:
@@ -138,6 +150,7 @@ class RayExecutor:
                 log.warning("job %s: Ray no longer knows its submission %s: it ended", run.job_id, run.handle)
                 self._forget(run)
                 return True, None
+            self._went_quiet()
             if now - self._unanswered_said.get(run.handle, float("-inf")) >= UNANSWERED_LOG_SECONDS:
                 self._unanswered_said[run.handle] = now
                 log.warning("job %s: Ray did not answer about %s (%s); still taken for running", run.job_id,
@@ -190,10 +203,22 @@ class RayExecutor:
     def _running(self, run: Run) -> bool:
         """True while Ray runs it, or cannot be asked: a stop written to the shared control file then reaches
         the launcher if it runs on, and polling settles the run once Ray answers."""
+        if self._quiet():
+            return True
         try:
             return self.client.get_job_status(run.handle) not in FINISHED
         except Exception as error:
-            return not unknown_to_ray(error)
+            if unknown_to_ray(error):
+                return False
+            self._went_quiet()
+            return True
+
+    def _quiet(self) -> bool:
+        """Ray did not answer a moment ago: ask nothing yet."""
+        return time.monotonic() < self._quiet_until
+
+    def _went_quiet(self) -> None:
+        self._quiet_until = time.monotonic() + QUIET_SECONDS
 
 
 def _one_line(error: Exception) -> str:

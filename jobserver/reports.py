@@ -55,6 +55,8 @@ class ReportKeeper:
             return
         now, clock = time.time(), time.monotonic()
         waiting = await self.call(self.store.jobs_to_report, FINAL_STATES, now - GIVE_UP_SECONDS, now - SETTLE_SECONDS)
+        for job_id in set(self._unsettled_since) - set(waiting):     # resumed (or given up): its next end starts afresh
+            del self._unsettled_since[job_id]
         for job_id in [job_id for job_id in waiting if self._retry_at.get(job_id, 0.0) <= clock][:PER_ROUND]:
             waited = clock - self._unsettled_since.setdefault(job_id, clock)
             try:

@@ -583,8 +583,11 @@ class JobMetrics:
         """The linger was shortened by a signal, and one scraper has read the final state since the end, or
         the short wait is over, or another signal came."""
         hurried, end = self._hurried_at, self._end_monotonic
-        return hurried is not None and (self._linger_cut_short.is_set() or time.monotonic() - hurried >=
-                                        HURRIED_LINGER_SECONDS or self._publication.scrapers.any_since(end))
+        if hurried is None:
+            return False
+        since = max(hurried, end) if end is not None else hurried     # a signal before the end: from the end
+        return (self._linger_cut_short.is_set() or time.monotonic() - since >= HURRIED_LINGER_SECONDS
+                or self._publication.scrapers.any_since(end))
 
     def final_state_read(self) -> bool:
         """True when the end has been read: some scraper scraped after it, and every active scraper did and

@@ -235,8 +235,13 @@ class Trainer:
             self.evaluate()
             if not config.checkpoint_every and not self.checkpoint():
                 return self.stopped_for_spike()
-        if config.checkpoint_dir is not None and self.dist.is_main:
-            atomic_save(self.net.state_dict(), Path(config.checkpoint_dir) / FINAL_MODEL_NAME)
+        if config.checkpoint_dir is not None:
+            # The steps since the last checkpoint: a spike among them keeps the final model from being written.
+            metrics.end_interval()
+            if self.spike_keeps_the_last_checkpoint():
+                return self.stopped_for_spike()
+            if self.dist.is_main:
+                atomic_save(self.net.state_dict(), Path(config.checkpoint_dir) / FINAL_MODEL_NAME)
         return "completed"
 
     def stopped_for_spike(self, outcome: str | None = None) -> str:
@@ -429,16 +434,17 @@ def run_job(config: TrainConfig, stop: StopFlag | None = None) -> int:
             metrics.pause()
         else:
             metrics.finish(final_state)
-        outcome.state, outcome.reason = final_state, stop.reason
+        # The reason is the stop's it caused (a spike found in finish()'s last interval caused none).
+        outcome.state, outcome.reason = final_state, stop.reason if final_state == stop.outcome else None
     except Exception as error:   # the job fails; the error class goes to the log, the result and Prometheus
         log.error("job %s failed: %s: %s", config.job_id, type(error).__name__, error)
         outcome.error_type, outcome.error = type(error).__name__, f"{type(error).__name__}: {error}"[:500]
         metrics.finish("failed", error)
     finally:
         stop.decided = True
-        stop.on_late_signal = metrics.cut_linger_short
-        if stop.hurry:
+        if stop.hurry:      # before the callback is set: a signal between the two is then not counted twice
             metrics.cut_linger_short()
+        stop.on_late_signal = metrics.cut_linger_short
         progress.close()
         result = outcome.result(metrics)
         outcome.report(result)

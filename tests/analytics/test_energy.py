@@ -19,7 +19,7 @@ from trainmetrics.analytics.app import Settings
 from trainmetrics.analytics.lookup import find_jobs
 from trainmetrics.analytics.prometheus import PrometheusClient
 from trainmetrics.analytics.job import (NOT_ATTRIBUTED, NO_CPU_ENERGY, NO_ENERGY_SOURCE, NO_GPU_ENERGY,
-                                         PARTIAL_CPU_ENERGY, _energy)
+                                         PARTIAL_CPU_ENERGY, PARTIAL_GPU_ENERGY, _energy)
 from trainmetrics.analytics.scoring import rounded
 from trainmetrics.contract import Node
 from trainmetrics.exporters.collectors import COLLECTORS
@@ -274,5 +274,10 @@ def test_the_energy_block_says_which_figure_is_missing_and_why():
     partial = _energy(block(gpu=30.0, cpu=10.0), 10.0, True, hosts={"n1", "n2"})
     assert (partial.cpu_joules, partial.unavailable_reason) == (10.0, PARTIAL_CPU_ENERGY.format(counted=1, hosts=2))
     assert _energy(block(gpu=30.0, cpu=10.0), 10.0, True, hosts={"n1"}).unavailable_reason is None
+    # A GPU job on two hosts, the second's GPUs without an energy counter: its GPU figure is partial.
+    two_hosts = block(gpu=30.0, cpu=10.0) + [{"metric": {"source": "cpu", "instance": "n2"}, "value": [0, "5"]}]
+    gpu_partial = _energy(two_hosts, 10.0, True, hosts={"n1", "n2"}, on_gpus=True)
+    assert gpu_partial.unavailable_reason == PARTIAL_GPU_ENERGY.format(counted=1, hosts=2)
+    assert _energy(two_hosts, 10.0, True, hosts={"n1", "n2"}).unavailable_reason is None      # a CPU job
     nothing = _energy([], 10.0, attributed=False)
     assert nothing.total_joules is None and nothing.unavailable_reason == NOT_ATTRIBUTED

@@ -24,6 +24,13 @@ UNREACHABLE = requests.exceptions.ConnectionError("HTTPConnectionPool(host='127.
                                                   "exceeded with url: /api/jobs/ray-1 " + "(Connection refused) " * 20)
 
 
+@pytest.fixture(autouse=True)
+def calls_far_apart(monkeypatch):
+    """Each test's calls stand for calls far apart: no quiet period after an unanswered request (tested on
+    its own below)."""
+    monkeypatch.setattr(ray_executor, "QUIET_SECONDS", 0.0)
+
+
 class Unanswering:
     """A Jobs API client whose every question raises `error`."""
 
@@ -144,3 +151,21 @@ def test_a_ray_head_that_never_answers_does_not_hold_the_state_thread(tmp_path, 
         with pytest.raises(ExecutorUnavailable):
             ray.start("job-2", 1, ["--model", "mlp"], tmp_path, {})
         assert time.monotonic() - began < 5
+
+
+def test_after_one_unanswered_request_ray_is_left_alone_for_a_while(tmp_path, monkeypatch):
+    """Every poll of every run waited the whole request timeout on a frozen head: a tick over 8 runs held the
+    state thread for 80 s. After one unanswered request, nothing is asked for QUIET_SECONDS."""
+    monkeypatch.setattr(ray_executor, "REQUEST_TIMEOUT_SECONDS", 0.5)
+    monkeypatch.setattr(ray_executor, "QUIET_SECONDS", 30.0)
+    with socket.socket() as frozen:
+        frozen.bind(("127.0.0.1", 0))
+        frozen.listen(8)
+        ray = RayExecutor(f"http://127.0.0.1:{frozen.getsockname()[1]}")
+        began = time.monotonic()
+        runs = [Run(f"job-{i}", f"ray-{i}", tmp_path) for i in range(8)]
+        assert [ray.poll(run) for run in runs] == [(False, None)] * 8          # taken for running
+        assert ray.signal(runs[0], "paused") is True                           # through the shared file
+        with pytest.raises(ExecutorUnavailable):
+            ray.start("job-9", 1, ["--model", "mlp"], tmp_path, {})
+        assert time.monotonic() - began < 2.5                                  # one timeout, not ten

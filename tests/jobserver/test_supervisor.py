@@ -266,8 +266,17 @@ def test_a_report_waits_for_the_job_to_settle_then_is_stored_as_it_stands(tmp_pa
     monkeypatch.setattr(reports, "SETTLE_RETRY_SECONDS", 0.0)
     asyncio.run(keeper.round())
     assert asked == [True] and store.get_report("ended-1") is None
+    # Resumed (no longer waiting for a report), then ended again much later: its wait starts afresh (the old
+    # clock made the next end's report be stored at once, unsettled).
+    store.update_job("ended-1", state="running", ended=None)
+    asyncio.run(keeper.round())
+    store.update_job("ended-1", state="completed", ended=time.time() - 10)
+    monkeypatch.setattr(reports, "UNSETTLED_LIMIT_SECONDS", 0.001)
+    time.sleep(0.01)
+    asyncio.run(keeper.round())
+    assert asked == [True, True] and store.get_report("ended-1") is None
     monkeypatch.setattr(reports, "UNSETTLED_LIMIT_SECONDS", 0.0)
     asyncio.run(keeper.round())
-    assert asked == [True, False]
+    assert asked == [True, True, False]
     assert json_module.loads(store.get_report("ended-1")[1]) == {"job_id": "ended-1"}
     store.close()

@@ -225,27 +225,31 @@ def test_a_corrupted_batch_is_flagged_on_its_interval_and_pauses_a_job_that_aske
     assert max(c.step for c in list_checkpoints(tmp_path / "ckpt")) == 80
 
 
-@pytest.mark.parametrize("corrupt,checkpoint_every,reason,kept", [
+@pytest.mark.parametrize("corrupt,checkpoint_every,log_every,reason,kept", [
     # The spike's interval (83..84) is ended by the checkpoint at 84, which was written after it.
-    ({"corrupt_batch": {"step": 83, "scale": 1000}}, 12, "loss spike at step 84", 72),
+    ({"corrupt_batch": {"step": 83, "scale": 1000}}, 12, 5, "loss spike at step 84", 72),
     # An overflow: non-finite from step 81 on; the job went on to the end, its good checkpoints rotated out.
-    ({"corrupt_batch": {"step": 81, "scale": 1e39}}, 20, "non-finite loss at step 85", 80)],
-    ids=["spike-ended-by-a-checkpoint", "non-finite"])
+    ({"corrupt_batch": {"step": 81, "scale": 1e39}}, 20, 5, "non-finite loss at step 85", 80),
+    # In the steps after the last checkpoint (120) and the last interval (148): the job completed, its final
+    # model non-finite, its result naming a reason for a stop that did not happen.
+    ({"corrupt_batch": {"step": 149, "scale": 1e39}}, 40, 7, "non-finite loss at step 150", 120)],
+    ids=["spike-ended-by-a-checkpoint", "non-finite", "in-the-last-steps"])
 def test_a_job_that_pauses_on_spikes_writes_no_checkpoint_after_one(tmp_path, monkeypatch, corrupt, checkpoint_every,
-                                                                    reason, kept):
+                                                                    log_every, reason, kept):
     from trainmetrics.trainer.config import TrainConfig
     from trainmetrics.trainer.runner import run_job
     from trainmetrics.trainer.stopping import StopFlag
     from trainmetrics.jobfiles import list_checkpoints, read_result
 
     monkeypatch.setenv(faults.VARIABLE, json.dumps(corrupt))
-    config = TrainConfig(job_id="spiky", model="mlp", dataset="blobs", epochs=3, log_every=5,
+    config = TrainConfig(job_id="spiky", model="mlp", dataset="blobs", epochs=3, log_every=log_every,
                          checkpoint_every=checkpoint_every, checkpoint_dir=tmp_path / "ckpt",
                          result_file=tmp_path / "result.json", on_loss_spike="pause")
     assert run_job(config, StopFlag()) == 4
     result = read_result(tmp_path / "result.json")
     assert (result["state"], result["reason"]) == ("paused", reason)
     assert max(c.step for c in list_checkpoints(tmp_path / "ckpt")) == kept
+    assert not (tmp_path / "ckpt" / "model.pt").exists()
 
 
 @pytest.mark.parametrize("model,dataset,batch_size,epochs", [("mlp", "blobs", 64, 3), ("cnn", "digits", 32, 2),
