@@ -31,9 +31,8 @@ SHUTDOWN_PAUSE = "shutdown"
 # How strongly each stop binds: a cancel accepted after a pause wins, a pause never undoes a cancel, and a
 # user's pause or cancel takes over from the server's own shutdown pause.
 STOP_STRENGTH = {None: 0, SHUTDOWN_PAUSE: 0, "paused": 1, "cancelled": 2}
-# When the executor cannot be asked to start a run (Ray's head down), queued jobs wait this long before the
-# next try, and the outage is said at most once per UNAVAILABLE_LOG_SECONDS.
-UNAVAILABLE_RETRY_SECONDS = 5.0
+# When the executor cannot be asked to start a run (Ray's head down; the executor itself waits before it
+# asks again), the outage is said at most once per this many seconds.
 UNAVAILABLE_LOG_SECONDS = 60.0
 
 
@@ -65,7 +64,6 @@ class Supervisor:
         self.linger_timeout = linger_timeout
         self.executor = executor or LocalExecutor()
         self.runs: dict[str, Run] = {}      # job id -> its process, started here or adopted
-        self._start_again_at = float("-inf")       # monotonic time before which no start is tried (an outage)
         self._unavailable_said_at = float("-inf")
         self._untaken_tokens: dict[str, str] = {}   # job id -> the run secret of a start the executor did not take
 
@@ -154,8 +152,6 @@ class Supervisor:
             if ended:
                 del self.runs[job_id]
                 self._ended(job_id, code)
-        if time.monotonic() < self._start_again_at:
-            return
         for job in self.store.list_jobs(states=("queued",)):
             if self.running_count() >= self.max_concurrent:
                 break
@@ -169,11 +165,9 @@ class Supervisor:
 
     def _executor_unavailable(self, job: JobRecord, error: ExecutorUnavailable) -> None:
         now = time.monotonic()
-        self._start_again_at = now + UNAVAILABLE_RETRY_SECONDS
         if now - self._unavailable_said_at >= UNAVAILABLE_LOG_SECONDS:
             self._unavailable_said_at = now
-            log.warning("job %s: not started: %s; queued jobs stay queued and are tried again every %gs", job.id,
-                        error, UNAVAILABLE_RETRY_SECONDS)
+            log.warning("job %s: not started: %s; queued jobs stay queued and are tried again", job.id, error)
 
     def _failed_to_start(self, job: JobRecord, error: Exception) -> None:
         self.runs.pop(job.id, None)

@@ -251,8 +251,8 @@ class JobMetrics:
     def _create_instruments(self) -> None:
         meter = self._publication.provider.get_meter("trainmetrics.trainer")
 
-        def histogram(spec):
-            return meter.create_histogram(spec.name, unit=spec.unit, description=spec.description)
+        def histogram(spec, on=meter):
+            return on.create_histogram(spec.name, unit=spec.unit, description=spec.description)
 
         def observe(spec, read, counter=False, carried=False):
             """An observable instrument showing read() (a number, or None for no sample); a `carried` one (the
@@ -292,10 +292,8 @@ class JobMetrics:
         self._pushed = self._publication.pushes_otlp
         if self._pushed:      # on the provider that only pushes: /metrics has them from `rendered`
             push_meter = self._publication.push_provider.get_meter("trainmetrics.trainer")
-            self._step_duration = push_meter.create_histogram(
-                inst.STEP_DURATION.name, unit=inst.STEP_DURATION.unit, description=inst.STEP_DURATION.description)
-            self._data_wait = push_meter.create_histogram(
-                inst.DATA_WAIT.name, unit=inst.DATA_WAIT.unit, description=inst.DATA_WAIT.description)
+            self._step_duration = histogram(inst.STEP_DURATION, on=push_meter)
+            self._data_wait = histogram(inst.DATA_WAIT, on=push_meter)
         self._checkpoint_duration = histogram(inst.CHECKPOINT_DURATION)
         if self._lifecycle:
             observe_each(inst.JOB_INFO, lambda options: [Observation(1, self._labels)])

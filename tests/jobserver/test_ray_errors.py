@@ -13,7 +13,7 @@ import requests
 
 from trainmetrics.contract import REGISTER_TOKEN_VARIABLE
 from trainmetrics.jobfiles import CONTROL_FILE_NAME
-from trainmetrics.jobserver import ray_executor, supervisor as supervisor_module
+from trainmetrics.jobserver import ray_executor
 from trainmetrics.jobserver.executors import ExecutorUnavailable, Run
 from trainmetrics.jobserver.ray_executor import RayExecutor
 from trainmetrics.jobserver.store import JobRecord, JobStore
@@ -110,7 +110,6 @@ def test_a_job_submitted_while_ray_does_not_answer_waits_queued_and_runs_once(re
     ray._client = client
     store = JobStore(tmp_path / "db.sqlite")
     supervisor = Supervisor(store, tmp_path, None, max_concurrent=2, executor=ray)
-    monkeypatch.setattr(supervisor_module, "UNAVAILABLE_RETRY_SECONDS", 0.0)
     for job_id in ("first", "second"):
         store.add_job(JobRecord(id=job_id, owner="default", name=job_id, state="queued",
                                 spec={"model": "mlp", "dataset": "blobs", "nproc": 1}))
