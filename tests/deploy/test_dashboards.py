@@ -2,6 +2,7 @@
 exporter and a real job."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -70,11 +71,15 @@ def stack(tmp_path_factory):
     try:
         prometheus.wait_for('up{job="exporter"} == 1', timeout=30)
         began = time.time()
+        # A fast host trains these epochs in under a second, between two evaluations of the 1 s recording
+        # rules, so the series recorded while a rank is inside its loop (seconds without progress) could be
+        # empty: a 3 s stall inside the loop holds it there across several evaluations on any host.
+        stall = {"TRAINMETRICS_FAULTS": json.dumps({"stall": {"step": 30, "seconds": 3}})}
         job = subprocess.run([sys.executable, "-m", "trainmetrics", "train", "--job-id", JOB_ID, "--model", "cnn",
                               "--dataset", "digits", "--epochs", "3", "--batch-size", "8", "--log-every", "20",
                               "--workers", "1", "--peak-flops", "1e11", "--checkpoint-dir", str(work / "ckpt"),
                               "--targets-dir", str(prometheus.targets_dir), "--job-dir", str(job_dir)],
-                             capture_output=True, text=True, timeout=300)
+                             capture_output=True, text=True, timeout=300, env={**os.environ, **stall})
         assert job.returncode == 0, job.stderr
         time.sleep(3)   # let the 1 s recording rules see the end
         yield prometheus, exporter_address, began - 5, time.time()
