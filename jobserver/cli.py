@@ -34,7 +34,8 @@ def add_jobserver_flags(parser: argparse.ArgumentParser) -> None:
                        help="where jobs run: local child processes, or a Ray cluster through its Jobs API "
                             "(pip install 'trainmetrics[ray]'; the data dir must be on storage the nodes share)")
     group.add_argument("--ray-address", default=None, metavar="URL",
-                       help="the Ray cluster's dashboard, e.g. http://HEAD:8265 (with --executor ray)")
+                       help="the Ray cluster's dashboard, e.g. http://HEAD:8265 (with --executor ray; a gateway's "
+                            "headers: RAY_JOB_HEADERS, as for `ray job submit`)")
     group.add_argument("--ray-python", default=None, metavar="PATH",
                        help="the Python with trainmetrics[train] on the Ray nodes (default: this one's)")
     group.add_argument("--max-upload-bytes", type=int, default=256 * 1024 * 1024, help="largest dataset upload")
@@ -113,6 +114,11 @@ def jobserver_settings(args: argparse.Namespace, host: str, web_config):
             raise FlagError("--ray-address", "--executor ray needs the cluster's dashboard URL, e.g. http://HEAD:8265")
         if importlib.util.find_spec("ray") is None:
             raise FlagError("--executor", "ray needs Ray: pip install 'trainmetrics[ray]'")
+        from trainmetrics.jobserver.ray_executor import headers_from_environment
+        try:
+            headers_from_environment()
+        except ValueError as error:
+            raise FlagError("", str(error)) from None
     elif args.ray_address or args.ray_python:
         raise FlagError("--ray-address" if args.ray_address else "--ray-python", "only with --executor ray")
     if args.advertise_url is not None and not args.advertise_url.startswith(("http://", "https://")):

@@ -9,6 +9,7 @@ The job's directory (checkpoints, log, result, control file) must therefore be o
 shares with the job server, as checkpoints must be for a resume to land on any node.
 """
 
+import json
 import logging
 import os
 import shlex
@@ -37,6 +38,35 @@ CHECK_TIMEOUT_SECONDS = 3.0
 # After a request Ray did not answer, no other is sent for this long: with a frozen head every request waits
 # its whole timeout, and a tick asking about every run would hold the state thread for runs x 10 s.
 QUIET_SECONDS = 5.0
+# HTTP headers for every request to Ray's head (a proxy's or gateway's credentials), a JSON object: the
+# variable Ray's own `ray job submit` reads.
+HEADERS_VARIABLE = "RAY_JOB_HEADERS"
+
+
+def headers_from_environment() -> dict[str, str]:
+    """The headers RAY_JOB_HEADERS names ({} without it); ValueError, in one line, unless it is a JSON object
+    of header names to strings."""
+    text = os.environ.get(HEADERS_VARIABLE)
+    if text is None:
+        return {}
+    try:
+        headers = json.loads(text)
+    except ValueError as error:
+        raise ValueError(f"{HEADERS_VARIABLE} is not JSON ({error})") from None
+    if not isinstance(headers, dict) or not all(isinstance(value, str) for value in headers.values()):
+        raise ValueError(f'{HEADERS_VARIABLE} must be a JSON object of header names to strings, e.g. '
+                         '{"Authorization": "Bearer ..."}')
+    return headers
+
+
+def token_headers(headers: dict[str, str]) -> dict[str, str]:
+    """The Authorization header Ray's client adds when the cluster uses Ray's token authentication (none when
+    `headers` has one already or the token is off): /healthz asks the head as the client does."""
+    try:
+        from ray._private.authentication.http_token_authentication import get_auth_headers_if_auth_enabled
+        return get_auth_headers_if_auth_enabled(headers)
+    except Exception:       # a private helper of Ray's: without it, the user's own headers still go
+        return {}
 
 
 def unknown_to_ray(error: Exception) -> bool:
@@ -73,6 +103,7 @@ class RayExecutor:
         self.address = address
         self.python = python or sys.executable     # the interpreter on the cluster's nodes that has trainmetrics
         self._client: JobSubmissionClient | None = None
+        self.headers = headers_from_environment()
         self._polled: dict[str, tuple[float, tuple[bool, int | None]]] = {}
         self._unanswered_said: dict[str, float] = {}     # per run: when "Ray did not answer" was last logged
         self._unconfirmed: dict[str, str] = {}     # job id -> a submission id Ray may or may not have received
@@ -82,7 +113,7 @@ class RayExecutor:
     def client(self) -> JobSubmissionClient:
         """The Jobs API client, made on first use (its constructor asks the head for its version)."""
         if self._client is None:
-            self._client = TimedJobSubmissionClient(self.address)
+            self._client = TimedJobSubmissionClient(self.address, headers=dict(self.headers))
         return self._client
 
     def entrypoint(self, nproc: int, train_args: list[str], job_dir: Path) -> str:
@@ -193,7 +224,9 @@ class RayExecutor:
     def check(self) -> dict:
         """Ray's head answers its version (one request, not through the client the state thread uses)."""
         try:
-            answer = requests.get(f"{self.address.rstrip('/')}/api/version", timeout=CHECK_TIMEOUT_SECONDS)
+            headers = {**self.headers, **token_headers(self.headers)}
+            answer = requests.get(f"{self.address.rstrip('/')}/api/version", headers=headers,
+                                  timeout=CHECK_TIMEOUT_SECONDS)
             answer.raise_for_status()
             version = answer.json()["ray_version"]
         except Exception as error:

@@ -4,8 +4,14 @@ answering "no such submission" (404: its head restarted, the run died with it) e
 its control file, and said once a minute, not at every poll. The flows themselves run on a real Ray head in
 test_server.py."""
 
+import http.server
+import json
 import logging
+import os
 import socket
+import subprocess
+import sys
+import threading
 import time
 
 import pytest
@@ -168,3 +174,62 @@ def test_after_one_unanswered_request_ray_is_left_alone_for_a_while(tmp_path, mo
         with pytest.raises(ExecutorUnavailable):
             ray.start("job-9", 1, ["--model", "mlp"], tmp_path, {})
         assert time.monotonic() - began < 2.5                                  # one timeout, not ten
+
+
+class HeadBehindAProxy:
+    """A stand-in for a Ray head behind a gateway that wants a header: /api/version answers only with it, and
+    every request's headers are kept."""
+
+    def __init__(self, wanted: dict[str, str]):
+        seen = self.seen = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                seen.append(dict(self.headers))
+                allowed = all(self.headers.get(name) == value for name, value in wanted.items())
+                body = json.dumps({"ray_version": "2.99.0", "version": "3"} if allowed else {"error": "no"})
+                self.send_response(200 if allowed else 401)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body.encode())
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.address = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_requests_to_ray_and_the_health_check_carry_ray_job_headers(monkeypatch):
+    """A head behind an authenticating gateway: the job server sent no headers at all (its jobs could not be
+    submitted), and /healthz asked without them. RAY_JOB_HEADERS, as `ray job submit` reads it, goes with every
+    request now."""
+    head = HeadBehindAProxy({"Authorization": "Bearer s3cret"})
+    try:
+        monkeypatch.delenv(ray_executor.HEADERS_VARIABLE, raising=False)
+        with pytest.raises(ExecutorUnavailable, match="401"):
+            RayExecutor(head.address).check()
+        monkeypatch.setenv(ray_executor.HEADERS_VARIABLE, '{"Authorization": "Bearer s3cret"}')
+        ray = RayExecutor(head.address)
+        assert ray.check() == {"executor": "ray", "ray_version": "2.99.0"}
+        ray.client                                      # made: its constructor asks the head for its version
+        assert [seen.get("Authorization") for seen in head.seen[-2:]] == ["Bearer s3cret"] * 2
+    finally:
+        head.close()
+
+
+@pytest.mark.parametrize("value", ['{"Authorization": ', '["Bearer x"]', '{"X-Retries": 3}'])
+def test_unusable_ray_job_headers_stop_the_server_in_one_line(value, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "trainmetrics", "server", "--data-dir", str(tmp_path),
+                             "--executor", "ray", "--ray-address", "http://127.0.0.1:1", "--listen", "127.0.0.1:0"],
+                            capture_output=True, text=True, timeout=120,
+                            env={**os.environ, ray_executor.HEADERS_VARIABLE: value})
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("trainmetrics server: error: RAY_JOB_HEADERS "), lines[0]
