@@ -701,6 +701,8 @@ class JobMetrics:
                     pending = losses.tensors
                     pending.append(loss.detach())
                 else:
+                    if loss.__class__.__name__ in ("bool", "bool_"):     # numpy's too: True would be a loss of 1
+                        raise TypeError("a bool is not a loss")
                     pending = losses.floats
                     pending.append(float(loss))
                 losses.count += 1
@@ -710,6 +712,8 @@ class JobMetrics:
                 self._log_interval()
         except Exception as error:
             self._step_failed(error, loss, samples)
+            if self.steps >= self._next_log_step:       # the step counted: its interval still ends on time
+                self._log_interval()
 
     def _odd_samples(self, samples) -> None:
         """step()'s samples when not a plain non-negative int: another integer type (numpy's, a 0-d integer
@@ -860,6 +864,8 @@ def _finite_float(value, what: str = "evaluation result") -> float | None:
     if value is None:
         return None
     try:
+        if value.__class__.__name__ in ("bool", "bool_"):       # numpy's too: True is no measure of 1
+            raise TypeError("a bool")
         number = float(value)
     except (TypeError, ValueError):
         log.warning("ignoring a %s that is not a number: %r", what, value)

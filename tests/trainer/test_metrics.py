@@ -296,6 +296,27 @@ def test_no_metric_call_raises_whatever_it_is_given():
     metrics.close()
 
 
+def test_a_bool_is_no_loss_and_no_evaluation_result():
+    """step(loss=True) was a loss of 1.0 and eval(accuracy=True) an accuracy of 100 %: a flag passed where a
+    measure belongs is left out, as any other non-number. And a value left out on an interval's last step
+    skipped the interval's end: the next step's loss joined it."""
+    metrics = JobMetrics("lib-6a", log_every=2)
+    metrics.start()
+    metrics.step(loss=0.25, samples=1)
+    metrics.step(loss=True, samples=1)
+    metrics.step(loss=np.bool_(True), samples=1)
+    metrics.step(loss=0.75, samples=1)
+    metrics.eval(loss=0.5, accuracy=0.5)
+    metrics.eval(loss=False, accuracy=True)
+    assert metrics.steps == 4
+    found = samples_by_name(metrics)
+    assert metrics.loss_first == 0.25 and metrics.loss_intervals == 2
+    assert found["trainer_loss"][0].value == 0.75
+    assert found["trainer_eval_accuracy_max_ratio"][0].value == 0.5
+    assert found["trainer_eval_loss_min"][0].value == 0.5
+    metrics.close()
+
+
 def test_the_sample_counter_takes_whole_non_negative_counts_only(caplog):
     """A negative count made the counter go down (a reset to Prometheus) and a NaN stayed in it for good."""
     metrics = JobMetrics("lib-6b", log_every=1)
