@@ -560,7 +560,9 @@ def _recorded_window_increase(counter: str) -> str:
 
 
 TRENDS = {
-    "running_jobs": f'count(max_over_time({Trainer.JOB_STATE}{{state="running"}}[{{window}}]) == 1) or vector(0)',
+    # Jobs, not processes: a job killed and resumed within one step ran as two processes in it.
+    "running_jobs": (f'count(max by (job_id) (max_over_time({Trainer.JOB_STATE}{{state="running"}}[{{window}}])) == 1)'
+                     " or vector(0)"),
     "samples_per_second": _raw_window_increase(Trainer.SAMPLES),
     "host_cpu_utilization_ratio": f"avg(avg_over_time({Node.CPU_UTILIZATION}[{{window}}]))",
     "host_memory_used_bytes": f'sum(avg_over_time({Node.MEMORY_USAGE}{{state="used"}}[{{window}}]))',
@@ -570,7 +572,8 @@ TRENDS = {
 # counts as running at a point when a recording in the step saw "running" as its last state (up to one rule
 # window after its last raw sample), and throughput counts the per-minute recorded sample counts as above.
 RECORDED_TRENDS = {
-    "running_jobs": f'count(max_over_time({RECORDED["state"]}{{state="running"}}[{{window}}])) or vector(0)',
+    "running_jobs": (f'count(max by (job_id) (max_over_time({RECORDED["state"]}{{state="running"}}[{{window}}])))'
+                     " or vector(0)"),
     "samples_per_second": _recorded_window_increase(RECORDED["samples"]),
 }
 

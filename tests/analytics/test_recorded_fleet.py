@@ -172,6 +172,36 @@ def test_summary_agrees_apart_from_its_trends(backfilled):
     assert raw["jobs_by_status"]["vanished"] == 6 and raw["jobs_by_status"]["running"] == 0
 
 
+def running_samples(history: Path) -> dict[str, list[float]]:
+    """From the backfilled history itself: per job id, the times of its samples whose state was running."""
+    times: dict[str, list[float]] = {}
+    for line in history.read_text().splitlines():
+        if line.startswith("trainer_job_state{") and 'state="running"' in line:
+            labels, value, at = line.rsplit(" ", 2)
+            if value == "1":
+                times.setdefault(labels.split('job_id="')[1].split('"')[0], []).append(float(at))
+    return times
+
+
+def test_running_jobs_counts_jobs_not_their_processes(backfilled):
+    """The trend counted processes: a job killed and resumed within one step (two processes running in it),
+    or a job whose every rank publishes a state, counted twice. Each point must be the jobs with a running
+    sample in the step it covers, as the history says."""
+    async def run():
+        client = PrometheusClient(backfilled.url)
+        try:
+            return shapes.plain(await fleet.summary(client, 3 * 3600, 600, recorded=False))
+        finally:
+            await client.aclose()
+
+    points = asyncio.run(run())["resource_trends"]["series"]["running_jobs"]["points"]
+    running = running_samples(backfilled.workdir.parent / "history.om")
+    expected = [[at, sum(any(at - 600 <= t <= at for t in times) for times in running.values())]
+                for at, _ in points]
+    assert points == expected
+    assert max(count for _, count in points) >= 2
+
+
 def test_trends_from_recorded_series_approximate_the_raw_ones(backfilled):
     async def run():
         client = PrometheusClient(backfilled.url)
