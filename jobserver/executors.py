@@ -52,6 +52,10 @@ class Executor(Protocol):
     def check(self) -> dict:
         """For /healthz: what the executor says of itself; raises when it cannot run jobs now."""
 
+    def abandon(self, job_id: str, job_dir: Path) -> None:
+        """The job will not be started again (cancelled while queued): a run that a start which raised
+        ExecutorUnavailable may have left behind (its request arrived, its answer was lost) is stopped."""
+
 
 def build_executor(kind: str, ray_address: str | None = None, ray_python: str | None = None) -> Executor:
     """The executor of a kind ("local" or "ray")."""

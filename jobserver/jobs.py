@@ -143,6 +143,7 @@ class JobService:
         job = self.job(caller, job_id)
         if outcome == "cancelled" and job.state in ("queued", "paused"):
             self.store.update_job(job.id, state="cancelled", ended=time.time(), resume=False)
+            self.supervisor.abandon(job)
             return 200, self.store.get_job(job.id).public()
         try:
             self.supervisor.request_stop(job, outcome)

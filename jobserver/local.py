@@ -55,6 +55,9 @@ class LocalExecutor:
         reached a trainer process. Under torchrun the workers get it (the launcher would die of SIGUSR1)."""
         return _send(run, STOP_SIGNALS[outcome])
 
+    def abandon(self, job_id: str, job_dir: Path) -> None:
+        """A local start either started the process or raised: nothing is left behind."""
+
     def request_stacks(self, run: Run) -> bool:
         """SIGUSR2 to every trainer process of the job (never to torchrun, which it would kill)."""
         return _send(run, STACKS_SIGNAL)

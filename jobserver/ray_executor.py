@@ -208,6 +208,24 @@ class RayExecutor:
         _replace(run.job_dir / CONTROL_FILE_NAME, outcome)
         return True
 
+    def abandon(self, job_id: str, job_dir: Path) -> None:
+        """A submission Ray may have received although it did not answer: "cancelled" in the job's control file
+        stops it (the launcher reads the file before it places any rank, and watches it after), and Ray is asked
+        to stop it, if it answers."""
+        submission = self._unconfirmed.pop(job_id, None)
+        if submission is None:
+            return
+        _replace(job_dir / CONTROL_FILE_NAME, "cancelled")
+        if self._quiet():
+            return
+        try:
+            self.client.stop_job(submission)
+        except Exception as error:      # never received (404), or Ray away: the control file stops it if it runs
+            if unanswered(error):
+                self._went_quiet()
+        log.info("job %s: cancelled while Ray had not answered its submission %s; that submission, if Ray "
+                 "received it, is stopped", job_id, submission)
+
     def request_stacks(self, run: Run) -> bool:
         """Ask every rank for its thread stacks: the launcher passes SIGUSR2 on when the request file's number
         changes (it may sit on another node: only the shared job directory reaches it)."""

@@ -140,6 +140,12 @@ class Supervisor:
                               run_token=token_digest(token), reason=None)
         log.info("job %s: started %s %s%s", job.id, self.executor.name, run.handle, " (resuming)" if job.resume else "")
 
+    def abandon(self, job: JobRecord) -> None:
+        """A queued job cancelled: a start of it that the executor may have received without answering (a Ray
+        submission whose answer was lost) must not train on unseen."""
+        if self._untaken_tokens.pop(job.id, None) is not None:
+            self.executor.abandon(job.id, self.job_path(job.id))
+
     # ----- watching ----------------------------------------------------------------------------------
     def running_count(self) -> int:
         """Job processes alive now."""

@@ -21,6 +21,7 @@ from trainmetrics.contract import REGISTER_TOKEN_VARIABLE
 from trainmetrics.jobfiles import CONTROL_FILE_NAME
 from trainmetrics.jobserver import ray_executor
 from trainmetrics.jobserver.executors import ExecutorUnavailable, Run
+from trainmetrics.jobserver.jobs import JobService, ServerSettings
 from trainmetrics.jobserver.ray_executor import RayExecutor
 from trainmetrics.jobserver.store import JobRecord, JobStore
 from trainmetrics.jobserver.supervisor import Supervisor, token_matches
@@ -97,6 +98,7 @@ class Submissions:
         self.answering = False
         self.received_despite_error = received_despite_error    # the request landed, its answer was lost
         self.submitted: dict[str, dict] = {}
+        self.stopped: list[str] = []
 
     def submit_job(self, *, entrypoint, submission_id, runtime_env, metadata):
         if not self.answering:
@@ -108,6 +110,12 @@ class Submissions:
                                "already exists. Please use a different submission_id.")
         self.submitted[submission_id] = runtime_env["env_vars"]
         return submission_id
+
+    def stop_job(self, submission_id):
+        if not self.answering:
+            raise UNREACHABLE
+        self.stopped.append(submission_id)
+        return submission_id in self.submitted
 
 
 @pytest.mark.parametrize("received", [False, True], ids=["refused", "answer-lost"])
@@ -233,3 +241,27 @@ def test_unusable_ray_job_headers_stop_the_server_in_one_line(value, tmp_path):
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     assert lines[0].startswith("trainmetrics server: error: RAY_JOB_HEADERS "), lines[0]
+
+
+@pytest.mark.parametrize("answering", [False, True], ids=["ray-away", "ray-back"])
+def test_a_job_cancelled_while_its_submission_went_unanswered_does_not_train_unseen(answering, tmp_path):
+    """Ray received a submission but its answer was lost; the job, queued, was cancelled: the Ray job ran on,
+    trained to its end and was never stopped. Its launcher now reads "cancelled" in the control file (before it
+    places a rank, or while it runs), and Ray is asked to stop it when it answers."""
+    ray, client = RayExecutor("http://127.0.0.1:8265"), Submissions(received_despite_error=True)
+    ray._client = client
+    store = JobStore(tmp_path / "db.sqlite")
+    supervisor = Supervisor(store, tmp_path, None, max_concurrent=1, executor=ray)
+    store.add_job(JobRecord(id="lost", owner="default", name="lost", state="queued",
+                            spec={"model": "mlp", "dataset": "blobs", "nproc": 1}))
+    supervisor.tick()
+    assert store.get_job("lost").state == "queued" and len(client.submitted) == 1
+    client.answering = answering
+    service = JobService(ServerSettings(data_dir=tmp_path), store, supervisor)
+    status, body = service.stop(None, "lost", "cancelled")
+    assert status == 200 and body["state"] == "cancelled"
+    assert (supervisor.job_path("lost") / CONTROL_FILE_NAME).read_text() == "cancelled"
+    assert client.stopped == (list(client.submitted) if answering else [])
+    supervisor.tick()
+    assert store.get_job("lost").state == "cancelled" and len(client.submitted) == 1
+    store.close()
