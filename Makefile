@@ -36,7 +36,7 @@ dashboards: venv
 	$(BIN)/python deploy/grafana/dashboards/src/generate.py
 
 test: venv prometheus alertmanager victoria-metrics
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q --durations=25 $(PYTEST_ARGS)
 
 # A longer schemathesis run than make test's bounded one (tests/hardening/test_fuzz.py).
 fuzz: venv prometheus
