@@ -40,11 +40,13 @@ OTLP_TIMEOUT_VARIABLES = ("OTEL_EXPORTER_OTLP_METRICS_TIMEOUT", "OTEL_EXPORTER_O
 # and 30 s for the last one).
 FINAL_PUSH_SECONDS = 5.0
 # A scraper counts as active while it keeps to its own rhythm: seen within this many of its intervals, and at
-# least MIN_ACTIVE_SECONDS (a scraper reconnecting shows up under a new connection and the old one fades).
+# least MIN_ACTIVE_SECONDS, until its connection closes (a scraper reconnecting shows up under a new
+# connection; the old one, if never closed, fades).
 ACTIVE_INTERVALS = 3
 MIN_ACTIVE_SECONDS = 2.0
 # Scrapers gone this long (and past their active window) are forgotten: a scraper that opens a connection per
-# scrape (no keep-alive) shows up under a new name each time, 345,600 names a day at 250 ms.
+# scrape (no keep-alive) shows up under a new name each time, 345,600 names a day at 250 ms (each is also
+# forgotten as its connection closes).
 FORGET_SECONDS = 60.0
 
 # The scrape being rendered, for collection callbacks that show a scraper its own view (evaluations).
@@ -148,16 +150,21 @@ class _Scraper:
 
 
 class ScraperLog:
-    """The Prometheus-compatible scrapers reading this job, and when each last had an answer delivered."""
+    """The Prometheus-compatible scrapers reading this job (one per open connection), and when each last had an
+    answer delivered."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic):
         self._clock = clock
         self._changed = threading.Condition()
         self._scrapers: dict[str, _Scraper] = {}
+        # Kept apart from the scrapers: what a scraper read still counts once its connection has closed (one
+        # without keep-alive closes it after every scrape, its first and its last included).
+        self._last_delivered_began = float("-inf")
 
     def delivered(self, scrape: Scrape) -> None:
         """A counting scrape's answer was written to its scraper."""
         with self._changed:
+            self._last_delivered_began = max(self._last_delivered_began, scrape.began)
             known = self._scrapers.get(scrape.scraper)
             if known is None:
                 self._forget_gone()
@@ -168,6 +175,14 @@ class ScraperLog:
                     known.last_began = scrape.began
                 known.last_delivered_began = max(known.last_delivered_began, scrape.began)
             self._changed.notify_all()
+
+    def closed(self, scraper: str) -> None:
+        """`scraper`'s connection closed: it scrapes no more, so nothing waits for it. Its last interval may
+        be stale: a request queued while this process was frozen (SIGSTOP), its scraper gone to a new
+        connection meanwhile, is answered after the freeze, which makes the freeze its interval."""
+        with self._changed:
+            if self._scrapers.pop(scraper, None) is not None:
+                self._changed.notify_all()
 
     def _forget_gone(self) -> None:
         now = self._clock()
@@ -190,7 +205,7 @@ class ScraperLog:
     def any_since(self, moment: float) -> bool:
         """True when any scraper had an answer delivered for a scrape that began after `moment`."""
         with self._changed:
-            return any(scraper.last_delivered_began > moment for scraper in self._scrapers.values())
+            return self._last_delivered_began > moment
 
     def wait(self, done: Callable[[], bool], timeout: float, cancelled: Callable[[], bool] = lambda: False) -> bool:
         """Block until done() holds (re-checked at each delivery and every 100 ms), the timeout passes or
@@ -236,7 +251,8 @@ class Publication:
             if publish.listen is not None:
                 host, port = parse_listen(publish.listen)
                 self.server = MetricsHTTPServer((host, port), self._render, web_config=publish.web_config,
-                                                delivered=self._delivered, title=f"trainmetrics job {self._job_id}")
+                                                delivered=self._delivered, closed=self.scrapers.closed,
+                                                title=f"trainmetrics job {self._job_id}")
                 self.server.serve_in_background(name="trainmetrics-metrics")
                 address = reachable_address(host, self.server.port)
                 scheme = "https" if publish.web_config is not None and publish.web_config.ssl_context else "http"

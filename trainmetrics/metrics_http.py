@@ -1,7 +1,8 @@
 """The HTTP server behind every trainmetrics /metrics endpoint (the node exporter's and each job's).
 
 - HTTP/1.1 with keep-alive: a Prometheus-compatible scraper (Prometheus, vmagent, the OpenTelemetry
-  Collector) keeps one connection per target open, so the connection tells one scraper from another.
+  Collector) keeps one connection per target open, so the connection tells one scraper from another; once
+  it closes, that scraper is gone (`closed`): one that comes back does so on a new connection.
 - A scrape counts only when it comes from such a scraper: it sends `X-Prometheus-Scrape-Timeout-Seconds`.
   A `curl` or a health check reads the same text but never counts (the job's linger waits for scrapers).
 - Bounded: at most `max_connections` connections (one thread each); more are closed at once. A connection
@@ -26,6 +27,11 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 SCRAPE_TIMEOUT_HEADER = "X-Prometheus-Scrape-Timeout-Seconds"
 DEFAULT_MAX_CONNECTIONS = 32
 DEFAULT_IDLE_TIMEOUT = 30.0
+
+
+def scraper_name(client_address: tuple) -> str:
+    """The name a scraper goes by: its connection's address and port."""
+    return f"{client_address[0]}:{client_address[1]}"
 
 
 @dataclass
@@ -66,8 +72,7 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.path.partition("?")[0]
         if path == "/metrics":
             counting = self.headers.get(SCRAPE_TIMEOUT_HEADER) is not None
-            scrape = Scrape(f"{self.client_address[0]}:{self.client_address[1]}" if counting else None,
-                            time.monotonic())
+            scrape = Scrape(scraper_name(self.client_address) if counting else None, time.monotonic())
             try:
                 body = server.render(scrape)
             except Exception:   # a renderer bug must not take the endpoint down
@@ -94,7 +99,9 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class MetricsHTTPServer(ThreadingHTTPServer):
-    """Serves `render(scrape) -> bytes` on /metrics; binds in the constructor (OSError when it cannot)."""
+    """Serves `render(scrape) -> bytes` on /metrics; binds in the constructor (OSError when it cannot).
+    `delivered(scrape)` hears of each answer written, `closed(scraper)` of each connection's end (by the
+    client, on an error or an idle timeout, or by close()), under the name a scraper on it had."""
 
     daemon_threads = True
     allow_reuse_address = True      # restart at once after a crash, whatever TIME_WAIT the scrapes left
@@ -103,10 +110,11 @@ class MetricsHTTPServer(ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int], render: Callable[[Scrape], bytes], *,
                  web_config: WebConfig | None = None, delivered: Callable[[Scrape], None] | None = None,
-                 max_connections: int = DEFAULT_MAX_CONNECTIONS, idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+                 closed: Callable[[str], None] | None = None, max_connections: int = DEFAULT_MAX_CONNECTIONS, idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
                  title: str = "trainmetrics"):
         self.render = render
         self._delivered = delivered
+        self._closed = closed
         self.web_config = web_config or WebConfig()
         self.idle_timeout = idle_timeout
         self.index_page = (f'<html><body><h1>{title}</h1><a href="/metrics">/metrics</a></body></html>\n').encode()
@@ -137,6 +145,14 @@ class MetricsHTTPServer(ThreadingHTTPServer):
             except Exception:
                 log.exception("scrape delivery hook failed")
 
+    def connection_closed(self, client_address) -> None:
+        """A connection has ended: whichever scraper it carried scrapes no more."""
+        if self._closed is not None:
+            try:
+                self._closed(scraper_name(client_address))
+            except Exception:
+                log.exception("connection close hook failed")
+
     def process_request(self, request, client_address) -> None:
         """One thread per connection, up to the limit; a connection over it is closed at once."""
         if not self._slots.acquire(blocking=False):
@@ -157,6 +173,7 @@ class MetricsHTTPServer(ThreadingHTTPServer):
             with self._open_lock:
                 self._open.discard(request)
             self._slots.release()
+            self.connection_closed(client_address)
 
     def handle_error(self, request, client_address) -> None:
         """A client that went away or timed out is not an error worth a traceback."""
