@@ -93,8 +93,8 @@ class Trainer:
     def state(self, metrics_by_rank: list[dict]) -> dict:
         """A weights-only checkpoint: model, optimizer, the exact position in the data and every rank's
         metrics state (this checkpoint counted in, as it will have been written when a resume reads it)."""
-        for metrics_state in metrics_by_rank:
-            metrics_state["checkpoints"] += 1
+        # In rank 0's alone: it writes the checkpoint, the other ranks count none (trainer_checkpoints_total).
+        metrics_by_rank[0]["checkpoints"] += 1
         return {"model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "step": self.metrics.steps, "samples": self.metrics.samples, "epoch": self.epoch,
                 "batch_in_epoch": self.batch_in_epoch, "job_id": self.config.job_id,
@@ -108,7 +108,8 @@ class Trainer:
         checkpoint of another model fails here), so a run that fails its restore still publishes the job's
         counters and phase seconds, its own init and restore counted in."""
         by_rank = state.get("metrics_by_rank") or []
-        own = by_rank[self.dist.rank] if len(by_rank) == self.dist.world_size else {"checkpoints": 1}
+        own = by_rank[self.dist.rank] if len(by_rank) == self.dist.world_size else \
+            {"checkpoints": 1 if self.dist.is_main else 0}      # rank 0 wrote the one resumed from
         self.metrics.load_state_dict({**own, "steps": int(state["step"]), "samples": int(state["samples"])})
         self.net.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])

@@ -102,3 +102,23 @@ def test_a_crash_in_the_evaluation_due_with_a_checkpoint_does_not_lose_it(make_t
     assert resumed.run() == "completed"
     assert resumed.metrics.state_dict()["evaluations"] == straight.metrics.state_dict()["evaluations"]
     assert resumed.metrics.steps == straight.metrics.steps
+
+
+def test_a_checkpoint_counts_in_the_metrics_of_the_rank_that_writes_it_only(make_trainer):
+    """Rank 0 alone writes checkpoints (trainer_checkpoints_total: checkpoints written), and a resume hands each
+    rank its own metrics state: a checkpoint counted in every rank's took rank 1's counter from 0 to rank 0's."""
+    trainer = make_trainer(model="mlp", dataset="blobs", epochs=1)
+    metrics_by_rank = [{"checkpoints": 2}, {"checkpoints": 0}]
+    trainer.state(metrics_by_rank)
+    assert [state["checkpoints"] for state in metrics_by_rank] == [3, 0]
+
+
+@pytest.mark.parametrize("rank,counted", [(0, 1), (1, 0)])
+def test_a_resume_at_another_world_size_counts_the_checkpoint_in_rank_0_alone(make_trainer, rank, counted):
+    from trainmetrics.trainer.distributed import Distributed
+
+    state = make_trainer(model="mlp", dataset="blobs").state([{"checkpoints": 0}, {"checkpoints": 0}])
+    resumed = make_trainer(model="mlp", dataset="blobs")
+    resumed.dist = Distributed(rank=rank, world_size=3)        # the job resumed with 3 ranks
+    resumed.restore(state)
+    assert resumed.metrics.checkpoints == counted
