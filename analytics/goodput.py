@@ -33,6 +33,11 @@ LEDGER_PHASES = ("queued", "init", "restore", "step", "data_wait", "eval", "chec
 # A run's time before its first step: what a run thrown away whole spent on them stays theirs, not lost.
 SETUP_PHASES = ("init", "restore")
 NO_PHASES = "the job's trainer published no phase totals (trainer_phase_seconds_total): a trainer before the ledger"
+EARLIER_RUNS_GONE = ("the job's earliest run Prometheus still holds resumed from a checkpoint: the runs before it "
+                     "are gone (retention, a wiped store), so their queued, paused and lost time is in "
+                     "unaccounted_seconds")
+# A run that started afresh carries nothing; its totals and its life are read from two clocks a scrape apart.
+CARRIED_TOLERANCE_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -78,7 +83,12 @@ def ledger(facts: JobFacts, found: dict[str, list[dict]]) -> shapes.Goodput:
             runs.append(_Run(started_at[process.instance], as_of, phases[process.instance],
                              stopped=process.state in STOP_SIGNALS,
                              checkpointed=checkpointed.get(process.instance)))
+    # The job server's end of the job (cancelled while queued or paused): the ledger runs to it.
+    server_end = facts.latest.end if facts.latest is not None and facts.latest.ended_by_server else None
     if not runs:
+        submitted = max((p.submitted for p in facts.processes if p.submitted is not None), default=submitted)
+        if server_end is not None and submitted is not None and submitted <= server_end:
+            return _queued_only(server_end - submitted)
         return shapes.Goodput(wall_clock_seconds=None, goodput_ratio=None, seconds={}, badput_percent={},
                               step_seconds_by_part={}, unaccounted_seconds=None, unavailable_reason=NO_PHASES)
     runs.sort(key=lambda run: run.started)
@@ -99,10 +109,18 @@ def ledger(facts: JobFacts, found: dict[str, list[dict]]) -> shapes.Goodput:
             checkpoint_writes += written
             lost += after_snapshot - written
     paused = sum(max(0.0, after.started - run.as_of) for run, after in zip(runs, runs[1:]))
+    end = runs[-1].as_of
+    if server_end is not None and server_end > end:     # paused (or queued to resume) until it was cancelled
+        paused += server_end - end
+        end = server_end
     began = submitted if submitted is not None and submitted <= runs[0].started else runs[0].started
-    wall = runs[-1].as_of - began
+    wall = end - began
+    # The first run Prometheus holds took time over from a checkpoint: earlier runs are gone from it (retention,
+    # a wiped store). Their queued, paused and lost time is not known: left unaccounted, not called queued.
+    earlier_runs_gone = runs[0].carried > CARRIED_TOLERANCE_SECONDS
     step_parts = {part: final.get(part, 0.0) for part in STEP_PHASES}
-    seconds = {"queued": runs[0].started - began, "init": final.get("init", 0.0) + thrown_setup["init"],
+    seconds = {"queued": 0.0 if earlier_runs_gone else runs[0].started - began,
+               "init": final.get("init", 0.0) + thrown_setup["init"],
                "restore": final.get("restore", 0.0) + thrown_setup["restore"], "step": sum(step_parts.values()),
                "data_wait": final.get("data_wait", 0.0), "eval": final.get("eval", 0.0),
                "checkpoint": final.get("checkpoint", 0.0) + checkpoint_writes, "paused": paused, "lost": lost}
@@ -116,9 +134,20 @@ def ledger(facts: JobFacts, found: dict[str, list[dict]]) -> shapes.Goodput:
         # To the millisecond: a difference of large sums, whose last digits a backend storing fewer (such as
         # VictoriaMetrics) would change.
         unaccounted_seconds=round(wall - sum(seconds.values()), 3),
-        unavailable_reason=None if submitted is not None else
+        unavailable_reason=EARLIER_RUNS_GONE if earlier_runs_gone else None if submitted is not None else
         "no submission time (a job started without the job server): queued is 0 and the wall clock starts at "
         "the first process")
+
+
+def _queued_only(wall: float) -> shapes.Goodput:
+    """The ledger of a job that ended without ever running (cancelled while queued): all of it queued."""
+    seconds = {name: wall if name == "queued" else 0.0 for name in LEDGER_PHASES}
+    return shapes.Goodput(
+        wall_clock_seconds=rounded(wall), goodput_ratio=0.0 if wall > 0 else None,
+        seconds={name: rounded(value) for name, value in seconds.items()},
+        badput_percent={name: rounded(100.0 * ratio(seconds[name], wall)) if wall > 0 else None
+                        for name in LEDGER_PHASES if name != "step"},
+        step_seconds_by_part=dict.fromkeys(STEP_PHASES, 0.0), unaccounted_seconds=0.0, unavailable_reason=None)
 
 
 # The fleet's phases over a range: the ledger's, less lost (a per-job figure: it needs each job's runs).
@@ -129,8 +158,8 @@ def fleet(found: dict[str, list[dict]], processes: dict[tuple[str, str], Process
           range_start: float, now: float) -> shapes.FleetGoodput:
     """The fleet's goodput over (range_start, now] for the jobs in job_ids: queries.fleet_goodput's answer and
     the fleet's processes (their stops). Phases grow from each process's first scrape; queued is each job's
-    submission to its first process's start (or to now, still queued), paused each gap from a process's stop
-    to the next one's start (or to now, paused), both cut to the range."""
+    submission to its first process's start (or to now, still queued; or to its cancel), paused each gap from a
+    process's stop to the next one's start (or to now, paused; or to its cancel), both cut to the range."""
     def within(begin: float, end: float) -> float:
         return max(0.0, min(end, now) - max(begin, range_start))
 
@@ -146,17 +175,22 @@ def fleet(found: dict[str, list[dict]], processes: dict[tuple[str, str], Process
     for labels, value in rows(found.get("process_start", [])):
         if labels.get("job_id") in job_ids and value is not None:
             starts.setdefault(labels["job_id"], []).append((value, labels.get("instance", "")))
+    server_ends: dict[str, float] = {}      # jobs the server ended (cancelled while waiting): queued or paused to it
+    for (job_id, _), proc in processes.items():
+        if proc.ended_by_server:
+            server_ends[job_id] = max(proc.end, server_ends.get(job_id, proc.end))
     for job_id in job_ids:
         runs = sorted(starts.get(job_id, []))
+        waited_until = server_ends.get(job_id, now)
         if job_id in submitted:
-            seconds["queued"] += within(submitted[job_id], runs[0][0] if runs else now)
+            seconds["queued"] += within(submitted[job_id], runs[0][0] if runs else waited_until)
         stops = [processes.get((job_id, instance)) for _, instance in runs]
         for stopped, (following, _) in zip(stops, runs[1:]):
             stop = stopped.stop(now) if stopped is not None else None
             if stop is not None:
                 seconds["paused"] += within(stop, following)
         if stops and stops[-1] is not None and stops[-1].state == "paused" and stops[-1].end is not None:
-            seconds["paused"] += within(stops[-1].end, now)
+            seconds["paused"] += within(stops[-1].end, waited_until)
     total = sum(seconds.values())
     return shapes.FleetGoodput(
         goodput_ratio=rounded(ratio(seconds["step"], total)),

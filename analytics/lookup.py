@@ -39,6 +39,7 @@ class Process:
     checkpoints: float | None = None    # checkpoints counted, a resumed run's taken over from its checkpoint
     written: float | None = None        # checkpoints this process wrote itself
     process_start: float | None = None  # when the process itself started (before its imports)
+    submitted: float | None = None      # when the job was submitted to the job server (its own series too)
 
     def stop(self, now: float) -> float | None:
         """When it stopped running: its end, now while it is scraped, else when it was last seen."""
@@ -49,16 +50,22 @@ class Process:
     @property
     def trainer(self) -> bool:
         """A trainer's process: it published its own life (the job server publishes only the state of a
-        job that has no process: queued, or paused)."""
-        return any(t is not None for t in (self.start, self.end, self.last_seen, self.process_start))
+        job that has no process: queued, paused, or ended by the server, with that end)."""
+        return any(t is not None for t in (self.start, self.last_seen, self.process_start))
+
+    @property
+    def ended_by_server(self) -> bool:
+        """The job server's end of a job no process ended (cancelled while queued or paused, or never started):
+        newer than every process of the job, it speaks for the job."""
+        return not self.trainer and self.end is not None
 
     @property
     def order(self) -> tuple[bool, float]:
-        """Its place among the job's processes, oldest first: the job server's state of a job without a
-        process first, then the trainer's processes by when each started (one that failed or was killed
-        before its first step too: it is newer than the run it tried to resume)."""
+        """Its place among the job's processes, oldest first: the job server's state of a waiting job first,
+        then the trainer's processes by when each started (one that failed or was killed before its first
+        step too: it is newer than the run it tried to resume), the server's end of the job last."""
         began = next((t for t in (self.process_start, self.start, self.end, self.last_seen) if t is not None), 0.0)
-        return self.trainer, began
+        return self.trainer or self.ended_by_server, began
 
     @property
     def resumed(self) -> bool:
@@ -179,11 +186,12 @@ def in_order(processes) -> list[Process]:
 
 def timeline_of(processes: list[Process], now: float) -> Timeline:
     """When a job ran: its processes' spans from their start of training to their stop; a process that stopped
-    before its first step (a failed restore, a kill in its init) after the others ends the job there."""
+    before its first step (a failed restore, a kill in its init) after the others ends the job there, and so
+    does the job server's end of it (cancelled while paused)."""
     spans = [(p.start, p.stop(now)) for p in processes if p.start is not None and p.stop(now) is not None]
     if spans:
         last = max(stop for _, stop in spans)
-        spans += [(stop, stop) for p in processes if p.start is None and p.trainer
+        spans += [(stop, stop) for p in processes if p.start is None and (p.trainer or p.ended_by_server)
                   for stop in [p.stop(now)] if stop is not None and stop > last]
     return Timeline.of(spans)
 
@@ -245,6 +253,8 @@ class _Lookup:
             self.process(labels).written = value
         for labels, value in mine("spawned"):
             self.process(labels).process_start = value
+        for labels, value in mine("submission"):
+            self.process(labels).submitted = value
         if live:    # answered at now: scraped now (a start at now, for trainers without a heartbeat)
             for labels, _ in mine("heartbeat") + mine("start"):
                 self.process(labels).live = True

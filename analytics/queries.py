@@ -126,6 +126,8 @@ def _lookup(job_id: str, r: str, instant: bool) -> dict[str, str]:
         "info": last(Trainer.JOB_INFO),
         "failure": last(Trainer.JOB_FAILURE),
         "upload": last(Trainer.UPLOAD_DURATION),
+        # The job server's submission time (a job that never ran has nothing else to start its ledger).
+        "submission": last(Trainer.JOB_SUBMITTED),
         # When each process was last seen: the end of one that vanished.
         "heartbeat": last(Trainer.HEARTBEAT),
         # Checkpoints counted (a resumed process takes its run's count over) and written by the process itself.

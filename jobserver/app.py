@@ -73,7 +73,8 @@ class JobServer:
         self.settings = settings
         self.service: JobService | None = None
         self.state = StateThread()
-        self.waiting: list[tuple[str, str, float]] = []    # queued and paused jobs as of the last tick, for /metrics
+        # Jobs whose state no process publishes (queued, paused, ended by the server) as of the last tick.
+        self.waiting: list[tuple[str, str, float, float | None]] = []
         self.last_tick: float | None = None
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(WaitingJobsCollector(self))
@@ -150,8 +151,9 @@ async def repeat(work, seconds: float, what: str) -> None:
 
 
 class WaitingJobsCollector:
-    """trainer_job_state for jobs without a process (queued, paused), so Prometheus sees every state. Reads
-    the last tick's list: collecting never touches the database."""
+    """trainer_job_state for jobs without a process (queued, paused, or ended by the server: cancelled while
+    waiting, or never started, with their end), so Prometheus sees every state. Reads the last tick's list:
+    collecting never touches the database."""
 
     def __init__(self, server: JobServer):
         self.server = server
@@ -160,12 +162,17 @@ class WaitingJobsCollector:
         family = GaugeMetricFamily(Trainer.JOB_STATE, "1 for the job's current lifecycle state, 0 for the others.",
                                    labels=["job_id", "state"])
         submitted = GaugeMetricFamily(Trainer.JOB_SUBMITTED, "Unix time the job was submitted.", labels=["job_id"])
-        for job_id, current, created in self.server.waiting:
+        ended = GaugeMetricFamily(Trainer.JOB_END, "Unix time the job server ended the job (no process did).",
+                                  labels=["job_id"])
+        for job_id, current, created, end in self.server.waiting:
             for state in JOB_STATES:
                 family.add_metric([job_id, state], 1 if state == current else 0)
             submitted.add_metric([job_id], created)
+            if end is not None:
+                ended.add_metric([job_id], end)
         yield family
         yield submitted
+        yield ended
 
 
 def _server(request: Request) -> JobServer:

@@ -10,7 +10,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainmetrics.contract import BUILTIN_DATASETS, JOB_STATES, SpecError, new_job_id, parse_spec, validate_job_id
+from trainmetrics.contract import (BUILTIN_DATASETS, FINAL_STATES, JOB_STATES, SpecError, new_job_id, parse_spec,
+                                  validate_job_id)
 from trainmetrics.datafiles import csv_columns, first_columns
 from trainmetrics.edge import ApiError
 from trainmetrics.jobfiles import CHECKPOINT_PATTERN, list_checkpoints
@@ -25,6 +26,9 @@ DEFAULT_OWNER = "default"     # the owner of every job when the server has no to
 # The service discovery counts as read by a scraper for this long after a read (deploy/'s refresh_interval
 # is 1 s). A job reported while nobody reads it does not wait for a first scrape that would never come.
 DISCOVERY_WATCHED_SECONDS = 10.0
+# The final state of a job the server ended without a process is published this long (a scraper reading the
+# server once a minute still sees it several times); Prometheus keeps its last samples after.
+FINAL_STATE_HOLD_SECONDS = 300.0
 # HOST:PORT a job reports: a DNS name or IPv4 address, or an IPv6 address in brackets.
 ENDPOINT_ADDRESS = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]{2,45}\]):\d{1,5}$")
 
@@ -142,7 +146,8 @@ class JobService:
         stops at its next step boundary (202, `stop_requested` says which stop is under way)."""
         job = self.job(caller, job_id)
         if outcome == "cancelled" and job.state in ("queued", "paused"):
-            self.store.update_job(job.id, state="cancelled", ended=time.time(), resume=False)
+            # No process publishes this end: the server does (waiting_jobs), for a job without a run handle.
+            self.store.update_job(job.id, state="cancelled", ended=time.time(), resume=False, pid=None, handle=None)
             self.supervisor.abandon(job)
             return 200, self.store.get_job(job.id).public()
         try:
@@ -265,7 +270,11 @@ class JobService:
                                                   "__meta_trainmetrics_rank": str(rank)}}
                 for job_id, owner, rank, address, scheme in self.store.endpoints()]
 
-    def waiting_jobs(self) -> list[tuple[str, str, float]]:
-        """(job id, state, submission time) of every queued and paused job, for /metrics (their own process
-        publishes while they run)."""
-        return [(job.id, job.state, job.created) for job in self.store.list_jobs(states=("queued", "paused"))]
+    def waiting_jobs(self) -> list[tuple[str, str, float, float | None]]:
+        """(job id, state, submission time, end) of every job whose state no process of its own publishes, for
+        /metrics: queued and paused jobs (end None), and for FINAL_STATE_HOLD_SECONDS after it, the end of a job
+        the server ended itself, without a process (cancelled while queued or paused, or one that could not
+        start: no run handle), so that Prometheus, and the analytics' ledger, see it end."""
+        waiting = [(job.id, job.state, job.created, None) for job in self.store.list_jobs(states=("queued", "paused"))]
+        ended = self.store.ended_without_run(FINAL_STATES, time.time() - FINAL_STATE_HOLD_SECONDS)
+        return waiting + [(job.id, job.state, job.created, job.ended) for job in ended]

@@ -71,3 +71,40 @@ def test_a_run_thrown_away_whole_loses_what_it_trained_and_keeps_its_init_as_ini
                            Process("b", start=125.0, end=150.0, state="completed")),
                      found({"a": (100.0, {"init": 4.0}), "b": (120.0, b)}, submitted=100.0))
     assert (in_init.seconds["init"], in_init.seconds["lost"]) == (9.0, 0.0)
+
+
+def test_a_job_cancelled_while_queued_is_all_queued_to_the_cancel():
+    """No process ever ran: the job server's end of it (its own series: state, submission, end) is all there is.
+    It had no ledger ("a trainer before the ledger") and stayed `queued` to the analytics for good."""
+    server = Process("jobserver:8000", end=130.0, state="cancelled", submitted=100.0)
+    facts_ = facts(server)
+    assert facts_.latest is server and server.ended_by_server and not server.trainer
+    body = ledger(facts_, {})       # a job that never started: no totals are read, the lookup holds it all
+    assert body.wall_clock_seconds == 30.0 and body.seconds["queued"] == 30.0 and body.goodput_ratio == 0.0
+    assert sum(body.seconds.values()) == 30.0 and body.unaccounted_seconds == 0 and body.unavailable_reason is None
+
+
+def test_a_job_paused_then_cancelled_is_paused_to_the_cancel():
+    """Run a 100-130 paused; the job server cancelled it at 150: 20 s more paused, the wall clock to 150 (it
+    ended at the pause, with a goodput ratio as if the job had stopped there)."""
+    a = {"init": 2.0, "compute": 20.0, "data_wait": 3.0, "checkpoint": 5.0}
+    run = Process("a", start=100.0, end=130.0, state="paused", last_seen=130.0)
+    server = Process("jobserver:8000", end=150.0, state="cancelled")
+    facts_ = facts(run, server)
+    assert facts_.processes[-1] is server        # newest: it speaks for the job
+    body = ledger(facts_, found({"a": (100.0, a)}, submitted=90.0))
+    assert body.wall_clock_seconds == 60.0
+    assert (body.seconds["queued"], body.seconds["paused"], body.seconds["step"]) == (10.0, 20.0, 20.0)
+    assert body.unaccounted_seconds == 0
+
+
+def test_when_earlier_runs_are_gone_their_time_is_unaccounted_not_queued():
+    """Prometheus holds only run b (140-170), which resumed from a checkpoint with 29.5 s of totals: the 50 s
+    from the submission to b's start were called queued, and the carried 29.5 s counted twice (the phases
+    added up to more than the wall clock)."""
+    b = {"init": 4.0, "restore": 1.0, "compute": 42.5, "data_wait": 7.0, "checkpoint": 5.0}
+    body = ledger(facts(Process("b", start=140.0, end=170.0, state="completed")),
+                  found({"b": (140.0, b)}, submitted=90.0))
+    assert body.wall_clock_seconds == 80.0 and body.seconds["queued"] == 0.0
+    assert body.unaccounted_seconds == pytest.approx(80.0 - 59.5) and body.unaccounted_seconds >= 0
+    assert "earliest run" in body.unavailable_reason

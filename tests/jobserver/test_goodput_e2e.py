@@ -75,6 +75,12 @@ def ledger_run(stack):
                                                      "log_every": 10, "checkpoint_every": CHECKPOINT_EVERY})
     assert ledger.json()["state"] == "queued", ledger.text
     seen["created"], seen["first_created"] = ledger.json()["created"], first["created"]
+    # A third job, cancelled while it waits: no process of its own ever publishes anything.
+    waits = client.post("/api/training/jobs", json={"job_id": "gp-waits", "dataset": "blobs", "epochs": 1}).json()
+    time.sleep(1)
+    cancelled = client.post("/api/training/jobs/gp-waits/cancel")
+    assert cancelled.status_code == 200 and cancelled.json()["state"] == "cancelled", cancelled.text
+    seen["waits"] = (waits["created"], cancelled.json()["ended"])
     seen["running1"] = state_seen(client, "gp-ledger", ("running",))
 
     # Paused for 5 s.
@@ -101,7 +107,7 @@ def ledger_run(stack):
     seen["running3"] = state_seen(client, "gp-ledger", ("running",))
     seen["checkpoint"] = checkpoint
     state_seen(client, "gp-ledger", ("completed",), timeout=120)
-    for job_id in ("gp-first", "gp-ledger"):
+    for job_id in ("gp-first", "gp-ledger", "gp-waits"):
         wait_job(client, job_id, lambda job: job["report_stored"], timeout=60)
     return client, seen
 
@@ -146,6 +152,20 @@ def test_a_single_runs_phases_add_up_to_its_wall_clock_within_1_percent(ledger_r
     assert goodput["seconds"]["paused"] == goodput["seconds"]["lost"] == 0
 
 
+def test_a_job_cancelled_while_queued_ends_there_all_queued(ledger_run):
+    """No process published its end: the job server does. It stayed `queued` to the analytics for good, with
+    no ledger, and the fleet's queued time grew with the clock."""
+    client, seen = ledger_run
+    created, cancelled = seen["waits"]
+    report = analytics(client, "gp-waits")
+    assert report["status"] == "cancelled" and report["end_time"] == pytest.approx(cancelled, abs=1e-3)
+    goodput = report["goodput"]
+    assert goodput["wall_clock_seconds"] == pytest.approx(cancelled - created, abs=1e-3) and cancelled - created > 0.9
+    assert goodput["seconds"]["queued"] == goodput["wall_clock_seconds"] and goodput["goodput_ratio"] == 0
+    listed = client.get("/api/training/analytics/jobs").json()["jobs"]
+    assert {job["job_id"]: job["status"] for job in listed}.get("gp-waits") == "cancelled"
+
+
 def test_queued_paused_and_lost_time_are_what_happened(ledger_run, stack):
     client, seen = ledger_run
     _, prometheus = stack
@@ -173,7 +193,7 @@ def test_queued_paused_and_lost_time_are_what_happened(ledger_run, stack):
 def test_the_fleet_summary_adds_up_the_jobs_phases(ledger_run, stack):
     client, seen = ledger_run
     _, prometheus = stack
-    jobs = [analytics(client, job_id)["goodput"]["seconds"] for job_id in ("gp-first", "gp-ledger")]
+    jobs = [analytics(client, job_id)["goodput"]["seconds"] for job_id in ("gp-first", "gp-ledger", "gp-waits")]
     answer = client.get("/api/training/analytics/summary", params={"range": "10m"})
     assert answer.status_code == 200, answer.text
     fleet = answer.json()["goodput"]["seconds"]
@@ -192,7 +212,7 @@ def test_the_fleet_summary_adds_up_the_jobs_phases(ledger_run, stack):
 def test_reports_outlive_prometheus_and_a_comparison_names_the_best_goodput(ledger_run, stack):
     client, _ = ledger_run
     _, prometheus = stack
-    before = {job_id: analytics(client, job_id) for job_id in ("gp-first", "gp-ledger")}
+    before = {job_id: analytics(client, job_id) for job_id in ("gp-first", "gp-ledger", "gp-waits")}
     assert {report["source"] for report in before.values()} == {"prometheus"}
     prometheus.stop()
     # Prometheus down (answered 503 before): the ended jobs answer from their stored reports.
@@ -206,9 +226,10 @@ def test_reports_outlive_prometheus_and_a_comparison_names_the_best_goodput(ledg
     prometheus.wait_for('up{job="server"} == 1', timeout=30)
     for job_id, earlier in before.items():
         stored = analytics(client, job_id)
-        assert stored["source"] == "stored"
+        # The cancelled job's end is still published by the job server (for a while): read again, the same.
+        assert stored["source"] == "stored" or job_id == "gp-waits"
         assert {**stored, "source": None, "evaluated_at": None} == {**earlier, "source": None, "evaluated_at": None}
-    compared = client.get("/api/training/analytics/compare", params={"job_ids": "gp-first,gp-ledger"})
+    compared = client.get("/api/training/analytics/compare", params={"job_ids": "gp-first,gp-ledger,gp-waits"})
     assert compared.status_code == 200, compared.text
     ratios = {row["job_id"]: row["goodput_ratio"] for row in compared.json()["jobs"]}
     assert compared.json()["winner"]["best_goodput"] == max(ratios, key=ratios.get)
