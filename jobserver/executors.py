@@ -46,6 +46,10 @@ class Executor(Protocol):
     def signal(self, run: Run, outcome: str) -> bool:
         """Ask the run to stop at its next step boundary ("paused" or "cancelled"); True when it was told."""
 
+    def kill(self, run: Run) -> bool:
+        """Stop the run now, wherever it is (a cancel it did not act on: a rank hung in C or a collective never
+        reaches a step boundary); True when the kill went out (False: asked again later)."""
+
     def request_stacks(self, run: Run) -> bool:
         """Ask every rank of the run to write its thread stacks (SIGUSR2); True when the request went out."""
 

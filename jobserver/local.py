@@ -1,9 +1,16 @@
 """The local executor: each job is `trainmetrics train` child processes on this machine (torchrun's workers
-for nproc > 1), each in its own session so a Ctrl-C to the server does not reach it."""
+for nproc > 1), each in its own session so a Ctrl-C to the server does not reach it.
 
+torch's elastic agent starts its workers in sessions of their own too, so they are neither in the launcher's
+session nor, once the launcher died, under it: a run's processes are found by the job's own directory in
+their command line (run_processes), and a launcher's end kills the workers it left (no launcher is left to
+restart or stop them, and a resume must never train beside them)."""
+
+import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -11,6 +18,13 @@ import psutil
 from trainmetrics.contract import STACKS_SIGNAL, STOP_SIGNALS
 from trainmetrics.jobfiles import LOG_NAME
 from trainmetrics.jobserver.executors import Run
+
+log = logging.getLogger("trainmetrics.server")
+
+# How every trainer process of a job-server job names its job's directory in its command line.
+JOB_DIR_FLAG = "--diagnostics-dir"
+# A killed process is waited for this long (SIGKILL takes effect at once, except in an uninterruptible wait).
+KILL_WAIT_SECONDS = 2.0
 
 
 class LocalExecutor:
@@ -39,21 +53,38 @@ class LocalExecutor:
         return {"executor": "local"}
 
     def adopt(self, job_id: str, handle: str | None, job_dir: Path) -> Run | None:
-        """The job's process left running by a previous server, if it still runs (pids get reused)."""
+        """The job's process left running by a previous server, if it still runs (pids get reused). Workers
+        whose launcher is gone are killed: the job is not running, and whatever comes next must not run beside
+        them."""
         pid = int(handle) if handle and handle.isdigit() else None
-        return Run(job_id, handle, job_dir, pid) if pid and _is_job_process(pid, job_id) else None
+        run = Run(job_id, handle, job_dir, pid)
+        if pid and _is_job_process(pid, job_id):
+            return run
+        _kill_leftovers(run)
+        return None
 
     def poll(self, run: Run) -> tuple[bool, int | None]:
-        """(ended, exit code): the code is negative for a signal, None when not known (an adopted process)."""
+        """(ended, exit code): the code is negative for a signal, None when not known (an adopted process). A
+        run whose launcher ended has ended once the trainer processes it left are killed."""
         if run.process is not None:
             code = run.process.poll()
-            return code is not None, code
-        return not _is_job_process(run.pid, run.job_id), None
+            ended = code is not None
+        else:
+            ended, code = not _is_job_process(run.pid, run.job_id), None
+        if ended and not _kill_leftovers(run):
+            return False, None      # one survived its SIGKILL for now: asked again at the next poll
+        return ended, code
 
     def signal(self, run: Run, outcome: str) -> bool:
         """Ask the job to stop at its next step boundary (pause: SIGUSR1, cancel: SIGTERM); True when a signal
         reached a trainer process. Under torchrun the workers get it (the launcher would die of SIGUSR1)."""
         return _send(run, STOP_SIGNALS[outcome])
+
+    def kill(self, run: Run) -> bool:
+        """SIGKILL to every process of the run, the launcher first (so it restarts no worker); poll tells when
+        they are gone."""
+        kill_processes(run_processes(run))
+        return True
 
     def abandon(self, job_id: str, job_dir: Path) -> None:
         """A local start either started the process or raised: nothing is left behind."""
@@ -63,10 +94,71 @@ class LocalExecutor:
         return _send(run, STACKS_SIGNAL)
 
 
+def run_processes(run: Run) -> list[psutil.Process]:
+    """Every live process of the run, its launcher first: the launcher while it lives, and every process that
+    names the job's directory in its command line (torchrun's workers, under it or left behind by it), with
+    their children. By the directory, not the job id: another server's job may share the id, never the
+    directory."""
+    found: dict[int, psutil.Process] = {}
+    launcher = _job_process(run.pid, run.job_id) if run.pid else None
+    roots = [launcher] if launcher else []
+    roots += [process for process in psutil.process_iter(["cmdline"])
+              if names_job_dir(process.info["cmdline"] or [], run.job_dir)]
+    for root in roots:
+        try:
+            family = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
+        for process in family:
+            found.setdefault(process.pid, process)
+    return [process for process in found.values() if _alive(process)]
+
+
+def names_job_dir(command: list[str], job_dir: Path) -> bool:
+    """True when a command line passes exactly `job_dir` as the job's directory."""
+    wanted = str(job_dir)
+    return f"{JOB_DIR_FLAG}={wanted}" in command or any(
+        flag == JOB_DIR_FLAG and value == wanted for flag, value in zip(command, command[1:]))
+
+
+def kill_processes(processes: list[psutil.Process], wait: float = KILL_WAIT_SECONDS) -> list[psutil.Process]:
+    """SIGKILL to each process in turn; the ones still alive after `wait` seconds."""
+    for process in processes:
+        try:
+            process.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):     # gone, or not ours: its survival is returned
+            pass
+    deadline = time.monotonic() + wait
+    alive = [process for process in processes if _alive(process)]
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.01)
+        alive = [process for process in alive if _alive(process)]
+    return alive
+
+
+def _kill_leftovers(run: Run) -> bool:
+    """Kill what a run whose launcher ended left running (nothing, for a single process: it was the
+    trainer); True when nothing is left."""
+    leftovers = run_processes(run)
+    if not leftovers:
+        return True
+    log.warning("job %s: its launcher ended and left trainer processes %s running: killed", run.job_id,
+                ", ".join(str(process.pid) for process in leftovers))
+    return not kill_processes(leftovers)
+
+
+def _alive(process: psutil.Process) -> bool:
+    """True until the process has exited (a zombie has: it only waits to be reaped)."""
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def _send(run: Run, signum: int) -> bool:
     """Send a signal to the run's trainer processes; True when one got it."""
     sent = False
-    for process in _trainer_processes(run.pid, run.job_id) if run.pid else []:
+    for process in _trainer_processes(run):
         try:
             process.send_signal(signum)
             sent = True
@@ -77,26 +169,26 @@ def _send(run: Run, signum: int) -> bool:
 
 def _is_job_process(pid: int, job_id: str) -> bool:
     """True when pid is alive and is this job's trainer (pids get reused)."""
+    return _job_process(pid, job_id) is not None
+
+
+def _job_process(pid: int, job_id: str) -> psutil.Process | None:
+    """The live process pid when it is this job's (its launcher or its trainer), else None (pids get reused)."""
     try:
         process = psutil.Process(pid)
-        return process.status() != psutil.STATUS_ZOMBIE and job_id in process.cmdline()
+        return process if process.status() != psutil.STATUS_ZOMBIE and job_id in process.cmdline() else None
     except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return False
+        return None
 
 
-def _trainer_processes(pid: int, job_id: str) -> list[psutil.Process]:
-    """The job's `trainmetrics train` processes: the process itself, or torchrun's workers under it."""
-    try:
-        root = psutil.Process(pid)
-        candidates = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return []
+def _trainer_processes(run: Run) -> list[psutil.Process]:
+    """The job's `trainmetrics train` processes: the process itself, or torchrun's workers."""
     found = []
-    for process in candidates:
+    for process in run_processes(run):
         try:
             command = process.cmdline()
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-        if job_id in command and "train" in command and "torch.distributed.run" not in command:
+        if run.job_id in command and "train" in command and "torch.distributed.run" not in command:
             found.append(process)
     return found

@@ -208,6 +208,24 @@ class RayExecutor:
         _replace(run.job_dir / CONTROL_FILE_NAME, outcome)
         return True
 
+    def kill(self, run: Run) -> bool:
+        """Ray's stop of the submission: SIGTERM to the launcher, SIGKILL to it and its processes a few seconds
+        later (Ray's RAY_JOB_STOP_WAIT_TIME_S), and the ranks' actors end with it. False when Ray did not
+        answer (asked again after the quiet period)."""
+        if self._quiet():
+            return False
+        try:
+            self.client.stop_job(run.handle)
+        except Exception as error:
+            if unknown_to_ray(error):       # Ray no longer has it: polling ends it
+                return True
+            if not unanswered(error):
+                log.warning("job %s: Ray refused to stop %s (%s); asked again", run.job_id, run.handle,
+                            _one_line(error))
+            self._went_quiet()              # asked again after the quiet period, not at every tick
+            return False
+        return True
+
     def abandon(self, job_id: str, job_dir: Path) -> None:
         """A submission Ray may have received although it did not answer: "cancelled" in the job's control file
         stops it (the launcher reads the file before it places any rank, and watches it after), and Ray is asked

@@ -1,7 +1,9 @@
 """Runs the job server's jobs through an executor, queued beyond a limit, and owns every state change that
 follows a process: it starts queued jobs, learns each run's outcome from the result file the job writes
 (trainmetrics.jobfiles; never from its log), adopts jobs that survived a server restart, resumes the ones
-whose process died with the server, and signals stops.
+whose process died with the server, and signals stops. A cancel the job does not act on within
+CANCEL_GRACE_SECONDS (a rank hung in C never reaches the step boundary it waits for) is carried out by
+killing every process of the run.
 
 Not thread-safe by design: the job server calls it from its one state thread only.
 """
@@ -34,6 +36,11 @@ STOP_STRENGTH = {None: 0, SHUTDOWN_PAUSE: 0, "paused": 1, "cancelled": 2}
 # When the executor cannot be asked to start a run (Ray's head down; the executor itself waits before it
 # asks again), the outage is said at most once per this many seconds.
 UNAVAILABLE_LOG_SECONDS = 60.0
+# A cancelled job that has not stopped this long after its cancel was accepted is killed, every process of it,
+# and ends cancelled: a rank hung in C or in a collective never reaches the step boundary the cancel waits
+# for, and would hold its slot until the collective's own timeout (30 minutes for gloo). A pause is never
+# killed: it exists to leave a checkpoint.
+CANCEL_GRACE_SECONDS = 60.0
 
 
 def token_digest(token: str) -> str:
@@ -55,7 +62,7 @@ class Supervisor:
 
     def __init__(self, store: JobStore, data_dir: Path, job_dir: Path | None, max_concurrent: int,
                  linger_timeout: float = 15.0, executor: Executor | None = None,
-                 advertise_url: str | None = None):
+                 advertise_url: str | None = None, cancel_grace: float = CANCEL_GRACE_SECONDS):
         self.store = store
         self.data_dir = Path(data_dir)
         self.job_dir = job_dir
@@ -63,9 +70,13 @@ class Supervisor:
         self.max_concurrent = max_concurrent
         self.linger_timeout = linger_timeout
         self.executor = executor or LocalExecutor()
+        self.cancel_grace = cancel_grace
         self.runs: dict[str, Run] = {}      # job id -> its process, started here or adopted
         self._unavailable_said_at = float("-inf")
         self._untaken_tokens: dict[str, str] = {}   # job id -> the run secret of a start the executor did not take
+        # job id -> when its cancel was accepted (monotonic; at adoption after a restart), while it runs
+        self._cancelled_at: dict[str, float] = {}
+        self._killed: set[str] = set()      # runs killed for not stopping within the cancel's grace
 
     def job_path(self, job_id: str) -> Path:
         """The job's own directory (checkpoints, final model, log, result)."""
@@ -152,12 +163,12 @@ class Supervisor:
         return len(self.runs)
 
     def tick(self) -> None:
-        """Reap ended processes, then start queued jobs while there is room."""
+        """Kill cancelled runs past their grace, reap ended ones, then start queued jobs while there is room."""
         for job_id, run in list(self.runs.items()):
+            self._kill_if_cancel_overdue(job_id, run)
             ended, code = self.executor.poll(run)
             if ended:
-                del self.runs[job_id]
-                self._ended(job_id, code)
+                self._reap(job_id, code)
         for job in self.store.list_jobs(states=("queued",)):
             if self.running_count() >= self.max_concurrent:
                 break
@@ -168,6 +179,24 @@ class Supervisor:
                 break
             except Exception as error:      # this job's own failure: the jobs queued behind it still start
                 self._failed_to_start(job, error)
+
+    def _kill_if_cancel_overdue(self, job_id: str, run: Run) -> None:
+        """Kill the run when its cancel was accepted more than the grace ago (once the kill went out)."""
+        accepted = self._cancelled_at.get(job_id)
+        if accepted is None or job_id in self._killed or time.monotonic() - accepted < self.cancel_grace:
+            return
+        if self.executor.kill(run):
+            self._killed.add(job_id)
+            log.warning("job %s: not stopped %g s after its cancel: killing every process of it", job_id,
+                        self.cancel_grace)
+
+    def _reap(self, job_id: str, code: int | None) -> None:
+        """A run ended: forget it, and record how."""
+        del self.runs[job_id]
+        self._cancelled_at.pop(job_id, None)
+        killed = job_id in self._killed
+        self._killed.discard(job_id)
+        self._ended(job_id, code, killed)
 
     def _executor_unavailable(self, job: JobRecord, error: ExecutorUnavailable) -> None:
         now = time.monotonic()
@@ -182,8 +211,9 @@ class Supervisor:
                               exit_code=None, requested=None, run_token=None)
         log.exception("job %s: %s", job.id, message)
 
-    def _ended(self, job_id: str, code: int | None) -> None:
-        """Record how a run ended: its result decides; without one, a signal or exit code is a failure."""
+    def _ended(self, job_id: str, code: int | None, killed: bool = False) -> None:
+        """Record how a run ended: its result decides; without one, a signal or exit code is a failure. A run
+        killed after its cancel's grace is cancelled, unless it completed first."""
         job = self.store.get_job(job_id)
         result = read_result(self.result_path(job_id))
         reason = None
@@ -203,6 +233,8 @@ class Supervisor:
             state = job.requested    # a cancel accepted after the pause that stopped the process
         if state == "paused" and job.requested == SHUTDOWN_PAUSE:
             state = "queued"         # paused by a server's stop: it resumes at this (or the next) start
+        if killed and state == "failed":
+            state = "cancelled"      # the kill (or the hang it ended) failed it: the cancel was accepted first
         if state != "failed":
             error = None
         waiting = state in ("paused", "queued")
@@ -210,8 +242,7 @@ class Supervisor:
                               ended=None if waiting else time.time(), resume=waiting, requested=None, run_token=None,
                               reason=reason)
         self.store.remove_endpoints(job_id)
-        log.info("job %s: %s (exit code %s)%s", job_id, state, code,
-                 " after the server's shutdown pause, to resume" if state == "queued" else "")
+        log.info("job %s: %s (exit code %s)%s", job_id, state, code, _ended_how(state, killed, self.cancel_grace))
 
     def _resume_or_fail(self, job: JobRecord, why: str) -> None:
         """A run gone without a result: the stop a user was promised (202) stands; else it resumes from its last
@@ -237,6 +268,8 @@ class Supervisor:
             run = self.executor.adopt(job.id, job.handle or (str(job.pid) if job.pid else None), self.job_path(job.id))
             if run is not None:
                 self.runs[job.id] = run
+                if job.requested == "cancelled":     # the grace starts again: when it began died with the server
+                    self._cancelled_at[job.id] = time.monotonic()
                 log.info("job %s: still running as %s, adopted", job.id, run.handle)
             elif read_result(self.result_path(job.id)) is not None:
                 self._ended(job.id, None)
@@ -261,6 +294,8 @@ class Supervisor:
         if not signalled and not self.executor.signal(run, outcome):
             raise StopRefused(f"job {job.id} is ending: cannot {STOP_VERBS[outcome]} it")
         self.store.update_job(job.id, requested=outcome)
+        if outcome == "cancelled":
+            self._cancelled_at[job.id] = time.monotonic()
 
     def _pause_for_shutdown(self, job_id: str) -> None:
         """The server's own pause of a running job, unless a stop is already under way (a user's stands)."""
@@ -281,5 +316,13 @@ class Supervisor:
             for job_id, run in list(self.runs.items()):
                 ended, code = self.executor.poll(run)
                 if ended:
-                    del self.runs[job_id]
-                    self._ended(job_id, code)
+                    self._reap(job_id, code)
+
+
+def _ended_how(state: str, killed: bool, grace: float) -> str:
+    """The end of a run's log line: why it ended in that state, when the state alone does not say."""
+    if state == "queued":
+        return " after the server's shutdown pause, to resume"
+    if killed and state == "cancelled":
+        return f", killed after it did not stop within {grace:g} s of its cancel"
+    return ""

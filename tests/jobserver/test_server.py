@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
 
@@ -416,6 +417,34 @@ def test_multi_process_job_pauses_resumes_and_completes_as_one_job(tmp_path, exe
         result = json.loads((tmp_path / "jobs" / "ddp-s1" / "result.json").read_text())
         assert (result["state"], result["steps"], result["world_size"]) == ("completed", 800, 2)   # 8 x 3200 / 2 / 16
     finally:
+        server.stop()
+
+
+def test_a_killed_torchrun_leaves_no_rank_training_once_its_job_has_failed(tmp_path):
+    """kill -9 of torchrun: its ranks, in sessions of their own and no longer under it, are killed before the job
+    counts as failed (and its slot free), so a resume never trains beside them."""
+    job_dir = tmp_path / "jobs" / "ddp-orphans"
+
+    def ranks_left() -> list[psutil.Process]:
+        return [process for process in psutil.process_iter(["cmdline", "status"])
+                if str(job_dir) in (process.info["cmdline"] or []) and process.info["status"] != psutil.STATUS_ZOMBIE]
+
+    server = Server(tmp_path)
+    server.start()
+    try:
+        client = server.client()
+        spec = {"dataset": "blobs", "epochs": 30, "batch_size": 16, "log_every": 10, "nproc": 2,
+                "job_id": "ddp-orphans"}
+        assert client.post("/api/training/jobs", json=spec).status_code == 201
+        wait_logged(job_dir / "train.log", "step=10 ")                  # both ranks train
+        assert len(ranks_left()) == 3                                   # torchrun and its two workers
+        os.kill(job_pid(tmp_path, "ddp-orphans"), signal.SIGKILL)
+        failed = wait_job(client, "ddp-orphans", lambda j: j["state"] != "running")
+        assert (failed["state"], failed["error"]) == ("failed", "killed by SIGKILL without a result")
+        assert ranks_left() == []
+    finally:
+        for process in ranks_left():
+            process.kill()
         server.stop()
 
 

@@ -1,0 +1,195 @@
+"""A run's processes are all stopped when they must be: a cancel the job does not act on is carried out by a
+kill after its grace (a pause never is), and the workers a dead launcher leaves behind are killed before the
+run counts as ended. Real processes and signals, with a scripted stand-in for torchrun that starts its workers
+in sessions of their own, as torch's elastic agent does (no torch: each case takes a second or two)."""
+
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from trainmetrics.jobserver.local import LocalExecutor
+from trainmetrics.jobserver.store import JobRecord, JobStore
+from trainmetrics.jobserver.supervisor import Supervisor
+
+# torchrun's stand-in: starts N workers (the script WORKER with `train ARGS`) each in a session of its own,
+# waits for them and exits with the first one's code. It ignores the stop and stacks signals: the server never
+# sends torchrun any (they would kill it), and this one's command line looks like a trainer's.
+LAUNCHER = textwrap.dedent("""
+    import signal, subprocess, sys
+    for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(signum, signal.SIG_IGN)
+    nproc, args = int(sys.argv[1]), sys.argv[2:]
+    workers = [subprocess.Popen([sys.executable, "-c", WORKER, *args], start_new_session=True)
+               for _ in range(nproc)]
+    sys.exit([worker.wait() for worker in workers][0])
+""")
+# A rank hung in C (a collective whose peer is gone): its stop handlers never run, so it stands for one by
+# ignoring the stop signals.
+HUNG_WORKER = textwrap.dedent("""
+    import signal, time
+    for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(signum, signal.SIG_IGN)
+    time.sleep(60)
+""")
+
+
+class HungTorchrun(LocalExecutor):
+    """Runs the launcher stand-in with hung workers instead of torchrun and `trainmetrics train`."""
+
+    def command(self, nproc: int, train_args: list[str]) -> list[str]:
+        return [sys.executable, "-c", f"WORKER = {HUNG_WORKER!r}\n{LAUNCHER}", str(nproc), "train", *train_args]
+
+
+def processes_naming(job_dir: Path) -> list[psutil.Process]:
+    """The live processes with `--diagnostics-dir job_dir` in their command line (found here independently of
+    the executor's own search)."""
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        command = process.info["cmdline"] or []
+        try:
+            if str(job_dir) in command and process.status() != psutil.STATUS_ZOMBIE:
+                found.append(process)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+@pytest.fixture
+def supervisor(tmp_path):
+    store = JobStore(tmp_path / "db.sqlite")
+    supervisor = Supervisor(store, tmp_path, None, max_concurrent=4, executor=HungTorchrun(), cancel_grace=1.0)
+    yield supervisor
+    for job in store.list_jobs():
+        for process in processes_naming(supervisor.job_path(job.id)):
+            process.kill()
+    for run in supervisor.runs.values():
+        run.process.wait()
+    store.close()
+
+
+def start_hung(supervisor: Supervisor, job_id: str) -> list[psutil.Process]:
+    """Start a 2-rank job whose ranks hang; its launcher and both workers once they run."""
+    supervisor.store.add_job(JobRecord(id=job_id, owner="default", name=job_id, state="queued",
+                                       spec={"model": "mlp", "dataset": "blobs", "nproc": 2}))
+    supervisor.tick()
+    assert supervisor.store.get_job(job_id).state == "running"
+    deadline = time.monotonic() + 20
+    while len(processes := processes_naming(supervisor.job_path(job_id))) < 3:
+        assert time.monotonic() < deadline, "the workers did not start"
+        time.sleep(0.05)
+    time.sleep(0.2)         # their handlers are installed
+    return processes
+
+
+def tick_until(supervisor: Supervisor, job_id: str, seconds: float) -> JobRecord:
+    """Tick (as the server does, if faster) until the job is no longer running or `seconds` passed."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        supervisor.tick()
+        job = supervisor.store.get_job(job_id)
+        if job.state != "running":
+            return job
+        time.sleep(0.05)
+    return supervisor.store.get_job(job_id)
+
+
+def test_a_cancel_a_hung_job_does_not_act_on_kills_it_after_the_grace_and_it_ends_cancelled(supervisor, caplog):
+    processes = start_hung(supervisor, "hung-cancel")
+    supervisor.request_stop(supervisor.store.get_job("hung-cancel"), "cancelled")
+    accepted = time.monotonic()
+    assert tick_until(supervisor, "hung-cancel", 0.7).state == "running"        # within the grace: it may stop
+    with caplog.at_level("INFO", logger="trainmetrics.server"):
+        ended = tick_until(supervisor, "hung-cancel", 10)
+    assert (ended.state, ended.error, ended.requested) == ("cancelled", None, None)
+    assert 1.0 <= time.monotonic() - accepted < 5
+    assert not [process for process in processes if process.is_running() and
+                process.status() != psutil.STATUS_ZOMBIE]
+    assert "killed after it did not stop within 1 s of its cancel" in caplog.text
+    assert supervisor.running_count() == 0
+
+
+def test_a_pause_is_never_killed(supervisor):
+    start_hung(supervisor, "hung-pause")
+    supervisor.request_stop(supervisor.store.get_job("hung-pause"), "paused")
+    assert tick_until(supervisor, "hung-pause", 1.5).state == "running"         # it must leave a checkpoint
+    assert len(processes_naming(supervisor.job_path("hung-pause"))) == 3
+
+
+def test_the_workers_a_killed_launcher_leaves_are_killed_before_the_job_ends(supervisor):
+    start_hung(supervisor, "launcher-killed")
+    supervisor.runs["launcher-killed"].process.send_signal(signal.SIGKILL)
+    ended = tick_until(supervisor, "launcher-killed", 10)
+    assert (ended.state, ended.error) == ("failed", "killed by SIGKILL without a result")
+    assert processes_naming(supervisor.job_path("launcher-killed")) == []        # none trains beside a resume
+
+
+def test_the_workers_of_a_launcher_gone_with_the_server_are_killed_at_the_restart(supervisor):
+    start_hung(supervisor, "gone-with-server")
+    launcher = supervisor.runs.pop("gone-with-server").process      # both died, the server first: no poll
+    launcher.kill()
+    launcher.wait()
+    again = Supervisor(supervisor.store, supervisor.data_dir, None, max_concurrent=0, executor=HungTorchrun())
+    again.recover()
+    assert supervisor.store.get_job("gone-with-server").state == "failed"       # no checkpoint to resume from
+    assert processes_naming(supervisor.job_path("gone-with-server")) == []
+
+
+def test_a_runs_processes_are_found_by_their_exact_job_directory(tmp_path):
+    from trainmetrics.jobserver.executors import Run
+    from trainmetrics.jobserver.local import kill_processes, run_processes
+
+    job_dir = tmp_path / "data" / "jobs" / "j1"
+
+    def sleeper(*args: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", *args, "train", "j1"])
+
+    ours = [sleeper("--diagnostics-dir", str(job_dir)), sleeper(f"--diagnostics-dir={job_dir}")]
+    others = [sleeper("--diagnostics-dir", f"{job_dir}-2"),                      # another job's directory
+              sleeper("--diagnostics-dir", str(tmp_path / "other-data" / "jobs" / "j1")),   # another server's j1
+              sleeper("--job-dir", str(job_dir))]                               # the directory, not as the job's
+    try:
+        found = run_processes(Run("j1", None, job_dir))
+        assert sorted(process.pid for process in found) == sorted(process.pid for process in ours)
+        assert kill_processes(found) == []
+        assert [process.wait(10) for process in ours] == [-signal.SIGKILL] * 2
+        assert all(process.poll() is None for process in others)
+    finally:
+        for process in ours + others:
+            process.kill()
+            process.wait()
+
+
+class Stopping:
+    """A Jobs API client (error mapping only) whose stop_job raises `error`, or takes the stop."""
+
+    def __init__(self, error: Exception | None = None):
+        self.error, self.stopped = error, []
+
+    def stop_job(self, submission):
+        if self.error is not None:
+            raise self.error
+        self.stopped.append(submission)
+        return True
+
+
+def test_ray_kills_a_run_by_its_stop_and_is_asked_again_when_it_did_not_answer(tmp_path, monkeypatch):
+    import requests
+
+    from trainmetrics.jobserver import ray_executor
+    from trainmetrics.jobserver.executors import Run
+    from trainmetrics.jobserver.ray_executor import RayExecutor
+
+    monkeypatch.setattr(ray_executor, "QUIET_SECONDS", 0.0)
+    ray, run = RayExecutor("http://127.0.0.1:8265"), Run("job-1", "ray-1", tmp_path)
+    ray._client = Stopping()
+    assert ray.kill(run) is True and ray._client.stopped == ["ray-1"]
+    ray._client = Stopping(RuntimeError("Request failed with status code 404: Job ray-1 does not exist."))
+    assert ray.kill(run) is True                # gone from Ray: polling ends it
+    ray._client = Stopping(requests.exceptions.ConnectionError("Connection refused"))
+    assert ray.kill(run) is False               # the supervisor asks again at a later tick
