@@ -373,6 +373,8 @@ def from_plain(shape: type, value):
 
 
 def _from_plain(annotation, value):
+    """A field's value back from JSON; None where it is not of the field's type (a stored report is read back
+    from a database anyone with the file could edit: a string where a number belongs would fail later)."""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if value is None:
         return None
@@ -381,12 +383,18 @@ def _from_plain(annotation, value):
         return _from_plain(inner, value)
     if dataclasses.is_dataclass(annotation):
         return from_plain(annotation, value)
-    if origin is list and isinstance(value, list):
-        return [_from_plain(args[0], item) for item in value]
-    if origin is tuple and isinstance(value, list):
-        return tuple(_from_plain(arg, item) for arg, item in zip(args, value))
-    if origin is dict and isinstance(value, dict):
-        return {key: _from_plain(args[1], item) for key, item in value.items()}
+    if origin is list:
+        return [_from_plain(args[0], item) for item in value] if isinstance(value, list) else None
+    if origin is tuple:
+        return tuple(_from_plain(arg, item) for arg, item in zip(args, value)) if isinstance(value, list) else None
+    if origin is dict:
+        return {key: _from_plain(args[1], item) for key, item in value.items()} if isinstance(value, dict) else None
+    if annotation is float:
+        return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    if annotation is int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+    if annotation in (str, bool):
+        return value if isinstance(value, annotation) else None
     return value
 
 

@@ -44,10 +44,14 @@ class ReportKeeper:
             return None
         owner, text = found
         try:
-            return owner, json.loads(text)
-        except ValueError:
-            log.warning("job %s: its stored report is not JSON; ignored", job_id)
+            report = json.loads(text)
+        except (ValueError, RecursionError):        # nested past the parser's depth: no report of ours is
+            report = None
+        if not isinstance(report, dict) or report.get("job_id") != job_id:
+            log.warning("job %s: its stored report is not this job's report (a JSON object naming it); ignored",
+                        job_id)
             return None
+        return owner, report
 
     async def round(self) -> None:
         """Store the reports of jobs that ended lately and have none."""

@@ -280,3 +280,36 @@ def test_a_report_waits_for_the_job_to_settle_then_is_stored_as_it_stands(tmp_pa
     assert asked == [True, True, False]
     assert json_module.loads(store.get_report("ended-1")[1]) == {"job_id": "ended-1"}
     store.close()
+
+
+@pytest.mark.parametrize("text", ["[]", "{}", '{"job_id": "someone-else"}', "[" * 100_000 + "]" * 100_000],
+                         ids=["list", "empty", "another-job", "nested"])
+def test_a_stored_report_that_is_not_this_jobs_is_ignored(text, tmp_path):
+    """A stored report edited by hand (or another job's): `[]` and `{}` answered 200 with every field null, a
+    deep nesting 500 (RecursionError). Such a report is ignored, as one that is not JSON already was."""
+    import asyncio
+
+    from trainmetrics.jobserver import reports
+
+    store = JobStore(tmp_path / "db.sqlite")
+    store.add_job(JobRecord(id="bad-1", owner="default", name="bad-1", state="completed", spec={}, ended=1.0))
+    store.set_report("bad-1", text)
+
+    async def call(operation, *args):
+        return operation(*args)
+
+    assert asyncio.run(reports.ReportKeeper(None, call, store).load("bad-1")) is None
+    store.close()
+
+
+def test_a_stored_reports_fields_of_the_wrong_type_read_back_as_null():
+    """A number field holding a string, a list holding a number: read back as they were, they failed later
+    (a comparison's arithmetic: 500)."""
+    from trainmetrics.analytics.shapes import JobAnalytics, from_plain
+
+    analytics = from_plain(JobAnalytics, {"job_id": "j", "status": 3, "performance": {"total_samples": "lots",
+                                          "average_samples_per_second": 12.5}, "evaluations": 7,
+                                          "goodput": {"goodput_ratio": True, "seconds": {"step": 2.0}}})
+    assert analytics.job_id == "j" and analytics.status is None and analytics.evaluations is None
+    assert analytics.performance.total_samples is None and analytics.performance.average_samples_per_second == 12.5
+    assert analytics.goodput.goodput_ratio is None and analytics.goodput.seconds == {"step": 2.0}
