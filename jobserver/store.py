@@ -83,6 +83,7 @@ class JobRecord:
     run_token: str | None = None    # the running process's secret for reporting its endpoints
     handle: str | None = None       # the running process as its executor names it (a pid, a Ray submission)
     reason: str | None = None       # why the last run stopped by itself (its result: "loss spike at step 85")
+    spec_unreadable: bool = False   # its stored spec is not a JSON object (read as {}: the job cannot start)
 
     def public(self) -> dict:
         """The API view, with no server path (an older job's spec held its dataset's path)."""
@@ -146,7 +147,13 @@ class JobStore:
     def _job(row: sqlite3.Row) -> JobRecord:
         values = dict(row)
         values.pop("report", None)       # read on its own (get_report): it is the largest column
-        values["spec"] = json.loads(values["spec"])
+        try:
+            spec = json.loads(values["spec"])
+        except (TypeError, ValueError, RecursionError):
+            spec = None
+        # A row edited by hand (or a damaged file): that job alone fails to start; the others, and every
+        # listing, go on.
+        values["spec"], values["spec_unreadable"] = (spec, False) if isinstance(spec, dict) else ({}, True)
         values["resume"] = bool(values["resume"])
         return JobRecord(**values)
 

@@ -134,6 +134,8 @@ class Supervisor:
 
     def start(self, job: JobRecord) -> None:
         """Start the job's process; an older run's result is removed first, so only this run's can be read."""
+        if job.spec_unreadable:
+            raise ValueError("its stored spec is not a JSON object (the server's database was edited or damaged)")
         self.checkpoint_dir(job.id).mkdir(parents=True, exist_ok=True)
         for leftover in (RESULT_FILE_NAME, CONTROL_FILE_NAME):     # only this run's may be read
             (self.job_path(job.id) / leftover).unlink(missing_ok=True)

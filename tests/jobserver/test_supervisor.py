@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from trainmetrics.jobserver.executors import Run
 from trainmetrics.jobserver.local import LocalExecutor
 from trainmetrics.jobserver.store import JobRecord, JobStore
 from trainmetrics.jobserver.supervisor import StopRefused, Supervisor
@@ -313,3 +314,31 @@ def test_a_stored_reports_fields_of_the_wrong_type_read_back_as_null():
     assert analytics.job_id == "j" and analytics.status is None and analytics.evaluations is None
     assert analytics.performance.total_samples is None and analytics.performance.average_samples_per_second == 12.5
     assert analytics.goodput.goodput_ratio is None and analytics.goodput.seconds == {"step": 2.0}
+
+
+@pytest.mark.parametrize("spec", ["{not json", "[]", "[" * 100_000], ids=["not-json", "list", "nested"])
+def test_a_job_whose_stored_spec_is_unreadable_fails_alone(spec, tmp_path):
+    """A job row whose spec is not a JSON object (edited by hand, a damaged file) raised in every listing and in
+    the supervisor's tick: no queued job started again, every submit answered 500, across restarts. That job
+    alone fails now; the one queued behind it starts."""
+    store = JobStore(tmp_path / "db.sqlite")
+    for job_id in ("broken", "fine"):
+        store.add_job(JobRecord(id=job_id, owner="default", name=job_id, state="queued",
+                                spec={"model": "mlp", "dataset": "blobs", "nproc": 1}))
+    store._execute("UPDATE jobs SET spec = ? WHERE id = ?", (spec, "broken"))
+    started = []
+
+    class Recording(LocalExecutor):
+        def start(self, job_id, nproc, train_args, job_dir, env):
+            started.append(job_id)
+            return Run(job_id, "1", job_dir)
+
+        def poll(self, run):
+            return False, None
+
+    supervisor = Supervisor(store, tmp_path, None, max_concurrent=2, executor=Recording())
+    supervisor.tick()
+    jobs = {job.id: job for job in store.list_jobs()}
+    assert jobs["broken"].state == "failed" and "stored spec is not a JSON object" in jobs["broken"].error
+    assert jobs["broken"].spec == {} and started == ["fine"]
+    store.close()
