@@ -80,8 +80,18 @@ EXCEPTION_HANDLERS = {ApiError: _api_error, HTTPException: _http_error, TimeoutE
 
 
 async def read_json(request: Request, limit: int = MAX_JSON_BYTES) -> object:
-    """The request body as JSON: 413 past `limit` bytes (refused before reading when the length is declared),
-    400 for anything that is not JSON of a sane depth."""
+    """The request body as JSON: 415 unless it says it is JSON (Content-Type application/json), 413 past `limit`
+    bytes (refused before reading when the length is declared), 400 for anything that is not JSON of a sane
+    depth.
+
+    The content type is required because a web page can make a browser POST a text/plain or form body to any
+    address, a loopback server without tokens included, with no preflight; a JSON content type it cannot send
+    without one, which this server never grants."""
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type != "application/json" and not (media_type.startswith("application/") and
+                                                 media_type.endswith("+json")):
+        raise ApiError(415, "unsupported_media_type", f"content-type {media_type[:60] or 'missing'}: send the body "
+                                                      "as JSON with Content-Type: application/json")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise ApiError(413, "too_large", f"body: at most {limit} bytes")

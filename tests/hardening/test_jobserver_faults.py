@@ -58,11 +58,26 @@ def test_bodies_are_capped_and_bad_json_of_any_shape_is_400(owned_server):
                     f"Content-Type: application/json\r\nContent-Length: {400 << 20}\r\n\r\n{{".encode())
         assert raw.recv(4096).startswith(b"HTTP/1.1 413 ")      # answered before the body is sent
     assert rss_bytes(owned_server.process.pid) - before < 32 << 20
-    json_error(alice.post("/api/training/jobs", content=b"[" * 5000 + b"]" * 5000), 400)
-    json_error(alice.post("/api/training/jobs", content=b'{"epochs": ' + b"[" * 5000 + b"]" * 5000 + b"}"), 400)
+    as_json = {"content-type": "application/json"}
+    json_error(alice.post("/api/training/jobs", content=b"[" * 5000 + b"]" * 5000, headers=as_json), 400)
+    json_error(alice.post("/api/training/jobs", content=b'{"epochs": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+                          headers=as_json), 400)
     for body in (b"", b"nul", b"\xff\xfe", b"[]", b"1e999", b'"x"', b"null", b'{"epochs": 1e400}'):
-        json_error(alice.post("/api/training/jobs", content=body), 400)
-    json_error(alice.post("/api/training/jobs", content=b"{" + b" " * (MAX_JSON_BYTES + 1) + b"}"), 413)
+        json_error(alice.post("/api/training/jobs", content=body, headers=as_json), 400)
+    json_error(alice.post("/api/training/jobs", content=b"{" + b" " * (MAX_JSON_BYTES + 1) + b"}", headers=as_json),
+               413)
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded",
+                                          "multipart/form-data; boundary=x", "application/jsonx"])
+def test_a_job_body_that_does_not_say_it_is_json_is_415(content_type, owned_server):
+    """A web page can make a browser POST text/plain or a form to a loopback job server (no preflight): such a
+    body was read as JSON, and the job submitted. A JSON content type it cannot send without a preflight."""
+    headers = {"content-type": content_type} if content_type else {}
+    answer = owned_server.client("alice").post("/api/training/jobs", content=b'{"epochs": 1}', headers=headers)
+    json_error(answer, 415)
+    assert "Content-Type: application/json" in answer.json()["error"]["message"]
+    assert owned_server.client("alice").get("/api/training/jobs").json()["jobs"] == []
 
 
 def raw_get(port: int, path: str, authorization: bytes) -> tuple[int, dict, bytes]:
