@@ -8,10 +8,12 @@ stacks its own hang watchdog took, if any (`fresh: false`).
 """
 
 import asyncio
+import os
+import stat
 import time
 from pathlib import Path
 
-from trainmetrics.jobfiles import stacks_path
+from trainmetrics.jobfiles import open_regular, stacks_path
 
 # How long the ranks get to answer, and how long a file must stop growing to count as written.
 ANSWER_SECONDS = 5.0
@@ -27,18 +29,25 @@ def stacks_file(job_path: Path, rank: int) -> Path:
 
 
 def _size(path: Path) -> int:
+    """The stacks file's length; 0 (none written) for anything but a regular file. The job's directory may
+    hold what anyone put there: a symlink (to /etc/passwd), a directory or a FIFO is no rank's stacks."""
     try:
-        return path.stat().st_size
+        info = os.lstat(path)
     except OSError:
         return 0
+    return info.st_size if stat.S_ISREG(info.st_mode) else 0
 
 
-def _read(path: Path, start: int) -> str:
-    """The file from byte `start`, its last MAX_STACK_BYTES at most."""
-    with open(path, "rb") as file:
-        end = file.seek(0, 2)
-        file.seek(max(start, end - MAX_STACK_BYTES))
-        return file.read().decode("utf-8", "replace")
+def _read(path: Path, start: int) -> str | None:
+    """The file from byte `start`, its last MAX_STACK_BYTES at most; None when it is not a regular file
+    (any more: it may have been swapped since it was measured) or cannot be read."""
+    try:
+        with os.fdopen(open_regular(path, os.O_RDONLY), "rb") as file:
+            end = file.seek(0, 2)
+            file.seek(max(start, end - MAX_STACK_BYTES))
+            return file.read().decode("utf-8", "replace")
+    except OSError:
+        return None
 
 
 def sizes(job_path: Path, nproc: int) -> dict[int, int]:
@@ -64,22 +73,26 @@ async def collect(job_path: Path, before: dict[int, int]) -> dict:
                 len(steady_since) == len(before):
             break
         await asyncio.sleep(POLL_SECONDS)
-    ranks, missing = [], []
-    for rank, start in before.items():
-        if last[rank] > start:
-            ranks.append({"rank": rank, "stacks": _read(stacks_file(job_path, rank), start)})
-        else:
-            missing.append(rank)
+    grown = {rank: start if last[rank] > start else None for rank, start in before.items()}
+    ranks, missing = _answers(job_path, grown)
     return {"fresh": True, "taken_at": time.time(), "ranks": ranks, "missing_ranks": missing}
 
 
 def earlier(job_path: Path, nproc: int) -> dict:
     """The end of each rank's stacks file, for a job with no process to ask."""
-    ranks, missing = [], []
-    for rank in range(nproc):
-        path = stacks_file(job_path, rank)
-        if _size(path):
-            ranks.append({"rank": rank, "stacks": _read(path, 0)})
-        else:
-            missing.append(rank)
+    written = {rank: 0 if _size(stacks_file(job_path, rank)) else None for rank in range(nproc)}
+    ranks, missing = _answers(job_path, written)
     return {"fresh": False, "ranks": ranks, "missing_ranks": missing}
+
+
+def _answers(job_path: Path, starts: dict[int, int | None]) -> tuple[list[dict], list[int]]:
+    """Each rank's stacks from its start offset, and the missing ranks: those with nothing new (start None)
+    and those whose file cannot be read as a regular file."""
+    ranks, missing = [], []
+    for rank, start in starts.items():
+        stacks = None if start is None else _read(stacks_file(job_path, rank), start)
+        if stacks is None:
+            missing.append(rank)
+        else:
+            ranks.append({"rank": rank, "stacks": stacks})
+    return ranks, missing

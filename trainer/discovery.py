@@ -1,21 +1,22 @@
 """Announcing a job to Prometheus: one file_sd target file per job process, removed at exit."""
 
 import json
-import os
 from pathlib import Path
+
+from trainmetrics.jobfiles import replace_atomically
 
 
 def write_target_file(targets_dir: Path, file_stem: str, address: str, scheme: str = "http") -> Path:
-    """Write `<targets_dir>/<file_stem>.json` atomically; the temp name does not match `*.json`."""
+    """Write `<targets_dir>/<file_stem>.json` atomically (jobfiles.replace_atomically: the directory may be
+    shared); the temp name does not match `*.json`."""
     targets_dir = Path(targets_dir)
     targets_dir.mkdir(parents=True, exist_ok=True)
     path = targets_dir / f"{file_stem}.json"
-    tmp = targets_dir / f".{file_stem}.json.tmp"
     # No job_id target label: the series carry job_id themselves, and a target label of the same name
     # would turn theirs into exported_job_id.
     labels = {"__scheme__": scheme} if scheme != "http" else {}     # TLS: Prometheus scrapes over https
-    tmp.write_text(json.dumps([{"targets": [address], "labels": labels}]))
-    os.replace(tmp, path)
+    # Readable by all: Prometheus, which reads the directory, runs as another user.
+    replace_atomically(path, json.dumps([{"targets": [address], "labels": labels}]), mode=0o644)
     return path
 
 

@@ -10,6 +10,7 @@
 
 import faulthandler
 import logging
+import os
 import signal
 import sys
 import threading
@@ -18,7 +19,7 @@ from collections import deque
 from pathlib import Path
 
 from trainmetrics.contract import STACKS_SIGNAL
-from trainmetrics.jobfiles import stacks_path
+from trainmetrics.jobfiles import open_regular, stacks_path
 from trainmetrics.trainer.phases import COLLECTIVE, COMPUTE, DATA, OPTIMIZER
 
 log = logging.getLogger("trainmetrics.trainer")
@@ -35,12 +36,22 @@ _holding: list["StackWatch"] = []
 
 
 def open_stacks_file(directory: Path | None, rank: int):
-    """The file a rank's stacks go to: its file in `directory`, or stderr. Returns (file, name, owned)."""
+    """The file a rank's stacks go to: its file in `directory`, or stderr. Returns (file, name, owned).
+
+    The directory may be shared, so its file is opened only if it is a regular file (jobfiles.open_regular):
+    a FIFO planted there must not block the job's start, a symlink must not have the stacks appended to
+    whatever it points to. Stacks that cannot go to their file go to stderr (the job's log) instead: a
+    dump must never stop the job."""
     if directory is None:
         return sys.stderr, "stderr", False
-    Path(directory).mkdir(parents=True, exist_ok=True)
     path = stacks_path(directory, rank)
-    return open(path, "a"), str(path), True
+    try:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        fd = open_regular(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    except OSError as error:
+        log.warning("thread stacks go to stderr: cannot write %s (%s)", path, error)
+        return sys.stderr, "stderr", False
+    return os.fdopen(fd, "a", encoding="utf-8"), str(path), True
 
 
 class StackWatch:

@@ -4,6 +4,7 @@ The result is one JSON object written atomically when the job process ends, next
 learns a job's outcome from it (never from the log). Strict JSON: a non-finite number is written as null.
 """
 
+import errno
 import json
 import math
 import os
@@ -74,15 +75,41 @@ def strict_json(value) -> str:
     return json.dumps(finite_or_none(value), allow_nan=False)
 
 
-def write_result(path: Path, result: dict) -> None:
-    """Write the job's result atomically and durably (temp file in the same dir, fsync, rename)."""
+def open_regular(path: Path, flags: int, mode: int = 0o644) -> int:
+    """A descriptor for `path` opened with `flags`, only if it is a regular file; OSError otherwise.
+
+    The directories these files live in may be shared, and anyone who can write there may have planted
+    something at the name: never follow a symlink (O_NOFOLLOW), never wait on a FIFO or a device
+    (O_NONBLOCK: a FIFO without a reader fails at once, one with a reader opens and is refused below),
+    never leak the descriptor into a child (O_CLOEXEC)."""
+    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        os.set_blocking(fd, True)       # a regular file's reads and writes never wait: keep the usual semantics
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def replace_atomically(path: Path, text: str, *, mode: int = 0o600, durable: bool = False) -> None:
+    """Write `text` to `path` atomically: a temp file in the same directory, then a rename over `path`.
+
+    The temp file's name is unpredictable and it is created exclusively (mkstemp), so nothing planted in a
+    shared directory (a FIFO that would block the writer, a symlink to a file of the writer's) can take its
+    place; the rename replaces whatever sits at `path` itself, never what a symlink there points to. A
+    directory at `path` still fails (IsADirectoryError), as any other real error does, and leaves no temp
+    file behind. `durable`: fsync before the rename (a crash then leaves the old file or the new one)."""
     path = Path(path)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(strict_json(result))
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            os.fchmod(handle.fileno(), mode)
+            handle.write(text)
             handle.flush()
-            os.fsync(handle.fileno())
+            if durable:
+                os.fsync(handle.fileno())
         os.replace(tmp_name, path)
     except BaseException:
         try:
@@ -92,16 +119,18 @@ def write_result(path: Path, result: dict) -> None:
         raise
 
 
+def write_result(path: Path, result: dict) -> None:
+    """Write the job's result atomically and durably (temp file in the same dir, fsync, rename)."""
+    replace_atomically(path, strict_json(result), durable=True)
+
+
 def read_result(path: Path) -> dict | None:
     """The job's result, or None when there is none (not written yet, unreadable, not one of ours)."""
     try:
-        # Non-blocking: whatever sits at the path (a FIFO, a device) must not stall the reader.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+        fd = open_regular(path, os.O_RDONLY)
     except OSError:
         return None
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
         data = os.read(fd, MAX_RESULT_BYTES + 1)
     except OSError:
         return None

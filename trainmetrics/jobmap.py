@@ -12,11 +12,11 @@ up), and files whose owner is neither root nor the process's user.
 """
 
 import json
-import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from trainmetrics.contract import validate_job_id
+from trainmetrics.jobfiles import replace_atomically
 
 
 @dataclass(frozen=True)
@@ -44,14 +44,14 @@ def process_start_ticks(pid: int | str = "self") -> int:
 
 
 def write_job_mapping(directory: Path, mapping: JobMapping) -> Path:
-    """Write the mapping atomically (temp file + rename), with its process's start ticks; return its path."""
+    """Write the mapping, with its process's start ticks, atomically (jobfiles.replace_atomically: the
+    directory is shared); return its path."""
     validate_job_id(mapping.job_id)
     if not mapping.start_ticks:
         mapping = replace(mapping, start_ticks=process_start_ticks(mapping.pid))
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / mapping.file_name()
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(asdict(mapping)))
-    os.replace(tmp, path)
+    # Readable by all: the node exporter reading the directory may run as another user.
+    replace_atomically(path, json.dumps(asdict(mapping)), mode=0o644)
     return path

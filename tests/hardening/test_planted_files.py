@@ -1,0 +1,161 @@
+"""What another user can plant in the shared directories a job writes to (--job-dir, --targets-dir,
+--diagnostics-dir): a FIFO must block no writer or reader, a symlink must have nothing written through it or
+served from it, a directory must break nothing. Direct calls of the writers and readers, each under a
+deadline: a writer that blocks on a FIFO fails the test instead of hanging the suite."""
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import stat
+import sys
+
+import pytest
+
+from trainmetrics.jobmap import JobMapping, write_job_mapping
+from trainmetrics.jobserver import stacks
+from trainmetrics.trainer.discovery import write_target_file
+from trainmetrics.trainer.watchdog import open_stacks_file
+
+DEADLINE_SECONDS = 3
+VICTIM_TEXT = "the victim's own file\n"
+
+
+@contextlib.contextmanager
+def deadline(seconds: float = DEADLINE_SECONDS):
+    """Raise TimeoutError in the block after `seconds` (a blocked open is interrupted and not retried)."""
+    def expire(signum, frame):
+        raise TimeoutError(f"still blocked after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.fixture
+def victim(tmp_path):
+    """A file of the job's user outside the shared directory, which nothing may write to."""
+    path = tmp_path / "victim.txt"
+    path.write_text(VICTIM_TEXT)
+    return path
+
+
+def write_mapping(directory):
+    return write_job_mapping(directory, JobMapping(job_id="vic", pid=os.getpid(), rank=0))
+
+
+def write_target(directory):
+    return write_target_file(directory, "vic.rank0", "127.0.0.1:9100")
+
+
+# The job's two announcement files, and the temp name each was written through before (predictable).
+WRITERS = {"mapping": (write_mapping, ".vic.rank0.json.tmp"), "target": (write_target, ".vic.rank0.json.tmp")}
+
+
+@pytest.mark.parametrize("writer", WRITERS)
+def test_a_fifo_at_the_old_temp_name_blocks_no_announcement(tmp_path, writer):
+    write, old_temp = WRITERS[writer]
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.mkfifo(shared / old_temp)
+    with deadline():
+        path = write(shared)
+    assert json.loads(path.read_text())
+    assert stat.S_ISFIFO(os.lstat(shared / old_temp).st_mode)      # someone else's: left alone
+
+
+@pytest.mark.parametrize("writer", WRITERS)
+@pytest.mark.parametrize("at", ["old temp name", "final name"])
+def test_a_symlink_in_the_shared_directory_has_nothing_written_through_it(tmp_path, victim, writer, at):
+    write, old_temp = WRITERS[writer]
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / (old_temp if at == "old temp name" else "vic.rank0.json")).symlink_to(victim)
+    with deadline():
+        path = write(shared)
+    assert victim.read_text() == VICTIM_TEXT
+    assert stat.S_ISREG(os.lstat(path).st_mode) and json.loads(path.read_text())
+
+
+@pytest.mark.parametrize("writer", WRITERS)
+def test_a_fifo_at_the_final_name_is_replaced_and_a_directory_there_is_still_an_error(tmp_path, writer):
+    write, _ = WRITERS[writer]
+    fifo_dir, dir_dir = tmp_path / "fifo", tmp_path / "dir"
+    fifo_dir.mkdir()
+    os.mkfifo(fifo_dir / "vic.rank0.json")
+    (dir_dir / "vic.rank0.json").mkdir(parents=True)
+    with deadline():
+        assert json.loads(write(fifo_dir).read_text())
+        with pytest.raises(IsADirectoryError):       # the callers' OSError: the job reports it and ends
+            write(dir_dir)
+    assert os.listdir(dir_dir) == ["vic.rank0.json"]     # no temp file left behind
+
+
+@pytest.mark.parametrize("writer", WRITERS)
+def test_announcements_stay_readable_by_the_exporter_and_prometheus(tmp_path, writer):
+    write, _ = WRITERS[writer]
+    assert stat.S_IMODE(os.stat(write(tmp_path)).st_mode) == 0o644
+
+
+def plant(path, kind, victim):
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "symlink":
+        path.symlink_to(victim)
+    elif kind == "directory":
+        path.mkdir()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "symlink", "directory"])
+def test_a_planted_stacks_file_sends_the_stacks_to_stderr_without_blocking_the_job(tmp_path, victim, kind, caplog):
+    plant(tmp_path / "stacks.rank0.txt", kind, victim)
+    with deadline(), caplog.at_level(logging.WARNING, logger="trainmetrics.trainer"):
+        file, name, owned = open_stacks_file(tmp_path, 0)
+    assert (file, name, owned) == (sys.stderr, "stderr", False)
+    assert "stacks.rank0.txt" in caplog.text
+    assert victim.read_text() == VICTIM_TEXT
+
+
+def test_a_fifo_with_a_reader_is_refused_too(tmp_path):
+    fifo = tmp_path / "stacks.rank0.txt"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)     # a writer's open now succeeds: fstat must refuse
+    try:
+        with deadline():
+            assert open_stacks_file(tmp_path, 0)[0] is sys.stderr
+    finally:
+        os.close(reader)
+
+
+def test_the_stacks_file_of_a_rank_is_appended_to(tmp_path):
+    (tmp_path / "stacks.rank1.txt").write_text("earlier dump\n")
+    file, name, owned = open_stacks_file(tmp_path, 1)
+    with file:
+        file.write("new dump\n")
+    assert owned and name == str(tmp_path / "stacks.rank1.txt")
+    assert (tmp_path / "stacks.rank1.txt").read_text() == "earlier dump\nnew dump\n"
+
+
+@pytest.mark.parametrize("kind", ["fifo", "symlink", "directory"])
+def test_the_stacks_route_counts_a_planted_file_as_the_ranks_stacks_missing(tmp_path, victim, kind):
+    (tmp_path / "stacks.rank0.txt").write_text("Thread 0x1 (most recent call first):\n")
+    plant(tmp_path / "stacks.rank1.txt", kind, victim)
+    with deadline():
+        answer = stacks.earlier(tmp_path, 2)
+    assert answer["missing_ranks"] == [1]
+    assert [rank["rank"] for rank in answer["ranks"]] == [0]
+
+
+def test_a_symlink_swapped_in_while_the_ranks_answer_is_not_served(tmp_path, victim, monkeypatch):
+    monkeypatch.setattr(stacks, "ANSWER_SECONDS", 0.5)
+    before = stacks.sizes(tmp_path, 1)
+    (tmp_path / "stacks.rank0.txt").symlink_to(victim)
+    with deadline():
+        answer = asyncio.run(stacks.collect(tmp_path, before))
+    assert answer["ranks"] == [] and answer["missing_ranks"] == [0]
