@@ -18,7 +18,7 @@ from pathlib import Path
 
 from trainmetrics.contract import BUILTIN_DATASETS, EXIT_STATES, REGISTER_TOKEN_VARIABLE, STOP_VERBS, train_args
 from trainmetrics.jobfiles import (CONTROL_FILE_NAME, FINAL_MODEL_NAME, LOG_NAME, RESULT_FILE_NAME,
-                                   list_checkpoints, read_result)
+                                   list_checkpoints, rank_result_path, read_result)
 from trainmetrics.jobserver.executors import Executor, ExecutorUnavailable, Run
 from trainmetrics.jobserver.local import LocalExecutor
 from trainmetrics.jobserver.store import DatasetRecord, JobRecord, JobStore
@@ -137,8 +137,10 @@ class Supervisor:
         if job.spec_unreadable:
             raise ValueError("its stored spec is not a JSON object (the server's database was edited or damaged)")
         self.checkpoint_dir(job.id).mkdir(parents=True, exist_ok=True)
-        for leftover in (RESULT_FILE_NAME, CONTROL_FILE_NAME):     # only this run's may be read
-            (self.job_path(job.id) / leftover).unlink(missing_ok=True)
+        result = self.result_path(job.id)
+        ranks_results = [rank_result_path(result, rank) for rank in range(1, job.spec.get("nproc", 1))]
+        for leftover in (result, *ranks_results, self.job_path(job.id) / CONTROL_FILE_NAME):
+            leftover.unlink(missing_ok=True)          # only this run's may be read
         self.store.remove_endpoints(job.id)
         token = self._untaken_tokens.pop(job.id, None) or secrets.token_urlsafe(24)
         try:
@@ -239,12 +241,31 @@ class Supervisor:
             state = "cancelled"      # the kill (or the hang it ended) failed it: the cancel was accepted first
         if state != "failed":
             error = None
+        elif job.spec.get("nproc", 1) > 1:
+            error = self._ranks_said(job, result, error)
         waiting = state in ("paused", "queued")
         self.store.update_job(job_id, state=state, exit_code=code if isinstance(code, int) else None, error=error,
                               ended=None if waiting else time.time(), resume=waiting, requested=None, run_token=None,
                               reason=reason)
         self.store.remove_endpoints(job_id)
         log.info("job %s: %s (exit code %s)%s", job_id, state, code, _ended_how(state, killed, self.cancel_grace))
+
+    def _ranks_said(self, job: JobRecord, result: dict | None, error: str | None) -> str:
+        """A failed multi-rank run's error, naming its ranks: those that ended without a result (killed, lost:
+        the likely cause; the others then fail in a collective, "connection reset by peer") and, when rank 0
+        left none, the first failure another rank reported (else lost with rank 0)."""
+        nproc = job.spec["nproc"]
+        results = {0: result, **{rank: read_result(rank_result_path(self.result_path(job.id), rank))
+                                 for rank in range(1, nproc)}}
+        silent = [rank for rank, said in results.items() if said is None]
+        parts = [f"rank{'s' if len(silent) > 1 else ''} {', '.join(map(str, silent))} ended without a result "
+                 f"(killed or lost: see {LOG_NAME})"] if silent else []
+        if result is None:
+            failed = [(rank, said) for rank, said in results.items() if said and said.get("state") == "failed"]
+            parts += [f"rank {rank}: {said.get('error_type') or 'failed'}: {said.get('error') or ''}".rstrip(": ")
+                      for rank, said in failed[:1]]
+        parts.append(f"rank 0: {error}" if result is not None else str(error))
+        return "; ".join(parts)[:1000]
 
     def _resume_or_fail(self, job: JobRecord, why: str) -> None:
         """A run gone without a result: the stop a user was promised (202) stands; else it resumes from its last

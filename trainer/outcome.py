@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from trainmetrics.contract import ExitCode, exit_code_for
-from trainmetrics.jobfiles import strict_json, write_result
+from trainmetrics.jobfiles import rank_result_path, strict_json, write_result
 
 log = logging.getLogger("trainmetrics.trainer")
 
@@ -42,10 +42,14 @@ class Outcome:
                 "rank": self.ranks.rank, "world_size": self.ranks.world_size, "pid": os.getpid()}
 
     def report(self, result: dict) -> None:
-        """Write the result file (rank 0) and print the summary line."""
-        if self.config.result_file is not None and self.ranks.is_main:
+        """Write the result file (rank 0's; every other rank its own, beside it, so that a failed job can say
+        which rank failed and how) and print the summary line."""
+        if self.config.result_file is not None:
+            path = Path(self.config.result_file)
+            if not self.ranks.is_main:
+                path = rank_result_path(path, self.ranks.rank)
             try:
-                write_result(Path(self.config.result_file), result)
+                write_result(path, result)
             except OSError as error:
                 log.error("job %s: cannot write the result file %s: %s", self.config.job_id,
                           self.config.result_file, error.strerror or error)

@@ -124,6 +124,12 @@ def write_result(path: Path, result: dict) -> None:
     replace_atomically(path, strict_json(result), durable=True)
 
 
+def rank_result_path(path: Path, rank: int) -> Path:
+    """Where rank `rank` (> 0) of a multi-rank job writes its own result, beside rank 0's (which speaks for the
+    job): read only to say which rank failed first, and how."""
+    return path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
+
+
 def read_result(path: Path) -> dict | None:
     """The job's result, or None when there is none (not written yet, unreadable, not one of ours)."""
     try:

@@ -342,3 +342,40 @@ def test_a_job_whose_stored_spec_is_unreadable_fails_alone(spec, tmp_path):
     assert jobs["broken"].state == "failed" and "stored spec is not a JSON object" in jobs["broken"].error
     assert jobs["broken"].spec == {} and started == ["fine"]
     store.close()
+
+
+@pytest.mark.parametrize("killed_rank", [1, 0])
+def test_a_failed_multi_rank_job_names_the_rank_that_died(killed_rank, tmp_path):
+    """A rank killed (-9, the OOM killer) writes nothing; the others then fail in the all-reduce ("connection
+    reset by peer"). The job's error was rank 0's gloo message alone, naming no rank, and with rank 0 killed the
+    survivor's error was lost: only torchrun's output in train.log said which rank died."""
+    from trainmetrics.jobfiles import rank_result_path, write_result
+
+    store = JobStore(tmp_path / "db.sqlite")
+    store.add_job(JobRecord(id="two", owner="default", name="two", state="queued",
+                            spec={"model": "mlp", "dataset": "blobs", "nproc": 2}))
+
+    class Ending(LocalExecutor):
+        def start(self, job_id, nproc, train_args, job_dir, env):
+            return Run(job_id, "1", job_dir)
+
+        def poll(self, run):
+            return True, 1
+
+    supervisor = Supervisor(store, tmp_path, None, max_concurrent=1, executor=Ending())
+    supervisor.start(store.get_job("two"))
+    survivor = 1 - killed_rank
+    said = {"state": "failed", "exit_code": 1, "error_type": "DistBackendError",
+            "error": "Connection reset by peer"}
+    path = supervisor.result_path("two")
+    write_result(path if survivor == 0 else rank_result_path(path, survivor), said)
+    supervisor.tick()
+    job = store.get_job("two")
+    assert job.state == "failed"
+    expected = {1: "rank 1 ended without a result (killed or lost: see train.log); rank 0: Connection reset by peer",
+                0: "rank 0 ended without a result (killed or lost: see train.log); rank 1: DistBackendError: "
+                   "Connection reset by peer; exit code 1 without a result"}
+    assert job.error == expected[killed_rank]
+    supervisor.start(store.get_job("two"))        # a resume: the earlier run's rank results are gone
+    assert not rank_result_path(path, 1).exists() and not path.exists()
+    store.close()

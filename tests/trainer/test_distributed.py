@@ -110,5 +110,7 @@ def test_a_loss_spike_on_one_rank_pauses_every_rank_without_a_checkpoint_after_i
         result.stdout[-3000:] + result.stderr[-3000:]
     outcome = read_result(tmp_path / "result.json")
     assert outcome["state"] == "paused"
+    # Rank 1 writes its own beside it (the job server reads it to name a rank that failed or died).
+    assert read_result(tmp_path / "result.rank1.json")["rank"] == 1
     assert outcome["reason"] == ("loss spike at step 85" if spiking_rank == 0 else "loss spike on rank 1")
     assert max(c.step for c in list_checkpoints(tmp_path / "ckpt")) == kept
