@@ -1,14 +1,15 @@
 """Faults on purpose, for drills and tests: the built-in runner reads TRAINMETRICS_FAULTS (JSON) once and
-makes a rank stall, load its data slowly, compute slowly, evaluate or checkpoint slowly, or train on one
-corrupted batch:
+makes a rank start late, stall, load its data slowly, compute slowly, evaluate or checkpoint slowly, or train
+on one corrupted batch:
 
-    TRAINMETRICS_FAULTS='{"stall": {"rank": 1, "step": 30, "seconds": 600},
+    TRAINMETRICS_FAULTS='{"slow_start": {"rank": 1, "seconds": 3}, "stall": {"rank": 1, "step": 30, "seconds": 600},
                           "slow_data": {"rank": 1, "seconds": 0.05}, "slow_compute": {"rank": 1, "seconds": 0.05},
                           "slow_eval": {"seconds": 5}, "slow_checkpoint": {"seconds": 5},
                           "corrupt_batch": {"step": 40, "scale": 1000}}'
 
 Each fault applies to every rank and job unless it names one (`"rank": N`, `"job": "JOB_ID"`); `step` counts
-from 1, like trainer_steps_total. A stall ends early when the job is asked to stop. Without the variable
+from 1, like trainer_steps_total. A slow start is a wait before the rank's wait for its first scrape (its
+start-up, a restore say, taking its time). A stall ends early when the job is asked to stop. Without the variable
 nothing here costs the loop a thing.
 """
 
@@ -21,7 +22,7 @@ from typing import Callable
 log = logging.getLogger("trainmetrics.trainer")
 
 VARIABLE = "TRAINMETRICS_FAULTS"
-KINDS = ("stall", "slow_data", "slow_compute", "slow_eval", "slow_checkpoint", "corrupt_batch")
+KINDS = ("slow_start", "stall", "slow_data", "slow_compute", "slow_eval", "slow_checkpoint", "corrupt_batch")
 
 
 class Faults:
@@ -34,12 +35,18 @@ class Faults:
                 return None
             return fault if fault.get("rank", rank) == rank and fault.get("job", job_id) == job_id else None
 
+        self.slow_start = mine("slow_start")
         self.stall, self.slow_data, self.slow_compute = mine("stall"), mine("slow_data"), mine("slow_compute")
         self.slow_eval, self.slow_checkpoint = mine("slow_eval"), mine("slow_checkpoint")
         self.corrupt_batch = mine("corrupt_batch")
 
     def __bool__(self) -> bool:
         return any(getattr(self, kind) for kind in KINDS)
+
+    def before_start(self) -> None:
+        """Start late, as a rank whose start-up takes its time would."""
+        if self.slow_start:
+            time.sleep(float(self.slow_start["seconds"]))
 
     def before_data(self) -> None:
         """Wait as a slow data loader would."""

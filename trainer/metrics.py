@@ -199,8 +199,9 @@ class JobMetrics:
         # (load_state_dict). Until it has (resuming), the job's counters are not published: a scrape during
         # init would read them from zero, and the jump to the checkpoint's totals would count as the
         # process's own growth (the fleet's phases and throughput count each process from its first scrape).
-        # When they became known (time.monotonic): start() waits for a scrape after it.
+        # When they became known (time.monotonic): wait_for_first_scrape() waits for a scrape after it.
         self._carried_known_at: float | None = None if resuming else time.monotonic()
+        self._first_scrape_waited = False
         self.steps = 0
         self.samples = 0
         self.checkpoints = 0
@@ -462,12 +463,14 @@ class JobMetrics:
         return self._publication.collect()
 
     @_never_raises
-    def start(self, give_up: Callable[[], bool] = lambda: False) -> "JobMetrics":
-        """Mark the job running. When it was announced to Prometheus, first wait (up to the publication's
-        linger timeout, or until give_up() holds) for a scrape that read the job's totals (a resumed process's
-        after load_state_dict), so Prometheus holds the job from its first step."""
-        if self.ended:
-            raise ValueError(f"the job already ended {self.state}: start() cannot run it again")
+    def wait_for_first_scrape(self, give_up: Callable[[], bool] = lambda: False) -> None:
+        """When the job was announced to Prometheus, wait (up to the publication's linger timeout, or until
+        give_up() holds) for a scrape that read the job's totals (a resumed process's after load_state_dict),
+        so Prometheus holds the job from its first step. Once: start() waits unless this was called first (a
+        multi-process job's ranks meet in between: both waits are init)."""
+        if self._first_scrape_waited:
+            return
+        self._first_scrape_waited = True
         publication = self._publication
         if self._carried_known_at is None:            # resuming, but no checkpoint was found: a fresh start
             self._carried_known_at = time.monotonic()
@@ -477,6 +480,13 @@ class JobMetrics:
                                              publication.publish.linger_timeout, give_up) and not give_up():
                 log.warning("job %s: not scraped within %gs of announcing itself; starting anyway",
                             self.job_id, publication.publish.linger_timeout)
+
+    @_never_raises
+    def start(self, give_up: Callable[[], bool] = lambda: False) -> "JobMetrics":
+        """Mark the job running: training starts (init is over), after wait_for_first_scrape(give_up)."""
+        if self.ended:
+            raise ValueError(f"the job already ended {self.state}: start() cannot run it again")
+        self.wait_for_first_scrape(give_up)
         if self.start_time is None:
             self.start_time = time.time()
         self.state = "running"

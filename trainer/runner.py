@@ -167,6 +167,17 @@ class Trainer:
             distributed.barrier(self.dist)
 
     # ----- the loop ----------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start training once every rank is ready: each waits for its own first scrape, then for the other
+        ranks. Without the meeting the first rank ready would wait for the last in its first step's all-reduce,
+        counted as `collective` (step time); it is start-up, `init`, as the waits for the scrapes are. A stop
+        requested meanwhile ends the scrape wait; the ranks agree on it in the loop."""
+        if self.faults is not None:
+            self.faults.before_start()
+        self.metrics.wait_for_first_scrape(give_up=lambda: bool(self.stop))
+        distributed.barrier(self.dist)
+        self.metrics.start()
+
     def epoch_order(self, epoch: int) -> list[int]:
         """The epoch's sample order: a fixed function of seed and epoch, so a resume continues exactly."""
         # Modulo 2**64, torch's seed range: the same seed as before wherever it fitted, and no overflow for a
@@ -428,7 +439,7 @@ def run_job(config: TrainConfig, stop: StopFlag | None = None) -> int:
                 resume_state = load_latest(config.checkpoint_dir, map_location=device)
                 if resume_state is not None:
                     trainer.restore(resume_state)
-        metrics.start(give_up=lambda: bool(stop))
+        trainer.start()
         # A stop before the first step ends a one-process job at once; ranks agree on theirs in the loop.
         final_state = stop.outcome if stop.outcome and not ranks.enabled else trainer.run()
         if final_state == "paused":

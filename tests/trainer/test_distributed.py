@@ -13,6 +13,8 @@ from trainmetrics.prometheus_process import PrometheusServer
 from .conftest import parse_summary
 
 JOB_ID = "ddp-e2e-1"
+# Rank 1 of the shared job starts this much later than rank 0.
+SLOW_START_SECONDS = 4.0
 
 
 def run_two_ranks(*train_args: str, timeout: float, env: dict | None = None) -> tuple[subprocess.CompletedProcess,
@@ -30,10 +32,12 @@ def run_two_ranks(*train_args: str, timeout: float, env: dict | None = None) -> 
 def finished_ddp_job(tmp_path_factory):
     work = tmp_path_factory.mktemp("ddp")
     prometheus = PrometheusServer(work / "prometheus").start()
+    env = {**os.environ, "TRAINMETRICS_FAULTS": json.dumps({"slow_start": {"rank": 1, "seconds": SLOW_START_SECONDS}})}
     try:
         result, summaries = run_two_ranks(
             "--job-id", JOB_ID, "--dataset", "blobs", "--epochs", "3", "--batch-size", "32", "--log-every", "10",
-            "--checkpoint-dir", str(work / "ckpt"), "--targets-dir", str(prometheus.targets_dir), timeout=300)
+            "--checkpoint-dir", str(work / "ckpt"), "--targets-dir", str(prometheus.targets_dir), timeout=300,
+            env=env)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         yield prometheus, summaries, work
     finally:
@@ -64,6 +68,20 @@ def test_both_ranks_publish_and_the_job_completes_once(finished_ddp_job):
     assert summaries[0]["checkpoints"] == 3 and summaries[1]["checkpoints"] == 0
     assert summaries[0]["eval_accuracy"] > 0.8 and summaries[1]["eval_accuracy"] is None
     assert (work / "ckpt" / "model.pt").exists()
+
+
+def test_a_rank_waits_for_a_late_one_before_training_and_that_wait_is_init(finished_ddp_job):
+    """Rank 1 starts late (the fault): rank 0 waits for it at start, in init, not in its first step's
+    all-reduce (collective, which the goodput ledger counts as step time)."""
+    prometheus, _, _ = finished_ddp_job
+
+    def seconds(phase: str, rank: int) -> float:
+        return scalar(prometheus, f'last_over_time(trainer_phase_seconds_total{{job_id="{JOB_ID}",rank="{rank}",'
+                                  f'phase="{phase}"}}[5m])')
+
+    # The ranks started training together: each one's init runs from its start (the same moment) to then.
+    assert seconds("init", 0) == pytest.approx(seconds("init", 1), abs=SLOW_START_SECONDS / 4)
+    assert seconds("collective", 0) < SLOW_START_SECONDS / 2
 
 
 def test_recorded_throughput_is_the_sum_of_the_ranks(finished_ddp_job):
