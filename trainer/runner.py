@@ -391,6 +391,17 @@ def open_checkpoint_dir(config: TrainConfig) -> Path | None:
     return created
 
 
+def publish_error(config: TrainConfig, error: Exception) -> str:
+    """What setting up the job's publication failed on, naming its flag: a file the job writes in its targets
+    or job directory (a directory, or a file it cannot replace, where its file goes), else serving /metrics."""
+    detail = error.strerror if isinstance(error, OSError) and error.strerror else error
+    names = [Path(name) for name in (getattr(error, "filename", None), getattr(error, "filename2", None)) if name]
+    for flag, directory in (("--targets-dir", config.targets_dir), ("--job-dir", config.job_dir)):
+        if directory is not None and any(Path(directory) in (name, name.parent) for name in names):
+            return f"{flag}: cannot write {names[-1]}: {detail}"
+    return f"--metrics-listen: cannot serve metrics on {config.metrics_listen}: {detail}"
+
+
 def run_job(config: TrainConfig, stop: StopFlag | None = None) -> int:
     """Run one job in the foreground; returns the exit code. `stop` was installed at process start."""
     stop = stop if stop is not None else StopFlag.for_process()     # a StopFlag with no stop is falsy
@@ -404,6 +415,7 @@ def run_job(config: TrainConfig, stop: StopFlag | None = None) -> int:
     device = distributed.rank_device(ranks, device)
     total_steps = config.epochs * -(-len(dataset.train) // ranks.world_size // config.batch_size)
     progress = ProgressReporter(config, total_steps)
+    new_dirs = [Path(d) for d in (config.targets_dir, config.job_dir) if d is not None and not Path(d).exists()]
     try:
         web_config = load_web_config(config.web_config_file)
         metrics = JobMetrics(
@@ -424,8 +436,12 @@ def run_job(config: TrainConfig, stop: StopFlag | None = None) -> int:
     except (OSError, ValueError) as error:
         if created_dir is not None:
             shutil.rmtree(created_dir, ignore_errors=True)
-        detail = error.strerror if isinstance(error, OSError) and error.strerror else error
-        return bad_input(config, f"--metrics-listen: cannot serve metrics on {config.metrics_listen}: {detail}")
+        for directory in new_dirs:          # made for the job's files; shared ones are left (rmdir: empty only)
+            try:
+                directory.rmdir()
+            except OSError:
+                pass
+        return bad_input(config, publish_error(config, error))
 
     log.info("job %s: model=%s dataset=%s device=%s metrics=http://%s/metrics", config.job_id, config.model,
              dataset.name, device, f"127.0.0.1:{metrics.metrics_port}" if metrics.metrics_port else "-")

@@ -52,6 +52,11 @@ BAD_INPUTS = {
     # A file where an output directory goes: named by its own flag, before anything is written.
     **{f"{flag} a file": (lambda t, flag=flag: [flag, bad_csv(t, "file", "x")], (f"{flag}: '", "/file' is not a directory"))
        for flag in ("--targets-dir", "--job-dir", "--diagnostics-dir")},
+    # A directory where the job's own file goes in a shared directory: blamed on --metrics-listen before.
+    **{f"a directory at the job's file in {flag}": (
+        lambda t, flag=flag: ((t / "shared" / "planted.rank0.json").mkdir(parents=True),
+                              ["--job-id", "planted", flag, str(t / "shared")])[1],
+        (f"{flag}: cannot write ", "Is a directory")) for flag in ("--targets-dir", "--job-dir")},
     "result file a directory": (lambda t: ["--result-file", str(t)], ("--result-file: '", "/inputs' is a directory")),
     "result file in no directory": (lambda t: ["--result-file", str(t / "nope" / "r.json")], "/nope/r.json': no directory"),
     "bad listen address": (lambda t: ["--metrics-listen", "127.0.0.1:99999"], "--metrics-listen: cannot serve metrics"),
