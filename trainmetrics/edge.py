@@ -102,8 +102,10 @@ async def read_json(request: Request, limit: int = MAX_JSON_BYTES) -> object:
             raise ApiError(413, "too_large", f"body: at most {limit} bytes")
     try:
         return json.loads(body)
-    except (ValueError, RecursionError):
-        raise ApiError(400, "bad_request", "body: expected a JSON object") from None
+    except RecursionError:
+        raise ApiError(400, "bad_request", "body: not JSON of a sane depth") from None
+    except ValueError as error:     # the parser's reason: where the syntax broke, a number past its digit limit
+        raise ApiError(400, "bad_request", f"body: not JSON ({' '.join(str(error).split())[:120]})") from None
 
 
 # ----- authentication ---------------------------------------------------------------------------------------

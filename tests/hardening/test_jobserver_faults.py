@@ -66,6 +66,9 @@ def test_bodies_are_capped_and_bad_json_of_any_shape_is_400(owned_server):
         json_error(alice.post("/api/training/jobs", content=body, headers=as_json), 400)
     json_error(alice.post("/api/training/jobs", content=b"{" + b" " * (MAX_JSON_BYTES + 1) + b"}", headers=as_json),
                413)
+    # The parser's own reason (was "expected a JSON object" for a body that is one, with a 5,000-digit number).
+    huge = alice.post("/api/training/jobs", content=b'{"seed": ' + b"1" * 5000 + b"}", headers=as_json)
+    assert "4300 digits" in json_error(huge, 400)["message"]
 
 
 @pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded",
