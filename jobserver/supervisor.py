@@ -251,13 +251,15 @@ class Supervisor:
         log.info("job %s: %s (exit code %s)%s", job_id, state, code, _ended_how(state, killed, self.cancel_grace))
 
     def _ranks_said(self, job: JobRecord, result: dict | None, error: str | None) -> str:
-        """A failed multi-rank run's error, naming its ranks: those that ended without a result (killed, lost:
-        the likely cause; the others then fail in a collective, "connection reset by peer") and, when rank 0
-        left none, the first failure another rank reported (else lost with rank 0)."""
+        """A failed multi-rank run's error, naming its ranks: those that ended without a result while others
+        wrote theirs (killed, lost: the likely cause; the others then fail in a collective, "connection reset by
+        peer") and, when rank 0 left none, the first failure another rank reported (else lost with rank 0)."""
         nproc = job.spec["nproc"]
         results = {0: result, **{rank: read_result(rank_result_path(self.result_path(job.id), rank))
                                  for rank in range(1, nproc)}}
         silent = [rank for rank, said in results.items() if said is None]
+        if len(silent) == nproc:        # all died together (the launcher killed, a node lost): nothing to tell apart
+            return error
         parts = [f"rank{'s' if len(silent) > 1 else ''} {', '.join(map(str, silent))} ended without a result "
                  f"(killed or lost: see {LOG_NAME})"] if silent else []
         if result is None:
