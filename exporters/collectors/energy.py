@@ -117,8 +117,7 @@ class EnergyCollector(Collector):
         if not readings:
             self._last = None
         else:
-            usage = self.tracker.snapshot.usage if self.tracker is not None else {}
-            jobs = {job_id: job.cpu_seconds for job_id, job in usage.items()}
+            jobs = self._jobs_cpu_seconds(now)
             busy = self._host_busy_seconds()
             if self._last is not None:
                 self._share(readings, busy, jobs)
@@ -126,6 +125,23 @@ class EnergyCollector(Collector):
                 self.energy.add(job_id, "cpu")
             self._last = (readings, busy, jobs)
         self.energy.publish()
+
+    def _jobs_cpu_seconds(self, now: float) -> dict[str, float]:
+        """Each job's CPU seconds now, from the shared job tracker brought up to date here.
+
+        This collector keeps the tracker current itself so that energy per job does not depend on the jobs
+        collector being on (with it off, nothing else re-walks the trees, so a worker started after its job's
+        mapping was never counted). The tracker does each step at most once per `now`: with the jobs
+        collector on, it has walked the trees at this slow sample already and the walk here costs nothing.
+        """
+        if self.tracker is None:
+            return {}
+        try:
+            self.tracker.refresh_trees(now)
+            self.tracker.update(now)
+        except OSError as error:  # the job dir: its last snapshot stands, and the GPU energy goes on
+            log.debug("job tracker: %s", error)
+        return {job_id: job.cpu_seconds for job_id, job in self.tracker.snapshot.usage.items()}
 
     def _share(self, readings: dict[Path, int], busy: float, jobs: dict[str, float]) -> None:
         """Add the interval's package energy to the jobs by their share of the busy CPU time."""

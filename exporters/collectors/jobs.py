@@ -149,7 +149,7 @@ class JobTracker:
         self._cpu_floor: dict[str, float] = {}
         self._retired_cpu: dict[str, float] = {}    # per job: the CPU time of its ranks that ended before it
         self._lock = threading.Lock()           # guards _live between the fast and the slow thread
-        self._updating = threading.Lock()       # one update at a time (the jobs and gpu collectors share it)
+        self._updating = threading.Lock()       # one update at a time (jobs, gpu and energy collectors share it)
         self._updated_at: float | None = None
         self._trees_refreshed_at: float | None = None
         self.snapshot = JobsSnapshot()
@@ -303,7 +303,8 @@ class JobTracker:
                             {job_id: frozenset(indices) for job_id, indices in gpus.items() if job_id in usage})
 
     def refresh_trees(self, now: float) -> None:
-        """Re-walk every live tree to find processes started since the last walk (slow loop)."""
+        """Re-walk every live tree to find processes started since the last walk (slow loop: the jobs and
+        energy collectors both ask, so it walks once per `now`)."""
         if self._trees_refreshed_at == now:
             return
         with self._lock:

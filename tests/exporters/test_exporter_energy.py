@@ -9,7 +9,7 @@ from pathlib import Path
 from tests.exporters.exporter_fixtures import (FIXTURE_JOB_DIR, MAX_RANGE_UJ, FakeNvml, build_fixture_host,
                                               parse_exposition, two_gpus, write_zone)
 from trainmetrics.exporters.collectors.energy import EnergyCollector
-from trainmetrics.exporters.collectors.jobs import JobTracker
+from trainmetrics.exporters.collectors.jobs import JobsCollector, JobTracker
 from trainmetrics.exporters.exporter import Exporter
 from trainmetrics.exporters.job_energy import HOLD_SECONDS, MAX_JOBS, RETENTION_SECONDS, JobEnergy
 from trainmetrics.jobmap import JobMapping, write_job_mapping
@@ -104,6 +104,47 @@ def test_cpu_package_energy_is_shared_by_cpu_time_and_survives_a_wrap(tmp_path):
     write_proc(proc, host_busy=10_500, host_idle=50_700, processes={100: 1_250, 200: 2_200})
     write_zone(powercap, "intel-rapl:0", "package-0", 23_000_000)
     assert slow_pass(3.0) == {("a", "cpu"): 7.0, ("b", "cpu"): 8.0}
+
+
+def test_cpu_energy_per_job_needs_no_jobs_collector_and_counts_a_worker_started_later(tmp_path):
+    """With --no-collector.jobs nothing kept the job tracker current: no cpu series at all (the gpu collector
+    off too), or, with the gpu collector's updates alone, a worker started after the mapping was never
+    counted (its job's share read 0.000 of the packages' energy, truly 0.885)."""
+    proc, powercap, job_dir = tmp_path / "proc", tmp_path / "powercap", tmp_path / "jobs"
+    children: dict[int, list[int]] = {}
+    write_job_mapping(job_dir, JobMapping(job_id="a", pid=100, start_ticks=1100))
+    tracker = JobTracker(job_dir, proc_root=proc, descendants=lambda pid: children.get(pid, []), clock_ticks=100)
+    exporter = Exporter([EnergyCollector(JobEnergy(), tracker, proc, powercap, clock_ticks=100)])  # alone
+
+    def slow_pass(now: float, host_busy: int, processes: dict[int, int], package_uj: int) -> dict:
+        write_proc(proc, host_busy=host_busy, host_idle=50_000, processes=processes)
+        write_zone(powercap, "intel-rapl:0", "package-0", package_uj)
+        exporter.sample(now)
+        exporter.sample_slow(now)
+        return energy_series(exporter.render())
+
+    assert slow_pass(1.0, 10_000, {100: 1_000}, 0) == {("a", "cpu"): 0.0}
+    # The job's process sleeps; the worker it started (pid 101) used 3 of the host's 4 busy seconds: 3/4 of 10 J.
+    children[100] = [101]
+    assert slow_pass(2.0, 10_400, {100: 1_000, 101: 300}, 10_000_000) == {("a", "cpu"): 7.5}
+    # Then 4 of 5 busy seconds: 4/5 of 10 J more.
+    assert slow_pass(3.0, 10_900, {100: 1_000, 101: 700}, 20_000_000) == {("a", "cpu"): 15.5}
+
+
+def test_with_the_jobs_collector_on_too_the_trees_are_walked_once_a_slow_sample(tmp_path):
+    proc, powercap, job_dir = tmp_path / "proc", tmp_path / "powercap", tmp_path / "jobs"
+    walks = []
+    write_proc(proc, host_busy=10_000, host_idle=50_000, processes={100: 1_000})
+    write_zone(powercap, "intel-rapl:0", "package-0", 0)
+    write_job_mapping(job_dir, JobMapping(job_id="a", pid=100, start_ticks=1100))
+    tracker = JobTracker(job_dir, proc_root=proc, descendants=lambda pid: walks.append(pid) or [], clock_ticks=100)
+    exporter = Exporter([JobsCollector(tracker), EnergyCollector(JobEnergy(), tracker, proc, powercap, clock_ticks=100)])
+    exporter.sample(1.0)
+    exporter.sample_slow(1.0)
+    walks.clear()
+    exporter.sample(2.0)
+    exporter.sample_slow(2.0)
+    assert walks == [100]
 
 
 def test_a_package_that_cannot_be_read_for_a_while_leaves_the_others_counting(tmp_path):
