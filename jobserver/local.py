@@ -58,7 +58,7 @@ class LocalExecutor:
         them."""
         pid = int(handle) if handle and handle.isdigit() else None
         run = Run(job_id, handle, job_dir, pid)
-        if pid and _is_job_process(pid, job_id):
+        if pid and _job_process(pid, job_id, job_dir) is not None:
             return run
         _kill_leftovers(run)
         return None
@@ -70,7 +70,7 @@ class LocalExecutor:
             code = run.process.poll()
             ended = code is not None
         else:
-            ended, code = not _is_job_process(run.pid, run.job_id), None
+            ended, code = _job_process(run.pid, run.job_id, run.job_dir) is None, None
         if ended and not _kill_leftovers(run):
             return False, None      # one survived its SIGKILL for now: asked again at the next poll
         return ended, code
@@ -98,12 +98,15 @@ def run_processes(run: Run) -> list[psutil.Process]:
     """Every live process of the run, its launcher first: the launcher while it lives, and every process that
     names the job's directory in its command line (torchrun's workers, under it or left behind by it), with
     their children. By the directory, not the job id: another server's job may share the id, never the
-    directory."""
+    directory; and only this server's user's processes (command lines are public: anyone could start one
+    naming the directory, to be signalled, or to make a kill fail and the run never end)."""
     found: dict[int, psutil.Process] = {}
-    launcher = _job_process(run.pid, run.job_id) if run.pid else None
+    launcher = _job_process(run.pid, run.job_id, run.job_dir) if run.pid else None
     roots = [launcher] if launcher else []
-    roots += [process for process in psutil.process_iter(["cmdline"])
-              if names_job_dir(process.info["cmdline"] or [], run.job_dir)]
+    uid = os.getuid()
+    roots += [process for process in psutil.process_iter(["cmdline", "uids"])
+              if process.info["uids"] is not None and process.info["uids"].real == uid
+              and names_job_dir(process.info["cmdline"] or [], run.job_dir)]
     for root in roots:
         try:
             family = [root, *root.children(recursive=True)]
@@ -111,7 +114,7 @@ def run_processes(run: Run) -> list[psutil.Process]:
             continue
         for process in family:
             found.setdefault(process.pid, process)
-    return [process for process in found.values() if _alive(process)]
+    return [process for process in found.values() if _alive(process) and _ours(process, uid)]
 
 
 def names_job_dir(command: list[str], job_dir: Path) -> bool:
@@ -126,8 +129,10 @@ def kill_processes(processes: list[psutil.Process], wait: float = KILL_WAIT_SECO
     for process in processes:
         try:
             process.kill()
-        except (psutil.NoSuchProcess, psutil.AccessDenied):     # gone, or not ours: its survival is returned
+        except psutil.NoSuchProcess:
             pass
+        except psutil.AccessDenied:     # not ours after all (run_processes keeps ours): not waited for
+            processes = [other for other in processes if other.pid != process.pid]
     deadline = time.monotonic() + wait
     alive = [process for process in processes if _alive(process)]
     while alive and time.monotonic() < deadline:
@@ -162,23 +167,32 @@ def _send(run: Run, signum: int) -> bool:
         try:
             process.send_signal(signum)
             sent = True
-        except psutil.NoSuchProcess:
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
     return sent
 
 
-def _is_job_process(pid: int, job_id: str) -> bool:
-    """True when pid is alive and is this job's trainer (pids get reused)."""
-    return _job_process(pid, job_id) is not None
-
-
-def _job_process(pid: int, job_id: str) -> psutil.Process | None:
-    """The live process pid when it is this job's (its launcher or its trainer), else None (pids get reused)."""
+def _job_process(pid: int, job_id: str, job_dir: Path) -> psutil.Process | None:
+    """The live process pid when it is this job's (its launcher or its trainer: its command line names the job
+    and this server's directory of it, and it runs as this server's user), else None (pids get reused, job ids
+    are shared between servers, command lines are public)."""
     try:
         process = psutil.Process(pid)
-        return process if process.status() != psutil.STATUS_ZOMBIE and job_id in process.cmdline() else None
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return None
+        command = process.cmdline()
+        mine = job_id in command and names_job_dir(command, job_dir) and _ours(process, os.getuid())
+        return process if mine else None
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return None
+
+
+def _ours(process: psutil.Process, uid: int) -> bool:
+    """True when the process runs as `uid` (a child of ours that changed its user is not ours to kill)."""
+    try:
+        return process.uids().real == uid
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
 
 
 def _trainer_processes(run: Run) -> list[psutil.Process]:

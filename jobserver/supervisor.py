@@ -266,7 +266,7 @@ class Supervisor:
             failed = [(rank, said) for rank, said in results.items() if said and said.get("state") == "failed"]
             parts += [f"rank {rank}: {said.get('error_type') or 'failed'}: {said.get('error') or ''}".rstrip(": ")
                       for rank, said in failed[:1]]
-        parts.append(f"rank 0: {error}" if result is not None else str(error))
+        parts.append(f"rank 0: {error or 'failed'}" if result is not None else str(error))
         return "; ".join(parts)[:1000]
 
     def _resume_or_fail(self, job: JobRecord, why: str) -> None:
@@ -275,7 +275,8 @@ class Supervisor:
         self.store.remove_endpoints(job.id)
         if job.requested in ("paused", "cancelled"):
             paused = job.requested == "paused"
-            self.store.update_job(job.id, state=job.requested, resume=paused, pid=None, requested=None,
+            # No handle: its process is gone without a final state; the server publishes this one (jobs.py).
+            self.store.update_job(job.id, state=job.requested, resume=paused, pid=None, handle=None, requested=None,
                                   run_token=None, error=None, ended=None if paused else time.time())
             log.warning("job %s: %s; %s as requested before", job.id, why, job.requested)
         elif list_checkpoints(self.checkpoint_dir(job.id)):

@@ -165,6 +165,50 @@ def test_a_runs_processes_are_found_by_their_exact_job_directory(tmp_path):
             process.wait()
 
 
+def test_another_users_process_naming_the_job_directory_is_neither_signalled_nor_waited_for(tmp_path):
+    """Command lines are public: a process of another user naming the job's directory was found, its kill
+    refused (AccessDenied) was taken for a survivor, and the run never ended (a 2 s wait on every tick); a
+    signal to it raised (a pause or cancel answered 500)."""
+    import os
+
+    from trainmetrics.jobserver.executors import Run
+    from trainmetrics.jobserver.local import LocalExecutor, run_processes
+
+    if os.geteuid() != 0:
+        pytest.skip("starting another user's process needs root")
+    job_dir = tmp_path / "data" / "jobs" / "j1"
+    planted = subprocess.Popen(["/bin/sh", "-c", "sleep 60", "train", "j1", "--diagnostics-dir", str(job_dir)],
+                               user="nobody", cwd="/")
+    try:
+        time.sleep(0.3)
+        run = Run("j1", None, job_dir)
+        assert run_processes(run) == []
+        executor = LocalExecutor()
+        assert executor.signal(run, "cancelled") is False
+        began = time.monotonic()
+        assert executor.poll(Run("j1", "1", job_dir, pid=planted.pid)) == (True, None)   # not its launcher either
+        assert time.monotonic() - began < 1 and planted.poll() is None
+    finally:
+        planted.kill()
+        planted.wait()
+
+
+def test_a_launcher_is_known_by_its_job_directory_not_its_job_id_alone(tmp_path):
+    """A pid reused by another server's job of the same id was adopted as this job's launcher (and a cancel
+    then signalled, and 60 s later killed, that other job)."""
+    from trainmetrics.jobserver.local import LocalExecutor
+
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "train", "nightly",
+                              "--diagnostics-dir", str(tmp_path / "other-server" / "jobs" / "nightly")])
+    try:
+        time.sleep(0.3)
+        assert LocalExecutor().adopt("nightly", str(other.pid), tmp_path / "data" / "jobs" / "nightly") is None
+        assert other.poll() is None
+    finally:
+        other.kill()
+        other.wait()
+
+
 class Stopping:
     """A Jobs API client (error mapping only) whose stop_job raises `error`, or takes the stop."""
 

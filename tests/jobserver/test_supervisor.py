@@ -379,3 +379,24 @@ def test_a_failed_multi_rank_job_names_the_rank_that_died(killed_rank, tmp_path)
     supervisor.start(store.get_job("two"))        # a resume: the earlier run's rank results are gone
     assert not rank_result_path(path, 1).exists() and not path.exists()
     store.close()
+
+
+def test_the_server_publishes_the_end_only_of_jobs_no_process_ended(tmp_path):
+    """A job the server ended without a process (cancelled while queued) is published with its end; one whose
+    process ended it is not (a second, later end would move the job's end): a row from before the handle
+    column has a pid only."""
+    from trainmetrics.jobserver.jobs import JobService, ServerSettings
+
+    store = JobStore(tmp_path / "db.sqlite")
+    now = time.time()
+    store.add_job(JobRecord(id="cancelled-waiting", owner="default", name="a", state="cancelled", spec={},
+                            ended=now))
+    store.add_job(JobRecord(id="old-row", owner="default", name="b", state="completed", spec={}, pid=4321,
+                            ended=now))
+    store.add_job(JobRecord(id="ran", owner="default", name="c", state="completed", spec={}, pid=99,
+                            handle="99", ended=now))
+    store.add_job(JobRecord(id="long-ago", owner="default", name="d", state="cancelled", spec={}, ended=now - 3600))
+    service = JobService(ServerSettings(data_dir=tmp_path), store, Supervisor(store, tmp_path, None, 1))
+    assert [(job_id, state, end) for job_id, state, _, end in service.waiting_jobs()] == \
+        [("cancelled-waiting", "cancelled", now)]
+    store.close()
