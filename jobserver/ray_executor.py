@@ -20,7 +20,8 @@ from pathlib import Path
 import requests
 from ray.job_submission import JobStatus, JobSubmissionClient
 
-from trainmetrics.jobfiles import CONTROL_FILE_NAME, LOG_NAME, STACKS_REQUEST_NAME
+from trainmetrics.jobfiles import (CONTROL_FILE_NAME, LOG_NAME, STACKS_REQUEST_NAME, read_small_text,
+                                   replace_atomically)
 from trainmetrics.jobserver.executors import ExecutorUnavailable, Run
 
 log = logging.getLogger("trainmetrics.server")
@@ -251,8 +252,8 @@ class RayExecutor:
             return False
         path = run.job_dir / STACKS_REQUEST_NAME
         try:
-            number = int(path.read_text().strip() or 0)
-        except (OSError, ValueError):
+            number = int((read_small_text(path) or "0").strip() or 0)
+        except ValueError:
             number = 0
         _replace(path, str(number + 1))
         return True
@@ -297,7 +298,7 @@ def _one_line(error: Exception) -> str:
 
 
 def _replace(path: Path, text: str) -> None:
-    """Write a small file atomically (a reader sees the old text or the new, never half)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """Write a small file of the shared job directory atomically (a reader sees the old text or the new),
+    through an unpredictable temp file (jobfiles.replace_atomically: nothing planted there is written
+    through); readable by the launcher, which may run as another user on another node."""
+    replace_atomically(path, text, mode=0o644)

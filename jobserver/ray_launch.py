@@ -23,7 +23,8 @@ from ray.util.placement_group import placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from trainmetrics.contract import SPAWN_BLOCKED_SIGNALS, STACKS_SIGNAL, STOP_SIGNALS, ExitCode
-from trainmetrics.jobfiles import CONTROL_FILE_NAME, LOG_NAME, RESULT_FILE_NAME, STACKS_REQUEST_NAME, write_result
+from trainmetrics.jobfiles import (CONTROL_FILE_NAME, LOG_NAME, RESULT_FILE_NAME, STACKS_REQUEST_NAME,
+                                   read_small_text, write_result)
 
 CONTROL_POLL_SECONDS = 0.2
 
@@ -68,19 +69,13 @@ class Rank:
 
 def control_request(job_dir: Path) -> str | None:
     """The stop the job server asked for in the control file, if any."""
-    try:
-        text = (job_dir / CONTROL_FILE_NAME).read_text().strip()
-    except OSError:
-        return None
+    text = (read_small_text(job_dir / CONTROL_FILE_NAME) or "").strip()
     return text if text in STOP_SIGNALS else None
 
 
 def stacks_request(job_dir: Path) -> str | None:
     """The job server's latest stacks request (a number it raises), if any."""
-    try:
-        return (job_dir / STACKS_REQUEST_NAME).read_text().strip() or None
-    except OSError:
-        return None
+    return (read_small_text(job_dir / STACKS_REQUEST_NAME) or "").strip() or None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -130,6 +130,22 @@ def rank_result_path(path: Path, rank: int) -> Path:
     return path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
 
 
+def read_small_text(path: Path, limit: int = 4096) -> str | None:
+    """A small file's text (a control or request file in a shared job directory), or None: missing, not a
+    regular file (a FIFO would block the reader, a symlink lead it elsewhere), unreadable or over `limit`."""
+    try:
+        fd = open_regular(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        data = os.read(fd, limit + 1)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return data.decode("utf-8", "replace") if len(data) <= limit else None
+
+
 def read_result(path: Path) -> dict | None:
     """The job's result, or None when there is none (not written yet, unreadable, not one of ours)."""
     try:

@@ -265,3 +265,30 @@ def test_a_job_cancelled_while_its_submission_went_unanswered_does_not_train_uns
     supervisor.tick()
     assert store.get_job("lost").state == "cancelled" and len(client.submitted) == 1
     store.close()
+
+
+def test_the_control_file_is_written_through_nothing_planted_in_the_shared_job_directory(tmp_path):
+    """The job directory is on storage the Ray nodes share, and the ranks write into it: a FIFO planted at the
+    control file's fixed temp name blocked the state thread (the whole API) at the next pause or cancel, and a
+    symlink there had "cancelled" written into the file it points to."""
+    import os
+    import signal as signals
+
+    ray, run = executor(UNREACHABLE), Run("job-1", "ray-1", tmp_path)
+    os.mkfifo(tmp_path / f".{CONTROL_FILE_NAME}.tmp")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("mine")
+    (tmp_path / f".{ray_executor.STACKS_REQUEST_NAME}.tmp").symlink_to(victim)
+
+    def timed_out(*_):
+        raise TimeoutError("blocked on a planted file")
+
+    previous = signals.signal(signals.SIGALRM, timed_out)
+    signals.setitimer(signals.ITIMER_REAL, 3)
+    try:
+        assert ray.signal(run, "cancelled") is True
+        assert ray.request_stacks(run) is True
+    finally:
+        signals.setitimer(signals.ITIMER_REAL, 0)
+        signals.signal(signals.SIGALRM, previous)
+    assert (tmp_path / CONTROL_FILE_NAME).read_text() == "cancelled" and victim.read_text() == "mine"
