@@ -143,10 +143,13 @@ class _Scraper:
     last_began: float
     last_delivered_began: float = float("-inf")
     interval: float | None = None
+    closed: bool = False            # its connection closed: it scrapes no more under this name
 
     def idle_past(self, now: float, at_least: float) -> bool:
-        """True when its last scrape began longer ago than `at_least` and ACTIVE_INTERVALS of its own intervals."""
-        return now - self.last_began > max(at_least, ACTIVE_INTERVALS * (self.interval or 0))
+        """True when its last scrape began longer ago than `at_least` and ACTIVE_INTERVALS of its own intervals
+        (a closed one: `at_least` alone, its last interval may be a freeze's)."""
+        window = at_least if self.closed else max(at_least, ACTIVE_INTERVALS * (self.interval or 0))
+        return now - self.last_began > window
 
 
 class ScraperLog:
@@ -177,11 +180,15 @@ class ScraperLog:
             self._changed.notify_all()
 
     def closed(self, scraper: str) -> None:
-        """`scraper`'s connection closed: it scrapes no more, so nothing waits for it. Its last interval may
-        be stale: a request queued while this process was frozen (SIGSTOP), its scraper gone to a new
-        connection meanwhile, is answered after the freeze, which makes the freeze its interval."""
+        """`scraper`'s connection closed: it scrapes no more under this name. It stays active for
+        MIN_ACTIVE_SECONDS after its last scrape, so the final linger waits that long for it to come back on a
+        new connection (one Prometheus of an HA pair whose connection closed near the end), but no longer: its
+        last interval may be stale (a request queued while this process was frozen, its scraper gone to a new
+        connection meanwhile, is answered after the freeze, which makes the freeze its interval)."""
         with self._changed:
-            if self._scrapers.pop(scraper, None) is not None:
+            known = self._scrapers.get(scraper)
+            if known is not None:
+                known.closed = True
                 self._changed.notify_all()
 
     def _forget_gone(self) -> None:

@@ -1,4 +1,5 @@
-"""A scraper is a connection: one that closed scrapes no more, and the job's linger does not wait for it.
+"""A scraper is a connection: one that closed scrapes no more under its name, and the job's linger waits for it
+no longer than MIN_ACTIVE_SECONDS (long enough for it to come back on a new connection).
 
 Seen after a rank was frozen (SIGSTOP, SIGCONT): Prometheus had timed its scrape out and moved to a new
 connection; the request left queued on the old one was answered after the freeze, which made the freeze
@@ -57,13 +58,51 @@ def test_a_connection_answered_late_then_closed_does_not_hold_the_final_linger(t
         metrics.start()
         # The process frozen for a while: the request queued on the stale connection is answered late (its
         # interval becomes the freeze), and its scraper, which had long moved on, closes it.
-        time.sleep(MIN_ACTIVE_SECONDS / 2)
+        time.sleep(MIN_ACTIVE_SECONDS * 1.5)
         live.scrape(), stale.scrape()
         stale.close()
         metrics.finish("completed")
-        assert linger_seconds(metrics, live.scrape) < MIN_ACTIVE_SECONDS / 2      # it waited 3 s before
+        # At most the closed connection's last MIN_ACTIVE_SECONDS (it waited three freezes, 9 s, before).
+        assert linger_seconds(metrics, live.scrape) < MIN_ACTIVE_SECONDS + 0.5
     finally:
         live.close(), stale.close()
+
+
+def test_an_ha_replica_reconnecting_at_the_end_still_reads_the_final_state(tmp_path):
+    """One Prometheus of an HA pair whose connection closed near the end comes back on a new connection: the
+    linger waits for it (a closed connection stays owed a read for MIN_ACTIVE_SECONDS), not only for the
+    replica that kept its connection."""
+    metrics = JobMetrics("ha-pair", publish=Publish(targets_dir=tmp_path, linger_timeout=10))
+    steady, replica = KeepAliveScraper(metrics.metrics_port), KeepAliveScraper(metrics.metrics_port)
+    back = None
+    try:
+        steady.scrape(), replica.scrape()
+        metrics.start()
+        steady.scrape(), replica.scrape()
+        replica.close()
+        metrics.finish("completed")
+        ended = metrics._end_monotonic
+        reread = []
+
+        def both():
+            nonlocal back
+            steady.scrape()
+            if back is None and time.monotonic() - ended > 0.5:
+                back = KeepAliveScraper(metrics.metrics_port)
+            if back is not None and not reread:
+                back.scrape()
+                reread.append(time.monotonic())
+
+        closer = threading.Thread(target=metrics.close)
+        closer.start()
+        while closer.is_alive():
+            both()
+            closer.join(timeout=0.05)
+        assert reread, "the linger ended before the replica read the final state again"
+    finally:
+        steady.close(), replica.close()
+        if back is not None:
+            back.close()
 
 
 def test_scrapers_without_keep_alive_end_the_linger_at_their_first_scrape_after_the_end(tmp_path):
@@ -75,5 +114,6 @@ def test_scrapers_without_keep_alive_end_the_linger_at_their_first_scrape_after_
         scrape_once(port)
         starter.join(timeout=0.05)
     metrics.finish("completed")
-    # Each scrape's connection closes after it: none is a scraper to wait for (the last 2 s of them were).
-    assert linger_seconds(metrics, lambda: scrape_once(port)) < MIN_ACTIVE_SECONDS / 2
+    # Each scrape's connection closes after it: owed a read for MIN_ACTIVE_SECONDS at most, which the first
+    # scrape after the end pays for all of them (from the same client).
+    assert linger_seconds(metrics, lambda: scrape_once(port)) < MIN_ACTIVE_SECONDS + 0.5
