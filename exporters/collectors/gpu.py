@@ -3,15 +3,24 @@
 Fast loop (every --sample-interval): utilisation and memory, the two gauges with peaks; each call costs
 well under a millisecond. Slow loop (every --slow-interval, its own thread): temperature, power, the
 energy counter (~4 ms), clocks, throttle reasons, ECC counters, XID events and the per-GPU process lists
-that attribute GPUs to jobs. When NVML fails (library missing, driver gone, "GPU is lost") the collector
-reports failure, shuts NVML down and re-initialises it with exponential backoff.
+that attribute GPUs to jobs.
+
+Each GPU fails on its own. A GPU that is lost ("GPU is lost", one that needs a reset) has its series left
+out, is said once at warning level and is asked for again by index with backoff, while the others carry on.
+A query a GPU or its driver cannot answer (not supported, a function the driver lacks, no permission) is
+left out for that GPU for good, said once; any other failed query leaves out that one series for that
+sample. Only when no GPU answers (driver gone, NVML itself failing) does the collector report failure, shut
+NVML down and re-initialise it with exponential backoff. Nonsense readings (NaN, negative) are left out for
+that sample; utilisation is clamped to 0..1 and memory in use to the memory size.
 
 Energy per job: each slow sample adds a GPU's energy since its previous reading to the jobs holding the GPU
 now, split evenly among them (exporters/job_energy.py keeps the accounts, the energy collector publishes
-them). A counter that went back (a driver reload, a GPU reset) counts its new value, never a negative step.
+them). Each GPU's interval is its own, so one GPU's outage never stretches another's. A counter that went
+back (a driver reload, a GPU reset) counts its new value, never a negative step.
 """
 
 import logging
+import math
 from dataclasses import dataclass, field
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -33,7 +42,26 @@ THROTTLE_REASONS = (  # (NVML bit constant, reason label)
     ("nvmlClocksThrottleReasonHwPowerBrakeSlowdown", "hw_power_brake_slowdown"),
     ("nvmlClocksThrottleReasonDisplayClockSetting", "display_clock_setting"),
 )
+# The throttle reasons' function, newest name first: drivers before R535 lack the new one (pynvml then raises
+# FunctionNotFound), and older bindings lack its name.
+THROTTLE_FUNCTIONS = ("nvmlDeviceGetCurrentClocksEventReasons", "nvmlDeviceGetCurrentClocksThrottleReasons")
 MAX_EVENTS_PER_SAMPLE = 256
+
+# NVML errors by what they say, as pynvml names its exception classes. Lost: the GPU (or NVML under it) is
+# gone until it is reset or the driver reloaded; asking again by index later may find it back.
+LOST_ERRORS = ("NVMLError_GpuIsLost", "NVMLError_ResetRequired", "NVMLError_Uninitialized",
+               "NVMLError_DriverNotLoaded", "NVMLError_LibRmVersionMismatch")
+# Unanswerable: this GPU or driver will never answer the query (a MIG GPU's utilisation, a function older
+# drivers lack, a query for root only), so asking again every pass would only fail again.
+UNANSWERABLE_ERRORS = ("NVMLError_NotSupported", "NVMLError_FunctionNotFound", "NVMLError_NoPermission")
+
+
+class GpuLost(Exception):
+    """A GPU stopped answering at all; carries NVML's error."""
+
+    def __init__(self, error: Exception):
+        super().__init__(str(error))
+        self.error = error
 
 
 @dataclass
@@ -52,16 +80,23 @@ class SlowReadings:
 
 @dataclass
 class Gpu:
-    """One device: its identity, fast-loop windows and the latest slow readings."""
+    """One device: its identity, fast-loop windows, the latest slow readings and what it cannot answer."""
 
     index: int
-    handle: object
-    uuid: str
+    handle: object | None          # None while the GPU is lost since NVML started
+    uuid: str | None
     utilization: SampleWindow
     memory_used: SampleWindow
     memory_total: int = 0
+    read_at: dict[str, float] = field(default_factory=dict)   # window name -> time of its latest reading
     xid_errors: int = 0
+    xid_events: bool = False       # registered for XID events
     slow: SlowReadings | None = None
+    unanswerable: set[str] = field(default_factory=set)       # NVML functions never asked again
+    failures_said: set[str] = field(default_factory=set)      # NVML functions whose failure was logged
+    lost: Exception | None = None  # the error that lost it; None while it answers
+    retry_at: float = 0.0
+    retry_delay: float = 0.0       # 0 while it answers
 
 
 class GpuCollector(Collector):
@@ -85,9 +120,7 @@ class GpuCollector(Collector):
         self._last_error: Exception | None = None
         self._gpus: list[Gpu] | None = None
         self._events = None
-        self._generation = 0
-        self._lost_generation: int | None = None  # set by the slow loop, handled by the fast one
-        self._last_slow_error: Exception | None = None
+        self._event_failure_said = False
 
     @classmethod
     def build(cls, context: CollectorContext) -> "GpuCollector":
@@ -119,24 +152,35 @@ class GpuCollector(Collector):
             self._schedule_retry(now, CollectorUnavailable(f"NVML unavailable: {error}") if missing else error)
             raise self._last_error from error
         try:
-            gpus = []
-            for index in range(nvml.nvmlDeviceGetCount()):
-                handle = nvml.nvmlDeviceGetHandleByIndex(index)
-                gpus.append(Gpu(index, handle, nvml.nvmlDeviceGetUUID(handle),
-                                SampleWindow(self.peak_window), SampleWindow(self.peak_window)))
+            gpus = [self._open_gpu(index) for index in range(nvml.nvmlDeviceGetCount())]
             if not gpus:
                 raise CollectorUnavailable("NVML found no GPU")
-            self._events = self._register_xid_events(gpus)
+            if all(gpu.lost is not None for gpu in gpus):
+                raise gpus[0].lost
         except (nvml.NVMLError, CollectorUnavailable) as error:
             self._shutdown()
             self._schedule_retry(now, error)
             raise
+        self._events = self._register_xid_events(gpus)
+        for gpu in gpus:
+            if gpu.lost is not None:  # the others go on; this one is asked for again with backoff
+                self._lose(gpu, gpu.lost, now)
         self._gpus = gpus
-        self._generation += 1
         self._backoff = self.backoff_initial
         self._last_error = None
         log.info("NVML initialised: %d GPU(s)", len(gpus))
         return gpus
+
+    def _open_gpu(self, index: int) -> Gpu:
+        """The GPU at index: with its handle and UUID, or marked lost where NVML cannot give them."""
+        nvml = self.nvml
+        gpu = Gpu(index, None, None, SampleWindow(self.peak_window), SampleWindow(self.peak_window))
+        try:
+            handle = nvml.nvmlDeviceGetHandleByIndex(index)
+            gpu.handle, gpu.uuid = handle, nvml.nvmlDeviceGetUUID(handle)
+        except nvml.NVMLError as error:
+            gpu.handle, gpu.lost = None, error
+        return gpu
 
     def _register_xid_events(self, gpus: list[Gpu]):
         nvml = self.nvml
@@ -146,11 +190,18 @@ class GpuCollector(Collector):
             log.debug("no NVML event set, XID errors not counted: %s", error)
             return None
         for gpu in gpus:
-            try:
-                nvml.nvmlDeviceRegisterEvents(gpu.handle, nvml.nvmlEventTypeXidCriticalError, events)
-            except nvml.NVMLError_NotSupported:
-                log.debug("GPU %d: XID events not supported", gpu.index)
+            if gpu.lost is None:
+                self._register_gpu_events(gpu, events)
         return events
+
+    def _register_gpu_events(self, gpu: Gpu, events) -> None:
+        """Count the GPU's XID errors where it supports events (its xid series is left out where not)."""
+        nvml = self.nvml
+        try:
+            nvml.nvmlDeviceRegisterEvents(gpu.handle, nvml.nvmlEventTypeXidCriticalError, events)
+            gpu.xid_events = True
+        except nvml.NVMLError as error:
+            log.debug("GPU %d: XID events not counted: %s", gpu.index, error)
 
     def _schedule_retry(self, now: float, error: Exception) -> None:
         self._last_error = error
@@ -176,56 +227,150 @@ class GpuCollector(Collector):
         self._shutdown()
         self._schedule_retry(now, error)
 
+    def _errors(self, names: tuple[str, ...]) -> tuple[type, ...]:
+        """The binding's exception classes of those names (an older binding may lack some)."""
+        return tuple(getattr(self.nvml, name) for name in names if hasattr(self.nvml, name))
+
+    def _ask(self, gpu: Gpu, function: str, *args):
+        """NVML's answer to function(gpu's handle, *args), or None where the GPU cannot answer it, for good or
+        this time. Raises GpuLost when the GPU stopped answering at all."""
+        if function in gpu.unanswerable:
+            return None
+        nvml = self.nvml
+        try:
+            return getattr(nvml, function)(gpu.handle, *args)
+        except nvml.NVMLError as error:
+            if isinstance(error, self._errors(LOST_ERRORS)):
+                raise GpuLost(error) from error
+            if isinstance(error, self._errors(UNANSWERABLE_ERRORS)):
+                self._never_ask_again(gpu, function, error)
+            elif function not in gpu.failures_said:  # said once: it may fail every pass
+                gpu.failures_said.add(function)
+                log.warning("GPU %d: %s failed: %s; its series is left out while it fails", gpu.index,
+                            function, error)
+            return None
+
+    def _never_ask_again(self, gpu: Gpu, function: str, error: Exception) -> None:
+        gpu.unanswerable.add(function)
+        # "Not supported" is what many GPUs say of ECC or graphics processes: routine, so debug level.
+        level = logging.DEBUG if isinstance(error, self._errors(("NVMLError_NotSupported",))) else logging.INFO
+        log.log(level, "GPU %d: %s: %s; not asked again", gpu.index, function, error)
+
+    def _lose(self, gpu: Gpu, error: Exception, now: float) -> None:
+        """Leave the GPU out and ask for it again later: 1 s, doubling up to backoff_max, as for NVML."""
+        if gpu.retry_delay == 0.0:  # newly lost
+            log.warning("GPU %d (%s) is lost: %s; its series are left out, the other GPUs go on",
+                        gpu.index, gpu.uuid or "uuid unknown", error)
+            gpu.retry_delay = self.backoff_initial
+        else:
+            gpu.retry_delay = min(gpu.retry_delay * 2, self.backoff_max)
+        gpu.lost = error
+        gpu.retry_at = now + gpu.retry_delay
+
+    def _try_again(self, gpu: Gpu, now: float) -> None:
+        """Ask NVML for a lost GPU again once its retry is due; it is back once it answers a query."""
+        if now < gpu.retry_at:
+            return
+        nvml = self.nvml
+        try:
+            handle = nvml.nvmlDeviceGetHandleByIndex(gpu.index)
+            uuid = nvml.nvmlDeviceGetUUID(handle)
+            nvml.nvmlDeviceGetMemoryInfo(handle)  # NVML may keep a lost GPU's handle: only an answer proves it
+        except nvml.NVMLError as error:
+            self._lose(gpu, error, now)
+            return
+        if uuid != gpu.uuid:  # another board at this index (or the first sight of it): nothing carries over
+            gpu.unanswerable.clear()
+            gpu.failures_said.clear()
+            gpu.xid_errors = 0
+        gpu.handle, gpu.uuid = handle, uuid
+        # Readings from before the loss are not current: the series come back with new readings.
+        gpu.utilization, gpu.memory_used = SampleWindow(self.peak_window), SampleWindow(self.peak_window)
+        gpu.slow = None
+        if self._events is not None and not gpu.xid_events:
+            self._register_gpu_events(gpu, self._events)
+        gpu.lost, gpu.retry_delay = None, 0.0
+        log.info("GPU %d (%s) answers again", gpu.index, uuid)
+
     def sample(self, now: float) -> None:
         if self.job_tracker is not None:
             try:
                 self.job_tracker.update(now)
             except OSError as error:  # the jobs collector reports the job dir; GPUs go on
                 log.debug("job tracker: %s", error)
-        if self._lost_generation is not None and self._lost_generation == self._generation and self._gpus:
-            self._fail(now, self._last_slow_error)
-        self._lost_generation = None
         gpus = self._gpus if self._gpus is not None else self._start(now)
-        nvml = self.nvml
-        try:
-            for gpu in gpus:
-                utilization = nvml.nvmlDeviceGetUtilizationRates(gpu.handle)
-                memory = nvml.nvmlDeviceGetMemoryInfo(gpu.handle)
-                gpu.utilization.add(now, utilization.gpu / 100.0)
-                gpu.memory_used.add(now, memory.used)
-                gpu.memory_total = memory.total
-        except nvml.NVMLError as error:
-            self._fail(now, error)
-            raise
+        for gpu in gpus:
+            if gpu.lost is not None:
+                self._try_again(gpu, now)
+            if gpu.lost is None:
+                self._sample_fast(gpu, now)
+        self._fail_if_no_gpu_answers(gpus, now)
 
-    def _optional(self, call, *args):
-        """The call's result, or None where this GPU does not support it."""
+    def _sample_fast(self, gpu: Gpu, now: float) -> None:
         try:
-            return call(*args)
-        except self.nvml.NVMLError_NotSupported:
-            return None
+            utilization = self._ask(gpu, "nvmlDeviceGetUtilizationRates")
+            memory = self._ask(gpu, "nvmlDeviceGetMemoryInfo")
+        except GpuLost as lost:
+            self._lose(gpu, lost.error, now)
+            return
+        percent = _sane(utilization.gpu) if utilization is not None else None
+        self._add_reading(gpu, "utilization", now, None if percent is None else min(percent / 100.0, 1.0))
+        used, total = (_sane(memory.used), _sane(memory.total)) if memory is not None else (None, None)
+        if used is not None and total is not None:
+            gpu.memory_total = total
+            used = min(used, total)  # more in use than there is: the size is the bound we know
+        else:
+            used = None
+        self._add_reading(gpu, "memory_used", now, used)
+
+    def _add_reading(self, gpu: Gpu, window: str, now: float, value: float | None) -> None:
+        """Add the reading to the GPU's window. Without one (failed or nonsense), the window is emptied once
+        its latest reading is older than the window, so a query that keeps failing leaves its series out
+        rather than frozen."""
+        if value is not None:
+            getattr(gpu, window).add(now, value)
+            gpu.read_at[window] = now
+        elif now - gpu.read_at.get(window, now) >= self.peak_window:
+            setattr(gpu, window, SampleWindow(self.peak_window))
+            del gpu.read_at[window]
+
+    def _fail_if_no_gpu_answers(self, gpus: list[Gpu], now: float) -> None:
+        """With every GPU lost, NVML itself is suspect (driver gone, all GPUs reset): the collector fails, and
+        NVML is shut down and initialised again with backoff."""
+        lost = [gpu.lost for gpu in gpus if gpu.lost is not None]
+        if len(lost) == len(gpus):
+            self._fail(now, lost[-1])
+            raise lost[-1]
 
     def sample_slow(self, now: float) -> None:
-        gpus, generation = self._gpus, self._generation
+        gpus = self._gpus
         if gpus is None:
             return  # the fast loop reports the failure and re-initialises
-        nvml = self.nvml
-        try:
-            for gpu in gpus:
-                gpu.slow = self._read_slow(gpu)
-            self._drain_xid_events(gpus)
-        except nvml.NVMLError as error:
-            self._last_slow_error = error
-            self._lost_generation = generation
-            raise
-        if self.job_energy is not None:
-            self._add_energy(gpus)
-
-    def _add_energy(self, gpus: list[Gpu]) -> None:
-        """Each GPU's energy since the previous sample to the jobs holding it now, split evenly."""
-        jobs = self.job_tracker.snapshot if self.job_tracker is not None else None
+        answered: list[tuple[Gpu, SlowReadings]] = []   # this pass's readings, whatever the fast loop does
         for gpu in gpus:
-            joules = gpu.slow.energy_joules
+            if gpu.lost is not None:
+                continue
+            try:
+                readings = self._read_slow(gpu)
+            except GpuLost as lost:
+                self._lose(gpu, lost.error, now)
+                continue
+            gpu.slow = readings
+            answered.append((gpu, readings))
+        if not answered:
+            error = next((gpu.lost for gpu in gpus if gpu.lost is not None), None)
+            if error is not None:
+                raise error  # the fast loop shuts NVML down and re-initialises it
+        self._drain_xid_events(gpus)
+        if self.job_energy is not None:
+            self._add_energy(answered)
+
+    def _add_energy(self, answered: list[tuple[Gpu, SlowReadings]]) -> None:
+        """Each GPU's energy since its own previous reading to the jobs holding it now, split evenly. A GPU
+        without a reading this pass keeps its previous one: its next interval is longer, no one else's is."""
+        jobs = self.job_tracker.snapshot if self.job_tracker is not None else None
+        for gpu, readings in answered:
+            joules = readings.energy_joules
             if joules is None:
                 continue
             previous = self._energy_read.get(gpu.uuid)
@@ -236,34 +381,42 @@ class GpuCollector(Collector):
                 used = joules           # reset (driver reload, GPU reset): what it counted since
             else:
                 used = joules - previous
-            holders = _jobs_on(gpu, gpu.slow, jobs)[1]
+            holders = _jobs_on(gpu, readings, jobs)[1]
             for job_id in holders:
                 self.job_energy.add(job_id, "gpu", used / len(holders))
 
     def _read_slow(self, gpu: Gpu) -> SlowReadings:
-        nvml, optional, handle = self.nvml, self._optional, gpu.handle
-        power = optional(nvml.nvmlDeviceGetPowerUsage, handle)
-        energy = optional(nvml.nvmlDeviceGetTotalEnergyConsumption, handle)
-        clock = optional(nvml.nvmlDeviceGetClockInfo, handle, nvml.NVML_CLOCK_SM)
-        throttle_call = getattr(nvml, "nvmlDeviceGetCurrentClocksEventReasons", None) \
-            or nvml.nvmlDeviceGetCurrentClocksThrottleReasons
+        nvml, ask = self.nvml, self._ask
+        power = _sane(ask(gpu, "nvmlDeviceGetPowerUsage"))
+        energy = _sane(ask(gpu, "nvmlDeviceGetTotalEnergyConsumption"))
+        clock = _sane(ask(gpu, "nvmlDeviceGetClockInfo", nvml.NVML_CLOCK_SM))
         processes: dict[int, int] = {}
-        for list_call in (nvml.nvmlDeviceGetComputeRunningProcesses, nvml.nvmlDeviceGetGraphicsRunningProcesses):
-            for process in optional(list_call, handle) or ():
-                used = process.usedGpuMemory or 0  # None where the driver hides it (no permission)
+        for function in ("nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetGraphicsRunningProcesses"):
+            for process in ask(gpu, function) or ():
+                used = _sane(process.usedGpuMemory) or 0  # None where the driver hides it (no permission)
                 processes[process.pid] = max(processes.get(process.pid, 0), used)
         return SlowReadings(
-            temperature_celsius=optional(nvml.nvmlDeviceGetTemperature, handle, nvml.NVML_TEMPERATURE_GPU),
+            temperature_celsius=_sane(ask(gpu, "nvmlDeviceGetTemperature", nvml.NVML_TEMPERATURE_GPU)),
             power_watts=None if power is None else power / 1000.0,
             energy_joules=None if energy is None else energy / 1000.0,
             clock_sm_hertz=None if clock is None else clock * 1e6,
-            throttle_reasons=optional(throttle_call, handle),
-            ecc_corrected=optional(nvml.nvmlDeviceGetTotalEccErrors, handle,
-                                   nvml.NVML_MEMORY_ERROR_TYPE_CORRECTED, nvml.NVML_VOLATILE_ECC),
-            ecc_uncorrected=optional(nvml.nvmlDeviceGetTotalEccErrors, handle,
-                                     nvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, nvml.NVML_VOLATILE_ECC),
+            throttle_reasons=self._throttle_reasons(gpu),
+            ecc_corrected=ask(gpu, "nvmlDeviceGetTotalEccErrors", nvml.NVML_MEMORY_ERROR_TYPE_CORRECTED,
+                              nvml.NVML_VOLATILE_ECC),
+            ecc_uncorrected=ask(gpu, "nvmlDeviceGetTotalEccErrors", nvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED,
+                                nvml.NVML_VOLATILE_ECC),
             process_memory=processes,
         )
+
+    def _throttle_reasons(self, gpu: Gpu) -> int | None:
+        """The throttle reasons bitmask from the newest function the binding and the driver both have."""
+        for function in THROTTLE_FUNCTIONS:
+            if function in gpu.unanswerable or not hasattr(self.nvml, function):
+                continue
+            reasons = self._ask(gpu, function)
+            if function not in gpu.unanswerable:  # answered, or failed this time only: no fallback needed
+                return reasons
+        return None
 
     def _drain_xid_events(self, gpus: list[Gpu]) -> None:
         nvml = self.nvml
@@ -273,12 +426,18 @@ class GpuCollector(Collector):
         for _ in range(MAX_EVENTS_PER_SAMPLE):
             try:
                 event = nvml.nvmlEventSetWait_v2(self._events, 0)
+                if not event.eventType & nvml.nvmlEventTypeXidCriticalError:
+                    continue
+                gpu = by_index.get(nvml.nvmlDeviceGetIndex(event.device))
             except nvml.NVMLError_Timeout:
                 return
-            if event.eventType & nvml.nvmlEventTypeXidCriticalError:
-                gpu = by_index.get(nvml.nvmlDeviceGetIndex(event.device))
-                if gpu is not None:
-                    gpu.xid_errors += 1
+            except nvml.NVMLError as error:  # a lost GPU's events: the per-GPU queries say what is wrong
+                if not self._event_failure_said:
+                    self._event_failure_said = True
+                    log.warning("NVML events: %s; XID errors not counted while it fails", error)
+                return
+            if gpu is not None:
+                gpu.xid_errors += 1
 
     def collect(self):
         gpus = self._gpus
@@ -316,10 +475,13 @@ class GpuCollector(Collector):
         jobs = self.job_tracker.snapshot if self.job_tracker is not None else None
         nvml = self.nvml
         for gpu in gpus:
+            if gpu.lost is not None:
+                continue  # left out, not frozen
             ids = [str(gpu.index), gpu.uuid]
             if len(gpu.utilization):
                 utilization.add_metric(ids, gpu.utilization.mean())
                 utilization_peak.add_metric(ids, gpu.utilization.peak())
+            if len(gpu.memory_used):
                 memory.add_metric(ids, gpu.memory_used.latest())
                 memory_limit.add_metric(ids, gpu.memory_total)
                 memory_peak.add_metric(ids, gpu.memory_used.peak())
@@ -338,7 +500,7 @@ class GpuCollector(Collector):
                 errors.add_metric(ids + ["ecc_corrected"], slow.ecc_corrected)
             if slow.ecc_uncorrected is not None:
                 errors.add_metric(ids + ["ecc_uncorrected"], slow.ecc_uncorrected)
-            if self._events is not None:
+            if gpu.xid_events:
                 errors.add_metric(ids + ["xid"], gpu.xid_errors)
             used_by_job, holders = _jobs_on(gpu, slow, jobs)
             for job_id in holders:
@@ -363,5 +525,14 @@ def _jobs_on(gpu: Gpu, slow: SlowReadings, jobs) -> tuple[dict[str, int], list[s
         job_id = jobs.job_of_pid.get(pid)
         if job_id is not None:
             used_by_job[job_id] = used_by_job.get(job_id, 0) + used
-    declared = {job_id for job_id, indices in jobs.gpus.items() if gpu.index in indices}
+    # A mapping names its GPUs by NVML index or by UUID ("GPU-..."): the UUID stays right where
+    # CUDA_VISIBLE_DEVICES or a container renumbers the GPUs.
+    declared = {job_id for job_id, named in jobs.gpus.items() if gpu.index in named or gpu.uuid in named}
     return used_by_job, sorted(declared | used_by_job.keys())
+
+
+def _sane(reading: float | None) -> float | None:
+    """The reading, or None where it is nonsense (NaN, infinite, negative): left out for this sample."""
+    if reading is None or not math.isfinite(reading) or reading < 0:
+        return None
+    return reading

@@ -3,6 +3,7 @@ parsing."""
 
 import os
 import urllib.request
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -35,19 +36,26 @@ GIB = 1 << 30
 
 @dataclass
 class FakeGpu:
-    """What the fake NVML reports for one device; utilisation is a list consumed one value per sample."""
+    """What the fake NVML reports for one device; utilisation is a list consumed one value per sample.
+
+    lost=True makes every call on this device alone raise "GPU is lost"; errors maps an NVML function name to
+    the NVML error code that call raises on this device (NVML_ERROR_NOT_SUPPORTED on a MIG GPU's utilisation,
+    NVML_ERROR_FUNCTION_NOT_FOUND for a function the driver lacks).
+    """
 
     uuid: str
     utilization: list[int]
     memory_used: list[int]
     memory_total: int = 80 * GIB
     temperature: int = 55
-    power_milliwatts: int = 250_000
+    power_milliwatts: float = 250_000
     energy_millijoules: int | None = 9_000_000     # None: not supported
     clock_sm_mhz: int = 1410
     throttle_reasons: int = 0
     ecc: tuple[int, int] | None = (0, 0)
     processes: dict[int, int | None] = field(default_factory=dict)
+    lost: bool = False
+    errors: dict[str, int] = field(default_factory=dict)
 
 
 class FakeNvml:
@@ -64,6 +72,7 @@ class FakeNvml:
         self.initialised = False
         self.init_calls = 0
         self.pending_xids: list[tuple[int, int]] = []  # (gpu index, xid)
+        self.calls: Counter[tuple[str, int]] = Counter()  # (function name, handle) -> calls
 
     def __getattr__(self, name):
         if name.startswith(("NVML", "nvmlClocks", "nvmlEventType")):
@@ -73,11 +82,14 @@ class FakeNvml:
     def _error(self, code):
         return pynvml.NVMLError(code)
 
-    def _device(self, handle) -> FakeGpu:
+    def _device(self, handle, call: str = "") -> FakeGpu:
+        self.calls[call, handle] += 1
         if not self.initialised:
             raise self._error(pynvml.NVML_ERROR_UNINITIALIZED)
-        if self.lost:
+        if self.lost or self.gpus[handle].lost:
             raise self._error(pynvml.NVML_ERROR_GPU_IS_LOST)
+        if call in self.gpus[handle].errors:
+            raise self._error(self.gpus[handle].errors[call])
         return self.gpus[handle]
 
     def nvmlInit(self):
@@ -95,56 +107,60 @@ class FakeNvml:
         return len(self.gpus)
 
     def nvmlDeviceGetHandleByIndex(self, index):
-        self._device(index)
+        self._device(index, "nvmlDeviceGetHandleByIndex")
         return index
 
     def nvmlDeviceGetIndex(self, handle):
         return handle
 
     def nvmlDeviceGetUUID(self, handle):
-        return self._device(handle).uuid
+        return self._device(handle, "nvmlDeviceGetUUID").uuid
 
     def nvmlDeviceGetUtilizationRates(self, handle):
-        gpu = self._device(handle)
+        gpu = self._device(handle, "nvmlDeviceGetUtilizationRates")
         value = gpu.utilization.pop(0) if len(gpu.utilization) > 1 else gpu.utilization[0]
         return SimpleNamespace(gpu=value, memory=value // 2)
 
     def nvmlDeviceGetMemoryInfo(self, handle):
-        gpu = self._device(handle)
+        gpu = self._device(handle, "nvmlDeviceGetMemoryInfo")
         used = gpu.memory_used.pop(0) if len(gpu.memory_used) > 1 else gpu.memory_used[0]
         return SimpleNamespace(total=gpu.memory_total, used=used, free=gpu.memory_total - used)
 
     def nvmlDeviceGetTemperature(self, handle, sensor):
         assert sensor == pynvml.NVML_TEMPERATURE_GPU
-        return self._device(handle).temperature
+        return self._device(handle, "nvmlDeviceGetTemperature").temperature
 
     def nvmlDeviceGetPowerUsage(self, handle):
-        return self._device(handle).power_milliwatts
+        return self._device(handle, "nvmlDeviceGetPowerUsage").power_milliwatts
 
     def nvmlDeviceGetTotalEnergyConsumption(self, handle):
-        gpu = self._device(handle)
+        gpu = self._device(handle, "nvmlDeviceGetTotalEnergyConsumption")
         if gpu.energy_millijoules is None:
             raise self._error(pynvml.NVML_ERROR_NOT_SUPPORTED)
         return gpu.energy_millijoules
 
     def nvmlDeviceGetClockInfo(self, handle, clock):
         assert clock == pynvml.NVML_CLOCK_SM
-        return self._device(handle).clock_sm_mhz
+        return self._device(handle, "nvmlDeviceGetClockInfo").clock_sm_mhz
 
     def nvmlDeviceGetCurrentClocksEventReasons(self, handle):
-        return self._device(handle).throttle_reasons
+        return self._device(handle, "nvmlDeviceGetCurrentClocksEventReasons").throttle_reasons
+
+    def nvmlDeviceGetCurrentClocksThrottleReasons(self, handle):  # the name before R535 (still there)
+        return self._device(handle, "nvmlDeviceGetCurrentClocksThrottleReasons").throttle_reasons
 
     def nvmlDeviceGetTotalEccErrors(self, handle, error_type, counter_type):
-        gpu = self._device(handle)
+        gpu = self._device(handle, "nvmlDeviceGetTotalEccErrors")
         if gpu.ecc is None:
             raise self._error(pynvml.NVML_ERROR_NOT_SUPPORTED)
         return gpu.ecc[0 if error_type == pynvml.NVML_MEMORY_ERROR_TYPE_CORRECTED else 1]
 
     def nvmlDeviceGetComputeRunningProcesses(self, handle):
-        return [SimpleNamespace(pid=pid, usedGpuMemory=used) for pid, used in self._device(handle).processes.items()]
+        gpu = self._device(handle, "nvmlDeviceGetComputeRunningProcesses")
+        return [SimpleNamespace(pid=pid, usedGpuMemory=used) for pid, used in gpu.processes.items()]
 
     def nvmlDeviceGetGraphicsRunningProcesses(self, handle):
-        self._device(handle)
+        self._device(handle, "nvmlDeviceGetGraphicsRunningProcesses")
         raise self._error(pynvml.NVML_ERROR_NOT_SUPPORTED)
 
     def nvmlEventSetCreate(self):
@@ -154,7 +170,7 @@ class FakeNvml:
         pass
 
     def nvmlDeviceRegisterEvents(self, handle, event_types, events):
-        self._device(handle)
+        self._device(handle, "nvmlDeviceRegisterEvents")
 
     def nvmlEventSetWait_v2(self, events, timeout_ms):
         if self.lost:
