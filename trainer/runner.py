@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from trainmetrics.command import FlagError, check_directory
 from trainmetrics.contract import STOP_VERBS, TRAIN_OPTIONS, exit_code_for, validate_job_id
 from trainmetrics.datafiles import DatasetError
+from trainmetrics.jobmap import host_gpu
 from trainmetrics.trainer import distributed, faults
 from trainmetrics.trainer.checkpoint import FINAL_MODEL_NAME, atomic_save, ensure_writable_dir, load_latest, save_checkpoint
 from trainmetrics.trainer.config import TrainConfig
@@ -55,17 +56,19 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
-def physical_gpu_indices(device: torch.device) -> list[int]:
-    """The NVML index of the job's GPU (CUDA_VISIBLE_DEVICES remaps torch's numbering)."""
+def physical_gpus(device: torch.device) -> list[int | str]:
+    """The job's GPU for its mapping file, as the host's NVML knows it: a host index, else a UUID (torch's
+    numbering is remapped by CUDA_VISIBLE_DEVICES, and in a container by NVIDIA_VISIBLE_DEVICES)."""
     if device.type != "cuda":
         return []
     index = device.index if device.index is not None else torch.cuda.current_device()
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible:
-        entries = [entry.strip() for entry in visible.split(",")]
-        if index < len(entries) and entries[index].isdigit():
-            return [int(entries[index])]
-    return [index]
+    cuda_visible, nvidia_visible = os.environ.get("CUDA_VISIBLE_DEVICES"), os.environ.get("NVIDIA_VISIBLE_DEVICES")
+    gpu = host_gpu(index, cuda_visible, nvidia_visible)
+    if gpu is None:     # better no GPU declared than another job's: the exporter still finds the job's processes
+        log.warning("cuda:%d is no GPU index or UUID by CUDA_VISIBLE_DEVICES=%r, NVIDIA_VISIBLE_DEVICES=%r: the "
+                    "job mapping declares no GPU", index, cuda_visible, nvidia_visible)
+        return []
+    return [gpu]
 
 
 class Trainer:
@@ -425,7 +428,7 @@ def run_job(config: TrainConfig, stop: StopFlag | None = None) -> int:
                     upload_seconds=config.upload_seconds if config.upload_seconds is not None else load_seconds,
                     submitted_at=config.submitted_at),
             Publish(listen=config.metrics_listen, targets_dir=config.targets_dir, job_dir=config.job_dir,
-                    gpus=physical_gpu_indices(device), linger_timeout=config.linger_timeout,
+                    gpus=physical_gpus(device), linger_timeout=config.linger_timeout,
                     web_config=web_config, register_url=config.register_url),
             log_every=config.log_every, on_log=progress, resuming=config.resume, flops_per_sample=model.flops_per_sample(),
             peak_flops=config.peak_flops or device_peak_flops(device),

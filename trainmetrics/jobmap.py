@@ -9,9 +9,13 @@ removes it at exit (the idea of dcgm-exporter's job mapping, without a scheduler
 file's owner it proves which process the file means. Readers treat the directory as untrusted: they ignore
 files that do not parse, files whose pid is dead or now another process (a job killed with -9 cannot clean
 up), and files whose owner is neither root nor the process's user.
+
+`gpus` names the process's GPUs as the host's NVML knows them: a host index, or a UUID (`GPU-…`, a MIG
+instance's `MIG-…`) where no index can be told. host_gpu() works that out from the process's environment.
 """
 
 import json
+import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -19,13 +23,64 @@ from trainmetrics.contract import validate_job_id
 from trainmetrics.jobfiles import replace_atomically
 
 
+# A GPU's UUID as NVML and CUDA write it (CUDA also takes a unique prefix of one, hence the range of lengths).
+GPU_UUID = re.compile(r"(GPU|MIG)-[0-9a-fA-F-]{8,80}")
+HOST_INDEX = re.compile(r"[0-9]+")    # ASCII only: str.isdigit() is true for '²' too
+# *_VISIBLE_DEVICES values that pick no devices in particular: no remapping at that level.
+NO_REMAPPING = {"", "all", "none", "void"}
+
+
+def is_gpu_id(value: object) -> bool:
+    """True for what a mapping's `gpus` may hold: an NVML index or a GPU/MIG UUID."""
+    if isinstance(value, str):
+        return GPU_UUID.fullmatch(value) is not None
+    return type(value) is int    # type(), not isinstance(): True is not a GPU
+
+
+def host_gpu(cuda_index: int, cuda_visible: str | None, nvidia_visible: str | None) -> int | str | None:
+    """The GPU that this process's CUDA device cuda_index is, as the host's NVML knows it.
+
+    CUDA numbers the devices CUDA_VISIBLE_DEVICES lists; in a container, the runtime (NVIDIA's device plugin,
+    `docker --gpus`) gives the container the host GPUs NVIDIA_VISIBLE_DEVICES lists, numbered from 0. So the
+    CUDA index picks an entry of CUDA_VISIBLE_DEVICES, and an index found there picks one of
+    NVIDIA_VISIBLE_DEVICES. A UUID names its GPU on any host: it is kept as given, even where the exporter
+    may not know it (a MIG instance), rather than guessed as an index. An index past a list is kept as it
+    stands too. None: an entry that is neither an index nor a UUID (no GPU can be named from it).
+    """
+    gpu = _listed_gpu(cuda_index, cuda_visible)
+    if isinstance(gpu, int):    # an index into the container's GPUs (a UUID names its GPU anywhere)
+        gpu = _listed_gpu(gpu, nvidia_visible)
+    return gpu
+
+
+def _listed_gpu(index: int, visible: str | None) -> int | str | None:
+    """Entry index of a *_VISIBLE_DEVICES list (an int for a host index); index itself when the list picks
+    no devices or is shorter; None when the entry is neither an index nor a UUID."""
+    if visible is None or visible.strip().lower() in NO_REMAPPING:
+        return index
+    entries = [entry.strip() for entry in visible.split(",")]
+    if index >= len(entries):
+        return index
+    entry = entries[index]
+    if HOST_INDEX.fullmatch(entry):
+        return int(entry)
+    return entry if GPU_UUID.fullmatch(entry) else None
+
+
+def check_gpus(gpus: object) -> list[int | str]:
+    """gpus when it is a list of NVML indices and GPU/MIG UUIDs; ValueError otherwise."""
+    if not isinstance(gpus, list) or not all(is_gpu_id(gpu) for gpu in gpus):
+        raise ValueError("gpus must be a list of GPU indices and GPU-/MIG- UUIDs")
+    return gpus
+
+
 @dataclass(frozen=True)
 class JobMapping:
-    """One job process: its id, pid, the GPU indices it uses, its rank, and when it started."""
+    """One job process: its id, pid, its GPUs (host indices or UUIDs), its rank, and when it started."""
 
     job_id: str
     pid: int
-    gpus: list[int] = field(default_factory=list)
+    gpus: list[int | str] = field(default_factory=list)
     rank: int = 0
     started: float = 0.0
     start_ticks: int = 0    # 0: write_job_mapping reads it from /proc/PID/stat
@@ -47,6 +102,7 @@ def write_job_mapping(directory: Path, mapping: JobMapping) -> Path:
     """Write the mapping, with its process's start ticks, atomically (jobfiles.replace_atomically: the
     directory is shared); return its path."""
     validate_job_id(mapping.job_id)
+    check_gpus(mapping.gpus)    # the exporter refuses a mapping with anything else in it
     if not mapping.start_ticks:
         mapping = replace(mapping, start_ticks=process_start_ticks(mapping.pid))
     directory = Path(directory)

@@ -40,7 +40,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from trainmetrics.contract import Node, validate_job_id
 from trainmetrics.exporters.collectors.base import Collector, CollectorContext, read_bytes
-from trainmetrics.jobmap import JobMapping
+from trainmetrics.jobmap import JobMapping, check_gpus
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +73,7 @@ def parse_mapping(data: bytes) -> JobMapping:
             raise ValueError(f"{key} must be an integer >= {minimum}, got {str(value)[:40]!r}")
         return value
 
-    gpus = raw.get("gpus", [])
-    if not isinstance(gpus, list) or not all(type(gpu) is int for gpu in gpus):
-        raise ValueError("gpus must be a list of GPU indices")
+    gpus = check_gpus(raw.get("gpus", []))     # host indices, or UUIDs where the trainer knew no index
     started = raw.get("started", 0.0)
     if type(started) not in (int, float):
         raise ValueError("started must be a number")
@@ -112,11 +110,12 @@ class JobUsage:
 
 @dataclass(frozen=True)
 class JobsSnapshot:
-    """What the tracker knows after one update: usage per job, which pid is whose, declared GPUs."""
+    """What the tracker knows after one update: usage per job, which pid is whose, declared GPUs (NVML
+    indices and UUIDs)."""
 
     usage: dict[str, JobUsage] = field(default_factory=dict)
     job_of_pid: dict[int, str] = field(default_factory=dict)
-    gpus: dict[str, frozenset[int]] = field(default_factory=dict)
+    gpus: dict[str, frozenset[int | str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -260,7 +259,7 @@ class JobTracker:
     def _measure(self) -> JobsSnapshot:
         usage: dict[str, JobUsage] = {}
         job_of_pid: dict[int, str] = {}
-        gpus: dict[str, set[int]] = {}
+        gpus: dict[str, set[int | str]] = {}
         ticks = self.clock_ticks
         died = False
         ended: dict[str, float] = {}

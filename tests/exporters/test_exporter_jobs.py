@@ -9,7 +9,7 @@ import time
 import pytest
 
 from trainmetrics.exporters.collectors.jobs import (MAX_MAPPING_BYTES, MAX_SCAN_PAUSE, SETTLE_SECONDS, JobsCollector,
-                                                   JobTracker, read_mapping_file)
+                                                   JobTracker, parse_mapping, read_mapping_file)
 from trainmetrics.exporters.exporter import Exporter
 from tests.exporters.exporter_fixtures import parse_exposition
 from trainmetrics.jobmap import JobMapping, process_start_ticks, write_job_mapping
@@ -169,3 +169,18 @@ def test_a_mapping_file_is_read_without_blocking_following_links_or_reading_much
     good = write_job_mapping(tmp_path, JobMapping(job_id="good", pid=os.getpid()))
     assert read_mapping_file(str(good)) == (JobMapping(job_id="good", pid=os.getpid(),
                                                        start_ticks=process_start_ticks("self")), os.geteuid())
+
+
+def test_a_mapping_names_its_gpus_by_host_index_or_uuid_and_by_nothing_else(tmp_path):
+    """A trainer given its GPU by UUID (CUDA_VISIBLE_DEVICES=GPU-..., Kubernetes' device plugin) names it so: the
+    exporter refused such a mapping whole, and the job lost its CPU, memory and energy series too."""
+    uuid, mig = "GPU-8a4c1f3e-1111-2222-3333-444455556666", "MIG-1b2c3d4e-0000-1111-2222-333344445555"
+    path = write_job_mapping(tmp_path, JobMapping(job_id="by-uuid", pid=os.getpid(), gpus=[3, uuid, mig]))
+    assert read_mapping_file(str(path))[0].gpus == [3, uuid, mig]
+    tracker = JobTracker(tmp_path, descendants=lambda pid: [])
+    assert tracker.update(1.0).gpus == {"by-uuid": frozenset({3, uuid, mig})}
+    for bad in ([True], ["0"], ["gpu0"], ["GPU-12"], [uuid + "\n"], [f"{mig}/1/0"], [[0]], [0.0], "0", {"0": 0}):
+        with pytest.raises(ValueError, match="gpus must be"):
+            parse_mapping(json.dumps({"job_id": "x", "pid": 1, "start_ticks": 1, "gpus": bad}).encode())
+        with pytest.raises(ValueError, match="gpus must be"):    # the trainer never writes what is refused
+            write_job_mapping(tmp_path, JobMapping(job_id="x", pid=os.getpid(), gpus=bad))
