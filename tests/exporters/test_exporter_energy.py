@@ -72,6 +72,26 @@ def test_gpu_energy_goes_to_the_jobs_holding_the_gpu_split_evenly_and_a_reset_co
     assert success(host.exporter.render())["energy"] == 1
 
 
+def test_a_gpu_declared_by_uuid_gets_its_energy_and_job_info(tmp_path):
+    """A job given its GPU by UUID (CUDA_VISIBLE_DEVICES=GPU-..., Kubernetes' device plugin) was mapped to GPU 0
+    whatever GPU it was on; a mapping naming the UUID was refused whole."""
+    job_dir = tmp_path / "jobs"
+    job_dir.mkdir()
+    (job_dir / "mnist-1.rank0.json").write_text((FIXTURE_JOB_DIR / "mnist-1.rank0.json").read_text())
+    host = build_fixture_host(job_dir=job_dir, powercap_root=tmp_path / "no-powercap")
+    gpu0, gpu1 = host.nvml.gpus
+    write_job_mapping(job_dir, JobMapping(job_id="eval-2", pid=5100, gpus=[gpu1.uuid], start_ticks=8))
+    for now, energy_millijoules in ((100.0, 1_000_000), (101.0, 1_004_000)):
+        gpu0.energy_millijoules, gpu1.energy_millijoules = 2 * energy_millijoules, energy_millijoules
+        host.exporter.sample(now)
+        host.exporter.sample_slow(now)
+    text = host.exporter.render()
+    assert energy_series(text) == {("mnist-1", "gpu"): 8.0, ("eval-2", "gpu"): 4.0}
+    job_info = parse_exposition(text)["hw_gpu_job_info"]
+    assert sorted((dict(labels)["gpu"], dict(labels)["job_id"]) for labels in job_info) == [("0", "mnist-1"),
+                                                                                           ("1", "eval-2")]
+
+
 def test_cpu_package_energy_is_shared_by_cpu_time_and_survives_a_wrap(tmp_path):
     proc, powercap, job_dir = tmp_path / "proc", tmp_path / "powercap", tmp_path / "jobs"
     write_proc(proc, host_busy=10_000, host_idle=50_000, processes={100: 1_000, 200: 2_000})
