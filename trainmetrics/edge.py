@@ -161,6 +161,9 @@ class EdgeMiddleware:
         path = scope.get("path", "")
         if CONTROL_CHARACTERS.search(path):
             raise ApiError(400, "bad_request", "path: control characters are not allowed")
+        if _cross_site(scope):
+            raise ApiError(403, "forbidden", "a request from another site's page: refused (a browser sent it "
+                                             "for a web page; call the API from a client, not a page)")
         if path in self.open_paths or path.startswith(self.self_checked):
             return None
         authorization = None
@@ -181,6 +184,23 @@ class EdgeMiddleware:
         if not self.authenticator.allows(owner, path):
             raise ApiError(403, "forbidden", f"this token may not use {path[:100]}")
         return owner
+
+
+def _cross_site(scope) -> bool:
+    """True for a request that changes something and that a browser sent for another site's page: its Origin
+    is not this server (or is "null": a sandboxed or local page), or Sec-Fetch-Site says so. A page can make a
+    browser send a bodiless POST (pause, cancel) or a plain-text one to any address, a loopback server
+    without tokens included, with no preflight; browsers mark such requests, clients (curl, httpx,
+    Prometheus) send neither header."""
+    if scope.get("method") in ("GET", "HEAD", "OPTIONS"):
+        return False
+    headers = {key.decode("latin-1"): value.decode("latin-1") for key, value in scope.get("headers") or []}
+    if headers.get("sec-fetch-site") in ("cross-site", "same-site"):
+        return True
+    origin = headers.get("origin")
+    if origin is None:
+        return False
+    return origin == "null" or origin.split("://", 1)[-1].rstrip("/").lower() != headers.get("host", "").lower()
 
 
 class WithoutCreated:

@@ -175,6 +175,22 @@ def test_bad_list_parameters_are_400_naming_the_parameter(params, problem, serve
     assert response.status_code == 400 and problem in response.json()["error"]["message"], response.text
 
 
+@pytest.mark.parametrize("headers", [{"origin": "http://evil.example"}, {"origin": "null"},
+                                     {"origin": "http://127.0.0.1:1"}, {"sec-fetch-site": "cross-site"}],
+                         ids=["other-site", "null", "other-port", "fetch-metadata"])
+def test_a_request_a_browser_sent_for_another_sites_page_is_refused(headers, server_only):
+    """A page can make a browser POST to a loopback job server without tokens, with no preflight, when the
+    request has no body (pause, cancel) or a plain one (an upload): it was carried out. Browsers mark such
+    requests (Origin, Sec-Fetch-Site); clients send neither."""
+    client = server_only.client()
+    refused = client.post("/api/training/jobs/some-job/cancel", headers=headers)
+    assert refused.status_code == 403 and "another site's page" in refused.json()["error"]["message"]
+    assert client.post("/api/training/jobs/some-job/cancel").status_code == 404          # a client: not refused
+    own = {"origin": f"http://127.0.0.1:{server_only.port}"}
+    assert client.post("/api/training/jobs/some-job/cancel", headers=own).status_code == 404   # its own page
+    assert client.get("/api/training/jobs", headers=headers).status_code == 200          # reading is no harm
+
+
 @pytest.fixture(scope="module")
 def server_only(tmp_path_factory):
     server = Server(tmp_path_factory.mktemp("server"), extra=("--max-upload-bytes", "2000"))
