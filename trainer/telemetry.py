@@ -81,7 +81,7 @@ class Publish:
     listen: str | None = "127.0.0.1:0"          # None: no /metrics endpoint
     targets_dir: Path | None = field(default_factory=lambda: _env_path("TRAINMETRICS_TARGETS_DIR"))
     job_dir: Path | None = field(default_factory=lambda: _env_path("TRAINMETRICS_JOB_DIR"))
-    gpus: Iterable[int] = ()                     # NVML indices of the job's GPUs, for the job-mapping file
+    gpus: Iterable[int | str] = ()               # the job's GPUs as the host's NVML knows them (indices, UUIDs)
     linger_timeout: float = 15.0                 # bound on the waits for the first and the final scrapes
     web_config: WebConfig | None = None
     register_url: str | None = None              # the job server's service discovery (registration.py)
