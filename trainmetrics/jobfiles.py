@@ -130,9 +130,9 @@ def rank_result_path(path: Path, rank: int) -> Path:
     return path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
 
 
-def read_small_text(path: Path, limit: int = 4096) -> str | None:
-    """A small file's text (a control or request file in a shared job directory), or None: missing, not a
-    regular file (a FIFO would block the reader, a symlink lead it elsewhere), unreadable or over `limit`."""
+def read_small(path: Path, limit: int) -> bytes | None:
+    """A small file's bytes (a file of a shared job directory), or None: missing, not a regular file (a FIFO
+    would block the reader, a symlink lead it elsewhere), unreadable or over `limit` bytes."""
     try:
         fd = open_regular(path, os.O_RDONLY)
     except OSError:
@@ -143,22 +143,19 @@ def read_small_text(path: Path, limit: int = 4096) -> str | None:
         return None
     finally:
         os.close(fd)
-    return data.decode("utf-8", "replace") if len(data) <= limit else None
+    return data if len(data) <= limit else None
+
+
+def read_small_text(path: Path, limit: int = 4096) -> str | None:
+    """A small file's text (a control or request file), or None as read_small says."""
+    data = read_small(path, limit)
+    return data.decode("utf-8", "replace") if data is not None else None
 
 
 def read_result(path: Path) -> dict | None:
     """The job's result, or None when there is none (not written yet, unreadable, not one of ours)."""
-    try:
-        fd = open_regular(path, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        data = os.read(fd, MAX_RESULT_BYTES + 1)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-    if len(data) > MAX_RESULT_BYTES:
+    data = read_small(path, MAX_RESULT_BYTES)
+    if data is None:
         return None
     try:
         result = json.loads(data)
