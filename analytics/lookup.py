@@ -155,9 +155,13 @@ class JobFacts:
 
     @property
     def settled(self) -> bool:
-        """Stopped, no longer scraped, and no exporter attributes it any more (its energy counts are final):
-        only a new process (a resume) can change its analytics."""
-        return self.end is not None and not self.live and not self.attributed_now
+        """Stopped, no longer scraped, no exporter attributes it any more (its energy counts are final), and
+        every process that stopped with a state has its end timestamp in the store: only a new process (a
+        resume) can change its analytics. A store that makes a new series searchable only seconds after its
+        samples arrived (VictoriaMetrics), the end timestamp's among them, shows a final state before the end:
+        read then, the end would be the last heartbeat's, and a report stored then would keep it."""
+        return (self.end is not None and not self.live and not self.attributed_now and
+                not any(p.trainer and p.state in STOPPED_STATES and p.end is None for p in self.processes))
 
     @property
     def error_type(self) -> str | None:

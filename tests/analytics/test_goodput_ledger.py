@@ -108,3 +108,16 @@ def test_when_earlier_runs_are_gone_their_time_is_unaccounted_not_queued():
     assert body.wall_clock_seconds == 80.0 and body.seconds["queued"] == 0.0
     assert body.unaccounted_seconds == pytest.approx(80.0 - 59.5) and body.unaccounted_seconds >= 0
     assert "earliest run" in body.unavailable_reason
+
+
+def test_a_job_whose_end_timestamp_is_not_in_the_store_yet_is_not_settled():
+    """VictoriaMetrics makes a new series searchable seconds after it arrived: a job read as completed before
+    its end timestamp showed was settled, and the job server stored its report with the heartbeat for the end
+    (and, after a store restart, without its totals) for good."""
+    before = Process("a", start=100.0, state="completed", last_seen=130.0)
+    after = Process("a", start=100.0, end=129.9, state="completed", last_seen=130.0)
+    assert facts(before).end == 130.0 and not facts(before).settled
+    assert facts(after).end == 129.9 and facts(after).settled
+    killed = Process("k", start=100.0, state="running", last_seen=120.0)          # no end, ever: vanished
+    assert JobFacts(job_id="k", info={}, status="vanished", processes=[killed], timeline=Timeline.of([]),
+                    upload_seconds=None, owners=frozenset(), fingerprint=frozenset(), now=1000.0).settled
