@@ -1,6 +1,7 @@
 """The job server's fixtures: the executor the flows run on (local processes, or a real Ray cluster)."""
 
 import importlib.util
+import time
 
 import pytest
 
@@ -24,3 +25,16 @@ def executor(request) -> tuple[str, ...]:
         return ()
     cluster = request.getfixturevalue("ray_cluster")
     return ("--executor", "ray", "--ray-address", cluster.dashboard)
+
+
+def tick_until(supervisor, job_id: str, seconds: float):
+    """Tick the supervisor (as the server does, if faster) until the job is no longer running or `seconds`
+    passed; the job as it then stands."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        supervisor.tick()
+        job = supervisor.store.get_job(job_id)
+        if job.state != "running":
+            return job
+        time.sleep(0.05)
+    return supervisor.store.get_job(job_id)

@@ -17,6 +17,8 @@ from trainmetrics.jobserver.local import LocalExecutor
 from trainmetrics.jobserver.store import JobRecord, JobStore
 from trainmetrics.jobserver.supervisor import Supervisor
 
+from .conftest import tick_until
+
 # torchrun's stand-in: starts N workers (the script WORKER with `train ARGS`) each in a session of its own,
 # waits for them and exits with the first one's code. It ignores the stop and stacks signals: the server never
 # sends torchrun any (they would kill it), and this one's command line looks like a trainer's.
@@ -85,18 +87,6 @@ def start_hung(supervisor: Supervisor, job_id: str) -> list[psutil.Process]:
         time.sleep(0.05)
     time.sleep(0.2)         # their handlers are installed
     return processes
-
-
-def tick_until(supervisor: Supervisor, job_id: str, seconds: float) -> JobRecord:
-    """Tick (as the server does, if faster) until the job is no longer running or `seconds` passed."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        supervisor.tick()
-        job = supervisor.store.get_job(job_id)
-        if job.state != "running":
-            return job
-        time.sleep(0.05)
-    return supervisor.store.get_job(job_id)
 
 
 def test_a_cancel_a_hung_job_does_not_act_on_kills_it_after_the_grace_and_it_ends_cancelled(supervisor, caplog):

@@ -14,6 +14,8 @@ from trainmetrics.jobserver.local import LocalExecutor
 from trainmetrics.jobserver.store import JobRecord, JobStore
 from trainmetrics.jobserver.supervisor import StopRefused, Supervisor
 
+from .conftest import tick_until
+
 # Stops on the FIRST signal it gets, like a trainer at a step boundary, but takes its time writing the outcome:
 # a second signal arrives while it is still alive and changes nothing in what it writes (the result counts the
 # signals it got). "late-kill" dies of SIGKILL just after writing its result, like a process a late signal
@@ -76,14 +78,10 @@ def submit(supervisor: Supervisor, job_id: str, model: str = "mlp") -> JobRecord
 
 
 def settle(supervisor: Supervisor, job_id: str, timeout: float = 20) -> JobRecord:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        supervisor.tick()
-        job = supervisor.store.get_job(job_id)
-        if job.state != "running":
-            return job
-        time.sleep(0.05)
-    raise AssertionError(f"{job_id} still running")
+    job = tick_until(supervisor, job_id, timeout)
+    if job.state == "running":
+        raise AssertionError(f"{job_id} still running")
+    return job
 
 
 def test_a_cancel_accepted_after_a_pause_wins_though_the_process_wrote_paused(supervisor):
