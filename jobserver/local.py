@@ -126,15 +126,16 @@ def names_job_dir(command: list[str], job_dir: Path) -> bool:
 
 def kill_processes(processes: list[psutil.Process], wait: float = KILL_WAIT_SECONDS) -> list[psutil.Process]:
     """SIGKILL to each process in turn; the ones still alive after `wait` seconds."""
+    refused = set()
     for process in processes:
         try:
             process.kill()
         except psutil.NoSuchProcess:
             pass
         except psutil.AccessDenied:     # not ours after all (run_processes keeps ours): not waited for
-            processes = [other for other in processes if other.pid != process.pid]
+            refused.add(process.pid)
     deadline = time.monotonic() + wait
-    alive = [process for process in processes if _alive(process)]
+    alive = [process for process in processes if process.pid not in refused and _alive(process)]
     while alive and time.monotonic() < deadline:
         time.sleep(0.01)
         alive = [process for process in alive if _alive(process)]

@@ -213,19 +213,7 @@ class RayExecutor:
         """Ray's stop of the submission: SIGTERM to the launcher, SIGKILL to it and its processes a few seconds
         later (Ray's RAY_JOB_STOP_WAIT_TIME_S), and the ranks' actors end with it. False when Ray did not
         answer (asked again after the quiet period)."""
-        if self._quiet():
-            return False
-        try:
-            self.client.stop_job(run.handle)
-        except Exception as error:
-            if unknown_to_ray(error):       # Ray no longer has it: polling ends it
-                return True
-            if not unanswered(error):
-                log.warning("job %s: Ray refused to stop %s (%s); asked again", run.job_id, run.handle,
-                            _one_line(error))
-            self._went_quiet()              # asked again after the quiet period, not at every tick
-            return False
-        return True
+        return self._stop(run.job_id, run.handle)
 
     def abandon(self, job_id: str, job_dir: Path) -> None:
         """A submission Ray may have received although it did not answer: "cancelled" in the job's control file
@@ -235,15 +223,25 @@ class RayExecutor:
         if submission is None:
             return
         _replace(job_dir / CONTROL_FILE_NAME, "cancelled")
-        if self._quiet():
-            return
-        try:
-            self.client.stop_job(submission)
-        except Exception as error:      # never received (404), or Ray away: the control file stops it if it runs
-            if unanswered(error):
-                self._went_quiet()
+        self._stop(job_id, submission)      # not received, or Ray away: the control file stops it if it runs
         log.info("job %s: cancelled while Ray had not answered its submission %s; that submission, if Ray "
                  "received it, is stopped", job_id, submission)
+
+    def _stop(self, job_id: str, submission: str) -> bool:
+        """Ask Ray to stop a submission; True when it did, or has no such submission (404). Ray not answering,
+        or refusing (said), leaves it alone for the quiet period."""
+        if self._quiet():
+            return False
+        try:
+            self.client.stop_job(submission)
+        except Exception as error:
+            if unknown_to_ray(error):
+                return True
+            if not unanswered(error):
+                log.warning("job %s: Ray refused to stop %s (%s)", job_id, submission, _one_line(error))
+            self._went_quiet()
+            return False
+        return True
 
     def request_stacks(self, run: Run) -> bool:
         """Ask every rank for its thread stacks: the launcher passes SIGUSR2 on when the request file's number
