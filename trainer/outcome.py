@@ -51,8 +51,8 @@ class Outcome:
             try:
                 write_result(path, result)
             except OSError as error:
-                log.error("job %s: cannot write the result file %s: %s", self.config.job_id,
-                          self.config.result_file, error.strerror or error)
+                log.error("job %s: cannot write the result file %s: %s", self.config.job_id, path,
+                          error.strerror or error)
         # One write, newline included: torchrun runs its ranks unbuffered (PYTHONUNBUFFERED=1) on one shared
         # stdout, where print()'s separate write of the newline let two ranks' lines run into one.
         sys.stdout.write("summary " + strict_json(result) + "\n")

@@ -40,13 +40,12 @@ OTLP_TIMEOUT_VARIABLES = ("OTEL_EXPORTER_OTLP_METRICS_TIMEOUT", "OTEL_EXPORTER_O
 # and 30 s for the last one).
 FINAL_PUSH_SECONDS = 5.0
 # A scraper counts as active while it keeps to its own rhythm: seen within this many of its intervals, and at
-# least MIN_ACTIVE_SECONDS, until its connection closes (a scraper reconnecting shows up under a new
-# connection; the old one, if never closed, fades).
+# least MIN_ACTIVE_SECONDS; once its connection closed, MIN_ACTIVE_SECONDS alone (a scraper reconnecting
+# shows up under a new connection and the old one fades).
 ACTIVE_INTERVALS = 3
 MIN_ACTIVE_SECONDS = 2.0
 # Scrapers gone this long (and past their active window) are forgotten: a scraper that opens a connection per
-# scrape (no keep-alive) shows up under a new name each time, 345,600 names a day at 250 ms (each is also
-# forgotten as its connection closes).
+# scrape (no keep-alive) shows up under a new name each time, 345,600 names a day at 250 ms.
 FORGET_SECONDS = 60.0
 
 # The scrape being rendered, for collection callbacks that show a scraper its own view (evaluations).
@@ -153,8 +152,8 @@ class _Scraper:
 
 
 class ScraperLog:
-    """The Prometheus-compatible scrapers reading this job (one per open connection), and when each last had an
-    answer delivered."""
+    """The Prometheus-compatible scrapers reading this job (one per connection, a closed one still for a
+    while), and when each last had an answer delivered."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic):
         self._clock = clock

@@ -1,8 +1,8 @@
 """The HTTP server behind every trainmetrics /metrics endpoint (the node exporter's and each job's).
 
 - HTTP/1.1 with keep-alive: a Prometheus-compatible scraper (Prometheus, vmagent, the OpenTelemetry
-  Collector) keeps one connection per target open, so the connection tells one scraper from another; once
-  it closes, that scraper is gone (`closed`): one that comes back does so on a new connection.
+  Collector) keeps one connection per target open, so the connection tells one scraper from another; its
+  end is reported (`closed`): a scraper that comes back does so on a new connection.
 - A scrape counts only when it comes from such a scraper: it sends `X-Prometheus-Scrape-Timeout-Seconds`.
   A `curl` or a health check reads the same text but never counts (the job's linger waits for scrapers).
 - Bounded: at most `max_connections` connections (one thread each); more are closed at once. A connection
@@ -110,7 +110,8 @@ class MetricsHTTPServer(ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int], render: Callable[[Scrape], bytes], *,
                  web_config: WebConfig | None = None, delivered: Callable[[Scrape], None] | None = None,
-                 closed: Callable[[str], None] | None = None, max_connections: int = DEFAULT_MAX_CONNECTIONS, idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+                 closed: Callable[[str], None] | None = None, max_connections: int = DEFAULT_MAX_CONNECTIONS,
+                 idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
                  title: str = "trainmetrics"):
         self.render = render
         self._delivered = delivered
