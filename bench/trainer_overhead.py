@@ -18,10 +18,13 @@ smallest multiple of 64 whose step takes at least --step-ms (the same batch give
 days on a shared VM), unless --batch-size fixes it. Goal: >= 0.99.
 
     .venv/bin/python bench/trainer_overhead.py [--rounds 600] [--steps 50] [--step-ms 2] [--batch-size N]
-                                                 [--scrapes-per-second 4]
+                                                 [--scrapes-per-second 4] [--scrape-parts]
+
+--scrape-parts also prints where a scrape's CPU goes (each part timed with the serving thread's CPU clock).
 """
 
 import argparse
+import collections
 import subprocess
 import sys
 import time
@@ -125,6 +128,55 @@ def run_on(metrics: JobMetrics, batches, train_step, steps: int) -> int:
     return steps
 
 
+class ScrapeParts:
+    """The serving thread's CPU per part of a scrape: each part's method wrapped with time.thread_time (the
+    parts are the HTTP handler's, the OpenTelemetry SDK's and the exporter's own methods: names may move
+    between versions; a part not found is left out)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = collections.defaultdict(float)
+        self.calls: collections.Counter = collections.Counter()
+        self._parts: list[str] = []          # in the order they are shown
+
+    def wrap(self, owner: type, method: str, part: str) -> None:
+        original = getattr(owner, method, None)
+        if original is None:
+            return
+
+        def timed(*args, **kwargs):
+            began = time.thread_time()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.seconds[part] += time.thread_time() - began
+                self.calls[part] += 1
+
+        setattr(owner, method, timed)
+        self._parts.append(part)
+
+    def install(self) -> "ScrapeParts":
+        from opentelemetry.sdk.metrics._internal.measurement_consumer import SynchronousMeasurementConsumer
+
+        from trainmetrics import exposition, metrics_http
+        self.wrap(metrics_http._Handler, "handle_one_request", "a request, all of it")
+        self.wrap(exposition.TextExposition, "render", "  the render")
+        self.wrap(SynchronousMeasurementConsumer, "collect", "    the SDK's collection (callbacks to data points)")
+        self.wrap(metrics_http._Handler, "parse_request", "  the request line and headers (http.server)")
+        self.wrap(metrics_http._Handler, "_send", "  the write")
+        self.wrap(metrics_http.MetricsHTTPServer, "delivered", "  the scraper log")
+        return self
+
+    def reset(self) -> None:
+        self.seconds.clear()
+        self.calls.clear()
+
+    def report(self) -> None:
+        for part in self._parts:
+            if self.calls[part]:
+                print(f"{part:<55} {1e6 * self.seconds[part] / self.calls[part]:7.0f} us of CPU "
+                      f"({self.calls[part]} calls)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=600)
@@ -133,6 +185,7 @@ def main() -> None:
                         help="the scraper's rate (Prometheus at 250 ms: 4; 0: no scraper)")
     parser.add_argument("--step-ms", type=float, default=2.0, help="the step time the batch size is chosen for")
     parser.add_argument("--batch-size", type=int, help="a fixed batch size instead")
+    parser.add_argument("--scrape-parts", action="store_true", help="also print where a scrape's CPU goes")
     args = parser.parse_args()
     if args.rounds < 2 or args.steps < 1:
         parser.error("--rounds must be at least 2 (the run is also shown in halves) and --steps at least 1")
@@ -144,6 +197,7 @@ def main() -> None:
     torch.set_num_threads(1)
     batch_size = args.batch_size or calibrated_batch_size(args.step_ms)
     batches, train_step = make_job(batch_size)
+    parts = ScrapeParts().install() if args.scrape_parts else None
     metrics = JobMetrics("bench-overhead", publish=Publish(), log_every=50)
     metrics.start()
     # As Prometheus asks: a counting scrape (the header), so the linger and eval paths are live.
@@ -153,6 +207,8 @@ def main() -> None:
                                     str(1 / args.scrapes_per_second)])
     run_off(batches, train_step, 200)                  # warm-up
     run_on(metrics, batches, train_step, 200)
+    if parts is not None:
+        parts.reset()
     off, on = [], []
     for _ in range(args.rounds):
         off.append(measured(run_off, batches, train_step, args.steps))
@@ -174,6 +230,9 @@ def main() -> None:
           f"{1000 * sum(r.others_cpu for r in on + off) / all_wall:.2f} ms of CPU per second")
     print(f"throughput per CPU second, instrumented / uninstrumented: {ratio(off, on):.4f}  (goal >= 0.99); "
           f"halves {ratio(off[:half], on[:half]):.4f}, {ratio(off[half:], on[half:]):.4f}")
+    if parts is not None:
+        print("where a scrape's CPU went (the serving thread's clock; the parts' overhead included):")
+        parts.report()
 
 
 if __name__ == "__main__":
