@@ -9,7 +9,7 @@ from trainmetrics.analytics import queries as q
 from trainmetrics.analytics import goodput, scoring, shapes
 from trainmetrics.analytics.cache import AnalyticsCache, cached_jobs_analytics
 from trainmetrics.analytics.job import NO_GPU_ENERGY
-from trainmetrics.analytics.lookup import ENDED, Process, in_order, status_of, timeline_of
+from trainmetrics.analytics.lookup import ENDED, Process, in_order, killed_run, status_of, timeline_of
 from trainmetrics.analytics.prometheus import PrometheusClient
 from trainmetrics.analytics.results import number, query_parts, ratio, rounded, rows, scalar
 from trainmetrics.contract import FINAL_STATES, validate_job_id
@@ -96,8 +96,10 @@ async def _fleet(client: PrometheusClient, range_seconds: float, now: float, spl
     for job_id, procs in sorted(by_job.items()):
         procs = in_order(procs)
         latest = procs[-1]
-        latest_instance[job_id] = latest.instance
         status = status_of(latest)
+        # A killed run's end and loss are the job's; the server that noticed the death gives only its state.
+        latest = killed_run(procs) or latest
+        latest_instance[job_id] = latest.instance
         timeline = timeline_of(procs, now)
         starts_known = [p.start for p in procs if p.start is not None]
         total = samples_by_job.get(job_id)

@@ -146,7 +146,8 @@ class JobFacts:
         """The last stop of a job that stopped (final, paused or vanished); None while it runs."""
         if self.status not in ENDED or self.latest is None:
             return None
-        return self.latest.stop(self.now)
+        killed = killed_run(self.processes)
+        return (killed or self.latest).stop(self.now)
 
     @property
     def live(self) -> bool:
@@ -188,14 +189,28 @@ def in_order(processes) -> list[Process]:
     return sorted(processes, key=lambda p: p.order)
 
 
+def killed_run(processes: list[Process]) -> Process | None:
+    """The newest trainer process of a job the server ended after it stopped without a state of its own (killed:
+    the server's end is its notice of the death, its state the job's, and the job ended with the process);
+    None otherwise. `processes` oldest first."""
+    trainers = [p for p in processes if p.trainer]
+    if not trainers or not processes[-1].ended_by_server:
+        return None
+    newest = trainers[-1]
+    return newest if newest.state not in STOPPED_STATES and not newest.live else None
+
+
 def timeline_of(processes: list[Process], now: float) -> Timeline:
     """When a job ran: its processes' spans from their start of training to their stop; a process that stopped
     before its first step (a failed restore, a kill in its init) after the others ends the job there, and so
-    does the job server's end of it (cancelled while paused)."""
+    does the job server's end of it (cancelled while paused), unless the process before that end was killed
+    (the server's end is its notice of the death, not a pause: the run ends at its last scrape)."""
     spans = [(p.start, p.stop(now)) for p in processes if p.start is not None and p.stop(now) is not None]
     if spans:
         last = max(stop for _, stop in spans)
-        spans += [(stop, stop) for p in processes if p.start is None and (p.trainer or p.ended_by_server)
+        killed = killed_run(processes) is not None
+        spans += [(stop, stop) for p in processes if p.start is None and
+                  (p.trainer or (p.ended_by_server and not killed))
                   for stop in [p.stop(now)] if stop is not None and stop > last]
     return Timeline.of(spans)
 

@@ -273,8 +273,8 @@ class JobService:
     def waiting_jobs(self) -> list[tuple[str, str, float, float | None]]:
         """(job id, state, submission time, end) of every job whose state no process of its own publishes, for
         /metrics: queued and paused jobs (end None), and for FINAL_STATE_HOLD_SECONDS after it, the end of a job
-        the server ended itself, without a process (cancelled while queued or paused, or one that could not
-        start: no run handle), so that Prometheus, and the analytics' ledger, see it end."""
+        no process published (no run handle: cancelled while queued or paused, one that could not start, one
+        whose process was killed without a result), so that Prometheus, and the analytics' ledger, see it end."""
         waiting = [(job.id, job.state, job.created, None) for job in self.store.list_jobs(states=("queued", "paused"))]
         ended = self.store.ended_without_run(FINAL_STATES, time.time() - FINAL_STATE_HOLD_SECONDS)
         return waiting + [(job.id, job.state, job.created, job.ended) for job in ended]

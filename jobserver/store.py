@@ -188,8 +188,8 @@ class JobStore:
         return [self._job(row) for row in self._execute(sql + " ORDER BY created", tuple(params))]
 
     def ended_without_run(self, states: tuple[str, ...], since: float) -> list[JobRecord]:
-        """Jobs in one of `states` that ended after `since` with no run handle or pid (the server ended them:
-        none of their processes, if they had any, published that end), oldest first."""
+        """Jobs in one of `states` that ended after `since` with no run handle or pid (the server ended them, or
+        their process ended without publishing that end: killed, or overruled by a cancel), oldest first."""
         # Both unset: a row from before the handle column had a pid only, and its process published its end.
         rows = self._execute(f"SELECT * FROM jobs WHERE state IN ({','.join('?' * len(states))}) AND handle IS NULL "
                              "AND pid IS NULL AND ended > ? ORDER BY created", (*states, since))

@@ -220,10 +220,11 @@ class Supervisor:
         killed after its cancel's grace is cancelled, unless it completed first."""
         job = self.store.get_job(job_id)
         result = read_result(self.result_path(job_id))
-        reason = None
+        reason = published = None
         if result is not None and result.get("state") in EXIT_STATES.values():
             # The result says how the run ended, whatever killed the process after it was written.
             state, error = result["state"], result.get("error")
+            published = state       # the process published it as it wrote the result
             code = result["exit_code"] if isinstance(result.get("exit_code"), int) else code
             reason = result["reason"][:500] if isinstance(result.get("reason"), str) else None
         elif code is not None and code < 0:
@@ -244,9 +245,13 @@ class Supervisor:
         elif job.spec.get("nproc", 1) > 1:
             error = self._ranks_said(job, result, error)
         waiting = state in ("paused", "queued")
+        # A final state its process did not publish (killed without a result, or a cancel that overrode what it
+        # said): the run's handle goes, so the server publishes it (JobService.waiting_jobs) and Prometheus, the
+        # analytics and the dashboards end the job as the job API does, not `running` gone stale.
+        unpublished = {"pid": None, "handle": None} if not waiting and state != published else {}
         self.store.update_job(job_id, state=state, exit_code=code if isinstance(code, int) else None, error=error,
                               ended=None if waiting else time.time(), resume=waiting, requested=None, run_token=None,
-                              reason=reason)
+                              reason=reason, **unpublished)
         self.store.remove_endpoints(job_id)
         log.info("job %s: %s (exit code %s)%s", job_id, state, code, _ended_how(state, killed, self.cancel_grace))
 
@@ -284,7 +289,7 @@ class Supervisor:
             log.warning("job %s: %s; queued to resume from its last checkpoint", job.id, why)
         else:
             self.store.update_job(job.id, state="failed", error=f"{why} before its first checkpoint",
-                                  ended=time.time(), requested=None, run_token=None)
+                                  ended=time.time(), requested=None, run_token=None, pid=None, handle=None)
             log.warning("job %s: %s and had no checkpoint: failed", job.id, why)
 
     def recover(self) -> None:

@@ -3,7 +3,7 @@
 import pytest
 
 from trainmetrics.analytics.goodput import ledger
-from trainmetrics.analytics.lookup import JobFacts, Process, Timeline
+from trainmetrics.analytics.lookup import JobFacts, Process, Timeline, in_order, killed_run, status_of, timeline_of
 
 
 def facts(*processes: Process) -> JobFacts:
@@ -121,3 +121,34 @@ def test_a_job_whose_end_timestamp_is_not_in_the_store_yet_is_not_settled():
     killed = Process("k", start=100.0, state="running", last_seen=120.0)          # no end, ever: vanished
     assert JobFacts(job_id="k", info={}, status="vanished", processes=[killed], timeline=Timeline.of([]),
                     upload_seconds=None, owners=frozenset(), fingerprint=frozenset(), now=1000.0).settled
+
+
+def test_a_killed_run_the_server_ended_is_failed_and_ends_at_its_last_scrape():
+    """Run a 100-130 killed -9 (no state of its own: `running`, last scraped at 130); the job server noticed at
+    132 and published `failed` with that end. The job is failed, as the job API says, and ended with its run:
+    the 2 s the server took to notice are not a pause (they were, with the server's end taken as a cancel's)."""
+    a = {"init": 2.0, "compute": 20.0, "data_wait": 3.0, "checkpoint": 5.0}
+    run = Process("a", start=100.0, state="running", last_seen=130.0, process_start=100.0)
+    server = Process("jobserver:8000", end=132.0, state="failed", submitted=90.0)
+    processes = in_order([server, run])
+    assert processes[-1] is server and killed_run(processes) is run
+    assert status_of(processes[-1]) == "failed"
+    timeline = timeline_of(processes, now=1000.0)
+    assert (timeline.total_seconds, timeline.paused_seconds) == (30.0, 0.0)
+    facts_ = JobFacts(job_id="j", info={}, status="failed", processes=processes, timeline=timeline,
+                      upload_seconds=None, owners=frozenset(), fingerprint=frozenset(), now=1000.0)
+    assert facts_.end == 130.0 and facts_.settled
+    body = ledger(facts_, found({"a": (100.0, a)}, submitted=90.0))
+    assert body.wall_clock_seconds == 40.0
+    assert (body.seconds["queued"], body.seconds["paused"], body.seconds["step"]) == (10.0, 0.0, 20.0)
+    assert body.unaccounted_seconds == 0
+
+
+def test_a_run_that_stopped_with_its_own_state_is_not_taken_for_a_killed_one():
+    """The server's end after a run that published its state (paused, then cancelled while paused) or after one
+    still scraped is no notice of a death."""
+    paused = Process("a", start=100.0, end=130.0, state="paused", last_seen=130.0, process_start=100.0)
+    live = Process("a", start=100.0, state="running", last_seen=130.0, process_start=100.0, live=True)
+    server = Process("jobserver:8000", end=150.0, state="cancelled")
+    assert killed_run(in_order([paused, server])) is None and killed_run(in_order([live, server])) is None
+    assert killed_run(in_order([Process("a", start=100.0, state="running", last_seen=130.0)])) is None

@@ -102,6 +102,9 @@ def ledger_run(stack):
     psutil.Process(trainer_pid(server, "gp-ledger")).send_signal(signal.SIGKILL)
     seen["killed"] = time.time()
     seen["failed"] = state_seen(client, "gp-ledger", ("failed",))
+    # The server publishes the end the killed process could not: the analytics say failed, as the job API does
+    # (they said `vanished`, Prometheus' last state of the job being the dead process's `running`).
+    seen["analytics_after_kill"] = analytics_status(client, "gp-ledger", until="failed")
     seen["resume2_sent"] = time.time()
     assert client.post("/api/training/jobs/gp-ledger/resume").status_code == 200
     seen["running3"] = state_seen(client, "gp-ledger", ("running",))
@@ -110,6 +113,18 @@ def ledger_run(stack):
     for job_id in ("gp-first", "gp-ledger", "gp-waits"):
         wait_job(client, job_id, lambda job: job["report_stored"], timeout=60)
     return client, seen
+
+
+def analytics_status(client, job_id: str, until: str, timeout: float = 20) -> str:
+    """The job's status in its analytics once it is `until` (or the last one seen when `timeout` passed)."""
+    deadline, status = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        answer = client.get(f"/api/training/{job_id}/analytics")
+        status = answer.json().get("status") if answer.status_code == 200 else answer.status_code
+        if status == until:
+            break
+        time.sleep(0.5)
+    return status
 
 
 def analytics(client, job_id: str) -> dict:
@@ -188,6 +203,8 @@ def test_queued_paused_and_lost_time_are_what_happened(ledger_run, stack):
     assert thrown_away > 15 * STEP_SECONDS and killed["eval"] > 0
     assert seconds["lost"] == pytest.approx(thrown_away + killed["eval"], abs=killed["step_time"] + 0.02)
     assert report["performance"]["total_steps"] == 200 and report["status"] == "completed"
+    # Between the kill and the resume the job was failed in its analytics as in the job API.
+    assert seen["analytics_after_kill"] == "failed"
 
 
 def test_the_fleet_summary_adds_up_the_jobs_phases(ledger_run, stack):

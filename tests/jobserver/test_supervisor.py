@@ -398,3 +398,26 @@ def test_the_server_publishes_the_end_only_of_jobs_no_process_ended(tmp_path):
     assert [(job_id, state, end) for job_id, state, _, end in service.waiting_jobs()] == \
         [("cancelled-waiting", "cancelled", now)]
     store.close()
+
+
+def test_a_final_state_its_process_did_not_publish_is_published_by_the_server(supervisor):
+    """A run killed without a result (failed), and a cancel that overrode the `paused` its process published:
+    Prometheus had the process's `running` (or `paused`) as its last word while the job API said failed or
+    cancelled. Now the server publishes those ends, and only those (a completed run published its own)."""
+    from trainmetrics.jobserver.jobs import JobService, ServerSettings
+
+    killed = submit(supervisor, "killed")
+    time.sleep(0.3)
+    supervisor.runs[killed.id].process.send_signal(signal.SIGKILL)
+    overruled = submit(supervisor, "overruled")
+    time.sleep(0.3)
+    supervisor.request_stop(overruled, "paused")
+    supervisor.request_stop(supervisor.store.get_job(overruled.id), "cancelled")
+    completed = submit(supervisor, "completed", model="cnn")
+    ended = {job.id: settle(supervisor, job.id) for job in (killed, overruled, completed)}
+    assert {job_id: job.state for job_id, job in ended.items()} == \
+        {"killed": "failed", "overruled": "cancelled", "completed": "completed"}
+    service = JobService(ServerSettings(data_dir=supervisor.data_dir), supervisor.store, supervisor)
+    published = {job_id: (state, end) for job_id, state, _, end in service.waiting_jobs()}
+    assert published == {"killed": ("failed", ended["killed"].ended),
+                         "overruled": ("cancelled", ended["overruled"].ended)}
