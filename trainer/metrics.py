@@ -24,6 +24,7 @@ import logging
 from bisect import bisect_left
 import math
 import operator
+import os
 import signal
 import threading
 import time
@@ -221,6 +222,7 @@ class JobMetrics:
         self.last_evaluation: Evaluation | None = None
         self.step_duration_max = 0.0
         self._warned_bad_step = False
+        self._warned_outside_run = False
         self._warned_interval = False
         self._closed = False
         self.evaluations = EvaluationHistory()
@@ -235,6 +237,7 @@ class JobMetrics:
         self._carried_phases: dict[str, float] = {}
         self._linger_cut_short = threading.Event()  # one more came: stop waiting at once
         self._previous_handlers: dict[int, object] = {}
+        self._owner_pid = os.getpid()     # the process that publishes (close() in a forked child leaves it be)
 
         self._publication = Publication(job_id, self.info.rank, self.info.world_size, publish,
                                         delivered=self._scrape_delivered)
@@ -511,10 +514,11 @@ class JobMetrics:
 
     @_never_raises
     def finish(self, state: str, error: BaseException | None = None) -> None:
-        """Enter a final state (completed, failed, cancelled) and note the end time; idempotent."""
+        """Enter a final state (completed, failed, cancelled) and note the end time; a run that already ended
+        (finish() or pause()) keeps its state."""
         if state not in FINAL_STATES:
             raise ValueError(f"{state!r} is not a final state")
-        if self.state in FINAL_STATES:
+        if self.ended:      # finished, or paused: the run's state stays as it ended (the `with` block's end too)
             return
         self._log_interval()
         self.error_type = type(error).__name__ if error is not None and state == "failed" else None
@@ -539,7 +543,11 @@ class JobMetrics:
 
     def __enter__(self) -> "JobMetrics":
         self._install_signal_handlers()
-        return self.start()
+        try:
+            return self.start()
+        except BaseException as error:     # Ctrl-C or SIGTERM while waiting for the first scrape: the block never
+            self.__exit__(type(error), error, error.__traceback__)      # begins, so end it here (files, handlers)
+            raise
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
@@ -612,6 +620,10 @@ class JobMetrics:
         if self._closed:
             return
         self._closed = True
+        if os.getpid() != self._owner_pid:
+            # A forked child (its copy of this object): the endpoint, the files and the scrapers' connections
+            # are the parent's, which goes on training and publishing.
+            return
         try:
             self._flush_pending()
             publication = self._publication
@@ -681,6 +693,8 @@ class JobMetrics:
         kernels leave its data out of cache: bench/README.md): no call it can avoid, every failure caught here
         (a metric call never raises)."""
         try:
+            if self.state != "running" and not self._counts_outside_run():
+                return
             now = time.perf_counter()
             last = self._last_step_end
             if last is not None:
@@ -724,6 +738,18 @@ class JobMetrics:
             self._step_failed(error, loss, samples)
             if self.steps >= self._next_log_step:       # the step counted: its interval still ends on time
                 self._log_interval()
+
+    def _counts_outside_run(self) -> bool:
+        """step() when the job is not running: after the run ended (finish(), pause()) the step is not counted
+        (the job's totals and its end stay as published); before start() it is, the job still `queued`. Said
+        once."""
+        ended = self.ended
+        if not self._warned_outside_run:
+            self._warned_outside_run = True
+            log.warning("job %s: step() while the job is %s: %s", self.job_id, self.state,
+                        "not counted (the run ended)" if ended else "counted, but call start() first (the job "
+                        "shows as waiting until then and the time as init)")
+        return not ended
 
     def _odd_samples(self, samples) -> None:
         """step()'s samples when not a plain non-negative int: another integer type (numpy's, a 0-d integer

@@ -701,3 +701,109 @@ def test_a_resumed_process_watches_for_spikes_at_once():
     refused.load_state_dict({**saved, "loss_spike_detector": {"mean": "x"}, "steps": 7})
     assert refused.steps == 0                                   # refused whole
     refused.close()
+
+
+def test_a_pause_in_the_block_stays_paused_when_the_block_ends():
+    """pause() then the end of the `with` block (or an error after it) published `completed` (or `failed`) and
+    moved the end: the run ended paused, and a finish() after it changes nothing."""
+    for ending in ("normally", "with an error"):
+        try:
+            with JobMetrics(f"paused-{ending.split()[0]}", publish=Publish(listen=None)) as metrics:
+                metrics.step(loss=1.0, samples=4)
+                metrics.pause()
+                paused_at = metrics.end_time
+                if ending == "with an error":
+                    raise RuntimeError("after the pause")
+        except RuntimeError:
+            pass
+        # (the block's end closed it: its series are no longer collected; trainer_job_state reads `state`)
+        assert (metrics.state, metrics.end_time, metrics.error_type) == ("paused", paused_at, None), ending
+        metrics.finish("completed")
+        assert metrics.state == "paused"
+
+
+def test_a_step_after_the_run_ended_is_not_counted_and_one_before_start_is_said(caplog):
+    metrics = JobMetrics("outside-run", publish=Publish(listen=None))
+    metrics.step(loss=1.0, samples=4)                          # before start(): counted, said once
+    metrics.step(loss=1.0, samples=4)
+    metrics.start()
+    metrics.step(loss=1.0, samples=4)
+    metrics.finish("completed")
+    ended_phase = [s.labels["phase"] for s in samples_by_name(metrics)["trainer_phase"] if s.value == 1]
+    metrics.step(loss=1.0, samples=4)                          # after the end: not counted
+    assert (metrics.steps, metrics.samples) == (3, 12)
+    assert value(metrics, "trainer_steps_total") == 3
+    assert [s.labels["phase"] for s in samples_by_name(metrics)["trainer_phase"] if s.value == 1] == ended_phase
+    said = [r.getMessage() for r in caplog.records if "step() while the job is" in r.getMessage()]
+    assert len(said) == 1 and "call start() first" in said[0]
+    metrics.close()
+
+
+STOPPED_WHILE_WAITING = textwrap.dedent("""
+    import signal, sys, time
+    from trainmetrics.trainer.metrics import JobMetrics
+    from trainmetrics.trainer.telemetry import Publish
+
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        with JobMetrics("stopped-waiting", publish=Publish(targets_dir=sys.argv[1], job_dir=sys.argv[2],
+                                                             linger_timeout=30)) as m:
+            print("in the block", flush=True)
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+    print("handler restored" if signal.getsignal(signal.SIGTERM) is previous else "handler left", flush=True)
+""")
+
+
+def test_a_stop_while_waiting_for_the_first_scrape_ends_the_job_and_leaves_nothing(tmp_path):
+    """Ctrl-C or SIGTERM while `with JobMetrics(...)` waits for its first scrape: the interrupt left __enter__,
+    so the block's end never ran: the target and mapping files stayed (Prometheus scraping a dead port), the
+    state stayed queued, and the library's signal handlers stayed installed."""
+    targets, jobs = tmp_path / "targets", tmp_path / "jobs"
+    process = subprocess.Popen([sys.executable, "-c", STOPPED_WHILE_WAITING, str(targets), str(jobs)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not list(targets.glob("*.json")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)
+        process.terminate()                             # nobody has scraped it: it is still waiting
+        port = json.loads(next(targets.glob("*.json")).read_text())[0]["targets"][0].rsplit(":", 1)[1]
+        scraper = Scraper(int(port))                    # it lingers for its final state: read it
+        deadline = time.monotonic() + 10
+        states = []
+        while time.monotonic() < deadline and states != ["cancelled"]:
+            states = [s.labels["state"] for s in scraper.scrape()["trainer_job_state"] if s.value == 1]
+            time.sleep(0.1)
+        scraper.close()
+        out, _ = process.communicate(timeout=20)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert states == ["cancelled"]
+    assert "in the block" not in out and "interrupted" in out and "handler restored" in out
+    assert not list(targets.glob("*")) and not list(jobs.glob("*"))
+
+
+FORKED_CHILD = textwrap.dedent("""
+    import os, sys, time
+    from trainmetrics.trainer.metrics import JobMetrics
+    from trainmetrics.trainer.telemetry import Publish
+
+    with JobMetrics("forked", publish=Publish(targets_dir=sys.argv[1], job_dir=sys.argv[2], linger_timeout=2)) as m:
+        child = os.fork()
+        if child == 0:
+            sys.exit(0)                  # the child leaves the block: its copy must not end the parent's job
+        os.waitpid(child, 0)
+        print("files after the child", len(os.listdir(sys.argv[1])), len(os.listdir(sys.argv[2])), flush=True)
+        m.step(loss=1.0, samples=1)
+""")
+
+
+def test_a_forked_child_leaving_the_block_leaves_the_parents_job_alone(tmp_path):
+    targets, jobs = tmp_path / "targets", tmp_path / "jobs"
+    result = subprocess.run([sys.executable, "-c", FORKED_CHILD, str(targets), str(jobs)], capture_output=True,
+                            text=True, timeout=60)
+    assert "files after the child 1 1" in result.stdout, result.stdout + result.stderr
+    assert result.returncode == 0 and not list(targets.glob("*")) and not list(jobs.glob("*"))
