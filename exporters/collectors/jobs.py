@@ -147,6 +147,7 @@ class JobTracker:
         self._warned_full = False
         self._cpu_floor: dict[str, float] = {}
         self._retired_cpu: dict[str, float] = {}    # per job: the CPU time of its ranks that ended before it
+        self._departed: dict[str, float] = {}       # per job: ranks whose mapping file went since the last update
         self._lock = threading.Lock()           # guards _live between the fast and the slow thread
         self._updating = threading.Lock()       # one update at a time (jobs, gpu and energy collectors share it)
         self._updated_at: float | None = None
@@ -188,6 +189,7 @@ class JobTracker:
                     if known is None or known[0] != key:
                         known = (key, self._admit(entry.path, info_of_entry))
                     files[entry.name] = known
+        self._note_departed(files)
         self._files = files
         with self._lock:
             self._live = [tree for _key, tree in files.values() if tree is not None and not tree.dead]
@@ -196,6 +198,19 @@ class JobTracker:
         self._relist_at = now + (RELIST_SECONDS if settled else SETTLE_SECONDS)
         self._next_listing = now + min((time.thread_time() - started) / SCAN_SHARE, MAX_SCAN_PAUSE)
         return True
+
+    def _note_departed(self, files: dict) -> None:
+        """Trees whose mapping file is gone (a rank that ended normally removes its own) keep their time for
+        their job as of their last sample, as a rank that died with its file left behind does: without this the
+        job's counter dropped by that rank's time (held flat by the floor until the other ranks made it up). A
+        file rewritten for the same process is no departure (its new tree counts the process from its start)."""
+        kept = {id(tree) for _key, tree in files.values() if tree is not None}
+        roots = {(tree.mapping.pid, tree.mapping.start_ticks) for _key, tree in files.values() if tree is not None}
+        for _key, tree in self._files.values():
+            if tree is None or tree.dead or id(tree) in kept or (tree.mapping.pid, tree.mapping.start_ticks) in roots:
+                continue
+            job_id = tree.mapping.job_id
+            self._departed[job_id] = self._departed.get(job_id, 0.0) + tree.cpu_seconds
 
     def _admit(self, path: str, info: os.stat_result) -> _Tree | None:
         """The tree of a new or changed mapping file, dead when its process is gone; None when refused."""
@@ -262,7 +277,7 @@ class JobTracker:
         gpus: dict[str, set[int | str]] = {}
         ticks = self.clock_ticks
         died = False
-        ended: dict[str, float] = {}
+        ended, self._departed = self._departed, {}
         for tree in self._live:
             job_id = tree.mapping.job_id
             job = usage.setdefault(job_id, JobUsage())

@@ -93,24 +93,29 @@ for line in sys.stdin:
 """
 
 
-def test_a_rank_that_ends_first_keeps_its_cpu_time_in_the_jobs_counter(tmp_path):
+@pytest.mark.parametrize("its_file", ["left behind", "removed"])
+def test_a_rank_that_ends_first_keeps_its_cpu_time_in_the_jobs_counter(tmp_path, its_file):
     """Two ranks (processes of one job side by side, as torchrun starts them): rank 1 burns 0.3 s and exits,
-    rank 0 burns 0.3 s more; the job's counter holds all 0.9 s (rank 1's dropped out of the sum before)."""
+    rank 0 burns 0.3 s more; the job's counter holds all 0.9 s (rank 1's dropped out of the sum before). Killed,
+    a rank leaves its mapping file behind; ending normally, it removes it first (its time was lost then: the
+    counter stayed flat while rank 0 made it up)."""
     ranks = [subprocess.Popen([sys.executable, "-c", BURNER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               text=True) for _ in range(2)]
     try:
-        for rank, process in enumerate(ranks):
-            write_job_mapping(tmp_path, JobMapping(job_id="two-ranks", pid=process.pid, rank=rank, started=time.time()))
+        paths = [write_job_mapping(tmp_path, JobMapping(job_id="two-ranks", pid=process.pid, rank=rank,
+                                                        started=time.time())) for rank, process in enumerate(ranks)]
         tracker = JobTracker(tmp_path)
         tracker.update(1.0)
         assert [process.stdout.readline().strip() for process in ranks] == ["burned", "burned"]
         assert tracker.update(2.0).usage["two-ranks"].cpu_seconds >= 0.58
+        if its_file == "removed":
+            paths[1].unlink()
         ranks[1].communicate(timeout=10)             # rank 1 exits
-        tracker.update(3.0)
+        tracker.update(3.0 + max(MAX_SCAN_PAUSE, SETTLE_SECONDS))
         ranks[0].stdin.write("again\n")
         ranks[0].stdin.flush()
         assert ranks[0].stdout.readline().strip() == "burned"
-        after = tracker.update(4.0).usage["two-ranks"]
+        after = tracker.update(4.0 + max(MAX_SCAN_PAUSE, SETTLE_SECONDS)).usage["two-ranks"]
         assert after.processes == 1 and after.cpu_seconds >= 0.88
     finally:
         for process in ranks:
@@ -184,3 +189,22 @@ def test_a_mapping_names_its_gpus_by_host_index_or_uuid_and_by_nothing_else(tmp_
             parse_mapping(json.dumps({"job_id": "x", "pid": 1, "start_ticks": 1, "gpus": bad}).encode())
         with pytest.raises(ValueError, match="gpus must be"):    # the trainer never writes what is refused
             write_job_mapping(tmp_path, JobMapping(job_id="x", pid=os.getpid(), gpus=bad))
+
+
+def test_a_mapping_file_rewritten_for_the_same_process_is_no_departure(tmp_path):
+    """Its new tree counts the process from its start: keeping the old tree's time too would count it twice."""
+    process = subprocess.Popen([sys.executable, "-c", BURNER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        mapping = JobMapping(job_id="rewritten", pid=process.pid, started=time.time())
+        write_job_mapping(tmp_path, mapping)
+        tracker = JobTracker(tmp_path)
+        tracker.update(1.0)
+        assert process.stdout.readline().strip() == "burned"
+        before = tracker.update(2.0).usage["rewritten"].cpu_seconds
+        time.sleep(0.02)
+        write_job_mapping(tmp_path, JobMapping(job_id="rewritten", pid=process.pid, gpus=[1], started=time.time()))
+        after = tracker.update(3.0 + max(MAX_SCAN_PAUSE, SETTLE_SECONDS))
+        assert after.gpus["rewritten"] == frozenset({1})            # the new file was read
+        assert before >= 0.28 and after.usage["rewritten"].cpu_seconds < before + 0.2
+    finally:
+        process.communicate(timeout=10)
