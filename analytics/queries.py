@@ -25,8 +25,9 @@ PEAK_RATE_WINDOW_SECONDS = 1.0
 # Peaks and per-job GPU averages evaluate their expression on a grid of at most this many points; each
 # point covers the whole step before it (a max_over_time over the step, a counter's growth over the step),
 # so no sample is skipped and a 1-hour job costs 250 evaluations, not 14,400. A peak of a gauge read through
-# its peak series (host CPU and memory, the job's RSS) is exact at any grid; the grid sets how precisely its
-# time is known and how wide a throughput or CPU-rate window is (a 1-hour job: 14.4 s). Each point costs
+# its peak series (host CPU and memory) is exact at any grid; the job's RSS, which has none, to its scrapes.
+# The grid sets how precisely a peak's time is known and how wide a throughput or CPU-rate window is (a 1-hour
+# job: 14.4 s). Each point costs
 # Prometheus and this service alike: on a 2-core host, 500 points made a 5-job comparison ~30 % slower.
 PEAK_GRID_POINTS = 250
 # Raw reads of the evaluation history per job, at most: the grid cells that showed new evaluations are read
