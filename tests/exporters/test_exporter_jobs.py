@@ -208,3 +208,29 @@ def test_a_mapping_file_rewritten_for_the_same_process_is_no_departure(tmp_path)
         assert before >= 0.28 and after.usage["rewritten"].cpu_seconds < before + 0.2
     finally:
         process.communicate(timeout=10)
+
+
+def test_one_pass_over_several_jobs_reads_the_hosts_processes_once(tmp_path, start_job, monkeypatch):
+    """The tree walk asked psutil for each mapped process's children, and each ask read every process on the
+    host: a pass cost mapped processes x host processes. One reading serves a pass now, the trees as before."""
+    import psutil
+
+    from trainmetrics.exporters.collectors import jobs as jobs_module
+
+    jobs = [start_job() for _ in range(3)]
+    for index, (job, _) in enumerate(jobs):
+        write_job_mapping(tmp_path, JobMapping(job_id=f"family-{index}", pid=job.pid, started=time.time()))
+    readings = []
+    real_iter = psutil.process_iter
+    monkeypatch.setattr(jobs_module.psutil, "process_iter", lambda *a, **k: readings.append(1) or real_iter(*a, **k))
+    tracker = JobTracker(tmp_path)
+    snapshot = tracker.update(1.0)
+    assert {job_id: usage.processes for job_id, usage in snapshot.usage.items()} == \
+        {f"family-{index}": 2 for index in range(3)}                    # each job and its worker
+    assert {pid: job_id for pid, job_id in snapshot.job_of_pid.items()} == \
+        {**{job.pid: f"family-{i}" for i, (job, _) in enumerate(jobs)},
+         **{worker: f"family-{i}" for i, (_, worker) in enumerate(jobs)}}
+    readings.clear()
+    time.sleep(jobs_module.PARENTS_MAX_AGE + 0.05)
+    tracker.refresh_trees(2.0)
+    assert len(readings) == 1
