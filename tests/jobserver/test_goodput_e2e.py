@@ -105,6 +105,11 @@ def ledger_run(stack):
     # The server publishes the end the killed process could not: the analytics say failed, as the job API does
     # (they said `vanished`, Prometheus' last state of the job being the dead process's `running`).
     seen["analytics_after_kill"] = analytics_status(client, "gp-ledger", until="failed")
+    try:        # and the deployable rules' TrainerJobFailed fires for it (TargetDown's "vanished" arm did)
+        prometheus.wait_for('ALERTS{alertname="TrainerJobFailed",alertstate="firing",job_id="gp-ledger"}', timeout=15)
+        seen["failed_alert"] = True
+    except TimeoutError:
+        seen["failed_alert"] = False
     seen["resume2_sent"] = time.time()
     assert client.post("/api/training/jobs/gp-ledger/resume").status_code == 200
     seen["running3"] = state_seen(client, "gp-ledger", ("running",))
@@ -204,7 +209,7 @@ def test_queued_paused_and_lost_time_are_what_happened(ledger_run, stack):
     assert seconds["lost"] == pytest.approx(thrown_away + killed["eval"], abs=killed["step_time"] + 0.02)
     assert report["performance"]["total_steps"] == 200 and report["status"] == "completed"
     # Between the kill and the resume the job was failed in its analytics as in the job API.
-    assert seen["analytics_after_kill"] == "failed"
+    assert seen["analytics_after_kill"] == "failed" and seen["failed_alert"]
 
 
 def test_the_fleet_summary_adds_up_the_jobs_phases(ledger_run, stack):
