@@ -223,6 +223,7 @@ class JobMetrics:
         self.step_duration_max = 0.0
         self._warned_bad_step = False
         self._warned_outside_run = False
+        self._checkpoints_writing = 0       # checkpoint() blocks open: state_dict() counts them as written
         self._warned_interval = False
         self._closed = False
         self.evaluations = EvaluationHistory()
@@ -380,8 +381,10 @@ class JobMetrics:
 
     # ----- the job's state carried across processes --------------------------------------------------------
     def state_dict(self) -> dict:
-        """What a resumed process must take over for the job's series to carry on (goes into checkpoints)."""
-        return {"steps": self.steps, "samples": self.samples, "checkpoints": self.checkpoints,
+        """What a resumed process must take over for the job's series to carry on (goes into checkpoints). Taken
+        inside `with checkpoint():` it counts the checkpoint being written (a resume from it finds it written)."""
+        return {"steps": self.steps, "samples": self.samples,
+                "checkpoints": self.checkpoints + self._checkpoints_writing,
                 "loss_first": self.loss_first, "loss_min": self.loss_min, "loss_sum": self.loss_sum,
                 "loss": self.loss, "last_loss": self.last_loss,
                 "loss_intervals": self.loss_intervals, "nonfinite_losses": self.nonfinite_losses,
@@ -856,9 +859,11 @@ class JobMetrics:
         began = time.perf_counter()
         previous = self.phases.phase
         self.phases.enter(CHECKPOINT, began)
+        self._checkpoints_writing += 1
         try:
             yield
         finally:
+            self._checkpoints_writing -= 1
             self.phases.enter(_resumed_phase(previous))
         try:
             self._checkpoint_duration.record(time.perf_counter() - began)

@@ -807,3 +807,20 @@ def test_a_forked_child_leaving_the_block_leaves_the_parents_job_alone(tmp_path)
                             text=True, timeout=60)
     assert "files after the child 1 1" in result.stdout, result.stdout + result.stderr
     assert result.returncode == 0 and not list(targets.glob("*")) and not list(jobs.glob("*"))
+
+
+def test_a_state_taken_inside_the_checkpoint_block_counts_that_checkpoint():
+    """README's pattern, `with m.checkpoint(): save(m.state_dict())`: the state was taken before the write
+    counted, so the resumed process published one checkpoint fewer than the job had written (1 -> 0)."""
+    first = JobMetrics("ckpt-count", publish=Publish(listen=None)).start()
+    first.step(loss=1.0, samples=4)
+    with first.checkpoint():
+        saved = first.state_dict()
+    assert first.checkpoints == 1 and first.state_dict()["checkpoints"] == 1      # counted once, either way
+    first.pause()
+    first.close()
+    resumed = JobMetrics("ckpt-count", publish=Publish(listen=None), resuming=True)
+    resumed.load_state_dict(saved)
+    resumed.start()
+    assert value(resumed, "trainer_checkpoints_total") == 1
+    resumed.close()
