@@ -630,6 +630,10 @@ class JobMetrics:
         try:
             self._flush_pending()
             publication = self._publication
+            if self.start_time is not None and self._end_monotonic is None:
+                log.warning("job %s: closed while %s, without finish() or pause(): Prometheus keeps its last state "
+                            "until its series go stale (call finish(), or use `with JobMetrics(...)`)", self.job_id,
+                            self.state)
             if publication.announced and self._end_monotonic is not None:
                 timeout = publication.publish.linger_timeout
                 if not publication.scrapers.wait(self.final_state_read, timeout, self._hurried_enough):
@@ -730,6 +734,8 @@ class JobMetrics:
                 else:
                     if loss.__class__.__name__ in ("bool", "bool_"):     # numpy's too: True would be a loss of 1
                         raise TypeError("a bool is not a loss")
+                    if isinstance(loss, (str, bytes)):                   # float("2.0") would read it
+                        raise TypeError("text is not a loss")
                     pending = losses.floats
                     pending.append(float(loss))
                 losses.count += 1
@@ -756,10 +762,13 @@ class JobMetrics:
 
     def _odd_samples(self, samples) -> None:
         """step()'s samples when not a plain non-negative int: another integer type (numpy's, a 0-d integer
-        tensor) counts; a negative number, a fraction, NaN, a bool or anything else is left out, said once."""
+        tensor) or a whole float (8.0) counts; a negative number, a fraction, NaN, a bool or anything else is left
+        out, said once."""
         try:
             if isinstance(samples, bool):
                 raise TypeError("a bool")
+            if isinstance(samples, float) and samples.is_integer():     # numpy's float64 is a float too
+                samples = int(samples)
             count = operator.index(samples)
             if count < 0:
                 raise ValueError("a negative count")

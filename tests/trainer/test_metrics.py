@@ -323,10 +323,10 @@ def test_the_sample_counter_takes_whole_non_negative_counts_only(caplog):
     metrics.start()
     for odd in (-5, float("nan"), 2.7, True, "many", None):
         metrics.step(loss=1.0, samples=odd)
-    for whole in (10, np.int64(3), torch.tensor(4)):
+    for whole in (10, np.int64(3), torch.tensor(4), 8.0, np.float64(2.0)):     # whole floats count too
         metrics.step(loss=1.0, samples=whole)
-    assert metrics.steps == 9
-    assert samples_by_name(metrics)["trainer_samples_total"][0].value == 17
+    assert metrics.steps == 11
+    assert samples_by_name(metrics)["trainer_samples_total"][0].value == 27
     assert sum("step() got a value it cannot use" in record.message for record in caplog.records) == 1
     metrics.close()
 
@@ -824,3 +824,14 @@ def test_a_state_taken_inside_the_checkpoint_block_counts_that_checkpoint():
     resumed.start()
     assert value(resumed, "trainer_checkpoints_total") == 1
     resumed.close()
+
+
+def test_text_is_no_loss_and_a_run_closed_without_an_end_is_said(caplog):
+    """step(loss="2.0") counted a loss of 2.0 (float() reads text); close() of a started run without finish()
+    left `running` in Prometheus without a word."""
+    metrics = JobMetrics("lib-text", log_every=2, publish=Publish(listen=None)).start()
+    metrics.step(loss="2.0", samples=1)
+    metrics.step(loss=1.0, samples=1)
+    assert metrics.loss == 1.0 and metrics.steps == 2
+    metrics.close()
+    assert any("without finish() or pause()" in record.getMessage() for record in caplog.records)
