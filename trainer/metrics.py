@@ -756,8 +756,8 @@ class JobMetrics:
         if not self._warned_outside_run:
             self._warned_outside_run = True
             log.warning("job %s: step() while the job is %s: %s", self.job_id, self.state,
-                        "not counted (the run ended)" if ended else "counted, but call start() first (the job "
-                        "shows as waiting until then and the time as init)")
+                        "not counted (the run ended)" if ended else "counted" if self.start_time is not None else
+                        "counted, but call start() first (the job shows as waiting until then and the time as init)")
         return not ended
 
     def _odd_samples(self, samples) -> None:
