@@ -4,6 +4,7 @@ trainmetrics/service.py)."""
 import argparse
 import fcntl
 import importlib.util
+import math
 import ipaddress
 from pathlib import Path
 
@@ -100,9 +101,12 @@ def jobserver_settings(args: argparse.Namespace, host: str, web_config):
         raise FlagError("--max-concurrent", f"must be at least 1, got {max_concurrent}")
     if args.max_upload_bytes < 1:
         raise FlagError("--max-upload-bytes", f"must be at least 1, got {args.max_upload_bytes}")
-    if args.linger_timeout < 0:
-        raise FlagError("--linger-timeout", f"must not be negative, got {args.linger_timeout:g}")
+    if not math.isfinite(args.linger_timeout) or args.linger_timeout < 0:
+        # (passed on to every job, whose trainer refuses it: every job would fail as bad input)
+        raise FlagError("--linger-timeout", f"must be a finite number >= 0, got {args.linger_timeout:g}")
     check_directory("--data-dir", args.data_dir)
+    if args.job_dir is not None:
+        check_directory("--job-dir", args.job_dir)
     try:
         args.data_dir.mkdir(parents=True, exist_ok=True)
         # Absolute: the paths it makes (datasets, jobs) hold after a restart from another directory.

@@ -60,6 +60,11 @@ BAD = [
      "--data-dir: '/proc/self/status' is not a directory"),
     (["server", "--data-dir", "/tmp/x", "--max-concurrent", "0", "--listen", "127.0.0.1:0"], "--max-concurrent"),
     (["server", "--data-dir", "/tmp/x", "--listen", "0.0.0.0:0"], "--listen"),
+    # Passed on to every job, whose trainer refused them: the server started and every job failed as bad input.
+    (["server", "--data-dir", "/tmp/x", "--linger-timeout", "nan", "--listen", "127.0.0.1:0"], "--linger-timeout"),
+    (["server", "--data-dir", "/tmp/x", "--linger-timeout", "inf", "--listen", "127.0.0.1:0"], "--linger-timeout"),
+    (["server", "--data-dir", "/tmp/x", "--job-dir", "/proc/self/status", "--listen", "127.0.0.1:0"],
+     "--job-dir: '/proc/self/status' is not a directory"),
     (["train", "--epochs", "0"], "--epochs"),
     (["train", "--lr", "-1"], "--lr"),
     (["train", "--device", "tpu"], "--device"),
