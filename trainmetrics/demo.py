@@ -6,10 +6,12 @@ stops every child cleanly (the server pauses a job still running).
 """
 
 import argparse
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.parse
 from pathlib import Path
@@ -172,6 +174,26 @@ def wait_http(url: str, timeout: float = 60) -> None:
     raise RuntimeError(f"{url} did not answer within {timeout}s")
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def _stop_on_signals() -> None:
+    """SIGTERM and SIGHUP (a `kill`, a supervisor, a closed terminal) stop the demo as Ctrl-C does: everything
+    it started is stopped (they killed the demo alone, leaving Prometheus, the exporter and the server running)."""
+    def stop(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    if threading.current_thread() is threading.main_thread():
+        for signum in STOP_SIGNALS[1:]:
+            signal.signal(signum, stop)
+
+
+def _ignore_stop_signals() -> None:
+    if threading.current_thread() is threading.main_thread():
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
+
+
 def run(args: argparse.Namespace) -> int:
     """Start Prometheus, the exporter and the job server; upload a CSV, submit the demo job, print URLs,
     its evaluations and its summary read back from Prometheus."""
@@ -179,6 +201,7 @@ def run(args: argparse.Namespace) -> int:
 
     from trainmetrics.prometheus_process import PrometheusNotFound, PrometheusServer
 
+    _stop_on_signals()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="trainmetrics-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
     exporter_address = f"127.0.0.1:{_port_or_free(args.exporter_port)}"
@@ -237,6 +260,7 @@ def run(args: argparse.Namespace) -> int:
         print("\nstopping ...")
         return 0
     finally:
+        _ignore_stop_signals()          # a second Ctrl-C or SIGTERM must not cut the clean-up short
         for child in reversed(children):
             if child.poll() is None:
                 child.terminate()

@@ -34,3 +34,36 @@ def test_demo_runs_a_job_through_prometheus_and_reads_it_back(tmp_path):
     parts = dict(re.findall(r"(\w+) ([\d.]+) s", goodput[3]))
     assert {"init", "step"} <= set(parts) and sum(map(float, parts.values())) == pytest.approx(float(goodput[2]), rel=0.01)
     assert re.search(r"^  energy\s+(\d[\d,.]* J, [\d,.]+ samples/J|no .+)$", out, re.M), out
+
+
+def test_sigterm_stops_the_demo_and_everything_it_started(tmp_path):
+    """A `kill` (or a supervisor, a closed terminal) killed the demo alone: Prometheus, the node exporter and the
+    job server ran on, orphaned. SIGTERM now stops it as Ctrl-C does."""
+    import signal
+
+    import psutil
+
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "trainmetrics", "demo", "--epochs", "1", "--prometheus-port", "0", "--exporter-port",
+         "0", "--server-port", "0", "--workdir", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True)
+    started = []
+    try:
+        for line in demo.stdout:
+            if line.startswith("job server"):       # Prometheus, the exporter and the server are up
+                break
+        started = psutil.Process(demo.pid).children()
+        assert len(started) >= 3, started
+        demo.send_signal(signal.SIGTERM)
+        rest, _ = demo.communicate(timeout=90)
+        assert demo.returncode == 0 and "stopping" in rest, rest[-1500:]
+        gone, alive = psutil.wait_procs(started, timeout=10)
+        assert alive == [], [p.cmdline() for p in alive]
+    finally:
+        for process in [demo, *started]:
+            try:
+                process.kill()
+            except (psutil.Error, ProcessLookupError):
+                pass
+        if demo.poll() is None:
+            demo.wait()
