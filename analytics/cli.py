@@ -3,6 +3,7 @@
 
 import argparse
 import logging
+import math
 
 from trainmetrics.command import (DEFAULT_ANALYTICS_PORT, DEFAULT_PROMETHEUS_PORT, FlagError, listen_flag,
                                   listening_socket, say_listening)
@@ -38,6 +39,8 @@ def analytics_settings(args: argparse.Namespace):
         lookback = parse_duration("lookback", args.lookback)
     except BadParameter as error:
         raise FlagError("--lookback", error.message.split(": ", 1)[-1]) from None
+    if not 0 < args.request_timeout < math.inf:
+        raise FlagError("--request-timeout", f"must be a positive number of seconds, got {args.request_timeout:g}")
     if not args.prometheus_timeout > 0:
         raise FlagError("--prometheus-timeout", f"must be positive, got {args.prometheus_timeout:g}")
     if not args.prometheus_timeout < args.request_timeout:

@@ -52,6 +52,8 @@ def one_line_error(args: list[str], mentions: str) -> None:
 BAD = [
     (["analytics", "--lookback", "forever"], "--lookback"),
     (["analytics", "--prometheus-timeout", "20"], "--prometheus-timeout"),
+    (["analytics", "--request-timeout", "nan"], "--request-timeout"),     # was blamed on --prometheus-timeout
+    (["analytics", "--request-timeout", "inf"], "--request-timeout"),
     (["analytics", "--listen", "nowhere:99999"], "--listen"),
     (["analytics", "--cache-entries", "-1"], "--cache-entries"),
     (["analytics", "--prometheus-url", "ftp://x"], "--prometheus-url"),
