@@ -16,7 +16,9 @@ import time
 import urllib.parse
 from pathlib import Path
 
-from trainmetrics.command import DEFAULT_ANALYTICS_PORT, DEFAULT_EXPORTER_PORT, DEFAULT_PROMETHEUS_PORT
+from trainmetrics.command import (DEFAULT_ANALYTICS_PORT, DEFAULT_EXPORTER_PORT, DEFAULT_PROMETHEUS_PORT, FlagError,
+                                  check_directory)
+from trainmetrics.contract import MODELS
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -29,11 +31,25 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="node exporter port (a free one is picked if it is taken)")
     parser.add_argument("--server-port", type=int, default=DEFAULT_ANALYTICS_PORT,
                         help="job server port (a free one is picked if it is taken)")
-    parser.add_argument("--model", default="mlp", help="demo job's model (the uploaded digits CSV is tabular)")
+    parser.add_argument("--model", default="mlp", choices=MODELS,
+                        help="demo job's model (the uploaded digits CSV is tabular)")
     parser.add_argument("--epochs", type=int, default=15, help="demo job's epochs")
     parser.add_argument("--batch-size", type=int, default=16, help="demo job's batch size")
     parser.add_argument("--exit-after-job", action="store_true",
                         help="stop everything once the job has finished and its summary is printed")
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """FlagError naming the first bad flag, before anything is started (the stack came up first, then the job
+    server's 400 ended the demo in a traceback)."""
+    for flag in ("prometheus_port", "exporter_port", "server_port"):
+        if not 0 <= getattr(args, flag) <= 65535:
+            raise FlagError("--" + flag.replace("_", "-"), f"must be a port, 0 to 65535, got {getattr(args, flag)}")
+    for flag in ("epochs", "batch_size"):
+        if getattr(args, flag) < 1:
+            raise FlagError("--" + flag.replace("_", "-"), f"must be at least 1, got {getattr(args, flag)}")
+    if args.workdir is not None:
+        check_directory("--workdir", args.workdir)
 
 
 def _port_or_free(port: int) -> int:
@@ -201,6 +217,7 @@ def run(args: argparse.Namespace) -> int:
 
     from trainmetrics.prometheus_process import PrometheusNotFound, PrometheusServer
 
+    check_flags(args)
     _stop_on_signals()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="trainmetrics-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)

@@ -68,6 +68,11 @@ BAD = [
     (["server", "--data-dir", "/tmp/x", "--job-dir", "/proc/self/status", "--listen", "127.0.0.1:0"],
      "--job-dir: '/proc/self/status' is not a directory"),
     (["train", "--epochs", "0"], "--epochs"),
+    # The demo started the whole stack, then died in a traceback on the job server's 400.
+    (["demo", "--epochs", "-1"], "--epochs"),
+    (["demo", "--model", "resnet"], "--model"),
+    (["demo", "--prometheus-port", "70000"], "--prometheus-port"),
+    (["demo", "--workdir", "/proc/self/status"], "--workdir: '/proc/self/status' is not a directory"),
     (["train", "--lr", "-1"], "--lr"),
     (["train", "--device", "tpu"], "--device"),
     (["train", "--epochs", "three"], "--epochs"),
