@@ -24,7 +24,7 @@ cause. The parts add up to the wall clock by construction; `unaccounted_seconds`
 from dataclasses import dataclass
 
 from trainmetrics.analytics import shapes
-from trainmetrics.analytics.lookup import STOPPED_STATES, JobFacts, Process
+from trainmetrics.analytics.lookup import JobFacts, Process, killed_run
 from trainmetrics.analytics.results import ratio, rounded, rows
 from trainmetrics.contract import STEP_PHASES, STOP_SIGNALS
 
@@ -49,7 +49,6 @@ class _Run:
     totals: dict[str, float]  # seconds per accounted phase, the job's (carried plus its own)
     stopped: bool             # it stopped on request, after a checkpoint (paused, cancelled)
     checkpointed: float | None = None   # its totals in all when its last checkpoint write ended
-    vanished: bool = False    # it ended without a state of its own (killed): as_of is its last scrape
 
     @property
     def life(self) -> float:
@@ -83,8 +82,7 @@ def ledger(facts: JobFacts, found: dict[str, list[dict]]) -> shapes.Goodput:
         if process.instance in phases and process.instance in started_at and as_of is not None:
             runs.append(_Run(started_at[process.instance], as_of, phases[process.instance],
                              stopped=process.state in STOP_SIGNALS,
-                             checkpointed=checkpointed.get(process.instance),
-                             vanished=process.state not in STOPPED_STATES))
+                             checkpointed=checkpointed.get(process.instance)))
     # The job server's end of the job (cancelled while queued or paused): the ledger runs to it.
     server_end = facts.latest.end if facts.latest is not None and facts.latest.ended_by_server else None
     if not runs:
@@ -113,7 +111,7 @@ def ledger(facts: JobFacts, found: dict[str, list[dict]]) -> shapes.Goodput:
     paused = sum(max(0.0, after.started - run.as_of) for run, after in zip(runs, runs[1:]))
     end = runs[-1].as_of
     # (Not after a run that was killed: the server's end is its notice of the death; the job ended with the run.)
-    if server_end is not None and server_end > end and not runs[-1].vanished:
+    if server_end is not None and server_end > end and killed_run(facts.processes) is None:
         paused += server_end - end          # paused (or queued to resume) until it was cancelled
         end = server_end
     began = submitted if submitted is not None and submitted <= runs[0].started else runs[0].started
