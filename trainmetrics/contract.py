@@ -167,6 +167,10 @@ MAX_NPROC = 64
 MAX_WORKERS = 64            # DataLoader processes per rank: a spec must not fork without bound on a shared host
 MAX_SEED = 2**64 - 1        # what torch.manual_seed takes (numpy's generators take any non-negative int)
 MAX_NAME_LENGTH = 200
+# Counts (epochs, batch size, step intervals) above this reach torch and the standard library as sizes they refuse
+# (a batch of 10**20 failed the job in islice); a job that asks for more asks for more than it can run.
+MAX_COUNT = 2**31 - 1
+MAX_LR = 1e3                # far above any AdamW rate that trains; past float32's range torch fails the job
 # No text from outside (a request path, a job name) may carry these: a line break or an escape in a log, a
 # label, a CSV.
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
@@ -190,6 +194,7 @@ class Option:
     group: str
     api: bool | str = True
     minimum: float | None = None    # inclusive
+    maximum: float | None = None    # inclusive
     above: float | None = None      # exclusive
     choices: tuple[str, ...] | None = None
     problem: Callable[[object], str | None] | None = None    # a further check: None, or what is wrong
@@ -215,6 +220,8 @@ class Option:
             raise ValueError("no control characters (a NUL, a line break, a tab...)")
         if self.minimum is not None and value < self.minimum:
             raise ValueError(f"must be at least {self.minimum:g}, got {value}")
+        if self.maximum is not None and value > self.maximum:
+            raise ValueError(f"must be at most {_number(self.maximum)}, got {value}")
         if self.above is not None and not value > self.above:
             raise ValueError(f"must be above {self.above:g}, got {value}")
         if self.choices is not None and value not in self.choices:
@@ -257,6 +264,10 @@ class Option:
         return [f"{self.cli_flag}={text}"] if text.startswith("-") else [self.cli_flag, text]
 
 
+def _number(bound: float) -> str:
+    return f"{bound:g}" if isinstance(bound, float) else str(bound)
+
+
 _KIND_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false", Path: "a path"}
 
 _SERVER_SETS = "set by the job server"
@@ -276,32 +287,34 @@ TRAIN_OPTIONS: tuple[Option, ...] = (
     Option("submitted_at", float, None, "unix time the job was submitted, for its queued time (the job server "
            "sets it)", "job", api=_SERVER_SETS, minimum=0),
     # training
-    Option("epochs", int, 3, "passes over the training split", "training", minimum=1),
-    Option("batch_size", int, 64, "samples per optimizer step (per rank)", "training", minimum=1),
-    Option("lr", float, 1e-3, "AdamW learning rate", "training", above=0),
+    Option("epochs", int, 3, "passes over the training split", "training", minimum=1, maximum=MAX_COUNT),
+    Option("batch_size", int, 64, "samples per optimizer step (per rank)", "training", minimum=1,
+           maximum=MAX_COUNT),
+    Option("lr", float, 1e-3, "AdamW learning rate", "training", above=0, maximum=MAX_LR),
     Option("device", str, "auto", "auto, cpu or cuda[:N]", "training", problem=_device_problem),
-    Option("seed", int, 0, "seed for data order and initial weights", "training", minimum=0,
-           problem=lambda v: None if v <= MAX_SEED else "at most 2**64 - 1"),
+    Option("seed", int, 0, "seed for data order and initial weights", "training", minimum=0, maximum=MAX_SEED),
     Option("workers", int, 0, f"DataLoader worker processes, 0..{MAX_WORKERS}", "training", minimum=0,
-           problem=lambda v: None if v <= MAX_WORKERS else f"at most {MAX_WORKERS}"),
+           maximum=MAX_WORKERS),
     Option("eval_every", int, 0, "evaluate every N steps as well as at each epoch end (0: epoch ends only)",
-           "training", minimum=0),
+           "training", minimum=0, maximum=MAX_COUNT),
     Option("loss_spike_z", float, 6.0, "a log interval whose mean loss is this many standard deviations above "
            "its running mean is a loss spike", "training", above=0),
     Option("loss_spike_warmup", int, 10, "log intervals before loss spikes are looked for; a rise lasting this "
-           "many is the new level", "training", minimum=1),
+           "many is the new level", "training", minimum=1, maximum=MAX_COUNT),
     Option("on_loss_spike", str, "none", "none, or pause: stop at once, keeping the last checkpoint from before "
            "the spike", "training", choices=("none", "pause")),
     # checkpoints
     Option("checkpoint_dir", Path, None, "where checkpoints and the final model.pt go (default: no "
            "checkpoints)", "checkpoints", api="the job server keeps them in the job's directory"),
     Option("checkpoint_every", int, 0, "checkpoint every N steps (0: at each epoch end)", "checkpoints",
-           minimum=0),
-    Option("keep_checkpoints", int, 3, "newest checkpoints kept (0: all)", "checkpoints", minimum=0),
+           minimum=0, maximum=MAX_COUNT),
+    Option("keep_checkpoints", int, 3, "newest checkpoints kept (0: all)", "checkpoints", minimum=0,
+           maximum=MAX_COUNT),
     Option("resume", bool, False, "continue from the newest checkpoint in --checkpoint-dir", "checkpoints",
            api="POST /api/training/jobs/{job_id}/resume"),
     # telemetry
-    Option("log_every", int, 50, "steps per log interval (loss read, log line, MFU)", "telemetry", minimum=1),
+    Option("log_every", int, 50, "steps per log interval (loss read, log line, MFU)", "telemetry", minimum=1,
+           maximum=MAX_COUNT),
     Option("metrics_listen", str, "127.0.0.1:0", "HOST:PORT to serve /metrics on (port 0: a free one)",
            "telemetry", api=_SERVER_SETS),
     Option("targets_dir", Path, None, "Prometheus file_sd directory to announce the job in (default: not "
@@ -336,7 +349,7 @@ TRAIN_OPTIONS: tuple[Option, ...] = (
 # `name` is the API's word for --job-name; `nproc` is the number of processes (torchrun ranks).
 SPEC_EXTRAS: tuple[Option, ...] = (
     Option("nproc", int, 1, f"processes (torchrun ranks) for the job, 1..{MAX_NPROC}", "job", minimum=1,
-           problem=lambda v: None if v <= MAX_NPROC else f"at most {MAX_NPROC}"),
+           maximum=MAX_NPROC),
 )
 SPEC_ALIASES = {"name": "job_name"}
 

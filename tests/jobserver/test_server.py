@@ -154,6 +154,9 @@ def test_cancel_queue_and_invalid_transitions(tmp_path, executor):
     ({"lr": -1}, "lr"), ({"batch_size": True}, "batch_size"),
     # Accepted before, then failed at the start (numpy, torch); a fork per worker with no bound.
     ({"seed": -1}, "seed"), ({"seed": 2**64}, "seed"), ({"workers": 10**6}, "workers"),
+    # Accepted before: a batch of 10**20 failed the job in islice, an lr of 1e308 overflowed float32 in torch.
+    ({"batch_size": 10**20}, "batch_size"), ({"epochs": 2**31}, "epochs"), ({"lr": 1e308}, "lr"),
+    ({"log_every": 2**31}, "log_every"),
     ({"name": "two\nlines"}, "name"), ({"name": "x" * 201}, "name"),
     # A NUL reached the job's argv: Popen refused it on every tick, and no queued job started again.
     ({"target": "la\x00bel"}, "target"), ({"target": "a\tb"}, "target"), ({"dataset": "ds\x00"}, "dataset"),

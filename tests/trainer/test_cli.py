@@ -45,6 +45,9 @@ BAD_INPUTS = {
     "npz not a zip": (lambda t: ["--dataset", bad_csv(t, "z.npz", "not a zip")], "not a readable NPZ"),
     "bad job id": (lambda t: ["--job-id", "../etc"], "--job-id must be letters, digits, '.', '_', '-' (first a letter or digit; at most 64), got '../etc'"),
     "bad epochs": (lambda t: ["--epochs", "0"], "--epochs must be at least 1"),
+    # Accepted before: the job failed in islice ("Stop argument for islice() must be None or an integer").
+    "huge batch": (lambda t: ["--batch-size", str(10**20)], f"--batch-size must be at most {2**31 - 1}, got {10**20}"),
+    "huge lr": (lambda t: ["--lr", "1e308"], "--lr must be at most 1000, got 1e+308"),
     # Accepted before, and spike detection was off in silence (on_loss_spike: pause never acted).
     "infinite spike threshold": (lambda t: ["--loss-spike-z", "inf"], "--loss-spike-z must be a finite number, got inf"),
     "checkpoint dir under a file": (lambda t: (bad_csv(t, "file", "x"), ["--checkpoint-dir", str(t / "file" / "ck")])[1],
