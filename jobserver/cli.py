@@ -80,7 +80,8 @@ def lock_data_dir(data_dir: Path):
 
 
 def jobserver_settings(args: argparse.Namespace, host: str, web_config):
-    """(ServerSettings, TokenAuth or None) from the flags; FlagError naming the first bad one."""
+    """(ServerSettings, TokenAuth or None) from the flags; FlagError naming the first bad one. Touches no file:
+    claim_data_dir makes the data dir."""
     from trainmetrics.jobserver.auth import TokenAuth, load_tokens
     from trainmetrics.jobserver.jobs import ServerSettings
 
@@ -107,12 +108,6 @@ def jobserver_settings(args: argparse.Namespace, host: str, web_config):
     check_directory("--data-dir", args.data_dir)
     if args.job_dir is not None:
         check_directory("--job-dir", args.job_dir)
-    try:
-        args.data_dir.mkdir(parents=True, exist_ok=True)
-        # Absolute: the paths it makes (datasets, jobs) hold after a restart from another directory.
-        data_dir = args.data_dir.resolve()
-    except OSError as error:
-        raise FlagError("--data-dir", f"{args.data_dir}: {error.strerror or error}") from None
     if args.executor == "ray":
         if not args.ray_address or not args.ray_address.startswith(("http://", "https://")):
             raise FlagError("--ray-address", "--executor ray needs the cluster's dashboard URL, e.g. http://HEAD:8265")
@@ -127,10 +122,21 @@ def jobserver_settings(args: argparse.Namespace, host: str, web_config):
         raise FlagError("--ray-address" if args.ray_address else "--ray-python", "only with --executor ray")
     if args.advertise_url is not None and not args.advertise_url.startswith(("http://", "https://")):
         raise FlagError("--advertise-url", f"must be an http(s) URL, got {args.advertise_url[:80]!r}")
-    settings = ServerSettings(data_dir=data_dir, job_dir=args.job_dir.absolute() if args.job_dir else None,
+    settings = ServerSettings(data_dir=args.data_dir, job_dir=args.job_dir.absolute() if args.job_dir else None,
                               advertise_url=args.advertise_url,
                               executor=args.executor, ray_address=args.ray_address, ray_python=args.ray_python,
                               owners=auth is not None, max_concurrent=max_concurrent,
-                              max_upload_bytes=args.max_upload_bytes, linger_timeout=args.linger_timeout,
-                              data_dir_lock=lock_data_dir(data_dir))
+                              max_upload_bytes=args.max_upload_bytes, linger_timeout=args.linger_timeout)
     return settings, auth
+
+
+def claim_data_dir(settings) -> None:
+    """Make the data dir and take its lock (FlagError naming --data-dir). After every other flag is checked and
+    the listening socket bound: a refusal after it would leave a data dir and a lock file no server used."""
+    try:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        # Absolute: the paths it makes (datasets, jobs) hold after a restart from another directory.
+        settings.data_dir = settings.data_dir.resolve()
+    except OSError as error:
+        raise FlagError("--data-dir", f"{settings.data_dir}: {error.strerror or error}") from None
+    settings.data_dir_lock = lock_data_dir(settings.data_dir)

@@ -333,7 +333,9 @@ TRAIN_OPTIONS: tuple[Option, ...] = (
            "web-config format (the file_sd target then says https)", "telemetry",
            api="server-wide: the job server's own --web.config.file is not passed on", flag="--web.config.file"),
     Option("register_url", str, None, "report this process's /metrics endpoint to this URL (the job server's "
-           "HTTP service discovery; the secret comes in TRAINMETRICS_REGISTER_TOKEN)", "telemetry", api=_SERVER_SETS),
+           "HTTP service discovery; the secret comes in TRAINMETRICS_REGISTER_TOKEN)", "telemetry", api=_SERVER_SETS,
+           problem=lambda v: None if v.startswith(("http://", "https://")) else
+           f"must be an http(s) URL, got {v[:80]!r}"),
     Option("diagnostics_dir", Path, None, "where every rank's thread stacks go (stacks.rank<N>.txt): on SIGUSR2, "
            "and once when the job seems hung (default: stderr)", "telemetry", api="the job's directory"),
     Option("hang_seconds", float, 60.0, "the trainer's hang watchdog writes the thread stacks once no step has "

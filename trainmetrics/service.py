@@ -10,7 +10,7 @@ import logging
 
 from trainmetrics.analytics.cli import add_analytics_flags, add_web_flags, analytics_settings
 from trainmetrics.command import listen_flag, listening_socket, reachable_address, say_listening
-from trainmetrics.jobserver.cli import add_jobserver_flags, jobserver_settings
+from trainmetrics.jobserver.cli import add_jobserver_flags, claim_data_dir, jobserver_settings
 from trainmetrics.hangs import HangFeed
 from trainmetrics.reports import ReportArchive
 from trainmetrics.webconfig import web_config_flag
@@ -28,8 +28,9 @@ def caller_owner(request) -> str | None:
     return getattr(request.state, "owner", None)
 
 
-def build(args: argparse.Namespace, host: str):
-    """The app and its web config, from the flags (FlagError on a bad one)."""
+def settings(args: argparse.Namespace, host: str):
+    """(web config, job server settings, auth, analytics settings) from the flags; FlagError on a bad one.
+    Touches no file."""
     web_config = web_config_flag(args.web_config_file)
     server_settings, auth = jobserver_settings(args, host, web_config)
     analytics = analytics_settings(args)
@@ -38,14 +39,17 @@ def build(args: argparse.Namespace, host: str):
     server_settings.archive = analytics.archive = ReportArchive()
     # Hung jobs: the analytics read TrainerHang from Prometheus, the job server takes their stacks.
     server_settings.hangs = analytics.hangs = HangFeed()
+    return web_config, server_settings, auth, analytics
 
+
+def build(web_config, server_settings, auth, analytics):
+    """The app: the job server's component (its data dir claimed) and the analytics', behind one edge."""
     from trainmetrics.analytics.app import build_component as analytics_component
     from trainmetrics.edge import build_app
     from trainmetrics.jobserver.app import build_component as jobs_component
 
-    app = build_app([jobs_component(server_settings), analytics_component(analytics)], web_config=web_config,
-                    authenticator=auth)
-    return app, web_config, analytics
+    return build_app([jobs_component(server_settings), analytics_component(analytics)], web_config=web_config,
+                     authenticator=auth)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -53,12 +57,13 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     host, port = listen_flag("--listen", args.listen)
-    app, web_config, analytics = build(args, host)
+    web_config, server_settings, auth, analytics = settings(args, host)
     sock = listening_socket("--listen", host, port)
+    claim_data_dir(server_settings)     # last of the checks: a refusal before it leaves no data dir behind
+    app = build(web_config, server_settings, auth, analytics)
     scheme = "https" if web_config.ssl_context else "http"
-    jobs = app.state.components["jobs"].extra["server"].settings
-    if jobs.advertise_url is None:     # the port is known now (--listen :0 picks one)
-        jobs.advertise_url = f"{scheme}://{reachable_address(host, sock.getsockname()[1])}"
+    if server_settings.advertise_url is None:     # the port is known now (--listen :0 picks one)
+        server_settings.advertise_url = f"{scheme}://{reachable_address(host, sock.getsockname()[1])}"
 
     from trainmetrics.edge import serve
 

@@ -62,6 +62,8 @@ BAD_INPUTS = {
         (f"{flag}: cannot write ", "Is a directory")) for flag in ("--targets-dir", "--job-dir")},
     "result file a directory": (lambda t: ["--result-file", str(t)], ("--result-file: '", "/inputs' is a directory")),
     "result file in no directory": (lambda t: ["--result-file", str(t / "nope" / "r.json")], "/nope/r.json': no directory"),
+    # Blamed on --metrics-listen before ("cannot serve metrics on 127.0.0.1:0: unknown url type").
+    "register url not a url": (lambda t: ["--register-url", "notaurl"], "--register-url must be an http(s) URL, got 'notaurl'"),
     "bad listen address": (lambda t: ["--metrics-listen", "127.0.0.1:99999"], "--metrics-listen: cannot serve metrics"),
     "bad web config": (lambda t: (bad_csv(t, "web.yml", "tls_config: {}\n"), ["--web.config.file", str(t / "web.yml")])[1],
                        ("--web.config.file: ", "unknown key(s) ['tls_config']")),

@@ -119,3 +119,18 @@ def test_a_server_says_where_it_listens(command, tmp_path):
         process.terminate()
         process.communicate(timeout=60)
     assert process.returncode == 0
+
+
+@pytest.mark.parametrize("flags,flag", [
+    (["--prometheus-url", "notaurl"], "--prometheus-url"), (["--advertise-url", "x"], "--advertise-url"),
+    (["--ray-python", "/usr/bin/python3"], "--ray-python"), (["--listen", "PORT_IN_USE"], "--listen")])
+def test_a_refused_server_leaves_no_data_dir(flags, flag, tmp_path):
+    """A bad --prometheus-url or a port in use was refused after the data dir and its server.lock were made."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        in_use = f"127.0.0.1:{taken.getsockname()[1]}"
+        flags = [in_use if value == "PORT_IN_USE" else value for value in flags]
+        listen = [] if "--listen" in flags else ["--listen", "127.0.0.1:0"]
+        one_line_error(["server", "--data-dir", str(tmp_path / "data"), *listen, *flags], flag)
+    assert not (tmp_path / "data").exists()
