@@ -841,7 +841,7 @@ class JobMetrics:
     @_never_raises
     def set_learning_rate(self, lr: float) -> None:
         """Publish the current learning rate (a NaN or infinite one is left out, said once)."""
-        value = _finite_float(lr, "learning rate")
+        value = _finite_float(lr, "a learning rate")
         if value is not None:
             self.learning_rate = value
 
@@ -909,7 +909,7 @@ def _resumed_phase(previous: str) -> str:
     return COMPUTE if previous == DATA else previous
 
 
-def _finite_float(value, what: str = "evaluation result") -> float | None:
+def _finite_float(value, what: str = "an evaluation result") -> float | None:
     """value as a finite float, or None (None, NaN, infinity, or not a number at all)."""
     if value is None:
         return None
@@ -918,6 +918,6 @@ def _finite_float(value, what: str = "evaluation result") -> float | None:
             raise TypeError("a bool")
         number = float(value)
     except (TypeError, ValueError):
-        log.warning("ignoring a %s that is not a number: %r", what, value)
+        log.warning("ignoring %s that is not a number: %r", what, value)
         return None
     return number if math.isfinite(number) else None

@@ -238,8 +238,9 @@ class Trainer:
                     self.evaluate()
                     self.model.train()
                 if outcome:
-                    log.info("job %s: %s requested, checkpointing at step %d and stopping", config.job_id,
-                             STOP_VERBS[outcome], metrics.steps)
+                    log.info("job %s: %s requested, %s at step %d", config.job_id, STOP_VERBS[outcome],
+                             "checkpointing and stopping" if config.checkpoint_dir else
+                             "stopping (no --checkpoint-dir: nothing to resume from)", metrics.steps)
                     if not self.checkpoint():
                         return self.stopped_for_spike()
                     return outcome
@@ -372,7 +373,11 @@ def prepare(config: TrainConfig):
         validate_job_id(config.job_id)
         device = resolve_device(config.device)
         began = time.monotonic()
-        dataset = load_dataset(config.dataset, target=config.target, seed=config.seed)
+        try:
+            dataset = load_dataset(config.dataset, target=config.target, seed=config.seed)
+        except DatasetError as error:       # named by its flag (--target's say so already)
+            message = str(error)
+            raise DatasetError(message if message.startswith("--") else f"--dataset: {message}") from None
         load_seconds = time.monotonic() - began
         torch.manual_seed(config.seed)   # same seed, same initial weights: runs are reproducible
         model = build_model(config.model, dataset)
@@ -390,7 +395,7 @@ def open_checkpoint_dir(config: TrainConfig) -> Path | None:
     try:
         ensure_writable_dir(directory)
     except OSError as error:
-        raise BadInput(f"checkpoint dir {directory} is not writable: {error.strerror or error}") from None
+        raise BadInput(f"--checkpoint-dir: {directory} is not writable: {error.strerror or error}") from None
     return created
 
 

@@ -26,8 +26,8 @@ def bad_csv(tmp_path, name: str, text: str) -> str:
 
 BAD_INPUTS = {
     "unknown model": (lambda t: ["--model", "resnet9000"], "--model must be one of mlp, cnn, transformer, got 'resnet9000'"),
-    "unknown dataset": (lambda t: ["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
-    "missing file": (lambda t: ["--dataset", str(t / "nope.csv")], "dataset file not found"),
+    "unknown dataset": (lambda t: ["--dataset", "imagenet"], "--dataset: unknown dataset 'imagenet'"),
+    "missing file": (lambda t: ["--dataset", str(t / "nope.csv")], "--dataset: dataset file not found"),
     "ragged csv": (lambda t: ["--dataset", bad_csv(t, "r.csv", "a,b,label\n1,2,0\n1,2\n3,4,1\n")],
                    "line 3 has 2 fields, the header has 3"),
     "non-numeric csv": (lambda t: ["--dataset", bad_csv(t, "n.csv", "a,b,label\n1,2,0\n1,x,1\n")],
@@ -42,7 +42,7 @@ BAD_INPUTS = {
                                               "f5, f6, f7, ...)")),
     "npz without y": (lambda t: (np.savez(t / "x.npz", x=np.ones((4, 2))), ["--dataset", str(t / "x.npz")])[1],
                       "missing array(s) ['y']"),
-    "npz not a zip": (lambda t: ["--dataset", bad_csv(t, "z.npz", "not a zip")], "not a readable NPZ"),
+    "npz not a zip": (lambda t: ["--dataset", bad_csv(t, "z.npz", "not a zip")], ("--dataset: ", "not a readable NPZ")),
     "bad job id": (lambda t: ["--job-id", "../etc"], "--job-id must be letters, digits, '.', '_', '-' (first a letter or digit; at most 64), got '../etc'"),
     "bad epochs": (lambda t: ["--epochs", "0"], "--epochs must be at least 1"),
     # Accepted before: the job failed in islice ("Stop argument for islice() must be None or an integer").
@@ -163,6 +163,17 @@ def test_sigusr1_pauses_with_exit_4_after_a_checkpoint(tmp_path, spawn_train):
     summary = parse_summary(stdout)
     assert summary["state"] == "paused" and summary["end_time"] >= summary["start_time"]
     assert [p.name for p in ckpt.iterdir()] == [f"step-{summary['steps']:09d}.pt"]
+
+
+def test_a_stop_without_a_checkpoint_dir_does_not_claim_a_checkpoint(spawn_train):
+    """The log said "checkpointing at step N" when nothing could be written (no --checkpoint-dir)."""
+    process = spawn_train("--job-id", "nockpt-1", "--epochs", "30", "--batch-size", "16", "--log-every", "20")
+    wait_for_line(process, "step=20 ")
+    process.send_signal(signal.SIGUSR1)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 4 and parse_summary(stdout)["checkpoints"] == 0
+    assert "pause requested, stopping (no --checkpoint-dir: nothing to resume from) at step" in stderr, stderr
+    assert "checkpointing" not in stderr
 
 
 def test_progress_draws_a_bar_on_a_terminal_and_plain_lines_otherwise(tmp_path):
