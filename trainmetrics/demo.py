@@ -23,6 +23,8 @@ from trainmetrics.contract import MODELS
 
 def configure(parser: argparse.ArgumentParser) -> None:
     """Add the demo flags."""
+    parser.epilog = ("environment: PROMETHEUS_BIN, the prometheus binary to run (default: prometheus on PATH; "
+                     "`make demo` installs Debian's package when it is missing)")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="where Prometheus data, targets and checkpoints go (default: a temp dir)")
     parser.add_argument("--prometheus-port", type=int, default=DEFAULT_PROMETHEUS_PORT,
@@ -215,9 +217,14 @@ def run(args: argparse.Namespace) -> int:
     its evaluations and its summary read back from Prometheus."""
     import httpx
 
-    from trainmetrics.prometheus_process import PrometheusNotFound, PrometheusServer
+    from trainmetrics.prometheus_process import PrometheusNotFound, PrometheusServer, find_binary
 
     check_flags(args)
+    try:
+        find_binary("prometheus")       # before the work dir is made: a refusal leaves nothing behind
+    except PrometheusNotFound as error:
+        print(f"trainmetrics demo: error: {error}", file=sys.stderr)
+        return 2
     _stop_on_signals()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="trainmetrics-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)

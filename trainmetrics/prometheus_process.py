@@ -29,8 +29,12 @@ class PrometheusNotFound(RuntimeError):
 
 def find_binary(name: str) -> str:
     """Locate prometheus/promtool: $PROMETHEUS_BIN / $PROMTOOL_BIN, beside PROMETHEUS_BIN, then PATH."""
-    override = os.environ.get(f"{name.upper()}_BIN")
+    variable = f"{name.upper()}_BIN"
+    override = os.environ.get(variable)
     if override:
+        # Checked here: a wrong path was a FileNotFoundError traceback from deep inside Popen.
+        if not (os.path.isfile(override) and os.access(override, os.X_OK)):
+            raise PrometheusNotFound(f"{variable}={override}: not an executable file")
         return override
     configured = os.environ.get("PROMETHEUS_BIN")
     if configured and name != "prometheus":

@@ -1,5 +1,6 @@
 """`trainmetrics demo --exit-after-job`: the whole stack with a real Prometheus, as `make demo` runs it."""
 
+import os
 import re
 import subprocess
 import sys
@@ -67,3 +68,14 @@ def test_sigterm_stops_the_demo_and_everything_it_started(tmp_path):
                 pass
         if demo.poll() is None:
             demo.wait()
+
+
+def test_a_wrong_prometheus_bin_is_one_line_and_leaves_no_work_dir(tmp_path):
+    """PROMETHEUS_BIN naming no file was a FileNotFoundError traceback from Popen, after the demo had made its
+    temporary work dir."""
+    env = {**os.environ, "PROMETHEUS_BIN": str(tmp_path / "nope"), "TMPDIR": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-m", "trainmetrics", "demo", "--exit-after-job"], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"trainmetrics demo: error: PROMETHEUS_BIN={tmp_path / 'nope'}: not an executable file"
+    assert list(tmp_path.iterdir()) == []
