@@ -222,6 +222,8 @@ class JobMetrics:
         self.last_evaluation: Evaluation | None = None
         self.step_duration_max = 0.0
         self._warned_bad_step = False
+        self._warned_phases: set = set()
+        self._warned_values: set = set()         # the calls that said once they got a value they cannot use
         self._warned_outside_run = False
         self._checkpoints_writing = 0       # checkpoint() blocks open: state_dict() counts them as written
         self._warned_interval = False
@@ -765,13 +767,7 @@ class JobMetrics:
         tensor) or a whole float (8.0) counts; a negative number, a fraction, NaN, a bool or anything else is left
         out, said once."""
         try:
-            if isinstance(samples, bool):
-                raise TypeError("a bool")
-            if isinstance(samples, float) and samples.is_integer():     # numpy's float64 is a float too
-                samples = int(samples)
-            count = operator.index(samples)
-            if count < 0:
-                raise ValueError("a negative count")
+            count = _whole_count(samples)
         except (TypeError, ValueError) as error:
             self._step_failed(error, None, samples)
             return
@@ -835,8 +831,15 @@ class JobMetrics:
 
     @_never_raises
     def set_epoch(self, epoch: int) -> None:
-        """Publish the current epoch."""
-        self.epoch = int(epoch)
+        """Publish the current epoch: a whole number >= 0 (8.0 and numpy's integers too); anything else (2.7 was
+        published as 2) is left out, said once."""
+        try:
+            self.epoch = _whole_count(epoch)
+        except (TypeError, ValueError) as error:
+            if "set_epoch" not in self._warned_values:
+                self._warned_values.add("set_epoch")
+                log.warning("job %s: set_epoch() got %r (%s): the epoch stays %s", self.job_id, epoch, error,
+                            self.epoch)
 
     @_never_raises
     def set_learning_rate(self, lr: float) -> None:
@@ -888,6 +891,10 @@ class JobMetrics:
         """Mark a part of the loop as its own phase: "eval", "optimizer", "collective" (docs/metrics.md), or
         "restore" before training starts. Time outside every marked phase and the data wait is compute."""
         previous = self.phases.phase
+        if name not in CURRENT_PHASES and name not in self._warned_phases:     # a typo would hide in compute
+            self._warned_phases.add(name)
+            log.warning("job %s: phase %r is none of %s: its time counts as compute", self.job_id, name,
+                        ", ".join(CURRENT_PHASES))
         self.phases.enter(name if name in CURRENT_PHASES else COMPUTE)
         try:
             yield
@@ -901,6 +908,21 @@ class JobMetrics:
                     loss, self.spikes.mean)
         if self.diagnostics.on_loss_spike is not None:
             self.diagnostics.on_loss_spike(self.steps, "loss spike")
+
+
+def _whole_count(value) -> int:
+    """`value` as a count: an int of any integer type (numpy's, a 0-d integer tensor) or a whole float (8.0);
+    TypeError or ValueError for a bool, a fraction, a negative number, NaN or anything else."""
+    if isinstance(value, bool):
+        raise TypeError("a bool")
+    if isinstance(value, float):                 # numpy's float64 is a float too
+        if not value.is_integer():
+            raise ValueError("not a whole number")
+        value = int(value)
+    count = operator.index(value)
+    if count < 0:
+        raise ValueError("a negative count")
+    return count
 
 
 def _resumed_phase(previous: str) -> str:

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from trainmetrics.command import FlagError, check_directory
 from trainmetrics.contract import STOP_VERBS, TRAIN_OPTIONS, exit_code_for, validate_job_id
 from trainmetrics.datafiles import DatasetError
+from trainmetrics.jobfiles import ClaimedElsewhere
 from trainmetrics.jobmap import host_gpu
 from trainmetrics.trainer import distributed, faults
 from trainmetrics.trainer.checkpoint import FINAL_MODEL_NAME, atomic_save, ensure_writable_dir, load_latest, save_checkpoint
@@ -400,8 +401,11 @@ def open_checkpoint_dir(config: TrainConfig) -> Path | None:
 
 
 def publish_error(config: TrainConfig, error: Exception) -> str:
-    """What setting up the job's publication failed on, naming its flag: a file the job writes in its targets
-    or job directory (a directory, or a file it cannot replace, where its file goes), else serving /metrics."""
+    """What setting up the job's publication failed on, naming its flag: the job id when a live process runs it
+    already, a file the job writes in its targets or job directory (a directory, or a file it cannot replace,
+    where its file goes), else serving /metrics."""
+    if isinstance(error, ClaimedElsewhere):
+        return f"--job-id: {error}"
     detail = error.strerror if isinstance(error, OSError) and error.strerror else error
     names = [Path(name) for name in (getattr(error, "filename", None), getattr(error, "filename2", None)) if name]
     for flag, directory in (("--targets-dir", config.targets_dir), ("--job-dir", config.job_dir)):

@@ -23,6 +23,7 @@ from opentelemetry.sdk.resources import Resource
 from prometheus_client import CollectorRegistry
 
 from trainmetrics.exposition import TextExposition
+from trainmetrics.jobfiles import claim, unclaim
 from trainmetrics.jobmap import JobMapping, write_job_mapping
 from trainmetrics.metrics_http import MetricsHTTPServer, Scrape
 from trainmetrics.trainer import instruments
@@ -246,7 +247,8 @@ class Publication:
         self.registration: Registration | None = None
         self.target_file: Path | None = None
         self.mapping_file: Path | None = None
-        self._job_id, self._rank = job_id, rank
+        self._claims: list[tuple[Path, int]] = []      # (directory, descriptor holding its claim)
+        self._job_id, self._rank, self._world_size = job_id, rank, world_size
 
     def open(self) -> None:
         """Serve /metrics and announce the job (OSError/ValueError when it cannot; nothing is left behind)."""
@@ -269,14 +271,24 @@ class Publication:
                 # TRAINMETRICS_TARGETS_DIR inherited from the server's environment would have it scraped twice,
                 # as two scrape jobs, and every sum over the job doubled); else its file_sd target.
                 if publish.targets_dir is not None and not (self.registration and self.registration.watched):
+                    self._claim(Path(publish.targets_dir))
                     self.target_file = write_target_file(Path(publish.targets_dir), self.file_stem, address, scheme)
             if publish.job_dir is not None:
+                self._claim(Path(publish.job_dir))
                 mapping = JobMapping(job_id=self._job_id, pid=os.getpid(), gpus=list(publish.gpus), rank=self._rank,
                                      started=time.time())
                 self.mapping_file = write_job_mapping(Path(publish.job_dir), mapping)
         except BaseException:
             self.release()
             raise
+
+    def _claim(self, directory: Path) -> None:
+        """This process's claim on its file names in a shared directory (jobfiles.claim): ClaimedElsewhere when
+        the same job id and rank already run."""
+        what = f"job {self._job_id}" + (f" rank {self._rank}" if self._world_size > 1 else "")
+        fd = claim(directory, self.file_stem, what)
+        if fd is not None:
+            self._claims.append((directory, fd))
 
     @property
     def file_stem(self) -> str:
@@ -322,6 +334,9 @@ class Publication:
             self.registration.withdraw()
             self.registration = None
         self.target_file = self.mapping_file = None
+        while self._claims:         # after the files: no second process may write them before they are gone
+            directory, fd = self._claims.pop()
+            unclaim(directory, self.file_stem, fd)
         if self.server is not None:
             self.server.close()
             self.server = None

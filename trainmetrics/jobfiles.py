@@ -5,6 +5,7 @@ learns a job's outcome from it (never from the log). Strict JSON: a non-finite n
 """
 
 import errno
+import fcntl
 import json
 import math
 import os
@@ -91,6 +92,64 @@ def open_regular(path: Path, flags: int, mode: int = 0o644) -> int:
         os.close(fd)
         raise
     return fd
+
+
+class ClaimedElsewhere(ValueError):
+    """Another live process holds the claim: the same job id and rank run twice."""
+
+
+def claim(directory: Path, name: str, what: str) -> int | None:
+    """Hold `<directory>/.<name>.lock` (an exclusive flock) for as long as the returned descriptor stays open.
+
+    One live process per job process file (`name`: its file stem) in a shared targets or job directory: a second
+    one overwrote the first's target and mapping, and whichever ended first removed them, leaving the other
+    unscraped and unattributed. ClaimedElsewhere (naming `what` and the holder's pid) when another process holds
+    it; the kernel frees a dead holder's claim, kill -9 included, so a restart is never refused by a stale one.
+    None on a filesystem that has no locks (the job runs unclaimed there).
+    The name starts with '.' and does not end in .json: neither file_sd's *.json nor the exporter reads it."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f".{name}.lock"
+    while True:
+        fd = open_regular(path, os.O_RDWR | os.O_CREAT)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+            os.close(fd)
+            raise ClaimedElsewhere(f"{what} is already running: pid {holder} announces it in {directory}") from None
+        except OSError as error:
+            os.close(fd)
+            if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            unclaim(directory, name, None)      # a filesystem without locks: the job runs unclaimed, as before
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        # The holder before may have removed the file (unclaim) between our open and our lock: a lock on a file
+        # no one else can open holds nothing. Start again on whatever is at the path now.
+        try:
+            now = os.stat(path, follow_symlinks=False)
+            ours = os.fstat(fd)
+            current = (now.st_dev, now.st_ino) == (ours.st_dev, ours.st_ino)
+        except FileNotFoundError:
+            current = False
+        if current:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            return fd
+        os.close(fd)
+
+
+def unclaim(directory: Path, name: str, fd: int | None) -> None:
+    """Give a claim up: the file removed while still locked (a waiter that opened it sees it gone), then closed."""
+    try:
+        os.unlink(Path(directory) / f".{name}.lock")
+    except FileNotFoundError:
+        pass
+    if fd is not None:
+        os.close(fd)
 
 
 def replace_atomically(path: Path, text: str, *, mode: int = 0o600, durable: bool = False) -> None:

@@ -646,6 +646,41 @@ def test_marked_phases_nest_and_before_training_they_are_not_init_too():
     assert totals["data_wait"] >= 0.05 and totals["compute"] < 0.05
 
 
+def test_an_unknown_phase_name_is_warned_once_and_counts_as_compute(caplog):
+    """phase("evaluation") counted as compute without a word: the goodput ledger showed no eval time."""
+    metrics = JobMetrics("lib-typo")
+    try:
+        metrics.start()
+        for _ in range(3):
+            with metrics.phase("evaluation"):
+                assert metrics.phases.phase == "compute"
+        with metrics.phase("eval"):
+            pass
+    finally:
+        metrics.close()
+    warned = [record.getMessage() for record in caplog.records if "phase 'evaluation'" in record.getMessage()]
+    assert len(warned) == 1 and "its time counts as compute" in warned[0]
+    assert not [record for record in caplog.records if "phase 'eval'" in record.getMessage()]
+
+
+def test_set_epoch_takes_whole_numbers_only(caplog):
+    """set_epoch(2.7) was published as epoch 2."""
+    import numpy as np
+
+    metrics = JobMetrics("lib-epoch")
+    try:
+        metrics.set_epoch(np.int64(3))
+        metrics.set_epoch(2.7)
+        metrics.set_epoch(True)
+        assert metrics.epoch == 3
+        metrics.set_epoch(4.0)
+        assert metrics.epoch == 4
+    finally:
+        metrics.close()
+    warned = [record.getMessage() for record in caplog.records if "set_epoch()" in record.getMessage()]
+    assert len(warned) == 1 and "got 2.7 (not a whole number): the epoch stays 3" in warned[0]
+
+
 def test_an_ended_job_stays_as_it_ended():
     paused = JobMetrics("lib-set-paused")
     try:
@@ -796,7 +831,8 @@ FORKED_CHILD = textwrap.dedent("""
         if child == 0:
             sys.exit(0)                  # the child leaves the block: its copy must not end the parent's job
         os.waitpid(child, 0)
-        print("files after the child", len(os.listdir(sys.argv[1])), len(os.listdir(sys.argv[2])), flush=True)
+        print("files after the child", *(len([n for n in os.listdir(d) if n.endswith(".json")]) for d in sys.argv[1:]),
+              flush=True)
         m.step(loss=1.0, samples=1)
 """)
 

@@ -1,0 +1,78 @@
+"""One live process per job id and rank in a shared targets or job directory. A second one with the same id
+overwrote the first's file_sd target and job mapping, and whichever ended first removed both: the other went
+unscraped and unattributed for the rest of its run."""
+
+import json
+import signal
+import time
+
+import pytest
+
+from trainmetrics.jobfiles import ClaimedElsewhere
+from trainmetrics.trainer.metrics import JobMetrics
+from trainmetrics.trainer.telemetry import Publish
+
+from tests.trainer.conftest import run_train
+
+
+def publish(tmp_path) -> Publish:
+    return Publish(listen="127.0.0.1:0", targets_dir=tmp_path / "targets", job_dir=tmp_path / "jobs",
+                   linger_timeout=0)
+
+
+def test_a_second_live_process_with_the_same_job_id_is_refused_and_the_first_keeps_its_files(tmp_path):
+    first = JobMetrics("twice-1", publish=publish(tmp_path))
+    try:
+        target = tmp_path / "targets" / "twice-1.rank0.json"
+        before = target.read_text()
+        with pytest.raises(ClaimedElsewhere, match="job twice-1 is already running: pid \\d+ announces it in"):
+            JobMetrics("twice-1", publish=publish(tmp_path))
+        assert target.read_text() == before                     # still the first one's port
+        assert (tmp_path / "jobs" / "twice-1.rank0.json").exists()
+        other = JobMetrics("twice-2", publish=publish(tmp_path))     # another job id is another claim
+        other.close()
+    finally:
+        first.close()
+    assert sorted(p.name for p in (tmp_path / "targets").iterdir()) == []     # claims go with the files
+    again = JobMetrics("twice-1", publish=publish(tmp_path))    # the id is free once the first has ended
+    again.close()
+
+
+def test_the_claim_of_a_killed_process_is_free_at_once(tmp_path, spawn_train):
+    args = ["--job-id", "dup-1", "--dataset", "blobs", "--epochs", "50", "--log-every", "20",
+            "--targets-dir", str(tmp_path / "targets"), "--job-dir", str(tmp_path / "jobs"), "--linger-timeout", "1"]
+    first = spawn_train(*args)
+    target = tmp_path / "targets" / "dup-1.rank0.json"
+    try:
+        deadline = time.monotonic() + 120
+        while not target.exists():
+            assert first.poll() is None and time.monotonic() < deadline, "the first never announced itself"
+            time.sleep(0.05)
+        announced = json.loads(target.read_text())
+        second = run_train(*args)
+        assert second.returncode == 2, second.stderr
+        lines = second.stderr.strip().splitlines()
+        assert len(lines) == 1 and f"--job-id: job dup-1 is already running: pid {first.pid} announces" in lines[0]
+        assert json.loads(target.read_text()) == announced and first.poll() is None
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=60)
+    third = run_train(*args[:5], "1", *args[6:])
+    assert third.returncode == 0, third.stderr      # a stale claim (kill -9) refuses nothing
+
+
+def test_a_filesystem_without_locks_runs_the_job_unclaimed(tmp_path, monkeypatch):
+    """NFS without a lock manager answers ENOLCK: the job starts as it did before claims, leaving no lock file."""
+    import errno
+
+    from trainmetrics import jobfiles
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(jobfiles.fcntl, "flock", no_locks)
+    metrics = JobMetrics("nolocks-1", publish=publish(tmp_path))
+    try:
+        assert [p.name for p in (tmp_path / "targets").iterdir()] == ["nolocks-1.rank0.json"]
+    finally:
+        metrics.close()
