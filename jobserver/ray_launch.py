@@ -3,8 +3,10 @@ cluster's nodes), each running `trainmetrics train` with torch.distributed's ren
 WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) and serving its /metrics on its node's address.
 
 It watches the job's control file and turns "paused"/"cancelled" into SIGUSR1/SIGTERM for every rank, and
-its stacks request file into SIGUSR2 for every rank; a SIGTERM to itself (Ray's stop) becomes a cancel. It exits with rank 0's exit code (the job's outcome is in
-the result file rank 0 writes).
+its stacks request file into SIGUSR2 for every rank; a SIGTERM to itself (Ray's stop) becomes a cancel. A stop
+that comes while Ray cannot place the ranks yet (a busy cluster, or more ranks than it has CPUs) ends the run at
+once. It exits with rank 0's exit code, or dies of the signal that killed rank 0 (the job's outcome is in the
+result file rank 0 writes).
 
     python -m trainmetrics.jobserver.ray_launch --nproc N --job-dir DIR -- TRAIN_ARGS...
 """
@@ -16,10 +18,11 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import ray
-from ray.util.placement_group import placement_group
+from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from trainmetrics.contract import SPAWN_BLOCKED_SIGNALS, STACKS_SIGNAL, STOP_SIGNALS, ExitCode
@@ -27,6 +30,8 @@ from trainmetrics.jobfiles import (CONTROL_FILE_NAME, LOG_NAME, RESULT_FILE_NAME
                                    read_small_text, write_result)
 
 CONTROL_POLL_SECONDS = 0.2
+# A placement Ray has not made this long is said in the job's log (once), with what the cluster has.
+PLACEMENT_SAY_SECONDS = 10.0
 
 
 @ray.remote(num_cpus=1, max_concurrency=4)
@@ -78,6 +83,41 @@ def stacks_request(job_dir: Path) -> str | None:
     return (read_small_text(job_dir / STACKS_REQUEST_NAME) or "").strip() or None
 
 
+def ended_before_start(job_dir: Path, outcome: str) -> int:
+    """A stop that came before any rank started: its result written, its exit code."""
+    code = int(ExitCode.PAUSED if outcome == "paused" else ExitCode.CANCELLED)
+    write_result(job_dir / RESULT_FILE_NAME, {"state": outcome, "exit_code": code, "error": None, "error_type": None})
+    return code
+
+
+def wait_for_placement(group, nproc: int, stop_requested) -> str | None:
+    """Wait until Ray has placed the ranks' bundles; the stop requested meanwhile, if one is (the wait had no
+    end: a pause was never carried out, a cancel waited out the server's grace and its kill)."""
+    ready = group.ready()
+    began, said = time.monotonic(), False
+    while not ray.wait([ready], timeout=CONTROL_POLL_SECONDS)[0]:
+        outcome = stop_requested()
+        if outcome is not None:
+            return outcome
+        if not said and time.monotonic() - began >= PLACEMENT_SAY_SECONDS:
+            said = True
+            cpus = ray.cluster_resources().get("CPU", 0)
+            print(f"waiting for Ray to place {nproc} rank(s), one CPU each: the cluster has {cpus:g} CPU(s) in all"
+                  f"{'' if cpus >= nproc else ', fewer than the job needs'}; pause or cancel the job to stop waiting",
+                  flush=True)
+    return None
+
+
+def exit_as(code: int) -> None:
+    """Exit with rank 0's exit code; die of the signal that killed it when it was killed (sys.exit(-9) exits
+    247, and the job server said "exit code 247" where a local job says "killed by SIGKILL")."""
+    if code < 0:
+        if -code not in (signal.SIGKILL, signal.SIGSTOP):     # (these two have no handler to take back)
+            signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
+    sys.exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Place the ranks, run them, pass stops on, and return rank 0's exit code."""
     parser = argparse.ArgumentParser(prog="trainmetrics.jobserver.ray_launch")
@@ -87,16 +127,24 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     train_args = [a for a in args.train_args if a != "--"] if args.train_args[:1] == ["--"] else args.train_args
     stopped: list[str] = []
-    signal.signal(signal.SIGTERM, lambda *_: stopped.append("cancelled"))      # Ray's stop_job
+
+    def on_sigterm(*_) -> None:             # Ray's stop_job
+        stopped.append("cancelled")
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     already = control_request(args.job_dir)
     if already is not None:              # stopped before anything started: the outcome at once
-        write_result(args.job_dir / RESULT_FILE_NAME, {"state": already, "exit_code": int(
-            ExitCode.PAUSED if already == "paused" else ExitCode.CANCELLED), "error": None, "error_type": None})
-        return int(ExitCode.PAUSED if already == "paused" else ExitCode.CANCELLED)
+        return ended_before_start(args.job_dir, already)
 
     ray.init(address="auto", log_to_driver=False, logging_level="ERROR")
+    # Again: ray.init put its own failure-signal handler over ours, and Ray's stop killed the launcher (the job
+    # failed without a result, its ranks killed without a checkpoint) instead of cancelling the job.
+    signal.signal(signal.SIGTERM, on_sigterm)
     group = placement_group([{"CPU": 1}] * args.nproc, strategy="SPREAD")
-    ray.get(group.ready())
+    outcome = wait_for_placement(group, args.nproc, lambda: control_request(args.job_dir) or next(iter(stopped), None))
+    if outcome is not None:
+        remove_placement_group(group)
+        return ended_before_start(args.job_dir, outcome)
     ranks = [Rank.options(scheduling_strategy=PlacementGroupSchedulingStrategy(group, index)).remote()
              for index in range(args.nproc)]
     places = ray.get([rank.where.remote() for rank in ranks])
@@ -142,4 +190,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_as(main())

@@ -231,6 +231,10 @@ class Supervisor:
             state, error = "failed", f"killed by {signal.Signals(-code).name} without a result"
         elif code is not None:
             state, error = "failed", f"exit code {code} without a result"
+        elif job.requested in ("paused", "cancelled"):
+            # Lost (Ray's head gone, an adopted process) after a stop was accepted with a 202: that stop stands,
+            # as at a server restart (_resume_or_fail); a pause resumes from the last checkpoint.
+            state, error = job.requested, None
         else:
             state, error = "failed", ("its process ended without a result or an exit code (adopted after a server "
                                       "restart, or its Ray submission stopped or lost)")

@@ -196,6 +196,21 @@ def test_a_stop_accepted_before_the_server_and_the_job_crashed_stands_after_the_
     assert job.id not in again.runs and supervisor.store.endpoints() == []
 
 
+@pytest.mark.parametrize("outcome", ["paused", "cancelled"])
+def test_a_run_lost_after_an_accepted_stop_ends_in_that_stop(supervisor, outcome):
+    """Ray's head lost after a 202: the run ended with neither a result nor an exit code, and the job failed
+    ("adopted after a server restart, or its Ray submission stopped or lost") though its stop was promised."""
+    job = submit(supervisor, f"lost-{outcome}", model="transformer")     # it never writes a result
+    time.sleep(0.3)
+    supervisor.request_stop(job, outcome)
+    run = supervisor.runs.pop(job.id)
+    run.process.kill()
+    run.process.wait()
+    supervisor._ended(job.id, None)             # what a Ray run lost with its head reports
+    ended = supervisor.store.get_job(job.id)
+    assert (ended.state, ended.resume, ended.error, ended.requested) == (outcome, outcome == "paused", None, None)
+
+
 def test_a_job_gone_with_the_server_before_its_first_checkpoint_fails_and_leaves_the_discovery(supervisor):
     job = submit(supervisor, "gone-early")
     supervisor.store.set_endpoint(job.id, 0, "127.0.0.1:9999", "http")

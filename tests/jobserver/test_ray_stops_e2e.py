@@ -1,0 +1,81 @@
+"""Stops of a job on a real Ray cluster that do not come through the job API's happy path: Ray's own stop of the
+submission, a stop while Ray cannot place the ranks, and a rank killed by a signal."""
+
+import signal
+import time
+
+import psutil
+import pytest
+
+from .server_process import Server, wait_job
+
+
+@pytest.fixture
+def ray_server(tmp_path, ray_cluster):
+    server = Server(tmp_path, extra=("--executor", "ray", "--ray-address", ray_cluster.dashboard)).start()
+    yield server, ray_cluster
+    server.stop()
+
+
+def submit(server: Server, job_id: str, **spec) -> None:
+    body = {"job_id": job_id, "dataset": "digits", "epochs": 5000, "log_every": 10, **spec}
+    response = server.client().post("/api/training/jobs", json=body)
+    assert response.status_code == 201, response.text
+
+
+def wait_training(server: Server, job_id: str, timeout: float = 120) -> None:
+    log = server.data_dir / "jobs" / job_id / "train.log"
+    deadline = time.monotonic() + timeout
+    while not (log.exists() and "step=" in log.read_text()):
+        assert time.monotonic() < deadline, f"{job_id} did not train within {timeout} s"
+        time.sleep(0.2)
+
+
+def test_rays_own_stop_of_the_submission_cancels_the_job_after_a_checkpoint(ray_server):
+    """`ray job stop` killed the launcher (ray.init had put its handler over ours): the job failed, its ranks
+    killed without a checkpoint."""
+    from ray.job_submission import JobSubmissionClient
+
+    server, cluster = ray_server
+    submit(server, "raystop-1")
+    wait_training(server, "raystop-1")
+    ray = JobSubmissionClient(cluster.dashboard)
+    job_dir = str(server.data_dir / "jobs" / "raystop-1")
+    [submission] = [job.submission_id for job in ray.list_jobs() if job_dir in job.entrypoint]
+    ray.stop_job(submission)
+    ended = wait_job(server.client(), "raystop-1", lambda job: job["state"] != "running", timeout=60)
+    assert (ended["state"], ended["exit_code"]) == ("cancelled", 3), ended
+    assert "cancel requested, checkpointing and stopping" in (server.data_dir / "jobs" / "raystop-1" /
+                                                                "train.log").read_text()
+
+
+def test_a_job_ray_cannot_place_stops_at_once_when_cancelled(ray_server):
+    """Three ranks on a two-CPU cluster: `running` with nothing behind it, a pause never carried out, a cancel
+    that waited out the 60 s grace and its kill."""
+    server, _ = ray_server
+    submit(server, "unplaced-1", nproc=3)
+    client = server.client()
+    log = server.data_dir / "jobs" / "unplaced-1" / "train.log"
+    deadline = time.monotonic() + 60
+    while not (log.exists() and "waiting for Ray to place 3 rank(s)" in log.read_text()):
+        assert time.monotonic() < deadline, "the launcher never said it waits for a placement"
+        time.sleep(0.2)
+    assert "fewer than the job needs" in log.read_text()
+    asked = time.monotonic()
+    assert client.post("/api/training/jobs/unplaced-1/cancel").status_code == 202
+    ended = wait_job(client, "unplaced-1", lambda job: job["state"] != "running", timeout=50)
+    assert (ended["state"], ended["exit_code"]) == ("cancelled", 3), ended
+    assert time.monotonic() - asked < 30          # not the grace's kill
+
+
+def test_a_rank_killed_by_a_signal_is_said_as_that_signal(ray_server):
+    """The launcher exited with sys.exit(-9): "exit code 247 without a result"."""
+    server, _ = ray_server
+    submit(server, "killed-1")
+    wait_training(server, "killed-1")
+    job_dir = str(server.data_dir / "jobs" / "killed-1")
+    [rank0] = [p for p in psutil.process_iter(["cmdline"]) if "train" in (p.info["cmdline"] or [])
+               and job_dir in " ".join(p.info["cmdline"] or []) and "ray_launch" not in " ".join(p.info["cmdline"])]
+    rank0.send_signal(signal.SIGKILL)
+    ended = wait_job(server.client(), "killed-1", lambda job: job["state"] != "running", timeout=60)
+    assert (ended["state"], ended["exit_code"], ended["error"]) == ("failed", -9, "killed by SIGKILL without a result")
