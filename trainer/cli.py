@@ -3,6 +3,7 @@
 import argparse
 import importlib.util
 import logging
+import os
 
 from trainmetrics.trainer import config as train_config
 from trainmetrics.trainer.outcome import bad_input
@@ -14,11 +15,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
     train_config.configure(parser)
 
 
+def rank_tag(environ=os.environ) -> str:
+    """" rank N" in every log line of a multi-rank job's process (the ranks share one log: their lines were
+    alike), "" otherwise."""
+    world_size, rank = environ.get("WORLD_SIZE", "1"), environ.get("RANK", "0")
+    return f" rank {rank}" if world_size.isdigit() and int(world_size) > 1 and rank.isdigit() else ""
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the job. The stop signals are caught from here on: a SIGTERM while torch is still importing ends
     the job as cancelled, with its result, like one at any later moment."""
     stop = StopFlag.for_process()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s %(name)s{rank_tag()}: %(message)s")
     config = train_config.from_args(args)
     if importlib.util.find_spec("torch") is None:
         return bad_input(config, "training needs PyTorch: pip install 'trainmetrics[train]'")

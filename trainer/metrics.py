@@ -640,13 +640,12 @@ class JobMetrics:
                 timeout = publication.publish.linger_timeout
                 if not publication.scrapers.wait(self.final_state_read, timeout, self._hurried_enough):
                     if self._hurried_at is None:
-                        why = "; it may be missing from Prometheus"
-                    elif publication.scrapers.any_since(self._end_monotonic):
-                        why = " (read by one; stopped waiting for the others on a stop signal)"
-                    else:
-                        why = " (stopped waiting on a stop signal)"
-                    log.warning("job %s: its final state was not read by every scraper within %gs%s", self.job_id,
-                                timeout, why)
+                        log.warning("job %s: its final state was not read by every scraper within %gs; it may be "
+                                    "missing from Prometheus", self.job_id, timeout)
+                    else:       # (not "within 15s": the wait was cut short)
+                        read = publication.scrapers.any_since(self._end_monotonic)
+                        log.warning("job %s: stopped waiting for %s to read its final state on a stop signal",
+                                    self.job_id, "the other scrapers (one read it)" if read else "every scraper")
         except Exception:
             log.exception("job %s: lingering for the final scrape failed", self.job_id)
         finally:

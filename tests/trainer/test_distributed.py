@@ -39,6 +39,8 @@ def finished_ddp_job(tmp_path_factory):
             "--checkpoint-dir", str(work / "ckpt"), "--targets-dir", str(prometheus.targets_dir), timeout=300,
             env=env)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        # The ranks share one log (the job server's train.log): each line says whose it is.
+        assert all(f"trainmetrics.trainer rank {rank}: job {JOB_ID}: step=" in result.stderr for rank in (0, 1))
         yield prometheus, summaries, work
     finally:
         prometheus.stop()
