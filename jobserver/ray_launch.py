@@ -41,9 +41,9 @@ class Rank:
     def __init__(self):
         self.process: subprocess.Popen | None = None
 
-    def where(self) -> tuple[str, str]:
-        """(node IP, node id) of this actor."""
-        return ray.util.get_node_ip_address(), ray.get_runtime_context().get_node_id()
+    def where(self) -> tuple[str, str, list]:
+        """(node IP, node id, the GPU ids Ray gave it) of this actor."""
+        return ray.util.get_node_ip_address(), ray.get_runtime_context().get_node_id(), ray.get_gpu_ids()
 
     def free_port(self) -> int:
         """A port free on this node a moment ago (rank 0's, for the rendezvous)."""
@@ -90,7 +90,28 @@ def ended_before_start(job_dir: Path, outcome: str) -> int:
     return code
 
 
-def wait_for_placement(group, nproc: int, stop_requested) -> str | None:
+def requested_device(train_args: list[str]) -> str:
+    """The job's --device ("auto" when it sets none)."""
+    for index, arg in enumerate(train_args):
+        if arg == "--device" and index + 1 < len(train_args):
+            return train_args[index + 1]
+        if arg.startswith("--device="):
+            return arg.split("=", 1)[1]
+    return "auto"
+
+
+def gpus_per_rank(device: str, cluster_gpus: float) -> int:
+    """The GPUs each rank asks Ray for: one for a CUDA job, none for a CPU one, and for `auto` one when the
+    cluster has GPUs. Ray gives an actor only the GPUs it asked for (its CUDA_VISIBLE_DEVICES names them): a
+    rank that asked for none trained on the CPU of a GPU node, or failed its `--device cuda`."""
+    if device == "cpu":
+        return 0
+    if device.startswith("cuda"):
+        return 1
+    return 1 if cluster_gpus >= 1 else 0
+
+
+def wait_for_placement(group, nproc: int, gpus: int, stop_requested) -> str | None:
     """Wait until Ray has placed the ranks' bundles; the stop requested meanwhile, if one is (the wait had no
     end: a pause was never carried out, a cancel waited out the server's grace and its kill)."""
     ready = group.ready()
@@ -101,9 +122,12 @@ def wait_for_placement(group, nproc: int, stop_requested) -> str | None:
             return outcome
         if not said and time.monotonic() - began >= PLACEMENT_SAY_SECONDS:
             said = True
-            cpus = ray.cluster_resources().get("CPU", 0)
-            print(f"waiting for Ray to place {nproc} rank(s), one CPU each: the cluster has {cpus:g} CPU(s) in all"
-                  f"{'' if cpus >= nproc else ', fewer than the job needs'}; pause or cancel the job to stop waiting",
+            resources = ray.cluster_resources()
+            cpus, gpu_count = resources.get("CPU", 0), resources.get("GPU", 0)
+            short = cpus < nproc or gpu_count < nproc * gpus
+            print(f"waiting for Ray to place {nproc} rank(s), one CPU{' and one GPU' if gpus else ''} each: the "
+                  f"cluster has {cpus:g} CPU(s) and {gpu_count:g} GPU(s) in all"
+                  f"{', fewer than the job needs' if short else ''}; pause or cancel the job to stop waiting",
                   flush=True)
     return None
 
@@ -140,23 +164,26 @@ def main(argv: list[str] | None = None) -> int:
     # Again: ray.init put its own failure-signal handler over ours, and Ray's stop killed the launcher (the job
     # failed without a result, its ranks killed without a checkpoint) instead of cancelling the job.
     signal.signal(signal.SIGTERM, on_sigterm)
-    group = placement_group([{"CPU": 1}] * args.nproc, strategy="SPREAD")
-    outcome = wait_for_placement(group, args.nproc, lambda: control_request(args.job_dir) or next(iter(stopped), None))
+    gpus = gpus_per_rank(requested_device(train_args), ray.cluster_resources().get("GPU", 0))
+    group = placement_group([{"CPU": 1, "GPU": gpus} if gpus else {"CPU": 1}] * args.nproc, strategy="SPREAD")
+    outcome = wait_for_placement(group, args.nproc, gpus,
+                                 lambda: control_request(args.job_dir) or next(iter(stopped), None))
     if outcome is not None:
         remove_placement_group(group)
         return ended_before_start(args.job_dir, outcome)
-    ranks = [Rank.options(scheduling_strategy=PlacementGroupSchedulingStrategy(group, index)).remote()
+    ranks = [Rank.options(num_gpus=gpus, scheduling_strategy=PlacementGroupSchedulingStrategy(group, index)).remote()
              for index in range(args.nproc)]
     places = ray.get([rank.where.remote() for rank in ranks])
-    for index, (node_ip, node) in enumerate(places):
-        print(f"rank {index}: node {node} ({node_ip})", flush=True)
+    for index, (node_ip, node, gpu_ids) in enumerate(places):
+        print(f"rank {index}: node {node} ({node_ip}){f', GPU {gpu_ids}' if gpus else ''}", flush=True)
     master_port = ray.get(ranks[0].free_port.remote())
+    # A rank with a GPU of Ray's sees that one alone, as cuda:0; the others number the ranks on each node.
     local_ranks, seen = [], {}
-    for _, node in places:
-        local_ranks.append(seen.get(node, 0))
+    for _, node, _ in places:
+        local_ranks.append(0 if gpus else seen.get(node, 0))
         seen[node] = seen.get(node, 0) + 1
     runs = []
-    for index, (rank, (node_ip, _)) in enumerate(zip(ranks, places)):
+    for index, (rank, (node_ip, _, _)) in enumerate(zip(ranks, places)):
         env = {"RANK": str(index), "WORLD_SIZE": str(args.nproc), "LOCAL_RANK": str(local_ranks[index]),
                "MASTER_ADDR": places[0][0], "MASTER_PORT": str(master_port)}
         command = [sys.executable, "-m", "trainmetrics", "train", *train_args, "--metrics-listen", f"{node_ip}:0"]

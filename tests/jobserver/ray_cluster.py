@@ -1,5 +1,6 @@
 """A real Ray cluster on loopback for the tests: a head and a second node (`ray start --block`, one CPU each, so
-a 2-rank job spans both), in their own process groups, stopped by ending those groups (a `ray start --block`
+a 2-rank job spans both, and one GPU each as Ray counts them: Ray only accounts for it, and names it in a rank's
+CUDA_VISIBLE_DEVICES; torch finds no CUDA here and trains on the CPU), in their own process groups, stopped by ending those groups (a `ray start --block`
 outlives a SIGTERM to its group; nothing else on the machine is touched: no `ray stop`)."""
 
 import os
@@ -29,7 +30,8 @@ class RayCluster:
 
     def _start_node(self, *args: str) -> None:
         log = open(self.temp_dir / f"node{len(self.nodes)}.log", "wb")
-        self.nodes.append(subprocess.Popen([RAY, "start", "--block", "--num-cpus", "1", "--node-ip-address", "127.0.0.1",
+        self.nodes.append(subprocess.Popen([RAY, "start", "--block", "--num-cpus", "1", "--num-gpus", "1",
+                                            "--node-ip-address", "127.0.0.1",
                                             "--temp-dir", str(self.temp_dir), "--disable-usage-stats", *args],
                                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                            start_new_session=True, env=self.env))

@@ -292,3 +292,12 @@ def test_the_control_file_is_written_through_nothing_planted_in_the_shared_job_d
         signals.setitimer(signals.ITIMER_REAL, 0)
         signals.signal(signals.SIGALRM, previous)
     assert (tmp_path / CONTROL_FILE_NAME).read_text() == "cancelled" and victim.read_text() == "mine"
+
+
+@pytest.mark.parametrize("args,cluster_gpus,gpus", [
+    ([], 8, 1), ([], 0, 0), (["--device", "cpu"], 8, 0), (["--device=cuda"], 0, 1), (["--device", "cuda:1"], 8, 1),
+    (["--target=--device", "--device", "cpu"], 8, 0)])
+def test_a_rank_asks_ray_for_a_gpu_when_its_job_may_use_one(args, cluster_gpus, gpus):
+    from trainmetrics.jobserver.ray_launch import gpus_per_rank, requested_device
+
+    assert gpus_per_rank(requested_device(args), cluster_gpus) == gpus

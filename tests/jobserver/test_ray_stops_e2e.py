@@ -79,3 +79,35 @@ def test_a_rank_killed_by_a_signal_is_said_as_that_signal(ray_server):
     rank0.send_signal(signal.SIGKILL)
     ended = wait_job(server.client(), "killed-1", lambda job: job["state"] != "running", timeout=60)
     assert (ended["state"], ended["exit_code"], ended["error"]) == ("failed", -9, "killed by SIGKILL without a result")
+
+
+def rank_environments(job_dir: str, ranks: int, timeout: float = 60) -> list[dict]:
+    """The environments of a running job's `trainmetrics train` processes (found by the job's directory)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [p for p in psutil.process_iter(["cmdline"]) if "train" in (p.info["cmdline"] or [])
+                 and job_dir in " ".join(p.info["cmdline"] or []) and "ray_launch" not in " ".join(p.info["cmdline"])]
+        if len(found) == ranks:
+            return [p.environ() for p in found]
+        assert time.monotonic() < deadline, f"{len(found)} rank processes, not {ranks}"
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("device,gpus", [("auto", True), ("cpu", False)])
+def test_each_rank_asks_ray_for_a_gpu_unless_the_job_is_on_the_cpu(ray_server, device, gpus):
+    """The ranks asked Ray for a CPU only: on a GPU cluster Ray gave them no GPU (a `--device cuda` job failed,
+    an `auto` one trained on the CPU). The test cluster counts one GPU per node (there is no CUDA here)."""
+    server, _ = ray_server
+    job_id = f"gpu-{device}"
+    submit(server, job_id, nproc=2, device=device)
+    wait_training(server, job_id)
+    environments = rank_environments(str(server.data_dir / "jobs" / job_id), 2)
+    log = (server.data_dir / "jobs" / job_id / "train.log").read_text()
+    assert server.client().post(f"/api/training/jobs/{job_id}/cancel").status_code == 202
+    wait_job(server.client(), job_id, lambda job: job["state"] != "running", timeout=60)
+    if gpus:     # one GPU each, seen alone as cuda:0
+        assert sorted(env.get("CUDA_VISIBLE_DEVICES", "unset") for env in environments) == ["0", "0"]
+        assert [env["LOCAL_RANK"] for env in environments] == ["0", "0"]
+        assert log.count(", GPU [") == 2, log[:2000]
+    else:
+        assert ", GPU [" not in log
