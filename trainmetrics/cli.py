@@ -37,6 +37,10 @@ class OneLineErrorParser(argparse.ArgumentParser):
     def parse_args(self, args=None, namespace=None):
         """As argparse's, but a flag the command does not know is reported by the command's parser (argparse
         leaves unknown arguments to the top-level one, whose prog is plain `trainmetrics`)."""
+        args = sys.argv[1:] if args is None else list(args)
+        if self.commands and args and args[0].startswith("-") and args[0] not in ("-h", "--help"):
+            # The top level has no option: `trainmetrics --bogus` said only "required: COMMAND".
+            self.error(f"unrecognized arguments: {args[0]} (options go after the command)")
         parsed, unknown = self.parse_known_args(args, namespace)
         if unknown:
             self.commands.get(getattr(parsed, "command", None), self).error(

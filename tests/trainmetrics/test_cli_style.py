@@ -86,6 +86,19 @@ BAD = [
        "unrecognized arguments: --nproc 2") for command in COMMANDS],
 ]
 
+TOP_LEVEL_BAD = [(["--bogus"], "unrecognized arguments: --bogus"), (["--bogus", "train"], "--bogus"),
+                 (["bogus"], "invalid choice: 'bogus'")]
+
+
+@pytest.mark.parametrize("args,mention", TOP_LEVEL_BAD, ids=[" ".join(args) for args, _ in TOP_LEVEL_BAD])
+def test_a_bad_top_level_argument_is_one_line_naming_it(args, mention):
+    """`trainmetrics --bogus` said only that a command is required."""
+    result = subprocess.run([sys.executable, "-m", "trainmetrics", *args], capture_output=True, text=True, timeout=60)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("trainmetrics: error: ")
+    assert mention in lines[0], lines
+
+
 
 @pytest.mark.parametrize("args,flag", BAD, ids=[" ".join(args) for args, _ in BAD])
 def test_bad_input_is_one_line_naming_the_flag(args, flag):
