@@ -2,11 +2,12 @@
 cluster's nodes), each running `trainmetrics train` with torch.distributed's rendezvous variables (RANK,
 WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) and serving its /metrics on its node's address.
 
-It watches the job's control file and turns "paused"/"cancelled" into SIGUSR1/SIGTERM for every rank, and
-its stacks request file into SIGUSR2 for every rank; a SIGTERM to itself (Ray's stop) becomes a cancel. A stop
-that comes while Ray cannot place the ranks yet (a busy cluster, or more ranks than it has CPUs) ends the run at
-once. It exits with rank 0's exit code, or dies of the signal that killed rank 0 (the job's outcome is in the
-result file rank 0 writes).
+It watches the job's control file and turns "paused"/"cancelled" into SIGUSR1/SIGTERM for every rank, and its
+stacks request file into SIGUSR2 for every rank; a SIGTERM to itself (Ray's stop) becomes a cancel. Each rank
+asks Ray for one CPU, and one GPU when the job may use one (gpus_per_rank). A stop that comes while Ray cannot
+place the ranks yet (a busy cluster, or more ranks than it has CPUs or GPUs) ends the run at once. It exits with
+rank 0's exit code, or dies of the signal that killed rank 0 (the job's outcome is in the result file rank 0
+writes).
 
     python -m trainmetrics.jobserver.ray_launch --nproc N --job-dir DIR -- TRAIN_ARGS...
 """
