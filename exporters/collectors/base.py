@@ -1,5 +1,6 @@
 """What every collector is: a class that samples its source and yields metric families from the sample."""
 
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +54,15 @@ class Collector:
         """Release the source (NVML handles, files)."""
 
 
-def read_bytes(path: str) -> bytes:
-    """The whole file in one read: /proc files are generated on open, so read them in one go."""
-    with open(path, "rb", buffering=0) as handle:
-        return handle.read()
+def read_bytes(path) -> bytes:
+    """The whole file, read to its end at once: /proc files are generated as they are read. Plain os calls: a
+    job's every process's /proc/PID/stat is read at each fast sample, and a file object's set-up cost a third of
+    each read (~15 -> ~10 us)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)

@@ -35,7 +35,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import psutil
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from trainmetrics.contract import Node, validate_job_id
@@ -136,7 +135,7 @@ class JobTracker:
                  clock_ticks: int = CLOCK_TICKS, page_bytes: int = PAGE_BYTES):
         self.job_dir = Path(job_dir) if job_dir is not None else None
         self.proc_root = str(proc_root)
-        self.descendants = descendants or ProcessFamilies()
+        self.descendants = descendants or ProcessFamilies(self.proc_root)
         self.clock_ticks = clock_ticks
         self.page_bytes = page_bytes
         # Per file name: (inode, mtime, ctime, size) when read (ctime: a chown changes the verdict), and its
@@ -339,19 +338,26 @@ class ProcessFamilies:
     is reused for PARENTS_MAX_AGE seconds; a child started since is found at the next pass, and a pid that
     died or was reused since is weeded out by its start ticks (JobTracker._discover)."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic):
-        self._clock = clock
+    def __init__(self, proc_root: str = "/proc", clock: Callable[[], float] = time.monotonic):
+        self._proc_root, self._clock = proc_root, clock
         self._read: tuple[float, dict[int, list[int]]] | None = None
 
     def _children(self) -> dict[int, list[int]]:
         now = self._clock()
         read = self._read
         if read is None or now - read[0] > PARENTS_MAX_AGE:
+            # Each process's parent from its /proc/PID/stat: psutil's process_iter made an object per process,
+            # ~4x the CPU (a walk of ~300 processes, once a second while a job runs: ~20 -> ~5 ms).
             children: dict[int, list[int]] = {}
-            for process in psutil.process_iter(["ppid"]):
-                parent = process.info["ppid"]
-                if parent is not None:
-                    children.setdefault(parent, []).append(process.pid)
+            for entry in os.scandir(self._proc_root):
+                if not entry.name.isdigit():
+                    continue
+                try:
+                    stat_text = read_bytes(f"{self._proc_root}/{entry.name}/stat")
+                except OSError:     # gone since the listing
+                    continue
+                parent = int(stat_text[stat_text.rfind(b")") + 2:].split(None, 2)[1])
+                children.setdefault(parent, []).append(int(entry.name))
             read = self._read = (now, children)
         return read[1]
 

@@ -212,17 +212,17 @@ def test_a_mapping_file_rewritten_for_the_same_process_is_no_departure(tmp_path)
 
 def test_one_pass_over_several_jobs_reads_the_hosts_processes_once(tmp_path, start_job, monkeypatch):
     """The tree walk asked psutil for each mapped process's children, and each ask read every process on the
-    host: a pass cost mapped processes x host processes. One reading serves a pass now, the trees as before."""
-    import psutil
-
+    host: a pass cost mapped processes x host processes. One reading of /proc serves a pass now, the trees as
+    before."""
     from trainmetrics.exporters.collectors import jobs as jobs_module
 
     jobs = [start_job() for _ in range(3)]
     for index, (job, _) in enumerate(jobs):
         write_job_mapping(tmp_path, JobMapping(job_id=f"family-{index}", pid=job.pid, started=time.time()))
     readings = []
-    real_iter = psutil.process_iter
-    monkeypatch.setattr(jobs_module.psutil, "process_iter", lambda *a, **k: readings.append(1) or real_iter(*a, **k))
+    real_scandir = jobs_module.os.scandir
+    monkeypatch.setattr(jobs_module.os, "scandir", lambda path=".": (readings.append(1) if str(path) == "/proc" else None)
+                        or real_scandir(path))
     tracker = JobTracker(tmp_path)
     snapshot = tracker.update(1.0)
     assert {job_id: usage.processes for job_id, usage in snapshot.usage.items()} == \
