@@ -43,7 +43,7 @@ def scaled_rules(directory: Path) -> list[str]:
     directory.mkdir()
     recording = (RULES / "trainmetrics.rules.yml").read_text()
     recording, count = re.subn(r"(trainer_step_duration_seconds:p99_10m, )60\)", r"\g<1>5)", recording)
-    recording, count2 = re.subn(r"(trainer_progress_timestamp_seconds\)) \+ 60\n", r"\1 + 5\n", recording)
+    recording, count2 = re.subn(r"(trainer_progress_timestamp_seconds\[30s\]\)\)) \+ 60\n", r"\1 + 5\n", recording)
     alerts = (RULES / "alerts.yml").read_text()
     alerts, count3 = re.subn(r"> 30\b", "> 5", alerts)
     alerts, count4 = re.subn(r"^( +)for: 5s$", r"\1for: 1s", alerts, flags=re.M)
