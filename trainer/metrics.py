@@ -876,12 +876,13 @@ class JobMetrics:
         finally:
             self._checkpoints_writing -= 1
             self.phases.enter(_resumed_phase(previous))
+            # The gap spent checkpointing is not a training step's time, nor is a write that failed (a loop that
+            # goes on after it timed the failed write as its next step).
+            self._last_step_end = time.perf_counter()
         try:
             self._checkpoint_duration.record(time.perf_counter() - began)
             self.checkpoints += 1
             self.phases.checkpointed = sum(self.phases.totals().values())
-            # The gap spent checkpointing is not a training step's time.
-            self._last_step_end = time.perf_counter()
         except Exception:
             log.exception("job %s: recording a checkpoint failed", self.job_id)
 

@@ -681,6 +681,21 @@ def test_set_epoch_takes_whole_numbers_only(caplog):
     assert len(warned) == 1 and "got 2.7 (not a whole number): the epoch stays 3" in warned[0]
 
 
+def test_a_failed_checkpoint_write_is_not_the_next_steps_time():
+    """A loop that caught a failed write and went on timed the write as its next step (peak step time, hangs)."""
+    metrics = JobMetrics("lib-failed-ckpt", publish=Publish(listen=None)).start()
+    try:
+        metrics.step(loss=1.0, samples=1)
+        with pytest.raises(OSError):
+            with metrics.checkpoint():
+                time.sleep(0.5)
+                raise OSError("disk full")
+        metrics.step(loss=1.0, samples=1)
+        assert metrics.checkpoints == 0 and metrics.step_duration_max < 0.4
+    finally:
+        metrics.close()
+
+
 def test_an_ended_job_stays_as_it_ended():
     paused = JobMetrics("lib-set-paused")
     try:
