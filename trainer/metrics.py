@@ -223,7 +223,7 @@ class JobMetrics:
         self.step_duration_max = 0.0
         self._warned_bad_step = False
         self._warned_phases: set = set()
-        self._warned_values: set = set()         # the calls that said once they got a value they cannot use
+        self._warned_epoch = False
         self._warned_outside_run = False
         self._checkpoints_writing = 0       # checkpoint() blocks open: state_dict() counts them as written
         self._warned_interval = False
@@ -835,8 +835,8 @@ class JobMetrics:
         try:
             self.epoch = _whole_count(epoch)
         except (TypeError, ValueError) as error:
-            if "set_epoch" not in self._warned_values:
-                self._warned_values.add("set_epoch")
+            if not self._warned_epoch:
+                self._warned_epoch = True
                 log.warning("job %s: set_epoch() got %r (%s): the epoch stays %s", self.job_id, epoch, error,
                             self.epoch)
 

@@ -54,6 +54,11 @@ class Collector:
         """Release the source (NVML handles, files)."""
 
 
+def stat_fields(stat_text: bytes) -> list[bytes]:
+    """The fields of a /proc/PID/stat after the command name (which may hold spaces and ')'): state, ppid, ..."""
+    return stat_text[stat_text.rfind(b")") + 2:].split()
+
+
 def read_bytes(path) -> bytes:
     """The whole file, read to its end at once: /proc files are generated as they are read. Plain os calls: a
     job's every process's /proc/PID/stat is read at each fast sample, and a file object's set-up cost a third of

@@ -38,7 +38,7 @@ from pathlib import Path
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from trainmetrics.contract import Node, validate_job_id
-from trainmetrics.exporters.collectors.base import Collector, CollectorContext, read_bytes
+from trainmetrics.exporters.collectors.base import Collector, CollectorContext, read_bytes, stat_fields
 from trainmetrics.jobmap import JobMapping, check_gpus
 
 log = logging.getLogger(__name__)
@@ -249,7 +249,7 @@ class JobTracker:
             stat_text = read_bytes(f"{self.proc_root}/{pid}/stat")
         except (FileNotFoundError, ProcessLookupError):
             return None
-        return stat_text[stat_text.rfind(b")") + 2:].split()
+        return stat_fields(stat_text)
 
     def _discover(self, root_pid: int, root_ticks: int) -> dict[int, int]:
         """The root and all its descendants, pid -> start ticks."""
@@ -356,7 +356,7 @@ class ProcessFamilies:
                     stat_text = read_bytes(f"{self._proc_root}/{entry.name}/stat")
                 except OSError:     # gone since the listing
                     continue
-                parent = int(stat_text[stat_text.rfind(b")") + 2:].split(None, 2)[1])
+                parent = int(stat_fields(stat_text)[1])
                 children.setdefault(parent, []).append(int(entry.name))
             read = self._read = (now, children)
         return read[1]
