@@ -16,23 +16,32 @@ METRICS_READER = "@metrics"
 SCRAPER_PATHS = ("/metrics", "/api/training/sd")
 OWNER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_]{0,31}$")
 MIN_TOKEN_LENGTH = 16
+TOKEN = re.compile(r"[\x21-\x7e]+")           # visible ASCII: what a header can carry as is
+COMMENT = re.compile(r"(^|\s)#.*")
 
 
 def load_tokens(path: Path) -> dict[bytes, str]:
-    """A tokens file: one `TOKEN OWNER` per line, `#` comments. Raises ValueError naming the bad line."""
+    """A tokens file: one `TOKEN OWNER` per line, `#` comments (a whole line, or after a space). Raises
+    ValueError naming the bad line."""
     tokens: dict[bytes, str] = {}
-    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
-        line = line.split("#", 1)[0].strip()
+    lines: dict[bytes, int] = {}
+    # utf-8-sig: an editor's byte-order mark is not part of the first token.
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8-sig").splitlines(), start=1):
+        line = COMMENT.sub("", line).strip()
         if not line:
             continue
         parts = line.split()
-        if len(parts) != 2 or len(parts[0]) < MIN_TOKEN_LENGTH or not parts[0].isascii():
-            raise ValueError(f"{path}: line {number}: expected 'TOKEN OWNER' with an ASCII token of "
-                             f"{MIN_TOKEN_LENGTH}+ characters")
+        if len(parts) != 2 or len(parts[0]) < MIN_TOKEN_LENGTH or not TOKEN.fullmatch(parts[0]):
+            raise ValueError(f"{path}: line {number}: expected 'TOKEN OWNER' with a token of {MIN_TOKEN_LENGTH}+ "
+                             "visible ASCII characters (no spaces or control characters)")
         if parts[1] != METRICS_READER and not OWNER_NAME.fullmatch(parts[1]):
             raise ValueError(f"{path}: line {number}: owner {parts[1][:40]!r} must match {OWNER_NAME.pattern} "
                              f"(or be {METRICS_READER})")
-        tokens[parts[0].encode()] = parts[1]
+        token = parts[0].encode()
+        if token in lines:      # one token, two owners: whoever held it would act as the last one, unsaid
+            raise ValueError(f"{path}: line {number}: the token of line {lines[token]} again: each owner needs a "
+                             "token of its own")
+        tokens[token], lines[token] = parts[1], number
     if not tokens:
         raise ValueError(f"{path}: no tokens")
     return tokens

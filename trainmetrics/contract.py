@@ -242,7 +242,11 @@ class Option:
             ok = isinstance(value, int) and not isinstance(value, bool)
         elif self.kind is float:
             ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-            value = float(value) if ok else value
+            if ok:
+                try:
+                    value = float(value)
+                except OverflowError:       # an integer of 400 digits: past every float, as 1e400 is
+                    value = math.inf
         else:
             ok = isinstance(value, str) and 0 < len(value) <= 1000
         if not ok:

@@ -79,6 +79,23 @@ async def _unexpected(request: Request, error: Exception) -> JSONResponse:
 EXCEPTION_HANDLERS = {ApiError: _api_error, HTTPException: _http_error, TimeoutError: _timeout, Exception: _unexpected}
 
 
+class DuplicateKey(ValueError):
+    """A JSON object that names one key twice."""
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    # A key given twice is refused as a query parameter given twice is: a proxy that checked the first value
+    # and a server that used the last (json's way) would not agree on what was asked.
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        seen = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise DuplicateKey(f"body: key {key[:40]!r} given twice")
+            seen.add(key)
+    return value
+
+
 async def read_json(request: Request, limit: int = MAX_JSON_BYTES) -> object:
     """The request body as JSON: 415 unless it says it is JSON (Content-Type application/json), 413 past `limit`
     bytes (refused before reading when the length is declared), 400 for anything that is not JSON of a sane
@@ -101,9 +118,18 @@ async def read_json(request: Request, limit: int = MAX_JSON_BYTES) -> object:
         if len(body) > limit:
             raise ApiError(413, "too_large", f"body: at most {limit} bytes")
     try:
-        return json.loads(body)
+        value = json.loads(body, object_pairs_hook=_unique_keys)
+        # A JSON escape may spell a lone surrogate ("\\udfff"), which no UTF-8 text holds: it would pass every
+        # check, be stored, and fail each answer that shows it.
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+        return value
+    except UnicodeEncodeError:
+        raise ApiError(400, "bad_request", "body: text must be Unicode (a lone surrogate such as \\udfff is not)") \
+            from None
     except RecursionError:
         raise ApiError(400, "bad_request", "body: not JSON of a sane depth") from None
+    except DuplicateKey as error:
+        raise ApiError(400, "bad_request", str(error)) from None
     except ValueError as error:     # the parser's reason: where the syntax broke, a number past its digit limit
         raise ApiError(400, "bad_request", f"body: not JSON ({' '.join(str(error).split())[:120]})") from None
 

@@ -62,8 +62,13 @@ def test_bodies_are_capped_and_bad_json_of_any_shape_is_400(owned_server):
     json_error(alice.post("/api/training/jobs", content=b"[" * 5000 + b"]" * 5000, headers=as_json), 400)
     json_error(alice.post("/api/training/jobs", content=b'{"epochs": ' + b"[" * 5000 + b"]" * 5000 + b"}",
                           headers=as_json), 400)
-    for body in (b"", b"nul", b"\xff\xfe", b"[]", b"1e999", b'"x"', b"null", b'{"epochs": 1e400}'):
+    for body in (b"", b"nul", b"\xff\xfe", b"[]", b"1e999", b'"x"', b"null", b'{"epochs": 1e400}',
+                 # A lone surrogate (a 500, and with `target` a stored job whose every answer was a 500), a key
+                 # given twice (the last one won), an integer past every float (OverflowError: a 500).
+                 b'{"target": "\\udfff", "epochs": 1}', b'{"name": "\\udfff"}', b'{"\\udfff": 1}',
+                 b'{"epochs": 1, "epochs": 1000000}', b'{"lr": ' + b"9" * 400 + b"}"):
         json_error(alice.post("/api/training/jobs", content=body, headers=as_json), 400)
+    assert alice.get("/api/training/jobs").status_code == 200
     json_error(alice.post("/api/training/jobs", content=b"{" + b" " * (MAX_JSON_BYTES + 1) + b"}", headers=as_json),
                413)
     # The parser's own reason (was "expected a JSON object" for a body that is one, with a 5,000-digit number).

@@ -4,6 +4,8 @@ API or listed in docs/api.md as deliberately not one, and the docs' tables say e
 import re
 from pathlib import Path
 
+import pytest
+
 from trainmetrics.contract import SPEC_ALIASES, SPEC_EXTRAS, TRAIN_OPTIONS, parse_spec, spec_fields, train_args
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "api.md"
@@ -41,3 +43,12 @@ def test_a_value_that_starts_with_a_dash_is_passed_as_that_value():
     values = parse_spec({"target": "--resume", "name": "-x", "dataset": "-data.csv"})
     config = from_args(build_parser().parse_args(["train", "--job-id", "x-1", *train_args(values)]))
     assert (config.target, config.job_name, config.dataset, config.resume) == ("--resume", "-x", "-data.csv", False)
+
+
+@pytest.mark.parametrize("field", ["lr", "peak_flops", "hang_seconds", "loss_spike_z"])
+def test_an_integer_past_every_float_is_refused_as_not_finite(field):
+    """`float()` of a 400-digit integer raises OverflowError, which went past the spec check as a 500."""
+    from trainmetrics.contract import SpecError
+
+    with pytest.raises(SpecError, match=f"{field}.*finite"):
+        parse_spec({field: 10 ** 400})

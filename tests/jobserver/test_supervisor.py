@@ -436,3 +436,20 @@ def test_a_final_state_its_process_did_not_publish_is_published_by_the_server(su
     published = {job_id: (state, end) for job_id, state, _, end in service.waiting_jobs()}
     assert published == {"killed": ("failed", ended["killed"].ended),
                          "overruled": ("cancelled", ended["overruled"].ended)}
+
+
+def test_withdrawing_an_endpoint_takes_only_one_of_the_jobs_ranks(tmp_path):
+    """A rank of 30 digits overflowed SQLite's integer: a 500 (and one past the job's ranks was taken)."""
+    from trainmetrics.edge import ApiError
+    from trainmetrics.jobserver.jobs import JobService, ServerSettings
+    from trainmetrics.jobserver.supervisor import token_digest
+
+    store = JobStore(tmp_path / "db.sqlite")
+    store.add_job(JobRecord(id="two-ranks", owner="default", name="a", state="running", spec={"nproc": 2},
+                            run_token=token_digest("run-secret")))
+    service = JobService(ServerSettings(data_dir=tmp_path), store, Supervisor(store, tmp_path, None, 1))
+    service.withdraw_endpoint("two-ranks", "run-secret", "1")
+    for rank in ("9" * 30, "2", "", None, "-1", "１"):
+        with pytest.raises(ApiError, match="rank: one of the job's ranks"):
+            service.withdraw_endpoint("two-ranks", "run-secret", rank)
+    store.close()
