@@ -73,15 +73,21 @@ async def cached_jobs_analytics(client: PrometheusClient, cache: AnalyticsCache,
     except PrometheusError:
         # Prometheus cannot answer (nor say whether a cached job resumed): answered from the stored reports
         # when every job asked for has one.
+        # when every job asked for has one of the caller's (another owner's stored job answers as an unknown
+        # one does: a 404 for it, a 503 for the unknown, told one owner which ids another owner used).
         entries = await _stored_entries(archive, list(entries))
-        if None in entries.values():
+        if not all(_yours(entry, owner) for entry in entries.values()):
             raise
     entries.update(await _stored_entries(archive, [job_id for job_id, entry in entries.items() if entry is None]))
     for job_id in job_ids:    # the first job, in order, that is not there or not the caller's
-        entry = entries[job_id]
-        if entry is None or (owner is not None and entry.owners != {owner}):
+        if not _yours(entries[job_id], owner):
             raise JobNotFound(job_id)
     return [entries[job_id].analytics for job_id in job_ids]
+
+
+def _yours(entry: Entry | None, owner: str | None) -> bool:
+    """True when the job is there and, with an owner, wholly that owner's."""
+    return entry is not None and (owner is None or entry.owners == {owner})
 
 
 async def _from_prometheus(client: PrometheusClient, cache: AnalyticsCache, entries: dict[str, Entry | None],

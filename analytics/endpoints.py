@@ -15,7 +15,7 @@ from trainmetrics.analytics import fleet, shapes
 from trainmetrics.analytics import queries as q
 from trainmetrics.analytics.cache import cached_job_analytics
 from trainmetrics.analytics.openapi import openapi_document
-from trainmetrics.contract import validate_job_id
+from trainmetrics.contract import MAX_NAME_LENGTH, validate_job_id
 from trainmetrics.edge import ApiError
 
 MAX_RANGE_SECONDS = 90 * 86400
@@ -41,6 +41,14 @@ def _settings(request: Request):
 def _owner(request: Request) -> str | None:
     """Whose jobs this request may see (None: everyone's)."""
     return _settings(request).owner_scope(request)
+
+
+def _owner_filter(request: Request) -> str | None:
+    """The owner whose jobs a fleet route shows: the caller's own with tokens, else the `owner` parameter."""
+    owner = _owner(request) or request.query_params.get("owner")
+    if owner is not None and len(owner) > MAX_NAME_LENGTH:      # (the summary sends it to Prometheus, quoted)
+        raise BadParameter("owner", f"at most {MAX_NAME_LENGTH} characters, as a job's owner is")
+    return owner
 
 
 # ----- parameters ---------------------------------------------------------------------------------------
@@ -156,7 +164,7 @@ async def summary(request: Request) -> Response:
                                        f"{q.MAX_POINTS_PER_SERIES} points)")
     else:
         step = max(minimum_step, range_seconds / DEFAULT_TREND_POINTS)
-    owner = _owner(request) or request.query_params.get("owner")     # an owner sees only their own jobs
+    owner = _owner_filter(request)
     body = await fleet.summary(request.state.prometheus, range_seconds, step, owner,
                                recorded=_settings(request).recorded_series)
     if fmt == "csv":
@@ -197,6 +205,7 @@ async def jobs(request: Request) -> Response:
     status = params.get("status")
     if status is not None and status not in shapes.STATES:
         raise BadParameter("status", f"expected one of {', '.join(shapes.STATES)}, got {status[:40]!r}")
+    owner = _owner_filter(request)
     now = time.time()
     since = parse_time("since", params["since"]) if "since" in params else None
     until = parse_time("until", params["until"]) if "until" in params else None
@@ -213,7 +222,7 @@ async def jobs(request: Request) -> Response:
     split = await fleet.recorded_split(request.state.prometheus, range_seconds, now,
                                        _settings(request).recorded_series)
     table = await fleet.fleet(request.state.prometheus, range_seconds, now, split)
-    table = fleet.filter_jobs(table, status, _owner(request) or params.get("owner"), since, until, now)
+    table = fleet.filter_jobs(table, status, owner, since, until, now)
     if fmt == "csv":
         return _csv(table, shapes.JobRow, "jobs.csv")
     return JSONResponse(shapes.plain(shapes.JobList(range_seconds=range_seconds, count=len(table), jobs=table)))

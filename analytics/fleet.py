@@ -176,13 +176,13 @@ def filter_jobs(table: list[shapes.JobRow], status: str | None, owner: str | Non
 
 
 async def resource_trends(client: PrometheusClient, range_seconds: float, step: float, now: float,
-                          recorded: bool) -> dict[str, shapes.Trend]:
+                          recorded: bool, owner: str | None = None) -> dict[str, shapes.Trend]:
     """Each trend's points (on multiples of the step, then one at now), average and peak: a range query per
     trend (a fleet's trends are the summary's costliest queries: one each spreads them over Prometheus'
     cores) and one instant query at now for all of them. The point at now reads the step before now, which
     overlaps the last grid point's: the average is over the grid, whose steps tile the range, the peak over
-    every point."""
-    parts = {name: q.trend(name, step, recorded) for name in q.TRENDS}
+    every point. With an owner, the job trends count that owner's jobs only."""
+    parts = {name: q.trend(name, step, recorded, owner) for name in q.TRENDS}
     start, end, step_literal = q.trend_grid(range_seconds, step, now)
     latest, *series = await asyncio.gather(
         query_parts(client, parts, now), *(client.query_range(expr, start, end, step_literal) for expr in parts.values()))
@@ -213,7 +213,7 @@ async def summary(client: PrometheusClient, range_seconds: float, step: float, o
     # Metadata and final losses only where shown (the top 5), unless the owner filter needs everyone's.
     (table, latest_instance, processes), trends, ledger = await asyncio.gather(
         _fleet(client, range_seconds, now, split, details=owner is not None),
-        resource_trends(client, range_seconds, step, now, recorded_trends),
+        resource_trends(client, range_seconds, step, now, recorded_trends, owner),
         query_parts(client, q.fleet_goodput(range_seconds, now), now))
     if owner is not None:
         table = [row for row in table if row.owner == owner]

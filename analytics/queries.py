@@ -46,6 +46,22 @@ def quote_job_id(job_id: str) -> str:
     return f'"{escaped}"'
 
 
+def quote_label_value(value: str) -> str:
+    """Any text as a PromQL string literal: printable ASCII as it is (a quote or backslash escaped), every other
+    character as its code point's escape. (Prometheus' lexer refuses U+FFFD written out, which is what a
+    query string's bytes that are not UTF-8 decode to.)"""
+    escaped = []
+    for character in value:
+        code = ord(character)
+        if character in '"\\':
+            escaped.append("\\" + character)
+        elif 0x20 <= code < 0x7F:
+            escaped.append(character)
+        else:
+            escaped.append(f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+    return '"' + "".join(escaped) + '"'
+
+
 def job_selector(metric: str, job_id: str, extra: str = "") -> str:
     """`metric{job_id="..."<extra>}` where extra is a constant matcher list of this module."""
     return f"{metric}{{job_id={quote_job_id(job_id)}{extra}}}"
@@ -550,22 +566,22 @@ def fleet_goodput(range_seconds: float, now: float) -> dict[str, str]:
 def _raw_window_increase(counter: str) -> str:
     """For raw series, whatever their scrape interval: the count before the window from an `offset` match."""
     newest = f"max_over_time({counter}[{{window}}])"
-    return (f"sum(({newest} - {counter} offset {{window}}) or ({newest} - min_over_time({counter}[{{window}}]))) "
-            f"/ {{seconds}}")
+    return (f"sum((({newest} - {counter} offset {{window}}) or ({newest} - min_over_time({counter}[{{window}}])))"
+            "{owned}) / {seconds}")
 
 
 def _recorded_window_increase(counter: str) -> str:
     """For the recorded series, written every RULE_INTERVAL exactly: the window stretched back by one
     interval holds exactly the count before the window, so a minimum replaces the costlier `offset` match
     (half the cost over a day of 1,000 jobs)."""
-    return (f"sum(max_over_time({counter}[{{window}}]) - min_over_time({counter}[{{window+rule}}])) "
+    return (f"sum((max_over_time({counter}[{{window}}]) - min_over_time({counter}[{{window+rule}}])){{owned}}) "
             f"/ {{seconds}}")
 
 
 TRENDS = {
     # Jobs, not processes: a job killed and resumed within one step ran as two processes in it.
-    "running_jobs": (f'count(max by (job_id) (max_over_time({Trainer.JOB_STATE}{{state="running"}}[{{window}}])) == 1)'
-                     " or vector(0)"),
+    "running_jobs": (f'count((max by (job_id) (max_over_time({Trainer.JOB_STATE}{{state="running"}}[{{window}}])) == 1)'
+                     "{owned}) or vector(0)"),
     "samples_per_second": _raw_window_increase(Trainer.SAMPLES),
     "host_cpu_utilization_ratio": f"avg(avg_over_time({Node.CPU_UTILIZATION}[{{window}}]))",
     "host_memory_used_bytes": f'sum(avg_over_time({Node.MEMORY_USAGE}{{state="used"}}[{{window}}]))',
@@ -575,8 +591,8 @@ TRENDS = {
 # counts as running at a point when a recording in the step saw "running" as its last state (up to one rule
 # window after its last raw sample), and throughput counts the per-minute recorded sample counts as above.
 RECORDED_TRENDS = {
-    "running_jobs": (f'count(max by (job_id) (max_over_time({RECORDED["state"]}{{state="running"}}[{{window}}])))'
-                     " or vector(0)"),
+    "running_jobs": (f'count(max by (job_id) (max_over_time({RECORDED["state"]}{{state="running"}}[{{window}}]))'
+                     "{owned}) or vector(0)"),
     "samples_per_second": _recorded_window_increase(RECORDED["samples"]),
 }
 
@@ -592,10 +608,16 @@ def trend_grid(range_seconds: float, step: float, now: float) -> tuple[float, fl
     return start_ms / 1000, end_ms / 1000, f"{step_ms}ms"
 
 
-def trend(name: str, step: float, recorded: bool = False) -> str:
+def trend(name: str, step: float, recorded: bool = False, owner: str | None = None) -> str:
     """A resource-trend expression for range queries at `step` (from the recorded series where asked and
-    available)."""
+    available); the job trends of one owner's jobs when given (the hosts' trends stay whole)."""
     template = RECORDED_TRENDS[name] if recorded and name in RECORDED_TRENDS else TRENDS[name]
+    # The job's owner is a label of its info series only: its other series are kept where the job's info
+    # carried the owner in the same window.
+    info = RECORDED["info"] if recorded else RAW["info"]
+    owned = "" if owner is None else \
+        f" and on (job_id) max by (job_id) (max_over_time({info}{{owner={quote_label_value(owner)}}}[{{window}}]))"
+    template = template.replace("{owned}", owned)
     window_ms = rate_window_ms(step)
     template = template.replace("{window+rule}", f"{window_ms + round(RULE_INTERVAL_SECONDS * 1000)}ms")
     return template.replace("{window}", f"{window_ms}ms").replace("{seconds}", repr(window_ms / 1000))

@@ -283,7 +283,8 @@ TRAIN_OPTIONS: tuple[Option, ...] = (
     Option("job_name", str, None, "human-readable name (default: the job id)", "job",
            problem=lambda v: f"at most {MAX_NAME_LENGTH} characters" if len(v) > MAX_NAME_LENGTH else None),
     Option("owner", str, None, "owner label on trainer_job_info (default: none)", "job",
-           api="the job server sets it from the caller's token"),
+           api="the job server sets it from the caller's token",
+           problem=lambda v: f"at most {MAX_NAME_LENGTH} characters" if len(v) > MAX_NAME_LENGTH else None),
     Option("model", str, "mlp", f"model to train: {', '.join(MODELS)}", "job", choices=MODELS),
     Option("dataset", str, "blobs", f"built-in ({', '.join(BUILTIN_DATASETS)}) or a path to a .csv, .npz or "
            ".txt file", "job"),

@@ -307,3 +307,32 @@ def test_callers_cancelled_at_any_point_leave_the_client_whole(prometheus):
             await client.aclose()
 
     assert asyncio.run(run()) < 2.0
+
+
+def test_with_prometheus_down_another_owners_stored_job_answers_as_an_unknown_one():
+    """While Prometheus cannot answer, jobs come from their stored reports. Another owner's stored job was a 404
+    and an unknown id a 503: one owner could tell which ids another had used."""
+    from trainmetrics.analytics.cache import AnalyticsCache, cached_jobs_analytics
+    from trainmetrics.prometheus_process import free_port
+    from trainmetrics.reports import ReportArchive
+
+    stored = {"alice-1": ("alice", {"job_id": "alice-1"}), "bob-1": ("bob", {"job_id": "bob-1"})}
+
+    async def load(job_id):
+        return stored.get(job_id)
+
+    async def ask(job_ids, owner):
+        client = PrometheusClient(f"http://127.0.0.1:{free_port()}", deadline=2.0)     # nothing listens there
+        try:
+            return await cached_jobs_analytics(client, AnalyticsCache(), job_ids, 300, owner=owner,
+                                               archive=ReportArchive(load=load))
+        finally:
+            await client.aclose()
+
+    [alice] = asyncio.run(ask(["alice-1"], "alice"))
+    assert alice.job_id == "alice-1" and alice.source == "stored"
+    for job_ids in (["bob-1"], ["bob-2"], ["alice-1", "bob-1"]):
+        with pytest.raises(PrometheusError) as raised:
+            asyncio.run(ask(job_ids, "alice"))
+        assert raised.value.status == 503, job_ids
+    assert [job.job_id for job in asyncio.run(ask(["alice-1", "bob-1"], None))] == ["alice-1", "bob-1"]

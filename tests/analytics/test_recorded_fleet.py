@@ -309,3 +309,40 @@ def test_summary_top_jobs_details_equal_the_full_job_table(backfilled):
         for row in top:
             assert row == rows[row["job_id"]]
     assert {row["owner"] for row in owned["top_performing_jobs"]} == {"bob"}
+
+
+# An owner no job has, in characters a PromQL string needs escaped (Prometheus' lexer refuses U+FFFD written out).
+NOBODY = 'nöbody "\ufffd\U0001f600" \\ \n'
+
+
+@pytest.mark.parametrize("range_seconds, recorded", [(90 * 60, True), (3 * 3600, False)])
+def test_an_owners_job_trends_count_that_owners_jobs_only(backfilled, range_seconds, recorded):
+    """The summary under an owner filter (forced for a token's owner) counted every owner's running jobs and
+    throughput in its trends. Each owner's points now add up to the whole fleet's, point by point."""
+    owners = ("alice", "bob", "carol")
+
+    async def run():
+        client = PrometheusClient(backfilled.url)
+        try:
+            return [shapes.plain(await fleet.summary(client, range_seconds, 600, owner=owner))["resource_trends"]
+                    for owner in (None, *owners, NOBODY)]
+        finally:
+            await client.aclose()
+
+    whole, *each, nobody = asyncio.run(run())
+    for name in ("running_jobs", "samples_per_second"):
+        def gridded(trends):      # the points on the step's multiples (the last one, at now, moves between calls)
+            return {t: v for t, v in trends["series"][name]["points"] if t % 600 == 0}
+
+        points = gridded(whole)
+        assert len(points) >= 8 and any(points.values()), points
+        shares = [gridded(trends) for trends in each]
+        for t, value in points.items():
+            # (the figures are rounded to 6 significant digits)
+            assert sum(share.get(t) or 0 for share in shares) == pytest.approx(value or 0, rel=1e-5), (name, t)
+        assert all(max(share.values()) < max(points.values()) for share in shares), name
+        assert not any(gridded(nobody).values()), name
+    # The hosts' trends are not the owner's to filter.
+    host = "host_cpu_utilization_ratio"
+    assert [p for p in each[0]["series"][host]["points"] if p[0] % 600 == 0] == \
+        [p for p in whole["series"][host]["points"] if p[0] % 600 == 0]
