@@ -9,7 +9,8 @@ from trainmetrics.analytics import queries as q
 from trainmetrics.analytics import goodput, scoring, shapes
 from trainmetrics.analytics.cache import AnalyticsCache, cached_jobs_analytics
 from trainmetrics.analytics.job import NO_GPU_ENERGY
-from trainmetrics.analytics.lookup import ENDED, Process, in_order, killed_run, status_of, timeline_of
+from trainmetrics.analytics.lookup import (ENDED, Process, hold_missed_scrapes, in_order, killed_run, status_of,
+                                          timeline_of)
 from trainmetrics.analytics.prometheus import PrometheusClient
 from trainmetrics.analytics.results import number, query_parts, ratio, rounded, rows, scalar
 from trainmetrics.contract import FINAL_STATES, validate_job_id
@@ -85,6 +86,7 @@ async def _fleet(client: PrometheusClient, range_seconds: float, now: float, spl
     for key, proc in processes.items():
         proc.live = key in scraped_now
     await _add_last_seen(client, processes, range_seconds, now)
+    hold_missed_scrapes(processes.values(), now)
     info_by_job = {labels.get("job_id"): labels for labels, _ in rows(infos)}
     samples_by_job = {labels.get("job_id"): value for labels, value in rows(samples)}
     loss_by_process = {(labels.get("job_id"), labels.get("instance")): value for labels, value in rows(losses)

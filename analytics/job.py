@@ -192,13 +192,14 @@ def _assemble(facts: JobFacts, found: dict[str, list[dict]], peak: dict[str, Pea
     samples = totals.per_rank("samples")
     steps = totals.per_rank("steps", min)
     average_sps = ratio(samples, training)
-    peak_sps = peak_value("samples_per_second")
+    peak_sps = measured_peak = peak_value("samples_per_second")
     peak_window = q.rate_window_ms(q.peak_step(w.window)) / 1000 if w else None
     if average_sps is not None and (peak_sps is None or peak_sps < average_sps):
         # Some window must reach the whole run's average; a lower observed peak means Prometheus saw only
         # part of the run (a job scraped late or briefly), so the average is the better lower bound. A run
-        # about as short as the peak window has no window's rate at all: its average is its peak.
-        peak_sps = average_sps
+        # about as short as the peak window has no window's rate at all: its average is its peak. Neither is
+        # a measured peak to score the average against (it scored 100, and won most_efficient).
+        peak_sps, measured_peak = average_sps, None
     cpu_seconds = value("cpu_seconds")
     average_gpu = percent(peak_mean("gpu_utilization_avg"))
     gpu_memory_peak = totals.highest("gpu_memory_peak", every_rank=True)
@@ -266,7 +267,7 @@ def _assemble(facts: JobFacts, found: dict[str, list[dict]], peak: dict[str, Pea
             nonfinite_intervals=_integer(totals.newest("loss_nonfinite")),
             final_nonfinite=None if last_finite is None else last_finite == 0),
         evaluations=evaluations,
-        efficiency=shapes.Efficiency(**scoring.efficiency(average_gpu, average_sps, peak_sps)),
+        efficiency=shapes.Efficiency(**scoring.efficiency(average_gpu, average_sps, measured_peak)),
         energy=_energy(found.get("energy", []), samples, attributed=cpu_seconds is not None,
                        hosts={labels.get("instance", "") for labels, _ in rows(found.get("cpu_hosts", []))},
                        on_gpus=facts.info.get("device") not in (None, "cpu")),

@@ -35,7 +35,7 @@ class Process:
     state: str | None = None
     error_type: str | None = None
     last_seen: float | None = None      # its heartbeat's last value
-    live: bool = False                  # scraped now
+    live: bool = False                  # scraped now (or missed by a scrape or two: hold_missed_scrapes)
     checkpoints: float | None = None    # checkpoints counted, a resumed run's taken over from its checkpoint
     written: float | None = None        # checkpoints this process wrote itself
     process_start: float | None = None  # when the process itself started (before its imports)
@@ -184,6 +184,20 @@ class JobFacts:
         return list(self.timeline.runs) if self.finals is not None else None
 
 
+# A process missing from the last scrape is not dead yet: Prometheus marks a target's series stale at its first
+# failed scrape (a busy trainer missing the 200 ms timeout is routine) and the next scrape brings them back. A
+# process that has not stopped counts as live while its last heartbeat is this recent, and vanished after.
+MISSED_SCRAPES_SECONDS = 5.0
+
+
+def hold_missed_scrapes(processes, now: float) -> None:
+    """Count a process that has not stopped, and was seen within MISSED_SCRAPES_SECONDS, as live (scraped now)."""
+    for process in processes:
+        if not process.live and process.state not in STOPPED_STATES and process.last_seen is not None and \
+                now - process.last_seen <= MISSED_SCRAPES_SECONDS:
+            process.live = True
+
+
 def in_order(processes) -> list[Process]:
     """A job's processes, oldest first (Process.order)."""
     return sorted(processes, key=lambda p: p.order)
@@ -305,6 +319,7 @@ class _Lookup:
         return not self.processes or bool(missing) or (bool(started) and min(started, key=lambda p: p.start).resumed)
 
     def facts(self, now: float) -> JobFacts:
+        hold_missed_scrapes(self.processes.values(), now)
         processes = in_order(self.processes.values())
         if not any(p.start is not None or p.state is not None for p in processes):
             raise JobNotFound(self.job_id)

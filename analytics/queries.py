@@ -87,12 +87,36 @@ def timestamp_literal(unix_seconds: float) -> str:
 PART_LABEL = "analytics_part"
 
 
+# The longest union one request carries: VictoriaMetrics refuses a query over 16 KiB (-search.maxQueryLen),
+# which a comparison of ten jobs or the last-seen parts of a hundred vanished ones passed.
+MAX_UNION_BYTES = 12_000
+
+
 def union(parts: dict[str, str]) -> str:
     """Several expressions answered by one request: each result tagged with analytics_part=<name>.
 
     Names are constants of the caller ([a-z_]); `or` keeps every part since their tags differ.
     """
-    return " or ".join(f'label_replace({expr}, "{PART_LABEL}", "{name}", "", "")' for name, expr in parts.items())
+    return " or ".join(_tagged(name, expr) for name, expr in parts.items())
+
+
+def unions(parts: dict[str, str], limit: int = MAX_UNION_BYTES) -> list[str]:
+    """union() in as few expressions as keep each within `limit` bytes (a part longer than that alone)."""
+    batches: list[list[str]] = []
+    size = 0
+    for name, expr in parts.items():
+        term = _tagged(name, expr)
+        added = len(term.encode()) + len(" or ")
+        if not batches or size + added > limit:
+            batches.append([])
+            size = 0
+        batches[-1].append(term)
+        size += added
+    return [" or ".join(batch) for batch in batches]
+
+
+def _tagged(name: str, expr: str) -> str:
+    return f'label_replace({expr}, "{PART_LABEL}", "{name}", "", "")'
 
 
 def over(seconds: float, at: float) -> str:

@@ -1,6 +1,7 @@
 """Reading PromQL results: numbers, one-sample results, labelled rows, several expressions in one request,
 and the unit conversions the reports share."""
 
+import asyncio
 import math
 
 from trainmetrics.analytics import queries as q
@@ -27,9 +28,11 @@ def rows(result: list[dict]) -> list[tuple[dict, float | None]]:
 
 
 async def query_parts(client: PrometheusClient, parts: dict[str, str], at: float) -> dict[str, list[dict]]:
-    """Run several expressions in one request (queries.union) and split the answer by part."""
+    """Run several expressions in one request (queries.union; in a few side by side when one would be too long:
+    queries.unions) and split the answer by part."""
     grouped: dict[str, list[dict]] = {name: [] for name in parts}
-    for sample in await client.query(q.union(parts), at):
+    answers = await asyncio.gather(*(client.query(expr, at) for expr in q.unions(parts)))
+    for sample in (sample for answer in answers for sample in answer):
         name = sample["metric"].pop(q.PART_LABEL, None)
         if name in grouped:
             grouped[name].append(sample)

@@ -11,6 +11,7 @@ import time
 import pytest
 
 from trainmetrics.analytics.app import Settings
+from trainmetrics.analytics.lookup import MISSED_SCRAPES_SECONDS
 from trainmetrics.prometheus_process import PrometheusServer
 
 from .conftest import finish, read_until, serve, start_job, train_command
@@ -19,6 +20,17 @@ pytestmark = pytest.mark.slow
 
 COMMON = ("--model", "mlp", "--batch-size", "32", "--log-every", "5", "--epochs", "50")
 # A user's own loop through the library, announced to Prometheus, killed while it is still setting up.
+# A user's own loop, stepping until it is killed.
+STEPPING = """
+import sys, time
+from trainmetrics.trainer.metrics import JobInfo, JobMetrics
+from trainmetrics.trainer.telemetry import Publish
+metrics = JobMetrics("stepping", JobInfo(model="mlp", dataset="blobs"), Publish(targets_dir=sys.argv[1]))
+metrics.start()
+while True:
+    metrics.step(loss=1.0, samples=8)
+    time.sleep(0.01)
+"""
 SETTING_UP = """
 import sys, time
 from trainmetrics.trainer.metrics import JobInfo, JobMetrics
@@ -62,6 +74,7 @@ def odd_runs(tmp_path_factory):
         killed_at = time.time()
         # Stale at its first failed scrape; the others' final scrapes are in once their processes exited.
         prometheus.wait_for('absent(trainer_heartbeat_timestamp_seconds{job_id="setup-killed"})', timeout=30)
+        time.sleep(max(0.0, killed_at + MISSED_SCRAPES_SECONDS - time.time()))     # missed scrapes, then vanished
         yield prometheus, {"paused": paused, "failed": failed, "diverged": diverged, "killed_at": killed_at}
     finally:
         for process in processes:
@@ -128,14 +141,19 @@ def test_a_job_whose_loss_diverged_has_no_final_loss(odd_runs):
 
 
 def test_a_run_shorter_than_the_rate_window_has_its_average_as_its_peak(odd_runs):
+    """...and no throughput score: its average is no measured peak (it scored 100, and won a comparison's
+    most_efficient over every job that ran long enough to be measured)."""
     prometheus, runs = odd_runs
     with serve(Settings(prometheus_url=prometheus.url)) as client:
-        performance = analytics(client, "diverged")["performance"]
-    summary = runs["diverged"].summary
+        body = analytics(client, "diverged")
+    performance, summary = body["performance"], runs["diverged"].summary
     assert performance["total_samples"] == summary["samples"]
     assert performance["peak_samples_per_second"] >= performance["average_samples_per_second"] > 0
     if summary["end_time"] - summary["start_time"] < performance["peak_window_seconds"]:   # ~0.8 s here
         assert performance["peak_samples_per_second"] == performance["average_samples_per_second"]
+        assert performance["peak_samples_per_second_at"] is None
+    if performance["peak_samples_per_second_at"] is None:
+        assert body["efficiency"] == {"gpu_utilization_score": None, "throughput_score": None, "overall_score": None}
 
 
 def test_the_throughput_trend_adds_up_to_the_samples_counted(odd_runs):
@@ -155,3 +173,34 @@ def test_the_throughput_trend_adds_up_to_the_samples_counted(odd_runs):
         [v for _, v in grid if v is not None]), rel=1e-5)
     for series in trends["series"].values():     # six significant digits, as every figure
         assert all(value is None or value == float(f"{value:.6g}") for _, value in series["points"])
+
+
+def test_a_running_job_that_misses_a_scrape_is_running_and_vanished_only_once_it_stays_unseen(odd_runs):
+    """A scrape that times out (a busy host) makes Prometheus mark the job's series stale until the next: the
+    job showed `vanished`, with an end, in its analytics and the job list for that moment. Frozen (SIGSTOP) past
+    several scrape timeouts it is still running; killed, it is vanished once MISSED_SCRAPES_SECONDS passed."""
+    prometheus, _ = odd_runs
+    stepping = subprocess.Popen([sys.executable, "-c", STEPPING, str(prometheus.targets_dir)])
+    try:
+        prometheus.wait_for('trainer_job_state{job_id="stepping",state="running"} == 1', timeout=60)
+        with serve(Settings(prometheus_url=prometheus.url)) as client:
+            stepping.send_signal(signal.SIGSTOP)
+            prometheus.wait_for('absent(trainer_heartbeat_timestamp_seconds{job_id="stepping"})', timeout=30)
+            frozen = analytics(client, "stepping")
+            assert frozen["status"] == "running" and frozen["end_time"] is None, frozen["status"]
+            assert job_row(client, "stepping")["status"] == "running"
+            stepping.send_signal(signal.SIGCONT)
+            prometheus.wait_for('trainer_heartbeat_timestamp_seconds{job_id="stepping"}', timeout=30)
+            stepping.kill()
+            stepping.wait()
+            killed_at = time.time()
+            prometheus.wait_for('absent(trainer_heartbeat_timestamp_seconds{job_id="stepping"})', timeout=30)
+            time.sleep(max(0.0, killed_at + MISSED_SCRAPES_SECONDS - time.time()))
+            killed = analytics(client, "stepping")
+            assert killed["status"] == "vanished" and killed_at - 5 < killed["end_time"] <= killed_at
+            assert job_row(client, "stepping")["status"] == "vanished"
+    finally:
+        if stepping.poll() is None:
+            stepping.send_signal(signal.SIGCONT)
+            stepping.kill()
+            stepping.wait()

@@ -9,6 +9,7 @@ import time
 import pytest
 
 from trainmetrics.analytics.app import Settings
+from trainmetrics.analytics.lookup import MISSED_SCRAPES_SECONDS
 from trainmetrics.prometheus_process import PrometheusServer, VictoriaMetricsServer
 
 from .conftest import ARRIVED, RealJob, finish, read_until, same_answer, serve, start_job
@@ -61,6 +62,7 @@ def test_a_resumed_job_is_told_afresh(backends, tmp_path):
         failed = finish("refail-1", failing, fail_lines)
         assert failed.returncode == 1 and failed.summary["state"] == "failed"
         victoria.wait_until_agrees(prometheus, ARRIVED)
+        time.sleep(max(0.0, killed_at + MISSED_SCRAPES_SECONDS - time.time()))     # missed scrapes, then vanished
 
         with serve(Settings(prometheus_url=prometheus.url)) as on_prometheus, \
                 serve(Settings(prometheus_url=victoria.url)) as on_victoria:
