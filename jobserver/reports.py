@@ -19,9 +19,13 @@ log = logging.getLogger("trainmetrics.server")
 # is asked again every SETTLE_RETRY_SECONDS.
 SETTLE_SECONDS = 5.0
 SETTLE_RETRY_SECONDS = 2.0
-# A job still not settled this long after its first try (an exporter that goes on attributing it: a process
-# of its tree that outlived it) is stored as it stands: a report a little short beats none.
+# A job still not settled this long after the first answer that said so (an exporter that goes on attributing
+# it: a process of its tree that outlived it) is stored as it stands: a report a little short beats none.
 UNSETTLED_LIMIT_SECONDS = 120.0
+# Never stored, even past the limit: the job ended, and a report that says it goes on would say so for good. (A
+# job that ended while Prometheus was down: restarted, Prometheus shows the dead process's last samples as
+# current for its lookback, 5 minutes, as it writes no staleness markers for a target that died meanwhile.)
+STILL_GOING = ("queued", "running")
 # A job Prometheus never held (no Prometheus, a target that was never scraped) is given up on after this.
 GIVE_UP_SECONDS = 3600.0
 RETRY_SECONDS = 30.0
@@ -62,11 +66,17 @@ class ReportKeeper:
         for job_id in set(self._unsettled_since) - set(waiting):     # resumed (or given up): its next end starts afresh
             del self._unsettled_since[job_id]
         for job_id in [job_id for job_id in waiting if self._retry_at.get(job_id, 0.0) <= clock][:PER_ROUND]:
-            waited = clock - self._unsettled_since.setdefault(job_id, clock)
+            # The wait counts from the first answer that said "not settled" (not from a try Prometheus failed).
+            waited = clock - self._unsettled_since.get(job_id, clock)
             try:
-                report = json.dumps(await self.archive.compute(job_id, settled=waited < UNSETTLED_LIMIT_SECONDS),
-                                    allow_nan=False)
+                found = await self.archive.compute(job_id, settled=waited < UNSETTLED_LIMIT_SECONDS)
+                if found.get("status") in STILL_GOING:
+                    self._unsettled_since.setdefault(job_id, clock)
+                    self._retry_at[job_id] = clock + RETRY_SECONDS
+                    continue
+                report = json.dumps(found, allow_nan=False)
             except NotSettled:
+                self._unsettled_since.setdefault(job_id, clock)
                 self._retry_at[job_id] = clock + SETTLE_RETRY_SECONDS
                 continue
             except Exception as error:

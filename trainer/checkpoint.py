@@ -5,14 +5,17 @@ checkpoint name. Files hold only tensors, numbers, strings, lists and dicts, so
 ``torch.load(path, weights_only=True)`` loads them.
 """
 
+import logging
 import os
 import tempfile
 from pathlib import Path
 
 from trainmetrics.jobfiles import FINAL_MODEL_NAME, Checkpoint, checkpoint_name, list_checkpoints
 
-__all__ = ["FINAL_MODEL_NAME", "atomic_save", "ensure_writable_dir", "list_checkpoints", "load_latest",
-           "save_checkpoint"]
+__all__ = ["FINAL_MODEL_NAME", "NoReadableCheckpoint", "atomic_save", "ensure_writable_dir", "list_checkpoints",
+           "load_latest", "save_checkpoint"]
+
+log = logging.getLogger("trainmetrics.trainer")
 
 
 def ensure_writable_dir(directory: Path) -> Path:
@@ -63,13 +66,25 @@ def save_checkpoint(directory: Path, state: dict, keep: int = 3) -> Checkpoint:
     return Checkpoint(path, step)
 
 
+class NoReadableCheckpoint(RuntimeError):
+    """Checkpoints are there and none of them loads: resuming would silently train again from step 0."""
+
+
 def load_latest(directory: Path, map_location="cpu") -> dict | None:
-    """The newest checkpoint that loads; a corrupt newest file falls back to the one before it."""
+    """The newest checkpoint that loads; a corrupt newest file falls back to the one before it (said in the log).
+    None when there is none; NoReadableCheckpoint when there are some and none loads."""
     import torch
 
-    for checkpoint in reversed(list_checkpoints(directory)):
+    checkpoints = list_checkpoints(directory)
+    for checkpoint in reversed(checkpoints):
         try:
             return torch.load(checkpoint.path, map_location=map_location, weights_only=True)
-        except Exception:   # truncated or corrupt: try the previous one
-            continue
+        except Exception as error:      # truncated or corrupt: try the previous one
+            # (its first sentence: torch's goes on to suggest loading untrusted files with weights_only=False)
+            reason = " ".join(str(error).split()).split(". ")[0][:200]
+            log.warning("checkpoint %s cannot be loaded (%s: %s); trying the one before it", checkpoint.path,
+                        type(error).__name__, reason)
+    if checkpoints:
+        raise NoReadableCheckpoint(f"none of the {len(checkpoints)} checkpoints in {directory} can be loaded: "
+                                   "remove them to train afresh")
     return None

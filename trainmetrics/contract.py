@@ -315,7 +315,8 @@ TRAIN_OPTIONS: tuple[Option, ...] = (
            minimum=0, maximum=MAX_COUNT),
     Option("keep_checkpoints", int, 3, "newest checkpoints kept (0: all)", "checkpoints", minimum=0,
            maximum=MAX_COUNT),
-    Option("resume", bool, False, "continue from the newest checkpoint in --checkpoint-dir", "checkpoints",
+    Option("resume", bool, False, "continue from the newest checkpoint in --checkpoint-dir that loads (none there: "
+           "from the start; some, none loadable: the job fails)", "checkpoints",
            api="POST /api/training/jobs/{job_id}/resume"),
     # telemetry
     Option("log_every", int, 50, "steps per log interval (loss read, log line, MFU)", "telemetry", minimum=1,

@@ -296,6 +296,49 @@ def test_a_report_waits_for_the_job_to_settle_then_is_stored_as_it_stands(tmp_pa
     store.close()
 
 
+def test_a_report_that_says_the_ended_job_goes_on_is_never_stored_and_a_failed_try_starts_no_clock(
+        tmp_path, monkeypatch):
+    """A job that completed while Prometheus was down: restarted, Prometheus showed its dead process as running
+    for 5 minutes, and the report was stored `running`, its duration still growing, for good (the unsettled
+    clock had started at a try that Prometheus failed)."""
+    import asyncio
+
+    from trainmetrics.jobserver import reports
+    from trainmetrics.reports import NotSettled, ReportArchive
+
+    store = JobStore(tmp_path / "db.sqlite")
+    store.add_job(JobRecord(id="ended-1", owner="default", name="ended-1", state="completed", spec={},
+                            ended=time.time() - 10))
+    answers = [ConnectionError("Prometheus is down"), NotSettled("ended-1"), {"job_id": "ended-1", "status": "running"},
+               {"job_id": "ended-1", "status": "vanished"}]
+    asked = []
+
+    async def compute(job_id, settled=True):
+        asked.append(settled)
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    async def call(operation, *args):
+        return operation(*args)
+
+    keeper = reports.ReportKeeper(ReportArchive(compute=compute), call, store)
+    for name in ("SETTLE_RETRY_SECONDS", "RETRY_SECONDS"):
+        monkeypatch.setattr(reports, name, 0.0)
+    monkeypatch.setattr(reports, "UNSETTLED_LIMIT_SECONDS", 0.05)
+    asyncio.run(keeper.round())             # Prometheus down: no clock started
+    time.sleep(0.1)
+    asyncio.run(keeper.round())             # not settled: the clock starts now
+    assert asked == [True, True]
+    time.sleep(0.1)
+    asyncio.run(keeper.round())             # past the limit: as it stands, and it says running
+    assert asked == [True, True, False] and store.get_report("ended-1") is None
+    asyncio.run(keeper.round())
+    assert '"vanished"' in store.get_report("ended-1")[1]
+    store.close()
+
+
 @pytest.mark.parametrize("text", ["[]", "{}", '{"job_id": "someone-else"}', "[" * 100_000 + "]" * 100_000],
                          ids=["list", "empty", "another-job", "nested"])
 def test_a_stored_report_that_is_not_this_jobs_is_ignored(text, tmp_path):

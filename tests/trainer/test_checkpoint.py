@@ -37,10 +37,18 @@ def test_failed_write_keeps_previous_checkpoint_and_leaves_no_temp_file(tmp_path
     assert torch.equal(ckpt.load_latest(tmp_path)["w"], torch.ones(3))
 
 
-def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path):
+def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path, caplog):
     ckpt.save_checkpoint(tmp_path, {"step": 1, "w": torch.ones(2)})
     (tmp_path / ckpt.checkpoint_name(2)).write_bytes(b"truncated by a crash")
     assert ckpt.load_latest(tmp_path)["step"] == 1
+    assert f"{ckpt.checkpoint_name(2)} cannot be loaded" in caplog.text
+
+
+def test_checkpoints_none_of_which_loads_are_an_error_and_none_at_all_a_fresh_start(tmp_path):
+    assert ckpt.load_latest(tmp_path) is None
+    (tmp_path / ckpt.checkpoint_name(2)).write_bytes(b"overwritten")
+    with pytest.raises(ckpt.NoReadableCheckpoint, match="none of the 1 checkpoints"):
+        ckpt.load_latest(tmp_path)
 
 
 def test_only_newest_checkpoints_are_kept(tmp_path):

@@ -152,6 +152,24 @@ def test_exception_mid_run_fails_with_exit_1_and_names_the_error(tmp_path, spawn
     assert f"job fail-1 failed: {summary['error_type']}" in stderr
 
 
+def test_a_resume_whose_every_checkpoint_is_unreadable_fails_instead_of_training_from_step_0(tmp_path, spawn_train):
+    """Every checkpoint skipped as corrupt, the job trained again from step 0 and said nothing."""
+    from trainmetrics.trainer.checkpoint import checkpoint_name
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    for step in (20, 30):
+        (ckpt / checkpoint_name(step)).write_bytes(b"overwritten")
+    process = spawn_train("--job-id", "unreadable-1", "--epochs", "1", "--batch-size", "16", "--checkpoint-dir",
+                          str(ckpt), "--resume")
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 1, stderr
+    summary = parse_summary(stdout)
+    assert summary["state"] == "failed" and summary["error_type"] == "NoReadableCheckpoint" and summary["steps"] == 0
+    assert f"none of the 2 checkpoints in {ckpt} can be loaded" in stderr
+    assert stderr.count("cannot be loaded (UnpicklingError: Weights only load failed)") == 2, stderr   # each file
+
+
 def test_sigusr1_pauses_with_exit_4_after_a_checkpoint(tmp_path, spawn_train):
     ckpt = tmp_path / "ckpt"
     process = spawn_train("--job-id", "pause-1", "--epochs", "30", "--batch-size", "16", "--log-every", "20",
