@@ -160,7 +160,8 @@ def fleet(found: dict[str, list[dict]], processes: dict[tuple[str, str], Process
     """The fleet's goodput over (range_start, now] for the jobs in job_ids: queries.fleet_goodput's answer and
     the fleet's processes (their stops). Phases grow from each process's first scrape; queued is each job's
     submission to its first process's start (or to now, still queued; or to its cancel), paused each gap from a
-    process's stop to the next one's start (or to now, paused; or to its cancel), both cut to the range."""
+    process's stop to the next one's start (or to now, paused; or to its cancel), and a job's wait before its
+    first run in the range when it ran before the range; all cut to the range."""
     def within(begin: float, end: float) -> float:
         return max(0.0, min(end, now) - max(begin, range_start))
 
@@ -176,6 +177,14 @@ def fleet(found: dict[str, list[dict]], processes: dict[tuple[str, str], Process
     for labels, value in rows(found.get("process_start", [])):
         if labels.get("job_id") in job_ids and value is not None:
             starts.setdefault(labels["job_id"], []).append((value, labels.get("instance", "")))
+    # A job that ran before the range: its wait before its first run in the range (or all of it, none there) was
+    # a pause. Its first run there resumed one from before (counts more checkpoints than it wrote), or, with no run
+    # in the range, it was paused in it. (Counted as queued, a job paused a day showed a day's queue.)
+    written = {(labels.get("job_id"), labels.get("instance")): value or 0.0
+               for labels, value in rows(found.get("written", []))}
+    resumed = {key for labels, value in rows(found.get("counted", []))
+               for key in [(labels.get("job_id"), labels.get("instance"))] if (value or 0.0) > written.get(key, 0.0)}
+    paused_in_range = {labels.get("job_id") for labels, _ in rows(found.get("paused", []))}
     server_ends: dict[str, float] = {}      # jobs the server ended (cancelled while waiting): queued or paused to it
     for (job_id, _), proc in processes.items():
         if proc.ended_by_server:
@@ -183,8 +192,10 @@ def fleet(found: dict[str, list[dict]], processes: dict[tuple[str, str], Process
     for job_id in job_ids:
         runs = sorted(starts.get(job_id, []))
         waited_until = server_ends.get(job_id, now)
+        ran_before = (job_id, runs[0][1]) in resumed if runs else job_id in paused_in_range
         if job_id in submitted:
-            seconds["queued"] += within(submitted[job_id], runs[0][0] if runs else waited_until)
+            seconds["paused" if ran_before else "queued"] += within(submitted[job_id],
+                                                                     runs[0][0] if runs else waited_until)
         stops = [processes.get((job_id, instance)) for _, instance in runs]
         for stopped, (following, _) in zip(stops, runs[1:]):
             stop = stopped.stop(now) if stopped is not None else None

@@ -571,12 +571,18 @@ def fleet_goodput(range_seconds: float, now: float) -> dict[str, str]:
     """What the fleet's goodput over the range needs (goodput.fleet): each job's rank-0 seconds per phase
     grown within the range (`phases`: a process's last less its first value, exact from its first scrape,
     not extrapolated as increase() would), each process's start (`process_start`), and each job's submission
-    (`submitted`: its trainer's, or the job server's for a job still queued)."""
+    (`submitted`: its trainer's, or the job server's for a job still queued), and what tells a job's wait in the
+    range before its first run there as a pause, not a queue: each process's checkpoints counted and written
+    (`counted`, `written`: one that counts more resumed a run from before it) and the jobs paused in the range
+    (`paused`: by their trainer's state or the job server's)."""
     window = over(range_seconds, now)
     phases = f'{Trainer.PHASE_SECONDS}{{rank=~"0|"}}{window}'
     return {"phases": f"sum by (job_id, phase) (max_over_time({phases}) - min_over_time({phases}))",
             "process_start": f'last_over_time({Trainer.PROCESS_START}{{rank=~"0|"}}{window})',
-            "submitted": f"max by (job_id) (last_over_time({Trainer.JOB_SUBMITTED}{window}))"}
+            "submitted": f"max by (job_id) (last_over_time({Trainer.JOB_SUBMITTED}{window}))",
+            "counted": f'last_over_time({Trainer.CHECKPOINTS}{{rank=~"0|"}}{window})',
+            "written": f'last_over_time({Trainer.CHECKPOINT_DURATION}_count{{rank=~"0|"}}{window})',
+            "paused": f'max by (job_id) (max_over_time({Trainer.JOB_STATE}{{state="paused"}}{window})) == 1'}
 
 
 # Resource trends over the summary range (range queries). Each point covers the step before it, so a

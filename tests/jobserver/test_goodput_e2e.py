@@ -231,6 +231,24 @@ def test_the_fleet_summary_adds_up_the_jobs_phases(ledger_run, stack):
     assert 0 < answer.json()["goodput"]["goodput_ratio"] < 1
 
 
+def test_a_summary_whose_range_starts_in_a_pause_counts_the_rest_of_it_as_paused(ledger_run):
+    """The range starts 2.5 s into gp-ledger's 5 s pause: the wait before its next run in the range was counted
+    as queued (a job paused for a day showed a day's queue in a 24-hour summary)."""
+    client, seen = ledger_run
+
+    def fleet(since: float) -> dict:
+        answer = client.get("/api/training/analytics/summary", params={"range": f"{time.time() - since:.3f}"})
+        assert answer.status_code == 200, answer.text
+        return answer.json()["goodput"]["seconds"]
+
+    whole, cut = fleet(seen["created"] - 30), seen["paused"] + 2.5
+    in_range = fleet(cut)
+    assert in_range["queued"] == 0, in_range
+    # What the range leaves out of the pause: from the paused process's end (between the pause request and the
+    # job API saying paused) to the cut.
+    assert cut - seen["paused"] - 0.01 <= whole["paused"] - in_range["paused"] <= cut - seen["pause_sent"] + 0.01
+
+
 def test_reports_outlive_prometheus_and_a_comparison_names_the_best_goodput(ledger_run, stack):
     client, _ = ledger_run
     _, prometheus = stack
