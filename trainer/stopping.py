@@ -58,9 +58,14 @@ class StopFlag:
 
     def pause_for_loss_spike(self, step: int, what: str = "loss spike") -> None:
         """The job asked to be paused on a loss spike (or a non-finite loss): pause at once, its last
-        checkpoint from before it kept (no new one)."""
-        if self.outcome is None and not self.decided:
-            self.outcome, self.keep_last_checkpoint = "paused", True
+        checkpoint from before it kept (no new one). A pause or cancel asked for already, not yet acted on,
+        stops as asked, and without a checkpoint of the spiked weights too (one signalled in the spike's
+        interval wrote them, and a resume went on from them)."""
+        if self.decided:
+            return
+        self.keep_last_checkpoint = True
+        self.outcome = self.outcome or "paused"
+        if self.outcome == "paused":
             self.reason = f"{what} at step {step}"
 
     def stand_down(self) -> None:

@@ -225,6 +225,41 @@ def test_a_corrupted_batch_is_flagged_on_its_interval_and_pauses_a_job_that_aske
     assert max(c.step for c in list_checkpoints(tmp_path / "ckpt")) == 80
 
 
+def test_a_pause_asked_for_in_a_spikes_interval_keeps_the_checkpoint_from_before_the_spike(tmp_path, monkeypatch):
+    """A pause (SIGUSR1, the job server's pause) asked for between the corrupted batch and the end of its interval:
+    the stop's checkpoint ended the interval, found the spike, and was written all the same, with the spiked
+    weights (a resume went on from them), and the result named no reason."""
+    import logging
+    import signal
+
+    from trainmetrics.jobfiles import list_checkpoints, read_result
+    from trainmetrics.trainer.config import TrainConfig
+    from trainmetrics.trainer.runner import run_job
+    from trainmetrics.trainer.stopping import StopFlag
+
+    flag = StopFlag()
+
+    class PauseWhenStalled(logging.Handler):
+        def emit(self, record):         # the stall before step 83 is where the pause comes in
+            if "stalling" in record.getMessage():
+                flag.request(signal.SIGUSR1)
+
+    handler = PauseWhenStalled()
+    logging.getLogger("trainmetrics").addHandler(handler)
+    monkeypatch.setenv(faults.VARIABLE, '{"corrupt_batch": {"step": 81, "scale": 1000}, '
+                                        '"stall": {"step": 83, "seconds": 60}}')
+    config = TrainConfig(job_id="spiky", model="mlp", dataset="blobs", epochs=3, log_every=5, checkpoint_every=20,
+                         checkpoint_dir=tmp_path / "ckpt", result_file=tmp_path / "result.json",
+                         on_loss_spike="pause")
+    try:
+        assert run_job(config, flag) == 4
+    finally:
+        logging.getLogger("trainmetrics").removeHandler(handler)
+    result = read_result(tmp_path / "result.json")
+    assert (result["state"], result["reason"], result["steps"]) == ("paused", "loss spike at step 83", 83)
+    assert max(c.step for c in list_checkpoints(tmp_path / "ckpt")) == 80
+
+
 @pytest.mark.parametrize("corrupt,checkpoint_every,log_every,reason,kept", [
     # The spike's interval (83..84) is ended by the checkpoint at 84, which was written after it.
     ({"corrupt_batch": {"step": 83, "scale": 1000}}, 12, 5, "loss spike at step 84", 72),
