@@ -142,8 +142,14 @@ for job, newest in (("r1", "0.8 0.7 0.6 0.5"), ("d1", "0.8 0.4 0.4 0.4")):
         values: '0+60x5'
       - series: 'trainer_heartbeat_timestamp_seconds{{job_id="{job}",instance="p2"}}'
         values: '_x9 600+60x10'
+      - series: 'trainer_loss_min{{job_id="{job}",instance="p1"}}'
+        values: '2 1.5 1.2 1.0 0.85 0.85'
+      - series: 'trainer_loss_min{{job_id="{job}",instance="p2"}}'
+        values: '_x9 0.8 {"0.45" if job == "r1" else "0.4"}x10'
 """
-COMPARE_EXPECTED = {"samples": {"m2": 4000}, "final_loss": {"r1": 0.5}, "duration_seconds": {"r1": 1200, "d1": 1200}}
+# best_loss: the trainer's own lowest interval (trainer_loss_min), which no trainer_loss sample need show.
+COMPARE_EXPECTED = {"samples": {"m2": 4000}, "best_loss": {"r1": 0.45, "d1": 0.4}, "final_loss": {"r1": 0.5},
+                    "duration_seconds": {"r1": 1200, "d1": 1200}}
 
 
 def test_the_compare_summary_shows_every_rank_and_the_newest_run(tmp_path):
@@ -157,9 +163,80 @@ def test_the_compare_summary_shows_every_rank_and_the_newest_run(tmp_path):
             samples = "".join(f"\n          - labels: '{{job_id=\"{job}\"}}'\n            value: {value}"
                               for job, value in COMPARE_EXPECTED[target["refId"]].items())
             tests.append(f"      - expr: '{expr}'\n        eval_time: 20m\n        exp_samples:{samples}")
-    assert len(tests) == 3
+    assert len(tests) == 4
     config = tmp_path / "compare_test.yml"
     config.write_text("evaluation_interval: 1m\ntests:\n  - interval: 1m\n    input_series:" + COMPARE_JOBS
+                      + "    promql_expr_test:\n" + "\n".join(tests) + "\n")
+    result = subprocess.run(["promtool", "test", "rules", str(config)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# A two-rank job paused at 5 m (run p1, q1) and resumed at 10 m (run p2, p3) that completed at 15 m. Its
+# series go stale after the end; the stats read at 20 m, the end of a 1-hour time range.
+JOB_SERIES = """
+      - series: 'trainer_job_state{job_id="t1",instance="p1",rank="0",state="running"}'
+        values: '1x4 0'
+      - series: 'trainer_job_state{job_id="t1",instance="p1",rank="0",state="paused"}'
+        values: '0x4 1'
+      - series: 'trainer_job_state{job_id="t1",instance="p2",rank="0",state="running"}'
+        values: '_x10 1x4 0'
+      - series: 'trainer_job_state{job_id="t1",instance="p2",rank="0",state="completed"}'
+        values: '_x10 0x4 1'
+      - series: 'trainer_job_start_timestamp_seconds{job_id="t1",instance="p1",rank="0"}'
+        values: '0x5'
+      - series: 'trainer_job_end_timestamp_seconds{job_id="t1",instance="p1",rank="0"}'
+        values: '_x4 300'
+      - series: 'trainer_job_start_timestamp_seconds{job_id="t1",instance="p2",rank="0"}'
+        values: '_x10 600x5'
+      - series: 'trainer_job_end_timestamp_seconds{job_id="t1",instance="p2",rank="0"}'
+        values: '_x14 900'
+      - series: 'trainer_heartbeat_timestamp_seconds{job_id="t1",instance="p1",rank="0"}'
+        values: '0+60x4'
+      - series: 'trainer_heartbeat_timestamp_seconds{job_id="t1",instance="p2",rank="0"}'
+        values: '_x10 600+60x4'
+      - series: 'trainer_heartbeat_timestamp_seconds{job_id="t1",instance="p3",rank="1"}'
+        values: '_x10 600+60x4'
+      - series: 'trainer_steps_total{job_id="t1",instance="p1",rank="0"}'
+        values: '0+10x4'
+      - series: 'trainer_steps_total{job_id="t1",instance="p2",rank="0"}'
+        values: '_x10 40+15x4'
+      - series: 'trainer_samples_total{job_id="t1",instance="p1",rank="0"}'
+        values: '0+100x4'
+      - series: 'trainer_samples_total{job_id="t1",instance="q1",rank="1"}'
+        values: '0+100x4'
+      - series: 'trainer_samples_total{job_id="t1",instance="p2",rank="0"}'
+        values: '_x10 400+150x4'
+      - series: 'trainer_samples_total{job_id="t1",instance="p3",rank="1"}'
+        values: '_x10 400+150x4'
+      - series: 'trainer_checkpoints_total{job_id="t1",instance="p1",rank="0"}'
+        values: '0+1x4'
+      - series: 'trainer_checkpoints_total{job_id="t1",instance="p2",rank="0"}'
+        values: '_x10 4+1x4'
+      - series: 'trainer_eval_accuracy_ratio{job_id="t1",instance="p1",rank="0"}'
+        values: '0.5 0.9x3'
+      - series: 'trainer_eval_accuracy_ratio{job_id="t1",instance="p2",rank="0"}'
+        values: '_x10 0.8x3 0.85'
+"""
+JOB_EXPECTED = {"State": ('{state="completed"}', 1), "Steps": ("{}", 100), "Samples": ("{}", 2000),
+                "Eval accuracy": ("{}", 0.85), "Duration": ("{}", 900), "Checkpoints": ("{}", 8)}
+
+
+def test_the_job_stats_show_a_finished_resumed_jobs_final_figures(tmp_path):
+    """The stats were range queries whose last point each showed: a finished job's final figures are in
+    Prometheus for one scrape before its series go stale, which the points mostly missed (536 steps of 540,
+    an earlier run's accuracy), State showed every state the job went through side by side, and Duration
+    counted the newest run only."""
+    stats = {panel["title"]: panel["targets"][0] for panel in all_dashboards()["training-job.json"]["panels"]
+             if panel["type"] == "stat"}
+    tests = []
+    for title, (labels, value) in JOB_EXPECTED.items():
+        target = stats[title]
+        assert target.get("instant"), title
+        expr = target["expr"].replace("$job_id", "t1").replace("$__range", "1h")
+        tests.append(f"      - expr: '{expr}'\n        eval_time: 20m\n        exp_samples:\n"
+                     f"          - labels: '{labels}'\n            value: {value}")
+    config = tmp_path / "job_test.yml"
+    config.write_text("evaluation_interval: 1m\ntests:\n  - interval: 1m\n    input_series:" + JOB_SERIES
                       + "    promql_expr_test:\n" + "\n".join(tests) + "\n")
     result = subprocess.run(["promtool", "test", "rules", str(config)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr

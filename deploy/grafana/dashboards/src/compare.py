@@ -36,7 +36,9 @@ def build():
                        "last end, or to now while it runs).",
             query(f"sum by (job_id) (max by (job_id, rank) (max_over_time(trainer_samples_total{{{JOBS}}}[$__range])))",
                   "", "samples", instant=True, table_format=True),
-            query(f"min by (job_id) (min_over_time(trainer_loss{{{JOBS}}}[$__range]))", "", "best_loss",
+            # The trainer's own lowest interval loss (exact), not the lowest trainer_loss sample: intervals that
+            # end faster than the scrape are not all sampled.
+            query(f"min by (job_id) (last_over_time(trainer_loss_min{{{JOBS}}}[$__range]))", "", "best_loss",
                   instant=True, table_format=True),
             # A resumed job has a process per run: only the newest run's counts (NEWEST_RUN), and none where its
             # last interval's loss was NaN (trainer_loss keeps the last finite one).

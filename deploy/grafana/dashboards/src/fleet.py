@@ -27,8 +27,10 @@ def build():
                                      query("job_id:trainer_samples:rate10s and on (job_id) job_id:trainer_job_running:max",
                                            "{{job_id}}")))
         .with_panel(table_panel("Top jobs by throughput", "The ten fastest jobs in the time range (peak of the "
-                                "1-minute samples/s).",
-                                query("topk(10, max by (job_id) (max_over_time(job_id:trainer_samples:rate1m[$__range])))",
+                                "10-second samples/s: a 1-minute rate divided a job shorter than a minute's "
+                                "samples by the whole minute).",
+                                query("topk(10, max by (job_id) "
+                                      "(max_over_time(job_id:trainer_samples:rate10s[$__range])))",
                                       "", instant=True, table_format=True)))
         .with_row(row("Goodput"))
         .with_panel(timeseries_panel("Where the fleet's time goes", "Every job's seconds per second in each "
@@ -38,7 +40,8 @@ def build():
                                            '[$__rate_interval]))', "{{phase}}"), stacked=True, min_value=0))
         .with_panel(timeseries_panel("Goodput per job over 15 minutes", "Each running job's share of time in "
                                      "steps (TrainerGoodputLow below 50 %).", "percentunit",
-                                     query("job_id:trainer_goodput:ratio_rate15m", "{{job_id}}"),
+                                     query("job_id:trainer_goodput:ratio_rate15m and on (job_id) "
+                                           "job_id:trainer_job_running:max", "{{job_id}}"),
                                      min_value=0, max_value=1))
         .with_row(row("Nodes"))
         .with_panel(timeseries_panel("Node CPU peak", "Peak CPU utilisation per node over the last minute.",

@@ -5,6 +5,11 @@ from grafana_foundation_sdk.models.common import BigValueTextMode
 from panels import alert_annotation, label_variable, new_dashboard, query, row, stat_panel, timeseries_panel
 
 JOB = 'job_id="$job_id"'
+LAST_START = f"max(last_over_time(trainer_job_start_timestamp_seconds{{{JOB}}}[$__range]))"
+LAST_END = f"max(last_over_time(trainer_job_end_timestamp_seconds{{{JOB}}}[$__range]))"
+# The processes of the job's newest run: seen after that run started (a resumed job's earlier runs ended before).
+NEWEST_RUN = (f"and on (instance, rank) (last_over_time(trainer_heartbeat_timestamp_seconds{{{JOB}}}[$__range]) "
+              f">= scalar({LAST_START}))")
 
 
 def build():
@@ -17,20 +22,34 @@ def build():
         .annotation(alert_annotation("Hangs", f'ALERTS{{alertname=~"TrainerHang|TrainerRankStuck",{JOB}}}', "red"))
         .annotation(alert_annotation("Loss spikes", f'ALERTS{{alertname="TrainerLossSpike",{JOB}}}', "orange"))
         .with_row(row("Job"))
-        .with_panel(stat_panel("State", "The job's current lifecycle state.", "none",
-                               query(f"max by (state) (trainer_job_state{{{JOB}}}) == 1", "{{state}}"),
+        # The stats read each series' last sample in the time range, at its end (instant queries): a finished
+        # job's final figures are in Prometheus for one scrape before its series go stale, which a range query's
+        # points (whose last one the stat showed) mostly miss; and a range query showed every state the job
+        # passed through side by side.
+        .with_panel(stat_panel("State", "The lifecycle state its newest run last published (the job server's, "
+                                        "for a job waiting to run); a killed process's last, running: the job "
+                                        "API and the analytics say how it ended.", "none",
+                               query(f"max by (state) ((last_over_time(trainer_job_state{{{JOB}}}[$__range]) == 1) "
+                                     f"{NEWEST_RUN}) or on () max by (state) (last_over_time("
+                                     f"trainer_job_state{{{JOB}}}[$__range]) == 1)", "{{state}}", instant=True),
                                text_mode=BigValueTextMode.NAME))
         .with_panel(stat_panel("Steps", "Optimizer steps completed.", "short",
-                               query(f"max(trainer_steps_total{{{JOB}}})")))
+                               query(f"max(last_over_time(trainer_steps_total{{{JOB}}}[$__range]))", instant=True)))
         .with_panel(stat_panel("Samples", "Training samples processed, all ranks.", "short",
-                               query(f"sum(trainer_samples_total{{{JOB}}})")))
+                               query(f"sum(max by (rank) (last_over_time(trainer_samples_total{{{JOB}}}[$__range])))",
+                                     instant=True)))
         .with_panel(stat_panel("Eval accuracy", "Accuracy at the last evaluation.", "percentunit",
-                               query(f"max(trainer_eval_accuracy_ratio{{{JOB}}})")))
-        .with_panel(stat_panel("Duration", "Running time so far, or start to end for a finished job.", "s",
-                               query(f"(max(trainer_job_end_timestamp_seconds{{{JOB}}}) or vector(time()))"
-                                     f" - max(trainer_job_start_timestamp_seconds{{{JOB}}})")))
+                               query(f"max(last_over_time(trainer_eval_accuracy_ratio{{{JOB}}}[$__range]) "
+                                     f"{NEWEST_RUN}) or max(last_over_time(trainer_eval_accuracy_ratio{{{JOB}}}"
+                                     "[$__range]))", instant=True)))
+        .with_panel(stat_panel("Duration", "Running time so far, or first start to last end for a finished job "
+                                           "(a paused and resumed job's pauses included).", "s",
+                               query(f"({LAST_END} >= {LAST_START} or max(last_over_time("
+                                     f"trainer_heartbeat_timestamp_seconds{{{JOB}}}[$__range]))) - min(last_over_time("
+                                     f"trainer_job_start_timestamp_seconds{{{JOB}}}[$__range]))", instant=True)))
         .with_panel(stat_panel("Checkpoints", "Checkpoints written.", "short",
-                               query(f"max(trainer_checkpoints_total{{{JOB}}})")))
+                               query(f"max(last_over_time(trainer_checkpoints_total{{{JOB}}}[$__range]))",
+                                     instant=True)))
         .with_row(row("Learning"))
         .with_panel(timeseries_panel("Loss", "Training loss (mean over each log interval) and eval loss.", "short",
                                      query(f"trainer_loss{{{JOB}}}", "train {{rank}}"),
