@@ -5,7 +5,9 @@ alert has stopped firing for it and fired anew.
 
 The alert is read through the analytics (trainmetrics.hangs), from the Prometheus they read, which must
 evaluate the deployable rules. The trainer's own watchdog (trainer/watchdog.py) applies the same bound from
-inside the process; this one works from outside it, also for a process whose Python threads cannot run.
+inside the process; this one works from outside it, for a process whose main thread is stuck. A process none
+of whose Python threads can run (a hang holding the GIL in native code) serves no scrape either: TrainerHang
+cannot fire for it (TargetDown does), and its stacks are taken on request (`GET .../stacks`).
 """
 
 import logging
