@@ -27,6 +27,8 @@ log = logging.getLogger("trainmetrics.trainer")
 MIN_HANG_SECONDS = 60.0
 HANG_FACTOR = 10.0
 CHECK_SECONDS = 5.0
+# A check this much later than due means the watchdog itself could not run (with 2 x its interval).
+STARVED_SECONDS = 1.0
 # The recent step times: bucket counts over this many checks (a minute at 5 s).
 WINDOW_CHECKS = 12
 LOOP_PHASES = (DATA, COMPUTE, OPTIMIZER, COLLECTIVE)
@@ -98,17 +100,26 @@ class StackWatch:
         return self._last_bound
 
     def _watch(self) -> None:
+        checked = time.perf_counter()
         while not self._stop.wait(self.check_seconds):
             try:
+                now = time.perf_counter()
+                # How much later than due this check runs: a hang that holds the GIL (native code) stops this
+                # thread too, which then wakes when the hang is over.
+                late, checked = now - checked - self.check_seconds, now
                 self._windows.append(list(self.metrics.step_times.counts))
                 clock = self.metrics.phases
                 last = clock.progress
                 if self.metrics.state != "running" or clock.phase not in LOOP_PHASES or last is None:
                     continue
-                stuck = time.perf_counter() - last
+                stuck = now - last
                 if stuck > self.hang_bound() and self._dumped_for != last:
                     self._dumped_for = last
-                    self.dump(f"no step completed for {stuck:.0f} s (phase {clock.phase})")
+                    reason = f"no step completed for {stuck:.0f} s (phase {clock.phase})"
+                    if late > max(STARVED_SECONDS, 2 * self.check_seconds):
+                        reason += (f"; this watchdog could not run for {late:.0f} s of it (a hang holding the GIL, "
+                                   "in native code): the stacks below are from after it, not from the hang")
+                    self.dump(reason)
             except Exception:
                 log.exception("job %s: the hang watchdog failed", self.metrics.job_id)
 

@@ -147,6 +147,29 @@ def test_the_hang_watchdog_writes_every_threads_stack_once_per_hang(tmp_path):
     assert "test_the_hang_watchdog_writes_every_threads_stack_once_per_hang" in text     # this very frame
 
 
+def test_a_dump_after_a_hang_that_held_the_gil_says_it_is_from_after_the_hang(tmp_path):
+    """A hang in native code that holds the GIL stops the watchdog too: it woke when the hang was over and wrote
+    the stacks of then (the hung call gone) as the hang's, the only record of it."""
+    def hold_the_gil(seconds: float) -> None:      # sum() over a range runs in C without letting go of the GIL
+        began = time.perf_counter()
+        sum(range(10 ** 7))
+        sum(range(int(10 ** 7 * seconds / max(time.perf_counter() - began, 1e-6))))
+
+    metrics = JobMetrics("gil-job", diagnostics=Diagnostics(stacks_dir=tmp_path, hang_seconds=0.4))
+    try:
+        metrics.start()
+        loop(metrics, 3, compute_seconds=0.01)
+        for _ in metrics.timed([None]):
+            hold_the_gil(2.5)
+            time.sleep(0.5)                  # the watchdog runs again, the step not yet done
+            metrics.step(loss=1.0, samples=1)
+        dumps = metrics._stack_watch.dumps
+    finally:
+        metrics.close()
+    text = (tmp_path / "stacks.rank0.txt").read_text()
+    assert dumps == 1 and "this watchdog could not run for" in text and "not from the hang" in text, text[:500]
+
+
 def test_the_hang_bound_of_a_job_with_two_minute_steps_is_twenty_minutes(tmp_path):
     """10 x the p99 step, which the step histogram must resolve: its scale reaches 10 minutes."""
     metrics = JobMetrics("slow-steps", diagnostics=Diagnostics(stacks_dir=tmp_path))
