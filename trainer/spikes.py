@@ -4,12 +4,21 @@ mean follows a falling loss) is a spike. Spikes do not enter the running mean, s
 next; but a rise that lasts `warmup` intervals in a row is the loss's new level, not a spike that goes on for
 ever: the detector learns again from those intervals (otherwise every interval after a lasting shift, a new
 data mix or a learning-rate restart, would be flagged until the job ends). Defaults: z = 6, after 10
-intervals of warm-up (docs/metrics.md)."""
+intervals of warm-up (docs/metrics.md).
+
+The warm-up intervals have nothing before them to be judged against: once there are `warmup` of them, the
+running mean and variance are learnt again from those within WARMUP_OUTLIER_MADS median absolute deviations
+of their median, so a spike among them (a bad first shard) does not widen the spread for the intervals after
+it (it hid a second spike of the same size for 25 intervals more)."""
 
 import math
+import statistics
 
 # Weight of a new interval in the running mean and variance: about the last 20 intervals count.
 ALPHA = 0.1
+# A warm-up interval this many (normal-scaled) median absolute deviations above the warm-up's median is left out
+# of what the detector starts from.
+WARMUP_OUTLIER_MADS = 6.0
 
 
 class LossSpikeDetector:
@@ -22,6 +31,7 @@ class LossSpikeDetector:
         self.seen = 0
         self.spikes = 0
         self._run: list[float] = []       # the spikes in a row so far
+        self._early: list[float] = []     # the warm-up intervals, until there are `warmup` of them
 
     def observe(self, loss: float) -> bool:
         """Take an interval's mean loss; True when it is a spike."""
@@ -39,25 +49,43 @@ class LossSpikeDetector:
                 return True
         self._run = []
         self._learn(loss)
+        if self._early is not None and self.seen <= self.warmup:
+            self._early.append(loss)
+            if len(self._early) >= self.warmup:
+                self._start_from(self._early)
         return False
+
+    def _start_from(self, early: list[float]) -> None:
+        """Learn the running mean and variance again from the warm-up intervals, their outliers left out."""
+        middle = statistics.median(early)
+        spread = 1.4826 * statistics.median(abs(value - middle) for value in early)
+        kept = [value for value in early if value - middle <= WARMUP_OUTLIER_MADS * spread]
+        self.mean, self.variance, self.seen, self._early = None, 0.0, 0, None
+        for value in kept:
+            self._learn(value)
+        self.seen = len(early)
 
     def state_dict(self) -> dict:
         """What a resumed process needs to watch on at once (without it, a resume was blind for `warmup`
         intervals: the very spike a job paused on went unflagged when its batch came again)."""
-        return {"mean": self.mean, "variance": self.variance, "seen": self.seen, "run": list(self._run)}
+        return {"mean": self.mean, "variance": self.variance, "seen": self.seen, "run": list(self._run),
+                "early": None if self._early is None else list(self._early)}
 
     def load_state_dict(self, state: dict) -> None:
         """Take over state_dict(); ValueError, and nothing taken, for anything that is not one."""
         mean, variance, seen, run = state.get("mean"), state.get("variance"), state.get("seen"), state.get("run")
+        early = state.get("early", [] if seen is not None and seen < self.warmup else None)    # (older checkpoints)
 
         def finite(value) -> bool:
             return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
         if not ((mean is None or finite(mean)) and finite(variance) and variance >= 0 and isinstance(seen, int)
-                and not isinstance(seen, bool) and seen >= 0 and isinstance(run, list) and all(map(finite, run))):
+                and not isinstance(seen, bool) and seen >= 0 and isinstance(run, list) and all(map(finite, run))
+                and (early is None or (isinstance(early, list) and all(map(finite, early))))):
             raise ValueError("loss_spike_detector: not a detector's state")
         self.mean, self.variance, self.seen = None if mean is None else float(mean), float(variance), seen
         self._run = [float(value) for value in run]
+        self._early = None if early is None else [float(value) for value in early]
 
     def _learn(self, loss: float) -> None:
         self.seen += 1

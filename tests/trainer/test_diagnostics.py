@@ -116,6 +116,26 @@ def test_a_loss_jump_is_a_spike_a_falling_noisy_loss_is_not_and_a_spike_does_not
     assert not any(early.observe(loss) for loss in [1.0] * 5 + [100.0])     # still warming up
 
 
+def test_a_spike_in_the_warmup_does_not_blind_the_detector_to_the_next_and_survives_a_resume():
+    """A bad first shard: its interval entered the running variance, and a second spike of the same size went
+    unflagged for 25 intervals past the warm-up (the trainer's own interval losses of such a run)."""
+    losses = [2.3 * 0.98 ** i + 0.02 * ((-1) ** i) for i in range(40)]
+    detector = LossSpikeDetector(z=6.0, warmup=10)
+    assert not detector.observe(32.5)                      # the first interval: nothing to judge it by yet
+    assert not any(detector.observe(loss) for loss in losses[:12])
+    resumed = LossSpikeDetector(z=6.0, warmup=10)
+    resumed.load_state_dict(detector.state_dict())
+    for watching in (detector, resumed):
+        assert watching.observe(32.5) and watching.spikes == 1
+    # Mid warm-up, carried over a checkpoint: the resumed process starts from the same warm-up intervals.
+    half, carried = LossSpikeDetector(z=6.0, warmup=10), LossSpikeDetector(z=6.0, warmup=10)
+    for loss in [32.5, *losses[:4]]:
+        half.observe(loss)
+    carried.load_state_dict(half.state_dict())
+    assert [half.observe(loss) for loss in [*losses[4:12], 32.5]] == \
+        [carried.observe(loss) for loss in [*losses[4:12], 32.5]] == [False] * 8 + [True]
+
+
 def test_a_lasting_rise_is_flagged_for_warmup_intervals_then_learnt_as_the_new_level():
     # Before, every interval after a lasting shift (a new data mix, a learning-rate restart) was a spike until
     # the job ended: a warning per interval and TrainerLossSpike firing for ever.
