@@ -290,12 +290,12 @@ async def job_stacks(request: Request) -> JSONResponse:
     hang watchdog wrote (`fresh: false`)."""
     server = _server(request)
     _allow_only(request, set())
-    job, path, before = await server.call(server.service.request_stacks, _caller(request),
-                                          request.path_params["job_id"])
+    job, path, before, asked_at = await server.call(server.service.request_stacks, _caller(request),
+                                                    request.path_params["job_id"])
     if before is None:
         answer = stacks.earlier(path, job["spec"].get("nproc", 1))
     else:
-        answer = await stacks.collect(path, before)
+        answer = await stacks.collect(path, before, asked_at)
     return JSONResponse({"job_id": job["job_id"], "state": job["state"], **answer})
 
 

@@ -33,10 +33,10 @@ class HangStacks:
         if job is None:
             return None
         try:
-            _, path, before = self.service.request_stacks(job.owner, job_id)
+            _, path, before, asked_at = self.service.request_stacks(job.owner, job_id)
         except ApiError:
             return None
-        return None if before is None else (path, before)
+        return None if before is None else (path, before, asked_at)
 
     async def round(self) -> None:
         if self.feed is None or self.feed.hung_jobs is None:
@@ -54,9 +54,9 @@ class HangStacks:
             asked = await self.call(self._ask, job_id)
             if asked is None:               # not one of this server's running jobs
                 continue
-            path, before = asked
+            path, before, asked_at = asked
             self.taken.add(job_id)
-            answer = await stacks.collect(path, before)
+            answer = await stacks.collect(path, before, asked_at)
             log.warning("job %s: TrainerHang fires: took the stacks of ranks %s (%s), missing %s", job_id,
                         [rank["rank"] for rank in answer["ranks"]], stacks.stacks_file(path, 0).parent,
                         answer["missing_ranks"] or "none")

@@ -167,28 +167,30 @@ class JobService:
         self.supervisor.tick()
         return self.store.get_job(job.id).public()
 
-    def request_stacks(self, caller: str | None, job_id: str) -> tuple[dict, Path, dict[int, int] | None]:
+    def request_stacks(self, caller: str | None, job_id: str) -> tuple[dict, Path, dict[int, int] | None, float]:
         """Ask a running job's ranks for their thread stacks: (the job, its directory, each rank's stacks-file
-        length before the request), the lengths None when no process was asked (the job is not running).
+        length before the request, when the ranks were asked), the lengths None when no process was asked (the
+        job is not running).
 
         Requests within stacks.ANSWER_SECONDS of the one that asked share its answer: the ranks are asked once
-        (a burst of requests is one dump in their files, and every caller gets that same dump)."""
+        (a burst of requests is one dump in their files, and every caller gets that same dump, taken when that
+        one asked)."""
         job = self.job(caller, job_id)
         path, nproc = self.supervisor.job_path(job.id), job.spec.get("nproc", 1)
         run = self.supervisor.runs.get(job.id)
         if job.state != "running" or run is None:
-            return job.public(), path, None
+            return job.public(), path, None, time.time()
         now = time.monotonic()
         asked = self._stacks_asked.get(job.id)
         if asked is not None and asked[1] is run and now - asked[0] < stacks.ANSWER_SECONDS:
-            return job.public(), path, asked[2]
-        before = stacks.sizes(path, nproc)
+            return job.public(), path, asked[2], asked[3]
+        before, asked_at = stacks.sizes(path, nproc), time.time()
         if not self.supervisor.executor.request_stacks(run):
-            return job.public(), path, None
+            return job.public(), path, None, asked_at
         self._stacks_asked = {other: entry for other, entry in self._stacks_asked.items()
                               if now - entry[0] < stacks.ANSWER_SECONDS}
-        self._stacks_asked[job.id] = (now, run, before)
-        return job.public(), path, before
+        self._stacks_asked[job.id] = (now, run, before, asked_at)
+        return job.public(), path, before, asked_at
 
     # ----- checkpoints and downloads -----------------------------------------------------------------
     def checkpoints(self, caller: str | None, job_id: str) -> dict:

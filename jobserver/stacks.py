@@ -3,8 +3,9 @@
 Each rank of a running job writes its stacks to `<job dir>/stacks.rank<N>.txt` when it gets SIGUSR2
 (trainer/watchdog.py; faulthandler writes from the signal handler, so a rank stuck in C, a collective or a
 sleep answers too). The job server notes how long each file is, asks every rank through its executor, and
-returns what each file gained. A job that is not running answers with the end of each file, which holds the
-stacks its own hang watchdog took, if any (`fresh: false`).
+returns what each file gained. A job that is not running answers with the end of each file, every dump its
+runs wrote there, oldest first: its hang watchdog's under a header, those taken on request without one
+(faulthandler writes them from the signal handler, which can add none) (`fresh: false`).
 """
 
 import asyncio
@@ -55,8 +56,10 @@ def sizes(job_path: Path, nproc: int) -> dict[int, int]:
     return {rank: _size(stacks_file(job_path, rank)) for rank in range(nproc)}
 
 
-async def collect(job_path: Path, before: dict[int, int]) -> dict:
-    """What each rank's file gained since `before`, once it stopped growing (or ANSWER_SECONDS passed)."""
+async def collect(job_path: Path, before: dict[int, int], asked_at: float | None = None) -> dict:
+    """What each rank's file gained since `before`, once it stopped growing (or ANSWER_SECONDS passed); taken
+    when the ranks were asked (`asked_at`, by default now)."""
+    asked_at = time.time() if asked_at is None else asked_at
     deadline = time.monotonic() + ANSWER_SECONDS
     last = dict(before)
     steady_since: dict[int, float] = {}
@@ -75,7 +78,7 @@ async def collect(job_path: Path, before: dict[int, int]) -> dict:
         await asyncio.sleep(POLL_SECONDS)
     grown = {rank: start if last[rank] > start else None for rank, start in before.items()}
     ranks, missing = _answers(job_path, grown)
-    return {"fresh": True, "taken_at": time.time(), "ranks": ranks, "missing_ranks": missing}
+    return {"fresh": True, "taken_at": asked_at, "ranks": ranks, "missing_ranks": missing}
 
 
 def earlier(job_path: Path, nproc: int) -> dict:

@@ -1,6 +1,7 @@
 """The supervisor's state machine with real processes, real signals, a real store and real result files, but a
 scripted stand-in for `trainmetrics train` (no torch: each case takes a fraction of a second)."""
 
+import asyncio
 import json
 import signal
 import sys
@@ -496,3 +497,19 @@ def test_withdrawing_an_endpoint_takes_only_one_of_the_jobs_ranks(tmp_path):
         with pytest.raises(ApiError, match="rank: one of the job's ranks"):
             service.withdraw_endpoint("two-ranks", "run-secret", rank)
     store.close()
+
+
+def test_requests_that_share_a_stacks_dump_share_when_it_was_taken(supervisor, monkeypatch):
+    """A request within 5 s of the one that asked the ranks gets that dump: its taken_at was its own time,
+    later than the stacks it showed (a hang that began between the two looked captured)."""
+    from trainmetrics.jobserver import stacks
+    from trainmetrics.jobserver.jobs import JobService, ServerSettings
+
+    submit(supervisor, "stacks-1")
+    service = JobService(ServerSettings(data_dir=supervisor.data_dir), supervisor.store, supervisor)
+    _, path, before, asked_at = service.request_stacks(None, "stacks-1")
+    time.sleep(0.3)
+    _, _, shared_before, shared_at = service.request_stacks(None, "stacks-1")
+    assert before is not None and shared_before == before and shared_at == asked_at < time.time() - 0.25
+    monkeypatch.setattr(stacks, "ANSWER_SECONDS", 0.1)
+    assert asyncio.run(stacks.collect(path, shared_before, shared_at))["taken_at"] == asked_at
