@@ -142,7 +142,8 @@ def analytics(client, job_id: str) -> dict:
 def killed_run(prometheus, job_id: str, checkpoint: int) -> dict[str, float]:
     """What the killed process did after the checkpoint it was resumed from, from its raw samples (the killed
     run is the process whose count stopped past the checkpoint short of the job's end): its steps at its last
-    scrape, its mean step time from its last scrape at or before the checkpoint's step to its last, and its
+    scrape, its mean step time from its last scrape at or before the checkpoint's step to its last (and its
+    longest step there, to its histogram bucket), and its
     evaluation seconds (it ran from the pause, within the first epoch, to the kill, within the second: its only
     evaluation is the first epoch's, right after the checkpoint at its end, which the resumed run did again)."""
     def raw(metric: str, labels: str = "") -> dict[str, dict[float, float]]:
@@ -157,8 +158,16 @@ def killed_run(prometheus, job_id: str, checkpoint: int) -> dict[str, float]:
     at_checkpoint = max(t for t in scraped if steps[killed][t] <= checkpoint)
     last = max(scraped)
     took = sums[killed][last] - sums[killed][at_checkpoint]
-    return {"steps": steps[killed][last],
-            "step_time": took / (counts[killed][last] - counts[killed][at_checkpoint]),
+    # The longest of those steps, to its histogram bucket: the smallest bound that holds all of them.
+    done = counts[killed][last] - counts[killed][at_checkpoint]
+    holding = []
+    for series in prometheus.query(f'trainer_step_duration_seconds_bucket{{job_id="{job_id}",instance="{killed}"}}'
+                                   "[10m]"):
+        values = {float(t): float(v) for t, v in series["values"]}
+        if values.get(last, 0.0) - values.get(at_checkpoint, 0.0) >= done:
+            holding.append(float(series["metric"]["le"]))
+    longest = min(holding)
+    return {"steps": steps[killed][last], "step_time": took / done, "longest_step": longest,
             "eval": evals[killed][last] - evals[killed][min(scraped)]}
 
 
@@ -226,7 +235,9 @@ def test_queued_paused_and_lost_time_are_what_happened(ledger_run, stack):
     killed = killed_run(prometheus, "gp-ledger", seen["checkpoint"])
     thrown_away = (killed["steps"] - seen["checkpoint"]) * killed["step_time"]
     assert thrown_away > 15 * STEP_SECONDS and killed["eval"] > 0
-    assert seconds["lost"] == pytest.approx(thrown_away + killed["eval"], abs=killed["step_time"] + 0.02)
+    # (Within one step: the longest after the checkpoint, to its bucket; on a loaded host a step, the one in
+    # flight at the last scrape too, can take several times the mean.)
+    assert seconds["lost"] == pytest.approx(thrown_away + killed["eval"], abs=killed["longest_step"] + 0.02)
     assert report["performance"]["total_steps"] == 200 and report["status"] == "completed"
     # Between the kill and the resume the job was failed in its analytics as in the job API.
     assert seen["analytics_after_kill"] == "failed" and seen["failed_alert"]
