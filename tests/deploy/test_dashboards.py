@@ -240,3 +240,34 @@ def test_the_job_stats_show_a_finished_resumed_jobs_final_figures(tmp_path):
                       + "    promql_expr_test:\n" + "\n".join(tests) + "\n")
     result = subprocess.run(["promtool", "test", "rules", str(config)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_data_wait_share_has_no_point_where_no_step_completed(tmp_path):
+    """A window with data waits and no completed step (an evaluation, the start) was +Inf, one with neither NaN."""
+    (target,) = [panel["targets"][0] for panel in all_dashboards()["training-job.json"]["panels"]
+                 if panel["title"] == "Data wait"]
+    expr = target["expr"].replace("$job_id", "w1").replace("$__rate_interval", "2m")
+    config = tmp_path / "data_wait_test.yml"
+    config.write_text(f"""evaluation_interval: 1m
+tests:
+  - interval: 1m
+    input_series:
+      - series: 'trainer_data_wait_seconds_sum{{job_id="w1"}}'
+        values: '0 6 12 18 24 30 30 30'
+      - series: 'trainer_step_duration_seconds_sum{{job_id="w1"}}'
+        values: '0 60 120 180 180 180 180 180'
+    promql_expr_test:
+      - expr: '{expr}'
+        eval_time: 2m
+        exp_samples:
+          - labels: '{{}}'
+            value: 0.1
+      - expr: '{expr}'
+        eval_time: 5m
+        exp_samples: []
+      - expr: '{expr}'
+        eval_time: 7m
+        exp_samples: []
+""")
+    result = subprocess.run(["promtool", "test", "rules", str(config)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -63,11 +63,13 @@ def build():
         .with_panel(timeseries_panel("Step time", "Step-time quantiles over 30 s (all ranks pooled).", "s",
                                      query(f"job_id:trainer_step_duration_seconds:histogram_quantile{{{JOB}}}",
                                            "p{{quantile}}")))
-        .with_panel(timeseries_panel("Data wait", "Share of step time spent waiting for the next batch.",
+        # (No point where no step completed in the window, at the start or in an evaluation: it was +Inf or NaN.)
+        .with_panel(timeseries_panel("Data wait", "Share of step time spent waiting for the next batch (no point "
+                                                  "where no step completed: an evaluation, a checkpoint).",
                                      "percentunit",
                                      query(f"sum(rate(trainer_data_wait_seconds_sum{{{JOB}}}[$__rate_interval])) / "
-                                           f"sum(rate(trainer_step_duration_seconds_sum{{{JOB}}}[$__rate_interval]))",
-                                           "data wait"), min_value=0, max_value=1))
+                                           f"(sum(rate(trainer_step_duration_seconds_sum{{{JOB}}}[$__rate_interval]))"
+                                           " > 0)", "data wait"), min_value=0, max_value=1))
         .with_panel(timeseries_panel("Model FLOPs utilisation", "Achieved FLOP/s ÷ device peak (where known).",
                                      "percentunit", query(f"trainer_model_flops_utilization_ratio{{{JOB}}}",
                                                           "MFU {{rank}}"), min_value=0))
