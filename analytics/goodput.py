@@ -49,6 +49,7 @@ class _Run:
     totals: dict[str, float]  # seconds per accounted phase, the job's (carried plus its own)
     stopped: bool             # it stopped on request, after a checkpoint (paused, cancelled)
     checkpointed: float | None = None   # its totals in all when its last checkpoint write ended
+    trained: bool = True      # it reached its training loop (a run stopped in its init or restore did not)
 
     @property
     def life(self) -> float:
@@ -82,7 +83,7 @@ def ledger(facts: JobFacts, found: dict[str, list[dict]]) -> shapes.Goodput:
         if process.instance in phases and process.instance in started_at and as_of is not None:
             runs.append(_Run(started_at[process.instance], as_of, phases[process.instance],
                              stopped=process.state in STOP_SIGNALS,
-                             checkpointed=checkpointed.get(process.instance)))
+                             checkpointed=checkpointed.get(process.instance), trained=process.start is not None))
     # The job server's end of the job (cancelled while queued or paused): the ledger runs to it.
     server_end = facts.latest.end if facts.latest is not None and facts.latest.ended_by_server else None
     if not runs:
@@ -102,9 +103,12 @@ def ledger(facts: JobFacts, found: dict[str, list[dict]]) -> shapes.Goodput:
             for name, value in setup.items():      # ...but its setup was setup (a run paused in its init)
                 thrown_setup[name] += value
             lost += max(0.0, after_snapshot - sum(setup.values()))
-        elif run.stopped:                          # resumed from the checkpoint written at the stop
+        elif run.stopped and not run.trained:      # stopped in its init or restore: no checkpoint, no step
+            thrown_setup["init"] += after_snapshot
+        elif run.stopped and run.checkpointed is None:     # resumed from the checkpoint written at the stop
             checkpoint_writes += after_snapshot
-        else:                                      # a failure or a kill: what followed its last checkpoint
+        else:       # a failure or a kill, or a stop without a checkpoint of its own (a loss spike's pause):
+            #         what followed its last checkpoint's write is lost
             written = min(after_snapshot, max(0.0, (run.checkpointed or after.carried) - after.carried))
             checkpoint_writes += written
             lost += after_snapshot - written

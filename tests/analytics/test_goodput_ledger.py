@@ -73,6 +73,35 @@ def test_a_run_thrown_away_whole_loses_what_it_trained_and_keeps_its_init_as_ini
     assert (in_init.seconds["init"], in_init.seconds["lost"]) == (9.0, 0.0)
 
 
+def test_the_steps_a_loss_spike_pause_threw_away_are_lost_not_checkpoint_time():
+    """Run a (100-130) wrote its last checkpoint at 20 s of its totals (the file's snapshot 19.8 s: its write
+    0.2 s), trained 10 s more, and paused on a loss spike without a checkpoint; run b (140-170) resumed from
+    that checkpoint. The 10 s were counted as checkpoint time (a stop was taken to have written one)."""
+    a = {"init": 2.0, "compute": 20.0, "data_wait": 3.0, "checkpoint": 5.0}                     # 30 s: its life
+    b = {"init": 4.0, "restore": 1.0, "compute": 37.0, "data_wait": 4.8, "checkpoint": 3.0}    # 19.8 + 30
+    body = ledger(facts(Process("a", start=100.0, end=130.0, state="paused"),
+                        Process("b", start=140.0, end=170.0, state="completed")),
+                  found({"a": (100.0, a), "b": (140.0, b)}, submitted=90.0, checkpointed={"a": 20.0}))
+    assert body.seconds["lost"] == pytest.approx(10.0) and body.seconds["checkpoint"] == pytest.approx(3.2)
+    assert sum(body.seconds.values()) == pytest.approx(body.wall_clock_seconds) == 80.0
+
+
+def test_a_resumed_run_stopped_in_its_init_counts_as_init_not_checkpoint():
+    """Run a (100-130) paused after its stop checkpoint (snapshot 29.5 s); run b (140-150) resumed from it and
+    was paused again in its init, before its first step (no start, no checkpoint); run c (160-190) resumed from
+    the same checkpoint. b's 10 s were counted as checkpoint time."""
+    a = {"init": 2.0, "compute": 20.0, "data_wait": 3.0, "checkpoint": 5.0}
+    b = {"init": 11.0, "restore": 1.0, "compute": 20.0, "data_wait": 3.0, "checkpoint": 4.5}   # 29.5 + 10
+    c = {"init": 6.0, "restore": 2.0, "compute": 40.0, "data_wait": 7.0, "checkpoint": 4.5}    # 29.5 + 30
+    body = ledger(facts(Process("a", start=100.0, end=130.0, state="paused"),
+                        Process("b", start=None, end=150.0, state="paused", last_seen=150.0, process_start=140.0),
+                        Process("c", start=160.0, end=190.0, state="completed")),
+                  found({"a": (100.0, a), "b": (140.0, b), "c": (160.0, c)}, submitted=90.0))
+    assert body.seconds["checkpoint"] == pytest.approx(5.0) and body.seconds["lost"] == 0.0
+    assert body.seconds["init"] == pytest.approx(16.0) and body.seconds["paused"] == pytest.approx(20.0)
+    assert sum(body.seconds.values()) == pytest.approx(body.wall_clock_seconds) == 100.0
+
+
 def test_a_job_cancelled_while_queued_is_all_queued_to_the_cancel():
     """No process ever ran: the job server's end of it (its own series: state, submission, end) is all there is.
     It had no ledger ("a trainer before the ledger") and stayed `queued` to the analytics for good."""
