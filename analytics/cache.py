@@ -72,7 +72,6 @@ async def cached_jobs_analytics(client: PrometheusClient, cache: AnalyticsCache,
         await _from_prometheus(client, cache, entries, lookback)
     except PrometheusError:
         # Prometheus cannot answer (nor say whether a cached job resumed): answered from the stored reports
-        # when every job asked for has one.
         # when every job asked for has one of the caller's (another owner's stored job answers as an unknown
         # one does: a 404 for it, a 503 for the unknown, told one owner which ids another owner used).
         entries = await _stored_entries(archive, list(entries))

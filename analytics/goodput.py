@@ -107,8 +107,8 @@ def ledger(facts: JobFacts, found: dict[str, list[dict]]) -> shapes.Goodput:
             thrown_setup["init"] += after_snapshot
         elif run.stopped and run.checkpointed is None:     # resumed from the checkpoint written at the stop
             checkpoint_writes += after_snapshot
-        else:       # a failure or a kill, or a stop without a checkpoint of its own (a loss spike's pause):
-            #         what followed its last checkpoint's write is lost
+        else:   # a failure or a kill, or a stop whose last checkpoint write is known (a loss spike's pause writes
+            #     none at its stop): that write is checkpoint time, what followed it lost
             written = min(after_snapshot, max(0.0, (run.checkpointed or after.carried) - after.carried))
             checkpoint_writes += written
             lost += after_snapshot - written

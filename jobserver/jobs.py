@@ -260,7 +260,8 @@ class JobService:
         """A job process is done being scraped."""
         job = self._reporting_job(job_id, token)
         # As register_endpoint asks: a rank of 30 digits overflowed SQLite's integer (a 500).
-        if not (rank and rank.isascii() and rank.isdigit() and len(rank) < 10 and int(rank) < job.spec.get("nproc", 1)):
+        ranks = job.spec.get("nproc", 1)
+        if not (rank and rank.isascii() and rank.isdigit() and len(rank) < 10 and int(rank) < ranks):
             raise ApiError(400, "bad_request", "rank: one of the job's ranks")
         self.store.remove_endpoints(job.id, int(rank))
 

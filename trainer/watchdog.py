@@ -27,7 +27,7 @@ log = logging.getLogger("trainmetrics.trainer")
 MIN_HANG_SECONDS = 60.0
 HANG_FACTOR = 10.0
 CHECK_SECONDS = 5.0
-# A check this much later than due means the watchdog itself could not run (with 2 x its interval).
+# A check later than due by more than this (and by more than 2 check intervals): the watchdog could not run.
 STARVED_SECONDS = 1.0
 # The recent step times: bucket counts over this many checks (a minute at 5 s).
 WINDOW_CHECKS = 12
