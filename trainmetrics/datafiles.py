@@ -51,6 +51,9 @@ def read_csv(path: Path, target: str = DEFAULT_TARGET) -> tuple[np.ndarray, np.n
             if not header or all(not cell.strip() for cell in header):
                 raise DatasetError(f"{path}: empty file (expected a header row)")
             header = [cell.strip() for cell in header]
+            if header.count(target) > 1:        # which one is the target? (the first was, unsaid)
+                raise DatasetError(f"{path}: {header.count(target)} columns are named {target[:40]!r}: the target "
+                                   "column's name must be unique")
             if target not in header:
                 raise TargetColumnError(f"{path}: no target column {target[:40]!r} among its {len(header)} columns "
                                         f"({first_columns(header)})")

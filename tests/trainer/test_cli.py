@@ -33,6 +33,9 @@ BAD_INPUTS = {
     "non-numeric csv": (lambda t: ["--dataset", bad_csv(t, "n.csv", "a,b,label\n1,2,0\n1,x,1\n")],
                         "line 3: non-numeric value 'x'"),
     "empty csv": (lambda t: ["--dataset", bad_csv(t, "e.csv", "")], "empty file"),
+    # Two columns named as the target: the first was taken, unsaid.
+    "csv with two target columns": (lambda t: ["--dataset", bad_csv(t, "d.csv", "a,label,label\n1,0,1\n2,1,0\n")],
+                                    ("--dataset: ", "2 columns are named 'label'")),
     "csv without label": (lambda t: ["--dataset", bad_csv(t, "l.csv", "a,b\n1,2\n3,4\n")],
                           ("--target: ", "no target column 'label' among its 2 columns (a, b)")),
     # A wide header is named by its first columns and a count, not dumped whole.
