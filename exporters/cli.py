@@ -107,6 +107,12 @@ def job_dir_flag(value: str | None) -> Path:
         os.listdir(path)
     except OSError as error:
         raise FlagError("--job-dir", f"{value!r} is not readable: {error.strerror or error}") from None
+    # Resolved: the energy accounts are kept next to the directory (job_energy.state_file_for), which `.` has
+    # no name to be next to (a traceback), and `jobs/sub/..` put them in a subdirectory any job's user may write.
+    path = path.resolve()
+    if path.parent == path:
+        raise FlagError("--job-dir", f"{value!r} is the root directory: give the job directory a directory of its "
+                                     "own (the exporter keeps its energy accounts beside it)")
     return path
 
 

@@ -70,6 +70,26 @@ def test_unreadable_job_dir_exits_2_with_one_line(tmp_path):
     assert_one_line_error(result, f"--job-dir: '{blocker}' is not a directory")
 
 
+def test_a_relative_job_dir_is_resolved_and_the_root_refused(tmp_path):
+    """`--job-dir .` was a traceback (the energy accounts go beside the directory: `.` has no name), and
+    `--job-dir jobs/sub/..` put them inside the job directory, where any job's user may write."""
+    jobs = tmp_path / "jobs"
+    (jobs / "sub").mkdir(parents=True)
+    assert cli.job_dir_flag(str(jobs / "sub" / "..")) == jobs
+    process = subprocess.Popen(exporter_command("--listen", f"127.0.0.1:{free_port()}", "--job-dir", ".",
+                                                "--no-collector.gpu"), cwd=jobs, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(3)
+        assert process.poll() is None, process.communicate()[1]
+    finally:
+        process.send_signal(signal.SIGTERM)
+        stderr = process.communicate(timeout=30)[1]
+    assert process.returncode == 0 and "Traceback" not in stderr, stderr
+    assert_one_line_error(run_exporter("--job-dir", "/", "--listen", f"127.0.0.1:{free_port()}"),
+                          "--job-dir: '/' is the root directory")
+
+
 def test_help_explains_every_option_and_says_each_default_once():
     result = run_exporter("--help")
     assert result.returncode == 0, result.stderr
