@@ -17,7 +17,7 @@ import psutil
 
 from trainmetrics.contract import STACKS_SIGNAL, STOP_SIGNALS
 from trainmetrics.jobfiles import LOG_NAME
-from trainmetrics.jobserver.executors import Run
+from trainmetrics.jobserver.executors import ExecutorUnavailable, Run
 
 log = logging.getLogger("trainmetrics.server")
 
@@ -42,7 +42,11 @@ class LocalExecutor:
 
     def start(self, job_id: str, nproc: int, train_args: list[str], job_dir: Path, env: dict[str, str]) -> Run:
         """Start the job's process with its output appended to job_dir/train.log and `env` added to its
-        environment."""
+        environment. A process of the job left running is killed first: a server killed between starting a run
+        and recording it (the job still queued) left it unsupervised, and the job would have run twice."""
+        if not _kill_leftovers(Run(job_id, None, job_dir, None), "an earlier start that no server recorded left"):
+            raise ExecutorUnavailable(f"a process of job {job_id} left running by an earlier start survived "
+                                      "SIGKILL; the start is tried again")
         with open(job_dir / LOG_NAME, "ab") as log_file:
             process = subprocess.Popen(self.command(nproc, train_args), stdout=log_file, stderr=subprocess.STDOUT,
                                        stdin=subprocess.DEVNULL, start_new_session=True, env={**os.environ, **env})
@@ -142,13 +146,13 @@ def kill_processes(processes: list[psutil.Process], wait: float = KILL_WAIT_SECO
     return alive
 
 
-def _kill_leftovers(run: Run) -> bool:
+def _kill_leftovers(run: Run, left_by: str = "its launcher ended and left") -> bool:
     """Kill what a run whose launcher ended left running (nothing, for a single process: it was the
     trainer); True when nothing is left."""
     leftovers = run_processes(run)
     if not leftovers:
         return True
-    log.warning("job %s: its launcher ended and left trainer processes %s running: killed", run.job_id,
+    log.warning("job %s: %s trainer processes %s running: killed", run.job_id, left_by,
                 ", ".join(str(process.pid) for process in leftovers))
     return not kill_processes(leftovers)
 

@@ -513,3 +513,18 @@ def test_requests_that_share_a_stacks_dump_share_when_it_was_taken(supervisor, m
     assert before is not None and shared_before == before and shared_at == asked_at < time.time() - 0.25
     monkeypatch.setattr(stacks, "ANSWER_SECONDS", 0.1)
     assert asyncio.run(stacks.collect(path, shared_before, shared_at))["taken_at"] == asked_at
+
+
+def test_a_run_no_server_recorded_is_killed_before_its_job_starts(supervisor):
+    """The server killed between starting a job's process and recording it: the job was still queued, the next
+    server started it again, and two processes trained it at once (the first unsupervised, unscraped: its
+    endpoint secret was replaced), beyond --max-concurrent."""
+    queue(supervisor, "twice")
+    job = supervisor.store.get_job("twice")
+    supervisor.job_path(job.id).mkdir(parents=True, exist_ok=True)
+    orphan = supervisor.executor.start(job.id, 1, supervisor.train_args(job), supervisor.job_path(job.id), {})
+    assert supervisor.store.get_job("twice").state == "queued"      # what the killed server left
+    supervisor.tick()
+    assert supervisor.store.get_job("twice").state == "running"
+    assert orphan.process.wait(timeout=10) == -signal.SIGKILL
+    assert supervisor.runs["twice"].pid != orphan.pid and supervisor.runs["twice"].process.poll() is None
