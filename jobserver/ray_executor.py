@@ -131,6 +131,7 @@ class RayExecutor:
         if self._quiet():
             raise ExecutorUnavailable("Ray did not answer lately")
         submission = self._unconfirmed.get(job_id) or f"{job_id}-{time.time_ns()}"
+        self._stop_unrecorded(job_id, job_dir, submission)
         try:
             self.client.submit_job(entrypoint=self.entrypoint(nproc, train_args, job_dir), submission_id=submission,
                                    runtime_env={"env_vars": env}, metadata={"trainmetrics_job_id": job_id})
@@ -146,6 +147,25 @@ class RayExecutor:
                 raise
         self._unconfirmed.pop(job_id, None)
         return Run(job_id, submission, job_dir)
+
+    def _stop_unrecorded(self, job_id: str, job_dir: Path, submission: str) -> None:
+        """Stop the job's submissions Ray still runs but no server recorded (a server killed between submitting
+        a run and recording it left the job queued: started again, it ran twice). They are told apart by the
+        job's directory in their entrypoint (another server's job may share the id, never the directory)."""
+        try:
+            listed = self.client.list_jobs()
+        except Exception as error:      # the submission that follows says whether Ray answers
+            log.warning("job %s: cannot list Ray's submissions to find one no server recorded: %s", job_id,
+                        _one_line(error))
+            return
+        marker = f"--job-dir {shlex.quote(str(job_dir))} "
+        for details in listed:
+            if (details.submission_id != submission and not JobStatus(details.status).is_terminal()
+                    and (details.metadata or {}).get("trainmetrics_job_id") == job_id
+                    and marker in (details.entrypoint or "")):
+                log.warning("job %s: Ray still runs its submission %s, which no server recorded (one killed as it "
+                            "submitted it): stopped before the job starts again", job_id, details.submission_id)
+                self._stop(job_id, details.submission_id)
 
     def adopt(self, job_id: str, handle: str | None, job_dir: Path) -> Run | None:
         """A run a previous server submitted, if Ray still runs it."""

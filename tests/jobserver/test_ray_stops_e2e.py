@@ -111,3 +111,40 @@ def test_each_rank_asks_ray_for_a_gpu_unless_the_job_is_on_the_cpu(ray_server, d
         assert log.count(", GPU [") == 2, log[:2000]
     else:
         assert ", GPU [" not in log
+
+
+def test_a_submission_no_server_recorded_is_stopped_before_its_job_starts(ray_cluster, tmp_path):
+    """A server killed between submitting a run to Ray and recording it left the job queued: the next server
+    submitted it again, and both trained it (the first unsupervised, unscraped). The job's submissions Ray still
+    runs, found by the job's directory in their entrypoint, are stopped first."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    from trainmetrics.jobserver.ray_executor import RayExecutor
+    from trainmetrics.jobserver.store import JobRecord, JobStore
+    from trainmetrics.jobserver.supervisor import Supervisor
+
+    ray, client = RayExecutor(ray_cluster.dashboard), JobSubmissionClient(ray_cluster.dashboard)
+    store = JobStore(tmp_path / "db.sqlite")
+    supervisor = Supervisor(store, tmp_path, None, max_concurrent=1, executor=ray)
+    store.add_job(JobRecord(id="twice", owner="default", name="twice", state="queued",
+                            spec={"model": "mlp", "dataset": "blobs", "dataset_path": "blobs", "nproc": 1,
+                                  "epochs": 1000}))
+    job = store.get_job("twice")
+    supervisor.job_path(job.id).mkdir(parents=True, exist_ok=True)
+    orphan = ray.start(job.id, 1, supervisor.train_args(job), supervisor.job_path(job.id), {})
+    runs = [orphan.handle]
+    try:
+        supervisor.tick()
+        assert store.get_job("twice").state == "running"
+        runs.append(supervisor.runs["twice"].handle)
+        assert runs[1] != orphan.handle
+        deadline = time.monotonic() + 60
+        while not JobStatus(client.get_job_status(orphan.handle)).is_terminal():
+            assert time.monotonic() < deadline, "the unrecorded submission still runs"
+            time.sleep(0.5)
+        assert client.get_job_status(orphan.handle) == JobStatus.STOPPED
+        assert not JobStatus(client.get_job_status(runs[1])).is_terminal()
+    finally:
+        for handle in runs:
+            client.stop_job(handle)
+        store.close()
