@@ -147,8 +147,8 @@ def kill_processes(processes: list[psutil.Process], wait: float = KILL_WAIT_SECO
 
 
 def _kill_leftovers(run: Run, left_by: str = "its launcher ended and left") -> bool:
-    """Kill what a run whose launcher ended left running (nothing, for a single process: it was the
-    trainer); True when nothing is left."""
+    """Kill the run's processes left running (`left_by` says whose: a launcher that ended, for a single process
+    nothing, it was the trainer; or an earlier start no server recorded); True when nothing is left."""
     leftovers = run_processes(run)
     if not leftovers:
         return True
