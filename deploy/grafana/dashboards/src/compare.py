@@ -1,14 +1,9 @@
 """Compare: several jobs side by side: learning curves and throughput overlaid, and a summary table."""
 
-from panels import label_variable, new_dashboard, query, row, table_panel, timeseries_panel
+from panels import (RANK0, duration, label_variable, new_dashboard, newest_run, query, row, table_panel,
+                    timeseries_panel)
 
 JOBS = 'job_id=~"$job_id"'
-RANK0 = 'rank=~"0|"'
-LAST_START = f"max by (job_id) (last_over_time(trainer_job_start_timestamp_seconds{{{JOBS}}}[$__range]))"
-LAST_END = f"max by (job_id) (last_over_time(trainer_job_end_timestamp_seconds{{{JOBS}}}[$__range]))"
-# The processes of a job's newest run: seen after that run started (a resumed job's earlier runs ended before).
-NEWEST_RUN = (f"and on (job_id, instance, rank) (last_over_time(trainer_heartbeat_timestamp_seconds{{{JOBS}}}"
-              f"[$__range]) >= on (job_id) group_left {LAST_START})")
 
 
 def build():
@@ -40,15 +35,13 @@ def build():
             # end faster than the scrape are not all sampled.
             query(f"min by (job_id) (last_over_time(trainer_loss_min{{{JOBS}}}[$__range]))", "", "best_loss",
                   instant=True, table_format=True),
-            # A resumed job has a process per run: only the newest run's counts (NEWEST_RUN), and none where its
+            # A resumed job has a process per run: only the newest run's counts (newest_run), and none where its
             # last interval's loss was NaN (trainer_loss keeps the last finite one).
             query(f"max by (job_id) ((last_over_time(trainer_loss{{{JOBS},{RANK0}}}[$__range]) unless on (job_id, "
-                  f"instance, rank) (last_over_time(trainer_loss_finite{{{JOBS}}}[$__range]) == 0)) {NEWEST_RUN})",
+                  f"instance, rank) (last_over_time(trainer_loss_finite{{{JOBS}}}[$__range]) == 0)) "
+                  f"{newest_run(JOBS)})",
                   "", "final_loss", instant=True, table_format=True),
             query(f"max by (job_id) (last_over_time(trainer_eval_accuracy_ratio{{{JOBS}}}[$__range]))", "",
                   "accuracy", instant=True, table_format=True),
-            query(f"({LAST_END} >= on (job_id) {LAST_START} or on (job_id) max by (job_id) (last_over_time("
-                  f"trainer_heartbeat_timestamp_seconds{{{JOBS},{RANK0}}}[$__range]))) - on (job_id) min by (job_id) "
-                  f"(last_over_time(trainer_job_start_timestamp_seconds{{{JOBS}}}[$__range]))",
-                  "", "duration_seconds", instant=True, table_format=True)))
+            query(duration(JOBS), "", "duration_seconds", instant=True, table_format=True)))
     )

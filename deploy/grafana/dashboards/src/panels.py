@@ -11,6 +11,31 @@ MIN_INTERVAL = "1s"
 REFRESH_INTERVALS = ["1s", "5s", "10s", "30s", "1m", "5m"]
 
 
+# ----- a job's runs (the Training job and Compare dashboards): `jobs` is a job_id matcher ---------------------
+RANK0 = 'rank=~"0|"'
+
+
+def last_start(jobs: str) -> str:
+    """Each job's newest run's start of training in the time range."""
+    return f"max by (job_id) (last_over_time(trainer_job_start_timestamp_seconds{{{jobs}}}[$__range]))"
+
+
+def newest_run(jobs: str) -> str:
+    """`and` the processes of each job's newest run: seen after that run started (a resumed job's earlier runs
+    ended before)."""
+    return (f"and on (job_id, instance, rank) (last_over_time(trainer_heartbeat_timestamp_seconds{{{jobs}}}"
+            f"[$__range]) >= on (job_id) group_left {last_start(jobs)})")
+
+
+def duration(jobs: str) -> str:
+    """Each job's first start to its last end, or to rank 0's last heartbeat while its newest run has not ended
+    (a resumed job's pauses included)."""
+    last_end = f"max by (job_id) (last_over_time(trainer_job_end_timestamp_seconds{{{jobs}}}[$__range]))"
+    return (f"({last_end} >= on (job_id) {last_start(jobs)} or on (job_id) max by (job_id) (last_over_time("
+            f"trainer_heartbeat_timestamp_seconds{{{jobs},{RANK0}}}[$__range]))) - on (job_id) min by (job_id) "
+            f"(last_over_time(trainer_job_start_timestamp_seconds{{{jobs}}}[$__range]))")
+
+
 def new_dashboard(title: str, uid: str, description: str, tags: list[str]) -> dashboard.Dashboard:
     """A dashboard with the Prometheus datasource variable, a 1 s refresh option and our tags."""
     return (

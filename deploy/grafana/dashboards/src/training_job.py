@@ -2,14 +2,10 @@
 
 from grafana_foundation_sdk.models.common import BigValueTextMode
 
-from panels import alert_annotation, label_variable, new_dashboard, query, row, stat_panel, timeseries_panel
+from panels import (alert_annotation, duration, label_variable, new_dashboard, newest_run, query, row, stat_panel,
+                    timeseries_panel)
 
 JOB = 'job_id="$job_id"'
-LAST_START = f"max(last_over_time(trainer_job_start_timestamp_seconds{{{JOB}}}[$__range]))"
-LAST_END = f"max(last_over_time(trainer_job_end_timestamp_seconds{{{JOB}}}[$__range]))"
-# The processes of the job's newest run: seen after that run started (a resumed job's earlier runs ended before).
-NEWEST_RUN = (f"and on (instance, rank) (last_over_time(trainer_heartbeat_timestamp_seconds{{{JOB}}}[$__range]) "
-              f">= scalar({LAST_START}))")
 
 
 def build():
@@ -30,7 +26,7 @@ def build():
                                         "for a job waiting to run); a killed process's last, running: the job "
                                         "API and the analytics say how it ended.", "none",
                                query(f"max by (state) ((last_over_time(trainer_job_state{{{JOB}}}[$__range]) == 1) "
-                                     f"{NEWEST_RUN}) or on () max by (state) (last_over_time("
+                                     f"{newest_run(JOB)}) or on () max by (state) (last_over_time("
                                      f"trainer_job_state{{{JOB}}}[$__range]) == 1)", "{{state}}", instant=True),
                                text_mode=BigValueTextMode.NAME))
         .with_panel(stat_panel("Steps", "Optimizer steps completed.", "short",
@@ -40,13 +36,11 @@ def build():
                                      instant=True)))
         .with_panel(stat_panel("Eval accuracy", "Accuracy at the last evaluation.", "percentunit",
                                query(f"max(last_over_time(trainer_eval_accuracy_ratio{{{JOB}}}[$__range]) "
-                                     f"{NEWEST_RUN}) or max(last_over_time(trainer_eval_accuracy_ratio{{{JOB}}}"
+                                     f"{newest_run(JOB)}) or max(last_over_time(trainer_eval_accuracy_ratio{{{JOB}}}"
                                      "[$__range]))", instant=True)))
         .with_panel(stat_panel("Duration", "Running time so far, or first start to last end for a finished job "
                                            "(a paused and resumed job's pauses included).", "s",
-                               query(f"({LAST_END} >= {LAST_START} or max(last_over_time("
-                                     f"trainer_heartbeat_timestamp_seconds{{{JOB}}}[$__range]))) - min(last_over_time("
-                                     f"trainer_job_start_timestamp_seconds{{{JOB}}}[$__range]))", instant=True)))
+                               query(f"max({duration(JOB)})", instant=True)))
         .with_panel(stat_panel("Checkpoints", "Checkpoints written.", "short",
                                query(f"max(last_over_time(trainer_checkpoints_total{{{JOB}}}[$__range]))",
                                      instant=True)))
