@@ -38,12 +38,11 @@ MAX_HISTORY_READS = 8
 def quote_job_id(job_id: str) -> str:
     """The job id as a PromQL string literal, after the allowlist check (ValueError when it fails).
 
-    The allowlist admits no quote, backslash or control character; escaping them anyway keeps this the
-    one correct place should the allowlist ever widen.
+    The allowlist admits no quote, backslash or control character; quoting through quote_label_value anyway
+    keeps one correct place should the allowlist ever widen.
     """
     validate_job_id(job_id)
-    escaped = job_id.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-    return f'"{escaped}"'
+    return quote_label_value(job_id)
 
 
 def quote_label_value(value: str) -> str:
