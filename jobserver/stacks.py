@@ -3,23 +3,33 @@
 Each rank of a running job writes its stacks to `<job dir>/stacks.rank<N>.txt` when it gets SIGUSR2
 (trainer/watchdog.py; faulthandler writes from the signal handler, so a rank stuck in C, a collective or a
 sleep answers too). The job server notes how long each file is, asks every rank through its executor, and
-returns what each file gained. A job that is not running answers with the end of each file, every dump its
-runs wrote there, oldest first: its hang watchdog's under a header, those taken on request without one
-(faulthandler writes them from the signal handler, which can add none) (`fresh: false`).
+returns what each file gained once its dump has ended (`complete`: its last line seen, DUMP_END). A job that
+is not running answers with the end of each file, every dump its runs wrote there, oldest first: its hang
+watchdog's under a header, those taken on request without one (faulthandler writes them from the signal
+handler, which can add none) (`fresh: false`).
 """
 
 import asyncio
 import os
+import re
 import stat
 import time
 from pathlib import Path
 
 from trainmetrics.jobfiles import open_regular, stacks_path
 
-# How long the ranks get to answer, and how long a file must stop growing to count as written.
+# How long the ranks get to answer.
 ANSWER_SECONDS = 5.0
-SETTLED_SECONDS = 0.2
 POLL_SECONDS = 0.05
+# A whole dump ends with the main thread's outermost frame: faulthandler writes the threads newest first, so the
+# main thread last, and every rank is a `python -m` program (`trainmetrics train`, alone, under torchrun or on
+# Ray), whose outermost frame is runpy's. A file that stopped growing is no sign: faulthandler writes a dump in
+# hundreds of small writes from the signal handler, and a rank on a loaded machine can be descheduled (or its
+# write blocked) for longer than any pause between two of them.
+DUMP_END = re.compile(rb" in _run_module_as_main\n\Z")
+# A dump that ends otherwise (a main thread deeper than faulthandler's 100 frames ends with "  ...") is taken as
+# it is once its file has not grown for this long, marked incomplete.
+QUIET_SECONDS = 2.0
 # At most this much of each rank's stacks is returned (a dump of a few hundred threads is far less).
 MAX_STACK_BYTES = 256 * 1024
 
@@ -57,28 +67,36 @@ def sizes(job_path: Path, nproc: int) -> dict[int, int]:
 
 
 async def collect(job_path: Path, before: dict[int, int], asked_at: float | None = None) -> dict:
-    """What each rank's file gained since `before`, once it stopped growing (or ANSWER_SECONDS passed); taken
-    when the ranks were asked (`asked_at`, by default now)."""
+    """What each rank's file gained since `before`, once its dump ended (or its file stopped growing for
+    QUIET_SECONDS, or ANSWER_SECONDS passed); taken when the ranks were asked (`asked_at`, by default now)."""
     asked_at = time.time() if asked_at is None else asked_at
     deadline = time.monotonic() + ANSWER_SECONDS
     last = dict(before)
-    steady_since: dict[int, float] = {}
+    grown_at: dict[int, float] = {}
     while time.monotonic() < deadline:
         now = time.monotonic()
         for rank in before:
             size = _size(stacks_file(job_path, rank))
             if size != last[rank]:
-                last[rank] = size
-                steady_since.pop(rank, None)
-            elif size > before[rank]:
-                steady_since.setdefault(rank, now)
-        if all(now - steady_since.get(rank, now) >= SETTLED_SECONDS for rank in before) and \
-                len(steady_since) == len(before):
+                last[rank], grown_at[rank] = size, now
+        waiting = [rank for rank in before if last[rank] <= before[rank] or
+                   (now - grown_at[rank] < QUIET_SECONDS and not _ends_a_dump(stacks_file(job_path, rank)))]
+        if not waiting:
             break
         await asyncio.sleep(POLL_SECONDS)
     grown = {rank: start if last[rank] > start else None for rank, start in before.items()}
     ranks, missing = _answers(job_path, grown)
     return {"fresh": True, "taken_at": asked_at, "ranks": ranks, "missing_ranks": missing}
+
+
+def _ends_a_dump(path: Path) -> bool:
+    """True when the file's last line is a dump's last (DUMP_END)."""
+    try:
+        with os.fdopen(open_regular(path, os.O_RDONLY), "rb") as file:
+            file.seek(max(0, file.seek(0, 2) - 256))
+            return DUMP_END.search(file.read()) is not None
+    except OSError:
+        return False
 
 
 def earlier(job_path: Path, nproc: int) -> dict:
@@ -97,5 +115,5 @@ def _answers(job_path: Path, starts: dict[int, int | None]) -> tuple[list[dict],
         if stacks is None:
             missing.append(rank)
         else:
-            ranks.append({"rank": rank, "stacks": stacks})
+            ranks.append({"rank": rank, "stacks": stacks, "complete": DUMP_END.search(stacks.encode()) is not None})
     return ranks, missing

@@ -128,6 +128,7 @@ def test_a_stalled_rank_is_named_to_alertmanager_within_90_s_and_its_stacks_show
     assert answer.status_code == 200, answer.text
     stacks = {rank["rank"]: rank["stacks"] for rank in answer.json()["ranks"]}
     assert answer.json()["fresh"] and answer.json()["missing_ranks"] == []
+    assert all(rank["complete"] for rank in answer.json()["ranks"])
     assert "before_forward" in stacks[1] and "faults.py" in stacks[1]     # rank 1: in its stall
     assert "backward" in stacks[0] and "before_forward" not in stacks[0]  # rank 0: in DDP's all-reduce
     phase = prometheus.query('trainer_phase{job_id="diag-stall",rank="0",phase="collective"}')

@@ -420,6 +420,7 @@ def test_multi_process_job_pauses_resumes_and_completes_as_one_job(tmp_path, exe
         stacks = answers[0]
         assert stacks["fresh"] and stacks["missing_ranks"] == [] and [r["rank"] for r in stacks["ranks"]] == [0, 1]
         assert all("runner.py" in r["stacks"] and "(most recent call first)" in r["stacks"] for r in stacks["ranks"])
+        assert all(r["complete"] for r in stacks["ranks"])
         assert all(answer["ranks"] == stacks["ranks"] for answer in answers), answers
         assert [f.read_text().count(" in run_job\n") for f in files] == [n + 1 for n in dumps_before]
         assert client.post("/api/training/jobs/ddp-s1/pause").status_code == 202

@@ -1,0 +1,66 @@
+"""The stacks route's reading of the ranks' dumps: a dump is served whole, however its writer is paced."""
+
+import asyncio
+import subprocess
+import sys
+import threading
+import time
+
+from trainmetrics.jobserver import stacks
+
+# A program run as `python -m`, as every rank is, dumping all its threads as the signal handler does.
+DUMPER = """
+import faulthandler, sys, threading, time
+threading.Thread(target=time.sleep, args=(5,), daemon=True).start()
+faulthandler.dump_traceback(file=sys.stdout, all_threads=True)
+"""
+
+
+def real_dump(tmp_path) -> bytes:
+    (tmp_path / "dumper.py").write_text(DUMPER)
+    return subprocess.run([sys.executable, "-m", "dumper"], cwd=tmp_path, capture_output=True, check=True).stdout
+
+
+def write_in_pieces(path, pieces, pause):
+    def write():
+        with open(path, "ab") as file:
+            for piece in pieces:
+                file.write(piece)
+                file.flush()
+                time.sleep(pause)
+    writer = threading.Thread(target=write)
+    writer.start()
+    return writer
+
+
+def test_a_dump_whose_writer_pauses_mid_line_is_served_whole(tmp_path):
+    """A rank descheduled mid-dump for longer than 0.2 s was taken as done: the answer cut its stacks
+    mid-line (`File `), and the main thread, the one that shows where it was, was never served."""
+    dump = real_dump(tmp_path)
+    assert dump.count(b"(most recent call first)") == 2 and stacks.DUMP_END.search(dump)
+    (tmp_path / "stacks.rank0.txt").write_bytes(b"an earlier dump\n")
+    before = stacks.sizes(tmp_path, 1)
+    middle = dump.index(b"  File ") + len(b"  File ")
+    writer = write_in_pieces(tmp_path / "stacks.rank0.txt", [dump[:middle], dump[middle:]], pause=0.8)
+    answer = asyncio.run(stacks.collect(tmp_path, before))
+    writer.join()
+    assert answer["missing_ranks"] == []
+    assert answer["ranks"] == [{"rank": 0, "stacks": dump.decode(), "complete": True}]
+
+
+def test_a_dump_that_never_reaches_its_end_is_served_marked_incomplete(tmp_path, monkeypatch):
+    monkeypatch.setattr(stacks, "QUIET_SECONDS", 0.3)
+    dump = real_dump(tmp_path)
+    cut = dump[:dump.rindex(b"  File ")]
+    before = stacks.sizes(tmp_path, 1)
+    write_in_pieces(tmp_path / "stacks.rank0.txt", [cut], pause=0).join()
+    answer = asyncio.run(stacks.collect(tmp_path, before))
+    assert answer["ranks"] == [{"rank": 0, "stacks": cut.decode(), "complete": False}]
+
+
+def test_a_stopped_jobs_stacks_say_whether_their_last_dump_is_whole(tmp_path):
+    dump = real_dump(tmp_path)
+    (tmp_path / "stacks.rank0.txt").write_bytes(dump)
+    (tmp_path / "stacks.rank1.txt").write_bytes(dump[:-20])
+    answer = stacks.earlier(tmp_path, 2)
+    assert [(rank["rank"], rank["complete"]) for rank in answer["ranks"]] == [(0, True), (1, False)]
