@@ -6,7 +6,8 @@ workers, compile workers, anything it spawns).
 
 CPU time of a tree is the sum over its live processes of utime + stime + cutime + cstime. When a process
 in the tree exits and its parent (also in the tree) reaps it, the kernel moves its whole time into the
-parent's cutime/cstime, so the sum carries on without a dip and without counting anything twice. Lost is
+parent's cutime/cstime, so the sum carries on without a dip and without counting anything twice. A rank
+that joins a job already counted is counted from its first sample, as the job's first ranks are. Lost is
 the time of a process that leaves the tree before it exits (re-parented to init: a daemonised grandchild,
 a worker whose parent died first); it drops out at the next tree walk. A rank (a mapped process of a job
 with several) that ends before the others keeps the time of its last sample in its job's counter. The
@@ -125,6 +126,9 @@ class _Tree:
     members: dict[int, int]  # pid -> start ticks (the root's is mapping.start_ticks)
     dead: bool = False
     cpu_seconds: float = 0.0     # what it counted at its last sample: kept for its job when it ends
+    # The CPU time it had when first counted, left out when it joined a job already counted (see _measure);
+    # None until its first sample.
+    cpu_base: float | None = None
 
 
 class JobTracker:
@@ -191,6 +195,7 @@ class JobTracker:
                         known = (key, self._admit(entry.path, info_of_entry))
                     files[entry.name] = known
         self._note_departed(files)
+        self._carry_bases(files)
         self._files = files
         with self._lock:
             self._live = [tree for _key, tree in files.values() if tree is not None and not tree.dead]
@@ -212,6 +217,15 @@ class JobTracker:
                 continue
             job_id = tree.mapping.job_id
             self._departed[job_id] = self._departed.get(job_id, 0.0) + tree.cpu_seconds
+
+    def _carry_bases(self, files: dict) -> None:
+        """A file rewritten for the same process: its new tree leaves out what the old one left out (counted
+        from the start instead, the process's time until its first sample would come back in one sample)."""
+        bases = {(tree.mapping.pid, tree.mapping.start_ticks): tree.cpu_base
+                 for _key, tree in self._files.values() if tree is not None and tree.cpu_base is not None}
+        for _key, tree in files.values():
+            if tree is not None and tree.cpu_base is None:
+                tree.cpu_base = bases.get((tree.mapping.pid, tree.mapping.start_ticks))
 
     def _admit(self, path: str, info: os.stat_result) -> _Tree | None:
         """The tree of a new or changed mapping file, dead when its process is gone; None when refused."""
@@ -300,6 +314,13 @@ class JobTracker:
             if tree.dead:       # a rank that ended: its time stays the job's (as of its last sample)
                 ended[job_id] = ended.get(job_id, 0.0) + tree.cpu_seconds
             else:
+                if tree.cpu_base is None:
+                    # A rank that joins a job already counted is counted from its first sample, as the job's
+                    # first ranks are (a counter's increase starts at its series' first sample): its time until
+                    # then (imports, start-up, seconds of it) came in one sample, a rate of several times the
+                    # host's cores in the job's CPU and its share of the CPU energy.
+                    tree.cpu_base = counted if job_id in self._cpu_floor else 0.0
+                counted -= tree.cpu_base
                 tree.cpu_seconds = counted
                 job.cpu_seconds += counted
         if died:

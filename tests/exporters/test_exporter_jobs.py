@@ -191,6 +191,30 @@ def test_a_mapping_names_its_gpus_by_host_index_or_uuid_and_by_nothing_else(tmp_
             write_job_mapping(tmp_path, JobMapping(job_id="x", pid=os.getpid(), gpus=bad))
 
 
+def test_a_rank_that_joins_a_job_already_counted_is_counted_from_its_first_sample(tmp_path):
+    """Rank 1's mapping appeared after rank 0's was counted (its imports took longer): all the CPU time it had
+    used so far came into the job's counter in one sample, a rate of several times the host's cores. Counted
+    from its first sample now, as rank 0 is (its series' increase starts there); what it uses after, in full."""
+    ranks = [subprocess.Popen([sys.executable, "-c", BURNER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    try:
+        assert [process.stdout.readline().strip() for process in ranks] == ["burned", "burned"]
+        write_job_mapping(tmp_path, JobMapping(job_id="late-rank", pid=ranks[0].pid, rank=0, started=time.time()))
+        tracker = JobTracker(tmp_path)
+        first = tracker.update(1.0).usage["late-rank"].cpu_seconds
+        write_job_mapping(tmp_path, JobMapping(job_id="late-rank", pid=ranks[1].pid, rank=1, started=time.time()))
+        joined = tracker.update(2.0 + max(MAX_SCAN_PAUSE, SETTLE_SECONDS)).usage["late-rank"]
+        assert joined.processes == 2 and joined.cpu_seconds < first + 0.1      # not rank 1's 0.3 s and more
+        ranks[1].stdin.write("again\n")
+        ranks[1].stdin.flush()
+        assert ranks[1].stdout.readline().strip() == "burned"
+        after = tracker.update(3.0 + max(MAX_SCAN_PAUSE, SETTLE_SECONDS)).usage["late-rank"].cpu_seconds
+        assert after - joined.cpu_seconds >= 0.28
+    finally:
+        for process in ranks:
+            process.communicate(timeout=10)
+
+
 def test_a_mapping_file_rewritten_for_the_same_process_is_no_departure(tmp_path):
     """Its new tree counts the process from its start: keeping the old tree's time too would count it twice."""
     process = subprocess.Popen([sys.executable, "-c", BURNER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -206,6 +230,12 @@ def test_a_mapping_file_rewritten_for_the_same_process_is_no_departure(tmp_path)
         after = tracker.update(3.0 + max(MAX_SCAN_PAUSE, SETTLE_SECONDS))
         assert after.gpus["rewritten"] == frozenset({1})            # the new file was read
         assert before >= 0.28 and after.usage["rewritten"].cpu_seconds < before + 0.2
+        # What the process uses after the rewrite counts: its new tree is no rank that joined late.
+        process.stdin.write("again\n")
+        process.stdin.flush()
+        assert process.stdout.readline().strip() == "burned"
+        again = tracker.update(4.0 + max(MAX_SCAN_PAUSE, SETTLE_SECONDS)).usage["rewritten"].cpu_seconds
+        assert again - after.usage["rewritten"].cpu_seconds >= 0.28
     finally:
         process.communicate(timeout=10)
 
