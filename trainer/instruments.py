@@ -64,8 +64,8 @@ MFU = Instrument(T.MFU, "1", "Model FLOPs utilisation over the last log interval
                              "the device peak are known).")
 
 JOB_SUBMITTED = Instrument(T.JOB_SUBMITTED, "s", "Unix time the job was submitted (jobs of the job server).")
-PROCESS_START = Instrument(T.PROCESS_START, "s", "Unix time this process started (before its imports): the "
-                                                "start of its init phase.")
+PROCESS_START = Instrument(T.PROCESS_START, "s", "Unix time this process started (before its imports; a later job "
+                                                "in the same process: its creation): the start of its init phase.")
 PHASE = Instrument(T.PHASE, "1", "1 for the phase this process is in now, 0 for the others.")
 PHASE_SINCE = Instrument(T.PHASE_SINCE, "s", "Unix time the current phase began.")
 PHASE_SECONDS = Instrument(T.PHASE_SECONDS, "s", "Seconds of the job spent in each phase (carried across resumes).")

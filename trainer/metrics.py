@@ -41,6 +41,7 @@ from trainmetrics.trainer.evaluations import Evaluation, EvaluationHistory
 from trainmetrics.trainer.histograms import DurationHistogram, HistogramCollector
 from trainmetrics.trainer.phases import CHECKPOINT, COMPUTE, CURRENT_PHASES, DATA, ENDED, EVAL, PAUSED, PhaseClock
 from trainmetrics.trainer.spikes import LossSpikeDetector
+from trainmetrics.trainer.stopping import CANCEL_SIGNALS
 from trainmetrics.trainer.watchdog import StackWatch
 from trainmetrics.trainer.telemetry import Publication, Publish, current_scrape, pushing
 
@@ -155,14 +156,19 @@ class _LossAccumulator:
             self.floats = [_sum(self.floats)]
 
     def mean(self) -> float | None:
-        """The interval's mean loss (None without losses); starts a new interval."""
+        """The interval's mean loss (None without losses); starts a new interval. A read cut short (an
+        exception, a KeyboardInterrupt in the sync) puts the losses back for the next one."""
         tensors, floats, count = self.tensors, self.floats, self.count
         self.tensors, self.floats, self.count = [], [], 0
         if count == 0:
             return None
-        total = _sum(floats)
-        if tensors:     # the library works without torch for float losses: only tensors need it
-            total += _device_sum(tensors).item()
+        try:
+            total = _sum(floats)
+            if tensors:     # the library works without torch for float losses: only tensors need it
+                total += _device_sum(tensors).item()
+        except BaseException:
+            self.tensors[:0], self.floats[:0], self.count = tensors, floats, self.count + count
+            raise
         return total / count
 
 
@@ -240,6 +246,12 @@ class JobMetrics:
         self._carried_phases: dict[str, float] = {}
         self._linger_cut_short = threading.Event()  # one more came: stop waiting at once
         self._previous_handlers: dict[int, object] = {}
+        # The `with` block's stop signals (_install_signal_handlers): the first one's number, once one came; the
+        # block's end has begun; the interval's losses are being read; a signal held until they are counted.
+        self._stop_signal: int | None = None
+        self._block_ending = False
+        self._reading_interval = False
+        self._held_stop: int | None = None
         self._owner_pid = os.getpid()     # the process that publishes (close() in a forked child leaves it be)
 
         self._publication = Publication(job_id, self.info.rank, self.info.world_size, publish,
@@ -494,6 +506,8 @@ class JobMetrics:
         """Mark the job running: training starts (init is over), after wait_for_first_scrape(give_up)."""
         if self.ended:
             raise ValueError(f"the job already ended {self.state}: start() cannot run it again")
+        if self.state == "running":      # started already (start(), then `with`): the loop's clock runs on
+            return self
         self.wait_for_first_scrape(give_up)
         if self.start_time is None:
             self.start_time = time.time()
@@ -555,36 +569,49 @@ class JobMetrics:
             raise
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        self._block_ending = True       # from here a stop signal only hurries the exit
         if exc_type is None:
-            self.finish("completed")
-        elif issubclass(exc_type, KeyboardInterrupt):
-            self.finish("cancelled")
+            state = "completed"
+        elif issubclass(exc_type, KeyboardInterrupt) or self._stop_signal is not None:
+            # After a stop signal, whatever ended the block came of the stop: DataLoader workers killed by the
+            # same process-group SIGTERM make torch's SIGCHLD handler raise a RuntimeError in the loop.
+            state = "cancelled"
         elif issubclass(exc_type, SystemExit) and exc.code in (0, None):     # sys.exit() that says success
-            self.finish("completed")
+            state = "completed"
         else:
-            self.finish("failed", exc)
+            state = "failed"
         try:
-            self.close()
+            self.finish(state, exc)
         finally:
-            self._restore_signal_handlers()
+            try:
+                if not self.ended:      # finish() cut short (a BaseException from elsewhere): the run still ends
+                    self._ended(state)
+                self.close()
+            finally:
+                self._restore_signal_handlers()
 
     def _install_signal_handlers(self) -> None:
-        """SIGTERM stops the block like Ctrl-C (the job ends `cancelled`, its files removed); a second signal
-        during the final linger cuts the linger short. Main thread only (Python's rule for handlers)."""
+        """SIGTERM and SIGHUP (the terminal closed) stop the block like Ctrl-C (the job ends `cancelled`, its
+        files removed); once the block is ending, a signal cuts the final linger short. Main thread only
+        (Python's rule for handlers)."""
         if threading.current_thread() is not threading.main_thread():
             return
 
-        interrupted = []
-
         def stop(signum, frame):
-            # Only the first signal interrupts the loop; a later one, maybe mid-cleanup, only hurries the exit.
-            if interrupted or self.state in (*FINAL_STATES, "paused"):
+            if self._block_ending or self.ended:
                 self.cut_linger_short()
                 return
-            interrupted.append(signum)
+            if self._stop_signal is None:
+                self._stop_signal = signum
+            if self._reading_interval:      # raised once the interval's losses are counted (_log_interval)
+                self._held_stop = signum
+                return
+            # Every signal until the block ends interrupts: Python swallows a KeyboardInterrupt raised in a
+            # __del__ or an at-fork callback ("Exception ignored in ..."; a DataLoader iterator's __del__
+            # joining its workers), and a job that took only the first signal as its stop could not be stopped.
             raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in CANCEL_SIGNALS:
             self._previous_handlers[signum] = signal.signal(signum, stop)
 
     def _restore_signal_handlers(self) -> None:
@@ -619,6 +646,25 @@ class JobMetrics:
         return all(scrapers.delivered_since(scraper, end) and self.evaluations.complete_for(scraper)
                    for scraper in scrapers.active())
 
+    def _linger(self, timeout: float) -> bool:
+        """Wait up to `timeout` for every scraper to read the final state (final_state_read), or less when a
+        stop signal hurried it; True when they did. An exception raised inside the wait by a signal handler
+        (torch's SIGCHLD handler, when DataLoader workers die with the job) gave the wait up at once, the final
+        state unread: the wait goes on."""
+        deadline, said = time.monotonic() + timeout, False
+        while True:
+            try:
+                return self._publication.scrapers.wait(self.final_state_read, max(0.0, deadline - time.monotonic()),
+                                                       self._hurried_enough)
+            except Exception as error:
+                if not said:
+                    said = True
+                    log.warning("job %s: %s: %s raised during the final linger; it waits on", self.job_id,
+                                type(error).__name__, error)
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.05)        # (an exception that repeats must not spin)
+
     def close(self) -> None:
         """Linger until every scraper has read the final state (when announced), then remove the job's files
         and stop serving. Never raises; a second call does nothing."""
@@ -638,7 +684,7 @@ class JobMetrics:
                             self.state)
             if publication.announced and self._end_monotonic is not None:
                 timeout = publication.publish.linger_timeout
-                if not publication.scrapers.wait(self.final_state_read, timeout, self._hurried_enough):
+                if not self._linger(timeout):
                     if self._hurried_at is None:
                         log.warning("job %s: its final state was not read by every scraper within %gs; it may be "
                                     "missing from Prometheus", self.job_id, timeout)
@@ -659,24 +705,23 @@ class JobMetrics:
 
     # ----- the hot path ------------------------------------------------------------------------------
     def timed(self, batches: Iterable) -> Iterator:
-        """Yield from `batches`, recording how long each batch took to arrive (data-loader wait)."""
-        iterator = iter(batches)
+        """Yield from `batches`, recording how long each batch took to arrive (data-loader wait): every wait
+        on the loader is one, its start (iter(): a DataLoader starts its workers) in the first batch's and the
+        wait that ends the pass (the loader joins its workers) one of its own."""
         clock, waits, pushed, phases = time.perf_counter, self.data_waits, self._pushed, self.phases
         counts, bounds = waits.counts, waits.bounds
-        self._last_step_end = clock()
+        began = self._last_step_end = clock()
+        phases.phase, phases.since = DATA, began
+        iterator = None
         while True:
-            began = clock()
-            phases.phase, phases.since = DATA, began
             try:
+                if iterator is None:
+                    iterator = iter(batches)
                 batch = next(iterator)
-            except StopIteration:
-                phases.phase, phases.since = COMPUTE, clock()
-                return
-            except BaseException:        # the loader failed: its wait was data wait, what follows is not
-                failed = clock()
-                counts[bisect_left(bounds, failed - began)] += 1
-                waits.sum += failed - began
-                phases.phase, phases.since = COMPUTE, failed
+            except BaseException as error:      # the pass ended, or the loader failed: its wait was data wait
+                self._waited_without_batch(began)
+                if isinstance(error, StopIteration):
+                    return
                 raise
             arrived = clock()
             waited = arrived - began
@@ -686,6 +731,19 @@ class JobMetrics:
             if pushed:
                 self._buffer(self._pending_data_waits, waited)
             yield batch
+            began = clock()
+            phases.phase, phases.since = DATA, began
+
+    def _waited_without_batch(self, began: float) -> None:
+        """A wait on the loader that brought no batch (the end of the pass, or its failure): data wait all the
+        same; what follows it is not."""
+        ended = time.perf_counter()
+        waits = self.data_waits
+        waits.counts[bisect_left(waits.bounds, ended - began)] += 1
+        waits.sum += ended - began
+        self.phases.phase, self.phases.since = COMPUTE, ended
+        if self._pushed:
+            self._buffer(self._pending_data_waits, ended - began)
 
     def _buffer(self, pending: list[float], value: float) -> None:
         with self._pending_lock:
@@ -790,13 +848,38 @@ class JobMetrics:
         self._next_log_step = self.steps + self.log_every
 
     def _log_interval(self) -> None:
+        """End the log interval: its losses read (the one device sync per interval), its figures published,
+        on_log called. A stop signal while the losses are read is raised once they are counted: on an
+        accelerator that read is where the loop waits, and the interval was lost."""
+        self._reading_interval = True
+        try:
+            stats = self._close_interval()
+        finally:
+            self._reading_interval = False
+        held, self._held_stop = self._held_stop, None
+        if held is not None:
+            raise KeyboardInterrupt(f"signal {signal.Signals(held).name}")
+        if stats is not None and self.on_log:
+            try:
+                self.on_log(stats)
+            except Exception:
+                self._interval_failed()
+
+    def _interval_failed(self) -> None:
+        # Telemetry must never break the training loop (said once: it fails every interval).
+        if not self._warned_interval:
+            self._warned_interval = True
+            log.exception("job %s: metrics log interval failed (further failures are not logged)", self.job_id)
+
+    def _close_interval(self) -> IntervalStats | None:
+        """The interval's figures, counted into the job's; None when it had no step (or failed)."""
         try:
             now = time.perf_counter()
             began, steps_before, samples_before = self._interval_start
             if self.steps == steps_before:
-                return
-            self._new_interval(now)
+                return None
             loss = self._losses.mean()
+            self._new_interval(now)      # after the read: an interrupted read leaves the interval to finish()
             if loss is not None:
                 self.last_loss = loss
                 if math.isfinite(loss):
@@ -821,12 +904,10 @@ class JobMetrics:
                 import torch
 
                 self.gpu_memory_peak = torch.cuda.max_memory_allocated()
-            if self.on_log:
-                self.on_log(IntervalStats(self.steps, self.samples, loss, throughput, mfu))
-        except Exception:   # telemetry must never break the training loop (said once: it fails every interval)
-            if not self._warned_interval:
-                self._warned_interval = True
-                log.exception("job %s: metrics log interval failed (further failures are not logged)", self.job_id)
+            return IntervalStats(self.steps, self.samples, loss, throughput, mfu)
+        except Exception:
+            self._interval_failed()
+            return None
 
     @_never_raises
     def set_epoch(self, epoch: int) -> None:
@@ -911,15 +992,23 @@ class JobMetrics:
 
 
 def _whole_count(value) -> int:
-    """`value` as a count: an int of any integer type (numpy's, a 0-d integer tensor) or a whole float (8.0);
+    """`value` as a count: an int of any integer type (numpy's, a 0-d integer tensor) or a whole float of any type
+    (8.0, numpy's float32, a 0-d float tensor: a mask's sum);
     TypeError or ValueError for a bool, a fraction, a negative number, NaN or anything else."""
-    if isinstance(value, bool):
+    if isinstance(value, bool) or str(getattr(value, "dtype", "")) in ("bool", "torch.bool"):     # numpy's, torch's
         raise TypeError("a bool")
-    if isinstance(value, float):                 # numpy's float64 is a float too
-        if not value.is_integer():
-            raise ValueError("not a whole number")
-        value = int(value)
-    count = operator.index(value)
+    if isinstance(value, (str, bytes)):          # float("8") would read it
+        raise TypeError("text")
+    try:
+        count = operator.index(value)
+    except TypeError:       # a float of any type: numpy's float32, a 0-d float tensor (a mask's sum)
+        try:
+            number = float(value)
+        except (RuntimeError, ValueError) as error:     # a tensor of several elements
+            raise TypeError(str(error)) from None
+        if not number.is_integer():
+            raise ValueError("not a whole number") from None
+        count = int(number)
     if count < 0:
         raise ValueError("a negative count")
     return count

@@ -4,9 +4,9 @@
 
 The loop pays for a phase change with two attribute stores (the phase, the perf_counter it began): every
 sum is made when something collects. Every second of the process falls in exactly one accounted phase:
-`init` (process start to training start, the wait for a first scrape included), `restore` (loading a
-checkpoint), `data_wait`, `optimizer` and `collective` (where the loop marks them), `eval`, `checkpoint`, and
-`compute`, the rest of the loop: `compute` is never summed, it is the loop's time minus the others, so the
+`init` (process start to training start, the wait for a first scrape included; for a process's later job,
+from its creation), `restore` (loading a checkpoint), `data_wait`, `optimizer` and `collective` (where the
+loop marks them), `eval`, `checkpoint`, and `compute`, the rest of the loop: `compute` is never summed, it is the loop's time minus the others, so the
 phases add up to the process's life by construction. A phase in progress counts as far as it has gone, and
 each published total only grows (a scrape between two of the loop's stores cannot make one dip).
 """
@@ -41,6 +41,20 @@ def process_start_time() -> float:
         return time.time()
 
 
+# The first job clock of a process starts at the process's start (its imports are that job's init); a later
+# one (a second job in a notebook, a test) at its own creation: the jobs before it are not its init.
+_process_start_taken = False
+
+
+def job_start_time() -> float:
+    """Unix time this process's job began: the process's start for the process's first job, else now."""
+    global _process_start_taken
+    if _process_start_taken:
+        return time.time()
+    _process_start_taken = True
+    return process_start_time()
+
+
 class PhaseClock:
     """The current phase and the time spent per phase, for one process (carried totals from a checkpoint).
 
@@ -51,7 +65,7 @@ class PhaseClock:
         self.data_waits = data_waits
         self.phase = INIT
         self.since = time.perf_counter()                  # when the current phase began (perf_counter)
-        self.process_start = process_start_time()         # unix seconds
+        self.process_start = job_start_time()             # unix seconds (its creation for a process's later jobs)
         self.loop_began: float | None = None              # perf_counter at training start
         self.loop_ended: float | None = None
         self.summed = dict.fromkeys(SUMMED, 0.0)          # this process's finished phases, by name

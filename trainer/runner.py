@@ -1,7 +1,7 @@
 """The built-in training loop: real PyTorch training, instrumented through JobMetrics.
 
 Exit codes (trainmetrics.contract.ExitCode): 0 completed, 1 failed, 2 bad input (nothing left behind),
-3 cancelled (SIGINT/SIGTERM), 4 paused (SIGUSR1, the job server's pause); both stops write a checkpoint at
+3 cancelled (SIGINT/SIGTERM/SIGHUP), 4 paused (SIGUSR1, the job server's pause); both stops write a checkpoint at
 the next step boundary. With --result-file the outcome is also written there, atomically, as JSON.
 """
 

@@ -1,5 +1,5 @@
 """Stop signals of `trainmetrics train`, caught from the first moment of the process (before torch is
-imported) to its last: SIGINT and SIGTERM cancel, SIGUSR1 pauses, each at the next step boundary after a
+imported) to its last: SIGINT, SIGTERM and SIGHUP cancel, SIGUSR1 pauses, each at the next step boundary after a
 checkpoint. A handler only records the request; the loop acts on it. A signal after the outcome is decided
 shortens the final linger (JobMetrics.cut_linger_short); a repeat before that changes nothing (a double Ctrl-C must not keep the final
 state from the scrapers). Once the outcome is reported and the job's files removed, the stop signals are
@@ -13,15 +13,20 @@ import signal
 import threading
 from typing import Callable
 
-# The state each stop signal leads to: SIGUSR1 pauses (resumable with --resume), the others cancel.
-STOP_SIGNALS = {signal.SIGINT: "cancelled", signal.SIGTERM: "cancelled", signal.SIGUSR1: "paused"}
+# The state each stop signal leads to: SIGUSR1 pauses (resumable with --resume), the others cancel (SIGHUP: the
+# terminal closed; its default action killed the job with no checkpoint, result or clean-up, its Prometheus
+# target left behind for TargetDown to fire on).
+STOP_SIGNALS = {signal.SIGINT: "cancelled", signal.SIGTERM: "cancelled", signal.SIGHUP: "cancelled",
+                signal.SIGUSR1: "paused"}
+# The signals that cancel: `with JobMetrics(...)` stops its block on these (JobMetrics._install_signal_handlers).
+CANCEL_SIGNALS = tuple(signum for signum, outcome in STOP_SIGNALS.items() if outcome == "cancelled")
 
 
 _process_flag: "StopFlag | None" = None
 
 
 class StopFlag:
-    """Set by SIGINT/SIGTERM (cancel) or SIGUSR1 (pause); the loop checks it at each step boundary."""
+    """Set by SIGINT/SIGTERM/SIGHUP (cancel) or SIGUSR1 (pause); the loop checks it at each step boundary."""
 
     @classmethod
     def for_process(cls) -> "StopFlag":

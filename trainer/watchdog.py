@@ -37,6 +37,12 @@ LOOP_PHASES = (DATA, COMPUTE, OPTIMIZER, COLLECTIVE)
 _holding: list["StackWatch"] = []
 
 
+def _take_signal(file) -> None:
+    """Dump every thread's stack to `file` on SIGUSR2. A handler the process set for it itself (submitit
+    requeues on SIGUSR2 in some versions) still runs, after the dump: it was never called while a job lived."""
+    faulthandler.register(STACKS_SIGNAL, file=file, all_threads=True, chain=callable(signal.getsignal(STACKS_SIGNAL)))
+
+
 def open_stacks_file(directory: Path | None, rank: int):
     """The file a rank's stacks go to: its file in `directory`, or stderr. Returns (file, name, owned).
 
@@ -72,7 +78,7 @@ class StackWatch:
         self._dumped_for: float | None = None      # the last step whose hang was dumped
         self._last_bound = self.min_hang_seconds
         if threading.current_thread() is threading.main_thread():
-            faulthandler.register(STACKS_SIGNAL, file=self._file, all_threads=True, chain=False)
+            _take_signal(self._file)
             _holding.append(self)
             # The job server spawns jobs with it blocked (a SIGUSR2 before this point would have killed us).
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {STACKS_SIGNAL})
@@ -133,14 +139,19 @@ class StackWatch:
         log.warning("job %s: %s; thread stacks written to %s", self.metrics.job_id, reason, self.path)
 
     def close(self) -> None:
-        """Stop watching; SIGUSR2 goes to another job's watch in this process, else is ignored from now on."""
+        """Stop watching; SIGUSR2 goes to another job's watch in this process, else to the process's own handler,
+        else is ignored from now on."""
         self._stop.set()
         if threading.current_thread() is threading.main_thread() and self in _holding:
             _holding.remove(self)
             if _holding:
-                faulthandler.register(STACKS_SIGNAL, file=_holding[-1]._file, all_threads=True, chain=False)
+                _take_signal(_holding[-1]._file)
             else:
+                # The process's own handler back (faulthandler puts back the one from before the first watch,
+                # which would undo one set since); without one, ignored: a late request must not kill a
+                # finished job.
+                handler = signal.getsignal(STACKS_SIGNAL)
                 faulthandler.unregister(STACKS_SIGNAL)
-                signal.signal(STACKS_SIGNAL, signal.SIG_IGN)      # a late request must not kill a finished job
+                signal.signal(STACKS_SIGNAL, handler if callable(handler) else signal.SIG_IGN)
         if self._owns_file:
             self._file.close()

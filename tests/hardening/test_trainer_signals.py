@@ -14,7 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-EXIT = {signal.SIGTERM: (3, "cancelled"), signal.SIGINT: (3, "cancelled"), signal.SIGUSR1: (4, "paused")}
+EXIT = {signal.SIGTERM: (3, "cancelled"), signal.SIGINT: (3, "cancelled"), signal.SIGHUP: (3, "cancelled"),
+        signal.SIGUSR1: (4, "paused")}
 
 
 @dataclass
@@ -40,6 +41,8 @@ CASES = [
     Case("term-while-importing", signal.SIGTERM, 1.5),
     Case("int-while-waiting-for-a-scrape", signal.SIGINT, moment="announced", linger=2.0),
     Case("usr1-while-training", signal.SIGUSR1, moment="training"),
+    # The terminal closed: its default action killed the job at once, its target and mapping files left behind.
+    Case("hup-while-training", signal.SIGHUP, moment="training"),
     # The first cancels while it waits for a scrape; the second comes during the 60 s final linger (once its
     # result is written).
     Case("term-twice-while-lingering", signal.SIGTERM, moment="announced", again="lingering", linger=60.0),

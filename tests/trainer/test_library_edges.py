@@ -1,0 +1,253 @@
+"""`JobMetrics` in a user's own loop, off the happy path: stop signals at awkward moments (the final state is
+never lost, the job can always be stopped), the user's own SIGUSR2 handler, a second job in one process, the
+data wait of a real loader's start and end, start() twice, odd sample counts."""
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from trainmetrics.trainer.metrics import JobMetrics
+from tests.trainer.test_metrics import Scraper, value
+
+PRELUDE = textwrap.dedent("""
+    import os, signal, sys, threading, time
+    from trainmetrics.trainer.metrics import JobMetrics
+    from trainmetrics.trainer.telemetry import Publish
+
+    def signal_in(seconds, signum=signal.SIGTERM):
+        threading.Timer(seconds, os.kill, (os.getpid(), signum)).start()
+""")
+
+
+def run_script(body: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", PRELUDE + textwrap.dedent(body), *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+SWALLOWED = """
+    class JoinsItsWorkers:          # a DataLoader iterator's __del__ joining its workers
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)        # the handler's KeyboardInterrupt is raised here: Python swallows it
+
+    began = time.monotonic()
+    try:
+        with JobMetrics("swallowed") as m:
+            for step in range(2000):                 # ~10 s
+                if step == 10:
+                    JoinsItsWorkers()
+                    signal_in(0.5)                   # the user's second SIGTERM
+                time.sleep(0.005)
+                m.step(loss=1.0, samples=1)
+    except KeyboardInterrupt:
+        pass
+    print(m.state, round(time.monotonic() - began, 1))
+"""
+
+
+def test_a_stop_signal_python_swallowed_does_not_make_the_job_unstoppable():
+    """The first SIGTERM's KeyboardInterrupt was raised in a __del__ and swallowed ("Exception ignored in"); the
+    handler had marked itself interrupted, so every later SIGTERM only 'hurried the linger': the loop trained
+    on to its end and the job ended `completed`."""
+    done = run_script(SWALLOWED)
+    state, seconds = done.stdout.split()
+    assert "Exception ignored in" in done.stderr
+    assert state == "cancelled" and float(seconds) < 5, (done.stdout, done.stderr[-2000:])
+
+
+IN_FINISH = """
+    def slow_log(stats):            # a tracker upload at the end of each interval, the last one in finish()
+        if stats.step == 25:
+            signal_in(0.2)
+            time.sleep(0.6)
+
+    with JobMetrics("in-finish", publish=Publish(targets_dir=sys.argv[1], job_dir=sys.argv[2], linger_timeout=1),
+                    log_every=10, on_log=slow_log) as m:
+        for _ in range(25):
+            m.step(loss=1.0, samples=1)
+    print(m.state, m.loss_intervals, signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)
+"""
+
+
+def test_a_stop_signal_while_the_block_ends_keeps_the_final_state_and_cleans_up(tmp_path):
+    """SIGTERM while finish() logged the last interval: its KeyboardInterrupt left finish() before the end was
+    recorded: the job stayed `running` in Prometheus, its target file stayed (TargetDown), the handlers stayed."""
+    targets, jobs = tmp_path / "targets", tmp_path / "jobs"
+    done = run_script(IN_FINISH, str(targets), str(jobs))
+    assert done.stdout.split() == ["completed", "3", "True"], (done.stdout, done.stderr[-2000:])
+    assert not list(targets.glob("*")) and not list(jobs.glob("*"))
+
+
+RAISING_HANDLER = """
+    def worker_died(signum, frame):     # torch's SIGCHLD handler when DataLoader workers die with the job
+        raise RuntimeError("DataLoader worker (pid 123) is killed by signal: Terminated.")
+
+    signal.signal(signal.SIGUSR1, worker_died)
+    with JobMetrics("raising", publish=Publish(targets_dir=sys.argv[1], job_dir=sys.argv[2], linger_timeout=20)) as m:
+        print("training", flush=True)
+        for _ in range(10):
+            m.step(loss=1.0, samples=1)
+        signal_in(0.3, signal.SIGUSR1)      # in the final linger
+    print("ended", m.state, flush=True)
+"""
+
+
+def test_an_exception_from_a_signal_handler_does_not_end_the_final_linger(tmp_path):
+    """The linger gave up at once: the files went and the scraper never read `completed`."""
+    targets, jobs = tmp_path / "targets", tmp_path / "jobs"
+    process = subprocess.Popen([sys.executable, "-c", PRELUDE + textwrap.dedent(RAISING_HANDLER), str(targets),
+                                str(jobs)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not list(targets.glob("*.json")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        port = json.loads(next(targets.glob("*.json")).read_text())[0]["targets"][0].rsplit(":", 1)[1]
+        scraper = Scraper(int(port))
+        scraper.scrape()                                    # the block starts once a scraper has seen the job
+        assert process.stdout.readline() == "training\n"
+        time.sleep(1.5)                                     # the handler raised 0.3 s into the linger
+        assert process.poll() is None, process.communicate()
+        states = [s.labels["state"] for s in scraper.scrape()["trainer_job_state"] if s.value == 1]
+        scraper.close()
+        out, err = process.communicate(timeout=20)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert states == ["completed"] and out.endswith("ended completed\n"), err[-2000:]
+    assert "RuntimeError" in err and "it waits on" in err
+
+
+USERS_SIGUSR2 = """
+    called = []
+    signal.signal(signal.SIGUSR2, lambda signum, frame: called.append(signum))   # submitit's requeue, say
+    m = JobMetrics("usr2", publish=Publish(targets_dir=None, job_dir=None))
+    os.kill(os.getpid(), signal.SIGUSR2)
+    time.sleep(0.2)
+    during = len(called)
+    m.close()
+    os.kill(os.getpid(), signal.SIGUSR2)
+    time.sleep(0.2)
+    print(during, len(called), callable(signal.getsignal(signal.SIGUSR2)))
+"""
+
+
+def test_the_users_own_sigusr2_handler_runs_while_the_job_lives_and_is_put_back():
+    """faulthandler took SIGUSR2 without chaining (the user's handler never ran while the job lived) and its
+    end set it to SIG_IGN."""
+    done = run_script(USERS_SIGUSR2)
+    assert done.stdout.split() == ["1", "2", "True"], (done.stdout, done.stderr[-2000:])
+    assert "most recent call first" in done.stderr        # the stacks were still dumped (to stderr: no dir)
+
+
+SLOW_LOSS_READ = """
+    import torch
+
+    class OnTheDevice(torch.Tensor):       # a loss on a GPU: the interval's read waits for the device
+        is_cpu = False
+
+        def item(self):
+            time.sleep(0.3)
+            return super().item()
+
+    try:
+        with JobMetrics("slow-read", log_every=10) as m:
+            for step in range(1, 100):
+                if step == 20:
+                    signal_in(0.1)                  # lands in step 20's read of the interval's losses
+                m.step(loss=torch.tensor(float(step)).as_subclass(OnTheDevice), samples=1)
+    except KeyboardInterrupt:
+        pass
+    print(m.state, m.steps, m.loss_intervals, m.loss, m.loss_sum)
+"""
+
+
+def test_a_stop_signal_during_the_intervals_loss_read_loses_no_interval():
+    """The interval was started anew and its losses emptied before the read: the KeyboardInterrupt raised after
+    the device sync dropped the interval (loss 5.5 of the first, intervals 1)."""
+    done = run_script(SLOW_LOSS_READ)
+    state, steps, intervals, loss, loss_sum = done.stdout.split()
+    assert (state, steps, intervals) == ("cancelled", "20", "2"), (done.stdout, done.stderr[-2000:])
+    assert float(loss) == 15.5 and float(loss_sum) == 5.5 + 15.5
+
+
+TWO_JOBS = """
+    first = JobMetrics("first")
+    with first:
+        time.sleep(1.5)
+        first.step(loss=1.0, samples=1)
+    created = time.time()
+    second = JobMetrics("second")
+    with second:
+        second.step(loss=1.0, samples=1)
+    print(round(first.phases.totals()["init"], 2), round(second.phases.totals()["init"], 2),
+          second.phases.process_start >= created)
+"""
+
+
+def test_a_second_job_in_one_process_starts_its_init_at_its_creation():
+    """Its init counted from the process's start: the first job's whole life was the second's init."""
+    done = run_script(TWO_JOBS)
+    first_init, second_init, from_creation = done.stdout.split()
+    assert float(first_init) > 0.1            # the process's imports (torch's): the first job's init
+    assert float(second_init) < 0.5 and from_creation == "True", (done.stdout, done.stderr[-2000:])
+
+
+class SlowLoader:
+    """A loader whose start (its workers) and end (joining them) take time, as a DataLoader's do."""
+
+    def __init__(self, batches: int, start: float, end: float):
+        self.batches, self.start, self.end = batches, start, end
+
+    def __iter__(self):
+        time.sleep(self.start)
+        for index in range(self.batches):
+            yield index
+        time.sleep(self.end)
+
+
+def test_a_loaders_start_and_end_are_data_wait():
+    """iter() (workers started) ran before the wait's clock and the StopIteration's next() (workers joined)
+    was never added: 42 % of a real DataLoader's wait was booked as compute."""
+    metrics = JobMetrics("loader-edges")
+    metrics.start()
+    for _ in metrics.timed(SlowLoader(3, start=0.2, end=0.3)):
+        metrics.step(loss=1.0, samples=1)
+    totals = metrics.phases.totals()
+    metrics.finish("completed")
+    metrics.close()
+    assert metrics.data_waits.sum == pytest.approx(0.5, abs=0.05)
+    assert totals["data_wait"] == pytest.approx(0.5, abs=0.05) and totals["compute"] < 0.05
+    assert sum(metrics.data_waits.counts) == 4          # three batches and the end of the pass
+
+
+def test_start_twice_keeps_the_training_time_as_training():
+    """start() then `with`: the second start reset the loop's clock, its first 0.3 s of training became init."""
+    metrics = JobMetrics("started-twice")
+    metrics.start()
+    time.sleep(0.3)
+    metrics.step(samples=1)
+    before = metrics.phases.totals()
+    with metrics:
+        time.sleep(0.3)
+        metrics.step(samples=1)
+    after = metrics.phases.totals()
+    assert after["init"] == pytest.approx(before["init"], abs=0.01)
+    assert after["compute"] == pytest.approx(0.6, abs=0.05)
+
+
+@pytest.mark.parametrize("samples", [np.float32(8.0), torch.tensor(8.0), torch.ones(8).sum(), np.float64(8.0)])
+def test_whole_sample_counts_of_any_float_type_count(samples):
+    """np.float32(8.0) and a 0-d float tensor (a mask's sum) were dropped with a warning."""
+    metrics = JobMetrics("float-samples")
+    metrics.start()
+    metrics.step(samples=samples)
+    metrics.finish("completed")
+    assert value(metrics, "trainer_samples_total") == 8
+    metrics.close()
