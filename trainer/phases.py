@@ -6,9 +6,10 @@ The loop pays for a phase change with two attribute stores (the phase, the perf_
 sum is made when something collects. Every second of the process falls in exactly one accounted phase:
 `init` (process start to training start, the wait for a first scrape included; for a process's later job,
 from its creation), `restore` (loading a checkpoint), `data_wait`, `optimizer` and `collective` (where the
-loop marks them), `eval`, `checkpoint`, and `compute`, the rest of the loop: `compute` is never summed, it is the loop's time minus the others, so the
-phases add up to the process's life by construction. A phase in progress counts as far as it has gone, and
-each published total only grows (a scrape between two of the loop's stores cannot make one dip).
+loop marks them), `eval`, `checkpoint`, and `compute`, the rest of the loop: `compute` is never summed, it is
+the loop's time minus the others, so the phases add up to the process's life by construction. A phase in
+progress counts as far as it has gone, and each published total only grows (a scrape between two of the
+loop's stores cannot make one dip).
 """
 
 import os
