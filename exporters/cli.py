@@ -1,7 +1,7 @@
 """`trainmetrics exporter`: flags (generated from the COLLECTORS table) and the entry point.
 
 configure() imports nothing heavy so `trainmetrics --help` stays fast; run() checks the flags, binds the port,
-starts the samplers and serves until SIGINT/SIGTERM. Bad input raises FlagError naming the flag: one line on
+starts the samplers and serves until SIGINT/SIGTERM/SIGHUP. Bad input raises FlagError naming the flag: one line on
 stderr, exit code 2.
 """
 
@@ -15,13 +15,13 @@ import sys
 from pathlib import Path
 
 from trainmetrics.command import DEFAULT_EXPORTER_PORT, FlagError, check_directory, listen_flag, say_listening
-from trainmetrics.contract import DEFAULT_JOB_DIR
+from trainmetrics.contract import DEFAULT_JOB_DIR, SERVICE_STOP_SIGNALS
 from trainmetrics.exporters.collectors import COLLECTORS
 from trainmetrics.webconfig import web_config_flag
 
 DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m)?\s*$")
 UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}
-STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+STOP_SIGNALS = set(SERVICE_STOP_SIGNALS)
 
 
 def parse_duration(value: str) -> float:
@@ -117,7 +117,7 @@ def job_dir_flag(value: str | None) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Serve until SIGINT/SIGTERM and return 0; bad flags raise FlagError (exit 2)."""
+    """Serve until SIGINT/SIGTERM/SIGHUP and return 0; bad flags raise FlagError (exit 2)."""
     # The stop signals are blocked before any thread starts (threads inherit the mask) and taken with
     # sigwait() at the end: no signal handler ever runs, so none can block on a lock the code it
     # interrupted holds (once, Event.set() in a handler hung SIGTERM for 15 minutes).

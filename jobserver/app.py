@@ -29,7 +29,7 @@ from trainmetrics.jobserver.hangs import HangStacks
 from trainmetrics.jobserver.reports import ReportKeeper
 from trainmetrics.jobserver.jobs import JobService, ServerSettings
 
-from trainmetrics.jobserver.store import JobStore
+from trainmetrics.jobserver.store import DATABASE_NAME, JobStore
 from trainmetrics.jobserver.supervisor import Supervisor
 from trainmetrics.jobserver.uploads import check_upload_request, receive_dataset
 
@@ -98,7 +98,7 @@ class JobServer:
         (data_dir / "datasets").mkdir(parents=True, exist_ok=True)
 
         def open_service() -> JobService:
-            store = JobStore(data_dir / "trainmetrics.db")
+            store = JobStore(data_dir / DATABASE_NAME)
             executor = build_executor(settings.executor, settings.ray_address, settings.ray_python)
             supervisor = Supervisor(store, data_dir, settings.job_dir, settings.max_concurrent,
                                     settings.linger_timeout, executor=executor, advertise_url=settings.advertise_url)

@@ -68,8 +68,12 @@ def _gpu_count() -> int:
 
 def lock_data_dir(data_dir: Path):
     """The data dir's lock file, locked for as long as it stays open (the server's life); FlagError when
-    another server holds it (a second one would adopt the first one's jobs and pause them when it stops)."""
-    handle = open(data_dir / LOCK_NAME, "a")
+    another server holds it (a second one would adopt the first one's jobs and pause them when it stops), or
+    when it cannot be opened (a data dir this user cannot write, a directory at its name)."""
+    try:
+        handle = open(data_dir / LOCK_NAME, "a")
+    except OSError as error:
+        raise FlagError("--data-dir", f"{data_dir / LOCK_NAME}: {error.strerror or error}") from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as error:
@@ -140,3 +144,28 @@ def claim_data_dir(settings) -> None:
     except OSError as error:
         raise FlagError("--data-dir", f"{settings.data_dir}: {error.strerror or error}") from None
     settings.data_dir_lock = lock_data_dir(settings.data_dir)
+    try:
+        check_data_dir_contents(settings.data_dir)
+    except FlagError:
+        settings.data_dir_lock.close()
+        raise
+
+
+def check_data_dir_contents(data_dir: Path) -> None:
+    """What the server keeps in the data dir can be used, else FlagError: its datasets and jobs directories
+    (made here), its database (opened once). Before, a file where a directory belongs or a database that is
+    none failed the server's start with a traceback, or (jobs) every job it started."""
+    from trainmetrics.jobserver.store import DATABASE_NAME, JobStore, StoreUnreadable
+
+    for name in ("datasets", "jobs"):
+        path = data_dir / name
+        try:
+            path.mkdir(exist_ok=True)
+        except FileExistsError:
+            raise FlagError("--data-dir", f"{path}: not a directory (the server keeps its {name} there)") from None
+        except OSError as error:
+            raise FlagError("--data-dir", f"{path}: {error.strerror or error}") from None
+    try:
+        JobStore(data_dir / DATABASE_NAME).close()
+    except StoreUnreadable as error:
+        raise FlagError("--data-dir", str(error)) from None

@@ -94,16 +94,29 @@ class JobRecord:
                 "reason": self.reason}
 
 
+# The store's file in the server's data dir.
+DATABASE_NAME = "trainmetrics.db"
+
+
+class StoreUnreadable(Exception):
+    """The database file cannot be opened as the server's store (not SQLite, not readable)."""
+
+
 class JobStore:
     """SQLite-backed store; safe to share between the event loop and the supervisor."""
 
     def __init__(self, path: Path):
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(SCHEMA)
+        try:
+            self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(SCHEMA)
+        except sqlite3.DatabaseError as error:      # OperationalError (unreadable, read-only) included
+            if hasattr(self, "_db"):
+                self._db.close()
+            raise StoreUnreadable(f"{path}: cannot be used as the job server's database ({error})") from None
         for table, columns in ADDED_COLUMNS.items():
             present = {row["name"] for row in self._db.execute(f"PRAGMA table_info({table})")}
             for name, kind in columns:

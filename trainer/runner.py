@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -351,18 +352,29 @@ OUTPUT_DIRECTORIES = ("checkpoint_dir", "targets_dir", "job_dir", "diagnostics_d
 
 
 def check_output_paths(config: TrainConfig) -> None:
-    """FlagError unless every output directory is one or can be created, and the result file's directory
-    exists (it is written in place, atomically, at the end)."""
+    """FlagError unless every output directory is one or can be created, the targets and job-mapping
+    directories are two, and the result file's directory exists and takes a file (it is written there,
+    atomically, at the end: a job that could not write it trained to the end and exited 0 without it)."""
     flags = {option.name: option.cli_flag for option in TRAIN_OPTIONS}
     for name in OUTPUT_DIRECTORIES:
         if getattr(config, name) is not None:
             check_directory(flags[name], Path(getattr(config, name)))
+    if config.targets_dir is not None and config.job_dir is not None and \
+            Path(config.targets_dir).resolve() == Path(config.job_dir).resolve():
+        raise FlagError(flags["job_dir"], f"{str(config.job_dir)!r} is also {flags['targets_dir']}: the two need "
+                                          "directories of their own (each holds a JOB_ID.rankN.json)")
     if config.result_file is not None:
         result_file = Path(config.result_file)
         if result_file.is_dir():
             raise FlagError(flags["result_file"], f"{str(result_file)!r} is a directory")
         if not result_file.parent.is_dir():
             raise FlagError(flags["result_file"], f"{str(result_file)!r}: no directory {str(result_file.parent)!r}")
+        try:
+            with tempfile.TemporaryFile(dir=result_file.parent):
+                pass
+        except OSError as error:
+            raise FlagError(flags["result_file"], f"{str(result_file)!r}: cannot write in "
+                                                  f"{str(result_file.parent)!r}: {error.strerror or error}") from None
 
 
 def prepare(config: TrainConfig):

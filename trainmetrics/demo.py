@@ -18,7 +18,7 @@ from pathlib import Path
 
 from trainmetrics.command import (DEFAULT_ANALYTICS_PORT, DEFAULT_EXPORTER_PORT, DEFAULT_PROMETHEUS_PORT, FlagError,
                                   check_directory)
-from trainmetrics.contract import MODELS
+from trainmetrics.contract import MODELS, SERVICE_STOP_SIGNALS
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -192,7 +192,7 @@ def wait_http(url: str, timeout: float = 60) -> None:
     raise RuntimeError(f"{url} did not answer within {timeout}s")
 
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+STOP_SIGNALS = SERVICE_STOP_SIGNALS
 
 
 def _stop_on_signals() -> None:

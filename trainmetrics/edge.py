@@ -25,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from trainmetrics.contract import CONTROL_CHARACTERS
+from trainmetrics.contract import CONTROL_CHARACTERS, SERVICE_STOP_SIGNALS
 from trainmetrics.webconfig import WebConfig
 
 log = logging.getLogger("trainmetrics.edge")
@@ -301,8 +301,8 @@ def build_app(components: list[Component], *, web_config: WebConfig | None = Non
 def serve(app: Starlette, sock, web_config: WebConfig, on_ready: Callable[[], None] = lambda: None, *,
           client_idle_seconds: float | None = None) -> None:
     """Run an app under uvicorn on an already bound, listening socket, with the web config's TLS; on_ready()
-    once it accepts requests. Until SIGINT/SIGTERM; then it shuts down cleanly and returns (the process exits
-    0, as every trainmetrics server does). A client silent while its request is due is cut after
+    once it accepts requests. Until SIGINT/SIGTERM/SIGHUP; then it shuts down cleanly and returns (the process
+    exits 0, as every trainmetrics server does). A client silent while its request is due is cut after
     client_idle_seconds (trainmetrics.client_timeout; its default when None)."""
     import signal
 
@@ -325,7 +325,7 @@ def serve(app: Starlette, sock, web_config: WebConfig, on_ready: Callable[[], No
     server = Server(config)
     # A stop signal before uvicorn has its own handlers must still stop it; and uvicorn re-raises the signal
     # it caught, once shut down, to the handler it found: this one, so the command returns its own exit code
-    # instead of dying of the signal.
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    # instead of dying of the signal. (uvicorn takes SIGINT and SIGTERM only: SIGHUP stays with this one.)
+    for signum in SERVICE_STOP_SIGNALS:
         signal.signal(signum, lambda signum, frame: setattr(server, "should_exit", True))
     server.run(sockets=[sock])

@@ -53,7 +53,7 @@ def build(web_config, server_settings, auth, analytics):
 
 
 def run(args: argparse.Namespace) -> int:
-    """Serve until SIGINT/SIGTERM (running jobs are paused and resume at the next start)."""
+    """Serve until SIGINT/SIGTERM/SIGHUP (running jobs are paused and resume at the next start)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     host, port = listen_flag("--listen", args.listen)

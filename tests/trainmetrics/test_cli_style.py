@@ -2,10 +2,12 @@
 one line on stderr naming the flag as typed, exit code 2; a server says where it listens."""
 
 import re
+import signal
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -147,3 +149,62 @@ def test_a_refused_server_leaves_no_data_dir(flags, flag, tmp_path):
         listen = [] if "--listen" in flags else ["--listen", "127.0.0.1:0"]
         one_line_error(["server", "--data-dir", str(tmp_path / "data"), *listen, *flags], flag)
     assert not (tmp_path / "data").exists()
+
+
+def _lock_is_a_directory(data: Path) -> None:
+    (data / "server.lock").mkdir()
+
+
+def _database_is_not_one(data: Path) -> None:
+    (data / "trainmetrics.db").write_text("not a database, whatever its name says\n" * 100)
+
+
+def _datasets_is_a_file(data: Path) -> None:
+    (data / "datasets").write_text("")
+
+
+def _jobs_is_a_file(data: Path) -> None:
+    (data / "jobs").write_text("")
+
+
+@pytest.mark.parametrize("damage,mention", [
+    (_lock_is_a_directory, "server.lock: Is a directory"), (_database_is_not_one, "trainmetrics.db: cannot be used"),
+    (_datasets_is_a_file, "datasets: not a directory"), (_jobs_is_a_file, "jobs: not a directory")])
+def test_a_data_dir_the_server_cannot_use_is_one_line_naming_it(damage, mention, tmp_path):
+    """A lock file it could not open, a database that is none or a file where its datasets go ended the start in
+    a traceback; a file where its jobs go started a server that failed every job it started."""
+    damage(tmp_path)
+    one_line_error(["server", "--data-dir", str(tmp_path), "--listen", "127.0.0.1:0"], f"--data-dir: {tmp_path}/")
+    one_line_error(["server", "--data-dir", str(tmp_path), "--listen", "127.0.0.1:0"], mention)
+
+
+@pytest.mark.parametrize("args,mention", [
+    (["--targets-dir", "SAME", "--job-dir", "SAME"], "--job-dir: 'SAME' is also --targets-dir"),
+    (["--result-file", "/sys/result.json"], "--result-file: '/sys/result.json': cannot write in '/sys'")])
+def test_train_output_paths_that_cannot_work_are_refused_up_front(args, mention, tmp_path):
+    """One directory for both was refused as a second process of the job (the process's own claim, taken twice);
+    a result file it could not write trained the job to its end and exited 0 without it."""
+    same = str(tmp_path / "same")
+    one_line_error(["train", "--epochs", "1", *[same if arg == "SAME" else arg for arg in args]],
+                   mention.replace("SAME", same))
+
+
+@pytest.mark.parametrize("command", ["analytics", "server", "exporter"])
+def test_a_closed_terminal_stops_a_server_cleanly(command, tmp_path):
+    """SIGHUP killed it at once (exit 129): the server's running jobs went on unsupervised, never paused."""
+    extra = {"server": ["--data-dir", str(tmp_path)], "exporter": ["--no-collector.gpu"]}.get(command, [])
+    process = subprocess.Popen([sys.executable, "-m", "trainmetrics", command, "--listen", "127.0.0.1:0", *extra],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        line = ""
+        while "listening on" not in line and time.monotonic() < deadline:
+            line = process.stderr.readline()
+            assert line or process.poll() is None, "exited without saying where it listens"
+        process.send_signal(signal.SIGHUP)
+        process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 0
