@@ -30,6 +30,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from trainmetrics.analytics import queries as q  # noqa: E402
+from bench.cleanup import stop_on_signals  # noqa: E402
 from trainmetrics.prometheus_process import PrometheusServer, find_binary, free_port  # noqa: E402
 
 GOALS_MS = {"job analytics (1-hour job)": 50, "summary (1,000 jobs)": 200, "compare (5 jobs)": 100}
@@ -169,6 +170,7 @@ def main() -> int:
                         help="also time, cold, the service from this source tree (e.g. `git archive HEAD~1 "
                              "analytics trainmetrics | tar -x -C DIR`) on the same Prometheus")
     args = parser.parse_args()
+    stop_on_signals()
     work = args.keep or Path(tempfile.mkdtemp(prefix="analytics-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     now = time.time()

@@ -19,6 +19,7 @@ import sys
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.cleanup import stop_on_signals  # noqa: E402
 from trainmetrics.prometheus_process import VictoriaMetricsServer  # noqa: E402
 
 SCRAPE_MS = 250
@@ -41,6 +42,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=30, help="seconds of 250 ms data per series")
     parser.add_argument("--senders", type=int, default=2)
     args = parser.parse_args()
+    stop_on_signals()
     victoria = VictoriaMetricsServer(Path(tempfile.mkdtemp(prefix="bench-vm-"))).start()
     try:
         steps = args.seconds * 1000 // SCRAPE_MS
@@ -61,7 +63,7 @@ def main() -> None:
                 urllib.request.urlopen(urllib.request.Request(url, data=body, method="POST"), timeout=120).read()
 
         began = time.monotonic()
-        senders = [threading.Thread(target=send) for _ in range(args.senders)]
+        senders = [threading.Thread(target=send, daemon=True) for _ in range(args.senders)]
         for sender in senders:
             sender.start()
         for sender in senders:

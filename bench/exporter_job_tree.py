@@ -18,8 +18,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from trainmetrics.exporters.collectors.jobs import JobTracker
-from trainmetrics.jobmap import JobMapping, write_job_mapping
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.cleanup import stop_on_signals  # noqa: E402
+from trainmetrics.exporters.collectors.jobs import JobTracker  # noqa: E402
+from trainmetrics.jobmap import JobMapping, write_job_mapping  # noqa: E402
 
 FAST_HZ = 10
 
@@ -50,6 +52,9 @@ def main() -> int:
     parser.add_argument("--processes", type=int, default=200, help="processes in the big job's tree")
     parser.add_argument("--samples", type=int, default=200, help="fast samples timed per job")
     args = parser.parse_args()
+    if args.processes < 1 or args.samples < 1:
+        parser.error("--processes and --samples must be at least 1")
+    stop_on_signals()
     # The big job: a root (a sleeping python) with N - 1 sleeping children; the small one: a root alone.
     script = f"import subprocess, time; [subprocess.Popen(['sleep', '1000']) for _ in range({args.processes - 1})]; " \
              "time.sleep(1000)"

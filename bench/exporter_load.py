@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.cleanup import stop_on_signals  # noqa: E402
 from trainmetrics.prometheus_process import free_port  # noqa: E402
 
 SAMPLE = re.compile(r"^([a-zA-Z_:][\w:]*)(\{[^}]*\})? (\S+)")
@@ -65,6 +66,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=60)
     args = parser.parse_args()
+    if not args.seconds > 0:
+        parser.error(f"--seconds must be positive, got {args.seconds:g}")
+    stop_on_signals()
     port = free_port()
     exporter = subprocess.Popen([sys.executable, "-m", "trainmetrics", "exporter", "--listen", f"127.0.0.1:{port}",
                                  "--sample-interval", "0.1", "--no-collector.gpu"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -83,7 +87,7 @@ def main() -> int:
         until = time.monotonic() + args.seconds
         results = [{"scrapes": 0, "failed": 0, "collector_failures": 0, "non_monotonic": [], "latencies": []}
                    for _ in range(2)]
-        threads = [threading.Thread(target=scraper, args=(url, until, r)) for r in results]
+        threads = [threading.Thread(target=scraper, args=(url, until, r), daemon=True) for r in results]
         for i, thread in enumerate(threads):
             thread.start()
             time.sleep(0.05 * (i + 1))                 # the two scrapers half an interval apart

@@ -24,6 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.cleanup import require_binary, stop_on_signals  # noqa: E402
 from trainmetrics.prometheus_process import free_port  # noqa: E402
 
 NODE_EXPORTER = os.environ.get("NODE_EXPORTER_BIN", "/usr/bin/prometheus-node-exporter")
@@ -145,6 +146,8 @@ def main() -> int:
     parser.add_argument("--sample-interval", default="0.1", help="our exporter's --sample-interval")
     parser.add_argument("--warmup", type=float, default=3.0)
     options = parser.parse_args()
+    require_binary(NODE_EXPORTER, "NODE_EXPORTER_BIN")
+    stop_on_signals()
 
     ours_port, node_port = free_port(), free_port()
     job_dir = tempfile.mkdtemp(prefix="bench-jobs-")

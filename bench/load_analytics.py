@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.cleanup import stop_on_signals  # noqa: E402
 from trainmetrics.prometheus_process import PrometheusServer, free_port  # noqa: E402
 
 JOBS = ("load-1", "load-2")
@@ -86,6 +87,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--clients", type=int, default=50)
     args = parser.parse_args()
+    stop_on_signals()
     work = Path(tempfile.mkdtemp(prefix="trainmetrics-load-"))
     prometheus = PrometheusServer(work / "prometheus").start()
     port = free_port()

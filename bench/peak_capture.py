@@ -33,6 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.cleanup import require_binary, stop_on_signals  # noqa: E402
 from bench.exporter_vs_node_exporter import NODE_EXPORTER, wait_ready  # noqa: E402
 from trainmetrics.prometheus_process import PrometheusServer, free_port  # noqa: E402
 
@@ -193,6 +194,8 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=60.0, help="how long to inject events")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
     options = parser.parse_args()
+    require_binary(NODE_EXPORTER, "NODE_EXPORTER_BIN")
+    stop_on_signals()
     seed = options.seed if options.seed is not None else random.randrange(1 << 30)
     cpus = os.cpu_count() or 1
 

@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.jobserver.ray_cluster import RayCluster  # noqa: E402
 from tests.jobserver.server_process import Server  # noqa: E402
+from bench.cleanup import stop_on_signals  # noqa: E402
 from trainmetrics.prometheus_process import PrometheusServer, free_port  # noqa: E402
 
 
@@ -48,6 +49,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=5, help="jobs per executor, one after the other")
     args = parser.parse_args()
+    stop_on_signals()
     work = Path(tempfile.mkdtemp(prefix="bench-submit-"))
     cluster = RayCluster().start()
     results = {}

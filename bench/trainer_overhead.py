@@ -29,12 +29,15 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from trainmetrics.trainer.metrics import JobMetrics
-from trainmetrics.trainer.telemetry import Publish
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.cleanup import stop_on_signals  # noqa: E402
+from trainmetrics.trainer.metrics import JobMetrics  # noqa: E402
+from trainmetrics.trainer.telemetry import Publish  # noqa: E402
 
 
 # One keep-alive connection, as Prometheus keeps one per target.
@@ -193,6 +196,7 @@ def main() -> None:
         parser.error("--scrapes-per-second cannot be negative")
     if args.step_ms <= 0 or (args.batch_size is not None and args.batch_size < 1):
         parser.error("--step-ms and --batch-size must be positive")
+    stop_on_signals()
 
     torch.set_num_threads(1)
     batch_size = args.batch_size or calibrated_batch_size(args.step_ms)
@@ -205,19 +209,21 @@ def main() -> None:
     if args.scrapes_per_second > 0:
         scraper = subprocess.Popen([sys.executable, "-c", SCRAPER, str(metrics.metrics_port),
                                     str(1 / args.scrapes_per_second)])
-    run_off(batches, train_step, 200)                  # warm-up
-    run_on(metrics, batches, train_step, 200)
-    if parts is not None:
-        parts.reset()
-    off, on = [], []
-    for _ in range(args.rounds):
-        off.append(measured(run_off, batches, train_step, args.steps))
-        on.append(measured(run_on, metrics, batches, train_step, args.steps))
-    if scraper is not None:
-        scraper.terminate()
-        scraper.wait()
-    metrics.finish("completed")
-    metrics.close()
+    try:
+        run_off(batches, train_step, 200)                  # warm-up
+        run_on(metrics, batches, train_step, 200)
+        if parts is not None:
+            parts.reset()
+        off, on = [], []
+        for _ in range(args.rounds):
+            off.append(measured(run_off, batches, train_step, args.steps))
+            on.append(measured(run_on, metrics, batches, train_step, args.steps))
+    finally:
+        if scraper is not None:
+            scraper.terminate()
+            scraper.wait()
+        metrics.finish("completed")
+        metrics.close()
     half = args.rounds // 2
     all_wall = sum(r.wall for r in on + off)
     loop_ratio = sum(r.loop_cpu for r in off) / sum(r.loop_cpu for r in on)
