@@ -34,7 +34,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--server-port", type=int, default=DEFAULT_ANALYTICS_PORT,
                         help="job server port (a free one is picked if it is taken)")
     parser.add_argument("--model", default="mlp", choices=MODELS,
-                        help="demo job's model (the uploaded digits CSV is tabular)")
+                        help="demo job's model: mlp trains on the uploaded digits CSV, cnn on the same digits as "
+                             "8x8 images, transformer on the built-in text corpus")
     parser.add_argument("--epochs", type=int, default=15, help="demo job's epochs")
     parser.add_argument("--batch-size", type=int, default=16, help="demo job's batch size")
     parser.add_argument("--exit-after-job", action="store_true",
@@ -52,6 +53,23 @@ def check_flags(args: argparse.Namespace) -> None:
             raise FlagError("--" + flag.replace("_", "-"), f"must be at least 1, got {getattr(args, flag)}")
     if args.workdir is not None:
         check_directory("--workdir", args.workdir)
+        if args.workdir.is_dir():       # Prometheus' data and the job's files go there
+            try:
+                with tempfile.TemporaryFile(dir=args.workdir):
+                    pass
+            except OSError as error:
+                raise FlagError("--workdir", f"{str(args.workdir)!r}: cannot write there: "
+                                             f"{error.strerror or error}") from None
+
+
+# The uploaded CSV is tabular: the mlp trains on it; the other models on built-in datasets of their kind (the
+# cnn needs images, the transformer text): a job on the CSV failed as bad input at its start.
+BUILT_IN_DATASET_FOR = {"cnn": "digits", "transformer": "corpus"}
+
+
+def dataset_for(model: str, uploaded: str) -> str:
+    """The demo job's dataset for `model`: the uploaded one, or a built-in one it can train on."""
+    return BUILT_IN_DATASET_FOR.get(model, uploaded)
 
 
 def _port_or_free(port: int) -> int:
@@ -241,6 +259,10 @@ def run(args: argparse.Namespace) -> int:
         except PrometheusNotFound as error:
             print(f"trainmetrics demo: error: {error}", file=sys.stderr)
             return 2
+        except (OSError, RuntimeError) as error:        # it exited at its start (a release that refuses the config)
+            print(f"trainmetrics demo: error: Prometheus did not start: {str(error).splitlines()[0]} "
+                  f"(its log: {prometheus.log_path})", file=sys.stderr)
+            return 1
         print(f"Prometheus       {prometheus.url}   (data in {prometheus.data_dir})")
         trainmetrics = [sys.executable, "-m", "trainmetrics"]
         start_child([*trainmetrics, "exporter", "--listen", exporter_address, "--job-dir", str(job_dir)],
@@ -260,12 +282,15 @@ def run(args: argparse.Namespace) -> int:
                                   content=csv_path.read_bytes()).raise_for_status().json()
             print(f"                 dataset {dataset['dataset_id']}: {dataset['rows']} rows, "
                   f"{dataset['features']} features, uploaded in {dataset['upload_seconds']:.3f} s")
-            spec = {"model": args.model, "dataset": dataset["dataset_id"], "epochs": args.epochs,
+            dataset_name = dataset_for(args.model, dataset["dataset_id"])
+            spec = {"model": args.model, "dataset": dataset_name, "epochs": args.epochs,
                     "batch_size": args.batch_size, "log_every": 25, "name": "demo digits classifier"}
             job = client.post("/api/training/jobs", json=spec).raise_for_status().json()
             job_id = job["job_id"]
             selector = f'{{job_id="{job_id}"}}'
-            print(f"2. submit        {args.model}, {args.epochs} epochs → job {job_id} ({job['state']})")
+            print(f"2. submit        {args.model}, {args.epochs} epochs"
+                  f"{'' if dataset_name == dataset['dataset_id'] else ' on the built-in ' + dataset_name} "
+                  f"→ job {job_id} ({job['state']})")
             print(f"   loss          {graph_url(prometheus.url, f'trainer_loss{selector}', f'trainer_eval_loss{selector}')}")
             print(f"   throughput    {graph_url(prometheus.url, f'sum(rate(trainer_samples_total{selector}[2s]))')}")
             print(f"   accuracy      {graph_url(prometheus.url, f'trainer_eval_accuracy_ratio{selector}')}")

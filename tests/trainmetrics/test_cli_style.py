@@ -75,6 +75,7 @@ BAD = [
     (["demo", "--model", "resnet"], "--model"),
     (["demo", "--prometheus-port", "70000"], "--prometheus-port"),
     (["demo", "--workdir", "/proc/self/status"], "--workdir: '/proc/self/status' is not a directory"),
+    (["demo", "--workdir", "/sys"], "--workdir: '/sys': cannot write there"),      # was a traceback from Prometheus
     (["train", "--lr", "-1"], "--lr"),
     (["train", "--device", "tpu"], "--device"),
     (["train", "--epochs", "three"], "--epochs"),

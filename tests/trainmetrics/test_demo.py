@@ -7,6 +7,11 @@ import sys
 
 import pytest
 
+from trainmetrics.contract import MODELS
+from trainmetrics.demo import dataset_for, write_digits_csv
+from trainmetrics.trainer.data import load_dataset
+from trainmetrics.trainer.models import build_model
+
 
 def test_demo_runs_a_job_through_prometheus_and_reads_it_back(tmp_path):
     result = subprocess.run(
@@ -79,3 +84,23 @@ def test_a_wrong_prometheus_bin_is_one_line_and_leaves_no_work_dir(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip() == f"trainmetrics demo: error: PROMETHEUS_BIN={tmp_path / 'nope'}: not an executable file"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_prometheus_that_exits_at_its_start_is_one_line_naming_its_log(tmp_path):
+    """An older Prometheus refusing the config (here /bin/false) ended the demo in a RuntimeError traceback."""
+    env = {**os.environ, "PROMETHEUS_BIN": "/bin/false"}
+    result = subprocess.run([sys.executable, "-m", "trainmetrics", "demo", "--exit-after-job", "--workdir",
+                             str(tmp_path), "--prometheus-port", "0"], env=env, capture_output=True, text=True,
+                            timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("trainmetrics demo: error: Prometheus did not start: ")
+    assert lines[0].endswith(f"(its log: {tmp_path / 'prometheus' / 'prometheus.log'})")
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_every_model_the_demo_offers_can_train_on_its_dataset(model, tmp_path):
+    """--model cnn and transformer were offered, then the job failed at its start: the uploaded CSV is tabular."""
+    uploaded = write_digits_csv(tmp_path / "digits.csv")
+    dataset = load_dataset(dataset_for(model, str(uploaded)))
+    build_model(model, dataset)
