@@ -104,6 +104,9 @@ def job_dir_flag(value: str | None) -> Path:
     check_directory("--job-dir", path)
     try:
         path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise FlagError("--job-dir", f"{value!r} cannot be created: {error.strerror or error}") from None
+    try:
         os.listdir(path)
     except OSError as error:
         raise FlagError("--job-dir", f"{value!r} is not readable: {error.strerror or error}") from None

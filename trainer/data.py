@@ -57,7 +57,7 @@ def load_dataset(spec: str, target: str = "label", seed: int = 0) -> Dataset:
         raise DatasetError(f"unknown dataset {spec!r}: use one of {', '.join(BUILTIN_DATASETS)} "
                            "or a path to a .csv, .npz or .txt file")
     if not path.is_file():
-        raise DatasetError(f"dataset file not found: {spec}")
+        raise DatasetError(f"dataset {spec}: {'a directory, not a file' if path.is_dir() else 'file not found'}")
     if suffix == ".csv":
         try:
             x, y = read_csv(path, target)

@@ -27,7 +27,10 @@ def bad_csv(tmp_path, name: str, text: str) -> str:
 BAD_INPUTS = {
     "unknown model": (lambda t: ["--model", "resnet9000"], "--model must be one of mlp, cnn, transformer, got 'resnet9000'"),
     "unknown dataset": (lambda t: ["--dataset", "imagenet"], "--dataset: unknown dataset 'imagenet'"),
-    "missing file": (lambda t: ["--dataset", str(t / "nope.csv")], "--dataset: dataset file not found"),
+    "missing file": (lambda t: ["--dataset", str(t / "nope.csv")], ("--dataset: dataset ", "nope.csv: file not found")),
+    # A directory named like a dataset file was "not found" (it is there, and not a file).
+    "a directory": (lambda t: ["--dataset", str((t / "d.csv").mkdir() or t / "d.csv")],
+                    ("--dataset: dataset ", "d.csv: a directory, not a file")),
     "ragged csv": (lambda t: ["--dataset", bad_csv(t, "r.csv", "a,b,label\n1,2,0\n1,2\n3,4,1\n")],
                    "line 3 has 2 fields, the header has 3"),
     "non-numeric csv": (lambda t: ["--dataset", bad_csv(t, "n.csv", "a,b,label\n1,2,0\n1,x,1\n")],

@@ -81,6 +81,7 @@ BAD = [
     (["train", "--epochs", "three"], "--epochs"),
     (["exporter", "--sample-interval", "0"], "--sample-interval"),
     (["exporter", "--listen", "127.0.0.1:99999"], "--listen"),
+    (["exporter", "--job-dir", "/sys/nope"], "--job-dir: '/sys/nope' cannot be created: "),   # was "not readable"
     (["exporter", "--web.config.file", "/nonexistent.yml"], "--web.config.file: "),
     (["train", "--web.config.file", "/nonexistent.yml"], "--web.config.file: "),
     (["analytics", "--web.config.file", "/nonexistent.yml"], "--web.config.file: "),
