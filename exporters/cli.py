@@ -50,6 +50,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--job-dir", default=None, metavar="DIR",
                         help=f"job-mapping directory the trainer writes (default: {DEFAULT_JOB_DIR}, which "
                              "may be missing; an explicit DIR is created and must be readable)")
+    parser.add_argument("--path.rootfs", dest="rootfs", type=Path, default=Path("/"), metavar="DIR",
+                        help="where the host's root filesystem is mounted (in a container: mount / at /host "
+                             "and give /host; with the host's PID namespace the filesystems are then the "
+                             "host's, as its init sees them)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                         help="least severe log messages shown")
     for name, spec in COLLECTORS.items():
@@ -130,13 +134,15 @@ def run(args: argparse.Namespace) -> int:
     sample_interval, slow_interval, peak_window = durations(args)
     job_dir = job_dir_flag(args.job_dir)
     web_config = web_config_flag(args.web_config_file)
+    if not args.rootfs.is_dir():
+        raise FlagError("--path.rootfs", f"{str(args.rootfs)!r} is not a directory")
 
     from trainmetrics.exporters.collectors.base import CollectorContext
     from trainmetrics.exporters.collectors.jobs import JobTracker
     from trainmetrics.exporters.exporter import Exporter, metrics_server
     from trainmetrics.exporters.job_energy import JobEnergy, state_file_for
 
-    context = CollectorContext(peak_window=peak_window, job_tracker=JobTracker(job_dir),
+    context = CollectorContext(peak_window=peak_window, rootfs=args.rootfs, job_tracker=JobTracker(job_dir),
                                job_energy=JobEnergy(state_file_for(job_dir)) if args.collector_energy else None)
     collectors = [spec.load().build(context) for name, spec in COLLECTORS.items()
                   if getattr(args, f"collector_{name}")]

@@ -17,6 +17,7 @@ class CollectorContext:
     """What the exporter hands every collector's build(): data sources and timing."""
 
     proc_root: Path = Path("/proc")
+    rootfs: Path = Path("/")            # the host's root filesystem, where it is mounted (a container: /host)
     powercap_root: Path = Path("/sys/class/powercap")
     peak_window: float = 1.0
     job_tracker: object | None = None

@@ -26,8 +26,10 @@ def unescape_mount_field(field: str) -> str:
             .replace("\\134", "\\"))
 
 
-def real_mounts(mounts_text: str) -> list[tuple[str, str]]:
-    """(device, mountpoint) of each real filesystem, one mountpoint per device (the shortest)."""
+def real_mounts(mounts_text: str, is_directory: Callable[[str], bool] = lambda mountpoint: True
+                ) -> list[tuple[str, str]]:
+    """(device, mountpoint) of each real filesystem, one mountpoint per device (the shortest directory: a file
+    bind-mounted over another, as a container's /etc/hosts is, is no place a filesystem is used from)."""
     by_device: dict[str, str] = {}
     for line in mounts_text.splitlines():
         fields = line.split()
@@ -37,8 +39,9 @@ def real_mounts(mounts_text: str) -> list[tuple[str, str]]:
         if mountpoint != "/" and (fs_type in PSEUDO_TYPES or (mountpoint + "/").startswith(PSEUDO_MOUNT_PREFIXES)):
             continue
         known = by_device.get(device)
-        if known is None or len(mountpoint) < len(known):
-            by_device[device] = mountpoint
+        if (known is not None and len(mountpoint) >= len(known)) or not is_directory(mountpoint):
+            continue
+        by_device[device] = mountpoint
     return sorted(by_device.items(), key=lambda item: item[1])
 
 
@@ -48,20 +51,33 @@ class FilesystemCollector(Collector):
     name = "filesystem"
     slow = True  # statvfs can block on a network mount: keep it out of the fast loop
 
-    def __init__(self, proc_root: Path | str = "/proc", statvfs: Callable[[str], os.statvfs_result] = os.statvfs):
+    def __init__(self, proc_root: Path | str = "/proc", statvfs: Callable[[str], os.statvfs_result] = os.statvfs,
+                 rootfs: Path | str = "/", is_directory: Callable[[str], bool] = os.path.isdir):
         self.proc_root = str(proc_root)
-        self.statvfs = statvfs
+        self.statvfs, self.is_directory = statvfs, is_directory
+        self.rootfs = str(rootfs)
         self._usage: list[tuple[str, int, int, int]] = []
 
     @classmethod
     def build(cls, context: CollectorContext) -> "FilesystemCollector":
-        return cls(proc_root=context.proc_root)
+        return cls(proc_root=context.proc_root, rootfs=context.rootfs)
+
+    def _mounts(self) -> str:
+        """The mount table: this process's, or with a host root filesystem mounted elsewhere (a container),
+        the host's init's: a container's own has its overlay as `/` and the files Docker bind-mounts
+        (/etc/hosts, a host disk's shortest mountpoint), and none of the host's other disks."""
+        source = "mounts" if os.path.realpath(self.rootfs) == "/" else "1/mounts"
+        return read_bytes(f"{self.proc_root}/{source}").decode()
+
+    def _host(self, mountpoint: str) -> str:
+        """Where a host mountpoint is seen from here."""
+        return os.path.join(self.rootfs, mountpoint.lstrip("/"))
 
     def sample_slow(self, now: float) -> None:
         usage = []
-        for _device, mountpoint in real_mounts(read_bytes(f"{self.proc_root}/mounts").decode()):
+        for _device, mountpoint in real_mounts(self._mounts(), lambda point: self.is_directory(self._host(point))):
             try:
-                stat = self.statvfs(mountpoint)
+                stat = self.statvfs(self._host(mountpoint))
             except OSError:
                 continue  # unmounted since /proc/mounts was read, or not ours to see
             block = stat.f_frsize or stat.f_bsize

@@ -254,7 +254,7 @@ def build_fixture_host(nvml: FakeNvml | None = None, job_dir: Path = FIXTURE_JOB
         CpuCollector(proc_root, peak_window=1.0, clock_ticks=100),
         MemoryCollector(proc_root, peak_window=1.0),
         DiskCollector(proc_root),
-        FilesystemCollector(proc_root, statvfs=fixture_statvfs),
+        FilesystemCollector(proc_root, statvfs=fixture_statvfs, is_directory=lambda path: True),
         NetworkCollector(proc_root),
         ProcessesCollector(proc_root),
         JobsCollector(tracker),

@@ -1,0 +1,86 @@
+"""Which filesystems and disks the host series cover: a container's bind-mounted files are no filesystem, the
+host's are read through --path.rootfs, and partitions are never counted beside their disk."""
+
+import os
+
+from trainmetrics.exporters.collectors.disk import DiskCollector
+from trainmetrics.exporters.collectors.filesystem import FilesystemCollector
+from tests.exporters.exporter_fixtures import parse_exposition
+
+# A container's own mount table (Docker, host network and PID namespace): its overlay root, the files Docker
+# bind-mounts from the host's disk, the job directory.
+CONTAINER_MOUNTS = """overlay / overlay rw,relatime 0 0
+/dev/vda /etc/resolv.conf ext4 rw,relatime 0 0
+/dev/vda /etc/hosts ext4 rw,relatime 0 0
+/dev/vda /var/lib/trainmetrics/jobs ext4 ro,relatime 0 0
+proc /proc proc rw 0 0
+"""
+# The host's, as its init (pid 1) sees it.
+HOST_MOUNTS = """/dev/vda / ext4 rw,relatime 0 0
+/dev/vdb /data xfs rw,relatime 0 0
+overlay /var/lib/docker/overlay2/abc/merged overlay rw,relatime 0 0
+"""
+
+
+def statvfs_of(sizes: dict[str, int]):
+    def statvfs(path: str) -> os.statvfs_result:
+        blocks = sizes[path] // 4096
+        return os.statvfs_result((4096, 4096, blocks, blocks // 2, blocks // 4, 0, 0, 0, 0, 255))
+    return statvfs
+
+
+def filesystems(collector: FilesystemCollector) -> dict[str, float]:
+    collector.sample_slow(0.0)
+    found = parse_exposition(_render(collector))
+    return {dict(labels)["mountpoint"]: value for labels, value in found["system_filesystem_limit_bytes"].items()}
+
+
+def _render(collector) -> bytes:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    return generate_latest(registry)
+
+
+def test_a_bind_mounted_file_is_no_filesystem(tmp_path):
+    """The host disk was published as mountpoint="/etc/hosts", the shortest of its bind mounts."""
+    proc = tmp_path / "proc"
+    proc.mkdir()
+    (proc / "mounts").write_text(CONTAINER_MOUNTS)
+    files = {"/etc/resolv.conf", "/etc/hosts"}
+    collector = FilesystemCollector(proc, statvfs=statvfs_of({"/": 100 * 4096, "/var/lib/trainmetrics/jobs": 7 * 4096}),
+                                    is_directory=lambda path: path not in files)
+    assert filesystems(collector) == {"/": 100 * 4096, "/var/lib/trainmetrics/jobs": 7 * 4096}
+
+
+def test_with_the_hosts_root_mounted_the_hosts_filesystems_are_published(tmp_path):
+    """In the compose file's container the exporter saw its overlay as `/` and none of the host's other disks
+    (a checkpoint disk filling up raised no FilesystemAlmostFull)."""
+    proc = tmp_path / "proc"
+    (proc / "1").mkdir(parents=True)
+    (proc / "mounts").write_text(CONTAINER_MOUNTS)
+    (proc / "1" / "mounts").write_text(HOST_MOUNTS)
+    host = tmp_path / "host"
+    (host / "data").mkdir(parents=True)
+    collector = FilesystemCollector(proc, rootfs=host, statvfs=statvfs_of({f"{host}/": 100 * 4096,
+                                                                           f"{host}/data": 50 * 4096}))
+    assert filesystems(collector) == {"/": 100 * 4096, "/data": 50 * 4096}
+
+
+def test_partitions_are_never_counted_beside_their_disk(tmp_path):
+    """sdaa1 (the 27th disk's partition), vdab2, md0p1 and nbd0p1 were published as disks: a sum over devices
+    counted their I/O twice. So is any device the kernel says is a partition, whatever its name."""
+    proc, sys_block = tmp_path / "proc", tmp_path / "block"
+    proc.mkdir()
+    devices = ["sda", "sda1", "sdaa", "sdaa1", "vdab", "vdab2", "md0", "md0p1", "nbd0", "nbd0p1", "dm-0",
+               "oddname", "oddname7"]
+    (proc / "diskstats").write_text("".join(f"   8       {i} {name} 1 0 2 0 3 0 4 0 0 0 0 0 0 0 0 0 0\n"
+                                            for i, name in enumerate(devices)))
+    (sys_block / "oddname7").mkdir(parents=True)
+    (sys_block / "oddname7" / "partition").write_text("7\n")
+    collector = DiskCollector(proc, sys_block=sys_block)
+    collector.sample(0.0)
+    found = parse_exposition(_render(collector))
+    assert sorted({dict(labels)["device"] for labels in found["system_disk_io_bytes_total"]}) == \
+        ["dm-0", "md0", "nbd0", "oddname", "sda", "sdaa", "vdab"]
