@@ -126,7 +126,10 @@ class Supervisor:
         values = {**{name: value for name, value in spec.items() if name not in ("dataset", "nproc")},
                   "job_id": job.id, "job_name": job.name, "owner": job.owner, "dataset": self.dataset_file(job),
                   "checkpoint_dir": self.checkpoint_dir(job.id), "result_file": self.result_path(job.id),
-                  "job_dir": self.job_dir, "linger_timeout": self.linger_timeout, "resume": job.resume,
+                  "job_dir": self.job_dir, "linger_timeout": self.linger_timeout,
+                  # A job whose directory holds checkpoints continues from them: a run this server lost before
+                  # recording it (killed at the next start) wrote them, and a fresh run refuses such a directory.
+                  "resume": job.resume or bool(list_checkpoints(self.checkpoint_dir(job.id))),
                   "submitted_at": job.created, "diagnostics_dir": self.job_path(job.id),
                   "register_url": f"{self.advertise_url}/api/internal/jobs/{job.id}/endpoints"
                   if self.advertise_url else None}

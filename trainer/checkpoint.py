@@ -8,6 +8,7 @@ checkpoint name. Files hold only tensors, numbers, strings, lists and dicts, so
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from trainmetrics.jobfiles import FINAL_MODEL_NAME, Checkpoint, checkpoint_name, list_checkpoints
@@ -25,7 +26,8 @@ def ensure_writable_dir(directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"):
         pass
-    for leftover in directory.glob(".step-*.tmp"):
+    # (atomic_save's temp files: a checkpoint's, and the final model's, a full copy of the weights)
+    for leftover in (*directory.glob(".step-*.tmp"), *directory.glob(f".{FINAL_MODEL_NAME}.*.tmp")):
         leftover.unlink(missing_ok=True)
     return directory
 
@@ -70,21 +72,28 @@ class NoReadableCheckpoint(RuntimeError):
     """Checkpoints are there and none of them loads: resuming would silently train again from step 0."""
 
 
-def load_latest(directory: Path, map_location="cpu") -> dict | None:
-    """The newest checkpoint that loads; a corrupt newest file falls back to the one before it (said in the log).
-    None when there is none; NoReadableCheckpoint when there are some and none loads."""
+def load_latest(directory: Path, map_location="cpu", foreign: Callable[[dict], str | None] = lambda state: None
+                ) -> dict | None:
+    """The newest checkpoint that loads and is the job's; a corrupt newest file, or one `foreign` says is another
+    job's (its reason), falls back to the one before it (said in the log). None when there is none;
+    NoReadableCheckpoint when there are some and none of them loads as the job's."""
     import torch
 
     checkpoints = list_checkpoints(directory)
     for checkpoint in reversed(checkpoints):
         try:
-            return torch.load(checkpoint.path, map_location=map_location, weights_only=True)
+            state = torch.load(checkpoint.path, map_location=map_location, weights_only=True)
         except Exception as error:      # truncated or corrupt: try the previous one
             # (its first sentence: torch's goes on to suggest loading untrusted files with weights_only=False)
             reason = " ".join(str(error).split()).split(". ")[0][:200]
             log.warning("checkpoint %s cannot be loaded (%s: %s); trying the one before it", checkpoint.path,
                         type(error).__name__, reason)
+            continue
+        whose = foreign(state) if isinstance(state, dict) else "not a checkpoint"
+        if whose is None:
+            return state
+        log.warning("checkpoint %s is not this job's (%s); trying the one before it", checkpoint.path, whose)
     if checkpoints:
-        raise NoReadableCheckpoint(f"none of the {len(checkpoints)} checkpoints in {directory} can be loaded: "
-                                   "remove them to train afresh")
+        raise NoReadableCheckpoint(f"none of the {len(checkpoints)} checkpoints in {directory} loads as this "
+                                   "job's: remove them to train afresh")
     return None

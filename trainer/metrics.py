@@ -403,6 +403,11 @@ class JobMetrics:
                 "loss": self.loss, "last_loss": self.last_loss,
                 "loss_intervals": self.loss_intervals, "nonfinite_losses": self.nonfinite_losses,
                 "evaluations": self.evaluations.count, "eval_loss_min": self.eval_loss_min,
+                # The last evaluation's results: a resumed run that evaluates no more still publishes them.
+                "last_eval_loss": None if self.last_evaluation is None else self.last_evaluation.loss,
+                "last_eval_accuracy": None if self.last_evaluation is None else self.last_evaluation.accuracy,
+                "last_eval_step": None if self.last_evaluation is None else self.last_evaluation.step,
+                "last_eval_time": None if self.last_evaluation is None else self.last_evaluation.time,
                 "eval_accuracy_max": self.eval_accuracy_max, "step_duration_max": self.step_duration_max,
                 "loss_spikes": self.spikes.spikes, "loss_spike_detector": self.spikes.state_dict(),
                 "phases": self.phases.state_dict()}
@@ -445,6 +450,10 @@ class JobMetrics:
                  "eval_accuracy_max": number("eval_accuracy_max"),
                  "step_duration_max": number("step_duration_max") or 0.0}
         evaluations, spikes = count("evaluations"), count("loss_spikes")
+        last_evaluation = None
+        if evaluations and state.get("last_eval_step") is not None:
+            last_evaluation = Evaluation(evaluations, count("last_eval_step"), number("last_eval_time") or 0.0,
+                                         number("last_eval_loss"), number("last_eval_accuracy"))
         detector = state.get("loss_spike_detector")
         if detector is not None:     # checked whole before anything is taken (a checkpoint from before has none)
             if not isinstance(detector, dict):
@@ -454,6 +463,7 @@ class JobMetrics:
         for name, value in taken.items():
             setattr(self, name, value)
         self.evaluations = EvaluationHistory(first_index=evaluations + 1)
+        self.last_evaluation = last_evaluation
         self.spikes.spikes = spikes
         if detector is not None:
             self.spikes.load_state_dict(detector)

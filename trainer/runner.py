@@ -24,7 +24,8 @@ from trainmetrics.datafiles import DatasetError
 from trainmetrics.jobfiles import ClaimedElsewhere
 from trainmetrics.jobmap import host_gpu
 from trainmetrics.trainer import distributed, faults
-from trainmetrics.trainer.checkpoint import FINAL_MODEL_NAME, atomic_save, ensure_writable_dir, load_latest, save_checkpoint
+from trainmetrics.trainer.checkpoint import (FINAL_MODEL_NAME, atomic_save, ensure_writable_dir, list_checkpoints,
+                                             load_latest, save_checkpoint)
 from trainmetrics.trainer.config import TrainConfig
 from trainmetrics.trainer.data import Dataset, load_dataset
 from trainmetrics.trainer.metrics import Diagnostics, IntervalStats, JobInfo, JobMetrics
@@ -102,8 +103,17 @@ class Trainer:
         metrics_by_rank[0]["checkpoints"] += 1
         return {"model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "step": self.metrics.steps, "samples": self.metrics.samples, "epoch": self.epoch,
-                "batch_in_epoch": self.batch_in_epoch, "job_id": self.config.job_id,
-                "model_name": self.config.model, "dataset": self.dataset.name, "metrics_by_rank": metrics_by_rank}
+                "batch_in_epoch": self.batch_in_epoch, "batch_size": self.config.batch_size,
+                "job_id": self.config.job_id, "model_name": self.config.model, "dataset": self.dataset.name,
+                "metrics_by_rank": metrics_by_rank}
+
+    def foreign(self, state: dict) -> str | None:
+        """Why a checkpoint is not this job's to resume from (another job's, or another model's: its weights
+        would not load, or would be the other job's), or None. A checkpoint from before these keys: the job's."""
+        for key, own in (("job_id", self.config.job_id), ("model_name", self.config.model)):
+            if key in state and state[key] != own:
+                return f"its {key} is {str(state[key])[:80]!r}, not {own!r}"
+        return None
 
     def restore(self, state: dict) -> None:
         """Continue from a checkpoint: weights, optimizer, counters and data position, and this rank's own
@@ -112,12 +122,22 @@ class Trainer:
         The metrics first: the job's totals up to the checkpoint hold whether or not the weights then load (a
         checkpoint of another model fails here), so a run that fails its restore still publishes the job's
         counters and phase seconds, its own init and restore counted in."""
+        written_with = state.get("batch_size")
+        if written_with is not None and written_with != self.config.batch_size:
+            # Its position in the data counts batches of that size: another size would train samples twice.
+            raise ValueError(f"the checkpoint was written with --batch-size {written_with}: its position (batch "
+                             f"{state.get('batch_in_epoch')} of epoch {state.get('epoch')}) counts batches of that "
+                             f"size; resume with --batch-size {written_with}")
         by_rank = state.get("metrics_by_rank") or []
         own = by_rank[self.dist.rank] if len(by_rank) == self.dist.world_size else \
             {"checkpoints": 1 if self.dist.is_main else 0}      # rank 0 wrote the one resumed from
         self.metrics.load_state_dict({**own, "steps": int(state["step"]), "samples": int(state["samples"])})
         self.net.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        kept = self.optimizer.param_groups[0]["lr"]
+        if kept != self.config.lr:
+            log.warning("job %s: the checkpoint's learning rate %g goes on (the optimizer's state), not --lr %g",
+                        self.config.job_id, kept, self.config.lr)
         self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
         log.info("job %s: resumed at step %d (epoch %d, batch %d)", self.config.job_id, self.metrics.steps,
                  self.epoch, self.batch_in_epoch)
@@ -212,7 +232,7 @@ class Trainer:
     def run(self) -> str:
         """Train to the end or until stopped; returns completed, cancelled or paused."""
         config, metrics = self.config, self.metrics
-        metrics.set_learning_rate(config.lr)
+        metrics.set_learning_rate(self.optimizer.param_groups[0]["lr"])     # a resumed run's: the checkpoint's
         while self.epoch < config.epochs:
             metrics.set_epoch(self.epoch)
             self.model.train()
@@ -245,7 +265,9 @@ class Trainer:
                              "stopping (no --checkpoint-dir: nothing to resume from)", metrics.steps)
                     if not self.checkpoint():
                         return self.stopped_for_spike()
-                    return outcome
+                    # A cancel during a pause's checkpoint overrides it (StopFlag), as on the job server; ranks
+                    # keep the outcome they agreed on.
+                    return self.stop.outcome if self.dist.world_size == 1 and self.stop.outcome else outcome
                 if checkpoint_due and not self.checkpoint():
                     return self.stopped_for_spike()
             self.epoch += 1
@@ -409,6 +431,12 @@ def open_checkpoint_dir(config: TrainConfig) -> Path | None:
         ensure_writable_dir(directory)
     except OSError as error:
         raise BadInput(f"--checkpoint-dir: {directory} is not writable: {error.strerror or error}") from None
+    found = list_checkpoints(directory)
+    if found and not config.resume:
+        # A fresh run there would prune its own new checkpoints first (the older run's are at higher steps),
+        # and a later --resume would continue the older run.
+        raise BadInput(f"--checkpoint-dir: {directory} holds checkpoints already ({found[-1].path.name} the "
+                       "newest): add --resume to continue from them, or give an empty directory")
     return created
 
 
@@ -476,7 +504,7 @@ def run_job(config: TrainConfig, stop: StopFlag | None = None) -> int:
         trainer = Trainer(config, dataset, model, device, metrics, stop, ranks)
         if config.resume:
             with metrics.phase("restore"):
-                resume_state = load_latest(config.checkpoint_dir, map_location=device)
+                resume_state = load_latest(config.checkpoint_dir, map_location=device, foreign=trainer.foreign)
                 if resume_state is not None:
                     trainer.restore(resume_state)
         trainer.start()

@@ -528,3 +528,14 @@ def test_a_run_no_server_recorded_is_killed_before_its_job_starts(supervisor):
     assert supervisor.store.get_job("twice").state == "running"
     assert orphan.process.wait(timeout=10) == -signal.SIGKILL
     assert supervisor.runs["twice"].pid != orphan.pid and supervisor.runs["twice"].process.poll() is None
+
+
+def test_a_queued_job_whose_directory_holds_checkpoints_resumes_from_them(supervisor):
+    """The run no server recorded wrote checkpoints before it was killed: a fresh start of the job refuses such
+    a directory (it would prune its own first), so the job continues from them."""
+    queue(supervisor, "lost-run")
+    job = supervisor.store.get_job("lost-run")
+    assert "--resume" not in supervisor.train_args(job)
+    supervisor.checkpoint_dir(job.id).mkdir(parents=True)
+    (supervisor.checkpoint_dir(job.id) / "step-000000030.pt").write_bytes(b"written by the lost run")
+    assert "--resume" in supervisor.train_args(job)

@@ -130,3 +130,83 @@ def test_a_resume_at_another_world_size_counts_the_checkpoint_in_rank_0_alone(ma
     resumed.dist = Distributed(rank=rank, world_size=3)        # the job resumed with 3 ranks
     resumed.restore(state)
     assert resumed.metrics.checkpoints == counted
+
+
+def stopped_at(trainer, step: int, signum=signal.SIGTERM, then=None):
+    """Run `trainer` until `step`, where `signum` asks it to stop (and `then` runs, if given)."""
+    original_step = trainer.metrics.step
+
+    def step_then_maybe_stop(*args, **kwargs):
+        original_step(*args, **kwargs)
+        if trainer.metrics.steps == step:
+            trainer.stop.request(signum)
+            if then is not None:
+                then()
+
+    trainer.metrics.step = step_then_maybe_stop
+    return trainer.run()
+
+
+def test_another_jobs_or_models_checkpoint_is_skipped_when_resuming(make_trainer, tmp_path, caplog):
+    """A newer checkpoint of another job was resumed as this job's (its counters, its weights), one of another
+    model failed the job: the newest checkpoint is this job's to continue from only."""
+    common = dict(model="mlp", dataset="digits", epochs=1, batch_size=64, seed=3, checkpoint_dir=tmp_path)
+    first = make_trainer(**common, job_id="mine")
+    assert stopped_at(first, 5) == "cancelled"
+    ckpt.save_checkpoint(tmp_path, {**torch.load(ckpt.list_checkpoints(tmp_path)[-1].path, weights_only=True),
+                                    "step": 7, "job_id": "theirs"})
+    cnn = make_trainer(**{**common, "model": "cnn"}, job_id="mine")
+    ckpt.save_checkpoint(tmp_path, {**cnn.state([cnn.metrics.state_dict()]), "step": 9})
+    resumed = make_trainer(**common, job_id="mine")
+    state = ckpt.load_latest(tmp_path, foreign=resumed.foreign)
+    assert state["step"] == 5
+    assert "step-000000009.pt is not this job's (its model_name is 'cnn', not 'mlp')" in caplog.text
+    assert "step-000000007.pt is not this job's (its job_id is 'theirs', not 'mine')" in caplog.text
+    resumed.restore(state)
+    assert resumed.run() == "completed"
+
+
+def test_a_resume_with_another_batch_size_fails_instead_of_training_samples_twice(make_trainer, tmp_path):
+    """The position is a count of batches: 12 batches of 64 resumed with --batch-size 16 skipped 192 samples
+    only, and trained 576 of the epoch again."""
+    first = make_trainer(model="mlp", dataset="digits", epochs=1, batch_size=64, checkpoint_dir=tmp_path)
+    assert stopped_at(first, 12) == "cancelled"
+    resumed = make_trainer(model="mlp", dataset="digits", epochs=1, batch_size=16, checkpoint_dir=tmp_path)
+    with pytest.raises(ValueError, match="written with --batch-size 64: .* resume with --batch-size 64"):
+        resumed.restore(ckpt.load_latest(tmp_path, foreign=resumed.foreign))
+
+
+def test_a_resumed_run_publishes_the_learning_rate_it_trains_with_and_the_last_evaluation(make_trainer, tmp_path):
+    """--lr on a resume was published while the checkpoint's optimizer state went on with its own; a run
+    resumed after its last evaluation published no evaluation loss or accuracy."""
+    first = make_trainer(model="mlp", dataset="digits", epochs=1, batch_size=64, lr=0.001, checkpoint_dir=tmp_path)
+    assert first.run() == "completed"
+    evaluated = first.metrics.last_evaluation
+    resumed = make_trainer(model="mlp", dataset="digits", epochs=1, batch_size=64, lr=0.05, checkpoint_dir=tmp_path)
+    resumed.restore(ckpt.load_latest(tmp_path, foreign=resumed.foreign))
+    assert resumed.run() == "completed"            # nothing left to train
+    assert resumed.metrics.learning_rate == 0.001
+    last = resumed.metrics.last_evaluation
+    assert (last.index, last.step, last.loss, last.accuracy) == (evaluated.index, evaluated.step, evaluated.loss,
+                                                                 evaluated.accuracy)
+
+
+def test_a_cancel_during_a_pauses_checkpoint_cancels(make_trainer, tmp_path):
+    """SIGUSR1, then SIGTERM while the pause's checkpoint was written: the run returned `paused` (exit 4)."""
+    trainer = make_trainer(model="mlp", dataset="digits", epochs=1, batch_size=64, checkpoint_dir=tmp_path)
+    checkpoint = trainer.checkpoint
+
+    def cancelled_while_writing():
+        trainer.stop.request(signal.SIGTERM)
+        return checkpoint()
+
+    assert stopped_at(trainer, 5, signal.SIGUSR1, then=lambda: setattr(trainer, "checkpoint",
+                                                                       cancelled_while_writing)) == "cancelled"
+
+
+def test_a_killed_final_model_write_leaves_no_temp_file_for_good(tmp_path):
+    """A kill while model.pt was written left its temp file (a full copy of the weights) for every later run."""
+    (tmp_path / f".{ckpt.FINAL_MODEL_NAME}.x1y2z3.tmp").write_bytes(b"weights")
+    (tmp_path / ".step-000000040.pt.abc.tmp").write_bytes(b"weights")
+    ckpt.ensure_writable_dir(tmp_path)
+    assert list(tmp_path.iterdir()) == []

@@ -49,6 +49,11 @@ BAD_INPUTS = {
     "npz without y": (lambda t: (np.savez(t / "x.npz", x=np.ones((4, 2))), ["--dataset", str(t / "x.npz")])[1],
                       "missing array(s) ['y']"),
     "npz not a zip": (lambda t: ["--dataset", bad_csv(t, "z.npz", "not a zip")], ("--dataset: ", "not a readable NPZ")),
+    # A fresh run pruned its own new checkpoints first (the older run's are at higher steps): refused.
+    "checkpoints already there": (lambda t: ((t / "ck").mkdir(), (t / "ck" / "step-000000030.pt").write_bytes(b"x"),
+                                             ["--checkpoint-dir", str(t / "ck")])[-1],
+                                  ("--checkpoint-dir: ", "holds checkpoints already (step-000000030.pt the newest): "
+                                                         "add --resume")),
     "bad job id": (lambda t: ["--job-id", "../etc"], "--job-id must be letters, digits, '.', '_', '-' (first a letter or digit; at most 64), got '../etc'"),
     "bad epochs": (lambda t: ["--epochs", "0"], "--epochs must be at least 1"),
     # Accepted before: the job failed in islice ("Stop argument for islice() must be None or an integer").
