@@ -43,8 +43,9 @@ def main() -> None:
     parser.add_argument("--senders", type=int, default=2)
     args = parser.parse_args()
     stop_on_signals()
-    victoria = VictoriaMetricsServer(Path(tempfile.mkdtemp(prefix="bench-vm-"))).start()
+    victoria = VictoriaMetricsServer(Path(tempfile.mkdtemp(prefix="bench-vm-")))
     try:
+        victoria.start()     # inside: a signal while it starts still stops it
         steps = args.seconds * 1000 // SCRAPE_MS
         start_ms = int(time.time() * 1000) - args.seconds * 1000
         chunk = 500                                    # series per request

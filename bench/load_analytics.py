@@ -89,10 +89,11 @@ def main() -> int:
     args = parser.parse_args()
     stop_on_signals()
     work = Path(tempfile.mkdtemp(prefix="trainmetrics-load-"))
-    prometheus = PrometheusServer(work / "prometheus").start()
+    prometheus = PrometheusServer(work / "prometheus")
     port = free_port()
     service = None
     try:
+        prometheus.start()   # inside: a signal while it starts still stops it
         began = time.monotonic()
         start_jobs(prometheus, work)
         print(f"{len(JOBS)} real jobs in Prometheus after {time.monotonic() - began:.0f} s")

@@ -51,17 +51,19 @@ def main() -> None:
     args = parser.parse_args()
     stop_on_signals()
     work = Path(tempfile.mkdtemp(prefix="bench-submit-"))
-    cluster = RayCluster().start()
+    cluster = RayCluster()
     results = {}
     try:
+        cluster.start()      # inside: a signal while it starts still stops what started
         for executor, extra in (("local", ()), ("ray", ("--executor", "ray", "--ray-address", cluster.dashboard))):
             port = free_port()
-            prometheus = PrometheusServer(work / f"prometheus-{executor}", job_server=f"http://127.0.0.1:{port}").start()
+            prometheus = PrometheusServer(work / f"prometheus-{executor}", job_server=f"http://127.0.0.1:{port}")
             (work / executor).mkdir()
             server = Server(work / executor, extra=extra)
             server.port, server.url = port, f"http://127.0.0.1:{port}"
-            server.start()
             try:
+                prometheus.start()
+                server.start()
                 measure(server, prometheus, f"warm-{executor}")          # imports, caches, Ray's workers
                 results[executor] = [measure(server, prometheus, f"{executor}-{i}") for i in range(args.jobs)]
             finally:

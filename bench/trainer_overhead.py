@@ -209,6 +209,7 @@ def main() -> None:
     if args.scrapes_per_second > 0:
         scraper = subprocess.Popen([sys.executable, "-c", SCRAPER, str(metrics.metrics_port),
                                     str(1 / args.scrapes_per_second)])
+    ended = "cancelled"
     try:
         run_off(batches, train_step, 200)                  # warm-up
         run_on(metrics, batches, train_step, 200)
@@ -218,11 +219,12 @@ def main() -> None:
         for _ in range(args.rounds):
             off.append(measured(run_off, batches, train_step, args.steps))
             on.append(measured(run_on, metrics, batches, train_step, args.steps))
+        ended = "completed"
     finally:
         if scraper is not None:
             scraper.terminate()
             scraper.wait()
-        metrics.finish("completed")
+        metrics.finish(ended)
         metrics.close()
     half = args.rounds // 2
     all_wall = sum(r.wall for r in on + off)

@@ -15,13 +15,13 @@ import sys
 from pathlib import Path
 
 from trainmetrics.command import DEFAULT_EXPORTER_PORT, FlagError, check_directory, listen_flag, say_listening
-from trainmetrics.contract import DEFAULT_JOB_DIR, SERVICE_STOP_SIGNALS
+from trainmetrics.contract import DEFAULT_JOB_DIR, SERVICE_STOP_SIGNALS, signals_to_take
 from trainmetrics.exporters.collectors import COLLECTORS
 from trainmetrics.webconfig import web_config_flag
 
 DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m)?\s*$")
 UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}
-STOP_SIGNALS = set(SERVICE_STOP_SIGNALS)
+STOP_SIGNALS = set(signals_to_take(SERVICE_STOP_SIGNALS))
 
 
 def parse_duration(value: str) -> float:

@@ -113,10 +113,14 @@ class JobStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(SCHEMA)
+            self._add_columns()
         except sqlite3.DatabaseError as error:      # OperationalError (unreadable, read-only) included
             if hasattr(self, "_db"):
                 self._db.close()
             raise StoreUnreadable(f"{path}: cannot be used as the job server's database ({error})") from None
+
+    def _add_columns(self) -> None:
+        """Columns added since a database was made (an older server's)."""
         for table, columns in ADDED_COLUMNS.items():
             present = {row["name"] for row in self._db.execute(f"PRAGMA table_info({table})")}
             for name, kind in columns:

@@ -26,6 +26,9 @@ TrainConfig = make_dataclass(
     [("job_id", str)] + [(option.name, object, field(default=option.default))
                          for option in TRAIN_OPTIONS if option.name != "job_id"],
     namespace={"check": _check,
+               # True when no --job-id was given and from_args made one up: a resume then takes any job's
+               # checkpoint in the directory as this job's (each run makes up another id).
+               "job_id_made_up": False,
                "__doc__": "Everything one training job needs; one field per option of the contract's table."})
 
 
@@ -54,5 +57,8 @@ def from_args(args: argparse.Namespace) -> "TrainConfig":
     """A TrainConfig from parsed arguments (a fresh job id when none was given)."""
     names = {f.name for f in fields(TrainConfig)}
     values = {name: getattr(args, name) for name in names if hasattr(args, name)}
+    made_up = not values.get("job_id")
     values["job_id"] = values.get("job_id") or new_job_id()
-    return TrainConfig(**values)
+    config = TrainConfig(**values)
+    config.job_id_made_up = made_up
+    return config

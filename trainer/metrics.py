@@ -35,7 +35,7 @@ from typing import Callable, Iterable, Iterator
 
 from opentelemetry.metrics import CallbackOptions, Observation
 
-from trainmetrics.contract import FINAL_STATES, JOB_STATES, validate_job_id
+from trainmetrics.contract import FINAL_STATES, JOB_STATES, signals_to_take, validate_job_id
 from trainmetrics.trainer import instruments as inst
 from trainmetrics.trainer.evaluations import Evaluation, EvaluationHistory
 from trainmetrics.trainer.histograms import DurationHistogram, HistogramCollector
@@ -166,7 +166,9 @@ class _LossAccumulator:
             total = _sum(floats)
             if tensors:     # the library works without torch for float losses: only tensors need it
                 total += _device_sum(tensors).item()
-        except BaseException:
+        except Exception:       # the losses cannot be read (shapes that do not stack): the interval goes
+            raise
+        except BaseException:   # interrupted (a KeyboardInterrupt in the sync): they are read again
             self.tensors[:0], self.floats[:0], self.count = tensors, floats, self.count + count
             raise
         return total / count
@@ -516,7 +518,7 @@ class JobMetrics:
         """Mark the job running: training starts (init is over), after wait_for_first_scrape(give_up)."""
         if self.ended:
             raise ValueError(f"the job already ended {self.state}: start() cannot run it again")
-        if self.state == "running":      # started already (start(), then `with`): the loop's clock runs on
+        if self.start_time is not None:      # started already (start(), then `with`): the loop's clock runs on
             return self
         self.wait_for_first_scrape(give_up)
         if self.start_time is None:
@@ -621,7 +623,7 @@ class JobMetrics:
             # joining its workers), and a job that took only the first signal as its stop could not be stopped.
             raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
-        for signum in CANCEL_SIGNALS:
+        for signum in signals_to_take(CANCEL_SIGNALS):
             self._previous_handlers[signum] = signal.signal(signum, stop)
 
     def _restore_signal_handlers(self) -> None:
@@ -888,8 +890,12 @@ class JobMetrics:
             began, steps_before, samples_before = self._interval_start
             if self.steps == steps_before:
                 return None
-            loss = self._losses.mean()
-            self._new_interval(now)      # after the read: an interrupted read leaves the interval to finish()
+            try:
+                loss = self._losses.mean()
+            except Exception:       # a read that fails: its losses are gone, the next interval starts (read
+                self._new_interval(now)     # again at every step, they piled up and slowed every step)
+                raise
+            self._new_interval(now)  # after the read: an interrupted one leaves the interval to finish()
             if loss is not None:
                 self.last_loss = loss
                 if math.isfinite(loss):

@@ -111,6 +111,8 @@ class Trainer:
         """Why a checkpoint is not this job's to resume from (another job's, or another model's: its weights
         would not load, or would be the other job's), or None. A checkpoint from before these keys: the job's."""
         for key, own in (("job_id", self.config.job_id), ("model_name", self.config.model)):
+            if key == "job_id" and self.config.job_id_made_up:     # no --job-id: any job id is this job's
+                continue
             if key in state and state[key] != own:
                 return f"its {key} is {str(state[key])[:80]!r}, not {own!r}"
         return None
@@ -122,16 +124,16 @@ class Trainer:
         The metrics first: the job's totals up to the checkpoint hold whether or not the weights then load (a
         checkpoint of another model fails here), so a run that fails its restore still publishes the job's
         counters and phase seconds, its own init and restore counted in."""
+        by_rank = state.get("metrics_by_rank") or []
+        own = by_rank[self.dist.rank] if len(by_rank) == self.dist.world_size else \
+            {"checkpoints": 1 if self.dist.is_main else 0}      # rank 0 wrote the one resumed from
+        self.metrics.load_state_dict({**own, "steps": int(state["step"]), "samples": int(state["samples"])})
         written_with = state.get("batch_size")
         if written_with is not None and written_with != self.config.batch_size:
             # Its position in the data counts batches of that size: another size would train samples twice.
             raise ValueError(f"the checkpoint was written with --batch-size {written_with}: its position (batch "
                              f"{state.get('batch_in_epoch')} of epoch {state.get('epoch')}) counts batches of that "
                              f"size; resume with --batch-size {written_with}")
-        by_rank = state.get("metrics_by_rank") or []
-        own = by_rank[self.dist.rank] if len(by_rank) == self.dist.world_size else \
-            {"checkpoints": 1 if self.dist.is_main else 0}      # rank 0 wrote the one resumed from
-        self.metrics.load_state_dict({**own, "steps": int(state["step"]), "samples": int(state["samples"])})
         self.net.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         kept = self.optimizer.param_groups[0]["lr"]

@@ -13,6 +13,8 @@ import signal
 import threading
 from typing import Callable
 
+from trainmetrics.contract import signals_to_take
+
 # The state each stop signal leads to: SIGUSR1 pauses (resumable with --resume), the others cancel (SIGHUP: the
 # terminal closed; its default action killed the job with no checkpoint, result or clean-up, its Prometheus
 # target left behind for TargetDown to fire on).
@@ -87,7 +89,7 @@ class StopFlag:
         """Route the stop signals to this flag, then unblock them (a signal that came while they were blocked
         is handled now). Main thread only; elsewhere nothing changes."""
         if threading.current_thread() is threading.main_thread():
-            for signum in STOP_SIGNALS:
+            for signum in signals_to_take(STOP_SIGNALS):
                 signal.signal(signum, lambda signum, frame: self.request(signum))
             signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
             self._installed = True

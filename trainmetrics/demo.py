@@ -18,7 +18,7 @@ from pathlib import Path
 
 from trainmetrics.command import (DEFAULT_ANALYTICS_PORT, DEFAULT_EXPORTER_PORT, DEFAULT_PROMETHEUS_PORT, FlagError,
                                   check_directory)
-from trainmetrics.contract import MODELS, SERVICE_STOP_SIGNALS
+from trainmetrics.contract import MODELS, SERVICE_STOP_SIGNALS, signals_to_take
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -53,13 +53,14 @@ def check_flags(args: argparse.Namespace) -> None:
             raise FlagError("--" + flag.replace("_", "-"), f"must be at least 1, got {getattr(args, flag)}")
     if args.workdir is not None:
         check_directory("--workdir", args.workdir)
-        if args.workdir.is_dir():       # Prometheus' data and the job's files go there
-            try:
-                with tempfile.TemporaryFile(dir=args.workdir):
-                    pass
-            except OSError as error:
-                raise FlagError("--workdir", f"{str(args.workdir)!r}: cannot write there: "
-                                             f"{error.strerror or error}") from None
+        # Prometheus' data and the job's files go there: it, or the parent it is made in, takes files.
+        existing = next(part for part in (args.workdir, *args.workdir.absolute().parents) if part.exists())
+        try:
+            with tempfile.TemporaryFile(dir=existing):
+                pass
+        except OSError as error:
+            raise FlagError("--workdir", f"{str(args.workdir)!r}: cannot write in {str(existing)!r}: "
+                                         f"{error.strerror or error}") from None
 
 
 # The uploaded CSV is tabular: the mlp trains on it; the other models on built-in datasets of their kind (the
@@ -210,7 +211,7 @@ def wait_http(url: str, timeout: float = 60) -> None:
     raise RuntimeError(f"{url} did not answer within {timeout}s")
 
 
-STOP_SIGNALS = SERVICE_STOP_SIGNALS
+STOP_SIGNALS = signals_to_take(SERVICE_STOP_SIGNALS)
 
 
 def _stop_on_signals() -> None:

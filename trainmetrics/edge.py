@@ -25,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from trainmetrics.contract import CONTROL_CHARACTERS, SERVICE_STOP_SIGNALS
+from trainmetrics.contract import CONTROL_CHARACTERS, SERVICE_STOP_SIGNALS, signals_to_take
 from trainmetrics.webconfig import WebConfig
 
 log = logging.getLogger("trainmetrics.edge")
@@ -326,6 +326,6 @@ def serve(app: Starlette, sock, web_config: WebConfig, on_ready: Callable[[], No
     # A stop signal before uvicorn has its own handlers must still stop it; and uvicorn re-raises the signal
     # it caught, once shut down, to the handler it found: this one, so the command returns its own exit code
     # instead of dying of the signal. (uvicorn takes SIGINT and SIGTERM only: SIGHUP stays with this one.)
-    for signum in SERVICE_STOP_SIGNALS:
+    for signum in signals_to_take(SERVICE_STOP_SIGNALS):
         signal.signal(signum, lambda signum, frame: setattr(server, "should_exit", True))
     server.run(sockets=[sock])

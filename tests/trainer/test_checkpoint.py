@@ -174,6 +174,7 @@ def test_a_resume_with_another_batch_size_fails_instead_of_training_samples_twic
     resumed = make_trainer(model="mlp", dataset="digits", epochs=1, batch_size=16, checkpoint_dir=tmp_path)
     with pytest.raises(ValueError, match="written with --batch-size 64: .* resume with --batch-size 64"):
         resumed.restore(ckpt.load_latest(tmp_path, foreign=resumed.foreign))
+    assert resumed.metrics.steps == 12          # the job's counters were taken first: no reset in Prometheus
 
 
 def test_a_resumed_run_publishes_the_learning_rate_it_trains_with_and_the_last_evaluation(make_trainer, tmp_path):

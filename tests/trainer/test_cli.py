@@ -177,7 +177,7 @@ def test_a_resume_whose_every_checkpoint_is_unreadable_fails_instead_of_training
     assert process.returncode == 1, stderr
     summary = parse_summary(stdout)
     assert summary["state"] == "failed" and summary["error_type"] == "NoReadableCheckpoint" and summary["steps"] == 0
-    assert f"none of the 2 checkpoints in {ckpt} can be loaded" in stderr
+    assert f"none of the 2 checkpoints in {ckpt} loads as this job's" in stderr
     assert stderr.count("cannot be loaded (UnpicklingError: Weights only load failed)") == 2, stderr   # each file
 
 
@@ -256,3 +256,17 @@ def test_the_summary_line_is_one_write_so_ranks_sharing_stdout_never_run_into_ea
     outcome.report(outcome.result(None))
     assert len(stdout.writes) == 1 and stdout.writes[0].startswith("summary {") and stdout.writes[0].endswith("}\n")
     assert parse_summary(stdout.writes[0].rstrip("\n"))["rank"] == 1
+
+
+def test_a_resume_without_a_job_id_continues_the_runs_checkpoints(tmp_path):
+    """Without --job-id each run makes up its own id: every checkpoint looked like another job's and the resume
+    failed (NoReadableCheckpoint)."""
+    ckpt = tmp_path / "ckpt"
+    first = run_train("--epochs", "1", "--dataset", "blobs", "--checkpoint-dir", str(ckpt), "--linger-timeout", "0")
+    assert first.returncode == 0, first.stderr[-2000:]
+    steps = parse_summary(first.stdout)["steps"]
+    resumed = run_train("--epochs", "2", "--dataset", "blobs", "--checkpoint-dir", str(ckpt), "--resume",
+                        "--linger-timeout", "0")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed at step {steps} (epoch 1, batch 0)" in resumed.stderr
+    assert parse_summary(resumed.stdout)["steps"] == 2 * steps

@@ -3,6 +3,7 @@ never lost, the job can always be stopped), the user's own SIGUSR2 handler, a se
 data wait of a real loader's start and end, start() twice, odd sample counts."""
 
 import json
+import signal
 import subprocess
 import sys
 import textwrap
@@ -251,3 +252,47 @@ def test_whole_sample_counts_of_any_float_type_count(samples):
     metrics.finish("completed")
     assert value(metrics, "trainer_samples_total") == 8
     metrics.close()
+
+
+def test_a_loss_read_that_fails_moves_on_instead_of_piling_the_losses_up():
+    """Put back after any failure, losses that cannot be summed (shapes that do not stack) were read again at
+    every step: the list grew and every step slowed, and no interval was ever counted again."""
+    class OnTheDevice(torch.Tensor):
+        is_cpu = False
+
+    metrics = JobMetrics("unstackable", log_every=2)
+    metrics.start()
+    for step in range(10):
+        metrics.step(loss=torch.ones(3 if step % 2 else 2).as_subclass(OnTheDevice), samples=1)
+    assert len(metrics._losses.tensors) < 2 and metrics._next_log_step == 12
+    metrics.finish("completed")
+    metrics.close()
+
+
+def test_start_after_set_state_running_starts_the_loop():
+    """start() returned at once for a job set `running` by hand: its start time and the loop's clock never began."""
+    metrics = JobMetrics("set-running")
+    metrics.set_state("running")
+    metrics.start()
+    assert metrics.start_time is not None and metrics.phases.loop_began is not None
+    metrics.finish("completed")
+    metrics.close()
+
+
+UNDER_NOHUP = """
+    from trainmetrics.trainer.stopping import StopFlag
+
+    flag = StopFlag.for_process()
+    signal.raise_signal(signal.SIGHUP)
+    with JobMetrics("nohup") as m:
+        signal.raise_signal(signal.SIGHUP)
+        m.step(loss=1.0, samples=1)
+    print(flag.outcome, m.state, signal.getsignal(signal.SIGHUP) is signal.SIG_IGN)
+"""
+
+
+def test_under_nohup_sighup_stops_nothing():
+    """A handler for SIGHUP undid `nohup`: closing the terminal cancelled the job it was meant to outlive."""
+    done = subprocess.run([sys.executable, "-c", PRELUDE + textwrap.dedent(UNDER_NOHUP)], capture_output=True,
+                          text=True, timeout=60, preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    assert done.stdout.split() == ["None", "completed", "True"], (done.stdout, done.stderr[-2000:])

@@ -75,7 +75,8 @@ BAD = [
     (["demo", "--model", "resnet"], "--model"),
     (["demo", "--prometheus-port", "70000"], "--prometheus-port"),
     (["demo", "--workdir", "/proc/self/status"], "--workdir: '/proc/self/status' is not a directory"),
-    (["demo", "--workdir", "/sys"], "--workdir: '/sys': cannot write there"),      # was a traceback from Prometheus
+    (["demo", "--workdir", "/sys"], "--workdir: '/sys': cannot write in '/sys'"),      # was a traceback
+    (["demo", "--workdir", "/sys/new/dir"], "--workdir: '/sys/new/dir': cannot write in '/sys'"),
     (["train", "--lr", "-1"], "--lr"),
     (["train", "--device", "tpu"], "--device"),
     (["train", "--epochs", "three"], "--epochs"),
@@ -169,9 +170,19 @@ def _jobs_is_a_file(data: Path) -> None:
     (data / "jobs").write_text("")
 
 
+def _jobs_table_is_a_view(data: Path) -> None:      # a schema that cannot take the columns added since
+    import sqlite3
+
+    database = sqlite3.connect(data / "trainmetrics.db")
+    database.execute("CREATE VIEW jobs AS SELECT 1 AS id")
+    database.commit()
+    database.close()
+
+
 @pytest.mark.parametrize("damage,mention", [
     (_lock_is_a_directory, "server.lock: Is a directory"), (_database_is_not_one, "trainmetrics.db: cannot be used"),
-    (_datasets_is_a_file, "datasets: not a directory"), (_jobs_is_a_file, "jobs: not a directory")])
+    (_datasets_is_a_file, "datasets: not a directory"), (_jobs_is_a_file, "jobs: not a directory"),
+    (_jobs_table_is_a_view, "trainmetrics.db: cannot be used")])
 def test_a_data_dir_the_server_cannot_use_is_one_line_naming_it(damage, mention, tmp_path):
     """A lock file it could not open, a database that is none or a file where its datasets go ended the start in
     a traceback; a file where its jobs go started a server that failed every job it started."""
@@ -189,6 +200,28 @@ def test_train_output_paths_that_cannot_work_are_refused_up_front(args, mention,
     same = str(tmp_path / "same")
     one_line_error(["train", "--epochs", "1", *[same if arg == "SAME" else arg for arg in args]],
                    mention.replace("SAME", same))
+
+
+def test_under_nohup_a_closed_terminal_stops_no_server():
+    """SIGHUP's handler undid `nohup`: the exporter it was meant to keep running stopped."""
+    process = subprocess.Popen([sys.executable, "-m", "trainmetrics", "exporter", "--listen", "127.0.0.1:0",
+                                "--no-collector.gpu"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    try:
+        deadline = time.monotonic() + 60
+        line = ""
+        while "listening on" not in line and time.monotonic() < deadline:
+            line = process.stderr.readline()
+        process.send_signal(signal.SIGHUP)
+        time.sleep(1)
+        assert process.poll() is None
+        process.terminate()
+        process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 0
 
 
 @pytest.mark.parametrize("command", ["analytics", "server", "exporter"])
