@@ -2,7 +2,6 @@
 never lost, the job can always be stopped), the user's own SIGUSR2 handler, a second job in one process, the
 data wait of a real loader's start and end, start() twice, odd sample counts."""
 
-import json
 import signal
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import pytest
 import torch
 
 from trainmetrics.trainer.metrics import JobMetrics
-from tests.trainer.test_metrics import Scraper, value
+from tests.trainer.test_metrics import scraper_of_announced_job, value
 
 PRELUDE = textwrap.dedent("""
     import os, signal, sys, threading, time
@@ -105,11 +104,7 @@ def test_an_exception_from_a_signal_handler_does_not_end_the_final_linger(tmp_pa
     process = subprocess.Popen([sys.executable, "-c", PRELUDE + textwrap.dedent(RAISING_HANDLER), str(targets),
                                 str(jobs)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 30
-        while not list(targets.glob("*.json")) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        port = json.loads(next(targets.glob("*.json")).read_text())[0]["targets"][0].rsplit(":", 1)[1]
-        scraper = Scraper(int(port))
+        scraper = scraper_of_announced_job(targets)
         scraper.scrape()                                    # the block starts once a scraper has seen the job
         assert process.stdout.readline() == "training\n"
         time.sleep(1.5)                                     # the handler raised 0.3 s into the linger

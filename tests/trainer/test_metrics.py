@@ -62,6 +62,15 @@ class Scraper:
         self.connection.close()
 
 
+def scraper_of_announced_job(targets, timeout: float = 30) -> Scraper:
+    """A Scraper of the job that announces itself in the file_sd directory `targets` (waited for)."""
+    deadline = time.monotonic() + timeout
+    while not list(targets.glob("*.json")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    port = json.loads(next(targets.glob("*.json")).read_text())[0]["targets"][0].rsplit(":", 1)[1]
+    return Scraper(int(port))
+
+
 def test_lifecycle_queued_running_completed_and_series_carry_job_id():
     metrics = JobMetrics("lib-1", JobInfo(model="mlp", dataset="blobs"), log_every=2)
     assert state_of(metrics) == "queued"
@@ -459,11 +468,7 @@ def test_sigterm_ends_a_users_loop_cancelled_and_a_second_one_cuts_the_linger_sh
     process = subprocess.Popen([sys.executable, "-c", USER_LOOP, str(targets), str(jobs)], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 30
-        while not list(targets.glob("*.json")) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        port = json.loads(next(targets.glob("*.json")).read_text())[0]["targets"][0].rsplit(":", 1)[1]
-        scraper = Scraper(int(port))
+        scraper = scraper_of_announced_job(targets)
         scraper.scrape()                           # the loop starts once a scraper has seen the job
         assert process.stdout.readline() == "training\n"
         process.terminate()
@@ -483,11 +488,7 @@ def test_sigterm_ends_a_users_loop_cancelled_and_a_second_one_cuts_the_linger_sh
     process = subprocess.Popen([sys.executable, "-c", USER_LOOP, str(targets), str(jobs)], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 30
-        while not list(targets.glob("*.json")) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        port = json.loads(next(targets.glob("*.json")).read_text())[0]["targets"][0].rsplit(":", 1)[1]
-        scraper = Scraper(int(port))
+        scraper = scraper_of_announced_job(targets)
         scraper.scrape()
         scraper.close()
         assert process.stdout.readline() == "training\n"

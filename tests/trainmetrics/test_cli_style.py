@@ -1,6 +1,7 @@
 """One CLI style for every subcommand: --help explains every option and says each default once; bad input is
 one line on stderr naming the flag as typed, exit code 2; a server says where it listens."""
 
+import contextlib
 import re
 import signal
 import socket
@@ -120,22 +121,33 @@ def test_a_port_in_use_is_one_line_naming_the_flag(command, tmp_path):
         one_line_error([command, "--listen", f"127.0.0.1:{port}", *extra], "--listen")
 
 
-@pytest.mark.parametrize("command", ["analytics", "server", "exporter"])
-def test_a_server_says_where_it_listens(command, tmp_path):
-    extra = {"server": ["--data-dir", str(tmp_path)], "exporter": ["--no-collector.gpu"]}.get(command, [])
+@contextlib.contextmanager
+def listening(command: str, data_dir: Path, **popen):
+    """Start a server command on a free port; yield (its process, the line saying where it listens) once it
+    listens; killed at the end if it still runs."""
+    extra = {"server": ["--data-dir", str(data_dir)], "exporter": ["--no-collector.gpu"]}.get(command, [])
     process = subprocess.Popen([sys.executable, "-m", "trainmetrics", command, "--listen", "127.0.0.1:0", *extra],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **popen)
     try:
         deadline = time.monotonic() + 60
         line = ""
         while "listening on" not in line and time.monotonic() < deadline:
             line = process.stderr.readline()
             assert line or process.poll() is None, "exited without saying where it listens"
+        yield process, line
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.communicate()
+
+
+@pytest.mark.parametrize("command", ["analytics", "server", "exporter"])
+def test_a_server_says_where_it_listens(command, tmp_path):
+    with listening(command, tmp_path) as (process, line):
         assert re.search(rf"^trainmetrics {command}: listening on https?://127\.0\.0\.1:\d+", line), line
         assert not line.rstrip().endswith(":0")
-    finally:
         process.terminate()
-        process.communicate(timeout=60)
+        process.wait(timeout=60)
     assert process.returncode == 0
 
 
@@ -202,44 +214,22 @@ def test_train_output_paths_that_cannot_work_are_refused_up_front(args, mention,
                    mention.replace("SAME", same))
 
 
-def test_under_nohup_a_closed_terminal_stops_no_server():
+def test_under_nohup_a_closed_terminal_stops_no_server(tmp_path):
     """SIGHUP's handler undid `nohup`: the exporter it was meant to keep running stopped."""
-    process = subprocess.Popen([sys.executable, "-m", "trainmetrics", "exporter", "--listen", "127.0.0.1:0",
-                                "--no-collector.gpu"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                               preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
-    try:
-        deadline = time.monotonic() + 60
-        line = ""
-        while "listening on" not in line and time.monotonic() < deadline:
-            line = process.stderr.readline()
+    with listening("exporter", tmp_path, preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)) as \
+            (process, _):
         process.send_signal(signal.SIGHUP)
         time.sleep(1)
         assert process.poll() is None
         process.terminate()
-        process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
+        process.wait(timeout=60)
     assert process.returncode == 0
 
 
 @pytest.mark.parametrize("command", ["analytics", "server", "exporter"])
 def test_a_closed_terminal_stops_a_server_cleanly(command, tmp_path):
     """SIGHUP killed it at once (exit 129): the server's running jobs went on unsupervised, never paused."""
-    extra = {"server": ["--data-dir", str(tmp_path)], "exporter": ["--no-collector.gpu"]}.get(command, [])
-    process = subprocess.Popen([sys.executable, "-m", "trainmetrics", command, "--listen", "127.0.0.1:0", *extra],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 60
-        line = ""
-        while "listening on" not in line and time.monotonic() < deadline:
-            line = process.stderr.readline()
-            assert line or process.poll() is None, "exited without saying where it listens"
+    with listening(command, tmp_path) as (process, _):
         process.send_signal(signal.SIGHUP)
-        process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
+        process.wait(timeout=60)
     assert process.returncode == 0
