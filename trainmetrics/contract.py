@@ -67,6 +67,8 @@ def signals_to_take(signals) -> tuple:
     whoever started it asked it to outlive the terminal, and a handler would undo that)."""
     return tuple(signum for signum in signals
                  if not (signum == signal.SIGHUP and signal.getsignal(signum) == signal.SIG_IGN))
+
+
 # Blocked while a job process is spawned: each is unblocked once its handler exists, so one that comes early
 # is handled then instead of killing the process.
 SPAWN_BLOCKED_SIGNALS = (*STOP_SIGNALS.values(), STACKS_SIGNAL)
