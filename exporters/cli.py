@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 
 from trainmetrics.command import DEFAULT_EXPORTER_PORT, FlagError, check_directory, listen_flag, say_listening
-from trainmetrics.contract import DEFAULT_JOB_DIR, SERVICE_STOP_SIGNALS, signals_to_take
+from trainmetrics.contract import DEFAULT_JOB_DIR
+from trainmetrics.signals import SERVICE_STOP_SIGNALS, signals_to_take
 from trainmetrics.exporters.collectors import COLLECTORS
 from trainmetrics.webconfig import web_config_flag
 

@@ -99,3 +99,14 @@ def test_the_services_load_without_torch():
             "assert not heavy, heavy\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_the_stop_handlers_load_nothing_before_they_are_installed():
+    """`python -m trainmetrics train` installs its stop handlers first: a stop signal before then kills the job
+    with no result. Importing the contract there (for one function) put ~20 ms warm, and its first compile in a
+    fresh checkout, before them: a SIGUSR1 0.15 s into the process killed it."""
+    code = ("import sys, trainmetrics.trainer.stopping\n"
+            "print(sorted(m for m in sys.modules if m.startswith('trainmetrics')))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == str(["trainmetrics", "trainmetrics.signals", "trainmetrics.trainer",
+                                         "trainmetrics.trainer.stopping"]), result.stderr[-2000:]

@@ -35,7 +35,8 @@ from typing import Callable, Iterable, Iterator
 
 from opentelemetry.metrics import CallbackOptions, Observation
 
-from trainmetrics.contract import FINAL_STATES, JOB_STATES, signals_to_take, validate_job_id
+from trainmetrics.contract import FINAL_STATES, JOB_STATES, validate_job_id
+from trainmetrics.signals import signals_to_take
 from trainmetrics.trainer import instruments as inst
 from trainmetrics.trainer.evaluations import Evaluation, EvaluationHistory
 from trainmetrics.trainer.histograms import DurationHistogram, HistogramCollector

@@ -13,7 +13,7 @@ import signal
 import threading
 from typing import Callable
 
-from trainmetrics.contract import signals_to_take
+from trainmetrics.signals import signals_to_take
 
 # The state each stop signal leads to: SIGUSR1 pauses (resumable with --resume), the others cancel (SIGHUP: the
 # terminal closed; its default action killed the job with no checkpoint, result or clean-up, its Prometheus

@@ -56,19 +56,6 @@ STOP_VERBS = {"cancelled": "cancel", "paused": "pause"}
 STOP_SIGNALS = {"paused": signal.SIGUSR1, "cancelled": signal.SIGTERM}
 # The signal that makes a training process write every thread's stack (trainer/watchdog.py).
 STACKS_SIGNAL = signal.SIGUSR2
-# The signals that stop a long-running trainmetrics command cleanly (the server, the analytics, the exporter,
-# the demo): SIGHUP too, as a closed terminal sends it (its default action killed the server, its running jobs
-# left unsupervised).
-SERVICE_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
-def signals_to_take(signals) -> tuple:
-    """The stop signals a process takes of `signals`: SIGHUP only when it did not start with it ignored (`nohup`:
-    whoever started it asked it to outlive the terminal, and a handler would undo that)."""
-    return tuple(signum for signum in signals
-                 if not (signum == signal.SIGHUP and signal.getsignal(signum) == signal.SIG_IGN))
-
-
 # Blocked while a job process is spawned: each is unblocked once its handler exists, so one that comes early
 # is handled then instead of killing the process.
 SPAWN_BLOCKED_SIGNALS = (*STOP_SIGNALS.values(), STACKS_SIGNAL)

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from trainmetrics.command import (DEFAULT_ANALYTICS_PORT, DEFAULT_EXPORTER_PORT, DEFAULT_PROMETHEUS_PORT, FlagError,
                                   check_directory)
-from trainmetrics.contract import MODELS, SERVICE_STOP_SIGNALS, signals_to_take
+from trainmetrics.contract import MODELS
+from trainmetrics.signals import SERVICE_STOP_SIGNALS, signals_to_take
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

@@ -25,7 +25,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from trainmetrics.contract import CONTROL_CHARACTERS, SERVICE_STOP_SIGNALS, signals_to_take
+from trainmetrics.contract import CONTROL_CHARACTERS
+from trainmetrics.signals import SERVICE_STOP_SIGNALS, signals_to_take
 from trainmetrics.webconfig import WebConfig
 
 log = logging.getLogger("trainmetrics.edge")
