@@ -39,7 +39,7 @@ from trainmetrics.contract import FINAL_STATES, JOB_STATES, validate_job_id
 from trainmetrics.signals import signals_to_take
 from trainmetrics.trainer import instruments as inst
 from trainmetrics.trainer.evaluations import Evaluation, EvaluationHistory
-from trainmetrics.trainer.histograms import DurationHistogram, HistogramCollector
+from trainmetrics.trainer.histograms import DurationHistogram
 from trainmetrics.trainer.phases import CHECKPOINT, COMPUTE, CURRENT_PHASES, DATA, ENDED, EVAL, PAUSED, PhaseClock
 from trainmetrics.trainer.spikes import LossSpikeDetector
 from trainmetrics.trainer.stopping import CANCEL_SIGNALS
@@ -307,10 +307,9 @@ class JobMetrics:
         observe(inst.GPU_MEMORY_PEAK, lambda: self.gpu_memory_peak)
         observe(inst.MFU, lambda: self.mfu)
         # The OpenTelemetry step-time and data-wait histograms only for an OTLP push.
-        rendered = HistogramCollector(self._publication.labels)
+        rendered = self._publication.histograms
         rendered.add(inst.STEP_DURATION.name, inst.STEP_DURATION.description, self.step_times)
         rendered.add(inst.DATA_WAIT.name, inst.DATA_WAIT.description, self.data_waits)
-        self._publication.registry.register(rendered)
         self._pushed = self._publication.pushes_otlp
         if self._pushed:      # on the provider that only pushes: /metrics has them from `rendered`
             push_meter = self._publication.push_provider.get_meter("trainmetrics.trainer")

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import numpy as np
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 from trainmetrics.trainer.metrics import JobMetrics
-from tests.trainer.test_metrics import scraper_of_announced_job, value
+from tests.trainer.test_metrics import samples_by_name, scraper_of_announced_job, value
 
 PRELUDE = textwrap.dedent("""
     import os, signal, sys, threading, time
@@ -291,3 +292,31 @@ def test_under_nohup_sighup_stops_nothing():
     done = subprocess.run([sys.executable, "-c", PRELUDE + textwrap.dedent(UNDER_NOHUP)], capture_output=True,
                           text=True, timeout=60, preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
     assert done.stdout.split() == ["None", "completed", "True"], (done.stdout, done.stderr[-2000:])
+
+
+def test_a_scrape_never_shows_more_step_durations_than_steps():
+    """The step-time histogram was collected after the step counter: the loop stepped on between the two reads,
+    and a scrape showed a count above the steps (467,806 against 467,124)."""
+    metrics = JobMetrics("count-vs-steps")
+    metrics.start()
+    stepping = threading.Event()
+
+    def loop():
+        while not stepping.is_set():
+            metrics.step(samples=1)
+
+    stepper = threading.Thread(target=loop)
+    stepper.start()
+    try:
+        seen = []
+        for _ in range(300):
+            found = samples_by_name(metrics)
+            seen.append((found["trainer_step_duration_seconds_count"][0].value,
+                         found["trainer_steps_total"][0].value))
+    finally:
+        stepping.set()
+        stepper.join()
+    metrics.finish("completed")
+    metrics.close()
+    assert seen[-1][1] > seen[0][1]                     # it stepped throughout
+    assert all(count <= steps for count, steps in seen), [pair for pair in seen if pair[0] > pair[1]][:5]
