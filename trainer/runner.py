@@ -9,7 +9,6 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -18,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from trainmetrics.command import FlagError, check_directory
+from trainmetrics.command import FlagError, check_directory, check_writable
 from trainmetrics.contract import STOP_VERBS, TRAIN_OPTIONS, exit_code_for, validate_job_id
 from trainmetrics.datafiles import DatasetError
 from trainmetrics.jobfiles import ClaimedElsewhere
@@ -393,12 +392,7 @@ def check_output_paths(config: TrainConfig) -> None:
             raise FlagError(flags["result_file"], f"{str(result_file)!r} is a directory")
         if not result_file.parent.is_dir():
             raise FlagError(flags["result_file"], f"{str(result_file)!r}: no directory {str(result_file.parent)!r}")
-        try:
-            with tempfile.TemporaryFile(dir=result_file.parent):
-                pass
-        except OSError as error:
-            raise FlagError(flags["result_file"], f"{str(result_file)!r}: cannot write in "
-                                                  f"{str(result_file.parent)!r}: {error.strerror or error}") from None
+        check_writable(flags["result_file"], result_file, result_file.parent)
 
 
 def prepare(config: TrainConfig):

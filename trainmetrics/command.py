@@ -6,6 +6,7 @@ import argparse
 import errno
 import socket
 import sys
+import tempfile
 from pathlib import Path
 
 DEFAULT_ANALYTICS_PORT = 8000
@@ -34,6 +35,17 @@ def check_directory(flag: str, path: Path) -> None:
                 raise FlagError(flag, f"{str(path)!r} is not a directory{where}")
     except OSError as error:
         raise FlagError(flag, f"{str(path)!r}: {error.strerror or error}") from None
+
+
+def check_writable(flag: str, shown: Path, directory: Path) -> None:
+    """FlagError naming the flag unless `directory` takes a file (a temp file, gone at once, is written there):
+    `shown`, what the flag named, goes in or under it."""
+    try:
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as error:
+        raise FlagError(flag, f"{str(shown)!r}: cannot write in {str(directory)!r}: {error.strerror or error}") \
+            from None
 
 
 def parse_listen(value: str, default_host: str = "127.0.0.1") -> tuple[str, int]:

@@ -17,7 +17,7 @@ import urllib.parse
 from pathlib import Path
 
 from trainmetrics.command import (DEFAULT_ANALYTICS_PORT, DEFAULT_EXPORTER_PORT, DEFAULT_PROMETHEUS_PORT, FlagError,
-                                  check_directory)
+                                  check_directory, check_writable)
 from trainmetrics.contract import MODELS
 from trainmetrics.signals import SERVICE_STOP_SIGNALS, signals_to_take
 
@@ -56,12 +56,7 @@ def check_flags(args: argparse.Namespace) -> None:
         check_directory("--workdir", args.workdir)
         # Prometheus' data and the job's files go there: it, or the parent it is made in, takes files.
         existing = next(part for part in (args.workdir, *args.workdir.absolute().parents) if part.exists())
-        try:
-            with tempfile.TemporaryFile(dir=existing):
-                pass
-        except OSError as error:
-            raise FlagError("--workdir", f"{str(args.workdir)!r}: cannot write in {str(existing)!r}: "
-                                         f"{error.strerror or error}") from None
+        check_writable("--workdir", args.workdir, existing)
 
 
 # The uploaded CSV is tabular: the mlp trains on it; the other models on built-in datasets of their kind (the
