@@ -44,15 +44,16 @@ def test_demo_runs_a_job_through_prometheus_and_reads_it_back(tmp_path):
 
 def test_sigterm_stops_the_demo_and_everything_it_started(tmp_path):
     """A `kill` (or a supervisor, a closed terminal) killed the demo alone: Prometheus, the node exporter and the
-    job server ran on, orphaned. SIGTERM now stops it as Ctrl-C does."""
+    job server ran on, orphaned. SIGTERM now stops it as Ctrl-C does, and the temp dir it made goes with it
+    (every run left one behind)."""
     import signal
 
     import psutil
 
     demo = subprocess.Popen(
         [sys.executable, "-m", "trainmetrics", "demo", "--epochs", "1", "--prometheus-port", "0", "--exporter-port",
-         "0", "--server-port", "0", "--workdir", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True)
+         "0", "--server-port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "TMPDIR": str(tmp_path)})
     started = []
     try:
         for line in demo.stdout:
@@ -65,6 +66,7 @@ def test_sigterm_stops_the_demo_and_everything_it_started(tmp_path):
         assert demo.returncode == 0 and "stopping" in rest, rest[-1500:]
         gone, alive = psutil.wait_procs(started, timeout=10)
         assert alive == [], [p.cmdline() for p in alive]
+        assert list(tmp_path.iterdir()) == []
     finally:
         for process in [demo, *started]:
             try:
