@@ -257,7 +257,7 @@ class Trainer:
                     return self.stopped_for_spike(outcome)
                 # The evaluation due at this step comes first: a checkpoint of step N holds it, as a resume
                 # from that checkpoint starts at step N + 1 and would never run it again.
-                if config.eval_every and metrics.steps % config.eval_every == 0:
+                if self.evaluation_due(metrics.steps):
                     self.evaluate()
                     self.model.train()
                 if outcome:
@@ -273,7 +273,8 @@ class Trainer:
                     return self.stopped_for_spike()
             self.epoch += 1
             self.batch_in_epoch = 0
-            self.evaluate()
+            if not self.evaluation_due(metrics.steps):      # that one ran after the step (before a checkpoint)
+                self.evaluate()
             if not config.checkpoint_every and not self.checkpoint():
                 return self.stopped_for_spike()
         if config.checkpoint_dir is not None:
@@ -305,6 +306,12 @@ class Trainer:
             self.stop.keep_last_checkpoint = True
             self.stop.reason = f"loss spike on rank {keeping_rank}"
         return outcome
+
+    def evaluation_due(self, step: int) -> bool:
+        """True when --eval-every evaluates after `step`. The evaluation at an epoch's end is skipped then: it
+        ran twice at that step (twice the cost, listed twice); every rank decides alike, and so does a run that
+        resumed from that step's checkpoint, where it ran before the checkpoint was written."""
+        return bool(self.config.eval_every) and step % self.config.eval_every == 0
 
     def evaluate(self) -> None:
         """Loss and accuracy on the held-out split, published as eval series (by rank 0): the eval phase, in

@@ -112,6 +112,25 @@ def test_a_crash_in_the_evaluation_due_with_a_checkpoint_does_not_lose_it(make_t
     assert resumed.metrics.steps == straight.metrics.steps
 
 
+def test_an_evaluation_due_at_an_epochs_end_runs_once(make_trainer, tmp_path):
+    """--eval-every falling on an epoch's last step evaluated twice there (after the step and at the epoch's
+    end): twice the cost, and the analytics listed it twice. A run resumed from that step's checkpoint does not
+    run it again either."""
+    one_epoch = make_trainer(model="mlp", dataset="blobs", epochs=1, batch_size=64, seed=3)
+    one_epoch.run()
+    per_epoch = one_epoch.metrics.steps
+    common = dict(model="mlp", dataset="blobs", batch_size=64, seed=3, eval_every=per_epoch)
+    straight = make_trainer(**common, epochs=2)
+    straight.run()
+    assert straight.metrics.state_dict()["evaluations"] == 2
+    first = make_trainer(**common, epochs=1, checkpoint_dir=tmp_path, checkpoint_every=per_epoch)
+    first.run()
+    resumed = make_trainer(**common, epochs=2, checkpoint_dir=tmp_path)
+    resumed.restore(ckpt.load_latest(tmp_path))
+    assert resumed.run() == "completed"
+    assert resumed.metrics.state_dict()["evaluations"] == 2
+
+
 def test_a_checkpoint_counts_in_the_metrics_of_the_rank_that_writes_it_only(make_trainer):
     """Rank 0 alone writes checkpoints (trainer_checkpoints_total: checkpoints written), and a resume hands each
     rank its own metrics state: a checkpoint counted in every rank's took rank 1's counter from 0 to rank 0's."""
