@@ -333,12 +333,27 @@ def peak_grid(seconds: float, at: float) -> tuple[float, float, str]:
     return first_ms / 1000, last_ms / 1000, f"{step_ms}ms"
 
 
+def peak_grid_end_past(seconds: float, at: float, final_time: float) -> float:
+    """The peak grid of (at - seconds, at] carried on to its first point at or after final_time (a job's final
+    scrape comes after its end): that point's time, or the grid's last when final_time is not past `at` (a
+    job still running ends now)."""
+    _, last, step = peak_grid(seconds, at)
+    if final_time <= at:
+        return last
+    last_ms, step_ms = round(last * 1000), int(step.removesuffix("ms"))
+    return (last_ms + math.ceil((final_time * 1000 - last_ms) / step_ms) * step_ms) / 1000
+
+
 def increase_per_second(selector: str, window: float) -> str:
     """Per series, the counter's increase over the grid point's window divided by the window: its newest
     sample now minus its newest sample one window ago. Not rate(): Prometheus extrapolates to the window's
     edges and VictoriaMetrics does not, so rate() answers differ between the two; this one does not."""
     w = step_window(window)
     return f"({selector} - {selector} offset {w}) / {rate_window_ms(peak_step(window)) / 1000!r}"
+
+
+# The job_peaks that are rates of a counter's growth: read on past the job's end (job.peaks).
+JOB_PEAK_COUNTERS = frozenset({"samples_per_second", "job_cpu"})
 
 
 def job_peaks(job_id: str, window: float, gpus: bool = True) -> dict[str, str]:

@@ -335,7 +335,8 @@ def test_metrics_counts_requests_by_route_and_code(service):
 def test_peaks_from_one_range_query_equal_the_subquery_grid(service, fleet, job_id):
     """The peak and its time come from a range query on the subquery grid's own points: the same answers as
     Prometheus' max_over_time over the subquery and the first subquery point that reached it (on either
-    backend: VictoriaMetrics' own subqueries place points differently, so Prometheus is the reference)."""
+    backend: VictoriaMetrics' own subqueries place points differently, so Prometheus is the reference). A
+    counter's grid goes on past the end to the final scrape (up to 15 s after the end)."""
     from trainmetrics.analytics import queries as q
 
     client, _, _ = service
@@ -344,7 +345,9 @@ def test_peaks_from_one_range_query_equal_the_subquery_grid(service, fleet, job_
     end = body["end_time"]
     window = end - body["start_time"]
     expr = q.job_peaks(job_id, window)["samples_per_second"]
-    grid = q.grid(window, end)
+    grid_end = q.peak_grid_end_past(window, end, end + q.FINAL_SCRAPE_GRACE_SECONDS)
+    assert grid_end >= end + q.FINAL_SCRAPE_GRACE_SECONDS
+    grid = f"[{q.duration(window + grid_end - end)}:{q.duration(q.peak_step(window))}] @ {q.timestamp_literal(grid_end)}"
     peak = float(prometheus.query(f"max_over_time(({expr}){grid})")[0]["value"][1])
     when = float(prometheus.query(
         f"min_over_time((timestamp({expr}) and ({expr}) >= {peak!r}){grid})")[0]["value"][1])

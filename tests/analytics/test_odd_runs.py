@@ -2,6 +2,7 @@
 killed before its first step, a job whose loss diverges, a job shorter than a rate window; and the fleet's
 throughput trend adding up to the samples the jobs counted."""
 
+import json
 import os
 import signal
 import subprocess
@@ -31,6 +32,25 @@ while True:
     metrics.step(loss=1.0, samples=8)
     time.sleep(0.01)
 """
+# A user's own loop whose last fraction of a second is its fastest: slow steps for 3 s, then a burst that ends
+# with the job, between its last scrape before its end and its final scrape.
+BURSTING = """
+import json, sys, time
+from trainmetrics.trainer.metrics import JobInfo, JobMetrics
+from trainmetrics.trainer.telemetry import Publish
+metrics = JobMetrics("burst-end", JobInfo(model="mlp", dataset="blobs"), Publish(targets_dir=sys.argv[1]))
+metrics.start()
+for _ in range(150):
+    metrics.step(loss=1.0, samples=8)
+    time.sleep(0.02)
+before = metrics.samples
+for _ in range(20000):
+    metrics.step(loss=1.0, samples=8)
+burst = metrics.samples - before
+metrics.finish("completed")
+print(json.dumps({"burst_samples": burst, "samples": metrics.samples}))
+metrics.close()
+"""
 SETTING_UP = """
 import sys, time
 from trainmetrics.trainer.metrics import JobInfo, JobMetrics
@@ -59,7 +79,8 @@ def odd_runs(tmp_path_factory):
             env={**os.environ, "TRAINMETRICS_FAULTS": '{"corrupt_batch": {"step": 25, "scale": Infinity}}'})
         diverging.log = None
         setting_up = subprocess.Popen([sys.executable, "-c", SETTING_UP, str(targets)])
-        processes += [first, diverging, setting_up]
+        bursting = subprocess.Popen([sys.executable, "-c", BURSTING, str(targets)], stdout=subprocess.PIPE, text=True)
+        processes += [first, diverging, setting_up, bursting]
         first_lines = read_until(first, "step=20 ")
         first.send_signal(signal.SIGUSR1)
         paused = finish("restore-failed", first, first_lines)
@@ -68,6 +89,7 @@ def odd_runs(tmp_path_factory):
         processes.append(second)
         failed = finish("restore-failed", second)
         diverged = finish("diverged", diverging)
+        burst = json.loads(bursting.communicate(timeout=120)[0])
         prometheus.wait_for('trainer_job_state{job_id="setup-killed",state="queued"} == 1', timeout=30)
         setting_up.send_signal(signal.SIGKILL)
         setting_up.wait()
@@ -75,7 +97,8 @@ def odd_runs(tmp_path_factory):
         # Stale at its first failed scrape; the others' final scrapes are in once their processes exited.
         prometheus.wait_for('absent(trainer_heartbeat_timestamp_seconds{job_id="setup-killed"})', timeout=30)
         time.sleep(max(0.0, killed_at + MISSED_SCRAPES_SECONDS - time.time()))     # missed scrapes, then vanished
-        yield prometheus, {"paused": paused, "failed": failed, "diverged": diverged, "killed_at": killed_at}
+        yield prometheus, {"paused": paused, "failed": failed, "diverged": diverged, "killed_at": killed_at,
+                           "burst": burst}
     finally:
         for process in processes:
             if process.poll() is None:
@@ -156,6 +179,19 @@ def test_a_run_shorter_than_the_rate_window_has_its_average_as_its_peak(odd_runs
         assert body["efficiency"] == {"gpu_utilization_score": None, "throughput_score": None, "overall_score": None}
 
 
+def test_a_peak_at_the_end_of_a_job_is_counted(odd_runs):
+    """What a job did after its last scrape before its end reaches Prometheus in its final scrape, after the
+    end: the peak grid stopped at the end and never read it (a job's fastest last second: 5,384 samples/s
+    reported for 8,802). Here a burst of 160,000 samples ends the job."""
+    prometheus, runs = odd_runs
+    with serve(Settings(prometheus_url=prometheus.url)) as client:
+        performance = analytics(client, "burst-end")["performance"]
+    assert performance["total_samples"] == runs["burst"]["samples"]
+    assert performance["peak_samples_per_second"] >= 0.99999 * runs["burst"]["burst_samples"] / \
+        performance["peak_window_seconds"]
+    assert performance["peak_samples_per_second_at"] > 0
+
+
 def test_the_throughput_trend_adds_up_to_the_samples_counted(odd_runs):
     prometheus, runs = odd_runs
     with serve(Settings(prometheus_url=prometheus.url)) as client:
@@ -167,7 +203,7 @@ def test_the_throughput_trend_adds_up_to_the_samples_counted(odd_runs):
     assert trends["step_seconds"] == 1.0
     throughput = trends["series"]["samples_per_second"]
     grid = throughput["points"][:-1] if throughput["points"][-1][0] % 1 else throughput["points"]
-    counted = runs["paused"].summary["samples"] + runs["diverged"].summary["samples"]
+    counted = runs["paused"].summary["samples"] + runs["diverged"].summary["samples"] + runs["burst"]["samples"]
     assert sum(value for _, value in grid if value) * trends["step_seconds"] == pytest.approx(counted, rel=1e-5)
     assert throughput["average"] == pytest.approx(sum(v for _, v in grid if v is not None) / len(
         [v for _, v in grid if v is not None]), rel=1e-5)
