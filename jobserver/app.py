@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Callable, TypeVar
 
+import anyio
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 from starlette.requests import Request
@@ -31,7 +32,7 @@ from trainmetrics.jobserver.jobs import JobService, ServerSettings
 
 from trainmetrics.jobserver.store import DATABASE_NAME, JobStore
 from trainmetrics.jobserver.supervisor import Supervisor
-from trainmetrics.jobserver.uploads import check_upload_request, receive_dataset
+from trainmetrics.jobserver.uploads import CONCURRENT_INSPECTIONS, check_upload_request, receive_dataset
 
 log = logging.getLogger("trainmetrics.server")
 
@@ -78,6 +79,7 @@ class JobServer:
         self.last_tick: float | None = None
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(WaitingJobsCollector(self))
+        self.inspections = anyio.CapacityLimiter(CONCURRENT_INSPECTIONS)      # uploads checked at once
 
     async def call(self, operation: Callable[..., Result], *args) -> Result:
         """Run a JobService operation on the state thread."""
@@ -202,7 +204,8 @@ async def upload_dataset(request: Request) -> JSONResponse:
     _allow_only(request, {"name", "target"})
     max_bytes = server.settings.max_upload_bytes
     name, target = check_upload_request(request, max_bytes)
-    fields = await receive_dataset(request, name, target, Path(server.settings.data_dir) / "datasets", max_bytes)
+    fields = await receive_dataset(request, name, target, Path(server.settings.data_dir) / "datasets", max_bytes,
+                                   server.inspections)
     return JSONResponse(await server.call(server.service.add_dataset, _caller(request), fields), status_code=201)
 
 

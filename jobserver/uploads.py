@@ -26,6 +26,9 @@ NPZ_INFLATION_LIMIT = 4
 REFUSED_UPLOAD_TYPES = ("multipart/form-data", "application/json")
 # Body chunks are gathered to this size before each write, which runs in a worker thread.
 WRITE_BATCH_BYTES = 1 << 20
+# Uploads a server checks at once: each check holds its dataset in memory (up to a few times the upload
+# limit; the thread pool's 40 at once could take tens of GB), the others wait their turn.
+CONCURRENT_INSPECTIONS = 2
 
 
 def check_upload_request(request: Request, max_bytes: int) -> tuple[str, str | None]:
@@ -55,7 +58,7 @@ def check_upload_request(request: Request, max_bytes: int) -> tuple[str, str | N
 
 
 async def receive_dataset(request: Request, name: str, target: str | None, datasets_dir: Path,
-                          max_bytes: int) -> dict:
+                          max_bytes: int, inspections: anyio.CapacityLimiter | None = None) -> dict:
     """Stream the body into datasets_dir and check it (a CSV with `target` as its target column); returns the
     dataset's fields (id, path, format, target, rows, features, size, upload time). Nothing is left behind on
     any error."""
@@ -80,7 +83,7 @@ async def receive_dataset(request: Request, name: str, target: str | None, datas
         if size == 0:
             raise ApiError(400, "bad_dataset", "empty upload")
         rows, features = await anyio.to_thread.run_sync(inspect_dataset, Path(tmp_name), DATASET_FORMATS[suffix],
-                                                        NPZ_INFLATION_LIMIT * max_bytes, target)
+                                                        NPZ_INFLATION_LIMIT * max_bytes, target, limiter=inspections)
         os.replace(tmp_name, final_path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -62,6 +62,9 @@ CASES = {
     "malformed multipart": dict(name="m.csv", content=b"--xx\r\nContent-Disposition: form-data; name=\"f\"\r\n\r\n1,0",
                                 headers={"content-type": "multipart/form-data; boundary=yy"}, status=415),
     "deflate bomb npz": dict(name="bomb.npz", content=deflate_bomb, status=400),
+    # 3 MiB of bytes (under the 4 MiB inflation limit, a few KB compressed): 15 MiB once made float32.
+    "npz of bytes 5x as float32": dict(name="bytes.npz", content=lambda: npz_bytes(
+        {"x": np.zeros((3 << 19, 1), dtype=np.uint8), "y": np.zeros(3 << 19, dtype=np.uint8)}), status=400),
     "npz header claims 8 TB": dict(name="liar.npz", content=lambda: lying_npz((10 ** 12,)), status=400),
     "npz header claims 4 GB": dict(name="liar2.npz", content=lambda: lying_npz((1 << 29, 1)), status=400),
     "npz header claims negative shape": dict(name="neg.npz", content=lambda: lying_npz((-1, 4)), status=400),

@@ -1,0 +1,57 @@
+"""The dataset readers the trainer and the job server share (trainmetrics.datafiles): what they cost in memory
+and the values they refuse."""
+
+import tracemalloc
+
+import numpy as np
+import pytest
+
+from trainmetrics.datafiles import DatasetError, read_csv, read_npz
+
+
+def peak_bytes(read, *args) -> int:
+    tracemalloc.start()
+    try:
+        read(*args)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_csv_of_short_rows_costs_a_few_times_its_size(tmp_path):
+    """Rows held as lists of Python floats took ~50 times the file (a 32 MiB upload: 1.7 GB in the job
+    server; 256 MiB, the default limit: ~13 GB). Each value is kept as float32 (features) or float64 (target)."""
+    path = tmp_path / "short.csv"
+    path.write_text("a,label\n" + "0,1\n" * 200_000)
+    x, y = read_csv(path)
+    assert x.shape == (200_000, 1) and x.dtype == np.float32 and y.dtype == np.int64 and (y == 1).all()
+    assert peak_bytes(read_csv, path) < 8 * path.stat().st_size
+
+
+@pytest.mark.parametrize("row,column", [("1e300,1", "a"), ("1,1e300", "label"), ("-4e38,0", "a")])
+def test_a_csv_value_beyond_float32_is_refused(tmp_path, row, column):
+    """Finite as float64, infinite as the float32 a job trains on: the upload was accepted and the job
+    trained on inf."""
+    path = tmp_path / "big.csv"
+    path.write_text(f"a,label\n1,0\n{row}\n")
+    with pytest.raises(DatasetError, match="line 3: a value beyond float32's range"):
+        read_csv(path)
+
+
+def test_an_npz_target_beyond_float32_is_refused(tmp_path):
+    path = tmp_path / "big.npz"
+    np.savez(path, x=np.zeros((10, 2)), y=np.array([1.0] * 9 + [1e300]))
+    with pytest.raises(DatasetError, match="y has values beyond float32's range"):
+        read_npz(path)
+
+
+def test_an_npz_is_limited_by_what_it_takes_as_float32(tmp_path):
+    """The limit counted the bytes stored: 200 MiB of uint8 (a 200 KB upload, compressed) took 1 GiB once
+    made float32 and checked."""
+    path = tmp_path / "bytes.npz"
+    np.savez_compressed(path, x=np.zeros((3 << 20, 1), dtype=np.uint8), y=np.zeros(3 << 20, dtype=np.uint8))
+    assert path.stat().st_size < 100_000
+    with pytest.raises(DatasetError, match="in memory as float32, over the 16777216-byte limit"):
+        read_npz(path, 16 << 20)
+    x, y = read_npz(path, 64 << 20)
+    assert x.shape == (3 << 20, 1) and x.dtype == np.float32
