@@ -299,6 +299,12 @@ def build_app(components: list[Component], *, web_config: WebConfig | None = Non
     return app
 
 
+# A stop waits this long for the requests under way, then cancels them and shuts down (the job server's
+# shutdown pause of its jobs comes after): uvicorn's own wait has no end, and a client trickling a body
+# (a byte every 20 s) held a SIGTERM off for as long as it liked, the jobs never asked to pause.
+SHUTDOWN_DRAIN_SECONDS = 5
+
+
 def serve(app: Starlette, sock, web_config: WebConfig, on_ready: Callable[[], None] = lambda: None, *,
           client_idle_seconds: float | None = None) -> None:
     """Run an app under uvicorn on an already bound, listening socket, with the web config's TLS; on_ready()
@@ -319,7 +325,8 @@ def serve(app: Starlette, sock, web_config: WebConfig, on_ready: Callable[[], No
 
     cert, key = web_config.cert_files or (None, None)
     config = uvicorn.Config(app, log_level="warning", lifespan="on", ssl_certfile=cert, ssl_keyfile=key,
-                            http=client_timeout_protocol(client_idle_seconds or CLIENT_IDLE_SECONDS))
+                            http=client_timeout_protocol(client_idle_seconds or CLIENT_IDLE_SECONDS),
+                            timeout_graceful_shutdown=SHUTDOWN_DRAIN_SECONDS)
     config.load()
     if web_config.ssl_context is not None:
         config.ssl = web_config.ssl_context     # ours, with the minimum version and client verification

@@ -1,6 +1,7 @@
 """The job server off the happy path: hostile bodies and tokens, owners that must stay apart, a restart after a
 crash, and stop requests that race (issue "Trust under faults", items 4-7; docs/reliability.md)."""
 
+import contextlib
 import json
 import os
 import signal
@@ -161,6 +162,37 @@ def test_a_killed_server_binds_its_port_again_at_once(tmp_path):
         for peer in peers:
             peer.close()
         restarted.stop()
+
+
+def test_a_client_trickling_a_body_does_not_hold_off_a_stop(tmp_path):
+    """uvicorn waited for every request under way before the lifespan's shutdown (the jobs' pause): a client
+    sending a byte a second (never idle long enough to be cut) held a SIGTERM off for as long as it went on."""
+    from trainmetrics.edge import SHUTDOWN_DRAIN_SECONDS
+
+    server = Server(tmp_path).start()
+    trickling = threading.Event()
+
+    def trickle() -> None:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+            sock.sendall(b"POST /api/training/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 1000\r\n\r\n{")
+            trickling.set()
+            with contextlib.suppress(OSError):
+                for _ in range(90):
+                    time.sleep(1)
+                    sock.sendall(b" ")
+
+    thread = threading.Thread(target=trickle, daemon=True)
+    thread.start()
+    try:
+        assert trickling.wait(10)
+        time.sleep(1)
+        began = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=120) == 0
+        assert time.monotonic() - began < SHUTDOWN_DRAIN_SECONDS + 10
+    finally:
+        server.stop(signal.SIGKILL)
 
 
 def test_stops_that_race_end_in_the_state_that_was_promised(tmp_path):
