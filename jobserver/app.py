@@ -10,16 +10,17 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import os
 import signal
 import time
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import BinaryIO, Callable, TypeVar
 
 import anyio
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from trainmetrics.contract import JOB_STATES, SPAWN_BLOCKED_SIGNALS, Trainer
@@ -35,6 +36,8 @@ from trainmetrics.jobserver.supervisor import Supervisor
 from trainmetrics.jobserver.uploads import CONCURRENT_INSPECTIONS, check_upload_request, receive_dataset
 
 log = logging.getLogger("trainmetrics.server")
+# A download is read from its file this much at a time.
+DOWNLOAD_CHUNK_BYTES = 1 << 20
 
 TICK_SECONDS = 0.2
 # How often ended jobs are checked for a report to store (reports.py).
@@ -275,17 +278,34 @@ async def download_model(request: Request) -> Response:
     """GET .../download/model: the final weights (a state dict, torch.load(weights_only=True))."""
     server = _server(request)
     _allow_only(request, set())
-    job_id, path = await server.call(server.service.model_path, _caller(request), request.path_params["job_id"])
-    return FileResponse(path, filename=f"{job_id}-model.pt", media_type="application/octet-stream")
+    job_id, handle = await server.call(server.service.open_model, _caller(request), request.path_params["job_id"])
+    return _download(handle, f"{job_id}-model.pt")
 
 
 async def download_checkpoint(request: Request) -> Response:
     """GET .../download/checkpoints/{name}: only names like step-000000123.pt inside the job's dir."""
     server = _server(request)
     _allow_only(request, set())
-    job_id, path = await server.call(server.service.checkpoint_path, _caller(request),
-                                     request.path_params["job_id"], request.path_params["name"])
-    return FileResponse(path, filename=f"{job_id}-{path.name}", media_type="application/octet-stream")
+    name = request.path_params["name"]
+    job_id, handle = await server.call(server.service.open_checkpoint, _caller(request),
+                                       request.path_params["job_id"], name)
+    return _download(handle, f"{job_id}-{name}")
+
+
+def _download(handle: BinaryIO, filename: str) -> Response:
+    """An opened file as an attachment, read in a worker thread a chunk at a time, closed at the end."""
+    size = os.fstat(handle.fileno()).st_size
+
+    async def chunks():
+        try:
+            while chunk := await anyio.to_thread.run_sync(handle.read, DOWNLOAD_CHUNK_BYTES):
+                yield chunk
+        finally:
+            handle.close()
+
+    return StreamingResponse(chunks(), media_type="application/octet-stream",
+                             headers={"Content-Length": str(size),
+                                      "Content-Disposition": f'attachment; filename="{filename}"'})
 
 
 async def job_stacks(request: Request) -> JSONResponse:

@@ -5,10 +5,13 @@ race and the event loop never waits on SQLite, psutil or a process start.
 Every operation takes the caller's owner; another owner's job or dataset is "not found" (404), never 403.
 """
 
+import os
 import re
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from trainmetrics.contract import (BUILTIN_DATASETS, FINAL_STATES, JOB_STATES, SpecError, new_job_id, parse_spec,
                                   validate_job_id)
@@ -206,24 +209,20 @@ class JobService:
                           "modified": stat.st_mtime})
         return {"job_id": job.id, "checkpoints": found}
 
-    def model_path(self, caller: str | None, job_id: str) -> tuple[str, Path]:
-        """The job's final weights file (404 until it completed)."""
+    def open_model(self, caller: str | None, job_id: str) -> tuple[str, BinaryIO]:
+        """The job's final weights file, opened (404 until it completed)."""
         job = self.job(caller, job_id)
-        path = self.supervisor.final_model(job.id)
-        if not path.is_file():
-            raise ApiError(404, "not_found", f"job {job.id} has no final model (state {job.state})")
-        return job.id, path
+        return job.id, _open_file(self.supervisor.final_model(job.id),
+                                  f"job {job.id} has no final model (state {job.state})")
 
-    def checkpoint_path(self, caller: str | None, job_id: str, name: str) -> tuple[str, Path]:
-        """One checkpoint file, only by a checkpoint's name, only inside the job's directory."""
+    def open_checkpoint(self, caller: str | None, job_id: str, name: str) -> tuple[str, BinaryIO]:
+        """One checkpoint file, opened, only by a checkpoint's name, only inside the job's directory."""
         job = self.job(caller, job_id)
         if not CHECKPOINT_PATTERN.fullmatch(name):
             raise ApiError(400, "bad_request", "name: a checkpoint name like step-000000123.pt")
+        # The name is a file name (the pattern): the resolved directory holds it, or nothing.
         directory = self.supervisor.checkpoint_dir(job.id).resolve()
-        path = directory / name
-        if path.is_symlink() or not path.is_file() or path.resolve().parent != directory:
-            raise ApiError(404, "not_found", f"job {job.id} has no checkpoint {name}")
-        return job.id, path
+        return job.id, _open_file(directory / name, f"job {job.id} has no checkpoint {name}")
 
     # ----- endpoints for Prometheus' HTTP service discovery ---------------------------------------------
     def _reporting_job(self, job_id: str, token: str) -> JobRecord:
@@ -282,3 +281,18 @@ class JobService:
         waiting = [(job.id, job.state, job.created, None) for job in self.store.list_jobs(states=("queued", "paused"))]
         ended = self.store.ended_without_run(FINAL_STATES, time.time() - FINAL_STATE_HOLD_SECONDS)
         return waiting + [(job.id, job.state, job.created, job.ended) for job in ended]
+
+
+def _open_file(path: Path, missing: str) -> BinaryIO:
+    """A regular file opened for a download (404 `missing` when there is none, or a symlink is there). Opened
+    here, not by path when the answer is sent: a job prunes its checkpoints while it runs, and one deleted
+    between the check and the send was a 500, or an answer cut after its headers; an open file stays
+    readable to its end."""
+    try:
+        handle = open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK), "rb")
+    except OSError:
+        raise ApiError(404, "not_found", missing) from None
+    if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):      # a fifo or a directory of that name
+        handle.close()
+        raise ApiError(404, "not_found", missing)
+    return handle

@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -246,6 +247,31 @@ def test_downloads_never_leave_the_job_dir(tmp_path):
             assert response.status_code in (400, 404), (name, response.status_code)
             assert b"root:" not in response.content and b"SQLite" not in response.content
         assert client.get("/api/training/jobs/..%2Fdl-1/checkpoints").status_code in (400, 404)
+
+        # A checkpoint the job prunes while it is downloaded (keep_checkpoints): whole, or 404; it was checked
+        # by path and opened later, and one gone in between was a 500 or an answer cut after its headers.
+        (ckpt_dir / "step-000000999.pt").unlink()
+        newest = max(ckpt_dir.glob("step-*.pt"))
+        content, name = newest.read_bytes(), newest.name
+        stop = threading.Event()
+
+        def prune_and_restore() -> None:
+            while not stop.is_set():
+                newest.rename(ckpt_dir / "pruned")
+                time.sleep(0.0005)
+                (ckpt_dir / "pruned").rename(newest)
+                time.sleep(0.0005)
+
+        pruner = threading.Thread(target=prune_and_restore)
+        pruner.start()
+        try:
+            answers = [client.get(f"/api/training/jobs/dl-1/download/checkpoints/{name}") for _ in range(200)]
+        finally:
+            stop.set()
+            pruner.join()
+        assert {r.status_code for r in answers} <= {200, 404}
+        assert all(r.content == content for r in answers if r.status_code == 200)
+        assert any(r.status_code == 200 for r in answers) and any(r.status_code == 404 for r in answers)
     finally:
         server.stop()
 
