@@ -21,7 +21,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
@@ -72,12 +72,20 @@ async def _timeout(request: Request, error: TimeoutError) -> JSONResponse:
     return error_response(504, "timeout", "the service ran out of time answering this request")
 
 
+async def _client_gone(request: Request, error: ClientDisconnect) -> Response:
+    """A client that hung up mid-request (half a body) has no answer to read: not our error (it was logged as
+    one, with two tracebacks: any caller could fill the log and trip alerts on ERROR lines)."""
+    log.debug("%s %s: the client hung up before its request was whole", request.method, request.url.path)
+    return Response(status_code=400)
+
+
 async def _unexpected(request: Request, error: Exception) -> JSONResponse:
     log.error("%s %s failed", request.method, request.url.path, exc_info=error)
     return error_response(500, "internal", f"internal error: {type(error).__name__}")
 
 
-EXCEPTION_HANDLERS = {ApiError: _api_error, HTTPException: _http_error, TimeoutError: _timeout, Exception: _unexpected}
+EXCEPTION_HANDLERS = {ApiError: _api_error, HTTPException: _http_error, TimeoutError: _timeout,
+                      ClientDisconnect: _client_gone, Exception: _unexpected}
 
 
 class DuplicateKey(ValueError):

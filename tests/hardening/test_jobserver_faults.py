@@ -195,6 +195,25 @@ def test_a_client_trickling_a_body_does_not_hold_off_a_stop(tmp_path):
         server.stop(signal.SIGKILL)
 
 
+def test_a_client_that_hangs_up_mid_body_is_no_error_in_the_log(tmp_path):
+    """Half a body, then the connection closed: logged as an internal error with two tracebacks (ours and
+    uvicorn's "Exception in ASGI application"), by anyone who can reach the server."""
+    server = Server(tmp_path).start()
+    try:
+        for path, kind in (("/api/training/datasets?name=a.csv", "application/octet-stream"),
+                           ("/api/training/jobs", "application/json")):
+            with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+                sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {kind}\r\n"
+                             "Content-Length: 1000\r\n\r\n".encode() + b"a,label\n1,")
+                time.sleep(0.5)
+        time.sleep(1)
+        assert server.client().get("/api/training/jobs").status_code == 200
+    finally:
+        server.stop()
+    log = (tmp_path / "server.log").read_text()
+    assert "ERROR" not in log and "Traceback" not in log, log[-3000:]
+
+
 def test_stops_that_race_end_in_the_state_that_was_promised(tmp_path):
     server = Server(tmp_path, extra=("--max-concurrent", "3"))
     server.start()
