@@ -33,7 +33,8 @@ from trainmetrics.jobserver.jobs import JobService, ServerSettings
 
 from trainmetrics.jobserver.store import DATABASE_NAME, JobStore
 from trainmetrics.jobserver.supervisor import Supervisor
-from trainmetrics.jobserver.uploads import CONCURRENT_INSPECTIONS, check_upload_request, receive_dataset
+from trainmetrics.jobserver.uploads import (CONCURRENT_INSPECTIONS, check_upload_request,
+                                            discard_unfinished_uploads, receive_dataset)
 
 log = logging.getLogger("trainmetrics.server")
 # A download is read from its file this much at a time.
@@ -101,6 +102,7 @@ class JobServer:
         settings = self.settings
         data_dir = Path(settings.data_dir)
         (data_dir / "datasets").mkdir(parents=True, exist_ok=True)
+        discard_unfinished_uploads(data_dir / "datasets")
 
         def open_service() -> JobService:
             store = JobStore(data_dir / DATABASE_NAME)

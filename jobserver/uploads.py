@@ -24,6 +24,8 @@ NPZ_INFLATION_LIMIT = 4
 # The body is the file itself; a multipart form or JSON wrapping is a client mistake worth naming. (curl
 # --data-binary labels a raw file application/x-www-form-urlencoded, so that type is accepted.)
 REFUSED_UPLOAD_TYPES = ("multipart/form-data", "application/json")
+# An upload's temp file, in the datasets dir until it is checked and renamed.
+UPLOAD_PREFIX = ".upload-"
 # Body chunks are gathered to this size before each write, which runs in a worker thread.
 WRITE_BATCH_BYTES = 1 << 20
 # Uploads a server checks at once: each check holds its dataset in memory (up to a few times the upload
@@ -57,6 +59,14 @@ def check_upload_request(request: Request, max_bytes: int) -> tuple[str, str | N
     return name, target
 
 
+def discard_unfinished_uploads(datasets_dir: Path) -> None:
+    """Remove the temp files of uploads a killed server left (up to --max-upload-bytes each; a live server
+    removes its own on any error). At the start: the data dir's lock keeps every other server out of it."""
+    for leftover in datasets_dir.glob(f"{UPLOAD_PREFIX}*"):
+        with contextlib.suppress(OSError):
+            leftover.unlink()
+
+
 async def receive_dataset(request: Request, name: str, target: str | None, datasets_dir: Path,
                           max_bytes: int, inspections: anyio.CapacityLimiter | None = None) -> dict:
     """Stream the body into datasets_dir and check it (a CSV with `target` as its target column); returns the
@@ -66,7 +76,7 @@ async def receive_dataset(request: Request, name: str, target: str | None, datas
     suffix = Path(name).suffix.lower()
     final_path = datasets_dir / f"{dataset_id}{suffix}"
     began = time.monotonic()
-    fd, tmp_name = tempfile.mkstemp(dir=datasets_dir, prefix=".upload-")
+    fd, tmp_name = tempfile.mkstemp(dir=datasets_dir, prefix=UPLOAD_PREFIX)
     size = 0
     try:
         with os.fdopen(fd, "wb") as handle:
