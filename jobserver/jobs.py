@@ -111,6 +111,11 @@ class JobService:
             if record is None:
                 raise ApiError(400, "bad_request", f"dataset: no dataset {dataset[:80]!r} (built-ins: "
                                                    f"{', '.join(BUILTIN_DATASETS)})")
+            if not self.supervisor.uploaded_file(record).is_file():
+                # Removed from the data dir behind the server's back (a clean-up, a lost mount): a job on it
+                # would fail at its start, its error naming the server's path; naming another target was a 500.
+                raise ApiError(409, "conflict", f"dataset: the file of dataset {record.id} is gone from the "
+                                                "server's data dir; upload it again")
             values.update(dataset=dataset, upload_seconds=record.upload_seconds)
             if record.format == "csv":
                 values["target"] = self._target(record, values.get("target"))

@@ -577,5 +577,12 @@ def test_a_job_learns_the_target_column_its_upload_named_unless_its_spec_names_a
                                                         "job_id": "kinds-2"})
         assert other.status_code == 201 and other.json()["spec"]["target"] == "f1"      # a regression on f1
         assert wait_job(client, "kinds-2", lambda j: j["state"] in ("completed", "failed"))["state"] == "completed"
+        # Its file removed from the data dir behind the server's back: naming another target was a 500, and a
+        # job on the upload's own target failed at its start with the server's path in its error.
+        next((tmp_path / "datasets").glob(f"{dataset}.*")).unlink()
+        for spec in ({"dataset": dataset, "target": "f1"}, {"dataset": dataset}):
+            gone = client.post("/api/training/jobs", json=spec)
+            assert gone.status_code == 409 and str(tmp_path) not in gone.text, gone.text
+            assert f"the file of dataset {dataset} is gone" in gone.json()["error"]["message"]
     finally:
         server.stop()
