@@ -68,21 +68,19 @@ class PrometheusClient:
         await self._http.aclose()
 
     async def query(self, expr: str, time_: float | None = None) -> list[dict]:
-        """Instant query; returns the result vector (scalars come back as one unlabelled sample)."""
+        """Instant query; returns the result vector (or the matrix of a range selector; scalars come back as
+        one unlabelled sample)."""
         params = {"query": expr}
         if time_ is not None:
             params["time"] = f"{time_:.3f}"
-        data = await self._get("/api/v1/query", params)
-        if data.get("resultType") == "scalar":
-            return [{"metric": {}, "value": data["result"]}]
-        return data["result"]
+        return _result(await self._get("/api/v1/query", params), ("vector", "scalar", "matrix"), expr)
 
     async def query_range(self, expr: str, start: float, end: float, step: float | str) -> list[dict]:
         """Range query; returns the result matrix. step: seconds, or a duration literal such as "3600ms"
         (exact where a float number of seconds might round to a neighbouring millisecond)."""
         step_text = step if isinstance(step, str) else f"{step:.3f}"
         params = {"query": expr, "start": f"{start:.3f}", "end": f"{end:.3f}", "step": step_text}
-        return (await self._get("/api/v1/query_range", params))["result"]
+        return _result(await self._get("/api/v1/query_range", params), ("matrix",), expr)
 
     async def ready(self) -> None:
         """Return when Prometheus answers /-/ready with 200; raise PrometheusError otherwise."""
@@ -173,3 +171,41 @@ class PrometheusClient:
             raise PrometheusError("bad_answer", f"Prometheus answered 200 without a success body: "
                                   f"{response.text[:200]!r}")
         return body["data"]
+
+
+def _result(data, kinds: tuple[str, ...], expr: str) -> list[dict]:
+    """The samples of a success answer's data, checked for the shape the readers take for granted: a backend or
+    proxy answering success with `data: null`, a string result or a value that is no number was a 500 (a
+    TypeError in a reader), not the bad answer it is. A scalar comes back as one unlabelled sample."""
+    kind = data.get("resultType") if isinstance(data, dict) else None
+    result = data.get("result") if isinstance(data, dict) else None
+    if kind in kinds:
+        if kind == "scalar" and _point(result):
+            return [{"metric": {}, "value": result}]
+        key = "values" if kind == "matrix" else "value"
+        if isinstance(result, list) and all(_sample(sample, key) for sample in result):
+            return result
+    log.warning("Prometheus answered a %s result of an unexpected shape to: %s", str(kind)[:40], expr[:200])
+    raise PrometheusError("bad_answer", f"Prometheus answered success with a {str(kind)[:40]} result of an "
+                                        f"unexpected shape (expected {' or '.join(kinds)} samples)")
+
+
+def _sample(sample, key: str) -> bool:
+    if not isinstance(sample, dict):
+        return False
+    labels, found = sample.get("metric"), sample.get(key)
+    if not isinstance(labels, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
+        return False
+    return _point(found) if key == "value" else isinstance(found, list) and all(_point(p) for p in found)
+
+
+def _point(point) -> bool:
+    """[time, "value"], both numbers (a value as Prometheus writes it: a string)."""
+    if not isinstance(point, (list, tuple)) or len(point) != 2:
+        return False
+    try:
+        float(point[0])
+        float(point[1])
+    except (TypeError, ValueError):
+        return False
+    return not isinstance(point[0], bool) and not isinstance(point[1], bool)

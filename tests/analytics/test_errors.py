@@ -144,6 +144,19 @@ RARE_ANSWERS = {
                                             "error": "query processing would load too many samples"}),
         502, "prometheus_bad_answer"),
     "200 that is not JSON": (lambda r: httpx.Response(200, text="<html>proxy</html>"), 502, "prometheus_bad_answer"),
+    # Success of a shape the readers cannot take (a 500 with a TypeError or AttributeError before).
+    "success with data null": (lambda r: httpx.Response(200, json={"status": "success", "data": None}),
+                               502, "prometheus_bad_answer"),
+    "success with a string result": (
+        lambda r: httpx.Response(200, json={"status": "success", "data": {"resultType": "string",
+                                                                          "result": [1, "s"]}}),
+        502, "prometheus_bad_answer"),
+    "success with a value that is no number": (
+        lambda r: httpx.Response(200, json={"status": "success", "data": {
+            "resultType": "matrix" if "query_range" in r.url.path else "vector",
+            "result": [{"metric": {"job_id": "run-1"},
+                        **({"values": [[1, "oops"]]} if "query_range" in r.url.path else {"value": [1, "oops"]})}]}}),
+        502, "prometheus_bad_answer"),
     "500 from a proxy": (lambda r: httpx.Response(500, text="oops"), 502, "prometheus_bad_answer"),
 }
 
