@@ -170,10 +170,12 @@ MAX_NAME_LENGTH = 200
 # Counts (epochs, batch size, step intervals) above this reach torch and the standard library as sizes they refuse
 # (a batch of 10**20 failed the job in islice); a job that asks for more asks for more than it can run.
 MAX_COUNT = 2**31 - 1
+MAX_TEXT_LENGTH = 1000      # a text field of a job spec
 MAX_LR = 1e3                # far above any AdamW rate that trains; past float32's range torch fails the job
 # No text from outside (a request path, a job name) may carry these: a line break or an escape in a log, a
-# label, a CSV.
-CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
+# label, a CSV. The C1 controls and the line and paragraph separators too: str.splitlines() breaks a line at
+# U+0085, U+2028 and U+2029, and a terminal takes U+009B as an escape.
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def _device_problem(value: str) -> str | None:
@@ -248,7 +250,9 @@ class Option:
                 except OverflowError:       # an integer of 400 digits: past every float, as 1e400 is
                     value = math.inf
         else:
-            ok = isinstance(value, str) and 0 < len(value) <= 1000
+            ok = isinstance(value, str)
+            if ok and not 0 < len(value) <= MAX_TEXT_LENGTH:      # a string all the same: say what is wrong
+                raise ValueError(f"expected 1 to {MAX_TEXT_LENGTH} characters, got {len(value)}")
         if not ok:
             raise ValueError(f"expected {_KIND_WORDS[self.kind]}")
         if self.kind is float and not math.isfinite(value):

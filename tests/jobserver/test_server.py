@@ -159,6 +159,10 @@ def test_cancel_queue_and_invalid_transitions(tmp_path, executor):
     ({"batch_size": 10**20}, "batch_size"), ({"epochs": 2**31}, "epochs"), ({"lr": 1e308}, "lr"),
     ({"log_every": 2**31}, "log_every"),
     ({"name": "two\nlines"}, "name"), ({"name": "x" * 201}, "name"),
+    # Line breaks to str.splitlines() (a log line split in two), and a terminal's escape.
+    ({"name": "a\u0085b"}, "name"), ({"name": "a\u2028b"}, "name"), ({"target": "a\u2029b"}, "target"),
+    ({"name": "a\x9b31mred"}, "name"), ({"dataset": ""}, "dataset: expected 1 to 1000 characters, got 0"),
+    ({"target": "t" * 1001}, "target: expected 1 to 1000 characters, got 1001"),
     # A NUL reached the job's argv: Popen refused it on every tick, and no queued job started again.
     ({"target": "la\x00bel"}, "target"), ({"target": "a\tb"}, "target"), ({"dataset": "ds\x00"}, "dataset"),
     ({"device": "cpu\x00"}, "device"),
