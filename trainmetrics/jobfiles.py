@@ -15,7 +15,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-CHECKPOINT_PATTERN = re.compile(r"^step-(\d{9})\.pt$")
+CHECKPOINT_PATTERN = re.compile(r"^step-([0-9]{9})\.pt$")     # ([0-9]: \d takes every script's digits)
 FINAL_MODEL_NAME = "model.pt"
 RESULT_FILE_NAME = "result.json"
 LOG_NAME = "train.log"

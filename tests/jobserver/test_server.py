@@ -251,6 +251,8 @@ def test_downloads_never_leave_the_job_dir(tmp_path):
             assert response.status_code in (400, 404), (name, response.status_code)
             assert b"root:" not in response.content and b"SQLite" not in response.content
         assert client.get("/api/training/jobs/..%2Fdl-1/checkpoints").status_code in (400, 404)
+        arabic_indic = "step-" + "\u0660" * 6 + "\u0661\u0665\u0660" + ".pt"      # digits, of another script
+        assert client.get(f"/api/training/jobs/dl-1/download/checkpoints/{arabic_indic}").status_code == 400
 
         # A checkpoint the job prunes while it is downloaded (keep_checkpoints): whole, or 404; it was checked
         # by path and opened later, and one gone in between was a 500 or an answer cut after its headers.
