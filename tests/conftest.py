@@ -1,6 +1,14 @@
 """Shared fixtures: a real Prometheus on a free loopback port with a temp data dir."""
 
+import os
+
 import pytest
+
+# One compute thread per torch process, here and in every job the tests start (they inherit it): a test runs
+# this process's torch, a job or two, Prometheus and a server side by side on a 2-core machine, and torch's
+# OpenMP threads, one per core in each process, spin waiting for each other's cores (a fifth of the time of
+# the training-heavy tests). Before torch is imported: OpenMP reads it once.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from trainmetrics.prometheus_process import PrometheusServer
 
