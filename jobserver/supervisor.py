@@ -41,6 +41,8 @@ UNAVAILABLE_LOG_SECONDS = 60.0
 # for, and would hold its slot until the collective's own timeout (30 minutes for gloo). A pause is never
 # killed: it exists to leave a checkpoint.
 CANCEL_GRACE_SECONDS = 60.0
+# What a job's error shows in place of the server's data dir (no answer shows a server path).
+DATA_DIR_SHOWN = "<data dir>"
 
 
 def token_digest(token: str) -> str:
@@ -251,6 +253,9 @@ class Supervisor:
             error = None
         elif job.spec.get("nproc", 1) > 1:
             error = self._ranks_said(job, result, error)
+        if isinstance(error, str):       # a trainer's error names the files it could not use: no server path
+            for data_dir in {str(self.data_dir.resolve()), str(self.data_dir)}:
+                error = error.replace(data_dir, DATA_DIR_SHOWN)
         waiting = state in ("paused", "queued")
         # A final state its process did not publish (killed without a result, or a cancel that overrode what it
         # said): the run's handle goes, so the server publishes it (JobService.waiting_jobs) and Prometheus, the

@@ -28,6 +28,12 @@ SCRIPTED_TRAINER = textwrap.dedent("""
     for signum in (signal.SIGUSR1, signal.SIGTERM):
         signal.signal(signum, lambda s, f: (received.append(s), first.append(s) if not first else None))
     mode = sys.argv[sys.argv.index("--model") + 1]
+    if mode == "nopath":          # fails naming a file in the server's data dir, as a trainer's error may
+        data_dir = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(result))))
+        with open(result, "w") as handle:
+            json.dump({"state": "failed", "exit_code": 1, "error": f"--dataset: dataset {data_dir}/datasets/"
+                       "ds-0123456789ab.csv: file not found"}, handle)
+        sys.exit(1)
     deadline = time.monotonic() + 30
     while not first and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -83,6 +89,15 @@ def settle(supervisor: Supervisor, job_id: str, timeout: float = 20) -> JobRecor
     if job.state == "running":
         raise AssertionError(f"{job_id} still running")
     return job
+
+
+def test_a_jobs_error_shows_no_server_path(supervisor, tmp_path):
+    """A trainer's error names the files it could not use: their paths in the server's data dir reached the
+    job's `error` (a dataset removed after the job was submitted), where no answer may show a server path."""
+    queue(supervisor, "nopath-1", "nopath")
+    job = settle(supervisor, "nopath-1")
+    assert job.state == "failed"
+    assert job.error == "--dataset: dataset <data dir>/datasets/ds-0123456789ab.csv: file not found"
 
 
 def test_a_cancel_accepted_after_a_pause_wins_though_the_process_wrote_paused(supervisor):
