@@ -605,9 +605,9 @@ def fleet_goodput(range_seconds: float, now: float) -> dict[str, str]:
 # Throughput is the samples counted in the window divided by it: per process, its newest count in the window
 # minus its newest count before the window (or, for a process that started in the window, its first count
 # in it). Windows tile, so the points add up to the samples processed; a window without a job is 0, as for
-# running_jobs (left out, the range's average was over the steps with a job only: 845 samples/s for 38.7). Not rate(): Prometheus extrapolates
-# to the window's edges and VictoriaMetrics takes the sample before the window instead, so the same data
-# would give two different trends.
+# running_jobs (left out, the range's average was over the steps with a job only: 845 samples/s for 38.7).
+# Not rate(): Prometheus extrapolates to the window's edges and VictoriaMetrics takes the sample before the
+# window instead, so the same data would give two different trends.
 def _raw_window_increase(counter: str) -> str:
     """For raw series, whatever their scrape interval: the count before the window from an `offset` match."""
     newest = f"max_over_time({counter}[{{window}}])"

@@ -7,10 +7,10 @@ Every operation takes the caller's owner; another owner's job or dataset is "not
 
 import os
 import re
-import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from stat import S_ISREG
 from typing import BinaryIO
 
 from trainmetrics.contract import (BUILTIN_DATASETS, FINAL_STATES, JOB_STATES, SpecError, new_job_id, parse_spec,
@@ -297,7 +297,7 @@ def _open_file(path: Path, missing: str) -> BinaryIO:
         handle = open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK), "rb")
     except OSError:
         raise ApiError(404, "not_found", missing) from None
-    if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):      # a fifo or a directory of that name
+    if not S_ISREG(os.fstat(handle.fileno()).st_mode):      # a fifo or a directory of that name
         handle.close()
         raise ApiError(404, "not_found", missing)
     return handle
