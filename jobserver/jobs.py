@@ -237,7 +237,11 @@ class JobService:
             job = self.store.get_job(job_id)
         except ValueError:
             job = None
-        if job is None or job.state != "running" or not token_matches(job, token):
+        running = job is not None and job.state == "running" and token_matches(job, token)
+        # A run whose start went out unconfirmed (its answer lost) reports before a retry records it: it is the
+        # job's run all the same (401 there, it was never scraped).
+        unconfirmed = job is not None and job.state == "queued" and self.supervisor.untaken_token_matches(job.id, token)
+        if not (running or unconfirmed):
             raise ApiError(401, "unauthorized", "not a running job's endpoint secret")
         return job
 

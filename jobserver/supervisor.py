@@ -142,11 +142,15 @@ class Supervisor:
         if job.spec_unreadable:
             raise ValueError("its stored spec is not a JSON object (the server's database was edited or damaged)")
         self.checkpoint_dir(job.id).mkdir(parents=True, exist_ok=True)
-        result = self.result_path(job.id)
-        ranks_results = [rank_result_path(result, rank) for rank in range(1, job.spec.get("nproc", 1))]
-        for leftover in (result, *ranks_results, self.job_path(job.id) / CONTROL_FILE_NAME):
-            leftover.unlink(missing_ok=True)          # only this run's may be read
-        self.store.remove_endpoints(job.id)
+        # A retry of a start the executor may have received though its answer was lost (a Ray submission, taken
+        # by the retry, not started twice) keeps the files: they are that run's. Its own result was removed, and
+        # the job's run ended after it, so a run that finished before the retry got through was `failed`.
+        if job.id not in self._untaken_tokens:
+            result = self.result_path(job.id)
+            ranks_results = [rank_result_path(result, rank) for rank in range(1, job.spec.get("nproc", 1))]
+            for leftover in (result, *ranks_results, self.job_path(job.id) / CONTROL_FILE_NAME):
+                leftover.unlink(missing_ok=True)          # only this run's may be read
+            self.store.remove_endpoints(job.id)
         token = self._untaken_tokens.pop(job.id, None) or secrets.token_urlsafe(24)
         try:
             run = self.executor.start(job.id, job.spec.get("nproc", 1), self.train_args(job), self.job_path(job.id),
@@ -159,6 +163,12 @@ class Supervisor:
                               started=job.started or time.time(), exit_code=None, error=None, requested=None,
                               run_token=token_digest(token), reason=None)
         log.info("job %s: started %s %s%s", job.id, self.executor.name, run.handle, " (resuming)" if job.resume else "")
+
+    def untaken_token_matches(self, job_id: str, presented: str) -> bool:
+        """True when `presented` is the secret of a start of the job the executor may have received though its
+        answer was lost: that run reports its endpoint before a retry records it (constant time)."""
+        token = self._untaken_tokens.get(job_id)
+        return token is not None and hmac.compare_digest(token_digest(token), token_digest(presented))
 
     def abandon(self, job: JobRecord) -> None:
         """A queued job cancelled: a start of it that the executor may have received without answering (a Ray

@@ -149,6 +149,33 @@ def test_a_job_submitted_while_ray_does_not_answer_waits_queued_and_runs_once(re
     store.close()
 
 
+def test_a_run_ray_received_though_its_answer_was_lost_keeps_its_result_and_reports_its_endpoint(tmp_path):
+    """The retry that takes such a run removed its result first (the files of the very run it adopts: one that
+    finished before the retry got through ended `failed`, "exit code 0 without a result"), and the run's
+    endpoint registration was a 401 until the retry recorded it (never scraped)."""
+    ray, client = RayExecutor("http://127.0.0.1:8265"), Submissions(received_despite_error=True)
+    ray._client = client
+    store = JobStore(tmp_path / "db.sqlite")
+    supervisor = Supervisor(store, tmp_path, None, max_concurrent=1, executor=ray)
+    service = JobService(ServerSettings(data_dir=tmp_path), store, supervisor)
+    store.add_job(JobRecord(id="lost", owner="default", name="lost", state="queued",
+                            spec={"model": "mlp", "dataset": "blobs", "nproc": 1}))
+    supervisor.tick()
+    assert store.get_job("lost").state == "queued" and len(client.submitted) == 1
+    token = next(iter(client.submitted.values()))[REGISTER_TOKEN_VARIABLE]
+    # The run, started by Ray meanwhile, reports where it serves /metrics, trains, and writes its result.
+    service.register_endpoint("lost", token, {"rank": 0, "address": "127.0.0.1:9999", "scheme": "http"})
+    with pytest.raises(Exception, match="secret"):
+        service.register_endpoint("lost", "not-its-secret", {"rank": 0, "address": "127.0.0.1:9998", "scheme": "http"})
+    result = supervisor.result_path("lost")
+    result.write_text(json.dumps({"state": "completed", "exit_code": 0}))
+    client.answering = True
+    supervisor.tick()
+    assert store.get_job("lost").state == "running" and len(client.submitted) == 1
+    assert result.exists() and [e[0] for e in store.endpoints()] == ["lost"]
+    store.close()
+
+
 def test_health_says_when_ray_does_not_answer(tmp_path):
     with socket.socket() as closed:             # a port nothing listens on
         closed.bind(("127.0.0.1", 0))
