@@ -154,7 +154,12 @@ class RayExecutor:
         job's directory in their entrypoint (another server's job may share the id, never the directory)."""
         try:
             listed = self.client.list_jobs()
-        except Exception as error:      # the submission that follows says whether Ray answers
+        except Exception as error:
+            if unanswered(error):
+                # Not the submission too (a frozen head held the state thread two timeouts per try, and this
+                # was said at every try): the supervisor says once a minute that the job waits.
+                self._went_quiet()
+                raise ExecutorUnavailable(f"Ray did not answer ({_one_line(error)})") from error
             log.warning("job %s: cannot list Ray's submissions to find one no server recorded: %s", job_id,
                         _one_line(error))
             return

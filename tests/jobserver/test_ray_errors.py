@@ -99,8 +99,10 @@ class Submissions:
         self.received_despite_error = received_despite_error    # the request landed, its answer was lost
         self.submitted: dict[str, dict] = {}
         self.stopped: list[str] = []
+        self.calls: list[str] = []
 
     def submit_job(self, *, entrypoint, submission_id, runtime_env, metadata):
+        self.calls.append("submit_job")
         if not self.answering:
             if self.received_despite_error:
                 self.submitted[submission_id] = runtime_env["env_vars"]
@@ -118,7 +120,8 @@ class Submissions:
         return submission_id in self.submitted
 
     def list_jobs(self):
-        if not self.answering:
+        self.calls.append("list_jobs")
+        if not self.answering and not self.received_despite_error:     # (that head answers, answers get lost)
             raise UNREACHABLE
         return []
 
@@ -174,6 +177,20 @@ def test_a_run_ray_received_though_its_answer_was_lost_keeps_its_result_and_repo
     assert store.get_job("lost").state == "running" and len(client.submitted) == 1
     assert result.exists() and [e[0] for e in store.endpoints()] == ["lost"]
     store.close()
+
+
+def test_a_head_that_cannot_list_its_submissions_is_not_asked_to_submit(tmp_path, caplog):
+    """Ray unreachable when a start looks for the job's unrecorded submissions: the submission was tried all
+    the same (a frozen head held the state thread two request timeouts per try, ~20 s, every API call waiting),
+    and the listing's failure was logged at every try (every 5 s per queued job)."""
+    ray, client = RayExecutor("http://127.0.0.1:8265"), Submissions()
+    ray._client = client
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):
+            with pytest.raises(ExecutorUnavailable, match="Ray did not answer"):
+                ray.start("job-1", 1, ["--model", "mlp"], tmp_path, {})
+    assert client.calls == ["list_jobs"] * 3
+    assert not [record for record in caplog.records if "cannot list" in record.getMessage()]
 
 
 def test_health_says_when_ray_does_not_answer(tmp_path):
