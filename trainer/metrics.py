@@ -486,6 +486,11 @@ class JobMetrics:
         return self._publication.port
 
     @property
+    def metrics_url(self) -> str | None:
+        """Where /metrics is served, as Prometheus is told (the address it listens on; None when not serving)."""
+        return self._publication.url
+
+    @property
     def registry(self):
         """The prometheus_client registry the series are collected into."""
         return self._publication.registry

@@ -498,8 +498,9 @@ def run_job(config: TrainConfig, stop: StopFlag | None = None) -> int:
                 pass
         return bad_input(config, publish_error(config, error))
 
-    log.info("job %s: model=%s dataset=%s device=%s metrics=http://%s/metrics", config.job_id, config.model,
-             dataset.name, device, f"127.0.0.1:{metrics.metrics_port}" if metrics.metrics_port else "-")
+    # The address it listens on (a Ray rank: its node's; "127.0.0.1" pointed at the wrong machine).
+    log.info("job %s: model=%s dataset=%s device=%s metrics=%s", config.job_id, config.model, dataset.name, device,
+             metrics.metrics_url or "-")
     outcome = Outcome(config, ranks)
     trainer = None
     try:

@@ -252,6 +252,7 @@ class Publication:
         self.provider, self.registry, self.push_provider = build_meter_provider(labels, self.histograms)
         self.pushes_otlp = self.push_provider is not None
         self.server: MetricsHTTPServer | None = None
+        self.url: str | None = None          # where /metrics is served, as announced (None when not serving)
         self.registration: Registration | None = None
         self.target_file: Path | None = None
         self.mapping_file: Path | None = None
@@ -272,6 +273,7 @@ class Publication:
                 self.server.serve_in_background(name="trainmetrics-metrics")
                 address = reachable_address(host, self.server.port)
                 scheme = "https" if publish.web_config is not None and publish.web_config.ssl_context else "http"
+                self.url = f"{scheme}://{address}/metrics"
                 if publish.register_url:
                     self.registration = Registration(publish.register_url, self._rank)
                     self.registration.register(address, scheme)
@@ -348,6 +350,7 @@ class Publication:
         if self.server is not None:
             self.server.close()
             self.server = None
+            self.url = None
 
     def shutdown(self) -> None:
         """release(), and the providers (a last OTLP push, given FINAL_PUSH_SECONDS: a collector that is down

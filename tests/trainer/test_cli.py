@@ -3,6 +3,7 @@
 import fcntl
 import os
 import pty
+import re
 import signal
 import socket
 import struct
@@ -112,6 +113,14 @@ def test_metrics_port_in_use_is_bad_input(tmp_path, capsys):
     stderr = capsys.readouterr().err
     assert code == 2 and f"cannot serve metrics on 127.0.0.1:{port}" in stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_log_names_the_address_metrics_are_served_on(tmp_path):
+    """A rank on Ray listens on its node's address, and the log said 127.0.0.1 all the same (the wrong machine
+    on a cluster)."""
+    done = run_train("--metrics-listen", "127.0.0.2:0", "--epochs", "1", "--checkpoint-dir", str(tmp_path / "ck"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert re.search(r"metrics=http://127\.0\.0\.2:\d+/metrics", done.stderr), done.stderr[-2000:]
 
 
 def wait_for_line(process: subprocess.Popen, needle: str, timeout: float = 120) -> list[str]:
