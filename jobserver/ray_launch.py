@@ -87,7 +87,8 @@ def stacks_request(job_dir: Path) -> str | None:
 def ended_before_start(job_dir: Path, outcome: str) -> int:
     """A stop that came before any rank started: its result written, its exit code."""
     code = int(exit_code_for(outcome))
-    write_result(job_dir / RESULT_FILE_NAME, {"state": outcome, "exit_code": code, "error": None, "error_type": None})
+    write_result(job_dir / RESULT_FILE_NAME, {"state": outcome, "exit_code": code, "error": None, "error_type": None,
+                                              "published": False})      # no rank ran: the server publishes it
     return code
 
 

@@ -239,7 +239,10 @@ class Supervisor:
         if result is not None and result.get("state") in EXIT_STATES.values():
             # The result says how the run ended, whatever killed the process after it was written.
             state, error = result["state"], result.get("error")
-            published = state       # the process published it as it wrote the result
+            # The process published it as it wrote the result, unless it ended before it published anything
+            # (refused its arguments; a Ray run stopped before Ray placed a rank): Prometheus and the analytics
+            # kept such a job `queued` or `paused` after it ended.
+            published = state if result.get("published") is not False else None
             code = result["exit_code"] if isinstance(result.get("exit_code"), int) else code
             reason = result["reason"][:500] if isinstance(result.get("reason"), str) else None
         elif code is not None and code < 0:

@@ -66,7 +66,7 @@ def bad_input(config, message: str) -> int:
         try:
             write_result(Path(config.result_file), {
                 "job_id": config.job_id, "state": "failed", "exit_code": int(ExitCode.BAD_INPUT),
-                "error_type": "BadInput", "error": message[:500]})
+                "error_type": "BadInput", "error": message[:500], "published": False})      # (before any series)
         except OSError:
             pass
     return ExitCode.BAD_INPUT

@@ -28,6 +28,11 @@ SCRIPTED_TRAINER = textwrap.dedent("""
     for signum in (signal.SIGUSR1, signal.SIGTERM):
         signal.signal(signum, lambda s, f: (received.append(s), first.append(s) if not first else None))
     mode = sys.argv[sys.argv.index("--model") + 1]
+    if mode == "refused":         # refuses its arguments before it publishes anything, as a trainer does
+        with open(result, "w") as handle:
+            json.dump({"state": "failed", "exit_code": 2, "error": "--checkpoint-dir: bad", "published": False},
+                      handle)
+        sys.exit(2)
     if mode == "nopath":          # fails naming a file in the server's data dir, as a trainer's error may
         data_dir = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(result))))
         with open(result, "w") as handle:
@@ -89,6 +94,18 @@ def settle(supervisor: Supervisor, job_id: str, timeout: float = 20) -> JobRecor
     if job.state == "running":
         raise AssertionError(f"{job_id} still running")
     return job
+
+
+def test_a_run_that_ended_before_it_published_anything_is_published_by_the_server(supervisor, tmp_path):
+    """Its result was taken as published (the job kept its handle): Prometheus and the analytics showed the job
+    `queued` (or `paused`, cancelled while Ray could not place it) after it ended."""
+    from trainmetrics.jobserver.jobs import JobService, ServerSettings
+
+    queue(supervisor, "refused-1", "refused")
+    job = settle(supervisor, "refused-1")
+    assert (job.state, job.exit_code, job.handle) == ("failed", 2, None)
+    waiting = JobService(ServerSettings(data_dir=tmp_path), supervisor.store, supervisor).waiting_jobs()
+    assert [(job_id, state) for job_id, state, _, _ in waiting] == [("refused-1", "failed")]
 
 
 def test_a_jobs_error_shows_no_server_path(supervisor, tmp_path):
