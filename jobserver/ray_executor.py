@@ -34,8 +34,9 @@ UNANSWERED_LOG_SECONDS = 60.0
 # Every request to Ray's head gives up after this long: the calls run on the job server's one state thread,
 # and a head that accepts connections but never answers must not stop supervision for good.
 REQUEST_TIMEOUT_SECONDS = 10.0
-# /healthz asks the head for its version within this (the health check's own limit).
-CHECK_TIMEOUT_SECONDS = 3.0
+# /healthz asks the head for its version within this: under the health check's own limit (edge, 3 s), so a
+# head that takes connections and never answers is `executor_unavailable` there, not a bare `timeout`.
+CHECK_TIMEOUT_SECONDS = 2.0
 # After a request Ray did not answer, no other is sent for this long: with a frozen head every request waits
 # its whole timeout, and a tick asking about every run would hold the state thread for runs x 10 s.
 QUIET_SECONDS = 5.0

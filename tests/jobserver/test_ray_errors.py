@@ -202,6 +202,19 @@ def test_health_says_when_ray_does_not_answer(tmp_path):
     assert "\n" not in str(raised.value) and len(str(raised.value)) < 300
 
 
+def test_health_says_executor_unavailable_when_the_head_never_answers():
+    """A head that takes connections and never answers: the check waited as long as /healthz itself, which
+    answered a bare `timeout` where the docs say `executor_unavailable`."""
+    from trainmetrics.edge import HEALTH_TIMEOUT_SECONDS
+
+    assert ray_executor.CHECK_TIMEOUT_SECONDS < HEALTH_TIMEOUT_SECONDS
+    with socket.socket() as frozen:             # takes connections (the backlog), answers nothing
+        frozen.bind(("127.0.0.1", 0))
+        frozen.listen(8)
+        with pytest.raises(ExecutorUnavailable, match="did not answer"):
+            RayExecutor(f"http://127.0.0.1:{frozen.getsockname()[1]}").check()
+
+
 def test_a_ray_head_that_never_answers_does_not_hold_the_state_thread(tmp_path, monkeypatch):
     monkeypatch.setattr(ray_executor, "REQUEST_TIMEOUT_SECONDS", 0.5)
     with socket.socket() as frozen:             # takes connections (the backlog), answers nothing
