@@ -118,14 +118,20 @@ class Trainer:
 
     def restore(self, state: dict) -> None:
         """Continue from a checkpoint: weights, optimizer, counters and data position, and this rank's own
-        metrics state (its losses are its own; a checkpoint of another world size gives counters only).
+        metrics state (its losses, evaluations and phases are its own).
 
         The metrics first: the job's totals up to the checkpoint hold whether or not the weights then load (a
         checkpoint of another model fails here), so a run that fails its restore still publishes the job's
         counters and phase seconds, its own init and restore counted in."""
         by_rank = state.get("metrics_by_rank") or []
-        own = by_rank[self.dist.rank] if len(by_rank) == self.dist.world_size else \
-            {"checkpoints": 1 if self.dist.is_main else 0}      # rank 0 wrote the one resumed from
+        if by_rank and len(by_rank) != self.dist.world_size:
+            # Each rank's position counts batches of its own shard, and each rank's counters its own samples:
+            # at another world size an epoch's rest went untrained (or trained twice), samples were counted that
+            # no rank trained, and the first run's evaluations were lost. Refused, as another batch size is.
+            raise ValueError(f"the checkpoint was written by {len(by_rank)} process(es) and this run has "
+                             f"{self.dist.world_size}: each one's position and counts are its own shard's; "
+                             f"resume with {len(by_rank)} (torchrun --nproc-per-node {len(by_rank)}, or nproc)")
+        own = by_rank[self.dist.rank] if by_rank else {"checkpoints": 1 if self.dist.is_main else 0}
         self.metrics.load_state_dict({**own, "steps": int(state["step"]), "samples": int(state["samples"])})
         written_with = state.get("batch_size")
         if written_with is not None and written_with != self.config.batch_size:

@@ -140,15 +140,19 @@ def test_a_checkpoint_counts_in_the_metrics_of_the_rank_that_writes_it_only(make
     assert [state["checkpoints"] for state in metrics_by_rank] == [3, 0]
 
 
-@pytest.mark.parametrize("rank,counted", [(0, 1), (1, 0)])
-def test_a_resume_at_another_world_size_counts_the_checkpoint_in_rank_0_alone(make_trainer, rank, counted):
+@pytest.mark.parametrize("written_by,world_size", [(2, 3), (2, 1), (1, 2)])
+def test_a_resume_at_another_world_size_is_refused(make_trainer, written_by, world_size):
+    """Each rank's position counts batches of its own shard, its counters its own samples: 1 -> 2 ranks left
+    1,248 samples of the epoch untrained and counted 10,304 samples for 8,352; 2 -> 1 trained 640 twice and
+    said 70 steps for 250; both lost the first run's evaluations. Refused, as another batch size is."""
     from trainmetrics.trainer.distributed import Distributed
 
-    state = make_trainer(model="mlp", dataset="blobs").state([{"checkpoints": 0}, {"checkpoints": 0}])
+    state = make_trainer(model="mlp", dataset="blobs").state([{"checkpoints": 0, "steps": 0}] * written_by)
     resumed = make_trainer(model="mlp", dataset="blobs")
-    resumed.dist = Distributed(rank=rank, world_size=3)        # the job resumed with 3 ranks
-    resumed.restore(state)
-    assert resumed.metrics.checkpoints == counted
+    resumed.dist = Distributed(rank=0, world_size=world_size)
+    with pytest.raises(ValueError, match=f"written by {written_by} process\\(es\\) and this run has {world_size}: "
+                                         f".* resume with {written_by}"):
+        resumed.restore(state)
 
 
 def stopped_at(trainer, step: int, signum=signal.SIGTERM, then=None):
