@@ -55,6 +55,13 @@ def token_matches(job: JobRecord, presented: str) -> bool:
     return job.run_token is not None and hmac.compare_digest(job.run_token, token_digest(presented))
 
 
+def _error_of(result: dict) -> str:
+    """A failed result's error with its type once: a trainer's error begins with its type already ("rank 1:
+    RuntimeError: RuntimeError: ..." was said)."""
+    kind, error = result.get("error_type") or "failed", result.get("error") or ""
+    return error if error.startswith(f"{kind}: ") else f"{kind}: {error}".rstrip(": ")
+
+
 class StopRefused(Exception):
     """A stop that cannot be accepted; the message says why."""
 
@@ -294,8 +301,7 @@ class Supervisor:
                  f"(killed or lost: see {LOG_NAME})"] if silent else []
         if result is None:
             failed = [(rank, said) for rank, said in results.items() if said and said.get("state") == "failed"]
-            parts += [f"rank {rank}: {said.get('error_type') or 'failed'}: {said.get('error') or ''}".rstrip(": ")
-                      for rank, said in failed[:1]]
+            parts += [f"rank {rank}: {_error_of(said)}" for rank, said in failed[:1]]
         parts.append(f"rank 0: {error or 'failed'}" if result is not None else str(error))
         return "; ".join(parts)[:1000]
 

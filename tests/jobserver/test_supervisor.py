@@ -454,14 +454,16 @@ def test_a_failed_multi_rank_job_names_the_rank_that_died(killed_rank, tmp_path)
     supervisor = Supervisor(store, tmp_path, None, max_concurrent=1, executor=Ending())
     supervisor.start(store.get_job("two"))
     survivor = 1 - killed_rank
-    said = {"state": "failed", "exit_code": 1, "error_type": "DistBackendError",
-            "error": "Connection reset by peer"}
+    said = {"state": "failed", "exit_code": 1, "error_type": "DistBackendError",     # as a trainer writes it
+            "error": "DistBackendError: Connection reset by peer"}
     path = supervisor.result_path("two")
     write_result(path if survivor == 0 else rank_result_path(path, survivor), said)
     supervisor.tick()
     job = store.get_job("two")
     assert job.state == "failed"
-    expected = {1: "rank 1 ended without a result (killed or lost: see train.log); rank 0: Connection reset by peer",
+    # The error's type once ("rank 1: DistBackendError: DistBackendError: ..." was said).
+    expected = {1: "rank 1 ended without a result (killed or lost: see train.log); rank 0: DistBackendError: "
+                   "Connection reset by peer",
                 0: "rank 0 ended without a result (killed or lost: see train.log); rank 1: DistBackendError: "
                    "Connection reset by peer; exit code 1 without a result"}
     assert job.error == expected[killed_rank]
