@@ -49,6 +49,16 @@ def test_what_a_paused_run_did_after_its_stop_checkpoint_is_checkpoint_time_not_
     assert (seconds["lost"], seconds["checkpoint"]) == (0.0, 5.5)
 
 
+def test_lost_seconds_and_their_share_are_one_figure():
+    """0.3 ms between two processes' clocks: 0.0 s lost, but 0.0012 % lost (the share from the unrounded)."""
+    a = {"init": 2.0, "compute": 20.0003, "data_wait": 3.0, "checkpoint": 5.0}      # 0.3 ms past its snapshot
+    b = {"init": 4.0, "restore": 1.0, "compute": 43.0, "data_wait": 7.0, "checkpoint": 5.0}    # 30 carried + 30
+    body = ledger(facts(Process("a", start=100.0, end=130.0003, state="failed"),
+                        Process("b", start=140.0, end=170.0, state="completed")),
+                  found({"a": (100.0, a), "b": (140.0, b)}, submitted=90.0))
+    assert body.seconds["lost"] == 0.0 and body.badput_percent["lost"] == 0.0
+
+
 def test_the_write_of_the_checkpoint_a_killed_run_was_resumed_from_is_checkpoint_time_not_lost():
     """Its snapshot (29.5 s) is taken before the write; the write ended at 29.7 s: 0.2 s of checkpoint, 0.3 s
     of steps thrown away."""
