@@ -198,7 +198,9 @@ def _assemble(facts: JobFacts, found: dict[str, list[dict]], peak: dict[str, Pea
     timeline = facts.timeline
     training = timeline.training_seconds
     samples = totals.per_rank("samples")
-    steps = totals.per_rank("steps", min)
+    # The most any rank counted: ranks step together, and a rank killed mid-job was last scraped up to a
+    # scrape before its death (the least said 117 steps where rank 0 published its exact 120).
+    steps = totals.per_rank("steps", max)
     average_sps = ratio(samples, training)
     peak_sps = measured_peak = peak_value("samples_per_second")
     peak_window = q.rate_window_ms(q.peak_step(w.window)) / 1000 if w else None

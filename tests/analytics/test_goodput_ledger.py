@@ -1,4 +1,5 @@
-"""The goodput ledger's arithmetic on a job's processes as the lookup finds them (analytics/goodput.py)."""
+"""The goodput ledger's arithmetic on a job's processes as the lookup finds them (analytics/goodput.py), and a job's
+totals across its ranks (analytics/job.py)."""
 
 import pytest
 
@@ -191,3 +192,17 @@ def test_a_run_that_stopped_with_its_own_state_is_not_taken_for_a_killed_one():
     server = Process("jobserver:8000", end=150.0, state="cancelled")
     assert killed_run(in_order([paused, server])) is None and killed_run(in_order([live, server])) is None
     assert killed_run(in_order([Process("a", start=100.0, state="running", last_seen=130.0)])) is None
+
+
+def test_a_multi_rank_jobs_steps_are_the_most_any_rank_counted():
+    """A rank killed mid-job was last scraped up to a scrape before its death: the least over the ranks said
+    117 steps where rank 0 published its exact 120 with its final state (ranks step together)."""
+    from trainmetrics.analytics.job import _assemble
+
+    def sample(instance: str, rank: str, value: float) -> dict:
+        return {"metric": {"instance": instance, "rank": rank}, "value": [0, str(value)]}
+
+    body = _assemble(facts(Process("a", start=100.0, end=130.0, state="failed")),
+                     {"steps": [sample("a", "0", 120), sample("b", "1", 117)],
+                      "samples": [sample("a", "0", 3840), sample("b", "1", 3744)]}, {}, [], None)
+    assert (body.performance.total_steps, body.performance.total_samples) == (120, 7584)
