@@ -22,7 +22,7 @@ MAX_RANGE_SECONDS = 90 * 86400
 DEFAULT_SUMMARY_RANGE = "24h"
 DEFAULT_TREND_POINTS = 240
 MAX_COMPARE_JOBS = 10
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
+_DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h|d|w)")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 

@@ -20,7 +20,7 @@ from trainmetrics.signals import SERVICE_STOP_SIGNALS, signals_to_take
 from trainmetrics.exporters.collectors import COLLECTORS
 from trainmetrics.webconfig import web_config_flag
 
-DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m)?\s*$")
+DURATION = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(ms|s|m)?\s*$")
 UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}
 STOP_SIGNALS = set(signals_to_take(SERVICE_STOP_SIGNALS))
 

@@ -179,7 +179,7 @@ CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def _device_problem(value: str) -> str | None:
-    if value in ("auto", "cpu") or re.fullmatch(r"cuda(:\d{1,3})?", value):
+    if value in ("auto", "cpu") or re.fullmatch(r"cuda(:[0-9]{1,3})?", value):
         return None
     return f"must be auto, cpu or cuda[:N], got {value[:40]!r}"
 

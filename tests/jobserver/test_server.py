@@ -163,6 +163,7 @@ def test_cancel_queue_and_invalid_transitions(tmp_path, executor):
     ({"name": "a\u0085b"}, "name"), ({"name": "a\u2028b"}, "name"), ({"target": "a\u2029b"}, "target"),
     ({"name": "a\x9b31mred"}, "name"), ({"dataset": ""}, "dataset: expected 1 to 1000 characters, got 0"),
     ({"target": "t" * 1001}, "target: expected 1 to 1000 characters, got 1001"),
+    ({"device": "cuda:\u0661"}, "device"),      # a digit of another script (\d took it; torch would not)
     # A NUL reached the job's argv: Popen refused it on every tick, and no queued job started again.
     ({"target": "la\x00bel"}, "target"), ({"target": "a\tb"}, "target"), ({"dataset": "ds\x00"}, "dataset"),
     ({"device": "cpu\x00"}, "device"),
