@@ -79,10 +79,11 @@ def read_csv(path: Path, target: str = DEFAULT_TARGET) -> tuple[np.ndarray, np.n
                     raise DatasetError(f"{path}: line {line_number}: non-numeric value {bad!r}") from None
                 if not all(math.isfinite(v) for v in values):
                     raise DatasetError(f"{path}: line {line_number}: NaN or infinite value")
-                integral = _is_integer(row[target_index])
-                integral_target = integral_target and integral
+                integral_target = integral_target and _is_integer(row[target_index])
                 label = values.pop(target_index)
-                if any(abs(v) > FLOAT32_MAX for v in values) or (not integral and abs(label) > FLOAT32_MAX):
+                # The target too, even written as an integer: a later row's fraction makes the column a float32
+                # regression target (a class label that large is refused anyway).
+                if any(abs(v) > FLOAT32_MAX for v in values) or abs(label) > FLOAT32_MAX:
                     raise DatasetError(f"{path}: line {line_number}: a value beyond float32's range "
                                        f"(±{FLOAT32_MAX:.4g}): infinite in training")
                 features.extend(values)

@@ -28,12 +28,14 @@ def test_a_csv_of_short_rows_costs_a_few_times_its_size(tmp_path):
     assert peak_bytes(read_csv, path) < 8 * path.stat().st_size
 
 
-@pytest.mark.parametrize("row,column", [("1e300,1", "a"), ("1,1e300", "label"), ("-4e38,0", "a")])
+@pytest.mark.parametrize("row,column", [("1e300,1", "a"), ("1,1e300", "label"), ("-4e38,0", "a"),
+                                        # an integer target beyond float32, made a float by a later row's 0.5
+                                        ("1," + "1" + "0" * 40, "label")])
 def test_a_csv_value_beyond_float32_is_refused(tmp_path, row, column):
     """Finite as float64, infinite as the float32 a job trains on: the upload was accepted and the job
     trained on inf."""
     path = tmp_path / "big.csv"
-    path.write_text(f"a,label\n1,0\n{row}\n")
+    path.write_text(f"a,label\n1,0\n{row}\n2,0.5\n")
     with pytest.raises(DatasetError, match="line 3: a value beyond float32's range"):
         read_csv(path)
 
