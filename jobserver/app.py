@@ -20,7 +20,8 @@ import anyio
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
+from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from trainmetrics.contract import JOB_STATES, SPAWN_BLOCKED_SIGNALS, Trainer
@@ -37,8 +38,6 @@ from trainmetrics.jobserver.uploads import (CONCURRENT_INSPECTIONS, check_upload
                                             discard_unfinished_uploads, receive_dataset)
 
 log = logging.getLogger("trainmetrics.server")
-# A download is read from its file this much at a time.
-DOWNLOAD_CHUNK_BYTES = 1 << 20
 
 TICK_SECONDS = 0.2
 # How often ended jobs are checked for a report to store (reports.py).
@@ -295,19 +294,12 @@ async def download_checkpoint(request: Request) -> Response:
 
 
 def _download(handle: BinaryIO, filename: str) -> Response:
-    """An opened file as an attachment, read in a worker thread a chunk at a time, closed at the end."""
-    size = os.fstat(handle.fileno()).st_size
-
-    async def chunks():
-        try:
-            while chunk := await anyio.to_thread.run_sync(handle.read, DOWNLOAD_CHUNK_BYTES):
-                yield chunk
-        finally:
-            handle.close()
-
-    return StreamingResponse(chunks(), media_type="application/octet-stream",
-                             headers={"Content-Length": str(size),
-                                      "Content-Disposition": f'attachment; filename="{filename}"'})
+    """An opened file as an attachment, with what a file answer has (Range requests for a resumed download of a
+    large checkpoint, ETag, HEAD without a read): served through /proc/self/fd, which opens the file this
+    descriptor holds even once it is deleted; the descriptor is closed when the answer was sent."""
+    fd = handle.fileno()
+    return FileResponse(f"/proc/self/fd/{fd}", stat_result=os.fstat(fd), filename=filename,
+                        media_type="application/octet-stream", background=BackgroundTask(handle.close))
 
 
 async def job_stacks(request: Request) -> JSONResponse:

@@ -279,6 +279,13 @@ def test_downloads_never_leave_the_job_dir(tmp_path):
         assert {r.status_code for r in answers} <= {200, 404}
         assert all(r.content == content for r in answers if r.status_code == 200)
         assert any(r.status_code == 200 for r in answers) and any(r.status_code == 404 for r in answers)
+        # A file's answer still: a Range request (a large checkpoint's download resumed), HEAD without a body.
+        url = f"/api/training/jobs/dl-1/download/checkpoints/{name}"
+        part = client.get(url, headers={"Range": "bytes=10-19"})
+        assert part.status_code == 206 and part.content == content[10:20]
+        head = client.head(url)
+        assert head.status_code == 200 and int(head.headers["content-length"]) == len(content)
+        assert head.headers["content-disposition"] == f'attachment; filename="dl-1-{name}"'
     finally:
         server.stop()
 
