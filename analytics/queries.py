@@ -128,10 +128,11 @@ def peak_step(seconds: float) -> float:
     return max(SCRAPE_INTERVAL_SECONDS, seconds / PEAK_GRID_POINTS)
 
 
-def grid(seconds: float, at: float) -> str:
+def grid(seconds: float, at: float, step: float | None = None) -> str:
     """A subquery range `[W:STEP] @ T` on the peak grid: the definition that peak_grid's range queries
-    reproduce point for point (the tests compare the two; the service itself runs no subquery of it)."""
-    return f"[{duration(seconds)}:{duration(peak_step(seconds))}] @ {timestamp_literal(at)}"
+    reproduce point for point (the tests compare the two; the service itself runs no subquery of it). `step`:
+    another window's (a grid carried on past its end keeps its step)."""
+    return f"[{duration(seconds)}:{duration(peak_step(seconds) if step is None else step)}] @ {timestamp_literal(at)}"
 
 
 def rate_window_ms(step: float) -> int:

@@ -274,8 +274,8 @@ class Supervisor:
         elif job.spec.get("nproc", 1) > 1:
             error = self._ranks_said(job, result, error)
         if isinstance(error, str):       # a trainer's error names the files it could not use: no server path
-            for data_dir in {str(self.data_dir.resolve()), str(self.data_dir)}:
-                error = error.replace(data_dir, DATA_DIR_SHOWN)
+            for data_dir in sorted({str(self.data_dir.resolve()), str(self.data_dir)}, key=len, reverse=True):
+                error = error.replace(data_dir, DATA_DIR_SHOWN)       # the longer first: one may hold the other
         waiting = state in ("paused", "queued")
         # A final state its process did not publish (killed without a result, or a cancel that overrode what it
         # said): the run's handle goes, so the server publishes it (JobService.waiting_jobs) and Prometheus, the

@@ -158,9 +158,10 @@ def read_npz(path: Path, max_uncompressed_bytes: int | None = None) -> tuple[np.
         raise DatasetError(f"{path}: x and y must be real numbers; got {x.dtype} and {y.dtype}")
     with np.errstate(over="ignore"):        # a value beyond float32 becomes inf, refused below
         x = x.astype(np.float32, copy=False)
-    if not np.isfinite(x).all() or not np.isfinite(y.astype(np.float64)).all():
+    # (On y as it is: a float64 copy of it, twice, was memory the limit above did not count.)
+    if not np.isfinite(x).all() or not np.isfinite(y).all():
         raise DatasetError(f"{path}: NaN or infinite values (or values beyond float32's range in x)")
-    if not np.issubdtype(y.dtype, np.integer) and np.abs(y.astype(np.float64)).max() > FLOAT32_MAX:
+    if not np.issubdtype(y.dtype, np.integer) and (y.max() > FLOAT32_MAX or y.min() < -FLOAT32_MAX):
         raise DatasetError(f"{path}: y has values beyond float32's range (±{FLOAT32_MAX:.4g}): infinite in training")
     return x, _target_array(y)
 

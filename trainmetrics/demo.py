@@ -323,6 +323,7 @@ def run(args: argparse.Namespace) -> int:
                 child.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 child.kill()
+                child.wait()        # gone before its work dir is
         prometheus.stop()
         if args.workdir is None:
             if ended_well:

@@ -347,7 +347,7 @@ def test_peaks_from_one_range_query_equal_the_subquery_grid(service, fleet, job_
     expr = q.job_peaks(job_id, window)["samples_per_second"]
     grid_end = q.peak_grid_end_past(window, end, end + q.FINAL_SCRAPE_GRACE_SECONDS)
     assert grid_end >= end + q.FINAL_SCRAPE_GRACE_SECONDS
-    grid = f"[{q.duration(window + grid_end - end)}:{q.duration(q.peak_step(window))}] @ {q.timestamp_literal(grid_end)}"
+    grid = q.grid(window + grid_end - end, grid_end, step=q.peak_step(window))
     peak = float(prometheus.query(f"max_over_time(({expr}){grid})")[0]["value"][1])
     when = float(prometheus.query(
         f"min_over_time((timestamp({expr}) and ({expr}) >= {peak!r}){grid})")[0]["value"][1])
