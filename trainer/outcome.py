@@ -60,11 +60,16 @@ class Outcome:
 
 
 def bad_input(config, message: str) -> int:
-    """One line on stderr, the result file when asked for, exit 2."""
+    """One line on stderr, the result file when asked for (another rank's beside rank 0's, as report() writes
+    it: a rank that refused its arguments wrote over rank 0's result), exit 2."""
     print(f"trainmetrics train: error: {message}", file=sys.stderr, flush=True)
     if config.result_file is not None:
+        path = Path(config.result_file)
+        world_size, rank = os.environ.get("WORLD_SIZE", "1"), os.environ.get("RANK", "0")   # torchrun's
+        if world_size.isdigit() and int(world_size) > 1 and rank.isdigit() and int(rank) > 0:
+            path = rank_result_path(path, int(rank))
         try:
-            write_result(Path(config.result_file), {
+            write_result(path, {
                 "job_id": config.job_id, "state": "failed", "exit_code": int(ExitCode.BAD_INPUT),
                 "error_type": "BadInput", "error": message[:500], "published": False})      # (before any series)
         except OSError:

@@ -115,6 +115,24 @@ def test_metrics_port_in_use_is_bad_input(tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_rank_that_refuses_its_arguments_writes_its_own_result_file(tmp_path, monkeypatch, capsys):
+    """Every rank refuses bad input alike, and rank 1's result went over rank 0's (the one that speaks for the
+    job), as report() never lets it."""
+    from types import SimpleNamespace
+
+    from trainmetrics.jobfiles import rank_result_path, read_result
+    from trainmetrics.trainer.outcome import bad_input
+
+    result_file = tmp_path / "result.json"
+    config = SimpleNamespace(job_id="two", result_file=str(result_file))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        assert bad_input(config, f"refused by rank {rank}") == 2
+    assert read_result(result_file)["error"] == "refused by rank 0"
+    assert read_result(rank_result_path(result_file, 1))["error"] == "refused by rank 1"
+
+
 def test_the_log_names_the_address_metrics_are_served_on(tmp_path):
     """A rank on Ray listens on its node's address, and the log said 127.0.0.1 all the same (the wrong machine
     on a cluster)."""
