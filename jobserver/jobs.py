@@ -33,7 +33,8 @@ DISCOVERY_WATCHED_SECONDS = 10.0
 # server once a minute still sees it several times); Prometheus keeps its last samples after.
 FINAL_STATE_HOLD_SECONDS = 300.0
 # HOST:PORT a job reports: a DNS name or IPv4 address, or an IPv6 address in brackets.
-ENDPOINT_ADDRESS = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]{2,45}\]):[0-9]{1,5}$")
+ENDPOINT_ADDRESS = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]{2,45}\])"
+                              r":[0-9]{1,5}$")
 
 
 @dataclass

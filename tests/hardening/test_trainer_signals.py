@@ -187,10 +187,11 @@ def test_every_stop_signal_at_any_moment_ends_the_job_as_documented(tmp_path):
 
 def test_a_non_finite_loss_is_written_as_null_in_strict_json(tmp_path):
     # A batch made infinite at step 2 (a dataset beyond float32's range is refused at its reading now).
+    fault = '{"corrupt_batch": {"step": 2, "scale": Infinity}}'
     result = subprocess.run([sys.executable, "-m", "trainmetrics", "train", "--job-id", "nan-1", "--dataset",
                              "blobs", "--epochs", "1", "--log-every", "1", "--result-file",
                              str(tmp_path / "result.json")], capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "TRAINMETRICS_FAULTS": '{"corrupt_batch": {"step": 2, "scale": Infinity}}'})
+                            env={**os.environ, "TRAINMETRICS_FAULTS": fault})
     summary = [line for line in result.stdout.splitlines() if line.startswith("summary ")][-1]
 
     def refuse(constant):
