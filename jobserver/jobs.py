@@ -10,14 +10,13 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from stat import S_ISREG
 from typing import BinaryIO
 
 from trainmetrics.contract import (BUILTIN_DATASETS, FINAL_STATES, JOB_STATES, SpecError, new_job_id, parse_spec,
                                   validate_job_id)
 from trainmetrics.datafiles import csv_columns, first_columns
 from trainmetrics.edge import ApiError
-from trainmetrics.jobfiles import CHECKPOINT_PATTERN, list_checkpoints
+from trainmetrics.jobfiles import CHECKPOINT_PATTERN, list_checkpoints, open_regular
 from trainmetrics.jobserver import stacks
 from trainmetrics.hangs import HangFeed
 from trainmetrics.reports import ReportArchive
@@ -294,15 +293,11 @@ class JobService:
 
 
 def _open_file(path: Path, missing: str) -> BinaryIO:
-    """A regular file opened for a download (404 `missing` when there is none, or a symlink is there). Opened
-    here, not by path when the answer is sent: a job prunes its checkpoints while it runs, and one deleted
-    between the check and the send was a 500, or an answer cut after its headers; an open file stays
-    readable to its end."""
+    """A regular file opened for a download (404 `missing` when there is none, or a symlink or anything else is
+    there: jobfiles.open_regular). Opened here, not by path when the answer is sent: a job prunes its
+    checkpoints while it runs, and one deleted between the check and the send was a 500, or an answer cut
+    after its headers; an open file stays readable to its end."""
     try:
-        handle = open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK), "rb")
+        return open(open_regular(path, os.O_RDONLY), "rb")
     except OSError:
         raise ApiError(404, "not_found", missing) from None
-    if not S_ISREG(os.fstat(handle.fileno()).st_mode):      # a fifo or a directory of that name
-        handle.close()
-        raise ApiError(404, "not_found", missing)
-    return handle
