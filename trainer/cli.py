@@ -6,7 +6,7 @@ import logging
 import os
 
 from trainmetrics.trainer import config as train_config
-from trainmetrics.trainer.outcome import bad_input
+from trainmetrics.trainer.outcome import bad_input, launched_rank
 from trainmetrics.trainer.stopping import StopFlag
 
 
@@ -18,8 +18,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def rank_tag(environ=os.environ) -> str:
     """" rank N" in every log line of a multi-rank job's process (the ranks share one log: their lines were
     alike), "" otherwise."""
-    world_size, rank = environ.get("WORLD_SIZE", "1"), environ.get("RANK", "0")
-    return f" rank {rank}" if world_size.isdigit() and int(world_size) > 1 and rank.isdigit() else ""
+    rank = launched_rank(environ)
+    return "" if rank is None else f" rank {rank}"
 
 
 def run(args: argparse.Namespace) -> int:

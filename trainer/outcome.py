@@ -59,15 +59,21 @@ class Outcome:
         sys.stdout.flush()
 
 
+def launched_rank(environ=os.environ) -> int | None:
+    """This process's rank in a multi-rank job as torchrun tells it (RANK of a WORLD_SIZE over 1), None for a
+    single process: read before torch is (distributed.from_environment imports it)."""
+    world_size, rank = environ.get("WORLD_SIZE", "1"), environ.get("RANK", "0")
+    return int(rank) if world_size.isdigit() and int(world_size) > 1 and rank.isdigit() else None
+
+
 def bad_input(config, message: str) -> int:
     """One line on stderr, the result file when asked for (another rank's beside rank 0's, as report() writes
     it: a rank that refused its arguments wrote over rank 0's result), exit 2."""
     print(f"trainmetrics train: error: {message}", file=sys.stderr, flush=True)
     if config.result_file is not None:
-        path = Path(config.result_file)
-        world_size, rank = os.environ.get("WORLD_SIZE", "1"), os.environ.get("RANK", "0")   # torchrun's
-        if world_size.isdigit() and int(world_size) > 1 and rank.isdigit() and int(rank) > 0:
-            path = rank_result_path(path, int(rank))
+        path, rank = Path(config.result_file), launched_rank()
+        if rank:
+            path = rank_result_path(path, rank)
         try:
             write_result(path, {
                 "job_id": config.job_id, "state": "failed", "exit_code": int(ExitCode.BAD_INPUT),
