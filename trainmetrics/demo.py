@@ -244,8 +244,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     _stop_on_signals()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="trainmetrics-demo-"))
-    # A temp dir of ours is removed once the demo ended well (every run left ~20 MB behind), kept for its logs
-    # when it failed.
+    # A temp dir of ours is removed once the demo ended well (every run left one behind, its Prometheus data
+    # growing while it ran), kept for its logs when it failed.
     ended_well = False
     workdir.mkdir(parents=True, exist_ok=True)
     exporter_address = f"127.0.0.1:{_port_or_free(args.exporter_port)}"
