@@ -9,8 +9,8 @@ from trainmetrics.analytics import queries as q
 from trainmetrics.analytics import goodput, scoring, shapes
 from trainmetrics.analytics.cache import AnalyticsCache, cached_jobs_analytics
 from trainmetrics.analytics.job import NO_GPU_ENERGY
-from trainmetrics.analytics.lookup import (ENDED, Process, hold_missed_scrapes, in_order, killed_run, status_of,
-                                          timeline_of)
+from trainmetrics.analytics.lookup import (ENDED, Process, hold_missed_scrapes, hold_while_a_rank_runs, in_order,
+                                          killed_run, status_of, timeline_of)
 from trainmetrics.analytics.prometheus import PrometheusClient
 from trainmetrics.analytics.results import number, query_parts, ratio, rounded, rows, scalar
 from trainmetrics.contract import FINAL_STATES, validate_job_id
@@ -95,9 +95,11 @@ async def _fleet(client: PrometheusClient, range_seconds: float, now: float, spl
     for (job_id, _), proc in processes.items():
         by_job.setdefault(job_id, []).append(proc)
     table, latest_instance = [], {}
+    jobs_scraped_now = {job_id for job_id, _ in scraped_now}
     for job_id, procs in sorted(by_job.items()):
         procs = in_order(procs)
         latest = procs[-1]
+        hold_while_a_rank_runs(latest, job_id in jobs_scraped_now)
         status = status_of(latest)
         # A killed run's end and loss are the job's; the server that noticed the death gives only its state.
         latest = killed_run(procs) or latest

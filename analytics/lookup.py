@@ -198,6 +198,14 @@ def hold_missed_scrapes(processes, now: float) -> None:
             process.live = True
 
 
+def hold_while_a_rank_runs(latest: Process, any_rank_live: bool) -> None:
+    """Count a job's newest process (its rank 0) as live while any process of the job is scraped: rank 0
+    publishes the job's lifecycle, but the job runs while any of its ranks does (rank 0 frozen, or its node
+    unreachable, with rank 1 still scraped, is not a vanished job)."""
+    if any_rank_live and latest.trainer and latest.state not in STOPPED_STATES:
+        latest.live = True
+
+
 def in_order(processes) -> list[Process]:
     """A job's processes, oldest first (Process.order)."""
     return sorted(processes, key=lambda p: p.order)
@@ -258,6 +266,7 @@ class _Lookup:
         self.fingerprint: frozenset = frozenset()
         self.attributed_now = False
         self.started_instances: set[str] = set()     # every process that started over the lookback (rank 0)
+        self.any_rank_live = False                   # some process of the job, of any rank, is scraped now
 
     def process(self, labels: dict) -> Process:
         instance = labels.get("instance", "")
@@ -300,6 +309,7 @@ class _Lookup:
         self.absorb(found, live=True)
         self.fingerprint = fingerprint(found)
         self.attributed_now = bool(found.get("attributed"))
+        self.any_rank_live = any(rows(found.get(part, [])) for part in ("heartbeat", "start"))
         self.started_instances = {labels.get("instance", "") for labels, _ in rows(found.get("starts", []))
                                   if labels.get("rank", "0") == "0"}
         self.ended = [p for p in self.processes.values() if not p.live and p.end is not None][-8:]
@@ -324,6 +334,7 @@ class _Lookup:
         if not any(p.start is not None or p.state is not None for p in processes):
             raise JobNotFound(self.job_id)
         latest = processes[-1]
+        hold_while_a_rank_runs(latest, self.any_rank_live)
         info = next((labels for labels in self.info if labels.get("instance") == latest.instance),
                     self.info[0] if self.info else {})
         return JobFacts(job_id=self.job_id, info={k: v for k, v in info.items() if k not in INTERNAL_LABELS},

@@ -51,6 +51,18 @@ metrics.finish("completed")
 print(json.dumps({"burst_samples": burst, "samples": metrics.samples}))
 metrics.close()
 """
+# One rank of a two-process job's own loop (the rank in argv[2]), stepping until it is killed.
+RANK_STEPPING = """
+import sys, time
+from trainmetrics.trainer.metrics import JobInfo, JobMetrics
+from trainmetrics.trainer.telemetry import Publish
+info = JobInfo(model="mlp", dataset="blobs", rank=int(sys.argv[2]), world_size=2)
+metrics = JobMetrics("two-ranks", info, Publish(targets_dir=sys.argv[1]))
+metrics.start()
+while True:
+    metrics.step(loss=1.0, samples=8)
+    time.sleep(0.01)
+"""
 SETTING_UP = """
 import sys, time
 from trainmetrics.trainer.metrics import JobInfo, JobMetrics
@@ -241,3 +253,35 @@ def test_a_running_job_that_misses_a_scrape_is_running_and_vanished_only_once_it
             stepping.send_signal(signal.SIGCONT)
             stepping.kill()
             stepping.wait()
+
+
+def test_a_job_whose_rank_0_alone_is_frozen_is_running_while_another_rank_is_scraped(odd_runs):
+    """Rank 0 publishes the job's lifecycle, and the job showed `vanished` (with an end) once rank 0 alone went
+    unscraped, though rank 1 was still scraped and the job server said `running` (rank 0 frozen, or its node
+    unreachable). The job is running while any of its ranks is scraped; vanished once none is."""
+    prometheus, _ = odd_runs
+    ranks = [subprocess.Popen([sys.executable, "-c", RANK_STEPPING, str(prometheus.targets_dir), str(rank)])
+             for rank in (0, 1)]
+    try:
+        prometheus.wait_for('trainer_job_state{job_id="two-ranks",state="running"} == 1', timeout=60)
+        prometheus.wait_for('trainer_heartbeat_timestamp_seconds{job_id="two-ranks",rank="1"}', timeout=60)
+        with serve(Settings(prometheus_url=prometheus.url)) as client:
+            ranks[0].send_signal(signal.SIGSTOP)
+            prometheus.wait_for('absent(trainer_heartbeat_timestamp_seconds{job_id="two-ranks",rank="0"})', timeout=30)
+            time.sleep(MISSED_SCRAPES_SECONDS + 1)
+            frozen = analytics(client, "two-ranks")
+            assert frozen["status"] == "running" and frozen["end_time"] is None, frozen["status"]
+            assert job_row(client, "two-ranks")["status"] == "running"
+            ranks[1].kill()
+            ranks[1].wait()
+            killed_at = time.time()
+            prometheus.wait_for('absent(trainer_heartbeat_timestamp_seconds{job_id="two-ranks"})', timeout=30)
+            time.sleep(max(0.0, killed_at + MISSED_SCRAPES_SECONDS - time.time()))
+            gone = analytics(client, "two-ranks")
+            assert gone["status"] == "vanished" and gone["end_time"] is not None
+            assert job_row(client, "two-ranks")["status"] == "vanished"
+    finally:
+        for process in ranks:
+            process.send_signal(signal.SIGCONT)
+            process.kill()
+            process.wait()
