@@ -55,6 +55,15 @@ def token_matches(job: JobRecord, presented: str) -> bool:
     return job.run_token is not None and hmac.compare_digest(job.run_token, token_digest(presented))
 
 
+def _first_to_fail(failed: list[tuple[int, dict]]) -> tuple[int, dict] | None:
+    """The (rank, result) of the failed rank that ended first, by the end each result tells; None unless every
+    failed rank tells one (a rank that failed before its metrics existed tells none: no order to go by)."""
+    ends = [said.get("end_time") for _, said in failed]
+    if not failed or not all(isinstance(end, (int, float)) and not isinstance(end, bool) for end in ends):
+        return None
+    return min(zip(ends, failed), key=lambda pair: pair[0])[1]
+
+
 def _error_of(result: dict) -> str:
     """A failed result's error with its type once: a trainer's error begins with its type already ("rank 1:
     RuntimeError: RuntimeError: ..." was said)."""
@@ -290,7 +299,8 @@ class Supervisor:
     def _ranks_said(self, job: JobRecord, result: dict | None, error: str | None) -> str:
         """A failed multi-rank run's error, naming its ranks: those that ended without a result while others
         wrote theirs (killed, lost: the likely cause; the others then fail in a collective, "connection reset by
-        peer") and, when rank 0 left none, the first failure another rank reported (else lost with rank 0)."""
+        peer"), the rank that failed first when another than rank 0 did (its error the cause, rank 0's then its
+        consequence), or, when rank 0 left no result, the first failure another rank reported."""
         nproc = job.spec["nproc"]
         results = {0: result, **{rank: read_result(rank_result_path(self.result_path(job.id), rank))
                                  for rank in range(1, nproc)}}
@@ -299,9 +309,12 @@ class Supervisor:
             return error
         parts = [f"rank{'s' if len(silent) > 1 else ''} {', '.join(map(str, silent))} ended without a result "
                  f"(killed or lost: see {LOG_NAME})"] if silent else []
+        failed = [(rank, said) for rank, said in results.items() if said and said.get("state") == "failed"]
+        first = _first_to_fail(failed)
         if result is None:
-            failed = [(rank, said) for rank, said in results.items() if said and said.get("state") == "failed"]
-            parts += [f"rank {rank}: {_error_of(said)}" for rank, said in failed[:1]]
+            parts += [f"rank {rank}: {_error_of(said)}" for rank, said in ([first] if first else failed[:1])]
+        elif first is not None and first[0] != 0 and _error_of(first[1]) != _error_of(result):
+            parts.append(f"rank {first[0]} failed first: {_error_of(first[1])}")
         parts.append(f"rank 0: {error or 'failed'}" if result is not None else str(error))
         return "; ".join(parts)[:1000]
 

@@ -472,6 +472,45 @@ def test_a_failed_multi_rank_job_names_the_rank_that_died(killed_rank, tmp_path)
     store.close()
 
 
+def test_a_failed_multi_rank_job_names_the_rank_that_failed_first(tmp_path):
+    """Rank 1 fails (its own error, the cause) and ends; rank 0, waiting for it in the all-reduce, then fails
+    with the consequence ("Connection closed by peer"). The job's error was rank 0's alone: the cause, in rank
+    1's result, was named only when rank 0 left none. Ranks that failed alike, or rank 0 first, say it once."""
+    from trainmetrics.jobfiles import rank_result_path, write_result
+
+    store = JobStore(tmp_path / "db.sqlite")
+
+    class Ending(LocalExecutor):
+        def start(self, job_id, nproc, train_args, job_dir, env):
+            return Run(job_id, "1", job_dir)
+
+        def poll(self, run):
+            return True, 1
+
+    supervisor = Supervisor(store, tmp_path, None, max_concurrent=1, executor=Ending())
+    cause = {"state": "failed", "exit_code": 1, "error_type": "ValueError", "error": "ValueError: bad batch"}
+    closed = {"state": "failed", "exit_code": 1, "error_type": "DistBackendError",
+              "error": "DistBackendError: Connection closed by peer"}
+    cases = {   # job: rank 0's result, rank 1's, the job's error
+        "cause-on-1": ({**closed, "end_time": 110.0}, {**cause, "end_time": 100.5},
+                       "rank 1 failed first: ValueError: bad batch; rank 0: DistBackendError: Connection closed by peer"),
+        "cause-on-0": ({**cause, "end_time": 100.5}, {**closed, "end_time": 110.0}, "rank 0: ValueError: bad batch"),
+        "alike": ({**cause, "end_time": 101.0}, {**cause, "end_time": 100.0}, "rank 0: ValueError: bad batch"),
+        "no-order": (closed, {**cause, "end_time": 100.0}, "rank 0: DistBackendError: Connection closed by peer"),
+    }
+    for job_id, (rank0, rank1, _) in cases.items():
+        store.add_job(JobRecord(id=job_id, owner="default", name=job_id, state="queued",
+                                spec={"model": "mlp", "dataset": "blobs", "nproc": 2}))
+        supervisor.start(store.get_job(job_id))
+        path = supervisor.result_path(job_id)
+        write_result(path, rank0)
+        write_result(rank_result_path(path, 1), rank1)
+    supervisor.tick()
+    assert {job_id: store.get_job(job_id).error for job_id in cases} == \
+        {job_id: error for job_id, (_, _, error) in cases.items()}
+    store.close()
+
+
 def test_the_server_publishes_the_end_only_of_jobs_no_process_ended(tmp_path):
     """A job the server ended without a process (cancelled while queued) is published with its end; one whose
     process ended it is not (a second, later end would move the job's end): a row from before the handle
