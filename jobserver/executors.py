@@ -17,6 +17,11 @@ class ExecutorUnavailable(Exception):
     tried again; not the job's own failure."""
 
 
+class StartDeferred(Exception):
+    """The job cannot start yet, though the executor answers (a run of it that no server recorded is still
+    stopping): it stays queued and is tried at the next tick; the jobs queued behind it still start."""
+
+
 @dataclass
 class Run:
     """One started (or adopted) run of a job: `handle` names it to its executor (a pid, a Ray submission id)."""
@@ -32,6 +37,12 @@ class Executor(Protocol):
     """What the supervisor needs of an executor (every call returns promptly: it runs on the state thread)."""
 
     name: str
+
+    def clear_way(self, job_id: str, job_dir: Path) -> None:
+        """Before a start builds the run's arguments: stop the job's runs that no server recorded (a server
+        killed between starting a run and recording it left the job queued), StartDeferred until they are gone
+        (the checkpoint a stopped one writes decides whether the new run resumes), ExecutorUnavailable when the
+        executor cannot be asked now."""
 
     def start(self, job_id: str, nproc: int, train_args: list[str], job_dir: Path, env: dict[str, str]) -> Run:
         """Start the job's processes (`trainmetrics train ARGS`, nproc ranks), output in job_dir/train.log;

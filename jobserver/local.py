@@ -40,13 +40,17 @@ class LocalExecutor:
                         "-m", "trainmetrics"]
         return [*launcher, "train", *train_args]
 
-    def start(self, job_id: str, nproc: int, train_args: list[str], job_dir: Path, env: dict[str, str]) -> Run:
-        """Start the job's process with its output appended to job_dir/train.log and `env` added to its
-        environment. A process of the job left running is killed first: a server killed between starting a run
-        and recording it (the job still queued) left it unsupervised, and the job would have run twice."""
+    def clear_way(self, job_id: str, job_dir: Path) -> None:
+        """Kill a process of the job left running: a server killed between starting a run and recording it (the
+        job still queued) left it unsupervised, and the job would have run twice. Killed before the new run's
+        arguments are built: a checkpoint it wrote until then makes the new run resume."""
         if not _kill_leftovers(Run(job_id, None, job_dir, None), "an earlier start that no server recorded left"):
             raise ExecutorUnavailable(f"a process of job {job_id} left running by an earlier start survived "
                                       "SIGKILL; the start is tried again")
+
+    def start(self, job_id: str, nproc: int, train_args: list[str], job_dir: Path, env: dict[str, str]) -> Run:
+        """Start the job's process with its output appended to job_dir/train.log and `env` added to its
+        environment (clear_way first)."""
         with open(job_dir / LOG_NAME, "ab") as log_file:
             process = subprocess.Popen(self.command(nproc, train_args), stdout=log_file, stderr=subprocess.STDOUT,
                                        stdin=subprocess.DEVNULL, start_new_session=True, env={**os.environ, **env})

@@ -22,7 +22,7 @@ from ray.job_submission import JobStatus, JobSubmissionClient
 
 from trainmetrics.jobfiles import (CONTROL_FILE_NAME, LOG_NAME, STACKS_REQUEST_NAME, read_small_text,
                                    replace_atomically)
-from trainmetrics.jobserver.executors import ExecutorUnavailable, Run
+from trainmetrics.jobserver.executors import ExecutorUnavailable, Run, StartDeferred
 
 log = logging.getLogger("trainmetrics.server")
 
@@ -40,6 +40,10 @@ CHECK_TIMEOUT_SECONDS = 2.0
 # After a request Ray did not answer, no other is sent for this long: with a frozen head every request waits
 # its whole timeout, and a tick asking about every run would hold the state thread for runs x 10 s.
 QUIET_SECONDS = 5.0
+# A stray run (one no server recorded) that Ray says ended may still be ending: its ranks' actors outlive the
+# launcher Ray stopped for a moment, and one may be writing its stop's checkpoint. The job starts again this
+# long after Ray said it ended.
+STRAY_SETTLE_SECONDS = 3.0
 # HTTP headers for every request to Ray's head (a proxy's or gateway's credentials), a JSON object: the
 # variable Ray's own `ray job submit` reads.
 HEADERS_VARIABLE = "RAY_JOB_HEADERS"
@@ -110,6 +114,8 @@ class RayExecutor:
         self._unanswered_said: dict[str, float] = {}     # per run: when "Ray did not answer" was last logged
         self._unconfirmed: dict[str, str] = {}     # job id -> a submission id Ray may or may not have received
         self._quiet_until = float("-inf")           # no request before this (monotonic): Ray did not answer
+        self._strays: dict[str, set[str]] = {}      # job id -> its unrecorded submissions Ray took a stop for
+        self._strays_ended: dict[str, float] = {}   # job id -> when those were first seen ended (monotonic)
 
     @property
     def client(self) -> JobSubmissionClient:
@@ -132,7 +138,6 @@ class RayExecutor:
         if self._quiet():
             raise ExecutorUnavailable("Ray did not answer lately")
         submission = self._unconfirmed.get(job_id) or f"{job_id}-{time.time_ns()}"
-        self._stop_unrecorded(job_id, job_dir, submission)
         try:
             self.client.submit_job(entrypoint=self.entrypoint(nproc, train_args, job_dir), submission_id=submission,
                                    runtime_env={"env_vars": env}, metadata={"trainmetrics_job_id": job_id})
@@ -149,10 +154,15 @@ class RayExecutor:
         self._unconfirmed.pop(job_id, None)
         return Run(job_id, submission, job_dir)
 
-    def _stop_unrecorded(self, job_id: str, job_dir: Path, submission: str) -> None:
+    def clear_way(self, job_id: str, job_dir: Path) -> None:
         """Stop the job's submissions Ray still runs but no server recorded (a server killed between submitting
-        a run and recording it left the job queued: started again, it ran twice). They are told apart by the
-        job's directory in their entrypoint (another server's job may share the id, never the directory)."""
+        a run and recording it left the job queued: started again, it ran twice), told apart by the job's
+        directory in their entrypoint (another server's job may share the id, never the directory). The start
+        waits (StartDeferred) until Ray says they ended and STRAY_SETTLE_SECONDS more (a rank's actor outlives
+        its launcher for a moment): the checkpoint a stopped run writes must be there when the new run's
+        arguments are built, or a fresh run would refuse the directory and the job fail."""
+        if self._quiet():
+            raise ExecutorUnavailable("Ray did not answer lately")
         try:
             listed = self.client.list_jobs()
         except Exception as error:
@@ -164,14 +174,25 @@ class RayExecutor:
             log.warning("job %s: cannot list Ray's submissions to find one no server recorded: %s", job_id,
                         _one_line(error))
             return
-        marker = f"--job-dir {shlex.quote(str(job_dir))} "
-        for details in listed:
-            if (details.submission_id != submission and not JobStatus(details.status).is_terminal()
-                    and (details.metadata or {}).get("trainmetrics_job_id") == job_id
-                    and marker in (details.entrypoint or "")):
+        marker, retried = f"--job-dir {shlex.quote(str(job_dir))} ", self._unconfirmed.get(job_id)
+        strays = [details.submission_id for details in listed
+                  if details.submission_id != retried and not JobStatus(details.status).is_terminal()
+                  and (details.metadata or {}).get("trainmetrics_job_id") == job_id
+                  and marker in (details.entrypoint or "")]
+        asked = self._strays.setdefault(job_id, set())      # the strays Ray took a stop for
+        for stray in strays:
+            if stray not in asked and self._stop(job_id, stray):
+                asked.add(stray)
                 log.warning("job %s: Ray still runs its submission %s, which no server recorded (one killed as it "
-                            "submitted it): stopped before the job starts again", job_id, details.submission_id)
-                self._stop(job_id, details.submission_id)
+                            "submitted it): stopping it before the job starts again", job_id, stray)
+        if strays:
+            raise StartDeferred(f"its Ray submission {', '.join(strays)}, which no server recorded, is stopping")
+        if asked:
+            ended = self._strays_ended.setdefault(job_id, time.monotonic())
+            if time.monotonic() - ended < STRAY_SETTLE_SECONDS:
+                raise StartDeferred("its Ray submission that no server recorded stopped a moment ago")
+        self._strays.pop(job_id, None)
+        self._strays_ended.pop(job_id, None)
 
     def adopt(self, job_id: str, handle: str | None, job_dir: Path) -> Run | None:
         """A run a previous server submitted, if Ray still runs it."""
@@ -245,6 +266,8 @@ class RayExecutor:
         """A submission Ray may have received although it did not answer: "cancelled" in the job's control file
         stops it (the launcher reads the file before it places any rank, and watches it after), and Ray is asked
         to stop it, if it answers."""
+        self._strays.pop(job_id, None)
+        self._strays_ended.pop(job_id, None)
         submission = self._unconfirmed.pop(job_id, None)
         if submission is None:
             return

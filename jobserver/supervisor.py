@@ -19,7 +19,7 @@ from pathlib import Path
 from trainmetrics.contract import BUILTIN_DATASETS, EXIT_STATES, REGISTER_TOKEN_VARIABLE, STOP_VERBS, train_args
 from trainmetrics.jobfiles import (CONTROL_FILE_NAME, FINAL_MODEL_NAME, LOG_NAME, RESULT_FILE_NAME,
                                    list_checkpoints, rank_result_path, read_result)
-from trainmetrics.jobserver.executors import Executor, ExecutorUnavailable, Run
+from trainmetrics.jobserver.executors import Executor, ExecutorUnavailable, Run, StartDeferred
 from trainmetrics.jobserver.local import LocalExecutor
 from trainmetrics.jobserver.store import DatasetRecord, JobRecord, JobStore
 
@@ -158,6 +158,7 @@ class Supervisor:
         if job.spec_unreadable:
             raise ValueError("its stored spec is not a JSON object (the server's database was edited or damaged)")
         self.checkpoint_dir(job.id).mkdir(parents=True, exist_ok=True)
+        self.executor.clear_way(job.id, self.job_path(job.id))      # before the arguments: --resume is decided
         # A retry of a start the executor may have received though its answer was lost (a Ray submission, taken
         # by the retry, not started twice) keeps the files: they are that run's. Its own result was removed, and
         # the job's run ended after it, so a run that finished before the retry got through was `failed`.
@@ -209,6 +210,8 @@ class Supervisor:
                 break
             try:
                 self.start(job)
+            except StartDeferred as why:     # not yet: it stays queued; the jobs behind it may start
+                log.debug("job %s: not started yet: %s", job.id, why)
             except ExecutorUnavailable as error:     # not the job's failure: it stays queued, tried again later
                 self._executor_unavailable(job, error)
                 break

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 import requests
@@ -98,8 +99,10 @@ class Submissions:
         self.answering = False
         self.received_despite_error = received_despite_error    # the request landed, its answer was lost
         self.submitted: dict[str, dict] = {}
+        self.entrypoints: dict[str, str] = {}
         self.stopped: list[str] = []
         self.calls: list[str] = []
+        self.listed: list[SimpleNamespace] = []     # the submissions list_jobs answers (JobDetails' fields)
 
     def submit_job(self, *, entrypoint, submission_id, runtime_env, metadata):
         self.calls.append("submit_job")
@@ -111,6 +114,7 @@ class Submissions:
             raise RuntimeError(f"Request failed with status code 400: Job with submission_id {submission_id} "
                                "already exists. Please use a different submission_id.")
         self.submitted[submission_id] = runtime_env["env_vars"]
+        self.entrypoints[submission_id] = entrypoint
         return submission_id
 
     def stop_job(self, submission_id):
@@ -123,7 +127,7 @@ class Submissions:
         self.calls.append("list_jobs")
         if not self.answering and not self.received_despite_error:     # (that head answers, answers get lost)
             raise UNREACHABLE
-        return []
+        return self.listed
 
 
 @pytest.mark.parametrize("received", [False, True], ids=["refused", "answer-lost"])
@@ -179,6 +183,38 @@ def test_a_run_ray_received_though_its_answer_was_lost_keeps_its_result_and_repo
     store.close()
 
 
+def test_a_run_no_server_recorded_is_stopped_and_awaited_before_its_job_starts_again(tmp_path, monkeypatch):
+    """A server killed between submitting a run and recording it left the job queued and the run going. The
+    next server stopped that run and submitted the job again at once, with arguments built before the stop:
+    the stopped run's checkpoint landed after them, the new run (no --resume) refused the directory and the job
+    failed. The start now waits until Ray says the stray ended, and a moment more; the jobs behind it start."""
+    monkeypatch.setattr(ray_executor, "STRAY_SETTLE_SECONDS", 0.3)
+    ray, client = RayExecutor("http://127.0.0.1:8265"), Submissions()
+    ray._client, client.answering = client, True
+    store = JobStore(tmp_path / "db.sqlite")
+    supervisor = Supervisor(store, tmp_path, None, max_concurrent=2, executor=ray)
+    for job_id in ("lost", "behind"):
+        store.add_job(JobRecord(id=job_id, owner="default", name=job_id, state="queued",
+                                spec={"model": "mlp", "dataset": "blobs", "nproc": 1}))
+    lost = store.get_job("lost")
+    stray = SimpleNamespace(submission_id="lost-1", status="RUNNING", metadata={"trainmetrics_job_id": "lost"},
+                            entrypoint=ray.entrypoint(1, supervisor.train_args(lost), supervisor.job_path("lost")))
+    client.listed = [stray]
+    for _ in range(2):
+        supervisor.tick()
+        assert store.get_job("lost").state == "queued" and store.get_job("behind").state == "running"
+    assert client.stopped == ["lost-1"]                  # asked once
+    stray.status = "STOPPED"                             # its stop's checkpoint written as it ended
+    (supervisor.checkpoint_dir("lost") / "step-000000030.pt").write_bytes(b"written by the stray run")
+    supervisor.tick()
+    assert store.get_job("lost").state == "queued"       # its ranks may outlive the launcher for a moment
+    time.sleep(0.35)
+    supervisor.tick()
+    job = store.get_job("lost")
+    assert job.state == "running" and "--resume" in client.entrypoints[job.handle].split()
+    store.close()
+
+
 def test_a_head_that_cannot_list_its_submissions_is_not_asked_to_submit(tmp_path, caplog):
     """Ray unreachable when a start looks for the job's unrecorded submissions: the submission was tried all
     the same (a frozen head held the state thread two request timeouts per try, ~20 s, every API call waiting),
@@ -188,7 +224,7 @@ def test_a_head_that_cannot_list_its_submissions_is_not_asked_to_submit(tmp_path
     with caplog.at_level(logging.WARNING):
         for _ in range(3):
             with pytest.raises(ExecutorUnavailable, match="Ray did not answer"):
-                ray.start("job-1", 1, ["--model", "mlp"], tmp_path, {})
+                ray.clear_way("job-1", tmp_path)
     assert client.calls == ["list_jobs"] * 3
     assert not [record for record in caplog.records if "cannot list" in record.getMessage()]
 

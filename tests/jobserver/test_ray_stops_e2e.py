@@ -116,7 +116,9 @@ def test_each_rank_asks_ray_for_a_gpu_unless_the_job_is_on_the_cpu(ray_server, d
 def test_a_submission_no_server_recorded_is_stopped_before_its_job_starts(ray_cluster, tmp_path):
     """A server killed between submitting a run to Ray and recording it left the job queued: the next server
     submitted it again, and both trained it (the first unsupervised, unscraped). The job's submissions Ray still
-    runs, found by the job's directory in their entrypoint, are stopped first."""
+    runs, found by the job's directory in their entrypoint, are stopped first, and awaited: stopped while
+    training, the stray writes a checkpoint, and a new run submitted beside it without --resume refused the
+    directory (the job failed)."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     from trainmetrics.jobserver.ray_executor import RayExecutor
@@ -128,22 +130,28 @@ def test_a_submission_no_server_recorded_is_stopped_before_its_job_starts(ray_cl
     supervisor = Supervisor(store, tmp_path, None, max_concurrent=1, executor=ray)
     store.add_job(JobRecord(id="twice", owner="default", name="twice", state="queued",
                             spec={"model": "mlp", "dataset": "blobs", "dataset_path": "blobs", "nproc": 1,
-                                  "epochs": 1000}))
+                                  "epochs": 1000, "log_every": 10}))
     job = store.get_job("twice")
     supervisor.job_path(job.id).mkdir(parents=True, exist_ok=True)
+    supervisor.checkpoint_dir(job.id).mkdir(parents=True, exist_ok=True)
     orphan = ray.start(job.id, 1, supervisor.train_args(job), supervisor.job_path(job.id), {})
     runs = [orphan.handle]
     try:
-        supervisor.tick()
-        assert store.get_job("twice").state == "running"
-        runs.append(supervisor.runs["twice"].handle)
-        assert runs[1] != orphan.handle
+        log = supervisor.job_path(job.id) / "train.log"
+        deadline = time.monotonic() + 120
+        while not (log.exists() and "step=" in log.read_text()):
+            assert time.monotonic() < deadline, "the unrecorded submission did not train"
+            time.sleep(0.2)
         deadline = time.monotonic() + 60
-        while not JobStatus(client.get_job_status(orphan.handle)).is_terminal():
-            assert time.monotonic() < deadline, "the unrecorded submission still runs"
-            time.sleep(0.5)
+        while store.get_job("twice").state == "queued":
+            assert time.monotonic() < deadline, "the job did not start again"
+            supervisor.tick()
+            time.sleep(0.2)
         assert client.get_job_status(orphan.handle) == JobStatus.STOPPED
-        assert not JobStatus(client.get_job_status(runs[1])).is_terminal()
+        assert list(supervisor.checkpoint_dir(job.id).glob("step-*.pt")), "the stopped run wrote no checkpoint"
+        runs.append(supervisor.runs["twice"].handle)
+        assert runs[1] != orphan.handle and store.get_job("twice").state == "running"
+        assert "--resume" in client.get_job_info(runs[1]).entrypoint.split()
     finally:
         for handle in runs:
             client.stop_job(handle)
