@@ -477,13 +477,28 @@ RAW = {
 RECORDED_TREND_MIN_STEP_SECONDS = RULE_WINDOW_SECONDS
 
 
+# The coverage check reads a point per rule interval: over the 90 days a range may span that is ~130,000
+# points, and VictoriaMetrics refuses a subquery over 30,000 (-search.maxPointsPerTimeseries: ~20.8 days of
+# minutes; every range past it was a 502). It reads the span in parts this long.
+RECORDED_GAP_PART_SECONDS = 14 * 86400
+
+
 def recorded_gap(range_seconds: float, now: float) -> str:
     """The last minute (on the rules' grid) over the range plus one rule window at which the heartbeat had
-    not run within COVERAGE_WINDOW; empty when the recorded series cover the whole span."""
+    not run within COVERAGE_WINDOW; empty when the recorded series cover the whole span. Read in parts of at
+    most RECORDED_GAP_PART_SECONDS, newest first, each labelled apart so that max() takes the latest."""
     span = range_seconds + RULE_WINDOW_SECONDS
-    return (f"max_over_time((vector(time()) unless on () count_over_time({HEARTBEAT}"
-            f"[{duration(COVERAGE_WINDOW_SECONDS)}]))[{duration(span)}:{duration(RULE_INTERVAL_SECONDS)}] "
-            f"@ {timestamp_literal(now)})")
+    uncovered = (f"(vector(time()) unless on () count_over_time({HEARTBEAT}"
+                 f"[{duration(COVERAGE_WINDOW_SECONDS)}]))")
+    parts, offset = [], 0.0
+    while offset < span:
+        length = min(RECORDED_GAP_PART_SECONDS, span - offset)
+        part = (f"max_over_time({uncovered}[{duration(length)}:{duration(RULE_INTERVAL_SECONDS)}] "
+                f"@ {timestamp_literal(now - offset)})")
+        parts.append(part if offset == 0 and length == span else
+                     f'label_replace({part}, "part", "{len(parts)}", "", "")')
+        offset += length
+    return parts[0] if len(parts) == 1 else f"max({' or '.join(parts)})"
 
 
 def recorded_split(range_seconds: float, now: float, gap: float | None) -> float | None:

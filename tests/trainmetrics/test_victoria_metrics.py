@@ -37,3 +37,21 @@ def test_the_newest_points_of_a_range_query_are_not_held_back(tmp_path):
             assert float(value) == newest_sample, (at, points)
     finally:
         victoria.stop()
+
+
+def test_the_summary_and_job_list_answer_over_the_longest_range(tmp_path):
+    """The summary's check of where the recorded series cover the range read a point a minute over all of it:
+    past ~20.8 days that is over VictoriaMetrics' 30,000 points a series, and every range from 21d to the 90d
+    the API takes was a 502 (Prometheus answered)."""
+    from tests.analytics.conftest import serve
+    from trainmetrics.analytics.app import Settings
+
+    victoria = VictoriaMetricsServer(tmp_path / "victoria").start()
+    try:
+        with serve(Settings(prometheus_url=victoria.url)) as client:
+            for path in ("/api/training/analytics/summary", "/api/training/analytics/jobs"):
+                for span in ("21d", "90d"):
+                    response = client.get(path, params={"range": span})
+                    assert response.status_code == 200, (path, span, response.text)
+    finally:
+        victoria.stop()
