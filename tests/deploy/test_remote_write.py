@@ -33,8 +33,11 @@ def central_and_single(tmp_path_factory):
             assert process.returncode == 0, stderr[-2000:]
         # Both jobs' final states arrived centrally. (The agents and the single Prometheus scrape at their own
         # moments: sample counts differ, the jobs' own figures cannot.)
+        # (Each a series new at the job's end: VictoriaMetrics finds one seconds after its samples arrive, and
+        # the final state was once not found yet when the end was: the status read `unknown`.)
         victoria.wait_until_agrees(single, (
             "count(last_over_time(trainer_job_end_timestamp_seconds[5m]))",
+            'count(last_over_time(trainer_job_state{state="completed"}[5m]) == 1)',
             "sum(max_over_time(trainer_samples_total[5m]))",
             "sum(max_over_time(trainer_loss_intervals_total[5m]))",
             "sum(max_over_time(trainer_eval_history_index[5m]))"))
