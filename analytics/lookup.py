@@ -124,6 +124,8 @@ class JobFacts:
     now: float
     # A node exporter attributes the job's processes now: its energy counts may still grow.
     attributed_now: bool = False
+    # How far behind now the backend's answers may be (PrometheusClient.answer_delay).
+    answer_delay: float = 0.0
 
     @property
     def latest(self) -> Process | None:
@@ -160,9 +162,15 @@ class JobFacts:
         every process that stopped with a state has its end timestamp in the store: only a new process (a
         resume) can change its analytics. A store that makes a new series searchable only seconds after its
         samples arrived (VictoriaMetrics), the end timestamp's among them, shows a final state before the end:
-        read then, the end would be the last heartbeat's, and a report stored then would keep it."""
-        return (self.end is not None and not self.live and not self.attributed_now and
-                not any(p.trainer and p.state in STOPPED_STATES and p.end is None for p in self.processes))
+        read then, the end would be the last heartbeat's, and a report stored then would keep it. And its newest
+        sample (its last heartbeat, or end) is the backend's answer delay behind now (a default VictoriaMetrics'
+        30 s: read sooner, its range reads, the evaluations and the peak among them, missed the job's last
+        seconds)."""
+        if self.end is None or self.live or self.attributed_now or \
+                any(p.trainer and p.state in STOPPED_STATES and p.end is None for p in self.processes):
+            return False
+        newest = max((t for p in self.processes for t in (p.last_seen, p.end) if t is not None), default=self.end)
+        return self.now - newest >= self.answer_delay
 
     @property
     def error_type(self) -> str | None:
@@ -362,11 +370,19 @@ async def find_jobs(client: PrometheusClient, job_ids: list[str], lookback: floa
         for lookup, parts in zip(incomplete, full):
             lookup.absorb(parts)
     if strict:
-        return [lookup.facts(now) for lookup in lookups]
-    found_facts = []
-    for lookup in lookups:
-        try:
-            found_facts.append(lookup.facts(now))
-        except JobNotFound:
-            found_facts.append(None)
+        found_facts = [lookup.facts(now) for lookup in lookups]
+    else:
+        found_facts = []
+        for lookup in lookups:
+            try:
+                found_facts.append(lookup.facts(now))
+            except JobNotFound:
+                found_facts.append(None)
+    # A job settled by what Prometheus holds is settled only once its end is the backend's answer delay behind
+    # now (asked only then: one request for the service's life).
+    if any(facts is not None and facts.settled for facts in found_facts):
+        answer_delay = await client.answer_delay()
+        for facts in found_facts:
+            if facts is not None:
+                facts.answer_delay = answer_delay
     return found_facts

@@ -4,6 +4,7 @@ can go wrong on the way."""
 
 import asyncio
 import logging
+import re
 import time
 from urllib.parse import urlencode
 
@@ -16,6 +17,14 @@ log = logging.getLogger("trainmetrics.analytics")
 
 DEFAULT_RETRY_AFTER_SECONDS = 5
 CONNECT_TIMEOUT_SECONDS = 2.0
+# VictoriaMetrics answers as of now minus its -search.latencyOffset (30 s unless set; 1.79 keeps at least 1 s
+# of it): an instant query near now, and a range query's newest points, hold nothing newer. Its /flags page
+# lists the flags set on its command line, one `-name="value"` a line; Prometheus has no such page.
+VICTORIA_FLAG_LINE = re.compile(r'^-[A-Za-z0-9_.]+=".*"$')
+VICTORIA_LATENCY_OFFSET_DEFAULT_SECONDS = 30.0
+VICTORIA_LATENCY_OFFSET_LEAST_SECONDS = 1.0
+GO_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ns|us|µs|ms|s|m|h)")
+GO_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 class PrometheusError(ApiError):
@@ -62,6 +71,7 @@ class PrometheusClient:
             headers={"accept-encoding": "identity"},
             limits=httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency))
         self._metrics = metrics if metrics is not None else ClientMetrics(CollectorRegistry())
+        self._answer_delay: float | None = None     # read once (answer_delay)
 
     async def aclose(self) -> None:
         """Close the shared connection pool."""
@@ -81,6 +91,31 @@ class PrometheusClient:
         step_text = step if isinstance(step, str) else f"{step:.3f}"
         params = {"query": expr, "start": f"{start:.3f}", "end": f"{end:.3f}", "step": step_text}
         return _result(await self._get("/api/v1/query_range", params), ("matrix",), expr)
+
+    async def answer_delay(self) -> float:
+        """How far behind now the backend's answers may be: a VictoriaMetrics' -search.latencyOffset (read once
+        from its /flags page), 0 for Prometheus and any backend without that page. A job is not settled (its
+        analytics not cached, its report not stored) until its end is this far behind: read sooner, the range
+        reads missed its last seconds, and the cache kept that answer. Asked again when the page could not be
+        reached."""
+        if self._answer_delay is None:
+            reading = asyncio.ensure_future(self._read_answer_delay())      # no caller's cancellation reaches it
+            self._sending.add(reading)
+            reading.add_done_callback(self._sent)
+            delay = await asyncio.shield(reading)
+            if delay is None:
+                return 0.0
+            self._answer_delay = delay
+        return self._answer_delay
+
+    async def _read_answer_delay(self) -> float | None:
+        try:
+            async with self._semaphore:
+                response = await self._http.get("/flags", timeout=httpx.Timeout(
+                    self.deadline, connect=min(self.deadline, CONNECT_TIMEOUT_SECONDS)))
+        except httpx.HTTPError:
+            return None
+        return answer_delay_of(response.status_code, response.text)
 
     async def ready(self) -> None:
         """Return when Prometheus answers /-/ready with 200; raise PrometheusError otherwise."""
@@ -171,6 +206,22 @@ class PrometheusClient:
             raise PrometheusError("bad_answer", f"Prometheus answered 200 without a success body: "
                                   f"{response.text[:200]!r}")
         return body["data"]
+
+
+def answer_delay_of(status: int, flags_page: str) -> float:
+    """The answer delay a /flags page tells: a VictoriaMetrics' latency offset (its default when the page does
+    not set it, or sets it in a way not understood), 0 for a page that is not VictoriaMetrics'."""
+    lines = [line.strip() for line in flags_page.splitlines() if line.strip()]
+    if status != 200 or not lines or not all(VICTORIA_FLAG_LINE.match(line) for line in lines):
+        return 0.0
+    offset = VICTORIA_LATENCY_OFFSET_DEFAULT_SECONDS
+    for line in lines:
+        if line.startswith("-search.latencyOffset="):
+            text = line.split("=", 1)[1].strip('"')
+            parts = GO_DURATION_PART.findall(text)
+            if parts and "".join(number + unit for number, unit in parts) == text:
+                offset = sum(float(number) * GO_DURATION_UNITS[unit] for number, unit in parts)
+    return max(offset, VICTORIA_LATENCY_OFFSET_LEAST_SECONDS)
 
 
 def _result(data, kinds: tuple[str, ...], expr: str) -> list[dict]:

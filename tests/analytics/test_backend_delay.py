@@ -1,0 +1,58 @@
+"""A backend whose answers lag now (a default VictoriaMetrics answers range queries as of 30 s ago, its
+-search.latencyOffset): a job is not settled, so not cached nor stored, until its end is that far behind."""
+
+import time
+
+import pytest
+
+from trainmetrics.analytics.app import Settings
+from trainmetrics.analytics.prometheus import answer_delay_of
+from trainmetrics.prometheus_process import PrometheusServer, VictoriaMetricsServer
+
+from .conftest import finish, serve, start_job
+
+pytestmark = pytest.mark.slow
+
+LATENCY_OFFSET_SECONDS = 12
+
+
+@pytest.mark.parametrize("status, page, delay", [
+    (200, '-httpListenAddr="127.0.0.1:8428"\n-storageDataPath="/data"\n', 30.0),     # VictoriaMetrics' default
+    (200, '-search.latencyOffset="1m30s"\n-retentionPeriod="1"\n', 90.0),
+    (200, '-search.latencyOffset="0s"\n', 1.0),           # 1.79 keeps at least 1 s of it
+    (200, '-search.latencyOffset="soon"\n', 30.0),        # not understood: its default
+    (404, "404 page not found\n", 0.0),                     # Prometheus has no /flags
+    (200, "<html>a proxy's page</html>\n", 0.0),
+    (200, "", 0.0),
+])
+def test_the_answer_delay_is_victoria_metrics_latency_offset(status, page, delay):
+    assert answer_delay_of(status, page) == delay
+
+
+def test_a_job_read_within_the_backends_answer_delay_of_its_end_is_not_cached(tmp_path):
+    """On a default VictoriaMetrics, a job asked for in the first 30 s after its end showed `completed` (its
+    instant reads found the end) with `evaluations: []` and no peak (the range reads held nothing of its last
+    30 s), and the cache served that answer for as long as the service ran."""
+    # (The later of a flag given twice wins: VictoriaMetrics' guard, as by default, with a shorter offset.)
+    victoria = VictoriaMetricsServer(tmp_path / "victoria", extra_args=[
+        f"-search.latencyOffset={LATENCY_OFFSET_SECONDS}s", "-search.maxStepForPointsAdjustment=1m"]).start()
+    prometheus = PrometheusServer(tmp_path / "prometheus", remote_write=[victoria.remote_write_url]).start()
+    try:
+        job = start_job("lagged-1", prometheus.targets_dir, "--model", "mlp", "--dataset", "blobs", "--epochs", "4",
+                        "--batch-size", "32", "--log-every", "10", "--eval-every", "20")
+        summary = finish("lagged-1", job).summary
+        ended = summary["end_time"]
+        with serve(Settings(prometheus_url=victoria.url)) as client:
+            while True:         # read as soon as it shows its end
+                first = client.get("/api/training/lagged-1/analytics").json()
+                if first.get("status") == "completed":
+                    break
+                time.sleep(0.3)
+            assert time.time() - ended < LATENCY_OFFSET_SECONDS - 1, "too late to read it within the delay"
+            assert len(first["evaluations"]) < summary["evaluations"]       # what the backend held back
+            time.sleep(max(0.0, ended + LATENCY_OFFSET_SECONDS + 3 - time.time()))
+            later = client.get("/api/training/lagged-1/analytics").json()
+        assert len(later["evaluations"]) == summary["evaluations"] > 0
+    finally:
+        prometheus.stop()
+        victoria.stop()
