@@ -433,6 +433,16 @@ def test_a_job_whose_stored_spec_is_unreadable_fails_alone(spec, tmp_path):
     store.close()
 
 
+class Ending(LocalExecutor):
+    """Starts nothing; every run has ended with exit code 1 (the results written by the test tell the rest)."""
+
+    def start(self, job_id, nproc, train_args, job_dir, env):
+        return Run(job_id, "1", job_dir)
+
+    def poll(self, run):
+        return True, 1
+
+
 @pytest.mark.parametrize("killed_rank", [1, 0])
 def test_a_failed_multi_rank_job_names_the_rank_that_died(killed_rank, tmp_path):
     """A rank killed (-9, the OOM killer) writes nothing; the others then fail in the all-reduce ("connection
@@ -443,13 +453,6 @@ def test_a_failed_multi_rank_job_names_the_rank_that_died(killed_rank, tmp_path)
     store = JobStore(tmp_path / "db.sqlite")
     store.add_job(JobRecord(id="two", owner="default", name="two", state="queued",
                             spec={"model": "mlp", "dataset": "blobs", "nproc": 2}))
-
-    class Ending(LocalExecutor):
-        def start(self, job_id, nproc, train_args, job_dir, env):
-            return Run(job_id, "1", job_dir)
-
-        def poll(self, run):
-            return True, 1
 
     supervisor = Supervisor(store, tmp_path, None, max_concurrent=1, executor=Ending())
     supervisor.start(store.get_job("two"))
@@ -479,13 +482,6 @@ def test_a_failed_multi_rank_job_names_the_rank_that_failed_first(tmp_path):
     from trainmetrics.jobfiles import rank_result_path, write_result
 
     store = JobStore(tmp_path / "db.sqlite")
-
-    class Ending(LocalExecutor):
-        def start(self, job_id, nproc, train_args, job_dir, env):
-            return Run(job_id, "1", job_dir)
-
-        def poll(self, run):
-            return True, 1
 
     supervisor = Supervisor(store, tmp_path, None, max_concurrent=1, executor=Ending())
     cause = {"state": "failed", "exit_code": 1, "error_type": "ValueError", "error": "ValueError: bad batch"}
