@@ -489,7 +489,8 @@ def test_a_failed_multi_rank_job_names_the_rank_that_failed_first(tmp_path):
               "error": "DistBackendError: Connection closed by peer"}
     cases = {   # job: rank 0's result, rank 1's, the job's error
         "cause-on-1": ({**closed, "end_time": 110.0}, {**cause, "end_time": 100.5},
-                       "rank 1 failed first: ValueError: bad batch; rank 0: DistBackendError: Connection closed by peer"),
+                       "rank 1 failed first: ValueError: bad batch; "
+                       "rank 0: DistBackendError: Connection closed by peer"),
         "cause-on-0": ({**cause, "end_time": 100.5}, {**closed, "end_time": 110.0}, "rank 0: ValueError: bad batch"),
         "alike": ({**cause, "end_time": 101.0}, {**cause, "end_time": 100.0}, "rank 0: ValueError: bad batch"),
         "no-order": (closed, {**cause, "end_time": 100.0}, "rank 0: DistBackendError: Connection closed by peer"),
