@@ -105,11 +105,49 @@ def test_every_panel_query_runs_and_returns_data(stack):
     assert empty == [], "panels without data:\n" + "\n".join(empty)
 
 
+def variable_metrics(label: str) -> set[str]:
+    """The metrics the dashboards' pickers of `label` list values from (label_values(METRIC, label))."""
+    return {match.group(1) for dashboard in all_dashboards().values() for variable in dashboard["templating"]["list"]
+            for match in [re.fullmatch(rf"label_values\((\w+), {label}\)", str(variable.get("query", "")))] if match}
+
+
 def test_variable_queries_list_the_job_and_the_node(stack):
     prometheus, instance, _, _ = stack
-    job_ids = prometheus.api("label/job_id/values", **{"match[]": "trainer_job_info"})
-    assert JOB_ID in job_ids
-    assert instance in prometheus.api("label/instance/values", **{"match[]": "system_memory_limit_bytes"})
+    for metric in variable_metrics("job_id"):
+        assert JOB_ID in prometheus.api("label/job_id/values", **{"match[]": metric})
+    for metric in variable_metrics("instance"):
+        assert instance in prometheus.api("label/instance/values", **{"match[]": metric})
+
+
+def test_the_job_pickers_list_a_job_that_only_waits():
+    """A queued job has the job server's series only (its state, submission and end): the pickers listed
+    trainer_job_info's job ids, so a queued job, whose state the Training job dashboard shows, was not there."""
+    from types import SimpleNamespace
+
+    from trainmetrics.jobserver.app import WaitingJobsCollector
+
+    waiting = SimpleNamespace(waiting=[("queued-1", "queued", 1.0, None)])
+    published = {family.name for family in WaitingJobsCollector(waiting).collect()}
+    assert variable_metrics("job_id") and variable_metrics("job_id") <= published
+
+
+def test_stats_and_tables_say_what_they_show():
+    """A stat without thresholds of its own took Grafana's default (red from 80: a healthy job's steps and
+    samples were red); a table's value columns were "Value #duration_seconds" with no unit; the node dashboard's
+    legends did not say which node when several are picked."""
+    for name, dashboard in all_dashboards().items():
+        for panel in dashboard["panels"]:
+            if panel["type"] == "stat":
+                assert panel["fieldConfig"]["defaults"].get("thresholds"), (name, panel["title"])
+            if panel["type"] == "table":
+                named = {override["matcher"]["options"] for override in panel["fieldConfig"]["overrides"]
+                         if any(prop["id"] == "displayName" for prop in override["properties"])}
+                columns = {"Value"} if len(panel["targets"]) == 1 else \
+                    {f"Value #{target['refId']}" for target in panel["targets"]}
+                assert named == columns, (name, panel["title"], named)
+            if name == "node.json" and panel["type"] == "timeseries":
+                for target in panel["targets"]:
+                    assert "{{instance}}" in target["legendFormat"], (panel["title"], target["legendFormat"])
 
 
 # Compare's summary table against jobs whose figures are known: m2 runs two ranks (2,000 samples each); r1
@@ -147,14 +185,22 @@ for job, newest in (("r1", "0.8 0.7 0.6 0.5"), ("d1", "0.8 0.4 0.4 0.4")):
       - series: 'trainer_loss_min{{job_id="{job}",instance="p2"}}'
         values: '_x9 0.8 {"0.45" if job == "r1" else "0.4"}x10'
 """
+# r1's first run evaluated to 0.9, its newest run to 0.6.
+COMPARE_JOBS += """
+      - series: 'trainer_eval_accuracy_ratio{job_id="r1",instance="p1"}'
+        values: '0.9x5'
+      - series: 'trainer_eval_accuracy_ratio{job_id="r1",instance="p2"}'
+        values: '_x9 0.6x10'
+"""
 # best_loss: the trainer's own lowest interval (trainer_loss_min), which no trainer_loss sample need show.
 COMPARE_EXPECTED = {"samples": {"m2": 4000}, "best_loss": {"r1": 0.45, "d1": 0.4}, "final_loss": {"r1": 0.5},
-                    "duration_seconds": {"r1": 1200, "d1": 1200}}
+                    "accuracy": {"r1": 0.6}, "duration_seconds": {"r1": 1200, "d1": 1200}}
 
 
 def test_the_compare_summary_shows_every_rank_and_the_newest_run(tmp_path):
     """Every rank's samples (one rank's were shown), the newest run's final loss (an earlier run's could win;
-    a diverged run showed its predecessor's) and a resumed running job's duration (it was negative)."""
+    a diverged run showed its predecessor's) and accuracy (an earlier run's higher one won), and a resumed
+    running job's duration (it was negative)."""
     (summary,) = [panel for panel in all_dashboards()["compare.json"]["panels"] if panel["type"] == "table"]
     tests = []
     for target in summary["targets"]:
@@ -163,7 +209,7 @@ def test_the_compare_summary_shows_every_rank_and_the_newest_run(tmp_path):
             samples = "".join(f"\n          - labels: '{{job_id=\"{job}\"}}'\n            value: {value}"
                               for job, value in COMPARE_EXPECTED[target["refId"]].items())
             tests.append(f"      - expr: '{expr}'\n        eval_time: 20m\n        exp_samples:{samples}")
-    assert len(tests) == 4
+    assert len(tests) == 5
     config = tmp_path / "compare_test.yml"
     config.write_text("evaluation_interval: 1m\ntests:\n  - interval: 1m\n    input_series:" + COMPARE_JOBS
                       + "    promql_expr_test:\n" + "\n".join(tests) + "\n")
@@ -269,5 +315,24 @@ tests:
         eval_time: 7m
         exp_samples: []
 """)
+    result = subprocess.run(["promtool", "test", "rules", str(config)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_loss_curve_has_no_point_while_the_loss_is_not_finite(tmp_path):
+    """While a job's loss was NaN, trainer_loss held its last finite value: the Loss panel drew a flat line that
+    looked like a plateau. Its training loss has no point then (the Loss NaN annotation marks the stretch)."""
+    (loss,) = [panel for panel in all_dashboards()["training-job.json"]["panels"] if panel["title"] == "Loss"]
+    expr = loss["targets"][0]["expr"].replace("$job_id", "n1").replace("$__interval", "1m")
+    series = ("      - series: 'trainer_loss{job_id=\"n1\",instance=\"p1\",rank=\"0\"}'\n        values: '0.5x5'\n"
+              "      - series: 'trainer_loss_finite{job_id=\"n1\",instance=\"p1\",rank=\"0\"}'\n"
+              "        values: '1 1 0 0 0 0'\n")
+    finite = ("        exp_samples:\n          - labels: 'trainer_loss{job_id=\"n1\",instance=\"p1\",rank=\"0\"}'\n"
+              "            value: 0.5\n")
+    tests = [f"      - expr: '{expr}'\n        eval_time: 1m\n{finite}",
+             f"      - expr: '{expr}'\n        eval_time: 3m\n        exp_samples: []\n"]
+    config = tmp_path / "loss_test.yml"
+    config.write_text("evaluation_interval: 1m\ntests:\n  - interval: 1m\n    input_series:\n" + series
+                      + "    promql_expr_test:\n" + "".join(tests))
     result = subprocess.run(["promtool", "test", "rules", str(config)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr

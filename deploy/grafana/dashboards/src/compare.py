@@ -12,7 +12,7 @@ def build():
         new_dashboard("trainmetrics / Compare jobs", "trainmetrics-compare",
                       "Pick several jobs: loss, accuracy, throughput and step time overlaid, and a summary table.",
                       ["compare"])
-        .with_variable(label_variable("job_id", "Jobs", "label_values(trainer_job_info, job_id)", multi=True))
+        .with_variable(label_variable("job_id", "Jobs", "label_values(trainer_job_state, job_id)", multi=True))
         .with_row(row("Overlaid"))
         .with_panel(timeseries_panel("Loss", "Training loss of each job (the mean of its ranks').", "short",
                                      query(f"avg by (job_id) (trainer_loss{{{JOBS}}})", "{{job_id}}")))
@@ -41,7 +41,11 @@ def build():
                   f"instance, rank) (last_over_time(trainer_loss_finite{{{JOBS}}}[$__range]) == 0)) "
                   f"{newest_run(JOBS)})",
                   "", "final_loss", instant=True, table_format=True),
-            query(f"max by (job_id) (last_over_time(trainer_eval_accuracy_ratio{{{JOBS}}}[$__range]))", "",
-                  "accuracy", instant=True, table_format=True),
-            query(duration(JOBS), "", "duration_seconds", instant=True, table_format=True)))
+            # The newest run's (a resumed job's earlier run evaluated a model the newest one went on from).
+            query(f"max by (job_id) (last_over_time(trainer_eval_accuracy_ratio{{{JOBS}}}[$__range]) "
+                  f"{newest_run(JOBS)})", "", "accuracy", instant=True, table_format=True),
+            query(duration(JOBS), "", "duration_seconds", instant=True, table_format=True),
+            columns={"Value #samples": ("Samples", "short"), "Value #best_loss": ("Best loss", "short"),
+                     "Value #final_loss": ("Final loss", "short"), "Value #accuracy": ("Accuracy", "percentunit"),
+                     "Value #duration_seconds": ("Duration", "s")}))
     )

@@ -14,7 +14,7 @@ def build():
                                query("count(job_id:trainer_job_running:max) or vector(0)")))
         .with_panel(stat_panel("Failed in the last hour", "Jobs that entered failed in the last hour.", "short",
                                query('count(max by (job_id) (max_over_time(trainer_job_state{state="failed"}[1h])) '
-                                     '== 1) or vector(0)')))
+                                     '== 1) or vector(0)'), red_from=1))
         .with_panel(stat_panel("Completed in the last hour", "Jobs that completed in the last hour.", "short",
                                query('count(max by (job_id) (max_over_time(trainer_job_state{state="completed"}[1h])) '
                                      '== 1) or vector(0)')))
@@ -31,7 +31,8 @@ def build():
                                 "samples by the whole minute).",
                                 query("topk(10, max by (job_id) "
                                       "(max_over_time(job_id:trainer_samples:rate10s[$__range])))",
-                                      "", instant=True, table_format=True)))
+                                      "", instant=True, table_format=True),
+                                columns={"Value": ("Peak samples/s", "short")}))
         .with_row(row("Goodput"))
         .with_panel(timeseries_panel("Where the fleet's time goes", "Every job's seconds per second in each "
                                      "phase (rank 0): step is goodput (the summary's goodput adds queued and "

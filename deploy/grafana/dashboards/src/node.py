@@ -26,43 +26,50 @@ def build():
                                      query(f"system_memory_limit_bytes{{{NODE}}}", "limit {{instance}}", "C")))
         .with_panel(timeseries_panel("Network", "Bytes per second by device and direction.", "Bps",
                                      query(f"rate(system_network_io_bytes_total{{{NODE}}}[$__rate_interval])",
-                                           "{{device}} {{direction}}")))
+                                           "{{instance}} {{device}} {{direction}}")))
         .with_panel(timeseries_panel("Disk throughput", "Bytes per second by device and direction.", "Bps",
                                      query(f"rate(system_disk_io_bytes_total{{{NODE}}}[$__rate_interval])",
-                                           "{{device}} {{direction}}")))
+                                           "{{instance}} {{device}} {{direction}}")))
         .with_panel(timeseries_panel("Disk operations", "Operations per second by device and direction.", "iops",
                                      query(f"rate(system_disk_operations_total{{{NODE}}}[$__rate_interval])",
-                                           "{{device}} {{direction}}")))
+                                           "{{instance}} {{device}} {{direction}}")))
         .with_panel(timeseries_panel("Filesystem used", "Share of each real filesystem in use.", "percentunit",
-                                     query(f"system_filesystem_usage_bytes{{{NODE},state=\"used\"}} / ignoring (state) "
-                                           f"system_filesystem_limit_bytes{{{NODE}}}", "{{mountpoint}}"),
+                                     # Reserved blocks count as used (as FilesystemAlmostFull counts them):
+                                     # "used" alone left them out and never reached 100 %.
+                                     query(f"1 - system_filesystem_usage_bytes{{{NODE},state=\"free\"}} / ignoring "
+                                           f"(state) system_filesystem_limit_bytes{{{NODE}}}",
+                                           "{{instance}} {{mountpoint}}"),
                                      min_value=0, max_value=1))
         .with_panel(timeseries_panel("Processes", "Processes by status.", "short",
-                                     query(f"system_processes{{{NODE}}}", "{{status}}")))
+                                     query(f"system_processes{{{NODE}}}", "{{instance}} {{status}}")))
         .with_panel(timeseries_panel("Exporter collectors", "1 when the collector's last sample succeeded, 0 when it failed.", "short",
-                                     query(f"exporter_collector_success{{{NODE}}}", "{{collector}}")))
+                                     query(f"exporter_collector_success{{{NODE}}}", "{{instance}} {{collector}}")))
         .with_row(row("GPUs"))
         .with_panel(timeseries_panel("GPU utilisation: mean vs peak", "Per GPU, mean and max over the window.",
                                      "percentunit",
-                                     query(f"hw_gpu_utilization_ratio{{{NODE}}}", "mean gpu {{gpu}}"),
-                                     query(f"hw_gpu_utilization_peak_ratio{{{NODE}}}", "peak gpu {{gpu}}", "B"),
+                                     query(f"hw_gpu_utilization_ratio{{{NODE}}}", "mean {{instance}} gpu {{gpu}}"),
+                                     query(f"hw_gpu_utilization_peak_ratio{{{NODE}}}", "peak {{instance}} gpu {{gpu}}",
+                                           "B"),
                                      min_value=0, max_value=1))
         .with_panel(timeseries_panel("GPU memory", "Used, peak over the window, and size.", "bytes",
-                                     query(f"hw_gpu_memory_usage_bytes{{{NODE}}}", "used gpu {{gpu}}"),
-                                     query(f"hw_gpu_memory_usage_peak_bytes{{{NODE}}}", "peak gpu {{gpu}}", "B"),
-                                     query(f"hw_gpu_memory_limit_bytes{{{NODE}}}", "size gpu {{gpu}}", "C")))
+                                     query(f"hw_gpu_memory_usage_bytes{{{NODE}}}", "used {{instance}} gpu {{gpu}}"),
+                                     query(f"hw_gpu_memory_usage_peak_bytes{{{NODE}}}", "peak {{instance}} gpu {{gpu}}",
+                                           "B"),
+                                     query(f"hw_gpu_memory_limit_bytes{{{NODE}}}", "size {{instance}} gpu {{gpu}}",
+                                           "C")))
         .with_panel(timeseries_panel("GPU temperature", "Core temperature.", "celsius",
-                                     query(f"hw_gpu_temperature_celsius{{{NODE}}}", "gpu {{gpu}}")))
+                                     query(f"hw_gpu_temperature_celsius{{{NODE}}}", "{{instance}} gpu {{gpu}}")))
         .with_panel(timeseries_panel("GPU power", "Board power draw, and energy per second from the counter.",
                                      "watt",
-                                     query(f"hw_gpu_power_watts{{{NODE}}}", "power gpu {{gpu}}"),
+                                     query(f"hw_gpu_power_watts{{{NODE}}}", "power {{instance}} gpu {{gpu}}"),
                                      query(f"rate(hw_gpu_energy_joules_total{{{NODE}}}[$__rate_interval])",
-                                           "energy rate gpu {{gpu}}", "B")))
+                                           "energy rate {{instance}} gpu {{gpu}}", "B")))
         .with_panel(timeseries_panel("GPU SM clock", "Current SM clock.", "hertz",
-                                     query(f"hw_gpu_clock_sm_hertz{{{NODE}}}", "gpu {{gpu}}")))
+                                     query(f"hw_gpu_clock_sm_hertz{{{NODE}}}", "{{instance}} gpu {{gpu}}")))
         .with_panel(timeseries_panel("GPU throttling and errors", "Active throttle reasons (1) and new "
                                      "ECC/XID errors per second.", "short",
-                                     query(f"hw_gpu_throttle_reasons{{{NODE}}} == 1", "gpu {{gpu}} {{reason}}"),
+                                     query(f"hw_gpu_throttle_reasons{{{NODE}}} == 1",
+                                           "{{instance}} gpu {{gpu}} {{reason}}"),
                                      query(f"rate(hw_gpu_errors_total{{{NODE}}}[$__rate_interval])",
-                                           "gpu {{gpu}} {{type}}", "B")))
+                                           "{{instance}} gpu {{gpu}} {{type}}", "B")))
     )

@@ -2,7 +2,8 @@
 
 from grafana_foundation_sdk.builders import common, dashboard, prometheus, stat, table, timeseries
 from grafana_foundation_sdk.models import common as enums
-from grafana_foundation_sdk.models.dashboard import DataSourceRef, DataTransformerConfig, VariableRefresh, VariableSort
+from grafana_foundation_sdk.models.dashboard import (DataSourceRef, DataTransformerConfig, DynamicConfigValue,
+                                                     Threshold, ThresholdsMode, VariableRefresh, VariableSort)
 from grafana_foundation_sdk.models.prometheus import PromQueryFormat
 
 DATASOURCE = DataSourceRef(type_val="prometheus", uid="${datasource}")
@@ -106,10 +107,17 @@ def timeseries_panel(title: str, description: str, unit: str, *targets: promethe
 
 
 def stat_panel(title: str, description: str, unit: str, target: prometheus.Dataquery, width: int = 4,
-               height: int = 4, text_mode: enums.BigValueTextMode = enums.BigValueTextMode.AUTO) -> stat.Panel:
-    """A single number: the last value of the series."""
+               height: int = 4, text_mode: enums.BigValueTextMode = enums.BigValueTextMode.AUTO,
+               red_from: float | None = None) -> stat.Panel:
+    """A single number: the last value of the series, uncoloured, or red from `red_from` on. (Without
+    thresholds of its own, Grafana's default turned every count past 80 red: a healthy job's steps.)"""
+    steps = [Threshold(value=None, color="text")]
+    if red_from is not None:
+        steps.append(Threshold(value=red_from, color="red"))
     return (
         stat.Panel()
+        .color_mode(enums.BigValueColorMode.VALUE)
+        .thresholds(dashboard.ThresholdsConfig().mode(ThresholdsMode.ABSOLUTE).steps(steps))
         .title(title)
         .description(description)
         .unit(unit)
@@ -124,9 +132,11 @@ def stat_panel(title: str, description: str, unit: str, target: prometheus.Dataq
     )
 
 
-def table_panel(title: str, description: str, *targets: prometheus.Dataquery, width: int = 24,
-                height: int = 8) -> table.Panel:
-    """A table of instant queries joined on their labels (one row per job)."""
+def table_panel(title: str, description: str, *targets: prometheus.Dataquery, columns: dict[str, tuple[str, str]],
+                width: int = 24, height: int = 8) -> table.Panel:
+    """A table of instant queries joined on their labels (one row per job). `columns`: each value column's
+    name and unit, by the column Grafana makes ("Value #<ref id>" for several queries, "Value" for one): it
+    showed "Value #duration_seconds 48.94" and accuracy as a bare 0.955. The time column is left out."""
     panel = (
         table.Panel()
         .title(title)
@@ -135,7 +145,11 @@ def table_panel(title: str, description: str, *targets: prometheus.Dataquery, wi
         .span(width)
         .height(height)
         .with_transformation(DataTransformerConfig(id_val="merge", options={}))
+        .with_transformation(DataTransformerConfig(id_val="organize", options={"excludeByName": {"Time": True}}))
     )
+    for column, (name, unit) in columns.items():
+        panel = panel.override_by_name(column, [DynamicConfigValue(id_val="displayName", value=name),
+                                                DynamicConfigValue(id_val="unit", value=unit)])
     for target in targets:
         panel = panel.with_target(target)
     return panel

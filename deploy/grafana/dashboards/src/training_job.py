@@ -14,9 +14,11 @@ def build():
         new_dashboard("trainmetrics / Training job", "trainmetrics-job",
                       "One training job: state, loss and accuracy, throughput, step time, data wait, "
                       "checkpoints, and the GPUs and processes it uses.", ["job"])
-        .with_variable(label_variable("job_id", "Job", "label_values(trainer_job_info, job_id)"))
+        # (From the state: the job server publishes a queued job's state only, no trainer_job_info.)
+        .with_variable(label_variable("job_id", "Job", "label_values(trainer_job_state, job_id)"))
         .annotation(alert_annotation("Hangs", f'ALERTS{{alertname=~"TrainerHang|TrainerRankStuck",{JOB}}}', "red"))
         .annotation(alert_annotation("Loss spikes", f'ALERTS{{alertname="TrainerLossSpike",{JOB}}}', "orange"))
+        .annotation(alert_annotation("Loss NaN", f'ALERTS{{alertname="TrainerLossNaN",{JOB}}}', "purple"))
         .with_row(row("Job"))
         # The stats read each series' last sample in the time range, at its end (instant queries): a finished
         # job's final figures are in Prometheus for one scrape before its series go stale, which a range query's
@@ -45,11 +47,19 @@ def build():
                                query(f"max(last_over_time(trainer_checkpoints_total{{{JOB}}}[$__range]))",
                                      instant=True)))
         .with_row(row("Learning"))
-        .with_panel(timeseries_panel("Loss", "Training loss (mean over each log interval) and eval loss.", "short",
-                                     query(f"trainer_loss{{{JOB}}}", "train {{rank}}"),
-                                     query(f"trainer_eval_loss{{{JOB}}}", "eval", "B")))
+        # Each point the last sample of its step (a finished run's final values last one scrape, which a 1 s
+        # step's point mostly missed); no training loss while its interval was NaN (trainer_loss then holds the
+        # last finite one: a flat line that looked like a plateau; the Loss NaN annotation marks it).
+        .with_panel(timeseries_panel("Loss", "Training loss (mean over each log interval; none while it is NaN "
+                                             "or infinite: see the Loss NaN annotations) and eval loss.", "short",
+                                     query(f"last_over_time(trainer_loss{{{JOB}}}[$__interval]) unless on (job_id, "
+                                           f"instance, rank) (last_over_time(trainer_loss_finite{{{JOB}}}"
+                                           "[$__interval]) == 0)", "train {{rank}}"),
+                                     query(f"last_over_time(trainer_eval_loss{{{JOB}}}[$__interval])", "eval", "B")))
         .with_panel(timeseries_panel("Eval accuracy", "Accuracy on the held-out split at each evaluation.",
-                                     "percentunit", query(f"trainer_eval_accuracy_ratio{{{JOB}}}", "accuracy"),
+                                     "percentunit",
+                                     query(f"last_over_time(trainer_eval_accuracy_ratio{{{JOB}}}[$__interval])",
+                                           "accuracy"),
                                      min_value=0, max_value=1))
         .with_row(row("Speed"))
         .with_panel(timeseries_panel("Samples per second", "Throughput, all ranks summed.", "short",
@@ -109,9 +119,11 @@ def build():
                                      "the phase that makes a rank slow.", "s",
                                      query(f"job_id_rank_phase:trainer_phase_seconds_per_step:rate1m{{{JOB}}}",
                                            "rank {{rank}} {{phase}}"), min_value=0))
-        .with_panel(timeseries_panel("Loss spikes and stack dumps", "Loss spikes flagged and thread-stack dumps "
-                                     "the hang watchdog wrote (counts).", "short",
+        .with_panel(timeseries_panel("Loss spikes and stack dumps", "Loss spikes flagged, log intervals whose loss "
+                                     "was NaN or infinite, and thread-stack dumps the hang watchdog wrote "
+                                     "(counts).", "short",
                                      query(f"sum(trainer_loss_spikes_total{{{JOB}}})", "loss spikes"),
+                                     query(f"sum(trainer_loss_nonfinite_total{{{JOB}}})", "NaN/inf intervals", "C"),
                                      query(f"sum(trainer_stack_dumps_total{{{JOB}}})", "stack dumps", "B"),
                                      min_value=0))
         .with_row(row("Resources"))
