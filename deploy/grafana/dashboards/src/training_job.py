@@ -65,8 +65,10 @@ def build():
         .with_panel(timeseries_panel("Samples per second", "Throughput, all ranks summed.", "short",
                                      query(f"job_id:trainer_samples:rate10s{{{JOB}}}", "samples/s")))
         .with_panel(timeseries_panel("Step time", "Step-time quantiles over 30 s (all ranks pooled).", "s",
-                                     query(f"job_id:trainer_step_duration_seconds:histogram_quantile{{{JOB}}}",
-                                           "p{{quantile}}")))
+                                     *(query(f'job_id:trainer_step_duration_seconds:histogram_quantile{{{JOB},'
+                                             f'quantile="{quantile}"}}', f"p{percent}", ref_id)
+                                       for quantile, percent, ref_id in (("0.5", 50, "A"), ("0.9", 90, "B"),
+                                                                         ("0.99", 99, "C")))))
         # (No point where no step completed in the window, at the start or in an evaluation: it was +Inf or NaN.)
         .with_panel(timeseries_panel("Data wait", "Share of step time spent waiting for the next batch (no point "
                                                   "where no step completed: an evaluation, a checkpoint).",
