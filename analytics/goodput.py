@@ -103,7 +103,7 @@ def ledger(facts: JobFacts, found: dict[str, list[dict]]) -> shapes.Goodput:
             for name, value in setup.items():      # ...but its setup was setup (a run paused in its init)
                 thrown_setup[name] += value
             lost += max(0.0, after_snapshot - sum(setup.values()))
-        elif run.stopped and not run.trained:      # stopped in its init or restore: no checkpoint, no step
+        elif not run.trained:      # stopped or killed in its init or restore: no step, nothing trained to lose
             thrown_setup["init"] += after_snapshot
         elif run.stopped and run.checkpointed is None:     # resumed from the checkpoint written at the stop
             checkpoint_writes += after_snapshot

@@ -274,6 +274,7 @@ class _Lookup:
         self.fingerprint: frozenset = frozenset()
         self.attributed_now = False
         self.started_instances: set[str] = set()     # every process that started over the lookback (rank 0)
+        self.spawned_instances: set[str] = set()     # every process that began over the lookback (rank 0)
         self.any_rank_live = False                   # some process of the job, of any rank, is scraped now
 
     def process(self, labels: dict) -> Process:
@@ -320,6 +321,8 @@ class _Lookup:
         self.any_rank_live = any(rows(found.get(part, [])) for part in ("heartbeat", "start"))
         self.started_instances = {labels.get("instance", "") for labels, _ in rows(found.get("starts", []))
                                   if labels.get("rank", "0") == "0"}
+        self.spawned_instances = {labels.get("instance", "") for labels, _ in rows(found.get("spawns", []))
+                                  if labels.get("rank", "0") == "0"}
         self.ended = [p for p in self.processes.values() if not p.live and p.end is not None][-8:]
         return q.job_ended(self.job_id, [p.end for p in self.ended]) if self.ended else None
 
@@ -329,11 +332,12 @@ class _Lookup:
             self.absorb(found, f"_{index}", proc.instance)
 
     def incomplete(self) -> bool:
-        """Nothing found, a process started that was not found, or the earliest process found resumed a run
-        that was not: a process that stopped without an end (killed) and is no longer scraped, which only the
-        full lookup finds."""
+        """Nothing found, a process started (or began: one killed in its init) that was not found, or the
+        earliest process found resumed a run that was not: a process that stopped without an end (killed) and
+        is no longer scraped, which only the full lookup finds."""
         started = [p for p in self.processes.values() if p.start is not None]
         missing = self.started_instances - {instance for instance, p in self.processes.items() if p.start is not None}
+        missing |= self.spawned_instances - set(self.processes)
         return not self.processes or bool(missing) or (bool(started) and min(started, key=lambda p: p.start).resumed)
 
     def facts(self, now: float) -> JobFacts:

@@ -186,6 +186,9 @@ def job_recent(job_id: str, lookback: float, now: float) -> dict[str, str]:
         # Every process that started over the lookback: one that was killed between two others (no end, not
         # scraped now) shows only here, and sends the lookup to the full read.
         "starts": f"last_over_time({job_selector(Trainer.JOB_START, job_id)}{over(lookback, now)})",
+        # Every process that began over the lookback, training or not: one killed in its init (no start of
+        # training, no end, not scraped now) shows only here, and sends the lookup to the full read too.
+        "spawns": f"last_over_time({job_selector(Trainer.PROCESS_START, job_id)}{over(lookback, now)})",
         # A node exporter that still attributes the job's processes (its CPU series live): its energy counts
         # for the job are final only in its first scrape without them.
         "attributed": f"count by (instance) ({job_selector(Node.JOB_CPU_SECONDS, job_id)} @ {timestamp_literal(now)})",

@@ -285,3 +285,43 @@ def test_a_job_whose_rank_0_alone_is_frozen_is_running_while_another_rank_is_scr
             process.send_signal(signal.SIGCONT)
             process.kill()
             process.wait()
+
+
+def test_a_resumed_run_killed_in_its_init_is_init_in_the_ledger(odd_runs, tmp_path):
+    """Paused, resumed, the resumed run killed (-9) in its init (before its first step: no start of training,
+    no end), then resumed again to its end. The lookup found only processes that started training or ended,
+    so the killed run's init (seconds of it, scraped all along) counted as `paused`."""
+    prometheus, _ = odd_runs
+    targets, checkpoints = prometheus.targets_dir, tmp_path / "checkpoints"
+    args = ("--model", "mlp", "--dataset", "blobs", "--batch-size", "32", "--log-every", "5", "--epochs", "3",
+            "--checkpoint-dir", str(checkpoints))
+    first = start_job("init-killed", targets, *args)
+    lines = read_until(first, "step=20 ")
+    first.send_signal(signal.SIGUSR1)
+    assert finish("init-killed", first, lines).summary["state"] == "paused"
+    # Held in its init (before its wait for a first scrape; scraped meanwhile) until killed.
+    held = start_job("init-killed", targets, *args, "--resume",
+                     env={"TRAINMETRICS_FAULTS": '{"slow_start": {"seconds": 120}}'})
+    try:
+        found = prometheus.wait_for('trainer_process_start_timestamp_seconds{job_id="init-killed"} '
+                                    'unless on (instance) trainer_job_start_timestamp_seconds', timeout=60)
+        killed_instance = found[0]["metric"]["instance"]
+        time.sleep(3)
+    finally:
+        held.kill()
+        held.communicate()
+    prometheus.wait_for(f'absent(trainer_heartbeat_timestamp_seconds{{instance="{killed_instance}"}})', timeout=30)
+    last = finish("init-killed", start_job("init-killed", targets, *args, "--resume")).summary
+    assert last["state"] == "completed"
+    life = prometheus.query(f'max_over_time(trainer_heartbeat_timestamp_seconds{{instance="{killed_instance}"}}[10m])'
+                            f' - on (instance) max_over_time(trainer_process_start_timestamp_seconds'
+                            f'{{instance="{killed_instance}"}}[10m])')
+    killed_life = float(life[0]["value"][1])
+    assert killed_life > 3
+    with serve(Settings(prometheus_url=prometheus.url)) as client:
+        goodput = analytics(client, "init-killed")["goodput"]
+    seconds = goodput["seconds"]
+    assert goodput["wall_clock_seconds"] == pytest.approx(sum(seconds.values()), abs=0.01)
+    # Its init in init (the two other runs' inits are seconds each too): paused only between the processes.
+    assert seconds["init"] >= killed_life and seconds["lost"] == 0, (seconds, killed_life)
+    assert seconds["paused"] < goodput["wall_clock_seconds"] - killed_life
