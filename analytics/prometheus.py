@@ -95,8 +95,8 @@ class PrometheusClient:
     async def answer_delay(self) -> float:
         """How far behind now the backend's answers may be: a VictoriaMetrics' -search.latencyOffset (read once
         from its /flags page), 0 for Prometheus and any backend without that page. A job is not settled (its
-        analytics not cached, its report not stored) until its end is this far behind: read sooner, the range
-        reads missed its last seconds, and the cache kept that answer. Asked again when the page could not be
+        analytics not cached, its report not stored) until its newest sample is this far behind: read sooner, the
+        range reads missed its last seconds, and the cache kept that answer. Asked again when the page could not be
         reached."""
         if self._answer_delay is None:
             reading = asyncio.ensure_future(self._read_answer_delay())      # no caller's cancellation reaches it
