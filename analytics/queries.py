@@ -496,12 +496,13 @@ def recorded_gap(range_seconds: float, now: float) -> str:
     parts, offset = [], 0.0
     while offset < span:
         length = min(RECORDED_GAP_PART_SECONDS, span - offset)
-        part = (f"max_over_time({uncovered}[{duration(length)}:{duration(RULE_INTERVAL_SECONDS)}] "
-                f"@ {timestamp_literal(now - offset)})")
-        parts.append(part if offset == 0 and length == span else
-                     f'label_replace({part}, "part", "{len(parts)}", "", "")')
+        parts.append(f"max_over_time({uncovered}[{duration(length)}:{duration(RULE_INTERVAL_SECONDS)}] "
+                     f"@ {timestamp_literal(now - offset)})")
         offset += length
-    return parts[0] if len(parts) == 1 else f"max({' or '.join(parts)})"
+    if len(parts) == 1:
+        return parts[0]
+    return "max(" + " or ".join(f'label_replace({part}, "part", "{index}", "", "")'
+                                for index, part in enumerate(parts)) + ")"
 
 
 def recorded_split(range_seconds: float, now: float, gap: float | None) -> float | None:

@@ -58,10 +58,10 @@ def token_matches(job: JobRecord, presented: str) -> bool:
 def _first_to_fail(failed: list[tuple[int, dict]]) -> tuple[int, dict] | None:
     """The (rank, result) of the failed rank that ended first, by the end each result tells; None unless every
     failed rank tells one (a rank that failed before its metrics existed tells none: no order to go by)."""
-    ends = [said.get("end_time") for _, said in failed]
-    if not failed or not all(isinstance(end, (int, float)) and not isinstance(end, bool) for end in ends):
+    if not failed or not all(isinstance(said.get("end_time"), (int, float)) and not isinstance(said["end_time"], bool)
+                             for _, said in failed):
         return None
-    return min(zip(ends, failed), key=lambda pair: pair[0])[1]
+    return min(failed, key=lambda rank_said: rank_said[1]["end_time"])
 
 
 def _error_of(result: dict) -> str:
