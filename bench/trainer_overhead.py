@@ -133,8 +133,7 @@ def run_on(metrics: JobMetrics, batches, train_step, steps: int) -> int:
 
 class ScrapeParts:
     """The serving thread's CPU per part of a scrape: each part's method wrapped with time.thread_time (the
-    parts are the HTTP handler's, the OpenTelemetry SDK's and the exporter's own methods: names may move
-    between versions; a part not found is left out)."""
+    parts are the HTTP handler's and the job's series' own methods; a part not found is left out)."""
 
     def __init__(self):
         self.seconds: dict[str, float] = collections.defaultdict(float)
@@ -158,12 +157,10 @@ class ScrapeParts:
         self._parts.append(part)
 
     def install(self) -> "ScrapeParts":
-        from opentelemetry.sdk.metrics._internal.measurement_consumer import SynchronousMeasurementConsumer
-
-        from trainmetrics import exposition, metrics_http
+        from trainmetrics import metrics_http
+        from trainmetrics.trainer import series
         self.wrap(metrics_http._Handler, "handle_one_request", "a request, all of it")
-        self.wrap(exposition.TextExposition, "render", "  the render")
-        self.wrap(SynchronousMeasurementConsumer, "collect", "    the SDK's collection (callbacks to data points)")
+        self.wrap(series.JobSeries, "render", "  the render (the callbacks and the text)")
         self.wrap(metrics_http._Handler, "parse_request", "  the request line and headers (http.server)")
         self.wrap(metrics_http._Handler, "_send", "  the write")
         self.wrap(metrics_http.MetricsHTTPServer, "delivered", "  the scraper log")

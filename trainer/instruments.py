@@ -1,8 +1,8 @@
 """Every trainer instrument, declared once: exposition name (from the contract), OpenTelemetry unit and
 description. docs/metrics.md is the maintained contract for these names; tests compare the two both ways.
 
-Names are the exposition names: the Prometheus exporter appends no unit suffix when the name already ends
-with it, and writes counters as ``<name>`` + ``_total``.
+Names are the exposition names, as series.py writes them to /metrics and as the OpenTelemetry Prometheus exporter
+would (it appends no unit suffix when the name already ends with it, and ``_total`` to a counter's name without it).
 """
 
 from dataclasses import dataclass
@@ -35,8 +35,8 @@ LOSS_MIN = Instrument(T.LOSS_MIN, "1", "Lowest mean training loss of any log int
 LOSS_SUM = Instrument(T.LOSS_SUM, "1", "Sum of the logged (finite) mean training losses (a gauge: a loss may be "
                       "negative).")
 LOSS_INTERVALS = Instrument(T.LOSS_INTERVALS, "1", "Log intervals with a finite mean training loss.")
-# The OpenTelemetry SDK drops NaN and infinite measurements, so a diverged loss cannot appear as a NaN
-# gauge: this counter is how it reaches Prometheus (and the TrainerLossNaN alert).
+# NaN and infinite measurements are left out (series.py; the OpenTelemetry SDK too), so a diverged loss cannot
+# appear as a NaN gauge: this counter is how it reaches Prometheus (and the TrainerLossNaN alert).
 LOSS_NONFINITE = Instrument(T.LOSS_NONFINITE, "1", "Log intervals whose mean training loss was NaN or infinite.")
 # ...and this gauge says whether the last interval's was: trainer_loss alone would show a diverged job's last
 # finite loss as its final one.

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.metrics import Observation
 
 from trainmetrics.contract import FINAL_STATES, JOB_STATES, validate_job_id
 from trainmetrics.signals import signals_to_take
@@ -44,7 +44,7 @@ from trainmetrics.trainer.phases import CHECKPOINT, COMPUTE, CURRENT_PHASES, DAT
 from trainmetrics.trainer.spikes import LossSpikeDetector
 from trainmetrics.trainer.stopping import CANCEL_SIGNALS
 from trainmetrics.trainer.watchdog import StackWatch
-from trainmetrics.trainer.telemetry import Publication, Publish, current_scrape, pushing
+from trainmetrics.trainer.telemetry import Publication, Publish, current_scrape
 
 log = logging.getLogger("trainmetrics.trainer")
 
@@ -185,9 +185,10 @@ class JobMetrics:
         self.job_id = validate_job_id(job_id)
         self.info = info or JobInfo()
         self.diagnostics = diagnostics or Diagnostics()
-        # Step times and data waits: our own histograms on the Prometheus side (histograms.py says why).
+        # Step times, data waits and checkpoint writes: our own histograms (histograms.py says why).
         self.step_times = DurationHistogram(inst.DURATION_BUCKETS)
         self.data_waits = DurationHistogram(inst.DURATION_BUCKETS)
+        self.checkpoint_durations = DurationHistogram(inst.CHECKPOINT_BUCKETS)
         self.phases = PhaseClock(self.data_waits)
         self.spikes = LossSpikeDetector(self.diagnostics.loss_spike_z, self.diagnostics.loss_spike_warmup)
         self.log_every = max(1, int(log_every))
@@ -271,31 +272,49 @@ class JobMetrics:
 
     # ----- instruments -------------------------------------------------------------------------------
     def _create_instruments(self) -> None:
-        meter = self._publication.provider.get_meter("trainmetrics.trainer")
+        """Every instrument as /metrics shows it (Publication.series, reading the job's state) and, when OTLP push is
+        on, as the SDK's observable instruments with the same readers."""
+        series = self._publication.series
+        push_provider = self._publication.push_provider
+        push_meter = push_provider.get_meter("trainmetrics.trainer") if push_provider is not None else None
 
-        def histogram(spec, on=meter):
-            return on.create_histogram(spec.name, unit=spec.unit, description=spec.description)
+        def pushed_too(spec, counter, observations):
+            if push_meter is not None:
+                factory = push_meter.create_observable_counter if counter else push_meter.create_observable_gauge
+                factory(spec.name, callbacks=[lambda options: observations()], unit=spec.unit,
+                        description=spec.description)
 
-        def observe(spec, read, counter=False, carried=False):
-            """An observable instrument showing read() (a number, or None for no sample); a `carried` one (the
-            job's totals, taken over by a resumed process) only once they are known, and as this process's own
-            count to an OTLP push (telemetry.pushing)."""
-            def callback(options: CallbackOptions) -> list[Observation]:
-                if carried and self._carried_known_at is None:
-                    return []
-                value = read()
+        def observe(spec, read, counter=False, carried=False, labels=None):
+            """One series showing read() (a number, or None for no series); a `carried` one (the job's totals, taken
+            over by a resumed process) only once they are known, and as this process's own count to an OTLP push
+            (OTLP stamps a cumulative counter with the process's start: job totals there would count a resumed job's
+            earlier runs again in a collector that turns cumulative into delta)."""
+            def shown():
+                return None if carried and self._carried_known_at is None else read()
+
+            def observations() -> list[Observation]:
+                value = shown()
                 if value is None:
                     return []
-                if counter and carried and pushing.get():
+                if counter and carried:
                     value -= self._carried_base.get(spec.name, 0)
-                return [Observation(value)]
+                return [Observation(value, labels)]
 
-            factory = meter.create_observable_counter if counter else meter.create_observable_gauge
-            factory(spec.name, callbacks=[callback], unit=spec.unit, description=spec.description)
+            series.value(spec, shown, counter, labels)
+            pushed_too(spec, counter, observations)
 
-        def observe_each(spec, callback):
-            meter.create_observable_gauge(spec.name, callbacks=[callback], unit=spec.unit,
-                                          description=spec.description)
+        def observe_each(spec, label, read, counter=False, pushed=None):
+            """A series per value of `label`: read() -> [(label value, number)]; `pushed()` those an OTLP push shows
+            when they differ."""
+            series.labelled(spec, label, read, counter)
+            pushed_too(spec, counter, lambda: [Observation(value, {label: key}) for key, value in (pushed or read)()])
+
+        def histogram(spec, values):
+            """A histogram the job fills itself (DurationHistogram), and the SDK's for a push (in batches)."""
+            series.histogram(spec, values)
+            if push_meter is not None:
+                return push_meter.create_histogram(spec.name, unit=spec.unit, description=spec.description)
+            return None
 
         # Every gauge is read when something collects: setting one costs the loop an attribute store.
         observe(inst.EPOCH, lambda: self.epoch)
@@ -306,22 +325,14 @@ class JobMetrics:
         observe(inst.LEARNING_RATE, lambda: self.learning_rate)
         observe(inst.GPU_MEMORY_PEAK, lambda: self.gpu_memory_peak)
         observe(inst.MFU, lambda: self.mfu)
-        # The OpenTelemetry step-time and data-wait histograms only for an OTLP push.
-        rendered = self._publication.histograms
-        rendered.add(inst.STEP_DURATION.name, inst.STEP_DURATION.description, self.step_times)
-        rendered.add(inst.DATA_WAIT.name, inst.DATA_WAIT.description, self.data_waits)
-        self._pushed = self._publication.pushes_otlp
-        if self._pushed:      # on the provider that only pushes: /metrics has them from `rendered`
-            push_meter = self._publication.push_provider.get_meter("trainmetrics.trainer")
-            self._step_duration = histogram(inst.STEP_DURATION, on=push_meter)
-            self._data_wait = histogram(inst.DATA_WAIT, on=push_meter)
-        self._checkpoint_duration = histogram(inst.CHECKPOINT_DURATION)
+        self._pushed = push_meter is not None
+        self._step_duration = histogram(inst.STEP_DURATION, self.step_times)
+        self._data_wait = histogram(inst.DATA_WAIT, self.data_waits)
+        self._checkpoint_duration = histogram(inst.CHECKPOINT_DURATION, self.checkpoint_durations)
         if self._lifecycle:
-            observe_each(inst.JOB_INFO, lambda options: [Observation(1, self._labels)])
-            observe_each(inst.JOB_STATE, lambda options: [Observation(1 if state == self.state else 0, {"state": state})
-                                                          for state in JOB_STATES])
-            observe_each(inst.JOB_FAILURE, lambda options: [Observation(1, {"error_type": self.error_type})]
-                         if self.error_type else [])
+            observe(inst.JOB_INFO, lambda: 1, labels=self._labels)
+            observe_each(inst.JOB_STATE, "state", lambda: [(state, int(state == self.state)) for state in JOB_STATES])
+            observe_each(inst.JOB_FAILURE, "error_type", lambda: [(self.error_type, 1)] if self.error_type else [])
             observe(inst.JOB_START, lambda: self.start_time)
             observe(inst.JOB_END, lambda: self.end_time)
             observe(inst.UPLOAD_DURATION, lambda: self.info.upload_seconds)
@@ -340,27 +351,27 @@ class JobMetrics:
         observe(inst.EVALUATIONS, lambda: self.evaluations.count, counter=True, carried=True)
         observe(inst.EVAL_LOSS_MIN, lambda: self.eval_loss_min)
         observe(inst.EVAL_ACCURACY_MAX, lambda: self.eval_accuracy_max)
-        observe_each(inst.PHASE, lambda options: [Observation(1 if phase == self.phases.phase else 0, {"phase": phase})
-                                                  for phase in CURRENT_PHASES])
+        observe_each(inst.PHASE, "phase",
+                     lambda: [(phase, int(phase == self.phases.phase)) for phase in CURRENT_PHASES])
         observe(inst.PHASE_SINCE, lambda: self.phases.unix(self.phases.since))
         observe(inst.LAST_STEP, self.phases.last_step_unix)
         observe(inst.PROGRESS, self.phases.progress_unix)
-        def phase_seconds(options: CallbackOptions) -> list[Observation]:
+
+        def phase_seconds(base: dict[str, float]) -> list[tuple[str, float]]:
             if self._carried_known_at is None:
                 return []
-            base = self._carried_phases if pushing.get() else {}
-            return [Observation(seconds - base.get(phase, 0.0), {"phase": phase})
-                    for phase, seconds in self.phases.totals().items()]
+            return [(phase, seconds - base.get(phase, 0.0)) for phase, seconds in self.phases.totals().items()]
 
-        meter.create_observable_counter(inst.PHASE_SECONDS.name, unit=inst.PHASE_SECONDS.unit,
-                                        description=inst.PHASE_SECONDS.description, callbacks=[phase_seconds])
+        # To an OTLP push, this process's own seconds (as observe's carried counters).
+        observe_each(inst.PHASE_SECONDS, "phase", lambda: phase_seconds({}), counter=True,
+                     pushed=lambda: phase_seconds(self._carried_phases))
         observe(inst.CHECKPOINTED_SECONDS, lambda: self.phases.checkpointed)
         observe(inst.LOSS_SPIKES, lambda: self.spikes.spikes, counter=True, carried=True)
         observe(inst.STACK_DUMPS, lambda: self._stack_watch.dumps if self._stack_watch else None, counter=True)
         for spec, field in ((inst.EVAL_HISTORY_INDEX, "index"), (inst.EVAL_HISTORY_STEP, "step"),
                             (inst.EVAL_HISTORY_TIME, "time"), (inst.EVAL_HISTORY_LOSS, "loss"),
                             (inst.EVAL_HISTORY_ACCURACY, "accuracy")):
-            observe_each(spec, functools.partial(self._observe_history, field))
+            observe_each(spec, "slot", functools.partial(self._evaluation_history, field))
 
     def _steps_at_collection(self) -> int:
         # Callbacks run at the start of every collection, before the histograms are read: the step times
@@ -368,7 +379,7 @@ class JobMetrics:
         self._flush_pending()
         return self.steps
 
-    def _observe_history(self, field: str, options: CallbackOptions) -> list[Observation]:
+    def _evaluation_history(self, field: str) -> list[tuple[int, float]]:
         scrape = current_scrape.get()
         if scrape is None:
             shown = self.evaluations.shown(None)
@@ -376,8 +387,7 @@ class JobMetrics:
             shown = scrape.shown.get("evaluations")
             if shown is None:
                 shown = scrape.shown["evaluations"] = self.evaluations.shown(scrape.scraper)
-        return [Observation(getattr(record, field), {"slot": record.slot}) for record in shown
-                if getattr(record, field) is not None]
+        return [(record.slot, getattr(record, field)) for record in shown if getattr(record, field) is not None]
 
     def _scrape_delivered(self, scrape) -> None:
         shown = scrape.shown.get("evaluations")
@@ -489,11 +499,6 @@ class JobMetrics:
     def metrics_url(self) -> str | None:
         """Where /metrics is served, as Prometheus is told (the address it listens on; None when not serving)."""
         return self._publication.url
-
-    @property
-    def registry(self):
-        """The prometheus_client registry the series are collected into."""
-        return self._publication.registry
 
     def collect(self) -> bytes:
         """The exposition text now, as a reader that does not count sees it."""
@@ -982,7 +987,10 @@ class JobMetrics:
             # goes on after it timed the failed write as its next step).
             self._last_step_end = time.perf_counter()
         try:
-            self._checkpoint_duration.record(time.perf_counter() - began)
+            seconds = time.perf_counter() - began
+            self.checkpoint_durations.observe(seconds)
+            if self._checkpoint_duration is not None:
+                self._checkpoint_duration.record(seconds)
             self.checkpoints += 1
             self.phases.checkpointed = sum(self.phases.totals().values())
         except Exception:

@@ -1,9 +1,9 @@
-"""Where a job's series go: the OpenTelemetry MeterProvider and its Prometheus reader (and OTLP push when
-configured), the job's /metrics endpoint, its file_sd target and job-mapping files, and the scrapers that
-read it. JobMetrics (metrics.py) records; this module publishes.
+"""Where a job's series go: the job's /metrics endpoint (its text read straight from the instruments' callbacks,
+series.py), OTLP push through the OpenTelemetry SDK when configured, the job's file_sd target and job-mapping
+files, and the scrapers that read it. JobMetrics (metrics.py) records; this module publishes.
 
-Each Publication has its own MeterProvider and prometheus_client CollectorRegistry (no global state), so
-several jobs can live in one process (tests, notebooks) without sharing series.
+Each Publication has its own series and MeterProvider (no global state), so several jobs can live in one process
+(tests, notebooks) without sharing series.
 """
 
 import contextvars
@@ -15,27 +15,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 from opentelemetry.sdk.resources import Resource
-from prometheus_client import CollectorRegistry
 
-from trainmetrics.exposition import TextExposition
 from trainmetrics.jobfiles import claim, unclaim
 from trainmetrics.jobmap import JobMapping, write_job_mapping
 from trainmetrics.metrics_http import MetricsHTTPServer, Scrape
 from trainmetrics.trainer import instruments
 from trainmetrics.trainer.discovery import remove_quietly, write_target_file
-from trainmetrics.trainer.histograms import HistogramCollector
 from trainmetrics.trainer.registration import Registration
+from trainmetrics.trainer.series import JobSeries
 from trainmetrics.webconfig import WebConfig
 
 log = logging.getLogger("trainmetrics.trainer")
 
-# Resource attributes copied onto every series as labels.
-SERIES_LABELS = ("job_id", "rank")
 OTLP_ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
 OTLP_TIMEOUT_VARIABLES = ("OTEL_EXPORTER_OTLP_METRICS_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT")
 # An OTLP push, the last one at the end of a job included, gets this long (the SDK: 10 s a request, retried,
@@ -52,21 +47,6 @@ FORGET_SECONDS = 60.0
 
 # The scrape being rendered, for collection callbacks that show a scraper its own view (evaluations).
 current_scrape: contextvars.ContextVar[Scrape | None] = contextvars.ContextVar("current_scrape", default=None)
-# True while an OTLP push collects: the job's carried counters then show this process's own counts. OTLP
-# stamps a cumulative counter with the process's start: job totals there would count a resumed job's
-# earlier runs again in a collector that turns cumulative into delta (Prometheus reads resets by value).
-pushing: contextvars.ContextVar[bool] = contextvars.ContextVar("pushing", default=False)
-
-
-class PushReader(PeriodicExportingMetricReader):
-    """The periodic OTLP reader, its collections marked `pushing` (the callbacks run in them)."""
-
-    def collect(self, timeout_millis: float = 10_000) -> None:
-        token = pushing.set(True)
-        try:
-            super().collect(timeout_millis=timeout_millis)
-        finally:
-            pushing.reset(token)
 
 
 def _env_path(name: str) -> Path | None:
@@ -115,33 +95,17 @@ def otlp_readers() -> list[MetricReader]:
     # A push gives up after FINAL_PUSH_SECONDS (retries included) unless the variables set a timeout: the SDK's
     # 10 s, retried, held a job's exit for 15-31 s when the collector was down or never answered.
     timeout_set = any(os.environ.get(name) for name in OTLP_TIMEOUT_VARIABLES)
-    return [PushReader(OTLPMetricExporter(timeout=None if timeout_set else FINAL_PUSH_SECONDS))]
+    return [PeriodicExportingMetricReader(OTLPMetricExporter(timeout=None if timeout_set else FINAL_PUSH_SECONDS))]
 
 
-def build_meter_provider(resource_attributes: dict[str, str], rendered_first=None
-                         ) -> tuple[MeterProvider, CollectorRegistry, MeterProvider | None]:
-    """A MeterProvider exporting through a Prometheus reader into a registry of its own (and over OTLP
-    when configured); and, when it pushes, a second provider that only pushes, for the instruments the
-    Prometheus side renders itself (the step-time and data-wait histograms: through the first provider
-    /metrics showed each family twice, the two copies apart by a collection). `rendered_first` (the
-    histograms the trainer renders itself) is collected before the SDK's series: a scrape reads the step-time
-    histogram before the step counter, so its count never exceeds the steps (read after, the loop went on
-    stepping in between: 467,806 against 467,124 in one scrape)."""
-    registry = CollectorRegistry(auto_describe=False)
-    if rendered_first is not None:
-        registry.register(rendered_first)
-    reader = PrometheusMetricReader(
-        disable_target_info=True,          # trainer_job_info carries the job's metadata
-        scope_info_enabled=False,          # no otel_scope_* labels on every series
-        resource_attribute_filter=lambda key: key in SERIES_LABELS,
-        registry=registry,
-    )
+def build_push_provider(resource_attributes: dict[str, str]) -> MeterProvider | None:
+    """A MeterProvider pushing over OTLP when the environment configures it (otlp_readers), else None. /metrics
+    does not go through it: series.py reads the same callbacks straight into the text."""
+    readers = otlp_readers()
+    if not readers:
+        return None
     resource = Resource.create({"service.name": "trainmetrics-trainer", **resource_attributes})
-    pushers = otlp_readers()
-    provider = MeterProvider(metric_readers=[reader, *pushers], resource=resource, views=histogram_views())
-    push_only = MeterProvider(metric_readers=otlp_readers(), resource=resource, views=histogram_views()) \
-        if pushers else None
-    return provider, registry, push_only
+    return MeterProvider(metric_readers=readers, resource=resource, views=histogram_views())
 
 
 @dataclass
@@ -241,15 +205,13 @@ class Publication:
         self.publish = publish or Publish(listen=None, targets_dir=None, job_dir=None)
         self.scrapers = ScraperLog()
         self._render_lock = threading.Lock()
-        self._exposition = TextExposition()
         self._delivered_hook = delivered
         labels = {"job_id": job_id}
         if world_size > 1:
             labels["rank"] = str(rank)
         self.labels = labels
-        # The step-time and data-wait histograms (JobMetrics adds them), rendered by the trainer itself.
-        self.histograms = HistogramCollector(labels)
-        self.provider, self.registry, self.push_provider = build_meter_provider(labels, self.histograms)
+        self.series = JobSeries(labels)             # what /metrics shows (JobMetrics adds the instruments)
+        self.push_provider = build_push_provider(labels)
         self.pushes_otlp = self.push_provider is not None
         self.server: MetricsHTTPServer | None = None
         self.url: str | None = None          # where /metrics is served, as announced (None when not serving)
@@ -322,7 +284,7 @@ class Publication:
         with self._render_lock:
             token = current_scrape.set(scrape)
             try:
-                return self._exposition.render(self.registry)
+                return self.series.render()
             finally:
                 current_scrape.reset(token)
 
@@ -353,14 +315,8 @@ class Publication:
             self.url = None
 
     def shutdown(self) -> None:
-        """release(), and the providers (a last OTLP push, given FINAL_PUSH_SECONDS: a collector that is down
-        or never answers held every job's exit for 15-31 s, its slot and memory with it)."""
+        """release(), and the OTLP push's last push, given FINAL_PUSH_SECONDS (a collector that is down or never
+        answers held every job's exit for 15-31 s, its slot and memory with it)."""
         self.release()
-        providers = [provider for provider in (self.provider, self.push_provider) if provider is not None]
-        closers = [threading.Thread(target=provider.shutdown, kwargs={"timeout_millis": FINAL_PUSH_SECONDS * 1000},
-                                    name="trainmetrics-otlp-shutdown", daemon=True) for provider in providers[1:]]
-        for closer in closers:      # side by side: each may wait its whole last push
-            closer.start()
-        providers[0].shutdown(timeout_millis=FINAL_PUSH_SECONDS * 1000)
-        for closer in closers:
-            closer.join(FINAL_PUSH_SECONDS + 1)
+        if self.push_provider is not None:
+            self.push_provider.shutdown(timeout_millis=FINAL_PUSH_SECONDS * 1000)

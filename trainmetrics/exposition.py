@@ -22,6 +22,23 @@ OPENMETRICS_SUFFIXES = ("_created", "_gsum", "_gcount")
 TEXT_TYPES = {"info": "gauge", "stateset": "gauge", "gaugehistogram": "histogram", "unknown": "untyped"}
 
 
+def family_header(name: str, kind: str, documentation: str) -> str:
+    """A family's `# HELP` and `# TYPE` lines, escaped as generate_latest writes them."""
+    escaped = openmetrics.escape_metric_name(name, ESCAPING)
+    help_text = documentation.replace("\\", r"\\").replace("\n", r"\n")
+    return f"# HELP {escaped} {help_text}\n# TYPE {escaped} {kind}\n"
+
+
+def sample_prefix(name: str, labels: dict[str, str]) -> str:
+    """`name{labels} `, escaped and ordered as generate_latest writes them."""
+    label_text = ",".join(
+        '{}="{}"'.format(openmetrics.escape_label_name(key, ESCAPING),
+                         openmetrics._escape(value, openmetrics.ALLOWUTF8, False))
+        for key, value in sorted(labels.items()))
+    escaped = openmetrics.escape_metric_name(name, ESCAPING)
+    return f"{escaped}{{{label_text}}} " if label_text else f"{escaped} "
+
+
 class TextExposition:
     """Renders registries as generate_latest does. One instance per registry; not for concurrent use."""
 
@@ -62,9 +79,7 @@ class TextExposition:
             else:
                 shown = name + "_total" if kind == "counter" else name + "_info" if kind == "info" else name
                 shown_type = TEXT_TYPES.get(kind, kind)
-            escaped = openmetrics.escape_metric_name(shown, ESCAPING)
-            help_text = documentation.replace("\\", r"\\").replace("\n", r"\n")
-            header = f"# HELP {escaped} {help_text}\n# TYPE {escaped} {shown_type}\n"
+            header = family_header(shown, shown_type, documentation)
             if len(self._headers) < self.max_prefixes:
                 self._headers[key] = header
         return header
@@ -74,20 +89,10 @@ class TextExposition:
         key = (sample.name, *labels.items()) if labels else sample.name
         prefix = self._prefixes.get(key)
         if prefix is None:
-            prefix = self._prefix(sample.name, labels)
+            prefix = sample_prefix(sample.name, labels)
             if len(self._prefixes) >= self.max_prefixes:
                 self._prefixes.clear()
             self._prefixes[key] = prefix
         if sample.timestamp is None:
             return f"{prefix}{floatToGoString(sample.value)}\n"
         return f"{prefix}{floatToGoString(sample.value)} {int(float(sample.timestamp) * 1000):d}\n"
-
-    @staticmethod
-    def _prefix(name: str, labels: dict[str, str]) -> str:
-        """`name{labels} `, escaped and ordered as generate_latest writes them."""
-        label_text = ",".join(
-            '{}="{}"'.format(openmetrics.escape_label_name(key, ESCAPING),
-                             openmetrics._escape(value, openmetrics.ALLOWUTF8, False))
-            for key, value in sorted(labels.items()))
-        return f"{openmetrics.escape_metric_name(name, ESCAPING)}{{{label_text}}} " if label_text else \
-            f"{openmetrics.escape_metric_name(name, ESCAPING)} "

@@ -1,0 +1,197 @@
+"""A job's /metrics text, read straight from its instruments' callbacks (series.py), is what the OpenTelemetry SDK
+and its Prometheus exporter write for the same callbacks: line for line, for a real job's every family and for
+the awkward cases (non-finite values, label names that differ within a family, values that are not text)."""
+
+import logging
+import math
+
+import pytest
+from opentelemetry.exporter.prometheus import PrometheusMetricReader
+from opentelemetry.metrics import Observation
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
+from opentelemetry.sdk.resources import Resource
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from trainmetrics.trainer import instruments as inst
+from trainmetrics.trainer import telemetry
+from trainmetrics.trainer.histograms import DurationHistogram
+from trainmetrics.trainer.instruments import Instrument
+from trainmetrics.trainer.metrics import JobInfo, JobMetrics
+from trainmetrics.trainer.series import JobSeries
+from trainmetrics.trainer.telemetry import Publish
+
+# Families whose values move between two collections a moment apart (the clock's now, the current phase's time).
+MOVING = {inst.HEARTBEAT.name, inst.PHASE_SECONDS.name}
+
+
+def exporters_text(labels: dict[str, str], families, histograms=()) -> str:
+    """What the SDK's Prometheus exporter writes for `families` [(spec, kind, callback)] and `histograms`
+    [(spec, bounds, values)], configured as the trainer configured it before series.py."""
+    registry = CollectorRegistry(auto_describe=False)
+    reader = PrometheusMetricReader(disable_target_info=True, scope_info_enabled=False,
+                                    resource_attribute_filter=lambda key: key in ("job_id", "rank"),
+                                    registry=registry)
+    views = [View(instrument_name=spec.name, aggregation=ExplicitBucketHistogramAggregation(boundaries=bounds))
+             for spec, bounds, _ in histograms]
+    provider = MeterProvider(metric_readers=[reader], resource=Resource.create(labels), views=views)
+    meter = provider.get_meter("test")
+    for spec, kind, callback in families:
+        factory = meter.create_observable_counter if kind == "counter" else meter.create_observable_gauge
+        factory(spec.name, callbacks=[callback], unit=spec.unit, description=spec.description)
+    for spec, _, values in histograms:
+        recorder = meter.create_histogram(spec.name, unit=spec.unit, description=spec.description)
+        for value in values:
+            recorder.record(value)
+    try:
+        return generate_latest(registry).decode()
+    finally:
+        provider.shutdown()
+
+
+def lines_apart(ours: str, theirs: str) -> tuple[list[str], list[str]]:
+    """The lines only one of the two texts has (order aside: the two order families differently)."""
+    mine, others = ours.splitlines(), theirs.splitlines()
+    return sorted(set(mine) - set(others)), sorted(set(others) - set(mine))
+
+
+@pytest.mark.parametrize("rank, world_size", [(0, 1), (1, 2)])
+def test_a_real_jobs_every_series_is_the_exporters_line_for_line(monkeypatch, rank, world_size):
+    """The job's OTLP push provider given a Prometheus reader: the SDK's exporter writes what the push instruments
+    (the same readers) show, next to what /metrics shows. Rank 0 publishes the job's lifecycle too."""
+    registry = CollectorRegistry(auto_describe=False)
+    reader = PrometheusMetricReader(disable_target_info=True, scope_info_enabled=False,
+                                    resource_attribute_filter=lambda key: key in ("job_id", "rank"), registry=registry)
+    monkeypatch.setattr(telemetry, "otlp_readers", lambda: [reader])
+    metrics = JobMetrics("series-1", JobInfo(model="mlp", dataset="toy \"quoted\" \\ set", rank=rank,
+                                             world_size=world_size, upload_seconds=1.5, submitted_at=1_700_000_000.25),
+                         publish=Publish(listen=None, targets_dir=None, job_dir=None), log_every=2)
+    try:
+        metrics.start()
+        metrics.set_epoch(0)
+        metrics.set_learning_rate(0.125)
+        with metrics.checkpoint():
+            pass
+        for batch in metrics.timed([1, 2, 3, 4, 5]):
+            metrics.step(loss=2.0 - 0.1 * batch, samples=32)
+        metrics.eval(loss=1.25, accuracy=0.5)
+        metrics.eval(loss=1.0, accuracy=0.625)
+        metrics.step(loss=float("nan"), samples=32)
+        metrics.step(loss=float("nan"), samples=32)     # an interval's mean that is NaN: no trainer_loss NaN
+        ours = metrics.collect().decode()
+        theirs = generate_latest(registry).decode()
+    finally:
+        metrics.finish("completed")
+        metrics.close()
+    families = {line.split(" ")[2] for line in ours.splitlines() if line.startswith("# TYPE")}
+    assert len(families) >= (41 if rank == 0 else 35), len(families)
+    assert lines_apart(without(ours, MOVING), without(theirs, MOVING)) == ([], [])
+    assert ('rank="1"' in ours) == (rank == 1) and 'trainer_eval_history_loss{job_id="series-1"' in ours
+    assert ('dataset="toy \\"quoted\\" \\\\ set"' in ours) == (rank == 0)
+    ours_moving, theirs_moving = moving_samples(ours), moving_samples(theirs)
+    assert set(ours_moving) == set(theirs_moving) and len(ours_moving) >= 8
+    for key, value in ours_moving.items():
+        assert math.isclose(value, theirs_moving[key], abs_tol=5.0), key
+
+
+def without(text: str, families: set[str]) -> str:
+    """`text` without the lines of `families` (a histogram's _bucket, _count and _sum lines included)."""
+    def family(line: str) -> str:
+        name = line.split(" ")[2] if line.startswith("#") else line.split("{")[0].split(" ")[0]
+        return name.removesuffix("_bucket").removesuffix("_count").removesuffix("_sum")
+
+    return "\n".join(line for line in text.splitlines() if family(line) not in families)
+
+
+def moving_samples(text: str) -> dict:
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples
+            if family.name in MOVING or family.name + "_total" in MOVING}
+
+
+def test_histograms_are_the_exporters_line_for_line():
+    labels = {"job_id": "series-2"}
+    values = [0.00005, 0.0001, 0.0003, 0.002, 0.002, 0.7, 4.0, 700.0]
+    durations = DurationHistogram(inst.DURATION_BUCKETS)
+    checkpoints = DurationHistogram(inst.CHECKPOINT_BUCKETS)
+    for value in values:
+        durations.observe(value)
+        checkpoints.observe(value)
+    series = JobSeries(labels)
+    series.histogram(inst.STEP_DURATION, durations)
+    series.histogram(inst.CHECKPOINT_DURATION, checkpoints)
+    ours = series.render().decode()
+    theirs = exporters_text(labels, [], [(inst.STEP_DURATION, inst.DURATION_BUCKETS, values),
+                                         (inst.CHECKPOINT_DURATION, inst.CHECKPOINT_BUCKETS, values)])
+    assert lines_apart(ours, theirs) == ([], [])
+    assert 'trainer_step_duration_seconds_bucket{job_id="series-2",le="+Inf"} 8.0' in ours
+
+
+def test_awkward_values_and_labels_are_the_exporters_line_for_line():
+    gauge = Instrument("awkward_values", "1", 'help with \\ backslash\nand a newline')
+    counter = Instrument("things_total", "1", "A counter.")
+    info = Instrument("build_info", "1", "Constant labels.")
+    awkward = [("x", float("nan")), ("inf", float("inf")), ('odd "value" \\ with\nnewline ü', 3), ("zero", -0.0),
+               ("small", 1e-7), ("big", 12345678901234567)]
+    slots = [(1, 2.5), (2, float("-inf")), (3, 999_999), (4, 1_000_000)]
+    series = JobSeries({"job_id": "series-3"})
+    series.labelled(gauge, "a", lambda: awkward)
+    series.labelled(Instrument("slots", "1", "Labels that are not text."), "slot", lambda: slots)
+    series.value(counter, lambda: 7, counter=True)
+    series.value(info, lambda: 1, labels={"version": "1.2", "quote": '"'})
+    series.value(Instrument("nothing_now", "1", "No series."), lambda: None)
+    series.value(Instrument("not_a_number", "1", "No series."), lambda: float("nan"))
+    series.labelled(Instrument("never_anything", "1", "No series."), "a", lambda: [])
+    families = [
+        (gauge, "gauge", lambda options: [Observation(value, {"a": key}) for key, value in awkward]),
+        (Instrument("slots", "1", "Labels that are not text."), "gauge",
+         lambda options: [Observation(value, {"slot": key}) for key, value in slots]),
+        (counter, "counter", lambda options: [Observation(7)]),
+        (info, "gauge", lambda options: [Observation(1, {"version": "1.2", "quote": '"'})]),
+        (Instrument("not_a_number", "1", "No series."), "gauge", lambda options: [Observation(float("nan"))]),
+    ]
+    for _ in range(2):          # the second render comes from the kept headers and prefixes
+        ours = series.render().decode()
+        assert lines_apart(ours, exporters_text({"job_id": "series-3"}, families)) == ([], [])
+    assert 'slots{job_id="series-3",slot="1"} 2.5' in ours and "nothing_now" not in ours
+    assert "never_anything" not in ours and "not_a_number" not in ours
+
+
+def test_a_reader_that_raises_leaves_its_family_out_says_so_once_and_the_others_stay(caplog):
+    def broken():
+        raise RuntimeError("a bug in a reader")
+
+    series = JobSeries({"job_id": "series-4"})
+    series.value(Instrument("broken", "1", "Raises."), broken)
+    series.labelled(Instrument("broken_too", "1", "Raises."), "a", broken)
+    series.value(Instrument("fine_total", "1", "Fine."), lambda: 1, counter=True)
+    with caplog.at_level(logging.ERROR, logger="trainmetrics.trainer"):
+        texts = [series.render().decode() for _ in range(3)]
+    assert all('fine_total{job_id="series-4"} 1.0' in text and "broken" not in text for text in texts)
+    assert len([r for r in caplog.records if "broken" in r.getMessage()]) == 2
+
+
+def test_numbers_are_written_as_prometheus_clients_float_to_go_string_writes_them():
+    from prometheus_client.utils import floatToGoString
+
+    from trainmetrics.trainer.series import _number
+    for value in (0, 1, -1, 999_999, 1_000_000, -999_999, -1_000_000, 1_234_567, 10**16, 10**17 + 1, True, False,
+                  0.0, -0.0, 0.5, 1e6, 1.5e6, 1.7964503369106984e+09, 1e-7, float("inf"), float("-inf"), float("nan")):
+        assert _number(value) == floatToGoString(value), value
+
+
+def test_a_histogram_with_counts_past_a_million_and_its_kept_text_follow_the_counts():
+    durations = DurationHistogram(inst.DURATION_BUCKETS)
+    series = JobSeries({"job_id": "series-5"})
+    series.histogram(inst.STEP_DURATION, durations)
+    for _ in range(3):
+        durations.observe(0.001)
+    first = series.render().decode()
+    assert series.render().decode() == first        # unchanged: the kept text
+    assert 'trainer_step_duration_seconds_count{job_id="series-5"} 3.0' in first
+    durations.counts[0] += 1_500_000                # as 1.5 million steps of under 100 µs would
+    text = series.render().decode()
+    # Go's (and floatToGoString's) spelling from 1e6 on, as the exporter writes it.
+    assert 'trainer_step_duration_seconds_bucket{job_id="series-5",le="0.0001"} 1.5e+06' in text
+    assert 'trainer_step_duration_seconds_count{job_id="series-5"} 1.500003e+06' in text
