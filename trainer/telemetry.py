@@ -1,4 +1,4 @@
-"""Where a job's series go: the job's /metrics endpoint (its text read straight from the instruments' callbacks,
+"""Where a job's series go: the job's /metrics endpoint (its text written straight from the job's state by
 series.py), OTLP push through the OpenTelemetry SDK when configured, the job's file_sd target and job-mapping
 files, and the scrapers that read it. JobMetrics (metrics.py) records; this module publishes.
 
@@ -212,7 +212,6 @@ class Publication:
         self.labels = labels
         self.series = JobSeries(labels)             # what /metrics shows (JobMetrics adds the instruments)
         self.push_provider = build_push_provider(labels)
-        self.pushes_otlp = self.push_provider is not None
         self.server: MetricsHTTPServer | None = None
         self.url: str | None = None          # where /metrics is served, as announced (None when not serving)
         self.registration: Registration | None = None
