@@ -3,7 +3,9 @@ own, bounded concurrency, requests no caller's cancellation reaches, and one err
 can go wrong on the way."""
 
 import asyncio
+import email.utils
 import logging
+import math
 import re
 import time
 from urllib.parse import urlencode
@@ -16,6 +18,9 @@ from trainmetrics.edge import ApiError
 log = logging.getLogger("trainmetrics.analytics")
 
 DEFAULT_RETRY_AFTER_SECONDS = 5
+# A Retry-After passed on to our clients is at most this long: an answer asking for a day would keep them away
+# for one after Prometheus is back.
+MAX_RETRY_AFTER_SECONDS = 300
 CONNECT_TIMEOUT_SECONDS = 2.0
 # VictoriaMetrics answers as of now minus its -search.latencyOffset (30 s unless set; 1.79 keeps at least 1 s
 # of it): an instant query near now, and a range query's newest points, hold nothing newer. Its /flags page
@@ -25,6 +30,23 @@ VICTORIA_LATENCY_OFFSET_DEFAULT_SECONDS = 30.0
 VICTORIA_LATENCY_OFFSET_LEAST_SECONDS = 1.0
 GO_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ns|us|µs|ms|s|m|h)")
 GO_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def retry_after_seconds(value: str, now: float | None = None) -> int:
+    """A Retry-After (seconds, or an HTTP date as RFC 9110 allows) as whole seconds from `now`, 1 to
+    MAX_RETRY_AFTER_SECONDS; DEFAULT_RETRY_AFTER_SECONDS when it says nothing usable."""
+    value = value.strip()
+    if value.isascii() and value.isdigit():
+        seconds = int(value)
+    else:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return DEFAULT_RETRY_AFTER_SECONDS
+        if when.tzinfo is None:         # "-0000": a time zone unknown, so no moment
+            return DEFAULT_RETRY_AFTER_SECONDS
+        seconds = math.ceil(when.timestamp() - (time.time() if now is None else now))
+    return min(max(seconds, 1), MAX_RETRY_AFTER_SECONDS)
 
 
 class PrometheusError(ApiError):
@@ -191,9 +213,8 @@ class PrometheusClient:
         if status == 503 or error_type in ("timeout", "canceled", "unavailable"):
             if error_type == "timeout":
                 raise PrometheusError("timeout", f"Prometheus timed out evaluating a query: {detail}")
-            retry_after = response.headers.get("retry-after", "")
             raise PrometheusError("unavailable", f"Prometheus is not ready: {detail or status}",
-                                  int(retry_after) if retry_after.isdigit() else DEFAULT_RETRY_AFTER_SECONDS)
+                                  retry_after_seconds(response.headers.get("retry-after", "")))
         if 400 <= status < 500:
             # Every expression is built by queries.py from validated input: a 4xx is our bug.
             log.error("BUG: Prometheus rejected a query (%s %s): %s; query: %s", status, error_type, detail, expr)

@@ -349,3 +349,29 @@ def test_with_prometheus_down_another_owners_stored_job_answers_as_an_unknown_on
             asyncio.run(ask(job_ids, "alice"))
         assert raised.value.status == 503, job_ids
     assert [job.job_id for job in asyncio.run(ask(["alice-1", "bob-1"], None))] == ["alice-1", "bob-1"]
+
+
+def test_retry_after_is_read_as_seconds_or_an_http_date_and_kept_within_bounds():
+    from trainmetrics.analytics.prometheus import (DEFAULT_RETRY_AFTER_SECONDS, MAX_RETRY_AFTER_SECONDS,
+                                                   retry_after_seconds)
+    now = 1_764_900_000.0                                      # Fri, 05 Dec 2025 02:00:00 GMT
+    assert retry_after_seconds("7", now) == 7
+    assert retry_after_seconds(" 12 ", now) == 12
+    assert retry_after_seconds("Fri, 05 Dec 2025 02:00:30 GMT", now) == 30
+    assert retry_after_seconds("Fri, 05 Dec 2025 02:00:29 GMT", now + 0.5) == 29     # rounded up
+    assert retry_after_seconds("Fri, 05 Dec 2025 01:59:00 GMT", now) == 1              # already past
+    assert retry_after_seconds("0", now) == 1
+    assert retry_after_seconds("86400", now) == MAX_RETRY_AFTER_SECONDS
+    assert retry_after_seconds("Sat, 06 Dec 2025 02:00:00 GMT", now) == MAX_RETRY_AFTER_SECONDS
+    for useless in ("", "soon", "-3", "1.5", "\u0661\u0662", "Fri, 05 Dec 2025 02:00:30 -0000", "Fri, 99 Foo"):
+        assert retry_after_seconds(useless, now) == DEFAULT_RETRY_AFTER_SECONDS, useless
+
+
+def test_a_retry_after_date_from_prometheus_is_passed_on_as_seconds():
+    from email.utils import formatdate
+    factory = lambda r: httpx.Response(503, text="Service Unavailable",  # noqa: E731
+                                       headers={"retry-after": formatdate(time.time() + 42, usegmt=True)})
+    with serve(Settings(transport=answering(factory))) as client:
+        response = client.get("/api/training/run-1/analytics")
+    assert_error(response, 503, "prometheus_unavailable")
+    assert 40 <= int(response.headers["retry-after"]) <= 43
