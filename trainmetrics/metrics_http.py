@@ -57,7 +57,7 @@ class Scrape:
 class Headers(dict):
     """A request's headers by lower-case name, the first of a repeated one (as http.server's email.message.Message
     gives it), read without the email parser: in the process that trains, the scrape's CPU is the job's, and that
-    parser took ~150 µs of it a scrape, 250 ms apart, a third of all a scrape cost (bench/README.md)."""
+    parser took ~150 µs of it a scrape, 250 ms apart, a quarter of all a scrape cost (bench/README.md)."""
 
     def get(self, name: str, default=None):
         return super().get(name.lower(), default)
@@ -75,7 +75,7 @@ class Headers(dict):
                 return headers
             text = line.decode("iso-8859-1").rstrip("\r\n")
             if text[:1] in (" ", "\t"):          # an obsolete folded line: the previous header goes on
-                if last is not None and headers[last] is not None:
+                if last is not None:
                     headers[last] = f"{headers[last]} {text.strip()}"
                 continue
             name, colon, value = text.partition(":")

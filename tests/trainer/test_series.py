@@ -1,9 +1,10 @@
-"""A job's /metrics text, read straight from its instruments' callbacks (series.py), is what the OpenTelemetry SDK
-and its Prometheus exporter write for the same callbacks: line for line, for a real job's every family and for
-the awkward cases (non-finite values, label names that differ within a family, values that are not text)."""
+"""A job's /metrics text, written straight from its state (series.py), is what the OpenTelemetry SDK and its
+Prometheus exporter write for the same readers: line for line, for a real job's every series and for the awkward
+cases (non-finite values, label values that are not text, escaping, counts past a million, a reader that raises)."""
 
 import logging
 import math
+from collections import Counter
 
 import pytest
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
@@ -51,9 +52,10 @@ def exporters_text(labels: dict[str, str], families, histograms=()) -> str:
 
 
 def lines_apart(ours: str, theirs: str) -> tuple[list[str], list[str]]:
-    """The lines only one of the two texts has (order aside: the two order families differently)."""
-    mine, others = ours.splitlines(), theirs.splitlines()
-    return sorted(set(mine) - set(others)), sorted(set(others) - set(mine))
+    """The lines one of the two texts has more often than the other (order aside: the two order families
+    differently)."""
+    mine, others = Counter(ours.splitlines()), Counter(theirs.splitlines())
+    return sorted((mine - others).elements()), sorted((others - mine).elements())
 
 
 @pytest.mark.parametrize("rank, world_size", [(0, 1), (1, 2)])
