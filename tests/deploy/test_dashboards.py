@@ -150,7 +150,8 @@ def test_stats_and_tables_say_what_they_show():
                     assert "{{instance}}" in target["legendFormat"], (panel["title"], target["legendFormat"])
 
 
-# Compare's summary table against jobs whose figures are known: m2 runs two ranks (2,000 samples each); r1
+# Compare's summary table against jobs whose figures are known: m2 runs two ranks (2,000 samples each; rank 0's
+# best loss 0.7, rank 1's 0.3: rank 0 speaks for the job's losses, as in the analytics and the final loss); r1
 # was paused at 5 m (its first run from 0) and resumed at 10 m, its newest loss 0.5; d1 was resumed too and its
 # newest run's last interval diverged (trainer_loss holds 0.4, trainer_loss_finite says 0).
 COMPARE_JOBS = """
@@ -158,6 +159,10 @@ COMPARE_JOBS = """
         values: '0+100x20'
       - series: 'trainer_samples_total{job_id="m2",rank="1",instance="h:2"}'
         values: '0+100x20'
+      - series: 'trainer_loss_min{job_id="m2",rank="0",instance="h:1"}'
+        values: '0.7x20'
+      - series: 'trainer_loss_min{job_id="m2",rank="1",instance="h:2"}'
+        values: '0.3x20'
 """
 for job, newest in (("r1", "0.8 0.7 0.6 0.5"), ("d1", "0.8 0.4 0.4 0.4")):
     finite = "1 1 1 1" if job == "r1" else "1 0 0 0"
@@ -193,7 +198,7 @@ COMPARE_JOBS += """
         values: '_x9 0.6x10'
 """
 # best_loss: the trainer's own lowest interval (trainer_loss_min), which no trainer_loss sample need show.
-COMPARE_EXPECTED = {"samples": {"m2": 4000}, "best_loss": {"r1": 0.45, "d1": 0.4}, "final_loss": {"r1": 0.5},
+COMPARE_EXPECTED = {"samples": {"m2": 4000}, "best_loss": {"m2": 0.7, "r1": 0.45, "d1": 0.4}, "final_loss": {"r1": 0.5},
                     "accuracy": {"r1": 0.6}, "duration_seconds": {"r1": 1200, "d1": 1200}}
 
 

@@ -26,14 +26,15 @@ def build():
                                            "{{job_id}}")))
         .with_row(row("Summary"))
         .with_panel(table_panel(
-            "Summary", "Per job over the time range: samples (every rank's), best loss, final loss (rank 0's newest "
-                       "run; empty when its last interval's loss was NaN), accuracy, duration (first start to the "
-                       "last end, or to now while it runs).",
+            "Summary", "Per job over the time range: samples (every rank's), best loss (rank 0's), final loss (rank "
+                       "0's newest run; empty when its last interval's loss was NaN), accuracy, duration (first start "
+                       "to the last end, or to now while it runs).",
             query(f"sum by (job_id) (max by (job_id, rank) (max_over_time(trainer_samples_total{{{JOBS}}}[$__range])))",
                   "", "samples", instant=True, table_format=True),
             # The trainer's own lowest interval loss (exact), not the lowest trainer_loss sample: intervals that
-            # end faster than the scrape are not all sampled.
-            query(f"min by (job_id) (last_over_time(trainer_loss_min{{{JOBS}}}[$__range]))", "", "best_loss",
+            # end faster than the scrape are not all sampled. Rank 0's, as the final loss and the analytics: each
+            # rank's loss is over its own shard of the data.
+            query(f"min by (job_id) (last_over_time(trainer_loss_min{{{JOBS},{RANK0}}}[$__range]))", "", "best_loss",
                   instant=True, table_format=True),
             # A resumed job has a process per run: only the newest run's counts (newest_run), and none where its
             # last interval's loss was NaN (trainer_loss keeps the last finite one).
