@@ -1,7 +1,7 @@
 """Compare: several jobs side by side: learning curves and throughput overlaid, and a summary table."""
 
-from panels import (RANK0, duration, label_variable, new_dashboard, newest_run, query, row, table_panel,
-                    timeseries_panel)
+from panels import (RANK0, duration, finite_loss, label_variable, new_dashboard, newest_run, query, row,
+                    table_panel, timeseries_panel)
 
 JOBS = 'job_id=~"$job_id"'
 
@@ -38,9 +38,7 @@ def build():
                   instant=True, table_format=True),
             # A resumed job has a process per run: only the newest run's counts (newest_run), and none where its
             # last interval's loss was NaN (trainer_loss keeps the last finite one).
-            query(f"max by (job_id) ((last_over_time(trainer_loss{{{JOBS},{RANK0}}}[$__range]) unless on (job_id, "
-                  f"instance, rank) (last_over_time(trainer_loss_finite{{{JOBS}}}[$__range]) == 0)) "
-                  f"{newest_run(JOBS)})",
+            query(f"max by (job_id) (({finite_loss(f'{JOBS},{RANK0}', '$__range')}) {newest_run(JOBS)})",
                   "", "final_loss", instant=True, table_format=True),
             # The newest run's (a resumed job's earlier run evaluated a model the newest one went on from).
             query(f"max by (job_id) (last_over_time(trainer_eval_accuracy_ratio{{{JOBS}}}[$__range]) "

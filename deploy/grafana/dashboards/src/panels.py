@@ -28,6 +28,13 @@ def newest_run(jobs: str) -> str:
             f"[$__range]) >= on (job_id) group_left {last_start(jobs)})")
 
 
+def finite_loss(selector: str, window: str) -> str:
+    """Each process's last trainer_loss over `window`, none where its last interval's loss was NaN or infinite
+    (trainer_loss then holds the last finite one: a flat line, or a final loss, that looked like a real one)."""
+    return (f"last_over_time(trainer_loss{{{selector}}}[{window}]) unless on (job_id, instance, rank) "
+            f"(last_over_time(trainer_loss_finite{{{selector}}}[{window}]) == 0)")
+
+
 def duration(jobs: str) -> str:
     """Each job's first start to its last end, or to rank 0's last heartbeat while its newest run has not ended
     (a resumed job's pauses included)."""

@@ -2,8 +2,8 @@
 
 from grafana_foundation_sdk.models.common import BigValueTextMode
 
-from panels import (alert_annotation, duration, label_variable, new_dashboard, newest_run, query, row, stat_panel,
-                    timeseries_panel)
+from panels import (alert_annotation, duration, finite_loss, label_variable, new_dashboard, newest_run, query, row,
+                    stat_panel, timeseries_panel)
 
 JOB = 'job_id="$job_id"'
 
@@ -52,9 +52,7 @@ def build():
         # last finite one: a flat line that looked like a plateau; the Loss NaN annotation marks it).
         .with_panel(timeseries_panel("Loss", "Training loss (mean over each log interval; none while it is NaN "
                                              "or infinite: see the Loss NaN annotations) and eval loss.", "short",
-                                     query(f"last_over_time(trainer_loss{{{JOB}}}[$__interval]) unless on (job_id, "
-                                           f"instance, rank) (last_over_time(trainer_loss_finite{{{JOB}}}"
-                                           "[$__interval]) == 0)", "train {{rank}}"),
+                                     query(finite_loss(JOB, "$__interval"), "train {{rank}}"),
                                      query(f"last_over_time(trainer_eval_loss{{{JOB}}}[$__interval])", "eval", "B")))
         .with_panel(timeseries_panel("Eval accuracy", "Accuracy on the held-out split at each evaluation.",
                                      "percentunit",
