@@ -27,13 +27,17 @@ from trainmetrics.trainer.telemetry import Publish
 MOVING = {inst.HEARTBEAT.name, inst.PHASE_SECONDS.name}
 
 
+def prometheus_reader(registry: CollectorRegistry) -> PrometheusMetricReader:
+    """The SDK's Prometheus reader into `registry`, configured as the trainer configured it before series.py."""
+    return PrometheusMetricReader(disable_target_info=True, scope_info_enabled=False,
+                                  resource_attribute_filter=lambda key: key in ("job_id", "rank"), registry=registry)
+
+
 def exporters_text(labels: dict[str, str], families, histograms=()) -> str:
     """What the SDK's Prometheus exporter writes for `families` [(spec, kind, callback)] and `histograms`
-    [(spec, bounds, values)], configured as the trainer configured it before series.py."""
+    [(spec, bounds, values)]."""
     registry = CollectorRegistry(auto_describe=False)
-    reader = PrometheusMetricReader(disable_target_info=True, scope_info_enabled=False,
-                                    resource_attribute_filter=lambda key: key in ("job_id", "rank"),
-                                    registry=registry)
+    reader = prometheus_reader(registry)
     views = [View(instrument_name=spec.name, aggregation=ExplicitBucketHistogramAggregation(boundaries=bounds))
              for spec, bounds, _ in histograms]
     provider = MeterProvider(metric_readers=[reader], resource=Resource.create(labels), views=views)
@@ -63,8 +67,7 @@ def test_a_real_jobs_every_series_is_the_exporters_line_for_line(monkeypatch, ra
     """The job's OTLP push provider given a Prometheus reader: the SDK's exporter writes what the push instruments
     (the same readers) show, next to what /metrics shows. Rank 0 publishes the job's lifecycle too."""
     registry = CollectorRegistry(auto_describe=False)
-    reader = PrometheusMetricReader(disable_target_info=True, scope_info_enabled=False,
-                                    resource_attribute_filter=lambda key: key in ("job_id", "rank"), registry=registry)
+    reader = prometheus_reader(registry)
     monkeypatch.setattr(telemetry, "otlp_readers", lambda: [reader])
     metrics = JobMetrics("series-1", JobInfo(model="mlp", dataset="toy \"quoted\" \\ set", rank=rank,
                                              world_size=world_size, upload_seconds=1.5, submitted_at=1_700_000_000.25),
