@@ -73,6 +73,9 @@ def read_csv(path: Path, target: str = DEFAULT_TARGET) -> tuple[np.ndarray, np.n
                     raise DatasetError(f"{path}: line {line_number} has {len(row)} fields, "
                                        f"the header has {len(header)}")
                 try:
+                    text = "".join(row)
+                    if "_" in text or not text.isascii():      # float() reads them: see _is_number
+                        raise ValueError
                     values = [float(cell) for cell in row]
                 except ValueError:
                     bad = next(c for c in row if not _is_number(c))
@@ -111,6 +114,10 @@ def _is_integer(text: str) -> bool:
 
 
 def _is_number(text: str) -> bool:
+    """A number as a CSV writes one: float()'s spelling in ASCII, without its `_` digit separators (`1_000`) and its
+    Unicode digits (Arabic-Indic, full-width) and spaces, which a spreadsheet or numpy reads as text."""
+    if "_" in text or not text.isascii():
+        return False
     try:
         float(text)
     except ValueError:

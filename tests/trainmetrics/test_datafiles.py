@@ -1,6 +1,7 @@
 """The dataset readers the trainer and the job server share (trainmetrics.datafiles): what they cost in memory
 and the values they refuse."""
 
+import re
 import tracemalloc
 
 import numpy as np
@@ -57,3 +58,21 @@ def test_an_npz_is_limited_by_what_it_takes_as_float32(tmp_path):
         read_npz(path, 16 << 20)
     x, y = read_npz(path, 64 << 20)
     assert x.shape == (3 << 20, 1) and x.dtype == np.float32
+
+
+@pytest.mark.parametrize("cell", ["1_000", "\u0661\u0662", "\u00a01", "1\u2003", "\uff11"])
+def test_a_csv_number_is_written_in_ascii_digits(tmp_path, cell):
+    """Python's float() reads `1_000` as 1000, Arabic-Indic or full-width digits as numbers and Unicode spaces as
+    blanks: a CSV a spreadsheet or numpy reads as text trained on numbers. A data value is ASCII (digits, sign,
+    point, exponent; spaces around it), the header's names may be anything."""
+    path = tmp_path / "odd.csv"
+    path.write_text(f"\u00e9t\u00e9,label\n1,0\n{cell},1\n", encoding="utf-8")
+    with pytest.raises(DatasetError, match=re.escape(f"line 3: non-numeric value {cell!r}")):
+        read_csv(path)
+
+
+def test_a_csv_number_may_have_spaces_a_sign_and_an_exponent(tmp_path):
+    path = tmp_path / "plain.csv"
+    path.write_text("a, b ,label\n 1.5 ,-2e3,0\n+.5,\t7.,1\n", encoding="utf-8")
+    x, y = read_csv(path)
+    assert x.tolist() == [[1.5, -2000.0], [0.5, 7.0]] and y.tolist() == [0, 1]
