@@ -214,12 +214,14 @@ STOP_SIGNALS = signals_to_take(SERVICE_STOP_SIGNALS)
 
 def _stop_on_signals() -> None:
     """SIGTERM and SIGHUP (a `kill`, a supervisor, a closed terminal) stop the demo as Ctrl-C does: everything
-    it started is stopped (they killed the demo alone, leaving Prometheus, the exporter and the server running)."""
+    it started is stopped (they killed the demo alone, leaving Prometheus, the exporter and the server running).
+    SIGINT too when the demo started with it ignored (a shell script's background command), as the services do:
+    Python then leaves it ignored, and `kill -INT` did nothing."""
     def stop(signum, frame):
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
     if threading.current_thread() is threading.main_thread():
-        for signum in STOP_SIGNALS[1:]:
+        for signum in STOP_SIGNALS:
             signal.signal(signum, stop)
 
 

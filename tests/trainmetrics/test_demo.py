@@ -42,18 +42,25 @@ def test_demo_runs_a_job_through_prometheus_and_reads_it_back(tmp_path):
     assert re.search(r"^  energy\s+(\d[\d,.]* J, [\d,.]+ samples/J|no .+)$", out, re.M), out
 
 
-def test_sigterm_stops_the_demo_and_everything_it_started(tmp_path):
+@pytest.mark.parametrize("stop,ignored_at_start", [("SIGTERM", None), ("SIGINT", "SIGINT")])
+def test_a_stop_signal_stops_the_demo_and_everything_it_started(tmp_path, stop, ignored_at_start):
     """A `kill` (or a supervisor, a closed terminal) killed the demo alone: Prometheus, the node exporter and the
     job server ran on, orphaned. SIGTERM now stops it as Ctrl-C does, and the temp dir it made goes with it
-    (every run left one behind)."""
+    (every run left one behind). A demo started with SIGINT ignored (`make demo &` in a script: the shell ignores
+    it for background commands) ignored `kill -INT`, which stops the job server, the analytics and the exporter
+    started the same way."""
     import signal
 
     import psutil
 
+    def ignore():
+        if ignored_at_start:
+            signal.signal(signal.Signals[ignored_at_start], signal.SIG_IGN)
+
     demo = subprocess.Popen(
         [sys.executable, "-m", "trainmetrics", "demo", "--epochs", "1", "--prometheus-port", "0", "--exporter-port",
          "0", "--server-port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "TMPDIR": str(tmp_path)})
+        env={**os.environ, "TMPDIR": str(tmp_path)}, preexec_fn=ignore)
     started = []
     try:
         for line in demo.stdout:
@@ -61,7 +68,7 @@ def test_sigterm_stops_the_demo_and_everything_it_started(tmp_path):
                 break
         started = psutil.Process(demo.pid).children()
         assert len(started) >= 3, started
-        demo.send_signal(signal.SIGTERM)
+        demo.send_signal(signal.Signals[stop])
         rest, _ = demo.communicate(timeout=90)
         assert demo.returncode == 0 and "stopping" in rest, rest[-1500:]
         gone, alive = psutil.wait_procs(started, timeout=10)
@@ -75,6 +82,7 @@ def test_sigterm_stops_the_demo_and_everything_it_started(tmp_path):
                 pass
         if demo.poll() is None:
             demo.wait()
+        demo.stdout.close()
 
 
 def test_a_wrong_prometheus_bin_is_one_line_and_leaves_no_work_dir(tmp_path):
