@@ -18,6 +18,7 @@ from trainmetrics.analytics import endpoints, shapes
 from trainmetrics.analytics import queries as q
 from trainmetrics.analytics.cache import AnalyticsCache, settled_job_analytics
 from trainmetrics.analytics.prometheus import ClientMetrics, PrometheusClient
+from trainmetrics.command import DEFAULT_MAX_ANSWER_BYTES
 from trainmetrics.edge import ApiError, Component, build_app, error_response
 from trainmetrics.hangs import HangFeed
 from trainmetrics.reports import ReportArchive
@@ -43,6 +44,7 @@ class Settings:
     # there, while the HTTP client's own bookkeeping grows with every connection (8 cost a 5-job comparison
     # ~20 ms more CPU than 4, on a 2-core host).
     max_concurrency: int = 4
+    max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES   # the largest answer from Prometheus read
     cache_entries: int = 1024                     # finished jobs' analytics kept (0: no cache)
     recorded_series: bool = True                  # fleet reads analytics.rules.yml's series where they cover it
     transport: httpx.AsyncBaseTransport | None = None   # tests inject httpx.MockTransport here
@@ -110,7 +112,7 @@ def build_component(settings: Settings) -> Component:
     async def lifespan():
         client = PrometheusClient(settings.prometheus_url, deadline=settings.prometheus_deadline,
                                   max_concurrency=settings.max_concurrency, transport=settings.transport,
-                                  metrics=client_metrics)
+                                  metrics=client_metrics, max_answer_bytes=settings.max_answer_bytes)
         cache = AnalyticsCache(settings.cache_entries)
         if settings.archive is not None:
             async def compute(job_id: str, settled: bool = True) -> dict:

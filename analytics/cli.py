@@ -5,8 +5,8 @@ import argparse
 import logging
 import math
 
-from trainmetrics.command import (DEFAULT_ANALYTICS_PORT, DEFAULT_PROMETHEUS_PORT, FlagError, listen_flag,
-                                  listening_socket, say_listening)
+from trainmetrics.command import (DEFAULT_ANALYTICS_PORT, DEFAULT_MAX_ANSWER_BYTES, DEFAULT_PROMETHEUS_PORT,
+                                  FlagError, listen_flag, listening_socket, say_listening)
 from trainmetrics.webconfig import web_config_flag
 
 
@@ -23,6 +23,9 @@ def add_analytics_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-concurrency", type=int, default=4,
                        help="requests in flight to Prometheus, shared by all callers (a query runs on one "
                             "Prometheus core; raise it for a Prometheus with many cores and many callers)")
+    group.add_argument("--max-answer-bytes", type=int, default=DEFAULT_MAX_ANSWER_BYTES,
+                       help="the largest answer read from Prometheus, in bytes (a query answered with more is a 502 "
+                            "naming this flag)")
     group.add_argument("--cache-entries", type=int, default=1024,
                        help="finished jobs' analytics kept in memory (0: no cache)")
     group.add_argument("--recorded-series", action=argparse.BooleanOptionalAction, default=True,
@@ -47,13 +50,16 @@ def analytics_settings(args: argparse.Namespace):
         raise FlagError("--prometheus-timeout", f"must be below --request-timeout ({args.request_timeout:g})")
     if args.max_concurrency < 1:
         raise FlagError("--max-concurrency", f"must be at least 1, got {args.max_concurrency}")
+    if args.max_answer_bytes < 1:
+        raise FlagError("--max-answer-bytes", f"must be at least 1, got {args.max_answer_bytes}")
     if args.cache_entries < 0:
         raise FlagError("--cache-entries", f"must not be negative, got {args.cache_entries}")
     if not args.prometheus_url.startswith(("http://", "https://")):
         raise FlagError("--prometheus-url", f"must be an http(s) URL, got {args.prometheus_url[:80]!r}")
     return Settings(prometheus_url=args.prometheus_url, lookback_seconds=lookback,
                     prometheus_deadline=args.prometheus_timeout, service_deadline=args.request_timeout,
-                    max_concurrency=args.max_concurrency, cache_entries=args.cache_entries,
+                    max_concurrency=args.max_concurrency, max_answer_bytes=args.max_answer_bytes,
+                    cache_entries=args.cache_entries,
                     recorded_series=args.recorded_series)
 
 

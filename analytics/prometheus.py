@@ -4,6 +4,7 @@ can go wrong on the way."""
 
 import asyncio
 import email.utils
+import json
 import logging
 import math
 import re
@@ -13,6 +14,7 @@ from urllib.parse import urlencode
 import httpx
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from trainmetrics.command import DEFAULT_MAX_ANSWER_BYTES
 from trainmetrics.edge import ApiError
 
 log = logging.getLogger("trainmetrics.analytics")
@@ -22,6 +24,10 @@ DEFAULT_RETRY_AFTER_SECONDS = 5
 # for one after Prometheus is back.
 MAX_RETRY_AFTER_SECONDS = 300
 CONNECT_TIMEOUT_SECONDS = 2.0
+# An answer is read up to max_answer_bytes (--max-answer-bytes): a backend answering without end (a proxy's loop, a
+# query over a fleet far larger than ours) filled the service's memory. JSON of more than DECODE_IN_THREAD_BYTES is
+# decoded off the event loop: a 17 MB range answer took 0.7 s here, every other request waiting.
+DECODE_IN_THREAD_BYTES = 1 << 20
 # VictoriaMetrics answers as of now minus its -search.latencyOffset (30 s unless set; 1.79 keeps at least 1 s
 # of it): an instant query near now, and a range query's newest points, hold nothing newer. Its /flags page
 # lists the flags set on its command line, one `-name="value"` a line; Prometheus has no such page.
@@ -81,9 +87,11 @@ class PrometheusClient:
     """Instant and range queries over the Prometheus HTTP API (any compatible backend)."""
 
     def __init__(self, base_url: str, *, deadline: float = 8.0, max_concurrency: int = 4,
-                 transport: httpx.AsyncBaseTransport | None = None, metrics: ClientMetrics | None = None):
+                 transport: httpx.AsyncBaseTransport | None = None, metrics: ClientMetrics | None = None,
+                 max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES):
         self.base_url = base_url.rstrip("/")
         self.deadline = deadline
+        self.max_answer_bytes = max_answer_bytes
         self._semaphore = asyncio.Semaphore(max_concurrency)
         self._sending: set[asyncio.Task] = set()     # requests in flight (the event loop keeps weak references)
         self._http = httpx.AsyncClient(
@@ -133,11 +141,10 @@ class PrometheusClient:
     async def _read_answer_delay(self) -> float | None:
         try:
             async with self._semaphore:
-                response = await self._http.get("/flags", timeout=httpx.Timeout(
-                    self.deadline, connect=min(self.deadline, CONNECT_TIMEOUT_SECONDS)))
-        except httpx.HTTPError:
+                response, content = await self._fetch("GET", "/flags", self.deadline)
+        except (httpx.HTTPError, PrometheusError):
             return None
-        return answer_delay_of(response.status_code, response.text)
+        return answer_delay_of(response.status_code, content.decode("utf-8", "replace"))
 
     async def ready(self) -> None:
         """Return when Prometheus answers /-/ready with 200; raise PrometheusError otherwise."""
@@ -162,8 +169,9 @@ class PrometheusClient:
                 sending = asyncio.ensure_future(self._send(path, params, remaining))
                 self._sending.add(sending)
                 sending.add_done_callback(self._sent)
-                response = await asyncio.shield(sending)
-            result = self._parse(response, params.get("query"), expect_json)
+                response, content = await asyncio.shield(sending)
+                body = await _decoded(response, content)
+            result = self._parse(response, content, body, params.get("query"), expect_json)
             outcome = "success"
             return result
         except PrometheusError as error:
@@ -180,19 +188,41 @@ class PrometheusClient:
             self._metrics.requests.labels(outcome).inc()
             self._metrics.duration.observe(time.perf_counter() - began)
 
-    async def _send(self, path: str, params: dict, seconds: float) -> httpx.Response:
+    async def _send(self, path: str, params: dict, seconds: float) -> tuple[httpx.Response, bytes]:
         """One request within `seconds` (httpx's timeouts), then its slot freed for the next."""
-        seconds = max(seconds, 0.001)
-        timeout = httpx.Timeout(seconds, connect=min(seconds, CONNECT_TIMEOUT_SECONDS))
         try:
             if params:
                 # POSTed as a form (the query API takes either): no URL length limit, and urlencode quotes a
                 # long expression several times faster than httpx's URL builder.
-                return await self._http.post(path, content=urlencode(params).encode(), timeout=timeout,
-                                             headers={"content-type": "application/x-www-form-urlencoded"})
-            return await self._http.get(path, timeout=timeout)
+                return await self._fetch("POST", path, seconds, content=urlencode(params).encode(),
+                                         headers={"content-type": "application/x-www-form-urlencoded"})
+            return await self._fetch("GET", path, seconds)
         finally:
             self._semaphore.release()
+
+    async def _fetch(self, method: str, path: str, seconds: float, **request) -> tuple[httpx.Response, bytes]:
+        """The response and its body, read within `seconds` (httpx.ReadTimeout after: its timeouts bound each
+        read, and an answer trickled in under them had no end) and up to max_answer_bytes (PrometheusError)."""
+        seconds = max(seconds, 0.001)
+        limit, began = self.max_answer_bytes, time.perf_counter()
+        timeout = httpx.Timeout(seconds, connect=min(seconds, CONNECT_TIMEOUT_SECONDS))
+        sent = self._http.build_request(method, path, timeout=timeout, **request)
+        response = await self._http.send(sent, stream=True)
+        try:
+            declared = response.headers.get("content-length", "")
+            if declared.isascii() and declared.isdigit() and int(declared) > limit:
+                raise _too_large(limit)
+            chunks, size = [], 0
+            async for chunk in response.aiter_bytes():
+                size += len(chunk)
+                if size > limit:
+                    raise _too_large(limit)
+                if time.perf_counter() - began > seconds:
+                    raise httpx.ReadTimeout("the answer took longer than the request's deadline", request=sent)
+                chunks.append(chunk)
+        finally:
+            await response.aclose()
+        return response, b"".join(chunks)
 
     def _sent(self, sending: asyncio.Task) -> None:
         """Forget a finished request; its error, if its caller stopped waiting, is nobody's to hear."""
@@ -200,16 +230,10 @@ class PrometheusClient:
         if not sending.cancelled():
             sending.exception()
 
-    def _parse(self, response: httpx.Response, expr: str | None, expect_json: bool):
+    def _parse(self, response: httpx.Response, content: bytes, body, expr: str | None, expect_json: bool):
         status = response.status_code
-        body = None
-        if "json" in response.headers.get("content-type", ""):
-            try:
-                body = response.json()
-            except ValueError:
-                body = None
         error_type = body.get("errorType") if isinstance(body, dict) else None
-        detail = body.get("error") if isinstance(body, dict) else response.text[:200].strip()
+        detail = body.get("error") if isinstance(body, dict) else _text(content[:200]).strip()
         if status == 503 or error_type in ("timeout", "canceled", "unavailable"):
             if error_type == "timeout":
                 raise PrometheusError("timeout", f"Prometheus timed out evaluating a query: {detail}")
@@ -225,8 +249,29 @@ class PrometheusClient:
             return None
         if not isinstance(body, dict) or body.get("status") != "success" or "data" not in body:
             raise PrometheusError("bad_answer", f"Prometheus answered 200 without a success body: "
-                                  f"{response.text[:200]!r}")
+                                  f"{_text(content[:200])!r}")
         return body["data"]
+
+
+def _too_large(limit: int) -> "PrometheusError":
+    return PrometheusError("bad_answer", f"Prometheus answered more than {limit} bytes (--max-answer-bytes): "
+                                         "the query covers more than this service reads")
+
+
+def _text(content: bytes) -> str:
+    return content.decode("utf-8", "replace")
+
+
+async def _decoded(response: httpx.Response, content: bytes):
+    """A JSON answer's body (None when it is not JSON): a large one decoded in a worker thread."""
+    if "json" not in response.headers.get("content-type", ""):
+        return None
+    try:
+        if len(content) > DECODE_IN_THREAD_BYTES:
+            return await asyncio.to_thread(json.loads, content)
+        return json.loads(content)
+    except ValueError:      # (UnicodeDecodeError included)
+        return None
 
 
 def answer_delay_of(status: int, flags_page: str) -> float:

@@ -12,6 +12,8 @@ from pathlib import Path
 DEFAULT_ANALYTICS_PORT = 8000
 DEFAULT_EXPORTER_PORT = 9105
 DEFAULT_PROMETHEUS_PORT = 9090
+# The largest answer the analytics read from Prometheus (analytics.prometheus says why there is one).
+DEFAULT_MAX_ANSWER_BYTES = 64 << 20
 EXIT_BAD_INPUT = 2
 
 

@@ -3,6 +3,7 @@ stopped, paused, starting or misbehaving Prometheus maps to 503 / 504 / 502."""
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -199,6 +200,103 @@ def test_the_service_deadline_bounds_a_request_of_many_prometheus_calls():
                         max_concurrency=1)
     with serve(settings) as client:
         assert_error(client.get("/api/training/analytics/summary"), 504, "timeout")
+
+
+def big_vector(series: int) -> bytes:
+    """A vector answer of `series` series, as Prometheus writes it."""
+    return json.dumps({"status": "success", "data": {"resultType": "vector", "result": [
+        {"metric": {"__name__": "trainer_job_info", "job_id": f"job-{i:06d}"}, "value": [1.0, "1"]}
+        for i in range(series)]}}).encode()
+
+
+@pytest.mark.parametrize("declared", [True, False], ids=["with Content-Length", "streamed"])
+def test_an_answer_past_max_answer_bytes_is_502_naming_the_flag(declared):
+    """An answer was read whole, however large (a proxy's loop, a query over a fleet far larger than ours filled
+    the service's memory): it is read up to --max-answer-bytes, refused at once when its length says more."""
+    body = big_vector(30_000)
+    assert len(body) > 2 << 20
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/-/ready":
+            return empty_vector(request)
+        if declared:
+            return httpx.Response(200, content=body, headers={"content-type": "application/json"})
+
+        async def chunks():
+            for start in range(0, len(body), 65536):
+                yield body[start:start + 65536]
+        return httpx.Response(200, content=chunks(), headers={"content-type": "application/json"})
+
+    with serve(Settings(transport=answering(handler), max_answer_bytes=1 << 20)) as client:
+        assert_error(client.get("/api/training/analytics/summary"), 502, "prometheus_bad_answer",
+                     "Prometheus answered more than 1048576 bytes (--max-answer-bytes)")
+
+    async def read_within(limit: int) -> int:
+        client = PrometheusClient("http://prometheus", transport=httpx.MockTransport(handler), max_answer_bytes=limit)
+        try:
+            return len(await client.query("trainer_job_info"))
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(read_within(len(body))) == 30_000
+    with pytest.raises(PrometheusError, match="more than"):
+        asyncio.run(read_within(len(body) - 1))
+
+
+def test_an_answer_trickled_past_the_deadline_frees_its_slot():
+    """httpx's timeouts bound each read: an answer that kept coming, a byte at a time, held its connection slot
+    past the caller's deadline for as long as it came, and with every slot held every later request timed out."""
+    trickling = [True]
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if trickling and request.url.path != "/-/ready":
+            trickling.clear()
+
+            async def drip():
+                yield b'{"status": "success", "data": {"resultType": "vector", "result": ['
+                while True:
+                    await asyncio.sleep(0.05)
+                    yield b" "
+            return httpx.Response(200, content=drip(), headers={"content-type": "application/json"})
+        return empty_vector(request)
+
+    settings = Settings(transport=httpx.MockTransport(handler), prometheus_deadline=0.5, service_deadline=5,
+                        max_concurrency=1)
+    with serve(settings) as client:
+        assert_error(client.get("/api/training/run-1/analytics"), 504, "prometheus_timeout")
+        assert_error(client.get("/api/training/run-1/analytics"), 404, "not_found")
+
+
+def test_a_large_answer_is_decoded_off_the_event_loop(monkeypatch):
+    """JSON decoding is CPU (a 17 MB range answer: 0.7 s), and every other request of the service waited for it on the
+    event loop."""
+    from trainmetrics.analytics import prometheus as module
+
+    threads = []
+
+    class RecordingJson:
+        @staticmethod
+        def loads(content):
+            threads.append(threading.current_thread())
+            return json.loads(content)
+
+    monkeypatch.setattr(module, "json", RecordingJson)
+    sizes = {"small": 10, "large": 12_000}
+
+    async def main():
+        def handler(request: httpx.Request) -> httpx.Response:
+            series = sizes[CapturingTransport.params(request)["query"]]
+            return httpx.Response(200, content=big_vector(series), headers={"content-type": "application/json"})
+
+        client = PrometheusClient("http://prometheus", transport=httpx.MockTransport(handler))
+        try:
+            return [len(await client.query(name)) for name in sizes]
+        finally:
+            await client.aclose()
+
+    assert len(big_vector(sizes["large"])) > module.DECODE_IN_THREAD_BYTES > len(big_vector(sizes["small"]))
+    assert asyncio.run(main()) == [10, 12_000]
+    assert threads[0] is threading.main_thread() and threads[1] is not threading.main_thread()
 
 
 # ----- a real Prometheus: stopped, paused, starting -------------------------------------------------------

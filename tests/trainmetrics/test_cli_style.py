@@ -59,6 +59,7 @@ BAD = [
     (["analytics", "--request-timeout", "inf"], "--request-timeout"),
     (["analytics", "--listen", "nowhere:99999"], "--listen"),
     (["analytics", "--cache-entries", "-1"], "--cache-entries"),
+    (["analytics", "--max-answer-bytes", "0"], "--max-answer-bytes"),
     (["analytics", "--prometheus-url", "ftp://x"], "--prometheus-url"),
     (["server", "--data-dir", "/proc/forbidden", "--listen", "127.0.0.1:0"], "--data-dir"),
     (["server", "--data-dir", "/proc/self/status", "--listen", "127.0.0.1:0"],
