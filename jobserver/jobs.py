@@ -16,7 +16,8 @@ from trainmetrics.contract import (BUILTIN_DATASETS, FINAL_STATES, JOB_STATES, S
                                   validate_job_id)
 from trainmetrics.datafiles import csv_columns, first_columns
 from trainmetrics.edge import ApiError
-from trainmetrics.jobfiles import CHECKPOINT_PATTERN, list_checkpoints, open_regular
+from trainmetrics.jobfiles import (CHECKPOINT_PATTERN, PLACEMENT_WAIT_NAME, list_checkpoints, open_regular,
+                                   read_small_text)
 from trainmetrics.jobserver import stacks
 from trainmetrics.hangs import HangFeed
 from trainmetrics.reports import ReportArchive
@@ -63,6 +64,19 @@ class JobService:
         self.discovery_read_at: float | None = None     # when a scraper last read the service discovery
         # The last stacks request per job: (monotonic time, the run asked, each rank's stacks-file length before).
         self._stacks_asked: dict[str, tuple[float, object, dict[int, int]]] = {}
+
+    def _view(self, job: JobRecord) -> dict:
+        """The API view of a job, with `waiting_for`: what a running job waits for before any of its processes
+        starts (Ray to place its ranks), as its launcher says it; else None."""
+        return {**job.public(), "waiting_for": self._placing(job)}
+
+    def _placing(self, job: JobRecord) -> str | None:
+        if job.state != "running":
+            return None
+        try:
+            return read_small_text(self.supervisor.job_path(job.id) / PLACEMENT_WAIT_NAME)
+        except OSError:
+            return None
 
     def owner(self, caller: str | None) -> str:
         """The owner recorded on jobs and datasets: the caller's, or 'default' without tokens."""
@@ -124,7 +138,7 @@ class JobService:
         if not self.store.add_job(job):
             raise ApiError(409, "conflict", f"job_id: {job_id!r} exists")
         self.supervisor.tick()
-        return self.store.get_job(job_id).public()
+        return self._view(self.store.get_job(job_id))
 
     def _target(self, record: DatasetRecord, asked: str | None) -> str:
         """The target column of a job on an uploaded CSV: the spec's, which must be one of its columns, else the
@@ -141,12 +155,12 @@ class JobService:
         """The caller's jobs, oldest first, optionally in one state."""
         if state is not None and state not in JOB_STATES:
             raise ApiError(400, "bad_request", f"state: one of {', '.join(JOB_STATES)}")
-        return [job.public() for job in self.store.list_jobs(self.owner(caller), (state,) if state else None)]
+        return [self._view(job) for job in self.store.list_jobs(self.owner(caller), (state,) if state else None)]
 
     def get(self, caller: str | None, job_id: str) -> dict:
         """One job, with its checkpoint count and whether its analytics report is stored."""
         job = self.job(caller, job_id)
-        return {**job.public(), "checkpoints": len(list_checkpoints(self.supervisor.checkpoint_dir(job.id))),
+        return {**self._view(job), "checkpoints": len(list_checkpoints(self.supervisor.checkpoint_dir(job.id))),
                 "report_stored": self.store.get_report(job.id) is not None}
 
     def stop(self, caller: str | None, job_id: str, outcome: str) -> tuple[int, dict]:
@@ -157,12 +171,12 @@ class JobService:
             # No process publishes this end: the server does (waiting_jobs), for a job without a run handle.
             self.store.update_job(job.id, state="cancelled", ended=time.time(), resume=False, pid=None, handle=None)
             self.supervisor.abandon(job)
-            return 200, self.store.get_job(job.id).public()
+            return 200, self._view(self.store.get_job(job.id))
         try:
             self.supervisor.request_stop(job, outcome)
         except StopRefused as error:
             raise ApiError(409, "conflict", str(error)) from None
-        return 202, self.store.get_job(job.id).public()
+        return 202, self._view(self.store.get_job(job.id))
 
     def resume(self, caller: str | None, job_id: str) -> dict:
         """Paused, or failed with a checkpoint: queued again, to continue from its last checkpoint."""
@@ -173,7 +187,7 @@ class JobService:
                                             "a checkpoint, resume")
         self.store.update_job(job.id, state="queued", resume=True, ended=None, error=None, report=None)
         self.supervisor.tick()
-        return self.store.get_job(job.id).public()
+        return self._view(self.store.get_job(job.id))
 
     def request_stacks(self, caller: str | None, job_id: str) -> tuple[dict, Path, dict[int, int] | None, float]:
         """Ask a running job's ranks for their thread stacks: (the job, its directory, each rank's stacks-file
@@ -187,18 +201,18 @@ class JobService:
         path, nproc = self.supervisor.job_path(job.id), job.spec.get("nproc", 1)
         run = self.supervisor.runs.get(job.id)
         if job.state != "running" or run is None:
-            return job.public(), path, None, time.time()
+            return self._view(job), path, None, time.time()
         now = time.monotonic()
         asked = self._stacks_asked.get(job.id)
         if asked is not None and asked[1] is run and now - asked[0] < stacks.ANSWER_SECONDS:
-            return job.public(), path, asked[2], asked[3]
+            return self._view(job), path, asked[2], asked[3]
         before, asked_at = stacks.sizes(path, nproc), time.time()
         if not self.supervisor.executor.request_stacks(run):
-            return job.public(), path, None, asked_at
+            return self._view(job), path, None, asked_at
         self._stacks_asked = {other: entry for other, entry in self._stacks_asked.items()
                               if now - entry[0] < stacks.ANSWER_SECONDS}
         self._stacks_asked[job.id] = (now, run, before, asked_at)
-        return job.public(), path, before, asked_at
+        return self._view(job), path, before, asked_at
 
     # ----- checkpoints and downloads -----------------------------------------------------------------
     def checkpoints(self, caller: str | None, job_id: str) -> dict:
@@ -288,6 +302,9 @@ class JobService:
         no process published (no run handle: cancelled while queued or paused, one that could not start, one
         whose process was killed without a result), so that Prometheus, and the analytics' ledger, see it end."""
         waiting = [(job.id, job.state, job.created, None) for job in self.store.list_jobs(states=("queued", "paused"))]
+        # Running as the server sees it, but no process yet: queued, as far as Prometheus and the ledger are concerned.
+        waiting += [(job.id, "queued", job.created, None) for job in self.store.list_jobs(states=("running",))
+                    if self._placing(job) is not None]
         ended = self.store.ended_without_run(FINAL_STATES, time.time() - FINAL_STATE_HOLD_SECONDS)
         return waiting + [(job.id, job.state, job.created, job.ended) for job in ended]
 

@@ -27,8 +27,8 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from trainmetrics.contract import SPAWN_BLOCKED_SIGNALS, STACKS_SIGNAL, STOP_SIGNALS, ExitCode, exit_code_for
-from trainmetrics.jobfiles import (CONTROL_FILE_NAME, LOG_NAME, RESULT_FILE_NAME, STACKS_REQUEST_NAME,
-                                   read_small_text, write_result)
+from trainmetrics.jobfiles import (CONTROL_FILE_NAME, LOG_NAME, PLACEMENT_WAIT_NAME, RESULT_FILE_NAME,
+                                   STACKS_REQUEST_NAME, read_small_text, replace_atomically, write_result)
 
 CONTROL_POLL_SECONDS = 0.2
 # A placement Ray has not made this long is said in the job's log (once), with what the cluster has.
@@ -113,9 +113,11 @@ def gpus_per_rank(device: str, cluster_gpus: float) -> int:
     return 1 if cluster_gpus >= 1 else 0
 
 
-def wait_for_placement(group, nproc: int, gpus: int, stop_requested) -> str | None:
+def wait_for_placement(group, nproc: int, gpus: int, stop_requested, job_dir: Path) -> str | None:
     """Wait until Ray has placed the ranks' bundles; the stop requested meanwhile, if one is (the wait had no
-    end: a pause was never carried out, a cancel waited out the server's grace and its kill)."""
+    end: a pause was never carried out, a cancel waited out the server's grace and its kill). Past
+    PLACEMENT_SAY_SECONDS, what it waits for is said in the log and in the job's PLACEMENT_WAIT_NAME file (the
+    caller removes it): the job server showed such a job `running`, with nothing behind it."""
     ready = group.ready()
     began, said = time.monotonic(), False
     while not ray.wait([ready], timeout=CONTROL_POLL_SECONDS)[0]:
@@ -127,10 +129,11 @@ def wait_for_placement(group, nproc: int, gpus: int, stop_requested) -> str | No
             resources = ray.cluster_resources()
             cpus, gpu_count = resources.get("CPU", 0), resources.get("GPU", 0)
             short = cpus < nproc or gpu_count < nproc * gpus
-            print(f"waiting for Ray to place {nproc} rank(s), one CPU{' and one GPU' if gpus else ''} each: the "
-                  f"cluster has {cpus:g} CPU(s) and {gpu_count:g} GPU(s) in all"
-                  f"{', fewer than the job needs' if short else ''}; pause or cancel the job to stop waiting",
-                  flush=True)
+            waiting_for = (f"Ray to place {nproc} rank(s), one CPU{' and one GPU' if gpus else ''} each: the cluster "
+                           f"has {cpus:g} CPU(s) and {gpu_count:g} GPU(s) in all"
+                           f"{', fewer than the job needs' if short else ''}")
+            print(f"waiting for {waiting_for}; pause or cancel the job to stop waiting", flush=True)
+            replace_atomically(job_dir / PLACEMENT_WAIT_NAME, waiting_for)
     return None
 
 
@@ -158,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         stopped.append("cancelled")
 
     signal.signal(signal.SIGTERM, on_sigterm)
+    (args.job_dir / PLACEMENT_WAIT_NAME).unlink(missing_ok=True)     # an earlier launcher's, killed while it waited
     already = control_request(args.job_dir)
     if already is not None:              # stopped before anything started: the outcome at once
         return ended_before_start(args.job_dir, already)
@@ -168,8 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_sigterm)
     gpus = gpus_per_rank(requested_device(train_args), ray.cluster_resources().get("GPU", 0))
     group = placement_group([{"CPU": 1, "GPU": gpus} if gpus else {"CPU": 1}] * args.nproc, strategy="SPREAD")
-    outcome = wait_for_placement(group, args.nproc, gpus,
-                                 lambda: control_request(args.job_dir) or next(iter(stopped), None))
+    try:
+        outcome = wait_for_placement(group, args.nproc, gpus,
+                                     lambda: control_request(args.job_dir) or next(iter(stopped), None), args.job_dir)
+    finally:
+        (args.job_dir / PLACEMENT_WAIT_NAME).unlink(missing_ok=True)
     if outcome is not None:
         remove_placement_group(group)
         return ended_before_start(args.job_dir, outcome)

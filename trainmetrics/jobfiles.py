@@ -25,6 +25,9 @@ CONTROL_FILE_NAME = "control"
 # A request for every rank's thread stacks that no signal can reach: a number the job server raises, read by
 # the run's launcher, which passes SIGUSR2 on to every rank.
 STACKS_REQUEST_NAME = "stacks.request"
+# What a run waits for before any rank starts (Ray to place its ranks), written by its launcher while it waits past
+# a few seconds, removed once it stops waiting: the job server shows the job queued meanwhile, and why.
+PLACEMENT_WAIT_NAME = "placement.wait"
 # A result is a few hundred bytes; anything far larger is not ours.
 MAX_RESULT_BYTES = 1 << 20
 

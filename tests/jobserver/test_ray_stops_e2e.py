@@ -49,9 +49,10 @@ def test_rays_own_stop_of_the_submission_cancels_the_job_after_a_checkpoint(ray_
                                                                 "train.log").read_text()
 
 
-def test_a_job_ray_cannot_place_stops_at_once_when_cancelled(ray_server):
-    """Three ranks on a two-CPU cluster: `running` with nothing behind it, a pause never carried out, a cancel
-    that waited out the 60 s grace and its kill."""
+def test_a_job_ray_cannot_place_says_so_and_stops_at_once_when_cancelled(ray_server):
+    """Three ranks on a two-CPU cluster: `running` with nothing behind it (the job API said nothing of the wait,
+    Prometheus had no state of the job), a pause never carried out, a cancel that waited out the 60 s grace and
+    its kill."""
     server, _ = ray_server
     submit(server, "unplaced-1", nproc=3)
     client = server.client()
@@ -61,11 +62,27 @@ def test_a_job_ray_cannot_place_stops_at_once_when_cancelled(ray_server):
         assert time.monotonic() < deadline, "the launcher never said it waits for a placement"
         time.sleep(0.2)
     assert "fewer than the job needs" in log.read_text()
+    job = client.get("/api/training/jobs/unplaced-1").json()
+    assert job["state"] == "running", job
+    assert job["waiting_for"] == ("Ray to place 3 rank(s), one CPU and one GPU each: the cluster has 2 CPU(s) and "
+                                  "2 GPU(s) in all, fewer than the job needs"), job
+    # No process publishes the job's state: the server does, queued (as the goodput ledger counts the wait).
+    wait_for_text(client, 'trainer_job_state{job_id="unplaced-1",state="queued"} 1.0')
     asked = time.monotonic()
     assert client.post("/api/training/jobs/unplaced-1/cancel").status_code == 202
     ended = wait_job(client, "unplaced-1", lambda job: job["state"] != "running", timeout=50)
-    assert (ended["state"], ended["exit_code"]) == ("cancelled", 3), ended
+    assert (ended["state"], ended["exit_code"], ended["waiting_for"]) == ("cancelled", 3, None), ended
     assert time.monotonic() - asked < 30          # not the grace's kill
+    assert not (server.data_dir / "jobs" / "unplaced-1" / "placement.wait").exists()
+    wait_for_text(client, 'trainer_job_state{job_id="unplaced-1",state="cancelled"} 1.0')
+
+
+def wait_for_text(client, line: str, timeout: float = 10) -> None:
+    """Wait until the server's /metrics holds `line` (it lists the jobs without a process once a tick)."""
+    deadline = time.monotonic() + timeout
+    while line not in client.get("/metrics").text.splitlines():
+        assert time.monotonic() < deadline, f"not in the server's /metrics: {line}"
+        time.sleep(0.2)
 
 
 def test_a_rank_killed_by_a_signal_is_said_as_that_signal(ray_server):
