@@ -66,7 +66,6 @@ def analytics_get():
     return get
 
 
-
 @pytest.hookimpl(tryfirst=True)         # before -m reads the marks
 def pytest_collection_modifyitems(config, items):
     """Marks every test on the real Ray cluster `ray`: `make test` runs them on their own after the rest (a
