@@ -1,5 +1,6 @@
-"""A connection that keeps a Starlette service waiting for its request is closed after CLIENT_IDLE_SECONDS
-without a byte from it.
+"""uvicorn's HTTP/1.1 protocol as the Starlette services run it: a connection that keeps a service waiting for its
+request is closed after CLIENT_IDLE_SECONDS without a byte from it, and a request uvicorn cannot parse is answered
+in the services' one error shape (uvicorn's own answer is text).
 
 uvicorn keeps a connection for as long as its client does while it waits for the request line, the headers
 or the body: a client that connects and sends nothing, or stops halfway, holds a descriptor and a task for
@@ -14,15 +15,25 @@ import asyncio
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from trainmetrics.edge import error_response
+
 CLIENT_IDLE_SECONDS = 30.0
 
 
 def client_timeout_protocol(seconds: float = CLIENT_IDLE_SECONDS) -> type[H11Protocol]:
     """uvicorn's h11 protocol, closing a connection whose client has been silent for `seconds` while the
-    server waited for it."""
+    server waited for it, and answering a request it cannot parse with a JSON 400."""
 
     class ClientTimeoutProtocol(H11Protocol):
         _silence: asyncio.TimerHandle | None = None
+
+        def send_400_response(self, msg: str) -> None:
+            response = error_response(400, "bad_request", f"malformed HTTP request: {msg}")
+            headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
+            for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"),
+                          h11.Data(data=response.body), h11.EndOfMessage()):
+                self.transport.write(self.conn.send(event))
+            self.transport.close()
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)

@@ -1,5 +1,6 @@
 """The Starlette services cut a client that keeps them waiting for its request, and only such a client."""
 
+import json
 import socket
 import subprocess
 import sys
@@ -103,3 +104,22 @@ def test_a_slow_answer_and_a_slow_steady_body_are_not_cut(service):
             yield b"x" * 100
 
     assert httpx.post(f"{url}/upload", content=body(), timeout=10).text == "600"
+
+
+@pytest.mark.parametrize("request_bytes", [b"GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n",
+                                           b"\x16\x03\x01\x00\xa5\x01\r\n\r\n", b"GET /a b HTTP/1.1\r\n\r\n"],
+                         ids=["a header without a colon", "a TLS hello to the plain port", "a space in the path"])
+def test_a_request_uvicorn_cannot_parse_is_a_json_400(service, request_bytes):
+    """uvicorn answered it itself, in text ("Invalid HTTP request received."), where every other error of the
+    services is the JSON error shape."""
+    port, _ = service
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
+        client.sendall(request_bytes)
+        answer = b""
+        while chunk := client.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 "), answer
+    assert b"content-type: application/json" in head.lower(), answer
+    error = json.loads(body)["error"]
+    assert error["code"] == "bad_request" and error["message"].startswith("malformed HTTP request"), error
