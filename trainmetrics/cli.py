@@ -7,6 +7,7 @@ the same way: one line on stderr naming the flag as typed, exit code 2 (trainmet
 
 import argparse
 import importlib
+import re
 import sys
 
 from trainmetrics.command import FlagError, HelpFormatter, fail
@@ -30,6 +31,10 @@ class OneLineErrorParser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.commands: dict[str, argparse.ArgumentParser] = {}     # the top level's: each command's parser
+        # A word of a minus and a digit is a value: argparse's own rule took `-1d` and `-1e-3` for flags ("--lookback:
+        # expected one argument"), so the flag's own check never said what is wrong with them. No flag of ours
+        # starts with a digit. (argparse reads this attribute where it tells flags from values.)
+        self._negative_number_matcher = re.compile(r"^-[0-9]")
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message}\n")

@@ -112,6 +112,17 @@ def test_bad_input_is_one_line_naming_the_flag(args, flag):
     one_line_error(args, flag)
 
 
+@pytest.mark.parametrize("args,said", [
+    (["analytics", "--lookback", "-1d"], "--lookback: expected a duration like 30m, 24h or 7d (at most 90d), "
+                                         "got '-1d'"),
+    (["train", "--lr", "-1e-3"], "--lr must be above 0, got -0.001"),
+])
+def test_a_value_starting_with_a_minus_is_the_flags_value(args, said):
+    """argparse took `-1d` and `-1e-3` for flags of their own ("argument --lookback: expected one argument"):
+    only `-1` and `-0.5` were values. No flag of ours starts with a digit."""
+    one_line_error(args, said)
+
+
 @pytest.mark.parametrize("command", ["analytics", "server", "exporter"])
 def test_a_port_in_use_is_one_line_naming_the_flag(command, tmp_path):
     with socket.socket() as taken:
