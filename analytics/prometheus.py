@@ -144,7 +144,7 @@ class PrometheusClient:
                 response, content = await self._fetch("GET", "/flags", self.deadline)
         except (httpx.HTTPError, PrometheusError):
             return None
-        return answer_delay_of(response.status_code, content.decode("utf-8", "replace"))
+        return answer_delay_of(response.status_code, _text(content))
 
     async def ready(self) -> None:
         """Return when Prometheus answers /-/ready with 200; raise PrometheusError otherwise."""

@@ -73,10 +73,7 @@ class JobService:
     def _placing(self, job: JobRecord) -> str | None:
         if job.state != "running":
             return None
-        try:
-            return read_small_text(self.supervisor.job_path(job.id) / PLACEMENT_WAIT_NAME)
-        except OSError:
-            return None
+        return read_small_text(self.supervisor.job_path(job.id) / PLACEMENT_WAIT_NAME)     # (None: no such file)
 
     def owner(self, caller: str | None) -> str:
         """The owner recorded on jobs and datasets: the caller's, or 'default' without tokens."""

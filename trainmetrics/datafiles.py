@@ -73,8 +73,7 @@ def read_csv(path: Path, target: str = DEFAULT_TARGET) -> tuple[np.ndarray, np.n
                     raise DatasetError(f"{path}: line {line_number} has {len(row)} fields, "
                                        f"the header has {len(header)}")
                 try:
-                    text = "".join(row)
-                    if "_" in text or not text.isascii():      # float() reads them: see _is_number
+                    if _spelled_oddly("".join(row)):      # float() reads them: one check for the row
                         raise ValueError
                     values = [float(cell) for cell in row]
                 except ValueError:
@@ -113,10 +112,15 @@ def _is_integer(text: str) -> bool:
     return True
 
 
+def _spelled_oddly(text: str) -> bool:
+    """Characters float() reads in a number that a CSV's reader (a spreadsheet, numpy) takes for text: `_` digit
+    separators (`1_000`), and Unicode digits (Arabic-Indic, full-width) and spaces."""
+    return "_" in text or not text.isascii()
+
+
 def _is_number(text: str) -> bool:
-    """A number as a CSV writes one: float()'s spelling in ASCII, without its `_` digit separators (`1_000`) and its
-    Unicode digits (Arabic-Indic, full-width) and spaces, which a spreadsheet or numpy reads as text."""
-    if "_" in text or not text.isascii():
+    """A number as a CSV writes one: float()'s spelling, none of it spelled oddly."""
+    if _spelled_oddly(text):
         return False
     try:
         float(text)
