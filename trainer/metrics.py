@@ -40,7 +40,8 @@ from trainmetrics.signals import signals_to_take
 from trainmetrics.trainer import instruments as inst
 from trainmetrics.trainer.evaluations import Evaluation, EvaluationHistory
 from trainmetrics.trainer.histograms import DurationHistogram
-from trainmetrics.trainer.phases import CHECKPOINT, COMPUTE, CURRENT_PHASES, DATA, ENDED, EVAL, PAUSED, PhaseClock
+from trainmetrics.trainer.phases import (CHECKPOINT, COMPUTE, CURRENT_PHASES, DATA, ENDED, EVAL, LOOP_PHASES, PAUSED,
+                                         PhaseClock)
 from trainmetrics.trainer.spikes import LossSpikeDetector
 from trainmetrics.trainer.stopping import CANCEL_SIGNALS
 from trainmetrics.trainer.watchdog import StackWatch
@@ -72,6 +73,13 @@ class JobInfo:
     world_size: int = 1
     upload_seconds: float | None = None
     submitted_at: float | None = None      # unix time the job was submitted (the job server knows)
+
+    def __post_init__(self):
+        # Label values: a None or a number here failed deep in the exposition, or at the first scrape.
+        for name in ("job_name", "model", "dataset", "owner", "device"):
+            value = getattr(self, name)
+            if not isinstance(value, str) and not (value is None and name in ("job_name", "owner")):
+                raise TypeError(f"JobInfo.{name} must be text, not {type(value).__name__}")
 
 
 @dataclass(frozen=True)
@@ -189,7 +197,7 @@ class JobMetrics:
         self.step_times = DurationHistogram(inst.DURATION_BUCKETS)
         self.data_waits = DurationHistogram(inst.DURATION_BUCKETS)
         self.checkpoint_durations = DurationHistogram(inst.CHECKPOINT_BUCKETS)
-        self.phases = PhaseClock(self.data_waits)
+        self.phases = PhaseClock()
         self.spikes = LossSpikeDetector(self.diagnostics.loss_spike_z, self.diagnostics.loss_spike_warmup)
         self.log_every = max(1, int(log_every))
         self.on_log = on_log
@@ -331,7 +339,7 @@ class JobMetrics:
         self._checkpoint_duration = histogram(inst.CHECKPOINT_DURATION, self.checkpoint_durations)
         if self._lifecycle:
             observe(inst.JOB_INFO, lambda: 1, labels=self._labels)
-            observe_each(inst.JOB_STATE, "state", lambda: [(state, int(state == self.state)) for state in JOB_STATES])
+            observe_each(inst.JOB_STATE, "state", lambda: _one_of(self.state, JOB_STATES))
             observe_each(inst.JOB_FAILURE, "error_type", lambda: [(self.error_type, 1)] if self.error_type else [])
             observe(inst.JOB_START, lambda: self.start_time)
             observe(inst.JOB_END, lambda: self.end_time)
@@ -351,8 +359,7 @@ class JobMetrics:
         observe(inst.EVALUATIONS, lambda: self.evaluations.count, counter=True, carried=True)
         observe(inst.EVAL_LOSS_MIN, lambda: self.eval_loss_min)
         observe(inst.EVAL_ACCURACY_MAX, lambda: self.eval_accuracy_max)
-        observe_each(inst.PHASE, "phase",
-                     lambda: [(phase, int(phase == self.phases.phase)) for phase in CURRENT_PHASES])
+        observe_each(inst.PHASE, "phase", lambda: _one_of(self.phases.phase, CURRENT_PHASES))
         observe(inst.PHASE_SINCE, lambda: self.phases.unix(self.phases.since))
         observe(inst.LAST_STEP, self.phases.last_step_unix)
         observe(inst.PROGRESS, self.phases.progress_unix)
@@ -729,11 +736,15 @@ class JobMetrics:
     def timed(self, batches: Iterable) -> Iterator:
         """Yield from `batches`, recording how long each batch took to arrive (data-loader wait): every wait
         on the loader is one, its start (iter(): a DataLoader starts its workers) in the first batch's and the
-        wait that ends the pass (the loader joins its workers) one of its own."""
+        wait that ends the pass (the loader joins its workers) one of its own. A wait that begins in a phase the
+        loop marked (an evaluation's loader iterated in `phase("eval")`) is that phase's time, not data wait."""
         clock, waits, pushed, phases = time.perf_counter, self.data_waits, self._pushed, self.phases
         counts, bounds = waits.counts, waits.bounds
-        began = self._last_step_end = clock()
-        phases.phase, phases.since = DATA, began
+        began = clock()
+        ours = phases.mark[0] in LOOP_PHASES
+        if ours:
+            self._last_step_end = began
+            phases.mark = (DATA, began, waits.sum, phases.mark[3])
         iterator = None
         while True:
             try:
@@ -741,29 +752,33 @@ class JobMetrics:
                     iterator = iter(batches)
                 batch = next(iterator)
             except BaseException as error:      # the pass ended, or the loader failed: its wait was data wait
-                self._waited_without_batch(began)
+                if ours:
+                    self._waited_without_batch(began)
                 if isinstance(error, StopIteration):
                     return
                 raise
-            arrived = clock()
-            waited = arrived - began
-            counts[bisect_left(bounds, waited)] += 1
-            waits.sum += waited
-            phases.phase, phases.since = COMPUTE, arrived
-            if pushed:
-                self._buffer(self._pending_data_waits, waited)
+            if ours:
+                arrived = clock()
+                waited = arrived - began
+                counts[bisect_left(bounds, waited)] += 1
+                waits.sum += waited
+                phases.mark = (COMPUTE, arrived, waits.sum, phases.mark[3])
+                if pushed:
+                    self._buffer(self._pending_data_waits, waited)
             yield batch
             began = clock()
-            phases.phase, phases.since = DATA, began
+            ours = phases.mark[0] in LOOP_PHASES
+            if ours:
+                phases.mark = (DATA, began, waits.sum, phases.mark[3])
 
     def _waited_without_batch(self, began: float) -> None:
         """A wait on the loader that brought no batch (the end of the pass, or its failure): data wait all the
         same; what follows it is not."""
         ended = time.perf_counter()
-        waits = self.data_waits
+        waits, phases = self.data_waits, self.phases
         waits.counts[bisect_left(waits.bounds, ended - began)] += 1
         waits.sum += ended - began
-        self.phases.phase, self.phases.since = COMPUTE, ended
+        phases.mark = (COMPUTE, ended, waits.sum, phases.mark[3])
         if self._pushed:
             self._buffer(self._pending_data_waits, ended - began)
 
@@ -796,7 +811,7 @@ class JobMetrics:
                     self._buffer(self._pending_step_durations, duration)
             self._last_step_end = now
             phases = self.phases
-            if phases.phase != COMPUTE:          # leaving the optimizer or a collective the loop marked
+            if phases.mark[0] != COMPUTE:        # leaving the optimizer or a collective the loop marked
                 phases.enter(COMPUTE, now)
             phases.last_step = phases.progress = now
             self.steps += 1
@@ -807,13 +822,18 @@ class JobMetrics:
             if loss is not None:
                 losses = self._losses
                 if getattr(loss, "is_cpu", False):      # a CPU tensor: read now, no sync to avoid, no tensor kept
+                    value = loss.item()
+                    if value.__class__ is bool:          # a tensor of bools: True would be a loss of 1
+                        raise TypeError("a bool is not a loss")
                     pending = losses.floats
-                    pending.append(loss.item())
+                    pending.append(value)
                 elif hasattr(loss, "detach"):            # on an accelerator: kept, read once per interval
+                    if _is_bool(loss):
+                        raise TypeError("a bool is not a loss")
                     pending = losses.tensors
                     pending.append(loss.detach())
                 else:
-                    if loss.__class__.__name__ in ("bool", "bool_"):     # numpy's too: True would be a loss of 1
+                    if _is_bool(loss):                   # numpy's too: True would be a loss of 1
                         raise TypeError("a bool is not a loss")
                     if isinstance(loss, (str, bytes)):                   # float("2.0") would read it
                         raise TypeError("text is not a loss")
@@ -1024,7 +1044,7 @@ def _whole_count(value) -> int:
     """`value` as a count: an int of any integer type (numpy's, a 0-d integer tensor) or a whole float of any type
     (8.0, numpy's float32, a 0-d float tensor: a mask's sum);
     TypeError or ValueError for a bool, a fraction, a negative number, NaN or anything else."""
-    if isinstance(value, bool) or str(getattr(value, "dtype", "")) in ("bool", "torch.bool"):     # numpy's, torch's
+    if _is_bool(value):
         raise TypeError("a bool")
     if isinstance(value, (str, bytes)):          # float("8") would read it
         raise TypeError("text")
@@ -1043,10 +1063,25 @@ def _whole_count(value) -> int:
     return count
 
 
+def _one_of(current: str, names: tuple[str, ...]) -> list[tuple[str, int]]:
+    """1 for `current`, 0 for the other names: read once by the caller, so that a scrape while it changes shows
+    one of them at 1, not two or none."""
+    return [(name, int(name == current)) for name in names]
+
+
 def _resumed_phase(previous: str) -> str:
     """The phase to go back to when a marked one ends: the one it was marked in (init before training, an
     evaluation around a collective), compute where the loop was waiting for data."""
     return COMPUTE if previous == DATA else previous
+
+
+def _is_bool(value) -> bool:
+    """True for a bool, numpy's bool_, or a tensor or array of bools: float() reads True as 1, no measure of
+    anything."""
+    if value.__class__.__name__ in ("bool", "bool_"):
+        return True
+    dtype = getattr(value, "dtype", None)
+    return dtype is not None and str(dtype) in ("torch.bool", "bool")
 
 
 def _finite_float(value, what: str = "an evaluation result") -> float | None:
@@ -1054,7 +1089,7 @@ def _finite_float(value, what: str = "an evaluation result") -> float | None:
     if value is None:
         return None
     try:
-        if value.__class__.__name__ in ("bool", "bool_"):       # numpy's too: True is no measure of 1
+        if _is_bool(value):
             raise TypeError("a bool")
         number = float(value)
     except (TypeError, ValueError):

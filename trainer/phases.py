@@ -2,8 +2,10 @@
 `trainer_phase_since_timestamp_seconds`, `trainer_last_step_timestamp_seconds` and
 `trainer_phase_seconds_total{phase}`.
 
-The loop pays for a phase change with two attribute stores (the phase, the perf_counter it began): every
-sum is made when something collects. Every second of the process falls in exactly one accounted phase:
+The loop pays for a phase change with one attribute store, `mark`: the phase, the perf_counter it began, and
+the data wait and finished phases' seconds summed as it began, in one tuple, so that a scrape never sees a phase's
+seconds summed while the phase has not yet been left (it counted them twice, and kept them: each total only
+grows). Every sum is made when something collects. Every second of the process falls in exactly one accounted phase:
 `init` (process start to training start, the wait for a first scrape included; for a process's later job,
 from its creation), `restore` (loading a checkpoint), `data_wait`, `optimizer` and `collective` (where the
 loop marks them), `eval`, `checkpoint`, and `compute`, the rest of the loop: `compute` is never summed, it is
@@ -23,6 +25,9 @@ from trainmetrics.contract import ACCOUNTED_PHASES
 INIT, RESTORE, DATA, COMPUTE, OPTIMIZER, COLLECTIVE, EVAL, CHECKPOINT, PAUSED, ENDED = (
     "init", "restore", "data_wait", "compute", "optimizer", "collective", "eval", "checkpoint", "paused", "ended")
 CURRENT_PHASES = (INIT, RESTORE, DATA, COMPUTE, OPTIMIZER, COLLECTIVE, EVAL, CHECKPOINT, PAUSED, ENDED)
+# The phases a data-loader wait counts as data wait in (JobMetrics.timed): the loop's own; a wait in a phase the
+# loop marked (an evaluation's loader) is that phase's time.
+LOOP_PHASES = (INIT, DATA, COMPUTE)
 # Phases whose time is summed as they end (compute is what the loop's time leaves over; the data wait the loop
 # sums itself).
 SUMMED = (RESTORE, OPTIMIZER, COLLECTIVE, EVAL, CHECKPOINT)
@@ -59,17 +64,17 @@ def job_start_time() -> float:
 class PhaseClock:
     """The current phase and the time spent per phase, for one process (carried totals from a checkpoint).
 
-    The data wait is summed by the loop itself (JobMetrics.timed adds each wait to `data_waits.sum`), so the
-    loop sets `phase` and `since` directly around it, without enter()."""
+    The data wait is summed by the loop itself (JobMetrics.timed), which sets `mark` directly around each wait,
+    without enter()."""
 
-    def __init__(self, data_waits):
-        self.data_waits = data_waits
-        self.phase = INIT
-        self.since = time.perf_counter()                  # when the current phase began (perf_counter)
+    def __init__(self):
+        # (the phase now, the perf_counter it began, the loop's data wait then, this process's finished summed phases
+        # then, by name): replaced whole, never changed in place (the module's docstring).
+        self.mark: tuple[str, float, float, dict[str, float]] = (
+            INIT, time.perf_counter(), 0.0, dict.fromkeys(SUMMED, 0.0))
         self.process_start = job_start_time()             # unix seconds (its creation for a process's later jobs)
         self.loop_began: float | None = None              # perf_counter at training start
         self.loop_ended: float | None = None
-        self.summed = dict.fromkeys(SUMMED, 0.0)          # this process's finished phases, by name
         self.before_loop = 0.0                            # of which before training started (a restore...)
         self.carried = dict.fromkeys(ACCOUNTED_PHASES, 0.0)   # the job's totals at the checkpoint resumed from
         self.last_step: float | None = None               # perf_counter of the last completed step
@@ -84,6 +89,16 @@ class PhaseClock:
         # perf_counter to unix time: one fixed offset, so published times do not jitter.
         self._epoch = time.time() - time.perf_counter()
 
+    @property
+    def phase(self) -> str:
+        """The phase this process is in now."""
+        return self.mark[0]
+
+    @property
+    def since(self) -> float:
+        """The perf_counter the current phase began."""
+        return self.mark[1]
+
     def unix(self, perf: float) -> float:
         """A perf_counter reading as unix seconds."""
         return self._epoch + perf
@@ -91,11 +106,12 @@ class PhaseClock:
     def enter(self, phase: str, now: float | None = None) -> None:
         """Leave the current phase for `phase`: the time of a summed phase is added as it ends."""
         now = time.perf_counter() if now is None else now
-        if self.phase in self.summed:
-            self.summed[self.phase] += now - self.since
-            if self.phase in (EVAL, CHECKPOINT) and self.loop_began is not None:
+        previous, since, data_waited, summed = self.mark
+        if previous in summed:
+            summed = {**summed, previous: summed[previous] + now - since}
+            if previous in (EVAL, CHECKPOINT) and self.loop_began is not None:
                 self.progress = now
-        self.phase, self.since = phase, now
+        self.mark = (phase, now, data_waited, summed)
 
     def last_step_unix(self) -> float | None:
         """Unix time of the last completed step."""
@@ -109,7 +125,8 @@ class PhaseClock:
         """Training starts: init is over."""
         self.enter(COMPUTE, now)
         self.loop_began = self.progress = now
-        self.before_loop = sum(self.summed.values()) + self.data_waits.sum
+        _, _, data_waited, summed = self.mark
+        self.before_loop = sum(summed.values()) + data_waited
 
     def end_loop(self, phase: str) -> None:
         """Training is over (the run's final state): the clock stops."""
@@ -122,9 +139,8 @@ class PhaseClock:
         counted as far as it has gone; each never below what was published before."""
         with self._lock:
             now = time.perf_counter()
-            summed = dict(self.summed)
-            summed[DATA] = self.data_waits.sum
-            phase, since = self.phase, self.since
+            phase, since, data_waited, finished = self.mark
+            summed = {**finished, DATA: data_waited}
             if phase in summed:
                 summed[phase] += now - since
             marked = {"restore": summed[RESTORE], "data_wait": summed[DATA], "optimizer": summed[OPTIMIZER],

@@ -19,6 +19,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from trainmetrics.metrics_http import SCRAPE_TIMEOUT_HEADER
 from trainmetrics.prometheus_process import find_binary
 from trainmetrics.trainer import evaluations, instruments
+from trainmetrics.trainer import metrics as metrics_module
+from trainmetrics.trainer.histograms import DurationHistogram
 from trainmetrics.trainer.metrics import JobInfo, JobMetrics
 from trainmetrics.trainer.telemetry import Publish
 
@@ -315,14 +317,21 @@ def test_a_bool_is_no_loss_and_no_evaluation_result():
     metrics.step(loss=True, samples=1)
     metrics.step(loss=np.bool_(True), samples=1)
     metrics.step(loss=0.75, samples=1)
+    for flag in (torch.tensor(True), np.array(True)):      # a 0-d tensor or array of bools is a flag too
+        metrics.step(loss=flag, samples=1)
+        metrics.step(loss=0.75, samples=1)
+    metrics.set_learning_rate(0.5)
     metrics.eval(loss=0.5, accuracy=0.5)
-    metrics.eval(loss=False, accuracy=True)
-    assert metrics.steps == 4
+    for true, false in ((True, False), (torch.tensor(True), torch.tensor(False)), (np.array(True), np.array(False))):
+        metrics.eval(loss=false, accuracy=true)
+        metrics.set_learning_rate(true)
+    assert metrics.steps == 8
     found = samples_by_name(metrics)
-    assert metrics.loss_first == 0.25 and metrics.loss_intervals == 2
+    assert metrics.loss_first == 0.25 and metrics.loss_intervals == 4 and metrics.loss_sum == 0.25 + 3 * 0.75
     assert found["trainer_loss"][0].value == 0.75
     assert found["trainer_eval_accuracy_max_ratio"][0].value == 0.5
     assert found["trainer_eval_loss_min"][0].value == 0.5
+    assert found["trainer_learning_rate"][0].value == 0.5
     metrics.close()
 
 
@@ -605,6 +614,15 @@ def test_a_failure_is_said_once_per_job_not_once_per_process(caplog):
         second.close()
 
 
+def test_job_info_that_is_not_text_is_refused_in_one_line():
+    """JobInfo(model=None) failed in the exposition's escaping: AttributeError, 'NoneType' object has no attribute
+    'replace'."""
+    for fields in ({"model": None}, {"dataset": 3}, {"owner": b"bytes"}, {"device": None}):
+        with pytest.raises(TypeError, match=f"JobInfo.{next(iter(fields))} must be text, not"):
+            JobInfo(**fields)
+    assert JobInfo(job_name=None, owner=None).owner is None
+
+
 def test_a_non_finite_learning_rate_keeps_the_last_one():
     metrics = JobMetrics("lib-lr")
     try:
@@ -645,6 +663,117 @@ def test_marked_phases_nest_and_before_training_they_are_not_init_too():
     assert sum(totals.values()) == pytest.approx(age, abs=0.02)
     assert totals["eval"] == pytest.approx(0.25, abs=0.03) and totals["collective"] == pytest.approx(0.05, abs=0.02)
     assert totals["data_wait"] >= 0.05 and totals["compute"] < 0.05
+
+
+def test_a_scrape_between_the_loops_stores_counts_a_finished_data_wait_once(monkeypatch):
+    """A scrape after timed() added a wait to the data-wait sum and before it left the data phase counted the
+    wait twice (the sum, and the phase in progress since the wait began), and the total kept it: each only grows.
+    Here a scrape is made at that moment, from inside each store of a histogram's sum."""
+    jobs, read_at_the_store = [], []
+
+    class ReadOnStore(DurationHistogram):
+        __slots__ = ("_sum",)
+
+        @property
+        def sum(self):
+            return self._sum
+
+        @sum.setter
+        def sum(self, value):
+            self._sum = value
+            if jobs:
+                read_at_the_store.append(sum(jobs[0].phases.totals().values()))
+
+    def slow_loader():
+        for batch in range(3):
+            time.sleep(0.05)
+            yield batch
+
+    monkeypatch.setattr(metrics_module, "DurationHistogram", ReadOnStore)
+    metrics = JobMetrics("lib-phase-tear")
+    jobs.append(metrics)
+    try:
+        metrics.start()
+        for _ in metrics.timed(slow_loader()):
+            metrics.step(loss=1.0, samples=1)
+        totals = metrics.phases.totals()
+        age = time.time() - metrics.phases.process_start
+    finally:
+        metrics.close()
+    assert len(read_at_the_store) >= 4 and max(read_at_the_store) <= age + 1e-3     # a double count: 0.05 s
+    assert sum(totals.values()) == pytest.approx(age, abs=0.01)
+    assert totals["data_wait"] == pytest.approx(0.15, abs=0.02)
+
+
+def test_scrapes_while_phases_change_never_count_more_than_the_process_lived():
+    """A scrape between a marked phase's seconds being summed and the phase being left counted them twice, and
+    kept them (a 0.5 s checkpoint read as 1 s). Scrapes here run beside checkpoints with the interpreter switching
+    threads as often as it can."""
+    metrics = JobMetrics("lib-phase-race")
+    over, done = [], threading.Event()
+
+    def scrape():
+        while not done.is_set():
+            total = sum(metrics.phases.totals().values())
+            age = time.time() - metrics.phases.process_start
+            if total > age + 1e-3:
+                over.append(total - age)
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    scraper = threading.Thread(target=scrape)
+    try:
+        metrics.start()
+        scraper.start()
+        for _ in range(300):
+            with metrics.checkpoint():
+                time.sleep(0.002)
+            with metrics.phase("eval"):
+                time.sleep(0.002)
+    finally:
+        done.set()
+        scraper.join()
+        sys.setswitchinterval(switch)
+        metrics.close()
+    assert over == []
+
+
+def test_phase_and_state_series_show_one_at_1_while_they_change(monkeypatch):
+    """The series read the phase (and the state) once for each name: a change between two reads showed two
+    phases at 1, or none. Here each read of the phase gives the next one."""
+    metrics = JobMetrics("lib-one-phase")
+    phases = iter(["compute", "data_wait"] * 20)
+    try:
+        metrics.start()
+        monkeypatch.setattr(type(metrics.phases), "phase", property(lambda self: next(phases)), raising=False)
+        at_1 = [sample.labels["phase"] for sample in samples_by_name(metrics)["trainer_phase"] if sample.value == 1]
+    finally:
+        metrics.close()
+    assert len(at_1) == 1
+
+
+def test_a_data_loader_iterated_in_a_marked_phase_is_that_phases_time():
+    """An evaluation's loader iterated with timed() inside phase("eval") set the phase to data wait and compute
+    itself: the evaluation's time went to compute and data wait, and the phase read compute during it."""
+    metrics = JobMetrics("lib-eval-loader")
+
+    def loader():
+        for batch in range(3):
+            time.sleep(0.03)
+            yield batch
+
+    try:
+        metrics.start()
+        with metrics.phase("eval"):
+            for _ in metrics.timed(loader()):
+                assert metrics.phases.phase == "eval"
+                time.sleep(0.03)
+        assert metrics.phases.phase == "compute"
+        totals = metrics.phases.totals()
+    finally:
+        metrics.close()
+    assert totals["eval"] == pytest.approx(0.18, abs=0.03)
+    assert totals["data_wait"] == 0 and metrics.data_waits.count == 0 and totals["compute"] < 0.03
 
 
 def test_an_unknown_phase_name_is_warned_once_and_counts_as_compute(caplog):
