@@ -7,7 +7,13 @@ escaping each metric and label name, sorting and quoting each sample's labels (~
 each family's header and each sample's `name{labels} ` prefix are made by prometheus_client's own escaping
 functions the first time they are seen and kept; a scrape then only formats the values. The kept prefixes
 are bounded (series whose label values keep changing cannot grow them without end).
+
+One difference: a label value holding a lone surrogate (a byte of a file name or an argument that is not UTF-8,
+as Python decodes it: a dataset's file name, a mount point) is written with U+FFFD in its place, where
+generate_latest raises and every scrape of the endpoint failed.
 """
+
+import re
 
 from prometheus_client.openmetrics import exposition as openmetrics
 from prometheus_client.utils import floatToGoString
@@ -20,6 +26,8 @@ MAX_PREFIXES = 10_000
 OPENMETRICS_SUFFIXES = ("_created", "_gsum", "_gcount")
 # OpenMetrics types as the text format spells them (the names of info and counter families change too).
 TEXT_TYPES = {"info": "gauge", "stateset": "gauge", "gaugehistogram": "histogram", "unknown": "untyped"}
+# What UTF-8 cannot carry: a surrogate code point on its own.
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def family_header(name: str, kind: str, documentation: str) -> str:
@@ -33,7 +41,7 @@ def sample_prefix(name: str, labels: dict[str, str]) -> str:
     """`name{labels} `, escaped and ordered as generate_latest writes them."""
     label_text = ",".join(
         '{}="{}"'.format(openmetrics.escape_label_name(key, ESCAPING),
-                         openmetrics._escape(value, openmetrics.ALLOWUTF8, False))
+                         openmetrics._escape(LONE_SURROGATE.sub("\ufffd", value), openmetrics.ALLOWUTF8, False))
         for key, value in sorted(labels.items()))
     escaped = openmetrics.escape_metric_name(name, ESCAPING)
     return f"{escaped}{{{label_text}}} " if label_text else f"{escaped} "

@@ -4,6 +4,7 @@ cases (non-finite values, label values that are not text, escaping, counts past 
 
 import logging
 import math
+import urllib.request
 from collections import Counter
 
 import pytest
@@ -161,6 +162,22 @@ def test_awkward_values_and_labels_are_the_exporters_line_for_line():
         assert lines_apart(ours, exporters_text({"job_id": "series-3"}, families)) == ([], [])
     assert 'slots{job_id="series-3",slot="1"} 2.5' in ours and "nothing_now" not in ours
     assert "never_anything" not in ours and "not_a_number" not in ours
+
+
+def test_a_job_whose_labels_utf8_cannot_carry_is_still_scraped():
+    """A dataset file or an argument whose name is not UTF-8 (Python keeps its bytes as lone surrogates) made
+    every scrape of the job answer 500: Prometheus never saw the job, and its end waited out the linger."""
+    metrics = JobMetrics("series-odd", JobInfo(model="mlp", dataset="da\udcfft", job_name="n\udce9e"),
+                         publish=Publish(targets_dir=None, job_dir=None))
+    try:
+        metrics.start()
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics.metrics_port}/metrics", timeout=10) as response:
+            text = response.read().decode("utf-8")
+    finally:
+        metrics.finish("completed")
+        metrics.close()
+    info = [line for line in text.splitlines() if line.startswith("trainer_job_info{")]
+    assert len(info) == 1 and 'dataset="da\ufffdt"' in info[0] and 'job_name="n\ufffde"' in info[0]
 
 
 def test_a_reader_that_raises_leaves_its_family_out_says_so_once_and_the_others_stay(caplog):

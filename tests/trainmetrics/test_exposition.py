@@ -53,6 +53,24 @@ def test_the_text_is_generate_latests_byte_for_byte_scrape_after_scrape():
     assert b'odd \\"value\\" \\\\ with\\nnewline' in expected and b"name_with_dots" in expected
 
 
+def test_a_label_value_utf8_cannot_carry_is_written_with_a_replacement_character():
+    """A byte of a file name that is not UTF-8 reaches Python as a lone surrogate (a mount point, a dataset's
+    name): encoding the text raised, and every scrape of the endpoint answered 500."""
+    registry = CollectorRegistry()
+
+    class Odd:
+        def collect(self):
+            gauge = GaugeMetricFamily("disk_free", "Free bytes.", labels=["mountpoint"])
+            gauge.add_metric(["/mnt/da\udcfft"], 1.0)
+            gauge.add_metric(["/mnt/\ud800 and ü"], 2.0)
+            yield gauge
+
+    registry.register(Odd())
+    text = TextExposition().render(registry).decode("utf-8")
+    assert 'disk_free{mountpoint="/mnt/da\ufffdt"} 1.0' in text
+    assert 'disk_free{mountpoint="/mnt/\ufffd and ü"} 2.0' in text
+
+
 def test_kept_prefixes_are_bounded_and_still_right_after_the_cache_starts_again():
     class ChangingLabels:
         def __init__(self):
