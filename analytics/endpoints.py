@@ -48,6 +48,8 @@ def _owner_filter(request: Request) -> str | None:
     owner = _owner(request) or request.query_params.get("owner")
     if owner is not None and len(owner) > MAX_NAME_LENGTH:      # (the summary sends it to Prometheus, quoted)
         raise BadParameter("owner", f"at most {MAX_NAME_LENGTH} characters, as a job's owner is")
+    if owner == "":     # the table's filter read it as "owned by ''" (no job), PromQL's owner="" as "no owner"
+        raise BadParameter("owner", "empty: name an owner, or leave the parameter out for everyone's jobs")
     return owner
 
 
@@ -65,7 +67,8 @@ def parse_duration(parameter: str, text: str) -> float:
     """'90s', '15m', '24h', '7d', '1h30m' or plain seconds -> seconds in (0, 90 d]; BadParameter otherwise."""
     text = text.strip()
     seconds = None
-    if not text.isascii():     # float() and \d would read other scripts' digits: the syntax is ASCII only
+    # float() would read other scripts' digits, and 1_000: the syntax is ASCII digits, a point and the units only
+    if not text.isascii() or "_" in text:
         raise BadParameter(parameter, f"expected a duration like 30m, 24h or 7d (at most 90d), got {text[:80]!r}")
     try:
         seconds = float(text)
@@ -156,14 +159,20 @@ async def summary(request: Request) -> Response:
     fmt = _format(request, tabular=True)
     range_seconds = parse_duration("range", request.query_params.get("range", DEFAULT_SUMMARY_RANGE))
     minimum_step = q.range_step(range_seconds)
+    if range_seconds < minimum_step:
+        raise BadParameter("range", f"at least {minimum_step:g}s (the window a rate is read over)")
     if "step" in request.query_params:
         step = parse_duration("step", request.query_params["step"])
         if step < minimum_step:
             raise BadParameter("step", f"at least {minimum_step:g}s for this range (the "
                                        f"{q.PEAK_RATE_WINDOW_SECONDS:g}s a rate is read over, and at most "
                                        f"{q.MAX_POINTS_PER_SERIES} points)")
-    else:
-        step = max(minimum_step, range_seconds / DEFAULT_TREND_POINTS)
+        if step > range_seconds:      # its one point fell before the range, and the trends read 0
+            raise BadParameter("step", f"at most the range ({range_seconds:g}s)")
+        if round(step * 1000, 6) != round(step * 1000):     # the points are whole milliseconds apart
+            raise BadParameter("step", f"a whole number of milliseconds, got {step:g}s")
+    else:       # (whole milliseconds, as the grid's points are: the trends' sums times the step add up)
+        step = math.ceil(max(minimum_step, range_seconds / DEFAULT_TREND_POINTS) * 1000) / 1000
     owner = _owner_filter(request)
     body = await fleet.summary(request.state.prometheus, range_seconds, step, owner,
                                recorded=_settings(request).recorded_series)
@@ -179,7 +188,7 @@ async def compare(request: Request) -> Response:
     raw = request.query_params.get("job_ids")
     if not raw:
         raise BadParameter("job_ids", "required: a comma-separated list of job ids")
-    job_ids = [part.strip() for part in raw.split(",")]
+    job_ids = [part.strip(" ") for part in raw.split(",")]     # "a, b"; other white space is no part of an id
     if len(job_ids) > MAX_COMPARE_JOBS:
         raise BadParameter("job_ids", f"at most {MAX_COMPARE_JOBS} jobs, got {len(job_ids)}")
     for job_id in job_ids:

@@ -25,7 +25,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from trainmetrics.contract import JOB_STATES, SPAWN_BLOCKED_SIGNALS, Trainer
-from trainmetrics.edge import ApiError, Component, read_json
+from trainmetrics.edge import ApiError, Component, error_response, read_json
 from trainmetrics.jobserver import stacks
 from trainmetrics.jobserver.executors import ExecutorUnavailable, build_executor
 from trainmetrics.jobserver.hangs import HangStacks
@@ -298,8 +298,45 @@ def _download(handle: BinaryIO, filename: str) -> Response:
     large checkpoint, ETag, HEAD without a read): served through /proc/self/fd, which opens the file this
     descriptor holds even once it is deleted; the descriptor is closed when the answer was sent."""
     fd = handle.fileno()
-    return FileResponse(f"/proc/self/fd/{fd}", stat_result=os.fstat(fd), filename=filename,
-                        media_type="application/octet-stream", background=BackgroundTask(handle.close))
+    return _RangeErrorsAsJson(FileResponse(f"/proc/self/fd/{fd}", stat_result=os.fstat(fd), filename=filename,
+                                           media_type="application/octet-stream",
+                                           background=BackgroundTask(handle.close)), handle)
+
+
+class _RangeErrorsAsJson(Response):
+    """A FileResponse whose own answers to a Range it cannot serve (400 malformed, 416 past the file's end, in
+    plain text, and without running its background task) are the API's error shape, the descriptor closed."""
+
+    ERRORS = {400: ("bad_request", "Range header: {}"), 416: ("range_not_satisfiable", "Range header: {}")}
+
+    def __init__(self, response: FileResponse, handle: BinaryIO):
+        self.response, self.handle = response, handle
+        self.status_code, self.background = response.status_code, None
+
+    async def __call__(self, scope, receive, send) -> None:
+        refused: dict = {}
+
+        async def sending(message) -> None:
+            if message["type"] == "http.response.start" and message["status"] in self.ERRORS:
+                refused.update(message, text=b"")
+            elif refused:
+                refused["text"] += message.get("body", b"")
+                if not message.get("more_body", False):
+                    code, wording = self.ERRORS[refused["status"]]
+                    said = refused["text"].decode("utf-8", "replace").removeprefix("Range header: ")
+                    reason = said or ("not a byte range this file has" if refused["status"] == 416 else "malformed")
+                    headers = {key.decode("latin-1"): value.decode("latin-1") for key, value in refused["headers"]
+                               if key.lower() == b"content-range"}
+                    await error_response(refused["status"], code, wording.format(reason), headers)(scope, receive,
+                                                                                                  send)
+            else:
+                await send(message)
+
+        try:
+            await self.response(scope, receive, sending)
+        finally:
+            if refused:
+                self.handle.close()
 
 
 async def job_stacks(request: Request) -> JSONResponse:

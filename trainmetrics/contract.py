@@ -18,6 +18,9 @@ from typing import Callable
 # ----- job ids -------------------------------------------------------------------------------------------
 
 JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# Ids the API's paths cannot tell from their own words: /api/training/jobs/analytics is job `analytics` on the job
+# server and would be the analytics of a job `jobs`.
+RESERVED_JOB_IDS = frozenset({"jobs"})
 
 
 def validate_job_id(job_id: str) -> str:
@@ -28,6 +31,9 @@ def validate_job_id(job_id: str) -> str:
             f"invalid job id {shown!r}: must match {JOB_ID_PATTERN.pattern} "
             "(letters, digits, '.', '_', '-'; first a letter or digit; at most 64 characters)"
         )
+    if job_id in RESERVED_JOB_IDS:
+        raise ValueError(f"invalid job id {job_id!r}: a word of the API's paths (/api/training/{job_id}/analytics "
+                         "would be another route's)")
     return job_id
 
 

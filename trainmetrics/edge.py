@@ -10,6 +10,7 @@ them behind one edge.
 import asyncio
 import contextlib
 import copy
+import ipaddress
 import json
 import logging
 from dataclasses import dataclass, field
@@ -199,6 +200,10 @@ class EdgeMiddleware:
         if _cross_site(scope):
             raise ApiError(403, "forbidden", "a request from another site's page: refused (a browser sent it "
                                              "for a web page; call the API from a client, not a page)")
+        if not self.web_config.users and self.authenticator is None and _rebound(scope):
+            raise ApiError(403, "forbidden", "Host is not a loopback name on a loopback connection: refused (a web "
+                                             "page whose name was made to point here; ask for 127.0.0.1 or "
+                                             "localhost, or run the server with --tokens)")
         if path in self.open_paths or path.startswith(self.self_checked):
             return None
         authorization = None
@@ -219,6 +224,36 @@ class EdgeMiddleware:
         if not self.authenticator.allows(owner, path):
             raise ApiError(403, "forbidden", f"this token may not use {path[:100]}")
         return owner
+
+
+def _rebound(scope) -> bool:
+    """True for a request that came in on a loopback address under a name that is not loopback (DNS rebinding):
+    a page's name made to resolve to 127.0.0.1 makes the browser take the server for that page's own, Origin and
+    Host alike, so _cross_site passes it, and without credentials it could read and change every job. Asked only
+    of a server without them; a client on the machine asks for 127.0.0.1, ::1 or localhost (any port)."""
+    server = scope.get("server")
+    if not server or not _loopback(str(server[0])):
+        return False
+    for key, value in scope.get("headers") or []:
+        if key == b"host":
+            host = value.decode("latin-1")
+            if host.startswith("["):            # [::1]:8000
+                host = host[1:].partition("]")[0]
+            elif host.count(":") == 1:          # name:port (more colons: an IPv6 address without a port)
+                host = host.partition(":")[0]
+            return not _loopback(host)
+    return False        # no Host (HTTP/1.0): no browser
+
+
+def _loopback(name: str) -> bool:
+    """127.0.0.0/8, ::1, localhost and its subdomains (RFC 6761: never anything but this machine)."""
+    name = name.lower().rstrip(".")
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 def _cross_site(scope) -> bool:

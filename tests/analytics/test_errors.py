@@ -90,6 +90,16 @@ BAD_PARAMETERS = {
                          "job_ids"),
     "job_ids repeated": ("/api/training/analytics/compare", {"job_ids": "a,b,a"}, "job_ids"),
     "a parameter given twice": ("/api/training/analytics/summary", [("range", "1h"), ("range", "2h")], "range"),
+    # The summary's trends were wrong or its figures at odds with them (the three below answered 200).
+    "step past the range": ("/api/training/analytics/summary", {"range": "1h", "step": "90d"}, "step"),
+    "step between milliseconds": ("/api/training/analytics/summary", {"range": "30m", "step": "1.0004"}, "step"),
+    "range under a rate's window": ("/api/training/analytics/summary", {"range": "0.5s"}, "range"),
+    "owner empty": ("/api/training/analytics/summary", {"range": "1h", "owner": ""}, "owner"),
+    "owner empty in the job list": ("/api/training/analytics/jobs", {"owner": ""}, "owner"),
+    "range with underscores": ("/api/training/analytics/summary", {"range": "1_000"}, "range"),
+    "a job id with a newline": ("/api/training/analytics/compare", {"job_ids": "a\n,b"}, "job_ids"),
+    "a job id with a tab": ("/api/training/analytics/compare", {"job_ids": "a,\tb"}, "job_ids"),
+    "a job id with a no-break space": ("/api/training/analytics/compare", {"job_ids": "a\u00a0,b"}, "job_ids"),
 }
 
 

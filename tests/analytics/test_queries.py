@@ -23,6 +23,7 @@ HOSTILE_IDS = {
     "65 chars": "a" * 65,
     "NUL": "a\x00b",
     "newline": "a\nb",
+    "a word of the paths": "jobs",       # /api/training/jobs/analytics is job `analytics` on the job server
     "emoji": "job-🚀",
     "dot-dot": "..",
     "path": "../etc",

@@ -200,6 +200,24 @@ def test_a_request_a_browser_sent_for_another_sites_page_is_refused(headers, ser
     assert client.get("/api/training/jobs", headers=headers).status_code == 200          # reading is no harm
 
 
+def test_a_loopback_server_without_tokens_answers_loopback_names_only(server_only):
+    """DNS rebinding: a page whose name was made to resolve to 127.0.0.1 is, to the browser, the server's own
+    origin (Origin and Host alike, so the cross-site check passed): it read every job and cancelled one (202)."""
+    client = server_only.client()
+    client.post("/api/training/jobs", json={"dataset": "blobs", "epochs": 1, "job_id": "rebind-1"})
+    port = server_only.port
+    page = {"host": f"rebind.evil.example:{port}", "origin": f"http://rebind.evil.example:{port}"}
+    for answer in (client.get("/api/training/jobs", headers=page),
+                   client.post("/api/training/jobs/rebind-1/cancel", headers=page),
+                   client.get("/api/training/analytics/summary", headers={"host": "10.1.2.3"})):
+        assert answer.status_code == 403 and "not a loopback name" in answer.json()["error"]["message"]
+    assert client.get("/api/training/jobs/rebind-1").json()["state"] != "cancelled"
+    for host in (f"localhost:{port}", "LOCALHOST", f"app.localhost:{port}", f"127.0.0.2:{port}", f"[::1]:{port}",
+                 "::1", f"127.0.0.1:{port}"):
+        assert client.get("/api/training/jobs", headers={"host": host}).status_code == 200, host
+    assert client.post("/api/training/jobs/rebind-1/cancel").status_code == 202
+
+
 @pytest.fixture(scope="module")
 def server_only(tmp_path_factory):
     server = Server(tmp_path_factory.mktemp("server"), extra=("--max-upload-bytes", "2000"))
@@ -286,6 +304,17 @@ def test_downloads_never_leave_the_job_dir(tmp_path):
         head = client.head(url)
         assert head.status_code == 200 and int(head.headers["content-length"]) == len(content)
         assert head.headers["content-disposition"] == f'attachment; filename="dl-1-{name}"'
+        # A Range it cannot serve is the API's error, as every other: it was plain text from the file answer.
+        fds = len(os.listdir(f"/proc/{server.process.pid}/fd"))
+        for _ in range(20):
+            past = client.get(url, headers={"Range": f"bytes={len(content) + 10}-{len(content) + 20}"})
+            assert past.status_code == 416 and past.json()["error"]["code"] == "range_not_satisfiable"
+            assert past.headers["content-range"] == f"bytes */{len(content)}"
+            for malformed in ("bytes=abc", "bytes=20-10", "lines=1-2"):
+                answer = client.get(url, headers={"Range": malformed})
+                assert answer.status_code == 400 and answer.json()["error"]["code"] == "bad_request", malformed
+                assert answer.json()["error"]["message"].startswith("Range header: ")
+        assert len(os.listdir(f"/proc/{server.process.pid}/fd")) < fds + 10      # each file's descriptor closed
     finally:
         server.stop()
 
@@ -311,6 +340,8 @@ def test_tokens_scope_jobs_to_their_owner(tmp_path):
         assert bob.get("/api/training/jobs/alice-1").status_code == 404
         assert bob.post("/api/training/jobs/alice-1/cancel").status_code == 404
         assert [j["job_id"] for j in bob.get("/api/training/jobs").json()["jobs"]] == []
+        # With tokens any name serves (a proxy in front passes the public one): a page has no token to send.
+        assert alice.get("/api/training/jobs", headers={"host": "trainmetrics.example"}).status_code == 200
     finally:
         server.stop()
 
