@@ -160,8 +160,8 @@ class ScrapeParts:
         from trainmetrics import metrics_http
         from trainmetrics.trainer import series
         self.wrap(metrics_http._Handler, "handle_one_request", "a request, all of it")
-        self.wrap(series.JobSeries, "render", "  the render (the callbacks and the text)")
-        self.wrap(metrics_http._Handler, "parse_request", "  the request line and headers (http.server)")
+        self.wrap(series.JobSeries, "render", "  the render (the readers and the text)")
+        self.wrap(metrics_http._Handler, "parse_request", "  the request line and headers")
         self.wrap(metrics_http._Handler, "_send", "  the write")
         self.wrap(metrics_http.MetricsHTTPServer, "delivered", "  the scraper log")
         return self

@@ -69,15 +69,10 @@ def analytics_get():
 @pytest.hookimpl(tryfirst=True)         # before -m reads the marks
 def pytest_collection_modifyitems(config, items):
     """Marks every test on the real Ray cluster `ray`: `make test` runs them on their own after the rest (a
-    session fixture; beside another worker's tests its Jobs API stopped answering for minutes on 2 cores). Under
-    pytest-xdist (`make test`: `-n 2 --dist loadgroup`) the rest share a worker by file (their module fixtures
-    start once), and tests/hardening all one (its session stack's killed job fires TargetDown in
-    test_zz_target_down.py, collected last)."""
-    grouped = config.pluginmanager.hasplugin("xdist")
+    session fixture; beside another worker's tests its Jobs API stopped answering for minutes on 2 cores). The
+    rest run on two pytest-xdist workers by file (`--dist loadfile`: a module's fixtures start once; xdist's
+    `loadgroup` marks no longer reach its scheduler under pytest 9, whose node ids it cannot suffix)."""
     for item in items:
         params = getattr(item, "callspec", None)
         if "ray_cluster" in item.fixturenames or (params is not None and params.params.get("executor") == "ray"):
             item.add_marker(pytest.mark.ray)
-        elif grouped:
-            path = item.nodeid.split("::")[0]
-            item.add_marker(pytest.mark.xdist_group("hardening" if path.startswith("tests/hardening/") else path))

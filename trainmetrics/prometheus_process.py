@@ -54,6 +54,26 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
+def listens_on(pid: int, port: int) -> bool:
+    """True when process `pid` holds a TCP socket listening on `port` (Linux: /proc/net/tcp and tcp6 name the
+    listening sockets' inodes, /proc/PID/fd the process's)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as rows:
+                next(rows, None)
+                for row in rows:
+                    fields = row.split()
+                    if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rpartition(":")[2], 16) == port:
+                        inodes.add(f"socket:[{fields[9]}]")
+        except OSError:
+            continue
+    try:
+        return any(os.readlink(f"/proc/{pid}/fd/{fd}") in inodes for fd in os.listdir(f"/proc/{pid}/fd"))
+    except OSError:         # gone, or a /proc this user cannot read: nothing to tell it by
+        return not os.path.isdir("/proc/self/fd")
+
+
 def render_config(targets_dir: Path, static_targets: dict[str, list[str]] | None = None,
                   rule_files: list[str] | None = None, alertmanagers: list[str] | None = None,
                   remote_write: list[str] | None = None, job_server: str | None = None,
@@ -117,6 +137,7 @@ class PrometheusServer:
         self.config_path = self.workdir / "prometheus.yml"
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self._port_chosen = port is None        # another may be taken in its place (_launch)
         self.static_targets = static_targets
         self.rule_files = rule_files
         self.alertmanagers = alertmanagers
@@ -148,18 +169,26 @@ class PrometheusServer:
         ]
         return self._launch(command, "/-/ready", timeout)
 
-    def _launch(self, command: list[str], ready_path: str, timeout: float):
-        """Start the command with its output in the log, and wait until ready_path answers 200."""
+    def _launch(self, command: list[str], ready_path: str, timeout: float, tries: int = 3):
+        """Start the command with its output in the log, and wait until ready_path answers 200 from it: not from
+        another process that took the port between free_port() and the bind (a parallel test's server, which
+        answered for this one while this one exited; a port this object chose is then chosen again)."""
         name = Path(command[0]).name
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"{name} exited with {self.process.returncode}: {self.log_path.read_text()[-2000:]}")
+                said = self.log_path.read_text(errors="replace")[-2000:]
+                if "address already in use" in said and self._port_chosen and tries > 1:
+                    taken, self.port = self.port, free_port()
+                    self.url = f"http://127.0.0.1:{self.port}"
+                    command = [part.replace(f"127.0.0.1:{taken}", f"127.0.0.1:{self.port}") for part in command]
+                    return self._launch(command, ready_path, deadline - time.monotonic(), tries - 1)
+                raise RuntimeError(f"{name} exited with {self.process.returncode}: {said}")
             try:
                 with urllib.request.urlopen(f"{self.url}{ready_path}", timeout=1) as response:
-                    if response.status == 200:
+                    if response.status == 200 and listens_on(self.process.pid, self.port):
                         return self
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass

@@ -1,0 +1,37 @@
+"""The test harness' real servers (trainmetrics.prometheus_process): each one a test starts is the one it talks to."""
+
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from trainmetrics.prometheus_process import PrometheusServer, listens_on
+
+
+class Ready(BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(b"ready\n")
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_port_another_server_took_before_the_bind_is_not_taken_for_ours(tmp_path):
+    """Two test workers can get the same free port: the other's server answered /-/ready for this one while this
+    one's process exited (address in use), and a test then paused a process that was not serving it (seen: a
+    'paused' Prometheus that answered 200)."""
+    prometheus = PrometheusServer(tmp_path)
+    squatter = ThreadingHTTPServer(("127.0.0.1", prometheus.port), Ready)
+    threading.Thread(target=squatter.serve_forever, daemon=True).start()
+    try:
+        prometheus.start()
+        try:
+            assert prometheus.port != squatter.server_address[1]
+            assert prometheus.url == f"http://127.0.0.1:{prometheus.port}"
+            assert listens_on(prometheus.process.pid, prometheus.port)
+            assert prometheus.query("vector(1)")[0]["value"][1] == "1"
+        finally:
+            prometheus.stop()
+    finally:
+        squatter.shutdown()
+        squatter.server_close()
