@@ -307,7 +307,7 @@ class _RangeErrorsAsJson(Response):
     """A FileResponse whose own answers to a Range it cannot serve (400 malformed, 416 past the file's end, in
     plain text, and without running its background task) are the API's error shape, the descriptor closed."""
 
-    ERRORS = {400: ("bad_request", "Range header: {}"), 416: ("range_not_satisfiable", "Range header: {}")}
+    CODES = {400: "bad_request", 416: "range_not_satisfiable"}
 
     def __init__(self, response: FileResponse, handle: BinaryIO):
         self.response, self.handle = response, handle
@@ -317,20 +317,20 @@ class _RangeErrorsAsJson(Response):
         refused: dict = {}
 
         async def sending(message) -> None:
-            if message["type"] == "http.response.start" and message["status"] in self.ERRORS:
+            if message["type"] == "http.response.start" and message["status"] in self.CODES:
                 refused.update(message, text=b"")
-            elif refused:
+            elif not refused:
+                await send(message)
+            else:
                 refused["text"] += message.get("body", b"")
                 if not message.get("more_body", False):
-                    code, wording = self.ERRORS[refused["status"]]
+                    status = refused["status"]
                     said = refused["text"].decode("utf-8", "replace").removeprefix("Range header: ")
-                    reason = said or ("not a byte range this file has" if refused["status"] == 416 else "malformed")
+                    reason = said or ("not a byte range this file has" if status == 416 else "malformed")
                     headers = {key.decode("latin-1"): value.decode("latin-1") for key, value in refused["headers"]
                                if key.lower() == b"content-range"}
-                    await error_response(refused["status"], code, wording.format(reason), headers)(scope, receive,
-                                                                                                  send)
-            else:
-                await send(message)
+                    answer = error_response(status, self.CODES[status], f"Range header: {reason}", headers)
+                    await answer(scope, receive, send)
 
         try:
             await self.response(scope, receive, sending)
