@@ -48,6 +48,7 @@ PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 MAX_MAPPING_BYTES = 64 * 1024       # a mapping is ~150 bytes: anything far larger is not one
 MAX_MAPPING_FILES = 100_000         # bounds the cache (~40 MiB) whatever lands in the directory
+PID_LIMIT = 1 << 22                 # Linux's largest pid_max: a larger pid names no process (and no /proc path)
 # O_NONBLOCK: opening a FIFO must not wait for a writer; O_NOFOLLOW: no symlink to /dev/zero or elsewhere.
 OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC
 SCAN_SHARE = 0.05                   # listing the directory may use at most this share of a core...
@@ -69,20 +70,25 @@ def parse_mapping(data: bytes) -> JobMapping:
     if not isinstance(raw, dict):
         raise ValueError("not a JSON object")
 
-    def integer(key: str, default: int | None = None, minimum: int = 0) -> int:
+    def integer(key: str, default: int | None = None, minimum: int = 0, limit: int | None = None) -> int:
         value = raw.get(key, default)
-        if type(value) is not int or value < minimum:  # type(), not isinstance(): True is not a pid
-            raise ValueError(f"{key} must be an integer >= {minimum}, got {str(value)[:40]!r}")
+        # type(), not isinstance(): True is not a pid. A bound: JSON's integers have no end, and 10**4200 as a pid
+        # made a /proc path too long for the kernel (an OSError that failed the collector, not this file).
+        if type(value) is not int or value < minimum or (limit is not None and value >= limit):
+            bounds = f">= {minimum}" if limit is None else f"from {minimum} to {limit - 1}"
+            raise ValueError(f"{key} must be an integer {bounds}, got {str(value)[:40]!r}")
         return value
 
     gpus = check_gpus(raw.get("gpus", []))     # host indices, or UUIDs where the trainer knew no index
     started = raw.get("started", 0.0)
-    if type(started) not in (int, float):
-        raise ValueError("started must be a number")
+    # A finite number: float(10**400) raised OverflowError, which failed the collector instead of this file.
+    if type(started) not in (int, float) or not -1e18 < started < 1e18:
+        raise ValueError("started must be a unix time")
     if "start_ticks" not in raw:
         raise ValueError("no start_ticks (written by an older trainmetrics?): cannot prove its process")
-    return JobMapping(job_id=validate_job_id(raw.get("job_id")), pid=integer("pid", minimum=1), gpus=gpus,
-                      rank=integer("rank", 0), started=float(started), start_ticks=integer("start_ticks"))
+    return JobMapping(job_id=validate_job_id(raw.get("job_id")), pid=integer("pid", minimum=1, limit=PID_LIMIT),
+                      gpus=gpus, rank=integer("rank", 0, limit=PID_LIMIT), started=float(started),
+                      start_ticks=integer("start_ticks"))
 
 
 def read_mapping_file(path: str) -> tuple[JobMapping, int]:
@@ -261,7 +267,7 @@ class JobTracker:
         """The fields of /proc/PID/stat after the command name, or None when the process is gone."""
         try:
             stat_text = read_bytes(f"{self.proc_root}/{pid}/stat")
-        except (FileNotFoundError, ProcessLookupError):
+        except OSError:         # gone (ENOENT, ESRCH), or never a process: no tree to count
             return None
         return stat_fields(stat_text)
 

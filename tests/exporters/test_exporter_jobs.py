@@ -264,3 +264,27 @@ def test_one_pass_over_several_jobs_reads_the_hosts_processes_once(tmp_path, sta
     time.sleep(jobs_module.PARENTS_MAX_AGE + 0.05)
     tracker.refresh_trees(2.0)
     assert len(readings) == 1
+
+
+@pytest.mark.parametrize("planted", [
+    {"job_id": "evil", "pid": 1, "start_ticks": 1, "started": 10**400},     # float(): OverflowError
+    {"job_id": "evil", "pid": 10**4200, "start_ticks": 1},                  # its /proc path: ENAMETOOLONG
+], ids=["started-past-float", "pid-past-any-path"])
+def test_a_number_no_mapping_can_hold_is_that_files_fault_only(planted, tmp_path):
+    """JSON's numbers have no end: such a file failed the whole listing (not one file), on every sample, so the
+    jobs collector and the gpu and energy collectors that use its attribution all reported success 0, and
+    every job's series went."""
+    from tests.exporters.exporter_fixtures import FIXTURE_JOB_DIR, build_fixture_host
+
+    job_dir = tmp_path / "jobs"
+    job_dir.mkdir()
+    for mapping in FIXTURE_JOB_DIR.iterdir():
+        (job_dir / mapping.name).write_bytes(mapping.read_bytes())
+    (job_dir / "evil.rank0.json").write_text(json.dumps(planted))
+    with pytest.raises(ValueError):
+        parse_mapping(json.dumps(planted).encode())
+    metrics = parse_exposition(build_fixture_host(job_dir=job_dir).sample_twice())
+    success = {labels[0][1]: value for labels, value in metrics["exporter_collector_success"].items()}
+    assert success["jobs"] == success["gpu"] == success["energy"] == 1
+    jobs = {dict(labels)["job_id"] for labels in metrics["process_cpu_time_seconds_total"]}
+    assert "mnist-1" in jobs and "evil" not in jobs
