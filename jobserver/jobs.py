@@ -228,8 +228,10 @@ class JobService:
     def open_model(self, caller: str | None, job_id: str) -> tuple[str, BinaryIO]:
         """The job's final weights file, opened (404 until it completed)."""
         job = self.job(caller, job_id)
-        return job.id, _open_file(self.supervisor.final_model(job.id),
-                                  f"job {job.id} has no final model (state {job.state})")
+        missing = f"job {job.id} has no final model (state {job.state})"
+        if job.state != "completed":    # written just before the process ends: running still, or killed after it
+            raise ApiError(404, "not_found", missing)
+        return job.id, _open_file(self.supervisor.final_model(job.id), missing)
 
     def open_checkpoint(self, caller: str | None, job_id: str, name: str) -> tuple[str, BinaryIO]:
         """One checkpoint file, opened, only by a checkpoint's name, only inside the job's directory."""

@@ -62,10 +62,11 @@ class ReportKeeper:
         if self.archive is None or self.archive.compute is None:
             return
         now, clock = time.time(), time.monotonic()
-        waiting = await self.call(self.store.jobs_to_report, FINAL_STATES, now - GIVE_UP_SECONDS, now - SETTLE_SECONDS)
-        for job_id in set(self._unsettled_since) - set(waiting):     # resumed (or given up): its next end starts afresh
+        ended = dict(await self.call(self.store.jobs_to_report, FINAL_STATES, now - GIVE_UP_SECONDS,
+                                     now - SETTLE_SECONDS))
+        for job_id in set(self._unsettled_since) - set(ended):     # resumed (or given up): its next end starts afresh
             del self._unsettled_since[job_id]
-        for job_id in [job_id for job_id in waiting if self._retry_at.get(job_id, 0.0) <= clock][:PER_ROUND]:
+        for job_id in [job_id for job_id in ended if self._retry_at.get(job_id, 0.0) <= clock][:PER_ROUND]:
             # The wait counts from the first answer that said "not settled" (not from a try Prometheus failed).
             waited = clock - self._unsettled_since.get(job_id, clock)
             try:
@@ -85,5 +86,5 @@ class ReportKeeper:
                 continue
             self._retry_at.pop(job_id, None)
             self._unsettled_since.pop(job_id, None)
-            await self.call(self.store.set_report, job_id, report)
-            log.info("job %s: its analytics report is stored", job_id)
+            if await self.call(self.store.keep_report, job_id, report, ended[job_id]):
+                log.info("job %s: its analytics report is stored", job_id)

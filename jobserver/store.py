@@ -222,20 +222,24 @@ class JobStore:
         self._execute(f"UPDATE jobs SET {assignments} WHERE id = ?", (*changes.values(), job_id))
 
     # ----- stored analytics reports ------------------------------------------------------------------
-    def set_report(self, job_id: str, report: str | None) -> None:
-        """Keep a job's analytics report (JSON text), or forget it (None)."""
-        self._execute("UPDATE jobs SET report = ? WHERE id = ?", (report, job_id))
-
     def get_report(self, job_id: str) -> tuple[str, str] | None:
         """(owner, report JSON) of a job with a stored report."""
         rows = self._execute("SELECT owner, report FROM jobs WHERE id = ? AND report IS NOT NULL", (job_id,))
         return (rows[0]["owner"], rows[0]["report"]) if rows else None
 
-    def jobs_to_report(self, states: tuple[str, ...], ended_after: float, ended_before: float) -> list[str]:
-        """Ids of jobs in one of `states` that ended in (ended_after, ended_before] without a stored report."""
-        rows = self._execute(f"SELECT id FROM jobs WHERE report IS NULL AND state IN ({','.join('?' * len(states))}) "
-                             "AND ended > ? AND ended <= ? ORDER BY ended", (*states, ended_after, ended_before))
-        return [row["id"] for row in rows]
+    def keep_report(self, job_id: str, report: str, ended: float) -> bool:
+        """Keep the report of the run that ended at `ended`; False (nothing kept) when the job has moved on since
+        (resumed: its end is gone, or another run's), so a report computed meanwhile is not the job's for good."""
+        return bool(self._execute("UPDATE jobs SET report = ? WHERE id = ? AND ended = ? AND report IS NULL "
+                                  "RETURNING id", (report, job_id, ended)))
+
+    def jobs_to_report(self, states: tuple[str, ...], ended_after: float,
+                       ended_before: float) -> list[tuple[str, float]]:
+        """(id, end) of jobs in one of `states` that ended in (ended_after, ended_before] without a stored report."""
+        rows = self._execute(f"SELECT id, ended FROM jobs WHERE report IS NULL AND state IN "
+                             f"({','.join('?' * len(states))}) AND ended > ? AND ended <= ? ORDER BY ended",
+                             (*states, ended_after, ended_before))
+        return [(row["id"], row["ended"]) for row in rows]
 
     # ----- endpoints (HTTP service discovery) -------------------------------------------------------------
     def set_endpoint(self, job_id: str, rank: int, address: str, scheme: str) -> None:

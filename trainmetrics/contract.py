@@ -37,6 +37,15 @@ def validate_job_id(job_id: str) -> str:
     return job_id
 
 
+def _job_id_problem(job_id: str) -> str | None:
+    """What is wrong with a job id, for the job spec's check (None: nothing)."""
+    if not JOB_ID_PATTERN.fullmatch(job_id):
+        return f"must be letters, digits, '.', '_', '-' (first a letter or digit; at most 64), got {job_id[:80]!r}"
+    if job_id in RESERVED_JOB_IDS:
+        return f"{job_id!r} is a word of the API's paths"
+    return None
+
+
 def new_job_id() -> str:
     """A fresh, valid job id: job-<UTC time>-<random hex>."""
     return f"job-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
@@ -287,9 +296,8 @@ _KIND_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "tru
 _SERVER_SETS = "set by the job server"
 TRAIN_OPTIONS: tuple[Option, ...] = (
     # job
-    Option("job_id", str, None, "job id, ^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$ (default: job-<UTC time>-<random>)",
-           "job", problem=lambda v: None if JOB_ID_PATTERN.fullmatch(v) else
-           f"must be letters, digits, '.', '_', '-' (first a letter or digit; at most 64), got {v[:80]!r}"),
+    Option("job_id", str, None, "job id, ^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$, not 'jobs' "
+           "(default: job-<UTC time>-<random>)", "job", problem=lambda v: _job_id_problem(v)),
     Option("job_name", str, None, "human-readable name (default: the job id)", "job",
            problem=lambda v: f"at most {MAX_NAME_LENGTH} characters" if len(v) > MAX_NAME_LENGTH else None),
     Option("owner", str, None, "owner label on trainer_job_info (default: none)", "job",

@@ -145,6 +145,9 @@ def test_cancel_queue_and_invalid_transitions(tmp_path, executor):
         assert client.post("/api/training/jobs/long-1/resume").status_code == 409
         assert client.get("/api/training/jobs/long-1/checkpoints").json()["checkpoints"]   # final checkpoint
         assert client.get("/api/training/jobs/long-1/download/model").status_code == 404   # never finished
+        # Nor with the weights there (a job killed after writing them, or still running: served before).
+        (tmp_path / "jobs" / "long-1" / "checkpoints" / "model.pt").write_bytes(b"weights")
+        assert client.get("/api/training/jobs/long-1/download/model").status_code == 404
     finally:
         server.stop()
 
@@ -167,6 +170,8 @@ def test_cancel_queue_and_invalid_transitions(tmp_path, executor):
     # A NUL reached the job's argv: Popen refused it on every tick, and no queued job started again.
     ({"target": "la\x00bel"}, "target"), ({"target": "a\tb"}, "target"), ({"dataset": "ds\x00"}, "dataset"),
     ({"device": "cpu\x00"}, "device"),
+    # Accepted, then refused by the trainer: a failed job no route could reach (its path was 400 too).
+    ({"job_id": "jobs"}, "job_id"),
 ])
 def test_bad_job_specs_are_400_naming_the_field(body, field, server_only):
     response = server_only.client().post("/api/training/jobs", json=body)

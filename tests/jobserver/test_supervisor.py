@@ -372,6 +372,33 @@ def test_a_report_that_says_the_ended_job_goes_on_is_never_stored_and_a_failed_t
     store.close()
 
 
+def test_a_report_computed_while_its_job_was_resumed_is_not_kept(tmp_path):
+    """A resume while the job's report was computed (the server's state thread goes on while the keeper awaits
+    Prometheus): the ended run's report was stored over the resume's drop, and never replaced after the next run
+    ended (the job had a report): a job Prometheus no longer held was that old run for good."""
+    import asyncio
+
+    from trainmetrics.jobserver import reports
+    from trainmetrics.reports import ReportArchive
+
+    store = JobStore(tmp_path / "db.sqlite")
+    store.add_job(JobRecord(id="resumed-1", owner="default", name="resumed-1", state="failed", spec={},
+                            ended=time.time() - 10))
+
+    async def compute(job_id, settled=True):
+        store.update_job(job_id, state="queued", resume=True, ended=None, error=None, report=None)    # resumed
+        return {"job_id": job_id, "status": "failed"}
+
+    async def call(operation, *args):
+        return operation(*args)
+
+    asyncio.run(reports.ReportKeeper(ReportArchive(compute=compute), call, store).round())
+    assert store.get_report("resumed-1") is None and store.get_job("resumed-1").state == "queued"
+    store.update_job("resumed-1", state="completed", ended=time.time() - 10)         # its next run ended
+    assert store.jobs_to_report(("completed",), 0, time.time()) == [("resumed-1", store.get_job("resumed-1").ended)]
+    store.close()
+
+
 @pytest.mark.parametrize("text", ["[]", "{}", '{"job_id": "someone-else"}', "[" * 100_000 + "]" * 100_000],
                          ids=["list", "empty", "another-job", "nested"])
 def test_a_stored_report_that_is_not_this_jobs_is_ignored(text, tmp_path):
@@ -383,7 +410,7 @@ def test_a_stored_report_that_is_not_this_jobs_is_ignored(text, tmp_path):
 
     store = JobStore(tmp_path / "db.sqlite")
     store.add_job(JobRecord(id="bad-1", owner="default", name="bad-1", state="completed", spec={}, ended=1.0))
-    store.set_report("bad-1", text)
+    assert store.keep_report("bad-1", text, 1.0)
 
     async def call(operation, *args):
         return operation(*args)
