@@ -31,6 +31,9 @@ class Run:
     job_dir: Path
     pid: int | None = None
     process: subprocess.Popen | None = None     # a local child started by this server
+    # A stop signal for trainer processes that do not exist yet (torchrun still starting its workers): sent when
+    # they do (the local executor's poll).
+    undelivered: int | None = None
 
 
 class Executor(Protocol):

@@ -81,12 +81,24 @@ class LocalExecutor:
             ended, code = _job_process(run.pid, run.job_id, run.job_dir) is None, None
         if ended and not _kill_leftovers(run):
             return False, None      # one survived its SIGKILL for now: asked again at the next poll
+        if not ended and run.undelivered is not None and _send(run, run.undelivered):
+            run.undelivered = None
         return ended, code
 
     def signal(self, run: Run, outcome: str) -> bool:
         """Ask the job to stop at its next step boundary (pause: SIGUSR1, cancel: SIGTERM); True when a signal
-        reached a trainer process. Under torchrun the workers get it (the launcher would die of SIGUSR1)."""
-        return _send(run, STOP_SIGNALS[outcome])
+        reached a trainer process, or will: under torchrun the workers get it (the launcher would die of
+        SIGUSR1), and until torchrun has started them it is kept for them (poll sends it). They start with the
+        stop signals blocked, as the launcher does, so a signal that comes before their handlers waits for them.
+        Refused (409) there, a stop right after a multi-rank job's start was lost, and the job trained on."""
+        signum = STOP_SIGNALS[outcome]
+        if _send(run, signum):
+            run.undelivered = None
+            return True
+        if _job_process(run.pid, run.job_id, run.job_dir) is None:      # the launcher is gone: the run is ending
+            return False
+        run.undelivered = signum
+        return True
 
     def kill(self, run: Run) -> bool:
         """SIGKILL to every process of the run, the launcher first (so it restarts no worker); poll tells when

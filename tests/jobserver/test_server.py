@@ -502,6 +502,13 @@ def test_multi_process_job_pauses_resumes_and_completes_as_one_job(tmp_path, exe
         assert client.post("/api/training/jobs/ddp-s1/pause").status_code == 202
         paused = wait_job(client, "ddp-s1", lambda j: j["state"] != "running")
         assert paused["state"] == "paused", paused
+        # A pause right as a run starts (torchrun not yet running its workers) was refused, 409 "ending", and the
+        # job trained on (a server's SIGTERM then left it running): it is kept for the workers.
+        assert client.post("/api/training/jobs/ddp-s1/resume").status_code == 200
+        wait_job(client, "ddp-s1", lambda j: j["state"] == "running")
+        assert client.post("/api/training/jobs/ddp-s1/pause").status_code == 202
+        paused = wait_job(client, "ddp-s1", lambda j: j["state"] != "running")
+        assert paused["state"] == "paused", paused
         client.post("/api/training/jobs/ddp-s1/resume")
         done = wait_job(client, "ddp-s1", lambda j: j["state"] in ("completed", "failed"), timeout=180)
         assert done["state"] == "completed", done
