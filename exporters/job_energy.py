@@ -66,6 +66,11 @@ class JobEnergy:
                 self._changed = True
             self._seen[job_id] = self.clock()
 
+    def has(self, job_id: str, source: str) -> bool:
+        """True when the job has an account of source (opened, or taken over from the state file)."""
+        with self._lock:
+            return source in self._joules.get(job_id, {})
+
     def publish(self) -> None:
         """Forget jobs gone for longer than the retention, save the accounts, then publish those of the jobs
         seen within the hold."""

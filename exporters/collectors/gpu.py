@@ -89,7 +89,6 @@ class Gpu:
     memory_used: SampleWindow
     memory_total: int = 0
     read_at: dict[str, float] = field(default_factory=dict)   # window name -> time of its latest reading
-    xid_errors: int = 0
     xid_events: bool = False       # registered for XID events
     slow: SlowReadings | None = None
     unanswerable: set[str] = field(default_factory=set)       # NVML functions never asked again
@@ -113,6 +112,9 @@ class GpuCollector(Collector):
         self.job_tracker = job_tracker
         self.job_energy = job_energy
         self._energy_read: dict[str, float] = {}    # uuid -> joules at the previous slow sample (over re-inits)
+        # uuid -> XID events since the exporter started: kept over NVML's re-inits (a lost GPU, often after an
+        # XID 79), where the GPUs are enumerated afresh; it went back to 0 there.
+        self._xid_errors: dict[str, int] = {}
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
         self._backoff = backoff_initial
@@ -282,7 +284,6 @@ class GpuCollector(Collector):
         if uuid != gpu.uuid:  # another board at this index (or the first sight of it): nothing carries over
             gpu.unanswerable.clear()
             gpu.failures_said.clear()
-            gpu.xid_errors = 0
         gpu.handle, gpu.uuid = handle, uuid
         # Readings from before the loss are not current: the series come back with new readings.
         gpu.utilization, gpu.memory_used = SampleWindow(self.peak_window), SampleWindow(self.peak_window)
@@ -367,8 +368,12 @@ class GpuCollector(Collector):
 
     def _add_energy(self, answered: list[tuple[Gpu, SlowReadings]]) -> None:
         """Each GPU's energy since its own previous reading to the jobs holding it now, split evenly. A GPU
-        without a reading this pass keeps its previous one: its next interval is longer, no one else's is."""
+        without a reading this pass keeps its previous one: its next interval is longer, no one else's is. A
+        job's first pass on the GPUs opens its account at 0 (its series starts at 0, docs/metrics.md, as the CPU
+        share's does): it held them for only part of that interval, and opened at its share, the series' first
+        sample was no increase to Prometheus."""
         jobs = self.job_tracker.snapshot if self.job_tracker is not None else None
+        shares: list[tuple[list[str], float]] = []
         for gpu, readings in answered:
             joules = readings.energy_joules
             if joules is None:
@@ -382,8 +387,11 @@ class GpuCollector(Collector):
             else:
                 used = joules - previous
             holders = _jobs_on(gpu, readings, jobs)[1]
+            shares += [(holders, used / len(holders))] if holders else []
+        opened = {job_id for holders, _ in shares for job_id in holders if self.job_energy.has(job_id, "gpu")}
+        for holders, share in shares:
             for job_id in holders:
-                self.job_energy.add(job_id, "gpu", used / len(holders))
+                self.job_energy.add(job_id, "gpu", share if job_id in opened else 0.0)
 
     def _read_slow(self, gpu: Gpu) -> SlowReadings:
         nvml, ask = self.nvml, self._ask
@@ -437,7 +445,7 @@ class GpuCollector(Collector):
                     log.warning("NVML events: %s; XID errors not counted while it fails", error)
                 return
             if gpu is not None:
-                gpu.xid_errors += 1
+                self._xid_errors[gpu.uuid] = self._xid_errors.get(gpu.uuid, 0) + 1
 
     def collect(self):
         gpus = self._gpus
@@ -501,7 +509,7 @@ class GpuCollector(Collector):
             if slow.ecc_uncorrected is not None:
                 errors.add_metric(ids + ["ecc_uncorrected"], slow.ecc_uncorrected)
             if gpu.xid_events:
-                errors.add_metric(ids + ["xid"], gpu.xid_errors)
+                errors.add_metric(ids + ["xid"], self._xid_errors.get(gpu.uuid, 0))
             used_by_job, holders = _jobs_on(gpu, slow, jobs)
             for job_id in holders:
                 job_info.add_metric(ids + [job_id], 1)

@@ -41,8 +41,9 @@ class MemoryCollector(Collector):
             raise ValueError(f"{self.proc_root}/meminfo lacks {', '.join(sorted(missing))}")
         total = found["total"]
         used = total - found["free"] - found["buffers"] - found["cached"] - found["slab_reclaimable"]
-        if used < 0:  # some containers report page cache larger than the limit
-            used = total - found["free"]
+        if used < 0:  # some containers report page cache larger than the limit: all that is not free is used,
+            used = total - found["free"]     # and the cache states none of it, so the states still sum to the total
+            found.update(buffers=0, cached=0, slab_reclaimable=0)
         found["used"] = used
         self._usage = found
         self.used.add(now, used)

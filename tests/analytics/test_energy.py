@@ -63,9 +63,10 @@ class JobPoweredNvml(FakeNvml):
 
     @property
     def expected_joules(self) -> float:
-        """What the job's GPU used by hand: a step per busy read, but the reset read counts its new value."""
+        """What the job's GPU used by hand: a step per busy read, but the reset read counts its new value, and the
+        first, the pass that first attributes the job, opens its series at 0 (docs/metrics.md)."""
         assert self.busy_reads > RESET_AT, f"the job held the GPU for {self.busy_reads} reads only"
-        return ((self.busy_reads - 1) * STEP_MJ + RESET_MJ) / 1000
+        return ((self.busy_reads - 2) * STEP_MJ + RESET_MJ) / 1000
 
 
 class Loops(threading.Thread):

@@ -72,6 +72,25 @@ def test_gpu_energy_goes_to_the_jobs_holding_the_gpu_split_evenly_and_a_reset_co
     assert success(host.exporter.render())["energy"] == 1
 
 
+def test_a_job_that_comes_after_the_baseline_starts_its_gpu_series_at_0(tmp_path):
+    """Its first interval on the GPU opened its account at that interval's share (250 J here): the series'
+    first sample, which Prometheus' increase() and rate() never count, and only part of it the job's."""
+    job_dir = tmp_path / "jobs"
+    job_dir.mkdir()
+    host = build_fixture_host(job_dir=job_dir, powercap_root=tmp_path / "no-powercap")
+    gpu0 = host.nvml.gpus[0]
+    host.exporter.sample(100.0)
+    host.exporter.sample_slow(100.0)                        # the GPUs' baseline: no job yet
+    (job_dir / "mnist-1.rank0.json").write_text((FIXTURE_JOB_DIR / "mnist-1.rank0.json").read_text())
+    readings = []
+    for now in (101.0, 102.0):
+        gpu0.energy_millijoules += 250_000
+        host.exporter.sample(now)
+        host.exporter.sample_slow(now)
+        readings.append(energy_series(host.exporter.render()))
+    assert readings == [{("mnist-1", "gpu"): 0.0}, {("mnist-1", "gpu"): 250.0}]
+
+
 def test_a_gpu_declared_by_uuid_gets_its_energy_and_job_info(tmp_path):
     """A job given its GPU by UUID (CUDA_VISIBLE_DEVICES=GPU-..., Kubernetes' device plugin) was mapped to GPU 0
     whatever GPU it was on; a mapping naming the UUID was refused whole."""

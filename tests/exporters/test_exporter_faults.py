@@ -135,3 +135,18 @@ def test_http_server_serves_only_the_snapshot(fixture_host, serve):
         raise AssertionError("expected 404")
     except urllib.error.HTTPError as error:
         assert error.code == 404
+
+
+def test_a_page_cache_past_the_limit_still_sums_to_the_limit(tmp_path):
+    """Some containers report the host's page cache: used fell back to MemTotal - MemFree while buffers, cached
+    and slab were published in full, and the states summed to twice the limit (docs: they sum to it)."""
+    from trainmetrics.exporters.collectors.memory import MemoryCollector
+
+    (tmp_path / "meminfo").write_text("MemTotal: 1000 kB\nMemFree: 100 kB\nBuffers: 50 kB\nCached: 900 kB\n"
+                                      "SReclaimable: 20 kB\n")
+    exporter = Exporter([MemoryCollector(tmp_path, peak_window=1.0)])
+    exporter.sample(0.0)
+    metrics = parse_exposition(exporter.render())
+    states = {dict(labels)["state"]: value for labels, value in metrics["system_memory_usage_bytes"].items()}
+    assert sum(states.values()) == metrics["system_memory_limit_bytes"][()] == 1000 * 1024
+    assert states["used"] == 900 * 1024 and states["free"] == 100 * 1024

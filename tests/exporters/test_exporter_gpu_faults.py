@@ -245,3 +245,27 @@ def test_a_job_may_name_its_gpus_by_uuid():
     assert held == {("0", "by-index"), ("1", "by-uuid")}
     energy.publish()
     assert energy.published == {("by-uuid", "gpu"): 4.0, ("by-index", "gpu"): 0.0}
+
+
+def test_xid_counts_last_over_nvml_reinitialising():
+    """hw_gpu_errors_total{type="xid"} counts since the exporter started (docs/metrics.md): every GPU lost for a
+    moment (as after an XID 79) re-enumerated the GPUs, and the counts went back to 0."""
+    nvml = FakeNvml(two_gpus())
+    exporter = Exporter([GpuCollector(nvml=nvml, backoff_initial=1.0)])
+
+    def xids() -> dict[str, float]:
+        errors = parse_exposition(exporter.render()).get("hw_gpu_errors_total", {})
+        return {dict(labels)["gpu"]: value for labels, value in errors.items() if dict(labels)["type"] == "xid"}
+
+    exporter.sample(0.0)
+    exporter.sample_slow(0.0)
+    nvml.pending_xids += [(0, 79), (0, 79), (1, 48)]
+    exporter.sample(0.5)
+    exporter.sample_slow(0.5)
+    assert xids() == {"0": 2, "1": 1}
+    nvml.lost = True
+    exporter.sample(1.0)
+    nvml.lost = False
+    exporter.sample(3.0)
+    exporter.sample_slow(3.0)
+    assert xids() == {"0": 2, "1": 1}
