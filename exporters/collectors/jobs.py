@@ -32,6 +32,7 @@ import os
 import stat
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -159,6 +160,11 @@ class JobTracker:
         self._cpu_floor: dict[str, float] = {}
         self._retired_cpu: dict[str, float] = {}    # per job: the CPU time of its ranks that ended before it
         self._departed: dict[str, float] = {}       # per job: ranks whose mapping file went since the last update
+        # Jobs inside jobs (a sweep driver that runs its trials as jobs): per (pid, start ticks) of a job's root
+        # process whose parent is another job's, that job and the root's whole CPU time at its last sample; and
+        # per outer job, the time of such roots that it now counts too (_note_reaped_jobs).
+        self._nested: dict[tuple[int, int], tuple[str, float]] = {}
+        self._reaped_jobs_cpu: dict[str, float] = {}
         self._lock = threading.Lock()           # guards _live between the fast and the slow thread
         self._updating = threading.Lock()       # one update at a time (jobs, gpu and energy collectors share it)
         self._updated_at: float | None = None
@@ -299,7 +305,12 @@ class JobTracker:
         ticks = self.clock_ticks
         died = False
         ended, self._departed = self._departed, {}
-        for tree in self._live:
+        # A job's processes are its own, not those of a job around it (a trial run by a sweep's driver, each a
+        # job): trees whose root is in another tree go first, and a process counts once, in the innermost job.
+        roots = {tree.mapping.pid for tree in self._live}
+        depth = Counter(pid for tree in self._live for pid in roots & tree.members.keys())
+        root_times: dict[int, tuple[int, float]] = {}     # a live root's parent pid and whole CPU time
+        for tree in sorted(self._live, key=lambda tree: -depth[tree.mapping.pid]):
             job_id = tree.mapping.job_id
             job = usage.setdefault(job_id, JobUsage())
             gpus.setdefault(job_id, set()).update(tree.mapping.gpus)
@@ -314,7 +325,10 @@ class JobTracker:
                         break
                     continue
                 job_of_pid[pid] = job_id
-                counted += (int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])) / ticks
+                seconds = (int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])) / ticks
+                counted += seconds
+                if pid == tree.mapping.pid:
+                    root_times[pid] = (int(fields[1]), seconds)
                 job.rss_bytes += int(fields[21]) * self.page_bytes
                 job.processes += 1
             if tree.dead:       # a rank that ended: its time stays the job's (as of its last sample)
@@ -332,17 +346,42 @@ class JobTracker:
         if died:
             with self._lock:
                 self._live = [tree for tree in self._live if not tree.dead]
+        self._note_reaped_jobs(root_times, job_of_pid)
         floors, retired = {}, {}
         for job_id, job in list(usage.items()):
             if job.processes == 0:      # the job's last process ended: its series ends (a resume starts anew)
                 del usage[job_id]
                 continue
             retired[job_id] = self._retired_cpu.get(job_id, 0.0) + ended.get(job_id, 0.0)
+            job.cpu_seconds -= self._reaped_jobs_cpu.get(job_id, 0.0)
             job.cpu_seconds = max(job.cpu_seconds + retired[job_id], self._cpu_floor.get(job_id, 0.0))
             floors[job_id] = job.cpu_seconds
         self._cpu_floor, self._retired_cpu = floors, retired
+        self._reaped_jobs_cpu = {job_id: seconds for job_id, seconds in self._reaped_jobs_cpu.items()
+                                 if job_id in usage}
         return JobsSnapshot(usage, job_of_pid,
                             {job_id: frozenset(indices) for job_id, indices in gpus.items() if job_id in usage})
+
+    def _note_reaped_jobs(self, root_times: dict[int, tuple[int, float]], job_of_pid: dict[int, str]) -> None:
+        """A job's root process whose parent is another (outer) job's counts in its own job. Once its own job no
+        longer counts it (its mapping file went as it ended, or it was reaped), the outer job would count it from
+        the start: directly while it lives on in its tree, then in the parent's cutime. Its whole CPU time as its
+        own job last counted it is taken off the outer job then, unless it left the outer job's tree alive."""
+        nested = {}
+        for tree in self._live:
+            pid = tree.mapping.pid
+            if pid in root_times:
+                parent, seconds = root_times[pid]
+                outer = job_of_pid.get(parent)
+                if outer is not None and outer != tree.mapping.job_id:
+                    nested[(pid, tree.mapping.start_ticks)] = (outer, seconds)
+        for (pid, start_ticks), (outer, seconds) in self._nested.items():
+            if (pid, start_ticks) in nested:
+                continue
+            fields = self._read_stat(pid)
+            if fields is None or int(fields[19]) != start_ticks or job_of_pid.get(int(fields[1])) == outer:
+                self._reaped_jobs_cpu[outer] = self._reaped_jobs_cpu.get(outer, 0.0) + seconds
+        self._nested = nested
 
     def refresh_trees(self, now: float) -> None:
         """Re-walk every live tree to find processes started since the last walk (slow loop: the jobs and

@@ -288,3 +288,65 @@ def test_a_number_no_mapping_can_hold_is_that_files_fault_only(planted, tmp_path
     assert success["jobs"] == success["gpu"] == success["energy"] == 1
     jobs = {dict(labels)["job_id"] for labels in metrics["process_cpu_time_seconds_total"]}
     assert "mnist-1" in jobs and "evil" not in jobs
+
+
+NESTED_DRIVER = r"""
+import subprocess, sys
+trial = subprocess.Popen([sys.executable, "-c",
+    "import sys, time\nsys.stdin.readline()\nend = time.process_time() + 1.0\n"
+    "while time.process_time() < end: pass\nprint('burnt', flush=True)\nsys.stdin.readline()"],
+    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+print(trial.pid, flush=True)
+sys.stdin.readline()
+trial.stdin.write("go\n"); trial.stdin.flush()
+print(trial.stdout.readline().strip(), flush=True)
+sys.stdin.readline()
+trial.stdin.write("end\n"); trial.stdin.flush()
+trial.wait()
+print("reaped", flush=True)
+sys.stdin.readline()
+"""
+
+
+@pytest.mark.parametrize("outer_id,inner_id,file_removed_first", [("sweep", "trial", False), ("x2", "x1", True)])
+def test_a_job_run_by_another_job_counts_in_its_own_job_only(outer_id, inner_id, file_removed_first, tmp_path):
+    """A sweep driver that runs its trials as jobs: depending on the directory's order, the trial's process counted
+    in the driver's job (the trial's had no series), or in the trial's and then again in the driver's, once the
+    driver reaped it (its time in the driver's cutime) or once the trial's file went as it ended: a 1 s trial
+    added ~1 s to the driver's job within one sample."""
+    driver = subprocess.Popen([sys.executable, "-c", NESTED_DRIVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        trial_pid = int(driver.stdout.readline())
+        write_job_mapping(tmp_path, JobMapping(job_id=outer_id, pid=driver.pid, start_ticks=process_start_ticks(
+            driver.pid)))
+        inner_file = write_job_mapping(tmp_path, JobMapping(job_id=inner_id, pid=trial_pid,
+                                                            start_ticks=process_start_ticks(trial_pid)))
+        tracker = JobTracker(tmp_path)
+        now = 0.0
+
+        def sample() -> dict[str, float]:
+            nonlocal now
+            now += 0.1
+            tracker.refresh_trees(now)
+            return {job_id: usage.cpu_seconds for job_id, usage in tracker.update(now).usage.items()}
+
+        before = sample()
+        driver.stdin.write("go\n")
+        driver.stdin.flush()
+        assert driver.stdout.readline().strip() == "burnt"
+        burnt = sample()
+        if file_removed_first:          # the trial's JobMetrics removes its file, then the process ends
+            inner_file.unlink()
+            sample()
+        driver.stdin.write("end\n")
+        driver.stdin.flush()
+        assert driver.stdout.readline().strip() == "reaped"
+        after = [sample() for _ in range(3)][-1]
+    finally:
+        driver.stdin.close()
+        driver.kill()
+        driver.wait()
+        driver.stdout.close()
+    assert set(before) == {outer_id, inner_id} and burnt[inner_id] >= 0.9
+    assert after[outer_id] - before[outer_id] < 0.3, (before, burnt, after)       # the driver itself did little
