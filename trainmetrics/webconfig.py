@@ -29,9 +29,12 @@ from trainmetrics.command import FlagError
 MAX_REMEMBERED_VERDICTS = 4096
 TLS_VERSIONS = {"TLS10": ssl.TLSVersion.TLSv1, "TLS11": ssl.TLSVersion.TLSv1_1,
                 "TLS12": ssl.TLSVersion.TLSv1_2, "TLS13": ssl.TLSVersion.TLSv1_3}
-CLIENT_AUTH = {"NoClientCert": ssl.CERT_NONE, "RequestClientCert": ssl.CERT_OPTIONAL,
-               "RequireAnyClientCert": ssl.CERT_REQUIRED, "VerifyClientCertIfGiven": ssl.CERT_OPTIONAL,
+CLIENT_AUTH = {"NoClientCert": ssl.CERT_NONE, "VerifyClientCertIfGiven": ssl.CERT_OPTIONAL,
                "RequireAndVerifyClientCert": ssl.CERT_REQUIRED}
+# exporter-toolkit's settings that take a client certificate without verifying it: Python's TLS verifies every
+# certificate it asks for against client_ca_file, so each made every client's handshake fail (a file that works
+# for node_exporter served nothing here). Refused at the start instead, with what to use.
+UNVERIFIED_CLIENT_AUTH = ("RequestClientCert", "RequireAnyClientCert")
 
 
 @dataclass
@@ -152,7 +155,12 @@ def _ssl_context(tls: dict, base: Path) -> ssl.SSLContext:
         context.minimum_version = TLS_VERSIONS[tls.get("min_version", "TLS12")]
         if "max_version" in tls:
             context.maximum_version = TLS_VERSIONS[tls["max_version"]]
-        context.verify_mode = CLIENT_AUTH[tls.get("client_auth_type", "NoClientCert")]
+        client_auth = tls.get("client_auth_type", "NoClientCert")
+        if client_auth in UNVERIFIED_CLIENT_AUTH:
+            raise ValueError(f"web config: client_auth_type {client_auth} is not supported (a client certificate "
+                             "is always verified here): use VerifyClientCertIfGiven or RequireAndVerifyClientCert "
+                             "with client_ca_file")
+        context.verify_mode = CLIENT_AUTH[client_auth]
     except KeyError as error:
         raise ValueError(f"web config: unknown TLS setting {error}") from None
     context.load_cert_chain(file("cert_file"), file("key_file"))

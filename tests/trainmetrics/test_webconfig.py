@@ -139,6 +139,11 @@ def test_job_server_requires_a_client_certificate_from_the_configured_ca(pki, tm
     ("basic_auth_users:\n  a: plaintext\n", "bcrypt hash"),
     ("tls_config: {}\n", "unknown key"),
     ("basic_auth_users: {\n", "not YAML at line 2"),        # yaml's own text spans three lines
+    # exporter-toolkit takes these without verifying the certificate; here every handshake failed, silently.
+    ("tls_server_config:\n  cert_file: a.crt\n  key_file: a.key\n  client_auth_type: RequireAnyClientCert\n",
+     "RequireAnyClientCert is not supported"),
+    ("tls_server_config:\n  cert_file: a.crt\n  key_file: a.key\n  client_auth_type: RequestClientCert\n",
+     "RequestClientCert is not supported"),
 ])
 def test_bad_web_configs_are_named(text, message, tmp_path):
     config = tmp_path / "web.yml"
