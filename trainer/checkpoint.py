@@ -59,11 +59,14 @@ def atomic_save(obj, path: Path) -> Path:
 
 
 def save_checkpoint(directory: Path, state: dict, keep: int = 3) -> Checkpoint:
-    """Write state (must hold 'step') as the newest checkpoint and prune all but the newest `keep`."""
+    """Write state (must hold 'step') as the newest checkpoint and prune all but the newest `keep` up to it. One
+    of a later step is none of this run's line (a file that did not load, or another job's, which the resume
+    skipped): it neither counts nor goes. Counted, it made each of the run's checkpoints go as it was written,
+    and the next resume found none that loads."""
     step = int(state["step"])
     path = atomic_save(state, Path(directory) / checkpoint_name(step))
     if keep > 0:
-        for old in list_checkpoints(directory)[:-keep]:
+        for old in [checkpoint for checkpoint in list_checkpoints(directory) if checkpoint.step <= step][:-keep]:
             old.path.unlink(missing_ok=True)
     return Checkpoint(path, step)
 

@@ -102,6 +102,9 @@ def build_model(name: str, dataset: Dataset) -> nn.Module:
         if not dataset.is_image:
             raise ModelError(f"model 'cnn' needs images shaped (channels, height, width); "
                              f"{dataset.name!r} samples have shape {dataset.input_shape}")
+        if min(dataset.input_shape[1:]) < 2:     # its 2x2 pooling leaves nothing (it failed after the job started)
+            raise ModelError(f"model 'cnn' needs images at least 2 pixels high and wide; {dataset.name!r} samples "
+                             f"have shape {dataset.input_shape}")
         return SmallCNN(dataset.input_shape, dataset.num_outputs)
     in_features = 1
     for size in dataset.input_shape:

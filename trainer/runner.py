@@ -104,7 +104,7 @@ class Trainer:
                 "step": self.metrics.steps, "samples": self.metrics.samples, "epoch": self.epoch,
                 "batch_in_epoch": self.batch_in_epoch, "batch_size": self.config.batch_size,
                 "job_id": self.config.job_id, "model_name": self.config.model, "dataset": self.dataset.name,
-                "metrics_by_rank": metrics_by_rank}
+                "seed": self.config.seed, "metrics_by_rank": metrics_by_rank}
 
     def foreign(self, state: dict) -> str | None:
         """Why a checkpoint is not this job's to resume from (another job's, or another model's: its weights
@@ -133,12 +133,16 @@ class Trainer:
                              f"resume with {len(by_rank)} (torchrun --nproc-per-node {len(by_rank)}, or nproc)")
         own = by_rank[self.dist.rank] if by_rank else {"checkpoints": 1 if self.dist.is_main else 0}
         self.metrics.load_state_dict({**own, "steps": int(state["step"]), "samples": int(state["samples"])})
-        written_with = state.get("batch_size")
-        if written_with is not None and written_with != self.config.batch_size:
-            # Its position in the data counts batches of that size: another size would train samples twice.
-            raise ValueError(f"the checkpoint was written with --batch-size {written_with}: its position (batch "
-                             f"{state.get('batch_in_epoch')} of epoch {state.get('epoch')}) counts batches of that "
-                             f"size; resume with --batch-size {written_with}")
+        # Its position in the data counts batches of that size, of that data, in that shuffle: another would train
+        # some samples twice and skip others (another dataset of 7 batches an epoch skipped its first epoch whole).
+        for key, flag, own, what in (("batch_size", "--batch-size", self.config.batch_size, "size"),
+                                     ("dataset", "--dataset", self.dataset.name, "dataset"),
+                                     ("seed", "--seed", self.config.seed, "shuffle")):
+            written_with = state.get(key)
+            if written_with is not None and written_with != own:
+                raise ValueError(f"the checkpoint was written with {flag} {written_with}: its position (batch "
+                                 f"{state.get('batch_in_epoch')} of epoch {state.get('epoch')}) counts batches of "
+                                 f"that {what}; resume with {flag} {written_with}")
         self.net.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         kept = self.optimizer.param_groups[0]["lr"]
@@ -422,6 +426,8 @@ def prepare(config: TrainConfig):
         except DatasetError as error:       # named by its flag (--target's say so already)
             message = str(error)
             raise DatasetError(message if message.startswith("--") else f"--dataset: {message}") from None
+        except OSError as error:            # a file this user cannot read, a device behind a link: bad input too
+            raise DatasetError(f"--dataset: {config.dataset}: cannot be read: {error.strerror or error}") from None
         load_seconds = time.monotonic() - began
         torch.manual_seed(config.seed)   # same seed, same initial weights: runs are reproducible
         model = build_model(config.model, dataset)

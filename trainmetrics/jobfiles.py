@@ -15,7 +15,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-CHECKPOINT_PATTERN = re.compile(r"^step-([0-9]{9})\.pt$")     # ([0-9]: \d takes every script's digits)
+# checkpoint_name's names: nine digits, zero-padded, and more without a leading zero past step 999,999,999 (those
+# were neither pruned nor resumed from). ([0-9]: \d takes every script's digits.)
+CHECKPOINT_PATTERN = re.compile(r"^step-([0-9]{9}|[1-9][0-9]{9,17})\.pt$")
 FINAL_MODEL_NAME = "model.pt"
 RESULT_FILE_NAME = "result.json"
 LOG_NAME = "train.log"

@@ -57,6 +57,29 @@ def test_only_newest_checkpoints_are_kept(tmp_path):
     assert [c.step for c in ckpt.list_checkpoints(tmp_path)] == [4, 5]
 
 
+def test_a_newer_checkpoint_the_resume_skipped_neither_counts_nor_goes_when_pruning(tmp_path):
+    """A newest file that does not load (or another job's): the resume skipped it, then every checkpoint the run
+    wrote was pruned as it was written (the file's step was higher), and the next resume found none that loads."""
+    for step in (10, 20):
+        ckpt.save_checkpoint(tmp_path, {"step": step, "w": torch.ones(2)}, keep=1)
+    (tmp_path / "step-000000500.pt").write_bytes(b"not a checkpoint")
+    assert ckpt.load_latest(tmp_path)["step"] == 20
+    for step in (30, 40):       # the resumed run goes on
+        ckpt.save_checkpoint(tmp_path, {"step": step, "w": torch.ones(2)}, keep=1)
+    assert [c.step for c in ckpt.list_checkpoints(tmp_path)] == [40, 500]
+    assert ckpt.load_latest(tmp_path)["step"] == 40
+
+
+def test_steps_past_nine_digits_are_checkpoints_too(tmp_path):
+    """checkpoint_name writes ten digits past step 999,999,999: such files were never pruned nor resumed from."""
+    for step in (999_999_990, 1_000_000_000, 1_000_000_010):
+        ckpt.save_checkpoint(tmp_path, {"step": step}, keep=2)
+    assert [c.step for c in ckpt.list_checkpoints(tmp_path)] == [1_000_000_000, 1_000_000_010]
+    assert ckpt.load_latest(tmp_path)["step"] == 1_000_000_010
+    (tmp_path / "step-0000000001.pt").write_bytes(b"")        # no name checkpoint_name writes
+    assert [c.step for c in ckpt.list_checkpoints(tmp_path)] == [1_000_000_000, 1_000_000_010]
+
+
 def test_resume_mid_epoch_equals_an_uninterrupted_run(make_trainer, tmp_path):
     common = dict(model="mlp", dataset="blobs", epochs=2, batch_size=64, seed=3)
     straight = make_trainer(**common)
@@ -198,6 +221,18 @@ def test_a_resume_with_another_batch_size_fails_instead_of_training_samples_twic
     with pytest.raises(ValueError, match="written with --batch-size 64: .* resume with --batch-size 64"):
         resumed.restore(ckpt.load_latest(tmp_path, foreign=resumed.foreign))
     assert resumed.metrics.steps == 12          # the job's counters were taken first: no reset in Prometheus
+
+
+@pytest.mark.parametrize("changed,flag", [({"dataset": "blobs"}, "--dataset digits"), ({"seed": 7}, "--seed 0")])
+def test_a_resume_with_another_dataset_or_seed_fails_as_another_batch_size_does(changed, flag, make_trainer, tmp_path):
+    """Resumed on another dataset (its epoch 7 batches long), the position skipped the first epoch whole; on
+    another seed, the epoch's rest came from another shuffle (samples trained twice, others never)."""
+    first = make_trainer(model="mlp", dataset="digits", epochs=1, batch_size=64, seed=0, checkpoint_dir=tmp_path)
+    assert stopped_at(first, 12) == "cancelled"
+    resumed = make_trainer(**{"model": "mlp", "dataset": "digits", "epochs": 1, "batch_size": 64, "seed": 0,
+                              "checkpoint_dir": tmp_path, **changed})
+    with pytest.raises(ValueError, match=f"written with {flag}: .* resume with {flag}"):
+        resumed.restore(ckpt.load_latest(tmp_path, foreign=resumed.foreign))
 
 
 def test_a_resumed_run_publishes_the_learning_rate_it_trains_with_and_the_last_evaluation(make_trainer, tmp_path):

@@ -55,6 +55,15 @@ BAD_INPUTS = {
                                              ["--checkpoint-dir", str(t / "ck")])[-1],
                                   ("--checkpoint-dir: ", "holds checkpoints already (step-000000030.pt the newest): "
                                                          "add --resume")),
+    # Failed after the job started (a RuntimeError from its pooling), its checkpoint directory left behind.
+    "images too small for the cnn": (
+        lambda t: (np.savez(t / "tiny.npz", x=np.ones((8, 1, 1, 6), dtype="f4"), y=np.arange(8) % 2),
+                   ["--model", "cnn", "--dataset", str(t / "tiny.npz")])[1],
+        "needs images at least 2 pixels high and wide"),
+    # A traceback before (OSError), no result file and no summary line: a file that cannot be read.
+    "dataset that cannot be read": (lambda t: ((t / "mem.csv").symlink_to("/proc/self/mem"),
+                                               ["--dataset", str(t / "mem.csv")])[1],
+                                    ("--dataset: ", "mem.csv: cannot be read: ")),
     "bad job id": (lambda t: ["--job-id", "../etc"], "--job-id must be letters, digits, '.', '_', '-' (first a letter or digit; at most 64), got '../etc'"),
     "bad epochs": (lambda t: ["--epochs", "0"], "--epochs must be at least 1"),
     # Accepted before: the job failed in islice ("Stop argument for islice() must be None or an integer").
