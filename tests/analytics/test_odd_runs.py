@@ -80,7 +80,8 @@ def odd_runs(tmp_path_factory):
     targets, checkpoints = prometheus.targets_dir, work / "checkpoints"
     processes = []
     try:
-        # Paused at step 20 (its checkpoint written), then resumed on another dataset: the weights do not fit.
+        # Paused at step 20 (its checkpoint written), then resumed on another dataset: refused (ValueError; before
+        # that check, the weights did not fit: RuntimeError).
         first = start_job("restore-failed", targets, *COMMON, "--dataset", "blobs", "--checkpoint-dir",
                           str(checkpoints))
         # Loss NaN from step 25 (a corrupt batch) to its end, well under a second of training.
@@ -133,10 +134,10 @@ def job_row(client, job_id: str) -> dict:
 def test_a_resume_that_fails_its_restore_is_the_job_s_last_word(odd_runs):
     prometheus, runs = odd_runs
     paused, failed = runs["paused"].summary, runs["failed"].summary
-    assert (paused["state"], failed["state"], failed["error_type"]) == ("paused", "failed", "RuntimeError")
+    assert (paused["state"], failed["state"], failed["error_type"]) == ("paused", "failed", "ValueError")
     with serve(Settings(prometheus_url=prometheus.url)) as client:
         body = analytics(client, "restore-failed")
-        assert (body["status"], body["error_type"]) == ("failed", "RuntimeError")
+        assert (body["status"], body["error_type"]) == ("failed", "ValueError")
         assert body["end_time"] == failed["end_time"]
         assert body["start_time"] == paused["start_time"]
         duration = body["duration"]
