@@ -72,7 +72,9 @@ async def peaks(client: PrometheusClient, expressions: dict[str, str], window: f
 
 @dataclass(frozen=True)
 class _Value:
-    order: int        # the process's place among the job's processes, oldest first (-1: not one of them)
+    # The process's place among the job's processes, oldest first: its start where it published one (every
+    # rank's process does), else its place among rank 0's processes (-1: not one of them).
+    order: tuple[int, float]
     rank: str
     value: float
 
@@ -83,8 +85,16 @@ class Totals:
     rank counts its own samples, and rank 0 speaks for the job's losses, evaluations and checkpoints."""
 
     def __init__(self, found: dict[str, list[dict]], facts: JobFacts):
-        order = {p.instance: index for index, p in enumerate(facts.processes)}
-        self._values = {name: sorted((_Value(order.get(labels.get("instance", ""), -1), labels.get("rank", "0"), value)
+        place = {p.instance: index for index, p in enumerate(facts.processes)}
+        started = {(labels.get("instance", ""), labels.get("rank", "0")): value
+                   for labels, value in rows(found.get("process_start", [])) if value is not None}
+
+        def order(labels: dict) -> tuple[int, float]:
+            instance, rank = labels.get("instance", ""), labels.get("rank", "0")
+            start = started.get((instance, rank))
+            return (1, start) if start is not None else (0, place.get(instance, -1))
+
+        self._values = {name: sorted((_Value(order(labels), labels.get("rank", "0"), value)
                                       for labels, value in rows(found.get(name, [])) if value is not None),
                                      key=lambda v: (v.order, v.rank))
                         for name in q.TOTALS}
@@ -102,10 +112,6 @@ class Totals:
         values = self._rank0(name)
         return values[0] if values else None
 
-    def lowest(self, name: str) -> float | None:
-        """The lowest of rank 0's processes' values."""
-        return min(self._rank0(name), default=None)
-
     def highest(self, name: str, every_rank: bool = False) -> float | None:
         """The highest of rank 0's processes' values (of every rank's)."""
         values = [v.value for v in self._values[name]] if every_rank else self._rank0(name)
@@ -117,11 +123,13 @@ class Totals:
         return sum(values) if values else None
 
     def per_rank(self, name: str, combine=sum) -> float | None:
-        """combine() over the ranks of each rank's highest value over its processes."""
-        highest: dict[str, float] = {}
-        for v in self._values[name]:
-            highest[v.rank] = max(highest.get(v.rank, v.value), v.value)
-        return combine(highest.values()) if highest else None
+        """combine() over the ranks of each rank's newest process's value (a resumed process carries the rank's
+        count on from its checkpoint: after a kill, the killed process's count went past it, with work that was
+        thrown away, and the highest said so until the resumed run caught up)."""
+        newest: dict[str, float] = {}
+        for v in self._values[name]:        # oldest process first
+            newest[v.rank] = v.value
+        return combine(newest.values()) if newest else None
 
     def mean_loss(self) -> float | None:
         """The mean of every logged loss: the newest sum and count of them (rank 0's, from one process)."""
@@ -241,7 +249,8 @@ def _assemble(facts: JobFacts, found: dict[str, list[dict]], peak: dict[str, Pea
         performance=shapes.Performance(
             total_samples=_integer(samples), total_steps=_integer(steps),
             average_samples_per_second=rounded(average_sps), peak_samples_per_second=rounded(peak_sps),
-            peak_samples_per_second_at=peak_at("samples_per_second"),
+            # (none where the average stands for the peak: the time of a lower window's rate was given)
+            peak_samples_per_second_at=peak_at("samples_per_second") if measured_peak is not None else None,
             peak_window_seconds=peak_window,
             average_step_seconds=rounded(ratio(step_seconds, totals.total("step_count"))),
             peak_step_seconds=rounded(totals.highest("step_max", every_rank=True)),
@@ -269,11 +278,13 @@ def _assemble(facts: JobFacts, found: dict[str, list[dict]], peak: dict[str, Pea
             count=_integer(totals.newest("checkpoints")), total_seconds=rounded(checkpoint_seconds),
             mean_seconds=rounded(ratio(checkpoint_seconds, totals.total("checkpoints_written")))),
         losses=shapes.Losses(
-            initial=initial, final=final, best=totals.lowest("loss_min"), mean=totals.mean_loss(),
+            initial=initial, final=final, best=totals.newest("loss_min"), mean=totals.mean_loss(),
             reduction_percent=rounded(100.0 * (initial - final) / initial) if initial and final is not None else None,
             final_eval_loss=last_evaluation.loss if last_evaluation else totals.newest("eval_loss"),
             final_eval_accuracy=last_evaluation.accuracy if last_evaluation else totals.newest("eval_accuracy"),
-            best_eval_loss=totals.lowest("eval_loss_min"), best_eval_accuracy=totals.highest("eval_accuracy_max"),
+            # (carried over a resume: the newest process's are the job's; a killed one's own took in the evaluations
+            # after its last checkpoint, which were thrown away)
+            best_eval_loss=totals.newest("eval_loss_min"), best_eval_accuracy=totals.newest("eval_accuracy_max"),
             nonfinite_intervals=_integer(totals.newest("loss_nonfinite")),
             final_nonfinite=None if last_finite is None else last_finite == 0),
         evaluations=evaluations,

@@ -22,3 +22,47 @@ def test_the_last_evaluation_is_one_number_wherever_the_answer_gives_it():
     # Without a history (none read), the newest trainer_eval_loss sample says it.
     alone = _assemble(facts, found, {}, [], None)
     assert alone.losses.final_eval_loss == 0.23264225184899998 and alone.evaluations == []
+
+
+def test_a_job_killed_and_resumed_reads_its_resumed_runs_counts_before_it_catches_up():
+    """Killed at step 135 after its checkpoint at 100, resumed and at step 109: the job's analytics said 135 steps
+    and the best losses of evaluations that were thrown away (the highest or lowest over its processes), where
+    the trainer's own figures, carried over the resume, are the resumed process's."""
+    killed = Process("127.0.0.1:9000", start=100.0, end=None, state="running")
+    resumed = Process("127.0.0.1:9001", start=200.0, end=None, state="running", live=True)
+    facts = JobFacts(job_id="j", info={}, status="running", processes=[killed, resumed],
+                     timeline=Timeline.of([(100.0, 150.0), (200.0, 230.0)]), upload_seconds=None,
+                     owners=frozenset(), fingerprint=frozenset(), now=230.0)
+
+    def samples(by_process: tuple[str, str]) -> list[dict]:
+        return [{"metric": {"instance": process.instance, "rank": "0"}, "value": [230, value]}
+                for process, value in zip((killed, resumed), by_process)]
+
+    def rank_1(values: tuple[str, str]) -> list[dict]:      # its processes are none of rank 0's: by their start
+        return [{"metric": {"instance": instance, "rank": "1"}, "value": [230, value]}
+                for instance, value in zip(("127.0.0.1:9101", "127.0.0.1:9100"), values)]     # newest listed first
+
+    found = {"steps": samples(("135", "109")) + rank_1(("108", "134")),
+             "samples": samples(("2160", "1744")) + rank_1(("1728", "2144")),
+             "process_start": rank_1(("190", "90")),
+             "loss_min": samples(("0.15557", "0.18404")), "eval_loss_min": samples(("0.23314", "0.25985")),
+             "eval_accuracy_max": samples(("0.93125", "0.92625"))}
+    body = _assemble(facts, found, {}, [], None)
+    assert (body.performance.total_steps, body.performance.total_samples) == (109, 1744 + 1728)
+    assert (body.losses.best, body.losses.best_eval_loss, body.losses.best_eval_accuracy) == (0.18404, 0.25985,
+                                                                                              0.92625)
+
+
+def test_where_the_average_stands_for_the_peak_the_peak_has_no_time():
+    """A window's rate below the run's average (a run barely longer than one window, seen under load) was replaced
+    by the average as the peak, while its time still said when that lower rate was measured."""
+    from trainmetrics.analytics.job import Peak
+
+    process = Process("127.0.0.1:9000", start=100.0, end=100.9, state="completed")
+    facts = JobFacts(job_id="j", info={}, status="completed", processes=[process],
+                     timeline=Timeline.of([(100.0, 100.9)]), upload_seconds=None, owners=frozenset(),
+                     fingerprint=frozenset(), now=200.0)
+    found = {"samples": [{"metric": {"instance": process.instance, "rank": "0"}, "value": [101, "900"]}]}
+    body = _assemble(facts, found, {"samples_per_second": Peak(value=800.0, at=100.95, mean=800.0)}, [], None)
+    assert body.performance.peak_samples_per_second == body.performance.average_samples_per_second == 1000.0
+    assert body.performance.peak_samples_per_second_at is None
