@@ -72,8 +72,9 @@ async def peaks(client: PrometheusClient, expressions: dict[str, str], window: f
 
 @dataclass(frozen=True)
 class _Value:
-    # The process's place among the job's processes, oldest first: its start where it published one (every
-    # rank's process does), else its place among rank 0's processes (-1: not one of them).
+    # The process's place among the job's processes, oldest first: its last heartbeat where it has one (a rank's
+    # processes run one at a time; rank 0's alone publish their start), else its place among rank 0's processes
+    # (-1: not one of them).
     order: tuple[int, float]
     rank: str
     value: float
@@ -86,13 +87,13 @@ class Totals:
 
     def __init__(self, found: dict[str, list[dict]], facts: JobFacts):
         place = {p.instance: index for index, p in enumerate(facts.processes)}
-        started = {(labels.get("instance", ""), labels.get("rank", "0")): value
-                   for labels, value in rows(found.get("process_start", [])) if value is not None}
+        last_seen = {(labels.get("instance", ""), labels.get("rank", "0")): value
+                     for labels, value in rows(found.get("last_heartbeat", [])) if value is not None}
 
         def order(labels: dict) -> tuple[int, float]:
             instance, rank = labels.get("instance", ""), labels.get("rank", "0")
-            start = started.get((instance, rank))
-            return (1, start) if start is not None else (0, place.get(instance, -1))
+            seen = last_seen.get((instance, rank))
+            return (1, seen) if seen is not None else (0, place.get(instance, -1))
 
         self._values = {name: sorted((_Value(order(labels), labels.get("rank", "0"), value)
                                       for labels, value in rows(found.get(name, [])) if value is not None),

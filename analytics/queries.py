@@ -250,6 +250,8 @@ TOTALS = {
     "gpu_memory_peak": ("max_over_time", Trainer.GPU_MEMORY_PEAK),
     # The goodput ledger (goodput.py): when each process started, and when the job was submitted.
     "process_start": ("last_over_time", Trainer.PROCESS_START),
+    # Each process's last heartbeat, every rank's: the order of a rank's processes (job.Totals; one at a time).
+    "last_heartbeat": ("last_over_time", Trainer.HEARTBEAT),
     "submitted": ("last_over_time", Trainer.JOB_SUBMITTED),
 }
 # Each process's last seconds per phase (rows with a `phase` label; goodput.py combines them).
@@ -669,7 +671,11 @@ def trend_grid(range_seconds: float, step: float, now: float) -> tuple[float, fl
     on multiples up to now both backends evaluate the same points the same way."""
     step_ms = max(1, round(step * 1000))
     end_ms = math.floor(now * 1000 / step_ms) * step_ms
-    start_ms = end_ms - math.floor(range_seconds * 1000 / step_ms) * step_ms
+    # floor(range / step) points, each reading the step before it: they tile the range's length up to the last
+    # multiple. One more (the first at end - range) read a step before that, and the average divided those
+    # samples by range + step (over 10 minutes in one step of 10: the mean of a point before the range and one
+    # in it, 39.55 samples/s for 95.2).
+    start_ms = end_ms - (max(1, math.floor(range_seconds * 1000 / step_ms)) - 1) * step_ms
     return start_ms / 1000, end_ms / 1000, f"{step_ms}ms"
 
 

@@ -38,13 +38,13 @@ def test_a_job_killed_and_resumed_reads_its_resumed_runs_counts_before_it_catche
         return [{"metric": {"instance": process.instance, "rank": "0"}, "value": [230, value]}
                 for process, value in zip((killed, resumed), by_process)]
 
-    def rank_1(values: tuple[str, str]) -> list[dict]:      # its processes are none of rank 0's: by their start
+    def rank_1(values: tuple[str, str]) -> list[dict]:      # none of rank 0's processes: by their heartbeat
         return [{"metric": {"instance": instance, "rank": "1"}, "value": [230, value]}
                 for instance, value in zip(("127.0.0.1:9101", "127.0.0.1:9100"), values)]     # newest listed first
 
     found = {"steps": samples(("135", "109")) + rank_1(("108", "134")),
              "samples": samples(("2160", "1744")) + rank_1(("1728", "2144")),
-             "process_start": rank_1(("190", "90")),
+             "last_heartbeat": rank_1(("229", "150")),
              "loss_min": samples(("0.15557", "0.18404")), "eval_loss_min": samples(("0.23314", "0.25985")),
              "eval_accuracy_max": samples(("0.93125", "0.92625"))}
     body = _assemble(facts, found, {}, [], None)

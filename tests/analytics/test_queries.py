@@ -194,3 +194,16 @@ def test_a_vanished_jobs_cached_analytics_are_dropped_once_prometheus_forgets_it
     vanished = {"starts": [{"metric": {"job_id": "k", "instance": "h:1", "rank": "0"}, "value": [1.0, "100"]}]}
     assert fingerprint(vanished) != fingerprint({})
     assert "attributed" in q.job_recent("k", 3600, 2000.0)       # an exporter still counting for the job
+
+
+@pytest.mark.parametrize("range_seconds,step", [(600, 600), (600, 1), (120, 0.5), (241, 1.005), (90 * 86400, 777.6)])
+def test_the_trend_grid_tiles_the_range_and_no_more(range_seconds, step):
+    """Its points are on multiples of the step, each reading the step before it: floor(range / step) of them
+    tile the range's length up to the last multiple. There was one more, reading a step before the range, and
+    the trends' average divided by range + step."""
+    now = 1_796_476_107.75
+    start, end, literal = q.trend_grid(range_seconds, step, now)
+    step_ms = int(literal.removesuffix("ms"))
+    points = round((end - start) * 1000) // step_ms + 1
+    assert points == max(1, int(range_seconds * 1000 // step_ms))
+    assert end <= now < end + step_ms / 1000 and round(end * 1000) % step_ms == 0
