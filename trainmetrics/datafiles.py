@@ -101,6 +101,8 @@ def read_csv(path: Path, target: str = DEFAULT_TARGET) -> tuple[np.ndarray, np.n
         raise DatasetError(f"{path}: need at least 2 data rows, found {rows}")
     x = np.frombuffer(features, dtype=np.float32).reshape(rows, len(header) - 1)
     y = np.frombuffer(targets, dtype=np.float64)
+    if integral_target and y.size and y.max() >= MAX_CLASSES:     # past int64, astype() wrapped it negative
+        raise DatasetError(f"class label {int(y.max())} too large: at most {MAX_CLASSES} classes")
     return x, _target_array(y.astype(np.int64) if integral_target else y)
 
 

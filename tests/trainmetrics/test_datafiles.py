@@ -41,6 +41,14 @@ def test_a_csv_value_beyond_float32_is_refused(tmp_path, row, column):
         read_csv(path)
 
 
+def test_a_class_label_past_int64_is_refused_as_too_large(tmp_path):
+    """Read into int64, 99999999999999999999 wrapped negative: refused as "must be non-negative integers"."""
+    path = tmp_path / "labels.csv"
+    path.write_text("a,label\n1,0\n2,99999999999999999999\n")
+    with pytest.raises(DatasetError, match="class label 100000000000000000000 too large: at most"):     # as float64
+        read_csv(path)
+
+
 def test_an_npz_target_beyond_float32_is_refused(tmp_path):
     path = tmp_path / "big.npz"
     np.savez(path, x=np.zeros((10, 2)), y=np.array([1.0] * 9 + [1e300]))
