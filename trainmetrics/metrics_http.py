@@ -6,11 +6,14 @@
 - A scrape counts only when it comes from such a scraper: it sends `X-Prometheus-Scrape-Timeout-Seconds`.
   A `curl` or a health check reads the same text but never counts (the job's linger waits for scrapers).
 - Bounded: at most `max_connections` connections (one thread each); more are closed at once. A connection
-  idle for `idle_timeout` (half-open, a slow client, a stalled TLS handshake) is closed.
+  idle for `idle_timeout` (half-open, a slow client, a stalled TLS handshake) is closed, and so is one whose
+  next request is not whole within `idle_timeout` of the previous answer (a byte every few seconds kept a slot
+  for ever: 32 such clients refused every scrape).
 - TLS and basic auth from a web-config file (trainmetrics.webconfig).
 """
 
 import http.client
+import io
 import logging
 import selectors
 import socket
@@ -90,6 +93,30 @@ class Headers(dict):
         raise http.client.HTTPException(f"got more than {MAX_HEADERS} headers")
 
 
+class _RequestDeadline(io.RawIOBase):
+    """The connection's reads, each given only what is left of the time its request has to arrive whole."""
+
+    def __init__(self, connection: socket.socket, seconds: float):
+        self.connection, self.seconds, self.deadline = connection, seconds, time.monotonic() + seconds
+
+    def readable(self) -> bool:
+        return True
+
+    def restart(self) -> None:
+        """The next request's time starts now (an answer was just written)."""
+        self.deadline = time.monotonic() + self.seconds
+
+    def readinto(self, buffer) -> int:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the request did not arrive whole in time")
+        self.connection.settimeout(left)
+        try:
+            return self.connection.recv_into(buffer)
+        finally:
+            self.connection.settimeout(self.seconds)    # the answer's writes get the whole idle timeout
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: "MetricsHTTPServer"
@@ -97,6 +124,13 @@ class _Handler(BaseHTTPRequestHandler):
     def setup(self) -> None:
         self.timeout = self.server.idle_timeout     # StreamRequestHandler applies it to the socket
         super().setup()
+        self.rfile.close()      # the socket's own reader: a file of it left open would keep the socket open
+        self._deadline = _RequestDeadline(self.connection, self.server.idle_timeout)
+        self.rfile = io.BufferedReader(self._deadline)
+
+    def handle_one_request(self) -> None:
+        self._deadline.restart()
+        super().handle_one_request()
 
     def parse_request(self) -> bool:
         """http.server's parse_request, its checks and answers, the headers read by Headers."""

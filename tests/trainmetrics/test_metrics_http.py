@@ -132,3 +132,35 @@ def test_headers_are_read_by_lower_case_name_the_first_of_a_repeat():
         b"Bad Name: x\r\n\r\nbody"))
     assert headers.get("AUTHORIZATION") == "Basic abc" and headers.get("x-folded") == "a b"
     assert headers.get("Bad Name") is None and headers.get("missing", "default") == "default"
+
+
+def test_a_request_trickled_a_byte_at_a_time_is_cut_at_the_idle_timeout():
+    """Each read waited the whole idle timeout afresh: a client sending a byte every few seconds held its
+    connection, and its thread, for ever, and 32 of them refused every scrape. A request must now be whole within
+    the idle timeout of the previous answer; a scraper's keep-alive connection is served as before."""
+    server = MetricsHTTPServer(("127.0.0.1", 0), lambda scrape: b"up 1\n", idle_timeout=1.0).serve_in_background()
+    request = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as trickler:
+            began, cut = time.monotonic(), None
+            for byte in request * 3:
+                try:
+                    trickler.sendall(bytes([byte]))
+                    time.sleep(0.3)
+                    trickler.settimeout(0.001)
+                    if trickler.recv(1) == b"":         # closed by the server
+                        cut = time.monotonic() - began
+                        break
+                except TimeoutError:
+                    continue
+                except OSError:
+                    cut = time.monotonic() - began
+                    break
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as scraper:
+            for _ in range(3):                          # whole requests, 0.5 s apart: 1.5 s on one connection
+                scraper.sendall(request)
+                assert scraper.recv(4096).startswith(b"HTTP/1.1 200 OK")
+                time.sleep(0.5)
+    finally:
+        server.close()
+    assert cut is not None and cut < 2.5, cut
