@@ -135,11 +135,11 @@ class Trainer:
         self.metrics.load_state_dict({**own, "steps": int(state["step"]), "samples": int(state["samples"])})
         # Its position in the data counts batches of that size, of that data, in that shuffle: another would train
         # some samples twice and skip others (another dataset of 7 batches an epoch skipped its first epoch whole).
-        for key, flag, own, what in (("batch_size", "--batch-size", self.config.batch_size, "size"),
-                                     ("dataset", "--dataset", self.dataset.name, "dataset"),
-                                     ("seed", "--seed", self.config.seed, "shuffle")):
+        for key, flag, this_run, what in (("batch_size", "--batch-size", self.config.batch_size, "size"),
+                                          ("dataset", "--dataset", self.dataset.name, "dataset"),
+                                          ("seed", "--seed", self.config.seed, "shuffle")):
             written_with = state.get(key)
-            if written_with is not None and written_with != own:
+            if written_with is not None and written_with != this_run:
                 raise ValueError(f"the checkpoint was written with {flag} {written_with}: its position (batch "
                                  f"{state.get('batch_in_epoch')} of epoch {state.get('epoch')}) counts batches of "
                                  f"that {what}; resume with {flag} {written_with}")

@@ -100,10 +100,8 @@ def read_csv(path: Path, target: str = DEFAULT_TARGET) -> tuple[np.ndarray, np.n
     if rows < 2:
         raise DatasetError(f"{path}: need at least 2 data rows, found {rows}")
     x = np.frombuffer(features, dtype=np.float32).reshape(rows, len(header) - 1)
-    y = np.frombuffer(targets, dtype=np.float64)
-    if integral_target and y.size and y.max() >= MAX_CLASSES:     # past int64, astype() wrapped it negative
-        raise DatasetError(f"class label {int(y.max())} too large: at most {MAX_CLASSES} classes")
-    return x, _target_array(y.astype(np.int64) if integral_target else y)
+    # (checked as read: in int64 first, a label past it wrapped negative and was "not non-negative")
+    return x, _target_array(np.frombuffer(targets, dtype=np.float64), labels=integral_target)
 
 
 def _is_integer(text: str) -> bool:
@@ -176,7 +174,7 @@ def read_npz(path: Path, max_uncompressed_bytes: int | None = None) -> tuple[np.
         raise DatasetError(f"{path}: NaN or infinite values (or values beyond float32's range in x)")
     if not np.issubdtype(y.dtype, np.integer) and (y.max() > FLOAT32_MAX or y.min() < -FLOAT32_MAX):
         raise DatasetError(f"{path}: y has values beyond float32's range (±{FLOAT32_MAX:.4g}): infinite in training")
-    return x, _target_array(y)
+    return x, _target_array(y, labels=np.issubdtype(y.dtype, np.integer))
 
 
 def _check_npy_header(path: Path, archive: zipfile.ZipFile, member: zipfile.ZipInfo) -> int:
@@ -200,9 +198,10 @@ def _check_npy_header(path: Path, archive: zipfile.ZipFile, member: zipfile.ZipI
     return declared + elements * np.dtype(np.float32).itemsize
 
 
-def _target_array(y: np.ndarray) -> np.ndarray:
-    """Integer targets become class labels (int64), floats regression targets (float32)."""
-    if np.issubdtype(y.dtype, np.integer):
+def _target_array(y: np.ndarray, labels: bool) -> np.ndarray:
+    """Class labels (whole numbers: an NPZ's integers, a CSV's integral column) become int64, checked before the
+    cast, others regression targets (float32)."""
+    if labels:
         if y.min() < 0:
             raise DatasetError("class labels must be non-negative integers")
         if y.max() >= MAX_CLASSES:

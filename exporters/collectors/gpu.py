@@ -387,7 +387,8 @@ class GpuCollector(Collector):
             else:
                 used = joules - previous
             holders = _jobs_on(gpu, readings, jobs)[1]
-            shares += [(holders, used / len(holders))] if holders else []
+            if holders:
+                shares.append((holders, used / len(holders)))
         opened = {job_id for holders, _ in shares for job_id in holders if self.job_energy.has(job_id, "gpu")}
         for holders, share in shares:
             for job_id in holders:
