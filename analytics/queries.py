@@ -466,6 +466,7 @@ RECORDED = {
     "info": "job_process:trainer_job_info:last5m",
     "state": "job_process:trainer_job_state:seen_timestamp5m",
     "samples": "job_process:trainer_samples:max5m",
+    "heartbeat": "job_process:trainer_heartbeat_timestamp_seconds:last5m",
     "loss": "job_process:trainer_loss:last5m",
     "loss_finite": "job_process:trainer_loss_finite:last5m",
 }
@@ -475,6 +476,7 @@ RAW = {
     "info": Trainer.JOB_INFO,
     "state": Trainer.JOB_STATE,
     "samples": Trainer.SAMPLES,
+    "heartbeat": Trainer.HEARTBEAT,
     "loss": Trainer.LOSS,
     "loss_finite": Trainer.LOSS_FINITE,
 }
@@ -592,15 +594,27 @@ def fleet_state(range_seconds: float, now: float | None = None, split: float | N
 
 
 def fleet_samples(range_seconds: float, now: float | None = None, split: float | None = None) -> str:
-    """Samples processed by every job (max over a resumed job's processes, summed over ranks)."""
+    """Samples processed by every job: each rank's newest process's last count, summed over ranks, as the
+    trainer counts them and the job analytics read them (Totals.per_rank). A resumed process carries its rank's
+    count on from its checkpoint: a killed one's count went past that with work that was thrown away, and the
+    highest over the processes said so (and ranked the job by it) until the resumed run caught up. The newest
+    process is the one seen last (its heartbeat); a rank with no heartbeat (a trainer from before it) keeps the
+    highest count."""
+    samples, seen = _newest_part("samples", range_seconds, now, split), _newest_part("heartbeat", range_seconds, now,
+                                                                                       split)
+    newest = f"({samples}) and on (job_id, rank, instance) topk by (job_id, rank) (1, {seen})"
+    without_heartbeat = f"max by (job_id, rank) ({samples}) unless on (job_id, rank) ({seen})"
+    return f"sum by (job_id) (max by (job_id, rank) ({newest}) or {without_heartbeat})"
+
+
+def _newest_part(name: str, range_seconds: float, now: float | None, split: float | None) -> str:
+    """Each process's last value of a RAW/RECORDED series over the range: from the newest part that has it (the
+    recent raw one, the recorded one, the older raw one; `or` keeps the left side's value of a process)."""
     if split is None:
-        per_process = f"max_over_time({RAW['samples']}[{duration(range_seconds)}])"
-    else:   # every part kept (distinct tags), the max taken over them
-        per_process = union({
-            "recent": f"max_over_time({RAW['samples']}{over(RECENT_SECONDS, now)})",
-            "recorded": f"max_over_time({RECORDED['samples']}{over(now - split, now)})",
-            "older": f"max_over_time({RAW['samples']}{over(split - (now - range_seconds), split)})"})
-    return f"sum by (job_id) (max by (job_id, rank) ({per_process}))"
+        return f"last_over_time({RAW[name]}[{duration(range_seconds)}])"
+    return " or ".join((f"last_over_time({RAW[name]}{over(RECENT_SECONDS, now)})",
+                        f"last_over_time({RECORDED[name]}{over(now - split, now)})",
+                        f"last_over_time({RAW[name]}{over(split - (now - range_seconds), split)})"))
 
 
 def fleet_goodput(range_seconds: float, now: float) -> dict[str, str]:

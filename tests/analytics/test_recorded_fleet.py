@@ -62,6 +62,13 @@ def history(now: float) -> str:
     lines += process_lines("crashed", "h:110", now - 5000, now - 4700, None, "carol")
     lines += process_lines("crashed", "h:111", now - 4600, now - 4000, "completed", "carol", samples_from=15000,
                            checkpoints_from=3)
+    # Two ranks, each killed 100 s of work past its checkpoint (at 10,000 samples) and resumed from it on
+    # another instance, 60 s before it ends: 13,000 samples a rank, not the killed processes' 15,000. (Before
+    # the 1-hour ranges: the trends' test counts samples by each series' last value.)
+    for rank in ("0", "1"):
+        lines += process_lines("thrown", f"h:12{rank}", now - 4400, now - 4100, None, "carol", rank=rank)
+        lines += process_lines("thrown", f"h:13{rank}", now - 4050, now - 3990, "completed", "carol", rank=rank,
+                               samples_from=10000, checkpoints_from=2)
     # Two ranks.
     for rank in ("0", "1"):
         lines += process_lines("ranks", f"h:20{rank}", now - 2400, now - 1800, "completed", "alice", rank=rank)
@@ -142,8 +149,9 @@ def test_a_range_reaching_before_the_rules_reads_raw_series_there(backfilled):
     assert now - 660 - RULES_SINCE - 120 < split < now - 660 - RULES_SINCE + 60
     assert recorded == raw
     by_id = {row.job_id: row for row in raw}
-    assert len(raw) == 23 + 4      # job-00 ended before the range
+    assert len(raw) == 23 + 5      # job-00 ended before the range
     resumed = by_id["resumed"]
+    assert by_id["thrown"].total_samples == 2 * 13000 and by_id["thrown"].status == "completed"
     assert resumed.status == "completed" and resumed.total_samples == 30000 + 50 * 600
     assert (resumed.duration_seconds, resumed.paused_seconds, resumed.training_seconds) == (1500, 300, 1200)
     assert resumed.average_samples_per_second == pytest.approx(resumed.total_samples / 1200, rel=1e-5)
@@ -246,7 +254,7 @@ def test_job_totals_from_each_process_last_minute_equal_the_whole_window(backfil
         return job_totals(job_id, window, final, None if read["whole"] else finals)
 
     monkeypatch.setattr(q, "job_totals", totals)
-    job_ids = [f"job-{index:02d}" for index in range(24)] + ["resumed", "crashed", "ranks", "straddle"]
+    job_ids = [f"job-{index:02d}" for index in range(24)] + ["resumed", "crashed", "ranks", "straddle", "thrown"]
 
     async def run(whole: bool):
         read["whole"] = whole
@@ -265,6 +273,7 @@ def test_job_totals_from_each_process_last_minute_equal_the_whole_window(backfil
     assert from_last_minutes == from_whole
     assert from_whole["resumed"]["performance"]["total_samples"] == 30000 + 50 * 600
     assert from_whole["ranks"]["performance"]["total_samples"] == 2 * 50 * 600
+    assert from_whole["thrown"]["performance"]["total_samples"] == 2 * 13000
     assert from_whole["job-05"]["losses"]["final"] == pytest.approx(2.0 / (1 + 400 / 60), abs=1e-6)
     # CPU seconds per span the job's processes ran, over the time they ran: the resumed job's counter
     # started again with its second process (2 x 600 s at 2 CPU-s/s), the two ranks' spans overlap (600 s
