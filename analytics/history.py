@@ -6,11 +6,12 @@ much as it ran (40 series at 250 ms), so a range query on the peak grid first fi
 slot showed a new evaluation, and only those are read raw (queries.MAX_HISTORY_READS reads at most)."""
 
 import asyncio
+import math
 from dataclasses import dataclass
 
 from trainmetrics.analytics import queries as q
 from trainmetrics.analytics.prometheus import PrometheusClient
-from trainmetrics.analytics.results import number
+from trainmetrics.analytics.results import number, query_parts, rows
 from trainmetrics.analytics.shapes import Evaluation
 
 FIELDS = {metric: name for name, metric in q.HISTORY.items()}
@@ -28,16 +29,34 @@ class _Shown:
     accuracy: float | None
 
 
-async def evaluation_history(client: PrometheusClient, job_id: str, start: float,
-                             final_time: float) -> list[Evaluation]:
-    """Every evaluation of the job in (start, final_time], in order: raw samples, each evaluation once."""
+async def evaluation_history(client: PrometheusClient, job_id: str, start: float, final_time: float,
+                             runs: list[tuple[str, float]] = ()) -> list[Evaluation]:
+    """Every evaluation of the job in (start, final_time], in order: raw samples, each evaluation once.
+
+    runs: (instance, training start) of the job's rank-0 processes, oldest first: a resumed run's start tells
+    which of the earlier runs' evaluations it threw away, before it evaluates itself."""
     window = max(final_time - start, 1e-3)
     first, last, step = q.peak_grid(window, final_time)
-    changes = await client.query_range(q.eval_history_changes(job_id, step), first, last, step)
+    changes, firsts = await asyncio.gather(client.query_range(q.eval_history_changes(job_id, step), first, last, step),
+                                           _first_indices(client, job_id, runs[1:], final_time))
     reads = _reads(_new_steps(changes), int(step.removesuffix("ms")) / 1000)
     answers = await asyncio.gather(*(client.query(q.eval_history_samples(job_id, to - since), to)
                                      for since, to in reads))
-    return _in_order([shown for matrix in answers for shown in _shown(matrix)])
+    return _in_order([shown for matrix in answers for shown in _shown(matrix)], firsts, dict(runs))
+
+
+async def _first_indices(client: PrometheusClient, job_id: str, resumed: list[tuple[str, float]],
+                         now: float) -> dict[str, int]:
+    """The number each resumed run's first evaluation has (or would have): its checkpoint's count + 1."""
+    if not resumed:
+        return {}
+    found = await query_parts(client, q.resumed_eval_counts(job_id, [start for _, start in resumed]), now)
+    firsts = {}
+    for index, (instance, _) in enumerate(resumed):
+        for labels, value in rows(found.get(f"count_{index}", [])):
+            if labels.get("instance") == instance and value is not None and math.isfinite(value) and value >= 0:
+                firsts[instance] = int(value) + 1
+    return firsts
 
 
 def _new_steps(changes: list[dict]) -> list[float]:
@@ -85,16 +104,26 @@ def _shown(matrix: list[dict]) -> list[_Shown]:
             for (instance, _, _), values in scraped.items() if "index" in values]
 
 
-def _in_order(shown: list[_Shown]) -> list[Evaluation]:
+def _in_order(shown: list[_Shown], firsts: dict[str, int] | None = None,
+              starts: dict[str, float] | None = None) -> list[Evaluation]:
     """Each evaluation once, by number. A resumed run numbers on from its checkpoint's count, so where an
     earlier run evaluated after its last checkpoint, the evaluations from the resumed run's first number on are
-    the resumed run's (the earlier ones were thrown away with the steps after the checkpoint)."""
-    runs: dict[str, dict[int, _Shown]] = {}
+    the resumed run's (the earlier ones were thrown away with the steps after the checkpoint), from its start
+    (`firsts`: each resumed run's first number by its instance), whether or not it has evaluated yet. Runs are
+    ordered by their start (`starts`), else by their first evaluation's time."""
+    firsts, starts = firsts or {}, starts or {}
+    runs: dict[str, dict[int, _Shown]] = {instance: {} for instance in firsts}
     for evaluation in shown:
         runs.setdefault(evaluation.instance, {})[evaluation.index] = evaluation
     kept: dict[int, _Shown] = {}
-    for run in sorted(runs.values(), key=lambda run: min(e.time or 0.0 for e in run.values())):
-        first = min(run)
+
+    def began(instance: str) -> float:
+        known = starts.get(instance)
+        return known if known is not None else min((e.time or 0.0 for e in runs[instance].values()), default=0.0)
+
+    for instance in sorted(runs, key=began):
+        run = runs[instance]
+        first = min([*run, *([firsts[instance]] if instance in firsts else [])])
         kept = {index: evaluation for index, evaluation in kept.items() if index < first}
         kept.update(run)
     return [Evaluation(step=None if e.step is None else int(e.step), loss=e.loss, accuracy=e.accuracy, time=e.time)

@@ -181,7 +181,9 @@ async def jobs_analytics(client: PrometheusClient, job_ids: list[str], lookback:
         *(peaks(client, {**q.job_peaks(facts.job_id, w.window, gpus=facts.info.get("device") != "cpu"),
                          **q.host_peaks(w.window)}, w.window, w.end, q.JOB_PEAK_COUNTERS, w.final_time)
           for facts, w in started),
-        *(evaluation_history(client, facts.job_id, facts.start, w.final_time) for facts, w in started))
+        *(evaluation_history(client, facts.job_id, facts.start, w.final_time,
+                             [(p.instance, p.start) for p in facts.processes if p.start is not None])
+          for facts, w in started))
     peak_results, histories = per_job[:len(started)], per_job[len(started):]
     answers = {facts.job_id: (_assemble(facts, found, peak, history, w), facts)
                for (facts, w), found, peak, history in zip(started, instants, peak_results, histories)}

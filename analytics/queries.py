@@ -311,6 +311,20 @@ def eval_history_changes(job_id: str, step: str) -> str:
     return f"last_over_time({job_selector(Trainer.EVAL_HISTORY_INDEX, job_id)}[{step}])"
 
 
+# A resumed run's evaluation count as it starts training (its checkpoint's, restored before): the least count in
+# this long after its start.
+RESUMED_COUNT_SECONDS = 60.0
+
+
+def resumed_eval_counts(job_id: str, starts: list[float]) -> dict[str, str]:
+    """For each start (count_<i>) of a resumed run: every rank-0 process's least evaluation count in the
+    RESUMED_COUNT_SECONDS from it, of which the run's own is its checkpoint's count (the first it numbers
+    on from)."""
+    selector = job_selector(Trainer.EVALUATIONS, job_id, ',rank=~"0|"')
+    return {f"count_{index}": f"min_over_time({selector}{over(RESUMED_COUNT_SECONDS, start + RESUMED_COUNT_SECONDS)})"
+            for index, start in enumerate(starts)}
+
+
 def eval_history_samples(job_id: str, seconds: float) -> str:
     """The raw samples of every history series in the `seconds` before the query's time (its time goes in the
     request: VictoriaMetrics answers a bare range selector with `@` with nothing). The regex is over this

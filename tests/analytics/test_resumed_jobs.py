@@ -4,15 +4,18 @@ resumed, then one job from its first start."""
 
 import os
 import signal
+import subprocess
 import time
 
 import pytest
+import torch
 
 from trainmetrics.analytics.app import Settings
 from trainmetrics.analytics.lookup import MISSED_SCRAPES_SECONDS
+from trainmetrics.jobfiles import checkpoint_name
 from trainmetrics.prometheus_process import PrometheusServer, VictoriaMetricsServer
 
-from .conftest import ARRIVED, RealJob, finish, read_until, same_answer, serve, start_job
+from .conftest import ARRIVED, RealJob, finish, read_until, same_answer, serve, start_job, train_command
 
 pytestmark = pytest.mark.slow
 
@@ -132,6 +135,43 @@ def test_a_resumed_job_is_told_afresh(backends, tmp_path):
                 with serve(Settings(prometheus_url=backends[name].url)) as fresh:     # nothing cached
                     for job_id, cached in (("refail-1", refail), ("crash-1", crash)):
                         same_answer(get(fresh, f"/api/training/{job_id}/analytics"), cached, job_id)
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+
+
+def test_a_resumed_run_drops_the_evaluations_it_threw_away_before_it_evaluates(backends, tmp_path):
+    """Killed at step 16 (evaluated at 5, 10 and 15, checkpointed at 10) and resumed from the checkpoint: the
+    evaluation at 15 was thrown away with the steps after it. The job's evaluations listed it until the resumed
+    run evaluated itself (the resumed run's numbers replaced the killed run's from its first evaluation on)."""
+    prometheus = backends["prometheus"]
+    checkpoints = tmp_path / "checkpoints"
+    args = ("--job-id", "evals-1", "--targets-dir", str(prometheus.targets_dir), *COMMON, "--epochs", "5",
+            "--eval-every", "5", "--checkpoint-every", "10", "--checkpoint-dir", str(checkpoints))
+
+    def stalled_before(step: int, *extra: str):
+        faults = f'{{"stall": {{"step": {step}, "seconds": 600}}}}'
+        return subprocess.Popen(train_command(*args, *extra), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True, env={**os.environ, "TRAINMETRICS_FAULTS": faults})
+
+    processes = [stalled_before(17)]
+    try:
+        read_until(processes[0], "stalling")
+        prometheus.wait_for('trainer_evaluations_total{job_id="evals-1"} >= 3', timeout=30)
+        os.kill(processes[0].pid, signal.SIGKILL)
+        processes[0].communicate()
+        kept = torch.load(checkpoints / checkpoint_name(10), weights_only=False)["metrics_by_rank"][0]["evaluations"]
+        processes.append(stalled_before(13, "--resume"))
+        read_until(processes[1], "stalling")
+        assert kept == 2
+        for backend in backends.values():
+            backend.wait_for('trainer_steps_total{job_id="evals-1"} == 12', timeout=30)
+            with serve(Settings(prometheus_url=backend.url)) as client:
+                body = get(client, "/api/training/evals-1/analytics")
+            assert body["status"] == "running" and body["performance"]["total_steps"] == 12
+            assert [e["step"] for e in body["evaluations"]] == [5, 10], backend
     finally:
         for process in processes:
             if process.poll() is None:
