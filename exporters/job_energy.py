@@ -14,7 +14,6 @@ process_energy_joules_total{job_id,source}.
 
 import json
 import logging
-import math
 import os
 import stat
 import tempfile
@@ -65,6 +64,15 @@ class JobEnergy:
                 account[source] = account.get(source, 0.0) + max(joules, 0.0)
                 self._changed = True
             self._seen[job_id] = self.clock()
+
+    def touch(self, job_ids) -> None:
+        """The jobs run now (their processes are in the job tracker): those with an account stay published while
+        nothing can be added to it (their GPU or every RAPL zone unreadable)."""
+        with self._lock:
+            now = self.clock()
+            for job_id in job_ids:
+                if job_id in self._joules:
+                    self._seen[job_id] = now
 
     def has(self, job_id: str, source: str) -> bool:
         """True when the job has an account of source (opened, or taken over from the state file)."""
@@ -130,9 +138,14 @@ class JobEnergy:
                 jobs = json.loads(handle.read(MAX_STATE_BYTES))["jobs"]
             for job_id, account in jobs.items():
                 validate_job_id(job_id)
-                values = {key: float(account[key]) for key in account if key in (*SOURCES, "seen")}
-                if not all(math.isfinite(value) and value >= 0 for value in values.values()):
-                    raise ValueError(f"job {job_id}: not a finite number >= 0")
+                values = {key: account[key] for key in account if key in (*SOURCES, "seen")}
+                # JSON numbers only (true is no count), bounded as the job mappings' are: float() of a longer
+                # integer raised OverflowError, which stopped the exporter at its start.
+                if not all(type(value) in (int, float) and 0 <= value < 1e18 for value in values.values()):
+                    raise ValueError(f"job {job_id}: not a number from 0 to 1e18")
+                values = {key: float(value) for key, value in values.items()}
+                # Seen after now (the clock set back since the save): held published for ever otherwise.
+                values["seen"] = min(values["seen"], self.clock())
                 self._seen[job_id] = values.pop("seen")
                 self._joules[job_id] = values
         except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as error:

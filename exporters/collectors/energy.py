@@ -114,10 +114,11 @@ class EnergyCollector(Collector):
         if now >= self._next_scan:
             self._scan(now)
         readings = self._read_zones()
+        jobs = self._jobs_cpu_seconds(now)
+        self.energy.touch(jobs)     # attributed: their accounts stay published whatever their sources read
         if not readings:
             self._last = None
         else:
-            jobs = self._jobs_cpu_seconds(now)
             busy = self._host_busy_seconds()
             if self._last is not None:
                 self._share(readings, busy, jobs)

@@ -388,11 +388,14 @@ class GpuCollector(Collector):
                 used = joules - previous
             holders = _jobs_on(gpu, readings, jobs)[1]
             if holders:
-                shares.append((holders, used / len(holders)))
+                shares.append((holders, used))
         opened = {job_id for holders, _ in shares for job_id in holders if self.job_energy.has(job_id, "gpu")}
-        for holders, share in shares:
+        for holders, used in shares:
+            # The interval counts whole for the holders that were counting: a job's account opens at 0 (the
+            # interval it came in was before its series), and its share divided out went to no job.
+            counting = [job_id for job_id in holders if job_id in opened]
             for job_id in holders:
-                self.job_energy.add(job_id, "gpu", share if job_id in opened else 0.0)
+                self.job_energy.add(job_id, "gpu", used / len(counting) if job_id in opened else 0.0)
 
     def _read_slow(self, gpu: Gpu) -> SlowReadings:
         nvml, ask = self.nvml, self._ask

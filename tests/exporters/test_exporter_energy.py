@@ -318,8 +318,11 @@ def test_a_restarted_exporter_carries_the_counts_on_without_counting_anything_tw
 
 def test_a_bad_state_file_is_ignored_and_replaced(tmp_path, caplog):
     state = tmp_path / "jobs.energy.json"
+    # A number past a float (OverflowError stopped the exporter at its start), infinite, NaN, or true (1.0).
+    odd_numbers = [f'{{"jobs": {{"a": {{"gpu": {number}, "seen": 0}}}}}}' for number in ("1" + "0" * 400, "1e999",
+                                                                                      "NaN", "true")]
     for text in ('{"jobs": {"no spaces allowed": {"gpu": 1, "seen": 0}}}', '{"jobs": {"a": {"gpu": -1, "seen": 0}}}',
-                 '{"jobs": []}', "[" * 100_000, "not json"):
+                 '{"jobs": []}', "[" * 100_000, "not json", *odd_numbers):
         state.write_text(text)
         with caplog.at_level(logging.WARNING):
             energy = JobEnergy(state)
@@ -335,6 +338,59 @@ def test_a_bad_state_file_is_ignored_and_replaced(tmp_path, caplog):
     energy.add("a", "gpu")
     energy.publish()
     assert energy.published == {("a", "gpu"): 0.0}         # a symlink is not followed
+
+
+def test_a_job_last_seen_in_the_future_by_the_state_file_is_not_held_for_ever(tmp_path):
+    """A state file saved before the clock was set back (or written by hand): a `seen` after now held the job's
+    series published, and its account kept, for ever."""
+    clock = Clock()
+    state = tmp_path / "jobs.energy.json"
+    state.write_text(json.dumps({"jobs": {"gone": {"gpu": 5.0, "seen": 1e15}}}))
+    energy = JobEnergy(state, clock=clock)
+    energy.publish()
+    assert energy.published == {("gone", "gpu"): 5.0}
+    clock.now += HOLD_SECONDS + 1
+    energy.publish()
+    assert energy.published == {}
+
+
+def test_a_running_job_keeps_its_gpu_energy_series_while_its_gpu_cannot_be_read(tmp_path):
+    """No readable RAPL (an exporter not run as root) and the job's GPU lost (an XID 79) for two minutes while the
+    job runs on: its gpu series went after the hold (nothing added to it), and the analytics, which read a job's
+    energy in the minute before its end, found none: no GPU energy for the whole run."""
+    clock = Clock()
+    host = build_fixture_host(powercap_root=tmp_path / "no-powercap", energy=JobEnergy(clock=clock))
+    gpu0 = host.nvml.gpus[0]
+    host.sample_twice()
+    gpu0.energy_millijoules += 300_000
+    host.exporter.sample_slow(101.0)
+    assert energy_series(host.exporter.render()) == {("mnist-1", "gpu"): 300.0}
+    gpu0.lost = True
+    for step in range(1, 25):
+        clock.now += 5
+        host.exporter.sample(101.0 + 5 * step)
+        host.exporter.sample_slow(101.0 + 5 * step)
+    assert energy_series(host.exporter.render()) == {("mnist-1", "gpu"): 300.0}
+
+
+def test_the_interval_a_job_joins_a_shared_gpu_counts_whole_for_those_counting_it(tmp_path):
+    """docs/metrics.md: the interval in which a job starts counts whole for the jobs holding the GPU at its end;
+    the newcomer's series starts at 0. The interval was split between both and the newcomer's half dropped."""
+    job_dir = tmp_path / "jobs"
+    job_dir.mkdir()
+    (job_dir / "mnist-1.rank0.json").write_text((FIXTURE_JOB_DIR / "mnist-1.rank0.json").read_text())
+    host = build_fixture_host(job_dir=job_dir, powercap_root=tmp_path / "no-powercap")
+    gpu0 = host.nvml.gpus[0]
+    for now in (100.0, 101.0):
+        gpu0.energy_millijoules += 10_000
+        host.exporter.sample(now)
+        host.exporter.sample_slow(now)
+    assert energy_series(host.exporter.render()) == {("mnist-1", "gpu"): 10.0}
+    write_job_mapping(job_dir, JobMapping(job_id="eval-2", pid=5100, gpus=[0], start_ticks=8))
+    gpu0.energy_millijoules += 10_000
+    host.exporter.sample(102.0)
+    host.exporter.sample_slow(102.0)
+    assert energy_series(host.exporter.render()) == {("mnist-1", "gpu"): 20.0, ("eval-2", "gpu"): 0.0}
 
 
 def test_an_unwritable_state_file_is_logged_once_and_the_counts_go_on(tmp_path, caplog):
