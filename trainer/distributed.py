@@ -90,12 +90,15 @@ def barrier(ctx: Distributed) -> None:
 
 def mark_collectives(model, phases) -> None:
     """Count the time a rank waits in DDP's gradient all-reduce as the `collective` phase: a communication hook
-    enters it when the first bucket goes out (the loop marks `optimizer` once backward returns). A rank that
-    waits for a stuck peer then shows `collective`, and the peer the phase it is stuck in."""
+    enters it when the last bucket goes out, once the rank's backward has computed every gradient (the loop
+    marks `optimizer` once backward returns). A rank that waits for a stuck peer then shows `collective`, and
+    the peer the phase it is stuck in."""
     from trainmetrics.trainer.phases import COLLECTIVE
 
     def all_reduce(state, bucket):
-        if phases.phase != COLLECTIVE:
+        # Not at the first bucket: DDP sends it (1 MiB) early in backward, and the rest of the rank's backward,
+        # a slow or stuck one too, was booked as waiting for its peers.
+        if bucket.is_last() and phases.phase != COLLECTIVE:
             phases.enter(COLLECTIVE)
         tensor = bucket.buffer()
         tensor.div_(dist.get_world_size())

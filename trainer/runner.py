@@ -293,7 +293,8 @@ class Trainer:
             if self.spike_keeps_the_last_checkpoint():
                 return self.stopped_for_spike()
             if self.dist.is_main:
-                atomic_save(self.net.state_dict(), Path(config.checkpoint_dir) / FINAL_MODEL_NAME)
+                with metrics.phase(CHECKPOINT):     # a write, as a checkpoint's: not a hang, not compute
+                    atomic_save(self.net.state_dict(), Path(config.checkpoint_dir) / FINAL_MODEL_NAME)
         return "completed"
 
     def stopped_for_spike(self, outcome: str | None = None) -> str:

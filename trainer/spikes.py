@@ -19,6 +19,13 @@ ALPHA = 0.1
 # A warm-up interval this many (normal-scaled) median absolute deviations above the warm-up's median is left out
 # of what the detector starts from.
 WARMUP_OUTLIER_MADS = 6.0
+# The least spread a loss is judged against, relative to its level (and absolute, for a loss at 0): a loss flat to
+# the last digit has none, and then no rise was a spike (spread 0), or one of 1e-4 was (a spread of 1e-5).
+SPREAD_FLOOR_RELATIVE, SPREAD_FLOOR_ABSOLUTE = 1e-3, 1e-8
+
+
+def _floor(level: float) -> float:
+    return SPREAD_FLOOR_RELATIVE * abs(level) + SPREAD_FLOOR_ABSOLUTE
 
 
 class LossSpikeDetector:
@@ -38,8 +45,8 @@ class LossSpikeDetector:
         if not math.isfinite(loss):
             return False
         if self.mean is not None and self.seen >= self.warmup:
-            spread = math.sqrt(self.variance)
-            if spread > 0 and (loss - self.mean) / spread > self.z:
+            spread = max(math.sqrt(self.variance), _floor(self.mean))
+            if (loss - self.mean) / spread > self.z:
                 self.spikes += 1
                 self._run.append(loss)
                 if len(self._run) >= self.warmup:      # a lasting rise: the new level, learnt from its intervals
@@ -58,7 +65,7 @@ class LossSpikeDetector:
     def _start_from(self, early: list[float]) -> None:
         """Learn the running mean and variance again from the warm-up intervals, their outliers left out."""
         middle = statistics.median(early)
-        spread = 1.4826 * statistics.median(abs(value - middle) for value in early)
+        spread = max(1.4826 * statistics.median(abs(value - middle) for value in early), _floor(middle))
         kept = [value for value in early if value - middle <= WARMUP_OUTLIER_MADS * spread]
         self.mean, self.variance, self.seen, self._early = None, 0.0, 0, None
         for value in kept:

@@ -35,12 +35,34 @@ LOOP_PHASES = (DATA, COMPUTE, OPTIMIZER, COLLECTIVE)
 # The watches that hold SIGUSR2 in this process, oldest first (several jobs in one process: a notebook, tests).
 # faulthandler keeps one file per signal: the newest watch's; closing it hands the signal back to the one before.
 _holding: list["StackWatch"] = []
+# Stacks files of watches closed off the main thread while faulthandler still wrote to them (StackWatch.close):
+# closed once the signal goes elsewhere.
+_left_open: list = []
+
+
+def _forget_in_child() -> None:
+    """A forked child (a DataLoader worker) is not the rank: the job server's stacks request, sent to every
+    process of the job, must not have it append its own dump to the rank's file, nor kill it (ignored)."""
+    if _holding or _left_open:
+        _holding.clear()
+        _left_open.clear()
+        faulthandler.unregister(STACKS_SIGNAL)
+        signal.signal(STACKS_SIGNAL, signal.SIG_IGN)
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
 
 
 def _take_signal(file) -> None:
     """Dump every thread's stack to `file` on SIGUSR2. A handler the process set for it itself (submitit
     requeues on SIGUSR2 in some versions) still runs, after the dump: it was never called while a job lived."""
     faulthandler.register(STACKS_SIGNAL, file=file, all_threads=True, chain=callable(signal.getsignal(STACKS_SIGNAL)))
+    _close_left_open()
+
+
+def _close_left_open() -> None:
+    while _left_open:
+        _left_open.pop().close()
 
 
 def open_stacks_file(directory: Path | None, rank: int):
@@ -142,16 +164,23 @@ class StackWatch:
         """Stop watching; SIGUSR2 goes to another job's watch in this process, else to the process's own handler,
         else is ignored from now on."""
         self._stop.set()
-        if threading.current_thread() is threading.main_thread() and self in _holding:
+        if self in _holding:
             _holding.remove(self)
             if _holding:
                 _take_signal(_holding[-1]._file)
-            else:
+            elif threading.current_thread() is threading.main_thread():
                 # The process's own handler back (faulthandler puts back the one from before the first watch,
                 # which would undo one set since); without one, ignored: a late request must not kill a
                 # finished job.
                 handler = signal.getsignal(STACKS_SIGNAL)
                 faulthandler.unregister(STACKS_SIGNAL)
                 signal.signal(STACKS_SIGNAL, handler if callable(handler) else signal.SIG_IGN)
+                _close_left_open()
+            elif self._owns_file:
+                # Only the main thread sets a signal's handler: faulthandler goes on writing a late request's
+                # stacks to this file's descriptor, so the file stays open until the signal goes elsewhere
+                # (closed, its number went to the next file opened, a checkpoint say, and the stacks into it).
+                _left_open.append(self._file)
+                return
         if self._owns_file:
             self._file.close()

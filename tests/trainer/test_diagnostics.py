@@ -4,6 +4,7 @@ the stacks signal, and the faults used to drill them. Real loops, real training,
 import json
 import os
 import signal
+import threading
 import time
 
 import pytest
@@ -151,6 +152,20 @@ def test_a_lasting_rise_is_flagged_for_warmup_intervals_then_learnt_as_the_new_l
     assert detector.observe(8.0)                           # a spike above the new level is still caught
 
 
+def test_a_loss_with_no_spread_is_judged_against_a_floor_relative_to_its_level():
+    """A loss flat to the last digit (0.0 on a memorised set, a frozen model) had spread 0: no jump after it was a
+    spike. A warm-up mostly flat had a median deviation of 0: its values above the median were dropped as outliers
+    and a rise of 1 in 10,000 was a spike (and paused a job that asked)."""
+    flat = LossSpikeDetector(z=6.0, warmup=10)
+    assert not any(flat.observe(0.0) for _ in range(12))
+    assert flat.observe(50.0)
+    wobbling = LossSpikeDetector(z=6.0, warmup=10)
+    for value in [2.0] * 6 + [2.0001] * 4:
+        wobbling.observe(value)
+    assert not any(wobbling.observe(value) for value in (2.0001, 2.0, 2.0002, 2.0, 2.0003))
+    assert wobbling.observe(2.5)
+
+
 def test_the_hang_watchdog_writes_every_threads_stack_once_per_hang(tmp_path):
     metrics = JobMetrics("hung-job", diagnostics=Diagnostics(stacks_dir=tmp_path, hang_seconds=0.4))
     try:
@@ -237,6 +252,67 @@ def test_closing_one_of_two_jobs_in_a_process_leaves_sigusr2_to_the_other(tmp_pa
     finally:
         first.close()
         second.close()
+
+
+def test_a_forked_child_neither_dumps_into_the_ranks_file_nor_dies_of_the_stacks_signal(tmp_path):
+    """A DataLoader worker is a fork of its rank with the same command line, so the job server's stacks request
+    reaches it too: it inherited faulthandler's registration and the rank's open file, and appended its own dump
+    to the rank's stacks (served as the rank's, the last one in the file)."""
+    metrics = JobMetrics("forking-job", diagnostics=Diagnostics(stacks_dir=tmp_path))
+    try:
+        child = os.fork()
+        if child == 0:                           # as a worker: asked for its stacks, then done
+            os.kill(os.getpid(), signal.SIGUSR2)
+            time.sleep(0.2)
+            os._exit(0)
+        _, status = os.waitpid(child, 0)
+    finally:
+        metrics.close()
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert (tmp_path / "stacks.rank0.txt").read_text() == ""
+
+
+def test_a_job_closed_off_the_main_thread_leaves_no_later_file_to_the_stacks_signal(tmp_path):
+    """Closed from another thread, the watch closed its file and left faulthandler writing to its descriptor
+    number: the next file opened took it, and a later SIGUSR2 wrote thread stacks into that file."""
+    metrics = JobMetrics("closed-elsewhere", diagnostics=Diagnostics(stacks_dir=tmp_path / "diagnostics"))
+    closer = threading.Thread(target=metrics.close)
+    closer.start()
+    closer.join()
+    other = tmp_path / "weights.bin"
+    try:
+        with open(other, "wb") as file:
+            file.write(b"WEIGHTS")
+            file.flush()
+            os.kill(os.getpid(), signal.SIGUSR2)
+            time.sleep(0.2)
+        assert other.read_bytes() == b"WEIGHTS"
+        assert "Current thread" in (tmp_path / "diagnostics" / "stacks.rank0.txt").read_text()
+    finally:
+        JobMetrics("takes-the-signal-back", diagnostics=Diagnostics(stacks_dir=tmp_path / "last")).close()
+
+
+def test_a_slow_write_of_the_final_model_is_a_checkpoints_time_not_a_hang(tmp_path, monkeypatch):
+    """model.pt was written in `compute`: a large model written to slow storage at the job's end was a hang to the
+    watchdog (and to TrainerHang, which reads the same phase), and training time to the goodput ledger."""
+    from trainmetrics.trainer import runner
+    from trainmetrics.trainer.config import TrainConfig
+    from trainmetrics.trainer.stopping import StopFlag
+
+    save = runner.atomic_save
+
+    def slow_save(state, path, *args, **kwargs):
+        if path.name == runner.FINAL_MODEL_NAME:
+            time.sleep(2.0)                      # past the 1 s hang bound below
+        return save(state, path, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "atomic_save", slow_save)
+    config = TrainConfig(job_id="final-save", model="mlp", dataset="blobs", epochs=1, log_every=5,
+                         checkpoint_every=20, checkpoint_dir=tmp_path / "checkpoints",
+                         result_file=tmp_path / "result.json", diagnostics_dir=tmp_path, hang_seconds=1)
+    assert runner.run_job(config, StopFlag()) == 0
+    stacks = tmp_path / "stacks.rank0.txt"
+    assert "no step completed" not in (stacks.read_text() if stacks.exists() else "")
 
 
 def test_faults_apply_to_the_rank_and_job_they_name(monkeypatch):

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from trainmetrics.jobfiles import list_checkpoints, read_result
-from trainmetrics.prometheus_process import PrometheusServer
+from trainmetrics.prometheus_process import PrometheusServer, free_port
 
 from .conftest import parse_summary
 
@@ -134,3 +134,56 @@ def test_a_loss_spike_on_one_rank_pauses_every_rank_without_a_checkpoint_after_i
     assert read_result(tmp_path / "result.rank1.json")["rank"] == 1
     assert outcome["reason"] == ("loss spike at step 85" if spiking_rank == 0 else "loss spike on rank 1")
     assert max(c.step for c in list_checkpoints(tmp_path / "ckpt")) == kept
+
+
+BACKWARD_PHASES = """
+import sys, torch, torch.distributed as dist
+from torch import nn
+from trainmetrics.trainer import distributed
+from trainmetrics.trainer.metrics import JobMetrics
+from trainmetrics.trainer.phases import OPTIMIZER
+
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + sys.argv[1], rank=0, world_size=1)
+metrics = JobMetrics("ddp-phases")
+seen = []
+
+class Watch(torch.autograd.Function):       # backward through the first layer: the last gradients computed
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        seen.append(metrics.phases.phase)
+        return grad
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first, self.rest = nn.Linear(512, 512), nn.Sequential(*[nn.Linear(512, 512) for _ in range(3)])
+
+    def forward(self, x):                   # 1 MiB a layer: several buckets
+        return self.rest(Watch.apply(self.first(x)))
+
+model = nn.parallel.DistributedDataParallel(Net())
+distributed.mark_collectives(model, metrics.phases)
+metrics.start()
+for x in metrics.timed([torch.randn(8, 512) for _ in range(4)]):
+    loss = model(x).pow(2).mean()
+    loss.backward()
+    metrics.phases.enter(OPTIMIZER)
+    metrics.step(loss=loss, samples=8)
+metrics.close()
+print(" ".join(seen))
+"""
+
+
+def test_a_ranks_own_backward_is_compute_not_the_all_reduce():
+    """DDP sends its first gradient bucket (1 MiB) early in backward: entering `collective` there booked the rest of
+    the rank's backward (a slow rank's, a stuck one's) as waiting for its peers, and TrainerStraggler and
+    TrainerRankStuck, which leave that phase out, could not name it."""
+    result = subprocess.run([sys.executable, "-c", BACKWARD_PHASES, str(free_port())], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    phases = result.stdout.split()
+    assert len(phases) >= 3 and set(phases) == {"compute"}, phases
