@@ -217,13 +217,16 @@ def _ours(process: psutil.Process, uid: int) -> bool:
 
 
 def _trainer_processes(run: Run) -> list[psutil.Process]:
-    """The job's `trainmetrics train` processes: the process itself, or torchrun's workers."""
-    found = []
+    """The job's `trainmetrics train` processes: the process itself, or torchrun's workers. Not a trainer's own
+    forked children (its DataLoader workers), whose command line is the trainer's: a SIGTERM kills one (torch's
+    handler in a worker), and the job sent it to be cancelled failed ("DataLoader worker exited
+    unexpectedly")."""
+    found = {}
     for process in run_processes(run):
         try:
             command = process.cmdline()
+            if run.job_id in command and "train" in command and "torch.distributed.run" not in command:
+                found[process.pid] = (process, process.ppid())
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-        if run.job_id in command and "train" in command and "torch.distributed.run" not in command:
-            found.append(process)
-    return found
+    return [process for process, parent in found.values() if parent not in found]

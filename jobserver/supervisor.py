@@ -265,7 +265,7 @@ class Supervisor:
             code = result["exit_code"] if isinstance(result.get("exit_code"), int) else code
             reason = result["reason"][:500] if isinstance(result.get("reason"), str) else None
         elif code is not None and code < 0:
-            state, error = "failed", f"killed by {signal.Signals(-code).name} without a result"
+            state, error = "failed", f"killed by {_signal_name(-code)} without a result"
         elif code is not None:
             state, error = "failed", f"exit code {code} without a result"
         elif job.requested in ("paused", "cancelled"):
@@ -395,6 +395,15 @@ class Supervisor:
                 ended, code = self.executor.poll(run)
                 if ended:
                     self._reap(job_id, code)
+
+
+def _signal_name(signum: int) -> str:
+    """SIGKILL, or "signal 35" for one signal.Signals has no member for (the real-time signals: the name
+    raised ValueError, the run was forgotten unrecorded, and its job stayed `running` for good)."""
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
 
 
 def _ended_how(state: str, killed: bool, grace: float) -> str:

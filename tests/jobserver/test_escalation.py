@@ -130,6 +130,45 @@ def test_the_workers_of_a_launcher_gone_with_the_server_are_killed_at_the_restar
     assert processes_naming(supervisor.job_path("gone-with-server")) == []
 
 
+# A trainer with a forked child, as a DataLoader worker is: the same command line, its parent the trainer.
+FORKING_TRAINER = textwrap.dedent("""
+    import os, time
+    os.fork()
+    time.sleep(60)
+""")
+
+
+class ForkingTrainer(LocalExecutor):
+    def command(self, nproc: int, train_args: list[str]) -> list[str]:
+        return [sys.executable, "-c", FORKING_TRAINER, "train", *train_args]
+
+
+def test_a_stop_goes_to_the_trainer_not_to_the_workers_it_forked(tmp_path):
+    """A DataLoader worker has its trainer's command line: a cancel's SIGTERM went to it too, torch's handler in
+    the worker made it exit, and the trainer failed ("DataLoader worker exited unexpectedly") instead of ending
+    cancelled."""
+    from trainmetrics.jobserver.local import _trainer_processes
+
+    store = JobStore(tmp_path / "db.sqlite")
+    supervisor = Supervisor(store, tmp_path, None, max_concurrent=1, executor=ForkingTrainer())
+    store.add_job(JobRecord(id="forking", owner="default", name="forking", state="queued",
+                            spec={"model": "mlp", "dataset": "blobs", "nproc": 1}))
+    try:
+        supervisor.tick()
+        deadline = time.monotonic() + 20
+        while len(processes_naming(supervisor.job_path("forking"))) < 2:
+            assert time.monotonic() < deadline, "the worker did not start"
+            time.sleep(0.05)
+        run = supervisor.runs["forking"]
+        assert [process.pid for process in _trainer_processes(run)] == [run.pid]
+    finally:
+        for process in processes_naming(supervisor.job_path("forking")):
+            process.kill()
+        for run in supervisor.runs.values():
+            run.process.wait()
+        store.close()
+
+
 def test_a_runs_processes_are_found_by_their_exact_job_directory(tmp_path):
     from trainmetrics.jobserver.executors import Run
     from trainmetrics.jobserver.local import kill_processes, run_processes

@@ -263,6 +263,18 @@ def test_a_repeated_stop_sends_no_second_signal(supervisor, outcome):
     assert json.loads(supervisor.result_path(job.id).read_text())["signals"] == 1
 
 
+def test_a_job_killed_by_a_signal_without_a_name_ends_failed(supervisor):
+    """A real-time signal (SIGRTMIN + 1) has no signal.Signals member: naming it raised ValueError after the run
+    was forgotten, and the job stayed `running` with nothing behind it, neither cancellable nor resumable."""
+    submit(supervisor, "realtime", "transformer")
+    run = supervisor.runs["realtime"]
+    signum = signal.SIGRTMIN + 1
+    run.process.send_signal(signum)
+    run.process.wait(timeout=10)
+    ended = settle(supervisor, "realtime")
+    assert (ended.state, ended.error) == ("failed", f"killed by signal {int(signum)} without a result")
+
+
 def test_the_exit_code_is_the_results_when_a_signal_killed_the_process_after_it(supervisor):
     job = submit(supervisor, "killed-on-its-way-out", model="late-kill")
     time.sleep(0.3)
