@@ -50,6 +50,8 @@ class _Run:
     stopped: bool             # it stopped on request, after a checkpoint (paused, cancelled)
     checkpointed: float | None = None   # its totals in all when its last checkpoint write ended
     trained: bool = True      # it reached its training loop (a run stopped in its init or restore did not)
+    training_start: float | None = None   # when it did (its init and restore before it)
+    wrote: float | None = None            # the checkpoints it wrote itself (None: not known)
 
     @property
     def life(self) -> float:
@@ -83,7 +85,8 @@ def ledger(facts: JobFacts, found: dict[str, list[dict]]) -> shapes.Goodput:
         if process.instance in phases and process.instance in started_at and as_of is not None:
             runs.append(_Run(started_at[process.instance], as_of, phases[process.instance],
                              stopped=process.state in STOP_SIGNALS,
-                             checkpointed=checkpointed.get(process.instance), trained=process.start is not None))
+                             checkpointed=checkpointed.get(process.instance), trained=process.start is not None,
+                             training_start=process.start, wrote=process.written))
     # The job server's end of the job (cancelled while queued or paused): the ledger runs to it.
     server_end = facts.latest.end if facts.latest is not None and facts.latest.ended_by_server else None
     if not runs:
@@ -98,13 +101,22 @@ def ledger(facts: JobFacts, found: dict[str, list[dict]]) -> shapes.Goodput:
     thrown_setup = dict.fromkeys(SETUP_PHASES, 0.0)
     for run, after in zip(runs, runs[1:]):
         after_snapshot = max(0.0, run.total - after.carried)
-        if after.carried <= 0:                     # started afresh: the whole run was thrown away...
+        # Started afresh: the whole run was thrown away... (A running or killed successor's heartbeat is read a
+        # little before its totals in a scrape: what it carried is then a few microseconds, not 0.)
+        if after.carried <= CARRIED_TOLERANCE_SECONDS:
             setup = {name: run.totals.get(name, 0.0) for name in SETUP_PHASES}
             for name, value in setup.items():      # ...but its setup was setup (a run paused in its init)
                 thrown_setup[name] += value
             lost += max(0.0, after_snapshot - sum(setup.values()))
         elif not run.trained:      # stopped or killed in its init or restore: no step, nothing trained to lose
             thrown_setup["init"] += after_snapshot
+        elif run.carried > CARRIED_TOLERANCE_SECONDS and run.wrote == 0:
+            # Resumed, and gone before it wrote a checkpoint of its own (killed, failed, or paused on a loss spike
+            # again: the same batch, the same weights): its successor resumed from the checkpoint it did, so all
+            # it trained was thrown away, its time up to its training start (init, restore) staying setup.
+            setup = min(after_snapshot, max(0.0, run.training_start - run.started))
+            thrown_setup["init"] += setup
+            lost += after_snapshot - setup
         elif run.stopped and run.checkpointed is None:     # resumed from the checkpoint written at the stop
             checkpoint_writes += after_snapshot
         else:   # a failure or a kill, or a stop whose last checkpoint write is known (a loss spike's pause writes

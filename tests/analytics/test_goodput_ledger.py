@@ -113,6 +113,45 @@ def test_a_resumed_run_stopped_in_its_init_counts_as_init_not_checkpoint():
     assert sum(body.seconds.values()) == pytest.approx(body.wall_clock_seconds) == 100.0
 
 
+@pytest.mark.parametrize("how", ["paused on a loss spike again", "killed"])
+def test_a_resumed_run_gone_before_its_own_first_checkpoint_loses_what_it_trained_and_keeps_its_setup(how):
+    """Run a (100-130) paused on a loss spike after its last checkpoint (written by 20 s of its totals, the file's
+    snapshot 19.8 s); run b (140-150: init and restore to 143) resumed from it and paused on the spike again (the
+    same batch, the same weights), or was killed, before writing a checkpoint of its own; run c (160-190) resumed
+    from the same checkpoint. b's 10 s were all checkpoint time (paused: taken for a stop that wrote one), or all
+    lost with its 3 s of setup (killed)."""
+    a = {"init": 2.0, "compute": 20.0, "data_wait": 3.0, "checkpoint": 5.0}                     # 30 s: its life
+    b = {"init": 4.0, "restore": 1.0, "compute": 18.0, "data_wait": 2.8, "checkpoint": 4.0}    # 19.8 + 10
+    c = {"init": 4.5, "restore": 0.5, "compute": 34.0, "data_wait": 5.8, "checkpoint": 5.0}    # 19.8 + 30
+    run_b = (Process("b", start=143.0, end=150.0, state="paused", written=0.0, checkpoints=2.0)
+             if how != "killed" else
+             Process("b", start=143.0, state="running", last_seen=150.0, process_start=140.0, written=0.0,
+                     checkpoints=2.0))
+    processes = [Process("a", start=102.0, end=130.0, state="paused", written=2.0, checkpoints=2.0), run_b,
+                 Process("c", start=163.0, end=190.0, state="completed", written=1.0, checkpoints=3.0)]
+    job = JobFacts(job_id="j", info={}, status="completed", processes=processes,
+                   timeline=Timeline.of([(p.start, p.stop(190.0)) for p in processes]), upload_seconds=None,
+                   owners=frozenset(), fingerprint=frozenset(), now=1000.0)
+    body = ledger(job, found({"a": (100.0, a), "b": (140.0, b), "c": (160.0, c)}, submitted=90.0,
+                             checkpointed={"a": 20.0}))
+    assert body.seconds == pytest.approx({"queued": 10.0, "init": 7.5, "restore": 0.5, "step": 34.0, "data_wait": 5.8,
+                                          "eval": 0.0, "checkpoint": 5.2, "paused": 20.0, "lost": 17.0})
+    assert body.wall_clock_seconds == 100.0 and body.unaccounted_seconds == 0
+
+
+@pytest.mark.parametrize("live", [True, False])
+def test_a_fresh_successor_read_while_it_runs_or_after_a_kill_is_a_fresh_start(live):
+    """Run a (100-110: 6 s of init) trained 4 s and paused on a loss spike before its first checkpoint; run b
+    (120-, last scraped at 150) started afresh (nothing to resume from), and runs or was killed. A scrape reads its
+    heartbeat a little before its totals: it carried 60 us, not 0, and a's whole life was checkpoint time."""
+    a = {"init": 6.0, "compute": 3.0, "data_wait": 1.0}
+    b = {"init": 5.0, "compute": 20.0, "data_wait": 5.00006}
+    body = ledger(facts(Process("a", start=106.0, end=110.0, state="paused", last_seen=110.0),
+                        Process("b", start=125.0, state="running", last_seen=150.0, live=live)),
+                  found({"a": (100.0, a), "b": (120.0, b)}, submitted=100.0))
+    assert (body.seconds["init"], body.seconds["lost"], body.seconds["checkpoint"]) == (11.0, 4.0, 0.0)
+
+
 def test_a_job_cancelled_while_queued_is_all_queued_to_the_cancel():
     """No process ever ran: the job server's end of it (its own series: state, submission, end) is all there is.
     It had no ledger ("a trainer before the ledger") and stayed `queued` to the analytics for good."""
@@ -206,3 +245,61 @@ def test_a_multi_rank_jobs_steps_are_the_most_any_rank_counted():
                      {"steps": [sample("a", "0", 120), sample("b", "1", 117)],
                       "samples": [sample("a", "0", 3840), sample("b", "1", 3744)]}, {}, [], None)
     assert (body.performance.total_steps, body.performance.total_samples) == (120, 7584)
+
+
+def test_the_ledger_of_real_runs_that_pause_on_one_loss_spike_twice(tmp_path, monkeypatch):
+    """Three real runs of one job in this process: a pauses on a corrupted batch (step 41, its last checkpoint at
+    40), b resumes from 40 (a 1 s slow start, 0.1 s steps) and pauses on the same batch again without a checkpoint
+    of its own,
+    c resumes from 40 and completes. Against the trainer's own clocks: lost is what a did after its last
+    checkpoint's write and all b trained; init is every run's own init (b's slow start in it)."""
+    import json
+    import time
+
+    from trainmetrics.trainer import faults, phases
+    from trainmetrics.trainer import metrics as trainer_metrics
+    from trainmetrics.trainer.config import TrainConfig
+    from trainmetrics.trainer.runner import run_job
+    from trainmetrics.trainer.stopping import StopFlag
+
+    monkeypatch.setattr(phases, "_process_start_taken", True)      # each run's clock starts with its JobMetrics
+    seen, close = [], trainer_metrics.JobMetrics.close
+    monkeypatch.setattr(trainer_metrics.JobMetrics, "close", lambda self, *a, **k: (seen.append(self), close(self))[1])
+    config = dict(job_id="gp", model="mlp", dataset="blobs", epochs=1, log_every=2, checkpoint_every=20,
+                  checkpoint_dir=tmp_path / "checkpoints", on_loss_spike="pause", result_file=tmp_path / "result.json")
+    submitted = time.time()
+    for fault, resume in (({"corrupt_batch": {"step": 41, "scale": 1000}}, False),
+                          ({"corrupt_batch": {"step": 41, "scale": 1000}, "slow_start": {"seconds": 1.0},
+                            "slow_compute": {"seconds": 0.1}}, True),
+                          ({}, True)):
+        monkeypatch.setenv(faults.VARIABLE, json.dumps(fault))
+        run_job(TrainConfig(**config, resume=resume), StopFlag())
+    a, b, c = seen
+    assert [m.state for m in seen] == ["paused", "paused", "completed"] and b.checkpoint_durations.count == 0
+
+    sample = lambda labels, value: {"metric": {"rank": "0", **labels}, "value": [0, repr(value)]}  # noqa: E731
+    processes, answers = [], {"process_start": [], "phase_seconds": [], "checkpointed": [],
+                              "submitted": [sample({}, submitted)]}
+    for index, run in enumerate(seen):
+        processes.append(Process(f"run-{index}", start=run.start_time, end=run.end_time, state=run.state,
+                                 last_seen=run.end_time, process_start=run.phases.process_start,
+                                 checkpoints=run.checkpoints, written=run.checkpoint_durations.count))
+        answers["process_start"].append(sample({"instance": f"run-{index}"}, run.phases.process_start))
+        answers["phase_seconds"] += [sample({"instance": f"run-{index}", "phase": phase}, seconds)
+                                     for phase, seconds in run.phases.totals().items()]
+        if run.phases.checkpointed is not None:
+            answers["checkpointed"].append(sample({"instance": f"run-{index}"}, run.phases.checkpointed))
+    job = JobFacts(job_id="gp", info={}, status="completed", processes=processes,
+                   timeline=Timeline.of([(p.start, p.end) for p in processes]), upload_seconds=None,
+                   owners=frozenset(), fingerprint=frozenset(), now=c.end_time + 1)
+    body = ledger(job, answers)
+
+    def own(run) -> dict[str, float]:
+        return {phase: seconds - run.phases.carried[phase] for phase, seconds in run.phases.totals().items()}
+
+    b_trained = sum(value for phase, value in own(b).items() if phase not in ("init", "restore"))
+    a_after_checkpoint = sum(a.phases.totals().values()) - a.phases.checkpointed
+    assert body.seconds["lost"] == pytest.approx(a_after_checkpoint + b_trained, abs=0.01)
+    assert body.seconds["init"] == pytest.approx(sum(own(run)["init"] + own(run)["restore"] for run in (a, b))
+                                                 + own(c)["init"], abs=0.01)
+    assert own(b)["init"] > 1.0 and abs(body.unaccounted_seconds) < 0.01
