@@ -5,6 +5,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from trainmetrics.analytics import queries as q
+from trainmetrics.analytics.goodput import EARLIER_RUNS_GONE
 from trainmetrics.analytics.job import jobs_analytics
 from trainmetrics.analytics.lookup import JobNotFound, fingerprint
 from trainmetrics.analytics.prometheus import PrometheusClient, PrometheusError
@@ -69,7 +70,7 @@ async def cached_jobs_analytics(client: PrometheusClient, cache: AnalyticsCache,
     Prometheus lacks."""
     entries = {job_id: cache.get(job_id) for job_id in dict.fromkeys(job_ids)}
     try:
-        await _from_prometheus(client, cache, entries, lookback)
+        await _from_prometheus(client, cache, entries, lookback, archive)
     except PrometheusError:
         # Prometheus cannot answer (nor say whether a cached job resumed): answered from the stored reports
         # when every job asked for has one of the caller's (another owner's stored job answers as an unknown
@@ -90,8 +91,10 @@ def _yours(entry: Entry | None, owner: str | None) -> bool:
 
 
 async def _from_prometheus(client: PrometheusClient, cache: AnalyticsCache, entries: dict[str, Entry | None],
-                           lookback: float) -> None:
-    """Fill in `entries` from Prometheus: the cached ones checked in one request, the others read together."""
+                           lookback: float, archive: ReportArchive | None = None) -> None:
+    """Fill in `entries` from Prometheus: the cached ones checked in one request, the others read together. A
+    settled job of which Prometheus holds less than its stored report (retention removes the oldest data first:
+    its first runs, its early samples) is its stored report."""
     cached = [job_id for job_id, entry in entries.items() if entry is not None]
     if cached:
         now = time.time()
@@ -104,9 +107,27 @@ async def _from_prometheus(client: PrometheusClient, cache: AnalyticsCache, entr
     for result in await jobs_analytics(client, missing, lookback, strict=False) if missing else []:
         if result is not None:
             analytics, facts = result
+            if facts.settled and archive is not None and archive.load is not None:
+                stored = await stored_entry(archive, facts.job_id)
+                if stored is not None and holds_less(analytics, stored.analytics):
+                    analytics = stored.analytics
             entries[facts.job_id] = Entry(analytics, facts.owners, facts.fingerprint)
             if facts.settled:
                 cache.put(facts.job_id, entries[facts.job_id])
+
+
+def holds_less(answer: JobAnalytics, stored: JobAnalytics) -> bool:
+    """Whether an ended job's analytics from Prometheus now cover less of it than its stored report, computed from
+    all of it once it settled (after which its series only go): a later start or a shorter life (its first runs
+    gone), fewer evaluations (early samples gone), or the earliest runs' time unaccounted."""
+    def less(now: float | None, then: float | None) -> bool:
+        return then is not None and (now is None or now < then - 1e-3)
+
+    later_start = stored.start_time is not None and (answer.start_time is None or
+                                                     answer.start_time > stored.start_time + 1e-3)
+    return (later_start or less(answer.duration.total_seconds, stored.duration.total_seconds)
+            or len(answer.evaluations) < len(stored.evaluations)
+            or (answer.goodput.unavailable_reason == EARLIER_RUNS_GONE != stored.goodput.unavailable_reason))
 
 
 async def _stored_entries(archive: ReportArchive | None, job_ids: list[str]) -> dict[str, Entry | None]:

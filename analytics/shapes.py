@@ -210,7 +210,7 @@ class JobAnalytics:
     energy: Energy
     goodput: Goodput
     source: str = described("prometheus: computed now from Prometheus; stored: the report the job server "
-                            "stored when the job ended (Prometheus no longer holds the job)",
+                            "stored when the job ended (Prometheus no longer holds the job, or less of it)",
                             enum=["prometheus", "stored"])
 
 

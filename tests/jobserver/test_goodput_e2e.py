@@ -8,6 +8,7 @@ import shutil
 import signal
 import time
 
+import httpx
 import psutil
 import pytest
 
@@ -26,7 +27,7 @@ def stack(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("goodput")
     port = free_port()
     prometheus = PrometheusServer(tmp / "prometheus", static_targets={"server": [f"127.0.0.1:{port}"]},
-                                  job_server=f"http://127.0.0.1:{port}")
+                                  job_server=f"http://127.0.0.1:{port}", extra_args=["--web.enable-admin-api"])
     # TRAINMETRICS_TARGETS_DIR set where the server runs (as for CLI jobs on that host): its jobs inherit it,
     # and must still be announced once (through the server's discovery), not also through file_sd.
     server = Server(tmp / "data", extra=("--prometheus-url", prometheus.url),
@@ -291,6 +292,17 @@ def test_reports_outlive_prometheus_and_a_comparison_names_the_best_goodput(ledg
     _, prometheus = stack
     before = {job_id: analytics(client, job_id) for job_id in ("gp-first", "gp-ledger", "gp-waits")}
     assert {report["source"] for report in before.values()} == {"prometheus"}
+    # Retention removes the oldest data first: gp-ledger's first run is gone, and Prometheus still holds the job,
+    # less of it than its stored report (its start, pause and queue went with that run): the report answers.
+    starts = prometheus.query('trainer_process_start_timestamp_seconds{job_id="gp-ledger"}[1h]')
+    first = min(starts, key=lambda series: float(series["values"][0][1]))["metric"]["instance"]
+    deleted = httpx.post(f"{prometheus.url}/api/v1/admin/tsdb/delete_series",
+                         params={"match[]": f'{{job_id="gp-ledger",instance="{first}"}}'})
+    assert deleted.status_code == 204, deleted.text
+    partial = analytics(client, "gp-ledger")
+    assert partial["source"] == "stored"
+    assert {**partial, "source": None, "evaluated_at": None} == {**before["gp-ledger"], "source": None,
+                                                                 "evaluated_at": None}
     prometheus.stop()
     # Prometheus down (answered 503 before): the ended jobs answer from their stored reports.
     for job_id, earlier in before.items():
