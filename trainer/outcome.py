@@ -55,8 +55,17 @@ class Outcome:
                           error.strerror or error)
         # One write, newline included: torchrun runs its ranks unbuffered (PYTHONUNBUFFERED=1) on one shared
         # stdout, where print()'s separate write of the newline let two ranks' lines run into one.
-        sys.stdout.write("summary " + strict_json(result) + "\n")
-        sys.stdout.flush()
+        try:
+            sys.stdout.write("summary " + strict_json(result) + "\n")
+            sys.stdout.flush()
+        except (OSError, ValueError):
+            # stdout gone (`| head` that quit, a closed terminal): the job ends as it is, its linger and the
+            # removal of its files after this included (the error skipped them and exited 1 with a traceback).
+            # The result file has the summary; stdout points nowhere, or the interpreter's flush at exit fails.
+            try:
+                sys.stdout = open(os.devnull, "w")
+            except OSError:
+                pass
 
 
 def launched_rank(environ=os.environ) -> int | None:

@@ -542,7 +542,10 @@ def run_job(config: TrainConfig, stop: StopFlag | None = None) -> int:
         if stop.hurry:      # before the callback is set: a signal between the two is then not counted twice
             metrics.cut_linger_short()
         stop.on_late_signal = metrics.cut_linger_short
-        progress.close()
+        try:
+            progress.close()
+        except OSError:       # the terminal gone (closed: SIGHUP, then EIO on every write): the end goes on
+            pass
         result = outcome.result(metrics)
         outcome.report(result)
         metrics.close()

@@ -216,3 +216,55 @@ def test_a_non_finite_loss_is_written_as_null_in_strict_json(tmp_path):
     for text in (summary[len("summary "):], (tmp_path / "result.json").read_text()):
         parsed = json.loads(text, parse_constant=refuse)
         assert parsed["loss"] is None         # NaN from step 2 on: null, not NaN
+
+
+def left_behind(*directories: Path) -> list[str]:
+    return sorted(path.name for directory in directories for path in directory.iterdir() if path.suffix == ".json")
+
+
+def test_a_job_whose_stdout_reader_quit_ends_as_it_was_and_removes_its_files(tmp_path):
+    """`trainmetrics train ... | head -1` once head has exited: the summary line's write raised BrokenPipeError in
+    the job's last `finally`, which skipped its linger and the removal of its files, and it exited 1."""
+    targets, jobs = tmp_path / "targets", tmp_path / "jobs"
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "trainmetrics", "train", "--job-id", "closed-pipe", "--epochs", "1", "--targets-dir",
+         str(targets), "--job-dir", str(jobs), "--linger-timeout", "1"], stdout=write_end, stderr=subprocess.PIPE,
+        text=True)
+    os.close(write_end)
+    _, stderr = process.communicate(timeout=120)
+    assert (process.returncode, left_behind(targets, jobs)) == (0, []), stderr[-600:]
+
+
+def test_a_closed_terminal_cancels_the_job_with_its_exit_code_and_removes_its_files(tmp_path):
+    """The terminal a job runs in closes (an ssh session gone): SIGHUP, then EIO on every write to it. The summary
+    line's write failed, and the job exited 1 with its target and mapping files left behind."""
+    import fcntl
+    import pty
+    import select
+    import termios
+
+    work = tmp_path
+    primary, secondary = pty.openpty()
+    for name in ("targets", "jobs", "ckpt"):
+        (work / name).mkdir()
+
+    def controlling_terminal():
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "trainmetrics", "train", "--job-id", "hung-up", "--epochs", "500", "--log-every", "5",
+         "--checkpoint-dir", str(work / "ckpt"), "--targets-dir", str(work / "targets"), "--job-dir",
+         str(work / "jobs"), "--linger-timeout", "1"],
+        stdin=secondary, stdout=secondary, stderr=secondary, start_new_session=True, preexec_fn=controlling_terminal)
+    os.close(secondary)
+    output, deadline = b"", time.monotonic() + 120
+    try:
+        while b" step=" not in output and time.monotonic() < deadline:
+            if select.select([primary], [], [], 1)[0]:
+                output += os.read(primary, 65536)
+        assert process.poll() is None, output[-500:]
+    finally:
+        os.close(primary)           # the terminal closes
+    assert (process.wait(timeout=60), left_behind(work / "targets", work / "jobs")) == (3, [])
