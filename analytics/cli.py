@@ -91,5 +91,5 @@ def run(args: argparse.Namespace) -> int:
 
     scheme = "https" if web_config.ssl_context else "http"
     serve(create_app(settings, web_config), sock, web_config, lambda: say_listening(
-        "analytics", f"{scheme}://{host}:{sock.getsockname()[1]}", f" (Prometheus {settings.prometheus_url})"))
+        "analytics", scheme, host, sock.getsockname()[1], extra=f" (Prometheus {settings.prometheus_url})"))
     return 0

@@ -158,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
     exporter.start()
     server.serve_in_background(name="exporter-http")
     scheme = "https" if web_config.ssl_context else "http"
-    say_listening("exporter", f"{scheme}://{host}:{server.port}/metrics",
+    say_listening("exporter", scheme, host, server.port, "/metrics",
                   f" (collectors: {', '.join(runner.name for runner in exporter.runners)})")
     signal.sigwait(STOP_SIGNALS)
     server.close()

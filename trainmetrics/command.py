@@ -98,9 +98,10 @@ def listening_socket(flag: str, host: str, port: int) -> socket.socket:
     return sock
 
 
-def say_listening(command: str, url: str, extra: str = "") -> None:
-    """The one line every server prints once it accepts connections."""
-    print(f"trainmetrics {command}: listening on {url}{extra}", file=sys.stderr, flush=True)
+def say_listening(command: str, scheme: str, host: str, port: int, path: str = "", extra: str = "") -> None:
+    """The one line every server prints once it accepts connections: its URL (an IPv6 host in brackets)."""
+    host = f"[{host}]" if ":" in host else host
+    print(f"trainmetrics {command}: listening on {scheme}://{host}:{port}{path}{extra}", file=sys.stderr, flush=True)
 
 
 def fail(command: str, message: str) -> int:

@@ -6,6 +6,7 @@ stops every child cleanly (the server pauses a job still running).
 """
 
 import argparse
+import os
 import shutil
 import signal
 import socket
@@ -313,6 +314,10 @@ def run(args: argparse.Namespace) -> int:
             time.sleep(3600)
     except KeyboardInterrupt:
         print("\nstopping ...")
+        ended_well = True
+        return 0
+    except BrokenPipeError:         # its reader quit (`| head`): stopped as by Ctrl-C, without a traceback
+        sys.stdout = open(os.devnull, "w")
         ended_well = True
         return 0
     finally:

@@ -203,7 +203,8 @@ class EdgeMiddleware:
         if not self.web_config.users and self.authenticator is None and _rebound(scope):
             raise ApiError(403, "forbidden", "Host is not a loopback name on a loopback connection: refused (a web "
                                              "page whose name was made to point here; ask for 127.0.0.1 or "
-                                             "localhost, or run the server with --tokens)")
+                                             "localhost, or require credentials: `trainmetrics server --tokens`, or "
+                                             "basic_auth_users in --web.config.file)")
         if path in self.open_paths or path.startswith(self.self_checked):
             return None
         authorization = None

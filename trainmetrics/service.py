@@ -68,5 +68,5 @@ def run(args: argparse.Namespace) -> int:
     from trainmetrics.edge import serve
 
     serve(app, sock, web_config, lambda: say_listening(
-        "server", f"{scheme}://{host}:{sock.getsockname()[1]}", f" (Prometheus {analytics.prometheus_url})"))
+        "server", scheme, host, sock.getsockname()[1], extra=f" (Prometheus {analytics.prometheus_url})"))
     return 0

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from trainmetrics.cli import COMMANDS, build_parser
@@ -134,11 +135,11 @@ def test_a_port_in_use_is_one_line_naming_the_flag(command, tmp_path):
 
 
 @contextlib.contextmanager
-def listening(command: str, data_dir: Path, **popen):
+def listening(command: str, data_dir: Path, address: str = "127.0.0.1:0", **popen):
     """Start a server command on a free port; yield (its process, the line saying where it listens) once it
     listens; killed at the end if it still runs."""
     extra = {"server": ["--data-dir", str(data_dir)], "exporter": ["--no-collector.gpu"]}.get(command, [])
-    process = subprocess.Popen([sys.executable, "-m", "trainmetrics", command, "--listen", "127.0.0.1:0", *extra],
+    process = subprocess.Popen([sys.executable, "-m", "trainmetrics", command, "--listen", address, *extra],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **popen)
     try:
         deadline = time.monotonic() + 60
@@ -161,6 +162,16 @@ def test_a_server_says_where_it_listens(command, tmp_path):
         process.terminate()
         process.wait(timeout=60)
     assert process.returncode == 0
+
+
+@pytest.mark.parametrize("command", ["analytics", "server", "exporter"])
+def test_a_server_on_ipv6_says_a_url_that_reaches_it(command, tmp_path):
+    """The line said http://::1:34951, which no client parses."""
+    with listening(command, tmp_path, "[::1]:0") as (process, line):
+        url = re.search(r"listening on (\S+)", line).group(1)
+        assert re.fullmatch(r"http://\[::1\]:\d+(/metrics)?", url), line
+        assert httpx.get(url.removesuffix("/metrics") + ("/metrics" if command == "exporter" else "/healthz"),
+                         timeout=10).status_code in (200, 503)
 
 
 @pytest.mark.parametrize("flags,flag", [

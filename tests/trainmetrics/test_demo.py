@@ -114,3 +114,33 @@ def test_every_model_the_demo_offers_can_train_on_its_dataset(model, tmp_path):
     uploaded = write_digits_csv(tmp_path / "digits.csv")
     dataset = load_dataset(dataset_for(model, str(uploaded)))
     build_model(model, dataset)
+
+
+def test_a_demo_whose_reader_quit_stops_everything_it_started_without_a_traceback(tmp_path):
+    """`trainmetrics demo | head`: head gone, the demo's next line raised BrokenPipeError, a traceback."""
+    import psutil
+
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "trainmetrics", "demo", "--epochs", "1", "--prometheus-port", "0", "--exporter-port",
+         "0", "--server-port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "TMPDIR": str(tmp_path)})
+    started = []
+    try:
+        for line in demo.stdout:
+            if line.startswith("job server"):
+                break
+        started = psutil.Process(demo.pid).children()
+        demo.stdout.close()                 # the reader quits
+        stderr = demo.stderr.read()
+        assert demo.wait(timeout=90) == 0 and "Traceback" not in stderr, stderr[-1500:]
+        assert psutil.wait_procs(started, timeout=10)[1] == []
+        assert list(tmp_path.iterdir()) == []
+    finally:
+        for process in [demo, *started]:
+            try:
+                process.kill()
+            except (psutil.Error, ProcessLookupError):
+                pass
+        if demo.poll() is None:
+            demo.wait()
+        demo.stderr.close()
