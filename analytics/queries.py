@@ -638,7 +638,8 @@ def fleet_goodput(range_seconds: float, now: float) -> dict[str, str]:
     (`submitted`: its trainer's, or the job server's for a job still queued), and what tells a job's wait in the
     range before its first run there as a pause, not a queue: each process's checkpoints counted and written
     (`counted`, `written`: one that counts more resumed a run from before it) and the jobs paused in the range
-    (`paused`: by their trainer's state or the job server's)."""
+    (`paused`: by their trainer's state or the job server's) or queued again to resume (the job server's
+    trainer_job_resuming)."""
     window = over(range_seconds, now)
     phases = f'{Trainer.PHASE_SECONDS}{{rank=~"0|"}}{window}'
     return {"phases": f"sum by (job_id, phase) (max_over_time({phases}) - min_over_time({phases}))",
@@ -646,7 +647,8 @@ def fleet_goodput(range_seconds: float, now: float) -> dict[str, str]:
             "submitted": f"max by (job_id) (last_over_time({Trainer.JOB_SUBMITTED}{window}))",
             "counted": f'last_over_time({Trainer.CHECKPOINTS}{{rank=~"0|"}}{window})',
             "written": f'last_over_time({Trainer.CHECKPOINT_DURATION}_count{{rank=~"0|"}}{window})',
-            "paused": f'max by (job_id) (max_over_time({Trainer.JOB_STATE}{{state="paused"}}{window})) == 1'}
+            "paused": f'max by (job_id) (max_over_time({Trainer.JOB_STATE}{{state="paused"}}{window})) == 1 '
+                      f"or max by (job_id) (max_over_time({Trainer.JOB_RESUMING}{window})) == 1"}
 
 
 # Resource trends over the summary range (range queries). Each point covers the step before it, so a

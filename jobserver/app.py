@@ -78,7 +78,7 @@ class JobServer:
         self.service: JobService | None = None
         self.state = StateThread()
         # Jobs whose state no process publishes (queued, paused, ended by the server) as of the last tick.
-        self.waiting: list[tuple[str, str, float, float | None]] = []
+        self.waiting: list[tuple[str, str, float, float | None, bool]] = []
         self.last_tick: float | None = None
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(WaitingJobsCollector(self))
@@ -170,15 +170,20 @@ class WaitingJobsCollector:
         submitted = GaugeMetricFamily(Trainer.JOB_SUBMITTED, "Unix time the job was submitted.", labels=["job_id"])
         ended = GaugeMetricFamily(Trainer.JOB_END, "Unix time the job server ended the job (no process did).",
                                   labels=["job_id"])
-        for job_id, current, created, end in self.server.waiting:
+        resuming = GaugeMetricFamily(Trainer.JOB_RESUMING, "1 for a queued job that ran before: it waits to resume.",
+                                     labels=["job_id"])
+        for job_id, current, created, end, again in self.server.waiting:
             for state in JOB_STATES:
                 family.add_metric([job_id, state], 1 if state == current else 0)
             submitted.add_metric([job_id], created)
             if end is not None:
                 ended.add_metric([job_id], end)
+            if again:
+                resuming.add_metric([job_id], 1)
         yield family
         yield submitted
         yield ended
+        yield resuming
 
 
 def _server(request: Request) -> JobServer:

@@ -145,6 +145,7 @@ class Trainer:
     GPU_MEMORY_PEAK = "trainer_gpu_memory_peak_bytes"
     MFU = "trainer_model_flops_utilization_ratio"
     JOB_SUBMITTED = "trainer_job_submitted_timestamp_seconds"
+    JOB_RESUMING = "trainer_job_resuming"        # the job server's: a queued job that ran before
     PROCESS_START = "trainer_process_start_timestamp_seconds"
     PHASE = "trainer_phase"
     PHASE_SINCE = "trainer_phase_since_timestamp_seconds"

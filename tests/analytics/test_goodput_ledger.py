@@ -152,6 +152,17 @@ def test_a_fresh_successor_read_while_it_runs_or_after_a_kill_is_a_fresh_start(l
     assert (body.seconds["init"], body.seconds["lost"], body.seconds["checkpoint"]) == (11.0, 4.0, 0.0)
 
 
+def test_a_job_waiting_to_resume_in_the_fleets_range_waits_paused():
+    """Job j ran and paused before the range (1040-1100), was resumed at 1030 and waits for a slot: the job server
+    says `queued` (its submission the first one) and trainer_job_resuming. Its 60 s in the range were queued."""
+    from trainmetrics.analytics.goodput import fleet
+
+    resuming = {"metric": {"job_id": "j"}, "value": [1100, "1"]}
+    found = {"submitted": [{"metric": {"job_id": "j"}, "value": [1100, "1000"]}], "paused": [resuming]}
+    seconds = fleet(found, {}, {"j"}, range_start=1040.0, now=1100.0).seconds
+    assert (seconds["queued"], seconds["paused"]) == (0.0, 60.0)
+
+
 def test_a_job_cancelled_while_queued_is_all_queued_to_the_cancel():
     """No process ever ran: the job server's end of it (its own series: state, submission, end) is all there is.
     It had no ledger ("a trainer before the ledger") and stayed `queued` to the analytics for good."""

@@ -69,6 +69,16 @@ def history(now: float) -> str:
         lines += process_lines("thrown", f"h:12{rank}", now - 4400, now - 4100, None, "carol", rank=rank)
         lines += process_lines("thrown", f"h:13{rank}", now - 4050, now - 3990, "completed", "carol", rank=rank,
                                samples_from=10000, checkpoints_from=2)
+    # Paused before these ranges and resumed: the job server says queued (from its first submission) and resuming
+    # while it waits for a slot, until the job is cancelled at `now`.
+    server = 'job_id="resuming",instance="server:8000",job="server"'
+    for t in (now - 1500 + i * 10.0 for i in range(151)):
+        state_now = "cancelled" if t == now else "queued"
+        lines += [f'trainer_job_state{{{server},state="{state}"}} {int(state == state_now)} {t:.3f}'
+                  for state in STATES]
+        lines.append(f"trainer_job_submitted_timestamp_seconds{{{server}}} {now - 9000:.3f} {t:.3f}")
+        lines.append(f"trainer_job_resuming{{{server}}} {int(t < now)} {t:.3f}")
+    lines.append(f"trainer_job_end_timestamp_seconds{{{server}}} {now:.3f} {now:.3f}")
     # Two ranks.
     for rank in ("0", "1"):
         lines += process_lines("ranks", f"h:20{rank}", now - 2400, now - 1800, "completed", "alice", rank=rank)
@@ -149,7 +159,7 @@ def test_a_range_reaching_before_the_rules_reads_raw_series_there(backfilled):
     assert now - 660 - RULES_SINCE - 120 < split < now - 660 - RULES_SINCE + 60
     assert recorded == raw
     by_id = {row.job_id: row for row in raw}
-    assert len(raw) == 23 + 5      # job-00 ended before the range
+    assert len(raw) == 23 + 6      # job-00 ended before the range
     resumed = by_id["resumed"]
     assert by_id["thrown"].total_samples == 2 * 13000 and by_id["thrown"].status == "completed"
     assert resumed.status == "completed" and resumed.total_samples == 30000 + 50 * 600
@@ -160,6 +170,27 @@ def test_a_range_reaching_before_the_rules_reads_raw_series_there(backfilled):
     assert killed.status == "vanished" and killed.end_time == pytest.approx(killed.start_time + 300 + 60, abs=1e-3)
     assert by_id["crashed"].status == "completed" and by_id["crashed"].paused_seconds == pytest.approx(100, abs=1e-3)
     assert {row.status for row in raw} >= {"completed", "failed", "cancelled", "vanished"}
+
+
+def test_a_job_waiting_to_resume_waits_paused_in_the_fleets_goodput(backfilled):
+    """A resumed job waiting for a slot is `queued` from its first submission: the fleet counted its wait in a
+    range starting after its resume as queued. The job server's trainer_job_resuming says it ran before."""
+    from trainmetrics.analytics.results import query_parts
+
+    async def run():
+        client = PrometheusClient(backfilled.url)
+        try:
+            now = time.time()
+            summary = shapes.plain(await fleet.summary(client, 3600, 600))["goodput"]
+            return now, await query_parts(client, q.fleet_goodput(3600, now), now), summary
+        finally:
+            await client.aclose()
+
+    now, found, summary = asyncio.run(run())
+    assert "resuming" in {series["metric"]["job_id"] for series in found["paused"]}
+    # Waiting from before the range (which starts 11 minutes after the history's now, less an hour) to its cancel.
+    assert summary["seconds"]["queued"] == 0
+    assert summary["seconds"]["paused"] == pytest.approx(3600 - 660, abs=5)
 
 
 def test_summary_agrees_apart_from_its_trends(backfilled):

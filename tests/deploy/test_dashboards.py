@@ -126,7 +126,7 @@ def test_the_job_pickers_list_a_job_that_only_waits():
 
     from trainmetrics.jobserver.app import WaitingJobsCollector
 
-    waiting = SimpleNamespace(waiting=[("queued-1", "queued", 1.0, None)])
+    waiting = SimpleNamespace(waiting=[("queued-1", "queued", 1.0, None, False)])
     published = {family.name for family in WaitingJobsCollector(waiting).collect()}
     assert variable_metrics("job_id") and variable_metrics("job_id") <= published
 
