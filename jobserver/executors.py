@@ -72,7 +72,8 @@ class Executor(Protocol):
 
     def abandon(self, job_id: str, job_dir: Path) -> None:
         """The job will not be started again (cancelled while queued): a run that a start which raised
-        ExecutorUnavailable may have left behind (its request arrived, its answer was lost) is stopped."""
+        ExecutorUnavailable may have left behind (its request arrived, its answer was lost), or that a server
+        killed before recording it left, is stopped."""
 
 
 def build_executor(kind: str, ray_address: str | None = None, ray_python: str | None = None) -> Executor:

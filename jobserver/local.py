@@ -107,7 +107,9 @@ class LocalExecutor:
         return True
 
     def abandon(self, job_id: str, job_dir: Path) -> None:
-        """A local start either started the process or raised: nothing is left behind."""
+        """A local start either started the process or raised; a process of the job a server killed before it
+        recorded the run left running is killed (as clear_way would, had the job started again)."""
+        _kill_leftovers(Run(job_id, None, job_dir, None), "an earlier start that no server recorded left")
 
     def request_stacks(self, run: Run) -> bool:
         """SIGUSR2 to every trainer process of the job (never to torchrun, which it would kill)."""

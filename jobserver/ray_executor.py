@@ -263,15 +263,16 @@ class RayExecutor:
         return self._stop(run.job_id, run.handle)
 
     def abandon(self, job_id: str, job_dir: Path) -> None:
-        """A submission Ray may have received although it did not answer: "cancelled" in the job's control file
-        stops it (the launcher reads the file before it places any rank, and watches it after), and Ray is asked
-        to stop it, if it answers."""
+        """"cancelled" in the job's control file stops any launcher of the job (it reads the file before it places
+        any rank, and watches it after): a submission Ray may have received although it did not answer, which
+        Ray is also asked to stop, if it answers; one a server killed before recording it submitted (not known
+        here: kept in memory only)."""
         self._strays.pop(job_id, None)
         self._strays_ended.pop(job_id, None)
+        _replace(job_dir / CONTROL_FILE_NAME, "cancelled")
         submission = self._unconfirmed.pop(job_id, None)
         if submission is None:
             return
-        _replace(job_dir / CONTROL_FILE_NAME, "cancelled")
         self._stop(job_id, submission)      # not received, or Ray away: the control file stops it if it runs
         log.info("job %s: cancelled while Ray had not answered its submission %s; that submission, if Ray "
                  "received it, is stopped", job_id, submission)

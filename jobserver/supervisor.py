@@ -189,8 +189,10 @@ class Supervisor:
 
     def abandon(self, job: JobRecord) -> None:
         """A queued job cancelled: a start of it that the executor may have received without answering (a Ray
-        submission whose answer was lost) must not train on unseen."""
-        if self._untaken_tokens.pop(job.id, None) is not None:
+        submission whose answer was lost), or that a server killed before it recorded the run left running,
+        must not train on unseen (clear_way stops those when the job starts again: a cancelled job never does)."""
+        self._untaken_tokens.pop(job.id, None)
+        if self.job_path(job.id).is_dir():       # never started: nothing can run for it
             self.executor.abandon(job.id, self.job_path(job.id))
 
     # ----- watching ----------------------------------------------------------------------------------

@@ -365,6 +365,23 @@ def test_a_job_cancelled_while_its_submission_went_unanswered_does_not_train_uns
     store.close()
 
 
+def test_a_job_cancelled_after_a_server_submitted_it_unrecorded_stops_that_submission(tmp_path):
+    """A server killed between submitting a run and recording it; the next server (which knows nothing of that
+    submission: kept in memory) has the job queued and its user cancels it: only a start of it looked for the
+    stray (clear_way), and a cancelled job never starts, so the submission trained on unseen. Its launcher reads
+    "cancelled" in the control file."""
+    ray = RayExecutor("http://127.0.0.1:8265")
+    ray._client = Submissions()
+    store = JobStore(tmp_path / "db.sqlite")
+    supervisor = Supervisor(store, tmp_path, None, max_concurrent=0, executor=ray)
+    store.add_job(JobRecord(id="stray", owner="default", name="stray", state="queued",
+                            spec={"model": "mlp", "dataset": "blobs", "nproc": 1}))
+    supervisor.job_path("stray").mkdir(parents=True)        # made by the start the killed server did not record
+    status, _ = JobService(ServerSettings(data_dir=tmp_path), store, supervisor).stop(None, "stray", "cancelled")
+    assert status == 200 and (supervisor.job_path("stray") / CONTROL_FILE_NAME).read_text() == "cancelled"
+    store.close()
+
+
 def test_the_control_file_is_written_through_nothing_planted_in_the_shared_job_directory(tmp_path):
     """The job directory is on storage the Ray nodes share, and the ranks write into it: a FIFO planted at the
     control file's fixed temp name blocked the state thread (the whole API) at the next pause or cancel, and a

@@ -654,6 +654,21 @@ def test_a_run_no_server_recorded_is_killed_before_its_job_starts(supervisor):
     assert supervisor.runs["twice"].pid != orphan.pid and supervisor.runs["twice"].process.poll() is None
 
 
+def test_a_run_no_server_recorded_is_killed_when_its_queued_job_is_cancelled(supervisor):
+    """The same leftover run, its job cancelled while queued before any server started it again: only the next
+    start killed it (clear_way), and a cancelled job never starts, so it trained on unseen in the job's
+    directory."""
+    from trainmetrics.jobserver.jobs import JobService, ServerSettings
+
+    queue(supervisor, "left")
+    job = supervisor.store.get_job("left")
+    supervisor.job_path(job.id).mkdir(parents=True, exist_ok=True)
+    orphan = supervisor.executor.start(job.id, 1, supervisor.train_args(job), supervisor.job_path(job.id), {})
+    service = JobService(ServerSettings(data_dir=supervisor.data_dir), supervisor.store, supervisor)
+    assert service.stop(None, "left", "cancelled")[0] == 200
+    assert orphan.process.wait(timeout=10) == -signal.SIGKILL
+
+
 def test_a_queued_job_whose_directory_holds_checkpoints_resumes_from_them(supervisor):
     """The run no server recorded wrote checkpoints before it was killed: a fresh start of the job refuses such
     a directory (it would prune its own first), so the job continues from them."""
