@@ -52,6 +52,7 @@ class _Run:
     trained: bool = True      # it reached its training loop (a run stopped in its init or restore did not)
     training_start: float | None = None   # when it did (its init and restore before it)
     wrote: float | None = None            # the checkpoints it wrote itself (None: not known)
+    counted: float | None = None          # the checkpoints of its line at its end: carried in and its own
 
     @property
     def life(self) -> float:
@@ -86,7 +87,7 @@ def ledger(facts: JobFacts, found: dict[str, list[dict]]) -> shapes.Goodput:
             runs.append(_Run(started_at[process.instance], as_of, phases[process.instance],
                              stopped=process.state in STOP_SIGNALS,
                              checkpointed=checkpointed.get(process.instance), trained=process.start is not None,
-                             training_start=process.start, wrote=process.written))
+                             training_start=process.start, wrote=process.written, counted=process.checkpoints))
     # The job server's end of the job (cancelled while queued or paused): the ledger runs to it.
     server_end = facts.latest.end if facts.latest is not None and facts.latest.ended_by_server else None
     if not runs:
@@ -120,8 +121,13 @@ def ledger(facts: JobFacts, found: dict[str, list[dict]]) -> shapes.Goodput:
         elif run.stopped and run.checkpointed is None:     # resumed from the checkpoint written at the stop
             checkpoint_writes += after_snapshot
         else:   # a failure or a kill, or a stop whose last checkpoint write is known (a loss spike's pause writes
-            #     none at its stop): that write is checkpoint time, what followed it lost
-            written = min(after_snapshot, max(0.0, (run.checkpointed or after.carried) - after.carried))
+            #     none at its stop): that write is checkpoint time, what followed it lost. Unless its successor
+            #     resumed from an older checkpoint (the newest did not load: it carried in fewer): then what
+            #     followed that one's snapshot is lost, its write included (its time not known: lost is over by
+            #     one write at most), where the newest's write counted the steps between them as checkpoint time.
+            older = None not in (run.counted, after.counted, after.wrote) and after.counted - after.wrote < run.counted
+            written = 0.0 if older else min(after_snapshot,
+                                            max(0.0, (run.checkpointed or after.carried) - after.carried))
             checkpoint_writes += written
             lost += after_snapshot - written
     paused = sum(max(0.0, after.started - run.as_of) for run, after in zip(runs, runs[1:]))

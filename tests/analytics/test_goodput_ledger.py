@@ -314,3 +314,67 @@ def test_the_ledger_of_real_runs_that_pause_on_one_loss_spike_twice(tmp_path, mo
     assert body.seconds["init"] == pytest.approx(sum(own(run)["init"] + own(run)["restore"] for run in (a, b))
                                                  + own(c)["init"], abs=0.01)
     assert own(b)["init"] > 1.0 and abs(body.unaccounted_seconds) < 0.01
+
+
+def test_the_ledger_of_a_real_run_resumed_from_an_older_checkpoint(tmp_path, monkeypatch):
+    """A real run checkpoints at steps 10, 20 and 30 and fails at 31; its newest checkpoint does not load (the
+    resume falls back to the one before), so the next run resumes from 20 and completes. Lost is what the first
+    did after checkpoint 20's write; its steps 21-30 were counted as checkpoint time (the newest write's end
+    taken for the end of the write the successor resumed from)."""
+    import json
+
+    from trainmetrics.jobfiles import list_checkpoints
+    from trainmetrics.trainer import faults, phases
+    from trainmetrics.trainer import metrics as trainer_metrics
+    from trainmetrics.trainer.config import TrainConfig
+    from trainmetrics.trainer.runner import Trainer, run_job
+    from trainmetrics.trainer.stopping import StopFlag
+
+    monkeypatch.setattr(phases, "_process_start_taken", True)
+    seen, close, written = [], trainer_metrics.JobMetrics.close, {}
+    monkeypatch.setattr(trainer_metrics.JobMetrics, "close", lambda self, *a, **k: (seen.append(self), close(self))[1])
+    checkpoint, loss = Trainer.checkpoint, Trainer.loss
+
+    def noting(self):       # the job's totals when each checkpoint's write ended
+        done = checkpoint(self)
+        written[self.metrics.steps] = self.metrics.phases.checkpointed
+        return done
+
+    def failing_at_31(self, outputs, targets):
+        if self.metrics.steps + 1 == 31:
+            raise RuntimeError("the node went away")
+        return loss(self, outputs, targets)
+
+    monkeypatch.setattr(Trainer, "checkpoint", noting)
+    monkeypatch.setenv(faults.VARIABLE, json.dumps({"slow_compute": {"seconds": 0.02}}))
+    config = dict(job_id="older", model="mlp", dataset="blobs", epochs=1, log_every=5, checkpoint_every=10,
+                  checkpoint_dir=tmp_path / "checkpoints", result_file=tmp_path / "result.json")
+    monkeypatch.setattr(Trainer, "loss", failing_at_31)
+    run_job(TrainConfig(**config), StopFlag())
+    monkeypatch.setattr(Trainer, "loss", loss)
+    newest = list_checkpoints(tmp_path / "checkpoints")[-1]
+    assert newest.step == 30
+    newest.path.write_bytes(b"not a checkpoint")
+    run_job(TrainConfig(**config, resume=True), StopFlag())
+    a, b = seen
+    # b carried in two checkpoints (10, 20): it resumed from 20.
+    assert (a.state, b.state, a.checkpoints, b.checkpoints - b.checkpoint_durations.count) == ("failed", "completed",
+                                                                                               3, 2)
+
+    sample = lambda labels, value: {"metric": {"rank": "0", **labels}, "value": [0, repr(value)]}  # noqa: E731
+    answers = {"process_start": [], "phase_seconds": [], "checkpointed": [], "submitted": [sample({}, 0.0)]}
+    processes = []
+    for index, run in enumerate(seen):
+        instance = f"run-{index}"
+        processes.append(Process(instance, start=run.start_time, end=run.end_time, state=run.state,
+                                 last_seen=run.end_time, process_start=run.phases.process_start,
+                                 checkpoints=run.checkpoints, written=run.checkpoint_durations.count))
+        answers["process_start"].append(sample({"instance": instance}, run.phases.process_start))
+        answers["phase_seconds"] += [sample({"instance": instance, "phase": phase}, seconds)
+                                     for phase, seconds in run.phases.totals().items()]
+        answers["checkpointed"].append(sample({"instance": instance}, run.phases.checkpointed))
+    job = JobFacts(job_id="older", info={}, status="completed", processes=processes,
+                   timeline=Timeline.of([(p.start, p.end) for p in processes]), upload_seconds=None,
+                   owners=frozenset(), fingerprint=frozenset(), now=b.end_time + 1)
+    lost = ledger(job, answers).seconds["lost"]
+    assert lost == pytest.approx(sum(a.phases.totals().values()) - written[20], abs=0.05)
