@@ -41,7 +41,7 @@ from trainmetrics.trainer import instruments as inst
 from trainmetrics.trainer.evaluations import Evaluation, EvaluationHistory
 from trainmetrics.trainer.histograms import DurationHistogram
 from trainmetrics.trainer.phases import (CHECKPOINT, COMPUTE, CURRENT_PHASES, DATA, ENDED, EVAL, LOOP_PHASES, PAUSED,
-                                         PhaseClock)
+                                         SUMMED as MARKED_PHASES, PhaseClock)
 from trainmetrics.trainer.spikes import LossSpikeDetector
 from trainmetrics.trainer.stopping import CANCEL_SIGNALS
 from trainmetrics.trainer.watchdog import StackWatch
@@ -80,6 +80,12 @@ class JobInfo:
             value = getattr(self, name)
             if not isinstance(value, str) and not (value is None and name in ("job_name", "owner")):
                 raise TypeError(f"JobInfo.{name} must be text, not {type(value).__name__}")
+        for name in ("rank", "world_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"JobInfo.{name} must be an int, not {type(value).__name__}")
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"JobInfo.rank {self.rank} is not one of world_size {self.world_size}'s ranks")
 
 
 @dataclass(frozen=True)
@@ -558,6 +564,9 @@ class JobMetrics:
             raise ValueError(f"unknown or final state {state!r}; use finish() for final states")
         if self.ended:
             raise ValueError(f"the job already ended {self.state}: its state stays")
+        if state == "running" and self.start_time is None:
+            log.warning("job %s: set_state('running') before start(): call start() (the loop's clock, its start "
+                        "time and its step times begin there; until then its time is init)", self.job_id)
         self.state = state
 
     @_never_raises
@@ -592,7 +601,10 @@ class JobMetrics:
     def __enter__(self) -> "JobMetrics":
         self._install_signal_handlers()
         try:
-            return self.start()
+            if self.ended:
+                raise ValueError(f"job {self.job_id} already ended {self.state}: a JobMetrics runs one job once")
+            self.start()
+            return self
         except BaseException as error:     # Ctrl-C or SIGTERM while waiting for the first scrape: the block never
             self.__exit__(type(error), error, error.__traceback__)      # begins, so end it here (files, handlers)
             raise
@@ -830,6 +842,8 @@ class JobMetrics:
                 elif hasattr(loss, "detach"):            # on an accelerator: kept, read once per interval
                     if _is_bool(loss):
                         raise TypeError("a bool is not a loss")
+                    if loss.numel() != 1:                # metadata, no sync: refused as on the CPU (.item())
+                        raise TypeError(f"a loss of {loss.numel()} values (reduce it to one)")
                     pending = losses.tensors
                     pending.append(loss.detach())
                 else:
@@ -929,14 +943,15 @@ class JobMetrics:
             if loss is not None:
                 self.last_loss = loss
                 if math.isfinite(loss):
-                    if self.spikes.observe(loss):
-                        self._loss_spike(loss)
+                    spike = self.spikes.observe(loss)
                     self.loss = loss
                     if self.loss_first is None:
                         self.loss_first = loss
                     self.loss_min = loss if self.loss_min is None else min(self.loss_min, loss)
                     self.loss_sum += loss
                     self.loss_intervals += 1
+                    if spike:       # after the interval is counted: a callback that raises loses nothing
+                        self._loss_spike(loss)
                 else:
                     self.nonfinite_losses += 1
                     if self.diagnostics.on_loss_spike is not None:     # diverged: worse than a spike
@@ -1021,11 +1036,12 @@ class JobMetrics:
         """Mark a part of the loop as its own phase: "eval", "optimizer", "collective" (docs/metrics.md), or
         "restore" before training starts. Time outside every marked phase and the data wait is compute."""
         previous = self.phases.phase
-        if name not in CURRENT_PHASES and name not in self._warned_phases:     # a typo would hide in compute
-            self._warned_phases.add(name)
+        markable = isinstance(name, str) and (name in MARKED_PHASES or name == COMPUTE)
+        if not markable and repr(name) not in self._warned_phases:     # a typo would hide in compute
+            self._warned_phases.add(repr(name))
             log.warning("job %s: phase %r is none of %s: its time counts as compute", self.job_id, name,
-                        ", ".join(CURRENT_PHASES))
-        self.phases.enter(name if name in CURRENT_PHASES else COMPUTE)
+                        ", ".join(MARKED_PHASES))
+        self.phases.enter(name if markable else COMPUTE)
         try:
             yield
         finally:

@@ -105,6 +105,8 @@ class PhaseClock:
 
     def enter(self, phase: str, now: float | None = None) -> None:
         """Leave the current phase for `phase`: the time of a summed phase is added as it ends."""
+        if self.loop_ended is not None:      # the run ended: the clock stopped (end_loop), and stays stopped
+            return
         now = time.perf_counter() if now is None else now
         previous, since, data_waited, summed = self.mark
         if previous in summed:

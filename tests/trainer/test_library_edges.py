@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainmetrics.trainer.metrics import JobMetrics
+from trainmetrics.trainer.metrics import LOSS_FOLD_LIMIT, Diagnostics, JobInfo, JobMetrics
 from tests.trainer.test_metrics import samples_by_name, scraper_of_announced_job, value
 
 PRELUDE = textwrap.dedent("""
@@ -320,3 +320,131 @@ def test_a_scrape_never_shows_more_step_durations_than_steps():
     metrics.close()
     assert seen[-1][1] > seen[0][1]                     # it stepped throughout
     assert all(count <= steps for count, steps in seen), [pair for pair in seen if pair[0] > pair[1]][:5]
+
+
+class OnAccelerator(torch.Tensor):
+    """A tensor that says it is not on the CPU, as a CUDA, MPS or XLA one does: step() keeps it to read once per
+    interval (no GPU here)."""
+
+    @property
+    def is_cpu(self):
+        return False
+
+
+def started(job_id: str, **kwargs) -> JobMetrics:
+    metrics = JobMetrics(job_id, **kwargs)
+    metrics.start()
+    return metrics
+
+
+def ended(metrics: JobMetrics) -> None:
+    metrics.finish("completed")
+    metrics.close()
+
+
+@pytest.mark.parametrize("where", ["cpu", "accelerator"])
+def test_a_loss_of_many_values_is_refused_on_every_device(where):
+    """A loss the loop forgot to reduce (32 per-sample losses): refused on the CPU (item()), but on an accelerator
+    kept and summed (a loss of 16 the loop never had), and the interval's list, whose fold then failed, grew
+    without bound."""
+    def per_sample():
+        losses = torch.full((32,), 0.5)
+        return losses if where == "cpu" else losses.as_subclass(OnAccelerator)
+
+    metrics = started(f"many-values-{where}", log_every=4)
+    try:
+        for _ in range(4):
+            metrics.step(loss=per_sample(), samples=32)
+        assert metrics.loss is None and metrics.steps == 4
+    finally:
+        ended(metrics)
+    endless = started(f"many-values-{where}-endless", log_every=100_000)
+    try:
+        for _ in range(3 * LOSS_FOLD_LIMIT):
+            endless.step(loss=per_sample(), samples=32)
+        assert len(endless._losses.tensors) <= LOSS_FOLD_LIMIT
+    finally:
+        ended(endless)
+
+
+def test_a_phase_the_loop_cannot_mark_is_said_and_counts_as_compute(caplog):
+    """`with m.phase("data_wait")` was taken without a word, its time went to compute, and a scrape in it left
+    its seconds in data_wait too: the phases added up to more than the loop lived. init, paused and ended the
+    same (trainer_phase said paused while the job ran). A name that is not text raised (no metric call does)."""
+    metrics = started("marked-data-wait")
+    began = time.perf_counter()
+    try:
+        with caplog.at_level("WARNING", logger="trainmetrics.trainer"):
+            for index in range(3):
+                with metrics.phase("data_wait"):
+                    time.sleep(0.1)
+                    if index == 1:
+                        metrics.collect()           # a scrape in it
+                metrics.step(loss=1.0, samples=1)
+            with metrics.phase(["eval"]):
+                pass
+        lived = time.perf_counter() - began
+        totals = metrics.phases.totals()
+        assert sum(totals.values()) - totals["init"] <= lived + 0.01, (totals, lived)
+        assert totals["data_wait"] == 0 and "phase 'data_wait' is none of" in caplog.text
+    finally:
+        ended(metrics)
+
+
+def test_a_jobinfo_rank_that_is_not_one_of_the_jobs_is_refused():
+    """Rank 0 alone publishes the job's life: a rank read from the environment as text, or outside world_size
+    (world_size forgotten), published no state, info, start or end, silently."""
+    for info in (dict(rank="0", world_size=2), dict(rank=1), dict(rank=3, world_size=2), dict(rank=True)):
+        with pytest.raises((TypeError, ValueError)):
+            JobInfo(model="m", **info)
+
+
+def test_running_set_without_start_is_said(caplog):
+    """set_state("running") in place of start(): every step counted, the whole loop init (goodput 0), no start
+    time, and not a word."""
+    metrics = JobMetrics("set-running")
+    try:
+        with caplog.at_level("WARNING", logger="trainmetrics.trainer"):
+            metrics.set_state("running")
+        assert "before start()" in caplog.text
+    finally:
+        ended(metrics)
+
+
+def test_phases_after_the_end_add_no_seconds_and_an_ended_job_cannot_be_entered_again():
+    """After finish() the clock stops: a checkpoint or an evaluation after it still added their seconds, past the
+    job's end. `with m as x` on an ended job gave x = None (its start's error swallowed)."""
+    metrics = started("after-the-end")
+    for _ in range(3):
+        metrics.step(loss=1.0, samples=1)
+    metrics.finish("completed")
+    at_end = sum(metrics.phases.totals().values())
+    with metrics.checkpoint():
+        time.sleep(0.2)
+    with metrics.phase("eval"):
+        time.sleep(0.1)
+    try:
+        assert sum(metrics.phases.totals().values()) == pytest.approx(at_end, abs=1e-3)
+        with pytest.raises(ValueError, match="already ended"):
+            with metrics:
+                pass
+    finally:
+        metrics.close()
+
+
+def test_a_loss_spike_callback_that_raises_loses_nothing_of_the_interval():
+    """The callback ran before the interval was counted: one that raised (caught) left the spike out of the loss
+    sum, count, last and minimum."""
+    def on_spike(step, what):
+        raise RuntimeError(what)
+
+    metrics = started("raising-callback", log_every=1,
+                      diagnostics=Diagnostics(on_loss_spike=on_spike, loss_spike_warmup=3))
+    losses = [1.0, 1.0, 1.0, 1.0, 50.0, 1.0]
+    try:
+        for loss in losses:
+            metrics.step(loss=loss, samples=1)
+        assert metrics.spikes.spikes == 1
+        assert (metrics.loss_intervals, metrics.loss_sum) == (len(losses), sum(losses))
+    finally:
+        ended(metrics)
