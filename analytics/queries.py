@@ -612,13 +612,17 @@ def fleet_samples(range_seconds: float, now: float | None = None, split: float |
     trainer counts them and the job analytics read them (Totals.per_rank). A resumed process carries its rank's
     count on from its checkpoint: a killed one's count went past that with work that was thrown away, and the
     highest over the processes said so (and ranked the job by it) until the resumed run caught up. The newest
-    process is the one seen last (its heartbeat); a rank with no heartbeat (a trainer from before it) keeps the
-    highest count."""
+    process is the one with a count seen last (its heartbeat: a resumed process beats from its first scrape, and
+    counts only once its checkpoint loaded). A rank with a count of a process without a heartbeat (a trainer from
+    before it; one read only from recordings made before the heartbeat's rule was deployed) keeps the highest
+    count of its processes."""
     samples, seen = _newest_part("samples", range_seconds, now, split), _newest_part("heartbeat", range_seconds, now,
                                                                                        split)
-    newest = f"({samples}) and on (job_id, rank, instance) topk by (job_id, rank) (1, {seen})"
-    without_heartbeat = f"max by (job_id, rank) ({samples}) unless on (job_id, rank) ({seen})"
-    return f"sum by (job_id) (max by (job_id, rank) ({newest}) or {without_heartbeat})"
+    ordered = f"({seen}) and on (job_id, rank, instance) ({samples})"
+    unordered = f"({samples}) unless on (job_id, rank, instance) ({seen})"
+    newest = f"({samples}) and on (job_id, rank, instance) topk by (job_id, rank) (1, {ordered})"
+    return (f"sum by (job_id) ((max by (job_id, rank) ({newest}) unless on (job_id, rank) ({unordered})) "
+            f"or max by (job_id, rank) ({samples}))")
 
 
 def _newest_part(name: str, range_seconds: float, now: float | None, split: float | None) -> str:
