@@ -123,11 +123,14 @@ def holds_less(answer: JobAnalytics, stored: JobAnalytics) -> bool:
     def less(now: float | None, then: float | None) -> bool:
         return then is not None and (now is None or now < then - 1e-3)
 
+    # A stored report's part may be missing (the row is text anyone with the database may have edited:
+    # from_plain reads what is not there as null): what it does not say is not more.
     later_start = stored.start_time is not None and (answer.start_time is None or
                                                      answer.start_time > stored.start_time + 1e-3)
-    return (later_start or less(answer.duration.total_seconds, stored.duration.total_seconds)
-            or len(answer.evaluations) < len(stored.evaluations)
-            or (answer.goodput.unavailable_reason == EARLIER_RUNS_GONE != stored.goodput.unavailable_reason))
+    stored_reason = stored.goodput.unavailable_reason if stored.goodput is not None else EARLIER_RUNS_GONE
+    return (later_start or less(answer.duration.total_seconds, getattr(stored.duration, "total_seconds", None))
+            or len(answer.evaluations) < len(stored.evaluations or ())
+            or answer.goodput.unavailable_reason == EARLIER_RUNS_GONE != stored_reason)
 
 
 async def _stored_entries(archive: ReportArchive | None, job_ids: list[str]) -> dict[str, Entry | None]:

@@ -56,8 +56,9 @@ class Outcome:
         # One write, newline included: torchrun runs its ranks unbuffered (PYTHONUNBUFFERED=1) on one shared
         # stdout, where print()'s separate write of the newline let two ranks' lines run into one.
         try:
-            sys.stdout.write("summary " + strict_json(result) + "\n")
-            sys.stdout.flush()
+            if sys.stdout is not None:      # None: started without a stdout at all (`>&-`)
+                sys.stdout.write("summary " + strict_json(result) + "\n")
+                sys.stdout.flush()
         except (OSError, ValueError):
             # stdout gone (`| head` that quit, a closed terminal): the job ends as it is, its linger and the
             # removal of its files after this included (the error skipped them and exited 1 with a traceback).

@@ -313,8 +313,11 @@ def run(args: argparse.Namespace) -> int:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        print("\nstopping ...")
         ended_well = True
+        try:
+            print("\nstopping ...")
+        except BrokenPipeError:     # its reader quit before (`| less`, then q)
+            sys.stdout = open(os.devnull, "w")
         return 0
     except BrokenPipeError:         # its reader quit (`| head`): stopped as by Ctrl-C, without a traceback
         sys.stdout = open(os.devnull, "w")

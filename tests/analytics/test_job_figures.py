@@ -66,3 +66,16 @@ def test_where_the_average_stands_for_the_peak_the_peak_has_no_time():
     body = _assemble(facts, found, {"samples_per_second": Peak(value=800.0, at=100.95, mean=800.0)}, [], None)
     assert body.performance.peak_samples_per_second == body.performance.average_samples_per_second == 1000.0
     assert body.performance.peak_samples_per_second_at is None
+
+
+def test_a_stored_report_missing_parts_is_not_taken_for_more_of_the_job():
+    """A stored report is text in the job's row (an edited one reads back with nulls): comparing it with what
+    Prometheus holds raised AttributeError, a 500 for a job Prometheus still held."""
+    from trainmetrics.analytics.cache import holds_less
+    from trainmetrics.analytics.shapes import JobAnalytics, from_plain
+
+    answer = from_plain(JobAnalytics, {"job_id": "j", "start_time": 100.0, "duration": {"total_seconds": 50.0},
+                                       "evaluations": [], "goodput": {}, "source": "prometheus"})
+    assert not holds_less(answer, from_plain(JobAnalytics, {"job_id": "j", "start_time": 100.0}))
+    assert holds_less(answer, from_plain(JobAnalytics, {"job_id": "j", "start_time": 90.0,
+                                                        "duration": {"total_seconds": 60.0}}))

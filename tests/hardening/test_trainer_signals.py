@@ -222,16 +222,18 @@ def left_behind(*directories: Path) -> list[str]:
     return sorted(path.name for directory in directories for path in directory.iterdir() if path.suffix == ".json")
 
 
-def test_a_job_whose_stdout_reader_quit_ends_as_it_was_and_removes_its_files(tmp_path):
+@pytest.mark.parametrize("stdout", ["reader-quit", "none"])
+def test_a_job_whose_stdout_is_gone_ends_as_it_was_and_removes_its_files(tmp_path, stdout):
     """`trainmetrics train ... | head -1` once head has exited: the summary line's write raised BrokenPipeError in
-    the job's last `finally`, which skipped its linger and the removal of its files, and it exited 1."""
+    the job's last `finally`, which skipped its linger and the removal of its files, and it exited 1. Started
+    with no stdout at all (`>&-`: sys.stdout is None), AttributeError did the same."""
     targets, jobs = tmp_path / "targets", tmp_path / "jobs"
     read_end, write_end = os.pipe()
     os.close(read_end)
     process = subprocess.Popen(
         [sys.executable, "-m", "trainmetrics", "train", "--job-id", "closed-pipe", "--epochs", "1", "--targets-dir",
          str(targets), "--job-dir", str(jobs), "--linger-timeout", "1"], stdout=write_end, stderr=subprocess.PIPE,
-        text=True)
+        text=True, preexec_fn=(lambda: os.close(1)) if stdout == "none" else None)
     os.close(write_end)
     _, stderr = process.communicate(timeout=120)
     assert (process.returncode, left_behind(targets, jobs)) == (0, []), stderr[-600:]
