@@ -12,6 +12,10 @@ from trainmetrics.exporters.window import SampleWindow
 # /proc/stat columns in order; guest time is already inside user/nice, so it is not exported twice.
 MODES = ("user", "nice", "system", "idle", "iowait", "interrupt", "softirq", "steal")
 IDLE_COLUMNS = (3, 4)  # idle, iowait
+IDLE = MODES.index("idle")
+# A CPU whose idle time went back by more than this was taken offline and brought back (hotplug): its counts
+# start again. A smaller step back (iowait "will decrease in certain conditions", proc(5)) keeps the highest.
+HOTPLUG_SECONDS = 5.0
 
 
 class CpuCollector(Collector):
@@ -26,6 +30,7 @@ class CpuCollector(Collector):
         self.clock_ticks = clock_ticks or os.sysconf("SC_CLK_TCK")
         self.utilization = SampleWindow(peak_window)
         self._per_cpu: list[tuple[str, list[int]]] = []
+        self._highest: dict[str, list[int]] = {}      # per cpu, each mode's highest count published
         self._previous_total: tuple[int, int] | None = None
 
     @classmethod
@@ -44,7 +49,7 @@ class CpuCollector(Collector):
             if fields[0] == b"cpu":
                 host = ticks
             else:
-                per_cpu.append((fields[0][3:].decode(), ticks))
+                per_cpu.append((fields[0][3:].decode(), self._never_back(fields[0][3:].decode(), ticks)))
         if host is None:
             raise ValueError(f"{self.proc_root}/stat has no aggregate cpu line")
         self._per_cpu = per_cpu
@@ -57,6 +62,16 @@ class CpuCollector(Collector):
                 busy = 1.0 - (idle - previous_idle) / elapsed
                 self.utilization.add(now, min(1.0, max(0.0, busy)))
         self._previous_total = (total, idle)
+
+    def _never_back(self, cpu: str, ticks: list[int]) -> list[int]:
+        """The CPU's counts as published: each mode's highest so far, since a counter that goes down is a reset
+        to Prometheus (increase() then counted the whole count again: 400 s of iowait in a 0.1 s step); all of
+        them anew after a hotplug (idle far back)."""
+        highest = self._highest.get(cpu)
+        if highest is not None and highest[IDLE] - ticks[IDLE] <= HOTPLUG_SECONDS * self.clock_ticks:
+            ticks = [max(old, new) for old, new in zip(highest, ticks)]
+        self._highest[cpu] = ticks
+        return ticks
 
     def collect(self):
         times = CounterMetricFamily("system_cpu_time_seconds_total",

@@ -84,3 +84,27 @@ def test_partitions_are_never_counted_beside_their_disk(tmp_path):
     found = parse_exposition(_render(collector))
     assert sorted({dict(labels)["device"] for labels in found["system_disk_io_bytes_total"]}) == \
         ["dm-0", "md0", "nbd0", "oddname", "sda", "sdaa", "vdab"]
+
+
+def test_a_cpu_count_that_goes_back_is_held_and_a_hotplugged_cpu_starts_again(tmp_path):
+    """iowait "will decrease in certain conditions" (proc(5)): published as is, the counter went down and
+    Prometheus read a reset (increase() counted its whole 400 s again in one 0.1 s step). A CPU taken offline and
+    brought back starts its counts again: that is a reset."""
+    from trainmetrics.exporters.collectors.cpu import CpuCollector
+    from trainmetrics.exporters.exporter import Exporter
+    from tests.exporters.exporter_fixtures import parse_exposition
+
+    collector = CpuCollector(tmp_path, peak_window=1.0, clock_ticks=100)
+    exporter = Exporter([collector])
+
+    def published(now: float, idle: int, iowait: int) -> tuple[float, float]:
+        (tmp_path / "stat").write_text(f"cpu  1000 0 500 {idle} {iowait} 0 0 0 0 0\n"
+                                       f"cpu0 1000 0 500 {idle} {iowait} 0 0 0 0 0\nintr 1\n")
+        exporter.sample(now)
+        times = parse_exposition(exporter.render())["system_cpu_time_seconds_total"]
+        return tuple(times[(("cpu", "0"), ("mode", mode))] for mode in ("idle", "iowait"))
+
+    assert published(0.0, 900_000, 40_000) == (9000.0, 400.0)
+    assert published(0.1, 900_013, 39_997) == (9000.13, 400.0)        # iowait 3 ticks back: held
+    assert published(0.2, 900_020, 40_001) == (9000.2, 400.01)
+    assert published(0.3, 1_000, 20) == (10.0, 0.2)                    # hotplugged: counts anew
