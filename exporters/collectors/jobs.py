@@ -278,11 +278,14 @@ class JobTracker:
         return stat_fields(stat_text)
 
     def _discover(self, root_pid: int, root_ticks: int) -> dict[int, int]:
-        """The root and all its descendants, pid -> start ticks."""
+        """The root and all its descendants, pid -> start ticks: each one whose parent, read now, is one of them
+        (the walk lists parents first, from a reading of every process's parent up to PARENTS_MAX_AGE old: a
+        pid that ended since and was taken by another user's process was counted in the job, its memory and
+        its CPU time with it)."""
         members = {root_pid: root_ticks}
         for pid in self.descendants(root_pid):
             fields = self._read_stat(pid)
-            if fields is not None:
+            if fields is not None and int(fields[1]) in members:
                 members[pid] = int(fields[19])
         return members
 
@@ -402,7 +405,7 @@ class ProcessFamilies:
     (the tree walk asks once per mapped process: psutil's children() reads every process on the host per call,
     so a pass cost mapped processes x host processes, ~9 ms per job on a host with 400 processes). The reading
     is reused for PARENTS_MAX_AGE seconds; a child started since is found at the next pass, and a pid that
-    died or was reused since is weeded out by its start ticks (JobTracker._discover)."""
+    died or was reused since is weeded out by its parent read afresh (JobTracker._discover)."""
 
     def __init__(self, proc_root: str = "/proc", clock: Callable[[], float] = time.monotonic):
         self._proc_root, self._clock = proc_root, clock

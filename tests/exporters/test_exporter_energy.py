@@ -26,16 +26,18 @@ def success(text: bytes) -> dict[str, float]:
             for labels, value in parse_exposition(text)["exporter_collector_success"].items()}
 
 
-def write_proc(root: Path, host_busy: int, host_idle: int, processes: dict[int, int]) -> None:
+def write_proc(root: Path, host_busy: int, host_idle: int, processes: dict[int, int],
+               parents: dict[int, int] | None = None) -> None:
     """A /proc with the aggregate cpu line (busy and idle ticks) and each pid's stat: its utime in ticks,
-    started at tick 1000 + pid."""
+    started at tick 1000 + pid, its parent from `parents` (else 1)."""
     root.mkdir(parents=True, exist_ok=True)
     line = f"{host_busy} 0 0 {host_idle} 0 0 0 0 0 0"
     (root / "stat").write_text(f"cpu  {line}\ncpu0 {line}\n")
     for pid, utime in processes.items():
         (root / str(pid)).mkdir(exist_ok=True)
         (root / str(pid) / "stat").write_text(
-            f"{pid} (python) R 1 {pid} {pid} 0 -1 0 0 0 0 0 {utime} 0 0 0 20 0 1 0 {1000 + pid} 1000 10 0\n")
+            f"{pid} (python) R {(parents or {}).get(pid, 1)} {pid} {pid} 0 -1 0 0 0 0 0 {utime} 0 0 0 20 0 1 0 "
+            f"{1000 + pid} 1000 10 0\n")
 
 
 def test_gpu_energy_goes_to_the_jobs_holding_the_gpu_split_evenly_and_a_reset_counts_its_new_value(tmp_path):
@@ -156,7 +158,7 @@ def test_cpu_energy_per_job_needs_no_jobs_collector_and_counts_a_worker_started_
     exporter = Exporter([EnergyCollector(JobEnergy(), tracker, proc, powercap, clock_ticks=100)])  # alone
 
     def slow_pass(now: float, host_busy: int, processes: dict[int, int], package_uj: int) -> dict:
-        write_proc(proc, host_busy=host_busy, host_idle=50_000, processes=processes)
+        write_proc(proc, host_busy=host_busy, host_idle=50_000, processes=processes, parents={101: 100})
         write_zone(powercap, "intel-rapl:0", "package-0", package_uj)
         exporter.sample(now)
         exporter.sample_slow(now)

@@ -350,3 +350,33 @@ def test_a_job_run_by_another_job_counts_in_its_own_job_only(outer_id, inner_id,
         driver.stdout.close()
     assert set(before) == {outer_id, inner_id} and burnt[inner_id] >= 0.9
     assert after[outer_id] - before[outer_id] < 0.3, (before, burnt, after)       # the driver itself did little
+
+
+def test_a_pid_reused_since_the_walks_parents_reading_is_not_the_jobs(tmp_path):
+    """The tree walk reads every process's parent once per pass (up to PARENTS_MAX_AGE old): a worker that
+    exited in between and whose pid another user's process took was counted in the job, the stranger's
+    memory and CPU time with it."""
+    from trainmetrics.exporters.collectors.jobs import ProcessFamilies
+
+    proc, jobs = tmp_path / "proc", tmp_path / "jobs"
+    proc.mkdir()
+    jobs.mkdir()
+
+    def write_stat(pid: int, parent: int, start_ticks: int, rss_pages: int) -> None:
+        (proc / str(pid)).mkdir(exist_ok=True)
+        fields = ["S", parent, pid, pid, 0, -1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 20, 0, 1, 0, start_ticks, 0, rss_pages]
+        (proc / str(pid) / "stat").write_text(f"{pid} (p{pid}) " + " ".join(map(str, fields)) + "\n")
+
+    write_stat(1, 0, 1, 100)
+    write_stat(100, 1, 500, 1000)           # the job's process
+    write_stat(101, 100, 600, 1000)         # its worker
+    write_job_mapping(jobs, JobMapping(job_id="job-a", pid=100, start_ticks=500))
+    clock = [0.0]
+    tracker = JobTracker(jobs, proc_root=proc, descendants=ProcessFamilies(str(proc), clock=lambda: clock[0]),
+                         clock_ticks=100, page_bytes=4096)
+    assert tracker.update(0.0).usage["job-a"].processes == 2
+    write_stat(101, 1, 900, 10_000_000)     # the worker gone, its pid another's: parent 1, a later start
+    clock[0] = 0.3
+    tracker.refresh_trees(0.3)              # the walk from the parents read 0.3 s ago
+    usage = tracker.update(0.4).usage["job-a"]
+    assert 101 not in tracker.snapshot.job_of_pid and usage.rss_bytes == 1000 * 4096
