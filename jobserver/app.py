@@ -215,7 +215,12 @@ async def upload_dataset(request: Request) -> JSONResponse:
     name, target = check_upload_request(request, max_bytes)
     fields = await receive_dataset(request, name, target, Path(server.settings.data_dir) / "datasets", max_bytes,
                                    server.inspections)
-    return JSONResponse(await server.call(server.service.add_dataset, _caller(request), fields), status_code=201)
+    try:
+        recorded = await server.call(server.service.add_dataset, _caller(request), fields)
+    except BaseException:
+        Path(fields["path"]).unlink(missing_ok=True)     # not recorded: no file of it is left behind
+        raise
+    return JSONResponse(recorded, status_code=201)
 
 
 async def list_datasets(request: Request) -> JSONResponse:

@@ -175,10 +175,19 @@ class Supervisor:
         except ExecutorUnavailable:
             self._untaken_tokens[job.id] = token    # the submission a retry may find received keeps its secret
             raise
+        try:
+            self.store.update_job(job.id, state="running", pid=run.pid, handle=run.handle,
+                                  started=job.started or time.time(), exit_code=None, error=None, requested=None,
+                                  run_token=token_digest(token), reason=None)
+        except Exception as error:
+            # Not recorded: the run must not train on unwatched while its job stays queued (or is failed).
+            self.executor.kill(run)
+            deadline = time.monotonic() + 5.0
+            while not self.executor.poll(run)[0] and time.monotonic() < deadline:     # reaped, no zombie left
+                time.sleep(0.05)
+            raise ExecutorUnavailable(f"its start could not be recorded ({type(error).__name__}: {error}); "
+                                      "the run was killed and the job stays queued") from error
         self.runs[job.id] = run
-        self.store.update_job(job.id, state="running", pid=run.pid, handle=run.handle,
-                              started=job.started or time.time(), exit_code=None, error=None, requested=None,
-                              run_token=token_digest(token), reason=None)
         log.info("job %s: started %s %s%s", job.id, self.executor.name, run.handle, " (resuming)" if job.resume else "")
 
     def untaken_token_matches(self, job_id: str, presented: str) -> bool:
@@ -232,11 +241,12 @@ class Supervisor:
 
     def _reap(self, job_id: str, code: int | None) -> None:
         """A run ended: forget it, and record how."""
+        # Recorded first: a write that fails (the database locked, a full disk) leaves the run to be reaped again at
+        # the next tick, instead of forgetting it with its job `running` for good.
+        self._ended(job_id, code, job_id in self._killed)
         del self.runs[job_id]
         self._cancelled_at.pop(job_id, None)
-        killed = job_id in self._killed
         self._killed.discard(job_id)
-        self._ended(job_id, code, killed)
 
     def _executor_unavailable(self, job: JobRecord, error: ExecutorUnavailable) -> None:
         now = time.monotonic()
@@ -246,7 +256,7 @@ class Supervisor:
 
     def _failed_to_start(self, job: JobRecord, error: Exception) -> None:
         self.runs.pop(job.id, None)
-        message = f"could not start: {type(error).__name__}: {error}".splitlines()[0][:500]
+        message = self._without_data_dir(f"could not start: {type(error).__name__}: {error}".splitlines()[0][:500])
         self.store.update_job(job.id, state="failed", error=message, ended=time.time(), pid=None, handle=None,
                               exit_code=None, requested=None, run_token=None)
         log.exception("job %s: %s", job.id, message)
@@ -288,8 +298,7 @@ class Supervisor:
         elif job.spec.get("nproc", 1) > 1:
             error = self._ranks_said(job, result, error)
         if isinstance(error, str):       # a trainer's error names the files it could not use: no server path
-            for data_dir in sorted({str(self.data_dir.resolve()), str(self.data_dir)}, key=len, reverse=True):
-                error = error.replace(data_dir, DATA_DIR_SHOWN)       # the longer first: one may hold the other
+            error = self._without_data_dir(error)
         waiting = state in ("paused", "queued")
         # A final state its process did not publish (killed without a result, or a cancel that overrode what it
         # said): the run's handle goes, so the server publishes it (JobService.waiting_jobs) and Prometheus, the
@@ -300,6 +309,12 @@ class Supervisor:
                               reason=reason, **unpublished)
         self.store.remove_endpoints(job_id)
         log.info("job %s: %s (exit code %s)%s", job_id, state, code, _ended_how(state, killed, self.cancel_grace))
+
+    def _without_data_dir(self, error: str) -> str:
+        """An error with the server's data dir shown as DATA_DIR_SHOWN (no answer shows a server path)."""
+        for data_dir in sorted({str(self.data_dir.resolve()), str(self.data_dir)}, key=len, reverse=True):
+            error = error.replace(data_dir, DATA_DIR_SHOWN)       # the longer first: one may hold the other
+        return error
 
     def _ranks_said(self, job: JobRecord, result: dict | None, error: str | None) -> str:
         """A failed multi-rank run's error, naming its ranks: those that ended without a result while others
@@ -358,8 +373,10 @@ class Supervisor:
 
     # ----- signalling --------------------------------------------------------------------------------
     def request_stop(self, job: JobRecord, outcome: str) -> None:
-        """Ask a running job to stop at its next step boundary; the request is recorded once the signal was
-        sent, so the job ends in the state this answer promises. StopRefused otherwise.
+        """Ask a running job to stop at its next step boundary; the request is recorded, then the signal sent (and
+        the record undone when none could be), so the job ends in the state this answer promises. StopRefused
+        otherwise. Recorded first: a write that fails (the database locked, a full disk) has sent nothing, where
+        a signal already sent was sent again by the client's retry.
 
         A stop already under way is not signalled again: a second signal that lands while the process exits
         can kill it there. A pause during the server's own shutdown pause needs no signal either."""
@@ -371,9 +388,10 @@ class Supervisor:
         if job.requested == outcome:
             return
         signalled = outcome == "paused" and job.requested == SHUTDOWN_PAUSE
-        if not signalled and not self.executor.signal(run, outcome):
-            raise StopRefused(f"job {job.id} is ending: cannot {STOP_VERBS[outcome]} it")
         self.store.update_job(job.id, requested=outcome)
+        if not signalled and not self.executor.signal(run, outcome):
+            self.store.update_job(job.id, requested=job.requested)
+            raise StopRefused(f"job {job.id} is ending: cannot {STOP_VERBS[outcome]} it")
         if outcome == "cancelled":
             self._cancelled_at[job.id] = time.monotonic()
 

@@ -155,3 +155,23 @@ def test_an_upload_names_its_target_column(stack):
                           content=b"a,b,y\n1,2,0\n3,4,1\n5,6,0\n", timeout=30)
     assert response.status_code == 201, response.text
     assert (response.json()["features"], response.json()["target"]) == (2, "y")
+
+
+def test_an_upload_the_server_could_not_record_leaves_no_dataset_file(stack):
+    """The database locked by another process past the store's 5 s (a backup, sqlite3 at a prompt): the upload's
+    record failed (a 500) after its file had been moved into place, and the file stayed for good, listed nowhere."""
+    import sqlite3
+
+    from trainmetrics.jobserver.store import DATABASE_NAME
+
+    before = leftovers(stack)
+    other = sqlite3.connect(stack.data_dir / DATABASE_NAME, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        answer = httpx.post(f"{stack.server_url}/api/training/datasets", params={"name": "locked.csv"},
+                            content=b"a,b,label\n1,2,0\n3,4,1\n5,6,0\n7,8,1\n", timeout=30)
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert answer.status_code == 500 and answer.json()["error"]["code"] == "internal"
+    assert leftovers(stack) == before

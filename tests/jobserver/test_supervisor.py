@@ -2,8 +2,10 @@
 scripted stand-in for `trainmetrics train` (no torch: each case takes a fraction of a second)."""
 
 import asyncio
+import contextlib
 import json
 import signal
+import sqlite3
 import sys
 import textwrap
 import time
@@ -678,3 +680,80 @@ def test_a_queued_job_whose_directory_holds_checkpoints_resumes_from_them(superv
     supervisor.checkpoint_dir(job.id).mkdir(parents=True)
     (supervisor.checkpoint_dir(job.id) / "step-000000030.pt").write_bytes(b"written by the lost run")
     assert "--resume" in supervisor.train_args(job)
+
+
+@contextlib.contextmanager
+def database_locked(supervisor: Supervisor):
+    """Another process holds the database's write lock (a backup, sqlite3 at a prompt); the store gives up after
+    100 ms instead of its 5 s."""
+    supervisor.store._db.execute("PRAGMA busy_timeout = 100")
+    other = sqlite3.connect(supervisor.data_dir / "db.sqlite", isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        yield other
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+
+
+def test_a_run_that_ends_while_the_database_is_locked_is_recorded_once_it_is_not(supervisor):
+    """The run was forgotten before its end was written: the write failed, and the job said `running` until
+    the server restarted, neither cancellable nor resumable, its slot taken by the next job."""
+    submit(supervisor, "locked-end", "cnn")             # "completes" after ~0.5 s
+    with database_locked(supervisor):
+        supervisor.runs["locked-end"].process.wait(timeout=10)
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            supervisor.tick()
+    assert settle(supervisor, "locked-end").state == "completed"
+
+
+def test_a_start_whose_record_fails_is_killed_and_its_job_stays_queued(supervisor):
+    """The process was spawned, its `running` write failed: the job was failed while its process trained on,
+    unwatched, past --max-concurrent, its result never read."""
+    from trainmetrics.jobserver.executors import Run
+    from trainmetrics.jobserver.local import run_processes
+
+    spawn, locks = supervisor.executor.start, contextlib.ExitStack()
+
+    def start_then_lock(*args):
+        run = spawn(*args)
+        locks.enter_context(database_locked(supervisor))
+        return run
+
+    supervisor.executor.start = start_then_lock
+    queue(supervisor, "locked-start")
+    with locks:
+        supervisor.tick()
+    supervisor.executor.start = spawn
+    alive = run_processes(Run("locked-start", None, supervisor.job_path("locked-start"), None))
+    assert supervisor.store.get_job("locked-start").state == "queued" and alive == [] and not supervisor.runs
+    supervisor.tick()
+    assert supervisor.store.get_job("locked-start").state == "running"          # started again
+
+
+def test_a_stop_whose_record_failed_sent_no_signal_and_its_retry_sends_one(supervisor):
+    """The pause's SIGUSR1 went out before its write, which failed (a 500): the client's retry signalled the
+    process again (a stop under way is never signalled twice: a second one can kill a process as it exits)."""
+    job = submit(supervisor, "locked-stop")
+    time.sleep(0.3)                                     # its handlers are installed
+    with database_locked(supervisor):
+        with pytest.raises(sqlite3.OperationalError):
+            supervisor.request_stop(supervisor.store.get_job(job.id), "paused")
+    supervisor.request_stop(supervisor.store.get_job(job.id), "paused")
+    assert settle(supervisor, job.id).state == "paused"
+    assert json.loads(supervisor.result_path(job.id).read_text())["signals"] == 1
+
+
+def test_a_start_that_fails_shows_no_server_path(supervisor):
+    """A start refused by the system (a full disk) named the job's directory in the server's data dir in the
+    job's error, which the job API shows (no answer shows a server path)."""
+    from trainmetrics.jobserver.supervisor import DATA_DIR_SHOWN
+
+    def full_disk(job_id, nproc, train_args, job_dir, env):
+        raise OSError(28, "No space left on device", str(job_dir))
+
+    supervisor.executor.start = full_disk
+    queue(supervisor, "full")
+    supervisor.tick()
+    job = supervisor.store.get_job("full")
+    assert job.state == "failed" and DATA_DIR_SHOWN in job.error and str(supervisor.data_dir) not in job.error
