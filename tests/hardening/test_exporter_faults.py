@@ -170,10 +170,13 @@ class Counting(Collector):
 
 
 @pytest.mark.parametrize("part", ["fast", "slow"])
-def test_a_hanging_sample_is_reported_as_failing_and_the_others_go_on(part):
+def test_a_hanging_sample_is_reported_as_failing_and_the_others_go_on(part, monkeypatch):
     """A sample that does not return (a FIFO, a dead NFS mount, a wedged driver) froze the loop with every
     collector still saying success 1. Now the collector reports 0 and loses its series after its stall bound,
-    the other collectors keep sampling, and it comes back when its sample returns."""
+    the other collectors keep sampling, and it comes back once its sample returned (and its backoff passed)."""
+    from trainmetrics.exporters import exporter as exporter_module
+
+    monkeypatch.setattr(exporter_module, "BACKOFF_MIN_SECONDS", 0.2)
     hanging, counting = Hanging(part), Counting()
     exporter = Exporter([hanging, counting], sample_interval=0.05, slow_interval=0.1).start()
 
@@ -201,3 +204,34 @@ def test_a_hanging_sample_is_reported_as_failing_and_the_others_go_on(part):
     finally:
         hanging.release.set()
         exporter.stop()
+
+
+class EverySampleHangs(Collector):
+    """A source whose every call takes longer than the fast loop's stall bound (a GPU fallen off the bus)."""
+
+    name = "wedged"
+    fast = True
+
+    def __init__(self, seconds: float):
+        self.seconds, self.calls = seconds, 0
+
+    def sample(self, now: float) -> None:
+        self.calls += 1
+        time.sleep(self.seconds)
+
+    def collect(self):
+        yield GaugeMetricFamily("wedged_value", "Never sampled in time.", value=1)
+
+
+def test_a_source_whose_every_call_hangs_stalls_the_loop_once_per_backoff():
+    """Called again as soon as its stalled sample returned, it froze the fast loop for the stall bound at every
+    call: host sampling stopped for a second every two, its peaks lost. Now it is left out for a backoff."""
+    wedged, counting = EverySampleHangs(1.3), Counting()
+    exporter = Exporter([wedged, counting], sample_interval=0.05, slow_interval=0.1).start()
+    try:
+        time.sleep(6.0)
+        series = parse(exporter.snapshot().decode())
+    finally:
+        exporter.stop()
+    assert wedged.calls <= 2, wedged.calls
+    assert collector_ok(series, "wedged") == 0 and ("wedged_value", "") not in series
