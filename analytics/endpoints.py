@@ -230,7 +230,7 @@ async def jobs(request: Request) -> Response:
         range_seconds = parse_duration("range", DEFAULT_SUMMARY_RANGE)
     split = await fleet.recorded_split(request.state.prometheus, range_seconds, now,
                                        _settings(request).recorded_series)
-    table = await fleet.fleet(request.state.prometheus, range_seconds, now, split)
+    table = await fleet.fleet(request.state.prometheus, range_seconds, now, split, owner=owner)
     table = fleet.filter_jobs(table, status, owner, since, until, now)
     if fmt == "csv":
         return _csv(table, shapes.JobRow, "jobs.csv")

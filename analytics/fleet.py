@@ -28,17 +28,19 @@ async def recorded_split(client: PrometheusClient, range_seconds: float, now: fl
 
 
 async def fleet(client: PrometheusClient, range_seconds: float, now: float, split: float | None = None,
-                details: bool = True) -> list[shapes.JobRow]:
+                details: bool = True, owner: str | None = None) -> list[shapes.JobRow]:
     """One row per job seen in the last range_seconds: metadata, status, times, samples, throughput.
 
     split (recorded_split): read the recorded per-process series there, raw ones before and after it.
     details=False: leave metadata and final loss out (None) for add_details to fill in for a few rows."""
-    return (await _fleet(client, range_seconds, now, split, details))[0]
+    return (await _fleet(client, range_seconds, now, split, details, owner))[0]
 
 
 async def _fleet(client: PrometheusClient, range_seconds: float, now: float, split: float | None,
-                 details: bool) -> tuple[list[shapes.JobRow], dict[str, str], dict[tuple[str, str], Process]]:
-    """The fleet's rows, each job's newest process (its instance), and every process by (job id, instance)."""
+                 details: bool, owner: str | None = None
+                 ) -> tuple[list[shapes.JobRow], dict[str, list[str]], dict[tuple[str, str], Process]]:
+    """The fleet's rows, each job's processes' instances (the one that speaks for it first, then newest first), and
+    every process by (job id, instance)."""
     state_expr = q.fleet_state(range_seconds, now, split)
     state_parts = state_expr if isinstance(state_expr, dict) else {"raw": state_expr}
 
@@ -87,7 +89,13 @@ async def _fleet(client: PrometheusClient, range_seconds: float, now: float, spl
         proc.live = key in scraped_now
     await _add_last_seen(client, processes, range_seconds, now)
     hold_missed_scrapes(processes.values(), now)
-    info_by_job = {labels.get("job_id"): labels for labels, _ in rows(infos)}
+    # Each process's metadata (rank 0's), and every owner a job's processes name: as the job's own analytics, a
+    # job is an owner's only when all of them say so, and its metadata are its newest process's.
+    info_by_process = {(labels.get("job_id"), labels.get("instance")): labels for labels, _ in rows(infos)
+                       if labels.get("rank", "0") == "0"}
+    owners_by_job: dict[str, set[str]] = {}
+    for (job_id, _), labels in info_by_process.items():
+        owners_by_job.setdefault(job_id, set()).add(labels.get("owner", ""))
     samples_by_job = {labels.get("job_id"): value for labels, value in rows(samples)}
     loss_by_process = {(labels.get("job_id"), labels.get("instance")): value for labels, value in rows(losses)
                        if labels.get("rank", "0") == "0"}
@@ -103,11 +111,16 @@ async def _fleet(client: PrometheusClient, range_seconds: float, now: float, spl
         status = status_of(latest)
         # A killed run's end and loss are the job's; the server that noticed the death gives only its state.
         latest = killed_run(procs) or latest
-        latest_instance[job_id] = latest.instance
+        # Who speaks for the job's metadata and final loss: its newest process that is a trainer's (the job server's
+        # entry of a job it cancelled while paused publishes a state and an end only), newest first.
+        latest_instance[job_id] = [latest.instance] + [p.instance for p in reversed(procs) if p is not latest]
         timeline = timeline_of(procs, now)
         starts_known = [p.start for p in procs if p.start is not None]
         total = samples_by_job.get(job_id)
-        info = info_by_job.get(job_id, {})
+        info = next((info_by_process[(job_id, instance)] for instance in latest_instance[job_id]
+                     if (job_id, instance) in info_by_process), {})
+        if owner is not None and owners_by_job.get(job_id) != {owner}:
+            continue
         table.append(shapes.JobRow(
             job_id=job_id, **{key: info.get(key) for key in METADATA}, status=status,
             start_time=min(starts_known) if starts_known else None,
@@ -116,7 +129,8 @@ async def _fleet(client: PrometheusClient, range_seconds: float, now: float, spl
             training_seconds=rounded(timeline.training_seconds),
             total_samples=int(total) if total is not None else None,
             average_samples_per_second=rounded(ratio(total, timeline.training_seconds)),
-            final_loss=loss_by_process.get((job_id, latest.instance))))
+            final_loss=next((loss_by_process.get((job_id, instance)) for instance in latest_instance[job_id]
+                             if (job_id, instance) in info_by_process), None)))
     return table, latest_instance, processes
 
 
@@ -124,13 +138,12 @@ async def _add_last_seen(client: PrometheusClient, processes: dict[tuple[str, st
                          now: float) -> None:
     """When each process that stopped without an end (and is not scraped now) was last seen, in one request
     for their jobs."""
-    # A job none of whose processes started training may have one killed in its init (its state queued
-    # for good): its heartbeat tells it from the job server's entry for a job that left the queue.
-    started_jobs = {job_id for (job_id, _), proc in processes.items() if proc.start is not None}
+    # A process killed in its init (its state queued for good), or still in it, is a trainer's: its heartbeat tells
+    # it from the job server's entry for a job that left the queue (a resumed job's newest, not its oldest).
     job_ids = []
     for (job_id, _), proc in processes.items():
-        if proc.end is None and not proc.live and job_id not in job_ids and (
-                proc.start is not None or job_id not in started_jobs):
+        # (a process in its init, live or killed there, is a trainer's all the same: a resumed job's newest)
+        if proc.end is None and job_id not in job_ids and (proc.start is None or not proc.live):
             try:
                 job_ids.append(validate_job_id(job_id))
             except ValueError:     # not a trainer's job id: nothing of it enters a query
@@ -145,18 +158,19 @@ async def _add_last_seen(client: PrometheusClient, processes: dict[tuple[str, st
                 proc.last_seen = value
 
 
-async def add_details(client: PrometheusClient, chosen: list[shapes.JobRow], latest_instance: dict[str, str],
+async def add_details(client: PrometheusClient, chosen: list[shapes.JobRow], latest_instance: dict[str, list[str]],
                       range_seconds: float, now: float, split: float | None) -> None:
     """Fill in the metadata and final loss of chosen rows of fleet(details=False), in one request."""
     if not chosen:
         return
     found = await query_parts(client, q.fleet_details([row.job_id for row in chosen], range_seconds, now, split), now)
     for index, row in enumerate(chosen):
-        infos = [labels for labels, _ in rows(found[f"info_{index}"])]
-        info = infos[0] if infos else {}
+        infos = [labels for labels, _ in rows(found[f"info_{index}"]) if labels.get("rank", "0") == "0"]
+        by_instance = {labels.get("instance"): labels for labels in infos}
+        instance = next((i for i in latest_instance.get(row.job_id, []) if i in by_instance), None)
+        info = by_instance.get(instance) or (infos or [{}])[0]
         for key in METADATA:
             setattr(row, key, info.get(key))
-        instance = latest_instance.get(row.job_id)
         row.final_loss = next((value for labels, value in rows(found[f"loss_{index}"])
                                if labels.get("instance") == instance and labels.get("rank", "0") == "0"), None)
 
@@ -216,11 +230,9 @@ async def summary(client: PrometheusClient, range_seconds: float, step: float, o
                        and step >= q.RECORDED_TREND_MIN_STEP_SECONDS)
     # Metadata and final losses only where shown (the top 5), unless the owner filter needs everyone's.
     (table, latest_instance, processes), trends, ledger = await asyncio.gather(
-        _fleet(client, range_seconds, now, split, details=owner is not None),
+        _fleet(client, range_seconds, now, split, details=owner is not None, owner=owner),
         resource_trends(client, range_seconds, step, now, recorded_trends, owner),
         query_parts(client, q.fleet_goodput(range_seconds, now), now))
-    if owner is not None:
-        table = [row for row in table if row.owner == owner]
     by_status = {status: 0 for status in shapes.STATES}
     for row in table:
         by_status[row.status] = by_status.get(row.status, 0) + 1

@@ -18,6 +18,9 @@ GPU_WEIGHT = 0.6
 THROUGHPUT_WEIGHT = 0.4
 # Values are compared as they are reported (rounded), so a tie the reader sees is a tie the service states.
 REPORTED_DIGITS = 6
+# ...but losses are reported exactly (docs/api.md): compared to the digits both backends keep.
+EXACT_FIELDS = frozenset({"final_loss"})
+EXACT_DIGITS = 12
 
 
 def _finite(value) -> bool:
@@ -92,7 +95,9 @@ def winners(rows: list[dict]) -> tuple[dict, dict]:
         if not candidates:
             winner[category] = None
             continue
-        values = [rounded(row[field]) for row in candidates]
+        # Losses are reported with every digit the backend keeps (VictoriaMetrics: about 12), not six.
+        digits = EXACT_DIGITS if field in EXACT_FIELDS else REPORTED_DIGITS
+        values = [rounded(row[field], digits) for row in candidates]
         best = max(values) if higher_wins else min(values)
         best_ids = [row["job_id"] for row, value in zip(candidates, values) if value == best]
         winner[category] = best_ids[0]

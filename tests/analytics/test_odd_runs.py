@@ -318,6 +318,14 @@ def test_a_resumed_run_killed_in_its_init_is_init_in_the_ledger(odd_runs, tmp_pa
                                     'unless on (instance) trainer_job_start_timestamp_seconds', timeout=60)
         killed_instance = found[0]["metric"]["instance"]
         time.sleep(3)
+        # The job list tells the job as its own analytics do: the paused run spoke for it there (paused, its end),
+        # the resumed process in its init being taken for the job server's queued entry.
+        with serve(Settings(prometheus_url=prometheus.url)) as client:
+            own = analytics(client, "init-killed")
+            row = next(row for row in client.get("/api/training/analytics/jobs").json()["jobs"]
+                       if row["job_id"] == "init-killed")
+        assert (row["status"], row["end_time"], row["total_samples"]) == \
+            (own["status"], own["end_time"], own["performance"]["total_samples"])
     finally:
         held.kill()
         held.communicate()

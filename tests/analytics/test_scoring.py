@@ -96,3 +96,12 @@ def test_rounded_keeps_six_significant_digits():
     assert scoring.rounded(3.14159265) == 3.14159
     assert scoring.rounded(123456789.0) == 123457000.0
     assert scoring.rounded(math.inf) is None and scoring.rounded(None) is None and scoring.rounded(0) == 0.0
+
+
+def test_the_best_loss_is_the_lowest_loss_as_reported():
+    """Losses are reported with every digit the backend keeps, yet were compared at six significant digits: of
+    0.12345649 and 0.12345641 the higher was named best, the two a tie."""
+    rows = [{"job_id": "a", "status": "completed", "final_loss": 0.12345649},
+            {"job_id": "b", "status": "completed", "final_loss": 0.12345641}]
+    winner, ties = scoring.winners(rows)
+    assert winner["best_loss"] == "b" and "best_loss" not in ties

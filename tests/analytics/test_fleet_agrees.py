@@ -1,0 +1,177 @@
+"""The job list and summary against each job's own analytics, on backfilled history (promtool) read raw: the same
+owner scoping, the same metadata and final loss, on Prometheus and VictoriaMetrics alike."""
+
+import shutil
+import subprocess
+import time
+
+import pytest
+
+from trainmetrics.analytics.app import Settings
+from trainmetrics.prometheus_process import PrometheusServer, find_binary
+
+from .conftest import serve
+
+pytestmark = pytest.mark.slow
+
+STATES = ("queued", "running", "paused", "completed", "failed", "cancelled")
+
+
+def process(job_id, instance, start, end, final, info, rank="0", samples_from=0, checkpoints_from=0, loss=True):
+    base = f'job_id="{job_id}",instance="{instance}",job="trainer",rank="{rank}"'
+    labels = ",".join(f'{k}="{v}"' for k, v in info.items())
+    times = [start + i * 10.0 for i in range(int((end - start) / 10) + 1)]
+    lines = []
+    for t in times:
+        progress = t - start
+        last = final is not None and t == times[-1]
+        lines += [f"trainer_job_info{{{base},{labels}}} 1 {t:.3f}",
+                  f"trainer_process_start_timestamp_seconds{{{base}}} {start - 5:.3f} {t:.3f}",
+                  f"trainer_job_start_timestamp_seconds{{{base}}} {start:.3f} {t:.3f}",
+                  f"trainer_samples_total{{{base}}} {samples_from + int(50 * progress)} {t:.3f}",
+                  f"trainer_checkpoints_total{{{base}}} {checkpoints_from} {t:.3f}",
+                  f"trainer_heartbeat_timestamp_seconds{{{base}}} {t:.3f} {t:.3f}"]
+        if loss:
+            lines.append(f"trainer_loss{{{base}}} {2.0 / (1 + progress / 60):.9f} {t:.3f}")
+        lines += [f'trainer_job_state{{{base},state="{s}"}} {int(s == (final if last else "running"))} {t:.3f}'
+                  for s in STATES]
+        if last:
+            lines.append(f"trainer_job_end_timestamp_seconds{{{base}}} {end:.3f} {t:.3f}")
+    return lines
+
+
+def history(now):
+    lines = []
+    info = dict(job_name="x", model="mlp", dataset="blobs", device="cpu")
+    # Paused by alice, resumed (same id) by a process that says owner bob.
+    lines += process("shared-1", "h:1", now - 3000, now - 2400, "paused", {**info, "owner": "alice"})
+    lines += process("shared-1", "h:2", now - 2000, now - 1400, "completed", {**info, "owner": "bob"},
+                     samples_from=30000)
+    # Resumed under a new name: the newest process (h:1) says "new-name", the older one (h:9) "old-name".
+    lines += process("renamed-1", "h:9", now - 3000, now - 2400, "paused", {**info, "job_name": "old-name",
+                                                                          "owner": "carol"})
+    lines += process("renamed-1", "h:1", now - 2000, now - 1400, "completed", {**info, "job_name": "new-name",
+                                                                             "owner": "carol"}, samples_from=30000)
+    # The job server's own series for alice's job waiting in its queue (jobserver/app.py WaitingJobsCollector:
+    # labels job_id and state only).
+    server = 'job_id="alice-q",instance="server:8000",job="server"'
+    for t in (now - 1200 + i * 10.0 for i in range(121)):
+        lines += [f'trainer_job_state{{{server},state="{s}"}} {int(s == "queued")} {t:.3f}' for s in STATES]
+        lines.append(f"trainer_job_submitted_timestamp_seconds{{{server}}} {now - 1200:.3f} {t:.3f}")
+    # Paused (its trainer's process ended "paused"), then cancelled while paused: the job server publishes the
+    # job's state (paused, then cancelled) and, once cancelled, the end no process published.
+    lines += process("pc-1", "h:5", now - 3000, now - 2400, "paused", {**info, "owner": "dave"})
+    server = 'job_id="pc-1",instance="server:8000",job="server"'
+    for t in (now - 2390 + i * 10.0 for i in range(60)):
+        current = "cancelled" if t >= now - 1900 else "paused"
+        lines += [f'trainer_job_state{{{server},state="{s}"}} {int(s == current)} {t:.3f}' for s in STATES]
+        lines.append(f"trainer_job_submitted_timestamp_seconds{{{server}}} {now - 3100:.3f} {t:.3f}")
+        if current == "cancelled":
+            lines.append(f"trainer_job_end_timestamp_seconds{{{server}}} {now - 1900:.3f} {t:.3f}")
+    by_series = {}
+    for line in lines:
+        by_series.setdefault(line.rsplit(" ", 2)[0], []).append(line)
+    return "\n".join(line for series in by_series.values() for line in series) + "\n# EOF\n"
+
+
+@pytest.fixture(scope="module")
+def backfilled(tmp_path_factory):
+    work = tmp_path_factory.mktemp("review-backfill")
+    now = time.time() - 600
+    (work / "history.om").write_text(history(now))
+    subprocess.run([find_binary("promtool"), "tsdb", "create-blocks-from", "openmetrics", str(work / "history.om"),
+                    str(work / "blocks")], check=True, capture_output=True)
+    prometheus = PrometheusServer(work / "prometheus", rule_files=[])
+    prometheus.data_dir.mkdir(parents=True)
+    for block in (work / "blocks").iterdir():
+        shutil.move(str(block), prometheus.data_dir / block.name)
+    prometheus.start(timeout=60)
+    try:
+        yield prometheus
+    finally:
+        prometheus.stop()
+
+
+def get(client, path, **params):
+    response = client.get(path, params=params)
+    return response.status_code, response.json()
+
+
+def test_owner_scoping_of_the_job_list_matches_the_jobs_own(backfilled):
+    seen = {}
+    for owner in ("alice", "bob"):
+        with serve(Settings(prometheus_url=backfilled.url, recorded_series=False,
+                            owner_scope=lambda request, owner=owner: owner)) as client:
+            code, _ = get(client, "/api/training/shared-1/analytics")
+            _, listed = get(client, "/api/training/analytics/jobs", range="2h")
+            _, summary = get(client, "/api/training/analytics/summary", range="2h")
+            rows = [row for row in listed["jobs"] if row["job_id"] == "shared-1"]
+            seen[owner] = (code, rows, summary["total_jobs"], [r["job_id"] for r in summary["top_performing_jobs"]])
+            print(owner, "analytics:", code, "| job list:", rows, "| summary total_jobs:", summary["total_jobs"],
+                  "top:", seen[owner][3])
+    for owner, (code, rows, _, top) in seen.items():
+        if code == 404:          # not the owner's job: nor in the owner's list or summary
+            assert rows == [] and "shared-1" not in top, owner
+
+
+def test_job_list_and_summary_metadata_are_the_newest_process_s(backfilled):
+    with serve(Settings(prometheus_url=backfilled.url, recorded_series=False)) as client:
+        _, body = get(client, "/api/training/renamed-1/analytics")
+        _, listed = get(client, "/api/training/analytics/jobs", range="2h")
+        _, summary = get(client, "/api/training/analytics/summary", range="2h")
+    row = next(r for r in listed["jobs"] if r["job_id"] == "renamed-1")
+    top = next(r for r in summary["top_performing_jobs"] if r["job_id"] == "renamed-1")
+    print("analytics:", body["job_name"], "| job list:", row["job_name"], "| summary top:", top["job_name"])
+    assert row["job_name"] == top["job_name"] == body["job_name"]
+
+
+@pytest.fixture(scope="module")
+def victoria(backfilled, tmp_path_factory):
+    """The same history imported into a VictoriaMetrics (Prometheus text format, millisecond timestamps)."""
+    import httpx
+    from trainmetrics.prometheus_process import VictoriaMetricsServer
+
+    history_file = next(backfilled.workdir.parent.glob("history.om"))
+    text = []
+    for line in history_file.read_text().splitlines():
+        if line.startswith("#"):
+            continue
+        series, value, at = line.rsplit(" ", 2)
+        text.append(f"{series} {value} {round(float(at) * 1000)}")
+    server = VictoriaMetricsServer(tmp_path_factory.mktemp("review-vm")).start()
+    try:
+        httpx.post(f"{server.url}/api/v1/import/prometheus", content="\n".join(text) + "\n").raise_for_status()
+        httpx.get(f"{server.url}/internal/force_flush").raise_for_status()
+        time.sleep(2)
+        yield server
+    finally:
+        server.stop()
+
+
+def test_both_backends_list_the_same_jobs(backfilled, victoria):
+    answers = {}
+    for name, backend in (("prometheus", backfilled), ("victoria", victoria)):
+        with serve(Settings(prometheus_url=backend.url, recorded_series=False)) as client:
+            _, listed = get(client, "/api/training/analytics/jobs", range="2h")
+            answers[name] = {row["job_id"]: row for row in listed["jobs"]}
+            for job_id in answers[name]:
+                code, body = get(client, f"/api/training/{job_id}/analytics")
+                answers[name][job_id]["own"] = (code, body.get("job_name"), body.get("status"),
+                                                (body.get("performance") or {}).get("total_samples"))
+    for job_id in sorted(set(answers["prometheus"]) | set(answers["victoria"])):
+        p, v = answers["prometheus"].get(job_id), answers["victoria"].get(job_id)
+        print(job_id, "\n  P:", p, "\n  V:", v)
+    assert answers["prometheus"] == answers["victoria"]
+
+
+def test_a_job_cancelled_while_paused_has_its_final_loss_in_the_list(backfilled):
+    with serve(Settings(prometheus_url=backfilled.url, recorded_series=False)) as client:
+        _, body = get(client, "/api/training/pc-1/analytics")
+        _, listed = get(client, "/api/training/analytics/jobs", range="2h")
+        _, summary = get(client, "/api/training/analytics/summary", range="2h")
+    row = next(r for r in listed["jobs"] if r["job_id"] == "pc-1")
+    top = next(r for r in summary["top_performing_jobs"] if r["job_id"] == "pc-1")
+    print("analytics:", body["status"], body["losses"]["final"], "| job list:", row["status"], row["final_loss"],
+          "| summary top:", top["status"], top["final_loss"])
+    assert row["status"] == body["status"] == "cancelled"
+    assert row["final_loss"] == top["final_loss"] == body["losses"]["final"] is not None
