@@ -97,8 +97,7 @@ async def _fleet(client: PrometheusClient, range_seconds: float, now: float, spl
     for (job_id, _), labels in info_by_process.items():
         owners_by_job.setdefault(job_id, set()).add(labels.get("owner", ""))
     samples_by_job = {labels.get("job_id"): value for labels, value in rows(samples)}
-    loss_by_process = {(labels.get("job_id"), labels.get("instance")): value for labels, value in rows(losses)
-                       if labels.get("rank", "0") == "0"}
+    loss_by_process = last_losses(losses)
     by_job: dict[str, list[Process]] = {}
     for (job_id, _), proc in processes.items():
         by_job.setdefault(job_id, []).append(proc)
@@ -129,9 +128,20 @@ async def _fleet(client: PrometheusClient, range_seconds: float, now: float, spl
             training_seconds=rounded(timeline.training_seconds),
             total_samples=int(total) if total is not None else None,
             average_samples_per_second=rounded(ratio(total, timeline.training_seconds)),
-            final_loss=next((loss_by_process.get((job_id, instance)) for instance in latest_instance[job_id]
-                             if (job_id, instance) in info_by_process), None)))
+            final_loss=final_loss(loss_by_process, job_id, latest_instance[job_id])))
     return table, latest_instance, processes
+
+
+def last_losses(answer: list[dict]) -> dict[tuple[str, str], float | None]:
+    """Each rank-0 process's last loss (queries.fleet_loss) by (job id, instance): None where it was not finite."""
+    return {(labels.get("job_id"), labels.get("instance")): None if labels.get("nonfinite") else value
+            for labels, value in rows(answer) if labels.get("rank", "0") == "0"}
+
+
+def final_loss(losses: dict[tuple[str, str], float | None], job_id: str, instances: list[str]) -> float | None:
+    """The job's final loss, as its own analytics tell it: its newest process's that logged one (a run that failed
+    in its restore logged none), None when that last one was not finite."""
+    return next((losses[(job_id, instance)] for instance in instances if (job_id, instance) in losses), None)
 
 
 async def _add_last_seen(client: PrometheusClient, processes: dict[tuple[str, str], Process], range_seconds: float,
@@ -171,8 +181,8 @@ async def add_details(client: PrometheusClient, chosen: list[shapes.JobRow], lat
         info = by_instance.get(instance) or (infos or [{}])[0]
         for key in METADATA:
             setattr(row, key, info.get(key))
-        row.final_loss = next((value for labels, value in rows(found[f"loss_{index}"])
-                               if labels.get("instance") == instance and labels.get("rank", "0") == "0"), None)
+        row.final_loss = final_loss(last_losses(found[f"loss_{index}"]), row.job_id,
+                                    latest_instance.get(row.job_id, []))
 
 
 def filter_jobs(table: list[shapes.JobRow], status: str | None, owner: str | None, since: float | None,

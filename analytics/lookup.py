@@ -347,7 +347,10 @@ class _Lookup:
             raise JobNotFound(self.job_id)
         latest = processes[-1]
         hold_while_a_rank_runs(latest, self.any_rank_live)
-        info = next((labels for labels in self.info if labels.get("instance") == latest.instance),
+        # Its newest process's metadata that has any (the job server's entry of a job it ended has none): as the
+        # job list reads it, not whichever row came first.
+        by_instance = {labels.get("instance"): labels for labels in self.info}
+        info = next((by_instance[p.instance] for p in reversed(processes) if p.instance in by_instance),
                     self.info[0] if self.info else {})
         return JobFacts(job_id=self.job_id, info={k: v for k, v in info.items() if k not in INTERNAL_LABELS},
                         status=status_of(latest), processes=processes, timeline=timeline_of(processes, now),

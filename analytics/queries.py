@@ -563,11 +563,14 @@ def fleet_info(range_seconds: float, now: float | None = None, split: float | No
 
 def fleet_loss(range_seconds: float, now: float | None = None, split: float | None = None,
                job_id: str | None = None) -> str:
-    """Last logged training loss of every job process (of one job's); none where that was NaN or infinite
-    (trainer_loss keeps the last finite one, trainer_loss_finite says the last was not)."""
+    """Last logged training loss of every job process (of one job's); where that was NaN or infinite
+    (trainer_loss keeps the last finite one, trainer_loss_finite says the last was not), tagged nonfinite="1":
+    that process logged a loss, and it has none to report (a process that logged none is not there)."""
     loss = _fleet_last("loss", range_seconds, now, split, job_id=job_id)
     finite = _fleet_last("loss_finite", range_seconds, now, split, job_id=job_id)
-    return f"({loss}) unless on (job_id, instance, rank) (({finite}) == 0)"
+    diverged = f"({loss}) and on (job_id, instance, rank) (({finite}) == 0)"
+    return (f"({loss}) unless on (job_id, instance, rank) (({finite}) == 0) "
+            f'or label_replace({diverged}, "nonfinite", "1", "", "")')
 
 
 def fleet_details(job_ids: list[str], range_seconds: float, now: float, split: float | None) -> dict[str, str]:

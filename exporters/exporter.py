@@ -9,9 +9,10 @@ waits on /proc, psutil or NVML, so its latency is that of a small HTTP response.
 A sample that hangs (a dead network mount, a wedged driver) must neither pass for success nor freeze the
 other collectors. Once a sample has run longer than its loop's stall bound, its collector reports
 exporter_collector_success 0 and its series are dropped, and a watchdog hands the loop to a new thread that
-skips that collector until the sample returns; the stuck thread ends then. The collector is then left out of
-its loop for a while (BACKOFF_MIN_SECONDS, doubling while it stalls again), still reported as failing: a source
-whose every call hangs (a GPU fallen off the bus) stalls the loop once per backoff, not at every call.
+skips that collector until the sample returns; the stuck thread ends then. After a second stall in a row the
+collector is left out of its loop for a while (BACKOFF_MIN_SECONDS, doubling while it stalls again), reported as
+failing: a source whose every call hangs (a GPU fallen off the bus) stalls the loop once per backoff, not at every
+call.
 """
 
 import logging
@@ -33,9 +34,10 @@ log = logging.getLogger(__name__)
 STALL_INTERVALS = 5
 STALL_MIN_SECONDS = 1.0
 WATCH_SECONDS = 0.25        # how often the watchdog looks for stalled samples
-# A collector whose sample stalled is left out of its loop this long after the sample returns, doubling while it
-# stalls again (a wedged driver whose every call takes seconds froze the fast loop for the stall bound at each
-# call: host sampling stopped for a second every two).
+# A collector whose samples stalled twice in a row is left out of its loop this long after the second returns,
+# doubling while it stalls again (a wedged driver whose every call takes seconds froze the fast loop for the stall
+# bound at each call: host sampling stopped for a second every two). One stall is no pattern: a first NVML
+# initialisation may take a second or two, and its result counts.
 BACKOFF_MIN_SECONDS = 5.0
 BACKOFF_MAX_SECONDS = 60.0
 STOP_SECONDS = 2.0          # how long stop() waits for the sampler threads
@@ -69,6 +71,7 @@ class CollectorRunner:
         # A sample in progress in the background loops: (monotonic start, its thread).
         self.running: dict[str, tuple[float, threading.Thread] | None] = {"fast": None, "slow": None}
         self.stall_reported = {"fast": False, "slow": False}
+        self.stalls = {"fast": 0, "slow": 0}            # its samples in a row that stalled
         self.backoff = {"fast": 0.0, "slow": 0.0}       # seconds left out after its last stalled sample returned
         self.resume_at = {"fast": 0.0, "slow": 0.0}     # monotonic time it is sampled again
         self.generation = 0  # changes whenever a sample may have changed what collect() yields
@@ -277,9 +280,14 @@ class Exporter:
                     runner.running[part] = None
                     if runner.stall_reported[part]:
                         runner.stall_reported[part] = False
-                        self._back_off(runner, part, time.monotonic() - started)
+                        runner.stalls[part] += 1
+                        took = time.monotonic() - started
+                        if runner.stalls[part] >= 2:
+                            self._back_off(runner, part, took)
+                        else:
+                            log.warning("collector %s: %s sample returned after %.1fs", runner.name, part, took)
                     else:
-                        runner.backoff[part] = 0.0
+                        runner.stalls[part], runner.backoff[part] = 0, 0.0
                     if self._loops[part] is not me:
                         return  # the watchdog gave the loop to another thread while this one hung
             if part == "fast":
@@ -292,15 +300,15 @@ class Exporter:
                 self._slow_passed.set()
 
     def _back_off(self, runner: CollectorRunner, part: str, took: float) -> None:
-        """A stalled sample returned: leave the collector out of its loop for a while, reported as failing (its
-        series dropped, not frozen). Call with _lock held."""
+        """A second stalled sample in a row returned: leave the collector out of its loop for a while, reported as
+        failing (its series dropped, not frozen: nothing samples it). Call with _lock held."""
         runner.backoff[part] = min(BACKOFF_MAX_SECONDS, max(BACKOFF_MIN_SECONDS, 2 * runner.backoff[part]))
         runner.resume_at[part] = time.monotonic() + runner.backoff[part]
         runner.errors[part] = CollectorStalled(f"its {part} sample took {took:.1f}s: left out for "
                                                f"{runner.backoff[part]:.0f}s")
         runner.generation += 1
-        log.warning("collector %s: %s sample returned after %.1fs; left out of its loop for %.0fs", runner.name,
-                    part, took, runner.backoff[part])
+        log.warning("collector %s: %s sample returned after %.1fs, its second stall in a row: left out of its loop "
+                    "for %.0fs", runner.name, part, took, runner.backoff[part])
 
     def _watch(self) -> None:
         """Report stalled samples, and give a loop stuck in one to a new thread."""

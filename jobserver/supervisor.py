@@ -240,10 +240,16 @@ class Supervisor:
                         self.cancel_grace)
 
     def _reap(self, job_id: str, code: int | None) -> None:
-        """A run ended: forget it, and record how."""
+        """A run ended: record how, and forget it."""
         # Recorded first: a write that fails (the database locked, a full disk) leaves the run to be reaped again at
-        # the next tick, instead of forgetting it with its job `running` for good.
-        self._ended(job_id, code, job_id in self._killed)
+        # the next tick, instead of forgetting it with its job `running` for good. Once (a job no longer running
+        # has its end: decided again, with its stop request cleared, a cancel accepted after a pause came out
+        # paused), what failed after it done again.
+        job = self.store.get_job(job_id)
+        if job is None or job.state == "running":
+            self._ended(job_id, code, job_id in self._killed)
+        else:
+            self.store.remove_endpoints(job_id)
         del self.runs[job_id]
         self._cancelled_at.pop(job_id, None)
         self._killed.discard(job_id)
@@ -389,7 +395,12 @@ class Supervisor:
             return
         signalled = outcome == "paused" and job.requested == SHUTDOWN_PAUSE
         self.store.update_job(job.id, requested=outcome)
-        if not signalled and not self.executor.signal(run, outcome):
+        try:
+            sent = signalled or self.executor.signal(run, outcome)
+        except BaseException:       # nothing sent (a control file that could not be written): nor recorded
+            self.store.update_job(job.id, requested=job.requested)
+            raise
+        if not sent:
             self.store.update_job(job.id, requested=job.requested)
             raise StopRefused(f"job {job.id} is ending: cannot {STOP_VERBS[outcome]} it")
         if outcome == "cancelled":

@@ -37,9 +37,20 @@ class Distributed:
 
 
 def from_environment() -> Distributed:
-    """The rank layout torchrun gave this process (a single process without torchrun)."""
-    return Distributed(rank=int(os.environ.get("RANK", "0")), world_size=int(os.environ.get("WORLD_SIZE", "1")),
-                       local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    """The rank layout torchrun gave this process (a single process without torchrun); ValueError naming the
+    variables when they are no layout (a RANK past WORLD_SIZE: the job's rank 0 would publish nothing)."""
+    values = {}
+    for name, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+        text = os.environ.get(name, default)
+        try:
+            values[name] = int(text)
+        except ValueError:
+            raise ValueError(f"{name}={text!r} is not a whole number") from None
+    if not 0 <= values["RANK"] < values["WORLD_SIZE"]:
+        raise ValueError(f"RANK={values['RANK']} is not one of the ranks of WORLD_SIZE={values['WORLD_SIZE']}")
+    if values["LOCAL_RANK"] < 0:
+        raise ValueError(f"LOCAL_RANK={values['LOCAL_RANK']} is negative")
+    return Distributed(rank=values["RANK"], world_size=values["WORLD_SIZE"], local_rank=values["LOCAL_RANK"])
 
 
 def rank_device(ctx: Distributed, device: torch.device) -> torch.device:

@@ -955,7 +955,7 @@ class JobMetrics:
                 else:
                     self.nonfinite_losses += 1
                     if self.diagnostics.on_loss_spike is not None:     # diverged: worse than a spike
-                        self.diagnostics.on_loss_spike(self.steps, "non-finite loss")
+                        self._tell_loss_spike("non-finite loss")
             elapsed = max(now - began, 1e-9)
             throughput = (self.samples - samples_before) / elapsed
             mfu = None
@@ -1046,14 +1046,22 @@ class JobMetrics:
             yield
         finally:
             self.phases.enter(_resumed_phase(previous))
-            if name in (EVAL, CHECKPOINT):     # nor is an evaluation or a wait for rank 0's checkpoint write
+            if markable and name in (EVAL, CHECKPOINT):     # nor is an evaluation or a wait for rank 0's write
                 self._last_step_end = time.perf_counter()
 
     def _loss_spike(self, loss: float) -> None:
         log.warning("job %s: loss spike at step %d: %.4g against a running mean of %.4g", self.job_id, self.steps,
                     loss, self.spikes.mean)
         if self.diagnostics.on_loss_spike is not None:
-            self.diagnostics.on_loss_spike(self.steps, "loss spike")
+            self._tell_loss_spike("loss spike")
+
+    def _tell_loss_spike(self, what: str) -> None:
+        """The job's on_loss_spike callback: one that raises loses nothing of the interval (its on_log call, its
+        throughput), said once as any failure of the interval's figures is."""
+        try:
+            self.diagnostics.on_loss_spike(self.steps, what)
+        except Exception:
+            self._interval_failed()
 
 
 def _whole_count(value) -> int:

@@ -479,7 +479,10 @@ def run_job(config: TrainConfig, stop: StopFlag | None = None) -> int:
     except BadInput as error:
         return bad_input(config, str(error))
 
-    ranks = distributed.from_environment()
+    try:
+        ranks = distributed.from_environment()
+    except ValueError as error:
+        return bad_input(config, str(error))
     device = distributed.rank_device(ranks, device)
     total_steps = config.epochs * -(-len(dataset.train) // ranks.world_size // config.batch_size)
     progress = ProgressReporter(config, total_steps)

@@ -17,7 +17,8 @@ pytestmark = pytest.mark.slow
 STATES = ("queued", "running", "paused", "completed", "failed", "cancelled")
 
 
-def process(job_id, instance, start, end, final, info, rank="0", samples_from=0, checkpoints_from=0, loss=True):
+def process(job_id, instance, start, end, final, info, rank="0", samples_from=0, checkpoints_from=0, loss=True,
+            diverged=False):
     base = f'job_id="{job_id}",instance="{instance}",job="trainer",rank="{rank}"'
     labels = ",".join(f'{k}="{v}"' for k, v in info.items())
     times = [start + i * 10.0 for i in range(int((end - start) / 10) + 1)]
@@ -33,6 +34,7 @@ def process(job_id, instance, start, end, final, info, rank="0", samples_from=0,
                   f"trainer_heartbeat_timestamp_seconds{{{base}}} {t:.3f} {t:.3f}"]
         if loss:
             lines.append(f"trainer_loss{{{base}}} {2.0 / (1 + progress / 60):.9f} {t:.3f}")
+            lines.append(f"trainer_loss_finite{{{base}}} {int(not (diverged and last))} {t:.3f}")
         lines += [f'trainer_job_state{{{base},state="{s}"}} {int(s == (final if last else "running"))} {t:.3f}'
                   for s in STATES]
         if last:
@@ -52,6 +54,35 @@ def history(now):
                                                                           "owner": "carol"})
     lines += process("renamed-1", "h:1", now - 2000, now - 1400, "completed", {**info, "job_name": "new-name",
                                                                              "owner": "carol"}, samples_from=30000)
+    # Paused, then resumed by a process that failed in its restore (its info, state and end; no start, no loss):
+    # the paused run's loss is the job's last.
+    lines += process("restore-died", "h:3", now - 3000, now - 2400, "paused", {**info, "owner": "erin"})
+    died = 'job_id="restore-died",instance="h:4",job="trainer",rank="0"'
+    info_labels = ",".join(f'{k}="{v}"' for k, v in {**info, "owner": "erin"}.items())
+    for index, t in enumerate(now - 2300 + i * 10.0 for i in range(7)):
+        lines += [f"trainer_job_info{{{died},{info_labels}}} 1 {t:.3f}",
+                  f"trainer_process_start_timestamp_seconds{{{died}}} {now - 2305:.3f} {t:.3f}",
+                  f"trainer_heartbeat_timestamp_seconds{{{died}}} {t:.3f} {t:.3f}"]
+        lines += [f'trainer_job_state{{{died},state="{s}"}} {int(s == ("failed" if index == 6 else "queued"))} {t:.3f}'
+                  for s in STATES]
+        if index == 6:
+            lines.append(f"trainer_job_end_timestamp_seconds{{{died}}} {t:.3f} {t:.3f}")
+    # Renamed when resumed, paused again, then cancelled while paused: the job server's entry (no metadata) is its
+    # newest; its newest process's name is the job's, in both views ("a-old" came first in answers).
+    lines += process("renamed-2", "h:10", now - 3000, now - 2800, "paused", {**info, "job_name": "a-old",
+                                                                           "owner": "erin"})
+    lines += process("renamed-2", "h:11", now - 2700, now - 2500, "paused", {**info, "job_name": "b-new",
+                                                                           "owner": "erin"}, samples_from=10000)
+    server = 'job_id="renamed-2",instance="server:8000",job="server"'
+    for t in (now - 2490 + i * 10.0 for i in range(60)):
+        current = "cancelled" if t >= now - 2000 else "paused"
+        lines += [f'trainer_job_state{{{server},state="{s}"}} {int(s == current)} {t:.3f}' for s in STATES]
+        if current == "cancelled":
+            lines.append(f"trainer_job_end_timestamp_seconds{{{server}}} {now - 2000:.3f} {t:.3f}")
+    # Resumed after a pause, its last logged loss NaN: the job's final loss is none, not the paused run's.
+    lines += process("diverged-1", "h:6", now - 3000, now - 2400, "paused", {**info, "owner": "erin"})
+    lines += process("diverged-1", "h:7", now - 2000, now - 1400, "failed", {**info, "owner": "erin"},
+                     samples_from=30000, diverged=True)
     # The job server's own series for alice's job waiting in its queue (jobserver/app.py WaitingJobsCollector:
     # labels job_id and state only).
     server = 'job_id="alice-q",instance="server:8000",job="server"'
@@ -175,3 +206,21 @@ def test_a_job_cancelled_while_paused_has_its_final_loss_in_the_list(backfilled)
           "| summary top:", top["status"], top["final_loss"])
     assert row["status"] == body["status"] == "cancelled"
     assert row["final_loss"] == top["final_loss"] == body["losses"]["final"] is not None
+
+
+def test_every_row_tells_its_job_as_the_jobs_own_analytics_do(backfilled):
+    """Metadata, status and final loss: a job resumed by a process that failed in its restore (no loss: the list
+    had none), one whose last loss was NaN, one renamed and cancelled while paused."""
+    keys = {"status": "status", "job_name": "job_name", "final_loss": None, "total_samples": None}
+    with serve(Settings(prometheus_url=backfilled.url, recorded_series=False)) as client:
+        _, listed = get(client, "/api/training/analytics/jobs", range="2h")
+        for row in listed["jobs"]:
+            code, body = get(client, f"/api/training/{row['job_id']}/analytics")
+            if code != 200:
+                continue
+            own = {"status": body["status"], "job_name": body["job_name"], "final_loss": body["losses"]["final"],
+                   "total_samples": body["performance"]["total_samples"]}
+            assert {key: row[key] for key in keys} == own, row["job_id"]
+    by_id = {row["job_id"]: row for row in listed["jobs"]}
+    assert by_id["restore-died"]["final_loss"] is not None and by_id["diverged-1"]["final_loss"] is None
+    assert by_id["renamed-2"]["job_name"] == "b-new"

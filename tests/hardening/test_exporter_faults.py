@@ -225,7 +225,8 @@ class EverySampleHangs(Collector):
 
 def test_a_source_whose_every_call_hangs_stalls_the_loop_once_per_backoff():
     """Called again as soon as its stalled sample returned, it froze the fast loop for the stall bound at every
-    call: host sampling stopped for a second every two, its peaks lost. Now it is left out for a backoff."""
+    call: host sampling stopped for a second every two, its peaks lost. Now, after two stalls in a row, it is left
+    out for a backoff."""
     wedged, counting = EverySampleHangs(1.3), Counting()
     exporter = Exporter([wedged, counting], sample_interval=0.05, slow_interval=0.1).start()
     try:
@@ -235,3 +236,36 @@ def test_a_source_whose_every_call_hangs_stalls_the_loop_once_per_backoff():
         exporter.stop()
     assert wedged.calls <= 2, wedged.calls
     assert collector_ok(series, "wedged") == 0 and ("wedged_value", "") not in series
+
+
+class SlowFirstSample(Collector):
+    """A source whose first sample takes past the fast loop's stall bound and succeeds (NVML's first
+    initialisation on a host of 8 GPUs), every later one quick."""
+
+    name = "slow-start"
+    fast = True
+
+    def __init__(self):
+        self.calls = 0
+
+    def sample(self, now: float) -> None:
+        self.calls += 1
+        if self.calls == 1:
+            time.sleep(1.6)
+
+    def collect(self):
+        yield GaugeMetricFamily("slow_start_value", "Sampled.", value=1)
+
+
+def test_one_slow_sample_that_succeeded_is_no_reason_to_back_off():
+    """One stall is no pattern: the source is sampled again at once and published."""
+    source = SlowFirstSample()
+    exporter = Exporter([source], sample_interval=0.1, slow_interval=1.0).start()
+    try:
+        deadline = time.monotonic() + 4         # within the 5 s a backoff would leave it out
+        while ("slow_start_value", "") not in (series := parse(exporter.snapshot().decode())):
+            assert time.monotonic() < deadline, series
+            time.sleep(0.1)
+        assert collector_ok(series, "slow-start") == 1 and source.calls >= 2
+    finally:
+        exporter.stop()

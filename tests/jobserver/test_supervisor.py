@@ -757,3 +757,46 @@ def test_a_start_that_fails_shows_no_server_path(supervisor):
     supervisor.tick()
     job = supervisor.store.get_job("full")
     assert job.state == "failed" and DATA_DIR_SHOWN in job.error and str(supervisor.data_dir) not in job.error
+
+
+def test_a_stop_whose_signal_raised_is_not_recorded_and_its_retry_sends_it(supervisor):
+    """Recorded before the signal, a stop whose signal raised (Ray's control file on a full disk) stayed recorded
+    and unsent: the client's retry found it under way and sent nothing."""
+    job = submit(supervisor, "signal-raises")
+    time.sleep(0.3)                                     # its handlers are installed
+    send = supervisor.executor.signal
+
+    def full_disk(run, outcome):
+        raise OSError(28, "No space left on device")
+
+    supervisor.executor.signal = full_disk
+    with pytest.raises(OSError):
+        supervisor.request_stop(supervisor.store.get_job(job.id), "paused")
+    supervisor.executor.signal = send
+    assert supervisor.store.get_job(job.id).requested is None
+    supervisor.request_stop(supervisor.store.get_job(job.id), "paused")
+    assert settle(supervisor, job.id).state == "paused"
+
+
+def test_an_end_recorded_before_a_later_write_failed_is_not_decided_again(supervisor):
+    """The end's record went through, the endpoints' removal after it failed (the database locked): the next
+    tick recorded the end again, with the stop request already cleared, and a cancel accepted over a pause came
+    out `paused`, resumable."""
+    job = submit(supervisor, "pause-then-cancel")
+    time.sleep(0.3)
+    supervisor.request_stop(supervisor.store.get_job(job.id), "paused")
+    supervisor.request_stop(supervisor.store.get_job(job.id), "cancelled")
+    supervisor.runs[job.id].process.wait(timeout=10)    # its result says paused
+    remove, failed = supervisor.store.remove_endpoints, []
+
+    def locked_once(job_id, rank=None):
+        if not failed:
+            failed.append(job_id)
+            raise sqlite3.OperationalError("database is locked")
+        return remove(job_id, rank)
+
+    supervisor.store.remove_endpoints = locked_once
+    with pytest.raises(sqlite3.OperationalError):
+        supervisor.tick()
+    supervisor.tick()
+    assert (supervisor.store.get_job(job.id).state, job.id in supervisor.runs) == ("cancelled", False)

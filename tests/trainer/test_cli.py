@@ -112,6 +112,19 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(case, tmp_path, capsys)
     assert list(outputs.rglob("*")) == []
 
 
+@pytest.mark.parametrize("variables,message", [({"RANK": "1"}, "RANK=1 is not one of the ranks of WORLD_SIZE=1"),
+                                               ({"RANK": "abc", "WORLD_SIZE": "2"}, "RANK='abc' is not a whole number"),
+                                               ({"LOCAL_RANK": "-1"}, "LOCAL_RANK=-1 is negative")])
+def test_a_rank_layout_that_is_none_is_one_line_naming_it(variables, message, tmp_path, monkeypatch, capsys):
+    """A RANK past WORLD_SIZE published no lifecycle (rank 0 alone does), then was refused as a --metrics-listen
+    problem; a RANK that is no number was a traceback."""
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    code = main(["train", "--targets-dir", str(tmp_path / "t"), "--checkpoint-dir", str(tmp_path / "ck")])
+    stderr = capsys.readouterr().err
+    assert code == 2 and message in stderr and len(stderr.strip().splitlines()) == 1, stderr
+
+
 def test_metrics_port_in_use_is_bad_input(tmp_path, capsys):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

@@ -383,6 +383,8 @@ def test_a_phase_the_loop_cannot_mark_is_said_and_counts_as_compute(caplog):
                 metrics.step(loss=1.0, samples=1)
             with metrics.phase(["eval"]):
                 pass
+            with metrics.phase(np.array(["eval", "x"])):
+                pass
         lived = time.perf_counter() - began
         totals = metrics.phases.totals()
         assert sum(totals.values()) - totals["init"] <= lived + 0.01, (totals, lived)
@@ -434,17 +436,18 @@ def test_phases_after_the_end_add_no_seconds_and_an_ended_job_cannot_be_entered_
 
 def test_a_loss_spike_callback_that_raises_loses_nothing_of_the_interval():
     """The callback ran before the interval was counted: one that raised (caught) left the spike out of the loss
-    sum, count, last and minimum."""
+    sum, count, last and minimum, and the interval's on_log call and throughput out (a non-finite loss's too)."""
     def on_spike(step, what):
         raise RuntimeError(what)
 
-    metrics = started("raising-callback", log_every=1,
+    logged = []
+    metrics = started("raising-callback", log_every=1, on_log=lambda stats: logged.append(stats.step),
                       diagnostics=Diagnostics(on_loss_spike=on_spike, loss_spike_warmup=3))
-    losses = [1.0, 1.0, 1.0, 1.0, 50.0, 1.0]
+    losses = [1.0, 1.0, 1.0, 1.0, 50.0, 1.0, float("nan")]
     try:
         for loss in losses:
             metrics.step(loss=loss, samples=1)
-        assert metrics.spikes.spikes == 1
-        assert (metrics.loss_intervals, metrics.loss_sum) == (len(losses), sum(losses))
+        assert metrics.spikes.spikes == 1 and logged == [1, 2, 3, 4, 5, 6, 7]
+        assert (metrics.loss_intervals, metrics.loss_sum) == (len(losses) - 1, sum(losses[:-1]))
     finally:
         ended(metrics)
