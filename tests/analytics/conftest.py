@@ -4,6 +4,7 @@ import concurrent.futures
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +22,7 @@ import pytest
 import uvicorn
 
 from trainmetrics.analytics.app import Settings, create_app
-from trainmetrics.prometheus_process import PrometheusServer, VictoriaMetricsServer, free_port
+from trainmetrics.prometheus_process import PrometheusServer, VictoriaMetricsServer, find_binary, free_port
 
 
 @contextmanager
@@ -66,6 +67,27 @@ class CapturingTransport(httpx.MockTransport):
         if request.method == "POST":
             return dict(urllib.parse.parse_qsl(request.content.decode()))
         return dict(request.url.params)
+
+
+def as_openmetrics(lines: list[str]) -> str:
+    """Samples ("series value time" lines) as promtool's backfill takes them: each series' together, # EOF last."""
+    by_series: dict[str, list[str]] = {}
+    for line in lines:
+        by_series.setdefault(line.rsplit(" ", 2)[0], []).append(line)
+    return "\n".join(line for series in by_series.values() for line in series) + "\n# EOF\n"
+
+
+def backfilled_prometheus(work: Path, history: str) -> PrometheusServer:
+    """A Prometheus, not started and without rules, whose store holds `history` (OpenMetrics, kept in
+    work/history.om) as promtool's blocks."""
+    (work / "history.om").write_text(history)
+    subprocess.run([find_binary("promtool"), "tsdb", "create-blocks-from", "openmetrics", str(work / "history.om"),
+                    str(work / "blocks")], check=True, capture_output=True)
+    prometheus = PrometheusServer(work / "prometheus", rule_files=[])
+    prometheus.data_dir.mkdir(parents=True)
+    for block in (work / "blocks").iterdir():
+        shutil.move(str(block), prometheus.data_dir / block.name)
+    return prometheus
 
 
 def empty_vector(request: httpx.Request) -> httpx.Response:

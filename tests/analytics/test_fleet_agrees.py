@@ -1,16 +1,13 @@
 """The job list and summary against each job's own analytics, on backfilled history (promtool) read raw: the same
 owner scoping, the same metadata and final loss, on Prometheus and VictoriaMetrics alike."""
 
-import shutil
-import subprocess
 import time
 
 import pytest
 
 from trainmetrics.analytics.app import Settings
-from trainmetrics.prometheus_process import PrometheusServer, find_binary
 
-from .conftest import serve
+from .conftest import as_openmetrics, backfilled_prometheus, serve
 
 pytestmark = pytest.mark.slow
 
@@ -99,23 +96,12 @@ def history(now):
         lines.append(f"trainer_job_submitted_timestamp_seconds{{{server}}} {now - 3100:.3f} {t:.3f}")
         if current == "cancelled":
             lines.append(f"trainer_job_end_timestamp_seconds{{{server}}} {now - 1900:.3f} {t:.3f}")
-    by_series = {}
-    for line in lines:
-        by_series.setdefault(line.rsplit(" ", 2)[0], []).append(line)
-    return "\n".join(line for series in by_series.values() for line in series) + "\n# EOF\n"
+    return as_openmetrics(lines)
 
 
 @pytest.fixture(scope="module")
 def backfilled(tmp_path_factory):
-    work = tmp_path_factory.mktemp("review-backfill")
-    now = time.time() - 600
-    (work / "history.om").write_text(history(now))
-    subprocess.run([find_binary("promtool"), "tsdb", "create-blocks-from", "openmetrics", str(work / "history.om"),
-                    str(work / "blocks")], check=True, capture_output=True)
-    prometheus = PrometheusServer(work / "prometheus", rule_files=[])
-    prometheus.data_dir.mkdir(parents=True)
-    for block in (work / "blocks").iterdir():
-        shutil.move(str(block), prometheus.data_dir / block.name)
+    prometheus = backfilled_prometheus(tmp_path_factory.mktemp("fleet-agrees"), history(time.time() - 600))
     prometheus.start(timeout=60)
     try:
         yield prometheus

@@ -17,6 +17,8 @@ from trainmetrics.analytics import queries as q
 from trainmetrics.analytics.prometheus import PrometheusClient
 from trainmetrics.prometheus_process import PrometheusServer, find_binary
 
+from .conftest import as_openmetrics, backfilled_prometheus
+
 pytestmark = pytest.mark.slow
 
 RULES = Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "rules" / "analytics.rules.yml"
@@ -93,24 +95,15 @@ def history(now: float) -> str:
     lines += exporter_cpu("ranks", [(now - 2400, now - 1800)], 1.0)
     # Samples on both sides of the start of a 1-hour range read 11 minutes after `now`.
     lines += process_lines("straddle", "h:300", now + 660 - 3700, now + 660 - 3500, "completed", "bob")
-    by_series: dict[str, list[str]] = {}
-    for line in lines:
-        by_series.setdefault(line.rsplit(" ", 2)[0], []).append(line)
-    return "\n".join(line for series in by_series.values() for line in series) + "\n# EOF\n"
+    return as_openmetrics(lines)
 
 
 @pytest.fixture(scope="module")
 def backfilled(tmp_path_factory):
     work = tmp_path_factory.mktemp("recorded")
     now = time.time() - 660     # the history ends 11 minutes before the fixture starts the service
-    (work / "history.om").write_text(history(now))
+    prometheus = backfilled_prometheus(work, history(now))
     promtool = find_binary("promtool")
-    subprocess.run([promtool, "tsdb", "create-blocks-from", "openmetrics", str(work / "history.om"),
-                    str(work / "blocks")], check=True, capture_output=True)
-    prometheus = PrometheusServer(work / "prometheus", rule_files=[])
-    prometheus.data_dir.mkdir(parents=True)
-    for block in (work / "blocks").iterdir():
-        shutil.move(str(block), prometheus.data_dir / block.name)
     prometheus.start(timeout=60)
     try:
         subprocess.run([promtool, "tsdb", "create-blocks-from", "rules", "--url", prometheus.url,

@@ -42,6 +42,22 @@ def test_demo_runs_a_job_through_prometheus_and_reads_it_back(tmp_path):
     assert re.search(r"^  energy\s+(\d[\d,.]* J, [\d,.]+ samples/J|no .+)$", out, re.M), out
 
 
+def kill_all(demo: subprocess.Popen, started: list) -> None:
+    """The demo and what it started, killed if still there; its pipes closed."""
+    import psutil
+
+    for process in [demo, *started]:
+        try:
+            process.kill()
+        except (psutil.Error, ProcessLookupError):
+            pass
+    if demo.poll() is None:
+        demo.wait()
+    for pipe in (demo.stdout, demo.stderr):
+        if pipe is not None:
+            pipe.close()
+
+
 @pytest.mark.parametrize("stop,ignored_at_start", [("SIGTERM", None), ("SIGINT", "SIGINT")])
 def test_a_stop_signal_stops_the_demo_and_everything_it_started(tmp_path, stop, ignored_at_start):
     """A `kill` (or a supervisor, a closed terminal) killed the demo alone: Prometheus, the node exporter and the
@@ -75,14 +91,7 @@ def test_a_stop_signal_stops_the_demo_and_everything_it_started(tmp_path, stop, 
         assert alive == [], [p.cmdline() for p in alive]
         assert list(tmp_path.iterdir()) == []
     finally:
-        for process in [demo, *started]:
-            try:
-                process.kill()
-            except (psutil.Error, ProcessLookupError):
-                pass
-        if demo.poll() is None:
-            demo.wait()
-        demo.stdout.close()
+        kill_all(demo, started)
 
 
 def test_a_wrong_prometheus_bin_is_one_line_and_leaves_no_work_dir(tmp_path):
@@ -143,11 +152,4 @@ def test_a_demo_whose_reader_quit_stops_everything_it_started_without_a_tracebac
         assert psutil.wait_procs(started, timeout=10)[1] == []
         assert list(tmp_path.glob("trainmetrics-demo-*")) == []        # its work dir (torch may leave a cache)
     finally:
-        for process in [demo, *started]:
-            try:
-                process.kill()
-            except (psutil.Error, ProcessLookupError):
-                pass
-        if demo.poll() is None:
-            demo.wait()
-        demo.stderr.close()
+        kill_all(demo, started)
