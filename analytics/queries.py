@@ -682,10 +682,17 @@ def _recorded_window_increase(counter: str) -> str:
             f"/ {{seconds}} or vector(0)")
 
 
+def _ended_in_window(end: str, start: str) -> str:
+    """Jobs whose training ended in the window (a process that started training): one shorter than a scrape
+    interval is scraped queued, then ended, never running."""
+    return (f"max by (job_id) ((max_over_time({end}[{{window}}]) > time() - {{seconds}}) "
+            f"and on (job_id, instance) max_over_time({start}[{{window}}]))")
+
+
 TRENDS = {
     # Jobs, not processes: a job killed and resumed within one step ran as two processes in it.
-    "running_jobs": (f'count((max by (job_id) (max_over_time({Trainer.JOB_STATE}{{state="running"}}[{{window}}])) == 1)'
-                     "{owned}) or vector(0)"),
+    "running_jobs": (f'count(((max by (job_id) (max_over_time({Trainer.JOB_STATE}{{state="running"}}[{{window}}])) '
+                     f'== 1) or {_ended_in_window(RAW["end"], RAW["start"])}){{owned}}) or vector(0)'),
     "samples_per_second": _raw_window_increase(Trainer.SAMPLES),
     "host_cpu_utilization_ratio": f"avg(avg_over_time({Node.CPU_UTILIZATION}[{{window}}]))",
     "host_memory_used_bytes": f'sum(avg_over_time({Node.MEMORY_USAGE}{{state="used"}}[{{window}}]))',
@@ -695,8 +702,8 @@ TRENDS = {
 # counts as running at a point when a recording in the step saw "running" as its last state (up to one rule
 # window after its last raw sample), and throughput counts the per-minute recorded sample counts as above.
 RECORDED_TRENDS = {
-    "running_jobs": (f'count(max by (job_id) (max_over_time({RECORDED["state"]}{{state="running"}}[{{window}}]))'
-                     "{owned}) or vector(0)"),
+    "running_jobs": (f'count((max by (job_id) (max_over_time({RECORDED["state"]}{{state="running"}}[{{window}}])) '
+                     f'or {_ended_in_window(RECORDED["end"], RECORDED["start"])}){{owned}}) or vector(0)'),
     "samples_per_second": _recorded_window_increase(RECORDED["samples"]),
 }
 

@@ -344,3 +344,17 @@ def test_a_resumed_run_killed_in_its_init_is_init_in_the_ledger(odd_runs, tmp_pa
     # Its init in init (the two other runs' inits are seconds each too): paused only between the processes.
     assert seconds["init"] >= killed_life and seconds["lost"] == 0, (seconds, killed_life)
     assert seconds["paused"] < goodput["wall_clock_seconds"] - killed_life
+
+
+def test_a_job_shorter_than_a_scrape_counts_as_running_in_its_step(odd_runs):
+    """Scraped `queued` (its wait for a first scrape), then `completed`: never `running`, so the summary's
+    running_jobs trend missed it, where a job shorter than a step still shows."""
+    prometheus, _ = odd_runs
+    run = finish("tiny-1", start_job("tiny-1", prometheus.targets_dir, "--owner", "tiny", "--model", "mlp",
+                                     "--dataset", "blobs", "--epochs", "1", "--batch-size", "256"))
+    assert run.summary["state"] == "completed"
+    prometheus.wait_for('last_over_time(trainer_job_end_timestamp_seconds{job_id="tiny-1"}[5m])', timeout=30)
+    with serve(Settings(prometheus_url=prometheus.url)) as client:
+        body = client.get("/api/training/analytics/summary", params={"range": "2m", "step": "10s",
+                                                                     "owner": "tiny"}).json()
+    assert body["total_jobs"] == 1 and body["resource_trends"]["series"]["running_jobs"]["peak"] == 1

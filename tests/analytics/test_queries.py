@@ -162,7 +162,7 @@ def test_fleet_reads_raw_series_only_without_a_split():
     split_parts = q.fleet_start(86400, 1e6, 1e6 - 80000)
     assert q.RECORDED["start"] in split_parts and "@ 920000.000" in split_parts
     assert set(q.fleet_state(86400, 1e6, 1e6 - 80000)) == {"recent", "recorded", "older"}
-    assert q.trend("running_jobs", 600, recorded=True).startswith(f"count(max by (job_id) (max_over_time({q.RECORDED['state']}")
+    assert q.trend("running_jobs", 600, recorded=True).startswith(f"count((max by (job_id) (max_over_time({q.RECORDED['state']}")
     assert q.trend("host_cpu_utilization_ratio", 600, recorded=True) == q.trend("host_cpu_utilization_ratio", 600)
 
 

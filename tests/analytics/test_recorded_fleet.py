@@ -205,20 +205,25 @@ def test_summary_agrees_apart_from_its_trends(backfilled):
 
 
 def running_samples(history: Path) -> dict[str, list[float]]:
-    """From the backfilled history itself: per job id, the times of its samples whose state was running."""
+    """From the backfilled history itself: per job id, the times of its samples whose state was running, and the
+    ends of its trainers' runs (a run shorter than a scrape is never scraped running)."""
     times: dict[str, list[float]] = {}
     for line in history.read_text().splitlines():
-        if line.startswith("trainer_job_state{") and 'state="running"' in line:
-            labels, value, at = line.rsplit(" ", 2)
-            if value == "1":
-                times.setdefault(labels.split('job_id="')[1].split('"')[0], []).append(float(at))
+        if line.startswith("#"):
+            continue
+        labels, value, at = line.rsplit(" ", 2)
+        job_id = labels.split('job_id="')[1].split('"')[0] if 'job_id="' in labels else None
+        if line.startswith("trainer_job_state{") and 'state="running"' in line and value == "1":
+            times.setdefault(job_id, []).append(float(at))
+        elif line.startswith("trainer_job_end_timestamp_seconds{") and 'job="trainer"' in labels:
+            times.setdefault(job_id, []).append(float(value))
     return times
 
 
 def test_running_jobs_counts_jobs_not_their_processes(backfilled):
     """The trend counted processes: a job killed and resumed within one step (two processes running in it),
     or a job whose every rank publishes a state, counted twice. Each point must be the jobs with a running
-    sample in the step it covers, as the history says."""
+    sample in the step it covers, or a run that ended in it, as the history says."""
     async def run():
         client = PrometheusClient(backfilled.url)
         try:
