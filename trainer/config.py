@@ -4,10 +4,11 @@ arguments the job server builds cannot drift apart."""
 
 import argparse
 import os
+import re
 from dataclasses import field, fields, make_dataclass
 from pathlib import Path
 
-from trainmetrics.contract import TRAIN_OPTIONS, Option, new_job_id
+from trainmetrics.contract import TRAIN_OPTIONS, Option, new_job_id, validate_job_id
 
 
 def _check(self) -> None:
@@ -53,12 +54,26 @@ def configure(parser: argparse.ArgumentParser) -> None:
                                help=help_text, metavar=option.name.upper())
 
 
+def made_up_job_id(environ=os.environ) -> str:
+    """The job id of a run given none: a fresh one, or under torchrun (WORLD_SIZE over 1) the one its rendezvous
+    run id gives, which every rank shares (each rank made up its own: one job showed as several, its rank 1 with
+    no state of its own). A layout with no run id gets a fresh one per rank: the runner refuses it."""
+    run_id = environ.get("TORCHELASTIC_RUN_ID", "")
+    if environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1") and run_id and run_id != "none":
+        shared = "job-" + re.sub(r"[^A-Za-z0-9._-]", "-", run_id)[:60]
+        try:
+            return validate_job_id(shared)
+        except ValueError:
+            pass
+    return new_job_id()
+
+
 def from_args(args: argparse.Namespace) -> "TrainConfig":
     """A TrainConfig from parsed arguments (a fresh job id when none was given)."""
     names = {f.name for f in fields(TrainConfig)}
     values = {name: getattr(args, name) for name in names if hasattr(args, name)}
     made_up = not values.get("job_id")
-    values["job_id"] = values.get("job_id") or new_job_id()
+    values["job_id"] = values.get("job_id") or made_up_job_id()
     config = TrainConfig(**values)
     config.job_id_made_up = made_up
     return config

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from trainmetrics.command import parse_listen
+
 # Ranks agree on a stop request every this many steps: a collective per step would cost ~0.1 ms each.
 STOP_CHECK_EVERY = 10
 _OUTCOME_CODES = {None: 0, "paused": 1, "cancelled": 2}     # MAX across ranks: cancel beats pause
@@ -51,6 +53,19 @@ def from_environment() -> Distributed:
     if values["LOCAL_RANK"] < 0:
         raise ValueError(f"LOCAL_RANK={values['LOCAL_RANK']} is negative")
     return Distributed(rank=values["RANK"], world_size=values["WORLD_SIZE"], local_rank=values["LOCAL_RANK"])
+
+
+def rank_listen(listen: str, local_rank: int) -> str:
+    """The address a rank serves /metrics on: a fixed port is local rank 0's, each next local rank's the port after
+    it (every rank bound the one port: all but one failed, and the others hung in the process group's start until
+    torchrun killed them, their file_sd targets left behind); port 0 stays (a free one each)."""
+    host, port = parse_listen(listen)
+    if port == 0 or local_rank == 0:
+        return listen
+    if port + local_rank > 65535:
+        raise ValueError(f"--metrics-listen {listen}: local rank {local_rank} would serve on port "
+                         f"{port + local_rank}, past 65535")
+    return f"[{host}]:{port + local_rank}" if ":" in host else f"{host}:{port + local_rank}"
 
 
 def rank_device(ctx: Distributed, device: torch.device) -> torch.device:

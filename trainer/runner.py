@@ -25,10 +25,10 @@ from trainmetrics.jobmap import host_gpu
 from trainmetrics.trainer import distributed, faults
 from trainmetrics.trainer.checkpoint import (FINAL_MODEL_NAME, atomic_save, ensure_writable_dir, list_checkpoints,
                                              load_latest, save_checkpoint)
-from trainmetrics.trainer.config import TrainConfig
+from trainmetrics.trainer.config import TrainConfig, made_up_job_id
 from trainmetrics.trainer.data import Dataset, load_dataset
 from trainmetrics.trainer.metrics import Diagnostics, IntervalStats, JobInfo, JobMetrics
-from trainmetrics.trainer.phases import CHECKPOINT, EVAL, OPTIMIZER
+from trainmetrics.trainer.phases import CHECKPOINT, COLLECTIVE, EVAL, OPTIMIZER
 from trainmetrics.trainer.models import ModelError, build_model, device_peak_flops
 from trainmetrics.trainer.outcome import Outcome, bad_input
 from trainmetrics.trainer.stopping import StopFlag
@@ -164,7 +164,8 @@ class Trainer:
         self.metrics.end_interval()
         if self.spike_keeps_the_last_checkpoint():
             return False
-        metrics_by_rank = distributed.gather_objects(self.dist, self.metrics.state_dict())
+        with self.metrics.phase(COLLECTIVE):        # a rank waiting here for a stuck peer is in a collective
+            metrics_by_rank = distributed.gather_objects(self.dist, self.metrics.state_dict())
 
         def write() -> None:
             with self.metrics.checkpoint():
@@ -180,14 +181,23 @@ class Trainer:
         """Whether a rank stops for a loss spike without a new checkpoint; every rank learns it here (each must
         write its part of a checkpoint or none), and takes the stop."""
         if self.dist.enabled and self.config.on_loss_spike == "pause":
+            self.agree_on_stop()
+        return self.stop.keep_last_checkpoint
+
+    def agree_on_stop(self) -> str | None:
+        """Every rank's stop at this step: the strongest any rank asked for, a loss spike on any rank keeping the
+        last checkpoint (and being the job's reason: it was lost on the ranks that stopped for another's spike
+        at the regular stop check). Waited for as `collective`: a rank waiting here for a stuck peer showed
+        `compute`, and TrainerRankStuck, which looks for the ranks in `collective`, named no one."""
+        with self.metrics.phase(COLLECTIVE):
             outcome, keeping_rank = distributed.agree_on_stop(self.dist, self.stop.outcome,
                                                               self.stop.keep_last_checkpoint)
-            if keeping_rank is not None and not self.stop.keep_last_checkpoint:
+        if keeping_rank is not None:
+            if not self.stop.keep_last_checkpoint:
                 self.stop.keep_last_checkpoint = True
                 self.stop.reason = f"loss spike on rank {keeping_rank}"
-            if keeping_rank is not None:
-                self.stop.outcome = outcome
-        return self.stop.keep_last_checkpoint
+            self.stop.outcome = outcome
+        return outcome
 
     def on_rank_0(self, work: Callable[[], None], phase: str) -> None:
         """Rank 0 does `work`; the other ranks wait for it at a barrier, in `phase`. Without the barrier they
@@ -312,11 +322,7 @@ class Trainer:
             return self.stop.outcome
         if self.metrics.steps % distributed.STOP_CHECK_EVERY and not checkpoint_due:
             return None
-        outcome, keeping_rank = distributed.agree_on_stop(self.dist, self.stop.outcome, self.stop.keep_last_checkpoint)
-        if keeping_rank is not None and not self.stop.keep_last_checkpoint:    # another rank's loss spike
-            self.stop.keep_last_checkpoint = True
-            self.stop.reason = f"loss spike on rank {keeping_rank}"
-        return outcome
+        return self.agree_on_stop()
 
     def evaluation_due(self, step: int) -> bool:
         """True when --eval-every evaluates after `step`. The evaluation at an epoch's end is skipped then: it
@@ -483,6 +489,9 @@ def run_job(config: TrainConfig, stop: StopFlag | None = None) -> int:
         ranks = distributed.from_environment()
     except ValueError as error:
         return bad_input(config, str(error))
+    if ranks.enabled and config.job_id_made_up and config.job_id != made_up_job_id():     # not the ranks' shared one
+        return bad_input(config, "--job-id: a job of several processes needs one (its ranks cannot agree on a "
+                                 "made-up one without torchrun's run id)")
     device = distributed.rank_device(ranks, device)
     total_steps = config.epochs * -(-len(dataset.train) // ranks.world_size // config.batch_size)
     progress = ProgressReporter(config, total_steps)
@@ -495,7 +504,8 @@ def run_job(config: TrainConfig, stop: StopFlag | None = None) -> int:
                     device=str(device), rank=ranks.rank, world_size=ranks.world_size,
                     upload_seconds=config.upload_seconds if config.upload_seconds is not None else load_seconds,
                     submitted_at=config.submitted_at),
-            Publish(listen=config.metrics_listen, targets_dir=config.targets_dir, job_dir=config.job_dir,
+            Publish(listen=distributed.rank_listen(config.metrics_listen, ranks.local_rank),
+                    targets_dir=config.targets_dir, job_dir=config.job_dir,
                     gpus=physical_gpus(device), linger_timeout=config.linger_timeout,
                     web_config=web_config, register_url=config.register_url),
             log_every=config.log_every, on_log=progress, resuming=config.resume, flops_per_sample=model.flops_per_sample(),

@@ -340,7 +340,8 @@ TRAIN_OPTIONS: tuple[Option, ...] = (
     # telemetry
     Option("log_every", int, 50, "steps per log interval (loss read, log line, MFU)", "telemetry", minimum=1,
            maximum=MAX_COUNT),
-    Option("metrics_listen", str, "127.0.0.1:0", "HOST:PORT to serve /metrics on (port 0: a free one)",
+    Option("metrics_listen", str, "127.0.0.1:0", "HOST:PORT to serve /metrics on (port 0: a free one; a fixed "
+           "port is local rank 0's, each next local rank's the port after)",
            "telemetry", api=_SERVER_SETS),
     Option("targets_dir", Path, None, "Prometheus file_sd directory to announce the job in (default: not "
            "announced)", "telemetry", api="never passed: Prometheus finds the job server's jobs through GET "

@@ -319,3 +319,35 @@ def test_a_resume_without_a_job_id_continues_the_runs_checkpoints(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"resumed at step {steps} (epoch 1, batch 0)" in resumed.stderr
     assert parse_summary(resumed.stdout)["steps"] == 2 * steps
+
+
+def test_the_ranks_of_a_torchrun_job_given_no_job_id_share_one():
+    """Each rank made up its own: one job showed as two, rank 1's with no state of its own (rank 0 alone publishes
+    the job's) and half the samples on rank 0's."""
+    from trainmetrics.trainer.config import made_up_job_id
+
+    ranks = [{"WORLD_SIZE": "2", "RANK": rank, "TORCHELASTIC_RUN_ID": "5f1c7e0a-93b2-4c1e-8a44-0c8e1f2b3d4e"}
+             for rank in ("0", "1")]
+    assert made_up_job_id(ranks[0]) == made_up_job_id(ranks[1]) == "job-5f1c7e0a-93b2-4c1e-8a44-0c8e1f2b3d4e"
+    assert made_up_job_id({}) != made_up_job_id({})          # one process: a fresh one each time
+
+
+def test_several_processes_without_a_shared_job_id_are_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    code = main(["train", "--targets-dir", str(tmp_path / "t"), "--checkpoint-dir", str(tmp_path / "ck")])
+    stderr = capsys.readouterr().err
+    assert code == 2 and "--job-id: a job of several processes needs one" in stderr, stderr
+
+
+def test_a_fixed_metrics_port_is_local_rank_0s_and_the_next_ranks_take_the_ports_after():
+    """Every rank bound the one port: one failed at once, the other hung in the process group's start until
+    torchrun killed it, its file_sd target left behind."""
+    from trainmetrics.trainer.distributed import rank_listen
+
+    assert [rank_listen("127.0.0.1:9400", rank) for rank in (0, 1, 2)] == \
+        ["127.0.0.1:9400", "127.0.0.1:9401", "127.0.0.1:9402"]
+    assert rank_listen("[::1]:9400", 1) == "[::1]:9401" and rank_listen("0.0.0.0:0", 3) == "0.0.0.0:0"
+    with pytest.raises(ValueError, match="past 65535"):
+        rank_listen("127.0.0.1:65535", 1)

@@ -108,7 +108,7 @@ def test_analytics_treat_the_ranks_as_one_job(finished_ddp_job, analytics_get):
 
 
 @pytest.mark.parametrize("spiking_rank,step,log_every,checkpoint_every,kept",
-                         [(0, 81, 5, 10, 80), (1, 100, 7, 0, 50)])
+                         [(0, 81, 5, 10, 80), (1, 100, 7, 0, 50), (1, 81, 5, 0, 50)])
 def test_a_loss_spike_on_one_rank_pauses_every_rank_without_a_checkpoint_after_it(tmp_path, spiking_rank, step,
                                                                                    log_every, checkpoint_every, kept):
     """The rank that sees the spike keeps the last checkpoint; the others must agree, or rank 0 would write one
@@ -117,7 +117,9 @@ def test_a_loss_spike_on_one_rank_pauses_every_rank_without_a_checkpoint_after_i
     the ranks agree at step 90, before the checkpoint due then. With checkpoints at each epoch's end (50
     steps) and intervals of 7 (57, 64 ... 99), rank 1's spike at step 100 is found when the epoch's
     checkpoint ends its interval (100..100): that checkpoint was written after it (the ranks did not agree
-    before it)."""
+    before it). Rank 1's spike at step 81 (interval 81..85) is agreed on at the regular stop check of step 90:
+    rank 0, which writes the job's result, stopped for it without taking the stop as its own, and the job's
+    reason was null."""
     env = {**os.environ, "TRAINMETRICS_FAULTS": json.dumps(
         {"corrupt_batch": {"rank": spiking_rank, "step": step, "scale": 1000}})}
     result, summaries = run_two_ranks(
@@ -187,3 +189,30 @@ def test_a_ranks_own_backward_is_compute_not_the_all_reduce():
     assert result.returncode == 0, result.stderr[-3000:]
     phases = result.stdout.split()
     assert len(phases) >= 3 and set(phases) == {"compute"}, phases
+
+
+def test_the_ranks_wait_at_the_stop_check_as_collective(monkeypatch):
+    """A rank waiting at the every-10-steps stop check for a stuck peer showed `compute`: TrainerRankStuck, which
+    looks for the ranks in `collective`, named no one."""
+    from types import SimpleNamespace
+
+    from trainmetrics.trainer import distributed
+    from trainmetrics.trainer.metrics import JobMetrics
+    from trainmetrics.trainer.runner import Trainer
+    from trainmetrics.trainer.stopping import StopFlag
+
+    metrics, seen = JobMetrics("stop-check"), []
+
+    def waiting(ctx, outcome, keep):      # the peer is stuck: what this rank shows while it waits
+        seen.append(metrics.phases.phase)
+        return "paused", 1
+
+    monkeypatch.setattr(distributed, "agree_on_stop", waiting)
+    trainer = SimpleNamespace(metrics=metrics, dist=SimpleNamespace(enabled=True), stop=StopFlag())
+    try:
+        metrics.start()
+        assert Trainer.agree_on_stop(trainer) == "paused"
+        assert seen == ["collective"] and metrics.phases.phase == "compute"
+        assert (trainer.stop.outcome, trainer.stop.reason) == ("paused", "loss spike on rank 1")
+    finally:
+        metrics.close()
