@@ -67,6 +67,15 @@ class _Run:
         """The seconds it took over from the checkpoint it resumed from."""
         return self.total - self.life
 
+    @property
+    def resumed(self) -> bool:
+        """It took a checkpoint over: it counts more checkpoints than it wrote; without those counts, it carried
+        seconds in (its totals and its life are read from two clocks a scrape apart: a fresh one carries
+        microseconds, and a run resumed from a checkpoint taken within a second of its job's start looks fresh)."""
+        if self.counted is not None and self.wrote is not None:
+            return self.counted > self.wrote
+        return self.carried > CARRIED_TOLERANCE_SECONDS
+
 
 def ledger(facts: JobFacts, found: dict[str, list[dict]]) -> shapes.Goodput:
     """The job's goodput block from its facts and its processes' last values (queries.job_totals)."""
@@ -102,16 +111,14 @@ def ledger(facts: JobFacts, found: dict[str, list[dict]]) -> shapes.Goodput:
     thrown_setup = dict.fromkeys(SETUP_PHASES, 0.0)
     for run, after in zip(runs, runs[1:]):
         after_snapshot = max(0.0, run.total - after.carried)
-        # Started afresh: the whole run was thrown away... (A running or killed successor's heartbeat is read a
-        # little before its totals in a scrape: what it carried is then a few microseconds, not 0.)
-        if after.carried <= CARRIED_TOLERANCE_SECONDS:
+        if not after.resumed:                      # started afresh: the whole run was thrown away...
             setup = {name: run.totals.get(name, 0.0) for name in SETUP_PHASES}
             for name, value in setup.items():      # ...but its setup was setup (a run paused in its init)
                 thrown_setup[name] += value
             lost += max(0.0, after_snapshot - sum(setup.values()))
         elif not run.trained:      # stopped or killed in its init or restore: no step, nothing trained to lose
             thrown_setup["init"] += after_snapshot
-        elif run.carried > CARRIED_TOLERANCE_SECONDS and run.wrote == 0:
+        elif run.resumed and run.wrote == 0:
             # Resumed, and gone before it wrote a checkpoint of its own (killed, failed, or paused on a loss spike
             # again: the same batch, the same weights): its successor resumed from the checkpoint it did, so all
             # it trained was thrown away, its time up to its training start (init, restore) staying setup.
@@ -140,7 +147,7 @@ def ledger(facts: JobFacts, found: dict[str, list[dict]]) -> shapes.Goodput:
     wall = end - began
     # The first run Prometheus holds took time over from a checkpoint: earlier runs are gone from it (retention,
     # a wiped store). Their queued, paused and lost time is not known: left unaccounted, not called queued.
-    earlier_runs_gone = runs[0].carried > CARRIED_TOLERANCE_SECONDS
+    earlier_runs_gone = runs[0].resumed
     step_parts = {part: final.get(part, 0.0) for part in STEP_PHASES}
     seconds = {"queued": 0.0 if earlier_runs_gone else runs[0].started - began,
                "init": final.get("init", 0.0) + thrown_setup["init"],

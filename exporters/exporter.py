@@ -278,10 +278,11 @@ class Exporter:
                 with self._lock:
                     started = runner.running[part][0]
                     runner.running[part] = None
-                    if runner.stall_reported[part]:
+                    took = time.monotonic() - started
+                    # Stalled: past its bound (the watchdog, which looks 4 times a second, may not have seen it).
+                    if runner.stall_reported[part] or took > self.stall_after[part]:
                         runner.stall_reported[part] = False
                         runner.stalls[part] += 1
-                        took = time.monotonic() - started
                         if runner.stalls[part] >= 2:
                             self._back_off(runner, part, took)
                         else:

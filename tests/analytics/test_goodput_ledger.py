@@ -139,6 +139,25 @@ def test_a_resumed_run_gone_before_its_own_first_checkpoint_loses_what_it_traine
     assert body.wall_clock_seconds == 100.0 and body.unaccounted_seconds == 0
 
 
+def test_runs_shorter_than_a_second_are_told_resumed_by_their_checkpoint_counts():
+    """The same spike paused twice, in runs of tenths of a second (a small job; runs in one process): what a
+    resumed run carried in was under the second that told a fresh start by its seconds, so its predecessor's
+    steps were its setup and the spike-paused run's checkpoint time: nothing lost. A run counting more
+    checkpoints than it wrote resumed, whatever it carried."""
+    a = {"init": 0.02, "compute": 0.2, "data_wait": 0.03, "checkpoint": 0.05}                    # 0.30: its life
+    b = {"init": 0.04, "restore": 0.01, "compute": 0.20, "data_wait": 0.028, "checkpoint": 0.02}  # 0.198 + 0.10
+    c = {"init": 0.04, "restore": 0.01, "compute": 0.36, "data_wait": 0.058, "checkpoint": 0.03}  # 0.198 + 0.30
+    body = ledger(facts(Process("a", start=100.02, end=100.30, state="paused", written=2.0, checkpoints=2.0),
+                        Process("b", start=100.43, end=100.50, state="paused", written=0.0, checkpoints=2.0),
+                        Process("c", start=100.63, end=100.90, state="completed", written=1.0, checkpoints=3.0)),
+                  found({"a": (100.0, a), "b": (100.40, b), "c": (100.60, c)}, submitted=99.9,
+                        checkpointed={"a": 0.20}))
+    assert body.seconds == pytest.approx({"queued": 0.1, "init": 0.07, "restore": 0.01, "step": 0.36,
+                                          "data_wait": 0.058, "eval": 0.0, "checkpoint": 0.032, "paused": 0.2,
+                                          "lost": 0.17}, abs=1e-6)
+    assert body.unaccounted_seconds == 0 and body.unavailable_reason is None
+
+
 @pytest.mark.parametrize("live", [True, False])
 def test_a_fresh_successor_read_while_it_runs_or_after_a_kill_is_a_fresh_start(live):
     """Run a (100-110: 6 s of init) trained 4 s and paused on a loss spike before its first checkpoint; run b
