@@ -35,7 +35,8 @@ from trainmetrics.jobserver.jobs import JobService, ServerSettings
 from trainmetrics.jobserver.store import DATABASE_NAME, JobStore
 from trainmetrics.jobserver.supervisor import Supervisor
 from trainmetrics.jobserver.uploads import (CONCURRENT_INSPECTIONS, check_upload_request,
-                                            discard_unfinished_uploads, receive_dataset)
+                                            discard_unfinished_uploads, discard_unrecorded_datasets,
+                                            receive_dataset)
 
 log = logging.getLogger("trainmetrics.server")
 
@@ -105,6 +106,7 @@ class JobServer:
 
         def open_service() -> JobService:
             store = JobStore(data_dir / DATABASE_NAME)
+            discard_unrecorded_datasets(data_dir / "datasets", {Path(d.path).name for d in store.list_datasets(None)})
             executor = build_executor(settings.executor, settings.ray_address, settings.ray_python)
             supervisor = Supervisor(store, data_dir, settings.job_dir, settings.max_concurrent,
                                     settings.linger_timeout, executor=executor, advertise_url=settings.advertise_url)

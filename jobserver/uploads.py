@@ -2,6 +2,7 @@
 numpy readers the trainer uses (trainmetrics.datafiles, no torch), then moved into place."""
 
 import contextlib
+import logging
 import os
 import re
 import secrets
@@ -31,6 +32,8 @@ WRITE_BATCH_BYTES = 1 << 20
 # Uploads a server checks at once: each check holds its dataset in memory (up to a few times the upload
 # limit; the thread pool's 40 at once could take tens of GB), the others wait their turn.
 CONCURRENT_INSPECTIONS = 2
+
+log = logging.getLogger("trainmetrics.server")
 
 
 def check_upload_request(request: Request, max_bytes: int) -> tuple[str, str | None]:
@@ -65,6 +68,17 @@ def discard_unfinished_uploads(datasets_dir: Path) -> None:
     for leftover in datasets_dir.glob(f"{UPLOAD_PREFIX}*"):
         with contextlib.suppress(OSError):
             leftover.unlink()
+
+
+def discard_unrecorded_datasets(datasets_dir: Path, recorded: set[str]) -> None:
+    """Remove the dataset files no record names (by file name): an upload's file is moved into place, then
+    recorded, and a server killed between the two (or a record that failed) left it for good, listed nowhere.
+    At the start, as discard_unfinished_uploads."""
+    for leftover in datasets_dir.glob("ds-*"):
+        if leftover.name not in recorded:
+            log.warning("dataset file %s has no record (its upload was never recorded): removed", leftover.name)
+            with contextlib.suppress(OSError):
+                leftover.unlink()
 
 
 async def receive_dataset(request: Request, name: str, target: str | None, datasets_dir: Path,

@@ -643,3 +643,29 @@ def test_a_job_learns_the_target_column_its_upload_named_unless_its_spec_names_a
             assert f"the file of dataset {dataset} is gone" in gone.json()["error"]["message"]
     finally:
         server.stop()
+
+
+def test_a_dataset_file_no_record_names_is_removed_at_the_start(tmp_path):
+    """An upload's file is moved into place, then recorded: a server killed between the two left the file for good,
+    listed nowhere. The next start removes it; a recorded dataset stays."""
+    from trainmetrics.prometheus_process import free_port
+
+    from .server_process import Server
+
+    server = Server(tmp_path, extra=("--prometheus-url", f"http://127.0.0.1:{free_port()}"))
+    server.data_dir.mkdir(exist_ok=True)
+    server.start()
+    try:
+        kept = server.client().post("/api/training/datasets", params={"name": "kept.csv"},
+                                    content=b"a,b,label\n1,2,0\n3,4,1\n5,6,0\n7,8,1\n").json()
+    finally:
+        server.stop()
+    orphan = tmp_path / "datasets" / "ds-0123456789ab.csv"
+    orphan.write_bytes(b"a,b,label\n1,2,0\n")
+    server.start()
+    try:
+        listed = [d["dataset_id"] for d in server.client().get("/api/training/datasets").json()["datasets"]]
+    finally:
+        server.stop()
+    assert listed == [kept["dataset_id"]] and not orphan.exists()
+    assert [p.name for p in (tmp_path / "datasets").glob("ds-*")] == [f"{kept['dataset_id']}.csv"]
