@@ -764,15 +764,17 @@ def test_a_data_loader_iterated_in_a_marked_phase_is_that_phases_time():
 
     try:
         metrics.start()
+        began = time.perf_counter()
         with metrics.phase("eval"):
             for _ in metrics.timed(loader()):
                 assert metrics.phases.phase == "eval"
                 time.sleep(0.03)
+        took = time.perf_counter() - began          # the sleeps' 0.18 s, and what a busy host adds to them
         assert metrics.phases.phase == "compute"
         totals = metrics.phases.totals()
     finally:
         metrics.close()
-    assert totals["eval"] == pytest.approx(0.18, abs=0.03)
+    assert totals["eval"] == pytest.approx(took, abs=0.01) and took >= 0.18
     assert totals["data_wait"] == 0 and metrics.data_waits.count == 0 and totals["compute"] < 0.03
 
 
