@@ -131,13 +131,18 @@ def test_owner_scoping_of_the_job_list_matches_the_jobs_own(backfilled):
             assert rows == [] and "shared-1" not in top, owner
 
 
-def test_job_list_and_summary_metadata_are_the_newest_process_s(backfilled):
+def three_views(backfilled, job_id: str) -> tuple[dict, dict, dict]:
+    """The job's own analytics, its job list row and its summary's top-jobs row."""
     with serve(Settings(prometheus_url=backfilled.url, recorded_series=False)) as client:
-        _, body = get(client, "/api/training/renamed-1/analytics")
+        _, body = get(client, f"/api/training/{job_id}/analytics")
         _, listed = get(client, "/api/training/analytics/jobs", range="2h")
         _, summary = get(client, "/api/training/analytics/summary", range="2h")
-    row = next(r for r in listed["jobs"] if r["job_id"] == "renamed-1")
-    top = next(r for r in summary["top_performing_jobs"] if r["job_id"] == "renamed-1")
+    return (body, next(r for r in listed["jobs"] if r["job_id"] == job_id),
+            next(r for r in summary["top_performing_jobs"] if r["job_id"] == job_id))
+
+
+def test_job_list_and_summary_metadata_are_the_newest_process_s(backfilled):
+    body, row, top = three_views(backfilled, "renamed-1")
     print("analytics:", body["job_name"], "| job list:", row["job_name"], "| summary top:", top["job_name"])
     assert row["job_name"] == top["job_name"] == body["job_name"]
 
@@ -182,12 +187,7 @@ def test_both_backends_list_the_same_jobs(backfilled, victoria):
 
 
 def test_a_job_cancelled_while_paused_has_its_final_loss_in_the_list(backfilled):
-    with serve(Settings(prometheus_url=backfilled.url, recorded_series=False)) as client:
-        _, body = get(client, "/api/training/pc-1/analytics")
-        _, listed = get(client, "/api/training/analytics/jobs", range="2h")
-        _, summary = get(client, "/api/training/analytics/summary", range="2h")
-    row = next(r for r in listed["jobs"] if r["job_id"] == "pc-1")
-    top = next(r for r in summary["top_performing_jobs"] if r["job_id"] == "pc-1")
+    body, row, top = three_views(backfilled, "pc-1")
     print("analytics:", body["status"], body["losses"]["final"], "| job list:", row["status"], row["final_loss"],
           "| summary top:", top["status"], top["final_loss"])
     assert row["status"] == body["status"] == "cancelled"
