@@ -900,7 +900,8 @@ class JobMetrics:
         self._log_interval()
 
     def _new_interval(self, now: float) -> None:
-        self._interval_start = (now, self.steps, self.samples)      # (time, steps, samples) at its start
+        # (time, steps, samples, seconds in eval and checkpoint) at its start
+        self._interval_start = (now, self.steps, self.samples, self.phases.outside_training(now))
         self._next_log_step = self.steps + self.log_every
 
     def _log_interval(self) -> None:
@@ -931,7 +932,7 @@ class JobMetrics:
         """The interval's figures, counted into the job's; None when it had no step (or failed)."""
         try:
             now = time.perf_counter()
-            began, steps_before, samples_before = self._interval_start
+            began, steps_before, samples_before, outside_before = self._interval_start
             if self.steps == steps_before:
                 return None
             try:
@@ -956,7 +957,8 @@ class JobMetrics:
                     self.nonfinite_losses += 1
                     if self.diagnostics.on_loss_spike is not None:     # diverged: worse than a spike
                         self._tell_loss_spike("non-finite loss")
-            elapsed = max(now - began, 1e-9)
+            # Training throughput: an evaluation or checkpoint inside the interval is not its time.
+            elapsed = max(now - began - (self.phases.outside_training(now) - outside_before), 1e-9)
             throughput = (self.samples - samples_before) / elapsed
             mfu = None
             if self.flops_per_sample and self.peak_flops:

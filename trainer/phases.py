@@ -115,6 +115,13 @@ class PhaseClock:
                 self.progress = now
         self.mark = (phase, now, data_waited, summed)
 
+    def outside_training(self, now: float) -> float:
+        """This process's seconds in eval and checkpoint so far, the one in progress as far as it has gone (a log
+        interval's training throughput leaves them out)."""
+        phase, since, _, summed = self.mark
+        seconds = summed[EVAL] + summed[CHECKPOINT]
+        return seconds + (now - since if phase in (EVAL, CHECKPOINT) else 0.0)
+
     def last_step_unix(self) -> float | None:
         """Unix time of the last completed step."""
         return None if self.last_step is None else self.unix(self.last_step)

@@ -451,3 +451,29 @@ def test_a_loss_spike_callback_that_raises_loses_nothing_of_the_interval():
         assert (metrics.loss_intervals, metrics.loss_sum) == (len(losses) - 1, sum(losses[:-1]))
     finally:
         ended(metrics)
+
+
+def test_an_intervals_throughput_and_mfu_leave_out_its_evaluation_and_checkpoint():
+    """An interval's samples/s and MFU are the training's: an evaluation and a checkpoint inside it were counted as
+    its time (a 0.5 s evaluation in 0.1 s of training showed a sixth of the throughput)."""
+    logged = []
+    metrics = started("interval-throughput", log_every=4, on_log=logged.append, flops_per_sample=1e6, peak_flops=1e9)
+    try:
+        outside = 0.0
+        began = time.perf_counter()
+        for step in range(4):
+            time.sleep(0.02)
+            metrics.step(loss=1.0, samples=10)
+            if step == 1:
+                block = time.perf_counter()
+                with metrics.phase("eval"):
+                    time.sleep(0.3)
+                with metrics.checkpoint():
+                    time.sleep(0.2)
+                outside += time.perf_counter() - block
+        training = time.perf_counter() - began - outside
+        [stats] = logged
+        assert stats.samples_per_second == pytest.approx(40 / training, rel=0.05)
+        assert stats.mfu == pytest.approx(stats.samples_per_second * 1e6 / 1e9)
+    finally:
+        ended(metrics)
