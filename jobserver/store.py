@@ -114,7 +114,11 @@ class JobStore:
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(SCHEMA)
             self._add_columns()
-        except sqlite3.DatabaseError as error:      # OperationalError (unreadable, read-only) included
+            # Writable now: a server that started while another process held the write lock (a backup, the
+            # sqlite3 shell) failed in its first write, a traceback where it had jobs to recover.
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("ROLLBACK")
+        except sqlite3.DatabaseError as error:      # OperationalError (unreadable, read-only, locked) included
             if hasattr(self, "_db"):
                 self._db.close()
             raise StoreUnreadable(f"{path}: cannot be used as the job server's database ({error})") from None

@@ -256,3 +256,20 @@ def test_a_closed_terminal_stops_a_server_cleanly(command, tmp_path):
         process.send_signal(signal.SIGHUP)
         process.wait(timeout=60)
     assert process.returncode == 0
+
+
+def test_a_database_another_process_holds_locked_is_one_line_naming_it(tmp_path):
+    """A server started while another process held the database's write lock (a backup, the sqlite3 shell) ran
+    until its first write: a traceback where it had jobs to recover, every request failing where it had none."""
+    import sqlite3
+
+    from trainmetrics.jobserver.store import JobStore
+
+    JobStore(tmp_path / "trainmetrics.db").close()
+    holder = sqlite3.connect(tmp_path / "trainmetrics.db", isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        one_line_error(["server", "--data-dir", str(tmp_path), "--listen", "127.0.0.1:0"],
+                       "trainmetrics.db: cannot be used as the job server's database (database is locked)")
+    finally:
+        holder.close()
