@@ -349,6 +349,31 @@ def build_app(components: list[Component], *, web_config: WebConfig | None = Non
 SHUTDOWN_DRAIN_SECONDS = 5
 
 
+def answering_cut_requests(app: Starlette):
+    """The app, with a request the stop cut (its task cancelled once the drain is over) answered in the one
+    error shape, 503 and the connection closed, where it had no answer yet: uvicorn's own answer was a plain-text
+    500, logged as an exception in the application. Only the stop cancels a request's task (a client that hangs
+    up does not), so a cancellation that reaches here is one."""
+    async def app_answering_cut_requests(scope, receive, send) -> None:
+        started = False
+
+        async def sending(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await app(scope, receive, sending)
+        except asyncio.CancelledError:
+            if scope["type"] != "http" or started:
+                raise
+            response = error_response(503, "shutting_down", "the service stopped before it could answer")
+            response.headers["connection"] = "close"
+            await response(scope, receive, send)
+
+    return app_answering_cut_requests
+
+
 def serve(app: Starlette, sock, web_config: WebConfig, on_ready: Callable[[], None] = lambda: None, *,
           client_idle_seconds: float | None = None) -> None:
     """Run an app under uvicorn on an already bound, listening socket, with the web config's TLS; on_ready()
@@ -368,7 +393,7 @@ def serve(app: Starlette, sock, web_config: WebConfig, on_ready: Callable[[], No
                 on_ready()
 
     cert, key = web_config.cert_files or (None, None)
-    config = uvicorn.Config(app, log_level="warning", lifespan="on", ssl_certfile=cert, ssl_keyfile=key,
+    config = uvicorn.Config(answering_cut_requests(app), log_level="warning", lifespan="on", ssl_certfile=cert, ssl_keyfile=key,
                             http=client_timeout_protocol(client_idle_seconds or CLIENT_IDLE_SECONDS),
                             timeout_graceful_shutdown=SHUTDOWN_DRAIN_SECONDS)
     config.load()
