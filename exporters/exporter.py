@@ -1,9 +1,11 @@
 """The exporter: background sampling, a pre-rendered exposition snapshot, and the HTTP server for it.
 
-Two sampler threads run the collectors: the fast loop every --sample-interval (cheap /proc reads, NVML
-utilisation and memory, the gauges with peaks) and the slow loop every --slow-interval (process scans,
-statvfs, slow NVML calls). After each fast pass the fast thread renders the exposition text, re-rendering
-only the collectors whose data changed, and swaps in the new bytes. A scrape returns those bytes: it never
+Sampler threads run the collectors: the fast loop every --sample-interval (cheap /proc reads, the gauges with
+peaks), the slow loop every --slow-interval (process scans, statvfs, slow NVML calls), and a fast loop of its
+own for each collector whose source may answer slower than the interval (NVML utilisation and memory: a busy
+driver must not slow the host's sampling). After each fast pass the fast thread renders the exposition text,
+re-rendering only the collectors whose data changed (a collector with a loop of its own is rendered there,
+after its sample, never while it samples), and swaps in the new bytes. A scrape returns those bytes: it never
 waits on /proc, psutil or NVML, so its latency is that of a small HTTP response.
 
 A sample that hangs (a dead network mount, a wedged driver) must neither pass for success nor freeze the
@@ -64,6 +66,8 @@ class CollectorRunner:
     def __init__(self, collector: Collector, stall_after: dict[str, float]):
         self.collector = collector
         self.name = collector.name
+        # The loop that runs each part: the fast and slow loops, or a fast loop of its own (Collector.own_loop).
+        self.loop_of = {"fast": f"fast:{self.name}" if collector.own_loop else "fast", "slow": "slow"}
         self.stall_after = stall_after  # per part: seconds after which a running sample is stalled
         # Fixed keys: the fast thread reads them while the slow thread writes, so sizes never change.
         self.errors: dict[str, Exception | None] = {"fast": None, "slow": None, "render": None}
@@ -184,8 +188,11 @@ class Exporter:
         self._lock = threading.Lock()  # guards _loops and every runner's `running`
         self._loops: dict[str, threading.Thread] = {}  # the thread that owns each loop now
         self._watchdog: threading.Thread | None = None
-        self._fast_passed = threading.Event()
-        self._slow_passed = threading.Event()
+        # The fast loops: the host's, then one per collector with a loop of its own.
+        self._fast_loops = ["fast", *sorted({runner.loop_of["fast"] for runner in self.runners
+                                             if runner.runs("fast") and runner.loop_of["fast"] != "fast"})]
+        self._passed = {loop: threading.Event() for loop in [*self._fast_loops, "slow"]}     # a first pass done
+        self._own_saw_slow: set[str] = set()     # own loops that rendered after the first slow pass
         self._ready = threading.Event()  # a snapshot holding a whole fast and slow pass was rendered
 
     def sample(self, now: float | None = None) -> None:
@@ -202,32 +209,38 @@ class Exporter:
 
     def render(self) -> bytes:
         """Render the exposition text, reusing each collector's text while its data is unchanged and leaving
-        out the collectors whose sample is stalled."""
+        out the collectors whose sample is stalled. A collector sampled in a loop of its own is rendered there
+        (while that loop runs): here its latest text is taken."""
         chunks = []
         stalled = set()
         for runner in self.runners:
             if runner.stalled:
                 stalled.add(runner.name)
-                continue
-            cached = self._chunks.get(runner.name)
-            if cached is not None and cached[0] == runner.generation:
-                chunks.append(cached[1])
-                continue
-            generation = runner.generation
-            try:
-                text = self._writers[runner.name].render(runner)
-            except Exception as error:  # a bug in collect(): drop its series, keep the scrape
-                log.error("collector %s failed to render: %s: %s", runner.name, type(error).__name__, error)
-                runner.errors["render"] = error
-                text = b""
+            elif runner.loop_of["fast"] != "fast" and runner.loop_of["fast"] in self._loops:
+                chunks.append(self._chunks.get(runner.name, (None, b""))[1])
             else:
-                runner.errors["render"] = None
-            self._chunks[runner.name] = (generation, text)
-            chunks.append(text)
+                chunks.append(self._render_chunk(runner))
         self.self_metrics.stalled = stalled
         chunks.append(self._self_writer.render(self.self_metrics))
         self._snapshot = b"".join(chunks)
         return self._snapshot
+
+    def _render_chunk(self, runner: CollectorRunner) -> bytes:
+        """The collector's text: rendered again only when its data may have changed."""
+        cached = self._chunks.get(runner.name)
+        if cached is not None and cached[0] == runner.generation:
+            return cached[1]
+        generation = runner.generation
+        try:
+            text = self._writers[runner.name].render(runner)
+        except Exception as error:  # a bug in collect(): drop its series, keep the scrape
+            log.error("collector %s failed to render: %s: %s", runner.name, type(error).__name__, error)
+            runner.errors["render"] = error
+            text = b""
+        else:
+            runner.errors["render"] = None
+        self._chunks[runner.name] = (generation, text)
+        return text
 
     def snapshot(self) -> bytes:
         """The latest rendered exposition text (what /metrics serves)."""
@@ -239,18 +252,21 @@ class Exporter:
         self._watchdog = threading.Thread(target=self._watch, name="exporter-watchdog", daemon=True)
         self._watchdog.start()
         with self._lock:
-            self._start_loop("fast")
-        # The fast pass first: it initialises sources (NVML) that the slow pass reads.
-        self._fast_passed.wait(self.stall_after["fast"] + 1.0)
+            for loop in self._fast_loops:
+                self._start_loop(loop)
+        # The fast passes first: they initialise sources (NVML) that the slow pass reads.
+        deadline = time.monotonic() + self.stall_after["fast"] + 1.0
+        for loop in self._fast_loops:
+            self._passed[loop].wait(max(0.0, deadline - time.monotonic()))
         with self._lock:
             self._start_loop("slow")
         self._ready.wait(self.stall_after["slow"] + 1.0)
         return self
 
-    def _start_loop(self, part: str) -> None:
+    def _start_loop(self, loop: str) -> None:
         """Start a thread that owns the loop from now on (call with _lock held)."""
-        thread = threading.Thread(target=self._loop, args=(part,), name=f"exporter-{part}-sampler", daemon=True)
-        self._loops[part] = thread
+        thread = threading.Thread(target=self._loop, args=(loop,), name=f"exporter-{loop}-sampler", daemon=True)
+        self._loops[loop] = thread
         thread.start()
 
     def _every(self, interval: float):
@@ -263,11 +279,13 @@ class Exporter:
             if next_at <= now:  # overran: skip the missed ticks instead of bursting to catch up
                 next_at = now + interval
 
-    def _loop(self, part: str) -> None:
-        """Sample every collector of the loop, then (fast loop) render; ends when the watchdog replaced it."""
+    def _loop(self, loop: str) -> None:
+        """Sample every collector of the loop ("fast", "slow", or "fast:NAME", a collector's own), then render
+        (the fast loops); ends when the watchdog replaced it."""
         me = threading.current_thread()
+        part = loop.partition(":")[0]
         runners = [(runner, runner.sample if part == "fast" else runner.sample_slow)
-                   for runner in self.runners if runner.runs(part)]
+                   for runner in self.runners if runner.runs(part) and runner.loop_of[part] == loop]
         for now in self._every(self.intervals[part]):
             for runner, sample in runners:
                 with self._lock:
@@ -289,16 +307,20 @@ class Exporter:
                             log.warning("collector %s: %s sample returned after %.1fs", runner.name, part, took)
                     else:
                         runner.stalls[part], runner.backoff[part] = 0, 0.0
-                    if self._loops[part] is not me:
+                    if self._loops[loop] is not me:
                         return  # the watchdog gave the loop to another thread while this one hung
-            if part == "fast":
-                slow_passed = self._slow_passed.is_set()
+            slow_passed = self._passed["slow"].is_set()
+            if loop == "fast":
                 self.render()
-                self._fast_passed.set()
-                if slow_passed:
+                if slow_passed and self._own_saw_slow.issuperset(self._fast_loops[1:]):
                     self._ready.set()
-            else:
-                self._slow_passed.set()
+            elif part == "fast":    # a collector's own: its text is made here, never while it samples
+                for runner, _ in runners:
+                    if runner.running["fast"] is None:      # not while its stalled sample runs on elsewhere
+                        self._render_chunk(runner)
+                if slow_passed:
+                    self._own_saw_slow.add(loop)
+            self._passed[loop].set()
 
     def _back_off(self, runner: CollectorRunner, part: str, took: float) -> None:
         """A second stalled sample in a row returned: leave the collector out of its loop for a while, reported as
@@ -325,8 +347,8 @@ class Exporter:
                             log.error("collector %s: %s sample has not returned for %.1fs: reported as failing "
                                       "until it does; the other collectors go on", runner.name, part,
                                       now - running[0])
-                        if running[1] is self._loops[part]:
-                            self._start_loop(part)
+                        if running[1] is self._loops[runner.loop_of[part]]:
+                            self._start_loop(runner.loop_of[part])
 
     def stop(self) -> None:
         """Stop the sampler threads and release the collectors' sources."""

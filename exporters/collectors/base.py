@@ -35,6 +35,9 @@ class Collector:
     name = ""
     fast = False  # True: sample() does work every --sample-interval (gauges with peaks, counters)
     slow = False  # True: sample_slow() does work every --slow-interval (costly or slow-moving sources)
+    # True: its fast sample runs in a loop of its own, at the same interval: a source that can answer slower than
+    # the interval without hanging (a busy GPU driver) must not slow the host's sampling.
+    own_loop = False
 
     @classmethod
     def build(cls, context: CollectorContext) -> "Collector":

@@ -134,12 +134,13 @@ def test_sigterm_at_any_moment_ends_the_exporter_with_0(tmp_path):
 
 
 class Hanging(Collector):
-    """Samples in the fast or the slow loop, and hangs in its sample while `hang` is set, until `release`."""
+    """Samples in the fast or the slow loop (or a fast loop of its own: "own"), and hangs in its sample while `hang`
+    is set, until `release`."""
 
     name = "hanging"
 
     def __init__(self, part: str):
-        self.fast, self.slow = part == "fast", part == "slow"
+        self.fast, self.slow, self.own_loop = part in ("fast", "own"), part == "slow", part == "own"
         self.hang = threading.Event()
         self.release = threading.Event()
 
@@ -169,7 +170,7 @@ class Counting(Collector):
         yield GaugeMetricFamily("counting_samples", "Fast samples taken.", value=self.samples)
 
 
-@pytest.mark.parametrize("part", ["fast", "slow"])
+@pytest.mark.parametrize("part", ["fast", "slow", "own"])
 def test_a_hanging_sample_is_reported_as_failing_and_the_others_go_on(part, monkeypatch):
     """A sample that does not return (a FIFO, a dead NFS mount, a wedged driver) froze the loop with every
     collector still saying success 1. Now the collector reports 0 and loses its series after its stall bound,
@@ -188,7 +189,8 @@ def test_a_hanging_sample_is_reported_as_failing_and_the_others_go_on(part, monk
         return series
 
     def sampler_threads() -> int:
-        return sum(thread.name == f"exporter-{part}-sampler" for thread in threading.enumerate())
+        loop = "fast:hanging" if part == "own" else part
+        return sum(thread.name == f"exporter-{loop}-sampler" for thread in threading.enumerate())
 
     try:
         assert collector_ok(wait(lambda s: ("hanging_value", "") in s), "hanging") == 1
@@ -271,3 +273,31 @@ def test_one_slow_sample_that_succeeded_is_no_reason_to_back_off():
         assert collector_ok(series, "slow-start") == 1 and source.calls >= 2
     finally:
         exporter.stop()
+
+
+def test_a_gpu_driver_slower_than_the_interval_does_not_slow_the_hosts_sampling():
+    """NVML answering in 300 ms (a busy driver: slower than the interval, under the stall bound) slowed the whole
+    fast loop to 3 Hz: the host's peaks were sampled at a third of their rate. The GPU's fast sample runs in a
+    loop of its own: the host's loop keeps its rate, and the GPU is published, sampled as fast as it answers."""
+    from tests.exporters.exporter_fixtures import GIB, FakeGpu, FakeNvml
+    from trainmetrics.exporters.collectors.gpu import GpuCollector
+
+    class BusyDriver(FakeNvml):
+        def nvmlDeviceGetUtilizationRates(self, handle):
+            time.sleep(0.3)
+            return super().nvmlDeviceGetUtilizationRates(handle)
+
+    gpu = GpuCollector(nvml=BusyDriver([FakeGpu("GPU-busy", [40], [GIB])]))
+    counting = Counting()
+    exporter = Exporter([gpu, counting], sample_interval=0.05, slow_interval=0.5).start()
+    try:
+        began, counted = time.monotonic(), counting.samples
+        time.sleep(2)
+        host_rate = (counting.samples - counted) / (time.monotonic() - began)
+        series = parse(exporter.snapshot().decode())
+    finally:
+        exporter.stop()
+    assert host_rate > 10, host_rate          # 20 Hz asked; 3 Hz while the GPU's calls held the loop
+    assert collector_ok(series, "gpu") == 1
+    assert series[("hw_gpu_utilization_ratio", 'gpu="0",uuid="GPU-busy"')] == 0.4
+    assert ("hw_gpu_temperature_celsius", 'gpu="0",uuid="GPU-busy"') in series
