@@ -341,3 +341,41 @@ def test_the_loss_curve_has_no_point_while_the_loss_is_not_finite(tmp_path):
                       + "    promql_expr_test:\n" + "".join(tests))
     result = subprocess.run(["promtool", "test", "rules", str(config)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# A job paused at 5 m (its process p1 publishes paused and exits); the job server then publishes its state:
+# paused, and from 10 m queued again to resume (w1) or cancelled (w2, its end for 5 minutes).
+WAITING_SERIES = ""
+for job, later in (("w1", "queued"), ("w2", "cancelled")):
+    WAITING_SERIES += f"""
+      - series: 'trainer_job_state{{job_id="{job}",instance="p1",state="running"}}'
+        values: '1x4 0'
+      - series: 'trainer_job_state{{job_id="{job}",instance="p1",state="paused"}}'
+        values: '0x4 1'
+      - series: 'trainer_job_start_timestamp_seconds{{job_id="{job}",instance="p1"}}'
+        values: '0x5'
+      - series: 'trainer_heartbeat_timestamp_seconds{{job_id="{job}",instance="p1"}}'
+        values: '0+60x5'
+      - series: 'trainer_job_state{{job_id="{job}",instance="server",state="paused"}}'
+        values: '_x5 1x4 0x5'
+      - series: 'trainer_job_state{{job_id="{job}",instance="server",state="{later}"}}'
+        values: '_x5 0x4 1x5'
+"""
+
+
+def test_the_state_stat_shows_the_job_servers_state_of_a_job_without_a_process(tmp_path):
+    """A paused job's process has gone; the job server publishes its state from then on. The State stat
+    preferred the newest run's last state whenever there was one: a paused job resumed (queued again) or
+    cancelled read `paused` for good, though the server, the job API and the Fleet dashboard said otherwise."""
+    (state,) = [panel["targets"][0] for panel in all_dashboards()["training-job.json"]["panels"]
+                if panel["title"] == "State"]
+    tests = []
+    for job, expected, at in (("w1", "paused", "7m"), ("w1", "queued", "12m"), ("w2", "cancelled", "12m")):
+        expr = state["expr"].replace("$job_id", job).replace("$__range", "1h")
+        tests.append(f"      - expr: '{expr}'\n        eval_time: {at}\n        exp_samples:\n"
+                     f"          - labels: '{{state=\"{expected}\"}}'\n            value: 1")
+    config = tmp_path / "waiting_test.yml"
+    config.write_text("evaluation_interval: 1m\ntests:\n  - interval: 1m\n    input_series:" + WAITING_SERIES
+                      + "    promql_expr_test:\n" + "\n".join(tests) + "\n")
+    result = subprocess.run(["promtool", "test", "rules", str(config)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr

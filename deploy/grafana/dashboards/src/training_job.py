@@ -24,10 +24,15 @@ def build():
         # job's final figures are in Prometheus for one scrape before its series go stale, which a range query's
         # points (whose last one the stat showed) mostly miss; and a range query showed every state the job
         # passed through side by side.
-        .with_panel(stat_panel("State", "The lifecycle state its newest run last published (the job server's, "
-                                        "for a job waiting to run); a killed process's last, running: the job "
-                                        "API and the analytics say how it ended.", "none",
-                               query(f"max by (state) ((last_over_time(trainer_job_state{{{JOB}}}[$__range]) == 1) "
+        # The job server's state first, while it publishes one (series without a heartbeat: no process of the
+        # job runs): a paused job resumed (queued again) or cancelled read its last run's `paused` for good.
+        .with_panel(stat_panel("State", "The job server's state of a job without a process (queued, paused, or "
+                                        "ended by the server), else the lifecycle state its newest run last "
+                                        "published; a killed process's last, running: the job API and the "
+                                        "analytics say how it ended.", "none",
+                               query(f"max by (state) (trainer_job_state{{{JOB}}} == 1 unless on (job_id, instance) "
+                                     f"trainer_heartbeat_timestamp_seconds{{{JOB}}}) or on () "
+                                     f"max by (state) ((last_over_time(trainer_job_state{{{JOB}}}[$__range]) == 1) "
                                      f"{newest_run(JOB)}) or on () max by (state) (last_over_time("
                                      f"trainer_job_state{{{JOB}}}[$__range]) == 1)", "{{state}}", instant=True),
                                text_mode=BigValueTextMode.NAME))
