@@ -60,3 +60,43 @@ def test_every_alert_is_complete_documented_and_tested():
         assert f"alertname: {name}\n        exp_alerts: []" in tests, f"{name} has no silent case"
         assert f"alertname: {name}\n        exp_alerts:\n" in tests or \
             f"alertname: {name}\n        exp_alerts: &" in tests, f"{name} has no firing case"
+
+
+def test_each_nodes_agent_gives_its_exporters_series_labels_of_their_own(tmp_path):
+    """Every node's agent scrapes its own exporter on loopback and remote-writes to one store: the series must
+    differ by node. They were {instance="127.0.0.1:9105", job="exporter"} on every node (no external label,
+    no relabelling), so the central store merged every node's CPU, memory, filesystems and per-job CPU time
+    into one series each. Two real agents (deploy/prometheus/agent.yml for nodes 10.0.0.1 and 10.0.0.2) say
+    what labels their exporter target's series carry."""
+    import json
+    import time
+    import urllib.request
+
+    from trainmetrics.prometheus_process import find_binary, free_port
+
+    identities = []
+    for node in ("10.0.0.1", "10.0.0.2"):
+        text = (PROMETHEUS_DIR / "agent.yml").read_text().replace("JOB-SERVER", "127.0.0.1") \
+            .replace("CENTRAL", "127.0.0.1").replace("NODE", node)
+        config = yaml.safe_load(text)
+        config["scrape_configs"] = [job for job in config["scrape_configs"] if job["job_name"] == "exporter"]
+        path = tmp_path / f"{node}.yml"
+        path.write_text(yaml.safe_dump(config))
+        port = free_port()
+        agent = subprocess.Popen([find_binary("prometheus"), "--enable-feature=agent", f"--config.file={path}",
+                                  f"--storage.agent.path={tmp_path / node}", f"--web.listen-address=127.0.0.1:{port}",
+                                  "--log.level=error"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline, targets = time.monotonic() + 30, []
+            while not targets and time.monotonic() < deadline:
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/targets", timeout=2) as answer:
+                        targets = json.load(answer)["data"]["activeTargets"]
+                except OSError:
+                    time.sleep(0.2)
+        finally:
+            agent.terminate()
+            agent.wait(timeout=10)
+        (target,) = targets
+        identities.append({**target["labels"], **(config["global"].get("external_labels") or {})})
+    assert identities[0] != identities[1], identities
