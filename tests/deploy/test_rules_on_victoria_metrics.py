@@ -1,0 +1,89 @@
+"""The alert rules as vmalert evaluates them over the central VictoriaMetrics (docs/scaling.md: the rules in
+deploy/prometheus/rules run there as they are): each expression asked of a real VictoriaMetrics holding
+samples written with their timestamps, as vmalert asks it at each evaluation."""
+
+import time
+import urllib.request
+
+import pytest
+
+from tests.deploy.test_prometheus_config import alert_rules
+from trainmetrics.prometheus_process import VictoriaMetricsServer
+
+MINUTE = 60
+
+
+def lines(series: str, values: list[tuple[float, float]]) -> list[str]:
+    return [f"{series} {value} {int(at * 1000)}" for at, value in values]
+
+
+def every(start: float, stop: float, value, step: float = 5.0) -> list[tuple[float, float]]:
+    """(time, value) every `step` seconds in [start, stop); value may be a function of the time."""
+    points, at = [], start
+    while at < stop:
+        points.append((at, value(at) if callable(value) else value))
+        at += step
+    return points
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """VictoriaMetrics holding the last 30 minutes (to `now`) of the scenarios below."""
+    now = float(int(time.time()) // 60 * 60)
+    t0 = now - 30 * MINUTE
+    data = []
+    # A job whose one NaN interval (minute 5) was in its first run (paused at minute 10), resumed at minute 20
+    # by a new process, which publishes the carried count (1) from its first scrape and has had no NaN since.
+    data += lines('trainer_loss_nonfinite_total{job_id="resumed",instance="p1"}',
+                  every(t0, t0 + 10 * MINUTE, lambda at: 0 if at < t0 + 5 * MINUTE else 1))
+    data += lines('trainer_loss_nonfinite_total{job_id="resumed",instance="p2"}', every(t0 + 20 * MINUTE, now, 1))
+    data += lines('trainer_loss_finite{job_id="resumed",instance="p2"}', every(t0 + 20 * MINUTE, now, 1))
+    # A job whose loss went NaN at minute 25: the alert fires.
+    data += lines('trainer_loss_nonfinite_total{job_id="diverged",instance="p3"}',
+                  every(t0, now, lambda at: 0 if at < t0 + 25 * MINUTE else 1))
+    data += lines('trainer_loss_finite{job_id="diverged",instance="p3"}', every(t0, now, 1))
+    # Loss spikes: two in the first run, carried by a process resumed at minute 27; another job's spike at 28.
+    data += lines('trainer_loss_spikes_total{job_id="resumed",instance="p1"}', every(t0, t0 + 10 * MINUTE, 2))
+    data += lines('trainer_loss_spikes_total{job_id="resumed",instance="p2"}', every(t0 + 27 * MINUTE, now, 2))
+    data += lines('trainer_loss_spikes_total{job_id="spiked",instance="p3"}',
+                  every(t0, now, lambda at: 0 if at < t0 + 28 * MINUTE else 1))
+    # A GPU with 3 uncorrected ECC errors since its driver loaded (days ago), its exporter restarted at minute
+    # 25 (a new series); another GPU counts a new XID at minute 28.
+    data += lines('hw_gpu_errors_total{instance="n1:9105",gpu="0",uuid="GPU-a",type="ecc_uncorrected"}',
+                  every(t0 + 25 * MINUTE, now, 3))
+    data += lines('hw_gpu_errors_total{instance="n1:9105",gpu="1",uuid="GPU-b",type="xid"}',
+                  every(t0, now, lambda at: 0 if at < t0 + 28 * MINUTE else 1))
+    victoria = VictoriaMetricsServer(tmp_path_factory.mktemp("victoria")).start()
+    try:
+        request = urllib.request.Request(f"{victoria.url}/api/v1/import/prometheus", data="\n".join(data).encode(),
+                                         method="POST")
+        urllib.request.urlopen(request, timeout=10).close()
+        urllib.request.urlopen(f"{victoria.url}/internal/force_flush", timeout=10).close()
+        victoria.wait_for("count(last_over_time({__name__=~\"trainer_.*|hw_gpu_.*\"}[1h]))",
+                          predicate=lambda result: result and result[0]["value"][1] == "10")
+        yield victoria, now
+    finally:
+        victoria.stop()
+
+
+def firing(victoria: VictoriaMetricsServer, alert: str, at: float) -> list[dict]:
+    (rule,) = [rule for rule in alert_rules() if rule["alert"] == alert]
+    return [sample["metric"] for sample in victoria.query(rule["expr"], at)]
+
+
+def test_a_resumed_jobs_carried_nan_count_does_not_fire_again(store):
+    """VictoriaMetrics' increase() takes a new series' first value for its increase when it is small: the
+    resumed process's carried count (1) read as a new NaN, and TrainerLossNaN (critical) fired again for 15
+    minutes after every resume of a job that ever had one."""
+    victoria, now = store
+    assert firing(victoria, "TrainerLossNaN", now) == [{"job_id": "diverged"}]
+
+
+def test_a_resumed_jobs_carried_spike_count_does_not_fire_again(store):
+    victoria, now = store
+    assert firing(victoria, "TrainerLossSpike", now) == [{"job_id": "spiked"}]
+
+
+def test_an_exporter_restart_does_not_report_a_gpus_old_errors_as_new(store):
+    victoria, now = store
+    assert [labels["type"] for labels in firing(victoria, "GPUErrors", now)] == ["xid"]
