@@ -37,10 +37,17 @@ async def evaluation_history(client: PrometheusClient, job_id: str, start: float
     which of the earlier runs' evaluations it threw away, before it evaluates itself."""
     window = max(final_time - start, 1e-3)
     first, last, step = q.peak_grid(window, final_time)
+    step_ms = int(step.removesuffix("ms"))
+    if round(last * 1000) < round(final_time * 1000):
+        # On to the first grid point after final_time: the last one before it can precede the final scrape (a
+        # step over the 15 s linger, a job of over an hour: the evaluation at its end was not listed).
+        last = (round(last * 1000) + step_ms) / 1000
     changes, firsts = await asyncio.gather(client.query_range(q.eval_history_changes(job_id, step), first, last, step),
                                            _first_indices(client, job_id, runs[1:], final_time))
-    reads = _reads(_new_steps(changes), int(step.removesuffix("ms")) / 1000)
-    answers = await asyncio.gather(*(client.query(q.eval_history_samples(job_id, to - since), to)
+    reads = _reads(_new_steps(changes), step_ms / 1000)
+    # (a read ends at final_time at the latest: nothing of the job comes after it, and it may be now)
+    answers = await asyncio.gather(*(client.query(q.eval_history_samples(job_id, min(to, final_time) - since),
+                                                  min(to, final_time))
                                      for since, to in reads))
     return _in_order([shown for matrix in answers for shown in _shown(matrix)], firsts, dict(runs))
 
