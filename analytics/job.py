@@ -167,8 +167,10 @@ async def jobs_analytics(client: PrometheusClient, job_ids: list[str], lookback:
 
         found = await query_parts_many(client, [parts(facts, w) for facts, w in started], now)
         # Last values come from each process's last minute; where that held no samples (scrapes failed
-        # through it) read the whole window.
-        again = [i for i, (facts, _) in enumerate(started) if facts.finals and not found[i]["samples"]]
+        # through it), or none of a rank of the job (one frozen or lost long before rank 0's end, which the
+        # other ranks waited for in a collective), read the whole window.
+        again = [i for i, (facts, _) in enumerate(started)
+                 if facts.finals and (not found[i]["samples"] or _ranks_missing(facts, found[i]))]
         if again:
             whole = await query_parts_many(client, [q.job_totals(started[i][0].job_id, started[i][1].final_window,
                                                                  started[i][1].final_time) for i in again], now)
@@ -189,6 +191,18 @@ async def jobs_analytics(client: PrometheusClient, job_ids: list[str], lookback:
                for (facts, w), found, peak, history in zip(started, instants, peak_results, histories)}
     return [None if facts is None else answers.get(facts.job_id) or (_assemble(facts, {}, {}, [], None), facts)
             for facts in all_facts]
+
+
+def _ranks_missing(facts: JobFacts, found: dict[str, list[dict]]) -> bool:
+    """Whether some rank of the job (its world_size, as rank 0 publishes it) has neither a heartbeat nor a sample
+    count in the answer."""
+    try:
+        world_size = int(facts.info.get("world_size") or 1)
+    except ValueError:
+        return False
+    seen = {labels.get("rank", "0") for part in ("last_heartbeat", "samples")
+            for labels, _ in rows(found.get(part, []))}
+    return len(seen) < world_size
 
 
 def _assemble(facts: JobFacts, found: dict[str, list[dict]], peak: dict[str, Peak],

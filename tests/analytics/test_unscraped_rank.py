@@ -1,0 +1,71 @@
+"""A two-rank job one rank of which went unscraped minutes before the job's end (frozen, its node lost: the other
+rank waits in the collective until it times out), on backfilled history (promtool) in a real Prometheus: every
+rank's own figures count, as the trainer counted them."""
+
+import time
+
+import pytest
+
+from trainmetrics.analytics.app import Settings
+
+from .conftest import as_openmetrics, backfilled_prometheus, serve
+
+pytestmark = pytest.mark.slow
+
+STATES = ("queued", "running", "paused", "completed", "failed", "cancelled")
+RATE = 16           # samples per second and rank while both step
+FROZEN_AFTER = 300.0
+WAITED = 600.0      # rank 0 in the collective until it timed out
+
+
+def history(start: float) -> tuple[str, dict]:
+    frozen, end = start + FROZEN_AFTER, start + FROZEN_AFTER + WAITED
+    lines = []
+    for rank in ("0", "1"):
+        base = f'job_id="ranks-1",instance="h:{rank}",job="trainer",rank="{rank}"'
+        last = end if rank == "0" else frozen
+        scrapes = [start + 10.0 * i for i in range(int((last - start) // 10) + 1)]
+        if rank == "0":
+            scrapes.append(end + 0.25)          # its final scrape
+        for t in scrapes:
+            stepped = min(t, frozen) - start
+            lines += [f"trainer_heartbeat_timestamp_seconds{{{base}}} {t:.3f} {t:.3f}",
+                      f"trainer_samples_total{{{base}}} {int(RATE * stepped)} {t:.3f}",
+                      f"trainer_steps_total{{{base}}} {int(RATE * stepped) // 8} {t:.3f}",
+                      f"trainer_step_duration_seconds_sum{{{base}}} {stepped * (1 + int(rank)) / 2:.3f} {t:.3f}",
+                      f"trainer_step_duration_seconds_count{{{base}}} {int(RATE * stepped) // 8} {t:.3f}"]
+            if rank != "0":
+                continue
+            final = t > end
+            lines += [f'trainer_job_info{{{base},job_name="r",model="mlp",dataset="blobs",owner="a",device="cpu",'
+                      f'world_size="2"}} 1 {t:.3f}',
+                      f"trainer_process_start_timestamp_seconds{{{base}}} {start - 5:.3f} {t:.3f}",
+                      f"trainer_job_start_timestamp_seconds{{{base}}} {start:.3f} {t:.3f}",
+                      f"trainer_loss{{{base}}} 0.5 {t:.3f}", f"trainer_loss_finite{{{base}}} 1 {t:.3f}"]
+            lines += [f'trainer_job_state{{{base},state="{s}"}} {int(s == ("failed" if final else "running"))} {t:.3f}'
+                      for s in STATES]
+            if final:
+                lines.append(f"trainer_job_end_timestamp_seconds{{{base}}} {end:.3f} {t:.3f}")
+    samples = int(RATE * FROZEN_AFTER)
+    return as_openmetrics(lines), {"total_samples": 2 * samples, "total_steps": samples // 8,
+                                   "average_step_seconds": FROZEN_AFTER * 1.5 / (2 * (samples // 8))}
+
+
+def test_a_rank_unscraped_long_before_the_end_counts_its_samples(tmp_path):
+    text, trainer = history(time.time() - 3600)
+    prometheus = backfilled_prometheus(tmp_path, text)
+    prometheus.start(timeout=60)
+    try:
+        with serve(Settings(prometheus_url=prometheus.url, recorded_series=False)) as client:
+            response = client.get("/api/training/ranks-1/analytics")
+            assert response.status_code == 200, response.text
+            body = response.json()
+            listed = client.get("/api/training/analytics/jobs", params={"range": "2h"}).json()["jobs"]
+    finally:
+        prometheus.stop()
+    row = next(row for row in listed if row["job_id"] == "ranks-1")
+    performance = body["performance"]
+    assert body["status"] == "failed"
+    assert performance["total_samples"] == trainer["total_samples"] == row["total_samples"]
+    assert performance["total_steps"] == trainer["total_steps"]
+    assert performance["average_step_seconds"] == pytest.approx(trainer["average_step_seconds"], rel=1e-6)
