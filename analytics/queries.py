@@ -727,15 +727,16 @@ def trend(name: str, step: float, recorded: bool = False, owner: str | None = No
     """A resource-trend expression for range queries at `step` (from the recorded series where asked and
     available); the job trends of one owner's jobs when given (the hosts' trends stay whole)."""
     template = RECORDED_TRENDS[name] if recorded and name in RECORDED_TRENDS else TRENDS[name]
-    # The job's owner is a label of its info series only: its other series are kept where the job's info
-    # carried the owner in the same window.
-    info = RECORDED["info"] if recorded else RAW["info"]
-    owned = "" if owner is None else \
-        f" and on (job_id) max by (job_id) (max_over_time({info}{{owner={quote_label_value(owner)}}}[{{window}}]))"
-    template = template.replace("{owned}", owned)
     window_ms = rate_window_ms(step)
     template = template.replace("{window+rule}", f"{window_ms + round(RULE_INTERVAL_SECONDS * 1000)}ms")
-    return template.replace("{window}", f"{window_ms}ms").replace("{seconds}", repr(window_ms / 1000))
+    template = template.replace("{window}", f"{window_ms}ms").replace("{seconds}", repr(window_ms / 1000))
+    # The job's owner is a label of its info series only: its other series are kept where the job's info
+    # carried the owner in the same window. Put in last: an owner is anyone's text ("{window}" in it was
+    # replaced, and the trends counted another owner's jobs).
+    info = RECORDED["info"] if recorded else RAW["info"]
+    owned = "" if owner is None else \
+        f" and on (job_id) max by (job_id) (max_over_time({info}{{owner={quote_label_value(owner)}}}[{window_ms}ms]))"
+    return template.replace("{owned}", owned)
 
 
 # The jobs TrainerHang fires for now (deploy/prometheus/rules/alerts.yml, evaluated by the Prometheus read):
