@@ -684,9 +684,13 @@ def test_a_scrape_between_the_loops_stores_counts_a_finished_data_wait_once(monk
             if jobs:
                 read_at_the_store.append(sum(jobs[0].phases.totals().values()))
 
+    slept = []
+
     def slow_loader():
         for batch in range(3):
+            began = time.perf_counter()
             time.sleep(0.05)
+            slept.append(time.perf_counter() - began)
             yield batch
 
     monkeypatch.setattr(metrics_module, "DurationHistogram", ReadOnStore)
@@ -702,7 +706,7 @@ def test_a_scrape_between_the_loops_stores_counts_a_finished_data_wait_once(monk
         metrics.close()
     assert len(read_at_the_store) >= 4 and max(read_at_the_store) <= age + 1e-3     # a double count: 0.05 s
     assert sum(totals.values()) == pytest.approx(age, abs=0.01)
-    assert totals["data_wait"] == pytest.approx(0.15, abs=0.02)
+    assert totals["data_wait"] == pytest.approx(sum(slept), abs=0.01)       # (a busy host sleeps longer)
 
 
 def test_scrapes_while_phases_change_never_count_more_than_the_process_lived():
