@@ -74,29 +74,35 @@ def test_each_nodes_agent_gives_its_exporters_series_labels_of_their_own(tmp_pat
 
     from trainmetrics.prometheus_process import find_binary, free_port
 
-    identities = []
-    for node in ("10.0.0.1", "10.0.0.2"):
-        text = (PROMETHEUS_DIR / "agent.yml").read_text().replace("JOB-SERVER", "127.0.0.1") \
-            .replace("CENTRAL", "127.0.0.1").replace("NODE", node)
-        config = yaml.safe_load(text)
-        config["scrape_configs"] = [job for job in config["scrape_configs"] if job["job_name"] == "exporter"]
-        path = tmp_path / f"{node}.yml"
-        path.write_text(yaml.safe_dump(config))
-        port = free_port()
-        agent = subprocess.Popen([find_binary("prometheus"), "--enable-feature=agent", f"--config.file={path}",
-                                  f"--storage.agent.path={tmp_path / node}", f"--web.listen-address=127.0.0.1:{port}",
-                                  "--log.level=error"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            deadline, targets = time.monotonic() + 30, []
+    agents, identities = [], []
+    try:
+        for node in ("10.0.0.1", "10.0.0.2"):       # both at once: an agent lists its targets ~5 s after its start
+            text = (PROMETHEUS_DIR / "agent.yml").read_text().replace("JOB-SERVER", "127.0.0.1") \
+                .replace("CENTRAL", "127.0.0.1").replace("NODE", node)
+            config = yaml.safe_load(text)
+            config["scrape_configs"] = [job for job in config["scrape_configs"] if job["job_name"] == "exporter"]
+            path = tmp_path / f"{node}.yml"
+            path.write_text(yaml.safe_dump(config))
+            port = free_port()
+            agents.append((config, port, subprocess.Popen(
+                [find_binary("prometheus"), "--enable-feature=agent", f"--config.file={path}",
+                 f"--storage.agent.path={tmp_path / node}", f"--web.listen-address=127.0.0.1:{port}",
+                 "--log.level=error"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
+        deadline = time.monotonic() + 30
+        for config, port, _ in agents:
+            targets = []
             while not targets and time.monotonic() < deadline:
                 try:
                     with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/targets", timeout=2) as answer:
                         targets = json.load(answer)["data"]["activeTargets"]
                 except OSError:
+                    pass
+                if not targets:
                     time.sleep(0.2)
-        finally:
-            agent.terminate()
+            (target,) = targets
+            identities.append({**target["labels"], **(config["global"].get("external_labels") or {})})
+    finally:
+        for _, _, agent in agents:
+            agent.kill()            # nothing of it is kept: no need to wait for its shutdown
             agent.wait(timeout=10)
-        (target,) = targets
-        identities.append({**target["labels"], **(config["global"].get("external_labels") or {})})
     assert identities[0] != identities[1], identities
