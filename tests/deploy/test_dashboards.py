@@ -202,6 +202,15 @@ COMPARE_EXPECTED = {"samples": {"m2": 4000}, "best_loss": {"m2": 0.7, "r1": 0.45
                     "accuracy": {"r1": 0.6}, "duration_seconds": {"r1": 1200, "d1": 1200}}
 
 
+def promtool_passes(path: Path, series: str, tests: list[str]) -> None:
+    """promtool's unit test of the expressions (`promql_expr_test` entries) over the input series, at 1-minute
+    steps, passes."""
+    path.write_text("evaluation_interval: 1m\ntests:\n  - interval: 1m\n    input_series:" + series
+                    + "    promql_expr_test:\n" + "\n".join(test.rstrip("\n") for test in tests) + "\n")
+    result = subprocess.run(["promtool", "test", "rules", str(path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_the_compare_summary_shows_every_rank_and_the_newest_run(tmp_path):
     """Every rank's samples (one rank's were shown), the newest run's final loss (an earlier run's could win;
     a diverged run showed its predecessor's) and accuracy (an earlier run's higher one won), and a resumed
@@ -215,11 +224,7 @@ def test_the_compare_summary_shows_every_rank_and_the_newest_run(tmp_path):
                               for job, value in COMPARE_EXPECTED[target["refId"]].items())
             tests.append(f"      - expr: '{expr}'\n        eval_time: 20m\n        exp_samples:{samples}")
     assert len(tests) == 5
-    config = tmp_path / "compare_test.yml"
-    config.write_text("evaluation_interval: 1m\ntests:\n  - interval: 1m\n    input_series:" + COMPARE_JOBS
-                      + "    promql_expr_test:\n" + "\n".join(tests) + "\n")
-    result = subprocess.run(["promtool", "test", "rules", str(config)], capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout + result.stderr
+    promtool_passes(tmp_path / "compare_test.yml", COMPARE_JOBS, tests)
 
 
 # A two-rank job paused at 5 m (run p1, q1) and resumed at 10 m (run p2, p3) that completed at 15 m. Its
@@ -286,11 +291,7 @@ def test_the_job_stats_show_a_finished_resumed_jobs_final_figures(tmp_path):
         expr = target["expr"].replace("$job_id", "t1").replace("$__range", "1h")
         tests.append(f"      - expr: '{expr}'\n        eval_time: 20m\n        exp_samples:\n"
                      f"          - labels: '{labels}'\n            value: {value}")
-    config = tmp_path / "job_test.yml"
-    config.write_text("evaluation_interval: 1m\ntests:\n  - interval: 1m\n    input_series:" + JOB_SERIES
-                      + "    promql_expr_test:\n" + "\n".join(tests) + "\n")
-    result = subprocess.run(["promtool", "test", "rules", str(config)], capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout + result.stderr
+    promtool_passes(tmp_path / "job_test.yml", JOB_SERIES, tests)
 
 
 def test_the_data_wait_share_has_no_point_where_no_step_completed(tmp_path):
@@ -336,11 +337,7 @@ def test_the_loss_curve_has_no_point_while_the_loss_is_not_finite(tmp_path):
               "            value: 0.5\n")
     tests = [f"      - expr: '{expr}'\n        eval_time: 1m\n{finite}",
              f"      - expr: '{expr}'\n        eval_time: 3m\n        exp_samples: []\n"]
-    config = tmp_path / "loss_test.yml"
-    config.write_text("evaluation_interval: 1m\ntests:\n  - interval: 1m\n    input_series:\n" + series
-                      + "    promql_expr_test:\n" + "".join(tests))
-    result = subprocess.run(["promtool", "test", "rules", str(config)], capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout + result.stderr
+    promtool_passes(tmp_path / "loss_test.yml", "\n" + series, tests)
 
 
 # A job paused at 5 m (its process p1 publishes paused and exits); the job server then publishes its state:
@@ -374,8 +371,4 @@ def test_the_state_stat_shows_the_job_servers_state_of_a_job_without_a_process(t
         expr = state["expr"].replace("$job_id", job).replace("$__range", "1h")
         tests.append(f"      - expr: '{expr}'\n        eval_time: {at}\n        exp_samples:\n"
                      f"          - labels: '{{state=\"{expected}\"}}'\n            value: 1")
-    config = tmp_path / "waiting_test.yml"
-    config.write_text("evaluation_interval: 1m\ntests:\n  - interval: 1m\n    input_series:" + WAITING_SERIES
-                      + "    promql_expr_test:\n" + "\n".join(tests) + "\n")
-    result = subprocess.run(["promtool", "test", "rules", str(config)], capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout + result.stderr
+    promtool_passes(tmp_path / "waiting_test.yml", WAITING_SERIES, tests)
