@@ -247,7 +247,7 @@ class Supervisor:
         # paused), what failed after it done again.
         job = self.store.get_job(job_id)
         if job is None or job.state == "running":
-            self._ended(job_id, code, job_id in self._killed)
+            self._ended(job_id, code, job_id in self._killed, job)
         else:
             self.store.remove_endpoints(job_id)
         del self.runs[job_id]
@@ -267,10 +267,11 @@ class Supervisor:
                               exit_code=None, requested=None, run_token=None)
         log.exception("job %s: %s", job.id, message)
 
-    def _ended(self, job_id: str, code: int | None, killed: bool = False) -> None:
+    def _ended(self, job_id: str, code: int | None, killed: bool = False, job: JobRecord | None = None) -> None:
         """Record how a run ended: its result decides; without one, a signal or exit code is a failure. A run
-        killed after its cancel's grace is cancelled, unless it completed first."""
-        job = self.store.get_job(job_id)
+        killed after its cancel's grace is cancelled, unless it completed first. (`job`: its record, where the
+        caller just read it.)"""
+        job = job or self.store.get_job(job_id)
         result = read_result(self.result_path(job_id))
         reason = published = None
         if result is not None and result.get("state") in EXIT_STATES.values():
