@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from trainmetrics.analytics import queries as q
 from trainmetrics.analytics.goodput import EARLIER_RUNS_GONE
 from trainmetrics.analytics.job import jobs_analytics
-from trainmetrics.analytics.lookup import JobNotFound, fingerprint
+from trainmetrics.analytics.lookup import JobNotFound, fingerprint, owned_by
 from trainmetrics.analytics.prometheus import PrometheusClient, PrometheusError
 from trainmetrics.analytics.results import query_parts_many
 from trainmetrics.analytics.shapes import JobAnalytics, from_plain
@@ -18,7 +18,7 @@ from trainmetrics.reports import NotSettled, ReportArchive
 class Entry:
     """A settled job's analytics, its owners, and what the cheap lookup saw of it (lookup.fingerprint)."""
 
-    analytics: JobAnalytics
+    analytics: JobAnalytics | None      # None: another owner's job, found and never computed
     owners: frozenset[str]
     fingerprint: frozenset
 
@@ -70,7 +70,7 @@ async def cached_jobs_analytics(client: PrometheusClient, cache: AnalyticsCache,
     Prometheus lacks."""
     entries = {job_id: cache.get(job_id) for job_id in dict.fromkeys(job_ids)}
     try:
-        await _from_prometheus(client, cache, entries, lookback, archive)
+        await _from_prometheus(client, cache, entries, lookback, archive, owner)
     except PrometheusError:
         # Prometheus cannot answer (nor say whether a cached job resumed): answered from the stored reports
         # when every job asked for has one of the caller's (another owner's stored job answers as an unknown
@@ -87,14 +87,15 @@ async def cached_jobs_analytics(client: PrometheusClient, cache: AnalyticsCache,
 
 def _yours(entry: Entry | None, owner: str | None) -> bool:
     """True when the job is there and, with an owner, wholly that owner's."""
-    return entry is not None and (owner is None or entry.owners == {owner})
+    return entry is not None and owned_by(entry.owners, owner)
 
 
 async def _from_prometheus(client: PrometheusClient, cache: AnalyticsCache, entries: dict[str, Entry | None],
-                           lookback: float, archive: ReportArchive | None = None) -> None:
+                           lookback: float, archive: ReportArchive | None = None, owner: str | None = None) -> None:
     """Fill in `entries` from Prometheus: the cached ones checked in one request, the others read together. A
     settled job of which Prometheus holds less than its stored report (retention removes the oldest data first:
-    its first runs, its early samples) is its stored report."""
+    its first runs, its early samples) is its stored report. A job that is not the owner's is looked up only
+    (its entry's analytics None, not cached): it answers as an unknown one does, at the same cost."""
     cached = [job_id for job_id, entry in entries.items() if entry is not None]
     if cached:
         now = time.time()
@@ -104,9 +105,12 @@ async def _from_prometheus(client: PrometheusClient, cache: AnalyticsCache, entr
                 cache.drop(job_id)
                 entries[job_id] = None
     missing = [job_id for job_id, entry in entries.items() if entry is None]
-    for result in await jobs_analytics(client, missing, lookback, strict=False) if missing else []:
+    for result in await jobs_analytics(client, missing, lookback, strict=False, owner=owner) if missing else []:
         if result is not None:
             analytics, facts = result
+            if analytics is None:
+                entries[facts.job_id] = Entry(None, facts.owners, facts.fingerprint)
+                continue
             if facts.settled and archive is not None and archive.load is not None:
                 stored = await stored_entry(archive, facts.job_id)
                 if stored is not None and holds_less(analytics, stored.analytics):

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from trainmetrics.analytics import queries as q
 from trainmetrics.analytics import goodput, scoring, shapes
 from trainmetrics.analytics.history import evaluation_history
-from trainmetrics.analytics.lookup import JobFacts, find_jobs
+from trainmetrics.analytics.lookup import JobFacts, find_jobs, owned_by
 from trainmetrics.analytics.prometheus import PrometheusClient
 from trainmetrics.analytics.results import mib, minus, percent, query_parts_many, ratio, rounded, rows, scalar
 
@@ -145,9 +145,13 @@ async def job_analytics(client: PrometheusClient, job_id: str, lookback: float) 
 
 
 async def jobs_analytics(client: PrometheusClient, job_ids: list[str], lookback: float,
-                         strict: bool = True) -> list[tuple[shapes.JobAnalytics, JobFacts] | None]:
+                         strict: bool = True, owner: str | None = None
+                         ) -> list[tuple[shapes.JobAnalytics | None, JobFacts] | None]:
     """The analytics of several jobs, in order, with each job's facts (None for a job Prometheus does not hold,
-    when not strict; JobNotFound for the first such otherwise).
+    when not strict; JobNotFound for the first such otherwise). With an owner, a job that is not wholly that
+    owner's (lookup.owned_by) is looked up only, never computed: (None, its facts). Computed, another owner's
+    job cost its whole analytics before it answered as an unknown one, and a figure that Prometheus failed to
+    answer then told it from one (a 503, or a slow answer, where an unknown id is a quick 404).
 
     Requests: the lookup (one to three, for all the jobs), every instant expression of every job (each carries
     its `@`; one request), then per job one range query of its peak grid, one of its evaluation history's grid
@@ -155,8 +159,8 @@ async def jobs_analytics(client: PrometheusClient, job_ids: list[str], lookback:
     one query; more cost the HTTP client more than they gain on a small host."""
     now = time.time()
     all_facts = await find_jobs(client, job_ids, lookback, now, strict)
-    started = [(facts, _Window.of(facts, now)) for facts in all_facts
-               if facts is not None and facts.start is not None]   # not queued
+    started = [(facts, _Window.of(facts, now)) for facts in all_facts     # not queued, and the caller's
+               if facts is not None and facts.start is not None and owned_by(facts.owners, owner)]
 
     async def instant() -> list[dict[str, list[dict]]]:
         def parts(facts: JobFacts, w: _Window) -> dict[str, str]:
@@ -189,8 +193,8 @@ async def jobs_analytics(client: PrometheusClient, job_ids: list[str], lookback:
     peak_results, histories = per_job[:len(started)], per_job[len(started):]
     answers = {facts.job_id: (_assemble(facts, found, peak, history, w), facts)
                for (facts, w), found, peak, history in zip(started, instants, peak_results, histories)}
-    return [None if facts is None else answers.get(facts.job_id) or (_assemble(facts, {}, {}, [], None), facts)
-            for facts in all_facts]
+    return [None if facts is None else (None, facts) if not owned_by(facts.owners, owner)
+            else answers.get(facts.job_id) or (_assemble(facts, {}, {}, [], None), facts) for facts in all_facts]
 
 
 def _ranks_missing(facts: JobFacts, found: dict[str, list[dict]]) -> bool:

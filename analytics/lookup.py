@@ -359,6 +359,12 @@ class _Lookup:
                         fingerprint=self.fingerprint, now=now, attributed_now=self.attributed_now)
 
 
+def owned_by(owners: frozenset[str], owner: str | None) -> bool:
+    """Whether a job whose processes name `owners` is the caller's (every job without an owner scope): every
+    process of it says that owner."""
+    return owner is None or owners == {owner}
+
+
 async def find_jobs(client: PrometheusClient, job_ids: list[str], lookback: float, now: float,
                     strict: bool = True) -> list[JobFacts | None]:
     """Each job's processes, state and times, every step one request for all the jobs. When Prometheus holds
