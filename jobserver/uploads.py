@@ -86,9 +86,7 @@ async def receive_dataset(request: Request, name: str, target: str | None, datas
     """Stream the body into datasets_dir and check it (a CSV with `target` as its target column); returns the
     dataset's fields (id, path, format, target, rows, features, size, upload time). Nothing is left behind on
     any error."""
-    dataset_id = f"ds-{secrets.token_hex(6)}"
     suffix = Path(name).suffix.lower()
-    final_path = datasets_dir / f"{dataset_id}{suffix}"
     began = time.monotonic()
     fd, tmp_name = tempfile.mkstemp(dir=datasets_dir, prefix=UPLOAD_PREFIX)
     size = 0
@@ -108,7 +106,12 @@ async def receive_dataset(request: Request, name: str, target: str | None, datas
             raise ApiError(400, "bad_dataset", "empty upload")
         rows, features = await anyio.to_thread.run_sync(inspect_dataset, Path(tmp_name), DATASET_FORMATS[suffix],
                                                         NPZ_INFLATION_LIMIT * max_bytes, target, limiter=inspections)
-        os.replace(tmp_name, final_path)
+        dataset_id, final_path = _claim_dataset_name(datasets_dir, suffix)
+        try:
+            os.replace(tmp_name, final_path)
+        except BaseException:
+            final_path.unlink(missing_ok=True)
+            raise
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
@@ -116,6 +119,23 @@ async def receive_dataset(request: Request, name: str, target: str | None, datas
     return {"id": dataset_id, "name": name, "path": str(final_path), "format": DATASET_FORMATS[suffix],
             "target": target, "rows": rows, "features": features, "size_bytes": size,
             "upload_seconds": time.monotonic() - began}
+
+
+def _claim_dataset_name(datasets_dir: Path, suffix: str) -> tuple[str, Path]:
+    """A new dataset id and its file, created empty and exclusively for the upload to be moved over. A random id
+    can be drawn again: the upload was moved over the file of the dataset that had it (another owner's too), its
+    record then failed (the id is taken), and its clean-up removed that dataset's file. An id with a file of any
+    format is drawn anew. (Called on the event loop: no two uploads of one server claim at once.)"""
+    while True:
+        dataset_id = f"ds-{secrets.token_hex(6)}"
+        if any((datasets_dir / f"{dataset_id}{other}").exists() for other in DATASET_FORMATS if other != suffix):
+            continue
+        path = datasets_dir / f"{dataset_id}{suffix}"
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            continue
+        return dataset_id, path
 
 
 def inspect_dataset(path: Path, fmt: str, max_uncompressed_bytes: int, target: str | None) -> tuple[int, int]:

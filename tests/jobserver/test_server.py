@@ -669,3 +669,131 @@ def test_a_dataset_file_no_record_names_is_removed_at_the_start(tmp_path):
         server.stop()
     assert listed == [kept["dataset_id"]] and not orphan.exists()
     assert [p.name for p in (tmp_path / "datasets").glob("ds-*")] == [f"{kept['dataset_id']}.csv"]
+
+
+class RangeFailingProxy:
+    """A reverse proxy in front of Prometheus that answers every range query 503 while `failing` is set (a
+    Prometheus that answers the cheap lookups but not a job's figures: overloaded, timing out on the large ones)."""
+
+    def __init__(self, upstream: str):
+        import urllib.error
+        import urllib.request
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.failing = threading.Event()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def forward(self, body: bytes | None):
+                if proxy.failing.is_set() and self.path.startswith("/api/v1/query_range"):
+                    status, content_type, payload = 503, "text/plain", b"Service Unavailable"
+                else:
+                    request = urllib.request.Request(upstream + self.path, data=body, method=self.command,
+                                                     headers={k: v for k, v in self.headers.items()
+                                                              if k.lower() in ("content-type", "accept")})
+                    try:
+                        with urllib.request.urlopen(request, timeout=30) as answer:
+                            status, content_type, payload = answer.status, answer.headers.get("Content-Type"), answer.read()
+                    except urllib.error.HTTPError as error:
+                        status, content_type, payload = error.code, error.headers.get("Content-Type"), error.read()
+                self.send_response(status)
+                self.send_header("Content-Type", content_type or "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def do_GET(self):
+                self.forward(None)
+
+            def do_POST(self):
+                self.forward(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_another_owners_job_answers_as_an_unknown_one_while_prometheus_fails_its_figures(tmp_path):
+    """The analytics computed another owner's job in full before finding it was not the caller's: a Prometheus
+    that answered the lookup but failed a figure's query (overloaded, timing out on a large job) made another
+    owner's job a 503 where an unknown id is a 404, and every such request cost Prometheus the job's whole
+    analytics (and the caller the time they take: a timing oracle even when Prometheus is well)."""
+    tokens = write_tokens(tmp_path / "tokens")
+    data = tmp_path / "data"
+    data.mkdir()
+    port = free_port()
+    prometheus = PrometheusServer(tmp_path / "prometheus", job_server=f"http://127.0.0.1:{port}",
+                                  job_server_token=TOKENS["@metrics"]).start()
+    proxy = RangeFailingProxy(prometheus.url)
+    server = Server(data, extra=("--tokens", str(tokens), "--prometheus-url", proxy.url))
+    server.port, server.url = port, f"http://127.0.0.1:{port}"
+    server.start()
+    try:
+        alice, bob = server.client("alice"), server.client("bob")
+        alice.post("/api/training/jobs", json={"dataset": "blobs", "epochs": 300, "batch_size": 16, "log_every": 10,
+                                               "job_id": "alice-busy"})
+        prometheus.wait_for('trainer_job_state{job_id="alice-busy",state="running"} == 1', timeout=90)
+        assert alice.get("/api/training/alice-busy/analytics").status_code == 200     # (running: never cached)
+        proxy.failing.set()
+        assert alice.get("/api/training/alice-busy/analytics").status_code == 503     # the figures fail indeed
+        unknown = bob.get("/api/training/alice-none/analytics")
+        assert unknown.status_code == 404, unknown.text
+        for answer in (bob.get("/api/training/alice-busy/analytics"),
+                       bob.get("/api/training/analytics/compare", params={"job_ids": "alice-busy"})):
+            assert answer.status_code == 404, answer.text
+            assert answer.json()["error"]["message"].replace("alice-busy", "X") == \
+                unknown.json()["error"]["message"].replace("alice-none", "X")
+        proxy.failing.clear()
+        assert bob.get("/api/training/alice-busy/analytics").status_code == 404
+    finally:
+        server.client("alice").post("/api/training/jobs/alice-busy/cancel")
+        server.stop()
+        proxy.close()
+        prometheus.stop()
+
+
+def test_a_dataset_id_drawn_again_never_touches_the_dataset_that_has_it(tmp_path):
+    """A dataset's file was moved into place over whatever had its name: an id drawn a second time (random, 48
+    bits) replaced another owner's dataset with this upload, whose record then failed (the id is taken) and whose
+    clean-up removed the file: the other owner's dataset was gone, and their jobs on it refused."""
+    patch = tmp_path / "patch"
+    patch.mkdir()
+    # The first two dataset ids the server draws are the same one; the others random.
+    (patch / "sitecustomize.py").write_text(
+        "import secrets\n_real, _drawn = secrets.token_hex, []\n"
+        "def token_hex(nbytes=None):\n"
+        "    if nbytes == 6 and len(_drawn) < 2:\n"
+        "        _drawn.append(1)\n"
+        "        return '0123456789ab'\n"
+        "    return _real(nbytes)\n"
+        "secrets.token_hex = token_hex\n")
+    data = tmp_path / "data"
+    data.mkdir()
+    server = Server(data, extra=("--tokens", str(write_tokens(tmp_path / "tokens"))),
+                    env={"PYTHONPATH": os.pathsep.join([str(patch), *filter(None, [os.environ.get("PYTHONPATH")])])})
+    server.start()
+    try:
+        alice, bob = server.client("alice"), server.client("bob")
+        alices = b"f1,f2,label\n1,2,0\n3,4,1\n5,6,0\n7,8,1\n"
+        first = alice.post("/api/training/datasets", params={"name": "a.csv"}, content=alices)
+        assert first.status_code == 201 and first.json()["dataset_id"] == "ds-0123456789ab", first.text
+        second = bob.post("/api/training/datasets", params={"name": "b.csv"},
+                          content=b"g1,label\n9,1\n8,0\n7,1\n6,0\n5,1\n")
+        job = alice.post("/api/training/jobs", json={"dataset": "ds-0123456789ab", "epochs": 1, "job_id": "alice-d"})
+        assert job.status_code == 201, job.text
+        alice.post("/api/training/jobs/alice-d/cancel")
+        assert (data / "datasets" / "ds-0123456789ab.csv").read_bytes() == alices
+        assert second.status_code == 201, second.text      # drawn again: the upload draws another id
+        assert second.json()["dataset_id"] != "ds-0123456789ab"
+        assert [d["rows"] for d in alice.get("/api/training/datasets").json()["datasets"]] == [4]
+        assert [d["rows"] for d in bob.get("/api/training/datasets").json()["datasets"]] == [5]
+    finally:
+        server.stop()
