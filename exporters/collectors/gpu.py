@@ -295,11 +295,9 @@ class GpuCollector(Collector):
         log.info("GPU %d (%s) answers again", gpu.index, uuid)
 
     def sample(self, now: float) -> None:
-        if self.job_tracker is not None:
-            try:
-                self.job_tracker.update(now)
-            except OSError as error:  # the jobs collector reports the job dir; GPUs go on
-                log.debug("job tracker: %s", error)
+        # (No job tracker update here: this runs in a loop of its own, whose `now` is never the host loop's, so
+        # the tracker, which reads every job process once per `now`, read them all a second time each tick. The
+        # jobs on a GPU are published with its slow readings: the slow sample brings the tracker up to date.)
         gpus = self._gpus if self._gpus is not None else self._start(now)
         for gpu in gpus:
             if gpu.lost is not None:
@@ -345,6 +343,11 @@ class GpuCollector(Collector):
             raise lost[-1]
 
     def sample_slow(self, now: float) -> None:
+        if self.job_tracker is not None:
+            try:
+                self.job_tracker.update(now)    # once per `now`: shared with the slow loop's other collectors
+            except OSError as error:  # the jobs collector reports the job dir; GPUs go on
+                log.debug("job tracker: %s", error)
         gpus = self._gpus
         if gpus is None:
             return  # the fast loop reports the failure and re-initialises

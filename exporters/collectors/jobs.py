@@ -398,6 +398,9 @@ class JobTracker:
             with self._lock:
                 tree.members = members
         self._trees_refreshed_at = now
+        # The members found are measured at the next update, even one of this same `now` (the GPU collector's
+        # slow sample may have updated before the energy collector walks and updates).
+        self._updated_at = None
 
 
 class ProcessFamilies:

@@ -301,3 +301,33 @@ def test_a_gpu_driver_slower_than_the_interval_does_not_slow_the_hosts_sampling(
     assert collector_ok(series, "gpu") == 1
     assert series[("hw_gpu_utilization_ratio", 'gpu="0",uuid="GPU-busy"')] == 0.4
     assert ("hw_gpu_temperature_celsius", 'gpu="0",uuid="GPU-busy"') in series
+
+
+def test_the_gpus_own_loop_does_not_read_every_job_process_a_second_time():
+    """The job tracker reads each job process's /proc/PID/stat once per `now` however many collectors ask (the
+    jobs collector's fast sample and the GPU's shared one tick). With the GPU's fast sample in a loop of its own,
+    its `now` was another: the tracker read every job process twice per tick, doubling the exporter's cost
+    that grows with the jobs (docs/metrics.md: ~15 us per job process per fast sample)."""
+    from tests.exporters.exporter_fixtures import GIB, FakeGpu, FakeNvml
+    from trainmetrics.exporters.collectors.gpu import GpuCollector
+    from trainmetrics.exporters.collectors.jobs import JobsCollector, JobTracker
+
+    class CountingTracker(JobTracker):
+        measures = 0
+
+        def _measure(self):
+            CountingTracker.measures += 1
+            return super()._measure()
+
+    tracker = CountingTracker(None)
+    gpu = GpuCollector(nvml=FakeNvml([FakeGpu("GPU-a", [40] * 10_000, [GIB] * 10_000)]), job_tracker=tracker)
+    counting = Counting()
+    exporter = Exporter([gpu, JobsCollector(tracker), counting], sample_interval=0.05, slow_interval=0.5).start()
+    try:
+        ticks, measures = counting.samples, CountingTracker.measures
+        time.sleep(2)
+        ticks, measures = counting.samples - ticks, CountingTracker.measures - measures
+    finally:
+        exporter.stop()
+    # One per fast tick, and at most one more per slow pass (4 in 2 s).
+    assert measures <= ticks + 6, (measures, ticks)
