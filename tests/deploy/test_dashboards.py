@@ -372,3 +372,58 @@ def test_the_state_stat_shows_the_job_servers_state_of_a_job_without_a_process(t
         tests.append(f"      - expr: '{expr}'\n        eval_time: {at}\n        exp_samples:\n"
                      f"          - labels: '{{state=\"{expected}\"}}'\n            value: 1")
     promtool_passes(tmp_path / "waiting_test.yml", WAITING_SERIES, tests)
+
+
+# w3: paused at 5 m by its process p1; the job server publishes it paused, then cancelled at 11 m (with its end)
+# for its hold of 5 minutes, then nothing. w4: its process p1 killed at 5 m (its last state running); the server
+# ends it failed (its end at 6 m), it is resumed at 11 m (queued), and its new process p2 runs from 15 m.
+ENDED_BY_SERVER_SERIES = """
+      - series: 'trainer_job_state{job_id="w3",instance="p1",state="running"}'
+        values: '1x4 0'
+      - series: 'trainer_job_state{job_id="w3",instance="p1",state="paused"}'
+        values: '0x4 1'
+      - series: 'trainer_job_start_timestamp_seconds{job_id="w3",instance="p1"}'
+        values: '0x5'
+      - series: 'trainer_heartbeat_timestamp_seconds{job_id="w3",instance="p1"}'
+        values: '0+60x5'
+      - series: 'trainer_job_state{job_id="w3",instance="server",state="paused"}'
+        values: '_x5 1x4 0x4'
+      - series: 'trainer_job_state{job_id="w3",instance="server",state="cancelled"}'
+        values: '_x5 0x4 1x4'
+      - series: 'trainer_job_end_timestamp_seconds{job_id="w3",instance="server"}'
+        values: '_x10 660x4'
+      - series: 'trainer_job_state{job_id="w4",instance="p1",state="running"}'
+        values: '1x5'
+      - series: 'trainer_job_start_timestamp_seconds{job_id="w4",instance="p1"}'
+        values: '0x5'
+      - series: 'trainer_heartbeat_timestamp_seconds{job_id="w4",instance="p1"}'
+        values: '0+60x5'
+      - series: 'trainer_job_state{job_id="w4",instance="server",state="failed"}'
+        values: '_x5 1x4 0x3'
+      - series: 'trainer_job_end_timestamp_seconds{job_id="w4",instance="server"}'
+        values: '_x5 360x4'
+      - series: 'trainer_job_state{job_id="w4",instance="server",state="queued"}'
+        values: '_x5 0x4 1x3'
+      - series: 'trainer_job_state{job_id="w4",instance="p2",state="running"}'
+        values: '_x14 1x15'
+      - series: 'trainer_job_start_timestamp_seconds{job_id="w4",instance="p2"}'
+        values: '_x14 900x15'
+      - series: 'trainer_heartbeat_timestamp_seconds{job_id="w4",instance="p2"}'
+        values: '_x14 900+60x15'
+"""
+
+
+def test_the_state_stat_keeps_the_job_servers_end_of_a_job_after_its_hold(tmp_path):
+    """The job server publishes the end of a job it ended (cancelled while paused, or failed: killed without a
+    result) for FINAL_STATE_HOLD_SECONDS only. Past that the State stat went back to the last run's last state:
+    a cancelled job read `paused` (a killed one `running`) for good. A job resumed after the server's end reads
+    its new run's state."""
+    (state,) = [panel["targets"][0] for panel in all_dashboards()["training-job.json"]["panels"]
+                if panel["title"] == "State"]
+    tests = []
+    for job, expected, at in (("w3", "cancelled", "12m"), ("w3", "cancelled", "25m"), ("w4", "failed", "7m"),
+                              ("w4", "queued", "12m"), ("w4", "running", "25m")):
+        expr = state["expr"].replace("$job_id", job).replace("$__range", "1h")
+        tests.append(f"      - expr: '{expr}'\n        eval_time: {at}\n        exp_samples:\n"
+                     f"          - labels: '{{state=\"{expected}\"}}'\n            value: 1")
+    promtool_passes(tmp_path / "ended_test.yml", ENDED_BY_SERVER_SERIES, tests)

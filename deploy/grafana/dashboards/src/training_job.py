@@ -8,6 +8,17 @@ from panels import (alert_annotation, duration, finite_loss, label_variable, new
 JOB = 'job_id="$job_id"'
 
 
+def server_end_state(jobs: str) -> str:
+    """The final state the job server gave a job (series without a heartbeat), where its end is after every run's
+    last heartbeat in the range (a failed job resumed since runs again), or no run of the job was seen."""
+    server = f"unless on (job_id, instance) last_over_time(trainer_heartbeat_timestamp_seconds{{{jobs}}}[$__range])"
+    ended = f"max by (job_id) (last_over_time(trainer_job_end_timestamp_seconds{{{jobs}}}[$__range]) {server})"
+    runs = f"max by (job_id) (last_over_time(trainer_heartbeat_timestamp_seconds{{{jobs}}}[$__range]))"
+    return (f"max by (state) ((last_over_time(trainer_job_state{{{jobs},state=~\"completed|failed|cancelled\"}}"
+            f"[$__range]) == 1 {server}) and on (job_id) ({ended} > on (job_id) {runs} or {ended} unless on (job_id) "
+            f"{runs}))")
+
+
 def build():
     """The Training job dashboard."""
     return (
@@ -25,13 +36,16 @@ def build():
         # points (whose last one the stat showed) mostly miss; and a range query showed every state the job
         # passed through side by side.
         # The job server's state first, while it publishes one (series without a heartbeat: no process of the
-        # job runs): a paused job resumed (queued again) or cancelled read its last run's `paused` for good.
+        # job runs): a paused job resumed (queued again) or cancelled read its last run's `paused` for good. Then
+        # the end it gave a job (cancelled, failed) after the job's last run, in the range: it publishes that end
+        # for 5 minutes only, and the stat went back to the last run's `paused` (or a killed one's `running`).
         .with_panel(stat_panel("State", "The job server's state of a job without a process (queued, paused, or "
                                         "ended by the server), else the lifecycle state its newest run last "
                                         "published; a killed process's last, running: the job API and the "
                                         "analytics say how it ended.", "none",
                                query(f"max by (state) (trainer_job_state{{{JOB}}} == 1 unless on (job_id, instance) "
                                      f"trainer_heartbeat_timestamp_seconds{{{JOB}}}) or on () "
+                                     f"{server_end_state(JOB)} or on () "
                                      f"max by (state) ((last_over_time(trainer_job_state{{{JOB}}}[$__range]) == 1) "
                                      f"{newest_run(JOB)}) or on () max by (state) (last_over_time("
                                      f"trainer_job_state{{{JOB}}}[$__range]) == 1)", "{{state}}", instant=True),
