@@ -7,7 +7,10 @@ owner can claim, or probe for, another's. The reserved owner `@metrics` is a scr
 """
 
 import hmac
+import logging
+import os
 import re
+import time
 from pathlib import Path
 
 from trainmetrics.edge import ApiError
@@ -18,6 +21,11 @@ OWNER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_]{0,31}$")
 MIN_TOKEN_LENGTH = 16
 TOKEN = re.compile(r"[\x21-\x7e]+")           # visible ASCII: what a header can carry as is
 COMMENT = re.compile(r"(^|\s)#.*")
+# How often a request may look at the tokens file (one stat): a token removed or added takes effect this soon,
+# with no restart (a restart pauses every running job).
+RELOAD_CHECK_SECONDS = 1.0
+
+log = logging.getLogger(__name__)
 
 
 def load_tokens(path: Path) -> dict[bytes, str]:
@@ -48,13 +56,38 @@ def load_tokens(path: Path) -> dict[bytes, str]:
 
 
 class TokenAuth:
-    """Bearer tokens to owners, compared in constant time."""
+    """Bearer tokens to owners, compared in constant time. Given its file, it reads the file again when it
+    changes (looked at once a second at most, by the requests): a revoked token stops working within a second.
+    A changed file that cannot be read or is not a tokens file is said at error level and leaves the tokens in
+    force as they were (an editor's half-written file would lock every owner out)."""
 
-    def __init__(self, tokens: dict[bytes, str]):
+    def __init__(self, tokens: dict[bytes, str], path: Path | None = None):
         self.tokens = tokens
+        self.path = path
+        self._identity = _file_identity(path)
+        self._checked_at = time.monotonic()
+
+    def _reload_if_changed(self) -> None:
+        now = time.monotonic()
+        if self.path is None or now - self._checked_at < RELOAD_CHECK_SECONDS:
+            return
+        self._checked_at = now
+        identity = _file_identity(self.path)
+        if identity == self._identity:
+            return
+        self._identity = identity
+        try:
+            tokens = load_tokens(self.path)
+        except (OSError, ValueError) as error:
+            log.error("tokens file changed but cannot be used (%s): the tokens read before stay in force",
+                      getattr(error, "strerror", None) or error)
+            return
+        self.tokens = tokens
+        log.info("tokens file %s read again: %d tokens", self.path, len(tokens))
 
     def owner(self, authorization: str | None) -> str:
         """The caller's owner, or ApiError 401 for a missing, unknown or malformed token."""
+        self._reload_if_changed()
         scheme, _, token = (authorization or "").partition(" ")
         if scheme.lower() == "bearer":
             presented = token.strip().encode("utf-8", "replace")
@@ -68,6 +101,15 @@ class TokenAuth:
         """The metrics reader reads /metrics and the service discovery (both name every owner's jobs) and
         nothing else; owners everything else."""
         return (path in SCRAPER_PATHS) == (owner == METRICS_READER)
+
+
+def _file_identity(path: Path | None) -> tuple[int, int, int, int] | None:
+    """What changes when a file is written or replaced: inode, size, modification and change times."""
+    try:
+        info = os.stat(path) if path is not None else None
+    except OSError:
+        return None
+    return None if info is None else (info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
 
 
 def job_id_prefix(owner: str | None) -> str:

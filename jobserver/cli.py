@@ -21,7 +21,8 @@ def add_jobserver_flags(parser: argparse.ArgumentParser) -> None:
                        help="where datasets, jobs (checkpoints, logs, results) and the SQLite database live")
     group.add_argument("--tokens", type=Path, default=None, metavar="FILE",
                        help="file of 'TOKEN OWNER' lines: every request then needs 'Authorization: Bearer TOKEN', "
-                            "sees only its owner's jobs, and job ids start with 'OWNER-' (default: no owners)")
+                            "sees only its owner's jobs, and job ids start with 'OWNER-' (default: no owners); "
+                            "read again within a second of a change, no restart needed")
     group.add_argument("--insecure-no-auth", action="store_true",
                        help="allow a non-loopback --listen without --tokens (anyone reaching it controls jobs)")
     group.add_argument("--max-concurrent", type=int, default=None,
@@ -92,7 +93,7 @@ def jobserver_settings(args: argparse.Namespace, host: str, web_config):
     auth = None
     if args.tokens is not None:
         try:
-            auth = TokenAuth(load_tokens(args.tokens))
+            auth = TokenAuth(load_tokens(args.tokens), args.tokens.absolute())
         except (OSError, ValueError) as error:
             raise FlagError("--tokens", str(error)) from None
         if web_config.users:

@@ -32,3 +32,39 @@ def test_a_hash_inside_a_token_is_part_of_it_and_one_after_a_space_starts_a_comm
 
 def test_a_byte_order_mark_is_not_part_of_the_first_token(tmp_path):
     assert load(tmp_path, f"{ALICE} alice\n", encoding="utf-8-sig") == {ALICE.encode(): "alice"}
+
+
+def test_a_changed_tokens_file_takes_effect_without_a_restart(tmp_path):
+    """The file was read once, at the start: a leaked token kept working until the server restarted, and a
+    restart pauses every running job. A token removed stops within a second or two, one added starts, and a file
+    written wrong leaves the tokens as they were, said in the log."""
+    import time
+
+    from tests.jobserver.server_process import TOKENS, Server, write_tokens
+
+    tokens = write_tokens(tmp_path / "tokens")
+    server = Server(tmp_path, extra=("--tokens", str(tokens))).start()
+    carol = "carol-token-0123456789"
+
+    def answers(token: str) -> int:
+        return server.client().get("/api/training/jobs", headers={"Authorization": f"Bearer {token}"}).status_code
+
+    def becomes(token: str, status: int) -> None:
+        deadline = time.monotonic() + 10
+        while answers(token) != status:
+            assert time.monotonic() < deadline, (token, status)
+            time.sleep(0.1)
+
+    try:
+        assert answers(TOKENS["alice"]) == 200 and answers(carol) == 401
+        tokens.write_text(f"{TOKENS['bob']} bob\n{carol} carol\n")        # alice's revoked, carol's added
+        becomes(TOKENS["alice"], 401)
+        becomes(carol, 200)
+        assert answers(TOKENS["bob"]) == 200
+        tokens.write_text(f"{carol} carol\nnot a tokens line\n")
+        time.sleep(2.5)                    # past the next look at the file
+        assert answers(carol) == 200 and answers(TOKENS["bob"]) == 200      # the tokens as they were
+    finally:
+        server.stop()
+    log = (tmp_path / "server.log").read_text()
+    assert "tokens file changed but cannot be used" in log and "line 2" in log, log[-2000:]
