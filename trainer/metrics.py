@@ -812,6 +812,14 @@ class JobMetrics:
                 return
             now = time.perf_counter()
             last = self._last_step_end
+            self._last_step_end = now
+            phases = self.phases
+            if phases.mark[0] != COMPUTE:        # leaving the optimizer or a collective the loop marked
+                phases.enter(COMPUTE, now)
+            phases.last_step = phases.progress = now
+            # The step is counted before its time: a scrape reads the histogram first, then the steps, so its count
+            # never exceeds them (counted after, a scrape at the call to enter() above read count = steps + 1).
+            self.steps += 1
             if last is not None:
                 duration = now - last
                 if duration > self.step_duration_max:
@@ -821,12 +829,6 @@ class JobMetrics:
                 times.sum += duration
                 if self._pushed:
                     self._buffer(self._pending_step_durations, duration)
-            self._last_step_end = now
-            phases = self.phases
-            if phases.mark[0] != COMPUTE:        # leaving the optimizer or a collective the loop marked
-                phases.enter(COMPUTE, now)
-            phases.last_step = phases.progress = now
-            self.steps += 1
             if samples.__class__ is int and samples >= 0:
                 self.samples += samples
             else:       # a counter only grows, and by whole samples: one NaN would stay in it for good

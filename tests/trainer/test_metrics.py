@@ -22,6 +22,7 @@ from trainmetrics.trainer import evaluations, instruments
 from trainmetrics.trainer import metrics as metrics_module
 from trainmetrics.trainer.histograms import DurationHistogram
 from trainmetrics.trainer.metrics import JobInfo, JobMetrics
+from trainmetrics.trainer.phases import COMPUTE, OPTIMIZER
 from trainmetrics.trainer.telemetry import Publish
 
 
@@ -49,7 +50,9 @@ class Scraper:
 
     def __init__(self, port: int, counting: bool = True):
         self.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        self.headers = {SCRAPE_TIMEOUT_HEADER: "0.2"} if counting else {}
+        # 0.5 s, not Prometheus' 0.2 s: an answer later than its timeout is one the scraper dropped (not read),
+        # and a test's renders on a loaded host may take longer than 0.2 s. (Its window as a scraper stays 2 s.)
+        self.headers = {SCRAPE_TIMEOUT_HEADER: "0.5"} if counting else {}
 
     def scrape(self) -> dict[str, list]:
         self.connection.request("GET", "/metrics", headers=self.headers)
@@ -1027,3 +1030,31 @@ def test_text_is_no_loss_and_a_run_closed_without_an_end_is_said(caplog):
     assert metrics.loss == 1.0 and metrics.steps == 2
     metrics.close()
     assert any("without finish() or pause()" in record.getMessage() for record in caplog.records)
+
+
+def test_a_scrape_during_a_step_never_shows_more_step_times_than_steps():
+    """docs/metrics.md: the step-time histogram is read before trainer_steps_total, "so its count never exceeds
+    the steps in one scrape". The built-in loop calls step() in the optimizer phase (runner.py), so step() calls
+    phases.enter() between counting the step's time and counting the step: a scrape there (another thread, the
+    GIL switched at that call) read count = steps + 1."""
+    metrics = JobMetrics("torn-step-count", publish=Publish(listen=None, targets_dir=None, job_dir=None))
+    metrics.start()
+    enter, seen = metrics.phases.enter, []
+
+    def enter_and_scrape(phase, now=None):
+        if phase == COMPUTE:        # inside step(), leaving the optimizer phase: a scrape lands here
+            found = samples_by_name(metrics)
+            seen.append((found["trainer_step_duration_seconds_count"][0].value
+                         if "trainer_step_duration_seconds_count" in found else 0.0,
+                         found["trainer_steps_total"][0].value))
+        enter(phase, now)
+
+    metrics.phases.enter = enter_and_scrape
+    for _ in range(3):
+        metrics.phases.enter(OPTIMIZER)
+        metrics.step(loss=1.0, samples=1)
+    metrics.phases.enter = enter
+    metrics.finish("completed")
+    metrics.close()
+    assert len(seen) == 3
+    assert all(count <= steps for count, steps in seen), seen
