@@ -114,11 +114,18 @@ class _Scraper:
     last_delivered_began: float = float("-inf")
     interval: float | None = None
     closed: bool = False            # its connection closed: it scrapes no more under this name
+    # Its scrape timeout, which its interval is at least (Prometheus refuses a timeout longer than the interval):
+    # the interval's stand-in until a second scrape measures it. Without it a scraper slower than
+    # MIN_ACTIVE_SECONDS (a second Prometheus at 15 s) counted as gone between its first two scrapes: the linger
+    # ended without it, and the evaluations it had not read were dropped.
+    timeout: float | None = None
 
     def idle_past(self, now: float, at_least: float) -> bool:
         """True when its last scrape began longer ago than `at_least` and ACTIVE_INTERVALS of its own intervals
-        (a closed one: `at_least` alone, its last interval may be a freeze's)."""
-        window = at_least if self.closed else max(at_least, ACTIVE_INTERVALS * (self.interval or 0))
+        (its scrape timeout before one is measured; a closed one: `at_least` alone, its last interval may be a
+        freeze's)."""
+        interval = self.interval if self.interval is not None else self.timeout
+        window = at_least if self.closed else max(at_least, ACTIVE_INTERVALS * (interval or 0))
         return now - self.last_began > window
 
 
@@ -141,7 +148,7 @@ class ScraperLog:
             known = self._scrapers.get(scrape.scraper)
             if known is None:
                 self._forget_gone()
-                self._scrapers[scrape.scraper] = _Scraper(scrape.began, scrape.began)
+                self._scrapers[scrape.scraper] = _Scraper(scrape.began, scrape.began, timeout=scrape.timeout)
             else:
                 if scrape.began > known.last_began:
                     known.interval = scrape.began - known.last_began

@@ -35,11 +35,22 @@ DEFAULT_IDLE_TIMEOUT = 30.0
 # http.client's bounds on a request's header lines: their length and how many.
 MAX_HEADER_LINE = 65536
 MAX_HEADERS = 100
+# The longest scrape timeout taken from a scraper's header (Prometheus: at most its scrape interval).
+MAX_SCRAPE_TIMEOUT = 600.0
 
 
 def scraper_name(client_address: tuple) -> str:
     """The name a scraper goes by: its connection's address and port."""
     return f"{client_address[0]}:{client_address[1]}"
+
+
+def scrape_timeout(header: str | None) -> float | None:
+    """The seconds a scrape-timeout header gives (bounded to MAX_SCRAPE_TIMEOUT), or None for none or nonsense."""
+    try:
+        seconds = float(header)
+    except (TypeError, ValueError):
+        return None
+    return min(seconds, MAX_SCRAPE_TIMEOUT) if seconds > 0 else None     # (NaN is not > 0)
 
 
 @dataclass
@@ -50,6 +61,8 @@ class Scrape:
     scraper: str | None
     began: float
     shown: dict = field(default_factory=dict)
+    # The scraper's scrape timeout (its header), in seconds: a scraper's interval is at least that long.
+    timeout: float | None = None
 
     @property
     def counting(self) -> bool:
@@ -195,8 +208,9 @@ class _Handler(BaseHTTPRequestHandler):
             return
         path = self.path.partition("?")[0]
         if path == "/metrics":
-            counting = self.headers.get(SCRAPE_TIMEOUT_HEADER) is not None
-            scrape = Scrape(scraper_name(self.client_address) if counting else None, time.monotonic())
+            timeout = self.headers.get(SCRAPE_TIMEOUT_HEADER)
+            scrape = Scrape(scraper_name(self.client_address) if timeout is not None else None, time.monotonic(),
+                            timeout=scrape_timeout(timeout))
             try:
                 body = server.render(scrape)
             except Exception:   # a renderer bug must not take the endpoint down
@@ -204,7 +218,9 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send("500 Internal Server Error", b"internal error\n", "text/plain; charset=utf-8", send_body)
                 return
             self._send("200 OK", body, CONTENT_TYPE, send_body)
-            if send_body:
+            # An answer written later than the scraper's timeout after its request came is one it had given up on
+            # (its clock started before ours) and dropped: written into its closed connection, it reached no one.
+            if send_body and (scrape.timeout is None or time.monotonic() - scrape.began <= scrape.timeout):
                 server.delivered(scrape)
         elif path == "/":
             self._send("200 OK", server.index_page, "text/html; charset=utf-8", send_body)

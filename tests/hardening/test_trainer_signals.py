@@ -133,7 +133,7 @@ class Scraper(threading.Thread):
         while self.process.poll() is None:
             try:
                 self.last = httpx.get(f"http://{address}/metrics", timeout=2,
-                                      headers={"X-Prometheus-Scrape-Timeout-Seconds": "0.2"}).text
+                                      headers={"X-Prometheus-Scrape-Timeout-Seconds": "0.5"}).text
             except httpx.TimeoutException:
                 continue
             except httpx.TransportError:

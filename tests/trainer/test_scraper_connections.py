@@ -15,7 +15,7 @@ from trainmetrics.metrics_http import SCRAPE_TIMEOUT_HEADER
 from trainmetrics.trainer.metrics import JobMetrics
 from trainmetrics.trainer.telemetry import MIN_ACTIVE_SECONDS, Publish
 
-COUNTING = {SCRAPE_TIMEOUT_HEADER: "0.2"}
+COUNTING = {SCRAPE_TIMEOUT_HEADER: "0.5"}      # (0.5 s: see test_metrics.Scraper)
 
 
 class KeepAliveScraper:
