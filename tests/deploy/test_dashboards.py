@@ -364,14 +364,17 @@ def test_the_state_stat_shows_the_job_servers_state_of_a_job_without_a_process(t
     """A paused job's process has gone; the job server publishes its state from then on. The State stat
     preferred the newest run's last state whenever there was one: a paused job resumed (queued again) or
     cancelled read `paused` for good, though the server, the job API and the Fleet dashboard said otherwise."""
+    promtool_passes(tmp_path / "waiting_test.yml", WAITING_SERIES,
+                    state_stat_tests((("w1", "paused", "7m"), ("w1", "queued", "12m"), ("w2", "cancelled", "12m"))))
+
+
+def state_stat_tests(cases) -> list[str]:
+    """promtool tests of the State stat over a 1-hour range: for each (job, state, time), that state alone."""
     (state,) = [panel["targets"][0] for panel in all_dashboards()["training-job.json"]["panels"]
                 if panel["title"] == "State"]
-    tests = []
-    for job, expected, at in (("w1", "paused", "7m"), ("w1", "queued", "12m"), ("w2", "cancelled", "12m")):
-        expr = state["expr"].replace("$job_id", job).replace("$__range", "1h")
-        tests.append(f"      - expr: '{expr}'\n        eval_time: {at}\n        exp_samples:\n"
-                     f"          - labels: '{{state=\"{expected}\"}}'\n            value: 1")
-    promtool_passes(tmp_path / "waiting_test.yml", WAITING_SERIES, tests)
+    return [f"      - expr: '{state['expr'].replace('$job_id', job).replace('$__range', '1h')}'\n"
+            f"        eval_time: {at}\n        exp_samples:\n"
+            f"          - labels: '{{state=\"{expected}\"}}'\n            value: 1" for job, expected, at in cases]
 
 
 # w3: paused at 5 m by its process p1; the job server publishes it paused, then cancelled at 11 m (with its end)
@@ -418,12 +421,6 @@ def test_the_state_stat_keeps_the_job_servers_end_of_a_job_after_its_hold(tmp_pa
     result) for FINAL_STATE_HOLD_SECONDS only. Past that the State stat went back to the last run's last state:
     a cancelled job read `paused` (a killed one `running`) for good. A job resumed after the server's end reads
     its new run's state."""
-    (state,) = [panel["targets"][0] for panel in all_dashboards()["training-job.json"]["panels"]
-                if panel["title"] == "State"]
-    tests = []
-    for job, expected, at in (("w3", "cancelled", "12m"), ("w3", "cancelled", "25m"), ("w4", "failed", "7m"),
-                              ("w4", "queued", "12m"), ("w4", "running", "25m")):
-        expr = state["expr"].replace("$job_id", job).replace("$__range", "1h")
-        tests.append(f"      - expr: '{expr}'\n        eval_time: {at}\n        exp_samples:\n"
-                     f"          - labels: '{{state=\"{expected}\"}}'\n            value: 1")
-    promtool_passes(tmp_path / "ended_test.yml", ENDED_BY_SERVER_SERIES, tests)
+    promtool_passes(tmp_path / "ended_test.yml", ENDED_BY_SERVER_SERIES, state_stat_tests((
+        ("w3", "cancelled", "12m"), ("w3", "cancelled", "25m"), ("w4", "failed", "7m"), ("w4", "queued", "12m"),
+        ("w4", "running", "25m"))))

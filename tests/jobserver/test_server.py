@@ -16,6 +16,7 @@ import psutil
 import pytest
 import torch
 
+from tests.prometheus_proxy import CapturingProxy
 from trainmetrics.prometheus_process import PrometheusServer, free_port
 
 from .server_process import TOKENS, Server, wait_job, write_tokens
@@ -419,16 +420,24 @@ def job_pid(data_dir: Path, job_id: str) -> int:
         return db.execute("SELECT pid FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]
 
 
-def test_analytics_on_the_server_are_owner_scoped(tmp_path):
+def owners_server(tmp_path: Path, proxy: bool = False) -> tuple[PrometheusServer, CapturingProxy | None, Server]:
+    """A real Prometheus that discovers the jobs of a server with TOKENS' owners, the server reading its analytics
+    from that Prometheus (through a CapturingProxy in front of it, when asked), both started."""
     tokens = write_tokens(tmp_path / "tokens")
     data = tmp_path / "data"
     data.mkdir()
     port = free_port()
     prometheus = PrometheusServer(tmp_path / "prometheus", job_server=f"http://127.0.0.1:{port}",
                                   job_server_token=TOKENS["@metrics"]).start()
-    server = Server(data, extra=("--tokens", str(tokens), "--prometheus-url", prometheus.url))
+    front = CapturingProxy(prometheus.url) if proxy else None
+    server = Server(data, extra=("--tokens", str(tokens), "--prometheus-url", (front or prometheus).url))
     server.port, server.url = port, f"http://127.0.0.1:{port}"
     server.start()
+    return prometheus, front, server
+
+
+def test_analytics_on_the_server_are_owner_scoped(tmp_path):
+    prometheus, _, server = owners_server(tmp_path)
     try:
         alice, bob = server.client("alice"), server.client("bob")
         alice.post("/api/training/jobs", json={"dataset": "blobs", "epochs": 2, "job_id": "alice-a1"})
@@ -671,78 +680,19 @@ def test_a_dataset_file_no_record_names_is_removed_at_the_start(tmp_path):
     assert [p.name for p in (tmp_path / "datasets").glob("ds-*")] == [f"{kept['dataset_id']}.csv"]
 
 
-class RangeFailingProxy:
-    """A reverse proxy in front of Prometheus that answers every range query 503 while `failing` is set (a
-    Prometheus that answers the cheap lookups but not a job's figures: overloaded, timing out on the large ones)."""
-
-    def __init__(self, upstream: str):
-        import urllib.error
-        import urllib.request
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-        self.failing = threading.Event()
-        proxy = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def forward(self, body: bytes | None):
-                if proxy.failing.is_set() and self.path.startswith("/api/v1/query_range"):
-                    status, content_type, payload = 503, "text/plain", b"Service Unavailable"
-                else:
-                    request = urllib.request.Request(upstream + self.path, data=body, method=self.command,
-                                                     headers={k: v for k, v in self.headers.items()
-                                                              if k.lower() in ("content-type", "accept")})
-                    try:
-                        with urllib.request.urlopen(request, timeout=30) as answer:
-                            status, content_type, payload = answer.status, answer.headers.get("Content-Type"), answer.read()
-                    except urllib.error.HTTPError as error:
-                        status, content_type, payload = error.code, error.headers.get("Content-Type"), error.read()
-                self.send_response(status)
-                self.send_header("Content-Type", content_type or "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-            def do_GET(self):
-                self.forward(None)
-
-            def do_POST(self):
-                self.forward(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 def test_another_owners_job_answers_as_an_unknown_one_while_prometheus_fails_its_figures(tmp_path):
     """The analytics computed another owner's job in full before finding it was not the caller's: a Prometheus
     that answered the lookup but failed a figure's query (overloaded, timing out on a large job) made another
     owner's job a 503 where an unknown id is a 404, and every such request cost Prometheus the job's whole
     analytics (and the caller the time they take: a timing oracle even when Prometheus is well)."""
-    tokens = write_tokens(tmp_path / "tokens")
-    data = tmp_path / "data"
-    data.mkdir()
-    port = free_port()
-    prometheus = PrometheusServer(tmp_path / "prometheus", job_server=f"http://127.0.0.1:{port}",
-                                  job_server_token=TOKENS["@metrics"]).start()
-    proxy = RangeFailingProxy(prometheus.url)
-    server = Server(data, extra=("--tokens", str(tokens), "--prometheus-url", proxy.url))
-    server.port, server.url = port, f"http://127.0.0.1:{port}"
-    server.start()
+    prometheus, proxy, server = owners_server(tmp_path, proxy=True)
     try:
         alice, bob = server.client("alice"), server.client("bob")
         alice.post("/api/training/jobs", json={"dataset": "blobs", "epochs": 300, "batch_size": 16, "log_every": 10,
                                                "job_id": "alice-busy"})
         prometheus.wait_for('trainer_job_state{job_id="alice-busy",state="running"} == 1', timeout=90)
         assert alice.get("/api/training/alice-busy/analytics").status_code == 200     # (running: never cached)
-        proxy.failing.set()
+        proxy.failing_ranges.set()
         assert alice.get("/api/training/alice-busy/analytics").status_code == 503     # the figures fail indeed
         unknown = bob.get("/api/training/alice-none/analytics")
         assert unknown.status_code == 404, unknown.text
@@ -751,7 +701,7 @@ def test_another_owners_job_answers_as_an_unknown_one_while_prometheus_fails_its
             assert answer.status_code == 404, answer.text
             assert answer.json()["error"]["message"].replace("alice-busy", "X") == \
                 unknown.json()["error"]["message"].replace("alice-none", "X")
-        proxy.failing.clear()
+        proxy.failing_ranges.clear()
         assert bob.get("/api/training/alice-busy/analytics").status_code == 404
     finally:
         server.client("alice").post("/api/training/jobs/alice-busy/cancel")
