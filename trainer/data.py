@@ -10,7 +10,9 @@ otherwise); integer targets mean classification, other numbers regression. An NP
 (samples first) and ``y``. A ``.txt`` file is a corpus for the language model.
 """
 
+import hashlib
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +42,19 @@ class Dataset:
     def is_image(self) -> bool:
         """True when samples are (channels, height, width) images."""
         return len(self.input_shape) == 3
+
+    @cached_property
+    def digest(self) -> str:
+        """A fingerprint of the data as trained on: its splits' samples and targets, in order. A checkpoint holds
+        it, and a resume on other data under the same name (another file of that stem, the file changed, another
+        --target) is refused: the name alone let it go on at the old position in a shuffle of other data."""
+        digest = hashlib.blake2b(self.task.encode(), digest_size=16)
+        for split in (self.train, self.eval):
+            for tensor in split.tensors:
+                tensor = tensor.contiguous()
+                digest.update(f"{tuple(tensor.shape)} {tensor.dtype};".encode())
+                digest.update(tensor.numpy().data.cast("B"))
+        return digest.hexdigest()
 
 
 def load_dataset(spec: str, target: str = "label", seed: int = 0) -> Dataset:

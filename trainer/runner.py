@@ -104,7 +104,7 @@ class Trainer:
                 "step": self.metrics.steps, "samples": self.metrics.samples, "epoch": self.epoch,
                 "batch_in_epoch": self.batch_in_epoch, "batch_size": self.config.batch_size,
                 "job_id": self.config.job_id, "model_name": self.config.model, "dataset": self.dataset.name,
-                "seed": self.config.seed, "metrics_by_rank": metrics_by_rank}
+                "dataset_digest": self.dataset.digest, "seed": self.config.seed, "metrics_by_rank": metrics_by_rank}
 
     def foreign(self, state: dict) -> str | None:
         """Why a checkpoint is not this job's to resume from (another job's, or another model's: its weights
@@ -143,6 +143,15 @@ class Trainer:
                 raise ValueError(f"the checkpoint was written with {flag} {written_with}: its position (batch "
                                  f"{state.get('batch_in_epoch')} of epoch {state.get('epoch')}) counts batches of "
                                  f"that {what}; resume with {flag} {written_with}")
+        # The name is a file's stem: another data.csv, this one changed, or another --target of it, was resumed at
+        # the old position in a shuffle of other data, its held-out split drawn anew from what had been trained on.
+        written_digest = state.get("dataset_digest")
+        if written_digest is not None and written_digest != self.dataset.digest:
+            raise ValueError(f"the checkpoint was written with other data under the dataset name "
+                             f"{self.dataset.name!r} (another file of that name, the file changed since, or another "
+                             f"--target): its position (batch {state.get('batch_in_epoch')} of epoch "
+                             f"{state.get('epoch')}) counts batches of that data; resume with the data it was "
+                             "written with")
         self.net.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         kept = self.optimizer.param_groups[0]["lr"]
@@ -419,6 +428,17 @@ def check_output_paths(config: TrainConfig) -> None:
         check_writable(flags["result_file"], result_file, result_file.parent)
 
 
+def memory_shortage(error: BaseException) -> str | None:
+    """What an allocation that failed says (numpy raises MemoryError, torch's CPU allocator RuntimeError), in one
+    line; None for any other error."""
+    detail = " ".join(str(error).split())
+    if not isinstance(error, MemoryError) and "allocate" not in detail:
+        return None
+    if "can't allocate" in detail:      # after torch's "[enforce fail at alloc_cpu.cpp:127] err == 0."
+        detail = detail[detail.find("can't allocate"):]
+    return detail[:200] or "out of memory"
+
+
 def prepare(config: TrainConfig):
     """Validate everything that can be checked before any file is written; raises BadInput."""
     try:
@@ -435,9 +455,24 @@ def prepare(config: TrainConfig):
             raise DatasetError(message if message.startswith("--") else f"--dataset: {message}") from None
         except OSError as error:            # a file this user cannot read, a device behind a link: bad input too
             raise DatasetError(f"--dataset: {config.dataset}: cannot be read: {error.strerror or error}") from None
+        except (MemoryError, RuntimeError) as error:     # its copies for the splits: a traceback, no result
+            shortage = memory_shortage(error)
+            if shortage is None:
+                raise
+            raise DatasetError(f"--dataset: {config.dataset}: too large for this machine's memory ({shortage})"
+                               ) from None
         load_seconds = time.monotonic() - began
         torch.manual_seed(config.seed)   # same seed, same initial weights: runs are reproducible
-        model = build_model(config.model, dataset)
+        try:
+            model = build_model(config.model, dataset)
+        except (MemoryError, RuntimeError) as error:
+            # A model shaped for large samples (a cnn's head on 4000x4000 images takes 32 GB) was a traceback, with
+            # no result file and no summary line.
+            shortage = memory_shortage(error)
+            if shortage is None:
+                raise
+            raise ModelError(f"--model {config.model}: too large for this machine's memory for {dataset.name!r} "
+                             f"samples of shape {dataset.input_shape} ({shortage})") from None
     except (ValueError, DatasetError, ModelError, FlagError) as error:
         raise BadInput(str(error)) from None
     return device, dataset, model, load_seconds
@@ -481,10 +516,10 @@ def run_job(config: TrainConfig, stop: StopFlag | None = None) -> int:
     stop = stop if stop is not None else StopFlag.for_process()     # a StopFlag with no stop is falsy
     try:
         device, dataset, model, load_seconds = prepare(config)
-        created_dir = open_checkpoint_dir(config)
     except BadInput as error:
         return bad_input(config, str(error))
 
+    # Before the checkpoint dir is made: refused after it, the rank layout left it behind (bad input leaves nothing).
     try:
         ranks = distributed.from_environment()
     except ValueError as error:
@@ -492,6 +527,10 @@ def run_job(config: TrainConfig, stop: StopFlag | None = None) -> int:
     if ranks.enabled and config.job_id_made_up and config.job_id != made_up_job_id():     # not the ranks' shared one
         return bad_input(config, "--job-id: a job of several processes needs one (its ranks cannot agree on a "
                                  "made-up one without torchrun's run id)")
+    try:
+        created_dir = open_checkpoint_dir(config)
+    except BadInput as error:
+        return bad_input(config, str(error))
     device = distributed.rank_device(ranks, device)
     total_steps = config.epochs * -(-len(dataset.train) // ranks.world_size // config.batch_size)
     progress = ProgressReporter(config, total_steps)

@@ -72,6 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line and run the chosen command; returns its exit code."""
+    if (sys.argv[1:2] if argv is None else list(argv)[:1]) == ["train"]:
+        # A job's stop signals are caught before every command's module is imported: the console script
+        # (`trainmetrics train`) comes in here, not through __main__, and a SIGTERM meanwhile killed the job by
+        # the default action (exit 143, no result) where `python -m trainmetrics train` ended it cancelled.
+        from trainmetrics.trainer.stopping import StopFlag
+
+        StopFlag.for_process()
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)

@@ -3,6 +3,7 @@
 import errno
 import signal
 
+import numpy as np
 import pytest
 import torch
 
@@ -269,3 +270,37 @@ def test_a_killed_final_model_write_leaves_no_temp_file_for_good(tmp_path):
     (tmp_path / ".step-000000040.pt.abc.tmp").write_bytes(b"weights")
     ckpt.ensure_writable_dir(tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("other", ["another file of the name", "another target"])
+def test_a_resume_on_other_data_under_the_same_name_fails(other, make_trainer, tmp_path):
+    """The dataset was checked by its name only, a file's stem: another data.csv (another directory, the file
+    grown or edited, another --target of it) resumed at the old position in a shuffle of other data, its held-out
+    split drawn anew (samples the first run trained on held out now), and exited 0."""
+    rng = np.random.default_rng(0)
+
+    def write(directory, rows):
+        x = rng.normal(size=(rows, 3))
+        labels = np.c_[(x[:, 0] > 0), (x[:, 1] > 0)].astype(int)
+        (tmp_path / directory).mkdir()
+        path = tmp_path / directory / "data.csv"
+        path.write_text("a,b,c,label,other\n" + "".join(f"{a:.5f},{b:.5f},{c:.5f},{k},{m}\n"
+                                                         for (a, b, c), (k, m) in zip(x, labels)))
+        return str(path)
+
+    first_data = write("first", 300)
+    (tmp_path / "ck").mkdir()
+    common = dict(model="mlp", epochs=1, batch_size=32, checkpoint_dir=tmp_path / "ck")
+    first = make_trainer(**common, dataset=first_data)
+    assert stopped_at(first, 3) == "cancelled"
+    if other == "another target":
+        resumed = make_trainer(**common, dataset=first_data, target="other")
+    else:
+        resumed = make_trainer(**common, dataset=write("second", 900))
+    assert resumed.dataset.name == first.dataset.name == "data"
+    with pytest.raises(ValueError, match="written with other data under the dataset name 'data'"):
+        resumed.restore(ckpt.load_latest(tmp_path / "ck", foreign=resumed.foreign))
+    # The same data resumes as before.
+    again = make_trainer(**common, dataset=first_data)
+    again.restore(ckpt.load_latest(tmp_path / "ck", foreign=again.foreign))
+    assert again.run() == "completed"

@@ -1,6 +1,7 @@
 """`trainmetrics train` as a user runs it: bad input, signals, failures, resume."""
 
 import fcntl
+import json
 import os
 import pty
 import re
@@ -8,6 +9,7 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 import termios
 import time
 
@@ -123,6 +125,7 @@ def test_a_rank_layout_that_is_none_is_one_line_naming_it(variables, message, tm
     code = main(["train", "--targets-dir", str(tmp_path / "t"), "--checkpoint-dir", str(tmp_path / "ck")])
     stderr = capsys.readouterr().err
     assert code == 2 and message in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    assert list(tmp_path.iterdir()) == []       # bad input leaves nothing behind (the checkpoint dir stayed)
 
 
 def test_metrics_port_in_use_is_bad_input(tmp_path, capsys):
@@ -339,6 +342,7 @@ def test_several_processes_without_a_shared_job_id_are_refused(tmp_path, monkeyp
     code = main(["train", "--targets-dir", str(tmp_path / "t"), "--checkpoint-dir", str(tmp_path / "ck")])
     stderr = capsys.readouterr().err
     assert code == 2 and "--job-id: a job of several processes needs one" in stderr, stderr
+    assert list(tmp_path.iterdir()) == []       # its checkpoint dir was made, and left behind
 
 
 def test_a_fixed_metrics_port_is_local_rank_0s_and_the_next_ranks_take_the_ports_after():
@@ -351,3 +355,67 @@ def test_a_fixed_metrics_port_is_local_rank_0s_and_the_next_ranks_take_the_ports
     assert rank_listen("[::1]:9400", 1) == "[::1]:9401" and rank_listen("0.0.0.0:0", 3) == "0.0.0.0:0"
     with pytest.raises(ValueError, match="past 65535"):
         rank_listen("127.0.0.1:65535", 1)
+
+
+def test_the_console_script_catches_the_stop_signals_before_it_imports_the_commands(tmp_path):
+    """`trainmetrics train` (the console script: trainmetrics.cli:main) installed its stop handlers only once every
+    command's module had been imported and the flags parsed: a SIGTERM in that first tenth of a second killed the
+    job by the default action (exit 143, no result file), where `python -m trainmetrics train` ends it cancelled."""
+    result_file = tmp_path / "result.json"
+    script = (
+        "import os, signal, sys\n"
+        "from trainmetrics import cli\n"
+        "build_parser = cli.build_parser\n"
+        "def build_parser_under_a_sigterm():\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)      # arrives while the command modules import\n"
+        "    return build_parser()\n"
+        "cli.build_parser = build_parser_under_a_sigterm\n"
+        f"sys.argv = ['trainmetrics', 'train', '--epochs', '1', '--result-file', {str(result_file)!r}]\n"
+        "sys.exit(cli.main())\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 3, (done.returncode, done.stderr[-2000:])
+    assert parse_summary(done.stdout)["state"] == "cancelled"
+    assert json.loads(result_file.read_text())["state"] == "cancelled"
+
+
+def test_a_model_too_large_for_memory_is_one_line_with_a_result_not_a_traceback(tmp_path):
+    """A cnn on 4000x4000 images needs a 32 GB head: torch's allocator raised RuntimeError out of prepare(), a
+    traceback with no result file and no summary (the job server said only "exit code 1 without a result")."""
+    import resource
+
+    np.savez_compressed(tmp_path / "huge.npz", x=np.zeros((2, 1, 4000, 4000), dtype=np.float32), y=np.array([0, 1]))
+    result_file = tmp_path / "result.json"
+
+    def limit_memory():     # the machine's memory, made small: the 32 GB fails to allocate wherever this runs
+        resource.setrlimit(resource.RLIMIT_AS, (6 * 2**30, 6 * 2**30))
+
+    done = subprocess.run(train_command("--model", "cnn", "--dataset", str(tmp_path / "huge.npz"), "--epochs", "1",
+                                        "--checkpoint-dir", str(tmp_path / "ck"), "--result-file", str(result_file)),
+                          capture_output=True, text=True, timeout=180, preexec_fn=limit_memory)
+    assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr[-2000:]
+    assert done.stderr.startswith("trainmetrics train: error: --model cnn: ")
+    assert "memory" in done.stderr
+    assert json.loads(result_file.read_text())["exit_code"] == 2
+    assert not (tmp_path / "ck").exists()
+
+
+def test_a_dataset_too_large_for_memory_is_one_line_with_a_result_not_a_traceback(tmp_path, monkeypatch, capsys):
+    """The splits' copies of a dataset that only just loaded failed in torch's allocator (RuntimeError): a
+    traceback out of prepare(), with no result file and no summary."""
+    import torch
+
+    from trainmetrics.trainer import runner
+
+    def load_dataset(*args, **kwargs):      # as _split's copy of a 4x12000x12000 array does under 3.5 GB
+        return torch.empty(2**62, dtype=torch.uint8)
+
+    monkeypatch.setattr(runner, "load_dataset", load_dataset)
+    result_file = tmp_path / "result.json"
+    code = main(["train", "--epochs", "1", "--checkpoint-dir", str(tmp_path / "ck"), "--result-file", str(result_file)])
+    stderr = capsys.readouterr().err
+    assert code == 2, stderr
+    assert "--dataset: blobs: too large for this machine's memory (can't allocate memory" in stderr, stderr
+    assert len(stderr.strip().splitlines()) == 1, stderr
+    assert json.loads(result_file.read_text())["exit_code"] == 2
+    assert not (tmp_path / "ck").exists()
