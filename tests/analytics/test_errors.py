@@ -33,6 +33,24 @@ def capturing():
         yield client, transport
 
 
+def freeze(pid: int) -> None:
+    """SIGSTOP the process and return once every thread of it is stopped: the signal is delivered to each thread
+    as it next enters the kernel, and a Prometheus thread still running answered a request sent just after the
+    kill (the paused-Prometheus test saw /healthz ok)."""
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 10
+    while True:
+        states = set()
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError):
+                with open(f"/proc/{pid}/task/{task}/stat") as stat:
+                    states.add(stat.read().rpartition(")")[2].split()[0])
+        if states <= {"T", "t"}:
+            return
+        assert time.monotonic() < deadline, states
+        time.sleep(0.005)
+
+
 def assert_unhealthy(response: httpx.Response, code: str) -> None:
     """/healthz names the failing check: 503 with the Prometheus error's code."""
     assert response.status_code == 503, response.text
@@ -326,7 +344,7 @@ def test_a_stopped_prometheus_is_503_with_retry_after(prometheus):
 def test_a_paused_prometheus_is_504_within_the_deadline(prometheus):
     with serve(Settings(prometheus_url=prometheus.url, prometheus_deadline=1.0, service_deadline=2.0)) as client:
         assert client.get("/healthz").status_code == 200
-        os.kill(prometheus.process.pid, signal.SIGSTOP)
+        freeze(prometheus.process.pid)
         try:
             began = time.monotonic()
             assert_unhealthy(client.get("/healthz"), "prometheus_timeout")
@@ -363,7 +381,7 @@ def test_a_starting_prometheus_is_503_until_ready(tmp_path):
 def test_a_prometheus_killed_mid_request_is_503(prometheus):
     with serve(Settings(prometheus_url=prometheus.url, prometheus_deadline=5.0, service_deadline=8.0)) as client:
         assert client.get("/healthz").status_code == 200
-        os.kill(prometheus.process.pid, signal.SIGSTOP)        # the request connects, then waits ...
+        freeze(prometheus.process.pid)        # the request connects, then waits ...
         answers = []
         request = threading.Thread(target=lambda: answers.append(client.get("/api/training/run-1/analytics")))
         request.start()
@@ -392,7 +410,7 @@ def test_a_frozen_prometheus_under_a_burst_recovers_within_one_deadline(promethe
                                                  for index in range(200)))
             return [answer.status_code for answer in answers]
 
-        os.kill(prometheus.process.pid, signal.SIGSTOP)
+        freeze(prometheus.process.pid)
         try:
             codes = asyncio.run(burst())
         finally:
