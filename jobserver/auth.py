@@ -79,8 +79,8 @@ class TokenAuth:
         try:
             tokens = load_tokens(self.path)
         except (OSError, ValueError) as error:
-            log.error("tokens file changed but cannot be used (%s): the tokens read before stay in force",
-                      getattr(error, "strerror", None) or error)
+            reason = f"{self.path}: {error.strerror}" if isinstance(error, OSError) else str(error)
+            log.error("tokens file changed but cannot be used (%s): the tokens read before stay in force", reason)
             return
         self.tokens = tokens
         log.info("tokens file %s read again: %d tokens", self.path, len(tokens))

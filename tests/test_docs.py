@@ -131,7 +131,8 @@ def matches(path: str, patterns: set[str]) -> bool:
 def test_every_route_the_injection_table_names_is_served_by_the_service_it_names():
     """docs/reliability.md's PromQL-injection table: 'analytics: GET /x' must be a route of the analytics."""
     analytics, server = routes()
-    section = (REPO / "docs" / "reliability.md").read_text().split("### 2. PromQL injection", 1)[1].split("\n### ", 1)[0]
+    text = (REPO / "docs" / "reliability.md").read_text()
+    section = text.split("### 2. PromQL injection", 1)[1].split("\n### ", 1)[0]
     rows = [line for line in section.splitlines() if line.startswith("| ") and "`" in line.split("|")[1]]
     assert rows
     for row in rows:
@@ -139,7 +140,8 @@ def test_every_route_the_injection_table_names_is_served_by_the_service_it_names
         services = {word for word in ("analytics", "server") if re.search(rf"\b{word}\b", cell.split(":")[0])}
         assert services, row
         for path in re.findall(r"`(?:GET|POST) (/[^`]*)`", cell):
-            path = path.split("?")[0].replace("{job_id}", "j1").replace("{id}", "j1").replace("…", "/api/training/jobs/j1")
+            path = path.split("?")[0].replace("{job_id}", "j1").replace("{id}", "j1")
+            path = path.replace("…", "/api/training/jobs/j1")
             for service in services:
                 served = analytics if service == "analytics" else server
                 assert matches(path, served), f"docs/reliability.md: {service} has no route {path}"

@@ -393,7 +393,8 @@ def serve(app: Starlette, sock, web_config: WebConfig, on_ready: Callable[[], No
                 on_ready()
 
     cert, key = web_config.cert_files or (None, None)
-    config = uvicorn.Config(answering_cut_requests(app), log_level="warning", lifespan="on", ssl_certfile=cert, ssl_keyfile=key,
+    config = uvicorn.Config(answering_cut_requests(app), log_level="warning", lifespan="on", ssl_certfile=cert,
+                            ssl_keyfile=key,
                             http=client_timeout_protocol(client_idle_seconds or CLIENT_IDLE_SECONDS),
                             timeout_graceful_shutdown=SHUTDOWN_DRAIN_SECONDS)
     config.load()
