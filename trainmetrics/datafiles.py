@@ -206,5 +206,8 @@ def _target_array(y: np.ndarray, labels: bool) -> np.ndarray:
             raise DatasetError("class labels must be non-negative integers")
         if y.max() >= MAX_CLASSES:
             raise DatasetError(f"class label {int(y.max())} too large: at most {MAX_CLASSES} classes")
+        if len(y) and y.min() == y.max():     # trained as such: loss 0, accuracy 1.0 from the first step, unsaid
+            raise DatasetError(f"every sample is of class {int(y.min())}: one class, nothing to classify (is the "
+                               "target column the right one?)")
         return y.astype(np.int64)
     return y.astype(np.float32)

@@ -23,9 +23,9 @@ def test_a_csv_of_short_rows_costs_a_few_times_its_size(tmp_path):
     """Rows held as lists of Python floats took ~50 times the file (a 32 MiB upload: 1.7 GB in the job
     server; 256 MiB, the default limit: ~13 GB). Each value is kept as float32 (features) or float64 (target)."""
     path = tmp_path / "short.csv"
-    path.write_text("a,label\n" + "0,1\n" * 50_000)
+    path.write_text("a,label\n" + "0,1\n0,0\n" * 25_000)
     x, y = read_csv(path)
-    assert x.shape == (50_000, 1) and x.dtype == np.float32 and y.dtype == np.int64 and (y == 1).all()
+    assert x.shape == (50_000, 1) and x.dtype == np.float32 and y.dtype == np.int64 and y.sum() == 25_000
     assert peak_bytes(read_csv, path) < 8 * path.stat().st_size
 
 
@@ -60,7 +60,7 @@ def test_an_npz_is_limited_by_what_it_takes_as_float32(tmp_path):
     """The limit counted the bytes stored: 200 MiB of uint8 (a 200 KB upload, compressed) took 1 GiB once
     made float32 and checked."""
     path = tmp_path / "bytes.npz"
-    np.savez_compressed(path, x=np.zeros((3 << 20, 1), dtype=np.uint8), y=np.zeros(3 << 20, dtype=np.uint8))
+    np.savez_compressed(path, x=np.zeros((3 << 20, 1), dtype=np.uint8), y=np.arange(3 << 20, dtype=np.uint8) % 2)
     assert path.stat().st_size < 100_000
     with pytest.raises(DatasetError, match="in memory as float32, over the 16777216-byte limit"):
         read_npz(path, 16 << 20)
@@ -84,3 +84,19 @@ def test_a_csv_number_may_have_spaces_a_sign_and_an_exponent(tmp_path):
     path.write_text("a, b ,label\n 1.5 ,-2e3,0\n+.5,\t7.,1\n", encoding="utf-8")
     x, y = read_csv(path)
     assert x.tolist() == [[1.5, -2000.0], [0.5, 7.0]] and y.tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("make", ["csv", "npz"])
+def test_a_target_of_one_class_is_refused(tmp_path, make):
+    """Every sample of one class (a wrong target column, a filtered export): the job trained it to loss 0 and
+    accuracy 1.0 from the first step and completed, nothing said."""
+    if make == "csv":
+        path = tmp_path / "one.csv"
+        path.write_text("a,label\n" + "".join(f"{i},3\n" for i in range(20)))
+        read = read_csv
+    else:
+        path = tmp_path / "one.npz"
+        np.savez(path, x=np.arange(40.0).reshape(20, 2), y=np.full(20, 3))
+        read = read_npz
+    with pytest.raises(DatasetError, match="every sample is of class 3: one class, nothing to classify"):
+        read(path)
