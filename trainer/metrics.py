@@ -1022,9 +1022,9 @@ class JobMetrics:
         finally:
             self._checkpoints_writing -= 1
             self.phases.enter(_resumed_phase(previous))
-            # The gap spent checkpointing is not a training step's time, nor is a write that failed (a loop that
+            # The time spent checkpointing is not a training step's time, nor is a write that failed (a loop that
             # goes on after it timed the failed write as its next step).
-            self._last_step_end = time.perf_counter()
+            self._leave_out_of_step(began, previous)
         try:
             seconds = time.perf_counter() - began
             self.checkpoint_durations.observe(seconds)
@@ -1039,7 +1039,7 @@ class JobMetrics:
     def phase(self, name: str):
         """Mark a part of the loop as its own phase: "eval", "optimizer", "collective" (docs/metrics.md), or
         "restore" before training starts. Time outside every marked phase and the data wait is compute."""
-        previous = self.phases.phase
+        began, previous = time.perf_counter(), self.phases.phase
         markable = isinstance(name, str) and (name in MARKED_PHASES or name == COMPUTE)
         if not markable and repr(name) not in self._warned_phases:     # a typo would hide in compute
             self._warned_phases.add(repr(name))
@@ -1051,7 +1051,19 @@ class JobMetrics:
         finally:
             self.phases.enter(_resumed_phase(previous))
             if markable and name in (EVAL, CHECKPOINT):     # nor is an evaluation or a wait for rank 0's write
-                self._last_step_end = time.perf_counter()
+                self._leave_out_of_step(began, previous)
+
+    def _leave_out_of_step(self, began: float, previous: str) -> None:
+        """An evaluation or checkpoint (or the wait for rank 0's) that began at `began` is not a training step's
+        time: the step in progress is timed without it, and keeps what came before it (its data wait and
+        compute, where the loop evaluates or checkpoints before its step() call). Restarting the step's clock at
+        its end timed such a step from there: ~0 s, its data wait counted but not its time. One nested in
+        another (a checkpoint inside an evaluation) is left out by the outer one."""
+        last = self._last_step_end
+        if last is None or previous in (EVAL, CHECKPOINT):
+            return
+        # From the later of its start and the step clock's (a step() inside the block restarted it there).
+        self._last_step_end = last + (time.perf_counter() - max(began, last))
 
     def _loss_spike(self, loss: float) -> None:
         log.warning("job %s: loss spike at step %d: %.4g against a running mean of %.4g", self.job_id, self.steps,
@@ -1119,6 +1131,8 @@ def _finite_float(value, what: str = "an evaluation result") -> float | None:
     try:
         if _is_bool(value):
             raise TypeError("a bool")
+        if isinstance(value, (str, bytes)):       # float("0.5") would read it (step() refuses text too)
+            raise TypeError("text")
         number = float(value)
     except (TypeError, ValueError):
         log.warning("ignoring %s that is not a number: %r", what, value)

@@ -26,8 +26,9 @@ INIT, RESTORE, DATA, COMPUTE, OPTIMIZER, COLLECTIVE, EVAL, CHECKPOINT, PAUSED, E
     "init", "restore", "data_wait", "compute", "optimizer", "collective", "eval", "checkpoint", "paused", "ended")
 CURRENT_PHASES = (INIT, RESTORE, DATA, COMPUTE, OPTIMIZER, COLLECTIVE, EVAL, CHECKPOINT, PAUSED, ENDED)
 # The phases a data-loader wait counts as data wait in (JobMetrics.timed): the loop's own; a wait in a phase the
-# loop marked (an evaluation's loader) is that phase's time.
-LOOP_PHASES = (INIT, DATA, COMPUTE)
+# loop marked (an evaluation's loader) is that phase's time, and one that begins inside another's wait (timed() over
+# a generator that iterates timed(loader) itself) is the outer wait's: counted once.
+LOOP_PHASES = (INIT, COMPUTE)
 # Phases whose time is summed as they end (compute is what the loop's time leaves over; the data wait the loop
 # sums itself).
 SUMMED = (RESTORE, OPTIMIZER, COLLECTIVE, EVAL, CHECKPOINT)

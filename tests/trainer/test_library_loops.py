@@ -1,0 +1,130 @@
+"""`JobMetrics` in the training loops people write: an evaluation or checkpoint in the middle of a step, a loader
+wrapped in `timed()` twice, evaluation results given as text."""
+
+import time
+
+import pytest
+
+from trainmetrics.trainer.metrics import JobMetrics
+
+WAIT, COMPUTE = 0.1, 0.05
+
+
+def batches(count: int, wait: float):
+    """A loader whose every batch takes `wait` to arrive."""
+    for index in range(count):
+        time.sleep(wait)
+        yield index
+
+
+def run(metrics: JobMetrics, body, count: int = 4) -> dict[str, float]:
+    metrics.start()
+    try:
+        for batch in metrics.timed(batches(count, WAIT)):
+            time.sleep(COMPUTE)
+            body(metrics)
+            metrics.step(loss=1.0, samples=1)
+        metrics.finish("completed")
+        return metrics.phases.totals()
+    finally:
+        metrics.close()
+
+
+def in_eval(metrics):
+    with metrics.phase("eval"):
+        time.sleep(0.02)
+
+
+def in_checkpoint(metrics):
+    with metrics.checkpoint():
+        time.sleep(0.02)
+
+
+def nested_eval_pass(metrics):
+    with metrics.phase("eval"):
+        for _ in metrics.timed(batches(2, 0.01)):
+            pass
+
+
+@pytest.mark.parametrize("body", [in_eval, in_checkpoint, nested_eval_pass])
+def test_an_evaluation_or_checkpoint_inside_a_step_leaves_the_rest_of_the_step_its_time(body):
+    """The end of an evaluation or checkpoint restarted the step's clock: a step that evaluated or checkpointed
+    before its step() call was timed from the end of that, its data wait and compute lost (steps of ~0 s, a
+    data-wait fraction of step time far above 1), though trainer_step_duration_seconds is the step's wall time,
+    data wait included. Only the evaluation's or checkpoint's own time is left out."""
+    metrics = JobMetrics("loops-mid-step")
+    run(metrics, body)
+    steps = sum(metrics.step_times.counts)
+    assert steps == 4
+    assert metrics.step_times.sum >= metrics.data_waits.sum
+    assert metrics.step_times.sum == pytest.approx(4 * (WAIT + COMPUTE), abs=0.06)
+    assert metrics.step_duration_max == pytest.approx(WAIT + COMPUTE, abs=0.03)
+
+
+def test_a_checkpoint_between_steps_is_still_left_out_of_the_next_step():
+    metrics = JobMetrics("loops-between")
+    metrics.start()
+    try:
+        metrics.step(loss=1.0, samples=1)
+        with metrics.checkpoint():
+            time.sleep(0.3)
+        time.sleep(0.05)
+        metrics.step(loss=1.0, samples=1)
+    finally:
+        metrics.close()
+    assert metrics.step_duration_max == pytest.approx(0.05, abs=0.03)
+
+
+def test_a_new_pass_still_leaves_the_time_between_passes_out_of_its_first_step():
+    metrics = JobMetrics("loops-passes")
+    metrics.start()
+    try:
+        for _ in range(2):
+            for _ in metrics.timed(batches(2, 0.02)):
+                metrics.step(samples=1)
+            time.sleep(0.3)         # an evaluation between epochs, not marked
+    finally:
+        metrics.close()
+    assert metrics.step_duration_max < 0.1
+
+
+def test_a_loader_wrapped_in_timed_twice_counts_each_wait_once():
+    """timed() over a generator that itself iterates timed(loader) (a helper that moves batches to the device):
+    each wait was counted by both, the data wait doubled and the step's compute booked as data wait (compute
+    ~0; past the loop's time compute is clamped at 0 and the phases exceed the process's life)."""
+    metrics = JobMetrics("loops-wrapped")
+    metrics.start()
+
+    def to_device():
+        for batch in metrics.timed(batches(4, WAIT)):
+            yield batch
+
+    began = time.perf_counter()
+    for _ in metrics.timed(to_device()):
+        time.sleep(COMPUTE)
+        metrics.step(samples=1)
+    loop = time.perf_counter() - began
+    metrics.finish("completed")
+    totals = metrics.phases.totals()
+    metrics.close()
+    assert metrics.data_waits.sum == pytest.approx(4 * WAIT, abs=0.04)
+    assert sum(metrics.data_waits.counts) == 5          # four batches and the end of the pass, once each
+    assert totals["data_wait"] == pytest.approx(4 * WAIT, abs=0.04)
+    assert totals["compute"] == pytest.approx(4 * COMPUTE, abs=0.04)
+    assert totals["data_wait"] + totals["compute"] == pytest.approx(loop, abs=0.02)
+
+
+def test_text_is_no_evaluation_result_nor_learning_rate(caplog):
+    """The README: a loss or evaluation result that is text is left out. step() refused loss="0.5", but
+    eval(loss="0.5") and set_learning_rate("0.1") read the text as a number."""
+    metrics = JobMetrics("loops-text")
+    try:
+        metrics.start()
+        evaluation = metrics.eval(loss="0.5", accuracy=b"0.9")
+        metrics.set_learning_rate("0.1")
+        assert evaluation is not None and evaluation.loss is None and evaluation.accuracy is None
+        assert metrics.eval_loss_min is None and metrics.learning_rate is None
+        metrics.eval(loss=0.25, accuracy=0.5)
+        assert metrics.eval_loss_min == 0.25 and metrics.evaluations.count == 2
+    finally:
+        metrics.close()
