@@ -105,12 +105,54 @@ def write_history(path: Path, now: float, seed: int = 7) -> tuple[list[str], int
     return long_ids, len(lines) - 1
 
 
+def service_code(source: Path | None = None) -> str:
+    """The service's process (`python -c`): this checkout's `analytics.cli`, or the one of the `--baseline` tree.
+
+    A baseline's `trainmetrics.analytics` is its own `analytics/` dir, but this checkout's editable install maps that
+    name to this checkout's: imported by name, a baseline from after the move into `trainmetrics.` ran this
+    checkout's analytics (the baseline rows were the code under test, timed twice), and one from before it (the
+    README's a2198d6, whose analytics is the top-level `analytics` package) did not start. So a baseline's parts
+    are found in its tree first, and the service refuses to run code from anywhere else."""
+    if source is None:
+        return ("import argparse, sys; from trainmetrics.analytics import cli; p = argparse.ArgumentParser(); "
+                "cli.configure(p); sys.exit(cli.run(p.parse_args(sys.argv[1:])))")
+    source = source.resolve()
+    top_level = any("from analytics" in path.read_text() for path in (source / "analytics").glob("*.py"))
+    module = "analytics.cli" if top_level else "trainmetrics.analytics.cli"
+    return f"""
+import argparse, importlib, importlib.machinery, os, sys
+source = {str(source)!r}
+sys.path.insert(0, source)
+
+
+class BaselineParts:
+    # trainmetrics.<part> from the baseline's <part>/ when its trainmetrics/ has none (the editable install's own
+    # finder would map it to this checkout's).
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        parent, _, part = name.partition(".")
+        if (parent == "trainmetrics" and part and "." not in part and os.path.isdir(os.path.join(source, part))
+                and not os.path.isdir(os.path.join(source, "trainmetrics", part))):
+            return importlib.machinery.PathFinder.find_spec(name, [source])
+        return None
+
+
+sys.meta_path.insert(0, BaselineParts)
+cli = importlib.import_module({module!r})
+if not os.path.realpath(cli.__file__).startswith(source + os.sep):
+    sys.exit(f"--baseline: the service's code came from {{cli.__file__}}, not from {{source}}")
+print(f"baseline analytics from {{cli.__file__}}", file=sys.stderr, flush=True)
+p = argparse.ArgumentParser()
+cli.configure(p)
+sys.exit(cli.run(p.parse_args(sys.argv[1:])))
+"""
+
+
 def start_service(prometheus_url: str, cache_entries: int, log_path: Path,
                   extra: tuple[str, ...] = (), source: Path | None = None) -> tuple[subprocess.Popen, str]:
     """`analytics.cli` in its own process; returns it and its base URL once /healthz answers."""
     port = free_port()
-    code = ("import argparse, sys; from trainmetrics.analytics import cli; p = argparse.ArgumentParser(); cli.configure(p); "
-            "sys.exit(cli.run(p.parse_args(sys.argv[1:])))")
+    code = service_code(source)
     process = subprocess.Popen([sys.executable, "-c", code, "--listen", f"127.0.0.1:{port}", "--prometheus-url",
                                 prometheus_url, "--cache-entries", str(cache_entries), *extra],
                                stdout=subprocess.DEVNULL, stderr=open(log_path, "w"), cwd=source)
@@ -121,8 +163,12 @@ def start_service(prometheus_url: str, cache_entries: int, log_path: Path,
             if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
                 return process, url
         except httpx.TransportError:
-            time.sleep(0.1)
+            pass
+        if process.poll() is not None:
+            break
+        time.sleep(0.1)
     process.kill()
+    process.wait()
     raise RuntimeError(f"analytics did not start: {log_path.read_text()[-2000:]}")
 
 
@@ -170,6 +216,11 @@ def main() -> int:
                         help="also time, cold, the service from this source tree (e.g. `git archive HEAD~1 "
                              "analytics trainmetrics | tar -x -C DIR`) on the same Prometheus")
     args = parser.parse_args()
+    if args.calls < 1:
+        parser.error(f"--calls must be at least 1, got {args.calls}")
+    if args.baseline is not None and not (args.baseline / "analytics").is_dir():
+        parser.error(f"--baseline {args.baseline}: no analytics/ in it (git archive COMMIT analytics trainmetrics | "
+                     "tar -x -C DIR)")
     stop_on_signals()
     work = args.keep or Path(tempfile.mkdtemp(prefix="analytics-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -245,7 +296,10 @@ def main() -> int:
                 measure(clients[mode], paths, len(paths))          # connections and, when on, the cache
                 results[name][mode] = []
             for i in range(args.calls):
-                for mode in measured:
+                # Each mode first in turn: the first to ask Prometheus about a job (its chunks then hot in memory
+                # and CPU caches for the modes after it) was always `cold`, the baseline always after it.
+                turn = i % len(measured)
+                for mode in measured[turn:] + measured[:turn]:
                     results[name][mode] += measure(clients[mode], [paths[i % len(paths)]], 1)
         for client in clients.values():
             client.close()

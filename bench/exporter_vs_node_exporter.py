@@ -12,8 +12,10 @@ count, and the CPU ratio ours / node_exporter.
 import argparse
 import gzip
 import http.client
+import math
 import multiprocessing
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -146,6 +148,13 @@ def main() -> int:
     parser.add_argument("--sample-interval", default="0.1", help="our exporter's --sample-interval")
     parser.add_argument("--warmup", type=float, default=3.0)
     options = parser.parse_args()
+    try:
+        sample_interval = float(options.sample_interval)
+    except ValueError:
+        sample_interval = math.nan
+    if not (0 < options.seconds < math.inf and 0 < options.scrape_interval < math.inf and options.warmup >= 0
+            and 0 < sample_interval < math.inf):
+        parser.error("--seconds, --scrape-interval and --sample-interval must be positive, --warmup 0 or more")
     require_binary(NODE_EXPORTER, "NODE_EXPORTER_BIN")
     stop_on_signals()
 
@@ -183,6 +192,7 @@ def main() -> int:
         for process in (ours, node):
             process.terminate()
             process.wait(timeout=10)
+        shutil.rmtree(job_dir, ignore_errors=True)
 
     print(f"{wall:.1f} s, scraped every {options.scrape_interval * 1000:.0f} ms; ours samples every "
           f"{float(options.sample_interval) * 1000:.0f} ms; {os.cpu_count()} CPUs")

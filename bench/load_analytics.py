@@ -11,6 +11,7 @@ jobs, the job list, a 10-minute summary (never cached) and an unknown job (404).
 
 import argparse
 import asyncio
+import shutil
 import statistics
 import subprocess
 import sys
@@ -35,11 +36,21 @@ def rss_mib(pid: int) -> float:
 
 
 def start_jobs(prometheus: PrometheusServer, work: Path) -> None:
-    processes = [subprocess.Popen([sys.executable, "-m", "trainmetrics", "train", "--job-id", job_id, "--model", "mlp",
-                                   "--dataset", "blobs", "--epochs", "2", "--targets-dir", str(prometheus.targets_dir)],
-                                  cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for job_id in JOBS]
-    for process in processes:
-        process.wait(timeout=300)
+    processes = []
+    try:
+        for job_id in JOBS:
+            processes.append(subprocess.Popen([sys.executable, "-m", "trainmetrics", "train", "--job-id", job_id,
+                                               "--model", "mlp", "--dataset", "blobs", "--epochs", "2",
+                                               "--targets-dir", str(prometheus.targets_dir)],
+                                              cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        for process in processes:
+            process.wait(timeout=300)
+    finally:
+        # A SIGTERM (or a job past its 300 s) left the jobs training on, orphaned, after the benchmark ended.
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
     for job_id in JOBS:
         prometheus.wait_for(f'last_over_time(trainer_job_state{{job_id="{job_id}",state="completed"}}[5m]) == 1',
                             timeout=60)
@@ -87,6 +98,8 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--clients", type=int, default=50)
     args = parser.parse_args()
+    if not args.seconds > 0 or args.clients < 1:
+        parser.error(f"--seconds must be positive and --clients at least 1, got {args.seconds:g} and {args.clients}")
     stop_on_signals()
     work = Path(tempfile.mkdtemp(prefix="trainmetrics-load-"))
     prometheus = PrometheusServer(work / "prometheus")
@@ -137,6 +150,7 @@ def main() -> int:
             service.terminate()
             service.wait(timeout=10)
         prometheus.stop()
+        shutil.rmtree(work, ignore_errors=True)     # its Prometheus data, left behind by every run
 
 
 if __name__ == "__main__":

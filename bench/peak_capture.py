@@ -23,6 +23,7 @@ import mmap
 import multiprocessing
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -194,6 +195,8 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=60.0, help="how long to inject events")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
     options = parser.parse_args()
+    if not 10 <= options.seconds < 1e6:
+        parser.error(f"--seconds must be at least 10 (events come {GAP[0]}-{GAP[1]} s apart), got {options.seconds:g}")
     require_binary(NODE_EXPORTER, "NODE_EXPORTER_BIN")
     stop_on_signals()
     seed = options.seed if options.seed is not None else random.randrange(1 << 30)
@@ -238,6 +241,7 @@ def main() -> int:
         for process in (ours, node):
             process.terminate()
             process.wait(timeout=10)
+        shutil.rmtree(workdir, ignore_errors=True)     # its Prometheus data, left behind by every run
 
     print(f"{options.seconds:.0f} s of injection, seed {seed}, {cpus} CPUs; Prometheus scrapes both every 250 ms; "
           f"ours samples every 100 ms with a 1 s peak window")

@@ -14,8 +14,11 @@ sides and hide about half of their cost; a wall clock the same (a scrape holds t
 lands), so no wall-clock ratio is printed.
 
 The job is the one issue #2 specifies, an MLP with ~2 ms steps: the batch size is chosen at the start as the
-smallest multiple of 64 whose step takes at least --step-ms (the same batch gives 1-2 ms steps on different
-days on a shared VM), unless --batch-size fixes it. Goal: >= 0.99.
+multiple of 64 whose step takes the CPU time nearest --step-ms (the same batch gives 1-2 ms steps on different
+days on a shared VM), unless --batch-size fixes it. CPU time, the main thread's clock the ratio is measured
+with: chosen by the wall clock, a busy host's preemptions made steps of 0.9-1.5 ms of CPU pass for 2 ms, and the
+step's fixed cost weighed up to twice as much; and the nearest, not the first at least as long (2.17 ms on
+average over the recorded runs: a figure kinder than at 2 ms). Goal: >= 0.99.
 
     .venv/bin/python bench/trainer_overhead.py [--rounds 600] [--steps 50] [--step-ms 2] [--batch-size N]
                                                  [--scrapes-per-second 4] [--scrape-parts]
@@ -25,6 +28,7 @@ days on a shared VM), unless --batch-size fixes it. Goal: >= 0.99.
 
 import argparse
 import collections
+import math
 import subprocess
 import sys
 import time
@@ -70,18 +74,31 @@ def make_job(batch_size: int):
     return batches, train_step
 
 
+def step_cpu_ms(batch_size: int) -> float:
+    """Milliseconds of the main thread's CPU per uninstrumented step at `batch_size` (the median of 3 x 50 steps,
+    after 20 to warm up)."""
+    batches, train_step = make_job(batch_size)
+    run_off(batches, train_step, 20)
+    times = []
+    for _ in range(3):
+        began = time.thread_time()
+        run_off(batches, train_step, 50)
+        times.append((time.thread_time() - began) * 20)
+    return sorted(times)[1]
+
+
 def calibrated_batch_size(step_ms: float) -> int:
-    """The smallest multiple of 64 whose uninstrumented step takes at least `step_ms` (at most 4096)."""
-    batch_size = 64
-    while batch_size < 4096:
-        batches, train_step = make_job(batch_size)
-        run_off(batches, train_step, 20)
-        began = time.perf_counter()
-        run_off(batches, train_step, 100)
-        if (time.perf_counter() - began) * 10 >= step_ms:
-            break
-        batch_size += 64
-    return batch_size
+    """The multiple of 64 (64 to 4096) whose uninstrumented step takes the main thread's CPU time nearest
+    `step_ms`: the clock the ratio is measured with (a wall clock counts a busy host's preemptions as step time)."""
+    previous = None         # (batch size, ms) of the last one below step_ms
+    for batch_size in range(64, 4097, 64):
+        ms = step_cpu_ms(batch_size)
+        if ms >= step_ms:
+            if previous is not None and step_ms - previous[1] < ms - step_ms:
+                return previous[0]
+            return batch_size
+        previous = (batch_size, ms)
+    return 4096
 
 
 @dataclass
@@ -189,10 +206,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.rounds < 2 or args.steps < 1:
         parser.error("--rounds must be at least 2 (the run is also shown in halves) and --steps at least 1")
-    if args.scrapes_per_second < 0:
-        parser.error("--scrapes-per-second cannot be negative")
-    if args.step_ms <= 0 or (args.batch_size is not None and args.batch_size < 1):
-        parser.error("--step-ms and --batch-size must be positive")
+    if not 0 <= args.scrapes_per_second < math.inf:
+        parser.error("--scrapes-per-second must be a finite number, 0 or more")
+    if not 0 < args.step_ms < math.inf or (args.batch_size is not None and args.batch_size < 1):
+        parser.error("--step-ms and --batch-size must be positive (and finite)")
     stop_on_signals()
 
     torch.set_num_threads(1)
@@ -226,8 +243,10 @@ def main() -> None:
     half = args.rounds // 2
     all_wall = sum(r.wall for r in on + off)
     loop_ratio = sum(r.loop_cpu for r in off) / sum(r.loop_cpu for r in on)
+    steps = args.rounds * args.steps
     print(f"batch size {batch_size}; step time (uninstrumented, mean): "
-          f"{1000 * sum(r.wall for r in off) / (args.rounds * args.steps):.2f} ms")
+          f"{1000 * sum(r.loop_cpu for r in off) / steps:.2f} ms of CPU, "
+          f"{1000 * sum(r.wall for r in off) / steps:.2f} ms wall")
     scraped = f"scraped at {args.scrapes_per_second:g} Hz by another process" if scraper else "not scraped"
     print(f"rounds: {args.rounds} x {args.steps} steps per side, interleaved; {scraped}")
     print(f"the loop alone (main thread CPU), instrumented / uninstrumented: {loop_ratio:.4f}")

@@ -2,6 +2,7 @@
 benchmark started (it killed the benchmark alone: its exporters, Prometheus or Ray cluster ran on)."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 
@@ -43,3 +45,37 @@ def test_sigterm_stops_the_processes_a_benchmark_started():
         if bench.poll() is None:
             bench.kill()
             bench.wait()
+
+
+@pytest.mark.parametrize("script, flags", [
+    ("trainer_overhead.py", ["--scrapes-per-second", "nan"]),     # was taken: "not scraped", said nowhere
+    ("trainer_overhead.py", ["--step-ms", "inf"]),
+    ("central_ingestion.py", ["--senders", "0"]),                 # nothing sent: it waited for ever
+    ("analytics_latency.py", ["--calls", "0"]),                    # an IndexError after minutes of backfill
+    ("load_analytics.py", ["--clients", "0"]),
+    ("exporter_vs_node_exporter.py", ["--seconds", "0"]),
+    ("peak_capture.py", ["--seconds", "3"]),
+    ("submit_latency.py", ["--jobs", "0"]),
+])
+def test_a_nonsense_flag_is_refused_in_one_line_before_anything_starts(script, flags):
+    env = {**os.environ, "NODE_EXPORTER_BIN": shutil.which("true")}     # the flag refused, not the binary
+    result = subprocess.run([sys.executable, str(BENCH / script), *flags], env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.splitlines()[-1].startswith(f"{script}: error: "), result.stderr[-2000:]
+
+
+def test_a_baseline_runs_its_own_analytics_not_this_checkouts(tmp_path):
+    """--baseline DIR: the service's `trainmetrics.analytics` is DIR's analytics/ (this checkout's editable install maps
+    that name here: a baseline tree ran this checkout's code and was timed as the baseline)."""
+    sys.path.insert(0, str(BENCH.parent))
+    try:
+        from bench.analytics_latency import service_code
+    finally:
+        sys.path.remove(str(BENCH.parent))
+    for part in ("analytics", "trainmetrics"):
+        shutil.copytree(BENCH.parent / part, tmp_path / part, ignore=shutil.ignore_patterns("__pycache__"))
+    result = subprocess.run([sys.executable, "-c", service_code(tmp_path), "--help"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stderr.strip() == f"baseline analytics from {tmp_path.resolve() / 'analytics' / 'cli.py'}"
