@@ -11,6 +11,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -55,6 +56,21 @@ def rss_bytes(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for {pid}")
 
 
+def hold_address(instance: str) -> socket.socket | None:
+    """A socket listening on HOST:PORT that never answers (scrapes of it time out: `up` 0), so that no other
+    server can bind it (a listener excludes even SO_REUSEADDR binds); None where it cannot be bound."""
+    host, _, port = instance.rpartition(":")
+    holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)     # past the killed server's TIME_WAITs
+    try:
+        holder.bind((host, int(port)))
+        holder.listen(1)
+    except OSError:
+        holder.close()
+        return None
+    return holder
+
+
 @dataclass
 class Stack:
     prometheus: PrometheusServer
@@ -68,6 +84,9 @@ class Stack:
     killed_at: float = 0.0
     killed_instance: str = ""
     children: list[subprocess.Popen] = field(default_factory=list)
+    # Holds the killed job's address, so no later job's server gets it: one that did answered the killed target's
+    # scrapes (up 1), and TargetDown never fired (a clean-clone run).
+    killed_port_holder: socket.socket | None = None
 
     def log(self, name: str) -> str:
         return (self.workdir / f"{name}.log").read_text(errors="replace")
@@ -121,6 +140,7 @@ def stack(tmp_path_factory):
         os.kill(victim.pid, signal.SIGKILL)
         victim.wait()
         stack.killed_at, stack.killed_instance = time.time(), running[0]["metric"]["instance"]
+        stack.killed_port_holder = hold_address(stack.killed_instance)
 
         for job_id in COMPLETED_JOBS:
             prometheus.wait_for(f'last_over_time(trainer_job_state{{job_id="{job_id}",state="completed"}}[5m]) == 1',

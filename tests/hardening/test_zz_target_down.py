@@ -20,6 +20,9 @@ def forget_the_killed_target(stack):
     yield
     for target in stack.prometheus.targets_dir.glob(f"{KILLED_JOB}.rank*.json"):
         target.unlink(missing_ok=True)
+    if stack.killed_port_holder is not None:
+        stack.killed_port_holder.close()
+        stack.killed_port_holder = None
 
 
 def test_killed_job_fires_target_down(stack):
