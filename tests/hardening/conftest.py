@@ -110,6 +110,7 @@ def stack(tmp_path_factory):
     analytics_port = free_port()
     processes: list[subprocess.Popen] = []
     proxy = CapturingProxy(prometheus.url)          # both services reach Prometheus only through it
+    stack: Stack | None = None
     try:
         analytics = start_logged(trainmetrics("analytics", "--listen", f"127.0.0.1:{analytics_port}",
                                               "--prometheus-url", proxy.url), work / "analytics.log")
@@ -163,6 +164,8 @@ def stack(tmp_path_factory):
                     process.wait()
         proxy.close()
         prometheus.stop()
+        if stack is not None and stack.killed_port_holder is not None:     # (test_zz_target_down ran elsewhere)
+            stack.killed_port_holder.close()
 
 
 @pytest.fixture(params=["analytics", "server"])
