@@ -259,8 +259,11 @@ def test_the_fleet_summary_adds_up_the_jobs_phases(ledger_run, stack):
     # steps, the thrown-away data wait, seconds on a loaded host, was missing from the step phase.)
     thrown_away = phases_thrown_away(prometheus, "gp-ledger", seen["checkpoint"])
     # (lost as the ledger has it: the killed run's total less what the next took over, its own life from its
-    # start and end timestamps: within a few hundredths of the phases' own figures)
-    assert sum(thrown_away.values()) == pytest.approx(jobs[1]["lost"], abs=0.05)
+    # start and end timestamps: within a few hundredths of the phases' own figures. Less the killed run's last
+    # checkpoint write, which the ledger counts as checkpoint time (the snapshot resumed from was taken before
+    # it): 4 ms on a quiet host, 56 ms on a loaded one, where the test had allowed 50.)
+    thrown_away_after_write = sum(seconds for phase, seconds in thrown_away.items() if phase != "checkpoint")
+    assert thrown_away_after_write == pytest.approx(jobs[1]["lost"], abs=0.03), (thrown_away, jobs[1])
     for phase in ("step", "data_wait", "eval", "checkpoint"):
         expected = sum(job[phase] for job in jobs) + thrown_away.get(phase, 0.0)
         assert fleet[phase] == pytest.approx(expected, abs=0.05), (phase, fleet, jobs, thrown_away)
