@@ -248,6 +248,7 @@ class JobMetrics:
         self._warned_bad_step = False
         self._warned_phases: set = set()
         self._warned_epoch = False
+        self._warned_values: set[str] = set()       # the kinds of value said to be unusable (said once each)
         self._warned_outside_run = False
         self._checkpoints_writing = 0       # checkpoint() blocks open: state_dict() counts them as written
         self._warned_interval = False
@@ -865,6 +866,23 @@ class JobMetrics:
             if self.steps >= self._next_log_step:       # the step counted: its interval still ends on time
                 self._log_interval()
 
+    def _finite_float(self, value, what: str) -> float | None:
+        """value as a finite float, or None (None, NaN, infinity, or not a number at all: said once per kind of
+        value, as README promises; a loop passing one every interval would fill the log)."""
+        if value is None:
+            return None
+        try:
+            number = _as_float(value)
+        except (TypeError, ValueError):
+            self._said_once(what, f"ignoring {what} that is not a number: {value!r}")
+            return None
+        return number if math.isfinite(number) else None
+
+    def _said_once(self, kind: str, message: str) -> None:
+        if kind not in self._warned_values:
+            self._warned_values.add(kind)
+            log.warning("job %s: %s (such values are ignored; not said again)", self.job_id, message)
+
     def _counts_outside_run(self) -> bool:
         """step() when the job is not running: after the run ended (finish(), pause()) the step is not counted
         (the job's totals and its end stay as published); before start() it is, the job still `queued`. Said
@@ -989,7 +1007,7 @@ class JobMetrics:
     @_never_raises
     def set_learning_rate(self, lr: float) -> None:
         """Publish the current learning rate (a NaN or infinite one is left out, said once)."""
-        value = _finite_float(lr, "a learning rate")
+        value = self._finite_float(lr, "a learning rate")
         if value is not None:
             self.learning_rate = value
 
@@ -997,10 +1015,11 @@ class JobMetrics:
     def eval(self, loss: float | None = None, accuracy: float | None = None) -> Evaluation | None:
         """Record an evaluation (accuracy as a 0..1 ratio). Each one reaches every scraper, in order, however
         fast they come (the eval history series); non-finite values are left out."""
-        loss = _finite_float(loss)
-        accuracy = _finite_float(accuracy)
+        loss = self._finite_float(loss, "an evaluation loss")
+        accuracy = self._finite_float(accuracy, "an evaluation accuracy")
         if accuracy is not None and not 0.0 <= accuracy <= 1.0:     # 95 for 95 %: it would be the max for good
-            log.warning("job %s: ignoring an accuracy of %r: a ratio from 0 to 1 is expected", self.job_id, accuracy)
+            self._said_once("an accuracy out of range", f"ignoring an accuracy of {accuracy!r}: a ratio from 0 to "
+                                                       f"1 is expected")
             accuracy = None
         if loss is not None:
             self.eval_loss_min = loss if self.eval_loss_min is None else min(self.eval_loss_min, loss)
@@ -1124,17 +1143,10 @@ def _is_bool(value) -> bool:
     return dtype is not None and str(dtype) in ("torch.bool", "bool")
 
 
-def _finite_float(value, what: str = "an evaluation result") -> float | None:
-    """value as a finite float, or None (None, NaN, infinity, or not a number at all)."""
-    if value is None:
-        return None
-    try:
-        if _is_bool(value):
-            raise TypeError("a bool")
-        if isinstance(value, (str, bytes)):       # float("0.5") would read it (step() refuses text too)
-            raise TypeError("text")
-        number = float(value)
-    except (TypeError, ValueError):
-        log.warning("ignoring %s that is not a number: %r", what, value)
-        return None
-    return number if math.isfinite(number) else None
+def _as_float(value) -> float:
+    """value as a float; TypeError or ValueError when it is no number (a bool or text is none)."""
+    if _is_bool(value):
+        raise TypeError("a bool")
+    if isinstance(value, (str, bytes)):       # float("0.5") would read it (step() refuses text too)
+        raise TypeError("text")
+    return float(value)

@@ -2,6 +2,7 @@
 never lost, the job can always be stopped), the user's own SIGUSR2 handler, a second job in one process, the
 data wait of a real loader's start and end, start() twice, odd sample counts."""
 
+import logging
 import signal
 import subprocess
 import sys
@@ -477,5 +478,23 @@ def test_an_intervals_throughput_and_mfu_leave_out_its_evaluation_and_checkpoint
         [stats] = logged
         assert stats.samples_per_second == pytest.approx(40 / training, rel=0.05)
         assert stats.mfu == pytest.approx(stats.samples_per_second * 1e6 / 1e9)
+    finally:
+        ended(metrics)
+
+
+def test_an_unusable_evaluation_or_learning_rate_is_said_once_per_kind(caplog):
+    """README: a value the library cannot use "is left out and said once in the log". An evaluation result or a
+    learning rate that is no number was said at every call: a loop passing one each interval filled the log."""
+    metrics = JobMetrics("said-once")
+    try:
+        with caplog.at_level("WARNING", logger="trainmetrics.trainer"):
+            for _ in range(3):
+                metrics.eval(loss="low", accuracy=95)
+                metrics.eval(loss=0.5, accuracy=True)
+                metrics.set_learning_rate("fast")
+        said = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
+        assert len(said) == 4, said     # the loss, the accuracy out of range, the bool accuracy, the learning rate
+        assert all("not said again" in message for message in said), said
+        assert metrics.evaluations.count == 6 and metrics.eval_loss_min == 0.5     # each counts, its values or not
     finally:
         ended(metrics)
