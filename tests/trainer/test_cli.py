@@ -75,6 +75,9 @@ BAD_INPUTS = {
     "infinite spike threshold": (lambda t: ["--loss-spike-z", "inf"], "--loss-spike-z must be a finite number, got inf"),
     "checkpoint dir under a file": (lambda t: (bad_csv(t, "file", "x"), ["--checkpoint-dir", str(t / "file" / "ck")])[1],
                                     "/file/ck' is not a directory ("),
+    # "is not writable: File exists" before (mkdir of a link to nothing).
+    "checkpoint dir a dangling link": (lambda t: ((t / "ck").symlink_to(t / "gone"), ["--checkpoint-dir", str(t / "ck")])[1],
+                                       ("/inputs/ck is a symbolic link to ", "/inputs/gone, which does not exist")),
     # A file where an output directory goes: named by its own flag, before anything is written.
     **{f"{flag} a file": (lambda t, flag=flag: [flag, bad_csv(t, "file", "x")], (f"{flag}: '", "/file' is not a directory"))
        for flag in ("--targets-dir", "--job-dir", "--diagnostics-dir")},
