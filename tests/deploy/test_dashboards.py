@@ -325,16 +325,18 @@ tests:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_the_loss_curve_has_no_point_while_the_loss_is_not_finite(tmp_path):
+@pytest.mark.parametrize("dashboard,labels", [("training-job.json", 'trainer_loss{job_id=\"n1\",instance=\"p1\",rank=\"0\"}'),
+                                              ("compare.json", '{job_id=\"n1\"}')])
+def test_the_loss_curve_has_no_point_while_the_loss_is_not_finite(dashboard, labels, tmp_path):
     """While a job's loss was NaN, trainer_loss held its last finite value: the Loss panel drew a flat line that
-    looked like a plateau. Its training loss has no point then (the Loss NaN annotation marks the stretch)."""
-    (loss,) = [panel for panel in all_dashboards()["training-job.json"]["panels"] if panel["title"] == "Loss"]
+    looked like a plateau. Its training loss has no point then (the Loss NaN annotation marks the stretch). The
+    Compare dashboard's overlay had no such filter."""
+    (loss,) = [panel for panel in all_dashboards()[dashboard]["panels"] if panel["title"] == "Loss"]
     expr = loss["targets"][0]["expr"].replace("$job_id", "n1").replace("$__interval", "1m")
     series = ("      - series: 'trainer_loss{job_id=\"n1\",instance=\"p1\",rank=\"0\"}'\n        values: '0.5x5'\n"
               "      - series: 'trainer_loss_finite{job_id=\"n1\",instance=\"p1\",rank=\"0\"}'\n"
               "        values: '1 1 0 0 0 0'\n")
-    finite = ("        exp_samples:\n          - labels: 'trainer_loss{job_id=\"n1\",instance=\"p1\",rank=\"0\"}'\n"
-              "            value: 0.5\n")
+    finite = f"        exp_samples:\n          - labels: '{labels}'\n            value: 0.5\n"
     tests = [f"      - expr: '{expr}'\n        eval_time: 1m\n{finite}",
              f"      - expr: '{expr}'\n        eval_time: 3m\n        exp_samples: []\n"]
     promtool_passes(tmp_path / "loss_test.yml", "\n" + series, tests)

@@ -14,8 +14,10 @@ def build():
                       ["compare"])
         .with_variable(label_variable("job_id", "Jobs", "label_values(trainer_job_state, job_id)", multi=True))
         .with_row(row("Overlaid"))
-        .with_panel(timeseries_panel("Loss", "Training loss of each job (the mean of its ranks').", "short",
-                                     query(f"avg by (job_id) (trainer_loss{{{JOBS}}})", "{{job_id}}")))
+        # A rank left out while its loss is NaN (trainer_loss then holds the last finite one: a flat line).
+        .with_panel(timeseries_panel("Loss", "Training loss of each job (the mean of its ranks', a rank left out "
+                                             "while its loss is NaN or infinite).", "short",
+                                     query(f"avg by (job_id) ({finite_loss(JOBS, '$__interval')})", "{{job_id}}")))
         .with_panel(timeseries_panel("Eval accuracy", "Accuracy at each evaluation.", "percentunit",
                                      query(f"max by (job_id) (trainer_eval_accuracy_ratio{{{JOBS}}})", "{{job_id}}"),
                                      min_value=0, max_value=1))
