@@ -70,7 +70,7 @@ def analytics_get():
 def pytest_collection_modifyitems(config, items):
     """Marks every test on the real Ray cluster `ray`: `make test` runs them on their own after the rest (a
     session fixture; beside another worker's tests its Jobs API stopped answering for minutes on 2 cores). The
-    rest run on four pytest-xdist workers by file (`--dist loadfile`: a module's fixtures start once; xdist's
+    rest run on three pytest-xdist workers by file (`--dist loadfile`: a module's fixtures start once; xdist's
     `loadgroup` marks no longer reach its scheduler under pytest 9, whose node ids it cannot suffix)."""
     for item in items:
         params = getattr(item, "callspec", None)
