@@ -134,7 +134,7 @@ def build_component(settings: Settings) -> Component:
     async def health(request: Request) -> dict:
         """Prometheus answers /-/ready."""
         await request.state.prometheus.ready()
-        return {"prometheus": request.state.prometheus.base_url}
+        return {"prometheus": request.state.prometheus.shown_url}
 
     routes = [Route(path, instrumented(path, endpoint, metrics, settings.service_deadline), methods=["GET"])
               for path, endpoint in ROUTES]

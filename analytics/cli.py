@@ -87,9 +87,10 @@ def run(args: argparse.Namespace) -> int:
     sock = listening_socket("--listen", host, port)
 
     from trainmetrics.analytics.app import create_app
+    from trainmetrics.analytics.prometheus import shown_url
     from trainmetrics.edge import serve
 
     scheme = "https" if web_config.ssl_context else "http"
     serve(create_app(settings, web_config), sock, web_config, lambda: say_listening(
-        "analytics", scheme, host, sock.getsockname()[1], extra=f" (Prometheus {settings.prometheus_url})"))
+        "analytics", scheme, host, sock.getsockname()[1], extra=f" (Prometheus {shown_url(settings.prometheus_url)})"))
     return 0

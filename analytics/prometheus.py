@@ -9,7 +9,7 @@ import logging
 import math
 import re
 import time
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import httpx
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -83,6 +83,15 @@ class ClientMetrics:
                                   buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
 
 
+def shown_url(url: str) -> str:
+    """A Prometheus URL as answers and logs show it: without the password its user part may carry (httpx sends
+    it as basic auth), which the open /healthz and every unreachable-Prometheus answer showed to any caller."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{parts.netloc.rpartition('@')[2]}"))
+
+
 class PrometheusClient:
     """Instant and range queries over the Prometheus HTTP API (any compatible backend)."""
 
@@ -90,6 +99,7 @@ class PrometheusClient:
                  transport: httpx.AsyncBaseTransport | None = None, metrics: ClientMetrics | None = None,
                  max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES):
         self.base_url = base_url.rstrip("/")
+        self.shown_url = shown_url(self.base_url)
         self.deadline = deadline
         self.max_answer_bytes = max_answer_bytes
         self._semaphore = asyncio.Semaphore(max_concurrency)
@@ -182,7 +192,7 @@ class PrometheusClient:
             raise PrometheusError("timeout", f"Prometheus did not answer within {self.deadline:g}s") from error
         except httpx.TransportError as error:   # refused, reset, DNS, connect timeout
             outcome = "unavailable"
-            raise PrometheusError("unavailable", f"Prometheus at {self.base_url} is unreachable: "
+            raise PrometheusError("unavailable", f"Prometheus at {self.shown_url} is unreachable: "
                                   f"{type(error).__name__}", DEFAULT_RETRY_AFTER_SECONDS) from error
         finally:
             self._metrics.requests.labels(outcome).inc()

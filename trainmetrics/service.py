@@ -65,8 +65,9 @@ def run(args: argparse.Namespace) -> int:
     if server_settings.advertise_url is None:     # the port is known now (--listen :0 picks one)
         server_settings.advertise_url = f"{scheme}://{reachable_address(host, sock.getsockname()[1])}"
 
+    from trainmetrics.analytics.prometheus import shown_url
     from trainmetrics.edge import serve
 
     serve(app, sock, web_config, lambda: say_listening(
-        "server", scheme, host, sock.getsockname()[1], extra=f" (Prometheus {analytics.prometheus_url})"))
+        "server", scheme, host, sock.getsockname()[1], extra=f" (Prometheus {shown_url(analytics.prometheus_url)})"))
     return 0

@@ -16,6 +16,7 @@ Imports nothing heavy; bcrypt only when basic auth is configured.
 import base64
 import binascii
 import hashlib
+import re
 import ssl
 import threading
 from collections import OrderedDict
@@ -35,6 +36,18 @@ CLIENT_AUTH = {"NoClientCert": ssl.CERT_NONE, "VerifyClientCertIfGiven": ssl.CER
 # certificate it asks for against client_ca_file, so each made every client's handshake fail (a file that works
 # for node_exporter served nothing here). Refused at the start instead, with what to use.
 UNVERIFIED_CLIENT_AUTH = ("RequestClientCert", "RequireAnyClientCert")
+# The settings applied here. Any other is refused by name, exporter-toolkit's too (client_allowed_sans,
+# cipher_suites, curve_preferences, inline cert/key/client_ca, headers): taken and ignored, a file limiting
+# client certificates to some SANs let every certificate of its CA in, and a misspelt min_version stayed TLS12.
+# (http2: HTTP/1.1 is spoken either way, which every client falls back to.)
+SECTION_KEYS = {"tls_server_config": {"cert_file", "key_file", "client_ca_file", "client_auth_type", "min_version",
+                                      "max_version"},
+                "http_server_config": {"http2"}}
+# What bcrypt takes as a hash (its salt's 22nd character carries 2 bits: one of 4); any other raised on each
+# request's check, a 500 for the right password and the wrong alike.
+BCRYPT_HASH = re.compile(r"\$2[abxy]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{21}[.Oeu][./A-Za-z0-9]{31}")
+# bcrypt reads at most this many bytes of a password; bcrypt 5 raises past them (as Go's bcrypt refuses them).
+BCRYPT_MAX_PASSWORD_BYTES = 72
 
 
 @dataclass
@@ -54,8 +67,10 @@ class WebConfig:
             server.socket = self.ssl_context.wrap_socket(server.socket, server_side=True,
                                                          do_handshake_on_connect=False)
 
-    def _credentials(self, header: str | None) -> tuple[bytes, bytes] | None:
-        """(bcrypt hash, password) for a Basic Authorization header naming a known user; None otherwise."""
+    def _credentials(self, header: str | None) -> tuple[str, bytes, bytes] | None:
+        """(user, bcrypt hash, password) for a Basic Authorization header; None when it is not one. A user not
+        configured gets a configured user's hash, which authorized() checks all the same and then refuses: an
+        unknown name answered at once (and a known one after a bcrypt) told which user names exist."""
         scheme, _, encoded = (header or "").partition(" ")
         if scheme.lower() != "basic":
             return None
@@ -63,11 +78,10 @@ class WebConfig:
             user, _, password = base64.b64decode(encoded.strip(), validate=True).decode().partition(":")
         except (binascii.Error, UnicodeDecodeError, ValueError):
             return None
-        hashed = self.users.get(user)
-        return None if hashed is None else (hashed, password.encode())
+        return user, self.users.get(user) or next(iter(self.users.values())), password.encode()
 
     def cached_verdict(self, header: str | None) -> bool | None:
-        """True or False when known without bcrypt (no users, malformed, unknown user, checked before); None
+        """True or False when known without bcrypt (no users, malformed, checked before); None
         when authorized() would have to run bcrypt."""
         if not self.users:
             return True
@@ -78,8 +92,8 @@ class WebConfig:
             return self._verdicts.get(self._digest(*credentials))
 
     @staticmethod
-    def _digest(hashed: bytes, password: bytes) -> bytes:
-        return hashlib.sha256(hashed + b"\0" + password).digest()
+    def _digest(user: str, hashed: bytes, password: bytes) -> bytes:
+        return hashlib.sha256(repr((user, hashed, password)).encode()).digest()
 
     def authorized(self, header: str | None) -> bool:
         """True when no users are configured, or the Authorization header carries a known user's password.
@@ -92,10 +106,12 @@ class WebConfig:
             return verdict
         import bcrypt
 
-        hashed, password = self._credentials(header)
-        verdict = bcrypt.checkpw(password, hashed)
+        user, hashed, password = self._credentials(header)
+        # A longer password is refused, not a 500: no one's (bcrypt never read past its 72nd byte when hashing).
+        verdict = (len(password) <= BCRYPT_MAX_PASSWORD_BYTES and bcrypt.checkpw(password, hashed)
+                   and user in self.users)
         with self._lock:
-            self._verdicts[self._digest(hashed, password)] = verdict
+            self._verdicts[self._digest(user, hashed, password)] = verdict
             while len(self._verdicts) > MAX_REMEMBERED_VERDICTS:
                 self._verdicts.popitem(last=False)
         return verdict
@@ -120,14 +136,21 @@ def load_web_config(path: Path | None) -> WebConfig:
     unknown = set(raw) - {"tls_server_config", "basic_auth_users", "http_server_config"}
     if unknown:
         raise ValueError(f"web config {path}: unknown key(s) {sorted(unknown)}")
+    for section, settings in raw.items():
+        if not isinstance(settings or {}, dict):
+            raise ValueError(f"web config {path}: {section} must be a mapping")
+        unknown = set(settings or {}) - SECTION_KEYS.get(section, set(settings or {}))
+        if unknown:
+            raise ValueError(f"web config {path}: {section}: unknown or unsupported key(s) {sorted(map(str, unknown))}")
     config = WebConfig()
     tls = raw.get("tls_server_config")
     if tls:
         config.ssl_context = _ssl_context(tls, path.parent)
         config.cert_files = (str(path.parent / tls["cert_file"]), str(path.parent / tls["key_file"]))
     for user, hashed in (raw.get("basic_auth_users") or {}).items():
-        if not isinstance(hashed, str) or not hashed.startswith("$2"):
-            raise ValueError(f"web config {path}: basic_auth_users.{user} must be a bcrypt hash")
+        if not isinstance(hashed, str) or not BCRYPT_HASH.fullmatch(hashed):
+            raise ValueError(f"web config {path}: basic_auth_users.{user} must be a bcrypt hash ($2b$, $2y$...: "
+                             "60 characters)")
         config.users[str(user)] = hashed.encode()
     return config
 
@@ -161,7 +184,7 @@ def _ssl_context(tls: dict, base: Path) -> ssl.SSLContext:
                              "is always verified here): use VerifyClientCertIfGiven or RequireAndVerifyClientCert "
                              "with client_ca_file")
         context.verify_mode = CLIENT_AUTH[client_auth]
-    except KeyError as error:
+    except (KeyError, TypeError) as error:     # TypeError: a list where a version's name goes
         raise ValueError(f"web config: unknown TLS setting {error}") from None
     context.load_cert_chain(file("cert_file"), file("key_file"))
     if tls.get("client_ca_file"):

@@ -501,3 +501,22 @@ def test_a_retry_after_date_from_prometheus_is_passed_on_as_seconds():
         response = client.get("/api/training/run-1/analytics")
     assert_error(response, 503, "prometheus_unavailable")
     assert 40 <= int(response.headers["retry-after"]) <= 43
+
+
+def test_the_password_in_the_prometheus_url_is_not_shown_to_callers():
+    """--prometheus-url https://user:password@host works (httpx sends it as basic auth), and the open /healthz
+    showed it, whole, to anyone who asked, as did every answer that Prometheus was unreachable."""
+    def down(request: httpx.Request):
+        raise httpx.ConnectError("refused", request=request)
+
+    up = CapturingTransport(empty_vector)
+    with serve(Settings(prometheus_url="http://scraper:S3CRET@prometheus:9090", transport=up)) as client:
+        health = client.get("/healthz")
+        assert health.status_code == 200 and health.json()["checks"]["prometheus"]["prometheus"] == \
+            "http://scraper:***@prometheus:9090", health.text
+    assert up.requests and up.requests[0].headers["authorization"].startswith("Basic ")    # still sent
+    with serve(Settings(prometheus_url="http://scraper:S3CRET@prometheus:9090",
+                        transport=httpx.MockTransport(down))) as client:
+        for response in (client.get("/healthz"), client.get("/api/training/run-1/analytics")):
+            assert response.status_code == 503 and "scraper:***@prometheus:9090" in response.text, response.text
+            assert "S3CRET" not in response.text

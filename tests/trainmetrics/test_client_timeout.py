@@ -123,3 +123,22 @@ def test_a_request_uvicorn_cannot_parse_is_a_json_400(service, request_bytes):
     assert b"content-type: application/json" in head.lower(), answer
     error = json.loads(body)["error"]
     assert error["code"] == "bad_request" and error["message"].startswith("malformed HTTP request"), error
+
+
+def test_a_client_trickling_its_headers_is_cut(service):
+    """A byte now and then is not silence: a client sending its headers a byte every 0.2 s (at the defaults, one
+    every 29 s into 16 KiB of headers) held its connection for as long as it liked."""
+    port, url = service
+    began, cut = time.monotonic(), None
+    with socket.create_connection(("127.0.0.1", port)) as trickler:
+        for byte in b"GET /slow HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 100:
+            try:
+                trickler.sendall(bytes([byte]))
+            except OSError:
+                cut = time.monotonic() - began
+                break
+            if closed_within(trickler, 0.2) is not None:
+                cut = time.monotonic() - began
+                break
+    assert cut is not None and cut < 3, cut
+    assert httpx.get(f"{url}/slow", timeout=10).text == "slow"      # a request whole at once is answered

@@ -27,3 +27,54 @@ def test_metrics_serves_no_created_series_and_leaves_the_registry_as_it_was():
     assert not [line for line in text.splitlines() if "_created" in line and "edge_test_created" not in line], text
     # Only the edge's answer changes: the registry (and every other one of the process) still has them.
     assert b'edge_test_requests_created{route="/a"}' in generate_latest(registry)
+
+
+def basic_auth_edge(users: dict[str, str]):
+    """An edge with basic auth (bcrypt cost 4) over its /metrics, and a function giving the status of a GET."""
+    import base64
+
+    import bcrypt
+
+    from trainmetrics.webconfig import WebConfig
+
+    config = WebConfig(users={user: bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=4))
+                              for user, password in users.items()})
+    app = build_app([Component(name="test", routes=[], registry=CollectorRegistry())], web_config=config)
+
+    async def status(user: str, password: str) -> int:
+        header = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
+            return (await client.get("/metrics", headers={"Authorization": header})).status_code
+
+    return status
+
+
+def test_a_password_longer_than_bcrypt_takes_is_a_401_not_a_500():
+    """bcrypt 5 raises ValueError past 72 bytes: any client sending a long password got a 500 (and an ERROR
+    line with a traceback in the log each time)."""
+    status = basic_auth_edge({"prometheus": "right"})
+    assert asyncio.run(status("prometheus", "x" * 73)) == 401
+    assert asyncio.run(status("prometheus", "right")) == 200
+
+
+def test_an_unknown_user_costs_the_same_bcrypt_check_as_a_known_one(monkeypatch):
+    """An unknown user name was refused at once, a known one after a bcrypt check (0.1-0.3 s): the time of a 401
+    told which user names exist."""
+    import bcrypt
+
+    status = basic_auth_edge({"prometheus": "right"})
+    checks = []
+    checkpw = bcrypt.checkpw
+
+    def counted(password: bytes, hashed: bytes) -> bool:
+        checks.append(password)
+        return checkpw(password, hashed)
+
+    monkeypatch.setattr(bcrypt, "checkpw", counted)
+    assert asyncio.run(status("nobody", "right")) == 401
+    assert asyncio.run(status("prometheus", "wrong")) == 401
+    assert checks == [b"right", b"wrong"]
+    # The unknown user's check used a known user's hash, with that user's password: still refused, and its
+    # remembered verdict is not that user's.
+    assert asyncio.run(status("nobody", "right")) == 401 and asyncio.run(status("prometheus", "right")) == 200

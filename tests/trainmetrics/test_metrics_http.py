@@ -164,3 +164,23 @@ def test_a_request_trickled_a_byte_at_a_time_is_cut_at_the_idle_timeout():
     finally:
         server.close()
     assert cut is not None and cut < 2.5, cut
+
+
+def test_a_password_longer_than_bcrypt_takes_is_a_401():
+    """bcrypt 5 raises past 72 bytes: the connection was dropped without an answer."""
+    import base64
+
+    import bcrypt
+
+    from trainmetrics.webconfig import WebConfig
+
+    config = WebConfig(users={"prometheus": bcrypt.hashpw(b"right", bcrypt.gensalt(rounds=4))})
+    server = MetricsHTTPServer(("127.0.0.1", 0), lambda scrape: b"up 1\n", web_config=config).serve_in_background()
+    try:
+        for password, status in ((b"x" * 73, b"401"), (b"right", b"200")):
+            header = b"Authorization: Basic " + base64.b64encode(b"prometheus:" + password) + b"\r\n\r\n"
+            with socket.create_connection(("127.0.0.1", server.port), timeout=5) as connection:
+                connection.sendall(OK + header)
+                assert connection.recv(4096).startswith(b"HTTP/1.1 " + status)
+    finally:
+        server.close()

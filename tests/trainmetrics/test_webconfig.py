@@ -144,6 +144,17 @@ def test_job_server_requires_a_client_certificate_from_the_configured_ca(pki, tm
      "RequireAnyClientCert is not supported"),
     ("tls_server_config:\n  cert_file: a.crt\n  key_file: a.key\n  client_auth_type: RequestClientCert\n",
      "RequestClientCert is not supported"),
+    # Accepted and ignored: every certificate of the CA let in, TLS 1.2 served, the header never sent.
+    ("tls_server_config:\n  cert_file: a.crt\n  key_file: a.key\n  client_allowed_sans: [ci-runner]\n",
+     "client_allowed_sans"),
+    ("tls_server_config:\n  cert_file: a.crt\n  key_file: a.key\n  min_verison: TLS13\n",
+     "min_verison"),
+    ("http_server_config:\n  headers:\n    Strict-Transport-Security: max-age=63072000\n",
+     "headers"),
+    # bcrypt refused these hashes at each request's check: a 500 for every client, right password or not.
+    ("basic_auth_users:\n  a: $2b$12$short\n", "bcrypt hash"),
+    ("basic_auth_users:\n  a: $2b$04$" + "a" * 53 + "\n", "bcrypt hash"),
+    ("basic_auth_users:\n  - a\n", "basic_auth_users must be a mapping"),       # was a traceback
 ])
 def test_bad_web_configs_are_named(text, message, tmp_path):
     config = tmp_path / "web.yml"
