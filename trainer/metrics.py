@@ -866,9 +866,10 @@ class JobMetrics:
             if self.steps >= self._next_log_step:       # the step counted: its interval still ends on time
                 self._log_interval()
 
-    def _finite_float(self, value, what: str) -> float | None:
+    def _finite_float(self, value, what: str, said_if_not_finite: bool = False) -> float | None:
         """value as a finite float, or None (None, NaN, infinity, or not a number at all: said once per kind of
-        value, as README promises; a loop passing one every interval would fill the log)."""
+        value, as README promises; a loop passing one every interval would fill the log). A NaN or infinite
+        number is said only where asked (an evaluation's is a diverged model's result: eval() leaves it out)."""
         if value is None:
             return None
         try:
@@ -876,6 +877,8 @@ class JobMetrics:
         except (TypeError, ValueError):
             self._said_once(what, f"ignoring {what} that is not a number: {value!r}")
             return None
+        if not math.isfinite(number) and said_if_not_finite:
+            self._said_once(f"{what} not finite", f"ignoring {what} of {number!r}")
         return number if math.isfinite(number) else None
 
     def _said_once(self, kind: str, message: str) -> None:
@@ -1007,7 +1010,7 @@ class JobMetrics:
     @_never_raises
     def set_learning_rate(self, lr: float) -> None:
         """Publish the current learning rate (a NaN or infinite one is left out, said once)."""
-        value = self._finite_float(lr, "a learning rate")
+        value = self._finite_float(lr, "a learning rate", said_if_not_finite=True)
         if value is not None:
             self.learning_rate = value
 

@@ -483,9 +483,6 @@ def open_checkpoint_dir(config: TrainConfig) -> Path | None:
     if config.checkpoint_dir is None:
         return None
     directory = Path(config.checkpoint_dir)
-    if directory.is_symlink() and not directory.exists():       # mkdir says "File exists" of it
-        raise BadInput(f"--checkpoint-dir: {directory} is a symbolic link to {os.readlink(directory)}, "
-                       "which does not exist")
     created = None if directory.exists() else directory
     try:
         ensure_writable_dir(directory)

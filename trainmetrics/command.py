@@ -4,6 +4,7 @@ each default once. Imports nothing heavy."""
 
 import argparse
 import errno
+import os
 import socket
 import sys
 import tempfile
@@ -27,9 +28,13 @@ class FlagError(Exception):
 
 def check_directory(flag: str, path: Path) -> None:
     """FlagError naming the flag unless `path` is a directory, or could be created as one: the path itself or
-    the nearest of its parents that exists must be a directory. Checks only; creates nothing."""
+    the nearest of its parents that exists must be a directory, and none on the way a symbolic link to nothing.
+    Checks only; creates nothing."""
     try:
         for part in (path, *path.parents):
+            if part.is_symlink() and not part.exists():     # mkdir says "File exists" of it (or of what is in it)
+                raise FlagError(flag, f"{str(part)!r} is a symbolic link to {os.readlink(part)!r}, which does not "
+                                      "exist")
             if part.exists():
                 if part.is_dir():
                     return

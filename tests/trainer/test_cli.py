@@ -77,7 +77,16 @@ BAD_INPUTS = {
                                     "/file/ck' is not a directory ("),
     # "is not writable: File exists" before (mkdir of a link to nothing).
     "checkpoint dir a dangling link": (lambda t: ((t / "ck").symlink_to(t / "gone"), ["--checkpoint-dir", str(t / "ck")])[1],
-                                       ("/inputs/ck is a symbolic link to ", "/inputs/gone, which does not exist")),
+                                       ("--checkpoint-dir: '", "/inputs/ck' is a symbolic link to '",
+                                        "/inputs/gone', which does not exist")),
+    # A link to nothing above it, or at another output directory: "File exists" still.
+    "checkpoint dir under a dangling link": (
+        lambda t: ((t / "ln").symlink_to(t / "gone"), ["--checkpoint-dir", str(t / "ln" / "ck")])[1],
+        ("--checkpoint-dir: '", "/inputs/ln' is a symbolic link to '", "/inputs/gone', which does not exist")),
+    **{f"{flag} a dangling link": (lambda t, flag=flag: ((t / "ln").symlink_to(t / "gone"), [flag, str(t / "ln")])[1],
+                                   (f"{flag}: '", "/inputs/ln' is a symbolic link to '",
+                                    "/inputs/gone', which does not exist"))
+       for flag in ("--targets-dir", "--job-dir", "--diagnostics-dir")},
     # A file where an output directory goes: named by its own flag, before anything is written.
     **{f"{flag} a file": (lambda t, flag=flag: [flag, bad_csv(t, "file", "x")], (f"{flag}: '", "/file' is not a directory"))
        for flag in ("--targets-dir", "--job-dir", "--diagnostics-dir")},

@@ -498,3 +498,19 @@ def test_an_unusable_evaluation_or_learning_rate_is_said_once_per_kind(caplog):
         assert metrics.evaluations.count == 6 and metrics.eval_loss_min == 0.5     # each counts, its values or not
     finally:
         ended(metrics)
+
+
+def test_a_learning_rate_that_is_not_finite_is_said_once(caplog):
+    """set_learning_rate() promises a NaN or infinite one is "left out, said once": it was left out unsaid (a
+    scheduler gone NaN showed its last finite rate, flat, and nothing in the log)."""
+    metrics = JobMetrics("lr-nan")
+    try:
+        metrics.set_learning_rate(0.01)
+        with caplog.at_level("WARNING", logger="trainmetrics.trainer"):
+            for lr in (float("nan"), float("inf"), torch.tensor(float("nan"))):
+                metrics.set_learning_rate(lr)
+        said = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
+        assert len(said) == 1 and "learning rate" in said[0] and "not said again" in said[0], said
+        assert metrics.learning_rate == 0.01
+    finally:
+        ended(metrics)
