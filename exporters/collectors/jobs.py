@@ -369,14 +369,16 @@ class JobTracker:
         """A job's root process whose parent is another (outer) job's counts in its own job. Once its own job no
         longer counts it (its mapping file went as it ended, or it was reaped), the outer job would count it from
         the start: directly while it lives on in its tree, then in the parent's cutime. Its whole CPU time as its
-        own job last counted it is taken off the outer job then, unless it left the outer job's tree alive."""
+        own job last counted it is taken off the outer job then, unless it left the outer job's tree alive.
+        The same holds for a rank whose parent is another rank of its own job (a rank that spawns the others):
+        the job keeps the ended rank's time (_note_departed, _measure) and its parent's cutime had it again."""
         nested = {}
         for tree in self._live:
             pid = tree.mapping.pid
             if pid in root_times:
                 parent, seconds = root_times[pid]
                 outer = job_of_pid.get(parent)
-                if outer is not None and outer != tree.mapping.job_id:
+                if outer is not None:
                     nested[(pid, tree.mapping.start_ticks)] = (outer, seconds)
         for (pid, start_ticks), (outer, seconds) in self._nested.items():
             if (pid, start_ticks) in nested:

@@ -352,6 +352,46 @@ def test_a_job_run_by_another_job_counts_in_its_own_job_only(outer_id, inner_id,
     assert after[outer_id] - before[outer_id] < 0.3, (before, burnt, after)       # the driver itself did little
 
 
+
+@pytest.mark.parametrize("file_removed_first", [False, True])
+def test_a_rank_started_by_another_rank_of_its_job_counts_once_when_it_ends(file_removed_first, tmp_path):
+    """Rank 0 spawns rank 1 (one job id): rank 1's 1 s of CPU stayed in the job as the time of a rank that ended,
+    and came back in rank 0's cutime once rank 0 reaped it (or directly, once its file went): 2 s in the counter."""
+    driver = subprocess.Popen([sys.executable, "-c", NESTED_DRIVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        rank1_pid = int(driver.stdout.readline())
+        write_job_mapping(tmp_path, JobMapping(job_id="ddp", pid=driver.pid, rank=0))
+        rank1_file = write_job_mapping(tmp_path, JobMapping(job_id="ddp", pid=rank1_pid, rank=1))
+        tracker = JobTracker(tmp_path)
+        now = 0.0
+
+        def sample() -> float:
+            nonlocal now
+            now += 0.1
+            tracker.refresh_trees(now)
+            return tracker.update(now).usage["ddp"].cpu_seconds
+
+        before = sample()
+        driver.stdin.write("go\n")
+        driver.stdin.flush()
+        assert driver.stdout.readline().strip() == "burnt"
+        burnt = sample()
+        if file_removed_first:
+            rank1_file.unlink()
+            sample()
+        driver.stdin.write("end\n")
+        driver.stdin.flush()
+        assert driver.stdout.readline().strip() == "reaped"
+        after = [sample() for _ in range(3)][-1]
+    finally:
+        driver.stdin.close()
+        driver.kill()
+        driver.wait()
+        driver.stdout.close()
+    assert burnt - before >= 0.9
+    assert after - burnt < 0.3, (before, burnt, after)      # rank 0 itself did little
+
 def test_a_pid_reused_since_the_walks_parents_reading_is_not_the_jobs(tmp_path):
     """The tree walk reads every process's parent once per pass (up to PARENTS_MAX_AGE old): a worker that
     exited in between and whose pid another user's process took was counted in the job, the stranger's
