@@ -7,6 +7,7 @@ Every operation takes the caller's owner; another owner's job or dataset is "not
 
 import os
 import re
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +17,8 @@ from trainmetrics.contract import (BUILTIN_DATASETS, FINAL_STATES, JOB_STATES, S
                                   validate_job_id)
 from trainmetrics.datafiles import csv_columns, first_columns
 from trainmetrics.edge import ApiError
-from trainmetrics.jobfiles import (CHECKPOINT_PATTERN, PLACEMENT_WAIT_NAME, list_checkpoints, open_regular,
-                                   read_small_text)
+from trainmetrics.jobfiles import (CHECKPOINT_PATTERN, FINAL_MODEL_NAME, PLACEMENT_WAIT_NAME, list_checkpoints,
+                                   open_directory, open_regular, read_small_text)
 from trainmetrics.jobserver import stacks
 from trainmetrics.hangs import HangFeed
 from trainmetrics.reports import ReportArchive
@@ -157,7 +158,7 @@ class JobService:
     def get(self, caller: str | None, job_id: str) -> dict:
         """One job, with its checkpoint count and whether its analytics report is stored."""
         job = self.job(caller, job_id)
-        return {**self._view(job), "checkpoints": len(list_checkpoints(self.supervisor.checkpoint_dir(job.id))),
+        return {**self._view(job), "checkpoints": len(self._checkpoints(job.id)),
                 "report_stored": self.store.get_report(job.id) is not None}
 
     def stop(self, caller: str | None, job_id: str, outcome: str) -> tuple[int, dict]:
@@ -215,15 +216,49 @@ class JobService:
     def checkpoints(self, caller: str | None, job_id: str) -> dict:
         """The job's checkpoints, oldest first."""
         job = self.job(caller, job_id)
+        return {"job_id": job.id, "checkpoints": self._checkpoints(job.id)}
+
+    def _checkpoints(self, job_id: str) -> list[dict]:
+        """The regular checkpoint files in the job's own checkpoint directory, oldest first (none when that
+        directory, or the job's, is a symlink: open_directory). Stated without following a symlink: one swapped
+        in between the listing and its stat showed its target's size (a looping one was a 500)."""
+        try:
+            directory = self._checkpoint_dir_fd(job_id)
+        except OSError:
+            return []
         found = []
-        for checkpoint in list_checkpoints(self.supervisor.checkpoint_dir(job.id)):
-            try:
-                stat = checkpoint.path.stat()
-            except FileNotFoundError:     # pruned by the job meanwhile
-                continue
-            found.append({"name": checkpoint.path.name, "step": checkpoint.step, "size_bytes": stat.st_size,
-                          "modified": stat.st_mtime})
-        return {"job_id": job.id, "checkpoints": found}
+        try:
+            for entry in os.scandir(directory):
+                match = CHECKPOINT_PATTERN.match(entry.name)
+                if not match:
+                    continue
+                try:
+                    info = entry.stat(follow_symlinks=False)
+                except OSError:     # pruned by the job meanwhile
+                    continue
+                if stat.S_ISREG(info.st_mode):
+                    found.append({"name": entry.name, "step": int(match.group(1)), "size_bytes": info.st_size,
+                                  "modified": info.st_mtime})
+        finally:
+            os.close(directory)
+        return sorted(found, key=lambda checkpoint: checkpoint["step"])
+
+    def _checkpoint_dir_fd(self, job_id: str) -> int:
+        """The job's checkpoint directory, opened through neither a symlinked job directory nor a symlinked
+        `checkpoints` (a job's process can plant either: its downloads were another owner's files)."""
+        path = self.supervisor.checkpoint_dir(job_id)
+        return open_directory(path.parent.parent, path.parent.name, path.name)
+
+    def _open_checkpoint_file(self, job_id: str, name: str, missing: str) -> BinaryIO:
+        """A regular file `name` of the job's own checkpoint directory, opened (404 `missing` otherwise)."""
+        try:
+            directory = self._checkpoint_dir_fd(job_id)
+        except OSError:
+            raise ApiError(404, "not_found", missing) from None
+        try:
+            return _open_file(name, missing, directory)
+        finally:
+            os.close(directory)
 
     def open_model(self, caller: str | None, job_id: str) -> tuple[str, BinaryIO]:
         """The job's final weights file, opened (404 until it completed)."""
@@ -231,16 +266,15 @@ class JobService:
         missing = f"job {job.id} has no final model (state {job.state})"
         if job.state != "completed":    # written just before the process ends: running still, or killed after it
             raise ApiError(404, "not_found", missing)
-        return job.id, _open_file(self.supervisor.final_model(job.id), missing)
+        return job.id, self._open_checkpoint_file(job.id, FINAL_MODEL_NAME, missing)
 
     def open_checkpoint(self, caller: str | None, job_id: str, name: str) -> tuple[str, BinaryIO]:
         """One checkpoint file, opened, only by a checkpoint's name, only inside the job's directory."""
         job = self.job(caller, job_id)
         if not CHECKPOINT_PATTERN.fullmatch(name):
             raise ApiError(400, "bad_request", "name: a checkpoint name like step-000000123.pt")
-        # The name is a file name (the pattern): the resolved directory holds it, or nothing.
-        directory = self.supervisor.checkpoint_dir(job.id).resolve()
-        return job.id, _open_file(directory / name, f"job {job.id} has no checkpoint {name}")
+        # The name is a file name (the pattern): the job's own checkpoint directory holds it, or nothing.
+        return job.id, self._open_checkpoint_file(job.id, name, f"job {job.id} has no checkpoint {name}")
 
     # ----- endpoints for Prometheus' HTTP service discovery ---------------------------------------------
     def _reporting_job(self, job_id: str, token: str) -> JobRecord:
@@ -311,12 +345,12 @@ class JobService:
         return waiting + [(job.id, job.state, job.created, job.ended, False) for job in ended]
 
 
-def _open_file(path: Path, missing: str) -> BinaryIO:
-    """A regular file opened for a download (404 `missing` when there is none, or a symlink or anything else is
-    there: jobfiles.open_regular). Opened here, not by path when the answer is sent: a job prunes its
-    checkpoints while it runs, and one deleted between the check and the send was a 500, or an answer cut
-    after its headers; an open file stays readable to its end."""
+def _open_file(name: str, missing: str, directory: int) -> BinaryIO:
+    """A regular file of the open `directory` opened for a download (404 `missing` when there is none,
+    or a symlink or anything else is there: jobfiles.open_regular). Opened here, not by path when the answer is
+    sent: a job prunes its checkpoints while it runs, and one deleted between the check and the send was a 500,
+    or an answer cut after its headers; an open file stays readable to its end."""
     try:
-        return open(open_regular(path, os.O_RDONLY), "rb")
+        return open(open_regular(name, os.O_RDONLY, dir_fd=directory), "rb")
     except OSError:
         raise ApiError(404, "not_found", missing) from None

@@ -81,18 +81,36 @@ def strict_json(value) -> str:
     return json.dumps(finite_or_none(value), allow_nan=False)
 
 
-def open_regular(path: Path, flags: int, mode: int = 0o644) -> int:
-    """A descriptor for `path` opened with `flags`, only if it is a regular file; OSError otherwise.
+def open_regular(path: Path, flags: int, mode: int = 0o644, dir_fd: int | None = None) -> int:
+    """A descriptor for `path` (relative to `dir_fd` when given) opened with `flags`, only if it is a regular
+    file; OSError otherwise.
 
     The directories these files live in may be shared, and anyone who can write there may have planted
     something at the name: never follow a symlink (O_NOFOLLOW), never wait on a FIFO or a device
     (O_NONBLOCK: a FIFO without a reader fails at once, one with a reader opens and is refused below),
     never leak the descriptor into a child (O_CLOEXEC)."""
-    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode)
+    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode, dir_fd=dir_fd)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(errno.EINVAL, "not a regular file", str(path))
         os.set_blocking(fd, True)       # a regular file's reads and writes never wait: keep the usual semantics
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_directory(base: Path, *names: str) -> int:
+    """A descriptor for the directory `base/names[0]/names[1]/...`, each of `names` opened without following a
+    symlink; OSError when one is a symlink, or anything but a directory. O_NOFOLLOW at the last name only
+    guards that name: a symlink planted at a directory above it (a job's `checkpoints`, its directory) leads
+    every path through it elsewhere, another job's files included."""
+    fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for name in names:
+            inner = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            os.close(fd)
+            fd = inner
     except BaseException:
         os.close(fd)
         raise

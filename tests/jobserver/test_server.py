@@ -325,6 +325,42 @@ def test_downloads_never_leave_the_job_dir(tmp_path):
         server.stop()
 
 
+def test_a_symlinked_checkpoint_or_job_directory_serves_nothing_of_another_job(tmp_path):
+    """A job's process can replace its `checkpoints` directory (or its job directory) with a symlink to another
+    owner's: O_NOFOLLOW guards only the file name, so the listing, the model and every checkpoint were bob's."""
+    server = Server(tmp_path, extra=("--tokens", str(write_tokens(tmp_path / "tokens"))))
+    server.start()
+    try:
+        alice, bob = server.client("alice"), server.client("bob")
+        for client, job_id in ((alice, "alice-own"), (bob, "bob-secret")):
+            client.post("/api/training/jobs", json={"dataset": "blobs", "epochs": 1, "job_id": job_id})
+            assert wait_job(client, job_id, lambda j: j["state"] in ("completed", "failed"))["state"] == "completed"
+        jobs = tmp_path / "jobs"
+        name = bob.get("/api/training/jobs/bob-secret/checkpoints").json()["checkpoints"][0]["name"]
+        own = alice.get("/api/training/jobs/alice-own/checkpoints").json()["checkpoints"]
+        (jobs / "alice-own" / "checkpoints").rename(jobs / "alice-own" / "kept")
+        planted = [(jobs / "alice-own" / "checkpoints", jobs / "bob-secret" / "checkpoints"),
+                   (jobs / "alice-own", jobs / "bob-secret")]
+        for link, target in planted:
+            if link.name == "alice-own":
+                link.rename(jobs / "alice-kept")
+            link.symlink_to(target)
+            assert alice.get("/api/training/jobs/alice-own/checkpoints").json()["checkpoints"] == []
+            assert alice.get("/api/training/jobs/alice-own").json()["checkpoints"] == 0
+            for path in ("download/model", f"download/checkpoints/{name}"):
+                answer = alice.get(f"/api/training/jobs/alice-own/{path}")
+                assert answer.status_code == 404 and answer.json()["error"]["code"] == "not_found", path
+                assert str(tmp_path) not in answer.text
+            link.unlink()
+        (jobs / "alice-kept").rename(jobs / "alice-own")
+        (jobs / "alice-own" / "kept").rename(jobs / "alice-own" / "checkpoints")
+        assert alice.get("/api/training/jobs/alice-own/checkpoints").json()["checkpoints"] == own      # its own: served
+        assert alice.get(f"/api/training/jobs/alice-own/download/checkpoints/{own[0]['name']}").status_code == 200
+        assert alice.get("/api/training/jobs/alice-own/download/model").status_code == 200
+    finally:
+        server.stop()
+
+
 def test_wrapped_uploads_are_415(server_only):
     client = server_only.client()
     form = client.post("/api/training/datasets", params={"name": "a.csv"}, files={"file": ("a.csv", b"a,label\n1,0\n")})
