@@ -16,7 +16,7 @@ import stat
 import time
 from pathlib import Path
 
-from trainmetrics.jobfiles import open_regular, stacks_path
+from trainmetrics.jobfiles import open_directory, open_regular, stacks_path
 
 # How long the ranks get to answer.
 ANSWER_SECONDS = 5.0
@@ -49,11 +49,17 @@ def _size(path: Path) -> int:
     return info.st_size if stat.S_ISREG(info.st_mode) else 0
 
 
-def _read(path: Path, start: int) -> str | None:
-    """The file from byte `start`, its last MAX_STACK_BYTES at most; None when it is not a regular file
-    (any more: it may have been swapped since it was measured) or cannot be read."""
+def _read(job_path: Path, rank: int, start: int) -> str | None:
+    """The rank's stacks file from byte `start`, its last MAX_STACK_BYTES at most; None when it is not a regular
+    file (any more: it may have been swapped since it was measured), cannot be read, or the job's directory is a
+    symlink (a job's process can plant one: another owner's job's stacks were served through it)."""
     try:
-        with os.fdopen(open_regular(path, os.O_RDONLY), "rb") as file:
+        directory = open_directory(job_path.parent, job_path.name)
+        try:
+            fd = open_regular(stacks_file(job_path, rank).name, os.O_RDONLY, dir_fd=directory)
+        finally:
+            os.close(directory)
+        with os.fdopen(fd, "rb") as file:
             end = file.seek(0, 2)
             file.seek(max(start, end - MAX_STACK_BYTES))
             return file.read().decode("utf-8", "replace")
@@ -111,7 +117,7 @@ def _answers(job_path: Path, starts: dict[int, int | None]) -> tuple[list[dict],
     and those whose file cannot be read as a regular file."""
     ranks, missing = [], []
     for rank, start in starts.items():
-        stacks = None if start is None else _read(stacks_file(job_path, rank), start)
+        stacks = None if start is None else _read(job_path, rank, start)
         if stacks is None:
             missing.append(rank)
         else:

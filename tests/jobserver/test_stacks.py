@@ -64,3 +64,15 @@ def test_a_stopped_jobs_stacks_say_whether_their_last_dump_is_whole(tmp_path):
     (tmp_path / "stacks.rank1.txt").write_bytes(dump[:-20])
     answer = stacks.earlier(tmp_path, 2)
     assert [(rank["rank"], rank["complete"]) for rank in answer["ranks"]] == [(0, True), (1, False)]
+
+
+def test_a_job_directory_replaced_by_a_symlink_shows_no_other_jobs_stacks(tmp_path):
+    """A job's own process can replace its job directory with a symlink to another owner's job's: its stacks
+    endpoint then served that job's stacks (file names, code, arguments), only the file's own name guarded."""
+    other, planted = tmp_path / "jobs" / "bob-j1", tmp_path / "jobs" / "alice-j1"
+    other.mkdir(parents=True)
+    (other / "stacks.rank0.txt").write_bytes(real_dump(tmp_path))
+    planted.symlink_to(other.name)
+    answer = stacks.earlier(planted, 1)
+    assert answer["ranks"] == [] and answer["missing_ranks"] == [0], answer
+    assert stacks.earlier(other, 1)["ranks"], "the job's own directory is read"
