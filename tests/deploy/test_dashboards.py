@@ -325,8 +325,9 @@ tests:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("dashboard,labels", [("training-job.json", 'trainer_loss{job_id=\"n1\",instance=\"p1\",rank=\"0\"}'),
-                                              ("compare.json", '{job_id=\"n1\"}')])
+@pytest.mark.parametrize("dashboard,labels", [
+    ("training-job.json", 'trainer_loss{job_id=\"n1\",instance=\"p1\",rank=\"0\"}'),
+    ("compare.json", '{job_id=\"n1\"}')])
 def test_the_loss_curve_has_no_point_while_the_loss_is_not_finite(dashboard, labels, tmp_path):
     """While a job's loss was NaN, trainer_loss held its last finite value: the Loss panel drew a flat line that
     looked like a plateau. Its training loss has no point then (the Loss NaN annotation marks the stretch). The

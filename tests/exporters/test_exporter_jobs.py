@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -308,6 +309,30 @@ sys.stdin.readline()
 """
 
 
+def burn_and_reap(driver: subprocess.Popen, sample, remove_first: Path | None) -> tuple:
+    """NESTED_DRIVER's child burns 1 s of CPU, `remove_first` goes (as a JobMetrics removes its file at its
+    end) when given, then the driver reaps the child: the samples before, after the burn, and after the reap."""
+    before = sample()
+    driver.stdin.write("go\n")
+    driver.stdin.flush()
+    assert driver.stdout.readline().strip() == "burnt"
+    burnt = sample()
+    if remove_first is not None:
+        remove_first.unlink()
+        sample()
+    driver.stdin.write("end\n")
+    driver.stdin.flush()
+    assert driver.stdout.readline().strip() == "reaped"
+    return before, burnt, [sample() for _ in range(3)][-1]
+
+
+def stop_driver(driver: subprocess.Popen) -> None:
+    driver.stdin.close()
+    driver.kill()
+    driver.wait()
+    driver.stdout.close()
+
+
 @pytest.mark.parametrize("outer_id,inner_id,file_removed_first", [("sweep", "trial", False), ("x2", "x1", True)])
 def test_a_job_run_by_another_job_counts_in_its_own_job_only(outer_id, inner_id, file_removed_first, tmp_path):
     """A sweep driver that runs its trials as jobs: depending on the directory's order, the trial's process counted
@@ -331,23 +356,10 @@ def test_a_job_run_by_another_job_counts_in_its_own_job_only(outer_id, inner_id,
             tracker.refresh_trees(now)
             return {job_id: usage.cpu_seconds for job_id, usage in tracker.update(now).usage.items()}
 
-        before = sample()
-        driver.stdin.write("go\n")
-        driver.stdin.flush()
-        assert driver.stdout.readline().strip() == "burnt"
-        burnt = sample()
-        if file_removed_first:          # the trial's JobMetrics removes its file, then the process ends
-            inner_file.unlink()
-            sample()
-        driver.stdin.write("end\n")
-        driver.stdin.flush()
-        assert driver.stdout.readline().strip() == "reaped"
-        after = [sample() for _ in range(3)][-1]
+        # (the trial's JobMetrics removes its file, then the process ends)
+        before, burnt, after = burn_and_reap(driver, sample, inner_file if file_removed_first else None)
     finally:
-        driver.stdin.close()
-        driver.kill()
-        driver.wait()
-        driver.stdout.close()
+        stop_driver(driver)
     assert set(before) == {outer_id, inner_id} and burnt[inner_id] >= 0.9
     assert after[outer_id] - before[outer_id] < 0.3, (before, burnt, after)       # the driver itself did little
 
@@ -372,25 +384,12 @@ def test_a_rank_started_by_another_rank_of_its_job_counts_once_when_it_ends(file
             tracker.refresh_trees(now)
             return tracker.update(now).usage["ddp"].cpu_seconds
 
-        before = sample()
-        driver.stdin.write("go\n")
-        driver.stdin.flush()
-        assert driver.stdout.readline().strip() == "burnt"
-        burnt = sample()
-        if file_removed_first:
-            rank1_file.unlink()
-            sample()
-        driver.stdin.write("end\n")
-        driver.stdin.flush()
-        assert driver.stdout.readline().strip() == "reaped"
-        after = [sample() for _ in range(3)][-1]
+        before, burnt, after = burn_and_reap(driver, sample, rank1_file if file_removed_first else None)
     finally:
-        driver.stdin.close()
-        driver.kill()
-        driver.wait()
-        driver.stdout.close()
+        stop_driver(driver)
     assert burnt - before >= 0.9
     assert after - burnt < 0.3, (before, burnt, after)      # rank 0 itself did little
+
 
 def test_a_pid_reused_since_the_walks_parents_reading_is_not_the_jobs(tmp_path):
     """The tree walk reads every process's parent once per pass (up to PARENTS_MAX_AGE old): a worker that

@@ -76,7 +76,8 @@ BAD_INPUTS = {
     "checkpoint dir under a file": (lambda t: (bad_csv(t, "file", "x"), ["--checkpoint-dir", str(t / "file" / "ck")])[1],
                                     "/file/ck' is not a directory ("),
     # "is not writable: File exists" before (mkdir of a link to nothing).
-    "checkpoint dir a dangling link": (lambda t: ((t / "ck").symlink_to(t / "gone"), ["--checkpoint-dir", str(t / "ck")])[1],
+    "checkpoint dir a dangling link": (lambda t: ((t / "ck").symlink_to(t / "gone"),
+                                                  ["--checkpoint-dir", str(t / "ck")])[1],
                                        ("--checkpoint-dir: '", "/inputs/ck' is a symbolic link to '",
                                         "/inputs/gone', which does not exist")),
     # A link to nothing above it, or at another output directory: "File exists" still.
