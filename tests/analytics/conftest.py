@@ -195,10 +195,20 @@ def parse_run(job_id: str, returncode: int, stdout: str, stderr: str) -> Run:
 
 
 def finish(job_id: str, process: subprocess.Popen, stderr_lines: list[str] = (), timeout: float = 120) -> Run:
-    """Wait for a job started by start_job and parse what it printed."""
-    stdout, stderr = process.communicate(timeout=timeout)
-    if process.log is not None:
-        stderr = process.log.read_text()
+    """Wait for a job started by start_job and parse what it printed. Its pipes are read through their file
+    objects, not communicate(), which reads the descriptors: what read_until's readline() had read ahead into
+    stderr's buffer (a step's loss line and its evaluation's, written together) was lost, and the test's log
+    missed an evaluation the job had made."""
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        reads = [pool.submit(pipe.read) for pipe in (process.stdout, process.stderr) if pipe is not None]
+        try:
+            printed = [read.result(timeout=timeout) for read in reads]
+        except concurrent.futures.TimeoutError:
+            process.kill()          # the reads end at its exit
+            raise
+    process.wait(timeout=timeout)
+    stdout = printed[0]
+    stderr = process.log.read_text() if process.log is not None else printed[1]
     return parse_run(job_id, process.returncode, stdout, "".join(stderr_lines) + stderr)
 
 
