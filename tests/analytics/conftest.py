@@ -199,13 +199,19 @@ def finish(job_id: str, process: subprocess.Popen, stderr_lines: list[str] = (),
     objects, not communicate(), which reads the descriptors: what read_until's readline() had read ahead into
     stderr's buffer (a step's loss line and its evaluation's, written together) was lost, and the test's log
     missed an evaluation the job had made."""
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        reads = [pool.submit(pipe.read) for pipe in (process.stdout, process.stderr) if pipe is not None]
-        try:
-            printed = [read.result(timeout=timeout) for read in reads]
-        except concurrent.futures.TimeoutError:
-            process.kill()          # the reads end at its exit
-            raise
+    pipes = [pipe for pipe in (process.stdout, process.stderr) if pipe is not None]
+    try:
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            reads = [pool.submit(pipe.read) for pipe in pipes]
+            try:
+                printed = [read.result(timeout=timeout) for read in reads]
+            except concurrent.futures.TimeoutError:
+                process.kill()          # the reads end at its exit
+                raise
+    finally:
+        for pipe in pipes:              # (communicate() closed them; the reads are over once the pool is)
+            pipe.close()
+        process.stdout = process.stderr = None      # read: a later communicate() (the teardown's) only waits
     process.wait(timeout=timeout)
     stdout = printed[0]
     stderr = process.log.read_text() if process.log is not None else printed[1]
