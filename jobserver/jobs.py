@@ -7,7 +7,6 @@ Every operation takes the caller's owner; another owner's job or dataset is "not
 
 import os
 import re
-import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -220,28 +219,16 @@ class JobService:
 
     def _checkpoints(self, job_id: str) -> list[dict]:
         """The regular checkpoint files in the job's own checkpoint directory, oldest first (none when that
-        directory, or the job's, is a symlink: open_directory). Stated without following a symlink: one swapped
-        in between the listing and its stat showed its target's size (a looping one was a 500)."""
+        directory, or the job's, is a symlink: open_directory)."""
         try:
             directory = self._checkpoint_dir_fd(job_id)
         except OSError:
             return []
-        found = []
         try:
-            for entry in os.scandir(directory):
-                match = CHECKPOINT_PATTERN.match(entry.name)
-                if not match:
-                    continue
-                try:
-                    info = entry.stat(follow_symlinks=False)
-                except OSError:     # pruned by the job meanwhile
-                    continue
-                if stat.S_ISREG(info.st_mode):
-                    found.append({"name": entry.name, "step": int(match.group(1)), "size_bytes": info.st_size,
-                                  "modified": info.st_mtime})
+            return [{"name": checkpoint.path.name, "step": checkpoint.step, "size_bytes": checkpoint.size_bytes,
+                     "modified": checkpoint.modified} for checkpoint in list_checkpoints(directory)]
         finally:
             os.close(directory)
-        return sorted(found, key=lambda checkpoint: checkpoint["step"])
 
     def _checkpoint_dir_fd(self, job_id: str) -> int:
         """The job's checkpoint directory, opened through neither a symlinked job directory nor a symlinked

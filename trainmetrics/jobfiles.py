@@ -36,10 +36,12 @@ MAX_RESULT_BYTES = 1 << 20
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """A checkpoint file and the step it was taken at."""
+    """A checkpoint file, the step it was taken at, and its size and change time as it was listed."""
 
     path: Path
     step: int
+    size_bytes: int = 0
+    modified: float = 0.0
 
 
 def stacks_path(directory: Path, rank: int) -> Path:
@@ -52,17 +54,25 @@ def checkpoint_name(step: int) -> str:
     return f"step-{step:09d}.pt"
 
 
-def list_checkpoints(directory: Path) -> list[Checkpoint]:
-    """Checkpoints in the directory, oldest first (temp files, other names and non-files ignored)."""
-    directory = Path(directory)
-    if not directory.is_dir():
+def list_checkpoints(directory: Path | int) -> list[Checkpoint]:
+    """Checkpoints in the directory (a path, or a descriptor open on it: each path is then its name alone),
+    oldest first. Temp files, other names and anything but a regular file are left out, stated without following
+    a symlink (one swapped in would show its target's size); a file pruned while listed is left out too."""
+    if not isinstance(directory, int) and not Path(directory).is_dir():
         return []
     found = []
-    for entry in os.scandir(directory):
-        match = CHECKPOINT_PATTERN.match(entry.name)
-        if match and entry.is_file(follow_symlinks=False):
-            found.append(Checkpoint(Path(entry.path), int(match.group(1))))
-    return sorted(found, key=lambda c: c.step)
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            match = CHECKPOINT_PATTERN.match(entry.name)
+            if not match:
+                continue
+            try:
+                info = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if stat.S_ISREG(info.st_mode):
+                found.append(Checkpoint(Path(entry.path), int(match.group(1)), info.st_size, info.st_mtime))
+    return sorted(found, key=lambda checkpoint: checkpoint.step)
 
 
 def finite_or_none(value):

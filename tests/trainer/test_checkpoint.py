@@ -1,6 +1,7 @@
 """Checkpoints are atomic, weights-only loadable, and a resume continues exactly."""
 
 import errno
+import os
 import signal
 
 import numpy as np
@@ -79,6 +80,28 @@ def test_steps_past_nine_digits_are_checkpoints_too(tmp_path):
     assert ckpt.load_latest(tmp_path)["step"] == 1_000_000_010
     (tmp_path / "step-0000000001.pt").write_bytes(b"")        # no name checkpoint_name writes
     assert [c.step for c in ckpt.list_checkpoints(tmp_path)] == [1_000_000_000, 1_000_000_010]
+
+
+def test_checkpoints_are_listed_alike_by_path_and_by_descriptor_regular_files_only(tmp_path):
+    """The job server lists a job's checkpoints through a directory descriptor, the trainer by path: one scan.
+    A symlink, a directory or a FIFO under a checkpoint's name is no checkpoint, and sizes are the files' own."""
+    (tmp_path / "step-000000002.pt").write_bytes(b"22")
+    (tmp_path / "step-000000001.pt").write_bytes(b"1")
+    (tmp_path / "elsewhere").write_bytes(b"x" * 1000)
+    (tmp_path / "step-000000003.pt").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "step-000000004.pt").mkdir()
+    os.mkfifo(tmp_path / "step-000000005.pt")
+    by_path = ckpt.list_checkpoints(tmp_path)
+    assert [(c.path, c.step, c.size_bytes) for c in by_path] == [(tmp_path / "step-000000001.pt", 1, 1),
+                                                                  (tmp_path / "step-000000002.pt", 2, 2)]
+    directory = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        by_descriptor = ckpt.list_checkpoints(directory)
+    finally:
+        os.close(directory)
+    assert [(c.path.name, c.step, c.size_bytes, c.modified) for c in by_descriptor] == \
+        [(c.path.name, c.step, c.size_bytes, c.modified) for c in by_path]
+    assert ckpt.list_checkpoints(tmp_path / "missing") == []
 
 
 def test_resume_mid_epoch_equals_an_uninterrupted_run(make_trainer, tmp_path):
