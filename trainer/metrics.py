@@ -750,11 +750,13 @@ class JobMetrics:
         """Yield from `batches`, recording how long each batch took to arrive (data-loader wait): every wait
         on the loader is one, its start (iter(): a DataLoader starts its workers) in the first batch's and the
         wait that ends the pass (the loader joins its workers) one of its own. A wait that begins in a phase the
-        loop marked (an evaluation's loader iterated in `phase("eval")`) is that phase's time, not data wait."""
+        loop marked (an evaluation's loader iterated in `phase("eval")`) is that phase's time, not data wait. A wait
+        ends in the phase it began in: compute, or init before start() (the time is init's, so is the phase)."""
         clock, waits, pushed, phases = time.perf_counter, self.data_waits, self._pushed, self.phases
         counts, bounds = waits.counts, waits.bounds
         began = clock()
-        ours = phases.mark[0] in LOOP_PHASES
+        back = phases.mark[0]
+        ours = back in LOOP_PHASES
         if ours:
             self._last_step_end = began
             phases.mark = (DATA, began, waits.sum, phases.mark[3])
@@ -766,7 +768,7 @@ class JobMetrics:
                 batch = next(iterator)
             except BaseException as error:      # the pass ended, or the loader failed: its wait was data wait
                 if ours:
-                    self._waited_without_batch(began)
+                    self._waited_without_batch(began, back)
                 if isinstance(error, StopIteration):
                     return
                 raise
@@ -775,23 +777,24 @@ class JobMetrics:
                 waited = arrived - began
                 counts[bisect_left(bounds, waited)] += 1
                 waits.sum += waited
-                phases.mark = (COMPUTE, arrived, waits.sum, phases.mark[3])
+                phases.mark = (back, arrived, waits.sum, phases.mark[3])
                 if pushed:
                     self._buffer(self._pending_data_waits, waited)
             yield batch
             began = clock()
-            ours = phases.mark[0] in LOOP_PHASES
+            back = phases.mark[0]
+            ours = back in LOOP_PHASES
             if ours:
                 phases.mark = (DATA, began, waits.sum, phases.mark[3])
 
-    def _waited_without_batch(self, began: float) -> None:
+    def _waited_without_batch(self, began: float, back: str) -> None:
         """A wait on the loader that brought no batch (the end of the pass, or its failure): data wait all the
-        same; what follows it is not."""
+        same; what follows it is not (it is `back`, the phase the wait began in)."""
         ended = time.perf_counter()
         waits, phases = self.data_waits, self.phases
         waits.counts[bisect_left(waits.bounds, ended - began)] += 1
         waits.sum += ended - began
-        phases.mark = (COMPUTE, ended, waits.sum, phases.mark[3])
+        phases.mark = (back, ended, waits.sum, phases.mark[3])
         if self._pushed:
             self._buffer(self._pending_data_waits, ended - began)
 
@@ -815,7 +818,9 @@ class JobMetrics:
             last = self._last_step_end
             self._last_step_end = now
             phases = self.phases
-            if phases.mark[0] != COMPUTE:        # leaving the optimizer or a collective the loop marked
+            # Leaving the optimizer or a collective the loop marked; before start() the time is init's, and so
+            # is the phase.
+            if phases.mark[0] != COMPUTE and phases.loop_began is not None:
                 phases.enter(COMPUTE, now)
             phases.last_step = phases.progress = now
             # The step is counted before its time: a scrape reads the histogram first, then the steps, so its count

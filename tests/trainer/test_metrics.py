@@ -933,6 +933,26 @@ def test_a_step_after_the_run_ended_is_not_counted_and_one_before_start_is_said(
     metrics.close()
 
 
+def test_before_start_the_live_phase_is_init_as_its_time_is():
+    """A batch fetched and a step taken before start(): their time is init's (docs/metrics.md), and the live
+    phase said so too (it showed compute, then data_wait at the loader's end, while init's total grew)."""
+    metrics = JobMetrics("phase-before-start", publish=Publish(listen=None))
+    try:
+        for _ in metrics.timed([1, 2]):
+            assert metrics.phases.phase == "init"
+            metrics.step(loss=1.0, samples=4)
+            assert metrics.phases.phase == "init"
+        assert [s.labels["phase"] for s in samples_by_name(metrics)["trainer_phase"] if s.value == 1] == ["init"]
+        assert metrics.phases.totals()["compute"] == 0
+        metrics.start()
+        for _ in metrics.timed([1]):
+            assert metrics.phases.phase == "compute"
+            metrics.step(loss=1.0, samples=4)
+        assert metrics.phases.phase == "compute"
+    finally:
+        metrics.close()
+
+
 STOPPED_WHILE_WAITING = textwrap.dedent("""
     import signal, sys, time
     from trainmetrics.trainer.metrics import JobMetrics
