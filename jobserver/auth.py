@@ -6,7 +6,7 @@ owner can claim, or probe for, another's. The reserved owner `@metrics` is a scr
 /metrics (which lists every owner's queued and paused jobs) and the HTTP service discovery, and nothing else.
 """
 
-import hmac
+import hashlib
 import logging
 import os
 import re
@@ -33,8 +33,14 @@ def load_tokens(path: Path) -> dict[bytes, str]:
     ValueError naming the bad line."""
     tokens: dict[bytes, str] = {}
     lines: dict[bytes, int] = {}
-    # utf-8-sig: an editor's byte-order mark is not part of the first token.
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8-sig").splitlines(), start=1):
+    raw = Path(path).read_bytes()
+    try:
+        # utf-8-sig: an editor's byte-order mark is not part of the first token.
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        raise ValueError(f"{path}: line {line}: not UTF-8 text (byte {error.object[error.start]:#04x})") from None
+    for number, line in enumerate(text.splitlines(), start=1):
         line = COMMENT.sub("", line).strip()
         if not line:
             continue
@@ -56,13 +62,15 @@ def load_tokens(path: Path) -> dict[bytes, str]:
 
 
 class TokenAuth:
-    """Bearer tokens to owners, compared in constant time. Given its file, it reads the file again when it
+    """Bearer tokens to owners, found by their SHA-256 digests: the time a lookup takes tells nothing of a
+    token (compared one by one, the first that matched answered soonest, and a length unlike every token's at
+    once: which place a token held, and how long tokens are). Given its file, it reads the file again when it
     changes (looked at once a second at most, by the requests): a revoked token stops working within a second.
     A changed file that cannot be read or is not a tokens file is said at error level and leaves the tokens in
     force as they were (an editor's half-written file would lock every owner out)."""
 
     def __init__(self, tokens: dict[bytes, str], path: Path | None = None):
-        self.tokens = tokens
+        self._owners = _by_digest(tokens)
         self.path = path
         self._identity = _file_identity(path)
         self._checked_at = time.monotonic()
@@ -82,7 +90,7 @@ class TokenAuth:
             reason = f"{self.path}: {error.strerror}" if isinstance(error, OSError) else str(error)
             log.error("tokens file changed but cannot be used (%s): the tokens read before stay in force", reason)
             return
-        self.tokens = tokens
+        self._owners = _by_digest(tokens)
         log.info("tokens file %s read again: %d tokens", self.path, len(tokens))
 
     def owner(self, authorization: str | None) -> str:
@@ -90,10 +98,9 @@ class TokenAuth:
         self._reload_if_changed()
         scheme, _, token = (authorization or "").partition(" ")
         if scheme.lower() == "bearer":
-            presented = token.strip().encode("utf-8", "replace")
-            for known, owner in self.tokens.items():
-                if hmac.compare_digest(known, presented):
-                    return owner
+            owner = self._owners.get(_digest(token.strip().encode("utf-8", "replace")))
+            if owner is not None:
+                return owner
         raise ApiError(401, "unauthorized", "missing or unknown bearer token",
                        {"WWW-Authenticate": 'Bearer realm="trainmetrics"'})
 
@@ -101,6 +108,15 @@ class TokenAuth:
         """The metrics reader reads /metrics and the service discovery (both name every owner's jobs) and
         nothing else; owners everything else."""
         return (path in SCRAPER_PATHS) == (owner == METRICS_READER)
+
+
+def _digest(token: bytes) -> bytes:
+    return hashlib.sha256(token).digest()
+
+
+def _by_digest(tokens: dict[bytes, str]) -> dict[bytes, str]:
+    """Owners by their tokens' digests."""
+    return {_digest(token): owner for token, owner in tokens.items()}
 
 
 def _file_identity(path: Path | None) -> tuple[int, int, int, int] | None:

@@ -2,7 +2,8 @@
 
 import pytest
 
-from trainmetrics.jobserver.auth import load_tokens
+from trainmetrics.edge import ApiError
+from trainmetrics.jobserver.auth import TokenAuth, load_tokens
 
 ALICE, BOB = "alice-token-0123456789", "bob-token-0123456789ab"
 
@@ -32,6 +33,26 @@ def test_a_hash_inside_a_token_is_part_of_it_and_one_after_a_space_starts_a_comm
 
 def test_a_byte_order_mark_is_not_part_of_the_first_token(tmp_path):
     assert load(tmp_path, f"{ALICE} alice\n", encoding="utf-8-sig") == {ALICE.encode(): "alice"}
+
+
+def test_a_file_that_is_not_utf8_is_refused_naming_its_line(tmp_path):
+    # Before: the codec's own words, "'utf-8' codec can't decode byte 0xff in position 49", and no line.
+    path = tmp_path / "tokens"
+    path.write_bytes(f"{ALICE} alice\n".encode() + b"bob-token-\xff0123456789 bob\n")
+    with pytest.raises(ValueError, match=r"tokens: line 2: not UTF-8 text \(byte 0xff\)"):
+        load_tokens(path)
+
+
+def test_tokens_are_found_by_digest_and_not_kept(tmp_path):
+    """Compared one by one, a token's place among the others and every token's length showed in the time of the
+    answer; found by its SHA-256 digest, the time tells nothing, and the tokens themselves are not held."""
+    auth = TokenAuth(load(tmp_path, f"{ALICE} alice\n{BOB} bob\n"))
+    assert auth.owner(f"Bearer {BOB}") == "bob" and auth.owner(f"bearer  {ALICE} ") == "alice"
+    for wrong in (f"Bearer {ALICE[:-1]}", f"Bearer {ALICE}x", "Bearer ", f"Basic {ALICE}", None, "Bearer \udcff"):
+        with pytest.raises(ApiError):
+            auth.owner(wrong)
+    held = repr(vars(auth)).encode()
+    assert ALICE.encode() not in held and BOB.encode() not in held
 
 
 def test_a_changed_tokens_file_takes_effect_without_a_restart(tmp_path):
