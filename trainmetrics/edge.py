@@ -205,12 +205,14 @@ class EdgeMiddleware:
                                              "page whose name was made to point here; ask for 127.0.0.1 or "
                                              "localhost, or require credentials: `trainmetrics server --tokens`, or "
                                              "basic_auth_users in --web.config.file)")
+        # One Authorization header (RFC 9110 allows no list of them): with two, the edge read the last and a
+        # route that checks its own credentials (the job processes' internal one) the first.
+        authorizations = [value for key, value in scope.get("headers") or [] if key == b"authorization"]
+        if len(authorizations) > 1:
+            raise ApiError(400, "bad_request", "more than one Authorization header")
         if path in self.open_paths or path.startswith(self.self_checked):
             return None
-        authorization = None
-        for key, value in scope.get("headers") or []:
-            if key == b"authorization":
-                authorization = value.decode("latin-1")
+        authorization = authorizations[0].decode("latin-1") if authorizations else None
         if self.web_config.users:
             verdict = self.web_config.cached_verdict(authorization)
             if verdict is None:

@@ -78,3 +78,18 @@ def test_an_unknown_user_costs_the_same_bcrypt_check_as_a_known_one(monkeypatch)
     # The unknown user's check used a known user's hash, with that user's password: still refused, and its
     # remembered verdict is not that user's.
     assert asyncio.run(status("nobody", "right")) == 401 and asyncio.run(status("prometheus", "right")) == 200
+
+
+def test_two_authorization_headers_are_refused_on_every_route():
+    """The edge read the last of two, a route that checks its own credentials (the job server's internal one)
+    the first: a request could pass one check with one header and the other with another."""
+    app = build_app([Component(name="test", routes=[], registry=CollectorRegistry())])
+
+    async def statuses() -> list[int]:
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
+            two = [("Authorization", "Bearer one-0123456789abcdef"), ("Authorization", "Bearer two-0123456789abc")]
+            return [(await client.get(path, headers=two)).status_code for path in ("/metrics", "/healthz")] + \
+                [(await client.get("/metrics", headers=two[:1])).status_code]
+
+    assert asyncio.run(statuses()) == [400, 400, 200]
