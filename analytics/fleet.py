@@ -10,7 +10,7 @@ from trainmetrics.analytics import goodput, scoring, shapes
 from trainmetrics.analytics.cache import AnalyticsCache, cached_jobs_analytics
 from trainmetrics.analytics.job import NO_GPU_ENERGY
 from trainmetrics.analytics.lookup import (ENDED, Process, hold_missed_scrapes, hold_while_a_rank_runs, in_order,
-                                          killed_run, status_of, timeline_of)
+                                          killed_run, speakers, status_of, timeline_of)
 from trainmetrics.analytics.prometheus import PrometheusClient
 from trainmetrics.analytics.results import number, query_parts, ratio, rounded, rows, scalar
 from trainmetrics.contract import FINAL_STATES, validate_job_id
@@ -110,14 +110,16 @@ async def _fleet(client: PrometheusClient, range_seconds: float, now: float, spl
         status = status_of(latest)
         # A killed run's end and loss are the job's; the server that noticed the death gives only its state.
         latest = killed_run(procs) or latest
-        # Who speaks for the job's metadata and final loss: its newest process that is a trainer's (the job server's
-        # entry of a job it cancelled while paused publishes a state and an end only), newest first.
+        # Who speaks for the job's final loss: its newest process that is a trainer's (the job server's entry of a
+        # job it cancelled while paused publishes a state, an end, a name and an owner only), newest first; and for
+        # its metadata, its trainers before the job server's entry (lookup.speakers).
         latest_instance[job_id] = [latest.instance] + [p.instance for p in reversed(procs) if p is not latest]
         timeline = timeline_of(procs, now)
         starts_known = [p.start for p in procs if p.start is not None]
         total = samples_by_job.get(job_id)
-        info = next((info_by_process[(job_id, instance)] for instance in latest_instance[job_id]
-                     if (job_id, instance) in info_by_process), {})
+        newest_last = [p for p in procs if p is not latest] + [latest]
+        info = next((info_by_process[(job_id, p.instance)] for p in speakers(newest_last)
+                     if (job_id, p.instance) in info_by_process), {})
         if owner is not None and owners_by_job.get(job_id) != {owner}:
             continue
         table.append(shapes.JobRow(

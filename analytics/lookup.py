@@ -214,6 +214,12 @@ def hold_while_a_rank_runs(latest: Process, any_rank_live: bool) -> None:
         latest.live = True
 
 
+def speakers(processes: list[Process]) -> list[Process]:
+    """Who speaks for a job's metadata, first to last: its trainer processes newest first, then the job server's
+    entries (the job server publishes only a name and an owner). `processes` oldest first."""
+    return sorted(reversed(processes), key=lambda p: not p.trainer)
+
+
 def in_order(processes) -> list[Process]:
     """A job's processes, oldest first (Process.order)."""
     return sorted(processes, key=lambda p: p.order)
@@ -347,10 +353,10 @@ class _Lookup:
             raise JobNotFound(self.job_id)
         latest = processes[-1]
         hold_while_a_rank_runs(latest, self.any_rank_live)
-        # Its newest process's metadata that has any (the job server's entry of a job it ended has none): as the
-        # job list reads it, not whichever row came first.
+        # Its newest trainer process's metadata, else the job server's (a job that never ran: its name and owner
+        # only): as the job list reads it, not whichever row came first.
         by_instance = {labels.get("instance"): labels for labels in self.info}
-        info = next((by_instance[p.instance] for p in reversed(processes) if p.instance in by_instance),
+        info = next((by_instance[p.instance] for p in speakers(processes) if p.instance in by_instance),
                     self.info[0] if self.info else {})
         return JobFacts(job_id=self.job_id, info={k: v for k, v in info.items() if k not in INTERNAL_LABELS},
                         status=status_of(latest), processes=processes, timeline=timeline_of(processes, now),

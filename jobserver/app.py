@@ -30,7 +30,7 @@ from trainmetrics.jobserver import stacks
 from trainmetrics.jobserver.executors import ExecutorUnavailable, build_executor
 from trainmetrics.jobserver.hangs import HangStacks
 from trainmetrics.jobserver.reports import ReportKeeper
-from trainmetrics.jobserver.jobs import JobService, ServerSettings
+from trainmetrics.jobserver.jobs import JobService, ServerSettings, WaitingJob
 
 from trainmetrics.jobserver.store import DATABASE_NAME, JobStore
 from trainmetrics.jobserver.supervisor import Supervisor
@@ -79,7 +79,7 @@ class JobServer:
         self.service: JobService | None = None
         self.state = StateThread()
         # Jobs whose state no process publishes (queued, paused, ended by the server) as of the last tick.
-        self.waiting: list[tuple[str, str, float, float | None, bool]] = []
+        self.waiting: list[WaitingJob] = []
         self.last_tick: float | None = None
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(WaitingJobsCollector(self))
@@ -160,8 +160,9 @@ async def repeat(work, seconds: float, what: str) -> None:
 
 class WaitingJobsCollector:
     """trainer_job_state for jobs without a process (queued, paused, or ended by the server: cancelled while
-    waiting, or never started, with their end), so Prometheus sees every state. Reads the last tick's list:
-    collecting never touches the database."""
+    waiting, or never started, with their end), so Prometheus sees every state, and their trainer_job_info
+    (its name and owner: a job is an owner's by that series' `owner`, in the analytics and the alerts' joins, and a
+    queued job was no one's). Reads the last tick's list: collecting never touches the database."""
 
     def __init__(self, server: JobServer):
         self.server = server
@@ -174,18 +175,22 @@ class WaitingJobsCollector:
                                   labels=["job_id"])
         resuming = GaugeMetricFamily(Trainer.JOB_RESUMING, "1 for a queued job that ran before: it waits to resume.",
                                      labels=["job_id"])
-        for job_id, current, created, end, again in self.server.waiting:
+        info = GaugeMetricFamily(Trainer.JOB_INFO, "Job metadata; always 1.", labels=["job_id", "job_name", "owner"])
+        for waiting in self.server.waiting:
+            job_id = waiting.job.id
             for state in JOB_STATES:
-                family.add_metric([job_id, state], 1 if state == current else 0)
-            submitted.add_metric([job_id], created)
-            if end is not None:
-                ended.add_metric([job_id], end)
-            if again:
+                family.add_metric([job_id, state], 1 if state == waiting.state else 0)
+            submitted.add_metric([job_id], waiting.job.created)
+            info.add_metric([job_id, waiting.job.name, waiting.job.owner or ""], 1)
+            if waiting.end is not None:
+                ended.add_metric([job_id], waiting.end)
+            if waiting.resuming:
                 resuming.add_metric([job_id], 1)
         yield family
         yield submitted
         yield ended
         yield resuming
+        yield info
 
 
 def _server(request: Request) -> JobServer:

@@ -316,20 +316,30 @@ class JobService:
                                                   "__meta_trainmetrics_rank": str(rank)}}
                 for job_id, owner, rank, address, scheme in self.store.endpoints()]
 
-    def waiting_jobs(self) -> list[tuple[str, str, float, float | None, bool]]:
-        """(job id, state, submission time, end, resuming) of every job whose state no process of its own
-        publishes, for /metrics: queued and paused jobs (end None), and for FINAL_STATE_HOLD_SECONDS after it, the
-        end of a job no process published (no run handle: cancelled while queued or paused, one that could not
-        start, one whose process was killed without a result), so that Prometheus, and the analytics' ledger, see
-        it end. `resuming`: a queued job that ran before (resumed, or queued again by a server's stop), whose
-        wait the fleet's ledger counts as paused, not queued."""
-        waiting = [(job.id, job.state, job.created, None, job.state == "queued" and job.resume)
+    def waiting_jobs(self) -> list["WaitingJob"]:
+        """Every job whose state no process of its own publishes, for /metrics: queued and paused jobs (end None),
+        and for FINAL_STATE_HOLD_SECONDS after it, the end of a job no process published (no run handle: cancelled
+        while queued or paused, one that could not start, one whose process was killed without a result), so that
+        Prometheus, and the analytics' ledger, see it end."""
+        waiting = [WaitingJob(job, job.state, None, job.state == "queued" and job.resume)
                    for job in self.store.list_jobs(states=("queued", "paused"))]
         # Running as the server sees it, but no process yet: queued, as far as Prometheus and the ledger are concerned.
-        waiting += [(job.id, "queued", job.created, None, job.resume) for job in self.store.list_jobs(states=("running",))
+        waiting += [WaitingJob(job, "queued", None, job.resume) for job in self.store.list_jobs(states=("running",))
                     if self._placing(job) is not None]
         ended = self.store.ended_without_run(FINAL_STATES, time.time() - FINAL_STATE_HOLD_SECONDS)
-        return waiting + [(job.id, job.state, job.created, job.ended, False) for job in ended]
+        return waiting + [WaitingJob(job, job.state, job.ended, False) for job in ended]
+
+
+@dataclass(frozen=True)
+class WaitingJob:
+    """A job without a process of its own, as /metrics publishes it: its state, its end (one the server gave
+    it), and whether it waits to resume (a queued job that ran before, resumed or queued again by a server's stop:
+    the fleet's ledger counts that wait as paused, not queued)."""
+
+    job: JobRecord
+    state: str
+    end: float | None
+    resuming: bool
 
 
 def _open_file(name: str, missing: str, directory: int) -> BinaryIO:

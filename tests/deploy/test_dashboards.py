@@ -125,8 +125,11 @@ def test_the_job_pickers_list_a_job_that_only_waits():
     from types import SimpleNamespace
 
     from trainmetrics.jobserver.app import WaitingJobsCollector
+    from trainmetrics.jobserver.jobs import WaitingJob
+    from trainmetrics.jobserver.store import JobRecord
 
-    waiting = SimpleNamespace(waiting=[("queued-1", "queued", 1.0, None, False)])
+    job = JobRecord(id="queued-1", owner="alice", name="queued-1", spec={}, state="queued", created=1.0)
+    waiting = SimpleNamespace(waiting=[WaitingJob(job, "queued", None, False)])
     published = {family.name for family in WaitingJobsCollector(waiting).collect()}
     assert variable_metrics("job_id") and variable_metrics("job_id") <= published
 

@@ -492,6 +492,32 @@ def test_analytics_on_the_server_are_owner_scoped(tmp_path):
         prometheus.stop()
 
 
+def test_an_owners_queued_job_is_theirs_in_the_analytics(tmp_path):
+    """The job server published a queued job's state with no owner: to its owner's analytics the job did not
+    exist (a 404, and not in their summary) until a process of it ran."""
+    prometheus, _, server = owners_server(tmp_path)
+    try:
+        alice, bob = server.client("alice"), server.client("bob")
+        for job_id in ("alice-busy", "alice-waits"):        # one slot: the second waits
+            assert alice.post("/api/training/jobs", json={"dataset": "blobs", "epochs": 50, "job_id": job_id,
+                                                          "name": f"{job_id}-run"}).status_code == 201
+        wait_job(alice, "alice-busy", lambda j: j["state"] == "running")
+        assert alice.get("/api/training/jobs/alice-waits").json()["state"] == "queued"
+        prometheus.wait_for('trainer_job_info{job_id="alice-waits",owner="alice"}')
+        mine = alice.get("/api/training/alice-waits/analytics")
+        assert mine.status_code == 200, mine.text
+        assert mine.json()["status"] == "queued" and mine.json()["job_name"] == "alice-waits-run"
+        assert bob.get("/api/training/alice-waits/analytics").status_code == 404
+        listed = alice.get("/api/training/analytics/jobs").json()["jobs"]
+        assert {job["job_id"]: job["status"] for job in listed}.get("alice-waits") == "queued", listed
+        assert bob.get("/api/training/analytics/jobs").json()["jobs"] == []
+        for job_id in ("alice-waits", "alice-busy"):
+            alice.post(f"/api/training/jobs/{job_id}/cancel")
+    finally:
+        server.stop()
+        prometheus.stop()
+
+
 def test_job_whose_process_died_with_the_server_resumes_from_its_checkpoint(tmp_path):
     server = Server(tmp_path)
     server.start()

@@ -107,7 +107,7 @@ def test_a_run_that_ended_before_it_published_anything_is_published_by_the_serve
     job = settle(supervisor, "refused-1")
     assert (job.state, job.exit_code, job.handle) == ("failed", 2, None)
     waiting = JobService(ServerSettings(data_dir=tmp_path), supervisor.store, supervisor).waiting_jobs()
-    assert [(job_id, state) for job_id, state, _, _, _ in waiting] == [("refused-1", "failed")]
+    assert [(w.job.id, w.state) for w in waiting] == [("refused-1", "failed")]
 
 
 def test_a_jobs_error_shows_no_server_path(supervisor, tmp_path):
@@ -565,7 +565,7 @@ def test_the_server_publishes_the_end_only_of_jobs_no_process_ended(tmp_path):
                             handle="99", ended=now))
     store.add_job(JobRecord(id="long-ago", owner="default", name="d", state="cancelled", spec={}, ended=now - 3600))
     service = JobService(ServerSettings(data_dir=tmp_path), store, Supervisor(store, tmp_path, None, 1))
-    assert [(job_id, state, end) for job_id, state, _, end, _ in service.waiting_jobs()] == \
+    assert [(w.job.id, w.state, w.end) for w in service.waiting_jobs()] == \
         [("cancelled-waiting", "cancelled", now)]
     store.close()
 
@@ -588,7 +588,7 @@ def test_a_final_state_its_process_did_not_publish_is_published_by_the_server(su
     assert {job_id: job.state for job_id, job in ended.items()} == \
         {"killed": "failed", "overruled": "cancelled", "completed": "completed"}
     service = JobService(ServerSettings(data_dir=supervisor.data_dir), supervisor.store, supervisor)
-    published = {job_id: (state, end) for job_id, state, _, end, _ in service.waiting_jobs()}
+    published = {w.job.id: (w.state, w.end) for w in service.waiting_jobs()}
     assert published == {"killed": ("failed", ended["killed"].ended),
                          "overruled": ("cancelled", ended["overruled"].ended)}
 
@@ -603,7 +603,7 @@ def test_a_job_queued_again_to_resume_is_published_as_resuming(tmp_path):
     for job_id, state, resume in (("fresh", "queued", False), ("again", "queued", True), ("held", "paused", True)):
         store.add_job(JobRecord(id=job_id, owner="default", name=job_id, state=state, spec={}, resume=resume))
     service = JobService(ServerSettings(data_dir=tmp_path), store, Supervisor(store, tmp_path, None, 0))
-    assert {job_id: (state, resuming) for job_id, state, _, _, resuming in service.waiting_jobs()} == \
+    assert {w.job.id: (w.state, w.resuming) for w in service.waiting_jobs()} == \
         {"fresh": ("queued", False), "again": ("queued", True), "held": ("paused", False)}
     store.close()
 

@@ -25,7 +25,7 @@ def build():
         new_dashboard("trainmetrics / Training job", "trainmetrics-job",
                       "One training job: state, loss and accuracy, throughput, step time, data wait, "
                       "checkpoints, and the GPUs and processes it uses.", ["job"])
-        # (From the state: the job server publishes a queued job's state only, no trainer_job_info.)
+        # (From the state: every job has one, its trainer's or, while it has no process, the job server's.)
         .with_variable(label_variable("job_id", "Job", "label_values(trainer_job_state, job_id)"))
         .annotation(alert_annotation("Hangs", f'ALERTS{{alertname=~"TrainerHang|TrainerRankStuck",{JOB}}}', "red"))
         .annotation(alert_annotation("Loss spikes", f'ALERTS{{alertname="TrainerLossSpike",{JOB}}}', "orange"))
