@@ -39,7 +39,7 @@ async def fleet(client: PrometheusClient, range_seconds: float, now: float, spli
 async def _fleet(client: PrometheusClient, range_seconds: float, now: float, split: float | None,
                  details: bool, owner: str | None = None
                  ) -> tuple[list[shapes.JobRow], dict[str, list[str]], dict[tuple[str, str], Process]]:
-    """The fleet's rows, each job's processes' instances (the one that speaks for it first, then newest first), and
+    """The fleet's rows, each job's processes' instances (those that speak for it first: lookup.speakers), and
     every process by (job id, instance)."""
     state_expr = q.fleet_state(range_seconds, now, split)
     state_parts = state_expr if isinstance(state_expr, dict) else {"raw": state_expr}
@@ -110,16 +110,15 @@ async def _fleet(client: PrometheusClient, range_seconds: float, now: float, spl
         status = status_of(latest)
         # A killed run's end and loss are the job's; the server that noticed the death gives only its state.
         latest = killed_run(procs) or latest
-        # Who speaks for the job's final loss: its newest process that is a trainer's (the job server's entry of a
-        # job it cancelled while paused publishes a state, an end, a name and an owner only), newest first; and for
-        # its metadata, its trainers before the job server's entry (lookup.speakers).
-        latest_instance[job_id] = [latest.instance] + [p.instance for p in reversed(procs) if p is not latest]
+        # Who speaks for the job's metadata and final loss: its trainer processes, the killed run or else the newest
+        # first, then the job server's entry (of a job it cancelled while paused: a state, an end, a name and an
+        # owner only): lookup.speakers.
+        latest_instance[job_id] = [p.instance for p in speakers([p for p in procs if p is not latest] + [latest])]
         timeline = timeline_of(procs, now)
         starts_known = [p.start for p in procs if p.start is not None]
         total = samples_by_job.get(job_id)
-        newest_last = [p for p in procs if p is not latest] + [latest]
-        info = next((info_by_process[(job_id, p.instance)] for p in speakers(newest_last)
-                     if (job_id, p.instance) in info_by_process), {})
+        info = next((info_by_process[(job_id, instance)] for instance in latest_instance[job_id]
+                     if (job_id, instance) in info_by_process), {})
         if owner is not None and owners_by_job.get(job_id) != {owner}:
             continue
         table.append(shapes.JobRow(

@@ -74,6 +74,8 @@ def history(now):
     for t in (now - 2490 + i * 10.0 for i in range(60)):
         current = "cancelled" if t >= now - 2000 else "paused"
         lines += [f'trainer_job_state{{{server},state="{s}"}} {int(s == current)} {t:.3f}' for s in STATES]
+        # (The job server's metadata of the job, its name and owner: a trainer's, where there is one, speak for it.)
+        lines.append(f'trainer_job_info{{{server},job_name="c-server",owner="erin"}} 1 {t:.3f}')
         if current == "cancelled":
             lines.append(f"trainer_job_end_timestamp_seconds{{{server}}} {now - 2000:.3f} {t:.3f}")
     # Resumed after a pause, its last logged loss NaN: the job's final loss is none, not the paused run's.
@@ -81,10 +83,11 @@ def history(now):
     lines += process("diverged-1", "h:7", now - 2000, now - 1400, "failed", {**info, "owner": "erin"},
                      samples_from=30000, diverged=True)
     # The job server's own series for alice's job waiting in its queue (jobserver/app.py WaitingJobsCollector:
-    # labels job_id and state only).
+    # its state, submission, name and owner).
     server = 'job_id="alice-q",instance="server:8000",job="server"'
     for t in (now - 1200 + i * 10.0 for i in range(121)):
         lines += [f'trainer_job_state{{{server},state="{s}"}} {int(s == "queued")} {t:.3f}' for s in STATES]
+        lines.append(f'trainer_job_info{{{server},job_name="alice-q",owner="alice"}} 1 {t:.3f}')
         lines.append(f"trainer_job_submitted_timestamp_seconds{{{server}}} {now - 1200:.3f} {t:.3f}")
     # Paused (its trainer's process ended "paused"), then cancelled while paused: the job server publishes the
     # job's state (paused, then cancelled) and, once cancelled, the end no process published.
@@ -131,6 +134,20 @@ def test_owner_scoping_of_the_job_list_matches_the_jobs_own(backfilled):
             assert rows == [] and "shared-1" not in top, owner
 
 
+def test_a_queued_job_is_its_owners_alone(backfilled):
+    """The job server's entry of a queued job names its owner: the job was no one's (not in its owner's list,
+    its analytics a 404 to its owner) until a process of it ran."""
+    seen = {}
+    for owner in ("alice", "bob"):
+        with serve(Settings(prometheus_url=backfilled.url, recorded_series=False,
+                            owner_scope=lambda request, owner=owner: owner)) as client:
+            code, body = get(client, "/api/training/alice-q/analytics")
+            _, listed = get(client, "/api/training/analytics/jobs", range="2h")
+            seen[owner] = (code, body.get("status"), [(r["job_id"], r["status"], r["owner"]) for r in listed["jobs"]
+                                                      if r["job_id"] == "alice-q"])
+    assert seen == {"alice": (200, "queued", [("alice-q", "queued", "alice")]), "bob": (404, None, [])}
+
+
 def three_views(backfilled, job_id: str) -> tuple[dict, dict, dict]:
     """The job's own analytics, its job list row and its summary's top-jobs row."""
     with serve(Settings(prometheus_url=backfilled.url, recorded_series=False)) as client:
@@ -145,6 +162,11 @@ def test_job_list_and_summary_metadata_are_the_newest_process_s(backfilled):
     body, row, top = three_views(backfilled, "renamed-1")
     print("analytics:", body["job_name"], "| job list:", row["job_name"], "| summary top:", top["job_name"])
     assert row["job_name"] == top["job_name"] == body["job_name"]
+    # The job server's entry, newest (it cancelled the job while paused), names the job too: its trainer's
+    # newest process speaks for it.
+    body, row, top = three_views(backfilled, "renamed-2")
+    print("renamed-2 analytics:", body["job_name"], "| job list:", row["job_name"], "| summary top:", top["job_name"])
+    assert row["job_name"] == top["job_name"] == body["job_name"] == "b-new"
 
 
 @pytest.fixture(scope="module")
