@@ -21,6 +21,7 @@ import psutil
 import pytest
 import uvicorn
 
+from tests.processes import finish_reading
 from trainmetrics.analytics.app import Settings, create_app
 from trainmetrics.prometheus_process import PrometheusServer, VictoriaMetricsServer, find_binary, free_port
 
@@ -195,26 +196,12 @@ def parse_run(job_id: str, returncode: int, stdout: str, stderr: str) -> Run:
 
 
 def finish(job_id: str, process: subprocess.Popen, stderr_lines: list[str] = (), timeout: float = 120) -> Run:
-    """Wait for a job started by start_job and parse what it printed. Its pipes are read through their file
-    objects, not communicate(), which reads the descriptors: what read_until's readline() had read ahead into
-    stderr's buffer (a step's loss line and its evaluation's, written together) was lost, and the test's log
-    missed an evaluation the job had made."""
-    pipes = [pipe for pipe in (process.stdout, process.stderr) if pipe is not None]
-    try:
-        with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            reads = [pool.submit(pipe.read) for pipe in pipes]
-            try:
-                printed = [read.result(timeout=timeout) for read in reads]
-            except concurrent.futures.TimeoutError:
-                process.kill()          # the reads end at its exit
-                raise
-    finally:
-        for pipe in pipes:              # (communicate() closed them; the reads are over once the pool is)
-            pipe.close()
-        process.stdout = process.stderr = None      # read: a later communicate() (the teardown's) only waits
-    process.wait(timeout=timeout)
-    stdout = printed[0]
-    stderr = process.log.read_text() if process.log is not None else printed[1]
+    """Wait for a job started by start_job and parse what it printed. Read by finish_reading, not communicate():
+    what read_until's readline() had read ahead into stderr's buffer (a step's loss line and its evaluation's,
+    written together) was lost, and the test's log missed an evaluation the job had made."""
+    stdout, stderr = finish_reading(process, timeout=timeout)
+    if process.log is not None:
+        stderr = process.log.read_text()
     return parse_run(job_id, process.returncode, stdout, "".join(stderr_lines) + stderr)
 
 

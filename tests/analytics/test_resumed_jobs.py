@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+from tests.processes import finish_reading
 from trainmetrics.analytics.app import Settings
 from trainmetrics.analytics.lookup import MISSED_SCRAPES_SECONDS
 from trainmetrics.jobfiles import checkpoint_name
@@ -61,7 +62,7 @@ def test_a_resumed_job_is_told_afresh(backends, tmp_path):
         prometheus.wait_for('trainer_steps_total{job_id="crash-1"} >= 40', timeout=30)   # seen running
         os.kill(crashing.pid, signal.SIGKILL)
         killed_at = time.time()
-        crash_lines.append(crashing.communicate()[1])
+        crash_lines.append(finish_reading(crashing)[1])     # the rest: communicate() lost what was read ahead
         failed = finish("refail-1", failing, fail_lines)
         assert failed.returncode == 1 and failed.summary["state"] == "failed"
         victoria.wait_until_agrees(prometheus, ARRIVED)

@@ -15,6 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.processes import finish_reading
+
 EXIT = {signal.SIGTERM: (3, "cancelled"), signal.SIGINT: (3, "cancelled"), signal.SIGHUP: (3, "cancelled"),
         signal.SIGUSR1: (4, "paused")}
 
@@ -171,10 +173,9 @@ def test_every_stop_signal_at_any_moment_ends_the_job_as_documented(tmp_path):
         driver.join(timeout=120)
         began = time.monotonic()
         try:
-            rest, _ = process.communicate(timeout=120)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            rest, _ = process.communicate()
+            rest, _ = finish_reading(process, timeout=120)     # drive() read part of its stdout: not communicate()
+        except subprocess.TimeoutExpired as expired:            # (killed)
+            rest = expired.output
         output = "".join(lines) + rest
         code, state = EXIT[case.signum]
         result_path = work / "result.json"

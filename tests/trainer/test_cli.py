@@ -16,6 +16,7 @@ import time
 import numpy as np
 import pytest
 
+from tests.processes import finish_reading
 from trainmetrics.cli import main
 
 from .conftest import parse_summary, run_train, train_command
@@ -180,6 +181,8 @@ def test_the_log_names_the_address_metrics_are_served_on(tmp_path):
 
 
 def wait_for_line(process: subprocess.Popen, needle: str, timeout: float = 120) -> list[str]:
+    """Read stderr lines until one contains needle (finish the process with finish_reading then: readline()
+    may have read the lines after it into the pipe's buffer, where communicate() does not look)."""
     lines, deadline = [], time.monotonic() + timeout
     while time.monotonic() < deadline:
         line = process.stderr.readline()
@@ -198,7 +201,7 @@ def test_sigterm_cancels_after_a_checkpoint_and_resume_keeps_the_step_count(tmp_
     process = spawn_train(*args)
     wait_for_line(process, "step=40 ")
     process.send_signal(signal.SIGTERM)
-    stdout, _ = process.communicate(timeout=60)
+    stdout, _ = finish_reading(process, timeout=60)
     assert process.returncode == 3
     cancelled = parse_summary(stdout)
     assert cancelled["state"] == "cancelled" and cancelled["steps"] >= 40
@@ -221,7 +224,7 @@ def test_exception_mid_run_fails_with_exit_1_and_names_the_error(tmp_path, spawn
     # The checkpoint dir turns into a file (rename is atomic): the next checkpoint write fails for real.
     os.rename(ckpt, tmp_path / "moved-away")
     ckpt.write_text("not a directory")
-    stdout, stderr = process.communicate(timeout=60)
+    stdout, stderr = finish_reading(process, timeout=60)
     assert process.returncode == 1
     summary = parse_summary(stdout)
     assert summary["state"] == "failed" and summary["error_type"] in ("NotADirectoryError", "FileNotFoundError")
@@ -252,7 +255,7 @@ def test_sigusr1_pauses_with_exit_4_after_a_checkpoint(tmp_path, spawn_train):
                           "--checkpoint-dir", str(ckpt), "--checkpoint-every", "1000")
     wait_for_line(process, "step=20 ")
     process.send_signal(signal.SIGUSR1)
-    stdout, _ = process.communicate(timeout=60)
+    stdout, _ = finish_reading(process, timeout=60)
     assert process.returncode == 4
     summary = parse_summary(stdout)
     assert summary["state"] == "paused" and summary["end_time"] >= summary["start_time"]
@@ -264,7 +267,7 @@ def test_a_stop_without_a_checkpoint_dir_does_not_claim_a_checkpoint(spawn_train
     process = spawn_train("--job-id", "nockpt-1", "--epochs", "30", "--batch-size", "16", "--log-every", "20")
     wait_for_line(process, "step=20 ")
     process.send_signal(signal.SIGUSR1)
-    stdout, stderr = process.communicate(timeout=60)
+    stdout, stderr = finish_reading(process, timeout=60)
     assert process.returncode == 4 and parse_summary(stdout)["checkpoints"] == 0
     assert "pause requested, stopping (no --checkpoint-dir: nothing to resume from) at step" in stderr, stderr
     assert "checkpointing" not in stderr

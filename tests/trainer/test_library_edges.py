@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from trainmetrics.trainer.metrics import LOSS_FOLD_LIMIT, Diagnostics, JobInfo, JobMetrics
+from tests.processes import finish_reading
 from tests.trainer.test_metrics import samples_by_name, scraper_of_announced_job, value
 
 PRELUDE = textwrap.dedent("""
@@ -113,7 +114,7 @@ def test_an_exception_from_a_signal_handler_does_not_end_the_final_linger(tmp_pa
         assert process.poll() is None, process.communicate()
         states = [s.labels["state"] for s in scraper.scrape()["trainer_job_state"] if s.value == 1]
         scraper.close()
-        out, err = process.communicate(timeout=20)
+        out, err = finish_reading(process, timeout=20)
     finally:
         if process.poll() is None:
             process.kill()

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from tests.processes import finish_reading
 from trainmetrics.contract import MODELS
 from trainmetrics.demo import dataset_for, write_digits_csv
 from trainmetrics.trainer.data import load_dataset
@@ -85,7 +86,7 @@ def test_a_stop_signal_stops_the_demo_and_everything_it_started(tmp_path, stop, 
         started = psutil.Process(demo.pid).children()
         assert len(started) >= 3, started
         demo.send_signal(signal.Signals[stop])
-        rest, _ = demo.communicate(timeout=90)
+        rest, _ = finish_reading(demo, timeout=90)         # the loop read part of its stdout
         assert demo.returncode == 0 and "stopping" in rest, rest[-1500:]
         gone, alive = psutil.wait_procs(started, timeout=10)
         assert alive == [], [p.cmdline() for p in alive]
