@@ -45,7 +45,8 @@ BACKOFF_MAX_SECONDS = 60.0
 STOP_SECONDS = 2.0          # how long stop() waits for the sampler threads
 # A node is scraped by one or two Prometheus servers, each over one keep-alive connection: 32 leaves room
 # for more scrapers and for curl while it bounds the threads. A connection idle for 30 s (half-open, or a
-# client that connected and said nothing) is closed; until then it holds its slot.
+# client that connected and said nothing) is closed; until then it holds its slot, unless a newcomer finds
+# all 32 taken: it takes the slot of the one waiting on its client longest (trainmetrics.metrics_http).
 MAX_CONNECTIONS = 32
 IDLE_TIMEOUT_SECONDS = 30.0
 

@@ -5,10 +5,15 @@
   end is reported (`closed`): a scraper that comes back does so on a new connection.
 - A scrape counts only when it comes from such a scraper: it sends `X-Prometheus-Scrape-Timeout-Seconds`.
   A `curl` or a health check reads the same text but never counts (the job's linger waits for scrapers).
-- Bounded: at most `max_connections` connections (one thread each); more are closed at once. A connection
-  idle for `idle_timeout` (half-open, a slow client, a stalled TLS handshake) is closed, and so is one whose
-  next request is not whole within `idle_timeout` of the previous answer (a byte every few seconds kept a slot
-  for ever: 32 such clients refused every scrape).
+- Bounded: at most `max_connections` connections (one thread each). A connection idle for `idle_timeout`
+  (half-open, a slow client, a stalled TLS handshake) is closed, and so is one whose next request is not whole
+  within `idle_timeout` of the previous answer (a byte every few seconds kept a slot for ever: 32 such clients
+  refused every scrape).
+- With every slot taken, a new connection takes the slot of the one that has kept the server waiting longest
+  (for its next request, the rest of one, or to take its answer): a client sending a request on each of 32
+  connections every 29 s refused every scrape, the job's final one included. A connection whose request the
+  server is working on is never cut; a newcomer is closed at once only when every connection is such.
+- A 401 closes its connection: without the password a client has nothing more to ask on it.
 - TLS and basic auth from a web-config file (trainmetrics.webconfig).
 """
 
@@ -143,6 +148,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def handle_one_request(self) -> None:
         self._deadline.restart()
+        self.server.waiting(self.connection)        # for the next request: it may be cut for a newcomer
         super().handle_one_request()
 
     def parse_request(self) -> bool:
@@ -185,6 +191,7 @@ class _Handler(BaseHTTPRequestHandler):
         except http.client.HTTPException as error:
             self.send_error(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "Too many headers", str(error))
             return False
+        self.server.working(self.connection)    # the request is in: from here to its answer it is never cut
         connection = self.headers.get("Connection", "").lower()
         if connection == "close":
             self.close_connection = True
@@ -203,8 +210,11 @@ class _Handler(BaseHTTPRequestHandler):
     def _respond(self, send_body: bool) -> None:
         server = self.server
         if not server.web_config.authorized(self.headers.get("Authorization")):
+            # Closed after it: a client without the password gets nothing more on this connection, whose slot
+            # a scraper may need (a client asking once every 29 s kept it for ever).
+            self.close_connection = True
             self._send("401 Unauthorized", b"basic authentication required\n", "text/plain; charset=utf-8",
-                       send_body, extra=b'WWW-Authenticate: Basic realm="trainmetrics"\r\n')
+                       send_body, extra=b'WWW-Authenticate: Basic realm="trainmetrics"\r\nConnection: close\r\n')
             return
         path = self.path.partition("?")[0]
         if path == "/metrics":
@@ -232,6 +242,7 @@ class _Handler(BaseHTTPRequestHandler):
         # thread holds it, and the tail of the scrape latency is made of those waits.
         head = (f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
                 f"Content-Length: {len(body)}\r\n").encode() + extra + b"\r\n"
+        self.server.waiting(self.connection)        # on the client to take it (one that never reads may be cut)
         self.wfile.write(head + body if send_body else head)
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002 - signature fixed by the base class
@@ -259,8 +270,10 @@ class MetricsHTTPServer(ThreadingHTTPServer):
         self.web_config = web_config or WebConfig()
         self.idle_timeout = idle_timeout
         self.index_page = (f'<html><body><h1>{title}</h1><a href="/metrics">/metrics</a></body></html>\n').encode()
-        self._slots = threading.BoundedSemaphore(max_connections)
-        self._open: set[socket.socket] = set()
+        self.max_connections = max_connections
+        # Each open connection: since when it has kept the server waiting (for its next request, the rest of one,
+        # or to take its answer), or None while the server works on its request. An evicted one is left out.
+        self._open: dict[socket.socket, float | None] = {}
         self._open_lock = threading.Lock()
         host = address[0]
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -294,26 +307,52 @@ class MetricsHTTPServer(ThreadingHTTPServer):
             except Exception:
                 log.exception("connection close hook failed")
 
+    def waiting(self, connection: socket.socket) -> None:
+        """The connection waits on its client from now, unless it already did (since its accept, or its last
+        answer's write: its thread reaching the next read is no new wait; a thread started late on a busy host
+        took a newer connection's place in the order): it may be cut for a newcomer."""
+        with self._open_lock:
+            if connection in self._open and self._open[connection] is None:     # (an evicted one stays out)
+                self._open[connection] = time.monotonic()
+
+    def working(self, connection: socket.socket) -> None:
+        """The server works on the connection's request: it is not cut."""
+        with self._open_lock:
+            if connection in self._open:
+                self._open[connection] = None
+
     def process_request(self, request, client_address) -> None:
-        """One thread per connection, up to the limit; a connection over it is closed at once."""
-        if not self._slots.acquire(blocking=False):
-            self.shutdown_request(request)
-            return
+        """One thread per connection, up to max_connections. With every slot taken, the connection that has kept
+        the server waiting longest gives its slot up (as nginx and Apache close their idle keep-alive connections
+        when out of them): refusing the newcomer instead let a client that used each of its connections just
+        often enough keep every scraper out for ever. A waiting connection is blocked on its socket, so the
+        shutdown ends its thread at once. Closed at once only when the server is working on every connection."""
+        with self._open_lock:
+            if len(self._open) >= self.max_connections:
+                waiting = [connection for connection, since in self._open.items() if since is not None]
+                if not waiting:
+                    self.shutdown_request(request)
+                    return
+                evicted = min(waiting, key=self._open.__getitem__)
+                del self._open[evicted]
+                try:
+                    evicted.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            self._open[request] = time.monotonic()
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self._slots.release()
+            with self._open_lock:
+                self._open.pop(request, None)
             raise
 
     def process_request_thread(self, request, client_address) -> None:
-        with self._open_lock:
-            self._open.add(request)
         try:
             super().process_request_thread(request, client_address)
         finally:
             with self._open_lock:
-                self._open.discard(request)
-            self._slots.release()
+                self._open.pop(request, None)
             self.connection_closed(client_address)
 
     def handle_error(self, request, client_address) -> None:

@@ -3,6 +3,7 @@ without its email parser for the headers; a scrape is counted from its header wh
 
 import http.server
 import socket
+import threading
 import time
 
 import pytest
@@ -166,8 +167,9 @@ def test_a_request_trickled_a_byte_at_a_time_is_cut_at_the_idle_timeout():
     assert cut is not None and cut < 2.5, cut
 
 
-def test_a_password_longer_than_bcrypt_takes_is_a_401():
-    """bcrypt 5 raises past 72 bytes: the connection was dropped without an answer."""
+def test_a_password_longer_than_bcrypt_takes_is_a_401_which_closes_its_connection():
+    """bcrypt 5 raises past 72 bytes: the connection was dropped without an answer. A 401's connection is closed
+    after it (a client asking without the password every 29 s kept a slot for ever); a 200's is kept."""
     import base64
 
     import bcrypt
@@ -181,6 +183,164 @@ def test_a_password_longer_than_bcrypt_takes_is_a_401():
             header = b"Authorization: Basic " + base64.b64encode(b"prometheus:" + password) + b"\r\n\r\n"
             with socket.create_connection(("127.0.0.1", server.port), timeout=5) as connection:
                 connection.sendall(OK + header)
-                assert connection.recv(4096).startswith(b"HTTP/1.1 " + status)
+                answer = connection.recv(4096)
+                assert answer.startswith(b"HTTP/1.1 " + status)
+                assert (b"Connection: close" in answer) == (status == b"401")
+                connection.settimeout(0.5)
+                try:
+                    closed = connection.recv(4096) == b""
+                except TimeoutError:
+                    closed = False
+                assert closed == (status == b"401")
     finally:
         server.close()
+
+
+class Holder:
+    """A client holding every slot of a server: `count` connections, each doing `hold(connection, stop)` over and over
+    (a request every so often, or one left unfinished), and a new connection for any the server closes."""
+
+    def __init__(self, port: int, count: int, hold):
+        self.port, self.hold, self.stop = port, hold, threading.Event()
+        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(count)]
+
+    def _connect(self) -> socket.socket:
+        return socket.create_connection(("127.0.0.1", self.port), timeout=5)
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                with self._connect() as connection:
+                    while not self.stop.is_set():
+                        self.hold(connection, self.stop)
+            except OSError:
+                pass
+            self.stop.wait(0.01)
+
+    def __enter__(self) -> "Holder":
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=5)
+
+
+def requests_every(seconds: float, request: bytes):
+    """A whole request, its answer read, then silence until the next one: within the idle timeout."""
+    def hold(connection: socket.socket, stop: threading.Event) -> None:
+        connection.sendall(request)
+        if not connection.recv(65536):
+            raise ConnectionResetError("closed")
+        stop.wait(seconds)
+    return hold
+
+
+def request_left_unfinished(connection: socket.socket, stop: threading.Event) -> None:
+    """A request's line and a header, and nothing more until the server gives up on it."""
+    connection.sendall(OK)
+    while not stop.is_set():
+        try:
+            connection.settimeout(0.05)
+            if connection.recv(65536) == b"":
+                raise ConnectionResetError("closed")
+        except TimeoutError:
+            continue
+
+
+def answers_left_unread(connection: socket.socket, stop: threading.Event) -> None:
+    """Requests one after another and not one answer read: the server's write waits on the client."""
+    connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    connection.sendall(b"GET /metrics HTTP/1.1\r\n\r\n" * 8)
+    stop.wait(0.5)
+
+
+class Scraper:
+    """Prometheus' way over one keep-alive connection; a kept connection found closed when a scrape is sent on it
+    is replaced and the scrape sent again once (Go's HTTP transport retries a GET on a reused connection so)."""
+
+    def __init__(self, port: int, authorization: bytes = b""):
+        self.port, self.connection, self.authorization = port, None, authorization
+
+    def scrape(self) -> bytes:
+        request = (b"GET /metrics HTTP/1.1\r\nHost: x\r\n" + self.authorization
+                   + SCRAPE_TIMEOUT_HEADER.encode() + b": 0.25\r\n\r\n")
+        for retry in (True, False):
+            reused = self.connection is not None
+            if not reused:
+                self.connection = socket.create_connection(("127.0.0.1", self.port), timeout=2)
+            try:
+                self.connection.sendall(request)
+                with self.connection.makefile("rb") as reader:
+                    status = reader.readline()
+                    if not status:
+                        raise ConnectionResetError("closed")
+                    length = 0
+                    for line in iter(reader.readline, b"\r\n"):
+                        if line.lower().startswith(b"content-length:"):
+                            length = int(line.split(b":")[1])
+                    reader.read(length)
+                return status
+            except OSError:
+                self.close()
+                if not (retry and reused):
+                    raise
+
+    def close(self) -> None:
+        if self.connection is not None:
+            self.connection.close()
+            self.connection = None
+
+
+HOSTILE = {     # how each connection is held, whether the server asks for a password, the size of /metrics
+    "whole requests within the idle timeout": (requests_every(0.5, OK + b"\r\n"), False, 5),
+    "unauthenticated requests (401)": (requests_every(0.5, OK + b"\r\n"), True, 5),
+    "a request left unfinished": (request_left_unfinished, False, 5),
+    # 2 MB: more than the kernel buffers between a server and a client not reading
+    "answers left unread": (answers_left_unread, False, 2_000_000),
+}
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_a_client_holding_every_slot_does_not_keep_scrapes_out(name):
+    """A client keeping all max_connections connections busy enough not to be idle-timed-out (a request every
+    29 s of 30, or, here, every 0.5 s of 3) kept every scrape out for as long as it liked: a newcomer was closed
+    at once, the job's final state among them. A newcomer now takes the slot of the connection that has kept the
+    server waiting longest; every scrape, 250 ms apart, is answered within a second (a loaded host's), before any
+    slot would free itself (3 s: longer than the test)."""
+    import base64
+
+    import bcrypt
+
+    from trainmetrics.webconfig import WebConfig
+
+    hold, auth, size = HOSTILE[name]
+    config = WebConfig(users={"prometheus": bcrypt.hashpw(b"right", bcrypt.gensalt(rounds=4))}) if auth else None
+    authorization = b"Authorization: Basic " + base64.b64encode(b"prometheus:right") + b"\r\n" if auth else b""
+    body = b"up 1\n" * (size // 5)
+    server = MetricsHTTPServer(("127.0.0.1", 0), lambda scrape: body, web_config=config, max_connections=4,
+                               idle_timeout=3.0).serve_in_background()
+    scraper = Scraper(server.port, authorization)
+    slow, scrapes, most_threads = [], 0, 0
+    try:
+        with Holder(server.port, 8, hold):
+            time.sleep(0.3)                     # every slot taken
+            began = time.monotonic()
+            while time.monotonic() - began < 2.5:
+                scrape, scrapes = time.monotonic(), scrapes + 1
+                try:
+                    status = scraper.scrape()
+                except OSError as error:
+                    status = repr(error).encode()
+                took = time.monotonic() - scrape
+                most_threads = max(most_threads, sum("process_request" in t.name for t in threading.enumerate()))
+                if not status.startswith(b"HTTP/1.1 200") or took > 1.0:
+                    slow.append((round(scrape - began, 2), status.strip(), round(took, 3)))
+                time.sleep(max(0.0, 0.25 - took))
+    finally:
+        scraper.close()
+        server.close()
+    assert not slow, f"{len(slow)} of {scrapes} scrapes failed or late: {slow[:4]}"
+    assert most_threads <= 2 * 4, most_threads      # an evicted connection's thread ends at once
