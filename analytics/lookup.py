@@ -320,7 +320,7 @@ class _Lookup:
 
     def recent(self, found: dict[str, list[dict]]) -> dict[str, str] | None:
         """Take job_recent's answer; the job_ended parts for processes that ended longer ago than the
-        staleness window (read just before their final scrape), None when there are none."""
+        staleness window, or are going stale (read just before their final scrape), None when there are none."""
         self.absorb(found, live=True)
         self.fingerprint = fingerprint(found)
         self.attributed_now = bool(found.get("attributed"))
@@ -329,7 +329,12 @@ class _Lookup:
                                   if labels.get("rank", "0") == "0"}
         self.spawned_instances = {labels.get("instance", "") for labels, _ in rows(found.get("spawns", []))
                                   if labels.get("rank", "0") == "0"}
-        self.ended = [p for p in self.processes.values() if not p.live and p.end is not None][-8:]
+        # A process with an end whose state is not read at now stopped, even if another of its series still
+        # answers there: a store fed by remote write receives a scrape's stale markers in several requests and
+        # shows each as it arrives (VictoriaMetrics: its state series stale while its heartbeat answered, the job
+        # read `unknown`). Its state is the last one before its final scrape; it stays live (not settled).
+        self.ended = [p for p in self.processes.values()
+                      if p.end is not None and (not p.live or p.state is None)][-8:]
         return q.job_ended(self.job_id, [p.end for p in self.ended]) if self.ended else None
 
     def older(self, found: dict[str, list[dict]]) -> None:
