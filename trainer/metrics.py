@@ -235,6 +235,10 @@ class JobMetrics:
         self.loss_sum = 0.0
         self.loss_intervals = 0
         self.nonfinite_losses = 0
+        # This process's own counts of those two and of the spikes, from 0 whatever a resume carries over (what the
+        # alerts read: a rise is a new one). Counted as they happen: the job's less the checkpoint's, read while
+        # load_state_dict() set one and not yet the other, showed a carried count for a moment.
+        self.process_nonfinite_losses = self.process_loss_spikes = 0
         self.last_loss: float | None = None         # the last interval's mean, finite or not
         self.loss: float | None = None              # the last finite one: trainer_loss
         self.epoch: int | None = None
@@ -381,6 +385,9 @@ class JobMetrics:
                      pushed=lambda: phase_seconds(self._carried_phases))
         observe(inst.CHECKPOINTED_SECONDS, lambda: self.phases.checkpointed)
         observe(inst.LOSS_SPIKES, lambda: self.spikes.spikes, counter=True, carried=True)
+        # This process's own counts, from 0 in each process: a rise is a new one (what the alerts read).
+        observe(inst.PROCESS_LOSS_NONFINITE, lambda: self.process_nonfinite_losses, counter=True)
+        observe(inst.PROCESS_LOSS_SPIKES, lambda: self.process_loss_spikes, counter=True)
         observe(inst.STACK_DUMPS, lambda: self._stack_watch.dumps if self._stack_watch else None, counter=True)
         for spec, field in ((inst.EVAL_HISTORY_INDEX, "index"), (inst.EVAL_HISTORY_STEP, "step"),
                             (inst.EVAL_HISTORY_TIME, "time"), (inst.EVAL_HISTORY_LOSS, "loss"),
@@ -980,9 +987,11 @@ class JobMetrics:
                     self.loss_sum += loss
                     self.loss_intervals += 1
                     if spike:       # after the interval is counted: a callback that raises loses nothing
+                        self.process_loss_spikes += 1
                         self._loss_spike(loss)
                 else:
                     self.nonfinite_losses += 1
+                    self.process_nonfinite_losses += 1
                     if self.diagnostics.on_loss_spike is not None:     # diverged: worse than a spike
                         self._tell_loss_spike("non-finite loss")
             # Training throughput: an evaluation or checkpoint inside the interval is not its time.

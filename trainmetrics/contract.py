@@ -154,6 +154,9 @@ class Trainer:
     LAST_STEP = "trainer_last_step_timestamp_seconds"
     PROGRESS = "trainer_progress_timestamp_seconds"
     LOSS_SPIKES = "trainer_loss_spikes_total"
+    # This process's own: from 0 in each process, where the job's counts above carry a checkpoint's over.
+    PROCESS_LOSS_NONFINITE = "trainer_process_loss_nonfinite_total"
+    PROCESS_LOSS_SPIKES = "trainer_process_loss_spikes_total"
     STACK_DUMPS = "trainer_stack_dumps_total"
 
 

@@ -32,20 +32,44 @@ def store(tmp_path_factory):
     now = float(int(time.time()) // 60 * 60)
     t0 = now - 30 * MINUTE
     data = []
+    # The loss alerts read each process's own counts (from 0 in every process); a resumed process carries the
+    # job's counts (trainer_loss_nonfinite_total, trainer_loss_spikes_total) over from its checkpoint.
     # A job whose one NaN interval (minute 5) was in its first run (paused at minute 10), resumed at minute 20
-    # by a new process, which publishes the carried count (1) from its first scrape and has had no NaN since.
-    data += lines('trainer_loss_nonfinite_total{job_id="resumed",instance="p1"}',
+    # by a new process at a new address, which has had no NaN since.
+    data += lines('trainer_process_loss_nonfinite_total{job_id="resumed",instance="p1"}',
                   every(t0, t0 + 10 * MINUTE, lambda at: 0 if at < t0 + 5 * MINUTE else 1))
-    data += lines('trainer_loss_nonfinite_total{job_id="resumed",instance="p2"}', every(t0 + 20 * MINUTE, now, 1))
+    data += lines('trainer_process_loss_nonfinite_total{job_id="resumed",instance="p2"}',
+                  every(t0 + 20 * MINUTE, now, 0))
     data += lines('trainer_loss_finite{job_id="resumed",instance="p2"}', every(t0 + 20 * MINUTE, now, 1))
     # A job whose loss went NaN at minute 25: the alert fires.
-    data += lines('trainer_loss_nonfinite_total{job_id="diverged",instance="p3"}',
+    data += lines('trainer_process_loss_nonfinite_total{job_id="diverged",instance="p3"}',
                   every(t0, now, lambda at: 0 if at < t0 + 25 * MINUTE else 1))
     data += lines('trainer_loss_finite{job_id="diverged",instance="p3"}', every(t0, now, 1))
-    # Loss spikes: two in the first run, carried by a process resumed at minute 27; another job's spike at 28.
-    data += lines('trainer_loss_spikes_total{job_id="resumed",instance="p1"}', every(t0, t0 + 10 * MINUTE, 2))
-    data += lines('trainer_loss_spikes_total{job_id="resumed",instance="p2"}', every(t0 + 27 * MINUTE, now, 2))
-    data += lines('trainer_loss_spikes_total{job_id="spiked",instance="p3"}',
+    # At one address: a NaN and a spike at minute 2 (the job's counts 2 -> 3), the process killed at minute 20,
+    # resumed from an older checkpoint (counts 1) at 21, killed at 24, resumed from the newest (3) at 25: no new
+    # one, whatever the job's counts did (3 -> 1 -> 3). The own counts drop to 0 at each resume.
+    def reloaded(at):
+        return 1 if t0 + 2 * MINUTE <= at < t0 + 20 * MINUTE else 0
+
+    def reloaded_job(at):
+        return 2 if at < t0 + 2 * MINUTE else 1 if t0 + 21 * MINUTE <= at < t0 + 24 * MINUTE else 3
+
+    runs = ((t0, t0 + 20 * MINUTE), (t0 + 21 * MINUTE, t0 + 24 * MINUTE), (t0 + 25 * MINUTE, now))
+    scraped = [at for start, stop in runs for at, _ in every(start, stop, 0)]
+    for own, job in (("trainer_process_loss_nonfinite_total", "trainer_loss_nonfinite_total"),
+                     ("trainer_process_loss_spikes_total", "trainer_loss_spikes_total")):
+        data += lines(f'{own}{{job_id="reloaded",instance="p4"}}', [(at, reloaded(at)) for at in scraped])
+        data += lines(f'{job}{{job_id="reloaded",instance="p4"}}', [(at, reloaded_job(at)) for at in scraped])
+    # At one address: a NaN at minute 10, killed at 20, resumed at 22 from a checkpoint after it, a new NaN at 26.
+    data += lines('trainer_process_loss_nonfinite_total{job_id="renewed",instance="p5"}',
+                  every(t0, t0 + 20 * MINUTE, lambda at: 0 if at < t0 + 10 * MINUTE else 1)
+                  + every(t0 + 22 * MINUTE, now, lambda at: 0 if at < t0 + 26 * MINUTE else 1))
+    # Loss spikes: two in the first run, a process resumed at minute 27 (at a new address); another job's spike
+    # at 28.
+    data += lines('trainer_process_loss_spikes_total{job_id="resumed",instance="p1"}',
+                  every(t0, t0 + 10 * MINUTE, lambda at: 0 if at < t0 + 3 * MINUTE else 2))
+    data += lines('trainer_process_loss_spikes_total{job_id="resumed",instance="p2"}', every(t0 + 27 * MINUTE, now, 0))
+    data += lines('trainer_process_loss_spikes_total{job_id="spiked",instance="p3"}',
                   every(t0, now, lambda at: 0 if at < t0 + 28 * MINUTE else 1))
     # A GPU with 3 uncorrected ECC errors since its driver loaded (days ago), its exporter restarted at minute
     # 25 (a new series); another GPU counts a new XID at minute 28.
@@ -59,8 +83,9 @@ def store(tmp_path_factory):
                                          method="POST")
         urllib.request.urlopen(request, timeout=10).close()
         urllib.request.urlopen(f"{victoria.url}/internal/force_flush", timeout=10).close()
+        series = str(len({line.rsplit(" ", 2)[0] for line in data}))
         victoria.wait_for("count(last_over_time({__name__=~\"trainer_.*|hw_gpu_.*\"}[1h]))",
-                          predicate=lambda result: result and result[0]["value"][1] == "10")
+                          predicate=lambda result: result and result[0]["value"][1] == series)
         yield victoria, now
     finally:
         victoria.stop()
@@ -74,9 +99,11 @@ def firing(victoria: VictoriaMetricsServer, alert: str, at: float) -> list[dict]
 def test_a_resumed_jobs_carried_nan_count_does_not_fire_again(store):
     """VictoriaMetrics' increase() takes a new series' first value for its increase when it is small: the
     resumed process's carried count (1) read as a new NaN, and TrainerLossNaN (critical) fired again for 15
-    minutes after every resume of a job that ever had one."""
+    minutes after every resume of a job that ever had one. The rule reads each process's own count (0 at its
+    start): resumes at a new address or at the same one (the job's count 3 -> 1 -> 3) are no new NaN, a new
+    NaN after a resume at the same address is."""
     victoria, now = store
-    assert firing(victoria, "TrainerLossNaN", now) == [{"job_id": "diverged"}]
+    assert sorted(firing(victoria, "TrainerLossNaN", now), key=str) == [{"job_id": "diverged"}, {"job_id": "renewed"}]
 
 
 def test_a_resumed_jobs_carried_spike_count_does_not_fire_again(store):

@@ -897,6 +897,39 @@ def test_a_resumed_process_watches_for_spikes_at_once():
     refused.close()
 
 
+def test_a_processs_own_nan_and_spike_counts_start_at_0_whatever_it_carries():
+    """TrainerLossNaN and TrainerLossSpike read the process's own counts: the job's, carried over from a
+    checkpoint, jump at a resume (down, or up: 3 -> 1 -> 3 at one address, resumed from an older checkpoint and
+    then from the newest), which no rule tells from a new one."""
+    def own(metrics):
+        return (value(metrics, "trainer_process_loss_nonfinite_total"),
+                value(metrics, "trainer_process_loss_spikes_total"))
+
+    def jobs(metrics):
+        return value(metrics, "trainer_loss_nonfinite_total"), value(metrics, "trainer_loss_spikes_total")
+
+    first = JobMetrics("lib-own", log_every=1)
+    first.start()
+    assert own(first) == (0, 0)
+    for step in range(30):
+        first.step(loss=1.0 + 0.01 * (step % 3), samples=1)
+    for loss in (float("nan"), 100.0):
+        first.step(loss=loss, samples=1)
+    assert own(first) == jobs(first) == (1, 1)
+    saved = json.loads(json.dumps(first.state_dict()))
+    first.pause()
+    first.close()
+    second = JobMetrics("lib-own", resuming=True, log_every=1)
+    assert own(second) == (0, 0)                  # scraped before its checkpoint is read
+    second.load_state_dict(saved)
+    assert own(second) == (0, 0) and jobs(second) == (1, 1)
+    second.start()
+    for loss in (1.0, float("inf"), 100.0):
+        second.step(loss=loss, samples=1)
+    assert own(second) == (1, 1) and jobs(second) == (2, 2)
+    second.close()
+
+
 def test_a_pause_in_the_block_stays_paused_when_the_block_ends():
     """pause() then the end of the `with` block (or an error after it) published `completed` (or `failed`) and
     moved the end: the run ended paused, and a finish() after it changes nothing."""
