@@ -14,7 +14,10 @@
   connections every 29 s refused every scrape, the job's final one included. A connection whose request the
   server is working on is never cut; a newcomer is closed at once only when every connection is such.
 - A 401 closes its connection: without the password a client has nothing more to ask on it.
-- TLS and basic auth from a web-config file (trainmetrics.webconfig).
+- TLS and basic auth from a web-config file (trainmetrics.webconfig). A header checked once is known from then on
+  (a scraper's costs one bcrypt check); at most one header not yet known is checked at a time, after a failed
+  check an address gets no other for a second, and a header not checked for either is answered 503 at once
+  (40 clients sending a new wrong password each kept every slot checking and both cores busy: scrapes refused).
 """
 
 import http.client
@@ -42,6 +45,15 @@ MAX_HEADER_LINE = 65536
 MAX_HEADERS = 100
 # The longest scrape timeout taken from a scraper's header (Prometheus: at most its scrape interval).
 MAX_SCRAPE_TIMEOUT = 600.0
+# bcrypt checks (0.25-0.5 s of a core each at cost 12 on a 2-core VM) of headers not yet known, at most this many
+# at once: a flood of new wrong passwords costs at most one core, in the process that trains, and keeps no more
+# than this many connections beyond eviction (a connection being checked is being worked on).
+PASSWORD_CHECKS = 1
+# After a failed check, an address gets no other for this long (a 503): one guessing from one address costs at
+# most a check a second, and leaves the check free for other addresses (a new password's first scrape).
+FAILED_CHECK_BACKOFF = 1.0
+# The addresses so held back, at most (past it, the one whose hold ends soonest is let go early).
+MAX_BACKED_OFF_ADDRESSES = 1024
 
 
 def scraper_name(client_address: tuple) -> str:
@@ -209,7 +221,17 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _respond(self, send_body: bool) -> None:
         server = self.server
-        if not server.web_config.authorized(self.headers.get("Authorization")):
+        verdict = server.password_verdict(self.headers.get("Authorization"), self.client_address[0])
+        if verdict is None:
+            # Not checked: its header is not known and a check is running (or its address just failed one). 503,
+            # not 401: the password may be right (a 401 would tell an operator it was wrong), and a scraper
+            # tries again at its next interval, a client after Retry-After. Closed as a 401 is: nothing checked
+            # holds a slot, and the flooding client pays a new connection for each try.
+            self.close_connection = True
+            self._send("503 Service Unavailable", b"password check busy, retry later\n", "text/plain; charset=utf-8",
+                       send_body, extra=f"Retry-After: {int(FAILED_CHECK_BACKOFF)}\r\nConnection: close\r\n".encode())
+            return
+        if not verdict:
             # Closed after it: a client without the password gets nothing more on this connection, whose slot
             # a scraper may need (a client asking once every 29 s kept it for ever).
             self.close_connection = True
@@ -275,6 +297,10 @@ class MetricsHTTPServer(ThreadingHTTPServer):
         # or to take its answer), or None while the server works on its request. An evicted one is left out.
         self._open: dict[socket.socket, float | None] = {}
         self._open_lock = threading.Lock()
+        self._checks = threading.BoundedSemaphore(PASSWORD_CHECKS)
+        # Address -> until when it gets no check (after a failed one), the soonest to end first.
+        self._backed_off: dict[str, float] = {}
+        self._backed_off_lock = threading.Lock()
         host = address[0]
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         super().__init__(address, _Handler)
@@ -306,6 +332,35 @@ class MetricsHTTPServer(ThreadingHTTPServer):
                 self._closed(scraper_name(client_address))
             except Exception:
                 log.exception("connection close hook failed")
+
+    def password_verdict(self, header: str | None, address: str) -> bool | None:
+        """Whether the Authorization header is let in; None when it was not checked. A known header (every
+        scrape after a scraper's first) is answered from memory, never behind a check. An unknown one is checked
+        only when no other check runs and its address did not fail one within FAILED_CHECK_BACKOFF: a check
+        runs in the connection's thread, so waiting for one would keep a connection (and its thread) per waiting
+        client out of eviction's reach, as a check running for each did."""
+        verdict = self.web_config.cached_verdict(header)
+        if verdict is not None:
+            return verdict
+        with self._backed_off_lock:
+            if self._backed_off.get(address, 0.0) > time.monotonic():
+                return None
+        if not self._checks.acquire(blocking=False):
+            return None
+        try:
+            verdict = self.web_config.authorized(header)
+        finally:
+            self._checks.release()
+        if not verdict:
+            now = time.monotonic()
+            with self._backed_off_lock:
+                self._backed_off.pop(address, None)     # (re-inserted last: the dict is in order of ends)
+                self._backed_off[address] = now + FAILED_CHECK_BACKOFF
+                for held in list(self._backed_off):     # the holds ended, and any past the bound
+                    if self._backed_off[held] > now and len(self._backed_off) <= MAX_BACKED_OFF_ADDRESSES:
+                        break
+                    del self._backed_off[held]
+        return verdict
 
     def waiting(self, connection: socket.socket) -> None:
         """The connection waits on its client from now, unless it already did (since its accept, or its last

@@ -27,7 +27,12 @@ import yaml
 
 from trainmetrics.command import FlagError
 
-MAX_REMEMBERED_VERDICTS = 4096
+# Refusals remembered (a client repeating a wrong password costs one bcrypt check), the oldest forgotten first.
+MAX_REMEMBERED_REFUSALS = 4096
+# Acceptances remembered, apart: only a right password enters, so no flood of wrong ones can push a scraper's
+# out (in one table, 4096 new wrong passwords did, and the scraper's next request paid a bcrypt check again
+# behind them). A handful a process: a user's header is one entry.
+MAX_REMEMBERED_ACCEPTANCES = 64
 TLS_VERSIONS = {"TLS10": ssl.TLSVersion.TLSv1, "TLS11": ssl.TLSVersion.TLSv1_1,
                 "TLS12": ssl.TLSVersion.TLSv1_2, "TLS13": ssl.TLSVersion.TLSv1_3}
 CLIENT_AUTH = {"NoClientCert": ssl.CERT_NONE, "VerifyClientCertIfGiven": ssl.CERT_OPTIONAL,
@@ -57,7 +62,8 @@ class WebConfig:
     ssl_context: ssl.SSLContext | None = None
     users: dict[str, bytes] = field(default_factory=dict)
     cert_files: tuple[str, str] | None = None     # (cert, key), for servers that want paths
-    _verdicts: OrderedDict = field(default_factory=OrderedDict, repr=False)
+    _accepted: OrderedDict = field(default_factory=OrderedDict, repr=False)
+    _refused: OrderedDict = field(default_factory=OrderedDict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def secure(self, server) -> None:
@@ -88,8 +94,12 @@ class WebConfig:
         credentials = self._credentials(header)
         if credentials is None:
             return False
+        digest = self._digest(*credentials)
         with self._lock:
-            return self._verdicts.get(self._digest(*credentials))
+            if digest in self._accepted:
+                self._accepted.move_to_end(digest)      # least recently used forgotten first
+                return True
+            return self._refused.get(digest)
 
     @staticmethod
     def _digest(user: str, hashed: bytes, password: bytes) -> bytes:
@@ -98,9 +108,10 @@ class WebConfig:
     def authorized(self, header: str | None) -> bool:
         """True when no users are configured, or the Authorization header carries a known user's password.
 
-        bcrypt is slow by design (~0.1-0.3 s); every verdict, good or bad, is remembered by a keyed digest of
-        the credentials (a bounded number of them), so a scraper every 250 ms pays it once and a client
-        repeating a wrong password does not cost a bcrypt each time."""
+        bcrypt is slow by design (~0.1-0.4 s); every verdict, good or bad, is remembered by a digest of the
+        credentials (a bounded number of each, apart), so a scraper every 250 ms pays it once and a client
+        repeating a wrong password does not cost a bcrypt each time. It runs bcrypt in the calling thread
+        whenever the verdict is not known: a server bounds how many run at once (metrics_http, edge)."""
         verdict = self.cached_verdict(header)
         if verdict is not None:
             return verdict
@@ -110,10 +121,12 @@ class WebConfig:
         # A longer password is refused, not a 500: no one's (bcrypt never read past its 72nd byte when hashing).
         verdict = (len(password) <= BCRYPT_MAX_PASSWORD_BYTES and bcrypt.checkpw(password, hashed)
                    and user in self.users)
+        remembered, bound = ((self._accepted, MAX_REMEMBERED_ACCEPTANCES) if verdict
+                             else (self._refused, MAX_REMEMBERED_REFUSALS))
         with self._lock:
-            self._verdicts[self._digest(user, hashed, password)] = verdict
-            while len(self._verdicts) > MAX_REMEMBERED_VERDICTS:
-                self._verdicts.popitem(last=False)
+            remembered[self._digest(user, hashed, password)] = verdict
+            while len(remembered) > bound:
+                remembered.popitem(last=False)
         return verdict
 
 

@@ -179,7 +179,8 @@ def test_a_password_longer_than_bcrypt_takes_is_a_401_which_closes_its_connectio
     config = WebConfig(users={"prometheus": bcrypt.hashpw(b"right", bcrypt.gensalt(rounds=4))})
     server = MetricsHTTPServer(("127.0.0.1", 0), lambda scrape: b"up 1\n", web_config=config).serve_in_background()
     try:
-        for password, status in ((b"x" * 73, b"401"), (b"right", b"200")):
+        # (the right one first: after a failed check the address gets no other for a second)
+        for password, status in ((b"right", b"200"), (b"x" * 73, b"401")):
             header = b"Authorization: Basic " + base64.b64encode(b"prometheus:" + password) + b"\r\n\r\n"
             with socket.create_connection(("127.0.0.1", server.port), timeout=5) as connection:
                 connection.sendall(OK + header)
@@ -200,17 +201,18 @@ class Holder:
     """A client holding every slot of a server: `count` connections, each doing `hold(connection, stop)` over and over
     (a request every so often, or one left unfinished), and a new connection for any the server closes."""
 
-    def __init__(self, port: int, count: int, hold):
+    def __init__(self, port: int, count: int, hold, sources: tuple[str, ...] = ("127.0.0.1",)):
         self.port, self.hold, self.stop = port, hold, threading.Event()
-        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(count)]
+        self.threads = [threading.Thread(target=self._run, args=(sources[i % len(sources)],), daemon=True)
+                        for i in range(count)]
 
-    def _connect(self) -> socket.socket:
-        return socket.create_connection(("127.0.0.1", self.port), timeout=5)
+    def _connect(self, source: str) -> socket.socket:
+        return socket.create_connection(("127.0.0.1", self.port), timeout=5, source_address=(source, 0))
 
-    def _run(self) -> None:
+    def _run(self, source: str) -> None:
         while not self.stop.is_set():
             try:
-                with self._connect() as connection:
+                with self._connect(source) as connection:
                     while not self.stop.is_set():
                         self.hold(connection, self.stop)
             except OSError:
@@ -344,3 +346,146 @@ def test_a_client_holding_every_slot_does_not_keep_scrapes_out(name):
         server.close()
     assert not slow, f"{len(slow)} of {scrapes} scrapes failed or late: {slow[:4]}"
     assert most_threads <= 2 * 4, most_threads      # an evicted connection's thread ends at once
+
+
+
+def fresh_wrong_passwords(connection: socket.socket, stop: threading.Event) -> None:
+    """A request with a password never sent before (a guesser's, or a random one: each one a new bcrypt check),
+    its answer read; the server closes the connection after a refusal, and the client opens another."""
+    import base64
+    import secrets
+
+    password = secrets.token_hex(8).encode()
+    connection.sendall(OK + b"Authorization: Basic " + base64.b64encode(b"prometheus:" + password) + b"\r\n\r\n")
+    while connection.recv(65536):
+        pass
+    raise ConnectionResetError("closed")
+
+
+def first_answer(port: int, authorization: bytes, source: str, seconds: float) -> tuple[bytes, float]:
+    """The first answer other than a 503 to a header never sent before, from `source`, asking every 0.1 s for up to
+    `seconds` (a scraper asks each interval), and how long it took."""
+    began = time.monotonic()
+    while True:
+        with socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0)) as connection:
+            connection.sendall(OK + authorization + b"\r\n")
+            status = connection.recv(65536).partition(b"\r\n")[0]
+        if not status.startswith(b"HTTP/1.1 503") or time.monotonic() - began > seconds:
+            return status, round(time.monotonic() - began, 2)
+        time.sleep(0.1)
+
+
+FLOODS = {      # the addresses 40 clients sending new wrong passwords come from
+    "from one address": ("127.0.0.1",),
+    "from 40 addresses": tuple(f"127.0.1.{i}" for i in range(1, 41)),
+}
+
+
+@pytest.mark.parametrize("flood", FLOODS)
+def test_wrong_passwords_cost_one_bcrypt_at_a_time_and_never_delay_a_verified_scrape(flood, monkeypatch):
+    """40 clients each sending a new wrong password kept up to 32 connections checking passwords (never cut: the
+    server was working on them) and both cores busy with bcrypt: scrapes were refused (4 to 7 of 10 here, 0 of 5
+    on a loaded host). A header checked once is known from then on, whatever the wrong ones do to the verdicts
+    remembered; at most one unknown header is checked at a time, an address that failed a check gets no other
+    for a second, and the headers not checked are answered 503 at once. A new password is let in: during a flood
+    from one address from another, and once any flood stops."""
+    import base64
+
+    import bcrypt
+
+    from trainmetrics.webconfig import WebConfig
+
+    checking, most_checking, checks = [0], [0], [0]
+    checkpw, lock = bcrypt.checkpw, threading.Lock()
+
+    def counted(password: bytes, hashed: bytes) -> bool:
+        with lock:
+            checking[0] += 1
+            checks[0] += 1
+            most_checking[0] = max(most_checking[0], checking[0])
+        try:
+            return checkpw(password, hashed)
+        finally:
+            with lock:
+                checking[0] -= 1
+
+    monkeypatch.setattr(bcrypt, "checkpw", counted)
+    # 10 rounds: ~0.1-0.2 s a check here, about a cost-12 hash's time on a fast host
+    config = WebConfig(users={"prometheus": bcrypt.hashpw(b"right", bcrypt.gensalt(rounds=10)),
+                              "admin": bcrypt.hashpw(b"other", bcrypt.gensalt(rounds=10)),
+                              "later": bcrypt.hashpw(b"third", bcrypt.gensalt(rounds=10))})
+    server = MetricsHTTPServer(("127.0.0.1", 0), lambda scrape: b"up 1\n", web_config=config).serve_in_background()
+    scraper = Scraper(server.port, b"Authorization: Basic " + base64.b64encode(b"prometheus:right") + b"\r\n")
+    timings, during = [], None
+    try:
+        assert scraper.scrape().startswith(b"HTTP/1.1 200")      # Prometheus has been scraping: its header known
+        with Holder(server.port, 40, fresh_wrong_passwords, FLOODS[flood]):
+            time.sleep(0.5)                                     # every slot checking, before the fix
+            began = time.monotonic()
+            while time.monotonic() - began < 2.5:
+                scrape = time.monotonic()
+                try:
+                    status = scraper.scrape().strip()
+                except OSError as error:
+                    status = repr(error).encode()
+                took = time.monotonic() - scrape
+                timings.append((round(scrape - began, 2), status, round(took, 3)))
+                time.sleep(max(0.0, 0.25 - took))
+            if flood == "from one address":
+                during = first_answer(server.port, b"Authorization: Basic " + base64.b64encode(b"admin:other")
+                                      + b"\r\n", "127.0.0.2", 3.0)
+        flood_checks = checks[0]
+        # the flood over, a new header is checked, from any address (after its Retry-After at most)
+        after = first_answer(server.port, b"Authorization: Basic " + base64.b64encode(b"later:third") + b"\r\n",
+                             FLOODS[flood][0], 3.0)
+    finally:
+        scraper.close()
+        server.close()
+    # (Before, the scrapes failed: refused, not late. A second leaves a loaded host room; here they took <= 0.03 s.)
+    late = [timing for timing in timings if not timing[1].startswith(b"HTTP/1.1 200") or timing[2] > 1.0]
+    print(f"{len(timings) - len(late)} of {len(timings)} within 1 s: {timings}; {flood_checks} checks, "
+          f"{most_checking[0]} at once; a new password during {during}, after {after}")
+    assert not late, f"{len(late)} of {len(timings)} scrapes failed or late: {late[:4]}"
+    assert most_checking[0] == 1
+    assert during is None or during[0].startswith(b"HTTP/1.1 200"), during
+    assert after[0].startswith(b"HTTP/1.1 200"), after
+
+
+def test_a_header_not_checked_is_a_503_that_closes_its_connection():
+    """After a failed check, the address's next unknown header is not checked for a second: a 503 with Retry-After
+    (the password may be right: a 401 would say it was not), its connection closed. A known header is answered,
+    and an unknown one from another address is checked."""
+    import base64
+
+    import bcrypt
+
+    from trainmetrics.webconfig import WebConfig
+
+    config = WebConfig(users={"prometheus": bcrypt.hashpw(b"right", bcrypt.gensalt(rounds=4))})
+    server = MetricsHTTPServer(("127.0.0.1", 0), lambda scrape: b"up 1\n", web_config=config).serve_in_background()
+
+    def ask(password: bytes, source: str = "127.0.0.1") -> tuple[bytes, bool]:
+        header = b"Authorization: Basic " + base64.b64encode(b"prometheus:" + password) + b"\r\n\r\n"
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5, source_address=(source, 0)) as connection:
+            connection.sendall(OK + header)
+            answer = connection.recv(4096)
+            connection.settimeout(0.5)
+            try:
+                closed = connection.recv(4096) == b""
+            except TimeoutError:
+                closed = False
+            return answer, closed
+
+    try:
+        assert ask(b"right")[0].startswith(b"HTTP/1.1 200")
+        assert ask(b"wrong")[0].startswith(b"HTTP/1.1 401")
+        answer, closed = ask(b"right-ish")
+        assert answer.startswith(b"HTTP/1.1 503") and b"Retry-After: 1\r\n" in answer, answer
+        assert b"Connection: close\r\n" in answer and closed
+        assert ask(b"wrong")[0].startswith(b"HTTP/1.1 401")     # known: answered
+        assert ask(b"right")[0].startswith(b"HTTP/1.1 200")
+        assert ask(b"right-ish", "127.0.0.2")[0].startswith(b"HTTP/1.1 401")
+        time.sleep(1.0)
+        assert ask(b"right-ish!")[0].startswith(b"HTTP/1.1 401")
+    finally:
+        server.close()

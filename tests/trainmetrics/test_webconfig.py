@@ -97,13 +97,14 @@ def test_exporter_serves_tls_with_basic_auth(pki, tmp_path):
             get(url, context(pki))
         assert no_credentials.value.code == 401
         no_credentials.value.close()
+        for _ in range(2):                          # the second request takes the cached check
+            with get(url, context(pki), "prometheus") as response:
+                assert response.status == 200 and b"system_cpu_time_seconds_total" in response.read()
+        # (after the right one: a failed check holds the address's next new password back for a second, a 503)
         with pytest.raises(urllib.error.HTTPError) as wrong:
             get(url, context(pki), "prometheus", "guess")
         assert wrong.value.code == 401
         wrong.value.close()
-        for _ in range(2):                          # the second request takes the cached check
-            with get(url, context(pki), "prometheus") as response:
-                assert response.status == 200 and b"system_cpu_time_seconds_total" in response.read()
         with pytest.raises((ssl.SSLError, urllib.error.URLError)):
             get(url, context(pki, max_version=ssl.TLSVersion.TLSv1_1), "prometheus")
         with pytest.raises((urllib.error.URLError, ConnectionError, OSError)):
@@ -188,3 +189,28 @@ def test_a_job_serves_its_metrics_over_tls_with_basic_auth_and_announces_https(p
         assert '"__scheme__": "https"' in target
     finally:
         metrics.close()
+
+
+def test_wrong_passwords_never_push_a_right_one_out_of_memory(monkeypatch):
+    """Every verdict shared one table, the oldest forgotten first: enough new wrong passwords pushed a scraper's
+    out, and its next request paid a bcrypt check again, behind theirs. Acceptances are remembered apart, each
+    table bounded (random headers cannot grow memory)."""
+    from trainmetrics import webconfig
+
+    monkeypatch.setattr(webconfig, "MAX_REMEMBERED_REFUSALS", 8)
+    monkeypatch.setattr(webconfig, "MAX_REMEMBERED_ACCEPTANCES", 2)
+    users = {name: bcrypt.hashpw(name.encode(), bcrypt.gensalt(rounds=4)) for name in ("a", "b", "c")}
+    config = webconfig.WebConfig(users=users)
+
+    def header(user: str, password: str) -> str:
+        return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+    assert config.authorized(header("a", "a")) and config.authorized(header("b", "b"))
+    for guess in range(20):
+        assert not config.authorized(header("a", f"guess-{guess}"))
+    assert config.cached_verdict(header("a", "a")) is True and config.cached_verdict(header("b", "b")) is True
+    assert config.cached_verdict(header("a", "guess-19")) is False
+    assert config.cached_verdict(header("a", "guess-0")) is None         # forgotten: 8 remembered
+    assert config.cached_verdict(header("a", "a")) is True              # used last: b's is the one forgotten next
+    assert config.authorized(header("c", "c")) and config.cached_verdict(header("b", "b")) is None
+    assert len(config._refused) == 8 and len(config._accepted) == 2
