@@ -117,11 +117,15 @@ def get(client, path, **params):
     return response.status_code, response.json()
 
 
+def served_as(backend, owner: str):
+    """The analytics over `backend`, scoped to `owner`'s jobs."""
+    return serve(Settings(prometheus_url=backend.url, recorded_series=False, owner_scope=lambda request: owner))
+
+
 def test_owner_scoping_of_the_job_list_matches_the_jobs_own(backfilled):
     seen = {}
     for owner in ("alice", "bob"):
-        with serve(Settings(prometheus_url=backfilled.url, recorded_series=False,
-                            owner_scope=lambda request, owner=owner: owner)) as client:
+        with served_as(backfilled, owner) as client:
             code, _ = get(client, "/api/training/shared-1/analytics")
             _, listed = get(client, "/api/training/analytics/jobs", range="2h")
             _, summary = get(client, "/api/training/analytics/summary", range="2h")
@@ -139,8 +143,7 @@ def test_a_queued_job_is_its_owners_alone(backfilled):
     its analytics a 404 to its owner) until a process of it ran."""
     seen = {}
     for owner in ("alice", "bob"):
-        with serve(Settings(prometheus_url=backfilled.url, recorded_series=False,
-                            owner_scope=lambda request, owner=owner: owner)) as client:
+        with served_as(backfilled, owner) as client:
             code, body = get(client, "/api/training/alice-q/analytics")
             _, listed = get(client, "/api/training/analytics/jobs", range="2h")
             seen[owner] = (code, body.get("status"), [(r["job_id"], r["status"], r["owner"]) for r in listed["jobs"]
