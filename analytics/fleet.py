@@ -147,14 +147,16 @@ def final_loss(losses: dict[tuple[str, str], float | None], job_id: str, instanc
 
 async def _add_last_seen(client: PrometheusClient, processes: dict[tuple[str, str], Process], range_seconds: float,
                          now: float) -> None:
-    """When each process that stopped without an end (and is not scraped now) was last seen, in one request
-    for their jobs."""
-    # A process killed in its init (its state queued for good), or still in it, is a trainer's: its heartbeat tells
-    # it from the job server's entry for a job that left the queue (a resumed job's newest, not its oldest).
+    """When each process that stopped without an end (and is not scraped now), or never started training, was
+    last seen, in one request for their jobs."""
+    # A process killed in its init (its state queued for good), or still in it, or one that ended there (failed in
+    # its restore: an end, no start), is a trainer's: its heartbeat tells it from the job server's entry (a state,
+    # an end, a name and an owner), which lookup.speakers puts last. Taken for the server's, the failed process
+    # let the run before it name the job in the job list, not in the job's own analytics.
     job_ids = []
     for (job_id, _), proc in processes.items():
         # (a process in its init, live or killed there, is a trainer's all the same: a resumed job's newest)
-        if proc.end is None and job_id not in job_ids and (proc.start is None or not proc.live):
+        if job_id not in job_ids and (proc.start is None or (proc.end is None and not proc.live)):
             try:
                 job_ids.append(validate_job_id(job_id))
             except ValueError:     # not a trainer's job id: nothing of it enters a query

@@ -235,3 +235,38 @@ def test_every_row_tells_its_job_as_the_jobs_own_analytics_do(backfilled):
     by_id = {row["job_id"]: row for row in listed["jobs"]}
     assert by_id["restore-died"]["final_loss"] is not None and by_id["diverged-1"]["final_loss"] is None
     assert by_id["renamed-2"]["job_name"] == "b-new"
+
+
+def restore_died_history(now):
+    """Paused, then resumed by hand under a new name by a process that failed in its restore (its info, state and
+    end; no start of training, no loss): the failed process is the job's newest, a trainer's all the same."""
+    info = dict(model="mlp", dataset="blobs", device="cpu", owner="frank")
+    lines = process("restore-renamed", "h:20", now - 3000, now - 2400, "paused", {**info, "job_name": "first-name"})
+    died = 'job_id="restore-renamed",instance="h:21",job="trainer",rank="0"'
+    labels = ",".join(f'{k}="{v}"' for k, v in {**info, "job_name": "second-name"}.items())
+    for index, t in enumerate(now - 2300 + i * 10.0 for i in range(7)):
+        lines += [f"trainer_job_info{{{died},{labels}}} 1 {t:.3f}",
+                  f"trainer_process_start_timestamp_seconds{{{died}}} {now - 2305:.3f} {t:.3f}",
+                  f"trainer_heartbeat_timestamp_seconds{{{died}}} {t:.3f} {t:.3f}"]
+        lines += [f'trainer_job_state{{{died},state="{s}"}} {int(s == ("failed" if index == 6 else "queued"))} {t:.3f}'
+                  for s in STATES]
+        if index == 6:
+            lines.append(f"trainer_job_end_timestamp_seconds{{{died}}} {t:.3f} {t:.3f}")
+    return as_openmetrics(lines)
+
+
+def test_the_job_list_names_a_job_as_its_newest_process_that_failed_in_its_restore(tmp_path):
+    """The job list took a process with an end and no start (one that failed in its restore) for the job
+    server's entry, and let the run before it speak for the job (lookup.speakers): its old name, where the job's
+    own analytics give the new one."""
+    prometheus = backfilled_prometheus(tmp_path, restore_died_history(time.time() - 600))
+    prometheus.start(timeout=60)
+    try:
+        with serve(Settings(prometheus_url=prometheus.url, recorded_series=False)) as client:
+            _, body = get(client, "/api/training/restore-renamed/analytics")
+            _, listed = get(client, "/api/training/analytics/jobs", range="2h")
+        row = next(r for r in listed["jobs"] if r["job_id"] == "restore-renamed")
+        assert (body["status"], row["status"]) == ("failed", "failed")
+        assert body["job_name"] == row["job_name"] == "second-name", (body["job_name"], row["job_name"])
+    finally:
+        prometheus.stop()
