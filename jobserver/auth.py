@@ -38,7 +38,8 @@ def load_tokens(path: Path) -> dict[bytes, str]:
         # utf-8-sig: an editor's byte-order mark is not part of the first token.
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as error:
-        line = raw.count(b"\n", 0, error.start) + 1
+        # (In the bytes the codec read: after a byte-order mark, which its positions leave out.)
+        line = error.object.count(b"\n", 0, error.start) + 1
         raise ValueError(f"{path}: line {line}: not UTF-8 text (byte {error.object[error.start]:#04x})") from None
     for number, line in enumerate(text.splitlines(), start=1):
         line = COMMENT.sub("", line).strip()

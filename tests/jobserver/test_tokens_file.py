@@ -43,6 +43,14 @@ def test_a_file_that_is_not_utf8_is_refused_naming_its_line(tmp_path):
         load_tokens(path)
 
 
+def test_a_file_with_a_byte_order_mark_that_is_not_utf8_names_the_right_line(tmp_path):
+    # The codec's positions start after the mark: counted in the file's bytes, line 2's bad byte was line 1's.
+    path = tmp_path / "tokens"
+    path.write_bytes(b"\xef\xbb\xbf" + f"{ALICE} alice\n".encode() + b"\xff" + f"{BOB} bob\n".encode())
+    with pytest.raises(ValueError, match=r"tokens: line 2: not UTF-8 text \(byte 0xff\)"):
+        load_tokens(path)
+
+
 def test_tokens_are_found_by_digest_and_not_kept(tmp_path):
     """Compared one by one, a token's place among the others and every token's length showed in the time of the
     answer; found by its SHA-256 digest, the time tells nothing, and the tokens themselves are not held."""
