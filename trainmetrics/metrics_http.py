@@ -391,7 +391,9 @@ class MetricsHTTPServer(ThreadingHTTPServer):
                 evicted = min(waiting, key=self._open.__getitem__)
                 del self._open[evicted]
                 try:
-                    evicted.shutdown(socket.SHUT_RDWR)
+                    # The descriptor's own shutdown: SSLSocket.shutdown drops its TLS object before it shuts the
+                    # descriptor, and the connection's thread, running between the two, would talk in plain text.
+                    socket.socket.shutdown(evicted, socket.SHUT_RDWR)
                 except OSError:
                     pass
             self._open[request] = time.monotonic()
