@@ -161,7 +161,7 @@ async def repeat(work, seconds: float, what: str) -> None:
 class WaitingJobsCollector:
     """trainer_job_state for jobs without a process (queued, paused, or ended by the server: cancelled while
     waiting, or never started, with their end), so Prometheus sees every state, and their trainer_job_info
-    (its name and owner: a job is an owner's by that series' `owner`, in the analytics and the alerts' joins, and a
+    (its name and owner: a job is an owner's by that series' `owner` in the analytics' owner scope, and a
     queued job was no one's). Reads the last tick's list: collecting never touches the database."""
 
     def __init__(self, server: JobServer):
