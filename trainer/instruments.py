@@ -75,7 +75,7 @@ LAST_STEP = Instrument(T.LAST_STEP, "s", "Unix time the last optimizer step comp
 PROGRESS = Instrument(T.PROGRESS, "s", "Unix time the loop last made progress: a step completed, or an evaluation "
                                       "or checkpoint ended, or training started.")
 LOSS_SPIKES = Instrument(T.LOSS_SPIKES, "1", "Log intervals whose loss spiked far above its running mean.")
-# This process's own counts of the two (the job's less the checkpoint's it resumed from: 0 at its start): a rise
+# This process's own counts of the two (counted by the process itself: 0 at its start, a resume's too): a rise
 # of these is a new one, what TrainerLossNaN and TrainerLossSpike alert on. The job's counts jump at a resume,
 # down or up to the carried count, which no rule can tell from a new one.
 PROCESS_LOSS_NONFINITE = Instrument(T.PROCESS_LOSS_NONFINITE, "1", "Log intervals of this process whose mean training "
