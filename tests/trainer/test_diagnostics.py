@@ -4,6 +4,7 @@ the stacks signal, and the faults used to drill them. Real loops, real training,
 import json
 import os
 import signal
+import sys
 import threading
 import time
 
@@ -187,15 +188,19 @@ def test_the_hang_watchdog_writes_every_threads_stack_once_per_hang(tmp_path):
 def test_a_dump_after_a_hang_that_held_the_gil_says_it_is_from_after_the_hang(tmp_path):
     """A hang in native code that holds the GIL stops the watchdog too: it woke when the hang was over and wrote
     the stacks of then (the hung call gone) as the hang's, the only record of it."""
-    # sum() over a range runs in C without letting go of the GIL. Its speed measured first, not inside the step:
-    # on a loaded host the measuring sum alone outlasted the 0.4 s hang bound, and the watchdog, running between
-    # the two sums, dumped the stacks of a "hang" it saw in time.
-    began = time.perf_counter()
-    sum(range(10 ** 7))
-    per_second = 10 ** 7 / max(time.perf_counter() - began, 1e-6)
-
+    # The GIL held for a measured time: a loop that a switch interval longer than the hold keeps from letting
+    # go of it (a native call holds it so). A sum() over a range sized by a speed measured before it held it for
+    # less on a loaded host, where the measure was preempted: the watchdog ran in the sleep after it and dumped
+    # the stacks of a hang it saw in time.
     def hold_the_gil(seconds: float) -> None:
-        sum(range(int(per_second * seconds)))
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(seconds + 60)
+        try:
+            ends = time.perf_counter() + seconds
+            while time.perf_counter() < ends:
+                pass
+        finally:
+            sys.setswitchinterval(interval)
 
     metrics = JobMetrics("gil-job", diagnostics=Diagnostics(stacks_dir=tmp_path, hang_seconds=0.4))
     try:
