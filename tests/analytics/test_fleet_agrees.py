@@ -39,6 +39,23 @@ def process(job_id, instance, start, end, final, info, rank="0", samples_from=0,
     return lines
 
 
+def failed_in_restore(job_id: str, instance: str, began: float, info: dict) -> list[str]:
+    """A resumed process that failed in its restore: its info, its process start, heartbeats and state (queued)
+    for a minute from `began`, then failed with its end; no start of training, no loss."""
+    died = f'job_id="{job_id}",instance="{instance}",job="trainer",rank="0"'
+    labels = ",".join(f'{k}="{v}"' for k, v in info.items())
+    lines = []
+    for index, t in enumerate(began + i * 10.0 for i in range(7)):
+        lines += [f"trainer_job_info{{{died},{labels}}} 1 {t:.3f}",
+                  f"trainer_process_start_timestamp_seconds{{{died}}} {began - 5:.3f} {t:.3f}",
+                  f"trainer_heartbeat_timestamp_seconds{{{died}}} {t:.3f} {t:.3f}"]
+        lines += [f'trainer_job_state{{{died},state="{s}"}} {int(s == ("failed" if index == 6 else "queued"))} {t:.3f}'
+                  for s in STATES]
+        if index == 6:
+            lines.append(f"trainer_job_end_timestamp_seconds{{{died}}} {t:.3f} {t:.3f}")
+    return lines
+
+
 def history(now):
     lines = []
     info = dict(job_name="x", model="mlp", dataset="blobs", device="cpu")
@@ -54,16 +71,7 @@ def history(now):
     # Paused, then resumed by a process that failed in its restore (its info, state and end; no start, no loss):
     # the paused run's loss is the job's last.
     lines += process("restore-died", "h:3", now - 3000, now - 2400, "paused", {**info, "owner": "erin"})
-    died = 'job_id="restore-died",instance="h:4",job="trainer",rank="0"'
-    info_labels = ",".join(f'{k}="{v}"' for k, v in {**info, "owner": "erin"}.items())
-    for index, t in enumerate(now - 2300 + i * 10.0 for i in range(7)):
-        lines += [f"trainer_job_info{{{died},{info_labels}}} 1 {t:.3f}",
-                  f"trainer_process_start_timestamp_seconds{{{died}}} {now - 2305:.3f} {t:.3f}",
-                  f"trainer_heartbeat_timestamp_seconds{{{died}}} {t:.3f} {t:.3f}"]
-        lines += [f'trainer_job_state{{{died},state="{s}"}} {int(s == ("failed" if index == 6 else "queued"))} {t:.3f}'
-                  for s in STATES]
-        if index == 6:
-            lines.append(f"trainer_job_end_timestamp_seconds{{{died}}} {t:.3f} {t:.3f}")
+    lines += failed_in_restore("restore-died", "h:4", now - 2300, {**info, "owner": "erin"})
     # Renamed when resumed, paused again, then cancelled while paused: the job server's entry (no metadata) is its
     # newest; its newest process's name is the job's, in both views ("a-old" came first in answers).
     lines += process("renamed-2", "h:10", now - 3000, now - 2800, "paused", {**info, "job_name": "a-old",
@@ -242,16 +250,7 @@ def restore_died_history(now):
     end; no start of training, no loss): the failed process is the job's newest, a trainer's all the same."""
     info = dict(model="mlp", dataset="blobs", device="cpu", owner="frank")
     lines = process("restore-renamed", "h:20", now - 3000, now - 2400, "paused", {**info, "job_name": "first-name"})
-    died = 'job_id="restore-renamed",instance="h:21",job="trainer",rank="0"'
-    labels = ",".join(f'{k}="{v}"' for k, v in {**info, "job_name": "second-name"}.items())
-    for index, t in enumerate(now - 2300 + i * 10.0 for i in range(7)):
-        lines += [f"trainer_job_info{{{died},{labels}}} 1 {t:.3f}",
-                  f"trainer_process_start_timestamp_seconds{{{died}}} {now - 2305:.3f} {t:.3f}",
-                  f"trainer_heartbeat_timestamp_seconds{{{died}}} {t:.3f} {t:.3f}"]
-        lines += [f'trainer_job_state{{{died},state="{s}"}} {int(s == ("failed" if index == 6 else "queued"))} {t:.3f}'
-                  for s in STATES]
-        if index == 6:
-            lines.append(f"trainer_job_end_timestamp_seconds{{{died}}} {t:.3f} {t:.3f}")
+    lines += failed_in_restore("restore-renamed", "h:21", now - 2300, {**info, "job_name": "second-name"})
     return as_openmetrics(lines)
 
 
