@@ -153,10 +153,16 @@ async def _add_last_seen(client: PrometheusClient, processes: dict[tuple[str, st
     # its restore: an end, no start), is a trainer's: its heartbeat tells it from the job server's entry (a state,
     # an end, a name and an owner), which lookup.speakers puts last. Taken for the server's, the failed process
     # let the run before it name the job in the job list, not in the job's own analytics.
+    # Which one an ended process is matters only beside another of its job (speakers, in_order): alone, it is
+    # every job the server cancelled in the queue over the range, each a part of the query.
+    processes_of: dict[str, int] = {}
+    for job_id, _ in processes:
+        processes_of[job_id] = processes_of.get(job_id, 0) + 1
     job_ids = []
     for (job_id, _), proc in processes.items():
         # (a process in its init, live or killed there, is a trainer's all the same: a resumed job's newest)
-        if job_id not in job_ids and (proc.start is None or (proc.end is None and not proc.live)):
+        if job_id not in job_ids and ((proc.start is None and (proc.end is None or processes_of[job_id] > 1))
+                                      or (proc.end is None and not proc.live)):
             try:
                 job_ids.append(validate_job_id(job_id))
             except ValueError:     # not a trainer's job id: nothing of it enters a query

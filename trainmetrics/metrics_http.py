@@ -15,7 +15,8 @@
   server is working on is never cut; a newcomer is closed at once only when every connection is such.
 - A 401 closes its connection: without the password a client has nothing more to ask on it.
 - TLS and basic auth from a web-config file (trainmetrics.webconfig). A header checked once is known from then on
-  (a scraper's costs one bcrypt check); at most one header not yet known is checked at a time, after a failed
+  (a scraper's costs one bcrypt check); at most one header not yet known is checked at a time (and one more from an
+  address that failed no check in a minute: a flood from many addresses kept a new password out), after a failed
   check an address gets no other for a second, and a header not checked for either is answered 503 at once
   (40 clients sending a new wrong password each kept every slot checking and both cores busy: scrapes refused).
 """
@@ -54,6 +55,11 @@ PASSWORD_CHECKS = 1
 FAILED_CHECK_BACKOFF = 1.0
 # The addresses so held back, at most (past it, the one whose hold ends soonest is let go early).
 MAX_BACKED_OFF_ADDRESSES = 1024
+# An address that failed a check within this long checks in the shared slot only; one that did not (a new
+# trainer's first scrape, a Prometheus given a new password) has a slot of its own besides: a flood from 40
+# addresses each failing once a second kept the shared one busy, and a new password was a 503 for as long as
+# it lasted (the job never scraped). A flooding address takes that slot once in this long, at most.
+SUSPECT_SECONDS = 60.0
 
 
 def scraper_name(client_address: tuple) -> str:
@@ -298,7 +304,8 @@ class MetricsHTTPServer(ThreadingHTTPServer):
         self._open: dict[socket.socket, float | None] = {}
         self._open_lock = threading.Lock()
         self._checks = threading.BoundedSemaphore(PASSWORD_CHECKS)
-        # Address -> until when it gets no check (after a failed one), the soonest to end first.
+        self._clean_checks = threading.BoundedSemaphore(1)     # for addresses without a failed check (suspect)
+        # Address -> when it last failed a check (kept SUSPECT_SECONDS), the oldest first.
         self._backed_off: dict[str, float] = {}
         self._backed_off_lock = threading.Lock()
         host = address[0]
@@ -336,28 +343,35 @@ class MetricsHTTPServer(ThreadingHTTPServer):
     def password_verdict(self, header: str | None, address: str) -> bool | None:
         """Whether the Authorization header is let in; None when it was not checked. A known header (every
         scrape after a scraper's first) is answered from memory, never behind a check. An unknown one is checked
-        only when no other check runs and its address did not fail one within FAILED_CHECK_BACKOFF: a check
+        only when no other check runs (or no other in the slot of addresses that failed none within
+        SUSPECT_SECONDS) and its address did not fail one within FAILED_CHECK_BACKOFF: a check
         runs in the connection's thread, so waiting for one would keep a connection (and its thread) per waiting
         client out of eviction's reach, as a check running for each did."""
         verdict = self.web_config.cached_verdict(header)
         if verdict is not None:
             return verdict
         with self._backed_off_lock:
-            if self._backed_off.get(address, 0.0) > time.monotonic():
-                return None
-        if not self._checks.acquire(blocking=False):
+            failed = self._backed_off.get(address)
+        now = time.monotonic()
+        if failed is not None and failed + FAILED_CHECK_BACKOFF > now:
             return None
+        slot = self._checks
+        if not slot.acquire(blocking=False):
+            slot = self._clean_checks
+            if (failed is not None and failed + SUSPECT_SECONDS > now) or not slot.acquire(blocking=False):
+                return None
         try:
             verdict = self.web_config.authorized(header)
         finally:
-            self._checks.release()
+            slot.release()
         if not verdict:
             now = time.monotonic()
             with self._backed_off_lock:
-                self._backed_off.pop(address, None)     # (re-inserted last: the dict is in order of ends)
-                self._backed_off[address] = now + FAILED_CHECK_BACKOFF
-                for held in list(self._backed_off):     # the holds ended, and any past the bound
-                    if self._backed_off[held] > now and len(self._backed_off) <= MAX_BACKED_OFF_ADDRESSES:
+                self._backed_off.pop(address, None)     # (re-inserted last: the dict is in order of failures)
+                self._backed_off[address] = now
+                for held in list(self._backed_off):     # those no longer suspect, and any past the bound
+                    if (self._backed_off[held] + SUSPECT_SECONDS > now
+                            and len(self._backed_off) <= MAX_BACKED_OFF_ADDRESSES):
                         break
                     del self._backed_off[held]
         return verdict

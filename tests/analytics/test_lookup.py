@@ -47,3 +47,22 @@ def test_a_process_whose_state_went_stale_before_its_heartbeat_has_its_final_sta
     assert "state_0__0" in backend.asked
     assert (facts.start, facts.end) == (start, end)
     assert not facts.settled        # still scraped at now in the store: not cached until it is not
+
+
+def test_the_job_list_asks_no_heartbeat_of_jobs_the_server_ended_while_they_waited():
+    """A process with an end and no start is a trainer's that failed in its init, or the job server's entry of a
+    job it cancelled while queued (never run): which one matters only beside another process of the job
+    (lookup.speakers, in_order). Every job cancelled in the queue over the range entered the heartbeat query,
+    one max_over_time part each; the resumed job whose newest process failed in its restore still does."""
+    from trainmetrics.analytics.fleet import _add_last_seen
+    from trainmetrics.analytics.lookup import Process
+
+    now = 1_000_000.0
+    processes = {(f"cancelled-{i}", "server:8080"): Process("server:8080", end=now - 100.0 - i, state="cancelled")
+                 for i in range(500)}
+    processes[("restored", "h:20")] = Process("h:20", start=now - 3000, end=now - 2400, state="paused")
+    processes[("restored", "h:21")] = Process("h:21", end=now - 2290, state="failed")
+    backend = Backend({"seen_0": [({"job_id": "restored", "instance": "h:21", "rank": "0"}, now - 2290)]})
+    asyncio.run(_add_last_seen(backend, processes, 7200.0, now))
+    assert backend.asked == ["seen_0"], backend.asked[:5]
+    assert processes[("restored", "h:21")].last_seen == now - 2290

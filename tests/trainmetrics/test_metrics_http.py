@@ -431,9 +431,10 @@ def test_wrong_passwords_cost_one_bcrypt_at_a_time_and_never_delay_a_verified_sc
                 took = time.monotonic() - scrape
                 timings.append((round(scrape - began, 2), status, round(took, 3)))
                 time.sleep(max(0.0, 0.25 - took))
-            if flood == "from one address":
-                during = first_answer(server.port, b"Authorization: Basic " + base64.b64encode(b"admin:other")
-                                      + b"\r\n", "127.0.0.2", 3.0)
+            # a new password from an address that never failed a check (a new trainer's first scrape, a
+            # Prometheus restarted with a new one): a check slot is kept for it, whatever the flood's addresses
+            during = first_answer(server.port, b"Authorization: Basic " + base64.b64encode(b"admin:other")
+                                  + b"\r\n", "127.0.0.250", 3.0)
         flood_checks = checks[0]
         # the flood over, a new header is checked, from any address (after its Retry-After at most)
         after = first_answer(server.port, b"Authorization: Basic " + base64.b64encode(b"later:third") + b"\r\n",
@@ -446,8 +447,8 @@ def test_wrong_passwords_cost_one_bcrypt_at_a_time_and_never_delay_a_verified_sc
     print(f"{len(timings) - len(late)} of {len(timings)} within 1 s: {timings}; {flood_checks} checks, "
           f"{most_checking[0]} at once; a new password during {during}, after {after}")
     assert not late, f"{len(late)} of {len(timings)} scrapes failed or late: {late[:4]}"
-    assert most_checking[0] == 1
-    assert during is None or during[0].startswith(b"HTTP/1.1 200"), during
+    assert most_checking[0] <= 2        # the shared slot, and the one of addresses that failed no check
+    assert during[0].startswith(b"HTTP/1.1 200"), during
     assert after[0].startswith(b"HTTP/1.1 200"), after
 
 
