@@ -53,8 +53,8 @@ PASSWORD_CHECKS = 1
 # After a failed check, an address gets no other for this long (a 503): one guessing from one address costs at
 # most a check a second, and leaves the check free for other addresses (a new password's first scrape).
 FAILED_CHECK_BACKOFF = 1.0
-# The addresses so held back, at most (past it, the one whose hold ends soonest is let go early).
-MAX_BACKED_OFF_ADDRESSES = 1024
+# The addresses whose last failed check is remembered (SUSPECT_SECONDS), at most: past it, the oldest is forgotten.
+MAX_FAILED_ADDRESSES = 1024
 # An address that failed a check within this long checks in the shared slot only; one that did not (a new
 # trainer's first scrape, a Prometheus given a new password) has a slot of its own besides: a flood from 40
 # addresses each failing once a second kept the shared one busy, and a new password was a 503 for as long as
@@ -306,8 +306,8 @@ class MetricsHTTPServer(ThreadingHTTPServer):
         self._checks = threading.BoundedSemaphore(PASSWORD_CHECKS)
         self._clean_checks = threading.BoundedSemaphore(1)     # for addresses without a failed check (suspect)
         # Address -> when it last failed a check (kept SUSPECT_SECONDS), the oldest first.
-        self._backed_off: dict[str, float] = {}
-        self._backed_off_lock = threading.Lock()
+        self._failed_at: dict[str, float] = {}
+        self._failed_lock = threading.Lock()
         host = address[0]
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         super().__init__(address, _Handler)
@@ -350,8 +350,8 @@ class MetricsHTTPServer(ThreadingHTTPServer):
         verdict = self.web_config.cached_verdict(header)
         if verdict is not None:
             return verdict
-        with self._backed_off_lock:
-            failed = self._backed_off.get(address)
+        with self._failed_lock:
+            failed = self._failed_at.get(address)
         now = time.monotonic()
         if failed is not None and failed + FAILED_CHECK_BACKOFF > now:
             return None
@@ -366,14 +366,14 @@ class MetricsHTTPServer(ThreadingHTTPServer):
             slot.release()
         if not verdict:
             now = time.monotonic()
-            with self._backed_off_lock:
-                self._backed_off.pop(address, None)     # (re-inserted last: the dict is in order of failures)
-                self._backed_off[address] = now
-                for held in list(self._backed_off):     # those no longer suspect, and any past the bound
-                    if (self._backed_off[held] + SUSPECT_SECONDS > now
-                            and len(self._backed_off) <= MAX_BACKED_OFF_ADDRESSES):
+            with self._failed_lock:
+                self._failed_at.pop(address, None)     # (re-inserted last: the dict is in order of failures)
+                self._failed_at[address] = now
+                for held in list(self._failed_at):     # those no longer suspect, and any past the bound
+                    if (self._failed_at[held] + SUSPECT_SECONDS > now
+                            and len(self._failed_at) <= MAX_FAILED_ADDRESSES):
                         break
-                    del self._backed_off[held]
+                    del self._failed_at[held]
         return verdict
 
     def waiting(self, connection: socket.socket) -> None:
