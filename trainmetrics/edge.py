@@ -28,7 +28,7 @@ from starlette.routing import BaseRoute, Route
 
 from trainmetrics.contract import CONTROL_CHARACTERS
 from trainmetrics.signals import SERVICE_STOP_SIGNALS, signals_to_take
-from trainmetrics.webconfig import WebConfig
+from trainmetrics.webconfig import FAILED_CHECK_BACKOFF, PasswordChecks, WebConfig
 
 log = logging.getLogger("trainmetrics.edge")
 
@@ -36,9 +36,6 @@ log = logging.getLogger("trainmetrics.edge")
 MAX_JSON_BYTES = 64 * 1024
 # Health checks answer within this, whatever hangs behind them.
 HEALTH_TIMEOUT_SECONDS = 3.0
-# bcrypt checks run in at most this many threads at once: a flood of wrong passwords cannot take every
-# worker thread (and the event loop never runs one).
-PASSWORD_CHECK_THREADS = 2
 # Routes whose credential is not the caller's: a job run reporting its endpoints with its run's secret.
 SELF_CHECKED_PREFIXES = ("/api/internal/",)
 
@@ -179,7 +176,7 @@ class EdgeMiddleware:
                  self_checked: tuple[str, ...] = ()):
         self.app, self.web_config, self.authenticator, self.open_paths = app, web_config, authenticator, open_paths
         self.self_checked = self_checked
-        self._limiter = anyio.CapacityLimiter(PASSWORD_CHECK_THREADS)
+        self._password_checks = PasswordChecks(web_config)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -214,10 +211,7 @@ class EdgeMiddleware:
             return None
         authorization = authorizations[0].decode("latin-1") if authorizations else None
         if self.web_config.users:
-            verdict = self.web_config.cached_verdict(authorization)
-            if verdict is None:
-                verdict = await anyio.to_thread.run_sync(self.web_config.authorized, authorization,
-                                                         limiter=self._limiter)
+            verdict = await self._password_verdict(authorization, (scope.get("client") or ("",))[0])
             if not verdict:
                 raise ApiError(401, "unauthorized", "basic authentication required",
                                {"WWW-Authenticate": 'Basic realm="trainmetrics"'})
@@ -227,6 +221,25 @@ class EdgeMiddleware:
         if not self.authenticator.allows(owner, path):
             raise ApiError(403, "forbidden", f"this token may not use {path[:100]}")
         return owner
+
+    async def _password_verdict(self, authorization: str | None, address: str) -> bool:
+        """Whether the header is let in; a header not known is checked in a worker thread (the event loop never
+        runs bcrypt) when PasswordChecks admits it, else ApiError 503 at once: queued behind a flood of new wrong
+        passwords, a new right one waited seconds, and each waiting request held its connection."""
+        checks = self._password_checks
+        verdict = checks.known(authorization)
+        if verdict is not None:
+            return verdict
+        slot = checks.admit(address)
+        if slot is None:
+            raise ApiError(503, "password_check_busy",
+                           "password checks busy, or this address just failed one: retry after Retry-After",
+                           {"Retry-After": str(int(FAILED_CHECK_BACKOFF))})
+        try:    # (not abandoned on a cancel: the slot is given back when the check is over)
+            verdict = await anyio.to_thread.run_sync(self.web_config.authorized, authorization)
+        finally:
+            checks.checked(slot, address, verdict)
+        return verdict
 
 
 def _rebound(scope) -> bool:

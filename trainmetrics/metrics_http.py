@@ -12,7 +12,8 @@
 - With every slot taken, a new connection takes the slot of the one that has kept the server waiting longest
   (for its next request, the rest of one, or to take its answer): a client sending a request on each of 32
   connections every 29 s refused every scrape, the job's final one included. A connection whose request the
-  server is working on is never cut; a newcomer is closed at once only when every connection is such.
+  server is working on is never cut; a newcomer is closed at once only when every connection is such. One whose
+  next request sits unread in the kernel (its thread has yet to run on a busy host) is cut last.
 - A 401 closes its connection: without the password a client has nothing more to ask on it.
 - TLS and basic auth from a web-config file (trainmetrics.webconfig). A header checked once is known from then on
   (a scraper's costs one bcrypt check); at most one header not yet known is checked at a time (and one more from an
@@ -21,11 +22,14 @@
   (40 clients sending a new wrong password each kept every slot checking and both cores busy: scrapes refused).
 """
 
+import fcntl
 import http.client
 import io
 import logging
 import selectors
 import socket
+import struct
+import termios
 import threading
 import time
 from dataclasses import dataclass, field
@@ -33,7 +37,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
-from trainmetrics.webconfig import WebConfig
+from trainmetrics.webconfig import FAILED_CHECK_BACKOFF, PasswordChecks, WebConfig
 
 log = logging.getLogger(__name__)
 
@@ -46,20 +50,15 @@ MAX_HEADER_LINE = 65536
 MAX_HEADERS = 100
 # The longest scrape timeout taken from a scraper's header (Prometheus: at most its scrape interval).
 MAX_SCRAPE_TIMEOUT = 600.0
-# bcrypt checks (0.25-0.5 s of a core each at cost 12 on a 2-core VM) of headers not yet known, at most this many
-# at once: a flood of new wrong passwords costs at most one core, in the process that trains, and keeps no more
-# than this many connections beyond eviction (a connection being checked is being worked on).
-PASSWORD_CHECKS = 1
-# After a failed check, an address gets no other for this long (a 503): one guessing from one address costs at
-# most a check a second, and leaves the check free for other addresses (a new password's first scrape).
-FAILED_CHECK_BACKOFF = 1.0
-# The addresses whose last failed check is remembered (SUSPECT_SECONDS), at most: past it, the oldest is forgotten.
-MAX_FAILED_ADDRESSES = 1024
-# An address that failed a check within this long checks in the shared slot only; one that did not (a new
-# trainer's first scrape, a Prometheus given a new password) has a slot of its own besides: a flood from 40
-# addresses each failing once a second kept the shared one busy, and a new password was a 503 for as long as
-# it lasted (the job never scraped). A flooding address takes that slot once in this long, at most.
-SUSPECT_SECONDS = 60.0
+
+
+def _unread_bytes(connection: socket.socket) -> int:
+    """How many bytes the kernel holds for the connection, not yet read by its thread (FIONREAD: never blocks;
+    a TLS connection's are its records); 0 for one already closed."""
+    try:
+        return struct.unpack("i", fcntl.ioctl(connection.fileno(), termios.FIONREAD, b"\0" * 4))[0]
+    except (OSError, ValueError):
+        return 0
 
 
 def scraper_name(client_address: tuple) -> str:
@@ -227,7 +226,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _respond(self, send_body: bool) -> None:
         server = self.server
-        verdict = server.password_verdict(self.headers.get("Authorization"), self.client_address[0])
+        verdict = server.password_checks.verdict(self.headers.get("Authorization"), self.client_address[0])
         if verdict is None:
             # Not checked: its header is not known and a check is running (or its address just failed one). 503,
             # not 401: the password may be right (a 401 would tell an operator it was wrong), and a scraper
@@ -270,8 +269,11 @@ class _Handler(BaseHTTPRequestHandler):
         # thread holds it, and the tail of the scrape latency is made of those waits.
         head = (f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
                 f"Content-Length: {len(body)}\r\n").encode() + extra + b"\r\n"
-        self.server.waiting(self.connection)        # on the client to take it (one that never reads may be cut)
-        self.wfile.write(head + body if send_body else head)
+        self.server.waiting(self.connection, writing=True)     # on the client to take it (one that never reads
+        try:                                                    # may be cut)
+            self.wfile.write(head + body if send_body else head)
+        finally:
+            self.server.written(self.connection)
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002 - signature fixed by the base class
         """No access log: a scrape every 250 ms would flood it."""
@@ -302,12 +304,11 @@ class MetricsHTTPServer(ThreadingHTTPServer):
         # Each open connection: since when it has kept the server waiting (for its next request, the rest of one,
         # or to take its answer), or None while the server works on its request. An evicted one is left out.
         self._open: dict[socket.socket, float | None] = {}
+        self._writing: set[socket.socket] = set()      # those whose answer is being written
         self._open_lock = threading.Lock()
-        self._checks = threading.BoundedSemaphore(PASSWORD_CHECKS)
-        self._clean_checks = threading.BoundedSemaphore(1)     # for addresses without a failed check (suspect)
-        # Address -> when it last failed a check (kept SUSPECT_SECONDS), the oldest first.
-        self._failed_at: dict[str, float] = {}
-        self._failed_lock = threading.Lock()
+        # A check runs in the connection's thread, so waiting for one would keep a connection (and its thread) per
+        # waiting client out of eviction's reach, as a check running for each did: those not admitted get a 503.
+        self.password_checks = PasswordChecks(self.web_config)
         host = address[0]
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         super().__init__(address, _Handler)
@@ -340,49 +341,21 @@ class MetricsHTTPServer(ThreadingHTTPServer):
             except Exception:
                 log.exception("connection close hook failed")
 
-    def password_verdict(self, header: str | None, address: str) -> bool | None:
-        """Whether the Authorization header is let in; None when it was not checked. A known header (every
-        scrape after a scraper's first) is answered from memory, never behind a check. An unknown one is checked
-        only when no other check runs (or no other in the slot of addresses that failed none within
-        SUSPECT_SECONDS) and its address did not fail one within FAILED_CHECK_BACKOFF: a check
-        runs in the connection's thread, so waiting for one would keep a connection (and its thread) per waiting
-        client out of eviction's reach, as a check running for each did."""
-        verdict = self.web_config.cached_verdict(header)
-        if verdict is not None:
-            return verdict
-        with self._failed_lock:
-            failed = self._failed_at.get(address)
-        now = time.monotonic()
-        if failed is not None and failed + FAILED_CHECK_BACKOFF > now:
-            return None
-        slot = self._checks
-        if not slot.acquire(blocking=False):
-            slot = self._clean_checks
-            if (failed is not None and failed + SUSPECT_SECONDS > now) or not slot.acquire(blocking=False):
-                return None
-        try:
-            verdict = self.web_config.authorized(header)
-        finally:
-            slot.release()
-        if not verdict:
-            now = time.monotonic()
-            with self._failed_lock:
-                self._failed_at.pop(address, None)     # (re-inserted last: the dict is in order of failures)
-                self._failed_at[address] = now
-                for held in list(self._failed_at):     # those no longer suspect, and any past the bound
-                    if (self._failed_at[held] + SUSPECT_SECONDS > now
-                            and len(self._failed_at) <= MAX_FAILED_ADDRESSES):
-                        break
-                    del self._failed_at[held]
-        return verdict
-
-    def waiting(self, connection: socket.socket) -> None:
+    def waiting(self, connection: socket.socket, writing: bool = False) -> None:
         """The connection waits on its client from now, unless it already did (since its accept, or its last
         answer's write: its thread reaching the next read is no new wait; a thread started late on a busy host
-        took a newer connection's place in the order): it may be cut for a newcomer."""
+        took a newer connection's place in the order): it may be cut for a newcomer. `writing`: for the client to
+        take an answer (until `written`), whatever it has sent besides."""
         with self._open_lock:
             if connection in self._open and self._open[connection] is None:     # (an evicted one stays out)
                 self._open[connection] = time.monotonic()
+            if writing and connection in self._open:
+                self._writing.add(connection)
+
+    def written(self, connection: socket.socket) -> None:
+        """The answer's write is over (or failed)."""
+        with self._open_lock:
+            self._writing.discard(connection)
 
     def working(self, connection: socket.socket) -> None:
         """The server works on the connection's request: it is not cut."""
@@ -398,12 +371,12 @@ class MetricsHTTPServer(ThreadingHTTPServer):
         shutdown ends its thread at once. Closed at once only when the server is working on every connection."""
         with self._open_lock:
             if len(self._open) >= self.max_connections:
-                waiting = [connection for connection, since in self._open.items() if since is not None]
-                if not waiting:
+                evicted = self._longest_waiting()
+                if evicted is None:
                     self.shutdown_request(request)
                     return
-                evicted = min(waiting, key=self._open.__getitem__)
                 del self._open[evicted]
+                self._writing.discard(evicted)
                 try:
                     # The descriptor's own shutdown: SSLSocket.shutdown drops its TLS object before it shuts the
                     # descriptor, and the connection's thread, running between the two, would talk in plain text.
@@ -418,12 +391,25 @@ class MetricsHTTPServer(ThreadingHTTPServer):
                 self._open.pop(request, None)
             raise
 
+    def _longest_waiting(self) -> socket.socket | None:
+        """The connection to give its slot up (under _open_lock): of those waiting on their client, the one that has
+        waited longest, passing over any not in a write whose next request already sits unread in the kernel: its
+        client did its part, its thread has yet to run (on a busy host a scraper's new connection sat so, and the
+        newcomers of a connection flood cut it). One of those only when every waiting connection is such."""
+        waiting = sorted((since, index, connection) for index, (connection, since) in enumerate(self._open.items())
+                         if since is not None)
+        for _, _, connection in waiting:
+            if connection in self._writing or not _unread_bytes(connection):
+                return connection
+        return waiting[0][2] if waiting else None
+
     def process_request_thread(self, request, client_address) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
             with self._open_lock:
                 self._open.pop(request, None)
+                self._writing.discard(request)
             self.connection_closed(client_address)
 
     def handle_error(self, request, client_address) -> None:

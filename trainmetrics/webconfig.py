@@ -19,6 +19,7 @@ import hashlib
 import re
 import ssl
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +54,20 @@ SECTION_KEYS = {"tls_server_config": {"cert_file", "key_file", "client_ca_file",
 BCRYPT_HASH = re.compile(r"\$2[abxy]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{21}[.Oeu][./A-Za-z0-9]{31}")
 # bcrypt reads at most this many bytes of a password; bcrypt 5 raises past them (as Go's bcrypt refuses them).
 BCRYPT_MAX_PASSWORD_BYTES = 72
+# bcrypt checks (0.25-0.5 s of a core each at cost 12 on a 2-core VM) of headers not yet known, at most this many
+# at once besides the one slot kept for addresses that failed no check (PasswordChecks): a flood of new wrong
+# passwords costs at most two cores' checks, in a job's process or a service's.
+SHARED_PASSWORD_CHECKS = 1
+# After a failed check, an address gets no other for this long (a 503): one guessing from one address costs at
+# most a check a second, and leaves the check free for other addresses (a new password's first request).
+FAILED_CHECK_BACKOFF = 1.0
+# The addresses whose last failed check is remembered (SUSPECT_SECONDS), at most: past it, the oldest is forgotten.
+MAX_FAILED_ADDRESSES = 1024
+# An address that failed a check within this long checks in the shared slot only; one that did not (a new
+# trainer's first scrape, a Prometheus given a new password) has a slot of its own besides: a flood from 40
+# addresses each failing once a second kept the shared one busy, and a new password was a 503 for as long as
+# it lasted (the job never scraped). A flooding address takes that slot once in this long, at most.
+SUSPECT_SECONDS = 60.0
 
 
 @dataclass
@@ -129,6 +144,71 @@ class WebConfig:
                 remembered.popitem(last=False)
         return verdict
 
+
+
+class PasswordChecks:
+    """Which Authorization headers not yet known get a bcrypt check now, for every server with basic auth (each
+    job's /metrics and the services' edge). A known header (every request after a client's first) is answered
+    from memory, never behind a check. An unknown one is checked only when no other check runs (or none in the
+    slot of addresses that failed no check within SUSPECT_SECONDS), and only when its address failed none within
+    FAILED_CHECK_BACKOFF; else `admit` says no, and the server answers 503 with Retry-After at once. Waiting for a
+    check held a connection (and a thread) per waiting client: 40 clients sending a new wrong password each kept
+    a job's every slot checking, and queued a new right password behind them for seconds at the edge."""
+
+    def __init__(self, web_config: WebConfig):
+        self.web_config = web_config
+        self._shared = threading.BoundedSemaphore(SHARED_PASSWORD_CHECKS)
+        self._clean = threading.BoundedSemaphore(1)     # for addresses without a failed check (suspect)
+        # Address -> when it last failed a check (kept SUSPECT_SECONDS), the oldest first.
+        self._failed_at: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def known(self, header: str | None) -> bool | None:
+        """The header's verdict when it needs no check (WebConfig.cached_verdict)."""
+        return self.web_config.cached_verdict(header)
+
+    def admit(self, address: str) -> threading.BoundedSemaphore | None:
+        """A check slot for an unknown header from `address`, to give back through `checked`; None when it is
+        not to be checked now."""
+        now = time.monotonic()
+        with self._lock:
+            failed = self._failed_at.get(address)
+        if failed is not None and failed + FAILED_CHECK_BACKOFF > now:
+            return None
+        if self._shared.acquire(blocking=False):
+            return self._shared
+        if (failed is None or failed + SUSPECT_SECONDS <= now) and self._clean.acquire(blocking=False):
+            return self._clean
+        return None
+
+    def checked(self, slot: threading.BoundedSemaphore, address: str, verdict: bool | None) -> None:
+        """The check in `slot` is over (verdict None: it did not finish); a refusal is held against its address."""
+        slot.release()
+        if verdict is not False:
+            return
+        now = time.monotonic()
+        with self._lock:
+            self._failed_at.pop(address, None)     # (re-inserted last: the dict is in order of failures)
+            self._failed_at[address] = now
+            for held in list(self._failed_at):     # those no longer suspect, and any past the bound
+                if self._failed_at[held] + SUSPECT_SECONDS > now and len(self._failed_at) <= MAX_FAILED_ADDRESSES:
+                    break
+                del self._failed_at[held]
+
+    def verdict(self, header: str | None, address: str) -> bool | None:
+        """Whether the header is let in, checked in the calling thread when it must be; None when it was not
+        checked (a 503)."""
+        verdict = self.known(header)
+        if verdict is not None:
+            return verdict
+        slot = self.admit(address)
+        if slot is None:
+            return None
+        try:
+            verdict = self.web_config.authorized(header)
+        finally:
+            self.checked(slot, address, verdict)
+        return verdict
 
 def load_web_config(path: Path | None) -> WebConfig:
     """Parse and check a web-config file; None gives plain HTTP without auth. Raises ValueError naming the

@@ -41,9 +41,11 @@ def basic_auth_edge(users: dict[str, str]):
                               for user, password in users.items()})
     app = build_app([Component(name="test", routes=[], registry=CollectorRegistry())], web_config=config)
 
-    async def status(user: str, password: str) -> int:
+    async def status(user: str, password: str, address: str = "127.0.0.1") -> int:
+        """(An address that failed a check gets no other for a second: a 503. The tests' next check after a
+        refusal comes from another address.)"""
         header = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
-        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False, client=(address, 1234))
         async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
             return (await client.get("/metrics", headers={"Authorization": header})).status_code
 
@@ -55,7 +57,7 @@ def test_a_password_longer_than_bcrypt_takes_is_a_401_not_a_500():
     line with a traceback in the log each time)."""
     status = basic_auth_edge({"prometheus": "right"})
     assert asyncio.run(status("prometheus", "x" * 73)) == 401
-    assert asyncio.run(status("prometheus", "right")) == 200
+    assert asyncio.run(status("prometheus", "right", "127.0.0.2")) == 200
 
 
 def test_an_unknown_user_costs_the_same_bcrypt_check_as_a_known_one(monkeypatch):
@@ -73,11 +75,11 @@ def test_an_unknown_user_costs_the_same_bcrypt_check_as_a_known_one(monkeypatch)
 
     monkeypatch.setattr(bcrypt, "checkpw", counted)
     assert asyncio.run(status("nobody", "right")) == 401
-    assert asyncio.run(status("prometheus", "wrong")) == 401
+    assert asyncio.run(status("prometheus", "wrong", "127.0.0.2")) == 401
     assert checks == [b"right", b"wrong"]
     # The unknown user's check used a known user's hash, with that user's password: still refused, and its
     # remembered verdict is not that user's.
-    assert asyncio.run(status("nobody", "right")) == 401 and asyncio.run(status("prometheus", "right")) == 200
+    assert asyncio.run(status("nobody", "right")) == 401 and asyncio.run(status("prometheus", "right", "::1")) == 200
 
 
 def test_two_authorization_headers_are_refused_on_every_route():
@@ -93,3 +95,73 @@ def test_two_authorization_headers_are_refused_on_every_route():
                 [(await client.get("/metrics", headers=two[:1])).status_code]
 
     assert asyncio.run(statuses()) == [400, 400, 200]
+
+
+def test_new_wrong_passwords_are_refused_at_once_and_a_new_right_one_is_let_in_during_their_flood(monkeypatch):
+    """The edge queued every header it had not checked behind two bcrypt threads: 40 clients each sending a new
+    wrong password kept a new right one waiting seconds (each waiting request holding its connection). Now a
+    header is checked only when PasswordChecks admits it, and the rest are a 503 with Retry-After at once; an
+    address that failed no check has a slot of its own."""
+    import base64
+    import secrets
+    import threading
+    import time
+
+    import bcrypt
+
+    from trainmetrics.webconfig import WebConfig
+
+    checking, most_checking, lock, checkpw = [0], [0], threading.Lock(), bcrypt.checkpw
+
+    def counted(password: bytes, hashed: bytes) -> bool:
+        with lock:
+            checking[0] += 1
+            most_checking[0] = max(most_checking[0], checking[0])
+        try:
+            return checkpw(password, hashed)
+        finally:
+            with lock:
+                checking[0] -= 1
+
+    monkeypatch.setattr(bcrypt, "checkpw", counted)
+    # 11 rounds: ~0.15-0.3 s a check here (a cost-12 hash is longer): 40 queued took seconds
+    config = WebConfig(users={"prometheus": bcrypt.hashpw(b"right", bcrypt.gensalt(rounds=11))})
+    app = build_app([Component(name="test", routes=[], registry=CollectorRegistry())], web_config=config)
+
+    def header(password: str) -> dict[str, str]:
+        return {"Authorization": "Basic " + base64.b64encode(f"prometheus:{password}".encode()).decode()}
+
+    async def flood_and_ask() -> tuple[list[tuple[int, float]], tuple[int, float]]:
+        stop, answers = asyncio.Event(), []
+
+        async def flooder() -> None:
+            transport = httpx.ASGITransport(app=app, raise_app_exceptions=False, client=("127.0.0.1", 1234))
+            async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
+                while not stop.is_set():
+                    began = time.monotonic()
+                    status = (await client.get("/metrics", headers=header(secrets.token_hex(8)))).status_code
+                    answers.append((status, time.monotonic() - began))
+                    await asyncio.sleep(0.05)
+
+        flooders = [asyncio.create_task(flooder()) for _ in range(40)]
+        await asyncio.sleep(0.5)
+        began = time.monotonic()
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False, client=("127.0.0.250", 1234))
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
+            while True:        # as a client asks again after Retry-After (sooner here)
+                status = (await client.get("/metrics", headers=header("right"))).status_code
+                if status != 503 or time.monotonic() - began > 5:
+                    break
+                await asyncio.sleep(0.1)
+        right = (status, time.monotonic() - began)
+        stop.set()
+        await asyncio.gather(*flooders)
+        return answers, right
+
+    answers, right = asyncio.run(flood_and_ask())
+    print(f"the right password: {right}; the flood: {len(answers)} answers, {most_checking[0]} checks at once")
+    assert right[0] == 200 and right[1] < 2.0, right        # before: ~3-6 s behind the queue
+    assert most_checking[0] <= 2
+    assert {status for status, _ in answers} <= {401, 503}
+    refused_at_once = [took for status, took in answers if status == 503]
+    assert refused_at_once and max(refused_at_once) < 1.0, max(refused_at_once)

@@ -349,6 +349,54 @@ def test_a_client_holding_every_slot_does_not_keep_scrapes_out(name):
 
 
 
+def test_a_connection_whose_request_sits_unread_is_not_cut_for_a_newcomer(monkeypatch):
+    """With every slot taken, a newcomer took the slot of the connection that had waited longest, counted from its
+    accept: a scraper's new connection whose thread had yet to run on a busy host had sent its request, which sat
+    unread in the kernel, and a flood of new connections cut it (a clean run: a scrape failed, 1 of 10). The
+    scraper did its part: the connection of a client that has not is cut instead. Here the scraper's thread is
+    held back, as a busy host's scheduler holds it."""
+    release, held = threading.Event(), []
+    setup = metrics_http._Handler.setup
+
+    def slow_first(handler) -> None:
+        if not held:                    # the first connection's thread: the scraper's
+            held.append(handler)
+            release.wait(5)
+        setup(handler)
+
+    monkeypatch.setattr(metrics_http._Handler, "setup", slow_first)
+    server = MetricsHTTPServer(("127.0.0.1", 0), lambda scrape: b"up 1\n", max_connections=2).serve_in_background()
+    connections = []
+    try:
+        scraper = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        connections.append(scraper)
+        scraper.sendall(OK + b"\r\n")
+        time.sleep(0.2)
+        holder = socket.create_connection(("127.0.0.1", server.port), timeout=2)     # read, then waits for the rest
+        connections.append(holder)
+        holder.sendall(OK)
+        time.sleep(0.2)
+        newcomer = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        connections.append(newcomer)
+        time.sleep(0.2)
+        release.set()
+        answer = scraper.recv(65536)
+        try:
+            holder_end = holder.recv(65536)
+        except TimeoutError:
+            holder_end = b"(still open)"
+        newcomer.sendall(OK + b"\r\n")
+        newcomer_answer = newcomer.recv(65536)
+    finally:
+        release.set()
+        for connection in connections:
+            connection.close()
+        server.close()
+    assert answer.startswith(b"HTTP/1.1 200"), answer      # before: b"" (cut while its request sat unread)
+    assert holder_end == b"", holder_end                    # the one waiting on its client gave its slot up
+    assert newcomer_answer.startswith(b"HTTP/1.1 200"), newcomer_answer
+
+
 def fresh_wrong_passwords(connection: socket.socket, stop: threading.Event) -> None:
     """A request with a password never sent before (a guesser's, or a random one: each one a new bcrypt check),
     its answer read; the server closes the connection after a refusal, and the client opens another."""
@@ -433,8 +481,10 @@ def test_wrong_passwords_cost_two_bcrypt_checks_at_most_and_never_delay_a_verifi
                 time.sleep(max(0.0, 0.25 - took))
             # a new password from an address that never failed a check (a new trainer's first scrape, a
             # Prometheus restarted with a new one): a check slot is kept for it, whatever the flood's addresses
+            # (within 10 s: each flooding address's first check takes a slot, 40 x 0.1-0.3 s; a clean run's 503s
+            # lasted past 3 s)
             during = first_answer(server.port, b"Authorization: Basic " + base64.b64encode(b"admin:other")
-                                  + b"\r\n", "127.0.0.250", 3.0)
+                                  + b"\r\n", "127.0.0.250", 10.0)
         flood_checks = checks[0]
         # the flood over, a new header is checked, from any address (after its Retry-After at most)
         after = first_answer(server.port, b"Authorization: Basic " + base64.b64encode(b"later:third") + b"\r\n",
