@@ -5,6 +5,7 @@ import importlib.util
 import logging
 import os
 
+from trainmetrics.command import FlagError
 from trainmetrics.trainer import config as train_config
 from trainmetrics.trainer.outcome import bad_input, launched_rank
 from trainmetrics.trainer.stopping import StopFlag
@@ -28,6 +29,10 @@ def run(args: argparse.Namespace) -> int:
     stop = StopFlag.for_process()
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s %(name)s{rank_tag()}: %(message)s")
     config = train_config.from_args(args)
+    try:
+        train_config.check_flags(config)        # before torch's import: a bad flag is said at once
+    except (ValueError, FlagError) as error:
+        return bad_input(config, str(error))
     if importlib.util.find_spec("torch") is None:
         return bad_input(config, "training needs PyTorch: pip install 'trainmetrics[train]'")
     from trainmetrics.trainer.runner import run_job

@@ -17,15 +17,15 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from trainmetrics.command import FlagError, check_directory, check_writable
-from trainmetrics.contract import STOP_VERBS, TRAIN_OPTIONS, exit_code_for, validate_job_id
+from trainmetrics.command import FlagError
+from trainmetrics.contract import STOP_VERBS, exit_code_for
 from trainmetrics.datafiles import DatasetError
 from trainmetrics.jobfiles import ClaimedElsewhere
 from trainmetrics.jobmap import host_gpu
 from trainmetrics.trainer import distributed, faults
 from trainmetrics.trainer.checkpoint import (FINAL_MODEL_NAME, atomic_save, ensure_writable_dir, list_checkpoints,
                                              load_latest, save_checkpoint)
-from trainmetrics.trainer.config import TrainConfig, made_up_job_id
+from trainmetrics.trainer.config import TrainConfig, check_flags, made_up_job_id
 from trainmetrics.trainer.data import Dataset, load_dataset
 from trainmetrics.trainer.metrics import Diagnostics, IntervalStats, JobInfo, JobMetrics
 from trainmetrics.trainer.phases import CHECKPOINT, COLLECTIVE, EVAL, OPTIMIZER
@@ -33,7 +33,7 @@ from trainmetrics.trainer.models import ModelError, build_model, device_peak_flo
 from trainmetrics.trainer.outcome import Outcome, bad_input
 from trainmetrics.trainer.stopping import StopFlag
 from trainmetrics.trainer.telemetry import Publish
-from trainmetrics.webconfig import load_web_config, web_config_flag
+from trainmetrics.webconfig import load_web_config
 
 EVAL_BATCH_SIZE = 512
 
@@ -401,33 +401,6 @@ class ProgressReporter:
             self.bar.close()
 
 
-# The options naming a directory the job writes into, checked before anything is written: a file in the way is
-# bad input naming its flag, not an error blamed on another flag (the target file) or found at the very end
-# (the result file).
-OUTPUT_DIRECTORIES = ("checkpoint_dir", "targets_dir", "job_dir", "diagnostics_dir")
-
-
-def check_output_paths(config: TrainConfig) -> None:
-    """FlagError unless every output directory is one or can be created, the targets and job-mapping
-    directories are two, and the result file's directory exists and takes a file (it is written there,
-    atomically, at the end: a job that could not write it trained to the end and exited 0 without it)."""
-    flags = {option.name: option.cli_flag for option in TRAIN_OPTIONS}
-    for name in OUTPUT_DIRECTORIES:
-        if getattr(config, name) is not None:
-            check_directory(flags[name], Path(getattr(config, name)))
-    if config.targets_dir is not None and config.job_dir is not None and \
-            Path(config.targets_dir).resolve() == Path(config.job_dir).resolve():
-        raise FlagError(flags["job_dir"], f"{str(config.job_dir)!r} is also {flags['targets_dir']}: the two need "
-                                          "directories of their own (each holds a JOB_ID.rankN.json)")
-    if config.result_file is not None:
-        result_file = Path(config.result_file)
-        if result_file.is_dir():
-            raise FlagError(flags["result_file"], f"{str(result_file)!r} is a directory")
-        if not result_file.parent.is_dir():
-            raise FlagError(flags["result_file"], f"{str(result_file)!r}: no directory {str(result_file.parent)!r}")
-        check_writable(flags["result_file"], result_file, result_file.parent)
-
-
 def memory_shortage(error: BaseException) -> str | None:
     """What an allocation that failed says (numpy raises MemoryError, torch's CPU allocator RuntimeError), in one
     line; None for any other error."""
@@ -442,10 +415,7 @@ def memory_shortage(error: BaseException) -> str | None:
 def prepare(config: TrainConfig):
     """Validate everything that can be checked before any file is written; raises BadInput."""
     try:
-        config.check()
-        check_output_paths(config)
-        web_config_flag(config.web_config_file)
-        validate_job_id(config.job_id)
+        check_flags(config)
         device = resolve_device(config.device)
         began = time.monotonic()
         try:

@@ -42,9 +42,14 @@ def test_help_explains_every_option_and_says_each_default_once(command):
             assert "default" in flat, f"{command} {action.option_strings[0]}: no default shown: {flat}"
 
 
+# `trainmetrics train` with torch unimportable: a bad flag is said before torch's import (1.5 s of imports
+# here, for a typo; the flags were checked after it).
+WITHOUT_TORCH = "import sys; sys.modules['torch'] = None; from trainmetrics.cli import main; sys.exit(main())"
+
+
 def one_line_error(args: list[str], mentions: str) -> None:
-    result = subprocess.run([sys.executable, "-m", "trainmetrics", *args], capture_output=True, text=True,
-                            timeout=120)
+    command = ["-c", WITHOUT_TORCH] if args[0] == "train" else ["-m", "trainmetrics"]
+    result = subprocess.run([sys.executable, *command, *args], capture_output=True, text=True, timeout=120)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2, (args, result.stderr[-1500:])
     assert len(lines) == 1 and mentions in lines[0], (args, result.stderr)
