@@ -5,6 +5,7 @@ import asyncio
 import httpx
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Summary, generate_latest
 
+from tests.bcrypt_checks import CountedChecks
 from trainmetrics.edge import Component, build_app
 
 
@@ -104,26 +105,13 @@ def test_new_wrong_passwords_are_refused_at_once_and_a_new_right_one_is_let_in_d
     address that failed no check has a slot of its own."""
     import base64
     import secrets
-    import threading
     import time
 
     import bcrypt
 
     from trainmetrics.webconfig import WebConfig
 
-    checking, most_checking, lock, checkpw = [0], [0], threading.Lock(), bcrypt.checkpw
-
-    def counted(password: bytes, hashed: bytes) -> bool:
-        with lock:
-            checking[0] += 1
-            most_checking[0] = max(most_checking[0], checking[0])
-        try:
-            return checkpw(password, hashed)
-        finally:
-            with lock:
-                checking[0] -= 1
-
-    monkeypatch.setattr(bcrypt, "checkpw", counted)
+    checks = CountedChecks(monkeypatch)
     # 11 rounds: ~0.15-0.3 s a check here (a cost-12 hash is longer): 40 queued took seconds
     config = WebConfig(users={"prometheus": bcrypt.hashpw(b"right", bcrypt.gensalt(rounds=11))})
     app = build_app([Component(name="test", routes=[], registry=CollectorRegistry())], web_config=config)
@@ -159,9 +147,9 @@ def test_new_wrong_passwords_are_refused_at_once_and_a_new_right_one_is_let_in_d
         return answers, right
 
     answers, right = asyncio.run(flood_and_ask())
-    print(f"the right password: {right}; the flood: {len(answers)} answers, {most_checking[0]} checks at once")
+    print(f"the right password: {right}; the flood: {len(answers)} answers, {checks.most} checks at once")
     assert right[0] == 200 and right[1] < 2.0, right        # before: ~3-6 s behind the queue
-    assert most_checking[0] <= 2
+    assert checks.most <= 2
     assert {status for status, _ in answers} <= {401, 503}
     refused_at_once = [took for status, took in answers if status == 503]
     assert refused_at_once and max(refused_at_once) < 1.0, max(refused_at_once)

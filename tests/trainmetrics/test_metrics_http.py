@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from tests.bcrypt_checks import CountedChecks
 from trainmetrics import metrics_http
 from trainmetrics.metrics_http import SCRAPE_TIMEOUT_HEADER, MetricsHTTPServer
 
@@ -443,21 +444,7 @@ def test_wrong_passwords_cost_two_bcrypt_checks_at_most_and_never_delay_a_verifi
 
     from trainmetrics.webconfig import WebConfig
 
-    checking, most_checking, checks = [0], [0], [0]
-    checkpw, lock = bcrypt.checkpw, threading.Lock()
-
-    def counted(password: bytes, hashed: bytes) -> bool:
-        with lock:
-            checking[0] += 1
-            checks[0] += 1
-            most_checking[0] = max(most_checking[0], checking[0])
-        try:
-            return checkpw(password, hashed)
-        finally:
-            with lock:
-                checking[0] -= 1
-
-    monkeypatch.setattr(bcrypt, "checkpw", counted)
+    checks = CountedChecks(monkeypatch)
     # 10 rounds: ~0.1-0.2 s a check here, about a cost-12 hash's time on a fast host
     config = WebConfig(users={"prometheus": bcrypt.hashpw(b"right", bcrypt.gensalt(rounds=10)),
                               "admin": bcrypt.hashpw(b"other", bcrypt.gensalt(rounds=10)),
@@ -485,7 +472,7 @@ def test_wrong_passwords_cost_two_bcrypt_checks_at_most_and_never_delay_a_verifi
             # lasted past 3 s)
             during = first_answer(server.port, b"Authorization: Basic " + base64.b64encode(b"admin:other")
                                   + b"\r\n", "127.0.0.250", 10.0)
-        flood_checks = checks[0]
+        flood_checks = checks.total
         # the flood over, a new header is checked, from any address (after its Retry-After at most)
         after = first_answer(server.port, b"Authorization: Basic " + base64.b64encode(b"later:third") + b"\r\n",
                              FLOODS[flood][0], 3.0)
@@ -495,9 +482,9 @@ def test_wrong_passwords_cost_two_bcrypt_checks_at_most_and_never_delay_a_verifi
     # (Before, the scrapes failed: refused, not late. A second leaves a loaded host room; here they took <= 0.03 s.)
     late = [timing for timing in timings if not timing[1].startswith(b"HTTP/1.1 200") or timing[2] > 1.0]
     print(f"{len(timings) - len(late)} of {len(timings)} within 1 s: {timings}; {flood_checks} checks, "
-          f"{most_checking[0]} at once; a new password during {during}, after {after}")
+          f"{checks.most} at once; a new password during {during}, after {after}")
     assert not late, f"{len(late)} of {len(timings)} scrapes failed or late: {late[:4]}"
-    assert most_checking[0] <= 2        # the shared slot, and the one of addresses that failed no check
+    assert checks.most <= 2        # the shared slot, and the one of addresses that failed no check
     assert during[0].startswith(b"HTTP/1.1 200"), during
     assert after[0].startswith(b"HTTP/1.1 200"), after
 
