@@ -109,6 +109,12 @@ class JobService:
             values = parse_spec(body)
         except SpecError as error:
             raise ApiError(400, "bad_request", str(error)) from None
+        device = values.get("device", "auto")
+        if self.supervisor.executor.name == "ray" and device.startswith("cuda:") and int(device[5:]) > 0:
+            # Ray gives each rank the one GPU it asked for, the only one it sees (cuda:0): cuda:1 failed every rank
+            # at its start ("only 1 CUDA device(s)").
+            raise ApiError(400, "bad_request", f"device: {device!r} names a GPU of one machine; on Ray each rank is "
+                                               "given a GPU of Ray's choosing, which it sees as cuda:0: ask for cuda")
         prefix = job_id_prefix(caller if self.settings.owners else None)
         job_id = values.pop("job_id", None) or prefix + new_job_id()
         if not job_id.startswith(prefix):

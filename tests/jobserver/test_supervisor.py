@@ -800,3 +800,26 @@ def test_an_end_recorded_before_a_later_write_failed_is_not_decided_again(superv
         supervisor.tick()
     supervisor.tick()
     assert (supervisor.store.get_job(job.id).state, job.id in supervisor.runs) == ("cancelled", False)
+
+
+def test_a_job_on_ray_naming_a_gpu_past_cuda_0_is_refused_at_its_submission(tmp_path):
+    """Ray gives each rank one GPU, which the rank sees as cuda:0: `cuda:1` was queued and started, and every rank
+    failed at its start ("only 1 CUDA device(s)"). Refused when submitted, naming what to ask for instead; the
+    local executor takes it (a machine's GPU 1)."""
+    from types import SimpleNamespace
+
+    from trainmetrics.edge import ApiError
+    from trainmetrics.jobserver.jobs import JobService, ServerSettings
+
+    store = JobStore(tmp_path / "db.sqlite")
+    ray = JobService(ServerSettings(data_dir=tmp_path), store,
+                     Supervisor(store, tmp_path, None, 0, executor=SimpleNamespace(name="ray")))
+    for device in ("cuda:1", "cuda:07"):
+        with pytest.raises(ApiError, match="on Ray each rank is given a GPU") as refused:
+            ray.submit(None, {"dataset": "blobs", "device": device})
+        assert refused.value.status == 400
+    accepted = [ray.submit(None, {"dataset": "blobs", "device": device})["job_id"] for device in ("cuda", "cuda:0")]
+    local = JobService(ServerSettings(data_dir=tmp_path), store, Supervisor(store, tmp_path, None, 0))
+    accepted.append(local.submit(None, {"dataset": "blobs", "device": "cuda:1"})["job_id"])
+    assert [store.get_job(job_id).spec["device"] for job_id in accepted] == ["cuda", "cuda:0", "cuda:1"]
+    store.close()
