@@ -443,7 +443,8 @@ class JobMetrics:
                 "last_eval_time": None if self.last_evaluation is None else self.last_evaluation.time,
                 "eval_accuracy_max": self.eval_accuracy_max, "step_duration_max": self.step_duration_max,
                 "loss_spikes": self.spikes.spikes, "loss_spike_detector": self.spikes.state_dict(),
-                "phases": self.phases.state_dict()}
+                "phases": self.phases.state_dict(),
+                "hang_bound": None if self._stack_watch is None else self._stack_watch.last_bound}
 
     @_never_raises
     def load_state_dict(self, state: dict) -> None:
@@ -482,7 +483,7 @@ class JobMetrics:
                  "nonfinite_losses": count("nonfinite_losses"), "eval_loss_min": number("eval_loss_min"),
                  "eval_accuracy_max": number("eval_accuracy_max"),
                  "step_duration_max": number("step_duration_max") or 0.0}
-        evaluations, spikes = count("evaluations"), count("loss_spikes")
+        evaluations, spikes, hang_bound = count("evaluations"), count("loss_spikes"), number("hang_bound")
         last_evaluation = None
         if evaluations and state.get("last_eval_step") is not None:
             last_evaluation = Evaluation(evaluations, count("last_eval_step"), number("last_eval_time") or 0.0,
@@ -507,6 +508,8 @@ class JobMetrics:
                               inst.LOSS_SPIKES.name: spikes}
         self._carried_phases = {phase: float(seconds) for phase, seconds in phases.items()}
         self.phases.load_state_dict(phases)
+        if hang_bound is not None and self._stack_watch is not None:
+            self._stack_watch.carry_bound(hang_bound)
         self._new_interval(time.perf_counter())
         self._carried_known_at = time.monotonic()
 
@@ -970,6 +973,7 @@ class JobMetrics:
             began, steps_before, samples_before, outside_before = self._interval_start
             if self.steps == steps_before:
                 return None
+            losses = self._losses.count         # (read before mean(), which starts the next interval)
             try:
                 loss = self._losses.mean()
             except Exception:       # a read that fails: its losses are gone, the next interval starts (read
@@ -979,7 +983,8 @@ class JobMetrics:
             if loss is not None:
                 self.last_loss = loss
                 if math.isfinite(loss):
-                    spike = self.spikes.observe(loss)
+                    # Judged by its length: one a checkpoint or the run's end cut short has a noisier mean.
+                    spike = self.spikes.observe(loss, losses / self.log_every)
                     self.loss = loss
                     if self.loss_first is None:
                         self.loss_first = loss

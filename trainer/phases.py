@@ -48,6 +48,11 @@ def process_start_time() -> float:
         return time.time()
 
 
+# How far the wall clock may move from the perf_counter offset before published times take the new one: further
+# is a step (an NTP correction, a suspended VM's clock catching up: perf_counter stood still); less is a
+# slewing clock's drift, which must not make them jitter.
+CLOCK_STEP_SECONDS = 1.0
+
 # The first job clock of a process starts at the process's start (its imports are that job's init); a later
 # one (a second job in a notebook, a test) at its own creation: the jobs before it are not its init.
 _process_start_taken = False
@@ -87,8 +92,9 @@ class PhaseClock:
         self.checkpointed: float | None = None
         self._published = dict.fromkeys(ACCOUNTED_PHASES, 0.0)
         self._lock = threading.Lock()
-        # perf_counter to unix time: one fixed offset, so published times do not jitter.
-        self._epoch = time.time() - time.perf_counter()
+        # perf_counter to unix time: one offset, so published times do not jitter, taken again when the wall clock
+        # was stepped (unix()). The phase totals keep the first (process_start is by it).
+        self._epoch = self._start_epoch = time.time() - time.perf_counter()
 
     @property
     def phase(self) -> str:
@@ -101,7 +107,12 @@ class PhaseClock:
         return self.mark[1]
 
     def unix(self, perf: float) -> float:
-        """A perf_counter reading as unix seconds."""
+        """A perf_counter reading as unix seconds, by the wall clock now. With the offset of the clock's creation
+        only, a wall clock stepped since left every published time that far off Prometheus's time() for the rest
+        of the run: TrainerHang fired at every step of a healthy job (or never, stepped back)."""
+        offset = time.time() - time.perf_counter()
+        if abs(offset - self._epoch) > CLOCK_STEP_SECONDS:
+            self._epoch = offset
         return self._epoch + perf
 
     def enter(self, phase: str, now: float | None = None) -> None:
@@ -161,11 +172,12 @@ class PhaseClock:
             started = self.loop_began
             if started is None:          # still in init: its age so far, up to the end of a run that ended before
                 # its first step (not on through its final linger)
-                init = self.unix(self.loop_ended if self.loop_ended is not None else now) - self.process_start
+                ended = self.loop_ended if self.loop_ended is not None else now
+                init = self._start_epoch + ended - self.process_start
                 init -= sum(marked.values())
                 compute = 0.0
             else:
-                init = self.unix(started) - self.process_start - self.before_loop
+                init = self._start_epoch + started - self.process_start - self.before_loop
                 loop = (self.loop_ended if self.loop_ended is not None else now) - started
                 compute = loop - (sum(marked.values()) - self.before_loop)
             own = {"init": max(init, 0.0), "compute": max(compute, 0.0), **marked}

@@ -4,7 +4,8 @@ mean follows a falling loss) is a spike. Spikes do not enter the running mean, s
 next; but a rise that lasts `warmup` intervals in a row is the loss's new level, not a spike that goes on for
 ever: the detector learns again from those intervals (otherwise every interval after a lasting shift, a new
 data mix or a learning-rate restart, would be flagged until the job ends). Defaults: z = 6, after 10
-intervals of warm-up (docs/metrics.md).
+intervals of warm-up (docs/metrics.md). An interval cut short (by a checkpoint, the run's end) has a noisier
+mean: it is judged, and learnt, by its share of a full interval's losses.
 
 The warm-up intervals have nothing before them to be judged against: once there are `warmup` of them, the
 running mean and variance are learnt again from those within WARMUP_OUTLIER_MADS median absolute deviations
@@ -40,12 +41,16 @@ class LossSpikeDetector:
         self._run: list[float] = []       # the spikes in a row so far
         self._early: list[float] = []     # the warm-up intervals, until there are `warmup` of them
 
-    def observe(self, loss: float) -> bool:
-        """Take an interval's mean loss; True when it is a spike."""
+    def observe(self, loss: float, share: float = 1.0) -> bool:
+        """Take an interval's mean loss; True when it is a spike. `share`: the interval's losses over a full
+        interval's (an interval a checkpoint or the run's end cut short has fewer, and a noisier mean: its
+        spread is the full intervals' / sqrt(share). Judged as a full one, a clean run's one-step interval
+        before a checkpoint was a spike one time in five)."""
         if not math.isfinite(loss):
             return False
+        share = min(max(share, 1e-6), 1.0)
         if self.mean is not None and self.seen >= self.warmup:
-            spread = max(math.sqrt(self.variance), _floor(self.mean))
+            spread = max(math.sqrt(self.variance), _floor(self.mean)) / math.sqrt(share)
             if (loss - self.mean) / spread > self.z:
                 self.spikes += 1
                 self._run.append(loss)
@@ -55,7 +60,7 @@ class LossSpikeDetector:
                         self._learn(value)
                 return True
         self._run = []
-        self._learn(loss)
+        self._learn(loss, share)
         if self._early is not None and self.seen <= self.warmup:
             self._early.append(loss)
             if len(self._early) >= self.warmup:
@@ -94,11 +99,13 @@ class LossSpikeDetector:
         self._run = [float(value) for value in run]
         self._early = None if early is None else [float(value) for value in early]
 
-    def _learn(self, loss: float) -> None:
+    def _learn(self, loss: float, share: float = 1.0) -> None:
         self.seen += 1
         if self.mean is None:
             self.mean = loss
             return
-        delta = loss - self.mean
-        self.mean += ALPHA * delta
-        self.variance = (1 - ALPHA) * (self.variance + ALPHA * delta * delta)
+        # A short interval weighs by its share, and its deviation is scaled to a full interval's (its variance is
+        # 1/share times theirs): the running variance stays that of full intervals' means.
+        delta, alpha = loss - self.mean, ALPHA * share
+        self.mean += alpha * delta
+        self.variance = (1 - alpha) * (self.variance + alpha * share * delta * delta)

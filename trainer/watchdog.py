@@ -127,6 +127,17 @@ class StackWatch:
                 break
         return self._last_bound
 
+    @property
+    def last_bound(self) -> float:
+        """The bound last found (what a checkpoint carries to the resumed process)."""
+        return self._last_bound
+
+    def carry_bound(self, seconds: float) -> None:
+        """Start from the bound a checkpoint carried, until this process's own steps give one: as the TrainerHang
+        rule keeps it across a restart. From 60 s, the first step of a job with minutes-long steps was a hang a
+        minute into it after every resume (its stacks dumped)."""
+        self._last_bound = max(self.min_hang_seconds, seconds)
+
     def _watch(self) -> None:
         checked = time.perf_counter()
         while not self._stop.wait(self.check_seconds):

@@ -108,6 +108,27 @@ def test_the_current_phase_and_the_last_progress_follow_the_loop():
         metrics.close()
 
 
+def test_published_times_follow_a_wall_clock_stepped_after_the_start(monkeypatch):
+    """perf_counter readings were published as unix times with the offset of the clock's creation: a wall clock
+    stepped later (an NTP correction, a suspended VM's clock catching up) left every progress timestamp that far
+    behind Prometheus's time() for the rest of the run, and TrainerHang fired on a healthy job (time() - the last
+    progress > 60 s at every step). The phase totals do not move with it."""
+    from trainmetrics.trainer.phases import PhaseClock
+
+    clock = PhaseClock()
+    now = time.perf_counter()
+    clock.start_loop(now)
+    totals = clock.totals()
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + 120.0)        # the wall clock stepped 2 minutes ahead
+    clock.last_step = clock.progress = time.perf_counter()
+    assert abs(clock.progress_unix() - time.time()) < 5.0
+    assert abs(clock.last_step_unix() - time.time()) < 5.0
+    after = clock.totals()
+    assert after["init"] == pytest.approx(totals["init"], abs=1.0)
+    assert sum(after.values()) == pytest.approx(sum(totals.values()), abs=1.0)
+
+
 def test_a_loss_jump_is_a_spike_a_falling_noisy_loss_is_not_and_a_spike_does_not_hide_the_next():
     detector = LossSpikeDetector(z=6.0, warmup=10)
     losses = [2.0 * 0.97 ** i + 0.02 * ((-1) ** i) for i in range(60)]
@@ -165,6 +186,33 @@ def test_a_loss_with_no_spread_is_judged_against_a_floor_relative_to_its_level()
         wobbling.observe(value)
     assert not any(wobbling.observe(value) for value in (2.0001, 2.0, 2.0002, 2.0, 2.0003))
     assert wobbling.observe(2.5)
+
+
+def test_a_checkpoints_short_interval_is_judged_by_its_length_not_as_a_full_one():
+    """A checkpoint that ends a log interval early (every 1001 steps at log_every=50) leaves an interval of one
+    step, whose mean is as noisy as one batch's loss: judged against the spread of 50-step means, a clean run
+    flagged a spike at 4 of its 20 checkpoints (and a job with on_loss_spike: pause paused there, for good: a
+    resume replays the same batches)."""
+    import random
+
+    rng = random.Random(0)
+    metrics = JobMetrics("short-intervals", log_every=50)
+    try:
+        metrics.start()
+        for step in range(1, 20021):
+            metrics.step(loss=1.0 + rng.gauss(0.0, 0.1), samples=1)
+            if step % 1001 == 0:
+                metrics.end_interval()          # as the runner does before each checkpoint
+        assert metrics.spikes.spikes == 0
+        metrics.step(loss=3.0, samples=1)       # a real spike in a one-step interval is still one
+        metrics.end_interval()
+        assert metrics.spikes.spikes == 1
+        for _ in range(50):                     # and one in a full interval, the short ones learnt at their size
+            metrics.step(loss=1.3 + rng.gauss(0.0, 0.1), samples=1)
+        assert metrics.spikes.spikes == 2
+        metrics.finish("completed")
+    finally:
+        metrics.close()
 
 
 def test_the_hang_watchdog_writes_every_threads_stack_once_per_hang(tmp_path):
@@ -233,6 +281,29 @@ def test_the_hang_bound_of_a_job_with_two_minute_steps_is_twenty_minutes(tmp_pat
         assert watch.hang_bound() == 1200.0
     finally:
         metrics.close()
+
+
+def test_a_resumed_process_keeps_the_hang_bound_its_checkpoint_had(tmp_path):
+    """docs/alerts.md: the bound stays what it last was across a pause or a restart, the watchdog's as the
+    TrainerHang rule's. The watchdog of a resumed process started from 60 s: the first step of a job with
+    two-minute steps was a hang a minute into it, its stacks dumped on every resume."""
+    first = JobMetrics("slow-resume", diagnostics=Diagnostics(stacks_dir=tmp_path))
+    try:
+        watch, times = first._stack_watch, first.step_times
+        before = list(times.counts)
+        times.counts[times.bounds.index(120.0) if 120.0 in times.bounds else -1] += 5     # five 2-minute steps
+        watch._windows.clear()
+        watch._windows.extend([before, list(times.counts)])
+        assert watch.hang_bound() == 1200.0
+        state = first.state_dict()
+    finally:
+        first.close()
+    resumed = JobMetrics("slow-resume", diagnostics=Diagnostics(stacks_dir=tmp_path), resuming=True)
+    try:
+        resumed.load_state_dict(state)
+        assert resumed._stack_watch.hang_bound() == 1200.0          # no step yet in this process
+    finally:
+        resumed.close()
 
 
 def test_sigusr2_writes_the_stacks_even_while_the_loop_sleeps(tmp_path):
