@@ -22,6 +22,7 @@ from trainmetrics.jobserver import stacks
 from trainmetrics.hangs import HangFeed
 from trainmetrics.reports import ReportArchive
 from trainmetrics.jobserver.auth import job_id_prefix
+from trainmetrics.jobserver.reports import GIVE_UP_SECONDS as REPORT_GIVE_UP_SECONDS
 from trainmetrics.jobserver.store import DatasetRecord, JobRecord, JobStore
 from trainmetrics.jobserver.supervisor import StopRefused, Supervisor, token_matches
 
@@ -30,7 +31,8 @@ DEFAULT_OWNER = "default"     # the owner of every job when the server has no to
 # is 1 s). A job reported while nobody reads it does not wait for a first scrape that would never come.
 DISCOVERY_WATCHED_SECONDS = 10.0
 # The final state of a job the server ended without a process is published this long (a scraper reading the
-# server once a minute still sees it several times); Prometheus keeps its last samples after.
+# server once a minute still sees it several times), and longer until its report is stored (waiting_jobs);
+# Prometheus keeps its last samples after.
 FINAL_STATE_HOLD_SECONDS = 300.0
 # HOST:PORT a job reports: a DNS name or IPv4 address, or an IPv6 address in brackets.
 ENDPOINT_ADDRESS = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]{2,45}\])"
@@ -324,15 +326,20 @@ class JobService:
 
     def waiting_jobs(self) -> list["WaitingJob"]:
         """Every job whose state no process of its own publishes, for /metrics: queued and paused jobs (end None),
-        and for FINAL_STATE_HOLD_SECONDS after it, the end of a job no process published (no run handle: cancelled
-        while queued or paused, one that could not start, one whose process was killed without a result), so that
-        Prometheus, and the analytics' ledger, see it end."""
+        and for FINAL_STATE_HOLD_SECONDS after it (and until its report is stored), the end of a job no process
+        published (no run handle: cancelled while queued or paused, one that could not start, one whose process was
+        killed without a result), so that Prometheus, the analytics' ledger and its stored report see it end."""
         waiting = [WaitingJob(job, job.state, None, job.state == "queued" and job.resume)
                    for job in self.store.list_jobs(states=("queued", "paused"))]
         # Running as the server sees it, but no process yet: queued, as far as Prometheus and the ledger are concerned.
         waiting += [WaitingJob(job, "queued", None, job.resume) for job in self.store.list_jobs(states=("running",))
                     if self._placing(job) is not None]
-        ended = self.store.ended_without_run(FINAL_STATES, time.time() - FINAL_STATE_HOLD_SECONDS)
+        now = time.time()
+        # And after that until its report is stored (up to the hour the keeper asks for it): a Prometheus down
+        # for the whole hold came back to the dead process's last `running` (a paused or queued job's state) as
+        # the job's last word, and the report stored then said `vanished` (`paused`) for good, or none was.
+        unreported = now - REPORT_GIVE_UP_SECONDS if self.settings.archive is not None else None
+        ended = self.store.ended_without_run(FINAL_STATES, now - FINAL_STATE_HOLD_SECONDS, unreported)
         return waiting + [WaitingJob(job, job.state, job.ended, False) for job in ended]
 
 

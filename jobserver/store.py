@@ -208,12 +208,15 @@ class JobStore:
             params.extend(states)
         return [self._job(row) for row in self._execute(sql + " ORDER BY created", tuple(params))]
 
-    def ended_without_run(self, states: tuple[str, ...], since: float) -> list[JobRecord]:
-        """Jobs in one of `states` that ended after `since` with no run handle or pid (the server ended them, or
-        their process ended without publishing that end: killed, or overruled by a cancel), oldest first."""
+    def ended_without_run(self, states: tuple[str, ...], since: float,
+                          unreported_since: float | None = None) -> list[JobRecord]:
+        """Jobs in one of `states` that ended after `since`, or after `unreported_since` without a stored report,
+        with no run handle or pid (the server ended them, or their process ended without publishing that end:
+        killed, or overruled by a cancel), oldest first."""
         # Both unset: a row from before the handle column had a pid only, and its process published its end.
         rows = self._execute(f"SELECT * FROM jobs WHERE state IN ({','.join('?' * len(states))}) AND handle IS NULL "
-                             "AND pid IS NULL AND ended > ? ORDER BY created", (*states, since))
+                             "AND pid IS NULL AND (ended > ? OR (report IS NULL AND ended > ?)) ORDER BY created",
+                             (*states, since, since if unreported_since is None else unreported_since))
         return [self._job(row) for row in rows]
 
     def update_job(self, job_id: str, **changes) -> None:

@@ -823,3 +823,30 @@ def test_a_job_on_ray_naming_a_gpu_past_cuda_0_is_refused_at_its_submission(tmp_
     accepted.append(local.submit(None, {"dataset": "blobs", "device": "cuda:1"})["job_id"])
     assert [store.get_job(job_id).spec["device"] for job_id in accepted] == ["cuda", "cuda:0", "cuda:1"]
     store.close()
+
+
+def test_an_end_the_server_publishes_is_held_until_the_jobs_report_is_stored(tmp_path):
+    """Prometheus down for the 5 minutes the server published a killed job's `failed` (or a cancel of a queued
+    or paused job): back, it held the dead process's last `running` (or the `paused`, the `queued`) as the job's
+    last word, and the report stored then said `vanished` (`paused`) for good where the job API says failed
+    (cancelled), or none was ever stored (`queued`). The end is published until the report is stored, up to the
+    hour the keeper asks for it; without stored reports (no analytics beside the server), for 5 minutes."""
+    from trainmetrics.jobserver.jobs import FINAL_STATE_HOLD_SECONDS, JobService, ServerSettings
+    from trainmetrics.jobserver.reports import GIVE_UP_SECONDS
+    from trainmetrics.reports import ReportArchive
+
+    store = JobStore(tmp_path / "db.sqlite")
+    now = time.time()
+    ended = {"killed": now - FINAL_STATE_HOLD_SECONDS - 60, "reported": now - FINAL_STATE_HOLD_SECONDS - 60,
+             "given-up": now - GIVE_UP_SECONDS - 60}
+    for job_id, end in ended.items():
+        store.add_job(JobRecord(id=job_id, owner="default", name=job_id, state="failed", spec={}, ended=end))
+    assert store.keep_report("reported", '{"job_id": "reported"}', ended["reported"])
+    supervisor = Supervisor(store, tmp_path, None, 1)
+    service = JobService(ServerSettings(data_dir=tmp_path, archive=ReportArchive()), store, supervisor)
+    assert [(w.job.id, w.state, w.end) for w in service.waiting_jobs()] == [("killed", "failed", ended["killed"])]
+    assert store.keep_report("killed", '{"job_id": "killed"}', ended["killed"])
+    assert service.waiting_jobs() == []
+    store.update_job("killed", report=None)
+    assert JobService(ServerSettings(data_dir=tmp_path), store, supervisor).waiting_jobs() == []
+    store.close()
