@@ -46,6 +46,7 @@ THROTTLE_REASONS = (  # (NVML bit constant, reason label)
 # FunctionNotFound), and older bindings lack its name.
 THROTTLE_FUNCTIONS = ("nvmlDeviceGetCurrentClocksEventReasons", "nvmlDeviceGetCurrentClocksThrottleReasons")
 MAX_EVENTS_PER_SAMPLE = 256
+MIN_UUID_PREFIX = len("GPU-") + 8     # the shortest UUID a mapping may hold (trainmetrics.jobmap.GPU_UUID)
 
 # NVML errors by what they say, as pynvml names its exception classes. Lost: the GPU (or NVML under it) is
 # gone until it is reset or the driver reloaded; asking again by index later may find it back.
@@ -542,8 +543,12 @@ def _jobs_on(gpu: Gpu, slow: SlowReadings, jobs) -> tuple[dict[str, int], list[s
         if job_id is not None:
             used_by_job[job_id] = used_by_job.get(job_id, 0) + used
     # A mapping names its GPUs by NVML index or by UUID ("GPU-..."): the UUID stays right where
-    # CUDA_VISIBLE_DEVICES or a container renumbers the GPUs.
-    declared = {job_id for job_id, named in jobs.gpus.items() if gpu.index in named or gpu.uuid in named}
+    # CUDA_VISIBLE_DEVICES or a container renumbers the GPUs. CUDA takes a unique prefix of a UUID too
+    # (CUDA_VISIBLE_DEVICES=GPU-5d2f9e81), which the trainer writes as given: such a job held no GPU. The UUID's
+    # prefixes are looked up in each job's entries (a set): a mapping's thousands of entries cost no more.
+    prefixes = {gpu.uuid[:end] for end in range(MIN_UUID_PREFIX, len(gpu.uuid) + 1)}
+    declared = {job_id for job_id, named in jobs.gpus.items()
+                if gpu.index in named or not prefixes.isdisjoint(named)}
     return used_by_job, sorted(declared | used_by_job.keys())
 
 

@@ -247,6 +247,26 @@ def test_a_job_may_name_its_gpus_by_uuid():
     assert energy.published == {("by-uuid", "gpu"): 4.0, ("by-index", "gpu"): 0.0}
 
 
+def test_a_job_naming_its_gpu_by_a_uuid_prefix_holds_that_gpu():
+    """CUDA takes a unique prefix of a UUID (CUDA_VISIBLE_DEVICES=GPU-5d2f9e81), and the trainer writes the entry as
+    the variable gave it: such a job held no GPU (no hw_gpu_job_info, its GPU's energy went to no job)."""
+    nvml = FakeNvml(two_gpus())
+    prefix = nvml.gpus[1].uuid[:len("GPU-") + 8]
+    energy = JobEnergy()
+    collector = GpuCollector(nvml=nvml, job_tracker=DeclaredJobs({"by-prefix": frozenset({prefix})}),
+                             job_energy=energy)
+    exporter = Exporter([collector])
+    exporter.sample(100.0)
+    exporter.sample_slow(100.0)
+    nvml.gpus[1].energy_millijoules += 4_000
+    exporter.sample_slow(101.0)
+    held = {(dict(labels)["gpu"], dict(labels)["job_id"])
+            for labels in parse_exposition(exporter.render()).get("hw_gpu_job_info", {})}
+    assert held == {("1", "by-prefix")}
+    energy.publish()
+    assert energy.published == {("by-prefix", "gpu"): 4.0}
+
+
 def test_xid_counts_last_over_nvml_reinitialising():
     """hw_gpu_errors_total{type="xid"} counts since the exporter started (docs/metrics.md): every GPU lost for a
     moment (as after an XID 79) re-enumerated the GPUs, and the counts went back to 0."""
