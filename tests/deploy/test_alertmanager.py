@@ -7,7 +7,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from trainmetrics.trainer.metrics import JobMetrics
+from trainmetrics.trainer.metrics import JobInfo, JobMetrics
 from trainmetrics.trainer.telemetry import Publish
 from trainmetrics.prometheus_process import AlertmanagerServer, PrometheusServer
 
@@ -40,7 +40,8 @@ def alertmanager(tmp_path):
 def test_failed_job_alert_reaches_alertmanager(alertmanager, tmp_path):
     prometheus = PrometheusServer(tmp_path / "prometheus", alertmanagers=[alertmanager]).start()
     try:
-        metrics = JobMetrics("am-failing-job", publish=Publish(targets_dir=prometheus.targets_dir, linger_timeout=20))
+        metrics = JobMetrics("am-failing-job", JobInfo(owner="team-a"),
+                             publish=Publish(targets_dir=prometheus.targets_dir, linger_timeout=20))
         metrics.start()
         metrics.finish("failed", MemoryError())
         metrics.close()                          # returns once Prometheus has scraped the failed state
@@ -54,4 +55,5 @@ def test_failed_job_alert_reaches_alertmanager(alertmanager, tmp_path):
     fired = [a for a in alerts if a["labels"]["alertname"] == "TrainerJobFailed"]
     assert fired and fired[0]["status"] == "firing"
     assert fired[0]["labels"]["job_id"] == "am-failing-job"
+    assert fired[0]["labels"]["owner"] == "team-a"      # from trainer_job_info: an owner's own route can take it
     assert fired[0]["annotations"]["summary"] == "Training job am-failing-job failed"
