@@ -2,13 +2,15 @@
 deploy/prometheus/rules run there as they are): each expression asked of a real VictoriaMetrics holding
 samples written with their timestamps, as vmalert asks it at each evaluation."""
 
+import json
+import subprocess
 import time
 import urllib.request
 
 import pytest
 
-from tests.deploy.test_prometheus_config import alert_rules
-from trainmetrics.prometheus_process import VictoriaMetricsServer
+from tests.deploy.test_prometheus_config import PROMETHEUS_DIR, alert_rules
+from trainmetrics.prometheus_process import VictoriaMetricsServer, free_port
 
 MINUTE = 60
 
@@ -45,6 +47,8 @@ def store(tmp_path_factory):
     data += lines('trainer_process_loss_nonfinite_total{job_id="diverged",instance="p3"}',
                   every(t0, now, lambda at: 0 if at < t0 + 25 * MINUTE else 1))
     data += lines('trainer_loss_finite{job_id="diverged",instance="p3"}', every(t0, now, 1))
+    data += lines('trainer_job_info{job_id="diverged",job_name="diverged",owner="team-a",instance="p3"}',
+                  every(t0, now, 1))
     # At one address: a NaN and a spike at minute 2 (the job's counts 2 -> 3), the process killed at minute 20,
     # resumed from an older checkpoint (counts 1) at 21, killed at 24, resumed from the newest (3) at 25: no new
     # one, whatever the job's counts did (3 -> 1 -> 3). The own counts drop to 0 at each resume.
@@ -114,3 +118,33 @@ def test_a_resumed_jobs_carried_spike_count_does_not_fire_again(store):
 def test_an_exporter_restart_does_not_report_a_gpus_old_errors_as_new(store):
     victoria, now = store
     assert [labels["type"] for labels in firing(victoria, "GPUErrors", now)] == ["xid"]
+
+
+def test_vmalert_runs_the_rules_as_they_are_and_gives_job_alerts_their_owner(store):
+    """The rule files loaded by a real vmalert over the central store: the owner label's template (a `query` of
+    trainer_job_info) is vmalert's too; a job whose info names no owner has an empty one. (Its notifications and
+    recorded series go to closed ports: the store stays as the other tests read it.)"""
+    victoria, _ = store
+    port = free_port()
+    vmalert = subprocess.Popen(
+        ["vmalert", f"-rule={PROMETHEUS_DIR / 'rules' / 'trainmetrics.rules.yml'}",
+         f"-rule={PROMETHEUS_DIR / 'rules' / 'alerts.yml'}", f"-datasource.url={victoria.url}",
+         f"-notifier.url=http://127.0.0.1:{free_port()}", f"-remoteWrite.url=http://127.0.0.1:{free_port()}",
+         f"-httpListenAddr=127.0.0.1:{port}", "-evaluationInterval=1s", "-loggerLevel=FATAL"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    owners = {}
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and len(owners) < 2 and vmalert.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/alerts", timeout=5) as answer:
+                    alerts = json.load(answer)["data"]["alerts"]
+            except OSError:
+                alerts = []
+            owners = {alert["labels"]["job_id"]: alert["labels"].get("owner", "") for alert in alerts
+                      if alert["labels"]["alertname"] == "TrainerLossNaN"}
+            time.sleep(0.5)
+    finally:
+        vmalert.terminate()
+        _, errors = vmalert.communicate(timeout=10)
+    assert owners == {"diverged": "team-a", "renewed": ""}, errors[-2000:]       # (errors: the rules refused)
