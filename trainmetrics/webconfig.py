@@ -145,7 +145,6 @@ class WebConfig:
         return verdict
 
 
-
 class PasswordChecks:
     """Which Authorization headers not yet known get a bcrypt check now, for every server with basic auth (each
     job's /metrics and the services' edge). A known header (every request after a client's first) is answered
@@ -209,6 +208,7 @@ class PasswordChecks:
         finally:
             self.checked(slot, address, verdict)
         return verdict
+
 
 def load_web_config(path: Path | None) -> WebConfig:
     """Parse and check a web-config file; None gives plain HTTP without auth. Raises ValueError naming the
