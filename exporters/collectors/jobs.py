@@ -26,6 +26,7 @@ The directory is untrusted input (any user who can write to it may drop anything
   mapping then waits up to MAX_SCAN_PAUSE).
 """
 
+import errno
 import json
 import logging
 import os
@@ -60,6 +61,14 @@ SETTLE_SECONDS = 1.0
 RELIST_SECONDS = 10.0               # and a listing anyway now and then (a file rewritten in place)
 # How long one reading of every process's parent serves the tree walks (ProcessFamilies): one pass's walks.
 PARENTS_MAX_AGE = 0.5
+# What a read of /proc/PID/stat fails with when there is no process to count: ENOENT (it exited before the open),
+# ESRCH (exited between the open and the read), EACCES or EPERM (another user's, under hidepid=1: for as long as it
+# runs). Any other error (EMFILE, ENFILE, ENOMEM...) says nothing of the process: it fails the pass, which is done
+# again at the next sample. Taken for "gone", it ended a live rank for good or cached a new job's file as stale.
+NO_PROCESS = (FileNotFoundError, ProcessLookupError, PermissionError)
+# Errors reading a mapping file that are the host's, not the file's (out of file descriptors or memory): they fail
+# the listing, to be read again, instead of caching the file as refused while it is unchanged.
+HOST_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 
 
 def parse_mapping(data: bytes) -> JobMapping:
@@ -184,28 +193,12 @@ class JobTracker:
             return False
         self._listed = None         # until this listing succeeds
         started = time.thread_time()
-        files = {}
-        if info is not None:
-            with os.scandir(self.job_dir) as entries:
-                for entry in entries:
-                    if not entry.name.endswith(".json") or entry.name.startswith("."):
-                        continue
-                    if len(files) == MAX_MAPPING_FILES:
-                        if not self._warned_full:
-                            log.error("job dir %s holds over %d mapping files: ignoring the rest", self.job_dir,
-                                      MAX_MAPPING_FILES)
-                            self._warned_full = True
-                        break
-                    try:
-                        info_of_entry = entry.stat(follow_symlinks=False)
-                    except FileNotFoundError:
-                        continue
-                    key = (info_of_entry.st_ino, info_of_entry.st_mtime_ns, info_of_entry.st_ctime_ns,
-                           info_of_entry.st_size)
-                    known = self._files.get(entry.name)
-                    if known is None or known[0] != key:
-                        known = (key, self._admit(entry.path, info_of_entry))
-                    files[entry.name] = known
+        try:
+            files = {} if info is None else self._read_files()
+        except OSError:
+            # Nothing changed: tried again at the next update, once the listing's share of a core is paid.
+            self._next_listing = now + min((time.thread_time() - started) / SCAN_SHARE, MAX_SCAN_PAUSE)
+            raise
         self._note_departed(files)
         self._carry_bases(files)
         self._files = files
@@ -216,6 +209,32 @@ class JobTracker:
         self._relist_at = now + (RELIST_SECONDS if settled else SETTLE_SECONDS)
         self._next_listing = now + min((time.thread_time() - started) / SCAN_SHARE, MAX_SCAN_PAUSE)
         return True
+
+    def _read_files(self) -> dict[str, tuple[tuple[int, int, int, int], _Tree | None]]:
+        """Each mapping file of the directory with its tree, read again only when new or changed; raises OSError
+        (the directory unreadable, or an error of the host's: see _admit)."""
+        files = {}
+        with os.scandir(self.job_dir) as entries:
+            for entry in entries:
+                if not entry.name.endswith(".json") or entry.name.startswith("."):
+                    continue
+                if len(files) == MAX_MAPPING_FILES:
+                    if not self._warned_full:
+                        log.error("job dir %s holds over %d mapping files: ignoring the rest", self.job_dir,
+                                  MAX_MAPPING_FILES)
+                        self._warned_full = True
+                    break
+                try:
+                    info_of_entry = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                key = (info_of_entry.st_ino, info_of_entry.st_mtime_ns, info_of_entry.st_ctime_ns,
+                       info_of_entry.st_size)
+                known = self._files.get(entry.name)
+                if known is None or known[0] != key:
+                    known = (key, self._admit(entry.path, info_of_entry))
+                files[entry.name] = known
+        return files
 
     def _note_departed(self, files: dict) -> None:
         """Trees whose mapping file is gone (a rank that ended normally removes its own) keep their time for
@@ -240,7 +259,9 @@ class JobTracker:
                 tree.cpu_base = bases.get((tree.mapping.pid, tree.mapping.start_ticks))
 
     def _admit(self, path: str, info: os.stat_result) -> _Tree | None:
-        """The tree of a new or changed mapping file, dead when its process is gone; None when refused."""
+        """The tree of a new or changed mapping file, dead when its process is gone; None when refused. Raises
+        OSError on an error of the host's (see NO_PROCESS, HOST_ERRNOS): the verdict is kept while the file is
+        unchanged, so it must not be taken from such an error."""
         try:
             if not stat.S_ISREG(info.st_mode):
                 raise ValueError("not a regular file")
@@ -250,6 +271,8 @@ class JobTracker:
         except FileNotFoundError:
             return None             # removed since the listing: the next listing drops it
         except (OSError, ValueError) as error:
+            if isinstance(error, OSError) and error.errno in HOST_ERRNOS:
+                raise
             log.warning("ignoring job mapping %s: %s", path, error)
             return None
         fields = self._read_stat(mapping.pid)
@@ -266,14 +289,15 @@ class JobTracker:
         """The effective uid of a process (the owner of /proc/PID), or None when it is gone."""
         try:
             return os.stat(f"{self.proc_root}/{pid}").st_uid
-        except FileNotFoundError:
+        except NO_PROCESS:
             return None
 
     def _read_stat(self, pid: int) -> list[bytes] | None:
-        """The fields of /proc/PID/stat after the command name, or None when the process is gone."""
+        """The fields of /proc/PID/stat after the command name, or None when there is no process to count (gone,
+        never one, not ours to read); raises OSError on another error, which says nothing of the process."""
         try:
             stat_text = read_bytes(f"{self.proc_root}/{pid}/stat")
-        except OSError:         # gone (ENOENT, ESRCH), or never a process: no tree to count
+        except NO_PROCESS:
             return None
         return stat_fields(stat_text)
 
@@ -302,12 +326,16 @@ class JobTracker:
         return self.snapshot
 
     def _measure(self) -> JobsSnapshot:
+        # A read may fail for a reason of the host's (_read_stat raises): the pass then changes nothing, and the
+        # next sample does it again. It reads everything first and commits after: a tree marked dead, _departed
+        # emptied or a nested root's time taken off before the failure would lose a rank's time or count it twice.
         usage: dict[str, JobUsage] = {}
         job_of_pid: dict[int, str] = {}
         gpus: dict[str, set[int | str]] = {}
         ticks = self.clock_ticks
-        died = False
-        ended, self._departed = self._departed, {}
+        dead: list[_Tree] = []
+        alive: list[tuple[_Tree, float, float]] = []      # a live tree, its CPU time and the base left out of it
+        ended = dict(self._departed)
         # A job's processes are its own, not those of a job around it (a trial run by a sweep's driver, each a
         # job): trees whose root is in another tree go first, and a process counts once, in the innermost job.
         roots = {tree.mapping.pid for tree in self._live}
@@ -317,14 +345,14 @@ class JobTracker:
             job_id = tree.mapping.job_id
             job = usage.setdefault(job_id, JobUsage())
             gpus.setdefault(job_id, set()).update(tree.mapping.gpus)
-            counted = 0.0
+            counted, gone = 0.0, False
             for pid, start_ticks in tree.members.items():
                 if pid in job_of_pid:
                     continue  # a process in two ranks' trees counts once
                 fields = self._read_stat(pid)
                 if fields is None or int(fields[19]) != start_ticks:
                     if pid == tree.mapping.pid:
-                        tree.dead = died = True  # the job process is gone; its leftover file is stale
+                        gone = True  # the job process is gone; its leftover file is stale
                         break
                     continue
                 job_of_pid[pid] = job_id
@@ -334,22 +362,32 @@ class JobTracker:
                     root_times[pid] = (int(fields[1]), seconds)
                 job.rss_bytes += int(fields[21]) * self.page_bytes
                 job.processes += 1
-            if tree.dead:       # a rank that ended: its time stays the job's (as of its last sample)
+            if gone:        # a rank that ended: its time stays the job's (as of its last sample)
+                dead.append(tree)
                 ended[job_id] = ended.get(job_id, 0.0) + tree.cpu_seconds
             else:
-                if tree.cpu_base is None:
+                base = tree.cpu_base
+                if base is None:
                     # A rank that joins a job already counted is counted from its first sample, as the job's
                     # first ranks are (a counter's increase starts at its series' first sample): its time until
                     # then (imports, start-up, seconds of it) came in one sample, a rate of several times the
                     # host's cores in the job's CPU and its share of the CPU energy.
-                    tree.cpu_base = counted if job_id in self._cpu_floor else 0.0
-                counted -= tree.cpu_base
-                tree.cpu_seconds = counted
-                job.cpu_seconds += counted
-        if died:
+                    base = counted if job_id in self._cpu_floor else 0.0
+                alive.append((tree, counted, base))
+                job.cpu_seconds += counted - base
+        nested, reaped = self._reaped_jobs([tree for tree, _counted, _base in alive], root_times, job_of_pid)
+        # Everything is read: commit.
+        for tree, counted, base in alive:
+            tree.cpu_base, tree.cpu_seconds = base, counted - base
+        if dead:
+            for tree in dead:
+                tree.dead = True
             with self._lock:
                 self._live = [tree for tree in self._live if not tree.dead]
-        self._note_reaped_jobs(root_times, job_of_pid)
+        self._departed = {}
+        self._nested = nested
+        for outer, seconds in reaped.items():
+            self._reaped_jobs_cpu[outer] = self._reaped_jobs_cpu.get(outer, 0.0) + seconds
         floors, retired = {}, {}
         for job_id, job in list(usage.items()):
             if job.processes == 0:      # the job's last process ended: its series ends (a resume starts anew)
@@ -365,15 +403,17 @@ class JobTracker:
         return JobsSnapshot(usage, job_of_pid,
                             {job_id: frozenset(indices) for job_id, indices in gpus.items() if job_id in usage})
 
-    def _note_reaped_jobs(self, root_times: dict[int, tuple[int, float]], job_of_pid: dict[int, str]) -> None:
+    def _reaped_jobs(self, live: list[_Tree], root_times: dict[int, tuple[int, float]],
+                     job_of_pid: dict[int, str]) -> tuple[dict[tuple[int, int], tuple[str, float]], dict[str, float]]:
         """A job's root process whose parent is another (outer) job's counts in its own job. Once its own job no
         longer counts it (its mapping file went as it ended, or it was reaped), the outer job would count it from
         the start: directly while it lives on in its tree, then in the parent's cutime. Its whole CPU time as its
         own job last counted it is taken off the outer job then, unless it left the outer job's tree alive.
         The same holds for a rank whose parent is another rank of its own job (a rank that spawns the others):
-        the job keeps the ended rank's time (_note_departed, _measure) and its parent's cutime had it again."""
-        nested = {}
-        for tree in self._live:
+        the job keeps the ended rank's time (_note_departed, _measure) and its parent's cutime had it again.
+        Returns the nested roots now and the time to take off each outer job now, for _measure to commit."""
+        nested, reaped = {}, {}
+        for tree in live:
             pid = tree.mapping.pid
             if pid in root_times:
                 parent, seconds = root_times[pid]
@@ -385,8 +425,8 @@ class JobTracker:
                 continue
             fields = self._read_stat(pid)
             if fields is None or int(fields[19]) != start_ticks or job_of_pid.get(int(fields[1])) == outer:
-                self._reaped_jobs_cpu[outer] = self._reaped_jobs_cpu.get(outer, 0.0) + seconds
-        self._nested = nested
+                reaped[outer] = reaped.get(outer, 0.0) + seconds
+        return nested, reaped
 
     def refresh_trees(self, now: float) -> None:
         """Re-walk every live tree to find processes started since the last walk (slow loop: the jobs and
@@ -428,7 +468,7 @@ class ProcessFamilies:
                     continue
                 try:
                     stat_text = read_bytes(f"{self._proc_root}/{entry.name}/stat")
-                except OSError:     # gone since the listing
+                except NO_PROCESS:  # gone since the listing (another error fails the walk: see NO_PROCESS)
                     continue
                 parent = int(stat_fields(stat_text)[1])
                 children.setdefault(parent, []).append(int(entry.name))

@@ -205,6 +205,20 @@ def write_zone(root: Path, name: str, kind: str, energy_uj: int, max_uj: int = M
     (zone / "max_energy_range_uj").write_text(f"{max_uj}\n")
 
 
+def write_proc(root: Path, host_busy: int, host_idle: int, processes: dict[int, int],
+               parents: dict[int, int] | None = None) -> None:
+    """A /proc with the aggregate cpu line (busy and idle ticks) and each pid's stat: its utime in ticks,
+    started at tick 1000 + pid, its parent from `parents` (else 1)."""
+    root.mkdir(parents=True, exist_ok=True)
+    line = f"{host_busy} 0 0 {host_idle} 0 0 0 0 0 0"
+    (root / "stat").write_text(f"cpu  {line}\ncpu0 {line}\n")
+    for pid, utime in processes.items():
+        (root / str(pid)).mkdir(exist_ok=True)
+        (root / str(pid) / "stat").write_text(
+            f"{pid} (python) R {(parents or {}).get(pid, 1)} {pid} {pid} 0 -1 0 0 0 0 0 {utime} 0 0 0 20 0 1 0 "
+            f"{1000 + pid} 1000 10 0\n")
+
+
 def fixture_statvfs(mountpoint: str) -> os.statvfs_result:
     """statvfs answers for the fixture mounts: (bsize, frsize, blocks, bfree, bavail, files, ffree, favail, flag, namemax)."""
     sizes = {"/": (4096, 4096, 1_000_000, 400_000, 350_000), "/boot/efi": (4096, 4096, 130_000, 100_000, 100_000),

@@ -4,10 +4,9 @@ after a job leaves, and the state file that carries the counts over an exporter 
 
 import json
 import logging
-from pathlib import Path
 
 from tests.exporters.exporter_fixtures import (FIXTURE_JOB_DIR, MAX_RANGE_UJ, FakeNvml, build_fixture_host,
-                                              parse_exposition, two_gpus, write_zone)
+                                              parse_exposition, two_gpus, write_proc, write_zone)
 from trainmetrics.exporters.collectors.energy import EnergyCollector
 from trainmetrics.exporters.collectors.jobs import JobsCollector, JobTracker
 from trainmetrics.exporters.exporter import Exporter
@@ -24,20 +23,6 @@ def energy_series(text: bytes) -> dict[tuple[str, str], float]:
 def success(text: bytes) -> dict[str, float]:
     return {dict(labels)["collector"]: value
             for labels, value in parse_exposition(text)["exporter_collector_success"].items()}
-
-
-def write_proc(root: Path, host_busy: int, host_idle: int, processes: dict[int, int],
-               parents: dict[int, int] | None = None) -> None:
-    """A /proc with the aggregate cpu line (busy and idle ticks) and each pid's stat: its utime in ticks,
-    started at tick 1000 + pid, its parent from `parents` (else 1)."""
-    root.mkdir(parents=True, exist_ok=True)
-    line = f"{host_busy} 0 0 {host_idle} 0 0 0 0 0 0"
-    (root / "stat").write_text(f"cpu  {line}\ncpu0 {line}\n")
-    for pid, utime in processes.items():
-        (root / str(pid)).mkdir(exist_ok=True)
-        (root / str(pid) / "stat").write_text(
-            f"{pid} (python) R {(parents or {}).get(pid, 1)} {pid} {pid} 0 -1 0 0 0 0 0 {utime} 0 0 0 20 0 1 0 "
-            f"{1000 + pid} 1000 10 0\n")
 
 
 def test_gpu_energy_goes_to_the_jobs_holding_the_gpu_split_evenly_and_a_reset_counts_its_new_value(tmp_path):

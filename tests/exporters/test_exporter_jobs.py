@@ -1,7 +1,9 @@
 """Job attribution on real processes: the mapping file, the process tree, CPU time of reaped children."""
 
+import errno
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -9,10 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from trainmetrics.exporters.collectors.energy import EnergyCollector
 from trainmetrics.exporters.collectors.jobs import (MAX_MAPPING_BYTES, MAX_SCAN_PAUSE, SETTLE_SECONDS, JobsCollector,
                                                    JobTracker, parse_mapping, read_mapping_file)
 from trainmetrics.exporters.exporter import Exporter
-from tests.exporters.exporter_fixtures import parse_exposition
+from trainmetrics.exporters.job_energy import JobEnergy
+from tests.exporters.exporter_fixtures import parse_exposition, write_proc, write_zone
 from trainmetrics.jobmap import JobMapping, process_start_ticks, write_job_mapping
 
 # A job process that spawns a long-lived worker (like a DataLoader worker), optionally burns CPU in
@@ -419,3 +423,91 @@ def test_a_pid_reused_since_the_walks_parents_reading_is_not_the_jobs(tmp_path):
     tracker.refresh_trees(0.3)              # the walk from the parents read 0.3 s ago
     usage = tracker.update(0.4).usage["job-a"]
     assert 101 not in tracker.snapshot.job_of_pid and usage.rss_bytes == 1000 * 4096
+
+
+@pytest.fixture
+def out_of_fds(monkeypatch):
+    """A set of paths whose reads by the job tracker fail with EMFILE (out of file descriptors) while listed."""
+    from trainmetrics.exporters.collectors import jobs
+
+    failing: set[str] = set()
+
+    def failing_too(read):
+        def read_or_fail(path):
+            if str(path) in failing:
+                raise OSError(errno.EMFILE, "Too many open files", str(path))
+            return read(path)
+        return read_or_fail
+
+    monkeypatch.setattr(jobs, "read_bytes", failing_too(jobs.read_bytes))                  # /proc/PID/stat
+    monkeypatch.setattr(jobs, "read_mapping_file", failing_too(jobs.read_mapping_file))    # the job's mapping
+    return failing
+
+
+class NodeOfOneJob:
+    """A fake /proc and RAPL package, the jobs and energy collectors over them; the job's ranks are pids 100, 101,
+    102... (started at tick 1000 + pid)."""
+
+    def __init__(self, tmp_path: Path):
+        self.proc, self.powercap, self.job_dir = tmp_path / "proc", tmp_path / "powercap", tmp_path / "jobs"
+        self.tracker = JobTracker(self.job_dir, proc_root=self.proc, descendants=lambda pid: [], clock_ticks=100)
+        energy = EnergyCollector(JobEnergy(), self.tracker, self.proc, self.powercap, clock_ticks=100)
+        self.exporter = Exporter([JobsCollector(self.tracker), energy])
+
+    def map_rank(self, pid: int) -> Path:
+        return write_job_mapping(self.job_dir, JobMapping(job_id="a", pid=pid, rank=pid - 100, start_ticks=1000 + pid))
+
+    def sample(self, now: float, host_busy: int, utime: dict[int, int], package_uj: int) -> dict:
+        """A fast and a slow sample of this state: the jobs collector's success, job a's CPU seconds, processes
+        and CPU energy (None: no series)."""
+        write_proc(self.proc, host_busy=host_busy, host_idle=50_000, processes=utime)
+        write_zone(self.powercap, "intel-rapl:0", "package-0", package_uj)
+        self.exporter.sample(now)
+        self.exporter.sample_slow(now)
+        metrics = parse_exposition(self.exporter.render())
+        job = (("job_id", "a"),)
+        return {"success": metrics["exporter_collector_success"][(("collector", "jobs"),)],
+                "cpu": metrics.get("process_cpu_time_seconds_total", {}).get(job),
+                "processes": metrics.get("process_tree_processes", {}).get(job),
+                "energy": metrics.get("process_energy_joules_total", {}).get((("job_id", "a"), ("source", "cpu")))}
+
+
+@pytest.mark.parametrize("unreadable", ["mapping file", "process stat"])
+def test_a_new_mapping_read_while_out_of_fds_is_read_again(tmp_path, out_of_fds, unreadable):
+    """Reading a new mapping file, or its process's /proc/PID/stat, failed with EMFILE: the file was cached as
+    refused, or as stale (its process taken for gone), and kept so while unchanged: the job was never counted.
+    The error says nothing of the file or the process: the file is read again at the next sample."""
+    node = NodeOfOneJob(tmp_path)
+    path = node.map_rank(100)
+    out_of_fds.add(str(path) if unreadable == "mapping file" else f"{node.proc}/100/stat")
+    failed = node.sample(1.0, 10_000, {100: 1_000}, 0)
+    assert failed["success"] == 0 and failed["cpu"] is None
+    out_of_fds.clear()
+    assert node.sample(2.0, 10_000, {100: 1_000}, 0) == {"success": 1, "cpu": 10.0, "processes": 1, "energy": 0.0}
+    # 1 of the host's 4 busy seconds: a quarter of the package's 10 J.
+    assert node.sample(3.0, 10_400, {100: 1_100}, 10_000_000) == {"success": 1, "cpu": 11.0, "processes": 1,
+                                                                    "energy": 2.5}
+
+
+def test_a_job_counted_while_out_of_fds_is_counted_again_exactly(tmp_path, out_of_fds):
+    """A read of a live rank's /proc/PID/stat failed with EMFILE: the rank was taken for ended, for good (its job
+    counted without it, or the job's series ended with its one rank). The sample fails instead, and leaves the
+    tracker as it was: the rank that ended in the meantime (its file removed) keeps its time, once."""
+    node = NodeOfOneJob(tmp_path)
+    for pid in (100, 101, 102):
+        node.map_rank(pid)
+    assert node.sample(1.0, 10_000, {100: 1_000, 101: 2_000, 102: 3_000}, 0)["cpu"] == 60.0
+    # 3 of the host's 4 busy seconds: 3/4 of 16 J.
+    assert node.sample(2.0, 10_400, {100: 1_100, 101: 2_100, 102: 3_100}, 16_000_000) == {
+        "success": 1, "cpu": 63.0, "processes": 3, "energy": 12.0}
+    (node.job_dir / JobMapping(job_id="a", pid=102, rank=2).file_name()).unlink()      # rank 2 ended (31 s)
+    shutil.rmtree(node.proc / "102")
+    out_of_fds.add(f"{node.proc}/101/stat")
+    failed = node.sample(3.0, 10_800, {100: 1_200, 101: 2_100}, 24_000_000)
+    assert failed == {"success": 0, "cpu": None, "processes": None, "energy": 12.0}  # no series while it fails
+    out_of_fds.clear()
+    # Ranks 0 and 1 used 3 s since the last sample counted: nothing lost, nothing counted twice. The energy
+    # collector shares them out with this interval's 8 J (4 busy seconds) as it shared the failed sample's
+    # without them: 6 J, here what each interval's own share would have been (2 J + 4 J).
+    assert node.sample(4.0, 11_200, {100: 1_300, 101: 2_200}, 32_000_000) == {
+        "success": 1, "cpu": 13.0 + 22.0 + 31.0, "processes": 2, "energy": 18.0}
