@@ -483,7 +483,11 @@ class JobMetrics:
                  "nonfinite_losses": count("nonfinite_losses"), "eval_loss_min": number("eval_loss_min"),
                  "eval_accuracy_max": number("eval_accuracy_max"),
                  "step_duration_max": number("step_duration_max") or 0.0}
-        evaluations, spikes, hang_bound = count("evaluations"), count("loss_spikes"), number("hang_bound")
+        evaluations, spikes = count("evaluations"), count("loss_spikes")
+        # Not refused when infinite (a checkpoint of steps past the histogram's scale held one): carry_bound caps it.
+        hang_bound = state.get("hang_bound")
+        if isinstance(hang_bound, bool) or not isinstance(hang_bound, (int, float)):
+            hang_bound = None
         last_evaluation = None
         if evaluations and state.get("last_eval_step") is not None:
             last_evaluation = Evaluation(evaluations, count("last_eval_step"), number("last_eval_time") or 0.0,
@@ -973,7 +977,6 @@ class JobMetrics:
             began, steps_before, samples_before, outside_before = self._interval_start
             if self.steps == steps_before:
                 return None
-            losses = self._losses.count         # (read before mean(), which starts the next interval)
             try:
                 loss = self._losses.mean()
             except Exception:       # a read that fails: its losses are gone, the next interval starts (read
@@ -983,8 +986,10 @@ class JobMetrics:
             if loss is not None:
                 self.last_loss = loss
                 if math.isfinite(loss):
-                    # Judged by its length: one a checkpoint or the run's end cut short has a noisier mean.
-                    spike = self.spikes.observe(loss, losses / self.log_every)
+                    # Judged by its length: one a checkpoint or the run's end cut short has a noisier mean. In
+                    # steps, not losses: a loop passing its loss every few steps (loss=None between) has fewer
+                    # in each full interval too, and those were judged as cut short (a spread √k too wide).
+                    spike = self.spikes.observe(loss, (self.steps - steps_before) / self.log_every)
                     self.loss = loss
                     if self.loss_first is None:
                         self.loss_first = loss

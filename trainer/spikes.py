@@ -5,7 +5,7 @@ next; but a rise that lasts `warmup` intervals in a row is the loss's new level,
 ever: the detector learns again from those intervals (otherwise every interval after a lasting shift, a new
 data mix or a learning-rate restart, would be flagged until the job ends). Defaults: z = 6, after 10
 intervals of warm-up (docs/metrics.md). An interval cut short (by a checkpoint, the run's end) has a noisier
-mean: it is judged, and learnt, by its share of a full interval's losses.
+mean: it is judged, and learnt, by its share of a full interval's steps.
 
 The warm-up intervals have nothing before them to be judged against: once there are `warmup` of them, the
 running mean and variance are learnt again from those within WARMUP_OUTLIER_MADS median absolute deviations
@@ -42,7 +42,7 @@ class LossSpikeDetector:
         self._early: list[float] = []     # the warm-up intervals, until there are `warmup` of them
 
     def observe(self, loss: float, share: float = 1.0) -> bool:
-        """Take an interval's mean loss; True when it is a spike. `share`: the interval's losses over a full
+        """Take an interval's mean loss; True when it is a spike. `share`: the interval's steps over a full
         interval's (an interval a checkpoint or the run's end cut short has fewer, and a noisier mean: its
         spread is the full intervals' / sqrt(share). Judged as a full one, a clean run's one-step interval
         before a checkpoint was a spike one time in five)."""

@@ -118,7 +118,9 @@ class StackWatch:
         total = sum(counts)
         if total == 0:
             return self._last_bound
-        bounds = (*self.metrics.step_times.bounds, float("inf"))
+        # The +Inf bucket (steps past the scale's last bound) counts as that bound, as the rule's
+        # histogram_quantile takes it: an infinite bound never fired, and no checkpoint could carry it.
+        bounds = (*self.metrics.step_times.bounds, self.metrics.step_times.bounds[-1])
         seen = 0
         for bound, count in zip(bounds, counts):
             seen += count
@@ -135,8 +137,11 @@ class StackWatch:
     def carry_bound(self, seconds: float) -> None:
         """Start from the bound a checkpoint carried, until this process's own steps give one: as the TrainerHang
         rule keeps it across a restart. From 60 s, the first step of a job with minutes-long steps was a hang a
-        minute into it after every resume (its stacks dumped)."""
-        self._last_bound = max(self.min_hang_seconds, seconds)
+        minute into it after every resume (its stacks dumped). Kept within what this process's steps could give
+        (an old or hostile checkpoint's bound of days, or infinity, would keep a hang from ever being seen)."""
+        if seconds == seconds:      # (not NaN)
+            most = HANG_FACTOR * self.metrics.step_times.bounds[-1]
+            self._last_bound = max(self.min_hang_seconds, min(seconds, most))
 
     def _watch(self) -> None:
         checked = time.perf_counter()

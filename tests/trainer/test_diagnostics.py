@@ -215,6 +215,32 @@ def test_a_checkpoints_short_interval_is_judged_by_its_length_not_as_a_full_one(
         metrics.close()
 
 
+def test_a_loop_passing_its_loss_every_few_steps_has_its_full_intervals_judged_as_full():
+    """step()'s loss is optional: a loop that reads it every 5th step (loss=None between) has 10 losses in each
+    50-step interval. Its intervals were judged by their losses over log_every (a share of 0.2, each one as if
+    cut short): the spread was taken √5 times wider until the running variance, learnt at a fifth of the rate,
+    caught up (~100 intervals), and a rise of 8 of its intervals' standard deviations in its first thousand
+    steps was a spike in 3 of 20 runs (the loop passing every step: in 19)."""
+    import random
+
+    flagged = 0
+    for seed in range(20):
+        rng = random.Random(seed)
+        metrics = JobMetrics(f"sparse-losses-{seed}", log_every=50)
+        try:
+            metrics.start()
+            for step in range(1, 15 * 50 + 1):
+                metrics.step(loss=1.0 + rng.gauss(0.0, 0.1) if step % 5 == 0 else None, samples=1)
+            clean = metrics.spikes.spikes
+            for step in range(1, 51):           # a rise of 0.25: 8 of the intervals' standard deviations
+                metrics.step(loss=1.25 + rng.gauss(0.0, 0.1) if step % 5 == 0 else None, samples=1)
+            flagged += clean == 0 and metrics.spikes.spikes == 1
+            metrics.finish("completed")
+        finally:
+            metrics.close()
+    assert flagged >= 15, flagged
+
+
 def test_the_hang_watchdog_writes_every_threads_stack_once_per_hang(tmp_path):
     metrics = JobMetrics("hung-job", diagnostics=Diagnostics(stacks_dir=tmp_path, hang_seconds=0.4))
     try:
@@ -302,6 +328,36 @@ def test_a_resumed_process_keeps_the_hang_bound_its_checkpoint_had(tmp_path):
     try:
         resumed.load_state_dict(state)
         assert resumed._stack_watch.hang_bound() == 1200.0          # no step yet in this process
+    finally:
+        resumed.close()
+
+
+def test_a_job_with_steps_past_the_histograms_scale_resumes_with_its_counters_and_a_finite_hang_bound(tmp_path):
+    """Steps past the step histogram's last bound (10 minutes) put its p99 in the +Inf bucket: the watchdog's bound
+    was infinite (the rule's histogram_quantile takes the last finite bound: 100 minutes), the checkpoint carried
+    `hang_bound: inf`, and the resumed process refused the whole state as not a finite number: its steps,
+    samples and phase seconds started again from 0 (a counter reset in Prometheus)."""
+    first = JobMetrics("endless-steps", diagnostics=Diagnostics(stacks_dir=tmp_path))
+    try:
+        watch, times = first._stack_watch, first.step_times
+        before = list(times.counts)
+        times.counts[-1] += 5                   # five 15-minute steps
+        first.steps = 5
+        watch._windows.clear()
+        watch._windows.extend([before, list(times.counts)])
+        assert watch.hang_bound() == 10 * times.bounds[-1]
+        state = first.state_dict()
+    finally:
+        first.close()
+    state["hang_bound"] = float("inf")          # as a checkpoint written before this fix holds it
+    resumed = JobMetrics("endless-steps", diagnostics=Diagnostics(stacks_dir=tmp_path), resuming=True)
+    try:
+        resumed.load_state_dict(state)
+        assert resumed.steps == 5
+        assert resumed._stack_watch.hang_bound() == 10 * times.bounds[-1]
+        state["hang_bound"] = 1e12              # nor does a hostile one keep the watchdog from ever firing
+        resumed._stack_watch.carry_bound(state["hang_bound"])
+        assert resumed._stack_watch.hang_bound() == 10 * times.bounds[-1]
     finally:
         resumed.close()
 
