@@ -177,6 +177,9 @@ class EdgeMiddleware:
         self.app, self.web_config, self.authenticator, self.open_paths = app, web_config, authenticator, open_paths
         self.self_checked = self_checked
         self._password_checks = PasswordChecks(web_config)
+        # Threads of their own for the checks PasswordChecks admits: in the shared pool a check could wait behind
+        # slow routes' work while it held its slot, and new passwords were 503s meanwhile.
+        self._check_threads = anyio.CapacityLimiter(PasswordChecks.MOST_AT_ONCE)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -236,7 +239,8 @@ class EdgeMiddleware:
                            "password checks busy, or this address just failed one: retry after Retry-After",
                            {"Retry-After": str(int(FAILED_CHECK_BACKOFF))})
         try:    # (not abandoned on a cancel: the slot is given back when the check is over)
-            verdict = await anyio.to_thread.run_sync(self.web_config.authorized, authorization)
+            verdict = await anyio.to_thread.run_sync(self.web_config.authorized, authorization,
+                                                     limiter=self._check_threads)
         finally:
             checks.checked(slot, address, verdict)
         return verdict

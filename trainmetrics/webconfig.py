@@ -154,6 +154,8 @@ class PasswordChecks:
     check held a connection (and a thread) per waiting client: 40 clients sending a new wrong password each kept
     a job's every slot checking, and queued a new right password behind them for seconds at the edge."""
 
+    MOST_AT_ONCE = SHARED_PASSWORD_CHECKS + 1      # the shared slots and the one of addresses without failures
+
     def __init__(self, web_config: WebConfig):
         self.web_config = web_config
         self._shared = threading.BoundedSemaphore(SHARED_PASSWORD_CHECKS)

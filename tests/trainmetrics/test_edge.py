@@ -153,3 +153,27 @@ def test_new_wrong_passwords_are_refused_at_once_and_a_new_right_one_is_let_in_d
     assert {status for status, _ in answers} <= {401, 503}
     refused_at_once = [took for status, took in answers if status == 503]
     assert refused_at_once and max(refused_at_once) < 1.0, max(refused_at_once)
+
+
+def test_a_password_check_does_not_wait_behind_other_work_in_the_thread_pool():
+    """The checks ran in the event loop's shared thread pool: with its threads busy (slow routes' work), an admitted
+    check waited behind them holding its slot, and every other new password was a 503 meanwhile. They have
+    threads of their own."""
+    import time
+
+    import anyio
+
+    status = basic_auth_edge({"prometheus": "right"})
+
+    async def scenario() -> tuple[int, float]:
+        anyio.to_thread.current_default_thread_limiter().total_tokens = 1      # the pool, all busy
+        busy = asyncio.ensure_future(anyio.to_thread.run_sync(time.sleep, 3.0))
+        await asyncio.sleep(0.2)
+        began = time.monotonic()
+        answer = await status("prometheus", "right")
+        took = time.monotonic() - began
+        await busy
+        return answer, took
+
+    answer, took = asyncio.run(scenario())
+    assert answer == 200 and took < 2.0, (answer, took)        # before: after the 3 s of the busy thread
