@@ -36,6 +36,8 @@ log = logging.getLogger("trainmetrics.edge")
 MAX_JSON_BYTES = 64 * 1024
 # Health checks answer within this, whatever hangs behind them.
 HEALTH_TIMEOUT_SECONDS = 3.0
+# The longest a request waits for the check of its header that another request started (a bcrypt is 0.1-0.5 s).
+SAME_CHECK_WAIT_SECONDS = 5.0
 # Routes whose credential is not the caller's: a job run reporting its endpoints with its run's secret.
 SELF_CHECKED_PREFIXES = ("/api/internal/",)
 
@@ -180,6 +182,7 @@ class EdgeMiddleware:
         # Threads of their own for the checks PasswordChecks admits: in the shared pool a check could wait behind
         # slow routes' work while it held its slot, and new passwords were 503s meanwhile.
         self._check_threads = anyio.CapacityLimiter(PasswordChecks.MOST_AT_ONCE)
+        self._checking: dict[str, anyio.Event] = {}       # a header -> its check under way (two at most)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -228,23 +231,39 @@ class EdgeMiddleware:
     async def _password_verdict(self, authorization: str | None, address: str) -> bool:
         """Whether the header is let in; a header not known is checked in a worker thread (the event loop never
         runs bcrypt) when PasswordChecks admits it, else ApiError 503 at once: queued behind a flood of new wrong
-        passwords, a new right one waited seconds, and each waiting request held its connection."""
+        passwords, a new right one waited seconds, and each waiting request held its connection. A request whose
+        header is being checked waits for that check's verdict: a client's parallel first requests were 503s but
+        one or two."""
         checks = self._password_checks
         verdict = checks.known(authorization)
         if verdict is not None:
             return verdict
+        under_way = self._checking.get(authorization)
+        if under_way is not None:
+            with anyio.move_on_after(SAME_CHECK_WAIT_SECONDS):
+                await under_way.wait()
+            verdict = checks.known(authorization)
+            if verdict is None:
+                raise _password_check_busy()
+            return verdict
         slot = checks.admit(address)
         if slot is None:
-            raise ApiError(503, "password_check_busy",
-                           "password checks busy, or this address just failed one: retry after Retry-After",
-                           {"Retry-After": str(int(FAILED_CHECK_BACKOFF))})
+            raise _password_check_busy()
+        done = self._checking[authorization] = anyio.Event()
         try:    # (not abandoned on a cancel: the slot is given back when the check is over)
             verdict = await anyio.to_thread.run_sync(self.web_config.authorized, authorization,
                                                      limiter=self._check_threads)
         finally:
             checks.checked(slot, address, verdict)
+            del self._checking[authorization]
+            done.set()
         return verdict
 
+
+def _password_check_busy() -> ApiError:
+    return ApiError(503, "password_check_busy",
+                    "password checks busy, or this address just failed one: retry after Retry-After",
+                    {"Retry-After": str(int(FAILED_CHECK_BACKOFF))})
 
 def _rebound(scope) -> bool:
     """True for a request that came in on a loopback address under a name that is not loopback (DNS rebinding):

@@ -177,3 +177,17 @@ def test_a_password_check_does_not_wait_behind_other_work_in_the_thread_pool():
 
     answer, took = asyncio.run(scenario())
     assert answer == 200 and took < 2.0, (answer, took)        # before: after the 3 s of the busy thread
+
+
+def test_a_clients_parallel_first_requests_wait_for_one_check_of_their_password(monkeypatch):
+    """Ten requests at once with a password not checked yet: one check ran, and the others were 503s (a second
+    slot is kept for new addresses only). Those whose header is under a check now wait for its verdict."""
+    checks = CountedChecks(monkeypatch)
+    status = basic_auth_edge({"prometheus": "right"})
+
+    async def burst(password: str) -> list[int]:
+        return list(await asyncio.gather(*(status("prometheus", password) for _ in range(10))))
+
+    assert asyncio.run(burst("right")) == [200] * 10
+    assert asyncio.run(burst("wrong")) == [401] * 10
+    assert checks.total == 2
