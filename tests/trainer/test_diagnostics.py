@@ -38,14 +38,17 @@ def test_the_phases_add_up_to_the_process_life_and_each_phase_is_where_its_time_
         with metrics.checkpoint():
             time.sleep(0.1)
         loop(metrics, 5, compute_seconds=0.01)
+        before = time.time() - metrics.phases.process_start
         totals = metrics.phases.totals()
-        age = time.time() - metrics.phases.process_start
+        after = time.time() - metrics.phases.process_start
     finally:
         metrics.close()
-    assert sum(totals.values()) == pytest.approx(age, abs=0.02)
-    assert totals["data_wait"] == pytest.approx(10 * 0.02, abs=0.03)
-    assert totals["eval"] == pytest.approx(0.15, abs=0.02)
-    assert totals["checkpoint"] == pytest.approx(0.1, abs=0.02)
+    # The process's age read just before and after: a loaded host's preemption between two reads is no error.
+    assert before - 0.005 <= sum(totals.values()) <= after + 0.005, (before, totals, after)
+    # A sleep may overrun on a loaded host (a run beside other tests failed at 0.02), never fall short.
+    assert 10 * 0.02 - 0.005 <= totals["data_wait"] <= 10 * 0.02 + 0.05
+    assert 0.15 - 0.005 <= totals["eval"] <= 0.15 + 0.05
+    assert 0.1 - 0.005 <= totals["checkpoint"] <= 0.1 + 0.05
     assert totals["compute"] == pytest.approx(15 * 0.01, abs=0.05)
     # From the clock's start (the process's for its first job, else the job's creation) to the loop's.
     assert totals["init"] == pytest.approx(started - metrics.phases.process_start, abs=0.02)
