@@ -190,7 +190,10 @@ class JobService:
         if not (job.state == "paused" or (job.state == "failed" and has_checkpoint)):
             raise ApiError(409, "conflict", f"job {job.id} is {job.state}: only paused jobs, or failed ones with "
                                             "a checkpoint, resume")
-        self.store.update_job(job.id, state="queued", resume=True, ended=None, error=None, report=None)
+        # The previous run's outcome goes with its end: its exit code and reason (a pause's 4, "loss spike at step
+        # 85") stayed until the next start, so a resumed job cancelled while queued showed them.
+        self.store.update_job(job.id, state="queued", resume=True, ended=None, error=None, exit_code=None,
+                              reason=None, report=None)
         self.supervisor.tick()
         return self._view(self.store.get_job(job.id))
 

@@ -64,8 +64,11 @@ class ReportKeeper:
         now, clock = time.time(), time.monotonic()
         ended = dict(await self.call(self.store.jobs_to_report, FINAL_STATES, now - GIVE_UP_SECONDS,
                                      now - SETTLE_SECONDS))
-        for job_id in set(self._unsettled_since) - set(ended):     # resumed (or given up): its next end starts afresh
-            del self._unsettled_since[job_id]
+        # Only jobs still waiting for their report keep their clocks: one resumed (or given up, or reported) starts
+        # afresh at its next end, and the retry times of every job that ever failed a try no longer pile up.
+        for clocks in (self._unsettled_since, self._retry_at):
+            for job_id in set(clocks) - set(ended):
+                del clocks[job_id]
         for job_id in [job_id for job_id in ended if self._retry_at.get(job_id, 0.0) <= clock][:PER_ROUND]:
             # The wait counts from the first answer that said "not settled" (not from a try Prometheus failed).
             waited = clock - self._unsettled_since.get(job_id, clock)

@@ -16,7 +16,8 @@ import signal
 import time
 from pathlib import Path
 
-from trainmetrics.contract import BUILTIN_DATASETS, EXIT_STATES, REGISTER_TOKEN_VARIABLE, STOP_VERBS, train_args
+from trainmetrics.contract import (BUILTIN_DATASETS, EXIT_STATES, REGISTER_TOKEN_VARIABLE, RESULT_PUBLISHED, STOP_VERBS,
+                                  train_args)
 from trainmetrics.jobfiles import (CONTROL_FILE_NAME, FINAL_MODEL_NAME, LOG_NAME, RESULT_FILE_NAME,
                                    list_checkpoints, rank_result_path, read_result)
 from trainmetrics.jobserver.executors import Executor, ExecutorUnavailable, Run, StartDeferred
@@ -277,10 +278,12 @@ class Supervisor:
         if result is not None and result.get("state") in EXIT_STATES.values():
             # The result says how the run ended, whatever killed the process after it was written.
             state, error = result["state"], result.get("error")
-            # The process published it as it wrote the result, unless it ended before it published anything
-            # (refused its arguments; a Ray run stopped before Ray placed a rank): Prometheus and the analytics
-            # kept such a job `queued` or `paused` after it ended.
-            published = state if result.get("published") is not False else None
+            # The process published it, unless its result says no scraper read it: it ended before it published
+            # anything (refused its arguments; a Ray run stopped before Ray placed a rank: Prometheus and the
+            # analytics kept the job `queued` or `paused`), or no scrape came during its final linger (Prometheus
+            # down: the process's last `running` stayed the job's last word, and its stored report said
+            # `vanished` for good). The server publishes such an end itself.
+            published = state if result.get(RESULT_PUBLISHED) is not False else None
             code = result["exit_code"] if isinstance(result.get("exit_code"), int) else code
             reason = result["reason"][:500] if isinstance(result.get("reason"), str) else None
         elif code is not None and code < 0:

@@ -702,6 +702,15 @@ class JobMetrics:
         return all(scrapers.delivered_since(scraper, end) and self.evaluations.complete_for(scraper)
                    for scraper in scrapers.active())
 
+    @property
+    def final_state_scraped(self) -> bool:
+        """True once some scraper read the final state (a scrape begun after the end was delivered): the
+        linger's verdict, for the result file. False, the job server publishes the end itself (Prometheus down
+        through the whole linger never read it, and kept the job `running`, then `vanished`). One scraper is
+        enough: an end the server published beside one that was read moves the job's end later."""
+        end = self._end_monotonic
+        return end is not None and self._publication.scrapers.any_since(end)
+
     def _linger(self, timeout: float) -> bool:
         """Wait up to `timeout` for every scraper to read the final state (final_state_read), or less when a
         stop signal hurried it; True when they did. An exception raised inside the wait by a signal handler

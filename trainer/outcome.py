@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from trainmetrics.contract import ExitCode, exit_code_for
+from trainmetrics.contract import RESULT_PUBLISHED, ExitCode, exit_code_for
 from trainmetrics.jobfiles import rank_result_path, strict_json, write_result
 
 log = logging.getLogger("trainmetrics.trainer")
@@ -23,7 +23,8 @@ class Outcome:
         self.reason: str | None = None       # why the job stopped by itself (a loss spike)
 
     def result(self, metrics) -> dict:
-        """The result: state, exit code, error and the job's figures (strict JSON: no NaN)."""
+        """The result: state, exit code, error, the job's figures (strict JSON: no NaN), and whether a scraper
+        has read the final state yet (written before the final linger, so rarely: report_linger() tells)."""
         evaluation = metrics.last_evaluation if metrics else None
         return {"job_id": self.config.job_id, "state": self.state, "exit_code": int(exit_code_for(self.state)),
                 "error_type": self.error_type, "error": self.error, "reason": self.reason,
@@ -39,25 +40,20 @@ class Outcome:
                 "evaluations": metrics.evaluations.count if metrics else 0,
                 "checkpoints": metrics.checkpoints if metrics else 0,
                 "start_time": metrics.start_time if metrics else None, "end_time": metrics.end_time if metrics else None,
-                "rank": self.ranks.rank, "world_size": self.ranks.world_size, "pid": os.getpid()}
+                "rank": self.ranks.rank, "world_size": self.ranks.world_size, "pid": os.getpid(),
+                RESULT_PUBLISHED: bool(metrics and metrics.final_state_scraped)}
 
     def report(self, result: dict) -> None:
         """Write the result file (rank 0's; every other rank its own, beside it, so that a failed job can say
-        which rank failed and how) and print the summary line."""
-        if self.config.result_file is not None:
-            path = Path(self.config.result_file)
-            if not self.ranks.is_main:
-                path = rank_result_path(path, self.ranks.rank)
-            try:
-                write_result(path, result)
-            except OSError as error:
-                log.error("job %s: cannot write the result file %s: %s", self.config.job_id, path,
-                          error.strerror or error)
+        which rank failed and how) and print the summary line (without RESULT_PUBLISHED: the linger that
+        decides it comes after)."""
+        self._write(result)
+        summary = {name: value for name, value in result.items() if name != RESULT_PUBLISHED}
         # One write, newline included: torchrun runs its ranks unbuffered (PYTHONUNBUFFERED=1) on one shared
         # stdout, where print()'s separate write of the newline let two ranks' lines run into one.
         try:
             if sys.stdout is not None:      # None: started without a stdout at all (`>&-`)
-                sys.stdout.write("summary " + strict_json(result) + "\n")
+                sys.stdout.write("summary " + strict_json(summary) + "\n")
                 sys.stdout.flush()
         except (OSError, ValueError):
             # stdout gone (`| head` that quit, a closed terminal): the job ends as it is, its linger and the
@@ -67,6 +63,26 @@ class Outcome:
                 sys.stdout = open(os.devnull, "w")
             except OSError:
                 pass
+
+    def report_linger(self, result: dict, metrics) -> None:
+        """After the final linger: the result file again when a scraper read the final state meanwhile. Written
+        first as unread, so that a process killed during its linger leaves the end for the job server to publish
+        (a duplicate end beats none: Prometheus down through the linger kept the job `running`, then `vanished`
+        in its stored report for good, while the job API said `completed`)."""
+        if metrics is not None and metrics.final_state_scraped and not result[RESULT_PUBLISHED]:
+            self._write({**result, RESULT_PUBLISHED: True})
+
+    def _write(self, result: dict) -> None:
+        """The result file, when one was asked for (a failed write is logged: the job ends as it is)."""
+        if self.config.result_file is None:
+            return
+        path = Path(self.config.result_file)
+        if not self.ranks.is_main:
+            path = rank_result_path(path, self.ranks.rank)
+        try:
+            write_result(path, result)
+        except OSError as error:
+            log.error("job %s: cannot write the result file %s: %s", self.config.job_id, path, error.strerror or error)
 
 
 def launched_rank(environ=os.environ) -> int | None:
@@ -87,7 +103,7 @@ def bad_input(config, message: str) -> int:
         try:
             write_result(path, {
                 "job_id": config.job_id, "state": "failed", "exit_code": int(ExitCode.BAD_INPUT),
-                "error_type": "BadInput", "error": message[:500], "published": False})      # (before any series)
+                "error_type": "BadInput", "error": message[:500], RESULT_PUBLISHED: False})     # (before any series)
         except OSError:
             pass
     return ExitCode.BAD_INPUT

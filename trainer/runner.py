@@ -571,6 +571,7 @@ def run_job(config: TrainConfig, stop: StopFlag | None = None) -> int:
         result = outcome.result(metrics)
         outcome.report(result)
         metrics.close()
+        outcome.report_linger(result, metrics)      # whether a scraper read the end: else the server publishes it
         stop.stand_down()
         distributed.shutdown(ranks)
     return exit_code_for(outcome.state)

@@ -104,6 +104,13 @@ def exit_code_for(state: str) -> ExitCode:
             "paused": ExitCode.PAUSED}.get(state, ExitCode.FAILED)
 
 
+# The result file's field that says whether a scraper read the run's final state (written by the trainer,
+# trainer/outcome.py, and by a Ray launcher whose ranks never ran; read by the job server). False: no scraper
+# read it (the run ended before it published anything, or no scrape came during its linger: Prometheus down),
+# so the job server publishes the end itself (JobService.waiting_jobs). Absent (an older trainer's result): read.
+RESULT_PUBLISHED = "published"
+
+
 # ----- metric names read by more than one part (docs/metrics.md describes every series) -------------------
 
 class Trainer:

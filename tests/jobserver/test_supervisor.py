@@ -386,6 +386,43 @@ def test_a_report_that_says_the_ended_job_goes_on_is_never_stored_and_a_failed_t
     store.close()
 
 
+def test_the_keeper_forgets_the_retries_of_jobs_no_longer_waiting_for_a_report(tmp_path):
+    """Every job that ever failed a try (Prometheus down) kept its retry time for the server's life, and a job
+    resumed after one waited that retry out at its next end (its report asked up to 30 s late)."""
+    import asyncio
+
+    from trainmetrics.jobserver import reports
+    from trainmetrics.reports import ReportArchive
+
+    store = JobStore(tmp_path / "db.sqlite")
+    for job_id in ("resumed-1", "given-up-1"):
+        store.add_job(JobRecord(id=job_id, owner="default", name=job_id, state="failed", spec={},
+                                ended=time.time() - 10))
+    asked, down = [], [True]
+
+    async def compute(job_id, settled=True):
+        asked.append(job_id)
+        if down[0]:
+            raise ConnectionError("Prometheus is down")
+        return {"job_id": job_id, "status": "failed"}
+
+    async def call(operation, *args):
+        return operation(*args)
+
+    keeper = reports.ReportKeeper(ReportArchive(compute=compute), call, store)
+    asyncio.run(keeper.round())
+    assert sorted(asked) == ["given-up-1", "resumed-1"] and len(keeper._retry_at) == 2
+    store.update_job("resumed-1", state="queued", resume=True, ended=None)
+    store.update_job("given-up-1", ended=time.time() - reports.GIVE_UP_SECONDS - 60)
+    asyncio.run(keeper.round())
+    assert keeper._retry_at == {}                   # neither waits for a report any more
+    store.update_job("resumed-1", state="completed", ended=time.time() - 10)     # its next run ended
+    down[0], asked[:] = False, []
+    asyncio.run(keeper.round())
+    assert asked == ["resumed-1"] and store.get_report("resumed-1") is not None     # asked at once
+    store.close()
+
+
 def test_a_report_computed_while_its_job_was_resumed_is_not_kept(tmp_path):
     """A resume while the job's report was computed (the server's state thread goes on while the keeper awaits
     Prometheus): the ended run's report was stored over the resume's drop, and never replaced after the next run
@@ -591,6 +628,61 @@ def test_a_final_state_its_process_did_not_publish_is_published_by_the_server(su
     published = {w.job.id: (w.state, w.end) for w in service.waiting_jobs()}
     assert published == {"killed": ("failed", ended["killed"].ended),
                          "overruled": ("cancelled", ended["overruled"].ended)}
+
+
+def test_an_end_no_scraper_read_during_the_linger_is_published_by_the_server(tmp_path):
+    """Prometheus down through a run's whole final linger: its process wrote its result, but no scraper read its
+    `completed` (or `failed`). The server took the end as published: Prometheus kept the process's last `running`,
+    and the stored report said `vanished` for good while the job API said completed. A result that says its end
+    was read, or an older trainer's that says nothing, is published by its process alone."""
+    from trainmetrics.contract import RESULT_PUBLISHED
+    from trainmetrics.jobfiles import write_result
+    from trainmetrics.jobserver.jobs import JobService, ServerSettings
+
+    store = JobStore(tmp_path / "db.sqlite")
+    supervisor = Supervisor(store, tmp_path, None, max_concurrent=4, executor=Ending())
+    results = {"unread": {"state": "completed", "exit_code": 0, RESULT_PUBLISHED: False},
+               "unread-failed": {"state": "failed", "exit_code": 1, "error": "ValueError: x", RESULT_PUBLISHED: False},
+               "read": {"state": "completed", "exit_code": 0, RESULT_PUBLISHED: True},
+               "older-trainer": {"state": "completed", "exit_code": 0}}
+    for job_id, result in results.items():
+        queue(supervisor, job_id)
+        supervisor.start(store.get_job(job_id))
+        write_result(supervisor.result_path(job_id), result)
+    supervisor.tick()
+    ended = {job_id: store.get_job(job_id) for job_id in results}
+    assert {job_id: job.state for job_id, job in ended.items()} == \
+        {"unread": "completed", "unread-failed": "failed", "read": "completed", "older-trainer": "completed"}
+    service = JobService(ServerSettings(data_dir=tmp_path), store, supervisor)
+    assert {w.job.id: (w.state, w.end) for w in service.waiting_jobs()} == \
+        {"unread": ("completed", ended["unread"].ended), "unread-failed": ("failed", ended["unread-failed"].ended)}
+    store.close()
+
+
+def test_a_resume_clears_the_previous_runs_outcome(tmp_path):
+    """A resume cleared the previous run's `error` and `ended` but kept its `exit_code` and `reason` until the next
+    start: a resumed job cancelled while it waited showed `cancelled` with the pause's exit code 4 and its
+    "loss spike at step 85", or a failed run's exit code 1."""
+    from trainmetrics.jobserver.jobs import JobService, ServerSettings
+
+    store = JobStore(tmp_path / "db.sqlite")
+    supervisor = Supervisor(store, tmp_path, None, 0)          # no room: a resumed job stays queued
+    store.add_job(JobRecord(id="spiked", owner="default", name="spiked", state="paused", spec={}, exit_code=4,
+                            resume=True))
+    store.update_job("spiked", reason="loss spike at step 85", ended=time.time())
+    store.add_job(JobRecord(id="crashed", owner="default", name="crashed", state="failed", spec={}, exit_code=1,
+                            error="RuntimeError: boom", ended=time.time()))
+    checkpoint = supervisor.checkpoint_dir("crashed") / "step-000000010.pt"
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_bytes(b"x")
+    service = JobService(ServerSettings(data_dir=tmp_path), store, supervisor)
+    for job_id in ("spiked", "crashed"):
+        resumed = service.resume(None, job_id)
+        assert (resumed["state"], resumed["exit_code"], resumed["error"], resumed["reason"], resumed["ended"]) == \
+            ("queued", None, None, None, None)
+        code, cancelled = service.stop(None, job_id, "cancelled")
+        assert (code, cancelled["state"], cancelled["exit_code"], cancelled["reason"]) == (200, "cancelled", None, None)
+    store.close()
 
 
 def test_a_job_queued_again_to_resume_is_published_as_resuming(tmp_path):

@@ -435,3 +435,43 @@ def test_a_dataset_too_large_for_memory_is_one_line_with_a_result_not_a_tracebac
     assert len(stderr.strip().splitlines()) == 1, stderr
     assert json.loads(result_file.read_text())["exit_code"] == 2
     assert not (tmp_path / "ck").exists()
+
+
+@pytest.mark.parametrize("scraped", [False, True])
+def test_the_result_says_whether_a_scraper_read_the_final_state(scraped, tmp_path, capfd):
+    """Prometheus down through the whole final linger: the result said nothing of it, so the job server took the
+    end as published and published nothing; Prometheus kept the process's last `running`, and the job's stored
+    report said `vanished` for good while the job API said completed. The result now carries the linger's verdict
+    (the summary line, printed before the linger, does not)."""
+    import http.client
+    import threading
+
+    from trainmetrics.contract import RESULT_PUBLISHED
+    from trainmetrics.metrics_http import SCRAPE_TIMEOUT_HEADER
+
+    targets, result_file, done = tmp_path / "targets", tmp_path / "result.json", threading.Event()
+
+    def scrape_while_announced():      # a Prometheus: every 0.1 s while the job's file_sd target is there
+        while not done.is_set():
+            try:
+                address = json.loads((targets / "verdict.rank0.json").read_text())[0]["targets"][0]
+                connection = http.client.HTTPConnection(address, timeout=5)
+                connection.request("GET", "/metrics", headers={SCRAPE_TIMEOUT_HEADER: "5"})
+                connection.getresponse().read()
+                connection.close()
+            except (OSError, ValueError, LookupError):
+                pass        # not announced yet, or gone
+            time.sleep(0.1)
+
+    scraper = threading.Thread(target=scrape_while_announced, daemon=True)
+    if scraped:
+        scraper.start()
+    try:
+        code = main(["train", "--epochs", "1", "--job-id", "verdict", "--targets-dir", str(targets),
+                     "--result-file", str(result_file), "--linger-timeout", "20" if scraped else "0.5"])
+    finally:
+        done.set()
+    assert code == 0
+    result = json.loads(result_file.read_text())
+    assert (result["state"], result.get(RESULT_PUBLISHED)) == ("completed", scraped)
+    assert RESULT_PUBLISHED not in parse_summary(capfd.readouterr().out)
