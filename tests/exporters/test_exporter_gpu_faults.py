@@ -229,22 +229,27 @@ class DeclaredJobs:
         pass
 
 
-def test_a_job_may_name_its_gpus_by_uuid():
-    nvml = FakeNvml(two_gpus())
-    uuid1 = nvml.gpus[1].uuid
+def held_after_gpu_1_spends_4_joules(nvml: FakeNvml, declared: dict[str, frozenset]) -> tuple[set, dict]:
+    """The (gpu, job_id) pairs of hw_gpu_job_info for jobs declaring `declared`, and each job's GPU energy, after GPU 1
+    spent 4 J."""
     energy = JobEnergy()
-    collector = GpuCollector(nvml=nvml, job_tracker=DeclaredJobs({"by-uuid": frozenset({uuid1}),
-                                                                  "by-index": frozenset({0})}), job_energy=energy)
-    exporter = Exporter([collector])
+    exporter = Exporter([GpuCollector(nvml=nvml, job_tracker=DeclaredJobs(declared), job_energy=energy)])
     exporter.sample(100.0)
     exporter.sample_slow(100.0)
     nvml.gpus[1].energy_millijoules += 4_000
     exporter.sample_slow(101.0)
     held = {(dict(labels)["gpu"], dict(labels)["job_id"])
-            for labels in parse_exposition(exporter.render())["hw_gpu_job_info"]}
-    assert held == {("0", "by-index"), ("1", "by-uuid")}
+            for labels in parse_exposition(exporter.render()).get("hw_gpu_job_info", {})}
     energy.publish()
-    assert energy.published == {("by-uuid", "gpu"): 4.0, ("by-index", "gpu"): 0.0}
+    return held, energy.published
+
+
+def test_a_job_may_name_its_gpus_by_uuid():
+    nvml = FakeNvml(two_gpus())
+    held, energy = held_after_gpu_1_spends_4_joules(nvml, {"by-uuid": frozenset({nvml.gpus[1].uuid}),
+                                                           "by-index": frozenset({0})})
+    assert held == {("0", "by-index"), ("1", "by-uuid")}
+    assert energy == {("by-uuid", "gpu"): 4.0, ("by-index", "gpu"): 0.0}
 
 
 def test_a_job_naming_its_gpu_by_a_uuid_prefix_holds_that_gpu():
@@ -252,19 +257,9 @@ def test_a_job_naming_its_gpu_by_a_uuid_prefix_holds_that_gpu():
     the variable gave it: such a job held no GPU (no hw_gpu_job_info, its GPU's energy went to no job)."""
     nvml = FakeNvml(two_gpus())
     prefix = nvml.gpus[1].uuid[:len("GPU-") + 8]
-    energy = JobEnergy()
-    collector = GpuCollector(nvml=nvml, job_tracker=DeclaredJobs({"by-prefix": frozenset({prefix})}),
-                             job_energy=energy)
-    exporter = Exporter([collector])
-    exporter.sample(100.0)
-    exporter.sample_slow(100.0)
-    nvml.gpus[1].energy_millijoules += 4_000
-    exporter.sample_slow(101.0)
-    held = {(dict(labels)["gpu"], dict(labels)["job_id"])
-            for labels in parse_exposition(exporter.render()).get("hw_gpu_job_info", {})}
+    held, energy = held_after_gpu_1_spends_4_joules(nvml, {"by-prefix": frozenset({prefix})})
     assert held == {("1", "by-prefix")}
-    energy.publish()
-    assert energy.published == {("by-prefix", "gpu"): 4.0}
+    assert energy == {("by-prefix", "gpu"): 4.0}
 
 
 def test_xid_counts_last_over_nvml_reinitialising():

@@ -294,15 +294,22 @@ def test_a_dump_after_a_hang_that_held_the_gil_says_it_is_from_after_the_hang(tm
     assert dumps == 1 and "this watchdog could not run for" in text and "not from the hang" in text, text[:500]
 
 
+def seen_steps(metrics: JobMetrics, seconds: float, count: int = 5) -> None:
+    """`count` steps of `seconds` each in the step histogram (its +Inf bucket past the scale's last bound), within the
+    watchdog's window."""
+    watch, times = metrics._stack_watch, metrics.step_times
+    before = list(times.counts)
+    times.counts[times.bounds.index(seconds) if seconds in times.bounds else -1] += count
+    watch._windows.clear()
+    watch._windows.extend([before, list(times.counts)])
+
+
 def test_the_hang_bound_of_a_job_with_two_minute_steps_is_twenty_minutes(tmp_path):
     """10 x the p99 step, which the step histogram must resolve: its scale reaches 10 minutes."""
     metrics = JobMetrics("slow-steps", diagnostics=Diagnostics(stacks_dir=tmp_path))
     try:
+        seen_steps(metrics, 120.0)             # five 2-minute steps
         watch, times = metrics._stack_watch, metrics.step_times
-        before = list(times.counts)
-        times.counts[times.bounds.index(120.0) if 120.0 in times.bounds else -1] += 5     # five 2-minute steps
-        watch._windows.clear()
-        watch._windows.extend([before, list(times.counts)])
         assert watch.hang_bound() == 1200.0
         # The next step takes longer than the window (a minute of checks): no step in it, and the bound
         # stays 20 minutes (it fell to 60 s, and the stacks were dumped a minute into every such step).
@@ -318,12 +325,8 @@ def test_a_resumed_process_keeps_the_hang_bound_its_checkpoint_had(tmp_path):
     two-minute steps was a hang a minute into it, its stacks dumped on every resume."""
     first = JobMetrics("slow-resume", diagnostics=Diagnostics(stacks_dir=tmp_path))
     try:
-        watch, times = first._stack_watch, first.step_times
-        before = list(times.counts)
-        times.counts[times.bounds.index(120.0) if 120.0 in times.bounds else -1] += 5     # five 2-minute steps
-        watch._windows.clear()
-        watch._windows.extend([before, list(times.counts)])
-        assert watch.hang_bound() == 1200.0
+        seen_steps(first, 120.0)               # five 2-minute steps
+        assert first._stack_watch.hang_bound() == 1200.0
         state = first.state_dict()
     finally:
         first.close()
@@ -342,13 +345,10 @@ def test_a_job_with_steps_past_the_histograms_scale_resumes_with_its_counters_an
     samples and phase seconds started again from 0 (a counter reset in Prometheus)."""
     first = JobMetrics("endless-steps", diagnostics=Diagnostics(stacks_dir=tmp_path))
     try:
-        watch, times = first._stack_watch, first.step_times
-        before = list(times.counts)
-        times.counts[-1] += 5                   # five 15-minute steps
+        seen_steps(first, 900.0)               # five 15-minute steps
         first.steps = 5
-        watch._windows.clear()
-        watch._windows.extend([before, list(times.counts)])
-        assert watch.hang_bound() == 10 * times.bounds[-1]
+        times = first.step_times
+        assert first._stack_watch.hang_bound() == 10 * times.bounds[-1]
         state = first.state_dict()
     finally:
         first.close()
