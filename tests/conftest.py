@@ -1,6 +1,7 @@
 """Shared fixtures: a real Prometheus on a free loopback port with a temp data dir."""
 
 import os
+import signal
 
 import pytest
 
@@ -10,7 +11,23 @@ import pytest
 # the training-heavy tests). Before torch is imported: OpenMP reads it once.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+from trainmetrics.trainer.stopping import STOP_SIGNALS
 from trainmetrics.prometheus_process import PrometheusServer
+
+
+@pytest.fixture(autouse=True)
+def stop_signals_restored():
+    """The stop signals' handlers and mask as they were before each test. A job run in the test's own process
+    (`main(["train", ...])`) ignores them once it has reported (StopFlag.stand_down): the pytest worker's later
+    children inherited SIGHUP ignored, took it for `nohup`, and a test's SIGHUP let its job run to the end (a
+    clean run failed two such tests)."""
+    handlers = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    yield
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    for signum, handler in handlers.items():
+        if handler is not None and signal.getsignal(signum) != handler:
+            signal.signal(signum, handler)
 
 
 @pytest.fixture

@@ -148,7 +148,9 @@ def test_a_resume_that_fails_its_restore_is_the_job_s_last_word(odd_runs):
         # The failed run's init and restore are in the ledger, which still adds up to the wall clock.
         goodput = body["goodput"]
         assert goodput["wall_clock_seconds"] == pytest.approx(sum(goodput["seconds"].values()), abs=0.01)
-        assert goodput["seconds"]["restore"] > 0 and goodput["seconds"]["lost"] == 0
+        # Nothing lost but the paused run's loop end after its stop's checkpoint write, a millisecond or so (a
+        # clean run read 0.001 s): the ledger's resolution, docs/api.md.
+        assert goodput["seconds"]["restore"] > 0 and goodput["seconds"]["lost"] < 0.01
         assert job_row(client, "restore-failed")["status"] == "failed"
         assert job_row(client, "restore-failed")["end_time"] == failed["end_time"]
 
