@@ -113,6 +113,8 @@ def render_config(targets_dir: Path, static_targets: dict[str, list[str]] | None
             kept.append(scrape)
         elif name in static_targets:
             scrape["static_configs"] = [{"targets": static_targets[name]}]
+            if name == "server" and job_server_token:       # with --tokens, its /metrics is the @metrics token's
+                scrape["authorization"] = {"type": "Bearer", "credentials": job_server_token}
             kept.append(scrape)
     config["scrape_configs"] = kept
     if template == AGENT_TEMPLATE:      # an agent evaluates no rules

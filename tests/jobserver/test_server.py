@@ -464,7 +464,8 @@ def owners_server(tmp_path: Path, proxy: bool = False) -> tuple[PrometheusServer
     data.mkdir()
     port = free_port()
     prometheus = PrometheusServer(tmp_path / "prometheus", job_server=f"http://127.0.0.1:{port}",
-                                  job_server_token=TOKENS["@metrics"]).start()
+                                  job_server_token=TOKENS["@metrics"],
+                                  static_targets={"server": [f"127.0.0.1:{port}"]}).start()
     front = CapturingProxy(prometheus.url) if proxy else None
     server = Server(data, extra=("--tokens", str(tokens), "--prometheus-url", (front or prometheus).url))
     server.port, server.url = port, f"http://127.0.0.1:{port}"
@@ -498,8 +499,11 @@ def test_an_owners_queued_job_is_theirs_in_the_analytics(tmp_path):
     prometheus, _, server = owners_server(tmp_path)
     try:
         alice, bob = server.client("alice"), server.client("bob")
-        for job_id in ("alice-busy", "alice-waits"):        # one slot: the second waits
-            assert alice.post("/api/training/jobs", json={"dataset": "blobs", "epochs": 50, "job_id": job_id,
+        # One slot: the second waits, as long as the first runs (cancelled at the end). With 50 epochs the test
+        # passed only once the second had started, its trainer publishing what the server's /metrics did not
+        # reach (this Prometheus did not scrape the server); on a loaded host the list then said `running`.
+        for job_id in ("alice-busy", "alice-waits"):
+            assert alice.post("/api/training/jobs", json={"dataset": "blobs", "epochs": 5000, "job_id": job_id,
                                                           "name": f"{job_id}-run"}).status_code == 201
         wait_job(alice, "alice-busy", lambda j: j["state"] == "running")
         assert alice.get("/api/training/jobs/alice-waits").json()["state"] == "queued"
