@@ -4,6 +4,7 @@ them (lookup.py): every process and rank, runs and the pauses between them."""
 
 import asyncio
 import time
+from collections import Counter
 
 from trainmetrics.analytics import queries as q
 from trainmetrics.analytics import goodput, scoring, shapes
@@ -155,9 +156,7 @@ async def _add_last_seen(client: PrometheusClient, processes: dict[tuple[str, st
     # let the run before it name the job in the job list, not in the job's own analytics.
     # Which one an ended process is matters only beside another of its job (speakers, in_order): alone, it is
     # every job the server cancelled in the queue over the range, each a part of the query.
-    processes_of: dict[str, int] = {}
-    for job_id, _ in processes:
-        processes_of[job_id] = processes_of.get(job_id, 0) + 1
+    processes_of = Counter(job_id for job_id, _ in processes)
     job_ids = []
     for (job_id, _), proc in processes.items():
         # (a process in its init, live or killed there, is a trainer's all the same: a resumed job's newest)

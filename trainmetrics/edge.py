@@ -265,6 +265,7 @@ def _password_check_busy() -> ApiError:
                     "password checks busy, or this address just failed one: retry after Retry-After",
                     {"Retry-After": str(int(FAILED_CHECK_BACKOFF))})
 
+
 def _rebound(scope) -> bool:
     """True for a request that came in on a loopback address under a name that is not loopback (DNS rebinding):
     a page's name made to resolve to 127.0.0.1 makes the browser take the server for that page's own, Origin and
