@@ -147,15 +147,19 @@ def names_job_dir(command: list[str], job_dir: Path) -> bool:
 
 
 def kill_processes(processes: list[psutil.Process], wait: float = KILL_WAIT_SECONDS) -> list[psutil.Process]:
-    """SIGKILL to each process in turn; the ones still alive after `wait` seconds."""
+    """SIGKILL to each process in turn, after SIGSTOP to all of them: a rank left running for a moment after its
+    peer's kill saw the connection reset and wrote a failed result, and a killed launcher's job then blamed
+    "Connection reset by peer" (a stopped process writes nothing; SIGKILL ends it stopped). The ones still alive
+    after `wait` seconds."""
     refused = set()
-    for process in processes:
-        try:
-            process.kill()
-        except psutil.NoSuchProcess:
-            pass
-        except psutil.AccessDenied:     # not ours after all (run_processes keeps ours): not waited for
-            refused.add(process.pid)
+    for stop in ("suspend", "kill"):
+        for process in processes:
+            try:
+                getattr(process, stop)()
+            except psutil.NoSuchProcess:
+                pass
+            except psutil.AccessDenied:     # not ours after all (run_processes keeps ours): not waited for
+                refused.add(process.pid)
     deadline = time.monotonic() + wait
     alive = [process for process in processes if process.pid not in refused and _alive(process)]
     while alive and time.monotonic() < deadline:

@@ -4,6 +4,7 @@ run counts as ended. Real processes and signals, with a scripted stand-in for to
 in sessions of their own, as torch's elastic agent does (no torch: each case takes a second or two)."""
 
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -190,6 +191,39 @@ def test_a_runs_processes_are_found_by_their_exact_job_directory(tmp_path):
         assert all(process.poll() is None for process in others)
     finally:
         for process in ours + others:
+            process.kill()
+            process.wait()
+
+
+def test_a_runs_processes_are_killed_together_so_none_sees_anothers_death(tmp_path):
+    """A rank killed a moment after another saw its peer reset the connection and wrote a failed result (a
+    killed torchrun's job said "rank 1: Connection reset by peer" beside its SIGKILL). Here the first kill is
+    followed by a pause (the server's thread losing the CPU) long enough for the second to notice."""
+    from trainmetrics.jobserver.local import kill_processes
+
+    said = tmp_path / "said"
+    peer = ("import socket, sys, time\n"
+            "sock = socket.create_connection(('127.0.0.1', int(sys.argv[1])))\n"
+            "sock.recv(1)\n"
+            "open(sys.argv[2], 'w').write('my peer went away')\n"
+            "time.sleep(60)\n")
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        watcher = subprocess.Popen([sys.executable, "-c", peer, str(listener.getsockname()[1]), str(said)])
+        connection, _ = listener.accept()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], pass_fds=[connection.fileno()])
+    connection.close()                           # the holder's copy is the only one: its death closes it
+
+    class SlowToKill(psutil.Process):
+        def kill(self) -> None:
+            super().kill()
+            time.sleep(1.0)
+
+    try:
+        assert kill_processes([SlowToKill(holder.pid), psutil.Process(watcher.pid)]) == []
+        assert [holder.wait(10), watcher.wait(10)] == [-signal.SIGKILL] * 2
+        assert not said.exists()
+    finally:
+        for process in (holder, watcher):
             process.kill()
             process.wait()
 
