@@ -300,7 +300,9 @@ class Supervisor:
         if state in ("paused", "cancelled") and STOP_STRENGTH[job.requested] > STOP_STRENGTH[state]:
             state = job.requested    # a cancel accepted after the pause that stopped the process
         if state == "paused" and job.requested == SHUTDOWN_PAUSE:
-            state = "queued"         # paused by a server's stop: it resumes at this (or the next) start
+            # Paused by a server's stop: it resumes at this (or the next) start, queued as a resume queues it,
+            # without the run's outcome (a pause's exit code 4 showed on the job cancelled while it waited).
+            state, code, reason = "queued", None, None
         if killed and state == "failed":
             state = "cancelled"      # the kill (or the hang it ended) failed it: the cancel was accepted first
         if state != "failed":
