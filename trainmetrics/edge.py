@@ -435,7 +435,11 @@ def serve(app: Starlette, sock, web_config: WebConfig, on_ready: Callable[[], No
     config = uvicorn.Config(answering_cut_requests(app), log_level="warning", lifespan="on", ssl_certfile=cert,
                             ssl_keyfile=key,
                             http=client_timeout_protocol(client_idle_seconds or CLIENT_IDLE_SECONDS),
-                            timeout_graceful_shutdown=SHUTDOWN_DRAIN_SECONDS)
+                            timeout_graceful_shutdown=SHUTDOWN_DRAIN_SECONDS,
+                            # The client is the connection's own address: uvicorn by default takes X-Forwarded-For
+                            # from any client at 127.0.0.1, and a local client named a new address with each
+                            # password guess (the backoff a failed check puts on its address held nothing back).
+                            proxy_headers=False)
     config.load()
     if web_config.ssl_context is not None:
         config.ssl = web_config.ssl_context     # ours, with the minimum version and client verification

@@ -214,3 +214,36 @@ def test_wrong_passwords_never_push_a_right_one_out_of_memory(monkeypatch):
     assert config.cached_verdict(header("a", "a")) is True              # used last: b's is the one forgotten next
     assert config.authorized(header("c", "c")) and config.cached_verdict(header("b", "b")) is None
     assert len(config._refused) == 8 and len(config._accepted) == 2
+
+
+def test_a_forged_forwarded_for_header_does_not_give_a_client_another_address(tmp_path):
+    """uvicorn took X-Forwarded-For from any client at 127.0.0.1 (its default trusts that address as a proxy):
+    every local client could name a new address with each guess, and the second a failed check holds its
+    address back was no bound on the guesses. The address is the connection's own."""
+    hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=4)).decode()
+    config = tmp_path / "web.yml"
+    config.write_text(f"basic_auth_users:\n  prometheus: '{hashed}'\n")
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "trainmetrics", "analytics", "--listen", f"127.0.0.1:{port}",
+                                "--web.config.file", str(config)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def status(password: str, forwarded_for: str | None = None) -> int:
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/metrics")
+        request.add_header("Authorization", "Basic " + base64.b64encode(f"prometheus:{password}".encode()).decode())
+        if forwarded_for:
+            request.add_header("X-Forwarded-For", forwarded_for)
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status
+        except urllib.error.HTTPError as error:
+            error.close()
+            return error.code
+
+    try:
+        wait_until_listening(port, process)
+        assert status("guess-1") == 401
+        assert status("guess-2", forwarded_for="203.0.113.9") == 503      # the same address: held back
+    finally:
+        process.terminate()
+        process.communicate(timeout=20)
