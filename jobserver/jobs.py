@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from trainmetrics.contract import (BUILTIN_DATASETS, FINAL_STATES, JOB_STATES, SpecError, new_job_id, parse_spec,
-                                  validate_job_id)
+from trainmetrics.contract import (BUILTIN_DATASETS, FINAL_STATES, JOB_STATES, SpecError, device_for_ranks_problem,
+                                  new_job_id, parse_spec, validate_job_id)
 from trainmetrics.datafiles import csv_columns, first_columns
 from trainmetrics.edge import ApiError
 from trainmetrics.jobfiles import (CHECKPOINT_PATTERN, FINAL_MODEL_NAME, PLACEMENT_WAIT_NAME, list_checkpoints,
@@ -117,6 +117,9 @@ class JobService:
             # at its start ("only 1 CUDA device(s)").
             raise ApiError(400, "bad_request", f"device: {device!r} names a GPU of one machine; on Ray each rank is "
                                                "given a GPU of Ray's choosing, which it sees as cuda:0: ask for cuda")
+        ranks_here = values.get("nproc", 1) if self.supervisor.executor.name == "local" else 1   # (Ray's: above)
+        if problem := device_for_ranks_problem(device, ranks_here):
+            raise ApiError(400, "bad_request", f"device: {problem}")
         prefix = job_id_prefix(caller if self.settings.owners else None)
         job_id = values.pop("job_id", None) or prefix + new_job_id()
         if not job_id.startswith(prefix):

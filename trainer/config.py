@@ -9,7 +9,7 @@ from dataclasses import field, fields, make_dataclass
 from pathlib import Path
 
 from trainmetrics.command import FlagError, check_directory, check_writable
-from trainmetrics.contract import TRAIN_OPTIONS, Option, new_job_id, validate_job_id
+from trainmetrics.contract import TRAIN_OPTIONS, Option, device_for_ranks_problem, new_job_id, validate_job_id
 from trainmetrics.webconfig import web_config_flag
 
 
@@ -112,6 +112,10 @@ def check_flags(config: TrainConfig) -> None:
     """Every check of the flags that needs neither torch nor the data (ValueError or FlagError naming the flag):
     `trainmetrics train` runs them before it imports torch, so a bad flag is said at once (in 0.2 s, not 1.5 s)."""
     config.check()
+    ranks_here = os.environ.get("LOCAL_WORLD_SIZE", "1")        # torchrun's ranks on this machine
+    problem = device_for_ranks_problem(config.device, int(ranks_here) if ranks_here.isdigit() else 1)
+    if problem:
+        raise FlagError("--device", problem)
     check_output_paths(config)
     web_config_flag(config.web_config_file)
     validate_job_id(config.job_id)

@@ -210,6 +210,16 @@ def _device_problem(value: str) -> str | None:
     return f"must be auto, cpu or cuda[:N], got {value[:40]!r}"
 
 
+def device_for_ranks_problem(device: str, ranks_on_machine: int) -> str | None:
+    """What is wrong with `device` for a job with this many ranks on one machine (torchrun's), if anything: each
+    takes the GPU of its local rank, so a GPU index would be ignored (rank 1 of `cuda:1` trained on cuda:1, and
+    rank 0 on cuda:0)."""
+    if ranks_on_machine > 1 and device.startswith("cuda:"):
+        return (f"{device!r} names one GPU, but each of the {ranks_on_machine} ranks on this machine takes the GPU "
+                f"of its local rank (cuda:0 to cuda:{ranks_on_machine - 1}): ask for cuda")
+    return None
+
+
 @dataclass(frozen=True)
 class Option:
     """One `trainmetrics train` option: its flag, type, default, help, checks, and whether a job spec sent to

@@ -173,6 +173,8 @@ def test_cancel_queue_and_invalid_transitions(tmp_path, executor):
     ({"device": "cpu\x00"}, "device"),
     # Accepted, then refused by the trainer: a failed job no route could reach (its path was 400 too).
     ({"job_id": "jobs"}, "job_id"),
+    # Accepted, and each rank trained on the GPU of its local rank: the index was ignored.
+    ({"device": "cuda:1", "nproc": 2}, "device: 'cuda:1' names one GPU, but each of the 2 ranks"),
 ])
 def test_bad_job_specs_are_400_naming_the_field(body, field, server_only):
     response = server_only.client().post("/api/training/jobs", json=body)

@@ -142,6 +142,18 @@ def test_a_rank_layout_that_is_none_is_one_line_naming_it(variables, message, tm
     assert list(tmp_path.iterdir()) == []       # bad input leaves nothing behind (the checkpoint dir stayed)
 
 
+def test_a_gpu_index_for_several_ranks_on_one_machine_is_one_line_naming_the_flag(tmp_path, monkeypatch, capsys):
+    """Each of torchrun's ranks takes the GPU of its local rank: `--device cuda:1` was ignored, and rank 0
+    trained on cuda:0. Said before torch is imported, as the other flags' problems are."""
+    for name, value in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(name, value)
+    code = main(["train", "--device", "cuda:1", "--targets-dir", str(tmp_path / "t"),
+                 "--checkpoint-dir", str(tmp_path / "ck")])
+    stderr = capsys.readouterr().err
+    assert code == 2 and "--device: 'cuda:1' names one GPU, but each of the 2 ranks" in stderr, stderr
+    assert len(stderr.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []
+
+
 def test_metrics_port_in_use_is_bad_input(tmp_path, capsys):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
