@@ -69,27 +69,38 @@ class JobPoweredNvml(FakeNvml):
         return ((self.busy_reads - 2) * STEP_MJ + RESET_MJ) / 1000
 
 
+class FreezingTracker(JobTracker):
+    """A job tracker whose listing that first finds JOB's mapping file gone, while it holds the job, waits there
+    until `thaw` is set: the exporter's passes stop and it goes on serving the job's series, as a slowly
+    scraped exporter does after a job ends. (Decided inside the listing: a check before each pass missed a file
+    removed between the check and the pass's listing, and the tracker let the job go.)"""
+
+    def __init__(self, job_dir: Path):
+        super().__init__(job_dir)
+        self.frozen, self.thaw, self.seen = threading.Event(), threading.Event(), False
+
+    def _read_files(self) -> dict:
+        files = super()._read_files()
+        self.seen = self.seen or JOB in self.snapshot.usage
+        if not self.thaw.is_set() and JOB in self.snapshot.usage and not any(name.startswith(JOB) for name in files):
+            self.frozen.set()
+            self.thaw.wait()
+        return files
+
+
 class Loops(threading.Thread):
     """The fake exporter's fast pass every 50 ms and slow pass every other, in one thread (so the fake NVML and
-    the collectors see the same jobs in a slow pass), the fake package advancing before each slow pass.
+    the collectors see the same jobs in a slow pass), the fake package advancing before each slow pass."""
 
-    Once JOB's mapping file is gone while the tracker still holds the job, the passes stop until `thaw` is
-    set: the exporter goes on serving the job's series, as a slowly scraped exporter does after a job ends."""
-
-    def __init__(self, exporter: Exporter, package: Path, tracker: JobTracker, job_dir: Path):
+    def __init__(self, exporter: Exporter, package: Path):
         super().__init__(daemon=True)
-        self.exporter, self.package, self.tracker, self.job_dir = exporter, package, tracker, job_dir
-        self.halt, self.frozen, self.thaw = threading.Event(), threading.Event(), threading.Event()
+        self.exporter, self.package = exporter, package
+        self.halt = threading.Event()
         self.package_uj = int(package.read_text())
 
     def run(self) -> None:
         tick = 0
         while not self.halt.wait(0.05):
-            if not self.thaw.is_set() and JOB in self.tracker.snapshot.usage and \
-                    not any(self.job_dir.glob(f"{JOB}*")):
-                self.frozen.set()
-                while not self.thaw.wait(0.05) and not self.halt.is_set():
-                    pass
             now = time.monotonic()
             self.exporter.sample(now)
             if tick % 2 == 0:
@@ -106,13 +117,13 @@ def energy_run(tmp_path_factory):
     the fake exporter's final counts of JOB by source)."""
     work = tmp_path_factory.mktemp("energy")
     fake_dir, real_dir, powercap = work / "fake-jobs", work / "real-jobs", work / "powercap"
-    tracker = JobTracker(fake_dir)
+    tracker = FreezingTracker(fake_dir)
     nvml = JobPoweredNvml(tracker)
     ledger = JobEnergy(state_file_for(fake_dir))
     write_zone(powercap, "intel-rapl:0", "package-0", 5_000_000)
     fake = Exporter([JobsCollector(tracker), GpuCollector(nvml=nvml, job_tracker=tracker, job_energy=ledger),
                      EnergyCollector(ledger, tracker, powercap_root=powercap)])
-    loops = Loops(fake, powercap / "intel-rapl:0" / "energy_uj", tracker, fake_dir)
+    loops = Loops(fake, powercap / "intel-rapl:0" / "energy_uj")
     # This machine's exporter: every collector as `trainmetrics exporter` builds them.
     context = CollectorContext(job_tracker=JobTracker(real_dir), job_energy=JobEnergy(state_file_for(real_dir)))
     real = Exporter([spec.load().build(context) for spec in COLLECTORS.values()])
@@ -139,10 +150,10 @@ def energy_run(tmp_path_factory):
         runs = {job_id: finish(job_id, process) for job_id, process in zip((JOB, ABSENT), processes)}
         # Ended and no longer scraped, but an exporter still attributes it: its energy may still grow, so its
         # report is not yet to be kept (it was stored 5 s after the end whatever the exporter's interval).
-        assert loops.frozen.wait(10), "the exporter never saw the job's mapping go"
+        assert tracker.frozen.wait(10), f"the exporter never saw the job's mapping go (it saw the job: {tracker.seen})"
         facts = asyncio.run(settledness(prometheus.url, lambda facts: not facts.live))
         assert facts.end is not None and facts.attributed_now and not facts.settled
-        loops.thaw.set()
+        tracker.thaw.set()
         facts = asyncio.run(settledness(prometheus.url, lambda facts: not facts.attributed_now))
         assert facts.settled
         # Once the exporter no longer attributes the job (its mapping file went), every slow pass that counted
@@ -161,6 +172,7 @@ def energy_run(tmp_path_factory):
         yield {"prometheus": prometheus, "victoria-metrics": victoria}, runs, nvml, final
     finally:
         loops.halt.set()
+        tracker.thaw.set()
         if loops.is_alive():
             loops.join()
         for server in servers:
