@@ -81,6 +81,11 @@ def store(tmp_path_factory):
                   every(t0 + 25 * MINUTE, now, 3))
     data += lines('hw_gpu_errors_total{instance="n1:9105",gpu="1",uuid="GPU-b",type="xid"}',
                   every(t0, now, lambda at: 0 if at < t0 + 28 * MINUTE else 1))
+    # GPU-b runs two jobs of team-a (one of them the job above): its alert names both, and their owner.
+    for job_id in ("gpu-z", "diverged"):
+        data += lines(f'hw_gpu_job_info{{instance="n1:9105",gpu="1",uuid="GPU-b",job_id="{job_id}"}}',
+                      every(t0, now, 1))
+    data += lines('trainer_job_info{job_id="gpu-z",job_name="gpu-z",owner="team-a",instance="p6"}', every(t0, now, 1))
     victoria = VictoriaMetricsServer(tmp_path_factory.mktemp("victoria")).start()
     try:
         request = urllib.request.Request(f"{victoria.url}/api/v1/import/prometheus", data="\n".join(data).encode(),
@@ -122,8 +127,9 @@ def test_an_exporter_restart_does_not_report_a_gpus_old_errors_as_new(store):
 
 def test_vmalert_runs_the_rules_as_they_are_and_gives_job_alerts_their_owner(store):
     """The rule files loaded by a real vmalert over the central store: the owner label's template (a `query` of
-    trainer_job_info) is vmalert's too; a job whose info names no owner has an empty one. (Its notifications and
-    recorded series go to closed ports: the store stays as the other tests read it.)"""
+    trainer_job_info) is vmalert's too; a job whose info names no owner has an empty one; a GPU alert names the
+    GPU's jobs, sorted, and their owner. (Its notifications and recorded series go to closed ports: the store
+    stays as the other tests read it.)"""
     victoria, _ = store
     port = free_port()
     vmalert = subprocess.Popen(
@@ -132,10 +138,10 @@ def test_vmalert_runs_the_rules_as_they_are_and_gives_job_alerts_their_owner(sto
          f"-notifier.url=http://127.0.0.1:{free_port()}", f"-remoteWrite.url=http://127.0.0.1:{free_port()}",
          f"-httpListenAddr=127.0.0.1:{port}", "-evaluationInterval=1s", "-loggerLevel=FATAL"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    owners = {}
+    owners, gpu = {}, []
     try:
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and len(owners) < 2 and vmalert.poll() is None:
+        while time.monotonic() < deadline and (len(owners) < 2 or not gpu) and vmalert.poll() is None:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/alerts", timeout=5) as answer:
                     alerts = json.load(answer)["data"]["alerts"]
@@ -143,8 +149,11 @@ def test_vmalert_runs_the_rules_as_they_are_and_gives_job_alerts_their_owner(sto
                 alerts = []
             owners = {alert["labels"]["job_id"]: alert["labels"].get("owner", "") for alert in alerts
                       if alert["labels"]["alertname"] == "TrainerLossNaN"}
+            gpu = [(alert["labels"].get("owner"), alert["annotations"]["jobs"]) for alert in alerts
+                   if alert["labels"]["alertname"] == "GPUErrors"]
             time.sleep(0.5)
     finally:
         vmalert.terminate()
         _, errors = vmalert.communicate(timeout=10)
     assert owners == {"diverged": "team-a", "renewed": ""}, errors[-2000:]       # (errors: the rules refused)
+    assert gpu == [("team-a", "diverged, gpu-z")], errors[-2000:]
