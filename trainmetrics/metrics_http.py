@@ -78,7 +78,8 @@ def scrape_timeout(header: str | None) -> float | None:
 @dataclass
 class Scrape:
     """One GET of /metrics: who asked (the scraper's connection, or None for a reader that does not count)
-    and when it began; `shown` is for the renderer to note what it served, handed back once delivered."""
+    and when it began (its request's first bytes came); `shown` is for the renderer to note what it served,
+    handed back once delivered."""
 
     scraper: str | None
     began: float
@@ -133,6 +134,7 @@ class _RequestDeadline(io.RawIOBase):
 
     def __init__(self, connection: socket.socket, seconds: float):
         self.connection, self.seconds, self.deadline = connection, seconds, time.monotonic() + seconds
+        self.first_bytes: float | None = None
 
     def readable(self) -> bool:
         return True
@@ -140,6 +142,13 @@ class _RequestDeadline(io.RawIOBase):
     def restart(self) -> None:
         """The next request's time starts now (an answer was just written)."""
         self.deadline = time.monotonic() + self.seconds
+        self.first_bytes = None
+
+    def arrived(self) -> float:
+        """When the request's first bytes were read (now, for one read ahead with the request before it): its
+        scraper's timeout runs from then at the latest. Counted from after the password check, an answer its
+        scraper had dropped (a first check of 0.3 s, a timeout of 0.2 s) counted as read."""
+        return self.first_bytes if self.first_bytes is not None else time.monotonic()
 
     def readinto(self, buffer) -> int:
         left = self.deadline - time.monotonic()
@@ -147,9 +156,12 @@ class _RequestDeadline(io.RawIOBase):
             raise TimeoutError("the request did not arrive whole in time")
         self.connection.settimeout(left)
         try:
-            return self.connection.recv_into(buffer)
+            count = self.connection.recv_into(buffer)
         finally:
             self.connection.settimeout(self.seconds)    # the answer's writes get the whole idle timeout
+        if count and self.first_bytes is None:
+            self.first_bytes = time.monotonic()
+        return count
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -246,8 +258,8 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.path.partition("?")[0]
         if path == "/metrics":
             timeout = self.headers.get(SCRAPE_TIMEOUT_HEADER)
-            scrape = Scrape(scraper_name(self.client_address) if timeout is not None else None, time.monotonic(),
-                            timeout=scrape_timeout(timeout))
+            scrape = Scrape(scraper_name(self.client_address) if timeout is not None else None,
+                            self._deadline.arrived(), timeout=scrape_timeout(timeout))
             try:
                 body = server.render(scrape)
             except Exception:   # a renderer bug must not take the endpoint down

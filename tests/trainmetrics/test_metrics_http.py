@@ -127,6 +127,40 @@ def test_a_scrape_counts_whatever_the_case_of_its_header_and_a_curl_does_not():
     assert [scrape.counting for scrape in delivered] == [True, True, False]
 
 
+def test_a_scrapes_time_runs_from_its_request_not_from_its_password_check(monkeypatch):
+    """A scrape's timeout was counted from after its password check: a first scrape whose check took 0.3 s
+    (a cost-12 hash), answered after its 0.2 s timeout, counted as read, though its scraper had dropped it (a
+    job's final linger could end on it, its end never read)."""
+    import base64
+
+    import bcrypt
+
+    from trainmetrics.webconfig import WebConfig
+
+    checkpw = bcrypt.checkpw
+
+    def slow_check(password: bytes, hashed: bytes) -> bool:
+        time.sleep(0.3)
+        return checkpw(password, hashed)
+
+    monkeypatch.setattr(bcrypt, "checkpw", slow_check)
+    config = WebConfig(users={"prometheus": bcrypt.hashpw(b"right", bcrypt.gensalt(rounds=4))})
+    delivered = []
+    server = MetricsHTTPServer(("127.0.0.1", 0), lambda scrape: b"up 1\n", web_config=config,
+                               delivered=delivered.append).serve_in_background()
+    scrape = OK + f"{SCRAPE_TIMEOUT_HEADER}: 0.2\r\nAuthorization: Basic ".encode() + \
+        base64.b64encode(b"prometheus:right") + b"\r\n\r\n"
+    try:
+        for _ in range(2):      # the first waits for the check; the second finds its header known
+            with socket.create_connection(("127.0.0.1", server.port), timeout=5) as connection:
+                connection.sendall(scrape)
+                assert connection.recv(4096).startswith(b"HTTP/1.1 200")
+        time.sleep(0.1)
+    finally:
+        server.close()
+    assert len(delivered) == 1
+
+
 def test_headers_are_read_by_lower_case_name_the_first_of_a_repeat():
     import io
     headers = metrics_http.Headers.read(io.BytesIO(
