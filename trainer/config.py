@@ -108,12 +108,22 @@ def check_output_paths(config: TrainConfig) -> None:
         check_writable(flags["result_file"], result_file, result_file.parent)
 
 
+def _launcher_count(name: str) -> int:
+    """A launcher's count from the environment; 1 when unset or no number (distributed.from_environment names a
+    bad WORLD_SIZE; "²" passed str.isdigit and failed int())."""
+    text = os.environ.get(name, "1")
+    return int(text) if text.isdecimal() else 1
+
+
 def check_flags(config: TrainConfig) -> None:
     """Every check of the flags that needs neither torch nor the data (ValueError or FlagError naming the flag):
     `trainmetrics train` runs them before it imports torch, so a bad flag is said at once (in 0.2 s, not 1.5 s)."""
     config.check()
-    ranks_here = os.environ.get("LOCAL_WORLD_SIZE", "1")        # torchrun's ranks on this machine
-    problem = device_for_ranks_problem(config.device, int(ranks_here) if ranks_here.isdigit() else 1)
+    # Gated by WORLD_SIZE, as distributed.rank_device is: a rank of several takes its local rank's GPU, with
+    # LOCAL_WORLD_SIZE ranks on its machine (torchrun's; one without it, as Ray's), and a single process the
+    # GPU it names, whatever LOCAL_WORLD_SIZE its environment holds.
+    problem = device_for_ranks_problem(config.device, _launcher_count("LOCAL_WORLD_SIZE"),
+                                       _launcher_count("WORLD_SIZE"))
     if problem:
         raise FlagError("--device", problem)
     check_output_paths(config)

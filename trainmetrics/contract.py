@@ -210,13 +210,20 @@ def _device_problem(value: str) -> str | None:
     return f"must be auto, cpu or cuda[:N], got {value[:40]!r}"
 
 
-def device_for_ranks_problem(device: str, ranks_on_machine: int) -> str | None:
-    """What is wrong with `device` for a job with this many ranks on one machine (torchrun's), if anything: each
-    takes the GPU of its local rank, so a GPU index would be ignored (rank 1 of `cuda:1` trained on cuda:1, and
-    rank 0 on cuda:0)."""
-    if ranks_on_machine > 1 and device.startswith("cuda:"):
+def device_for_ranks_problem(device: str, ranks_on_machine: int, ranks: int | None = None) -> str | None:
+    """What is wrong with `device` for a job with this many ranks on one machine (torchrun's), of `ranks` in all
+    (ranks_on_machine when not given), if anything: each rank of several takes the GPU of its local rank, so a
+    GPU index would be ignored (rank 1 of `cuda:1` trained on cuda:1, and rank 0 on cuda:0)."""
+    ranks = ranks_on_machine if ranks is None else ranks
+    if ranks <= 1 or not device.startswith("cuda:"):
+        return None
+    if ranks_on_machine > 1:
         return (f"{device!r} names one GPU, but each of the {ranks_on_machine} ranks on this machine takes the GPU "
                 f"of its local rank (cuda:0 to cuda:{ranks_on_machine - 1}): ask for cuda")
+    if int(device[5:]) != 0:
+        # One rank on each machine (torchrun over several, or Ray's): each took cuda:0, whatever the index.
+        return (f"{device!r} names one GPU, but each of the {ranks} ranks, one on each machine, takes the GPU of "
+                "its local rank (cuda:0): ask for cuda")
     return None
 
 

@@ -154,6 +154,36 @@ def test_a_gpu_index_for_several_ranks_on_one_machine_is_one_line_naming_the_fla
     assert len(stderr.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("variables,device,refused", [
+    # torchrun over two machines, one rank each: each rank took cuda:0 (its local rank), the index ignored.
+    ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}, "cuda:1", True),
+    ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}, "cuda:0", False),
+    # Ray's ranks (no LOCAL_WORLD_SIZE): each sees the one GPU Ray gave it, as cuda:0.
+    ({"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "0"}, "cuda:0", False),
+    ({"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "0"}, "cuda:1", True),
+    # A LOCAL_WORLD_SIZE inherited by a single process (no WORLD_SIZE): it trains on the GPU it names.
+    ({"LOCAL_WORLD_SIZE": "2"}, "cuda:1", False),
+    ({"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "\u00b2"}, "cuda:1", True),       # a digit, but no number
+])
+def test_a_gpu_index_is_refused_wherever_a_ranks_gpu_is_its_local_ranks(variables, device, refused, monkeypatch):
+    """A rank of several takes the GPU of its local rank whatever the index (distributed.rank_device): only
+    LOCAL_WORLD_SIZE > 1 was refused, so two machines with a rank each trained on cuda:0 for `--device cuda:1`,
+    and a LOCAL_WORLD_SIZE left in a single process's environment refused the GPU it would have used."""
+    from trainmetrics.command import FlagError
+    from trainmetrics.trainer.config import TrainConfig, check_flags
+
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    config = TrainConfig(job_id="gpu-index", device=device)
+    if refused:
+        with pytest.raises(FlagError, match=f"'{device}' names one GPU"):
+            check_flags(config)
+    else:
+        check_flags(config)
+
+
 def test_metrics_port_in_use_is_bad_input(tmp_path, capsys):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
