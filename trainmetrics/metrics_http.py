@@ -145,9 +145,10 @@ class _RequestDeadline(io.RawIOBase):
         self.first_bytes = None
 
     def arrived(self) -> float:
-        """When the request's first bytes were read (now, for one read ahead with the request before it): its
-        scraper's timeout runs from then at the latest. Counted from after the password check, an answer its
-        scraper had dropped (a first check of 0.3 s, a timeout of 0.2 s) counted as read."""
+        """When the request's first bytes were read (now, for one read ahead with the request before it: asked
+        before its password check): its scraper's timeout runs from then at the latest. Counted from after the
+        password check, an answer its scraper had dropped (a first check of 0.3 s, a timeout of 0.2 s) counted
+        as read."""
         return self.first_bytes if self.first_bytes is not None else time.monotonic()
 
     def readinto(self, buffer) -> int:
@@ -238,6 +239,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _respond(self, send_body: bool) -> None:
         server = self.server
+        # Before the password check: a request read ahead with the one before it (pipelined) has no first bytes
+        # of its own, and "now" after its check left the check's time out of its timeout.
+        arrived = self._deadline.arrived()
         verdict = server.password_checks.verdict(self.headers.get("Authorization"), self.client_address[0])
         if verdict is None:
             # Not checked: its header is not known and a check is running (or its address just failed one). 503,
@@ -259,7 +263,7 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/metrics":
             timeout = self.headers.get(SCRAPE_TIMEOUT_HEADER)
             scrape = Scrape(scraper_name(self.client_address) if timeout is not None else None,
-                            self._deadline.arrived(), timeout=scrape_timeout(timeout))
+                            arrived, timeout=scrape_timeout(timeout))
             try:
                 body = server.render(scrape)
             except Exception:   # a renderer bug must not take the endpoint down

@@ -161,6 +161,45 @@ def test_a_scrapes_time_runs_from_its_request_not_from_its_password_check(monkey
     assert len(delivered) == 1
 
 
+def test_a_pipelined_scrapes_time_runs_from_before_its_password_check(monkeypatch):
+    """A request read ahead with the one before it (pipelined) has no first bytes of its own: its time was taken
+    as "now" after its password check, so a 0.3 s first check of its header counted its answer, written past its
+    0.2 s timeout, as read. Its time is taken before the check."""
+    import base64
+
+    import bcrypt
+
+    from trainmetrics.webconfig import WebConfig
+
+    checkpw = bcrypt.checkpw
+
+    def slow_check(password: bytes, hashed: bytes) -> bool:
+        time.sleep(0.3)
+        return checkpw(password, hashed)
+
+    monkeypatch.setattr(bcrypt, "checkpw", slow_check)
+    salt = bcrypt.gensalt(rounds=4)
+    config = WebConfig(users={"a": bcrypt.hashpw(b"right", salt), "b": bcrypt.hashpw(b"right", salt)})
+    delivered = []
+    server = MetricsHTTPServer(("127.0.0.1", 0), lambda scrape: b"up 1\n", web_config=config,
+                               delivered=delivered.append).serve_in_background()
+
+    def scrape(user: bytes, timeout: str) -> bytes:
+        return OK + f"{SCRAPE_TIMEOUT_HEADER}: {timeout}\r\nAuthorization: Basic ".encode() + \
+            base64.b64encode(user + b":right") + b"\r\n\r\n"
+
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as connection:
+            connection.sendall(scrape(b"a", "10") + scrape(b"b", "0.2"))        # one segment: read as one
+            answers = b""
+            while answers.count(b"HTTP/1.1 200") < 2:
+                answers += connection.recv(4096)
+        time.sleep(0.1)
+    finally:
+        server.close()
+    assert [scrape.timeout for scrape in delivered] == [10.0]
+
+
 def test_headers_are_read_by_lower_case_name_the_first_of_a_repeat():
     import io
     headers = metrics_http.Headers.read(io.BytesIO(
