@@ -473,6 +473,9 @@ RULE_WINDOW_SECONDS = 300.0
 # A heartbeat within this window of every grid point means no raw sample escaped the rules' 5-minute windows.
 COVERAGE_WINDOW_SECONDS = RULE_WINDOW_SECONDS - RULE_INTERVAL_SECONDS
 RECENT_SECONDS = COVERAGE_WINDOW_SECONDS + RULE_INTERVAL_SECONDS
+# Where the coverage check holds, two recordings (a missed evaluation, a restart between them) are at most this far
+# apart: a heartbeat within COVERAGE_WINDOW of every minute.
+RECORDING_GAP_SECONDS = COVERAGE_WINDOW_SECONDS + RULE_INTERVAL_SECONDS
 HEARTBEAT = "trainmetrics:analytics_rules:heartbeat"
 RECORDED = {
     "start": "job_process:trainer_job_start_timestamp_seconds:last5m",
@@ -675,11 +678,18 @@ def _raw_window_increase(counter: str) -> str:
 
 
 def _recorded_window_increase(counter: str) -> str:
-    """For the recorded series, written every RULE_INTERVAL exactly: the window stretched back by one
-    interval holds exactly the count before the window, so a minimum replaces the costlier `offset` match
-    (half the cost over a day of 1,000 jobs)."""
-    return (f"sum((max_over_time({counter}[{{window}}]) - min_over_time({counter}[{{window+rule}}])){{owned}}) "
-            f"/ {{seconds}} or vector(0)")
+    """For the recorded series: a process's count before the window is its newest recording within
+    RECORDING_GAP before it. (Read from the one recording a rule interval before the window, a missed evaluation
+    there left the window's first recording as its count before, and the samples across the gap went into no
+    window.) Without the raw trend's `or` match (twice the cost over a day of 1,000 jobs): counts only grow
+    within a process, so its max - min over the window stretched back by the gap, less its max - min over that
+    stretch alone, is its newest count in the window less its newest before it (its first count in the window
+    where it has none before); a process recorded only before the window counts 0."""
+    def spread(selection: str) -> str:
+        return f"sum((max_over_time({counter}{selection}) - min_over_time({counter}{selection})){{owned}})"
+
+    return (f"({spread('[{window+gap}]')} - ({spread('[{gap}] offset {window}')} or vector(0))) / {{seconds}} "
+            "or vector(0)")
 
 
 def _ended_in_window(end: str, start: str) -> str:
@@ -728,7 +738,8 @@ def trend(name: str, step: float, recorded: bool = False, owner: str | None = No
     available); the job trends of one owner's jobs when given (the hosts' trends stay whole)."""
     template = RECORDED_TRENDS[name] if recorded and name in RECORDED_TRENDS else TRENDS[name]
     window_ms = rate_window_ms(step)
-    template = template.replace("{window+rule}", f"{window_ms + round(RULE_INTERVAL_SECONDS * 1000)}ms")
+    gap_ms = round(RECORDING_GAP_SECONDS * 1000)
+    template = template.replace("{window+gap}", f"{window_ms + gap_ms}ms").replace("{gap}", f"{gap_ms}ms")
     template = template.replace("{window}", f"{window_ms}ms").replace("{seconds}", repr(window_ms / 1000))
     # The job's owner is a label of its info series only: its other series are kept where the job's info
     # carried the owner in the same window. Put in last: an owner is anyone's text ("{window}" in it was

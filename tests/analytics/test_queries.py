@@ -213,7 +213,7 @@ def test_the_trend_grid_tiles_the_range_and_no_more(range_seconds, step):
 def test_an_owner_enters_the_trends_as_it_is(recorded):
     """An owner is anyone's text (trainmetrics train --owner): one holding the trends' placeholders was
     substituted like the template, and the summary's job trends counted the jobs of owner "600000ms"."""
-    owner = "team {window} {seconds} {window+rule} {owned}"
+    owner = "team {window} {seconds} {window+gap} {gap} {owned}"
     for name in ("running_jobs", "samples_per_second"):
         expr = q.trend(name, 600.0, recorded=recorded, owner=owner)
         assert f'owner={q.quote_label_value(owner)}}}[600000ms]' in expr, expr
