@@ -86,9 +86,14 @@ def backfilled_prometheus(work: Path, history: str) -> PrometheusServer:
                     str(work / "blocks")], check=True, capture_output=True)
     prometheus = PrometheusServer(work / "prometheus", rule_files=[])
     prometheus.data_dir.mkdir(parents=True)
-    for block in (work / "blocks").iterdir():
-        shutil.move(str(block), prometheus.data_dir / block.name)
+    take_blocks(prometheus, work / "blocks")
     return prometheus
+
+
+def take_blocks(prometheus: PrometheusServer, blocks: Path) -> None:
+    """promtool's blocks in `blocks` moved into the (stopped) Prometheus' store: read at its next start."""
+    for block in blocks.iterdir():
+        shutil.move(str(block), prometheus.data_dir / block.name)
 
 
 def empty_vector(request: httpx.Request) -> httpx.Response:

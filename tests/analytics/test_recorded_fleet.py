@@ -6,7 +6,6 @@ gap at its start that the raw older part must fill."""
 
 import asyncio
 import math
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ from trainmetrics.analytics import queries as q
 from trainmetrics.analytics.prometheus import PrometheusClient
 from trainmetrics.prometheus_process import PrometheusServer, find_binary
 
-from .conftest import as_openmetrics, backfilled_prometheus
+from .conftest import as_openmetrics, backfilled_prometheus, take_blocks
 
 pytestmark = pytest.mark.slow
 
@@ -126,8 +125,7 @@ def backfilled(tmp_path_factory):
                                  f"{prometheus.query('count(count_over_time(trainer_samples_total[4h]))')}")
     finally:
         prometheus.stop()
-    for block in (work / "rule-blocks").iterdir():
-        shutil.move(str(block), prometheus.data_dir / block.name)
+    take_blocks(prometheus, work / "rule-blocks")
     # No live rule evaluation: the recorded series end with the backfill, and the recent raw part after it.
     prometheus.start(timeout=60)
     try:
@@ -332,8 +330,7 @@ def missed_evaluation(tmp_path_factory):
         backfill_rules(prometheus, hole, block + 6900, work / "rule-blocks")
     finally:
         prometheus.stop()
-    for found in (work / "rule-blocks").iterdir():
-        shutil.move(str(found), prometheus.data_dir / found.name)
+    take_blocks(prometheus, work / "rule-blocks")
     prometheus.start(timeout=60)
     try:
         yield prometheus, block + 6150, hole
