@@ -92,6 +92,7 @@ class JobServer:
     def tick(self) -> None:
         """One round of supervision (on the state thread)."""
         self.service.supervisor.tick()
+        self.service.uptime.note()
         self.waiting = self.service.waiting_jobs()
         self.last_tick = time.monotonic()
 
@@ -114,7 +115,7 @@ class JobServer:
             return JobService(settings, store, supervisor)
 
         self.service = await self.call(open_service)
-        self.reports = ReportKeeper(settings.archive, self.call, self.service.store)
+        self.reports = ReportKeeper(settings.archive, self.call, self.service.store, self.service.uptime)
         if settings.archive is not None:
             settings.archive.load = self.reports.load
         self.hang_stacks = HangStacks(settings.hangs, self.call, self.service)

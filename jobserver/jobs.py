@@ -22,7 +22,7 @@ from trainmetrics.jobserver import stacks
 from trainmetrics.hangs import HangFeed
 from trainmetrics.reports import ReportArchive
 from trainmetrics.jobserver.auth import job_id_prefix
-from trainmetrics.jobserver.reports import GIVE_UP_SECONDS as REPORT_GIVE_UP_SECONDS
+from trainmetrics.jobserver.reports import UpTime
 from trainmetrics.jobserver.store import DatasetRecord, JobRecord, JobStore
 from trainmetrics.jobserver.supervisor import StopRefused, Supervisor, token_matches
 
@@ -63,6 +63,7 @@ class JobService:
 
     def __init__(self, settings: ServerSettings, store: JobStore, supervisor: Supervisor):
         self.settings, self.store, self.supervisor = settings, store, supervisor
+        self.uptime = UpTime(store)     # read before this server notes it is up
         self.discovery_read_at: float | None = None     # when a scraper last read the service discovery
         # The last stacks request per job: (monotonic time, the run asked, each rank's stacks-file length before).
         self._stacks_asked: dict[str, tuple[float, object, dict[int, int]]] = {}
@@ -341,10 +342,10 @@ class JobService:
         waiting += [WaitingJob(job, "queued", None, job.resume) for job in self.store.list_jobs(states=("running",))
                     if self._placing(job) is not None]
         now = time.time()
-        # And after that until its report is stored (up to the hour the keeper asks for it): a Prometheus down
+        # And after that until its report is stored (for as long as the keeper asks for it): a Prometheus down
         # for the whole hold came back to the dead process's last `running` (a paused or queued job's state) as
         # the job's last word, and the report stored then said `vanished` (`paused`) for good, or none was.
-        unreported = now - REPORT_GIVE_UP_SECONDS if self.settings.archive is not None else None
+        unreported = self.uptime.asked_after(now) if self.settings.archive is not None else None
         ended = self.store.ended_without_run(FINAL_STATES, now - FINAL_STATE_HOLD_SECONDS, unreported)
         return waiting + [WaitingJob(job, job.state, job.ended, False) for job in ended]
 

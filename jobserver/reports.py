@@ -1,7 +1,8 @@
 """Stored reports: once a job has ended (completed, failed or cancelled) and settled in Prometheus, the job
 server asks the analytics for its report and keeps it in the job's row, so its analytics outlive Prometheus'
 retention (trainmetrics.reports). A job whose report cannot be computed yet (Prometheus down) is asked for
-again later, up to an hour after its end; a resumed job's stored report is dropped (its new runs change it).
+again later, up to an hour of the server's up time after its end (the time it was down before its start does
+not count); a resumed job's stored report is dropped (its new runs change it).
 """
 
 import json
@@ -26,18 +27,45 @@ UNSETTLED_LIMIT_SECONDS = 120.0
 # job that ended while Prometheus was down: restarted, Prometheus shows the dead process's last samples as
 # current for its lookback, 5 minutes, as it writes no staleness markers for a target that died meanwhile.)
 STILL_GOING = ("queued", "running")
-# A job Prometheus never held (no Prometheus, a target that was never scraped) is given up on after this.
+# A job Prometheus never held (no Prometheus, a target that was never scraped) is given up on after this long
+# of the server's up time since its end (UpTime).
 GIVE_UP_SECONDS = 3600.0
+# How often a running server notes in its store that it is up; its next start takes its down time from the last
+# note (a little more than it was: the hour is that much longer).
+ALIVE_NOTE_SECONDS = 30.0
 RETRY_SECONDS = 30.0
 # Reports computed per round at most, so a backlog after a restart does not hold up a round for long.
 PER_ROUND = 4
 
 
+class UpTime:
+    """The server's down time before this start, from the last note of a server up on the same store, so that
+    the hour a job's report is asked for counts the server's up time: a server down for an hour just after a
+    job's end (its report not stored yet: Prometheus down, or the server stopped within seconds of it) gave the
+    job up at its start, and the job's analytics were lost with Prometheus' retention."""
+
+    def __init__(self, store):
+        self._store, self._noted = store, None
+        last = store.last_alive()
+        self.downtime = 0.0 if last is None else max(0.0, time.time() - last)
+
+    def note(self) -> None:
+        """Note that the server is up (at most every ALIVE_NOTE_SECONDS); on the state thread."""
+        clock = time.monotonic()
+        if self._noted is None or clock - self._noted >= ALIVE_NOTE_SECONDS:
+            self._store.note_alive(time.time())
+            self._noted = clock
+
+    def asked_after(self, now: float) -> float:
+        """The end after which a job's report is still asked for."""
+        return now - GIVE_UP_SECONDS - self.downtime
+
+
 class ReportKeeper:
     """Computes and stores the reports of jobs that ended; run one round at a time from the server's loop."""
 
-    def __init__(self, archive, call, store):
-        self.archive, self.call, self.store = archive, call, store
+    def __init__(self, archive, call, store, uptime: UpTime):
+        self.archive, self.call, self.store, self.uptime = archive, call, store, uptime
         self._retry_at: dict[str, float] = {}
         self._unsettled_since: dict[str, float] = {}
 
@@ -62,7 +90,7 @@ class ReportKeeper:
         if self.archive is None or self.archive.compute is None:
             return
         now, clock = time.time(), time.monotonic()
-        ended = dict(await self.call(self.store.jobs_to_report, FINAL_STATES, now - GIVE_UP_SECONDS,
+        ended = dict(await self.call(self.store.jobs_to_report, FINAL_STATES, self.uptime.asked_after(now),
                                      now - SETTLE_SECONDS))
         # Only jobs still waiting for their report keep their clocks: one resumed (or given up, or reported) starts
         # afresh at its next end, and the retry times of every job that ever failed a try no longer pile up.

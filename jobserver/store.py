@@ -26,6 +26,7 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE TABLE IF NOT EXISTS endpoints (
     job_id TEXT NOT NULL, rank INTEGER NOT NULL, address TEXT NOT NULL, scheme TEXT NOT NULL,
     PRIMARY KEY (job_id, rank));
+CREATE TABLE IF NOT EXISTS server (name TEXT PRIMARY KEY, value REAL NOT NULL);
 """
 # Columns added since the first schema: table -> (name, SQL type); an older database gains them at open.
 ADDED_COLUMNS = {"jobs": (("requested", "TEXT"), ("run_token", "TEXT"), ("handle", "TEXT"), ("report", "TEXT"),
@@ -139,6 +140,17 @@ class JobStore:
     def _execute(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
         with self._lock:
             return self._db.execute(sql, params).fetchall()
+
+    # ----- the server's own life ---------------------------------------------------------------------
+    def last_alive(self) -> float | None:
+        """When a server last noted that it was up (None: no server has run on this store)."""
+        rows = self._execute("SELECT value FROM server WHERE name = 'alive'")
+        return rows[0]["value"] if rows else None
+
+    def note_alive(self, at: float) -> None:
+        """Note that the server is up at `at` (Unix time)."""
+        self._execute("INSERT INTO server (name, value) VALUES ('alive', ?) "
+                      "ON CONFLICT (name) DO UPDATE SET value = excluded.value", (at,))
 
     # ----- datasets ----------------------------------------------------------------------------------
     def add_dataset(self, record: DatasetRecord) -> None:

@@ -299,6 +299,7 @@ def pid_of(data_dir: Path, job_id: str) -> int:
 
 def test_adopted_jobs_are_paused_on_shutdown_and_their_death_is_never_an_old_state(tmp_path):
     server = Server(tmp_path)
+    started = time.time()
     server.start()
     client = server.client()
     client.post("/api/training/jobs", json={**LONG_JOB, "job_id": "adopted-1"})
@@ -310,6 +311,9 @@ def test_adopted_jobs_are_paused_on_shutdown_and_their_death_is_never_an_old_sta
     client.post("/api/training/jobs/adopted-1/resume")
     wait_job(client, "adopted-1", lambda j: j["state"] == "running")
     server.stop(signal.SIGKILL)
+    with sqlite3.connect(tmp_path / "trainmetrics.db") as db:      # a server killed -9 noted that it was up
+        (alive,), = db.execute("SELECT value FROM server WHERE name = 'alive'").fetchall()
+    assert started <= alive <= time.time()
 
     adopting = Server(tmp_path)
     adopting.port, adopting.url = server.port, server.url

@@ -325,7 +325,7 @@ def test_a_report_waits_for_the_job_to_settle_then_is_stored_as_it_stands(tmp_pa
     async def call(operation, *args):
         return operation(*args)
 
-    keeper = reports.ReportKeeper(ReportArchive(compute=compute), call, store)
+    keeper = reports.ReportKeeper(ReportArchive(compute=compute), call, store, reports.UpTime(store))
     monkeypatch.setattr(reports, "SETTLE_RETRY_SECONDS", 0.0)
     asyncio.run(keeper.round())
     assert asked == [True] and store.get_report("ended-1") is None
@@ -372,7 +372,7 @@ def test_a_report_that_says_the_ended_job_goes_on_is_never_stored_and_a_failed_t
     async def call(operation, *args):
         return operation(*args)
 
-    keeper = reports.ReportKeeper(ReportArchive(compute=compute), call, store)
+    keeper = reports.ReportKeeper(ReportArchive(compute=compute), call, store, reports.UpTime(store))
     for name in ("SETTLE_RETRY_SECONDS", "RETRY_SECONDS"):
         monkeypatch.setattr(reports, name, 0.0)
     monkeypatch.setattr(reports, "UNSETTLED_LIMIT_SECONDS", 0.05)
@@ -411,7 +411,7 @@ def test_the_keeper_forgets_the_retries_of_jobs_no_longer_waiting_for_a_report(t
     async def call(operation, *args):
         return operation(*args)
 
-    keeper = reports.ReportKeeper(ReportArchive(compute=compute), call, store)
+    keeper = reports.ReportKeeper(ReportArchive(compute=compute), call, store, reports.UpTime(store))
     asyncio.run(keeper.round())
     assert sorted(asked) == ["given-up-1", "resumed-1"] and len(keeper._retry_at) == 2
     store.update_job("resumed-1", state="queued", resume=True, ended=None)
@@ -445,7 +445,7 @@ def test_a_report_computed_while_its_job_was_resumed_is_not_kept(tmp_path):
     async def call(operation, *args):
         return operation(*args)
 
-    asyncio.run(reports.ReportKeeper(ReportArchive(compute=compute), call, store).round())
+    asyncio.run(reports.ReportKeeper(ReportArchive(compute=compute), call, store, reports.UpTime(store)).round())
     assert store.get_report("resumed-1") is None and store.get_job("resumed-1").state == "queued"
     store.update_job("resumed-1", state="completed", ended=time.time() - 10)         # its next run ended
     assert store.jobs_to_report(("completed",), 0, time.time()) == [("resumed-1", store.get_job("resumed-1").ended)]
@@ -468,7 +468,7 @@ def test_a_stored_report_that_is_not_this_jobs_is_ignored(text, tmp_path):
     async def call(operation, *args):
         return operation(*args)
 
-    assert asyncio.run(reports.ReportKeeper(None, call, store).load("bad-1")) is None
+    assert asyncio.run(reports.ReportKeeper(None, call, store, reports.UpTime(store)).load("bad-1")) is None
     store.close()
 
 
@@ -943,4 +943,49 @@ def test_an_end_the_server_publishes_is_held_until_the_jobs_report_is_stored(tmp
     assert service.waiting_jobs() == []
     store.update_job("killed", report=None)
     assert JobService(ServerSettings(data_dir=tmp_path), store, supervisor).waiting_jobs() == []
+    store.close()
+
+
+def test_the_hour_a_report_is_asked_for_counts_the_servers_up_time(tmp_path):
+    """A server down for an hour just after a job's end, its report not stored yet (Prometheus down, or the server
+    stopped seconds after the end), gave the job up at its next start: no report was ever stored, its analytics
+    lost with Prometheus' retention, and its end (one the server gave it) no longer published. The hour counts
+    the server's up time: the time it was down before this start, from its last note that it was up, does not."""
+    import asyncio
+
+    from trainmetrics.jobserver import reports
+    from trainmetrics.jobserver.jobs import JobService, ServerSettings
+    from trainmetrics.reports import ReportArchive
+
+    store = JobStore(tmp_path / "db.sqlite")
+    assert reports.UpTime(store).downtime == 0.0            # no server ran on this store before
+    now = time.time()
+    # Up 50 minutes after the job's end, then down 20 minutes: 10 minutes of its hour left.
+    store.add_job(JobRecord(id="cancelled-1", owner="default", name="cancelled-1", state="cancelled", spec={},
+                            ended=now - 70 * 60))
+    store.note_alive(now - 20 * 60)
+    store.close()
+    store = JobStore(tmp_path / "db.sqlite")
+    service = JobService(ServerSettings(data_dir=tmp_path, archive=ReportArchive()), store,
+                         Supervisor(store, tmp_path, None, 1))
+    assert 20 * 60 <= service.uptime.downtime < 20 * 60 + 5
+    assert [waiting.job.id for waiting in service.waiting_jobs()] == ["cancelled-1"]     # its end still published
+    asked = []
+
+    async def compute(job_id, settled=True):
+        asked.append(job_id)
+        return {"job_id": job_id, "status": "cancelled"}
+
+    async def call(operation, *args):
+        return operation(*args)
+
+    asyncio.run(reports.ReportKeeper(ReportArchive(compute=compute), call, store, service.uptime).round())
+    assert asked == ["cancelled-1"] and store.get_report("cancelled-1") is not None
+    service.uptime.note()
+    assert abs(store.last_alive() - time.time()) < 5
+    # Past the 10 minutes left, given up (and the next start finds this one's note: no down time).
+    service.uptime.downtime -= 11 * 60
+    store.update_job("cancelled-1", report=None)
+    assert service.waiting_jobs() == []
+    assert reports.UpTime(store).downtime < 5
     store.close()
