@@ -170,9 +170,10 @@ class JobTracker:
         self._retired_cpu: dict[str, float] = {}    # per job: the CPU time of its ranks that ended before it
         self._departed: dict[str, float] = {}       # per job: ranks whose mapping file went since the last update
         # Jobs inside jobs (a sweep driver that runs its trials as jobs): per (pid, start ticks) of a job's root
-        # process whose parent is another job's, that job and the root's whole CPU time at its last sample; and
-        # per outer job, the time of such roots that it now counts too (_note_reaped_jobs).
-        self._nested: dict[tuple[int, int], tuple[str, float]] = {}
+        # process whose parent is another job's, that job and the whole CPU time of each process of the root's tree
+        # (by pid and start ticks) at its last sample; and per outer job, the time of such trees that it now counts
+        # too (_reaped_jobs).
+        self._nested: dict[tuple[int, int], tuple[str, dict[tuple[int, int], float]]] = {}
         self._reaped_jobs_cpu: dict[str, float] = {}
         self._lock = threading.Lock()           # guards _live between the fast and the slow thread
         self._updating = threading.Lock()       # one update at a time (jobs, gpu and energy collectors share it)
@@ -340,12 +341,14 @@ class JobTracker:
         # job): trees whose root is in another tree go first, and a process counts once, in the innermost job.
         roots = {tree.mapping.pid for tree in self._live}
         depth = Counter(pid for tree in self._live for pid in roots & tree.members.keys())
-        root_times: dict[int, tuple[int, float]] = {}     # a live root's parent pid and whole CPU time
+        root_parents: dict[int, int] = {}                 # a live root's parent pid
+        tree_times: dict[int, dict[tuple[int, int], float]] = {}    # per live root: its processes' whole CPU time
         for tree in sorted(self._live, key=lambda tree: -depth[tree.mapping.pid]):
             job_id = tree.mapping.job_id
             job = usage.setdefault(job_id, JobUsage())
             gpus.setdefault(job_id, set()).update(tree.mapping.gpus)
             counted, gone = 0.0, False
+            times = tree_times.setdefault(tree.mapping.pid, {})
             for pid, start_ticks in tree.members.items():
                 if pid in job_of_pid:
                     continue  # a process in two ranks' trees counts once
@@ -358,8 +361,9 @@ class JobTracker:
                 job_of_pid[pid] = job_id
                 seconds = (int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])) / ticks
                 counted += seconds
+                times[pid, start_ticks] = seconds
                 if pid == tree.mapping.pid:
-                    root_times[pid] = (int(fields[1]), seconds)
+                    root_parents[pid] = int(fields[1])
                 job.rss_bytes += int(fields[21]) * self.page_bytes
                 job.processes += 1
             if gone:        # a rank that ended: its time stays the job's (as of its last sample)
@@ -375,7 +379,8 @@ class JobTracker:
                     base = counted if job_id in self._cpu_floor else 0.0
                 alive.append((tree, counted, base))
                 job.cpu_seconds += counted - base
-        nested, reaped = self._reaped_jobs([tree for tree, _counted, _base in alive], root_times, job_of_pid)
+        nested, reaped = self._reaped_jobs([tree for tree, _counted, _base in alive], root_parents, tree_times,
+                                           job_of_pid)
         # Everything is read: commit.
         for tree, counted, base in alive:
             tree.cpu_base, tree.cpu_seconds = base, counted - base
@@ -403,29 +408,33 @@ class JobTracker:
         return JobsSnapshot(usage, job_of_pid,
                             {job_id: frozenset(indices) for job_id, indices in gpus.items() if job_id in usage})
 
-    def _reaped_jobs(self, live: list[_Tree], root_times: dict[int, tuple[int, float]],
-                     job_of_pid: dict[int, str]) -> tuple[dict[tuple[int, int], tuple[str, float]], dict[str, float]]:
-        """A job's root process whose parent is another (outer) job's counts in its own job. Once its own job no
-        longer counts it (its mapping file went as it ended, or it was reaped), the outer job would count it from
-        the start: directly while it lives on in its tree, then in the parent's cutime. Its whole CPU time as its
-        own job last counted it is taken off the outer job then, unless it left the outer job's tree alive.
+    def _reaped_jobs(self, live: list[_Tree], root_parents: dict[int, int],
+                     tree_times: dict[int, dict[tuple[int, int], float]], job_of_pid: dict[int, str]
+                     ) -> tuple[dict[tuple[int, int], tuple[str, dict[tuple[int, int], float]]], dict[str, float]]:
+        """A job's root process whose parent is another (outer) job's counts in its own job, with its tree. Once its
+        own job no longer counts it (its mapping file went as it ended, or it was reaped), the outer job would count
+        its tree's processes from their start: directly while they live on in its tree, then in their reapers'
+        cutime. The whole CPU time of each as its own job last counted it is taken off the outer job then, unless
+        it left the outer job's tree alive (its parent not the outer job's). Each, not the root's alone: a worker
+        alive until its trial ended (a persistent DataLoader worker) was counted again in the outer job, directly
+        or in the root's time once the root reaped it.
         The same holds for a rank whose parent is another rank of its own job (a rank that spawns the others):
         the job keeps the ended rank's time (_note_departed, _measure) and its parent's cutime had it again.
         Returns the nested roots now and the time to take off each outer job now, for _measure to commit."""
         nested, reaped = {}, {}
         for tree in live:
             pid = tree.mapping.pid
-            if pid in root_times:
-                parent, seconds = root_times[pid]
-                outer = job_of_pid.get(parent)
+            if pid in root_parents:
+                outer = job_of_pid.get(root_parents[pid])
                 if outer is not None:
-                    nested[(pid, tree.mapping.start_ticks)] = (outer, seconds)
-        for (pid, start_ticks), (outer, seconds) in self._nested.items():
-            if (pid, start_ticks) in nested:
+                    nested[(pid, tree.mapping.start_ticks)] = (outer, tree_times[pid])
+        for root, (outer, times) in self._nested.items():
+            if root in nested:
                 continue
-            fields = self._read_stat(pid)
-            if fields is None or int(fields[19]) != start_ticks or job_of_pid.get(int(fields[1])) == outer:
-                reaped[outer] = reaped.get(outer, 0.0) + seconds
+            for (pid, start_ticks), seconds in times.items():
+                fields = self._read_stat(pid)
+                if fields is None or int(fields[19]) != start_ticks or job_of_pid.get(int(fields[1])) == outer:
+                    reaped[outer] = reaped.get(outer, 0.0) + seconds
         return nested, reaped
 
     def refresh_trees(self, now: float) -> None:

@@ -295,12 +295,25 @@ def test_a_number_no_mapping_can_hold_is_that_files_fault_only(planted, tmp_path
     assert "mnist-1" in jobs and "evil" not in jobs
 
 
+# Burns 1 s of CPU at its first line, says so, and ends at its second (or at the end of its stdin).
+BURNING_TRIAL = ("import sys, time\nsys.stdin.readline()\nend = time.process_time() + 1.0\n"
+                 "while time.process_time() < end: pass\nprint('burnt', flush=True)\nsys.stdin.readline()")
+# The same, its CPU time burnt by a worker it started (a DataLoader's persistent worker, a compile worker), alive
+# until the trial ends, which stops and reaps it.
+WORKER_TRIAL = f"""
+import subprocess, sys
+worker = subprocess.Popen([sys.executable, "-c", {BURNING_TRIAL!r}], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          text=True)
+sys.stdin.readline()
+worker.stdin.write("go\\n"); worker.stdin.flush()
+print(worker.stdout.readline().strip(), flush=True)
+sys.stdin.readline()
+worker.stdin.close(); worker.wait()
+"""
+# Runs the trial given as its argument.
 NESTED_DRIVER = r"""
 import subprocess, sys
-trial = subprocess.Popen([sys.executable, "-c",
-    "import sys, time\nsys.stdin.readline()\nend = time.process_time() + 1.0\n"
-    "while time.process_time() < end: pass\nprint('burnt', flush=True)\nsys.stdin.readline()"],
-    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+trial = subprocess.Popen([sys.executable, "-c", sys.argv[1]], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 print(trial.pid, flush=True)
 sys.stdin.readline()
 trial.stdin.write("go\n"); trial.stdin.flush()
@@ -330,6 +343,11 @@ def burn_and_reap(driver: subprocess.Popen, sample, remove_first: Path | None) -
     return before, burnt, [sample() for _ in range(3)][-1]
 
 
+def start_driver(trial: str = BURNING_TRIAL) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", NESTED_DRIVER, trial], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+
+
 def stop_driver(driver: subprocess.Popen) -> None:
     driver.stdin.close()
     driver.kill()
@@ -343,8 +361,7 @@ def test_a_job_run_by_another_job_counts_in_its_own_job_only(outer_id, inner_id,
     in the driver's job (the trial's had no series), or in the trial's and then again in the driver's, once the
     driver reaped it (its time in the driver's cutime) or once the trial's file went as it ended: a 1 s trial
     added ~1 s to the driver's job within one sample."""
-    driver = subprocess.Popen([sys.executable, "-c", NESTED_DRIVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              text=True)
+    driver = start_driver()
     try:
         trial_pid = int(driver.stdout.readline())
         write_job_mapping(tmp_path, JobMapping(job_id=outer_id, pid=driver.pid, start_ticks=process_start_ticks(
@@ -373,8 +390,7 @@ def test_a_job_run_by_another_job_counts_in_its_own_job_only(outer_id, inner_id,
 def test_a_rank_started_by_another_rank_of_its_job_counts_once_when_it_ends(file_removed_first, tmp_path):
     """Rank 0 spawns rank 1 (one job id): rank 1's 1 s of CPU stayed in the job as the time of a rank that ended,
     and came back in rank 0's cutime once rank 0 reaped it (or directly, once its file went): 2 s in the counter."""
-    driver = subprocess.Popen([sys.executable, "-c", NESTED_DRIVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              text=True)
+    driver = start_driver()
     try:
         rank1_pid = int(driver.stdout.readline())
         write_job_mapping(tmp_path, JobMapping(job_id="ddp", pid=driver.pid, rank=0))
@@ -393,6 +409,35 @@ def test_a_rank_started_by_another_rank_of_its_job_counts_once_when_it_ends(file
         stop_driver(driver)
     assert burnt - before >= 0.9
     assert after - burnt < 0.3, (before, burnt, after)      # rank 0 itself did little
+
+
+@pytest.mark.parametrize("file_removed_first", [False, True])
+@pytest.mark.parametrize("kind", ["nested job", "rank"])
+def test_the_time_of_an_inner_jobs_live_workers_counts_once_when_it_ends(kind, file_removed_first, tmp_path):
+    """The two tests above with the trial's (rank 1's) second burnt by a worker of its own, alive until the trial
+    ends (a persistent DataLoader worker): only the trial's own time was taken off the driver's job, which then
+    counted the worker's again, directly once the trial's file went, or in the trial's time once the trial reaped
+    it and ended within one sample: the sweep driver's job (or the ranks' job, a second time) grew by ~1 s."""
+    driver = start_driver(WORKER_TRIAL)
+    outer, inner = ("sweep", "trial") if kind == "nested job" else ("ddp", "ddp")
+    try:
+        trial_pid = int(driver.stdout.readline())
+        write_job_mapping(tmp_path, JobMapping(job_id=outer, pid=driver.pid))
+        inner_file = write_job_mapping(tmp_path, JobMapping(job_id=inner, pid=trial_pid, rank=int(kind == "rank")))
+        tracker = JobTracker(tmp_path)
+        now = 0.0
+
+        def sample() -> dict[str, float]:
+            nonlocal now
+            now += 0.1
+            tracker.refresh_trees(now)
+            return {job_id: usage.cpu_seconds for job_id, usage in tracker.update(now).usage.items()}
+
+        before, burnt, after = burn_and_reap(driver, sample, inner_file if file_removed_first else None)
+    finally:
+        stop_driver(driver)
+    assert burnt[inner] - before[inner] >= 0.9
+    assert after[outer] - burnt[outer] < 0.3, (before, burnt, after)     # the driver itself did little
 
 
 def test_a_pid_reused_since_the_walks_parents_reading_is_not_the_jobs(tmp_path):
