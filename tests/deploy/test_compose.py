@@ -57,3 +57,23 @@ def test_no_service_takes_the_job_servers_port_that_prometheus_discovers_jobs_on
     address = sd_job["http_sd_configs"][0]["url"].split("/")[2]
     commands = [" ".join(map(str, service.get("command", []))) for service in compose()["services"].values()]
     assert not [command for command in commands if address in command]
+
+
+def test_the_exporters_energy_accounts_outlive_its_container():
+    """The exporter keeps its per-job energy accounts beside its --job-dir (job_energy.state_file_for): in the
+    compose stack that was the container's own layer, so a recreated container started every job's energy
+    counter from 0. They are in a named volume, writable, the job directory's read-only bind inside it."""
+    from trainmetrics.exporters.job_energy import state_file_for
+
+    stack = compose()
+    exporter = stack["services"]["exporter"]
+    command = exporter["command"]
+    state = state_file_for(Path(command[command.index("--job-dir") + 1]))
+    mounts = [volume.split(":") for volume in exporter["volumes"]]
+    # The mount the file is in: the one with the longest target that holds it.
+    holding = max((mount for mount in mounts if state.is_relative_to(mount[1])), key=lambda mount: len(mount[1]),
+                  default=None)
+    assert holding is not None, f"{state}: in no volume (the container's own layer)"
+    source, target, *options = holding
+    assert source in stack["volumes"], (source, target)
+    assert "ro" not in ",".join(options).split(",")
