@@ -33,8 +33,10 @@ class ProcessesCollector(Collector):
                 continue
             try:
                 stat = read_bytes(f"{self.proc_root}/{entry}/stat")
-            except (FileNotFoundError, ProcessLookupError):
-                continue  # exited while we listed
+            except (FileNotFoundError, ProcessLookupError, PermissionError):
+                # Exited while we listed; or another user's under hidepid=1 (an exporter not run as root), which
+                # is left out as hidepid=2 leaves it out of the listing: it failed every sample, no series at all.
+                continue
             # The command name may hold spaces and parentheses: the state follows the last ')'.
             code = stat[stat.rfind(b")") + 2:][:1]
             status = STATUS_BY_CODE.get(code)

@@ -108,3 +108,27 @@ def test_a_cpu_count_that_goes_back_is_held_and_a_hotplugged_cpu_starts_again(tm
     assert published(0.1, 900_013, 39_997) == (9000.13, 400.0)        # iowait 3 ticks back: held
     assert published(0.2, 900_020, 40_001) == (9000.2, 400.01)
     assert published(0.3, 1_000, 20) == (10.0, 0.2)                    # hotplugged: counts anew
+
+
+def test_processes_another_user_owns_under_hidepid_are_left_out_not_a_failed_sample(tmp_path, monkeypatch):
+    """/proc mounted with hidepid=1 and an exporter not run as root: another user's /proc/PID/stat is listed but
+    not readable (EACCES). That failed every sample of the processes collector, which published nothing; such a
+    process is left out, as hidepid=2 leaves it out of the listing."""
+    from trainmetrics.exporters.collectors import processes
+
+    for pid, state in ((1, "S"), (2, "R"), (3, "S")):
+        (tmp_path / str(pid)).mkdir()
+        (tmp_path / str(pid) / "stat").write_text(f"{pid} (a b) c) {state} 1 1 1\n")
+    read_bytes = processes.read_bytes
+
+    def hidden(path: str) -> bytes:
+        if path.endswith("/3/stat"):
+            raise PermissionError(13, "Permission denied", path)
+        return read_bytes(path)
+
+    monkeypatch.setattr(processes, "read_bytes", hidden)
+    collector = processes.ProcessesCollector(tmp_path)
+    collector.sample_slow(0.0)
+    (family,) = collector.collect()
+    counts = {sample.labels["status"]: sample.value for sample in family.samples}
+    assert (counts["sleeping"], counts["running"]) == (1, 1)
