@@ -66,9 +66,15 @@ def job_selector(metric: str, job_id: str, extra: str = "") -> str:
     return f"{metric}{{job_id={quote_job_id(job_id)}{extra}}}"
 
 
+def milliseconds(seconds: float) -> int:
+    """Seconds in whole milliseconds, rounded up, at least 1. Rounded to a nanosecond first: 4.03 s is
+    4030.0000000000005 ms in binary floating point, and the trends' points 4030 ms apart each read 4031 ms."""
+    return max(1, math.ceil(round(seconds * 1000, 6)))
+
+
 def duration(seconds: float) -> str:
     """A PromQL duration literal in whole milliseconds, at least 1 ms."""
-    return f"{max(1, math.ceil(seconds * 1000))}ms"
+    return f"{milliseconds(seconds)}ms"
 
 
 def range_step(range_seconds: float) -> float:
@@ -138,7 +144,7 @@ def grid(seconds: float, at: float, step: float | None = None) -> str:
 def rate_window_ms(step: float) -> int:
     """The window a point `step` seconds after the previous one reads, in whole milliseconds: its whole
     step, and at least PEAK_RATE_WINDOW_SECONDS for a counter's growth (the peak grid and the trends)."""
-    return max(1, math.ceil(max(PEAK_RATE_WINDOW_SECONDS, step) * 1000))
+    return milliseconds(max(PEAK_RATE_WINDOW_SECONDS, step))
 
 
 def step_window(seconds: float) -> str:
@@ -341,9 +347,9 @@ def peak_grid(seconds: float, at: float) -> tuple[float, float, str]:
     (so a backend that aligns range queries to the step, as VictoriaMetrics does, moves nothing), and its
     step is the same millisecond duration literal.
     """
-    step_ms = max(1, math.ceil(peak_step(seconds) * 1000))
+    step_ms = milliseconds(peak_step(seconds))
     end_ms = round(float(timestamp_literal(at)) * 1000)   # the instant an `@ T` literal names
-    first_ms = end_ms - max(1, math.ceil(seconds * 1000))
+    first_ms = end_ms - milliseconds(seconds)
     first_ms = -(-first_ms // step_ms) * step_ms
     last_ms = first_ms + (end_ms - first_ms) // step_ms * step_ms
     if first_ms > end_ms:
@@ -671,10 +677,17 @@ def fleet_goodput(range_seconds: float, now: float) -> dict[str, str]:
 # Not rate(): Prometheus extrapolates to the window's edges and VictoriaMetrics takes the sample before the
 # window instead, so the same data would give two different trends.
 def _raw_window_increase(counter: str) -> str:
-    """For raw series, whatever their scrape interval: the count before the window from an `offset` match."""
+    """For raw series, whatever their scrape interval: the count before the window is the newest in the window
+    before it (what the point before took as its newest), else an `offset` match (no sample in that window).
+    Not the `offset` match alone: a failed scrape (a busy trainer past the scrape timeout) marks the target's
+    series stale until its next one, a window starting in that gap matched nothing, and its first count in the
+    window stood for the count before it: what the job counted across the gap went into no window (100 of 524
+    samples). A process unscraped for a whole window or more, stale throughout, still counts from its first count
+    after it."""
     newest = f"max_over_time({counter}[{{window}}])"
-    return (f"sum((({newest} - {counter} offset {{window}}) or ({newest} - min_over_time({counter}[{{window}}])))"
-            "{owned}) / {seconds} or vector(0)")
+    before = f"max_over_time({counter}[{{window}}] offset {{window}})"
+    return (f"sum((({newest} - {before}) or ({newest} - {counter} offset {{window}}) or "
+            f"({newest} - min_over_time({counter}[{{window}}]))){{owned}}) / {{seconds}} or vector(0)")
 
 
 def _recorded_window_increase(counter: str) -> str:

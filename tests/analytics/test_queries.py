@@ -217,3 +217,19 @@ def test_an_owner_enters_the_trends_as_it_is(recorded):
     for name in ("running_jobs", "samples_per_second"):
         expr = q.trend(name, 600.0, recorded=recorded, owner=owner)
         assert f'owner={q.quote_label_value(owner)}}}[600000ms]' in expr, expr
+
+
+@pytest.mark.parametrize("step", [4.03, 16.28, 2.007, 1.005, 360.0])
+def test_each_trend_point_reads_exactly_its_step(step):
+    """4.03 s is 4030.0000000000005 ms in binary floating point (967 s's default step): the trend grid's points
+    were 4030 ms apart while each read 4031 ms, rounded up, and divided by 4.031 s, so the points times the step
+    missed the samples by a part in 4,000, and a sample in the millisecond two points both read counted twice."""
+    _, _, literal = q.trend_grid(86400, step, 1_796_476_107.75)
+    for name in ("samples_per_second", "running_jobs"):
+        expr = q.trend(name, step)
+        assert set(re.findall(r"\[(\d+ms)\]", expr)) == {literal}, expr
+        assert set(re.findall(r"offset (\d+ms)", expr)) <= {literal}, expr
+    assert f") / {int(literal.removesuffix('ms')) / 1000!r} or" in q.trend("samples_per_second", step)
+    # (the peak grid's points, a step over a second apart, still read one step each)
+    for window in (1007.5, 4070.0):
+        assert q.peak_grid(window, 1_796_476_107.75)[2] == q.step_window(window)
