@@ -61,6 +61,9 @@ SETTLE_SECONDS = 1.0
 RELIST_SECONDS = 10.0               # and a listing anyway now and then (a file rewritten in place)
 # How long one reading of every process's parent serves the tree walks (ProcessFamilies): one pass's walks.
 PARENTS_MAX_AGE = 0.5
+# Passes over the trees one measurement takes at most: one is read again when a nested job's root was reaped
+# during it (_measure_pass); the last is taken as it is (a sweep whose trials keep ending within microseconds).
+MEASURE_TRIES = 3
 # What a read of /proc/PID/stat fails with when there is no process to count: ENOENT (it exited before the open),
 # ESRCH (exited between the open and the read), EACCES or EPERM (another user's, under hidepid=1: for as long as it
 # runs). Any other error (EMFILE, ENFILE, ENOMEM...) says nothing of the process: it fails the pass, which is done
@@ -293,6 +296,11 @@ class JobTracker:
         except NO_PROCESS:
             return None
 
+    def _gone(self, pid: int, start_ticks: int) -> bool:
+        """True when the process is no longer there (reaped: a zombie is still there), or its pid is another's."""
+        fields = self._read_stat(pid)
+        return fields is None or int(fields[19]) != start_ticks
+
     def _read_stat(self, pid: int) -> list[bytes] | None:
         """The fields of /proc/PID/stat after the command name, or None when there is no process to count (gone,
         never one, not ours to read); raises OSError on another error, which says nothing of the process."""
@@ -327,6 +335,15 @@ class JobTracker:
         return self.snapshot
 
     def _measure(self) -> JobsSnapshot:
+        for _ in range(MEASURE_TRIES - 1):
+            snapshot = self._measure_pass(recheck=True)
+            if snapshot is not None:
+                return snapshot
+        return self._measure_pass(recheck=False)
+
+    def _measure_pass(self, recheck: bool) -> JobsSnapshot | None:
+        """One reading of every live tree, committed; None (nothing committed) when `recheck` finds a nested root
+        reaped during the pass."""
         # A read may fail for a reason of the host's (_read_stat raises): the pass then changes nothing, and the
         # next sample does it again. It reads everything first and commits after: a tree marked dead, _departed
         # emptied or a nested root's time taken off before the failure would lose a rank's time or count it twice.
@@ -381,6 +398,13 @@ class JobTracker:
                 job.cpu_seconds += counted - base
         nested, reaped = self._reaped_jobs([tree for tree, _counted, _base in alive], root_parents, tree_times,
                                            job_of_pid)
+        # Inner trees are read before outer ones (the innermost job claims a process), so a nested root reaped by
+        # the outer job's process between its own reading and its reaper's had its time counted in this pass twice:
+        # in its job, and in the reaper's cutime (held for good by the outer job's counter floor, until its own time
+        # caught up: a sweep driver's job grew by a whole trial's CPU time). Found still there now, it was not
+        # reaped when its reaper was read; else the pass is read again, in which it is gone from the start.
+        if recheck and any(self._gone(pid, start_ticks) for pid, start_ticks in nested):
+            return None
         # Everything is read: commit.
         for tree, counted, base in alive:
             tree.cpu_base, tree.cpu_seconds = base, counted - base

@@ -556,3 +556,54 @@ def test_a_job_counted_while_out_of_fds_is_counted_again_exactly(tmp_path, out_o
     # without them: 6 J, here what each interval's own share would have been (2 J + 4 J).
     assert node.sample(4.0, 11_200, {100: 1_300, 101: 2_200}, 32_000_000) == {
         "success": 1, "cpu": 13.0 + 22.0 + 31.0, "processes": 2, "energy": 18.0}
+
+
+@pytest.mark.parametrize("kind", ["nested job", "rank"])
+def test_a_nested_root_reaped_between_its_reading_and_its_reapers_counts_once(kind, tmp_path):
+    """Inner trees are read first (the innermost job claims a process): a trial reaped by its driver after the
+    trial's reading and before the driver's was counted twice in that pass, in its job and in the driver's cutime,
+    and the driver job's counter floor held the extra second for good (until the driver's own time caught up)."""
+    driver = start_driver()
+    outer, inner = ("sweep", "trial") if kind == "nested job" else ("ddp", "ddp")
+    try:
+        trial_pid = int(driver.stdout.readline())
+        write_job_mapping(tmp_path, JobMapping(job_id=outer, pid=driver.pid))
+        write_job_mapping(tmp_path, JobMapping(job_id=inner, pid=trial_pid, rank=int(kind == "rank")))
+        tracker = JobTracker(tmp_path)
+        now = 0.0
+
+        def sample() -> dict[str, float]:
+            nonlocal now
+            now += 0.1
+            tracker.refresh_trees(now)
+            return {job_id: usage.cpu_seconds for job_id, usage in tracker.update(now).usage.items()}
+
+        before = sample()
+        driver.stdin.write("go\n")
+        driver.stdin.flush()
+        assert driver.stdout.readline().strip() == "burnt"
+        burnt = sample()
+        read_stat, measure, racing, measuring = tracker._read_stat, tracker._measure, [True], [False]
+
+        def measured():
+            measuring[0] = True
+            try:
+                return measure()
+            finally:
+                measuring[0] = False
+
+        def reaped_after_its_reading(pid: int):
+            fields = read_stat(pid)
+            if racing[0] and measuring[0] and pid == trial_pid:     # its reading: its driver reaps it now
+                racing[0] = False
+                driver.stdin.write("end\n")
+                driver.stdin.flush()
+                assert driver.stdout.readline().strip() == "reaped"
+            return fields
+
+        tracker._read_stat, tracker._measure = reaped_after_its_reading, measured
+        after = [sample() for _ in range(3)][-1]
+    finally:
+        stop_driver(driver)
+    assert not racing[0] and burnt[inner] - before[inner] >= 0.9
+    assert after[outer] - burnt[outer] < 0.3, (before, burnt, after)     # the driver itself did little
