@@ -47,7 +47,8 @@ class UpTime:
     def __init__(self, store):
         self._store, self._noted = store, None
         last = store.last_alive()
-        self.downtime = 0.0 if last is None else max(0.0, time.time() - last)
+        # (Not a number: a hand-edited row, SQLite keeps text in a REAL column. No server's note then.)
+        self.downtime = max(0.0, time.time() - last) if isinstance(last, (int, float)) else 0.0
 
     def note(self) -> None:
         """Note that the server is up (at most every ALIVE_NOTE_SECONDS); on the state thread."""

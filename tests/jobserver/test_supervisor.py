@@ -988,4 +988,6 @@ def test_the_hour_a_report_is_asked_for_counts_the_servers_up_time(tmp_path):
     store.update_job("cancelled-1", report=None)
     assert service.waiting_jobs() == []
     assert reports.UpTime(store).downtime < 5
+    store._execute("UPDATE server SET value = 'yesterday' WHERE name = 'alive'")     # edited by hand
+    assert reports.UpTime(store).downtime == 0.0
     store.close()
