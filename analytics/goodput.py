@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from trainmetrics.analytics import shapes
 from trainmetrics.analytics.lookup import JobFacts, Process, killed_run
 from trainmetrics.analytics.results import ratio, rounded, rows
-from trainmetrics.contract import STEP_PHASES, STOP_SIGNALS
+from trainmetrics.contract import FINAL_STATES, STEP_PHASES, STOP_SIGNALS
 
 # The ledger's phases, in a job's order; `step` is goodput, the others badput.
 LEDGER_PHASES = ("queued", "init", "restore", "step", "data_wait", "eval", "checkpoint", "paused", "lost")
@@ -191,8 +191,8 @@ def fleet(found: dict[str, list[dict]], processes: dict[tuple[str, str], Process
     """The fleet's goodput over (range_start, now] for the jobs in job_ids: queries.fleet_goodput's answer and
     the fleet's processes (their stops). Phases grow from each process's first scrape; queued is each job's
     submission to its first process's start (or to now, still queued; or to its cancel), paused each gap from a
-    process's stop to the next one's start (or to now, paused; or to its cancel), and a job's wait before its
-    first run in the range when it ran before the range; all cut to the range."""
+    process's stop to the next one's start (or to now, paused or queued to resume; or to its cancel), and a job's
+    wait before its first run in the range when it ran before the range; all cut to the range."""
     def within(begin: float, end: float) -> float:
         return max(0.0, min(end, now) - max(begin, range_start))
 
@@ -209,21 +209,31 @@ def fleet(found: dict[str, list[dict]], processes: dict[tuple[str, str], Process
         if labels.get("job_id") in job_ids and value is not None:
             starts.setdefault(labels["job_id"], []).append((value, labels.get("instance", "")))
     # A job that ran before the range: its wait before its first run in the range (or all of it, none there) was
-    # a pause. Its first run there resumed one from before (counts more checkpoints than it wrote), or, with no run
-    # in the range, it was paused in it. (Counted as queued, a job paused a day showed a day's queue.)
+    # a pause. Its first run there resumed one from before (counts more checkpoints than it wrote), or the job was
+    # paused or waiting to resume at the range's start (a run after a pause before any checkpoint starts afresh:
+    # its wait was counted as queued), or, with no run in the range, it was paused in it (not so with one: a job
+    # queued to its first run there and paused after it). (Counted as queued, a job paused a day showed a day's
+    # queue.)
     written = {(labels.get("job_id"), labels.get("instance")): value or 0.0
                for labels, value in rows(found.get("written", []))}
     resumed = {key for labels, value in rows(found.get("counted", []))
                for key in [(labels.get("job_id"), labels.get("instance"))] if (value or 0.0) > written.get(key, 0.0)}
     paused_in_range = {labels.get("job_id") for labels, _ in rows(found.get("paused", []))}
+    paused_at_start = {labels.get("job_id") for labels, _ in rows(found.get("paused_at_start", []))}
     server_ends: dict[str, float] = {}      # jobs the server ended (cancelled while waiting): queued or paused to it
+    waiting: set[str] = set()               # jobs the job server says wait now (after a run: to resume)
     for (job_id, _), proc in processes.items():
-        if proc.ended_by_server:
+        # With a final state: an end followed by `queued` or `paused` was the notice of a killed run's death, and the
+        # job resumed since (taken for the job's end, it cut off the job's wait to resume, or its next pause).
+        if proc.ended_by_server and proc.state in FINAL_STATES:
             server_ends[job_id] = max(proc.end, server_ends.get(job_id, proc.end))
+        elif not proc.trainer and proc.live and proc.state in ("queued", "paused"):
+            waiting.add(job_id)
     for job_id in job_ids:
         runs = sorted(starts.get(job_id, []))
         waited_until = server_ends.get(job_id, now)
-        ran_before = (job_id, runs[0][1]) in resumed if runs else job_id in paused_in_range
+        ran_before = ((job_id, runs[0][1]) in resumed or job_id in paused_at_start) if runs else \
+            job_id in paused_in_range
         if job_id in submitted:
             seconds["paused" if ran_before else "queued"] += within(submitted[job_id],
                                                                      runs[0][0] if runs else waited_until)
@@ -232,8 +242,16 @@ def fleet(found: dict[str, list[dict]], processes: dict[tuple[str, str], Process
             stop = stopped.stop(now) if stopped is not None else None
             if stop is not None:
                 seconds["paused"] += within(stop, following)
-        if stops and stops[-1] is not None and stops[-1].state == "paused" and stops[-1].end is not None:
-            seconds["paused"] += within(stops[-1].end, waited_until)
+        # After its last run the job waited, paused, to now or to the server's end of it, as the next run's start
+        # would close that gap: that run paused, or it failed and the job was queued to resume (the job server says
+        # it waits now; or, after a run that failed with its own state, the server ended the job since: cancelled
+        # in that wait). (Counted for paused runs only, a failed job's wait to resume was nothing until it ran.) Not
+        # after a kill the server ended the job for: its end is the notice of the death, the job ended with the run.
+        last = stops[-1] if stops else None
+        stop = last.stop(now) if last is not None else None
+        if stop is not None and (job_id in waiting or last.end is not None and (
+                last.state == "paused" or job_id in server_ends)):
+            seconds["paused"] += within(stop, waited_until)
     total = sum(seconds.values())
     return shapes.FleetGoodput(
         goodput_ratio=rounded(ratio(seconds["step"], total)),

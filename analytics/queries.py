@@ -647,6 +647,10 @@ def _newest_part(name: str, range_seconds: float, now: float | None, split: floa
                         f"last_over_time({RAW[name]}{over(split - (now - range_seconds), split)})"))
 
 
+# How far back a series' state at a moment is read: Prometheus' lookback for an instant query (its default).
+STATE_LOOKBACK_SECONDS = 300.0
+
+
 def fleet_goodput(range_seconds: float, now: float) -> dict[str, str]:
     """What the fleet's goodput over the range needs (goodput.fleet): each job's rank-0 seconds per phase
     grown within the range (`phases`: a process's last less its first value, exact from its first scrape,
@@ -655,16 +659,23 @@ def fleet_goodput(range_seconds: float, now: float) -> dict[str, str]:
     range before its first run there as a pause, not a queue: each process's checkpoints counted and written
     (`counted`, `written`: one that counts more resumed a run from before it) and the jobs paused in the range
     (`paused`: by their trainer's state or the job server's) or queued again to resume (the job server's
-    trainer_job_resuming)."""
+    trainer_job_resuming), and those paused or waiting to resume at the range's start (`paused_at_start`: in the
+    lookback before it, as an instant query reads a state, a stale marker of a failed scrape or of the job server's
+    restart not ending it)."""
     window = over(range_seconds, now)
     phases = f'{Trainer.PHASE_SECONDS}{{rank=~"0|"}}{window}'
+
+    def paused(window: str) -> str:
+        return (f'max by (job_id) (max_over_time({Trainer.JOB_STATE}{{state="paused"}}{window})) == 1 '
+                f"or max by (job_id) (max_over_time({Trainer.JOB_RESUMING}{window})) == 1")
+
     return {"phases": f"sum by (job_id, phase) (max_over_time({phases}) - min_over_time({phases}))",
             "process_start": f'last_over_time({Trainer.PROCESS_START}{{rank=~"0|"}}{window})',
             "submitted": f"max by (job_id) (last_over_time({Trainer.JOB_SUBMITTED}{window}))",
             "counted": f'last_over_time({Trainer.CHECKPOINTS}{{rank=~"0|"}}{window})',
             "written": f'last_over_time({Trainer.CHECKPOINT_DURATION}_count{{rank=~"0|"}}{window})',
-            "paused": f'max by (job_id) (max_over_time({Trainer.JOB_STATE}{{state="paused"}}{window})) == 1 '
-                      f"or max by (job_id) (max_over_time({Trainer.JOB_RESUMING}{window})) == 1"}
+            "paused": paused(window),
+            "paused_at_start": paused(over(STATE_LOOKBACK_SECONDS, now - range_seconds))}
 
 
 # Resource trends over the summary range (range queries). Each point covers the step before it, so a
