@@ -8,7 +8,7 @@ import math
 import ipaddress
 from pathlib import Path
 
-from trainmetrics.command import FlagError, check_directory
+from trainmetrics.command import FlagError, check_directory, check_writable
 
 # The file in the data dir a server holds an exclusive lock on for its life: one server per data dir.
 LOCK_NAME = "server.lock"
@@ -113,6 +113,11 @@ def jobserver_settings(args: argparse.Namespace, host: str, web_config):
     check_directory("--data-dir", args.data_dir)
     if args.job_dir is not None:
         check_directory("--job-dir", args.job_dir)
+        if args.executor == "local":
+            # Every local job writes its mapping file there (a Ray job on its node): one this user cannot write
+            # in started a server whose every job failed as bad input.
+            existing = next(part for part in (args.job_dir, *args.job_dir.absolute().parents) if part.exists())
+            check_writable("--job-dir", args.job_dir, existing)
     if args.executor == "ray":
         if not args.ray_address or not args.ray_address.startswith(("http://", "https://")):
             raise FlagError("--ray-address", "--executor ray needs the cluster's dashboard URL, e.g. http://HEAD:8265")

@@ -90,11 +90,13 @@ async def receive_dataset(request: Request, name: str, target: str | None, datas
     began = time.monotonic()
     fd, tmp_name = tempfile.mkstemp(dir=datasets_dir, prefix=UPLOAD_PREFIX)
     size = 0
+    line_break = False
     try:
         with os.fdopen(fd, "wb") as handle:
             batch = bytearray()
             async for chunk in request.stream():
                 size += len(chunk)
+                line_break = line_break or b"\n" in chunk or b"\r" in chunk
                 if size > max_bytes:
                     raise ApiError(413, "too_large", f"upload exceeds {max_bytes} bytes")
                 batch += chunk
@@ -104,6 +106,11 @@ async def receive_dataset(request: Request, name: str, target: str | None, datas
             await anyio.to_thread.run_sync(handle.write, bytes(batch))
         if size == 0:
             raise ApiError(400, "bad_dataset", "empty upload")
+        if suffix == ".csv" and not line_break:
+            # `curl -d @FILE` strips the file's line breaks: its rows, run together, read as one header line of
+            # thousands of columns without the target ("no target column 'label' among its 115073 columns").
+            raise ApiError(400, "bad_dataset", "one line, no line break: a header and its rows need lines (curl -d "
+                                               "strips line breaks: send the file with curl --data-binary @FILE)")
         rows, features = await anyio.to_thread.run_sync(inspect_dataset, Path(tmp_name), DATASET_FORMATS[suffix],
                                                         NPZ_INFLATION_LIMIT * max_bytes, target, limiter=inspections)
         dataset_id, final_path = _claim_dataset_name(datasets_dir, suffix)

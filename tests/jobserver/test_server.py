@@ -372,6 +372,16 @@ def test_wrapped_uploads_are_415(server_only):
     assert list((server_only.data_dir / "datasets").iterdir()) == []
 
 
+def test_a_csv_whose_line_breaks_curl_d_stripped_is_told_to_use_data_binary(server_only):
+    """`curl -d @train.csv` sends the file without its line breaks: the answer named a missing target column among
+    the thousands of columns of one long header line."""
+    stripped = b"a,label\n1,0\n2,1\n3,0\n".replace(b"\n", b"")
+    response = server_only.client().post("/api/training/datasets", params={"name": "train.csv"}, content=stripped)
+    assert response.status_code == 400 and response.json()["error"]["code"] == "bad_dataset", response.text
+    assert "--data-binary" in response.json()["error"]["message"], response.text
+    assert list((server_only.data_dir / "datasets").iterdir()) == []
+
+
 def test_tokens_scope_jobs_to_their_owner(tmp_path):
     tokens = write_tokens(tmp_path / "tokens")
     server = Server(tmp_path, extra=("--tokens", str(tokens)))

@@ -77,6 +77,9 @@ BAD = [
     (["server", "--data-dir", "/tmp/x", "--linger-timeout", "inf", "--listen", "127.0.0.1:0"], "--linger-timeout"),
     (["server", "--data-dir", "/tmp/x", "--job-dir", "/proc/self/status", "--listen", "127.0.0.1:0"],
      "--job-dir: '/proc/self/status' is not a directory"),
+    # The same: a job dir it cannot write in (made by `sudo install -d`, /var/lib/trainmetrics not there for a user).
+    (["server", "--data-dir", "/tmp/x", "--job-dir", "/sys/nope", "--listen", "127.0.0.1:0"],
+     "--job-dir: '/sys/nope': cannot write in '/sys'"),
     (["train", "--epochs", "0"], "--epochs"),
     # The demo started the whole stack, then died in a traceback on the job server's 400.
     (["demo", "--epochs", "-1"], "--epochs"),
