@@ -11,7 +11,7 @@ from trainmetrics.analytics import goodput, scoring, shapes
 from trainmetrics.analytics.cache import AnalyticsCache, cached_jobs_analytics
 from trainmetrics.analytics.job import NO_GPU_ENERGY
 from trainmetrics.analytics.lookup import (ENDED, Process, hold_missed_scrapes, hold_while_a_rank_runs, in_order,
-                                          killed_run, speakers, status_of, timeline_of)
+                                          job_status, killed_run, speakers, timeline_of)
 from trainmetrics.analytics.prometheus import PrometheusClient
 from trainmetrics.analytics.results import number, query_parts, ratio, rounded, rows, scalar
 from trainmetrics.contract import FINAL_STATES, validate_job_id
@@ -53,14 +53,15 @@ async def _fleet(client: PrometheusClient, range_seconds: float, now: float, spl
         results = await asyncio.gather(*(client.query(expr, now) for expr in state_parts.values()))
         return dict(zip(state_parts, results))
 
-    starts, ends, states, infos, samples, losses, live = await asyncio.gather(
+    starts, ends, states, infos, samples, losses, live, resuming = await asyncio.gather(
         client.query(q.fleet_start(range_seconds, now, split), now),
         client.query(q.fleet_end(range_seconds, now, split), now),
         each_state(),
         client.query(q.fleet_info(range_seconds, now, split), now) if details else nothing(),
         client.query(q.fleet_samples(range_seconds, now, split), now),
         client.query(q.fleet_loss(range_seconds, now, split), now) if details else nothing(),
-        client.query(q.fleet_live(), now))
+        client.query(q.fleet_live(), now),
+        client.query(q.fleet_resuming(range_seconds, now), now))
     processes: dict[tuple[str, str], Process] = {}
 
     def process(labels: dict) -> Process:
@@ -85,6 +86,10 @@ async def _fleet(client: PrometheusClient, range_seconds: float, now: float, spl
                 chosen[key] = (rank, value or 0.0, labels.get("state"))
     for (job_id, instance), (_, _, state) in chosen.items():
         process({"job_id": job_id, "instance": instance}).state = state
+    for labels, value in rows(resuming):
+        proc = processes.get((labels.get("job_id", ""), labels.get("instance", "")))
+        if proc is not None:
+            proc.resuming = bool(value)
     scraped_now = {(labels.get("job_id", ""), labels.get("instance", "")) for labels, _ in rows(live)}
     for key, proc in processes.items():
         proc.live = key in scraped_now
@@ -103,12 +108,13 @@ async def _fleet(client: PrometheusClient, range_seconds: float, now: float, spl
     for (job_id, _), proc in processes.items():
         by_job.setdefault(job_id, []).append(proc)
     table, latest_instance = [], {}
-    jobs_scraped_now = {job_id for job_id, _ in scraped_now}
+    # (Not by the job server's entry of a job: scraped while the job waits to resume, it held a killed run live.)
+    jobs_scraped_now = {key[0] for key in scraped_now if key not in processes or processes[key].trainer}
     for job_id, procs in sorted(by_job.items()):
         procs = in_order(procs)
         latest = procs[-1]
         hold_while_a_rank_runs(latest, job_id in jobs_scraped_now)
-        status = status_of(latest)
+        status = job_status(procs)
         # A killed run's end and loss are the job's; the server that noticed the death gives only its state.
         latest = killed_run(procs) or latest
         # Who speaks for the job's metadata and final loss: its trainer processes, the killed run or else the newest

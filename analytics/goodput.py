@@ -101,8 +101,11 @@ def ledger(facts: JobFacts, found: dict[str, list[dict]]) -> shapes.Goodput:
     server_end = facts.latest.end if facts.latest is not None and facts.latest.ended_by_server else None
     if not runs:
         submitted = max((p.submitted for p in facts.processes if p.submitted is not None), default=submitted)
-        if server_end is not None and submitted is not None and submitted <= server_end:
-            return _queued_only(server_end - submitted)
+        # Never ran: queued to the job server's end of it (cancelled while queued), or to now while the server says it
+        # waits (its newest process: no trainer's came after it). (It had no ledger, "a trainer before the ledger".)
+        until = facts.now if server_end is None and facts.latest is not None and facts.latest.waiting else server_end
+        if until is not None and submitted is not None and submitted <= until:
+            return _queued_only(until - submitted)
         return shapes.Goodput(wall_clock_seconds=None, goodput_ratio=None, seconds={}, badput_percent={},
                               step_seconds_by_part={}, unaccounted_seconds=None, unavailable_reason=NO_PHASES)
     runs.sort(key=lambda run: run.started)
@@ -172,7 +175,7 @@ def ledger(facts: JobFacts, found: dict[str, list[dict]]) -> shapes.Goodput:
 
 
 def _queued_only(wall: float) -> shapes.Goodput:
-    """The ledger of a job that ended without ever running (cancelled while queued): all of it queued."""
+    """The ledger of a job that never ran (cancelled while queued, or queued still): all of it queued."""
     seconds = {name: wall if name == "queued" else 0.0 for name in LEDGER_PHASES}
     return shapes.Goodput(
         wall_clock_seconds=rounded(wall), goodput_ratio=0.0 if wall > 0 else None,
@@ -222,12 +225,15 @@ def fleet(found: dict[str, list[dict]], processes: dict[tuple[str, str], Process
     paused_at_start = {labels.get("job_id") for labels, _ in rows(found.get("paused_at_start", []))}
     server_ends: dict[str, float] = {}      # jobs the server ended (cancelled while waiting): queued or paused to it
     waiting: set[str] = set()               # jobs the job server says wait now (after a run: to resume)
+    waited: set[str] = set()                # jobs the server ended after they waited to resume (not a kill's notice)
     for (job_id, _), proc in processes.items():
         # With a final state: an end followed by `queued` or `paused` was the notice of a killed run's death, and the
         # job resumed since (taken for the job's end, it cut off the job's wait to resume, or its next pause).
         if proc.ended_by_server and proc.state in FINAL_STATES:
             server_ends[job_id] = max(proc.end, server_ends.get(job_id, proc.end))
-        elif not proc.trainer and proc.live and proc.state in ("queued", "paused"):
+            if proc.resuming:
+                waited.add(job_id)
+        elif proc.waiting:
             waiting.add(job_id)
     for job_id in job_ids:
         runs = sorted(starts.get(job_id, []))
@@ -245,11 +251,12 @@ def fleet(found: dict[str, list[dict]], processes: dict[tuple[str, str], Process
         # After its last run the job waited, paused, to now or to the server's end of it, as the next run's start
         # would close that gap: that run paused, or it failed and the job was queued to resume (the job server says
         # it waits now; or, after a run that failed with its own state, the server ended the job since: cancelled
-        # in that wait). (Counted for paused runs only, a failed job's wait to resume was nothing until it ran.) Not
-        # after a kill the server ended the job for: its end is the notice of the death, the job ended with the run.
+        # in that wait; or the server says it ended the job after such a wait, the last run killed too). (Counted for
+        # paused runs only, a failed job's wait to resume was nothing until it ran.) Not after a kill the server
+        # ended the job for: its end is the notice of the death, the job ended with the run.
         last = stops[-1] if stops else None
         stop = last.stop(now) if last is not None else None
-        if stop is not None and (job_id in waiting or last.end is not None and (
+        if stop is not None and (job_id in waiting or job_id in waited or last.end is not None and (
                 last.state == "paused" or job_id in server_ends)):
             seconds["paused"] += within(stop, waited_until)
     total = sum(seconds.values())

@@ -40,6 +40,9 @@ class Process:
     written: float | None = None        # checkpoints this process wrote itself
     process_start: float | None = None  # when the process itself started (before its imports)
     submitted: float | None = None      # when the job was submitted to the job server (its own series too)
+    # The job server's: the job ran before and waits to resume, or, with an end, had waited so when the server
+    # ended it (cancelled, or failed to start: an end of a wait, not the notice of a killed run's death).
+    resuming: bool = False
 
     def stop(self, now: float) -> float | None:
         """When it stopped running: its end, now while it is scraped, else when it was last seen."""
@@ -54,10 +57,17 @@ class Process:
         return any(t is not None for t in (self.start, self.last_seen, self.process_start))
 
     @property
+    def waiting(self) -> bool:
+        """The job server's state of a job that waits now (queued, to resume too, or paused): it publishes one only
+        while the job has no process, so it is the job's state now (job_status)."""
+        return not self.trainer and self.live and self.state in ("queued", "paused")
+
+    @property
     def ended_by_server(self) -> bool:
         """The job server's end of a job no process ended (cancelled while queued or paused, or never started):
-        newer than every process of the job, it speaks for the job."""
-        return not self.trainer and self.end is not None
+        newer than every process of the job, it speaks for the job. (Not while the server says the job waits: an
+        end read then is an older one's, a killed run's notice before the job was resumed.)"""
+        return not self.trainer and self.end is not None and not self.waiting
 
     @property
     def order(self) -> tuple[bool, float]:
@@ -153,8 +163,8 @@ class JobFacts:
 
     @property
     def live(self) -> bool:
-        """Some process is scraped now."""
-        return any(p.live for p in self.processes)
+        """Some process is scraped now (the job server's state of a waiting job is none: a paused job settles)."""
+        return any(p.live for p in self.processes if p.trainer)
 
     @property
     def settled(self) -> bool:
@@ -174,8 +184,8 @@ class JobFacts:
 
     @property
     def error_type(self) -> str | None:
-        """The exception class of the job's last run, when it failed."""
-        return self.latest.error_type if self.latest else None
+        """The exception class of the job's last run, when it failed (not once the job was resumed: queued)."""
+        return self.latest.error_type if self.latest and self.status == "failed" else None
 
     @property
     def finals(self) -> list[float] | None:
@@ -230,7 +240,9 @@ def killed_run(processes: list[Process]) -> Process | None:
     the server's end is its notice of the death, its state the job's, and the job ended with the process);
     None otherwise. `processes` oldest first."""
     trainers = [p for p in processes if p.trainer]
-    if not trainers or not processes[-1].ended_by_server:
+    # (Not an end the server gave the job after it waited to resume: cancelled, or failed to start, then. Taken for
+    # the notice, it ended the job at the kill, and the wait to that end was in no phase.)
+    if not trainers or not processes[-1].ended_by_server or processes[-1].resuming:
         return None
     newest = trainers[-1]
     return newest if newest.state not in STOPPED_STATES and not newest.live else None
@@ -258,6 +270,17 @@ def status_of(latest: Process) -> str:
     if status not in STOPPED_STATES and latest.trainer and not latest.live:
         return VANISHED
     return status
+
+
+def job_status(processes: list[Process]) -> str:
+    """A job's status as the job API says it: the job server's while it says the job waits (queued to resume after
+    a failure: its failed run, the newest process, said `failed`) and no process of the job is scraped (a run
+    started since is newer: the server's state goes at its next scrape), else its newest process's (status_of).
+    `processes` oldest first."""
+    waiting = next((p for p in processes if p.waiting), None)
+    if waiting is not None and not any(p.live for p in processes if p.trainer):
+        return waiting.state
+    return status_of(processes[-1])
 
 
 def fingerprint(found: dict[str, list[dict]]) -> frozenset:
@@ -312,8 +335,12 @@ class _Lookup:
             self.process(labels).process_start = value
         for labels, value in mine("submission"):
             self.process(labels).submitted = value
-        if live:    # answered at now: scraped now (a start at now, for trainers without a heartbeat)
-            for labels, _ in mine("heartbeat") + mine("start"):
+        for labels, value in mine("resuming"):
+            self.process(labels).resuming = bool(value)
+        if live:    # answered at now: scraped now (a start at now, for trainers without a heartbeat; the job
+            #         server's state of a job that waits now: Process.waiting)
+            waits = [(labels, value) for labels, value in mine("state") if labels.get("state") in ("queued", "paused")]
+            for labels, _ in mine("heartbeat") + mine("start") + waits:
                 self.process(labels).live = True
         self.info.extend(labels for labels, _ in mine("info"))
         self.upload.extend(value for _, value in mine("upload") if value is not None)
@@ -364,7 +391,7 @@ class _Lookup:
         info = next((by_instance[p.instance] for p in speakers(processes) if p.instance in by_instance),
                     self.info[0] if self.info else {})
         return JobFacts(job_id=self.job_id, info={k: v for k, v in info.items() if k not in INTERNAL_LABELS},
-                        status=status_of(latest), processes=processes, timeline=timeline_of(processes, now),
+                        status=job_status(processes), processes=processes, timeline=timeline_of(processes, now),
                         upload_seconds=max(self.upload) if self.upload else None,
                         owners=frozenset(labels.get("owner", "") for labels in self.info),
                         fingerprint=self.fingerprint, now=now, attributed_now=self.attributed_now)

@@ -175,6 +175,9 @@ def _lookup(job_id: str, r: str, instant: bool) -> dict[str, str]:
         "upload": last(Trainer.UPLOAD_DURATION),
         # The job server's submission time (a job that never ran has nothing else to start its ledger).
         "submission": last(Trainer.JOB_SUBMITTED),
+        # Whether it waits to resume; with the job server's end, whether the job had waited so until it (the end of
+        # that wait, not a killed run's notice: lookup.killed_run).
+        "resuming": last(Trainer.JOB_RESUMING),
         # When each process was last seen: the end of one that vanished.
         "heartbeat": last(Trainer.HEARTBEAT),
         # Checkpoints counted (a resumed process takes its run's count over) and written by the process itself.
@@ -596,6 +599,12 @@ def fleet_live() -> str:
     """Every job process scraped at the query's time (its series not stale): what runs now. (The state too:
     trainers from before the heartbeat have none.)"""
     return f"count by (job_id, instance) ({Trainer.HEARTBEAT} or {Trainer.JOB_STATE})"
+
+
+def fleet_resuming(range_seconds: float, now: float) -> str:
+    """The job server's last word over the range on whether each job waits to resume; with its end of the job,
+    whether the job had waited so until it (lookup.Process.resuming). Raw: the job server's series are sparse."""
+    return f"last_over_time({Trainer.JOB_RESUMING}{over(range_seconds, now)})"
 
 
 def fleet_last_seen(job_ids: list[str], range_seconds: float, now: float) -> dict[str, str]:

@@ -174,7 +174,8 @@ class WaitingJobsCollector:
         submitted = GaugeMetricFamily(Trainer.JOB_SUBMITTED, "Unix time the job was submitted.", labels=["job_id"])
         ended = GaugeMetricFamily(Trainer.JOB_END, "Unix time the job server ended the job (no process did).",
                                   labels=["job_id"])
-        resuming = GaugeMetricFamily(Trainer.JOB_RESUMING, "1 for a queued job that ran before: it waits to resume.",
+        resuming = GaugeMetricFamily(Trainer.JOB_RESUMING, "1 for a queued job that ran before: it waits to resume "
+                                     "(with an end: it had run and waited so when the server ended it).",
                                      labels=["job_id"])
         info = GaugeMetricFamily(Trainer.JOB_INFO, "Job metadata; always 1.", labels=["job_id", "job_name", "owner"])
         for waiting in self.server.waiting:
@@ -185,8 +186,9 @@ class WaitingJobsCollector:
             info.add_metric([job_id, waiting.job.name, waiting.job.owner or ""], 1)
             if waiting.end is not None:
                 ended.add_metric([job_id], waiting.end)
-            if waiting.resuming:
-                resuming.add_metric([job_id], 1)
+            # 0 too: the last value before or at an end says which end it is (a killed run's notice says 0, where
+            # the samples of the wait before that run said 1).
+            resuming.add_metric([job_id], int(waiting.resuming))
         yield family
         yield submitted
         yield ended

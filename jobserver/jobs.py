@@ -178,7 +178,9 @@ class JobService:
         job = self.job(caller, job_id)
         if outcome == "cancelled" and job.state in ("queued", "paused"):
             # No process publishes this end: the server does (waiting_jobs), for a job without a run handle.
-            self.store.update_job(job.id, state="cancelled", ended=time.time(), resume=False, pid=None, handle=None)
+            # (`resume` kept: the server says whether the job it ended had run and waited to resume, the end of that
+            # wait, not a run's: WaitingJob.resuming.)
+            self.store.update_job(job.id, state="cancelled", ended=time.time(), pid=None, handle=None)
             self.supervisor.abandon(job)
             return 200, self._view(self.store.get_job(job.id))
         try:
@@ -347,14 +349,16 @@ class JobService:
         # the job's last word, and the report stored then said `vanished` (`paused`) for good, or none was.
         unreported = self.uptime.asked_after(now) if self.settings.archive is not None else None
         ended = self.store.ended_without_run(FINAL_STATES, now - FINAL_STATE_HOLD_SECONDS, unreported)
-        return waiting + [WaitingJob(job, job.state, job.ended, False) for job in ended]
+        return waiting + [WaitingJob(job, job.state, job.ended, job.resume) for job in ended]
 
 
 @dataclass(frozen=True)
 class WaitingJob:
     """A job without a process of its own, as /metrics publishes it: its state, its end (one the server gave
     it), and whether it waits to resume (a queued job that ran before, resumed or queued again by a server's stop:
-    the fleet's ledger counts that wait as paused, not queued)."""
+    the fleet's ledger counts that wait as paused, not queued); with an end, whether the job had run and waited to
+    resume (queued or paused) when the server ended it (cancelled, or failed to start), not ended a run (killed
+    without a result): after a killed run, the analytics take only the latter for the notice of its death."""
 
     job: JobRecord
     state: str

@@ -364,8 +364,10 @@ class Supervisor:
             self.store.update_job(job.id, state="queued", resume=True, pid=None, requested=None, run_token=None)
             log.warning("job %s: %s; queued to resume from its last checkpoint", job.id, why)
         else:
+            # (Not resuming: this end is the notice of the run's loss, not of a wait's end: WaitingJob.resuming.)
             self.store.update_job(job.id, state="failed", error=f"{why} before its first checkpoint",
-                                  ended=time.time(), requested=None, run_token=None, pid=None, handle=None)
+                                  ended=time.time(), resume=False, requested=None, run_token=None, pid=None,
+                                  handle=None)
             log.warning("job %s: %s and had no checkpoint: failed", job.id, why)
 
     def recover(self) -> None:

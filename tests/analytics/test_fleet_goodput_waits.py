@@ -48,20 +48,20 @@ def trainer(job_id: str, instance: str, started: float, last: float, final: str 
     return lines
 
 
-def server(job_id: str, waits: list[tuple[float, float, str, float | None]], submitted: float) -> list[str]:
-    """The job server's series of a job without a process: (from, to, state, end) at 10 s; `resuming`: queued, with
-    trainer_job_resuming (a job that ran before); a final state with the end the server gave the job."""
+def server(job_id: str, waits: list[tuple], submitted: float) -> list[str]:
+    """The job server's series of a job without a process: (from, to, state, end[, waited]) at 10 s; `resuming`:
+    queued, with trainer_job_resuming 1 (a job that ran before); a final state with the end the server gave the job,
+    and trainer_job_resuming 1 when `waited` (it ended the job's wait to resume), else 0 (a killed run's notice)."""
     base = f'job_id="{job_id}",instance="server:8000",job="server"'
     lines = []
-    for begin, end, said, ended in waits:
-        current = "queued" if said == "resuming" else said
+    for begin, end, said, ended, *waited in waits:
+        current, resuming = ("queued" if said == "resuming" else said), said == "resuming" or waited == [True]
         for t in (begin + i * 10.0 for i in range(int((end - begin) / 10) + 1)):
             lines += [f'trainer_job_state{{{base},state="{state}"}} {int(state == current)} {t:.3f}'
                       for state in JOB_STATES]
             lines += [f"trainer_job_submitted_timestamp_seconds{{{base}}} {submitted:.3f} {t:.3f}",
                       f'trainer_job_info{{{base},job_name="{job_id}",owner="{job_id}"}} 1 {t:.3f}']
-            if said == "resuming":
-                lines.append(f"trainer_job_resuming{{{base}}} 1 {t:.3f}")
+            lines.append(f"trainer_job_resuming{{{base}}} {int(resuming)} {t:.3f}")
             if ended is not None:
                 lines.append(f"trainer_job_end_timestamp_seconds{{{base}}} {ended:.3f} {t:.3f}")
     return lines
@@ -93,7 +93,12 @@ def history(now: float) -> str:
     # Failed, resumed, and cancelled while it waited: the job server's end.
     lines += trainer("failed-cancelled", "h:7", now - 475, now - 300, "failed", now - 500, checkpoints=(2, 2))
     lines += server("failed-cancelled", [(now - 250, now - 160, "resuming", None),
-                                         (now - 150, now, "cancelled", now - 150)], now - 500)
+                                         (now - 150, now, "cancelled", now - 150, True)], now - 500)
+    # Killed, resumed, and cancelled while it waited: the job server's end (it says the job waited: not the notice).
+    lines += trainer("killed-cancelled", "h:9", now - 475, now - 300, None, now - 500, checkpoints=(2, 2))
+    lines += server("killed-cancelled", [(now - 299, now - 250, "failed", now - 299),
+                                         (now - 240, now - 160, "resuming", None),
+                                         (now - 150, now, "cancelled", now - 150, True)], now - 500)
     # (As it was: queued from its submission before the range to its first run, paused in the range after it.)
     lines += server("queued-then-paused", [(now - 700, now - 410, "queued", None)], now - 700)
     lines += trainer("queued-then-paused", "h:8", now - 395, now - 300, "paused", now - 700, checkpoints=(1, 1))
@@ -164,10 +169,12 @@ def test_a_killed_job_resumed_and_paused_now_is_paused_to_now(backfilled):
     assert (seconds["queued"], seconds["paused"]) == (10.0, pytest.approx(between + end - (now - 200), abs=1e-3))
 
 
-def test_a_failed_job_resumed_and_cancelled_while_it_waited_is_paused_to_the_cancel(backfilled):
-    """As in the job's own ledger: from its failure to the job server's end of it."""
+@pytest.mark.parametrize("job_id", ["failed-cancelled", "killed-cancelled"])
+def test_a_failed_job_resumed_and_cancelled_while_it_waited_is_paused_to_the_cancel(backfilled, job_id):
+    """As in the job's own ledger: from its failure to the job server's end of it. (Killed, the server's end was taken
+    for the notice of the death: the wait was nothing.)"""
     prometheus, now = backfilled
-    seconds, _ = goodput(prometheus, "failed-cancelled")
+    seconds, _ = goodput(prometheus, job_id)
     assert (seconds["queued"], seconds["paused"]) == (20.0, pytest.approx(150.0, abs=1e-3))
 
 

@@ -702,6 +702,40 @@ def test_a_job_queued_again_to_resume_is_published_as_resuming(tmp_path):
     store.close()
 
 
+def test_the_server_says_which_of_its_ends_ended_a_wait_to_resume(supervisor):
+    """A run killed without a result, the job resumed and cancelled while it waited: the server's end of the wait
+    and its notice of the death before it were alike, and the analytics took the cancel for the notice (the job
+    ended at the kill, and its wait to the cancel was in no phase). trainer_job_resuming tells them apart: 1 for the
+    end of a wait to resume, 0 for the notice and for a job cancelled before it ever ran."""
+    from types import SimpleNamespace
+
+    from trainmetrics.contract import Trainer
+    from trainmetrics.jobserver.app import WaitingJobsCollector
+    from trainmetrics.jobserver.jobs import JobService, ServerSettings
+
+    killed = submit(supervisor, "killed")
+    time.sleep(0.3)
+    supervisor.runs[killed.id].process.send_signal(signal.SIGKILL)
+    assert settle(supervisor, killed.id).state == "failed"
+    store = supervisor.store
+    service = JobService(ServerSettings(data_dir=supervisor.data_dir), store,
+                         Supervisor(store, supervisor.data_dir, None, 0))     # no room: a resumed job waits
+    assert {w.job.id: (w.state, w.resuming) for w in service.waiting_jobs()} == {"killed": ("failed", False)}
+    (supervisor.checkpoint_dir("killed") / "step-000000010.pt").write_bytes(b"x")
+    service.resume(None, "killed")
+    queue(supervisor, "never-ran")
+    assert {w.job.id: (w.state, w.resuming) for w in service.waiting_jobs()} == \
+        {"killed": ("queued", True), "never-ran": ("queued", False)}
+    for job_id in ("killed", "never-ran"):
+        assert service.stop(None, job_id, "cancelled")[0] == 200
+    waiting = service.waiting_jobs()
+    assert {w.job.id: (w.state, w.resuming) for w in waiting} == \
+        {"killed": ("cancelled", True), "never-ran": ("cancelled", False)}
+    families = {family.name: family for family in WaitingJobsCollector(SimpleNamespace(waiting=waiting)).collect()}
+    published = {sample.labels["job_id"]: sample.value for sample in families[Trainer.JOB_RESUMING].samples}
+    assert published == {"killed": 1, "never-ran": 0}      # 0 published too: the last value before an end says it
+
+
 def test_withdrawing_an_endpoint_takes_only_one_of_the_jobs_ranks(tmp_path):
     """A rank of 30 digits overflowed SQLite's integer: a 500 (and one past the job's ranks was taken)."""
     from trainmetrics.edge import ApiError

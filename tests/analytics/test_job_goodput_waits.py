@@ -1,0 +1,146 @@
+"""A job's own analytics while it waits, and after the job server ended a wait: its status as the job API says it
+and a ledger to its wall clock from submission, on history of the series the job server (jobserver/app.py
+WaitingJobsCollector) and its trainers publish in each state, in Prometheus and VictoriaMetrics; the fleet's ledger
+and job list tell each job as its own analytics do."""
+
+import asyncio
+import time
+
+import httpx
+import pytest
+
+from trainmetrics.analytics import fleet, job
+from trainmetrics.analytics.prometheus import PrometheusClient
+from trainmetrics.prometheus_process import VictoriaMetricsServer
+
+from .conftest import as_openmetrics, backfilled_prometheus
+from .test_fleet_goodput_waits import server, trainer
+
+pytestmark = pytest.mark.slow
+
+LOOKBACK_SECONDS = 3600.0
+RANGE_SECONDS = 1200.0
+
+
+def history(now: float) -> str:
+    lines = []
+    # Failed (its own state, end and error), resumed (POST .../resume): queued to resume, waiting for a slot now.
+    lines += trainer("failed-queued", "h:1", now - 475, now - 300, "failed", now - 500, checkpoints=(2, 2))
+    lines.append(f'trainer_job_failure_info{{job_id="failed-queued",instance="h:1",job="trainer-jobs",rank="0",'
+                 f'error_type="ValueError"}} 1 {now - 300:.3f}')
+    lines += server("failed-queued", [(now - 200, now, "resuming", None)], now - 500)
+    # Paused, resumed: queued to resume now.
+    lines += trainer("paused-queued", "h:2", now - 475, now - 300, "paused", now - 500, checkpoints=(2, 2))
+    lines += server("paused-queued", [(now - 295, now - 210, "paused", None), (now - 200, now, "resuming", None)],
+                    now - 500)
+    # Killed (the server's `failed` with its end: the notice of the death), resumed, then cancelled while it waited:
+    # the server's end of that wait (it says the job waited to resume).
+    lines += trainer("killed-cancelled", "h:3", now - 475, now - 300, None, now - 500, checkpoints=(2, 2))
+    lines += server("killed-cancelled", [(now - 299, now - 250, "failed", now - 299),
+                                         (now - 240, now - 160, "resuming", None),
+                                         (now - 150, now, "cancelled", now - 150, True)], now - 500)
+    # Paused, resumed, its resumed run killed: the notice of that death, after a wait to resume before the run.
+    lines += trainer("killed-after-wait", "h:4", now - 900, now - 800, "paused", now - 1000, checkpoints=(2, 2))
+    lines += server("killed-after-wait", [(now - 795, now - 700, "paused", None),
+                                          (now - 690, now - 410, "resuming", None)], now - 1000)
+    lines += trainer("killed-after-wait", "h:5", now - 395, now - 350, None, now - 1000, carried=100.0,
+                     checkpoints=(4, 2))
+    lines += server("killed-after-wait", [(now - 349, now, "failed", now - 349)], now - 1000)
+    # Never ran: in the queue since its submission.
+    lines += server("never-ran", [(now - 100, now, "queued", None)], now - 100)
+    return as_openmetrics(lines)
+
+
+@pytest.fixture(scope="module", params=["prometheus", "victoria"])
+def backfilled(request, tmp_path_factory):
+    """The history in a Prometheus (promtool's blocks) or a VictoriaMetrics (imported), and when it ends."""
+    written, work = time.time(), tmp_path_factory.mktemp("job-goodput-waits")
+    victoria = request.param == "victoria"
+    backend = (VictoriaMetricsServer(work) if victoria else backfilled_prometheus(work, history(written))).start()
+    try:
+        if victoria:
+            samples = [f"{series} {value} {round(float(at) * 1000)}"
+                       for series, value, at in (line.rsplit(" ", 2) for line in history(written).splitlines()
+                                                 if not line.startswith("#"))]
+            httpx.post(f"{backend.url}/api/v1/import/prometheus", content="\n".join(samples) + "\n").raise_for_status()
+            httpx.get(f"{backend.url}/internal/force_flush").raise_for_status()
+            time.sleep(2)
+        yield backend, written
+    finally:
+        backend.stop()
+
+
+def analytics(backend, job_id: str):
+    async def run():
+        client = PrometheusClient(backend.url)
+        try:
+            return await job.job_analytics(client, job_id, LOOKBACK_SECONDS)
+        finally:
+            await client.aclose()
+
+    return asyncio.run(run())
+
+
+def fleet_of(backend, job_id: str):
+    """The summary over the last RANGE_SECONDS of the one job `job_id` (its owner's), and its row in the job list."""
+    async def run():
+        client = PrometheusClient(backend.url)
+        try:
+            summary = await fleet.summary(client, RANGE_SECONDS, 60, owner=job_id, recorded=False)
+            rows = await fleet.fleet(client, RANGE_SECONDS, time.time())
+            return summary, next(row for row in rows if row.job_id == job_id)
+        finally:
+            await client.aclose()
+
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize("job_id", ["failed-queued", "paused-queued"])
+def test_a_job_queued_to_resume_is_queued_as_the_job_api_says(backfilled, job_id):
+    """Its run failed (or paused) and it was resumed: the job server says `queued`. The run, its newest process,
+    spoke for the job (`failed`, with the failure's error type; `paused`), the server's waiting state sorting before
+    it. The job list says the same."""
+    backend, now = backfilled
+    report = analytics(backend, job_id)
+    assert (report.status, report.error_type, report.end_time) == ("queued", None, None)
+    assert fleet_of(backend, job_id)[1].status == "queued"
+
+
+def test_a_killed_job_resumed_and_cancelled_while_it_waited_ends_at_the_cancel_paused_to_it(backfilled):
+    """The server's end of its wait was taken for the notice of the killed run's death: the job ended at the kill,
+    and the wait from there to the cancel was in no phase (failed with its own state, the same wait is paused)."""
+    backend, now = backfilled
+    report = analytics(backend, "killed-cancelled")
+    goodput = report.goodput
+    assert report.status == "cancelled" and report.end_time == pytest.approx(now - 150, abs=1e-3)
+    assert goodput.wall_clock_seconds == pytest.approx(350.0, abs=1e-3)
+    assert (goodput.seconds["queued"], goodput.seconds["paused"]) == (20.0, pytest.approx(150.0, abs=1e-3))
+    assert goodput.unaccounted_seconds == pytest.approx(0.0, abs=1e-3)
+    summary, row = fleet_of(backend, "killed-cancelled")
+    assert {phase: summary.goodput.seconds[phase] for phase in ("queued", "paused")} == \
+        pytest.approx({phase: goodput.seconds[phase] for phase in ("queued", "paused")}, abs=1e-3)
+    assert (row.status, row.end_time) == ("cancelled", pytest.approx(report.end_time, abs=1e-3))
+
+
+def test_a_killed_runs_notice_after_a_wait_to_resume_is_still_the_notice(backfilled):
+    """The job waited to resume before the killed run: the notice of its death (the server's 0 there) is no end of
+    a wait. The job ends with the run, at its last scrape."""
+    backend, now = backfilled
+    report = analytics(backend, "killed-after-wait")
+    assert report.status == "failed" and report.end_time == pytest.approx(now - 350, abs=1e-3)
+    assert report.goodput.wall_clock_seconds == pytest.approx(650.0, abs=1e-3)
+    assert report.goodput.seconds["paused"] == pytest.approx(400.0, abs=1e-3)     # the pause, to the resumed run
+
+
+def test_a_job_that_never_ran_is_queued_from_its_submission_to_now(backfilled):
+    """No ledger: "a trainer before the ledger", for a job whose trainer never started. The fleet counts the same
+    wait as queued."""
+    backend, now = backfilled
+    report = analytics(backend, "never-ran")
+    goodput = report.goodput
+    assert report.status == "queued" and goodput.unavailable_reason is None
+    assert goodput.wall_clock_seconds == pytest.approx(report.evaluated_at - (now - 100), abs=0.01)
+    assert goodput.seconds["queued"] == goodput.wall_clock_seconds and goodput.goodput_ratio == 0
+    assert goodput.unaccounted_seconds == 0
+    summary, _ = fleet_of(backend, "never-ran")
+    assert summary.goodput.seconds["queued"] == pytest.approx(goodput.seconds["queued"], abs=1.0)
