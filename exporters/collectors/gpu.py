@@ -15,7 +15,8 @@ that sample; utilisation is clamped to 0..1 and memory in use to the memory size
 
 Energy per job: each slow sample adds a GPU's energy since its previous reading to the jobs holding the GPU
 now, split evenly among them (exporters/job_energy.py keeps the accounts, the energy collector publishes
-them). Each GPU's interval is its own, so one GPU's outage never stretches another's. A counter that went
+them). Each GPU's interval is its own, so one GPU's outage never stretches another's; a pass whose process
+list failed keeps the previous reading (the holders are unknown). A counter that went
 back (a driver reload, a GPU reset) counts its new value, never a negative step.
 """
 
@@ -77,6 +78,8 @@ class SlowReadings:
     ecc_corrected: int | None = None
     ecc_uncorrected: int | None = None
     process_memory: dict[int, int] = field(default_factory=dict)  # pid -> bytes
+    # False when a process list failed this time (not "not supported"): who held the GPU is unknown.
+    holders_known: bool = True
 
 
 @dataclass
@@ -381,7 +384,9 @@ class GpuCollector(Collector):
         shares: list[tuple[list[str], float]] = []
         for gpu, readings in answered:
             joules = readings.energy_joules
-            if joules is None:
+            # Without this pass's process list the holders are only the jobs declaring the GPU: they took the
+            # whole interval, a job on it by its processes nothing. Keep the previous reading, as without one.
+            if joules is None or not readings.holders_known:
                 continue
             previous = self._energy_read.get(gpu.uuid)
             self._energy_read[gpu.uuid] = joules
@@ -408,8 +413,11 @@ class GpuCollector(Collector):
         energy = _sane(ask(gpu, "nvmlDeviceGetTotalEnergyConsumption"))
         clock = _sane(ask(gpu, "nvmlDeviceGetClockInfo", nvml.NVML_CLOCK_SM))
         processes: dict[int, int] = {}
+        holders_known = True
         for function in ("nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetGraphicsRunningProcesses"):
-            for process in ask(gpu, function) or ():
+            listed = ask(gpu, function)
+            holders_known = holders_known and (listed is not None or function in gpu.unanswerable)
+            for process in listed or ():
                 used = _sane(process.usedGpuMemory) or 0  # None where the driver hides it (no permission)
                 processes[process.pid] = max(processes.get(process.pid, 0), used)
         return SlowReadings(
@@ -423,6 +431,7 @@ class GpuCollector(Collector):
             ecc_uncorrected=ask(gpu, "nvmlDeviceGetTotalEccErrors", nvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED,
                                 nvml.NVML_VOLATILE_ECC),
             process_memory=processes,
+            holders_known=holders_known,
         )
 
     def _throttle_reasons(self, gpu: Gpu) -> int | None:

@@ -5,6 +5,8 @@ after a job leaves, and the state file that carries the counts over an exporter 
 import json
 import logging
 
+import pynvml
+
 from tests.exporters.exporter_fixtures import (FIXTURE_JOB_DIR, MAX_RANGE_UJ, FakeNvml, build_fixture_host,
                                               parse_exposition, two_gpus, write_proc, write_zone)
 from trainmetrics.exporters.collectors.energy import EnergyCollector
@@ -388,3 +390,28 @@ def test_an_unwritable_state_file_is_logged_once_and_the_counts_go_on(tmp_path, 
             energy.publish()
     assert energy.published == {("a", "gpu"): 3.0}
     assert len([record for record in caplog.records if "cannot write" in record.getMessage()]) == 1
+
+
+def test_an_interval_whose_process_list_failed_counts_with_the_next_not_for_the_declared_jobs_alone(tmp_path):
+    """A process list that fails once (NVML_ERROR_UNKNOWN) left only the jobs declaring the GPU as its holders:
+    eval-2 took the whole interval, mnist-1 (on it by its process) nothing. The GPU now keeps its reading."""
+    job_dir = tmp_path / "jobs"
+    job_dir.mkdir()
+    write_job_mapping(job_dir, JobMapping(job_id="mnist-1", pid=4242, start_ticks=200000))    # by its process
+    write_job_mapping(job_dir, JobMapping(job_id="eval-2", pid=5100, gpus=[0], start_ticks=8))
+    host = build_fixture_host(job_dir=job_dir, powercap_root=tmp_path / "no-powercap")
+    gpu0 = host.nvml.gpus[0]
+    for now in (100.0, 101.0):
+        gpu0.energy_millijoules += 10_000
+        host.exporter.sample(now)
+        host.exporter.sample_slow(now)
+    assert energy_series(host.exporter.render()) == {("mnist-1", "gpu"): 5.0, ("eval-2", "gpu"): 5.0}
+    gpu0.errors["nvmlDeviceGetComputeRunningProcesses"] = pynvml.NVML_ERROR_UNKNOWN
+    gpu0.energy_millijoules += 10_000
+    host.exporter.sample(102.0)
+    host.exporter.sample_slow(102.0)
+    del gpu0.errors["nvmlDeviceGetComputeRunningProcesses"]
+    gpu0.energy_millijoules += 10_000
+    host.exporter.sample(103.0)
+    host.exporter.sample_slow(103.0)
+    assert energy_series(host.exporter.render()) == {("mnist-1", "gpu"): 15.0, ("eval-2", "gpu"): 15.0}
