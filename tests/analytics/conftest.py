@@ -90,6 +90,29 @@ def backfilled_prometheus(work: Path, history: str) -> PrometheusServer:
     return prometheus
 
 
+def import_to_victoria(victoria: VictoriaMetricsServer, history: str) -> None:
+    """History (OpenMetrics, as_openmetrics) imported into a started VictoriaMetrics (Prometheus text format,
+    millisecond timestamps) and flushed, for queries to see it."""
+    samples = [f"{series} {value} {round(float(at) * 1000)}" for series, value, at in
+               (line.rsplit(" ", 2) for line in history.splitlines() if line and not line.startswith("#"))]
+    httpx.post(f"{victoria.url}/api/v1/import/prometheus", content="\n".join(samples) + "\n").raise_for_status()
+    httpx.get(f"{victoria.url}/internal/force_flush").raise_for_status()
+    time.sleep(2)
+
+
+@contextmanager
+def backfilled_backend(kind: str, work: Path, history: str):
+    """A started Prometheus ("prometheus": promtool's blocks) or VictoriaMetrics ("victoria": imported) holding
+    `history`, stopped after."""
+    backend = (VictoriaMetricsServer(work) if kind == "victoria" else backfilled_prometheus(work, history)).start()
+    try:
+        if kind == "victoria":
+            import_to_victoria(backend, history)
+        yield backend
+    finally:
+        backend.stop()
+
+
 def take_blocks(prometheus: PrometheusServer, blocks: Path) -> None:
     """promtool's blocks in `blocks` moved into the (stopped) Prometheus' store: read at its next start."""
     for block in blocks.iterdir():

@@ -7,7 +7,7 @@ import pytest
 
 from trainmetrics.analytics.app import Settings
 
-from .conftest import as_openmetrics, backfilled_prometheus, serve
+from .conftest import as_openmetrics, backfilled_backend, backfilled_prometheus, serve
 
 pytestmark = pytest.mark.slow
 
@@ -183,24 +183,9 @@ def test_job_list_and_summary_metadata_are_the_newest_process_s(backfilled):
 @pytest.fixture(scope="module")
 def victoria(backfilled, tmp_path_factory):
     """The same history imported into a VictoriaMetrics (Prometheus text format, millisecond timestamps)."""
-    import httpx
-    from trainmetrics.prometheus_process import VictoriaMetricsServer
-
-    history_file = next(backfilled.workdir.parent.glob("history.om"))
-    text = []
-    for line in history_file.read_text().splitlines():
-        if line.startswith("#"):
-            continue
-        series, value, at = line.rsplit(" ", 2)
-        text.append(f"{series} {value} {round(float(at) * 1000)}")
-    server = VictoriaMetricsServer(tmp_path_factory.mktemp("review-vm")).start()
-    try:
-        httpx.post(f"{server.url}/api/v1/import/prometheus", content="\n".join(text) + "\n").raise_for_status()
-        httpx.get(f"{server.url}/internal/force_flush").raise_for_status()
-        time.sleep(2)
+    history = next(backfilled.workdir.parent.glob("history.om")).read_text()
+    with backfilled_backend("victoria", tmp_path_factory.mktemp("review-vm"), history) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def test_both_backends_list_the_same_jobs(backfilled, victoria):

@@ -6,14 +6,12 @@ and job list tell each job as its own analytics do."""
 import asyncio
 import time
 
-import httpx
 import pytest
 
 from trainmetrics.analytics import fleet, job
 from trainmetrics.analytics.prometheus import PrometheusClient
-from trainmetrics.prometheus_process import VictoriaMetricsServer
 
-from .conftest import as_openmetrics, backfilled_prometheus
+from .conftest import as_openmetrics, backfilled_backend
 from .test_fleet_goodput_waits import server, trainer
 
 pytestmark = pytest.mark.slow
@@ -54,20 +52,9 @@ def history(now: float) -> str:
 @pytest.fixture(scope="module", params=["prometheus", "victoria"])
 def backfilled(request, tmp_path_factory):
     """The history in a Prometheus (promtool's blocks) or a VictoriaMetrics (imported), and when it ends."""
-    written, work = time.time(), tmp_path_factory.mktemp("job-goodput-waits")
-    victoria = request.param == "victoria"
-    backend = (VictoriaMetricsServer(work) if victoria else backfilled_prometheus(work, history(written))).start()
-    try:
-        if victoria:
-            samples = [f"{series} {value} {round(float(at) * 1000)}"
-                       for series, value, at in (line.rsplit(" ", 2) for line in history(written).splitlines()
-                                                 if not line.startswith("#"))]
-            httpx.post(f"{backend.url}/api/v1/import/prometheus", content="\n".join(samples) + "\n").raise_for_status()
-            httpx.get(f"{backend.url}/internal/force_flush").raise_for_status()
-            time.sleep(2)
+    written = time.time()
+    with backfilled_backend(request.param, tmp_path_factory.mktemp("job-goodput-waits"), history(written)) as backend:
         yield backend, written
-    finally:
-        backend.stop()
 
 
 def analytics(backend, job_id: str):

@@ -362,6 +362,13 @@ def test_a_running_job_keeps_its_gpu_energy_series_while_its_gpu_cannot_be_read(
     assert energy_series(host.exporter.render()) == {("mnist-1", "gpu"): 300.0}
 
 
+def ten_joules_then_sample(host, gpu, now: float) -> None:
+    """The GPU uses 10 J, then the exporter samples (the fast loop and the slow one) at `now`."""
+    gpu.energy_millijoules += 10_000
+    host.exporter.sample(now)
+    host.exporter.sample_slow(now)
+
+
 def test_the_interval_a_job_joins_a_shared_gpu_counts_whole_for_those_counting_it(tmp_path):
     """docs/metrics.md: the interval in which a job starts counts whole for the jobs holding the GPU at its end;
     the newcomer's series starts at 0. The interval was split between both and the newcomer's half dropped."""
@@ -371,14 +378,10 @@ def test_the_interval_a_job_joins_a_shared_gpu_counts_whole_for_those_counting_i
     host = build_fixture_host(job_dir=job_dir, powercap_root=tmp_path / "no-powercap")
     gpu0 = host.nvml.gpus[0]
     for now in (100.0, 101.0):
-        gpu0.energy_millijoules += 10_000
-        host.exporter.sample(now)
-        host.exporter.sample_slow(now)
+        ten_joules_then_sample(host, gpu0, now)
     assert energy_series(host.exporter.render()) == {("mnist-1", "gpu"): 10.0}
     write_job_mapping(job_dir, JobMapping(job_id="eval-2", pid=5100, gpus=[0], start_ticks=8))
-    gpu0.energy_millijoules += 10_000
-    host.exporter.sample(102.0)
-    host.exporter.sample_slow(102.0)
+    ten_joules_then_sample(host, gpu0, 102.0)
     assert energy_series(host.exporter.render()) == {("mnist-1", "gpu"): 20.0, ("eval-2", "gpu"): 0.0}
 
 
@@ -402,16 +405,10 @@ def test_an_interval_whose_process_list_failed_counts_with_the_next_not_for_the_
     host = build_fixture_host(job_dir=job_dir, powercap_root=tmp_path / "no-powercap")
     gpu0 = host.nvml.gpus[0]
     for now in (100.0, 101.0):
-        gpu0.energy_millijoules += 10_000
-        host.exporter.sample(now)
-        host.exporter.sample_slow(now)
+        ten_joules_then_sample(host, gpu0, now)
     assert energy_series(host.exporter.render()) == {("mnist-1", "gpu"): 5.0, ("eval-2", "gpu"): 5.0}
     gpu0.errors["nvmlDeviceGetComputeRunningProcesses"] = pynvml.NVML_ERROR_UNKNOWN
-    gpu0.energy_millijoules += 10_000
-    host.exporter.sample(102.0)
-    host.exporter.sample_slow(102.0)
+    ten_joules_then_sample(host, gpu0, 102.0)
     del gpu0.errors["nvmlDeviceGetComputeRunningProcesses"]
-    gpu0.energy_millijoules += 10_000
-    host.exporter.sample(103.0)
-    host.exporter.sample_slow(103.0)
+    ten_joules_then_sample(host, gpu0, 103.0)
     assert energy_series(host.exporter.render()) == {("mnist-1", "gpu"): 15.0, ("eval-2", "gpu"): 15.0}

@@ -343,6 +343,18 @@ def burn_and_reap(driver: subprocess.Popen, sample, remove_first: Path | None) -
     return before, burnt, [sample() for _ in range(3)][-1]
 
 
+def cpu_sampler(tracker: JobTracker):
+    """sample(): the tracker's trees refreshed and measured 0.1 s after the last time, each job's CPU seconds."""
+    clock = [0.0]
+
+    def sample() -> dict[str, float]:
+        clock[0] += 0.1
+        tracker.refresh_trees(clock[0])
+        return {job_id: usage.cpu_seconds for job_id, usage in tracker.update(clock[0]).usage.items()}
+
+    return sample
+
+
 def start_driver(trial: str = BURNING_TRIAL) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", NESTED_DRIVER, trial], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             text=True)
@@ -369,13 +381,7 @@ def test_a_job_run_by_another_job_counts_in_its_own_job_only(outer_id, inner_id,
         inner_file = write_job_mapping(tmp_path, JobMapping(job_id=inner_id, pid=trial_pid,
                                                             start_ticks=process_start_ticks(trial_pid)))
         tracker = JobTracker(tmp_path)
-        now = 0.0
-
-        def sample() -> dict[str, float]:
-            nonlocal now
-            now += 0.1
-            tracker.refresh_trees(now)
-            return {job_id: usage.cpu_seconds for job_id, usage in tracker.update(now).usage.items()}
+        sample = cpu_sampler(tracker)
 
         # (the trial's JobMetrics removes its file, then the process ends)
         before, burnt, after = burn_and_reap(driver, sample, inner_file if file_removed_first else None)
@@ -425,13 +431,7 @@ def test_the_time_of_an_inner_jobs_live_workers_counts_once_when_it_ends(kind, f
         write_job_mapping(tmp_path, JobMapping(job_id=outer, pid=driver.pid))
         inner_file = write_job_mapping(tmp_path, JobMapping(job_id=inner, pid=trial_pid, rank=int(kind == "rank")))
         tracker = JobTracker(tmp_path)
-        now = 0.0
-
-        def sample() -> dict[str, float]:
-            nonlocal now
-            now += 0.1
-            tracker.refresh_trees(now)
-            return {job_id: usage.cpu_seconds for job_id, usage in tracker.update(now).usage.items()}
+        sample = cpu_sampler(tracker)
 
         before, burnt, after = burn_and_reap(driver, sample, inner_file if file_removed_first else None)
     finally:
@@ -570,13 +570,7 @@ def test_a_nested_root_reaped_between_its_reading_and_its_reapers_counts_once(ki
         write_job_mapping(tmp_path, JobMapping(job_id=outer, pid=driver.pid))
         write_job_mapping(tmp_path, JobMapping(job_id=inner, pid=trial_pid, rank=int(kind == "rank")))
         tracker = JobTracker(tmp_path)
-        now = 0.0
-
-        def sample() -> dict[str, float]:
-            nonlocal now
-            now += 0.1
-            tracker.refresh_trees(now)
-            return {job_id: usage.cpu_seconds for job_id, usage in tracker.update(now).usage.items()}
+        sample = cpu_sampler(tracker)
 
         before = sample()
         driver.stdin.write("go\n")
