@@ -8,7 +8,7 @@ import math
 import ipaddress
 from pathlib import Path
 
-from trainmetrics.command import FlagError, check_directory, check_writable
+from trainmetrics.command import FlagError, check_directory, check_directory_writable
 
 # The file in the data dir a server holds an exclusive lock on for its life: one server per data dir.
 LOCK_NAME = "server.lock"
@@ -116,8 +116,7 @@ def jobserver_settings(args: argparse.Namespace, host: str, web_config):
         if args.executor == "local":
             # Every local job writes its mapping file there (a Ray job on its node): one this user cannot write
             # in started a server whose every job failed as bad input.
-            existing = next(part for part in (args.job_dir, *args.job_dir.absolute().parents) if part.exists())
-            check_writable("--job-dir", args.job_dir, existing)
+            check_directory_writable("--job-dir", args.job_dir)
     if args.executor == "ray":
         if not args.ray_address or not args.ray_address.startswith(("http://", "https://")):
             raise FlagError("--ray-address", "--executor ray needs the cluster's dashboard URL, e.g. http://HEAD:8265")

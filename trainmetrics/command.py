@@ -55,6 +55,13 @@ def check_writable(flag: str, shown: Path, directory: Path) -> None:
             from None
 
 
+def check_directory_writable(flag: str, path: Path) -> None:
+    """check_writable for a directory that may not exist yet (after check_directory): it, or the nearest of its
+    parents that exists, where it would be made, takes files."""
+    existing = next(part for part in (path, *path.absolute().parents) if part.exists())
+    check_writable(flag, path, existing)
+
+
 def parse_listen(value: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
     """Parse 'HOST:PORT', ':PORT' or 'PORT' into (host, port); raise ValueError on anything else."""
     host, sep, port_text = value.rpartition(":")

@@ -19,7 +19,7 @@ import urllib.parse
 from pathlib import Path
 
 from trainmetrics.command import (DEFAULT_ANALYTICS_PORT, DEFAULT_EXPORTER_PORT, DEFAULT_PROMETHEUS_PORT, FlagError,
-                                  check_directory, check_writable)
+                                  check_directory, check_directory_writable)
 from trainmetrics.contract import MODELS
 from trainmetrics.signals import SERVICE_STOP_SIGNALS, signals_to_take
 
@@ -58,8 +58,7 @@ def check_flags(args: argparse.Namespace) -> None:
     if args.workdir is not None:
         check_directory("--workdir", args.workdir)
         # Prometheus' data and the job's files go there: it, or the parent it is made in, takes files.
-        existing = next(part for part in (args.workdir, *args.workdir.absolute().parents) if part.exists())
-        check_writable("--workdir", args.workdir, existing)
+        check_directory_writable("--workdir", args.workdir)
 
 
 # The uploaded CSV is tabular: the mlp trains on it; the other models on built-in datasets of their kind (the
