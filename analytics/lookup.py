@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from trainmetrics.analytics import queries as q
 from trainmetrics.analytics.prometheus import PrometheusClient
 from trainmetrics.analytics.results import query_parts_many, rows
-from trainmetrics.contract import FINAL_STATES, VANISHED
+from trainmetrics.contract import FINAL_STATES, VANISHED, WAITING_STATES
 from trainmetrics.edge import ApiError
 
 # A process in one of these states has stopped for good: only a new process (a resume) changes the job.
@@ -60,7 +60,7 @@ class Process:
     def waiting(self) -> bool:
         """The job server's state of a job that waits now (queued, to resume too, or paused): it publishes one only
         while the job has no process, so it is the job's state now (job_status)."""
-        return not self.trainer and self.live and self.state in ("queued", "paused")
+        return not self.trainer and self.live and self.state in WAITING_STATES
 
     @property
     def ended_by_server(self) -> bool:
@@ -339,7 +339,7 @@ class _Lookup:
             self.process(labels).resuming = bool(value)
         if live:    # answered at now: scraped now (a start at now, for trainers without a heartbeat; the job
             #         server's state of a job that waits now: Process.waiting)
-            waits = [(labels, value) for labels, value in mine("state") if labels.get("state") in ("queued", "paused")]
+            waits = [(labels, value) for labels, value in mine("state") if labels.get("state") in WAITING_STATES]
             for labels, _ in mine("heartbeat") + mine("start") + waits:
                 self.process(labels).live = True
         self.info.extend(labels for labels, _ in mine("info"))

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from trainmetrics.contract import (BUILTIN_DATASETS, FINAL_STATES, JOB_STATES, SpecError, device_for_ranks_problem,
-                                  new_job_id, parse_spec, validate_job_id)
+                                  WAITING_STATES, new_job_id, parse_spec, validate_job_id)
 from trainmetrics.datafiles import csv_columns, first_columns
 from trainmetrics.edge import ApiError
 from trainmetrics.jobfiles import (CHECKPOINT_PATTERN, FINAL_MODEL_NAME, PLACEMENT_WAIT_NAME, list_checkpoints,
@@ -176,7 +176,7 @@ class JobService:
         """Pause or cancel. A queued or paused job is cancelled at once (200); a running one is signalled and
         stops at its next step boundary (202, `stop_requested` says which stop is under way)."""
         job = self.job(caller, job_id)
-        if outcome == "cancelled" and job.state in ("queued", "paused"):
+        if outcome == "cancelled" and job.state in WAITING_STATES:
             # No process publishes this end: the server does (waiting_jobs), for a job without a run handle.
             # (`resume` kept: the server says whether the job it ended had run and waited to resume, the end of that
             # wait, not a run's: WaitingJob.resuming.)
@@ -339,7 +339,7 @@ class JobService:
         published (no run handle: cancelled while queued or paused, one that could not start, one whose process was
         killed without a result), so that Prometheus, the analytics' ledger and its stored report see it end."""
         waiting = [WaitingJob(job, job.state, None, job.state == "queued" and job.resume)
-                   for job in self.store.list_jobs(states=("queued", "paused"))]
+                   for job in self.store.list_jobs(states=WAITING_STATES)]
         # Running as the server sees it, but no process yet: queued, as far as Prometheus and the ledger are concerned.
         waiting += [WaitingJob(job, "queued", None, job.resume) for job in self.store.list_jobs(states=("running",))
                     if self._placing(job) is not None]

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from trainmetrics.contract import (BUILTIN_DATASETS, EXIT_STATES, REGISTER_TOKEN_VARIABLE, RESULT_PUBLISHED, STOP_VERBS,
-                                  train_args)
+                                  WAITING_STATES, train_args)
 from trainmetrics.jobfiles import (CONTROL_FILE_NAME, FINAL_MODEL_NAME, LOG_NAME, RESULT_FILE_NAME,
                                    list_checkpoints, rank_result_path, read_result)
 from trainmetrics.jobserver.executors import Executor, ExecutorUnavailable, Run, StartDeferred
@@ -311,7 +311,7 @@ class Supervisor:
             error = self._ranks_said(job, result, error)
         if isinstance(error, str):       # a trainer's error names the files it could not use: no server path
             error = self._without_data_dir(error)
-        waiting = state in ("paused", "queued")
+        waiting = state in WAITING_STATES
         # A final state its process did not publish (killed without a result, or a cancel that overrode what it
         # said): the run's handle goes, so the server publishes it (JobService.waiting_jobs) and Prometheus, the
         # analytics and the dashboards end the job as the job API does, not `running` gone stale.

@@ -61,6 +61,8 @@ DEFAULT_JOB_DIR = "/var/lib/trainmetrics/jobs"
 
 ACTIVE_STATES = ("queued", "running", "paused")
 FINAL_STATES = ("completed", "failed", "cancelled")
+# A job without a process, waiting to run (or to resume) or paused: the job server publishes its state.
+WAITING_STATES = ("queued", "paused")
 JOB_STATES = (*ACTIVE_STATES, *FINAL_STATES)
 # What the analytics say of a job whose processes stopped being scraped without a final state (kill -9, a
 # lost node): not a state any process publishes.
