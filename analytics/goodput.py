@@ -6,7 +6,8 @@ totals in its checkpoints, so the newest process's totals are the job's up to th
 thrown away. The ledger adds what no process sees:
 
 - queued: the submission (trainer_job_submitted_timestamp_seconds) to the first process's start;
-- paused: each gap between a process's end (a pause, a failure, a kill) and the next one's start;
+- paused: each gap between a process's end (a pause, a failure, a kill) and the next one's start, and, while
+  the job server says the job waits (paused, queued to resume), from the last end to now;
 - lost: what a process trained after its last checkpoint and a successor threw away by resuming from that
   checkpoint (or, with none, by starting afresh: then all it trained, its init and restore staying theirs).
   A process's carried totals are its totals less its own age (its totals only grow with its life), so what
@@ -146,6 +147,9 @@ def ledger(facts: JobFacts, found: dict[str, list[dict]]) -> shapes.Goodput:
     if server_end is not None and server_end > end and killed_run(facts.processes) is None:
         paused += server_end - end          # paused (or queued to resume) until it was cancelled
         end = server_end
+    elif server_end is None and facts.now > end and any(process.waiting for process in facts.processes):
+        paused += facts.now - end           # paused (or queued to resume) now, as the fleet counts it: to now
+        end = facts.now
     began = submitted if submitted is not None and submitted <= runs[0].started else runs[0].started
     wall = end - began
     # The first run Prometheus holds took time over from a checkpoint: earlier runs are gone from it (retention,

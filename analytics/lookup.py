@@ -175,8 +175,9 @@ class JobFacts:
         read then, the end would be the last heartbeat's, and a report stored then would keep it. And its newest
         sample (its last heartbeat, or end) is the backend's answer delay behind now (a default VictoriaMetrics'
         30 s: read sooner, its range reads, the evaluations and the peak among them, missed the job's last
-        seconds)."""
-        if self.end is None or self.live or self.attributed_now or \
+        seconds). Not while the job server says the job waits (paused, queued to resume): its ledger's paused time
+        grows to now."""
+        if self.end is None or self.live or self.attributed_now or any(p.waiting for p in self.processes) or \
                 any(p.trainer and p.state in STOPPED_STATES and p.end is None for p in self.processes):
             return False
         newest = max((t for p in self.processes for t in (p.last_seen, p.end) if t is not None), default=self.end)

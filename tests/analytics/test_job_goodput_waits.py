@@ -9,6 +9,7 @@ import time
 import pytest
 
 from trainmetrics.analytics import fleet, job
+from trainmetrics.analytics.cache import AnalyticsCache, cached_job_analytics
 from trainmetrics.analytics.prometheus import PrometheusClient
 
 from .conftest import as_openmetrics, backfilled_backend
@@ -44,6 +45,9 @@ def history(now: float) -> str:
     lines += trainer("killed-after-wait", "h:5", now - 395, now - 350, None, now - 1000, carried=100.0,
                      checkpoints=(4, 2))
     lines += server("killed-after-wait", [(now - 349, now, "failed", now - 349)], now - 1000)
+    # Paused, and paused still: the server's `paused` since.
+    lines += trainer("paused-now", "h:6", now - 475, now - 300, "paused", now - 500, checkpoints=(2, 2))
+    lines += server("paused-now", [(now - 295, now, "paused", None)], now - 500)
     # Never ran: in the queue since its submission.
     lines += server("never-ran", [(now - 100, now, "queued", None)], now - 100)
     return as_openmetrics(lines)
@@ -131,3 +135,36 @@ def test_a_job_that_never_ran_is_queued_from_its_submission_to_now(backfilled):
     assert goodput.unaccounted_seconds == 0
     summary, _ = fleet_of(backend, "never-ran")
     assert summary.goodput.seconds["queued"] == pytest.approx(goodput.seconds["queued"], abs=1.0)
+
+
+@pytest.mark.parametrize("job_id", ["failed-queued", "paused-queued", "paused-now"])
+def test_a_waiting_job_is_paused_to_now_in_its_own_ledger_as_in_the_fleets(backfilled, job_id):
+    """Its ledger runs to now, the wait since its run's end paused, as the fleet's does for the same job (it stopped
+    at the run's end: a job paused a day had a day less wall clock in its own report than in the fleet's)."""
+    backend, now = backfilled
+    report = analytics(backend, job_id)
+    goodput = report.goodput
+    assert goodput.wall_clock_seconds == pytest.approx(report.evaluated_at - (now - 500), abs=0.01)
+    assert goodput.seconds["paused"] == pytest.approx(report.evaluated_at - (now - 300), abs=0.01)
+    assert goodput.unaccounted_seconds == pytest.approx(0.0, abs=0.01)
+    summary, _ = fleet_of(backend, job_id)
+    assert summary.goodput.seconds["paused"] == pytest.approx(goodput.seconds["paused"], abs=1.0)
+
+
+def test_a_waiting_jobs_analytics_are_not_cached_as_settled(backfilled):
+    """Its ledger grows to now: served from the cache, a paused job's wall clock stood at the first read's."""
+    backend, _ = backfilled
+
+    async def twice():
+        client, cache = PrometheusClient(backend.url), AnalyticsCache()
+        try:
+            first = await cached_job_analytics(client, cache, "paused-now", LOOKBACK_SECONDS)
+            await asyncio.sleep(0.3)
+            return first, await cached_job_analytics(client, cache, "paused-now", LOOKBACK_SECONDS), len(cache)
+        finally:
+            await client.aclose()
+
+    first, second, cached = asyncio.run(twice())
+    grown = second.goodput.wall_clock_seconds - first.goodput.wall_clock_seconds
+    assert cached == 0 and grown > 0.2
+    assert grown == pytest.approx(second.evaluated_at - first.evaluated_at, abs=0.01)
