@@ -430,3 +430,69 @@ def test_the_state_stat_keeps_the_job_servers_end_of_a_job_after_its_hold(tmp_pa
     promtool_passes(tmp_path / "ended_test.yml", ENDED_BY_SERVER_SERIES, state_stat_tests((
         ("w3", "cancelled", "12m"), ("w3", "cancelled", "25m"), ("w4", "failed", "7m"), ("w4", "queued", "12m"),
         ("w4", "running", "25m"))))
+
+
+# The exporter's peak series hold the max of its 100 ms samples over a 1 s window; one point of a panel covers
+# $__interval (range / the panel's width, 4 s over an hour, 1 m over a day). A spike of the CPU, the memory or a
+# GPU at 3 m, inside the 2-minute point that ends at 4 m and gone by then.
+GPU_A = ',gpu="0",uuid="GPU-a"'
+PEAK_SERIES = "".join(f"""
+      - series: '{name}{{instance="n1"{gpu}}}'
+        values: '0.1 0.1 0.1 0.9 0.1 0.1 0.1 0.1 0.1'""" for name, gpu in (
+    ("system_cpu_utilization_peak_ratio", ""), ("system_memory_used_peak_bytes", ""),
+    ("hw_gpu_utilization_peak_ratio", GPU_A), ("hw_gpu_memory_usage_peak_bytes", GPU_A)))
+PEAK_SERIES += """
+      - series: 'hw_gpu_job_info{instance="n1",gpu="0",uuid="GPU-a",job_id="j1"}'
+        values: '1x8'
+"""
+
+
+def test_the_peak_lines_show_a_spike_between_two_points(tmp_path):
+    """The peak lines read the exporter's 1 s peak series as they stood at each point's time: over an hour or
+    more, a point every few seconds to minutes, a spike between two points (most of them) was not drawn,
+    though the panels promise the spikes the scrapes catch."""
+    tests = []
+    for dashboard, title, target in panel_targets():
+        if re.search(r"\b(?:system|hw)_\w*_peak_", target["expr"]):
+            expr = (target["expr"].replace("$instance", "n1").replace("$job_id", "j1")
+                    .replace("$__rate_interval", "2m"))
+            tests.append(f"      - expr: 'max({expr})'\n        eval_time: 4m\n        exp_samples:\n"
+                         f"          - labels: '{{}}'\n            value: 0.9")
+    assert len(tests) == 5
+    promtool_passes(tmp_path / "peak_test.yml", PEAK_SERIES, tests)
+
+
+# A job's process restarted at the same address (a container restarted in its pod, a fixed --metrics-port) takes
+# its phase seconds over from its checkpoint, below where the killed one left them: 1/2 s of compute a second,
+# 35,980 s in at 6 m, then 35,900 from the checkpoint at 7 m.
+PHASE_RESET_SERIES = """
+      - series: 'trainer_phase_seconds_total{job_id="x1",instance="h:1",rank="0",phase="compute"}'
+        values: '35800+30x6 35900+30x6'
+"""
+
+
+@pytest.mark.parametrize("dashboard,title", [("training-job.json", "Where the time goes"),
+                                             ("fleet.json", "Where the fleet's time goes")])
+def test_the_time_per_phase_has_no_point_across_a_counter_fall(dashboard, title, tmp_path):
+    """rate() takes the fall for a reset and the whole carried count for the window's increase: the panel drew
+    about 200 seconds of compute per second, flattening every other point (as the recording rules, it leaves
+    such a window out)."""
+    (panel,) = [panel for panel in all_dashboards()[dashboard]["panels"] if panel["title"] == title]
+    expr = panel["targets"][0]["expr"].replace("$job_id", "x1").replace("$__rate_interval", "3m")
+    tests = [f"      - expr: '{expr}'\n        eval_time: 8m\n        exp_samples: []",
+             f"      - expr: '{expr}'\n        eval_time: 12m\n        exp_samples:\n"
+             f"          - labels: '{{phase=\"compute\"}}'\n            value: 0.5"]
+    promtool_passes(tmp_path / "phase_reset_test.yml", PHASE_RESET_SERIES, tests)
+
+
+def test_the_compare_accuracy_shows_a_finished_jobs_last_evaluation(tmp_path):
+    """A finished run's final evaluation is in Prometheus for one scrape before its series go stale: the
+    overlay read each point's instant, mostly missed it and ended at the evaluation before (the Training job
+    dashboard's curve, and Compare's own summary, show it)."""
+    (panel,) = [panel for panel in all_dashboards()["compare.json"]["panels"] if panel["title"] == "Eval accuracy"]
+    expr = panel["targets"][0]["expr"].replace("$job_id", "c1").replace("$__interval", "2m")
+    series = "\n      - series: 'trainer_eval_accuracy_ratio{job_id=\"c1\",instance=\"p1\"}'\n" \
+             "        values: '0.5x4 0.9 stale'\n"
+    tests = [f"      - expr: '{expr}'\n        eval_time: 6m\n        exp_samples:\n"
+             f"          - labels: '{{job_id=\"c1\"}}'\n            value: 0.9"]
+    promtool_passes(tmp_path / "accuracy_test.yml", series, tests)

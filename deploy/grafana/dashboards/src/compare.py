@@ -19,7 +19,10 @@ def build():
                                              "while its loss is NaN or infinite).", "short",
                                      query(f"avg by (job_id) ({finite_loss(JOBS, '$__interval')})", "{{job_id}}")))
         .with_panel(timeseries_panel("Eval accuracy", "Accuracy at each evaluation.", "percentunit",
-                                     query(f"max by (job_id) (trainer_eval_accuracy_ratio{{{JOBS}}})", "{{job_id}}"),
+                                     # Each point the last sample of its interval: a finished run's final
+                                     # evaluation is there for one scrape, which a point's instant mostly missed.
+                                     query(f"max by (job_id) (last_over_time(trainer_eval_accuracy_ratio{{{JOBS}}}"
+                                           "[$__interval]))", "{{job_id}}"),
                                      min_value=0, max_value=1))
         .with_panel(timeseries_panel("Samples per second", "Throughput of each job.", "short",
                                      query(f"job_id:trainer_samples:rate10s{{{JOBS}}}", "{{job_id}}")))

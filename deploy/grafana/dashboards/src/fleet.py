@@ -1,6 +1,6 @@
 """Fleet: every job at once: how many in each state, who is running how fast, what failed."""
 
-from panels import new_dashboard, query, row, stat_panel, table_panel, timeseries_panel
+from panels import new_dashboard, query, rate_within_process, row, stat_panel, table_panel, timeseries_panel
 
 
 def build():
@@ -37,8 +37,9 @@ def build():
         .with_panel(timeseries_panel("Where the fleet's time goes", "Every job's seconds per second in each "
                                      "phase (rank 0): step is goodput (the summary's goodput adds queued and "
                                      "paused).", "short",
-                                     query('sum by (phase) (rate(trainer_phase_seconds_total{rank=~"0|"}'
-                                           '[$__rate_interval]))', "{{phase}}"), stacked=True, min_value=0))
+                                     query("sum by (phase) "
+                                           + rate_within_process('trainer_phase_seconds_total{rank=~"0|"}'),
+                                           "{{phase}}"), stacked=True, min_value=0))
         .with_panel(timeseries_panel("Goodput per job over 15 minutes", "Each running job's share of time in "
                                      "steps (TrainerGoodputLow below 50 %).", "percentunit",
                                      query("job_id:trainer_goodput:ratio_rate15m and on (job_id) "

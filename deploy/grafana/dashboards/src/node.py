@@ -1,6 +1,6 @@
 """Node: the host and its GPUs, mean vs peak, network and disk, and the exporter's own health."""
 
-from panels import label_variable, new_dashboard, query, row, timeseries_panel
+from panels import label_variable, new_dashboard, peak, query, row, timeseries_panel
 
 NODE = 'instance=~"$instance"'
 
@@ -15,14 +15,17 @@ def build():
                                       multi=True))
         .with_row(row("Host"))
         .with_panel(timeseries_panel("CPU utilisation: mean vs peak",
-                                     "Mean and max of the 10 Hz samples over the peak window: spikes between "
-                                     "scrapes show in the peak.", "percentunit",
+                                     "Mean of the 10 Hz samples over the peak window, and their max over each "
+                                     "point: spikes between scrapes and between points show in the peak.",
+                                     "percentunit",
                                      query(f"system_cpu_utilization_ratio{{{NODE}}}", "mean {{instance}}"),
-                                     query(f"system_cpu_utilization_peak_ratio{{{NODE}}}", "peak {{instance}}", "B"),
+                                     query(peak(f"system_cpu_utilization_peak_ratio{{{NODE}}}"), "peak {{instance}}",
+                                           "B"),
                                      min_value=0, max_value=1))
         .with_panel(timeseries_panel("Memory", "Memory by state, and the peak of used memory.", "bytes",
                                      query(f"system_memory_usage_bytes{{{NODE}}}", "{{state}} {{instance}}"),
-                                     query(f"system_memory_used_peak_bytes{{{NODE}}}", "used peak {{instance}}", "B"),
+                                     query(peak(f"system_memory_used_peak_bytes{{{NODE}}}"), "used peak {{instance}}",
+                                           "B"),
                                      query(f"system_memory_limit_bytes{{{NODE}}}", "limit {{instance}}", "C")))
         .with_panel(timeseries_panel("Network", "Bytes per second by device and direction.", "Bps",
                                      query(f"rate(system_network_io_bytes_total{{{NODE}}}[$__rate_interval])",
@@ -45,16 +48,16 @@ def build():
         .with_panel(timeseries_panel("Exporter collectors", "1 when the collector's last sample succeeded, 0 when it failed.", "short",
                                      query(f"exporter_collector_success{{{NODE}}}", "{{instance}} {{collector}}")))
         .with_row(row("GPUs"))
-        .with_panel(timeseries_panel("GPU utilisation: mean vs peak", "Per GPU, mean and max over the window.",
-                                     "percentunit",
+        .with_panel(timeseries_panel("GPU utilisation: mean vs peak",
+                                     "Per GPU, mean over the window and max over each point.", "percentunit",
                                      query(f"hw_gpu_utilization_ratio{{{NODE}}}", "mean {{instance}} gpu {{gpu}}"),
-                                     query(f"hw_gpu_utilization_peak_ratio{{{NODE}}}", "peak {{instance}} gpu {{gpu}}",
-                                           "B"),
+                                     query(peak(f"hw_gpu_utilization_peak_ratio{{{NODE}}}"),
+                                           "peak {{instance}} gpu {{gpu}}", "B"),
                                      min_value=0, max_value=1))
-        .with_panel(timeseries_panel("GPU memory", "Used, peak over the window, and size.", "bytes",
+        .with_panel(timeseries_panel("GPU memory", "Used, peak over each point, and size.", "bytes",
                                      query(f"hw_gpu_memory_usage_bytes{{{NODE}}}", "used {{instance}} gpu {{gpu}}"),
-                                     query(f"hw_gpu_memory_usage_peak_bytes{{{NODE}}}", "peak {{instance}} gpu {{gpu}}",
-                                           "B"),
+                                     query(peak(f"hw_gpu_memory_usage_peak_bytes{{{NODE}}}"),
+                                           "peak {{instance}} gpu {{gpu}}", "B"),
                                      query(f"hw_gpu_memory_limit_bytes{{{NODE}}}", "size {{instance}} gpu {{gpu}}",
                                            "C")))
         .with_panel(timeseries_panel("GPU temperature", "Core temperature.", "celsius",

@@ -28,6 +28,21 @@ def newest_run(jobs: str) -> str:
             f"[$__range]) >= on (job_id) group_left {last_start(jobs)})")
 
 
+def peak(selector: str) -> str:
+    """The highest of an exporter peak series (its 1 s window's max) over each point's interval: read at the
+    point's instant alone, a spike between two points (most, once a point spans seconds) was not drawn.
+    $__rate_interval: the point's interval and a scrape more, at least 1 s (a 250 ms $__interval window can hold
+    no sample, a scrape's jitter: a gap in the line)."""
+    return f"max_over_time({selector}[$__rate_interval])"
+
+
+def rate_within_process(selector: str) -> str:
+    """rate() of a trainer counter carried across resumes, none over a window in which it fell (as the recording
+    rules): a process restarted at the same address resumes from its checkpoint's count, below the killed one's,
+    which rate() takes for a reset and the whole carried count for the window's increase."""
+    return f"(rate({selector}[$__rate_interval]) unless resets({selector}[$__rate_interval]) > 0)"
+
+
 def finite_loss(selector: str, window: str) -> str:
     """Each process's last trainer_loss over `window`, none where its last interval's loss was NaN or infinite
     (trainer_loss then holds the last finite one: a flat line, or a final loss, that looked like a real one)."""

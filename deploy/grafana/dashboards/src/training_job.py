@@ -2,8 +2,8 @@
 
 from grafana_foundation_sdk.models.common import BigValueTextMode
 
-from panels import (alert_annotation, duration, finite_loss, label_variable, new_dashboard, newest_run, query, row,
-                    stat_panel, timeseries_panel)
+from panels import (alert_annotation, duration, finite_loss, label_variable, new_dashboard, newest_run, peak, query,
+                    rate_within_process, row, stat_panel, timeseries_panel)
 
 JOB = 'job_id="$job_id"'
 
@@ -107,9 +107,10 @@ def build():
         .with_row(row("Goodput"))
         .with_panel(timeseries_panel("Where the time goes", "Seconds per second in each phase (rank 0): step "
                                      "(compute, optimizer, collective) is goodput; the job's analytics add "
-                                     "queued, paused and lost (docs/api.md, Goodput).", "percentunit",
-                                     query(f'sum by (phase) (rate(trainer_phase_seconds_total{{{JOB},rank=~"0|"}}'
-                                           f'[$__rate_interval]))', "{{phase}}"),
+                                     "queued, paused and lost (docs/api.md, Goodput); no point across a process "
+                                     "restarted at the same address, whose counts fell.", "percentunit",
+                                     query("sum by (phase) " + rate_within_process(
+                                         f'trainer_phase_seconds_total{{{JOB},rank=~"0|"}}'), "{{phase}}"),
                                      stacked=True, min_value=0))
         .with_panel(timeseries_panel("Goodput over 15 minutes", "Share of the job's time spent in steps over the "
                                      "last 15 minutes (TrainerGoodputLow below 50 %).", "percentunit",
@@ -147,11 +148,12 @@ def build():
                                      min_value=0))
         .with_row(row("Resources"))
         .with_panel(timeseries_panel("Job GPU utilisation: mean vs peak",
-                                     "The job's GPUs: mean and max over the exporter's sampling window.",
+                                     "The job's GPUs: mean over the exporter's sampling window, max over each "
+                                     "point.",
                                      "percentunit",
                                      query(f"hw_gpu_utilization_ratio * on (instance, uuid) group_right "
                                            f"hw_gpu_job_info{{{JOB}}}", "mean gpu {{gpu}}"),
-                                     query(f"hw_gpu_utilization_peak_ratio * on (instance, uuid) group_right "
+                                     query(f"{peak('hw_gpu_utilization_peak_ratio')} * on (instance, uuid) group_right "
                                            f"hw_gpu_job_info{{{JOB}}}", "peak gpu {{gpu}}", "B"),
                                      min_value=0, max_value=1))
         .with_panel(timeseries_panel("Job GPU memory", "GPU memory held by the job's processes and the "
