@@ -26,8 +26,8 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from trainmetrics.contract import (RESULT_PUBLISHED, SPAWN_BLOCKED_SIGNALS, STACKS_SIGNAL, STOP_SIGNALS, ExitCode,
-                                  exit_code_for)
+from trainmetrics.contract import (RESULT_PUBLISHED, RESULT_STARTED, SPAWN_BLOCKED_SIGNALS, STACKS_SIGNAL,
+                                  STOP_SIGNALS, ExitCode, exit_code_for)
 from trainmetrics.jobfiles import (CONTROL_FILE_NAME, LOG_NAME, PLACEMENT_WAIT_NAME, RESULT_FILE_NAME,
                                    STACKS_REQUEST_NAME, read_small_text, replace_atomically, write_result)
 
@@ -88,8 +88,9 @@ def stacks_request(job_dir: Path) -> str | None:
 def ended_before_start(job_dir: Path, outcome: str) -> int:
     """A stop that came before any rank started: its result written, its exit code."""
     code = int(exit_code_for(outcome))
+    # No rank ran: the server publishes the end, that of the job's wait.
     write_result(job_dir / RESULT_FILE_NAME, {"state": outcome, "exit_code": code, "error": None, "error_type": None,
-                                              RESULT_PUBLISHED: False})     # no rank ran: the server publishes it
+                                              RESULT_PUBLISHED: False, RESULT_STARTED: False})
     return code
 
 

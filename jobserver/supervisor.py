@@ -16,8 +16,8 @@ import signal
 import time
 from pathlib import Path
 
-from trainmetrics.contract import (BUILTIN_DATASETS, EXIT_STATES, REGISTER_TOKEN_VARIABLE, RESULT_PUBLISHED, STOP_VERBS,
-                                  WAITING_STATES, train_args)
+from trainmetrics.contract import (BUILTIN_DATASETS, EXIT_STATES, REGISTER_TOKEN_VARIABLE, RESULT_PUBLISHED,
+                                  RESULT_STARTED, STOP_VERBS, WAITING_STATES, train_args)
 from trainmetrics.jobfiles import (CONTROL_FILE_NAME, FINAL_MODEL_NAME, LOG_NAME, RESULT_FILE_NAME,
                                    list_checkpoints, rank_result_path, read_result)
 from trainmetrics.jobserver.executors import Executor, ExecutorUnavailable, Run, StartDeferred
@@ -312,12 +312,17 @@ class Supervisor:
         if isinstance(error, str):       # a trainer's error names the files it could not use: no server path
             error = self._without_data_dir(error)
         waiting = state in WAITING_STATES
+        # A run no rank of which started (stopped while Ray placed its ranks, its arguments refused) ended the job's
+        # wait, not a run: a resumed job's end says it had waited to resume (WaitingJob.resuming), as a cancel while
+        # it was queued does. (Said as a run's end, the analytics took it, after a killed run, for the notice of that
+        # death: the job ended at the kill, and its wait to the cancel was in no phase.)
+        wait_ended = job.resume and result is not None and result.get(RESULT_STARTED) is False
         # A final state its process did not publish (killed without a result, or a cancel that overrode what it
         # said): the run's handle goes, so the server publishes it (JobService.waiting_jobs) and Prometheus, the
         # analytics and the dashboards end the job as the job API does, not `running` gone stale.
         unpublished = {"pid": None, "handle": None} if not waiting and state != published else {}
         self.store.update_job(job_id, state=state, exit_code=code if isinstance(code, int) else None, error=error,
-                              ended=None if waiting else time.time(), resume=waiting, requested=None, run_token=None,
+                              ended=None if waiting else time.time(), resume=waiting or wait_ended, requested=None, run_token=None,
                               reason=reason, **unpublished)
         self.store.remove_endpoints(job_id)
         log.info("job %s: %s (exit code %s)%s", job_id, state, code, _ended_how(state, killed, self.cancel_grace))

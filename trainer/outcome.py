@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from trainmetrics.contract import RESULT_PUBLISHED, ExitCode, exit_code_for
+from trainmetrics.contract import RESULT_PUBLISHED, RESULT_STARTED, ExitCode, exit_code_for
 from trainmetrics.jobfiles import rank_result_path, strict_json, write_result
 
 log = logging.getLogger("trainmetrics.trainer")
@@ -103,7 +103,8 @@ def bad_input(config, message: str) -> int:
         try:
             write_result(path, {
                 "job_id": config.job_id, "state": "failed", "exit_code": int(ExitCode.BAD_INPUT),
-                "error_type": "BadInput", "error": message[:500], RESULT_PUBLISHED: False})     # (before any series)
+                "error_type": "BadInput", "error": message[:500], RESULT_PUBLISHED: False,     # (before any series)
+                RESULT_STARTED: False})
         except OSError:
             pass
     return ExitCode.BAD_INPUT

@@ -111,6 +111,10 @@ def exit_code_for(state: str) -> ExitCode:
 # read it (the run ended before it published anything, or no scrape came during its linger: Prometheus down),
 # so the job server publishes the end itself (JobService.waiting_jobs). Absent (an older trainer's result): read.
 RESULT_PUBLISHED = "published"
+# The result file's field that says no rank of the run started (False: a Ray launcher stopped while Ray placed the
+# ranks, a trainer that refused its arguments): its end, which the job server publishes, ends the job's wait (to
+# resume, for a resumed job), not a run. Absent: a run's end.
+RESULT_STARTED = "started"
 
 
 # ----- metric names read by more than one part (docs/metrics.md describes every series) -------------------

@@ -1025,3 +1025,34 @@ def test_the_hour_a_report_is_asked_for_counts_the_servers_up_time(tmp_path):
     store._execute("UPDATE server SET value = 'yesterday' WHERE name = 'alive'")     # edited by hand
     assert reports.UpTime(store).downtime == 0.0
     store.close()
+
+
+def test_the_end_of_a_resumed_run_no_rank_of_which_started_says_the_job_waited_to_resume(tmp_path):
+    """A resumed job cancelled while Ray placed its ranks (or whose run refused its arguments): the server published
+    that end with `resuming` 0, the notice of a killed run's death, so after a killed run the analytics ended the
+    job at the kill and its wait to resume to the cancel was in no phase. A cancel while it was queued said 1; so
+    does this end now. A run that started and ended so is a run's end (0)."""
+    from trainmetrics.contract import RESULT_PUBLISHED, RESULT_STARTED
+    from trainmetrics.jobfiles import write_result
+    from trainmetrics.jobserver.jobs import JobService, ServerSettings
+
+    store = JobStore(tmp_path / "db.sqlite")
+    supervisor = Supervisor(store, tmp_path, None, max_concurrent=4, executor=Ending())
+    results = {"placing": {"state": "cancelled", "exit_code": 3, RESULT_PUBLISHED: False, RESULT_STARTED: False},
+               "refused": {"state": "failed", "exit_code": 2, "error": "x", RESULT_PUBLISHED: False,
+                           RESULT_STARTED: False},
+               "ran": {"state": "cancelled", "exit_code": 3, RESULT_PUBLISHED: False}}
+    for job_id, result in results.items():
+        queue(supervisor, job_id)
+        store.update_job(job_id, resume=True)
+        supervisor.start(store.get_job(job_id))
+        write_result(supervisor.result_path(job_id), result)
+    queue(supervisor, "fresh")
+    supervisor.start(store.get_job("fresh"))
+    write_result(supervisor.result_path("fresh"), results["placing"])
+    supervisor.tick()
+    service = JobService(ServerSettings(data_dir=tmp_path), store, supervisor)
+    assert {w.job.id: (w.state, w.resuming) for w in service.waiting_jobs()} == \
+        {"placing": ("cancelled", True), "refused": ("failed", True), "ran": ("cancelled", False),
+         "fresh": ("cancelled", False)}
+    store.close()
