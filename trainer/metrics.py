@@ -760,9 +760,8 @@ class JobMetrics:
         except Exception:
             log.exception("job %s: lingering for the final scrape failed", self.job_id)
         finally:
-            if self._stack_watch is not None:
+            if self._stack_watch is not None:     # kept: the last OTLP push reads its trainer_stack_dumps_total
                 self._stack_watch.close()
-                self._stack_watch = None
             try:
                 self._publication.shutdown()
             except Exception:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
+from opentelemetry.sdk.metrics.export import MetricExporter, MetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 from opentelemetry.sdk.resources import Resource
 
@@ -95,7 +95,29 @@ def otlp_readers() -> list[MetricReader]:
     # A push gives up after FINAL_PUSH_SECONDS (retries included) unless the variables set a timeout: the SDK's
     # 10 s, retried, held a job's exit for 15-31 s when the collector was down or never answered.
     timeout_set = any(os.environ.get(name) for name in OTLP_TIMEOUT_VARIABLES)
-    return [PeriodicExportingMetricReader(OTLPMetricExporter(timeout=None if timeout_set else FINAL_PUSH_SECONDS))]
+    exporter = OTLPMetricExporter(timeout=None if timeout_set else FINAL_PUSH_SECONDS)
+    try:
+        return [PushReader(exporter)]
+    except ValueError as error:
+        # An interval of 0 or less, which the SDK refuses (other garbage there it warns of and replaces with its
+        # 60 s): raised out of JobMetrics(), it refused the job, blaming --metrics-listen.
+        log.warning("OTEL_METRIC_EXPORT_INTERVAL: %s; pushing every 60 s", " ".join(str(error).split()))
+        return [PushReader(exporter, export_interval_millis=60_000)]
+
+
+class PushReader(PeriodicExportingMetricReader):
+    """The SDK's periodic reader, collecting in the process that made it only. The SDK restarts its thread in a
+    forked child (a DataLoader worker), which then pushed the child's copy of the job's state under the job's
+    resource every interval, between the job's own pushes: trainer_steps_total went back to the steps at the fork
+    (0 in the first epoch), and a delta conversion counted the steps since the last push twice."""
+
+    def __init__(self, exporter: MetricExporter, **kwargs):
+        self._owner_pid = os.getpid()
+        super().__init__(exporter, **kwargs)
+
+    def collect(self, timeout_millis: float = 10_000) -> None:
+        if os.getpid() == self._owner_pid:
+            super().collect(timeout_millis=timeout_millis)
 
 
 def build_push_provider(resource_attributes: dict[str, str]) -> MeterProvider | None:

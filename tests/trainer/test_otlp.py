@@ -8,8 +8,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 
-from trainmetrics.trainer.metrics import JobMetrics
+from trainmetrics.trainer.metrics import Diagnostics, JobMetrics
 from trainmetrics.trainer import telemetry
+
+from .conftest import parse_summary, run_train
 
 
 class Receiver(BaseHTTPRequestHandler):
@@ -101,6 +103,71 @@ def test_a_resumed_process_pushes_its_own_counts_while_its_endpoint_shows_the_jo
         phases = {point.attributes[0].value.string_value: point.as_double
                   for point in points["trainer_phase_seconds_total"].sum.data_points}
         assert 0 <= phases["compute"] < 40.0                     # its own, not the carried 40 s
+    finally:
+        receiver.shutdown()
+        receiver.server_close()
+
+
+def pushed_values(name: str) -> list[int]:
+    """`name`'s first data point in every request the receiver got, in the order they came."""
+    return [metric.sum.data_points[0].as_int for _, request in Receiver.requests
+            for resource in request.resource_metrics for scope in resource.scope_metrics
+            for metric in scope.metrics if metric.name == name and metric.sum.data_points]
+
+
+def test_dataloader_workers_push_nothing_of_their_own(monkeypatch):
+    """The SDK restarts its push thread in a forked child: every DataLoader worker pushed its copy of the job's
+    state (its steps at the fork) under the job's resource, between the job's own pushes (0, 44, 0, 0, 65...)."""
+    receiver = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    Receiver.requests = []
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{receiver.server_port}")
+    monkeypatch.setenv("OTEL_METRIC_EXPORT_INTERVAL", "100")
+    try:
+        done = run_train("--job-id", "otlp-workers-1", "--workers", "2", "--epochs", "2", "--dataset", "blobs",
+                         "--batch-size", "16", "--linger-timeout", "0")
+        assert done.returncode == 0, done.stderr
+        steps = pushed_values("trainer_steps_total")
+        assert steps[-1] == parse_summary(done.stdout)["steps"]
+        assert steps == sorted(steps), steps      # a cumulative counter of one process never goes back
+    finally:
+        receiver.shutdown()
+        receiver.server_close()
+
+
+def test_an_export_interval_of_zero_is_warned_of_not_a_refused_job(monkeypatch):
+    """The SDK refuses an interval of 0 or less: JobMetrics() raised, and the job exited 2 blaming --metrics-listen."""
+    receiver = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    Receiver.requests = []
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{receiver.server_port}")
+    monkeypatch.setenv("OTEL_METRIC_EXPORT_INTERVAL", "0")
+    try:
+        done = run_train("--job-id", "otlp-interval-1", "--epochs", "1", "--dataset", "blobs", "--linger-timeout", "0")
+        assert done.returncode == 0, done.stderr
+        assert "OTEL_METRIC_EXPORT_INTERVAL" in done.stderr
+        assert pushed_values("trainer_steps_total")[-1] == parse_summary(done.stdout)["steps"]   # the last push
+    finally:
+        receiver.shutdown()
+        receiver.server_close()
+
+
+def test_the_last_push_carries_the_stack_dumps(monkeypatch, tmp_path):
+    """close() dropped the hang watchdog before the last push: trainer_stack_dumps_total, on /metrics, was missing
+    from it, and from everything a job shorter than the export interval pushed."""
+    receiver = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    Receiver.requests = []
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{receiver.server_port}")
+    try:
+        metrics = JobMetrics("otlp-hung-1", log_every=1, diagnostics=Diagnostics(stacks_dir=tmp_path, hang_seconds=0.4))
+        with metrics:
+            for _ in metrics.timed([None]):
+                time.sleep(1.5)             # a step that hangs: the watchdog writes the stacks
+                metrics.step(loss=0.5, samples=8)
+            assert "trainer_stack_dumps_total 1.0" in metrics.collect().decode().replace('{job_id="otlp-hung-1"}', "")
+        assert len(Receiver.requests) == 1                      # the last push alone (the interval is 60 s)
+        assert pushed_values("trainer_stack_dumps_total") == [1]
     finally:
         receiver.shutdown()
         receiver.server_close()
