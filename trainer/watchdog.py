@@ -4,12 +4,14 @@
   `<dir>/stacks.rank<N>.txt`, or to stderr (the job's log) when no directory is given (in the signal handler, without the GIL: it works when the loop is stuck in C,
   a collective or a sleep). The job server's `GET /api/training/jobs/{job_id}/stacks` sends it to every rank.
 - When hung: a watchdog thread checks every few seconds whether a step has completed lately; past
-  max(MIN_HANG_SECONDS, HANG_FACTOR x the recent p99 step time) outside checkpoints and evaluations, it writes
-  the stacks once (once per hang: a step that completes ends it). The same rule as the TrainerHang alert.
+  max(MIN_HANG_SECONDS, HANG_FACTOR x the p99 step time of the last 10 minutes) outside checkpoints and
+  evaluations, it writes the stacks once (once per hang: a step that completes ends it). The same rule as the
+  TrainerHang alert.
 """
 
 import faulthandler
 import logging
+import math
 import os
 import signal
 import sys
@@ -29,8 +31,10 @@ HANG_FACTOR = 10.0
 CHECK_SECONDS = 5.0
 # A check later than due by more than this (and by more than 2 check intervals): the watchdog could not run.
 STARVED_SECONDS = 1.0
-# The recent step times: bucket counts over this many checks (a minute at 5 s).
-WINDOW_CHECKS = 12
+# The recent step times: bucket counts over the TrainerHang rule's window (its p99 over 10 minutes), one snapshot a
+# check. A minute's p99 lost the rarer slow steps that the rule counts: a job with a 70 s step among every 40 of 2 s
+# had its stacks dumped a minute into each as a hang, which the alert (its bound over 900 s) never saw.
+WINDOW_SECONDS = 600.0
 LOOP_PHASES = (DATA, COMPUTE, OPTIMIZER, COLLECTIVE)
 # The watches that hold SIGUSR2 in this process, oldest first (several jobs in one process: a notebook, tests).
 # faulthandler keeps one file per signal: the newest watch's; closing it hands the signal back to the one before.
@@ -96,19 +100,21 @@ class StackWatch:
         # Kept open: faulthandler writes to its descriptor from the signal handler.
         self._file, self.path, self._owns_file = open_stacks_file(directory, rank)
         self._stop = threading.Event()
-        self._windows: deque[list[int]] = deque(maxlen=WINDOW_CHECKS + 1)
+        self._windows: deque[list[int]] = deque(maxlen=math.ceil(WINDOW_SECONDS / self.check_seconds) + 1)
         self._dumped_for: float | None = None      # the last step whose hang was dumped
         self._last_bound = self.min_hang_seconds
-        if threading.current_thread() is threading.main_thread():
-            _take_signal(self._file)
-            _holding.append(self)
-            # The job server spawns jobs with it blocked (a SIGUSR2 before this point would have killed us).
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {STACKS_SIGNAL})
+        # From any thread: faulthandler's registration is the process's. Only on the main thread, a job created in
+        # another (a training function a framework runs in a thread) left SIGUSR2 at its default action, and a
+        # request for its stacks killed the process.
+        _take_signal(self._file)
+        _holding.append(self)
+        # The job server spawns jobs with it blocked (a SIGUSR2 before this point would have killed us).
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {STACKS_SIGNAL})
         self._thread = threading.Thread(target=self._watch, name="trainmetrics-watchdog", daemon=True)
         self._thread.start()
 
     def hang_bound(self) -> float:
-        """Seconds without a step that mean a hang: MIN_HANG_SECONDS, or HANG_FACTOR x the recent p99. With no
+        """Seconds without a step that mean a hang: MIN_HANG_SECONDS, or HANG_FACTOR x the p99 of the window. With no
         step in the window (steps longer than it, or a hang) the bound stays the last one found, as the
         TrainerHang rule's does: falling back to the minimum dumped the stacks on every long step."""
         if len(self._windows) < 2:

@@ -398,7 +398,8 @@ TRAIN_OPTIONS: tuple[Option, ...] = (
     Option("diagnostics_dir", Path, None, "where every rank's thread stacks go (stacks.rank<N>.txt): on SIGUSR2, "
            "and once when the job seems hung (default: stderr)", "telemetry", api="the job's directory"),
     Option("hang_seconds", float, 60.0, "the trainer's hang watchdog writes the thread stacks once no step has "
-           "completed for max(this, 10 x the recent p99 step time), outside evaluations and checkpoints",
+           "completed for max(this, 10 x the p99 step time over 10 minutes), outside evaluations and "
+           "checkpoints",
            "telemetry", minimum=1),
     Option("result_file", Path, None, "write the job's outcome here as JSON when it ends (atomically)",
            "telemetry", api=_SERVER_SETS),

@@ -1,9 +1,11 @@
 """Where a job's time goes and what it watches in itself: the phase clock, loss spikes, the hang watchdog and
 the stacks signal, and the faults used to drill them. Real loops, real training, real signals."""
 
+import bisect
 import json
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -311,10 +313,38 @@ def test_the_hang_bound_of_a_job_with_two_minute_steps_is_twenty_minutes(tmp_pat
         seen_steps(metrics, 120.0)             # five 2-minute steps
         watch, times = metrics._stack_watch, metrics.step_times
         assert watch.hang_bound() == 1200.0
-        # The next step takes longer than the window (a minute of checks): no step in it, and the bound
+        # The next step takes longer than the window (10 minutes of checks): no step in it, and the bound
         # stays 20 minutes (it fell to 60 s, and the stacks were dumped a minute into every such step).
         watch._windows.extend([list(times.counts)] * (watch._windows.maxlen or 1))
         assert watch.hang_bound() == 1200.0
+    finally:
+        metrics.close()
+
+
+def test_the_hang_bound_is_ten_times_the_p99_of_the_last_ten_minutes_as_the_alerts(tmp_path):
+    """docs/alerts.md: the watchdog applies TrainerHang's rule, 10 x the p99 step time over 10 minutes. It took the
+    p99 of the last minute only: a job with 2 s steps and a 70 s one after every 40 (a data shard fetched), 2.4 %
+    of its steps, had a bound of 60 s whenever the minute before held none of them, and the watchdog dumped the
+    stacks a minute into every slow step: a hang every 2.5 minutes that the alert (its bound over 900 s) never saw."""
+    metrics = JobMetrics("periodic-slow-steps", diagnostics=Diagnostics(stacks_dir=tmp_path))
+    try:
+        watch, bounds = metrics._stack_watch, metrics.step_times.bounds
+        ended, now = [], 0.0                    # (end, duration) of each step
+        while now < 700:
+            for _ in range(40):
+                now += 2.0
+                ended.append((now, 2.0))
+            now += 70.0
+            ended.append((now, 70.0))
+        slow_began = ended[-2][0]               # the last slow step: 65 s into it
+        watch._windows.clear()
+        for check in range(int((slow_began + 65) // watch.check_seconds) + 1):    # one snapshot per check
+            counts = [0] * (len(bounds) + 1)
+            for end, seconds in ended:
+                if end <= check * watch.check_seconds:
+                    counts[bisect.bisect_left(bounds, seconds)] += 1
+            watch._windows.append(counts)
+        assert watch.hang_bound() == 1200.0     # 10 x the bucket of the p99 (60, 120]: the slow step is no hang
     finally:
         metrics.close()
 
@@ -430,6 +460,36 @@ def test_a_job_closed_off_the_main_thread_leaves_no_later_file_to_the_stacks_sig
         assert "Current thread" in (tmp_path / "diagnostics" / "stacks.rank0.txt").read_text()
     finally:
         JobMetrics("takes-the-signal-back", diagnostics=Diagnostics(stacks_dir=tmp_path / "last")).close()
+
+
+def test_a_job_created_off_the_main_thread_writes_its_stacks_on_sigusr2_and_lives(tmp_path):
+    """A training function that a framework runs in a thread (Ray Train's and Tune's workers, a notebook's
+    background thread) creates its JobMetrics there: SIGUSR2 was left at its default action, and asking for the
+    stacks as README says killed the process. In its own process: the signal must reach the whole process."""
+    script = """
+import os, signal, sys, threading, time
+from pathlib import Path
+from trainmetrics.trainer.metrics import Diagnostics, JobMetrics
+
+signal.signal(signal.SIGUSR2, signal.SIG_DFL)     # as a process starts (this test's may have ignored it)
+
+def train_in_a_thread():
+    metrics = JobMetrics("threaded-job", diagnostics=Diagnostics(stacks_dir=Path(sys.argv[1])))
+    try:
+        os.kill(os.getpid(), signal.SIGUSR2)
+        time.sleep(0.3)
+    finally:
+        metrics.close()
+
+worker = threading.Thread(target=train_in_a_thread)
+worker.start()
+worker.join()
+os.kill(os.getpid(), signal.SIGUSR2)       # after the job: nothing to kill the process either
+time.sleep(0.2)
+"""
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert "in train_in_a_thread" in (tmp_path / "stacks.rank0.txt").read_text()
 
 
 def test_a_slow_write_of_the_final_model_is_a_checkpoints_time_not_a_hang(tmp_path, monkeypatch):
