@@ -62,7 +62,8 @@ def _read(job_path: Path, rank: int, start: int) -> str | None:
         with os.fdopen(fd, "rb") as file:
             end = file.seek(0, 2)
             file.seek(max(start, end - MAX_STACK_BYTES))
-            return file.read().decode("utf-8", "replace")
+            # Not to the end: a job's process may append as fast as it likes, and the read chased the file's end.
+            return file.read(MAX_STACK_BYTES).decode("utf-8", "replace")
     except OSError:
         return None
 

@@ -1,6 +1,8 @@
 """The stacks route's reading of the ranks' dumps: a dump is served whole, however its writer is paced."""
 
 import asyncio
+import io
+import os
 import subprocess
 import sys
 import threading
@@ -76,3 +78,26 @@ def test_a_job_directory_replaced_by_a_symlink_shows_no_other_jobs_stacks(tmp_pa
     answer = stacks.earlier(planted, 1)
     assert answer["ranks"] == [] and answer["missing_ranks"] == [0], answer
     assert stacks.earlier(other, 1)["ranks"], "the job's own directory is read"
+
+
+def test_a_stacks_file_growing_while_it_is_read_is_read_to_its_bound(tmp_path, monkeypatch):
+    """A job's process can append to its stacks file as fast as it likes: the read went on to the file's end as it
+    grew after it was measured, past MAX_STACK_BYTES (the server's memory and the answer both unbounded: one try
+    with a writer appending 1 MiB pieces read 3 GB). Here the writer appends a MiB once the read has seeked."""
+    job_path = tmp_path / "jobs" / "grows"
+    job_path.mkdir(parents=True)
+    path = stacks.stacks_file(job_path, 0)
+    path.write_bytes(b"x" * stacks.MAX_STACK_BYTES)
+    real_fdopen = os.fdopen
+
+    class AppendedAfterSeek(io.BufferedReader):
+        def seek(self, *args):
+            at = super().seek(*args)
+            if args[1:] != (2,):          # the seek to where the read starts: the writer appends now
+                with open(path, "ab") as writer:
+                    writer.write(b"y" * (1 << 20))
+            return at
+
+    monkeypatch.setattr(stacks.os, "fdopen", lambda fd, mode: AppendedAfterSeek(real_fdopen(fd, "rb", buffering=0)))
+    read = stacks._read(job_path, 0, 0)
+    assert read is not None and len(read) == stacks.MAX_STACK_BYTES and set(read) == {"x"}
