@@ -147,7 +147,7 @@ def ledger(facts: JobFacts, found: dict[str, list[dict]]) -> shapes.Goodput:
     if server_end is not None and server_end > end and killed_run(facts.processes) is None:
         paused += server_end - end          # paused (or queued to resume) until it was cancelled
         end = server_end
-    elif server_end is None and facts.now > end and any(process.waiting for process in facts.processes):
+    elif server_end is None and facts.now > end and facts.waiting:
         paused += facts.now - end           # paused (or queued to resume) now, as the fleet counts it: to now
         end = facts.now
     began = submitted if submitted is not None and submitted <= runs[0].started else runs[0].started

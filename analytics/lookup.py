@@ -163,8 +163,14 @@ class JobFacts:
 
     @property
     def live(self) -> bool:
-        """Some process is scraped now (the job server's state of a waiting job is none: a paused job settles)."""
+        """Some process is scraped now (the job server's state of a waiting job is none)."""
         return any(p.live for p in self.processes if p.trainer)
+
+    @property
+    def waiting(self) -> bool:
+        """The job server says the job waits now (paused, queued to resume) and no process of it is scraped (a
+        resumed run's first scrapes and the server's last state overlap)."""
+        return not self.live and any(p.waiting for p in self.processes)
 
     @property
     def settled(self) -> bool:
@@ -177,7 +183,7 @@ class JobFacts:
         30 s: read sooner, its range reads, the evaluations and the peak among them, missed the job's last
         seconds). Not while the job server says the job waits (paused, queued to resume): its ledger's paused time
         grows to now."""
-        if self.end is None or self.live or self.attributed_now or any(p.waiting for p in self.processes) or \
+        if self.end is None or self.live or self.attributed_now or self.waiting or \
                 any(p.trainer and p.state in STOPPED_STATES and p.end is None for p in self.processes):
             return False
         newest = max((t for p in self.processes for t in (p.last_seen, p.end) if t is not None), default=self.end)
