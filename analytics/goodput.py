@@ -91,9 +91,17 @@ def ledger(facts: JobFacts, found: dict[str, list[dict]]) -> shapes.Goodput:
     checkpointed = {labels.get("instance", ""): value for labels, value in rank0("checkpointed")}
     submitted = max((value for _, value in rank0("submitted")), default=None)
     runs = []
+    # Resumed runs that never read the job's totals from their checkpoint (their restore failed before it, or is
+    # still loading) publish none: their life is their setup, init. Left out, it was in no phase: paused before a
+    # later run, past the wall clock's end after the last (a job whose resume failed ended at its pause).
+    unread: list[tuple[float, float]] = []
     for process in facts.processes:     # a run that failed its restore too: its init and restore are the job's
         as_of = process.end if process.end is not None else process.last_seen
-        if process.instance in phases and process.instance in started_at and as_of is not None:
+        if process.instance not in started_at or as_of is None:
+            continue
+        if process.instance not in phases:
+            unread.append((started_at[process.instance], as_of))
+        else:
             runs.append(_Run(started_at[process.instance], as_of, phases[process.instance],
                              stopped=process.state in STOP_SIGNALS,
                              checkpointed=checkpointed.get(process.instance), trained=process.start is not None,
@@ -141,8 +149,10 @@ def ledger(facts: JobFacts, found: dict[str, list[dict]]) -> shapes.Goodput:
                                             max(0.0, (run.checkpointed or after.carried) - after.carried))
             checkpoint_writes += written
             lost += after_snapshot - written
-    paused = sum(max(0.0, after.started - run.as_of) for run, after in zip(runs, runs[1:]))
-    end = runs[-1].as_of
+    unread = [(started, as_of) for started, as_of in unread if started > runs[0].started]
+    spans = sorted([(run.started, run.as_of) for run in runs] + unread)
+    paused = sum(max(0.0, after[0] - before[1]) for before, after in zip(spans, spans[1:]))
+    end = spans[-1][1]
     # (Not after a run that was killed: the server's end is its notice of the death; the job ended with the run.)
     if server_end is not None and server_end > end and killed_run(facts.processes) is None:
         paused += server_end - end          # paused (or queued to resume) until it was cancelled
@@ -157,7 +167,7 @@ def ledger(facts: JobFacts, found: dict[str, list[dict]]) -> shapes.Goodput:
     earlier_runs_gone = runs[0].resumed
     step_parts = {part: final.get(part, 0.0) for part in STEP_PHASES}
     seconds = {"queued": 0.0 if earlier_runs_gone else runs[0].started - began,
-               "init": final.get("init", 0.0) + thrown_setup["init"],
+               "init": final.get("init", 0.0) + thrown_setup["init"] + sum(e - s for s, e in unread),
                "restore": final.get("restore", 0.0) + thrown_setup["restore"], "step": sum(step_parts.values()),
                "data_wait": final.get("data_wait", 0.0), "eval": final.get("eval", 0.0),
                "checkpoint": final.get("checkpoint", 0.0) + checkpoint_writes, "paused": paused, "lost": lost}

@@ -255,6 +255,12 @@ class JobMetrics:
         self._warned_values: set[str] = set()       # the kinds of value said to be unusable (said once each)
         self._warned_outside_run = False
         self._checkpoints_writing = 0       # checkpoint() blocks open: state_dict() counts them as written
+        # checkpoint() may run on a writer thread of its own (an asynchronous save): its counts change under this
+        # lock, and state_dict() reads them under it (between the two changes it counted the write not at all).
+        self._checkpoint_lock = threading.Lock()
+        # The loop's thread (start()'s, then step()'s at each log interval): a checkpoint() block on another thread
+        # (an asynchronous save's writer) is no part of the loop, which goes on training meanwhile.
+        self._loop_thread = threading.get_ident()
         self._warned_interval = False
         self._closed = False
         self.evaluations = EvaluationHistory()
@@ -430,8 +436,9 @@ class JobMetrics:
     def state_dict(self) -> dict:
         """What a resumed process must take over for the job's series to carry on (goes into checkpoints). Taken
         inside `with checkpoint():` it counts the checkpoint being written (a resume from it finds it written)."""
-        return {"steps": self.steps, "samples": self.samples,
-                "checkpoints": self.checkpoints + self._checkpoints_writing,
+        with self._checkpoint_lock:
+            checkpoints = self.checkpoints + self._checkpoints_writing
+        return {"steps": self.steps, "samples": self.samples, "checkpoints": checkpoints,
                 "loss_first": self.loss_first, "loss_min": self.loss_min, "loss_sum": self.loss_sum,
                 "loss": self.loss, "last_loss": self.last_loss,
                 "loss_intervals": self.loss_intervals, "nonfinite_losses": self.nonfinite_losses,
@@ -562,6 +569,7 @@ class JobMetrics:
         if self.start_time is None:
             self.start_time = time.time()
         self.state = "running"
+        self._loop_thread = threading.get_ident()
         self._last_step_end = time.perf_counter()
         self._new_interval(self._last_step_end)
         self.phases.start_loop(self._last_step_end)
@@ -887,6 +895,7 @@ class JobMetrics:
                 if len(pending) >= LOSS_FOLD_LIMIT:      # an endless interval still holds a bounded list
                     losses.fold()
             if self.steps >= self._next_log_step:
+                self._loop_thread = threading.get_ident()     # (a loop on another thread than start()'s)
                 self._log_interval()
         except Exception as error:
             self._step_failed(error, loss, samples)
@@ -1066,26 +1075,39 @@ class JobMetrics:
 
     @contextmanager
     def checkpoint(self):
-        """Time a checkpoint write (the checkpoint phase); counts it only when the block succeeds."""
+        """Time a checkpoint write (the checkpoint phase); counts it only when the block succeeds. On a thread other
+        than the loop's (an asynchronous save's writer) the write is counted and timed but is no phase of the loop,
+        which trains on meanwhile: the loop's phase, its step times and trainer_checkpointed_seconds are left alone
+        (a writer's block took the rest of an evaluation it began in as checkpoint time, cut one it ended in short,
+        and took its time off the loop's step in progress)."""
         began = time.perf_counter()
+        in_loop = threading.get_ident() == self._loop_thread
         previous = self.phases.phase
-        self.phases.enter(CHECKPOINT, began)
-        self._checkpoints_writing += 1
+        if in_loop:
+            self.phases.enter(CHECKPOINT, began)
+        with self._checkpoint_lock:
+            self._checkpoints_writing += 1
+        written = False
         try:
             yield
+            written = True
         finally:
-            self._checkpoints_writing -= 1
-            self.phases.enter(_resumed_phase(previous))
-            # The time spent checkpointing is not a training step's time, nor is a write that failed (a loop that
-            # goes on after it timed the failed write as its next step).
-            self._leave_out_of_step(began, previous)
-        try:
             seconds = time.perf_counter() - began
-            self.checkpoint_durations.observe(seconds)
+            with self._checkpoint_lock:     # one change: a state_dict() meanwhile counts the write once
+                self._checkpoints_writing -= 1
+                if written:
+                    self.checkpoints += 1
+                    self.checkpoint_durations.observe(seconds)
+            if in_loop:
+                self.phases.enter(_resumed_phase(previous))
+                # The time spent checkpointing is not a training step's time, nor is a write that failed (a loop
+                # that goes on after it timed the failed write as its next step).
+                self._leave_out_of_step(began, previous)
+        try:
             if self._checkpoint_duration is not None:
                 self._checkpoint_duration.record(seconds)
-            self.checkpoints += 1
-            self.phases.checkpointed = sum(self.phases.totals().values())
+            if in_loop:
+                self.phases.checkpointed = sum(self.phases.totals().values())
         except Exception:
             log.exception("job %s: recording a checkpoint failed", self.job_id)
 

@@ -397,3 +397,74 @@ def test_the_ledger_of_a_real_run_resumed_from_an_older_checkpoint(tmp_path, mon
                    owners=frozenset(), fingerprint=frozenset(), now=b.end_time + 1)
     lost = ledger(job, answers).seconds["lost"]
     assert lost == pytest.approx(sum(a.phases.totals().values()) - written[20], abs=0.05)
+
+
+def test_the_ledger_of_a_real_run_whose_resume_failed_before_it_read_the_jobs_totals(tmp_path, monkeypatch):
+    """A real run checkpoints at steps 10 and 20 and pauses; every checkpoint is then unreadable (a disk that lost
+    them), so its resume fails in its restore, before it read the job's totals from one: it publishes its state,
+    its process start and its end, and no phase totals. The ledger left that run out: the job's wall clock ended at
+    the pause (the job's analytics end at the failure), the resume's life in no phase; between two runs it counted
+    as paused."""
+    import signal
+    import time
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from trainmetrics.jobfiles import list_checkpoints
+    from trainmetrics.trainer import phases
+    from trainmetrics.trainer import metrics as trainer_metrics
+    from trainmetrics.trainer.config import TrainConfig
+    from trainmetrics.trainer.runner import run_job
+    from trainmetrics.trainer.stopping import StopFlag
+
+    monkeypatch.setattr(phases, "_process_start_taken", True)      # each run's clock starts with its JobMetrics
+    seen, close = [], trainer_metrics.JobMetrics.close
+    monkeypatch.setattr(trainer_metrics.JobMetrics, "close",
+                        lambda self, *a, **k: (seen.append((self, self.collect().decode())), close(self))[1])
+    step = trainer_metrics.JobMetrics.step
+    stop = StopFlag()
+
+    def pausing_at_25(self, *args, **kwargs):
+        step(self, *args, **kwargs)
+        if self.steps == 25:
+            stop.request(signal.SIGUSR1)
+
+    monkeypatch.setattr(trainer_metrics.JobMetrics, "step", pausing_at_25)
+    config = dict(job_id="unread", model="mlp", dataset="blobs", epochs=1, log_every=5, checkpoint_every=10,
+                  checkpoint_dir=tmp_path / "checkpoints", result_file=tmp_path / "result.json")
+    submitted = time.time()
+    run_job(TrainConfig(**config), stop)
+    for checkpoint in list_checkpoints(tmp_path / "checkpoints"):
+        checkpoint.path.write_bytes(b"not a checkpoint")
+    time.sleep(0.5)         # paused
+    run_job(TrainConfig(**config, resume=True), StopFlag())
+    (a, _), (b, _) = seen
+    assert (a.state, b.state, b.start_time) == ("paused", "failed", None)
+
+    sample = lambda labels, value: {"metric": {"rank": "0", **labels}, "value": [0, repr(value)]}  # noqa: E731
+    answers = {"process_start": [], "phase_seconds": [], "checkpointed": [], "submitted": [sample({}, submitted)]}
+    processes = []
+    for index, (run, text) in enumerate(seen):       # what each run published
+        instance = f"run-{index}"
+        published = {s.name: s for family in text_string_to_metric_families(text) for s in family.samples
+                     if s.name != "trainer_phase_seconds_total"}
+        processes.append(Process(instance, start=run.start_time, end=run.end_time, state=run.state,
+                                 last_seen=run.end_time, process_start=run.phases.process_start,
+                                 checkpoints=published["trainer_checkpoints_total"].value
+                                 if "trainer_checkpoints_total" in published else None,
+                                 written=run.checkpoint_durations.count))
+        answers["process_start"].append(sample({"instance": instance},
+                                               published["trainer_process_start_timestamp_seconds"].value))
+        answers["phase_seconds"] += [sample({"instance": instance, "phase": s.labels["phase"]}, s.value)
+                                     for family in text_string_to_metric_families(text) for s in family.samples
+                                     if s.name == "trainer_phase_seconds_total"]
+    assert not [s for s in answers["phase_seconds"] if s["metric"]["instance"] == "run-1"]   # none read, none shown
+    job = JobFacts(job_id="unread", info={}, status="failed", processes=processes,
+                   timeline=Timeline.of([(p.start, p.end) for p in processes if p.start is not None]),
+                   upload_seconds=None, owners=frozenset(), fingerprint=frozenset(), now=b.end_time + 1)
+    body = ledger(job, answers)
+    assert body.wall_clock_seconds == pytest.approx(b.end_time - submitted, abs=0.02)
+    assert abs(body.unaccounted_seconds) < 0.02
+    assert body.seconds["paused"] == pytest.approx(b.phases.process_start - a.end_time, abs=0.02)
+    b_life = b.end_time - b.phases.process_start
+    assert body.seconds["init"] == pytest.approx(a.phases.totals()["init"] + b_life, abs=0.02)

@@ -1,10 +1,13 @@
 """`JobMetrics` in the training loops people write: an evaluation or checkpoint in the middle of a step, a loader
-wrapped in `timed()` twice, evaluation results given as text."""
+wrapped in `timed()` twice, evaluation results given as text, a checkpoint written on a thread of its own."""
 
+import threading
 import time
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
+from trainmetrics.trainer.histograms import DurationHistogram
 from trainmetrics.trainer.metrics import JobMetrics
 
 WAIT, COMPUTE = 0.1, 0.05
@@ -128,3 +131,90 @@ def test_text_is_no_evaluation_result_nor_learning_rate(caplog):
         assert metrics.eval_loss_min == 0.25 and metrics.evaluations.count == 2
     finally:
         metrics.close()
+
+
+def test_a_checkpoint_written_on_a_thread_of_its_own_is_counted_and_leaves_the_loops_phases_alone():
+    """An asynchronous save (torch.distributed.checkpoint's async_save, an executor) writes on a thread of its own
+    while the loop trains on. Its checkpoint() block moved the loop's phase: begun in an evaluation it took the rest
+    of the evaluation's seconds as checkpoint time (the loop never waited for the write: 0.35 s of eval, 0.15 s of
+    checkpoint) and showed `checkpoint` while the loop evaluated; begun in training and ended in an evaluation, it
+    cut that one short."""
+    metrics = JobMetrics("loops-async-checkpoint")
+    metrics.start()
+    began, wrote = threading.Event(), []
+
+    def write():
+        with metrics.checkpoint():
+            began.set()
+            start = time.perf_counter()
+            time.sleep(0.4)
+            wrote.append(time.perf_counter() - start)
+
+    writer = threading.Thread(target=write)
+    evaluated = time.perf_counter()
+    try:
+        with metrics.phase("eval"):             # 0-0.2 s: the write begins 0.05 s in...
+            time.sleep(0.05)
+            writer.start()
+            began.wait()
+            shown = [s.labels["phase"] for s in samples_of(metrics, "trainer_phase") if s.value == 1]
+            time.sleep(0.15)
+        evaluated = time.perf_counter() - evaluated
+        for _ in metrics.timed(batches(4, 0.02)):
+            metrics.step(loss=1.0, samples=1)
+        second = time.perf_counter()
+        with metrics.phase("eval"):             # ...and ends in this one, 0.3 s long
+            time.sleep(0.3)
+        evaluated += time.perf_counter() - second
+        writer.join()
+        metrics.finish("completed")
+        totals = metrics.phases.totals()
+    finally:
+        metrics.close()
+    assert shown == ["eval"]
+    assert totals["eval"] == pytest.approx(evaluated, abs=0.01) and totals["checkpoint"] == 0, totals
+    assert (metrics.checkpoints, sum(metrics.checkpoint_durations.counts)) == (1, 1)
+    assert metrics.checkpoint_durations.sum == pytest.approx(wrote[0], abs=0.01)
+    # The loop trained through the write: a resume from it throws that training away (lost, not checkpoint time).
+    assert metrics.phases.checkpointed is None
+
+
+def test_a_state_taken_while_another_thread_ends_its_write_counts_that_checkpoint_once():
+    """The writer's block took the write off the open ones, then recorded its time, then counted it: a state_dict()
+    taken by the loop in between counted it not at all (a resume from it one checkpoint short)."""
+    metrics = JobMetrics("loops-async-count")
+    metrics.start()
+    counted, recording, go_on = [], threading.Event(), threading.Event()
+
+    class SlowToRecord(DurationHistogram):
+        __slots__ = ()
+
+        def observe(self, value: float) -> None:
+            recording.set()
+            go_on.wait(5)
+            super().observe(value)
+
+    metrics.checkpoint_durations = SlowToRecord(metrics.checkpoint_durations.bounds)
+
+    def write():
+        with metrics.checkpoint():
+            pass
+
+    writer = threading.Thread(target=write)
+    try:
+        writer.start()
+        recording.wait(5)
+        reader = threading.Thread(target=lambda: counted.append(metrics.state_dict()["checkpoints"]))
+        reader.start()
+        reader.join(0.2)
+        go_on.set()
+        writer.join()
+        reader.join()
+    finally:
+        metrics.close()
+    assert counted == [1] and metrics.checkpoints == 1
+
+
+def samples_of(metrics: JobMetrics, name: str) -> list:
+    return [sample for family in text_string_to_metric_families(metrics.collect().decode())
+            for sample in family.samples if sample.name == name]
