@@ -4,8 +4,10 @@ them without importing torch."""
 
 import array
 import csv
+import lzma
 import math
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -151,7 +153,13 @@ def read_npz(path: Path, max_uncompressed_bytes: int | None = None) -> tuple[np.
             if missing:
                 raise DatasetError(f"{path}: missing array(s) {sorted(missing)}; found {archive.files}")
             x, y = archive["x"], archive["y"]
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError, MemoryError) as error:
+            # np.load hands a member without the .npy magic over as its bytes (an AttributeError below: a 500).
+            if not (isinstance(x, np.ndarray) and isinstance(y, np.ndarray)):
+                raise DatasetError(f"{path}: x and y must be .npy arrays (np.save's format)")
+    # (A member's broken deflate or LZMA stream, a bit flipped in transfer, raises zlib's or lzma's own error; one
+    # that needs a password, or a compression method zipfile lacks, a RuntimeError: each was a 500.)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, MemoryError, zlib.error, lzma.LZMAError,
+            RuntimeError) as error:
         if isinstance(error, DatasetError):
             raise
         raise DatasetError(f"{path}: not a readable NPZ archive ({type(error).__name__}: {error})") from None
@@ -182,7 +190,12 @@ def _check_npy_header(path: Path, archive: zipfile.ZipFile, member: zipfile.ZipI
     declared size (terabytes for a 300-byte file) before finding out. Returns the bytes it takes loaded and
     as float32 (its copy for training), 0 for a member that is no array."""
     if not member.filename.endswith(".npy"):
-        return 0
+        # np.load takes a member `x` for the array x as it takes `x.npy`, and loads it as an array when it starts
+        # with the .npy magic, whatever its name: skipped here, its header went unchecked and its float32 copy
+        # uncounted.
+        with archive.open(member) as handle:
+            if handle.read(len(np.lib.format.MAGIC_PREFIX)) != np.lib.format.MAGIC_PREFIX:
+                return 0        # its bytes, not an array (refused in read_npz when it is x or y)
     with archive.open(member) as handle:
         version = np.lib.format.read_magic(handle)
         read_header = {(1, 0): np.lib.format.read_array_header_1_0,

@@ -3,6 +3,7 @@ server's RSS bounded, nothing left in DATA_DIR/datasets."""
 
 import io
 import socket
+import struct
 import time
 import urllib.parse
 import zipfile
@@ -36,6 +37,39 @@ def lying_npz(shape: tuple[int, ...]) -> bytes:
     return buffer.getvalue()
 
 
+def npz_members(members: dict[str, bytes | np.ndarray]) -> bytes:
+    """An NPZ with the members named as given (np.savez names each `KEY.npy`): an array as np.save writes it, or
+    the bytes given."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, value in members.items():
+            if isinstance(value, np.ndarray):
+                array, value = value, io.BytesIO()
+                np.save(value, array)
+                value = value.getvalue()
+            archive.writestr(name, value)
+    return buffer.getvalue()
+
+
+def altered_npz(change: str) -> bytes:
+    """A valid NPZ (x 8 x 2, y 8 labels) altered as an archive from elsewhere can be: "damaged" (x's deflate stream
+    broken, as a bit flipped in transfer breaks it) or "encrypted" (its members flagged as encrypted: `zip -e`)."""
+    data = bytearray(npz_bytes({"x": np.ones((8, 2)), "y": np.arange(8) % 2}))
+    if change == "damaged":
+        with zipfile.ZipFile(io.BytesIO(bytes(data))) as archive:
+            header = archive.infolist()[0].header_offset
+        name_length, extra_length = struct.unpack_from("<HH", data, header + 26)    # the local file header's
+        start = header + 30 + name_length + extra_length                           # x.npy's deflate stream
+        data[start:start + 8] = b"\xff" * 8        # a deflate block of type 3, which does not exist
+    else:
+        for signature, flags_at in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+            at = data.find(signature)
+            while at >= 0:
+                data[at + flags_at] |= 1        # general purpose flag bit 0: encrypted
+                at = data.find(signature, at + 4)
+    return bytes(data)
+
+
 def deflate_bomb() -> bytes:
     """64 MiB of zeros as x (compresses to ~64 KiB): honest sizes, 64x the upload limit uncompressed."""
     return npz_bytes({"x": np.zeros((8 << 20, 1)), "y": np.zeros(8 << 20)})
@@ -65,6 +99,10 @@ CASES = {
     # 3 MiB of bytes (under the 4 MiB inflation limit, a few KB compressed): 15 MiB once made float32.
     "npz of bytes 5x as float32": dict(name="bytes.npz", content=lambda: npz_bytes(
         {"x": np.zeros((3 << 19, 1), dtype=np.uint8), "y": np.zeros(3 << 19, dtype=np.uint8)}), status=400),
+    # The same, its members named `x` and `y` (np.load takes them for x.npy and y.npy): accepted, the check
+    # counted only members named *.npy.
+    "npz of bytes 5x as float32, members without .npy": dict(name="bare.npz", content=lambda: npz_members(
+        {"x": np.zeros((3 << 19, 1), dtype=np.uint8), "y": np.arange(3 << 19, dtype=np.uint8) % 2}), status=400),
     "npz header claims 8 TB": dict(name="liar.npz", content=lambda: lying_npz((10 ** 12,)), status=400),
     "npz header claims 4 GB": dict(name="liar2.npz", content=lambda: lying_npz((1 << 29, 1)), status=400),
     "npz header claims negative shape": dict(name="neg.npz", content=lambda: lying_npz((-1, 4)), status=400),
@@ -123,6 +161,14 @@ UNUSABLE = {
                                  problem="no features"),
     "npz with complex x": dict(name="complex.npz", problem="real numbers",
                                content=lambda: npz_bytes({"x": np.ones((5, 2)) * (1 + 2j), "y": np.arange(5) % 2})),
+    # np.load hands a member without the .npy magic over as bytes: an AttributeError, a 500.
+    "npz whose x is not an array": dict(name="bytes.npz", problem="x and y must be .npy arrays",
+                                        content=lambda: npz_members({"x": b"not an array", "y": np.arange(4) % 2})),
+    # zlib's and zipfile's own errors (a broken stream, a member that needs a password): a 500.
+    "npz damaged in transfer": dict(name="damaged.npz", problem="not a readable NPZ archive",
+                                    content=lambda: altered_npz("damaged")),
+    "npz with a password": dict(name="secret.npz", problem="not a readable NPZ archive",
+                                content=lambda: altered_npz("encrypted")),
     "target for an npz": dict(name="t.npz", params={"target": "y"}, problem="target: only for a CSV",
                               content=lambda: npz_bytes({"x": np.ones((5, 2)), "y": np.arange(5) % 2})),
     "a target the csv lacks": dict(name="t.csv", params={"target": "y"}, content=b"a,label\n1,0\n2,1\n",
