@@ -11,7 +11,8 @@ from collections import deque
 
 class SampleWindow:
     """Mean and max of the values added during the last `window` seconds: the max O(1) amortised per sample,
-    the mean summed afresh when asked (a window holds about ten samples: its seconds x the sampling rate)."""
+    the mean summed afresh when asked (a window holds about ten samples: its seconds x the sampling rate). Each
+    value weighs its `weight` in the mean: a ratio over an interval weighs the interval's length."""
 
     __slots__ = ("window", "_values", "_maxima")
 
@@ -19,13 +20,13 @@ class SampleWindow:
         if window <= 0:
             raise ValueError(f"window must be > 0 seconds, got {window}")
         self.window = window
-        self._values: deque[tuple[float, float]] = deque()
+        self._values: deque[tuple[float, float, float]] = deque()     # (time, value, weight)
         # Monotonically decreasing values: the front is always the max of the window.
         self._maxima: deque[tuple[float, float]] = deque()
 
-    def add(self, now: float, value: float) -> None:
+    def add(self, now: float, value: float, weight: float = 1.0) -> None:
         """Record value sampled at monotonic time now and forget samples older than the window."""
-        self._values.append((now, value))
+        self._values.append((now, value, weight))
         maxima = self._maxima
         while maxima and maxima[-1][1] <= value:
             maxima.pop()
@@ -45,11 +46,13 @@ class SampleWindow:
         return len(self._values)
 
     def mean(self) -> float | None:
-        """The mean of the samples in the window, or None when it is empty. Summed exactly (math.fsum) each
-        time: a running sum, added to and subtracted from for every sample, drifted by rounding (a window of
+        """The weighted mean of the samples in the window, or None when it is empty. Summed exactly (math.fsum)
+        each time: a running sum, added to and subtracted from for every sample, drifted by rounding (a window of
         samples all 1.0 had a mean of 1.0000000000000022, a CPU ratio above 1)."""
         values = self._values
-        return math.fsum(value for _, value in values) / len(values) if values else None
+        if not values:
+            return None
+        return math.fsum(value * weight for _, value, weight in values) / math.fsum(weight for *_, weight in values)
 
     def peak(self) -> float | None:
         """The largest sample in the window, or None when it is empty."""

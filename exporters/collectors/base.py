@@ -50,6 +50,11 @@ class Collector:
     def sample_slow(self, now: float) -> None:
         """Read the costly or slow-moving part of the source."""
 
+    def progressed(self) -> None:
+        """Say, between the parts of a sample (each GPU's reads), that it is getting on: the exporter then takes the
+        sample for hung only when one part runs past the loop's stall bound, not a pass over many slow answers.
+        The exporter's runner sets it; a collector used on its own needs nothing here."""
+
     def collect(self) -> Iterable[Metric]:
         """Yield GaugeMetricFamily/CounterMetricFamily objects built from the latest samples."""
         return ()

@@ -60,7 +60,9 @@ class CpuCollector(Collector):
             elapsed = total - previous_total
             if elapsed > 0:
                 busy = 1.0 - (idle - previous_idle) / elapsed
-                self.utilization.add(now, min(1.0, max(0.0, busy)))
+                # Weighed by the ticks it covers: a sample taken late (the sampler starved on a busy host)
+                # covers the whole busy stretch, not one sample interval of it.
+                self.utilization.add(now, min(1.0, max(0.0, busy)), weight=elapsed)
         self._previous_total = (total, idle)
 
     def _never_back(self, cpu: str, ticks: list[int]) -> list[int]:

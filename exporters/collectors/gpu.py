@@ -308,6 +308,7 @@ class GpuCollector(Collector):
                 self._try_again(gpu, now)
             if gpu.lost is None:
                 self._sample_fast(gpu, now)
+            self.progressed()   # a driver slow on each of 8 GPUs is no hung one
         self._fail_if_no_gpu_answers(gpus, now)
 
     def _sample_fast(self, gpu: Gpu, now: float) -> None:
@@ -366,6 +367,7 @@ class GpuCollector(Collector):
                 continue
             gpu.slow = readings
             answered.append((gpu, readings))
+            self.progressed()
         if not answered:
             error = next((gpu.lost for gpu in gpus if gpu.lost is not None), None)
             if error is not None:

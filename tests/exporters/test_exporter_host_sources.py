@@ -132,3 +132,33 @@ def test_processes_another_user_owns_under_hidepid_are_left_out_not_a_failed_sam
     (family,) = collector.collect()
     counts = {sample.labels["status"]: sample.value for sample in family.samples}
     assert (counts["sleeping"], counts["running"]) == (1, 1)
+
+
+def test_the_mean_cpu_utilisation_weighs_each_sample_by_the_time_it_covers(tmp_path):
+    """A sampler held up while the host is busy (its thread starved, the exporter's cgroup throttled) takes its
+    next sample late, and that one sample covers the whole busy stretch. Counted as one sample among the on-time
+    ones, a host fully busy for 0.7 s of a 1 s window read 0.25 (the analytics' host CPU average with it); its
+    busy share over that second is 0.7."""
+    from trainmetrics.exporters.collectors.cpu import CpuCollector
+    from trainmetrics.exporters.exporter import Exporter
+    from tests.exporters.exporter_fixtures import parse_exposition
+
+    collector = CpuCollector(tmp_path, peak_window=1.0, clock_ticks=100)
+    exporter = Exporter([collector])
+    ticks = {"busy": 0, "idle": 0}
+
+    def sample(now: float, busy: int, idle: int) -> dict:     # ticks of 2 CPUs since the sample before
+        ticks["busy"] += busy
+        ticks["idle"] += idle
+        line = f"{ticks['busy']} 0 0 {ticks['idle']} 0 0 0 0 0 0"
+        (tmp_path / "stat").write_text(f"cpu  {line}\ncpu0 {line}\nintr 1\n")
+        exporter.sample(now)
+        return parse_exposition(exporter.render())
+
+    sample(0.0, 0, 0)
+    sample(0.1, 0, 20)
+    sample(0.2, 0, 20)
+    sample(0.9, 140, 0)         # 0.7 s late, every CPU busy all along
+    series = sample(1.0, 0, 20)
+    assert series["system_cpu_utilization_peak_ratio"][()] == 1.0
+    assert series["system_cpu_utilization_ratio"][()] == 0.7    # 140 of the window's 200 ticks

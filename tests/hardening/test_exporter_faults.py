@@ -338,3 +338,46 @@ def test_the_gpus_own_loop_does_not_read_every_job_process_a_second_time():
         exporter.stop()
     # One per fast tick, and at most one more per slow pass (4 in 2 s).
     assert measures <= ticks + 6, (measures, ticks)
+
+
+def test_a_slow_driver_on_a_host_of_several_gpus_is_not_taken_for_a_hung_one():
+    """NVML answering in 300 ms (as above) on 4 GPUs: a pass over them took 1.2 s, past the fast loop's 1 s stall
+    bound, so the gpu collector was reported failing and its series dropped after every pass, then left out for
+    5 s, 10 s, ... 60 s: an 8-GPU node's GPU series never showed. A sample stalls when one GPU's reads hang, not
+    when a pass over many slow ones is long: a GPU that hangs is still found out within the bound."""
+    from tests.exporters.exporter_fixtures import GIB, FakeGpu, FakeNvml
+    from trainmetrics.exporters.collectors.gpu import GpuCollector
+
+    hang = threading.Event()
+    release = threading.Event()
+
+    class BusyDriver(FakeNvml):
+        def nvmlDeviceGetUtilizationRates(self, handle):
+            time.sleep(0.3)
+            if handle == 2 and hang.is_set():
+                release.wait(30)
+            return super().nvmlDeviceGetUtilizationRates(handle)
+
+    uuids = [f"GPU-busy{index}" for index in range(4)]
+    gpu = GpuCollector(nvml=BusyDriver([FakeGpu(uuid, [40] * 1000, [GIB] * 1000) for uuid in uuids]))
+    exporter = Exporter([gpu, Counting()], sample_interval=0.1, slow_interval=1.0).start()
+    utilization = [("hw_gpu_utilization_ratio", f'gpu="{index}",uuid="{uuid}"') for index, uuid in enumerate(uuids)]
+    try:
+        deadline = time.monotonic() + 3
+        while utilization[0] not in (series := parse(exporter.snapshot().decode())):
+            assert time.monotonic() < deadline, series
+            time.sleep(0.1)
+        watched_until = time.monotonic() + 4      # passes of 1.2 s: every one published, none taken for a stall
+        while time.monotonic() < watched_until:
+            series = parse(exporter.snapshot().decode())
+            assert collector_ok(series, "gpu") == 1 and all(series.get(key) == 0.4 for key in utilization), series
+            time.sleep(0.1)
+        hang.set()                                # one GPU's call hangs: reported once its bound has passed
+        deadline = time.monotonic() + 3.5
+        while collector_ok(series := parse(exporter.snapshot().decode()), "gpu") == 1:
+            assert time.monotonic() < deadline, series
+            time.sleep(0.1)
+        assert utilization[0] not in series
+    finally:
+        release.set()
+        exporter.stop()
