@@ -57,3 +57,53 @@ def test_failed_job_alert_reaches_alertmanager(alertmanager, tmp_path):
     assert fired[0]["labels"]["job_id"] == "am-failing-job"
     assert fired[0]["labels"]["owner"] == "team-a"      # from trainer_job_info: an owner's own route can take it
     assert fired[0]["annotations"]["summary"] == "Training job am-failing-job failed"
+
+
+def test_an_alert_of_a_job_id_two_owners_share_reaches_neither_owners_route(alertmanager, tmp_path):
+    """Owners apart: a job id is no owner's own (a standalone `trainmetrics train --job-id X --owner B` may take
+    another's, as may a second job server), and the alert's `owner` was the first of the job id's owners in
+    trainer_job_info: one owner's alert, or one summing both jobs, went to the other owner's receiver. An alert
+    whose job id has two owners goes to neither's route (the default receiver); a job of one owner to its."""
+    import urllib.request
+
+    import yaml
+
+    config_path = next((tmp_path / "alertmanager").glob("*.yml"))      # the config the fixture started it with
+    config = yaml.safe_load(config_path.read_text())
+    webhook = config["receivers"][0]["webhook_configs"][0]["url"]
+    for owner in ("alice", "bob"):       # a route per owner, as deploy/alertmanager/alertmanager.yml shows
+        config["route"]["routes"].insert(0, {"matchers": [f'owner="{owner}"'], "receiver": owner})
+        config["receivers"].append({"name": owner, "webhook_configs": [{"url": webhook}]})
+    config_path.write_text(yaml.safe_dump(config))
+    urllib.request.urlopen(urllib.request.Request(f"http://{alertmanager}/-/reload", method="POST"), timeout=10)
+
+    other_dir = tmp_path / "other-targets"           # another host's (or user's) targets: the same job id there
+    prometheus = PrometheusServer(tmp_path / "prometheus", alertmanagers=[alertmanager],
+                                  extra_target_dirs=[other_dir]).start()
+    try:
+        jobs = [JobMetrics(job_id, JobInfo(owner=owner), publish=Publish(targets_dir=targets, linger_timeout=20))
+                for job_id, owner, targets in (("shared-job", "alice", prometheus.targets_dir),
+                                               ("shared-job", "bob", other_dir),
+                                               ("alice-job", "alice", prometheus.targets_dir))]
+        for metrics in jobs:
+            metrics.start()                          # returns once Prometheus scraped it: both owners are known
+        for metrics in jobs:
+            metrics.finish("failed", MemoryError())
+        for metrics in jobs:
+            metrics.close()
+
+        def receivers() -> dict[str, set[str]]:
+            found: dict[str, set[str]] = {}
+            for message in Webhook.received:
+                for alert in message["alerts"]:
+                    if alert["labels"]["alertname"] == "TrainerJobFailed":
+                        found.setdefault(alert["labels"]["job_id"], set()).add(message["receiver"])
+            return found
+
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and set(receivers()) != {"shared-job", "alice-job"}:
+            time.sleep(0.5)
+        time.sleep(2)                                # any other notification of them, had there been one
+    finally:
+        prometheus.stop()
+    assert receivers() == {"alice-job": {"alice"}, "shared-job": {"default"}}

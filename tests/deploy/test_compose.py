@@ -77,3 +77,22 @@ def test_the_exporters_energy_accounts_outlive_its_container():
     source, target, *options = holding
     assert source in stack["volumes"], (source, target)
     assert "ro" not in ",".join(options).split(",")
+
+
+def test_alertmanagers_silences_and_notification_log_outlive_its_container():
+    """Alertmanager keeps its silences and its notification log in --storage.path: the compose service named
+    none (the image's default, data/ under its working directory, in an anonymous volume), so after a `docker
+    compose down` and `up` every silence was gone and every firing alert was notified again. They are in a named
+    volume, writable, as Prometheus' and Grafana's data are."""
+    stack = compose()
+    alertmanager = stack["services"]["alertmanager"]
+    flags = dict(arg.split("=", 1) for arg in alertmanager["command"] if "=" in arg)
+    assert "--storage.path" in flags, "no --storage.path: the image's default is in an anonymous volume"
+    storage = Path(flags["--storage.path"])
+    mounts = [volume.split(":") for volume in alertmanager.get("volumes", [])]
+    holding = max((mount for mount in mounts if storage.is_relative_to(mount[1])), key=lambda mount: len(mount[1]),
+                  default=None)
+    assert holding is not None, f"{storage}: in no volume (the container's own)"
+    source, target, *options = holding
+    assert source in stack["volumes"], (source, target)
+    assert "ro" not in ",".join(options).split(",")

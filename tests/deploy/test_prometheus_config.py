@@ -62,12 +62,9 @@ def test_every_alert_is_complete_documented_and_tested():
             f"alertname: {name}\n        exp_alerts: &" in tests, f"{name} has no firing case"
 
 
-def test_each_nodes_agent_gives_its_exporters_series_labels_of_their_own(tmp_path):
-    """Every node's agent scrapes its own exporter on loopback and remote-writes to one store: the series must
-    differ by node. They were {instance="127.0.0.1:9105", job="exporter"} on every node (no external label,
-    no relabelling), so the central store merged every node's CPU, memory, filesystems and per-job CPU time
-    into one series each. Two real agents (deploy/prometheus/agent.yml for nodes 10.0.0.1 and 10.0.0.2) say
-    what labels their exporter target's series carry."""
+def agents_target_labels(tmp_path: Path, job_name: str) -> list[dict]:
+    """The labels of the one target of scrape job `job_name` in two real agents (deploy/prometheus/agent.yml for
+    nodes 10.0.0.1 and 10.0.0.2; file_sd reads <tmp_path>/<node>/targets), external labels included."""
     import json
     import time
     import urllib.request
@@ -78,15 +75,16 @@ def test_each_nodes_agent_gives_its_exporters_series_labels_of_their_own(tmp_pat
     try:
         for node in ("10.0.0.1", "10.0.0.2"):       # both at once: an agent lists its targets ~5 s after its start
             text = (PROMETHEUS_DIR / "agent.yml").read_text().replace("JOB-SERVER", "127.0.0.1") \
-                .replace("CENTRAL", "127.0.0.1").replace("NODE", node)
+                .replace("CENTRAL", "127.0.0.1").replace("NODE", node) \
+                .replace("/var/lib/trainmetrics/targets", str(tmp_path / node / "targets"))
             config = yaml.safe_load(text)
-            config["scrape_configs"] = [job for job in config["scrape_configs"] if job["job_name"] == "exporter"]
+            config["scrape_configs"] = [job for job in config["scrape_configs"] if job["job_name"] == job_name]
             path = tmp_path / f"{node}.yml"
             path.write_text(yaml.safe_dump(config))
             port = free_port()
             agents.append((config, port, subprocess.Popen(
                 [find_binary("prometheus"), "--enable-feature=agent", f"--config.file={path}",
-                 f"--storage.agent.path={tmp_path / node}", f"--web.listen-address=127.0.0.1:{port}",
+                 f"--storage.agent.path={tmp_path / node / 'data'}", f"--web.listen-address=127.0.0.1:{port}",
                  "--log.level=error"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
         deadline = time.monotonic() + 30
         for config, port, _ in agents:
@@ -105,4 +103,29 @@ def test_each_nodes_agent_gives_its_exporters_series_labels_of_their_own(tmp_pat
         for _, _, agent in agents:
             agent.kill()            # nothing of it is kept: no need to wait for its shutdown
             agent.wait(timeout=10)
+    return identities
+
+
+def test_each_nodes_agent_gives_its_exporters_series_labels_of_their_own(tmp_path):
+    """Every node's agent scrapes its own exporter on loopback and remote-writes to one store: the series must
+    differ by node. They were {instance="127.0.0.1:9105", job="exporter"} on every node (no external label,
+    no relabelling), so the central store merged every node's CPU, memory, filesystems and per-job CPU time
+    into one series each. Two real agents say what labels their exporter target's series carry."""
+    identities = agents_target_labels(tmp_path, "exporter")
     assert identities[0] != identities[1], identities
+
+
+def test_each_nodes_agent_gives_its_standalone_jobs_targets_labels_of_their_own(tmp_path):
+    """A standalone `trainmetrics train --targets-dir` serves /metrics on loopback (its default) and its file_sd
+    target says 127.0.0.1:PORT; with a fixed --metrics-listen port (torchrun's local rank 0 on every node) every
+    node's target had the same labels, so its `up` and scrape series from every node were one series in the
+    central store (TargetDown's `up == 0` read whichever node wrote last). Two real agents, one such target each."""
+    import json
+
+    for node in ("10.0.0.1", "10.0.0.2"):
+        (tmp_path / node / "targets").mkdir(parents=True)
+        (tmp_path / node / "targets" / "llm-8.rank0.json").write_text(
+            json.dumps([{"targets": ["127.0.0.1:9400"], "labels": {}}]))
+    identities = agents_target_labels(tmp_path, "trainer")
+    assert identities[0] != identities[1], identities
+    assert identities[0]["instance"] == "10.0.0.1:9400"       # the node's address, as the exporter's: NODE:port
