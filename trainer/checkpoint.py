@@ -40,7 +40,14 @@ def atomic_save(obj, path: Path) -> Path:
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
+            try:
+                torch.save(obj, handle)
+            except RuntimeError as error:
+                # A write that failed (a full disk) is torch's "[enforce fail at inline_container.cc:672] .
+                # unexpected pos N vs M", the OSError saying why only its context: the job failed naming neither.
+                if isinstance(error.__context__, OSError):
+                    raise error.__context__ from None
+                raise
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_name, path)

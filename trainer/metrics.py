@@ -576,6 +576,12 @@ class JobMetrics:
         return self
 
     @property
+    def totals_known(self) -> bool:
+        """False while a resuming job has not read its totals (steps, samples, checkpoints, evaluations) from its
+        checkpoint, and for good when its restore failed: its series then publish none of them."""
+        return self._carried_known_at is not None
+
+    @property
     def ended(self) -> bool:
         """This process's run has ended (finish() or pause()): its state stays as it ended."""
         return self._end_monotonic is not None

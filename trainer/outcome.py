@@ -26,9 +26,14 @@ class Outcome:
         """The result: state, exit code, error, the job's figures (strict JSON: no NaN), and whether a scraper
         has read the final state yet (written before the final linger, so rarely: report_linger() tells)."""
         evaluation = metrics.last_evaluation if metrics else None
+        # A resumed run that failed before it read the job's totals from its checkpoint does not know them: 0 said
+        # that a job which had trained 25 steps had trained none (its series publish none of them either). (A
+        # fresh run that failed before its metrics existed trained none.)
+        known = metrics.totals_known if metrics is not None else not self.config.resume
         return {"job_id": self.config.job_id, "state": self.state, "exit_code": int(exit_code_for(self.state)),
                 "error_type": self.error_type, "error": self.error, "reason": self.reason,
-                "steps": metrics.steps if metrics else 0, "samples": metrics.samples if metrics else 0,
+                "steps": (metrics.steps if metrics else 0) if known else None,
+                "samples": (metrics.samples if metrics else 0) if known else None,
                 "loss": metrics.last_loss if metrics else None,
                 "loss_first": metrics.loss_first if metrics else None,
                 "loss_min": metrics.loss_min if metrics else None,
@@ -37,8 +42,8 @@ class Outcome:
                 "eval_accuracy_max": metrics.eval_accuracy_max if metrics else None,
                 "eval_loss": evaluation.loss if evaluation else None,
                 "eval_accuracy": evaluation.accuracy if evaluation else None,
-                "evaluations": metrics.evaluations.count if metrics else 0,
-                "checkpoints": metrics.checkpoints if metrics else 0,
+                "evaluations": (metrics.evaluations.count if metrics else 0) if known else None,
+                "checkpoints": (metrics.checkpoints if metrics else 0) if known else None,
                 "start_time": metrics.start_time if metrics else None, "end_time": metrics.end_time if metrics else None,
                 "rank": self.ranks.rank, "world_size": self.ranks.world_size, "pid": os.getpid(),
                 RESULT_PUBLISHED: bool(metrics and metrics.final_state_scraped)}

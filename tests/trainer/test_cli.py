@@ -274,7 +274,9 @@ def test_exception_mid_run_fails_with_exit_1_and_names_the_error(tmp_path, spawn
 
 
 def test_a_resume_whose_every_checkpoint_is_unreadable_fails_instead_of_training_from_step_0(tmp_path, spawn_train):
-    """Every checkpoint skipped as corrupt, the job trained again from step 0 and said nothing."""
+    """Every checkpoint skipped as corrupt, the job trained again from step 0 and said nothing. Failing, it does
+    not know the job's totals (they are in the checkpoints it could not read): its result said 0 steps and
+    samples for a job that had trained them, while its series published none (unknown): null, as those say."""
     from trainmetrics.trainer.checkpoint import checkpoint_name
 
     ckpt = tmp_path / "ckpt"
@@ -286,9 +288,30 @@ def test_a_resume_whose_every_checkpoint_is_unreadable_fails_instead_of_training
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 1, stderr
     summary = parse_summary(stdout)
-    assert summary["state"] == "failed" and summary["error_type"] == "NoReadableCheckpoint" and summary["steps"] == 0
+    assert summary["state"] == "failed" and summary["error_type"] == "NoReadableCheckpoint"
+    assert [summary[name] for name in ("steps", "samples", "evaluations", "checkpoints")] == [None] * 4
     assert f"none of the 2 checkpoints in {ckpt} loads as this job's" in stderr
     assert stderr.count("cannot be loaded (UnpicklingError: Weights only load failed)") == 2, stderr   # each file
+
+
+def test_a_checkpoint_the_disk_has_no_room_for_fails_the_job_naming_the_disk_error(tmp_path):
+    """torch.save reports a write that failed (a full disk; here, past the file size limit) as "[enforce fail at
+    inline_container.cc:672] . unexpected pos 105792 vs 105684", the OSError only its context: the job failed
+    with that RuntimeError, and nothing in its result, log or failure series said the disk was the cause."""
+    import resource
+
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))    # a checkpoint is ~240 KB
+
+    ckpt, result_file = tmp_path / "ckpt", tmp_path / "result.json"
+    failed = subprocess.run(train_command("--job-id", "full-1", "--epochs", "1", "--checkpoint-dir", str(ckpt),
+                                          "--checkpoint-every", "5", "--result-file", str(result_file)),
+                            capture_output=True, text=True, timeout=120, preexec_fn=limit_file_size)
+    assert failed.returncode == 1, failed.stderr
+    result = json.loads(result_file.read_text())
+    assert (result["error_type"], result["error"]) == ("OSError", "OSError: [Errno 27] File too large"), result
+    assert "job full-1 failed: OSError: [Errno 27] File too large" in failed.stderr
+    assert list(ckpt.iterdir()) == []       # no temp file left behind either
 
 
 def test_sigusr1_pauses_with_exit_4_after_a_checkpoint(tmp_path, spawn_train):
@@ -360,7 +383,7 @@ def test_the_summary_line_is_one_write_so_ranks_sharing_stdout_never_run_into_ea
 
     stdout = Unbuffered()
     monkeypatch.setattr("sys.stdout", stdout)
-    outcome = Outcome(SimpleNamespace(job_id="one-write", result_file=None),
+    outcome = Outcome(SimpleNamespace(job_id="one-write", result_file=None, resume=False),
                       SimpleNamespace(rank=1, world_size=2, is_main=False))
     outcome.state = "completed"
     outcome.report(outcome.result(None))
