@@ -3,6 +3,8 @@
 Training FLOPs ≈ 6 × multiply-accumulates of one forward pass (2 FLOPs per MAC, backward ≈ 2× forward).
 """
 
+import re
+
 import torch
 from torch import nn
 
@@ -114,13 +116,18 @@ def build_model(name: str, dataset: Dataset) -> nn.Module:
 
 # Dense FP32 (non-tensor-core) peak FLOP/s by GPU name; the default training dtype is FP32.
 GPU_PEAK_FLOPS_FP32 = {
+    "GH200": 67e12,
+    "H200 NVL": 60e12,
     "H200": 67e12,
+    "H100 NVL": 60e12,
     "H100 PCIe": 51e12,
     "H100": 67e12,
     "A100": 19.5e12,
     "L40S": 91.6e12,
+    "L40": 90.5e12,
     "A10G": 31.2e12,
     "L4": 30.3e12,
+    "V100S": 16.4e12,
     "V100": 15.7e12,
     "T4": 8.1e12,
 }
@@ -132,6 +139,8 @@ def device_peak_flops(device: torch.device) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     for key, peak in GPU_PEAK_FLOPS_FP32.items():   # most specific names first
-        if key in name:
+        # A whole name in torch's ("NVIDIA L40", "Tesla V100-SXM2-16GB"): as a substring an L40 was an "L4" (a
+        # third of its peak) and a T400 a "T4".
+        if re.search(rf"(?<![0-9A-Za-z]){key}(?![0-9A-Za-z])", name):
             return peak
     return None

@@ -22,6 +22,7 @@ from trainmetrics.trainer import evaluations, instruments
 from trainmetrics.trainer import metrics as metrics_module
 from trainmetrics.trainer.histograms import DurationHistogram
 from trainmetrics.trainer.metrics import JobInfo, JobMetrics
+from trainmetrics.trainer.models import device_peak_flops
 from trainmetrics.trainer.phases import COMPUTE, OPTIMIZER
 from trainmetrics.trainer.telemetry import Publish
 
@@ -356,6 +357,26 @@ def test_invalid_job_id_is_rejected():
     for bad in ("", "-x", "a b", "x" * 65, 'a"}', "ünï"):
         with pytest.raises(ValueError, match="invalid job id"):
             JobMetrics(bad)
+
+
+@pytest.mark.parametrize("name, peak", [
+    ("NVIDIA L40", 90.5e12),                # read as an "L4" (30.3 TFLOP/s): its MFU published 3x too high
+    ("NVIDIA T400 4GB", None),              # read as a "T4" (8.1 TFLOP/s, its own is 1.1): 7x too low
+    ("NVIDIA GH200 480GB", 67e12),          # an H100's compute, not named "H200"
+    ("NVIDIA H100 NVL", 60e12),
+    ("NVIDIA L4", 30.3e12),
+    ("NVIDIA L40S", 91.6e12),
+    ("NVIDIA H100 PCIe", 51e12),
+    ("NVIDIA H100 80GB HBM3", 67e12),
+    ("NVIDIA A100-SXM4-80GB", 19.5e12),
+    ("Tesla V100-SXM2-16GB", 15.7e12),
+    ("Tesla V100S-PCIE-32GB", 16.4e12),
+    ("Tesla T4", 8.1e12),
+])
+def test_a_gpus_peak_is_its_own_models_not_one_whose_name_is_part_of_it(monkeypatch, name, peak):
+    """The known GPUs were matched as substrings of torch's device name: an L40 took the L4's peak."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert device_peak_flops(torch.device("cuda", 0)) == peak
 
 
 def test_served_metrics_pass_promtool_check():
