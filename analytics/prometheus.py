@@ -174,7 +174,7 @@ class PrometheusClient:
                 # The request runs in a task of its own that no caller cancels, and holds its slot until it
                 # ends; the caller stops waiting at the deadline. A request cancelled inside httpcore's pool
                 # can leave its connection slot taken for good (httpcore#1093: a burst of cancelled requests
-                # took every slot, and every later request timed out); httpx's own timeouts end it instead.
+                # took every slot, and every later request timed out); its own deadline ends it instead (_fetch).
                 remaining = self.deadline - (time.perf_counter() - began)
                 sending = asyncio.ensure_future(self._send(path, params, remaining))
                 self._sending.add(sending)
@@ -199,7 +199,7 @@ class PrometheusClient:
             self._metrics.duration.observe(time.perf_counter() - began)
 
     async def _send(self, path: str, params: dict, seconds: float) -> tuple[httpx.Response, bytes]:
-        """One request within `seconds` (httpx's timeouts), then its slot freed for the next."""
+        """One request within `seconds` (_fetch's deadline), then its slot freed for the next."""
         try:
             if params:
                 # POSTed as a form (the query API takes either): no URL length limit, and urlencode quotes a
@@ -211,27 +211,34 @@ class PrometheusClient:
             self._semaphore.release()
 
     async def _fetch(self, method: str, path: str, seconds: float, **request) -> tuple[httpx.Response, bytes]:
-        """The response and its body, read within `seconds` (httpx.ReadTimeout after: its timeouts bound each
-        read, and an answer trickled in under them had no end) and up to max_answer_bytes (PrometheusError)."""
+        """The response and its body, read within `seconds` (httpx.ReadTimeout after) and up to max_answer_bytes
+        (PrometheusError).
+
+        httpx's timeouts bound each read only: an answer trickled in under them, its head or its body, had no end,
+        and held its slot for as long as it came. The deadline cancels the request inside httpx; never while it
+        waits in httpcore's pool (httpcore#1093), as the semaphore lets in no more requests than the pool has
+        connections: it ends in the connection, which closes on cancellation."""
         seconds = max(seconds, 0.001)
-        limit, began = self.max_answer_bytes, time.perf_counter()
+        limit = self.max_answer_bytes
         timeout = httpx.Timeout(seconds, connect=min(seconds, CONNECT_TIMEOUT_SECONDS))
         sent = self._http.build_request(method, path, timeout=timeout, **request)
-        response = await self._http.send(sent, stream=True)
         try:
-            declared = response.headers.get("content-length", "")
-            if declared.isascii() and declared.isdigit() and int(declared) > limit:
-                raise _too_large(limit)
-            chunks, size = [], 0
-            async for chunk in response.aiter_bytes():
-                size += len(chunk)
-                if size > limit:
-                    raise _too_large(limit)
-                if time.perf_counter() - began > seconds:
-                    raise httpx.ReadTimeout("the answer took longer than the request's deadline", request=sent)
-                chunks.append(chunk)
-        finally:
-            await response.aclose()
+            async with asyncio.timeout(seconds):
+                response = await self._http.send(sent, stream=True)
+                try:
+                    declared = response.headers.get("content-length", "")
+                    if declared.isascii() and declared.isdigit() and int(declared) > limit:
+                        raise _too_large(limit)
+                    chunks, size = [], 0
+                    async for chunk in response.aiter_bytes():
+                        size += len(chunk)
+                        if size > limit:
+                            raise _too_large(limit)
+                        chunks.append(chunk)
+                finally:
+                    await response.aclose()
+        except TimeoutError:
+            raise httpx.ReadTimeout("the answer took longer than the request's deadline", request=sent) from None
         return response, b"".join(chunks)
 
     def _sent(self, sending: asyncio.Task) -> None:
@@ -327,11 +334,13 @@ def _sample(sample, key: str) -> bool:
 
 
 def _point(point) -> bool:
-    """[time, "value"], both numbers (a value as Prometheus writes it: a string)."""
+    """[time, "value"], both numbers (a value as Prometheus writes it: a string; "NaN" and "+Inf" are values, never
+    times: a NaN or infinite time, which Python's JSON reads, reached the answer and failed its encoding, a 500)."""
     if not isinstance(point, (list, tuple)) or len(point) != 2:
         return False
     try:
-        float(point[0])
+        if not math.isfinite(float(point[0])):
+            return False
         float(point[1])
     except (TypeError, ValueError):
         return False

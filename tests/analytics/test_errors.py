@@ -5,8 +5,10 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
+import socket
 import threading
 import time
 
@@ -186,6 +188,15 @@ RARE_ANSWERS = {
             "result": [{"metric": {"job_id": "run-1"},
                         **({"values": [[1, "oops"]]} if "query_range" in r.url.path else {"value": [1, "oops"]})}]}}),
         502, "prometheus_bad_answer"),
+    # A time Python's JSON reads as NaN or infinite (NaN, 1e999) reached the summary's trends: a 500.
+    "success with a time that is no number": (
+        lambda r: httpx.Response(200, headers={"content-type": "application/json"}, content=json.dumps({
+            "status": "success", "data": {
+                "resultType": "matrix" if "query_range" in r.url.path else "vector",
+                "result": [{"metric": {"job_id": "run-1"}, **({"values": [[math.nan, "1"]]}
+                                                              if "query_range" in r.url.path
+                                                              else {"value": [math.inf, "1"]})}]}}).encode()),
+        502, "prometheus_bad_answer"),
     "500 from a proxy": (lambda r: httpx.Response(500, text="oops"), 502, "prometheus_bad_answer"),
 }
 
@@ -293,6 +304,40 @@ def test_an_answer_trickled_past_the_deadline_frees_its_slot():
     with serve(settings) as client:
         assert_error(client.get("/api/training/run-1/analytics"), 504, "prometheus_timeout")
         assert_error(client.get("/api/training/run-1/analytics"), 404, "not_found")
+
+
+def test_an_answer_whose_head_trickles_past_the_deadline_frees_its_slot():
+    """A backend (or a proxy before it) that sends its answer's head a byte at a time, each within httpx's read
+    timeout: that bounds each read only, so the request held its slot as long as the head came (200 s here),
+    and every later request waited for it and timed out."""
+    empty = json.dumps({"status": "success", "data": {"resultType": "vector", "result": []}}).encode()
+    trickling = [True]
+
+    def answer(connection: socket.socket) -> None:
+        with connection, contextlib.suppress(OSError):
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += connection.recv(65536) or b"\r\n\r\n"
+            if trickling:
+                trickling.clear()
+                for byte in b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nx-padding: " + b"a" * 1000:
+                    connection.sendall(bytes([byte]))
+                    time.sleep(0.2)
+            connection.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                               b"content-length: %d\r\n\r\n%s" % (len(empty), empty))
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        def accept() -> None:
+            with contextlib.suppress(OSError):
+                while True:
+                    threading.Thread(target=answer, args=(listener.accept()[0],), daemon=True).start()
+
+        threading.Thread(target=accept, daemon=True).start()
+        settings = Settings(prometheus_url=f"http://127.0.0.1:{listener.getsockname()[1]}", prometheus_deadline=0.5,
+                            service_deadline=5, max_concurrency=1)
+        with serve(settings) as client:
+            assert_error(client.get("/api/training/run-1/analytics"), 504, "prometheus_timeout")
+            assert_error(client.get("/api/training/run-1/analytics"), 404, "not_found")
 
 
 def test_a_large_answer_is_decoded_off_the_event_loop(monkeypatch):
