@@ -47,6 +47,9 @@ REPORT_ROUND_SECONDS = 1.0
 HANG_ROUND_SECONDS = 2.0
 # The supervision loop is healthy while it has ticked within this long.
 STALE_TICK_SECONDS = 10.0
+# A round that fails as the one before it did (a full disk, a database locked: every round until it is over) is
+# said again at most this often.
+REPEATED_FAILURE_LOG_SECONDS = 60.0
 Result = TypeVar("Result")
 
 
@@ -150,12 +153,22 @@ class JobServer:
 
 
 async def repeat(work, seconds: float, what: str) -> None:
-    """Await `work()` every `seconds`, for good; a round that fails is logged and the next one comes."""
+    """Await `work()` every `seconds`, for good; a round that fails is logged and the next one comes. A failure
+    the round before had too (the same error) is said again once a minute, in one line: a job that ended while the
+    disk was full failed the supervisor's tick 5 times a second, a traceback each, until there was room."""
+    said, said_at = None, 0.0
     while True:
         try:
             await work()
-        except Exception:
-            log.exception("%s failed", what)
+            said = None
+        except Exception as error:
+            failure, now = (type(error), str(error)), time.monotonic()
+            if failure != said:
+                log.exception("%s failed", what)
+                said, said_at = failure, now
+            elif now - said_at >= REPEATED_FAILURE_LOG_SECONDS:
+                log.error("%s still failing: %s: %s", what, type(error).__name__, error)
+                said_at = now
         await asyncio.sleep(seconds)
 
 

@@ -32,7 +32,7 @@ class Run:
     pid: int | None = None
     process: subprocess.Popen | None = None     # a local child started by this server
     # A stop signal for trainer processes that do not exist yet (torchrun still starting its workers): sent when
-    # they do (the local executor's poll).
+    # they do (the local executor's poll); kept in the job's control file meanwhile, for a restart to adopt.
     undelivered: int | None = None
 
 

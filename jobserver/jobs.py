@@ -30,9 +30,10 @@ DEFAULT_OWNER = "default"     # the owner of every job when the server has no to
 # The service discovery counts as read by a scraper for this long after a read (deploy/'s refresh_interval
 # is 1 s). A job reported while nobody reads it does not wait for a first scrape that would never come.
 DISCOVERY_WATCHED_SECONDS = 10.0
-# The final state of a job the server ended without a process is published this long (a scraper reading the
-# server once a minute still sees it several times), and longer until its report is stored (waiting_jobs);
-# Prometheus keeps its last samples after.
+# The final state of a job the server ended without a process is published this long of the server's up time (a
+# scraper reading the server once a minute still sees it several times; a run that ended while the server was down
+# ended then, by its result), and longer until its report is stored (waiting_jobs); Prometheus keeps its last
+# samples after.
 FINAL_STATE_HOLD_SECONDS = 300.0
 # HOST:PORT a job reports: a DNS name or IPv4 address, or an IPv6 address in brackets.
 ENDPOINT_ADDRESS = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]{2,45}\])"
@@ -348,7 +349,7 @@ class JobService:
         # for the whole hold came back to the dead process's last `running` (a paused or queued job's state) as
         # the job's last word, and the report stored then said `vanished` (`paused`) for good, or none was.
         unreported = self.uptime.asked_after(now) if self.settings.archive is not None else None
-        ended = self.store.ended_without_run(FINAL_STATES, now - FINAL_STATE_HOLD_SECONDS, unreported)
+        ended = self.store.ended_without_run(FINAL_STATES, self.uptime.back(now, FINAL_STATE_HOLD_SECONDS), unreported)
         return waiting + [WaitingJob(job, job.state, job.ended, job.resume) for job in ended]
 
 

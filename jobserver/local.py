@@ -6,6 +6,7 @@ session nor, once the launcher died, under it: a run's processes are found by th
 their command line (run_processes), and a launcher's end kills the workers it left (no launcher is left to
 restart or stop them, and a resume must never train beside them)."""
 
+import contextlib
 import logging
 import os
 import subprocess
@@ -16,7 +17,7 @@ from pathlib import Path
 import psutil
 
 from trainmetrics.contract import STACKS_SIGNAL, STOP_SIGNALS
-from trainmetrics.jobfiles import LOG_NAME
+from trainmetrics.jobfiles import CONTROL_FILE_NAME, LOG_NAME, read_small_text, replace_atomically
 from trainmetrics.jobserver.executors import ExecutorUnavailable, Run
 
 log = logging.getLogger("trainmetrics.server")
@@ -61,12 +62,13 @@ class LocalExecutor:
         return {"executor": "local"}
 
     def adopt(self, job_id: str, handle: str | None, job_dir: Path) -> Run | None:
-        """The job's process left running by a previous server, if it still runs (pids get reused). Workers
-        whose launcher is gone are killed: the job is not running, and whatever comes next must not run beside
-        them."""
+        """The job's process left running by a previous server, if it still runs (pids get reused), with the stop
+        that server held for its workers (poll sends it). Workers whose launcher is gone are killed: the job is
+        not running, and whatever comes next must not run beside them."""
         pid = int(handle) if handle and handle.isdigit() else None
         run = Run(job_id, handle, job_dir, pid)
         if pid and _job_process(pid, job_id, job_dir) is not None:
+            run.undelivered = STOP_SIGNALS.get(read_small_text(job_dir / CONTROL_FILE_NAME) or "")
             return run
         _kill_leftovers(run)
         return None
@@ -82,7 +84,7 @@ class LocalExecutor:
         if ended and not _kill_leftovers(run):
             return False, None      # one survived its SIGKILL for now: asked again at the next poll
         if not ended and run.undelivered is not None and _send(run, run.undelivered):
-            run.undelivered = None
+            _hold(run, None)
         return ended, code
 
     def signal(self, run: Run, outcome: str) -> bool:
@@ -91,13 +93,12 @@ class LocalExecutor:
         SIGUSR1), and until torchrun has started them it is kept for them (poll sends it). They start with the
         stop signals blocked, as the launcher does, so a signal that comes before their handlers waits for them.
         Refused (409) there, a stop right after a multi-rank job's start was lost, and the job trained on."""
-        signum = STOP_SIGNALS[outcome]
-        if _send(run, signum):
-            run.undelivered = None
+        if _send(run, STOP_SIGNALS[outcome]):
+            _hold(run, None)
             return True
         if _job_process(run.pid, run.job_id, run.job_dir) is None:      # the launcher is gone: the run is ending
             return False
-        run.undelivered = signum
+        _hold(run, outcome)
         return True
 
     def kill(self, run: Run) -> bool:
@@ -177,6 +178,21 @@ def _kill_leftovers(run: Run, left_by: str = "its launcher ended and left") -> b
     log.warning("job %s: %s trainer processes %s running: killed", run.job_id, left_by,
                 ", ".join(str(process.pid) for process in leftovers))
     return not kill_processes(leftovers)
+
+
+def _hold(run: Run, outcome: str | None) -> None:
+    """Hold a stop for the run's trainer processes until they exist (None: the one held is sent), in the run and
+    in the job's control file, which the next server's adopt() reads: held in memory only, it died with a server
+    killed meanwhile, and the restart adopted the job without it (it trained on, its stop recorded as under way).
+    Forgotten in both once sent: a trainer gets one stop signal (a second cuts its final linger short)."""
+    path = run.job_dir / CONTROL_FILE_NAME
+    if outcome is not None:
+        replace_atomically(path, outcome)       # raises (a full disk): nothing held, and the stop not recorded
+        run.undelivered = STOP_SIGNALS[outcome]
+    elif run.undelivered is not None:
+        run.undelivered = None
+        with contextlib.suppress(OSError):      # gone already, or a directory the job put there (no stop)
+            path.unlink()
 
 
 def _alive(process: psutil.Process) -> bool:

@@ -7,6 +7,7 @@ not count); a resumed job's stored report is dropped (its new runs change it).
 
 import json
 import logging
+import sqlite3
 import time
 
 from trainmetrics.contract import FINAL_STATES
@@ -45,21 +46,42 @@ class UpTime:
     job up at its start, and the job's analytics were lost with Prometheus' retention."""
 
     def __init__(self, store):
-        self._store, self._noted = store, None
+        self._store, self._noted, self._failing = store, None, False
+        self.began = time.monotonic()       # this start
         last = store.last_alive()
         # (Not a number: a hand-edited row, SQLite keeps text in a REAL column. No server's note then.)
         self.downtime = max(0.0, time.time() - last) if isinstance(last, (int, float)) else 0.0
 
     def note(self) -> None:
-        """Note that the server is up (at most every ALIVE_NOTE_SECONDS); on the state thread."""
+        """Note that the server is up (at most every ALIVE_NOTE_SECONDS); on the state thread. A note that fails (a
+        full disk, the database locked) waits as long as a note that did, and is said once until one is written
+        again: it raised, so it was tried again at every tick, cut each short (no jobs published, /healthz
+        `not_supervising`) and logged a traceback each time. The next start then takes its down time from an
+        older note: the hour its reports are asked for is that much longer, no more."""
         clock = time.monotonic()
         if self._noted is None or clock - self._noted >= ALIVE_NOTE_SECONDS:
-            self._store.note_alive(time.time())
             self._noted = clock
+            try:
+                self._store.note_alive(time.time())
+            except sqlite3.Error as error:
+                if not self._failing:
+                    log.warning("cannot note that the server is up (%s): tried again every %g s", error,
+                                ALIVE_NOTE_SECONDS)
+                self._failing = True
+                return
+            if self._failing:
+                log.info("the note that the server is up is written again")
+            self._failing = False
 
     def asked_after(self, now: float) -> float:
         """The end after which a job's report is still asked for."""
         return now - GIVE_UP_SECONDS - self.downtime
+
+    def back(self, now: float, seconds: float) -> float:
+        """The end `seconds` of the server's up time before `now`: further back by the down time before this start
+        while the start is less than `seconds` ago (a run that ended while the server was down has its result's
+        end, not the restart's)."""
+        return now - seconds - (self.downtime if time.monotonic() - self.began < seconds else 0.0)
 
 
 class ReportKeeper:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from trainmetrics.contract import (BUILTIN_DATASETS, EXIT_STATES, REGISTER_TOKEN_VARIABLE, RESULT_PUBLISHED,
                                   RESULT_STARTED, STOP_VERBS, WAITING_STATES, train_args)
+from trainmetrics.edge import storage_full
 from trainmetrics.jobfiles import (CONTROL_FILE_NAME, FINAL_MODEL_NAME, LOG_NAME, RESULT_FILE_NAME,
                                    list_checkpoints, rank_result_path, read_result)
 from trainmetrics.jobserver.executors import Executor, ExecutorUnavailable, Run, StartDeferred
@@ -228,6 +229,9 @@ class Supervisor:
                 self._executor_unavailable(job, error)
                 break
             except Exception as error:      # this job's own failure: the jobs queued behind it still start
+                if storage_full(error):     # not the job's either (it was failed for good): queued until there is room
+                    self._executor_unavailable(job, error)
+                    break
                 self._failed_to_start(job, error)
 
     def _kill_if_cancel_overdue(self, job_id: str, run: Run) -> None:
@@ -268,10 +272,11 @@ class Supervisor:
                               exit_code=None, requested=None, run_token=None)
         log.exception("job %s: %s", job.id, message)
 
-    def _ended(self, job_id: str, code: int | None, killed: bool = False, job: JobRecord | None = None) -> None:
+    def _ended(self, job_id: str, code: int | None, killed: bool = False, job: JobRecord | None = None,
+               at: float | None = None) -> None:
         """Record how a run ended: its result decides; without one, a signal or exit code is a failure. A run
         killed after its cancel's grace is cancelled, unless it completed first. (`job`: its record, where the
-        caller just read it.)"""
+        caller just read it; `at`: when the run ended, where not now.)"""
         job = job or self.store.get_job(job_id)
         result = read_result(self.result_path(job_id))
         reason = published = None
@@ -322,8 +327,8 @@ class Supervisor:
         # analytics and the dashboards end the job as the job API does, not `running` gone stale.
         unpublished = {"pid": None, "handle": None} if not waiting and state != published else {}
         self.store.update_job(job_id, state=state, exit_code=code if isinstance(code, int) else None, error=error,
-                              ended=None if waiting else time.time(), resume=waiting or wait_ended, requested=None, run_token=None,
-                              reason=reason, **unpublished)
+                              ended=None if waiting else at or time.time(), resume=waiting or wait_ended,
+                              requested=None, run_token=None, reason=reason, **unpublished)
         self.store.remove_endpoints(job_id)
         log.info("job %s: %s (exit code %s)%s", job_id, state, code, _ended_how(state, killed, self.cancel_grace))
 
@@ -385,8 +390,9 @@ class Supervisor:
                 if job.requested == "cancelled":     # the grace starts again: when it began died with the server
                     self._cancelled_at[job.id] = time.monotonic()
                 log.info("job %s: still running as %s, adopted", job.id, run.handle)
-            elif read_result(self.result_path(job.id)) is not None:
-                self._ended(job.id, None)
+            elif (result := read_result(self.result_path(job.id))) is not None:
+                # It ended while no server watched it: when, its result says (the restart may be hours later).
+                self._ended(job.id, None, job=job, at=_end_told(result, job))
             else:
                 self._resume_or_fail(job, "the server restarted and its process was gone")
 
@@ -439,6 +445,14 @@ class Supervisor:
                 ended, code = self.executor.poll(run)
                 if ended:
                     self._reap(job_id, code)
+
+
+def _end_told(result: dict, job: JobRecord) -> float | None:
+    """When a run ended, as its result tells it, where it can be right: a number between the job's start and now
+    (a clock set wrong, a result edited, a run that failed before its metrics existed: None)."""
+    end = result.get("end_time")
+    plausible = isinstance(end, (int, float)) and not isinstance(end, bool)
+    return float(end) if plausible and (job.started or job.created) <= end <= time.time() else None
 
 
 def _signal_name(signum: int) -> str:

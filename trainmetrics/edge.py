@@ -10,9 +10,11 @@ them behind one edge.
 import asyncio
 import contextlib
 import copy
+import errno
 import ipaddress
 import json
 import logging
+import sqlite3
 from dataclasses import dataclass, field
 from typing import AsyncContextManager, Awaitable, Callable, Protocol
 
@@ -79,13 +81,33 @@ async def _client_gone(request: Request, error: ClientDisconnect) -> Response:
     return Response(status_code=400)
 
 
+def storage_full(error: BaseException) -> bool:
+    """True for a write that found no room: the disk full (ENOSPC; EDQUOT, the owner's quota), or SQLite's
+    "database or disk is full"."""
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(error, sqlite3.Error) and getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+
+
+async def _no_room(request: Request, error: OSError | sqlite3.Error) -> JSONResponse:
+    """A write that found no room: 507 and one line in the log (it was a 500 `internal error: OSError`, or
+    `OperationalError`, with two tracebacks per request); any other OSError or SQLite error is unexpected."""
+    if not storage_full(error):
+        raise error
+    log.warning("%s %s: no space left on the disk: %s", request.method, request.url.path, error)
+    return error_response(507, "insufficient_storage", "no space left on the server's disk: try again once space "
+                                                       "is freed")
+
+
 async def _unexpected(request: Request, error: Exception) -> JSONResponse:
     log.error("%s %s failed", request.method, request.url.path, exc_info=error)
     return error_response(500, "internal", f"internal error: {type(error).__name__}")
 
 
+# (TimeoutError is an OSError: its own handler comes first, as the nearest class's does.)
 EXCEPTION_HANDLERS = {ApiError: _api_error, HTTPException: _http_error, TimeoutError: _timeout,
-                      ClientDisconnect: _client_gone, Exception: _unexpected}
+                      ClientDisconnect: _client_gone, OSError: _no_room, sqlite3.Error: _no_room,
+                      Exception: _unexpected}
 
 
 class DuplicateKey(ValueError):

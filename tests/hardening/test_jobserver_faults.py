@@ -284,6 +284,23 @@ def test_stops_that_race_end_in_the_state_that_was_promised(tmp_path):
         server.stop()
 
 
+def test_a_pause_accepted_before_torchrun_started_the_ranks_stands_after_a_server_crash(tmp_path):
+    """The pause of a multi-rank job in its first seconds is held for its workers until torchrun starts them: a
+    server killed -9 then lost it, and the restart adopted the job, which trained on to its end (a second pause
+    changed nothing: "already under way")."""
+    server = Server(tmp_path).start()
+    client = server.client()
+    assert client.post("/api/training/jobs", json={**LONG_JOB, "job_id": "held-pause", "nproc": 2}).status_code == 201
+    assert client.post("/api/training/jobs/held-pause/pause").status_code == 202
+    server.stop(signal.SIGKILL)
+    restarted = Server(tmp_path).start()
+    try:
+        ended = wait_job(restarted.client(), "held-pause", lambda j: j["state"] != "running", timeout=90)
+        assert (ended["state"], ended["exit_code"], ended["error"]) == ("paused", 4, None), ended
+    finally:
+        restarted.stop()
+
+
 def gone(pid: int) -> bool:
     """True when the process has exited (a zombie nobody reaped yet has exited too)."""
     try:

@@ -29,6 +29,7 @@ SCRIPTED_TRAINER = textwrap.dedent("""
     first, received = [], []
     for signum in (signal.SIGUSR1, signal.SIGTERM):
         signal.signal(signum, lambda s, f: (received.append(s), first.append(s) if not first else None))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGUSR1, signal.SIGTERM))    # started blocked, as a trainer
     mode = sys.argv[sys.argv.index("--model") + 1]
     if mode == "refused":         # refuses its arguments before it publishes anything, as a trainer does
         with open(result, "w") as handle:
@@ -51,7 +52,7 @@ SCRIPTED_TRAINER = textwrap.dedent("""
     if mode != "transformer":     # the transformer "dies" without a result
         with open(result, "w") as handle:
             json.dump({"state": state, "exit_code": {"paused": 4, "cancelled": 3}.get(state, 0),
-                       "signals": len(received)}, handle)
+                       "signals": len(received), "end_time": time.time()}, handle)
     if mode == "late-kill":
         os.kill(os.getpid(), signal.SIGKILL)
     sys.exit({"paused": 4, "cancelled": 3}.get(state, 0) if mode != "transformer" else 9)
@@ -63,6 +64,25 @@ class ScriptedExecutor(LocalExecutor):
 
     def command(self, nproc: int, train_args: list[str]) -> list[str]:
         return [sys.executable, "-c", SCRIPTED_TRAINER, "train", *train_args]
+
+
+# torchrun as far as the server sees it: a launcher that is no trainer, whose one worker (the scripted trainer, in
+# a session of its own) starts a second later, with the stop signals blocked until its handlers exist.
+SCRIPTED_LAUNCHER = textwrap.dedent(f"""
+    import signal, subprocess, sys, time
+    time.sleep(1.0)
+    signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGUSR1, signal.SIGTERM))
+    worker = subprocess.Popen([sys.executable, "-c", {SCRIPTED_TRAINER!r}, "train", *sys.argv[1:]],
+                              start_new_session=True)
+    sys.exit(worker.wait())
+""")
+
+
+class LaunchingExecutor(LocalExecutor):
+    """Runs the scripted trainer under the scripted launcher, as torchrun runs a multi-rank job."""
+
+    def command(self, nproc: int, train_args: list[str]) -> list[str]:
+        return [sys.executable, "-c", SCRIPTED_LAUNCHER, *train_args]
 
 
 @pytest.fixture
@@ -246,6 +266,62 @@ def test_a_run_lost_after_an_accepted_stop_ends_in_that_stop(supervisor, outcome
     supervisor._ended(job.id, None)             # what a Ray run lost with its head reports
     ended = supervisor.store.get_job(job.id)
     assert (ended.state, ended.resume, ended.error, ended.requested) == (outcome, outcome == "paused", None, None)
+
+
+@pytest.mark.parametrize("outcome, workers", [("paused", "after the restart"), ("cancelled", "while it was down"),
+                                               ("paused", "before the stop")])
+def test_a_stop_accepted_before_the_workers_started_reaches_them_after_a_server_crash(tmp_path, outcome, workers):
+    """A pause accepted (202) while torchrun had not started its workers yet was held in the server's memory, to
+    be sent once they exist; the server killed -9 then, the restart adopted the job without it, and it trained on
+    (a second pause was "already under way"). Whether the workers start after the restart or while the server is
+    down, the held stop reaches them, once; a stop they got before the crash is not sent again."""
+    from trainmetrics.jobserver.local import kill_processes, run_processes
+
+    store = JobStore(tmp_path / "db.sqlite")
+    first = Supervisor(store, tmp_path, None, max_concurrent=1, executor=LaunchingExecutor())
+    queue(first, "held", nproc=2)
+    first.tick()
+    run = first.runs["held"]
+    try:
+        if workers == "before the stop":        # the stop goes to the workers themselves
+            time.sleep(1.8)
+        first.request_stop(store.get_job("held"), outcome)
+        assert (run.undelivered is None) == (workers == "before the stop")
+        if workers == "while it was down":
+            time.sleep(1.8)
+        again = Supervisor(store, tmp_path, None, max_concurrent=1, executor=LaunchingExecutor())
+        again.recover()                         # the server killed -9 and restarted: `first` is gone, unpolled
+        assert "held" in again.runs
+        ended = tick_until(again, "held", 15)
+        assert (ended.state, ended.requested) == (outcome, None)
+        assert json.loads(again.result_path("held").read_text())["signals"] == 1
+    finally:
+        kill_processes(run_processes(run))
+        run.process.wait()
+        store.close()
+
+
+@pytest.mark.parametrize("end_time", ["its own", "in the future", "before its start", "NaN", "yesterday", None])
+def test_a_run_that_ended_while_the_server_was_down_ends_when_its_result_says(supervisor, end_time):
+    """Its end was the restart's time, hours late after a long outage, though its result says when it ended; an end
+    the result cannot have right (not a number, in the future, before the job started) is not taken."""
+    job = submit(supervisor, "ended-while-down", "cnn")        # "completes" after ~0.5 s
+    supervisor.runs.pop(job.id).process.wait(timeout=10)        # the server is down: nobody reaps it
+    path = supervisor.result_path(job.id)
+    result = json.loads(path.read_text())
+    told = result["end_time"]
+    if end_time != "its own":
+        wrong = {"in the future": time.time() + 3600, "before its start": job.started - 60}.get(end_time, end_time)
+        path.write_text(json.dumps({**result, "end_time": wrong}).replace('"NaN"', "NaN"))
+    time.sleep(1)
+    back = time.time()
+    restarted(supervisor)
+    ended = supervisor.store.get_job(job.id)
+    assert ended.state == "completed"
+    if end_time == "its own":
+        assert ended.ended == told < back
+    else:
+        assert back <= ended.ended <= time.time()
 
 
 def test_a_job_gone_with_the_server_before_its_first_checkpoint_fails_and_leaves_the_discovery(supervisor):
@@ -859,6 +935,25 @@ def test_a_start_whose_record_fails_is_killed_and_its_job_stays_queued(superviso
     assert supervisor.store.get_job("locked-start").state == "running"          # started again
 
 
+def test_a_job_whose_start_finds_the_disk_full_stays_queued_until_there_is_room(supervisor, monkeypatch):
+    """It was failed for good ("could not start: OSError: [Errno 28] No space left on device"), for the disk's
+    fault; and where that failure could not be recorded either (the database on the same disk), every tick failed."""
+    import errno
+    import os
+
+    def no_room(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(supervisor.log_path("no-room")))
+
+    monkeypatch.setattr(supervisor.executor, "start", no_room)
+    queue(supervisor, "no-room")
+    queue(supervisor, "behind-it")
+    supervisor.tick()
+    assert [supervisor.store.get_job(job_id).state for job_id in ("no-room", "behind-it")] == ["queued", "queued"]
+    monkeypatch.undo()                                  # space freed
+    supervisor.tick()
+    assert supervisor.store.get_job("no-room").state == "running"
+
+
 def test_a_stop_whose_record_failed_sent_no_signal_and_its_retry_sends_one(supervisor):
     """The pause's SIGUSR1 went out before its write, which failed (a 500): the client's retry signalled the
     process again (a stop under way is never signalled twice: a second one can kill a process as it exits)."""
@@ -873,14 +968,15 @@ def test_a_stop_whose_record_failed_sent_no_signal_and_its_retry_sends_one(super
 
 
 def test_a_start_that_fails_shows_no_server_path(supervisor):
-    """A start refused by the system (a full disk) named the job's directory in the server's data dir in the
-    job's error, which the job API shows (no answer shows a server path)."""
+    """A start refused by the system (a directory it may not write; a full disk leaves the job queued) named the
+    job's directory in the server's data dir in the job's error, which the job API shows (no answer shows a server
+    path)."""
     from trainmetrics.jobserver.supervisor import DATA_DIR_SHOWN
 
-    def full_disk(job_id, nproc, train_args, job_dir, env):
-        raise OSError(28, "No space left on device", str(job_dir))
+    def not_writable(job_id, nproc, train_args, job_dir, env):
+        raise OSError(13, "Permission denied", str(job_dir))
 
-    supervisor.executor.start = full_disk
+    supervisor.executor.start = not_writable
     queue(supervisor, "full")
     supervisor.tick()
     job = supervisor.store.get_job("full")
@@ -1024,6 +1120,24 @@ def test_the_hour_a_report_is_asked_for_counts_the_servers_up_time(tmp_path):
     assert reports.UpTime(store).downtime < 5
     store._execute("UPDATE server SET value = 'yesterday' WHERE name = 'alive'")     # edited by hand
     assert reports.UpTime(store).downtime == 0.0
+    store.close()
+
+
+def test_an_end_while_the_server_was_down_is_published_for_five_minutes_of_its_up_time(tmp_path):
+    """A run that ended while the server was down ends when its result says (not at the restart): an end the
+    server publishes (no scraper read it during the run's linger) was then never published after an outage of more
+    than 5 minutes, without stored reports. It is, for the first 5 minutes of the server's up time."""
+    from trainmetrics.jobserver.jobs import FINAL_STATE_HOLD_SECONDS, JobService, ServerSettings
+
+    store = JobStore(tmp_path / "db.sqlite")
+    now = time.time()
+    store.note_alive(now - 20 * 60)                     # down for 20 minutes; the job ended 10 minutes ago
+    for job_id, end in (("ended-while-down", now - 10 * 60), ("ended-before", now - 25 * 60 - 1)):
+        store.add_job(JobRecord(id=job_id, owner="default", name=job_id, state="completed", spec={}, ended=end))
+    service = JobService(ServerSettings(data_dir=tmp_path), store, Supervisor(store, tmp_path, None, 1))
+    assert [waiting.job.id for waiting in service.waiting_jobs()] == ["ended-while-down"]
+    service.uptime.began -= FINAL_STATE_HOLD_SECONDS    # up for 5 minutes
+    assert service.waiting_jobs() == []
     store.close()
 
 

@@ -1,0 +1,152 @@
+"""The job server on a full disk, in process: the writes that fail there fail as they do on a full disk (a write to
+/dev/full, which the kernel answers ENOSPC; SQLite's own "database or disk is full"), at the call that fails, in the
+real app with its supervision loop running."""
+
+import asyncio
+import contextlib
+import logging
+import os
+import sqlite3
+import time
+
+import httpx
+import pytest
+
+from trainmetrics.edge import build_app
+from trainmetrics.jobserver import app as app_module, reports, uploads
+from trainmetrics.jobserver.app import build_component
+from trainmetrics.jobserver.jobs import ServerSettings
+from trainmetrics.jobserver.store import JobStore
+
+CSV = b"a,b,label\n" + b"".join(b"%d,%d,%d\n" % (i, 2 * i, i % 2) for i in range(2000))
+
+
+def database_full_error() -> sqlite3.OperationalError:
+    """SQLite's own error for a write that found no room (a database allowed one page, asked for a second)."""
+    db = sqlite3.connect(":memory:")
+    db.execute("PRAGMA max_page_count = 1")
+    try:
+        for table in ("a", "b"):
+            db.execute(f"CREATE TABLE {table} (x)")
+    except sqlite3.OperationalError as error:
+        assert error.sqlite_errorcode == sqlite3.SQLITE_FULL
+        return error
+    finally:
+        db.close()
+    raise AssertionError("SQLite found room for a second page")
+
+
+@contextlib.asynccontextmanager
+async def served(data_dir):
+    """The job server's app in its lifespan (store, supervision loop), a client of it, and its JobServer; its
+    jobs stay queued."""
+    component = build_component(ServerSettings(data_dir=data_dir, max_concurrent=0))      # no job starts
+    app = build_app([component])
+    async with app.router.lifespan_context(app) as state:
+
+        async def with_state(scope, receive, send):      # as uvicorn passes the lifespan's state to each request
+            await app({**scope, "state": dict(state)}, receive, send)
+
+        server = component.extra["server"]
+        async with asyncio.timeout(10):
+            while server.last_tick is None:             # supervising, as a started server is
+                await asyncio.sleep(0.05)
+        transport = httpx.ASGITransport(app=with_state, raise_app_exceptions=False, client=("127.0.0.1", 1234))
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
+            yield client, server
+
+
+def insufficient_storage(answer) -> None:
+    assert answer.status_code == 507, (answer.status_code, answer.text)
+    assert answer.json()["error"] == {"code": "insufficient_storage",
+                                      "message": "no space left on the server's disk: try again once space is freed"}
+
+
+def test_an_upload_that_finds_the_disk_full_is_507_and_leaves_nothing(tmp_path, monkeypatch, caplog):
+    """It was a 500 `internal error: OSError`, with two tracebacks in the log."""
+    mkstemp = uploads.tempfile.mkstemp
+
+    def on_a_full_disk(*args, **kwargs):
+        fd, name = mkstemp(*args, **kwargs)
+        if kwargs.get("prefix") == uploads.UPLOAD_PREFIX:
+            full = os.open("/dev/full", os.O_WRONLY)      # every write answered ENOSPC, as on a full disk
+            os.dup2(full, fd)
+            os.close(full)
+        return fd, name
+
+    async def upload_twice():
+        async with served(tmp_path) as (client, _):
+            monkeypatch.setattr(uploads.tempfile, "mkstemp", on_a_full_disk)
+            with caplog.at_level(logging.WARNING):
+                insufficient_storage(await client.post("/api/training/datasets?name=d.csv", content=CSV))
+            assert list((tmp_path / "datasets").iterdir()) == []
+            monkeypatch.undo()                            # space freed
+            assert (await client.post("/api/training/datasets?name=d.csv", content=CSV)).status_code == 201
+
+    asyncio.run(upload_twice())
+    assert [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING] == [
+        "POST /api/training/datasets: no space left on the disk: [Errno 28] No space left on device"]
+    assert not any(record.exc_info for record in caplog.records)
+
+
+def test_a_full_database_is_507_and_the_supervision_goes_on(tmp_path, monkeypatch, caplog):
+    """A submission was a 500 `internal error: OperationalError`; the server's "still up" note, which failed at
+    every tick, cut each short (/healthz `not_supervising`) with a traceback, 5 a second. The note is said once
+    while it fails, the ticks go on, and everything works again once there is room."""
+    monkeypatch.setattr(reports, "ALIVE_NOTE_SECONDS", 0.5)
+    full, execute = database_full_error(), JobStore._execute
+
+    def writes_fail(self, sql, params=()):
+        if sql.split()[0] in ("INSERT", "UPDATE", "DELETE"):
+            raise full
+        return execute(self, sql, params)
+
+    async def on_a_full_disk():
+        async with served(tmp_path) as (client, server):
+            job = {"dataset": "blobs", "epochs": 1}
+            assert (await client.post("/api/training/jobs", json={**job, "job_id": "before"})).status_code == 201
+            monkeypatch.setattr(JobStore, "_execute", writes_fail)
+            with caplog.at_level(logging.INFO):
+                insufficient_storage(await client.post("/api/training/jobs", json={**job, "job_id": "full"}))
+                insufficient_storage(await client.post("/api/training/jobs/before/cancel"))
+                await asyncio.sleep(2)                    # 10 ticks, 4 notes due
+                assert time.monotonic() - server.last_tick < 1.0
+                assert (await client.get("/healthz")).json()["checks"]["jobs"]["status"] == "ok"
+                failed = [record for record in caplog.records if record.levelno >= logging.WARNING]
+                assert [record.getMessage() for record in failed] == [
+                    "POST /api/training/jobs: no space left on the disk: database or disk is full",
+                    "POST /api/training/jobs/before/cancel: no space left on the disk: database or disk is full",
+                    "cannot note that the server is up (database or disk is full): tried again every 0.5 s"]
+                assert not any(record.exc_info for record in failed)
+                monkeypatch.setattr(JobStore, "_execute", execute)     # space freed
+                await asyncio.sleep(1)
+            assert time.time() - server.service.store.last_alive() < 1
+            assert "the note that the server is up is written again" in caplog.messages
+            assert (await client.post("/api/training/jobs", json={**job, "job_id": "after"})).status_code == 201
+
+    asyncio.run(on_a_full_disk())
+
+
+def test_a_round_that_fails_as_the_one_before_is_said_once_a_minute(monkeypatch, caplog):
+    """A job that ended while the disk was full failed every supervisor tick until there was room (its end cannot
+    be recorded): a traceback 5 times a second."""
+    failures = [sqlite3.OperationalError("database or disk is full")] * 20 + [ValueError("another")]
+    rounds = []
+
+    async def work():
+        rounds.append(1)
+        if len(rounds) > len(failures):
+            raise asyncio.CancelledError
+        raise failures[len(rounds) - 1]
+
+    with caplog.at_level(logging.INFO), pytest.raises(asyncio.CancelledError):
+        asyncio.run(app_module.repeat(work, 0, "supervisor tick"))
+    said = [(record.getMessage(), bool(record.exc_info)) for record in caplog.records]
+    assert said == [("supervisor tick failed", True), ("supervisor tick failed", True)]
+    monkeypatch.setattr(app_module, "REPEATED_FAILURE_LOG_SECONDS", 0.0)
+    caplog.clear()
+    rounds.clear()
+    with caplog.at_level(logging.INFO), pytest.raises(asyncio.CancelledError):
+        asyncio.run(app_module.repeat(work, 0, "supervisor tick"))
+    assert [record.getMessage() for record in caplog.records][:2] == [
+        "supervisor tick failed", "supervisor tick still failing: OperationalError: database or disk is full"]
