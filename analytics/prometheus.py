@@ -217,14 +217,29 @@ class PrometheusClient:
         httpx's timeouts bound each read only: an answer trickled in under them, its head or its body, had no end,
         and held its slot for as long as it came. The deadline cancels the request inside httpx; never while it
         waits in httpcore's pool (httpcore#1093), as the semaphore lets in no more requests than the pool has
-        connections: it ends in the connection, which closes on cancellation."""
+        connections, and only while httpcore's connection has the request (from its head's sending to its
+        release, told by httpcore's trace): a cancellation there ends in the connection, which closes. Cancelled
+        as a new connection opened (before it took the request: NEW) or as one was released (ACTIVE still), the
+        connection was no request's and held its pool slot for good: every later request timed out. (Connecting
+        is bounded by httpx's connect timeout, a release by nothing.)"""
         seconds = max(seconds, 0.001)
         limit = self.max_answer_bytes
+        deadline = asyncio.get_running_loop().time() + seconds
         timeout = httpx.Timeout(seconds, connect=min(seconds, CONNECT_TIMEOUT_SECONDS))
-        sent = self._http.build_request(method, path, timeout=timeout, **request)
+
+        async def trace(event: str, info: dict) -> None:
+            if until.expired():             # (cancelled: httpcore releases the connection)
+                return
+            if event == "http11.send_request_headers.started":
+                until.reschedule(deadline)
+            elif event == "http11.response_closed.started":
+                until.reschedule(None)
+
+        sent = self._http.build_request(method, path, timeout=timeout, extensions={"trace": trace}, **request)
         try:
-            async with asyncio.timeout(seconds):
+            async with asyncio.timeout(None) as until:
                 response = await self._http.send(sent, stream=True)
+                until.reschedule(deadline)      # (a transport that does not trace as httpcore does: its head is in)
                 try:
                     declared = response.headers.get("content-length", "")
                     if declared.isascii() and declared.isdigit() and int(declared) > limit:

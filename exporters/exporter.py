@@ -12,10 +12,11 @@ A sample that hangs (a dead network mount, a wedged driver) must neither pass fo
 other collectors. Once a sample has run longer than its loop's stall bound without getting on (a collector that
 reads many slow sources, one GPU after another, says so after each: Collector.progressed), its collector reports
 exporter_collector_success 0 and its series are dropped, and a watchdog hands the loop to a new thread that
-skips that collector until the sample returns; the stuck thread ends then. After a second stall in a row the
-collector is left out of its loop for a while (BACKOFF_MIN_SECONDS, doubling while it stalls again), reported as
-failing: a source whose every call hangs (a GPU fallen off the bus) stalls the loop once per backoff, not at every
-call.
+skips that collector until the sample returns; the stuck thread ends then (in the fast or slow loop, shared with
+other collectors, a sample that gets on hands it over too past the bound, reported as no failure). After a second
+stall in a row the collector is left out of its loop for a while (BACKOFF_MIN_SECONDS, doubling while it stalls
+again), reported as failing: a source whose every call hangs (a GPU fallen off the bus) stalls the loop once per
+backoff, not at every call.
 """
 
 import logging
@@ -359,15 +360,20 @@ class Exporter:
             with self._lock:
                 for runner in self.runners:
                     for part, running in runner.running.items():
-                        if runner.waited(part, now) <= self.stall_after[part]:
+                        if running is None:
                             continue
-                        if not runner.stall_reported[part]:
+                        loop, stalled = runner.loop_of[part], runner.waited(part, now) > self.stall_after[part]
+                        if stalled and not runner.stall_reported[part]:
                             runner.stall_reported[part] = True
                             log.error("collector %s: %s sample has not got on for %.1fs: reported as failing "
                                       "until it returns; the other collectors go on", runner.name, part,
                                       runner.waited(part, now))
-                        if running[1] is self._loops[runner.loop_of[part]]:
-                            self._start_loop(runner.loop_of[part])
+                        # A loop shared with other collectors goes to a new thread past the bound whether or not
+                        # the sample gets on (a slow driver's pass over many GPUs held the host's slow collectors
+                        # for all of it); a collector's own loop waits on nobody else.
+                        shared = loop in ("fast", "slow") and now - running[0] > self.stall_after[part]
+                        if (stalled or shared) and running[1] is self._loops[loop]:
+                            self._start_loop(loop)
 
     def stop(self) -> None:
         """Stop the sampler threads and release the collectors' sources."""

@@ -12,6 +12,7 @@ import socket
 import threading
 import time
 
+import httpcore
 import httpx
 import pytest
 
@@ -338,6 +339,64 @@ def test_an_answer_whose_head_trickles_past_the_deadline_frees_its_slot():
         with serve(settings) as client:
             assert_error(client.get("/api/training/run-1/analytics"), 504, "prometheus_timeout")
             assert_error(client.get("/api/training/run-1/analytics"), 404, "not_found")
+
+
+async def arrive_as_the_deadline_passes(late: float, busy: float) -> None:
+    """Return in the event loop's turn in which the deadline passes, before its timer: the loop busy (a long
+    callback) from `late` seconds on for `busy` seconds, the awaited bytes in before it ends."""
+    loop = asyncio.get_running_loop()
+    arrived = loop.create_future()
+
+    def arrive() -> None:
+        time.sleep(busy)
+        arrived.set_result(None)
+    loop.call_later(late, arrive)
+    await arrived
+
+
+@pytest.mark.parametrize("when", ["its connection opens", "its answer ends"])
+def test_a_deadline_that_passes_as_a_connection_opens_or_its_answer_ends_leaves_the_slot_free(when):
+    """The whole request's deadline cancels it inside httpx: a connection that httpcore opened but had not yet
+    given the request (NEW), or one that had answered but not yet been released (ACTIVE), was owned by no request
+    when cancelled there, and held its pool slot for good: every later request timed out."""
+    body = json.dumps({"status": "success", "data": {"resultType": "vector", "result": []}}).encode()
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(body)
+    late = [when]
+
+    class Stream(httpcore.AsyncMockStream):
+        """A socket's: each read and write waits for the event loop; every request on it is answered."""
+
+        async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+            self._buffer = self._buffer or [head, body]
+            await asyncio.sleep(0)
+
+        async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+            if late == ["its answer ends"] and self._buffer == [body]:
+                late.clear()
+                await arrive_as_the_deadline_passes(0.1, 0.3)
+            else:
+                await asyncio.sleep(0)
+            return await super().read(max_bytes, timeout)
+
+    class Backend(httpcore.AsyncMockBackend):
+        async def connect_tcp(self, *args, **kwargs) -> httpcore.AsyncNetworkStream:
+            if late == ["its connection opens"]:
+                late.clear()
+                await arrive_as_the_deadline_passes(0.1, 0.3)
+            return Stream([])
+
+    async def two_requests() -> list:
+        transport = httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=1, max_keepalive_connections=1))
+        transport._pool._network_backend = Backend([])
+        client = PrometheusClient("http://prometheus", deadline=0.2, max_concurrency=1, transport=transport)
+        try:
+            with pytest.raises(PrometheusError, match="did not answer"):
+                await client.query("up")
+            return await client.query("up")
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(two_requests()) == []
 
 
 def test_a_large_answer_is_decoded_off_the_event_loop(monkeypatch):

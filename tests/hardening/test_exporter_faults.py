@@ -381,3 +381,39 @@ def test_a_slow_driver_on_a_host_of_several_gpus_is_not_taken_for_a_hung_one():
     finally:
         release.set()
         exporter.stop()
+
+
+def test_a_slow_drivers_long_pass_over_several_gpus_does_not_hold_the_slow_loops_other_collectors():
+    """The gpu collector's slow reads share the slow loop with the host's (disks, network, filesystems, energy). A
+    pass over 4 GPUs whose driver takes 0.6 s for each one's slow reads gets on after each, so it is no stall, but
+    past the loop's 1 s bound it must still hand the loop on: it held the other collectors for its whole 2.4 s,
+    where a pass past the bound had them sampled on by a new thread."""
+    from tests.exporters.exporter_fixtures import GIB, FakeGpu, FakeNvml
+    from trainmetrics.exporters.collectors.gpu import GpuCollector
+
+    class SlowDriver(FakeNvml):
+        def nvmlDeviceGetPowerUsage(self, handle):
+            time.sleep(0.6)
+            return super().nvmlDeviceGetPowerUsage(handle)
+
+    class SlowCounting(Collector):
+        name, fast, slow = "slow_counting", False, True
+
+        def __init__(self):
+            self.samples = 0
+
+        def sample_slow(self, now: float) -> None:
+            self.samples += 1
+
+    counting = SlowCounting()
+    gpus = [FakeGpu(f"GPU-slow{index}", [40] * 1000, [GIB] * 1000) for index in range(4)]
+    exporter = Exporter([GpuCollector(nvml=SlowDriver(gpus)), counting], sample_interval=0.1, slow_interval=0.1)
+    exporter.start()
+    try:
+        began, watched_until = counting.samples, time.monotonic() + 3
+        while time.monotonic() < watched_until:
+            assert collector_ok(parse(exporter.snapshot().decode()), "gpu") == 1    # slow, not hung
+            time.sleep(0.1)
+        assert counting.samples - began >= 10, counting.samples - began      # 10 Hz, bar the 1 s bound per pass
+    finally:
+        exporter.stop()
