@@ -336,7 +336,7 @@ def test_the_loss_curve_has_no_point_while_the_loss_is_not_finite(dashboard, lab
     looked like a plateau. Its training loss has no point then (the Loss NaN annotation marks the stretch). The
     Compare dashboard's overlay had no such filter."""
     (loss,) = [panel for panel in all_dashboards()[dashboard]["panels"] if panel["title"] == "Loss"]
-    expr = loss["targets"][0]["expr"].replace("$job_id", "n1").replace("$__interval", "1m")
+    expr = loss["targets"][0]["expr"].replace("$job_id", "n1").replace("$__rate_interval", "1m")
     series = ("      - series: 'trainer_loss{job_id=\"n1\",instance=\"p1\",rank=\"0\"}'\n        values: '0.5x5'\n"
               "      - series: 'trainer_loss_finite{job_id=\"n1\",instance=\"p1\",rank=\"0\"}'\n"
               "        values: '1 1 0 0 0 0'\n")
@@ -490,7 +490,7 @@ def test_the_compare_accuracy_shows_a_finished_jobs_last_evaluation(tmp_path):
     overlay read each point's instant, mostly missed it and ended at the evaluation before (the Training job
     dashboard's curve, and Compare's own summary, show it)."""
     (panel,) = [panel for panel in all_dashboards()["compare.json"]["panels"] if panel["title"] == "Eval accuracy"]
-    expr = panel["targets"][0]["expr"].replace("$job_id", "c1").replace("$__interval", "2m")
+    expr = panel["targets"][0]["expr"].replace("$job_id", "c1").replace("$__rate_interval", "2m")
     series = "\n      - series: 'trainer_eval_accuracy_ratio{job_id=\"c1\",instance=\"p1\"}'\n" \
              "        values: '0.5x4 0.9 stale'\n"
     tests = [f"      - expr: '{expr}'\n        eval_time: 6m\n        exp_samples:\n"

@@ -17,12 +17,13 @@ def build():
         # A rank left out while its loss is NaN (trainer_loss then holds the last finite one: a flat line).
         .with_panel(timeseries_panel("Loss", "Training loss of each job (the mean of its ranks', a rank left out "
                                              "while its loss is NaN or infinite).", "short",
-                                     query(f"avg by (job_id) ({finite_loss(JOBS, '$__interval')})", "{{job_id}}")))
+                                     query(f"avg by (job_id) ({finite_loss(JOBS, '$__rate_interval')})", "{{job_id}}")))
         .with_panel(timeseries_panel("Eval accuracy", "Accuracy at each evaluation.", "percentunit",
-                                     # Each point the last sample of its interval: a finished run's final
-                                     # evaluation is there for one scrape, which a point's instant mostly missed.
+                                     # Each point the last sample of its interval (and a scrape more: a 250 ms
+                                     # window can hold none, a gap): a finished run's final evaluation is there
+                                     # for one scrape, which a point's instant mostly missed.
                                      query(f"max by (job_id) (last_over_time(trainer_eval_accuracy_ratio{{{JOBS}}}"
-                                           "[$__interval]))", "{{job_id}}"),
+                                           "[$__rate_interval]))", "{{job_id}}"),
                                      min_value=0, max_value=1))
         .with_panel(timeseries_panel("Samples per second", "Throughput of each job.", "short",
                                      query(f"job_id:trainer_samples:rate10s{{{JOBS}}}", "{{job_id}}")))

@@ -71,11 +71,11 @@ def build():
         # last finite one: a flat line that looked like a plateau; the Loss NaN annotation marks it).
         .with_panel(timeseries_panel("Loss", "Training loss (mean over each log interval; none while it is NaN "
                                              "or infinite: see the Loss NaN annotations) and eval loss.", "short",
-                                     query(finite_loss(JOB, "$__interval"), "train {{rank}}"),
-                                     query(f"last_over_time(trainer_eval_loss{{{JOB}}}[$__interval])", "eval", "B")))
+                                     query(finite_loss(JOB, "$__rate_interval"), "train {{rank}}"),
+                                     query(f"last_over_time(trainer_eval_loss{{{JOB}}}[$__rate_interval])", "eval", "B")))
         .with_panel(timeseries_panel("Eval accuracy", "Accuracy on the held-out split at each evaluation.",
                                      "percentunit",
-                                     query(f"last_over_time(trainer_eval_accuracy_ratio{{{JOB}}}[$__interval])",
+                                     query(f"last_over_time(trainer_eval_accuracy_ratio{{{JOB}}}[$__rate_interval])",
                                            "accuracy"),
                                      min_value=0, max_value=1))
         .with_row(row("Speed"))
