@@ -66,17 +66,8 @@ def test_the_exporters_energy_accounts_outlive_its_container():
     from trainmetrics.exporters.job_energy import state_file_for
 
     stack = compose()
-    exporter = stack["services"]["exporter"]
-    command = exporter["command"]
-    state = state_file_for(Path(command[command.index("--job-dir") + 1]))
-    mounts = [volume.split(":") for volume in exporter["volumes"]]
-    # The mount the file is in: the one with the longest target that holds it.
-    holding = max((mount for mount in mounts if state.is_relative_to(mount[1])), key=lambda mount: len(mount[1]),
-                  default=None)
-    assert holding is not None, f"{state}: in no volume (the container's own layer)"
-    source, target, *options = holding
-    assert source in stack["volumes"], (source, target)
-    assert "ro" not in ",".join(options).split(",")
+    command = stack["services"]["exporter"]["command"]
+    assert_in_a_named_writable_volume(stack, "exporter", state_file_for(Path(command[command.index("--job-dir") + 1])))
 
 
 def test_alertmanagers_silences_and_notification_log_outlive_its_container():
@@ -88,11 +79,17 @@ def test_alertmanagers_silences_and_notification_log_outlive_its_container():
     alertmanager = stack["services"]["alertmanager"]
     flags = dict(arg.split("=", 1) for arg in alertmanager["command"] if "=" in arg)
     assert "--storage.path" in flags, "no --storage.path: the image's default is in an anonymous volume"
-    storage = Path(flags["--storage.path"])
-    mounts = [volume.split(":") for volume in alertmanager.get("volumes", [])]
-    holding = max((mount for mount in mounts if storage.is_relative_to(mount[1])), key=lambda mount: len(mount[1]),
+    assert_in_a_named_writable_volume(stack, "alertmanager", Path(flags["--storage.path"]))
+
+
+def assert_in_a_named_writable_volume(stack: dict, service: str, path: Path) -> None:
+    """`path` of the service's container is in a named volume of the stack, mounted writable (not the container's
+    own layer, or an anonymous volume, which a recreated container does not keep)."""
+    mounts = [volume.split(":") for volume in stack["services"][service].get("volumes", [])]
+    # The mount the path is in: the one with the longest target that holds it.
+    holding = max((mount for mount in mounts if path.is_relative_to(mount[1])), key=lambda mount: len(mount[1]),
                   default=None)
-    assert holding is not None, f"{storage}: in no volume (the container's own)"
+    assert holding is not None, f"{path}: in no volume (the container's own layer)"
     source, target, *options = holding
     assert source in stack["volumes"], (source, target)
     assert "ro" not in ",".join(options).split(",")

@@ -6,6 +6,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import pytest
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 
 from trainmetrics.trainer.metrics import Diagnostics, JobMetrics
@@ -30,35 +31,41 @@ class Receiver(BaseHTTPRequestHandler):
         pass
 
 
-def test_job_pushes_its_metrics_over_otlp_when_asked(monkeypatch):
-    receiver = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
-    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+@pytest.fixture
+def receiver(monkeypatch):
+    """A real OTLP/HTTP receiver the job pushes to (OTEL_EXPORTER_OTLP_ENDPOINT), its requests in Receiver.requests."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
     Receiver.requests = []
-    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{receiver.server_port}")
-    monkeypatch.setenv("OTEL_METRIC_EXPORT_INTERVAL", "200")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{server.server_port}")
     try:
-        metrics = JobMetrics("otlp-job-1", log_every=1)
-        with metrics:
-            for _ in range(5):
-                metrics.step(loss=0.5, samples=8)
-            # /metrics shows each family once (the pushed step-time histogram was a second copy there)
-            families = [line.split()[2] for line in metrics.collect().decode().splitlines()
-                        if line.startswith("# TYPE ")]
-            assert len(families) == len(set(families)) and "trainer_step_duration_seconds" in families
-        # close() shut the providers down, which push a last time
-        assert Receiver.requests
-        assert {path for path, _ in Receiver.requests} == {"/v1/metrics"}
-        resource = {kv.key: kv.value.string_value
-                    for kv in Receiver.requests[-1][1].resource_metrics[0].resource.attributes}
-        assert resource["job_id"] == "otlp-job-1"
-        points = {metric.name: metric for _, request in Receiver.requests for resource in request.resource_metrics
-                  for scope in resource.scope_metrics for metric in scope.metrics}     # the newest of each
-        assert points["trainer_steps_total"].sum.data_points[0].as_int == 5
-        assert points["trainer_samples_total"].sum.data_points[0].as_int == 40
-        assert points["trainer_step_duration_seconds"].histogram.data_points[0].count == 5
+        yield server
     finally:
-        receiver.shutdown()
-        receiver.server_close()
+        server.shutdown()
+        server.server_close()
+
+
+def test_job_pushes_its_metrics_over_otlp_when_asked(receiver, monkeypatch):
+    monkeypatch.setenv("OTEL_METRIC_EXPORT_INTERVAL", "200")
+    metrics = JobMetrics("otlp-job-1", log_every=1)
+    with metrics:
+        for _ in range(5):
+            metrics.step(loss=0.5, samples=8)
+        # /metrics shows each family once (the pushed step-time histogram was a second copy there)
+        families = [line.split()[2] for line in metrics.collect().decode().splitlines()
+                    if line.startswith("# TYPE ")]
+        assert len(families) == len(set(families)) and "trainer_step_duration_seconds" in families
+    # close() shut the providers down, which push a last time
+    assert Receiver.requests
+    assert {path for path, _ in Receiver.requests} == {"/v1/metrics"}
+    resource = {kv.key: kv.value.string_value
+                for kv in Receiver.requests[-1][1].resource_metrics[0].resource.attributes}
+    assert resource["job_id"] == "otlp-job-1"
+    points = {metric.name: metric for _, request in Receiver.requests for resource in request.resource_metrics
+              for scope in resource.scope_metrics for metric in scope.metrics}     # the newest of each
+    assert points["trainer_steps_total"].sum.data_points[0].as_int == 5
+    assert points["trainer_samples_total"].sum.data_points[0].as_int == 40
+    assert points["trainer_step_duration_seconds"].histogram.data_points[0].count == 5
 
 
 def test_a_collector_that_never_answers_holds_the_end_of_a_job_for_a_bounded_time(monkeypatch):
@@ -78,34 +85,26 @@ def test_a_collector_that_never_answers_holds_the_end_of_a_job_for_a_bounded_tim
     assert closed_in < 1.0 + 3, closed_in     # 10 s here before (15-31 s with retries)
 
 
-def test_a_resumed_process_pushes_its_own_counts_while_its_endpoint_shows_the_jobs(monkeypatch):
+def test_a_resumed_process_pushes_its_own_counts_while_its_endpoint_shows_the_jobs(receiver):
     """A resumed process's counters are the job's totals on /metrics (Prometheus reads a reset by its value),
     but OTLP stamps a cumulative counter with the process's own start: pushed as totals, a collector turning
     them into deltas counted the earlier runs again (761 steps for 500)."""
-    receiver = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
-    threading.Thread(target=receiver.serve_forever, daemon=True).start()
-    Receiver.requests = []
-    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{receiver.server_port}")
-    try:
-        resumed = JobMetrics("otlp-resumed-1", log_every=1)
-        resumed.load_state_dict({"steps": 100, "samples": 800, "checkpoints": 2, "evaluations": 3,
-                                 "phases": {"compute": 40.0}})
-        with resumed:
-            for _ in range(5):
-                resumed.step(loss=0.5, samples=8)
-            shown = resumed.collect().decode()
-            assert "trainer_steps_total 105.0" in shown.replace('{job_id="otlp-resumed-1"}', "")
-        points = {metric.name: metric for _, request in Receiver.requests for resource in request.resource_metrics
-                  for scope in resource.scope_metrics for metric in scope.metrics}
-        assert points["trainer_steps_total"].sum.data_points[0].as_int == 5
-        assert points["trainer_samples_total"].sum.data_points[0].as_int == 40
-        assert points["trainer_checkpoints_total"].sum.data_points[0].as_int == 0
-        phases = {point.attributes[0].value.string_value: point.as_double
-                  for point in points["trainer_phase_seconds_total"].sum.data_points}
-        assert 0 <= phases["compute"] < 40.0                     # its own, not the carried 40 s
-    finally:
-        receiver.shutdown()
-        receiver.server_close()
+    resumed = JobMetrics("otlp-resumed-1", log_every=1)
+    resumed.load_state_dict({"steps": 100, "samples": 800, "checkpoints": 2, "evaluations": 3,
+                             "phases": {"compute": 40.0}})
+    with resumed:
+        for _ in range(5):
+            resumed.step(loss=0.5, samples=8)
+        shown = resumed.collect().decode()
+        assert "trainer_steps_total 105.0" in shown.replace('{job_id="otlp-resumed-1"}', "")
+    points = {metric.name: metric for _, request in Receiver.requests for resource in request.resource_metrics
+              for scope in resource.scope_metrics for metric in scope.metrics}
+    assert points["trainer_steps_total"].sum.data_points[0].as_int == 5
+    assert points["trainer_samples_total"].sum.data_points[0].as_int == 40
+    assert points["trainer_checkpoints_total"].sum.data_points[0].as_int == 0
+    phases = {point.attributes[0].value.string_value: point.as_double
+              for point in points["trainer_phase_seconds_total"].sum.data_points}
+    assert 0 <= phases["compute"] < 40.0                     # its own, not the carried 40 s
 
 
 def pushed_values(name: str) -> list[int]:
@@ -115,59 +114,35 @@ def pushed_values(name: str) -> list[int]:
             for metric in scope.metrics if metric.name == name and metric.sum.data_points]
 
 
-def test_dataloader_workers_push_nothing_of_their_own(monkeypatch):
+def test_dataloader_workers_push_nothing_of_their_own(receiver, monkeypatch):
     """The SDK restarts its push thread in a forked child: every DataLoader worker pushed its copy of the job's
     state (its steps at the fork) under the job's resource, between the job's own pushes (0, 44, 0, 0, 65...)."""
-    receiver = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
-    threading.Thread(target=receiver.serve_forever, daemon=True).start()
-    Receiver.requests = []
-    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{receiver.server_port}")
     monkeypatch.setenv("OTEL_METRIC_EXPORT_INTERVAL", "100")
-    try:
-        done = run_train("--job-id", "otlp-workers-1", "--workers", "2", "--epochs", "2", "--dataset", "blobs",
-                         "--batch-size", "16", "--linger-timeout", "0")
-        assert done.returncode == 0, done.stderr
-        steps = pushed_values("trainer_steps_total")
-        assert steps[-1] == parse_summary(done.stdout)["steps"]
-        assert steps == sorted(steps), steps      # a cumulative counter of one process never goes back
-    finally:
-        receiver.shutdown()
-        receiver.server_close()
+    done = run_train("--job-id", "otlp-workers-1", "--workers", "2", "--epochs", "2", "--dataset", "blobs",
+                     "--batch-size", "16", "--linger-timeout", "0")
+    assert done.returncode == 0, done.stderr
+    steps = pushed_values("trainer_steps_total")
+    assert steps[-1] == parse_summary(done.stdout)["steps"]
+    assert steps == sorted(steps), steps      # a cumulative counter of one process never goes back
 
 
-def test_an_export_interval_of_zero_is_warned_of_not_a_refused_job(monkeypatch):
+def test_an_export_interval_of_zero_is_warned_of_not_a_refused_job(receiver, monkeypatch):
     """The SDK refuses an interval of 0 or less: JobMetrics() raised, and the job exited 2 blaming --metrics-listen."""
-    receiver = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
-    threading.Thread(target=receiver.serve_forever, daemon=True).start()
-    Receiver.requests = []
-    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{receiver.server_port}")
     monkeypatch.setenv("OTEL_METRIC_EXPORT_INTERVAL", "0")
-    try:
-        done = run_train("--job-id", "otlp-interval-1", "--epochs", "1", "--dataset", "blobs", "--linger-timeout", "0")
-        assert done.returncode == 0, done.stderr
-        assert "OTEL_METRIC_EXPORT_INTERVAL" in done.stderr
-        assert pushed_values("trainer_steps_total")[-1] == parse_summary(done.stdout)["steps"]   # the last push
-    finally:
-        receiver.shutdown()
-        receiver.server_close()
+    done = run_train("--job-id", "otlp-interval-1", "--epochs", "1", "--dataset", "blobs", "--linger-timeout", "0")
+    assert done.returncode == 0, done.stderr
+    assert "OTEL_METRIC_EXPORT_INTERVAL" in done.stderr
+    assert pushed_values("trainer_steps_total")[-1] == parse_summary(done.stdout)["steps"]   # the last push
 
 
-def test_the_last_push_carries_the_stack_dumps(monkeypatch, tmp_path):
+def test_the_last_push_carries_the_stack_dumps(receiver, monkeypatch, tmp_path):
     """close() dropped the hang watchdog before the last push: trainer_stack_dumps_total, on /metrics, was missing
     from it, and from everything a job shorter than the export interval pushed."""
-    receiver = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
-    threading.Thread(target=receiver.serve_forever, daemon=True).start()
-    Receiver.requests = []
-    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{receiver.server_port}")
-    try:
-        metrics = JobMetrics("otlp-hung-1", log_every=1, diagnostics=Diagnostics(stacks_dir=tmp_path, hang_seconds=0.4))
-        with metrics:
-            for _ in metrics.timed([None]):
-                time.sleep(1.5)             # a step that hangs: the watchdog writes the stacks
-                metrics.step(loss=0.5, samples=8)
-            assert "trainer_stack_dumps_total 1.0" in metrics.collect().decode().replace('{job_id="otlp-hung-1"}', "")
-        assert len(Receiver.requests) == 1                      # the last push alone (the interval is 60 s)
-        assert pushed_values("trainer_stack_dumps_total") == [1]
-    finally:
-        receiver.shutdown()
-        receiver.server_close()
+    metrics = JobMetrics("otlp-hung-1", log_every=1, diagnostics=Diagnostics(stacks_dir=tmp_path, hang_seconds=0.4))
+    with metrics:
+        for _ in metrics.timed([None]):
+            time.sleep(1.5)             # a step that hangs: the watchdog writes the stacks
+            metrics.step(loss=0.5, samples=8)
+        assert "trainer_stack_dumps_total 1.0" in metrics.collect().decode().replace('{job_id="otlp-hung-1"}', "")
+    assert len(Receiver.requests) == 1                      # the last push alone (the interval is 60 s)
+    assert pushed_values("trainer_stack_dumps_total") == [1]
