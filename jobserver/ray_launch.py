@@ -13,6 +13,7 @@ writes).
 """
 
 import argparse
+import ctypes
 import os
 import signal
 import socket
@@ -32,6 +33,8 @@ from trainmetrics.jobfiles import (CONTROL_FILE_NAME, LOG_NAME, PLACEMENT_WAIT_N
                                    STACKS_REQUEST_NAME, read_small_text, replace_atomically, write_result)
 
 CONTROL_POLL_SECONDS = 0.2
+# prctl(2): the signal a process gets when the thread that started it ends (Linux).
+PR_SET_PDEATHSIG = 1
 # A placement Ray has not made this long is said in the job's log (once), with what the cluster has.
 PLACEMENT_SAY_SECONDS = 10.0
 
@@ -42,6 +45,11 @@ class Rank:
 
     def __init__(self):
         self.process: subprocess.Popen | None = None
+        # Signals that came before `run` started the process (the launcher passes each stop on once): sent to it
+        # as it starts, where they wait, blocked, for its handlers. Dropped, a pause or cancel right after Ray
+        # placed the ranks was never carried out.
+        self.held: list[int] = []
+        self.lock = threading.Lock()
 
     def where(self) -> tuple[str, str, list]:
         """(node IP, node id, the GPU ids Ray gave it) of this actor."""
@@ -56,22 +64,46 @@ class Rank:
     def run(self, command: list[str], env: dict[str, str], log_path: str) -> int:
         """Run the rank to its end; its exit code (negative: the signal that ended it). The rank starts with
         the stop and stacks signals blocked (a child inherits its spawning thread's mask) and unblocks them once
-        its handlers exist, so one that comes early is not fatal."""
+        its handlers exist, so one that comes early is not fatal.
+
+        Its stops come from this actor alone: the rank runs in a process group of its own and is killed
+        (SIGKILL) when this actor's worker dies (this thread waits on it to its end). In the worker's group, a
+        rank whose actor was killed (Ray's memory monitor, its node's raylet gone, the launcher dead) got Ray's
+        SIGTERM to what the worker left, took it for a cancel, and the lost job ended `cancelled`."""
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, SPAWN_BLOCKED_SIGNALS)
         try:
-            with open(log_path, "ab") as log_file:
+            with open(log_path, "ab") as log_file, self.lock:
                 self.process = subprocess.Popen(command, env={**os.environ, **env}, stdout=log_file,
-                                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                                process_group=0, preexec_fn=_die_with(os.getpid()))
+                for signum in self.held:
+                    self.process.send_signal(signum)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         return self.process.wait()
 
     def signal(self, signum: int) -> bool:
-        """Pass a stop or stacks signal to the rank's process."""
-        if self.process is None or self.process.poll() is not None:
-            return False
-        self.process.send_signal(signum)
-        return True
+        """Pass a stop or stacks signal to the rank's process (held until it exists); False once it ended."""
+        with self.lock:
+            if self.process is None:
+                self.held.append(signum)
+                return True
+            if self.process.poll() is not None:
+                return False
+            self.process.send_signal(signum)
+            return True
+
+
+def _die_with(parent: int):
+    """What a rank's process runs before its program: SIGKILL to it when its actor's spawning thread ends (and
+    at once when the actor's worker died before that was set)."""
+    prctl = ctypes.CDLL(None, use_errno=True).prctl       # loaded here, not between the fork and the exec
+
+    def die_with_parent() -> None:
+        prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL))
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return die_with_parent
 
 
 def control_request(job_dir: Path) -> str | None:
@@ -137,6 +169,21 @@ def wait_for_placement(group, nproc: int, gpus: int, stop_requested, job_dir: Pa
             print(f"waiting for {waiting_for}; pause or cancel the job to stop waiting", flush=True)
             replace_atomically(job_dir / PLACEMENT_WAIT_NAME, waiting_for)
     return None
+
+
+def rank_codes(runs: list) -> list[int]:
+    """Each rank's exit code; a rank whose actor died (Ray's memory monitor, its node lost) was killed with it
+    (Rank.run): said in the log, naming the rank, and counted killed by SIGKILL (the launcher died of the actor's
+    error, a traceback, and the job said "exit code 1 without a result")."""
+    codes = []
+    for index, run in enumerate(runs):
+        try:
+            codes.append(ray.get(run))
+        except ray.exceptions.RayActorError as error:
+            print(f"rank {index}: its Ray actor died, and the rank with it: {' '.join(str(error).split())[:500]}",
+                  flush=True)
+            codes.append(-int(signal.SIGKILL))
+    return codes
 
 
 def exit_as(code: int) -> None:
@@ -223,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
             answered_stacks = request
             for rank in ranks:
                 rank.signal.remote(int(STACKS_SIGNAL))
-    codes = ray.get(runs)
+    codes = rank_codes(runs)
     return codes[0] if codes[0] != 0 or all(code == 0 for code in codes) else int(ExitCode.FAILED)
 
 

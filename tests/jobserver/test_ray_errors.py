@@ -416,3 +416,85 @@ def test_a_rank_asks_ray_for_a_gpu_when_its_job_may_use_one(args, cluster_gpus, 
     from trainmetrics.jobserver.ray_launch import gpus_per_rank, requested_device
 
     assert gpus_per_rank(requested_device(args), cluster_gpus) == gpus
+
+
+def test_a_stop_that_reaches_a_rank_before_its_process_exists_is_sent_once_it_does(tmp_path):
+    """The launcher passes a stop to every rank once (a second signal could land while a rank exits): one that
+    reached a rank's actor before its `run` had started the process (a pause or cancel right after Ray placed
+    the ranks) was dropped, and the job trained on with its stop accepted (202) and never carried out."""
+    import signal as signals
+    import sys
+
+    from trainmetrics.jobserver.ray_launch import Rank
+
+    rank = Rank.__ray_actor_class__()      # the actor's own class, run here without Ray
+    rank.signal(int(signals.SIGTERM))
+    # As a trainer does: the stop signals come blocked, and are unblocked once its handlers exist.
+    waits = "import signal, time; signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGTERM]); time.sleep(20)"
+    started = time.monotonic()
+    assert rank.run([sys.executable, "-c", waits], {}, str(tmp_path / "train.log")) == -signals.SIGTERM
+    assert time.monotonic() - started < 10
+
+
+RANK_ACTOR = """
+import sys, threading, time
+from trainmetrics.jobserver.ray_launch import Rank
+rank = Rank.__ray_actor_class__()
+threading.Thread(target=rank.run, args=([sys.executable, "-c", sys.argv[1]], {}, sys.argv[2]), daemon=True).start()
+while rank.process is None:
+    time.sleep(0.01)
+print(rank.process.pid, flush=True)
+time.sleep(60)
+"""
+# A trainer in short: a SIGTERM is a cancel, said in its result.
+TRAINER = """
+import signal, sys, time
+signal.signal(signal.SIGTERM, lambda *_: (open(sys.argv[1], "w").write("cancelled"), sys.exit(3)))
+signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGTERM])
+time.sleep(30)
+"""
+
+
+def test_a_rank_dies_with_its_actor_and_takes_no_cancel_from_rays_cleanup(tmp_path):
+    """A rank's actor killed (Ray's memory monitor, `ray stop` on its node) left the rank's process to Ray's
+    cleanup of the worker's process group, a SIGTERM: the rank took it for a cancel, checkpointed and said
+    `cancelled` in its result, and the job, lost, ended cancelled (not resumable) as if a user had asked."""
+    import signal as signals
+
+    import psutil
+
+    result = tmp_path / "result"
+    trainer = TRAINER.replace("sys.argv[1]", repr(str(result)))
+    actor = subprocess.Popen([sys.executable, "-c", RANK_ACTOR, trainer, str(tmp_path / "train.log")],
+                             stdout=subprocess.PIPE, text=True, start_new_session=True)
+    rank = psutil.Process(int(actor.stdout.readline()))
+    time.sleep(0.5)                                         # the trainer's handler is in place
+    actor.kill()
+    actor.wait()
+    actor.stdout.close()
+    try:
+        os.killpg(actor.pid, signals.SIGTERM)               # as Ray ends what is left of the worker's group
+    except ProcessLookupError:
+        pass
+    try:
+        rank.wait(timeout=5)
+    except psutil.TimeoutExpired:
+        rank.kill()
+        raise AssertionError("the rank's process outlived its actor") from None
+    assert not result.exists(), "the rank took Ray's cleanup for a cancel"
+
+
+def test_a_rank_whose_actor_died_is_named_and_counted_killed(monkeypatch, capsys):
+    """The launcher died of the actor's error (a traceback) and the job said "exit code 1 without a result"."""
+    from ray.exceptions import ActorDiedError
+
+    from trainmetrics.jobserver import ray_launch
+
+    def get(run):
+        if run == "rank 1's run":
+            raise ActorDiedError()
+        return 0
+
+    monkeypatch.setattr(ray_launch.ray, "get", get)
+    assert ray_launch.rank_codes(["rank 0's run", "rank 1's run"]) == [0, -9]
+    assert "rank 1: its Ray actor died, and the rank with it: The actor died" in capsys.readouterr().out

@@ -173,3 +173,18 @@ def test_a_submission_no_server_recorded_is_stopped_before_its_job_starts(ray_cl
         for handle in runs:
             client.stop_job(handle)
         store.close()
+
+
+def test_a_rank_whose_ray_actor_dies_is_said_killed(ray_server):
+    """A rank's actor killed (Ray's memory monitor, a lost node) takes the rank's process with it: the launcher
+    died of the RayActorError (a traceback in the log) and the job said "exit code 1 without a result"."""
+    server, _ = ray_server
+    submit(server, "actor-1")
+    wait_training(server, "actor-1")
+    job_dir = str(server.data_dir / "jobs" / "actor-1")
+    [rank0] = [p for p in psutil.process_iter(["cmdline"]) if "train" in (p.info["cmdline"] or [])
+               and job_dir in " ".join(p.info["cmdline"] or []) and "ray_launch" not in " ".join(p.info["cmdline"])]
+    rank0.parent().send_signal(signal.SIGKILL)          # the Rank actor's worker process
+    ended = wait_job(server.client(), "actor-1", lambda job: job["state"] != "running", timeout=60)
+    assert (ended["state"], ended["exit_code"], ended["error"]) == ("failed", -9, "killed by SIGKILL without a result")
+    assert "rank 0: its Ray actor died" in (server.data_dir / "jobs" / "actor-1" / "train.log").read_text()
