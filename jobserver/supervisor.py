@@ -19,8 +19,8 @@ from pathlib import Path
 from trainmetrics.contract import (BUILTIN_DATASETS, EXIT_STATES, REGISTER_TOKEN_VARIABLE, RESULT_PUBLISHED,
                                   RESULT_STARTED, STOP_VERBS, WAITING_STATES, train_args)
 from trainmetrics.edge import storage_full
-from trainmetrics.jobfiles import (CONTROL_FILE_NAME, FINAL_MODEL_NAME, LOG_NAME, RESULT_FILE_NAME,
-                                   list_checkpoints, rank_result_path, read_result)
+from trainmetrics.jobfiles import (CONTROL_FILE_NAME, FINAL_MODEL_NAME, LOG_NAME, PLACEMENT_WAIT_NAME,
+                                   RESULT_FILE_NAME, list_checkpoints, rank_result_path, read_result)
 from trainmetrics.jobserver.executors import Executor, ExecutorUnavailable, Run, StartDeferred
 from trainmetrics.jobserver.local import LocalExecutor
 from trainmetrics.jobserver.store import DatasetRecord, JobRecord, JobStore
@@ -167,7 +167,10 @@ class Supervisor:
         if job.id not in self._untaken_tokens:
             result = self.result_path(job.id)
             ranks_results = [rank_result_path(result, rank) for rank in range(1, job.spec.get("nproc", 1))]
-            for leftover in (result, *ranks_results, self.job_path(job.id) / CONTROL_FILE_NAME):
+            # (And what an earlier Ray launcher killed while Ray placed its ranks left: the new run was published
+            # `queued`, waiting for that placement, until its own launcher removed it.)
+            for leftover in (result, *ranks_results, self.job_path(job.id) / CONTROL_FILE_NAME,
+                             self.job_path(job.id) / PLACEMENT_WAIT_NAME):
                 leftover.unlink(missing_ok=True)          # only this run's may be read
             self.store.remove_endpoints(job.id)
         token = self._untaken_tokens.pop(job.id, None) or secrets.token_urlsafe(24)

@@ -38,7 +38,15 @@ class RayCluster:
         log.close()
 
     def start(self, timeout: float = 120) -> "RayCluster":
-        """Start the head, wait for its Jobs API, add the second node and wait until Ray counts two."""
+        """Start the head, wait for its Jobs API, add the second node and wait until Ray counts two; stopped again
+        when that fails (a head left running by a start that raised outlived the tests)."""
+        try:
+            return self._start(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, timeout: float) -> "RayCluster":
         self._start_node("--head", "--port", str(self.port), "--include-dashboard", "true", "--dashboard-host",
                          "127.0.0.1", "--dashboard-port", str(self.dashboard_port))
         from ray.job_submission import JobSubmissionClient

@@ -1170,3 +1170,19 @@ def test_the_end_of_a_resumed_run_no_rank_of_which_started_says_the_job_waited_t
         {"placing": ("cancelled", True), "refused": ("failed", True), "ran": ("cancelled", False),
          "fresh": ("cancelled", False)}
     store.close()
+
+
+def test_a_placement_wait_left_by_an_earlier_launcher_is_not_the_new_runs(supervisor, tmp_path):
+    """A Ray launcher killed while Ray placed its ranks (a head restart) left its placement.wait: the job's next run
+    was published `queued`, waiting for that old placement, until its own launcher removed the file."""
+    from trainmetrics.jobfiles import PLACEMENT_WAIT_NAME
+    from trainmetrics.jobserver.jobs import JobService, ServerSettings
+
+    queue(supervisor, "placed-before")
+    job_path = supervisor.job_path("placed-before")
+    job_path.mkdir(parents=True, exist_ok=True)
+    (job_path / PLACEMENT_WAIT_NAME).write_text("Ray to place 2 rank(s), one CPU each")
+    supervisor.tick()
+    assert supervisor.store.get_job("placed-before").state == "running"
+    service = JobService(ServerSettings(data_dir=supervisor.data_dir), supervisor.store, supervisor)
+    assert [w.job.id for w in service.waiting_jobs()] == []
