@@ -85,14 +85,20 @@ def wait_for_text(client, line: str, timeout: float = 10) -> None:
         time.sleep(0.2)
 
 
+def rank0_process(server, job_id: str) -> psutil.Process:
+    """The job's rank 0 trainer process (not its Ray launcher)."""
+    job_dir = str(server.data_dir / "jobs" / job_id)
+    [rank0] = [p for p in psutil.process_iter(["cmdline"]) if "train" in (p.info["cmdline"] or [])
+               and job_dir in " ".join(p.info["cmdline"] or []) and "ray_launch" not in " ".join(p.info["cmdline"])]
+    return rank0
+
+
 def test_a_rank_killed_by_a_signal_is_said_as_that_signal(ray_server):
     """The launcher exited with sys.exit(-9): "exit code 247 without a result"."""
     server, _ = ray_server
     submit(server, "killed-1")
     wait_training(server, "killed-1")
-    job_dir = str(server.data_dir / "jobs" / "killed-1")
-    [rank0] = [p for p in psutil.process_iter(["cmdline"]) if "train" in (p.info["cmdline"] or [])
-               and job_dir in " ".join(p.info["cmdline"] or []) and "ray_launch" not in " ".join(p.info["cmdline"])]
+    rank0 = rank0_process(server, "killed-1")
     rank0.send_signal(signal.SIGKILL)
     ended = wait_job(server.client(), "killed-1", lambda job: job["state"] != "running", timeout=60)
     assert (ended["state"], ended["exit_code"], ended["error"]) == ("failed", -9, "killed by SIGKILL without a result")
@@ -181,9 +187,7 @@ def test_a_rank_whose_ray_actor_dies_is_said_killed(ray_server):
     server, _ = ray_server
     submit(server, "actor-1")
     wait_training(server, "actor-1")
-    job_dir = str(server.data_dir / "jobs" / "actor-1")
-    [rank0] = [p for p in psutil.process_iter(["cmdline"]) if "train" in (p.info["cmdline"] or [])
-               and job_dir in " ".join(p.info["cmdline"] or []) and "ray_launch" not in " ".join(p.info["cmdline"])]
+    rank0 = rank0_process(server, "actor-1")
     rank0.parent().send_signal(signal.SIGKILL)          # the Rank actor's worker process
     ended = wait_job(server.client(), "actor-1", lambda job: job["state"] != "running", timeout=60)
     assert (ended["state"], ended["exit_code"], ended["error"]) == ("failed", -9, "killed by SIGKILL without a result")
