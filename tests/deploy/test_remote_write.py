@@ -45,7 +45,12 @@ def central_and_single(tmp_path_factory):
             'count(last_over_time(trainer_job_state{state="completed"}[5m]) == 1)',
             "sum(max_over_time(trainer_samples_total[5m]))",
             "sum(max_over_time(trainer_loss_intervals_total[5m]))",
-            "sum(max_over_time(trainer_eval_history_index[5m]))"))
+            "sum(max_over_time(trainer_eval_history_index[5m]))",
+            # (each series' samples arrive in order, series apart: the last evaluation's accuracy was once not in
+            # yet when its loss was, and the central answer's final_eval_accuracy was null; integers: a stored float
+            # keeps fewer digits there)
+            "sum(round(last_over_time(trainer_eval_loss[5m]) * 1e6))",
+            "sum(round(last_over_time(trainer_eval_accuracy_ratio[5m]) * 1e6))"))
         yield victoria, single
     finally:
         for server in (single, *agents, victoria):

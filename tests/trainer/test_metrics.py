@@ -739,12 +739,15 @@ def test_scrapes_while_phases_change_never_count_more_than_the_process_lived():
     threads as often as it can."""
     metrics = JobMetrics("lib-phase-race")
     over, done = [], threading.Event()
+    # The age on the monotonic clock the totals are counted by, from one offset: read from time.time(), a wall
+    # clock slewed by NTP meanwhile (1.4 ms in a few seconds on a busy VM) read as totals ahead of it, for good.
+    epoch = time.time() - time.perf_counter()
 
     def ahead() -> float:
         """How far the totals are ahead of the process's age. The process's start is read from /proc to the kernel's
         clock tick (10 ms): the first job of a process (its init counted from that start) starts up to a tick
         ahead or behind, so what counts is that it never grows."""
-        return sum(metrics.phases.totals().values()) - (time.time() - metrics.phases.process_start)
+        return sum(metrics.phases.totals().values()) - (epoch + time.perf_counter() - metrics.phases.process_start)
 
     def scrape():
         while not done.is_set():
