@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Callable
 
 import httpx
 import psutil
@@ -111,6 +112,18 @@ def backfilled_backend(kind: str, work: Path, history: str):
         yield backend
     finally:
         backend.stop()
+
+
+def backfilled_history(history: Callable[[float], str], name: str):
+    """A module's fixture: `history(written)`, the series up to `written` (now), in a Prometheus (promtool's blocks)
+    and in a VictoriaMetrics (imported); each yields (the backend, written)."""
+    @pytest.fixture(scope="module", params=["prometheus", "victoria"])
+    def backfilled(request, tmp_path_factory):
+        written = time.time()
+        with backfilled_backend(request.param, tmp_path_factory.mktemp(name), history(written)) as backend:
+            yield backend, written
+
+    return backfilled
 
 
 def take_blocks(prometheus: PrometheusServer, blocks: Path) -> None:

@@ -3,7 +3,6 @@ server (jobserver/app.py WaitingJobsCollector) and its trainers publish in each 
 Prometheus and VictoriaMetrics, read by the summary as the service reads it."""
 
 import asyncio
-import time
 
 import pytest
 
@@ -11,7 +10,7 @@ from trainmetrics.analytics import fleet
 from trainmetrics.analytics.prometheus import PrometheusClient
 from trainmetrics.contract import ACCOUNTED_PHASES, JOB_STATES
 
-from .conftest import as_openmetrics, backfilled_backend
+from .conftest import as_openmetrics, backfilled_history
 
 pytestmark = pytest.mark.slow
 
@@ -104,12 +103,7 @@ def history(now: float) -> str:
     return as_openmetrics(lines)
 
 
-@pytest.fixture(scope="module", params=["prometheus", "victoria"])
-def backfilled(request, tmp_path_factory):
-    """The history in a Prometheus (promtool's blocks) or a VictoriaMetrics (imported), and when it ends."""
-    written = time.time()
-    with backfilled_backend(request.param, tmp_path_factory.mktemp("fleet-goodput"), history(written)) as backend:
-        yield backend, written
+backfilled = backfilled_history(history, "fleet-goodput")
 
 
 def goodput(prometheus, job_id: str) -> tuple[dict[str, float], float]:

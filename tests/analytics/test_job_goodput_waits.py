@@ -12,7 +12,7 @@ from trainmetrics.analytics import fleet, job
 from trainmetrics.analytics.cache import AnalyticsCache, cached_job_analytics
 from trainmetrics.analytics.prometheus import PrometheusClient
 
-from .conftest import as_openmetrics, backfilled_backend
+from .conftest import as_openmetrics, backfilled_history
 from .test_fleet_goodput_waits import server, trainer
 
 pytestmark = pytest.mark.slow
@@ -53,12 +53,7 @@ def history(now: float) -> str:
     return as_openmetrics(lines)
 
 
-@pytest.fixture(scope="module", params=["prometheus", "victoria"])
-def backfilled(request, tmp_path_factory):
-    """The history in a Prometheus (promtool's blocks) or a VictoriaMetrics (imported), and when it ends."""
-    written = time.time()
-    with backfilled_backend(request.param, tmp_path_factory.mktemp("job-goodput-waits"), history(written)) as backend:
-        yield backend, written
+backfilled = backfilled_history(history, "job-goodput-waits")
 
 
 def analytics(backend, job_id: str):
