@@ -168,9 +168,8 @@ class JobFacts:
 
     @property
     def waiting(self) -> bool:
-        """The job server says the job waits now (paused, queued to resume) and no process of it is scraped (a
-        resumed run's first scrapes and the server's last state overlap)."""
-        return not self.live and any(p.waiting for p in self.processes)
+        """The job server says the job waits now (paused, queued to resume): waiting_entry."""
+        return waiting_entry(self.processes) is not None
 
     @property
     def settled(self) -> bool:
@@ -279,15 +278,20 @@ def status_of(latest: Process) -> str:
     return status
 
 
+def waiting_entry(processes: list[Process]) -> Process | None:
+    """The job server's state of a job it says waits now (paused, queued to resume), while no process of the job
+    is scraped (a run started since is newer: the server's state goes at its next scrape); else None."""
+    if any(p.live for p in processes if p.trainer):
+        return None
+    return next((p for p in processes if p.waiting), None)
+
+
 def job_status(processes: list[Process]) -> str:
-    """A job's status as the job API says it: the job server's while it says the job waits (queued to resume after
-    a failure: its failed run, the newest process, said `failed`) and no process of the job is scraped (a run
-    started since is newer: the server's state goes at its next scrape), else its newest process's (status_of).
-    `processes` oldest first."""
-    waiting = next((p for p in processes if p.waiting), None)
-    if waiting is not None and not any(p.live for p in processes if p.trainer):
-        return waiting.state
-    return status_of(processes[-1])
+    """A job's status as the job API says it: the job server's while it says the job waits (waiting_entry; queued to
+    resume after a failure: its failed run, the newest process, said `failed`), else its newest process's
+    (status_of). `processes` oldest first."""
+    waiting = waiting_entry(processes)
+    return waiting.state if waiting is not None else status_of(processes[-1])
 
 
 def fingerprint(found: dict[str, list[dict]]) -> frozenset:
