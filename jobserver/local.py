@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 
 from trainmetrics.contract import STACKS_SIGNAL, STOP_SIGNALS
-from trainmetrics.jobfiles import CONTROL_FILE_NAME, LOG_NAME, read_small_text, replace_atomically
+from trainmetrics.jobfiles import CONTROL_FILE_NAME, LOG_NAME, control_request, replace_atomically
 from trainmetrics.jobserver.executors import ExecutorUnavailable, Run
 
 log = logging.getLogger("trainmetrics.server")
@@ -68,7 +68,8 @@ class LocalExecutor:
         pid = int(handle) if handle and handle.isdigit() else None
         run = Run(job_id, handle, job_dir, pid)
         if pid and _job_process(pid, job_id, job_dir) is not None:
-            run.undelivered = STOP_SIGNALS.get(read_small_text(job_dir / CONTROL_FILE_NAME) or "")
+            held = control_request(job_dir)
+            run.undelivered = STOP_SIGNALS[held] if held is not None else None
             return run
         _kill_leftovers(run)
         return None

@@ -29,8 +29,8 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from trainmetrics.contract import (RESULT_PUBLISHED, RESULT_STARTED, SPAWN_BLOCKED_SIGNALS, STACKS_SIGNAL,
                                   STOP_SIGNALS, ExitCode, exit_code_for)
-from trainmetrics.jobfiles import (CONTROL_FILE_NAME, LOG_NAME, PLACEMENT_WAIT_NAME, RESULT_FILE_NAME,
-                                   STACKS_REQUEST_NAME, read_small_text, replace_atomically, write_result)
+from trainmetrics.jobfiles import (LOG_NAME, PLACEMENT_WAIT_NAME, RESULT_FILE_NAME, STACKS_REQUEST_NAME,
+                                   control_request, read_small_text, replace_atomically, write_result)
 
 CONTROL_POLL_SECONDS = 0.2
 # prctl(2): the signal a process gets when the thread that started it ends (Linux).
@@ -104,12 +104,6 @@ def _die_with(parent: int):
         if os.getppid() != parent:
             os.kill(os.getpid(), signal.SIGKILL)
     return die_with_parent
-
-
-def control_request(job_dir: Path) -> str | None:
-    """The stop the job server asked for in the control file, if any."""
-    text = (read_small_text(job_dir / CONTROL_FILE_NAME) or "").strip()
-    return text if text in STOP_SIGNALS else None
 
 
 def stacks_request(job_dir: Path) -> str | None:

@@ -15,6 +15,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from trainmetrics.contract import STOP_SIGNALS
+
 # checkpoint_name's names: nine digits, zero-padded, and more without a leading zero past step 999,999,999 (those
 # were neither pruned nor resumed from). ([0-9]: \d takes every script's digits.)
 CHECKPOINT_PATTERN = re.compile(r"^step-([0-9]{9}|[1-9][0-9]{9,17})\.pt$")
@@ -242,6 +244,13 @@ def read_small_text(path: Path, limit: int = 4096) -> str | None:
     """A small file's text (a control or request file), or None as read_small says."""
     data = read_small(path, limit)
     return data.decode("utf-8", "replace") if data is not None else None
+
+
+def control_request(job_dir: Path) -> str | None:
+    """The stop the job server asked for in the job's control file ("paused", "cancelled"), if any: read by a Ray
+    launcher, and by a job server adopting a run whose workers had not started when the stop came."""
+    text = (read_small_text(job_dir / CONTROL_FILE_NAME) or "").strip()
+    return text if text in STOP_SIGNALS else None
 
 
 def read_result(path: Path) -> dict | None:
