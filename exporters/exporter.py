@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Iterable
 
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from trainmetrics.exporters.collectors.base import Collector, CollectorUnavailable
 from trainmetrics.exposition import TextExposition
@@ -166,10 +166,12 @@ class CollectorRunner:
 
 
 class SelfMetrics:
-    """exporter_collector_success{collector} and exporter_collector_duration_seconds{collector}."""
+    """exporter_collector_success{collector}, exporter_collector_duration_seconds{collector} and
+    exporter_samples_missed_total{loop}."""
 
-    def __init__(self, runners: list[CollectorRunner]):
+    def __init__(self, runners: list[CollectorRunner], loops: list[str]):
         self.runners = runners
+        self.missed = dict.fromkeys(loops, 0)   # fixed keys: each loop's thread adds to its own
         self.stalled: set[str] = set()  # set by each render, so success and the dropped series agree
 
     def collect(self):
@@ -183,6 +185,11 @@ class SelfMetrics:
             duration.add_metric([runner.name], runner.duration)
         yield success
         yield duration
+        missed = CounterMetricFamily("exporter_samples_missed", "Whole intervals of the sampling loop in which no "
+                                     "sample started: it fell behind its schedule.", labels=["loop"])
+        for loop, count in self.missed.items():
+            missed.add_metric([loop], count)
+        yield missed
 
 
 class Exporter:
@@ -197,7 +204,6 @@ class Exporter:
                             for part, interval in self.intervals.items()}
         self.runners = [CollectorRunner(collector, self.stall_after) for collector in collectors]
         self.clock = clock
-        self.self_metrics = SelfMetrics(self.runners)
         self._chunks: dict[str, tuple[int, bytes]] = {}
         # generate_latest's text with each series' escaped name and labels kept: one writer per collector.
         self._writers = {runner.name: TextExposition() for runner in self.runners}
@@ -211,6 +217,10 @@ class Exporter:
         self._fast_loops = ["fast", *sorted({runner.loop_of["fast"] for runner in self.runners
                                              if runner.runs("fast") and runner.loop_of["fast"] != "fast"})]
         self._passed = {loop: threading.Event() for loop in [*self._fast_loops, "slow"]}     # a first pass done
+        # When each loop's latest pass started: the samples it missed are counted (exporter_samples_missed_total), as
+        # peaks have the resolution of the samples taken, not of the interval asked for.
+        self._last_pass: dict[str, float | None] = dict.fromkeys(self._passed)
+        self.self_metrics = SelfMetrics(self.runners, list(self._passed))
         self._own_saw_slow: set[str] = set()     # own loops that rendered after the first slow pass
         self._ready = threading.Event()  # a snapshot holding a whole fast and slow pass was rendered
 
@@ -305,7 +315,11 @@ class Exporter:
         part = loop.partition(":")[0]
         runners = [(runner, runner.sample if part == "fast" else runner.sample_slow)
                    for runner in self.runners if runner.runs(part) and runner.loop_of[part] == loop]
-        for now in self._every(self.intervals[part]):
+        interval = self.intervals[part]
+        for now in self._every(interval):
+            last, self._last_pass[loop] = self._last_pass[loop], now
+            if last is not None:    # a pass longer than the interval, a starved thread, a hung sample handed over
+                self.self_metrics.missed[loop] += max(0, int((now - last) / interval) - 1)
             for runner, sample in runners:
                 with self._lock:
                     if runner.running[part] is not None or runner.resume_at[part] > time.monotonic():

@@ -5,7 +5,9 @@ included), the host's busy CPU time (/proc/stat) and each job's CPU time (the jo
 package energy goes to the jobs in proportion to their share of the host's busy CPU time in it: an
 estimate (a busy core does not draw what the average one does, and the packages' idle power is shared out
 with the rest). A job's first interval only takes its baseline. A zone's counter wraps at
-max_energy_range_uj: a reading below the previous one has wrapped.
+max_energy_range_uj: a reading below the previous one has wrapped when the step up to it is one a package can
+use in the interval (MAX_PACKAGE_WATTS); a step back further is a reset (a resume from suspend, a driver that
+starts the counter again), which counts its new value, as a GPU counter's reset does.
 
 Since Linux 5.10 (CVE-2020-8694) energy_uj is readable by root only. Where no package zone is readable
 the collector publishes no CPU energy (absent, not zero) and does not fail, like the gpu collector without
@@ -34,6 +36,10 @@ log = logging.getLogger(__name__)
 
 PACKAGE_ZONE = re.compile(r"^intel-rapl:\d+$")  # intel-rapl:N:M are parts of package N (cores, uncore, DRAM)
 RESCAN_SECONDS = 60.0
+# Far above what any CPU package draws (the largest server parts: ~500 W). A wrap steps up by at most this much
+# energy in its interval; a counter that went back further was reset (taken for a wrap, a reset to near 0 added
+# the whole max_energy_range_uj, 262 kJ, in one second).
+MAX_PACKAGE_WATTS = 2_000
 
 
 class EnergyCollector(Collector):
@@ -53,7 +59,8 @@ class EnergyCollector(Collector):
         self._unreadable: set[Path] = set()         # zones whose last read failed (said once per outage)
         self._next_scan = 0.0
         self._scanned = False
-        self._last: tuple[dict[Path, int], float, dict[str, float]] | None = None  # readings, busy s, jobs' CPU s
+        # The previous round: its time, readings, busy seconds and jobs' CPU seconds.
+        self._last: tuple[float, dict[Path, int], float, dict[str, float]] | None = None
 
     @classmethod
     def build(cls, context: CollectorContext) -> "EnergyCollector":
@@ -121,10 +128,10 @@ class EnergyCollector(Collector):
         else:
             busy = self._host_busy_seconds()
             if self._last is not None:
-                self._share(readings, busy, jobs)
+                self._share(now, readings, busy, jobs)
             for job_id in jobs:
                 self.energy.add(job_id, "cpu")
-            self._last = (readings, busy, jobs)
+            self._last = (now, readings, busy, jobs)
         self.energy.publish()
 
     def _jobs_cpu_seconds(self, now: float) -> dict[str, float]:
@@ -144,13 +151,14 @@ class EnergyCollector(Collector):
             log.debug("job tracker: %s", error)
         return {job_id: job.cpu_seconds for job_id, job in self.tracker.snapshot.usage.items()}
 
-    def _share(self, readings: dict[Path, int], busy: float, jobs: dict[str, float]) -> None:
+    def _share(self, now: float, readings: dict[Path, int], busy: float, jobs: dict[str, float]) -> None:
         """Add the interval's package energy to the jobs by their share of the busy CPU time."""
-        last_readings, last_busy, last_jobs = self._last
+        last_now, last_readings, last_busy, last_jobs = self._last
+        most = MAX_PACKAGE_WATTS * max(now - last_now, 0.0) * 1e6     # microjoules a package can use in it
         microjoules = 0
         for path, value in readings.items():
             previous = last_readings.get(path, value)      # a zone not read last round: this is its baseline
-            microjoules += value - previous if value >= previous else self._zones[path] - previous + value
+            microjoules += self._step(path, previous, value, most)
         used = {job_id: seconds - last_jobs[job_id] for job_id, seconds in jobs.items() if job_id in last_jobs}
         # Reads of the trees and of /proc/stat are not atomic: never share out more than the interval's energy.
         whole = max(busy - last_busy, sum(used.values()))
@@ -158,6 +166,17 @@ class EnergyCollector(Collector):
             return
         for job_id, seconds in used.items():
             self.energy.add(job_id, "cpu", microjoules / 1e6 * (seconds / whole))
+
+    def _step(self, path: Path, previous: int, value: int, most: float) -> int:
+        """Microjoules the zone counted from previous to value; `most`: what a package can use in the interval."""
+        if value >= previous:
+            return value - previous
+        wrapped = self._zones[path] - previous + value
+        if wrapped <= most:
+            return wrapped
+        # Back further than a wrap allows: a reset. Its value is what it counted since, when the interval could
+        # hold that much; else the reading is only a new baseline.
+        return value if value <= most else 0
 
     def collect(self):
         family = CounterMetricFamily(Node.JOB_ENERGY,

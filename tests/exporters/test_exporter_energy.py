@@ -6,6 +6,7 @@ import json
 import logging
 
 import pynvml
+import pytest
 
 from tests.exporters.exporter_fixtures import (FIXTURE_JOB_DIR, MAX_RANGE_UJ, FakeNvml, build_fixture_host,
                                               parse_exposition, two_gpus, write_proc, write_zone)
@@ -132,6 +133,38 @@ def test_cpu_package_energy_is_shared_by_cpu_time_and_survives_a_wrap(tmp_path):
     write_proc(proc, host_busy=10_500, host_idle=50_700, processes={100: 1_250, 200: 2_200})
     write_zone(powercap, "intel-rapl:0", "package-0", 23_000_000)
     assert slow_pass(3.0) == {("a", "cpu"): 7.0, ("b", "cpu"): 8.0}
+
+
+def test_a_package_counter_that_went_back_further_than_a_wrap_allows_is_a_reset_not_a_wrap(tmp_path):
+    """A counter set back to near 0 (the package reset at a resume from suspend, a driver that starts it again)
+    was taken for a wrap: 262 kJ, the whole max_energy_range_uj, added to the jobs in one second (a 262 kW
+    package). A wrap steps up by at most what a package can draw in the interval; any other step down is a
+    reset, which counts its new value (as a GPU counter's reset does)."""
+    proc, powercap, job_dir = tmp_path / "proc", tmp_path / "powercap", tmp_path / "jobs"
+    write_job_mapping(job_dir, JobMapping(job_id="a", pid=100, start_ticks=1100))
+    tracker = JobTracker(job_dir, proc_root=proc, descendants=lambda pid: [], clock_ticks=100)
+    exporter = Exporter([EnergyCollector(JobEnergy(), tracker, proc, powercap, clock_ticks=100)])
+
+    def slow_pass(now: float, joules: float) -> float:
+        """The package's counter reads joules; job a is all of the host's busy CPU time."""
+        busy = 1_000 + int(100 * now)
+        write_proc(proc, host_busy=busy, host_idle=50_000, processes={100: busy})
+        write_zone(powercap, "intel-rapl:0", "package-0", round(joules * 1e6))
+        tracker.update(now)
+        exporter.sample_slow(now)
+        return energy_series(exporter.render())[("a", "cpu")]
+
+    assert slow_pass(1.0, 100) == 0.0
+    assert slow_pass(2.0, 150) == 50.0
+    assert slow_pass(3.0, 3) == 53.0                    # reset: the 3 J counted since, not 262 kJ
+    assert slow_pass(4.0, 60) == 110.0
+    assert slow_pass(10.0, 8_060) == 8_110.0
+    # Back to more than the package can use in half a second: not the energy since a reset, a new baseline.
+    assert slow_pass(10.5, 1_500) == 8_110.0
+    assert slow_pass(11.0, 1_600) == 8_210.0
+    # A real wrap still counts what was used on both sides of it.
+    assert slow_pass(12.0, MAX_RANGE_UJ / 1e6 - 7) == pytest.approx(8_210 + MAX_RANGE_UJ / 1e6 - 1_607)
+    assert slow_pass(13.0, 5) == pytest.approx(8_210 + MAX_RANGE_UJ / 1e6 - 1_607 + 12)
 
 
 def test_cpu_energy_per_job_needs_no_jobs_collector_and_counts_a_worker_started_later(tmp_path):

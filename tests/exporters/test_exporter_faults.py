@@ -2,6 +2,7 @@
 
 import logging
 import shutil
+import time
 import urllib.error
 import urllib.request
 
@@ -150,3 +151,28 @@ def test_a_page_cache_past_the_limit_still_sums_to_the_limit(tmp_path):
     states = {dict(labels)["state"]: value for labels, value in metrics["system_memory_usage_bytes"].items()}
     assert sum(states.values()) == metrics["system_memory_limit_bytes"][()] == 1000 * 1024
     assert states["used"] == 900 * 1024 and states["free"] == 100 * 1024
+
+
+class SlowerThanTheInterval(Collector):
+    """A fast sample that takes 2.5 of the loop's 100 ms intervals (a slow /proc walk, a starved host)."""
+
+    name = "slower"
+    fast = True
+
+    def sample(self, now: float) -> None:
+        time.sleep(0.25)
+
+
+def test_samples_the_loop_falls_behind_on_are_counted_as_missed():
+    """A fast loop whose passes took 250 ms sampled at 4 Hz, not 10, with nothing in the scrape to say so: its
+    peaks claimed a resolution of one interval they did not have. Each whole interval in which no pass started is
+    counted."""
+    exporter = Exporter([SlowerThanTheInterval()], sample_interval=0.1, slow_interval=0.5).start()
+    try:
+        time.sleep(1.5)
+        missed = parse_exposition(exporter.snapshot())["exporter_samples_missed_total"]
+    finally:
+        exporter.stop()
+    # ~6 passes, each starting ~2.5 intervals after the one before: at least one whole interval missed between.
+    assert missed[(("loop", "fast"),)] >= 4, missed
+    assert set(missed) == {(("loop", "fast"),), (("loop", "slow"),)}
