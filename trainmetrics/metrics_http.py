@@ -8,7 +8,7 @@
 - Bounded: at most `max_connections` connections (one thread each). A connection idle for `idle_timeout`
   (half-open, a slow client, a stalled TLS handshake) is closed, and so is one whose next request is not whole
   within `idle_timeout` of the previous answer (a byte every few seconds kept a slot for ever: 32 such clients
-  refused every scrape).
+  refused every scrape). A request's headers are at most MAX_HEADER_BYTES together (431).
 - With every slot taken, a new connection takes the slot of the one that has kept the server waiting longest
   (for its next request, the rest of one, or to take its answer): a client sending a request on each of 32
   connections every 29 s refused every scrape, the job's final one included. A connection whose request the
@@ -48,6 +48,9 @@ DEFAULT_IDLE_TIMEOUT = 30.0
 # http.client's bounds on a request's header lines: their length and how many.
 MAX_HEADER_LINE = 65536
 MAX_HEADERS = 100
+# And on all of them together (a scrape's are a few hundred bytes): the two bounds alone let a request's headers be
+# 6.4 MB, held by its connection until the idle timeout, and one client on every connection grew the process 205 MiB.
+MAX_HEADER_BYTES = 65536
 # The longest scrape timeout taken from a scraper's header (Prometheus: at most its scrape interval).
 MAX_SCRAPE_TIMEOUT = 600.0
 
@@ -93,6 +96,10 @@ class Scrape:
         return self.scraper is not None
 
 
+class HeadersTooLarge(http.client.HTTPException):
+    """A request's header lines together are longer than MAX_HEADER_BYTES."""
+
+
 class Headers(dict):
     """A request's headers by lower-case name, the first of a repeated one (as http.server's email.message.Message
     gives it), read without the email parser: in the process that trains, the scrape's CPU is the job's, and that
@@ -103,13 +110,18 @@ class Headers(dict):
 
     @classmethod
     def read(cls, stream) -> "Headers":
-        """The header lines up to the empty one (http.client.LineTooLong, HTTPException past its bounds)."""
+        """The header lines up to the empty one (http.client.LineTooLong, HeadersTooLarge, HTTPException past
+        their bounds)."""
         headers = cls()
         last = None
+        size = 0
         for _ in range(MAX_HEADERS):           # the empty line counts, as in http.client
             line = stream.readline(MAX_HEADER_LINE + 1)
             if len(line) > MAX_HEADER_LINE:
                 raise http.client.LineTooLong("header line")
+            size += len(line)
+            if size > MAX_HEADER_BYTES:
+                raise HeadersTooLarge(f"got more than {MAX_HEADER_BYTES} bytes of headers")
             if line in (b"\r\n", b"\n", b""):
                 return headers
             text = line.decode("iso-8859-1").rstrip("\r\n")
@@ -217,6 +229,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.headers = Headers.read(self.rfile)
         except http.client.LineTooLong as error:
             self.send_error(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "Line too long", str(error))
+            return False
+        except HeadersTooLarge as error:
+            self.send_error(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "Headers too large", str(error))
             return False
         except http.client.HTTPException as error:
             self.send_error(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "Too many headers", str(error))
@@ -467,6 +482,6 @@ class MetricsHTTPServer(ThreadingHTTPServer):
             connections = list(self._open)
         for connection in connections:
             try:
-                connection.shutdown(socket.SHUT_RDWR)
+                socket.socket.shutdown(connection, socket.SHUT_RDWR)   # the descriptor's own: as at an eviction
             except OSError:
                 pass

@@ -600,3 +600,48 @@ def test_a_header_not_checked_is_a_503_that_closes_its_connection():
         assert ask(b"right-ish!")[0].startswith(b"HTTP/1.1 401")
     finally:
         server.close()
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
+
+
+def test_huge_headers_are_a_431_and_no_client_holds_megabytes_of_them():
+    """Each header line had http.client's bounds (64 KiB, 100 of them), not all of them together: a request's
+    headers could be 6.4 MB, each held in memory by its connection until the idle timeout. One client sending
+    them, unfinished, on all 32 connections grew the process (a job's, the exporter's) by 210 MB. A request
+    whose headers pass 64 KiB together is now answered 431 and closed: a scrape's are a few hundred bytes."""
+    server = MetricsHTTPServer(("127.0.0.1", 0), lambda scrape: b"up 1\n", idle_timeout=30.0).serve_in_background()
+    two_halves = b"GET /metrics HTTP/1.1\r\n" + b"X-A: " + b"a" * 40_000 + b"\r\nX-B: " + b"b" * 40_000 + b"\r\n"
+    huge = b"GET /metrics HTTP/1.1\r\n" + b"".join(b"X-%d: " % i + b"a" * 65_000 + b"\r\n" for i in range(98))
+    connections = []
+
+    def send_huge() -> None:
+        connection = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        connections.append(connection)
+        try:
+            connection.sendall(huge)                # and never the empty line that ends the headers
+        except OSError:
+            pass                                    # refused part way
+
+    try:
+        before = _rss_bytes()
+        senders = [threading.Thread(target=send_huge) for _ in range(metrics_http.DEFAULT_MAX_CONNECTIONS)]
+        for sender in senders:
+            sender.start()
+        for sender in senders:
+            sender.join(timeout=30)
+        time.sleep(1.0)                             # what the server takes in, it has read by now
+        grown = _rss_bytes() - before
+        assert grown < 32 * 2**20, f"the process grew {grown / 2**20:.0f} MiB"
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as connection:
+            connection.sendall(two_halves)          # 80 kB of headers, whole (what is sent is read: no reset)
+            assert connection.recv(4096).startswith(b"HTTP/1.1 431 ")
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as scraper:
+            scraper.sendall(b"GET /metrics HTTP/1.1\r\n\r\n")
+            assert scraper.recv(4096).startswith(b"HTTP/1.1 200 OK")
+    finally:
+        for connection in connections:
+            connection.close()
+        server.close()
