@@ -47,6 +47,11 @@ def build():
                                      query(f"system_processes{{{NODE}}}", "{{instance}} {{status}}")))
         .with_panel(timeseries_panel("Exporter collectors", "1 when the collector's last sample succeeded, 0 when it failed.", "short",
                                      query(f"exporter_collector_success{{{NODE}}}", "{{instance}} {{collector}}")))
+        .with_panel(timeseries_panel("Exporter samples missed",
+                                     "Samples a second each sampling loop fell behind on: while above 0, peaks have "
+                                     "the resolution of the samples taken, not of the sample interval.", "short",
+                                     query(f"rate(exporter_samples_missed_total{{{NODE}}}[$__rate_interval])",
+                                           "{{instance}} {{loop}}")))
         .with_row(row("GPUs"))
         .with_panel(timeseries_panel("GPU utilisation: mean vs peak",
                                      "Per GPU, mean over the window and max over each point.", "percentunit",
