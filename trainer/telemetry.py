@@ -8,6 +8,7 @@ Each Publication has its own series and MeterProvider (no global state), so seve
 
 import contextvars
 import logging
+import math
 import os
 import threading
 import time
@@ -18,7 +19,7 @@ from typing import Callable, Iterable
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricExporter, MetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
-from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 
 from trainmetrics.jobfiles import claim, unclaim
 from trainmetrics.jobmap import JobMapping, write_job_mapping
@@ -92,10 +93,7 @@ def otlp_readers() -> list[MetricReader]:
         log.warning("OTEL_EXPORTER_OTLP_* is set but opentelemetry-exporter-otlp-proto-http is not installed "
                     "(pip install 'trainmetrics[otlp]'); pushing nothing")
         return []
-    # A push gives up after FINAL_PUSH_SECONDS (retries included) unless the variables set a timeout: the SDK's
-    # 10 s, retried, held a job's exit for 15-31 s when the collector was down or never answered.
-    timeout_set = any(os.environ.get(name) for name in OTLP_TIMEOUT_VARIABLES)
-    exporter = OTLPMetricExporter(timeout=None if timeout_set else FINAL_PUSH_SECONDS)
+    exporter = OTLPMetricExporter(timeout=push_seconds(warn=True))
     try:
         return [PushReader(exporter)]
     except ValueError as error:
@@ -103,6 +101,26 @@ def otlp_readers() -> list[MetricReader]:
         # 60 s): raised out of JobMetrics(), it refused the job, blaming --metrics-listen.
         log.warning("OTEL_METRIC_EXPORT_INTERVAL: %s; pushing every 60 s", " ".join(str(error).split()))
         return [PushReader(exporter, export_interval_millis=60_000)]
+
+
+def push_seconds(warn: bool = False) -> float:
+    """How long a push may take, retries included, the last one at the job's end too: the timeout the variables
+    set (in seconds, as this SDK reads them), else FINAL_PUSH_SECONDS (the SDK's 10 s, retried, held a job's exit
+    for 15-31 s when the collector was down or never answered)."""
+    for name in OTLP_TIMEOUT_VARIABLES:
+        raw = os.environ.get(name)
+        if raw:
+            try:
+                seconds = float(raw)
+            except ValueError:
+                seconds = math.nan
+            if math.isfinite(seconds) and seconds > 0:
+                return seconds
+            if warn:
+                log.warning("%s=%r is not a number of seconds above 0; a push gives up after %g s",
+                            name, raw, FINAL_PUSH_SECONDS)
+            break
+    return FINAL_PUSH_SECONDS
 
 
 class PushReader(PeriodicExportingMetricReader):
@@ -126,7 +144,11 @@ def build_push_provider(resource_attributes: dict[str, str]) -> MeterProvider | 
     readers = otlp_readers()
     if not readers:
         return None
-    resource = Resource.create({"service.name": "trainmetrics-trainer", **resource_attributes})
+    resource = Resource.create(resource_attributes)
+    if resource.attributes.get(SERVICE_NAME, "").startswith("unknown_service"):
+        # The SDK's default: ours where OTEL_SERVICE_NAME or OTEL_RESOURCE_ATTRIBUTES name none (a collector's
+        # Prometheus exporter makes it the `job` label of every series).
+        resource = resource.merge(Resource({SERVICE_NAME: "trainmetrics-trainer"}))
     return MeterProvider(metric_readers=readers, resource=resource, views=histogram_views())
 
 
@@ -343,8 +365,8 @@ class Publication:
             self.url = None
 
     def shutdown(self) -> None:
-        """release(), and the OTLP push's last push, given FINAL_PUSH_SECONDS (a collector that is down or never
-        answers held every job's exit for 15-31 s, its slot and memory with it)."""
+        """release(), and the OTLP push's last push, given what any push is (push_seconds(): a collector that is
+        down or never answers held every job's exit for 15-31 s, its slot and memory with it)."""
         self.release()
         if self.push_provider is not None:
-            self.push_provider.shutdown(timeout_millis=FINAL_PUSH_SECONDS * 1000)
+            self.push_provider.shutdown(timeout_millis=push_seconds() * 1000)

@@ -68,10 +68,14 @@ def test_job_pushes_its_metrics_over_otlp_when_asked(receiver, monkeypatch):
     assert points["trainer_step_duration_seconds"].histogram.data_points[0].count == 5
 
 
-def test_a_collector_that_never_answers_holds_the_end_of_a_job_for_a_bounded_time(monkeypatch):
+@pytest.mark.parametrize("timeout", [None, "soon"])
+def test_a_collector_that_never_answers_holds_the_end_of_a_job_for_a_bounded_time(monkeypatch, caplog, timeout):
     """The SDK's last push waited up to 30 s (its retries, its 10 s request timeout) for a collector that took
-    the connection and never answered: every job's exit, and its job server slot, with it."""
+    the connection and never answered: every job's exit, and its job server slot, with it. A timeout that is no
+    number is warned of once and bounded the same."""
     monkeypatch.setattr(telemetry, "FINAL_PUSH_SECONDS", 1.0)
+    if timeout is not None:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", timeout)
     with socket.socket() as frozen:             # takes connections (the backlog), answers nothing
         frozen.bind(("127.0.0.1", 0))
         frozen.listen(8)
@@ -83,6 +87,8 @@ def test_a_collector_that_never_answers_holds_the_end_of_a_job_for_a_bounded_tim
         assert metrics.ended                    # the block's end closed it: the last push included
     closed_in = time.monotonic() - began
     assert closed_in < 1.0 + 3, closed_in     # 10 s here before (15-31 s with retries)
+    warned = [record for record in caplog.records if "OTEL_EXPORTER_OTLP_TIMEOUT" in record.getMessage()]
+    assert len(warned) == (timeout is not None), warned
 
 
 def test_a_resumed_process_pushes_its_own_counts_while_its_endpoint_shows_the_jobs(receiver):
@@ -146,3 +152,53 @@ def test_the_last_push_carries_the_stack_dumps(receiver, monkeypatch, tmp_path):
         assert "trainer_stack_dumps_total 1.0" in metrics.collect().decode().replace('{job_id="otlp-hung-1"}', "")
     assert len(Receiver.requests) == 1                      # the last push alone (the interval is 60 s)
     assert pushed_values("trainer_stack_dumps_total") == [1]
+
+
+class Overloaded(Receiver):
+    """A collector that answers its first two requests 503 (overloaded), then takes them."""
+
+    def do_POST(self):
+        Overloaded.attempts += 1
+        if Overloaded.attempts <= 2:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        super().do_POST()
+
+
+def test_the_last_push_has_the_timeout_the_user_set(monkeypatch):
+    """The last push was cut at FINAL_PUSH_SECONDS even where OTEL_EXPORTER_OTLP_TIMEOUT gave pushes longer: a job
+    ended while the SDK backed off from an overloaded collector (503, retried after 1 s, then 2 s), and the final
+    state was never delivered (the exporter's thread died with the process)."""
+    monkeypatch.setattr(telemetry, "FINAL_PUSH_SECONDS", 1.0)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Overloaded)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    Overloaded.attempts, Receiver.requests = 0, []
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "10")
+    try:
+        metrics = JobMetrics("otlp-overloaded-1", log_every=1)
+        with metrics:
+            metrics.step(loss=0.5, samples=8)
+        assert Overloaded.attempts == 3
+        assert pushed_values("trainer_steps_total") == [1]     # delivered before close() returned
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_the_service_name_the_user_set_is_kept(receiver, monkeypatch):
+    """The job's resource named its service trainmetrics-trainer over OTEL_SERVICE_NAME (and service.name in
+    OTEL_RESOURCE_ATTRIBUTES), which a collector's Prometheus exporter makes the `job` label of every series."""
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "vision-team-trainer")
+    with JobMetrics("otlp-service-1", log_every=1) as metrics:
+        metrics.step(loss=0.5, samples=8)
+    monkeypatch.delenv("OTEL_SERVICE_NAME")
+    with JobMetrics("otlp-service-2", log_every=1) as metrics:
+        metrics.step(loss=0.5, samples=8)
+    resources = [{kv.key: kv.value.string_value for kv in resource.resource.attributes}
+                 for _, request in Receiver.requests for resource in request.resource_metrics]
+    assert {(r["job_id"], r["service.name"]) for r in resources} == {
+        ("otlp-service-1", "vision-team-trainer"), ("otlp-service-2", "trainmetrics-trainer")}
