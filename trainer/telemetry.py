@@ -34,6 +34,7 @@ log = logging.getLogger("trainmetrics.trainer")
 
 OTLP_ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
 OTLP_TIMEOUT_VARIABLES = ("OTEL_EXPORTER_OTLP_METRICS_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT")
+OTLP_PROTOCOL_VARIABLES = ("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL")
 # An OTLP push, the last one at the end of a job included, gets this long (the SDK: 10 s a request, retried,
 # and 30 s for the last one).
 FINAL_PUSH_SECONDS = 5.0
@@ -93,6 +94,13 @@ def otlp_readers() -> list[MetricReader]:
         log.warning("OTEL_EXPORTER_OTLP_* is set but opentelemetry-exporter-otlp-proto-http is not installed "
                     "(pip install 'trainmetrics[otlp]'); pushing nothing")
         return []
+    for name in OTLP_PROTOCOL_VARIABLES:
+        protocol = os.environ.get(name)
+        if protocol and protocol.strip() != "http/protobuf":
+            # Ignored without a word, the job pushed HTTP to a gRPC port (4317) and every push failed.
+            log.warning("%s=%r: trainmetrics pushes OTLP over http/protobuf only; point the endpoint at the "
+                        "collector's OTLP/HTTP receiver (port 4318 by default)", name, protocol)
+            break
     exporter = OTLPMetricExporter(timeout=push_seconds(warn=True))
     try:
         return [PushReader(exporter)]

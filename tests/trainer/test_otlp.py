@@ -202,3 +202,14 @@ def test_the_service_name_the_user_set_is_kept(receiver, monkeypatch):
                  for _, request in Receiver.requests for resource in request.resource_metrics]
     assert {(r["job_id"], r["service.name"]) for r in resources} == {
         ("otlp-service-1", "vision-team-trainer"), ("otlp-service-2", "trainmetrics-trainer")}
+
+
+@pytest.mark.parametrize("variable", ["OTEL_EXPORTER_OTLP_PROTOCOL", "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL"])
+def test_a_protocol_other_than_http_protobuf_is_warned_of(receiver, monkeypatch, caplog, variable):
+    """OTEL_EXPORTER_OTLP_PROTOCOL=grpc was ignored without a word: the job pushed HTTP to the endpoint (a
+    collector's gRPC port, 4317, for one who set grpc), and every push failed in the SDK's log."""
+    monkeypatch.setenv(variable, "grpc")
+    with JobMetrics("otlp-grpc-1", log_every=1) as metrics:
+        metrics.step(loss=0.5, samples=8)
+    warned = [record.getMessage() for record in caplog.records if variable in record.getMessage()]
+    assert len(warned) == 1 and "http/protobuf" in warned[0], warned
