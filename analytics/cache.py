@@ -8,10 +8,10 @@ from trainmetrics.analytics import queries as q
 from trainmetrics.analytics.goodput import EARLIER_RUNS_GONE
 from trainmetrics.analytics.job import jobs_analytics
 from trainmetrics.analytics.lookup import JobNotFound, fingerprint, owned_by
-from trainmetrics.analytics.prometheus import PrometheusClient, PrometheusError
+from trainmetrics.analytics.prometheus import PrometheusClient, PrometheusError, partial_answers
 from trainmetrics.analytics.results import query_parts_many
 from trainmetrics.analytics.shapes import JobAnalytics, from_plain
-from trainmetrics.reports import NotSettled, ReportArchive
+from trainmetrics.reports import NotSettled, PartialAnswer, ReportArchive
 
 
 @dataclass(frozen=True)
@@ -99,10 +99,14 @@ async def _from_prometheus(client: PrometheusClient, cache: AnalyticsCache, entr
     cached = [job_id for job_id, entry in entries.items() if entry is not None]
     if cached:
         now = time.time()
-        found = await query_parts_many(client, [q.job_recent(job_id, lookback, now) for job_id in cached], now)
+        with partial_answers() as partial:
+            found = await query_parts_many(client, [q.job_recent(job_id, lookback, now) for job_id in cached], now)
         for job_id, parts in zip(cached, found):
             if fingerprint(parts) != entries[job_id].fingerprint:
-                cache.drop(job_id)
+                # Read afresh; the entry goes only where a whole answer says the job changed (a partial one may
+                # just lack some of its processes, and the entry holds while the job is as it was).
+                if not partial:
+                    cache.drop(job_id)
                 entries[job_id] = None
     missing = [job_id for job_id, entry in entries.items() if entry is None]
     for result in await jobs_analytics(client, missing, lookback, strict=False, owner=owner) if missing else []:
@@ -116,7 +120,7 @@ async def _from_prometheus(client: PrometheusClient, cache: AnalyticsCache, entr
                 if stored is not None and holds_less(analytics, stored.analytics):
                     analytics = stored.analytics
             entries[facts.job_id] = Entry(analytics, facts.owners, facts.fingerprint)
-            if facts.settled:
+            if facts.settled and not facts.partial:
                 cache.put(facts.job_id, entries[facts.job_id])
 
 
@@ -147,8 +151,11 @@ async def settled_job_analytics(client: PrometheusClient, cache: AnalyticsCache,
                                 lookback: float, settled: bool = True) -> JobAnalytics:
     """A job's analytics for its stored report: NotSettled while a process of it, or a node exporter that
     attributes it (its energy counts), is still scraped (unless `settled` is False: the keeper's last
-    word); JobNotFound when Prometheus does not hold it."""
+    word); PartialAnswer when the backend answered with part of its data (never stored: a report is kept for
+    good); JobNotFound when Prometheus does not hold it."""
     analytics, facts = (await jobs_analytics(client, [job_id], lookback, strict=True))[0]
+    if facts.partial:
+        raise PartialAnswer(job_id)
     if settled and not facts.settled:
         raise NotSettled(job_id)
     if facts.settled:
@@ -164,6 +171,7 @@ async def stored_entry(archive: ReportArchive, job_id: str) -> Entry | None:
     owner, report = found
     analytics = from_plain(JobAnalytics, report)
     analytics.source = "stored"
+    analytics.partial = False       # (never stored from a partial answer; a report from before the field lacks it)
     return Entry(analytics, frozenset({owner}), frozenset())
 
 

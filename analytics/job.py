@@ -11,7 +11,7 @@ from trainmetrics.analytics import queries as q
 from trainmetrics.analytics import goodput, scoring, shapes
 from trainmetrics.analytics.history import evaluation_history
 from trainmetrics.analytics.lookup import JobFacts, find_jobs, owned_by
-from trainmetrics.analytics.prometheus import PrometheusClient
+from trainmetrics.analytics.prometheus import PrometheusClient, partial_answers
 from trainmetrics.analytics.results import mib, minus, percent, query_parts_many, ratio, rounded, rows, scalar
 
 
@@ -156,7 +156,24 @@ async def jobs_analytics(client: PrometheusClient, job_ids: list[str], lookback:
     Requests: the lookup (one to three, for all the jobs), every instant expression of every job (each carries
     its `@`; one request), then per job one range query of its peak grid, one of its evaluation history's grid
     and a raw read of the grid steps that showed evaluations. Fewer requests would lose Prometheus' cores to
-    one query; more cost the HTTP client more than they gain on a small host."""
+    one query; more cost the HTTP client more than they gain on a small host.
+
+    Where the backend answered any of the requests with part of its data (prometheus.partial_warnings), every
+    job's facts and analytics say `partial` (the requests are shared): none is to be kept as settled."""
+    with partial_answers() as warnings:
+        found = await _jobs_analytics(client, job_ids, lookback, strict, owner)
+    if warnings:
+        for result in found:
+            if result is not None:
+                analytics, facts = result
+                facts.partial = True
+                if analytics is not None:
+                    analytics.partial = True
+    return found
+
+
+async def _jobs_analytics(client: PrometheusClient, job_ids: list[str], lookback: float, strict: bool,
+                          owner: str | None) -> list[tuple[shapes.JobAnalytics | None, JobFacts] | None]:
     now = time.time()
     all_facts = await find_jobs(client, job_ids, lookback, now, strict)
     started = [(facts, _Window.of(facts, now)) for facts in all_facts     # not queued, and the caller's
@@ -313,7 +330,7 @@ def _assemble(facts: JobFacts, found: dict[str, list[dict]], peak: dict[str, Pea
         energy=_energy(found.get("energy", []), samples, attributed=cpu_seconds is not None,
                        hosts={labels.get("instance", "") for labels, _ in rows(found.get("cpu_hosts", []))},
                        on_gpus=facts.info.get("device") not in (None, "cpu")),
-        goodput=goodput.ledger(facts, found), source="prometheus")
+        goodput=goodput.ledger(facts, found), source="prometheus", partial=False)
 
 
 # Why an energy figure is null. An exporter that attributed the job publishes its CPU time whatever else it has.

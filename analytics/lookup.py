@@ -136,6 +136,9 @@ class JobFacts:
     attributed_now: bool = False
     # How far behind now the backend's answers may be (PrometheusClient.answer_delay).
     answer_delay: float = 0.0
+    # The backend answered some request of the job's analytics with part of its data (job.jobs_analytics): not
+    # to be kept as settled, however settled the job is.
+    partial: bool = False
 
     @property
     def latest(self) -> Process | None:

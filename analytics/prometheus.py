@@ -3,12 +3,15 @@ own, bounded concurrency, requests no caller's cancellation reaches, and one err
 can go wrong on the way."""
 
 import asyncio
+import contextlib
+import contextvars
 import email.utils
 import json
 import logging
 import math
 import re
 import time
+from typing import Iterator
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import httpx
@@ -36,6 +39,13 @@ VICTORIA_LATENCY_OFFSET_DEFAULT_SECONDS = 30.0
 VICTORIA_LATENCY_OFFSET_LEAST_SECONDS = 1.0
 GO_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ns|us|µs|ms|s|m|h)")
 GO_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+# A success answer's `warnings` that begin so are PromQL's annotations of the query (Prometheus 2.50-2.53 put its
+# infos there too: "metric might not be a counter"): about the query, no data missing. Any other warning says the
+# answer holds part of the backend's data (Thanos Query: a store that did not answer; Prometheus: a remote read
+# that failed).
+PROMQL_ANNOTATIONS = ("PromQL info:", "PromQL warning:")
+# A partial answer is logged at most this often (a store down answers every query so).
+PARTIAL_LOG_SECONDS = 60.0
 
 
 def retry_after_seconds(value: str, now: float | None = None) -> int:
@@ -72,12 +82,60 @@ class PrometheusError(ApiError):
         return self.status
 
 
+def partial_warnings(body) -> list[str]:
+    """Why a success answer holds only part of the backend's data: its warnings that are not PromQL's annotations
+    (PROMQL_ANNOTATIONS), and a VictoriaMetrics cluster's `isPartial` (a vmstorage node did not answer); empty for
+    a whole answer."""
+    if not isinstance(body, dict):
+        return []
+    warnings = body.get("warnings")
+    if isinstance(warnings, str):
+        warnings = [warnings]
+    elif not isinstance(warnings, list):
+        warnings = [repr(warnings)[:200]] if warnings else []
+    found = [str(w)[:500] for w in warnings if not (isinstance(w, str) and w.startswith(PROMQL_ANNOTATIONS))]
+    if body.get("isPartial") is True:
+        found.append("isPartial: a storage node did not answer")
+    return found
+
+
+# The warnings of the partial answers to the queries made within partial_answers() (by its task and the tasks
+# started from it, which share the list): None outside one.
+_PARTIAL: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("partial_answers", default=None)
+
+
+@contextlib.contextmanager
+def partial_answers() -> Iterator[list[str]]:
+    """Collect the warnings of every partial answer (partial_warnings) to the queries made within: a figure computed
+    from one may fall short, and is not to be kept as settled. An enclosing collection gets them too."""
+    outer = _PARTIAL.get()
+    found: list[str] = []
+    token = _PARTIAL.set(found)
+    try:
+        yield found
+    finally:
+        _PARTIAL.reset(token)
+        if outer is not None:
+            outer.extend(found)
+
+
+class _StaleConnection(Exception):
+    """A request that failed on a pooled connection before any answer came: the backend or a proxy closed the
+    connection while it was idle in the pool, or as the request came (its idle timer's race with it)."""
+
+    def __init__(self, error: httpx.TransportError):
+        super().__init__(str(error))
+        self.error = error
+
+
 class ClientMetrics:
     """Requests to Prometheus, counted by outcome and timed; created once per registry."""
 
     def __init__(self, registry: CollectorRegistry):
         self.requests = Counter("analytics_prometheus_requests_total",
-                                "Requests to Prometheus by outcome.", ["outcome"], registry=registry)
+                                "Requests to Prometheus by outcome (success, partial: a success holding part "
+                                "of the backend's data, unavailable, timeout, bad_answer, error).",
+                                ["outcome"], registry=registry)
         self.duration = Histogram("analytics_prometheus_request_duration_seconds",
                                   "Time per request to Prometheus, queueing included.", registry=registry,
                                   buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
@@ -103,6 +161,8 @@ class PrometheusClient:
         self.deadline = deadline
         self.max_answer_bytes = max_answer_bytes
         self._semaphore = asyncio.Semaphore(max_concurrency)
+        self._pooled = max_concurrency       # connections kept open between requests, at most
+        self._partial_logged = -math.inf     # when a partial answer was last logged (time.monotonic)
         self._sending: set[asyncio.Task] = set()     # requests in flight (the event loop keeps weak references)
         self._http = httpx.AsyncClient(
             base_url=self.base_url, transport=transport,
@@ -154,6 +214,8 @@ class PrometheusClient:
                 response, content = await self._fetch("GET", "/flags", self.deadline)
         except (httpx.HTTPError, PrometheusError):
             return None
+        if response.status_code == 429 or response.status_code >= 500:
+            return None     # (a restarting VictoriaMetrics, or its proxy's 502: read as 0 for the service's life)
         return answer_delay_of(response.status_code, _text(content))
 
     async def ready(self) -> None:
@@ -182,7 +244,10 @@ class PrometheusClient:
                 response, content = await asyncio.shield(sending)
                 body = await _decoded(response, content)
             result = self._parse(response, content, body, params.get("query"), expect_json)
-            outcome = "success"
+            warnings = partial_warnings(body) if expect_json else []
+            if warnings:
+                self._partial(warnings, params.get("query") or path)
+            outcome = "partial" if warnings else "success"
             return result
         except PrometheusError as error:
             outcome = error.kind
@@ -198,6 +263,18 @@ class PrometheusClient:
             self._metrics.requests.labels(outcome).inc()
             self._metrics.duration.observe(time.perf_counter() - began)
 
+    def _partial(self, warnings: list[str], expr: str) -> None:
+        """Note a partial answer for the partial_answers() it was asked within, and log it (at most once a
+        PARTIAL_LOG_SECONDS)."""
+        collecting = _PARTIAL.get()
+        if collecting is not None:
+            collecting.extend(warnings)
+        if time.monotonic() - self._partial_logged >= PARTIAL_LOG_SECONDS:
+            self._partial_logged = time.monotonic()
+            log.warning("Prometheus at %s answered with part of its data (%s); not cached, asked again next time "
+                        "(logged once a minute at most); query: %s", self.shown_url, "; ".join(warnings)[:500],
+                        expr[:200])
+
     async def _send(self, path: str, params: dict, seconds: float) -> tuple[httpx.Response, bytes]:
         """One request within `seconds` (_fetch's deadline), then its slot freed for the next."""
         try:
@@ -211,6 +288,29 @@ class PrometheusClient:
             self._semaphore.release()
 
     async def _fetch(self, method: str, path: str, seconds: float, **request) -> tuple[httpx.Response, bytes]:
+        """_fetch_once within `seconds`, sent again where it failed on a pooled connection before any answer came
+        (_StaleConnection): the backend or a proxy closed that connection while it was idle (a server's or a load
+        balancer's idle timeout; httpx's pool sees a close only once it has arrived), and the query failed as an
+        unreachable Prometheus (503) with the backend up. Every request of this client is a read (the query API's
+        POSTed form too), so sending one again does nothing twice. It goes to the next pooled connection or a
+        fresh one, within what is left of `seconds`; a request that fails on a fresh connection, or once an answer
+        began, is not sent again."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + max(seconds, 0.001)
+        tries = 0
+        while True:
+            try:
+                return await self._fetch_once(method, path, end - loop.time(), **request)
+            except _StaleConnection as stale:
+                tries += 1
+                # (each stale try takes its connection out of the pool: after as many as it holds, a fresh one)
+                if tries > self._pooled or end - loop.time() <= 0:
+                    raise stale.error from None
+                log.debug("a pooled connection to %s was closed (%s: %s); sent again",
+                          self.shown_url, type(stale.error).__name__, stale.error)
+
+    async def _fetch_once(self, method: str, path: str, seconds: float,
+                          **request) -> tuple[httpx.Response, bytes]:
         """The response and its body, read within `seconds` (httpx.ReadTimeout after) and up to max_answer_bytes
         (PrometheusError).
 
@@ -221,13 +321,19 @@ class PrometheusClient:
         release, told by httpcore's trace): a cancellation there ends in the connection, which closes. Cancelled
         as a new connection opened (before it took the request: NEW) or as one was released (ACTIVE still), the
         connection was no request's and held its pool slot for good: every later request timed out. (Connecting
-        is bounded by httpx's connect timeout, a release by nothing.)"""
+        is bounded by httpx's connect timeout, a release by nothing.)
+
+        _StaleConnection where httpcore sent the request on a connection it had pooled (it opened none for it) and
+        the connection failed before the answer's head came."""
         seconds = max(seconds, 0.001)
         limit = self.max_answer_bytes
         deadline = asyncio.get_running_loop().time() + seconds
         timeout = httpx.Timeout(seconds, connect=min(seconds, CONNECT_TIMEOUT_SECONDS))
 
+        seen: set[str] = set()
+
         async def trace(event: str, info: dict) -> None:
+            seen.add(event)
             if until.expired():             # (cancelled: httpcore releases the connection)
                 return
             if event == "http11.send_request_headers.started":
@@ -254,6 +360,11 @@ class PrometheusClient:
                     await response.aclose()
         except TimeoutError:
             raise httpx.ReadTimeout("the answer took longer than the request's deadline", request=sent) from None
+        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as error:
+            if "http11.send_request_headers.started" in seen and "connection.connect_tcp.started" not in seen \
+                    and "http11.receive_response_headers.complete" not in seen:
+                raise _StaleConnection(error) from error
+            raise
         return response, b"".join(chunks)
 
     def _sent(self, sending: asyncio.Task) -> None:
@@ -266,10 +377,14 @@ class PrometheusClient:
         status = response.status_code
         error_type = body.get("errorType") if isinstance(body, dict) else None
         detail = body.get("error") if isinstance(body, dict) else _text(content[:200]).strip()
-        if status == 503 or error_type in ("timeout", "canceled", "unavailable"):
-            if error_type == "timeout":
-                raise PrometheusError("timeout", f"Prometheus timed out evaluating a query: {detail}")
-            raise PrometheusError("unavailable", f"Prometheus is not ready: {detail or status}",
+        # Not the query's fault, and not for long: a 429 is the backend's back-pressure (Mimir's query-frontend: too
+        # many outstanding requests), a 502 or 504 a proxy's before it that could not reach it, or not in time. (A
+        # 429 was a 502 logged as our bug; a proxy's 502 and 504 were 502s without Retry-After.)
+        if status in (429, 502, 503, 504) or error_type in ("timeout", "canceled", "unavailable"):
+            if error_type == "timeout" or status == 504:
+                raise PrometheusError("timeout", f"Prometheus timed out evaluating a query: {detail or status}")
+            reason = {429: "is too busy to answer (429)", 502: "is not reachable through its proxy (502)"}
+            raise PrometheusError("unavailable", f"Prometheus {reason.get(status, 'is not ready')}: {detail or status}",
                                   retry_after_seconds(response.headers.get("retry-after", "")))
         if 400 <= status < 500:
             # Every expression is built by queries.py from validated input: a 4xx is our bug.

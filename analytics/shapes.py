@@ -212,6 +212,9 @@ class JobAnalytics:
     source: str = described("prometheus: computed now from Prometheus; stored: the report the job server "
                             "stored when the job ended (Prometheus no longer holds the job, or less of it)",
                             enum=["prometheus", "stored"])
+    partial: bool = described("true: the backend answered with part of its data (a store or shard that did not "
+                              "answer: its warnings, or isPartial), so figures may be missing or short; such an "
+                              "answer is neither cached nor stored, and the next request asks again")
 
 
 # ----- the fleet ----------------------------------------------------------------------------------------------

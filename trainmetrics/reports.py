@@ -14,6 +14,15 @@ class NotSettled(Exception):
     """The job's report could still change: a process of it or a node exporter attributing it is scraped."""
 
 
+class PartialAnswer(Exception):
+    """The backend answered with part of its data (a store or shard that did not answer): a report computed from
+    it may fall short, and is not stored (asked again later)."""
+
+    def __init__(self, job_id: str):
+        super().__init__(job_id)
+        self.message = "the backend answered with part of its data (a store or shard did not answer)"
+
+
 @dataclass
 class ReportArchive:
     """The two halves of stored reports."""

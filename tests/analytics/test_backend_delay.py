@@ -1,12 +1,14 @@
 """A backend whose answers lag now (a default VictoriaMetrics answers range queries as of 30 s ago, its
 -search.latencyOffset): a job is not settled, so not cached nor stored, until its end is that far behind."""
 
+import asyncio
 import time
 
+import httpx
 import pytest
 
 from trainmetrics.analytics.app import Settings
-from trainmetrics.analytics.prometheus import answer_delay_of
+from trainmetrics.analytics.prometheus import PrometheusClient, answer_delay_of
 from trainmetrics.prometheus_process import PrometheusServer, VictoriaMetricsServer
 
 from .conftest import finish, serve, start_job
@@ -27,6 +29,23 @@ LATENCY_OFFSET_SECONDS = 12
 ])
 def test_the_answer_delay_is_victoria_metrics_latency_offset(status, page, delay):
     assert answer_delay_of(status, page) == delay
+
+
+def test_a_flags_page_that_cannot_answer_now_is_asked_again():
+    """A /flags answer of 5xx or 429 (a VictoriaMetrics restarting, its proxy's 502) was read as "no VictoriaMetrics"
+    and kept: the answer delay was 0 for the service's life, and every job read within 30 s of its end was cached
+    without its last seconds."""
+    answers = [httpx.Response(502, text="Bad Gateway"), httpx.Response(429, text="slow down"),
+               httpx.Response(200, text='-search.latencyOffset="45s"\n')]
+
+    async def delays() -> list[float]:
+        client = PrometheusClient("http://victoria", transport=httpx.MockTransport(lambda request: answers.pop(0)))
+        try:
+            return [await client.answer_delay() for _ in range(4)]
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(delays()) == [0.0, 0.0, 45.0, 45.0] and answers == []
 
 
 def test_a_job_read_within_the_backends_answer_delay_of_its_end_is_not_cached(tmp_path):

@@ -9,6 +9,7 @@ import math
 import os
 import signal
 import socket
+import struct
 import threading
 import time
 
@@ -199,6 +200,15 @@ RARE_ANSWERS = {
                                                               else {"value": [math.inf, "1"]})}]}}).encode()),
         502, "prometheus_bad_answer"),
     "500 from a proxy": (lambda r: httpx.Response(500, text="oops"), 502, "prometheus_bad_answer"),
+    # Back-pressure (Mimir's query-frontend), and a proxy before Prometheus that cannot reach it, or not in time:
+    # a 429 was a 502 logged as our bug, a proxy's 502 and 504 were 502s without Retry-After.
+    "429 with Retry-After": (
+        lambda r: httpx.Response(429, text="too many outstanding requests", headers={"retry-after": "7"}),
+        503, "prometheus_unavailable"),
+    "502 from a proxy": (lambda r: httpx.Response(502, text="<html>502 Bad Gateway</html>"),
+                         503, "prometheus_unavailable"),
+    "504 from a proxy": (lambda r: httpx.Response(504, text="<html>504 Gateway Time-out</html>"),
+                         504, "prometheus_timeout"),
 }
 
 
@@ -624,3 +634,136 @@ def test_the_password_in_the_prometheus_url_is_not_shown_to_callers():
         for response in (client.get("/healthz"), client.get("/api/training/run-1/analytics")):
             assert response.status_code == 503 and "scraper:***@prometheus:9090" in response.text, response.text
             assert "S3CRET" not in response.text
+
+
+# ----- a pooled connection the backend closed while it was idle -------------------------------------------
+
+EMPTY_ANSWER = json.dumps({"status": "success", "data": {"resultType": "vector", "result": []}}).encode()
+
+
+def read_request(connection: socket.socket, buffered: bytes) -> tuple[bytes, bytes] | None:
+    """One HTTP/1.1 request (its head and a Content-Length body) off a connection, and what was read past it;
+    None when the client closed it first."""
+    while b"\r\n\r\n" not in buffered:
+        chunk = connection.recv(65536)
+        if not chunk:
+            return None
+        buffered += chunk
+    head, _, rest = buffered.partition(b"\r\n\r\n")
+    length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"content-length:")), 0)
+    while len(rest) < length:
+        chunk = connection.recv(65536)
+        if not chunk:
+            return None
+        rest += chunk
+    return head, rest[length:]
+
+
+@contextlib.contextmanager
+def keep_alive_backend(on_reuse, on_new=None):
+    """A backend on a loopback socket that answers every request an empty vector and keeps the connection open,
+    except that the second request on a connection (one the client took from its pool) goes to on_reuse(connection)
+    and a connection's first to on_new(connection) when given, either of which may answer (return True) or not.
+    Yields (its URL, the count of connections it accepted)."""
+    accepted = [0]
+
+    def answer(connection: socket.socket) -> None:
+        with connection, contextlib.suppress(OSError):
+            buffered, served = b"", 0
+            while (found := read_request(connection, buffered)) is not None:
+                buffered = found[1]
+                handler = on_new if served == 0 else on_reuse if served == 1 else None
+                if handler is not None and not handler(connection):
+                    return
+                connection.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                                   b"content-length: %d\r\n\r\n%s" % (len(EMPTY_ANSWER), EMPTY_ANSWER))
+                served += 1
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        def accept() -> None:
+            with contextlib.suppress(OSError):
+                while True:
+                    connection = listener.accept()[0]
+                    accepted[0] += 1
+                    threading.Thread(target=answer, args=(connection,), daemon=True).start()
+
+        threading.Thread(target=accept, daemon=True).start()
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}", accepted
+
+
+def closed(connection: socket.socket) -> bool:
+    """Close without an answer, as a backend (or a proxy) whose idle timer fired as the request came: the client
+    reads the end of the connection (httpx.RemoteProtocolError)."""
+    return False
+
+
+def reset(connection: socket.socket) -> bool:
+    """Drop the connection with a reset, as a proxy that forgot it does (httpx.ReadError)."""
+    connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    return False
+
+
+@pytest.mark.parametrize("on_reuse", [closed, reset], ids=["closed", "reset"])
+def test_a_pooled_connection_the_backend_dropped_is_retried_once_on_a_fresh_one(on_reuse):
+    """A keep-alive connection that the backend or a proxy closed while it was idle in the pool (the client had not
+    yet seen it go): the next query on it failed as an unreachable Prometheus, a 503, where the backend was up.
+    A query is a read: sent again on a fresh connection, it answers."""
+    async def two_queries(url: str) -> list:
+        client = PrometheusClient(url, deadline=2.0, max_concurrency=1)
+        try:
+            return [await client.query("up"), await client.query("up")]
+        finally:
+            await client.aclose()
+
+    with keep_alive_backend(on_reuse) as (url, accepted):
+        assert asyncio.run(two_queries(url)) == [[], []]
+        assert accepted[0] == 2
+
+    with keep_alive_backend(on_reuse) as (url, accepted):
+        with serve(Settings(prometheus_url=url, max_concurrency=1)) as client:
+            assert client.get("/healthz").status_code == 200
+            assert_error(client.get("/api/training/run-1/analytics"), 404, "not_found")
+
+
+def test_a_fresh_connection_that_fails_is_not_retried():
+    """A backend that drops every request on a new connection is unreachable as far as the client can tell: one
+    try (a 503), not two."""
+    async def query(url: str) -> None:
+        client = PrometheusClient(url, deadline=2.0, max_concurrency=1)
+        try:
+            await client.query("up")
+        finally:
+            await client.aclose()
+
+    with keep_alive_backend(closed, on_new=closed) as (url, accepted):
+        with pytest.raises(PrometheusError) as raised:
+            asyncio.run(query(url))
+        assert raised.value.status == 503 and accepted[0] == 1
+
+
+def test_a_retry_on_a_fresh_connection_keeps_to_the_requests_deadline():
+    """The retry has what is left of the request's deadline, not a deadline of its own."""
+    def late_close(connection: socket.socket) -> bool:
+        time.sleep(0.6)
+        return False
+
+    def slow_answer(connection: socket.socket) -> bool:
+        if accepted[0] > 1:         # the retry's connection: an answer after the deadline
+            time.sleep(3)
+        return True
+
+    async def two_queries(url: str) -> float:
+        client = PrometheusClient(url, deadline=1.0, max_concurrency=1)
+        try:
+            await client.query("up")
+            began = time.monotonic()
+            with pytest.raises(PrometheusError, match="did not answer"):
+                await client.query("up")
+            return time.monotonic() - began
+        finally:
+            await client.aclose()
+
+    with keep_alive_backend(late_close, on_new=slow_answer) as (url, accepted):
+        took = asyncio.run(two_queries(url))
+    assert accepted[0] == 2 and 0.9 < took < 2.0, (accepted, took)

@@ -1,0 +1,195 @@
+"""A backend that answers `success` with part of its data: Thanos Query (partial response on: a store that did not
+answer), a Prometheus whose remote read failed, a VictoriaMetrics cluster whose vmstorage node did not answer
+(`isPartial`). A finished job's analytics computed from such an answer were cached as settled, and its report
+stored: the missing figures stayed missing for good. Here a real Prometheus holds a finished job, and a proxy in
+front of it answers as such a backend does."""
+
+import asyncio
+import contextlib
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+import pytest
+
+from trainmetrics.analytics.app import Settings
+from trainmetrics.analytics.cache import AnalyticsCache, settled_job_analytics
+from trainmetrics.analytics.prometheus import PrometheusClient, partial_warnings
+from trainmetrics.reports import PartialAnswer
+
+from .conftest import as_openmetrics, backfilled_prometheus, serve
+
+pytestmark = pytest.mark.slow
+
+STATES = ("queued", "running", "paused", "completed", "failed", "cancelled")
+BASE = 'job_id="part-1",instance="h:1",job="trainer",rank="0"'
+INFO = 'job_name="part",model="mlp",dataset="blobs",owner="a",device="cpu"'
+DURATION = 60.0
+EVAL_LOSSES = (0.75, 0.3125)
+# Thanos Query's warning for a store that did not answer (partial response on, its default).
+STORE_DOWN = ('fetch series for {__name__="trainer_eval_history_index"} Addr: 10.0.0.7:10901 LabelSets: '
+              '{store="eu"}: receive series from Addr: 10.0.0.7:10901: rpc error: code = Unavailable')
+# Prometheus' annotation of a query (2.50-2.53 put its infos in `warnings` too): about the query, no data missing.
+ANNOTATION = 'PromQL info: metric might not be a counter, name does not end in _total/_sum/_count/_bucket: "x" (1:6)'
+
+
+def history(end: float) -> str:
+    """A one-minute job, scraped every 5 s, ended `end` (and scraped once more 0.25 s after): two evaluations."""
+    start = end - DURATION
+    lines = []
+    for t in [start + 5.0 * i for i in range(int(DURATION // 5) + 1)] + [end + 0.25]:
+        final = t > end
+        lines += [f"trainer_job_info{{{BASE},{INFO}}} 1 {t:.3f}",
+                  f"trainer_process_start_timestamp_seconds{{{BASE}}} {start - 5:.3f} {t:.3f}",
+                  f"trainer_job_start_timestamp_seconds{{{BASE}}} {start:.3f} {t:.3f}",
+                  f"trainer_heartbeat_timestamp_seconds{{{BASE}}} {t:.3f} {t:.3f}",
+                  f"trainer_samples_total{{{BASE}}} {int(10 * (min(t, end) - start))} {t:.3f}"]
+        lines += [f'trainer_job_state{{{BASE},state="{s}"}} {int(s == ("completed" if final else "running"))} {t:.3f}'
+                  for s in STATES]
+        if final:
+            lines.append(f"trainer_job_end_timestamp_seconds{{{BASE}}} {end:.3f} {t:.3f}")
+        shown = [(index + 1, start + 30.0 * (index + 1) - 1.0, loss) for index, loss in enumerate(EVAL_LOSSES)
+                 if t >= start + 30.0 * (index + 1) - 1.0]
+        for index, at, loss in shown:
+            slot = f'{BASE},slot="{index % 8}"'
+            lines += [f"trainer_eval_history_index{{{slot}}} {index} {t:.3f}",
+                      f"trainer_eval_history_step{{{slot}}} {index * 100} {t:.3f}",
+                      f"trainer_eval_history_timestamp_seconds{{{slot}}} {at:.3f} {t:.3f}",
+                      f"trainer_eval_history_loss{{{slot}}} {loss} {t:.3f}"]
+        lines.append(f"trainer_evaluations_total{{{BASE}}} {len(shown)} {t:.3f}")
+    return as_openmetrics(lines)
+
+
+class Proxy:
+    """An HTTP proxy before a real Prometheus that answers, while `mode` says so, as a backend with part of its
+    data does: its range answers without their series (a store that did not answer), saying so as Thanos
+    (`warnings`) or a VictoriaMetrics cluster (`isPartial`) does; or every answer with a PromQL annotation."""
+
+    def __init__(self, upstream: str):
+        self.mode: str | None = None
+        self.range_queries = 0
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                self.forward()
+
+            def do_POST(self) -> None:
+                self.forward()
+
+            def forward(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                answer = httpx.request(self.command, upstream + self.path, content=body, timeout=10,
+                                       headers={"content-type": self.headers.get("content-type", "")})
+                content = answer.content
+                if self.path.startswith("/api/v1/"):
+                    content = json.dumps(proxy.altered(self.path, answer.json())).encode()
+                self.send_response(answer.status_code)
+                self.send_header("content-type", answer.headers.get("content-type", "text/plain"))
+                self.send_header("content-length", str(len(content)))
+                self.end_headers()
+                self.wfile.write(content)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def altered(self, path: str, body: dict) -> dict:
+        ranged = path.startswith("/api/v1/query_range")
+        self.range_queries += ranged
+        if self.mode == "annotated":
+            return {**body, "warnings": [ANNOTATION]}
+        if self.mode in ("thanos", "victoria") and ranged:
+            body = {**body, "data": {**body["data"], "result": []}}
+            return {**body, "warnings": [STORE_DOWN]} if self.mode == "thanos" else {**body, "isPartial": True}
+        return body
+
+    @contextlib.contextmanager
+    def running(self):
+        thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            self.server.shutdown()
+            self.server.server_close()
+
+
+@pytest.fixture(scope="module")
+def backend(tmp_path_factory):
+    """A real Prometheus holding the job, ended ten minutes ago, behind a Proxy."""
+    end = round(time.time() - 600)
+    prometheus = backfilled_prometheus(tmp_path_factory.mktemp("partial"), history(end))
+    prometheus.start(timeout=60)
+    try:
+        with Proxy(prometheus.url).running() as proxy:
+            yield proxy
+    finally:
+        prometheus.stop()
+
+
+def test_what_is_partial():
+    assert partial_warnings({"status": "success", "data": {}}) == []
+    assert partial_warnings({"status": "success", "warnings": [], "isPartial": False}) == []
+    assert partial_warnings({"status": "success", "warnings": [ANNOTATION, "PromQL warning: x"]}) == []
+    assert partial_warnings({"status": "success", "warnings": [ANNOTATION, STORE_DOWN]}) == [STORE_DOWN]
+    assert partial_warnings({"status": "success", "isPartial": True}) != []
+    assert partial_warnings({"status": "success", "warnings": "a store is down"}) == ["a store is down"]
+
+
+@pytest.mark.parametrize("mode", ["thanos", "victoria"])
+def test_a_partial_answer_is_said_and_never_cached(backend, mode):
+    backend.mode = mode
+    with serve(Settings(prometheus_url=backend.url)) as client:
+        for _ in range(2):      # asked again: still partial, still not from a cache
+            partial = client.get("/api/training/part-1/analytics")
+            assert partial.status_code == 200, partial.text
+            assert (partial.json()["status"], partial.json()["partial"], partial.json()["evaluations"]) == \
+                ("completed", True, [])
+        backend.mode = None
+        whole = client.get("/api/training/part-1/analytics").json()
+        assert whole["partial"] is False and [e["loss"] for e in whole["evaluations"]] == list(EVAL_LOSSES)
+        # Settled and whole: cached now (no range query asked again), even while the backend is partial again.
+        backend.mode, before = mode, backend.range_queries
+        again = client.get("/api/training/part-1/analytics").json()
+        assert backend.range_queries == before and again == whole
+        metrics = client.get("/metrics").text
+    assert 'analytics_prometheus_requests_total{outcome="partial"}' in metrics
+
+
+def test_a_partial_answer_is_not_a_stored_report(backend):
+    """The keeper stores a settled job's report for good: never from a partial answer (asked again later)."""
+    async def compute(settled: bool) -> tuple:
+        client, cache = PrometheusClient(backend.url), AnalyticsCache()
+        try:
+            return await settled_job_analytics(client, cache, "part-1", 3600, settled), len(cache)
+        finally:
+            await client.aclose()
+
+    backend.mode = "thanos"
+    for settled in (True, False):       # past the keeper's wait for a job to settle too
+        with pytest.raises(PartialAnswer):
+            asyncio.run(compute(settled))
+    backend.mode = None
+    analytics, cached = asyncio.run(compute(True))
+    assert len(analytics.evaluations) == 2 and not analytics.partial and cached == 1
+
+
+def test_a_promql_annotation_is_no_partial_answer(backend):
+    """Prometheus' annotations of a query (`PromQL info: ...`, `PromQL warning: ...`) say nothing is missing:
+    taken for a partial answer, a job would never settle on a Prometheus that annotates one of its queries."""
+    backend.mode = "annotated"
+    try:
+        with serve(Settings(prometheus_url=backend.url)) as client:
+            first = client.get("/api/training/part-1/analytics").json()
+            before = backend.range_queries
+            assert client.get("/api/training/part-1/analytics").json() == first
+    finally:
+        backend.mode = None
+    assert first["partial"] is False and len(first["evaluations"]) == 2 and backend.range_queries == before
