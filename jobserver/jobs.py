@@ -5,6 +5,7 @@ race and the event loop never waits on SQLite, psutil or a process start.
 Every operation takes the caller's owner; another owner's job or dataset is "not found" (404), never 403.
 """
 
+import logging
 import os
 import re
 import time
@@ -25,6 +26,8 @@ from trainmetrics.jobserver.auth import job_id_prefix
 from trainmetrics.jobserver.reports import UpTime
 from trainmetrics.jobserver.store import DatasetRecord, JobRecord, JobStore
 from trainmetrics.jobserver.supervisor import StopRefused, Supervisor, token_matches
+
+log = logging.getLogger("trainmetrics.server")
 
 DEFAULT_OWNER = "default"     # the owner of every job when the server has no tokens
 # The service discovery counts as read by a scraper for this long after a read (deploy/'s refresh_interval
@@ -147,8 +150,18 @@ class JobService:
         job = JobRecord(id=job_id, owner=owner, name=name, spec=values, state="queued")
         if not self.store.add_job(job):
             raise ApiError(409, "conflict", f"job_id: {job_id!r} exists")
-        self.supervisor.tick()
+        self._start_queued()
         return self._view(self.store.get_job(job_id))
+
+    def _start_queued(self) -> None:
+        """Start queued jobs there is room for now, once a request's own change is recorded. A tick that fails is
+        not the request's failure (another job's end that a full disk cannot record): the supervision loop meets it
+        again, says it and retries. Answered 507 "try again", a stored submission's retry was 409 "exists" (one
+        without a job_id was stored and run twice), a resume's "is queued"."""
+        try:
+            self.supervisor.tick()
+        except Exception as error:
+            log.debug("starting queued jobs after a request failed: %s: %s", type(error).__name__, error)
 
     def _target(self, record: DatasetRecord, asked: str | None) -> str:
         """The target column of a job on an uploaded CSV: the spec's, which must be one of its columns, else the
@@ -201,7 +214,7 @@ class JobService:
         # 85") stayed until the next start, so a resumed job cancelled while queued showed them.
         self.store.update_job(job.id, state="queued", resume=True, ended=None, error=None, exit_code=None,
                               reason=None, report=None)
-        self.supervisor.tick()
+        self._start_queued()
         return self._view(self.store.get_job(job.id))
 
     def request_stacks(self, caller: str | None, job_id: str) -> tuple[dict, Path, dict[int, int] | None, float]:

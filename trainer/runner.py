@@ -73,6 +73,11 @@ def physical_gpus(device: torch.device) -> list[int | str]:
     return [gpu]
 
 
+# What restore() reads of every checkpoint, in the order it reads them: a file under a checkpoint's name without one
+# of them (the final weights saved there) is none to resume from.
+RESTORED_KEYS = ("step", "samples", "epoch", "batch_in_epoch", "model", "optimizer")
+
+
 class Trainer:
     """One job: data, model, optimizer, checkpoints and the loop."""
 
@@ -108,12 +113,33 @@ class Trainer:
 
     def foreign(self, state: dict) -> str | None:
         """Why a checkpoint is not this job's to resume from (another job's, or another model's: its weights
-        would not load, or would be the other job's), or None. A checkpoint from before these keys: the job's."""
+        would not load, or would be the other job's; one without what restore() reads), or None. A checkpoint from
+        before the job_id and model_name keys: the job's, if its weights fit this model. Said before restore() takes
+        anything of it, so the resume falls back to the checkpoint before it, as from a damaged one: restore()
+        failed the job (`KeyError: 'step'`, torch's many-line size mismatch), the counters already taken."""
+        missing = [key for key in RESTORED_KEYS if key not in state]
+        if missing:
+            return f"it has no {', '.join(map(repr, missing))}"
         for key, own in (("job_id", self.config.job_id), ("model_name", self.config.model)):
             if key == "job_id" and self.config.job_id_made_up:     # no --job-id: any job id is this job's
                 continue
             if key in state and state[key] != own:
                 return f"its {key} is {str(state[key])[:80]!r}, not {own!r}"
+        return self._misfit(state)
+
+    def _misfit(self, state: dict) -> str | None:
+        """Why a checkpoint's weights do not load into this model (as strictly as restore() loads them), or None.
+        Weights of other data do not fit either: restore() refuses those, naming the --dataset to resume with."""
+        if any(state.get(key) not in (None, own) for key, own in (("dataset", self.dataset.name),
+                                                                 ("dataset_digest", self.dataset.digest))):
+            return None
+        weights, own_weights = state["model"], self.net.state_dict()
+        if not isinstance(weights, dict) or set(weights) != set(own_weights):
+            return "its model weights are another model's (other parameter names)"
+        for name, tensor in own_weights.items():
+            if not isinstance(weights[name], torch.Tensor) or weights[name].shape != tensor.shape:
+                shape = list(weights[name].shape) if isinstance(weights[name], torch.Tensor) else "none"
+                return f"its model weight {name} has shape {shape}, not {list(tensor.shape)}"
         return None
 
     def restore(self, state: dict) -> None:

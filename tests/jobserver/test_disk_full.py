@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import sqlite3
+import subprocess
 import time
 
 import httpx
@@ -15,8 +16,9 @@ import pytest
 from trainmetrics.edge import build_app
 from trainmetrics.jobserver import app as app_module, reports, uploads
 from trainmetrics.jobserver.app import build_component
+from trainmetrics.jobserver.executors import Run
 from trainmetrics.jobserver.jobs import ServerSettings
-from trainmetrics.jobserver.store import JobStore
+from trainmetrics.jobserver.store import JobRecord, JobStore
 
 CSV = b"a,b,label\n" + b"".join(b"%d,%d,%d\n" % (i, 2 * i, i % 2) for i in range(2000))
 
@@ -150,3 +152,57 @@ def test_a_round_that_fails_as_the_one_before_is_said_once_a_minute(monkeypatch,
         asyncio.run(app_module.repeat(work, 0, "supervisor tick"))
     assert [record.getMessage() for record in caplog.records][:2] == [
         "supervisor tick failed", "supervisor tick still failing: OperationalError: database or disk is full"]
+
+
+@pytest.mark.parametrize("request_path,body", [("/api/training/jobs", {"job_id": "asked", "epochs": 1}),
+                                               ("/api/training/jobs/asked/resume", None)])
+def test_a_request_recorded_before_the_disk_filled_is_answered_as_recorded(tmp_path, monkeypatch, request_path, body):
+    """The disk filled just after a submission (or a resume) was recorded, and the tick that starts queued jobs in
+    the same request found another job's end to record: the request was answered 507 "try again once space is
+    freed", though it was stored and the job would run. The retry was 409 (`'asked' exists`; one without a job_id
+    was stored, and run, twice; a resume's retry: `is queued`). The tick's failure is the supervision loop's."""
+    full, execute = database_full_error(), JobStore._execute
+    disk = {"armed": False, "full": False}
+    other = subprocess.Popen(["sleep", "60"])
+
+    def fills_after_the_next_write(self, sql, params=()):
+        write = sql.split()[0] in ("INSERT", "UPDATE", "DELETE")
+        if write and disk["full"]:
+            raise full
+        rows = execute(self, sql, params)
+        if write and disk["armed"]:
+            disk["full"] = True
+            other.kill()                # another job's process ends meanwhile: its end finds no room
+            other.wait()
+        return rows
+
+    async def on_a_filling_disk():
+        async with served(tmp_path) as (client, server):
+            if body is None:
+                assert (await client.post("/api/training/jobs", json={"job_id": "asked"})).status_code == 201
+                await server.call(lambda: server.service.store.update_job("asked", state="paused"))
+
+            def running_elsewhere():
+                server.service.store.add_job(JobRecord(id="other", owner="default", name="other", spec={},
+                                                       state="running", pid=other.pid, handle=str(other.pid)))
+                server.service.supervisor.runs["other"] = Run("other", str(other.pid), tmp_path / "jobs" / "other",
+                                                              other.pid, other)
+
+            await server.call(running_elsewhere)
+            monkeypatch.setattr(JobStore, "_execute", fills_after_the_next_write)
+            disk["armed"] = True
+            answer = await client.post(request_path, json=body)
+            assert answer.status_code == (201 if body else 200), (answer.status_code, answer.text)
+            assert answer.json()["state"] == "queued"
+            monkeypatch.setattr(JobStore, "_execute", execute)     # space freed: the other job's end is recorded
+            async with asyncio.timeout(5):
+                while (await client.get("/api/training/jobs/other")).json()["state"] == "running":
+                    await asyncio.sleep(0.1)
+            jobs = (await client.get("/api/training/jobs")).json()["jobs"]
+            assert sorted((job["job_id"], job["state"]) for job in jobs) == [("asked", "queued"), ("other", "failed")]
+
+    try:
+        asyncio.run(on_a_filling_disk())
+    finally:
+        other.kill()
+        other.wait()

@@ -236,6 +236,35 @@ def test_another_jobs_or_models_checkpoint_is_skipped_when_resuming(make_trainer
     assert resumed.run() == "completed"
 
 
+def _without(state: dict, *keys: str) -> dict:
+    return {key: value for key, value in state.items() if key not in keys}
+
+
+@pytest.mark.parametrize("newest,why", [
+    (lambda good, cnn: good["model"], "it has no 'step'"),        # final weights saved under a checkpoint's name
+    (lambda good, cnn: _without({**good, "step": 9}, "optimizer"), "it has no 'optimizer'"),
+    # a cnn's, from before checkpoints named their model
+    (lambda good, cnn: _without({**cnn, "step": 9}, "model_name"), "its model weights are another model's"),
+    (lambda good, cnn: {**good, "step": 9, "model": {**good["model"], "net.1.weight": torch.zeros(3, 3)}},
+     "its model weight net.1.weight has shape [3, 3], not [")])
+def test_a_checkpoint_that_loads_without_what_a_resume_needs_falls_back_to_the_one_before(
+        newest, why, make_trainer, tmp_path, caplog):
+    """A newest checkpoint that loads but lacks a key the resume reads, or holds weights of another shape, failed
+    the job (`KeyError: 'step'`; torch's many-line size mismatch, with the job's counters and weights already
+    taken from it), where a damaged one falls back to the one before it."""
+    common = dict(model="mlp", dataset="digits", epochs=1, batch_size=64, checkpoint_dir=tmp_path)
+    assert stopped_at(make_trainer(**common), 5) == "cancelled"
+    good = torch.load(ckpt.list_checkpoints(tmp_path)[-1].path, weights_only=True)
+    cnn = make_trainer(**{**common, "model": "cnn", "checkpoint_dir": None})
+    ckpt.atomic_save(newest(good, cnn.state([cnn.metrics.state_dict()])), tmp_path / ckpt.checkpoint_name(9))
+    resumed = make_trainer(**common)
+    state = ckpt.load_latest(tmp_path, foreign=resumed.foreign)
+    assert state["step"] == 5
+    assert f"checkpoint {tmp_path / ckpt.checkpoint_name(9)} is not this job's ({why}" in caplog.text
+    resumed.restore(state)
+    assert resumed.metrics.steps == 5
+
+
 def test_a_resume_with_another_batch_size_fails_instead_of_training_samples_twice(make_trainer, tmp_path):
     """The position is a count of batches: 12 batches of 64 resumed with --batch-size 16 skipped 192 samples
     only, and trained 576 of the epoch again."""
