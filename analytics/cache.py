@@ -132,11 +132,13 @@ def holds_less(answer: JobAnalytics, stored: JobAnalytics) -> bool:
         return then is not None and (now is None or now < then - 1e-3)
 
     # A stored report's part may be missing (the row is text anyone with the database may have edited:
-    # from_plain reads what is not there as null): what it does not say is not more.
+    # from_plain reads what is not there as null, a missing block as one whose every figure is null): what it
+    # does not say is not more (a goodput block with neither a wall clock nor a reason says nothing).
     later_start = stored.start_time is not None and (answer.start_time is None or
                                                      answer.start_time > stored.start_time + 1e-3)
-    stored_reason = stored.goodput.unavailable_reason if stored.goodput is not None else EARLIER_RUNS_GONE
-    return (later_start or less(answer.duration.total_seconds, getattr(stored.duration, "total_seconds", None))
+    said = stored.goodput.wall_clock_seconds is not None or stored.goodput.unavailable_reason is not None
+    stored_reason = stored.goodput.unavailable_reason if said else EARLIER_RUNS_GONE
+    return (later_start or less(answer.duration.total_seconds, stored.duration.total_seconds)
             or len(answer.evaluations) < len(stored.evaluations or ())
             or answer.goodput.unavailable_reason == EARLIER_RUNS_GONE != stored_reason)
 

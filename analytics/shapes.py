@@ -3,6 +3,7 @@ JSON, and openapi.py generates its schemas from them (`schemas`). docs/api.md sa
 
 import dataclasses
 import functools
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -380,7 +381,9 @@ def _from_plain(annotation, value):
     from a database anyone with the file could edit: a string where a number belongs would fail later)."""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if value is None:
-        return None
+        # A block the shape always has (`duration`, `energy`...) is there with every figure null: answered null,
+        # against the schema, it failed the comparison's row (500). (An optional one, `X | None`, stays null.)
+        return from_plain(annotation, {}) if dataclasses.is_dataclass(annotation) else None
     if origin in (types.UnionType, typing.Union):
         (inner,) = [arg for arg in args if arg is not type(None)]
         return _from_plain(inner, value)
@@ -393,7 +396,13 @@ def _from_plain(annotation, value):
     if origin is dict:
         return {key: _from_plain(args[1], item) for key, item in value.items()} if isinstance(value, dict) else None
     if annotation is float:
-        return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return None
+        # Finite only: json.loads reads NaN, Infinity and 1e999, which JSON answers cannot hold (500).
+        try:
+            return value if math.isfinite(value) else None
+        except OverflowError:       # an integer past a float's range: the comparison's arithmetic failed on it
+            return None
     if annotation is int:
         return value if isinstance(value, int) and not isinstance(value, bool) else None
     if annotation in (str, bool):

@@ -591,6 +591,47 @@ def test_with_prometheus_down_another_owners_stored_job_answers_as_an_unknown_on
     assert [job.job_id for job in asyncio.run(ask(["alice-1", "bob-1"], None))] == ["alice-1", "bob-1"]
 
 
+@pytest.mark.parametrize("figure", ["NaN", "Infinity", "-1e999", "1" + "0" * 400],
+                         ids=["nan", "infinity", "past-float", "huge-int"])
+def test_a_stored_report_edited_by_hand_answers_its_odd_figure_as_null(figure, tmp_path):
+    """A stored report is text in the job's row, and json.loads reads NaN, Infinity and 1e999: such a figure
+    answered 500 (JSON has none), and an integer past a float's range failed the comparison's arithmetic. A
+    report lacking a block (`duration`, `energy`...) answered it null, against the schema, and its comparison
+    500 (AttributeError). Such figures read as null, a missing block as the block with every figure null."""
+    from trainmetrics.jobserver import reports
+    from trainmetrics.jobserver.store import JobRecord, JobStore
+    from trainmetrics.prometheus_process import free_port
+    from trainmetrics.reports import ReportArchive
+
+    store = JobStore(tmp_path / "db.sqlite")
+    texts = {"odd-1": '{"job_id": "odd-1", "status": "completed", "performance": {"average_samples_per_second": %s},'
+                      ' "goodput": {"goodput_ratio": 0.5, "seconds": {"step": %s}}}' % (figure, figure),
+             "bare-1": '{"job_id": "bare-1", "status": "completed"}'}
+    for job_id, text in texts.items():
+        store.add_job(JobRecord(id=job_id, owner="default", name=job_id, state="completed", spec={}, ended=1.0))
+        assert store.keep_report(job_id, text, 1.0)
+
+    async def call(operation, *args):
+        return operation(*args)
+
+    keeper = reports.ReportKeeper(None, call, store, reports.UpTime(store))
+    down = f"http://127.0.0.1:{free_port()}"            # nothing listens there: the stored reports answer
+    settings = Settings(prometheus_url=down, prometheus_deadline=2.0, archive=ReportArchive(load=keeper.load))
+    with serve(settings) as client:
+        odd = client.get("/api/training/odd-1/analytics")
+        assert odd.status_code == 200, odd.text
+        assert odd.json()["source"] == "stored" and odd.json()["performance"]["average_samples_per_second"] is None
+        assert odd.json()["goodput"]["goodput_ratio"] == 0.5 and odd.json()["goodput"]["seconds"] == {"step": None}
+        bare = client.get("/api/training/bare-1/analytics")
+        assert bare.status_code == 200, bare.text
+        assert bare.json()["duration"]["total_seconds"] is None and bare.json()["energy"]["total_joules"] is None
+        compared = client.get("/api/training/analytics/compare?job_ids=odd-1,bare-1")
+        assert compared.status_code == 200, compared.text
+        assert [row["throughput"] for row in compared.json()["jobs"]] == [None, None]
+        assert compared.json()["winner"]["best_goodput"] == "odd-1"
+    store.close()
+
+
 def test_retry_after_is_read_as_seconds_or_an_http_date_and_kept_within_bounds():
     from trainmetrics.analytics.prometheus import (DEFAULT_RETRY_AFTER_SECONDS, MAX_RETRY_AFTER_SECONDS,
                                                    retry_after_seconds)
