@@ -7,6 +7,7 @@ checkpoint name. Files hold only tensors, numbers, strings, lists and dicts, so
 
 import logging
 import os
+import secrets
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -37,7 +38,10 @@ def atomic_save(obj, path: Path) -> Path:
     import torch   # here, not at import: the job server lists checkpoints without loading torch
 
     path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # Exclusive and unpredictable, as mkstemp's, but with the mode the umask gives (torch.save's): mkstemp's 0600
+    # made a team's shared checkpoint directory hold weights no one else could load.
+    tmp_name = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
+    fd = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
     try:
         with os.fdopen(fd, "wb") as handle:
             try:

@@ -39,6 +39,18 @@ def test_failed_write_keeps_previous_checkpoint_and_leaves_no_temp_file(tmp_path
     assert torch.equal(ckpt.load_latest(tmp_path)["w"], torch.ones(3))
 
 
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_a_checkpoint_has_the_mode_the_umask_gives_as_torch_save_would(tmp_path, umask, mode):
+    """The temp file's mkstemp made every checkpoint and the final model 0600 whatever the umask: a team's
+    shared checkpoint directory (umask 002) held weights no one else could load."""
+    before = os.umask(umask)
+    try:
+        saved = ckpt.atomic_save({"step": 1}, tmp_path / "model.pt")
+    finally:
+        os.umask(before)
+    assert saved.stat().st_mode & 0o777 == mode
+
+
 def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path, caplog):
     ckpt.save_checkpoint(tmp_path, {"step": 1, "w": torch.ones(2)})
     (tmp_path / ckpt.checkpoint_name(2)).write_bytes(b"truncated by a crash")
