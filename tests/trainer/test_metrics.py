@@ -799,6 +799,7 @@ def test_a_data_loader_iterated_in_a_marked_phase_is_that_phases_time():
             yield batch
 
     try:
+        started = time.perf_counter()
         metrics.start()
         began = time.perf_counter()
         with metrics.phase("eval"):
@@ -808,10 +809,12 @@ def test_a_data_loader_iterated_in_a_marked_phase_is_that_phases_time():
         took = time.perf_counter() - began          # the sleeps' 0.18 s, and what a busy host adds to them
         assert metrics.phases.phase == "compute"
         totals = metrics.phases.totals()
+        whole = time.perf_counter() - started
     finally:
         metrics.close()
     assert totals["eval"] == pytest.approx(took, abs=0.01) and took >= 0.18
-    assert totals["data_wait"] == 0 and metrics.data_waits.count == 0 and totals["compute"] < 0.03
+    # compute is the time outside the evaluation only (however long a busy host took to get there)
+    assert totals["data_wait"] == 0 and metrics.data_waits.count == 0 and totals["compute"] <= whole - took + 0.01
 
 
 def test_an_unknown_phase_name_is_warned_once_and_counts_as_compute(caplog):
