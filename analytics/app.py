@@ -4,8 +4,9 @@ component of an app behind the edge (trainmetrics.edge: the error shape, /health
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import httpx
@@ -47,6 +48,10 @@ class Settings:
     max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES   # the largest answer from Prometheus read
     cache_entries: int = 1024                     # finished jobs' analytics kept (0: no cache)
     recorded_series: bool = True                  # fleet reads analytics.rules.yml's series where they cover it
+    # How the backend is asked when it wants proof (analytics/backend_auth.py; basic auth: the URL's user part).
+    prometheus_auth: httpx.Auth | None = None               # --prometheus-bearer-token-file
+    prometheus_ca: ssl.SSLContext | None = None             # --prometheus-ca-file (None: the usual CAs)
+    prometheus_headers: dict[str, str] = field(default_factory=dict)    # --prometheus-header
     transport: httpx.AsyncBaseTransport | None = None   # tests inject httpx.MockTransport here
     # The owner whose jobs a request may see (None: all). The analytics check it against each job's own
     # `owner` label in Prometheus on every route; trainmetrics.service passes the job server's token owner.
@@ -112,7 +117,9 @@ def build_component(settings: Settings) -> Component:
     async def lifespan():
         client = PrometheusClient(settings.prometheus_url, deadline=settings.prometheus_deadline,
                                   max_concurrency=settings.max_concurrency, transport=settings.transport,
-                                  metrics=client_metrics, max_answer_bytes=settings.max_answer_bytes)
+                                  metrics=client_metrics, max_answer_bytes=settings.max_answer_bytes,
+                                  auth=settings.prometheus_auth, ca=settings.prometheus_ca,
+                                  headers=settings.prometheus_headers)
         cache = AnalyticsCache(settings.cache_entries)
         if settings.archive is not None:
             async def compute(job_id: str, settled: bool = True) -> dict:

@@ -15,6 +15,15 @@ def add_analytics_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("analytics")
     group.add_argument("--prometheus-url", default=f"http://127.0.0.1:{DEFAULT_PROMETHEUS_PORT}",
                        help="base URL of Prometheus or any Prometheus-API backend")
+    group.add_argument("--prometheus-bearer-token-file", metavar="FILE", default=None,
+                       help="send 'Authorization: Bearer' with the token in FILE, read again when it changes (a "
+                            "rotated service account token); basic auth: user:password@ in --prometheus-url")
+    group.add_argument("--prometheus-ca-file", metavar="FILE", default=None,
+                       help="verify an https backend's certificate against the CA certificates in FILE (PEM) "
+                            "instead of the usual ones")
+    group.add_argument("--prometheus-header", metavar="'NAME: VALUE'", action="append", default=None,
+                       help="a header sent with every request to the backend, e.g. 'X-Scope-OrgID: team-a' for a "
+                            "Mimir or Cortex tenant (repeatable)")
     group.add_argument("--lookback", default="30d", help="how far back a job is found by id")
     group.add_argument("--prometheus-timeout", type=float, default=8.0,
                        help="seconds per request to Prometheus (below --request-timeout)")
@@ -36,6 +45,7 @@ def add_analytics_flags(parser: argparse.ArgumentParser) -> None:
 def analytics_settings(args: argparse.Namespace):
     """Settings from the flags; FlagError naming the first bad one."""
     from trainmetrics.analytics.app import Settings
+    from trainmetrics.analytics.backend_auth import bearer_token_flag, ca_file_flag, header_flags
     from trainmetrics.analytics.endpoints import BadParameter, parse_duration
 
     try:
@@ -57,6 +67,9 @@ def analytics_settings(args: argparse.Namespace):
     if not args.prometheus_url.startswith(("http://", "https://")):
         raise FlagError("--prometheus-url", f"must be an http(s) URL, got {args.prometheus_url[:80]!r}")
     return Settings(prometheus_url=args.prometheus_url, lookback_seconds=lookback,
+                    prometheus_auth=bearer_token_flag(args.prometheus_bearer_token_file),
+                    prometheus_ca=ca_file_flag(args.prometheus_ca_file),
+                    prometheus_headers=header_flags(args.prometheus_header or []),
                     prometheus_deadline=args.prometheus_timeout, service_deadline=args.request_timeout,
                     max_concurrency=args.max_concurrency, max_answer_bytes=args.max_answer_bytes,
                     cache_entries=args.cache_entries,

@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import re
+import ssl
 import time
 from typing import Iterator
 from urllib.parse import urlencode, urlsplit, urlunsplit
@@ -119,6 +120,17 @@ def partial_answers() -> Iterator[list[str]]:
             outer.extend(found)
 
 
+def _tls_failure(error: BaseException) -> str:
+    """Why the TLS handshake under a transport error failed, for its message ('' where none did): "unreachable:
+    ConnectError" alone sent one whose backend's certificate a private CA signed looking for a network fault."""
+    while error is not None and not isinstance(error, ssl.SSLError):
+        error = error.__cause__ or error.__context__
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return f" (its TLS certificate is not trusted: {error.verify_message}; --prometheus-ca-file names the CA " \
+               "that signed it)"
+    return f" (TLS: {error.reason or error})" if isinstance(error, ssl.SSLError) else ""
+
+
 class _StaleConnection(Exception):
     """A request that failed on a pooled connection before any answer came: the backend or a proxy closed the
     connection while it was idle in the pool, or as the request came (its idle timer's race with it)."""
@@ -155,7 +167,8 @@ class PrometheusClient:
 
     def __init__(self, base_url: str, *, deadline: float = 8.0, max_concurrency: int = 4,
                  transport: httpx.AsyncBaseTransport | None = None, metrics: ClientMetrics | None = None,
-                 max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES):
+                 max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES, auth: httpx.Auth | None = None,
+                 ca: ssl.SSLContext | None = None, headers: dict[str, str] | None = None):
         self.base_url = base_url.rstrip("/")
         self.shown_url = shown_url(self.base_url)
         self.deadline = deadline
@@ -165,10 +178,10 @@ class PrometheusClient:
         self._partial_logged = -math.inf     # when a partial answer was last logged (time.monotonic)
         self._sending: set[asyncio.Task] = set()     # requests in flight (the event loop keeps weak references)
         self._http = httpx.AsyncClient(
-            base_url=self.base_url, transport=transport,
+            base_url=self.base_url, transport=transport, auth=auth, verify=ca if ca is not None else True,
             timeout=httpx.Timeout(deadline, connect=min(deadline, CONNECT_TIMEOUT_SECONDS)),
             # Uncompressed: on the loopback or a LAN, gzip costs both sides more CPU than it saves in time.
-            headers={"accept-encoding": "identity"},
+            headers={**(headers or {}), "accept-encoding": "identity"},
             limits=httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency))
         self._metrics = metrics if metrics is not None else ClientMetrics(CollectorRegistry())
         self._answer_delay: float | None = None     # read once (answer_delay)
@@ -258,7 +271,8 @@ class PrometheusClient:
         except httpx.TransportError as error:   # refused, reset, DNS, connect timeout
             outcome = "unavailable"
             raise PrometheusError("unavailable", f"Prometheus at {self.shown_url} is unreachable: "
-                                  f"{type(error).__name__}", DEFAULT_RETRY_AFTER_SECONDS) from error
+                                  f"{type(error).__name__}{_tls_failure(error)}",
+                                  DEFAULT_RETRY_AFTER_SECONDS) from error
         finally:
             self._metrics.requests.labels(outcome).inc()
             self._metrics.duration.observe(time.perf_counter() - began)

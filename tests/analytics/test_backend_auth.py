@@ -1,0 +1,147 @@
+"""A backend that wants proof: a gateway before a real Prometheus (as Mimir's, Thanos' behind an OAuth proxy, a
+Kubernetes API proxy) serves TLS from a private CA and takes a request only with the bearer token of the moment and
+the tenant header. The analytics reached no such backend: only basic auth (the URL's user part) and the usual CAs."""
+
+import contextlib
+import os
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+import pytest
+
+from trainmetrics.prometheus_process import PrometheusServer, free_port
+
+pytestmark = pytest.mark.slow
+
+
+def openssl(*args: str, cwd) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    """A private CA and a certificate it signed for 127.0.0.1."""
+    cwd = tmp_path_factory.mktemp("pki")
+    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout",
+            "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=backend-ca", cwd=cwd)
+    openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout",
+            "gateway.key", "-out", "gateway.csr", "-subj", "/CN=gateway", cwd=cwd)
+    (cwd / "gateway.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    openssl("x509", "-req", "-in", "gateway.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", "gateway.crt", "-days", "2", "-extfile", "gateway.ext", cwd=cwd)
+    return cwd
+
+
+class Gateway:
+    """TLS before a real Prometheus, forwarding only requests with `Authorization: Bearer <token>` and
+    `X-Scope-OrgID: <tenant>` (401 otherwise); it records each request's headers."""
+
+    def __init__(self, upstream: str, pki, token: str, tenant: str):
+        self.token, self.tenant, self.seen = token, tenant, []
+        gateway = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                self.forward()
+
+            def do_POST(self) -> None:
+                self.forward()
+
+            def forward(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                gateway.seen.append(dict(self.headers))
+                if (self.headers.get("authorization"), self.headers.get("x-scope-orgid")) != (
+                        f"Bearer {gateway.token}", gateway.tenant):
+                    content, status, kind = b"unauthorized\n", 401, "text/plain"
+                else:
+                    answer = httpx.request(self.command, upstream + self.path, content=body, timeout=10,
+                                           headers={"content-type": self.headers.get("content-type", "")})
+                    content, status = answer.content, answer.status_code
+                    kind = answer.headers.get("content-type", "text/plain")
+                self.send_response(status)
+                self.send_header("content-type", kind)
+                self.send_header("content-length", str(len(content)))
+                self.end_headers()
+                self.wfile.write(content)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(pki / "gateway.crt", pki / "gateway.key")
+        self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+        self.url = f"https://127.0.0.1:{self.server.server_address[1]}"
+
+    @contextlib.contextmanager
+    def running(self):
+        thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            self.server.shutdown()
+            self.server.server_close()
+
+
+@contextlib.contextmanager
+def analytics(*flags: str, log):
+    """A real `trainmetrics analytics` process with these flags; yields its base URL."""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "trainmetrics", "analytics", "--listen", f"127.0.0.1:{port}",
+                                "--prometheus-timeout", "4", "--request-timeout", "5", *flags],
+                               stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
+                break
+            except httpx.TransportError:
+                assert process.poll() is None and time.monotonic() < deadline, "analytics did not start"
+                time.sleep(0.2)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+SUMMARY = "/api/training/analytics/summary?range=1h"
+
+
+def test_a_backend_behind_tls_a_rotated_token_and_a_tenant_header_is_read(pki, tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text("first-token\n")
+    with PrometheusServer(tmp_path / "prometheus") as prometheus, \
+            Gateway(prometheus.url, pki, token="first-token", tenant="team-a").running() as gateway, \
+            open(tmp_path / "analytics.log", "wb") as log:
+        with analytics("--prometheus-url", gateway.url, log=log) as url:
+            refused = httpx.get(url + SUMMARY, timeout=10)       # the usual CAs: the private one's certificate fails
+            assert refused.status_code == 503 and "--prometheus-ca-file" in refused.text, refused.text
+        flags = ("--prometheus-url", gateway.url, "--prometheus-ca-file", str(pki / "ca.crt"),
+                 "--prometheus-bearer-token-file", str(token_file), "--prometheus-header", "X-Scope-OrgID: team-a")
+        with analytics(*flags, log=log) as url:
+            answer = httpx.get(url + SUMMARY, timeout=10)
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["total_jobs"] == 0
+            # The token is rotated (a Kubernetes secret's file is replaced): the next request sends the new one.
+            rotated = tmp_path / "token.new"
+            rotated.write_text("second-token")
+            os.replace(rotated, token_file)
+            gateway.token = "second-token"
+            assert httpx.get(url + SUMMARY, timeout=10).status_code == 200
+            # A token file gone keeps the token read before (the backend says whether it still holds).
+            token_file.unlink()
+            assert httpx.get(url + SUMMARY, timeout=10).status_code == 200
+    assert {(headers.get("Authorization"), headers.get("X-Scope-OrgID")) for headers in gateway.seen} == {
+        ("Bearer first-token", "team-a"), ("Bearer second-token", "team-a")}
+    said = (tmp_path / "analytics.log").read_text()
+    assert "first-token" not in said and "second-token" not in said
+    assert said.count("--prometheus-bearer-token-file") == 1, said      # the file gone: said once
