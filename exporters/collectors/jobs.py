@@ -9,7 +9,8 @@ in the tree exits and its parent (also in the tree) reaps it, the kernel moves i
 parent's cutime/cstime, so the sum carries on without a dip and without counting anything twice. A rank
 that joins a job already counted is counted from its first sample, as the job's first ranks are. Lost is
 the time of a process that leaves the tree before it exits (re-parented to init: a daemonised grandchild,
-a worker whose parent died first); it drops out at the next tree walk. A rank (a mapped process of a job
+a worker whose parent died first); it drops out at the next tree walk; and the time of a child of a process
+that ignores SIGCHLD (the kernel reaps it, into no cutime). A rank (a mapped process of a job
 with several) that ends before the others keeps the time of its last sample in its job's counter. The
 exported counter never decreases: reads of a tree are not atomic, and a reap between two reads (or such a
 departure) would otherwise show as a dip that Prometheus takes for a counter reset.
