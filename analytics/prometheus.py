@@ -38,6 +38,7 @@ DECODE_IN_THREAD_BYTES = 1 << 20
 VICTORIA_FLAG_LINE = re.compile(r'^-[A-Za-z0-9_.]+=".*"$')
 VICTORIA_LATENCY_OFFSET_DEFAULT_SECONDS = 30.0
 VICTORIA_LATENCY_OFFSET_LEAST_SECONDS = 1.0
+VICTORIA_CLUSTER_PATH = re.compile(r"/select/[^/]+/prometheus/?")
 GO_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ns|us|µs|ms|s|m|h)")
 GO_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 # A success answer's `warnings` that begin so are PromQL's annotations of the query (Prometheus 2.50-2.53 put its
@@ -222,9 +223,14 @@ class PrometheusClient:
         return self._answer_delay
 
     async def _read_answer_delay(self) -> float | None:
+        parts = urlsplit(self.base_url)
+        # A VictoriaMetrics cluster's vmselect serves the API under /select/<tenant>/prometheus and its /flags at its
+        # root: under the API's path it was a 404, read as no VictoriaMetrics (0 s: its 30 s offset never waited).
+        cluster = VICTORIA_CLUSTER_PATH.fullmatch(parts.path)
+        flags = urlunsplit((parts.scheme, parts.netloc, "/flags", "", "")) if cluster else "/flags"
         try:
             async with self._semaphore:
-                response, content = await self._fetch("GET", "/flags", self.deadline)
+                response, content = await self._fetch("GET", flags, self.deadline)
         except (httpx.HTTPError, PrometheusError):
             return None
         if response.status_code == 429 or response.status_code >= 500:

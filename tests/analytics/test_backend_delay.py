@@ -48,6 +48,30 @@ def test_a_flags_page_that_cannot_answer_now_is_asked_again():
     assert asyncio.run(delays()) == [0.0, 0.0, 45.0, 45.0] and answers == []
 
 
+@pytest.mark.parametrize("url", ["http://vmselect:8481/select/0/prometheus",
+                                 "http://vmselect:8481/select/7:2/prometheus/"])
+def test_a_victoria_metrics_clusters_flags_are_read_at_vmselects_root(url):
+    """vmselect serves the API under /select/<tenant>/prometheus and /flags at its root: asked under the API's path
+    (a 400 there), the cluster was taken for no VictoriaMetrics and its 30 s latency offset for 0."""
+    asked = []
+
+    def vmselect(request: httpx.Request) -> httpx.Response:
+        asked.append(str(request.url))
+        if request.url.path == "/flags":
+            return httpx.Response(200, text='-search.latencyOffset="45s"\n-dedup.minScrapeInterval="1ms"\n')
+        return httpx.Response(400, text="unsupported path requested")
+
+    async def read() -> float:
+        client = PrometheusClient(url, transport=httpx.MockTransport(vmselect))
+        try:
+            return await client.answer_delay()
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(read()) == 45.0
+    assert asked == ["http://vmselect:8481/flags"]
+
+
 def test_a_job_read_within_the_backends_answer_delay_of_its_end_is_not_cached(tmp_path):
     """On a default VictoriaMetrics, a job asked for in the first 30 s after its end showed `completed` (its
     instant reads found the end) with `evaluations: []` and no peak (the range reads held nothing of its last
