@@ -406,6 +406,11 @@ class PrometheusClient:
             reason = {429: "is too busy to answer (429)", 502: "is not reachable through its proxy (502)"}
             raise PrometheusError("unavailable", f"Prometheus {reason.get(status, 'is not ready')}: {detail or status}",
                                   retry_after_seconds(response.headers.get("retry-after", "")))
+        if status in (401, 403, 407):
+            # The credentials, not the query: logged as our bug, a revoked token sent its owner reading code.
+            raise PrometheusError("bad_answer", f"Prometheus refused the analytics' credentials ({status}): see "
+                                                "--prometheus-bearer-token-file, the URL's user:password, "
+                                                "--prometheus-header")
         if 400 <= status < 500:
             # Every expression is built by queries.py from validated input: a 4xx is our bug.
             log.error("BUG: Prometheus rejected a query (%s %s): %s; query: %s", status, error_type, detail, expr)

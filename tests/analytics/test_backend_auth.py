@@ -140,8 +140,13 @@ def test_a_backend_behind_tls_a_rotated_token_and_a_tenant_header_is_read(pki, t
             # A token file gone keeps the token read before (the backend says whether it still holds).
             token_file.unlink()
             assert httpx.get(url + SUMMARY, timeout=10).status_code == 200
+            # A token the backend no longer takes: the credentials named, not a query logged as our bug.
+            gateway.token = "revoked"
+            refused = httpx.get(url + SUMMARY, timeout=10)
+            assert refused.status_code == 502 and "refused the analytics' credentials (401)" in refused.text
     assert {(headers.get("Authorization"), headers.get("X-Scope-OrgID")) for headers in gateway.seen} == {
         ("Bearer first-token", "team-a"), ("Bearer second-token", "team-a")}
     said = (tmp_path / "analytics.log").read_text()
     assert "first-token" not in said and "second-token" not in said
     assert said.count("--prometheus-bearer-token-file") == 1, said      # the file gone: said once
+    assert "BUG" not in said, said
