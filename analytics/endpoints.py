@@ -15,6 +15,7 @@ from trainmetrics.analytics import fleet, shapes
 from trainmetrics.analytics import queries as q
 from trainmetrics.analytics.cache import cached_job_analytics
 from trainmetrics.analytics.openapi import openapi_document
+from trainmetrics.analytics.prometheus import partial_answers
 from trainmetrics.contract import MAX_NAME_LENGTH, validate_job_id
 from trainmetrics.edge import ApiError
 
@@ -228,13 +229,15 @@ async def jobs(request: Request) -> Response:
             raise BadParameter("since", "at most 90 days ago")
     else:
         range_seconds = parse_duration("range", DEFAULT_SUMMARY_RANGE)
-    split = await fleet.recorded_split(request.state.prometheus, range_seconds, now,
-                                       _settings(request).recorded_series)
-    table = await fleet.fleet(request.state.prometheus, range_seconds, now, split, owner=owner)
+    with partial_answers() as partial:
+        split = await fleet.recorded_split(request.state.prometheus, range_seconds, now,
+                                           _settings(request).recorded_series)
+        table = await fleet.fleet(request.state.prometheus, range_seconds, now, split, owner=owner)
     table = fleet.filter_jobs(table, status, owner, since, until, now)
     if fmt == "csv":
         return _csv(table, shapes.JobRow, "jobs.csv")
-    return JSONResponse(shapes.plain(shapes.JobList(range_seconds=range_seconds, count=len(table), jobs=table)))
+    return JSONResponse(shapes.plain(shapes.JobList(range_seconds=range_seconds, count=len(table), jobs=table,
+                                                    partial=bool(partial))))
 
 
 async def openapi(request: Request) -> JSONResponse:

@@ -12,7 +12,7 @@ from trainmetrics.analytics.cache import AnalyticsCache, cached_jobs_analytics
 from trainmetrics.analytics.job import NO_GPU_ENERGY
 from trainmetrics.analytics.lookup import (ENDED, Process, hold_missed_scrapes, hold_while_a_rank_runs, in_order,
                                           job_status, killed_run, speakers, timeline_of)
-from trainmetrics.analytics.prometheus import PrometheusClient
+from trainmetrics.analytics.prometheus import PrometheusClient, partial_answers
 from trainmetrics.analytics.results import number, query_parts, ratio, rounded, rows, scalar
 from trainmetrics.contract import FINAL_STATES, validate_job_id
 
@@ -247,6 +247,14 @@ async def summary(client: PrometheusClient, range_seconds: float, step: float, o
     """The fleet summary over the last range_seconds (one owner's jobs when given), with the hosts'
     resource trends at `step` resolution. recorded: read the analytics recording rules' series where they
     cover the range."""
+    with partial_answers() as partial:
+        body = await _summary(client, range_seconds, step, owner, recorded)
+    body.partial = bool(partial)
+    return body
+
+
+async def _summary(client: PrometheusClient, range_seconds: float, step: float, owner: str | None,
+                   recorded: bool) -> shapes.Summary:
     now = time.time()
     split = await recorded_split(client, range_seconds, now, recorded)
     # Trends from recorded series only where they cover the whole range and each point spans several.
@@ -276,7 +284,8 @@ async def summary(client: PrometheusClient, range_seconds: float, step: float, o
         top_performing_jobs=[shapes.TopJob(**{key: getattr(row, key) for key in shapes.columns(shapes.TopJob)})
                              for row in top],
         resource_trends=shapes.ResourceTrends(step_seconds=step, series=trends),
-        goodput=goodput.fleet(ledger, processes, {row.job_id for row in table}, now - range_seconds, now))
+        goodput=goodput.fleet(ledger, processes, {row.job_id for row in table}, now - range_seconds, now),
+        partial=False)
 
 
 def comparison_row(analytics: shapes.JobAnalytics) -> shapes.CompareRow:
@@ -292,7 +301,7 @@ def comparison_row(analytics: shapes.JobAnalytics) -> shapes.CompareRow:
         average_cpu_percent=resources.average_cpu_percent, peak_memory_mb=resources.peak_memory_mb,
         overall_score=analytics.efficiency.overall_score, total_joules=analytics.energy.total_joules,
         samples_per_joule=analytics.energy.samples_per_joule, goodput_ratio=analytics.goodput.goodput_ratio,
-        energy_complete=energy_complete(analytics))
+        energy_complete=energy_complete(analytics), partial=analytics.partial)
 
 
 def energy_complete(analytics: shapes.JobAnalytics) -> bool:
@@ -306,8 +315,9 @@ def energy_complete(analytics: shapes.JobAnalytics) -> bool:
 async def compare(client: PrometheusClient, cache: AnalyticsCache, job_ids: list[str], lookback: float,
                   owner: str | None = None, archive=None) -> shapes.Comparison:
     """Side-by-side rows and the winner per category, ties stated (stored reports where Prometheus lacks a
-    job)."""
+    job); partial where any job's analytics are."""
     analytics = await cached_jobs_analytics(client, cache, job_ids, lookback, owner, archive)
     table = [comparison_row(a) for a in analytics]
     winner, ties = scoring.winners([shapes.plain(row) for row in table])
-    return shapes.Comparison(jobs=table, winner=shapes.Winner(**winner), ties=ties)
+    return shapes.Comparison(jobs=table, winner=shapes.Winner(**winner), ties=ties,
+                             partial=any(row.partial for row in table))

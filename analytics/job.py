@@ -158,24 +158,12 @@ async def jobs_analytics(client: PrometheusClient, job_ids: list[str], lookback:
     and a raw read of the grid steps that showed evaluations. Fewer requests would lose Prometheus' cores to
     one query; more cost the HTTP client more than they gain on a small host.
 
-    Where the backend answered any of the requests with part of its data (prometheus.partial_warnings), every
-    job's facts and analytics say `partial` (the requests are shared): none is to be kept as settled."""
-    with partial_answers() as warnings:
-        found = await _jobs_analytics(client, job_ids, lookback, strict, owner)
-    if warnings:
-        for result in found:
-            if result is not None:
-                analytics, facts = result
-                facts.partial = True
-                if analytics is not None:
-                    analytics.partial = True
-    return found
-
-
-async def _jobs_analytics(client: PrometheusClient, job_ids: list[str], lookback: float, strict: bool,
-                          owner: str | None) -> list[tuple[shapes.JobAnalytics | None, JobFacts] | None]:
+    Where the backend answered a request with part of its data (prometheus.partial_warnings), the facts and
+    analytics of the jobs it was for say `partial`: not to be kept as settled. The lookup and the instant request
+    are every job's; the range queries (peaks, evaluations) each one job's only, so that one job's partial answer
+    there leaves the others whole (and cached)."""
     now = time.time()
-    all_facts = await find_jobs(client, job_ids, lookback, now, strict)
+    all_facts, shared = await _noting_partial(find_jobs(client, job_ids, lookback, now, strict))
     started = [(facts, _Window.of(facts, now)) for facts in all_facts     # not queued, and the caller's
                if facts is not None and facts.start is not None and owned_by(facts.owners, owner)]
 
@@ -199,19 +187,33 @@ async def _jobs_analytics(client: PrometheusClient, job_ids: list[str], lookback
                 found[i].update(parts)
         return found
 
-    instants, *per_job = await asyncio.gather(
-        instant(),
-        *(peaks(client, {**q.job_peaks(facts.job_id, w.window, gpus=facts.info.get("device") != "cpu"),
-                         **q.host_peaks(w.window)}, w.window, w.end, q.JOB_PEAK_COUNTERS, w.final_time)
-          for facts, w in started),
-        *(evaluation_history(client, facts.job_id, facts.start, w.final_time,
-                             [(p.instance, p.start) for p in facts.processes if p.start is not None])
-          for facts, w in started))
-    peak_results, histories = per_job[:len(started)], per_job[len(started):]
-    answers = {facts.job_id: (_assemble(facts, found, peak, history, w), facts)
-               for (facts, w), found, peak, history in zip(started, instants, peak_results, histories)}
-    return [None if facts is None else (None, facts) if not owned_by(facts.owners, owner)
-            else answers.get(facts.job_id) or (_assemble(facts, {}, {}, [], None), facts) for facts in all_facts]
+    async def own(facts: JobFacts, w: _Window) -> tuple[dict[str, Peak], list[shapes.Evaluation]]:
+        """The job's own requests: its peak grid and its evaluation history."""
+        return await asyncio.gather(
+            peaks(client, {**q.job_peaks(facts.job_id, w.window, gpus=facts.info.get("device") != "cpu"),
+                           **q.host_peaks(w.window)}, w.window, w.end, q.JOB_PEAK_COUNTERS, w.final_time),
+            evaluation_history(client, facts.job_id, facts.start, w.final_time,
+                               [(p.instance, p.start) for p in facts.processes if p.start is not None]))
+
+    (instants, instant_partial), *per_job = await asyncio.gather(
+        _noting_partial(instant()), *(_noting_partial(own(facts, w)) for facts, w in started))
+    answers = {}
+    for (facts, w), found, ((peak, history), partial) in zip(started, instants, per_job):
+        facts.partial = instant_partial or partial
+        answers[facts.job_id] = (_assemble(facts, found, peak, history, w), facts)
+    results = [None if facts is None else (None, facts) if not owned_by(facts.owners, owner)
+               else answers.get(facts.job_id) or (_assemble(facts, {}, {}, [], None), facts) for facts in all_facts]
+    for analytics, facts in filter(None, results):
+        facts.partial = facts.partial or shared
+        if analytics is not None:
+            analytics.partial = facts.partial
+    return results
+
+
+async def _noting_partial(awaitable):
+    """What `awaitable` gives, and whether the backend answered any of its requests with part of its data."""
+    with partial_answers() as warnings:
+        return await awaitable, bool(warnings)
 
 
 def _ranks_missing(facts: JobFacts, found: dict[str, list[dict]]) -> bool:

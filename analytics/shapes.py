@@ -27,6 +27,11 @@ def unix_time() -> dataclasses.Field:
     return described("unix seconds")
 
 
+# What a `partial` field says when true.
+PARTIAL = ("true: the backend answered with part of its data (a store or shard that did not answer: its warnings, "
+           "or isPartial), so figures may be missing or short")
+
+
 def status_field() -> dataclasses.Field:
     """A job's status field."""
     return described("the newest process's state; vanished: stopped without one and no longer scraped",
@@ -213,9 +218,8 @@ class JobAnalytics:
     source: str = described("prometheus: computed now from Prometheus; stored: the report the job server "
                             "stored when the job ended (Prometheus no longer holds the job, or less of it)",
                             enum=["prometheus", "stored"])
-    partial: bool = described("true: the backend answered with part of its data (a store or shard that did not "
-                              "answer: its warnings, or isPartial), so figures may be missing or short; such an "
-                              "answer is neither cached nor stored, and the next request asks again")
+    partial: bool = described(PARTIAL + "; such an answer is neither cached nor stored, and the next request "
+                                        "asks again")
 
 
 # ----- the fleet ----------------------------------------------------------------------------------------------
@@ -248,6 +252,7 @@ class JobList:
     range_seconds: float
     count: int
     jobs: list[JobRow]
+    partial: bool = described(PARTIAL + " (jobs too may be missing)")
 
 
 @dataclass(slots=True)
@@ -309,6 +314,7 @@ class Summary:
     top_performing_jobs: list[TopJob] = described("the 5 fastest jobs", maxItems=5)
     resource_trends: ResourceTrends
     goodput: FleetGoodput
+    partial: bool = described(PARTIAL + " (jobs too may be missing)")
 
 
 @dataclass(slots=True)
@@ -335,6 +341,7 @@ class CompareRow:
     goodput_ratio: float | None = described("step seconds / wall-clock seconds (the job's goodput block)")
     energy_complete: bool = described("every energy source the job used was counted on every host it ran on "
                                       "(only such jobs can be most_energy_efficient)")
+    partial: bool = described(PARTIAL + " (the job's analytics' partial)")
 
 
 Winner = dataclasses.make_dataclass("Winner", [(category, str | None) for category in scoring.CATEGORIES], slots=True)
@@ -349,6 +356,7 @@ class Comparison:
     jobs: list[CompareRow]
     winner: Winner
     ties: dict[str, list[str]] = described("for each tied category, every job id sharing the best value")
+    partial: bool = described("true when any row is partial")
 
 
 # ----- JSON and schemas ---------------------------------------------------------------------------------------

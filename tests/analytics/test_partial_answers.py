@@ -1,7 +1,7 @@
 """A backend that answers `success` with part of its data: Thanos Query (partial response on: a store that did not
 answer), a Prometheus whose remote read failed, a VictoriaMetrics cluster whose vmstorage node did not answer
 (`isPartial`). A finished job's analytics computed from such an answer were cached as settled, and its report
-stored: the missing figures stayed missing for good. Here a real Prometheus holds a finished job, and a proxy in
+stored: the missing figures stayed missing for good. Here a real Prometheus holds two finished jobs, and a proxy in
 front of it answers as such a backend does."""
 
 import asyncio
@@ -9,6 +9,7 @@ import contextlib
 import json
 import threading
 import time
+import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
@@ -25,6 +26,7 @@ pytestmark = pytest.mark.slow
 
 STATES = ("queued", "running", "paused", "completed", "failed", "cancelled")
 BASE = 'job_id="part-1",instance="h:1",job="trainer",rank="0"'
+SECOND = 'job_id="part-2",instance="h:2",job="trainer",rank="0"'     # another job, for the fleet and a comparison
 INFO = 'job_name="part",model="mlp",dataset="blobs",owner="a",device="cpu"'
 DURATION = 60.0
 EVAL_LOSSES = (0.75, 0.3125)
@@ -36,40 +38,49 @@ ANNOTATION = 'PromQL info: metric might not be a counter, name does not end in _
 
 
 def history(end: float) -> str:
-    """A one-minute job, scraped every 5 s, ended `end` (and scraped once more 0.25 s after): two evaluations."""
+    """Two one-minute jobs, scraped every 5 s, ended `end` (and scraped once more 0.25 s after): two evaluations
+    each."""
+    return as_openmetrics(samples(end, BASE) + samples(end, SECOND))
+
+
+def samples(end: float, base: str) -> list[str]:
+    """One job's samples (history)."""
     start = end - DURATION
     lines = []
     for t in [start + 5.0 * i for i in range(int(DURATION // 5) + 1)] + [end + 0.25]:
         final = t > end
-        lines += [f"trainer_job_info{{{BASE},{INFO}}} 1 {t:.3f}",
-                  f"trainer_process_start_timestamp_seconds{{{BASE}}} {start - 5:.3f} {t:.3f}",
-                  f"trainer_job_start_timestamp_seconds{{{BASE}}} {start:.3f} {t:.3f}",
-                  f"trainer_heartbeat_timestamp_seconds{{{BASE}}} {t:.3f} {t:.3f}",
-                  f"trainer_samples_total{{{BASE}}} {int(10 * (min(t, end) - start))} {t:.3f}"]
-        lines += [f'trainer_job_state{{{BASE},state="{s}"}} {int(s == ("completed" if final else "running"))} {t:.3f}'
+        lines += [f"trainer_job_info{{{base},{INFO}}} 1 {t:.3f}",
+                  f"trainer_process_start_timestamp_seconds{{{base}}} {start - 5:.3f} {t:.3f}",
+                  f"trainer_job_start_timestamp_seconds{{{base}}} {start:.3f} {t:.3f}",
+                  f"trainer_heartbeat_timestamp_seconds{{{base}}} {t:.3f} {t:.3f}",
+                  f"trainer_samples_total{{{base}}} {int(10 * (min(t, end) - start))} {t:.3f}"]
+        lines += [f'trainer_job_state{{{base},state="{s}"}} {int(s == ("completed" if final else "running"))} {t:.3f}'
                   for s in STATES]
         if final:
-            lines.append(f"trainer_job_end_timestamp_seconds{{{BASE}}} {end:.3f} {t:.3f}")
+            lines.append(f"trainer_job_end_timestamp_seconds{{{base}}} {end:.3f} {t:.3f}")
         shown = [(index + 1, start + 30.0 * (index + 1) - 1.0, loss) for index, loss in enumerate(EVAL_LOSSES)
                  if t >= start + 30.0 * (index + 1) - 1.0]
         for index, at, loss in shown:
-            slot = f'{BASE},slot="{index % 8}"'
+            slot = f'{base},slot="{index % 8}"'
             lines += [f"trainer_eval_history_index{{{slot}}} {index} {t:.3f}",
                       f"trainer_eval_history_step{{{slot}}} {index * 100} {t:.3f}",
                       f"trainer_eval_history_timestamp_seconds{{{slot}}} {at:.3f} {t:.3f}",
                       f"trainer_eval_history_loss{{{slot}}} {loss} {t:.3f}"]
-        lines.append(f"trainer_evaluations_total{{{BASE}}} {len(shown)} {t:.3f}")
-    return as_openmetrics(lines)
+        lines.append(f"trainer_evaluations_total{{{base}}} {len(shown)} {t:.3f}")
+    return lines
 
 
 class Proxy:
     """An HTTP proxy before a real Prometheus that answers, while `mode` says so, as a backend with part of its
     data does: its range answers without their series (a store that did not answer), saying so as Thanos
-    (`warnings`) or a VictoriaMetrics cluster (`isPartial`) does; or every answer with a PromQL annotation."""
+    (`warnings`) or a VictoriaMetrics cluster (`isPartial`) does; or every answer with a PromQL annotation; or
+    ("warned") every answer whole but with Thanos' warning. With `only`, just the queries that hold it so."""
 
     def __init__(self, upstream: str):
         self.mode: str | None = None
+        self.only: str | None = None
         self.range_queries = 0
+        self.ranged: list[str] = []      # every range query's expression
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -90,7 +101,8 @@ class Proxy:
                                        headers={"content-type": self.headers.get("content-type", "")})
                 content = answer.content
                 if self.path.startswith("/api/v1/"):
-                    content = json.dumps(proxy.altered(self.path, answer.json())).encode()
+                    query = dict(urllib.parse.parse_qsl(body.decode())).get("query", "")
+                    content = json.dumps(proxy.altered(self.path, answer.json(), query)).encode()
                 self.send_response(answer.status_code)
                 self.send_header("content-type", answer.headers.get("content-type", "text/plain"))
                 self.send_header("content-length", str(len(content)))
@@ -100,9 +112,15 @@ class Proxy:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
 
-    def altered(self, path: str, body: dict) -> dict:
+    def altered(self, path: str, body: dict, query: str = "") -> dict:
         ranged = path.startswith("/api/v1/query_range")
         self.range_queries += ranged
+        if ranged:
+            self.ranged.append(query)
+        if self.only is not None and self.only not in query:
+            return body
+        if self.mode == "warned":
+            return {**body, "warnings": [STORE_DOWN]}
         if self.mode == "annotated":
             return {**body, "warnings": [ANNOTATION]}
         if self.mode in ("thanos", "victoria") and ranged:
@@ -123,7 +141,7 @@ class Proxy:
 
 @pytest.fixture(scope="module")
 def backend(tmp_path_factory):
-    """A real Prometheus holding the job, ended ten minutes ago, behind a Proxy."""
+    """A real Prometheus holding the jobs, ended ten minutes ago, behind a Proxy."""
     end = round(time.time() - 600)
     prometheus = backfilled_prometheus(tmp_path_factory.mktemp("partial"), history(end))
     prometheus.start(timeout=60)
@@ -193,3 +211,41 @@ def test_a_promql_annotation_is_no_partial_answer(backend):
     finally:
         backend.mode = None
     assert first["partial"] is False and len(first["evaluations"]) == 2 and backend.range_queries == before
+
+
+def test_the_fleet_and_a_comparison_say_a_partial_answer(backend):
+    """The summary, the job list and the comparison computed from a partial answer (a shard down: jobs missing,
+    totals short) were served as whole: no `partial` field told the caller."""
+    routes = ("/api/training/analytics/summary", "/api/training/analytics/jobs",
+              "/api/training/analytics/compare?job_ids=part-1,part-2")
+    with serve(Settings(prometheus_url=backend.url)) as client:
+        try:
+            backend.mode = "warned"
+            partial = [client.get(route) for route in routes]
+        finally:
+            backend.mode = None
+        whole = [client.get(route) for route in routes]
+    for answer in partial + whole:
+        assert answer.status_code == 200, answer.text
+    assert [answer.json()["partial"] for answer in partial] == [True, True, True]
+    assert [answer.json()["partial"] for answer in whole] == [False, False, False]
+    assert [row["partial"] for row in partial[2].json()["jobs"]] == [True, True]
+    assert [row["partial"] for row in whole[2].json()["jobs"]] == [False, False]
+    assert whole[1].json()["count"] == 2
+
+
+def test_a_comparison_is_partial_for_the_job_whose_own_query_was(backend):
+    """One job's own range query answered partially made every job of the comparison partial, and cached none."""
+    with serve(Settings(prometheus_url=backend.url)) as client:
+        try:
+            backend.mode, backend.only = "thanos", "part-2"
+            first = client.get("/api/training/analytics/compare?job_ids=part-1,part-2").json()
+            before = len(backend.ranged)
+            again = client.get("/api/training/analytics/compare?job_ids=part-1,part-2").json()
+        finally:
+            backend.mode = backend.only = None
+    assert first["partial"] is True and [row["partial"] for row in first["jobs"]] == [False, True]
+    assert again == {**first, "jobs": again["jobs"]} and again["jobs"][0] == first["jobs"][0]
+    # part-1 was whole and settled: cached, its range queries not asked again; part-2 asked again
+    asked = backend.ranged[before:]
+    assert asked and not any("part-1" in query for query in asked)
