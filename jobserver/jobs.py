@@ -220,7 +220,7 @@ class JobService:
     def request_stacks(self, caller: str | None, job_id: str) -> tuple[dict, Path, dict[int, int] | None, float]:
         """Ask a running job's ranks for their thread stacks: (the job, its directory, each rank's stacks-file
         length before the request, when the ranks were asked), the lengths None when no process was asked (the
-        job is not running).
+        job is not running, or waits for Ray to place its ranks).
 
         Requests within stacks.ANSWER_SECONDS of the one that asked share its answer: the ranks are asked once
         (a burst of requests is one dump in their files, and every caller gets that same dump, taken when that
@@ -228,7 +228,8 @@ class JobService:
         job = self.job(caller, job_id)
         path, nproc = self.supervisor.job_path(job.id), job.spec.get("nproc", 1)
         run = self.supervisor.runs.get(job.id)
-        if job.state != "running" or run is None:
+        # A Ray job whose ranks Ray is still placing has no process to ask: waited for, they answered nothing.
+        if job.state != "running" or run is None or self._placing(job) is not None:
             return self._view(job), path, None, time.time()
         now = time.monotonic()
         asked = self._stacks_asked.get(job.id)

@@ -5,7 +5,8 @@ WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) and serving its /metrics on it
 It watches the job's control file and turns "paused"/"cancelled" into SIGUSR1/SIGTERM for every rank, and its
 stacks request file into SIGUSR2 for every rank; a SIGTERM to itself (Ray's stop) becomes a cancel. Each rank
 asks Ray for one CPU, and one GPU when the job may use one (gpus_per_rank). A stop that comes while Ray cannot
-place the ranks yet (a busy cluster, or more ranks than it has CPUs or GPUs) ends the run at once. It exits with
+place the ranks yet (a busy cluster, or more ranks than it has CPUs or GPUs) ends the run at once. The ranks
+still running LOST_RANK_GRACE_SECONDS after a rank's actor died (its node lost) are killed. It exits with
 rank 0's exit code, or dies of the signal that killed rank 0 (the job's outcome is in the result file rank 0
 writes).
 
@@ -37,6 +38,10 @@ CONTROL_POLL_SECONDS = 0.2
 PR_SET_PDEATHSIG = 1
 # A placement Ray has not made this long is said in the job's log (once), with what the cluster has.
 PLACEMENT_SAY_SECONDS = 10.0
+# The ranks still running this long after a rank's Ray actor died are killed: a rank lost with its node (power,
+# network) closed no connection, and its peers waited in their collective for gloo's timeout, 30 minutes. Not at
+# once: a peer whose connection did close fails by itself within it, with its own error and result.
+LOST_RANK_GRACE_SECONDS = 10.0
 
 
 @ray.remote(num_cpus=1, max_concurrency=4)
@@ -180,6 +185,17 @@ def rank_codes(runs: list) -> list[int]:
     return codes
 
 
+def actor_died(run) -> bool:
+    """True when the rank's run (ended) ended with its Ray actor's death."""
+    try:
+        ray.get(run)
+    except ray.exceptions.RayActorError:
+        return True
+    except ray.exceptions.RayError:     # the run itself raised (rank_codes raises it again)
+        pass
+    return False
+
+
 def exit_as(code: int) -> None:
     """Exit with rank 0's exit code; die of the signal that killed it when it was killed (sys.exit(-9) exits
     247, and the job server said "exit code 247" where a local job says "killed by SIGKILL")."""
@@ -253,9 +269,17 @@ def main(argv: list[str] | None = None) -> int:
             rank.signal.remote(int(STOP_SIGNALS[outcome]))
 
     answered_stacks = stacks_request(args.job_dir)      # a request from an earlier run is not this run's
-    pending = list(runs)
+    pending, lost_at, killed = list(runs), None, False
     while pending:
-        _, pending = ray.wait(pending, timeout=CONTROL_POLL_SECONDS)
+        ended, pending = ray.wait(pending, timeout=CONTROL_POLL_SECONDS)
+        if lost_at is None and any(actor_died(run) for run in ended):
+            lost_at = time.monotonic()
+        if pending and not killed and lost_at is not None and time.monotonic() - lost_at >= LOST_RANK_GRACE_SECONDS:
+            killed, running = True, [index for index, run in enumerate(runs) if run in pending]
+            print(f"rank(s) {running}: still running {LOST_RANK_GRACE_SECONDS:g} s after a rank's Ray actor died "
+                  "(a peer lost with its node holds them in a collective): killed", flush=True)
+            for index in running:
+                ranks[index].signal.remote(int(signal.SIGKILL))
         for outcome in [control_request(args.job_dir), *stopped]:
             if outcome is not None:
                 pass_on(outcome)

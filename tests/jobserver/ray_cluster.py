@@ -20,13 +20,14 @@ RAY = str(Path(sys.executable).with_name("ray"))
 class RayCluster:
     """Two Ray nodes on 127.0.0.1; `dashboard` is the Jobs API's address."""
 
-    def __init__(self):
+    def __init__(self, env: dict[str, str] | None = None):
+        """`env`: more variables for every node (Ray's own settings, `RAY_<name>`)."""
         # Ray's sockets live under its temp dir: a short path (unix sockets allow ~107 characters).
         self.temp_dir = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
         self.port, self.dashboard_port = free_port(), free_port()
         self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
         self.nodes: list[subprocess.Popen] = []
-        self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+        self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **(env or {})}
 
     def _start_node(self, *args: str) -> None:
         log = open(self.temp_dir / f"node{len(self.nodes)}.log", "wb")

@@ -77,6 +77,26 @@ def test_a_job_ray_cannot_place_says_so_and_stops_at_once_when_cancelled(ray_ser
     wait_for_text(client, 'trainer_job_state{job_id="unplaced-1",state="cancelled"} 1.0')
 
 
+def test_the_stacks_of_a_job_ray_has_not_placed_are_answered_at_once(ray_server):
+    """A running job with no rank yet (Ray placing its ranks) had the stacks request sent to no process: the
+    route waited out its 5 s for ranks that do not exist and said every rank `missing` from a `fresh` dump. It
+    answers at once what earlier runs wrote, as for a local job whose processes have not started."""
+    server, _ = ray_server
+    submit(server, "unplaced-stacks", nproc=3)
+    client = server.client()
+    wait_job(client, "unplaced-stacks", lambda job: job["waiting_for"] is not None, timeout=60)
+    asked = time.monotonic()
+    answer = client.get("/api/training/jobs/unplaced-stacks/stacks")
+    took = time.monotonic() - asked
+    assert client.post("/api/training/jobs/unplaced-stacks/cancel").status_code == 202
+    assert answer.status_code == 200, answer.text
+    stacks = answer.json()
+    assert (stacks["state"], stacks["fresh"], stacks["ranks"]) == ("running", False, []), stacks
+    assert stacks["missing_ranks"] == [0, 1, 2], stacks
+    assert took < 2, f"answered in {took:.1f} s"
+    wait_job(client, "unplaced-stacks", lambda job: job["state"] != "running", timeout=50)
+
+
 def wait_for_text(client, line: str, timeout: float = 10) -> None:
     """Wait until the server's /metrics holds `line` (it lists the jobs without a process once a tick)."""
     deadline = time.monotonic() + timeout
@@ -192,3 +212,43 @@ def test_a_rank_whose_ray_actor_dies_is_said_killed(ray_server):
     ended = wait_job(server.client(), "actor-1", lambda job: job["state"] != "running", timeout=60)
     assert (ended["state"], ended["exit_code"], ended["error"]) == ("failed", -9, "killed by SIGKILL without a result")
     assert "rank 0: its Ray actor died" in (server.data_dir / "jobs" / "actor-1" / "train.log").read_text()
+
+
+@pytest.mark.ray
+def test_a_rank_whose_node_is_lost_silently_does_not_hold_the_others_for_gloos_timeout(tmp_path):
+    """A node gone without a word (power, network) leaves its rank's peers blocked in a collective: no connection
+    closes. Ray said the rank's actor died, and the launcher waited on for the other rank, which held the job
+    `running` for gloo's 30-minute timeout. The node here: the second one frozen (its Ray processes and its
+    rank's), on a cluster that takes a node for dead after ~5-10 s of unanswered health checks."""
+    pytest.importorskip("ray")
+    from .ray_cluster import RayCluster
+
+    # (not quicker: a live node must answer them on a loaded 2-core host)
+    cluster = RayCluster(env={"RAY_health_check_initial_delay_ms": "1000", "RAY_health_check_period_ms": "1000",
+                              "RAY_health_check_timeout_ms": "1000", "RAY_health_check_failure_threshold": "5"})
+    cluster.start()
+    server, frozen = None, []
+    try:
+        server = Server(tmp_path, extra=("--executor", "ray", "--ray-address", cluster.dashboard)).start()
+        submit(server, "lost-node", nproc=2, device="cpu")
+        wait_training(server, "lost-node")
+        node = psutil.Process(cluster.nodes[1].pid)
+        frozen = [node, *node.children(recursive=True)]
+        assert any("train" in process.cmdline() for process in frozen), "no rank on the second node"
+        for process in frozen:
+            process.suspend()
+        lost = time.monotonic()
+        ended = wait_job(server.client(), "lost-node", lambda job: job["state"] != "running", timeout=90)
+        assert ended["state"] == "failed", ended
+        assert time.monotonic() - lost < 60
+        log = (server.data_dir / "jobs" / "lost-node" / "train.log").read_text()
+        assert "its Ray actor died" in log, log[-3000:]
+    finally:
+        for process in frozen:
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
+        if server is not None:
+            server.stop()
+        cluster.stop()
