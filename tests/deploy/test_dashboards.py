@@ -73,8 +73,9 @@ def stack(tmp_path_factory):
         began = time.time()
         # A fast host trains these epochs in under a second, between two evaluations of the 1 s recording
         # rules, so the series recorded while a rank is inside its loop (seconds without progress) could be
-        # empty: a 3 s stall inside the loop holds it there across several evaluations on any host.
-        stall = {"TRAINMETRICS_FAULTS": json.dumps({"stall": {"step": 30, "seconds": 3}})}
+        # empty: a stall inside the loop holds it there across several evaluations on any host. 12 s: the
+        # goodput adds up rises 5 s apart, so a job has one from 5-10 s into its steps.
+        stall = {"TRAINMETRICS_FAULTS": json.dumps({"stall": {"step": 30, "seconds": 12}})}
         job = subprocess.run([sys.executable, "-m", "trainmetrics", "train", "--job-id", JOB_ID, "--model", "cnn",
                               "--dataset", "digits", "--epochs", "3", "--batch-size", "8", "--log-every", "20",
                               "--workers", "1", "--peak-flops", "1e11", "--checkpoint-dir", str(work / "ckpt"),
