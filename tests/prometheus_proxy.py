@@ -1,12 +1,68 @@
-"""A reverse proxy in front of a real Prometheus, for tests: what the services ask of it, and its failures."""
+"""Reverse proxies in front of a real Prometheus, for tests: what the services ask of it, its failures, and
+backends that answer otherwise (Relay)."""
 
+import contextlib
+import ssl
 import threading
 import urllib.error
 import urllib.parse
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import httpx
+
 from trainmetrics.analytics.queries import HUNG_JOBS
+
+
+class Relay:
+    """A reverse proxy before a real Prometheus on a free loopback port (`url`; TLS with `tls`), serving while
+    `running()`. Every request goes through relay(), which a subclass overrides to answer in Prometheus' place or
+    to alter its answer (forward() gets it)."""
+
+    def __init__(self, upstream: str, tls: ssl.SSLContext | None = None):
+        self.upstream = upstream
+        relay = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                status, kind, content = relay.relay(self.command, self.path, self.headers, body)
+                self.send_response(status)
+                self.send_header("content-type", kind)
+                self.send_header("content-length", str(len(content)))
+                self.end_headers()
+                self.wfile.write(content)
+
+            do_POST = do_GET
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.server.server_address[1]}"
+
+    def relay(self, method: str, path: str, headers, body: bytes) -> tuple[int, str, bytes]:
+        """The answer to a request: status, content type, content (Prometheus' own here)."""
+        return self.forward(method, path, headers, body)
+
+    def forward(self, method: str, path: str, headers, body: bytes) -> tuple[int, str, bytes]:
+        answer = httpx.request(method, self.upstream + path, content=body, timeout=10,
+                               headers={"content-type": headers.get("content-type", "")})
+        return answer.status_code, answer.headers.get("content-type", "text/plain"), answer.content
+
+    @contextlib.contextmanager
+    def running(self):
+        thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            self.server.shutdown()
+            self.server.server_close()
 
 
 class CapturingProxy:

@@ -7,14 +7,14 @@ import os
 import ssl
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
 
 from trainmetrics.prometheus_process import PrometheusServer, free_port
+
+from tests.prometheus_proxy import Relay
 
 pytestmark = pytest.mark.slow
 
@@ -37,58 +37,21 @@ def pki(tmp_path_factory):
     return cwd
 
 
-class Gateway:
+class Gateway(Relay):
     """TLS before a real Prometheus, forwarding only requests with `Authorization: Bearer <token>` and
     `X-Scope-OrgID: <tenant>` (401 otherwise); it records each request's headers."""
 
     def __init__(self, upstream: str, pki, token: str, tenant: str):
+        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        tls.load_cert_chain(pki / "gateway.crt", pki / "gateway.key")
+        super().__init__(upstream, tls)
         self.token, self.tenant, self.seen = token, tenant, []
-        gateway = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                self.forward()
-
-            def do_POST(self) -> None:
-                self.forward()
-
-            def forward(self) -> None:
-                body = self.rfile.read(int(self.headers.get("content-length") or 0))
-                gateway.seen.append(dict(self.headers))
-                if (self.headers.get("authorization"), self.headers.get("x-scope-orgid")) != (
-                        f"Bearer {gateway.token}", gateway.tenant):
-                    content, status, kind = b"unauthorized\n", 401, "text/plain"
-                else:
-                    answer = httpx.request(self.command, upstream + self.path, content=body, timeout=10,
-                                           headers={"content-type": self.headers.get("content-type", "")})
-                    content, status = answer.content, answer.status_code
-                    kind = answer.headers.get("content-type", "text/plain")
-                self.send_response(status)
-                self.send_header("content-type", kind)
-                self.send_header("content-length", str(len(content)))
-                self.end_headers()
-                self.wfile.write(content)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(pki / "gateway.crt", pki / "gateway.key")
-        self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
-        self.url = f"https://127.0.0.1:{self.server.server_address[1]}"
-
-    @contextlib.contextmanager
-    def running(self):
-        thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        thread.start()
-        try:
-            yield self
-        finally:
-            self.server.shutdown()
-            self.server.server_close()
+    def relay(self, method: str, path: str, headers, body: bytes) -> tuple[int, str, bytes]:
+        self.seen.append(dict(headers))
+        if (headers.get("authorization"), headers.get("x-scope-orgid")) != (f"Bearer {self.token}", self.tenant):
+            return 401, "text/plain", b"unauthorized\n"
+        return self.forward(method, path, headers, body)
 
 
 @contextlib.contextmanager

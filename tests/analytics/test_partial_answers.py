@@ -5,14 +5,10 @@ stored: the missing figures stayed missing for good. Here a real Prometheus hold
 front of it answers as such a backend does."""
 
 import asyncio
-import contextlib
 import json
-import threading
 import time
 import urllib.parse
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import httpx
 import pytest
 
 from trainmetrics.analytics.app import Settings
@@ -20,6 +16,7 @@ from trainmetrics.analytics.cache import AnalyticsCache, settled_job_analytics
 from trainmetrics.analytics.prometheus import PrometheusClient, partial_warnings
 from trainmetrics.reports import PartialAnswer
 
+from tests.prometheus_proxy import Relay
 from .conftest import as_openmetrics, backfilled_prometheus, serve
 
 pytestmark = pytest.mark.slow
@@ -70,47 +67,25 @@ def samples(end: float, base: str) -> list[str]:
     return lines
 
 
-class Proxy:
-    """An HTTP proxy before a real Prometheus that answers, while `mode` says so, as a backend with part of its
-    data does: its range answers without their series (a store that did not answer), saying so as Thanos
-    (`warnings`) or a VictoriaMetrics cluster (`isPartial`) does; or every answer with a PromQL annotation; or
-    ("warned") every answer whole but with Thanos' warning. With `only`, just the queries that hold it so."""
+class Proxy(Relay):
+    """A proxy before a real Prometheus that answers, while `mode` says so, as a backend with part of its data
+    does: its range answers without their series (a store that did not answer), saying so as Thanos (`warnings`)
+    or a VictoriaMetrics cluster (`isPartial`) does; or every answer with a PromQL annotation; or ("warned") every
+    answer whole but with Thanos' warning. With `only`, just the queries that hold it so."""
 
     def __init__(self, upstream: str):
+        super().__init__(upstream)
         self.mode: str | None = None
         self.only: str | None = None
         self.range_queries = 0
         self.ranged: list[str] = []      # every range query's expression
-        proxy = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                self.forward()
-
-            def do_POST(self) -> None:
-                self.forward()
-
-            def forward(self) -> None:
-                body = self.rfile.read(int(self.headers.get("content-length") or 0))
-                answer = httpx.request(self.command, upstream + self.path, content=body, timeout=10,
-                                       headers={"content-type": self.headers.get("content-type", "")})
-                content = answer.content
-                if self.path.startswith("/api/v1/"):
-                    query = dict(urllib.parse.parse_qsl(body.decode())).get("query", "")
-                    content = json.dumps(proxy.altered(self.path, answer.json(), query)).encode()
-                self.send_response(answer.status_code)
-                self.send_header("content-type", answer.headers.get("content-type", "text/plain"))
-                self.send_header("content-length", str(len(content)))
-                self.end_headers()
-                self.wfile.write(content)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+    def relay(self, method: str, path: str, headers, body: bytes) -> tuple[int, str, bytes]:
+        status, kind, content = self.forward(method, path, headers, body)
+        if path.startswith("/api/v1/"):
+            query = dict(urllib.parse.parse_qsl(body.decode())).get("query", "")
+            content = json.dumps(self.altered(path, json.loads(content), query)).encode()
+        return status, kind, content
 
     def altered(self, path: str, body: dict, query: str = "") -> dict:
         ranged = path.startswith("/api/v1/query_range")
@@ -127,16 +102,6 @@ class Proxy:
             body = {**body, "data": {**body["data"], "result": []}}
             return {**body, "warnings": [STORE_DOWN]} if self.mode == "thanos" else {**body, "isPartial": True}
         return body
-
-    @contextlib.contextmanager
-    def running(self):
-        thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        thread.start()
-        try:
-            yield self
-        finally:
-            self.server.shutdown()
-            self.server.server_close()
 
 
 @pytest.fixture(scope="module")
