@@ -127,6 +127,8 @@ def _language(name: str, text: str, block_size: int = LM_BLOCK_SIZE) -> Dataset:
     vocabulary = sorted(set(text))
     if len(text) < 4 * (block_size + 1):
         raise DatasetError(f"{name}: corpus too short ({len(text)} characters; need {4 * (block_size + 1)})")
+    if len(vocabulary) < 2:     # as a target of one class: it trained to loss 0 and accuracy 1.0 at once, unsaid
+        raise DatasetError(f"{name}: the corpus is one character, {vocabulary[0]!r}, repeated: nothing to predict")
     index = {ch: i for i, ch in enumerate(vocabulary)}
     tokens = torch.tensor([index[ch] for ch in text], dtype=torch.long)
     windows = tokens[: (len(tokens) - 1) // block_size * block_size + 1]

@@ -68,6 +68,7 @@ def read_csv(path: Path, target: str = DEFAULT_TARGET) -> tuple[np.ndarray, np.n
             features, targets = array.array("f"), array.array("d")
             rows = 0
             integral_target = True
+            bad_label = None        # the first target out of class labels' range, refused if the column is labels
             for line_number, row in enumerate(reader, start=2):
                 if not row or all(not cell.strip() for cell in row):
                     continue
@@ -90,6 +91,8 @@ def read_csv(path: Path, target: str = DEFAULT_TARGET) -> tuple[np.ndarray, np.n
                 if any(abs(v) > FLOAT32_MAX for v in values) or abs(label) > FLOAT32_MAX:
                     raise DatasetError(f"{path}: line {line_number}: a value beyond float32's range "
                                        f"(±{FLOAT32_MAX:.4g}): infinite in training")
+                if bad_label is None and not 0 <= label < MAX_CLASSES:
+                    bad_label = line_number, label
                 features.extend(values)
                 targets.append(label)
                 rows += 1
@@ -101,9 +104,15 @@ def read_csv(path: Path, target: str = DEFAULT_TARGET) -> tuple[np.ndarray, np.n
         raise DatasetError(f"{path}: need at least one feature column besides {target!r}")
     if rows < 2:
         raise DatasetError(f"{path}: need at least 2 data rows, found {rows}")
+    if integral_target and bad_label is not None:
+        # Named by its line and column: "class labels must be non-negative integers" named neither (a job's
+        # "--dataset: class labels ...", an upload's 400), nor how to make the column a regression target.
+        line_number, label = bad_label
+        raise DatasetError(f"{path}: line {line_number}, column {target[:40]!r}: {_label_problem(label)} "
+                           f"(integers are class labels: write {int(label)}.0 for a regression target)")
     x = np.frombuffer(features, dtype=np.float32).reshape(rows, len(header) - 1)
     # (checked as read: in int64 first, a label past it wrapped negative and was "not non-negative")
-    return x, _target_array(np.frombuffer(targets, dtype=np.float64), labels=integral_target)
+    return x, _target_array(np.frombuffer(targets, dtype=np.float64), labels=integral_target, where=path)
 
 
 def _is_integer(text: str) -> bool:
@@ -182,7 +191,7 @@ def read_npz(path: Path, max_uncompressed_bytes: int | None = None) -> tuple[np.
         raise DatasetError(f"{path}: NaN or infinite values (or values beyond float32's range in x)")
     if not np.issubdtype(y.dtype, np.integer) and (y.max() > FLOAT32_MAX or y.min() < -FLOAT32_MAX):
         raise DatasetError(f"{path}: y has values beyond float32's range (±{FLOAT32_MAX:.4g}): infinite in training")
-    return x, _target_array(y, labels=np.issubdtype(y.dtype, np.integer))
+    return x, _target_array(y, labels=np.issubdtype(y.dtype, np.integer), where=path)
 
 
 def _check_npy_header(path: Path, archive: zipfile.ZipFile, member: zipfile.ZipInfo) -> int:
@@ -211,16 +220,23 @@ def _check_npy_header(path: Path, archive: zipfile.ZipFile, member: zipfile.ZipI
     return declared + elements * np.dtype(np.float32).itemsize
 
 
-def _target_array(y: np.ndarray, labels: bool) -> np.ndarray:
+def _label_problem(label) -> str:
+    """What is wrong with a class label out of range (negative, or MAX_CLASSES or more)."""
+    if label < 0:
+        return f"class label {int(label)} is negative"
+    return f"class label {int(label)} too large: at most {MAX_CLASSES} classes"
+
+
+def _target_array(y: np.ndarray, labels: bool, where: Path) -> np.ndarray:
     """Class labels (whole numbers: an NPZ's integers, a CSV's integral column) become int64, checked before the
-    cast, others regression targets (float32)."""
+    cast, others regression targets (float32). `where`: the file, named in a message."""
     if labels:
-        if y.min() < 0:
-            raise DatasetError("class labels must be non-negative integers")
-        if y.max() >= MAX_CLASSES:
-            raise DatasetError(f"class label {int(y.max())} too large: at most {MAX_CLASSES} classes")
+        outside = np.flatnonzero((y < 0) | (y >= MAX_CLASSES))      # (a CSV's are named by their line before)
+        if len(outside):
+            raise DatasetError(f"{where}: y[{outside[0]}]: {_label_problem(y[outside[0]])} (integers are class "
+                               "labels: for a regression target, save y as floats)")
         if len(y) and y.min() == y.max():     # trained as such: loss 0, accuracy 1.0 from the first step, unsaid
-            raise DatasetError(f"every sample is of class {int(y.min())}: one class, nothing to classify (is the "
-                               "target column the right one?)")
+            raise DatasetError(f"{where}: every sample is of class {int(y.min())}: one class, nothing to classify "
+                               "(is the target column the right one?)")
         return y.astype(np.int64)
     return y.astype(np.float32)

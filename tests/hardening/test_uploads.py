@@ -171,6 +171,9 @@ UNUSABLE = {
                                 content=lambda: altered_npz("encrypted")),
     "target for an npz": dict(name="t.npz", params={"target": "y"}, problem="target: only for a CSV",
                               content=lambda: npz_bytes({"x": np.ones((5, 2)), "y": np.arange(5) % 2})),
+    # "class labels must be non-negative integers": which line, which column?
+    "a negative class label": dict(name="n.csv", content=b"a,label\n1,0\n2,1\n3,-2\n",
+                                   problem="upload: line 4, column 'label': class label -2 is negative"),
     "a target the csv lacks": dict(name="t.csv", params={"target": "y"}, content=b"a,label\n1,0\n2,1\n",
                                    problem="target: no target column 'y'"),
     "a target with a control character": dict(name="t.csv", params={"target": "la\tbel"},

@@ -40,6 +40,17 @@ BAD_INPUTS = {
     "non-numeric csv": (lambda t: ["--dataset", bad_csv(t, "n.csv", "a,b,label\n1,2,0\n1,x,1\n")],
                         "line 3: non-numeric value 'x'"),
     "empty csv": (lambda t: ["--dataset", bad_csv(t, "e.csv", "")], "empty file"),
+    # "--dataset: class labels must be non-negative integers": no file, line or column, nor the way out.
+    "negative class label": (lambda t: ["--dataset", bad_csv(t, "n.csv", "a,label\n1,0\n2,-1\n3,1\n")],
+                             ("--dataset: ", "n.csv: line 3, column 'label': class label -1 is negative (integers "
+                                             "are class labels: write -1.0 for a regression target)")),
+    "class label too large in an npz": (
+        lambda t: (np.savez(t / "y.npz", x=np.ones((4, 2)), y=np.array([0, 1, 20000, 1])),
+                   ["--dataset", str(t / "y.npz")])[1],
+        ("--dataset: ", "y.npz: y[2]: class label 20000 too large: at most 10000 classes")),
+    # Trained to loss 0 and accuracy 1.0 at once, as a target of one class did.
+    "corpus of one character": (lambda t: ["--model", "transformer", "--dataset", bad_csv(t, "zeros.txt", "\0" * 400)],
+                                "--dataset: zeros: the corpus is one character, '\\x00', repeated: nothing to predict"),
     # Two columns named as the target: the first was taken, unsaid.
     "csv with two target columns": (lambda t: ["--dataset", bad_csv(t, "d.csv", "a,label,label\n1,0,1\n2,1,0\n")],
                                     ("--dataset: ", "2 columns are named 'label'")),

@@ -49,6 +49,15 @@ def test_a_class_label_past_int64_is_refused_as_too_large(tmp_path):
         read_csv(path)
 
 
+def test_a_negative_integer_is_a_regression_target_when_the_column_has_fractions(tmp_path):
+    """A negative whole number is refused as a class label only: a later fraction makes the column a regression
+    target, where it is a value like any other."""
+    path = tmp_path / "signed.csv"
+    path.write_text("a,label\n1,-3\n2,0.5\n3,20000\n")
+    x, y = read_csv(path)
+    assert y.dtype == np.float32 and y.tolist() == [-3.0, 0.5, 20000.0]
+
+
 def test_an_npz_target_beyond_float32_is_refused(tmp_path):
     path = tmp_path / "big.npz"
     np.savez(path, x=np.zeros((10, 2)), y=np.array([1.0] * 9 + [1e300]))
