@@ -523,6 +523,11 @@ def run_job(config: TrainConfig, stop: StopFlag | None = None) -> int:
     if ranks.enabled and config.job_id_made_up and config.job_id != made_up_job_id():     # not the ranks' shared one
         return bad_input(config, "--job-id: a job of several processes needs one (its ranks cannot agree on a "
                                  "made-up one without torchrun's run id)")
+    if len(dataset.train) < ranks.world_size:
+        # Each rank takes an equal share, the rows past a multiple of the ranks left out: every rank trained on
+        # nothing, and the job "completed" after 0 steps.
+        return bad_input(config, f"--dataset: its training split has {len(dataset.train)} row(s), fewer than the "
+                                 f"job's {ranks.world_size} processes: no rank would train on anything")
     try:
         created_dir = open_checkpoint_dir(config)
     except BadInput as error:

@@ -165,6 +165,22 @@ def test_a_gpu_index_for_several_ranks_on_one_machine_is_one_line_naming_the_fla
     assert len(stderr.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []
 
 
+def test_a_training_split_smaller_than_the_ranks_is_one_line(tmp_path, monkeypatch, capsys):
+    """Each rank takes an equal share of the epoch, the rows past a multiple of the ranks left out: two ranks on a
+    training split of one row trained on nothing, and the job "completed" after 0 steps."""
+    data = tmp_path / "tiny.csv"
+    data.write_text("x,label\n0.5,0\n1.5,1\n")       # one training row, one evaluation row
+    for name, value in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(name, value)
+    outputs = tmp_path / "outputs"
+    code = main(["train", "--job-id", "tiny-1", "--dataset", str(data), "--targets-dir", str(outputs / "t"),
+                 "--checkpoint-dir", str(outputs / "ck")])
+    stderr = capsys.readouterr().err
+    assert code == 2 and "--dataset: its training split has 1 row(s), fewer than the job's 2 processes" in stderr, \
+        stderr
+    assert len(stderr.strip().splitlines()) == 1 and not outputs.exists()
+
+
 @pytest.mark.parametrize("variables,device,refused", [
     # torchrun over two machines, one rank each: each rank took cuda:0 (its local rank), the index ignored.
     ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}, "cuda:1", True),
