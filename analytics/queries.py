@@ -663,22 +663,40 @@ STATE_LOOKBACK_SECONDS = 300.0
 def fleet_goodput(range_seconds: float, now: float) -> dict[str, str]:
     """What the fleet's goodput over the range needs (goodput.fleet): each job's rank-0 seconds per phase
     grown within the range (`phases`: a process's last less its first value, exact from its first scrape,
-    not extrapolated as increase() would), each process's start (`process_start`), and each job's submission
-    (`submitted`: its trainer's, or the job server's for a job still queued), and what tells a job's wait in the
-    range before its first run there as a pause, not a queue: each process's checkpoints counted and written
+    not extrapolated as increase() would; a series that fell, its rises on the peak grid), each process's start
+    (`process_start`), and each job's submission (`submitted`: its trainer's, or the job server's for a job still
+    queued), and what tells a job's wait in the range before its first run there as a pause, not a queue: each
+    process's checkpoints counted and written
     (`counted`, `written`: one that counts more resumed a run from before it) and the jobs paused in the range
     (`paused`: by their trainer's state or the job server's) or queued again to resume (the job server's
     trainer_job_resuming), and those paused or waiting to resume at the range's start (`paused_at_start`: in the
     lookback before it, as an instant query reads a state, a stale marker of a failed scrape or of the job server's
     restart not ending it)."""
     window = over(range_seconds, now)
-    phases = f'{Trainer.PHASE_SECONDS}{{rank=~"0|"}}{window}'
+    series = f'{Trainer.PHASE_SECONDS}{{rank=~"0|"}}'
+    phases = f"{series}{window}"
+    # A process resumed at the killed one's address (a fixed --metrics-listen port) continues its series from its
+    # checkpoint's totals, below the killed one's last: the max less the min counted again what the killed one
+    # threw away and did before the range (a job read 580 s of steps for 555), or hid the resumed one's seconds
+    # under the killed one's last (315 for 415). A series that fell adds up its rises on the peak grid instead
+    # (250 steps: a cost bounded over days, where a 5 s step is not): each step's newest sample less the newest
+    # before the step (Prometheus' lookback; a kill's stale marker ends it), or, with none (or in the first step,
+    # which starts before the range), less the step's first. The grid runs a step past now, so that its last step
+    # reads up to now. A fall within a step misses what the process before it did in that step.
+    s, start = peak_step(range_seconds), now - range_seconds
+    step, newest = duration(s), f"last_over_time({series}[{duration(s)}])"
+    after_start = f"vector(time()) > {timestamp_literal(start + s)}"
+    rise = (f"(clamp_min({newest} - {series} offset {step}, 0) and on () {after_start}) "
+            f"or ({newest} - min_over_time({series}[{step}]))")
+    rises = f"sum_over_time(({rise})[{duration(range_seconds + s)}:{step}] @ {timestamp_literal(now + s)})"
+    fell = f"resets({phases}) > 0"
 
     def paused(window: str) -> str:
         return (f'max by (job_id) (max_over_time({Trainer.JOB_STATE}{{state="paused"}}{window})) == 1 '
                 f"or max by (job_id) (max_over_time({Trainer.JOB_RESUMING}{window})) == 1")
 
-    return {"phases": f"sum by (job_id, phase) (max_over_time({phases}) - min_over_time({phases}))",
+    return {"phases": f"sum by (job_id, phase) ((max_over_time({phases}) - min_over_time({phases}) unless {fell}) "
+                      f"or ({rises} and {fell}))",
             "process_start": f'last_over_time({Trainer.PROCESS_START}{{rank=~"0|"}}{window})',
             "submitted": f"max by (job_id) (last_over_time({Trainer.JOB_SUBMITTED}{window}))",
             "counted": f'last_over_time({Trainer.CHECKPOINTS}{{rank=~"0|"}}{window})',

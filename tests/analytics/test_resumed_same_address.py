@@ -1,0 +1,75 @@
+"""A job killed and resumed at the killed process's address (a fixed --metrics-listen port): the two processes share
+one series per phase, and the resumed one starts from its checkpoint's totals, below where the killed one last
+stood. The fleet's goodput and the job's own ledger against what the processes did, on backfilled history in
+Prometheus and VictoriaMetrics."""
+
+import asyncio
+import math
+
+import pytest
+
+from trainmetrics.analytics import fleet, job
+from trainmetrics.analytics.prometheus import PrometheusClient
+
+from .conftest import as_openmetrics, backfilled_history
+from .test_fleet_goodput_waits import trainer
+
+pytestmark = pytest.mark.slow
+
+RANGE_SECONDS = 600.0
+# job_id: (the killed run's start of training and its last scrape, the resumed run's start, its carried compute
+# seconds). Each process computes from its start of training, sampled every 10 s (its last scrape: now).
+JOBS = {
+    # Killed in the range: the series' max less its min was the resumed run's last less 0, without the 100 s the
+    # killed run computed past its checkpoint (under the resumed run's last).
+    "resumed-in-range": ((-450.0, -300.0), -265.0, 50.0),
+    # Started before the range, resumed from an old checkpoint that the resumed run has not computed past yet: the
+    # max less the min was the killed run's last less the carried 20 s, counting again its steps before the range.
+    "resumed-from-old": ((-1000.0, -400.0), -365.0, 20.0),
+}
+
+
+def history(now: float) -> str:
+    lines = []
+    for job_id, ((began, killed), resumed, carried) in JOBS.items():
+        lines += trainer(job_id, "h:9100", now + began, now + killed, None, now + began - 10, checkpoints=(2, 2))
+        lines += trainer(job_id, "h:9100", now + resumed, now, None, now + began - 10, carried=carried,
+                         checkpoints=(3, 1))
+    return as_openmetrics(lines)
+
+
+backfilled = backfilled_history(history, "same-address")
+
+
+def computed(job_id: str, now: float, since: float) -> float:
+    """The compute seconds the job's processes did after `since`: each one's growth from its first sample after it
+    (at its start of training plus 10 s multiples, and its last scrape) to its last."""
+    ((began, killed), resumed, _) = JOBS[job_id]
+    total = 0.0
+    for first, last in ((now + began, now + killed), (now + resumed, now)):
+        if last > since:
+            total += last - (first if first > since else min(last, first + (math.floor((since - first) / 10) + 1) * 10))
+    return total
+
+
+@pytest.mark.parametrize("job_id", list(JOBS))
+def test_the_fleets_and_the_jobs_step_seconds_of_a_job_resumed_at_its_address(backfilled, job_id):
+    prometheus, now = backfilled
+
+    async def run():
+        client = PrometheusClient(prometheus.url)
+        try:
+            return (await fleet.summary(client, RANGE_SECONDS, 60, owner=job_id, recorded=False),
+                    await job.job_analytics(client, job_id, 3600.0))
+        finally:
+            await client.aclose()
+
+    summary, analytics = asyncio.run(run())
+    start = summary.evaluated_at - RANGE_SECONDS
+    # The fleet's: each process's seconds from its first sample in the range (the killed run's thrown-away steps
+    # count as step there: lost is a job's figure); a series that fell is read on a grid that may take its rise
+    # across the range's start from the newest sample before it: one sample interval (here 10 s; a trainer's 250 ms).
+    assert summary.goodput.seconds["step"] == pytest.approx(computed(job_id, now, start), abs=10.0)
+    # The job's: the resumed run's last totals, the job's (carried in, plus its own).
+    _, resumed, carried = JOBS[job_id]
+    assert analytics.goodput.step_seconds_by_part["compute"] == pytest.approx(carried - resumed, abs=1e-3)
