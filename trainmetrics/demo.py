@@ -74,6 +74,9 @@ def dataset_for(model: str, uploaded: str) -> str:
 def _port_or_free(port: int) -> int:
     """`port` when it is free, else (or for 0) a free one."""
     with socket.socket() as sock:
+        # As the servers bind it (SO_REUSEADDR): the TIME_WAIT a demo stopped a moment ago left on 9090, 9105
+        # and 8000 made them look taken, and a demo run again moved every URL; a live listener still refuses.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:

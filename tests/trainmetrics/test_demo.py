@@ -2,6 +2,7 @@
 
 import os
 import re
+import socket
 import subprocess
 import sys
 
@@ -9,7 +10,7 @@ import pytest
 
 from tests.processes import finish_reading
 from trainmetrics.contract import MODELS
-from trainmetrics.demo import dataset_for, write_digits_csv
+from trainmetrics.demo import _port_or_free, dataset_for, write_digits_csv
 from trainmetrics.trainer.data import load_dataset
 from trainmetrics.trainer.models import build_model
 
@@ -57,6 +58,21 @@ def kill_all(demo: subprocess.Popen, started: list) -> None:
     for pipe in (demo.stdout, demo.stderr):
         if pipe is not None:
             pipe.close()
+
+
+def test_a_default_port_its_last_run_left_in_time_wait_is_taken_again():
+    """A demo run again right after the last one (Ctrl-C, then `make demo`) gets 9090, 9105 and 8000 again:
+    the connections its servers closed leave those ports in TIME_WAIT for a minute, which the servers' own
+    SO_REUSEADDR binds ignore; the probe took them for in use and moved every URL to a random port."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            accepted, _ = listener.accept()
+            accepted.close()            # the server closes first: its side, on `port`, waits in TIME_WAIT
+            client.recv(1)
+    assert _port_or_free(port) == port
+    with socket.create_server(("127.0.0.1", 0)) as live:       # a live listener still moves the demo
+        assert _port_or_free(live.getsockname()[1]) != live.getsockname()[1]
 
 
 @pytest.mark.parametrize("stop,ignored_at_start", [("SIGTERM", None), ("SIGINT", "SIGINT")])
