@@ -8,7 +8,7 @@ import re
 from dataclasses import field, fields, make_dataclass
 from pathlib import Path
 
-from trainmetrics.command import FlagError, check_directory, check_writable
+from trainmetrics.command import FlagError, check_directory, check_directory_writable, check_writable
 from trainmetrics.contract import TRAIN_OPTIONS, Option, device_for_ranks_problem, new_job_id, validate_job_id
 from trainmetrics.webconfig import web_config_flag
 
@@ -95,6 +95,10 @@ def check_output_paths(config: TrainConfig) -> None:
     for name in OUTPUT_DIRECTORIES:
         if getattr(config, name) is not None:
             check_directory(flags[name], Path(getattr(config, name)))
+    if config.diagnostics_dir is not None:
+        # The others are written at the start; this one only when a hang's or a signal's stacks are, and an
+        # unwritable one lost them then.
+        check_directory_writable(flags["diagnostics_dir"], Path(config.diagnostics_dir))
     if config.targets_dir is not None and config.job_dir is not None and \
             Path(config.targets_dir).resolve() == Path(config.job_dir).resolve():
         raise FlagError(flags["job_dir"], f"{str(config.job_dir)!r} is also {flags['targets_dir']}: the two need "

@@ -94,6 +94,8 @@ BAD = [
     (["demo", "--workdir", "/sys"], "--workdir: '/sys': cannot write in '/sys'"),      # was a traceback
     (["demo", "--workdir", "/sys/new/dir"], "--workdir: '/sys/new/dir': cannot write in '/sys'"),
     (["train", "--lr", "-1"], "--lr"),
+    # Unwritable, it was found out when a hang's stacks were to be written there, and they were lost.
+    (["train", "--diagnostics-dir", "/sys/nope"], "--diagnostics-dir: '/sys/nope': cannot write in '/sys'"),
     (["train", "--device", "tpu"], "--device"),
     (["train", "--epochs", "three"], "--epochs"),
     (["exporter", "--sample-interval", "0"], "--sample-interval"),
