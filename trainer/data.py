@@ -85,7 +85,7 @@ def load_dataset(spec: str, target: str = "label", seed: int = 0) -> Dataset:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as error:
             raise DatasetError(f"{path}: not UTF-8 text ({error.reason})") from None
-        return _language(path.stem, text)
+        return _language(path.stem, text, where=str(path))
     return _split(path.stem, x, y, seed=seed)
 
 
@@ -123,12 +123,15 @@ def _split(name: str, x: np.ndarray, y: np.ndarray, seed: int) -> Dataset:
     )
 
 
-def _language(name: str, text: str, block_size: int = LM_BLOCK_SIZE) -> Dataset:
+def _language(name: str, text: str, block_size: int = LM_BLOCK_SIZE, where: str | None = None) -> Dataset:
+    """A character-level language dataset named `name`; `where`: the file, as its problems name it (its stem
+    alone, "empty: corpus too short", left the user to guess which file)."""
+    where = where or name
     vocabulary = sorted(set(text))
     if len(text) < 4 * (block_size + 1):
-        raise DatasetError(f"{name}: corpus too short ({len(text)} characters; need {4 * (block_size + 1)})")
+        raise DatasetError(f"{where}: corpus too short ({len(text)} characters; need {4 * (block_size + 1)})")
     if len(vocabulary) < 2:     # as a target of one class: it trained to loss 0 and accuracy 1.0 at once, unsaid
-        raise DatasetError(f"{name}: the corpus is one character, {vocabulary[0]!r}, repeated: nothing to predict")
+        raise DatasetError(f"{where}: the corpus is one character, {vocabulary[0]!r}, repeated: nothing to predict")
     index = {ch: i for i, ch in enumerate(vocabulary)}
     tokens = torch.tensor([index[ch] for ch in text], dtype=torch.long)
     windows = tokens[: (len(tokens) - 1) // block_size * block_size + 1]

@@ -50,7 +50,11 @@ BAD_INPUTS = {
         ("--dataset: ", "y.npz: y[2]: class label 20000 too large: at most 10000 classes")),
     # Trained to loss 0 and accuracy 1.0 at once, as a target of one class did.
     "corpus of one character": (lambda t: ["--model", "transformer", "--dataset", bad_csv(t, "zeros.txt", "\0" * 400)],
-                                "--dataset: zeros: the corpus is one character, '\\x00', repeated: nothing to predict"),
+                                ("--dataset: ", "zeros.txt: the corpus is one character, '\\x00', repeated: nothing "
+                                                "to predict")),
+    # Named by its stem alone ("empty: corpus too short"): which file?
+    "corpus too short": (lambda t: ["--model", "transformer", "--dataset", bad_csv(t, "empty.txt", "ab")],
+                         ("--dataset: ", "/empty.txt: corpus too short (2 characters")),
     # Two columns named as the target: the first was taken, unsaid.
     "csv with two target columns": (lambda t: ["--dataset", bad_csv(t, "d.csv", "a,label,label\n1,0,1\n2,1,0\n")],
                                     ("--dataset: ", "2 columns are named 'label'")),
