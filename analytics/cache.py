@@ -8,7 +8,8 @@ from trainmetrics.analytics import queries as q
 from trainmetrics.analytics.goodput import EARLIER_RUNS_GONE
 from trainmetrics.analytics.job import jobs_analytics
 from trainmetrics.analytics.lookup import JobNotFound, fingerprint, owned_by
-from trainmetrics.analytics.prometheus import PrometheusClient, PrometheusError, partial_answers
+from trainmetrics.analytics.prometheus import (DEFAULT_RETRY_AFTER_SECONDS, PrometheusClient, PrometheusError,
+                                                partial_answers)
 from trainmetrics.analytics.results import query_parts_many
 from trainmetrics.analytics.shapes import JobAnalytics, from_plain
 from trainmetrics.reports import NotSettled, PartialAnswer, ReportArchive
@@ -70,7 +71,8 @@ async def cached_jobs_analytics(client: PrometheusClient, cache: AnalyticsCache,
     Prometheus lacks."""
     entries = {job_id: cache.get(job_id) for job_id in dict.fromkeys(job_ids)}
     try:
-        await _from_prometheus(client, cache, entries, lookback, archive, owner)
+        with partial_answers() as partial:
+            await _from_prometheus(client, cache, entries, lookback, archive, owner)
     except PrometheusError:
         # Prometheus cannot answer (nor say whether a cached job resumed): answered from the stored reports
         # when every job asked for has one of the caller's (another owner's stored job answers as an unknown
@@ -81,6 +83,12 @@ async def cached_jobs_analytics(client: PrometheusClient, cache: AnalyticsCache,
     entries.update(await _stored_entries(archive, [job_id for job_id, entry in entries.items() if entry is None]))
     for job_id in job_ids:    # the first job, in order, that is not there or not the caller's
         if not _yours(entries[job_id], owner):
+            if partial:
+                # It may be on the store that did not answer: "no such job" (404) the backend cannot say. Said
+                # alike of an unknown id and of another owner's job (owners apart).
+                raise PrometheusError("unavailable", f"Prometheus answered with part of its data, without job "
+                                                     f"{job_id!r}: a store or shard did not answer",
+                                      DEFAULT_RETRY_AFTER_SECONDS)
             raise JobNotFound(job_id)
     return [entries[job_id].analytics for job_id in job_ids]
 

@@ -71,7 +71,8 @@ class Proxy(Relay):
     """A proxy before a real Prometheus that answers, while `mode` says so, as a backend with part of its data
     does: its range answers without their series (a store that did not answer), saying so as Thanos (`warnings`)
     or a VictoriaMetrics cluster (`isPartial`) does; or every answer with a PromQL annotation; or ("warned") every
-    answer whole but with Thanos' warning. With `only`, just the queries that hold it so."""
+    answer whole but with Thanos' warning; or ("missing") every answer empty, with it. With `only`, just the
+    queries that hold it so."""
 
     def __init__(self, upstream: str):
         super().__init__(upstream)
@@ -96,6 +97,8 @@ class Proxy(Relay):
             return body
         if self.mode == "warned":
             return {**body, "warnings": [STORE_DOWN]}
+        if self.mode == "missing":      # the store holding the jobs did not answer: nothing of them, said so
+            return {**body, "data": {**body["data"], "result": []}, "warnings": [STORE_DOWN]}
         if self.mode == "annotated":
             return {**body, "warnings": [ANNOTATION]}
         if self.mode in ("thanos", "victoria") and ranged:
@@ -214,3 +217,19 @@ def test_a_comparison_is_partial_for_the_job_whose_own_query_was(backend):
     # part-1 was whole and settled: cached, its range queries not asked again; part-2 asked again
     asked = backend.ranged[before:]
     assert asked and not any("part-1" in query for query in asked)
+
+
+def test_a_job_a_partial_answer_lacks_is_unavailable_not_unknown(backend):
+    """A job on the store that did not answer was a 404 "no training job in Prometheus" (the job server's keeper
+    gave up on it as unknown): with part of the data, the backend cannot say it holds no such job. Answered 503,
+    as for an id no store holds (and another owner's job: owners apart)."""
+    with serve(Settings(prometheus_url=backend.url)) as client:
+        try:
+            backend.mode = "missing"
+            answers = [client.get(f"/api/training/{job_id}/analytics") for job_id in ("part-1", "nobody-1")]
+        finally:
+            backend.mode = None
+        unknown = client.get("/api/training/nobody-1/analytics")
+    assert [answer.status_code for answer in answers] == [503, 503], [answer.text for answer in answers]
+    assert "part of its data" in answers[0].json()["error"]["message"] and answers[0].headers["retry-after"]
+    assert unknown.status_code == 404
