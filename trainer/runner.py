@@ -6,6 +6,7 @@ the next step boundary. With --result-file the outcome is also written there, at
 """
 
 import logging
+import math
 import os
 import shutil
 import sys
@@ -19,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from trainmetrics.command import FlagError
 from trainmetrics.contract import STOP_VERBS, exit_code_for
-from trainmetrics.datafiles import DatasetError
+from trainmetrics.datafiles import FLOAT32_MAX, DatasetError
 from trainmetrics.jobfiles import ClaimedElsewhere
 from trainmetrics.jobmap import host_gpu
 from trainmetrics.trainer import distributed, faults
@@ -458,6 +459,7 @@ def prepare(config: TrainConfig):
             raise DatasetError(f"--dataset: {config.dataset}: too large for this machine's memory ({shortage})"
                                ) from None
         load_seconds = time.monotonic() - began
+        check_regression_targets(config, dataset)
         torch.manual_seed(config.seed)   # same seed, same initial weights: runs are reproducible
         try:
             model = build_model(config.model, dataset)
@@ -472,6 +474,20 @@ def prepare(config: TrainConfig):
     except (ValueError, DatasetError, ModelError, FlagError) as error:
         raise BadInput(str(error)) from None
     return device, dataset, model, load_seconds
+
+
+def check_regression_targets(config: TrainConfig, dataset: Dataset) -> None:
+    """DatasetError where a regression target's squared error overflows float32 summed over a batch (an untrained
+    model answers about 0): the loss was inf from the first step, and the job "completed" on nothing learnt."""
+    if dataset.task != "regression":
+        return
+    batch = max(config.batch_size, EVAL_BATCH_SIZE)
+    largest = max(float(part.tensors[1].abs().max()) for part in (dataset.train, dataset.eval))
+    bound = math.sqrt(FLOAT32_MAX / batch)
+    if largest > bound:
+        raise DatasetError(f"--dataset: {config.dataset}: regression targets up to {largest:.3g}: their squared "
+                           f"error overflows float32 in a batch of {batch} (at most {bound:.3g}): scale the target "
+                           "down")
 
 
 def open_checkpoint_dir(config: TrainConfig) -> Path | None:

@@ -55,6 +55,11 @@ BAD_INPUTS = {
     # Named by its stem alone ("empty: corpus too short"): which file?
     "corpus too short": (lambda t: ["--model", "transformer", "--dataset", bad_csv(t, "empty.txt", "ab")],
                          ("--dataset: ", "/empty.txt: corpus too short (2 characters")),
+    # Its squared error overflowed float32 in a batch: loss inf from the first step, and the job "completed".
+    "regression target too large": (lambda t: ["--dataset", bad_csv(t, "big.csv", "a,y\n1,1e18\n2,2.5\n3,1.5\n"),
+                                               "--target", "y"],
+                                    ("--dataset: ", "big.csv: regression targets up to 1e+18: their squared error "
+                                                    "overflows float32 in a batch of 512")),
     # Two columns named as the target: the first was taken, unsaid.
     "csv with two target columns": (lambda t: ["--dataset", bad_csv(t, "d.csv", "a,label,label\n1,0,1\n2,1,0\n")],
                                     ("--dataset: ", "2 columns are named 'label'")),
