@@ -220,6 +220,9 @@ class Exporter:
         # When each loop's latest pass started: the samples it missed are counted (exporter_samples_missed_total), as
         # peaks have the resolution of the samples taken, not of the interval asked for.
         self._last_pass: dict[str, float | None] = dict.fromkeys(self._passed)
+        # Each loop's intervals missed but not yet whole, carried to the next pass: counted per pass in whole
+        # intervals, a loop whose passes took 1.9 intervals sampled at half its rate and counted none.
+        self._behind: dict[str, float] = dict.fromkeys(self._passed, 0.0)
         self.self_metrics = SelfMetrics(self.runners, list(self._passed))
         self._own_saw_slow: set[str] = set()     # own loops that rendered after the first slow pass
         self._ready = threading.Event()  # a snapshot holding a whole fast and slow pass was rendered
@@ -319,7 +322,11 @@ class Exporter:
         for now in self._every(interval):
             last, self._last_pass[loop] = self._last_pass[loop], now
             if last is not None:    # a pass longer than the interval, a starved thread, a hung sample handed over
-                self.self_metrics.missed[loop] += max(0, int((now - last) / interval) - 1)
+                # (a sample starts no sooner than its schedule: the carry is never below 0, jitter adds nothing)
+                behind = self._behind[loop] + (now - last) / interval - 1
+                whole = max(0, int(behind))
+                self.self_metrics.missed[loop] += whole
+                self._behind[loop] = behind - whole
             for runner, sample in runners:
                 with self._lock:
                     if runner.running[part] is not None or runner.resume_at[part] > time.monotonic():

@@ -94,13 +94,13 @@ def otlp_readers() -> list[MetricReader]:
         log.warning("OTEL_EXPORTER_OTLP_* is set but opentelemetry-exporter-otlp-proto-http is not installed "
                     "(pip install 'trainmetrics[otlp]'); pushing nothing")
         return []
-    for name in OTLP_PROTOCOL_VARIABLES:
-        protocol = os.environ.get(name)
-        if protocol and protocol.strip() != "http/protobuf":
-            # Ignored without a word, the job pushed HTTP to a gRPC port (4317) and every push failed.
-            log.warning("%s=%r: trainmetrics pushes OTLP over http/protobuf only; point the endpoint at the "
-                        "collector's OTLP/HTTP receiver (port 4318 by default)", name, protocol)
-            break
+    # The first set is the metrics' protocol: a METRICS_ one overrides the general one (which may be for the
+    # process's other signals, grpc, while its metrics are http/protobuf: warned of, it was a false alarm).
+    name = next((name for name in OTLP_PROTOCOL_VARIABLES if os.environ.get(name)), None)
+    if name is not None and os.environ[name].strip() != "http/protobuf":
+        # Ignored without a word, the job pushed HTTP to a gRPC port (4317) and every push failed.
+        log.warning("%s=%r: trainmetrics pushes OTLP over http/protobuf only; point the endpoint at the "
+                    "collector's OTLP/HTTP receiver (port 4318 by default)", name, os.environ[name])
     exporter = OTLPMetricExporter(timeout=push_seconds(warn=True))
     try:
         return [PushReader(exporter)]

@@ -213,3 +213,15 @@ def test_a_protocol_other_than_http_protobuf_is_warned_of(receiver, monkeypatch,
         metrics.step(loss=0.5, samples=8)
     warned = [record.getMessage() for record in caplog.records if variable in record.getMessage()]
     assert len(warned) == 1 and "http/protobuf" in warned[0], warned
+
+
+def test_the_metrics_own_protocol_overrides_the_general_one(receiver, monkeypatch, caplog):
+    """OTEL_EXPORTER_OTLP_METRICS_PROTOCOL=http/protobuf is the metrics' protocol whatever the general variable says
+    (grpc for the process's traces): it was warned of by the general variable's name, a false alarm."""
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", "http/protobuf")
+    with JobMetrics("otlp-protocol-1", log_every=1) as metrics:
+        metrics.step(loss=0.5, samples=8)
+    warned = [record.getMessage() for record in caplog.records if "PROTOCOL" in record.getMessage()]
+    assert warned == []
+    assert pushed_values("trainer_steps_total") == [1]
