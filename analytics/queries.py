@@ -721,10 +721,19 @@ def _raw_window_increase(counter: str) -> str:
     series stale until its next one, a window starting in that gap matched nothing, and its first count in the
     window stood for the count before it: what the job counted across the gap went into no window (100 of 524
     samples). A process unscraped for a whole window or more, stale throughout, still counts from its first count
-    after it."""
-    newest = f"max_over_time({counter}[{{window}}])"
-    before = f"max_over_time({counter}[{{window}}] offset {{window}})"
-    return (f"sum((({newest} - {before}) or ({newest} - {counter} offset {{window}}) or "
+    after it.
+
+    A series whose count fell (a job resumed at the killed process's address, a fixed --metrics-listen port: the
+    resumed process counts on from its checkpoint, below the killed one's last) is read from its first count in the
+    step wherever it fell in the step or across the step's start: its newest less the newest before was negative (a
+    step of -85 samples/s), and the points added up to the resumed run's last count less the killed run's first in
+    the range (-200 samples for 5,700). A fall within a step misses what the process before it counted in that
+    step. The newest is the last count (where the count fell, the highest was the killed process's); the cost is one
+    more read of the step (resets), on the same grid."""
+    newest = f"last_over_time({counter}[{{window}}])"
+    before = f"last_over_time({counter}[{{window}}] offset {{window}})"
+    grew = f"(({newest} - {before}) >= 0) or (({newest} - {counter} offset {{window}}) >= 0)"
+    return (f"sum(((({grew}) unless resets({counter}[{{window}}]) > 0) or "
             f"({newest} - min_over_time({counter}[{{window}}]))){{owned}}) / {{seconds}} or vector(0)")
 
 

@@ -1,7 +1,7 @@
 """A job killed and resumed at the killed process's address (a fixed --metrics-listen port): the two processes share
 one series per phase, and the resumed one starts from its checkpoint's totals, below where the killed one last
-stood. The fleet's goodput and the job's own ledger against what the processes did, on backfilled history in
-Prometheus and VictoriaMetrics."""
+stood. The fleet's goodput and throughput trend and the job's own ledger against what the processes did, on
+backfilled history in Prometheus and VictoriaMetrics."""
 
 import asyncio
 import math
@@ -29,12 +29,26 @@ JOBS = {
 }
 
 
+# Samples each process counts per compute second (its count: the job's, carried in from its checkpoint).
+SAMPLES_PER_SECOND = 10.0
+
+
+def samples(job_id: str, instance: str, started: float, last: float, carried: float) -> list[str]:
+    """trainer_samples_total of trainer()'s process at its scrapes: SAMPLES_PER_SECOND per compute second."""
+    base = f'job_id="{job_id}",instance="{instance}",job="trainer-jobs",rank="0"'
+    times = [started + i * 10.0 for i in range(int((last - started) / 10) + 1)]
+    return [f"trainer_samples_total{{{base}}} {SAMPLES_PER_SECOND * (carried + t - started):.3f} {t:.3f}"
+            for t in (times if times[-1] == last else [*times, last])]
+
+
 def history(now: float) -> str:
     lines = []
     for job_id, ((began, killed), resumed, carried) in JOBS.items():
         lines += trainer(job_id, "h:9100", now + began, now + killed, None, now + began - 10, checkpoints=(2, 2))
         lines += trainer(job_id, "h:9100", now + resumed, now, None, now + began - 10, carried=carried,
                          checkpoints=(3, 1))
+        lines += samples(job_id, "h:9100", now + began, now + killed, 0.0)
+        lines += samples(job_id, "h:9100", now + resumed, now, carried)
     return as_openmetrics(lines)
 
 
@@ -73,3 +87,38 @@ def test_the_fleets_and_the_jobs_step_seconds_of_a_job_resumed_at_its_address(ba
     # The job's: the resumed run's last totals, the job's (carried in, plus its own).
     _, resumed, carried = JOBS[job_id]
     assert analytics.goodput.step_seconds_by_part["compute"] == pytest.approx(carried - resumed, abs=1e-3)
+
+
+@pytest.mark.parametrize("job_id", list(JOBS))
+def test_the_throughput_trend_of_a_job_resumed_at_its_address(backfilled, job_id):
+    """The trend's step took a process's highest count in it less its highest in the step before: the resumed
+    run's count, below the killed run's last, read a negative step (-85 samples/s) and the points added up to the
+    resumed run's last count less the killed run's first in the range (2,600 samples for 3,700, or -200 for 5,700:
+    a negative average)."""
+    prometheus, now = backfilled
+    step = 60.0
+
+    async def run():
+        client = PrometheusClient(prometheus.url)
+        try:
+            return await fleet.summary(client, RANGE_SECONDS, step, owner=job_id, recorded=False)
+        finally:
+            await client.aclose()
+
+    trend = asyncio.run(run()).resource_trends.series["samples_per_second"]
+    assert all(value >= 0 for _, value in trend.points), trend.points
+    # The grid's points tile (end - range, end]: each process's samples there, from its newest count before it.
+    gridded = [t for t, _ in trend.points if t % step == 0]
+    end = max(gridded)
+    assert len(gridded) == RANGE_SECONDS / step
+    ((began, killed), resumed, _) = JOBS[job_id]
+    counted = 0.0
+    for first, last in ((now + began, now + killed), (now + resumed, now)):
+        scrapes = [first + i * 10.0 for i in range(int((last - first) / 10) + 1)]     # as samples() writes them
+        times = [t for t in (scrapes if scrapes[-1] == last else [*scrapes, last]) if t <= end]
+        before = [t for t in times if t <= end - RANGE_SECONDS]
+        if times and times[-1] > end - RANGE_SECONDS:
+            counted += SAMPLES_PER_SECOND * (times[-1] - (before[-1] if before else times[0]))
+    # A step in which the count fell reads the resumed run from its first count in the step: the killed run's
+    # samples in that step before its kill are not counted (at most a step's). (Points: six significant digits.)
+    assert counted - SAMPLES_PER_SECOND * step - 0.1 <= trend.average * RANGE_SECONDS <= counted + 0.1
