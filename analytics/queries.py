@@ -728,13 +728,16 @@ def _raw_window_increase(counter: str) -> str:
     step wherever it fell in the step or across the step's start: its newest less the newest before was negative (a
     step of -85 samples/s), and the points added up to the resumed run's last count less the killed run's first in
     the range (-200 samples for 5,700). A fall within a step misses what the process before it counted in that
-    step. The newest is the last count (where the count fell, the highest was the killed process's); the cost is one
-    more read of the step (resets), on the same grid."""
-    newest = f"last_over_time({counter}[{{window}}])"
-    before = f"last_over_time({counter}[{{window}}] offset {{window}})"
-    grew = f"(({newest} - {before}) >= 0) or (({newest} - {counter} offset {{window}}) >= 0)"
+    step. The newest is the last count (where the count fell, the highest was the killed process's); the cost is
+    more reads of the step (resets, and the lowest count against the count before), on the same grid."""
+    newest, lowest = f"last_over_time({counter}[{{window}}])", f"min_over_time({counter}[{{window}}])"
+    before, at_start = f"last_over_time({counter}[{{window}}] offset {{window}})", f"{counter} offset {{window}}"
+    # A count before the step is where the step counts from only if no count in the step is below it: one that fell
+    # across the step's start, its resumed process past the killed one's last by the step's end, read its newest
+    # less the killed one's last (400 samples of 500), short by what the resumed one did again.
+    grew = f"(({newest} - {before}) and {lowest} >= {before}) or (({newest} - {at_start}) and {lowest} >= {at_start})"
     return (f"sum(((({grew}) unless resets({counter}[{{window}}]) > 0) or "
-            f"({newest} - min_over_time({counter}[{{window}}]))){{owned}}) / {{seconds}} or vector(0)")
+            f"({newest} - {lowest})){{owned}}) / {{seconds}} or vector(0)")
 
 
 def _recorded_window_increase(counter: str) -> str:

@@ -52,7 +52,31 @@ def history(now: float) -> str:
     return as_openmetrics(lines)
 
 
-backfilled = backfilled_history(history, "same-address")
+# Killed 30 s before a multiple of the throughput trend's step and resumed 5 s after it, from a checkpoint 10 s of
+# work back, which it did again within that step and went on past the killed run's last count (1,200): 1,100 at
+# b + 5, 1,600 at b + 55.
+ACROSS = "resumed-across-a-step"
+TREND_STEP = 60.0
+
+
+def across_step(now: float) -> float:
+    """The multiple of TREND_STEP that ACROSS's count fell across."""
+    return math.floor((now - 200.0) / TREND_STEP) * TREND_STEP
+
+
+def history_across(now: float) -> str:
+    b = across_step(now)
+    return as_openmetrics(trainer(ACROSS, "h:9100", b - 150.0, b - 30.0, None, b - 160.0)
+                          + trainer(ACROSS, "h:9100", b + 5.0, now, None, b - 160.0, carried=110.0)
+                          + samples(ACROSS, "h:9100", b - 150.0, b - 30.0, 0.0)
+                          + samples(ACROSS, "h:9100", b + 5.0, now, 110.0))
+
+
+def history_all(now: float) -> str:
+    return history(now).removesuffix("# EOF\n") + history_across(now)
+
+
+backfilled = backfilled_history(history_all, "same-address")
 
 
 def computed(job_id: str, now: float, since: float) -> float:
@@ -122,3 +146,21 @@ def test_the_throughput_trend_of_a_job_resumed_at_its_address(backfilled, job_id
     # A step in which the count fell reads the resumed run from its first count in the step: the killed run's
     # samples in that step before its kill are not counted (at most a step's). (Points: six significant digits.)
     assert counted - SAMPLES_PER_SECOND * step - 0.1 <= trend.average * RANGE_SECONDS <= counted + 0.1
+
+
+def test_the_throughput_step_a_job_resumed_at_its_address_fell_across_the_start_of(backfilled):
+    """The count fell across the step's start (the killed run's last before it, the resumed run's first in it) and the
+    resumed run passed the killed run's last in the step: its newest less the newest before was not negative, and
+    the step read 400 samples (the newest less the killed run's last) of the 500 counted from the resumed run's
+    first count in it, on either backend."""
+    prometheus, now = backfilled
+
+    async def run():
+        client = PrometheusClient(prometheus.url)
+        try:
+            return await fleet.summary(client, RANGE_SECONDS, TREND_STEP, owner=ACROSS, recorded=False)
+        finally:
+            await client.aclose()
+
+    points = dict(asyncio.run(run()).resource_trends.series["samples_per_second"].points)
+    assert points[across_step(now) + TREND_STEP] * TREND_STEP == pytest.approx(500.0, abs=0.01), points
