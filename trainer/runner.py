@@ -481,7 +481,8 @@ def check_regression_targets(config: TrainConfig, dataset: Dataset) -> None:
     model answers about 0): the loss was inf from the first step, and the job "completed" on nothing learnt."""
     if dataset.task != "regression":
         return
-    batch = max(config.batch_size, EVAL_BATCH_SIZE)
+    # The largest batch it forms (a small file's are its rows: 3 rows of 1e18 were refused for a batch of 512)
+    batch = max(min(config.batch_size, len(dataset.train)), min(EVAL_BATCH_SIZE, len(dataset.eval)))
     largest = max(float(part.tensors[1].abs().max()) for part in (dataset.train, dataset.eval))
     bound = math.sqrt(FLOAT32_MAX / batch)
     if largest > bound:

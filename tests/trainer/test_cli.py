@@ -56,8 +56,8 @@ BAD_INPUTS = {
     "corpus too short": (lambda t: ["--model", "transformer", "--dataset", bad_csv(t, "empty.txt", "ab")],
                          ("--dataset: ", "/empty.txt: corpus too short (2 characters")),
     # Its squared error overflowed float32 in a batch: loss inf from the first step, and the job "completed".
-    "regression target too large": (lambda t: ["--dataset", bad_csv(t, "big.csv", "a,y\n1,1e18\n2,2.5\n3,1.5\n"),
-                                               "--target", "y"],
+    "regression target too large": (lambda t: ["--dataset", bad_csv(t, "big.csv", "a,y\n" + "".join(
+        f"{i},{'1e18' if i == 7 else '2.5'}\n" for i in range(3000))), "--target", "y"],
                                     ("--dataset: ", "big.csv: regression targets up to 1e+18: their squared error "
                                                     "overflows float32 in a batch of 512")),
     # Two columns named as the target: the first was taken, unsaid.

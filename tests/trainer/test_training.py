@@ -83,3 +83,21 @@ def test_a_file_dataset_is_named_as_the_job_server_names_the_upload(tmp_path, su
     else:
         path.write_text("a,label\n" + "".join(f"{i},{i % 2}\n" for i in range(20)) if suffix == ".csv" else "ab" * 500)
     assert load_dataset(str(path)).name == "ds-03ec8b82c3d2"       # the job spec's `dataset`, no file suffix
+
+
+def test_a_small_files_regression_targets_are_bounded_by_the_batches_it_forms(tmp_path):
+    """A file of a few rows forms batches of those rows: its targets' bound is that of such a batch, not of the
+    evaluation's 512 (3 rows with a target of 1e18 were refused, their loss finite)."""
+    from trainmetrics.datafiles import DatasetError
+    from trainmetrics.trainer.config import TrainConfig
+    from trainmetrics.trainer.data import load_dataset
+    from trainmetrics.trainer.runner import check_regression_targets
+
+    few = tmp_path / "few.csv"
+    few.write_text("a,y\n1,1e18\n2,2.5\n3,1.5\n")
+    check_regression_targets(TrainConfig(job_id="few-1", dataset=str(few), target="y"), load_dataset(str(few), target="y", seed=0))
+    many = tmp_path / "many.csv"
+    many.write_text("a,y\n" + "".join(f"{i},{'1e18' if i == 7 else '2.5'}\n" for i in range(3000)))
+    with pytest.raises(DatasetError, match="in a batch of 512"):
+        check_regression_targets(TrainConfig(job_id="many-1", dataset=str(many), target="y"),
+                                 load_dataset(str(many), target="y", seed=0))
