@@ -37,12 +37,13 @@ dashboards: venv
 
 # Three workers on two cores, a file's tests on one (most tests wait on real processes: Prometheus scrapes, training;
 # two workers kept ~1.1 cores busy: 461-511 s, three 381 s in a clean clone; four, 365 s, stretched the timing of
-# tests that watch real processes until some failed), then the tests on the real Ray cluster alone
-# (tests/conftest.py says why). A pass that PYTEST_ARGS leaves without tests
-# (pytest's exit 5) is no failure.
+# tests that watch real processes until some failed), then the tests on the session's real Ray cluster alone
+# (tests/conftest.py says why), then those that start a Ray cluster of their own, once the session's is gone. A
+# pass that PYTEST_ARGS leaves without tests (pytest's exit 5) is no failure.
 test: venv prometheus alertmanager victoria-metrics
 	$(BIN)/python -m pytest -q --durations=25 -n 3 --dist loadfile -m "not ray" $(PYTEST_ARGS) || test $$? -eq 5
-	$(BIN)/python -m pytest -q --durations=10 -m ray $(PYTEST_ARGS) || test $$? -eq 5
+	$(BIN)/python -m pytest -q --durations=10 -m "ray and not ray_own_cluster" $(PYTEST_ARGS) || test $$? -eq 5
+	$(BIN)/python -m pytest -q --durations=5 -m ray_own_cluster $(PYTEST_ARGS) || test $$? -eq 5
 
 # A longer schemathesis run than make test's bounded one (tests/hardening/test_fuzz.py).
 fuzz: venv prometheus

@@ -85,11 +85,14 @@ def analytics_get():
 
 @pytest.hookimpl(tryfirst=True)         # before -m reads the marks
 def pytest_collection_modifyitems(config, items):
-    """Marks every test on the real Ray cluster `ray`: `make test` runs them on their own after the rest (a
+    """Marks every test on a real Ray cluster `ray`: `make test` runs them on their own after the rest (a
     session fixture; beside another worker's tests its Jobs API stopped answering for minutes on 2 cores). The
     rest run on three pytest-xdist workers by file (`--dist loadfile`: a module's fixtures start once; xdist's
     `loadgroup` marks no longer reach its scheduler under pytest 9, whose node ids it cannot suffix)."""
     for item in items:
         params = getattr(item, "callspec", None)
         if "ray_cluster" in item.fixturenames or (params is not None and params.params.get("executor") == "ray"):
+            item.add_marker(pytest.mark.ray)
+        if item.get_closest_marker("ray_own_cluster") is not None:
+            # Not beside the session's cluster: two clusters on 2 cores, its job did not train within 2 minutes.
             item.add_marker(pytest.mark.ray)

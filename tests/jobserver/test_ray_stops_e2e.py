@@ -214,7 +214,7 @@ def test_a_rank_whose_ray_actor_dies_is_said_killed(ray_server):
     assert "rank 0: its Ray actor died" in (server.data_dir / "jobs" / "actor-1" / "train.log").read_text()
 
 
-@pytest.mark.ray
+@pytest.mark.ray_own_cluster
 def test_a_rank_whose_node_is_lost_silently_does_not_hold_the_others_for_gloos_timeout(tmp_path):
     """A node gone without a word (power, network) leaves its rank's peers blocked in a collective: no connection
     closes. Ray said the rank's actor died, and the launcher waited on for the other rank, which held the job
