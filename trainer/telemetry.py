@@ -86,7 +86,7 @@ def otlp_readers() -> list[MetricReader]:
 
     The exporter reads its endpoint, headers and timeout from those variables, and the periodic reader
     its interval from OTEL_METRIC_EXPORT_INTERVAL; trainmetrics adds nothing of its own."""
-    if not any(os.environ.get(name) for name in OTLP_ENDPOINT_VARIABLES):
+    if first_set(OTLP_ENDPOINT_VARIABLES) is None:
         return []
     try:
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
@@ -94,13 +94,13 @@ def otlp_readers() -> list[MetricReader]:
         log.warning("OTEL_EXPORTER_OTLP_* is set but opentelemetry-exporter-otlp-proto-http is not installed "
                     "(pip install 'trainmetrics[otlp]'); pushing nothing")
         return []
-    # The first set is the metrics' protocol: a METRICS_ one overrides the general one (which may be for the
-    # process's other signals, grpc, while its metrics are http/protobuf: warned of, it was a false alarm).
-    name = next((name for name in OTLP_PROTOCOL_VARIABLES if os.environ.get(name)), None)
-    if name is not None and os.environ[name].strip() != "http/protobuf":
+    # (the general one may be for the process's other signals, grpc, while its metrics are http/protobuf: warned
+    # of, it was a false alarm)
+    protocol = first_set(OTLP_PROTOCOL_VARIABLES)
+    if protocol is not None and protocol[1].strip() != "http/protobuf":
         # Ignored without a word, the job pushed HTTP to a gRPC port (4317) and every push failed.
         log.warning("%s=%r: trainmetrics pushes OTLP over http/protobuf only; point the endpoint at the "
-                    "collector's OTLP/HTTP receiver (port 4318 by default)", name, os.environ[name])
+                    "collector's OTLP/HTTP receiver (port 4318 by default)", *protocol)
     exporter = OTLPMetricExporter(timeout=push_seconds(warn=True))
     try:
         return [PushReader(exporter)]
@@ -115,20 +115,25 @@ def push_seconds(warn: bool = False) -> float:
     """How long a push may take, retries included, the last one at the job's end too: the timeout the variables
     set (in seconds, as this SDK reads them), else FINAL_PUSH_SECONDS (the SDK's 10 s, retried, held a job's exit
     for 15-31 s when the collector was down or never answered)."""
-    for name in OTLP_TIMEOUT_VARIABLES:
-        raw = os.environ.get(name)
-        if raw:
-            try:
-                seconds = float(raw)
-            except ValueError:
-                seconds = math.nan
-            if math.isfinite(seconds) and seconds > 0:
-                return seconds
-            if warn:
-                log.warning("%s=%r is not a number of seconds above 0; a push gives up after %g s",
-                            name, raw, FINAL_PUSH_SECONDS)
-            break
+    timeout = first_set(OTLP_TIMEOUT_VARIABLES)
+    if timeout is None:
+        return FINAL_PUSH_SECONDS
+    try:
+        seconds = float(timeout[1])
+    except ValueError:
+        seconds = math.nan
+    if math.isfinite(seconds) and seconds > 0:
+        return seconds
+    if warn:
+        log.warning("%s=%r is not a number of seconds above 0; a push gives up after %g s", *timeout,
+                    FINAL_PUSH_SECONDS)
     return FINAL_PUSH_SECONDS
+
+
+def first_set(names: tuple[str, ...]) -> tuple[str, str] | None:
+    """The first of these variables that is set (not empty), and its value: a METRICS_ one overrides the general
+    one, as the SDK reads them."""
+    return next(((name, os.environ[name]) for name in names if os.environ.get(name)), None)
 
 
 class PushReader(PeriodicExportingMetricReader):
