@@ -154,48 +154,42 @@ def test_a_page_cache_past_the_limit_still_sums_to_the_limit(tmp_path):
 
 
 class SlowerThanTheInterval(Collector):
-    """A fast sample that takes 2.5 of the loop's 100 ms intervals (a slow /proc walk, a starved host)."""
+    """A fast sample that takes longer than the loop's 100 ms interval (a slow /proc walk, a starved host)."""
 
     name = "slower"
     fast = True
 
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
     def sample(self, now: float) -> None:
-        time.sleep(0.25)
+        time.sleep(self.seconds)
+
+
+def missed_samples(seconds: float, watched: float) -> dict:
+    """exporter_samples_missed_total of an exporter whose one fast sample takes `seconds` at a 100 ms interval,
+    after `watched` seconds."""
+    exporter = Exporter([SlowerThanTheInterval(seconds)], sample_interval=0.1, slow_interval=0.5).start()
+    try:
+        time.sleep(watched)
+        return parse_exposition(exporter.snapshot())["exporter_samples_missed_total"]
+    finally:
+        exporter.stop()
 
 
 def test_samples_the_loop_falls_behind_on_are_counted_as_missed():
     """A fast loop whose passes took 250 ms sampled at 4 Hz, not 10, with nothing in the scrape to say so: its
     peaks claimed a resolution of one interval they did not have. Each whole interval in which no pass started is
     counted."""
-    exporter = Exporter([SlowerThanTheInterval()], sample_interval=0.1, slow_interval=0.5).start()
-    try:
-        time.sleep(1.5)
-        missed = parse_exposition(exporter.snapshot())["exporter_samples_missed_total"]
-    finally:
-        exporter.stop()
+    missed = missed_samples(0.25, 1.5)
     # ~6 passes, each starting ~2.5 intervals after the one before: at least one whole interval missed between.
     assert missed[(("loop", "fast"),)] >= 4, missed
     assert set(missed) == {(("loop", "fast"),), (("loop", "slow"),)}
 
 
-class UnderTwoIntervals(Collector):
-    """A fast sample that takes 1.6 of the loop's 100 ms intervals: the loop samples at about 6 Hz, not 10."""
-
-    name = "under_two"
-    fast = True
-
-    def sample(self, now: float) -> None:
-        time.sleep(0.16)
-
-
 def test_a_loop_slower_than_its_interval_by_less_than_one_interval_a_pass_counts_what_it_missed():
     """Each pass was counted in whole intervals since the one before: passes of 1.6 intervals each counted none, so a
     loop sampling at 6 Hz of its 10 said it missed nothing. The fractions add up: ~4 a second here."""
-    exporter = Exporter([UnderTwoIntervals()], sample_interval=0.1, slow_interval=0.5).start()
-    try:
-        time.sleep(2.0)
-        missed = parse_exposition(exporter.snapshot())["exporter_samples_missed_total"]
-    finally:
-        exporter.stop()
+    missed = missed_samples(0.16, 2.0)
     # ~12 passes in 2 s where 20 were due: ~7 missed (0 before, a busy host aside).
     assert missed[(("loop", "fast"),)] >= 4, missed
