@@ -1,5 +1,6 @@
 """Helpers for analytics tests: the real service on a free port, real jobs, a capturing MockTransport."""
 
+import asyncio
 import concurrent.futures
 import json
 import os
@@ -15,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Callable
+from typing import Awaitable, Callable
 
 import httpx
 import psutil
@@ -24,6 +25,7 @@ import uvicorn
 
 from tests.processes import finish_reading
 from trainmetrics.analytics.app import Settings, create_app
+from trainmetrics.analytics.prometheus import PrometheusClient
 from trainmetrics.prometheus_process import PrometheusServer, VictoriaMetricsServer, find_binary, free_port
 
 
@@ -45,6 +47,18 @@ def serve(settings: Settings):
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def asked(url: str, ask: Callable[[PrometheusClient], Awaitable]):
+    """What `ask` answers with a PrometheusClient for `url` (closed afterwards), run to its end."""
+    async def run():
+        client = PrometheusClient(url)
+        try:
+            return await ask(client)
+        finally:
+            await client.aclose()
+
+    return asyncio.run(run())
 
 
 class CapturingTransport(httpx.MockTransport):

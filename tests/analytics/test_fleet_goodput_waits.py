@@ -2,15 +2,12 @@
 server (jobserver/app.py WaitingJobsCollector) and its trainers publish in each state, one owner per job, in
 Prometheus and VictoriaMetrics, read by the summary as the service reads it."""
 
-import asyncio
-
 import pytest
 
 from trainmetrics.analytics import fleet
-from trainmetrics.analytics.prometheus import PrometheusClient
 from trainmetrics.contract import ACCOUNTED_PHASES, JOB_STATES
 
-from .conftest import as_openmetrics, backfilled_history
+from .conftest import as_openmetrics, asked, backfilled_history
 
 pytestmark = pytest.mark.slow
 
@@ -109,14 +106,8 @@ backfilled = backfilled_history(history, "fleet-goodput")
 def goodput(prometheus, job_id: str) -> tuple[dict[str, float], float]:
     """The fleet goodput's seconds over the last RANGE_SECONDS of the one job `job_id` (its owner's), and where the
     range started."""
-    async def run():
-        client = PrometheusClient(prometheus.url)
-        try:
-            return await fleet.summary(client, RANGE_SECONDS, 60, owner=job_id, recorded=False)
-        finally:
-            await client.aclose()
-
-    summary = asyncio.run(run())
+    summary = asked(prometheus.url, lambda client: fleet.summary(client, RANGE_SECONDS, 60, owner=job_id,
+                                                                 recorded=False))
     assert summary.total_jobs == 1
     return summary.goodput.seconds, summary.evaluated_at - RANGE_SECONDS
 

@@ -12,7 +12,7 @@ from trainmetrics.analytics import fleet, job
 from trainmetrics.analytics.cache import AnalyticsCache, cached_job_analytics
 from trainmetrics.analytics.prometheus import PrometheusClient
 
-from .conftest import as_openmetrics, backfilled_history
+from .conftest import as_openmetrics, asked, backfilled_history
 from .test_fleet_goodput_waits import server, trainer
 
 pytestmark = pytest.mark.slow
@@ -57,14 +57,7 @@ backfilled = backfilled_history(history, "job-goodput-waits")
 
 
 def analytics(backend, job_id: str):
-    async def run():
-        client = PrometheusClient(backend.url)
-        try:
-            return await job.job_analytics(client, job_id, LOOKBACK_SECONDS)
-        finally:
-            await client.aclose()
-
-    return asyncio.run(run())
+    return asked(backend.url, lambda client: job.job_analytics(client, job_id, LOOKBACK_SECONDS))
 
 
 def fleet_of(backend, job_id: str):

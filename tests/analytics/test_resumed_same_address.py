@@ -3,15 +3,13 @@ one series per phase, and the resumed one starts from its checkpoint's totals, b
 stood. The fleet's goodput and throughput trend and the job's own ledger against what the processes did, on
 backfilled history in Prometheus and VictoriaMetrics."""
 
-import asyncio
 import math
 
 import pytest
 
 from trainmetrics.analytics import fleet, job
-from trainmetrics.analytics.prometheus import PrometheusClient
 
-from .conftest import as_openmetrics, backfilled_history
+from .conftest import as_openmetrics, asked, backfilled_history
 from .test_fleet_goodput_waits import trainer
 
 pytestmark = pytest.mark.slow
@@ -93,16 +91,9 @@ def computed(job_id: str, now: float, since: float) -> float:
 @pytest.mark.parametrize("job_id", list(JOBS))
 def test_the_fleets_and_the_jobs_step_seconds_of_a_job_resumed_at_its_address(backfilled, job_id):
     prometheus, now = backfilled
-
-    async def run():
-        client = PrometheusClient(prometheus.url)
-        try:
-            return (await fleet.summary(client, RANGE_SECONDS, 60, owner=job_id, recorded=False),
-                    await job.job_analytics(client, job_id, 3600.0))
-        finally:
-            await client.aclose()
-
-    summary, analytics = asyncio.run(run())
+    summary = asked(prometheus.url, lambda client: fleet.summary(client, RANGE_SECONDS, 60, owner=job_id,
+                                                                 recorded=False))
+    analytics = asked(prometheus.url, lambda client: job.job_analytics(client, job_id, 3600.0))
     start = summary.evaluated_at - RANGE_SECONDS
     # The fleet's: each process's seconds from its first sample in the range (the killed run's thrown-away steps
     # count as step there: lost is a job's figure); a series that fell is read on a grid that may take its rise
@@ -121,15 +112,9 @@ def test_the_throughput_trend_of_a_job_resumed_at_its_address(backfilled, job_id
     a negative average)."""
     prometheus, now = backfilled
     step = 60.0
-
-    async def run():
-        client = PrometheusClient(prometheus.url)
-        try:
-            return await fleet.summary(client, RANGE_SECONDS, step, owner=job_id, recorded=False)
-        finally:
-            await client.aclose()
-
-    trend = asyncio.run(run()).resource_trends.series["samples_per_second"]
+    summary = asked(prometheus.url, lambda client: fleet.summary(client, RANGE_SECONDS, step, owner=job_id,
+                                                                 recorded=False))
+    trend = summary.resource_trends.series["samples_per_second"]
     assert all(value >= 0 for _, value in trend.points), trend.points
     # The grid's points tile (end - range, end]: each process's samples there, from its newest count before it.
     gridded = [t for t, _ in trend.points if t % step == 0]
@@ -154,13 +139,7 @@ def test_the_throughput_step_a_job_resumed_at_its_address_fell_across_the_start_
     the step read 400 samples (the newest less the killed run's last) of the 500 counted from the resumed run's
     first count in it, on either backend."""
     prometheus, now = backfilled
-
-    async def run():
-        client = PrometheusClient(prometheus.url)
-        try:
-            return await fleet.summary(client, RANGE_SECONDS, TREND_STEP, owner=ACROSS, recorded=False)
-        finally:
-            await client.aclose()
-
-    points = dict(asyncio.run(run()).resource_trends.series["samples_per_second"].points)
+    summary = asked(prometheus.url, lambda client: fleet.summary(client, RANGE_SECONDS, TREND_STEP, owner=ACROSS,
+                                                                 recorded=False))
+    points = dict(summary.resource_trends.series["samples_per_second"].points)
     assert points[across_step(now) + TREND_STEP] * TREND_STEP == pytest.approx(500.0, abs=0.01), points
