@@ -13,6 +13,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from trainmetrics.trainer.stopping import STOP_SIGNALS
 from trainmetrics.prometheus_process import PrometheusServer
+from tests.processes import analytics_service
 
 
 @pytest.fixture(autouse=True)
@@ -55,30 +56,11 @@ def prometheus(prometheus_factory) -> PrometheusServer:
 def analytics_get():
     """get(prometheus_url, path) -> httpx.Response: a real `trainmetrics analytics` process pointed at
     prometheus_url answers one GET (started per call, stopped afterwards)."""
-    import subprocess
-    import sys
-    import time
-
     import httpx
 
-    from trainmetrics.prometheus_process import free_port
-
     def get(prometheus_url: str, path: str) -> httpx.Response:
-        port = free_port()
-        service = subprocess.Popen([sys.executable, "-m", "trainmetrics", "analytics", "--listen",
-                                    f"127.0.0.1:{port}", "--prometheus-url", prometheus_url],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    return httpx.get(f"http://127.0.0.1:{port}{path}", timeout=15)
-                except httpx.TransportError:
-                    assert time.monotonic() < deadline, "analytics did not start"
-                    time.sleep(0.2)
-        finally:
-            service.terminate()
-            service.wait(timeout=10)
+        with analytics_service("--prometheus-url", prometheus_url) as url:
+            return httpx.get(f"{url}{path}", timeout=15)
 
     return get
 

@@ -1,7 +1,11 @@
-"""Finishing a test's subprocess whose pipes it has read part of through their file objects."""
+"""Tests' subprocesses: finishing one whose pipes a test has read part of through their file objects, and a real
+analytics service."""
 
 import concurrent.futures
+import contextlib
 import subprocess
+import sys
+import time
 
 
 def finish_reading(process: subprocess.Popen, timeout: float | None = None) -> tuple[str | bytes | None, ...]:
@@ -35,3 +39,28 @@ def finish_reading(process: subprocess.Popen, timeout: float | None = None) -> t
         process.stdout = process.stderr = None
     process.wait(timeout=timeout)
     return printed
+
+
+@contextlib.contextmanager
+def analytics_service(*flags: str, stderr=subprocess.DEVNULL):
+    """A real `trainmetrics analytics` process with these flags, answering; yields its base URL (stopped after)."""
+    import httpx
+
+    from trainmetrics.prometheus_process import free_port
+
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "trainmetrics", "analytics", "--listen", f"127.0.0.1:{port}",
+                                *flags], stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
+                break
+            except httpx.TransportError:
+                assert process.poll() is None and time.monotonic() < deadline, "analytics did not start"
+                time.sleep(0.2)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)

@@ -2,18 +2,16 @@
 Kubernetes API proxy) serves TLS from a private CA and takes a request only with the bearer token of the moment and
 the tenant header. The analytics reached no such backend: only basic auth (the URL's user part) and the usual CAs."""
 
-import contextlib
 import os
 import ssl
 import subprocess
-import sys
-import time
 
 import httpx
 import pytest
 
-from trainmetrics.prometheus_process import PrometheusServer, free_port
+from trainmetrics.prometheus_process import PrometheusServer
 
+from tests.processes import analytics_service
 from tests.prometheus_proxy import Relay
 
 pytestmark = pytest.mark.slow
@@ -54,26 +52,9 @@ class Gateway(Relay):
         return self.forward(method, path, headers, body)
 
 
-@contextlib.contextmanager
 def analytics(*flags: str, log):
-    """A real `trainmetrics analytics` process with these flags; yields its base URL."""
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "trainmetrics", "analytics", "--listen", f"127.0.0.1:{port}",
-                                "--prometheus-timeout", "4", "--request-timeout", "5", *flags],
-                               stdout=subprocess.DEVNULL, stderr=log)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
-                break
-            except httpx.TransportError:
-                assert process.poll() is None and time.monotonic() < deadline, "analytics did not start"
-                time.sleep(0.2)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
+    """A real `trainmetrics analytics` process with these flags (and short timeouts); yields its base URL."""
+    return analytics_service("--prometheus-timeout", "4", "--request-timeout", "5", *flags, stderr=log)
 
 
 SUMMARY = "/api/training/analytics/summary?range=1h"
