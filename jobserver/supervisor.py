@@ -97,6 +97,8 @@ class Supervisor:
         # job id -> when its cancel was accepted (monotonic; at adoption after a restart), while it runs
         self._cancelled_at: dict[str, float] = {}
         self._killed: set[str] = set()      # runs killed for not stopping within the cancel's grace
+        # job id -> (the stop, the record before it) of a stop recorded, not sent, whose record could not be undone
+        self._unsent_stops: dict[str, tuple[str, str | None]] = {}
 
     def job_path(self, job_id: str) -> Path:
         """The job's own directory (checkpoints, final model, log, result)."""
@@ -261,6 +263,7 @@ class Supervisor:
         del self.runs[job_id]
         self._cancelled_at.pop(job_id, None)
         self._killed.discard(job_id)
+        self._unsent_stops.pop(job_id, None)
 
     def _executor_unavailable(self, job: JobRecord, error: ExecutorUnavailable) -> None:
         now = time.monotonic()
@@ -413,20 +416,35 @@ class Supervisor:
             raise StopRefused(f"job {job.id} is {job.state}: cannot {STOP_VERBS[outcome]} it")
         if STOP_STRENGTH[job.requested] > STOP_STRENGTH[outcome]:
             raise StopRefused(f"job {job.id} is being cancelled: cannot {STOP_VERBS[outcome]} it")
-        if job.requested == outcome:
+        unsent = self._unsent_stops.get(job.id)
+        if job.requested == outcome and (unsent is None or unsent[0] != outcome):
             return
-        signalled = outcome == "paused" and job.requested == SHUTDOWN_PAUSE
-        self.store.update_job(job.id, requested=outcome)
+        before = unsent[1] if unsent is not None else job.requested     # the record before this stop's
+        signalled = outcome == "paused" and before == SHUTDOWN_PAUSE
+        if job.requested != outcome:
+            self.store.update_job(job.id, requested=outcome)
         try:
             sent = signalled or self.executor.signal(run, outcome)
         except BaseException:       # nothing sent (a control file that could not be written): nor recorded
-            self.store.update_job(job.id, requested=job.requested)
+            self._undo_stop(job.id, outcome, before)
             raise
         if not sent:
-            self.store.update_job(job.id, requested=job.requested)
+            self._undo_stop(job.id, outcome, before)
             raise StopRefused(f"job {job.id} is ending: cannot {STOP_VERBS[outcome]} it")
+        self._unsent_stops.pop(job.id, None)
         if outcome == "cancelled":
             self._cancelled_at[job.id] = time.monotonic()
+
+    def _undo_stop(self, job_id: str, outcome: str, before: str | None) -> None:
+        """Take back the record of a stop that was not sent. Where that write fails too (the disk still full), the
+        stop is remembered as unsent: found recorded, the client's retry was taken for a stop under way and
+        answered 202 with nothing sent (the job trained on)."""
+        try:
+            self.store.update_job(job_id, requested=before)
+        except BaseException:
+            self._unsent_stops[job_id] = (outcome, before)
+            raise
+        self._unsent_stops.pop(job_id, None)
 
     def _pause_for_shutdown(self, job_id: str) -> None:
         """The server's own pause of a running job, unless a stop is already under way (a user's stands)."""

@@ -1002,6 +1002,32 @@ def test_a_stop_whose_signal_raised_is_not_recorded_and_its_retry_sends_it(super
     assert settle(supervisor, job.id).state == "paused"
 
 
+def test_a_stop_whose_signal_and_undo_both_failed_is_sent_by_its_retry(supervisor):
+    """The control file's write found the disk full, and so did the undo of the stop's record: the stop stayed
+    recorded, unsent, and the client's retry was answered 202 (a stop under way) with nothing sent; the job trained
+    on."""
+    job = submit(supervisor, "undo-fails")
+    time.sleep(0.3)                                     # its handlers are installed
+    send, update = supervisor.executor.signal, supervisor.store.update_job
+
+    def full_disk(run, outcome):
+        raise OSError(28, "No space left on device")
+
+    def undo_fails(job_id, **fields):
+        if fields.get("requested", "") is None:
+            raise sqlite3.OperationalError("database or disk is full")
+        return update(job_id, **fields)
+
+    supervisor.executor.signal, supervisor.store.update_job = full_disk, undo_fails
+    with pytest.raises(sqlite3.OperationalError):
+        supervisor.request_stop(supervisor.store.get_job(job.id), "paused")
+    supervisor.executor.signal, supervisor.store.update_job = send, update
+    assert supervisor.store.get_job(job.id).requested == "paused"     # recorded, never sent
+    supervisor.request_stop(supervisor.store.get_job(job.id), "paused")
+    assert settle(supervisor, job.id).state == "paused"
+    assert json.loads(supervisor.result_path(job.id).read_text())["signals"] == 1
+
+
 def test_an_end_recorded_before_a_later_write_failed_is_not_decided_again(supervisor):
     """The end's record went through, the endpoints' removal after it failed (the database locked): the next
     tick recorded the end again, with the stop request already cleared, and a cancel accepted over a pause came
