@@ -13,7 +13,7 @@ from trainmetrics.analytics.job import NO_GPU_ENERGY
 from trainmetrics.analytics.lookup import (ENDED, Process, hold_missed_scrapes, hold_while_a_rank_runs, in_order,
                                           job_status, killed_run, speakers, timeline_of)
 from trainmetrics.analytics.prometheus import PrometheusClient, partial_answers
-from trainmetrics.analytics.results import number, query_parts, ratio, rounded, rows, scalar
+from trainmetrics.analytics.results import number, process_of, query_parts, ratio, rounded, rows, scalar
 from trainmetrics.contract import FINAL_STATES, validate_job_id
 
 METADATA = ("job_name", "model", "dataset", "owner", "device")
@@ -40,8 +40,8 @@ async def fleet(client: PrometheusClient, range_seconds: float, now: float, spli
 async def _fleet(client: PrometheusClient, range_seconds: float, now: float, split: float | None,
                  details: bool, owner: str | None = None
                  ) -> tuple[list[shapes.JobRow], dict[str, list[str]], dict[tuple[str, str], Process]]:
-    """The fleet's rows, each job's processes' instances (those that speak for it first: lookup.speakers), and
-    every process by (job id, instance)."""
+    """The fleet's rows, each job's processes (results.process_of; those that speak for it first:
+    lookup.speakers), and every process by (job id, process)."""
     state_expr = q.fleet_state(range_seconds, now, split)
     state_parts = state_expr if isinstance(state_expr, dict) else {"raw": state_expr}
 
@@ -65,7 +65,9 @@ async def _fleet(client: PrometheusClient, range_seconds: float, now: float, spl
     processes: dict[tuple[str, str], Process] = {}
 
     def process(labels: dict) -> Process:
-        key = (labels.get("job_id", ""), labels.get("instance", ""))
+        return process_keyed((labels.get("job_id", ""), process_of(labels)))
+
+    def process_keyed(key: tuple[str, str]) -> Process:
         return processes.setdefault(key, Process(key[1]))
 
     def rank0(result: list[dict]) -> list[tuple[dict, float | None]]:
@@ -80,24 +82,24 @@ async def _fleet(client: PrometheusClient, range_seconds: float, now: float, spl
     chosen: dict[tuple[str, str], tuple[int, float, str | None]] = {}
     for rank, part in enumerate(("raw", "recent", "recorded", "older")):
         for labels, value in rank0(states.get(part, [])):
-            key = (labels.get("job_id", ""), labels.get("instance", ""))
+            key = (labels.get("job_id", ""), process_of(labels))
             best = chosen.get(key)
             if best is None or (best[0] == rank and (value or 0.0) >= best[1]):
                 chosen[key] = (rank, value or 0.0, labels.get("state"))
-    for (job_id, instance), (_, _, state) in chosen.items():
-        process({"job_id": job_id, "instance": instance}).state = state
+    for key, (_, _, state) in chosen.items():
+        process_keyed(key).state = state
     for labels, value in rows(resuming):
-        proc = processes.get((labels.get("job_id", ""), labels.get("instance", "")))
+        proc = processes.get((labels.get("job_id", ""), process_of(labels)))
         if proc is not None:
             proc.resuming = bool(value)
-    scraped_now = {(labels.get("job_id", ""), labels.get("instance", "")) for labels, _ in rows(live)}
+    scraped_now = {(labels.get("job_id", ""), process_of(labels)) for labels, _ in rows(live)}
     for key, proc in processes.items():
         proc.live = key in scraped_now
     await _add_last_seen(client, processes, range_seconds, now)
     hold_missed_scrapes(processes.values(), now)
     # Each process's metadata (rank 0's), and every owner a job's processes name: as the job's own analytics, a
     # job is an owner's only when all of them say so, and its metadata are its newest process's.
-    info_by_process = {(labels.get("job_id"), labels.get("instance")): labels for labels, _ in rows(infos)
+    info_by_process = {(labels.get("job_id"), process_of(labels)): labels for labels, _ in rows(infos)
                        if labels.get("rank", "0") == "0"}
     owners_by_job: dict[str, set[str]] = {}
     for (job_id, _), labels in info_by_process.items():
@@ -107,7 +109,7 @@ async def _fleet(client: PrometheusClient, range_seconds: float, now: float, spl
     by_job: dict[str, list[Process]] = {}
     for (job_id, _), proc in processes.items():
         by_job.setdefault(job_id, []).append(proc)
-    table, latest_instance = [], {}
+    table, speaking = [], {}
     # (Not by the job server's entry of a job: scraped while the job waits to resume, it held a killed run live.)
     jobs_scraped_now = {key[0] for key in scraped_now if key not in processes or processes[key].trainer}
     for job_id, procs in sorted(by_job.items()):
@@ -120,12 +122,12 @@ async def _fleet(client: PrometheusClient, range_seconds: float, now: float, spl
         # Who speaks for the job's metadata and final loss: its trainer processes, the killed run or else the newest
         # first, then the job server's entry (of a job it cancelled while paused: a state, an end, a name and an
         # owner only): lookup.speakers.
-        latest_instance[job_id] = [p.instance for p in speakers([p for p in procs if p is not latest] + [latest])]
+        speaking[job_id] = [p.key for p in speakers([p for p in procs if p is not latest] + [latest])]
         timeline = timeline_of(procs, now)
         starts_known = [p.start for p in procs if p.start is not None]
         total = samples_by_job.get(job_id)
-        info = next((info_by_process[(job_id, instance)] for instance in latest_instance[job_id]
-                     if (job_id, instance) in info_by_process), {})
+        info = next((info_by_process[(job_id, key)] for key in speaking[job_id] if (job_id, key) in info_by_process),
+                    {})
         if owner is not None and owners_by_job.get(job_id) != {owner}:
             continue
         table.append(shapes.JobRow(
@@ -136,20 +138,20 @@ async def _fleet(client: PrometheusClient, range_seconds: float, now: float, spl
             training_seconds=rounded(timeline.training_seconds),
             total_samples=int(total) if total is not None else None,
             average_samples_per_second=rounded(ratio(total, timeline.training_seconds)),
-            final_loss=final_loss(loss_by_process, job_id, latest_instance[job_id])))
-    return table, latest_instance, processes
+            final_loss=final_loss(loss_by_process, job_id, speaking[job_id])))
+    return table, speaking, processes
 
 
 def last_losses(answer: list[dict]) -> dict[tuple[str, str], float | None]:
-    """Each rank-0 process's last loss (queries.fleet_loss) by (job id, instance): None where it was not finite."""
-    return {(labels.get("job_id"), labels.get("instance")): None if labels.get("nonfinite") else value
+    """Each rank-0 process's last loss (queries.fleet_loss) by (job id, process): None where it was not finite."""
+    return {(labels.get("job_id"), process_of(labels)): None if labels.get("nonfinite") else value
             for labels, value in rows(answer) if labels.get("rank", "0") == "0"}
 
 
-def final_loss(losses: dict[tuple[str, str], float | None], job_id: str, instances: list[str]) -> float | None:
+def final_loss(losses: dict[tuple[str, str], float | None], job_id: str, keys: list[str]) -> float | None:
     """The job's final loss, as its own analytics tell it: its newest process's that logged one (a run that failed
     in its restore logged none), None when that last one was not finite."""
-    return next((losses[(job_id, instance)] for instance in instances if (job_id, instance) in losses), None)
+    return next((losses[(job_id, key)] for key in keys if (job_id, key) in losses), None)
 
 
 async def _add_last_seen(client: PrometheusClient, processes: dict[tuple[str, str], Process], range_seconds: float,
@@ -177,12 +179,12 @@ async def _add_last_seen(client: PrometheusClient, processes: dict[tuple[str, st
     found = await query_parts(client, q.fleet_last_seen(job_ids, range_seconds, now), now)
     for index, job_id in enumerate(job_ids):
         for labels, value in rows(found[f"seen_{index}"]):
-            proc = processes.get((job_id, labels.get("instance", "")))
+            proc = processes.get((job_id, process_of(labels)))
             if proc is not None and labels.get("rank", "0") == "0":
                 proc.last_seen = value
 
 
-async def add_details(client: PrometheusClient, chosen: list[shapes.JobRow], latest_instance: dict[str, list[str]],
+async def add_details(client: PrometheusClient, chosen: list[shapes.JobRow], speaking: dict[str, list[str]],
                       range_seconds: float, now: float, split: float | None) -> None:
     """Fill in the metadata and final loss of chosen rows of fleet(details=False), in one request."""
     if not chosen:
@@ -190,13 +192,13 @@ async def add_details(client: PrometheusClient, chosen: list[shapes.JobRow], lat
     found = await query_parts(client, q.fleet_details([row.job_id for row in chosen], range_seconds, now, split), now)
     for index, row in enumerate(chosen):
         infos = [labels for labels, _ in rows(found[f"info_{index}"]) if labels.get("rank", "0") == "0"]
-        by_instance = {labels.get("instance"): labels for labels in infos}
-        instance = next((i for i in latest_instance.get(row.job_id, []) if i in by_instance), None)
-        info = by_instance.get(instance) or (infos or [{}])[0]
+        by_process = {process_of(labels): labels for labels in infos}
+        key = next((k for k in speaking.get(row.job_id, []) if k in by_process), None)
+        info = by_process.get(key) or (infos or [{}])[0]
         for key in METADATA:
             setattr(row, key, info.get(key))
         row.final_loss = final_loss(last_losses(found[f"loss_{index}"]), row.job_id,
-                                    latest_instance.get(row.job_id, []))
+                                    speaking.get(row.job_id, []))
 
 
 def filter_jobs(table: list[shapes.JobRow], status: str | None, owner: str | None, since: float | None,
@@ -261,7 +263,7 @@ async def _summary(client: PrometheusClient, range_seconds: float, step: float, 
     recorded_trends = (split is not None and split <= now - range_seconds + q.RULE_WINDOW_SECONDS
                        and step >= q.RECORDED_TREND_MIN_STEP_SECONDS)
     # Metadata and final losses only where shown (the top 5), unless the owner filter needs everyone's.
-    (table, latest_instance, processes), trends, ledger = await asyncio.gather(
+    (table, speaking, processes), trends, ledger = await asyncio.gather(
         _fleet(client, range_seconds, now, split, details=owner is not None, owner=owner),
         resource_trends(client, range_seconds, step, now, recorded_trends, owner),
         query_parts(client, q.fleet_goodput(range_seconds, now), now))
@@ -275,7 +277,7 @@ async def _summary(client: PrometheusClient, range_seconds: float, step: float, 
     top = sorted((row for row in table if row.average_samples_per_second is not None),
                  key=lambda row: (-row.average_samples_per_second, row.job_id))[:5]
     if owner is None:
-        await add_details(client, top, latest_instance, range_seconds, now, split)
+        await add_details(client, top, speaking, range_seconds, now, split)
     return shapes.Summary(
         range_seconds=range_seconds, evaluated_at=round(now, 3), total_jobs=len(table), jobs_by_status=by_status,
         average_duration_seconds=rounded(sum(finished) / len(finished)) if finished else None,

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from trainmetrics.analytics import shapes
 from trainmetrics.analytics.lookup import JobFacts, Process, killed_run
-from trainmetrics.analytics.results import ratio, rounded, rows
+from trainmetrics.analytics.results import process_of, ratio, rounded, rows
 from trainmetrics.contract import FINAL_STATES, STEP_PHASES, STOP_SIGNALS
 
 # The ledger's phases, in a job's order; `step` is goodput, the others badput.
@@ -37,6 +37,8 @@ NO_PHASES = "the job's trainer published no phase totals (trainer_phase_seconds_
 EARLIER_RUNS_GONE = ("the job's earliest run Prometheus still holds resumed from a checkpoint: the runs before it "
                      "are gone (retention, a wiped store), so their queued, paused and lost time is in "
                      "unaccounted_seconds")
+NO_SUBMISSION = ("no submission time (a job started without the job server): queued is 0 and the wall clock starts "
+                 "at the first process")
 # A run that started afresh carries nothing; its totals and its life are read from two clocks a scrape apart.
 CARRIED_TOLERANCE_SECONDS = 1.0
 
@@ -86,9 +88,9 @@ def ledger(facts: JobFacts, found: dict[str, list[dict]]) -> shapes.Goodput:
 
     phases: dict[str, dict[str, float]] = {}
     for labels, value in rank0("phase_seconds"):
-        phases.setdefault(labels.get("instance", ""), {})[labels.get("phase", "")] = value
-    started_at = {labels.get("instance", ""): value for labels, value in rank0("process_start")}
-    checkpointed = {labels.get("instance", ""): value for labels, value in rank0("checkpointed")}
+        phases.setdefault(process_of(labels), {})[labels.get("phase", "")] = value
+    started_at = {process_of(labels): value for labels, value in rank0("process_start")}
+    checkpointed = {process_of(labels): value for labels, value in rank0("checkpointed")}
     submitted = max((value for _, value in rank0("submitted")), default=None)
     runs = []
     # Resumed runs that never read the job's totals from their checkpoint (their restore failed before it, or is
@@ -97,14 +99,14 @@ def ledger(facts: JobFacts, found: dict[str, list[dict]]) -> shapes.Goodput:
     unread: list[tuple[float, float]] = []
     for process in facts.processes:     # a run that failed its restore too: its init and restore are the job's
         as_of = process.end if process.end is not None else process.last_seen
-        if process.instance not in started_at or as_of is None:
+        if process.key not in started_at or as_of is None:
             continue
-        if process.instance not in phases:
-            unread.append((started_at[process.instance], as_of))
+        if process.key not in phases:
+            unread.append((started_at[process.key], as_of))
         else:
-            runs.append(_Run(started_at[process.instance], as_of, phases[process.instance],
+            runs.append(_Run(started_at[process.key], as_of, phases[process.key],
                              stopped=process.state in STOP_SIGNALS,
-                             checkpointed=checkpointed.get(process.instance), trained=process.start is not None,
+                             checkpointed=checkpointed.get(process.key), trained=process.start is not None,
                              training_start=process.start, wrote=process.written, counted=process.checkpoints))
     # The job server's end of the job (cancelled while queued or paused): the ledger runs to it.
     server_end = facts.latest.end if facts.latest is not None and facts.latest.ended_by_server else None
@@ -184,8 +186,7 @@ def ledger(facts: JobFacts, found: dict[str, list[dict]]) -> shapes.Goodput:
         # VictoriaMetrics) would change.
         unaccounted_seconds=round(wall - sum(seconds.values()), 3),
         unavailable_reason=EARLIER_RUNS_GONE if earlier_runs_gone else None if submitted is not None else
-        "no submission time (a job started without the job server): queued is 0 and the wall clock starts at "
-        "the first process")
+        NO_SUBMISSION)
 
 
 def _queued_only(wall: float) -> shapes.Goodput:
@@ -224,17 +225,17 @@ def fleet(found: dict[str, list[dict]], processes: dict[tuple[str, str], Process
     starts: dict[str, list[tuple[float, str]]] = {}
     for labels, value in rows(found.get("process_start", [])):
         if labels.get("job_id") in job_ids and value is not None:
-            starts.setdefault(labels["job_id"], []).append((value, labels.get("instance", "")))
+            starts.setdefault(labels["job_id"], []).append((value, process_of(labels)))
     # A job that ran before the range: its wait before its first run in the range (or all of it, none there) was
     # a pause. Its first run there resumed one from before (counts more checkpoints than it wrote), or the job was
     # paused or waiting to resume at the range's start (a run after a pause before any checkpoint starts afresh:
     # its wait was counted as queued), or, with no run in the range, it was paused in it (not so with one: a job
     # queued to its first run there and paused after it). (Counted as queued, a job paused a day showed a day's
     # queue.)
-    written = {(labels.get("job_id"), labels.get("instance")): value or 0.0
+    written = {(labels.get("job_id"), process_of(labels)): value or 0.0
                for labels, value in rows(found.get("written", []))}
     resumed = {key for labels, value in rows(found.get("counted", []))
-               for key in [(labels.get("job_id"), labels.get("instance"))] if (value or 0.0) > written.get(key, 0.0)}
+               for key in [(labels.get("job_id"), process_of(labels))] if (value or 0.0) > written.get(key, 0.0)}
     paused_in_range = {labels.get("job_id") for labels, _ in rows(found.get("paused", []))}
     paused_at_start = {labels.get("job_id") for labels, _ in rows(found.get("paused_at_start", []))}
     server_ends: dict[str, float] = {}      # jobs the server ended (cancelled while waiting): queued or paused to it
@@ -257,7 +258,7 @@ def fleet(found: dict[str, list[dict]], processes: dict[tuple[str, str], Process
         if job_id in submitted:
             seconds["paused" if ran_before else "queued"] += within(submitted[job_id],
                                                                      runs[0][0] if runs else waited_until)
-        stops = [processes.get((job_id, instance)) for _, instance in runs]
+        stops = [processes.get((job_id, key)) for _, key in runs]
         for stopped, (following, _) in zip(stops, runs[1:]):
             stop = stopped.stop(now) if stopped is not None else None
             if stop is not None:

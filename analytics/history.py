@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from trainmetrics.analytics import queries as q
 from trainmetrics.analytics.prometheus import PrometheusClient
-from trainmetrics.analytics.results import number, query_parts, rows
+from trainmetrics.analytics.results import number, process_of, query_parts, rows
 from trainmetrics.analytics.shapes import Evaluation
 
 FIELDS = {metric: name for name, metric in q.HISTORY.items()}
@@ -21,7 +21,7 @@ FIELDS = {metric: name for name, metric in q.HISTORY.items()}
 class _Shown:
     """One evaluation as a process's scrape showed it."""
 
-    instance: str
+    process: str        # results.process_of
     index: int
     step: float | None
     time: float | None
@@ -33,7 +33,7 @@ async def evaluation_history(client: PrometheusClient, job_id: str, start: float
                              runs: list[tuple[str, float]] = ()) -> list[Evaluation]:
     """Every evaluation of the job in (start, final_time], in order: raw samples, each evaluation once.
 
-    runs: (instance, training start) of the job's rank-0 processes, oldest first: a resumed run's start tells
+    runs: (process, training start) of the job's rank-0 processes, oldest first: a resumed run's start tells
     which of the earlier runs' evaluations it threw away, before it evaluates itself."""
     window = max(final_time - start, 1e-3)
     first, last, step = q.peak_grid(window, final_time)
@@ -59,10 +59,10 @@ async def _first_indices(client: PrometheusClient, job_id: str, resumed: list[tu
         return {}
     found = await query_parts(client, q.resumed_eval_counts(job_id, [start for _, start in resumed]), now)
     firsts = {}
-    for index, (instance, _) in enumerate(resumed):
+    for index, (process, _) in enumerate(resumed):
         for labels, value in rows(found.get(f"count_{index}", [])):
-            if labels.get("instance") == instance and value is not None and math.isfinite(value) and value >= 0:
-                firsts[instance] = int(value) + 1
+            if process_of(labels) == process and value is not None and math.isfinite(value) and value >= 0:
+                firsts[process] = int(value) + 1
     return firsts
 
 
@@ -101,14 +101,14 @@ def _shown(matrix: list[dict]) -> list[_Shown]:
         name = FIELDS.get(labels.get("__name__"))
         if name is None or labels.get("rank", "0") != "0":
             continue
-        key = (labels.get("instance", ""), labels.get("slot", ""))
+        key = (process_of(labels), labels.get("slot", ""))
         for t, text in series.get("values", []):
             value = number(text)      # VictoriaMetrics returns stale markers as NaN samples
             if value is not None:
                 scraped.setdefault((*key, float(t)), {})[name] = value
-    return [_Shown(instance, int(values["index"]), values.get("step"), values.get("time"), values.get("loss"),
+    return [_Shown(process, int(values["index"]), values.get("step"), values.get("time"), values.get("loss"),
                    values.get("accuracy"))
-            for (instance, _, _), values in scraped.items() if "index" in values]
+            for (process, _, _), values in scraped.items() if "index" in values]
 
 
 def _in_order(shown: list[_Shown], firsts: dict[str, int] | None = None,
@@ -116,21 +116,21 @@ def _in_order(shown: list[_Shown], firsts: dict[str, int] | None = None,
     """Each evaluation once, by number. A resumed run numbers on from its checkpoint's count, so where an
     earlier run evaluated after its last checkpoint, the evaluations from the resumed run's first number on are
     the resumed run's (the earlier ones were thrown away with the steps after the checkpoint), from its start
-    (`firsts`: each resumed run's first number by its instance), whether or not it has evaluated yet. Runs are
+    (`firsts`: each resumed run's first number by its process), whether or not it has evaluated yet. Runs are
     ordered by their start (`starts`), else by their first evaluation's time."""
     firsts, starts = firsts or {}, starts or {}
-    runs: dict[str, dict[int, _Shown]] = {instance: {} for instance in firsts}
+    runs: dict[str, dict[int, _Shown]] = {process: {} for process in firsts}
     for evaluation in shown:
-        runs.setdefault(evaluation.instance, {})[evaluation.index] = evaluation
+        runs.setdefault(evaluation.process, {})[evaluation.index] = evaluation
     kept: dict[int, _Shown] = {}
 
-    def began(instance: str) -> float:
-        known = starts.get(instance)
-        return known if known is not None else min((e.time or 0.0 for e in runs[instance].values()), default=0.0)
+    def began(process: str) -> float:
+        known = starts.get(process)
+        return known if known is not None else min((e.time or 0.0 for e in runs[process].values()), default=0.0)
 
-    for instance in sorted(runs, key=began):
-        run = runs[instance]
-        first = min([*run, *([firsts[instance]] if instance in firsts else [])])
+    for process in sorted(runs, key=began):
+        run = runs[process]
+        first = min([*run, *([firsts[process]] if process in firsts else [])])
         kept = {index: evaluation for index, evaluation in kept.items() if index < first}
         kept.update(run)
     return [Evaluation(step=None if e.step is None else int(e.step), loss=e.loss, accuracy=e.accuracy, time=e.time)

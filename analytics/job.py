@@ -12,7 +12,8 @@ from trainmetrics.analytics import goodput, scoring, shapes
 from trainmetrics.analytics.history import evaluation_history
 from trainmetrics.analytics.lookup import JobFacts, find_jobs, owned_by
 from trainmetrics.analytics.prometheus import PrometheusClient, partial_answers
-from trainmetrics.analytics.results import mib, minus, percent, query_parts_many, ratio, rounded, rows, scalar
+from trainmetrics.analytics.results import (mib, minus, percent, process_of, query_parts_many, ratio, rounded, rows,
+                                           scalar)
 
 
 @dataclass
@@ -86,14 +87,14 @@ class Totals:
     rank counts its own samples, and rank 0 speaks for the job's losses, evaluations and checkpoints."""
 
     def __init__(self, found: dict[str, list[dict]], facts: JobFacts):
-        place = {p.instance: index for index, p in enumerate(facts.processes)}
-        last_seen = {(labels.get("instance", ""), labels.get("rank", "0")): value
+        place = {p.key: index for index, p in enumerate(facts.processes)}
+        last_seen = {(process_of(labels), labels.get("rank", "0")): value
                      for labels, value in rows(found.get("last_heartbeat", [])) if value is not None}
 
         def order(labels: dict) -> tuple[int, float]:
-            instance, rank = labels.get("instance", ""), labels.get("rank", "0")
-            seen = last_seen.get((instance, rank))
-            return (1, seen) if seen is not None else (0, place.get(instance, -1))
+            key, rank = process_of(labels), labels.get("rank", "0")
+            seen = last_seen.get((key, rank))
+            return (1, seen) if seen is not None else (0, place.get(key, -1))
 
         self._values = {name: sorted((_Value(order(labels), labels.get("rank", "0"), value)
                                       for labels, value in rows(found.get(name, [])) if value is not None),
@@ -193,7 +194,7 @@ async def jobs_analytics(client: PrometheusClient, job_ids: list[str], lookback:
             peaks(client, {**q.job_peaks(facts.job_id, w.window, gpus=facts.info.get("device") != "cpu"),
                            **q.host_peaks(w.window)}, w.window, w.end, q.JOB_PEAK_COUNTERS, w.final_time),
             evaluation_history(client, facts.job_id, facts.start, w.final_time,
-                               [(p.instance, p.start) for p in facts.processes if p.start is not None]))
+                               [(p.key, p.start) for p in facts.processes if p.start is not None]))
 
     (instants, instant_partial), *per_job = await asyncio.gather(
         _noting_partial(instant()), *(_noting_partial(own(facts, w)) for facts, w in started))

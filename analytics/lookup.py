@@ -5,8 +5,8 @@ from dataclasses import dataclass
 
 from trainmetrics.analytics import queries as q
 from trainmetrics.analytics.prometheus import PrometheusClient
-from trainmetrics.analytics.results import query_parts_many, rows
-from trainmetrics.contract import FINAL_STATES, VANISHED, WAITING_STATES
+from trainmetrics.analytics.results import process_of, query_parts_many, rows
+from trainmetrics.contract import FINAL_STATES, RUN_LABEL, VANISHED, WAITING_STATES
 from trainmetrics.edge import ApiError
 
 # A process in one of these states has stopped for good: only a new process (a resume) changes the job.
@@ -14,7 +14,7 @@ STOPPED_STATES = (*FINAL_STATES, "paused")
 # A job with one of these statuses is not running: it has an end.
 ENDED = (*STOPPED_STATES, VANISHED)
 # Labels of trainer_job_info that say where a process ran, not what the job is.
-INTERNAL_LABELS = ("__name__", "instance", "job", "job_id", "rank")
+INTERNAL_LABELS = ("__name__", "instance", "job", "job_id", "rank", RUN_LABEL)
 
 
 class JobNotFound(ApiError):
@@ -29,7 +29,7 @@ class JobNotFound(ApiError):
 class Process:
     """One process of a job (its rank 0) as Prometheus saw it."""
 
-    instance: str
+    key: str                            # which process it is: its address and its own id (results.process_of)
     start: float | None = None          # when it started training (None: it never did)
     end: float | None = None            # its end timestamp: a final state, or paused
     state: str | None = None
@@ -316,20 +316,20 @@ class _Lookup:
         self.ended: list[Process] = []
         self.fingerprint: frozenset = frozenset()
         self.attributed_now = False
-        self.started_instances: set[str] = set()     # every process that started over the lookback (rank 0)
-        self.spawned_instances: set[str] = set()     # every process that began over the lookback (rank 0)
-        self.any_rank_live = False                   # some process of the job, of any rank, is scraped now
+        self.started_keys: set[str] = set()     # every process that started over the lookback (rank 0)
+        self.spawned_keys: set[str] = set()     # every process that began over the lookback (rank 0)
+        self.any_rank_live = False              # some process of the job, of any rank, is scraped now
 
     def process(self, labels: dict) -> Process:
-        instance = labels.get("instance", "")
-        return self.processes.setdefault(instance, Process(instance))
+        key = process_of(labels)
+        return self.processes.setdefault(key, Process(key))
 
-    def absorb(self, parts: dict[str, list[dict]], suffix: str = "", instance: str | None = None,
+    def absorb(self, parts: dict[str, list[dict]], suffix: str = "", key: str | None = None,
                live: bool = False) -> None:
         """Take the lookup parts' answers (rank 0's: the job's lifecycle series come from it alone)."""
         def mine(name: str) -> list[tuple[dict, float | None]]:
             return [(labels, value) for labels, value in rows(parts.get(name + suffix, []))
-                    if labels.get("rank", "0") == "0" and (instance is None or labels.get("instance", "") == instance)]
+                    if labels.get("rank", "0") == "0" and (key is None or process_of(labels) == key)]
 
         for labels, value in mine("end"):
             self.process(labels).end = value
@@ -366,10 +366,10 @@ class _Lookup:
         self.fingerprint = fingerprint(found)
         self.attributed_now = bool(found.get("attributed"))
         self.any_rank_live = any(rows(found.get(part, [])) for part in ("heartbeat", "start"))
-        self.started_instances = {labels.get("instance", "") for labels, _ in rows(found.get("starts", []))
-                                  if labels.get("rank", "0") == "0"}
-        self.spawned_instances = {labels.get("instance", "") for labels, _ in rows(found.get("spawns", []))
-                                  if labels.get("rank", "0") == "0"}
+        self.started_keys = {process_of(labels) for labels, _ in rows(found.get("starts", []))
+                             if labels.get("rank", "0") == "0"}
+        self.spawned_keys = {process_of(labels) for labels, _ in rows(found.get("spawns", []))
+                             if labels.get("rank", "0") == "0"}
         # A process with an end whose state is not read at now stopped, even if another of its series still
         # answers there: a store fed by remote write receives a scrape's stale markers in several requests and
         # shows each as it arrives (VictoriaMetrics: its state series stale while its heartbeat answered, the job
@@ -381,15 +381,15 @@ class _Lookup:
     def older(self, found: dict[str, list[dict]]) -> None:
         """Take job_ended's answer."""
         for index, proc in enumerate(self.ended):
-            self.absorb(found, f"_{index}", proc.instance)
+            self.absorb(found, f"_{index}", proc.key)
 
     def incomplete(self) -> bool:
         """Nothing found, a process started (or began: one killed in its init) that was not found, or the
         earliest process found resumed a run that was not: a process that stopped without an end (killed) and
         is no longer scraped, which only the full lookup finds."""
         started = [p for p in self.processes.values() if p.start is not None]
-        missing = self.started_instances - {instance for instance, p in self.processes.items() if p.start is not None}
-        missing |= self.spawned_instances - set(self.processes)
+        missing = self.started_keys - {key for key, p in self.processes.items() if p.start is not None}
+        missing |= self.spawned_keys - set(self.processes)
         return not self.processes or bool(missing) or (bool(started) and min(started, key=lambda p: p.start).resumed)
 
     def facts(self, now: float) -> JobFacts:
@@ -401,8 +401,8 @@ class _Lookup:
         hold_while_a_rank_runs(latest, self.any_rank_live)
         # Its newest trainer process's metadata, else the job server's (a job that never ran: its name and owner
         # only): as the job list reads it, not whichever row came first.
-        by_instance = {labels.get("instance"): labels for labels in self.info}
-        info = next((by_instance[p.instance] for p in speakers(processes) if p.instance in by_instance),
+        by_process = {process_of(labels): labels for labels in self.info}
+        info = next((by_process[p.key] for p in speakers(processes) if p.key in by_process),
                     self.info[0] if self.info else {})
         return JobFacts(job_id=self.job_id, info={k: v for k, v in info.items() if k not in INTERNAL_LABELS},
                         status=job_status(processes), processes=processes, timeline=timeline_of(processes, now),

@@ -7,6 +7,7 @@ import math
 from trainmetrics.analytics import queries as q
 from trainmetrics.analytics import scoring
 from trainmetrics.analytics.prometheus import PrometheusClient
+from trainmetrics.contract import RUN_LABEL
 
 MIB = 1024 * 1024
 
@@ -25,6 +26,13 @@ def scalar(result: list[dict]) -> float | None:
 def rows(result: list[dict]) -> list[tuple[dict, float | None]]:
     """(labels, value) per sample."""
     return [(sample["metric"], number(sample["value"][1])) for sample in result]
+
+
+def process_of(labels: dict) -> str:
+    """Which process a job's series is from: its address and the process's own id (contract.RUN_LABEL). A series
+    without the id (the job server's; a trainer from before it) is its address's."""
+    instance, run = labels.get("instance", ""), labels.get(RUN_LABEL)
+    return f"{instance} {RUN_LABEL}={run}" if run else instance
 
 
 async def query_parts(client: PrometheusClient, parts: dict[str, str], at: float) -> dict[str, list[dict]]:

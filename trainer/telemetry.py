@@ -10,6 +10,7 @@ import contextvars
 import logging
 import math
 import os
+import secrets
 import threading
 import time
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from opentelemetry.sdk.metrics.export import MetricExporter, MetricReader, Perio
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 
+from trainmetrics.contract import RUN_LABEL
 from trainmetrics.jobfiles import claim, unclaim
 from trainmetrics.jobmap import JobMapping, write_job_mapping
 from trainmetrics.metrics_http import MetricsHTTPServer, Scrape
@@ -273,6 +275,7 @@ class Publication:
         labels = {"job_id": job_id}
         if world_size > 1:
             labels["rank"] = str(rank)
+        labels[RUN_LABEL] = secrets.token_hex(4)        # this process's own (contract.RUN_LABEL)
         self.labels = labels
         self.series = JobSeries(labels)             # what /metrics shows (JobMetrics adds the instruments)
         self.push_provider = build_push_provider(labels)

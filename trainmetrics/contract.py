@@ -117,6 +117,14 @@ RESULT_PUBLISHED = "published"
 RESULT_STARTED = "started"
 
 
+# The label a trainer process adds to every series it publishes: an id of its own, random, so that a process started
+# at the address of one before it (a container restarted in its pod, a fixed --metrics-listen port, an OTLP push,
+# which has no address) publishes series of its own, not a fall in the earlier one's (Prometheus took the two for
+# one process: the runs before were lost to the job's duration and ledger, and a paused job's resumed run ended at
+# the pause). With `instance`, it names a process (analytics/results.process_of).
+RUN_LABEL = "run"
+
+
 # ----- metric names read by more than one part (docs/metrics.md describes every series) -------------------
 
 class Trainer:

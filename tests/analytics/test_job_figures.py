@@ -12,7 +12,7 @@ def test_the_last_evaluation_is_one_number_wherever_the_answer_gives_it():
     facts = JobFacts(job_id="j", info={}, status="completed", processes=[process],
                      timeline=Timeline.of([(100.0, 160.0)]), upload_seconds=None, owners=frozenset(),
                      fingerprint=frozenset(), now=200.0)
-    sample = lambda value: [{"metric": {"instance": process.instance, "rank": "0"}, "value": [160, value]}]  # noqa: E731
+    sample = lambda value: [{"metric": {"instance": process.key, "rank": "0"}, "value": [160, value]}]  # noqa: E731
     found = {"eval_loss": sample("0.23264225184899998"), "eval_accuracy": sample("0.90000000000000002")}
     history = [Evaluation(step=50, loss=0.5, accuracy=0.7, time=130.0),
                Evaluation(step=100, loss=0.232642251849, accuracy=0.9, time=150.0)]
@@ -35,7 +35,7 @@ def test_a_job_killed_and_resumed_reads_its_resumed_runs_counts_before_it_catche
                      owners=frozenset(), fingerprint=frozenset(), now=230.0)
 
     def samples(by_process: tuple[str, str]) -> list[dict]:
-        return [{"metric": {"instance": process.instance, "rank": "0"}, "value": [230, value]}
+        return [{"metric": {"instance": process.key, "rank": "0"}, "value": [230, value]}
                 for process, value in zip((killed, resumed), by_process)]
 
     def rank_1(values: tuple[str, str]) -> list[dict]:      # none of rank 0's processes: by their heartbeat
@@ -62,7 +62,7 @@ def test_where_the_average_stands_for_the_peak_the_peak_has_no_time():
     facts = JobFacts(job_id="j", info={}, status="completed", processes=[process],
                      timeline=Timeline.of([(100.0, 100.9)]), upload_seconds=None, owners=frozenset(),
                      fingerprint=frozenset(), now=200.0)
-    found = {"samples": [{"metric": {"instance": process.instance, "rank": "0"}, "value": [101, "900"]}]}
+    found = {"samples": [{"metric": {"instance": process.key, "rank": "0"}, "value": [101, "900"]}]}
     body = _assemble(facts, found, {"samples_per_second": Peak(value=800.0, at=100.95, mean=800.0)}, [], None)
     assert body.performance.peak_samples_per_second == body.performance.average_samples_per_second == 1000.0
     assert body.performance.peak_samples_per_second_at is None

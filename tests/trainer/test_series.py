@@ -31,7 +31,8 @@ MOVING = {inst.HEARTBEAT.name, inst.PHASE_SECONDS.name}
 def prometheus_reader(registry: CollectorRegistry) -> PrometheusMetricReader:
     """The SDK's Prometheus reader into `registry`, configured as the trainer configured it before series.py."""
     return PrometheusMetricReader(disable_target_info=True, scope_info_enabled=False,
-                                  resource_attribute_filter=lambda key: key in ("job_id", "rank"), registry=registry)
+                                  resource_attribute_filter=lambda key: key in ("job_id", "rank", "run"),
+                                  registry=registry)
 
 
 def exporters_text(labels: dict[str, str], families, histograms=()) -> str:
