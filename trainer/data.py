@@ -39,6 +39,14 @@ class Dataset:
     num_outputs: int              # classes, 1 for regression, vocabulary size for language
 
     @property
+    def task_said(self) -> str:
+        """The task as the job's log says it: which one a CSV's target made (whole numbers written as decimals,
+        `1.0`, as pandas writes a column with a gap, are a regression target) is not to be guessed."""
+        if self.task == "classification":
+            return f"classification ({self.num_outputs} classes)"
+        return f"language ({self.num_outputs} characters)" if self.task == "language" else self.task
+
+    @property
     def is_image(self) -> bool:
         """True when samples are (channels, height, width) images."""
         return len(self.input_shape) == 3

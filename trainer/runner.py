@@ -582,8 +582,8 @@ def run_job(config: TrainConfig, stop: StopFlag | None = None) -> int:
         return bad_input(config, publish_error(config, error))
 
     # The address it listens on (a Ray rank: its node's; "127.0.0.1" pointed at the wrong machine).
-    log.info("job %s: model=%s dataset=%s device=%s metrics=%s", config.job_id, config.model, dataset.name, device,
-             metrics.metrics_url or "-")
+    log.info("job %s: model=%s dataset=%s task=%s device=%s metrics=%s", config.job_id, config.model, dataset.name,
+             dataset.task_said, device, metrics.metrics_url or "-")
     outcome = Outcome(config, ranks)
     trainer = None
     try:

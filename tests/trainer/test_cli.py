@@ -258,6 +258,17 @@ def test_the_log_names_the_address_metrics_are_served_on(tmp_path):
     assert re.search(r"metrics=http://127\.0\.0\.2:\d+/metrics", done.stderr), done.stderr[-2000:]
 
 
+def test_the_log_says_which_task_a_csvs_target_made(tmp_path):
+    """Whole numbers written as decimals (pandas writes a column with a gap so) are a regression target, as
+    documented: the job trained with MSE, and nothing said it was not classifying."""
+    rows = "".join(f"{i % 7},{(i * 3) % 5},{i % 2}.0\n" for i in range(64))
+    done = run_train("--dataset", bad_csv(tmp_path, "decimals.csv", "a,b,label\n" + rows), "--epochs", "1")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert " dataset=decimals task=regression device=" in done.stderr, done.stderr[-2000:]
+    done = run_train("--epochs", "1", "--batch-size", "256")
+    assert " dataset=blobs task=classification (5 classes) device=" in done.stderr, done.stderr[-2000:]
+
+
 def wait_for_line(process: subprocess.Popen, needle: str, timeout: float = 120) -> list[str]:
     """Read stderr lines until one contains needle (finish the process with finish_reading then: readline()
     may have read the lines after it into the pipe's buffer, where communicate() does not look)."""
