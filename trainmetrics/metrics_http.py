@@ -14,6 +14,8 @@
   connections every 29 s refused every scrape, the job's final one included. A connection whose request the
   server is working on is never cut; a newcomer is closed at once only when every connection is such. One whose
   next request sits unread in the kernel (its thread has yet to run on a busy host) is cut last.
+- Paced: /metrics is rendered at most MAX_RENDERS_PER_SECOND times a second (in bursts of RENDER_BURST); a request
+  beyond waits its turn asleep. A flood of requests on kept-alive connections took the GIL from the training loop.
 - A 401 closes its connection: without the password a client has nothing more to ask on it.
 - TLS and basic auth from a web-config file (trainmetrics.webconfig). A header checked once is known from then on
   (a scraper's costs one bcrypt check); at most one header not yet known is checked at a time (and one more from an
@@ -53,6 +55,12 @@ MAX_HEADERS = 100
 MAX_HEADER_BYTES = 65536
 # The longest scrape timeout taken from a scraper's header (Prometheus: at most its scrape interval).
 MAX_SCRAPE_TIMEOUT = 600.0
+# /metrics is rendered at most this often, in bursts of up to RENDER_BURST: a request beyond waits its turn asleep
+# (no CPU, no GIL), then is rendered afresh. A scraper asks 4 times a second (two of them in an HA pair, 8) and never
+# waits; 8 clients asking on kept-alive connections as fast as they were answered had ~2,000 renders a second
+# made, and the GIL those took slowed a job's training loop 2-4 times (bench/metrics_flood.py).
+MAX_RENDERS_PER_SECOND = 20.0
+RENDER_BURST = 4
 
 
 def _unread_bytes(connection: socket.socket) -> int:
@@ -279,6 +287,9 @@ class _Handler(BaseHTTPRequestHandler):
             timeout = self.headers.get(SCRAPE_TIMEOUT_HEADER)
             scrape = Scrape(scraper_name(self.client_address) if timeout is not None else None,
                             arrived, timeout=scrape_timeout(timeout))
+            if not server.wait_turn(self.connection):
+                self.close_connection = True
+                return
             try:
                 body = server.render(scrape)
             except Exception:   # a renderer bug must not take the endpoint down
@@ -310,6 +321,26 @@ class _Handler(BaseHTTPRequestHandler):
         """No access log: a scrape every 250 ms would flood it."""
 
 
+class RenderPacer:
+    """Spaces renders out to `rate` a second, in bursts of up to `burst` (the generic cell rate algorithm: each
+    request takes the next slot under the lock, then sleeps to it outside it, so waiting requests are served in the
+    order they came)."""
+
+    def __init__(self, rate: float = MAX_RENDERS_PER_SECOND, burst: int = RENDER_BURST):
+        self._spacing = 1.0 / rate
+        self._tolerance = (burst - 1) * self._spacing
+        self._due = float("-inf")       # when the next slot is due, at the steady rate
+        self._lock = threading.Lock()
+
+    def reserve(self) -> float:
+        """Take the next slot: how many seconds from now it comes (0: at once)."""
+        with self._lock:
+            now = time.monotonic()
+            due = max(self._due, now)
+            self._due = due + self._spacing
+            return max(0.0, due - self._tolerance - now)
+
+
 class MetricsHTTPServer(ThreadingHTTPServer):
     """Serves `render(scrape) -> bytes` on /metrics; binds in the constructor (OSError when it cannot).
     `delivered(scrape)` hears of each answer written, `closed(scraper)` of each connection's end (by the
@@ -326,6 +357,7 @@ class MetricsHTTPServer(ThreadingHTTPServer):
                  idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
                  title: str = "trainmetrics"):
         self.render = render
+        self.pacer = RenderPacer()
         self._delivered = delivered
         self._closed = closed
         self.web_config = web_config or WebConfig()
@@ -393,6 +425,24 @@ class MetricsHTTPServer(ThreadingHTTPServer):
         with self._open_lock:
             if connection in self._open:
                 self._open[connection] = None
+
+    def wait_turn(self, connection: socket.socket) -> bool:
+        """Wait for the request's render slot (RenderPacer); False when the connection was cut for a newcomer before
+        or while it waited: nothing to render for. Held back, it is waiting, not worked on: it may be cut (flooding
+        clients held in turn on every slot kept a scraper out), and an evicted connection's request, ended by the
+        eviction's shutdown, takes no slot from the scrapes behind it."""
+        with self._open_lock:
+            if connection not in self._open:
+                return False
+        wait = self.pacer.reserve()
+        if wait > 0:
+            self.waiting(connection)
+            time.sleep(wait)
+        with self._open_lock:
+            if connection not in self._open:
+                return False
+            self._open[connection] = None       # worked on again: not cut
+        return True
 
     def process_request(self, request, client_address) -> None:
         """One thread per connection, up to max_connections. With every slot taken, the connection that has kept

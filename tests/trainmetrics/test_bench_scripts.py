@@ -56,6 +56,7 @@ def test_sigterm_stops_the_processes_a_benchmark_started():
     ("exporter_vs_node_exporter.py", ["--seconds", "0"]),
     ("peak_capture.py", ["--seconds", "3"]),
     ("submit_latency.py", ["--jobs", "0"]),
+    ("metrics_flood.py", ["--clients", "0"]),
 ])
 def test_a_nonsense_flag_is_refused_in_one_line_before_anything_starts(script, flags):
     env = {**os.environ, "NODE_EXPORTER_BIN": shutil.which("true")}     # the flag refused, not the binary

@@ -200,6 +200,42 @@ def test_a_pipelined_scrapes_time_runs_from_before_its_password_check(monkeypatc
     assert [scrape.timeout for scrape in delivered] == [10.0]
 
 
+def test_a_flood_of_requests_is_rendered_at_the_paced_rate_and_each_one_answered():
+    """8 clients asking on kept-alive connections as fast as they were answered had the text rendered ~2,000 times
+    a second, each holding the GIL the job's training loop needed (bench/metrics_flood.py: the loop ran 2-4 times
+    slower). Renders now come at most MAX_RENDERS_PER_SECOND a second past a burst, and every request is still
+    answered, in turn."""
+    renders = []
+    server = MetricsHTTPServer(("127.0.0.1", 0), lambda scrape: renders.append(1) or b"up 1\n").serve_in_background()
+    answered, stop = [], threading.Event()
+
+    def flood():
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as connection, \
+                connection.makefile("rb") as reader:
+            while not stop.is_set():
+                connection.sendall(OK + b"\r\n")
+                assert reader.readline().startswith(b"HTTP/1.1 200")
+                for line in iter(reader.readline, b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                reader.read(length)
+                answered.append(1)
+
+    clients = [threading.Thread(target=flood) for _ in range(8)]
+    began = time.monotonic()
+    for client in clients:
+        client.start()
+    time.sleep(1.5)
+    stop.set()
+    for client in clients:
+        client.join(timeout=10)
+    elapsed = time.monotonic() - began
+    server.close()
+    assert len(renders) <= metrics_http.RENDER_BURST + metrics_http.MAX_RENDERS_PER_SECOND * elapsed + 1, \
+        (len(renders), elapsed)
+    assert len(answered) == len(renders) >= 10       # none refused, none left unanswered
+
+
 def test_headers_are_read_by_lower_case_name_the_first_of_a_repeat():
     import io
     headers = metrics_http.Headers.read(io.BytesIO(
