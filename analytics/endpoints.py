@@ -130,8 +130,13 @@ def _cell(value):
     return value
 
 
-def _csv(table: list, shape: type, filename: str) -> Response:
-    """Rows of a shape as CSV, one column per field."""
+# The header that says whether a CSV answer is the JSON's `partial` (a CSV has no place of its own for it).
+PARTIAL_HEADER = "Trainmetrics-Partial"
+
+
+def _csv(table: list, shape: type, filename: str, partial: bool) -> Response:
+    """Rows of a shape as CSV, one column per field; PARTIAL_HEADER says `true` where the backend answered with part
+    of its data (as the JSON's `partial`: rows may be missing or short)."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     columns = shapes.columns(shape)
@@ -139,7 +144,8 @@ def _csv(table: list, shape: type, filename: str) -> Response:
     for row in table:
         writer.writerow(_cell(getattr(row, key)) for key in columns)
     return Response(out.getvalue(), media_type="text/csv; charset=utf-8",
-                    headers={"content-disposition": f'attachment; filename="{filename}"'})
+                    headers={"content-disposition": f'attachment; filename="{filename}"',
+                             PARTIAL_HEADER: "true" if partial else "false"})
 
 
 # ----- endpoints ----------------------------------------------------------------------------------------
@@ -178,7 +184,7 @@ async def summary(request: Request) -> Response:
     body = await fleet.summary(request.state.prometheus, range_seconds, step, owner,
                                recorded=_settings(request).recorded_series)
     if fmt == "csv":
-        return _csv(body.top_performing_jobs, shapes.TopJob, "top_jobs.csv")
+        return _csv(body.top_performing_jobs, shapes.TopJob, "top_jobs.csv", body.partial)
     return JSONResponse(shapes.plain(body))
 
 
@@ -203,7 +209,7 @@ async def compare(request: Request) -> Response:
     body = await fleet.compare(request.state.prometheus, request.state.cache, job_ids, _settings(request).lookback,
                                _owner(request), _settings(request).archive)
     if fmt == "csv":
-        return _csv(body.jobs, shapes.CompareRow, "compare.csv")
+        return _csv(body.jobs, shapes.CompareRow, "compare.csv", body.partial)
     return JSONResponse(shapes.plain(body))
 
 
@@ -235,7 +241,7 @@ async def jobs(request: Request) -> Response:
         table = await fleet.fleet(request.state.prometheus, range_seconds, now, split, owner=owner)
     table = fleet.filter_jobs(table, status, owner, since, until, now)
     if fmt == "csv":
-        return _csv(table, shapes.JobRow, "jobs.csv")
+        return _csv(table, shapes.JobRow, "jobs.csv", bool(partial))
     return JSONResponse(shapes.plain(shapes.JobList(range_seconds=range_seconds, count=len(table), jobs=table,
                                                     partial=bool(partial))))
 

@@ -202,6 +202,23 @@ def test_the_fleet_and_a_comparison_say_a_partial_answer(backend):
     assert whole[1].json()["count"] == 2
 
 
+def test_a_csv_answer_says_a_partial_answer_in_its_header(backend):
+    """A CSV of the summary's top jobs or of the job list had no `partial`: rows missing or short read as whole."""
+    routes = ("/api/training/analytics/summary?format=csv", "/api/training/analytics/jobs?format=csv",
+              "/api/training/analytics/compare?job_ids=part-1,part-2&format=csv")
+    with serve(Settings(prometheus_url=backend.url)) as client:
+        try:
+            backend.mode = "warned"
+            partial = [client.get(route) for route in routes]
+        finally:
+            backend.mode = None
+        whole = [client.get(route) for route in routes]
+    for answer in partial + whole:
+        assert answer.status_code == 200 and answer.headers["content-type"].startswith("text/csv"), answer.text
+    assert [answer.headers["trainmetrics-partial"] for answer in partial] == ["true"] * 3
+    assert [answer.headers["trainmetrics-partial"] for answer in whole] == ["false"] * 3
+
+
 def test_a_comparison_is_partial_for_the_job_whose_own_query_was(backend):
     """One job's own range query answered partially made every job of the comparison partial, and cached none."""
     with serve(Settings(prometheus_url=backend.url)) as client:
