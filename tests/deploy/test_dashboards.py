@@ -298,6 +298,50 @@ def test_the_job_stats_show_a_finished_resumed_jobs_final_figures(tmp_path):
     promtool_passes(tmp_path / "job_test.yml", JOB_SERIES, tests)
 
 
+# A job killed at 4 m, 10 steps past its checkpoint at 30 (its counts 40 steps, 400 samples), and resumed at its
+# address (a fixed --metrics-listen port: a `run` of its own) at 10 m from that checkpoint: at 14 m its newest run
+# has done 8 steps again, 38 in all.
+KILLED_SERIES = """
+      - series: 'trainer_job_start_timestamp_seconds{job_id="k1",instance="p9",run="aaaa0001"}'
+        values: '0x4'
+      - series: 'trainer_heartbeat_timestamp_seconds{job_id="k1",instance="p9",run="aaaa0001"}'
+        values: '0+60x4'
+      - series: 'trainer_steps_total{job_id="k1",instance="p9",run="aaaa0001"}'
+        values: '0+10x4'
+      - series: 'trainer_samples_total{job_id="k1",instance="p9",run="aaaa0001"}'
+        values: '0+100x4'
+      - series: 'trainer_checkpoints_total{job_id="k1",instance="p9",run="aaaa0001"}'
+        values: '0 0 0 1 1'
+      - series: 'trainer_job_start_timestamp_seconds{job_id="k1",instance="p9",run="aaaa0002"}'
+        values: '_x10 600x4'
+      - series: 'trainer_heartbeat_timestamp_seconds{job_id="k1",instance="p9",run="aaaa0002"}'
+        values: '_x10 600+60x4'
+      - series: 'trainer_steps_total{job_id="k1",instance="p9",run="aaaa0002"}'
+        values: '_x10 30+2x4'
+      - series: 'trainer_samples_total{job_id="k1",instance="p9",run="aaaa0002"}'
+        values: '_x10 300+20x4'
+      - series: 'trainer_checkpoints_total{job_id="k1",instance="p9",run="aaaa0002"}'
+        values: '_x10 1x4'
+"""
+
+
+def test_the_counts_of_a_job_resumed_after_a_kill_are_its_newest_runs(tmp_path):
+    """Every run's highest count was shown: the killed run's 40 steps and 400 samples, with the work its resumed run
+    threw away, until that run caught up (the analytics say 38 and 380, the newest run's)."""
+    stats = {panel["title"]: panel["targets"][0] for panel in all_dashboards()["training-job.json"]["panels"]
+             if panel["type"] == "stat"}
+    (summary,) = [panel for panel in all_dashboards()["compare.json"]["panels"] if panel["type"] == "table"]
+    exprs = {"Steps": (stats["Steps"], "{}", 38), "Samples": (stats["Samples"], "{}", 380),
+             "Checkpoints": (stats["Checkpoints"], "{}", 1),
+             "compare": ([t for t in summary["targets"] if t["refId"] == "samples"][0], '{job_id="k1"}', 380)}
+    tests = []
+    for target, labels, value in exprs.values():
+        expr = target["expr"].replace("$job_id", "k1").replace("$__range", "1h")
+        tests.append(f"      - expr: '{expr}'\n        eval_time: 14m\n        exp_samples:\n"
+                     f"          - labels: '{labels}'\n            value: {value}")
+    promtool_passes(tmp_path / "killed_test.yml", KILLED_SERIES, tests)
+
+
 def test_the_data_wait_share_has_no_point_where_no_step_completed(tmp_path):
     """A window with data waits and no completed step (an evaluation, the start) was +Inf, one with neither NaN."""
     (target,) = [panel["targets"][0] for panel in all_dashboards()["training-job.json"]["panels"]

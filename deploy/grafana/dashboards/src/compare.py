@@ -1,7 +1,7 @@
 """Compare: several jobs side by side: learning curves and throughput overlaid, and a summary table."""
 
-from panels import (RANK0, duration, finite_loss, label_variable, new_dashboard, newest_run, query, row,
-                    table_panel, timeseries_panel)
+from panels import (RANK0, duration, finite_loss, label_variable, new_dashboard, newest_counts, newest_run, query,
+                    row, table_panel, timeseries_panel)
 
 JOBS = 'job_id=~"$job_id"'
 
@@ -32,10 +32,10 @@ def build():
                                            "{{job_id}}")))
         .with_row(row("Summary"))
         .with_panel(table_panel(
-            "Summary", "Per job over the time range: samples (every rank's), best loss (rank 0's), final loss (rank "
-                       "0's newest run; empty when its last interval's loss was NaN), accuracy, duration (first start "
-                       "to the last end, or to now while it runs).",
-            query(f"sum by (job_id) (max by (job_id, rank) (max_over_time(trainer_samples_total{{{JOBS}}}[$__range])))",
+            "Summary", "Per job over the time range: samples (every rank's, as its newest run counts them), best "
+                       "loss (rank 0's), final loss (rank 0's newest run; empty when its last interval's loss was "
+                       "NaN), accuracy, duration (first start to the last end, or to now while it runs).",
+            query(f"sum by (job_id) ({newest_counts('trainer_samples_total', JOBS, 'job_id, rank')})",
                   "", "samples", instant=True, table_format=True),
             # The trainer's own lowest interval loss (exact), not the lowest trainer_loss sample: intervals that
             # end faster than the scrape are not all sampled. Rank 0's, as the final loss and the analytics: each

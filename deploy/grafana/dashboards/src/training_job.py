@@ -2,8 +2,8 @@
 
 from grafana_foundation_sdk.models.common import BigValueTextMode
 
-from panels import (alert_annotation, duration, finite_loss, label_variable, new_dashboard, newest_run, peak, query,
-                    rate_within_process, row, stat_panel, timeseries_panel)
+from panels import (alert_annotation, duration, finite_loss, label_variable, new_dashboard, newest_counts,
+                    newest_run, peak, query, rate_within_process, row, stat_panel, timeseries_panel)
 
 JOB = 'job_id="$job_id"'
 
@@ -52,11 +52,12 @@ def build():
                                      f"{newest_run(JOB)}) or on () max by (state) (last_over_time("
                                      f"trainer_job_state{{{JOB}}}[$__range]) == 1)", "{{state}}", instant=True),
                                text_mode=BigValueTextMode.NAME))
-        .with_panel(stat_panel("Steps", "Optimizer steps completed.", "short",
-                               query(f"max(last_over_time(trainer_steps_total{{{JOB}}}[$__range]))", instant=True)))
-        .with_panel(stat_panel("Samples", "Training samples processed, all ranks.", "short",
-                               query(f"sum(max by (rank) (last_over_time(trainer_samples_total{{{JOB}}}[$__range])))",
-                                     instant=True)))
+        .with_panel(stat_panel("Steps", "Optimizer steps completed, as the job's newest run counts them (a killed "
+                                        "run's steps past its checkpoint were thrown away).", "short",
+                               query(newest_counts("trainer_steps_total", JOB), instant=True)))
+        .with_panel(stat_panel("Samples", "Training samples processed, all ranks, as the job's newest run counts "
+                                          "them.", "short",
+                               query(f"sum({newest_counts('trainer_samples_total', JOB, 'rank')})", instant=True)))
         .with_panel(stat_panel("Eval accuracy", "Accuracy at the last evaluation.", "percentunit",
                                query(f"max(last_over_time(trainer_eval_accuracy_ratio{{{JOB}}}[$__range]) "
                                      f"{newest_run(JOB)}) or max(last_over_time(trainer_eval_accuracy_ratio{{{JOB}}}"
@@ -64,9 +65,8 @@ def build():
         .with_panel(stat_panel("Duration", "Running time so far, or first start to last end for a finished job "
                                            "(a paused and resumed job's pauses included).", "s",
                                query(f"max({duration(JOB)})", instant=True)))
-        .with_panel(stat_panel("Checkpoints", "Checkpoints written.", "short",
-                               query(f"max(last_over_time(trainer_checkpoints_total{{{JOB}}}[$__range]))",
-                                     instant=True)))
+        .with_panel(stat_panel("Checkpoints", "Checkpoints written, as the job's newest run counts them.", "short",
+                               query(newest_counts("trainer_checkpoints_total", JOB), instant=True)))
         .with_row(row("Learning"))
         # Each point the last sample of its step (a finished run's final values last one scrape, which a 1 s
         # step's point mostly missed); no training loss while its interval was NaN (trainer_loss then holds the
