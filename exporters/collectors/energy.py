@@ -7,7 +7,8 @@ estimate (a busy core does not draw what the average one does, and the packages'
 with the rest). A job's first interval only takes its baseline. A zone's counter wraps at
 max_energy_range_uj: a reading below the previous one has wrapped when the step up to it is one a package can
 use in the interval (MAX_PACKAGE_WATTS); a step back further is a reset (a resume from suspend, a driver that
-starts the counter again), which counts its new value, as a GPU counter's reset does.
+starts the counter again), which counts its new value, as a GPU counter's reset does. A step up by more than a
+package can use is no energy used: the reading is a new baseline.
 
 Since Linux 5.10 (CVE-2020-8694) energy_uj is readable by root only. Where no package zone is readable
 the collector publishes no CPU energy (absent, not zero) and does not fail, like the gpu collector without
@@ -170,7 +171,9 @@ class EnergyCollector(Collector):
     def _step(self, path: Path, previous: int, value: int, most: float) -> int:
         """Microjoules the zone counted from previous to value; `most`: what a package can use in the interval."""
         if value >= previous:
-            return value - previous
+            # Up by more than a package can use in the interval: a counter set to another value (a zone read as
+            # another, a driver's glitch), not energy used. The reading is a new baseline.
+            return value - previous if value - previous <= most else 0
         wrapped = self._zones[path] - previous + value
         if wrapped <= most:
             return wrapped

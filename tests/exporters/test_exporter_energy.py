@@ -162,9 +162,14 @@ def test_a_package_counter_that_went_back_further_than_a_wrap_allows_is_a_reset_
     # Back to more than the package can use in half a second: not the energy since a reset, a new baseline.
     assert slow_pass(10.5, 1_500) == 8_110.0
     assert slow_pass(11.0, 1_600) == 8_210.0
-    # A real wrap still counts what was used on both sides of it.
-    assert slow_pass(12.0, MAX_RANGE_UJ / 1e6 - 7) == pytest.approx(8_210 + MAX_RANGE_UJ / 1e6 - 1_607)
-    assert slow_pass(13.0, 5) == pytest.approx(8_210 + MAX_RANGE_UJ / 1e6 - 1_607 + 12)
+    # A real wrap still counts what was used on both sides of it (the counter climbed to it over 189 s).
+    assert slow_pass(200.0, MAX_RANGE_UJ / 1e6 - 7) == pytest.approx(8_210 + MAX_RANGE_UJ / 1e6 - 1_607)
+    climbed = 8_210 + MAX_RANGE_UJ / 1e6 - 1_607 + 12
+    assert slow_pass(201.0, 5) == pytest.approx(climbed)
+    # Up by more than a package can use in the interval (10 kJ in a second: 10 kW) is no energy used, a new baseline:
+    # it was counted whole.
+    assert slow_pass(202.0, 10_005) == pytest.approx(climbed)
+    assert slow_pass(203.0, 10_105) == pytest.approx(climbed + 100)
 
 
 def test_cpu_energy_per_job_needs_no_jobs_collector_and_counts_a_worker_started_later(tmp_path):
