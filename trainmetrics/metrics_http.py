@@ -14,8 +14,9 @@
   connections every 29 s refused every scrape, the job's final one included. A connection whose request the
   server is working on is never cut; a newcomer is closed at once only when every connection is such. One whose
   next request sits unread in the kernel (its thread has yet to run on a busy host) is cut last.
-- Paced: /metrics is rendered at most MAX_RENDERS_PER_SECOND times a second (in bursts of RENDER_BURST); a request
-  beyond waits its turn asleep. A flood of requests on kept-alive connections took the GIL from the training loop.
+- Paced: requests are answered (/metrics rendered) at most MAX_RENDERS_PER_SECOND times a second (in bursts of
+  RENDER_BURST), whatever their path; a request beyond waits its turn asleep, a scraper's before the others'. A
+  flood of requests on kept-alive connections took the GIL from the training loop.
 - A 401 closes its connection: without the password a client has nothing more to ask on it.
 - TLS and basic auth from a web-config file (trainmetrics.webconfig). A header checked once is known from then on
   (a scraper's costs one bcrypt check); at most one header not yet known is checked at a time (and one more from an
@@ -55,10 +56,11 @@ MAX_HEADERS = 100
 MAX_HEADER_BYTES = 65536
 # The longest scrape timeout taken from a scraper's header (Prometheus: at most its scrape interval).
 MAX_SCRAPE_TIMEOUT = 600.0
-# /metrics is rendered at most this often, in bursts of up to RENDER_BURST: a request beyond waits its turn asleep
-# (no CPU, no GIL), then is rendered afresh. A scraper asks 4 times a second (two of them in an HA pair, 8) and never
-# waits; 8 clients asking on kept-alive connections as fast as they were answered had ~2,000 renders a second
-# made, and the GIL those took slowed a job's training loop 2-4 times (bench/metrics_flood.py).
+# Requests are answered (/metrics rendered) at most this often, in bursts of up to RENDER_BURST: a request beyond
+# waits its turn asleep (no CPU, no GIL), then is answered afresh. A scraper asks 4 times a second (two of them in an
+# HA pair, 8) and never waits but behind a flood (its request goes first: one turn); 8 clients asking on kept-alive
+# connections as fast as they were answered had ~2,000 renders a second made, and the GIL those took slowed a job's
+# training loop 2-4 times (bench/metrics_flood.py).
 MAX_RENDERS_PER_SECOND = 20.0
 RENDER_BURST = 4
 
@@ -283,13 +285,16 @@ class _Handler(BaseHTTPRequestHandler):
                        send_body, extra=b'WWW-Authenticate: Basic realm="trainmetrics"\r\nConnection: close\r\n')
             return
         path = self.path.partition("?")[0]
+        timeout = self.headers.get(SCRAPE_TIMEOUT_HEADER)
+        # Every answer waits its turn, not a render alone: a flood of requests for / or a 404 took the GIL the
+        # same way (the loop at 0.3 of its speed). A scraper's goes before the others' (a flood's queue held each
+        # scrape 0.45 s, past its timeout: the job went dark).
+        if not server.wait_turn(self.connection, scraper=path == "/metrics" and timeout is not None):
+            self.close_connection = True
+            return
         if path == "/metrics":
-            timeout = self.headers.get(SCRAPE_TIMEOUT_HEADER)
             scrape = Scrape(scraper_name(self.client_address) if timeout is not None else None,
                             arrived, timeout=scrape_timeout(timeout))
-            if not server.wait_turn(self.connection):
-                self.close_connection = True
-                return
             try:
                 body = server.render(scrape)
             except Exception:   # a renderer bug must not take the endpoint down
@@ -322,23 +327,24 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class RenderPacer:
-    """Spaces renders out to `rate` a second, in bursts of up to `burst` (the generic cell rate algorithm: each
-    request takes the next slot under the lock, then sleeps to it outside it, so waiting requests are served in the
-    order they came)."""
+    """Spaces turns out to `rate` a second, in bursts of up to `burst` (the generic cell rate algorithm). Only the
+    request next in line asks for a turn (the caller's lock keeps the order): a slot reserved ahead by every
+    waiting request stayed taken when its connection was cut, and a client opening connections for 1 s (each one
+    cutting a waiting one) pushed the next scrape 34 s out, a thread sleeping for each."""
 
     def __init__(self, rate: float = MAX_RENDERS_PER_SECOND, burst: int = RENDER_BURST):
         self._spacing = 1.0 / rate
         self._tolerance = (burst - 1) * self._spacing
-        self._due = float("-inf")       # when the next slot is due, at the steady rate
-        self._lock = threading.Lock()
+        self._due = float("-inf")       # when the next turn is due, at the steady rate
 
-    def reserve(self) -> float:
-        """Take the next slot: how many seconds from now it comes (0: at once)."""
-        with self._lock:
-            now = time.monotonic()
-            due = max(self._due, now)
-            self._due = due + self._spacing
-            return max(0.0, due - self._tolerance - now)
+    def take(self) -> float:
+        """Take a turn when one is free now (0.0); else how many seconds until one is (none taken)."""
+        now = time.monotonic()
+        wait = self._due - self._tolerance - now
+        if wait > 0:
+            return wait
+        self._due = max(self._due, now) + self._spacing
+        return 0.0
 
 
 class MetricsHTTPServer(ThreadingHTTPServer):
@@ -369,6 +375,11 @@ class MetricsHTTPServer(ThreadingHTTPServer):
         self._open: dict[socket.socket, float | None] = {}
         self._writing: set[socket.socket] = set()      # those whose answer is being written
         self._open_lock = threading.Lock()
+        # The requests waiting their turn (wait_turn), scrapers' and others', each in the order they came; woken
+        # when a turn is taken, a connection cut or the server closed.
+        self._scrapes_waiting: list[socket.socket] = []
+        self._others_waiting: list[socket.socket] = []
+        self._turns = threading.Condition(self._open_lock)
         # A check runs in the connection's thread, so waiting for one would keep a connection (and its thread) per
         # waiting client out of eviction's reach, as a check running for each did: those not admitted get a 503.
         self.password_checks = PasswordChecks(self.web_config)
@@ -426,23 +437,29 @@ class MetricsHTTPServer(ThreadingHTTPServer):
             if connection in self._open:
                 self._open[connection] = None
 
-    def wait_turn(self, connection: socket.socket) -> bool:
-        """Wait for the request's render slot (RenderPacer); False when the connection was cut for a newcomer before
-        or while it waited: nothing to render for. Held back, it is waiting, not worked on: it may be cut (flooding
-        clients held in turn on every slot kept a scraper out), and an evicted connection's request, ended by the
-        eviction's shutdown, takes no slot from the scrapes behind it."""
-        with self._open_lock:
-            if connection not in self._open:
+    def wait_turn(self, connection: socket.socket, scraper: bool = False) -> bool:
+        """Wait for the request's turn (RenderPacer), a scraper's before the others', each in the order they came;
+        False when the connection was cut for a newcomer or the server closed before or while it waited: nothing
+        to answer. Held back, it is waiting, not worked on: it may be cut (flooding clients held in turn on every
+        slot kept a scraper out), and a request cut so leaves at once, its thread with it."""
+        line = self._scrapes_waiting if scraper else self._others_waiting
+        with self._turns:
+            line.append(connection)
+            try:
+                while connection in self._open and not self._closing:
+                    wait = None         # not next in line: until a turn is taken or a request leaves
+                    if (self._scrapes_waiting or self._others_waiting)[0] is connection:
+                        wait = self.pacer.take()
+                        if not wait:
+                            self._open[connection] = None       # worked on again: not cut
+                            return True
+                    if self._open[connection] is None:          # waiting from now (as `waiting`)
+                        self._open[connection] = time.monotonic()
+                    self._turns.wait(wait)
                 return False
-        wait = self.pacer.reserve()
-        if wait > 0:
-            self.waiting(connection)
-            time.sleep(wait)
-        with self._open_lock:
-            if connection not in self._open:
-                return False
-            self._open[connection] = None       # worked on again: not cut
-        return True
+            finally:
+                line.remove(connection)
+                self._turns.notify_all()
 
     def process_request(self, request, client_address) -> None:
         """One thread per connection, up to max_connections. With every slot taken, the connection that has kept
@@ -458,6 +475,7 @@ class MetricsHTTPServer(ThreadingHTTPServer):
                     return
                 del self._open[evicted]
                 self._writing.discard(evicted)
+                self._turns.notify_all()        # one waiting its turn leaves at once
                 try:
                     # The descriptor's own shutdown: SSLSocket.shutdown drops its TLS object before it shuts the
                     # descriptor, and the connection's thread, running between the two, would talk in plain text.
@@ -516,7 +534,9 @@ class MetricsHTTPServer(ThreadingHTTPServer):
     def close(self) -> None:
         """Stop accepting, close the listening socket and every open connection (a scraper's keep-alive
         connection would otherwise go on being served)."""
-        self._closing = True
+        with self._turns:
+            self._closing = True
+            self._turns.notify_all()    # the requests waiting their turn are not answered
         if self._thread is not None:
             try:
                 self._wake_writer.send(b"x")

@@ -200,28 +200,33 @@ def test_a_pipelined_scrapes_time_runs_from_before_its_password_check(monkeypatc
     assert [scrape.timeout for scrape in delivered] == [10.0]
 
 
-def test_a_flood_of_requests_is_rendered_at_the_paced_rate_and_each_one_answered():
+def flood(port: int, request: bytes, stop: threading.Event, answered: list | None = None) -> None:
+    """A client asking on a kept-alive connection as fast as it is answered, until `stop`."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as connection, \
+            connection.makefile("rb") as reader:
+        while not stop.is_set():
+            connection.sendall(request)
+            assert reader.readline().startswith((b"HTTP/1.1 200", b"HTTP/1.1 404"))
+            for line in iter(reader.readline, b"\r\n"):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            reader.read(length)
+            if answered is not None:
+                answered.append(1)
+
+
+@pytest.mark.parametrize("path", ["/metrics", "/", "/nothing"])
+def test_a_flood_of_requests_is_answered_at_the_paced_rate_and_each_one_answered(path):
     """8 clients asking on kept-alive connections as fast as they were answered had the text rendered ~2,000 times
     a second, each holding the GIL the job's training loop needed (bench/metrics_flood.py: the loop ran 2-4 times
-    slower). Renders now come at most MAX_RENDERS_PER_SECOND a second past a burst, and every request is still
-    answered, in turn."""
+    slower). Answers come at most MAX_RENDERS_PER_SECOND a second past a burst, and every request is still
+    answered, in turn. Whatever its path: a flood of requests for / or a 404, answered at once, ran the loop at
+    0.3 of its speed."""
     renders = []
     server = MetricsHTTPServer(("127.0.0.1", 0), lambda scrape: renders.append(1) or b"up 1\n").serve_in_background()
     answered, stop = [], threading.Event()
-
-    def flood():
-        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as connection, \
-                connection.makefile("rb") as reader:
-            while not stop.is_set():
-                connection.sendall(OK + b"\r\n")
-                assert reader.readline().startswith(b"HTTP/1.1 200")
-                for line in iter(reader.readline, b"\r\n"):
-                    if line.lower().startswith(b"content-length:"):
-                        length = int(line.split(b":")[1])
-                reader.read(length)
-                answered.append(1)
-
-    clients = [threading.Thread(target=flood) for _ in range(8)]
+    request = f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    clients = [threading.Thread(target=flood, args=(server.port, request, stop, answered)) for _ in range(8)]
     began = time.monotonic()
     for client in clients:
         client.start()
@@ -231,9 +236,94 @@ def test_a_flood_of_requests_is_rendered_at_the_paced_rate_and_each_one_answered
         client.join(timeout=10)
     elapsed = time.monotonic() - began
     server.close()
-    assert len(renders) <= metrics_http.RENDER_BURST + metrics_http.MAX_RENDERS_PER_SECOND * elapsed + 1, \
-        (len(renders), elapsed)
-    assert len(answered) == len(renders) >= 10       # none refused, none left unanswered
+    assert len(answered) <= metrics_http.RENDER_BURST + metrics_http.MAX_RENDERS_PER_SECOND * elapsed + 1, \
+        (len(answered), elapsed)        # before, for / and a 404: thousands
+    assert len(answered) >= 10
+    assert len(renders) == (len(answered) if path == "/metrics" else 0)      # none refused, none left unanswered
+
+
+def test_a_scrape_waits_for_no_flood_of_other_requests():
+    """The requests of a flood waiting their turn were all ahead of a scrape: 8 clients asking in a loop held each
+    scrape 0.45 s, past its timeout, and none was delivered (before the pacing: every one, in a few ms). A
+    scraper's request goes before theirs: of their answers, none but the one already taking its turn is rendered
+    between a scrape's request and its answer."""
+    renders = []        # (a scraper's, when its request came, when it was rendered), in the order rendered
+
+    def render(scrape):
+        renders.append((scrape.counting, scrape.began, time.monotonic()))
+        return b"up 1\n"
+
+    server = MetricsHTTPServer(("127.0.0.1", 0), render).serve_in_background()
+    stop = threading.Event()
+    clients = [threading.Thread(target=flood, args=(server.port, OK + b"\r\n", stop)) for _ in range(8)]
+    for client in clients:
+        client.start()
+    scraper = Scraper(server.port)
+    try:
+        time.sleep(0.5)                         # the flood's requests wait their turns
+        for _ in range(6):
+            assert scraper.scrape().startswith(b"HTTP/1.1 200")
+            time.sleep(0.25)
+    finally:
+        scraper.close()
+        stop.set()
+        for client in clients:
+            client.join(timeout=10)
+        server.close()
+    scrapes = [(index, began) for index, (counting, began, _) in enumerate(renders) if counting]
+    ahead = [sum(1 for counting, _, rendered in renders[:index] if not counting and rendered > began)
+             for index, began in scrapes]
+    # (one more where the scrape's thread ran a turn late on a busy host)
+    assert len(scrapes) == 6 and max(ahead) <= 2, ahead     # before: 7 or 8 each
+
+
+def test_a_request_cut_while_waiting_its_turn_takes_no_turn_and_ends_at_once():
+    """Each request waiting its turn had a slot reserved ahead, kept when a newcomer cut its connection, its thread
+    asleep until then: a client opening connections for 1 s (each asking once, each cutting one that waited) left
+    686 threads asleep and pushed the next scrape 34 s out. A request cut leaves at once and takes no turn: at most
+    max_connections requests wait, and a scrape after the newcomers is answered in a few turns."""
+    server = MetricsHTTPServer(("127.0.0.1", 0), lambda scrape: b"up 1\n", max_connections=4).serve_in_background()
+    newcomers = []
+    try:
+        for _ in range(100):
+            newcomers.append(socket.create_connection(("127.0.0.1", server.port), timeout=5))
+            newcomers[-1].sendall(OK + b"\r\n")
+            time.sleep(0.01)
+        time.sleep(0.2)
+        threads = sum("process_request" in thread.name for thread in threading.enumerate())
+        scraper = Scraper(server.port)         # (2 s to answer: 40 turns)
+        try:
+            status = scraper.scrape()
+        except TimeoutError:
+            status = b"timed out"       # before: its turn 3 s out and more
+        finally:
+            scraper.close()
+    finally:
+        for connection in newcomers:
+            connection.close()
+        server.close()
+    assert threads <= 2 * 4, threads        # before: ~70, each a cut request's, asleep
+    assert status.startswith(b"HTTP/1.1 200"), status
+
+
+def test_close_ends_the_requests_waiting_their_turn_unanswered():
+    """close() stops serving: requests waiting their turn slept on and were rendered after it."""
+    renders = []
+    server = MetricsHTTPServer(("127.0.0.1", 0), lambda scrape: renders.append(1) or b"up 1\n").serve_in_background()
+    connections = [socket.create_connection(("127.0.0.1", server.port), timeout=5) for _ in range(12)]
+    try:
+        for connection in connections:
+            connection.sendall(OK + b"\r\n")
+        deadline = time.monotonic() + 5
+        while len(renders) < metrics_http.RENDER_BURST and time.monotonic() < deadline:
+            time.sleep(0.01)
+        server.close()
+        at_close = len(renders)
+        time.sleep(12 / metrics_http.MAX_RENDERS_PER_SECOND + 0.3)       # every turn past
+    finally:
+        for connection in connections:
+            connection.close()
+    assert at_close < 12 and len(renders) <= at_close + 1, (at_close, len(renders))     # before: all 12
 
 
 def test_headers_are_read_by_lower_case_name_the_first_of_a_repeat():
