@@ -6,7 +6,8 @@ It watches the job's control file and turns "paused"/"cancelled" into SIGUSR1/SI
 stacks request file into SIGUSR2 for every rank; a SIGTERM to itself (Ray's stop) becomes a cancel. Each rank
 asks Ray for one CPU, and one GPU when the job may use one (gpus_per_rank). A stop that comes while Ray cannot
 place the ranks yet (a busy cluster, or more ranks than it has CPUs or GPUs) ends the run at once. The ranks
-still running LOST_RANK_GRACE_SECONDS after a rank's actor died (its node lost) are killed. It exits with
+still running LOST_RANK_GRACE_SECONDS after a rank's actor died (its node lost), or after a rank failed, are
+killed. It exits with
 rank 0's exit code, or dies of the signal that killed rank 0 (the job's outcome is in the result file rank 0
 writes).
 
@@ -40,7 +41,9 @@ PR_SET_PDEATHSIG = 1
 PLACEMENT_SAY_SECONDS = 10.0
 # The ranks still running this long after a rank's Ray actor died are killed: a rank lost with its node (power,
 # network) closed no connection, and its peers waited in their collective for gloo's timeout, 30 minutes. Not at
-# once: a peer whose connection did close fails by itself within it, with its own error and result.
+# once: a peer whose connection did close fails by itself within it, with its own error and result. And after a
+# rank failed: one that failed before it joined the others (its node without the job's data) left them waiting
+# in the rendezvous for its timeout, 30 minutes, where torchrun stops a job's workers when one fails.
 LOST_RANK_GRACE_SECONDS = 10.0
 
 
@@ -185,15 +188,19 @@ def rank_codes(runs: list) -> list[int]:
     return codes
 
 
-def actor_died(run) -> bool:
-    """True when the rank's run (ended) ended with its Ray actor's death."""
+def lost_or_failed(index: int, run) -> str | None:
+    """Why rank `index`'s run (ended) may leave its peers waiting for ever: its Ray actor died, or the rank failed
+    (its peers do not stop as they do when it completed, paused or was cancelled); None otherwise."""
     try:
-        ray.get(run)
+        code = ray.get(run)
     except ray.exceptions.RayActorError:
-        return True
+        return "a rank's Ray actor died (a peer lost with its node holds them in a collective)"
     except ray.exceptions.RayError:     # the run itself raised (rank_codes raises it again)
-        pass
-    return False
+        return None
+    if code in (ExitCode.COMPLETED, ExitCode.CANCELLED, ExitCode.PAUSED):
+        return None
+    how = f"exit code {code}" if code >= 0 else f"killed by signal {-code}"
+    return f"rank {index} failed ({how}: one that never joined them holds them in the rendezvous)"
 
 
 def exit_as(code: int) -> None:
@@ -269,15 +276,15 @@ def main(argv: list[str] | None = None) -> int:
             rank.signal.remote(int(STOP_SIGNALS[outcome]))
 
     answered_stacks = stacks_request(args.job_dir)      # a request from an earlier run is not this run's
-    pending, lost_at, killed = list(runs), None, False
+    pending, lost_at, why, killed = list(runs), None, None, False
     while pending:
         ended, pending = ray.wait(pending, timeout=CONTROL_POLL_SECONDS)
-        if lost_at is None and any(actor_died(run) for run in ended):
-            lost_at = time.monotonic()
+        if lost_at is None:
+            why = next(filter(None, (lost_or_failed(runs.index(run), run) for run in ended)), None)
+            lost_at = time.monotonic() if why is not None else None
         if pending and not killed and lost_at is not None and time.monotonic() - lost_at >= LOST_RANK_GRACE_SECONDS:
             killed, running = True, [index for index, run in enumerate(runs) if run in pending]
-            print(f"rank(s) {running}: still running {LOST_RANK_GRACE_SECONDS:g} s after a rank's Ray actor died "
-                  "(a peer lost with its node holds them in a collective): killed", flush=True)
+            print(f"rank(s) {running}: still running {LOST_RANK_GRACE_SECONDS:g} s after {why}: killed", flush=True)
             for index in running:
                 ranks[index].signal.remote(int(signal.SIGKILL))
         for outcome in [control_request(args.job_dir), *stopped]:

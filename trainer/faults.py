@@ -1,18 +1,20 @@
 """Faults on purpose, for drills and tests: the built-in runner reads TRAINMETRICS_FAULTS (JSON) once and
-makes a rank start late, stall, load its data slowly, compute slowly, evaluate or checkpoint slowly, or train
-on one corrupted batch:
+makes a rank start late, stall, load its data slowly, compute slowly, evaluate or checkpoint slowly, train
+on one corrupted batch, or fail before it joins the others:
 
     TRAINMETRICS_FAULTS='{"slow_start": {"rank": 1, "seconds": 3}, "stall": {"rank": 1, "step": 30, "seconds": 600},
                           "slow_data": {"rank": 1, "seconds": 0.05}, "slow_compute": {"rank": 1, "seconds": 0.05},
                           "slow_eval": {"seconds": 5}, "slow_checkpoint": {"seconds": 5},
-                          "corrupt_batch": {"step": 40, "scale": 1000}}'
+                          "corrupt_batch": {"step": 40, "scale": 1000}, "fail_start": {"rank": 1}}'
 
 Each fault applies to every rank and job unless it names one (`"rank": N`, `"job": "JOB_ID"`); `step` counts
 from 1, like trainer_steps_total. A slow start is a wait before the rank's wait for its first scrape (its
-start-up, a restore say, taking its time). A stall ends early when the job is asked to stop. Without the variable
+start-up, a restore say, taking its time). A failed start is a rank that fails before it joins the others (as one
+whose node lacks the dataset does). A stall ends early when the job is asked to stop. Without the variable
 nothing here costs the loop a thing.
 """
 
+import functools
 import json
 import logging
 import os
@@ -22,7 +24,8 @@ from typing import Callable
 log = logging.getLogger("trainmetrics.trainer")
 
 VARIABLE = "TRAINMETRICS_FAULTS"
-KINDS = ("slow_start", "stall", "slow_data", "slow_compute", "slow_eval", "slow_checkpoint", "corrupt_batch")
+KINDS = ("slow_start", "stall", "slow_data", "slow_compute", "slow_eval", "slow_checkpoint", "corrupt_batch",
+         "fail_start")
 
 
 class Faults:
@@ -39,9 +42,15 @@ class Faults:
         self.stall, self.slow_data, self.slow_compute = mine("stall"), mine("slow_data"), mine("slow_compute")
         self.slow_eval, self.slow_checkpoint = mine("slow_eval"), mine("slow_checkpoint")
         self.corrupt_batch = mine("corrupt_batch")
+        self.fail_start = mine("fail_start")
 
     def __bool__(self) -> bool:
         return any(getattr(self, kind) for kind in KINDS)
+
+    def before_joining(self) -> None:
+        """Fail before joining the other ranks, as a rank whose node lacks the job's data would."""
+        if self.fail_start:
+            raise RuntimeError("fault injected: failing before joining the other ranks")
 
     def before_start(self) -> None:
         """Start late, as a rank whose start-up takes its time would."""
@@ -84,8 +93,12 @@ class Faults:
 def from_environment(rank: int, job_id: str) -> Faults | None:
     """The faults TRAINMETRICS_FAULTS asks of this rank of this job, or None (the usual case)."""
     text = os.environ.get(VARIABLE)
-    if not text:
-        return None
+    return _parsed(text, rank, job_id) if text else None
+
+
+@functools.lru_cache(maxsize=4)
+def _parsed(text: str, rank: int, job_id: str) -> Faults | None:
+    """(Read once: the runner asks before the rank joins the others and again for the loop.)"""
     try:
         spec = json.loads(text)
     except ValueError:

@@ -587,6 +587,9 @@ def run_job(config: TrainConfig, stop: StopFlag | None = None) -> int:
     outcome = Outcome(config, ranks)
     trainer = None
     try:
+        drill = faults.from_environment(ranks.rank, config.job_id)
+        if drill is not None:
+            drill.before_joining()
         distributed.initialize(ranks, device)
         trainer = Trainer(config, dataset, model, device, metrics, stop, ranks)
         if config.resume:

@@ -1,19 +1,26 @@
 """The job server's fixtures: the executor the flows run on (local processes, or a real Ray cluster)."""
 
 import importlib.util
+import json
 import time
 
 import pytest
 
 
+# The faults the Ray nodes give their ranks (a Ray job's processes have the nodes' environment, not the job
+# server's): each names the one job of the tests it is for.
+RAY_FAULTS = {"fail_start": {"rank": 1, "job": "failstart-1"}}
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """A real two-node Ray cluster on loopback, for the whole session (~12 s to start)."""
+    """A real two-node Ray cluster on loopback, for the whole session (~12 s to start), its nodes with
+    RAY_FAULTS."""
     if importlib.util.find_spec("ray") is None:
         pytest.skip("Ray is not installed (pip install 'trainmetrics[ray]'; make test installs it)")
     from .ray_cluster import RayCluster
 
-    cluster = RayCluster().start()
+    cluster = RayCluster(env={"TRAINMETRICS_FAULTS": json.dumps(RAY_FAULTS)}).start()
     yield cluster
     cluster.stop()
 

@@ -214,6 +214,19 @@ def test_a_rank_whose_ray_actor_dies_is_said_killed(ray_server):
     assert "rank 0: its Ray actor died" in (server.data_dir / "jobs" / "actor-1" / "train.log").read_text()
 
 
+def test_a_rank_that_fails_before_joining_the_others_does_not_hold_them_for_the_rendezvous_timeout(ray_server):
+    """Rank 1 failed at its start, before the rendezvous (as on a node without the job's data: torchrun stops the
+    other workers then): rank 0 waited in init_process_group for its 30-minute timeout, the job `running`."""
+    server, _ = ray_server
+    submitted = time.monotonic()
+    submit(server, "failstart-1", nproc=2, device="cpu")        # conftest.RAY_FAULTS fails its rank 1
+    ended = wait_job(server.client(), "failstart-1", lambda job: job["state"] != "running", timeout=120)
+    assert ended["state"] == "failed", ended
+    assert time.monotonic() - submitted < 100
+    log = (server.data_dir / "jobs" / "failstart-1" / "train.log").read_text()
+    assert "still running 10 s after rank 1 failed (exit code 1" in log, log[-3000:]
+
+
 @pytest.mark.ray_own_cluster
 def test_a_rank_whose_node_is_lost_silently_does_not_hold_the_others_for_gloos_timeout(tmp_path):
     """A node gone without a word (power, network) leaves its rank's peers blocked in a collective: no connection
