@@ -414,22 +414,23 @@ class Supervisor:
         run = self.runs.get(job.id)
         if job.state != "running" or run is None:
             raise StopRefused(f"job {job.id} is {job.state}: cannot {STOP_VERBS[outcome]} it")
-        if STOP_STRENGTH[job.requested] > STOP_STRENGTH[outcome]:
-            raise StopRefused(f"job {job.id} is being cancelled: cannot {STOP_VERBS[outcome]} it")
+        # The stop under way: the recorded one, unless that was never sent (_undo_stop), then the one before it.
         unsent = self._unsent_stops.get(job.id)
-        if job.requested == outcome and (unsent is None or unsent[0] != outcome):
+        under_way = job.requested if unsent is None else unsent[1]
+        if STOP_STRENGTH[under_way] > STOP_STRENGTH[outcome]:
+            raise StopRefused(f"job {job.id} is being cancelled: cannot {STOP_VERBS[outcome]} it")
+        if under_way == outcome:
             return
-        before = unsent[1] if unsent is not None else job.requested     # the record before this stop's
-        signalled = outcome == "paused" and before == SHUTDOWN_PAUSE
+        signalled = outcome == "paused" and under_way == SHUTDOWN_PAUSE
         if job.requested != outcome:
             self.store.update_job(job.id, requested=outcome)
         try:
             sent = signalled or self.executor.signal(run, outcome)
         except BaseException:       # nothing sent (a control file that could not be written): nor recorded
-            self._undo_stop(job.id, outcome, before)
+            self._undo_stop(job.id, outcome, under_way)
             raise
         if not sent:
-            self._undo_stop(job.id, outcome, before)
+            self._undo_stop(job.id, outcome, under_way)
             raise StopRefused(f"job {job.id} is ending: cannot {STOP_VERBS[outcome]} it")
         self._unsent_stops.pop(job.id, None)
         if outcome == "cancelled":
