@@ -110,12 +110,17 @@ async def _from_prometheus(client: PrometheusClient, cache: AnalyticsCache, entr
         with partial_answers() as partial:
             found = await query_parts_many(client, [q.job_recent(job_id, lookback, now) for job_id in cached], now)
         for job_id, parts in zip(cached, found):
-            if fingerprint(parts) != entries[job_id].fingerprint:
-                # Read afresh; the entry goes only where a whole answer says the job changed (a partial one may
-                # just lack some of its processes, and the entry holds while the job is as it was).
-                if not partial:
-                    cache.drop(job_id)
-                entries[job_id] = None
+            seen = fingerprint(parts)
+            if seen == entries[job_id].fingerprint:
+                continue
+            # A partial answer that only lacks some of what the entry saw (a store down) says nothing changed: the
+            # entry holds (read again from that answer, the job was a 503, or short of figures). One that saw
+            # something new is read afresh; the entry goes only where a whole answer says the job changed.
+            if partial and seen <= entries[job_id].fingerprint:
+                continue
+            if not partial:
+                cache.drop(job_id)
+            entries[job_id] = None
     missing = [job_id for job_id, entry in entries.items() if entry is None]
     for result in await jobs_analytics(client, missing, lookback, strict=False, owner=owner) if missing else []:
         if result is not None:

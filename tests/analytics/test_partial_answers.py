@@ -250,3 +250,20 @@ def test_a_job_a_partial_answer_lacks_is_unavailable_not_unknown(backend):
     assert [answer.status_code for answer in answers] == [503, 503], [answer.text for answer in answers]
     assert "part of its data" in answers[0].json()["error"]["message"] and answers[0].headers["retry-after"]
     assert unknown.status_code == 404
+
+
+def test_a_cached_job_a_partial_check_lacks_is_answered_from_the_cache(backend):
+    """A settled job's cached analytics are checked by a cheap lookup first; a partial check that lacked the job's
+    series (its store down) was taken for a change: the job read again from the partial backend, a 503 (or figures
+    missing) where the cache held the whole answer, and nothing new said the job had changed."""
+    with serve(Settings(prometheus_url=backend.url)) as client:
+        whole = client.get("/api/training/part-1/analytics").json()
+        assert whole["partial"] is False and whole["status"] == "completed"
+        try:
+            backend.mode = "missing"
+            again = client.get("/api/training/part-1/analytics")
+        finally:
+            backend.mode = None
+    assert again.status_code == 200, again.text
+    assert again.json() == whole
+
