@@ -580,8 +580,8 @@ def fleet_loss(range_seconds: float, now: float | None = None, split: float | No
     that process logged a loss, and it has none to report (a process that logged none is not there)."""
     loss = _fleet_last("loss", range_seconds, now, split, job_id=job_id)
     finite = _fleet_last("loss_finite", range_seconds, now, split, job_id=job_id)
-    diverged = f"({loss}) and on (job_id, instance, run, rank) (({finite}) == 0)"
-    return (f"({loss}) unless on (job_id, instance, run, rank) (({finite}) == 0) "
+    diverged = f"({loss}) and on (job_id, instance, run_id, rank) (({finite}) == 0)"
+    return (f"({loss}) unless on (job_id, instance, run_id, rank) (({finite}) == 0) "
             f'or label_replace({diverged}, "nonfinite", "1", "", "")')
 
 
@@ -598,7 +598,7 @@ def fleet_details(job_ids: list[str], range_seconds: float, now: float, split: f
 def fleet_live() -> str:
     """Every job process scraped at the query's time (its series not stale): what runs now. (The state too:
     trainers from before the heartbeat have none.)"""
-    return f"count by (job_id, instance, run) ({Trainer.HEARTBEAT} or {Trainer.JOB_STATE})"
+    return f"count by (job_id, instance, run_id) ({Trainer.HEARTBEAT} or {Trainer.JOB_STATE})"
 
 
 def fleet_resuming(range_seconds: float, now: float) -> str:
@@ -623,7 +623,8 @@ def fleet_state(range_seconds: float, now: float | None = None, split: float | N
     return {
         "recent": f"last_over_time({RAW['state']}{over(RECENT_SECONDS, now)}) == 1",
         # A process that changed state has a series per state: only its newest is needed.
-        "recorded": f"topk by (job_id, instance, run) (1, last_over_time({RECORDED['state']}{over(now - split, now)}))",
+        "recorded": (f"topk by (job_id, instance, run_id) "
+                     f"(1, last_over_time({RECORDED['state']}{over(now - split, now)}))"),
         "older": f"last_over_time({RAW['state']}{over(split - (now - range_seconds), split)}) == 1",
     }
 
@@ -639,9 +640,9 @@ def fleet_samples(range_seconds: float, now: float | None = None, split: float |
     count of its processes."""
     samples, seen = _newest_part("samples", range_seconds, now, split), _newest_part("heartbeat", range_seconds, now,
                                                                                        split)
-    ordered = f"({seen}) and on (job_id, rank, instance, run) ({samples})"
-    unordered = f"({samples}) unless on (job_id, rank, instance, run) ({seen})"
-    newest = f"({samples}) and on (job_id, rank, instance, run) topk by (job_id, rank) (1, {ordered})"
+    ordered = f"({seen}) and on (job_id, rank, instance, run_id) ({samples})"
+    unordered = f"({samples}) unless on (job_id, rank, instance, run_id) ({seen})"
+    newest = f"({samples}) and on (job_id, rank, instance, run_id) topk by (job_id, rank) (1, {ordered})"
     return (f"sum by (job_id) ((max by (job_id, rank) ({newest}) unless on (job_id, rank) ({unordered})) "
             f"or max by (job_id, rank) ({samples}))")
 
@@ -759,7 +760,7 @@ def _ended_in_window(end: str, start: str) -> str:
     """Jobs whose training ended in the window (a process that started training): one shorter than a scrape
     interval is scraped queued, then ended, never running."""
     return (f"max by (job_id) ((max_over_time({end}[{{window}}]) > time() - {{seconds}}) "
-            f"and on (job_id, instance, run) max_over_time({start}[{{window}}]))")
+            f"and on (job_id, instance, run_id) max_over_time({start}[{{window}}]))")
 
 
 TRENDS = {

@@ -122,7 +122,7 @@ RESULT_STARTED = "started"
 # which has no address) publishes series of its own, not a fall in the earlier one's (Prometheus took the two for
 # one process: the runs before were lost to the job's duration and ledger, and a paused job's resumed run ended at
 # the pause). With `instance`, it names a process (analytics/results.process_of).
-RUN_LABEL = "run"
+RUN_LABEL = "run_id"
 
 
 # ----- metric names read by more than one part (docs/metrics.md describes every series) -------------------

@@ -1,5 +1,5 @@
 """Real jobs resumed at the address of the run before them (a fixed --metrics-listen port, as a container restarted
-in its pod has): the runs are still told apart. Before each process published its own `run` label, the two runs
+in its pod has): the runs are still told apart. Before each process published its own `run_id` label, the two runs
 were one series: the job started at its resume (the killed run's training and its thrown-away steps were gone from
 its duration and ledger), and a paused job's resumed run ended at the pause while it trained."""
 

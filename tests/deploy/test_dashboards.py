@@ -299,28 +299,28 @@ def test_the_job_stats_show_a_finished_resumed_jobs_final_figures(tmp_path):
 
 
 # A job killed at 4 m, 10 steps past its checkpoint at 30 (its counts 40 steps, 400 samples), and resumed at its
-# address (a fixed --metrics-listen port: a `run` of its own) at 10 m from that checkpoint: at 14 m its newest run
+# address (a fixed --metrics-listen port: a `run_id` of its own) at 10 m from that checkpoint: at 14 m its newest run
 # has done 8 steps again, 38 in all.
 KILLED_SERIES = """
-      - series: 'trainer_job_start_timestamp_seconds{job_id="k1",instance="p9",run="aaaa0001"}'
+      - series: 'trainer_job_start_timestamp_seconds{job_id="k1",instance="p9",run_id="aaaa0001"}'
         values: '0x4'
-      - series: 'trainer_heartbeat_timestamp_seconds{job_id="k1",instance="p9",run="aaaa0001"}'
+      - series: 'trainer_heartbeat_timestamp_seconds{job_id="k1",instance="p9",run_id="aaaa0001"}'
         values: '0+60x4'
-      - series: 'trainer_steps_total{job_id="k1",instance="p9",run="aaaa0001"}'
+      - series: 'trainer_steps_total{job_id="k1",instance="p9",run_id="aaaa0001"}'
         values: '0+10x4'
-      - series: 'trainer_samples_total{job_id="k1",instance="p9",run="aaaa0001"}'
+      - series: 'trainer_samples_total{job_id="k1",instance="p9",run_id="aaaa0001"}'
         values: '0+100x4'
-      - series: 'trainer_checkpoints_total{job_id="k1",instance="p9",run="aaaa0001"}'
+      - series: 'trainer_checkpoints_total{job_id="k1",instance="p9",run_id="aaaa0001"}'
         values: '0 0 0 1 1'
-      - series: 'trainer_job_start_timestamp_seconds{job_id="k1",instance="p9",run="aaaa0002"}'
+      - series: 'trainer_job_start_timestamp_seconds{job_id="k1",instance="p9",run_id="aaaa0002"}'
         values: '_x10 600x4'
-      - series: 'trainer_heartbeat_timestamp_seconds{job_id="k1",instance="p9",run="aaaa0002"}'
+      - series: 'trainer_heartbeat_timestamp_seconds{job_id="k1",instance="p9",run_id="aaaa0002"}'
         values: '_x10 600+60x4'
-      - series: 'trainer_steps_total{job_id="k1",instance="p9",run="aaaa0002"}'
+      - series: 'trainer_steps_total{job_id="k1",instance="p9",run_id="aaaa0002"}'
         values: '_x10 30+2x4'
-      - series: 'trainer_samples_total{job_id="k1",instance="p9",run="aaaa0002"}'
+      - series: 'trainer_samples_total{job_id="k1",instance="p9",run_id="aaaa0002"}'
         values: '_x10 300+20x4'
-      - series: 'trainer_checkpoints_total{job_id="k1",instance="p9",run="aaaa0002"}'
+      - series: 'trainer_checkpoints_total{job_id="k1",instance="p9",run_id="aaaa0002"}'
         values: '_x10 1x4'
 """
 

@@ -31,7 +31,7 @@ MOVING = {inst.HEARTBEAT.name, inst.PHASE_SECONDS.name}
 def prometheus_reader(registry: CollectorRegistry) -> PrometheusMetricReader:
     """The SDK's Prometheus reader into `registry`, configured as the trainer configured it before series.py."""
     return PrometheusMetricReader(disable_target_info=True, scope_info_enabled=False,
-                                  resource_attribute_filter=lambda key: key in ("job_id", "rank", "run"),
+                                  resource_attribute_filter=lambda key: key in ("job_id", "rank", "run_id"),
                                   registry=registry)
 
 

@@ -185,7 +185,7 @@ def test_a_job_serves_its_metrics_over_tls_with_basic_auth_and_announces_https(p
         assert refused.value.code == 401
         refused.value.close()
         with get(url, context(pki), "prometheus") as response:
-            assert re.search(rb'\ntrainer_job_state\{job_id="tls-job-1",run="[0-9a-f]{8}",state="queued"\} 1.0\n',
+            assert re.search(rb'\ntrainer_job_state\{job_id="tls-job-1",run_id="[0-9a-f]{8}",state="queued"\} 1.0\n',
                              response.read())
         target = (tmp_path / "targets" / "tls-job-1.rank0.json").read_text()
         assert '"__scheme__": "https"' in target

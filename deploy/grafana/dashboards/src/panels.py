@@ -24,7 +24,7 @@ def last_start(jobs: str) -> str:
 def newest_run(jobs: str) -> str:
     """`and` the processes of each job's newest run: seen after that run started (a resumed job's earlier runs
     ended before)."""
-    return (f"and on (job_id, instance, run, rank) (last_over_time(trainer_heartbeat_timestamp_seconds{{{jobs}}}"
+    return (f"and on (job_id, instance, run_id, rank) (last_over_time(trainer_heartbeat_timestamp_seconds{{{jobs}}}"
             f"[$__range]) >= on (job_id) group_left {last_start(jobs)})")
 
 
@@ -55,7 +55,7 @@ def rate_within_process(selector: str) -> str:
 def finite_loss(selector: str, window: str) -> str:
     """Each process's last trainer_loss over `window`, none where its last interval's loss was NaN or infinite
     (trainer_loss then holds the last finite one: a flat line, or a final loss, that looked like a real one)."""
-    return (f"last_over_time(trainer_loss{{{selector}}}[{window}]) unless on (job_id, instance, run, rank) "
+    return (f"last_over_time(trainer_loss{{{selector}}}[{window}]) unless on (job_id, instance, run_id, rank) "
             f"(last_over_time(trainer_loss_finite{{{selector}}}[{window}]) == 0)")
 
 

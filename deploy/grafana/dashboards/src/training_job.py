@@ -11,7 +11,7 @@ JOB = 'job_id="$job_id"'
 def server_end_state(jobs: str) -> str:
     """The final state the job server gave a job (series without a heartbeat), where its end is after every run's
     last heartbeat in the range (a failed job resumed since runs again), or no run of the job was seen."""
-    server = (f"unless on (job_id, instance, run) "
+    server = (f"unless on (job_id, instance, run_id) "
               f"last_over_time(trainer_heartbeat_timestamp_seconds{{{jobs}}}[$__range])")
     ended = f"max by (job_id) (last_over_time(trainer_job_end_timestamp_seconds{{{jobs}}}[$__range]) {server})"
     runs = f"max by (job_id) (last_over_time(trainer_heartbeat_timestamp_seconds{{{jobs}}}[$__range]))"
@@ -45,7 +45,7 @@ def build():
                                         "published; a killed process's last, running: the job API and the "
                                         "analytics say how it ended.", "none",
                                query(f"max by (state) (trainer_job_state{{{JOB}}} == 1 "
-                                     f"unless on (job_id, instance, run) "
+                                     f"unless on (job_id, instance, run_id) "
                                      f"trainer_heartbeat_timestamp_seconds{{{JOB}}}) or on () "
                                      f"{server_end_state(JOB)} or on () "
                                      f"max by (state) ((last_over_time(trainer_job_state{{{JOB}}}[$__range]) == 1) "
