@@ -223,6 +223,7 @@ def test_a_rank_that_fails_before_joining_the_others_does_not_hold_them_for_the_
     ended = wait_job(server.client(), "failstart-1", lambda job: job["state"] != "running", timeout=120)
     assert ended["state"] == "failed", ended
     assert time.monotonic() - submitted < 100
+    assert "rank 1: RuntimeError: fault injected: failing before joining the other ranks" in ended["error"], ended
     log = (server.data_dir / "jobs" / "failstart-1" / "train.log").read_text()
     assert "still running 10 s after rank 1 failed (exit code 1" in log, log[-3000:]
 
