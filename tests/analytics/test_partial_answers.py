@@ -181,18 +181,22 @@ def test_a_promql_annotation_is_no_partial_answer(backend):
     assert first["partial"] is False and len(first["evaluations"]) == 2 and backend.range_queries == before
 
 
-def test_the_fleet_and_a_comparison_say_a_partial_answer(backend):
-    """The summary, the job list and the comparison computed from a partial answer (a shard down: jobs missing,
-    totals short) were served as whole: no `partial` field told the caller."""
-    routes = ("/api/training/analytics/summary", "/api/training/analytics/jobs",
-              "/api/training/analytics/compare?job_ids=part-1,part-2")
+def partial_then_whole(backend, routes: tuple[str, ...]) -> tuple[list, list]:
+    """The answers to `routes` while the backend answers with part of its data ("warned"), then once it does not."""
     with serve(Settings(prometheus_url=backend.url)) as client:
         try:
             backend.mode = "warned"
             partial = [client.get(route) for route in routes]
         finally:
             backend.mode = None
-        whole = [client.get(route) for route in routes]
+        return partial, [client.get(route) for route in routes]
+
+
+def test_the_fleet_and_a_comparison_say_a_partial_answer(backend):
+    """The summary, the job list and the comparison computed from a partial answer (a shard down: jobs missing,
+    totals short) were served as whole: no `partial` field told the caller."""
+    partial, whole = partial_then_whole(backend, ("/api/training/analytics/summary", "/api/training/analytics/jobs",
+                                                  "/api/training/analytics/compare?job_ids=part-1,part-2"))
     for answer in partial + whole:
         assert answer.status_code == 200, answer.text
     assert [answer.json()["partial"] for answer in partial] == [True, True, True]
@@ -204,15 +208,9 @@ def test_the_fleet_and_a_comparison_say_a_partial_answer(backend):
 
 def test_a_csv_answer_says_a_partial_answer_in_its_header(backend):
     """A CSV of the summary's top jobs or of the job list had no `partial`: rows missing or short read as whole."""
-    routes = ("/api/training/analytics/summary?format=csv", "/api/training/analytics/jobs?format=csv",
-              "/api/training/analytics/compare?job_ids=part-1,part-2&format=csv")
-    with serve(Settings(prometheus_url=backend.url)) as client:
-        try:
-            backend.mode = "warned"
-            partial = [client.get(route) for route in routes]
-        finally:
-            backend.mode = None
-        whole = [client.get(route) for route in routes]
+    partial, whole = partial_then_whole(backend, ("/api/training/analytics/summary?format=csv",
+                                                  "/api/training/analytics/jobs?format=csv",
+                                                  "/api/training/analytics/compare?job_ids=part-1,part-2&format=csv"))
     for answer in partial + whole:
         assert answer.status_code == 200 and answer.headers["content-type"].startswith("text/csv"), answer.text
     assert [answer.headers["trainmetrics-partial"] for answer in partial] == ["true"] * 3
