@@ -66,7 +66,8 @@ def test_runs_at_one_address_are_runs_of_their_own(tmp_path):
         killed_job = RealJob("addr-killed", [finish("addr-killed", resumed, killed_lines)])
         assert killed_job.summary["state"] == "completed"
         read_until(stalled, "stalling")
-        prometheus.wait_for('count(last_over_time(trainer_job_end_timestamp_seconds{job_id="addr-killed"}[5m]))', timeout=30)
+        prometheus.wait_for('count(last_over_time(trainer_job_end_timestamp_seconds{job_id="addr-killed"}[5m]))',
+                            timeout=30)
         prometheus.wait_for('trainer_steps_total{job_id="addr-paused"} == 40', timeout=30)
 
         with serve(Settings(prometheus_url=prometheus.url)) as client:
