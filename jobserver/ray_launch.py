@@ -190,13 +190,17 @@ def rank_codes(runs: list) -> list[int]:
 
 def lost_or_failed(index: int, run) -> str | None:
     """Why rank `index`'s run (ended) may leave its peers waiting for ever: its Ray actor died, or the rank failed
-    (its peers do not stop as they do when it completed, paused or was cancelled); None otherwise."""
+    (its peers do not stop as they do when it completed, paused or was cancelled), its run's own error included;
+    None otherwise."""
     try:
         code = ray.get(run)
     except ray.exceptions.RayActorError:
         return "a rank's Ray actor died (a peer lost with its node holds them in a collective)"
-    except ray.exceptions.RayError:     # the run itself raised (rank_codes raises it again)
-        return None
+    except ray.exceptions.RayError as error:     # the run itself raised (rank_codes raises it again)
+        # Before its process started (its node without the job's directory: the log not opened): it never joins them.
+        cause = getattr(error, "cause", None) or error
+        return (f"rank {index} failed (its run raised {type(cause).__name__}: one that never joined them holds them "
+                "in the rendezvous)")
     if code in (ExitCode.COMPLETED, ExitCode.CANCELLED, ExitCode.PAUSED):
         return None
     how = f"exit code {code}" if code >= 0 else f"killed by signal {-code}"

@@ -8,6 +8,7 @@ killing every process of the run.
 Not thread-safe by design: the job server calls it from its one state thread only.
 """
 
+import dataclasses
 import hashlib
 import hmac
 import logging
@@ -284,6 +285,9 @@ class Supervisor:
         killed after its cancel's grace is cancelled, unless it completed first. (`job`: its record, where the
         caller just read it; `at`: when the run ended, where not now.)"""
         job = job or self.store.get_job(job_id)
+        # The stop a user was answered for: a stop recorded but never sent is none (a pause under way, then a cancel
+        # that was not sent, ended the paused job cancelled).
+        job = dataclasses.replace(job, requested=self._stop_under_way(job))
         result = read_result(self.result_path(job_id))
         reason = published = None
         if result is not None and result.get("state") in EXIT_STATES.values():
@@ -414,12 +418,12 @@ class Supervisor:
         run = self.runs.get(job.id)
         if job.state != "running" or run is None:
             raise StopRefused(f"job {job.id} is {job.state}: cannot {STOP_VERBS[outcome]} it")
-        # The stop under way: the recorded one, unless that was never sent (_undo_stop), then the one before it.
-        unsent = self._unsent_stops.get(job.id)
-        under_way = job.requested if unsent is None else unsent[1]
+        under_way = self._stop_under_way(job)
         if STOP_STRENGTH[under_way] > STOP_STRENGTH[outcome]:
             raise StopRefused(f"job {job.id} is being cancelled: cannot {STOP_VERBS[outcome]} it")
         if under_way == outcome:
+            if job.requested != outcome:    # the record holds a stop never sent after it: the one under way again
+                self._undo_stop(job.id, job.requested, outcome)
             return
         signalled = outcome == "paused" and under_way == SHUTDOWN_PAUSE
         if job.requested != outcome:
@@ -436,6 +440,11 @@ class Supervisor:
         if outcome == "cancelled":
             self._cancelled_at[job.id] = time.monotonic()
 
+    def _stop_under_way(self, job: JobRecord) -> str | None:
+        """The stop under way: the recorded one, unless that was never sent (_undo_stop), then the one before it."""
+        unsent = self._unsent_stops.get(job.id)
+        return job.requested if unsent is None else unsent[1]
+
     def _undo_stop(self, job_id: str, outcome: str, before: str | None) -> None:
         """Take back the record of a stop that was not sent. Where that write fails too (the disk still full), the
         stop is remembered as unsent: found recorded, the client's retry was taken for a stop under way and
@@ -450,9 +459,11 @@ class Supervisor:
     def _pause_for_shutdown(self, job_id: str) -> None:
         """The server's own pause of a running job, unless a stop is already under way (a user's stands)."""
         job = self.store.get_job(job_id)
-        if job is not None and job.state == "running" and job.requested is None and \
+        # (A stop recorded but never sent is none: left training, the job was adopted at the next start with it.)
+        if job is not None and job.state == "running" and self._stop_under_way(job) is None and \
                 self.executor.signal(self.runs[job_id], "paused"):
             self.store.update_job(job_id, requested=SHUTDOWN_PAUSE)
+            self._unsent_stops.pop(job_id, None)
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Pause every running job, adopted ones included (checkpoint, exit 4), to resume on the next start; a

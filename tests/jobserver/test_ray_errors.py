@@ -498,3 +498,25 @@ def test_a_rank_whose_actor_died_is_named_and_counted_killed(monkeypatch, capsys
     monkeypatch.setattr(ray_launch.ray, "get", get)
     assert ray_launch.rank_codes(["rank 0's run", "rank 1's run"]) == [0, -9]
     assert "rank 1: its Ray actor died, and the rank with it: The actor died" in capsys.readouterr().out
+
+
+def test_a_rank_whose_run_raised_has_its_peers_killed_as_a_failed_one(monkeypatch):
+    """A rank whose run raised before its process started (its node without the job's directory: the log could not
+    be opened) never joined the others, and was taken for no failure: its peers waited in the rendezvous for its
+    30-minute timeout, the job `running`, where a rank that failed so has its peers killed after 10 s."""
+    from ray.exceptions import RayTaskError
+
+    from trainmetrics.jobserver import ray_launch
+
+    missing = FileNotFoundError(2, "No such file or directory", "/data/jobs/j/train.log")
+
+    def get(run):
+        if run == "rank 1's run":
+            raise RayTaskError("Rank.run", "Traceback (most recent call last):\nFileNotFoundError", missing
+                               ).as_instanceof_cause()
+        return 0
+
+    monkeypatch.setattr(ray_launch.ray, "get", get)
+    assert ray_launch.lost_or_failed(0, "rank 0's run") is None
+    why = ray_launch.lost_or_failed(1, "rank 1's run")
+    assert why is not None and why.startswith("rank 1 failed (its run raised FileNotFoundError: "), why

@@ -343,6 +343,56 @@ def test_a_repeated_stop_sends_no_second_signal(supervisor, outcome):
     assert json.loads(supervisor.result_path(job.id).read_text())["signals"] == 1
 
 
+def unsent_stop(supervisor: Supervisor, job: JobRecord, outcome: str) -> None:
+    """A stop whose signal found the disk full, and so did the undo of its record: recorded, never sent."""
+    send, update, before = supervisor.executor.signal, supervisor.store.update_job, job.requested
+
+    def full_disk(run, outcome):
+        raise OSError(28, "No space left on device")
+
+    def undo_fails(job_id, **fields):
+        if fields.get("requested", "") == before:
+            raise sqlite3.OperationalError("database or disk is full")
+        return update(job_id, **fields)
+
+    supervisor.executor.signal, supervisor.store.update_job = full_disk, undo_fails
+    try:
+        with pytest.raises(sqlite3.OperationalError):
+            supervisor.request_stop(job, outcome)
+    finally:
+        supervisor.executor.signal, supervisor.store.update_job = send, update
+    assert supervisor.store.get_job(job.id).requested == outcome
+
+
+@pytest.mark.parametrize("retried", [False, True])
+def test_a_pause_under_way_ends_paused_after_a_cancel_that_was_never_sent(supervisor, retried):
+    """A cancel after a pause was recorded and never sent (the disk full for its signal and its undo): the job,
+    paused, was recorded cancelled, never to resume (the unsent cancel's record taken for an accepted one), and the
+    pause's retry was answered 202 as the stop under way, its `stop_requested` the cancel."""
+    job = submit(supervisor, f"unsent-cancel-{int(retried)}")
+    time.sleep(0.3)                                     # its handlers are installed
+    supervisor.request_stop(supervisor.store.get_job(job.id), "paused")
+    unsent_stop(supervisor, supervisor.store.get_job(job.id), "cancelled")
+    if retried:
+        supervisor.request_stop(supervisor.store.get_job(job.id), "paused")       # 202: under way
+        assert supervisor.store.get_job(job.id).requested == "paused"             # as its answer says
+    ended = settle(supervisor, job.id)
+    assert (ended.state, ended.resume, ended.exit_code) == ("paused", True, 4)
+    assert json.loads(supervisor.result_path(job.id).read_text())["signals"] == 1
+
+
+def test_the_shutdown_pauses_a_job_whose_pause_was_never_sent(supervisor):
+    """The server's shutdown pauses every running job, but one whose stop was recorded and never sent: taken for a
+    user's stop under way, it was left training, and adopted at the next start with that stop still recorded (its
+    retry then answered 202 with nothing sent, and an unsent cancel's grace killed it)."""
+    job = submit(supervisor, "unsent-shutdown")
+    time.sleep(0.3)                                     # its handlers are installed
+    unsent_stop(supervisor, supervisor.store.get_job(job.id), "paused")
+    supervisor.shutdown(timeout=5)
+    ended = supervisor.store.get_job(job.id)
+    assert (ended.state, ended.resume) == ("queued", True), ended      # paused by the shutdown, to resume
+
+
 def test_a_job_killed_by_a_signal_without_a_name_ends_failed(supervisor):
     """A real-time signal (SIGRTMIN + 1) has no signal.Signals member: naming it raised ValueError after the run
     was forgotten, and the job stayed `running` with nothing behind it, neither cancellable nor resumable."""
