@@ -322,18 +322,24 @@ KILLED_SERIES = """
         values: '_x10 300+20x4'
       - series: 'trainer_checkpoints_total{job_id="k1",instance="p9",run_id="aaaa0002"}'
         values: '_x10 1x4'
+      - series: 'trainer_loss_min{job_id="k1",instance="p9",run_id="aaaa0001"}'
+        values: '0.9 0.8 0.8 0.7 0.5'
+      - series: 'trainer_loss_min{job_id="k1",instance="p9",run_id="aaaa0002"}'
+        values: '_x10 0.7 0.7 0.6 0.6 0.6'
 """
 
 
 def test_the_counts_of_a_job_resumed_after_a_kill_are_its_newest_runs(tmp_path):
     """Every run's highest count was shown: the killed run's 40 steps and 400 samples, with the work its resumed run
-    threw away, until that run caught up (the analytics say 38 and 380, the newest run's)."""
+    threw away, until that run caught up (the analytics say 38 and 380, the newest run's); and its lowest loss, 0.5
+    from steps thrown away, as the job's best (the newest run's: 0.6)."""
     stats = {panel["title"]: panel["targets"][0] for panel in all_dashboards()["training-job.json"]["panels"]
              if panel["type"] == "stat"}
     (summary,) = [panel for panel in all_dashboards()["compare.json"]["panels"] if panel["type"] == "table"]
     exprs = {"Steps": (stats["Steps"], "{}", 38), "Samples": (stats["Samples"], "{}", 380),
              "Checkpoints": (stats["Checkpoints"], "{}", 1),
-             "compare": ([t for t in summary["targets"] if t["refId"] == "samples"][0], '{job_id="k1"}', 380)}
+             "compare": ([t for t in summary["targets"] if t["refId"] == "samples"][0], '{job_id="k1"}', 380),
+             "best loss": ([t for t in summary["targets"] if t["refId"] == "best_loss"][0], '{job_id="k1"}', 0.6)}
     tests = []
     for target, labels, value in exprs.values():
         expr = target["expr"].replace("$job_id", "k1").replace("$__range", "1h")

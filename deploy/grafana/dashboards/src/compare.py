@@ -39,8 +39,9 @@ def build():
                   "", "samples", instant=True, table_format=True),
             # The trainer's own lowest interval loss (exact), not the lowest trainer_loss sample: intervals that
             # end faster than the scrape are not all sampled. Rank 0's, as the final loss and the analytics: each
-            # rank's loss is over its own shard of the data.
-            query(f"min by (job_id) (last_over_time(trainer_loss_min{{{JOBS},{RANK0}}}[$__range]))", "", "best_loss",
+            # rank's loss is over its own shard of the data. The newest run's, which carries it over a resume (a
+            # killed run's lowest may be of steps thrown away).
+            query(newest_counts("trainer_loss_min", f"{JOBS},{RANK0}", "job_id", combine="min"), "", "best_loss",
                   instant=True, table_format=True),
             # A resumed job has a process per run: only the newest run's counts (newest_run), and none where its
             # last interval's loss was NaN (trainer_loss keeps the last finite one).

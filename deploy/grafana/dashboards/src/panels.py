@@ -28,13 +28,14 @@ def newest_run(jobs: str) -> str:
             f"[$__range]) >= on (job_id) group_left {last_start(jobs)})")
 
 
-def newest_counts(metric: str, jobs: str, by: str = "") -> str:
-    """The highest (`by` those labels) of each process's last `metric` in the time range, a count the job carries
-    over a resume: of each job's newest run (newest_run), else of every run (trainers from before the heartbeat). A
-    killed run went past the checkpoint its resumed run counts on from, with work that was thrown away, and every
-    run's highest showed that until the resumed run caught up (the analytics read the newest run's)."""
-    last, highest = f"last_over_time({metric}{{{jobs}}}[$__range])", f"max by ({by}) " if by else "max"
-    return f"{highest}({last} {newest_run(jobs)}) or {highest}({last})"
+def newest_counts(metric: str, jobs: str, by: str = "", combine: str = "max") -> str:
+    """The highest (`combine`, `by` those labels) of each process's last `metric` in the time range, a figure the job
+    carries over a resume (a count, a best loss): of each job's newest run (newest_run), else of every run (trainers
+    from before the heartbeat). A killed run went past the checkpoint its resumed run counts on from, with work that
+    was thrown away, and every run's highest (lowest loss) showed that until the resumed run caught up (the
+    analytics read the newest run's)."""
+    last, combined = f"last_over_time({metric}{{{jobs}}}[$__range])", f"{combine} by ({by}) " if by else combine
+    return f"{combined}({last} {newest_run(jobs)}) or {combined}({last})"
 
 
 def peak(selector: str) -> str:
