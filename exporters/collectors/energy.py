@@ -8,7 +8,8 @@ with the rest). A job's first interval only takes its baseline. A zone's counter
 max_energy_range_uj: a reading below the previous one has wrapped when the step up to it is one a package can
 use in the interval (MAX_PACKAGE_WATTS); a step back further is a reset (a resume from suspend, a driver that
 starts the counter again), which counts its new value, as a GPU counter's reset does. A step up by more than a
-package can use is no energy used: the reading is a new baseline.
+package can use is no energy used: the reading is a new baseline. The interval is the longer of the time between
+the two reads and between their passes' starts.
 
 Since Linux 5.10 (CVE-2020-8694) energy_uj is readable by root only. Where no package zone is readable
 the collector publishes no CPU energy (absent, not zero) and does not fail, like the gpu collector without
@@ -24,6 +25,8 @@ publishes after its sample, so its slow sample runs after the gpu collector's.
 import logging
 import os
 import re
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from prometheus_client.core import CounterMetricFamily
@@ -50,8 +53,10 @@ class EnergyCollector(Collector):
     slow = True
 
     def __init__(self, energy: JobEnergy, tracker=None, proc_root: Path | str = "/proc",
-                 powercap_root: Path | str = "/sys/class/powercap", clock_ticks: int | None = None):
+                 powercap_root: Path | str = "/sys/class/powercap", clock_ticks: int | None = None,
+                 clock: Callable[[], float] = time.monotonic):
         self.energy = energy
+        self.clock = clock          # when the zones are read (the pass's `now` is when the pass began)
         self.tracker = tracker
         self.proc_root = str(proc_root)
         self.powercap_root = Path(powercap_root)
@@ -60,8 +65,8 @@ class EnergyCollector(Collector):
         self._unreadable: set[Path] = set()         # zones whose last read failed (said once per outage)
         self._next_scan = 0.0
         self._scanned = False
-        # The previous round: its time, readings, busy seconds and jobs' CPU seconds.
-        self._last: tuple[float, dict[Path, int], float, dict[str, float]] | None = None
+        # The previous round: its time, readings, busy seconds and jobs' CPU seconds, and when its zones were read.
+        self._last: tuple[float, dict[Path, int], float, dict[str, float], float] | None = None
 
     @classmethod
     def build(cls, context: CollectorContext) -> "EnergyCollector":
@@ -121,7 +126,7 @@ class EnergyCollector(Collector):
     def sample_slow(self, now: float) -> None:
         if now >= self._next_scan:
             self._scan(now)
-        readings = self._read_zones()
+        readings, read_at = self._read_zones(), self.clock()
         jobs = self._jobs_cpu_seconds(now)
         self.energy.touch(jobs)     # attributed: their accounts stay published whatever their sources read
         if not readings:
@@ -129,10 +134,10 @@ class EnergyCollector(Collector):
         else:
             busy = self._host_busy_seconds()
             if self._last is not None:
-                self._share(now, readings, busy, jobs)
+                self._share(now, read_at, readings, busy, jobs)
             for job_id in jobs:
                 self.energy.add(job_id, "cpu")
-            self._last = (now, readings, busy, jobs)
+            self._last = (now, readings, busy, jobs, read_at)
         self.energy.publish()
 
     def _jobs_cpu_seconds(self, now: float) -> dict[str, float]:
@@ -152,10 +157,15 @@ class EnergyCollector(Collector):
             log.debug("job tracker: %s", error)
         return {job_id: job.cpu_seconds for job_id, job in self.tracker.snapshot.usage.items()}
 
-    def _share(self, now: float, readings: dict[Path, int], busy: float, jobs: dict[str, float]) -> None:
+    def _share(self, now: float, read_at: float, readings: dict[Path, int], busy: float,
+               jobs: dict[str, float]) -> None:
         """Add the interval's package energy to the jobs by their share of the busy CPU time."""
-        last_now, last_readings, last_busy, last_jobs = self._last
-        most = MAX_PACKAGE_WATTS * max(now - last_now, 0.0) * 1e6     # microjoules a package can use in it
+        last_now, last_readings, last_busy, last_jobs, last_read_at = self._last
+        # The interval between the two reads: from the passes' starts alone, a read later in its pass than the one
+        # before (the gpu collector's sample before it took seconds longer) held more than the bound allowed, and
+        # a package's real energy was taken for an impossible step.
+        elapsed = max(now - last_now, read_at - last_read_at, 0.0)
+        most = MAX_PACKAGE_WATTS * elapsed * 1e6     # microjoules a package can use in it
         microjoules = 0
         for path, value in readings.items():
             previous = last_readings.get(path, value)      # a zone not read last round: this is its baseline

@@ -172,6 +172,32 @@ def test_a_package_counter_that_went_back_further_than_a_wrap_allows_is_a_reset_
     assert slow_pass(203.0, 10_105) == pytest.approx(climbed + 100)
 
 
+def test_a_package_read_later_in_its_pass_counts_its_whole_interval(tmp_path):
+    """The slow pass's collectors run one after another: a gpu sample seconds slower than the one before delays the
+    zones' read, and the interval between the two reads is longer than between the passes' starts. Bounded by the
+    passes' starts, a package's real 2.5 kJ over 5 s at 500 W passed for an impossible step (over 2 kW in 1 s) and
+    was dropped."""
+    proc, powercap, job_dir = tmp_path / "proc", tmp_path / "powercap", tmp_path / "jobs"
+    write_job_mapping(job_dir, JobMapping(job_id="a", pid=100, start_ticks=1100))
+    tracker = JobTracker(job_dir, proc_root=proc, descendants=lambda pid: [], clock_ticks=100)
+    read_at = [0.0]
+    exporter = Exporter([EnergyCollector(JobEnergy(), tracker, proc, powercap, clock_ticks=100,
+                                         clock=lambda: read_at[0])])
+
+    def slow_pass(now: float, read: float, joules: float) -> float:
+        busy = 1_000 + int(100 * read)
+        write_proc(proc, host_busy=busy, host_idle=50_000, processes={100: busy})
+        write_zone(powercap, "intel-rapl:0", "package-0", round(joules * 1e6))
+        read_at[0] = read
+        tracker.update(now)
+        exporter.sample_slow(now)
+        return energy_series(exporter.render())[("a", "cpu")]
+
+    assert slow_pass(1.0, 1.0, 100) == 0.0
+    assert slow_pass(2.0, 6.0, 2_600) == 2_500.0            # read 4 s into its pass: 5 s since the last read
+    assert slow_pass(3.0, 6.5, 2_900) == pytest.approx(2_800.0)   # 1 s between the passes' starts bounds it
+
+
 def test_cpu_energy_per_job_needs_no_jobs_collector_and_counts_a_worker_started_later(tmp_path):
     """With --no-collector.jobs nothing kept the job tracker current: no cpu series at all (the gpu collector
     off too), or, with the gpu collector's updates alone, a worker started after the mapping was never
