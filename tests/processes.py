@@ -1,5 +1,5 @@
-"""Tests' subprocesses: finishing one whose pipes a test has read part of through their file objects, and a real
-analytics service."""
+"""Tests' subprocesses: finishing one whose pipes a test has read part of through their file objects, ending those a
+test left running, and a real analytics service."""
 
 import concurrent.futures
 import contextlib
@@ -41,25 +41,44 @@ def finish_reading(process: subprocess.Popen, timeout: float | None = None) -> t
     return printed
 
 
+def kill_left(processes) -> None:
+    """A test's teardown of the processes it started: those still running (an assertion failed before they ended)
+    are killed, and every one is reaped, what is left in its pipes read (a second communicate() of one whose pipes
+    an earlier one closed raises: that one is only waited for)."""
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+        if any(pipe is not None and not pipe.closed for pipe in (process.stdout, process.stderr)):
+            process.communicate()
+        else:
+            process.wait()
+
+
+def wait_answering(url: str, process: subprocess.Popen, seconds: float, what: str, interval: float = 0.2) -> None:
+    """Return once `url` answers over HTTP, whatever its status; AssertionError once `process` (serving it) has exited
+    or `seconds` have passed."""
+    import httpx
+
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            httpx.get(url, timeout=5)
+            return
+        except httpx.TransportError:
+            assert process.poll() is None and time.monotonic() < deadline, f"{what} did not start"
+            time.sleep(interval)
+
+
 @contextlib.contextmanager
 def analytics_service(*flags: str, stderr=subprocess.DEVNULL):
     """A real `trainmetrics analytics` process with these flags, answering; yields its base URL (stopped after)."""
-    import httpx
-
     from trainmetrics.prometheus_process import free_port
 
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "trainmetrics", "analytics", "--listen", f"127.0.0.1:{port}",
                                 *flags], stdout=subprocess.DEVNULL, stderr=stderr)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
-                break
-            except httpx.TransportError:
-                assert process.poll() is None and time.monotonic() < deadline, "analytics did not start"
-                time.sleep(0.2)
+        wait_answering(f"http://127.0.0.1:{port}/healthz", process, 30, "analytics")
         yield f"http://127.0.0.1:{port}"
     finally:
         process.terminate()

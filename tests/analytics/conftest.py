@@ -23,9 +23,10 @@ import psutil
 import pytest
 import uvicorn
 
-from tests.processes import finish_reading
+from tests.processes import finish_reading, kill_left
 from trainmetrics.analytics.app import Settings, create_app
 from trainmetrics.analytics.prometheus import PrometheusClient
+from trainmetrics.contract import JOB_STATES
 from trainmetrics.prometheus_process import PrometheusServer, VictoriaMetricsServer, find_binary, free_port
 
 
@@ -91,6 +92,36 @@ def as_openmetrics(lines: list[str]) -> str:
     for line in lines:
         by_series.setdefault(line.rsplit(" ", 2)[0], []).append(line)
     return "\n".join(line for series in by_series.values() for line in series) + "\n# EOF\n"
+
+
+def scraped_job(base: str, info: str, start: float, end: float, t: float) -> list[str]:
+    """A one-process job that trained from `start` to `end` as a scrape at `t` showed it (its final scrape after
+    `end`): its metadata, its process's start (5 s before training), start, heartbeat, 10 samples a second, its
+    state (running, then completed) and, once ended, its end."""
+    final = t > end
+    lines = [f"trainer_job_info{{{base},{info}}} 1 {t:.3f}",
+             f"trainer_process_start_timestamp_seconds{{{base}}} {start - 5:.3f} {t:.3f}",
+             f"trainer_job_start_timestamp_seconds{{{base}}} {start:.3f} {t:.3f}",
+             f"trainer_heartbeat_timestamp_seconds{{{base}}} {t:.3f} {t:.3f}",
+             f"trainer_samples_total{{{base}}} {int(10 * (min(t, end) - start))} {t:.3f}"]
+    lines += [f'trainer_job_state{{{base},state="{s}"}} {int(s == ("completed" if final else "running"))} {t:.3f}'
+              for s in JOB_STATES]
+    if final:
+        lines.append(f"trainer_job_end_timestamp_seconds{{{base}}} {end:.3f} {t:.3f}")
+    return lines
+
+
+def scraped_evaluations(base: str, t: float, shown: list[tuple[int, float, float]], steps_each: int) -> list[str]:
+    """The evaluation history a scrape at `t` showed: each (number, when, loss) of `shown` in its slot, at step
+    number x `steps_each`."""
+    lines = []
+    for index, at, loss in shown:
+        slot = f'{base},slot="{index % 8}"'
+        lines += [f"trainer_eval_history_index{{{slot}}} {index} {t:.3f}",
+                  f"trainer_eval_history_step{{{slot}}} {index * steps_each} {t:.3f}",
+                  f"trainer_eval_history_timestamp_seconds{{{slot}}} {at:.3f} {t:.3f}",
+                  f"trainer_eval_history_loss{{{slot}}} {loss} {t:.3f}"]
+    return lines
 
 
 def backfilled_prometheus(work: Path, history: str) -> PrometheusServer:
@@ -430,9 +461,6 @@ def fleet(tmp_path_factory):
         victoria.wait_until_agrees(prometheus, ARRIVED)
         yield {"prometheus": prometheus, "victoria-metrics": victoria}, jobs, work
     finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-            process.communicate()
+        kill_left(processes)
         prometheus.stop()
         victoria.stop()

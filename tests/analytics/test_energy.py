@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.exporters.exporter_fixtures import GIB, FakeGpu, FakeNvml, write_zone
+from tests.processes import kill_left
 from trainmetrics.analytics.app import Settings
 from trainmetrics.analytics.lookup import find_jobs
 from trainmetrics.analytics.prometheus import PrometheusClient
@@ -178,10 +179,7 @@ def energy_run(tmp_path_factory):
         for server in servers:
             server.close()
         real.stop()
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.communicate()
+        kill_left(processes)
         prometheus.stop()
         victoria.stop()
 

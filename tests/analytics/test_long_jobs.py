@@ -9,11 +9,10 @@ import pytest
 from trainmetrics.analytics import queries as q
 from trainmetrics.analytics.app import Settings
 
-from .conftest import as_openmetrics, backfilled_prometheus, serve
+from .conftest import as_openmetrics, backfilled_prometheus, scraped_evaluations, scraped_job, serve
 
 pytestmark = pytest.mark.slow
 
-STATES = ("queued", "running", "paused", "completed", "failed", "cancelled")
 BASE = 'job_id="long-1",instance="h:1",job="trainer",rank="0"'
 INFO = 'job_name="long",model="mlp",dataset="blobs",owner="a",device="cpu"'
 DURATION = 7205.0           # two hours of training
@@ -28,26 +27,11 @@ def history(end: float) -> str:
     scrapes = [start + 10.0 * i for i in range(int(DURATION // 10) + 1)] + [end + 0.25]
     lines = []
     for t in scrapes:
-        final = t > end
-        lines += [f"trainer_job_info{{{BASE},{INFO}}} 1 {t:.3f}",
-                  f"trainer_process_start_timestamp_seconds{{{BASE}}} {start - 5:.3f} {t:.3f}",
-                  f"trainer_job_start_timestamp_seconds{{{BASE}}} {start:.3f} {t:.3f}",
-                  f"trainer_heartbeat_timestamp_seconds{{{BASE}}} {t:.3f} {t:.3f}",
-                  f"trainer_samples_total{{{BASE}}} {int(10 * (min(t, end) - start))} {t:.3f}"]
-        lines += [f'trainer_job_state{{{BASE},state="{s}"}} {int(s == ("completed" if final else "running"))} {t:.3f}'
-                  for s in STATES]
-        if final:
-            lines.append(f"trainer_job_end_timestamp_seconds{{{BASE}}} {end:.3f} {t:.3f}")
-        shown = [(1, 3600.0, FIRST_EVAL_LOSS)] if t >= start + 3600 else []
-        if final:
+        lines += scraped_job(BASE, INFO, start, end, t)
+        shown = [(1, start + 3600.0, FIRST_EVAL_LOSS)] if t >= start + 3600 else []
+        if t > end:
             shown.append((2, end - 1.0, LAST_EVAL_LOSS))
-        for index, at, loss in shown:
-            slot = f'{BASE},slot="{index % 8}"'
-            evaluated = start + at if index == 1 else at
-            lines += [f"trainer_eval_history_index{{{slot}}} {index} {t:.3f}",
-                      f"trainer_eval_history_step{{{slot}}} {index * 1000} {t:.3f}",
-                      f"trainer_eval_history_timestamp_seconds{{{slot}}} {evaluated:.3f} {t:.3f}",
-                      f"trainer_eval_history_loss{{{slot}}} {loss} {t:.3f}"]
+        lines += scraped_evaluations(BASE, t, shown, 1000)
         lines += [f"trainer_evaluations_total{{{BASE}}} {len(shown)} {t:.3f}"]
         if shown:
             lines += [f"trainer_eval_loss{{{BASE}}} {shown[-1][2]} {t:.3f}"]

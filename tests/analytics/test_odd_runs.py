@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from tests.processes import kill_left
 from trainmetrics.analytics.app import Settings
 from trainmetrics.analytics.lookup import MISSED_SCRAPES_SECONDS
 from trainmetrics.prometheus_process import PrometheusServer
@@ -113,10 +114,7 @@ def odd_runs(tmp_path_factory):
         yield prometheus, {"paused": paused, "failed": failed, "diverged": diverged, "killed_at": killed_at,
                            "burst": burst}
     finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+        kill_left(processes)
         prometheus.stop()
 
 

@@ -17,11 +17,10 @@ from trainmetrics.analytics.prometheus import PrometheusClient, partial_warnings
 from trainmetrics.reports import PartialAnswer
 
 from tests.prometheus_proxy import Relay
-from .conftest import as_openmetrics, backfilled_prometheus, serve
+from .conftest import as_openmetrics, backfilled_prometheus, scraped_evaluations, scraped_job, serve
 
 pytestmark = pytest.mark.slow
 
-STATES = ("queued", "running", "paused", "completed", "failed", "cancelled")
 BASE = 'job_id="part-1",instance="h:1",job="trainer",rank="0"'
 SECOND = 'job_id="part-2",instance="h:2",job="trainer",rank="0"'     # another job, for the fleet and a comparison
 INFO = 'job_name="part",model="mlp",dataset="blobs",owner="a",device="cpu"'
@@ -45,24 +44,10 @@ def samples(end: float, base: str) -> list[str]:
     start = end - DURATION
     lines = []
     for t in [start + 5.0 * i for i in range(int(DURATION // 5) + 1)] + [end + 0.25]:
-        final = t > end
-        lines += [f"trainer_job_info{{{base},{INFO}}} 1 {t:.3f}",
-                  f"trainer_process_start_timestamp_seconds{{{base}}} {start - 5:.3f} {t:.3f}",
-                  f"trainer_job_start_timestamp_seconds{{{base}}} {start:.3f} {t:.3f}",
-                  f"trainer_heartbeat_timestamp_seconds{{{base}}} {t:.3f} {t:.3f}",
-                  f"trainer_samples_total{{{base}}} {int(10 * (min(t, end) - start))} {t:.3f}"]
-        lines += [f'trainer_job_state{{{base},state="{s}"}} {int(s == ("completed" if final else "running"))} {t:.3f}'
-                  for s in STATES]
-        if final:
-            lines.append(f"trainer_job_end_timestamp_seconds{{{base}}} {end:.3f} {t:.3f}")
+        lines += scraped_job(base, INFO, start, end, t)
         shown = [(index + 1, start + 30.0 * (index + 1) - 1.0, loss) for index, loss in enumerate(EVAL_LOSSES)
                  if t >= start + 30.0 * (index + 1) - 1.0]
-        for index, at, loss in shown:
-            slot = f'{base},slot="{index % 8}"'
-            lines += [f"trainer_eval_history_index{{{slot}}} {index} {t:.3f}",
-                      f"trainer_eval_history_step{{{slot}}} {index * 100} {t:.3f}",
-                      f"trainer_eval_history_timestamp_seconds{{{slot}}} {at:.3f} {t:.3f}",
-                      f"trainer_eval_history_loss{{{slot}}} {loss} {t:.3f}"]
+        lines += scraped_evaluations(base, t, shown, 100)
         lines.append(f"trainer_evaluations_total{{{base}}} {len(shown)} {t:.3f}")
     return lines
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.processes import finish_reading
+from tests.processes import finish_reading, kill_left
 from trainmetrics.analytics.app import Settings
 from trainmetrics.analytics.goodput import NO_SUBMISSION
 from trainmetrics.analytics.lookup import MISSED_SCRAPES_SECONDS
@@ -98,8 +98,5 @@ def test_runs_at_one_address_are_runs_of_their_own(tmp_path):
             assert 0 < duration["paused_seconds"] < time.time() - paused_run.summary["end_time"]
             assert duration["training_seconds"] > paused_run.summary["end_time"] - paused_run.summary["start_time"]
     finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.communicate()
+        kill_left(processes)
         prometheus.stop()

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from tests.processes import finish_reading
+from tests.processes import finish_reading, kill_left
 from trainmetrics.analytics.app import Settings
 from trainmetrics.analytics.lookup import MISSED_SCRAPES_SECONDS
 from trainmetrics.jobfiles import checkpoint_name
@@ -137,10 +137,7 @@ def test_a_resumed_job_is_told_afresh(backends, tmp_path):
                     for job_id, cached in (("refail-1", refail), ("crash-1", crash)):
                         same_answer(get(fresh, f"/api/training/{job_id}/analytics"), cached, job_id)
     finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.communicate()
+        kill_left(processes)
 
 
 def test_a_resumed_run_drops_the_evaluations_it_threw_away_before_it_evaluates(backends, tmp_path):
@@ -174,7 +171,4 @@ def test_a_resumed_run_drops_the_evaluations_it_threw_away_before_it_evaluates(b
             assert body["status"] == "running" and body["performance"]["total_steps"] == 12
             assert [e["step"] for e in body["evaluations"]] == [5, 10], backend
     finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.communicate()
+        kill_left(processes)

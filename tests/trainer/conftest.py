@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.processes import kill_left
 from trainmetrics.trainer.config import TrainConfig
 from trainmetrics.trainer.metrics import JobInfo, JobMetrics
 from trainmetrics.trainer.runner import Trainer, prepare
@@ -47,10 +48,7 @@ def spawn_train():
         return process
 
     yield spawn
-    for process in processes:
-        if process.poll() is None:
-            process.kill()
-        process.communicate()
+    kill_left(processes)
 
 
 def train_command(*args: str) -> list[str]:

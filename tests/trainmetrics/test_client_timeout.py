@@ -9,6 +9,8 @@ import time
 import httpx
 import pytest
 
+from tests.processes import wait_answering
+
 # A service behind trainmetrics.edge.serve with a 0.5 s client timeout: /slow answers after 1.5 s (the
 # server's own time, never cut), /upload counts the body it reads.
 SERVICE = """
@@ -48,14 +50,7 @@ def service():
     try:
         port = int(process.stdout.readline())
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                httpx.get(f"{url}/nothing", timeout=1)
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "the service did not start"
-                time.sleep(0.05)
+        wait_answering(f"{url}/nothing", process, 20, "the service", interval=0.05)
         yield port, url
     finally:
         process.terminate()
