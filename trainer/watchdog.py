@@ -57,11 +57,36 @@ def _forget_in_child() -> None:
 os.register_at_fork(after_in_child=_forget_in_child)
 
 
+def _no_stacks_wanted(signum, frame) -> None:
+    """SIGUSR2's handler under faulthandler's while a job holds the signal in a process that had none of its own."""
+
+
+def _soften_default_action() -> None:
+    """Before the first watch takes SIGUSR2: a process without a handler of its own gets _no_stacks_wanted.
+    faulthandler puts back, when the last watch lets go of the signal, the action it found when it took it, and
+    close() sets SIG_IGN only after that: with the default action there (terminate), a stacks request landing
+    between the two (the job server's, as the trainer ends) killed the process. Not SIG_IGN: that would throw away
+    a request that came while the signal was blocked (a job server's job, before this watch existed), which is
+    answered once unblocked. Only the main thread sets a signal's handler: off it the default stays."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(STACKS_SIGNAL) != signal.SIG_DFL:
+        return
+    # A registration of the process's own (faulthandler.register(SIGUSR2) in a user's script) is dropped first: its
+    # handler, replaced below, would not be installed again by ours (faulthandler only swaps the file).
+    faulthandler.unregister(STACKS_SIGNAL)
+    signal.signal(STACKS_SIGNAL, _no_stacks_wanted)
+
+
 def _take_signal(file) -> None:
     """Dump every thread's stack to `file` on SIGUSR2. A handler the process set for it itself (submitit
     requeues on SIGUSR2 in some versions) still runs, after the dump: it was never called while a job lived."""
-    faulthandler.register(STACKS_SIGNAL, file=file, all_threads=True, chain=callable(signal.getsignal(STACKS_SIGNAL)))
+    faulthandler.register(STACKS_SIGNAL, file=file, all_threads=True, chain=_own_handler() is not None)
     _close_left_open()
+
+
+def _own_handler():
+    """The process's own Python handler for SIGUSR2, or None (none, or only _no_stacks_wanted)."""
+    handler = signal.getsignal(STACKS_SIGNAL)
+    return handler if callable(handler) and handler is not _no_stacks_wanted else None
 
 
 def _close_left_open() -> None:
@@ -106,6 +131,8 @@ class StackWatch:
         # From any thread: faulthandler's registration is the process's. Only on the main thread, a job created in
         # another (a training function a framework runs in a thread) left SIGUSR2 at its default action, and a
         # request for its stacks killed the process.
+        if not _holding and not _left_open:     # (else faulthandler holds it already: its handler must stay)
+            _soften_default_action()
         _take_signal(self._file)
         _holding.append(self)
         # The job server spawns jobs with it blocked (a SIGUSR2 before this point would have killed us).
@@ -194,9 +221,9 @@ class StackWatch:
                 # The process's own handler back (faulthandler puts back the one from before the first watch,
                 # which would undo one set since); without one, ignored: a late request must not kill a
                 # finished job.
-                handler = signal.getsignal(STACKS_SIGNAL)
+                handler = _own_handler()
                 faulthandler.unregister(STACKS_SIGNAL)
-                signal.signal(STACKS_SIGNAL, handler if callable(handler) else signal.SIG_IGN)
+                signal.signal(STACKS_SIGNAL, handler if handler is not None else signal.SIG_IGN)
                 _close_left_open()
             elif self._owns_file:
                 # Only the main thread sets a signal's handler: faulthandler goes on writing a late request's

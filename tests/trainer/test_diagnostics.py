@@ -492,6 +492,55 @@ time.sleep(0.2)
     assert "in train_in_a_thread" in (tmp_path / "stacks.rank0.txt").read_text()
 
 
+def test_a_stacks_request_landing_as_the_job_closes_does_not_kill_the_process(tmp_path):
+    """close() let faulthandler go of SIGUSR2, which put back the action it found (the default: terminate), then set
+    SIG_IGN: a request landing between the two (the job server's, as the trainer ends) killed the process, exit -12
+    (13 and 17 of 40 processes, in two runs, sent SIGUSR2 without pause while they closed). Here the request lands
+    in that gap, sent by faulthandler.unregister itself."""
+    script = """
+import faulthandler, os, signal, sys, time
+from pathlib import Path
+from trainmetrics.trainer.metrics import Diagnostics, JobMetrics
+
+signal.signal(signal.SIGUSR2, signal.SIG_DFL)     # as a process starts (this test's may have ignored it)
+metrics = JobMetrics("closing-job", diagnostics=Diagnostics(stacks_dir=Path(sys.argv[1])))
+unregister = faulthandler.unregister
+
+def unregister_as_a_request_lands(signum):
+    let_go = unregister(signum)
+    os.kill(os.getpid(), signal.SIGUSR2)
+    return let_go
+
+faulthandler.unregister = unregister_as_a_request_lands
+metrics.close()
+time.sleep(0.1)
+print("lived on")
+"""
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout) == (0, "lived on\n"), (done.returncode, done.stderr[-2000:])
+
+
+def test_a_stacks_request_held_while_the_job_started_is_answered_once_it_lives(tmp_path):
+    """A job server's job starts with SIGUSR2 blocked: a request before its watch existed waits, and is answered once
+    the watch takes the signal (what the job's start does to the signal's action must not throw it away, as
+    SIG_IGN would)."""
+    script = """
+import os, signal, sys, time
+from pathlib import Path
+
+signal.signal(signal.SIGUSR2, signal.SIG_DFL)
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})      # as the job server spawns it
+os.kill(os.getpid(), signal.SIGUSR2)                            # asked while it starts
+from trainmetrics.trainer.metrics import Diagnostics, JobMetrics
+metrics = JobMetrics("asked-early", diagnostics=Diagnostics(stacks_dir=Path(sys.argv[1])))
+time.sleep(0.2)
+metrics.close()
+"""
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert "most recent call first" in (tmp_path / "stacks.rank0.txt").read_text()
+
+
 def test_a_slow_write_of_the_final_model_is_a_checkpoints_time_not_a_hang(tmp_path, monkeypatch):
     """model.pt was written in `compute`: a large model written to slow storage at the job's end was a hang to the
     watchdog (and to TrainerHang, which reads the same phase), and training time to the goodput ledger."""
