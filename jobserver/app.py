@@ -380,10 +380,12 @@ async def job_stacks(request: Request) -> JSONResponse:
     job, path, before, asked_at = await server.call(server.service.request_stacks, _caller(request),
                                                     request.path_params["job_id"])
     if before is None:
-        answer = stacks.earlier(path, job["spec"].get("nproc", 1))
+        answer = await asyncio.to_thread(stacks.earlier, path, job["spec"].get("nproc", 1))
     else:
         answer = await stacks.collect(path, before, asked_at)
-    return JSONResponse({"job_id": job["job_id"], "state": job["state"], **answer})
+    # Encoded off the event loop too: up to 16 MiB of stacks (64 ranks), ~70 ms of the loop per request, and a
+    # burst of requests shares one dump but encodes it once each.
+    return await asyncio.to_thread(JSONResponse, {"job_id": job["job_id"], "state": job["state"], **answer})
 
 
 def _bearer(request: Request) -> str:

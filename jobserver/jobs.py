@@ -235,6 +235,7 @@ class JobService:
         asked = self._stacks_asked.get(job.id)
         if asked is not None and asked[1] is run and now - asked[0] < stacks.ANSWER_SECONDS:
             return self._view(job), path, asked[2], asked[3]
+        stacks.make_room(path, nproc)
         before, asked_at = stacks.sizes(path, nproc), time.time()
         if not self.supervisor.executor.request_stacks(run):
             return self._view(job), path, None, asked_at

@@ -32,6 +32,11 @@ DUMP_END = re.compile(rb" in _run_module_as_main\n\Z")
 QUIET_SECONDS = 2.0
 # At most this much of each rank's stacks is returned (a dump of a few hundred threads is far less).
 MAX_STACK_BYTES = 256 * 1024
+# A rank's stacks file holding more than this is emptied before its rank is asked again: every request appends a
+# dump (2.3 KB for a CPU trainer's threads, more with many), and a client asking every 5 s (the most that asks the
+# ranks anew) added ~40 MB a day to each rank's file, without end. The rank writes with O_APPEND: its next dump
+# starts the emptied file.
+MAX_FILE_BYTES = 16 * 1024 * 1024
 
 
 def stacks_file(job_path: Path, rank: int) -> Path:
@@ -73,6 +78,30 @@ def sizes(job_path: Path, nproc: int) -> dict[int, int]:
     return {rank: _size(stacks_file(job_path, rank)) for rank in range(nproc)}
 
 
+def make_room(job_path: Path, nproc: int) -> None:
+    """Before the ranks are asked: empty each rank's stacks file that holds over MAX_FILE_BYTES."""
+    for rank in range(nproc):
+        if _size(stacks_file(job_path, rank)) > MAX_FILE_BYTES:
+            _empty(job_path, rank)
+
+
+def _empty(job_path: Path, rank: int) -> None:
+    """Truncate the rank's stacks file to nothing, only a regular file in a job directory that is no symlink
+    (the job's process may have planted one, pointing at another job's files)."""
+    try:
+        directory = open_directory(job_path.parent, job_path.name)
+        try:
+            fd = open_regular(stacks_file(job_path, rank).name, os.O_WRONLY, dir_fd=directory)
+        finally:
+            os.close(directory)
+        try:
+            os.ftruncate(fd, 0)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
 async def collect(job_path: Path, before: dict[int, int], asked_at: float | None = None) -> dict:
     """What each rank's file gained since `before`, once its dump ended (or its file stopped growing for
     QUIET_SECONDS, or ANSWER_SECONDS passed); taken when the ranks were asked (`asked_at`, by default now)."""
@@ -92,7 +121,8 @@ async def collect(job_path: Path, before: dict[int, int], asked_at: float | None
             break
         await asyncio.sleep(POLL_SECONDS)
     grown = {rank: start if last[rank] > start else None for rank, start in before.items()}
-    ranks, missing = _answers(job_path, grown)
+    # Off the event loop: 64 ranks' stacks at their bound are 16 MiB to read and decode (~70 ms).
+    ranks, missing = await asyncio.to_thread(_answers, job_path, grown)
     return {"fresh": True, "taken_at": asked_at, "ranks": ranks, "missing_ranks": missing}
 
 

@@ -101,3 +101,43 @@ def test_a_stacks_file_growing_while_it_is_read_is_read_to_its_bound(tmp_path, m
     monkeypatch.setattr(stacks.os, "fdopen", lambda fd, mode: AppendedAfterSeek(real_fdopen(fd, "rb", buffering=0)))
     read = stacks._read(job_path, 0, 0)
     assert read is not None and len(read) == stacks.MAX_STACK_BYTES and set(read) == {"x"}
+
+
+def test_a_stacks_file_over_its_bound_is_emptied_and_the_ranks_next_dump_starts_it(tmp_path, monkeypatch):
+    """Every request appends a dump to each rank's file, none was ever removed: a client asking every 5 s added
+    ~40 MB a day to each rank's file, without end. The rank's descriptor appends (O_APPEND), so its next dump
+    starts the emptied file."""
+    import faulthandler
+
+    from trainmetrics.trainer.watchdog import open_stacks_file
+
+    monkeypatch.setattr(stacks, "MAX_FILE_BYTES", 4096)
+    file, _, _ = open_stacks_file(tmp_path, 0)
+    with file:
+        file.write("an old dump\n" * 400)
+        file.flush()
+        stacks.make_room(tmp_path, 1)
+        assert stacks.sizes(tmp_path, 1) == {0: 0}
+        faulthandler.dump_traceback(file=file, all_threads=False)
+    written = (tmp_path / "stacks.rank0.txt").read_text()
+    assert written.startswith("Stack (most recent call first):") and "an old dump" not in written
+    file, _, _ = open_stacks_file(tmp_path, 0)      # under the bound: kept
+    with file:
+        file.write("kept\n")
+    stacks.make_room(tmp_path, 1)
+    assert (tmp_path / "stacks.rank0.txt").read_text().endswith("kept\n")
+
+
+def test_a_planted_stacks_file_is_not_emptied(tmp_path, monkeypatch):
+    """A rank's file that is a symlink (to another job's file), or a job directory that is one, is never truncated."""
+    monkeypatch.setattr(stacks, "MAX_FILE_BYTES", 10)
+    other = tmp_path / "other-job"
+    other.mkdir()
+    (other / "stacks.rank0.txt").write_text("another job's stacks\n")
+    job = tmp_path / "job"
+    job.mkdir()
+    (job / "stacks.rank0.txt").symlink_to(other / "stacks.rank0.txt")
+    (tmp_path / "linked-job").symlink_to(other)
+    stacks.make_room(job, 1)
+    stacks.make_room(tmp_path / "linked-job", 1)
+    assert (other / "stacks.rank0.txt").read_text() == "another job's stacks\n"

@@ -895,6 +895,20 @@ def test_requests_that_share_a_stacks_dump_share_when_it_was_taken(supervisor, m
     assert asyncio.run(stacks.collect(path, shared_before, shared_at))["taken_at"] == asked_at
 
 
+def test_a_stacks_request_empties_a_ranks_file_over_its_bound_before_asking(supervisor, monkeypatch):
+    """A rank's stacks file only grew, by a dump per request (see test_stacks.py): the request empties one over
+    stacks.MAX_FILE_BYTES before it asks."""
+    from trainmetrics.jobserver import stacks
+    from trainmetrics.jobserver.jobs import JobService, ServerSettings
+
+    monkeypatch.setattr(stacks, "MAX_FILE_BYTES", 4096)
+    submit(supervisor, "stacks-big")
+    service = JobService(ServerSettings(data_dir=supervisor.data_dir), supervisor.store, supervisor)
+    stacks.stacks_file(supervisor.job_path("stacks-big"), 0).write_text("an old dump\n" * 400)
+    _, path, before, _ = service.request_stacks(None, "stacks-big")
+    assert before == {0: 0} and stacks.stacks_file(path, 0).stat().st_size == 0
+
+
 def test_a_run_no_server_recorded_is_killed_before_its_job_starts(supervisor):
     """The server killed between starting a job's process and recording it: the job was still queued, the next
     server started it again, and two processes trained it at once (the first unsupervised, unscraped: its
