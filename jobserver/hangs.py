@@ -10,6 +10,7 @@ of whose Python threads can run (a hang holding the GIL in native code) serves n
 cannot fire for it (TargetDown does), and its stacks are taken on request (`GET .../stacks`).
 """
 
+import asyncio
 import logging
 
 from trainmetrics.edge import ApiError
@@ -50,13 +51,17 @@ class HangStacks:
             return
         self._unreachable = False
         self.taken &= hung                  # a hang that ended: the next one is taken again
+        asked = []
         for job_id in sorted(hung - self.taken):
-            asked = await self.call(self._ask, job_id)
-            if asked is None:               # not one of this server's running jobs
-                continue
-            path, before, asked_at = asked
-            self.taken.add(job_id)
-            answer = await stacks.collect(path, before, asked_at)
+            found = await self.call(self._ask, job_id)
+            if found is not None:           # (None: not one of this server's running jobs)
+                self.taken.add(job_id)
+                asked.append((job_id, *found))
+        # Every hung job asked first, then their answers awaited together: one at a time, each up to
+        # stacks.ANSWER_SECONDS (a rank that never answers), the twentieth job of a hang of many at once (a switch
+        # gone, every job's collective stuck) was asked 100 s late.
+        answers = await asyncio.gather(*(stacks.collect(path, before, asked_at) for _, path, before, asked_at in asked))
+        for (job_id, path, _, _), answer in zip(asked, answers):
             log.warning("job %s: TrainerHang fires: took the stacks of ranks %s (%s), missing %s", job_id,
                         [rank["rank"] for rank in answer["ranks"]], stacks.stacks_file(path, 0).parent,
                         answer["missing_ranks"] or "none")

@@ -1,0 +1,46 @@
+"""The job server's own stacks of hung jobs (jobserver/hangs.py): every job that became hung is asked in the same
+round, then their answers are awaited together."""
+
+import asyncio
+from pathlib import Path
+from types import SimpleNamespace
+
+from trainmetrics.jobserver import hangs, stacks
+
+
+class Service:
+    """request_stacks as JobService answers it for a running job of this server: each ask noted."""
+
+    def __init__(self, events: list[str]):
+        self.events = events
+        self.store = SimpleNamespace(get_job=lambda job_id: SimpleNamespace(id=job_id, owner="default"))
+
+    def request_stacks(self, owner, job_id):
+        self.events.append(f"asked {job_id}")
+        return {}, Path("/nonexistent") / job_id, {0: 0}, 0.0
+
+
+def test_every_hung_job_is_asked_before_any_answer_is_awaited(monkeypatch):
+    """One job at a time, each answer awaited up to 5 s (a rank that never answers): in a hang of many jobs at
+    once (a switch gone, every job's collective stuck), the twentieth job's ranks were asked 100 s late."""
+    events: list[str] = []
+
+    async def collect(path, before, asked_at):
+        await asyncio.sleep(0.05)      # the ranks' answer (up to stacks.ANSWER_SECONDS)
+        events.append(f"answered {path.name}")
+        return {"ranks": [], "missing_ranks": [0]}
+
+    async def hung_jobs():
+        return {"job-a", "job-b", "job-c"}
+
+    async def call(operation, *args):
+        return operation(*args)
+
+    monkeypatch.setattr(stacks, "collect", collect)
+    taker = hangs.HangStacks(SimpleNamespace(hung_jobs=hung_jobs), call, Service(events))
+    asyncio.run(taker.round())
+    assert events[:3] == ["asked job-a", "asked job-b", "asked job-c"]
+    assert sorted(events[3:]) == ["answered job-a", "answered job-b", "answered job-c"]
+    assert taker.taken == {"job-a", "job-b", "job-c"}
+    asyncio.run(taker.round())              # once per hang
+    assert len(events) == 6
