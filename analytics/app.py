@@ -122,8 +122,9 @@ def build_component(settings: Settings) -> Component:
                                   headers=settings.prometheus_headers)
         cache = AnalyticsCache(settings.cache_entries)
         if settings.archive is not None:
-            async def compute(job_id: str, settled: bool = True) -> dict:
-                return shapes.plain(await settled_job_analytics(client, cache, job_id, settings.lookback, settled))
+            async def compute(job_id: str, settled: bool = True, owner: str | None = None) -> dict:
+                return shapes.plain(await settled_job_analytics(client, cache, job_id, settings.lookback, settled,
+                                                                owner))
             settings.archive.compute = compute
         if settings.hangs is not None:
             async def hung_jobs() -> set[str]:

@@ -140,9 +140,17 @@ async def _from_prometheus(client: PrometheusClient, cache: AnalyticsCache, entr
 def holds_less(answer: JobAnalytics, stored: JobAnalytics) -> bool:
     """Whether an ended job's analytics from Prometheus now cover less of it than its stored report, computed from
     all of it once it settled (after which its series only go): a later start or a shorter life (its first runs
-    gone), fewer evaluations (early samples gone), or the earliest runs' time unaccounted."""
+    gone), fewer evaluations (early samples gone), the earliest runs' time unaccounted, or a sampled peak lower
+    than the report's (a run's first hours gone: its start, end and last eight evaluations are in its last
+    samples, so a single run read as whole, its peaks and scores from what was left)."""
     def less(now: float | None, then: float | None) -> bool:
         return then is not None and (now is None or now < then - 1e-3)
+
+    def peaks(analytics: JobAnalytics) -> tuple[float | None, ...]:
+        resources = analytics.resource_utilization
+        return (analytics.performance.peak_samples_per_second, resources.peak_gpu_utilization_percent,
+                resources.peak_cpu_percent, resources.peak_memory_mb, resources.host.cpu.peak_percent,
+                resources.host.memory.peak_mb)
 
     # A stored report's part may be missing (the row is text anyone with the database may have edited:
     # from_plain reads what is not there as null, a missing block as one whose every figure is null): what it
@@ -153,7 +161,8 @@ def holds_less(answer: JobAnalytics, stored: JobAnalytics) -> bool:
     stored_reason = stored.goodput.unavailable_reason if said else EARLIER_RUNS_GONE
     return (later_start or less(answer.duration.total_seconds, stored.duration.total_seconds)
             or len(answer.evaluations) < len(stored.evaluations or ())
-            or answer.goodput.unavailable_reason == EARLIER_RUNS_GONE != stored_reason)
+            or answer.goodput.unavailable_reason == EARLIER_RUNS_GONE != stored_reason
+            or any(less(now, then) for now, then in zip(peaks(answer), peaks(stored))))
 
 
 async def _stored_entries(archive: ReportArchive | None, job_ids: list[str]) -> dict[str, Entry | None]:
@@ -163,14 +172,18 @@ async def _stored_entries(archive: ReportArchive | None, job_ids: list[str]) -> 
 
 
 async def settled_job_analytics(client: PrometheusClient, cache: AnalyticsCache, job_id: str,
-                                lookback: float, settled: bool = True) -> JobAnalytics:
+                                lookback: float, settled: bool = True, owner: str | None = None) -> JobAnalytics:
     """A job's analytics for its stored report: NotSettled while a process of it, or a node exporter that
     attributes it (its energy counts), is still scraped (unless `settled` is False: the keeper's last
     word); PartialAnswer when the backend answered with part of its data (never stored: a report is kept for
-    good); JobNotFound when Prometheus does not hold it."""
-    analytics, facts = (await jobs_analytics(client, [job_id], lookback, strict=True))[0]
+    good); JobNotFound when Prometheus does not hold it, or (with an owner) not wholly as that owner's: a report
+    served to its owner holds nothing of another owner's job that shares its id, which its analytics never
+    answered the owner either (lookup.owned_by)."""
+    analytics, facts = (await jobs_analytics(client, [job_id], lookback, strict=True, owner=owner))[0]
     if facts.partial:
         raise PartialAnswer(job_id)
+    if analytics is None:
+        raise JobNotFound(job_id)
     if settled and not facts.settled:
         raise NotSettled(job_id)
     if facts.settled:

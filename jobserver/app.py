@@ -118,7 +118,8 @@ class JobServer:
             return JobService(settings, store, supervisor)
 
         self.service = await self.call(open_service)
-        self.reports = ReportKeeper(settings.archive, self.call, self.service.store, self.service.uptime)
+        self.reports = ReportKeeper(settings.archive, self.call, self.service.store, self.service.uptime,
+                                    settings.owners)
         if settings.archive is not None:
             settings.archive.load = self.reports.load
         self.hang_stacks = HangStacks(settings.hangs, self.call, self.service)

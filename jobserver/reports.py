@@ -17,8 +17,9 @@ log = logging.getLogger("trainmetrics.server")
 
 # After a job's end its final scrape is in (the process lingered for it before exiting); a few seconds more
 # let its series go stale. The report is stored once the analytics call the job settled: no process of it and
-# no node exporter attributing it scraped any more (the exporter's last energy counts are in); until then it
-# is asked again every SETTLE_RETRY_SECONDS.
+# no node exporter attributing it scraped any more (the exporter's last energy counts are in), and they say the
+# job's end as the job API does (an end the server publishes is in); until then it is asked again every
+# SETTLE_RETRY_SECONDS.
 SETTLE_SECONDS = 5.0
 SETTLE_RETRY_SECONDS = 2.0
 # A job still not settled this long after the first answer that said so (an exporter that goes on attributing
@@ -87,8 +88,10 @@ class UpTime:
 class ReportKeeper:
     """Computes and stores the reports of jobs that ended; run one round at a time from the server's loop."""
 
-    def __init__(self, archive, call, store, uptime: UpTime):
+    def __init__(self, archive, call, store, uptime: UpTime, owners: bool = False):
         self.archive, self.call, self.store, self.uptime = archive, call, store, uptime
+        # With owners (--tokens), a report is computed in its job's owner's scope, as the owner reads the job.
+        self.owners = owners
         self._retry_at: dict[str, float] = {}
         self._unsettled_since: dict[str, float] = {}
 
@@ -113,8 +116,9 @@ class ReportKeeper:
         if self.archive is None or self.archive.compute is None:
             return
         now, clock = time.time(), time.monotonic()
-        ended = dict(await self.call(self.store.jobs_to_report, FINAL_STATES, self.uptime.asked_after(now),
-                                     now - SETTLE_SECONDS))
+        ended = {job_id: (end, state, owner) for job_id, end, state, owner in
+                 await self.call(self.store.jobs_to_report, FINAL_STATES, self.uptime.asked_after(now),
+                                 now - SETTLE_SECONDS)}
         # Only jobs still waiting for their report keep their clocks: one resumed (or given up, or reported) starts
         # afresh at its next end, and the retry times of every job that ever failed a try no longer pile up.
         for clocks in (self._unsettled_since, self._retry_at):
@@ -123,12 +127,20 @@ class ReportKeeper:
         for job_id in [job_id for job_id in ended if self._retry_at.get(job_id, 0.0) <= clock][:PER_ROUND]:
             # The wait counts from the first answer that said "not settled" (not from a try Prometheus failed).
             waited = clock - self._unsettled_since.get(job_id, clock)
+            end, state, owner = ended[job_id]
             try:
-                found = await self.archive.compute(job_id, settled=waited < UNSETTLED_LIMIT_SECONDS)
+                found = await self.archive.compute(job_id, settled=waited < UNSETTLED_LIMIT_SECONDS,
+                                                   owner=owner if self.owners else None)
                 if found.get("status") in STILL_GOING:
                     self._unsettled_since.setdefault(job_id, clock)
                     self._retry_at[job_id] = clock + RETRY_SECONDS
                     continue
+                if found.get("status") != state and waited < UNSETTLED_LIMIT_SECONDS:
+                    # Not the end the job API says yet: one its process did not publish (killed, a cancel that
+                    # overruled its `paused`) is the server's, in Prometheus from the server's next scrape, which
+                    # can come after the job settled (a server scraped less often than every 5 s): the report was
+                    # stored `vanished` (`paused`) for good.
+                    raise NotSettled(job_id)
                 report = json.dumps(found, allow_nan=False)
             except NotSettled:
                 self._unsettled_since.setdefault(job_id, clock)
@@ -140,5 +152,5 @@ class ReportKeeper:
                 continue
             self._retry_at.pop(job_id, None)
             self._unsettled_since.pop(job_id, None)
-            if await self.call(self.store.keep_report, job_id, report, ended[job_id]):
+            if await self.call(self.store.keep_report, job_id, report, end):
                 log.info("job %s: its analytics report is stored", job_id)

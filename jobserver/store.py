@@ -253,12 +253,13 @@ class JobStore:
                                   "RETURNING id", (report, job_id, ended)))
 
     def jobs_to_report(self, states: tuple[str, ...], ended_after: float,
-                       ended_before: float) -> list[tuple[str, float]]:
-        """(id, end) of jobs in one of `states` that ended in (ended_after, ended_before] without a stored report."""
-        rows = self._execute(f"SELECT id, ended FROM jobs WHERE report IS NULL AND state IN "
+                       ended_before: float) -> list[tuple[str, float, str, str]]:
+        """(id, end, state, owner) of jobs in one of `states` that ended in (ended_after, ended_before] without a
+        stored report."""
+        rows = self._execute(f"SELECT id, ended, state, owner FROM jobs WHERE report IS NULL AND state IN "
                              f"({','.join('?' * len(states))}) AND ended > ? AND ended <= ? ORDER BY ended",
                              (*states, ended_after, ended_before))
-        return [(row["id"], row["ended"]) for row in rows]
+        return [(row["id"], row["ended"], row["state"], row["owner"]) for row in rows]
 
     # ----- endpoints (HTTP service discovery) -------------------------------------------------------------
     def set_endpoint(self, job_id: str, rank: int, address: str, scheme: str) -> None:

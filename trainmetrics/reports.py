@@ -28,7 +28,8 @@ class ReportArchive:
     """The two halves of stored reports."""
 
     # The analytics: a settled job's report, as JSON-ready dicts (NotSettled while it could still change, unless
-    # called with settled=False; another error when Prometheus does not hold the job or cannot answer).
+    # called with settled=False; another error when Prometheus does not hold the job, or with owner=, not wholly as
+    # that owner's, or cannot answer).
     compute: Callable[..., Awaitable[dict]] | None = None
     # The job server: (owner, report) of a job whose report it stored, else None.
     load: Callable[[str], Awaitable[tuple[str, dict] | None]] | None = None

@@ -591,6 +591,60 @@ def test_with_prometheus_down_another_owners_stored_job_answers_as_an_unknown_on
     assert [job.job_id for job in asyncio.run(ask(["alice-1", "bob-1"], None))] == ["alice-1", "bob-1"]
 
 
+def test_a_stored_report_holds_nothing_of_another_owners_job_that_shares_its_id(tmp_path):
+    """A job id another owner's job also used in Prometheus (a `trainmetrics train --owner bob` by hand, another
+    job server): its analytics are no one's (404 to alice and to bob alike), but its report was computed for
+    everyone's eyes and stored in alice's row: once Prometheus no longer held the job, alice read bob's run in it,
+    `"owner": "bob"` and all. With owners, a report is computed in its owner's scope: such a job has none."""
+    from trainmetrics.analytics.app import build_component
+    from trainmetrics.contract import JOB_STATES
+    from trainmetrics.jobserver import reports
+    from trainmetrics.jobserver.store import JobRecord, JobStore
+    from trainmetrics.reports import ReportArchive
+
+    from .conftest import as_openmetrics, backfilled_prometheus
+
+    end = round(time.time() - 600)
+    runs = {"h:1": ("alice-1", "alice", end - 120, end - 60), "h:2": ("alice-1", "bob", end - 50, end),
+            "h:3": ("alice-2", "alice", end - 60, end)}
+    lines = []
+    for instance, (job_id, owner, start, stop) in runs.items():
+        base = f'job_id="{job_id}",instance="{instance}",job="trainer",rank="0"'
+        for t in [start + 5.0 * i for i in range(int((stop - start) // 5) + 1)] + [stop + 0.25]:
+            final = t > stop
+            lines += [f'trainer_job_info{{{base},job_name="{owner}-run",owner="{owner}",device="cpu"}} 1 {t:.3f}',
+                      f"trainer_job_start_timestamp_seconds{{{base}}} {start:.3f} {t:.3f}",
+                      f"trainer_heartbeat_timestamp_seconds{{{base}}} {t:.3f} {t:.3f}",
+                      f"trainer_samples_total{{{base}}} {int(10 * (min(t, stop) - start))} {t:.3f}"]
+            now_in = "completed" if final else "running"
+            lines += [f'trainer_job_state{{{base},state="{state}"}} {int(state == now_in)} {t:.3f}'
+                      for state in JOB_STATES]
+            if final:
+                lines.append(f"trainer_job_end_timestamp_seconds{{{base}}} {stop:.3f} {t:.3f}")
+    prometheus = backfilled_prometheus(tmp_path, as_openmetrics(lines))
+    prometheus.start(timeout=60)
+    store = JobStore(tmp_path / "db.sqlite")
+    for job_id in ("alice-1", "alice-2"):
+        store.add_job(JobRecord(id=job_id, owner="alice", name=job_id, state="completed", spec={},
+                                ended=time.time() - 10))
+
+    async def call(operation, *args):
+        return operation(*args)
+
+    async def keep_reports() -> None:      # the server's keeper, with owners (--tokens), and the analytics' half
+        archive = ReportArchive()
+        async with build_component(Settings(prometheus_url=prometheus.url, archive=archive)).lifespan():
+            await reports.ReportKeeper(archive, call, store, reports.UpTime(store), owners=True).round()
+
+    try:
+        asyncio.run(keep_reports())
+    finally:
+        prometheus.stop()
+    assert json.loads(store.get_report("alice-2")[1])["owner"] == "alice"
+    assert store.get_report("alice-1") is None
+    store.close()
+
+
 @pytest.mark.parametrize("figure", ["NaN", "Infinity", "-1e999", "1" + "0" * 400],
                          ids=["nan", "infinity", "past-float", "huge-int"])
 def test_a_stored_report_edited_by_hand_answers_its_odd_figure_as_null(figure, tmp_path):
