@@ -23,7 +23,7 @@ from trainmetrics.jobserver import stacks
 from trainmetrics.hangs import HangFeed
 from trainmetrics.reports import ReportArchive
 from trainmetrics.jobserver.auth import job_id_prefix
-from trainmetrics.jobserver.reports import UpTime
+from trainmetrics.jobserver.reports import UpTime, readable_report
 from trainmetrics.jobserver.store import DatasetRecord, JobRecord, JobStore
 from trainmetrics.jobserver.supervisor import StopRefused, Supervisor, token_matches
 
@@ -183,8 +183,10 @@ class JobService:
     def get(self, caller: str | None, job_id: str) -> dict:
         """One job, with its checkpoint count and whether its analytics report is stored."""
         job = self.job(caller, job_id)
+        stored = self.store.get_report(job.id)
+        # A report the analytics would serve: one that cannot be read (an edited row) is ignored there, so none.
         return {**self._view(job), "checkpoints": len(self._checkpoints(job.id)),
-                "report_stored": self.store.get_report(job.id) is not None}
+                "report_stored": stored is not None and readable_report(job.id, stored[1]) is not None}
 
     def stop(self, caller: str | None, job_id: str, outcome: str) -> tuple[int, dict]:
         """Pause or cancel. A queued or paused job is cancelled at once (200); a running one is signalled and

@@ -85,6 +85,16 @@ class UpTime:
         return now - seconds - (self.downtime if time.monotonic() - self.began < seconds else 0.0)
 
 
+def readable_report(job_id: str, text: str) -> dict | None:
+    """The stored report as served: a JSON object naming the job, else None (the row is text anyone with the
+    database may have edited)."""
+    try:
+        report = json.loads(text)
+    except (ValueError, TypeError, RecursionError):     # nested past the parser's depth: no report of ours is
+        return None
+    return report if isinstance(report, dict) and report.get("job_id") == job_id else None
+
+
 class ReportKeeper:
     """Computes and stores the reports of jobs that ended; run one round at a time from the server's loop."""
 
@@ -101,11 +111,8 @@ class ReportKeeper:
         if found is None:
             return None
         owner, text = found
-        try:
-            report = json.loads(text)
-        except (ValueError, RecursionError):        # nested past the parser's depth: no report of ours is
-            report = None
-        if not isinstance(report, dict) or report.get("job_id") != job_id:
+        report = readable_report(job_id, text)
+        if report is None:
             log.warning("job %s: its stored report is not this job's report (a JSON object naming it); ignored",
                         job_id)
             return None

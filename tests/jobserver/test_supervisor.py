@@ -1316,3 +1316,20 @@ def test_a_placement_wait_left_by_an_earlier_launcher_is_not_the_new_runs(superv
     assert supervisor.store.get_job("placed-before").state == "running"
     service = JobService(ServerSettings(data_dir=supervisor.data_dir), supervisor.store, supervisor)
     assert [w.job.id for w in service.waiting_jobs()] == []
+
+
+def test_a_stored_report_that_cannot_be_served_is_not_said_stored(tmp_path):
+    """A report row edited by hand (not JSON, or another job's report) is ignored when the analytics fall back to
+    it, but the job API said `report_stored: true`."""
+    from trainmetrics.jobserver.jobs import JobService, ServerSettings
+
+    store = JobStore(tmp_path / "db.sqlite")
+    service = JobService(ServerSettings(data_dir=tmp_path), store, Supervisor(store, tmp_path, None, 1))
+    reports = {"good": '{"job_id": "good", "status": "completed"}', "not-json": '{"job_id": "not-json"',
+               "another-jobs": '{"job_id": "good", "status": "completed"}', "a-list": '["not-a-report"]'}
+    for job_id, report in reports.items():
+        store.add_job(JobRecord(id=job_id, owner="default", name=job_id, state="completed", spec={}, ended=1.0))
+        assert store.keep_report(job_id, report, 1.0)
+    assert {job_id: service.get(None, job_id)["report_stored"] for job_id in reports} == {
+        "good": True, "not-json": False, "another-jobs": False, "a-list": False}
+    store.close()
