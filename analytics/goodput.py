@@ -255,9 +255,11 @@ def fleet(found: dict[str, list[dict]], processes: dict[tuple[str, str], Process
         waited_until = server_ends.get(job_id, now)
         ran_before = ((job_id, runs[0][1]) in resumed or job_id in paused_at_start) if runs else \
             job_id in paused_in_range
-        if job_id in submitted:
-            seconds["paused" if ran_before else "queued"] += within(submitted[job_id],
-                                                                     runs[0][0] if runs else waited_until)
+        # (A job run without the job server has no submission; one that ran before the range waited in it all the
+        # same: dropped with the submission, its pause before a run resumed by hand was in no phase.)
+        waited_since = submitted.get(job_id, range_start if ran_before and runs else None)
+        if waited_since is not None:
+            seconds["paused" if ran_before else "queued"] += within(waited_since, runs[0][0] if runs else waited_until)
         stops = [processes.get((job_id, key)) for _, key in runs]
         for stopped, (following, _) in zip(stops, runs[1:]):
             stop = stopped.stop(now) if stopped is not None else None

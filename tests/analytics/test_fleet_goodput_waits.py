@@ -14,12 +14,12 @@ pytestmark = pytest.mark.slow
 RANGE_SECONDS = 600.0
 
 
-def trainer(job_id: str, instance: str, started: float, last: float, final: str | None, submitted: float,
+def trainer(job_id: str, instance: str, started: float, last: float, final: str | None, submitted: float | None,
             carried: float = 0.0, checkpoints: tuple[int, int] = (0, 0)) -> list[str]:
     """One trainer process at 10 s from its start of training (its process 5 s before) to `last`: `final` its state
-    there with its end (None: killed, its last state running, no end). `carried`: the compute seconds it took over
-    from the checkpoint it resumed from; `checkpoints`: the checkpoints it counts (carried in and its own), and
-    those it wrote itself."""
+    there with its end (None: killed, its last state running, no end). `submitted`: None for a job started without
+    the job server (no submission time). `carried`: the compute seconds it took over from the checkpoint it resumed
+    from; `checkpoints`: the checkpoints it counts (carried in and its own), and those it wrote itself."""
     base = f'job_id="{job_id}",instance="{instance}",job="trainer-jobs",rank="0"'
     lines, times = [], [started + i * 10.0 for i in range(int((last - started) / 10) + 1)]
     for t in times if times[-1] == last else [*times, last]:
@@ -29,10 +29,11 @@ def trainer(job_id: str, instance: str, started: float, last: float, final: str 
                   f'device="cpu"}} 1 {t:.3f}',
                   f"trainer_process_start_timestamp_seconds{{{base}}} {started - 5:.3f} {t:.3f}",
                   f"trainer_job_start_timestamp_seconds{{{base}}} {started:.3f} {t:.3f}",
-                  f"trainer_job_submitted_timestamp_seconds{{{base}}} {submitted:.3f} {t:.3f}",
                   f"trainer_heartbeat_timestamp_seconds{{{base}}} {t:.3f} {t:.3f}",
                   f"trainer_checkpoints_total{{{base}}} {checkpoints[0]} {t:.3f}",
                   f"trainer_checkpoint_duration_seconds_count{{{base}}} {checkpoints[1]} {t:.3f}"]
+        if submitted is not None:
+            lines.append(f"trainer_job_submitted_timestamp_seconds{{{base}}} {submitted:.3f} {t:.3f}")
         lines += [f'trainer_phase_seconds_total{{{base},phase="{phase}"}} {phases.get(phase, 0.0):.3f} {t:.3f}'
                   for phase in ACCOUNTED_PHASES]
         lines += [f'trainer_job_state{{{base},state="{state}"}} {int(state == (final if ended else "running"))} '
@@ -97,6 +98,11 @@ def history(now: float) -> str:
     lines += server("queued-then-paused", [(now - 700, now - 410, "queued", None)], now - 700)
     lines += trainer("queued-then-paused", "h:8", now - 395, now - 300, "paused", now - 700, checkpoints=(1, 1))
     lines += server("queued-then-paused", [(now - 295, now, "paused", None)], now - 700)
+    # Started without the job server (no submission time), paused long before the range, and resumed in it from its
+    # checkpoint (`trainmetrics train --resume`): its wait in the range, up to the resumed process's start, was a pause.
+    lines += trainer("resumed-by-hand", "h:10", now - 1000, now - 900, "paused", None, checkpoints=(1, 1))
+    lines += trainer("resumed-by-hand", "h:11", now - 395, now - 100, "completed", None, carried=100.0,
+                     checkpoints=(2, 1))
     return as_openmetrics(lines)
 
 
@@ -156,3 +162,11 @@ def test_a_job_queued_before_the_range_and_paused_in_it_waited_queued_then_pause
     end = start + RANGE_SECONDS
     assert seconds["queued"] == pytest.approx(now - 400 - start, abs=1e-3)
     assert seconds["paused"] == pytest.approx(end - (now - 300), abs=1e-3)
+
+
+def test_a_job_resumed_by_hand_in_the_range_waited_paused_from_the_ranges_start(backfilled):
+    """A job run without the job server has no submission time: its wait in the range before its resumed run, which
+    its own ledger counts as paused (the gap between its runs), was in no phase of the fleet's."""
+    prometheus, now = backfilled
+    seconds, start = goodput(prometheus, "resumed-by-hand")
+    assert (seconds["queued"], seconds["paused"]) == (0.0, pytest.approx(now - 400 - start, abs=1e-3))
