@@ -706,8 +706,9 @@ def fleet_goodput(range_seconds: float, now: float) -> dict[str, str]:
             "paused_at_start": paused(over(STATE_LOOKBACK_SECONDS, now - range_seconds))}
 
 
-# Resource trends over the summary range (range queries). Each point covers the step before it, so a
-# short job or a spike between two points still shows: {window} is the step (at least one second).
+# Resource trends over the summary range (range queries). Each point covers the step before it ({window}: the
+# step, at least one second), so a short job still shows; the host and GPU trends' points are the step's
+# averages, a spike shorter than the step diluted into its step (docs/api.md says so).
 #
 # Throughput is the samples counted in the window divided by it: per process, its newest count in the window
 # minus its newest count before the window (or, for a process that started in the window, its first count
