@@ -285,7 +285,8 @@ async def _summary(client: PrometheusClient, range_seconds: float, step: float, 
         average_throughput_samples_per_sec=rounded(sum(throughputs) / len(throughputs)) if throughputs else None,
         top_performing_jobs=[shapes.TopJob(**{key: getattr(row, key) for key in shapes.columns(shapes.TopJob)})
                              for row in top],
-        resource_trends=shapes.ResourceTrends(step_seconds=step, series=trends),
+        resource_trends=shapes.ResourceTrends(step_seconds=step, series=trends, recorded_series=sorted(
+            q.RECORDED_TRENDS) if recorded_trends else []),
         goodput=goodput.fleet(ledger, processes, {row.job_id for row in table}, now - range_seconds, now),
         partial=False)
 

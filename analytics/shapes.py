@@ -282,10 +282,12 @@ class Trend:
 
 @dataclass(slots=True)
 class ResourceTrends:
-    """The hosts' and jobs' trends at step_seconds resolution."""
+    """The hosts' and jobs' trends at step_seconds resolution; `recorded_series`: the trends read from the
+    recording rules' series (approximations: docs/api.md), none where every trend read raw series."""
 
     step_seconds: float
     series: dict[str, Trend]
+    recorded_series: list[str]
 
 
 @dataclass(slots=True)
