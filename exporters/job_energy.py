@@ -84,6 +84,12 @@ class JobEnergy:
         seen within the hold."""
         now = self.clock()
         with self._lock:
+            for job_id, seen in self._seen.items():
+                # Seen after now: the wall clock was set back since (while running, or since the state file was
+                # saved): taken as seen now, else its series stayed published until the clock caught up (an hour's
+                # step back: an hour more) and for ever with a state file's future `seen`.
+                if seen > now:
+                    self._seen[job_id] = now
             gone = [job_id for job_id, seen in self._seen.items() if now - seen > RETENTION_SECONDS]
             if len(self._seen) - len(gone) > MAX_JOBS:
                 gone = sorted(self._seen, key=self._seen.get)[:len(self._seen) - MAX_JOBS]
@@ -144,9 +150,7 @@ class JobEnergy:
                 if not all(type(value) in (int, float) and 0 <= value < 1e18 for value in values.values()):
                     raise ValueError(f"job {job_id}: not a number from 0 to 1e18")
                 values = {key: float(value) for key, value in values.items()}
-                # Seen after now (the clock set back since the save): held published for ever otherwise.
-                values["seen"] = min(values["seen"], self.clock())
-                self._seen[job_id] = values.pop("seen")
+                self._seen[job_id] = values.pop("seen")     # one after now is taken as now (publish)
                 self._joules[job_id] = values
         except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as error:
             log.warning("ignoring the energy state file %s (%s: %s): the per-job energy counters start from 0",

@@ -407,6 +407,24 @@ def test_a_job_last_seen_in_the_future_by_the_state_file_is_not_held_for_ever(tm
     assert energy.published == {}
 
 
+def test_a_job_that_ended_before_the_clock_was_set_back_goes_after_the_hold():
+    """The wall clock set back an hour (an NTP step) while the exporter ran, just after a job ended: its `seen`,
+    now an hour ahead, held its series published for that hour and more, as a job still on the host."""
+    clock = Clock()
+    energy = JobEnergy(clock=clock)
+    energy.add("ended", "gpu", 2.0)
+    energy.publish()
+    clock.now -= 3600
+    energy.publish()
+    assert energy.published == {("ended", "gpu"): 2.0}
+    clock.now += HOLD_SECONDS + 1
+    energy.publish()
+    assert energy.published == {}
+    energy.add("ended", "gpu", 0.5)     # its account is kept: a resume carries the count on
+    energy.publish()
+    assert energy.published == {("ended", "gpu"): 2.5}
+
+
 def test_a_running_job_keeps_its_gpu_energy_series_while_its_gpu_cannot_be_read(tmp_path):
     """No readable RAPL (an exporter not run as root) and the job's GPU lost (an XID 79) for two minutes while the
     job runs on: its gpu series went after the hold (nothing added to it), and the analytics, which read a job's
