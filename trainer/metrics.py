@@ -19,6 +19,7 @@ their histograms in batches. Memory stays bounded whether or not anything scrape
 raises: a failure is logged once and training goes on.
 """
 
+import _thread
 import functools
 import logging
 from bisect import bisect_left
@@ -572,6 +573,9 @@ class JobMetrics:
         self._loop_thread = threading.get_ident()
         self._last_step_end = time.perf_counter()
         self._new_interval(self._last_step_end)
+        # The first step leaves the hot path to note the loop's thread (_reached_log_step): a loop on a thread of its
+        # own is then the loop from its first step, not from its first log interval on.
+        self._next_log_step = self.steps + 1
         self.phases.start_loop(self._last_step_end)
         return self
 
@@ -901,12 +905,22 @@ class JobMetrics:
                 if len(pending) >= LOSS_FOLD_LIMIT:      # an endless interval still holds a bounded list
                     losses.fold()
             if self.steps >= self._next_log_step:
-                self._loop_thread = threading.get_ident()     # (a loop on another thread than start()'s)
-                self._log_interval()
+                self._reached_log_step()
         except Exception as error:
             self._step_failed(error, loss, samples)
             if self.steps >= self._next_log_step:       # the step counted: its interval still ends on time
-                self._log_interval()
+                self._reached_log_step()
+
+    def _reached_log_step(self) -> None:
+        """step() at _next_log_step: the loop's thread noted (a loop on another thread than start()'s: its own
+        checkpoint() blocks are the loop's, not an asynchronous writer's), and the log interval ended when it is due;
+        the first step after start() comes here for its thread alone."""
+        self._loop_thread = threading.get_ident()
+        due = self._interval_start[1] + self.log_every
+        if self.steps >= due:
+            self._log_interval()
+        else:
+            self._next_log_step = due
 
     def _finite_float(self, value, what: str, said_if_not_finite: bool = False) -> float | None:
         """value as a finite float, or None (None, NaN, infinity, or not a number at all: said once per kind of
@@ -980,7 +994,12 @@ class JobMetrics:
             self._reading_interval = False
         held, self._held_stop = self._held_stop, None
         if held is not None:
-            raise KeyboardInterrupt(f"signal {signal.Signals(held).name}")
+            if threading.current_thread() is threading.main_thread():
+                raise KeyboardInterrupt(f"signal {signal.Signals(held).name}")
+            # A loop on a thread of its own: the signal goes where it would have gone unheld, to the `with` block's
+            # (main) thread, whose handler raises there. Raised here it ended the loop's thread alone, and the block,
+            # waiting for it, ended `completed`.
+            _thread.interrupt_main(held)
         if stats is not None and self.on_log:
             try:
                 self.on_log(stats)

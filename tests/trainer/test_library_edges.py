@@ -515,3 +515,45 @@ def test_a_learning_rate_that_is_not_finite_is_said_once(caplog):
         assert metrics.learning_rate == 0.01
     finally:
         ended(metrics)
+
+
+SLOW_LOSS_READ_ON_A_THREAD = """
+    import torch
+
+    class OnTheDevice(torch.Tensor):       # a loss on a GPU: the interval's read waits for the device
+        is_cpu = False
+
+        def item(self):
+            time.sleep(0.3)
+            return super().item()
+
+    def train():
+        for step in range(1, 100):
+            if m.ended:                             # the block ended: the loop stops too
+                break
+            if step == 20:
+                signal_in(0.1)                      # lands in step 20's read of the interval's losses
+            m.step(loss=torch.tensor(float(step)).as_subclass(OnTheDevice), samples=1)
+            time.sleep(0.01)
+
+    try:
+        with JobMetrics("slow-read-thread", log_every=10) as m:
+            trainer = threading.Thread(target=train)
+            trainer.start()
+            trainer.join()
+    except KeyboardInterrupt:
+        pass
+    trainer.join()
+    print(m.state, m.loss_intervals, m.loss)
+"""
+
+
+def test_a_stop_signal_held_through_a_loss_read_on_the_loops_own_thread_still_stops_the_block():
+    """The loop on a thread of its own, the `with` block waiting on the main thread: a SIGTERM held through the
+    interval's loss read was raised on the loop's thread once the losses were counted. It ended that thread (a
+    traceback), not the block, which then ended `completed` though the job was stopped at step 20 of 99."""
+    done = run_script(SLOW_LOSS_READ_ON_A_THREAD)
+    state, intervals, loss = done.stdout.split()
+    assert state == "cancelled", (done.stdout, done.stderr[-2000:])
+    assert int(intervals) >= 2 and float(loss) >= 15.5          # step 20's interval was counted
+    assert "Exception in thread" not in done.stderr, done.stderr[-2000:]

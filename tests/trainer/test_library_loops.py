@@ -218,3 +218,26 @@ def test_a_state_taken_while_another_thread_ends_its_write_counts_that_checkpoin
 def samples_of(metrics: JobMetrics, name: str) -> list:
     return [sample for family in text_string_to_metric_families(metrics.collect().decode())
             for sample in family.samples if sample.name == name]
+
+
+def test_a_loop_on_a_thread_other_than_starts_checkpoints_as_the_loop_from_its_first_step():
+    """`with JobMetrics(...)` on the main thread, the loop on a thread of its own: the loop's thread was learnt at
+    its first log interval only, so until then its own checkpoint() blocks were taken for an asynchronous writer's:
+    no checkpoint phase (0 s), the write timed as the step it interrupted, no trainer_checkpointed_seconds."""
+    metrics = JobMetrics("loops-thread", log_every=50)
+
+    def loop():
+        for index in range(4):
+            metrics.step(loss=1.0, samples=1)
+            if index == 1:
+                with metrics.checkpoint():
+                    time.sleep(0.3)
+
+    with metrics:
+        trainer = threading.Thread(target=loop)
+        trainer.start()
+        trainer.join()
+    totals = metrics.phases.totals()
+    assert totals["checkpoint"] >= 0.3 and metrics.phases.checkpointed is not None, totals
+    assert (metrics.steps, metrics.checkpoints) == (4, 1)
+    assert metrics.step_times.sum < metrics.checkpoint_durations.sum      # the write is no step's time
