@@ -98,6 +98,9 @@ def test_the_readme_example_as_pasted_keeps_its_first_interval_and_its_end(tmp_p
     try:
         job_id = re.search(r'JobMetrics\("([^"]+)"', readme_example()).group(1)
         prometheus.wait_for(f'trainer_loss_intervals_total{{job_id="{job_id}"}} >= 3', timeout=90)
+        # Its evaluations' time is theirs (the example marks them): it was the next step's, and compute.
+        prometheus.wait_for(f'trainer_evaluations_total{{job_id="{job_id}"}} >= 1 and on (job_id) '
+                            f'trainer_phase_seconds_total{{job_id="{job_id}",phase="eval"}} > 0', timeout=90)
         assert list(jobs.glob("*.json"))             # the exporter can attribute its processes
         process.send_signal(signal.SIGTERM)
         output, _ = process.communicate(timeout=60)
