@@ -54,17 +54,22 @@ def _size(path: Path) -> int:
     return info.st_size if stat.S_ISREG(info.st_mode) else 0
 
 
+def _open_stacks_file(job_path: Path, rank: int, flags: int) -> int:
+    """A descriptor for the rank's stacks file, only a regular file in a job directory that is no symlink; OSError
+    otherwise."""
+    directory = open_directory(job_path.parent, job_path.name)
+    try:
+        return open_regular(stacks_file(job_path, rank).name, flags, dir_fd=directory)
+    finally:
+        os.close(directory)
+
+
 def _read(job_path: Path, rank: int, start: int) -> str | None:
     """The rank's stacks file from byte `start`, its last MAX_STACK_BYTES at most; None when it is not a regular
     file (any more: it may have been swapped since it was measured), cannot be read, or the job's directory is a
     symlink (a job's process can plant one: another owner's job's stacks were served through it)."""
     try:
-        directory = open_directory(job_path.parent, job_path.name)
-        try:
-            fd = open_regular(stacks_file(job_path, rank).name, os.O_RDONLY, dir_fd=directory)
-        finally:
-            os.close(directory)
-        with os.fdopen(fd, "rb") as file:
+        with os.fdopen(_open_stacks_file(job_path, rank, os.O_RDONLY), "rb") as file:
             end = file.seek(0, 2)
             file.seek(max(start, end - MAX_STACK_BYTES))
             # Not to the end: a job's process may append as fast as it likes, and the read chased the file's end.
@@ -89,11 +94,7 @@ def _empty(job_path: Path, rank: int) -> None:
     """Truncate the rank's stacks file to nothing, only a regular file in a job directory that is no symlink
     (the job's process may have planted one, pointing at another job's files)."""
     try:
-        directory = open_directory(job_path.parent, job_path.name)
-        try:
-            fd = open_regular(stacks_file(job_path, rank).name, os.O_WRONLY, dir_fd=directory)
-        finally:
-            os.close(directory)
+        fd = _open_stacks_file(job_path, rank, os.O_WRONLY)
         try:
             os.ftruncate(fd, 0)
         finally:

@@ -145,7 +145,7 @@ def test_the_users_own_sigusr2_handler_runs_while_the_job_lives_and_is_put_back(
     assert "most recent call first" in done.stderr        # the stacks were still dumped (to stderr: no dir)
 
 
-SLOW_LOSS_READ = """
+LOSS_ON_A_DEVICE = """
     import torch
 
     class OnTheDevice(torch.Tensor):       # a loss on a GPU: the interval's read waits for the device
@@ -154,7 +154,9 @@ SLOW_LOSS_READ = """
         def item(self):
             time.sleep(0.3)
             return super().item()
+"""
 
+SLOW_LOSS_READ = LOSS_ON_A_DEVICE + """
     try:
         with JobMetrics("slow-read", log_every=10) as m:
             for step in range(1, 100):
@@ -517,16 +519,7 @@ def test_a_learning_rate_that_is_not_finite_is_said_once(caplog):
         ended(metrics)
 
 
-SLOW_LOSS_READ_ON_A_THREAD = """
-    import torch
-
-    class OnTheDevice(torch.Tensor):       # a loss on a GPU: the interval's read waits for the device
-        is_cpu = False
-
-        def item(self):
-            time.sleep(0.3)
-            return super().item()
-
+SLOW_LOSS_READ_ON_A_THREAD = LOSS_ON_A_DEVICE + """
     def train():
         for step in range(1, 100):
             if m.ended:                             # the block ended: the loop stops too
