@@ -496,21 +496,28 @@ PEAK_SERIES += """
       - series: 'hw_gpu_job_info{instance="n1",gpu="0",uuid="GPU-a",job_id="j1"}'
         values: '1x8'
 """
+# The Fleet dashboard's node peaks read the recording rules' 1-minute max of the same series: the spike in its
+# minute alone.
+PEAK_SERIES += "".join(f"""
+      - series: '{name}{{instance="n1"}}'
+        values: '0.1 0.1 0.1 0.9 0.1 0.1 0.1 0.1 0.1'""" for name in (
+    "instance:system_cpu_utilization_peak:max1m", "instance:hw_gpu_utilization_peak:max1m"))
 
 
 def test_the_peak_lines_show_a_spike_between_two_points(tmp_path):
     """The peak lines read the exporter's 1 s peak series as they stood at each point's time: over an hour or
     more, a point every few seconds to minutes, a spike between two points (most of them) was not drawn,
-    though the panels promise the spikes the scrapes catch."""
+    though the panels promise the spikes the scrapes catch. The Fleet dashboard's node peaks read the minute
+    before each point: over a day, a point every minute and a half or more, most spikes fell between them."""
     tests = []
     for dashboard, title, target in panel_targets():
-        if re.search(r"\b(?:system|hw)_\w*_peak_", target["expr"]):
+        if re.search(r"\b(?:system|hw)_\w*_peak[_:]", target["expr"]):
             expr = (target["expr"].replace("$instance", "n1").replace("$job_id", "j1")
                     .replace("$__rate_interval", "2m"))
             tests.append(f"      - expr: 'max({expr})'\n        eval_time: 4m\n        exp_samples:\n"
                          f"          - labels: '{{}}'\n            value: 0.9")
-    assert len(tests) == 5
-    promtool_passes(tmp_path / "peak_test.yml", PEAK_SERIES, tests)
+    assert len(tests) == 7
+    promtool_passes(tmp_path / "peak_test.yml", PEAK_SERIES + "\n", tests)
 
 
 # A job's process restarted at the same address (a container restarted in its pod, a fixed --metrics-port) takes
@@ -547,3 +554,101 @@ def test_the_compare_accuracy_shows_a_finished_jobs_last_evaluation(tmp_path):
     tests = [f"      - expr: '{expr}'\n        eval_time: 6m\n        exp_samples:\n"
              f"          - labels: '{{job_id=\"c1\"}}'\n            value: 0.9"]
     promtool_passes(tmp_path / "accuracy_test.yml", series, tests)
+
+
+# One job on two nodes, a rank on each, each rank on its node's GPU 0: what a two-node job's panels show.
+LEGEND_JOB = "legend-job"
+NODE_SERIES = """hw_gpu_utilization_ratio{{gpu="0",uuid="{uuid}"}} 0.5
+hw_gpu_utilization_peak_ratio{{gpu="0",uuid="{uuid}"}} 0.7
+hw_gpu_memory_usage_bytes{{gpu="0",uuid="{uuid}"}} 1e9
+hw_gpu_memory_usage_peak_bytes{{gpu="0",uuid="{uuid}"}} 2e9
+hw_gpu_job_info{{gpu="0",uuid="{uuid}",job_id="{job}"}} 1
+hw_gpu_process_memory_bytes{{gpu="0",job_id="{job}"}} 1e9
+trainer_gpu_memory_peak_bytes{{job_id="{job}",rank="{rank}",run_id="run{rank}"}} 2e9
+trainer_model_flops_utilization_ratio{{job_id="{job}",rank="{rank}",run_id="run{rank}"}} 0.3
+trainer_loss{{job_id="{job}",rank="{rank}",run_id="run{rank}"}} 0.5
+trainer_loss_finite{{job_id="{job}",rank="{rank}",run_id="run{rank}"}} 1
+"""
+
+
+def serve_metrics(text: str):
+    """A /metrics page that always answers `text` (a node of a multi-node job), on a free loopback port."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from threading import Thread
+
+    class Page(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = text.encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def render_legend(legend: str, labels: dict) -> str:
+    """The series name Grafana shows: {{label}} replaced by its value (empty when the series has none); the
+    automatic legend names every label."""
+    if legend in ("", "__auto"):
+        return str(sorted(labels.items()))
+    return re.sub(r"\{\{\s*(\w+)\s*\}\}", lambda match: labels.get(match.group(1), ""), legend)
+
+
+def test_no_legend_merges_the_nodes_or_ranks_of_a_job(tmp_path):
+    """A job on two nodes has a GPU 0 on each, and every rank its own allocator: the Training job dashboard's GPU
+    panels named them "mean gpu 0" and "allocator peak" alike, two lines under one name that a reader took for
+    one GPU (or rank) and could not tell apart in the tooltip."""
+    pages = [serve_metrics(NODE_SERIES.format(uuid=f"GPU-{rank}", job=LEGEND_JOB, rank=rank)) for rank in (0, 1)]
+    nodes = [f"127.0.0.1:{page.server_address[1]}" for page in pages]
+    prometheus = PrometheusServer(tmp_path / "prometheus", static_targets={"exporter": nodes}).start()
+    try:
+        prometheus.wait_for(f'count(hw_gpu_job_info{{job_id="{LEGEND_JOB}"}}) == 2', timeout=30)
+        time.sleep(1)
+        node_regex = "|".join(re.escape(node).replace("\\", "\\\\") for node in nodes)
+        merged, checked = [], 0
+        for name, dashboard in all_dashboards().items():
+            for panel in dashboard["panels"]:
+                if panel["type"] != "timeseries":
+                    continue
+                shown = []
+                for target in panel["targets"]:
+                    expr = (target["expr"].replace("$job_id", LEGEND_JOB).replace("$instance", node_regex)
+                            .replace("$__rate_interval", "2s").replace("$__range", "10m"))
+                    shown += [render_legend(target["legendFormat"], series["metric"])
+                              for series in prometheus.query(expr)]
+                checked += len(shown)
+                merged += [f"{name} / {panel['title']}: {legend!r}" for legend in set(shown)
+                           if shown.count(legend) > 1]
+        assert checked >= 10
+        assert merged == [], "series under one name:\n" + "\n".join(sorted(merged))
+    finally:
+        prometheus.stop()
+        for page in pages:
+            page.shutdown()
+            page.server_close()
+
+
+def test_the_loss_counts_are_the_jobs_not_every_ranks(tmp_path):
+    """Every rank counts the spikes and NaN intervals of its own loss, and the ranks of one model diverge together:
+    the panel summed them, and a two-rank job's 3 NaN intervals read 6 (the analytics' nonfinite_intervals, rank
+    0's, say 3). A spike of one rank's batch alone is the job's all the same (here rank 1's fourth). Each rank's
+    watchdog writes its own stack dumps: those add up."""
+    (panel,) = [panel for panel in all_dashboards()["training-job.json"]["panels"]
+                if panel["title"] == "Loss spikes and stack dumps"]
+    series = "".join(f"""
+      - series: '{metric}{{job_id="s1",instance="h:{rank}",rank="{rank}"}}'
+        values: '{value}x5'""" for rank in (0, 1) for metric, value in (
+        ("trainer_loss_spikes_total", 3 + rank), ("trainer_loss_nonfinite_total", 3), ("trainer_stack_dumps_total", 1)))
+    expected = {"loss spikes": 4, "NaN/inf intervals": 3, "stack dumps": 2}
+    tests = [f"      - expr: '{target['expr'].replace('$job_id', 's1')}'\n        eval_time: 3m\n"
+             f"        exp_samples:\n          - labels: '{{}}'\n            value: {expected[target['legendFormat']]}"
+             for target in panel["targets"]]
+    assert len(tests) == 3
+    promtool_passes(tmp_path / "loss_counts_test.yml", series + "\n", tests)

@@ -1,6 +1,6 @@
 """Fleet: every job at once: how many in each state, who is running how fast, what failed."""
 
-from panels import new_dashboard, query, rate_within_process, row, stat_panel, table_panel, timeseries_panel
+from panels import new_dashboard, peak, query, rate_within_process, row, stat_panel, table_panel, timeseries_panel
 
 
 def build():
@@ -46,13 +46,17 @@ def build():
                                            "job_id:trainer_job_running:max", "{{job_id}}"),
                                      min_value=0, max_value=1))
         .with_row(row("Nodes"))
-        .with_panel(timeseries_panel("Node CPU peak", "Peak CPU utilisation per node over the last minute.",
-                                     "percentunit", query("instance:system_cpu_utilization_peak:max1m", "{{instance}}"),
+        # The recorded 1-minute peaks' max over each point (peak()): read at the point alone, a point a minute and a
+        # half or more apart (a day's range) left the spikes between two points out.
+        .with_panel(timeseries_panel("Node CPU peak", "Peak CPU utilisation per node over each point (and the "
+                                     "minute before it).", "percentunit",
+                                     query(peak("instance:system_cpu_utilization_peak:max1m"), "{{instance}}"),
                                      min_value=0, max_value=1))
         .with_panel(timeseries_panel("Node memory used", "Used memory share per node.", "percentunit",
                                      query("instance:system_memory_utilization:ratio", "{{instance}}"),
                                      min_value=0, max_value=1))
-        .with_panel(timeseries_panel("Node GPU peak", "Peak GPU utilisation per node over the last minute.",
-                                     "percentunit", query("instance:hw_gpu_utilization_peak:max1m", "{{instance}}"),
+        .with_panel(timeseries_panel("Node GPU peak", "Peak GPU utilisation per node over each point (and the "
+                                     "minute before it).", "percentunit",
+                                     query(peak("instance:hw_gpu_utilization_peak:max1m"), "{{instance}}"),
                                      min_value=0, max_value=1))
     )

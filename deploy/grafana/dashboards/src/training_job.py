@@ -141,11 +141,15 @@ def build():
                                      "the phase that makes a rank slow.", "s",
                                      query(f"job_id_rank_phase:trainer_phase_seconds_per_step:rate1m{{{JOB}}}",
                                            "rank {{rank}} {{phase}}"), min_value=0))
-        .with_panel(timeseries_panel("Loss spikes and stack dumps", "Loss spikes flagged, log intervals whose loss "
-                                     "was NaN or infinite, and thread-stack dumps the hang watchdog wrote "
-                                     "(counts).", "short",
-                                     query(f"sum(trainer_loss_spikes_total{{{JOB}}})", "loss spikes"),
-                                     query(f"sum(trainer_loss_nonfinite_total{{{JOB}}})", "NaN/inf intervals", "C"),
+        # The loss counts: the most any rank counted. Every rank counts the spikes and NaNs of its own shard's loss,
+        # and the ranks of one model diverge together (the sum read N x the job's); a corrupt batch on one rank's
+        # shard spikes that rank alone (rank 0's read 0 for it; TrainerLossSpike takes the max too).
+        .with_panel(timeseries_panel("Loss spikes and stack dumps", "Loss spikes flagged and log intervals whose "
+                                     "loss was NaN or infinite (the most any rank counted: each counts its own "
+                                     "loss), and thread-stack dumps the hang watchdog wrote (every rank's; counts).",
+                                     "short",
+                                     query(f"max(trainer_loss_spikes_total{{{JOB}}})", "loss spikes"),
+                                     query(f"max(trainer_loss_nonfinite_total{{{JOB}}})", "NaN/inf intervals", "C"),
                                      query(f"sum(trainer_stack_dumps_total{{{JOB}}})", "stack dumps", "B"),
                                      min_value=0))
         .with_row(row("Resources"))
@@ -153,15 +157,17 @@ def build():
                                      "The job's GPUs: mean over the exporter's sampling window, max over each "
                                      "point.",
                                      "percentunit",
+                                     # Each GPU by its node too: a job across nodes has a gpu 0 on each.
                                      query(f"hw_gpu_utilization_ratio * on (instance, uuid) group_right "
-                                           f"hw_gpu_job_info{{{JOB}}}", "mean gpu {{gpu}}"),
+                                           f"hw_gpu_job_info{{{JOB}}}", "mean {{instance}} gpu {{gpu}}"),
                                      query(f"{peak('hw_gpu_utilization_peak_ratio')} * on (instance, uuid) group_right "
-                                           f"hw_gpu_job_info{{{JOB}}}", "peak gpu {{gpu}}", "B"),
+                                           f"hw_gpu_job_info{{{JOB}}}", "peak {{instance}} gpu {{gpu}}", "B"),
                                      min_value=0, max_value=1))
         .with_panel(timeseries_panel("Job GPU memory", "GPU memory held by the job's processes and the "
                                      "allocator's peak.", "bytes",
-                                     query(f"hw_gpu_process_memory_bytes{{{JOB}}}", "gpu {{gpu}}"),
-                                     query(f"trainer_gpu_memory_peak_bytes{{{JOB}}}", "allocator peak", "B")))
+                                     query(f"hw_gpu_process_memory_bytes{{{JOB}}}", "{{instance}} gpu {{gpu}}"),
+                                     query(f"trainer_gpu_memory_peak_bytes{{{JOB}}}", "allocator peak {{rank}}",
+                                           "B")))
         .with_panel(timeseries_panel("Job CPU", "CPU cores used by the job's process tree (DataLoader workers "
                                      "included).", "short",
                                      query(f"sum(rate(process_cpu_time_seconds_total{{{JOB}}}[$__rate_interval]))",
