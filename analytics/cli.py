@@ -7,6 +7,7 @@ import math
 
 from trainmetrics.command import (DEFAULT_ANALYTICS_PORT, DEFAULT_MAX_ANSWER_BYTES, DEFAULT_PROMETHEUS_PORT,
                                   FlagError, listen_flag, listening_socket, say_listening)
+from trainmetrics.contract import http_url_problem
 from trainmetrics.webconfig import web_config_flag
 
 
@@ -64,8 +65,8 @@ def analytics_settings(args: argparse.Namespace):
         raise FlagError("--max-answer-bytes", f"must be at least 1, got {args.max_answer_bytes}")
     if args.cache_entries < 0:
         raise FlagError("--cache-entries", f"must not be negative, got {args.cache_entries}")
-    if not args.prometheus_url.startswith(("http://", "https://")):
-        raise FlagError("--prometheus-url", f"must be an http(s) URL, got {args.prometheus_url[:80]!r}")
+    if problem := http_url_problem(args.prometheus_url):
+        raise FlagError("--prometheus-url", problem)
     return Settings(prometheus_url=args.prometheus_url, lookback_seconds=lookback,
                     prometheus_auth=bearer_token_flag(args.prometheus_bearer_token_file),
                     prometheus_ca=ca_file_flag(args.prometheus_ca_file),

@@ -9,6 +9,7 @@ import ipaddress
 from pathlib import Path
 
 from trainmetrics.command import FlagError, check_directory, check_directory_writable
+from trainmetrics.contract import http_url_problem
 
 # The file in the data dir a server holds an exclusive lock on for its life: one server per data dir.
 LOCK_NAME = "server.lock"
@@ -118,8 +119,10 @@ def jobserver_settings(args: argparse.Namespace, host: str, web_config):
             # in started a server whose every job failed as bad input.
             check_directory_writable("--job-dir", args.job_dir)
     if args.executor == "ray":
-        if not args.ray_address or not args.ray_address.startswith(("http://", "https://")):
+        if not args.ray_address:
             raise FlagError("--ray-address", "--executor ray needs the cluster's dashboard URL, e.g. http://HEAD:8265")
+        if problem := http_url_problem(args.ray_address):
+            raise FlagError("--ray-address", f"{problem}: the cluster's dashboard, e.g. http://HEAD:8265")
         if importlib.util.find_spec("ray") is None:
             raise FlagError("--executor", "ray needs Ray: pip install 'trainmetrics[ray]'")
         from trainmetrics.jobserver.ray_executor import headers_from_environment
@@ -129,8 +132,8 @@ def jobserver_settings(args: argparse.Namespace, host: str, web_config):
             raise FlagError("", str(error)) from None
     elif args.ray_address or args.ray_python:
         raise FlagError("--ray-address" if args.ray_address else "--ray-python", "only with --executor ray")
-    if args.advertise_url is not None and not args.advertise_url.startswith(("http://", "https://")):
-        raise FlagError("--advertise-url", f"must be an http(s) URL, got {args.advertise_url[:80]!r}")
+    if args.advertise_url is not None and (problem := http_url_problem(args.advertise_url)):
+        raise FlagError("--advertise-url", problem)
     settings = ServerSettings(data_dir=args.data_dir, job_dir=args.job_dir.absolute() if args.job_dir else None,
                               advertise_url=args.advertise_url,
                               executor=args.executor, ray_address=args.ray_address, ray_python=args.ray_python,

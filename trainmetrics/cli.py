@@ -72,20 +72,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line and run the chosen command; returns its exit code."""
-    if (sys.argv[1:2] if argv is None else list(argv)[:1]) == ["train"]:
+    train = (sys.argv[1:2] if argv is None else list(argv)[:1]) == ["train"]
+    if train:
         # A job's stop signals are caught before every command's module is imported: the console script
         # (`trainmetrics train`) comes in here, not through __main__, and a SIGTERM meanwhile killed the job by
         # the default action (exit 143, no result) where `python -m trainmetrics train` ended it cancelled.
         from trainmetrics.trainer.stopping import StopFlag
 
         StopFlag.for_process()
-    args = build_parser().parse_args(argv)
     try:
+        # In the try: building the parser imports every command's module, most of a start-up, and a Ctrl-C then
+        # ended in a traceback.
+        args = build_parser().parse_args(argv)
         return args.run(args)
     except FlagError as error:
         return fail(args.command, str(error))
     except KeyboardInterrupt:
-        return 130
+        # A Ctrl-C before the command took the stop signals itself ends it as one after: a server stopped (0,
+        # contract.ExitCode), a job cancelled. (It was 130, which no command's exit codes have.) The contract is
+        # imported here: before StopFlag, it delayed a job's stop handlers (tests/test_architecture.py).
+        from trainmetrics.contract import ExitCode
+
+        return ExitCode.CANCELLED if train else 0
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
 from typing import Callable
+from urllib.parse import urlsplit
 
 # ----- job ids -------------------------------------------------------------------------------------------
 
@@ -218,6 +219,21 @@ MAX_LR = 1e3                # far above any AdamW rate that trains; past float32
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
+def http_url_problem(url: str) -> str | None:
+    """What keeps `url` from being an http(s) URL a client can send requests to (None: nothing). The scheme alone
+    let `http://`, `http://[::1` and `http://host:99999` through: a server started on them failed every request
+    to the URL, or (a bad IPv6 host) its start in a traceback."""
+    try:
+        parts = urlsplit(url)
+        parts.port          # ValueError: out of range, or no number
+    except ValueError as error:
+        return f"must be an http(s) URL, got {url[:80]!r} ({error})"
+    if not url.startswith(("http://", "https://")) or not parts.hostname or " " in url or \
+            CONTROL_CHARACTERS.search(url):
+        return f"must be an http(s) URL, got {url[:80]!r}"
+    return None
+
+
 def _device_problem(value: str) -> str | None:
     if value in ("auto", "cpu") or re.fullmatch(r"cuda(:[0-9]{1,3})?", value):
         return None
@@ -401,8 +417,7 @@ TRAIN_OPTIONS: tuple[Option, ...] = (
            api="server-wide: the job server's own --web.config.file is not passed on", flag="--web.config.file"),
     Option("register_url", str, None, "report this process's /metrics endpoint to this URL (the job server's "
            "HTTP service discovery; the secret comes in TRAINMETRICS_REGISTER_TOKEN)", "telemetry", api=_SERVER_SETS,
-           problem=lambda v: None if v.startswith(("http://", "https://")) else
-           f"must be an http(s) URL, got {v[:80]!r}"),
+           problem=http_url_problem),
     Option("diagnostics_dir", Path, None, "where every rank's thread stacks go (stacks.rank<N>.txt): on SIGUSR2, "
            "and once when the job seems hung (default: stderr)", "telemetry", api="the job's directory"),
     Option("hang_seconds", float, 60.0, "the trainer's hang watchdog writes the thread stacks once no step has "

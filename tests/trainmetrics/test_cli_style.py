@@ -67,6 +67,13 @@ BAD = [
     (["analytics", "--cache-entries", "-1"], "--cache-entries"),
     (["analytics", "--max-answer-bytes", "0"], "--max-answer-bytes"),
     (["analytics", "--prometheus-url", "ftp://x"], "--prometheus-url"),
+    # Only the scheme was checked: these started a server whose every request failed, or (the IPv6 host) whose start
+    # ended in a traceback and exit code 3.
+    (["analytics", "--prometheus-url", "http://[::1"], "--prometheus-url: must be an http(s) URL"),
+    (["analytics", "--prometheus-url", "http://"], "--prometheus-url: must be an http(s) URL"),
+    (["analytics", "--prometheus-url", "http://prometheus:99999"], "--prometheus-url: must be an http(s) URL"),
+    (["server", "--data-dir", "/tmp/x", "--advertise-url", "http://", "--listen", "127.0.0.1:0"], "--advertise-url"),
+    (["train", "--register-url", "http://:8000"], "--register-url"),
     (["analytics", "--prometheus-bearer-token-file", "/nonexistent"], "--prometheus-bearer-token-file: '/nonexist"),
     (["analytics", "--prometheus-bearer-token-file", "/proc/self/status"], "holds characters no token has"),
     (["analytics", "--prometheus-ca-file", "/proc/self/status"], "--prometheus-ca-file: '/proc/self/status' holds no"),
@@ -288,3 +295,24 @@ def test_a_database_another_process_holds_locked_is_one_line_naming_it(tmp_path)
                        "trainmetrics.db: cannot be used as the job server's database (database is locked)")
     finally:
         holder.close()
+
+
+# A Ctrl-C while `trainmetrics` builds its parser, which imports every command's module (most of a start-up), or
+# while the analytics check their flags, before they take the stop signals themselves.
+INTERRUPTED_AT_START = ("import signal, sys, trainmetrics.demo as demo, trainmetrics.analytics.cli as analytics\n"
+                        "interrupt = lambda *args: signal.raise_signal(signal.SIGINT)\n"
+                        "setattr(demo if sys.argv[1] == 'parser' else analytics, sys.argv[2], interrupt)\n"
+                        "from trainmetrics.cli import main; sys.exit(main(sys.argv[3:]))")
+
+
+@pytest.mark.parametrize("moment,patched,command,code", [
+    ("parser", "configure", "analytics", 0), ("parser", "configure", "exporter", 0),
+    ("parser", "configure", "train", 3), ("flags", "web_config_flag", "analytics", 0)])
+def test_a_ctrl_c_at_the_start_ends_cleanly(moment, patched, command, code):
+    """It ended in a traceback of whatever import it cut, the process dying of the signal; a Ctrl-C a moment
+    later, before the server took the stop signals, exited 130, which no command's exit codes have."""
+    flags = ["--epochs", "1"] if command == "train" else ["--listen", "127.0.0.1:0"]
+    result = subprocess.run([sys.executable, "-c", INTERRUPTED_AT_START, moment, patched, command, *flags],
+                            capture_output=True, text=True, timeout=60)
+    assert "Traceback" not in result.stderr, result.stderr[-1500:]
+    assert result.returncode == code, result.stderr[-1500:]
