@@ -14,7 +14,8 @@ import signal
 import sys
 from pathlib import Path
 
-from trainmetrics.command import DEFAULT_EXPORTER_PORT, FlagError, check_directory, listen_flag, say_listening
+from trainmetrics.command import (DEFAULT_EXPORTER_PORT, FlagError, check_directory, listen_flag, path_argument,
+                                  say_listening)
 from trainmetrics.contract import DEFAULT_JOB_DIR
 from trainmetrics.signals import SERVICE_STOP_SIGNALS, signals_to_take
 from trainmetrics.exporters.collectors import COLLECTORS
@@ -37,7 +38,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     """Add the exporter's flags to parser (the help formatter adds each default)."""
     parser.add_argument("--listen", default=f"127.0.0.1:{DEFAULT_EXPORTER_PORT}", metavar="HOST:PORT",
                         help="address to serve /metrics on")
-    parser.add_argument("--web.config.file", dest="web_config_file", type=Path, default=None, metavar="FILE",
+    parser.add_argument("--web.config.file", dest="web_config_file", type=path_argument, default=None, metavar="FILE",
                         help="TLS and basic-auth settings, in Prometheus exporter-toolkit's web-config format")
     parser.add_argument("--sample-interval", default="100ms", metavar="DURATION",
                         help="how often the fast loop samples (CPU, memory, disk, network, jobs, GPU "
@@ -51,7 +52,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--job-dir", default=None, metavar="DIR",
                         help=f"job-mapping directory the trainer writes (default: {DEFAULT_JOB_DIR}, which "
                              "may be missing; an explicit DIR is created and must be readable)")
-    parser.add_argument("--path.rootfs", dest="rootfs", type=Path, default=Path("/"), metavar="DIR",
+    parser.add_argument("--path.rootfs", dest="rootfs", type=path_argument, default=Path("/"), metavar="DIR",
                         help="where the host's root filesystem is mounted (in a container: mount / at /host "
                              "and give /host; with the host's PID namespace the filesystems are then the "
                              "host's, as its init sees them)")
@@ -105,6 +106,8 @@ def job_dir_flag(value: str | None) -> Path:
     """The job dir to use; an explicit one is created when missing and must be listable (FlagError)."""
     if value is None:
         return Path(DEFAULT_JOB_DIR)  # missing is fine: no jobs until the trainer creates it
+    if not value:       # Path(""): the current directory, watched for job files
+        raise FlagError("--job-dir", "empty: give a path (an unset shell variable?)")
     path = Path(value)
     check_directory("--job-dir", path)
     try:

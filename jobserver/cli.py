@@ -8,7 +8,7 @@ import math
 import ipaddress
 from pathlib import Path
 
-from trainmetrics.command import FlagError, check_directory, check_directory_writable
+from trainmetrics.command import FlagError, check_directory, check_directory_writable, path_argument
 from trainmetrics.contract import http_url_problem
 
 # The file in the data dir a server holds an exclusive lock on for its life: one server per data dir.
@@ -18,9 +18,9 @@ LOCK_NAME = "server.lock"
 def add_jobserver_flags(parser: argparse.ArgumentParser) -> None:
     """The job server's own flags."""
     group = parser.add_argument_group("jobs")
-    group.add_argument("--data-dir", type=Path, required=True,
+    group.add_argument("--data-dir", type=path_argument, required=True,
                        help="where datasets, jobs (checkpoints, logs, results) and the SQLite database live")
-    group.add_argument("--tokens", type=Path, default=None, metavar="FILE",
+    group.add_argument("--tokens", type=path_argument, default=None, metavar="FILE",
                        help="file of 'TOKEN OWNER' lines: every request then needs 'Authorization: Bearer TOKEN', "
                             "sees only its owner's jobs, and job ids start with 'OWNER-' (default: no owners); "
                             "read again within a second of a change, no restart needed")
@@ -31,7 +31,7 @@ def add_jobserver_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--advertise-url", default=None, metavar="URL",
                        help="how jobs reach this server to report their /metrics endpoints for Prometheus' HTTP "
                             "service discovery (default: from --listen; give it when jobs run on other hosts)")
-    group.add_argument("--job-dir", type=Path, default=None,
+    group.add_argument("--job-dir", type=path_argument, default=None,
                        help="job-mapping directory the node exporter reads (default: none)")
     group.add_argument("--executor", choices=("local", "ray"), default="local",
                        help="where jobs run: local child processes, or a Ray cluster through its Jobs API "

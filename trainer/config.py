@@ -8,7 +8,8 @@ import re
 from dataclasses import field, fields, make_dataclass
 from pathlib import Path
 
-from trainmetrics.command import FlagError, check_directory, check_directory_writable, check_writable
+from trainmetrics.command import (FlagError, check_directory, check_directory_writable, check_writable,
+                                  path_argument)
 from trainmetrics.contract import TRAIN_OPTIONS, Option, device_for_ranks_problem, new_job_id, validate_job_id
 from trainmetrics.webconfig import web_config_flag
 
@@ -51,7 +52,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         if option.kind is bool:
             group.add_argument(option.cli_flag, dest=option.name, action="store_true", help=help_text)
         else:
-            kind = Path if option.kind is Path else option.kind
+            kind = path_argument if option.kind is Path else option.kind
             group.add_argument(option.cli_flag, dest=option.name, type=kind, default=_flag_default(option),
                                help=help_text, metavar=option.name.upper())
 

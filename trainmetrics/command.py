@@ -18,6 +18,14 @@ DEFAULT_MAX_ANSWER_BYTES = 64 << 20
 EXIT_BAD_INPUT = 2
 
 
+def path_argument(value: str) -> Path:
+    """argparse's type for a path flag: an empty value is refused. Path("") is the current directory: an unset
+    variable (`--data-dir "$DATA"`) put a server's database, datasets and jobs there, or had an exporter watch it."""
+    if not value:
+        raise argparse.ArgumentTypeError("empty: give a path (an unset shell variable?)")
+    return Path(value)
+
+
 class FlagError(Exception):
     """A flag's value cannot be used: reported as `trainmetrics CMD: error: FLAG: message`, exit 2."""
 

@@ -19,7 +19,7 @@ import urllib.parse
 from pathlib import Path
 
 from trainmetrics.command import (DEFAULT_ANALYTICS_PORT, DEFAULT_EXPORTER_PORT, DEFAULT_PROMETHEUS_PORT, FlagError,
-                                  check_directory, check_directory_writable)
+                                  check_directory, check_directory_writable, path_argument)
 from trainmetrics.contract import MODELS
 from trainmetrics.signals import SERVICE_STOP_SIGNALS, signals_to_take
 
@@ -28,7 +28,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     """Add the demo flags."""
     parser.epilog = ("environment: PROMETHEUS_BIN, the prometheus binary to run (default: prometheus on PATH; "
                      "`make demo` installs Debian's package when it is missing)")
-    parser.add_argument("--workdir", type=Path, default=None,
+    parser.add_argument("--workdir", type=path_argument, default=None,
                         help="where Prometheus data, logs, targets and checkpoints go, kept after the demo "
                              "(default: a temp dir, removed when the demo ends well, kept when it fails)")
     parser.add_argument("--prometheus-port", type=int, default=DEFAULT_PROMETHEUS_PORT,

@@ -114,6 +114,16 @@ BAD = [
     (["server", "--data-dir", "/tmp/x", "--web.config.file", "/nonexistent.yml"], "--web.config.file: "),
     *[([command, *(["--data-dir", "/tmp/x"] if command == "server" else []), "--nproc", "2"],
        "unrecognized arguments: --nproc 2") for command in COMMANDS],
+    # An empty path (an unset variable: --data-dir "$DATA") was the current directory: a server put its database,
+    # datasets and jobs there, an exporter watched it for job files.
+    (["server", "--data-dir", ""], "--data-dir: empty"),
+    (["server", "--data-dir", "/tmp/x", "--job-dir", ""], "--job-dir: empty"),
+    (["server", "--data-dir", "/tmp/x", "--tokens", ""], "--tokens: empty"),
+    (["exporter", "--job-dir", ""], "--job-dir: empty"),
+    (["exporter", "--path.rootfs", ""], "--path.rootfs: empty"),
+    (["train", "--checkpoint-dir", ""], "--checkpoint-dir: empty"),
+    (["train", "--diagnostics-dir", ""], "--diagnostics-dir: empty"),
+    (["demo", "--workdir", ""], "--workdir: empty"),
 ]
 
 TOP_LEVEL_BAD = [(["--bogus"], "unrecognized arguments: --bogus"), (["--bogus", "train"], "--bogus"),
