@@ -82,9 +82,12 @@ def unknown_to_ray(error: Exception) -> bool:
 
 def unanswered(error: Exception) -> bool:
     """Ray could not be asked: refused, timed out or cut off (requests' errors and the client's own
-    ConnectionError are OSErrors), or its dashboard answered that it cannot serve now (502-504)."""
+    ConnectionError are OSErrors), or its dashboard answered that it cannot serve now (502-504), or failed
+    inside (500: "No available agent to submit job, please try again later" while its head or job agent
+    starts, its GCS unreachable; a request Ray finds wrong is its 400). Taken for the job's own failure, a job
+    submitted then was failed for good."""
     return isinstance(error, OSError) or (isinstance(error, RuntimeError) and any(
-        f"status code {code}" in str(error) for code in (502, 503, 504)))
+        f"status code {code}" in str(error) for code in (500, 502, 503, 504)))
 
 
 def already_submitted(error: Exception) -> bool:

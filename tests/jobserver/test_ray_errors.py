@@ -520,3 +520,34 @@ def test_a_rank_whose_run_raised_has_its_peers_killed_as_a_failed_one(monkeypatc
     assert ray_launch.lost_or_failed(0, "rank 0's run") is None
     why = ray_launch.lost_or_failed(1, "rank 1's run")
     assert why is not None and why.startswith("rank 1 failed (its run raised FileNotFoundError: "), why
+
+
+def test_a_job_submitted_while_rays_head_has_no_job_agent_yet_waits_queued(tmp_path):
+    """A head restarting (or its job agent not up yet) answers a submission 500, "No available agent to submit
+    job, please try again later.": the job was failed for good ("could not start"), for the cluster's state, not
+    its own. It waits queued as when Ray does not answer, and runs once Ray takes it."""
+    busy = RuntimeError("Request failed with status code 500: No available agent to submit job, please try again "
+                        "later..")
+
+    class NoAgentYet(Submissions):
+        def submit_job(self, **kwargs):
+            if not self.answering:
+                raise busy
+            return super().submit_job(**kwargs)
+
+        def list_jobs(self):            # the head answers: only its submission is refused
+            return self.listed
+
+    ray, client = RayExecutor("http://127.0.0.1:8265"), NoAgentYet()
+    ray._client = client
+    store = JobStore(tmp_path / "db.sqlite")
+    supervisor = Supervisor(store, tmp_path, None, max_concurrent=1, executor=ray)
+    store.add_job(JobRecord(id="early", owner="default", name="early", state="queued",
+                            spec={"model": "mlp", "dataset": "blobs", "nproc": 1}))
+    supervisor.tick()
+    assert store.get_job("early").state == "queued" and client.submitted == {}
+    client.answering = True
+    supervisor.tick()
+    job = store.get_job("early")
+    assert job.state == "running" and list(client.submitted) == [job.handle]
+    store.close()
