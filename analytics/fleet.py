@@ -304,6 +304,8 @@ def comparison_row(analytics: shapes.JobAnalytics) -> shapes.CompareRow:
         average_cpu_percent=resources.average_cpu_percent, peak_memory_mb=resources.peak_memory_mb,
         overall_score=analytics.efficiency.overall_score, total_joules=analytics.energy.total_joules,
         samples_per_joule=analytics.energy.samples_per_joule, goodput_ratio=analytics.goodput.goodput_ratio,
+        efficiency_complete=scoring.efficiency_complete(analytics.efficiency.gpu_utilization_score,
+                                                        analytics.efficiency.throughput_score, analytics.device),
         energy_complete=energy_complete(analytics), partial=analytics.partial)
 
 

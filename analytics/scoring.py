@@ -9,7 +9,8 @@ Efficiency, each score 0..100 (docs/api.md holds the same text):
   saw only part of: its average stands in for its peak, which it would always reach).
 - overall_score = the weighted mean of the available scores, GPU 0.6 and throughput 0.4; a missing score
   drops out and the weights of the others are renormalised (a CPU job's overall score is its throughput
-  score). Null when neither is available.
+  score). Null when neither is available. A comparison's most_efficient counts only jobs scored on every score
+  they should have (`efficiency_complete`): a GPU job whose GPU went unmeasured would win on its throughput score.
 """
 
 import math
@@ -50,6 +51,12 @@ def overall_score(gpu_score: float | None, throughput: float | None) -> float | 
     return sum(score * weight for score, weight in parts) / sum(weight for _, weight in parts)
 
 
+def efficiency_complete(gpu_score: float | None, throughput: float | None, device: str | None) -> bool:
+    """True when the overall score has every score the job should have: the throughput score, and the GPU score
+    unless the job ran on the CPU. A renormalised score of one part would otherwise win against whole ones."""
+    return throughput is not None and (gpu_score is not None or device == "cpu")
+
+
 def efficiency(average_gpu_utilization_percent: float | None, average_samples_per_second: float | None,
                peak_samples_per_second: float | None) -> dict:
     """The efficiency block of a job's analytics."""
@@ -85,13 +92,15 @@ def winners(rows: list[dict]) -> tuple[dict, dict]:
     no row has a value, and for each tied category every job id that shares the best value.
 
     `fastest` only considers completed jobs: a job that failed after ten seconds did not finish fastest;
-    `most_energy_efficient` only jobs whose energy was counted whole (`energy_complete`).
+    `most_energy_efficient` only jobs whose energy was counted whole (`energy_complete`); `most_efficient` only
+    jobs scored on every score they should have (`efficiency_complete`).
     """
     winner, ties = {}, {}
     for category, (field, higher_wins) in CATEGORIES.items():
         candidates = [row for row in rows if _finite(row.get(field))
                       and (category != "fastest" or row.get("status") == "completed")
-                      and (category != "most_energy_efficient" or row.get("energy_complete"))]
+                      and (category != "most_energy_efficient" or row.get("energy_complete"))
+                      and (category != "most_efficient" or row.get("efficiency_complete"))]
         if not candidates:
             winner[category] = None
             continue

@@ -338,6 +338,9 @@ class CompareRow:
     average_cpu_percent: float | None
     peak_memory_mb: float | None
     overall_score: float | None
+    efficiency_complete: bool = described("overall_score has every score the job should have: the throughput score, "
+                                          "and the GPU score unless the job ran on the CPU (only such jobs can be "
+                                          "most_efficient)")
     total_joules: float | None
     samples_per_joule: float | None
     goodput_ratio: float | None = described("step seconds / wall-clock seconds (the job's goodput block)")
@@ -348,7 +351,8 @@ class CompareRow:
 
 Winner = dataclasses.make_dataclass("Winner", [(category, str | None) for category in scoring.CATEGORIES], slots=True)
 Winner.__doc__ = ("Winning job id per category (first in request order among equals); fastest counts completed "
-                  "jobs only; null when no job has the value.")
+                  "jobs only, most_efficient those whose efficiency_complete, most_energy_efficient those whose "
+                  "energy_complete; null when no job has the value.")
 
 
 @dataclass(slots=True)

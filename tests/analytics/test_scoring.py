@@ -43,7 +43,7 @@ def test_efficiency_block_for_a_gpu_job_and_a_cpu_job():
 def row(job_id, status="completed", **values):
     return {"job_id": job_id, "status": status, "throughput": None, "final_loss": None,
             "duration_seconds": None, "overall_score": None, "samples_per_joule": None, "goodput_ratio": None,
-            "energy_complete": True, **values}
+            "energy_complete": True, "efficiency_complete": True, **values}
 
 
 def test_most_energy_efficient_counts_only_jobs_whose_energy_was_counted_whole():
@@ -105,3 +105,19 @@ def test_the_best_loss_is_the_lowest_loss_as_reported():
             {"job_id": "b", "status": "completed", "final_loss": 0.12345641}]
     winner, ties = scoring.winners(rows)
     assert winner["best_loss"] == "b" and "best_loss" not in ties
+
+
+def test_most_efficient_counts_only_jobs_scored_on_every_score_they_should_have():
+    """A GPU job whose GPU utilisation went unmeasured (no GPU exporter) had its throughput score, 95, for its whole
+    overall score and won the category over a GPU job measured at 80 % busy (0.6*80 + 0.4*90 = 84)."""
+    rows = [row("unmeasured-gpu", overall_score=95.0, efficiency_complete=False),
+            row("measured-gpu", overall_score=84.0, efficiency_complete=True)]
+    assert scoring.winners(rows)[0]["most_efficient"] == "measured-gpu"
+
+
+def test_a_jobs_efficiency_is_complete_with_every_score_its_device_has():
+    assert scoring.efficiency_complete(80.0, 75.0, "cuda")
+    assert scoring.efficiency_complete(None, 75.0, "cpu")        # a CPU job has no GPU score to miss
+    assert not scoring.efficiency_complete(None, 75.0, "cuda")   # its GPU went unmeasured
+    assert not scoring.efficiency_complete(None, 75.0, None)     # no device said: a GPU may have gone unmeasured
+    assert not scoring.efficiency_complete(80.0, None, "cuda")   # no measured peak: its GPU score alone
