@@ -191,18 +191,30 @@ def follow_job(client, job_id: str, log_path: Path) -> dict:
         time.sleep(0.5)
 
 
+def _last_line(path: Path) -> str:
+    """The last line a log holds (its error), "" when none can be read."""
+    try:
+        lines = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return lines[-1][:300] if lines else ""
+
+
 def start_child(command: list[str], children: list[subprocess.Popen], log_path: Path) -> None:
     """Start a stack process with its output in a log file."""
     with open(log_path, "ab") as log:
         children.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
 
 
-def wait_http(url: str, timeout: float = 60) -> None:
-    """Wait until a URL answers 200."""
+def wait_http(url: str, process: subprocess.Popen, timeout: float = 60) -> None:
+    """Wait until a URL `process` serves answers 200; RuntimeError once the process exited (a job server that could
+    not start was waited for 60 s, then a traceback) or the timeout passed."""
     import httpx
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"it exited with code {process.returncode}")
         try:
             if httpx.get(url, timeout=1).status_code == 200:
                 return
@@ -279,7 +291,13 @@ def run(args: argparse.Namespace) -> int:
                      "--prometheus-url", prometheus.url,
                      "--job-dir", str(job_dir)], children, workdir / "server.log")
         base = f"http://{server_address}"
-        wait_http(f"{base}/healthz")
+        try:
+            wait_http(f"{base}/healthz", children[-1])
+        except RuntimeError as error:
+            said = _last_line(workdir / "server.log")
+            print(f"trainmetrics demo: error: the job server did not start: {error}{': ' + said if said else ''} "
+                  f"(its log: {workdir / 'server.log'})", file=sys.stderr)
+            return 1
         print(f"job server       {base}   (log {workdir / 'server.log'})")
         with httpx.Client(base_url=base, timeout=60) as client:
             csv_path = write_digits_csv(workdir / "digits.csv")

@@ -134,6 +134,20 @@ def test_a_prometheus_that_exits_at_its_start_is_one_line_naming_its_log(tmp_pat
     assert lines[0].endswith(f"(its log: {tmp_path / 'prometheus' / 'prometheus.log'})")
 
 
+def test_a_job_server_that_exits_at_its_start_is_one_line_naming_its_log(tmp_path):
+    """A job server that could not start (here its data dir is a file; a demo already running in the same work
+    dir holds it) was waited for 60 s, then the demo ended in a RuntimeError traceback."""
+    (tmp_path / "server").write_text("not a directory")
+    result = subprocess.run([sys.executable, "-m", "trainmetrics", "demo", "--exit-after-job", "--workdir",
+                             str(tmp_path), "--prometheus-port", "0", "--exporter-port", "0", "--server-port", "0"],
+                            capture_output=True, text=True, timeout=55)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("trainmetrics demo: error: the job server did not start: it exited with code 2: "
+                               "trainmetrics server: error: --data-dir: "), lines[0]
+    assert lines[0].endswith(f"(its log: {tmp_path / 'server.log'})")
+
+
 @pytest.mark.parametrize("model", MODELS)
 def test_every_model_the_demo_offers_can_train_on_its_dataset(model, tmp_path):
     """--model cnn and transformer were offered, then the job failed at its start: the uploaded CSV is tabular."""
