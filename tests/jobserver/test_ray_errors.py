@@ -130,15 +130,22 @@ class Submissions:
         return self.listed
 
 
-@pytest.mark.parametrize("received", [False, True], ids=["refused", "answer-lost"])
-def test_a_job_submitted_while_ray_does_not_answer_waits_queued_and_runs_once(received, tmp_path, caplog, monkeypatch):
-    ray, client = RayExecutor("http://127.0.0.1:8265"), Submissions(received_despite_error=received)
+def supervised_on_ray(tmp_path, client, *job_ids: str, max_concurrent: int = 1) -> tuple[JobStore, Supervisor]:
+    """A supervisor whose Ray executor talks to the fake `client`, with `job_ids` queued (an mlp on blobs)."""
+    ray = RayExecutor("http://127.0.0.1:8265")
     ray._client = client
     store = JobStore(tmp_path / "db.sqlite")
-    supervisor = Supervisor(store, tmp_path, None, max_concurrent=2, executor=ray)
-    for job_id in ("first", "second"):
+    supervisor = Supervisor(store, tmp_path, None, max_concurrent=max_concurrent, executor=ray)
+    for job_id in job_ids:
         store.add_job(JobRecord(id=job_id, owner="default", name=job_id, state="queued",
                                 spec={"model": "mlp", "dataset": "blobs", "nproc": 1}))
+    return store, supervisor
+
+
+@pytest.mark.parametrize("received", [False, True], ids=["refused", "answer-lost"])
+def test_a_job_submitted_while_ray_does_not_answer_waits_queued_and_runs_once(received, tmp_path, caplog, monkeypatch):
+    client = Submissions(received_despite_error=received)
+    store, supervisor = supervised_on_ray(tmp_path, client, "first", "second", max_concurrent=2)
     with caplog.at_level(logging.WARNING):
         for _ in range(3):
             supervisor.tick()
@@ -160,13 +167,9 @@ def test_a_run_ray_received_though_its_answer_was_lost_keeps_its_result_and_repo
     """The retry that takes such a run removed its result first (the files of the very run it adopts: one that
     finished before the retry got through ended `failed`, "exit code 0 without a result"), and the run's
     endpoint registration was a 401 until the retry recorded it (never scraped)."""
-    ray, client = RayExecutor("http://127.0.0.1:8265"), Submissions(received_despite_error=True)
-    ray._client = client
-    store = JobStore(tmp_path / "db.sqlite")
-    supervisor = Supervisor(store, tmp_path, None, max_concurrent=1, executor=ray)
+    client = Submissions(received_despite_error=True)
+    store, supervisor = supervised_on_ray(tmp_path, client, "lost")
     service = JobService(ServerSettings(data_dir=tmp_path), store, supervisor)
-    store.add_job(JobRecord(id="lost", owner="default", name="lost", state="queued",
-                            spec={"model": "mlp", "dataset": "blobs", "nproc": 1}))
     supervisor.tick()
     assert store.get_job("lost").state == "queued" and len(client.submitted) == 1
     token = next(iter(client.submitted.values()))[REGISTER_TOKEN_VARIABLE]
@@ -189,16 +192,13 @@ def test_a_run_no_server_recorded_is_stopped_and_awaited_before_its_job_starts_a
     the stopped run's checkpoint landed after them, the new run (no --resume) refused the directory and the job
     failed. The start now waits until Ray says the stray ended, and a moment more; the jobs behind it start."""
     monkeypatch.setattr(ray_executor, "STRAY_SETTLE_SECONDS", 0.3)
-    ray, client = RayExecutor("http://127.0.0.1:8265"), Submissions()
-    ray._client, client.answering = client, True
-    store = JobStore(tmp_path / "db.sqlite")
-    supervisor = Supervisor(store, tmp_path, None, max_concurrent=2, executor=ray)
-    for job_id in ("lost", "behind"):
-        store.add_job(JobRecord(id=job_id, owner="default", name=job_id, state="queued",
-                                spec={"model": "mlp", "dataset": "blobs", "nproc": 1}))
+    client = Submissions()
+    client.answering = True
+    store, supervisor = supervised_on_ray(tmp_path, client, "lost", "behind", max_concurrent=2)
     lost = store.get_job("lost")
+    entrypoint = supervisor.executor.entrypoint(1, supervisor.train_args(lost), supervisor.job_path("lost"))
     stray = SimpleNamespace(submission_id="lost-1", status="RUNNING", metadata={"trainmetrics_job_id": "lost"},
-                            entrypoint=ray.entrypoint(1, supervisor.train_args(lost), supervisor.job_path("lost")))
+                            entrypoint=entrypoint)
     client.listed = [stray]
     for _ in range(2):
         supervisor.tick()
@@ -346,12 +346,8 @@ def test_a_job_cancelled_while_its_submission_went_unanswered_does_not_train_uns
     """Ray received a submission but its answer was lost; the job, queued, was cancelled: the Ray job ran on,
     trained to its end and was never stopped. Its launcher now reads "cancelled" in the control file (before it
     places a rank, or while it runs), and Ray is asked to stop it when it answers."""
-    ray, client = RayExecutor("http://127.0.0.1:8265"), Submissions(received_despite_error=True)
-    ray._client = client
-    store = JobStore(tmp_path / "db.sqlite")
-    supervisor = Supervisor(store, tmp_path, None, max_concurrent=1, executor=ray)
-    store.add_job(JobRecord(id="lost", owner="default", name="lost", state="queued",
-                            spec={"model": "mlp", "dataset": "blobs", "nproc": 1}))
+    client = Submissions(received_despite_error=True)
+    store, supervisor = supervised_on_ray(tmp_path, client, "lost")
     supervisor.tick()
     assert store.get_job("lost").state == "queued" and len(client.submitted) == 1
     client.answering = answering
@@ -370,12 +366,7 @@ def test_a_job_cancelled_after_a_server_submitted_it_unrecorded_stops_that_submi
     submission: kept in memory) has the job queued and its user cancels it: only a start of it looked for the
     stray (clear_way), and a cancelled job never starts, so the submission trained on unseen. Its launcher reads
     "cancelled" in the control file."""
-    ray = RayExecutor("http://127.0.0.1:8265")
-    ray._client = Submissions()
-    store = JobStore(tmp_path / "db.sqlite")
-    supervisor = Supervisor(store, tmp_path, None, max_concurrent=0, executor=ray)
-    store.add_job(JobRecord(id="stray", owner="default", name="stray", state="queued",
-                            spec={"model": "mlp", "dataset": "blobs", "nproc": 1}))
+    store, supervisor = supervised_on_ray(tmp_path, Submissions(), "stray", max_concurrent=0)
     supervisor.job_path("stray").mkdir(parents=True)        # made by the start the killed server did not record
     status, _ = JobService(ServerSettings(data_dir=tmp_path), store, supervisor).stop(None, "stray", "cancelled")
     assert status == 200 and (supervisor.job_path("stray") / CONTROL_FILE_NAME).read_text() == "cancelled"
@@ -538,12 +529,8 @@ def test_a_job_submitted_while_rays_head_has_no_job_agent_yet_waits_queued(tmp_p
         def list_jobs(self):            # the head answers: only its submission is refused
             return self.listed
 
-    ray, client = RayExecutor("http://127.0.0.1:8265"), NoAgentYet()
-    ray._client = client
-    store = JobStore(tmp_path / "db.sqlite")
-    supervisor = Supervisor(store, tmp_path, None, max_concurrent=1, executor=ray)
-    store.add_job(JobRecord(id="early", owner="default", name="early", state="queued",
-                            spec={"model": "mlp", "dataset": "blobs", "nproc": 1}))
+    client = NoAgentYet()
+    store, supervisor = supervised_on_ray(tmp_path, client, "early")
     supervisor.tick()
     assert store.get_job("early").state == "queued" and client.submitted == {}
     client.answering = True
