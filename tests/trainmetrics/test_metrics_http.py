@@ -161,6 +161,44 @@ def test_a_scrapes_time_runs_from_its_request_not_from_its_password_check(monkey
     assert len(delivered) == 1
 
 
+def slow_render(seconds: float):
+    def render(scrape) -> bytes:
+        time.sleep(seconds)
+        return b"up 1\n"
+    return render
+
+
+def scrape_late_in_its_timeout(connection: socket.socket, client: str) -> None:
+    """A scrape with a 1 s timeout, answered 0.7 s into it (see the test); `client`: what the scraper does."""
+    connection.sendall(OK + f"{SCRAPE_TIMEOUT_HEADER}: 1\r\n\r\n".encode())
+    if client.startswith("gave up"):    # its own clock, which started earlier, ran out
+        time.sleep(0.4 if client == "gave up" else 0.85)
+        return
+    reader = connection.makefile("rb")
+    assert reader.readline().startswith(b"HTTP/1.1 200")
+    if client == "asks again at once":
+        connection.sendall(OK + b"\r\n")           # (a reader that does not count)
+    time.sleep(1.0)                     # the connection kept (as a scraper keeps it)
+
+
+@pytest.mark.parametrize("client, counted", [("gave up", False), ("gave up as the answer came", False),
+                                             ("kept its connection", True), ("asks again at once", True)])
+def test_an_answer_written_late_in_its_timeout_counts_only_when_its_scraper_stayed_for_it(client, counted):
+    """The scraper's clock starts before ours: an answer written 0.19 s into a 0.2 s timeout by our clock came
+    0.24 s into it by Prometheus's, which had dropped it and closed the connection. It counted as read, and a
+    job's final linger ended on it: that Prometheus never had the job's end (its loss spikes read 0). An answer
+    written past half its timeout counts once its scraper kept the connection open past the timeout."""
+    delivered = []
+    server = MetricsHTTPServer(("127.0.0.1", 0), slow_render(0.7), delivered=delivered.append).serve_in_background()
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as connection:
+            scrape_late_in_its_timeout(connection, client)
+        time.sleep(0.3)
+    finally:
+        server.close()
+    assert sum(scrape.counting for scrape in delivered) == (1 if counted else 0)
+
+
 def test_a_pipelined_scrapes_time_runs_from_before_its_password_check(monkeypatch):
     """A request read ahead with the one before it (pipelined) has no first bytes of its own: its time was taken
     as "now" after its password check, so a 0.3 s first check of its header counted its answer, written past its

@@ -249,3 +249,38 @@ def test_a_forged_forwarded_for_header_does_not_give_a_client_another_address(tm
     finally:
         process.terminate()
         process.communicate(timeout=20)
+
+
+@pytest.mark.parametrize("client, counted", [("gave up", False), ("gave up as the answer came", False),
+                                             ("kept its connection", True)])
+def test_over_tls_an_answer_written_late_in_its_timeout_counts_only_when_its_scraper_stayed_for_it(
+        pki, tmp_path, client, counted):
+    """As over plain HTTP (test_metrics_http), with a scraper that gives up as Go's does: its TLS close_notify
+    comes before its FIN, so bytes waiting on the connection are no sign that it stayed."""
+    import socket
+
+    from tests.trainmetrics.test_metrics_http import OK, slow_render
+    from trainmetrics.metrics_http import SCRAPE_TIMEOUT_HEADER, MetricsHTTPServer
+
+    config = tmp_path / "web.yml"
+    config.write_text(f"tls_server_config:\n  cert_file: {pki / 'server.crt'}\n  key_file: {pki / 'server.key'}\n")
+    delivered = []
+    server = MetricsHTTPServer(("127.0.0.1", 0), slow_render(0.7), web_config=load_web_config(config),
+                               delivered=delivered.append).serve_in_background()
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw, \
+                context(pki).wrap_socket(raw, server_hostname="127.0.0.1") as connection:
+            connection.sendall(OK + f"{SCRAPE_TIMEOUT_HEADER}: 1\r\n\r\n".encode())
+            if client.startswith("gave up"):
+                time.sleep(0.4 if client == "gave up" else 0.85)
+                connection.settimeout(0.05)
+                with pytest.raises((TimeoutError, ssl.SSLError, OSError)):
+                    connection.unwrap()     # its close_notify, then (leaving the block) its FIN
+                time.sleep(0.1)             # (apart: the one seen alone must not count as the scraper staying)
+            else:
+                assert connection.recv(4096).startswith(b"HTTP/1.1 200")
+                time.sleep(1.0)
+        time.sleep(0.3)
+    finally:
+        server.close()
+    assert sum(scrape.counting for scrape in delivered) == (1 if counted else 0)
