@@ -134,6 +134,36 @@ def test_published_times_follow_a_wall_clock_stepped_after_the_start(monkeypatch
     assert sum(after.values()) == pytest.approx(sum(totals.values()), abs=1.0)
 
 
+def test_a_phase_change_dated_before_a_collection_never_makes_the_totals_outrun_the_process():
+    """The loop dates a phase change from a clock read before its store (a checkpoint from its start): a
+    collection between the two counted that time as compute, the new mark then gave it to the checkpoint, and
+    compute, held at what was published, kept it too: the totals added up to more than the process had lived, for
+    good (3.8 ms; the loop preempted between its read and its store on a busy host). Found as a flaky
+    test_scrapes_while_phases_change_never_count_more_than_the_process_lived."""
+    from trainmetrics.trainer.phases import CHECKPOINT, COMPUTE, PhaseClock
+
+    clock = PhaseClock()
+    clock.start_loop(time.perf_counter())
+
+    def ahead() -> float:       # the totals less the process's age, by the clock's own offset
+        return sum(clock.totals().values()) - (clock._start_epoch + time.perf_counter() - clock.process_start)
+
+    at_start = ahead()
+    time.sleep(0.02)
+    began = time.perf_counter()              # the checkpoint's start, read...
+    time.sleep(0.05)
+    collected = clock.totals()               # ...a collection...
+    clock.enter(CHECKPOINT, began)           # ...then the store
+    time.sleep(0.01)
+    clock.enter(COMPUTE)
+    assert ahead() <= at_start + 1e-3
+    assert all(seconds >= collected[name] for name, seconds in clock.totals().items())    # none went back
+    time.sleep(0.1)                           # once compute has grown back past its published total: exact
+    totals = clock.totals()
+    assert totals["checkpoint"] == pytest.approx(clock.mark[3][CHECKPOINT], abs=1e-9)
+    assert ahead() <= at_start + 1e-3
+
+
 def test_a_loss_jump_is_a_spike_a_falling_noisy_loss_is_not_and_a_spike_does_not_hide_the_next():
     detector = LossSpikeDetector(z=6.0, warmup=10)
     losses = [2.0 * 0.97 ** i + 0.02 * ((-1) ** i) for i in range(60)]
