@@ -34,6 +34,11 @@ class Run:
     # A stop signal for trainer processes that do not exist yet (torchrun still starting its workers): sent when
     # they do (the local executor's poll); kept in the job's control file meanwhile, for a restart to adopt.
     undelivered: int | None = None
+    # What the executor says of the run's end beyond its exit code, set when poll reports the end (None: nothing
+    # more; the local executor): whether it ended by itself rather than by a stop or kill (Ray's status FAILED or
+    # SUCCEEDED, not STOPPED), and the executor's own words for a failure (Ray's message: one line, bounded).
+    ended_by_itself: bool | None = None
+    end_said: str | None = None
 
 
 class Executor(Protocol):

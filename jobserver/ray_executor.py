@@ -12,6 +12,7 @@ shares with the job server, as checkpoints must be for a resume to land on any n
 import json
 import logging
 import os
+import re
 import shlex
 import sys
 import time
@@ -20,6 +21,7 @@ from pathlib import Path
 import requests
 from ray.job_submission import JobStatus, JobSubmissionClient
 
+from trainmetrics.contract import CONTROL_CHARACTERS
 from trainmetrics.jobfiles import (CONTROL_FILE_NAME, LOG_NAME, STACKS_REQUEST_NAME, read_small_text,
                                    replace_atomically)
 from trainmetrics.jobserver.executors import ExecutorUnavailable, Run, StartDeferred
@@ -44,6 +46,8 @@ QUIET_SECONDS = 5.0
 # launcher Ray stopped for a moment, and one may be writing its stop's checkpoint. The job starts again this
 # long after Ray said it ended.
 STRAY_SETTLE_SECONDS = 3.0
+# Ray's message for a submission it failed, as a job's error carries it: at most this many characters.
+RAY_MESSAGE_LENGTH = 500
 # HTTP headers for every request to Ray's head (a proxy's or gateway's credentials), a JSON object: the
 # variable Ray's own `ray job submit` reads.
 HEADERS_VARIABLE = "RAY_JOB_HEADERS"
@@ -75,19 +79,36 @@ def token_headers(headers: dict[str, str]) -> dict[str, str]:
         return {}
 
 
-def unknown_to_ray(error: Exception) -> bool:
-    """Ray answered that it has no such submission (404: it never had it, or its head restarted since)."""
-    return isinstance(error, RuntimeError) and "status code 404" in str(error)
+def unknown_to_ray(error: Exception, submission: str) -> bool:
+    """Ray answered that it has no such submission (it never had it, or its head restarted since): its dashboard's
+    own 404, "Job <submission> does not exist", which Ray's client raises as "Request failed with status code 404:
+    Job <submission> does not exist.". Any other 404 (a gateway's or proxy's page, a path that is not Ray's) says
+    nothing of the run: unanswered()."""
+    return isinstance(error, RuntimeError) and str(error).startswith(
+        f"Request failed with status code 404: Job {submission} does not exist")
+
+
+# Ray's own answer for a submission it does not have (its dashboard's job routes), whichever submission was asked.
+RAY_UNKNOWN_SUBMISSION = re.compile(r"Request failed with status code 404: Job \S+ does not exist")
 
 
 def unanswered(error: Exception) -> bool:
     """Ray could not be asked: refused, timed out or cut off (requests' errors and the client's own
     ConnectionError are OSErrors), or its dashboard answered that it cannot serve now (502-504), or failed
     inside (500: "No available agent to submit job, please try again later" while its head or job agent
-    starts, its GCS unreachable; a request Ray finds wrong is its 400). Taken for the job's own failure, a job
-    submitted then was failed for good."""
-    return isinstance(error, OSError) or (isinstance(error, RuntimeError) and any(
-        f"status code {code}" in str(error) for code in (500, 502, 503, 504)))
+    starts, its GCS unreachable; a request Ray finds wrong is its 400), or something other than Ray's dashboard
+    answered (a 404 that is not Ray's "Job ... does not exist": a gateway or proxy in front of the head, its
+    route to the head missing or not up yet; the client's version check answered 404). Taken for the job's own
+    failure, a job submitted then was failed for good; taken for Ray's "no such submission", a running job
+    was ended as lost."""
+    if isinstance(error, OSError):
+        return True
+    if not isinstance(error, RuntimeError):
+        return False
+    text = str(error)
+    return any(f"status code {code}" in text for code in (500, 502, 503, 504)) or \
+        ("status code 404" in text and not RAY_UNKNOWN_SUBMISSION.match(text)) or \
+        text.startswith("Version check returned 404")
 
 
 def already_submitted(error: Exception) -> bool:
@@ -152,7 +173,11 @@ class RayExecutor:
                 self._went_quiet()
                 raise ExecutorUnavailable(f"Ray did not answer ({_one_line(error)})") from error
             else:
-                self._unconfirmed.pop(job_id, None)
+                retried = self._unconfirmed.pop(job_id, None)
+                if retried is not None:
+                    # The earlier try's request may have reached Ray (its answer lost) and run now: the job fails
+                    # with this error, and nothing would stop that run (only a start looks for strays).
+                    self._stop_unconfirmed(job_id, job_dir, retried)
                 raise
         self._unconfirmed.pop(job_id, None)
         return Run(job_id, submission, job_dir)
@@ -206,7 +231,7 @@ class RayExecutor:
         try:
             status = self.client.get_job_status(handle)
         except Exception as error:
-            if unknown_to_ray(error):
+            if unknown_to_ray(error, handle):
                 log.warning("job %s: Ray no longer knows its submission %s", job_id, handle)
                 return None
             self._went_quiet()
@@ -228,7 +253,8 @@ class RayExecutor:
         try:
             info = self.client.get_job_info(run.handle)
         except Exception as error:
-            if unknown_to_ray(error):       # its head restarted: the run died with it, and no result tells how
+            # Its head restarted: the run died with it, and no result tells how.
+            if unknown_to_ray(error, run.handle):
                 log.warning("job %s: Ray no longer knows its submission %s: it ended", run.job_id, run.handle)
                 self._forget(run)
                 return True, None
@@ -242,6 +268,13 @@ class RayExecutor:
         answer = (info.status in FINISHED, info.driver_exit_code if info.status in FINISHED else None)
         if answer[0]:
             self._forget(run)
+            # Ray's STOPPED is its stop's end (kill(): a cancel's kill); FAILED or SUCCEEDED, the run ended by
+            # itself, a stop that came after it too late to be the cause.
+            run.ended_by_itself = info.status != JobStatus.STOPPED
+            said = ray_message(info.message) if info.status == JobStatus.FAILED else None
+            run.end_said = f"Ray said: {said}" if said else None
+            if said:
+                log.warning("job %s: Ray says its submission %s failed: %s", run.job_id, run.handle, said)
         else:
             self._polled[run.handle] = (now, answer)
             self._unanswered_said.pop(run.handle, None)
@@ -280,15 +313,27 @@ class RayExecutor:
         log.info("job %s: cancelled while Ray had not answered its submission %s; that submission, if Ray "
                  "received it, is stopped", job_id, submission)
 
+    def _stop_unconfirmed(self, job_id: str, job_dir: Path, submission: str) -> None:
+        """A retried submission failed on an error of its own (not Ray away): the earlier try, which Ray may have
+        received though its answer was lost, is stopped: "cancelled" in the job's control file (its launcher stops
+        before it places a rank, or at once if it runs; a later start removes the file) and Ray's stop of it."""
+        try:
+            _replace(job_dir / CONTROL_FILE_NAME, "cancelled")
+        except OSError as error:        # (the retry's own error is the one the job fails with)
+            log.warning("job %s: cannot write its control file: %s", job_id, _one_line(error))
+        self._stop(job_id, submission)      # not received, or Ray away: the control file stops it if it runs
+        log.warning("job %s: its retried submission %s failed; that submission, if Ray received it at the earlier "
+                    "try, is stopped", job_id, submission)
+
     def _stop(self, job_id: str, submission: str) -> bool:
-        """Ask Ray to stop a submission; True when it did, or has no such submission (404). Ray not answering,
-        or refusing (said), leaves it alone for the quiet period."""
+        """Ask Ray to stop a submission; True when it did, or has no such submission (its own 404). Ray not
+        answering, or refusing (said), leaves it alone for the quiet period."""
         if self._quiet():
             return False
         try:
             self.client.stop_job(submission)
         except Exception as error:
-            if unknown_to_ray(error):
+            if unknown_to_ray(error, submission):
                 return True
             if not unanswered(error):
                 log.warning("job %s: Ray refused to stop %s (%s)", job_id, submission, _one_line(error))
@@ -329,7 +374,7 @@ class RayExecutor:
         try:
             return self.client.get_job_status(run.handle) not in FINISHED
         except Exception as error:
-            if unknown_to_ray(error):
+            if unknown_to_ray(error, run.handle):
                 return False
             self._went_quiet()
             return True
@@ -340,6 +385,22 @@ class RayExecutor:
 
     def _went_quiet(self) -> None:
         self._quiet_until = time.monotonic() + QUIET_SECONDS
+
+
+def ray_message(message: object) -> str | None:
+    """Ray's message for a failed submission (a traceback, the tail of its entrypoint's output: "/bin/sh: 1:
+    cannot create .../train.log: Directory nonexistent") as one line a job's error can carry: its runs of
+    whitespace (line breaks included) one space, any other control character escaped (the escape of a coloured
+    log: "\\x1b"), and at most RAY_MESSAGE_LENGTH characters, its beginning and its end (a traceback's first
+    line says what failed, its last the error). None when Ray said nothing."""
+    if not isinstance(message, str):
+        return None
+    text = CONTROL_CHARACTERS.sub(lambda found: found.group().encode("unicode_escape").decode("ascii"),
+                                  " ".join(message.split()))
+    if len(text) > RAY_MESSAGE_LENGTH:
+        head = RAY_MESSAGE_LENGTH * 2 // 5
+        text = f"{text[:head]} ... {text[-(RAY_MESSAGE_LENGTH - head - 5):]}"
+    return text or None
 
 
 def _one_line(error: Exception) -> str:

@@ -256,9 +256,12 @@ class Supervisor:
         # the next tick, instead of forgetting it with its job `running` for good. Once (a job no longer running
         # has its end: decided again, with its stop request cleared, a cancel accepted after a pause came out
         # paused), what failed after it done again.
-        job = self.store.get_job(job_id)
+        job, run = self.store.get_job(job_id), self.runs[job_id]
         if job is None or job.state == "running":
-            self._ended(job_id, code, job_id in self._killed, job)
+            # A kill that came after the run had ended by itself (failed on its own as its cancel's grace ran out)
+            # is not what ended it: the run's end stands, not `cancelled`.
+            killed = job_id in self._killed and run.ended_by_itself is not True
+            self._ended(job_id, code, killed, job, said=run.end_said)
         else:
             self.store.remove_endpoints(job_id)
         del self.runs[job_id]
@@ -280,17 +283,19 @@ class Supervisor:
         log.exception("job %s: %s", job.id, message)
 
     def _ended(self, job_id: str, code: int | None, killed: bool = False, job: JobRecord | None = None,
-               at: float | None = None) -> None:
+               at: float | None = None, said: str | None = None) -> None:
         """Record how a run ended: its result decides; without one, a signal or exit code is a failure. A run
         killed after its cancel's grace is cancelled, unless it completed first. (`job`: its record, where the
-        caller just read it; `at`: when the run ended, where not now.)"""
+        caller just read it; `at`: when the run ended, where not now; `said`: the executor's own words for the
+        run's failure, Ray's message, which a failure without a result carries.)"""
         job = job or self.store.get_job(job_id)
         # The stop a user was answered for: a stop recorded but never sent is none (a pause under way, then a cancel
         # that was not sent, ended the paused job cancelled).
         job = dataclasses.replace(job, requested=self._stop_under_way(job))
         result = read_result(self.result_path(job_id))
         reason = published = None
-        if result is not None and result.get("state") in EXIT_STATES.values():
+        told = result is not None and result.get("state") in EXIT_STATES.values()
+        if told:
             # The result says how the run ended, whatever killed the process after it was written.
             state, error = result["state"], result.get("error")
             # The process published it, unless its result says no scraper read it: it ended before it published
@@ -312,6 +317,8 @@ class Supervisor:
         else:
             state, error = "failed", ("its process ended without a result or an exit code (adopted after a server "
                                       "restart, or its Ray submission stopped or lost)")
+        if said and not told and state == "failed":     # what failed it, where no result tells
+            error = f"{error}; {said}"
         if state in ("paused", "cancelled") and STOP_STRENGTH[job.requested] > STOP_STRENGTH[state]:
             state = job.requested    # a cancel accepted after the pause that stopped the process
         if state == "paused" and job.requested == SHUTDOWN_PAUSE:

@@ -538,3 +538,176 @@ def test_a_job_submitted_while_rays_head_has_no_job_agent_yet_waits_queued(tmp_p
     job = store.get_job("early")
     assert job.state == "running" and list(client.submitted) == [job.handle]
     store.close()
+
+
+class RayJobs(Submissions):
+    """A Jobs API client that answers, and reports each submission RUNNING until a test sets its end in `ends`:
+    submission id -> (Ray's status, the entrypoint's exit code, Ray's message)."""
+
+    def __init__(self):
+        super().__init__()
+        self.answering = True
+        self.ends: dict[str, tuple[str, int | None, str | None]] = {}
+
+    def get_job_info(self, submission):
+        from ray.job_submission import JobStatus
+
+        status, code, message = self.ends.get(submission, ("RUNNING", None, None))
+        return SimpleNamespace(status=JobStatus(status), driver_exit_code=code, message=message)
+
+    def get_job_status(self, submission):
+        return self.get_job_info(submission).status
+
+
+def running_on_ray(tmp_path, monkeypatch, job_id: str = "job") -> tuple[RayJobs, JobStore, Supervisor]:
+    """A job running on the fake Ray (polled afresh at every tick)."""
+    monkeypatch.setattr(ray_executor, "POLL_SECONDS", 0.0)
+    client = RayJobs()
+    store, supervisor = supervised_on_ray(tmp_path, client, job_id)
+    supervisor.tick()
+    assert store.get_job(job_id).state == "running"
+    return client, store, supervisor
+
+
+def test_a_run_ray_failed_without_a_result_says_rays_message_in_one_bounded_line(tmp_path, monkeypatch):
+    """Ray's message for a submission it failed (the entrypoint's shell could not open the job's log on a node
+    without the shared directory; a runtime_env that could not be set up; a traceback) was shown nowhere: the
+    job said "exit code 2 without a result" and nothing of why."""
+    client, store, supervisor = running_on_ray(tmp_path, monkeypatch)
+    handle = store.get_job("job").handle
+    log_line = f"/bin/sh: 1: cannot create {tmp_path}/jobs/job/train.log: Directory nonexistent"
+    client.ends[handle] = ("FAILED", 2, "Job entrypoint command failed with exit code 2, last available logs "
+                                        f"(truncated to 20,000 chars):\n\x1b[31m{log_line}\r\n\u2028\x00")
+    supervisor.tick()
+    job = store.get_job("job")
+    assert job.state == "failed" and job.exit_code == 2
+    assert job.error == ("exit code 2 without a result; Ray said: Job entrypoint command failed with exit code 2, "
+                         "last available logs (truncated to 20,000 chars): \\x1b[31m/bin/sh: 1: cannot create "
+                         "<data dir>/jobs/job/train.log: Directory nonexistent \\x00")
+    store.close()
+
+
+def test_rays_message_is_bounded_to_its_beginning_and_its_end():
+    traceback = "Failed to start supervisor actor job-1: 'boom'. Full traceback:\n" + "  frame\n" * 5000 + "ValueError: x"
+    said = ray_executor.ray_message(traceback)
+    assert len(said) <= ray_executor.RAY_MESSAGE_LENGTH and "\n" not in said
+    assert said.startswith("Failed to start supervisor actor job-1: 'boom'.") and said.endswith("frame ValueError: x")
+    assert ray_executor.ray_message(None) is None and ray_executor.ray_message(" \n") is None
+
+
+def test_a_run_ray_stopped_or_that_completed_says_no_message(tmp_path, monkeypatch):
+    client, store, supervisor = running_on_ray(tmp_path, monkeypatch)
+    client.ends[store.get_job("job").handle] = ("STOPPED", None, "Job was intentionally stopped.")
+    supervisor.tick()
+    job = store.get_job("job")
+    assert job.state == "failed" and "Ray said" not in job.error
+    store.close()
+
+
+@pytest.mark.parametrize("ends_as,state", [("FAILED", "failed"), ("STOPPED", "cancelled")])
+@pytest.mark.parametrize("with_result", [True, False], ids=["its-result", "no-result"])
+def test_a_run_that_failed_by_itself_as_its_cancels_kill_went_out_ends_failed(ends_as, state, with_result, tmp_path,
+                                                                                monkeypatch):
+    """A cancelled run failed by itself just as its cancel's grace ran out: the kill went out (Ray's stop of a
+    submission whose supervisor still lives answers that it stopped it), and the job read `cancelled`, its
+    failure hidden. Ray's status says which ended it: FAILED the run itself, STOPPED the kill."""
+    client, store, supervisor = running_on_ray(tmp_path, monkeypatch)
+    supervisor.cancel_grace = 0.0
+    service = JobService(ServerSettings(data_dir=tmp_path), store, supervisor)
+    status, _ = service.stop(None, "job", "cancelled")
+    assert status == 202
+    handle = store.get_job("job").handle
+    if with_result:
+        supervisor.result_path("job").write_text(json.dumps({"state": "failed", "exit_code": 1,
+                                                             "error_type": "RuntimeError", "error": "CUDA error"}))
+    client.ends[handle] = (ends_as, 1 if ends_as == "FAILED" else None,
+                           "Job entrypoint command failed with exit code 1. No logs available."
+                           if ends_as == "FAILED" else "Job was intentionally stopped.")
+    supervisor.tick()                                   # the kill goes out, then the poll sees the end
+    job = store.get_job("job")
+    assert client.stopped == [handle]
+    assert job.state == state
+    if ends_as == "FAILED":
+        assert job.error == ("CUDA error" if with_result else
+                             "exit code 1 without a result; Ray said: Job entrypoint command failed with exit code 1. "
+                             "No logs available.")
+    store.close()
+
+
+PROXY_404S = [RuntimeError("Request failed with status code 404: <html><head><title>404 Not Found</title></head>"
+                           "<body><center><h1>404 Not Found</h1></center><hr><center>nginx</center></body></html>."),
+              RuntimeError("Request failed with status code 404: 404 page not found."),
+              RuntimeError("Request failed with status code 404: Job other-1 was not found."),
+              RuntimeError("Version check returned 404. Please ensure the cluster is running Ray 1.9 or higher.")]
+
+
+@pytest.mark.parametrize("error", PROXY_404S, ids=["nginx", "plain", "not-rays-words", "version-check"])
+def test_a_404_that_is_not_rays_is_ray_not_answering_not_a_run_ray_lost(error, tmp_path):
+    """Any 404 was read as Ray's "no such submission": a gateway in front of the head whose route was missing
+    for a moment (its 404 page) ended every running job as lost (failed, or resumed), and a server restarted then
+    started its jobs' runs a second time. Only Ray's own answer, "Job <submission id> does not exist", says so."""
+    ray, run = executor(error), Run("job-1", "ray-1", tmp_path)
+    assert ray.adopt("job-1", "ray-1", tmp_path) is not None
+    assert ray.poll(run) == (False, None)
+    assert ray.signal(run, "cancelled") is True
+    assert ray_executor.unanswered(error) and not ray_executor.unknown_to_ray(error, "ray-1")
+
+
+def test_only_rays_own_404_for_the_submission_asked_says_ray_does_not_know_it():
+    assert ray_executor.unknown_to_ray(GONE, "ray-1") and not ray_executor.unanswered(GONE)
+    assert not ray_executor.unknown_to_ray(GONE, "ray-10")
+
+
+@pytest.mark.parametrize("error", PROXY_404S[:2], ids=["nginx", "plain"])
+def test_a_job_submitted_or_running_while_a_gateway_answers_404_is_neither_failed_nor_lost(error, tmp_path,
+                                                                                          monkeypatch):
+    client, store, supervisor = running_on_ray(tmp_path, monkeypatch, "running")
+    store.add_job(JobRecord(id="queued", owner="default", name="queued", state="queued",
+                            spec={"model": "mlp", "dataset": "blobs", "nproc": 1}))
+    supervisor.max_concurrent = 2
+
+    class Gateway404:
+        def __getattr__(self, name):
+            def refused(*args, **kwargs):
+                raise error
+            return refused
+
+    supervisor.executor._client = Gateway404()
+    for _ in range(3):
+        supervisor.tick()
+    assert store.get_job("running").state == "running" and store.get_job("queued").state == "queued"
+    supervisor.executor._client = client                # the gateway's route back
+    supervisor.tick()
+    assert store.get_job("running").state == "running" and store.get_job("queued").state == "running"
+    store.close()
+
+
+@pytest.mark.parametrize("stop_answered", [True, False], ids=["stop-answered", "stop-refused"])
+def test_a_retry_that_fails_on_another_error_stops_the_submission_its_first_try_may_have_left(stop_answered,
+                                                                                              tmp_path):
+    """The first submission's answer was lost (it may run at Ray); the retry under the same id was refused for
+    another reason, and the job failed: nothing stopped that first submission, which trained on unseen."""
+    refused = RuntimeError("Request failed with status code 413: Request Entity Too Large.")
+
+    class RefusesTheRetry(Submissions):
+        def submit_job(self, **kwargs):
+            if self.answering:
+                raise refused
+            return super().submit_job(**kwargs)
+
+        def stop_job(self, submission_id):
+            if not stop_answered:
+                raise refused
+            return super().stop_job(submission_id)
+
+    client = RefusesTheRetry(received_despite_error=True)
+    store, supervisor = supervised_on_ray(tmp_path, client, "lost")
+    supervisor.tick()
+    assert store.get_job("lost").state == "queued" and len(client.submitted) == 1
+    client.answering = True
+    supervisor.tick()
+    job = store.get_job("lost")
+    assert job.state == "failed" and "413" in job.error
+    assert client.stopped == (list(client.submitted) if stop_answered else [])
+    assert (supervisor.job_path("lost") / CONTROL_FILE_NAME).read_text() == "cancelled"     # its launcher stops
+    store.close()
