@@ -24,6 +24,13 @@ from trainmetrics.webconfig import web_config_flag
 DURATION = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(ms|s|m)?\s*$")
 UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}
 STOP_SIGNALS = set(signals_to_take(SERVICE_STOP_SIGNALS))
+# The intervals' bounds (docs/metrics.md, "How values are sampled"). A fast pass and its render took ~2 ms of CPU
+# here with no job (more with jobs): every 10 ms is a fifth of a core, every 1 ms more than the loop can keep
+# up with. No interval past the longest scrape interval the alerts allow (15 s, docs/alerts.md): values would
+# be older than a scrape, and a hung sample is found after 5 intervals. The peak window holds at least one sample
+# and at most 2 x that scrape interval (every scrape sees every spike at >= 2 x its interval; a longer window
+# only holds a spike over more scrapes, and every sample in it is kept and summed at each render).
+MIN_INTERVAL, MAX_INTERVAL, MAX_PEAK_WINDOW = 0.01, 15.0, 30.0
 
 
 def parse_duration(value: str) -> float:
@@ -42,13 +49,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="TLS and basic-auth settings, in Prometheus exporter-toolkit's web-config format")
     parser.add_argument("--sample-interval", default="100ms", metavar="DURATION",
                         help="how often the fast loop samples (CPU, memory, disk, network, jobs, GPU "
-                             "utilisation and memory)")
+                             "utilisation and memory), from 10ms to 15s")
     parser.add_argument("--slow-interval", default="1s", metavar="DURATION",
                         help="how often the slow loop samples (process counts, filesystems, GPU power, "
-                             "energy, clocks, errors and process lists, CPU package energy, energy per job)")
+                             "energy, clocks, errors and process lists, CPU package energy, energy per job), "
+                             "from the sample interval to 15s")
     parser.add_argument("--peak-window", default="1s", metavar="DURATION",
-                        help="window of the *_peak_* and mean utilisation series; keep it >= 2 x the "
-                             "scrape interval so every scrape sees every spike")
+                        help="window of the *_peak_* and mean utilisation series, from the sample interval to 30s; "
+                             "keep it >= 2 x the scrape interval so every scrape sees every spike")
     parser.add_argument("--job-dir", default=None, metavar="DIR",
                         help=f"job-mapping directory the trainer writes (default: {DEFAULT_JOB_DIR}, which "
                              "may be missing; an explicit DIR is created and must be readable)")
@@ -85,20 +93,23 @@ def _report_unknown_collectors(parser: argparse.ArgumentParser) -> None:
 
 
 def durations(args: argparse.Namespace) -> tuple[float, float, float]:
-    """--sample-interval, --slow-interval and --peak-window in seconds; FlagError naming a bad one."""
-    seconds = []
-    for flag, value in (("--sample-interval", args.sample_interval), ("--slow-interval", args.slow_interval),
-                        ("--peak-window", args.peak_window)):
+    """--sample-interval, --slow-interval and --peak-window in seconds; FlagError naming a bad one and the range
+    allowed. (Each was only > 0: --slow-interval 1ms ran the slow scans a hundred times as often as the fast loop,
+    and a window or interval of years grew a window's samples without end or overflowed a thread's wait.)"""
+    def seconds(flag: str, value: str, low: float, low_text: str, high: float, high_text: str) -> float:
         try:
-            seconds.append(parse_duration(value))
+            parsed = parse_duration(value)
         except ValueError as error:
             raise FlagError(flag, str(error)) from None
-        if seconds[-1] <= 0:
-            raise FlagError(flag, f"must be > 0, got {value!r}")
-    sample_interval, slow_interval, peak_window = seconds
-    if peak_window < sample_interval:
-        raise FlagError("--peak-window", f"{args.peak_window!r} is shorter than --sample-interval "
-                                         f"{args.sample_interval!r}: a window shorter than one sample holds nothing")
+        if not low <= parsed <= high:
+            raise FlagError(flag, f"must be from {low_text} to {high_text}, got {value[:40]!r}")
+        return parsed
+
+    sample_interval = seconds("--sample-interval", args.sample_interval, MIN_INTERVAL, "10ms", MAX_INTERVAL, "15s")
+    # The slow loop's scans no more often than the fast loop's reads; a window holds one sample at least.
+    fast = f"--sample-interval ({args.sample_interval})"
+    slow_interval = seconds("--slow-interval", args.slow_interval, sample_interval, fast, MAX_INTERVAL, "15s")
+    peak_window = seconds("--peak-window", args.peak_window, sample_interval, fast, MAX_PEAK_WINDOW, "30s")
     return sample_interval, slow_interval, peak_window
 
 

@@ -197,8 +197,9 @@ class Exporter:
 
     def __init__(self, collectors: list[Collector], sample_interval: float = 0.1, slow_interval: float = 1.0,
                  clock=time.monotonic):
-        if sample_interval <= 0 or slow_interval <= 0:
-            raise ValueError("sample and slow intervals must be > 0")
+        if not (0 < sample_interval < float("inf") and 0 < slow_interval < float("inf")):     # NaN passed `<= 0`
+            raise ValueError(f"sample and slow intervals must be finite and > 0, got {sample_interval}, "
+                             f"{slow_interval}")
         self.intervals = {"fast": sample_interval, "slow": slow_interval}
         self.stall_after = {part: max(STALL_MIN_SECONDS, STALL_INTERVALS * interval)
                             for part, interval in self.intervals.items()}

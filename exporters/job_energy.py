@@ -5,7 +5,11 @@ the CPU package energy; the energy collector then publishes the accounts as
 process_energy_joules_total{job_id,source}.
 
 - An account only grows, and it is kept RETENTION_SECONDS after the job was last seen, so a job resumed on
-  this host carries its count on, as its trainer counters do.
+  this host carries its count on, as its trainer counters do. The time since is measured on the monotonic clock,
+  never the wall clock: an NTP step of 40 days forward (a host whose clock was far behind) dropped every ended
+  job's account at the next slow pass. Across a restart the file carries each job's seconds idle at its save (it
+  is rewritten at least every RESAVE_SECONDS); the time since the save counts up to RESAVE_SECONDS (by the wall
+  clock, which may have been stepped meanwhile).
 - The accounts are written to a state file before they are published: a restarted exporter carries every
   count on from at least the last value any scraper read, so a restart never looks like a counter reset
   and nothing is counted twice. (It takes new baselines: energy used while no exporter ran is not counted.)
@@ -28,10 +32,14 @@ log = logging.getLogger(__name__)
 
 SOURCES = ("gpu", "cpu")
 HOLD_SECONDS = 60.0                 # Prometheus' default scrape interval, so even such a scraper reads them
-RETENTION_SECONDS = 30 * 86400.0    # the analytics' default --lookback
+RETENTION_SECONDS = 30 * 86400.0    # the analytics' default --lookback (of the exporter's running time)
 MAX_JOBS = 1_000                    # accounts kept (least recently seen out): the file is rewritten every
                                     # slow interval while a job runs, ~4 ms of CPU at 1,000 jobs
-MAX_STATE_BYTES = 1 << 20           # ~65 bytes a job: a larger file is not ours
+MAX_STATE_BYTES = 1 << 20           # ~130 bytes a job: a larger file is not ours
+# The state file is rewritten at least this often while it holds accounts, and a restart adds to the seconds each
+# job was idle at the save the wall clock's time since, up to this (none of a step back): a step forward counts an
+# hour at most, and an ended job's series are not published again after a restart.
+RESAVE_SECONDS = 3600.0
 OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -44,12 +52,15 @@ def state_file_for(job_dir: Path) -> Path:
 class JobEnergy:
     """Energy accounts by job and source, published as a snapshot taken after each save."""
 
-    def __init__(self, state_file: Path | None = None, clock: Callable[[], float] = time.time):
+    def __init__(self, state_file: Path | None = None, clock: Callable[[], float] = time.monotonic,
+                 wall_clock: Callable[[], float] = time.time):
         self.state_file = state_file
-        self.clock = clock
+        self.clock = clock              # monotonic: when each job was last seen, the hold and the retention
+        self.wall_clock = wall_clock    # only for the state file: `seen` as a time of day, the time no exporter ran
         self._joules: dict[str, dict[str, float]] = {}
-        self._seen: dict[str, float] = {}
+        self._seen: dict[str, float] = {}       # on self.clock
         self._changed = False
+        self._saved_at = clock()
         self._save_failed = False
         self._lock = threading.Lock()   # a slow sample the watchdog gave up on may still add when it returns
         self.published: dict[tuple[str, str], float] = {}
@@ -85,9 +96,8 @@ class JobEnergy:
         now = self.clock()
         with self._lock:
             for job_id, seen in self._seen.items():
-                # Seen after now: the wall clock was set back since (while running, or since the state file was
-                # saved): taken as seen now, else its series stayed published until the clock caught up (an hour's
-                # step back: an hour more) and for ever with a state file's future `seen`.
+                # Seen after now: a clock that went back (the monotonic one cannot; one passed in may) is taken as
+                # seen now, else its series stayed published until the clock caught up.
                 if seen > now:
                     self._seen[job_id] = now
             gone = [job_id for job_id, seen in self._seen.items() if now - seen > RETENTION_SECONDS]
@@ -95,16 +105,20 @@ class JobEnergy:
                 gone = sorted(self._seen, key=self._seen.get)[:len(self._seen) - MAX_JOBS]
             for job_id in gone:
                 del self._joules[job_id], self._seen[job_id]
-            if self._changed or gone:
-                self._save()
-                self._changed = False
+            if self._changed or gone or (self._joules and now - self._saved_at >= RESAVE_SECONDS):
+                self._save(now)
+                self._changed, self._saved_at = False, now
             self.published = {(job_id, source): joules for job_id, account in self._joules.items()
                               if now - self._seen[job_id] <= HOLD_SECONDS for source, joules in account.items()}
 
-    def _save(self) -> None:
+    def _save(self, now: float) -> None:
+        """Write the accounts, each with `idle`, the seconds since the job was last seen (what the retention
+        counts), and `seen`, that time by the wall clock (what an exporter before `idle` reads)."""
         if self.state_file is None:
             return
-        state = {job_id: {**account, "seen": self._seen[job_id]} for job_id, account in self._joules.items()}
+        wall = self.wall_clock()
+        state = {job_id: {**account, "seen": max(0.0, wall - (now - self._seen[job_id])),
+                          "idle": now - self._seen[job_id]} for job_id, account in self._joules.items()}
         try:
             fd, tmp = tempfile.mkstemp(dir=self.state_file.parent, prefix=f".{self.state_file.name}.")
             try:
@@ -134,6 +148,7 @@ class JobEnergy:
         except OSError as error:
             log.warning("ignoring the energy state file %s: %s", path, error)
             return
+        now, wall = self.clock(), self.wall_clock()
         try:
             with os.fdopen(fd, "rb") as handle:
                 info = os.fstat(handle.fileno())
@@ -144,13 +159,17 @@ class JobEnergy:
                 jobs = json.loads(handle.read(MAX_STATE_BYTES))["jobs"]
             for job_id, account in jobs.items():
                 validate_job_id(job_id)
-                values = {key: account[key] for key in account if key in (*SOURCES, "seen")}
+                values = {key: account[key] for key in account if key in (*SOURCES, "seen", "idle")}
                 # JSON numbers only (true is no count), bounded as the job mappings' are: float() of a longer
                 # integer raised OverflowError, which stopped the exporter at its start.
                 if not all(type(value) in (int, float) and 0 <= value < 1e18 for value in values.values()):
                     raise ValueError(f"job {job_id}: not a number from 0 to 1e18")
                 values = {key: float(value) for key, value in values.items()}
-                self._seen[job_id] = values.pop("seen")     # one after now is taken as now (publish)
+                # Idle at the save (none in a file from before `idle`: its `seen` is a wall time, which a clock
+                # step makes any age), and the wall clock's time since the save, up to RESAVE_SECONDS.
+                idle, seen = values.pop("idle", 0.0), values.pop("seen")
+                since_save = min(max(wall - (seen + idle), 0.0), RESAVE_SECONDS)
+                self._seen[job_id] = now - (idle + since_save)
                 self._joules[job_id] = values
         except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as error:
             log.warning("ignoring the energy state file %s (%s: %s): the per-job energy counters start from 0",

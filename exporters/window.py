@@ -17,8 +17,8 @@ class SampleWindow:
     __slots__ = ("window", "_values", "_maxima")
 
     def __init__(self, window: float):
-        if window <= 0:
-            raise ValueError(f"window must be > 0 seconds, got {window}")
+        if not 0 < window < math.inf:      # NaN passed `<= 0`: no sample ever left the window
+            raise ValueError(f"window must be finite and > 0 seconds, got {window}")
         self.window = window
         self._values: deque[tuple[float, float, float]] = deque()     # (time, value, weight)
         # Monotonically decreasing values: the front is always the max of the window.

@@ -265,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     for index, (rank, (node_ip, _, _)) in enumerate(zip(ranks, places)):
         env = {"RANK": str(index), "WORLD_SIZE": str(args.nproc), "LOCAL_RANK": str(local_ranks[index]),
                "MASTER_ADDR": places[0][0], "MASTER_PORT": str(master_port)}
-        command = [sys.executable, "-m", "trainmetrics", "train", *train_args, "--metrics-listen", f"{node_ip}:0"]
+        listen = f"[{node_ip}]:0" if ":" in node_ip else f"{node_ip}:0"      # an IPv6 node in brackets
+        command = [sys.executable, "-m", "trainmetrics", "train", *train_args, "--metrics-listen", listen]
         runs.append(rank.run.remote(command, env if args.nproc > 1 else {}, str(args.job_dir / LOG_NAME)))
 
     passed: set[str] = set()

@@ -71,14 +71,47 @@ def check_directory_writable(flag: str, path: Path) -> None:
 
 
 def parse_listen(value: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
-    """Parse 'HOST:PORT', ':PORT' or 'PORT' into (host, port); raise ValueError on anything else."""
-    host, sep, port_text = value.rpartition(":")
-    if not sep:
-        host, port_text = "", value
-    host = host.strip("[]") or default_host
+    """Parse 'HOST:PORT', '[IPV6]:PORT', ':PORT' or 'PORT' into (host, port); raise ValueError on anything else.
+
+    An IPv6 address goes in brackets: unbracketed, `::1` was read as host ':' and port 1 ("cannot listen on ::1: Name
+    or service not known") and `::1:9400`, itself an IPv6 address, as [::1]:9400. Refused, with what to write."""
+    if value.startswith("["):
+        host, sep, port_text = value[1:].partition("]")
+        if not sep or not port_text.startswith(":") or not host or "[" in host:
+            raise ValueError(f"invalid listen address {value!r}: expected [IPV6]:PORT, e.g. [::1]:9400")
+        port_text = port_text[1:]
+    elif "[" in value or "]" in value:
+        raise ValueError(f"invalid listen address {value!r}: expected HOST:PORT, or [IPV6]:PORT for an IPv6 "
+                         "address")
+    else:
+        host, sep, port_text = value.rpartition(":")
+        if not sep:
+            host, port_text = "", value
+        if ":" in host:
+            raise ValueError(f"invalid listen address {value!r}: an IPv6 address goes in brackets: write "
+                             f"{_bracketed(value)}")
+        host = host or default_host
     if not port_text.isascii() or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
         raise ValueError(f"invalid listen address {value!r}: expected HOST:PORT with PORT in 0..65535")
     return host, int(port_text)
+
+
+def _bracketed(value: str) -> str:
+    """What to write for an IPv6 listen address given without brackets: `::1` is [::1]:PORT, `::1:9400` [::1]:9400
+    (also an address of its own, [::1:9400]:PORT: said too)."""
+    host, _, last = value.rpartition(":")
+    whole = f"[{value}]:PORT"
+    if last.isascii() and last.isdigit() and _ipv6(host):
+        return f"[{host}]:{last}" + (f" (or {whole} if {value} is the address)" if _ipv6(value) else "")
+    return whole
+
+
+def _ipv6(text: str) -> bool:
+    try:
+        socket.inet_pton(socket.AF_INET6, text.partition("%")[0])     # fe80::1%eth0: its scope aside
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def reachable_address(listen_host: str, port: int) -> str:

@@ -234,6 +234,18 @@ def http_url_problem(url: str) -> str | None:
     return None
 
 
+def listen_problem(value: str) -> str | None:
+    """What keeps `value` from being a HOST:PORT to listen on (None: nothing), said with the flags: an IPv6 address
+    without brackets (`::1`) was found only once the job had loaded its data, in an unclear bind error."""
+    from trainmetrics.command import parse_listen     # here: the contract loads before a job's stop handlers
+
+    try:
+        parse_listen(value)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
 def _device_problem(value: str) -> str | None:
     if value in ("auto", "cpu") or re.fullmatch(r"cuda(:[0-9]{1,3})?", value):
         return None
@@ -398,8 +410,8 @@ TRAIN_OPTIONS: tuple[Option, ...] = (
     Option("log_every", int, 50, "steps per log interval (loss read, log line, MFU)", "telemetry", minimum=1,
            maximum=MAX_COUNT),
     Option("metrics_listen", str, "127.0.0.1:0", "HOST:PORT to serve /metrics on (port 0: a free one; a fixed "
-           "port is local rank 0's, each next local rank's the port after)",
-           "telemetry", api=_SERVER_SETS),
+           "port is local rank 0's, each next local rank's the port after; an IPv6 address in brackets: "
+           "[::1]:0)", "telemetry", api=_SERVER_SETS, problem=listen_problem),
     Option("targets_dir", Path, None, "Prometheus file_sd directory to announce the job in (default: not "
            "announced)", "telemetry", api="never passed: Prometheus finds the job server's jobs through GET "
            "/api/training/sd", env="TRAINMETRICS_TARGETS_DIR"),

@@ -39,12 +39,31 @@ def assert_one_line_error(result: subprocess.CompletedProcess, message: str) -> 
 @pytest.mark.parametrize("args, message", [
     (["--collector.nope"], "--collector.nope: unknown collector 'nope' (known: cpu, memory,"),
     (["--no-collector.nope"], "--no-collector.nope: unknown collector 'nope'"),
-    (["--sample-interval", "0"], "--sample-interval: must be > 0"),
+    (["--sample-interval", "0"], "--sample-interval: must be from 10ms to 15s, got '0'"),
     (["--sample-interval", "-1"], "--sample-interval: invalid duration"),
     (["--slow-interval", "fast"], "--slow-interval: invalid duration"),
     (["--peak-window", "1h"], "--peak-window: invalid duration"),
-    (["--sample-interval", "200ms", "--peak-window", "100ms"], "--peak-window: '100ms' is shorter than --sample-interval"),
+    (["--sample-interval", "200ms", "--peak-window", "100ms"],
+     "--peak-window: must be from --sample-interval (200ms) to 30s, got '100ms'"),
+    # Each was only > 0: a slow loop faster than the fast one, a window or an interval of years (a thread's wait
+    # overflowed; a window kept every sample), a fast loop faster than its own pass.
+    (["--sample-interval", "1ms"], "--sample-interval: must be from 10ms to 15s, got '1ms'"),
+    (["--sample-interval", "1m"], "--sample-interval: must be from 10ms to 15s, got '1m'"),
+    (["--slow-interval", "0"], "--slow-interval: must be from --sample-interval (100ms) to 15s, got '0'"),
+    (["--slow-interval", "50ms"], "--slow-interval: must be from --sample-interval (100ms) to 15s, got '50ms'"),
+    (["--slow-interval", "-1"], "--slow-interval: invalid duration"),
+    (["--slow-interval", "nan"], "--slow-interval: invalid duration"),
+    (["--slow-interval", "inf"], "--slow-interval: invalid duration"),
+    (["--slow-interval", "99999999999999999999m"], "--slow-interval: must be from --sample-interval (100ms) to 15s"),
+    (["--peak-window", "0"], "--peak-window: must be from --sample-interval (100ms) to 30s, got '0'"),
+    (["--peak-window", "31s"], "--peak-window: must be from --sample-interval (100ms) to 30s, got '31s'"),
+    (["--peak-window", "9" * 400], "--peak-window: must be from --sample-interval (100ms) to 30s"),
+    (["--peak-window", "nan"], "--peak-window: invalid duration"),
     (["--listen", "127.0.0.1:99999"], "--listen: invalid listen address"),
+    # Read as host ':' and port 1 ("cannot listen on ::1: Name or service not known"), and as [::1]:9400.
+    (["--listen", "::1"], "--listen: invalid listen address '::1': an IPv6 address goes in brackets: write [::1]:PORT"),
+    (["--listen", "::1:9400"], "--listen: invalid listen address '::1:9400': an IPv6 address goes in brackets: "
+                               "write [::1]:9400"),
     (["--listen", "no-port"], "--listen: invalid listen address"),
     (["--web.config.file", "/nonexistent/web.yml"], "--web.config.file: web config /nonexistent/web.yml"),
 ])
@@ -122,6 +141,17 @@ def test_collector_flags_come_from_the_table():
 @pytest.mark.parametrize("text, seconds", [("0.1", 0.1), ("100ms", 0.1), ("1s", 1.0), ("2m", 120.0), (".5", 0.5)])
 def test_durations(text, seconds):
     assert cli.parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("flags, seconds", [
+    (["--sample-interval", "10ms", "--slow-interval", "10ms", "--peak-window", "10ms"], (0.01, 0.01, 0.01)),
+    (["--sample-interval", "15s", "--slow-interval", "15s", "--peak-window", "30s"], (15.0, 15.0, 30.0)),
+    (["--sample-interval", "0.25", "--slow-interval", "250ms", "--peak-window", "0.5m"], (0.25, 0.25, 30.0)),
+])
+def test_the_interval_bounds_are_allowed(flags, seconds):
+    parser = argparse.ArgumentParser()
+    cli.configure(parser)
+    assert cli.durations(parser.parse_args(flags)) == pytest.approx(seconds)
 
 
 def test_serves_selected_collectors_and_stops_on_sigterm(tmp_path):

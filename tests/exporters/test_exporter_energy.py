@@ -13,7 +13,7 @@ from tests.exporters.exporter_fixtures import (FIXTURE_JOB_DIR, MAX_RANGE_UJ, Fa
 from trainmetrics.exporters.collectors.energy import EnergyCollector
 from trainmetrics.exporters.collectors.jobs import JobsCollector, JobTracker
 from trainmetrics.exporters.exporter import Exporter
-from trainmetrics.exporters.job_energy import HOLD_SECONDS, MAX_JOBS, RETENTION_SECONDS, JobEnergy
+from trainmetrics.exporters.job_energy import HOLD_SECONDS, MAX_JOBS, RESAVE_SECONDS, RETENTION_SECONDS, JobEnergy
 from trainmetrics.jobmap import JobMapping, write_job_mapping
 
 
@@ -296,7 +296,7 @@ def test_without_rapl_or_gpu_energy_there_are_no_energy_series_and_no_failure(tm
 
 
 class Clock:
-    """A wall clock the test moves."""
+    """A clock the test moves: JobEnergy's monotonic clock, or its wall clock."""
 
     def __init__(self, now: float = 1_000_000.0):
         self.now = now
@@ -409,20 +409,109 @@ def test_a_job_last_seen_in_the_future_by_the_state_file_is_not_held_for_ever(tm
 
 def test_a_job_that_ended_before_the_clock_was_set_back_goes_after_the_hold():
     """The wall clock set back an hour (an NTP step) while the exporter ran, just after a job ended: its `seen`,
-    now an hour ahead, held its series published for that hour and more, as a job still on the host."""
-    clock = Clock()
-    energy = JobEnergy(clock=clock)
+    then an hour ahead, held its series published for that hour and more, as a job still on the host."""
+    clock, wall = Clock(), Clock(1_700_000_000.0)
+    energy = JobEnergy(clock=clock, wall_clock=wall)
     energy.add("ended", "gpu", 2.0)
     energy.publish()
-    clock.now -= 3600
+    wall.now -= 3600
     energy.publish()
     assert energy.published == {("ended", "gpu"): 2.0}
     clock.now += HOLD_SECONDS + 1
+    wall.now += HOLD_SECONDS + 1
     energy.publish()
     assert energy.published == {}
     energy.add("ended", "gpu", 0.5)     # its account is kept: a resume carries the count on
     energy.publish()
     assert energy.published == {("ended", "gpu"): 2.5}
+
+
+def test_an_ended_jobs_account_outlives_a_wall_clock_step_past_the_retention():
+    """An NTP step of 40 days forward (a host whose clock was far behind), a second after a job ended: its
+    account, 30 days past by the wall clock, was dropped at the next slow pass, and the job resumed here counted
+    from 0. The retention runs on the monotonic clock; only a month of it drops the account."""
+    clock, wall = Clock(), Clock(1_700_000_000.0)
+    energy = JobEnergy(clock=clock, wall_clock=wall)
+    energy.add("ended", "gpu", 1234.0)
+    energy.publish()
+    clock.now += 1
+    wall.now += 1 + 40 * 86400
+    energy.publish()
+    clock.now += HOLD_SECONDS
+    wall.now += HOLD_SECONDS
+    energy.publish()
+    assert energy.published == {}       # the hold is over: by the monotonic clock too
+    energy.add("ended", "gpu", 0.5)     # resumed on this host
+    energy.publish()
+    assert energy.published == {("ended", "gpu"): 1234.5}
+    clock.now += RETENTION_SECONDS + 1
+    energy.publish()
+    energy.add("ended", "gpu", 0.5)
+    energy.publish()
+    assert energy.published == {("ended", "gpu"): 0.5}
+
+
+def test_an_ended_jobs_account_outlives_a_wall_clock_step_across_a_restart(tmp_path):
+    """The state file kept each job's `seen` as a wall time: an exporter restarted after a step of 40 days forward
+    (the clock corrected at boot) dropped every ended job's account. The file carries the seconds idle; the time
+    since its save counts, by the wall clock, an hour at most."""
+    state = tmp_path / "jobs.energy.json"
+    wall = Clock(1_700_000_000.0)
+    first = JobEnergy(state, clock=Clock(5_000.0), wall_clock=wall)
+    first.add("ended", "gpu", 1234.0)
+    first.add("ended", "cpu", 56.0)
+    first.publish()
+    saved = json.loads(state.read_text())["jobs"]["ended"]
+    assert (saved["gpu"], saved["cpu"], saved["seen"], saved["idle"]) == (1234.0, 56.0, wall.now, 0.0)
+
+    wall.now += 40 * 86400
+    clock = Clock(20.0)                 # a new boot's monotonic clock
+    second = JobEnergy(state, clock=clock, wall_clock=wall)
+    second.publish()
+    assert second.published == {}       # ended more than the hold ago: not published again
+    second.add("ended", "gpu", 0.5)     # resumed on this host: the count carries on
+    second.publish()
+    assert second.published == {("ended", "gpu"): 1234.5, ("ended", "cpu"): 56.0}
+    clock.now += RETENTION_SECONDS + 1
+    second.publish()
+    assert "ended" not in json.loads(state.read_text())["jobs"]
+
+
+def test_the_state_file_is_rewritten_hourly_so_a_restart_loses_at_most_an_hour_of_retention(tmp_path):
+    """Written only when an account changed, a host without jobs kept every ended job's `idle` at its save: each
+    restart took the retention back to it."""
+    state = tmp_path / "jobs.energy.json"
+    clock, wall = Clock(), Clock(1_700_000_000.0)
+    energy = JobEnergy(state, clock=clock, wall_clock=wall)
+    energy.add("ended", "gpu", 1.0)
+    energy.publish()
+    for _ in range(3):
+        clock.now += RESAVE_SECONDS / 2
+        wall.now += RESAVE_SECONDS / 2
+        energy.publish()
+    assert json.loads(state.read_text())["jobs"]["ended"]["idle"] == RESAVE_SECONDS
+
+
+def test_a_restart_counts_the_time_since_the_save_up_to_an_hour(tmp_path):
+    """Jobs seen 10 s and 0 s before the save: an exporter restarted 20 s later publishes both for the rest of the
+    hold, 55 s later the second alone, two hours later neither; after the wall clock went back two hours, both
+    (the time between taken as none, the seconds idle at the save kept)."""
+    state = tmp_path / "jobs.energy.json"
+    wall = Clock(1_700_000_000.0)
+    clock = Clock(100.0)
+    first = JobEnergy(state, clock=clock, wall_clock=wall)
+    first.add("a", "gpu", 1.0)
+    first.publish()
+    clock.now += 10
+    wall.now += 10
+    first.add("b", "gpu", 1.0)
+    first.publish()
+    assert json.loads(state.read_text())["jobs"]["a"]["idle"] == 10.0
+    for step, published in ((20, {"a", "b"}), (HOLD_SECONDS - 5, {"b"}), (7200, set()), (-7200, {"a", "b"})):
+        later = Clock(wall.now + step)
+        energy = JobEnergy(state, clock=Clock(7.0), wall_clock=later)
+        energy.publish()
+        assert {job_id for job_id, _ in energy.published} == published, step
 
 
 def test_a_running_job_keeps_its_gpu_energy_series_while_its_gpu_cannot_be_read(tmp_path):

@@ -121,7 +121,10 @@ BAD_INPUTS = {
     "result file in no directory": (lambda t: ["--result-file", str(t / "nope" / "r.json")], "/nope/r.json': no directory"),
     # Blamed on --metrics-listen before ("cannot serve metrics on 127.0.0.1:0: unknown url type").
     "register url not a url": (lambda t: ["--register-url", "notaurl"], "--register-url must be an http(s) URL, got 'notaurl'"),
-    "bad listen address": (lambda t: ["--metrics-listen", "127.0.0.1:99999"], "--metrics-listen: cannot serve metrics"),
+    # Refused with the flags, before the data is loaded (it was found binding, after).
+    "bad listen address": (lambda t: ["--metrics-listen", "127.0.0.1:99999"],
+                           "--metrics-listen invalid listen address '127.0.0.1:99999'"),
+    "IPv6 listen address without brackets": (lambda t: ["--metrics-listen", "::1"], "write [::1]:PORT"),
     "bad web config": (lambda t: (bad_csv(t, "web.yml", "tls_config: {}\n"), ["--web.config.file", str(t / "web.yml")])[1],
                        ("--web.config.file: ", "unknown key(s) ['tls_config']")),
     "missing web config": (lambda t: ["--web.config.file", str(t / "nope.yml")],

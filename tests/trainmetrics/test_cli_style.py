@@ -107,6 +107,14 @@ BAD = [
     (["train", "--epochs", "three"], "--epochs"),
     (["exporter", "--sample-interval", "0"], "--sample-interval"),
     (["exporter", "--listen", "127.0.0.1:99999"], "--listen"),
+    # An IPv6 address without brackets: `::1` was host ':' port 1 ("cannot listen on ::1: Name or service not known";
+    # a job found it after loading its data), `::1:9400` (an address itself) was [::1]:9400.
+    *[([command, *(["--data-dir", "/tmp/x"] if command == "server" else []), "--listen", address],
+       "--listen: invalid listen address") for command in ("exporter", "analytics", "server")
+      for address in ("::1", "::1:9400")],
+    (["analytics", "--listen", "::1"], "an IPv6 address goes in brackets: write [::1]:PORT"),
+    (["train", "--metrics-listen", "::1"], "--metrics-listen invalid listen address '::1': an IPv6 address goes in "
+                                           "brackets: write [::1]:PORT"),
     (["exporter", "--job-dir", "/sys/nope"], "--job-dir: '/sys/nope' cannot be created: "),   # was "not readable"
     (["exporter", "--web.config.file", "/nonexistent.yml"], "--web.config.file: "),
     (["train", "--web.config.file", "/nonexistent.yml"], "--web.config.file: "),
