@@ -190,6 +190,87 @@ class _LossAccumulator:
         return total / count
 
 
+class _BlockSignals:
+    """The stop signals of the process's open `with JobMetrics` blocks: SIGTERM and SIGHUP (the terminal closed) stop
+    a block like Ctrl-C (its job ends `cancelled`, its files removed); in a block that is ending, a signal cuts the
+    final linger short. Taken once, when the first block enters, and given back to whatever handled them before when
+    the last one ends, in whatever order the blocks end: each block saved the handlers it found and put them back
+    at its end, so blocks that ended in the order they began (A in, B in, A out, B out) left A's handler for good
+    (B put it back), a SIGTERM then ignored, and while B was still open a SIGTERM went past it. Main thread only
+    (Python's rule for handlers)."""
+
+    def __init__(self):
+        self.blocks: list["JobMetrics"] = []        # the open blocks, in the order they entered
+        self.previous: dict[int, object] = {}       # the handlers from before the first of them
+        self.held: int | None = None                # a stop for an open block, held while another one ends
+
+    def enter(self, block: "JobMetrics") -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        self.blocks.append(block)
+        if len(self.blocks) == 1:
+            for signum in signals_to_take(CANCEL_SIGNALS):
+                found = signal.signal(signum, self.deliver)
+                if found != self.deliver:       # (still ours when the last block ended off the main thread)
+                    self.previous[signum] = found
+
+    def leave(self, block: "JobMetrics") -> None:
+        """The block's end; with the last one, the handlers go back (off the main thread they cannot: deliver()
+        puts them back at the next signal). A stop held for an open block while this one ended is raised now."""
+        if block not in self.blocks:
+            return
+        del self.blocks[len(self.blocks) - 1 - self.blocks[::-1].index(block)]     # (entered twice: once out)
+        if not self.blocks:
+            self.held = None
+            if threading.current_thread() is threading.main_thread():
+                self.give_back()
+            return
+        held, self.held = self.held, None
+        if held is not None and threading.current_thread() is threading.main_thread():
+            self.stop_open(held)
+
+    def give_back(self) -> None:
+        previous, self.previous = self.previous, {}
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+    def deliver(self, signum: int, frame) -> None:
+        """A stop signal: the linger of every block that ended cut short, every open one stopped."""
+        if not self.blocks:     # the last one ended off the main thread: the handlers go back, the signal to them
+            self.give_back()
+            signal.raise_signal(signum)
+            return
+        for block in list(self.blocks):
+            if block._block_ending or block.ended:
+                block.cut_linger_short()
+        if any(block._block_ending for block in self.blocks):
+            # A block's end is under way on this thread: the others' stop is raised once it is over (raised in its
+            # linger, it gave the wait up, that job's final state unread).
+            if any(not (block._block_ending or block.ended) for block in self.blocks):
+                self.held = signum
+            return
+        self.stop_open(signum)
+
+    def stop_open(self, signum: int) -> None:
+        """Stop the open blocks (not ending, not ended): a KeyboardInterrupt, held while the losses of one's interval
+        are read (raised once they are counted: _log_interval)."""
+        open_blocks = [block for block in self.blocks if not (block._block_ending or block.ended)]
+        for block in open_blocks:
+            if block._stop_signal is None:
+                block._stop_signal = signum
+        reading = [block for block in open_blocks if block._reading_interval]
+        for block in reading:
+            block._held_stop = signum
+        if open_blocks and not reading:
+            # Every signal until the block ends interrupts: Python swallows a KeyboardInterrupt raised in a
+            # __del__ or an at-fork callback ("Exception ignored in ..."; a DataLoader iterator's __del__
+            # joining its workers), and a job that took only the first signal as its stop could not be stopped.
+            raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+
+_BLOCK_SIGNALS = _BlockSignals()
+
+
 class JobMetrics:
     """Records one job process's progress and publishes it as trainer_* series."""
 
@@ -275,8 +356,7 @@ class JobMetrics:
         self._carried_base: dict[str, float] = {}     # the carried counters' values at load_state_dict()
         self._carried_phases: dict[str, float] = {}
         self._linger_cut_short = threading.Event()  # one more came: stop waiting at once
-        self._previous_handlers: dict[int, object] = {}
-        # The `with` block's stop signals (_install_signal_handlers): the first one's number, once one came; the
+        # The `with` block's stop signals (_BlockSignals): the first one's number, once one came; the
         # block's end has begun; the interval's losses are being read; a signal held until they are counted.
         self._stop_signal: int | None = None
         self._block_ending = False
@@ -632,7 +712,7 @@ class JobMetrics:
         self._end_monotonic = time.monotonic()
 
     def __enter__(self) -> "JobMetrics":
-        self._install_signal_handlers()
+        _BLOCK_SIGNALS.enter(self)
         try:
             if self.ended:
                 raise ValueError(f"job {self.job_id} already ended {self.state}: a JobMetrics runs one job once")
@@ -662,36 +742,7 @@ class JobMetrics:
                     self._ended(state)
                 self.close()
             finally:
-                self._restore_signal_handlers()
-
-    def _install_signal_handlers(self) -> None:
-        """SIGTERM and SIGHUP (the terminal closed) stop the block like Ctrl-C (the job ends `cancelled`, its
-        files removed); once the block is ending, a signal cuts the final linger short. Main thread only
-        (Python's rule for handlers)."""
-        if threading.current_thread() is not threading.main_thread():
-            return
-
-        def stop(signum, frame):
-            if self._block_ending or self.ended:
-                self.cut_linger_short()
-                return
-            if self._stop_signal is None:
-                self._stop_signal = signum
-            if self._reading_interval:      # raised once the interval's losses are counted (_log_interval)
-                self._held_stop = signum
-                return
-            # Every signal until the block ends interrupts: Python swallows a KeyboardInterrupt raised in a
-            # __del__ or an at-fork callback ("Exception ignored in ..."; a DataLoader iterator's __del__
-            # joining its workers), and a job that took only the first signal as its stop could not be stopped.
-            raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
-
-        for signum in signals_to_take(CANCEL_SIGNALS):
-            self._previous_handlers[signum] = signal.signal(signum, stop)
-
-    def _restore_signal_handlers(self) -> None:
-        for signum, previous in self._previous_handlers.items():
-            signal.signal(signum, previous)
-        self._previous_handlers.clear()
+                _BLOCK_SIGNALS.leave(self)
 
     def cut_linger_short(self) -> None:
         """A stop signal during the final linger: wait for one scraper only, at most HURRIED_LINGER_SECONDS
@@ -882,7 +933,12 @@ class JobMetrics:
             if loss is not None:
                 losses = self._losses
                 if getattr(loss, "is_cpu", False):      # a CPU tensor: read now, no sync to avoid, no tensor kept
-                    value = loss.item()
+                    try:
+                        value = loss.item()
+                    except RuntimeError:
+                        if loss.numel() != 1:           # refused in the words the other devices' losses are
+                            raise TypeError(f"a loss of {loss.numel()} values (reduce it to one)") from None
+                        raise
                     if value.__class__ is bool:          # a tensor of bools: True would be a loss of 1
                         raise TypeError("a bool is not a loss")
                     pending = losses.floats
@@ -900,7 +956,7 @@ class JobMetrics:
                     if isinstance(loss, (str, bytes)):                   # float("2.0") would read it
                         raise TypeError("text is not a loss")
                     pending = losses.floats
-                    pending.append(float(loss))
+                    pending.append(loss if loss.__class__ is float else float(_one_value(loss, "a loss")))
                 losses.count += 1
                 if len(pending) >= LOSS_FOLD_LIMIT:      # an endless interval still holds a bounded list
                     losses.fold()
@@ -1189,6 +1245,7 @@ def _whole_count(value) -> int:
         raise TypeError("a bool")
     if isinstance(value, (str, bytes)):          # float("8") would read it
         raise TypeError("text")
+    value = _one_value(value, "a count")         # np.array([32]), as a tensor of one element counts
     try:
         count = operator.index(value)
     except TypeError:       # a float of any type: numpy's float32, a 0-d float tensor (a mask's sum)
@@ -1231,4 +1288,19 @@ def _as_float(value) -> float:
         raise TypeError("a bool")
     if isinstance(value, (str, bytes)):       # float("0.5") would read it (step() refuses text too)
         raise TypeError("text")
-    return float(value)
+    return float(_one_value(value, "an array"))
+
+
+def _one_value(value, what: str):
+    """value, or the one number of a numpy array of one element (np.array([0.5]), a one-element tensor's .numpy()),
+    read as a tensor of one element is: float() refuses it (numpy 2.4; 1.25 to 2.3 warn). TypeError for an array of
+    more, in the words step() refuses a tensor's. Duck-typed (an integer `size` and item()), numpy not imported."""
+    size = getattr(value, "size", None)
+    if size.__class__ is not int or not hasattr(value, "item"):     # a tensor's size is a method (float() reads it)
+        return value
+    if size != 1:
+        raise TypeError(f"{what} of {size} values (reduce it to one)")
+    number = value.item()
+    if isinstance(number, (str, bytes)):        # np.array(["0.5"]): float() would read it
+        raise TypeError("text")
+    return number

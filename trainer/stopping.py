@@ -20,7 +20,7 @@ from trainmetrics.signals import signals_to_take
 # target left behind for TargetDown to fire on).
 STOP_SIGNALS = {signal.SIGINT: "cancelled", signal.SIGTERM: "cancelled", signal.SIGHUP: "cancelled",
                 signal.SIGUSR1: "paused"}
-# The signals that cancel: `with JobMetrics(...)` stops its block on these (JobMetrics._install_signal_handlers).
+# The signals that cancel: `with JobMetrics(...)` stops its block on these (trainer/metrics.py, _BlockSignals).
 CANCEL_SIGNALS = tuple(signum for signum, outcome in STOP_SIGNALS.items() if outcome == "cancelled")
 
 

@@ -200,6 +200,120 @@ def test_a_second_job_in_one_process_starts_its_init_at_its_creation():
     assert float(second_init) < 0.5 and from_creation == "True", (done.stdout, done.stderr[-2000:])
 
 
+BLOCKS_IN_ANY_ORDER = """
+    STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    signal.signal(signal.SIGTERM, lambda signum, frame: print("users", flush=True))   # the user's own
+    before = [signal.getsignal(signum) for signum in STOPS]
+
+    def job(name):
+        return JobMetrics(name, publish=Publish(targets_dir=None, job_dir=None))
+
+    def sigterm():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.2)
+
+    def stop_by_sigterm():
+        try:
+            sigterm()
+        except KeyboardInterrupt as stop:
+            return stop
+
+    def handlers_back():
+        return [signal.getsignal(signum) for signum in STOPS] == before
+
+    a, b = job("fifo-a"), job("fifo-b")          # ended in the order they began
+    a.__enter__()
+    b.__enter__()
+    a.__exit__(None, None, None)
+    stop = stop_by_sigterm()
+    b.__exit__(type(stop), stop, None)
+    print("fifo", a.state, stop is not None, b.state, handlers_back())
+
+    a, b = job("lifo-a"), job("lifo-b")
+    try:
+        with a:
+            with b:
+                pass
+            sigterm()
+        a_stopped = False
+    except KeyboardInterrupt:
+        a_stopped = True
+    print("lifo", b.state, a_stopped, a.state, handlers_back())
+
+    try:
+        with job("raised") as c:
+            raise RuntimeError("the loop broke")
+    except RuntimeError:
+        pass
+    print("raised", c.state, handlers_back())
+
+    d = job("twice")                             # one JobMetrics entered twice (its start(), then `with` twice)
+    with d:
+        with d:
+            pass
+    print("twice", d.state, handlers_back())
+
+    def end_then_signal(stats):                   # a tracker upload in a's last interval, in a's end
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.2)
+
+    a = JobMetrics("ending-a", publish=Publish(targets_dir=None, job_dir=None), log_every=100,
+                   on_log=end_then_signal)
+    b = job("ending-b")
+    a.__enter__()
+    b.__enter__()
+    a.step(loss=1.0, samples=1)
+    try:
+        a.__exit__(None, None, None)
+        stop = None
+    except KeyboardInterrupt as raised:           # b's stop, raised once a's end is over
+        stop = raised
+    b.__exit__(type(stop), stop, None)
+    print("ending", a.state, stop is not None, b.state, handlers_back())
+    print("after", stop_by_sigterm() is not None)
+"""
+
+
+def test_with_blocks_ending_in_any_order_give_the_stop_signals_back_and_stop_the_open_one():
+    """Each block saved the handlers it found and put them back at its end: two that ended in the order they
+    began (A in, B in, A out, B out) left A's handler for good, every later SIGTERM ignored (it only 'hurried'
+    A's long-ended linger), and with B still open a SIGTERM went to the user's handler, past B. A stop signal
+    while one block ends (its final interval's upload) hurries that one and stops the other once it ended (raised
+    in the first one's end, it cut its linger, its final state unread)."""
+    done = run_script(BLOCKS_IN_ANY_ORDER)
+    assert done.stdout.splitlines() == [
+        "fifo completed True cancelled True",
+        "lifo completed True cancelled True",
+        "raised failed True",
+        "twice completed True",
+        "ending completed True cancelled True",
+        "users",
+        "after False",
+    ], (done.stdout, done.stderr[-3000:])
+
+
+ENDED_OFF_THE_MAIN_THREAD = """
+    signal.signal(signal.SIGTERM, lambda signum, frame: print("users", flush=True))
+    m = JobMetrics("off-main", publish=Publish(targets_dir=None, job_dir=None))
+    m.__enter__()
+    ending = threading.Thread(target=m.__exit__, args=(None, None, None))
+    ending.start()
+    ending.join()
+    for _ in range(2):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.2)
+    print(m.state, signal.getsignal(signal.SIGTERM).__name__)
+"""
+
+
+def test_a_block_ended_off_the_main_thread_gives_the_stop_signals_back():
+    """Its end put the handlers back with signal.signal() off the main thread: a ValueError out of __exit__, and
+    the block's handler left for good (every later SIGTERM swallowed: the user's handler never ran again)."""
+    done = run_script(ENDED_OFF_THE_MAIN_THREAD)
+    assert done.stdout.split() == ["users", "users", "completed", "<lambda>"], (done.stdout, done.stderr[-2000:])
+    assert "Exception in thread" not in done.stderr, done.stderr[-2000:]
+
+
 class SlowLoader:
     """A loader whose start (its workers) and end (joining them) take time, as a DataLoader's do."""
 
@@ -348,20 +462,21 @@ def ended(metrics: JobMetrics) -> None:
     metrics.close()
 
 
-@pytest.mark.parametrize("where", ["cpu", "accelerator"])
-def test_a_loss_of_many_values_is_refused_on_every_device(where):
+@pytest.mark.parametrize("where", ["cpu", "accelerator", "numpy"])
+def test_a_loss_of_many_values_is_refused_on_every_device(where, caplog):
     """A loss the loop forgot to reduce (32 per-sample losses): refused on the CPU (item()), but on an accelerator
     kept and summed (a loss of 16 the loop never had), and the interval's list, whose fold then failed, grew
-    without bound."""
+    without bound. Refused alike everywhere, in words that say what to do."""
     def per_sample():
         losses = torch.full((32,), 0.5)
-        return losses if where == "cpu" else losses.as_subclass(OnAccelerator)
+        return {"cpu": losses, "accelerator": losses.as_subclass(OnAccelerator), "numpy": losses.numpy()}[where]
 
     metrics = started(f"many-values-{where}", log_every=4)
     try:
         for _ in range(4):
             metrics.step(loss=per_sample(), samples=32)
         assert metrics.loss is None and metrics.steps == 4
+        assert "a loss of 32 values (reduce it to one)" in caplog.text
     finally:
         ended(metrics)
     endless = started(f"many-values-{where}-endless", log_every=100_000)
@@ -371,6 +486,23 @@ def test_a_loss_of_many_values_is_refused_on_every_device(where):
         assert len(endless._losses.tensors) <= LOSS_FOLD_LIMIT
     finally:
         ended(endless)
+
+
+def test_a_numpy_loss_of_one_element_is_read_as_a_tensor_of_one_is(caplog):
+    """np.array([0.5]) (a one-element tensor's .detach().cpu().numpy()) was refused ("only 0-dimensional arrays can
+    be converted to Python scalars"; numpy 1.25 to 2.3 warn) where torch.tensor([0.5]) was read: its losses, its
+    evaluation and its sample counts were lost."""
+    metrics = started("numpy-one-element", log_every=4)
+    try:
+        for loss in (np.array([0.5]), torch.tensor([1.5]).numpy(), np.array([[2.5]], np.float32), np.float32(3.5)):
+            metrics.step(loss=loss, samples=np.array([8]))
+        metrics.eval(loss=np.array([0.25]), accuracy=np.array([0.75]))
+        metrics.set_learning_rate(np.array([0.01]))
+        assert metrics.loss_intervals == 1 and metrics.loss == pytest.approx(2.0) and metrics.samples == 32
+        assert (metrics.eval_loss_min, metrics.eval_accuracy_max, metrics.learning_rate) == (0.25, 0.75, 0.01)
+        assert "cannot use" not in caplog.text and "ignoring" not in caplog.text, caplog.text
+    finally:
+        ended(metrics)
 
 
 def test_a_phase_the_loop_cannot_mark_is_said_and_counts_as_compute(caplog):
