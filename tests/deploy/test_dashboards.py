@@ -397,6 +397,18 @@ def test_the_loss_curve_has_no_point_while_the_loss_is_not_finite(dashboard, lab
     promtool_passes(tmp_path / "loss_test.yml", "\n" + series, tests)
 
 
+def test_the_compare_loss_overlay_is_rank_0s_as_its_final_loss_column(tmp_path):
+    """The overlay drew the mean of a job's ranks' losses, the table's Final loss rank 0's: the curve ended on a
+    value the table did not show (0.6 against 0.4 here)."""
+    (loss,) = [panel for panel in all_dashboards()["compare.json"]["panels"] if panel["title"] == "Loss"]
+    expr = loss["targets"][0]["expr"].replace("$job_id", "n1").replace("$__rate_interval", "1m")
+    series = "".join(f"      - series: 'trainer_loss{{job_id=\"n1\",instance=\"p{rank}\",rank=\"{rank}\"}}'\n"
+                     f"        values: '{value}x5'\n" for rank, value in ((0, 0.4), (1, 0.8)))
+    tests = [f"      - expr: '{expr}'\n        eval_time: 3m\n        exp_samples:\n"
+             f"          - labels: '{{job_id=\"n1\"}}'\n            value: 0.4\n"]
+    promtool_passes(tmp_path / "overlay_test.yml", "\n" + series, tests)
+
+
 # A job paused at 5 m (its process p1 publishes paused and exits); the job server then publishes its state:
 # paused, and from 10 m queued again to resume (w1) or cancelled (w2, its end for 5 minutes).
 WAITING_SERIES = ""

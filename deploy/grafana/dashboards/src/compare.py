@@ -14,10 +14,13 @@ def build():
                       ["compare"])
         .with_variable(label_variable("job_id", "Jobs", "label_values(trainer_job_state, job_id)", multi=True))
         .with_row(row("Overlaid"))
-        # A rank left out while its loss is NaN (trainer_loss then holds the last finite one: a flat line).
-        .with_panel(timeseries_panel("Loss", "Training loss of each job (the mean of its ranks', a rank left out "
-                                             "while its loss is NaN or infinite).", "short",
-                                     query(f"avg by (job_id) ({finite_loss(JOBS, '$__rate_interval')})", "{{job_id}}")))
+        # Rank 0's, as the table's final and best loss and the analytics (the mean of the ranks' ended on a value
+        # the Final loss column did not show); no point while it is NaN (trainer_loss then holds the last finite
+        # one: a flat line).
+        .with_panel(timeseries_panel("Loss", "Training loss of each job (rank 0's, as the table's; no point while "
+                                             "it is NaN or infinite).", "short",
+                                     query(f"max by (job_id) ({finite_loss(f'{JOBS},{RANK0}', '$__rate_interval')})",
+                                           "{{job_id}}")))
         .with_panel(timeseries_panel("Eval accuracy", "Accuracy at each evaluation.", "percentunit",
                                      # Each point the last sample of its interval (and a scrape more: a 250 ms
                                      # window can hold none, a gap): a finished run's final evaluation is there
