@@ -45,21 +45,23 @@ def stacks_file(job_path: Path, rank: int) -> Path:
 
 
 def _size(path: Path) -> int:
-    """The stacks file's length; 0 (none written) for anything but a regular file. The job's directory may
-    hold what anyone put there: a symlink (to /etc/passwd), a directory or a FIFO is no rank's stacks."""
+    """The stacks file's length; 0 (none written) for anything but a regular file of one name. The job's directory
+    may hold what anyone put there: a symlink (to /etc/passwd), a hard link, a directory or a FIFO is no rank's
+    stacks."""
     try:
         info = os.lstat(path)
     except OSError:
         return 0
-    return info.st_size if stat.S_ISREG(info.st_mode) else 0
+    return info.st_size if stat.S_ISREG(info.st_mode) and info.st_nlink == 1 else 0
 
 
 def _open_stacks_file(job_path: Path, rank: int, flags: int) -> int:
-    """A descriptor for the rank's stacks file, only a regular file in a job directory that is no symlink; OSError
-    otherwise."""
+    """A descriptor for the rank's stacks file, only a regular file of no other name (a hard link a job's process
+    planted there, to the server's database, was served, its last 256 KiB, and emptied when large) in a job
+    directory that is no symlink; OSError otherwise."""
     directory = open_directory(job_path.parent, job_path.name)
     try:
-        return open_regular(stacks_file(job_path, rank).name, flags, dir_fd=directory)
+        return open_regular(stacks_file(job_path, rank).name, flags, dir_fd=directory, one_name=True)
     finally:
         os.close(directory)
 

@@ -9,6 +9,7 @@
   TrainerHang alert.
 """
 
+import errno
 import faulthandler
 import logging
 import math
@@ -98,15 +99,18 @@ def open_stacks_file(directory: Path | None, rank: int):
     """The file a rank's stacks go to: its file in `directory`, or stderr. Returns (file, name, owned).
 
     The directory may be shared, so its file is opened only if it is a regular file (jobfiles.open_regular):
-    a FIFO planted there must not block the job's start, a symlink must not have the stacks appended to
-    whatever it points to. Stacks that cannot go to their file go to stderr (the job's log) instead: a
-    dump must never stop the job."""
+    a FIFO planted there must not block the job's start, a symlink or a hard link must not have the stacks
+    appended to whatever it names, nor another user's file have them (a shared /tmp). Stacks that cannot go to
+    their file go to stderr (the job's log) instead: a dump must never stop the job."""
     if directory is None:
         return sys.stderr, "stderr", False
     path = stacks_path(directory, rank)
     try:
         Path(directory).mkdir(parents=True, exist_ok=True)
-        fd = open_regular(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        fd = open_regular(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, one_name=True)
+        if os.fstat(fd).st_uid != os.geteuid():
+            os.close(fd)
+            raise OSError(errno.EPERM, "another user's file", str(path))
     except OSError as error:
         log.warning("thread stacks go to stderr: cannot write %s (%s)", path, error)
         return sys.stderr, "stderr", False

@@ -93,18 +93,23 @@ def strict_json(value) -> str:
     return json.dumps(finite_or_none(value), allow_nan=False)
 
 
-def open_regular(path: Path, flags: int, mode: int = 0o644, dir_fd: int | None = None) -> int:
+def open_regular(path: Path, flags: int, mode: int = 0o644, dir_fd: int | None = None,
+                 one_name: bool = False) -> int:
     """A descriptor for `path` (relative to `dir_fd` when given) opened with `flags`, only if it is a regular
-    file; OSError otherwise.
+    file (and, `one_name`, one with no other name); OSError otherwise.
 
     The directories these files live in may be shared, and anyone who can write there may have planted
     something at the name: never follow a symlink (O_NOFOLLOW), never wait on a FIFO or a device
     (O_NONBLOCK: a FIFO without a reader fails at once, one with a reader opens and is refused below),
-    never leak the descriptor into a child (O_CLOEXEC)."""
+    never leak the descriptor into a child (O_CLOEXEC). A hard link is a file of another name, which O_NOFOLLOW
+    does not see: where what is read is served or what is written appended (a rank's stacks), `one_name`."""
     fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode, dir_fd=dir_fd)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
             raise OSError(errno.EINVAL, "not a regular file", str(path))
+        if one_name and info.st_nlink != 1:
+            raise OSError(errno.EMLINK, "a hard link to another file", str(path))
         os.set_blocking(fd, True)       # a regular file's reads and writes never wait: keep the usual semantics
     except BaseException:
         os.close(fd)

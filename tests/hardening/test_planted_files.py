@@ -110,9 +110,11 @@ def plant(path, kind, victim):
         path.symlink_to(victim)
     elif kind == "directory":
         path.mkdir()
+    elif kind == "hard link":        # O_NOFOLLOW does not see one: it is the victim under another name
+        os.link(victim, path)
 
 
-@pytest.mark.parametrize("kind", ["fifo", "symlink", "directory"])
+@pytest.mark.parametrize("kind", ["fifo", "symlink", "directory", "hard link"])
 def test_a_planted_stacks_file_sends_the_stacks_to_stderr_without_blocking_the_job(tmp_path, victim, kind, caplog):
     plant(tmp_path / "stacks.rank0.txt", kind, victim)
     with deadline(), caplog.at_level(logging.WARNING, logger="trainmetrics.trainer"):
@@ -133,6 +135,28 @@ def test_a_fifo_with_a_reader_is_refused_too(tmp_path):
         os.close(reader)
 
 
+def test_another_users_file_at_a_ranks_stacks_name_is_not_appended_to(tmp_path, monkeypatch, caplog):
+    """In a shared directory (/tmp) anyone may create the file a rank's stacks go to before the job starts: the
+    stacks, a job's code and arguments, were appended to that user's file, for them to read. (The job's user is
+    played by another uid: these tests run as one user.)"""
+    (tmp_path / "stacks.rank0.txt").write_text("someone else's\n")
+    monkeypatch.setattr(os, "geteuid", lambda: os.stat(tmp_path / "stacks.rank0.txt").st_uid + 1)
+    with caplog.at_level(logging.WARNING, logger="trainmetrics.trainer"):
+        file, name, owned = open_stacks_file(tmp_path, 0)
+    assert (file, name, owned) == (sys.stderr, "stderr", False)
+    assert "another user's file" in caplog.text
+
+
+def test_a_hard_link_planted_as_a_large_stacks_file_is_not_emptied(tmp_path, victim, monkeypatch):
+    """A hard link at a rank's stacks name is the victim's file under another name (O_NOFOLLOW does not see it):
+    the server served its end as the rank's stacks and, once it was large, emptied it."""
+    monkeypatch.setattr(stacks, "MAX_FILE_BYTES", 4)
+    plant(tmp_path / "stacks.rank0.txt", "hard link", victim)
+    stacks.make_room(tmp_path, 1)
+    stacks._empty(tmp_path, 0)
+    assert victim.read_text() == VICTIM_TEXT and stacks._read(tmp_path, 0, 0) is None
+
+
 def test_the_stacks_file_of_a_rank_is_appended_to(tmp_path):
     (tmp_path / "stacks.rank1.txt").write_text("earlier dump\n")
     file, name, owned = open_stacks_file(tmp_path, 1)
@@ -142,7 +166,7 @@ def test_the_stacks_file_of_a_rank_is_appended_to(tmp_path):
     assert (tmp_path / "stacks.rank1.txt").read_text() == "earlier dump\nnew dump\n"
 
 
-@pytest.mark.parametrize("kind", ["fifo", "symlink", "directory"])
+@pytest.mark.parametrize("kind", ["fifo", "symlink", "directory", "hard link"])
 def test_the_stacks_route_counts_a_planted_file_as_the_ranks_stacks_missing(tmp_path, victim, kind):
     (tmp_path / "stacks.rank0.txt").write_text("Thread 0x1 (most recent call first):\n")
     plant(tmp_path / "stacks.rank1.txt", kind, victim)
