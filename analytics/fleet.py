@@ -39,9 +39,11 @@ async def fleet(client: PrometheusClient, range_seconds: float, now: float, spli
 
 async def _fleet(client: PrometheusClient, range_seconds: float, now: float, split: float | None,
                  details: bool, owner: str | None = None
-                 ) -> tuple[list[shapes.JobRow], dict[str, list[str]], dict[tuple[str, str], Process]]:
+                 ) -> tuple[list[shapes.JobRow], dict[str, list[str]], dict[tuple[str, str], Process],
+                            dict[str, float]]:
     """The fleet's rows, each job's processes (results.process_of; those that speak for it first:
-    lookup.speakers), and every process by (job id, process)."""
+    lookup.speakers), every process by (job id, process), and each row's training seconds within the range
+    (its training_seconds are its whole runs', before the range too)."""
     state_expr = q.fleet_state(range_seconds, now, split)
     state_parts = state_expr if isinstance(state_expr, dict) else {"raw": state_expr}
 
@@ -109,7 +111,7 @@ async def _fleet(client: PrometheusClient, range_seconds: float, now: float, spl
     by_job: dict[str, list[Process]] = {}
     for (job_id, _), proc in processes.items():
         by_job.setdefault(job_id, []).append(proc)
-    table, speaking = [], {}
+    table, speaking, trained_in_range = [], {}, {}
     # (Not by the job server's entry of a job: scraped while the job waits to resume, it held a killed run live.)
     jobs_scraped_now = {key[0] for key in scraped_now if key not in processes or processes[key].trainer}
     for job_id, procs in sorted(by_job.items()):
@@ -130,6 +132,9 @@ async def _fleet(client: PrometheusClient, range_seconds: float, now: float, spl
                     {})
         if owner is not None and owners_by_job.get(job_id) != {owner}:
             continue
+        in_range = timeline.training_seconds_within(now - range_seconds, now)
+        if in_range is not None:
+            trained_in_range[job_id] = in_range
         table.append(shapes.JobRow(
             job_id=job_id, **{key: info.get(key) for key in METADATA}, status=status,
             start_time=min(starts_known) if starts_known else None,
@@ -139,7 +144,7 @@ async def _fleet(client: PrometheusClient, range_seconds: float, now: float, spl
             total_samples=int(total) if total is not None else None,
             average_samples_per_second=rounded(ratio(total, timeline.training_seconds)),
             final_loss=final_loss(loss_by_process, job_id, speaking[job_id])))
-    return table, speaking, processes
+    return table, speaking, processes, trained_in_range
 
 
 def last_losses(answer: list[dict]) -> dict[tuple[str, str], float | None]:
@@ -220,13 +225,16 @@ def filter_jobs(table: list[shapes.JobRow], status: str | None, owner: str | Non
 
 
 async def resource_trends(client: PrometheusClient, range_seconds: float, step: float, now: float,
-                          recorded: bool, owner: str | None = None) -> dict[str, shapes.Trend]:
+                          recorded: bool, owner: str | None = None, split: float | None = None
+                          ) -> dict[str, shapes.Trend]:
     """Each trend's points (on multiples of the step, then one at now), average and peak: a range query per
     trend (a fleet's trends are the summary's costliest queries: one each spreads them over Prometheus'
     cores) and one instant query at now for all of them. The point at now reads the step before now, which
     overlaps the last grid point's: the average is over the grid, whose steps tile the range, the peak over
-    every point. With an owner, the job trends count that owner's jobs only."""
-    parts = {name: q.trend(name, step, recorded, owner) for name in q.TRENDS}
+    every point. With an owner, the job trends count that owner's jobs only: those the summary's rows count as
+    the owner's (every process of the job in the range names the owner; split: where the rows read recorded
+    series)."""
+    parts = {name: q.trend(name, step, recorded, owner, range_seconds, now, split) for name in q.TRENDS}
     start, end, step_literal = q.trend_grid(range_seconds, step, now)
     latest, *series = await asyncio.gather(
         query_parts(client, parts, now), *(client.query_range(expr, start, end, step_literal) for expr in parts.values()))
@@ -263,16 +271,15 @@ async def _summary(client: PrometheusClient, range_seconds: float, step: float, 
     recorded_trends = (split is not None and split <= now - range_seconds + q.RULE_WINDOW_SECONDS
                        and step >= q.RECORDED_TREND_MIN_STEP_SECONDS)
     # Metadata and final losses only where shown (the top 5), unless the owner filter needs everyone's.
-    (table, speaking, processes), trends, ledger = await asyncio.gather(
+    (table, speaking, processes, trained_in_range), trends, ledger = await asyncio.gather(
         _fleet(client, range_seconds, now, split, details=owner is not None, owner=owner),
-        resource_trends(client, range_seconds, step, now, recorded_trends, owner),
+        resource_trends(client, range_seconds, step, now, recorded_trends, owner, split),
         query_parts(client, q.fleet_goodput(range_seconds, now), now))
     by_status = {status: 0 for status in shapes.STATES}
     for row in table:
         by_status[row.status] = by_status.get(row.status, 0) + 1
     finished = [row.duration_seconds for row in table
                 if row.status in FINAL_STATES and row.duration_seconds is not None]
-    training = [row.training_seconds for row in table if row.training_seconds is not None]
     throughputs = [row.average_samples_per_second for row in table if row.average_samples_per_second is not None]
     top = sorted((row for row in table if row.average_samples_per_second is not None),
                  key=lambda row: (-row.average_samples_per_second, row.job_id))[:5]
@@ -281,7 +288,8 @@ async def _summary(client: PrometheusClient, range_seconds: float, step: float, 
     return shapes.Summary(
         range_seconds=range_seconds, evaluated_at=round(now, 3), total_jobs=len(table), jobs_by_status=by_status,
         average_duration_seconds=rounded(sum(finished) / len(finished)) if finished else None,
-        total_training_seconds=rounded(sum(training)) if training else 0.0,
+        # Within the range, as the goodput beside it: a job that began before the range counts from its start.
+        total_training_seconds=rounded(sum(trained_in_range.values())) if trained_in_range else 0.0,
         average_throughput_samples_per_sec=rounded(sum(throughputs) / len(throughputs)) if throughputs else None,
         top_performing_jobs=[shapes.TopJob(**{key: getattr(row, key) for key in shapes.columns(shapes.TopJob)})
                              for row in top],
@@ -295,7 +303,7 @@ def comparison_row(analytics: shapes.JobAnalytics) -> shapes.CompareRow:
     """One job's side-by-side row."""
     duration, performance, resources = analytics.duration, analytics.performance, analytics.resource_utilization
     return shapes.CompareRow(
-        job_id=analytics.job_id, job_name=analytics.job_name, status=analytics.status,
+        job_id=analytics.job_id, job_name=analytics.job_name, task=analytics.task, status=analytics.status,
         duration_seconds=duration.total_seconds, paused_seconds=duration.paused_seconds,
         training_seconds=duration.training_seconds, throughput=performance.average_samples_per_second,
         peak_throughput=performance.peak_samples_per_second, total_samples=performance.total_samples,
@@ -323,6 +331,6 @@ async def compare(client: PrometheusClient, cache: AnalyticsCache, job_ids: list
     job); partial where any job's analytics are."""
     analytics = await cached_jobs_analytics(client, cache, job_ids, lookback, owner, archive)
     table = [comparison_row(a) for a in analytics]
-    winner, ties = scoring.winners([shapes.plain(row) for row in table])
-    return shapes.Comparison(jobs=table, winner=shapes.Winner(**winner), ties=ties,
+    winner, ties, reasons = scoring.winners([shapes.plain(row) for row in table])
+    return shapes.Comparison(jobs=table, winner=shapes.Winner(**winner), ties=ties, no_winner_reasons=reasons,
                              partial=any(row.partial for row in table))

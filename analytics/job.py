@@ -279,6 +279,7 @@ def _assemble(facts: JobFacts, found: dict[str, list[dict]], peak: dict[str, Pea
     return shapes.JobAnalytics(
         job_id=facts.job_id, job_name=facts.info.get("job_name"), model=facts.info.get("model"),
         dataset=facts.info.get("dataset"), owner=facts.info.get("owner"), device=facts.info.get("device"),
+        task=facts.info.get("task"),
         status=facts.status, error_type=facts.error_type, start_time=facts.start, end_time=facts.end,
         evaluated_at=round(facts.now, 3),
         duration=shapes.Duration(

@@ -111,6 +111,11 @@ class Timeline:
         """The runs' lengths added up."""
         return sum(stop - start for start, stop in self.runs) if self.runs else None
 
+    def training_seconds_within(self, begin: float, end: float) -> float | None:
+        """The runs' lengths within (begin, end] added up: each cut to it, as the fleet's goodput cuts its phases
+        (goodput.fleet)."""
+        return sum(max(0.0, min(stop, end) - max(start, begin)) for start, stop in self.runs) if self.runs else None
+
     @property
     def paused_seconds(self) -> float | None:
         """The gaps between the runs."""

@@ -558,6 +558,21 @@ def _fleet_last(part: str, range_seconds: float, now: float, split: float | None
             f"last_over_time({raw}{over(split - (now - range_seconds), split)}){raw_suffix}")
 
 
+def fleet_not_owned(owner: str, range_seconds: float, now: float, split: float | None = None) -> str:
+    """The jobs that are not `owner`'s alone over the range, as the job rows tell it (fleet._fleet: a job is an
+    owner's only when every rank-0 info series of it in the range names that owner): each job with a rank-0 info
+    series in the range naming another owner, or none. Evaluated at `now` (`@`), so a range query reads it once."""
+    matchers = f'{{owner!={quote_label_value(owner)},rank=~"0|"}}'
+    raw, recorded = RAW["info"] + matchers, RECORDED["info"] + matchers
+    if split is None:
+        parts = [f"last_over_time({raw}{over(range_seconds, now)})"]
+    else:
+        parts = [f"last_over_time({raw}{over(RECENT_SECONDS, now)})",
+                 f"last_over_time({recorded}{over(now - split, now)})",
+                 f"last_over_time({raw}{over(split - (now - range_seconds), split)})"]
+    return "max by (job_id) (" + " or ".join(parts) + ")"
+
+
 def fleet_start(range_seconds: float, now: float | None = None, split: float | None = None) -> str:
     """Start timestamp of every job process seen in the range."""
     return _fleet_last("start", range_seconds, now, split)
@@ -798,9 +813,11 @@ def trend_grid(range_seconds: float, step: float, now: float) -> tuple[float, fl
     return start_ms / 1000, end_ms / 1000, f"{step_ms}ms"
 
 
-def trend(name: str, step: float, recorded: bool = False, owner: str | None = None) -> str:
+def trend(name: str, step: float, recorded: bool = False, owner: str | None = None, range_seconds: float | None = None,
+          now: float | None = None, split: float | None = None) -> str:
     """A resource-trend expression for range queries at `step` (from the recorded series where asked and
-    available); the job trends of one owner's jobs when given (the hosts' trends stay whole)."""
+    available); the job trends of one owner's jobs when given (the hosts' trends stay whole): the jobs that the
+    summary's rows over the range ending at `now` (read raw, or recorded from `split`) count as the owner's."""
     template = RECORDED_TRENDS[name] if recorded and name in RECORDED_TRENDS else TRENDS[name]
     window_ms = rate_window_ms(step)
     gap_ms = round(RECORDING_GAP_SECONDS * 1000)
@@ -810,8 +827,15 @@ def trend(name: str, step: float, recorded: bool = False, owner: str | None = No
     # carried the owner in the same window. Put in last: an owner is anyone's text ("{window}" in it was
     # replaced, and the trends counted another owner's jobs).
     info = RECORDED["info"] if recorded else RAW["info"]
-    owned = "" if owner is None else \
-        f" and on (job_id) max by (job_id) (max_over_time({info}{{owner={quote_label_value(owner)}}}[{window_ms}ms]))"
+    # Only a job that is the owner's alone over the range, as the rows count it: a job resumed under another owner
+    # (its processes name two) is in neither owner's rows, and its runs were in the first owner's trends.
+    if owner is None:
+        owned = ""
+    else:
+        if range_seconds is None or now is None:
+            raise ValueError("an owner's trends need the summary's range and time (range_seconds, now)")
+        owned = (f" and on (job_id) (max by (job_id) (max_over_time({info}{{owner={quote_label_value(owner)}}}"
+                 f"[{window_ms}ms])) unless on (job_id) ({fleet_not_owned(owner, range_seconds, now, split)}))")
     return template.replace("{owned}", owned)
 
 

@@ -87,15 +87,22 @@ CATEGORIES = {
 }
 
 
-def winners(rows: list[dict]) -> tuple[dict, dict]:
-    """(winner, ties): per category the winning job id (first in request order among equals) or None when
-    no row has a value, and for each tied category every job id that shares the best value.
+# Categories whose values mean something only between jobs of one task (a row's `task`): a loss is the task's own
+# measure (cross-entropy of a classifier, mean squared error of a regression, in the targets' units).
+SAME_TASK = frozenset({"best_loss"})
+
+
+def winners(rows: list[dict]) -> tuple[dict, dict, dict]:
+    """(winner, ties, reasons): per category the winning job id (first in request order among equals) or None when
+    no row has a value, for each tied category every job id that shares the best value, and for each category left
+    without a winner although rows have its value, why.
 
     `fastest` only considers completed jobs: a job that failed after ten seconds did not finish fastest;
     `most_energy_efficient` only jobs whose energy was counted whole (`energy_complete`); `most_efficient` only
-    jobs scored on every score they should have (`efficiency_complete`).
+    jobs scored on every score they should have (`efficiency_complete`); `best_loss` has a winner only where every
+    job with a loss has the same task (a job whose trainer said none is of an unknown task, its own).
     """
-    winner, ties = {}, {}
+    winner, ties, reasons = {}, {}, {}
     for category, (field, higher_wins) in CATEGORIES.items():
         candidates = [row for row in rows if _finite(row.get(field))
                       and (category != "fastest" or row.get("status") == "completed")
@@ -103,6 +110,14 @@ def winners(rows: list[dict]) -> tuple[dict, dict]:
                       and (category != "most_efficient" or row.get("efficiency_complete"))]
         if not candidates:
             winner[category] = None
+            continue
+        tasks: dict[str | None, list[str]] = {}
+        for row in candidates:
+            tasks.setdefault(row.get("task"), []).append(row["job_id"])
+        if category in SAME_TASK and len(tasks) > 1:
+            winner[category] = None
+            reasons[category] = "losses of different tasks are not comparable: " + "; ".join(
+                f"{task or 'task unknown'}: {', '.join(ids)}" for task, ids in tasks.items())
             continue
         # Losses are reported with every digit the backend keeps (VictoriaMetrics: about 12), not six.
         digits = EXACT_DIGITS if field in EXACT_FIELDS else REPORTED_DIGITS
@@ -112,4 +127,4 @@ def winners(rows: list[dict]) -> tuple[dict, dict]:
         winner[category] = best_ids[0]
         if len(best_ids) > 1:
             ties[category] = best_ids
-    return winner, ties
+    return winner, ties, reasons

@@ -201,6 +201,8 @@ class JobAnalytics:
     dataset: str | None
     owner: str | None
     device: str | None
+    task: str | None = described("what the model learns, so what its loss measures (classification, regression, "
+                                 "language): its trainer_job_info's task label; null where the trainer said none")
     status: str = status_field()
     error_type: str | None = described("the exception class that ended the job's last run")
     start_time: float | None = unix_time()
@@ -325,6 +327,8 @@ class CompareRow:
 
     job_id: str
     job_name: str | None
+    task: str | None = described("the job's task (its analytics' task): losses are compared between jobs of one "
+                                 "task only")
     status: str = status_field()
     duration_seconds: float | None
     paused_seconds: float | None
@@ -362,6 +366,9 @@ class Comparison:
     jobs: list[CompareRow]
     winner: Winner
     ties: dict[str, list[str]] = described("for each tied category, every job id sharing the best value")
+    no_winner_reasons: dict[str, str] = described(
+        "for each category whose winner is null although jobs have the value, why (best_loss: the jobs' losses "
+        "are of different tasks)")
     partial: bool = described("true when any row is partial")
 
 

@@ -70,6 +70,9 @@ class JobInfo:
     dataset: str = ""
     owner: str | None = None
     device: str = "cpu"
+    # What the model learns, so what its loss measures: "classification", "regression", "language" (data.Dataset's
+    # task); "" when not said. Losses of two tasks are not comparable (cross-entropy against a mean squared error).
+    task: str = ""
     rank: int = 0
     world_size: int = 1
     upload_seconds: float | None = None
@@ -77,7 +80,7 @@ class JobInfo:
 
     def __post_init__(self):
         # Label values: a None or a number here failed deep in the exposition, or at the first scrape.
-        for name in ("job_name", "model", "dataset", "owner", "device"):
+        for name in ("job_name", "model", "dataset", "owner", "device", "task"):
             value = getattr(self, name)
             if not isinstance(value, str) and not (value is None and name in ("job_name", "owner")):
                 raise TypeError(f"JobInfo.{name} must be text, not {type(value).__name__}")
@@ -296,7 +299,7 @@ class JobMetrics:
         self._lifecycle = self.info.rank == 0
         self._labels = {"job_name": self.info.job_name or job_id, "model": self.info.model,
                         "dataset": self.info.dataset, "owner": self.info.owner or "", "device": self.info.device,
-                        "world_size": str(self.info.world_size)}
+                        "task": self.info.task, "world_size": str(self.info.world_size)}
         self.state = "queued"
         self.error_type: str | None = None
         self.start_time: float | None = None

@@ -558,7 +558,7 @@ def run_job(config: TrainConfig, stop: StopFlag | None = None) -> int:
         metrics = JobMetrics(
             config.job_id,
             JobInfo(job_name=config.job_name, model=config.model, dataset=dataset.name, owner=config.owner,
-                    device=str(device), rank=ranks.rank, world_size=ranks.world_size,
+                    device=str(device), task=dataset.task, rank=ranks.rank, world_size=ranks.world_size,
                     upload_seconds=config.upload_seconds if config.upload_seconds is not None else load_seconds,
                     submitted_at=config.submitted_at),
             Publish(listen=distributed.rank_listen(config.metrics_listen, ranks.local_rank),

@@ -215,8 +215,10 @@ def test_an_owner_enters_the_trends_as_it_is(recorded):
     substituted like the template, and the summary's job trends counted the jobs of owner "600000ms"."""
     owner = "team {window} {seconds} {window+gap} {gap} {owned}"
     for name in ("running_jobs", "samples_per_second"):
-        expr = q.trend(name, 600.0, recorded=recorded, owner=owner)
+        expr = q.trend(name, 600.0, recorded=recorded, owner=owner, range_seconds=3600.0, now=1_796_476_107.75,
+                       split=1_796_472_807.75 if recorded else None)
         assert f'owner={q.quote_label_value(owner)}}}[600000ms]' in expr, expr
+        assert f'owner!={q.quote_label_value(owner)},rank=~"0|"}}' in expr, expr
 
 
 @pytest.mark.parametrize("step", [4.03, 16.28, 2.007, 1.005, 360.0])

@@ -59,7 +59,7 @@ def test_winners_per_category():
             row("b", throughput=250.0, final_loss=0.25, duration_seconds=90.0, overall_score=65.0,
                 samples_per_joule=12.0, goodput_ratio=0.83),
             row("c", throughput=180.0, final_loss=0.40, duration_seconds=30.0, overall_score=80.0)]
-    winner, ties = scoring.winners(rows)
+    winner, ties, _ = scoring.winners(rows)
     assert winner == {"best_throughput": "b", "best_loss": "b", "fastest": "c", "most_efficient": "c",
                       "most_energy_efficient": "a", "best_goodput": "b"}
     assert ties == {}
@@ -69,7 +69,7 @@ def test_fastest_counts_only_completed_jobs():
     rows = [row("quick-fail", status="failed", duration_seconds=5.0),
             row("slow-done", duration_seconds=500.0),
             row("cancelled", status="cancelled", duration_seconds=1.0)]
-    winner, _ = scoring.winners(rows)
+    winner, *_ = scoring.winners(rows)
     assert winner["fastest"] == "slow-done"
 
 
@@ -77,7 +77,7 @@ def test_ties_are_stated_and_the_first_requested_job_is_named():
     rows = [row("x", throughput=200.0, final_loss=0.1, duration_seconds=10.0, overall_score=50.0),
             row("y", throughput=200.0000001, final_loss=0.2, duration_seconds=10.0, overall_score=60.0),
             row("z", throughput=150.0, final_loss=0.1, duration_seconds=12.0, overall_score=60.0)]
-    winner, ties = scoring.winners(rows)
+    winner, ties, _ = scoring.winners(rows)
     # 200.0 and 200.0000001 print alike at six significant digits: a tie the reader would see.
     assert winner == {"best_throughput": "x", "best_loss": "x", "fastest": "x", "most_efficient": "y",
                       "most_energy_efficient": None, "best_goodput": None}
@@ -86,7 +86,7 @@ def test_ties_are_stated_and_the_first_requested_job_is_named():
 
 
 def test_no_values_means_no_winner():
-    winner, ties = scoring.winners([row("a", status="running"), row("b", status="failed")])
+    winner, ties, _ = scoring.winners([row("a", status="running"), row("b", status="failed")])
     assert winner == {"best_throughput": None, "best_loss": None, "fastest": None, "most_efficient": None,
                       "most_energy_efficient": None, "best_goodput": None}
     assert ties == {}
@@ -103,7 +103,7 @@ def test_the_best_loss_is_the_lowest_loss_as_reported():
     0.12345649 and 0.12345641 the higher was named best, the two a tie."""
     rows = [{"job_id": "a", "status": "completed", "final_loss": 0.12345649},
             {"job_id": "b", "status": "completed", "final_loss": 0.12345641}]
-    winner, ties = scoring.winners(rows)
+    winner, ties, _ = scoring.winners(rows)
     assert winner["best_loss"] == "b" and "best_loss" not in ties
 
 
@@ -121,3 +121,24 @@ def test_a_jobs_efficiency_is_complete_with_every_score_its_device_has():
     assert not scoring.efficiency_complete(None, 75.0, "cuda")   # its GPU went unmeasured
     assert not scoring.efficiency_complete(None, 75.0, None)     # no device said: a GPU may have gone unmeasured
     assert not scoring.efficiency_complete(80.0, None, "cuda")   # no measured peak: its GPU score alone
+
+
+def test_losses_are_compared_within_one_task_only():
+    """A regression's mean squared error won best_loss against a classifier's cross-entropy: losses of two tasks
+    measure two things. With mixed tasks there is no winner, and the answer says why."""
+    mixed = [row("cls", final_loss=0.9, task="classification"), row("reg", final_loss=0.02, task="regression"),
+             row("cls-2", final_loss=0.4, task="classification")]
+    winner, ties, reasons = scoring.winners(mixed)
+    assert winner["best_loss"] is None and "best_loss" not in ties
+    assert reasons == {"best_loss": "losses of different tasks are not comparable: "
+                                    "classification: cls, cls-2; regression: reg"}
+    # One task: the lowest loss wins; a job without a loss does not make the tasks mixed.
+    winner, _, reasons = scoring.winners(mixed[:1] + mixed[2:] + [row("reg-none", final_loss=None, task="regression")])
+    assert (winner["best_loss"], reasons) == ("cls-2", {})
+    # A job whose trainer said no task is of an unknown one: not compared with a classifier...
+    winner, _, reasons = scoring.winners([row("cls", final_loss=0.9, task="classification"),
+                                          row("old", final_loss=0.1)])
+    assert winner["best_loss"] is None and "task unknown: old" in reasons["best_loss"]
+    # ...and jobs that all said none are compared as before.
+    winner, _, reasons = scoring.winners([row("old-1", final_loss=0.3), row("old-2", final_loss=0.1)])
+    assert (winner["best_loss"], reasons) == ("old-2", {})

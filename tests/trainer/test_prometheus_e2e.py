@@ -75,5 +75,5 @@ def test_docs_list_exactly_the_series_a_job_exposes(finished_job):
     assert exposed - documented == set(), "exposed but not documented"
     assert documented - exposed == CONDITIONAL, "documented but not exposed"
     labels = {key for s in series if ":" not in s["__name__"] for key in s} - {"__name__", "instance", "job"}
-    assert labels == {"job_id", "run_id", "state", "job_name", "model", "dataset", "owner", "device", "world_size",
-                      "le", "slot", "phase"}
+    assert labels == {"job_id", "run_id", "state", "job_name", "model", "dataset", "owner", "device", "task",
+                      "world_size", "le", "slot", "phase"}
