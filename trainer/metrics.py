@@ -213,9 +213,12 @@ class _BlockSignals:
         self.blocks.append(block)
         if len(self.blocks) == 1:
             for signum in signals_to_take(CANCEL_SIGNALS):
-                found = signal.signal(signum, self.deliver)
+                # Noted before it is taken: a signal right after signal.signal() (a Ctrl-C in the block's start)
+                # runs deliver() before signal.signal()'s answer could be noted, and the handler was never given back.
+                found = signal.getsignal(signum)
                 if found != self.deliver:       # (still ours when the last block ended off the main thread)
                     self.previous[signum] = found
+                signal.signal(signum, self.deliver)
 
     def leave(self, block: "JobMetrics") -> None:
         """The block's end; with the last one, the handlers go back (off the main thread they cannot: deliver()
@@ -233,14 +236,21 @@ class _BlockSignals:
             self.stop_open(held)
 
     def give_back(self) -> None:
-        previous, self.previous = self.previous, {}
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        """Each handler back, then forgotten: forgotten first, a signal before its handler was back found no
+        handler to give it to, and deliver() raised it to itself again, without end (RecursionError in the block's
+        end, the signal ours for good: SIGTERM never ended the process again)."""
+        for signum in list(self.previous):
+            handler = self.previous.get(signum)     # (None: given back by a signal meanwhile, deliver())
+            if handler is not None:
+                signal.signal(signum, handler)
+                self.previous.pop(signum, None)
 
     def deliver(self, signum: int, frame) -> None:
         """A stop signal: the linger of every block that ended cut short, every open one stopped."""
         if not self.blocks:     # the last one ended off the main thread: the handlers go back, the signal to them
             self.give_back()
+            if signal.getsignal(signum) == self.deliver:    # none known to give it to: Python's own
+                signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
             signal.raise_signal(signum)
             return
         for block in list(self.blocks):
@@ -715,8 +725,10 @@ class JobMetrics:
         self._end_monotonic = time.monotonic()
 
     def __enter__(self) -> "JobMetrics":
-        _BLOCK_SIGNALS.enter(self)
         try:
+            # In the try: a stop signal once the first handler is taken raises in enter() (outside it, the block
+            # never ended: its handlers never given back, no later block took SIGTERM).
+            _BLOCK_SIGNALS.enter(self)
             if self.ended:
                 raise ValueError(f"job {self.job_id} already ended {self.state}: a JobMetrics runs one job once")
             self.start()

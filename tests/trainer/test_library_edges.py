@@ -314,6 +314,72 @@ def test_a_block_ended_off_the_main_thread_gives_the_stop_signals_back():
     assert "Exception in thread" not in done.stderr, done.stderr[-2000:]
 
 
+SIGNALS_AT_THE_HANDOVER = """
+    import trainmetrics.trainer.metrics as metrics_module
+    STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    signal.signal(signal.SIGTERM, lambda signum, frame: print("users", flush=True))   # the user's own
+    before = [signal.getsignal(signum) for signum in STOPS]
+    take = signal.signal
+
+    def signalled_once(when, signum):
+        # signal.signal, a signal coming the moment `when` says (a Ctrl-C, a SIGTERM from the terminal)
+        sent = []
+
+        def handover(number, handler):
+            found = take(number, handler)
+            if not sent and when(number, handler):
+                sent.append(number)
+                signal.raise_signal(signum)
+            return found
+        return handover
+
+    def job(name):
+        return JobMetrics(name, publish=Publish(targets_dir=None, job_dir=None))
+
+    # A Ctrl-C once the block's SIGINT handler is taken, before the others are.
+    signal.signal = signalled_once(lambda number, handler: number == signal.SIGINT and handler != before[0],
+                                   signal.SIGINT)
+    entered = job("entering")
+    try:
+        with entered:
+            print("began")
+    except KeyboardInterrupt:
+        pass
+    signal.signal = take
+    print("entering", entered.state, [signal.getsignal(signum) for signum in STOPS] == before)
+
+    # A SIGTERM while the block's end gives the handlers back, SIGINT's back already, SIGTERM's not yet.
+    left = job("leaving")
+    left.__enter__()
+    signal.signal = signalled_once(lambda number, handler: number == signal.SIGINT and handler is before[0],
+                                   signal.SIGTERM)
+    try:
+        left.__exit__(None, None, None)
+        print("leaving", left.state)
+    except BaseException as error:
+        print("leaving", type(error).__name__)
+    signal.signal = take
+    print("back", [signal.getsignal(signum) for signum in STOPS] == before)
+    with job("later") as later:         # a later block takes SIGTERM again
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)
+        except KeyboardInterrupt:
+            print("later stopped")
+"""
+
+
+def test_a_stop_signal_while_a_block_takes_or_gives_back_the_handlers_leaves_them_as_they_were():
+    """A Ctrl-C just after a block took SIGINT raised in _BlockSignals.enter(), called outside __enter__'s try: the
+    block never ended (queued, its handlers never given back), and no later block took SIGTERM (one was still
+    open). A SIGTERM while the handlers were given back (forgotten before each was back) found none to give the
+    signal to: deliver() raised it to itself without end, a RecursionError out of __exit__, the signal ours for
+    good (SIGTERM never ended the process again)."""
+    done = run_script(SIGNALS_AT_THE_HANDOVER)
+    assert done.stdout.splitlines() == ["entering cancelled True", "users", "leaving completed", "back True",
+                                        "later stopped"], (done.stdout, done.stderr[-3000:])
+
+
 class SlowLoader:
     """A loader whose start (its workers) and end (joining them) take time, as a DataLoader's do."""
 
