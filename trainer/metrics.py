@@ -42,7 +42,7 @@ from trainmetrics.trainer import instruments as inst
 from trainmetrics.trainer.evaluations import Evaluation, EvaluationHistory
 from trainmetrics.trainer.histograms import DurationHistogram
 from trainmetrics.trainer.phases import (CHECKPOINT, COMPUTE, CURRENT_PHASES, DATA, ENDED, EVAL, LOOP_PHASES, PAUSED,
-                                         SUMMED as MARKED_PHASES, PhaseClock)
+                                         SUMMED as MARKED_PHASES, CARRIED_SECONDS_MAX, PhaseClock, carried_seconds)
 from trainmetrics.trainer.spikes import LossSpikeDetector
 from trainmetrics.trainer.stopping import CANCEL_SIGNALS
 from trainmetrics.trainer.watchdog import StackWatch
@@ -366,6 +366,9 @@ class JobMetrics:
         self._last_step_end: float | None = None
         self._new_interval(time.perf_counter())
         self._hurried_at: float | None = None      # when a stop signal came during the final linger
+        # When a checkpoint written after the end (a pause's last save, an asynchronous writer's) was counted:
+        # the final state the linger waits to be read includes it.
+        self._counted_after_end: float | None = None
         self._carried_base: dict[str, float] = {}     # the carried counters' values at load_state_dict()
         self._carried_phases: dict[str, float] = {}
         self._linger_cut_short = threading.Event()  # one more came: stop waiting at once
@@ -478,7 +481,10 @@ class JobMetrics:
         def phase_seconds(base: dict[str, float]) -> list[tuple[str, float]]:
             if self._carried_known_at is None:
                 return []
-            return [(phase, seconds - base.get(phase, 0.0)) for phase, seconds in self.phases.totals().items()]
+            # (Never below 0: a process's own init may read a few µs below none, its start read from /proc to the
+            # kernel's clock tick, and a pushed counter must not start negative.)
+            totals = self.phases.totals()
+            return [(phase, max(seconds - base.get(phase, 0.0), 0.0)) for phase, seconds in totals.items()]
 
         # To an OTLP push, this process's own seconds (as observe's carried counters).
         observe_each(inst.PHASE_SECONDS, "phase", lambda: phase_seconds({}), counter=True,
@@ -573,9 +579,12 @@ class JobMetrics:
         if last_loss is not None and (isinstance(last_loss, bool) or not isinstance(last_loss, (int, float))):
             raise ValueError(f"last_loss must be a number, got {str(last_loss)[:40]!r}")
         phases = state.get("phases") or {}
-        if not isinstance(phases, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and
-                                                   math.isfinite(v) and v >= 0 for v in phases.values()):
-            raise ValueError("phases must map phase names to seconds >= 0")
+        if not isinstance(phases, dict):
+            raise ValueError("phases must map phase names to seconds")
+        for phase, seconds in phases.items():
+            if carried_seconds(seconds) is None:     # (1e308 twice overflowed the totals' sum: every phase NaN)
+                raise ValueError(f"phases: {str(phase)[:40]!r} holds {str(seconds)[:40]!r}, not seconds from 0 to "
+                                 f"{CARRIED_SECONDS_MAX:g}")
         taken = {"steps": count("steps"), "samples": count("samples"), "checkpoints": count("checkpoints"),
                  "loss_first": number("loss_first"), "loss_min": number("loss_min"),
                  "loss_sum": number("loss_sum", 0.0), "loss_intervals": count("loss_intervals"),
@@ -781,7 +790,10 @@ class JobMetrics:
         """True when the end has been read: some scraper scraped after it, and every active scraper did and
         has every evaluation."""
         end, scrapers = self._end_monotonic, self._publication.scrapers
-        if end is None or not scrapers.any_since(end):
+        if end is None:
+            return False
+        end = max(end, self._counted_after_end or end)
+        if not scrapers.any_since(end):
             return False
         return all(scrapers.delivered_since(scraper, end) and self.evaluations.complete_for(scraper)
                    for scraper in scrapers.active())
@@ -1175,7 +1187,9 @@ class JobMetrics:
         than the loop's (an asynchronous save's writer) the write is counted and timed but is no phase of the loop,
         which trains on meanwhile: the loop's phase, its step times and trainer_checkpointed_seconds are left alone
         (a writer's block took the rest of an evaluation it began in as checkpoint time, cut one it ended in short,
-        and took its time off the loop's step in progress)."""
+        and took its time off the loop's step in progress). One that ends after the run's end (finish(), pause()) is
+        counted and timed too, its time in no phase (the job's clock stopped at the end), and the final linger waits
+        for a scrape that reads its count."""
         began = time.perf_counter()
         in_loop = threading.get_ident() == self._loop_thread
         previous = self.phases.phase
@@ -1194,6 +1208,8 @@ class JobMetrics:
                 if written:
                     self.checkpoints += 1
                     self.checkpoint_durations.observe(seconds)
+                    if self.ended:      # part of the final state: the linger waits for a scrape that reads it
+                        self._counted_after_end = time.monotonic()
             if in_loop:
                 self.phases.enter(_resumed_phase(previous))
                 # The time spent checkpointing is not a training step's time, nor is a write that failed (a loop

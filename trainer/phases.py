@@ -9,16 +9,21 @@ grows). Every sum is made when something collects. Every second of the process f
 `init` (process start to training start, the wait for a first scrape included; for a process's later job,
 from its creation), `restore` (loading a checkpoint), `data_wait`, `optimizer` and `collective` (where the
 loop marks them), `eval`, `checkpoint`, and `compute`, the rest of the loop: `compute` is never summed, it is
-the loop's time minus the others, so the phases add up to the process's life by construction. A phase in
+the loop's time minus the others, so the phases add up to the process's life by construction, up to its run's end
+(finish(), pause(): the clock stops there; a checkpoint written after it is counted, its time in no phase). A phase in
 progress counts as far as it has gone, and each published total only grows (a scrape between two of the
 loop's stores cannot make one dip).
 """
 
+import logging
+import math
 import os
 import threading
 import time
 
 from trainmetrics.contract import ACCOUNTED_PHASES
+
+log = logging.getLogger("trainmetrics.trainer")
 
 # The phases a process can be in now (trainer_phase{phase}): the accounted ones, and paused at the end of a
 # paused run. `data` is the data_wait phase as the loop is in it.
@@ -46,6 +51,25 @@ def process_start_time() -> float:
         return time.time() - (since_boot - started)
     except (OSError, ValueError, IndexError):     # no /proc: the phase clock's own creation is close enough
         return time.time()
+
+
+# The most seconds a phase's carried total may hold (31,700 years: more than any job lives). A checkpoint's total
+# is taken only when it is a finite number from 0 to this: a NaN or an infinity made every published total NaN
+# (_grown spreads the growth by a ratio of sums), a negative one held them all at 0 until the others grew past it,
+# and two near the float limit (1e308 each) overflowed their sum into the same NaN.
+CARRIED_SECONDS_MAX = 1e12
+
+
+def carried_seconds(value) -> float | None:
+    """A checkpoint's carried total for one phase as seconds, or None when it is none (not a number, a bool, NaN,
+    infinite, negative, or past CARRIED_SECONDS_MAX)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        seconds = float(value)
+    except OverflowError:        # an int past the float range
+        return None
+    return seconds if math.isfinite(seconds) and 0.0 <= seconds <= CARRIED_SECONDS_MAX else None
 
 
 # How far the wall clock may move from the perf_counter offset before published times take the new one: further
@@ -193,11 +217,18 @@ class PhaseClock:
         return self.totals()
 
     def load_state_dict(self, totals: dict) -> None:
-        """Take over the totals a checkpoint holds (before training starts)."""
+        """Take over the totals a checkpoint holds (before training starts); a phase's that is no number of seconds
+        (carried_seconds) is left out, said with the phase's name (its carried total stays 0)."""
         for name in ACCOUNTED_PHASES:
             value = totals.get(name)
-            if isinstance(value, (int, float)):
-                self.carried[name] = float(value)
+            if value is None:
+                continue
+            seconds = carried_seconds(value)
+            if seconds is None:
+                log.warning("ignoring the checkpoint's %s seconds, %s: a phase's carried total is a finite number of "
+                            "seconds from 0 to %g", name, str(value)[:40], CARRIED_SECONDS_MAX)
+                continue
+            self.carried[name] = seconds
         with self._lock:
             self._published = dict.fromkeys(ACCOUNTED_PHASES, 0.0)
 

@@ -696,3 +696,36 @@ def test_clean_seeded_runs_of_every_built_in_model_raise_no_spike(make_trainer, 
         trainer.run()
         assert trainer.metrics.loss_intervals > 20           # enough intervals past the warm-up to look
         assert trainer.metrics.spikes.spikes == 0, (model, seed)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -5.0, True, "12", 10 ** 400, 1e300],
+                         ids=["nan", "inf", "negative", "bool", "text", "int-past-floats", "past-the-most"])
+def test_a_checkpoints_phase_total_that_is_no_seconds_is_left_out_by_name(bad, caplog):
+    """PhaseClock.load_state_dict took any int or float: a NaN made that phase's published total NaN, an infinity
+    every phase's (_grown spreads the growth by a ratio of sums), a negative one held every total at 0 until the
+    others outgrew it, and True carried 1 s. The others are taken; the one left out is said with its phase."""
+    from trainmetrics.trainer.phases import PhaseClock
+
+    clock = PhaseClock()
+    with caplog.at_level("WARNING", logger="trainmetrics.trainer"):
+        clock.load_state_dict({"eval": bad, "compute": 3.0, "checkpoint": 2})
+    clock.start_loop(time.perf_counter())
+    totals = clock.totals()
+    assert all(seconds == seconds and 0 <= seconds < 1e6 for seconds in totals.values()), totals
+    assert (totals["eval"], totals["checkpoint"]) == (0.0, 2.0) and totals["compute"] >= 3.0
+    assert "ignoring the checkpoint's eval seconds" in caplog.text
+
+
+def test_a_state_whose_phase_totals_overflow_their_sum_is_refused_naming_the_phase(caplog):
+    """Two finite carried totals near the float limit (1e308 each, a corrupt checkpoint) passed load_state_dict's
+    check: their sum overflowed, and every published phase total was NaN for the rest of the job."""
+    metrics = JobMetrics("phases-overflow", resuming=True)
+    try:
+        metrics.load_state_dict({"steps": 3, "phases": {"compute": 1e308, "eval": 1e308}})
+        assert metrics.steps == 0 and "'compute' holds '1e+308'" in caplog.text      # refused whole, as any bad state
+        metrics.load_state_dict({"steps": 3, "phases": {"compute": 5.0, "eval": 2.0}})
+        metrics.start()
+        totals = metrics.phases.totals()
+    finally:
+        metrics.close()
+    assert metrics.steps == 3 and totals["eval"] == 2.0 and 5.0 <= totals["compute"] < 6.0, totals

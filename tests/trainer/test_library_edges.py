@@ -748,3 +748,29 @@ def test_a_stop_signal_held_through_a_loss_read_on_the_loops_own_thread_still_st
     assert state == "cancelled", (done.stdout, done.stderr[-2000:])
     assert int(intervals) >= 2 and float(loss) >= 15.5          # step 20's interval was counted
     assert "Exception in thread" not in done.stderr, done.stderr[-2000:]
+
+
+ENTERED_OFF_THE_MAIN_THREAD = """
+    signal.signal(signal.SIGTERM, lambda signum, frame: print("users", flush=True))   # the process's own
+    m = JobMetrics("entered-off-main", publish=Publish(targets_dir=None, job_dir=None))
+
+    def run():
+        with m:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.3)
+            print(m.state, flush=True)
+
+    trainer = threading.Thread(target=run)
+    trainer.start()
+    trainer.join()
+    print(m.state, signal.getsignal(signal.SIGTERM).__name__)
+"""
+
+
+def test_a_block_entered_off_the_main_thread_leaves_the_stop_signals_to_the_process():
+    """README and docs/metrics.md: only a block entered on the main thread takes the stop signals (Python gives
+    handlers to the main thread alone); one entered on another thread leaves them to the process's own handler,
+    which runs, and the block trains on to end `completed`, its stop the process's to make."""
+    done = run_script(ENTERED_OFF_THE_MAIN_THREAD)
+    assert done.stdout.split() == ["users", "running", "completed", "<lambda>"], (done.stdout, done.stderr[-2000:])
+    assert "Exception in thread" not in done.stderr, done.stderr[-2000:]

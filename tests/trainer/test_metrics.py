@@ -1138,3 +1138,61 @@ def test_a_scrape_during_a_step_never_shows_more_step_times_than_steps():
     metrics.close()
     assert len(seen) == 3
     assert all(count <= steps for count, steps in seen), seen
+
+
+def read_soon(metrics: JobMetrics) -> bool:
+    """final_state_read() once the scrape just read has been noted delivered (after its answer was written)."""
+    return metrics._publication.scrapers.wait(metrics.final_state_read, 5)
+
+
+@pytest.mark.parametrize("writer", ["loop", "thread"])
+def test_a_checkpoint_written_after_the_end_is_counted_in_no_phase_and_lingered_for(writer, tmp_path):
+    """docs/metrics.md: a checkpoint written after pause() or finish() (the loop's last save, or an asynchronous
+    writer's that ends after the run) is counted and timed, its write in no phase (the job's clock stopped at the
+    end). The linger took the final state as read at a scrape before that count: the count went unread by
+    Prometheus, which held the job one checkpoint short while the resume from that checkpoint carried it."""
+    metrics = JobMetrics("lib-ckpt-after-end", publish=Publish(targets_dir=tmp_path, linger_timeout=30))
+    scraper = Scraper(metrics.metrics_port)
+    closer = threading.Thread(target=metrics.close)
+    try:
+        scraper.scrape()
+        metrics.start()
+        metrics.step(loss=1.0, samples=4)
+        release, saved = threading.Event(), []
+
+        def write():
+            with metrics.checkpoint():
+                release.wait(10)
+                time.sleep(0.1)
+                saved.append(metrics.state_dict())
+
+        thread = threading.Thread(target=write)
+        if writer == "thread":      # begun while the run is on, ended after it
+            thread.start()
+        metrics.pause()
+        at_end = metrics.phases.totals()
+        found = scraper.scrape()
+        assert found["trainer_checkpoints_total"][0].value == 0 and read_soon(metrics)
+        release.set()
+        if writer == "thread":
+            thread.join()
+        else:
+            write()
+        assert not metrics.final_state_read()       # the count is not read yet
+        found = scraper.scrape()
+        assert read_soon(metrics)
+        closer.start()
+        closer.join(10)
+        assert not closer.is_alive()
+    finally:
+        release.set()
+        if not closer.is_alive():
+            metrics.close()
+        scraper.close()
+    assert found["trainer_checkpoints_total"][0].value == 1
+    assert found["trainer_checkpoint_duration_seconds_count"][0].value == 1
+    assert found["trainer_checkpoint_duration_seconds_sum"][0].value >= 0.1
+    phases = {s.labels["phase"]: s.value for s in found["trainer_phase_seconds_total"]}
+    assert phases == pytest.approx(at_end, abs=1e-6) and phases["checkpoint"] == 0       # in no phase
+    assert [s.labels["phase"] for s in found["trainer_phase"] if s.value == 1] == ["paused"]
+    assert saved[0]["checkpoints"] == 1 and saved[0]["phases"] == pytest.approx(at_end, abs=1e-6)
