@@ -155,7 +155,13 @@ def run(args: argparse.Namespace) -> int:
     from trainmetrics.exporters.collectors.base import CollectorContext
     from trainmetrics.exporters.collectors.jobs import JobTracker
     from trainmetrics.exporters.exporter import Exporter, metrics_server
-    from trainmetrics.exporters.job_energy import JobEnergy, state_file_for
+    from trainmetrics.exporters.job_energy import JobEnergy, shared_state_directory, state_file_for
+
+    if args.collector_energy and (shared := shared_state_directory(state_file_for(job_dir))) is not None:
+        raise FlagError("--job-dir", f"other users can create files in {str(shared)!r}, where the energy state file "
+                                     f"{str(state_file_for(job_dir))!r} would be (one of theirs there would block "
+                                     "its saves): give a job directory in a directory only the exporter's user or "
+                                     "root can write, or --no-collector.energy")
 
     context = CollectorContext(peak_window=peak_window, rootfs=args.rootfs, job_tracker=JobTracker(job_dir),
                                job_energy=JobEnergy(state_file_for(job_dir)) if args.collector_energy else None)

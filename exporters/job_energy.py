@@ -49,6 +49,19 @@ def state_file_for(job_dir: Path) -> Path:
     return job_dir.with_name(f"{job_dir.name}.energy.json")
 
 
+def shared_state_directory(state_file: Path) -> Path | None:
+    """The directory the state file is in (or the nearest above that exists) when a user other than this one or
+    root can create files there, as in /tmp; else None. A file of theirs at the state file's name blocks every
+    save (in a sticky directory none but its owner may replace it) and is not taken over at a start (it is
+    owner-checked): the counts would start from 0 at each restart."""
+    directory = next(part for part in state_file.parents if part.is_dir())
+    info = os.stat(directory)
+    if (info.st_uid not in (0, os.geteuid()) or info.st_mode & stat.S_IWOTH
+            or (info.st_mode & stat.S_IWGRP and info.st_gid not in (0, os.getegid()))):
+        return directory
+    return None
+
+
 class JobEnergy:
     """Energy accounts by job and source, published as a snapshot taken after each save."""
 

@@ -27,26 +27,31 @@ def unescape_mount_field(field: str) -> str:
 
 
 def real_mounts(mounts_text: str, is_directory: Callable[[str], bool] = lambda mountpoint: True
-                ) -> list[tuple[str, str]]:
-    """(device, mountpoint) of each real filesystem, one mountpoint per device (the shortest directory: a file
-    bind-mounted over another, as a container's /etc/hosts is, is no place a filesystem is used from)."""
-    by_device: dict[str, str] = {}
+                ) -> list[tuple[str, str, str]]:
+    """(device, mountpoint, fstype) of each real filesystem's mount, one per mountpoint: its identity (a device
+    name is none: every tmpfs, overlay or s3fs is named so, two btrfs subvolumes share their disk's). Of mounts
+    stacked on one mountpoint the last, the one seen there; a file bind-mounted over another, as a container's
+    /etc/hosts is, is no place a filesystem is used from."""
+    by_mountpoint: dict[str, tuple[str, str]] = {}
     for line in mounts_text.splitlines():
         fields = line.split()
         if len(fields) < 3:
             continue
-        device, mountpoint, fs_type = fields[0], unescape_mount_field(fields[1]), fields[2]
+        mountpoint = unescape_mount_field(fields[1])
+        by_mountpoint.pop(mountpoint, None)     # moved to the end: the order of the table is the order mounted
+        by_mountpoint[mountpoint] = (fields[0], fields[2])
+    mounts = []
+    for mountpoint, (device, fs_type) in by_mountpoint.items():
         if mountpoint != "/" and (fs_type in PSEUDO_TYPES or (mountpoint + "/").startswith(PSEUDO_MOUNT_PREFIXES)):
             continue
-        known = by_device.get(device)
-        if (known is not None and len(mountpoint) >= len(known)) or not is_directory(mountpoint):
-            continue
-        by_device[device] = mountpoint
-    return sorted(by_device.items(), key=lambda item: item[1])
+        if is_directory(mountpoint):
+            mounts.append((unescape_mount_field(device), mountpoint, fs_type))
+    return sorted(mounts, key=lambda mount: mount[1])
 
 
 class FilesystemCollector(Collector):
-    """system_filesystem_usage_bytes{mountpoint,state}, system_filesystem_limit_bytes{mountpoint}."""
+    """system_filesystem_usage_bytes{device,fstype,mountpoint,state}, system_filesystem_limit_bytes{device,fstype,
+    mountpoint}: one series per mountpoint."""
 
     name = "filesystem"
     slow = True  # statvfs can block on a network mount: keep it out of the fast loop
@@ -56,7 +61,7 @@ class FilesystemCollector(Collector):
         self.proc_root = str(proc_root)
         self.statvfs, self.is_directory = statvfs, is_directory
         self.rootfs = str(rootfs)
-        self._usage: list[tuple[str, int, int, int]] = []
+        self._usage: list[tuple[tuple[str, str, str], int, int, int]] = []  # (device, fstype, mountpoint), sizes
 
     @classmethod
     def build(cls, context: CollectorContext) -> "FilesystemCollector":
@@ -75,24 +80,27 @@ class FilesystemCollector(Collector):
 
     def sample_slow(self, now: float) -> None:
         usage = []
-        for _device, mountpoint in real_mounts(self._mounts(), lambda point: self.is_directory(self._host(point))):
+        for device, mountpoint, fs_type in real_mounts(self._mounts(),
+                                                       lambda point: self.is_directory(self._host(point))):
             try:
                 stat = self.statvfs(self._host(mountpoint))
             except OSError:
                 continue  # unmounted since /proc/mounts was read, or not ours to see
             block = stat.f_frsize or stat.f_bsize
-            usage.append((mountpoint, stat.f_blocks * block, stat.f_bfree * block, stat.f_bavail * block))
+            usage.append(((device, fs_type, mountpoint), stat.f_blocks * block, stat.f_bfree * block,
+                          stat.f_bavail * block))
         self._usage = usage
 
     def collect(self):
         usage = GaugeMetricFamily("system_filesystem_usage_bytes",
                                   "Filesystem space by state (used, free to unprivileged users, reserved).",
-                                  labels=["mountpoint", "state"])
-        limit = GaugeMetricFamily("system_filesystem_limit_bytes", "Filesystem size.", labels=["mountpoint"])
-        for mountpoint, size, free, available in self._usage:
-            usage.add_metric([mountpoint, "used"], size - free)
-            usage.add_metric([mountpoint, "free"], available)
-            usage.add_metric([mountpoint, "reserved"], free - available)
-            limit.add_metric([mountpoint], size)
+                                  labels=["device", "fstype", "mountpoint", "state"])
+        limit = GaugeMetricFamily("system_filesystem_limit_bytes", "Filesystem size.",
+                                  labels=["device", "fstype", "mountpoint"])
+        for mount, size, free, available in self._usage:
+            usage.add_metric([*mount, "used"], size - free)
+            usage.add_metric([*mount, "free"], available)
+            usage.add_metric([*mount, "reserved"], free - available)
+            limit.add_metric(list(mount), size)
         yield usage
         yield limit

@@ -223,6 +223,7 @@ def fixture_statvfs(mountpoint: str) -> os.statvfs_result:
     """statvfs answers for the fixture mounts: (bsize, frsize, blocks, bfree, bavail, files, ffree, favail, flag, namemax)."""
     sizes = {"/": (4096, 4096, 1_000_000, 400_000, 350_000), "/boot/efi": (4096, 4096, 130_000, 100_000, 100_000),
              "/data": (4096, 4096, 5_000_000, 1_000_000, 1_000_000), "/mnt/nfs": (1 << 20, 1 << 20, 10_000, 2_500, 2_500)}
+    sizes["/data/bind mount"] = sizes["/data"]    # a bind mount: the same filesystem
     if mountpoint not in sizes:
         raise FileNotFoundError(mountpoint)
     bsize, frsize, blocks, bfree, bavail = sizes[mountpoint]

@@ -15,6 +15,7 @@ import pytest
 
 from trainmetrics.exporters import cli
 from trainmetrics.exporters.collectors import COLLECTORS
+from trainmetrics.exporters.job_energy import shared_state_directory, state_file_for
 from tests.exporters.exporter_fixtures import parse_exposition
 from trainmetrics.prometheus_process import free_port
 
@@ -177,3 +178,18 @@ def test_serves_selected_collectors_and_stops_on_sigterm(tmp_path):
         _, stderr = process.communicate(timeout=10)
     assert process.returncode == 0, stderr
     assert f"trainmetrics exporter: listening on http://127.0.0.1:{port}/metrics (collectors: cpu," in stderr
+
+
+def test_a_job_dir_beside_which_other_users_write_is_refused(tmp_path):
+    """In a shared sticky directory (/tmp) another user's file at the energy state file's name blocked every save
+    for good (only a warning; the counts started from 0 at each restart): refused at the start, naming the path."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    result = run_exporter("--job-dir", str(shared / "jobs"), "--listen", f"127.0.0.1:{free_port()}")
+    assert_one_line_error(result, f"--job-dir: other users can create files in '{shared}', where the energy state "
+                                  f"file '{shared / 'jobs.energy.json'}' would be")
+    (shared / "private").mkdir(mode=0o755)
+    assert shared_state_directory(state_file_for(shared / "private" / "jobs")) is None
+    assert shared_state_directory(state_file_for(shared / "private" / "new" / "jobs")) is None
+    assert shared_state_directory(state_file_for(shared / "elsewhere" / "jobs")) == shared

@@ -54,9 +54,9 @@ def test_golden_values_follow_from_the_fixtures():
     devices = {dict(labels)["device"] for labels in metrics["system_disk_io_bytes_total"]}
     assert devices == {"nvme0n1", "sda", "dm-0"}
     assert metrics["system_disk_io_bytes_total"][(("device", "nvme0n1"), ("direction", "write"))] == 801_600 * 512
-    # Real mounts only, one mountpoint per device, escaped spaces decoded.
+    # Real mounts only, each its own series (a bind mount too), escaped spaces decoded.
     mounts = {dict(labels)["mountpoint"] for labels in metrics["system_filesystem_limit_bytes"]}
-    assert mounts == {"/", "/boot/efi", "/data", "/mnt/nfs"}
+    assert mounts == {"/", "/boot/efi", "/data", "/data/bind mount", "/mnt/nfs"}
     assert metrics["system_network_io_bytes_total"][(("device", "eth0"), ("direction", "receive"))] == 10_015_000
     # Processes: one each running/defunct/blocked/stopped/idle, three sleeping.
     assert metrics["system_processes"][(("status", "sleeping"),)] == 4

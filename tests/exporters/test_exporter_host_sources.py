@@ -162,3 +162,32 @@ def test_the_mean_cpu_utilisation_weighs_each_sample_by_the_time_it_covers(tmp_p
     series = sample(1.0, 0, 20)
     assert series["system_cpu_utilization_peak_ratio"][()] == 1.0
     assert series["system_cpu_utilization_ratio"][()] == 0.7    # 140 of the window's 200 ticks
+
+
+def test_every_mount_is_its_own_series_though_devices_share_a_name(tmp_path):
+    """One mountpoint per device name hid the second s3fs bucket, overlay and btrfs subvolume (/home filling up
+    raised no FilesystemAlmostFull); a mount stacked on another is the one statvfs sees there."""
+    proc = tmp_path / "proc"
+    proc.mkdir()
+    (proc / "mounts").write_text("""/dev/sda2 / btrfs rw,subvol=/@ 0 0
+/dev/sda2 /home btrfs rw,subvol=/@home 0 0
+s3fs /mnt/bucket-a fuse.s3fs rw 0 0
+s3fs /mnt/bucket-b fuse.s3fs rw 0 0
+overlay /srv/merged-a overlay rw 0 0
+overlay /srv/merged-b overlay rw 0 0
+/dev/sdb1 /scratch ext4 rw 0 0
+tmpfs /scratch tmpfs rw 0 0
+/dev/sdc1 /data xfs rw 0 0
+/dev/sdd1 /data ext4 rw 0 0
+""")
+    sizes = {"/": 100, "/home": 90, "/mnt/bucket-a": 10, "/mnt/bucket-b": 20, "/srv/merged-a": 30,
+             "/srv/merged-b": 40, "/scratch": 50, "/data": 60}
+    collector = FilesystemCollector(proc, statvfs=statvfs_of({path: blocks * 4096 for path, blocks in sizes.items()}),
+                                    is_directory=lambda path: True)
+    collector.sample_slow(0.0)
+    limits = parse_exposition(_render(collector))["system_filesystem_limit_bytes"]
+    assert {tuple(value for _name, value in labels): size / 4096 for labels, size in limits.items()} == {
+        ("/dev/sda2", "btrfs", "/"): 100, ("/dev/sda2", "btrfs", "/home"): 90,
+        ("s3fs", "fuse.s3fs", "/mnt/bucket-a"): 10, ("s3fs", "fuse.s3fs", "/mnt/bucket-b"): 20,
+        ("overlay", "overlay", "/srv/merged-a"): 30, ("overlay", "overlay", "/srv/merged-b"): 40,
+        ("/dev/sdd1", "ext4", "/data"): 60}
