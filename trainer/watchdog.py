@@ -107,10 +107,18 @@ def open_stacks_file(directory: Path | None, rank: int):
     path = stacks_path(directory, rank)
     try:
         Path(directory).mkdir(parents=True, exist_ok=True)
-        fd = open_regular(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, one_name=True)
-        if os.fstat(fd).st_uid != os.geteuid():
-            os.close(fd)
-            raise OSError(errno.EPERM, "another user's file", str(path))
+        flags = os.O_WRONLY | os.O_APPEND
+        try:
+            # One it creates is its own, whatever owner its filesystem reports (a FUSE mount's uid, NFS's squashed
+            # one): only a file found at the name may be another user's.
+            fd = open_regular(path, flags | os.O_CREAT | os.O_EXCL, one_name=True)
+        except FileExistsError:
+            fd = open_regular(path, flags, one_name=True)
+            # Its own, or the directory's owner's (who controls the names there anyway: on a FUSE or squashing
+            # mount every file shows the mount's uid, an earlier run's of this job too, which a resume refused).
+            if os.fstat(fd).st_uid not in (os.geteuid(), os.stat(directory).st_uid):
+                os.close(fd)
+                raise OSError(errno.EPERM, "another user's file", str(path)) from None
     except OSError as error:
         log.warning("thread stacks go to stderr: cannot write %s (%s)", path, error)
         return sys.stderr, "stderr", False

@@ -138,13 +138,45 @@ def test_a_fifo_with_a_reader_is_refused_too(tmp_path):
 def test_another_users_file_at_a_ranks_stacks_name_is_not_appended_to(tmp_path, monkeypatch, caplog):
     """In a shared directory (/tmp) anyone may create the file a rank's stacks go to before the job starts: the
     stacks, a job's code and arguments, were appended to that user's file, for them to read. (The job's user is
-    played by another uid: these tests run as one user.)"""
+    played by another uid; the other user's file is chowned to a third, which needs root.)"""
+    if os.geteuid() != 0:
+        pytest.skip("planting another user's file needs root")
     (tmp_path / "stacks.rank0.txt").write_text("someone else's\n")
-    monkeypatch.setattr(os, "geteuid", lambda: os.stat(tmp_path / "stacks.rank0.txt").st_uid + 1)
+    os.chown(tmp_path / "stacks.rank0.txt", 54321, 54321)      # neither the job's user nor the directory's owner
+    monkeypatch.setattr(os, "geteuid", lambda: os.stat(tmp_path).st_uid + 1)
     with caplog.at_level(logging.WARNING, logger="trainmetrics.trainer"):
         file, name, owned = open_stacks_file(tmp_path, 0)
     assert (file, name, owned) == (sys.stderr, "stderr", False)
     assert "another user's file" in caplog.text
+
+
+def test_a_stacks_file_the_rank_creates_is_its_own_whatever_owner_its_filesystem_reports(tmp_path, monkeypatch):
+    """A filesystem may report an owner other than the writer's for a file it just created: a FUSE mount (gcsfuse,
+    sshfs) shows its mount's uid, NFS its squashed one, and Ray's ranks run as Ray's worker user. The rank refused
+    the file it had itself created as "another user's file": every run's stacks went to its log, none to the route.
+    (The filesystem is played by another euid: these tests run as one user.)"""
+    monkeypatch.setattr(os, "geteuid", lambda: os.stat(tmp_path).st_uid + 1)
+    file, name, owned = open_stacks_file(tmp_path, 0)
+    try:
+        assert (name, owned) == (str(tmp_path / "stacks.rank0.txt"), True)
+        file.write("a dump\n")
+    finally:
+        if owned:
+            file.close()
+    assert (tmp_path / "stacks.rank0.txt").read_text() == "a dump\n"
+
+
+def test_an_earlier_runs_stacks_file_owned_by_the_directorys_owner_is_appended_to(tmp_path, monkeypatch):
+    """On a FUSE or squashing mount every file shows the mount's uid, the directory's too: a resumed run refused
+    the file its job's earlier run had created as another user's, and its stacks went to its log. The directory's
+    owner controls the names in it anyway. (The mount is played by another euid.)"""
+    (tmp_path / "stacks.rank0.txt").write_text("an earlier run's dump\n")
+    monkeypatch.setattr(os, "geteuid", lambda: os.stat(tmp_path).st_uid + 1)
+    file, name, owned = open_stacks_file(tmp_path, 0)
+    assert owned, name
+    with file:
+        file.write("this run's\n")
+    assert (tmp_path / "stacks.rank0.txt").read_text() == "an earlier run's dump\nthis run's\n"
 
 
 def test_a_hard_link_planted_as_a_large_stacks_file_is_not_emptied(tmp_path, victim, monkeypatch):
