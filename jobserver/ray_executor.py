@@ -392,11 +392,13 @@ def ray_message(message: object) -> str | None:
     cannot create .../train.log: Directory nonexistent") as one line a job's error can carry: its runs of
     whitespace (line breaks included) one space, any other control character escaped (the escape of a coloured
     log: "\\x1b"), and at most RAY_MESSAGE_LENGTH characters, its beginning and its end (a traceback's first
-    line says what failed, its last the error). None when Ray said nothing."""
+    line says what failed, its last the error). None when Ray said nothing. A lone surrogate (JSON carries them: a
+    path of bytes that are not UTF-8, as os.fsdecode gives it) is escaped too: SQLite refuses to store one, and the
+    job's end was then never recorded."""
     if not isinstance(message, str):
         return None
-    text = CONTROL_CHARACTERS.sub(lambda found: found.group().encode("unicode_escape").decode("ascii"),
-                                  " ".join(message.split()))
+    text = " ".join(message.encode("utf-8", "backslashreplace").decode("utf-8").split())
+    text = CONTROL_CHARACTERS.sub(lambda found: found.group().encode("unicode_escape").decode("ascii"), text)
     if len(text) > RAY_MESSAGE_LENGTH:
         head = RAY_MESSAGE_LENGTH * 2 // 5
         text = f"{text[:head]} ... {text[-(RAY_MESSAGE_LENGTH - head - 5):]}"

@@ -30,7 +30,7 @@ CREATE TABLE IF NOT EXISTS server (name TEXT PRIMARY KEY, value REAL NOT NULL);
 """
 # Columns added since the first schema: table -> (name, SQL type); an older database gains them at open.
 ADDED_COLUMNS = {"jobs": (("requested", "TEXT"), ("run_token", "TEXT"), ("handle", "TEXT"), ("report", "TEXT"),
-                          ("reason", "TEXT")),
+                          ("reason", "TEXT"), ("stop_unsent", "TEXT")),
                  "datasets": (("target", "TEXT"),)}
 
 
@@ -84,7 +84,18 @@ class JobRecord:
     run_token: str | None = None    # the running process's secret for reporting its endpoints
     handle: str | None = None       # the running process as its executor names it (a pid, a Ray submission)
     reason: str | None = None       # why the last run stopped by itself (its result: "loss spike at step 85")
+    # Set while the stop in `requested` is recorded but not sent: written with it, before its signal (or control
+    # file), cleared once that went out, kept where it never did and its record could not be taken back either (a
+    # full disk): the stop under way before it ("" for none). Kept in the store, not in memory: a server killed
+    # meanwhile adopted the job at its next start with the stop read as under way, never sent (a client's retry
+    # answered 202 with nothing sent; the job ended in that state though it trained on).
+    stop_unsent: str | None = None
     spec_unreadable: bool = False   # its stored spec is not a JSON object (read as {}: the job cannot start)
+
+    @property
+    def stop_under_way(self) -> str | None:
+        """The stop sent to the running process: the recorded one, unless that was never sent (stop_unsent)."""
+        return self.requested if self.stop_unsent is None else (self.stop_unsent or None)
 
     def public(self) -> dict:
         """The API view, with no server path (an older job's spec held its dataset's path)."""
@@ -232,7 +243,10 @@ class JobStore:
         return [self._job(row) for row in rows]
 
     def update_job(self, job_id: str, **changes) -> None:
-        """Change some fields of a job."""
+        """Change some fields of a job. A write of `requested` records a stop that was sent (or none) unless it
+        says `stop_unsent` too: an older mark of an unsent stop goes with it."""
+        if "requested" in changes:
+            changes.setdefault("stop_unsent", None)
         if "spec" in changes:
             changes["spec"] = json.dumps(changes["spec"])
         if "resume" in changes:

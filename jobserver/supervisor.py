@@ -98,8 +98,9 @@ class Supervisor:
         # job id -> when its cancel was accepted (monotonic; at adoption after a restart), while it runs
         self._cancelled_at: dict[str, float] = {}
         self._killed: set[str] = set()      # runs killed for not stopping within the cancel's grace
-        # job id -> (the stop, the record before it) of a stop recorded, not sent, whose record could not be undone
-        self._unsent_stops: dict[str, tuple[str, str | None]] = {}
+        # Runs whose stop went out though the store still marks it unsent (the write that clears the mark failed):
+        # the mark is cleared again at each tick (JobRecord.stop_unsent).
+        self._sent_unmarked: set[str] = set()
 
     def job_path(self, job_id: str) -> Path:
         """The job's own directory (checkpoints, final model, log, result)."""
@@ -209,6 +210,7 @@ class Supervisor:
         submission whose answer was lost), or that a server killed before it recorded the run left running,
         must not train on unseen (clear_way stops those when the job starts again: a cancelled job never does)."""
         self._untaken_tokens.pop(job.id, None)
+        self.store.remove_endpoints(job.id)     # what such a start reported: that run is stopped
         if self.job_path(job.id).is_dir():       # never started: nothing can run for it
             self.executor.abandon(job.id, self.job_path(job.id))
 
@@ -219,6 +221,8 @@ class Supervisor:
 
     def tick(self) -> None:
         """Kill cancelled runs past their grace, reap ended ones, then start queued jobs while there is room."""
+        for job_id in list(self._sent_unmarked):
+            self._mark_sent(job_id)
         for job_id, run in list(self.runs.items()):
             self._kill_if_cancel_overdue(job_id, run)
             ended, code = self.executor.poll(run)
@@ -267,7 +271,7 @@ class Supervisor:
         del self.runs[job_id]
         self._cancelled_at.pop(job_id, None)
         self._killed.discard(job_id)
-        self._unsent_stops.pop(job_id, None)
+        self._sent_unmarked.discard(job_id)     # its end's record cleared the mark (a write of `requested`)
 
     def _executor_unavailable(self, job: JobRecord, error: ExecutorUnavailable) -> None:
         now = time.monotonic()
@@ -277,6 +281,10 @@ class Supervisor:
 
     def _failed_to_start(self, job: JobRecord, error: Exception) -> None:
         self.runs.pop(job.id, None)
+        # A retried start's first try, which the executor may have received (a Ray submission whose answer was
+        # lost), reported its endpoint with the start's secret; that run is stopped with the job's failure, and its
+        # endpoint left service discovery with it (it stayed, a dead target of a failed job).
+        self.store.remove_endpoints(job.id)
         message = self._without_data_dir(f"could not start: {type(error).__name__}: {error}".splitlines()[0][:500])
         self.store.update_job(job.id, state="failed", error=message, ended=time.time(), pid=None, handle=None,
                               exit_code=None, requested=None, run_token=None)
@@ -381,6 +389,8 @@ class Supervisor:
         """A run gone without a result: the stop a user was promised (202) stands; else it resumes from its last
         checkpoint, or fails without one."""
         self.store.remove_endpoints(job.id)
+        # A stop recorded but never sent was promised to no one (its request was answered with an error).
+        job = dataclasses.replace(job, requested=job.stop_under_way)
         if job.requested in ("paused", "cancelled"):
             paused = job.requested == "paused"
             # No handle: its process is gone without a final state; the server publishes this one (jobs.py).
@@ -404,7 +414,11 @@ class Supervisor:
             run = self.executor.adopt(job.id, job.handle or (str(job.pid) if job.pid else None), self.job_path(job.id))
             if run is not None:
                 self.runs[job.id] = run
-                if job.requested == "cancelled":     # the grace starts again: when it began died with the server
+                if job.stop_unsent is not None:
+                    # A stop recorded, never sent, whose record's undo failed (a full disk) before the server died:
+                    # under way is the stop before it, as the store's mark says; taken back now, where it can be.
+                    self._undo_stop(job.id, job.stop_under_way, quiet=True)
+                if job.stop_under_way == "cancelled":     # the grace starts again: when it began died with the server
                     self._cancelled_at[job.id] = time.monotonic()
                 log.info("job %s: still running as %s, adopted", job.id, run.handle)
             elif (result := read_result(self.result_path(job.id))) is not None:
@@ -430,38 +444,55 @@ class Supervisor:
             raise StopRefused(f"job {job.id} is being cancelled: cannot {STOP_VERBS[outcome]} it")
         if under_way == outcome:
             if job.requested != outcome:    # the record holds a stop never sent after it: the one under way again
-                self._undo_stop(job.id, job.requested, outcome)
+                self._undo_stop(job.id, outcome)
             return
         signalled = outcome == "paused" and under_way == SHUTDOWN_PAUSE
-        if job.requested != outcome:
-            self.store.update_job(job.id, requested=outcome)
+        if job.requested != outcome:     # (else recorded already, with its mark: a retry of a stop never sent)
+            # Recorded with its mark of a stop not sent yet, in one write: where neither the signal nor the undo of
+            # this record gets through (a full disk), the mark says so to this server and to the next one.
+            self.store.update_job(job.id, requested=outcome, stop_unsent=under_way or "")
         try:
             sent = signalled or self.executor.signal(run, outcome)
         except BaseException:       # nothing sent (a control file that could not be written): nor recorded
-            self._undo_stop(job.id, outcome, under_way)
+            self._undo_stop(job.id, under_way)
             raise
         if not sent:
-            self._undo_stop(job.id, outcome, under_way)
+            self._undo_stop(job.id, under_way)
             raise StopRefused(f"job {job.id} is ending: cannot {STOP_VERBS[outcome]} it")
-        self._unsent_stops.pop(job.id, None)
         if outcome == "cancelled":
             self._cancelled_at[job.id] = time.monotonic()
+        self._mark_sent(job.id)
 
     def _stop_under_way(self, job: JobRecord) -> str | None:
-        """The stop under way: the recorded one, unless that was never sent (_undo_stop), then the one before it."""
-        unsent = self._unsent_stops.get(job.id)
-        return job.requested if unsent is None else unsent[1]
+        """The stop under way: the recorded one, unless that was never sent (the store's mark, JobRecord.stop_unsent),
+        then the one before it."""
+        return job.requested if job.id in self._sent_unmarked else job.stop_under_way
 
-    def _undo_stop(self, job_id: str, outcome: str, before: str | None) -> None:
+    def _mark_sent(self, job_id: str) -> None:
+        """Clear the mark of a stop that went out. Where that write fails (the disk full since the stop's record),
+        the stop was sent all the same: the request is answered as accepted, this server knows it sent it, and the
+        next tick clears the mark. (A server killed before that adopts the job with the stop marked unsent, and a
+        retry sends it again: the only way a run gets a stop twice.)"""
+        try:
+            self.store.update_job(job_id, stop_unsent=None)
+        except Exception as error:
+            if job_id not in self._sent_unmarked:
+                log.warning("job %s: its stop went out, but the store could not note that (%s: %s); noted again "
+                            "at the next tick", job_id, type(error).__name__, error)
+            self._sent_unmarked.add(job_id)
+            return
+        self._sent_unmarked.discard(job_id)
+
+    def _undo_stop(self, job_id: str, before: str | None, quiet: bool = False) -> None:
         """Take back the record of a stop that was not sent. Where that write fails too (the disk still full), the
-        stop is remembered as unsent: found recorded, the client's retry was taken for a stop under way and
-        answered 202 with nothing sent (the job trained on)."""
+        record keeps its mark of a stop not sent (JobRecord.stop_unsent), written with it: found recorded, the
+        client's retry was taken for a stop under way and answered 202 with nothing sent (the job trained on), by
+        this server and, after a crash, by the next. `quiet`: a failure is left to the mark, not raised."""
         try:
             self.store.update_job(job_id, requested=before)
-        except BaseException:
-            self._unsent_stops[job_id] = (outcome, before)
-            raise
-        self._unsent_stops.pop(job_id, None)
+        except Exception:
+            if not quiet:
+                raise
 
     def _pause_for_shutdown(self, job_id: str) -> None:
         """The server's own pause of a running job, unless a stop is already under way (a user's stands)."""
@@ -469,8 +500,8 @@ class Supervisor:
         # (A stop recorded but never sent is none: left training, the job was adopted at the next start with it.)
         if job is not None and job.state == "running" and self._stop_under_way(job) is None and \
                 self.executor.signal(self.runs[job_id], "paused"):
-            self.store.update_job(job_id, requested=SHUTDOWN_PAUSE)
-            self._unsent_stops.pop(job_id, None)
+            self.store.update_job(job_id, requested=SHUTDOWN_PAUSE)     # (an unsent stop's mark goes with it)
+            self._sent_unmarked.discard(job_id)
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Pause every running job, adopted ones included (checkpoint, exit 4), to resume on the next start; a

@@ -711,3 +711,45 @@ def test_a_retry_that_fails_on_another_error_stops_the_submission_its_first_try_
     assert client.stopped == (list(client.submitted) if stop_answered else [])
     assert (supervisor.job_path("lost") / CONTROL_FILE_NAME).read_text() == "cancelled"     # its launcher stops
     store.close()
+
+
+def test_a_ray_message_with_an_undecodable_path_still_ends_the_job_failed(tmp_path, monkeypatch):
+    """Ray's message comes as JSON, which carries lone surrogates: a runtime_env error naming a path of bytes that
+    are not UTF-8 (os.fsdecode's "\\udcff") reached the job's error as is, SQLite refused to store it ("surrogates
+    not allowed"), and the run was reaped again at every tick, its job `running` for good."""
+    client, store, supervisor = running_on_ray(tmp_path, monkeypatch)
+    client.ends[store.get_job("job").handle] = ("FAILED", 1, "runtime_env setup failed: no such file: /data/\udcff.whl")
+    supervisor.tick()
+    job = store.get_job("job")
+    assert job.state == "failed"
+    assert job.error.endswith("Ray said: runtime_env setup failed: no such file: /data/\\udcff.whl")
+    assert "job" not in supervisor.runs
+    store.close()
+
+
+@pytest.mark.parametrize("ended_by", ["refused-retry", "cancel-while-queued"])
+def test_a_first_try_that_is_stopped_unrecorded_leaves_service_discovery(ended_by, tmp_path):
+    """The first submission's run (its answer lost) reported its endpoint with the start's secret; the retry was
+    refused for another reason (or the queued job cancelled) and that run stopped, but its endpoint stayed in GET
+    /api/training/sd: Prometheus scraped a dead target of a failed (cancelled) job until the job ran again."""
+    class RefusesTheRetry(Submissions):
+        def submit_job(self, **kwargs):
+            if self.answering:
+                raise RuntimeError("Request failed with status code 413: Request Entity Too Large.")
+            return super().submit_job(**kwargs)
+
+    client = RefusesTheRetry(received_despite_error=True)
+    store, supervisor = supervised_on_ray(tmp_path, client, "lost")
+    service = JobService(ServerSettings(data_dir=tmp_path), store, supervisor)
+    supervisor.tick()
+    token = next(iter(client.submitted.values()))[REGISTER_TOKEN_VARIABLE]
+    service.register_endpoint("lost", token, {"rank": 0, "address": "127.0.0.1:9999", "scheme": "http"})
+    assert [target["targets"] for target in service.discovery()] == [["127.0.0.1:9999"]]
+    if ended_by == "refused-retry":
+        client.answering = True
+        supervisor.tick()
+    else:
+        assert service.stop(None, "lost", "cancelled")[0] == 200
+    assert store.get_job("lost").state == ("failed" if ended_by == "refused-retry" else "cancelled")
+    assert service.discovery() == []
+    store.close()

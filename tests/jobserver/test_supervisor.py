@@ -393,6 +393,83 @@ def test_the_shutdown_pauses_a_job_whose_pause_was_never_sent(supervisor):
     assert (ended.state, ended.resume) == ("queued", True), ended      # paused by the shutdown, to resume
 
 
+@pytest.mark.parametrize("outcome", ["paused", "cancelled"])
+def test_a_stop_never_sent_is_sent_by_its_retry_after_a_server_crash(supervisor, outcome):
+    """A stop recorded and never sent (the disk full for its signal and its undo) was kept unsent in memory only:
+    after a crash of the server (its job left training) the next server adopted the job with the stop read as under
+    way, and answered the client's retry 202 with nothing sent; the job trained on."""
+    job = submit(supervisor, f"unsent-crash-{outcome}")
+    time.sleep(0.3)                                     # its handlers are installed
+    unsent_stop(supervisor, supervisor.store.get_job(job.id), outcome)
+    again = restarted(supervisor)                       # the server killed: nothing of it but the store
+    assert again.store.get_job(job.id).requested is None        # taken back: it was never sent
+    again.request_stop(again.store.get_job(job.id), outcome)   # the client's retry
+    ended = settle(again, job.id, timeout=10)
+    assert ended.state == outcome
+    assert json.loads(supervisor.result_path(job.id).read_text())["signals"] == 1
+
+
+def test_a_pause_under_way_ends_paused_after_an_unsent_cancel_and_a_server_crash(supervisor):
+    """A pause went out, a cancel after it was recorded and never sent (the disk full for its signal and its undo),
+    then the server crashed: the next server took the cancel's record for an accepted one, and the paused job ended
+    cancelled, never to resume."""
+    job = submit(supervisor, "unsent-cancel-crash")
+    time.sleep(0.3)                                     # its handlers are installed
+    supervisor.request_stop(supervisor.store.get_job(job.id), "paused")
+    unsent_stop(supervisor, supervisor.store.get_job(job.id), "cancelled")
+    again = restarted(supervisor)
+    assert again.store.get_job(job.id).requested == "paused"
+    ended = settle(again, job.id)
+    assert (ended.state, ended.resume, ended.exit_code) == ("paused", True, 4)
+    assert json.loads(supervisor.result_path(job.id).read_text())["signals"] == 1
+
+
+def test_an_unsent_stop_whose_mark_cannot_be_taken_back_at_the_restart_stays_unsent(supervisor):
+    """The disk still full at the restart: the record of the stop never sent keeps its mark, and the retry sends it."""
+    job = submit(supervisor, "unsent-still-full")
+    time.sleep(0.3)                                     # its handlers are installed
+    unsent_stop(supervisor, supervisor.store.get_job(job.id), "paused")
+    update = supervisor.store.update_job
+
+    def full(job_id, **fields):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    supervisor.store.update_job = full
+    try:
+        again = restarted(supervisor)
+    finally:
+        supervisor.store.update_job = update
+    assert again.store.get_job(job.id).requested == "paused"          # recorded, marked unsent
+    again.request_stop(again.store.get_job(job.id), "paused")
+    assert settle(again, job.id, timeout=10).state == "paused"
+    assert json.loads(supervisor.result_path(job.id).read_text())["signals"] == 1
+
+
+def test_a_stop_sent_whose_mark_could_not_be_cleared_is_not_sent_twice(supervisor):
+    """The stop went out, and the write noting that failed (the disk full since its record): the request is
+    accepted, a retry sends nothing more, and the next tick notes it."""
+    job = submit(supervisor, "sent-unmarked")
+    time.sleep(0.3)                                     # its handlers are installed
+    update = supervisor.store.update_job
+
+    def clearing_fails(job_id, **fields):
+        if set(fields) == {"stop_unsent"}:
+            raise sqlite3.OperationalError("database or disk is full")
+        return update(job_id, **fields)
+
+    supervisor.store.update_job = clearing_fails
+    try:
+        supervisor.request_stop(supervisor.store.get_job(job.id), "paused")
+        supervisor.request_stop(supervisor.store.get_job(job.id), "paused")      # accepted: under way
+        assert supervisor.store.get_job(job.id).stop_unsent == ""
+    finally:
+        supervisor.store.update_job = update
+    supervisor.tick()
+    assert supervisor.store.get_job(job.id).stop_unsent is None
+    assert settle(supervisor, job.id).state == "paused"
+    assert json.loads(supervisor.result_path(job.id).read_text())["signals"] == 1
+
+
 def test_a_job_killed_by_a_signal_without_a_name_ends_failed(supervisor):
     """A real-time signal (SIGRTMIN + 1) has no signal.Signals member: naming it raised ValueError after the run
     was forgotten, and the job stayed `running` with nothing behind it, neither cancellable nor resumable."""
