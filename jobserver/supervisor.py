@@ -325,7 +325,9 @@ class Supervisor:
         else:
             state, error = "failed", ("its process ended without a result or an exit code (adopted after a server "
                                       "restart, or its Ray submission stopped or lost)")
-        if said and not told and state == "failed":     # what failed it, where no result tells
+        # What failed it, where no result tells and no signal does: Ray's message for a run a signal killed is
+        # its entrypoint's exit code again and the log's tail (500 characters of it, after "killed by SIGKILL").
+        if said and not told and state == "failed" and (code is None or code >= 0):
             error = f"{error}; {said}"
         if state in ("paused", "cancelled") and STOP_STRENGTH[job.requested] > STOP_STRENGTH[state]:
             state = job.requested    # a cancel accepted after the pause that stopped the process

@@ -587,6 +587,18 @@ def test_a_run_ray_failed_without_a_result_says_rays_message_in_one_bounded_line
     store.close()
 
 
+def test_a_run_a_signal_killed_says_the_signal_alone_not_rays_message(tmp_path, monkeypatch):
+    """Ray's message for a run a signal killed is its exit code again and the log's tail: "killed by SIGKILL
+    without a result" was followed by 500 characters of it (found by the real-Ray tests of a killed rank)."""
+    client, store, supervisor = running_on_ray(tmp_path, monkeypatch)
+    client.ends[store.get_job("job").handle] = ("FAILED", -9, "Job entrypoint command failed with exit code -9, "
+                                                              "last available logs (truncated to 20,000 chars): ...")
+    supervisor.tick()
+    job = store.get_job("job")
+    assert (job.state, job.exit_code, job.error) == ("failed", -9, "killed by SIGKILL without a result")
+    store.close()
+
+
 def test_rays_message_is_bounded_to_its_beginning_and_its_end():
     traceback = "Failed to start supervisor actor job-1: 'boom'. Full traceback:\n" + "  frame\n" * 5000 + "ValueError: x"
     said = ray_executor.ray_message(traceback)
