@@ -31,8 +31,12 @@ class RayCluster:
 
     def _start_node(self, *args: str) -> None:
         log = open(self.temp_dir / f"node{len(self.nodes)}.log", "wb")
+        # Every port a node would take at Ray's fixed default given free: a cluster another run left on this host
+        # held the dashboard agent's 52365 (and the client server's 10001), and the new head's Jobs API handed its
+        # submissions to that cluster's agent: "Ray did not answer", nothing trained.
+        ports = ["--dashboard-agent-listen-port", str(free_port()), "--ray-client-server-port", str(free_port())]
         self.nodes.append(subprocess.Popen([RAY, "start", "--block", "--num-cpus", "1", "--num-gpus", "1",
-                                            "--node-ip-address", "127.0.0.1",
+                                            "--node-ip-address", "127.0.0.1", *ports,
                                             "--temp-dir", str(self.temp_dir), "--disable-usage-stats", *args],
                                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                            start_new_session=True, env=self.env))
