@@ -600,7 +600,8 @@ def test_a_run_a_signal_killed_says_the_signal_alone_not_rays_message(tmp_path, 
 
 
 def test_rays_message_is_bounded_to_its_beginning_and_its_end():
-    traceback = "Failed to start supervisor actor job-1: 'boom'. Full traceback:\n" + "  frame\n" * 5000 + "ValueError: x"
+    traceback = ("Failed to start supervisor actor job-1: 'boom'. Full traceback:\n" + "  frame\n" * 5000 +
+                 "ValueError: x")
     said = ray_executor.ray_message(traceback)
     assert len(said) <= ray_executor.RAY_MESSAGE_LENGTH and "\n" not in said
     assert said.startswith("Failed to start supervisor actor job-1: 'boom'.") and said.endswith("frame ValueError: x")
