@@ -57,7 +57,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--peak-window", default="1s", metavar="DURATION",
                         help="window of the *_peak_* and mean utilisation series, from the sample interval to 30s; "
                              "keep it >= 2 x the scrape interval so every scrape sees every spike")
-    parser.add_argument("--job-dir", default=None, metavar="DIR",
+    parser.add_argument("--job-dir", type=path_argument, default=None, metavar="DIR",
                         help=f"job-mapping directory the trainer writes (default: {DEFAULT_JOB_DIR}, which "
                              "may be missing; an explicit DIR is created and must be readable)")
     parser.add_argument("--path.rootfs", dest="rootfs", type=path_argument, default=Path("/"), metavar="DIR",
@@ -113,27 +113,26 @@ def durations(args: argparse.Namespace) -> tuple[float, float, float]:
     return sample_interval, slow_interval, peak_window
 
 
-def job_dir_flag(value: str | None) -> Path:
-    """The job dir to use; an explicit one is created when missing and must be listable (FlagError)."""
+def job_dir_flag(value: str | Path | None) -> Path:
+    """The job dir to use; an explicit one is created when missing and must be listable (FlagError). (An empty
+    one is refused by path_argument, the flag's type.)"""
     if value is None:
         return Path(DEFAULT_JOB_DIR)  # missing is fine: no jobs until the trainer creates it
-    if not value:       # Path(""): the current directory, watched for job files
-        raise FlagError("--job-dir", "empty: give a path (an unset shell variable?)")
-    path = Path(value)
+    path, given = Path(value), str(value)
     check_directory("--job-dir", path)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise FlagError("--job-dir", f"{value!r} cannot be created: {error.strerror or error}") from None
+        raise FlagError("--job-dir", f"{given!r} cannot be created: {error.strerror or error}") from None
     try:
         os.listdir(path)
     except OSError as error:
-        raise FlagError("--job-dir", f"{value!r} is not readable: {error.strerror or error}") from None
+        raise FlagError("--job-dir", f"{given!r} is not readable: {error.strerror or error}") from None
     # Resolved: the energy accounts are kept next to the directory (job_energy.state_file_for), which `.` has
     # no name to be next to (a traceback), and `jobs/sub/..` put them in a subdirectory any job's user may write.
     path = path.resolve()
     if path.parent == path:
-        raise FlagError("--job-dir", f"{value!r} is the root directory: give the job directory a directory of its "
+        raise FlagError("--job-dir", f"{given!r} is the root directory: give the job directory a directory of its "
                                      "own (the exporter keeps its energy accounts beside it)")
     return path
 
@@ -157,14 +156,15 @@ def run(args: argparse.Namespace) -> int:
     from trainmetrics.exporters.exporter import Exporter, metrics_server
     from trainmetrics.exporters.job_energy import JobEnergy, shared_state_directory, state_file_for
 
-    if args.collector_energy and (shared := shared_state_directory(state_file_for(job_dir))) is not None:
+    state_file = state_file_for(job_dir)
+    if args.collector_energy and (shared := shared_state_directory(state_file)) is not None:
         raise FlagError("--job-dir", f"other users can create files in {str(shared)!r}, where the energy state file "
-                                     f"{str(state_file_for(job_dir))!r} would be (one of theirs there would block "
-                                     "its saves): give a job directory in a directory only the exporter's user or "
-                                     "root can write, or --no-collector.energy")
+                                     f"{str(state_file)!r} would be (one of theirs there would block its saves): "
+                                     "give a job directory in a directory only the exporter's user or root can "
+                                     "write, or --no-collector.energy")
 
     context = CollectorContext(peak_window=peak_window, rootfs=args.rootfs, job_tracker=JobTracker(job_dir),
-                               job_energy=JobEnergy(state_file_for(job_dir)) if args.collector_energy else None)
+                               job_energy=JobEnergy(state_file) if args.collector_energy else None)
     collectors = [spec.load().build(context) for name, spec in COLLECTORS.items()
                   if getattr(args, f"collector_{name}")]
     exporter = Exporter(collectors, sample_interval=sample_interval, slow_interval=slow_interval)
