@@ -108,11 +108,6 @@ class JobEnergy:
         seen within the hold."""
         now = self.clock()
         with self._lock:
-            for job_id, seen in self._seen.items():
-                # Seen after now: a clock that went back (the monotonic one cannot; one passed in may) is taken as
-                # seen now, else its series stayed published until the clock caught up.
-                if seen > now:
-                    self._seen[job_id] = now
             gone = [job_id for job_id, seen in self._seen.items() if now - seen > RETENTION_SECONDS]
             if len(self._seen) - len(gone) > MAX_JOBS:
                 gone = sorted(self._seen, key=self._seen.get)[:len(self._seen) - MAX_JOBS]
