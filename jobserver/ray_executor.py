@@ -79,17 +79,17 @@ def token_headers(headers: dict[str, str]) -> dict[str, str]:
         return {}
 
 
+# Ray's own answer for a submission it does not have (its dashboard's job routes), as its client raises it.
+RAY_UNKNOWN_SUBMISSION = re.compile(r"Request failed with status code 404: Job (\S+) does not exist")
+
+
 def unknown_to_ray(error: Exception, submission: str) -> bool:
     """Ray answered that it has no such submission (it never had it, or its head restarted since): its dashboard's
     own 404, "Job <submission> does not exist", which Ray's client raises as "Request failed with status code 404:
     Job <submission> does not exist.". Any other 404 (a gateway's or proxy's page, a path that is not Ray's) says
     nothing of the run: unanswered()."""
-    return isinstance(error, RuntimeError) and str(error).startswith(
-        f"Request failed with status code 404: Job {submission} does not exist")
-
-
-# Ray's own answer for a submission it does not have (its dashboard's job routes), whichever submission was asked.
-RAY_UNKNOWN_SUBMISSION = re.compile(r"Request failed with status code 404: Job \S+ does not exist")
+    found = RAY_UNKNOWN_SUBMISSION.match(str(error)) if isinstance(error, RuntimeError) else None
+    return found is not None and found.group(1) == submission
 
 
 def unanswered(error: Exception) -> bool:
