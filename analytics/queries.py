@@ -544,15 +544,17 @@ def recorded_split(range_seconds: float, now: float, gap: float | None) -> float
 
 
 def _fleet_last(part: str, range_seconds: float, now: float, split: float | None, raw_suffix: str = "",
-                job_id: str | None = None) -> str:
+                job_id: str | None = None, matchers: str = "", pinned: bool = False) -> str:
     """Last value per process: the raw recent part, else the recorded one, else the raw older one (`or`
-    keeps the left side's sample wherever the label sets match). job_id: that job's processes only."""
+    keeps the left side's sample wherever the label sets match). job_id: that job's processes only; matchers:
+    a selector's `{...}` instead; pinned: the whole range at `now` (`@`) without a split too (a range query's)."""
     def sel(metric: str) -> str:
-        return metric if job_id is None else job_selector(metric, job_id)
+        return metric + matchers if job_id is None else job_selector(metric, job_id)
 
     raw, recorded = sel(RAW[part]), sel(RECORDED[part])
     if split is None:
-        return f"last_over_time({raw}[{duration(range_seconds)}]){raw_suffix}"
+        window = over(range_seconds, now) if pinned else f"[{duration(range_seconds)}]"
+        return f"last_over_time({raw}{window}){raw_suffix}"
     return (f"last_over_time({raw}{over(RECENT_SECONDS, now)}){raw_suffix} or "
             f"last_over_time({recorded}{over(now - split, now)}) or "
             f"last_over_time({raw}{over(split - (now - range_seconds), split)}){raw_suffix}")
@@ -563,14 +565,7 @@ def fleet_not_owned(owner: str, range_seconds: float, now: float, split: float |
     owner's only when every rank-0 info series of it in the range names that owner): each job with a rank-0 info
     series in the range naming another owner, or none. Evaluated at `now` (`@`), so a range query reads it once."""
     matchers = f'{{owner!={quote_label_value(owner)},rank=~"0|"}}'
-    raw, recorded = RAW["info"] + matchers, RECORDED["info"] + matchers
-    if split is None:
-        parts = [f"last_over_time({raw}{over(range_seconds, now)})"]
-    else:
-        parts = [f"last_over_time({raw}{over(RECENT_SECONDS, now)})",
-                 f"last_over_time({recorded}{over(now - split, now)})",
-                 f"last_over_time({raw}{over(split - (now - range_seconds), split)})"]
-    return "max by (job_id) (" + " or ".join(parts) + ")"
+    return f"max by (job_id) ({_fleet_last('info', range_seconds, now, split, matchers=matchers, pinned=True)})"
 
 
 def fleet_start(range_seconds: float, now: float | None = None, split: float | None = None) -> str:
