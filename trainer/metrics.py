@@ -350,6 +350,7 @@ class JobMetrics:
         self._warned_values: set[str] = set()       # the kinds of value said to be unusable (said once each)
         self._warned_outside_run = False
         self._checkpoints_writing = 0       # checkpoint() blocks open: state_dict() counts them as written
+        self._checkpoints_here = threading.local()      # the blocks open on this thread (`open`: their number)
         # checkpoint() may run on a writer thread of its own (an asynchronous save): its counts change under this
         # lock, and state_dict() reads them under it (between the two changes it counted the write not at all).
         self._checkpoint_lock = threading.Lock()
@@ -792,7 +793,15 @@ class JobMetrics:
         end, scrapers = self._end_monotonic, self._publication.scrapers
         if end is None:
             return False
-        end = max(end, self._counted_after_end or end)
+        # The count of a checkpoint written after the end and its moment, read together: read between the two,
+        # the count's scrape took the count as read without it. A write still open on another thread (an
+        # asynchronous writer's) will count into the final state: not read yet (one open on this thread, the
+        # one that waits, cannot end meanwhile).
+        with self._checkpoint_lock:
+            writing, counted = self._checkpoints_writing, self._counted_after_end
+        if writing > getattr(self._checkpoints_here, "open", 0):
+            return False
+        end = max(end, counted or end)
         if not scrapers.any_since(end):
             return False
         return all(scrapers.delivered_since(scraper, end) and self.evaluations.complete_for(scraper)
@@ -1189,14 +1198,16 @@ class JobMetrics:
         (a writer's block took the rest of an evaluation it began in as checkpoint time, cut one it ended in short,
         and took its time off the loop's step in progress). One that ends after the run's end (finish(), pause()) is
         counted and timed too, its time in no phase (the job's clock stopped at the end), and the final linger waits
-        for a scrape that reads its count."""
+        for one open on another thread to end and for a scrape that reads its count."""
         began = time.perf_counter()
         in_loop = threading.get_ident() == self._loop_thread
         previous = self.phases.phase
         if in_loop:
             self.phases.enter(CHECKPOINT, began)
+        here = self._checkpoints_here
         with self._checkpoint_lock:
             self._checkpoints_writing += 1
+            here.open = getattr(here, "open", 0) + 1
         written = False
         try:
             yield
@@ -1205,6 +1216,7 @@ class JobMetrics:
             seconds = time.perf_counter() - began
             with self._checkpoint_lock:     # one change: a state_dict() meanwhile counts the write once
                 self._checkpoints_writing -= 1
+                here.open -= 1
                 if written:
                     self.checkpoints += 1
                     self.checkpoint_durations.observe(seconds)

@@ -1145,6 +1145,13 @@ def read_soon(metrics: JobMetrics) -> bool:
     return metrics._publication.scrapers.wait(metrics.final_state_read, 5)
 
 
+def delivered_soon(metrics: JobMetrics) -> bool:
+    """Every active scraper has had a scrape begun after the end delivered (noted after its answer was written)."""
+    scrapers = metrics._publication.scrapers
+    return scrapers.wait(lambda: all(scrapers.delivered_since(name, metrics._end_monotonic)
+                                     for name in scrapers.active()), 5)
+
+
 @pytest.mark.parametrize("writer", ["loop", "thread"])
 def test_a_checkpoint_written_after_the_end_is_counted_in_no_phase_and_lingered_for(writer, tmp_path):
     """docs/metrics.md: a checkpoint written after pause() or finish() (the loop's last save, or an asynchronous
@@ -1172,7 +1179,11 @@ def test_a_checkpoint_written_after_the_end_is_counted_in_no_phase_and_lingered_
         metrics.pause()
         at_end = metrics.phases.totals()
         found = scraper.scrape()
-        assert found["trainer_checkpoints_total"][0].value == 0 and read_soon(metrics)
+        assert found["trainer_checkpoints_total"][0].value == 0
+        if writer == "thread":      # the write still open will count into the final state: not read yet
+            assert delivered_soon(metrics) and not metrics.final_state_read()
+        else:
+            assert read_soon(metrics)
         release.set()
         if writer == "thread":
             thread.join()
@@ -1196,3 +1207,62 @@ def test_a_checkpoint_written_after_the_end_is_counted_in_no_phase_and_lingered_
     assert phases == pytest.approx(at_end, abs=1e-6) and phases["checkpoint"] == 0       # in no phase
     assert [s.labels["phase"] for s in found["trainer_phase"] if s.value == 1] == ["paused"]
     assert saved[0]["checkpoints"] == 1 and saved[0]["phases"] == pytest.approx(at_end, abs=1e-6)
+
+
+
+def test_the_linger_never_takes_an_after_end_checkpoint_counted_but_not_yet_stamped_as_read(tmp_path, monkeypatch):
+    """A checkpoint written after the end is counted, then stamped with its moment (the final state's new end),
+    both under the checkpoint lock; final_state_read() read the stamp without the lock. A check in between (the
+    linger's) found the old end read by a scrape that had the old count, and the linger ended: the count was
+    never read. The check now reads both under the lock: it waits for the stamp and then for a new scrape."""
+    metrics = JobMetrics("lib-ckpt-stamp", publish=Publish(targets_dir=tmp_path, linger_timeout=30))
+    scraper = Scraper(metrics.metrics_port)
+    writer, checks, real_monotonic = threading.current_thread(), [], time.monotonic
+
+    def check_between_count_and_stamp():
+        """On the writer's first clock read after the count (its stamp): the linger's check, on its own thread."""
+        if threading.current_thread() is writer and metrics.checkpoints == 1 and not checks:
+            checker = threading.Thread(target=lambda: checks.append(metrics.final_state_read()))
+            checks.append(checker)
+            checker.start()
+            checker.join(0.5)       # (blocked on the lock now: it answers once the stamp is in)
+        return real_monotonic()
+
+    try:
+        scraper.scrape()
+        metrics.start()
+        metrics.step(loss=1.0, samples=4)
+        metrics.pause()
+        assert scraper.scrape()["trainer_checkpoints_total"][0].value == 0 and read_soon(metrics)
+        monkeypatch.setattr(metrics_module.time, "monotonic", check_between_count_and_stamp)
+        with metrics.checkpoint():
+            pass
+        monkeypatch.setattr(metrics_module.time, "monotonic", real_monotonic)
+        checks[0].join(5)
+        assert checks[1:] == [False]        # the old count's scrape is not the count's
+        assert not metrics.final_state_read()
+        assert scraper.scrape()["trainer_checkpoints_total"][0].value == 1 and read_soon(metrics)
+    finally:
+        monkeypatch.setattr(metrics_module.time, "monotonic", real_monotonic)
+        metrics.close()
+        scraper.close()
+
+
+def test_a_close_inside_its_own_threads_checkpoint_block_does_not_wait_for_that_block(tmp_path):
+    """The linger waits for a checkpoint write still open on another thread (an asynchronous writer's); one open
+    on the closing thread cannot end while close() waits, and is not waited for (the linger would sit out its
+    whole timeout)."""
+    metrics = JobMetrics("lib-ckpt-own", publish=Publish(targets_dir=tmp_path, linger_timeout=30))
+    scraper = Scraper(metrics.metrics_port)
+    try:
+        scraper.scrape()
+        metrics.start()
+        metrics.step(loss=1.0, samples=4)
+        with metrics.checkpoint():
+            metrics.finish("completed")
+            scraper.scrape()
+            assert read_soon(metrics)
+            metrics.close()
+    finally:
+        metrics.close()
+        scraper.close()
