@@ -73,9 +73,10 @@ class JobService:
         self._stacks_asked: dict[str, tuple[float, object, dict[int, int]]] = {}
 
     def _view(self, job: JobRecord) -> dict:
-        """The API view of a job, with `waiting_for`: what a running job waits for before any of its processes
-        starts (Ray to place its ranks), as its launcher says it; else None."""
-        return {**job.public(), "waiting_for": self._placing(job)}
+        """The API view of a job, with `waiting_for`: what a queued job waits for (Supervisor.waiting_for), or
+        a running one before any of its processes starts (Ray to place its ranks), as its launcher says it;
+        else None."""
+        return {**job.public(), "waiting_for": self._placing(job) or self.supervisor.waiting_for(job)}
 
     def _placing(self, job: JobRecord) -> str | None:
         if job.state != "running":

@@ -138,6 +138,7 @@ class RayExecutor:
         self._unanswered_said: dict[str, float] = {}     # per run: when "Ray did not answer" was last logged
         self._unconfirmed: dict[str, str] = {}     # job id -> a submission id Ray may or may not have received
         self._quiet_until = float("-inf")           # no request before this (monotonic): Ray did not answer
+        self._quiet_because = ""                    # how it did not
         self._strays: dict[str, set[str]] = {}      # job id -> its unrecorded submissions Ray took a stop for
         self._strays_ended: dict[str, float] = {}   # job id -> when those were first seen ended (monotonic)
 
@@ -160,7 +161,7 @@ class RayExecutor:
         When Ray does not answer, ExecutorUnavailable: the job stays queued, and the next try submits under the
         same id, so a submission that reached Ray despite the error (its answer lost) is taken, not doubled."""
         if self._quiet():
-            raise ExecutorUnavailable("Ray did not answer lately")
+            raise ExecutorUnavailable(f"Ray did not answer lately ({self._quiet_because})")
         submission = self._unconfirmed.get(job_id) or f"{job_id}-{time.time_ns()}"
         try:
             self.client.submit_job(entrypoint=self.entrypoint(nproc, train_args, job_dir), submission_id=submission,
@@ -170,7 +171,7 @@ class RayExecutor:
                 log.warning("job %s: Ray had received its submission %s after all", job_id, submission)
             elif unanswered(error):
                 self._unconfirmed[job_id] = submission
-                self._went_quiet()
+                self._went_quiet(error)
                 raise ExecutorUnavailable(f"Ray did not answer ({_one_line(error)})") from error
             else:
                 retried = self._unconfirmed.pop(job_id, None)
@@ -190,14 +191,14 @@ class RayExecutor:
         its launcher for a moment): the checkpoint a stopped run writes must be there when the new run's
         arguments are built, or a fresh run would refuse the directory and the job fail."""
         if self._quiet():
-            raise ExecutorUnavailable("Ray did not answer lately")
+            raise ExecutorUnavailable(f"Ray did not answer lately ({self._quiet_because})")
         try:
             listed = self.client.list_jobs()
         except Exception as error:
             if unanswered(error):
                 # Not the submission too (a frozen head held the state thread two timeouts per try, and this
                 # was said at every try): the supervisor says once a minute that the job waits.
-                self._went_quiet()
+                self._went_quiet(error)
                 raise ExecutorUnavailable(f"Ray did not answer ({_one_line(error)})") from error
             log.warning("job %s: cannot list Ray's submissions to find one no server recorded: %s", job_id,
                         _one_line(error))
@@ -234,7 +235,7 @@ class RayExecutor:
             if unknown_to_ray(error, handle):
                 log.warning("job %s: Ray no longer knows its submission %s", job_id, handle)
                 return None
-            self._went_quiet()
+            self._went_quiet(error)
             # Unreachable (a restart of its head or dashboard, the network): it may well run on. Adopted, so
             # it is not started a second time; polling tells its fate once Ray answers.
             log.warning("job %s: Ray did not answer about %s (%s); adopted until it does", job_id, handle,
@@ -258,7 +259,7 @@ class RayExecutor:
                 log.warning("job %s: Ray no longer knows its submission %s: it ended", run.job_id, run.handle)
                 self._forget(run)
                 return True, None
-            self._went_quiet()
+            self._went_quiet(error)
             if now - self._unanswered_said.get(run.handle, float("-inf")) >= UNANSWERED_LOG_SECONDS:
                 self._unanswered_said[run.handle] = now
                 log.warning("job %s: Ray did not answer about %s (%s); still taken for running", run.job_id,
@@ -337,7 +338,7 @@ class RayExecutor:
                 return True
             if not unanswered(error):
                 log.warning("job %s: Ray refused to stop %s (%s)", job_id, submission, _one_line(error))
-            self._went_quiet()
+            self._went_quiet(error)
             return False
         return True
 
@@ -376,15 +377,16 @@ class RayExecutor:
         except Exception as error:
             if unknown_to_ray(error, run.handle):
                 return False
-            self._went_quiet()
+            self._went_quiet(error)
             return True
 
     def _quiet(self) -> bool:
         """Ray did not answer a moment ago: ask nothing yet."""
         return time.monotonic() < self._quiet_until
 
-    def _went_quiet(self) -> None:
+    def _went_quiet(self, error: Exception) -> None:
         self._quiet_until = time.monotonic() + QUIET_SECONDS
+        self._quiet_because = _one_line(error)      # said while it is left alone (a queued job's waiting_for)
 
 
 def ray_message(message: object) -> str | None:

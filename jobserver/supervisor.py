@@ -94,6 +94,11 @@ class Supervisor:
         self.cancel_grace = cancel_grace
         self.runs: dict[str, Run] = {}      # job id -> its process, started here or adopted
         self._unavailable_said_at = float("-inf")
+        # Why queued jobs wait, as the last pass over them found (waiting_for): the executor could not start
+        # any (Ray's head down or failing inside, a full disk): (what it said, since when, unix time), until one
+        # start gets an answer; and each job whose start the executor put off, with its words.
+        self._held_back: tuple[str, float] | None = None
+        self._deferred: dict[str, str] = {}
         self._untaken_tokens: dict[str, str] = {}   # job id -> the run secret of a start the executor did not take
         # job id -> when its cancel was accepted (monotonic; at adoption after a restart), while it runs
         self._cancelled_at: dict[str, float] = {}
@@ -228,13 +233,16 @@ class Supervisor:
             ended, code = self.executor.poll(run)
             if ended:
                 self._reap(job_id, code)
-        for job in self.store.list_jobs(states=("queued",)):
+        queued = self.store.list_jobs(states=("queued",))
+        self._deferred = {job.id: self._deferred[job.id] for job in queued if job.id in self._deferred}
+        for job in queued:
             if self.running_count() >= self.max_concurrent:
                 break
             try:
                 self.start(job)
             except StartDeferred as why:     # not yet: it stays queued; the jobs behind it may start
                 log.debug("job %s: not started yet: %s", job.id, why)
+                self._deferred[job.id] = str(why)
             except ExecutorUnavailable as error:     # not the job's failure: it stays queued, tried again later
                 self._executor_unavailable(job, error)
                 break
@@ -243,6 +251,27 @@ class Supervisor:
                     self._executor_unavailable(job, error)
                     break
                 self._failed_to_start(job, error)
+            else:
+                self._deferred.pop(job.id, None)
+            self._held_back = None          # the executor answered this start
+
+    def waiting_for(self, job: JobRecord) -> str | None:
+        """What a queued job waits for, as the last pass over the queue found, in words that follow "waiting
+        for": the executor to start jobs again (it could not start one: a permanent Ray 500 kept every job queued
+        with nothing but a log line to say why), its own start the executor put off, or a free slot; None when
+        it starts at the next pass."""
+        if job.state != "queued":
+            return None
+        if self._held_back is not None:
+            said, since = self._held_back
+            return (f"the {self.executor.name} executor to start jobs again: {said} (since "
+                    f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(since))}; tried again until it does)")
+        if job.id in self._deferred:
+            return f"its start, put off: {self._deferred[job.id]}"
+        if self.running_count() >= self.max_concurrent:
+            return (f"a free slot: {self.running_count()} job(s) running, at most {self.max_concurrent} at once "
+                    "(--max-concurrent)")
+        return None
 
     def _kill_if_cancel_overdue(self, job_id: str, run: Run) -> None:
         """Kill the run when its cancel was accepted more than the grace ago (once the kill went out)."""
@@ -273,7 +302,9 @@ class Supervisor:
         self._killed.discard(job_id)
         self._sent_unmarked.discard(job_id)     # its end's record cleared the mark (a write of `requested`)
 
-    def _executor_unavailable(self, job: JobRecord, error: ExecutorUnavailable) -> None:
+    def _executor_unavailable(self, job: JobRecord, error: Exception) -> None:
+        said = self._without_data_dir(" ".join(str(error).split())[:300])
+        self._held_back = (said, self._held_back[1] if self._held_back is not None else time.time())
         now = time.monotonic()
         if now - self._unavailable_said_at >= UNAVAILABLE_LOG_SECONDS:
             self._unavailable_said_at = now

@@ -4,6 +4,7 @@ answering "no such submission" (404: its head restarted, the run died with it) e
 its control file, and said once a minute, not at every poll. The flows themselves run on a real Ray head in
 test_server.py."""
 
+import calendar
 import http.server
 import json
 import logging
@@ -537,6 +538,57 @@ def test_a_job_submitted_while_rays_head_has_no_job_agent_yet_waits_queued(tmp_p
     supervisor.tick()
     job = store.get_job("early")
     assert job.state == "running" and list(client.submitted) == [job.handle]
+    store.close()
+
+
+def test_a_queued_job_says_it_waits_for_a_ray_that_keeps_failing_its_submissions(tmp_path, monkeypatch):
+    """A Ray whose every submission fails inside (500) keeps its jobs queued (the next try may succeed: a head
+    whose job agent is starting answers so), and said so only in the server's log, once a minute: a user saw a
+    job queued for ever with nothing to say why. Its `waiting_for` now says what Ray answered and since when,
+    through the pause Ray is left alone for after it (the executor's "did not answer lately" keeps the cause),
+    and a queue that is full says so; once Ray takes the submissions, nothing."""
+    failing = RuntimeError("Request failed with status code 500: Failed to start supervisor actor: the runtime_env "
+                           "could not be set up")
+    monkeypatch.setattr(ray_executor, "QUIET_SECONDS", 3600.0)
+
+    class Failing(RayJobs):
+        def submit_job(self, **kwargs):
+            if not self.answering:
+                self.calls.append("submit_job")
+                raise failing
+            return super().submit_job(**kwargs)
+
+        def list_jobs(self):            # the head answers: only its submissions fail
+            return self.listed
+
+    client = Failing()
+    client.answering = False
+    store, supervisor = supervised_on_ray(tmp_path, client, "first", "second")
+    service = JobService(ServerSettings(data_dir=tmp_path), store, supervisor)
+    before = time.time()
+    for _ in range(3):      # the first asks Ray, the others find it left alone
+        supervisor.tick()
+    assert client.calls.count("submit_job") == 1
+    views = [service.get(None, job_id) for job_id in ("first", "second")]
+    assert [view["state"] for view in views] == ["queued", "queued"]
+    for view in views:
+        said = view["waiting_for"]
+        assert said.startswith("the ray executor to start jobs again: Ray did not answer lately (RuntimeError: "
+                               "Request failed with status code 500: Failed to start supervisor actor"), said
+        since = calendar.timegm(time.strptime(said.split("(since ")[1].split(";")[0], "%Y-%m-%dT%H:%M:%SZ"))
+        assert before - 1 <= since <= time.time()
+        assert "\n" not in said and len(said) < 500
+    monkeypatch.setattr(ray_executor, "QUIET_SECONDS", 0.0)
+    supervisor.executor._quiet_until = float("-inf")
+    client.answering = True
+    supervisor.tick()           # one slot: the first runs, the second waits for it
+    assert service.get(None, "first")["waiting_for"] is None
+    assert service.get(None, "second")["waiting_for"] == ("a free slot: 1 job(s) running, at most 1 at once "
+                                                              "(--max-concurrent)")
+    client.ends[store.get_job("first").handle] = ("SUCCEEDED", 0, None)
+    supervisor.tick()
+    supervisor.tick()
+    assert store.get_job("second").state == "running" and service.get(None, "second")["waiting_for"] is None
     store.close()
 
 

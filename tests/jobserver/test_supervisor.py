@@ -1129,10 +1129,16 @@ def test_a_job_whose_start_finds_the_disk_full_stays_queued_until_there_is_room(
     queue(supervisor, "no-room")
     queue(supervisor, "behind-it")
     supervisor.tick()
-    assert [supervisor.store.get_job(job_id).state for job_id in ("no-room", "behind-it")] == ["queued", "queued"]
+    jobs = [supervisor.store.get_job(job_id) for job_id in ("no-room", "behind-it")]
+    assert [job.state for job in jobs] == ["queued", "queued"]
+    for job in jobs:        # each says why, with no server path (the queue waited with nothing to say so)
+        said = supervisor.waiting_for(job)
+        assert said.startswith("the local executor to start jobs again: [Errno 28] No space left on device: "
+                               "'<data dir>/"), said
     monkeypatch.undo()                                  # space freed
     supervisor.tick()
     assert supervisor.store.get_job("no-room").state == "running"
+    assert supervisor.waiting_for(supervisor.store.get_job("behind-it")) is None
 
 
 def test_a_stop_whose_record_failed_sent_no_signal_and_its_retry_sends_one(supervisor):
