@@ -83,6 +83,8 @@ class JobServer:
         self.state = StateThread()
         # Jobs whose state no process publishes (queued, paused, ended by the server) as of the last tick.
         self.waiting: list[WaitingJob] = []
+        # (the executor's name, since when) while it could not start any job, as of the last tick.
+        self.held_back: tuple[str, float] | None = None
         self.last_tick: float | None = None
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(WaitingJobsCollector(self))
@@ -97,6 +99,9 @@ class JobServer:
         self.service.supervisor.tick()
         self.service.uptime.note()
         self.waiting = self.service.waiting_jobs()
+        supervisor = self.service.supervisor
+        since = supervisor.held_back_since
+        self.held_back = None if since is None else (supervisor.executor.name, since)
         self.last_tick = time.monotonic()
 
     @contextlib.asynccontextmanager
@@ -192,6 +197,12 @@ class WaitingJobsCollector:
                                      "(with an end: it had run and waited so when the server ended it).",
                                      labels=["job_id"])
         info = GaugeMetricFamily(Trainer.JOB_INFO, "Job metadata; always 1.", labels=["job_id", "job_name", "owner"])
+        held_back = GaugeMetricFamily(Trainer.STARTS_HELD_BACK_SINCE, "Unix time since which the executor could not "
+                                      "start any job (queued jobs wait: the job API's waiting_for says why); "
+                                      "absent while it can.", labels=["executor"])
+        held = getattr(self.server, "held_back", None)
+        if held is not None:
+            held_back.add_metric([held[0]], held[1])
         for waiting in self.server.waiting:
             job_id = waiting.job.id
             for state in JOB_STATES:
@@ -208,6 +219,7 @@ class WaitingJobsCollector:
         yield ended
         yield resuming
         yield info
+        yield held_back
 
 
 def _server(request: Request) -> JobServer:

@@ -255,6 +255,12 @@ class Supervisor:
                 self._deferred.pop(job.id, None)
             self._held_back = None          # the executor answered this start
 
+    @property
+    def held_back_since(self) -> float | None:
+        """Since when (unix time) the executor could not start any job, while it cannot; else None."""
+        held = self._held_back
+        return None if held is None else held[1]
+
     def waiting_for(self, job: JobRecord) -> str | None:
         """What a queued job waits for, as the last pass over the queue found, in words that follow "waiting
         for": the executor to start jobs again (it could not start one: a permanent Ray 500 kept every job queued

@@ -168,6 +168,8 @@ class Trainer:
     MFU = "trainer_model_flops_utilization_ratio"
     JOB_SUBMITTED = "trainer_job_submitted_timestamp_seconds"
     JOB_RESUMING = "trainer_job_resuming"        # the job server's: a queued job that ran before
+    # The job server's: since when its executor could not start any job (present only while it cannot).
+    STARTS_HELD_BACK_SINCE = "trainer_server_starts_held_back_since_timestamp_seconds"
     PROCESS_START = "trainer_process_start_timestamp_seconds"
     PHASE = "trainer_phase"
     PHASE_SINCE = "trainer_phase_since_timestamp_seconds"

@@ -1141,6 +1141,42 @@ def test_a_job_whose_start_finds_the_disk_full_stays_queued_until_there_is_room(
     assert supervisor.waiting_for(supervisor.store.get_job("behind-it")) is None
 
 
+def test_the_server_publishes_since_when_its_executor_has_started_no_job(supervisor, monkeypatch):
+    """An executor that fails every start (a full disk here; Ray failing every submission) keeps the jobs queued,
+    and nothing in Prometheus said so: no job failed, no target went down. The server's /metrics now has
+    trainer_server_starts_held_back_since_timestamp_seconds while it lasts (JobServerNotStartingJobs reads it),
+    since the first failed start, and none once a start gets through."""
+    import errno
+    import os
+
+    from trainmetrics.contract import Trainer
+    from trainmetrics.jobserver.app import JobServer, WaitingJobsCollector
+    from trainmetrics.jobserver.jobs import JobService, ServerSettings
+
+    def no_room(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def published() -> list:
+        families = {family.name: family for family in WaitingJobsCollector(server).collect()}
+        return families[Trainer.STARTS_HELD_BACK_SINCE].samples
+
+    server = JobServer(ServerSettings(data_dir=supervisor.data_dir))
+    server.service = JobService(server.settings, supervisor.store, supervisor)
+    server.tick()
+    assert published() == []
+    monkeypatch.setattr(supervisor.executor, "start", no_room)
+    queue(supervisor, "no-room")
+    before = time.time()
+    server.tick()
+    (sample,) = published()
+    assert sample.labels == {"executor": supervisor.executor.name} and before <= sample.value <= time.time()
+    server.tick()
+    assert [held.value for held in published()] == [sample.value]         # since the first: not each try's
+    monkeypatch.undo()
+    server.tick()
+    assert supervisor.store.get_job("no-room").state == "running" and published() == []
+
+
 def test_a_stop_whose_record_failed_sent_no_signal_and_its_retry_sends_one(supervisor):
     """The pause's SIGUSR1 went out before its write, which failed (a 500): the client's retry signalled the
     process again (a stop under way is never signalled twice: a second one can kill a process as it exits)."""
