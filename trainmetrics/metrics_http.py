@@ -16,7 +16,8 @@
   next request sits unread in the kernel (its thread has yet to run on a busy host) is cut last.
 - Paced: requests are answered (/metrics rendered) at most MAX_RENDERS_PER_SECOND times a second (in bursts of
   RENDER_BURST), whatever their path; a request beyond waits its turn asleep, a scraper's before the others'. A
-  flood of requests on kept-alive connections took the GIL from the training loop.
+  flood of requests on kept-alive connections took the GIL from the training loop. One whose client hangs up
+  (closes its side) while it waits is not answered and takes no turn: it was rendered for nobody.
 - A 401 closes its connection: without the password a client has nothing more to ask on it.
 - TLS and basic auth from a web-config file (trainmetrics.webconfig). A header checked once is known from then on
   (a scraper's costs one bcrypt check); at most one header not yet known is checked at a time (and one more from an
@@ -87,22 +88,23 @@ def _kept_open_until(connection: socket.socket, moment: float) -> tuple[bool, by
     bytes on the connection alone cannot tell a TLS close_notify from a request. Read from the kernel's TCP state
     instead, a TLS connection's next request waited past `moment` (Prometheus's next scrape held up to 0.15 s of
     its 0.2 s, timed from after the wait, and cut when it gave up: the answer it took counted none), and a system
-    without Linux's TCP_INFO (macOS, FreeBSD's states) had every answer past half its timeout count none."""
+    without Linux's TCP_INFO (macOS, FreeBSD's states) had every answer past half its timeout count none.
+    A `moment` already past is looked at once, without waiting: whether the client is still there now."""
     tls = isinstance(connection, ssl.SSLSocket)
     with selectors.DefaultSelector() as selector:
         selector.register(connection, selectors.EVENT_READ)
         while True:
-            left = moment - time.monotonic()
-            if left <= 0:
-                return True, b""
+            left = max(moment - time.monotonic(), 0.0)
             if not selector.select(left):
+                if not left:
+                    return True, b""
                 continue
             if tls:
                 timeout = connection.gettimeout()
                 connection.settimeout(left)         # (a record that never comes whole: kept open until `moment`)
                 try:
                     data = connection.recv(65536)
-                except TimeoutError:
+                except (TimeoutError, ssl.SSLWantReadError):    # (the latter: not whole now, with no time left)
                     return True, b""
                 except OSError:                     # (ssl.SSLError is one): reset, or no TLS now
                     return False, b""
@@ -340,7 +342,8 @@ class _Handler(BaseHTTPRequestHandler):
         # Every answer waits its turn, not a render alone: a flood of requests for / or a 404 took the GIL the
         # same way (the loop at 0.3 of its speed). A scraper's goes before the others' (a flood's queue held each
         # scrape 0.45 s, past its timeout: the job went dark).
-        if not server.wait_turn(self.connection, scraper=path == "/metrics" and timeout is not None):
+        if not server.wait_turn(self.connection, scraper=path == "/metrics" and timeout is not None,
+                                still_there=lambda: self._kept_open(time.monotonic())):
             self.close_connection = True
             return
         if path == "/metrics":
@@ -376,11 +379,17 @@ class _Handler(BaseHTTPRequestHandler):
         if taken > scrape.timeout or self.close_connection:     # (one we close tells us nothing)
             return False
         self.server.waiting(self.connection)     # (for its next request: it may be cut, as any waiting one)
-        kept, request = _kept_open_until(self.connection, scrape.began + scrape.timeout + CLOSE_TRAVEL_SECONDS)
-        if request:
-            self._deadline.unread(request)
+        kept = self._kept_open(scrape.began + scrape.timeout + CLOSE_TRAVEL_SECONDS)
         if not kept:
             self.close_connection = True
+        return kept
+
+    def _kept_open(self, moment: float) -> bool:
+        """Whether the client keeps the connection open until `moment` (_kept_open_until); the bytes of its next
+        request read to tell are left for the request's reader."""
+        kept, request = _kept_open_until(self.connection, moment)
+        if request:
+            self._deadline.unread(request)
         return kept
 
     def _send(self, status: str, body: bytes, content_type: str, send_body: bool, extra: bytes = b"") -> None:
@@ -409,14 +418,13 @@ class RenderPacer:
         self._tolerance = (burst - 1) * self._spacing
         self._due = float("-inf")       # when the next turn is due, at the steady rate
 
-    def take(self) -> float:
-        """Take a turn when one is free now (0.0); else how many seconds until one is (none taken)."""
-        now = time.monotonic()
-        wait = self._due - self._tolerance - now
-        if wait > 0:
-            return wait
-        self._due = max(self._due, now) + self._spacing
-        return 0.0
+    def free_in(self) -> float:
+        """How many seconds until a turn is free (0.0: one is now); none is taken."""
+        return max(self._due - self._tolerance - time.monotonic(), 0.0)
+
+    def take(self) -> None:
+        """Take the turn free now (free_in said so)."""
+        self._due = max(self._due, time.monotonic()) + self._spacing
 
 
 class MetricsHTTPServer(ThreadingHTTPServer):
@@ -509,24 +517,34 @@ class MetricsHTTPServer(ThreadingHTTPServer):
             if connection in self._open:
                 self._open[connection] = None
 
-    def wait_turn(self, connection: socket.socket, scraper: bool = False) -> bool:
+    def wait_turn(self, connection: socket.socket, scraper: bool = False,
+                  still_there: Callable[[], bool] = lambda: True) -> bool:
         """Wait for the request's turn (RenderPacer), a scraper's before the others', each in the order they came;
         False when the connection was cut for a newcomer or the server closed before or while it waited: nothing
         to answer. Held back, it is waiting, not worked on: it may be cut (flooding clients held in turn on every
-        slot kept a scraper out), and a request cut so leaves at once, its thread with it."""
+        slot kept a scraper out), and a request cut so leaves at once, its thread with it. One held back whose
+        client has hung up meanwhile (`still_there()`, asked without waiting when its turn is free) is False too,
+        and leaves the turn to the next in line: answered, it cost a render for nobody and a turn of the others'."""
         line = self._scrapes_waiting if scraper else self._others_waiting
+        held_back = False
         with self._turns:
             line.append(connection)
             try:
                 while connection in self._open and not self._closing:
                     wait = None         # not next in line: until a turn is taken or a request leaves
                     if (self._scrapes_waiting or self._others_waiting)[0] is connection:
-                        wait = self.pacer.take()
+                        wait = self.pacer.free_in()
                         if not wait:
+                            # Only one held back is asked: one never held came just now, and a client that
+                            # shut its side after its request (nc -N) is read as gone too.
+                            if held_back and not still_there():
+                                return False
+                            self.pacer.take()
                             self._open[connection] = None       # worked on again: not cut
                             return True
                     if self._open[connection] is None:          # waiting from now (as `waiting`)
                         self._open[connection] = time.monotonic()
+                    held_back = True
                     self._turns.wait(wait)
                 return False
             finally:

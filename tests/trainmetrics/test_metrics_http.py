@@ -364,6 +364,60 @@ def test_close_ends_the_requests_waiting_their_turn_unanswered():
     assert at_close < 12 and len(renders) <= at_close + 1, (at_close, len(renders))     # before: all 12
 
 
+def waiting_their_turn(server: MetricsHTTPServer, count: int) -> None:
+    """Until `count` requests (not scrapes) wait their turn."""
+    deadline = time.monotonic() + 10
+    while len(server._others_waiting) < count:
+        assert time.monotonic() < deadline, f"{len(server._others_waiting)} of {count} requests waiting"
+        time.sleep(0.01)
+
+
+def renders_past_clients_that_hung_up(server: MetricsHTTPServer, connect, hang_up, count: int = 4) -> int:
+    """How many renders are made, past the first, for `count` clients each sending a request and hanging up
+    (`hang_up(connection)`) while it waits its turn, then for a client asking twice, its second request sent while
+    its first waits (bytes waiting that are a request, not a hang-up), both its answers read. The turns are held
+    (a pacer whose next turn is 1000 s out) until every request waits, then given out as usual."""
+    renders = []
+    server.render = lambda scrape: renders.append(scrape) or b"up 1\n"
+    server.pacer = metrics_http.RenderPacer(rate=0.001, burst=1)
+    with connect() as first:
+        first.sendall(OK + b"\r\n")
+        assert first.recv(4096).startswith(b"HTTP/1.1 200")        # the one turn
+    hung_up = [connect() for _ in range(count)]
+    for connection in hung_up:
+        connection.sendall(OK + b"\r\n")
+    waiting_their_turn(server, count)
+    for connection in hung_up:
+        hang_up(connection)
+    with connect() as asking_twice:
+        asking_twice.sendall(OK + b"\r\n")
+        waiting_their_turn(server, count + 1)
+        asking_twice.sendall(OK + b"\r\n")
+        with server._turns:         # the turns given out again
+            server.pacer = metrics_http.RenderPacer()
+            server._turns.notify_all()
+        answers = b""
+        while answers.count(b"up 1\n") < 2:
+            read = asking_twice.recv(4096)
+            assert read, answers
+            answers += read
+    return len(renders) - 1
+
+
+def test_a_request_whose_client_hung_up_while_it_waited_its_turn_is_not_rendered():
+    """A request waiting its turn whose client closed its connection meanwhile (a scraper past its timeout, a
+    flooding client) was rendered when its turn came, for nobody, and took that turn from the requests behind it:
+    4 such clients, 4 renders more. It now leaves unanswered, taking no turn; a next request waiting on the
+    connection is no hang-up."""
+    server = MetricsHTTPServer(("127.0.0.1", 0), lambda scrape: b"up 1\n").serve_in_background()
+    try:
+        renders = renders_past_clients_that_hung_up(
+            server, lambda: socket.create_connection(("127.0.0.1", server.port), timeout=5), socket.socket.close)
+    finally:
+        server.close()
+    assert renders == 2     # before: 6
+
+
 def test_headers_are_read_by_lower_case_name_the_first_of_a_repeat():
     import io
     headers = metrics_http.Headers.read(io.BytesIO(

@@ -330,3 +330,38 @@ def test_over_tls_a_scrapers_next_request_is_answered_while_its_last_answer_is_s
     finally:
         server.close()
     assert sum(scrape.counting for scrape in delivered) == 2
+
+
+def says_close_notify_and_closes(connection) -> None:
+    connection.settimeout(0.05)
+    try:
+        connection.unwrap()         # its close_notify (the server's own, which it waits for, never comes)
+    except OSError:
+        pass
+    connection.close()
+
+
+@pytest.mark.parametrize("hang_up", [ssl.SSLSocket.close, says_close_notify_and_closes])
+def test_over_tls_a_request_whose_client_hung_up_while_it_waited_its_turn_is_not_rendered(pki, tmp_path, hang_up):
+    """As over plain HTTP (test_metrics_http): a TLS connection's close cannot be peeked at in the kernel (its
+    close_notify is bytes there, as a request is), so its records are read to tell, a next request's kept for it.
+    Before, each request whose client had hung up was rendered when its turn came."""
+    import socket
+
+    from tests.trainmetrics.test_metrics_http import renders_past_clients_that_hung_up
+    from trainmetrics.metrics_http import MetricsHTTPServer
+
+    config = tmp_path / "web.yml"
+    config.write_text(f"tls_server_config:\n  cert_file: {pki / 'server.crt'}\n  key_file: {pki / 'server.key'}\n")
+    server = MetricsHTTPServer(("127.0.0.1", 0), lambda scrape: b"up 1\n",
+                               web_config=load_web_config(config)).serve_in_background()
+
+    def connect() -> ssl.SSLSocket:
+        return context(pki).wrap_socket(socket.create_connection(("127.0.0.1", server.port), timeout=5),
+                                        server_hostname="127.0.0.1")
+
+    try:
+        renders = renders_past_clients_that_hung_up(server, connect, hang_up)
+    finally:
+        server.close()
+    assert renders == 2     # before: 6
