@@ -43,7 +43,8 @@ def add_jobserver_flags(parser: argparse.ArgumentParser) -> None:
                        help="the Python with trainmetrics[train] on the Ray nodes (default: this one's)")
     group.add_argument("--max-upload-bytes", type=int, default=256 * 1024 * 1024, help="largest dataset upload")
     group.add_argument("--linger-timeout", type=float, default=15.0,
-                       help="how long a finished job waits for every scraper to read its final state")
+                       help="how long a job waits for Prometheus' first scrape before its first step, and once "
+                            "it ended for every scraper to read its final state")
 
 
 def _is_loopback(host: str) -> bool:

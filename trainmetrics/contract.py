@@ -414,13 +414,15 @@ TRAIN_OPTIONS: tuple[Option, ...] = (
     Option("metrics_listen", str, "127.0.0.1:0", "HOST:PORT to serve /metrics on (port 0: a free one; a fixed "
            "port is local rank 0's, each next local rank's the port after; an IPv6 address in brackets: "
            "[::1]:0)", "telemetry", api=_SERVER_SETS, problem=listen_problem),
-    Option("targets_dir", Path, None, "Prometheus file_sd directory to announce the job in (default: not "
-           "announced)", "telemetry", api="never passed: Prometheus finds the job server's jobs through GET "
-           "/api/training/sd", env="TRAINMETRICS_TARGETS_DIR"),
+    Option("targets_dir", Path, None, "Prometheus file_sd directory to announce the job in; the job then waits "
+           "for Prometheus' first scrape before its first step (default: not announced)", "telemetry",
+           api="never passed: Prometheus finds the job server's jobs through GET /api/training/sd",
+           env="TRAINMETRICS_TARGETS_DIR"),
     Option("job_dir", Path, None, "job-mapping directory the node exporter reads (default: none)", "telemetry",
            api="the job server's --job-dir", env="TRAINMETRICS_JOB_DIR"),
-    Option("linger_timeout", float, 15.0, "after the end, wait up to this many seconds for every scraper to "
-           "read the final state (only with --targets-dir)", "telemetry", api="the job server's "
+    Option("linger_timeout", float, 15.0, "wait up to this many seconds for the first scrape before the first "
+           "step, and after the end for every scraper to read the final state (only when announced: --targets-dir "
+           "or --register-url)", "telemetry", api="the job server's "
            "--linger-timeout", minimum=0),
     Option("upload_seconds", float, None, "dataset upload time to publish (default: the load time)", "telemetry",
            api="measured by the job server at upload", minimum=0),

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from trainmetrics.command import (DEFAULT_ANALYTICS_PORT, DEFAULT_EXPORTER_PORT, DEFAULT_PROMETHEUS_PORT, FlagError,
                                   check_directory, check_directory_writable, path_argument)
-from trainmetrics.contract import MODELS
+from trainmetrics.contract import MODELS, spec_fields
 from trainmetrics.signals import SERVICE_STOP_SIGNALS, signals_to_take
 
 
@@ -52,9 +52,14 @@ def check_flags(args: argparse.Namespace) -> None:
     for flag in ("prometheus_port", "exporter_port", "server_port"):
         if not 0 <= getattr(args, flag) <= 65535:
             raise FlagError("--" + flag.replace("_", "-"), f"must be a port, 0 to 65535, got {getattr(args, flag)}")
+    fields = spec_fields()
     for flag in ("epochs", "batch_size"):
-        if getattr(args, flag) < 1:
-            raise FlagError("--" + flag.replace("_", "-"), f"must be at least 1, got {getattr(args, flag)}")
+        # The job server's own check of these spec fields (with a lower bound alone here, --epochs 99999999999
+        # reached the server's 400 once the whole stack had started, and ended the demo in a traceback).
+        try:
+            fields[flag].check(getattr(args, flag))
+        except ValueError as error:
+            raise FlagError("--" + flag.replace("_", "-"), str(error)) from None
     if args.workdir is not None:
         check_directory("--workdir", args.workdir)
         # Prometheus' data and the job's files go there: it, or the parent it is made in, takes files.

@@ -95,6 +95,9 @@ BAD = [
     (["train", "--epochs", "0"], "--epochs"),
     # The demo started the whole stack, then died in a traceback on the job server's 400.
     (["demo", "--epochs", "-1"], "--epochs"),
+    # The same past the spec's upper bound: only a lower one was checked before the stack started.
+    (["demo", "--epochs", "99999999999"], "--epochs: must be at most 2147483647, got 99999999999"),
+    (["demo", "--batch-size", "2147483648"], "--batch-size: must be at most 2147483647, got 2147483648"),
     (["demo", "--model", "resnet"], "--model"),
     (["demo", "--prometheus-port", "70000"], "--prometheus-port"),
     (["demo", "--workdir", "/proc/self/status"], "--workdir: '/proc/self/status' is not a directory"),
