@@ -16,6 +16,7 @@ import re
 import shlex
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import requests
@@ -42,6 +43,7 @@ CHECK_TIMEOUT_SECONDS = 2.0
 # After a request Ray did not answer, no other is sent for this long: with a frozen head every request waits
 # its whole timeout, and a tick asking about every run would hold the state thread for runs x 10 s.
 QUIET_SECONDS = 5.0
+HIDDEN_SHOWN = "<hidden>"       # a secret in what Ray said (the run's register token, quoted in its runtime_env)
 # A stray run (one no server recorded) that Ray says ended may still be ending: its ranks' actors outlive the
 # launcher Ray stopped for a moment, and one may be writing its stop's checkpoint. The job starts again this
 # long after Ray said it ended.
@@ -171,8 +173,11 @@ class RayExecutor:
                 log.warning("job %s: Ray had received its submission %s after all", job_id, submission)
             elif unanswered(error):
                 self._unconfirmed[job_id] = submission
-                self._went_quiet(error)
-                raise ExecutorUnavailable(f"Ray did not answer ({_one_line(error)})") from error
+                # The run's secrets hidden: Ray's answer may quote the runtime_env, and what it said is shown
+                # in every queued job's waiting_for (to their owners too) while Ray is left alone.
+                hidden = [value for value in env.values() if value]
+                self._went_quiet(error, hidden)
+                raise ExecutorUnavailable(f"Ray did not answer ({_one_line(error, hidden)})") from error
             else:
                 retried = self._unconfirmed.pop(job_id, None)
                 if retried is not None:
@@ -384,9 +389,9 @@ class RayExecutor:
         """Ray did not answer a moment ago: ask nothing yet."""
         return time.monotonic() < self._quiet_until
 
-    def _went_quiet(self, error: Exception) -> None:
+    def _went_quiet(self, error: Exception, hidden: Iterable[str] = ()) -> None:
         self._quiet_until = time.monotonic() + QUIET_SECONDS
-        self._quiet_because = _one_line(error)      # said while it is left alone (a queued job's waiting_for)
+        self._quiet_because = _one_line(error, hidden)      # said while it is left alone (a queued job's waiting_for)
 
 
 def ray_message(message: object) -> str | None:
@@ -407,9 +412,13 @@ def ray_message(message: object) -> str | None:
     return text or None
 
 
-def _one_line(error: Exception) -> str:
-    """An error as one short line (requests' connection errors run to hundreds of characters)."""
-    text = " ".join(str(error).split())
+def _one_line(error: Exception, hidden: Iterable[str] = ()) -> str:
+    """An error as one short line (requests' connection errors run to hundreds of characters), each of `hidden`
+    (secrets) shown as HIDDEN_SHOWN: replaced before the cut, which leaves none in part."""
+    text = str(error)
+    for secret in hidden:
+        text = text.replace(secret, HIDDEN_SHOWN)
+    text = " ".join(text.split())
     return f"{type(error).__name__}: {text[:160]}{'...' if len(text) > 160 else ''}"
 
 

@@ -235,6 +235,7 @@ class Supervisor:
                 self._reap(job_id, code)
         queued = self.store.list_jobs(states=("queued",))
         self._deferred = {job.id: self._deferred[job.id] for job in queued if job.id in self._deferred}
+        held_back = False       # this pass's start found the executor unable to start any
         for job in queued:
             if self.running_count() >= self.max_concurrent:
                 break
@@ -245,15 +246,22 @@ class Supervisor:
                 self._deferred[job.id] = str(why)
             except ExecutorUnavailable as error:     # not the job's failure: it stays queued, tried again later
                 self._executor_unavailable(job, error)
+                held_back = True
                 break
             except Exception as error:      # this job's own failure: the jobs queued behind it still start
                 if storage_full(error):     # not the job's either (it was failed for good): queued until there is room
                     self._executor_unavailable(job, error)
+                    held_back = True
                     break
                 self._failed_to_start(job, error)
             else:
                 self._deferred.pop(job.id, None)
             self._held_back = None          # the executor answered this start
+        if not held_back:
+            # No start of this pass failed: none was tried (the queue emptied, a cancel took the job that failed;
+            # every slot taken) or one got through. Kept, a held back with no job queued stayed published and
+            # paged JobServerNotStartingJobs, and a job queued later was said to wait for it before any try.
+            self._held_back = None
 
     @property
     def held_back_since(self) -> float | None:
@@ -309,7 +317,8 @@ class Supervisor:
         self._sent_unmarked.discard(job_id)     # its end's record cleared the mark (a write of `requested`)
 
     def _executor_unavailable(self, job: JobRecord, error: Exception) -> None:
-        said = self._without_data_dir(" ".join(str(error).split())[:300])
+        # Masked before it is cut: a data dir the cut went through was shown in part.
+        said = " ".join(self._without_data_dir(str(error)).split())[:300]
         self._held_back = (said, self._held_back[1] if self._held_back is not None else time.time())
         now = time.monotonic()
         if now - self._unavailable_said_at >= UNAVAILABLE_LOG_SECONDS:

@@ -350,7 +350,9 @@ class JobMetrics:
         self._warned_values: set[str] = set()       # the kinds of value said to be unusable (said once each)
         self._warned_outside_run = False
         self._checkpoints_writing = 0       # checkpoint() blocks open: state_dict() counts them as written
-        self._checkpoints_here = threading.local()      # the blocks open on this thread (`open`: their number)
+        # thread id -> the blocks open that it entered (a block ended on another thread, an asynchronous save's
+        # callback, is taken off its entering thread's: a threading.local raised there and lost the count)
+        self._checkpoints_opened_on: dict[int, int] = {}
         # checkpoint() may run on a writer thread of its own (an asynchronous save): its counts change under this
         # lock, and state_dict() reads them under it (between the two changes it counted the write not at all).
         self._checkpoint_lock = threading.Lock()
@@ -799,7 +801,8 @@ class JobMetrics:
         # one that waits, cannot end meanwhile).
         with self._checkpoint_lock:
             writing, counted = self._checkpoints_writing, self._counted_after_end
-        if writing > getattr(self._checkpoints_here, "open", 0):
+            here = self._checkpoints_opened_on.get(threading.get_ident(), 0)
+        if writing > here:
             return False
         end = max(end, counted or end)
         if not scrapers.any_since(end):
@@ -1204,10 +1207,10 @@ class JobMetrics:
         previous = self.phases.phase
         if in_loop:
             self.phases.enter(CHECKPOINT, began)
-        here = self._checkpoints_here
+        opener, opened = threading.get_ident(), self._checkpoints_opened_on
         with self._checkpoint_lock:
             self._checkpoints_writing += 1
-            here.open = getattr(here, "open", 0) + 1
+            opened[opener] = opened.get(opener, 0) + 1
         written = False
         try:
             yield
@@ -1216,7 +1219,10 @@ class JobMetrics:
             seconds = time.perf_counter() - began
             with self._checkpoint_lock:     # one change: a state_dict() meanwhile counts the write once
                 self._checkpoints_writing -= 1
-                here.open -= 1
+                if opened[opener] > 1:
+                    opened[opener] -= 1
+                else:
+                    del opened[opener]
                 if written:
                     self.checkpoints += 1
                     self.checkpoint_durations.observe(seconds)

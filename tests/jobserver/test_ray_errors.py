@@ -592,6 +592,30 @@ def test_a_queued_job_says_it_waits_for_a_ray_that_keeps_failing_its_submissions
     store.close()
 
 
+def test_a_queued_jobs_waiting_for_shows_no_register_token_ray_quoted(tmp_path, monkeypatch):
+    """Ray's 500 may quote the submission's runtime_env, the run's register token among its env_vars: what it
+    said went whole into "Ray did not answer lately (...)", shown in every queued job's waiting_for (another
+    owner's too) while Ray was left alone. The run's secrets are hidden before the line is cut."""
+    monkeypatch.setattr(ray_executor, "QUIET_SECONDS", 3600.0)
+    tokens = []
+
+    class Quoting(RayJobs):
+        def submit_job(self, **kwargs):
+            tokens.append(kwargs["runtime_env"]["env_vars"][REGISTER_TOKEN_VARIABLE])
+            raise RuntimeError(f"Request failed with status code 500: runtime_env {kwargs['runtime_env']} "
+                               "could not be set up")
+
+    store, supervisor = supervised_on_ray(tmp_path, Quoting(), "first", "second")
+    service = JobService(ServerSettings(data_dir=tmp_path), store, supervisor)
+    supervisor.tick()
+    supervisor.tick()
+    for job_id in ("first", "second"):
+        said = service.get(None, job_id)["waiting_for"]
+        assert "Request failed with status code 500" in said and "<hidden>" in said, said
+        assert tokens and all(token[:8] not in said for token in tokens), said
+    store.close()
+
+
 class RayJobs(Submissions):
     """A Jobs API client that answers, and reports each submission RUNNING until a test sets its end in `ends`:
     submission id -> (Ray's status, the entrypoint's exit code, Ray's message)."""

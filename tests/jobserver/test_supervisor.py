@@ -1177,6 +1177,52 @@ def test_the_server_publishes_since_when_its_executor_has_started_no_job(supervi
     assert supervisor.store.get_job("no-room").state == "running" and published() == []
 
 
+def test_a_held_back_executor_whose_queue_emptied_is_published_no_more(supervisor, monkeypatch):
+    """The executor failed the only queued job's start (a full disk), and the job was cancelled: the queue empty,
+    no start was tried again, and only a start that got an answer cleared the held back. The server went on
+    publishing trainer_server_starts_held_back_since_timestamp_seconds with nothing queued (JobServerNotStartingJobs
+    paged ten minutes later), and a job queued later was said to wait for it before any try of its own."""
+    import errno
+    import os
+
+    from trainmetrics.contract import Trainer
+    from trainmetrics.jobserver.app import JobServer, WaitingJobsCollector
+    from trainmetrics.jobserver.jobs import JobService, ServerSettings
+
+    def no_room(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    server = JobServer(ServerSettings(data_dir=supervisor.data_dir))
+    server.service = JobService(server.settings, supervisor.store, supervisor)
+    monkeypatch.setattr(supervisor.executor, "start", no_room)
+    queue(supervisor, "no-room")
+    server.tick()
+    assert supervisor.held_back_since is not None
+    assert server.service.stop(None, "no-room", "cancelled")[0] == 200
+    server.tick()
+    families = {family.name: family for family in WaitingJobsCollector(server).collect()}
+    assert supervisor.held_back_since is None and families[Trainer.STARTS_HELD_BACK_SINCE].samples == []
+    queue(supervisor, "later")
+    assert supervisor.waiting_for(supervisor.store.get_job("later")) is None
+
+
+def test_a_held_back_message_shows_no_part_of_the_data_dir_its_cut_goes_through(supervisor, monkeypatch):
+    """The executor's words were cut to 300 characters, then the data dir masked: a data dir the cut went through
+    was left in part, a server path in every queued job's waiting_for. Masked first now."""
+    import errno
+
+    path = str(supervisor.data_dir / "jobs" / "no-room" / "train.log")
+
+    def no_room(*args):
+        raise OSError(errno.ENOSPC, "x" * (300 - len("[Errno 28] ") - len(path) // 2), path)
+
+    monkeypatch.setattr(supervisor.executor, "start", no_room)
+    queue(supervisor, "no-room")
+    supervisor.tick()
+    said = supervisor.waiting_for(supervisor.store.get_job("no-room"))
+    assert str(supervisor.data_dir)[:8] not in said and "<data dir>" in said, said
+
+
 def test_a_stop_whose_record_failed_sent_no_signal_and_its_retry_sends_one(supervisor):
     """The pause's SIGUSR1 went out before its write, which failed (a 500): the client's retry signalled the
     process again (a stop under way is never signalled twice: a second one can kill a process as it exits)."""

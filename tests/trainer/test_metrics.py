@@ -1266,3 +1266,30 @@ def test_a_close_inside_its_own_threads_checkpoint_block_does_not_wait_for_that_
     finally:
         metrics.close()
         scraper.close()
+
+
+def test_a_checkpoint_block_ended_on_another_thread_than_it_began_on_is_counted(tmp_path):
+    """An asynchronous save may enter checkpoint() where it starts the write and leave it in the callback that
+    ends it, on the writer's thread. The block's count of open blocks per thread was a threading.local: its exit
+    on the other thread found no count there and raised AttributeError inside the lock, the write never counted
+    and the callback failed. Counted now, and no block is left open."""
+    metrics = JobMetrics("lib-ckpt-split", publish=Publish(targets_dir=tmp_path, linger_timeout=30))
+    try:
+        metrics.start()
+        metrics.step(loss=1.0, samples=4)
+        block = metrics.checkpoint()
+        block.__enter__()
+        failed = []
+
+        def done():
+            try:
+                block.__exit__(None, None, None)
+            except Exception as error:
+                failed.append(error)
+
+        callback = threading.Thread(target=done)
+        callback.start()
+        callback.join(5)
+        assert failed == [] and metrics.checkpoints == 1 and metrics._checkpoints_writing == 0
+    finally:
+        metrics.close()
