@@ -165,6 +165,9 @@ class RayExecutor:
         if self._quiet():
             raise ExecutorUnavailable(f"Ray did not answer lately ({self._quiet_because})")
         submission = self._unconfirmed.get(job_id) or f"{job_id}-{time.time_ns()}"
+        # The run's secrets, hidden in whatever Ray says back: its answer may quote the runtime_env, and what it
+        # said is shown in every queued job's waiting_for (their owners' too) or in this job's error.
+        secrets = [value for value in env.values() if value]
         try:
             self.client.submit_job(entrypoint=self.entrypoint(nproc, train_args, job_dir), submission_id=submission,
                                    runtime_env={"env_vars": env}, metadata={"trainmetrics_job_id": job_id})
@@ -173,17 +176,17 @@ class RayExecutor:
                 log.warning("job %s: Ray had received its submission %s after all", job_id, submission)
             elif unanswered(error):
                 self._unconfirmed[job_id] = submission
-                # The run's secrets hidden: Ray's answer may quote the runtime_env, and what it said is shown
-                # in every queued job's waiting_for (to their owners too) while Ray is left alone.
-                hidden = [value for value in env.values() if value]
-                self._went_quiet(error, hidden)
-                raise ExecutorUnavailable(f"Ray did not answer ({_one_line(error, hidden)})") from error
+                self._went_quiet(error, secrets)
+                raise ExecutorUnavailable(f"Ray did not answer ({_one_line(error, secrets)})") from error
             else:
                 retried = self._unconfirmed.pop(job_id, None)
                 if retried is not None:
                     # The earlier try's request may have reached Ray (its answer lost) and run now: the job fails
                     # with this error, and nothing would stop that run (only a start looks for strays).
                     self._stop_unconfirmed(job_id, job_dir, retried)
+                said = _hidden(str(error), secrets)
+                if said != str(error):      # (not chained: the log's traceback would show the original)
+                    raise RuntimeError(said) from None
                 raise
         self._unconfirmed.pop(job_id, None)
         return Run(job_id, submission, job_dir)
@@ -412,13 +415,17 @@ def ray_message(message: object) -> str | None:
     return text or None
 
 
+def _hidden(text: str, secrets: Iterable[str]) -> str:
+    """`text` with each of `secrets` shown as HIDDEN_SHOWN."""
+    for secret in secrets:
+        text = text.replace(secret, HIDDEN_SHOWN)
+    return text
+
+
 def _one_line(error: Exception, hidden: Iterable[str] = ()) -> str:
     """An error as one short line (requests' connection errors run to hundreds of characters), each of `hidden`
     (secrets) shown as HIDDEN_SHOWN: replaced before the cut, which leaves none in part."""
-    text = str(error)
-    for secret in hidden:
-        text = text.replace(secret, HIDDEN_SHOWN)
-    text = " ".join(text.split())
+    text = " ".join(_hidden(str(error), hidden).split())
     return f"{type(error).__name__}: {text[:160]}{'...' if len(text) > 160 else ''}"
 
 

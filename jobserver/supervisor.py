@@ -331,7 +331,8 @@ class Supervisor:
         # lost), reported its endpoint with the start's secret; that run is stopped with the job's failure, and its
         # endpoint left service discovery with it (it stayed, a dead target of a failed job).
         self.store.remove_endpoints(job.id)
-        message = self._without_data_dir(f"could not start: {type(error).__name__}: {error}".splitlines()[0][:500])
+        # Masked before it is cut: a data dir the cut went through was shown in part.
+        message = self._without_data_dir(f"could not start: {type(error).__name__}: {error}").splitlines()[0][:500]
         self.store.update_job(job.id, state="failed", error=message, ended=time.time(), pid=None, handle=None,
                               exit_code=None, requested=None, run_token=None)
         log.exception("job %s: %s", job.id, message)

@@ -592,6 +592,25 @@ def test_a_queued_job_says_it_waits_for_a_ray_that_keeps_failing_its_submissions
     store.close()
 
 
+def test_a_job_ray_refused_shows_no_register_token_ray_quoted_in_its_error_or_the_log(tmp_path, caplog):
+    """A submission Ray refuses (a 400: the job fails) may quote the runtime_env, the run's register token among
+    its env_vars: it went whole into the job's error and, with its traceback, the server's log."""
+    tokens = []
+
+    class Refusing(RayJobs):
+        def submit_job(self, **kwargs):
+            tokens.append(kwargs["runtime_env"]["env_vars"][REGISTER_TOKEN_VARIABLE])
+            raise RuntimeError(f"Request failed with status code 400: invalid runtime_env {kwargs['runtime_env']}")
+
+    store, supervisor = supervised_on_ray(tmp_path, Refusing(), "refused")
+    with caplog.at_level(logging.WARNING):
+        supervisor.tick()
+    job = store.get_job("refused")
+    assert job.state == "failed" and "status code 400: invalid runtime_env" in job.error and "<hidden>" in job.error
+    assert tokens and not any(token[:8] in job.error or token[:8] in caplog.text for token in tokens)
+    store.close()
+
+
 def test_a_queued_jobs_waiting_for_shows_no_register_token_ray_quoted(tmp_path, monkeypatch):
     """Ray's 500 may quote the submission's runtime_env, the run's register token among its env_vars: what it
     said went whole into "Ray did not answer lately (...)", shown in every queued job's waiting_for (another

@@ -1252,6 +1252,21 @@ def test_a_start_that_fails_shows_no_server_path(supervisor):
     assert job.state == "failed" and DATA_DIR_SHOWN in job.error and str(supervisor.data_dir) not in job.error
 
 
+def test_a_failed_starts_error_shows_no_part_of_the_data_dir_its_cut_goes_through(supervisor):
+    """The job's error was cut to 500 characters, then the data dir masked: a data dir the cut went through was
+    left in part (a server path in the job API). Masked first now."""
+    path = str(supervisor.data_dir / "jobs" / "cut" / "train.log")
+
+    def refused(job_id, nproc, train_args, job_dir, env):
+        raise OSError(13, "x" * (500 - len("could not start: PermissionError: [Errno 13] ") - len(path) // 2), path)
+
+    supervisor.executor.start = refused
+    queue(supervisor, "cut")
+    supervisor.tick()
+    job = supervisor.store.get_job("cut")
+    assert job.state == "failed" and str(supervisor.data_dir)[:8] not in job.error, job.error
+
+
 def test_a_stop_whose_signal_raised_is_not_recorded_and_its_retry_sends_it(supervisor):
     """Recorded before the signal, a stop whose signal raised (Ray's control file on a full disk) stayed recorded
     and unsent: the client's retry found it under way and sent nothing."""
