@@ -14,6 +14,7 @@ it (it hid a second spike of the same size for 25 intervals more)."""
 
 import math
 import statistics
+import sys
 
 # Weight of a new interval in the running mean and variance: about the last 20 intervals count.
 ALPHA = 0.1
@@ -23,6 +24,9 @@ WARMUP_OUTLIER_MADS = 6.0
 # The least spread a loss is judged against, relative to its level (and absolute, for a loss at 0): a loss flat to
 # the last digit has none, and then no rise was a spike (spread 0), or one of 1e-4 was (a spread of 1e-5).
 SPREAD_FLOOR_RELATIVE, SPREAD_FLOOR_ABSOLUTE = 1e-3, 1e-8
+# The running variance saturates here: a drop of 1e200 (learnt: only rises are spikes) squares past a float, and an
+# infinite variance never came down again (every later spike hidden) and made the checkpoint's state unloadable.
+VARIANCE_MAX = sys.float_info.max
 
 
 def _floor(level: float) -> float:
@@ -107,5 +111,8 @@ class LossSpikeDetector:
         # A short interval weighs by its share, and its deviation is scaled to a full interval's (its variance is
         # 1/share times theirs): the running variance stays that of full intervals' means.
         delta, alpha = loss - self.mean, ALPHA * share
-        self.mean += alpha * delta
-        self.variance = (1 - alpha) * (self.variance + alpha * share * delta * delta)
+        if math.isfinite(delta):
+            self.mean += alpha * delta
+        else:       # 1e308 against -1e308: their difference overflows, their weighted sum does not
+            self.mean = (1 - alpha) * self.mean + alpha * loss
+        self.variance = min((1 - alpha) * (self.variance + alpha * share * delta * delta), VARIANCE_MAX)

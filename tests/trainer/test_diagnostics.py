@@ -3,6 +3,7 @@ the stacks signal, and the faults used to drill them. Real loops, real training,
 
 import bisect
 import json
+import math
 import os
 import signal
 import subprocess
@@ -221,6 +222,37 @@ def test_a_loss_with_no_spread_is_judged_against_a_floor_relative_to_its_level()
         wobbling.observe(value)
     assert not any(wobbling.observe(value) for value in (2.0001, 2.0, 2.0002, 2.0, 2.0003))
     assert wobbling.observe(2.5)
+
+
+def test_a_loss_of_huge_magnitude_leaves_the_detector_finite_watching_and_its_state_loadable():
+    """A finite loss of -1e200 (learnt: only rises are spikes) squared past a float: the running variance became
+    infinite for good, no later spike was flagged, and a resume refused the checkpoint's state whole (its steps,
+    samples and counts back to 0). Losses of 1e308 and -1e308 in one warm-up made the running mean infinite."""
+    first = JobMetrics("huge-loss", log_every=1)
+    first.start()
+    for step in range(30):
+        first.step(loss=1.0 + 0.01 * (step % 3), samples=1)
+    first.step(loss=-1e200, samples=1)
+    for step in range(20):      # back at 1: a rise above -1e200, flagged until learnt as the level again
+        first.step(loss=1.0 + 0.01 * (step % 3), samples=1)
+    flagged = first.spikes.spikes
+    first.step(loss=100.0, samples=1)
+    assert first.spikes.spikes == flagged + 1
+    saved = json.loads(json.dumps(first.state_dict()))
+    first.pause()
+    first.close()
+    second = JobMetrics("huge-loss", log_every=1)
+    second.load_state_dict(saved)
+    assert second.steps == 52
+    second.start()
+    second.step(loss=100.0, samples=1)
+    assert second.spikes.spikes == flagged + 2
+    second.close()
+    extremes = LossSpikeDetector(z=6.0, warmup=10)
+    for loss in [-1e308] * 5 + [1e308] * 5:
+        extremes.observe(loss)
+    assert math.isfinite(extremes.mean) and math.isfinite(extremes.variance)
+    LossSpikeDetector().load_state_dict(extremes.state_dict())
 
 
 def test_a_checkpoints_short_interval_is_judged_by_its_length_not_as_a_full_one():
