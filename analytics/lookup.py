@@ -304,9 +304,11 @@ def job_status(processes: list[Process]) -> str:
 
 def fingerprint(found: dict[str, list[dict]]) -> frozenset:
     """What job_recent's answer says of a job's processes, leaving out the values that move while nothing
-    changes (heartbeats, counters): equal as long as no process starts, stops or is seen anew."""
+    changes (heartbeats, counters): equal as long as no process starts, stops or is seen anew. `spawns` is in it:
+    a resume killed in its init between two uses (no start of training, no end, not scraped now) shows there only,
+    and makes the job `vanished`."""
     return frozenset((part, tuple(sorted(labels.items())), None if part == "heartbeat" else value)
-                     for part in ("end", "start", "starts", "state", "heartbeat")
+                     for part in ("end", "start", "starts", "spawns", "state", "heartbeat")
                      for labels, value in rows(found.get(part, [])))
 
 

@@ -92,6 +92,14 @@ CATEGORIES = {
 SAME_TASK = frozenset({"best_loss"})
 
 
+# Why a category whose rule leaves out jobs that have its value has no winner when it leaves out all of them.
+EXCLUDED = {
+    "fastest": "no job with a duration completed",
+    "most_efficient": "no job with an overall score was scored on every score it should have (efficiency_complete)",
+    "most_energy_efficient": "no job with samples per joule had its energy counted whole (energy_complete)",
+}
+
+
 def winners(rows: list[dict]) -> tuple[dict, dict, dict]:
     """(winner, ties, reasons): per category the winning job id (first in request order among equals) or None when
     no row has a value, for each tied category every job id that shares the best value, and for each category left
@@ -110,6 +118,9 @@ def winners(rows: list[dict]) -> tuple[dict, dict, dict]:
                       and (category != "most_efficient" or row.get("efficiency_complete"))]
         if not candidates:
             winner[category] = None
+            valued = [row["job_id"] for row in rows if _finite(row.get(field))]
+            if valued:     # the jobs have the value, yet none may win: say why, as for mixed tasks
+                reasons[category] = f"{EXCLUDED[category]}: {', '.join(valued)}"
             continue
         tasks: dict[str | None, list[str]] = {}
         for row in candidates:

@@ -356,7 +356,7 @@ class CompareRow:
 Winner = dataclasses.make_dataclass("Winner", [(category, str | None) for category in scoring.CATEGORIES], slots=True)
 Winner.__doc__ = ("Winning job id per category (first in request order among equals); fastest counts completed "
                   "jobs only, most_efficient those whose efficiency_complete, most_energy_efficient those whose "
-                  "energy_complete; null when no job has the value.")
+                  "energy_complete; null when no job has the value, or none of those that have it counts.")
 
 
 @dataclass(slots=True)
@@ -368,7 +368,7 @@ class Comparison:
     ties: dict[str, list[str]] = described("for each tied category, every job id sharing the best value")
     no_winner_reasons: dict[str, str] = described(
         "for each category whose winner is null although jobs have the value, why (best_loss: the jobs' losses "
-        "are of different tasks)")
+        "are of different tasks; fastest, most_efficient, most_energy_efficient: no job with the value counts)")
     partial: bool = described("true when any row is partial")
 
 

@@ -142,3 +142,21 @@ def test_losses_are_compared_within_one_task_only():
     # ...and jobs that all said none are compared as before.
     winner, _, reasons = scoring.winners([row("old-1", final_loss=0.3), row("old-2", final_loss=0.1)])
     assert (winner["best_loss"], reasons) == ("old-2", {})
+
+
+def test_a_category_whose_rule_leaves_out_every_job_with_its_value_says_why():
+    """Two running jobs with durations, GPU jobs whose GPU went unmeasured, jobs whose energy was counted in part:
+    `fastest`, `most_efficient` and `most_energy_efficient` were null with no reason, though docs/api.md says
+    no_winner_reasons explains every category left null although jobs have its value."""
+    rows = [row("a", status="running", duration_seconds=60.0, overall_score=90.0, efficiency_complete=False,
+                samples_per_joule=10.0, energy_complete=False),
+            row("b", status="failed", duration_seconds=30.0)]
+    winner, _, reasons = scoring.winners(rows)
+    assert (winner["fastest"], winner["most_efficient"], winner["most_energy_efficient"]) == (None, None, None)
+    assert reasons == {"fastest": "no job with a duration completed: a, b",
+                       "most_efficient": "no job with an overall score was scored on every score it should have "
+                                         "(efficiency_complete): a",
+                       "most_energy_efficient": "no job with samples per joule had its energy counted whole "
+                                                "(energy_complete): a"}
+    # No value at all: null without a reason.
+    assert scoring.winners([row("c", status="running")])[2] == {}

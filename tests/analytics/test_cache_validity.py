@@ -1,0 +1,66 @@
+"""When a settled job's cached analytics may be served (analytics/cache.py): only while the cheap lookup sees the
+job's processes as they were (lookup.fingerprint). The store as it was when the job was cached and as it is later
+are two backfilled Prometheus servers, asked through one cache."""
+
+import asyncio
+import time
+
+import pytest
+
+from trainmetrics.analytics.cache import AnalyticsCache, cached_job_analytics
+from trainmetrics.analytics.prometheus import PrometheusClient
+from trainmetrics.contract import ACCOUNTED_PHASES, JOB_STATES
+
+from .conftest import as_openmetrics, backfilled_backend
+from .test_fleet_goodput_waits import trainer
+
+pytestmark = pytest.mark.slow
+
+LOOKBACK_SECONDS = 3600.0
+JOB = "resumed-killed-in-init"
+
+
+def killed_in_init(job_id: str, instance: str, spawned: float, last: float) -> list[str]:
+    """A resumed process killed (-9) in its init: scraped from its spawn to `last` (its state `queued`, its init
+    seconds), never a start of training, never an end."""
+    base = f'job_id="{job_id}",instance="{instance}",job="trainer-jobs",rank="0"'
+    lines = []
+    for t in (spawned + i * 5.0 for i in range(int((last - spawned) / 5) + 1)):
+        lines += [f'trainer_job_info{{{base},job_name="{job_id}",model="mlp",dataset="blobs",owner="{job_id}",'
+                  f'device="cpu"}} 1 {t:.3f}',
+                  f"trainer_process_start_timestamp_seconds{{{base}}} {spawned:.3f} {t:.3f}",
+                  f"trainer_heartbeat_timestamp_seconds{{{base}}} {t:.3f} {t:.3f}"]
+        lines += [f'trainer_phase_seconds_total{{{base},phase="{phase}"}} {t - spawned if phase == "init" else 0:.3f} '
+                  f"{t:.3f}" for phase in ACCOUNTED_PHASES]
+        lines += [f'trainer_job_state{{{base},state="{state}"}} {int(state == "queued")} {t:.3f}'
+                  for state in JOB_STATES]
+    return lines
+
+
+def test_a_cached_job_whose_resume_was_killed_in_its_init_is_read_afresh(tmp_path):
+    """Paused (settled, cached), then resumed and the resumed process killed in its init between two requests:
+    no start of training, no end, not scraped now. The lookup finds such a process by its spawn (the `spawns`
+    part), but the fingerprint left that part out, so the cache served the job as `paused` for good while a
+    fresh read says `vanished`."""
+    now = time.time()
+    paused = trainer(JOB, "h:1", now - 1500, now - 1400, "paused", None, checkpoints=(2, 2))
+    killed = killed_in_init(JOB, "h:2", now - 1000, now - 990)
+
+    async def read(url: str, cache: AnalyticsCache):
+        client = PrometheusClient(url)
+        try:
+            return await cached_job_analytics(client, cache, JOB, LOOKBACK_SECONDS)
+        finally:
+            await client.aclose()
+
+    cache = AnalyticsCache()
+    (tmp_path / "then").mkdir()
+    (tmp_path / "later").mkdir()
+    with backfilled_backend("prometheus", tmp_path / "then", as_openmetrics(paused)) as then:
+        before = asyncio.run(read(then.url, cache))
+    assert before.status == "paused" and len(cache) == 1
+    with backfilled_backend("prometheus", tmp_path / "later", as_openmetrics(paused + killed)) as later:
+        fresh = asyncio.run(read(later.url, AnalyticsCache()))
+        served = asyncio.run(read(later.url, cache))
+    assert fresh.status == "vanished"
+    assert (served.status, served.end_time) == (fresh.status, fresh.end_time)
