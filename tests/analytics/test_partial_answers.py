@@ -93,7 +93,7 @@ class Proxy(Relay):
 
 
 @pytest.fixture(scope="module")
-def backend(tmp_path_factory):
+def proxied_prometheus(tmp_path_factory):
     """A real Prometheus holding the jobs, ended ten minutes ago, behind a Proxy."""
     end = round(time.time() - 600)
     prometheus = backfilled_prometheus(tmp_path_factory.mktemp("partial"), history(end))
@@ -103,6 +103,15 @@ def backend(tmp_path_factory):
             yield proxy
     finally:
         prometheus.stop()
+
+
+@pytest.fixture
+def backend(proxied_prometheus):
+    """The proxied Prometheus, answering whole: a test that left it partial made the next one's first answer
+    partial (test_a_cached_job_a_partial_check_lacks_is_answered_from_the_cache failed run after
+    test_a_partial_answer_is_said_and_never_cached)."""
+    proxied_prometheus.mode = proxied_prometheus.only = None
+    return proxied_prometheus
 
 
 def test_what_is_partial():
