@@ -82,15 +82,27 @@ def save_checkpoint(directory: Path, state: dict, keep: int = 3) -> Checkpoint:
     return Checkpoint(path, step)
 
 
+def _misnamed(state: dict, step: int) -> str | None:
+    """Why a checkpoint's contents are not the step its name says, or None. Names order checkpoints: a file copied or
+    renamed to a later step's name (`step-999999999999999999.pt` holding step 10) was resumed from as the newest on
+    every resume, the run's own later checkpoints passed over, and was never pruned (none of the run's line)."""
+    if "step" not in state:
+        return None     # foreign() says what it lacks
+    written = state["step"]
+    if isinstance(written, int) and not isinstance(written, bool) and written == step:
+        return None
+    return f"it holds step {str(written)[:40]}, not the {step} its name says"
+
+
 class NoReadableCheckpoint(RuntimeError):
     """Checkpoints are there and none of them loads: resuming would silently train again from step 0."""
 
 
 def load_latest(directory: Path, map_location="cpu", foreign: Callable[[dict], str | None] = lambda state: None
                 ) -> dict | None:
-    """The newest checkpoint that loads and is the job's; a corrupt newest file, or one `foreign` says is another
-    job's (its reason), falls back to the one before it (said in the log). None when there is none;
-    NoReadableCheckpoint when there are some and none of them loads as the job's."""
+    """The newest checkpoint that loads and is the job's; a corrupt newest file, one holding another step than its
+    name says, or one `foreign` says is another job's (its reason), falls back to the one before it (said in the
+    log). None when there is none; NoReadableCheckpoint when there are some and none of them loads as the job's."""
     import torch
 
     checkpoints = list_checkpoints(directory)
@@ -103,7 +115,10 @@ def load_latest(directory: Path, map_location="cpu", foreign: Callable[[dict], s
             log.warning("checkpoint %s cannot be loaded (%s: %s); trying the one before it", checkpoint.path,
                         type(error).__name__, reason)
             continue
-        whose = foreign(state) if isinstance(state, dict) else "not a checkpoint"
+        if not isinstance(state, dict):
+            whose = "not a checkpoint"
+        else:
+            whose = _misnamed(state, checkpoint.step) or foreign(state)
         if whose is None:
             return state
         log.warning("checkpoint %s is not this job's (%s); trying the one before it", checkpoint.path, whose)

@@ -248,6 +248,22 @@ def test_another_jobs_or_models_checkpoint_is_skipped_when_resuming(make_trainer
     assert resumed.run() == "completed"
 
 
+def test_a_checkpoint_whose_name_says_a_later_step_than_it_holds_is_skipped_when_resuming(make_trainer, tmp_path,
+                                                                                             caplog):
+    """A file copied or renamed to a later step's name (step-999999999999999999.pt holding step 3) was resumed from
+    as the newest, on every resume, the run's own newer checkpoint passed over and the steps since trained again:
+    it is skipped, as a damaged one is, and the resume continues from the newest checkpoint that is what it says."""
+    common = dict(model="mlp", dataset="digits", epochs=1, batch_size=64, checkpoint_dir=tmp_path)
+    assert stopped_at(make_trainer(**common, checkpoint_every=3, keep_checkpoints=0), 5) == "cancelled"
+    misnamed = tmp_path / "step-999999999999999999.pt"
+    misnamed.write_bytes((tmp_path / ckpt.checkpoint_name(3)).read_bytes())
+    resumed = make_trainer(**common)
+    state = ckpt.load_latest(tmp_path, foreign=resumed.foreign)
+    assert state["step"] == 5
+    assert f"checkpoint {misnamed} is not this job's (it holds step 3, not the 999999999999999999 its name says)" \
+        in caplog.text
+
+
 def _without(state: dict, *keys: str) -> dict:
     return {key: value for key, value in state.items() if key not in keys}
 
