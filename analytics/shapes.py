@@ -415,7 +415,8 @@ def _from_plain(annotation, value):
     if origin is tuple:
         return tuple(_from_plain(arg, item) for arg, item in zip(args, value)) if isinstance(value, list) else None
     if origin is dict:
-        return {key: _from_plain(args[1], item) for key, item in value.items()} if isinstance(value, dict) else None
+        return ({key: _from_plain(args[1], item) for key, item in value.items() if _text(key)}
+                if isinstance(value, dict) else None)
     if annotation is float:
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             return None
@@ -426,9 +427,21 @@ def _from_plain(annotation, value):
             return None
     if annotation is int:
         return value if isinstance(value, int) and not isinstance(value, bool) else None
-    if annotation in (str, bool):
-        return value if isinstance(value, annotation) else None
+    if annotation is str:
+        return value if isinstance(value, str) and _text(value) else None
+    if annotation is bool:
+        return value if isinstance(value, bool) else None
     return value
+
+
+def _text(value: str) -> bool:
+    """Whether a string is text an answer can hold: json.loads reads a lone surrogate (`"\\ud800"`), which UTF-8
+    cannot encode (the answer failed as it was sent: a 500, the connection reset)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def columns(shape: type) -> list[str]:

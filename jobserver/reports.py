@@ -102,8 +102,10 @@ class ReportKeeper:
         self.archive, self.call, self.store, self.uptime = archive, call, store, uptime
         # With owners (--tokens), a report is computed in its job's owner's scope, as the owner reads the job.
         self.owners = owners
-        self._retry_at: dict[str, float] = {}
-        self._unsettled_since: dict[str, float] = {}
+        # Keyed by (job id, end): a job resumed and ended again between two rounds (cancelled while queued, during a
+        # round that waited on a slow Prometheus) is another end, whose wait starts afresh.
+        self._retry_at: dict[tuple[str, float], float] = {}
+        self._unsettled_since: dict[tuple[str, float], float] = {}
 
     async def load(self, job_id: str) -> tuple[str, dict] | None:
         """(owner, report) of a job with a stored report."""
@@ -126,21 +128,24 @@ class ReportKeeper:
         ended = {job_id: (end, state, owner) for job_id, end, state, owner in
                  await self.call(self.store.jobs_to_report, FINAL_STATES, self.uptime.asked_after(now),
                                  now - SETTLE_SECONDS)}
-        # Only jobs still waiting for their report keep their clocks: one resumed (or given up, or reported) starts
-        # afresh at its next end, and the retry times of every job that ever failed a try no longer pile up.
+        # Only ends still waiting for their report keep their clocks: a resumed job (or one given up, or reported)
+        # starts afresh at its next end, and the retry times of every job that ever failed a try no longer pile up.
+        waiting = {(job_id, end) for job_id, (end, _, _) in ended.items()}
         for clocks in (self._unsettled_since, self._retry_at):
-            for job_id in set(clocks) - set(ended):
-                del clocks[job_id]
-        for job_id in [job_id for job_id in ended if self._retry_at.get(job_id, 0.0) <= clock][:PER_ROUND]:
-            # The wait counts from the first answer that said "not settled" (not from a try Prometheus failed).
-            waited = clock - self._unsettled_since.get(job_id, clock)
+            for key in set(clocks) - waiting:
+                del clocks[key]
+        for job_id in [job_id for job_id, (end, _, _) in ended.items()
+                       if self._retry_at.get((job_id, end), 0.0) <= clock][:PER_ROUND]:
             end, state, owner = ended[job_id]
+            key = (job_id, end)
+            # The wait counts from the first answer that said "not settled" (not from a try Prometheus failed).
+            waited = clock - self._unsettled_since.get(key, clock)
             try:
                 found = await self.archive.compute(job_id, settled=waited < UNSETTLED_LIMIT_SECONDS,
                                                    owner=owner if self.owners else None)
                 if found.get("status") in STILL_GOING:
-                    self._unsettled_since.setdefault(job_id, clock)
-                    self._retry_at[job_id] = clock + RETRY_SECONDS
+                    self._unsettled_since.setdefault(key, clock)
+                    self._retry_at[key] = clock + RETRY_SECONDS
                     continue
                 if found.get("status") != state and waited < UNSETTLED_LIMIT_SECONDS:
                     # Not the end the job API says yet: one its process did not publish (killed, a cancel that
@@ -150,14 +155,14 @@ class ReportKeeper:
                     raise NotSettled(job_id)
                 report = json.dumps(found, allow_nan=False)
             except NotSettled:
-                self._unsettled_since.setdefault(job_id, clock)
-                self._retry_at[job_id] = clock + SETTLE_RETRY_SECONDS
+                self._unsettled_since.setdefault(key, clock)
+                self._retry_at[key] = clock + SETTLE_RETRY_SECONDS
                 continue
             except Exception as error:
-                self._retry_at[job_id] = clock + RETRY_SECONDS
+                self._retry_at[key] = clock + RETRY_SECONDS
                 log.info("job %s: its report cannot be stored yet: %s", job_id, getattr(error, "message", error))
                 continue
-            self._retry_at.pop(job_id, None)
-            self._unsettled_since.pop(job_id, None)
+            self._retry_at.pop(key, None)
+            self._unsettled_since.pop(key, None)
             if await self.call(self.store.keep_report, job_id, report, end):
                 log.info("job %s: its analytics report is stored", job_id)

@@ -5,6 +5,7 @@ loses nothing it has acknowledged. The store is synchronous: the job server call
 never from the event loop.
 """
 
+import dataclasses
 import json
 import sqlite3
 import threading
@@ -106,6 +107,11 @@ class JobRecord:
                 "reason": self.reason}
 
 
+# A job's columns as a JobRecord reads them: never the stored report (get_report reads it on its own), the largest
+# column, and one whose bytes may not be text (a damaged or hand-edited row failed every read of the jobs, the
+# supervisor's included, not the report's alone).
+JOB_COLUMNS = ", ".join(f.name for f in dataclasses.fields(JobRecord) if f.name != "spec_unreadable")
+
 # The store's file in the server's data dir.
 DATABASE_NAME = "trainmetrics.db"
 
@@ -190,7 +196,6 @@ class JobStore:
     @staticmethod
     def _job(row: sqlite3.Row) -> JobRecord:
         values = dict(row)
-        values.pop("report", None)       # read on its own (get_report): it is the largest column
         try:
             spec = json.loads(values["spec"])
         except (TypeError, ValueError, RecursionError):
@@ -215,14 +220,14 @@ class JobStore:
 
     def get_job(self, job_id: str, owner: str | None = None) -> JobRecord | None:
         """The job, if it exists and (when owner is given) belongs to owner."""
-        rows = self._execute("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        rows = self._execute(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,))
         if not rows or (owner is not None and rows[0]["owner"] != owner):
             return None
         return self._job(rows[0])
 
     def list_jobs(self, owner: str | None = None, states: tuple[str, ...] | None = None) -> list[JobRecord]:
         """Jobs, oldest first, filtered by owner and states."""
-        sql, params = "SELECT * FROM jobs WHERE 1=1", []
+        sql, params = f"SELECT {JOB_COLUMNS} FROM jobs WHERE 1=1", []
         if owner is not None:
             sql += " AND owner = ?"
             params.append(owner)
@@ -237,8 +242,9 @@ class JobStore:
         with no run handle or pid (the server ended them, or their process ended without publishing that end:
         killed, or overruled by a cancel), oldest first."""
         # Both unset: a row from before the handle column had a pid only, and its process published its end.
-        rows = self._execute(f"SELECT * FROM jobs WHERE state IN ({','.join('?' * len(states))}) AND handle IS NULL "
-                             "AND pid IS NULL AND (ended > ? OR (report IS NULL AND ended > ?)) ORDER BY created",
+        rows = self._execute(f"SELECT {JOB_COLUMNS} FROM jobs WHERE state IN ({','.join('?' * len(states))}) "
+                             "AND handle IS NULL AND pid IS NULL AND (ended > ? OR (report IS NULL AND ended > ?)) "
+                             "ORDER BY created",
                              (*states, since, since if unreported_since is None else unreported_since))
         return [self._job(row) for row in rows]
 
@@ -256,9 +262,11 @@ class JobStore:
 
     # ----- stored analytics reports ------------------------------------------------------------------
     def get_report(self, job_id: str) -> tuple[str, str] | None:
-        """(owner, report JSON) of a job with a stored report."""
-        rows = self._execute("SELECT owner, report FROM jobs WHERE id = ? AND report IS NOT NULL", (job_id,))
-        return (rows[0]["owner"], rows[0]["report"]) if rows else None
+        """(owner, report JSON) of a job with a stored report. Bytes that are not UTF-8 (a damaged or edited row)
+        read as U+FFFD: the report reads back as far as it is one (readable_report), where sqlite3 raised."""
+        rows = self._execute("SELECT owner, CAST(report AS BLOB) AS report FROM jobs WHERE id = ? "
+                             "AND report IS NOT NULL", (job_id,))
+        return (rows[0]["owner"], bytes(rows[0]["report"]).decode("utf-8", "replace")) if rows else None
 
     def keep_report(self, job_id: str, report: str, ended: float) -> bool:
         """Keep the report of the run that ended at `ended`; False (nothing kept) when the job has moved on since

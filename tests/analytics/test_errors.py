@@ -686,6 +686,37 @@ def test_a_stored_report_edited_by_hand_answers_its_odd_figure_as_null(figure, t
     store.close()
 
 
+def test_a_stored_report_holding_a_lone_surrogate_answers_that_text_as_null(tmp_path):
+    """json.loads reads `"\\ud800"` in a stored report edited by hand, a string UTF-8 cannot encode: the job's
+    analytics and its comparison failed as they were sent (a 500, the connection reset). Such text reads as
+    null, as a figure of the wrong type does, and a key of it is left out."""
+    from trainmetrics.jobserver import reports
+    from trainmetrics.jobserver.store import JobRecord, JobStore
+    from trainmetrics.prometheus_process import free_port
+    from trainmetrics.reports import ReportArchive
+
+    store = JobStore(tmp_path / "db.sqlite")
+    text = ('{"job_id": "odd-1", "status": "completed", "job_name": "run \\ud800", '
+            '"goodput": {"seconds": {"step": 2.0, "\\udfff": 1.0}}}')
+    store.add_job(JobRecord(id="odd-1", owner="default", name="odd-1", state="completed", spec={}, ended=1.0))
+    assert store.keep_report("odd-1", text, 1.0)
+
+    async def call(operation, *args):
+        return operation(*args)
+
+    keeper = reports.ReportKeeper(None, call, store, reports.UpTime(store))
+    down = f"http://127.0.0.1:{free_port()}"            # nothing listens there: the stored report answers
+    settings = Settings(prometheus_url=down, prometheus_deadline=2.0, archive=ReportArchive(load=keeper.load))
+    with serve(settings) as client:
+        odd = client.get("/api/training/odd-1/analytics")
+        assert odd.status_code == 200, odd.text
+        assert odd.json()["job_name"] is None and odd.json()["goodput"]["seconds"] == {"step": 2.0}
+        compared = client.get("/api/training/analytics/compare?job_ids=odd-1&format=csv")
+        assert compared.status_code == 200, compared.text
+        assert compared.text.splitlines()[1].startswith("odd-1,,")
+    store.close()
+
+
 def test_retry_after_is_read_as_seconds_or_an_http_date_and_kept_within_bounds():
     from trainmetrics.analytics.prometheus import (DEFAULT_RETRY_AFTER_SECONDS, MAX_RETRY_AFTER_SECONDS,
                                                    retry_after_seconds)

@@ -628,6 +628,42 @@ def test_the_keeper_forgets_the_retries_of_jobs_no_longer_waiting_for_a_report(t
     store.close()
 
 
+def test_a_job_resumed_and_ended_again_between_two_rounds_waits_afresh_for_its_new_end(tmp_path, monkeypatch):
+    """The keeper's clocks were the job's, not its end's: a failed job whose report waited to settle, resumed and
+    cancelled while queued before the next round (a round waits on a slow Prometheus), kept the old wait, past its
+    limit, so the cancel's report was stored at once as it stood: `failed`, the server's `cancelled` not in yet,
+    for good. Each end waits afresh."""
+    import asyncio
+
+    from trainmetrics.jobserver import reports
+    from trainmetrics.reports import NotSettled, ReportArchive
+
+    store = JobStore(tmp_path / "db.sqlite")
+    store.add_job(JobRecord(id="again-1", owner="default", name="again-1", state="failed", spec={},
+                            ended=time.time() - 20))
+    asked = []
+
+    async def compute(job_id, settled=True, owner=None):
+        asked.append(settled)
+        if settled:
+            raise NotSettled(job_id)
+        return {"job_id": job_id, "status": "failed"}       # the server's cancel not scraped yet
+
+    async def call(operation, *args):
+        return operation(*args)
+
+    keeper = reports.ReportKeeper(ReportArchive(compute=compute), call, store, reports.UpTime(store))
+    monkeypatch.setattr(reports, "SETTLE_RETRY_SECONDS", 0.0)
+    monkeypatch.setattr(reports, "UNSETTLED_LIMIT_SECONDS", 0.05)
+    asyncio.run(keeper.round())             # not settled: the failed end's wait starts
+    time.sleep(0.1)
+    store.update_job("again-1", state="queued", resume=True, ended=None, report=None)     # resumed,
+    store.update_job("again-1", state="cancelled", ended=time.time() - 10)                # cancelled while queued
+    asyncio.run(keeper.round())
+    assert asked == [True, True] and store.get_report("again-1") is None
+    store.close()
+
+
 def test_a_report_computed_while_its_job_was_resumed_is_not_kept(tmp_path):
     """A resume while the job's report was computed (the server's state thread goes on while the keeper awaits
     Prometheus): the ended run's report was stored over the resume's drop, and never replaced after the next run
@@ -726,6 +762,25 @@ def test_a_stored_reports_fields_of_the_wrong_type_read_back_as_null():
     assert analytics.job_id == "j" and analytics.status is None and analytics.evaluations is None
     assert analytics.performance.total_samples is None and analytics.performance.average_samples_per_second == 12.5
     assert analytics.goodput.goodput_ratio is None and analytics.goodput.seconds == {"step": 2.0}
+
+
+def test_a_stored_report_whose_bytes_are_not_utf8_fails_no_read_of_the_jobs(tmp_path):
+    """A report row cut inside a character (a damaged file, a hand edit): every read of the jobs selected the report
+    column too, and sqlite3 raised "Could not decode to UTF-8" for it, so the job API, its list and the supervisor's
+    tick failed, not the report alone. The jobs read without it, and the report reads as far as it is one."""
+    from trainmetrics.jobserver.jobs import JobService, ServerSettings
+
+    store = JobStore(tmp_path / "db.sqlite")
+    service = JobService(ServerSettings(data_dir=tmp_path), store, Supervisor(store, tmp_path, None, 1))
+    for job_id in ("cut-1", "other-1"):
+        store.add_job(JobRecord(id=job_id, owner="default", name=job_id, state="completed", spec={}, ended=1.0))
+    cut = '{"job_id": "cut-1", "job_name": "caf\u00e9"}'.encode()[:-3]      # cut after the first byte of the é
+    store._execute("UPDATE jobs SET report = CAST(? AS TEXT) WHERE id = 'cut-1'", (cut,))
+    assert [job.id for job in store.list_jobs()] == ["cut-1", "other-1"]
+    assert store.get_job("cut-1").state == "completed"
+    assert service.get(None, "cut-1")["report_stored"] is False
+    assert store.get_report("cut-1") == ("default", '{"job_id": "cut-1", "job_name": "caf\ufffd')
+    store.close()
 
 
 @pytest.mark.parametrize("spec", ["{not json", "[]", "[" * 100_000], ids=["not-json", "list", "nested"])
