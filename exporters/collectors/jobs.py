@@ -350,6 +350,7 @@ class JobTracker:
         # emptied or a nested root's time taken off before the failure would lose a rank's time or count it twice.
         usage: dict[str, JobUsage] = {}
         job_of_pid: dict[int, str] = {}
+        claimed: dict[int, int] = {}                      # each process counted in this pass: pid -> start ticks
         gpus: dict[str, set[int | str]] = {}
         ticks = self.clock_ticks
         dead: list[_Tree] = []
@@ -368,8 +369,14 @@ class JobTracker:
             counted, gone = 0.0, False
             times = tree_times.setdefault(tree.mapping.pid, {})
             for pid, start_ticks in tree.members.items():
-                if pid in job_of_pid:
-                    continue  # a process in two ranks' trees counts once
+                if pid in claimed:
+                    # A process in two trees counts once. But a root whose pid another tree's process holds now (a
+                    # killed rank's pid, taken by a new job's root) is gone: skipped as counted, the ended rank lived
+                    # on, its time lost to its job, as long as the other process ran.
+                    if pid == tree.mapping.pid and claimed[pid] != start_ticks:
+                        gone = True
+                        break
+                    continue
                 fields = self._read_stat(pid)
                 if fields is None or int(fields[19]) != start_ticks:
                     if pid == tree.mapping.pid:
@@ -377,6 +384,7 @@ class JobTracker:
                         break
                     continue
                 job_of_pid[pid] = job_id
+                claimed[pid] = start_ticks
                 seconds = (int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])) / ticks
                 counted += seconds
                 times[pid, start_ticks] = seconds

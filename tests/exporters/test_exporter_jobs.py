@@ -470,6 +470,60 @@ def test_a_pid_reused_since_the_walks_parents_reading_is_not_the_jobs(tmp_path):
     assert 101 not in tracker.snapshot.job_of_pid and usage.rss_bytes == 1000 * 4096
 
 
+class Listing:
+    """What os.scandir returns (a context manager and an iterator), over entries in a set order."""
+
+    def __init__(self, entries: list):
+        self.entries = entries
+
+    def __enter__(self):
+        return iter(self.entries)
+
+    def __exit__(self, *exc_info) -> None:
+        return None
+
+    def __iter__(self):
+        return iter(self.entries)
+
+
+@pytest.mark.parametrize("listed_first", ["the ended rank's file", "the new job's file"])
+def test_a_ranks_pid_taken_by_another_jobs_root_ends_the_rank(listed_first, tmp_path, monkeypatch):
+    """Rank 1 of job a was killed (its file left behind) and job b's process took its pid. A process in two trees
+    counts once, so a tree listed after b's skipped the pid as counted without checking it was its own process:
+    the rank never ended, job a lost its 20 s (the counter stayed flat until rank 0 made them up), and its tree
+    went on walking b's processes."""
+    real_scandir, reverse = os.scandir, listed_first == "the new job's file"     # a.rank1.json < b.rank0.json
+
+    def scandir_in_order(path):
+        with real_scandir(path) as entries:
+            return Listing(sorted(entries, key=lambda entry: entry.name, reverse=reverse))
+
+    monkeypatch.setattr(os, "scandir", scandir_in_order)
+    proc, jobs = tmp_path / "proc", tmp_path / "jobs"
+    jobs.mkdir()
+
+    def write_stat(pid: int, start_ticks: int, utime: int) -> None:
+        (proc / str(pid)).mkdir(parents=True, exist_ok=True)
+        fields = ["S", 1, pid, pid, 0, -1, 0, 0, 0, 0, 0, utime, 0, 0, 0, 20, 0, 1, 0, start_ticks, 0, 10]
+        (proc / str(pid) / "stat").write_text(f"{pid} (p{pid}) " + " ".join(map(str, fields)) + "\n")
+
+    write_stat(100, 500, 1000)      # job a's rank 0: 10 s
+    write_stat(101, 600, 2000)      # job a's rank 1: 20 s
+    write_job_mapping(jobs, JobMapping(job_id="a", pid=100, rank=0, start_ticks=500))
+    write_job_mapping(jobs, JobMapping(job_id="a", pid=101, rank=1, start_ticks=600))
+    tracker = JobTracker(jobs, proc_root=proc, descendants=lambda pid: [], clock_ticks=100)
+    assert tracker.update(0.0).usage["a"].cpu_seconds == 30.0
+    write_stat(101, 900, 500)       # rank 1 killed; job b's process, 5 s in, has its pid
+    write_stat(100, 500, 1100)      # rank 0 used 1 s more
+    write_job_mapping(jobs, JobMapping(job_id="b", pid=101, start_ticks=900))
+    tracker.refresh_trees(20.0)
+    usage = tracker.update(20.0).usage
+    assert (usage["a"].cpu_seconds, usage["a"].processes) == (31.0, 1)
+    assert (usage["b"].cpu_seconds, usage["b"].processes) == (5.0, 1)
+    assert [(tree.mapping.job_id, tree.mapping.pid) for tree in tracker._live] in (
+        [("a", 100), ("b", 101)], [("b", 101), ("a", 100)])
+
+
 @pytest.fixture
 def out_of_fds(monkeypatch):
     """A set of paths whose reads by the job tracker fail with EMFILE (out of file descriptors) while listed."""
