@@ -41,6 +41,9 @@ VICTORIA_LATENCY_OFFSET_LEAST_SECONDS = 1.0
 VICTORIA_CLUSTER_PATH = re.compile(r"/select/[^/]+/prometheus/?")
 GO_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ns|us|µs|ms|s|m|h)")
 GO_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+# A JSON escape of a UTF-16 surrogate; one without its pair decodes to a str that UTF-8 cannot encode (_loads).
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 # A success answer's `warnings` that begin so are PromQL's annotations of the query (Prometheus 2.50-2.53 put its
 # infos there too: "metric might not be a counter"): about the query, no data missing. Any other warning says the
 # answer holds part of the backend's data (Thanos Query: a store that did not answer; Prometheus: a remote read
@@ -440,10 +443,30 @@ async def _decoded(response: httpx.Response, content: bytes):
         return None
     try:
         if len(content) > DECODE_IN_THREAD_BYTES:
-            return await asyncio.to_thread(json.loads, content)
-        return json.loads(content)
-    except ValueError:      # (UnicodeDecodeError included)
+            return await asyncio.to_thread(_loads, content)
+        return _loads(content)
+    # (UnicodeDecodeError is a ValueError; an answer nested deeper than Python's recursion limit, "[[[...]]]", a
+    # RecursionError: it escaped as a 500, and took the ASGI application down with it)
+    except (ValueError, RecursionError):
         return None
+
+
+def _loads(content: bytes):
+    """JSON as Python reads it, but for a surrogate escaped without its pair ("\\ud800"), which JSON allows and
+    Python reads as a str that UTF-8 cannot encode: read as U+FFFD, as Go's encoder writes what is no text. Such a
+    label's value reached the answer, whose encoding failed (a 500)."""
+    body = json.loads(content)
+    return _without_lone_surrogates(body) if SURROGATE_ESCAPE.search(content) else body
+
+
+def _without_lone_surrogates(value):
+    if isinstance(value, str):
+        return LONE_SURROGATE.sub("\ufffd", value)
+    if isinstance(value, list):
+        return [_without_lone_surrogates(item) for item in value]
+    if isinstance(value, dict):
+        return {_without_lone_surrogates(key): _without_lone_surrogates(item) for key, item in value.items()}
+    return value
 
 
 def answer_delay_of(status: int, flags_page: str) -> float:
@@ -497,6 +520,6 @@ def _point(point) -> bool:
         if not math.isfinite(float(point[0])):
             return False
         float(point[1])
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):     # (an integer past a float's range, 1e400 written out: a 500)
         return False
     return not isinstance(point[0], bool) and not isinstance(point[1], bool)

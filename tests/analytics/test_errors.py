@@ -893,3 +893,88 @@ def test_a_retry_on_a_fresh_connection_keeps_to_the_requests_deadline():
     with keep_alive_backend(late_close, on_new=slow_answer) as (url, accepted):
         took = asyncio.run(two_queries(url))
     assert accepted[0] == 2 and 0.9 < took < 2.0, (accepted, took)
+
+
+# ----- a backend whose answers lie: JSON Python reads, but not as the readers take it ------------------------
+
+@contextlib.contextmanager
+def lying_backend(answer):
+    """A backend on a loopback socket that answers every query answer(kind, key) (kind: the result type a reader
+    asks for, vector or matrix; key: where a sample's points go), raw JSON bytes sent as they are, and /-/ready an
+    empty vector. Yields its URL."""
+    def serve_one(connection: socket.socket) -> None:
+        with connection, contextlib.suppress(OSError):
+            buffered = b""
+            while (found := read_request(connection, buffered)) is not None:
+                head, buffered = found
+                path = head.split(b" ", 2)[1]
+                if path.startswith(b"/api/v1/query"):
+                    body = answer(*(("matrix", "values") if b"query_range" in path else ("vector", "value")))
+                else:
+                    body = EMPTY_ANSWER
+                connection.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                                   b"content-length: %d\r\n\r\n%s" % (len(body), body))
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        def accept() -> None:
+            with contextlib.suppress(OSError):
+                while True:
+                    threading.Thread(target=serve_one, args=(listener.accept()[0],), daemon=True).start()
+
+        threading.Thread(target=accept, daemon=True).start()
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+
+
+ROUTES = ("/api/training/run-1/analytics", "/api/training/analytics/summary", "/api/training/analytics/jobs",
+          "/api/training/analytics/compare?job_ids=run-1,b")
+
+
+def one_sample(kind: str, key: str, labels: str, point: str) -> bytes:
+    """A success answer of one sample, its labels and point as JSON text (written by hand: json.dumps escapes)."""
+    points = f"[{point}]" if kind == "matrix" else point
+    return (f'{{"status":"success","data":{{"resultType":"{kind}","result":[{{"metric":{labels},'
+            f'"{key}":{points}}}]}}}}').encode()
+
+
+def test_an_answer_nested_past_the_recursion_limit_is_502_and_the_service_answers_on():
+    """JSON nested deeper than Python's recursion limit ("[[[...]]]", 20 kB) raised a RecursionError in the decoding,
+    which only a ValueError was caught for: a 500, and the summary's took the ASGI application down (the connection
+    reset). It is a body that is not JSON as Python reads it: a bad answer."""
+    nested = b"[" * 100_000 + b"]" * 100_000
+
+    def answer(kind: str, key: str) -> bytes:
+        return b'{"status":"success","data":{"resultType":"%s","result":%s}}' % (kind.encode(), nested)
+
+    with lying_backend(answer) as url, serve(Settings(prometheus_url=url)) as client:
+        for path in ROUTES:
+            assert_error(client.get(path), 502, "prometheus_bad_answer")
+        assert client.get("/healthz").status_code == 200
+
+
+@pytest.mark.parametrize("point", ['[1%s,"1"]' % ("0" * 400), '[1700000000,1%s]' % ("0" * 400)],
+                         ids=["time", "value"])
+def test_a_point_written_as_an_integer_past_a_floats_range_is_502(point):
+    """Python's JSON reads 1 followed by 400 zeros as an int, and float() of it raises OverflowError, which the
+    answer's shape check did not catch (only TypeError and ValueError): a 500 instead of a bad answer."""
+    def answer(kind: str, key: str) -> bytes:
+        return one_sample(kind, key, '{"job_id":"run-1"}', point)
+
+    with lying_backend(answer) as url, serve(Settings(prometheus_url=url)) as client:
+        for path in ROUTES:
+            assert_error(client.get(path), 502, "prometheus_bad_answer", "unexpected shape")
+
+
+def test_a_label_holding_a_lone_surrogate_is_read_as_the_replacement_character():
+    """JSON may escape half a UTF-16 pair ("\\ud800"), and Python reads it as a str that UTF-8 cannot encode: a job
+    name so reached the job list, whose encoding failed (a 500 UnicodeEncodeError). Read as U+FFFD, as Go's
+    encoder writes what is no text; an escaped pair (an emoji) stays the character it is."""
+    labels = r'{"job_id":"run-1","job_name":"a\ud800b","owner":"\ud83d\ude00","instance":"h:1"}'
+
+    def answer(kind: str, key: str) -> bytes:
+        return one_sample(kind, key, labels, '[1700000000,"1"]')
+
+    with lying_backend(answer) as url, serve(Settings(prometheus_url=url)) as client:
+        response = client.get("/api/training/analytics/jobs")
+        assert response.status_code == 200, response.text
+        (job,) = response.json()["jobs"]
+        assert (job["job_name"], job["owner"]) == ("a\ufffdb", "\U0001F600")
