@@ -95,9 +95,10 @@ class Supervisor:
         self.runs: dict[str, Run] = {}      # job id -> its process, started here or adopted
         self._unavailable_said_at = float("-inf")
         # Why queued jobs wait, as the last pass over them found (waiting_for): the executor could not start
-        # any (Ray's head down or failing inside, a full disk): (what it said, since when, unix time), until one
-        # start gets an answer; and each job whose start the executor put off, with its words.
-        self._held_back: tuple[str, float] | None = None
+        # any (Ray's head down or failing inside, a full disk): (what it said, since when, unix time, the owner of
+        # the job whose start it said it of), until one start gets an answer; and each job whose start the executor
+        # put off, with its words.
+        self._held_back: tuple[str, float, str] | None = None
         self._deferred: dict[str, str] = {}
         self._untaken_tokens: dict[str, str] = {}   # job id -> the run secret of a start the executor did not take
         # job id -> when its cancel was accepted (monotonic; at adoption after a restart), while it runs
@@ -277,7 +278,11 @@ class Supervisor:
         if job.state != "queued":
             return None
         if self._held_back is not None:
-            said, since = self._held_back
+            said, since, whose = self._held_back
+            if whose != job.owner:
+                # Its words are of another owner's job's start (a full disk names that job's files): not theirs to
+                # read, nor that job's id.
+                said = "it could not start a queued job"
             return (f"the {self.executor.name} executor to start jobs again: {said} (since "
                     f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(since))}; tried again until it does)")
         if job.id in self._deferred:
@@ -319,7 +324,7 @@ class Supervisor:
     def _executor_unavailable(self, job: JobRecord, error: Exception) -> None:
         # Masked before it is cut: a data dir the cut went through was shown in part.
         said = " ".join(self._without_data_dir(str(error)).split())[:300]
-        self._held_back = (said, self._held_back[1] if self._held_back is not None else time.time())
+        self._held_back = (said, self._held_back[1] if self._held_back is not None else time.time(), job.owner)
         now = time.monotonic()
         if now - self._unavailable_said_at >= UNAVAILABLE_LOG_SECONDS:
             self._unavailable_said_at = now

@@ -16,6 +16,7 @@ import pytest
 from trainmetrics.edge import build_app
 from trainmetrics.jobserver import app as app_module, reports, uploads
 from trainmetrics.jobserver.app import build_component
+from trainmetrics.jobserver.auth import TokenAuth
 from trainmetrics.jobserver.executors import Run
 from trainmetrics.jobserver.jobs import ServerSettings
 from trainmetrics.jobserver.store import JobRecord, JobStore
@@ -39,11 +40,12 @@ def database_full_error() -> sqlite3.OperationalError:
 
 
 @contextlib.asynccontextmanager
-async def served(data_dir):
+async def served(data_dir, max_concurrent: int = 0, tokens: dict[bytes, str] | None = None):
     """The job server's app in its lifespan (store, supervision loop), a client of it, and its JobServer; its
-    jobs stay queued."""
-    component = build_component(ServerSettings(data_dir=data_dir, max_concurrent=0))      # no job starts
-    app = build_app([component])
+    jobs stay queued (no slot, unless given). With tokens, its owners are theirs (`--tokens`)."""
+    component = build_component(ServerSettings(data_dir=data_dir, max_concurrent=max_concurrent,
+                                               owners=tokens is not None))
+    app = build_app([component], authenticator=TokenAuth(tokens) if tokens else None)
     async with app.router.lifespan_context(app) as state:
 
         async def with_state(scope, receive, send):      # as uvicorn passes the lifespan's state to each request
@@ -206,3 +208,37 @@ def test_a_request_recorded_before_the_disk_filled_is_answered_as_recorded(tmp_p
     finally:
         other.kill()
         other.wait()
+
+
+def test_a_full_disk_met_by_another_owners_start_names_nothing_of_that_job_to_you(tmp_path, monkeypatch):
+    """The executor's words for a start that found the disk full were every queued job's `waiting_for`, whoever's:
+    they name the job's files (`<data dir>/jobs/bob-secret/train.log`), so alice read the id of bob's queued job.
+    Another owner's queued job now reads that the executor could not start a queued job, without its words."""
+    import errno
+
+    tokens = {b"alice-token-0123456789": "alice", b"bob-token-0123456789ab": "bob"}
+    as_owner = {owner: {"authorization": f"Bearer {token.decode()}"} for token, owner in tokens.items()}
+
+    async def with_bobs_start_failing():
+        async with served(tmp_path, max_concurrent=1, tokens=tokens) as (client, server):
+            def no_room(job_id, nproc, train_args, job_dir, env):     # what a full disk answers the log's creation
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(job_dir / "train.log"))
+
+            monkeypatch.setattr(server.service.supervisor.executor, "start", no_room)
+            job = {"dataset": "blobs", "epochs": 1}
+            bobs = await client.post("/api/training/jobs", json={**job, "job_id": "bob-secret"},
+                                     headers=as_owner["bob"])
+            assert bobs.status_code == 201, bobs.text
+            assert "No space left on device" in bobs.json()["waiting_for"]          # his own start's words: his
+            answers = [await client.post("/api/training/jobs", json={**job, "job_id": "alice-1"},
+                                         headers=as_owner["alice"]),
+                       await client.get("/api/training/jobs/alice-1", headers=as_owner["alice"])]
+            answers += [(await client.get("/api/training/jobs", headers=as_owner["alice"])).json()["jobs"][0]]
+            for answer in answers:
+                alices = answer if isinstance(answer, dict) else answer.json()
+                assert alices["state"] == "queued", alices
+                assert alices["waiting_for"].startswith("the local executor to start jobs again: it could not start "
+                                                        "a queued job (since "), alices
+                assert "bob" not in alices["waiting_for"] and "train.log" not in alices["waiting_for"], alices
+
+    asyncio.run(with_bobs_start_failing())
