@@ -52,6 +52,10 @@ SECTION_KEYS = {"tls_server_config": {"cert_file", "key_file", "client_ca_file",
 # What bcrypt takes as a hash (its salt's 22nd character carries 2 bits: one of 4); any other raised on each
 # request's check, a 500 for the right password and the wrong alike.
 BCRYPT_HASH = re.compile(r"\$2[abxy]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{21}[.Oeu][./A-Za-z0-9]{31}")
+# The highest bcrypt cost taken (htpasswd's own highest): each step doubles a check's time, 8-16 s here at 17.
+# A hash of cost 31 was taken, and its first check held a check slot for days (every new header a 503 behind it,
+# the right password never let in).
+MAX_BCRYPT_COST = 17
 # bcrypt reads at most this many bytes of a password; bcrypt 5 raises past them (as Go's bcrypt refuses them).
 BCRYPT_MAX_PASSWORD_BYTES = 72
 # bcrypt checks (0.25-0.5 s of a core each at cost 12 on a 2-core VM) of headers not yet known, at most this many
@@ -232,7 +236,7 @@ def load_web_config(path: Path | None) -> WebConfig:
     if unknown:
         raise ValueError(f"web config {path}: unknown key(s) {sorted(unknown)}")
     for section, settings in raw.items():
-        if not isinstance(settings or {}, dict):
+        if settings is not None and not isinstance(settings, dict):     # `[]` or `''` too: else no TLS, no auth
             raise ValueError(f"web config {path}: {section} must be a mapping")
         unknown = set(settings or {}) - SECTION_KEYS.get(section, set(settings or {}))
         if unknown:
@@ -240,12 +244,18 @@ def load_web_config(path: Path | None) -> WebConfig:
     config = WebConfig()
     tls = raw.get("tls_server_config")
     if tls:
-        config.ssl_context = _ssl_context(tls, path.parent)
+        config.ssl_context = _ssl_context(tls, path)
         config.cert_files = (str(path.parent / tls["cert_file"]), str(path.parent / tls["key_file"]))
     for user, hashed in (raw.get("basic_auth_users") or {}).items():
+        if ":" in str(user):    # Basic auth's user name ends at its first colon: no request could name this one
+            raise ValueError(f"web config {path}: basic_auth_users.{user}: a user name cannot hold ':'")
         if not isinstance(hashed, str) or not BCRYPT_HASH.fullmatch(hashed):
             raise ValueError(f"web config {path}: basic_auth_users.{user} must be a bcrypt hash ($2b$, $2y$...: "
                              "60 characters)")
+        if int(hashed[4:6]) > MAX_BCRYPT_COST:
+            raise ValueError(f"web config {path}: basic_auth_users.{user}: bcrypt cost {int(hashed[4:6])} is over "
+                             f"{MAX_BCRYPT_COST} (each check would take 16 s to days): hash it again with "
+                             "htpasswd -nBC 12")
         config.users[str(user)] = hashed.encode()
     return config
 
@@ -259,31 +269,71 @@ def web_config_flag(path: Path | str | None, flag: str = "--web.config.file") ->
         raise FlagError(flag, str(error)) from None
 
 
-def _ssl_context(tls: dict, base: Path) -> ssl.SSLContext:
+def _ssl_context(tls: dict, path: Path) -> ssl.SSLContext:
+    """The server's TLS context from tls_server_config. Every problem is a ValueError naming the file and the
+    setting: a certificate that does not load said only OpenSSL's words ("key values mismatch"), and a file
+    name that was a number or a list was a TypeError's traceback."""
+    def wrong(key: str, message: str) -> ValueError:
+        return ValueError(f"web config {path}: tls_server_config.{key}: {message}")
+
     def file(key: str) -> str:
-        resolved = base / tls[key]
-        if not resolved.is_file():
-            raise ValueError(f"web config: tls_server_config.{key} {resolved} not found")
+        name = tls[key]
+        if not isinstance(name, str) or not name:
+            raise wrong(key, f"must be a file name, got {name!r}")
+        resolved = path.parent / name
+        if not resolved.exists():
+            raise wrong(key, f"{resolved} not found")
+        try:
+            with open(resolved, "rb"):      # (a directory, a file this user cannot read: said here, by name)
+                pass
+        except OSError as error:
+            raise wrong(key, f"{resolved}: {error.strerror or error}") from None
         return str(resolved)
 
+    def choice(key: str, names: dict, default: str):
+        value = tls.get(key, default)
+        if not isinstance(value, str) or value not in names:     # (a list is no dict key: checked first)
+            raise wrong(key, f"{value!r} is not one of {', '.join(names)}")
+        return names[value]
+
     if "cert_file" not in tls or "key_file" not in tls:
-        raise ValueError("web config: tls_server_config needs cert_file and key_file")
+        raise ValueError(f"web config {path}: tls_server_config needs cert_file and key_file")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    try:
-        context.minimum_version = TLS_VERSIONS[tls.get("min_version", "TLS12")]
-        if "max_version" in tls:
-            context.maximum_version = TLS_VERSIONS[tls["max_version"]]
-        client_auth = tls.get("client_auth_type", "NoClientCert")
-        if client_auth in UNVERIFIED_CLIENT_AUTH:
-            raise ValueError(f"web config: client_auth_type {client_auth} is not supported (a client certificate "
-                             "is always verified here): use VerifyClientCertIfGiven or RequireAndVerifyClientCert "
-                             "with client_ca_file")
-        context.verify_mode = CLIENT_AUTH[client_auth]
-    except (KeyError, TypeError) as error:     # TypeError: a list where a version's name goes
-        raise ValueError(f"web config: unknown TLS setting {error}") from None
-    context.load_cert_chain(file("cert_file"), file("key_file"))
+    context.minimum_version = choice("min_version", TLS_VERSIONS, "TLS12")
+    if "max_version" in tls:
+        context.maximum_version = choice("max_version", TLS_VERSIONS, "TLS13")
+        if context.maximum_version < context.minimum_version:     # every handshake failed, the server up
+            raise wrong("max_version", f"{tls['max_version']} is below min_version {tls.get('min_version', 'TLS12')}")
+    client_auth = tls.get("client_auth_type", "NoClientCert")
+    if client_auth in UNVERIFIED_CLIENT_AUTH:
+        raise wrong("client_auth_type", f"{client_auth} is not supported (a client certificate is always verified "
+                                        "here): use VerifyClientCertIfGiven or RequireAndVerifyClientCert with "
+                                        "client_ca_file")
+    context.verify_mode = choice("client_auth_type", CLIENT_AUTH, "NoClientCert")
+    _load_key_pair(context, file("cert_file"), file("key_file"), wrong)
     if tls.get("client_ca_file"):
-        context.load_verify_locations(file("client_ca_file"))
-    elif context.verify_mode == ssl.CERT_REQUIRED and tls.get("client_auth_type") == "RequireAndVerifyClientCert":
-        raise ValueError("web config: RequireAndVerifyClientCert needs client_ca_file")
+        ca_file = file("client_ca_file")
+        try:
+            context.load_verify_locations(ca_file)
+        except ssl.SSLError as error:
+            raise wrong("client_ca_file", f"{ca_file}: no PEM certificate ({error.reason})") from None
+    elif context.verify_mode == ssl.CERT_REQUIRED:
+        raise wrong("client_auth_type", "RequireAndVerifyClientCert needs client_ca_file")
     return context
+
+
+def _load_key_pair(context: ssl.SSLContext, cert: str, key: str, wrong) -> None:
+    """Load the server's certificate and key, a problem blamed on the setting at fault (`wrong(key, message)`)."""
+    def passphrase():       # else OpenSSL asked for it on the terminal, or failed with "[Errno 22] Invalid argument"
+        raise wrong("key_file", f"{key} is encrypted: give a key without a passphrase")
+
+    try:
+        context.load_cert_chain(cert, key, password=passphrase)
+    except ssl.SSLError as error:
+        if error.reason == "KEY_VALUES_MISMATCH":
+            raise wrong("key_file", f"{key} does not match cert_file {cert}") from None
+        try:        # the certificate alone: is it the one at fault?
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cert)
+        except ssl.SSLError:
+            raise wrong("cert_file", f"{cert}: no PEM certificate ({error.reason})") from None
+        raise wrong("key_file", f"{key}: no PEM private key ({error.reason})") from None

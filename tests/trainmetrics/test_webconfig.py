@@ -157,6 +157,13 @@ def test_job_server_requires_a_client_certificate_from_the_configured_ca(pki, tm
     ("basic_auth_users:\n  a: $2b$12$short\n", "bcrypt hash"),
     ("basic_auth_users:\n  a: $2b$04$" + "a" * 53 + "\n", "bcrypt hash"),
     ("basic_auth_users:\n  - a\n", "basic_auth_users must be a mapping"),       # was a traceback
+    # Taken as no section at all: a file meant to require passwords (or TLS) served every client in the clear.
+    ("basic_auth_users: []\n", "basic_auth_users must be a mapping"),
+    ("tls_server_config: ''\n", "tls_server_config must be a mapping"),
+    # Basic auth ends the user name at its first colon: no request could ever log this user in.
+    ("basic_auth_users:\n  'ci:runner': $2b$04$" + "a" * 53 + "\n", "basic_auth_users.ci:runner: a user name"),
+    # Taken: the first check of a new header held a check slot for days, every other new header a 503 behind it.
+    ("basic_auth_users:\n  a: $2b$31$" + "a" * 21 + "u" + "a" * 31 + "\n", "basic_auth_users.a: bcrypt cost 31"),
 ])
 def test_bad_web_configs_are_named(text, message, tmp_path):
     config = tmp_path / "web.yml"
@@ -166,6 +173,45 @@ def test_bad_web_configs_are_named(text, message, tmp_path):
     result = subprocess.run([sys.executable, "-m", "trainmetrics", "exporter", "--web.config.file", str(config),
                              "--listen", f"127.0.0.1:{free_port()}"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("settings,message", [
+    ("cert_file: 5\n  key_file: {pki}/server.key", "tls_server_config.cert_file: must be a file name, got 5"),
+    ("cert_file: {pki}/server.crt\n  key_file: {pki}/server.key\n  client_ca_file: [ca.crt]",
+     "tls_server_config.client_ca_file: must be a file name"),
+    ("cert_file: {pki}/server.crt\n  key_file: {pki}/client.key",
+     "tls_server_config.key_file: {pki}/client.key does not match cert_file"),
+    ("cert_file: {pki}/server.key\n  key_file: {pki}/server.key", "tls_server_config.cert_file: {pki}/server.key: no"),
+    ("cert_file: {pki}/server.crt\n  key_file: {pki}/server.key\n  client_ca_file: {pki}/server.key",
+     "tls_server_config.client_ca_file: {pki}/server.key: no PEM certificate"),
+    ("cert_file: {pki}/server.crt\n  key_file: {pki}/server.key\n  min_version: TLS1.3",
+     "tls_server_config.min_version: 'TLS1.3' is not one of"),
+    ("cert_file: {pki}/server.crt\n  key_file: {pki}/server.key\n  min_version: TLS13\n  max_version: TLS12",
+     "tls_server_config.max_version: TLS12 is below min_version TLS13"),
+])
+def test_a_bad_tls_setting_stops_the_program_with_one_line_naming_the_file_and_the_setting(pki, tmp_path, settings,
+                                                                                          message):
+    """A file name that was a number or a list was a TypeError's traceback (exit 1); a key that did not fit its
+    certificate, or a CA file of no certificate, said only OpenSSL's words (`key values mismatch`), naming neither
+    the file nor the setting; a misspelt version name said `unknown TLS setting 'TLS1.3'`, not which setting; a
+    max_version below min_version was taken, and every handshake failed with the server up."""
+    config = tmp_path / "web.yml"
+    config.write_text("tls_server_config:\n  " + settings.format(pki=pki) + "\n")
+    result = subprocess.run([sys.executable, "-m", "trainmetrics", "exporter", "--web.config.file", str(config),
+                             "--listen", f"127.0.0.1:{free_port()}"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert f"web config {config}: " + message.format(pki=pki) in result.stderr
+
+
+def test_an_encrypted_key_file_is_named_instead_of_asking_for_its_passphrase(pki, tmp_path):
+    """OpenSSL asked for the passphrase on the terminal (a service waited for it), or without one said only
+    `[Errno 22] Invalid argument`."""
+    openssl("ec", "-in", str(pki / "server.key"), "-out", "encrypted.key", "-aes256", "-passout", "pass:x",
+            cwd=tmp_path)
+    config = tmp_path / "web.yml"
+    config.write_text(f"tls_server_config:\n  cert_file: {pki / 'server.crt'}\n  key_file: encrypted.key\n")
+    with pytest.raises(ValueError, match=r"tls_server_config\.key_file: .*encrypted\.key is encrypted"):
+        load_web_config(config)
 
 
 def test_a_job_serves_its_metrics_over_tls_with_basic_auth_and_announces_https(pki, tmp_path):
