@@ -93,8 +93,17 @@ class Outcome:
 def launched_rank(environ=os.environ) -> int | None:
     """This process's rank in a multi-rank job as torchrun tells it (RANK of a WORLD_SIZE over 1), None for a
     single process: read before torch is (distributed.from_environment imports it)."""
-    world_size, rank = environ.get("WORLD_SIZE", "1"), environ.get("RANK", "0")
-    return int(rank) if world_size.isdigit() and int(world_size) > 1 and rank.isdigit() else None
+    world_size, rank = _whole_number(environ.get("WORLD_SIZE", "1")), _whole_number(environ.get("RANK", "0"))
+    return rank if world_size is not None and world_size > 1 and rank is not None and rank >= 0 else None
+
+
+def _whole_number(text: str) -> int | None:
+    """The number int() reads in the text, as distributed.from_environment reads it, or None (str.isdigit let
+    "²" through to int(): a traceback before the job's one line naming the variable)."""
+    try:
+        return int(text)
+    except ValueError:
+        return None
 
 
 def bad_input(config, message: str) -> int:

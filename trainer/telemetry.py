@@ -37,6 +37,8 @@ log = logging.getLogger("trainmetrics.trainer")
 OTLP_ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
 OTLP_TIMEOUT_VARIABLES = ("OTEL_EXPORTER_OTLP_METRICS_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT")
 OTLP_PROTOCOL_VARIABLES = ("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL")
+EXPORT_INTERVAL_VARIABLE = "OTEL_METRIC_EXPORT_INTERVAL"
+DEFAULT_PUSH_INTERVAL_MILLIS = 60_000.0      # the SDK's default
 # An OTLP push, the last one at the end of a job included, gets this long (the SDK: 10 s a request, retried,
 # and 30 s for the last one).
 FINAL_PUSH_SECONDS = 5.0
@@ -87,7 +89,7 @@ def otlp_readers() -> list[MetricReader]:
     """An OTLP/HTTP push reader when the standard OTEL_EXPORTER_OTLP_* variables ask for one, else none.
 
     The exporter reads its endpoint, headers and timeout from those variables, and the periodic reader
-    its interval from OTEL_METRIC_EXPORT_INTERVAL; trainmetrics adds nothing of its own."""
+    its interval from OTEL_METRIC_EXPORT_INTERVAL (push_interval_millis checks it first)."""
     if first_set(OTLP_ENDPOINT_VARIABLES) is None:
         return []
     try:
@@ -104,13 +106,26 @@ def otlp_readers() -> list[MetricReader]:
         log.warning("%s=%r: trainmetrics pushes OTLP over http/protobuf only; point the endpoint at the "
                     "collector's OTLP/HTTP receiver (port 4318 by default)", *protocol)
     exporter = OTLPMetricExporter(timeout=push_seconds(warn=True))
+    return [PushReader(exporter, export_interval_millis=push_interval_millis())]
+
+
+def push_interval_millis() -> float | None:
+    """The push interval OTEL_METRIC_EXPORT_INTERVAL sets (ms), None for the SDK's 60 s when unset; one that is no
+    finite number above 0 is warned of and 60 s used. The SDK refused 0 or less (raised out of JobMetrics(), it
+    refused the job, blaming --metrics-listen), and took NaN or infinity as "never push by itself": the job pushed
+    nothing at all, not even its final state, without a word."""
+    text = os.environ.get(EXPORT_INTERVAL_VARIABLE)
+    if not text:
+        return None
     try:
-        return [PushReader(exporter)]
-    except ValueError as error:
-        # An interval of 0 or less, which the SDK refuses (other garbage there it warns of and replaces with its
-        # 60 s): raised out of JobMetrics(), it refused the job, blaming --metrics-listen.
-        log.warning("OTEL_METRIC_EXPORT_INTERVAL: %s; pushing every 60 s", " ".join(str(error).split()))
-        return [PushReader(exporter, export_interval_millis=60_000)]
+        millis = float(text)
+    except ValueError:
+        millis = math.nan
+    if math.isfinite(millis) and millis > 0:
+        return millis
+    log.warning("%s=%r is not a finite number of milliseconds above 0; pushing every 60 s",
+                EXPORT_INTERVAL_VARIABLE, text)
+    return DEFAULT_PUSH_INTERVAL_MILLIS
 
 
 def push_seconds(warn: bool = False) -> float:

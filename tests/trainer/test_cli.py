@@ -153,10 +153,13 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(case, tmp_path, capsys)
 
 @pytest.mark.parametrize("variables,message", [({"RANK": "1"}, "RANK=1 is not one of the ranks of WORLD_SIZE=1"),
                                                ({"RANK": "abc", "WORLD_SIZE": "2"}, "RANK='abc' is not a whole number"),
-                                               ({"LOCAL_RANK": "-1"}, "LOCAL_RANK=-1 is negative")])
+                                               ({"LOCAL_RANK": "-1"}, "LOCAL_RANK=-1 is negative"),
+                                               ({"RANK": "²", "WORLD_SIZE": "2"}, "RANK='²' is not a whole number"),
+                                               ({"WORLD_SIZE": "²"}, "WORLD_SIZE='²' is not a whole number")])
 def test_a_rank_layout_that_is_none_is_one_line_naming_it(variables, message, tmp_path, monkeypatch, capsys):
     """A RANK past WORLD_SIZE published no lifecycle (rank 0 alone does), then was refused as a --metrics-listen
-    problem; a RANK that is no number was a traceback."""
+    problem; a RANK that is no number was a traceback, and so was a "²" in RANK or WORLD_SIZE (str.isdigit let it
+    through to int() in the log lines' rank tag)."""
     for name, value in variables.items():
         monkeypatch.setenv(name, value)
     code = main(["train", "--targets-dir", str(tmp_path / "t"), "--checkpoint-dir", str(tmp_path / "ck")])
@@ -590,3 +593,30 @@ def test_the_result_says_whether_a_scraper_read_the_final_state(scraped, tmp_pat
     result = json.loads(result_file.read_text())
     assert (result["state"], result.get(RESULT_PUBLISHED)) == ("completed", scraped)
     assert RESULT_PUBLISHED not in parse_summary(capfd.readouterr().out)
+
+
+@pytest.mark.parametrize("spec,problem", [
+    ({"slow_data": {"seconds": -1}}, "slow_data: seconds -1 is not a number of seconds from 0"),
+    ({"stall": {"step": "x", "seconds": 1}}, "stall: step 'x' is not a whole number, 1 or more"),
+    ({"slwo_data": {"seconds": 1}}, "unknown fault 'slwo_data'"),
+    ({"slow_data": {"seconds": 1, "rank": "0"}}, "slow_data: rank '0' is not a whole number")])
+def test_a_malformed_fault_spec_is_one_error_naming_the_variable_and_the_job_trains_without_faults(spec, problem,
+                                                                                                   monkeypatch):
+    """A fault's bad field was read only when the fault struck: the job failed mid-run (exit 1) with a ValueError
+    from time.sleep() or int() naming no variable; a misspelt kind or a rank given as text injected nothing,
+    without a word."""
+    monkeypatch.setenv("TRAINMETRICS_FAULTS", json.dumps(spec))
+    done = run_train("--epochs", "1", "--dataset", "blobs", "--linger-timeout", "0")
+    assert done.returncode == 0, done.stderr
+    assert f"TRAINMETRICS_FAULTS: {problem}" in done.stderr and "no faults injected" in done.stderr, done.stderr
+    assert parse_summary(done.stdout)["state"] == "completed"
+
+
+def test_a_failed_start_fault_with_no_fields_fails_the_start():
+    """`{"fail_start": {}}` (every rank, every job) read as an empty, so false, fault: the job trained as if
+    asked for nothing."""
+    done = subprocess.run(train_command("--epochs", "1", "--dataset", "blobs", "--linger-timeout", "0"),
+                          capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "TRAINMETRICS_FAULTS": '{"fail_start": {}}'})
+    assert done.returncode != 0, done.stdout
+    assert "fault injected: failing before joining the other ranks" in done.stderr + done.stdout
