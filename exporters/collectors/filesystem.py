@@ -72,7 +72,9 @@ class FilesystemCollector(Collector):
         the host's init's: a container's own has its overlay as `/` and the files Docker bind-mounts
         (/etc/hosts, a host disk's shortest mountpoint), and none of the host's other disks."""
         source = "mounts" if os.path.realpath(self.rootfs) == "/" else "1/mounts"
-        return read_bytes(f"{self.proc_root}/{source}").decode()
+        # Read as paths are: a mountpoint that is not UTF-8 failed every sample, every filesystem's series dropped;
+        # its bytes kept this way, statvfs reads that very mount (and its label shows U+FFFD).
+        return os.fsdecode(read_bytes(f"{self.proc_root}/{source}"))
 
     def _host(self, mountpoint: str) -> str:
         """Where a host mountpoint is seen from here."""

@@ -1,5 +1,6 @@
 """Network: bytes, packets and errors per interface and direction from /proc/net/dev."""
 
+import os
 from pathlib import Path
 
 from prometheus_client.core import CounterMetricFamily
@@ -31,7 +32,9 @@ class NetworkCollector(Collector):
             name, sep, counters = line.partition(b":")
             if not sep:
                 continue
-            interfaces.append((name.strip().decode(), [int(value) for value in counters.split()]))
+            # An interface's name is bytes, any but '/', ':' and spaces: one not UTF-8 (`ip link add $'eth\xff'`)
+            # failed every sample, every interface's series dropped. Read as a path is (its byte U+FFFD in a label).
+            interfaces.append((os.fsdecode(name.strip()), [int(value) for value in counters.split()]))
         self._interfaces = interfaces
 
     def collect(self):

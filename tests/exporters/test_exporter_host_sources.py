@@ -5,7 +5,10 @@ import os
 
 from trainmetrics.exporters.collectors.disk import DiskCollector
 from trainmetrics.exporters.collectors.filesystem import FilesystemCollector
+from trainmetrics.exporters.collectors.network import NetworkCollector
+from trainmetrics.exporters.exporter import Exporter
 from tests.exporters.exporter_fixtures import parse_exposition
+from tests.exporters.test_exporter_golden import promtool_findings
 
 # A container's own mount table (Docker, host network and PID namespace): its overlay root, the files Docker
 # bind-mounts from the host's disk, the job directory.
@@ -191,3 +194,33 @@ tmpfs /scratch tmpfs rw 0 0
         ("s3fs", "fuse.s3fs", "/mnt/bucket-a"): 10, ("s3fs", "fuse.s3fs", "/mnt/bucket-b"): 20,
         ("overlay", "overlay", "/srv/merged-a"): 30, ("overlay", "overlay", "/srv/merged-b"): 40,
         ("/dev/sdd1", "ext4", "/data"): 60}
+
+
+def test_an_interface_or_mountpoint_name_that_is_not_utf8_is_published_with_every_other(tmp_path):
+    """Read as strict UTF-8, one interface named with a byte that is not (Linux takes any but '/', ':' and spaces)
+    or one such mountpoint failed every sample of its collector: every interface's or filesystem's series were
+    dropped. The exporter's whole text goes through promtool, the parser of record."""
+    proc = tmp_path / "proc"
+    (proc / "net").mkdir(parents=True)
+    counters = b": " + b" ".join(b"7" for _ in range(16)) + b"\n"
+    (proc / "net" / "dev").write_bytes(b"Inter-|   Receive\n face |bytes\n" + b"  eth0" + counters +
+                                       b"eth\xff" + counters)
+    (proc / "mounts").write_bytes(b"/dev/sda1 / ext4 rw 0 0\n/dev/sdb1 /mnt/da\xfft xfs rw 0 0\n")
+    seen = []
+
+    def statvfs(path: str) -> os.statvfs_result:
+        seen.append(os.fsencode(path))
+        return os.statvfs_result((4096, 4096, 100, 50, 25, 0, 0, 0, 0, 255))
+
+    exporter = Exporter([NetworkCollector(proc), FilesystemCollector(proc, statvfs=statvfs,
+                                                                     is_directory=lambda path: True)])
+    exporter.sample(0.0)
+    exporter.sample_slow(0.0)
+    text = exporter.render()
+    assert promtool_findings(text) == set()
+    found = parse_exposition(text)
+    assert {dict(labels)["device"] for labels in found["system_network_io_bytes_total"]} == {"eth0", "eth\ufffd"}
+    assert {dict(labels)["mountpoint"] for labels in found["system_filesystem_limit_bytes"]} == {"/", "/mnt/da\ufffdt"}
+    assert b"/mnt/da\xfft" in seen         # statvfs asked about that very mount, by its bytes
+    assert found["exporter_collector_success"] == {(("collector", "network"),): 1.0,
+                                                   (("collector", "filesystem"),): 1.0}
