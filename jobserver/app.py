@@ -251,12 +251,24 @@ async def upload_dataset(request: Request) -> JSONResponse:
     name, target = check_upload_request(request, max_bytes)
     fields = await receive_dataset(request, name, target, Path(server.settings.data_dir) / "datasets", max_bytes,
                                    server.inspections)
+    recording = asyncio.ensure_future(server.call(server.service.add_dataset, _caller(request), fields))
     try:
-        recorded = await server.call(server.service.add_dataset, _caller(request), fields)
+        recorded = await asyncio.shield(recording)
     except BaseException:
-        Path(fields["path"]).unlink(missing_ok=True)     # not recorded: no file of it is left behind
+        # A stop cancels this request, not the record the state thread may be writing (a database locked by
+        # another process holds it up to 5 s): its file was removed under a record that went in after.
+        if not await _succeeded(recording):
+            Path(fields["path"]).unlink(missing_ok=True)     # not recorded: no file of it is left behind
         raise
     return JSONResponse(recorded, status_code=201)
+
+
+async def _succeeded(future: asyncio.Future) -> bool:
+    """Whether the future ended with a result, waited for however often this request is cancelled meanwhile."""
+    while not future.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait({future})
+    return not future.cancelled() and future.exception() is None
 
 
 async def list_datasets(request: Request) -> JSONResponse:

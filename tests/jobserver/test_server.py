@@ -758,6 +758,43 @@ def test_a_dataset_file_no_record_names_is_removed_at_the_start(tmp_path):
     assert [p.name for p in (tmp_path / "datasets").glob("ds-*")] == [f"{kept['dataset_id']}.csv"]
 
 
+def test_an_upload_recorded_as_a_stop_cut_it_keeps_its_file(tmp_path):
+    """A stop cancels an upload still waiting for its record (the database locked by another process): the
+    handler removed the file at once, the state thread then wrote the record, and the dataset was listed for good
+    with no file (a submission on it a 409). Now the file goes only with a record that was not written."""
+    import socket
+    import sqlite3
+
+    from trainmetrics.jobserver.store import DATABASE_NAME
+
+    server = Server(tmp_path, extra=("--prometheus-url", f"http://127.0.0.1:{free_port()}"))
+    server.start()
+    body = b"a,b,label\n1,2,0\n3,4,1\n5,6,0\n"
+    other = sqlite3.connect(tmp_path / DATABASE_NAME, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")        # the record waits for it (the store's 5 s busy timeout)
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+            sock.sendall(b"POST /api/training/datasets?name=cut.csv HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n"
+                         b"Content-Length: %d\r\n\r\n" % (server.port, len(body)) + body[:10])
+            time.sleep(0.5)
+            server.process.send_signal(signal.SIGTERM)      # its 5 s drain starts before the record's wait
+            time.sleep(1.5)
+            sock.sendall(body[10:])
+            time.sleep(4.5)         # the drain is over and the request cancelled; the record still waits
+            other.execute("ROLLBACK")
+            assert sock.recv(4096).startswith(b"HTTP/1.1 503")
+    finally:
+        other.close()
+        server.process.wait(timeout=60)
+    server.start()
+    try:
+        listed = server.client().get("/api/training/datasets").json()["datasets"]
+    finally:
+        server.stop()
+    files = sorted(p.name for p in (tmp_path / "datasets").iterdir())
+    assert files == sorted(f"{d['dataset_id']}.csv" for d in listed), (files, listed)
+
+
 def test_another_owners_job_answers_as_an_unknown_one_while_prometheus_fails_its_figures(tmp_path):
     """The analytics computed another owner's job in full before finding it was not the caller's: a Prometheus
     that answered the lookup but failed a figure's query (overloaded, timing out on a large job) made another
