@@ -155,6 +155,7 @@ def claim_data_dir(settings) -> None:
     settings.data_dir_lock = lock_data_dir(settings.data_dir)
     try:
         check_data_dir_contents(settings.data_dir)
+        check_running_jobs_executor(settings.data_dir, settings.executor)
     except FlagError:
         settings.data_dir_lock.close()
         raise
@@ -178,3 +179,21 @@ def check_data_dir_contents(data_dir: Path) -> None:
         JobStore(data_dir / DATABASE_NAME).close()
     except StoreUnreadable as error:
         raise FlagError("--data-dir", str(error)) from None
+
+
+def check_running_jobs_executor(data_dir: Path, executor: str) -> None:
+    """FlagError naming --executor when a job the last server left running (killed, or its job slow to pause) was
+    started by another executor: this one cannot adopt it (a Ray server took a local pid for a Ray submission, a
+    local one a Ray submission for a process gone) and would resume it beside the run that goes on, which nothing
+    watched. Jobs that were paused or ended can move to another executor; a running one only once it has ended."""
+    from trainmetrics.jobserver.store import DATABASE_NAME, JobStore
+
+    store = JobStore(data_dir / DATABASE_NAME)
+    try:
+        others = [job for job in store.list_jobs(states=("running",)) if job.run_by not in (None, executor)]
+    finally:
+        store.close()
+    if others:
+        shown = ", ".join(f"{job.id} ({job.run_by})" for job in others[:5]) + (", ..." if len(others) > 5 else "")
+        raise FlagError("--executor", f"{executor} cannot adopt the jobs the last server left running on another "
+                                      f"executor: {shown}; start the server with that executor until they ended")

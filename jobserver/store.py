@@ -31,7 +31,7 @@ CREATE TABLE IF NOT EXISTS server (name TEXT PRIMARY KEY, value REAL NOT NULL);
 """
 # Columns added since the first schema: table -> (name, SQL type); an older database gains them at open.
 ADDED_COLUMNS = {"jobs": (("requested", "TEXT"), ("run_token", "TEXT"), ("handle", "TEXT"), ("report", "TEXT"),
-                          ("reason", "TEXT"), ("stop_unsent", "TEXT")),
+                          ("reason", "TEXT"), ("stop_unsent", "TEXT"), ("executor", "TEXT")),
                  "datasets": (("target", "TEXT"),)}
 
 
@@ -91,12 +91,24 @@ class JobRecord:
     # meanwhile adopted the job at its next start with the stop read as under way, never sent (a client's retry
     # answered 202 with nothing sent; the job ended in that state though it trained on).
     stop_unsent: str | None = None
+    # The executor that started its process ("local", "ray"): only that one can adopt it after a restart.
+    executor: str | None = None
     spec_unreadable: bool = False   # its stored spec is not a JSON object (read as {}: the job cannot start)
 
     @property
     def stop_under_way(self) -> str | None:
         """The stop sent to the running process: the recorded one, unless that was never sent (stop_unsent)."""
         return self.requested if self.stop_unsent is None else (self.stop_unsent or None)
+
+    @property
+    def run_by(self) -> str | None:
+        """The executor of its process: the one recorded, or in a record written before that was (it was running
+        when an older server stopped) the one its handle names: a pid is the local executor's, a Ray submission
+        id (the job id, a dash, the time) never digits alone."""
+        handle = self.handle or (str(self.pid) if self.pid else None)
+        if self.executor is not None or handle is None:
+            return self.executor
+        return "local" if handle.isdigit() else "ray"
 
     def public(self) -> dict:
         """The API view, with no server path (an older job's spec held its dataset's path)."""

@@ -192,8 +192,8 @@ class Supervisor:
             raise
         try:
             self.store.update_job(job.id, state="running", pid=run.pid, handle=run.handle,
-                                  started=job.started or time.time(), exit_code=None, error=None, requested=None,
-                                  run_token=token_digest(token), reason=None)
+                                  executor=self.executor.name, started=job.started or time.time(), exit_code=None,
+                                  error=None, requested=None, run_token=token_digest(token), reason=None)
         except Exception as error:
             # Not recorded: the run must not train on unwatched while its job stays queued (or is failed).
             self.executor.kill(run)

@@ -7,6 +7,8 @@ import os
 import signal
 import socket
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -17,6 +19,7 @@ import pytest
 
 from tests.jobserver.server_process import TOKENS, Server, wait_job, write_tokens
 from trainmetrics.edge import MAX_JSON_BYTES
+from trainmetrics.prometheus_process import free_port
 
 LONG_JOB = {"dataset": "blobs", "epochs": 300, "batch_size": 16, "log_every": 10, "checkpoint_every": 20}
 
@@ -359,6 +362,41 @@ def test_adopted_jobs_are_paused_on_shutdown_and_their_death_is_never_an_old_sta
         assert not (tmp_path / "jobs" / "adopted-1" / "result.json").exists()
     finally:
         last.stop()
+
+
+def test_a_server_on_another_executor_refuses_the_jobs_the_last_one_left_running(tmp_path):
+    """A local job left running by a server killed -9 was taken for a Ray submission by a server restarted with
+    --executor ray (its pid read as a submission id): "adopted until Ray answers", nothing could pause or watch
+    the process, and once Ray said it knew no such submission the job was resumed on Ray beside it. Now that
+    start is refused, naming the job and its executor, and the job is left for a server that can adopt it."""
+    server = Server(tmp_path)
+    server.start()
+    client = server.client()
+    client.post("/api/training/jobs", json={**LONG_JOB, "job_id": "left-running"})
+    wait_job(client, "left-running", lambda j: j["state"] == "running")
+    server.stop(signal.SIGKILL)
+    pid = pid_of(tmp_path, "left-running")
+    on_ray = subprocess.Popen([sys.executable, "-m", "trainmetrics", "server", "--listen", f"127.0.0.1:{free_port()}",
+                               "--data-dir", str(tmp_path), "--executor", "ray",
+                               "--ray-address", f"http://127.0.0.1:{free_port()}"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _, stderr = on_ray.communicate(timeout=60)
+    finally:
+        if on_ray.poll() is None:
+            on_ray.kill()
+            on_ray.communicate()
+    assert on_ray.returncode == 2 and len(stderr.strip().splitlines()) == 1, stderr
+    assert "--executor" in stderr and "left-running (local)" in stderr, stderr
+    assert not gone(pid)
+
+    local = Server(tmp_path)
+    local.start()
+    assert pid_of(tmp_path, "left-running") == pid          # adopted, not started again
+    local.stop(signal.SIGTERM)
+    assert gone(pid)
+    with sqlite3.connect(tmp_path / "trainmetrics.db") as db:
+        assert db.execute("SELECT state, resume FROM jobs WHERE id = 'left-running'").fetchone() == ("queued", 1)
 
 
 def test_tokens_file_names_its_bad_line(tmp_path):
