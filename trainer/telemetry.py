@@ -121,9 +121,10 @@ def push_interval_millis() -> float | None:
         millis = float(text)
     except ValueError:
         millis = math.nan
-    if math.isfinite(millis) and millis > 0:
+    # (At most what a thread can wait: 1e300 killed the SDK's push thread with an OverflowError, no push after.)
+    if math.isfinite(millis) and 0 < millis <= threading.TIMEOUT_MAX * 1e3:
         return millis
-    log.warning("%s=%r is not a finite number of milliseconds above 0; pushing every 60 s",
+    log.warning("%s=%r is not a number of milliseconds above 0 a thread can wait; pushing every 60 s",
                 EXPORT_INTERVAL_VARIABLE, text)
     return DEFAULT_PUSH_INTERVAL_MILLIS
 

@@ -142,11 +142,11 @@ def test_an_export_interval_of_zero_is_warned_of_not_a_refused_job(receiver, mon
     assert pushed_values("trainer_steps_total")[-1] == parse_summary(done.stdout)["steps"]   # the last push
 
 
-@pytest.mark.parametrize("interval", ["nan", "inf", "1e309"])
+@pytest.mark.parametrize("interval", ["nan", "inf", "1e309", "1e300"])
 def test_an_export_interval_that_is_no_finite_number_is_warned_of_and_the_job_still_pushes(receiver, monkeypatch,
                                                                                             interval):
     """The SDK takes NaN or infinity as "never push by itself": no warning, and the job pushed nothing at all,
-    not even its final state."""
+    not even its final state. 1e300 ms killed its push thread (an OverflowError: longer than a thread can wait)."""
     monkeypatch.setenv("OTEL_METRIC_EXPORT_INTERVAL", interval)
     done = run_train("--job-id", "otlp-interval-2", "--epochs", "1", "--dataset", "blobs", "--linger-timeout", "0")
     assert done.returncode == 0, done.stderr
