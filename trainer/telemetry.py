@@ -140,11 +140,11 @@ def push_seconds(warn: bool = False) -> float:
         seconds = float(timeout[1])
     except ValueError:
         seconds = math.nan
-    if math.isfinite(seconds) and seconds > 0:
+    if math.isfinite(seconds) and 0 < seconds <= threading.TIMEOUT_MAX:     # (what a thread or socket can wait)
         return seconds
     if warn:
-        log.warning("%s=%r is not a number of seconds above 0; a push gives up after %g s", *timeout,
-                    FINAL_PUSH_SECONDS)
+        log.warning("%s=%r is not a number of seconds above 0 a thread can wait; a push gives up after %g s",
+                    *timeout, FINAL_PUSH_SECONDS)
     return FINAL_PUSH_SECONDS
 
 

@@ -69,7 +69,7 @@ def test_job_pushes_its_metrics_over_otlp_when_asked(receiver, monkeypatch):
     assert points["trainer_step_duration_seconds"].histogram.data_points[0].count == 5
 
 
-@pytest.mark.parametrize("timeout", [None, "soon"])
+@pytest.mark.parametrize("timeout", [None, "soon", "1e300"])
 def test_a_collector_that_never_answers_holds_the_end_of_a_job_for_a_bounded_time(monkeypatch, caplog, timeout):
     """The SDK's last push waited up to 30 s (its retries, its 10 s request timeout) for a collector that took
     the connection and never answered: every job's exit, and its job server slot, with it. A timeout that is no
