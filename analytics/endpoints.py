@@ -138,7 +138,9 @@ def _csv(table: list, shape: type, filename: str, partial: bool) -> Response:
     """Rows of a shape as CSV, one column per field; PARTIAL_HEADER says `true` where the backend answered with part
     of its data (as the JSON's `partial`: rows may be missing or short)."""
     out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
+    # RFC 4180's CRLF: Python's writer quotes only a cell that holds a character of its line end, and a bare CR in
+    # a cell (a label is anybody's text) written unquoted ended the row there in a spreadsheet, the rest a new row.
+    writer = csv.writer(out, lineterminator="\r\n")
     columns = shapes.columns(shape)
     writer.writerow(columns)
     for row in table:

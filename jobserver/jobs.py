@@ -387,10 +387,12 @@ class WaitingJob:
 
 def _open_file(name: str, missing: str, directory: int) -> BinaryIO:
     """A regular file of the open `directory` opened for a download (404 `missing` when there is none,
-    or a symlink or anything else is there: jobfiles.open_regular). Opened here, not by path when the answer is
-    sent: a job prunes its checkpoints while it runs, and one deleted between the check and the send was a 500,
-    or an answer cut after its headers; an open file stays readable to its end."""
+    or a symlink, a hard link or anything else is there: jobfiles.open_regular). Opened here, not by path when the
+    answer is sent: a job prunes its checkpoints while it runs, and one deleted between the check and the send was
+    a 500, or an answer cut after its headers; an open file stays readable to its end. A checkpoint is written to a
+    temp file and renamed (one name): a file of two names is a hard link the job's own process planted, to the
+    server's database or another owner's checkpoint, which O_NOFOLLOW does not see."""
     try:
-        return open(open_regular(name, os.O_RDONLY, dir_fd=directory), "rb")
+        return open(open_regular(name, os.O_RDONLY, dir_fd=directory, one_name=True), "rb")
     except OSError:
         raise ApiError(404, "not_found", missing) from None

@@ -978,3 +978,41 @@ def test_a_label_holding_a_lone_surrogate_is_read_as_the_replacement_character()
         assert response.status_code == 200, response.text
         (job,) = response.json()["jobs"]
         assert (job["job_name"], job["owner"]) == ("a\ufffdb", "\U0001F600")
+
+
+def test_a_job_name_with_a_line_break_stays_one_cell_of_the_csv_and_its_formula_stays_text(tmp_path):
+    """The CSV answers ended their lines in a bare LF, and Python's writer quotes only a cell holding its line end:
+    a job name (a Prometheus label, a stored report: anybody's text) `x<CR>=cmd|' /C calc'!A0` was written unquoted,
+    and a spreadsheet broke the row at the CR, the formula the first cell of a row of its own, run."""
+    import csv
+    import io
+
+    from trainmetrics.jobserver import reports
+    from trainmetrics.jobserver.store import JobRecord, JobStore
+    from trainmetrics.prometheus_process import free_port
+    from trainmetrics.reports import ReportArchive
+
+    names = {"cr-1": "x\r=cmd|' /C calc'!A0", "lf-1": "y\n@SUM(1)",
+             "crlf-1": 'a, "b"\r\n+1', "plain-1": "=1+1"}
+    store = JobStore(tmp_path / "db.sqlite")
+    for job_id, name in names.items():
+        store.add_job(JobRecord(id=job_id, owner="default", name=job_id, state="completed", spec={}, ended=1.0))
+        assert store.keep_report(job_id, json.dumps({"job_id": job_id, "status": "completed", "job_name": name}), 1.0)
+
+    async def call(operation, *args):
+        return operation(*args)
+
+    keeper = reports.ReportKeeper(None, call, store, reports.UpTime(store))
+    down = f"http://127.0.0.1:{free_port()}"            # nothing listens there: the stored reports answer
+    settings = Settings(prometheus_url=down, prometheus_deadline=2.0, archive=ReportArchive(load=keeper.load))
+    with serve(settings) as client:
+        compared = client.get("/api/training/analytics/compare", params={"job_ids": ",".join(names), "format": "csv"})
+    store.close()
+    assert compared.status_code == 200, compared.text
+    # A spreadsheet (RFC 4180) ends a row at any unquoted CR or LF: each of them is inside a quoted cell.
+    unquoted = "".join(part for index, part in enumerate(compared.text.split('"')) if index % 2 == 0)
+    assert unquoted.replace("\r\n", "\n").count("\n") == len(names) + 1 and "\r" not in unquoted.replace("\r\n", "")
+    rows = list(csv.DictReader(io.StringIO(compared.text, newline="")))
+    assert {row["job_id"]: row["job_name"] for row in rows} == {
+        "cr-1": "x\r=cmd|' /C calc'!A0", "lf-1": "y\n@SUM(1)", "crlf-1": 'a, "b"\r\n+1',
+        "plain-1": "'=1+1"}

@@ -363,6 +363,32 @@ def test_a_symlinked_checkpoint_or_job_directory_serves_nothing_of_another_job(t
         server.stop()
 
 
+def test_a_hard_link_planted_in_a_jobs_checkpoint_directory_serves_nothing_of_the_server_or_another_job(tmp_path):
+    """O_NOFOLLOW does not see a hard link: a job's own process (the server's user) could link the server's
+    database, or another owner's checkpoint, at one of its checkpoint names or at model.pt, and download it."""
+    server = Server(tmp_path, extra=("--tokens", str(write_tokens(tmp_path / "tokens"))))
+    server.start()
+    try:
+        alice, bob = server.client("alice"), server.client("bob")
+        for client, job_id in ((alice, "alice-own"), (bob, "bob-secret")):
+            client.post("/api/training/jobs", json={"dataset": "blobs", "epochs": 1, "job_id": job_id})
+            assert wait_job(client, job_id, lambda j: j["state"] in ("completed", "failed"))["state"] == "completed"
+        own, theirs = tmp_path / "jobs" / "alice-own" / "checkpoints", tmp_path / "jobs" / "bob-secret" / "checkpoints"
+        secret = max(theirs.glob("step-*.pt"))
+        assert alice.get("/api/training/jobs/alice-own/download/model").status_code == 200     # its own: served
+        for target in (tmp_path / "trainmetrics.db", secret):
+            for name in ("step-000000999.pt", "model.pt"):
+                (own / name).unlink(missing_ok=True)
+                os.link(target, own / name)
+                path = "download/model" if name == "model.pt" else f"download/checkpoints/{name}"
+                answer = alice.get(f"/api/training/jobs/alice-own/{path}")
+                assert answer.status_code == 404 and answer.json()["error"]["code"] == "not_found", (target, name)
+                assert target.read_bytes()[:64] not in answer.content
+                (own / name).unlink()
+    finally:
+        server.stop()
+
+
 def test_wrapped_uploads_are_415(server_only):
     client = server_only.client()
     form = client.post("/api/training/datasets", params={"name": "a.csv"}, files={"file": ("a.csv", b"a,label\n1,0\n")})
