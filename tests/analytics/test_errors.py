@@ -338,12 +338,7 @@ def test_an_answer_whose_head_trickles_past_the_deadline_frees_its_slot():
                                b"content-length: %d\r\n\r\n%s" % (len(empty), empty))
 
     with socket.create_server(("127.0.0.1", 0)) as listener:
-        def accept() -> None:
-            with contextlib.suppress(OSError):
-                while True:
-                    threading.Thread(target=answer, args=(listener.accept()[0],), daemon=True).start()
-
-        threading.Thread(target=accept, daemon=True).start()
+        answer_each_connection(listener, answer)
         settings = Settings(prometheus_url=f"http://127.0.0.1:{listener.getsockname()[1]}", prometheus_deadline=0.5,
                             service_deadline=5, max_concurrency=1)
         with serve(settings) as client:
@@ -916,13 +911,18 @@ def lying_backend(answer):
                                    b"content-length: %d\r\n\r\n%s" % (len(body), body))
 
     with socket.create_server(("127.0.0.1", 0)) as listener:
-        def accept() -> None:
-            with contextlib.suppress(OSError):
-                while True:
-                    threading.Thread(target=serve_one, args=(listener.accept()[0],), daemon=True).start()
-
-        threading.Thread(target=accept, daemon=True).start()
+        answer_each_connection(listener, serve_one)
         yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+
+
+def answer_each_connection(listener: socket.socket, answer) -> None:
+    """Hand each connection `listener` takes to `answer` on a thread of its own, until the listener is closed."""
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                threading.Thread(target=answer, args=(listener.accept()[0],), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
 
 
 ROUTES = ("/api/training/run-1/analytics", "/api/training/analytics/summary", "/api/training/analytics/jobs",

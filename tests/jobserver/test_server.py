@@ -1,6 +1,7 @@
 """The job server through a real HTTP server on loopback, real child training processes and a real Prometheus."""
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import re
@@ -327,9 +328,10 @@ def test_downloads_never_leave_the_job_dir(tmp_path):
         server.stop()
 
 
-def test_a_symlinked_checkpoint_or_job_directory_serves_nothing_of_another_job(tmp_path):
-    """A job's process can replace its `checkpoints` directory (or its job directory) with a symlink to another
-    owner's: O_NOFOLLOW guards only the file name, so the listing, the model and every checkpoint were bob's."""
+@contextlib.contextmanager
+def two_owners_jobs_completed(tmp_path):
+    """A server with alice's and bob's tokens and one one-epoch job of each completed (alice-own, bob-secret):
+    (alice's client, bob's)."""
     server = Server(tmp_path, extra=("--tokens", str(write_tokens(tmp_path / "tokens"))))
     server.start()
     try:
@@ -337,6 +339,15 @@ def test_a_symlinked_checkpoint_or_job_directory_serves_nothing_of_another_job(t
         for client, job_id in ((alice, "alice-own"), (bob, "bob-secret")):
             client.post("/api/training/jobs", json={"dataset": "blobs", "epochs": 1, "job_id": job_id})
             assert wait_job(client, job_id, lambda j: j["state"] in ("completed", "failed"))["state"] == "completed"
+        yield alice, bob
+    finally:
+        server.stop()
+
+
+def test_a_symlinked_checkpoint_or_job_directory_serves_nothing_of_another_job(tmp_path):
+    """A job's process can replace its `checkpoints` directory (or its job directory) with a symlink to another
+    owner's: O_NOFOLLOW guards only the file name, so the listing, the model and every checkpoint were bob's."""
+    with two_owners_jobs_completed(tmp_path) as (alice, bob):
         jobs = tmp_path / "jobs"
         name = bob.get("/api/training/jobs/bob-secret/checkpoints").json()["checkpoints"][0]["name"]
         own = alice.get("/api/training/jobs/alice-own/checkpoints").json()["checkpoints"]
@@ -359,20 +370,12 @@ def test_a_symlinked_checkpoint_or_job_directory_serves_nothing_of_another_job(t
         assert alice.get("/api/training/jobs/alice-own/checkpoints").json()["checkpoints"] == own      # its own: served
         assert alice.get(f"/api/training/jobs/alice-own/download/checkpoints/{own[0]['name']}").status_code == 200
         assert alice.get("/api/training/jobs/alice-own/download/model").status_code == 200
-    finally:
-        server.stop()
 
 
 def test_a_hard_link_planted_in_a_jobs_checkpoint_directory_serves_nothing_of_the_server_or_another_job(tmp_path):
     """O_NOFOLLOW does not see a hard link: a job's own process (the server's user) could link the server's
     database, or another owner's checkpoint, at one of its checkpoint names or at model.pt, and download it."""
-    server = Server(tmp_path, extra=("--tokens", str(write_tokens(tmp_path / "tokens"))))
-    server.start()
-    try:
-        alice, bob = server.client("alice"), server.client("bob")
-        for client, job_id in ((alice, "alice-own"), (bob, "bob-secret")):
-            client.post("/api/training/jobs", json={"dataset": "blobs", "epochs": 1, "job_id": job_id})
-            assert wait_job(client, job_id, lambda j: j["state"] in ("completed", "failed"))["state"] == "completed"
+    with two_owners_jobs_completed(tmp_path) as (alice, _):
         own, theirs = tmp_path / "jobs" / "alice-own" / "checkpoints", tmp_path / "jobs" / "bob-secret" / "checkpoints"
         secret = max(theirs.glob("step-*.pt"))
         assert alice.get("/api/training/jobs/alice-own/download/model").status_code == 200     # its own: served
@@ -385,8 +388,6 @@ def test_a_hard_link_planted_in_a_jobs_checkpoint_directory_serves_nothing_of_th
                 assert answer.status_code == 404 and answer.json()["error"]["code"] == "not_found", (target, name)
                 assert target.read_bytes()[:64] not in answer.content
                 (own / name).unlink()
-    finally:
-        server.stop()
 
 
 def test_wrapped_uploads_are_415(server_only):
