@@ -640,6 +640,33 @@ def test_a_stored_report_holds_nothing_of_another_owners_job_that_shares_its_id(
     store.close()
 
 
+@contextlib.contextmanager
+def serving_stored_reports(tmp_path, texts: dict[str, str]):
+    """The analytics with Prometheus down, answering from stored reports: a completed job per id, its report the
+    text given (as a job server's store holds it)."""
+    from trainmetrics.jobserver import reports
+    from trainmetrics.jobserver.store import JobRecord, JobStore
+    from trainmetrics.prometheus_process import free_port
+    from trainmetrics.reports import ReportArchive
+
+    store = JobStore(tmp_path / "db.sqlite")
+    try:
+        for job_id, text in texts.items():
+            store.add_job(JobRecord(id=job_id, owner="default", name=job_id, state="completed", spec={}, ended=1.0))
+            assert store.keep_report(job_id, text, 1.0)
+
+        async def call(operation, *args):
+            return operation(*args)
+
+        keeper = reports.ReportKeeper(None, call, store, reports.UpTime(store))
+        down = f"http://127.0.0.1:{free_port()}"            # nothing listens there: the stored reports answer
+        settings = Settings(prometheus_url=down, prometheus_deadline=2.0, archive=ReportArchive(load=keeper.load))
+        with serve(settings) as client:
+            yield client
+    finally:
+        store.close()
+
+
 @pytest.mark.parametrize("figure", ["NaN", "Infinity", "-1e999", "1" + "0" * 400],
                          ids=["nan", "infinity", "past-float", "huge-int"])
 def test_a_stored_report_edited_by_hand_answers_its_odd_figure_as_null(figure, tmp_path):
@@ -647,26 +674,10 @@ def test_a_stored_report_edited_by_hand_answers_its_odd_figure_as_null(figure, t
     answered 500 (JSON has none), and an integer past a float's range failed the comparison's arithmetic. A
     report lacking a block (`duration`, `energy`...) answered it null, against the schema, and its comparison
     500 (AttributeError). Such figures read as null, a missing block as the block with every figure null."""
-    from trainmetrics.jobserver import reports
-    from trainmetrics.jobserver.store import JobRecord, JobStore
-    from trainmetrics.prometheus_process import free_port
-    from trainmetrics.reports import ReportArchive
-
-    store = JobStore(tmp_path / "db.sqlite")
     texts = {"odd-1": '{"job_id": "odd-1", "status": "completed", "performance": {"average_samples_per_second": %s},'
                       ' "goodput": {"goodput_ratio": 0.5, "seconds": {"step": %s}}}' % (figure, figure),
              "bare-1": '{"job_id": "bare-1", "status": "completed"}'}
-    for job_id, text in texts.items():
-        store.add_job(JobRecord(id=job_id, owner="default", name=job_id, state="completed", spec={}, ended=1.0))
-        assert store.keep_report(job_id, text, 1.0)
-
-    async def call(operation, *args):
-        return operation(*args)
-
-    keeper = reports.ReportKeeper(None, call, store, reports.UpTime(store))
-    down = f"http://127.0.0.1:{free_port()}"            # nothing listens there: the stored reports answer
-    settings = Settings(prometheus_url=down, prometheus_deadline=2.0, archive=ReportArchive(load=keeper.load))
-    with serve(settings) as client:
+    with serving_stored_reports(tmp_path, texts) as client:
         odd = client.get("/api/training/odd-1/analytics")
         assert odd.status_code == 200, odd.text
         assert odd.json()["source"] == "stored" and odd.json()["performance"]["average_samples_per_second"] is None
@@ -678,38 +689,21 @@ def test_a_stored_report_edited_by_hand_answers_its_odd_figure_as_null(figure, t
         assert compared.status_code == 200, compared.text
         assert [row["throughput"] for row in compared.json()["jobs"]] == [None, None]
         assert compared.json()["winner"]["best_goodput"] == "odd-1"
-    store.close()
 
 
 def test_a_stored_report_holding_a_lone_surrogate_answers_that_text_as_null(tmp_path):
     """json.loads reads `"\\ud800"` in a stored report edited by hand, a string UTF-8 cannot encode: the job's
     analytics and its comparison failed as they were sent (a 500, the connection reset). Such text reads as
     null, as a figure of the wrong type does, and a key of it is left out."""
-    from trainmetrics.jobserver import reports
-    from trainmetrics.jobserver.store import JobRecord, JobStore
-    from trainmetrics.prometheus_process import free_port
-    from trainmetrics.reports import ReportArchive
-
-    store = JobStore(tmp_path / "db.sqlite")
     text = ('{"job_id": "odd-1", "status": "completed", "job_name": "run \\ud800", '
             '"goodput": {"seconds": {"step": 2.0, "\\udfff": 1.0}}}')
-    store.add_job(JobRecord(id="odd-1", owner="default", name="odd-1", state="completed", spec={}, ended=1.0))
-    assert store.keep_report("odd-1", text, 1.0)
-
-    async def call(operation, *args):
-        return operation(*args)
-
-    keeper = reports.ReportKeeper(None, call, store, reports.UpTime(store))
-    down = f"http://127.0.0.1:{free_port()}"            # nothing listens there: the stored report answers
-    settings = Settings(prometheus_url=down, prometheus_deadline=2.0, archive=ReportArchive(load=keeper.load))
-    with serve(settings) as client:
+    with serving_stored_reports(tmp_path, {"odd-1": text}) as client:
         odd = client.get("/api/training/odd-1/analytics")
         assert odd.status_code == 200, odd.text
         assert odd.json()["job_name"] is None and odd.json()["goodput"]["seconds"] == {"step": 2.0}
         compared = client.get("/api/training/analytics/compare?job_ids=odd-1&format=csv")
         assert compared.status_code == 200, compared.text
         assert compared.text.splitlines()[1].startswith("odd-1,,")
-    store.close()
 
 
 def test_retry_after_is_read_as_seconds_or_an_http_date_and_kept_within_bounds():
@@ -987,27 +981,12 @@ def test_a_job_name_with_a_line_break_stays_one_cell_of_the_csv_and_its_formula_
     import csv
     import io
 
-    from trainmetrics.jobserver import reports
-    from trainmetrics.jobserver.store import JobRecord, JobStore
-    from trainmetrics.prometheus_process import free_port
-    from trainmetrics.reports import ReportArchive
-
     names = {"cr-1": "x\r=cmd|' /C calc'!A0", "lf-1": "y\n@SUM(1)",
              "crlf-1": 'a, "b"\r\n+1', "plain-1": "=1+1"}
-    store = JobStore(tmp_path / "db.sqlite")
-    for job_id, name in names.items():
-        store.add_job(JobRecord(id=job_id, owner="default", name=job_id, state="completed", spec={}, ended=1.0))
-        assert store.keep_report(job_id, json.dumps({"job_id": job_id, "status": "completed", "job_name": name}), 1.0)
-
-    async def call(operation, *args):
-        return operation(*args)
-
-    keeper = reports.ReportKeeper(None, call, store, reports.UpTime(store))
-    down = f"http://127.0.0.1:{free_port()}"            # nothing listens there: the stored reports answer
-    settings = Settings(prometheus_url=down, prometheus_deadline=2.0, archive=ReportArchive(load=keeper.load))
-    with serve(settings) as client:
+    texts = {job_id: json.dumps({"job_id": job_id, "status": "completed", "job_name": name})
+             for job_id, name in names.items()}
+    with serving_stored_reports(tmp_path, texts) as client:
         compared = client.get("/api/training/analytics/compare", params={"job_ids": ",".join(names), "format": "csv"})
-    store.close()
     assert compared.status_code == 200, compared.text
     # A spreadsheet (RFC 4180) ends a row at any unquoted CR or LF: each of them is inside a quoted cell.
     unquoted = "".join(part for index, part in enumerate(compared.text.split('"')) if index % 2 == 0)
