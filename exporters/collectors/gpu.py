@@ -173,8 +173,6 @@ class GpuCollector(Collector):
             if gpu.lost is not None:  # the others go on; this one is asked for again with backoff
                 self._lose(gpu, gpu.lost, now)
         self._gpus = gpus
-        self._backoff = self.backoff_initial
-        self._last_error = None
         log.info("NVML initialised: %d GPU(s)", len(gpus))
         return gpus
 
@@ -310,6 +308,10 @@ class GpuCollector(Collector):
                 self._sample_fast(gpu, now)
             self.progressed()   # a driver slow on each of 8 GPUs is no hung one
         self._fail_if_no_gpu_answers(gpus, now)
+        # NVML is back once a GPU answers, not once it initialises: NVML may hand out the handles of GPUs that
+        # answer nothing, and resetting the backoff at the start re-initialised it every second for good.
+        self._backoff = self.backoff_initial
+        self._last_error = None
 
     def _sample_fast(self, gpu: Gpu, now: float) -> None:
         try:

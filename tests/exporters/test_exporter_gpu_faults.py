@@ -284,3 +284,25 @@ def test_xid_counts_last_over_nvml_reinitialising():
     exporter.sample(3.0)
     exporter.sample_slow(3.0)
     assert xids() == {"0": 2, "1": 1}
+
+
+def test_nvml_giving_handles_of_gpus_that_answer_nothing_is_re_initialised_with_backoff_not_every_second():
+    """NVML gave the handles of GPUs that answered nothing ("GPU is lost" on every query): each start reset the
+    backoff before a GPU had answered, so NVML was shut down and initialised again every second for good (114
+    times in 2 minutes, each with a warning per GPU) instead of 1 s doubling to 60 s."""
+    nvml = FakeNvml(two_gpus())
+    exporter = Exporter([GpuCollector(nvml=nvml, backoff_initial=1.0, backoff_max=60.0)])
+    exporter.sample(0.0)
+    lost = {call: pynvml.NVML_ERROR_GPU_IS_LOST for call in ("nvmlDeviceGetUtilizationRates",
+                                                             "nvmlDeviceGetMemoryInfo")}
+    for gpu in nvml.gpus:
+        gpu.errors = dict(lost)
+    for tenth in range(1, 1200):                            # two minutes of fast samples
+        exporter.sample(tenth / 10)
+    assert nvml.init_calls <= 1 + 7                         # 1, 2, 4, 8, 16, 32 s apart, then 60 s
+    for gpu in nvml.gpus:
+        gpu.errors.clear()
+    for tenth in range(1200, 1800):                         # the longest delay later, the GPUs are back
+        exporter.sample(tenth / 10)
+    assert {dict(labels)["gpu"] for labels in parse_exposition(exporter.render())["hw_gpu_utilization_ratio"]} \
+        == {"0", "1"}
