@@ -101,3 +101,21 @@ def test_a_small_files_regression_targets_are_bounded_by_the_batches_it_forms(tm
     with pytest.raises(DatasetError, match="in a batch of 512"):
         check_regression_targets(TrainConfig(job_id="many-1", dataset=str(many), target="y"),
                                  load_dataset(str(many), target="y", seed=0))
+
+
+def test_a_diverged_model_whose_outputs_are_nan_is_not_accurate(make_trainer, tmp_path):
+    """Before, argmax took a NaN score for the highest, so a model whose weights had gone NaN (a learning rate
+    too high) "predicted" class 0 for every sample: on data nine tenths of class 0 its accuracy was 0.9, as high as
+    a model that had learnt, published as trainer_eval_accuracy_ratio and the summary's eval_accuracy."""
+    import torch
+
+    rng = np.random.default_rng(3)
+    y = (np.arange(200) % 10 == 0).astype(np.int64)          # nine tenths of class 0
+    np.savez(tmp_path / "skewed.npz", x=rng.normal(size=(200, 2)).astype(np.float32), y=y)
+    trainer = make_trainer(model="mlp", dataset=str(tmp_path / "skewed.npz"))
+    with torch.no_grad():
+        for parameter in trainer.net.parameters():
+            parameter.fill_(float("nan"))
+    trainer.evaluate()
+    assert trainer.eval_accuracy == 0.0
+    assert trainer.metrics.last_evaluation.accuracy == 0.0
