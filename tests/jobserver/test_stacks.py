@@ -141,3 +141,28 @@ def test_a_planted_stacks_file_is_not_emptied(tmp_path, monkeypatch):
     stacks.make_room(job, 1)
     stacks.make_room(tmp_path / "linked-job", 1)
     assert (other / "stacks.rank0.txt").read_text() == "another job's stacks\n"
+
+
+def test_a_stacks_file_extended_while_its_end_is_checked_is_read_only_at_its_end(tmp_path, monkeypatch):
+    """The check whether a rank's dump has ended (polled on the event loop while the file grows) read from 256
+    bytes before the end it measured to the file's end as it was by then: a job's process extending its file
+    (an ftruncate adds a GiB at once) had all of it read into the server's memory. Here the file gains a MiB
+    once the check has seeked."""
+    path = stacks.stacks_file(tmp_path, 0)
+    path.write_bytes(b"x" * 4096 + b'  File "<frozen runpy>", line 198 in _run_module_as_main\n')
+    real_fdopen, read = os.fdopen, []
+
+    class ExtendedAfterSeek(io.BufferedReader):
+        def seek(self, *args):
+            at = super().seek(*args)
+            if args[1:] != (2,):          # the seek to where the check reads: the job's process extends it now
+                os.truncate(path, os.path.getsize(path) + (1 << 20))
+            return at
+
+        def read(self, *args):
+            read.append(super().read(*args))
+            return read[-1]
+
+    monkeypatch.setattr(stacks.os, "fdopen", lambda fd, mode: ExtendedAfterSeek(real_fdopen(fd, "rb", buffering=0)))
+    assert stacks._ends_a_dump(path)
+    assert [len(data) for data in read] == [256]
