@@ -129,3 +129,24 @@ def test_each_nodes_agent_gives_its_standalone_jobs_targets_labels_of_their_own(
     identities = agents_target_labels(tmp_path, "trainer")
     assert identities[0] != identities[1], identities
     assert identities[0]["instance"] == "10.0.0.1:9400"       # the node's address, as the exporter's: NODE:port
+
+
+def test_the_job_servers_own_series_reach_the_central_store_from_one_agent(tmp_path):
+    """The job server publishes queued and paused jobs, the `failed` of a job whose process was killed and
+    JobServerNotStartingJobs on its own /metrics: agent.yml scraped only jobs and exporters, so in the multi-node
+    topology none of them reached the central store (those alerts could never fire there). The agent on the job
+    server's node scrapes it; every other node's drops it, so its series are written once. promtool says which
+    targets each node's agent keeps after relabelling."""
+    import json
+
+    kept = {}
+    for node in ("10.0.0.1", "10.0.0.2"):           # the job server runs on 10.0.0.1
+        path = tmp_path / f"{node}.yml"
+        path.write_text((PROMETHEUS_DIR / "agent.yml").read_text().replace("JOB-SERVER", "10.0.0.1")
+                        .replace("CENTRAL", "127.0.0.1").replace("NODE", node))
+        # A static target is there at once: the default 30 s wait for discovery results would be waited out.
+        result = promtool("check", "service-discovery", "--timeout=2s", str(path), "server")
+        assert result.returncode == 0, result.stdout + result.stderr
+        kept[node] = [target["labels"] for target in json.loads(result.stdout) if target["labels"]]
+    assert [labels["instance"] for labels in kept["10.0.0.1"]] == ["10.0.0.1:8000"], kept
+    assert kept["10.0.0.2"] == [], kept
