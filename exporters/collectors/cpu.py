@@ -32,6 +32,7 @@ class CpuCollector(Collector):
         self._per_cpu: list[tuple[str, list[int]]] = []
         self._highest: dict[str, list[int]] = {}      # per cpu, each mode's highest count published
         self._previous_total: tuple[int, int] | None = None
+        self._previous_cpus: list[str] = []
 
     @classmethod
     def build(cls, context: CollectorContext) -> "CpuCollector":
@@ -55,7 +56,11 @@ class CpuCollector(Collector):
         self._per_cpu = per_cpu
         total = sum(host)
         idle = host[IDLE_COLUMNS[0]] + host[IDLE_COLUMNS[1]]
-        if self._previous_total is not None:
+        cpus = [cpu for cpu, _ in per_cpu]
+        # A CPU taken offline or brought back between two samples: the aggregate line sums every possible CPU, an
+        # offline one's idle from another count than an online one's, so its idle jumps by that CPU's idle time
+        # and the step between the two samples is no busy share (a half-busy host read 1.0). Start again from here.
+        if self._previous_total is not None and cpus == self._previous_cpus:
             previous_total, previous_idle = self._previous_total
             elapsed = total - previous_total
             if elapsed > 0:
@@ -64,6 +69,7 @@ class CpuCollector(Collector):
                 # covers the whole busy stretch, not one sample interval of it.
                 self.utilization.add(now, min(1.0, max(0.0, busy)), weight=elapsed)
         self._previous_total = (total, idle)
+        self._previous_cpus = cpus
 
     def _never_back(self, cpu: str, ticks: list[int]) -> list[int]:
         """The CPU's counts as published: each mode's highest so far, since a counter that goes down is a reset

@@ -36,6 +36,8 @@ class MemoryCollector(Collector):
             name = FIELDS.get(key)
             if name:
                 found[name] = int(rest.split()[0]) * 1024  # the kernel's "kB" is KiB
+        # gVisor's meminfo (GKE Sandbox) has no slab lines: no reclaimable slab it reports, not a failed sample.
+        found.setdefault("slab_reclaimable", 0)
         missing = set(FIELDS.values()) - found.keys()
         if missing:
             raise ValueError(f"{self.proc_root}/meminfo lacks {', '.join(sorted(missing))}")

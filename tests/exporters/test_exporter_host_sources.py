@@ -224,3 +224,47 @@ def test_an_interface_or_mountpoint_name_that_is_not_utf8_is_published_with_ever
     assert b"/mnt/da\xfft" in seen         # statvfs asked about that very mount, by its bytes
     assert found["exporter_collector_success"] == {(("collector", "network"),): 1.0,
                                                    (("collector", "filesystem"),): 1.0}
+
+
+def test_a_cpu_taken_offline_between_two_samples_is_no_busy_host(tmp_path):
+    """The aggregate cpu line sums every possible CPU, an offline one's idle from another count than an online
+    one's: when cpu1 went offline its idle in the sum stepped back, and the step between the two samples read as
+    a fully busy host (utilisation peak 1.0) while cpu0 was half busy; when it came back, its idle stepped up and
+    the mean read 0.25. A change in the CPUs online starts the
+    utilisation again from that sample; its per-CPU counters never go back."""
+    from trainmetrics.exporters.collectors.cpu import CpuCollector
+
+    collector = CpuCollector(tmp_path, peak_window=10.0, clock_ticks=100)
+    exporter = Exporter([collector])
+
+    def sample(now: float, host: str, *cpus: str) -> dict:
+        lines = [f"cpu  {host}"] + [f"cpu{n} {line}" for n, line in enumerate(cpus) if line]
+        (tmp_path / "stat").write_text("\n".join(lines) + "\nintr 1\n")
+        exporter.sample(now)
+        return parse_exposition(exporter.render())
+
+    sample(0.0, "0 0 0 2000 0 0 0 0 0 0", "0 0 0 1000 0 0 0 0 0 0", "0 0 0 1000 0 0 0 0 0 0")
+    sample(0.1, "5 0 0 2000 0 0 0 0 0 0", "5 0 0 1005 0 0 0 0 0 0", "")      # cpu1 offline: 995 idle in the sum
+    series = sample(0.2, "10 0 0 2005 0 0 0 0 0 0", "10 0 0 1010 0 0 0 0 0 0", "")
+    assert series["system_cpu_utilization_peak_ratio"][()] == 0.5
+    # cpu1 back: its 1000 idle ticks in the sum again, which read as 10 ticks of idle host in one step
+    series = sample(0.3, "15 0 0 2015 0 0 0 0 0 0", "15 0 0 1015 0 0 0 0 0 0", "0 0 0 1000 0 0 0 0 0 0")
+    assert (series["system_cpu_utilization_peak_ratio"][()], series["system_cpu_utilization_ratio"][()]) == (0.5, 0.5)
+    times = series["system_cpu_time_seconds_total"]
+    assert (times[(("cpu", "1"), ("mode", "idle"))], times[(("cpu", "0"), ("mode", "user"))]) == (10.0, 0.15)
+
+
+def test_meminfo_without_slab_lines_is_read_with_no_reclaimable_slab(tmp_path):
+    """gVisor's /proc/meminfo (GKE Sandbox) has no SReclaimable line: every sample of the memory collector failed
+    and the host published no memory series at all."""
+    from trainmetrics.exporters.collectors.memory import MemoryCollector
+
+    (tmp_path / "meminfo").write_text("MemTotal:        1000 kB\nMemFree:          400 kB\nMemAvailable:     400 kB\n"
+                                      "Buffers:            0 kB\nCached:           100 kB\nShmem:             10 kB\n")
+    exporter = Exporter([MemoryCollector(tmp_path)])
+    exporter.sample(0.0)
+    series = parse_exposition(exporter.render())
+    usage = {dict(labels)["state"]: value for labels, value in series["system_memory_usage_bytes"].items()}
+    assert usage == {"used": 500 * 1024, "free": 400 * 1024, "buffers": 0, "cached": 100 * 1024,
+                     "slab_reclaimable": 0}
+    assert series["system_memory_used_peak_bytes"][()] == 500 * 1024
