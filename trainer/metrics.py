@@ -27,6 +27,7 @@ import math
 import operator
 import os
 import signal
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -753,7 +754,7 @@ class JobMetrics:
         self._block_ending = True       # from here a stop signal only hurries the exit
         if exc_type is None:
             state = "completed"
-        elif issubclass(exc_type, KeyboardInterrupt) or self._stop_signal is not None:
+        elif issubclass(exc_type, KeyboardInterrupt) or self._stop_signal is not None or _stopped_by_caller(exc_type):
             # After a stop signal, whatever ended the block came of the stop: DataLoader workers killed by the
             # same process-group SIGTERM make torch's SIGCHLD handler raise a RuntimeError in the loop.
             state = "cancelled"
@@ -1308,6 +1309,16 @@ def _whole_count(value) -> int:
     if count < 0:
         raise ValueError("a negative count")
     return count
+
+
+def _stopped_by_caller(exc_type: type) -> bool:
+    """The block was stopped by the code that ran it, no error of its own: a generator training in the block closed
+    by its consumer (a `break`, or collected: GeneratorExit), or an asyncio task running it cancelled. Both ended the
+    job `failed`, error_type GeneratorExit or CancelledError, and a failure alert for a loop that was only stopped."""
+    if issubclass(exc_type, GeneratorExit):
+        return True
+    asyncio = sys.modules.get("asyncio")        # not imported: nothing raised its CancelledError
+    return asyncio is not None and issubclass(exc_type, asyncio.CancelledError)
 
 
 def _one_of(current: str, names: tuple[str, ...]) -> list[tuple[str, int]]:

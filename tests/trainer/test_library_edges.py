@@ -2,6 +2,7 @@
 never lost, the job can always be stopped), the user's own SIGUSR2 handler, a second job in one process, the
 data wait of a real loader's start and end, start() twice, odd sample counts."""
 
+import asyncio
 import logging
 import signal
 import subprocess
@@ -16,7 +17,7 @@ import torch
 
 from trainmetrics.trainer.metrics import LOSS_FOLD_LIMIT, Diagnostics, JobInfo, JobMetrics
 from tests.processes import finish_reading
-from tests.trainer.test_metrics import samples_by_name, scraper_of_announced_job, value
+from tests.trainer.test_metrics import samples_by_name, scraper_of_announced_job, state_of, value
 
 PRELUDE = textwrap.dedent("""
     import os, signal, sys, threading, time
@@ -636,6 +637,40 @@ def test_phases_after_the_end_add_no_seconds_and_an_ended_job_cannot_be_entered_
                 pass
     finally:
         metrics.close()
+
+
+def test_a_block_stopped_by_the_code_running_it_ends_cancelled_not_failed():
+    """A `with JobMetrics` block in a generator its consumer stopped reading (a `break`: the generator closed,
+    GeneratorExit), or in an asyncio task that was cancelled (CancelledError), ended the job `failed`, its
+    error_type GeneratorExit or CancelledError: a failure alert for a loop that was only stopped."""
+    def training(job_id):
+        with JobMetrics(job_id) as metrics:
+            jobs.append(metrics)
+            for step in range(10):
+                metrics.step(loss=1.0, samples=1)
+                yield step
+
+    async def training_task():
+        with JobMetrics("cancelled-task") as metrics:
+            jobs.append(metrics)
+            metrics.step(loss=1.0, samples=1)
+            await asyncio.sleep(60)
+
+    async def cancel_it():
+        task = asyncio.create_task(training_task())
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    jobs: list[JobMetrics] = []
+    for step in training("closed-generator"):
+        if step == 2:
+            break
+    asyncio.run(cancel_it())
+    assert [(job.state, job.error_type) for job in jobs] == [("cancelled", None)] * 2
+    assert [state_of(job) for job in jobs] == ["cancelled"] * 2
+    assert "trainer_job_failure_info" not in samples_by_name(jobs[0])
 
 
 def test_a_loss_spike_callback_that_raises_loses_nothing_of_the_interval():
