@@ -328,8 +328,10 @@ class JobMetrics:
         self.checkpoints = 0
         self.loss_first: float | None = None
         self.loss_min: float | None = None
-        self.loss_sum = 0.0
-        self.loss_intervals = 0
+        # The finite intervals' loss sum and their count: one tuple, stored whole and read once per scrape. As two
+        # attributes, a scrape that read one before an interval ended and the other after it (or between
+        # their two stores) showed a sum and a count of different intervals, and a mean over a window that was not.
+        self._loss_totals: tuple[float, int] = (0.0, 0)
         self.nonfinite_losses = 0
         # This process's own counts of those two and of the spikes, from 0 whatever a resume carries over (what the
         # alerts read: a rise is a new one). Counted as they happen: the job's less the checkpoint's, read while
@@ -469,8 +471,8 @@ class JobMetrics:
         observe(inst.SAMPLES, lambda: self.samples, counter=True, carried=True)
         observe(inst.CHECKPOINTS, lambda: self.checkpoints, counter=True, carried=True)
         observe(inst.LOSS_NONFINITE, lambda: self.nonfinite_losses, counter=True, carried=True)
-        observe(inst.LOSS_SUM, lambda: self.loss_sum, carried=True)     # a gauge: losses may be negative
-        observe(inst.LOSS_INTERVALS, lambda: self.loss_intervals, counter=True, carried=True)
+        observe(inst.LOSS_SUM, lambda: self._loss_totals_shown()[0], carried=True)    # a gauge: losses may be negative
+        observe(inst.LOSS_INTERVALS, lambda: self._loss_totals_shown()[1], counter=True, carried=True)
         observe(inst.LOSS_FIRST, lambda: self.loss_first)
         observe(inst.LOSS_MIN, lambda: self.loss_min)
         observe(inst.STEP_DURATION_MAX, lambda: self.step_duration_max if self.step_times.count else None)
@@ -510,6 +512,26 @@ class JobMetrics:
         self._flush_pending()
         return self.steps
 
+    @property
+    def loss_sum(self) -> float:
+        """The sum of the finite log intervals' mean losses (trainer_loss_accumulated)."""
+        return self._loss_totals[0]
+
+    @property
+    def loss_intervals(self) -> int:
+        """The log intervals with a finite mean loss (trainer_loss_intervals_total)."""
+        return self._loss_totals[1]
+
+    def _loss_totals_shown(self) -> tuple[float, int]:
+        # Both series of one scrape show the same intervals: the tuple as the scrape first read it.
+        scrape = current_scrape.get()
+        if scrape is None:
+            return self._loss_totals
+        totals = scrape.shown.get("loss_totals")
+        if totals is None:
+            totals = scrape.shown["loss_totals"] = self._loss_totals
+        return totals
+
     def _evaluation_history(self, field: str) -> list[tuple[int, float]]:
         scrape = current_scrape.get()
         if scrape is None:
@@ -542,10 +564,11 @@ class JobMetrics:
         inside `with checkpoint():` it counts the checkpoint being written (a resume from it finds it written)."""
         with self._checkpoint_lock:
             checkpoints = self.checkpoints + self._checkpoints_writing
+        loss_sum, loss_intervals = self._loss_totals
         return {"steps": self.steps, "samples": self.samples, "checkpoints": checkpoints,
-                "loss_first": self.loss_first, "loss_min": self.loss_min, "loss_sum": self.loss_sum,
+                "loss_first": self.loss_first, "loss_min": self.loss_min, "loss_sum": loss_sum,
                 "loss": self.loss, "last_loss": self.last_loss,
-                "loss_intervals": self.loss_intervals, "nonfinite_losses": self.nonfinite_losses,
+                "loss_intervals": loss_intervals, "nonfinite_losses": self.nonfinite_losses,
                 "evaluations": self.evaluations.count, "eval_loss_min": self.eval_loss_min,
                 # The last evaluation's results: a resumed run that evaluates no more still publishes them.
                 "last_eval_loss": None if self.last_evaluation is None else self.last_evaluation.loss,
@@ -591,7 +614,7 @@ class JobMetrics:
                                  f"{CARRIED_SECONDS_MAX:g}")
         taken = {"steps": count("steps"), "samples": count("samples"), "checkpoints": count("checkpoints"),
                  "loss_first": number("loss_first"), "loss_min": number("loss_min"),
-                 "loss_sum": number("loss_sum", 0.0), "loss_intervals": count("loss_intervals"),
+                 "_loss_totals": (number("loss_sum", 0.0), count("loss_intervals")),
                  # A resumed run that trains no step (paused or killed at the last one) still has a final loss.
                  "loss": number("loss"), "last_loss": None if last_loss is None else float(last_loss),
                  "nonfinite_losses": count("nonfinite_losses"), "eval_loss_min": number("eval_loss_min"),
@@ -1132,8 +1155,8 @@ class JobMetrics:
                     if self.loss_first is None:
                         self.loss_first = loss
                     self.loss_min = loss if self.loss_min is None else min(self.loss_min, loss)
-                    self.loss_sum += loss
-                    self.loss_intervals += 1
+                    total, intervals = self._loss_totals
+                    self._loss_totals = (total + loss, intervals + 1)     # one store: a scrape sees both or neither
                     if spike:       # after the interval is counted: a callback that raises loses nothing
                         self.process_loss_spikes += 1
                         self._loss_spike(loss)

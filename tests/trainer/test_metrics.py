@@ -1293,3 +1293,30 @@ def test_a_checkpoint_block_ended_on_another_thread_than_it_began_on_is_counted(
         assert failed == [] and metrics.checkpoints == 1 and metrics._checkpoints_writing == 0
     finally:
         metrics.close()
+
+
+def test_a_scrape_during_a_log_interval_shows_a_loss_sum_and_interval_count_of_the_same_intervals():
+    """docs/metrics.md: trainer_loss_accumulated and trainer_loss_intervals_total give "the exact mean loss over any
+    window of one process (or the two values at the window's ends)". They were two attributes, read by two families
+    and changed by two stores: a log interval that ended between the scrape's read of the sum and its read of the
+    count showed the new interval counted without its loss (2.0 over 2 intervals: a mean of 1.0 for losses of 2.0),
+    and one between the two stores showed its loss without its count."""
+    metrics = JobMetrics("torn-loss-mean", publish=Publish(listen=None, targets_dir=None, job_dir=None), log_every=1)
+    metrics.start()
+    metrics.step(loss=2.0, samples=1)
+    family = next(f for f in metrics._publication.series._families if f.name == instruments.LOSS_SUM.name)
+    read_sum, seen = family.read, []
+
+    def read_then_interval_ends():      # the loop ends an interval right after the scrape read the sum
+        total = read_sum()
+        metrics.step(loss=2.0, samples=1)
+        return total
+
+    family.read = read_then_interval_ends
+    for _ in range(2):
+        found = samples_by_name(metrics)
+        seen.append((found["trainer_loss_accumulated"][0].value, found["trainer_loss_intervals_total"][0].value))
+    family.read = read_sum
+    metrics.finish("completed")
+    metrics.close()
+    assert all(total == 2.0 * intervals for total, intervals in seen), seen
