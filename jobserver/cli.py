@@ -154,17 +154,17 @@ def claim_data_dir(settings) -> None:
         raise FlagError("--data-dir", f"{settings.data_dir}: {error.strerror or error}") from None
     settings.data_dir_lock = lock_data_dir(settings.data_dir)
     try:
-        check_data_dir_contents(settings.data_dir)
-        check_running_jobs_executor(settings.data_dir, settings.executor)
+        check_data_dir_contents(settings.data_dir, settings.executor)
     except FlagError:
         settings.data_dir_lock.close()
         raise
 
 
-def check_data_dir_contents(data_dir: Path) -> None:
+def check_data_dir_contents(data_dir: Path, executor: str) -> None:
     """What the server keeps in the data dir can be used, else FlagError: its datasets and jobs directories
-    (made here), its database (opened once). Before, a file where a directory belongs or a database that is
-    none failed the server's start with a traceback, or (jobs) every job it started."""
+    (made here), its database (opened once), and the jobs the last server left running (`executor` can adopt
+    them: check_running_jobs_executor). Before, a file where a directory belongs or a database that is none
+    failed the server's start with a traceback, or (jobs) every job it started."""
     from trainmetrics.jobserver.store import DATABASE_NAME, JobStore, StoreUnreadable
 
     for name in ("datasets", "jobs"):
@@ -176,23 +176,21 @@ def check_data_dir_contents(data_dir: Path) -> None:
         except OSError as error:
             raise FlagError("--data-dir", f"{path}: {error.strerror or error}") from None
     try:
-        JobStore(data_dir / DATABASE_NAME).close()
+        store = JobStore(data_dir / DATABASE_NAME)
     except StoreUnreadable as error:
         raise FlagError("--data-dir", str(error)) from None
+    try:
+        check_running_jobs_executor(store, executor)
+    finally:
+        store.close()
 
 
-def check_running_jobs_executor(data_dir: Path, executor: str) -> None:
+def check_running_jobs_executor(store, executor: str) -> None:
     """FlagError naming --executor when a job the last server left running (killed, or its job slow to pause) was
     started by another executor: this one cannot adopt it (a Ray server took a local pid for a Ray submission, a
     local one a Ray submission for a process gone) and would resume it beside the run that goes on, which nothing
     watched. Jobs that were paused or ended can move to another executor; a running one only once it has ended."""
-    from trainmetrics.jobserver.store import DATABASE_NAME, JobStore
-
-    store = JobStore(data_dir / DATABASE_NAME)
-    try:
-        others = [job for job in store.list_jobs(states=("running",)) if job.run_by not in (None, executor)]
-    finally:
-        store.close()
+    others = [job for job in store.list_jobs(states=("running",)) if job.run_by not in (None, executor)]
     if others:
         shown = ", ".join(f"{job.id} ({job.run_by})" for job in others[:5]) + (", ..." if len(others) > 5 else "")
         raise FlagError("--executor", f"{executor} cannot adopt the jobs the last server left running on another "

@@ -101,11 +101,16 @@ class JobRecord:
         return self.requested if self.stop_unsent is None else (self.stop_unsent or None)
 
     @property
+    def run_handle(self) -> str | None:
+        """Its process as its executor names it: the handle, or in a record from before the handle column its pid."""
+        return self.handle or (str(self.pid) if self.pid else None)
+
+    @property
     def run_by(self) -> str | None:
         """The executor of its process: the one recorded, or in a record written before that was (it was running
         when an older server stopped) the one its handle names: a pid is the local executor's, a Ray submission
         id (the job id, a dash, the time) never digits alone."""
-        handle = self.handle or (str(self.pid) if self.pid else None)
+        handle = self.run_handle
         if self.executor is not None or handle is None:
             return self.executor
         return "local" if handle.isdigit() else "ray"

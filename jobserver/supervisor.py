@@ -465,7 +465,7 @@ class Supervisor:
         """After a (re)start: adopt running jobs whose process lives on; for the others, their result decides,
         else they resume from their last checkpoint (or fail without one)."""
         for job in self.store.list_jobs(states=("running",)):
-            run = self.executor.adopt(job.id, job.handle or (str(job.pid) if job.pid else None), self.job_path(job.id))
+            run = self.executor.adopt(job.id, job.run_handle, self.job_path(job.id))
             if run is not None:
                 self.runs[job.id] = run
                 if job.stop_unsent is not None:

@@ -117,12 +117,8 @@ def push_interval_millis() -> float | None:
     text = os.environ.get(EXPORT_INTERVAL_VARIABLE)
     if not text:
         return None
-    try:
-        millis = float(text)
-    except ValueError:
-        millis = math.nan
-    # (At most what a thread can wait: 1e300 killed the SDK's push thread with an OverflowError, no push after.)
-    if math.isfinite(millis) and 0 < millis <= threading.TIMEOUT_MAX * 1e3:
+    millis = _waitable(text, 1e-3)
+    if millis is not None:
         return millis
     log.warning("%s=%r is not a number of milliseconds above 0 a thread can wait; pushing every 60 s",
                 EXPORT_INTERVAL_VARIABLE, text)
@@ -136,16 +132,24 @@ def push_seconds(warn: bool = False) -> float:
     timeout = first_set(OTLP_TIMEOUT_VARIABLES)
     if timeout is None:
         return FINAL_PUSH_SECONDS
-    try:
-        seconds = float(timeout[1])
-    except ValueError:
-        seconds = math.nan
-    if math.isfinite(seconds) and 0 < seconds <= threading.TIMEOUT_MAX:     # (what a thread or socket can wait)
+    seconds = _waitable(timeout[1], 1.0)
+    if seconds is not None:
         return seconds
     if warn:
         log.warning("%s=%r is not a number of seconds above 0 a thread can wait; a push gives up after %g s",
                     *timeout, FINAL_PUSH_SECONDS)
     return FINAL_PUSH_SECONDS
+
+
+def _waitable(text: str, unit_seconds: float) -> float | None:
+    """`text` as a number above 0 of units of `unit_seconds` that a thread can wait, else None: no number, NaN,
+    infinity, 0 or less, or past threading.TIMEOUT_MAX (1e300 raised an OverflowError in the SDK: its push thread
+    died, or its shutdown failed)."""
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) and 0 < value * unit_seconds <= threading.TIMEOUT_MAX else None
 
 
 def first_set(names: tuple[str, ...]) -> tuple[str, str] | None:
