@@ -522,24 +522,25 @@ class JobMetrics:
         """The log intervals with a finite mean loss (trainer_loss_intervals_total)."""
         return self._loss_totals[1]
 
-    def _loss_totals_shown(self) -> tuple[float, int]:
-        # Both series of one scrape show the same intervals: the tuple as the scrape first read it.
+    @staticmethod
+    def _read_once_per_scrape(key: str, read: Callable):
+        """read(the scrape) as the scrape under way first read it (every series of one scrape shows the same
+        reading, kept in its `shown` under `key`), or read(None) now outside a scrape."""
         scrape = current_scrape.get()
         if scrape is None:
-            return self._loss_totals
-        totals = scrape.shown.get("loss_totals")
-        if totals is None:
-            totals = scrape.shown["loss_totals"] = self._loss_totals
-        return totals
+            return read(None)
+        if key not in scrape.shown:
+            scrape.shown[key] = read(scrape)
+        return scrape.shown[key]
+
+    def _loss_totals_shown(self) -> tuple[float, int]:
+        # Both series of one scrape show the same intervals.
+        return self._read_once_per_scrape("loss_totals", lambda scrape: self._loss_totals)
 
     def _evaluation_history(self, field: str) -> list[tuple[int, float]]:
-        scrape = current_scrape.get()
-        if scrape is None:
-            shown = self.evaluations.shown(None)
-        else:   # the five history series of one scrape show the same evaluations
-            shown = scrape.shown.get("evaluations")
-            if shown is None:
-                shown = scrape.shown["evaluations"] = self.evaluations.shown(scrape.scraper)
+        # The five history series of one scrape show the same evaluations.
+        shown = self._read_once_per_scrape(
+            "evaluations", lambda scrape: self.evaluations.shown(None if scrape is None else scrape.scraper))
         return [(record.slot, getattr(record, field)) for record in shown if getattr(record, field) is not None]
 
     def _scrape_delivered(self, scrape) -> None:
