@@ -20,6 +20,7 @@ from trainmetrics.contract import MAX_NAME_LENGTH, validate_job_id
 from trainmetrics.edge import ApiError
 
 MAX_RANGE_SECONDS = 90 * 86400
+MIN_RANGE_SECONDS = 0.001
 DEFAULT_SUMMARY_RANGE = "24h"
 DEFAULT_TREND_POINTS = 240
 MAX_COMPARE_JOBS = 10
@@ -65,26 +66,27 @@ def _job_id(request: Request) -> str:
 
 
 def parse_duration(parameter: str, text: str) -> float:
-    """'90s', '15m', '24h', '7d', '1h30m' or plain seconds -> seconds in (0, 90 d]; BadParameter otherwise."""
+    """'90s', '15m', '24h', '7d', '1h30m' or plain seconds -> seconds in [1 ms, 90 d]; BadParameter otherwise.
+    PromQL's ranges are whole milliseconds: a shorter one was looked up as 1 ms and answered as what was asked."""
     text = text.strip()
     seconds = None
     # float() would read other scripts' digits, and 1_000: the syntax is ASCII digits, a point and the units only
     if not text.isascii() or "_" in text:
-        raise BadParameter(parameter, f"expected a duration like 30m, 24h or 7d (at most 90d), got {text[:80]!r}")
+        raise BadParameter(parameter, f"expected a duration like 30m, 24h or 7d (1ms to 90d), got {text[:80]!r}")
     try:
         seconds = float(text)
     except ValueError:
         parts = _DURATION.findall(text)
         if parts and "".join(number + unit for number, unit in parts) == text:
             seconds = sum(float(number) * _UNITS[unit] for number, unit in parts)
-    if seconds is None or not math.isfinite(seconds) or not 0 < seconds <= MAX_RANGE_SECONDS:
-        raise BadParameter(parameter, f"expected a duration like 30m, 24h or 7d (at most 90d), got {text[:80]!r}")
+    if seconds is None or not math.isfinite(seconds) or not MIN_RANGE_SECONDS <= seconds <= MAX_RANGE_SECONDS:
+        raise BadParameter(parameter, f"expected a duration like 30m, 24h or 7d (1ms to 90d), got {text[:80]!r}")
     return seconds
 
 
 def parse_time(parameter: str, text: str) -> float:
     """Unix seconds or an ISO 8601 time with a zone -> unix seconds; BadParameter otherwise."""
-    if not text.isascii():
+    if not text.isascii() or "_" in text:       # float() reads 1_700_000_000 (as parse_duration says)
         raise BadParameter(parameter, f"expected unix seconds or an ISO 8601 time, got {text[:80]!r}")
     try:
         value = float(text)

@@ -119,6 +119,9 @@ BAD_PARAMETERS = {
     "owner empty": ("/api/training/analytics/summary", {"range": "1h", "owner": ""}, "owner"),
     "owner empty in the job list": ("/api/training/analytics/jobs", {"owner": ""}, "owner"),
     "range with underscores": ("/api/training/analytics/summary", {"range": "1_000"}, "range"),
+    # These two answered 200: the list looked back 1 ms and said 1e-09 s; 1_700_000_000 was read as a time.
+    "a job list's range under a millisecond": ("/api/training/analytics/jobs", {"range": "1e-9"}, "range"),
+    "since with underscores": ("/api/training/analytics/jobs", {"since": "1_700_000_000"}, "since"),
     "a job id with a newline": ("/api/training/analytics/compare", {"job_ids": "a\n,b"}, "job_ids"),
     "a job id with a tab": ("/api/training/analytics/compare", {"job_ids": "a,\tb"}, "job_ids"),
     "a job id with a no-break space": ("/api/training/analytics/compare", {"job_ids": "a\u00a0,b"}, "job_ids"),
