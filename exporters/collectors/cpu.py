@@ -31,7 +31,7 @@ class CpuCollector(Collector):
         self.utilization = SampleWindow(peak_window)
         self._per_cpu: list[tuple[str, list[int]]] = []
         self._highest: dict[str, list[int]] = {}      # per cpu, each mode's highest count published
-        self._previous_total: tuple[int, int] | None = None
+        self._previous_total: tuple[int, int, float] | None = None     # (total ticks, idle ticks, monotonic time)
         self._previous_cpus: list[str] = []
 
     @classmethod
@@ -61,14 +61,14 @@ class CpuCollector(Collector):
         # offline one's idle from another count than an online one's, so its idle jumps by that CPU's idle time
         # and the step between the two samples is no busy share (a half-busy host read 1.0). Start again from here.
         if self._previous_total is not None and cpus == self._previous_cpus:
-            previous_total, previous_idle = self._previous_total
+            previous_total, previous_idle, previous_now = self._previous_total
             elapsed = total - previous_total
             if elapsed > 0:
                 busy = 1.0 - (idle - previous_idle) / elapsed
                 # Weighed by the ticks it covers: a sample taken late (the sampler starved on a busy host)
-                # covers the whole busy stretch, not one sample interval of it.
-                self.utilization.add(now, min(1.0, max(0.0, busy)), weight=elapsed)
-        self._previous_total = (total, idle)
+                # covers the whole busy stretch, not one sample interval of it (the mean takes its part in the window).
+                self.utilization.add(now, min(1.0, max(0.0, busy)), weight=elapsed, since=previous_now)
+        self._previous_total = (total, idle, now)
         self._previous_cpus = cpus
 
     def _never_back(self, cpu: str, ticks: list[int]) -> list[int]:

@@ -3,6 +3,9 @@ host's are read through --path.rootfs, and partitions are never counted beside t
 
 import os
 
+import pytest
+
+from trainmetrics.exporters.collectors.cpu import CpuCollector
 from trainmetrics.exporters.collectors.disk import DiskCollector
 from trainmetrics.exporters.collectors.filesystem import FilesystemCollector
 from trainmetrics.exporters.collectors.network import NetworkCollector
@@ -137,17 +140,10 @@ def test_processes_another_user_owns_under_hidepid_are_left_out_not_a_failed_sam
     assert (counts["sleeping"], counts["running"]) == (1, 1)
 
 
-def test_the_mean_cpu_utilisation_weighs_each_sample_by_the_time_it_covers(tmp_path):
-    """A sampler held up while the host is busy (its thread starved, the exporter's cgroup throttled) takes its
-    next sample late, and that one sample covers the whole busy stretch. Counted as one sample among the on-time
-    ones, a host fully busy for 0.7 s of a 1 s window read 0.25 (the analytics' host CPU average with it); its
-    busy share over that second is 0.7."""
-    from trainmetrics.exporters.collectors.cpu import CpuCollector
-    from trainmetrics.exporters.exporter import Exporter
-    from tests.exporters.exporter_fixtures import parse_exposition
-
-    collector = CpuCollector(tmp_path, peak_window=1.0, clock_ticks=100)
-    exporter = Exporter([collector])
+def cpu_sampler(tmp_path):
+    """sample(now, busy, idle): a CPU collector with a 1 s window samples a /proc/stat whose 2 CPUs spent `busy`
+    and `idle` more ticks since the sample before; returns the exposition's series."""
+    exporter = Exporter([CpuCollector(tmp_path, peak_window=1.0, clock_ticks=100)])
     ticks = {"busy": 0, "idle": 0}
 
     def sample(now: float, busy: int, idle: int) -> dict:     # ticks of 2 CPUs since the sample before
@@ -158,6 +154,15 @@ def test_the_mean_cpu_utilisation_weighs_each_sample_by_the_time_it_covers(tmp_p
         exporter.sample(now)
         return parse_exposition(exporter.render())
 
+    return sample
+
+
+def test_the_mean_cpu_utilisation_weighs_each_sample_by_the_time_it_covers(tmp_path):
+    """A sampler held up while the host is busy (its thread starved, the exporter's cgroup throttled) takes its
+    next sample late, and that one sample covers the whole busy stretch. Counted as one sample among the on-time
+    ones, a host fully busy for 0.7 s of a 1 s window read 0.25 (the analytics' host CPU average with it); its
+    busy share over that second is 0.7."""
+    sample = cpu_sampler(tmp_path)
     sample(0.0, 0, 0)
     sample(0.1, 0, 20)
     sample(0.2, 0, 20)
@@ -165,6 +170,22 @@ def test_the_mean_cpu_utilisation_weighs_each_sample_by_the_time_it_covers(tmp_p
     series = sample(1.0, 0, 20)
     assert series["system_cpu_utilization_peak_ratio"][()] == 1.0
     assert series["system_cpu_utilization_ratio"][()] == 0.7    # 140 of the window's 200 ticks
+
+
+def test_a_late_cpu_sample_weighs_in_the_mean_only_with_its_part_inside_the_window(tmp_path):
+    """A sample taken 1.5 s late covers a stretch that began before the window; it kept its whole weight while it
+    was in the window, so a host busy until 0.1 s into a 1 s window and idle after read 0.625, six times its busy
+    share over that second (0.1)."""
+    sample = cpu_sampler(tmp_path)
+    sample(0.0, 0, 0)
+    sample(0.1, 0, 20)
+    series = sample(1.6, 300, 0)        # 1.5 s late, every CPU busy all along
+    assert series["system_cpu_utilization_ratio"][()] == 1.0
+    for tenth in range(17, 26):
+        series = sample(tenth / 10, 0, 20)
+    # The window (1.5 s, 2.5 s]: 0.1 s of the late sample's busy stretch, then 0.9 s idle.
+    assert series["system_cpu_utilization_ratio"][()] == pytest.approx(0.1)
+    assert series["system_cpu_utilization_peak_ratio"][()] == 1.0
 
 
 def test_every_mount_is_its_own_series_though_devices_share_a_name(tmp_path):
