@@ -84,9 +84,10 @@ def stack(tmp_path_factory):
         alertmanager.stop()
 
 
-def alert_labels(prometheus: PrometheusServer, name: str, job_id: str) -> list[dict]:
-    """Labels of the alert's pending or firing instances for the job, now."""
-    return [s["metric"] for s in prometheus.query(f'ALERTS{{alertname="{name}",job_id="{job_id}"}}')]
+def active_alerts(prometheus: PrometheusServer, name: str, job_id: str) -> list[dict]:
+    """The alert's pending or firing instances for the job now, with their annotations (ALERTS has none)."""
+    return [alert for alert in prometheus.api("alerts")["alerts"]
+            if alert["labels"]["alertname"] == name and alert["labels"].get("job_id") == job_id]
 
 
 def wait_until(condition, timeout: float, what: str):
@@ -139,9 +140,9 @@ def test_a_stalled_rank_is_named_to_alertmanager_within_90_s_and_its_stacks_show
 @pytest.mark.parametrize("job_id,rank,cause", [("diag-data", "1", "data"), ("diag-compute", "0", "compute")])
 def test_a_straggling_rank_is_flagged_with_its_cause(stack, job_id, rank, cause):
     client, prometheus, _, _, _ = stack
-    flagged = wait_until(lambda: alert_labels(prometheus, "TrainerStraggler", job_id), timeout=90,
+    flagged = wait_until(lambda: active_alerts(prometheus, "TrainerStraggler", job_id), timeout=90,
                          what=f"TrainerStraggler for {job_id}")
-    assert [(labels["rank"], labels["cause"]) for labels in flagged] == [(rank, cause)]
+    assert [(alert["labels"]["rank"], alert["annotations"]["cause"]) for alert in flagged] == [(rank, cause)]
     assert client.post(f"/api/training/jobs/{job_id}/cancel").status_code in (200, 202)
 
 
