@@ -370,6 +370,9 @@ class JobMetrics:
         self._pending_step_durations: list[float] = []
         self._pending_data_waits: list[float] = []
         self._last_step_end: float | None = None
+        # The loader a batch came from (timed()) since the last step(), else None: a new pass over the same one
+        # begins inside a step (gradient accumulation across the end of a pass), whose time so far stays the step's.
+        self._fed_by: Iterable | None = None
         self._new_interval(time.perf_counter())
         self._hurried_at: float | None = None      # when a stop signal came during the final linger
         # When a checkpoint written after the end (a pause's last save, an asynchronous writer's) was counted:
@@ -696,6 +699,9 @@ class JobMetrics:
             raise ValueError(f"the job already ended {self.state}: start() cannot run it again")
         if self.start_time is not None:      # started already (start(), then `with`): the loop's clock runs on
             return self
+        # Steps counted before start() end their own interval: the new one began at start() with their losses
+        # still held, and its mean took them in (trainer_loss 4 for an interval of losses of 1).
+        self._log_interval()
         self.wait_for_first_scrape(give_up)
         if self.start_time is None:
             self.start_time = time.time()
@@ -913,7 +919,8 @@ class JobMetrics:
         back = phases.mark[0]
         ours = back in LOOP_PHASES
         if ours:
-            self._last_step_end = began
+            if self._fed_by is not batches:     # the time between passes (an evaluation's) is no step's
+                self._last_step_end = began
             phases.mark = (DATA, began, waits.sum, phases.mark[3])
         iterator = None
         while True:
@@ -933,6 +940,7 @@ class JobMetrics:
                 counts[bisect_left(bounds, waited)] += 1
                 waits.sum += waited
                 phases.mark = (back, arrived, waits.sum, phases.mark[3])
+                self._fed_by = batches
                 if pushed:
                     self._buffer(self._pending_data_waits, waited)
             yield batch
@@ -972,6 +980,7 @@ class JobMetrics:
             now = time.perf_counter()
             last = self._last_step_end
             self._last_step_end = now
+            self._fed_by = None
             phases = self.phases
             # Leaving the optimizer or a collective the loop marked; before start() the time is init's, and so
             # is the phase.

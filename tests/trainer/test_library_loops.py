@@ -5,7 +5,9 @@ import threading
 import time
 
 import pytest
+import torch
 from prometheus_client.parser import text_string_to_metric_families
+from torch import nn
 
 from trainmetrics.trainer.histograms import DurationHistogram
 from trainmetrics.trainer.metrics import JobMetrics
@@ -241,3 +243,55 @@ def test_a_loop_on_a_thread_other_than_starts_checkpoints_as_the_loop_from_its_f
     assert totals["checkpoint"] >= 0.3 and metrics.phases.checkpointed is not None, totals
     assert (metrics.steps, metrics.checkpoints) == (4, 1)
     assert metrics.step_times.sum < metrics.checkpoint_durations.sum      # the write is no step's time
+
+
+def test_a_step_whose_micro_batches_straddle_the_end_of_a_pass_keeps_its_whole_time():
+    """Gradient accumulation over a loader started again mid-step (a loop counted in steps, not epochs): the new
+    pass's first wait restarted the step's clock, so the step that straddled the end of the pass was timed from
+    there, the compute of its micro-batches before it lost (0.1 s of a 0.2 s step)."""
+    x, y = torch.randn(6, 4), torch.randn(6, 1)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=2)     # 3 batches a pass
+    model = nn.Linear(4, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    metrics = JobMetrics("loops-accumulation")
+    metrics.start()
+    try:
+        began = time.perf_counter()
+        batches_left = iter(metrics.timed(loader))
+        for _ in range(3):              # two micro-batches a step: the second step's straddle the end of the pass
+            for _ in range(2):
+                try:
+                    inputs, targets = next(batches_left)
+                except StopIteration:
+                    batches_left = iter(metrics.timed(loader))
+                    inputs, targets = next(batches_left)
+                nn.functional.mse_loss(model(inputs), targets).backward()
+                time.sleep(0.1)
+            optimizer.step()
+            optimizer.zero_grad()
+            metrics.step(samples=len(inputs) * 2)
+        trained = time.perf_counter() - began
+    finally:
+        metrics.close()
+    assert sum(metrics.step_times.counts) == 3
+    # The steps follow one another: their times add up to the loop's (a lost micro-batch is at least 0.1 s).
+    assert metrics.step_times.sum == pytest.approx(trained, abs=0.05)
+
+
+def test_steps_counted_before_start_are_not_mixed_into_the_first_intervals_loss():
+    """Losses of steps counted before start() stayed held when start() began a new log interval, and that
+    interval's mean took them in: trainer_loss 4.0 for an interval whose every loss was 1.0."""
+    model = nn.Linear(4, 1)
+    inputs = torch.randn(8, 4)
+    metrics = JobMetrics("loops-before-start", log_every=2)
+    try:
+        for _ in range(3):          # warm-up steps before start(): counted, their loss 10
+            metrics.step(loss=model(inputs).sum() * 0 + 10.0, samples=8)
+        metrics.start()
+        for _ in range(2):
+            metrics.step(loss=model(inputs).sum() * 0 + 1.0, samples=8)
+        assert metrics.loss == 1.0
+        assert metrics.steps == 5 and metrics.loss_intervals == 3
+        assert metrics.loss_sum == pytest.approx(21.0)
+    finally:
+        metrics.close()
