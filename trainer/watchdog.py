@@ -95,6 +95,21 @@ def _close_left_open() -> None:
         _left_open.pop().close()
 
 
+def _stderr():
+    """Where stacks with no file of their own go: (stream, name, owned). faulthandler writes to a descriptor: a
+    sys.stderr without one (contextlib.redirect_stderr to a StringIO, pytest's capsys, a notebook's stream) gives
+    the process's own stderr, and a process without any (started with it closed: sys.stderr None) has its stacks
+    dropped (os.devnull). Either failed the job's start (io.UnsupportedOperation, RuntimeError)."""
+    for stream in (sys.stderr, sys.__stderr__):
+        try:
+            if stream is not None and stream.fileno() >= 0:
+                return stream, "stderr", False
+        except (OSError, ValueError):       # (io.UnsupportedOperation is both)
+            continue
+    log.warning("thread stacks are dropped: this process has no stderr")
+    return open(os.devnull, "a", encoding="utf-8"), os.devnull, True
+
+
 def open_stacks_file(directory: Path | None, rank: int):
     """The file a rank's stacks go to: its file in `directory`, or stderr. Returns (file, name, owned).
 
@@ -103,7 +118,7 @@ def open_stacks_file(directory: Path | None, rank: int):
     appended to whatever it names, nor another user's file have them (a shared /tmp). Stacks that cannot go to
     their file go to stderr (the job's log) instead: a dump must never stop the job."""
     if directory is None:
-        return sys.stderr, "stderr", False
+        return _stderr()
     path = stacks_path(directory, rank)
     try:
         Path(directory).mkdir(parents=True, exist_ok=True)
@@ -121,7 +136,7 @@ def open_stacks_file(directory: Path | None, rank: int):
                 raise OSError(errno.EPERM, "another user's file", str(path)) from None
     except OSError as error:
         log.warning("thread stacks go to stderr: cannot write %s (%s)", path, error)
-        return sys.stderr, "stderr", False
+        return _stderr()
     return os.fdopen(fd, "a", encoding="utf-8"), str(path), True
 
 
@@ -214,10 +229,13 @@ class StackWatch:
 
     def dump(self, reason: str) -> None:
         """Write every thread's stack now, under a header saying why and when."""
-        self._file.write(f"\n=== {time.strftime('%Y-%m-%dT%H:%M:%S%z')} {reason}\n")
+        header = f"\n=== {time.strftime('%Y-%m-%dT%H:%M:%S%z')} {reason}\n"
+        # Straight to the descriptor, as faulthandler writes the stacks: through the file's buffer, a header whose
+        # write failed (a full disk) stayed there, to make close() raise, or to be written at the file's end once
+        # there was room, after later dumps, heading none. (Flushed first: stderr's own buffer, the log's lines.)
         self._file.flush()
+        os.write(self._file.fileno(), header.encode("utf-8", "replace"))
         faulthandler.dump_traceback(file=self._file, all_threads=True)
-        self._file.flush()
         self.dumps += 1
         log.warning("job %s: %s; thread stacks written to %s", self.metrics.job_id, reason, self.path)
 

@@ -2,6 +2,8 @@
 the stacks signal, and the faults used to drill them. Real loops, real training, real signals."""
 
 import bisect
+import contextlib
+import io
 import json
 import math
 import os
@@ -601,6 +603,75 @@ metrics.close()
     done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
     assert "most recent call first" in (tmp_path / "stacks.rank0.txt").read_text()
+
+
+@pytest.mark.parametrize("room_again", [False, True], ids=["disk-still-full", "disk-freed"])
+def test_a_hang_dump_on_a_full_disk_neither_makes_close_raise_nor_leaves_its_header_for_later(tmp_path, room_again):
+    """The watchdog's `=== TIME reason` header went through the file's buffer: on a full disk its flush failed and
+    the header stayed buffered. The disk still full at the end, close() raised OSError (JobMetrics.close "never
+    raises"; the job's endpoint and files were left, and `trainmetrics train` exited 1 after a completed job); freed
+    by then, the stale header was written at the file's end, after later dumps, heading none. RLIMIT_FSIZE 0 is a
+    file that may grow no further, as on a full disk (EFBIG where a disk says ENOSPC)."""
+    script = """
+import os, resource, signal, sys, time
+from pathlib import Path
+from trainmetrics.trainer.metrics import Diagnostics, JobMetrics
+
+metrics = JobMetrics("full-disk", diagnostics=Diagnostics(stacks_dir=Path(sys.argv[1]), hang_seconds=0.4))
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)      # (its default action: a core dump)
+resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.RLIM_INFINITY))     # the disk is full
+metrics.start()
+for _ in metrics.timed([None]):
+    time.sleep(1.5)                                 # a hang: its dump cannot be written
+    metrics.step(loss=1.0, samples=1)
+metrics.finish("completed")
+if sys.argv[2] == "freed":
+    resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    os.kill(os.getpid(), signal.SIGUSR2)            # a stacks request, answered now there is room
+    time.sleep(0.2)
+metrics.close()
+print("closed")
+"""
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path), "freed" if room_again else "full"],
+                          capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout) == (0, "closed\n"), (done.returncode, done.stderr[-2000:])
+    assert "the hang watchdog failed" in done.stderr        # said, as any failure of the watchdog
+    written = (tmp_path / "stacks.rank0.txt").read_text()
+    if room_again:
+        assert "no step completed" not in written and written.rstrip().endswith("in <module>"), written[-500:]
+    else:
+        assert written == ""
+
+
+def test_a_job_whose_stderr_has_no_descriptor_starts_and_its_stacks_go_to_the_processs_own(capfd):
+    """Without a stacks file the stacks go to stderr, which faulthandler writes to by its descriptor: a job started
+    where sys.stderr has none (contextlib.redirect_stderr to a StringIO, pytest's capsys, a notebook's stream) failed
+    to start, io.UnsupportedOperation: fileno."""
+    with contextlib.redirect_stderr(io.StringIO()):
+        metrics = JobMetrics("redirected-stderr")
+        try:
+            os.kill(os.getpid(), signal.SIGUSR2)
+            time.sleep(0.2)
+        finally:
+            metrics.close()
+    assert "test_a_job_whose_stderr_has_no_descriptor" in capfd.readouterr().err
+
+
+def test_a_job_in_a_process_without_stderr_starts_and_lives_through_a_stacks_request(tmp_path):
+    """A process started with its stderr closed (sys.stderr None) could not start a job: RuntimeError."""
+    script = """
+import os, signal, time
+from trainmetrics.trainer.metrics import JobMetrics
+
+metrics = JobMetrics("no-stderr")
+os.kill(os.getpid(), signal.SIGUSR2)
+time.sleep(0.2)
+metrics.close()
+print("lived on")
+"""
+    done = subprocess.run(["sh", "-c", 'exec "$0" -c "$1" 2>&-', sys.executable, script], stdout=subprocess.PIPE,
+                          text=True, timeout=120)
+    assert (done.returncode, done.stdout) == (0, "lived on\n"), done.returncode
 
 
 def test_a_slow_write_of_the_final_model_is_a_checkpoints_time_not_a_hang(tmp_path, monkeypatch):
