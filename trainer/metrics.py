@@ -1016,13 +1016,15 @@ class JobMetrics:
                         raise TypeError("a bool is not a loss")
                     pending = losses.floats
                     pending.append(value)
-                elif hasattr(loss, "detach"):            # on an accelerator: kept, read once per interval
+                elif hasattr(loss, "detach"):            # on an accelerator: copied, read once per interval
                     if _is_bool(loss):
                         raise TypeError("a bool is not a loss")
                     if loss.numel() != 1:                # metadata, no sync: refused as on the CPU (.item())
                         raise TypeError(f"a loss of {loss.numel()} values (reduce it to one)")
                     pending = losses.tensors
-                    pending.append(loss.detach())
+                    # A copy on the device (one asynchronous kernel, no sync): the loop may overwrite its tensor
+                    # after the step (a CUDA graph's static output, replayed by torch.compile's reduce-overhead).
+                    pending.append(loss.detach().clone())
                 else:
                     if _is_bool(loss):                   # numpy's too: True would be a loss of 1
                         raise TypeError("a bool is not a loss")

@@ -809,3 +809,18 @@ def test_a_block_entered_off_the_main_thread_leaves_the_stop_signals_to_the_proc
     done = run_script(ENTERED_OFF_THE_MAIN_THREAD)
     assert done.stdout.split() == ["users", "running", "completed", "<lambda>"], (done.stdout, done.stderr[-2000:])
     assert "Exception in thread" not in done.stderr, done.stderr[-2000:]
+
+
+def test_a_loss_on_an_accelerator_overwritten_after_its_step_counts_as_it_was():
+    """A loss tensor on an accelerator was kept by reference until the interval's read: one the loop overwrote in
+    place after its step (a CUDA graph's static output, replayed each step by torch.compile's reduce-overhead; a
+    buffer reused) read as its last value in every step's place (a mean of 4.0 for losses 1, 2, 3 and 4)."""
+    output = torch.zeros(()).as_subclass(OnAccelerator)
+    metrics = started("overwritten-loss", log_every=4)
+    try:
+        for value in (1.0, 2.0, 3.0, 4.0):
+            output.fill_(value)             # the graph's replay writes this step's loss into the same tensor
+            metrics.step(loss=output, samples=1)
+        assert metrics.loss == 2.5
+    finally:
+        ended(metrics)
