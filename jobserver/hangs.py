@@ -25,6 +25,7 @@ class HangStacks:
     def __init__(self, feed, call, service):
         self.feed, self.call, self.service = feed, call, service
         self.taken: set[str] = set()        # jobs whose current hang has its stacks
+        self._failing: set[str] = set()     # jobs whose ask failed in their current hang (said once per hang)
         self._unreachable = False
 
     def _ask(self, job_id: str) -> tuple | None:
@@ -51,9 +52,20 @@ class HangStacks:
             return
         self._unreachable = False
         self.taken &= hung                  # a hang that ended: the next one is taken again
+        self._failing &= hung
         asked = []
         for job_id in sorted(hung - self.taken):
-            found = await self.call(self._ask, job_id)
+            try:
+                found = await self.call(self._ask, job_id)
+            except Exception as error:
+                # Asked again next round, the others asked meanwhile: raised out of the round, one job's failure
+                # (a Ray job's request file on a full disk) kept every job sorted after it from being asked, round
+                # after round.
+                if job_id not in self._failing:
+                    log.warning("job %s: TrainerHang fires: cannot ask its ranks for their stacks: %s", job_id, error)
+                self._failing.add(job_id)
+                continue
+            self._failing.discard(job_id)
             if found is not None:           # (None: not one of this server's running jobs)
                 self.taken.add(job_id)
                 asked.append((job_id, *found))

@@ -44,3 +44,32 @@ def test_every_hung_job_is_asked_before_any_answer_is_awaited(monkeypatch):
     assert taker.taken == {"job-a", "job-b", "job-c"}
     asyncio.run(taker.round())              # once per hang
     assert len(events) == 6
+
+
+def test_a_job_whose_ask_fails_does_not_keep_the_others_from_being_asked(monkeypatch, caplog):
+    """An error asking one hung job (a Ray job's stacks request file on a full disk) was raised out of the round:
+    every job sorted after it went unasked, round after round, and the round's failure was all the log said."""
+    events: list[str] = []
+
+    class FailingForB(Service):
+        def request_stacks(self, owner, job_id):
+            if job_id == "job-b":
+                raise OSError(28, "No space left on device")
+            return super().request_stacks(owner, job_id)
+
+    async def collect(path, before, asked_at):
+        return {"ranks": [], "missing_ranks": [0]}
+
+    async def hung_jobs():
+        return {"job-a", "job-b", "job-c"}
+
+    async def call(operation, *args):
+        return operation(*args)
+
+    monkeypatch.setattr(stacks, "collect", collect)
+    taker = hangs.HangStacks(SimpleNamespace(hung_jobs=hung_jobs), call, FailingForB(events))
+    asyncio.run(taker.round())
+    asyncio.run(taker.round())              # job-b asked again, said once
+    assert events == ["asked job-a", "asked job-c"]
+    assert taker.taken == {"job-a", "job-c"}
+    assert caplog.text.count("job job-b: TrainerHang fires: cannot ask its ranks for their stacks") == 1
