@@ -27,6 +27,9 @@ POLL_SECONDS = 0.05
 # hundreds of small writes from the signal handler, and a rank on a loaded machine can be descheduled (or its
 # write blocked) for longer than any pause between two of them.
 DUMP_END = re.compile(rb" in _run_module_as_main\n\Z")
+# The end of the first dump in what a file gained: a dump appended after it before the answer was read (the rank's
+# own hang watchdog, a request after this one's ANSWER_SECONDS while another rank never answered) is another's.
+FIRST_DUMP_END = re.compile(rb" in _run_module_as_main\n")
 # A dump that ends otherwise (a main thread deeper than faulthandler's 100 frames ends with "  ...") is taken as
 # it is once its file has not grown for this long, marked incomplete.
 QUIET_SECONDS = 2.0
@@ -66,12 +69,18 @@ def _open_stacks_file(job_path: Path, rank: int, flags: int) -> int:
         os.close(directory)
 
 
-def _read(job_path: Path, rank: int, start: int) -> str | None:
-    """The rank's stacks file from byte `start`, its last MAX_STACK_BYTES at most; None when it is not a regular
-    file (any more: it may have been swapped since it was measured), cannot be read, or the job's directory is a
-    symlink (a job's process can plant one: another owner's job's stacks were served through it)."""
+def _read(job_path: Path, rank: int, start: int, first_dump: bool = False) -> str | None:
+    """The rank's stacks file from byte `start`, its last MAX_STACK_BYTES at most (with `first_dump`, only the first
+    dump from there when it ends within them); None when it is not a regular file (any more: it may have been
+    swapped since it was measured), cannot be read, or the job's directory is a symlink (a job's process can plant
+    one: another owner's job's stacks were served through it)."""
     try:
         with os.fdopen(_open_stacks_file(job_path, rank, os.O_RDONLY), "rb") as file:
+            if first_dump:
+                file.seek(start)
+                ended = FIRST_DUMP_END.search(head := file.read(MAX_STACK_BYTES))
+                if ended is not None:
+                    return head[:ended.end()].decode("utf-8", "replace")
             end = file.seek(0, 2)
             file.seek(max(start, end - MAX_STACK_BYTES))
             # Not to the end: a job's process may append as fast as it likes, and the read chased the file's end.
@@ -125,7 +134,7 @@ async def collect(job_path: Path, before: dict[int, int], asked_at: float | None
         await asyncio.sleep(POLL_SECONDS)
     grown = {rank: start if last[rank] > start else None for rank, start in before.items()}
     # Off the event loop: 64 ranks' stacks at their bound are 16 MiB to read and decode (~70 ms).
-    ranks, missing = await asyncio.to_thread(_answers, job_path, grown)
+    ranks, missing = await asyncio.to_thread(_answers, job_path, grown, True)
     return {"fresh": True, "taken_at": asked_at, "ranks": ranks, "missing_ranks": missing}
 
 
@@ -148,12 +157,12 @@ def earlier(job_path: Path, nproc: int) -> dict:
     return {"fresh": False, "ranks": ranks, "missing_ranks": missing}
 
 
-def _answers(job_path: Path, starts: dict[int, int | None]) -> tuple[list[dict], list[int]]:
-    """Each rank's stacks from its start offset, and the missing ranks: those with nothing new (start None)
-    and those whose file cannot be read as a regular file."""
+def _answers(job_path: Path, starts: dict[int, int | None], first_dump: bool = False) -> tuple[list[dict], list[int]]:
+    """Each rank's stacks from its start offset (its first dump from there, with `first_dump`), and the missing
+    ranks: those with nothing new (start None) and those whose file cannot be read as a regular file."""
     ranks, missing = [], []
     for rank, start in starts.items():
-        stacks = None if start is None else _read(job_path, rank, start)
+        stacks = None if start is None else _read(job_path, rank, start, first_dump)
         if stacks is None:
             missing.append(rank)
         else:

@@ -166,3 +166,17 @@ def test_a_stacks_file_extended_while_its_end_is_checked_is_read_only_at_its_end
     monkeypatch.setattr(stacks.os, "fdopen", lambda fd, mode: ExtendedAfterSeek(real_fdopen(fd, "rb", buffering=0)))
     assert stacks._ends_a_dump(path)
     assert [len(data) for data in read] == [256]
+
+
+def test_an_answer_holds_only_the_dump_its_request_asked_for(tmp_path, monkeypatch):
+    """A rank that answered and then dumped again before the answer was read (its own hang watchdog's dump, or
+    a request after this one's 5 s while another rank never answered) had both dumps served as its one answer,
+    under the first one's `taken_at`."""
+    monkeypatch.setattr(stacks, "ANSWER_SECONDS", 1.0)
+    dump = real_dump(tmp_path)
+    before = stacks.sizes(tmp_path, 2)                  # rank 1 never answers: the answer waits its whole time
+    watchdogs = b"\n=== 2026-12-07T01:00:00+0000 no progress for 60 s\n" + dump
+    write_in_pieces(tmp_path / "stacks.rank0.txt", [dump, watchdogs], pause=0.3).join()
+    answer = asyncio.run(stacks.collect(tmp_path, before))
+    assert answer["missing_ranks"] == [1]
+    assert answer["ranks"] == [{"rank": 0, "stacks": dump.decode(), "complete": True}]
