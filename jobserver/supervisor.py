@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from trainmetrics.contract import (BUILTIN_DATASETS, EXIT_STATES, REGISTER_TOKEN_VARIABLE, RESULT_PUBLISHED,
-                                  RESULT_STARTED, STOP_VERBS, WAITING_STATES, train_args)
+                                  RESULT_STARTED, STOP_VERBS, WAITING_STATES, ExitCode, train_args)
 from trainmetrics.edge import storage_full
 from trainmetrics.jobfiles import (CONTROL_FILE_NAME, FINAL_MODEL_NAME, LOG_NAME, PLACEMENT_WAIT_NAME,
                                    RESULT_FILE_NAME, list_checkpoints, rank_result_path, read_result)
@@ -381,6 +381,12 @@ class Supervisor:
         # its entrypoint's exit code again and the log's tail (500 characters of it, after "killed by SIGKILL").
         if said and not told and state == "failed" and (code is None or code >= 0):
             error = f"{error}; {said}"
+        if told and state in ("paused", "cancelled") and job.requested is None and self._another_rank_failed(job):
+            # A stop the server never sent: torchrun stops the other ranks (SIGTERM) when one fails, and rank 0,
+            # stopped so before it noticed the failure (waiting for the ranks to join), said `cancelled`: the job
+            # read as cancelled by its user, the failure unsaid.
+            error = f"{state} by a stop the server did not send (its launcher's, after another rank failed)"
+            state, code, reason = "failed", int(ExitCode.FAILED), None
         if state in ("paused", "cancelled") and STOP_STRENGTH[job.requested] > STOP_STRENGTH[state]:
             state = job.requested    # a cancel accepted after the pause that stopped the process
         if state == "paused" and job.requested == SHUTDOWN_PAUSE:
@@ -417,6 +423,12 @@ class Supervisor:
             error = error.replace(data_dir, DATA_DIR_SHOWN)       # the longer first: one may hold the other
         return error
 
+    def _another_rank_failed(self, job: JobRecord) -> bool:
+        """True when a rank other than 0 of a multi-rank run says it failed."""
+        path = self.result_path(job.id)
+        return any((read_result(rank_result_path(path, rank)) or {}).get("state") == "failed"
+                   for rank in range(1, job.spec.get("nproc", 1)))
+
     def _ranks_said(self, job: JobRecord, result: dict | None, error: str | None) -> str:
         """A failed multi-rank run's error, naming its ranks: those that ended without a result while others
         wrote theirs (killed, lost: the likely cause; the others then fail in a collective, "connection reset by
@@ -432,6 +444,8 @@ class Supervisor:
                  f"(killed or lost: see {LOG_NAME})"] if silent else []
         failed = [(rank, said) for rank, said in results.items() if said and said.get("state") == "failed"]
         first = _first_to_fail(failed)
+        if first is None and result is not None and result.get("state") != "failed" and failed:
+            first = failed[0]       # rank 0 stopped, not failed (_ended): the other ranks' failure is the cause
         if result is None:
             parts += [f"rank {rank}: {_error_of(said)}" for rank, said in ([first] if first else failed[:1])]
         elif first is not None and first[0] != 0 and _error_of(first[1]) != _error_of(result):

@@ -6,13 +6,17 @@ agreed on over a separate gloo group, so the check never synchronises the GPU.
 """
 
 import os
+import threading
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 
 from trainmetrics.command import parse_listen
 
+# How often a rank waiting for the others to join checks for a stop signal.
+JOIN_POLL_SECONDS = 0.1
 # Ranks agree on a stop request every this many steps: a collective per step would cost ~0.1 ms each.
 STOP_CHECK_EVERY = 10
 _OUTCOME_CODES = {None: 0, "paused": 1, "cancelled": 2}     # MAX across ranks: cancel beats pause
@@ -75,14 +79,39 @@ def rank_device(ctx: Distributed, device: torch.device) -> torch.device:
     return device
 
 
-def initialize(ctx: Distributed, device: torch.device) -> None:
-    """Join the process group (NCCL on CUDA, gloo on the CPU) and open the gloo control group."""
+def initialize(ctx: Distributed, device: torch.device, stopped: Callable[[], bool] = lambda: False) -> bool:
+    """Join the process group (NCCL on CUDA, gloo on the CPU) and open the gloo control group; False when
+    `stopped()` came true first (a stop signal while the other ranks had not joined).
+
+    The join waits in C++ for every rank (up to the process group's 30 minutes), and Python runs no signal handler
+    until it returns: a rank waiting there ignored SIGTERM and Ctrl-C (a peer's node not up yet; torchrun ending
+    the job after another rank failed to start), and ended killed, with no result, its target file left behind.
+    So it waits on a thread of its own, the main thread handling signals; a rank stopped then leaves that thread
+    waiting (a daemon: the process exits past it)."""
     if not ctx.enabled:
-        return
+        return True
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    ctx.control_group = dist.new_group(backend="gloo")
+    failure: list[BaseException] = []
+
+    def join() -> None:
+        try:
+            if device.type == "cuda":       # (the current device is the thread's own)
+                torch.cuda.set_device(device)
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+            ctx.control_group = dist.new_group(backend="gloo")
+        except BaseException as error:
+            failure.append(error)
+
+    joining = threading.Thread(target=join, name="trainmetrics-join", daemon=True)
+    joining.start()
+    while joining.is_alive():
+        if stopped():
+            return False
+        joining.join(JOIN_POLL_SECONDS)
+    if failure:
+        raise failure[0]
+    return True
 
 
 def agree_on_stop(ctx: Distributed, local_outcome: str | None,

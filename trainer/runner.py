@@ -598,16 +598,18 @@ def run_job(config: TrainConfig, stop: StopFlag | None = None) -> int:
         drill = faults.from_environment(ranks.rank, config.job_id)
         if drill is not None:
             drill.before_joining()
-        distributed.initialize(ranks, device)
-        trainer = Trainer(config, dataset, model, device, metrics, stop, ranks)
-        if config.resume:
-            with metrics.phase("restore"):
-                resume_state = load_latest(config.checkpoint_dir, map_location=device, foreign=trainer.foreign)
-                if resume_state is not None:
-                    trainer.restore(resume_state)
-        trainer.start()
-        # A stop before the first step ends a one-process job at once; ranks agree on theirs in the loop.
-        final_state = stop.outcome if stop.outcome and not ranks.enabled else trainer.run()
+        joined = distributed.initialize(ranks, device, stopped=lambda: bool(stop))
+        if joined:
+            trainer = Trainer(config, dataset, model, device, metrics, stop, ranks)
+            if config.resume:
+                with metrics.phase("restore"):
+                    resume_state = load_latest(config.checkpoint_dir, map_location=device, foreign=trainer.foreign)
+                    if resume_state is not None:
+                        trainer.restore(resume_state)
+            trainer.start()
+        # A stop before the first step ends a one-process job at once, and a rank stopped while the others had not
+        # joined; ranks that joined agree on theirs in the loop.
+        final_state = stop.outcome if stop.outcome and not (joined and ranks.enabled) else trainer.run()
         if final_state == "paused":
             metrics.pause()
         else:

@@ -886,6 +886,33 @@ def test_a_failed_multi_rank_job_names_the_rank_that_failed_first(tmp_path):
     store.close()
 
 
+def test_a_multi_rank_job_whose_rank_0_was_stopped_by_its_launcher_after_another_rank_failed_failed(tmp_path):
+    """Rank 1 fails to start; torchrun stops rank 0 (SIGTERM), which was still waiting for the ranks to join, and
+    rank 0 says `cancelled`. The job read as cancelled by its user, though nobody asked, and rank 1's failure went
+    unsaid. A stop the server did send stands."""
+    from trainmetrics.jobfiles import rank_result_path, write_result
+
+    store = JobStore(tmp_path / "db.sqlite")
+    supervisor = Supervisor(store, tmp_path, None, max_concurrent=2, executor=Ending())
+    stopped = {"state": "cancelled", "exit_code": 3}
+    failed = {"state": "failed", "exit_code": 1, "error_type": "ValueError", "error": "ValueError: bad start"}
+    for job_id, requested in (("unasked", None), ("asked", "cancelled")):
+        store.add_job(JobRecord(id=job_id, owner="default", name=job_id, state="queued",
+                                spec={"model": "mlp", "dataset": "blobs", "nproc": 2}))
+        supervisor.start(store.get_job(job_id))
+        store.update_job(job_id, requested=requested)
+        path = supervisor.result_path(job_id)
+        write_result(path, stopped)
+        write_result(rank_result_path(path, 1), failed)
+    supervisor.tick()
+    unasked, asked = store.get_job("unasked"), store.get_job("asked")
+    assert (unasked.state, unasked.exit_code) == ("failed", 1)
+    assert unasked.error == ("rank 1 failed first: ValueError: bad start; rank 0: cancelled by a stop the server "
+                             "did not send (its launcher's, after another rank failed)")
+    assert (asked.state, asked.error) == ("cancelled", None)
+    store.close()
+
+
 def test_the_server_publishes_the_end_only_of_jobs_no_process_ended(tmp_path):
     """A job the server ended without a process (cancelled while queued) is published with its end; one whose
     process ended it is not (a second, later end would move the job's end): a row from before the handle

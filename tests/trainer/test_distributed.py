@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -216,3 +218,32 @@ def test_the_ranks_wait_at_the_stop_check_as_collective(monkeypatch):
         assert (trainer.stop.outcome, trainer.stop.reason) == ("paused", "loss spike on rank 1")
     finally:
         metrics.close()
+
+
+@pytest.mark.parametrize("signum,state,code", [(signal.SIGTERM, "cancelled", 3), (signal.SIGUSR1, "paused", 4)])
+def test_a_rank_stopped_while_the_others_have_not_joined_ends_as_asked(tmp_path, signum, state, code):
+    """A rank waiting in the process group's start for a peer not up yet (its node still starting, a rank that
+    failed to start) waited there in C++, where Python runs no signal handler: SIGTERM, Ctrl-C and a pause were
+    ignored for the process group's 30 minutes, then torchrun (or its user) killed it, with no result and its
+    Prometheus target file left behind."""
+    targets, result_file = tmp_path / "targets", tmp_path / "result.json"
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "trainmetrics", "train", "--job-id", "alone-1", "--dataset", "blobs", "--epochs", "1",
+         "--checkpoint-dir", str(tmp_path / "ckpt"), "--targets-dir", str(targets), "--result-file", str(result_file),
+         "--linger-timeout", "0"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in process.stderr:         # its files are written: next, it joins the process group
+            if "job alone-1: model=" in line:
+                break
+        time.sleep(1.0)
+        process.send_signal(signum)
+        assert process.wait(timeout=60) == code
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stderr.close()
+    assert read_result(result_file)["state"] == state
+    assert list(targets.iterdir()) == []
