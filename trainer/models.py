@@ -93,19 +93,19 @@ class CharTransformer(nn.Module):
 def build_model(name: str, dataset: Dataset) -> nn.Module:
     """The named model shaped for the dataset; ModelError when they do not fit together."""
     if name not in MODELS:
-        raise ModelError(f"unknown model {name!r}: choose one of {', '.join(MODELS)}")
+        raise ModelError(f"--model {name}: unknown; choose one of {', '.join(MODELS)}")
     if name == "transformer":
         if dataset.task != "language":
-            raise ModelError(f"model 'transformer' needs a text dataset (corpus or .txt), not {dataset.name!r}")
+            raise ModelError(f"--model transformer: needs a text dataset (corpus or .txt), not {dataset.name!r}")
         return CharTransformer(dataset.num_outputs, dataset.input_shape[0])
     if dataset.task == "language":
-        raise ModelError(f"dataset {dataset.name!r} is text: use --model transformer")
+        raise ModelError(f"--model {name}: dataset {dataset.name!r} is text: use --model transformer")
     if name == "cnn":
         if not dataset.is_image:
-            raise ModelError(f"model 'cnn' needs images shaped (channels, height, width); "
+            raise ModelError(f"--model cnn: needs images shaped (channels, height, width); "
                              f"{dataset.name!r} samples have shape {dataset.input_shape}")
         if min(dataset.input_shape[1:]) < 2:     # its 2x2 pooling leaves nothing (it failed after the job started)
-            raise ModelError(f"model 'cnn' needs images at least 2 pixels high and wide; {dataset.name!r} samples "
+            raise ModelError(f"--model cnn: needs images at least 2 pixels high and wide; {dataset.name!r} samples "
                              f"have shape {dataset.input_shape}")
         return SmallCNN(dataset.input_shape, dataset.num_outputs)
     in_features = 1

@@ -82,7 +82,12 @@ BAD_INPUTS = {
     "images too small for the cnn": (
         lambda t: (np.savez(t / "tiny.npz", x=np.ones((8, 1, 1, 6), dtype="f4"), y=np.arange(8) % 2),
                    ["--model", "cnn", "--dataset", str(t / "tiny.npz")])[1],
-        "needs images at least 2 pixels high and wide"),
+        ("--model cnn: ", "needs images at least 2 pixels high and wide")),
+    # Named the model, not its flag ("model 'cnn' needs images ..."), against the one-line rule for bad input.
+    "a cnn on samples that are no images": (lambda t: ["--model", "cnn", "--dataset", "blobs"],
+                                            ("--model cnn: ", "needs images shaped (channels, height, width)")),
+    "a text dataset for the mlp": (lambda t: ["--model", "mlp", "--dataset", "corpus"],
+                                   ("--model mlp: ", "is text: use --model transformer")),
     # A traceback before (OSError), no result file and no summary line: a file that cannot be read.
     "dataset that cannot be read": (lambda t: ((t / "mem.csv").symlink_to("/proc/self/mem"),
                                                ["--dataset", str(t / "mem.csv")])[1],
