@@ -65,22 +65,23 @@ def _job_id(request: Request) -> str:
         raise BadParameter("job_id", str(error)) from None
 
 
-def parse_duration(parameter: str, text: str) -> float:
-    """'90s', '15m', '24h', '7d', '1h30m' or plain seconds -> seconds in [1 ms, 90 d]; BadParameter otherwise.
-    PromQL's ranges are whole milliseconds: a shorter one was looked up as 1 ms and answered as what was asked."""
+def parse_duration(parameter: str, text: str, least: float = MIN_RANGE_SECONDS) -> float:
+    """'90s', '15m', '24h', '7d', '1h30m' or plain seconds -> seconds in [least, 90 d]; BadParameter otherwise.
+    PromQL's ranges are whole milliseconds: a shorter one than 1 ms was looked up as 1 ms and answered as asked."""
     text = text.strip()
     seconds = None
+    bounds = f"{least:g}s" if least >= 1 else f"{least * 1000:g}ms"
     # float() would read other scripts' digits, and 1_000: the syntax is ASCII digits, a point and the units only
     if not text.isascii() or "_" in text:
-        raise BadParameter(parameter, f"expected a duration like 30m, 24h or 7d (1ms to 90d), got {text[:80]!r}")
+        raise BadParameter(parameter, f"expected a duration like 30m, 24h or 7d ({bounds} to 90d), got {text[:80]!r}")
     try:
         seconds = float(text)
     except ValueError:
         parts = _DURATION.findall(text)
         if parts and "".join(number + unit for number, unit in parts) == text:
             seconds = sum(float(number) * _UNITS[unit] for number, unit in parts)
-    if seconds is None or not math.isfinite(seconds) or not MIN_RANGE_SECONDS <= seconds <= MAX_RANGE_SECONDS:
-        raise BadParameter(parameter, f"expected a duration like 30m, 24h or 7d (1ms to 90d), got {text[:80]!r}")
+    if seconds is None or not math.isfinite(seconds) or not least <= seconds <= MAX_RANGE_SECONDS:
+        raise BadParameter(parameter, f"expected a duration like 30m, 24h or 7d ({bounds} to 90d), got {text[:80]!r}")
     return seconds
 
 
@@ -168,10 +169,10 @@ async def summary(request: Request) -> Response:
     """GET /api/training/analytics/summary"""
     _only(request, {"range", "step", "owner", "format"})
     fmt = _format(request, tabular=True)
-    range_seconds = parse_duration("range", request.query_params.get("range", DEFAULT_SUMMARY_RANGE))
+    # At least the window a rate is read over (a shorter range said "1ms to 90d", then "at least 1s").
+    range_seconds = parse_duration("range", request.query_params.get("range", DEFAULT_SUMMARY_RANGE),
+                                   least=q.PEAK_RATE_WINDOW_SECONDS)
     minimum_step = q.range_step(range_seconds)
-    if range_seconds < minimum_step:
-        raise BadParameter("range", f"at least {minimum_step:g}s (the window a rate is read over)")
     if "step" in request.query_params:
         step = parse_duration("step", request.query_params["step"])
         if step < minimum_step:

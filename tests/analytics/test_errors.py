@@ -137,6 +137,14 @@ def test_bad_parameters_are_400_naming_the_parameter(capturing, case):
     assert transport.requests == []
 
 
+def test_a_summary_range_under_a_rates_window_says_the_least_range_at_once(capturing):
+    """range=0s said "1ms to 90d", and 1ms then "at least 1s": two tries to learn the bound."""
+    client, _ = capturing
+    for too_short in ("0s", "1ms", "0.5"):
+        assert_error(client.get("/api/training/analytics/summary", params={"range": too_short}), 400, "bad_request",
+                     "(1s to 90d)")
+
+
 def test_unknown_routes_and_methods_answer_json(capturing):
     client, _ = capturing
     assert_error(client.get("/api/nothing"), 404, "not_found")
