@@ -67,7 +67,10 @@ def build():
                                            "C")))
         .with_panel(timeseries_panel("GPU temperature", "Core temperature.", "celsius",
                                      query(f"hw_gpu_temperature_celsius{{{NODE}}}", "{{instance}} gpu {{gpu}}")))
-        .with_panel(timeseries_panel("GPU power", "Board power draw, and energy per second from the counter.",
+        .with_panel(timeseries_panel("GPU power", "Board power draw, and energy per second from the counter. The "
+                                     "counter steps once a slow interval (1 s): a point's window holds one step more "
+                                     "or less, so at short ranges the energy line swings (0.8-1.6 x at 1 s points) "
+                                     "and is exact over long ones; read the board power there.",
                                      "watt",
                                      query(f"hw_gpu_power_watts{{{NODE}}}", "power {{instance}} gpu {{gpu}}"),
                                      query(f"rate(hw_gpu_energy_joules_total{{{NODE}}}[$__rate_interval])",
