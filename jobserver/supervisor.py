@@ -566,10 +566,23 @@ class Supervisor:
         """The server's own pause of a running job, unless a stop is already under way (a user's stands)."""
         job = self.store.get_job(job_id)
         # (A stop recorded but never sent is none: left training, the job was adopted at the next start with it.)
-        if job is not None and job.state == "running" and self._stop_under_way(job) is None and \
-                self.executor.signal(self.runs[job_id], "paused"):
-            self.store.update_job(job_id, requested=SHUTDOWN_PAUSE)     # (an unsent stop's mark goes with it)
-            self._sent_unmarked.discard(job_id)
+        if job is None or job.state != "running" or self._stop_under_way(job) is not None:
+            return
+        # Recorded as the server's (with its mark of a stop not sent yet) before the signal, as request_stop
+        # records a user's: signalled first, a record held up past the store's timeout (another process holding
+        # the write lock) or a kill -9 before it left the job paused with no word of whose pause it was, and the
+        # restart kept it `paused` for good as if its user had asked. A record that fails now sends nothing.
+        self.store.update_job(job_id, requested=SHUTDOWN_PAUSE, stop_unsent="")
+        self._sent_unmarked.discard(job_id)
+        try:
+            sent = self.executor.signal(self.runs[job_id], "paused")
+        except BaseException:       # nothing sent (a control file that could not be written): nor recorded
+            self._undo_stop(job_id, None, quiet=True)     # (where the undo fails, the mark says it was not sent)
+            raise
+        if sent:
+            self._mark_sent(job_id)
+        else:
+            self._undo_stop(job_id, None, quiet=True)     # the run is ending by itself: its own end decides
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Pause every running job, adopted ones included (checkpoint, exit 4), to resume on the next start; a

@@ -364,6 +364,43 @@ def test_adopted_jobs_are_paused_on_shutdown_and_their_death_is_never_an_old_sta
         last.stop()
 
 
+def test_a_shutdown_pause_the_store_could_not_record_leaves_no_job_paused_for_good(tmp_path):
+    """The server's own pause of a running job at its stop was signalled before it was recorded as the server's:
+    with the write held up (another process holding the database's write lock: a backup, the sqlite3 shell) past
+    the store's busy timeout, the shutdown failed there and the server exited (a kill -9 in that window, a
+    container stop's, did the same), the job paused anyway, and the restart read its pause as its user's: `paused`
+    for good, never resumed. Now the pause is recorded (as not sent yet) before its signal: a record that fails
+    sends nothing, the job trains on, is adopted at the restart, and its next shutdown pause resumes it."""
+    server = Server(tmp_path).start()
+    client = server.client()
+    assert client.post("/api/training/jobs", json={**LONG_JOB, "job_id": "held-shutdown"}).status_code == 201
+    wait_job(client, "held-shutdown", lambda j: j["state"] == "running")
+    log = tmp_path / "jobs" / "held-shutdown" / "train.log"
+    deadline = time.monotonic() + 60
+    while "step=10 " not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    backup = sqlite3.connect(tmp_path / "trainmetrics.db", isolation_level=None)
+    try:
+        backup.execute("BEGIN IMMEDIATE")       # the write lock, held through the server's stop
+        server.stop(signal.SIGTERM)
+        # The job's pause, had it been sent, has ended it by now: the server gave up on the store only after its
+        # busy timeout (5 s), a step boundary and a checkpoint later.
+        job_pid = pid_of(tmp_path, "held-shutdown")
+    finally:
+        backup.rollback()
+        backup.close()
+    restarted = Server(tmp_path).start()
+    try:
+        job = restarted.client().get("/api/training/jobs/held-shutdown").json()
+        assert job["state"] != "paused", job
+        assert (job["state"], job["stop_requested"]) == ("running", None), job
+    finally:
+        restarted.stop(signal.SIGTERM)      # docs: running jobs are paused and resume at the next start
+    assert gone(job_pid)
+    with sqlite3.connect(tmp_path / "trainmetrics.db") as db:
+        assert db.execute("SELECT state, resume FROM jobs WHERE id = 'held-shutdown'").fetchone() == ("queued", 1)
+
+
 def test_a_server_on_another_executor_refuses_the_jobs_the_last_one_left_running(tmp_path):
     """A local job left running by a server killed -9 was taken for a Ray submission by a server restarted with
     --executor ray (its pid read as a submission id): "adopted until Ray answers", nothing could pause or watch
