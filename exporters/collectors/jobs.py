@@ -65,6 +65,7 @@ PARENTS_MAX_AGE = 0.5
 # Passes over the trees one measurement takes at most: one is read again when a nested job's root was reaped
 # during it (_measure_pass); the last is taken as it is (a sweep whose trials keep ending within microseconds).
 MEASURE_TRIES = 3
+MAX_ANCESTORS = 64                  # how far up from a job's root another job's process is looked for
 # What a read of /proc/PID/stat fails with when there is no process to count: ENOENT (it exited before the open),
 # ESRCH (exited between the open and the read), EACCES or EPERM (another user's, under hidepid=1: for as long as it
 # runs). Any other error (EMFILE, ENFILE, ENOMEM...) says nothing of the process: it fails the pass, which is done
@@ -149,6 +150,8 @@ class _Tree:
     # The CPU time it had when first counted, left out when it joined a job already counted (see _measure);
     # None until its first sample.
     cpu_base: float | None = None
+    # The root's ancestors when its file was read, parent first (see JobTracker._ancestors).
+    ancestors: tuple[int, ...] = ()
 
 
 class JobTracker:
@@ -288,7 +291,21 @@ class JobTracker:
             log.warning("ignoring job mapping %s: owned by uid %d, which does not own pid %d", path, owner,
                         mapping.pid)
             return None
-        return _Tree(mapping, self._discover(mapping.pid, mapping.start_ticks))
+        return _Tree(mapping, self._discover(mapping.pid, mapping.start_ticks), ancestors=self._ancestors(fields))
+
+    def _ancestors(self, fields: list[bytes]) -> tuple[int, ...]:
+        """The pids above a process, parent first, up to init (at most MAX_ANCESTORS). Read once, with its file: a job
+        run by another job through a process the outer tree's walk has not found yet (a shell, torchrun) is nested
+        in it all the same (_reaped_jobs)."""
+        ancestors = []
+        parent = int(fields[1])
+        while parent > 1 and len(ancestors) < MAX_ANCESTORS and parent not in ancestors:
+            ancestors.append(parent)
+            fields = self._read_stat(parent)
+            if fields is None:
+                break
+            parent = int(fields[1])
+        return tuple(ancestors)
 
     def _process_uid(self, pid: int) -> int | None:
         """The effective uid of a process (the owner of /proc/PID), or None when it is gone."""
@@ -458,7 +475,12 @@ class JobTracker:
         for tree in live:
             pid = tree.mapping.pid
             if pid in root_parents:
-                outer = job_of_pid.get(root_parents[pid])
+                # Its nearest ancestor in a job: one in between may be in no tree yet (started since the last walk),
+                # and a short job then ended unseen as nested, its time counted again in the outer job's cutime.
+                # The ancestors read with its file, while its parent is still the one they start with.
+                parent = root_parents[pid]
+                chain = tree.ancestors if tree.ancestors[:1] == (parent,) else (parent,)
+                outer = next((job_of_pid[ancestor] for ancestor in chain if ancestor in job_of_pid), None)
                 if outer is not None:
                     nested[(pid, tree.mapping.start_ticks)] = (outer, tree_times[pid])
         for root, (outer, times) in self._nested.items():

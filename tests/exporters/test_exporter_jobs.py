@@ -655,3 +655,52 @@ def test_a_nested_root_reaped_between_its_reading_and_its_reapers_counts_once(ki
         stop_driver(driver)
     assert not racing[0] and burnt[inner] - before[inner] >= 0.9
     assert after[outer] - burnt[outer] < 0.3, (before, burnt, after)     # the driver itself did little
+
+
+# Waits for a line, then runs a trial through a shell that outlives it (`sh -c "trial; true"`), as a sweep driver
+# that starts each trial by a command line does, and says when it has reaped the shell.
+SHELL_DRIVER = r"""
+import shlex, subprocess, sys
+sys.stdin.readline()
+subprocess.run(["sh", "-c", shlex.join([sys.executable, "-c", sys.argv[1]]) + "; true"])
+print("reaped", flush=True)
+sys.stdin.readline()
+"""
+# A trial that maps itself as a job (as its JobMetrics does), then burns 1 s of CPU when told to and ends.
+SELF_MAPPING_TRIAL = """
+import os, sys
+from pathlib import Path
+from trainmetrics.jobmap import JobMapping, write_job_mapping
+write_job_mapping(Path(sys.argv[1]), JobMapping(job_id="trial", pid=os.getpid()))
+print("mapped", flush=True)
+""" + BURNING_TRIAL
+
+
+def test_a_short_job_run_through_a_shell_by_another_job_counts_in_its_own_job_only(tmp_path):
+    """A trial run by a sweep's driver through a shell, that began and ended between two walks of the driver's
+    tree: its root's parent (the shell) was in no job's tree yet, so the trial was not seen as nested, and once the
+    shell had reaped it and the driver the shell, its 1 s came back in the driver's job (in its cutime)."""
+    trial = SELF_MAPPING_TRIAL.replace("sys.argv[1]", repr(str(tmp_path)))
+    driver = subprocess.Popen([sys.executable, "-c", SHELL_DRIVER, trial], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        write_job_mapping(tmp_path, JobMapping(job_id="sweep", pid=driver.pid))
+        tracker = JobTracker(tmp_path)
+        tracker.refresh_trees(0.1)          # the last walk before the shell starts
+        before = tracker.update(0.1).usage["sweep"].cpu_seconds
+        for line, now in (("go", 0.2), ("go", 0.3)):        # start the trial (through the shell), then its burn
+            driver.stdin.write(line + "\n")
+            driver.stdin.flush()
+            assert driver.stdout.readline().strip() in ("mapped", "burnt")
+            tracker.update(now)
+        burnt = tracker.snapshot.usage["trial"].cpu_seconds
+        driver.stdin.write("end\n")
+        driver.stdin.flush()
+        assert driver.stdout.readline().strip() == "reaped"
+        for now in (0.4, 0.5, 0.6):
+            tracker.refresh_trees(now)
+            after = tracker.update(now).usage["sweep"].cpu_seconds
+    finally:
+        stop_driver(driver)
+    assert burnt >= 0.9
+    assert after - before < 0.3, (before, burnt, after)        # the driver itself did little
