@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from trainmetrics.contract import FINAL_STATES
 from trainmetrics.datafiles import DEFAULT_TARGET
 
 SCHEMA = """
@@ -313,7 +314,11 @@ class JobStore:
             self._execute("DELETE FROM endpoints WHERE job_id = ? AND rank = ?", (job_id, rank))
 
     def endpoints(self) -> list[tuple[str, str, int, str, str]]:
-        """(job id, owner, rank, address, scheme) of every recorded endpoint."""
+        """(job id, owner, rank, address, scheme) of every recorded endpoint of a job that may have a process: not
+        one that ended or is paused. A job's end is written before its endpoints are forgotten, and a server killed
+        between the two (or whose forgetting failed) listed the ended job for Prometheus to scrape for good; a
+        queued job's are kept (a Ray run whose submission's answer was lost starts before its record says so)."""
         rows = self._execute("SELECT e.job_id, j.owner, e.rank, e.address, e.scheme FROM endpoints e "
-                             "JOIN jobs j ON j.id = e.job_id ORDER BY e.job_id, e.rank")
+                             "JOIN jobs j ON j.id = e.job_id WHERE j.state NOT IN (?, ?, ?, ?) "
+                             "ORDER BY e.job_id, e.rank", (*FINAL_STATES, "paused"))
         return [tuple(row) for row in rows]

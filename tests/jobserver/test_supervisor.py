@@ -324,6 +324,17 @@ def test_a_run_that_ended_while_the_server_was_down_ends_when_its_result_says(su
         assert back <= ended.ended <= time.time()
 
 
+@pytest.mark.parametrize("state", ["completed", "failed", "cancelled", "paused"])
+def test_a_job_ended_or_paused_is_no_discovery_target_though_its_endpoint_was_never_forgotten(supervisor, state):
+    """A job's end is written before its endpoints are forgotten: a server killed between the two listed the ended
+    job in /api/training/sd for good (the restart looks at running jobs only), for Prometheus to scrape and fail."""
+    job = submit(supervisor, f"left-{state}")
+    supervisor.store.set_endpoint(job.id, 0, "127.0.0.1:9999", "http")
+    assert [row[0] for row in supervisor.store.endpoints()] == [job.id]
+    supervisor.store.update_job(job.id, state=state)
+    assert supervisor.store.endpoints() == []
+
+
 def test_a_job_gone_with_the_server_before_its_first_checkpoint_fails_and_leaves_the_discovery(supervisor):
     job = submit(supervisor, "gone-early")
     supervisor.store.set_endpoint(job.id, 0, "127.0.0.1:9999", "http")
