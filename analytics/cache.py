@@ -10,8 +10,9 @@ from trainmetrics.analytics.job import jobs_analytics
 from trainmetrics.analytics.lookup import JobNotFound, fingerprint, owned_by
 from trainmetrics.analytics.prometheus import (DEFAULT_RETRY_AFTER_SECONDS, PrometheusClient, PrometheusError,
                                                 partial_answers)
-from trainmetrics.analytics.results import query_parts_many
+from trainmetrics.analytics.results import query_parts_many, rows
 from trainmetrics.analytics.shapes import JobAnalytics, from_plain
+from trainmetrics.contract import VANISHED
 from trainmetrics.reports import NotSettled, PartialAnswer, ReportArchive
 
 
@@ -108,15 +109,14 @@ async def _from_prometheus(client: PrometheusClient, cache: AnalyticsCache, entr
     if cached:
         now = time.time()
         with partial_answers() as partial:
-            found = await query_parts_many(client, [q.job_recent(job_id, lookback, now) for job_id in cached], now)
+            found = await query_parts_many(client, [_check(job_id, entries[job_id], lookback, now)
+                                                    for job_id in cached], now)
         for job_id, parts in zip(cached, found):
-            seen = fingerprint(parts)
-            if seen == entries[job_id].fingerprint:
-                continue
+            seen, back = fingerprint(parts), came_back(entries[job_id], parts)
             # A partial answer that only lacks some of what the entry saw (a store down) says nothing changed: the
             # entry holds (read again from that answer, the job was a 503, or short of figures). One that saw
             # something new is read afresh; the entry goes only where a whole answer says the job changed.
-            if partial and seen <= entries[job_id].fingerprint:
+            if not back and (seen == entries[job_id].fingerprint or (partial and seen <= entries[job_id].fingerprint)):
                 continue
             if not partial:
                 cache.drop(job_id)
@@ -137,12 +137,37 @@ async def _from_prometheus(client: PrometheusClient, cache: AnalyticsCache, entr
                 cache.put(facts.job_id, entries[facts.job_id])
 
 
+def _check(job_id: str, entry: Entry, lookback: float, now: float) -> dict[str, str]:
+    """What a cached job is checked with: the cheap lookup, and for a vanished job its heartbeats since its end."""
+    parts = q.job_recent(job_id, lookback, now)
+    if _vanished_at(entry) is not None:
+        parts.update(q.job_seen_since(job_id, _vanished_at(entry), now))
+    return parts
+
+
+def _vanished_at(entry: Entry) -> float | None:
+    """The end of a cached vanished job (its newest process's last heartbeat), else None."""
+    analytics = entry.analytics
+    return analytics.end_time if analytics is not None and analytics.status == VANISHED else None
+
+
+def came_back(entry: Entry, parts: dict[str, list[dict]]) -> bool:
+    """Whether a cached vanished job's process (rank 0's, which speaks for the job) was seen after its end: frozen
+    or cut off, not dead, it ran on. Vanished again between two uses, its start, spawn and missing end read as
+    before (the fingerprint, which leaves heartbeat values out), and the cache served the first vanish's end,
+    time and counts."""
+    end = _vanished_at(entry)
+    return end is not None and any(value is not None and value > end + 1e-3 for labels, value in
+                                   rows(parts.get("seen", [])) if labels.get("rank", "0") == "0")
+
+
 def holds_less(answer: JobAnalytics, stored: JobAnalytics) -> bool:
     """Whether an ended job's analytics from Prometheus now cover less of it than its stored report, computed from
     all of it once it settled (after which its series only go): a later start or a shorter life (its first runs
     gone), fewer evaluations (early samples gone), the earliest runs' time unaccounted, or a sampled peak lower
     than the report's (a run's first hours gone: its start, end and last eight evaluations are in its last
-    samples, so a single run read as whole, its peaks and scores from what was left)."""
+    samples, so a single run read as whole, its peaks and scores from what was left). Never when Prometheus holds
+    a later end than the report's: that is newer data, not less."""
     def less(now: float | None, then: float | None) -> bool:
         return then is not None and (now is None or now < then - 1e-3)
 
@@ -157,6 +182,11 @@ def holds_less(answer: JobAnalytics, stored: JobAnalytics) -> bool:
     # does not say is not more (a goodput block with neither a wall clock nor a reason says nothing).
     later_start = stored.start_time is not None and (answer.start_time is None or
                                                      answer.start_time > stored.start_time + 1e-3)
+    if stored.end_time is not None and less(stored.end_time, answer.end_time):
+        # Prometheus holds a run that ended after the report's end: the id ran again since (a standalone run reusing
+        # it; a resume through the job server drops the report), which the report knows nothing of. Served, the
+        # report hid that newer run once retention took the first one (a later start).
+        return False
     said = stored.goodput.wall_clock_seconds is not None or stored.goodput.unavailable_reason is not None
     stored_reason = stored.goodput.unavailable_reason if said else EARLIER_RUNS_GONE
     return (later_start or less(answer.duration.total_seconds, stored.duration.total_seconds)

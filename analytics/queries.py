@@ -205,6 +205,13 @@ def job_recent(job_id: str, lookback: float, now: float) -> dict[str, str]:
     }
 
 
+def job_seen_since(job_id: str, since: float, now: float) -> dict[str, str]:
+    """The job's heartbeats over (since, now]: a vanished job's process (stopped without an end) that was scraped
+    again after `since`, its last heartbeat then, shows here even once it vanished again, where job_recent's parts
+    read as they did (its start and spawn the same, no end, nothing scraped now). Cheap: nothing after a vanish."""
+    return {"seen": f"last_over_time({job_selector(Trainer.HEARTBEAT, job_id)}{over(now - since, now)})"}
+
+
 def job_ended(job_id: str, ends: list[float]) -> dict[str, str]:
     """Last values of processes that ended at `ends`: parts <part>_<i>, read up to each final scrape."""
     parts = {}

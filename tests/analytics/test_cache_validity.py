@@ -9,7 +9,9 @@ import pytest
 
 from trainmetrics.analytics.cache import AnalyticsCache, cached_job_analytics
 from trainmetrics.analytics.prometheus import PrometheusClient
+from trainmetrics.analytics.shapes import plain
 from trainmetrics.contract import ACCOUNTED_PHASES, JOB_STATES
+from trainmetrics.reports import ReportArchive
 
 from .conftest import as_openmetrics, backfilled_backend
 from .test_fleet_goodput_waits import trainer
@@ -64,3 +66,64 @@ def test_a_cached_job_whose_resume_was_killed_in_its_init_is_read_afresh(tmp_pat
         served = asyncio.run(read(later.url, cache))
     assert fresh.status == "vanished"
     assert (served.status, served.end_time) == (fresh.status, fresh.end_time)
+
+
+def test_a_cached_vanished_job_that_came_back_and_vanished_again_is_read_afresh(tmp_path):
+    """Vanished (frozen or cut off: settled, cached), then scraped again for 400 s and vanished again between two
+    requests: its start, its spawn and its missing end read as before, and the fingerprint leaves heartbeat values
+    out, so the cache served the first vanish's end and training time for good while a fresh read says 400 s
+    more. A job that did not come back is still served from the cache."""
+    now = time.time()
+    job = "vanished-came-back"
+    first = trainer(job, "h:1", now - 1500, now - 1400, None, None)
+    longer = trainer(job, "h:1", now - 1500, now - 1000, None, None)
+
+    async def read(url: str, cache: AnalyticsCache):
+        client = PrometheusClient(url)
+        try:
+            return await cached_job_analytics(client, cache, job, LOOKBACK_SECONDS)
+        finally:
+            await client.aclose()
+
+    cache = AnalyticsCache()
+    (tmp_path / "then").mkdir()
+    (tmp_path / "later").mkdir()
+    with backfilled_backend("prometheus", tmp_path / "then", as_openmetrics(first)) as then:
+        before = asyncio.run(read(then.url, cache))
+        assert asyncio.run(read(then.url, cache)) is before       # unchanged: the cached analytics themselves
+    assert before.status == "vanished" and len(cache) == 1
+    with backfilled_backend("prometheus", tmp_path / "later", as_openmetrics(longer)) as later:
+        fresh = asyncio.run(read(later.url, AnalyticsCache()))
+        served = asyncio.run(read(later.url, cache))
+    assert fresh.status == "vanished" and fresh.end_time == pytest.approx(before.end_time + 400)
+    assert (served.end_time, served.duration.training_seconds) == (fresh.end_time, fresh.duration.training_seconds)
+
+
+def test_a_job_id_run_again_after_its_report_was_stored_answers_from_prometheus(tmp_path):
+    """A job completed and its report was stored; the id then ran again by hand (a standalone run, no resume through
+    the job server to drop the report) and retention took the first run. Prometheus holds a run that ended 2,400 s
+    after the report's end, but its later start read as "holds less", and the old report hid the newer run."""
+    now = time.time()
+    job = "reused-id"
+    first = trainer(job, "h:1", now - 3000, now - 2900, "completed", None)
+    again = trainer(job, "h:2", now - 1000, now - 500, "completed", None)
+
+    async def read(url: str, archive: ReportArchive | None = None):
+        client = PrometheusClient(url)
+        try:
+            return await cached_job_analytics(client, AnalyticsCache(), job, LOOKBACK_SECONDS, archive=archive)
+        finally:
+            await client.aclose()
+
+    (tmp_path / "then").mkdir()
+    (tmp_path / "later").mkdir()
+    with backfilled_backend("prometheus", tmp_path / "then", as_openmetrics(first)) as then:
+        report = plain(asyncio.run(read(then.url)))
+
+    async def load(job_id: str):
+        return (job, report) if job_id == job else None
+
+    with backfilled_backend("prometheus", tmp_path / "later", as_openmetrics(again)) as later:
+        served = asyncio.run(read(later.url, ReportArchive(load=load)))
+    assert served.source == "prometheus"
+    assert (served.start_time, served.end_time) == pytest.approx((now - 1000, now - 500), abs=0.01)
