@@ -1,9 +1,12 @@
 """Announcing a job to Prometheus: one file_sd target file per job process, removed at exit."""
 
 import json
+import logging
 from pathlib import Path
 
 from trainmetrics.jobfiles import replace_atomically
+
+log = logging.getLogger("trainmetrics.trainer")
 
 
 def write_target_file(targets_dir: Path, file_stem: str, address: str, scheme: str = "http") -> Path:
@@ -21,9 +24,13 @@ def write_target_file(targets_dir: Path, file_stem: str, address: str, scheme: s
 
 
 def remove_quietly(path: Path | None) -> None:
-    """Remove a file we wrote; it may already be gone."""
+    """Remove a file we wrote; it may already be gone. One that cannot be removed (its filesystem went read-only)
+    is said, not raised: raised, it stopped the rest of the job's end (its other files, its registration, the
+    last OTLP push)."""
     if path is not None:
         try:
             Path(path).unlink()
         except FileNotFoundError:
             pass
+        except OSError as error:
+            log.warning("could not remove %s: %s", path, error)

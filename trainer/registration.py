@@ -5,6 +5,7 @@ The job server gives each run a URL and a secret (TRAINMETRICS_REGISTER_TOKEN, i
 the command line). A failure is logged, never raised: the job trains on, only undiscovered.
 """
 
+import http.client
 import json
 import logging
 import os
@@ -38,7 +39,9 @@ class Registration:
             with urllib.request.urlopen(request, timeout=TIMEOUT_SECONDS) as response:
                 answer = json.loads(response.read() or b"{}") if 200 <= response.status < 300 else None
                 return answer if isinstance(answer, dict) else {}
-        except (urllib.error.URLError, OSError, ValueError) as error:
+        # http.client's own errors too: a port that answers no HTTP (BadStatusLine) or an answer cut short
+        # (IncompleteRead) raised out of JobMetrics(), and the job never started.
+        except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as error:
             log.warning("job endpoint %s at %s failed: %s", "registration" if body else "removal", self.url, error)
             return None
 

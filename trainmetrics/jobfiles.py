@@ -186,8 +186,8 @@ def unclaim(directory: Path, name: str, fd: int | None) -> None:
     """Give a claim up: the file removed while still locked (a waiter that opened it sees it gone), then closed."""
     try:
         os.unlink(Path(directory) / f".{name}.lock")
-    except FileNotFoundError:
-        pass
+    except OSError:
+        pass    # gone, or its filesystem went read-only: a lock file left holds nothing once its descriptor closes
     if fd is not None:
         os.close(fd)
 

@@ -1,8 +1,10 @@
 """Optional OTLP push: with the standard OTEL_EXPORTER_OTLP_* variables a job also pushes its metrics to an
 OTLP/HTTP receiver (here a real HTTP server decoding the protobuf requests)."""
 
+import os
 import re
 import socket
+import subprocess
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -12,6 +14,7 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportM
 
 from trainmetrics.trainer.metrics import Diagnostics, JobMetrics
 from trainmetrics.trainer import telemetry
+from trainmetrics.trainer.telemetry import Publish
 
 from .conftest import parse_summary, run_train
 
@@ -238,3 +241,29 @@ def test_the_metrics_own_protocol_overrides_the_general_one(receiver, monkeypatc
     warned = [record.getMessage() for record in caplog.records if "PROTOCOL" in record.getMessage()]
     assert warned == []
     assert pushed_values("trainer_steps_total") == [1]
+
+
+def make_read_only(directory, read_only: bool) -> None:
+    """Make `directory` read-only (its filesystem gone read-only) or writable again; root ignores modes, so it
+    makes it immutable (skipped where the filesystem cannot)."""
+    if os.geteuid() != 0:
+        directory.chmod(0o555 if read_only else 0o755)
+    elif subprocess.run(["chattr", "+i" if read_only else "-i", str(directory)], capture_output=True).returncode:
+        pytest.skip("chattr cannot make a directory immutable here")
+
+
+def test_a_targets_directory_gone_read_only_still_gets_the_final_state_pushed_and_every_other_file_removed(
+        receiver, tmp_path):
+    """The target file's removal raised (EROFS, EPERM) out of the job's end: the last OTLP push, the only one of a
+    job shorter than the push interval, was never sent, and its job-mapping file and its /metrics were left."""
+    targets, jobs = tmp_path / "targets", tmp_path / "jobs"
+    metrics = JobMetrics("otlp-read-only-1", log_every=1,
+                         publish=Publish(targets_dir=targets, job_dir=jobs, linger_timeout=0))
+    try:
+        with metrics:
+            metrics.step(loss=0.5, samples=8)
+            make_read_only(targets, True)
+    finally:
+        make_read_only(targets, False)
+    assert pushed_values("trainer_steps_total") == [1]
+    assert list(jobs.glob("*.json")) == [] and metrics.metrics_port is None
