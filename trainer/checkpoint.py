@@ -5,6 +5,7 @@ checkpoint name. Files hold only tensors, numbers, strings, lists and dicts, so
 ``torch.load(path, weights_only=True)`` loads them.
 """
 
+import fcntl
 import logging
 import os
 import secrets
@@ -29,8 +30,29 @@ def ensure_writable_dir(directory: Path) -> Path:
         pass
     # (atomic_save's temp files: a checkpoint's, and the final model's, a full copy of the weights)
     for leftover in (*directory.glob(".step-*.tmp"), *directory.glob(f".{FINAL_MODEL_NAME}.*.tmp")):
-        leftover.unlink(missing_ok=True)
+        _remove_unless_being_written(leftover)
     return directory
+
+
+def _remove_unless_being_written(leftover: Path) -> None:
+    """Remove an atomic_save temp file no live writer holds. Its writer locks it while writing (the kernel drops
+    the lock when the writer dies): a second start of the job on the directory (refused later, its job id claimed
+    by the live process) removed the running job's checkpoint as it was written, and that job failed on the rename
+    (FileNotFoundError)."""
+    try:
+        fd = os.open(leftover, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:         # gone already, or no file of ours (a link)
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:     # being written
+            return
+        except OSError:             # a filesystem without locks (NFS without a lock manager): as before
+            pass
+        leftover.unlink(missing_ok=True)
+    finally:
+        os.close(fd)
 
 
 def atomic_save(obj, path: Path) -> Path:
@@ -43,6 +65,7 @@ def atomic_save(obj, path: Path) -> Path:
     tmp_name = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
     fd = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
     try:
+        _lock_while_writing(fd)
         with os.fdopen(fd, "wb") as handle:
             try:
                 torch.save(obj, handle)
@@ -54,7 +77,7 @@ def atomic_save(obj, path: Path) -> Path:
                 raise
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
+            os.replace(tmp_name, path)      # still open, so still locked: a cleanup cannot take it before
     except BaseException:
         try:
             os.unlink(tmp_name)
@@ -67,6 +90,14 @@ def atomic_save(obj, path: Path) -> Path:
     finally:
         os.close(dir_fd)
     return path
+
+
+def _lock_while_writing(fd: int) -> None:
+    """Lock a temp file being written, so that ensure_writable_dir leaves it (the lock goes with the descriptor)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:     # no locks on this filesystem: written unlocked, as before
+        pass
 
 
 def save_checkpoint(directory: Path, state: dict, keep: int = 3) -> Checkpoint:

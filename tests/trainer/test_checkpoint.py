@@ -384,3 +384,42 @@ def test_a_resume_on_other_data_under_the_same_name_fails(other, make_trainer, t
     again = make_trainer(**common, dataset=first_data)
     again.restore(ckpt.load_latest(tmp_path / "ck", foreign=again.foreign))
     assert again.run() == "completed"
+
+
+class _WritingSlowly:
+    """Pickled by torch.save only once the test lets it: a checkpoint write in progress, its temp file open."""
+
+    def __init__(self, started, release):
+        self.started, self.release = started, release
+
+    def __reduce__(self):
+        self.started.set()
+        assert self.release.wait(timeout=60)
+        return (int, (5,))
+
+
+def test_a_checkpoint_being_written_is_no_leftover_for_another_start_of_the_job(tmp_path):
+    """ensure_writable_dir removed every temp file, a live writer's too: a second start of the job on the directory
+    (refused afterwards, its job id claimed by the running process) removed the running job's checkpoint as it was
+    written, and the running job failed on the rename (FileNotFoundError)."""
+    import threading
+
+    started, release, failures = threading.Event(), threading.Event(), []
+
+    def write():
+        try:
+            ckpt.atomic_save({"step": 3, "slow": _WritingSlowly(started, release)}, tmp_path / ckpt.checkpoint_name(3))
+        except Exception as error:
+            failures.append(error)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        assert started.wait(timeout=60)
+        ckpt.ensure_writable_dir(tmp_path)          # the second start, while the first writes
+    finally:
+        release.set()
+        writer.join(timeout=60)
+    assert failures == []
+    assert [c.step for c in ckpt.list_checkpoints(tmp_path)] == [3]
+    assert [p.name for p in tmp_path.iterdir()] == [ckpt.checkpoint_name(3)]
