@@ -4,7 +4,9 @@ The instrumented CPU job of bench/trainer_overhead.py (torch on one thread, ~2 m
 of --steps steps in four conditions: no flood or a flood, each with the server's render pacing
 (metrics_http.RenderPacer, the default) and with it off (a pacer that never holds a request back: the server
 before it). The flood is another process whose --clients threads each ask for /metrics on a kept-alive
-connection as fast as they are answered; it is stopped (SIGSTOP) in the rounds without a flood. A scrape holds
+connection as fast as they are answered; it is stopped (SIGSTOP) in the rounds without a flood. Every round
+starts after the same 0.5 s pause (the flood's requests in flight are answered in it), quiet or flooded first by
+turns. A scrape holds
 the GIL the loop needs, so the figure is the loop's wall-clock throughput: a flooded round's steps per second over
 the unflooded rounds' (1.0: the flood costs the loop nothing), with pacing and without.
 
@@ -27,6 +29,10 @@ from bench.trainer_overhead import make_job, run_on  # noqa: E402
 from trainmetrics.metrics_http import RenderPacer  # noqa: E402
 from trainmetrics.trainer.metrics import JobMetrics  # noqa: E402
 from trainmetrics.trainer.telemetry import Publish  # noqa: E402
+
+# Before each round: the requests in flight when the flood was stopped are answered first (paced, one per
+# --clients at 20 a second: 0.4 s at most).
+SETTLE_SECONDS = 0.5
 
 # Each thread: one kept-alive connection, a request as soon as the last answer is read.
 FLOOD = """
@@ -83,17 +89,23 @@ def main() -> None:
     ended = "cancelled"
     try:
         run_on(metrics, batches, train_step, 200)          # warm-up
-        for _ in range(args.rounds):
+        for index in range(args.rounds):
             for pacing, pacer in pacers.items():
                 server.pacer = pacer
-                rates[pacing, False].append(steps_per_second(metrics, batches, train_step, args.steps))
-                os.kill(flood.pid, signal.SIGCONT)
-                before, began = rendered[0], time.perf_counter()
-                rates[pacing, True].append(steps_per_second(metrics, batches, train_step, args.steps))
-                renders[pacing] += rendered[0] - before
-                flooded_seconds[pacing] += time.perf_counter() - began
-                os.kill(flood.pid, signal.SIGSTOP)
-                time.sleep(0.2)         # the requests in flight are answered before the next quiet round
+                # Quiet or flooded first by turns, and every round after the same pause: a round begun after a
+                # pause ran 4-7 % slower here than one begun straight after another (caches and the vCPU cold),
+                # and only the quiet rounds had one.
+                for flooded in ((False, True) if index % 2 == 0 else (True, False)):
+                    time.sleep(SETTLE_SECONDS)
+                    if not flooded:
+                        rates[pacing, False].append(steps_per_second(metrics, batches, train_step, args.steps))
+                        continue
+                    os.kill(flood.pid, signal.SIGCONT)
+                    before, began = rendered[0], time.perf_counter()
+                    rates[pacing, True].append(steps_per_second(metrics, batches, train_step, args.steps))
+                    renders[pacing] += rendered[0] - before
+                    flooded_seconds[pacing] += time.perf_counter() - began
+                    os.kill(flood.pid, signal.SIGSTOP)
         ended = "completed"
     finally:
         flood.kill()
