@@ -39,6 +39,15 @@ def killed_in_init(job_id: str, instance: str, spawned: float, last: float) -> l
     return lines
 
 
+async def read(url: str, cache: AnalyticsCache, job_id: str, archive: ReportArchive | None = None):
+    """The job's analytics through `cache` (and `archive`'s stored reports), from the Prometheus at `url`."""
+    client = PrometheusClient(url)
+    try:
+        return await cached_job_analytics(client, cache, job_id, LOOKBACK_SECONDS, archive=archive)
+    finally:
+        await client.aclose()
+
+
 def test_a_cached_job_whose_resume_was_killed_in_its_init_is_read_afresh(tmp_path):
     """Paused (settled, cached), then resumed and the resumed process killed in its init between two requests:
     no start of training, no end, not scraped now. The lookup finds such a process by its spawn (the `spawns`
@@ -48,22 +57,15 @@ def test_a_cached_job_whose_resume_was_killed_in_its_init_is_read_afresh(tmp_pat
     paused = trainer(JOB, "h:1", now - 1500, now - 1400, "paused", None, checkpoints=(2, 2))
     killed = killed_in_init(JOB, "h:2", now - 1000, now - 990)
 
-    async def read(url: str, cache: AnalyticsCache):
-        client = PrometheusClient(url)
-        try:
-            return await cached_job_analytics(client, cache, JOB, LOOKBACK_SECONDS)
-        finally:
-            await client.aclose()
-
     cache = AnalyticsCache()
     (tmp_path / "then").mkdir()
     (tmp_path / "later").mkdir()
     with backfilled_backend("prometheus", tmp_path / "then", as_openmetrics(paused)) as then:
-        before = asyncio.run(read(then.url, cache))
+        before = asyncio.run(read(then.url, cache, JOB))
     assert before.status == "paused" and len(cache) == 1
     with backfilled_backend("prometheus", tmp_path / "later", as_openmetrics(paused + killed)) as later:
-        fresh = asyncio.run(read(later.url, AnalyticsCache()))
-        served = asyncio.run(read(later.url, cache))
+        fresh = asyncio.run(read(later.url, AnalyticsCache(), JOB))
+        served = asyncio.run(read(later.url, cache, JOB))
     assert fresh.status == "vanished"
     assert (served.status, served.end_time) == (fresh.status, fresh.end_time)
 
@@ -78,23 +80,16 @@ def test_a_cached_vanished_job_that_came_back_and_vanished_again_is_read_afresh(
     first = trainer(job, "h:1", now - 1500, now - 1400, None, None)
     longer = trainer(job, "h:1", now - 1500, now - 1000, None, None)
 
-    async def read(url: str, cache: AnalyticsCache):
-        client = PrometheusClient(url)
-        try:
-            return await cached_job_analytics(client, cache, job, LOOKBACK_SECONDS)
-        finally:
-            await client.aclose()
-
     cache = AnalyticsCache()
     (tmp_path / "then").mkdir()
     (tmp_path / "later").mkdir()
     with backfilled_backend("prometheus", tmp_path / "then", as_openmetrics(first)) as then:
-        before = asyncio.run(read(then.url, cache))
-        assert asyncio.run(read(then.url, cache)) is before       # unchanged: the cached analytics themselves
+        before = asyncio.run(read(then.url, cache, job))
+        assert asyncio.run(read(then.url, cache, job)) is before       # unchanged: the cached analytics themselves
     assert before.status == "vanished" and len(cache) == 1
     with backfilled_backend("prometheus", tmp_path / "later", as_openmetrics(longer)) as later:
-        fresh = asyncio.run(read(later.url, AnalyticsCache()))
-        served = asyncio.run(read(later.url, cache))
+        fresh = asyncio.run(read(later.url, AnalyticsCache(), job))
+        served = asyncio.run(read(later.url, cache, job))
     assert fresh.status == "vanished" and fresh.end_time == pytest.approx(before.end_time + 400)
     assert (served.end_time, served.duration.training_seconds) == (fresh.end_time, fresh.duration.training_seconds)
 
@@ -108,22 +103,15 @@ def test_a_job_id_run_again_after_its_report_was_stored_answers_from_prometheus(
     first = trainer(job, "h:1", now - 3000, now - 2900, "completed", None)
     again = trainer(job, "h:2", now - 1000, now - 500, "completed", None)
 
-    async def read(url: str, archive: ReportArchive | None = None):
-        client = PrometheusClient(url)
-        try:
-            return await cached_job_analytics(client, AnalyticsCache(), job, LOOKBACK_SECONDS, archive=archive)
-        finally:
-            await client.aclose()
-
     (tmp_path / "then").mkdir()
     (tmp_path / "later").mkdir()
     with backfilled_backend("prometheus", tmp_path / "then", as_openmetrics(first)) as then:
-        report = plain(asyncio.run(read(then.url)))
+        report = plain(asyncio.run(read(then.url, AnalyticsCache(), job)))
 
     async def load(job_id: str):
         return (job, report) if job_id == job else None
 
     with backfilled_backend("prometheus", tmp_path / "later", as_openmetrics(again)) as later:
-        served = asyncio.run(read(later.url, ReportArchive(load=load)))
+        served = asyncio.run(read(later.url, AnalyticsCache(), job, ReportArchive(load=load)))
     assert served.source == "prometheus"
     assert (served.start_time, served.end_time) == pytest.approx((now - 1000, now - 500), abs=0.01)

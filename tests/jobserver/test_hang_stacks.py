@@ -20,6 +20,18 @@ class Service:
         return {}, Path("/nonexistent") / job_id, {0: 0}, 0.0
 
 
+def three_hung_jobs(monkeypatch, service: Service, collect) -> hangs.HangStacks:
+    """A HangStacks for which TrainerHang fires for job-a, job-b and job-c, its ranks' answers from `collect`."""
+    async def hung_jobs():
+        return {"job-a", "job-b", "job-c"}
+
+    async def call(operation, *args):
+        return operation(*args)
+
+    monkeypatch.setattr(stacks, "collect", collect)
+    return hangs.HangStacks(SimpleNamespace(hung_jobs=hung_jobs), call, service)
+
+
 def test_every_hung_job_is_asked_before_any_answer_is_awaited(monkeypatch):
     """One job at a time, each answer awaited up to 5 s (a rank that never answers): in a hang of many jobs at
     once (a switch gone, every job's collective stuck), the twentieth job's ranks were asked 100 s late."""
@@ -30,14 +42,7 @@ def test_every_hung_job_is_asked_before_any_answer_is_awaited(monkeypatch):
         events.append(f"answered {path.name}")
         return {"ranks": [], "missing_ranks": [0]}
 
-    async def hung_jobs():
-        return {"job-a", "job-b", "job-c"}
-
-    async def call(operation, *args):
-        return operation(*args)
-
-    monkeypatch.setattr(stacks, "collect", collect)
-    taker = hangs.HangStacks(SimpleNamespace(hung_jobs=hung_jobs), call, Service(events))
+    taker = three_hung_jobs(monkeypatch, Service(events), collect)
     asyncio.run(taker.round())
     assert events[:3] == ["asked job-a", "asked job-b", "asked job-c"]
     assert sorted(events[3:]) == ["answered job-a", "answered job-b", "answered job-c"]
@@ -60,14 +65,7 @@ def test_a_job_whose_ask_fails_does_not_keep_the_others_from_being_asked(monkeyp
     async def collect(path, before, asked_at):
         return {"ranks": [], "missing_ranks": [0]}
 
-    async def hung_jobs():
-        return {"job-a", "job-b", "job-c"}
-
-    async def call(operation, *args):
-        return operation(*args)
-
-    monkeypatch.setattr(stacks, "collect", collect)
-    taker = hangs.HangStacks(SimpleNamespace(hung_jobs=hung_jobs), call, FailingForB(events))
+    taker = three_hung_jobs(monkeypatch, FailingForB(events), collect)
     asyncio.run(taker.round())
     asyncio.run(taker.round())              # job-b asked again, said once
     assert events == ["asked job-a", "asked job-c"]
