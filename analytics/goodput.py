@@ -37,6 +37,10 @@ NO_PHASES = "the job's trainer published no phase totals (trainer_phase_seconds_
 EARLIER_RUNS_GONE = ("the job's earliest run Prometheus still holds resumed from a checkpoint: the runs before it "
                      "are gone (retention, a wiped store), so their queued, paused and lost time is in "
                      "unaccounted_seconds")
+EARLIER_RUNS_GONE_UNSUBMITTED = ("the job's earliest run Prometheus still holds resumed from a checkpoint: the runs "
+                                 "before it are gone (retention, a wiped store), and with no submission time the wall "
+                                 "clock starts the time that run carried in before it (the least they took): the "
+                                 "goodput ratio is an upper bound")
 NO_SUBMISSION = ("no submission time (a job started without the job server): queued is 0 and the wall clock starts "
                  "at the first process")
 # A run that started afresh carries nothing; its totals and its life are read from two clocks a scrape apart.
@@ -162,11 +166,15 @@ def ledger(facts: JobFacts, found: dict[str, list[dict]]) -> shapes.Goodput:
     elif server_end is None and facts.now > end and facts.waiting:
         paused += facts.now - end           # paused (or queued to resume) now, as the fleet counts it: to now
         end = facts.now
-    began = submitted if submitted is not None and submitted <= runs[0].started else runs[0].started
-    wall = end - began
     # The first run Prometheus holds took time over from a checkpoint: earlier runs are gone from it (retention,
     # a wiped store). Their queued, paused and lost time is not known: left unaccounted, not called queued.
     earlier_runs_gone = runs[0].resumed
+    began = submitted if submitted is not None and submitted <= runs[0].started else runs[0].started
+    if earlier_runs_gone and submitted is None:
+        # No submission to start from, and the first process is gone: the job began at least the time its held run
+        # carried in before that run (from the held run's start, its carried step time made goodput over 1).
+        began = runs[0].started - max(0.0, runs[0].carried)
+    wall = end - began
     step_parts = {part: final.get(part, 0.0) for part in STEP_PHASES}
     seconds = {"queued": 0.0 if earlier_runs_gone else runs[0].started - began,
                "init": final.get("init", 0.0) + thrown_setup["init"] + sum(e - s for s, e in unread),
@@ -185,8 +193,8 @@ def ledger(facts: JobFacts, found: dict[str, list[dict]]) -> shapes.Goodput:
         # To the millisecond: a difference of large sums, whose last digits a backend storing fewer (such as
         # VictoriaMetrics) would change.
         unaccounted_seconds=round(wall - sum(seconds.values()), 3),
-        unavailable_reason=EARLIER_RUNS_GONE if earlier_runs_gone else None if submitted is not None else
-        NO_SUBMISSION)
+        unavailable_reason=(EARLIER_RUNS_GONE if submitted is not None else EARLIER_RUNS_GONE_UNSUBMITTED)
+        if earlier_runs_gone else None if submitted is not None else NO_SUBMISSION)
 
 
 def _queued_only(wall: float) -> shapes.Goodput:

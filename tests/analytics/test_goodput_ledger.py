@@ -219,6 +219,19 @@ def test_when_earlier_runs_are_gone_their_time_is_unaccounted_not_queued():
     assert "earliest run" in body.unavailable_reason
 
 
+def test_a_job_without_a_submission_whose_earlier_runs_are_gone_has_a_goodput_ratio_of_at_most_one():
+    """A job started without the job server (no submission time) of which Prometheus holds only run b (140-170),
+    resumed with 29.5 s of totals: its wall clock started at b's start, so b's carried 42.5 s of steps over 30 s
+    of wall clock gave a goodput ratio of 1.42 (unaccounted -29.5 s), which won the comparison's best_goodput."""
+    b = {"init": 4.0, "restore": 1.0, "compute": 42.5, "data_wait": 7.0, "checkpoint": 5.0}
+    answer = found({"b": (140.0, b)}, submitted=90.0)
+    answer["submitted"] = []        # (a job run by hand publishes no submission)
+    body = ledger(facts(Process("b", start=140.0, end=170.0, state="completed")), answer)
+    assert body.wall_clock_seconds == 59.5 and 0 <= body.goodput_ratio <= 1
+    assert body.unaccounted_seconds >= 0 and sum(body.badput_percent.values()) <= 100.0
+    assert "upper bound" in body.unavailable_reason
+
+
 def test_a_job_whose_end_timestamp_is_not_in_the_store_yet_is_not_settled():
     """VictoriaMetrics makes a new series searchable seconds after it arrived: a job read as completed before
     its end timestamp showed was settled, and the job server stored its report with the heartbeat for the end
