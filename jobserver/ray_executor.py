@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import requests
+from ray import exceptions as ray_exceptions
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from trainmetrics.contract import CONTROL_CHARACTERS
@@ -81,6 +82,9 @@ def token_headers(headers: dict[str, str]) -> dict[str, str]:
         return {}
 
 
+# What Ray's client raises for a 401 or 403 (recent Rays; older ones a RuntimeError naming the status code).
+CREDENTIALS_REFUSED = tuple(error for error in [getattr(ray_exceptions, "AuthenticationError", None)] if error)
+
 # Ray's own answer for a submission it does not have (its dashboard's job routes), as its client raises it.
 RAY_UNKNOWN_SUBMISSION = re.compile(r"Request failed with status code 404: Job (\S+) does not exist")
 
@@ -100,17 +104,26 @@ def unanswered(error: Exception) -> bool:
     inside (500: "No available agent to submit job, please try again later" while its head or job agent
     starts, its GCS unreachable; a request Ray finds wrong is its 400), or something other than Ray's dashboard
     answered (a 404 that is not Ray's "Job ... does not exist": a gateway or proxy in front of the head, its
-    route to the head missing or not up yet; the client's version check answered 404). Taken for the job's own
-    failure, a job submitted then was failed for good; taken for Ray's "no such submission", a running job
-    was ended as lost."""
-    if isinstance(error, OSError):
+    route to the head missing or not up yet; the client's version check answered 404), or the head or its
+    gateway refused the server's credentials or asked it to come back later (401, 403, 407; 408, 429). Taken for
+    the job's own failure, a job submitted then was failed for good (with expired credentials, every queued job
+    in turn); taken for Ray's "no such submission", a running job was ended as lost."""
+    if isinstance(error, (OSError, *CREDENTIALS_REFUSED)):
         return True
     if not isinstance(error, RuntimeError):
         return False
     text = str(error)
-    return any(f"status code {code}" in text for code in (500, 502, 503, 504)) or \
+    return any(f"status code {code}" in text for code in (401, 403, 407, 408, 429, 500, 502, 503, 504)) or \
         ("status code 404" in text and not RAY_UNKNOWN_SUBMISSION.match(text)) or \
         text.startswith("Version check returned 404")
+
+
+def misread(error: Exception) -> bool:
+    """Ray's client could not read an answer (a body that is not a JSON object, a field missing: another Ray
+    version's answer, or a gateway's): a submission so answered may have been taken (a 200 is read so). Taken
+    for the job's own failure, the job failed while Ray ran its submission unseen. Not any ValueError: the
+    client's own check of a submission's arguments raises those, and such a job would wait queued for good."""
+    return isinstance(error, (TypeError, KeyError, requests.exceptions.JSONDecodeError))
 
 
 def already_submitted(error: Exception) -> bool:
@@ -160,8 +173,9 @@ class RayExecutor:
     def start(self, job_id: str, nproc: int, train_args: list[str], job_dir: Path, env: dict[str, str]) -> Run:
         """Submit the run; its submission id names it (unique per run: the job id and the time).
 
-        When Ray does not answer, ExecutorUnavailable: the job stays queued, and the next try submits under the
-        same id, so a submission that reached Ray despite the error (its answer lost) is taken, not doubled."""
+        When Ray does not answer (or its answer cannot be read), ExecutorUnavailable: the job stays queued, and
+        the next try submits under the same id, so a submission that reached Ray despite the error (its answer
+        lost) is taken, not doubled."""
         if self._quiet():
             raise ExecutorUnavailable(f"Ray did not answer lately ({self._quiet_because})")
         submission = self._unconfirmed.get(job_id) or f"{job_id}-{time.time_ns()}"
@@ -174,7 +188,8 @@ class RayExecutor:
         except Exception as error:
             if already_submitted(error) and job_id in self._unconfirmed:
                 log.warning("job %s: Ray had received its submission %s after all", job_id, submission)
-            elif unanswered(error):
+            elif unanswered(error) or misread(error):
+                # Retried under the same id: Ray's "already exists" then says it took this one.
                 self._unconfirmed[job_id] = submission
                 self._went_quiet(error, secrets)
                 raise ExecutorUnavailable(f"Ray did not answer ({_one_line(error, secrets)})") from error

@@ -861,3 +861,90 @@ def test_a_first_try_that_is_stopped_unrecorded_leaves_service_discovery(ended_b
     assert store.get_job("lost").state == ("failed" if ended_by == "refused-retry" else "cancelled")
     assert service.discovery() == []
     store.close()
+
+
+class HeadAnswering:
+    """A stand-in for a Ray head that answers its version, and every Jobs API request with `status` and `body`
+    (a request to /api/jobs/ is kept: its submission id), so that Ray's real client reads the answers."""
+
+    def __init__(self, status: int, body: str):
+        submitted = self.submitted = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def answer(self, code: int, text: str):
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(text)))
+                self.end_headers()
+                self.wfile.write(text.encode())
+
+            def do_GET(self):
+                if self.path == "/api/version":
+                    self.answer(200, json.dumps({"ray_version": "2.99.0", "version": "3"}))
+                else:
+                    self.answer(status, body)
+
+            def do_POST(self):
+                request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                submitted.append(request.get("submission_id"))
+                self.answer(status, body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.address = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("status", [401, 403, 407, 429])
+def test_a_head_that_refuses_the_servers_credentials_keeps_its_jobs_queued(status, tmp_path):
+    """A head (or its gateway) refusing the job server's credentials (Ray's token rotated, a gateway's token
+    expired: 401, 403, 407) or asking it to come back later (429) failed every queued job for good, one by one
+    ("could not start: AuthenticationError: ..."), for the server's configuration, not the jobs'. They wait
+    queued, as when Ray does not answer, their waiting_for saying what the head answered, and run once it takes
+    the credentials."""
+    head = HeadAnswering(status, json.dumps({"error": "token expired"}))
+    try:
+        store, supervisor = supervised_on_ray(tmp_path, ray_executor.TimedJobSubmissionClient(head.address),
+                                              "first", "second", max_concurrent=2)
+        service = JobService(ServerSettings(data_dir=tmp_path), store, supervisor)
+        for _ in range(3):
+            supervisor.tick()
+        assert [job.state for job in store.list_jobs()] == ["queued", "queued"]
+        said = service.get(None, "first")["waiting_for"]
+        assert "Ray did not answer" in said and ("token expired" in said or str(status) in said), said
+        client = RayJobs()
+        supervisor.executor._client = client          # the credentials taken again
+        supervisor.tick()
+        assert [job.state for job in store.list_jobs()] == ["running", "running"]
+        store.close()
+    finally:
+        head.close()
+
+
+@pytest.mark.parametrize("body", ['{"submission_id": "other"}', '["accepted"]', '"accepted"'],
+                         ids=["field-missing", "a-list", "a-string"])
+def test_a_submission_answered_in_words_the_client_cannot_read_is_taken_not_failed(body, tmp_path):
+    """A head answered the submission 200 with a body Ray's client could not read (a field missing: another Ray
+    version's answer; not a JSON object), raising TypeError: the job failed for good ("could not start"), while
+    Ray, which had taken the submission, ran it unseen and unstoppable. It is taken for an answer lost: the job
+    waits queued, and the retry under the same submission id is taken when Ray says it has it."""
+    head = HeadAnswering(200, body)
+    try:
+        store, supervisor = supervised_on_ray(tmp_path, ray_executor.TimedJobSubmissionClient(head.address), "job")
+        supervisor.tick()
+        assert store.get_job("job").state == "queued" and len(head.submitted) == 1
+        client = RayJobs()
+        client.submitted[head.submitted[0]] = {}      # Ray has it: the retry is told it already exists
+        supervisor.executor._client = client
+        supervisor.tick()
+        job = store.get_job("job")
+        assert job.state == "running" and job.handle == head.submitted[0] and len(client.submitted) == 1
+        store.close()
+    finally:
+        head.close()
