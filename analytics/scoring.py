@@ -5,8 +5,8 @@ Efficiency, each score 0..100 (docs/api.md holds the same text):
 - gpu_utilization_score = mean utilisation of the job's GPUs over its run, in percent; null without GPU data.
 - throughput_score = 100 × average samples/s ÷ peak samples/s (capped at 100): how close the job ran to
   its own best rate over a window of max(1 s, the peak grid's step: duration / 250); stalls, slow data loading
-  and checkpoint pauses lower it. Null without a measured peak (a run about as short as the peak window, or one Prometheus
-  saw only part of: its average stands in for its peak, which it would always reach).
+  and checkpoint pauses lower it. Null without a measured peak (a run about as short as the peak window, or one
+  Prometheus saw only part of: its average stands in for its peak, which it would always reach).
 - overall_score = the weighted mean of the available scores, GPU 0.6 and throughput 0.4; a missing score
   drops out and the weights of the others are renormalised (a CPU job's overall score is its throughput
   score). Null when neither is available. A comparison's most_efficient counts only jobs scored on every score
