@@ -128,6 +128,7 @@ GPU_PEAK_FLOPS_FP32 = {
     "A10G": 31.2e12,
     "L4": 30.3e12,
     "V100S": 16.4e12,
+    "V100-PCIE": 14e12,     # torch's "Tesla V100-PCIE-16GB"; "V100" is the SXM2 module's
     "V100": 15.7e12,
     "T4": 8.1e12,
 }
@@ -138,6 +139,10 @@ def device_peak_flops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
+    if re.search(r"(?<![0-9A-Za-z])MIG(?![0-9A-Za-z])", name):
+        # A MIG slice ("NVIDIA A100-SXM4-40GB MIG 1g.5gb") has a share of its GPU's SMs (a 1g slice 14 of an A100's
+        # 108): the whole GPU's peak put its MFU ~7x too low.
+        return None
     for key, peak in GPU_PEAK_FLOPS_FP32.items():   # most specific names first
         # A whole name in torch's ("NVIDIA L40", "Tesla V100-SXM2-16GB"): as a substring an L40 was an "L4" (a
         # third of its peak) and a T400 a "T4".

@@ -379,6 +379,26 @@ def test_a_gpus_peak_is_its_own_models_not_one_whose_name_is_part_of_it(monkeypa
     assert device_peak_flops(torch.device("cuda", 0)) == peak
 
 
+@pytest.mark.parametrize("name, peak", [
+    ("Tesla V100-PCIE-16GB", 14e12),        # read as a V100 SXM2 (15.7 TFLOP/s): its MFU published 11 % too low
+    ("Tesla V100-PCIE-32GB", 14e12),
+    ("Tesla V100-SXM2-32GB", 15.7e12),
+])
+def test_a_v100_pcie_has_its_own_peak_not_the_sxm2_ones(monkeypatch, name, peak):
+    """A V100 PCIe card (14 TFLOP/s FP32) matched "V100" and took the SXM2 module's 15.7 TFLOP/s."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert device_peak_flops(torch.device("cuda", 0)) == peak
+
+
+@pytest.mark.parametrize("name", ["NVIDIA A100-SXM4-40GB MIG 1g.5gb", "NVIDIA A100-SXM4-80GB MIG 3g.40gb",
+                                  "NVIDIA H100 80GB HBM3 MIG 1g.10gb", "NVIDIA H100 PCIe MIG 2g.20gb"])
+def test_a_mig_slice_has_no_known_peak(monkeypatch, name):
+    """A MIG slice (torch names it after its GPU, then "MIG 1g.5gb") took the whole GPU's peak: a 1g slice has 14
+    of an A100's 108 SMs, and its MFU was published about 7x too low. Its peak is unknown: --peak-flops gives it."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert device_peak_flops(torch.device("cuda", 0)) is None
+
+
 def test_served_metrics_pass_promtool_check():
     metrics = JobMetrics("lib-7", JobInfo(model="cnn", dataset="digits", upload_seconds=0.1), Publish(),
                          log_every=1, flops_per_sample=1e6, peak_flops=1e12)
