@@ -107,3 +107,34 @@ def test_an_alert_of_a_job_id_two_owners_share_reaches_neither_owners_route(aler
     finally:
         prometheus.stop()
     assert receivers() == {"alice-job": {"alice"}, "shared-job": {"default"}}
+
+
+def test_a_hung_jobs_stalled_and_throughput_pages_are_held_back_while_its_hang_pages(alertmanager):
+    """A hung job (a deadlocked collective) makes no step: TrainerHang pages at once, and 5 to 10 minutes on its
+    TrainerThroughputDropped and TrainerJobStalled (critical too) fired for the same hang, each a page of its
+    own, repeated. Nothing inhibited them. They are now held back while the job's TrainerHang fires; another
+    job's stall still pages (and TrainerJobStalled alone, an evaluation or checkpoint that hangs, still does)."""
+    import datetime
+    import urllib.request
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    until = (now + datetime.timedelta(minutes=5)).isoformat()
+    alerts = [{"labels": {"alertname": alertname, "job_id": job_id, "severity": severity},
+               "startsAt": now.isoformat(), "endsAt": until}
+              for alertname, job_id, severity in (("TrainerHang", "hung", "critical"),
+                                                  ("TrainerJobStalled", "hung", "critical"),
+                                                  ("TrainerThroughputDropped", "hung", "warning"),
+                                                  ("TrainerJobStalled", "other", "critical"))]
+    request = urllib.request.Request(f"http://{alertmanager}/api/v2/alerts", data=json.dumps(alerts).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+    urllib.request.urlopen(request, timeout=10)
+
+    def notified() -> set[tuple[str, str]]:
+        return {(alert["labels"]["alertname"], alert["labels"]["job_id"])
+                for message in Webhook.received for alert in message["alerts"]}
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not {("TrainerHang", "hung"), ("TrainerJobStalled", "other")} <= notified():
+        time.sleep(0.5)
+    time.sleep(2)                                    # the held-back ones' groups wait as long (group_wait 1s)
+    assert notified() == {("TrainerHang", "hung"), ("TrainerJobStalled", "other")}
