@@ -68,8 +68,8 @@ def physical_gpus(device: torch.device) -> list[int | str]:
     cuda_visible, nvidia_visible = os.environ.get("CUDA_VISIBLE_DEVICES"), os.environ.get("NVIDIA_VISIBLE_DEVICES")
     gpu = host_gpu(index, cuda_visible, nvidia_visible)
     if gpu is None:     # better no GPU declared than another job's: the exporter still finds the job's processes
-        log.warning("cuda:%d is no GPU index or UUID by CUDA_VISIBLE_DEVICES=%r, NVIDIA_VISIBLE_DEVICES=%r: the "
-                    "job mapping declares no GPU", index, cuda_visible, nvidia_visible)
+        log.warning("cuda:%d names no host GPU index or UUID by CUDA_VISIBLE_DEVICES=%r, NVIDIA_VISIBLE_DEVICES=%r: "
+                    "the job mapping declares no GPU", index, cuda_visible, nvidia_visible)
         return []
     return [gpu]
 

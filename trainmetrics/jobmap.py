@@ -28,6 +28,10 @@ GPU_UUID = re.compile(r"(GPU|MIG)-[0-9a-fA-F-]{8,80}")
 HOST_INDEX = re.compile(r"[0-9]+")    # ASCII only: str.isdigit() is true for '²' too
 # *_VISIBLE_DEVICES values that pick no devices in particular: no remapping at that level.
 NO_REMAPPING = {"", "all", "none", "void"}
+# NVIDIA_VISIBLE_DEVICES values under which the container runtime gave the container no GPU: one the process sees
+# came another way, as CDI injects them (`--device nvidia.com/gpu=2`, the GPU Operator's CDI mode: its spec sets
+# void), numbered from 0 whatever host GPU it is.
+NO_GPU_BY_RUNTIME = {"", "none", "void"}
 
 
 def is_gpu_id(value: object) -> bool:
@@ -44,23 +48,28 @@ def host_gpu(cuda_index: int, cuda_visible: str | None, nvidia_visible: str | No
     `docker --gpus`) gives the container the host GPUs NVIDIA_VISIBLE_DEVICES lists, numbered from 0. So the
     CUDA index picks an entry of CUDA_VISIBLE_DEVICES, and an index found there picks one of
     NVIDIA_VISIBLE_DEVICES. A UUID names its GPU on any host: it is kept as given, even where the exporter
-    may not know it (a MIG instance), rather than guessed as an index. An index past a list is kept as it
-    stands too. None: an entry that is neither an index nor a UUID (no GPU can be named from it).
+    may not know it (a MIG instance), rather than guessed as an index. None where no GPU can be named: an
+    entry that is neither an index nor a UUID, an index past a list, or an index into a container whose GPUs
+    NVIDIA_VISIBLE_DEVICES does not list (void, none, empty).
     """
     gpu = _listed_gpu(cuda_index, cuda_visible)
     if isinstance(gpu, int):    # an index into the container's GPUs (a UUID names its GPU anywhere)
+        if nvidia_visible is not None and nvidia_visible.strip().lower() in NO_GPU_BY_RUNTIME:
+            return None         # host GPU 0 was another job's, not the GPU CDI gave this container
         gpu = _listed_gpu(gpu, nvidia_visible)
     return gpu
 
 
 def _listed_gpu(index: int, visible: str | None) -> int | str | None:
     """Entry index of a *_VISIBLE_DEVICES list (an int for a host index); index itself when the list picks
-    no devices or is shorter; None when the entry is neither an index nor a UUID."""
+    no devices; None when the entry is neither an index nor a UUID, or the list is shorter."""
     if visible is None or visible.strip().lower() in NO_REMAPPING:
         return index
     entries = [entry.strip() for entry in visible.split(",")]
     if index >= len(entries):
-        return index
+        # CUDA numbers only the devices a list names: a list this short is not the process's GPUs (the device
+        # plugin's volume-mounts strategy gives a path), and the index kept named another job's GPU.
+        return None
     entry = entries[index]
     if HOST_INDEX.fullmatch(entry):
         return int(entry)

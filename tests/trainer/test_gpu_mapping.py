@@ -26,10 +26,13 @@ MIG = "MIG-1b2c3d4e-0000-1111-2222-333344445555"
     (0, "1", f"{GPU_A},{GPU_B}", GPU_B),
     (0, GPU_A, "2,5", GPU_A),                       # a UUID names its GPU on any host
     (2, "all", "all", 2),                           # all, none, void and empty pick no devices: no remapping
-    (2, "", "none", 2),
-    (2, "none", " void ", 2),
-    (3, "0,1", None, 3),                            # past a list: kept as it stands, not guessed as 0
-    (0, "2", "5", 2),
+    (2, "", "all", 2),
+    (2, "none", None, 2),
+    (2, "", "none", None),                          # the runtime gave no GPU: the one seen came another way (CDI)
+    (2, "none", " void ", None),
+    (0, GPU_A, "void", GPU_A),                      # a UUID names its GPU whichever way the container got it
+    (3, "0,1", None, None),                         # past a list: the list is not the process's GPUs
+    (0, "2", "5", None),
     (0, "gpu0", None, None),                        # neither an index nor a UUID: no GPU named
     (0, "GPU-12", None, None),                      # too short for a UUID
     (0, "\u00b2", None, None),                      # '²'.isdigit() is true, int('²') fails
@@ -57,3 +60,26 @@ def test_the_job_mapping_names_the_gpu_the_environment_gave_the_job(monkeypatch,
             monkeypatch.setenv(name, value)
     assert physical_gpus(torch.device("cuda", cuda_index)) == expected
     assert physical_gpus(torch.device("cpu")) == []
+
+
+@pytest.mark.parametrize("nvidia_visible", ["void", "none", "", " VOID "])
+def test_a_gpu_a_container_got_by_cdi_is_no_host_gpu_guessed_from_its_cuda_index(monkeypatch, nvidia_visible):
+    """CDI (`podman/docker run --device nvidia.com/gpu=2`, the GPU Operator's CDI mode) injects the container's GPUs
+    and sets NVIDIA_VISIBLE_DEVICES=void; CUDA numbers them from 0. void, none and empty were read as "no
+    remapping", so a job on host GPU 2 declared host GPU 0: another job's GPU was charged to it."""
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setenv("NVIDIA_VISIBLE_DEVICES", nvidia_visible)
+    assert physical_gpus(torch.device("cuda", 0)) == []
+    assert physical_gpus(torch.device("cuda", 1)) == []
+
+
+def test_an_index_past_the_containers_list_names_no_host_gpu(monkeypatch):
+    """Kubernetes' device plugin with the volume-mounts strategy sets NVIDIA_VISIBLE_DEVICES to a path, one entry
+    that is no GPU: cuda:0 declared none, but cuda:1, past that list, was kept as host GPU 1, another pod's."""
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setenv("NVIDIA_VISIBLE_DEVICES", "/var/run/nvidia-container-devices")
+    assert physical_gpus(torch.device("cuda", 0)) == []
+    assert physical_gpus(torch.device("cuda", 1)) == []
+    monkeypatch.setenv("NVIDIA_VISIBLE_DEVICES", "5")     # one GPU in the container, an index past it
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    assert physical_gpus(torch.device("cuda", 0)) == []
