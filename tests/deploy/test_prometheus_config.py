@@ -150,3 +150,50 @@ def test_the_job_servers_own_series_reach_the_central_store_from_one_agent(tmp_p
         kept[node] = [target["labels"] for target in json.loads(result.stdout) if target["labels"]]
     assert [labels["instance"] for labels in kept["10.0.0.1"]] == ["10.0.0.1:8000"], kept
     assert kept["10.0.0.2"] == [], kept
+
+
+def test_the_job_servers_nodes_agent_keeps_the_local_executors_jobs_and_no_other_agent_does(tmp_path):
+    """The local executor runs a job on the job server's node with its /metrics on loopback, and the job reports
+    127.0.0.1:PORT to the job server's http_sd. agent.yml kept only targets at NODE:PORT, so every node's agent
+    dropped such a job: in the multi-node topology a local job was never scraped (it waited out its first
+    scrape and trained unseen). The job server's node's agent keeps it, named by the node's address; another
+    node's (whose loopback is not that job's) drops it; a job at another node's address stays that node's.
+    promtool reads what a job server's discovery answers (its shape, jobs.py's discovery()) and says which
+    targets each agent keeps."""
+    import http.server
+    import json
+    import threading
+
+    answer = json.dumps([{"targets": [address], "labels": {"__scheme__": "http", "__meta_trainmetrics_job_id": job,
+                                                           "__meta_trainmetrics_rank": "0"}}
+                         for address, job in (("127.0.0.1:41234", "local-1"), ("10.0.0.2:41235", "ray-1"))]).encode()
+
+    class Discovery(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Discovery)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    kept = {}
+    try:
+        for node in ("10.0.0.1", "10.0.0.2"):           # the job server runs on 10.0.0.1
+            path = tmp_path / f"{node}.yml"
+            path.write_text((PROMETHEUS_DIR / "agent.yml").read_text()
+                            .replace("http://JOB-SERVER:8000", f"http://127.0.0.1:{server.server_port}")
+                            .replace("JOB-SERVER", "10.0.0.1").replace("CENTRAL", "127.0.0.1").replace("NODE", node))
+            result = promtool("check", "service-discovery", "--timeout=3s", str(path), "trainer-jobs")
+            assert result.returncode == 0, result.stdout + result.stderr
+            kept[node] = sorted((target["labels"]["__address__"], target["labels"]["instance"])
+                                for target in json.loads(result.stdout) if target["labels"])
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert kept == {"10.0.0.1": [("127.0.0.1:41234", "10.0.0.1:41234")],
+                    "10.0.0.2": [("10.0.0.2:41235", "10.0.0.2:41235")]}, kept
