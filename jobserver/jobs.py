@@ -215,8 +215,9 @@ class JobService:
                                             "a checkpoint, resume")
         # The previous run's outcome goes with its end: its exit code and reason (a pause's 4, "loss spike at step
         # 85") stayed until the next start, so a resumed job cancelled while queued showed them.
+        # At the back of the queue (queued_at): its first submission's place went to the jobs queued while it waited.
         self.store.update_job(job.id, state="queued", resume=True, ended=None, error=None, exit_code=None,
-                              reason=None, report=None)
+                              reason=None, report=None, queued_at=time.time())
         self._start_queued()
         return self._view(self.store.get_job(job.id))
 

@@ -32,7 +32,8 @@ CREATE TABLE IF NOT EXISTS server (name TEXT PRIMARY KEY, value REAL NOT NULL);
 """
 # Columns added since the first schema: table -> (name, SQL type); an older database gains them at open.
 ADDED_COLUMNS = {"jobs": (("requested", "TEXT"), ("run_token", "TEXT"), ("handle", "TEXT"), ("report", "TEXT"),
-                          ("reason", "TEXT"), ("stop_unsent", "TEXT"), ("executor", "TEXT")),
+                          ("reason", "TEXT"), ("stop_unsent", "TEXT"), ("executor", "TEXT"),
+                          ("queued_at", "REAL")),
                  "datasets": (("target", "TEXT"),)}
 
 
@@ -94,6 +95,9 @@ class JobRecord:
     stop_unsent: str | None = None
     # The executor that started its process ("local", "ray"): only that one can adopt it after a restart.
     executor: str | None = None
+    # When a resume queued it again (None: it is queued from its submission, `created`): its place in the queue. A
+    # job the server queues again (its shutdown pause, a run that died with it) keeps the place it had.
+    queued_at: float | None = None
     spec_unreadable: bool = False   # its stored spec is not a JSON object (read as {}: the job cannot start)
 
     @property
@@ -253,6 +257,13 @@ class JobStore:
             sql += f" AND state IN ({','.join('?' * len(states))})"
             params.extend(states)
         return [self._job(row) for row in self._execute(sql + " ORDER BY created", tuple(params))]
+
+    def queued_jobs(self) -> list[JobRecord]:
+        """Queued jobs in the order they start: by when each joined the queue, its resume's time or else its
+        submission's (ordered by submission alone, a job resumed after a pause or a failure went before every job
+        queued meanwhile, and after a restart before the jobs the server had paused while they ran)."""
+        return [self._job(row) for row in self._execute(f"SELECT {JOB_COLUMNS} FROM jobs WHERE state = 'queued' "
+                                                        "ORDER BY COALESCE(queued_at, created), rowid")]
 
     def ended_without_run(self, states: tuple[str, ...], since: float,
                           unreported_since: float | None = None) -> list[JobRecord]:

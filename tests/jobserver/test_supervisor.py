@@ -1606,3 +1606,60 @@ def test_a_stored_report_that_cannot_be_served_is_not_said_stored(tmp_path):
     assert {job_id: service.get(None, job_id)["report_stored"] for job_id in reports} == {
         "good": True, "not-json": False, "another-jobs": False, "a-list": False}
     store.close()
+
+
+def _one_slot_service(tmp_path):
+    """A job service over a real store and a supervisor with one slot (the scripted trainer)."""
+    from trainmetrics.jobserver.jobs import JobService, ServerSettings
+
+    store = JobStore(tmp_path / "db.sqlite")
+    supervisor = Supervisor(store, tmp_path, None, max_concurrent=1, executor=ScriptedExecutor())
+    return JobService(ServerSettings(data_dir=tmp_path), store, supervisor), supervisor
+
+
+def _paused_and_resumed_behind(service, supervisor, first: str, second: str, *behind: str) -> None:
+    """`first` runs, `second` and `behind` are submitted after it; `first` is paused (so `second` takes the slot),
+    then resumed: it waits for the slot `second` holds, `behind` queued since before its resume."""
+    for job_id in (first, second, *behind):
+        service.submit(None, {"job_id": job_id, "model": "mlp"})
+    time.sleep(0.3)
+    assert service.stop(None, first, "paused")[0] == 202
+    assert settle(supervisor, first).state == "paused"
+    supervisor.tick()
+    assert supervisor.store.get_job(second).state == "running"
+    time.sleep(0.3)     # its stop signals unblocked: a stop now is taken, not lost in its start
+    assert service.resume(None, first)["state"] == "queued"
+
+
+def test_a_resumed_job_joins_the_back_of_the_queue(tmp_path):
+    """A resumed job kept the place of its first submission: resumed hours later (after a pause, or a failure), it
+    started before every job queued while it was paused, though they had waited longer."""
+    service, supervisor = _one_slot_service(tmp_path)
+    try:
+        _paused_and_resumed_behind(service, supervisor, "early", "running-now", "waiting")
+        assert service.stop(None, "running-now", "cancelled")[0] == 202
+        settle(supervisor, "running-now")
+        supervisor.tick()
+        assert (service.store.get_job("waiting").state, service.store.get_job("early").state) == ("running", "queued")
+    finally:
+        supervisor.shutdown(timeout=20)
+        service.store.close()
+
+
+def test_a_server_restart_starts_again_the_jobs_it_paused_before_those_that_waited(tmp_path):
+    """A job the server's stop paused (or whose process died with the server) was queued again behind any job that
+    waited with an older submission (one resumed after a pause): after the restart the waiting job took the slot,
+    and the job that had been running waited for it to end."""
+    service, supervisor = _one_slot_service(tmp_path)
+    try:
+        _paused_and_resumed_behind(service, supervisor, "resumed", "was-running")
+        supervisor.shutdown(timeout=20)
+        assert supervisor.store.get_job("was-running").state == "queued"
+        again = restarted(supervisor, max_concurrent=1)
+        supervisor = again      # (stopped below, whatever the assertion found)
+        again.tick()
+        assert (service.store.get_job("was-running").state, service.store.get_job("resumed").state) == \
+            ("running", "queued")
+    finally:
+        supervisor.shutdown(timeout=20)
+        service.store.close()
