@@ -9,6 +9,7 @@ Not thread-safe by design: the job server calls it from its one state thread onl
 """
 
 import dataclasses
+import errno
 import hashlib
 import hmac
 import logging
@@ -250,7 +251,9 @@ class Supervisor:
                 held_back = True
                 break
             except Exception as error:      # this job's own failure: the jobs queued behind it still start
-                if storage_full(error):     # not the job's either (it was failed for good): queued until there is room
+                if storage_full(error) or _short_of_resources(error):
+                    # Not the job's either (it was failed for good, and so was every job behind it in the same
+                    # pass): queued until there is room, or a process, a descriptor or memory to start it with.
                     self._executor_unavailable(job, error)
                     held_back = True
                     break
@@ -597,6 +600,12 @@ class Supervisor:
                 ended, code = self.executor.poll(run)
                 if ended:
                     self._reap(job_id, code)
+
+
+def _short_of_resources(error: BaseException) -> bool:
+    """A start that found the server short of something that frees itself: a process to fork (EAGAIN: the user's
+    process limit), memory, or a descriptor (its own EMFILE, the system's ENFILE)."""
+    return isinstance(error, OSError) and error.errno in (errno.EAGAIN, errno.ENOMEM, errno.EMFILE, errno.ENFILE)
 
 
 def _end_told(result: dict, job: JobRecord) -> float | None:

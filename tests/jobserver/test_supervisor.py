@@ -1234,6 +1234,26 @@ def test_a_job_whose_start_finds_the_disk_full_stays_queued_until_there_is_room(
     assert supervisor.waiting_for(supervisor.store.get_job("behind-it")) is None
 
 
+@pytest.mark.parametrize("code", ["EAGAIN", "ENOMEM", "EMFILE", "ENFILE"])
+def test_a_start_short_of_processes_memory_or_descriptors_keeps_the_queue(supervisor, monkeypatch, code):
+    """A fork refused for the user's process limit (EAGAIN), memory, or descriptors was taken for the job's own
+    failure: the pass went on to the next job, which failed the same way, and every queued job failed for good."""
+    import errno
+    import os
+
+    def short(*args):
+        raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
+
+    monkeypatch.setattr(supervisor.executor, "start", short)
+    queue(supervisor, "first")
+    queue(supervisor, "second")
+    supervisor.tick()
+    assert [supervisor.store.get_job(job_id).state for job_id in ("first", "second")] == ["queued", "queued"]
+    monkeypatch.undo()                                  # the processes, memory or descriptors freed
+    supervisor.tick()
+    assert supervisor.store.get_job("first").state == "running"
+
+
 def test_the_server_publishes_since_when_its_executor_has_started_no_job(supervisor, monkeypatch):
     """An executor that fails every start (a full disk here; Ray failing every submission) keeps the jobs queued,
     and nothing in Prometheus said so: no job failed, no target went down. The server's /metrics now has
