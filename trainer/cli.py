@@ -11,6 +11,17 @@ from trainmetrics.trainer.outcome import bad_input, launched_rank
 from trainmetrics.trainer.stopping import StopFlag
 
 
+# The [train] extra's packages, by import name: torch for every job, scikit-learn for the digits dataset, tqdm for
+# --progress. A check of torch alone let the core package with a user's own torch through, and `--dataset digits`
+# then failed the job at its start with a ModuleNotFoundError traceback.
+TRAIN_EXTRA = {"torch": "PyTorch", "sklearn": "scikit-learn", "tqdm": "tqdm"}
+
+
+def missing_training_packages() -> list[str]:
+    """The [train] extra's packages that are not installed, named as their projects name themselves."""
+    return [name for module, name in TRAIN_EXTRA.items() if importlib.util.find_spec(module) is None]
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     """Add the train flags (imports nothing heavy)."""
     train_config.configure(parser)
@@ -33,8 +44,9 @@ def run(args: argparse.Namespace) -> int:
         train_config.check_flags(config)        # before torch's import: a bad flag is said at once
     except (ValueError, FlagError) as error:
         return bad_input(config, str(error))
-    if importlib.util.find_spec("torch") is None:
-        return bad_input(config, "training needs PyTorch: pip install 'trainmetrics[train]'")
+    missing = missing_training_packages()
+    if missing:
+        return bad_input(config, f"training needs {', '.join(missing)}: pip install 'trainmetrics[train]'")
     from trainmetrics.trainer.runner import run_job
 
     return run_job(config, stop)

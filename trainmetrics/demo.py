@@ -257,8 +257,16 @@ def run(args: argparse.Namespace) -> int:
     import httpx
 
     from trainmetrics.prometheus_process import PrometheusNotFound, PrometheusServer, find_binary
+    from trainmetrics.trainer.cli import missing_training_packages
 
     check_flags(args)
+    missing = missing_training_packages()
+    if missing:
+        # Before anything starts: the demo writes its CSV with scikit-learn and its job trains with torch, and the
+        # core package alone started the whole stack, then ended in a ModuleNotFoundError traceback.
+        print(f"trainmetrics demo: error: the demo trains a model and needs {', '.join(missing)}: "
+              "pip install 'trainmetrics[train]'", file=sys.stderr)
+        return 2
     try:
         find_binary("prometheus")       # before the work dir is made: a refusal leaves nothing behind
     except PrometheusNotFound as error:

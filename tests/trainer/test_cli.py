@@ -1,6 +1,7 @@
 """`trainmetrics train` as a user runs it: bad input, signals, failures, resume."""
 
 import fcntl
+import importlib.util
 import json
 import os
 import pty
@@ -625,3 +626,17 @@ def test_a_failed_start_fault_with_no_fields_fails_the_start():
                           env={**os.environ, "TRAINMETRICS_FAULTS": '{"fail_start": {}}'})
     assert done.returncode != 0, done.stdout
     assert "fault injected: failing before joining the other ranks" in done.stderr + done.stdout
+
+
+def test_a_missing_package_of_the_train_extra_beside_torch_is_one_line_naming_the_extra(tmp_path, monkeypatch, capsys):
+    """Only torch was checked for: the core package beside a user's own torch started `--dataset digits`, which
+    failed at its start with a ModuleNotFoundError traceback for scikit-learn (exit 1) instead of naming the extra."""
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *rest: None if name == "sklearn"
+                        else find_spec(name, *rest))
+    monkeypatch.setitem(sys.modules, "sklearn", None)       # as if not installed: its import fails
+    code = main(["train", "--dataset", "digits", "--epochs", "1", "--checkpoint-dir", str(tmp_path / "ck")])
+    stderr = capsys.readouterr().err
+    assert code == 2 and len(stderr.strip().splitlines()) == 1, stderr
+    assert stderr.strip() == "trainmetrics train: error: training needs scikit-learn: pip install 'trainmetrics[train]'"
+    assert list(tmp_path.iterdir()) == []

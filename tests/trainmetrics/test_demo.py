@@ -1,5 +1,6 @@
 """`trainmetrics demo --exit-after-job`: the whole stack with a real Prometheus, as `make demo` runs it."""
 
+import importlib.util
 import os
 import re
 import socket
@@ -9,6 +10,7 @@ import sys
 import pytest
 
 from tests.processes import finish_reading
+from trainmetrics.cli import main
 from trainmetrics.contract import MODELS
 from trainmetrics.demo import _port_or_free, dataset_for, write_digits_csv
 from trainmetrics.trainer.data import load_dataset
@@ -184,3 +186,16 @@ def test_a_demo_whose_reader_quit_stops_everything_it_started_without_a_tracebac
         assert list(tmp_path.glob("trainmetrics-demo-*")) == []        # its work dir (torch may leave a cache)
     finally:
         kill_all(demo, started)
+
+
+def test_the_demo_without_the_train_extra_is_one_line_naming_it_before_anything_starts(tmp_path, monkeypatch, capsys):
+    """The core package alone (no scikit-learn, no torch) started Prometheus, the exporter and the job server, then
+    ended in a ModuleNotFoundError traceback where the demo writes its CSV, its temp dir kept."""
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *rest: None if name in ("torch", "sklearn")
+                        else find_spec(name, *rest))
+    monkeypatch.setenv("PROMETHEUS_BIN", str(tmp_path / "nope"))   # not started, whichever check says no
+    code = main(["demo", "--exit-after-job"])
+    stderr = capsys.readouterr().err
+    assert code == 2 and stderr.strip() == ("trainmetrics demo: error: the demo trains a model and needs PyTorch, "
+                                            "scikit-learn: pip install 'trainmetrics[train]'"), stderr

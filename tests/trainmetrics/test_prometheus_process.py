@@ -1,9 +1,12 @@
 """The test harness' real servers (trainmetrics.prometheus_process): each one a test starts is the one it talks to."""
 
+import subprocess
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from trainmetrics.prometheus_process import PrometheusServer, listens_on
+import pytest
+
+from trainmetrics.prometheus_process import REPO_ROOT, PrometheusServer, listens_on
 
 
 class Ready(BaseHTTPRequestHandler):
@@ -35,3 +38,18 @@ def test_a_port_another_server_took_before_the_bind_is_not_taken_for_ours(tmp_pa
     finally:
         squatter.shutdown()
         squatter.server_close()
+
+
+@pytest.mark.parametrize("package,hint", [("prometheus", True), ("prometheus-alertmanager", False),
+                                          ("victoria-metrics", False)])
+def test_the_makefiles_package_check_offers_prometheus_bin_for_prometheus_alone(package, hint, tmp_path):
+    """Without root, `make test` said "install Debian's 'victoria-metrics' package (or set PROMETHEUS_BIN)" for a
+    missing VictoriaMetrics or Alertmanager too, where PROMETHEUS_BIN replaces nothing."""
+    (tmp_path / "id").write_text("#!/bin/sh\necho 1000\n")       # not root, whoever runs the tests
+    (tmp_path / "id").chmod(0o755)
+    result = subprocess.run([str(REPO_ROOT / "scripts" / "ensure-debian-package"), package, "no-such-command-167"],
+                            capture_output=True, text=True, timeout=30,
+                            env={"PATH": f"{tmp_path}:/usr/bin:/bin"})
+    assert result.returncode == 1
+    assert result.stderr.strip() == (f"error: no-such-command-167 not found; install Debian's '{package}' package"
+                                      + (" (or set PROMETHEUS_BIN)" if hint else ""))
