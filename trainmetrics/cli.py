@@ -7,6 +7,7 @@ the same way: one line on stderr naming the flag as typed, exit code 2 (trainmet
 
 import argparse
 import importlib
+import importlib.metadata
 import re
 import sys
 
@@ -43,7 +44,7 @@ class OneLineErrorParser(argparse.ArgumentParser):
         """As argparse's, but a flag the command does not know is reported by the command's parser (argparse
         leaves unknown arguments to the top-level one, whose prog is plain `trainmetrics`)."""
         args = sys.argv[1:] if args is None else list(args)
-        if self.commands and args and args[0].startswith("-") and args[0] not in ("-h", "--help"):
+        if self.commands and args and args[0].startswith("-") and args[0] not in ("-h", "--help", "--version"):
             # The top level has no option: `trainmetrics --bogus` said only "required: COMMAND".
             self.error(f"unrecognized arguments: {args[0]} (options go after the command)")
         parsed, unknown = self.parse_known_args(args, namespace)
@@ -53,12 +54,21 @@ class OneLineErrorParser(argparse.ArgumentParser):
         return parsed
 
 
+def _version() -> str:
+    """The installed package's version (a source tree never installed has none to say)."""
+    try:
+        return importlib.metadata.version("trainmetrics")
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with one sub-parser per command."""
     parser = OneLineErrorParser(
         prog="trainmetrics",
         description="Prometheus-native metrics for PyTorch training jobs and the machines under them.",
     )
+    parser.add_argument("--version", action="version", version=f"trainmetrics {_version()}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
                                        parser_class=OneLineErrorParser)
     for name, (module_name, help_text) in COMMANDS.items():

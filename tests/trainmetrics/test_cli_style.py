@@ -150,6 +150,15 @@ def test_a_bad_top_level_argument_is_one_line_naming_it(args, mention):
     assert mention in lines[0], lines
 
 
+def test_version_says_the_installed_packages_version():
+    """`trainmetrics --version` was refused as an option before the command ("options go after the command"), and
+    no command had one either."""
+    from importlib.metadata import version
+
+    result = subprocess.run([sys.executable, "-m", "trainmetrics", "--version"], capture_output=True, text=True,
+                            timeout=60)
+    assert (result.returncode, result.stdout.strip()) == (0, f"trainmetrics {version('trainmetrics')}"), result
+
 
 @pytest.mark.parametrize("args,flag", BAD, ids=[" ".join(args) for args, _ in BAD])
 def test_bad_input_is_one_line_naming_the_flag(args, flag):
