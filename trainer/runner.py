@@ -89,8 +89,11 @@ class Trainer:
         self.net = model.to(device)          # the bare module: checkpoints, evaluation
         self.model = self.net                # what the loop calls: DDP-wrapped in a multi-process job
         if self.dist.enabled:
+            # No buffer broadcast: the models' buffers (the MLP's input and target scales) are fit on the whole
+            # training split, the same on every rank, and never change; broadcast at every forward, they put a
+            # collective inside it, where a rank waiting for a slow peer read as `compute`, not `collective`.
             self.model = nn.parallel.DistributedDataParallel(
-                self.net, device_ids=[device.index] if device.type == "cuda" else None)
+                self.net, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
             distributed.mark_collectives(self.model, metrics.phases)
         self.faults = faults.from_environment(self.dist.rank, config.job_id)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr)

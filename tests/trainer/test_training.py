@@ -119,3 +119,41 @@ def test_a_diverged_model_whose_outputs_are_nan_is_not_accurate(make_trainer, tm
     trainer.evaluate()
     assert trainer.eval_accuracy == 0.0
     assert trainer.metrics.last_evaluation.accuracy == 0.0
+
+
+def _write_csv(path, features, targets, target_format="{}"):
+    rows = ["a,b,c,label"] + [",".join(f"{v:.5f}" for v in row) + "," + target_format.format(t)
+                              for row, t in zip(features, targets)]
+    path.write_text("\n".join(rows) + "\n")
+    return str(path)
+
+
+def test_a_csv_feature_in_the_millions_does_not_keep_the_mlp_at_chance(make_trainer, tmp_path):
+    """Before, features went into the mlp raw: a column in the millions (an income, a byte count) saturated every
+    unit, and a label that the first column alone decides stayed at chance accuracy (0.5) after training."""
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(400, 3))
+    y = (x[:, 0] > 0).astype(np.int64)
+    x[:, 1] *= 1e6
+    trainer = make_trainer(model="mlp", dataset=_write_csv(tmp_path / "wide.csv", x, y), epochs=10, batch_size=32)
+    trainer.run()
+    assert trainer.eval_accuracy > 0.9
+
+
+def test_a_regression_target_of_large_magnitude_is_learnt_and_its_loss_is_in_its_own_units(make_trainer, tmp_path):
+    """Before, an output that starts near 0 and moves about --lr a step never reached targets around 1e5: the eval
+    loss stayed at ~1e10, the targets' squared size, after every epoch. The loss published is still the squared
+    error in the target's units, over the raw held-out split, as model.pt answers raw inputs."""
+    import torch
+
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(600, 3))
+    y = 1e5 + 1e4 * (x @ np.array([1.5, -2.0, 0.5]))
+    trainer = make_trainer(model="mlp", dataset=_write_csv(tmp_path / "big.csv", x, y, "{:.3f}"), epochs=5,
+                           batch_size=32, lr=3e-3)
+    trainer.run()
+    inputs, targets = trainer.dataset.eval.tensors
+    with torch.no_grad():
+        squared_error = float(((trainer.net.eval()(inputs) - targets) ** 2).mean())
+    assert trainer.eval_loss == pytest.approx(squared_error, rel=1e-4)
+    assert trainer.eval_loss < 0.1 * float(targets.var())
