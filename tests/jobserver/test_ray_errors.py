@@ -283,7 +283,20 @@ def test_after_one_unanswered_request_ray_is_left_alone_for_a_while(tmp_path, mo
         assert time.monotonic() - began < 2.5                                  # one timeout, not ten
 
 
-class HeadBehindAProxy:
+class StandInHead:
+    """A stand-in for a Ray head: an HTTP server on a free loopback port, its `address`, its handler the subclass's."""
+
+    def serve(self, handler: type) -> None:
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.address = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class HeadBehindAProxy(StandInHead):
     """A stand-in for a Ray head behind a gateway that wants a header: /api/version answers only with it, and
     every request's headers are kept."""
 
@@ -304,13 +317,7 @@ class HeadBehindAProxy:
             def log_message(self, *args):
                 pass
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.address = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+        self.serve(Handler)
 
 
 def test_requests_to_ray_and_the_health_check_carry_ray_job_headers(monkeypatch):
@@ -863,7 +870,7 @@ def test_a_first_try_that_is_stopped_unrecorded_leaves_service_discovery(ended_b
     store.close()
 
 
-class HeadAnswering:
+class HeadAnswering(StandInHead):
     """A stand-in for a Ray head that answers its version, and every Jobs API request with `status` and `body`
     (a request to /api/jobs/ is kept: its submission id), so that Ray's real client reads the answers."""
 
@@ -892,13 +899,7 @@ class HeadAnswering:
             def log_message(self, *args):
                 pass
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.address = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+        self.serve(Handler)
 
 
 @pytest.mark.parametrize("status", [401, 403, 407, 429])

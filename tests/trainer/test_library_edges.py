@@ -818,8 +818,8 @@ def test_a_loss_on_an_accelerator_overwritten_after_its_step_counts_as_it_was():
     output = torch.zeros(()).as_subclass(OnAccelerator)
     metrics = started("overwritten-loss", log_every=4)
     try:
-        for value in (1.0, 2.0, 3.0, 4.0):
-            output.fill_(value)             # the graph's replay writes this step's loss into the same tensor
+        for loss_value in (1.0, 2.0, 3.0, 4.0):
+            output.fill_(loss_value)             # the graph's replay writes this step's loss into the same tensor
             metrics.step(loss=output, samples=1)
         assert metrics.loss == 2.5
     finally:
