@@ -166,7 +166,7 @@ def test_bad_input_is_one_line_naming_the_flag(args, flag):
 
 
 @pytest.mark.parametrize("args,said", [
-    (["analytics", "--lookback", "-1d"], "--lookback: expected a duration like 30m, 24h or 7d (at most 90d), "
+    (["analytics", "--lookback", "-1d"], "--lookback: expected a duration like 30m, 24h or 7d (1ms to 90d), "
                                          "got '-1d'"),
     (["train", "--lr", "-1e-3"], "--lr must be above 0, got -0.001"),
 ])
