@@ -23,11 +23,13 @@ class Server:
         self.data_dir, self.extra, self.env, self.cwd = data_dir, extra, env, cwd
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self._chosen_port = self.port       # a port a caller set (for a Prometheus config) is not changed
         self.process: subprocess.Popen | None = None
         self.clients: list[httpx.Client] = []
 
-    def start(self) -> "Server":
-        """Start it and wait until it supervises jobs."""
+    def start(self, tries: int = 3) -> "Server":
+        """Start it and wait until it supervises jobs. A port it chose itself that another process took between
+        free_port() and the bind (a parallel worker's job, a restart's port given out again) is chosen anew."""
         data_dir = os.path.relpath(self.data_dir, self.cwd) if self.cwd else str(self.data_dir)
         command = [sys.executable, "-m", "trainmetrics", "server", "--listen", f"127.0.0.1:{self.port}",
                    "--data-dir", data_dir, "--linger-timeout", "10", *self.extra]
@@ -42,10 +44,16 @@ class Server:
                 health = httpx.get(f"{self.url}/healthz", timeout=1)
                 if health.json()["checks"]["jobs"]["status"] == "ok":     # supervising (Prometheus may be absent)
                     return self
-            except httpx.TransportError:
+            except (httpx.TransportError, ValueError, KeyError, TypeError):     # not up, or another process's
                 pass
             time.sleep(0.1)
-        raise RuntimeError("server did not start: " + (self.data_dir / "server.log").read_text()[-2000:])
+        said = (self.data_dir / "server.log").read_text()[-2000:]
+        if self.process.poll() is not None and said.rstrip().endswith("address already in use") and \
+                self.port == self._chosen_port and tries > 1:
+            self.port = self._chosen_port = free_port()
+            self.url = f"http://127.0.0.1:{self.port}"
+            return self.start(tries - 1)
+        raise RuntimeError("server did not start: " + said)
 
     def stop(self, sig=signal.SIGTERM) -> None:
         """Send it a signal (SIGTERM: a clean stop) and wait for it to exit."""
