@@ -583,8 +583,8 @@ trainer_loss_finite{{job_id="{job}",rank="{rank}",run_id="run{rank}"}} 1
 """
 
 
-def serve_metrics(text: str):
-    """A /metrics page that always answers `text` (a node of a multi-node job), on a free loopback port."""
+def serve_page(text: str, content_type: str = "text/plain; version=0.0.4"):
+    """A page that always answers `text` (a /metrics page: a node of a multi-node job), on a free loopback port."""
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
     from threading import Thread
 
@@ -592,7 +592,7 @@ def serve_metrics(text: str):
         def do_GET(self):
             body = text.encode()
             self.send_response(200)
-            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
@@ -617,7 +617,7 @@ def test_no_legend_merges_the_nodes_or_ranks_of_a_job(tmp_path):
     """A job on two nodes has a GPU 0 on each, and every rank its own allocator: the Training job dashboard's GPU
     panels named them "mean gpu 0" and "allocator peak" alike, two lines under one name that a reader took for
     one GPU (or rank) and could not tell apart in the tooltip."""
-    pages = [serve_metrics(NODE_SERIES.format(uuid=f"GPU-{rank}", job=LEGEND_JOB, rank=rank)) for rank in (0, 1)]
+    pages = [serve_page(NODE_SERIES.format(uuid=f"GPU-{rank}", job=LEGEND_JOB, rank=rank)) for rank in (0, 1)]
     nodes = [f"127.0.0.1:{page.server_address[1]}" for page in pages]
     prometheus = PrometheusServer(tmp_path / "prometheus", static_targets={"exporter": nodes}).start()
     try:

@@ -160,27 +160,14 @@ def test_the_job_servers_nodes_agent_keeps_the_local_executors_jobs_and_no_other
     node's (whose loopback is not that job's) drops it; a job at another node's address stays that node's.
     promtool reads what a job server's discovery answers (its shape, jobs.py's discovery()) and says which
     targets each agent keeps."""
-    import http.server
     import json
-    import threading
+
+    from tests.deploy.test_dashboards import serve_page
 
     answer = json.dumps([{"targets": [address], "labels": {"__scheme__": "http", "__meta_trainmetrics_job_id": job,
                                                            "__meta_trainmetrics_rank": "0"}}
-                         for address, job in (("127.0.0.1:41234", "local-1"), ("10.0.0.2:41235", "ray-1"))]).encode()
-
-    class Discovery(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(answer)))
-            self.end_headers()
-            self.wfile.write(answer)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Discovery)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+                         for address, job in (("127.0.0.1:41234", "local-1"), ("10.0.0.2:41235", "ray-1"))])
+    server = serve_page(answer, "application/json")
     kept = {}
     try:
         for node in ("10.0.0.1", "10.0.0.2"):           # the job server runs on 10.0.0.1
