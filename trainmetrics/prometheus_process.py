@@ -7,6 +7,7 @@ loopback port with a temporary data dir.
 
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -47,11 +48,43 @@ def find_binary(name: str) -> str:
     return found
 
 
+# Ray's workers take ports 10002-19999 by default; the kernel's ephemeral range starts at 32768 unless set otherwise.
+_LOWEST_CHOSEN_PORT = 20000
+_handed_out: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago."""
+    """A TCP port that was free a moment ago, for a server started after this returns.
+
+    Chosen at random between Ray's worker ports and the kernel's ephemeral range, and never twice by one process.
+    A port from bind(0) is one the kernel hands out next to any process's outgoing connection (its own end) and
+    to the next bind(0), either of which could take it before the server binds: the test suite's parallel workers
+    lost servers' ports so ('address already in use'). Where that range is too narrow to choose from, bind(0)."""
+    lowest_ephemeral = _ephemeral_ports_start()
+    for _ in range(100):
+        port = random.randrange(_LOWEST_CHOSEN_PORT, max(lowest_ephemeral, _LOWEST_CHOSEN_PORT + 1))
+        if port < lowest_ephemeral and port not in _handed_out and _bindable(host, port):
+            _handed_out.add(port)
+            return port
     with socket.socket() as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+def _ephemeral_ports_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768        # Linux's default
+
+
+def _bindable(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
 
 
 def listens_on(pid: int, port: int) -> bool:

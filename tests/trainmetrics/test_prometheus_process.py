@@ -1,12 +1,14 @@
 """The test harness' real servers (trainmetrics.prometheus_process): each one a test starts is the one it talks to."""
 
+import socket
 import subprocess
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 
-from trainmetrics.prometheus_process import REPO_ROOT, PrometheusServer, listens_on
+from trainmetrics.prometheus_process import REPO_ROOT, PrometheusServer, free_port, listens_on
 
 
 class Ready(BaseHTTPRequestHandler):
@@ -17,6 +19,19 @@ class Ready(BaseHTTPRequestHandler):
 
     def log_message(self, *args):
         pass
+
+
+def test_free_ports_are_outside_the_range_outgoing_connections_take_theirs_from_and_never_given_twice():
+    """free_port() was bind(0): a port the kernel hands out next as the own end of any process's outgoing
+    connection and to the next bind(0), so a parallel worker's client or free_port() took the port a server was
+    about to bind ('address already in use' in clean runs)."""
+    lowest_ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = [free_port() for _ in range(200)]
+    assert len(set(ports)) == len(ports)
+    assert all(20000 <= port < lowest_ephemeral for port in ports)
+    with socket.socket() as outgoing_end:            # what a client's connect() would have been given
+        outgoing_end.bind(("127.0.0.1", 0))
+        assert outgoing_end.getsockname()[1] not in ports
 
 
 def test_a_port_another_server_took_before_the_bind_is_not_taken_for_ours(tmp_path):
