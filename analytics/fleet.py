@@ -314,7 +314,9 @@ def comparison_row(analytics: shapes.JobAnalytics) -> shapes.CompareRow:
         samples_per_joule=analytics.energy.samples_per_joule, goodput_ratio=analytics.goodput.goodput_ratio,
         efficiency_complete=scoring.efficiency_complete(analytics.efficiency.gpu_utilization_score,
                                                         analytics.efficiency.throughput_score, analytics.device),
-        energy_complete=energy_complete(analytics), partial=analytics.partial)
+        energy_complete=energy_complete(analytics),
+        goodput_complete=goodput.complete(analytics.goodput),
+        partial=analytics.partial)
 
 
 def energy_complete(analytics: shapes.JobAnalytics) -> bool:

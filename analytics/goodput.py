@@ -197,6 +197,11 @@ def ledger(facts: JobFacts, found: dict[str, list[dict]]) -> shapes.Goodput:
         if earlier_runs_gone else None if submitted is not None else NO_SUBMISSION)
 
 
+def complete(ledger: shapes.Goodput) -> bool:
+    """The ledger's goodput ratio is the job's: not an upper bound (earlier runs gone, no submission time)."""
+    return ledger.unavailable_reason != EARLIER_RUNS_GONE_UNSUBMITTED
+
+
 def _queued_only(wall: float) -> shapes.Goodput:
     """The ledger of a job that never ran (cancelled while queued, or queued still): all of it queued."""
     seconds = {name: wall if name == "queued" else 0.0 for name in LEDGER_PHASES}

@@ -97,7 +97,11 @@ EXCLUDED = {
     "fastest": "no job with a duration completed",
     "most_efficient": "no job with an overall score was scored on every score it should have (efficiency_complete)",
     "most_energy_efficient": "no job with samples per joule had its energy counted whole (energy_complete)",
+    "best_goodput": "no job with a goodput ratio had its whole ledger: each is an upper bound (goodput_complete)",
 }
+# Category -> the row's flag a job must have to win it (a job whose figure is partial would win on what is missing).
+COMPLETE = {"most_efficient": "efficiency_complete", "most_energy_efficient": "energy_complete",
+            "best_goodput": "goodput_complete"}
 
 
 def winners(rows: list[dict]) -> tuple[dict, dict, dict]:
@@ -107,15 +111,15 @@ def winners(rows: list[dict]) -> tuple[dict, dict, dict]:
 
     `fastest` only considers completed jobs: a job that failed after ten seconds did not finish fastest;
     `most_energy_efficient` only jobs whose energy was counted whole (`energy_complete`); `most_efficient` only
-    jobs scored on every score they should have (`efficiency_complete`); `best_loss` has a winner only where every
+    jobs scored on every score they should have (`efficiency_complete`); `best_goodput` only jobs whose ratio is
+    not an upper bound (`goodput_complete`); `best_loss` has a winner only where every
     job with a loss has the same task (a job whose trainer said none is of an unknown task, its own).
     """
     winner, ties, reasons = {}, {}, {}
     for category, (field, higher_wins) in CATEGORIES.items():
         candidates = [row for row in rows if _finite(row.get(field))
                       and (category != "fastest" or row.get("status") == "completed")
-                      and (category != "most_energy_efficient" or row.get("energy_complete"))
-                      and (category != "most_efficient" or row.get("efficiency_complete"))]
+                      and (category not in COMPLETE or row.get(COMPLETE[category]))]
         if not candidates:
             winner[category] = None
             valued = [row["job_id"] for row in rows if _finite(row.get(field))]

@@ -350,13 +350,17 @@ class CompareRow:
     goodput_ratio: float | None = described("step seconds / wall-clock seconds (the job's goodput block)")
     energy_complete: bool = described("every energy source the job used was counted on every host it ran on "
                                       "(only such jobs can be most_energy_efficient)")
+    goodput_complete: bool = described("goodput_ratio is the job's, not an upper bound (its earliest runs gone and "
+                                       "no submission time: docs/api.md, Goodput); only such jobs can be "
+                                       "best_goodput")
     partial: bool = described(PARTIAL + " (the job's analytics' partial)")
 
 
 Winner = dataclasses.make_dataclass("Winner", [(category, str | None) for category in scoring.CATEGORIES], slots=True)
 Winner.__doc__ = ("Winning job id per category (first in request order among equals); fastest counts completed "
                   "jobs only, most_efficient those whose efficiency_complete, most_energy_efficient those whose "
-                  "energy_complete; null when no job has the value, or none of those that have it counts.")
+                  "energy_complete, best_goodput those whose goodput_complete; null when no job has the value, or "
+                  "none of those that have it counts.")
 
 
 @dataclass(slots=True)

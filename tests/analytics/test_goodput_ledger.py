@@ -3,6 +3,7 @@ totals across its ranks (analytics/job.py)."""
 
 import pytest
 
+from trainmetrics.analytics import goodput
 from trainmetrics.analytics.goodput import ledger
 from trainmetrics.analytics.lookup import JobFacts, Process, Timeline, in_order, killed_run, status_of, timeline_of
 
@@ -230,6 +231,9 @@ def test_a_job_without_a_submission_whose_earlier_runs_are_gone_has_a_goodput_ra
     assert body.wall_clock_seconds == 59.5 and 0 <= body.goodput_ratio <= 1
     assert body.unaccounted_seconds >= 0 and sum(body.badput_percent.values()) <= 100.0
     assert "upper bound" in body.unavailable_reason
+    assert not goodput.complete(body)           # so it cannot win best_goodput (test_scoring.py)
+    assert goodput.complete(ledger(facts(Process("b", start=140.0, end=170.0, state="completed")),
+                                   found({"b": (140.0, b)}, submitted=90.0)))
 
 
 def test_a_job_whose_end_timestamp_is_not_in_the_store_yet_is_not_settled():

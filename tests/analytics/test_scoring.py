@@ -43,7 +43,7 @@ def test_efficiency_block_for_a_gpu_job_and_a_cpu_job():
 def row(job_id, status="completed", **values):
     return {"job_id": job_id, "status": status, "throughput": None, "final_loss": None,
             "duration_seconds": None, "overall_score": None, "samples_per_joule": None, "goodput_ratio": None,
-            "energy_complete": True, "efficiency_complete": True, **values}
+            "energy_complete": True, "efficiency_complete": True, "goodput_complete": True, **values}
 
 
 def test_most_energy_efficient_counts_only_jobs_whose_energy_was_counted_whole():
@@ -51,6 +51,17 @@ def test_most_energy_efficient_counts_only_jobs_whose_energy_was_counted_whole()
     CPU share for its whole energy and won the category (300 samples/J against 100)."""
     rows = [row("partial", samples_per_joule=300.0, energy_complete=False), row("whole", samples_per_joule=100.0)]
     assert scoring.winners(rows)[0]["most_energy_efficient"] == "whole"
+
+
+def test_best_goodput_counts_only_jobs_whose_ratio_is_not_an_upper_bound():
+    """A job started by hand whose earliest runs Prometheus lost has a goodput ratio that is an upper bound (its
+    wall clock starts the least time the gone runs took): it won best_goodput over a job whose ledger is whole."""
+    rows = [row("bound", goodput_ratio=0.95, goodput_complete=False), row("whole", goodput_ratio=0.7)]
+    assert scoring.winners(rows)[0]["best_goodput"] == "whole"
+    winner, _, reasons = scoring.winners(rows[:1])
+    assert winner["best_goodput"] is None
+    assert reasons == {"best_goodput": "no job with a goodput ratio had its whole ledger: each is an upper bound "
+                                       "(goodput_complete): bound"}
 
 
 def test_winners_per_category():
