@@ -18,7 +18,7 @@ import psutil
 
 from trainmetrics.contract import STACKS_SIGNAL, STOP_SIGNALS
 from trainmetrics.jobfiles import CONTROL_FILE_NAME, LOG_NAME, control_request, replace_atomically
-from trainmetrics.jobserver.executors import ExecutorUnavailable, Run
+from trainmetrics.jobserver.executors import Run, StartDeferred
 
 log = logging.getLogger("trainmetrics.server")
 
@@ -44,10 +44,12 @@ class LocalExecutor:
     def clear_way(self, job_id: str, job_dir: Path) -> None:
         """Kill a process of the job left running: a server killed between starting a run and recording it (the
         job still queued) left it unsupervised, and the job would have run twice. Killed before the new run's
-        arguments are built: a checkpoint it wrote until then makes the new run resume."""
+        arguments are built: a checkpoint it wrote until then makes the new run resume. One that survives SIGKILL
+        (stuck in the kernel: a hung network file system) puts off this job's start alone: the executor itself
+        can start the jobs behind it."""
         if not _kill_leftovers(Run(job_id, None, job_dir, None), "an earlier start that no server recorded left"):
-            raise ExecutorUnavailable(f"a process of job {job_id} left running by an earlier start survived "
-                                      "SIGKILL; the start is tried again")
+            raise StartDeferred(f"a process of job {job_id} left running by an earlier start survived SIGKILL; "
+                                "the start is tried again")
 
     def start(self, job_id: str, nproc: int, train_args: list[str], job_dir: Path, env: dict[str, str]) -> Run:
         """Start the job's process with its output appended to job_dir/train.log and `env` added to its

@@ -1134,6 +1134,31 @@ def test_a_run_no_server_recorded_is_killed_before_its_job_starts(supervisor):
     assert supervisor.runs["twice"].pid != orphan.pid and supervisor.runs["twice"].process.poll() is None
 
 
+def test_a_run_no_server_recorded_that_survives_sigkill_holds_back_its_own_job_alone(supervisor, monkeypatch):
+    """A leftover run of one job that SIGKILL did not end (a process stuck in the kernel: a hung network file
+    system) made the local executor say it could start nothing: every job queued behind it waited, and
+    JobServerNotStartingJobs paged, for one job's stuck process."""
+    from trainmetrics.jobserver import local
+
+    queue(supervisor, "stuck")
+    queue(supervisor, "behind")
+    job = supervisor.store.get_job("stuck")
+    supervisor.job_path(job.id).mkdir(parents=True, exist_ok=True)
+    orphan = supervisor.executor.start(job.id, 1, supervisor.train_args(job), supervisor.job_path(job.id), {})
+    kill = local.kill_processes
+    monkeypatch.setattr(local, "kill_processes", lambda processes: processes)     # each one survives it
+    supervisor.tick()
+    assert supervisor.store.get_job("stuck").state == "queued"
+    assert supervisor.store.get_job("behind").state == "running"
+    assert supervisor.held_back_since is None
+    assert supervisor.waiting_for(supervisor.store.get_job("stuck")).startswith(
+        "its start, put off: a process of job stuck left running by an earlier start survived SIGKILL")
+    monkeypatch.setattr(local, "kill_processes", kill)
+    supervisor.tick()           # the process ended after all: the job starts
+    assert orphan.process.wait(timeout=10) == -signal.SIGKILL
+    assert supervisor.store.get_job("stuck").state == "running"
+
+
 def test_a_run_no_server_recorded_is_killed_when_its_queued_job_is_cancelled(supervisor):
     """The same leftover run, its job cancelled while queued before any server started it again: only the next
     start killed it (clear_way), and a cancelled job never starts, so it trained on unseen in the job's
