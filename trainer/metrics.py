@@ -24,6 +24,7 @@ import functools
 import logging
 from bisect import bisect_left
 import math
+import numbers
 import operator
 import os
 import signal
@@ -104,6 +105,20 @@ class Diagnostics:
     # Called with the step and what happened ("loss spike", "non-finite loss") when an interval's loss is a
     # spike or not a number: the job may pause (on_loss_spike: pause).
     on_loss_spike: Callable[[int, str], None] | None = None
+
+    def __post_init__(self):
+        # As the CLI and the job spec refuse them: a string failed every log interval after the warm-up (its
+        # figures, on_log and throughput lost), NaN turned detection off and 0 or less flagged every interval.
+        # A hang bound of NaN or 0 or less the same: the watchdog never (or always) wrote the stacks.
+        z, warmup, hang = self.loss_spike_z, self.loss_spike_warmup, self.hang_seconds
+        if _is_bool(hang) or not isinstance(hang, numbers.Real) or not (math.isfinite(hang) and hang > 0):
+            raise ValueError(f"Diagnostics.hang_seconds must be a finite number above 0, not {str(hang)[:40]!r}")
+        if _is_bool(z) or not isinstance(z, numbers.Real) or not (math.isfinite(z) and z > 0):
+            raise ValueError(f"Diagnostics.loss_spike_z must be a finite number above 0, not {str(z)[:40]!r}")
+        if _is_bool(warmup) or not isinstance(warmup, numbers.Integral) or warmup < 1:
+            raise ValueError(f"Diagnostics.loss_spike_warmup must be a whole number >= 1, not {str(warmup)[:40]!r}")
+        if self.on_loss_spike is not None and not callable(self.on_loss_spike):
+            raise TypeError(f"Diagnostics.on_loss_spike must be callable, not {type(self.on_loss_spike).__name__}")
 
 
 @dataclass(frozen=True)

@@ -692,6 +692,23 @@ def test_a_loss_spike_callback_that_raises_loses_nothing_of_the_interval():
         ended(metrics)
 
 
+def test_odd_loss_spike_settings_are_refused_in_one_line_where_the_cli_and_spec_refuse_them():
+    """Diagnostics took anything: loss_spike_z="6" failed every log interval after the warm-up (its on_log call,
+    throughput and loss lost, a TypeError said once), NaN turned spike detection off in silence, and 0 or -1
+    flagged every interval at or above the running mean. The watchdog's hang_seconds the same."""
+    for fields in ({"loss_spike_z": "6"}, {"loss_spike_z": float("nan")}, {"loss_spike_z": float("inf")},
+                   {"loss_spike_z": 0}, {"loss_spike_z": -1.0}, {"loss_spike_z": True}, {"loss_spike_warmup": 0},
+                   {"loss_spike_warmup": 2.5}, {"loss_spike_warmup": "10"}, {"loss_spike_warmup": True},
+                   {"hang_seconds": float("nan")}, {"hang_seconds": 0}, {"hang_seconds": "60"}):
+        with pytest.raises(ValueError, match=f"^Diagnostics.{next(iter(fields))} must be "):
+            Diagnostics(**fields)
+    with pytest.raises(TypeError, match="^Diagnostics.on_loss_spike must be callable, not str$"):
+        Diagnostics(on_loss_spike="pause")
+    # Numbers of any type still do (numpy's, an int for the deviations).
+    assert Diagnostics(loss_spike_z=np.float32(3), loss_spike_warmup=np.int64(5)).loss_spike_warmup == 5
+    assert Diagnostics(loss_spike_z=4).loss_spike_z == 4
+
+
 def test_an_intervals_throughput_and_mfu_leave_out_its_evaluation_and_checkpoint():
     """An interval's samples/s and MFU are the training's: an evaluation and a checkpoint inside it were counted as
     its time (a 0.5 s evaluation in 0.1 s of training showed a sixth of the throughput)."""
