@@ -17,11 +17,13 @@ Energy per job: each slow sample adds a GPU's energy since its previous reading 
 now, split evenly among them (exporters/job_energy.py keeps the accounts, the energy collector publishes
 them). Each GPU's interval is its own, so one GPU's outage never stretches another's; a pass whose process
 list failed keeps the previous reading (the holders are unknown). A counter that went
-back (a driver reload, a GPU reset) counts its new value, never a negative step.
+back (a driver reload, a GPU reset) counts its new value, never a negative step. A step more than a GPU can use
+in the interval (MAX_GPU_WATTS) is no energy used, only a new baseline.
 """
 
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -48,6 +50,10 @@ THROTTLE_REASONS = (  # (NVML bit constant, reason label)
 THROTTLE_FUNCTIONS = ("nvmlDeviceGetCurrentClocksEventReasons", "nvmlDeviceGetCurrentClocksThrottleReasons")
 MAX_EVENTS_PER_SAMPLE = 256
 MIN_UUID_PREFIX = len("GPU-") + 8     # the shortest UUID a mapping may hold (trainmetrics.jobmap.GPU_UUID)
+# Far above what one GPU draws (the largest boards, a GH200 module included: ~1-1.4 kW). A counter that stepped
+# further in its interval was set to another value (a driver's glitch), not used: one
+# such step added 9e9 J to the job holding the GPU, a count that only grows and outlives restarts.
+MAX_GPU_WATTS = 5_000
 
 # NVML errors by what they say, as pynvml names its exception classes. Lost: the GPU (or NVML under it) is
 # gone until it is reset or the driver reloaded; asking again by index later may find it back.
@@ -73,6 +79,7 @@ class SlowReadings:
     temperature_celsius: float | None = None
     power_watts: float | None = None
     energy_joules: float | None = None
+    energy_read_at: float = 0.0    # time.monotonic() just after the energy counter was read
     clock_sm_hertz: float | None = None
     throttle_reasons: int | None = None
     ecc_corrected: int | None = None
@@ -116,7 +123,8 @@ class GpuCollector(Collector):
         self.peak_window = peak_window
         self.job_tracker = job_tracker
         self.job_energy = job_energy
-        self._energy_read: dict[str, float] = {}    # uuid -> joules at the previous slow sample (over re-inits)
+        # uuid -> (joules, the pass's `now`, time.monotonic() at the read) of its previous reading (over re-inits)
+        self._energy_read: dict[str, tuple[float, float, float]] = {}
         # uuid -> XID events since the exporter started: kept over NVML's re-inits (a lost GPU, often after an
         # XID 79), where the GPUs are enumerated afresh; it went back to 0 there.
         self._xid_errors: dict[str, int] = {}
@@ -376,9 +384,9 @@ class GpuCollector(Collector):
                 raise error  # the fast loop shuts NVML down and re-initialises it
         self._drain_xid_events(gpus)
         if self.job_energy is not None:
-            self._add_energy(answered)
+            self._add_energy(answered, now)
 
-    def _add_energy(self, answered: list[tuple[Gpu, SlowReadings]]) -> None:
+    def _add_energy(self, answered: list[tuple[Gpu, SlowReadings]], now: float) -> None:
         """Each GPU's energy since its own previous reading to the jobs holding it now, split evenly. A GPU
         without a reading this pass keeps its previous one: its next interval is longer, no one else's is. A
         job's first pass on the GPUs opens its account at 0 (its series starts at 0, docs/metrics.md, as the CPU
@@ -393,13 +401,9 @@ class GpuCollector(Collector):
             if joules is None or not readings.holders_known:
                 continue
             previous = self._energy_read.get(gpu.uuid)
-            self._energy_read[gpu.uuid] = joules
-            if previous is None:
-                used = 0.0              # the first reading is the baseline; the holders get their account
-            elif joules < previous:
-                used = joules           # reset (driver reload, GPU reset): what it counted since
-            else:
-                used = joules - previous
+            self._energy_read[gpu.uuid] = (joules, now, readings.energy_read_at)
+            # The first reading is the baseline; the holders get their account.
+            used = 0.0 if previous is None else _energy_step(previous, joules, now, readings.energy_read_at)
             holders = _jobs_on(gpu, readings, jobs)[1]
             if holders:
                 shares.append((holders, used))
@@ -415,6 +419,7 @@ class GpuCollector(Collector):
         nvml, ask = self.nvml, self._ask
         power = _sane(ask(gpu, "nvmlDeviceGetPowerUsage"))
         energy = _sane(ask(gpu, "nvmlDeviceGetTotalEnergyConsumption"))
+        energy_read_at = time.monotonic()
         clock = _sane(ask(gpu, "nvmlDeviceGetClockInfo", nvml.NVML_CLOCK_SM))
         processes: dict[int, int] = {}
         holders_known = True
@@ -428,6 +433,7 @@ class GpuCollector(Collector):
             temperature_celsius=_sane(ask(gpu, "nvmlDeviceGetTemperature", nvml.NVML_TEMPERATURE_GPU)),
             power_watts=None if power is None else power / 1000.0,
             energy_joules=None if energy is None else energy / 1000.0,
+            energy_read_at=energy_read_at,
             clock_sm_hertz=None if clock is None else clock * 1e6,
             throttle_reasons=self._throttle_reasons(gpu),
             ecc_corrected=ask(gpu, "nvmlDeviceGetTotalEccErrors", nvml.NVML_MEMORY_ERROR_TYPE_CORRECTED,
@@ -563,6 +569,17 @@ def _jobs_on(gpu: Gpu, slow: SlowReadings, jobs) -> tuple[dict[str, int], list[s
     declared = {job_id for job_id, named in jobs.gpus.items()
                 if gpu.index in named or not prefixes.isdisjoint(named)}
     return used_by_job, sorted(declared | used_by_job.keys())
+
+
+def _energy_step(previous: tuple[float, float, float], joules: float, now: float, read_at: float) -> float:
+    """Joules a GPU used from its previous reading (joules, pass time, read time) to this one. The interval is the
+    longer of the time between the two passes and between the two reads (a read late in its pass, after slow
+    GPUs, covers more than the pass interval)."""
+    last_joules, last_now, last_read_at = previous
+    most = MAX_GPU_WATTS * max(now - last_now, read_at - last_read_at, 0.0)
+    # Back: a reset (driver reload, GPU reset), whose new value is what it counted since.
+    used = joules - last_joules if joules >= last_joules else joules
+    return used if used <= most else 0.0
 
 
 def _sane(reading: float | None) -> float | None:

@@ -62,6 +62,28 @@ def test_gpu_energy_goes_to_the_jobs_holding_the_gpu_split_evenly_and_a_reset_co
     assert success(host.exporter.render())["energy"] == 1
 
 
+def test_a_gpu_counter_step_no_gpu_could_use_in_its_interval_is_a_new_baseline_not_energy(tmp_path):
+    """A counter that jumped up by 9e9 J in one second (a driver's glitch), or went back by 1 J (taken for a reset,
+    its whole 8,999 J value counted), added that to the job's account, a count that only grows and outlives
+    restarts. Now such a step is only a new baseline; the steps after it count as before."""
+    host = build_fixture_host(powercap_root=tmp_path / "no-powercap")
+    gpu0 = host.nvml.gpus[0]
+
+    def slow_pass(now: float, gpu0_mj: int) -> dict:
+        gpu0.energy_millijoules = gpu0_mj
+        host.exporter.sample(now)
+        host.exporter.sample_slow(now)
+        return energy_series(host.exporter.render())
+
+    assert slow_pass(100.0, 9_000_000) == {("mnist-1", "gpu"): 0.0}
+    assert slow_pass(101.0, 9_000_000_000_000) == {("mnist-1", "gpu"): 0.0}    # up 9e9 J in 1 s
+    assert slow_pass(102.0, 9_000_000_002_000) == {("mnist-1", "gpu"): 2.0}
+    assert slow_pass(103.0, 8_999_000) == {("mnist-1", "gpu"): 2.0}            # back, yet 8,999 J in 1 s
+    assert slow_pass(104.0, 9_000_000) == {("mnist-1", "gpu"): 3.0}
+    # A real reset whose new value fits its interval still counts that value, a long outage's included.
+    assert slow_pass(164.0, 6_000_000) == {("mnist-1", "gpu"): 6_003.0}
+
+
 def test_a_job_that_comes_after_the_baseline_starts_its_gpu_series_at_0(tmp_path):
     """Its first interval on the GPU opened its account at that interval's share (250 J here): the series'
     first sample, which Prometheus' increase() and rate() never count, and only part of it the job's."""
