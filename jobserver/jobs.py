@@ -173,6 +173,9 @@ class JobService:
         if asked not in columns:
             raise ApiError(400, "bad_request", f"target: no column {asked[:40]!r} in dataset {record.id} (its "
                                                f"{len(columns)} columns: {first_columns(columns)})")
+        if columns.count(asked) > 1:     # as the upload refuses a target of two columns: accepted, the job failed
+            raise ApiError(400, "bad_request", f"target: {columns.count(asked)} columns of dataset {record.id} are "
+                                               f"named {asked[:40]!r}: a target column's name must be unique")
         return asked
 
     def list_jobs(self, caller: str | None, state: str | None) -> list[dict]:

@@ -69,7 +69,7 @@ def read_csv(path: Path, target: str = DEFAULT_TARGET) -> tuple[np.ndarray, np.n
             rows = 0
             integral_target = True
             bad_label = None        # the first target out of class labels' range, refused if the column is labels
-            for line_number, row in enumerate(reader, start=2):
+            for line_number, row in _records(reader):
                 if not row or all(not cell.strip() for cell in row):
                     continue
                 if len(row) != len(header):
@@ -113,6 +113,15 @@ def read_csv(path: Path, target: str = DEFAULT_TARGET) -> tuple[np.ndarray, np.n
     x = np.frombuffer(features, dtype=np.float32).reshape(rows, len(header) - 1)
     # (checked as read: in int64 first, a label past it wrapped negative and was "not non-negative")
     return x, _target_array(np.frombuffer(targets, dtype=np.float64), labels=integral_target, where=path)
+
+
+def _records(reader):
+    """Each row of a CSV reader with the line of the file it starts on: a quoted cell may hold line breaks, so rows
+    are not lines (counted as lines, a problem after one was named at a line before the one at fault)."""
+    start = reader.line_num + 1
+    for row in reader:
+        yield start, row
+        start = reader.line_num + 1
 
 
 def _is_integer(text: str) -> bool:

@@ -399,6 +399,34 @@ def test_wrapped_uploads_are_415(server_only):
     assert list((server_only.data_dir / "datasets").iterdir()) == []
 
 
+def test_a_bad_value_after_a_quoted_line_break_is_named_by_its_line_of_the_file(server_only):
+    """Rows were counted as lines: a quoted cell holding a line break (a header cell, a value) shifted every later
+    row, and the answer named the line before the one at fault."""
+    content = b'a,"b\nc",label\n1,2,0\n3,"4\n",1\n5,x,0\n'     # 'x' is on line 6
+    response = server_only.client().post("/api/training/datasets", params={"name": "q.csv"}, content=content)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["message"] == "upload: line 6: non-numeric value 'x'"
+    assert list((server_only.data_dir / "datasets").iterdir()) == []
+
+
+def test_a_job_target_two_columns_of_its_dataset_are_named_is_refused_at_submission(tmp_path):
+    """The upload refuses a target column whose name two columns have, but a job's spec naming such a column (another
+    than the upload's target) was accepted, and the job failed at its start ("2 columns are named 'a'")."""
+    server = Server(tmp_path)
+    server.start()
+    try:
+        client = server.client()
+        uploaded = client.post("/api/training/datasets", params={"name": "twice.csv"},
+                               content=b"a,a,label\n1,2,0\n3,4,1\n5,6,0\n")
+        assert uploaded.status_code == 201, uploaded.text
+        refused = client.post("/api/training/jobs", json={"dataset": uploaded.json()["dataset_id"], "target": "a"})
+        assert refused.status_code == 400, refused.text
+        assert refused.json()["error"]["message"].startswith("target: 2 columns of dataset")
+        assert client.get("/api/training/jobs").json()["jobs"] == []
+    finally:
+        server.stop()
+
+
 def test_a_csv_whose_line_breaks_curl_d_stripped_is_told_to_use_data_binary(server_only):
     """`curl -d @train.csv` sends the file without its line breaks: the answer named a missing target column among
     the thousands of columns of one long header line."""
