@@ -207,7 +207,8 @@ class PrometheusClient:
         (exact where a float number of seconds might round to a neighbouring millisecond)."""
         step_text = step if isinstance(step, str) else f"{step:.3f}"
         params = {"query": expr, "start": f"{start:.3f}", "end": f"{end:.3f}", "step": step_text}
-        return _result(await self._get("/api/v1/query_range", params), ("matrix",), expr)
+        return _on_grid(_result(await self._get("/api/v1/query_range", params), ("matrix",), expr),
+                        params, expr)
 
     async def answer_delay(self) -> float:
         """How far behind now the backend's answers may be: a VictoriaMetrics' -search.latencyOffset (read once
@@ -379,6 +380,11 @@ class PrometheusClient:
                         if size > limit:
                             raise _too_large(limit)
                         chunks.append(chunk)
+                except httpx.DecodingError as error:
+                    # (no transport error: it escaped every mapping, a 500, and the summary's took the app down)
+                    encoding = response.headers.get("content-encoding", "")[:40]
+                    raise PrometheusError("bad_answer", f"Prometheus answered a body that its Content-Encoding "
+                                                        f"({encoding}) does not decode: {error}") from error
                 finally:
                     await response.aclose()
         except TimeoutError:
@@ -500,6 +506,30 @@ def _result(data, kinds: tuple[str, ...], expr: str) -> list[dict]:
     log.warning("Prometheus answered a %s result of an unexpected shape to: %s", str(kind)[:40], expr[:200])
     raise PrometheusError("bad_answer", f"Prometheus answered success with a {str(kind)[:40]} result of an "
                                         f"unexpected shape (expected {' or '.join(kinds)} samples)")
+
+
+def _on_grid(result: list[dict], params: dict, expr: str) -> list[dict]:
+    """A range query's result, checked to hold only points of the grid it asked for: start + k * step up to end,
+    each time once, in order, as Prometheus and VictoriaMetrics answer (every grid asked is aligned to its step).
+    A backend answering more points (its raw samples, points before the start or after the end, one twice) had
+    them averaged and peaked into the trends and job peaks: a wrong number served as right."""
+    start_ms, end_ms = round(float(params["start"]) * 1000), round(float(params["end"]) * 1000)
+    step = params["step"]
+    try:
+        step_ms = int(step[:-2]) if step.endswith("ms") and step[:-2].isdigit() else round(float(step) * 1000)
+    except ValueError:      # another duration literal ("1h"): the bounds and the order are checked only
+        step_ms = 1
+    for series in result:
+        previous = start_ms - 1
+        for point in series["values"]:
+            at = round(float(point[0]) * 1000)
+            if not previous < at <= end_ms or (at - start_ms) % max(step_ms, 1):
+                log.warning("Prometheus answered a range query with a point off its grid to: %s", expr[:200])
+                raise PrometheusError("bad_answer", f"Prometheus answered a range query with a point at "
+                                                    f"{at / 1000:.3f}, off the grid asked (from {start_ms / 1000:.3f} "
+                                                    f"to {end_ms / 1000:.3f} every {step_ms / 1000:g}s, each once)")
+            previous = at
+    return result
 
 
 def _sample(sample, key: str) -> bool:

@@ -1006,3 +1006,68 @@ def test_a_job_name_with_a_line_break_stays_one_cell_of_the_csv_and_its_formula_
     assert {row["job_id"]: row["job_name"] for row in rows} == {
         "cr-1": "x\r=cmd|' /C calc'!A0", "lf-1": "y\n@SUM(1)", "crlf-1": 'a, "b"\r\n+1',
         "plain-1": "'=1+1"}
+
+
+def test_an_answer_whose_content_encoding_does_not_decode_is_502_naming_it():
+    """A backend or proxy that gzips its answer (the client asks for identity, which a proxy may ignore) and sends
+    bytes that are no gzip: httpx's DecodingError is no transport error, so it escaped every mapping, a 500 with a
+    traceback, and the summary's took the ASGI application down (the next request's connection was reset)."""
+    def serve_one(connection: socket.socket) -> None:
+        with connection, contextlib.suppress(OSError):
+            buffered = b""
+            while (found := read_request(connection, buffered)) is not None:
+                head, buffered = found
+                if head.split(b" ", 2)[1].startswith(b"/api/v1/query"):
+                    connection.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                                       b"content-encoding: gzip\r\ncontent-length: 10\r\n\r\n\x1f\x8bno gzip!")
+                else:
+                    connection.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                                       b"content-length: %d\r\n\r\n%s" % (len(EMPTY_ANSWER), EMPTY_ANSWER))
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        answer_each_connection(listener, serve_one)
+        with serve(Settings(prometheus_url=f"http://127.0.0.1:{listener.getsockname()[1]}")) as client:
+            for path in ROUTES:
+                assert_error(client.get(path), 502, "prometheus_bad_answer", "Content-Encoding (gzip) does not decode")
+            assert client.get("/healthz").status_code == 200
+
+
+def step_ms(step: str) -> int:
+    """A range query's step parameter in milliseconds."""
+    return int(step.removesuffix("ms")) if step.endswith("ms") else round(float(step) * 1000)
+
+
+# Each range answer's points: the grid asked (start, end, step in ms) and what a backend added to it.
+OFF_GRID = {
+    "the grid asked": lambda start, end, step: [],
+    "a point before the start": lambda start, end, step: [start - step],
+    "a point past the end": lambda start, end, step: [end + step],
+    "a point twice": lambda start, end, step: [start],
+    "a point between two of the grid": lambda start, end, step: [start + step // 2],
+}
+
+
+@pytest.mark.parametrize("added", OFF_GRID, ids=list(OFF_GRID))
+def test_a_range_answer_with_points_off_the_grid_asked_is_502_not_a_wrong_trend(added):
+    """A backend answering a range query with more points than asked (before its start, past its end, one time
+    twice, between two grid points: its raw samples) had every one of them averaged and peaked into the summary's
+    resource trends (a point worth 1000 among ones of 1: a trend 200 times too high), served as right."""
+    def handler(request: httpx.Request) -> httpx.Response:
+        params = CapturingTransport.params(request)
+        if request.url.path != "/api/v1/query_range":
+            return empty_vector(request)
+        start, end = round(float(params["start"]) * 1000), round(float(params["end"]) * 1000)
+        step = step_ms(params["step"])
+        extra = OFF_GRID[added](start, end, step)
+        values = [[t / 1000, "1000" if t in extra else "1"] for t in sorted([*range(start, end + 1, step), *extra])]
+        return httpx.Response(200, json={"status": "success", "data": {"resultType": "matrix", "result": [
+            {"metric": {}, "values": values}]}})
+
+    with serve(Settings(transport=answering(handler), recorded_series=False)) as client:
+        response = client.get("/api/training/analytics/summary", params={"range": "1h"})
+        if added == "the grid asked":
+            assert response.status_code == 200, response.text
+            trends = response.json()["resource_trends"]["series"].values()
+            assert all(trend["average"] == trend["peak"] == 1 for trend in trends), trends
+        else:
+            assert_error(response, 502, "prometheus_bad_answer", "off the grid asked")
