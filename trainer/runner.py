@@ -191,6 +191,11 @@ class Trainer:
         self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
         log.info("job %s: resumed at step %d (epoch %d, batch %d)", self.config.job_id, self.metrics.steps,
                  self.epoch, self.batch_in_epoch)
+        if (self.epoch, self.batch_in_epoch) > (self.config.epochs, 0):
+            # A run of more epochs wrote it: the job "completed" at once, past its --epochs, and said nothing.
+            log.warning("job %s: the checkpoint is past --epochs %d (epoch %d, batch %d): nothing is left to train "
+                        "and its weights are the final model", self.config.job_id, self.config.epochs, self.epoch,
+                        self.batch_in_epoch)
 
     def checkpoint(self) -> bool:
         """Write a checkpoint when a checkpoint dir is configured: every rank ends its log interval there (so

@@ -18,8 +18,9 @@ from pathlib import Path
 from trainmetrics.contract import STOP_SIGNALS
 
 # checkpoint_name's names: nine digits, zero-padded, and more without a leading zero past step 999,999,999 (those
-# were neither pruned nor resumed from). ([0-9]: \d takes every script's digits.)
-CHECKPOINT_PATTERN = re.compile(r"^step-([0-9]{9}|[1-9][0-9]{9,17})\.pt$")
+# were neither pruned nor resumed from). ([0-9]: \d takes every script's digits.) Matched whole (fullmatch): `$` also
+# matches before a final newline, so `step-000000999.pt\n` was listed, resumed from, and refused for download.
+CHECKPOINT_PATTERN = re.compile(r"step-([0-9]{9}|[1-9][0-9]{9,17})\.pt")
 FINAL_MODEL_NAME = "model.pt"
 RESULT_FILE_NAME = "result.json"
 LOG_NAME = "train.log"
@@ -65,7 +66,7 @@ def list_checkpoints(directory: Path | int) -> list[Checkpoint]:
     found = []
     with os.scandir(directory) as entries:
         for entry in entries:
-            match = CHECKPOINT_PATTERN.match(entry.name)
+            match = CHECKPOINT_PATTERN.fullmatch(entry.name)
             if not match:
                 continue
             try:

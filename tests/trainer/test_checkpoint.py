@@ -94,6 +94,15 @@ def test_steps_past_nine_digits_are_checkpoints_too(tmp_path):
     assert [c.step for c in ckpt.list_checkpoints(tmp_path)] == [1_000_000_000, 1_000_000_010]
 
 
+def test_a_name_with_a_trailing_newline_is_no_checkpoint(tmp_path):
+    """The name pattern ended in `$`, which matches before a final newline too: `step-000000999.pt\\n` was listed
+    (by the job server as well, whose download then refused the name) and resumed from as the newest checkpoint."""
+    ckpt.save_checkpoint(tmp_path, {"step": 5})
+    torch.save({"step": 999}, tmp_path / "step-000000999.pt\n")
+    assert [c.path.name for c in ckpt.list_checkpoints(tmp_path)] == ["step-000000005.pt"]
+    assert ckpt.load_latest(tmp_path)["step"] == 5
+
+
 def test_checkpoints_are_listed_alike_by_path_and_by_descriptor_regular_files_only(tmp_path):
     """The job server lists a job's checkpoints through a directory descriptor, the trainer by path: one scan.
     A symlink, a directory or a FIFO under a checkpoint's name is no checkpoint, and sizes are the files' own."""
@@ -329,6 +338,23 @@ def test_a_resumed_run_publishes_the_learning_rate_it_trains_with_and_the_last_e
     last = resumed.metrics.last_evaluation
     assert (last.index, last.step, last.loss, last.accuracy) == (evaluated.index, evaluated.step, evaluated.loss,
                                                                  evaluated.accuracy)
+
+
+def test_a_resume_from_a_checkpoint_past_the_runs_epochs_says_nothing_is_left_to_train(make_trainer, tmp_path,
+                                                                                        caplog):
+    """A checkpoint of a run of more epochs, resumed with fewer: the job completed at once, its steps past the run's
+    total and its final model trained longer than --epochs asked, and the log said nothing of it."""
+    first = make_trainer(model="mlp", dataset="digits", epochs=2, batch_size=64, checkpoint_dir=tmp_path)
+    assert first.run() == "completed"
+    resumed = make_trainer(model="mlp", dataset="digits", epochs=1, batch_size=64, checkpoint_dir=tmp_path)
+    resumed.restore(ckpt.load_latest(tmp_path, foreign=resumed.foreign))
+    assert resumed.run() == "completed" and resumed.metrics.steps == first.metrics.steps
+    assert ("the checkpoint is past --epochs 1 (epoch 2, batch 0): nothing is left to train and its weights are "
+            "the final model") in caplog.text
+    caplog.clear()
+    again = make_trainer(model="mlp", dataset="digits", epochs=2, batch_size=64, checkpoint_dir=tmp_path)
+    again.restore(ckpt.load_latest(tmp_path, foreign=again.foreign))      # its own end: nothing past it
+    assert "past --epochs" not in caplog.text
 
 
 def test_a_cancel_during_a_pauses_checkpoint_cancels(make_trainer, tmp_path):
