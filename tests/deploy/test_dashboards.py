@@ -215,6 +215,26 @@ def promtool_passes(path: Path, series: str, tests: list[str]) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_the_alert_annotations_mark_firing_alerts_not_pending_ones(tmp_path):
+    """ALERTS holds an alert's pending stretch too (alertstate="pending": TrainerHang's 5 s `for`, a spike's
+    evaluation before it fires): the Hangs, Loss spikes and Loss NaN annotations marked those as if they had fired."""
+    annotations = all_dashboards()["training-job.json"]["annotations"]["list"]
+    queries = {item["name"]: item["expr"] for item in annotations if "expr" in item}
+    assert set(queries) == {"Hangs", "Loss spikes", "Loss NaN"}
+    alerts = {"Hangs": "TrainerHang", "Loss spikes": "TrainerLossSpike", "Loss NaN": "TrainerLossNaN"}
+    series, tests = "\n", []
+    for name, alert in alerts.items():
+        for state, values in (("pending", "1 1 _ _"), ("firing", "_ _ 1 1")):
+            series += (f"      - series: 'ALERTS{{alertname=\"{alert}\",alertstate=\"{state}\",job_id=\"a1\","
+                       f"severity=\"critical\"}}'\n        values: '{values}'\n")
+        expr = queries[name].replace("$job_id", "a1").replace('"', '\\"')
+        labels = f'ALERTS{{alertname="{alert}",alertstate="firing",job_id="a1",severity="critical"}}'
+        tests += [f'      - expr: "{expr}"\n        eval_time: 1m\n        exp_samples: []\n',
+                  f'      - expr: "{expr}"\n        eval_time: 3m\n        exp_samples:\n'
+                  f"          - labels: '{labels}'\n            value: 1\n"]
+    promtool_passes(tmp_path / "annotations_test.yml", series, tests)
+
+
 def test_the_compare_summary_shows_every_rank_and_the_newest_run(tmp_path):
     """Every rank's samples (one rank's were shown), the newest run's final loss (an earlier run's could win;
     a diverged run showed its predecessor's) and accuracy (an earlier run's higher one won), and a resumed

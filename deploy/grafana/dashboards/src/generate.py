@@ -45,9 +45,12 @@ def render_docs(dashboards: list[dict]) -> str:
     parts = [DOCS_INTRO]
     for board in dashboards:
         variables = [v["name"] for v in board["templating"]["list"] if v["type"] != "datasource"]
+        marks = [item["name"] for item in board.get("annotations", {}).get("list", []) if item.get("expr")]
+        marked = (f" Annotations on every time-series panel where their alerts fire (not while pending): "
+                  f"{', '.join(marks)}.") if marks else ""
         parts.append(f"\n## {board['title']}\n\n{board['description']}\n\n"
-                     f"uid `{board['uid']}`; variables: {', '.join(f'`{v}`' for v in variables) or 'none'}.\n\n"
-                     "| panel | what it answers |\n|---|---|\n")
+                     f"uid `{board['uid']}`; variables: {', '.join(f'`{v}`' for v in variables) or 'none'}.{marked}"
+                     "\n\n| panel | what it answers |\n|---|---|\n")
         for panel in board["panels"]:
             if panel["type"] == "row":
                 parts.append(f"| **{panel['title']}** | |\n")

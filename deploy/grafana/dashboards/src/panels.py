@@ -193,7 +193,8 @@ def row(title: str) -> dashboard.Row:
     return dashboard.Row(title)
 
 
-def alert_annotation(name: str, expr: str, color: str) -> dashboard.AnnotationQuery:
-    """Marks on every time-series panel where the expression has a value (an alert's ALERTS series)."""
-    return (dashboard.AnnotationQuery().name(name).datasource(DATASOURCE).expr(expr).enable(True)
-            .icon_color(color))
+def alert_annotation(name: str, matchers: str, color: str) -> dashboard.AnnotationQuery:
+    """Marks on every time-series panel where the alerts the matchers pick fire. Firing only: ALERTS holds the
+    pending stretch too (TrainerHang's 5 s `for`), which was marked as a hang that had not been called one."""
+    return (dashboard.AnnotationQuery().name(name).datasource(DATASOURCE)
+            .expr(f'ALERTS{{alertstate="firing",{matchers}}}').enable(True).icon_color(color))

@@ -28,9 +28,9 @@ def build():
                       "checkpoints, and the GPUs and processes it uses.", ["job"])
         # (From the state: every job has one, its trainer's or, while it has no process, the job server's.)
         .with_variable(label_variable("job_id", "Job", "label_values(trainer_job_state, job_id)"))
-        .annotation(alert_annotation("Hangs", f'ALERTS{{alertname=~"TrainerHang|TrainerRankStuck",{JOB}}}', "red"))
-        .annotation(alert_annotation("Loss spikes", f'ALERTS{{alertname="TrainerLossSpike",{JOB}}}', "orange"))
-        .annotation(alert_annotation("Loss NaN", f'ALERTS{{alertname="TrainerLossNaN",{JOB}}}', "purple"))
+        .annotation(alert_annotation("Hangs", f'alertname=~"TrainerHang|TrainerRankStuck",{JOB}', "red"))
+        .annotation(alert_annotation("Loss spikes", f'alertname="TrainerLossSpike",{JOB}', "orange"))
+        .annotation(alert_annotation("Loss NaN", f'alertname="TrainerLossNaN",{JOB}', "purple"))
         .with_row(row("Job"))
         # The stats read each series' last sample in the time range, at its end (instant queries): a finished
         # job's final figures are in Prometheus for one scrape before its series go stale, which a range query's
