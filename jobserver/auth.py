@@ -21,6 +21,9 @@ OWNER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_]{0,31}$")
 MIN_TOKEN_LENGTH = 16
 TOKEN = re.compile(r"[\x21-\x7e]+")           # visible ASCII: what a header can carry as is
 COMMENT = re.compile(r"(^|\s)#.*")
+# Lines as an editor shows them: str.splitlines() also ends a line at a form feed, NEL (U+0085) or U+2028, and the
+# rest of a comment holding one was read as a line of its own (a token commented out was in force).
+LINE_BREAK = re.compile(r"\r\n|\r|\n")
 # How often a request may look at the tokens file (one stat): a token removed or added takes effect this soon,
 # with no restart (a restart pauses every running job).
 RELOAD_CHECK_SECONDS = 1.0
@@ -41,7 +44,7 @@ def load_tokens(path: Path) -> dict[bytes, str]:
         # (In the bytes the codec read: after a byte-order mark, which its positions leave out.)
         line = error.object.count(b"\n", 0, error.start) + 1
         raise ValueError(f"{path}: line {line}: not UTF-8 text (byte {error.object[error.start]:#04x})") from None
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(LINE_BREAK.split(text), start=1):
         line = COMMENT.sub("", line).strip()
         if not line:
             continue

@@ -31,6 +31,29 @@ def test_a_hash_inside_a_token_is_part_of_it_and_one_after_a_space_starts_a_comm
     assert tokens == {b"abc#def-0123456789012": "alice", BOB.encode(): "bob"}
 
 
+@pytest.mark.parametrize("breaker", ["\x0c", "\x0b", "\x1c", "\x85", "\u2028", "\u2029"])
+def test_a_comment_holding_a_character_python_splits_lines_at_is_all_comment(tmp_path, breaker):
+    """str.splitlines() ends a line at a form feed, NEL or U+2028 too, which no editor shows as a line break: the
+    rest of a comment after one was a line of its own, and a token commented out there was in force."""
+    assert load(tmp_path, f"# revoked{breaker}{BOB} bob\n{ALICE} alice\n") == {ALICE.encode(): "alice"}
+
+
+def test_a_bad_line_is_named_by_its_number_in_the_file_whatever_a_comment_above_holds(tmp_path):
+    """A U+2028 in a comment counted as a line break: the comment's rest was the bad line, named as line 2 (a
+    comment), and every line after it was numbered one past its place."""
+    with pytest.raises(ValueError, match="line 3: expected 'TOKEN OWNER'"):
+        load(tmp_path, f"# alice\u2028s laptop\n{ALICE} alice\nnot a tokens line\n")
+
+
+def test_windows_and_old_mac_line_endings_are_line_breaks(tmp_path):
+    """(Lines no longer end where str.splitlines() ends them: CR LF and a lone CR still end one.)"""
+    expected = {ALICE.encode(): "alice", BOB.encode(): "bob"}
+    for breaker in ("\r\n", "\r"):
+        text = f"# owners{breaker}{ALICE} alice{breaker}{breaker}{BOB} bob{breaker}"
+        (tmp_path / "tokens").write_bytes(text.encode())
+        assert load_tokens(tmp_path / "tokens") == expected, repr(breaker)
+
+
 def test_a_byte_order_mark_is_not_part_of_the_first_token(tmp_path):
     assert load(tmp_path, f"{ALICE} alice\n", encoding="utf-8-sig") == {ALICE.encode(): "alice"}
 
