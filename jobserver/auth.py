@@ -65,6 +65,16 @@ def load_tokens(path: Path) -> dict[bytes, str]:
     return tokens
 
 
+def exposure(path: Path) -> str | None:
+    """Why the tokens file is open to other users of the machine (group or others may read or write it, as a
+    file made with the default umask is), or None."""
+    mode = Path(path).stat().st_mode & 0o777
+    if not mode & 0o077:
+        return None
+    return (f"--tokens {path}: other users of this machine may read or change it (mode {mode:04o}): whoever reads "
+            "it can act as any owner; chmod 600 it")
+
+
 class TokenAuth:
     """Bearer tokens to owners, found by their SHA-256 digests: the time a lookup takes tells nothing of a
     token (compared one by one, the first that matched answered soonest, and a length unlike every token's at

@@ -6,6 +6,7 @@ import fcntl
 import importlib.util
 import math
 import ipaddress
+import logging
 from pathlib import Path
 
 from trainmetrics.command import FlagError, check_directory, check_directory_writable, path_argument
@@ -13,6 +14,8 @@ from trainmetrics.contract import http_url_problem
 
 # The file in the data dir a server holds an exclusive lock on for its life: one server per data dir.
 LOCK_NAME = "server.lock"
+
+log = logging.getLogger("trainmetrics.jobserver")
 
 
 def add_jobserver_flags(parser: argparse.ArgumentParser) -> None:
@@ -89,15 +92,18 @@ def lock_data_dir(data_dir: Path):
 def jobserver_settings(args: argparse.Namespace, host: str, web_config):
     """(ServerSettings, TokenAuth or None) from the flags; FlagError naming the first bad one. Touches no file:
     claim_data_dir makes the data dir."""
-    from trainmetrics.jobserver.auth import TokenAuth, load_tokens
+    from trainmetrics.jobserver.auth import TokenAuth, exposure, load_tokens
     from trainmetrics.jobserver.jobs import ServerSettings
 
     auth = None
     if args.tokens is not None:
         try:
             auth = TokenAuth(load_tokens(args.tokens), args.tokens.absolute())
+            exposed = exposure(args.tokens)
         except (OSError, ValueError) as error:
             raise FlagError("--tokens", str(error)) from None
+        if exposed:
+            log.warning("%s", exposed)
         if web_config.users:
             raise FlagError("--tokens", "cannot be used with basic_auth_users in --web.config.file: both take the "
                                         "Authorization header")

@@ -3,7 +3,7 @@
 import pytest
 
 from trainmetrics.edge import ApiError
-from trainmetrics.jobserver.auth import TokenAuth, load_tokens
+from trainmetrics.jobserver.auth import TokenAuth, exposure, load_tokens
 
 ALICE, BOB = "alice-token-0123456789", "bob-token-0123456789ab"
 
@@ -120,3 +120,16 @@ def test_a_changed_tokens_file_takes_effect_without_a_restart(tmp_path):
         server.stop()
     log = (tmp_path / "server.log").read_text()
     assert "tokens file changed but cannot be used" in log and "line 2" in log, log[-2000:]
+
+
+def test_a_tokens_file_other_users_may_read_is_said_at_the_start(tmp_path):
+    """A tokens file written with the default umask (0644) let every user of the machine read every owner's token,
+    and nothing said so."""
+    path = tmp_path / "tokens"
+    path.write_text(f"{ALICE} alice\n")
+    for mode, said in ((0o644, True), (0o640, True), (0o606, True), (0o600, False), (0o400, False)):
+        path.chmod(mode)
+        assert (exposure(path) is not None) == said, oct(mode)
+    path.chmod(0o644)
+    assert exposure(path) == (f"--tokens {path}: other users of this machine may read or change it (mode 0644): "
+                              "whoever reads it can act as any owner; chmod 600 it")
