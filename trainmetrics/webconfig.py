@@ -317,6 +317,11 @@ def _ssl_context(tls: dict, path: Path) -> ssl.SSLContext:
             context.load_verify_locations(ca_file)
         except ssl.SSLError as error:
             raise wrong("client_ca_file", f"{ca_file}: no PEM certificate ({error.reason})") from None
+        if context.verify_mode == ssl.CERT_NONE:
+            # Taken, no client was asked for a certificate: a file meant for mutual TLS let every client in
+            # (exporter-toolkit refuses it too: "Client CA's have been configured without a Client Auth Policy").
+            raise wrong("client_auth_type", f"{client_auth} with client_ca_file asks no client for a certificate: "
+                                            "use RequireAndVerifyClientCert or VerifyClientCertIfGiven")
     elif context.verify_mode == ssl.CERT_REQUIRED:
         raise wrong("client_auth_type", "RequireAndVerifyClientCert needs client_ca_file")
     return context

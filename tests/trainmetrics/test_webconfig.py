@@ -203,6 +203,18 @@ def test_a_bad_tls_setting_stops_the_program_with_one_line_naming_the_file_and_t
     assert f"web config {config}: " + message.format(pki=pki) in result.stderr
 
 
+@pytest.mark.parametrize("policy", ["", "\n  client_auth_type: NoClientCert"], ids=["no policy", "NoClientCert"])
+def test_a_client_ca_file_without_a_policy_asking_for_certificates_is_refused(pki, tmp_path, policy):
+    """A client_ca_file with no client_auth_type (or NoClientCert) was taken and no client asked for a
+    certificate: a file meant for mutual TLS served every client without one (exporter-toolkit refuses it)."""
+    config = tmp_path / "web.yml"
+    config.write_text(f"tls_server_config:\n  cert_file: {pki / 'server.crt'}\n  key_file: {pki / 'server.key'}\n"
+                      f"  client_ca_file: {pki / 'ca.crt'}{policy}\n")
+    with pytest.raises(ValueError, match=r"tls_server_config\.client_auth_type: NoClientCert with client_ca_file "
+                                         r"asks no client for a certificate"):
+        load_web_config(config)
+
+
 def test_an_encrypted_key_file_is_named_instead_of_asking_for_its_passphrase(pki, tmp_path):
     """OpenSSL asked for the passphrase on the terminal (a service waited for it), or without one said only
     `[Errno 22] Invalid argument`."""
