@@ -43,7 +43,12 @@ class Dataset:
         """The task as the job's log says it: which one a CSV's target made (whole numbers written as decimals,
         `1.0`, as pandas writes a column with a gap, are a regression target) is not to be guessed."""
         if self.task == "classification":
-            return f"classification ({self.num_outputs} classes)"
+            # The model has a class per label up to the largest; a CSV's labels may skip some ({0, 7}: 8 outputs,
+            # said as 8 classes of which the data holds 2).
+            found = len(torch.unique(torch.cat([self.train.tensors[1], self.eval.tensors[1]])))
+            if found == self.num_outputs:
+                return f"classification ({found} classes)"
+            return f"classification ({found} classes, labels 0 to {self.num_outputs - 1})"
         return f"language ({self.num_outputs} characters)" if self.task == "language" else self.task
 
     @property

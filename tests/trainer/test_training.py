@@ -85,6 +85,18 @@ def test_a_file_dataset_is_named_as_the_job_server_names_the_upload(tmp_path, su
     assert load_dataset(str(path)).name == "ds-03ec8b82c3d2"       # the job spec's `dataset`, no file suffix
 
 
+def test_a_csv_whose_labels_skip_some_says_how_many_it_holds(tmp_path):
+    """Labels 0 and 7 made a model of 8 outputs, and the log said "8 classes" of a data set of 2."""
+    from trainmetrics.trainer.data import load_dataset
+
+    path = tmp_path / "gaps.csv"
+    path.write_text("a,label\n" + "".join(f"{i},{7 * (i % 2)}\n" for i in range(20)))
+    dataset = load_dataset(str(path))
+    assert dataset.num_outputs == 8
+    assert dataset.task_said == "classification (2 classes, labels 0 to 7)"
+    assert load_dataset("blobs").task_said == "classification (5 classes)"       # every label there: as before
+
+
 def test_a_small_files_regression_targets_are_bounded_by_the_batches_it_forms(tmp_path):
     """A file of a few rows forms batches of those rows: its targets' bound is that of such a batch, not of the
     evaluation's 512 (3 rows with a target of 1e18 were refused, their loss finite)."""
