@@ -465,6 +465,7 @@ def serve(app: Starlette, sock, web_config: WebConfig, on_ready: Callable[[], No
     config.load()
     if web_config.ssl_context is not None:
         config.ssl = web_config.ssl_context     # ours, with the minimum version and client verification
+        web_config.watch_certificate()
     server = Server(config)
     # A stop signal before uvicorn has its own handlers must still stop it; and uvicorn re-raises the signal
     # it caught, once shut down, to the handler it found: this one, so the command returns its own exit code

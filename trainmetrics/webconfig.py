@@ -16,6 +16,8 @@ Imports nothing heavy; bcrypt only when basic auth is configured.
 import base64
 import binascii
 import hashlib
+import logging
+import os
 import re
 import ssl
 import threading
@@ -27,6 +29,12 @@ from pathlib import Path
 import yaml
 
 from trainmetrics.command import FlagError
+
+log = logging.getLogger("trainmetrics.webconfig")
+
+# How often a TLS server looks at its certificate and key files (two stats): a renewed certificate (cert-manager,
+# certbot) is served this soon, with no restart.
+CERTIFICATE_CHECK_SECONDS = 1.0
 
 # Refusals remembered (a client repeating a wrong password costs one bcrypt check), the oldest forgotten first.
 MAX_REMEMBERED_REFUSALS = 4096
@@ -84,6 +92,9 @@ class WebConfig:
     _accepted: OrderedDict = field(default_factory=OrderedDict, repr=False)
     _refused: OrderedDict = field(default_factory=OrderedDict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _watching: bool = field(default=False, repr=False)
+    _served: tuple | None = field(default=None, repr=False)           # the files' identity when last loaded
+    _refused_files: tuple | None = field(default=None, repr=False)    # an identity that did not load, said once
 
     def secure(self, server) -> None:
         """Put a threaded socketserver's listening socket under TLS when configured. The handshake runs
@@ -91,6 +102,44 @@ class WebConfig:
         if self.ssl_context is not None:
             server.socket = self.ssl_context.wrap_socket(server.socket, server_side=True,
                                                          do_handshake_on_connect=False)
+            self.watch_certificate()
+
+    def watch_certificate(self) -> None:
+        """Serve the certificate and key files as they are now, from the next handshake on, whenever they change
+        (looked at every CERTIFICATE_CHECK_SECONDS by a thread of this config's own, started once): read once
+        at the start, a renewed certificate was served only after a restart, the expired one until then."""
+        with self._lock:
+            if self.ssl_context is None or self.cert_files is None or self._watching:
+                return
+            self._watching = True
+            self._served = _files_identity(self.cert_files)
+        threading.Thread(target=self._watch_certificate, name="certificate-watch", daemon=True).start()
+
+    def _watch_certificate(self) -> None:
+        while True:
+            time.sleep(CERTIFICATE_CHECK_SECONDS)
+            self.reload_certificate()
+
+    def reload_certificate(self) -> bool:
+        """Load the certificate and key into the served context when their files changed since it was loaded;
+        True when it did. A pair that does not load (a key that no longer fits: a renewal writes the two files
+        one after the other; a file half written) is said once and leaves the served pair as it was: it is
+        tried whole on a scratch context first, as a failed load into the served one could leave it half new."""
+        identity = _files_identity(self.cert_files)
+        if identity == self._served or identity is None:
+            return False
+        cert, key = self.cert_files
+        try:
+            _load_key_pair(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), cert, key, _not_loaded)
+            self.ssl_context.load_cert_chain(cert, key)
+        except (OSError, ValueError, ssl.SSLError) as error:
+            if identity != self._refused_files:
+                self._refused_files = identity
+                log.error("the changed certificate or key is not served (the one loaded before is): %s", error)
+            return False
+        self._served = identity
+        log.info("serving the renewed certificate %s", cert)
+        return True
 
     def _credentials(self, header: str | None) -> tuple[str, bytes, bytes] | None:
         """(user, bcrypt hash, password) for a Basic Authorization header; None when it is not one. A user not
@@ -325,6 +374,19 @@ def _ssl_context(tls: dict, path: Path) -> ssl.SSLContext:
     elif context.verify_mode == ssl.CERT_REQUIRED:
         raise wrong("client_auth_type", "RequireAndVerifyClientCert needs client_ca_file")
     return context
+
+
+def _files_identity(paths) -> tuple | None:
+    """What tells a file's content changed without reading it (inode, size, modification time), for each path;
+    None when one cannot be read (a renewal replacing it at this moment)."""
+    try:
+        return tuple((stat.st_ino, stat.st_size, stat.st_mtime_ns) for stat in map(os.stat, paths))
+    except OSError:
+        return None
+
+
+def _not_loaded(key: str, message: str) -> ValueError:
+    return ValueError(f"{key}: {message}")
 
 
 def _load_key_pair(context: ssl.SSLContext, cert: str, key: str, wrong) -> None:

@@ -423,3 +423,48 @@ def test_over_tls_a_request_whose_client_hung_up_while_it_waited_its_turn_is_not
     finally:
         server.close()
     assert renders == 2     # before: 6
+
+
+@pytest.mark.parametrize("command", [["exporter", "--no-collector.gpu"],
+                                     ["analytics", "--prometheus-url", "http://127.0.0.1:9"]])
+def test_a_renewed_certificate_is_served_without_a_restart_and_a_half_renewed_pair_is_not(pki, tmp_path, command):
+    """The certificate and key were read once, at the start: a renewed certificate (cert-manager, certbot) was
+    served only after a restart, the expiring one until then. exporter-toolkit reads them on each request."""
+    import shutil
+
+    for name in ("ca.crt", "ca.key"):
+        shutil.copy(pki / name, tmp_path / name)
+    shutil.copy(pki / "server.crt", tmp_path / "live.crt")
+    shutil.copy(pki / "server.key", tmp_path / "live.key")
+    issue("renewed", "ca", tmp_path, san="IP:127.0.0.1")
+    config = tmp_path / "web.yml"
+    config.write_text("tls_server_config:\n  cert_file: live.crt\n  key_file: live.key\n")
+    port, log = free_port(), tmp_path / "server.log"
+    with open(log, "w") as output:
+        process = subprocess.Popen([sys.executable, "-m", "trainmetrics", command[0], "--listen",
+                                    f"127.0.0.1:{port}", "--web.config.file", str(config), *command[1:]],
+                                   stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+    def served() -> str:
+        return ssl.get_server_certificate(("127.0.0.1", port), timeout=10)
+
+    def wait_for(condition, what: str) -> None:
+        deadline = time.monotonic() + 30
+        while not condition():
+            assert time.monotonic() < deadline, f"{what} not seen: {log.read_text()}"
+            time.sleep(0.1)
+
+    try:
+        wait_until_listening(port, process)
+        assert served() == (pki / "server.crt").read_text()
+        shutil.copy(tmp_path / "renewed.crt", tmp_path / "live.crt")        # the key not yet: they do not fit
+        wait_for(lambda: "the changed certificate or key is not served" in log.read_text(), "the refusal")
+        assert served() == (pki / "server.crt").read_text()
+        shutil.copy(tmp_path / "renewed.key", tmp_path / "live.key")
+        wait_for(lambda: served() == (tmp_path / "renewed.crt").read_text(), "the renewed certificate")
+        with get(f"https://127.0.0.1:{port}/metrics", context(pki)) as response:     # verified against the CA
+            assert response.status == 200
+        assert log.read_text().count("is not served") == 1
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
