@@ -5,11 +5,11 @@ included), the host's busy CPU time (/proc/stat) and each job's CPU time (the jo
 package energy goes to the jobs in proportion to their share of the host's busy CPU time in it: an
 estimate (a busy core does not draw what the average one does, and the packages' idle power is shared out
 with the rest). A job's first interval only takes its baseline. A zone's counter wraps at
-max_energy_range_uj: a reading below the previous one has wrapped when the step up to it is one a package can
-use in the interval (MAX_PACKAGE_WATTS); a step back further is a reset (a resume from suspend, a driver that
-starts the counter again), which counts its new value, as a GPU counter's reset does. A step up by more than a
-package can use is no energy used: the reading is a new baseline. The interval is the longer of the time between
-the two reads and between their passes' starts.
+max_energy_range_uj: a reading below the previous one has wrapped when the previous one was within that range
+and the step up to it is one a package can use in the interval (MAX_PACKAGE_WATTS); any other step back is a
+reset (a resume from suspend, a driver that starts the counter again), which counts its new value, as a GPU
+counter's reset does. A step up by more than a package can use is no energy used: the reading is a new baseline.
+The interval is the longer of the time between the two reads and between their passes' starts.
 
 Since Linux 5.10 (CVE-2020-8694) energy_uj is readable by root only. Where no package zone is readable
 the collector publishes no CPU energy (absent, not zero) and does not fail, like the gpu collector without
@@ -184,9 +184,11 @@ class EnergyCollector(Collector):
             # Up by more than a package can use in the interval: a counter set to another value (a zone read as
             # another, a driver's glitch), not energy used. The reading is a new baseline.
             return value - previous if value - previous <= most else 0
-        wrapped = self._zones[path] - previous + value
-        if wrapped <= most:
-            return wrapped
+        # A wrap needs a counter that was within its range: under a max_energy_range_uj of 0 (or any below the
+        # previous reading) the step came out negative and took energy off the other packages' in the sum.
+        maximum = self._zones[path]
+        if previous <= maximum and maximum - previous + value <= most:
+            return maximum - previous + value
         # Back further than a wrap allows: a reset. Its value is what it counted since, when the interval could
         # hold that much; else the reading is only a new baseline.
         return value if value <= most else 0

@@ -194,6 +194,30 @@ def test_a_package_counter_that_went_back_further_than_a_wrap_allows_is_a_reset_
     assert slow_pass(203.0, 10_105) == pytest.approx(climbed + 100)
 
 
+def test_a_package_whose_max_energy_range_is_below_its_reading_never_takes_energy_off_the_others(tmp_path):
+    """A zone whose max_energy_range_uj read 0 (or anything below its counter) that went back was taken for a wrap
+    of max - previous + value: a negative step, added to the other packages' energy (package 0's 50 J read as 0 J).
+    Its counter cannot have wrapped at such a max: the step back is a reset, which counts its new value."""
+    proc, powercap, job_dir = tmp_path / "proc", tmp_path / "powercap", tmp_path / "jobs"
+    write_job_mapping(job_dir, JobMapping(job_id="a", pid=100, start_ticks=1100))
+    tracker = JobTracker(job_dir, proc_root=proc, descendants=lambda pid: [], clock_ticks=100)
+    exporter = Exporter([EnergyCollector(JobEnergy(), tracker, proc, powercap, clock_ticks=100)])
+
+    def slow_pass(now: float, package0_joules: int, package1_joules: int) -> float:
+        """Job a is all of the host's busy CPU time; package 1 says its counter wraps at 0."""
+        busy = 1_000 + int(100 * now)
+        write_proc(proc, host_busy=busy, host_idle=50_000, processes={100: busy})
+        write_zone(powercap, "intel-rapl:0", "package-0", package0_joules * 1_000_000)
+        write_zone(powercap, "intel-rapl:1", "package-1", package1_joules * 1_000_000, max_uj=0)
+        tracker.update(now)
+        exporter.sample_slow(now)
+        return energy_series(exporter.render())[("a", "cpu")]
+
+    assert slow_pass(1.0, 100, 500) == 0.0
+    assert slow_pass(2.0, 150, 400) == 50.0 + 400.0     # package 1 reset: its 400 J, never -100 J
+    assert slow_pass(3.0, 200, 410) == 450.0 + 50 + 10
+
+
 def test_a_package_read_later_in_its_pass_counts_its_whole_interval(tmp_path):
     """The slow pass's collectors run one after another: a gpu sample seconds slower than the one before delays the
     zones' read, and the interval between the two reads is longer than between the passes' starts. Bounded by the
