@@ -1,7 +1,7 @@
 """The job-mapping directory: how the exporter learns which processes and GPUs belong to which job.
 
-Each running job process writes one JSON file, ``<job_id>[.rank<N>].json``, into the directory at start and
-removes it at exit (the idea of dcgm-exporter's job mapping, without a scheduler)::
+Each running job process writes one JSON file, ``<job_id>.rank<N>.json`` (rank 0 too), into the directory at
+start and removes it at exit (the idea of dcgm-exporter's job mapping, without a scheduler)::
 
     {"job_id": "mnist-1", "pid": 4242, "gpus": [0], "rank": 0, "started": 1763779200.5, "start_ticks": 8630412}
 
