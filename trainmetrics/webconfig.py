@@ -95,6 +95,8 @@ class WebConfig:
     _watching: bool = field(default=False, repr=False)
     _served: tuple | None = field(default=None, repr=False)           # the files' identity when last loaded
     _refused_files: tuple | None = field(default=None, repr=False)    # an identity that did not load, said once
+    _tls: tuple | None = field(default=None, repr=False)              # (tls_server_config, file): to load again
+    _newest: ssl.SSLContext | None = field(default=None, repr=False)  # what the next handshakes are moved onto
 
     def secure(self, server) -> None:
         """Put a threaded socketserver's listening socket under TLS when configured. The handshake runs
@@ -107,13 +109,25 @@ class WebConfig:
     def watch_certificate(self) -> None:
         """Serve the certificate and key files as they are now, from the next handshake on, whenever they change
         (looked at every CERTIFICATE_CHECK_SECONDS by a thread of this config's own, started once): read once
-        at the start, a renewed certificate was served only after a restart, the expired one until then."""
+        at the start, a renewed certificate was served only after a restart, the expired one until then.
+
+        The served context is never changed (OpenSSL does not serialise changes to a context in use by other
+        threads' handshakes): a changed pair is loaded into a new context of the same settings, and each
+        handshake is moved onto the newest one as its ClientHello arrives (the server-name callback, which
+        OpenSSL calls with a server name or without one: SSL_set_SSL_CTX, made for this)."""
         with self._lock:
-            if self.ssl_context is None or self.cert_files is None or self._watching:
+            if self.ssl_context is None or self._tls is None or self._watching:
                 return
             self._watching = True
             self._served = _files_identity(self.cert_files)
+            self._newest = self.ssl_context
+            self.ssl_context.sni_callback = self._to_newest
         threading.Thread(target=self._watch_certificate, name="certificate-watch", daemon=True).start()
+
+    def _to_newest(self, ssl_object, server_name, context) -> None:
+        newest = self._newest
+        if newest is not context:
+            ssl_object.context = newest
 
     def _watch_certificate(self) -> None:
         while True:
@@ -121,17 +135,15 @@ class WebConfig:
             self.reload_certificate()
 
     def reload_certificate(self) -> bool:
-        """Load the certificate and key into the served context when their files changed since it was loaded;
-        True when it did. A pair that does not load (a key that no longer fits: a renewal writes the two files
-        one after the other; a file half written) is said once and leaves the served pair as it was: it is
-        tried whole on a scratch context first, as a failed load into the served one could leave it half new."""
+        """A new context for the next handshakes when the certificate or key file changed since the newest was
+        made; True when one was. A pair that does not load (a key that no longer fits: a renewal writes the two
+        files one after the other; a file half written) is said once and the newest context stays."""
         identity = _files_identity(self.cert_files)
         if identity == self._served or identity is None:
             return False
-        cert, key = self.cert_files
+        cert = self.cert_files[0]
         try:
-            _load_key_pair(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), cert, key, _not_loaded)
-            self.ssl_context.load_cert_chain(cert, key)
+            self._newest = _ssl_context(*self._tls)
         except (OSError, ValueError, ssl.SSLError) as error:
             if identity != self._refused_files:
                 self._refused_files = identity
@@ -294,6 +306,7 @@ def load_web_config(path: Path | None) -> WebConfig:
     tls = raw.get("tls_server_config")
     if tls:
         config.ssl_context = _ssl_context(tls, path)
+        config._tls = (tls, path)
         config.cert_files = (str(path.parent / tls["cert_file"]), str(path.parent / tls["key_file"]))
     for user, hashed in (raw.get("basic_auth_users") or {}).items():
         if ":" in str(user):    # Basic auth's user name ends at its first colon: no request could name this one
@@ -383,10 +396,6 @@ def _files_identity(paths) -> tuple | None:
         return tuple((stat.st_ino, stat.st_size, stat.st_mtime_ns) for stat in map(os.stat, paths))
     except OSError:
         return None
-
-
-def _not_loaded(key: str, message: str) -> ValueError:
-    return ValueError(f"{key}: {message}")
 
 
 def _load_key_pair(context: ssl.SSLContext, cert: str, key: str, wrong) -> None:

@@ -431,6 +431,7 @@ def test_a_renewed_certificate_is_served_without_a_restart_and_a_half_renewed_pa
     """The certificate and key were read once, at the start: a renewed certificate (cert-manager, certbot) was
     served only after a restart, the expiring one until then. exporter-toolkit reads them on each request."""
     import shutil
+    import socket
 
     for name in ("ca.crt", "ca.key"):
         shutil.copy(pki / name, tmp_path / name)
@@ -438,15 +439,22 @@ def test_a_renewed_certificate_is_served_without_a_restart_and_a_half_renewed_pa
     shutil.copy(pki / "server.key", tmp_path / "live.key")
     issue("renewed", "ca", tmp_path, san="IP:127.0.0.1")
     config = tmp_path / "web.yml"
-    config.write_text("tls_server_config:\n  cert_file: live.crt\n  key_file: live.key\n")
+    config.write_text("tls_server_config:\n  cert_file: live.crt\n  key_file: live.key\n  client_ca_file: ca.crt\n"
+                      "  client_auth_type: RequireAndVerifyClientCert\n")
     port, log = free_port(), tmp_path / "server.log"
     with open(log, "w") as output:
         process = subprocess.Popen([sys.executable, "-m", "trainmetrics", command[0], "--listen",
                                     f"127.0.0.1:{port}", "--web.config.file", str(config), *command[1:]],
                                    stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
+    def pem(path) -> str:      # as served() writes it
+        return ssl.DER_cert_to_PEM_cert(ssl.PEM_cert_to_DER_cert(path.read_text()))
+
     def served() -> str:
-        return ssl.get_server_certificate(("127.0.0.1", port), timeout=10)
+        """The certificate a client with its own certificate is served (verified against the CA)."""
+        with context(pki, client="client").wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10),
+                                                       server_hostname="127.0.0.1") as connection:
+            return ssl.DER_cert_to_PEM_cert(connection.getpeercert(binary_form=True))
 
     def wait_for(condition, what: str) -> None:
         deadline = time.monotonic() + 30
@@ -456,14 +464,16 @@ def test_a_renewed_certificate_is_served_without_a_restart_and_a_half_renewed_pa
 
     try:
         wait_until_listening(port, process)
-        assert served() == (pki / "server.crt").read_text()
+        assert served() == pem(pki / "server.crt")
         shutil.copy(tmp_path / "renewed.crt", tmp_path / "live.crt")        # the key not yet: they do not fit
         wait_for(lambda: "the changed certificate or key is not served" in log.read_text(), "the refusal")
-        assert served() == (pki / "server.crt").read_text()
+        assert served() == pem(pki / "server.crt")
         shutil.copy(tmp_path / "renewed.key", tmp_path / "live.key")
-        wait_for(lambda: served() == (tmp_path / "renewed.crt").read_text(), "the renewed certificate")
-        with get(f"https://127.0.0.1:{port}/metrics", context(pki)) as response:     # verified against the CA
+        wait_for(lambda: served() == pem(tmp_path / "renewed.crt"), "the renewed certificate")
+        with get(f"https://127.0.0.1:{port}/metrics", context(pki, client="client")) as response:
             assert response.status == 200
+        with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):    # still asked for one
+            get(f"https://127.0.0.1:{port}/metrics", context(pki, client="stranger")).close()
         assert log.read_text().count("is not served") == 1
     finally:
         process.terminate()
