@@ -77,10 +77,12 @@ def _listed_gpu(index: int, visible: str | None) -> int | str | None:
 
 
 def check_gpus(gpus: object) -> list[int | str]:
-    """gpus when it is a list of NVML indices and GPU/MIG UUIDs; ValueError otherwise."""
+    """gpus when it is a list of NVML indices and GPU/MIG UUIDs, each UUID's hex digits in lower case as NVML
+    writes them (CUDA_VISIBLE_DEVICES may have them in upper case: its GPU was then held by no job); ValueError
+    otherwise."""
     if not isinstance(gpus, list) or not all(is_gpu_id(gpu) for gpu in gpus):
         raise ValueError("gpus must be a list of GPU indices and GPU-/MIG- UUIDs")
-    return gpus
+    return [gpu[:4] + gpu[4:].lower() if isinstance(gpu, str) else gpu for gpu in gpus]
 
 
 @dataclass(frozen=True)

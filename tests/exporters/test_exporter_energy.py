@@ -103,6 +103,22 @@ def test_a_job_that_comes_after_the_baseline_starts_its_gpu_series_at_0(tmp_path
     assert readings == [{("mnist-1", "gpu"): 0.0}, {("mnist-1", "gpu"): 250.0}]
 
 
+def test_a_gpu_declared_by_a_uuid_in_upper_case_is_the_gpu_nvml_names_in_lower_case(tmp_path):
+    """A job given CUDA_VISIBLE_DEVICES=GPU-5D2F9E81-... (upper-case hex, as some tools write it) named its GPU
+    so in its mapping: the exporter compared it with NVML's lower-case UUID, and the GPU was held by no job."""
+    job_dir = tmp_path / "jobs"
+    job_dir.mkdir()
+    host = build_fixture_host(job_dir=job_dir, powercap_root=tmp_path / "no-powercap")
+    gpu1 = host.nvml.gpus[1]
+    named = "GPU-" + gpu1.uuid[4:].upper()
+    write_job_mapping(job_dir, JobMapping(job_id="eval-2", pid=5100, gpus=[named], start_ticks=8))
+    for now, energy_millijoules in ((100.0, 1_000_000), (101.0, 1_004_000)):
+        gpu1.energy_millijoules = energy_millijoules
+        host.exporter.sample(now)
+        host.exporter.sample_slow(now)
+    assert energy_series(host.exporter.render()) == {("eval-2", "gpu"): 4.0}
+
+
 def test_a_gpu_declared_by_uuid_gets_its_energy_and_job_info(tmp_path):
     """A job given its GPU by UUID (CUDA_VISIBLE_DEVICES=GPU-..., Kubernetes' device plugin) was mapped to GPU 0
     whatever GPU it was on; a mapping naming the UUID was refused whole."""
