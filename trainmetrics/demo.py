@@ -76,6 +76,18 @@ def dataset_for(model: str, uploaded: str) -> str:
     return BUILT_IN_DATASET_FOR.get(model, uploaded)
 
 
+def job_name(model: str) -> str:
+    """The demo job's name, as Grafana and the analytics show it: what `model` learns on its dataset (every job
+    was named "demo digits classifier", the transformer's on the text corpus too)."""
+    return "demo corpus language model" if model == "transformer" else "demo digits classifier"
+
+
+def submit_line(model: str, epochs: int, dataset: str, uploaded: str) -> str:
+    """What the demo says it submitted, short of the job id ("mlp, 1 epochs" said it wrong)."""
+    built_in = "" if dataset == uploaded else f" on the built-in {dataset}"
+    return f"{model}, {epochs} epoch{'' if epochs == 1 else 's'}{built_in}"
+
+
 def _port_or_free(port: int) -> int:
     """`port` when it is free, else (or for 0) a free one."""
     with socket.socket() as sock:
@@ -322,12 +334,11 @@ def run(args: argparse.Namespace) -> int:
                   f"{dataset['features']} features, uploaded in {dataset['upload_seconds']:.3f} s")
             dataset_name = dataset_for(args.model, dataset["dataset_id"])
             spec = {"model": args.model, "dataset": dataset_name, "epochs": args.epochs,
-                    "batch_size": args.batch_size, "log_every": 25, "name": "demo digits classifier"}
+                    "batch_size": args.batch_size, "log_every": 25, "name": job_name(args.model)}
             job = client.post("/api/training/jobs", json=spec).raise_for_status().json()
             job_id = job["job_id"]
             selector = f'{{job_id="{job_id}"}}'
-            print(f"2. submit        {args.model}, {args.epochs} epochs"
-                  f"{'' if dataset_name == dataset['dataset_id'] else ' on the built-in ' + dataset_name} "
+            print(f"2. submit        {submit_line(args.model, args.epochs, dataset_name, dataset['dataset_id'])} "
                   f"→ job {job_id} ({job['state']})")
             print(f"   loss          {graph_url(prometheus.url, f'trainer_loss{selector}', f'trainer_eval_loss{selector}')}")
             print(f"   throughput    {graph_url(prometheus.url, f'sum(rate(trainer_samples_total{selector}[2s]))')}")

@@ -12,7 +12,7 @@ import pytest
 from tests.processes import finish_reading
 from trainmetrics.cli import main
 from trainmetrics.contract import MODELS
-from trainmetrics.demo import _port_or_free, dataset_for, write_digits_csv
+from trainmetrics.demo import _port_or_free, dataset_for, job_name, submit_line, write_digits_csv
 from trainmetrics.trainer.data import load_dataset
 from trainmetrics.trainer.models import build_model
 
@@ -156,6 +156,18 @@ def test_every_model_the_demo_offers_can_train_on_its_dataset(model, tmp_path):
     uploaded = write_digits_csv(tmp_path / "digits.csv")
     dataset = load_dataset(dataset_for(model, str(uploaded)))
     build_model(model, dataset)
+
+
+def test_the_transformer_demo_job_is_named_for_what_it_learns():
+    """Every demo job was named "demo digits classifier": the transformer's too, which learns the text corpus."""
+    assert job_name("transformer") == "demo corpus language model"
+    assert job_name("mlp") == job_name("cnn") == "demo digits classifier"
+
+
+def test_a_one_epoch_demo_says_one_epoch():
+    """`--epochs 1` printed "transformer, 1 epochs on the built-in corpus"."""
+    assert submit_line("transformer", 1, "corpus", "ds-1") == "transformer, 1 epoch on the built-in corpus"
+    assert submit_line("mlp", 15, "ds-1", "ds-1") == "mlp, 15 epochs"
 
 
 @pytest.mark.parametrize("then", ["nothing", "ctrl-c"])
