@@ -23,6 +23,8 @@ def _check(self) -> None:
             raise ValueError(f"{option.cli_flag} {error}") from None
     if self.resume and self.checkpoint_dir is None:
         raise ValueError("--resume needs --checkpoint-dir")
+    if self.checkpoint_every and self.checkpoint_dir is None:     # taken, no checkpoint was written, unsaid
+        raise ValueError("--checkpoint-every needs --checkpoint-dir (without one no checkpoint is written)")
 
 
 TrainConfig = make_dataclass(

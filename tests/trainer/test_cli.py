@@ -157,6 +157,16 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(case, tmp_path, capsys)
     assert list(outputs.rglob("*")) == []
 
 
+def test_checkpoints_asked_for_without_a_directory_are_one_line_exit_2(tmp_path, capsys):
+    """--checkpoint-every without --checkpoint-dir was taken: the job trained with no checkpoint at all, unsaid."""
+    code = main(["train", "--targets-dir", str(tmp_path / "t"), "--job-dir", str(tmp_path / "j"), "--epochs", "1",
+                 "--checkpoint-every", "5"])
+    stderr = capsys.readouterr().err
+    assert code == 2 and stderr.strip().splitlines() == [
+        "trainmetrics train: error: --checkpoint-every needs --checkpoint-dir (without one no checkpoint is written)"]
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("variables,message", [({"RANK": "1"}, "RANK=1 is not one of the ranks of WORLD_SIZE=1"),
                                                ({"RANK": "abc", "WORLD_SIZE": "2"}, "RANK='abc' is not a whole number"),
                                                ({"LOCAL_RANK": "-1"}, "LOCAL_RANK=-1 is negative"),
