@@ -40,7 +40,7 @@ OTLP_PROTOCOL_VARIABLES = ("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", "OTEL_EXPORTER
 EXPORT_INTERVAL_VARIABLE = "OTEL_METRIC_EXPORT_INTERVAL"
 DEFAULT_PUSH_INTERVAL_MILLIS = 60_000.0      # the SDK's default
 # An OTLP push, the last one at the end of a job included, gets this long (the SDK: 10 s a request, retried,
-# and 30 s for the last one).
+# and 30 s for the last one); the last one follows a push under way when the job ended.
 FINAL_PUSH_SECONDS = 5.0
 # A scraper counts as active while it keeps to its own rhythm: seen within this many of its intervals, and at
 # least MIN_ACTIVE_SECONDS; once its connection closed, MIN_ACTIVE_SECONDS alone (a scraper reconnecting
@@ -166,11 +166,24 @@ class PushReader(PeriodicExportingMetricReader):
 
     def __init__(self, exporter: MetricExporter, **kwargs):
         self._owner_pid = os.getpid()
+        self._pushing = threading.Lock()        # held through a collection and its push
         super().__init__(exporter, **kwargs)
 
     def collect(self, timeout_millis: float = 10_000) -> None:
         if os.getpid() == self._owner_pid:
-            super().collect(timeout_millis=timeout_millis)
+            with self._pushing:
+                super().collect(timeout_millis=timeout_millis)
+
+    def shutdown(self, timeout_millis: float = 30_000, **kwargs) -> None:
+        """The last push, given `timeout_millis` of its own, after the push under way (if any) ends: the SDK counted
+        the push the job ended in against the last one's time, so a collector slower than half the timeout got
+        the last push after close() had returned, and the job's exit killed it (its final state lost, unsaid)."""
+        if os.getpid() != self._owner_pid:      # a forked child's copy: it pushes nothing (its lock may be held)
+            super().shutdown(timeout_millis=timeout_millis, **kwargs)
+            return
+        if self._pushing.acquire(timeout=timeout_millis / 1000):     # (bounded by that push's own timeout)
+            self._pushing.release()
+        super().shutdown(timeout_millis=timeout_millis, **kwargs)
 
 
 def build_push_provider(resource_attributes: dict[str, str]) -> MeterProvider | None:
@@ -402,7 +415,8 @@ class Publication:
 
     def shutdown(self) -> None:
         """release(), and the OTLP push's last push, given what any push is (push_seconds(): a collector that is
-        down or never answers held every job's exit for 15-31 s, its slot and memory with it)."""
+        down or never answers held every job's exit for 15-31 s, its slot and memory with it), after the push under
+        way, if any (PushReader.shutdown)."""
         self.release()
         if self.push_provider is not None:
             self.push_provider.shutdown(timeout_millis=push_seconds() * 1000)

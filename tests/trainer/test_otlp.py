@@ -205,6 +205,41 @@ def test_the_last_push_has_the_timeout_the_user_set(monkeypatch):
         server.server_close()
 
 
+class Slow(Receiver):
+    """A collector that takes each request at once (Slow.arrived) and answers it after Slow.seconds."""
+
+    arrived = threading.Event()
+    seconds = 0.0
+
+    def do_POST(self):
+        Slow.arrived.set()
+        time.sleep(Slow.seconds)
+        super().do_POST()
+
+
+def test_a_push_under_way_at_the_end_leaves_the_last_push_its_whole_timeout(monkeypatch):
+    """The SDK counted a periodic push under way at the job's end against the last push's time: with a collector
+    answering in 3 s of a 4 s timeout, close() returned after the periodic push and before the last one was
+    answered, so the job's exit killed it and its final state never reached the collector (nothing said so)."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    Slow.seconds, Receiver.requests = 3.0, []
+    Slow.arrived.clear()
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "4")
+    monkeypatch.setenv("OTEL_METRIC_EXPORT_INTERVAL", "100")
+    try:
+        metrics = JobMetrics("otlp-slow-1", log_every=1)
+        with metrics:
+            metrics.step(loss=0.5, samples=8)
+            assert Slow.arrived.wait(10)         # a periodic push is under way as the job ends
+            metrics.step(loss=0.5, samples=8)
+        assert pushed_values("trainer_steps_total")[-1] == 2      # the final state, before close() returned
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_the_service_name_the_user_set_is_kept(receiver, monkeypatch):
     """The job's resource named its service trainmetrics-trainer over OTEL_SERVICE_NAME (and service.name in
     OTEL_RESOURCE_ATTRIBUTES), which a collector's Prometheus exporter makes the `job` label of every series."""
