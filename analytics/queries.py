@@ -434,17 +434,24 @@ def _job_gpus(metric: str, job_id: str) -> str:
 
 def job_rates(job_id: str, window: float, end: float,
               segments: list[tuple[float, float]] | None = None) -> dict[str, str]:
-    """The CPU seconds of the job's process trees: each counter's last minus first sample (not increase(),
-    whose extrapolation differs between Prometheus and VictoriaMetrics). The exporter's counter is per job
-    and starts again when a resumed job's new process does, so with segments (the spans in which the job's
-    processes ran) each span is counted on its own and the spans summed; without, the whole window
-    (start, end]. Its peaks and GPU figures: job_peaks."""
+    """The CPU seconds of the job's process trees: per span, the counter's value at its stop minus its value at
+    its start (not increase(), whose extrapolation differs between Prometheus and VictoriaMetrics). The
+    exporter's counter is per job and starts again when a resumed job's new process does, so with segments (the
+    spans in which the job's processes ran) each span is counted on its own and the spans summed; without, the
+    whole window (start, end]. Its peaks and GPU figures: job_peaks."""
     cpu = job_selector(Node.JOB_CPU_SECONDS, job_id)
     spans = segments or [(end - window, end)]
     parts = []
     for index, (start, stop) in enumerate(spans):
-        r = over(max(stop - start, 1e-3), stop)
-        parts.append(f'label_replace(max_over_time({cpu}{r}) - min_over_time({cpu}{r}), "segment", "{index}", "", "")')
+        inside = over(max(stop - start, 1e-3), stop)
+        # The value at the start is the last sample at or before it: from the span's first sample on, the time
+        # before that sample was lost (a run with one scrape in it counted 0 s). Looked for at most two scrapes
+        # back and never in the previous span (another process' counter); a lower first sample in the span
+        # (a reset: the new process was first sampled after its start) is the start's value instead.
+        earliest = max(start - 2 * SCRAPE_INTERVAL_SECONDS, spans[index - 1][1] if index else -math.inf)
+        first = f"min_over_time({cpu}{inside})"
+        at_start = f"(last_over_time({cpu}{over(max(start - earliest, 1e-3), start)}) <= {first}) or {first}"
+        parts.append(f'label_replace(max_over_time({cpu}{inside}) - ({at_start}), "segment", "{index}", "", "")')
     # The hosts (exporters) that attributed the job: its energy is whole only with a figure from each.
     return {"cpu_seconds": f"sum({' or '.join(parts)})",
             "cpu_hosts": f"count by (instance) (max_over_time({cpu}{over(window, end)}))"}
