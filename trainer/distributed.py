@@ -128,6 +128,20 @@ def agree_on_stop(ctx: Distributed, local_outcome: str | None,
     return {code: name for name, code in _OUTCOME_CODES.items()}[outcome], keeping - 1 if keeping else None
 
 
+def check_same_data(ctx: Distributed, rows: int, digest: str) -> None:
+    """Raise ValueError, on every rank alike, unless every rank loaded the same training data (`rows` in its
+    training split, `digest` its fingerprint). Ranks of other data (another copy of the file on each node) took
+    shares of other lengths: the rank with fewer batches ended its epoch and waited for the others at its
+    evaluation while they waited for it in a gradient all-reduce, and the job hung until the process group's
+    timeout (30 minutes), deaf to a cancel (every rank stuck in a collective)."""
+    said = gather_objects(ctx, (rows, digest))
+    if len(set(said)) > 1:
+        loaded = ", ".join(f"rank {rank}: {rows} training rows, digest {digest[:12]}"
+                           for rank, (rows, digest) in enumerate(said))
+        raise ValueError(f"the ranks loaded different data ({loaded}): every rank must load the same "
+                         "--dataset (the same file on every node)")
+
+
 def gather_objects(ctx: Distributed, value) -> list:
     """Every rank's `value`, in rank order (on the gloo control group; every rank must call it)."""
     if not ctx.enabled:

@@ -608,6 +608,7 @@ def run_job(config: TrainConfig, stop: StopFlag | None = None) -> int:
             drill.before_joining()
         joined = distributed.initialize(ranks, device, stopped=lambda: bool(stop))
         if joined:
+            distributed.check_same_data(ranks, len(dataset.train), dataset.digest)
             trainer = Trainer(config, dataset, model, device, metrics, stop, ranks)
             if config.resume:
                 with metrics.phase("restore"):

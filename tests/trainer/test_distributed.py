@@ -247,3 +247,32 @@ def test_a_rank_stopped_while_the_others_have_not_joined_ends_as_asked(tmp_path,
         process.stderr.close()
     assert read_result(result_file)["state"] == state
     assert list(targets.iterdir()) == []
+
+
+def test_ranks_that_loaded_different_data_fail_at_once_saying_so(tmp_path):
+    """Ranks of a job that loaded other data (another copy of the file on each node) took shares of other
+    lengths: the rank with fewer batches ended its epoch and waited at its evaluation while the other waited for
+    it in a gradient all-reduce, and the job hung for the process group's 30 minutes, deaf to a cancel."""
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    processes = []
+    for rank, rows in enumerate((100, 160)):
+        data = tmp_path / f"node{rank}" / "data.csv"
+        data.parent.mkdir()
+        data.write_text("x,label\n" + "".join(f"{i / rows:.4f},{i % 2}\n" for i in range(rows)))
+        processes.append(subprocess.Popen(
+            [sys.executable, "-m", "trainmetrics", "train", "--job-id", "split-data-1", "--dataset", str(data),
+             "--epochs", "2", "--batch-size", "8", "--device", "cpu", "--linger-timeout", "0",
+             "--result-file", str(tmp_path / "result.json")],
+            env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL))
+    try:
+        assert [process.wait(timeout=60) for process in processes] == [1, 1]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    for path in (tmp_path / "result.json", tmp_path / "result.rank1.json"):
+        said = read_result(path)
+        assert said["state"] == "failed" and "the ranks loaded different data" in said["error"]
+        assert "rank 0: 80 training rows" in said["error"] and "rank 1: 128 training rows" in said["error"]
