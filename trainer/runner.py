@@ -276,6 +276,7 @@ class Trainer:
         return torch.randperm(len(self.dataset.train), generator=generator).tolist()
 
     def batches(self, epoch: int, skip_batches: int):
+        # (steps_per_epoch() counts what this gives)
         """The epoch's DataLoader for this rank, starting `skip_batches` batches in (without loading the
         skipped ones). Ranks take interleaved, equal shares of the order, so they step in lockstep."""
         order = self.epoch_order(epoch)
@@ -540,6 +541,11 @@ def publish_error(config: TrainConfig, error: Exception) -> str:
     return f"--metrics-listen: cannot serve metrics on {config.metrics_listen}: {detail}"
 
 
+def steps_per_epoch(rows: int, world_size: int, batch_size: int) -> int:
+    """Optimizer steps in an epoch of `rows` training rows: each rank takes rows // world_size of them (the rest
+    left out, so the ranks step in lockstep: Trainer.batches), in batches of batch_size, the last one short."""
+    return -(-(rows // world_size) // batch_size)
+
 def run_job(config: TrainConfig, stop: StopFlag | None = None) -> int:
     """Run one job in the foreground; returns the exit code. `stop` was installed at process start."""
     stop = stop if stop is not None else StopFlag.for_process()     # a StopFlag with no stop is falsy
@@ -566,7 +572,7 @@ def run_job(config: TrainConfig, stop: StopFlag | None = None) -> int:
     except BadInput as error:
         return bad_input(config, str(error))
     device = distributed.rank_device(ranks, device)
-    total_steps = config.epochs * -(-len(dataset.train) // ranks.world_size // config.batch_size)
+    total_steps = config.epochs * steps_per_epoch(len(dataset.train), ranks.world_size, config.batch_size)
     progress = ProgressReporter(config, total_steps)
     new_dirs = [Path(d) for d in (config.targets_dir, config.job_dir) if d is not None and not Path(d).exists()]
     try:

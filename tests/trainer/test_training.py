@@ -85,6 +85,18 @@ def test_a_file_dataset_is_named_as_the_job_server_names_the_upload(tmp_path, su
     assert load_dataset(str(path)).name == "ds-03ec8b82c3d2"       # the job spec's `dataset`, no file suffix
 
 
+def test_an_epochs_steps_are_counted_from_each_ranks_share_as_the_loader_takes_it():
+    """The progress bar's total counted each rank's share rounded up (10 rows on 3 ranks: 4 each, 2 batches of 3)
+    where the ranks take 10 // 3 = 3 rows each (1 batch): one step too many per epoch."""
+    from torch.utils.data import DataLoader
+
+    from trainmetrics.trainer.runner import steps_per_epoch
+
+    for rows, world, batch in ((10, 3, 3), (10, 1, 3), (12, 3, 2), (7, 2, 8), (100, 4, 7)):
+        share = list(range(rows))[: rows - rows % world][0::world]       # as Trainer.batches takes rank 0's
+        assert steps_per_epoch(rows, world, batch) == len(DataLoader(share, batch_size=batch)), (rows, world, batch)
+
+
 def test_a_csv_whose_labels_skip_some_says_how_many_it_holds(tmp_path):
     """Labels 0 and 7 made a model of 8 outputs, and the log said "8 classes" of a data set of 2."""
     from trainmetrics.trainer.data import load_dataset
