@@ -6,6 +6,8 @@ stops every child cleanly (the server pauses a job still running).
 """
 
 import argparse
+import errno
+import fcntl
 import os
 import shutil
 import signal
@@ -29,8 +31,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.epilog = ("environment: PROMETHEUS_BIN, the prometheus binary to run (default: prometheus on PATH; "
                      "`make demo` installs Debian's package when it is missing)")
     parser.add_argument("--workdir", type=path_argument, default=None,
-                        help="where Prometheus data, logs, targets and checkpoints go, kept after the demo "
-                             "(default: a temp dir, removed when the demo ends well, kept when it fails)")
+                        help="where Prometheus data, logs, targets and checkpoints go, kept after the demo; one demo "
+                             "at a time (default: a temp dir, removed when the demo ends well, kept when it fails)")
     parser.add_argument("--prometheus-port", type=int, default=DEFAULT_PROMETHEUS_PORT,
                         help="Prometheus port (a free one is picked if it is taken)")
     parser.add_argument("--exporter-port", type=int, default=DEFAULT_EXPORTER_PORT,
@@ -241,6 +243,47 @@ def wait_http(url: str, process: subprocess.Popen, timeout: float = 60) -> None:
     raise RuntimeError(f"{url} did not answer within {timeout}s")
 
 
+WORKDIR_LOCK = ".demo.lock"
+
+
+def claim_workdir(workdir: Path):
+    """The work dir's lock file, locked for as long as it stays open (the demo's life); FlagError naming --workdir
+    when another demo holds it. A second demo in the same work dir overwrote the first one's Prometheus config and
+    log and ran a second Prometheus on its data (Prometheus takes no lock there), before its job server refused."""
+    handle = open(workdir / WORKDIR_LOCK, "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise FlagError("--workdir", f"{workdir}: another trainmetrics demo uses it") from None
+    except OSError as error:
+        if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+            handle.close()
+            raise
+    return handle       # on a filesystem without locks too: the demo runs unguarded there, as before
+
+
+def what_failed(error: Exception) -> str:
+    """One line saying what stopped the demo: the job server's answer to a request of ours, the request it did not
+    answer, or the file that could not be written (each ended the demo in a traceback: a full disk's 507 to the
+    upload, a job server gone while the job trained, the CSV not written)."""
+    import httpx
+
+    if isinstance(error, httpx.HTTPStatusError):
+        response = error.response
+        try:
+            said = response.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            said = response.text.strip()[:200]
+        return (f"the job server answered {response.request.method} {response.request.url.path} with "
+                f"{response.status_code}: {said}")
+    if isinstance(error, httpx.RequestError):
+        return f"the job server did not answer {error.request.method} {error.request.url.path}: {error}"
+    if isinstance(error, OSError) and error.filename is not None:
+        return f"{error.filename}: {error.strerror}"
+    return str(error)
+
+
 STOP_SIGNALS = signals_to_take(SERVICE_STOP_SIGNALS)
 
 
@@ -290,6 +333,7 @@ def run(args: argparse.Namespace) -> int:
     # growing while it ran), kept for its logs when it failed.
     ended_well = False
     workdir.mkdir(parents=True, exist_ok=True)
+    claim = claim_workdir(workdir)      # before Prometheus writes its config, log and data there
     exporter_address = f"127.0.0.1:{_port_or_free(args.exporter_port)}"
     server_address = f"127.0.0.1:{_port_or_free(args.server_port)}"
     prometheus = PrometheusServer(workdir / "prometheus", port=_port_or_free(args.prometheus_port),
@@ -360,13 +404,16 @@ def run(args: argparse.Namespace) -> int:
         ended_well = True
         try:
             print("\nstopping ...")
-        except BrokenPipeError:     # its reader quit before (`| less`, then q)
+        except OSError:     # its reader quit before (`| less`, then q), or its terminal closed (SIGHUP; EIO)
             sys.stdout = open(os.devnull, "w")
         return 0
     except BrokenPipeError:         # its reader quit (`| head`): stopped as by Ctrl-C, without a traceback
         sys.stdout = open(os.devnull, "w")
         ended_well = True
         return 0
+    except (httpx.HTTPError, OSError) as error:
+        print(f"trainmetrics demo: error: {what_failed(error)} (its logs: {workdir})", file=sys.stderr)
+        return 1
     finally:
         _ignore_stop_signals()          # a second Ctrl-C or SIGTERM must not cut the clean-up short
         for child in reversed(children):
@@ -384,3 +431,4 @@ def run(args: argparse.Namespace) -> int:
                 shutil.rmtree(workdir, ignore_errors=True)
             else:
                 print(f"trainmetrics demo: its logs and data are kept in {workdir}", file=sys.stderr)
+        claim.close()

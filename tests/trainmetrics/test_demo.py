@@ -211,3 +211,99 @@ def test_the_demo_without_the_train_extra_is_one_line_naming_it_before_anything_
     stderr = capsys.readouterr().err
     assert code == 2 and stderr.strip() == ("trainmetrics demo: error: the demo trains a model and needs PyTorch, "
                                             "scikit-learn: pip install 'trainmetrics[train]'"), stderr
+
+
+def test_a_second_demo_in_the_same_work_dir_is_one_line_and_leaves_the_first_ones_files_alone(tmp_path):
+    """A second `trainmetrics demo --workdir DIR` while one ran there overwrote the first one's Prometheus config
+    and log and started a second Prometheus on its data (Prometheus takes no lock on it); only the job server's
+    own lock stopped it, with a line about --data-dir. Here the first demo's claim is held as a running one holds
+    it (and /bin/false stands in for Prometheus, which the second demo must not start)."""
+    from trainmetrics.demo import claim_workdir
+
+    log = tmp_path / "prometheus" / "prometheus.log"
+    log.parent.mkdir()
+    log.write_text("the first demo's Prometheus log\n")
+    with claim_workdir(tmp_path):
+        result = subprocess.run([sys.executable, "-m", "trainmetrics", "demo", "--exit-after-job", "--workdir",
+                                 str(tmp_path), "--prometheus-port", "0"], capture_output=True, text=True,
+                                env={**os.environ, "PROMETHEUS_BIN": "/bin/false"}, timeout=120)
+    assert result.returncode == 2, result.stderr
+    said = result.stderr.strip()
+    assert said == f"trainmetrics demo: error: --workdir: {tmp_path}: another trainmetrics demo uses it"
+    assert log.read_text() == "the first demo's Prometheus log\n"
+    assert not (tmp_path / "prometheus" / "prometheus.yml").exists()
+
+
+def test_a_file_the_demo_cannot_write_is_one_line_naming_it_and_stops_everything(tmp_path):
+    """A write that failed once the stack was up (a full disk; here a directory where the demo writes its CSV)
+    ended the demo in a traceback."""
+    import psutil
+
+    (tmp_path / "digits.csv").mkdir()
+    result = subprocess.run([sys.executable, "-m", "trainmetrics", "demo", "--exit-after-job", "--workdir",
+                             str(tmp_path), "--prometheus-port", "0", "--exporter-port", "0", "--server-port", "0"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip() == (f"trainmetrics demo: error: {tmp_path / 'digits.csv'}: Is a directory "
+                                     f"(its logs: {tmp_path})")
+    left = [p.pid for p in psutil.process_iter(["cmdline"]) if str(tmp_path) in " ".join(p.info["cmdline"] or [])]
+    assert left == []
+
+
+def test_the_job_servers_refusal_or_silence_is_said_in_one_line():
+    """A full disk's 507 to the upload, or a job server gone while the job trained, ended the demo in an httpx
+    traceback."""
+    import httpx
+
+    from trainmetrics.demo import what_failed
+
+    upload = httpx.Request("POST", "http://127.0.0.1:8000/api/training/datasets?name=digits.csv")
+    full = httpx.Response(507, request=upload, json={"error": {"code": "insufficient_storage",
+                                                               "message": "no space left on the server's disk"}})
+    refused = httpx.HTTPStatusError("507", request=upload, response=full)
+    assert what_failed(refused) == ("the job server answered POST /api/training/datasets with 507: no space left "
+                                    "on the server's disk")
+    follow = httpx.Request("GET", "http://127.0.0.1:8000/api/training/jobs/job-1")
+    gone = httpx.ConnectError("[Errno 111] Connection refused", request=follow)
+    assert what_failed(gone) == ("the job server did not answer GET /api/training/jobs/job-1: [Errno 111] "
+                                 "Connection refused")
+
+
+def test_a_demo_whose_terminal_closed_stops_everything_it_started_and_exits_0(tmp_path):
+    """Closing the terminal (SIGHUP) stopped everything, but the line saying so met the closed terminal (EIO, not
+    the BrokenPipeError of a reader that quit): the demo ended in a traceback and exit code 1."""
+    import fcntl
+    import termios
+
+    import psutil
+
+    controller, terminal = os.openpty()
+
+    def own_terminal():
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    errors = tmp_path / "stderr"
+    with open(errors, "w") as stderr:
+        demo = subprocess.Popen(
+            [sys.executable, "-m", "trainmetrics", "demo", "--epochs", "1", "--prometheus-port", "0",
+             "--exporter-port", "0", "--server-port", "0"], stdin=terminal, stdout=terminal, stderr=stderr,
+            preexec_fn=own_terminal, env={**os.environ, "TMPDIR": str(tmp_path)})
+    os.close(terminal)
+    started = []
+    try:
+        shown = b""
+        while b"job server" not in shown:
+            shown += os.read(controller, 4096)
+        started = psutil.Process(demo.pid).children()
+        assert len(started) >= 3, started
+        os.close(controller)            # the terminal window closes: the kernel hangs up its session
+        controller = None
+        assert demo.wait(timeout=90) == 0, errors.read_text()[-1500:]
+        assert "Traceback" not in errors.read_text()
+        assert psutil.wait_procs(started, timeout=10)[1] == []
+        assert list(tmp_path.glob("trainmetrics-demo-*")) == []
+    finally:
+        if controller is not None:
+            os.close(controller)
+        kill_all(demo, started)
