@@ -215,10 +215,14 @@ def filter_jobs(table: list[shapes.JobRow], status: str | None, owner: str | Non
             continue
         if owner is not None and row.owner != owner:
             continue
+        # A job that never ran (queued, cancelled in the queue) ran at no time: `since` kept it (its end, or now,
+        # was after it) where `until` left it out (no start), so each filter needs a start.
+        if (since is not None or until is not None) and row.start_time is None:
+            continue
         end = row.end_time if row.end_time is not None else now
         if since is not None and end < since:
             continue
-        if until is not None and (row.start_time is None or row.start_time > until):
+        if until is not None and row.start_time > until:
             continue
         kept.append(row)
     return kept

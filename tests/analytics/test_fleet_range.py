@@ -9,7 +9,7 @@ import pytest
 from trainmetrics.analytics.app import Settings
 
 from .conftest import as_openmetrics, backfilled_prometheus, serve
-from .test_fleet_agrees import process
+from .test_fleet_agrees import STATES, process
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +27,25 @@ def history(written: float) -> str:
                      samples_from=30000)
     # alice's own job: 50 samples/s for 10 minutes.
     lines += process("alice-own", "h:5", written - 1200, written - 600, "completed", {**INFO, "owner": "alice"})
+    # dave's two jobs that never ran: one still in the job server's queue, one cancelled there 25 minutes ago.
+    lines += never_ran("waiting-1", written - 1200, written, None)
+    lines += never_ran("dropped-1", written - 1800, written - 1200, written - 1500)
     return as_openmetrics(lines)
+
+
+def never_ran(job_id: str, first: float, last: float, cancelled: float | None) -> list[str]:
+    """The job server's series of a job in its queue from `first`, scraped to `last`: its state (queued, cancelled
+    from `cancelled` on, with its end), submission, name and owner (jobserver/app.py WaitingJobsCollector)."""
+    server = f'job_id="{job_id}",instance="server:8000",job="server"'
+    lines = []
+    for t in (first + i * 10.0 for i in range(int((last - first) / 10) + 1)):
+        current = "cancelled" if cancelled is not None and t >= cancelled else "queued"
+        lines += [f'trainer_job_state{{{server},state="{s}"}} {int(s == current)} {t:.3f}' for s in STATES]
+        lines.append(f'trainer_job_info{{{server},job_name="{job_id}",owner="dave"}} 1 {t:.3f}')
+        lines.append(f"trainer_job_submitted_timestamp_seconds{{{server}}} {first:.3f} {t:.3f}")
+        if current == "cancelled":
+            lines.append(f"trainer_job_end_timestamp_seconds{{{server}}} {cancelled:.3f} {t:.3f}")
+    return lines
 
 
 @pytest.fixture(scope="module")
@@ -84,3 +102,26 @@ def test_an_owners_trends_count_the_jobs_of_the_owners_rows(backfilled):
     assert sum(v * step for _, v in gridded) == pytest.approx(30000, rel=1e-3)
     for name in ("running_jobs", "samples_per_second"):
         assert bob["resource_trends"]["series"][name]["peak"] == 0, name
+
+
+def listed(backend, **params) -> dict[str, str]:
+    """The job list's rows over the last hour with `params`: status by job id."""
+    with serve(Settings(prometheus_url=backend.url, recorded_series=False)) as client:
+        response = client.get("/api/training/analytics/jobs", params={"range": "1h", **params})
+        assert response.status_code == 200, response.text
+        return {row["job_id"]: row["status"] for row in response.json()["jobs"]}
+
+
+def test_since_and_until_keep_only_the_jobs_that_ran_between_them(backfilled):
+    """A job that never ran (waiting-1 in the queue, dropped-1 cancelled there) passed `since` (its end, or now,
+    was after it) and failed `until` (no start): over the same hour, `since` alone listed both, `until` alone
+    neither, where the docs keep the jobs that ran between them."""
+    backend, written = backfilled
+    everyone = listed(backend)
+    print("listed:", everyone)
+    assert (everyone["waiting-1"], everyone["dropped-1"]) == ("queued", "cancelled")
+    ran = {"straddled-1", "inside-1", "shared-2", "alice-own"}
+    since, until = written - 3600, written + 60
+    assert set(listed(backend, since=f"{since:.3f}")) == ran
+    assert set(listed(backend, until=f"{until:.3f}")) == ran
+    assert set(listed(backend, since=f"{since:.3f}", until=f"{until:.3f}")) == ran
