@@ -1229,7 +1229,9 @@ class JobMetrics:
     @_never_raises
     def eval(self, loss: float | None = None, accuracy: float | None = None) -> Evaluation | None:
         """Record an evaluation (accuracy as a 0..1 ratio). Each one reaches every scraper, in order, however
-        fast they come (the eval history series); non-finite values are left out."""
+        fast they come (the eval history series); non-finite values are left out. One after the run's end
+        (finish(), pause(): the final model's evaluation on a test set) is recorded as well, and the final linger
+        waits for it to be read, as for a checkpoint written then."""
         loss = self._finite_float(loss, "an evaluation loss")
         accuracy = self._finite_float(accuracy, "an evaluation accuracy")
         if accuracy is not None and not 0.0 <= accuracy <= 1.0:     # 95 for 95 %: it would be the max for good
