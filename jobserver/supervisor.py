@@ -312,12 +312,16 @@ class Supervisor:
         # has its end: decided again, with its stop request cleared, a cancel accepted after a pause came out
         # paused), what failed after it done again.
         job, run = self.store.get_job(job_id), self.runs[job_id]
-        if job is None or job.state == "running":
+        if job is not None and job.state == "running":
             # A kill that came after the run had ended by itself (failed on its own as its cancel's grace ran out)
             # is not what ended it: the run's end stands, not `cancelled`.
             killed = job_id in self._killed and run.ended_by_itself is not True
             self._ended(job_id, code, killed, job, said=run.end_said)
         else:
+            if job is None:
+                # Deleted from the store by hand while it ran: no record to end (deciding its end raised at every
+                # tick, so its slot was never freed and no queued job started again).
+                log.warning("job %s: its run ended, but the job is no longer in the store: forgotten", job_id)
             self.store.remove_endpoints(job_id)
         del self.runs[job_id]
         self._cancelled_at.pop(job_id, None)

@@ -211,6 +211,20 @@ def test_a_job_whose_start_fails_fails_alone_and_the_queue_goes_on(supervisor):
     assert behind.state == "running"
 
 
+def test_a_running_job_deleted_from_the_store_by_hand_frees_its_slot_when_its_run_ends(supervisor, tmp_path):
+    """Its run's end was decided from a record that was gone: every tick raised (AttributeError) before it started
+    anything, the run was never forgotten, and with it holding the one slot no queued job ever started again."""
+    supervisor.max_concurrent = 1
+    run = submit(supervisor, "deleted-1", "cnn")
+    queue(supervisor, "behind-it")
+    with contextlib.closing(sqlite3.connect(tmp_path / "db.sqlite")) as db, db:
+        db.execute("DELETE FROM jobs WHERE id = 'deleted-1'")
+    supervisor.runs[run.id].process.wait()
+    supervisor.tick()
+    assert "deleted-1" not in supervisor.runs
+    assert supervisor.store.get_job("behind-it").state == "running"
+
+
 def test_a_pause_accepted_before_the_server_stops_ends_paused(supervisor):
     job = submit(supervisor, "user-paused")
     time.sleep(0.3)
