@@ -1093,6 +1093,8 @@ class JobMetrics:
         (the job's totals and its end stay as published); before start() it is, the job still `queued`. Said
         once."""
         ended = self.ended
+        if ended:
+            self.phases.keep_ended()
         if not self._warned_outside_run:
             self._warned_outside_run = True
             log.warning("job %s: step() while the job is %s: %s", self.job_id, self.state,

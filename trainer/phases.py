@@ -105,6 +105,11 @@ class PhaseClock:
         self.process_start = job_start_time()             # unix seconds (its creation for a process's later jobs)
         self.loop_began: float | None = None              # perf_counter at training start
         self.loop_ended: float | None = None
+        # The mark the run ended with (end_loop): what the clock reads from then on. A data wait in flight at the
+        # end (pause() from a signal handler during the loader's wait) stores its phase back into `mark` as its
+        # batch arrives, unchecked on the hot path: read from there, a paused job showed `compute`, and its data
+        # wait grew past the end (the phases added up to more than the process had lived).
+        self.ended_mark: tuple[str, float, float, dict[str, float]] | None = None
         self.before_loop = 0.0                            # of which before training started (a restore...)
         self.carried = dict.fromkeys(ACCOUNTED_PHASES, 0.0)   # the job's totals at the checkpoint resumed from
         self.last_step: float | None = None               # perf_counter of the last completed step
@@ -123,12 +128,12 @@ class PhaseClock:
     @property
     def phase(self) -> str:
         """The phase this process is in now."""
-        return self.mark[0]
+        return (self.ended_mark or self.mark)[0]
 
     @property
     def since(self) -> float:
         """The perf_counter the current phase began."""
-        return self.mark[1]
+        return (self.ended_mark or self.mark)[1]
 
     def unix(self, perf: float) -> float:
         """A perf_counter reading as unix seconds, by the wall clock now. With the offset of the clock's creation
@@ -154,7 +159,7 @@ class PhaseClock:
     def outside_training(self, now: float) -> float:
         """This process's seconds in eval and checkpoint so far, the one in progress as far as it has gone (a log
         interval's training throughput leaves them out)."""
-        phase, since, _, summed = self.mark
+        phase, since, _, summed = self.ended_mark or self.mark
         seconds = summed[EVAL] + summed[CHECKPOINT]
         return seconds + (now - since if phase in (EVAL, CHECKPOINT) else 0.0)
 
@@ -177,7 +182,14 @@ class PhaseClock:
         """Training is over (the run's final state): the clock stops."""
         now = time.perf_counter()
         self.enter(phase, now)
+        self.ended_mark = self.mark
         self.loop_ended = now
+
+    def keep_ended(self) -> None:
+        """Put the end's mark back where the loop reads it (a wait in flight at the end stored its own), so that
+        the loop's later waits are no data wait of the ended run."""
+        if self.ended_mark is not None:
+            self.mark = self.ended_mark
 
     def totals(self) -> dict[str, float]:
         """The job's seconds per accounted phase: the carried totals plus this process's, the current phase
@@ -186,7 +198,7 @@ class PhaseClock:
             # The mark before the time: read after it, a phase the loop left in between (this thread preempted for
             # ms on a busy host) was summed to past `now`, and compute, counted to `now`, was short by as much;
             # held at what was published, it stayed ahead of the process's life for good (3.8 ms).
-            phase, since, data_waited, finished = self.mark
+            phase, since, data_waited, finished = self.ended_mark or self.mark
             now = time.perf_counter()
             summed = {**finished, DATA: data_waited}
             if phase in summed:

@@ -4,6 +4,7 @@ data wait of a real loader's start and end, start() twice, odd sample counts."""
 
 import asyncio
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -841,3 +842,45 @@ def test_a_loss_on_an_accelerator_overwritten_after_its_step_counts_as_it_was():
         assert metrics.loss == 2.5
     finally:
         ended(metrics)
+
+
+def test_a_pause_from_a_signal_handler_during_a_data_wait_ends_the_phase_clock_there():
+    """A user's preemption handler that calls pause() and sets a flag, the loop stopping at its next batch: the
+    wait in flight when the signal came stored its phase back as its batch arrived. The paused job showed
+    trainer_phase `compute` for good, and its data wait went on growing after the end: the phases of the loop
+    added up to more than the measured time from start() to pause() (0.18 s of data wait in 0.14 s)."""
+    metrics = JobMetrics("paused-mid-wait")
+    paused_at = []
+
+    def preempted(signum, frame):
+        metrics.pause()
+        paused_at.append(time.perf_counter())
+
+    def loader():
+        for batch in range(12):
+            time.sleep(0.02)
+            if batch == 4:               # the signal comes while the loop waits for this batch
+                os.kill(os.getpid(), signal.SIGUSR1)
+                time.sleep(0.02)
+            yield batch
+
+    previous = signal.signal(signal.SIGUSR1, preempted)
+    try:
+        started = time.perf_counter()
+        metrics.start()
+        for batch in metrics.timed(loader()):
+            time.sleep(0.01)
+            metrics.step()
+            if paused_at and batch >= 8:     # the loop goes on a few batches before it notices
+                break
+        time.sleep(0.05)
+        phases = {s.labels["phase"]: s.value for s in samples_by_name(metrics)["trainer_phase_seconds_total"]}
+        current = [s.labels["phase"] for s in samples_by_name(metrics)["trainer_phase"] if s.value == 1]
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        metrics.close()
+    measured = paused_at[0] - started
+    loop = sum(seconds for phase, seconds in phases.items() if phase != "init")
+    assert current == ["paused"]
+    assert loop <= measured * 1.01 + 0.002, (phases, measured)
+    assert loop >= measured * 0.99 - 0.002, (phases, measured)
