@@ -118,7 +118,8 @@ class JobServer:
             discard_unrecorded_datasets(data_dir / "datasets", {Path(d.path).name for d in store.list_datasets(None)})
             executor = build_executor(settings.executor, settings.ray_address, settings.ray_python)
             supervisor = Supervisor(store, data_dir, settings.job_dir, settings.max_concurrent,
-                                    settings.linger_timeout, executor=executor, advertise_url=settings.advertise_url)
+                                    settings.linger_timeout, executor=executor, advertise_url=settings.advertise_url,
+                                    gpus=settings.gpus)
             supervisor.recover()
             return JobService(settings, store, supervisor)
 

@@ -7,6 +7,7 @@ import importlib.util
 import math
 import ipaddress
 import logging
+import os
 from pathlib import Path
 
 from trainmetrics.command import FlagError, check_directory, check_directory_writable, path_argument
@@ -30,7 +31,9 @@ def add_jobserver_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--insecure-no-auth", action="store_true",
                        help="allow a non-loopback --listen without --tokens (anyone reaching it controls jobs)")
     group.add_argument("--max-concurrent", type=int, default=None,
-                       help="jobs running at once; more wait queued (default: one per GPU, 1 without)")
+                       help="jobs running at once; more wait queued (default: one per GPU, 1 without). Local GPU "
+                            "jobs are given GPUs of their own, one per rank, from the server's CUDA_VISIBLE_DEVICES "
+                            "(else every GPU), and wait for free ones")
     group.add_argument("--advertise-url", default=None, metavar="URL",
                        help="how jobs reach this server to report their /metrics endpoints for Prometheus' HTTP "
                             "service discovery (default: from --listen; give it when jobs run on other hosts)")
@@ -72,6 +75,23 @@ def _gpu_count() -> int:
         return 0
 
 
+def local_gpus(visible: str | None = None, count=None) -> tuple[str, ...]:
+    """The GPUs local jobs are given: what the server's own CUDA_VISIBLE_DEVICES lists where it has one (the GPUs
+    it was given; up to the first entry that is neither an index nor a UUID, where CUDA stops), else every GPU
+    NVML counts."""
+    from trainmetrics.jobmap import GPU_UUID, HOST_INDEX
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES") if visible is None else visible
+    if visible is None:
+        return tuple(str(index) for index in range((count or _gpu_count)()))
+    gpus = []
+    for entry in (entry.strip() for entry in visible.split(",")):
+        if not (HOST_INDEX.fullmatch(entry) or GPU_UUID.fullmatch(entry)):
+            break
+        gpus.append(entry)
+    return tuple(gpus)
+
+
 def lock_data_dir(data_dir: Path):
     """The data dir's lock file, locked for as long as it stays open (the server's life); FlagError when
     another server holds it (a second one would adopt the first one's jobs and pause them when it stops), or
@@ -110,7 +130,9 @@ def jobserver_settings(args: argparse.Namespace, host: str, web_config):
     elif not _is_loopback(host) and not args.insecure_no_auth:
         raise FlagError("--listen", f"refusing to serve on {host} without --tokens (add --insecure-no-auth to "
                                     "allow it)")
-    max_concurrent = args.max_concurrent if args.max_concurrent is not None else max(1, _gpu_count())
+    gpus = local_gpus() if args.executor == "local" else ()
+    default_concurrent = max(1, len(gpus) if args.executor == "local" else _gpu_count())
+    max_concurrent = args.max_concurrent if args.max_concurrent is not None else default_concurrent
     if max_concurrent < 1:
         raise FlagError("--max-concurrent", f"must be at least 1, got {max_concurrent}")
     if args.max_upload_bytes < 1:
@@ -144,7 +166,7 @@ def jobserver_settings(args: argparse.Namespace, host: str, web_config):
     settings = ServerSettings(data_dir=args.data_dir, job_dir=args.job_dir.absolute() if args.job_dir else None,
                               advertise_url=args.advertise_url,
                               executor=args.executor, ray_address=args.ray_address, ray_python=args.ray_python,
-                              owners=auth is not None, max_concurrent=max_concurrent,
+                              owners=auth is not None, max_concurrent=max_concurrent, gpus=gpus,
                               max_upload_bytes=args.max_upload_bytes, linger_timeout=args.linger_timeout)
     return settings, auth
 

@@ -55,6 +55,7 @@ class ServerSettings:
     ray_python: str | None = None
     owners: bool = False                       # True with --tokens: ids and data are per owner
     max_concurrent: int = 1
+    gpus: tuple[str, ...] = ()                 # the GPUs local jobs are given, one per rank (cli.local_gpus)
     max_upload_bytes: int = 256 * 1024 * 1024
     linger_timeout: float = 15.0
     archive: ReportArchive | None = None       # stored reports, shared with the analytics (trainmetrics.reports)

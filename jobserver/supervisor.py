@@ -21,8 +21,9 @@ from pathlib import Path
 from trainmetrics.contract import (BUILTIN_DATASETS, EXIT_STATES, REGISTER_TOKEN_VARIABLE, RESULT_PUBLISHED,
                                   RESULT_STARTED, STOP_VERBS, WAITING_STATES, ExitCode, train_args)
 from trainmetrics.edge import storage_full
-from trainmetrics.jobfiles import (CONTROL_FILE_NAME, FINAL_MODEL_NAME, LOG_NAME, PLACEMENT_WAIT_NAME,
-                                   RESULT_FILE_NAME, list_checkpoints, rank_result_path, read_result)
+from trainmetrics.jobfiles import (CONTROL_FILE_NAME, FINAL_MODEL_NAME, GPUS_FILE_NAME, LOG_NAME,
+                                   PLACEMENT_WAIT_NAME, RESULT_FILE_NAME, list_checkpoints, rank_result_path,
+                                   read_result)
 from trainmetrics.jobserver.executors import Executor, ExecutorUnavailable, Run, StartDeferred
 from trainmetrics.jobserver.local import LocalExecutor
 from trainmetrics.jobserver.store import DatasetRecord, JobRecord, JobStore
@@ -45,6 +46,7 @@ UNAVAILABLE_LOG_SECONDS = 60.0
 # for, and would hold its slot until the collective's own timeout (30 minutes for gloo). A pause is never
 # killed: it exists to leave a checkpoint.
 CANCEL_GRACE_SECONDS = 60.0
+CUDA_VISIBLE_DEVICES = "CUDA_VISIBLE_DEVICES"
 # What a job's error shows in place of the server's data dir (no answer shows a server path).
 DATA_DIR_SHOWN = "<data dir>"
 
@@ -84,7 +86,8 @@ class Supervisor:
 
     def __init__(self, store: JobStore, data_dir: Path, job_dir: Path | None, max_concurrent: int,
                  linger_timeout: float = 15.0, executor: Executor | None = None,
-                 advertise_url: str | None = None, cancel_grace: float = CANCEL_GRACE_SECONDS):
+                 advertise_url: str | None = None, cancel_grace: float = CANCEL_GRACE_SECONDS,
+                 gpus: tuple[str, ...] = ()):
         self.store = store
         self.data_dir = Path(data_dir)
         self.job_dir = job_dir
@@ -94,6 +97,11 @@ class Supervisor:
         self.executor = executor or LocalExecutor()
         self.cancel_grace = cancel_grace
         self.runs: dict[str, Run] = {}      # job id -> its process, started here or adopted
+        # The GPUs local jobs are given (CUDA_VISIBLE_DEVICES entries: host indices, or what the server's own
+        # CUDA_VISIBLE_DEVICES lists), and which job holds which: every local job had trained on GPU 0 (its ranks
+        # on 0 to nproc - 1), however many GPUs --max-concurrent counted one job per.
+        self.gpus = tuple(gpus)
+        self._gpus_held: dict[str, tuple[str, ...]] = {}
         self._unavailable_said_at = float("-inf")
         # Why queued jobs wait, as the last pass over them found (waiting_for): the executor could not start
         # any (Ray's head down or failing inside, a full disk): (what it said, since when, unix time, the owner of
@@ -170,6 +178,7 @@ class Supervisor:
         """Start the job's process; an older run's result is removed first, so only this run's can be read."""
         if job.spec_unreadable:
             raise ValueError("its stored spec is not a JSON object (the server's database was edited or damaged)")
+        gpus = self._gpus_for(job)        # first: a job that must wait for GPUs changes nothing
         self.checkpoint_dir(job.id).mkdir(parents=True, exist_ok=True)
         self.executor.clear_way(job.id, self.job_path(job.id))      # before the arguments: --resume is decided
         # A retry of a start the executor may have received though its answer was lost (a Ray submission, taken
@@ -186,8 +195,12 @@ class Supervisor:
             self.store.remove_endpoints(job.id)
         token = self._untaken_tokens.pop(job.id, None) or secrets.token_urlsafe(24)
         try:
+            environment = {REGISTER_TOKEN_VARIABLE: token}
+            if gpus:
+                environment[CUDA_VISIBLE_DEVICES] = ",".join(gpus)
+                (self.job_path(job.id) / GPUS_FILE_NAME).write_text(",".join(gpus))     # for a restart's adoption
             run = self.executor.start(job.id, job.spec.get("nproc", 1), self.train_args(job), self.job_path(job.id),
-                                      {REGISTER_TOKEN_VARIABLE: token})
+                                      environment)
         except ExecutorUnavailable:
             self._untaken_tokens[job.id] = token    # the submission a retry may find received keeps its secret
             raise
@@ -204,7 +217,26 @@ class Supervisor:
             raise ExecutorUnavailable(f"its start could not be recorded ({type(error).__name__}: {error}); "
                                       "the run was killed and the job stays queued") from error
         self.runs[job.id] = run
-        log.info("job %s: started %s %s%s", job.id, self.executor.name, run.handle, " (resuming)" if job.resume else "")
+        if gpus:
+            self._gpus_held[job.id] = gpus
+        log.info("job %s: started %s %s%s%s", job.id, self.executor.name, run.handle,
+                 f" on GPU {','.join(gpus)}" if gpus else "", " (resuming)" if job.resume else "")
+
+    def _gpus_for(self, job: JobRecord) -> tuple[str, ...]:
+        """The GPUs a local job is given, one per rank: none on a machine without GPUs, on another executor (Ray
+        places its own), for a job whose device is `cpu` or names its GPU (`cuda:N`), or one with more ranks than
+        the machine has GPUs (each rank past the last fails at its start, as it would anywhere). StartDeferred
+        while fewer are free: the jobs behind it, needing fewer, may start meanwhile."""
+        nproc = job.spec.get("nproc", 1)
+        if (not self.gpus or self.executor.name != "local" or job.spec.get("device", "auto") not in ("auto", "cuda")
+                or not isinstance(nproc, int) or nproc > len(self.gpus)):
+            return ()
+        held = {gpu for gpus in self._gpus_held.values() for gpu in gpus}
+        free = [gpu for gpu in self.gpus if gpu not in held]
+        if len(free) < nproc:
+            raise StartDeferred(f"{nproc} free GPU(s) of the {len(self.gpus)} local jobs are given: "
+                                f"{len(free)} free now")
+        return tuple(free[:nproc])
 
     def untaken_token_matches(self, job_id: str, presented: str) -> bool:
         """True when `presented` is the secret of a start of the job the executor may have received though its
@@ -324,6 +356,7 @@ class Supervisor:
                 log.warning("job %s: its run ended, but the job is no longer in the store: forgotten", job_id)
             self.store.remove_endpoints(job_id)
         del self.runs[job_id]
+        self._gpus_held.pop(job_id, None)
         self._cancelled_at.pop(job_id, None)
         self._killed.discard(job_id)
         self._sent_unmarked.discard(job_id)     # its end's record cleared the mark (a write of `requested`)
@@ -339,6 +372,7 @@ class Supervisor:
 
     def _failed_to_start(self, job: JobRecord, error: Exception) -> None:
         self.runs.pop(job.id, None)
+        self._gpus_held.pop(job.id, None)
         # A retried start's first try, which the executor may have received (a Ray submission whose answer was
         # lost), reported its endpoint with the start's secret; that run is stopped with the job's failure, and its
         # endpoint left service discovery with it (it stayed, a dead target of a failed job).
@@ -482,6 +516,19 @@ class Supervisor:
                                   handle=None)
             log.warning("job %s: %s and had no checkpoint: failed", job.id, why)
 
+    def _adopt_gpus(self, job: JobRecord) -> None:
+        """The GPUs an adopted local run was given, as its start noted them (the job's gpus file): given again to
+        no other job while it runs."""
+        if not self.gpus or self.executor.name != "local":
+            return
+        try:
+            noted = (self.job_path(job.id) / GPUS_FILE_NAME).read_text()
+        except OSError:
+            return
+        gpus = tuple(gpu for gpu in noted.split(",") if gpu in self.gpus)
+        if gpus:
+            self._gpus_held[job.id] = gpus
+
     def recover(self) -> None:
         """After a (re)start: adopt running jobs whose process lives on; for the others, their result decides,
         else they resume from their last checkpoint (or fail without one)."""
@@ -489,6 +536,7 @@ class Supervisor:
             run = self.executor.adopt(job.id, job.run_handle, self.job_path(job.id))
             if run is not None:
                 self.runs[job.id] = run
+                self._adopt_gpus(job)
                 if job.stop_unsent is not None:
                     # A stop recorded, never sent, whose record's undo failed (a full disk) before the server died:
                     # under way is the stop before it, as the store's mark says; taken back now, where it can be.

@@ -33,6 +33,9 @@ STACKS_REQUEST_NAME = "stacks.request"
 # What a run waits for before any rank starts (Ray to place its ranks), written by its launcher while it waits past
 # a few seconds, removed once it stops waiting: the job server shows the job queued meanwhile, and why.
 PLACEMENT_WAIT_NAME = "placement.wait"
+# The GPUs the job server gave a local job's run (CUDA_VISIBLE_DEVICES), in the job's directory: a restarted server
+# gives them to no other job while it adopts the run.
+GPUS_FILE_NAME = "gpus"
 # A result is a few hundred bytes; anything far larger is not ours.
 MAX_RESULT_BYTES = 1 << 20
 

@@ -1722,3 +1722,60 @@ def test_a_server_restart_starts_again_the_jobs_it_paused_before_those_that_wait
     finally:
         supervisor.shutdown(timeout=20)
         service.store.close()
+
+
+def visible_gpus(run: Run) -> str | None:
+    """The CUDA_VISIBLE_DEVICES the run's process was started with."""
+    import psutil
+
+    return psutil.Process(run.pid).environ().get("CUDA_VISIBLE_DEVICES")
+
+
+def test_local_jobs_are_given_gpus_of_their_own_and_wait_for_free_ones(tmp_path, monkeypatch):
+    """Every local job trained on GPU 0 (its ranks on GPUs 0 to nproc - 1), however many GPUs --max-concurrent
+    counted one job per: eight one-rank jobs of an eight-GPU machine shared GPU 0, the other seven idle."""
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    store = JobStore(tmp_path / "db.sqlite")
+    supervisor = Supervisor(store, tmp_path, None, max_concurrent=8, executor=ScriptedExecutor(),
+                            gpus=("0", "1", "2"))
+    try:
+        queue(supervisor, "pair", nproc=2)      # (the scripted trainer is one process, whatever its nproc)
+        queue(supervisor, "one")
+        queue(supervisor, "waits")
+        queue(supervisor, "on-cpu", device="cpu")
+        supervisor.tick()
+        assert (visible_gpus(supervisor.runs["pair"]), visible_gpus(supervisor.runs["one"])) == ("0,1", "2")
+        assert visible_gpus(supervisor.runs["on-cpu"]) is None            # a CPU job takes no GPU
+        waiting = supervisor.store.get_job("waits")
+        assert waiting.state == "queued"
+        assert supervisor.waiting_for(waiting) == ("its start, put off: 1 free GPU(s) of the 3 local jobs are "
+                                                   "given: 0 free now")
+        # A restarted server gives the GPUs its adopted runs hold to no other job.
+        restarted = Supervisor(store, tmp_path, None, max_concurrent=8, executor=ScriptedExecutor(),
+                               gpus=("0", "1", "2"))
+        restarted.recover()
+        restarted.tick()
+        assert restarted.store.get_job("waits").state == "queued"
+        supervisor.runs["pair"].process.send_signal(signal.SIGTERM)     # it ends: its GPUs are free again
+        assert tick_until(supervisor, "pair", 30).state != "running"
+        supervisor.tick()
+        assert visible_gpus(supervisor.runs["waits"]) == "0"
+    finally:
+        for run in supervisor.runs.values():
+            if run.process is not None and run.process.poll() is None:
+                run.process.kill()
+                run.process.wait()
+        store.close()
+
+
+@pytest.mark.parametrize("visible,gpus", [(None, ("0", "1")), ("2,3", ("2", "3")), ("", ()),
+                                          ("1,-1,0", ("1",)), ("GPU-5d2f9e81,0", ("GPU-5d2f9e81", "0"))])
+def test_the_gpus_local_jobs_are_given_are_those_the_server_was_given(visible, gpus, monkeypatch):
+    """The server's own CUDA_VISIBLE_DEVICES (an administrator's share of the machine) is what its jobs are given
+    from, up to the entry where CUDA stops; without one, every GPU NVML counts."""
+    from trainmetrics.jobserver.cli import local_gpus
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    if visible is not None:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    assert local_gpus(count=lambda: 2) == gpus
