@@ -90,7 +90,13 @@ def otlp_readers() -> list[MetricReader]:
 
     The exporter reads its endpoint, headers and timeout from those variables, and the periodic reader
     its interval from OTEL_METRIC_EXPORT_INTERVAL (push_interval_millis checks it first)."""
-    if first_set(OTLP_ENDPOINT_VARIABLES) is None:
+    endpoint = first_set(OTLP_ENDPOINT_VARIABLES)
+    if endpoint is None:
+        return []
+    if not endpoint[1].strip().lower().startswith(("http://", "https://")):
+        # Taken, every push failed with the SDK's "No connection adapters were found", once a minute.
+        log.warning("%s=%r has no http:// or https:// in front: every push would fail; write it as "
+                    "http://HOST:4318 (the collector's OTLP/HTTP receiver); pushing nothing", *endpoint)
         return []
     try:
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter

@@ -266,6 +266,22 @@ def test_a_protocol_other_than_http_protobuf_is_warned_of(receiver, monkeypatch,
     assert len(warned) == 1 and "http/protobuf" in warned[0], warned
 
 
+def test_an_endpoint_without_a_scheme_is_said_at_the_start_and_nothing_pushed(monkeypatch, caplog):
+    """OTEL_EXPORTER_OTLP_ENDPOINT=collector:4318 (no http://) was taken: every push failed with the SDK's "No
+    connection adapters were found", once a minute, the job's final state with them."""
+    from trainmetrics.trainer.telemetry import otlp_readers
+
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", raising=False)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "127.0.0.1:4318")
+    assert otlp_readers() == []
+    warned = [record.getMessage() for record in caplog.records if "OTEL_EXPORTER_OTLP_ENDPOINT" in record.getMessage()]
+    assert len(warned) == 1 and "has no http:// or https://" in warned[0], warned
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "HTTP://127.0.0.1:4318")      # a scheme in any case is one
+    readers = otlp_readers()
+    assert len(readers) == 1
+    readers[0].shutdown(timeout_millis=100)
+
+
 def test_the_metrics_own_protocol_overrides_the_general_one(receiver, monkeypatch, caplog):
     """OTEL_EXPORTER_OTLP_METRICS_PROTOCOL=http/protobuf is the metrics' protocol whatever the general variable says
     (grpc for the process's traces): it was warned of by the general variable's name, a false alarm."""
