@@ -198,7 +198,10 @@ class Supervisor:
             environment = {REGISTER_TOKEN_VARIABLE: token}
             if gpus:
                 environment[CUDA_VISIBLE_DEVICES] = ",".join(gpus)
-                (self.job_path(job.id) / GPUS_FILE_NAME).write_text(",".join(gpus))     # for a restart's adoption
+            if self.executor.name == "local":
+                # For a restart's adoption; written empty for a run given none: an older run's file, left, was read
+                # as this run's GPUs, and no file at all is a run of a server from before the files.
+                (self.job_path(job.id) / GPUS_FILE_NAME).write_text(",".join(gpus))
             run = self.executor.start(job.id, job.spec.get("nproc", 1), self.train_args(job), self.job_path(job.id),
                                       environment)
         except ExecutorUnavailable:
@@ -518,14 +521,20 @@ class Supervisor:
 
     def _adopt_gpus(self, job: JobRecord) -> None:
         """The GPUs an adopted local run was given, as its start noted them (the job's gpus file): given again to
-        no other job while it runs."""
+        no other job while it runs. A run without the file was started by a server from before it, which gave
+        none: a GPU job's ranks took the server's first GPUs (cuda:0 to nproc - 1), and a job given those again
+        shared them."""
         if not self.gpus or self.executor.name != "local":
             return
         try:
-            noted = (self.job_path(job.id) / GPUS_FILE_NAME).read_text()
+            noted = (self.job_path(job.id) / GPUS_FILE_NAME).read_text().split(",")
+        except FileNotFoundError:
+            nproc = job.spec.get("nproc", 1)
+            gpu_job = job.spec.get("device", "auto") in ("auto", "cuda") and isinstance(nproc, int)
+            noted = list(self.gpus[:nproc]) if gpu_job else []
         except OSError:
             return
-        gpus = tuple(gpu for gpu in noted.split(",") if gpu in self.gpus)
+        gpus = tuple(gpu for gpu in noted if gpu in self.gpus)
         if gpus:
             self._gpus_held[job.id] = gpus
 

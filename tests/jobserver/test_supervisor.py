@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from trainmetrics.jobfiles import GPUS_FILE_NAME
 from trainmetrics.jobserver.executors import Run
 from trainmetrics.jobserver.local import LocalExecutor
 from trainmetrics.jobserver.store import JobRecord, JobStore
@@ -1779,3 +1780,58 @@ def test_the_gpus_local_jobs_are_given_are_those_the_server_was_given(visible, g
     if visible is not None:
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
     assert local_gpus(count=lambda: 2) == gpus
+
+
+def test_a_run_of_a_server_from_before_the_gpus_files_keeps_its_gpus_after_the_restart(tmp_path, monkeypatch):
+    """A run adopted without a gpus file (started by a server from before them, which gave its jobs no GPUs: its
+    ranks took the server's first GPUs) held none: the restarted server gave its GPU 0 to the next job too."""
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    store = JobStore(tmp_path / "db.sqlite")
+    older = Supervisor(store, tmp_path, None, max_concurrent=8, executor=ScriptedExecutor())
+    restarted = None
+    try:
+        queue(older, "from-before")
+        older.tick()
+        assert older.store.get_job("from-before").state == "running"
+        (older.job_path("from-before") / GPUS_FILE_NAME).unlink(missing_ok=True)      # such a server wrote none
+        restarted = Supervisor(store, tmp_path, None, max_concurrent=8, executor=ScriptedExecutor(),
+                               gpus=("0", "1"))
+        restarted.recover()
+        queue(restarted, "next")
+        restarted.tick()
+        assert visible_gpus(restarted.runs["next"]) == "1"
+    finally:
+        for run in [*older.runs.values(), *(restarted.runs.values() if restarted else ())]:
+            if run.process is not None and run.process.poll() is None:
+                run.process.kill()
+                run.process.wait()
+        store.close()
+
+
+def test_a_run_given_no_gpu_is_not_adopted_with_the_gpus_of_an_earlier_run(tmp_path, monkeypatch):
+    """A run given no GPU left the gpus file of the job's earlier run in place: adopted after a restart, it held
+    that run's GPU, which no job could be given while it ran on the CPU."""
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    store = JobStore(tmp_path / "db.sqlite")
+    supervisors = [Supervisor(store, tmp_path, None, max_concurrent=8, executor=ScriptedExecutor(), gpus=gpus)
+                   for gpus in (("0", "1"), (), ("0", "1"))]
+    first, without_gpus, adopting = supervisors
+    try:
+        queue(first, "resumed")
+        first.tick()
+        assert visible_gpus(first.runs["resumed"]) == "0"
+        time.sleep(0.3)                     # its stop handlers in place, as the other shutdown tests wait
+        first.shutdown(timeout=20)          # paused, queued to resume
+        assert store.get_job("resumed").state == "queued"
+        without_gpus.tick()                 # a server given no GPU (CUDA_VISIBLE_DEVICES=""): a CPU run
+        assert visible_gpus(without_gpus.runs["resumed"]) is None
+        adopting.recover()
+        queue(adopting, "pair", nproc=2)
+        adopting.tick()
+        assert visible_gpus(adopting.runs["pair"]) == "0,1"
+    finally:
+        for run in (run for supervisor in supervisors for run in supervisor.runs.values()):
+            if run.process is not None and run.process.poll() is None:
+                run.process.kill()
+                run.process.wait()
+        store.close()
