@@ -119,7 +119,6 @@ class WebConfig:
             if self.ssl_context is None or self._tls is None or self._watching:
                 return
             self._watching = True
-            self._served = _files_identity(self.cert_files)
             self._newest = self.ssl_context
             self.ssl_context.sni_callback = self._to_newest
         threading.Thread(target=self._watch_certificate, name="certificate-watch", daemon=True).start()
@@ -305,6 +304,10 @@ def load_web_config(path: Path | None) -> WebConfig:
     config = WebConfig()
     tls = raw.get("tls_server_config")
     if tls:
+        # The files as they were before being read (what the first check compares with): taken when the watch
+        # began, a pair renewed between this load and the server's start was never loaded (the one before
+        # served until the next renewal, expired by then).
+        config._served = _files_identity(_pair_paths(tls, path))
         config.ssl_context = _ssl_context(tls, path)
         config._tls = (tls, path)
         config.cert_files = (str(path.parent / tls["cert_file"]), str(path.parent / tls["key_file"]))
@@ -387,6 +390,13 @@ def _ssl_context(tls: dict, path: Path) -> ssl.SSLContext:
     elif context.verify_mode == ssl.CERT_REQUIRED:
         raise wrong("client_auth_type", "RequireAndVerifyClientCert needs client_ca_file")
     return context
+
+
+def _pair_paths(tls: dict, path: Path) -> list[Path]:
+    """The certificate and key files named in tls_server_config; none when a name is missing or no file name
+    (_ssl_context says which)."""
+    names = [tls.get("cert_file"), tls.get("key_file")]
+    return [path.parent / name for name in names] if all(isinstance(name, str) and name for name in names) else []
 
 
 def _files_identity(paths) -> tuple | None:

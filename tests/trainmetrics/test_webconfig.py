@@ -478,3 +478,40 @@ def test_a_renewed_certificate_is_served_without_a_restart_and_a_half_renewed_pa
     finally:
         process.terminate()
         process.wait(timeout=20)
+
+
+def test_a_certificate_renewed_between_loading_the_config_and_starting_the_server_is_served(pki, tmp_path):
+    """The files' state the first check compared with was taken when the server started, after the pair had
+    been read: a renewal in between (an exporter building its collectors, a service importing its app) was
+    never loaded, and the certificate before it was served until the next renewal, expired by then."""
+    import shutil
+    import socket
+
+    from trainmetrics.metrics_http import MetricsHTTPServer
+
+    shutil.copy(pki / "ca.crt", tmp_path / "ca.crt")
+    shutil.copy(pki / "ca.key", tmp_path / "ca.key")
+    shutil.copy(pki / "server.crt", tmp_path / "live.crt")
+    shutil.copy(pki / "server.key", tmp_path / "live.key")
+    issue("renewed", "ca", tmp_path, san="IP:127.0.0.1")
+    config = tmp_path / "web.yml"
+    config.write_text("tls_server_config:\n  cert_file: live.crt\n  key_file: live.key\n")
+    web_config = load_web_config(config)
+    shutil.copy(tmp_path / "renewed.crt", tmp_path / "live.crt")      # renewed before the server starts
+    shutil.copy(tmp_path / "renewed.key", tmp_path / "live.key")
+    server = MetricsHTTPServer(("127.0.0.1", 0), lambda scrape: b"up 1\n", web_config=web_config)
+    server.serve_in_background()
+
+    def served() -> str:
+        with context(pki).wrap_socket(socket.create_connection(("127.0.0.1", server.port), timeout=10),
+                                      server_hostname="127.0.0.1") as connection:
+            return ssl.DER_cert_to_PEM_cert(connection.getpeercert(binary_form=True))
+
+    renewed = ssl.DER_cert_to_PEM_cert(ssl.PEM_cert_to_DER_cert((tmp_path / "renewed.crt").read_text()))
+    try:
+        deadline = time.monotonic() + 15
+        while served() != renewed:
+            assert time.monotonic() < deadline, "the certificate renewed before the start is never served"
+            time.sleep(0.1)
+    finally:
+        server.close()
