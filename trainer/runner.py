@@ -276,9 +276,9 @@ class Trainer:
         return torch.randperm(len(self.dataset.train), generator=generator).tolist()
 
     def batches(self, epoch: int, skip_batches: int):
-        # (steps_per_epoch() counts what this gives)
         """The epoch's DataLoader for this rank, starting `skip_batches` batches in (without loading the
-        skipped ones). Ranks take interleaved, equal shares of the order, so they step in lockstep."""
+        skipped ones). Ranks take interleaved, equal shares of the order, so they step in lockstep
+        (steps_per_epoch() counts the batches this gives)."""
         order = self.epoch_order(epoch)
         world = self.dist.world_size
         order = order[: len(order) - len(order) % world][self.dist.rank::world]
@@ -545,6 +545,7 @@ def steps_per_epoch(rows: int, world_size: int, batch_size: int) -> int:
     """Optimizer steps in an epoch of `rows` training rows: each rank takes rows // world_size of them (the rest
     left out, so the ranks step in lockstep: Trainer.batches), in batches of batch_size, the last one short."""
     return -(-(rows // world_size) // batch_size)
+
 
 def run_job(config: TrainConfig, stop: StopFlag | None = None) -> int:
     """Run one job in the foreground; returns the exit code. `stop` was installed at process start."""
