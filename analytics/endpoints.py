@@ -143,7 +143,9 @@ def _csv(table: list, shape: type, filename: str, partial: bool) -> Response:
     out = io.StringIO()
     # RFC 4180's CRLF: Python's writer quotes only a cell that holds a character of its line end, and a bare CR in
     # a cell (a label is anybody's text) written unquoted ended the row there in a spreadsheet, the rest a new row.
-    writer = csv.writer(out, lineterminator="\r\n")
+    # Every text cell in quotes: a spreadsheet whose locale separates with ';' split an unquoted `x;=1+1` in two,
+    # its second cell a formula that no leading apostrophe guarded.
+    writer = csv.writer(out, lineterminator="\r\n", quoting=csv.QUOTE_NONNUMERIC)
     columns = shapes.columns(shape)
     writer.writerow(columns)
     for row in table:

@@ -372,7 +372,7 @@ class Comparison:
     ties: dict[str, list[str]] = described("for each tied category, every job id sharing the best value")
     no_winner_reasons: dict[str, str] = described(
         "for each category whose winner is null although jobs have the value, why (best_loss: the jobs' losses "
-        "are of different tasks; fastest, most_efficient, most_energy_efficient: no job with the value counts)")
+        f"are of different tasks; {', '.join(scoring.EXCLUDED)}: no job with the value counts)")
     partial: bool = described("true when any row is partial")
 
 

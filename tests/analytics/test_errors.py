@@ -714,7 +714,7 @@ def test_a_stored_report_holding_a_lone_surrogate_answers_that_text_as_null(tmp_
         assert odd.json()["job_name"] is None and odd.json()["goodput"]["seconds"] == {"step": 2.0}
         compared = client.get("/api/training/analytics/compare?job_ids=odd-1&format=csv")
         assert compared.status_code == 200, compared.text
-        assert compared.text.splitlines()[1].startswith("odd-1,,")
+        assert compared.text.splitlines()[1].startswith('"odd-1","",')        # its name null: an empty cell
 
 
 def test_retry_after_is_read_as_seconds_or_an_http_date_and_kept_within_bounds():
@@ -1006,6 +1006,24 @@ def test_a_job_name_with_a_line_break_stays_one_cell_of_the_csv_and_its_formula_
     assert {row["job_id"]: row["job_name"] for row in rows} == {
         "cr-1": "x\r=cmd|' /C calc'!A0", "lf-1": "y\n@SUM(1)", "crlf-1": 'a, "b"\r\n+1',
         "plain-1": "'=1+1"}
+
+
+def test_a_job_name_with_a_semicolon_stays_one_quoted_cell_of_the_csv(tmp_path):
+    """A text cell was quoted only when it held a comma, a quote or a line end: a job name `x;=1+1` was written
+    bare, and a spreadsheet whose locale separates with `;` split it in two cells, the second a formula it ran."""
+    import csv
+    import io
+
+    name = "x;=SUM(1+1)*cmd|' /C calc'!A0"
+    texts = {"semi-1": json.dumps({"job_id": "semi-1", "status": "completed", "job_name": name})}
+    with serving_stored_reports(tmp_path, texts) as client:
+        compared = client.get("/api/training/analytics/compare", params={"job_ids": "semi-1", "format": "csv"})
+    assert compared.status_code == 200, compared.text
+    # Outside the quoted cells there is no ';' for such a spreadsheet to split on.
+    unquoted = "".join(part for index, part in enumerate(compared.text.split('"')) if index % 2 == 0)
+    assert ";" not in unquoted
+    (row,) = csv.DictReader(io.StringIO(compared.text, newline=""))
+    assert (row["job_id"], row["job_name"], row["task"]) == ("semi-1", name, "")
 
 
 def test_an_answer_whose_content_encoding_does_not_decode_is_502_naming_it():

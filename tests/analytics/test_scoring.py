@@ -171,3 +171,14 @@ def test_a_category_whose_rule_leaves_out_every_job_with_its_value_says_why():
                                                 "(energy_complete): a"}
     # No value at all: null without a reason.
     assert scoring.winners([row("c", status="running")])[2] == {}
+
+
+def test_the_schema_of_no_winner_reasons_names_every_category_whose_rule_can_leave_it_null():
+    """The OpenAPI description of `no_winner_reasons` named fastest, most_efficient and most_energy_efficient as
+    the categories whose rule can leave every job with the value out, not best_goodput, which has such a rule too."""
+    import dataclasses
+
+    from trainmetrics.analytics import shapes
+
+    description = {f.name: f.metadata for f in dataclasses.fields(shapes.Comparison)}["no_winner_reasons"]
+    assert all(category in description["description"] for category in scoring.EXCLUDED)
