@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 
 from trainmetrics.contract import (BUILTIN_DATASETS, EXIT_STATES, REGISTER_TOKEN_VARIABLE, RESULT_PUBLISHED,
-                                  RESULT_STARTED, STOP_VERBS, WAITING_STATES, ExitCode, train_args)
+                                  RESULT_STARTED, STOP_VERBS, WAITING_STATES, ExitCode, exit_code_for,
+                                  train_args)
 from trainmetrics.edge import storage_full
 from trainmetrics.jobfiles import (CONTROL_FILE_NAME, FINAL_MODEL_NAME, GPUS_FILE_NAME, LOG_NAME,
                                    PLACEMENT_WAIT_NAME, RESULT_FILE_NAME, list_checkpoints, rank_result_path,
@@ -49,6 +50,8 @@ CANCEL_GRACE_SECONDS = 60.0
 CUDA_VISIBLE_DEVICES = "CUDA_VISIBLE_DEVICES"
 # What a job's error shows in place of the server's data dir (no answer shows a server path).
 DATA_DIR_SHOWN = "<data dir>"
+# The most of a result's error a job keeps (a multi-rank job's, naming its ranks, too): a trainer's is 500 at most.
+MAX_ERROR_LENGTH = 1000
 
 
 def token_digest(token: str) -> str:
@@ -402,14 +405,15 @@ class Supervisor:
         if told:
             # The result says how the run ended, whatever killed the process after it was written.
             state, error = result["state"], result.get("error")
+            error = error[:MAX_ERROR_LENGTH] if error is not None else None
             # The process published it, unless its result says no scraper read it: it ended before it published
             # anything (refused its arguments; a Ray run stopped before Ray placed a rank: Prometheus and the
             # analytics kept the job `queued` or `paused`), or no scrape came during its final linger (Prometheus
             # down: the process's last `running` stayed the job's last word, and its stored report said
             # `vanished` for good). The server publishes such an end itself.
             published = state if result.get(RESULT_PUBLISHED) is not False else None
-            code = result["exit_code"] if isinstance(result.get("exit_code"), int) else code
-            reason = result["reason"][:500] if isinstance(result.get("reason"), str) else None
+            code = _code_of(state, result.get("exit_code"), code)
+            reason = result["reason"][:500] if result.get("reason") is not None else None
         elif code is not None and code < 0:
             state, error = "failed", f"killed by {_signal_name(-code)} without a result"
         elif code is not None:
@@ -495,7 +499,7 @@ class Supervisor:
         elif first is not None and first[0] != 0 and _error_of(first[1]) != _error_of(result):
             parts.append(f"rank {first[0]} failed first: {_error_of(first[1])}")
         parts.append(f"rank 0: {error or 'failed'}" if result is not None else str(error))
-        return "; ".join(parts)[:1000]
+        return "; ".join(parts)[:MAX_ERROR_LENGTH]
 
     def _resume_or_fail(self, job: JobRecord, why: str) -> None:
         """A run gone without a result: the stop a user was promised (202) stands; else it resumes from its last
@@ -675,6 +679,16 @@ def _end_told(result: dict, job: JobRecord) -> float | None:
     end = result.get("end_time")
     plausible = isinstance(end, (int, float)) and not isinstance(end, bool)
     return float(end) if plausible and (job.started or job.created) <= end <= time.time() else None
+
+
+def _code_of(state: str, told: int | None, exited: int | None) -> int:
+    """The exit code recorded for a run whose result says `state`: the result's, else the process's, where it stands
+    for that state (ExitCode); else the state's own (a result that said `completed` with exit code 1, or whose
+    process then died of a signal, was recorded completed with that code, where a completed run exits 0)."""
+    for code in (told, exited):
+        if code is not None and EXIT_STATES.get(code) == state:
+            return int(code)
+    return int(exit_code_for(state))
 
 
 def _signal_name(signum: int) -> str:

@@ -38,6 +38,8 @@ PLACEMENT_WAIT_NAME = "placement.wait"
 GPUS_FILE_NAME = "gpus"
 # A result is a few hundred bytes; anything far larger is not ours.
 MAX_RESULT_BYTES = 1 << 20
+# The result's fields read as text (a job's error, and why it stopped): read_result drops one of another type.
+RESULT_TEXT_FIELDS = ("error", "error_type", "reason")
 
 
 @dataclass(frozen=True)
@@ -263,7 +265,8 @@ def control_request(job_dir: Path) -> str | None:
 
 
 def read_result(path: Path) -> dict | None:
-    """The job's result, or None when there is none (not written yet, unreadable, not one of ours)."""
+    """The job's result, or None when there is none (not written yet, unreadable, not one of ours). A field its
+    readers take as text, or the exit code, of another type reads as absent, as a field the result does not have."""
     data = read_small(path, MAX_RESULT_BYTES)
     if data is None:
         return None
@@ -271,4 +274,12 @@ def read_result(path: Path) -> dict | None:
         result = json.loads(data)
     except (ValueError, RecursionError):
         return None
-    return result if isinstance(result, dict) and isinstance(result.get("state"), str) else None
+    if not isinstance(result, dict) or not isinstance(result.get("state"), str):
+        return None
+    # An edited result, or one not a trainer's (a dict for the error, 1e30 for the exit code), raised where the job
+    # server recorded the run's end, at every tick: the job stayed `running` and no queued job started.
+    odd = [name for name in RESULT_TEXT_FIELDS if name in result and not isinstance(result[name], (str, type(None)))]
+    code = result.get("exit_code")
+    if "exit_code" in result and (not isinstance(code, int) or isinstance(code, bool) or not 0 <= code <= 255):
+        odd.append("exit_code")
+    return {name: value for name, value in result.items() if name not in odd}

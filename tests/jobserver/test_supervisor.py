@@ -912,6 +912,73 @@ def test_a_failed_multi_rank_job_names_the_rank_that_failed_first(tmp_path):
     store.close()
 
 
+@pytest.mark.parametrize("rank0, rank1, expected", [
+    ({"state": "failed", "exit_code": 10**30, "error": "RuntimeError: boom"}, None,
+     ("failed", 1, "RuntimeError: boom")),
+    ({"state": "failed", "exit_code": 1, "error": {"message": "boom"}}, None, ("failed", 1, None)),
+    ({"state": "paused", "exit_code": 4, "reason": ["loss spike"]}, None, ("paused", 4, None)),
+    ({"state": "failed", "exit_code": 1, "error": "x" * 100_000}, None, ("failed", 1, "x" * 1000)),
+    ({"state": "failed", "exit_code": 1, "error": "RuntimeError: closed", "end_time": 2.0},
+     {"state": "failed", "exit_code": 1, "error": 5, "end_time": 1.0},
+     ("failed", 1, "rank 1 failed first: failed; rank 0: RuntimeError: closed")),
+    (None, {"state": "failed", "exit_code": 1, "error": ["boom"]},
+     ("failed", 1, "rank 0 ended without a result (killed or lost: see train.log); rank 1: failed; "
+                   "exit code 1 without a result")),
+])
+def test_a_result_with_a_field_of_the_wrong_type_ends_its_job_and_the_queue_goes_on(rank0, rank1, expected,
+                                                                                    tmp_path):
+    """A result edited by hand, or not a trainer's, with an exit code past SQLite's integers, an error that is no
+    text, or one rank's error that is no text: recording the run's end raised at every tick, so the job stayed
+    `running` for good and no queued job behind it started. (An error of any length was stored whole.)"""
+    from trainmetrics.jobfiles import rank_result_path, write_result
+
+    store = JobStore(tmp_path / "db.sqlite")
+    supervisor = Supervisor(store, tmp_path, None, max_concurrent=1, executor=Ending())
+    for job_id in ("odd", "behind"):
+        store.add_job(JobRecord(id=job_id, owner="default", name=job_id, state="queued",
+                                spec={"model": "mlp", "dataset": "blobs", "nproc": 2 if rank1 else 1}))
+    supervisor.tick()
+    path = supervisor.result_path("odd")
+    for written, at in ((rank0, path), (rank1, rank_result_path(path, 1))):
+        if written is not None:
+            write_result(at, written)
+    supervisor.tick()
+    job = store.get_job("odd")
+    assert (job.state, job.exit_code, job.error) == expected
+    assert store.get_job("behind").state == "running"
+    store.close()
+
+
+@pytest.mark.parametrize("written, exited, expected", [
+    ({"state": "completed", "exit_code": 1}, 1, ("completed", 0)),
+    ({"state": "completed", "exit_code": True}, 1, ("completed", 0)),
+    ({"state": "completed"}, 1, ("completed", 0)),
+    ({"state": "paused", "exit_code": 0}, 0, ("paused", 4)),
+    ({"state": "failed", "exit_code": "2"}, 2, ("failed", 2)),
+    ({"state": "failed", "exit_code": 2}, 1, ("failed", 2)),
+])
+def test_the_exit_code_a_job_records_is_one_its_results_state_stands_for(written, exited, expected, tmp_path):
+    """The result's state decides the job's; its exit code was taken as it was (any integer, `true` as 1), or the
+    process's where the result had none: a job read `completed` with exit code 1, or `paused` with 0, against
+    the exit codes docs/api.md gives each state."""
+    from trainmetrics.jobfiles import write_result
+
+    class EndingWith(Ending):
+        def poll(self, run):
+            return True, exited
+
+    store = JobStore(tmp_path / "db.sqlite")
+    supervisor = Supervisor(store, tmp_path, None, max_concurrent=1, executor=EndingWith())
+    store.add_job(JobRecord(id="told", owner="default", name="told", state="queued",
+                            spec={"model": "mlp", "dataset": "blobs", "nproc": 1}))
+    supervisor.tick()
+    write_result(supervisor.result_path("told"), written)
+    supervisor.tick()
+    job = store.get_job("told")
+    assert (job.state, job.exit_code) == expected
+    store.close()
+
+
 def test_a_multi_rank_job_whose_rank_0_was_stopped_by_its_launcher_after_another_rank_failed_failed(tmp_path):
     """Rank 1 fails to start; torchrun stops rank 0 (SIGTERM), which was still waiting for the ranks to join, and
     rank 0 says `cancelled`. The job read as cancelled by its user, though nobody asked, and rank 1's failure went
