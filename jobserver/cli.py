@@ -2,7 +2,6 @@
 trainmetrics/service.py)."""
 
 import argparse
-import fcntl
 import importlib.util
 import math
 import ipaddress
@@ -10,7 +9,8 @@ import logging
 import os
 from pathlib import Path
 
-from trainmetrics.command import FlagError, check_directory, check_directory_writable, path_argument
+from trainmetrics.command import (FlagError, check_directory, check_directory_writable, lock_directory,
+                                  path_argument)
 from trainmetrics.contract import http_url_problem
 
 # The file in the data dir a server holds an exclusive lock on for its life: one server per data dir.
@@ -96,17 +96,7 @@ def lock_data_dir(data_dir: Path):
     """The data dir's lock file, locked for as long as it stays open (the server's life); FlagError when
     another server holds it (a second one would adopt the first one's jobs and pause them when it stops), or
     when it cannot be opened (a data dir this user cannot write, a directory at its name)."""
-    try:
-        handle = open(data_dir / LOCK_NAME, "a")
-    except OSError as error:
-        raise FlagError("--data-dir", f"{data_dir / LOCK_NAME}: {error.strerror or error}") from None
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as error:
-        handle.close()
-        why = "another trainmetrics server uses it" if isinstance(error, BlockingIOError) else error.strerror
-        raise FlagError("--data-dir", f"{data_dir}: {why}") from None
-    return handle
+    return lock_directory("--data-dir", data_dir, LOCK_NAME, "trainmetrics server")
 
 
 def jobserver_settings(args: argparse.Namespace, host: str, web_config):

@@ -4,6 +4,7 @@ each default once. Imports nothing heavy."""
 
 import argparse
 import errno
+import fcntl
 import os
 import socket
 import sys
@@ -32,6 +33,31 @@ class FlagError(Exception):
     def __init__(self, flag: str, message: str):
         super().__init__(f"{flag}: {message}" if flag else message)
         self.flag = flag
+
+
+# flock's errors on a file system that takes no locks (NFS without its lock daemon, some FUSE file systems).
+NO_LOCKS_ERRNOS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL)
+
+
+def lock_directory(flag: str, directory: Path, name: str, holder: str, locks_required: bool = True):
+    """The directory's lock file `name`, opened and locked (flock, exclusive) for as long as it stays open; FlagError
+    naming `flag` when another process holds it (`holder`, the kind of program that does) or when it cannot be
+    opened or locked. On a file system that takes no locks, without `locks_required`, the file is returned
+    unlocked: its caller runs unguarded there."""
+    path = directory / name
+    try:
+        handle = open(path, "a")
+    except OSError as error:
+        raise FlagError(flag, f"{path}: {error.strerror or error}") from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        if not locks_required and error.errno in NO_LOCKS_ERRNOS:
+            return handle
+        handle.close()
+        why = f"another {holder} uses it" if isinstance(error, BlockingIOError) else error.strerror
+        raise FlagError(flag, f"{directory}: {why}") from None
+    return handle
 
 
 def check_directory(flag: str, path: Path) -> None:

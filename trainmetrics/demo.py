@@ -6,8 +6,6 @@ stops every child cleanly (the server pauses a job still running).
 """
 
 import argparse
-import errno
-import fcntl
 import os
 import shutil
 import signal
@@ -21,7 +19,7 @@ import urllib.parse
 from pathlib import Path
 
 from trainmetrics.command import (DEFAULT_ANALYTICS_PORT, DEFAULT_EXPORTER_PORT, DEFAULT_PROMETHEUS_PORT, FlagError,
-                                  check_directory, check_directory_writable, path_argument)
+                                  check_directory, check_directory_writable, lock_directory, path_argument)
 from trainmetrics.contract import MODELS, spec_fields
 from trainmetrics.signals import SERVICE_STOP_SIGNALS, signals_to_take
 
@@ -249,18 +247,9 @@ WORKDIR_LOCK = ".demo.lock"
 def claim_workdir(workdir: Path):
     """The work dir's lock file, locked for as long as it stays open (the demo's life); FlagError naming --workdir
     when another demo holds it. A second demo in the same work dir overwrote the first one's Prometheus config and
-    log and ran a second Prometheus on its data (Prometheus takes no lock there), before its job server refused."""
-    handle = open(workdir / WORKDIR_LOCK, "a")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        raise FlagError("--workdir", f"{workdir}: another trainmetrics demo uses it") from None
-    except OSError as error:
-        if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
-            handle.close()
-            raise
-    return handle       # on a filesystem without locks too: the demo runs unguarded there, as before
+    log and ran a second Prometheus on its data (Prometheus takes no lock there), before its job server refused.
+    On a file system without locks the demo runs unguarded, as before."""
+    return lock_directory("--workdir", workdir, WORKDIR_LOCK, "trainmetrics demo", locks_required=False)
 
 
 def what_failed(error: Exception) -> str:
