@@ -75,15 +75,15 @@ def _gpu_count() -> int:
         return 0
 
 
-def local_gpus(visible: str | None = None, count=None) -> tuple[str, ...]:
+def local_gpus(count=_gpu_count) -> tuple[str, ...]:
     """The GPUs local jobs are given: what the server's own CUDA_VISIBLE_DEVICES lists where it has one (the GPUs
     it was given; up to the first entry that is neither an index nor a UUID, where CUDA stops), else every GPU
-    NVML counts."""
+    `count()` says NVML counts."""
     from trainmetrics.jobmap import GPU_UUID, HOST_INDEX
 
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES") if visible is None else visible
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is None:
-        return tuple(str(index) for index in range((count or _gpu_count)()))
+        return tuple(str(index) for index in range(count()))
     gpus = []
     for entry in (entry.strip() for entry in visible.split(",")):
         if not (HOST_INDEX.fullmatch(entry) or GPU_UUID.fullmatch(entry)):
@@ -120,6 +120,7 @@ def jobserver_settings(args: argparse.Namespace, host: str, web_config):
     elif not _is_loopback(host) and not args.insecure_no_auth:
         raise FlagError("--listen", f"refusing to serve on {host} without --tokens (add --insecure-no-auth to "
                                     "allow it)")
+    # (Ray places each rank on a GPU itself: its jobs are given none here.)
     gpus = local_gpus() if args.executor == "local" else ()
     default_concurrent = max(1, len(gpus) if args.executor == "local" else _gpu_count())
     max_concurrent = args.max_concurrent if args.max_concurrent is not None else default_concurrent

@@ -233,9 +233,8 @@ class Supervisor:
         places its own), for a job whose device is `cpu` or names its GPU (`cuda:N`), or one with more ranks than
         the machine has GPUs (each rank past the last fails at its start, as it would anywhere). StartDeferred
         while fewer are free: the jobs behind it, needing fewer, may start meanwhile."""
-        nproc = job.spec.get("nproc", 1)
-        if (not self.gpus or self.executor.name != "local" or job.spec.get("device", "auto") not in ("auto", "cuda")
-                or not isinstance(nproc, int) or nproc > len(self.gpus)):
+        nproc = self._gpu_ranks(job)
+        if nproc is None or nproc > len(self.gpus):
             return ()
         held = {gpu for gpus in self._gpus_held.values() for gpu in gpus}
         free = [gpu for gpu in self.gpus if gpu not in held]
@@ -243,6 +242,15 @@ class Supervisor:
             raise StartDeferred(f"{nproc} free GPU(s) of the {len(self.gpus)} local jobs are given: "
                                 f"{len(free)} free now")
         return tuple(free[:nproc])
+
+    def _gpu_ranks(self, job: JobRecord) -> int | None:
+        """How many ranks of the job would each take a GPU of this server's, or None where it is given none (no
+        GPUs, another executor, a device of `cpu` or `cuda:N`)."""
+        nproc = job.spec.get("nproc", 1)
+        if (not self.gpus or self.executor.name != "local" or job.spec.get("device", "auto") not in ("auto", "cuda")
+                or not isinstance(nproc, int)):
+            return None
+        return nproc
 
     def untaken_token_matches(self, job_id: str, presented: str) -> bool:
         """True when `presented` is the secret of a start of the job the executor may have received though its
@@ -533,9 +541,8 @@ class Supervisor:
         try:
             noted = (self.job_path(job.id) / GPUS_FILE_NAME).read_text().split(",")
         except FileNotFoundError:
-            nproc = job.spec.get("nproc", 1)
-            gpu_job = job.spec.get("device", "auto") in ("auto", "cuda") and isinstance(nproc, int)
-            noted = list(self.gpus[:nproc]) if gpu_job else []
+            nproc = self._gpu_ranks(job)
+            noted = list(self.gpus[:nproc]) if nproc is not None else []
         except OSError:
             return
         gpus = tuple(gpu for gpu in noted if gpu in self.gpus)
