@@ -307,10 +307,11 @@ def load_web_config(path: Path | None) -> WebConfig:
         # The files as they were before being read (what the first check compares with): taken when the watch
         # began, a pair renewed between this load and the server's start was never loaded (the one before
         # served until the next renewal, expired by then).
-        config._served = _files_identity(_pair_paths(tls, path))
-        config.ssl_context = _ssl_context(tls, path)
+        pair = _pair_paths(tls, path)
+        config._served = _files_identity(pair)
+        config.ssl_context = _ssl_context(tls, path)        # (refuses a pair _pair_paths found no names for)
         config._tls = (tls, path)
-        config.cert_files = (str(path.parent / tls["cert_file"]), str(path.parent / tls["key_file"]))
+        config.cert_files = tuple(map(str, pair))
     for user, hashed in (raw.get("basic_auth_users") or {}).items():
         if ":" in str(user):    # Basic auth's user name ends at its first colon: no request could name this one
             raise ValueError(f"web config {path}: basic_auth_users.{user}: a user name cannot hold ':'")
