@@ -164,8 +164,14 @@ def test_a_resumed_run_drops_the_evaluations_it_threw_away_before_it_evaluates(b
         processes.append(stalled_before(13, "--resume"))
         read_until(processes[1], "stalling")
         assert kept == 2
+        prometheus.wait_for('trainer_steps_total{job_id="evals-1"} == 12', timeout=30)
+        # Remote write sends each series through one of several shards: the resumed run's steps can be in
+        # VictoriaMetrics before its start and its evaluation count, without which it has not resumed there yet.
+        backends["victoria-metrics"].wait_until_agrees(prometheus, (
+            'count(last_over_time(trainer_job_start_timestamp_seconds{job_id="evals-1"}[10m]))',
+            'count(min_over_time(trainer_evaluations_total{job_id="evals-1"}[10m]) == 2)',
+            'sum(max_over_time(trainer_steps_total{job_id="evals-1"}[10m]))'))
         for backend in backends.values():
-            backend.wait_for('trainer_steps_total{job_id="evals-1"} == 12', timeout=30)
             with serve(Settings(prometheus_url=backend.url)) as client:
                 body = get(client, "/api/training/evals-1/analytics")
             assert body["status"] == "running" and body["performance"]["total_steps"] == 12
