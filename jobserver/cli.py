@@ -76,19 +76,32 @@ def _gpu_count() -> int:
 
 
 def local_gpus(count=_gpu_count) -> tuple[str, ...]:
-    """The GPUs local jobs are given: what the server's own CUDA_VISIBLE_DEVICES lists where it has one (the GPUs
-    it was given; up to the first entry that is neither an index nor a UUID, where CUDA stops), else every GPU
-    `count()` says NVML counts."""
-    from trainmetrics.jobmap import GPU_UUID, HOST_INDEX
+    """The GPUs local jobs are given, each under one spelling (jobmap.gpu_spelling): what the server's own
+    CUDA_VISIBLE_DEVICES lists where it has one (the GPUs it was given), read as CUDA reads it, else every GPU
+    `count()` says NVML counts. CUDA stops at the first entry that is neither an index nor a UUID, and at an index
+    past the host's GPUs (where NVML counts them), and sees no GPU at all where one is listed twice: each had been
+    given to a job ('0,0', or '0,00', gave GPU 0 to two jobs at once; '0,7' on a two-GPU host gave a job GPU 7,
+    where it saw no GPU and trained on the CPU)."""
+    from trainmetrics.jobmap import HOST_INDEX, gpu_spelling, same_gpu
 
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is None:
         return tuple(str(index) for index in range(count()))
-    gpus = []
+    gpus: list[str] = []
+    host_gpus = None
     for entry in (entry.strip() for entry in visible.split(",")):
-        if not (HOST_INDEX.fullmatch(entry) or GPU_UUID.fullmatch(entry)):
+        gpu = gpu_spelling(entry)
+        if gpu is None:
             break
-        gpus.append(entry)
+        if HOST_INDEX.fullmatch(gpu):
+            host_gpus = count() if host_gpus is None else host_gpus
+            if host_gpus and (len(gpu) > len(str(host_gpus)) or int(gpu) >= host_gpus):
+                break
+        if any(same_gpu(gpu, given) for given in gpus):
+            log.warning("CUDA_VISIBLE_DEVICES=%r names a GPU twice (%s): CUDA sees no GPU, and local jobs are "
+                        "given none", visible, entry)
+            return ()
+        gpus.append(gpu)
     return tuple(gpus)
 
 

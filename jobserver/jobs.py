@@ -127,6 +127,8 @@ class JobService:
         ranks_here = values.get("nproc", 1) if self.supervisor.executor.name == "local" else 1   # (Ray's: above)
         if problem := device_for_ranks_problem(device, ranks_here):
             raise ApiError(400, "bad_request", f"device: {problem}")
+        if problem := self.supervisor.gpus_lacking(values):
+            raise ApiError(400, "bad_request", f"nproc: {problem}")
         prefix = job_id_prefix(caller if self.settings.owners else None)
         job_id = values.pop("job_id", None) or prefix + new_job_id()
         if not job_id.startswith(prefix):
@@ -217,6 +219,8 @@ class JobService:
         if not (job.state == "paused" or (job.state == "failed" and has_checkpoint)):
             raise ApiError(409, "conflict", f"job {job.id} is {job.state}: only paused jobs, or failed ones with "
                                             "a checkpoint, resume")
+        if problem := self.supervisor.gpus_lacking(job.spec):     # (a server restarted with fewer GPUs)
+            raise ApiError(409, "conflict", f"job {job.id} cannot resume here: {problem}")
         # The previous run's outcome goes with its end: its exit code and reason (a pause's 4, "loss spike at step
         # 85") stayed until the next start, so a resumed job cancelled while queued showed them.
         # At the back of the queue (queued_at): its first submission's place went to the jobs queued while it waited.

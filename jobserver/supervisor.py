@@ -13,6 +13,7 @@ import errno
 import hashlib
 import hmac
 import logging
+import os
 import secrets
 import signal
 import time
@@ -24,7 +25,8 @@ from trainmetrics.contract import (BUILTIN_DATASETS, EXIT_STATES, REGISTER_TOKEN
 from trainmetrics.edge import storage_full
 from trainmetrics.jobfiles import (CONTROL_FILE_NAME, FINAL_MODEL_NAME, GPUS_FILE_NAME, LOG_NAME,
                                    PLACEMENT_WAIT_NAME, RESULT_FILE_NAME, list_checkpoints, rank_result_path,
-                                   read_result)
+                                   read_result, read_small, replace_atomically)
+from trainmetrics.jobmap import gpu_spelling
 from trainmetrics.jobserver.executors import Executor, ExecutorUnavailable, Run, StartDeferred
 from trainmetrics.jobserver.local import LocalExecutor
 from trainmetrics.jobserver.store import DatasetRecord, JobRecord, JobStore
@@ -48,6 +50,8 @@ UNAVAILABLE_LOG_SECONDS = 60.0
 # killed: it exists to leave a checkpoint.
 CANCEL_GRACE_SECONDS = 60.0
 CUDA_VISIBLE_DEVICES = "CUDA_VISIBLE_DEVICES"
+# The largest gpus file read: 64 ranks' UUIDs are under 6 KiB.
+MAX_GPUS_FILE_BYTES = 64 * 1024
 # What a job's error shows in place of the server's data dir (no answer shows a server path).
 DATA_DIR_SHOWN = "<data dir>"
 # The most of a result's error a job keeps (a multi-rank job's, naming its ranks, too): a trainer's is 500 at most.
@@ -103,7 +107,7 @@ class Supervisor:
         # The GPUs local jobs are given (CUDA_VISIBLE_DEVICES entries: host indices, or what the server's own
         # CUDA_VISIBLE_DEVICES lists), and which job holds which: every local job had trained on GPU 0 (its ranks
         # on 0 to nproc - 1), however many GPUs --max-concurrent counted one job per.
-        self.gpus = tuple(gpus)
+        self.gpus = tuple(gpu_spelling(gpu) or gpu for gpu in gpus)     # spelt as the gpus files are read
         self._gpus_held: dict[str, tuple[str, ...]] = {}
         self._unavailable_said_at = float("-inf")
         # Why queued jobs wait, as the last pass over them found (waiting_for): the executor could not start
@@ -203,8 +207,9 @@ class Supervisor:
                 environment[CUDA_VISIBLE_DEVICES] = ",".join(gpus)
             if self.executor.name == "local":
                 # For a restart's adoption; written empty for a run given none: an older run's file, left, was read
-                # as this run's GPUs, and no file at all is a run of a server from before the files.
-                (self.job_path(job.id) / GPUS_FILE_NAME).write_text(",".join(gpus))
+                # as this run's GPUs, and no file at all is a run of a server from before the files. Replaced, not
+                # written through: a link planted at its name had the file it named overwritten.
+                replace_atomically(self.job_path(job.id) / GPUS_FILE_NAME, ",".join(gpus), mode=0o644)
             run = self.executor.start(job.id, job.spec.get("nproc", 1), self.train_args(job), self.job_path(job.id),
                                       environment)
         except ExecutorUnavailable:
@@ -229,12 +234,14 @@ class Supervisor:
                  f" on GPU {','.join(gpus)}" if gpus else "", " (resuming)" if job.resume else "")
 
     def _gpus_for(self, job: JobRecord) -> tuple[str, ...]:
-        """The GPUs a local job is given, one per rank: none on a machine without GPUs, on another executor (Ray
-        places its own), for a job whose device is `cpu` or names its GPU (`cuda:N`), or one with more ranks than
-        the machine has GPUs (each rank past the last fails at its start, as it would anywhere). StartDeferred
-        while fewer are free: the jobs behind it, needing fewer, may start meanwhile."""
-        nproc = self._gpu_ranks(job)
-        if nproc is None or nproc > len(self.gpus):
+        """The GPUs a local job is given, one per rank, in the server's order (rank r's cuda:r is the r-th): none on
+        a machine without GPUs, on another executor (Ray places its own), for a job whose device is `cpu` or names
+        its GPU (`cuda:N`). StartDeferred while fewer are free: the jobs behind it, needing fewer, may start
+        meanwhile. ValueError for one with more ranks than the server has GPUs (gpus_lacking)."""
+        if problem := self.gpus_lacking(job.spec):
+            raise ValueError(problem)
+        nproc = self._gpu_ranks(job.spec)
+        if nproc is None:
             return ()
         held = {gpu for gpus in self._gpus_held.values() for gpu in gpus}
         free = [gpu for gpu in self.gpus if gpu not in held]
@@ -243,14 +250,25 @@ class Supervisor:
                                 f"{len(free)} free now")
         return tuple(free[:nproc])
 
-    def _gpu_ranks(self, job: JobRecord) -> int | None:
-        """How many ranks of the job would each take a GPU of this server's, or None where it is given none (no
-        GPUs, another executor, a device of `cpu` or `cuda:N`)."""
-        nproc = job.spec.get("nproc", 1)
-        if (not self.gpus or self.executor.name != "local" or job.spec.get("device", "auto") not in ("auto", "cuda")
+    def _gpu_ranks(self, spec: dict) -> int | None:
+        """How many ranks of a job of this spec would each take a GPU of this server's, or None where it is given
+        none (no GPUs, another executor, a device of `cpu` or `cuda:N`)."""
+        nproc = spec.get("nproc", 1)
+        if (not self.gpus or self.executor.name != "local" or spec.get("device", "auto") not in ("auto", "cuda")
                 or not isinstance(nproc, int)):
             return None
         return nproc
+
+    def gpus_lacking(self, spec: dict) -> str | None:
+        """Why a job of this spec can never be given its GPUs here, or None: more ranks, each taking a GPU, than this
+        server has GPUs. (Started with none of its own, such a job's ranks took cuda:0, cuda:1, ..., GPUs other jobs
+        had been given, until the one past the last failed with CUDA's "invalid device ordinal".)"""
+        nproc = self._gpu_ranks(spec)
+        if nproc is None or nproc <= len(self.gpus):
+            return None
+        return (f"{nproc} ranks on device {spec.get('device', 'auto')!r} each take a GPU of their own, and this "
+                f"server gives its local jobs {len(self.gpus)} GPU(s): ask for at most {len(self.gpus)} rank(s), or "
+                "for device 'cpu'")
 
     def untaken_token_matches(self, job_id: str, presented: str) -> bool:
         """True when `presented` is the secret of a start of the job the executor may have received though its
@@ -535,17 +553,22 @@ class Supervisor:
         """The GPUs an adopted local run was given, as its start noted them (the job's gpus file): given again to
         no other job while it runs. A run without the file was started by a server from before it, which gave
         none: a GPU job's ranks took the server's first GPUs (cuda:0 to nproc - 1), and a job given those again
-        shared them."""
+        shared them. A file that does not say which (damaged, edited, something else at its name) leaves the run
+        holding every GPU until it ends: it held none, and its GPUs went to the next job."""
         if not self.gpus or self.executor.name != "local":
             return
-        try:
-            noted = (self.job_path(job.id) / GPUS_FILE_NAME).read_text().split(",")
-        except FileNotFoundError:
-            nproc = self._gpu_ranks(job)
-            noted = list(self.gpus[:nproc]) if nproc is not None else []
-        except OSError:
-            return
-        gpus = tuple(gpu for gpu in noted if gpu in self.gpus)
+        path = self.job_path(job.id) / GPUS_FILE_NAME
+        if not os.path.lexists(path):
+            nproc = self._gpu_ranks(job.spec)
+            noted = self.gpus[:nproc] if nproc is not None else ()
+        else:
+            noted = _gpus_noted(path)
+            if noted is None:
+                log.warning("job %s: its %s file does not say which GPUs its run was given: the run holds every GPU "
+                            "until it ends", job.id, GPUS_FILE_NAME)
+                noted = self.gpus
+        # (A GPU it names that this server does not give, this server's share changed since: nobody's to hold.)
+        gpus = tuple(gpu for gpu in dict.fromkeys(noted) if gpu in self.gpus)
         if gpus:
             self._gpus_held[job.id] = gpus
 
@@ -672,6 +695,22 @@ class Supervisor:
                 ended, code = self.executor.poll(run)
                 if ended:
                     self._reap(job_id, code)
+
+
+def _gpus_noted(path: Path) -> tuple[str, ...] | None:
+    """The GPUs a job's gpus file names (an empty file: none), each under its one spelling; None where the file
+    does not say: not a regular file (a FIFO blocked the server's start for good, a link to /dev/zero read until its
+    memory ran out), larger than any list of GPUs, not UTF-8 (raised out of the server's start), or an entry that
+    names no GPU."""
+    data = read_small(path, MAX_GPUS_FILE_BYTES)
+    try:
+        text = data.decode("utf-8").strip() if data is not None else None
+    except UnicodeDecodeError:
+        return None
+    if not text:
+        return None if text is None else ()
+    noted = tuple(gpu_spelling(entry.strip()) for entry in text.split(","))
+    return None if None in noted else noted
 
 
 def _short_of_resources(error: BaseException) -> bool:

@@ -41,6 +41,22 @@ def is_gpu_id(value: object) -> bool:
     return type(value) is int    # type(), not isinstance(): True is not a GPU
 
 
+def gpu_spelling(entry: str) -> str | None:
+    """A CUDA_VISIBLE_DEVICES entry as the one spelling the job server gives and compares GPUs by: a host index
+    without leading zeros (CUDA reads '01' as GPU 1), a GPU/MIG UUID with its hex digits in lower case as NVML
+    writes them (CUDA takes either case); None for an entry that is neither (where CUDA stops reading)."""
+    if HOST_INDEX.fullmatch(entry):
+        return entry.lstrip("0") or "0"      # (not int(): past 4300 digits it raises)
+    return entry[:4] + entry[4:].lower() if GPU_UUID.fullmatch(entry) else None
+
+
+def same_gpu(one: str, other: str) -> bool:
+    """True when two spellings (gpu_spelling's) may name one GPU: equal, or one UUID a prefix of the other (CUDA
+    takes a unique prefix of a UUID)."""
+    return one == other or (not HOST_INDEX.fullmatch(one) and not HOST_INDEX.fullmatch(other)
+                            and (one.startswith(other) or other.startswith(one)))
+
+
 def host_gpu(cuda_index: int, cuda_visible: str | None, nvidia_visible: str | None) -> int | str | None:
     """The GPU that this process's CUDA device cuda_index is, as the host's NVML knows it.
 

@@ -4,10 +4,12 @@ scripted stand-in for `trainmetrics train` (no torch: each case takes a fraction
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import sqlite3
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -1836,7 +1838,7 @@ def test_local_jobs_are_given_gpus_of_their_own_and_wait_for_free_ones(tmp_path,
         store.close()
 
 
-@pytest.mark.parametrize("visible,gpus", [(None, ("0", "1")), ("2,3", ("2", "3")), ("", ()),
+@pytest.mark.parametrize("visible,gpus", [(None, ("0", "1", "2", "3")), ("2,3", ("2", "3")), ("", ()),
                                           ("1,-1,0", ("1",)), ("GPU-5d2f9e81,0", ("GPU-5d2f9e81", "0"))])
 def test_the_gpus_local_jobs_are_given_are_those_the_server_was_given(visible, gpus, monkeypatch):
     """The server's own CUDA_VISIBLE_DEVICES (an administrator's share of the machine) is what its jobs are given
@@ -1846,7 +1848,7 @@ def test_the_gpus_local_jobs_are_given_are_those_the_server_was_given(visible, g
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     if visible is not None:
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
-    assert local_gpus(count=lambda: 2) == gpus
+    assert local_gpus(count=lambda: 4) == gpus
 
 
 def test_a_run_of_a_server_from_before_the_gpus_files_keeps_its_gpus_after_the_restart(tmp_path, monkeypatch):
@@ -1902,3 +1904,152 @@ def test_a_run_given_no_gpu_is_not_adopted_with_the_gpus_of_an_earlier_run(tmp_p
                 run.process.kill()
                 run.process.wait()
         store.close()
+
+
+def stop_runs(*supervisors: Supervisor) -> None:
+    """Kill every process the supervisors started that still runs (a test's clean-up)."""
+    for run in (run for supervisor in supervisors for run in supervisor.runs.values()):
+        if run.process is not None and run.process.poll() is None:
+            run.process.kill()
+            run.process.wait()
+
+
+@pytest.mark.parametrize("planted", ["garbage", "binary", "negative", "directory", "fifo", "endless"])
+def test_an_adopted_runs_damaged_gpus_file_gives_its_gpus_to_no_other_job(planted, tmp_path, monkeypatch):
+    """A gpus file that does not say which of the server's GPUs the run was given (edited, cut, garbage, or
+    something else at its name) left the adopted run holding none: the restarted server gave its GPU 0 to the
+    next job. Bytes that are not UTF-8 raised out of recover() (the server did not start), a FIFO blocked it for
+    good, and a link to an endless device read until memory ran out. The run holds every GPU until it ends."""
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    store = JobStore(tmp_path / "db.sqlite")
+    gpus = ("0", "1")
+    first = Supervisor(store, tmp_path, None, max_concurrent=8, executor=ScriptedExecutor(), gpus=gpus)
+    again = Supervisor(store, tmp_path, None, max_concurrent=8, executor=ScriptedExecutor(), gpus=gpus)
+    try:
+        queue(first, "adopted")
+        first.tick()
+        assert visible_gpus(first.runs["adopted"]) == "0"
+        noted = first.job_path("adopted") / GPUS_FILE_NAME
+        noted.unlink()
+        if planted == "directory":
+            noted.mkdir()
+        elif planted == "fifo":
+            os.mkfifo(noted)
+        elif planted == "endless":
+            noted.symlink_to("/dev/zero")
+        else:
+            noted.write_bytes({"garbage": b"zero", "binary": b"\xff\xfe0", "negative": b"-1"}[planted])
+        recovering = threading.Thread(target=again.recover, daemon=True)
+        recovering.start()
+        recovering.join(10)
+        if recovering.is_alive() and planted == "fifo":
+            with open(noted, "wb"):     # let it go (the reader takes end of file)
+                pass
+        assert not recovering.is_alive(), "recover() did not return"
+        assert "adopted" in again.runs
+        queue(again, "next")
+        again.tick()
+        assert again.store.get_job("next").state == "queued"
+        assert again.waiting_for(again.store.get_job("next")).startswith("its start, put off: 1 free GPU(s)")
+        first.runs["adopted"].process.send_signal(signal.SIGTERM)     # it ends: its GPUs are free again
+        assert tick_until(again, "adopted", 30).state != "running"
+        again.tick()
+        assert visible_gpus(again.runs["next"]) == "0"
+    finally:
+        stop_runs(first, again)
+        store.close()
+
+
+def test_an_adopted_run_holds_the_gpus_its_file_names_that_the_server_gives(tmp_path, monkeypatch):
+    """A gpus file naming GPUs this server does not give (its share changed across the restart; an index of 5000
+    digits, which int() refuses) holds those it does give, in any spelling of them ('01' is GPU 1)."""
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    store = JobStore(tmp_path / "db.sqlite")
+    first = Supervisor(store, tmp_path, None, max_concurrent=8, executor=ScriptedExecutor(), gpus=("0",))
+    again = Supervisor(store, tmp_path, None, max_concurrent=8, executor=ScriptedExecutor(), gpus=("0", "1", "2"))
+    try:
+        queue(first, "adopted")
+        first.tick()
+        (first.job_path("adopted") / GPUS_FILE_NAME).write_text("7, 01," + "9" * 5000)
+        again.recover()
+        queue(again, "pair", nproc=2)
+        again.tick()
+        assert visible_gpus(again.runs["pair"]) == "0,2"
+    finally:
+        stop_runs(first, again)
+        store.close()
+
+
+def test_a_gpus_file_is_written_over_a_link_at_its_name_never_through_it(tmp_path, monkeypatch):
+    """A link planted at the job's gpus file was followed by the start's write: the file it named (anywhere the
+    server's user may write) was overwritten with the run's GPUs."""
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    store = JobStore(tmp_path / "db.sqlite")
+    supervisor = Supervisor(store, tmp_path, None, max_concurrent=8, executor=ScriptedExecutor(), gpus=("0",))
+    elsewhere = tmp_path / "precious.txt"
+    elsewhere.write_text("keep me")
+    try:
+        queue(supervisor, "linked")
+        supervisor.job_path("linked").mkdir(parents=True)
+        (supervisor.job_path("linked") / GPUS_FILE_NAME).symlink_to(elsewhere)
+        supervisor.tick()
+        assert visible_gpus(supervisor.runs["linked"]) == "0"
+        assert elsewhere.read_text() == "keep me"
+        assert (supervisor.job_path("linked") / GPUS_FILE_NAME).read_text() == "0"
+        assert not (supervisor.job_path("linked") / GPUS_FILE_NAME).is_symlink()
+    finally:
+        stop_runs(supervisor)
+        store.close()
+
+
+@pytest.mark.parametrize("device", ["auto", "cuda"])
+def test_a_job_with_more_ranks_than_the_servers_gpus_fails_at_its_start_saying_so(device, tmp_path, monkeypatch):
+    """A job of more ranks than the server has GPUs was started with none of its own: its ranks took cuda:0,
+    cuda:1, ... (GPUs other jobs were given) until the one past the last failed with CUDA's 'invalid device
+    ordinal'. It is refused at its submission (400), a job queued before the server lost GPUs (a restart with a
+    narrower CUDA_VISIBLE_DEVICES) fails at its start, saying why, and a paused one's resume is refused (409)."""
+    from trainmetrics.edge import ApiError
+    from trainmetrics.jobserver.jobs import JobService, ServerSettings
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    store = JobStore(tmp_path / "db.sqlite")
+    supervisor = Supervisor(store, tmp_path, None, max_concurrent=8, executor=ScriptedExecutor(), gpus=("0", "1"))
+    service = JobService(ServerSettings(data_dir=tmp_path, gpus=("0", "1")), store, supervisor)
+    try:
+        with pytest.raises(ApiError) as refused:
+            service.submit(None, {"job_id": "too-wide", "nproc": 3, "device": device})
+        assert refused.value.status == 400
+        assert "3 ranks" in str(refused.value) and "2 GPU(s)" in str(refused.value)
+        assert store.get_job("too-wide") is None
+        service.submit(None, {"job_id": "fits", "nproc": 2, "device": device})
+        assert visible_gpus(supervisor.runs["fits"]) == "0,1"
+        service.submit(None, {"job_id": "on-cpu", "nproc": 3, "device": "cpu"})       # CPU ranks: any number
+        assert store.get_job("on-cpu").state == "running"
+        queue(supervisor, "queued-before", nproc=3, device=device)       # queued by a server with more GPUs
+        supervisor.tick()
+        job = store.get_job("queued-before")
+        assert job.state == "failed" and "queued-before" not in supervisor.runs
+        assert "3 ranks" in job.error and "2 GPU(s)" in job.error
+        store.add_job(JobRecord(id="paused-before", owner="default", name="paused-before", state="paused",
+                                spec={"model": "mlp", "dataset": "blobs", "nproc": 3, "device": device}))
+        with pytest.raises(ApiError) as refused:
+            service.resume(None, "paused-before")       # stays paused, to resume on a server with the GPUs
+        assert refused.value.status == 409 and "2 GPU(s)" in str(refused.value)
+        assert store.get_job("paused-before").state == "paused"
+    finally:
+        stop_runs(supervisor)
+        store.close()
+
+
+@pytest.mark.parametrize("visible,gpus", [("0,1,0", ()), ("0,00", ()), ("1,01,2", ()), ("1,5,0", ("1",)),
+                                          ("007", ()), ("GPU-5d2f9e81,GPU-5d2f9e81", ()),
+                                          ("GPU-5d2f9e81-0c4b,GPU-5d2f9e81", ()), ("GPU-5D2F9E81,GPU-5d2f9e81", ()),
+                                          ("1," + "9" * 5000, ("1",))])
+def test_the_server_gives_no_gpu_under_two_names_nor_one_the_host_lacks(visible, gpus, monkeypatch):
+    """A CUDA_VISIBLE_DEVICES naming a GPU twice (CUDA then sees none at all) had each name given to a job of its
+    own: two jobs on one GPU ('0,00' as much as '0,0'; a UUID and a prefix of it; a UUID in either case); an index
+    past the host's GPUs (where CUDA stops) was given to a job, which then saw no GPU and trained on the CPU."""
+    from trainmetrics.jobserver.cli import local_gpus
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    assert local_gpus(count=lambda: 2) == gpus
