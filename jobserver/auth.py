@@ -31,9 +31,9 @@ RELOAD_CHECK_SECONDS = 1.0
 log = logging.getLogger(__name__)
 
 
-def load_tokens(path: Path) -> dict[bytes, str]:
+def load_tokens(path: Path, *, none_allowed: bool = False) -> dict[bytes, str]:
     """A tokens file: one `TOKEN OWNER` per line, `#` comments (a whole line, or after a space). Raises
-    ValueError naming the bad line."""
+    ValueError naming the bad line, and when it holds no token unless none_allowed."""
     tokens: dict[bytes, str] = {}
     lines: dict[bytes, int] = {}
     raw = Path(path).read_bytes()
@@ -60,7 +60,7 @@ def load_tokens(path: Path) -> dict[bytes, str]:
             raise ValueError(f"{path}: line {number}: the token of line {lines[token]} again: each owner needs a "
                              "token of its own")
         tokens[token], lines[token] = parts[1], number
-    if not tokens:
+    if not tokens and not none_allowed:
         raise ValueError(f"{path}: no tokens")
     return tokens
 
@@ -79,15 +79,17 @@ class TokenAuth:
     """Bearer tokens to owners, found by their SHA-256 digests: the time a lookup takes tells nothing of a
     token (compared one by one, the first that matched answered soonest, and a length unlike every token's at
     once: which place a token held, and how long tokens are). Given its file, it reads the file again when it
-    changes (looked at once a second at most, by the requests): a revoked token stops working within a second.
-    A changed file that cannot be read or is not a tokens file is said at error level and leaves the tokens in
-    force as they were (an editor's half-written file would lock every owner out)."""
+    changes (looked at once a second at most, by the requests): a revoked token stops working within a second,
+    the last one too (a file left with comments only, or empty, lets no one in). A changed file that cannot be
+    read or has a bad line is said at error level and leaves the tokens in force as they were (an editor's
+    half-written line would lock its owner out)."""
 
     def __init__(self, tokens: dict[bytes, str], path: Path | None = None):
         self._owners = _by_digest(tokens)
         self.path = path
         self._identity = _file_identity(path)
         self._checked_at = time.monotonic()
+        self._exposed = _exposure_if_readable(path)      # (said at the start by the command)
 
     def _reload_if_changed(self) -> None:
         now = time.monotonic()
@@ -99,13 +101,23 @@ class TokenAuth:
             return
         self._identity = identity
         try:
-            tokens = load_tokens(self.path)
+            # None allowed: refused as "cannot be used", the file's last token commented out (or the file emptied)
+            # to revoke it left it, and every other, in force.
+            tokens = load_tokens(self.path, none_allowed=True)
+            exposed = exposure(self.path)
         except (OSError, ValueError) as error:
             reason = f"{self.path}: {error.strerror}" if isinstance(error, OSError) else str(error)
             log.error("tokens file changed but cannot be used (%s): the tokens read before stay in force", reason)
             return
         self._owners = _by_digest(tokens)
-        log.info("tokens file %s read again: %d tokens", self.path, len(tokens))
+        if tokens:
+            log.info("tokens file %s read again: %d tokens", self.path, len(tokens))
+        else:
+            log.warning("tokens file %s read again: it holds no token, every request but /healthz is refused "
+                        "until one is added", self.path)
+        if exposed and exposed != self._exposed:    # a file put in its place with the default umask was not said
+            log.warning("%s", exposed)
+        self._exposed = exposed
 
     def owner(self, authorization: str | None) -> str:
         """The caller's owner, or ApiError 401 for a missing, unknown or malformed token."""
@@ -122,6 +134,13 @@ class TokenAuth:
         """The metrics reader reads /metrics and the service discovery (both name every owner's jobs) and
         nothing else; owners everything else."""
         return (path in SCRAPER_PATHS) == (owner == METRICS_READER)
+
+
+def _exposure_if_readable(path: Path | None) -> str | None:
+    try:
+        return exposure(path) if path is not None else None
+    except OSError:
+        return None
 
 
 def _digest(token: bytes) -> bytes:

@@ -453,9 +453,7 @@ def serve(app: Starlette, sock, web_config: WebConfig, on_ready: Callable[[], No
             if not self.should_exit:
                 on_ready()
 
-    cert, key = web_config.cert_files or (None, None)
-    config = uvicorn.Config(answering_cut_requests(app), log_level="warning", lifespan="on", ssl_certfile=cert,
-                            ssl_keyfile=key,
+    config = uvicorn.Config(answering_cut_requests(app), log_level="warning", lifespan="on",
                             http=client_timeout_protocol(client_idle_seconds or CLIENT_IDLE_SECONDS),
                             timeout_graceful_shutdown=SHUTDOWN_DRAIN_SECONDS,
                             # The client is the connection's own address: uvicorn by default takes X-Forwarded-For
@@ -464,7 +462,12 @@ def serve(app: Starlette, sock, web_config: WebConfig, on_ready: Callable[[], No
                             proxy_headers=False)
     config.load()
     if web_config.ssl_context is not None:
-        config.ssl = web_config.ssl_context     # ours, with the minimum version and client verification
+        # Ours, with the minimum version and client verification, and the pair the web config loaded: given the
+        # paths before load(), uvicorn read the files again itself, and a renewal caught half-way then (its new
+        # certificate written, the key not yet) was a KEY_VALUES_MISMATCH traceback instead of a service serving
+        # the pair it had and the new one once whole. (The paths, set after: uvicorn says https from them.)
+        config.ssl = web_config.ssl_context
+        config.ssl_certfile, config.ssl_keyfile = web_config.cert_files
         web_config.watch_certificate()
     server = Server(config)
     # A stop signal before uvicorn has its own handlers must still stop it; and uvicorn re-raises the signal

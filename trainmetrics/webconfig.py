@@ -32,8 +32,8 @@ from trainmetrics.command import FlagError
 
 log = logging.getLogger("trainmetrics.webconfig")
 
-# How often a TLS server looks at its certificate and key files (two stats): a renewed certificate (cert-manager,
-# certbot) is served this soon, with no restart.
+# How often a TLS server looks at its certificate, key and client CA files (a stat each, in a thread of its own:
+# never per connection): a renewed certificate (cert-manager, certbot) is served this soon, with no restart.
 CERTIFICATE_CHECK_SECONDS = 1.0
 
 # Refusals remembered (a client repeating a wrong password costs one bcrypt check), the oldest forgotten first.
@@ -96,6 +96,8 @@ class WebConfig:
     _served: tuple | None = field(default=None, repr=False)           # the files' identity when last loaded
     _refused_files: tuple | None = field(default=None, repr=False)    # an identity that did not load, said once
     _tls: tuple | None = field(default=None, repr=False)              # (tls_server_config, file): to load again
+    _watched: tuple = field(default=(), repr=False)                   # the certificate, key and client CA files
+    _served_validity: tuple | None = field(default=None, repr=False)  # the served certificate's (not before, after)
     _newest: ssl.SSLContext | None = field(default=None, repr=False)  # what the next handshakes are moved onto
 
     def secure(self, server) -> None:
@@ -134,23 +136,41 @@ class WebConfig:
             self.reload_certificate()
 
     def reload_certificate(self) -> bool:
-        """A new context for the next handshakes when the certificate or key file changed since the newest was
-        made; True when one was. A pair that does not load (a key that no longer fits: a renewal writes the two
-        files one after the other; a file half written) is said once and the newest context stays."""
-        identity = _files_identity(self.cert_files)
+        """A new context for the next handshakes when the certificate, key or client CA file changed since the
+        newest was made; True when one was. A pair that does not load (a key that no longer fits: a renewal writes
+        the two files one after the other; a file half written or empty) is said once and the newest context
+        stays. It stays too while the served certificate is within its dates and the new one is not: one expired
+        (a backup put back) never takes its place, one not valid yet (an issuer's clock ahead of ours, one put in
+        place early) takes it from its notBefore on. Tried again at each look until it is served."""
+        identity = _files_identity(self._watched)
         if identity == self._served or identity is None:
             return False
         cert = self.cert_files[0]
         try:
-            self._newest = _ssl_context(*self._tls)
+            context = _ssl_context(*self._tls)
         except (OSError, ValueError, ssl.SSLError) as error:
-            if identity != self._refused_files:
-                self._refused_files = identity
-                log.error("the changed certificate or key is not served (the one loaded before is): %s", error)
+            self._refuse(identity, logging.ERROR, "the changed certificate or key is not served (the one loaded "
+                                                  "before is): %s", error)
             return False
-        self._served = identity
+        validity, now = _certificate_validity(cert), time.time()
+        if validity is not None and _valid_at(self._served_validity, now) and not _valid_at(validity, now):
+            if validity[1] <= now:
+                self._refuse(identity, logging.ERROR, "the changed certificate %s is not served: it expired at %s "
+                             "(the one loaded before is, until %s)", cert, _utc(validity[1]),
+                             _utc(self._served_validity[1]))
+            else:
+                self._refuse(identity, logging.WARNING, "the changed certificate %s is not valid until %s: the one "
+                             "loaded before is served until then", cert, _utc(validity[0]))
+            return False
+        self._newest, self._served, self._served_validity = context, identity, validity
         log.info("serving the renewed certificate %s", cert)
         return True
+
+    def _refuse(self, identity: tuple, level: int, message: str, *args) -> None:
+        """Say why the files as they are now are not served, once for each state of them (not at each look)."""
+        if identity != self._refused_files:
+            self._refused_files = identity
+            log.log(level, message, *args)
 
     def _credentials(self, header: str | None) -> tuple[str, bytes, bytes] | None:
         """(user, bcrypt hash, password) for a Basic Authorization header; None when it is not one. A user not
@@ -308,10 +328,12 @@ def load_web_config(path: Path | None) -> WebConfig:
         # began, a pair renewed between this load and the server's start was never loaded (the one before
         # served until the next renewal, expired by then).
         pair = _pair_paths(tls, path)
-        config._served = _files_identity(pair)
+        config._watched = (*pair, *_client_ca_path(tls, path))
+        config._served = _files_identity(config._watched)
         config.ssl_context = _ssl_context(tls, path)        # (refuses a pair _pair_paths found no names for)
         config._tls = (tls, path)
         config.cert_files = tuple(map(str, pair))
+        config._served_validity = _certificate_validity(config.cert_files[0])
     for user, hashed in (raw.get("basic_auth_users") or {}).items():
         if ":" in str(user):    # Basic auth's user name ends at its first colon: no request could name this one
             raise ValueError(f"web config {path}: basic_auth_users.{user}: a user name cannot hold ':'")
@@ -382,7 +404,7 @@ def _ssl_context(tls: dict, path: Path) -> ssl.SSLContext:
         try:
             context.load_verify_locations(ca_file)
         except ssl.SSLError as error:
-            raise wrong("client_ca_file", f"{ca_file}: no PEM certificate ({error.reason})") from None
+            raise wrong("client_ca_file", f"{ca_file}: {_not_pem(ca_file, 'certificate', error)}") from None
         if context.verify_mode == ssl.CERT_NONE:
             # Taken, no client was asked for a certificate: a file meant for mutual TLS let every client in
             # (exporter-toolkit refuses it too: "Client CA's have been configured without a Client Auth Policy").
@@ -400,13 +422,40 @@ def _pair_paths(tls: dict, path: Path) -> list[Path]:
     return [path.parent / name for name in names] if all(isinstance(name, str) and name for name in names) else []
 
 
+def _client_ca_path(tls: dict, path: Path) -> list[Path]:
+    """The client CA file named in tls_server_config, watched with the pair (a CA added to it for a rotation of
+    client certificates was taken only with the next renewed pair, or a restart); none when it names none."""
+    name = tls.get("client_ca_file")
+    return [path.parent / name] if isinstance(name, str) and name else []
+
+
 def _files_identity(paths) -> tuple | None:
-    """What tells a file's content changed without reading it (inode, size, modification time), for each path;
-    None when one cannot be read (a renewal replacing it at this moment)."""
+    """What tells a file's content changed without reading it (inode, size, modification and change times: a
+    copy that keeps the source's modification time, a chmod that makes it readable, change the latter), for each
+    path; None when one cannot be read (a renewal replacing it at this moment)."""
     try:
-        return tuple((stat.st_ino, stat.st_size, stat.st_mtime_ns) for stat in map(os.stat, paths))
+        return tuple((stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns) for stat in map(os.stat, paths))
     except OSError:
         return None
+
+
+def _certificate_validity(cert: str) -> tuple[float, float] | None:
+    """(not before, not after) of the file's first certificate (the server's own), as Unix times; None when they
+    cannot be told. (The ssl module decodes a certificate file only through this private function, which its
+    own tests use; were it gone, a renewed certificate would be served whatever its dates, as before.)"""
+    try:
+        decoded = ssl._ssl._test_decode_cert(cert)
+        return ssl.cert_time_to_seconds(decoded["notBefore"]), ssl.cert_time_to_seconds(decoded["notAfter"])
+    except (AttributeError, KeyError, TypeError, ValueError, OSError):     # (ssl.SSLError is an OSError)
+        return None
+
+
+def _valid_at(validity: tuple[float, float] | None, now: float) -> bool:
+    return validity is not None and validity[0] <= now < validity[1]
+
+
+def _utc(seconds: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(seconds))
 
 
 def _load_key_pair(context: ssl.SSLContext, cert: str, key: str, wrong) -> None:
@@ -422,5 +471,16 @@ def _load_key_pair(context: ssl.SSLContext, cert: str, key: str, wrong) -> None:
         try:        # the certificate alone: is it the one at fault?
             ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cert)
         except ssl.SSLError:
-            raise wrong("cert_file", f"{cert}: no PEM certificate ({error.reason})") from None
-        raise wrong("key_file", f"{key}: no PEM private key ({error.reason})") from None
+            raise wrong("cert_file", f"{cert}: {_not_pem(cert, 'certificate', error)}") from None
+        raise wrong("key_file", f"{key}: {_not_pem(key, 'private key', error)}") from None
+
+
+def _not_pem(path: str, what: str, error: ssl.SSLError) -> str:
+    """Why a file gave no PEM `what`: empty (a renewal caught between creating and writing it), or OpenSSL's reason
+    when it gives one (for most files it gives none: said as "(None)" before)."""
+    try:
+        if os.path.getsize(path) == 0:
+            return "the file is empty"
+    except OSError:
+        pass
+    return f"no PEM {what}" + (f" ({error.reason})" if error.reason else "")

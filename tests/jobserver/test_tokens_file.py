@@ -133,3 +133,44 @@ def test_a_tokens_file_other_users_may_read_is_said_at_the_start(tmp_path):
     path.chmod(0o644)
     assert exposure(path) == (f"--tokens {path}: other users of this machine may read or change it (mode 0644): "
                               "whoever reads it can act as any owner; chmod 600 it")
+
+
+def test_the_last_token_revoked_lets_no_one_in_and_an_exposed_replacement_is_said(tmp_path, monkeypatch, caplog):
+    """A changed file holding no token (its last one commented out to revoke it, or the file emptied) was refused
+    as "no tokens", and the tokens read before stayed in force: the revoked token kept working, contrary to "a
+    token removed stops working". A file put in the tokens file's place with the default umask (0644) was not
+    said, as one was at the start."""
+    import logging
+
+    from trainmetrics.jobserver import auth
+
+    monkeypatch.setattr(auth, "RELOAD_CHECK_SECONDS", 0)
+    caplog.set_level(logging.INFO, logger=auth.__name__)
+    path = tmp_path / "tokens"
+    path.write_text(f"{ALICE} alice\n")
+    path.chmod(0o600)
+    tokens = TokenAuth(load_tokens(path), path)
+    assert tokens.owner(f"Bearer {ALICE}") == "alice"
+    for revoked in (f"# {ALICE} alice  (revoked)\n", ""):
+        path.write_text(revoked)
+        with pytest.raises(ApiError) as refused:
+            tokens.owner(f"Bearer {ALICE}")
+        assert refused.value.status == 401
+    assert sum("holds no token" in record.getMessage() for record in caplog.records) == 2
+    with pytest.raises(ValueError, match="no tokens"):      # at the start, still a mistake said at once
+        load_tokens(path)
+
+    replacement = tmp_path / "tokens.new"
+    replacement.write_text(f"{BOB} bob\n")
+    replacement.chmod(0o644)
+    replacement.rename(path)
+    assert tokens.owner(f"Bearer {BOB}") == "bob"
+    assert [record.getMessage() for record in caplog.records if "other users" in record.getMessage()] == [
+        f"--tokens {path}: other users of this machine may read or change it (mode 0644): whoever reads it can act "
+        "as any owner; chmod 600 it"]
+    path.write_text(f"{BOB} bob\n{ALICE} alice\n")      # still exposed: said once, not at each change
+    assert tokens.owner(f"Bearer {ALICE}") == "alice"
+    assert sum("other users" in record.getMessage() for record in caplog.records) == 1
+
+    path.write_text(f"{BOB} bob\nnot a tokens line\n")     # a bad line still leaves the tokens as they were
+    assert tokens.owner(f"Bearer {ALICE}") == "alice"

@@ -515,3 +515,175 @@ def test_a_certificate_renewed_between_loading_the_config_and_starting_the_serve
             time.sleep(0.1)
     finally:
         server.close()
+
+
+def issue_dated(name: str, cwd, not_before: float, not_after: float) -> None:
+    """A certificate for 127.0.0.1 signed by cwd's `ca`, valid between two Unix times (`openssl ca` sets both)."""
+    (cwd / "ca.cnf").write_text("[ca]\ndefault_ca = dated\n[dated]\ndatabase = index.txt\nnew_certs_dir = .\n"
+                                "serial = serial\ndefault_md = sha256\npolicy = anything\ncopy_extensions = copy\n"
+                                "unique_subject = no\n[anything]\ncommonName = supplied\n")
+    (cwd / "index.txt").touch()
+    if not (cwd / "serial").exists():
+        (cwd / "serial").write_text("1000\n")
+    openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", f"{name}.key",
+            "-out", f"{name}.csr", "-subj", f"/CN={name}", "-addext", "subjectAltName=IP:127.0.0.1", cwd=cwd)
+    openssl("ca", "-batch", "-config", "ca.cnf", "-cert", "ca.crt", "-keyfile", "ca.key", "-in", f"{name}.csr",
+            "-out", f"{name}.crt", "-notext", "-startdate", time.strftime("%Y%m%d%H%M%SZ", time.gmtime(not_before)),
+            "-enddate", time.strftime("%Y%m%d%H%M%SZ", time.gmtime(not_after)), cwd=cwd)
+
+
+def served_certificate(ctx: ssl.SSLContext, port: int) -> str:
+    """The certificate a verifying client is served (PEM); a verification failure raises."""
+    import socket
+
+    with ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10),
+                         server_hostname="127.0.0.1") as connection:
+        return ssl.DER_cert_to_PEM_cert(connection.getpeercert(binary_form=True))
+
+
+def as_served(path) -> str:
+    return ssl.DER_cert_to_PEM_cert(ssl.PEM_cert_to_DER_cert(path.read_text()))
+
+
+def wait_for(condition, what: str, seconds: float = 15) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} not seen"
+        time.sleep(0.1)
+
+
+def test_a_renewed_certificate_out_of_its_dates_never_takes_a_valid_ones_place(pki, tmp_path, caplog):
+    """Any pair that loaded was served: an expired certificate put in place (a backup restored, a renewal job
+    copying the wrong file) replaced the valid one, and every verifying client (Prometheus) failed until a person
+    noticed; one not valid yet (an issuer's clock ahead) failed every client until its time. Now the valid one
+    stays, each said once however many clients connect; the one not valid yet is served from its time on. An empty
+    file said `no PEM certificate (None)`."""
+    import logging
+    import shutil
+
+    from trainmetrics.metrics_http import MetricsHTTPServer
+
+    for name in ("ca.crt", "ca.key"):
+        shutil.copy(pki / name, tmp_path / name)
+    now = time.time()
+    issue_dated("expired", tmp_path, now - 3 * 86400, now - 86400)
+    issue_dated("valid", tmp_path, now - 3600, now + 86400)
+    shutil.copy(tmp_path / "valid.crt", tmp_path / "live.crt")
+    shutil.copy(tmp_path / "valid.key", tmp_path / "live.key")
+    config = tmp_path / "web.yml"
+    config.write_text("tls_server_config:\n  cert_file: live.crt\n  key_file: live.key\n")
+    caplog.set_level(logging.INFO, logger="trainmetrics.webconfig")
+    server = MetricsHTTPServer(("127.0.0.1", 0), lambda scrape: b"up 1\n", web_config=load_web_config(config))
+    server.serve_in_background()
+    client = context(pki)
+
+    def said(words: str) -> int:
+        return sum(words in record.getMessage() for record in caplog.records)
+
+    def serves_the_valid_one_for(seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            assert served_certificate(client, server.port) == as_served(tmp_path / "valid.crt")
+            time.sleep(0.05)
+
+    try:
+        (tmp_path / "live.crt").write_bytes(b"")        # a renewal caught between creating the file and writing it
+        wait_for(lambda: said("live.crt: the file is empty") == 1, "the empty file")
+        serves_the_valid_one_for(1.5)
+        shutil.copy(tmp_path / "expired.crt", tmp_path / "live.crt")
+        shutil.copy(tmp_path / "expired.key", tmp_path / "live.key")
+        wait_for(lambda: said("is not served: it expired at") == 1, "the expired certificate's refusal")
+        serves_the_valid_one_for(2.5)       # past two more looks at the files, each connection verified
+        assert said("is not served: it expired at") == 1 and said("the file is empty") == 1
+
+        issue_dated("soon", tmp_path, time.time() + 4, time.time() + 86400)
+        shutil.copy(tmp_path / "soon.crt", tmp_path / "live.crt")
+        shutil.copy(tmp_path / "soon.key", tmp_path / "live.key")
+        wait_for(lambda: said("is not valid until") == 1, "the certificate not valid yet")
+        serves_the_valid_one_for(1)
+        wait_for(lambda: served_certificate(client, server.port) == as_served(tmp_path / "soon.crt"),
+                 "the certificate once valid")
+        assert said("is not valid until") == 1 and said("serving the renewed certificate") == 1
+    finally:
+        server.close()
+
+
+def test_a_changed_client_ca_file_is_read_without_a_renewed_pair(pki, tmp_path):
+    """The client CA file was read again only with a renewed server certificate: a CA added to it (client
+    certificates moving to a new CA) let no client of the new CA in until the next renewal or a restart."""
+    import shutil
+
+    from trainmetrics.metrics_http import MetricsHTTPServer
+
+    other = tmp_path / "other"
+    other.mkdir()
+    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout",
+            "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=new-client-ca", cwd=other)
+    issue("client", "ca", other)
+    shutil.copy(pki / "ca.crt", tmp_path / "clients.crt")
+    config = tmp_path / "web.yml"
+    config.write_text(f"tls_server_config:\n  cert_file: {pki / 'server.crt'}\n  key_file: {pki / 'server.key'}\n"
+                      "  client_ca_file: clients.crt\n  client_auth_type: RequireAndVerifyClientCert\n")
+    server = MetricsHTTPServer(("127.0.0.1", 0), lambda scrape: b"up 1\n", web_config=load_web_config(config))
+    server.serve_in_background()
+    new_client = context(pki)
+    new_client.load_cert_chain(str(other / "client.crt"), str(other / "client.key"))
+
+    def lets_in(ctx) -> bool:
+        try:
+            with get(f"https://127.0.0.1:{server.port}/metrics", ctx) as response:
+                return response.status == 200
+        except (ssl.SSLError, urllib.error.URLError, ConnectionError):
+            return False
+
+    try:
+        assert lets_in(context(pki, client="client")) and not lets_in(new_client)
+        (tmp_path / "clients.crt").write_text((pki / "ca.crt").read_text() + (other / "ca.crt").read_text())
+        wait_for(lambda: lets_in(new_client), "the new CA's client let in")
+        assert lets_in(context(pki, client="client")) and not lets_in(context(pki, client="stranger"))
+    finally:
+        server.close()
+
+
+def test_a_service_started_while_its_pair_is_half_renewed_serves_the_pair_it_loaded(pki, tmp_path):
+    """uvicorn was given the files' paths too, and read them again itself: a renewal caught half-way between the
+    web config's load and the service's start (the new certificate written, its key not yet) was a
+    KEY_VALUES_MISMATCH traceback and exit 1, not the loaded pair served and the new one once whole."""
+    import shutil
+
+    for name in ("ca.crt", "ca.key"):
+        shutil.copy(pki / name, tmp_path / name)
+    shutil.copy(pki / "server.crt", tmp_path / "live.crt")
+    shutil.copy(pki / "server.key", tmp_path / "live.key")
+    issue("renewed", "ca", tmp_path, san="IP:127.0.0.1")
+    config = tmp_path / "web.yml"
+    config.write_text("tls_server_config:\n  cert_file: live.crt\n  key_file: live.key\n")
+    port = free_port()
+    script = (
+        "import shutil, socket, sys\n"
+        "from pathlib import Path\n"
+        "from starlette.applications import Starlette\n"
+        "from trainmetrics.edge import serve\n"
+        "from trainmetrics.webconfig import load_web_config\n"
+        "here = Path(sys.argv[1])\n"
+        "web_config = load_web_config(here / 'web.yml')\n"
+        "shutil.copy(here / 'renewed.crt', here / 'live.crt')\n"      # the key not yet
+        "sock = socket.socket()\n"
+        "sock.bind(('127.0.0.1', int(sys.argv[2])))\n"
+        "sock.listen()\n"
+        "serve(Starlette(), sock, web_config)\n")
+    log = tmp_path / "service.log"
+    with open(log, "w") as output:
+        process = subprocess.Popen([sys.executable, "-c", script, str(tmp_path), str(port)], stdout=output,
+                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        wait_until_listening(port, process)
+        assert served_certificate(context(pki), port) == as_served(pki / "server.crt")
+        wait_for(lambda: "does not match cert_file" in log.read_text(), "the half-renewed pair, said")
+        assert served_certificate(context(pki), port) == as_served(pki / "server.crt")
+        shutil.copy(tmp_path / "renewed.key", tmp_path / "live.key")
+        wait_for(lambda: served_certificate(context(pki), port) == as_served(tmp_path / "renewed.crt"),
+                 "the renewed pair")
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
