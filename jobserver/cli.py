@@ -145,8 +145,10 @@ def jobserver_settings(args: argparse.Namespace, host: str, web_config):
         # (passed on to every job, whose trainer refuses it: every job would fail as bad input)
         raise FlagError("--linger-timeout", f"must be a finite number >= 0, got {args.linger_timeout:g}")
     check_directory("--data-dir", args.data_dir)
+    check_text_path("--data-dir", args.data_dir.absolute())
     if args.job_dir is not None:
         check_directory("--job-dir", args.job_dir)
+        check_text_path("--job-dir", args.job_dir.absolute())
         if args.executor == "local":
             # Every local job writes its mapping file there (a Ray job on its node): one this user cannot write
             # in started a server whose every job failed as bad input.
@@ -190,6 +192,15 @@ def claim_data_dir(settings) -> None:
     except FlagError:
         settings.data_dir_lock.close()
         raise
+
+
+def check_text_path(flag: str, path: Path) -> None:
+    """FlagError unless the path is text (UTF-8): the server keeps its paths and the errors naming them in SQLite,
+    which refuses a name whose bytes are not UTF-8 (an upload answered 500, a run's end was never recorded)."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise FlagError(flag, f"{str(path)!r} is not UTF-8: give a path whose name is text") from None
 
 
 def check_data_dir_contents(data_dir: Path, executor: str) -> None:

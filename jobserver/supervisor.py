@@ -25,7 +25,7 @@ from trainmetrics.contract import (BUILTIN_DATASETS, EXIT_STATES, REGISTER_TOKEN
 from trainmetrics.edge import storage_full
 from trainmetrics.jobfiles import (CONTROL_FILE_NAME, FINAL_MODEL_NAME, GPUS_FILE_NAME, LOG_NAME,
                                    PLACEMENT_WAIT_NAME, RESULT_FILE_NAME, list_checkpoints, rank_result_path,
-                                   read_result, read_small, replace_atomically)
+                                   read_result, read_small, replace_atomically, storable_text)
 from trainmetrics.jobmap import gpu_spelling
 from trainmetrics.jobserver.executors import Executor, ExecutorUnavailable, Run, StartDeferred
 from trainmetrics.jobserver.local import LocalExecutor
@@ -492,10 +492,12 @@ class Supervisor:
         log.info("job %s: %s (exit code %s)%s", job_id, state, code, _ended_how(state, killed, self.cancel_grace))
 
     def _without_data_dir(self, error: str) -> str:
-        """An error with the server's data dir shown as DATA_DIR_SHOWN (no answer shows a server path)."""
+        """An error with the server's data dir shown as DATA_DIR_SHOWN (no answer shows a server path), as text the
+        store can hold (storable_text: the data dir is text, cli.check_text_path, but what an error names may not
+        be)."""
         for data_dir in sorted({str(self.data_dir.resolve()), str(self.data_dir)}, key=len, reverse=True):
             error = error.replace(data_dir, DATA_DIR_SHOWN)       # the longer first: one may hold the other
-        return error
+        return storable_text(error)
 
     def _another_rank_failed(self, job: JobRecord) -> bool:
         """True when a rank other than 0 of a multi-rank run says it failed."""

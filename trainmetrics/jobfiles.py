@@ -266,7 +266,8 @@ def control_request(job_dir: Path) -> str | None:
 
 def read_result(path: Path) -> dict | None:
     """The job's result, or None when there is none (not written yet, unreadable, not one of ours). A field its
-    readers take as text, or the exit code, of another type reads as absent, as a field the result does not have."""
+    readers take as text, or the exit code, of another type reads as absent, as a field the result does not have;
+    a lone surrogate in such a text is escaped (storable_text)."""
     data = read_small(path, MAX_RESULT_BYTES)
     if data is None:
         return None
@@ -282,4 +283,13 @@ def read_result(path: Path) -> dict | None:
     code = result.get("exit_code")
     if "exit_code" in result and (not isinstance(code, int) or isinstance(code, bool) or not 0 <= code <= 255):
         odd.append("exit_code")
-    return {name: value for name, value in result.items() if name not in odd}
+    return {name: storable_text(value) if name in RESULT_TEXT_FIELDS and value is not None else value
+            for name, value in result.items() if name not in odd}
+
+
+def storable_text(text: str) -> str:
+    """`text` with each lone surrogate escaped (`\\udcff`): JSON carries one (`"\\udcff"`: a trainer's error
+    naming a path whose bytes are not UTF-8, as os.fsdecode gives it, strict_json escapes so), and SQLite refuses
+    to store it: the run's end raised at every tick (the job stayed `running` and no queued job started), and at a
+    restart the server did not start."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")

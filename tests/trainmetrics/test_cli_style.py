@@ -83,6 +83,11 @@ BAD = [
     (["server", "--data-dir", "/proc/self/status", "--listen", "127.0.0.1:0"],
      "--data-dir: '/proc/self/status' is not a directory"),
     (["server", "--data-dir", "/tmp/x", "--max-concurrent", "0", "--listen", "127.0.0.1:0"], "--max-concurrent"),
+    # A name whose bytes are not UTF-8 (here \xff): SQLite refuses to keep it, and every upload answered 500.
+    (["server", "--data-dir", "/tmp/x-\udcff", "--listen", "127.0.0.1:0"],
+     "--data-dir: '/tmp/x-\\udcff' is not UTF-8"),
+    (["server", "--data-dir", "/tmp/x", "--job-dir", "/tmp/j-\udcff", "--listen", "127.0.0.1:0"],
+     "--job-dir: '/tmp/j-\\udcff' is not UTF-8"),
     (["server", "--data-dir", "/tmp/x", "--listen", "0.0.0.0:0"], "--listen"),
     # Passed on to every job, whose trainer refused them: the server started and every job failed as bad input.
     (["server", "--data-dir", "/tmp/x", "--linger-timeout", "nan", "--listen", "127.0.0.1:0"], "--linger-timeout"),
