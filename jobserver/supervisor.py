@@ -181,11 +181,12 @@ class Supervisor:
                   if self.advertise_url else None}
         return train_args(values)
 
-    def start(self, job: JobRecord) -> None:
-        """Start the job's process; an older run's result is removed first, so only this run's can be read."""
+    def start(self, job: JobRecord, gpus_owed: int | None = None) -> None:
+        """Start the job's process; an older run's result is removed first, so only this run's can be read.
+        `gpus_owed`: the GPUs a job queued before it waits for (GpusDeferred), which the free ones go to first."""
         if job.spec_unreadable:
             raise ValueError("its stored spec is not a JSON object (the server's database was edited or damaged)")
-        gpus = self._gpus_for(job)        # first: a job that must wait for GPUs changes nothing
+        gpus = self._gpus_for(job, gpus_owed)        # first: a job that must wait for GPUs changes nothing
         self.checkpoint_dir(job.id).mkdir(parents=True, exist_ok=True)
         self.executor.clear_way(job.id, self.job_path(job.id))      # before the arguments: --resume is decided
         # A retry of a start the executor may have received though its answer was lost (a Ray submission, taken
@@ -233,21 +234,25 @@ class Supervisor:
         log.info("job %s: started %s %s%s%s", job.id, self.executor.name, run.handle,
                  f" on GPU {','.join(gpus)}" if gpus else "", " (resuming)" if job.resume else "")
 
-    def _gpus_for(self, job: JobRecord) -> tuple[str, ...]:
+    def _gpus_for(self, job: JobRecord, gpus_owed: int | None = None) -> tuple[str, ...]:
         """The GPUs a local job is given, one per rank, in the server's order (rank r's cuda:r is the r-th): none on
         a machine without GPUs, on another executor (Ray places its own), for a job whose device is `cpu` or names
-        its GPU (`cuda:N`). StartDeferred while fewer are free: the jobs behind it, needing fewer, may start
-        meanwhile. ValueError for one with more ranks than the server has GPUs (gpus_lacking)."""
+        its GPU (`cuda:N`). GpusDeferred while fewer are free, or while a job queued before it waits for GPUs
+        (`gpus_owed`): GPUs go in the queue's order, else a stream of jobs needing fewer kept a larger one waiting
+        for good. ValueError for one with more ranks than the server has GPUs (gpus_lacking)."""
         if problem := self.gpus_lacking(job.spec):
             raise ValueError(problem)
         nproc = self._gpu_ranks(job.spec)
         if nproc is None:
             return ()
+        if gpus_owed is not None:
+            raise GpusDeferred(nproc, f"{nproc} free GPU(s): the GPUs freed go first to a job queued before it, "
+                                      f"which waits for {gpus_owed}")
         held = {gpu for gpus in self._gpus_held.values() for gpu in gpus}
         free = [gpu for gpu in self.gpus if gpu not in held]
         if len(free) < nproc:
-            raise StartDeferred(f"{nproc} free GPU(s) of the {len(self.gpus)} local jobs are given: "
-                                f"{len(free)} free now")
+            raise GpusDeferred(nproc, f"{nproc} free GPU(s) of the {len(self.gpus)} local jobs are given: "
+                                      f"{len(free)} free now")
         return tuple(free[:nproc])
 
     def _gpu_ranks(self, spec: dict) -> int | None:
@@ -302,12 +307,15 @@ class Supervisor:
         queued = self.store.queued_jobs()
         self._deferred = {job.id: self._deferred[job.id] for job in queued if job.id in self._deferred}
         held_back = False       # this pass's start found the executor unable to start any
+        gpus_owed = None        # the GPUs the first job of this pass to wait for them needs
         for job in queued:
             if self.running_count() >= self.max_concurrent:
                 break
             try:
-                self.start(job)
+                self.start(job, gpus_owed)
             except StartDeferred as why:     # not yet: it stays queued; the jobs behind it may start
+                if isinstance(why, GpusDeferred) and gpus_owed is None:
+                    gpus_owed = why.nproc
                 log.debug("job %s: not started yet: %s", job.id, why)
                 self._deferred[job.id] = str(why)
             except ExecutorUnavailable as error:     # not the job's failure: it stays queued, tried again later
@@ -697,6 +705,14 @@ class Supervisor:
                 ended, code = self.executor.poll(run)
                 if ended:
                     self._reap(job_id, code)
+
+
+class GpusDeferred(StartDeferred):
+    """A local job waits for GPUs: `nproc` of them (the jobs queued behind it that take GPUs wait for it)."""
+
+    def __init__(self, nproc: int, message: str):
+        super().__init__(message)
+        self.nproc = nproc
 
 
 def _gpus_noted(path: Path) -> tuple[str, ...] | None:

@@ -1838,6 +1838,37 @@ def test_local_jobs_are_given_gpus_of_their_own_and_wait_for_free_ones(tmp_path,
         store.close()
 
 
+def test_a_job_waiting_for_gpus_is_overtaken_by_no_gpu_job_queued_after_it(tmp_path, monkeypatch):
+    """GPUs went to whichever queued job they sufficed for: a two-GPU job waited while one-GPU jobs queued after it
+    took each GPU that freed, for as long as they kept coming. Jobs that take no GPU still start meanwhile."""
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    store = JobStore(tmp_path / "db.sqlite")
+    supervisor = Supervisor(store, tmp_path, None, max_concurrent=8, executor=ScriptedExecutor(),
+                            gpus=("0", "1"))
+    try:
+        queue(supervisor, "first")
+        supervisor.tick()
+        queue(supervisor, "pair", nproc=2)
+        queue(supervisor, "small")
+        queue(supervisor, "on-cpu", device="cpu")
+        supervisor.tick()
+        assert [supervisor.store.get_job(job_id).state for job_id in ("pair", "small", "on-cpu")] == \
+            ["queued", "queued", "running"]
+        assert supervisor.waiting_for(supervisor.store.get_job("small")) == (
+            "its start, put off: 1 free GPU(s): the GPUs freed go first to a job queued before it, which waits for 2")
+        supervisor.runs["first"].process.send_signal(signal.SIGTERM)
+        assert tick_until(supervisor, "first", 30).state != "running"
+        supervisor.tick()
+        assert visible_gpus(supervisor.runs["pair"]) == "0,1"
+        assert supervisor.store.get_job("small").state == "queued"
+    finally:
+        for run in supervisor.runs.values():
+            if run.process is not None and run.process.poll() is None:
+                run.process.kill()
+                run.process.wait()
+        store.close()
+
+
 @pytest.mark.parametrize("visible,gpus", [(None, ("0", "1", "2", "3")), ("2,3", ("2", "3")), ("", ()),
                                           ("1,-1,0", ("1",)), ("GPU-5d2f9e81,0", ("GPU-5d2f9e81", "0"))])
 def test_the_gpus_local_jobs_are_given_are_those_the_server_was_given(visible, gpus, monkeypatch):
