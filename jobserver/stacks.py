@@ -30,6 +30,10 @@ DUMP_END = re.compile(rb" in _run_module_as_main\n\Z")
 # The end of the first dump in what a file gained: a dump appended after it before the answer was read (the rank's
 # own hang watchdog, a request after this one's ANSWER_SECONDS while another rank never answered) is another's.
 FIRST_DUMP_END = re.compile(rb" in _run_module_as_main\n")
+# How a dump begins: faulthandler's first thread line, or the hang watchdog's header. What a file gained that begins
+# otherwise is the rest of a dump that was being written when the ranks were asked (a rank slow to answer the
+# request before, or its own watchdog's): its end is not this request's.
+DUMP_START = re.compile(rb"\n?(=== |Thread 0x|Current thread 0x|Stack \(most recent call first\))")
 # A dump that ends otherwise (a main thread deeper than faulthandler's 100 frames ends with "  ...") is taken as
 # it is once its file has not grown for this long, marked incomplete.
 QUIET_SECONDS = 2.0
@@ -78,7 +82,8 @@ def _read(job_path: Path, rank: int, start: int, first_dump: bool = False) -> st
         with os.fdopen(_open_stacks_file(job_path, rank, os.O_RDONLY), "rb") as file:
             if first_dump:
                 file.seek(start)
-                ended = FIRST_DUMP_END.search(head := file.read(MAX_STACK_BYTES))
+                head = _past_a_dump_begun_before(file.read(MAX_STACK_BYTES))
+                ended = FIRST_DUMP_END.search(head)
                 if ended is not None:
                     return head[:ended.end()].decode("utf-8", "replace")
             end = file.seek(0, 2)
@@ -87,6 +92,15 @@ def _read(job_path: Path, rank: int, start: int, first_dump: bool = False) -> st
             return file.read(MAX_STACK_BYTES).decode("utf-8", "replace")
     except OSError:
         return None
+
+
+def _past_a_dump_begun_before(gained: bytes) -> bytes:
+    """What a file gained, less the rest of a dump begun before it (DUMP_START) when a whole dump follows that."""
+    if DUMP_START.match(gained):
+        return gained
+    ended = FIRST_DUMP_END.search(gained)
+    rest = b"" if ended is None else gained[ended.end():]
+    return rest if FIRST_DUMP_END.search(rest) else gained
 
 
 def sizes(job_path: Path, nproc: int) -> dict[int, int]:

@@ -180,3 +180,19 @@ def test_an_answer_holds_only_the_dump_its_request_asked_for(tmp_path, monkeypat
     answer = asyncio.run(stacks.collect(tmp_path, before))
     assert answer["missing_ranks"] == [1]
     assert answer["ranks"] == [{"rank": 0, "stacks": dump.decode(), "complete": True}]
+
+
+def test_the_rest_of_a_dump_half_written_when_the_ranks_were_asked_is_not_the_answer(tmp_path):
+    """A rank still writing an earlier dump when its file was measured (slow to answer the request before, or its
+    own hang watchdog's) had that dump's tail served as its answer, marked complete: the stacks of before."""
+    job = tmp_path / "job"
+    job.mkdir()
+    earlier = b'Thread 0xEARLIER (most recent call first):\n  File "/old.py", line 1 in wait\n' \
+              b'  File "<frozen runpy>", line 88 in _run_module_as_main\n'
+    (job / "stacks.rank0.txt").write_bytes(earlier[:40])
+    before = stacks.sizes(job, 1)
+    answer = real_dump(tmp_path)
+    with open(job / "stacks.rank0.txt", "ab") as file:
+        file.write(earlier[40:] + answer)
+    served = asyncio.run(stacks.collect(job, before))["ranks"][0]
+    assert served["stacks"] == answer.decode() and served["complete"]
