@@ -139,6 +139,9 @@ class JobFacts:
     now: float
     # A node exporter attributes the job's processes now: its energy counts may still grow.
     attributed_now: bool = False
+    # Some process of the job, of any rank, is scraped now (`processes` are rank 0's only): one of another rank
+    # may still have its final scrape, with its last counts, to come.
+    any_rank_live: bool = False
     # How far behind now the backend's answers may be (PrometheusClient.answer_delay).
     answer_delay: float = 0.0
     # The backend answered some request of the job's analytics with part of its data (job.jobs_analytics): not
@@ -189,8 +192,9 @@ class JobFacts:
         sample (its last heartbeat, or end) is the backend's answer delay behind now (a default VictoriaMetrics'
         30 s: read sooner, its range reads, the evaluations and the peak among them, missed the job's last
         seconds). Not while the job server says the job waits (paused, queued to resume): its ledger's paused time
-        grows to now."""
-        if self.end is None or self.live or self.attributed_now or self.waiting or \
+        grows to now. Not while a process of any rank is scraped: rank 0 ended, another rank's last counts may not
+        be in the store yet."""
+        if self.end is None or self.live or self.any_rank_live or self.attributed_now or self.waiting or \
                 any(p.trainer and p.state in STOPPED_STATES and p.end is None for p in self.processes):
             return False
         newest = max((t for p in self.processes for t in (p.last_seen, p.end) if t is not None), default=self.end)
@@ -415,7 +419,8 @@ class _Lookup:
                         status=job_status(processes), processes=processes, timeline=timeline_of(processes, now),
                         upload_seconds=max(self.upload) if self.upload else None,
                         owners=frozenset(labels.get("owner", "") for labels in self.info),
-                        fingerprint=self.fingerprint, now=now, attributed_now=self.attributed_now)
+                        fingerprint=self.fingerprint, now=now, attributed_now=self.attributed_now,
+                        any_rank_live=self.any_rank_live)
 
 
 def owned_by(owners: frozenset[str], owner: str | None) -> bool:

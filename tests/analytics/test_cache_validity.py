@@ -7,11 +7,11 @@ import time
 
 import pytest
 
-from trainmetrics.analytics.cache import AnalyticsCache, cached_job_analytics
+from trainmetrics.analytics.cache import AnalyticsCache, cached_job_analytics, settled_job_analytics
 from trainmetrics.analytics.prometheus import PrometheusClient
 from trainmetrics.analytics.shapes import plain
 from trainmetrics.contract import ACCOUNTED_PHASES, JOB_STATES
-from trainmetrics.reports import ReportArchive
+from trainmetrics.reports import NotSettled, ReportArchive
 
 from .conftest import as_openmetrics, backfilled_backend
 from .test_fleet_goodput_waits import trainer
@@ -115,3 +115,45 @@ def test_a_job_id_run_again_after_its_report_was_stored_answers_from_prometheus(
         served = asyncio.run(read(later.url, AnalyticsCache(), job, ReportArchive(load=load)))
     assert served.source == "prometheus"
     assert (served.start_time, served.end_time) == pytest.approx((now - 1000, now - 500), abs=0.01)
+
+
+
+def other_rank(job_id: str, instance: str, rank: int, started: float, last: float) -> list[str]:
+    """A rank other than 0 of a torchrun job, scraped at 10 s from `started` to `last`: its heartbeat and the samples
+    it counts (100 a second). Rank 0 alone publishes the job's start, state and end."""
+    base = f'job_id="{job_id}",instance="{instance}",job="trainer-jobs",rank="{rank}"'
+    lines = []
+    for t in (started + i * 10.0 for i in range(int((last - started) / 10) + 1)):
+        lines += [f"trainer_heartbeat_timestamp_seconds{{{base}}} {t:.3f} {t:.3f}",
+                  f"trainer_samples_total{{{base}}} {100.0 * (t - started):.3f} {t:.3f}"]
+    return lines
+
+
+def test_a_job_whose_rank_0_ended_while_another_rank_is_still_scraped_is_neither_cached_nor_stored(tmp_path):
+    """Rank 0 completed and is no longer scraped, but rank 1 still is (its final scrape, with its last counts, may
+    not have reached the store). Only rank 0's processes counted as live, so the job read as settled: its analytics
+    were cached, and its report stored for good, with rank 1's count as it stood. Once no rank is scraped it is."""
+    now = time.time()
+    job = "rank-1-still-scraped"
+    rank0 = trainer(job, "h:1", now - 1500, now - 600, "completed", None)
+
+    async def report(url: str, cache: AnalyticsCache):
+        client = PrometheusClient(url)
+        try:
+            return await settled_job_analytics(client, cache, job, LOOKBACK_SECONDS)
+        finally:
+            await client.aclose()
+
+    cache = AnalyticsCache()
+    (tmp_path / "then").mkdir()
+    (tmp_path / "later").mkdir()
+    scraped = as_openmetrics(rank0 + other_rank(job, "h:2", 1, now - 1500, now - 10))
+    with backfilled_backend("prometheus", tmp_path / "then", scraped) as then:
+        assert asyncio.run(read(then.url, cache, job)).status == "completed"
+        assert len(cache) == 0
+        with pytest.raises(NotSettled):
+            asyncio.run(report(then.url, cache))
+    gone = as_openmetrics(rank0 + other_rank(job, "h:2", 1, now - 1500, now - 590))
+    with backfilled_backend("prometheus", tmp_path / "later", gone) as later:
+        assert asyncio.run(read(later.url, cache, job)).status == "completed"
+    assert len(cache) == 1
