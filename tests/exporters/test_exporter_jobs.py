@@ -704,3 +704,38 @@ def test_a_short_job_run_through_a_shell_by_another_job_counts_in_its_own_job_on
         stop_driver(driver)
     assert burnt >= 0.9
     assert after - before < 0.3, (before, burnt, after)        # the driver itself did little
+
+
+def test_files_naming_a_process_already_named_cost_nothing_per_sample_and_move_nothing(tmp_path, monkeypatch):
+    """Any user who can write to the job dir may name a process of their own in as many files as they like: each
+    file was a live tree, read and walked on every fast sample (10,000 of them took 25 ms of each 100 ms sample,
+    a quarter of a core; 100,000, more than the interval), and whichever the listing gave first took the process,
+    and its time, from the job that counted it. One tree per process now: the one already counting it."""
+    from trainmetrics.exporters.collectors import jobs as jobs_module
+
+    proc, jobs = tmp_path / "proc", tmp_path / "jobs"
+    jobs.mkdir()
+
+    def write_stat(pid: int, parent: int, start_ticks: int, utime: int) -> None:
+        (proc / str(pid)).mkdir(parents=True, exist_ok=True)
+        fields = ["S", parent, pid, pid, 0, -1, 0, 0, 0, 0, 0, utime, 0, 0, 0, 20, 0, 1, 0, start_ticks, 0, 10]
+        (proc / str(pid) / "stat").write_text(f"{pid} (p{pid}) " + " ".join(map(str, fields)) + "\n")
+
+    write_stat(100, 1, 500, 1000)           # the job's process: 10 s
+    write_stat(101, 100, 600, 200)          # its worker: 2 s
+    write_job_mapping(jobs, JobMapping(job_id="real", pid=100, start_ticks=500))
+    tracker = JobTracker(jobs, proc_root=proc, descendants=lambda pid: [101] if pid == 100 else [],
+                         clock_ticks=100)
+    assert tracker.update(0.0).usage["real"].cpu_seconds == 12.0
+    for index in range(300):                # names before and after "real" in any listing order
+        for job_id in (f"a{index}", f"z{index}"):
+            write_job_mapping(jobs, JobMapping(job_id=job_id, pid=100, start_ticks=500))
+    stat_reads = []
+    real_read_bytes = jobs_module.read_bytes
+    monkeypatch.setattr(jobs_module, "read_bytes", lambda path: stat_reads.append(path) or real_read_bytes(path))
+    tracker.update(20.0)                    # lists the directory: reads the new files once
+    tracker.refresh_trees(20.0)
+    stat_reads.clear()
+    usage = tracker.update(21.0).usage      # a fast sample
+    assert list(usage) == ["real"] and usage["real"].cpu_seconds == 12.0
+    assert sorted(stat_reads) == [f"{proc}/100/stat", f"{proc}/101/stat"]
