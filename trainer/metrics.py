@@ -20,6 +20,7 @@ raises: a failure is logged once and training goes on.
 """
 
 import _thread
+import atexit
 import functools
 import logging
 from bisect import bisect_left
@@ -31,6 +32,7 @@ import signal
 import sys
 import threading
 import time
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -299,6 +301,18 @@ class _BlockSignals:
 
 _BLOCK_SIGNALS = _BlockSignals()
 
+# The jobs of this process not closed yet. A loop that never called close() (finish() and no `with`) left its
+# final state unread and its target and job-mapping files behind at its exit: Prometheus scraped a dead port,
+# and a job that had completed ended `vanished`. They are closed as the interpreter exits (a job that ended
+# lingers for its final scrape first, as close() does).
+_UNCLOSED: "weakref.WeakSet[JobMetrics]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_left_open() -> None:
+    for metrics in list(_UNCLOSED):
+        metrics.close()
+
 
 class JobMetrics:
     """Records one job process's progress and publishes it as trainer_* series."""
@@ -415,6 +429,7 @@ class JobMetrics:
         except BaseException:
             self._publication.shutdown()
             raise
+        _UNCLOSED.add(self)
 
     # ----- instruments -------------------------------------------------------------------------------
     def _create_instruments(self) -> None:
@@ -886,10 +901,12 @@ class JobMetrics:
 
     def close(self) -> None:
         """Linger until every scraper has read the final state (when announced), then remove the job's files
-        and stop serving. Never raises; a second call does nothing."""
+        and stop serving. Never raises; a second call does nothing. One never called runs as the interpreter
+        exits (not after os._exit() or a kill)."""
         if self._closed:
             return
         self._closed = True
+        _UNCLOSED.discard(self)
         if os.getpid() != self._owner_pid:
             # A forked child (its copy of this object): the endpoint, the files and the scrapers' connections
             # are the parent's, which goes on training and publishing.

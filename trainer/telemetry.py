@@ -203,7 +203,10 @@ def build_push_provider(resource_attributes: dict[str, str]) -> MeterProvider | 
         # The SDK's default: ours where OTEL_SERVICE_NAME or OTEL_RESOURCE_ATTRIBUTES name none (a collector's
         # Prometheus exporter makes it the `job` label of every series).
         resource = resource.merge(Resource({SERVICE_NAME: "trainmetrics-trainer"}))
-    return MeterProvider(metric_readers=readers, resource=resource, views=histogram_views())
+    # Shut down by the job's close() alone, which runs at the interpreter's exit too (metrics._close_left_open):
+    # the SDK's own exit hook, registered after ours, ran first, and that close() shut it down a second time.
+    return MeterProvider(metric_readers=readers, resource=resource, views=histogram_views(),
+                         shutdown_on_exit=False)
 
 
 @dataclass

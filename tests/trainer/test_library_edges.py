@@ -125,6 +125,41 @@ def test_an_exception_from_a_signal_handler_does_not_end_the_final_linger(tmp_pa
     assert "RuntimeError" in err and "it waits on" in err
 
 
+NEVER_CLOSED = """
+    m = JobMetrics("never-closed", publish=Publish(targets_dir=sys.argv[1], job_dir=sys.argv[2], linger_timeout=20))
+    m.start()
+    for step in range(5):
+        m.step(loss=1.0, samples=1)
+    m.finish("completed")
+    print("ended", flush=True)      # and the script exits: no close(), no `with`
+"""
+
+
+def test_a_job_finished_but_never_closed_is_closed_as_the_process_exits(tmp_path):
+    """The process exited at once: its final state was never waited for, and its target and job-mapping files
+    stayed (Prometheus went on scraping a dead port, and the completed job ended `vanished`)."""
+    targets, jobs = tmp_path / "targets", tmp_path / "jobs"
+    process = subprocess.Popen([sys.executable, "-c", PRELUDE + textwrap.dedent(NEVER_CLOSED), str(targets),
+                                str(jobs)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        scraper = scraper_of_announced_job(targets)
+        scraper.scrape()                                    # start() waits for a first scrape
+        assert process.stdout.readline() == "ended\n"
+        try:
+            states = [s.labels["state"] for s in scraper.scrape()["trainer_job_state"] if s.value == 1]
+        except OSError:                                     # the process had gone
+            states = []
+        scraper.close()
+        out, err = finish_reading(process, timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 0, err[-2000:]
+    assert list(targets.glob("*.json")) == [] and list(jobs.glob("*.json")) == [], err[-2000:]
+    assert states == ["completed"]
+
+
 USERS_SIGUSR2 = """
     called = []
     signal.signal(signal.SIGUSR2, lambda signum, frame: called.append(signum))   # submitit's requeue, say
