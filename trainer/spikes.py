@@ -16,7 +16,7 @@ import math
 import statistics
 import sys
 
-# Weight of a new interval in the running mean and variance: about the last 20 intervals count.
+# Weight of a new interval in the running mean and spread: about the last 20 intervals count.
 ALPHA = 0.1
 # A warm-up interval this many (normal-scaled) median absolute deviations above the warm-up's median is left out
 # of what the detector starts from.
@@ -24,22 +24,28 @@ WARMUP_OUTLIER_MADS = 6.0
 # The least spread a loss is judged against, relative to its level (and absolute, for a loss at 0): a loss flat to
 # the last digit has none, and then no rise was a spike (spread 0), or one of 1e-4 was (a spread of 1e-5).
 SPREAD_FLOOR_RELATIVE, SPREAD_FLOOR_ABSOLUTE = 1e-3, 1e-8
-# The running variance saturates here: a drop of 1e200 (learnt: only rises are spikes) squares past a float, and an
-# infinite variance never came down again (every later spike hidden) and made the checkpoint's state unloadable.
-VARIANCE_MAX = sys.float_info.max
+# The running standard deviation saturates here (only a difference past a float, 1e308 against -1e308, reaches it):
+# an infinite one never came down again (every later spike hidden) and made the checkpoint's state unloadable.
+DEVIATION_MAX = sys.float_info.max
 
 
 def _floor(level: float) -> float:
     return SPREAD_FLOOR_RELATIVE * abs(level) + SPREAD_FLOOR_ABSOLUTE
 
 
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 class LossSpikeDetector:
-    """Running mean and variance of the log intervals' losses, and the spikes above them."""
+    """Running mean and standard deviation of the log intervals' losses, and the spikes above them. The deviation is
+    kept, not the variance: a variance squares the losses, and one of losses near 1e200 (a rise of 1e198 squares past
+    a float) saturated at a float's largest, a deviation of 1e154, so each interval's ordinary wobble was a spike."""
 
     def __init__(self, z: float = 6.0, warmup: int = 10):
         self.z, self.warmup = z, warmup
         self.mean: float | None = None
-        self.variance = 0.0
+        self.deviation = 0.0
         self.seen = 0
         self.spikes = 0
         self._run: list[float] = []       # the spikes in a row so far
@@ -54,17 +60,23 @@ class LossSpikeDetector:
             return False
         share = min(max(share, 1e-6), 1.0)
         if self.mean is not None and self.seen >= self.warmup:
-            spread = max(math.sqrt(self.variance), _floor(self.mean)) / math.sqrt(share)
+            spread = max(self.deviation, _floor(self.mean)) / math.sqrt(share)
             if (loss - self.mean) / spread > self.z:
                 self.spikes += 1
                 self._run.append(loss)
                 if len(self._run) >= self.warmup:      # a lasting rise: the new level, learnt from its intervals
-                    run, self.mean, self.variance, self.seen, self._run = self._run, None, 0.0, 0, []
+                    run, self.mean, self.deviation, self.seen, self._run = self._run, None, 0.0, 0, []
                     for value in run:
                         self._learn(value)
                 return True
+            # A drop is learnt (a falling loss is no spike) as one of z spreads at most: an interval far below (a
+            # batch of padding at loss 0) widened the spread by its whole fall, hiding the spikes after it, and
+            # pulled the mean so far down that the loss's return to its level read as spikes.
+            learnt = max(loss, self.mean - self.z * spread)
+        else:
+            learnt = loss
         self._run = []
-        self._learn(loss, share)
+        self._learn(learnt, share)
         if self._early is not None and self.seen <= self.warmup:
             self._early.append(loss)
             if len(self._early) >= self.warmup:
@@ -72,11 +84,11 @@ class LossSpikeDetector:
         return False
 
     def _start_from(self, early: list[float]) -> None:
-        """Learn the running mean and variance again from the warm-up intervals, their outliers left out."""
+        """Learn the running mean and deviation again from the warm-up intervals, their outliers left out."""
         middle = statistics.median(early)
         spread = max(1.4826 * statistics.median(abs(value - middle) for value in early), _floor(middle))
         kept = [value for value in early if value - middle <= WARMUP_OUTLIER_MADS * spread]
-        self.mean, self.variance, self.seen, self._early = None, 0.0, 0, None
+        self.mean, self.deviation, self.seen, self._early = None, 0.0, 0, None
         for value in kept:
             self._learn(value)
         self.seen = len(early)
@@ -84,22 +96,27 @@ class LossSpikeDetector:
     def state_dict(self) -> dict:
         """What a resumed process needs to watch on at once (without it, a resume was blind for `warmup`
         intervals: the very spike a job paused on went unflagged when its batch came again)."""
-        return {"mean": self.mean, "variance": self.variance, "seen": self.seen, "run": list(self._run),
-                "early": None if self._early is None else list(self._early)}
+        # The variance too (saturated), for a trainer from before the deviation that resumes from this checkpoint.
+        variance = min(self.deviation * self.deviation, DEVIATION_MAX)
+        return {"mean": self.mean, "deviation": self.deviation, "variance": variance, "seen": self.seen,
+                "run": list(self._run), "early": None if self._early is None else list(self._early)}
 
     def load_state_dict(self, state: dict) -> None:
         """Take over state_dict(); ValueError, and nothing taken, for anything that is not one."""
-        mean, variance, seen, run = state.get("mean"), state.get("variance"), state.get("seen"), state.get("run")
+        mean, deviation, seen, run = state.get("mean"), state.get("deviation"), state.get("seen"), state.get("run")
+        if deviation is None:     # (older checkpoints hold the variance alone)
+            variance = state.get("variance")
+            deviation = math.sqrt(variance) if _number(variance) and variance >= 0 else variance
         early = state.get("early", [] if seen is not None and seen < self.warmup else None)    # (older checkpoints)
 
         def finite(value) -> bool:
-            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            return _number(value) and math.isfinite(value)
 
-        if not ((mean is None or finite(mean)) and finite(variance) and variance >= 0 and isinstance(seen, int)
+        if not ((mean is None or finite(mean)) and finite(deviation) and deviation >= 0 and isinstance(seen, int)
                 and not isinstance(seen, bool) and seen >= 0 and isinstance(run, list) and all(map(finite, run))
                 and (early is None or (isinstance(early, list) and all(map(finite, early))))):
             raise ValueError("loss_spike_detector: not a detector's state")
-        self.mean, self.variance, self.seen = None if mean is None else float(mean), float(variance), seen
+        self.mean, self.deviation, self.seen = None if mean is None else float(mean), float(deviation), seen
         self._run = [float(value) for value in run]
         self._early = None if early is None else [float(value) for value in early]
 
@@ -109,10 +126,12 @@ class LossSpikeDetector:
             self.mean = loss
             return
         # A short interval weighs by its share, and its deviation is scaled to a full interval's (its variance is
-        # 1/share times theirs): the running variance stays that of full intervals' means.
+        # 1/share times theirs): the running deviation stays that of full intervals' means.
         delta, alpha = loss - self.mean, ALPHA * share
         if math.isfinite(delta):
             self.mean += alpha * delta
         else:       # 1e308 against -1e308: their difference overflows, their weighted sum does not
             self.mean = (1 - alpha) * self.mean + alpha * loss
-        self.variance = min((1 - alpha) * (self.variance + alpha * share * delta * delta), VARIANCE_MAX)
+        # variance' = (1 - alpha)(variance + alpha share delta²), as deviations: hypot squares nothing.
+        spread = math.sqrt(1 - alpha) * math.hypot(self.deviation, math.sqrt(alpha * share) * abs(delta))
+        self.deviation = min(spread, DEVIATION_MAX)

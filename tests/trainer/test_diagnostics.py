@@ -253,8 +253,35 @@ def test_a_loss_of_huge_magnitude_leaves_the_detector_finite_watching_and_its_st
     extremes = LossSpikeDetector(z=6.0, warmup=10)
     for loss in [-1e308] * 5 + [1e308] * 5:
         extremes.observe(loss)
-    assert math.isfinite(extremes.mean) and math.isfinite(extremes.variance)
+    assert math.isfinite(extremes.mean) and math.isfinite(extremes.deviation)
     LossSpikeDetector().load_state_dict(extremes.state_dict())
+
+
+def test_a_loss_whose_wobble_squares_past_a_float_is_no_spike_every_interval():
+    """The running variance squared the losses' deviations: for losses near 1e200 wobbling by 1 % (2e198, squared
+    past a float) it saturated at a float's largest, a standard deviation of 1e154, and half the intervals of a
+    steady loss were spikes. A checkpoint from before (its variance alone) still loads."""
+    detector = LossSpikeDetector(z=6.0, warmup=10)
+    steady = [1e200 * (1.0 + 0.01 * ((-1) ** i)) for i in range(60)]
+    assert [step for step, loss in enumerate(steady) if detector.observe(loss)] == []
+    assert detector.observe(1.5e200)                       # a rise of 50 % still is one
+    older = {key: value for key, value in detector.state_dict().items() if key != "deviation"}
+    resumed = LossSpikeDetector(z=6.0, warmup=10)
+    resumed.load_state_dict({**older, "variance": 4.0})
+    assert resumed.deviation == 2.0
+
+
+def test_an_interval_far_below_the_loss_neither_hides_the_next_spike_nor_makes_its_return_one():
+    """A drop is learnt (only rises are spikes), and was learnt whole: one interval at 0 (a shard of padding) in a
+    loss of 2.0 +- 0.02 widened the spread to 0.6, and a rise to 3.0 ten intervals later went unflagged. One at -10
+    pulled the running mean to 0.8: the loss's return to 2.0 was a spike for 10 intervals."""
+    for dropped_to in (0.0, -10.0):
+        detector = LossSpikeDetector(z=6.0, warmup=10)
+        steady = [2.0 + 0.02 * ((-1) ** i) for i in range(30)]
+        assert not any(detector.observe(loss) for loss in steady)
+        assert not detector.observe(dropped_to)
+        assert not any(detector.observe(loss) for loss in steady[:10])
+        assert detector.observe(3.0) and detector.spikes == 1
 
 
 def test_a_checkpoints_short_interval_is_judged_by_its_length_not_as_a_full_one():
