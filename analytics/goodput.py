@@ -19,7 +19,9 @@ thrown away. The ledger adds what no process sees:
 
 The step (compute + optimizer + collective) over the wall clock is the goodput ratio; the rest is badput by
 cause. The parts add up to the wall clock by construction; `unaccounted_seconds` says how far they miss it
-(the clocks of separate processes, a scrape interval at a crash).
+(the clocks of separate processes, a scrape interval at a crash). A run lives in the ledger to its successor's start
+(a killed run scraped past it loses nothing after it), and a wall clock shorter than the phases by more than a second
+(a host clock set back during a run) is taken to be their sum, with unavailable_reason saying so.
 """
 
 from dataclasses import dataclass
@@ -43,6 +45,11 @@ EARLIER_RUNS_GONE_UNSUBMITTED = ("the job's earliest run Prometheus still holds 
                                  "goodput ratio is an upper bound")
 NO_SUBMISSION = ("no submission time (a job started without the job server): queued is 0 and the wall clock starts "
                  "at the first process")
+CLOCK_SET_BACK = ("the phases (the trainers' monotonic counters) add up to more than the span of the job's timestamps "
+                  "(the hosts' clocks): a host clock was set back during a run, so the wall clock is the phases' sum "
+                  "and queued and paused, read from those timestamps, may be short")
+# Phases past the timestamps' span by more than this are a clock set back, not the noise of two processes' clocks.
+CLOCK_SET_BACK_TOLERANCE_SECONDS = 1.0
 # A run that started afresh carries nothing; its totals and its life are read from two clocks a scrape apart.
 CARRIED_TOLERANCE_SECONDS = 1.0
 
@@ -128,7 +135,11 @@ def ledger(facts: JobFacts, found: dict[str, list[dict]]) -> shapes.Goodput:
     lost = checkpoint_writes = 0.0
     thrown_setup = dict.fromkeys(SETUP_PHASES, 0.0)
     for run, after in zip(runs, runs[1:]):
-        after_snapshot = max(0.0, run.total - after.carried)
+        # A run still alive (or scraped) after its successor started (a hung run killed late, two hosts' clocks):
+        # the wall clock from that start is the successor's, whose phases count it; counted as lost too, those
+        # seconds were in the ledger twice (the phases past the wall clock).
+        overlap = max(0.0, run.as_of - after.started)
+        after_snapshot = max(0.0, run.total - after.carried - overlap)
         if not after.resumed:                      # started afresh: the whole run was thrown away...
             setup = {name: run.totals.get(name, 0.0) for name in SETUP_PHASES}
             for name, value in setup.items():      # ...but its setup was setup (a run paused in its init)
@@ -184,6 +195,12 @@ def ledger(facts: JobFacts, found: dict[str, list[dict]]) -> shapes.Goodput:
     # lost to the millisecond: a difference of large sums, as unaccounted_seconds below; its share from the
     # same figure (0.3 ms of clock noise between two processes was 0.0 s lost but 0.0012 % lost).
     seconds["lost"] = round(seconds["lost"], 3)
+    # The phases are the trainers' monotonic counters, the wall clock the span of the hosts' timestamps: a host
+    # clock set back during a run shortens that span and not the phases (a goodput ratio over 1; set back further
+    # than the run lived, a negative wall clock). The phases are what happened: the wall clock is their sum.
+    set_back = sum(seconds.values()) - wall > CLOCK_SET_BACK_TOLERANCE_SECONDS
+    if set_back:
+        wall = sum(seconds.values())
     return shapes.Goodput(
         wall_clock_seconds=rounded(wall), goodput_ratio=rounded(ratio(seconds["step"], wall)),
         seconds={name: seconds[name] if name == "lost" else rounded(seconds[name]) for name in LEDGER_PHASES},
@@ -194,7 +211,7 @@ def ledger(facts: JobFacts, found: dict[str, list[dict]]) -> shapes.Goodput:
         # VictoriaMetrics) would change.
         unaccounted_seconds=round(wall - sum(seconds.values()), 3),
         unavailable_reason=(EARLIER_RUNS_GONE if submitted is not None else EARLIER_RUNS_GONE_UNSUBMITTED)
-        if earlier_runs_gone else None if submitted is not None else NO_SUBMISSION)
+        if earlier_runs_gone else CLOCK_SET_BACK if set_back else None if submitted is not None else NO_SUBMISSION)
 
 
 def complete(ledger: shapes.Goodput) -> bool:

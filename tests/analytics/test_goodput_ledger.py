@@ -159,6 +159,37 @@ def test_runs_shorter_than_a_second_are_told_resumed_by_their_checkpoint_counts(
     assert body.unaccounted_seconds == 0 and body.unavailable_reason is None
 
 
+def test_a_killed_run_scraped_after_its_successor_started_is_not_counted_twice():
+    """Run a (100-, hung, still scraped to 150) was killed late; run b (140-170) had been started at 140, resumed from
+    a's checkpoint (30 s of totals). a's 20 s after that checkpoint were all lost, b's first 10 s (its init) counted
+    too: the phases added up to 90 s of an 80 s wall clock. From b's start the wall clock is b's: a lost 10 s."""
+    a = {"init": 2.0, "compute": 40.0, "data_wait": 3.0, "checkpoint": 5.0}                    # 50 s: its life
+    b = {"init": 4.0, "restore": 1.0, "compute": 42.5, "data_wait": 7.0, "checkpoint": 5.5}   # 30 carried + 30
+    processes = [Process("a", start=102.0, state="running", last_seen=150.0, written=2.0, checkpoints=2.0),
+                 Process("b", start=145.0, end=170.0, state="completed", process_start=140.0, written=1.0,
+                         checkpoints=3.0)]
+    job = JobFacts(job_id="j", info={}, status="completed", processes=processes,
+                   timeline=Timeline.of([(p.start, p.stop(170.0)) for p in processes]), upload_seconds=None,
+                   owners=frozenset(), fingerprint=frozenset(), now=1000.0)
+    body = ledger(job, found({"a": (100.0, a), "b": (140.0, b)}, submitted=90.0, checkpointed={"a": 30.0}))
+    assert body.seconds["lost"] == pytest.approx(10.0) and body.seconds["paused"] == 0.0
+    assert body.wall_clock_seconds == 80.0 and body.unaccounted_seconds == 0
+
+
+@pytest.mark.parametrize("set_back", [30.0, 80.0])
+def test_a_host_clock_set_back_during_a_run_leaves_the_ledger_within_its_wall_clock_and_says_so(set_back):
+    """Run a (100-160: 60 s by its own monotonic counters, 50 s of steps) had its host clock set back 30 s (or 80 s)
+    while it ran, so its end timestamp reads 130 (or 80): the wall clock was 40 s with a goodput ratio of 1.25 (or
+    -10 s, a negative wall clock, with no ratio), the phases 30 s (80 s) past it and nothing said."""
+    a = {"init": 2.0, "compute": 50.0, "data_wait": 3.0, "checkpoint": 5.0}
+    body = ledger(facts(Process("a", start=102.0, end=160.0 - set_back, state="completed", written=1.0,
+                                checkpoints=1.0)),
+                  found({"a": (100.0, a)}, submitted=90.0))
+    assert body.wall_clock_seconds == 70.0 and body.goodput_ratio == pytest.approx(50.0 / 70.0, rel=1e-5)
+    assert body.unaccounted_seconds == 0 and body.unavailable_reason == goodput.CLOCK_SET_BACK
+    assert sum(body.seconds.values()) == pytest.approx(70.0)
+
+
 @pytest.mark.parametrize("live", [True, False])
 def test_a_fresh_successor_read_while_it_runs_or_after_a_kill_is_a_fresh_start(live):
     """Run a (100-110: 6 s of init) trained 4 s and paused on a loss spike before its first checkpoint; run b
