@@ -113,8 +113,8 @@ def winners(rows: list[dict]) -> tuple[dict, dict, dict]:
     `most_energy_efficient` only jobs whose energy was counted whole (`energy_complete`); `most_efficient` only
     jobs scored on every score they should have (`efficiency_complete`); `best_goodput` only jobs whose ratio is
     not an upper bound (`goodput_complete`); `best_loss` has a winner only where every
-    job with a loss has the same task (a job whose trainer said none is of an unknown task, its own).
-    """
+    job with a loss has the same task (jobs whose trainer said none are of one unknown task, compared with each
+    other only)."""
     winner, ties, reasons = {}, {}, {}
     for category, (field, higher_wins) in CATEGORIES.items():
         candidates = [row for row in rows if _finite(row.get(field))
