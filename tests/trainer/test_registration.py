@@ -4,8 +4,11 @@ are not what a job server sends: a failure is said, never raised, and the job tr
 import logging
 import socket
 import threading
+import time
 
 import pytest
+
+from trainmetrics.trainer import registration
 
 from trainmetrics.trainer.metrics import JobMetrics
 from trainmetrics.trainer.telemetry import Publish
@@ -55,3 +58,101 @@ def test_an_answer_that_is_no_http_or_is_cut_short_is_said_and_the_job_trains_an
     assert metrics.state == "completed" and metrics.metrics_port is None     # ended, and no longer served
     said = [record.getMessage() for record in caplog.records if "job endpoint" in record.getMessage()]
     assert len(said) == 1 and url in said[0], said
+
+
+def serve_once(answer) -> tuple[socket.socket, dict]:
+    """A listening socket whose first connection gets `answer(connection)`; the dict says what the answer
+    managed to send before the job closed the connection, and whether it ran out first."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    seen = {"sent": 0, "ran_out": False}
+
+    def answer_one():
+        try:
+            connection, _ = listener.accept()
+        except OSError:         # closed, never asked: the test is over
+            return
+        with connection:
+            connection.recv(65536)
+            try:
+                answer(connection, seen)
+                seen["ran_out"] = True
+            except OSError:         # the job cut the connection
+                pass
+
+    threading.Thread(target=answer_one, daemon=True).start()
+    return listener, seen
+
+
+def trickle(connection: socket.socket, seen: dict) -> None:
+    """Headers that never end, a byte every 50 ms for up to 30 s."""
+    connection.sendall(b"HTTP/1.1 201 Created\r\nX-Slow: ")
+    for _ in range(600):
+        connection.sendall(b"a")
+        seen["sent"] += 1
+        time.sleep(0.05)
+
+
+def flood(connection: socket.socket, seen: dict) -> None:
+    """A 201 whose body is 64 MiB."""
+    connection.sendall(b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+                       % (64 << 20))
+    chunk = b" " * (64 << 10)
+    for _ in range(1024):
+        connection.sendall(chunk)
+        seen["sent"] += len(chunk)
+
+
+def test_a_job_server_trickling_its_answer_is_given_up_on_at_the_registrations_deadline(monkeypatch, caplog):
+    """The timeout was per read: headers coming a byte every 50 ms never timed out, and the job waited at its
+    start for as long as the server kept sending (here 30 s, for ever for a server that never stops)."""
+    monkeypatch.setattr(registration, "TOTAL_SECONDS", 1.0)
+    listener, seen = serve_once(trickle)
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/api/internal/jobs/reg-1/endpoints"
+    try:
+        with caplog.at_level(logging.WARNING, logger="trainmetrics.trainer"):
+            assert not registration.Registration(url, 0).register("127.0.0.1:9", "http")
+    finally:
+        listener.close()
+    assert not seen["ran_out"] and seen["sent"] > 0, seen
+    assert any("no whole answer within 1 s" in record.getMessage() for record in caplog.records)
+
+
+def test_a_job_server_answering_a_huge_body_is_not_read_whole_into_the_jobs_memory(caplog):
+    """The answer was read whole (response.read()): a body of gigabytes, or one without end, took the job's
+    memory at its start. Now at most MAX_ANSWER_BYTES are read, and the connection is closed."""
+    listener, seen = serve_once(flood)
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/api/internal/jobs/reg-1/endpoints"
+    try:
+        with caplog.at_level(logging.WARNING, logger="trainmetrics.trainer"):
+            assert not registration.Registration(url, 0).register("127.0.0.1:9", "http")
+    finally:
+        listener.close()
+    deadline = time.monotonic() + 30
+    while not seen["ran_out"] and time.monotonic() < deadline and seen["sent"] < (64 << 20):
+        previous = seen["sent"]
+        time.sleep(0.5)
+        if seen["sent"] == previous:
+            break
+    assert not seen["ran_out"], seen
+    assert any("over 65536 bytes" in record.getMessage() for record in caplog.records)
+
+
+def test_a_redirect_is_not_followed_and_the_runs_secret_goes_nowhere_else(monkeypatch, caplog):
+    """urllib followed a 302 with every header but the body's: the run's secret went, as a GET, to the host the
+    redirect named, and that host's 200 counted as the job's registration."""
+    monkeypatch.setenv("TRAINMETRICS_REGISTER_TOKEN", "run-secret")
+    elsewhere, asked = serve_once(lambda connection, seen: connection.sendall(REGISTERED))
+    moved = (b"HTTP/1.1 302 Found\r\nContent-Length: 0\r\nLocation: http://127.0.0.1:%d/steal\r\n\r\n"
+             % elsewhere.getsockname()[1])
+    listener = serve({"POST": moved})
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/api/internal/jobs/reg-1/endpoints"
+    try:
+        with caplog.at_level(logging.WARNING, logger="trainmetrics.trainer"):
+            assert not registration.Registration(url, 0).register("127.0.0.1:9", "http")
+    finally:
+        listener.close()
+        elsewhere.close()
+    assert not asked["ran_out"], "the redirect was followed"
+    assert any("302" in record.getMessage() for record in caplog.records)
