@@ -26,7 +26,7 @@ from trainmetrics.edge import storage_full
 from trainmetrics.jobfiles import (CONTROL_FILE_NAME, FINAL_MODEL_NAME, GPUS_FILE_NAME, LOG_NAME,
                                    PLACEMENT_WAIT_NAME, RESULT_FILE_NAME, list_checkpoints, rank_result_path,
                                    read_result, read_small, replace_atomically, storable_text)
-from trainmetrics.jobmap import gpu_spelling
+from trainmetrics.jobmap import gpu_spelling, same_gpu
 from trainmetrics.jobserver.executors import Executor, ExecutorUnavailable, Run, StartDeferred
 from trainmetrics.jobserver.local import LocalExecutor
 from trainmetrics.jobserver.store import DatasetRecord, JobRecord, JobStore
@@ -181,9 +181,10 @@ class Supervisor:
                   if self.advertise_url else None}
         return train_args(values)
 
-    def start(self, job: JobRecord, gpus_owed: int | None = None) -> None:
+    def start(self, job: JobRecord, gpus_owed: tuple[int, str] | None = None) -> None:
         """Start the job's process; an older run's result is removed first, so only this run's can be read.
-        `gpus_owed`: the GPUs a job queued before it waits for (GpusDeferred), which the free ones go to first."""
+        `gpus_owed`: how many GPUs a job queued before it waits for (GpusDeferred), which the free ones go to
+        first, and that job's owner."""
         if job.spec_unreadable:
             raise ValueError("its stored spec is not a JSON object (the server's database was edited or damaged)")
         gpus = self._gpus_for(job, gpus_owed)        # first: a job that must wait for GPUs changes nothing
@@ -234,7 +235,7 @@ class Supervisor:
         log.info("job %s: started %s %s%s%s", job.id, self.executor.name, run.handle,
                  f" on GPU {','.join(gpus)}" if gpus else "", " (resuming)" if job.resume else "")
 
-    def _gpus_for(self, job: JobRecord, gpus_owed: int | None = None) -> tuple[str, ...]:
+    def _gpus_for(self, job: JobRecord, gpus_owed: tuple[int, str] | None = None) -> tuple[str, ...]:
         """The GPUs a local job is given, one per rank, in the server's order (rank r's cuda:r is the r-th): none on
         a machine without GPUs, on another executor (Ray places its own), for a job whose device is `cpu` or names
         its GPU (`cuda:N`). GpusDeferred while fewer are free, or while a job queued before it waits for GPUs
@@ -246,8 +247,11 @@ class Supervisor:
         if nproc is None:
             return ()
         if gpus_owed is not None:
-            raise GpusDeferred(nproc, f"{nproc} free GPU(s): the GPUs freed go first to a job queued before it, "
-                                      f"which waits for {gpus_owed}")
+            owed, owner = gpus_owed
+            # How many another owner's job waits for is not this owner's to read (that job is "not found" to them).
+            needs = f", which waits for {owed}" if owner == job.owner else ""
+            raise GpusDeferred(nproc, f"{nproc} free GPU(s): the GPUs freed go first to a job queued before "
+                                      f"it{needs}")
         held = {gpu for gpus in self._gpus_held.values() for gpu in gpus}
         free = [gpu for gpu in self.gpus if gpu not in held]
         if len(free) < nproc:
@@ -307,17 +311,20 @@ class Supervisor:
         queued = self.store.queued_jobs()
         self._deferred = {job.id: self._deferred[job.id] for job in queued if job.id in self._deferred}
         held_back = False       # this pass's start found the executor unable to start any
-        gpus_owed = None        # the GPUs the first job of this pass to wait for them needs
+        gpus_owed = None        # the GPUs the first job of this pass to wait for them needs, and its owner
         for job in queued:
             if self.running_count() >= self.max_concurrent:
                 break
             try:
                 self.start(job, gpus_owed)
             except StartDeferred as why:     # not yet: it stays queued; the jobs behind it may start
-                if isinstance(why, GpusDeferred) and gpus_owed is None:
-                    gpus_owed = why.nproc
                 log.debug("job %s: not started yet: %s", job.id, why)
                 self._deferred[job.id] = str(why)
+                if isinstance(why, GpusDeferred):
+                    gpus_owed = (why.nproc, job.owner) if gpus_owed is None else gpus_owed
+                    # Put off before the executor was asked: no answer of its. (Taken as one, a job waiting for
+                    # GPUs began the held back anew at each pass, which JobServerNotStartingJobs then never saw.)
+                    continue
             except ExecutorUnavailable as error:     # not the job's failure: it stays queued, tried again later
                 self._executor_unavailable(job, error)
                 held_back = True
@@ -577,8 +584,9 @@ class Supervisor:
                 log.warning("job %s: its %s file does not say which GPUs its run was given: the run holds every GPU "
                             "until it ends", job.id, GPUS_FILE_NAME)
                 noted = self.gpus
-        # (A GPU it names that this server does not give, this server's share changed since: nobody's to hold.)
-        gpus = tuple(gpu for gpu in dict.fromkeys(noted) if gpu in self.gpus)
+        # (A GPU it names that this server does not give, this server's share changed since: nobody's to hold. One
+        # it names otherwise, a UUID where the server lists a prefix of it or the reverse, is the same GPU.)
+        gpus = tuple(gpu for gpu in self.gpus if any(same_gpu(gpu, named) for named in noted))
         if gpus:
             self._gpus_held[job.id] = gpus
 

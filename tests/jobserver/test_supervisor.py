@@ -2084,3 +2084,78 @@ def test_the_server_gives_no_gpu_under_two_names_nor_one_the_host_lacks(visible,
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
     assert local_gpus(count=lambda: 2) == gpus
+
+
+def test_a_job_waiting_for_gpus_keeps_when_the_executor_stopped_starting_jobs_since(tmp_path, monkeypatch):
+    """A job waiting for GPUs never reaches the executor, yet its turn in each pass was taken as the executor
+    answering a start: with a full disk failing the start of every job behind it, the held back began again at
+    each tick, so trainer_server_starts_held_back_since_timestamp_seconds never grew old enough for
+    JobServerNotStartingJobs and waiting_for's "since" was always now."""
+    import errno
+
+    def no_room(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    store = JobStore(tmp_path / "db.sqlite")
+    supervisor = Supervisor(store, tmp_path, None, max_concurrent=8, executor=ScriptedExecutor(), gpus=("0", "1"))
+    try:
+        queue(supervisor, "first")
+        supervisor.tick()
+        queue(supervisor, "pair", nproc=2)            # waits for GPU 0, which "first" holds
+        queue(supervisor, "on-cpu", device="cpu")     # its start fails: the disk is full
+        monkeypatch.setattr(supervisor.executor, "start", no_room)
+        supervisor.tick()
+        since = supervisor.held_back_since
+        assert since is not None
+        time.sleep(0.01)        # (a later tick's clock reads later)
+        supervisor.tick()
+        assert supervisor.held_back_since == since
+        assert store.get_job("on-cpu").state == "queued"
+    finally:
+        stop_runs(supervisor)
+        store.close()
+
+
+def test_an_adopted_run_holds_its_gpu_under_another_spelling_of_its_uuid(tmp_path, monkeypatch):
+    """The server restarted with its CUDA_VISIBLE_DEVICES naming a GPU by a prefix of the UUID the run's gpus file
+    notes (CUDA takes either): the adopted run held none, and its GPU was given to the next job too."""
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    full, prefix = "GPU-5d2f9e81-0c4b-4e1a-9d3e-0123456789ab", "GPU-5d2f9e81"
+    store = JobStore(tmp_path / "db.sqlite")
+    first = Supervisor(store, tmp_path, None, max_concurrent=8, executor=ScriptedExecutor(), gpus=(full, "1"))
+    again = Supervisor(store, tmp_path, None, max_concurrent=8, executor=ScriptedExecutor(), gpus=(prefix, "1"))
+    try:
+        queue(first, "adopted")
+        first.tick()
+        assert visible_gpus(first.runs["adopted"]) == full
+        again.recover()
+        queue(again, "next")
+        again.tick()
+        assert visible_gpus(again.runs["next"]) == "1"
+    finally:
+        stop_runs(first, again)
+        store.close()
+
+
+def test_a_job_waiting_behind_another_owners_gpu_job_is_not_told_what_that_job_needs(tmp_path, monkeypatch):
+    """waiting_for of a job held back behind another owner's job waiting for GPUs said how many GPUs that job
+    waits for: a detail of a job its owner alone may read (to the others it is "not found")."""
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    store = JobStore(tmp_path / "db.sqlite")
+    supervisor = Supervisor(store, tmp_path, None, max_concurrent=8, executor=ScriptedExecutor(), gpus=("0", "1"))
+    try:
+        queue(supervisor, "first")
+        supervisor.tick()
+        for job_id, owner, nproc in (("alices-pair", "alice", 2), ("bobs", "bob", 1), ("alices", "alice", 1)):
+            store.add_job(JobRecord(id=job_id, owner=owner, name=job_id, state="queued",
+                                    spec={"model": "mlp", "dataset": "blobs", "dataset_path": "blobs",
+                                          "nproc": nproc}))
+        supervisor.tick()
+        assert supervisor.waiting_for(store.get_job("bobs")) == (
+            "its start, put off: 1 free GPU(s): the GPUs freed go first to a job queued before it")
+        assert supervisor.waiting_for(store.get_job("alices")) == (
+            "its start, put off: 1 free GPU(s): the GPUs freed go first to a job queued before it, which waits for 2")
+    finally:
+        stop_runs(supervisor)
+        store.close()
