@@ -310,8 +310,32 @@ _UNCLOSED: "weakref.WeakSet[JobMetrics]" = weakref.WeakSet()
 
 @atexit.register
 def _close_left_open() -> None:
+    """Close every job left open, each one whatever happened to the others: a Ctrl-C during one's linger ended
+    the loop, and the jobs after it kept their target and job-mapping files (Prometheus scraped a dead port).
+    After such a stop the others are closed without their linger, as a second stop signal cuts one short."""
+    ending = _exit_error()
+    stopped = False
     for metrics in list(_UNCLOSED):
-        metrics.close()
+        if ending is not None and metrics.start_time is not None and not metrics.ended:
+            metrics.finish("cancelled" if isinstance(ending, KeyboardInterrupt) else "failed", ending)
+        if stopped:
+            metrics.cut_linger_short()
+            metrics.cut_linger_short()
+        try:
+            metrics.close()
+        except KeyboardInterrupt:       # (close() released the job's files in its finally)
+            stopped = True
+
+
+def _exit_error() -> BaseException | None:
+    """The exception the program ends with, when one went unhandled (Python keeps it as sys.last_value before
+    sys.excepthook prints it, and runs the exit hooks after). A job still running then ended `vanished`, as after
+    a kill, its files removed: an ordinary traceback fired TargetDown, and the error's class was published
+    nowhere. None in an interactive session, where sys.last_value is an earlier prompt's error."""
+    if hasattr(sys, "ps1") or sys.flags.interactive:
+        return None
+    error = getattr(sys, "last_value", None)
+    return error if isinstance(error, BaseException) else None
 
 
 class JobMetrics:

@@ -160,6 +160,69 @@ def test_a_job_finished_but_never_closed_is_closed_as_the_process_exits(tmp_path
     assert states == ["completed"]
 
 
+DIES_OF_AN_EXCEPTION = """
+    m = JobMetrics("dies", publish=Publish(targets_dir=sys.argv[1], job_dir=sys.argv[2], linger_timeout=20))
+    m.start()
+    for step in range(5):
+        m.step(loss=1.0, samples=1)
+    print("raising", flush=True)
+    raise MemoryError("out of memory")      # unhandled: no finish(), no close(), no `with`
+"""
+
+
+def test_a_job_left_running_when_its_program_dies_of_an_exception_ends_failed_with_its_class(tmp_path):
+    """Closed at the exit while still `running`, it published no final state and removed its files: an
+    ordinary traceback ended the job `vanished`, as a kill -9 does (TargetDown fired), its error class nowhere."""
+    targets, jobs = tmp_path / "targets", tmp_path / "jobs"
+    process = subprocess.Popen([sys.executable, "-c", PRELUDE + textwrap.dedent(DIES_OF_AN_EXCEPTION), str(targets),
+                                str(jobs)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        scraper = scraper_of_announced_job(targets)
+        scraper.scrape()                                    # start() waits for a first scrape
+        assert process.stdout.readline() == "raising\n"
+        found = {}
+        while process.poll() is None and "trainer_job_end_timestamp_seconds" not in found:
+            try:
+                found = scraper.scrape()
+            except OSError:                                 # the process had gone
+                break
+        scraper.close()
+        out, err = finish_reading(process, timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 1 and "MemoryError: out of memory" in err, err[-2000:]
+    states = [s.labels["state"] for s in found.get("trainer_job_state", []) if s.value == 1]
+    assert states == ["failed"], err[-2000:]
+    assert [s.labels["error_type"] for s in found["trainer_job_failure_info"]] == ["MemoryError"]
+    assert list(targets.glob("*.json")) == [] and list(jobs.glob("*.json")) == [], err[-2000:]
+
+
+TWO_LEFT_OPEN = """
+    first = JobMetrics("first", publish=Publish(targets_dir=sys.argv[1], job_dir=sys.argv[2], linger_timeout=30))
+    second = JobMetrics("second", publish=Publish(targets_dir=sys.argv[1], job_dir=sys.argv[2], linger_timeout=30))
+    for m in (first, second):
+        m.start(give_up=lambda: True)       # nobody scrapes: no wait for a first scrape
+        m.step(loss=1.0, samples=1)
+        m.finish("completed")
+    stop = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
+    stop.daemon = True                      # (a thread left running holds the exit before the exit hooks)
+    stop.start()
+    print("ended", flush=True)              # and the exit closes both: Ctrl-C in the first one's linger
+"""
+
+
+def test_ctrl_c_while_one_job_lingers_at_the_exit_still_removes_every_jobs_files(tmp_path):
+    """The KeyboardInterrupt ended the exit hook in the first job's linger: the second job was never closed,
+    its target and job-mapping files left for Prometheus to scrape a dead port (the job then `vanished`)."""
+    targets, jobs = tmp_path / "targets", tmp_path / "jobs"
+    done = subprocess.run([sys.executable, "-c", PRELUDE + textwrap.dedent(TWO_LEFT_OPEN), str(targets), str(jobs)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.stdout == "ended\n", done.stderr[-2000:]
+    assert list(targets.glob("*.json")) == [] and list(jobs.glob("*.json")) == [], done.stderr[-2000:]
+
+
 USERS_SIGUSR2 = """
     called = []
     signal.signal(signal.SIGUSR2, lambda signum, frame: called.append(signum))   # submitit's requeue, say
