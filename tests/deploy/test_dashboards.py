@@ -552,6 +552,34 @@ def test_the_peak_lines_show_a_spike_between_two_points(tmp_path):
     promtool_passes(tmp_path / "peak_test.yml", PEAK_SERIES + "\n", tests)
 
 
+# The exporter's mean-utilisation series hold the mean of its samples over a 1 s window: a CPU and a GPU busy every
+# other minute, so half busy over any 2-minute point.
+MEAN_SERIES = "".join(f"""
+      - series: '{name}{{instance="n1"{gpu}}}'
+        values: '0.9 0.1 0.9 0.1 0.9 0.1 0.9 0.1 0.9'""" for name, gpu in (
+    ("system_cpu_utilization_ratio", ""), ("hw_gpu_utilization_ratio", GPU_A)))
+MEAN_SERIES += """
+      - series: 'hw_gpu_job_info{instance="n1",gpu="0",uuid="GPU-a",job_id="j1"}'
+        values: '1x8'
+"""
+
+
+def test_the_mean_lines_are_the_mean_over_each_point(tmp_path):
+    """The mean lines beside the peaks read the exporter's 1 s mean as it stood at each point's time: over an
+    hour or more, one second's mean a point, so a CPU or GPU busy every other stretch read busy or idle by
+    chance (here 0.9 at 4 m), never the half it was over the point, while the peak line beside it is the max
+    over the whole point."""
+    tests = []
+    for dashboard, title, target in panel_targets():
+        if re.search(r"\b(?:system_cpu|hw_gpu)_utilization_ratio\b", target["expr"]):
+            expr = (target["expr"].replace("$instance", "n1").replace("$job_id", "j1")
+                    .replace("$__rate_interval", "90s"))
+            tests.append(f"      - expr: 'max({expr})'\n        eval_time: 4m\n        exp_samples:\n"
+                         f"          - labels: '{{}}'\n            value: 0.5")
+    assert len(tests) == 3
+    promtool_passes(tmp_path / "mean_test.yml", MEAN_SERIES + "\n", tests)
+
+
 # A job's process restarted at the same address (a container restarted in its pod, a fixed --metrics-port) takes
 # its phase seconds over from its checkpoint, below where the killed one left them: 1/2 s of compute a second,
 # 35,980 s in at 6 m, then 35,900 from the checkpoint at 7 m.

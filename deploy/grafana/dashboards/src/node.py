@@ -1,6 +1,6 @@
 """Node: the host and its GPUs, mean vs peak, network and disk, and the exporter's own health."""
 
-from panels import label_variable, new_dashboard, peak, query, row, timeseries_panel
+from panels import label_variable, mean, new_dashboard, peak, query, row, timeseries_panel
 
 NODE = 'instance=~"$instance"'
 
@@ -15,10 +15,10 @@ def build():
                                       multi=True))
         .with_row(row("Host"))
         .with_panel(timeseries_panel("CPU utilisation: mean vs peak",
-                                     "Mean of the 10 Hz samples over the peak window, and their max over each "
-                                     "point: spikes between scrapes and between points show in the peak.",
+                                     "Mean of the 10 Hz samples over each point, and their max over it: spikes "
+                                     "between scrapes and between points show in the peak.",
                                      "percentunit",
-                                     query(f"system_cpu_utilization_ratio{{{NODE}}}", "mean {{instance}}"),
+                                     query(mean(f"system_cpu_utilization_ratio{{{NODE}}}"), "mean {{instance}}"),
                                      query(peak(f"system_cpu_utilization_peak_ratio{{{NODE}}}"), "peak {{instance}}",
                                            "B"),
                                      min_value=0, max_value=1))
@@ -54,8 +54,9 @@ def build():
                                            "{{instance}} {{loop}}")))
         .with_row(row("GPUs"))
         .with_panel(timeseries_panel("GPU utilisation: mean vs peak",
-                                     "Per GPU, mean over the window and max over each point.", "percentunit",
-                                     query(f"hw_gpu_utilization_ratio{{{NODE}}}", "mean {{instance}} gpu {{gpu}}"),
+                                     "Per GPU, mean and max over each point.", "percentunit",
+                                     query(mean(f"hw_gpu_utilization_ratio{{{NODE}}}"),
+                                           "mean {{instance}} gpu {{gpu}}"),
                                      query(peak(f"hw_gpu_utilization_peak_ratio{{{NODE}}}"),
                                            "peak {{instance}} gpu {{gpu}}", "B"),
                                      min_value=0, max_value=1))

@@ -47,6 +47,14 @@ def peak(selector: str) -> str:
     return f"max_over_time({selector}[$__rate_interval])"
 
 
+def mean(selector: str) -> str:
+    """The mean of a mean-utilisation series (the exporter's 1 s window's mean) over each point's interval, beside
+    peak()'s max: read at the point's instant alone, the mean line was one 1 s window's mean a point, a minute apart
+    over a day, so a GPU busy 2 s of every 4 read anywhere from 0 to 1 by chance, not its 0.5 (and sat on or under
+    the peak line at random)."""
+    return f"avg_over_time({selector}[$__rate_interval])"
+
+
 def rate_within_process(selector: str) -> str:
     """rate() of a trainer counter carried across resumes, none over a window in which it fell (as the recording
     rules): a process restarted at the same address resumes from its checkpoint's count, below the killed one's,

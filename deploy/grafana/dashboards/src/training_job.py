@@ -2,7 +2,7 @@
 
 from grafana_foundation_sdk.models.common import BigValueTextMode
 
-from panels import (alert_annotation, duration, finite_loss, label_variable, new_dashboard, newest_counts,
+from panels import (alert_annotation, duration, finite_loss, label_variable, mean, new_dashboard, newest_counts,
                     newest_run, peak, query, rate_within_process, row, stat_panel, timeseries_panel)
 
 JOB = 'job_id="$job_id"'
@@ -154,11 +154,10 @@ def build():
                                      min_value=0))
         .with_row(row("Resources"))
         .with_panel(timeseries_panel("Job GPU utilisation: mean vs peak",
-                                     "The job's GPUs: mean over the exporter's sampling window, max over each "
-                                     "point.",
+                                     "The job's GPUs: mean and max over each point.",
                                      "percentunit",
                                      # Each GPU by its node too: a job across nodes has a gpu 0 on each.
-                                     query(f"hw_gpu_utilization_ratio * on (instance, uuid) group_right "
+                                     query(f"{mean('hw_gpu_utilization_ratio')} * on (instance, uuid) group_right "
                                            f"hw_gpu_job_info{{{JOB}}}", "mean {{instance}} gpu {{gpu}}"),
                                      query(f"{peak('hw_gpu_utilization_peak_ratio')} * on (instance, uuid) group_right "
                                            f"hw_gpu_job_info{{{JOB}}}", "peak {{instance}} gpu {{gpu}}", "B"),
