@@ -109,25 +109,29 @@ def test_an_alert_of_a_job_id_two_owners_share_reaches_neither_owners_route(aler
     assert receivers() == {"alice-job": {"alice"}, "shared-job": {"default"}}
 
 
-def test_a_hung_jobs_stalled_and_throughput_pages_are_held_back_while_its_hang_pages(alertmanager):
-    """A hung job (a deadlocked collective) makes no step: TrainerHang pages at once, and 5 to 10 minutes on its
-    TrainerThroughputDropped and TrainerJobStalled (critical too) fired for the same hang, each a page of its
-    own, repeated. Nothing inhibited them. They are now held back while the job's TrainerHang fires; another
-    job's stall still pages (and TrainerJobStalled alone, an evaluation or checkpoint that hangs, still does)."""
+def _post_alerts(alertmanager: str, labels: list[dict[str, str]]) -> None:
+    """Fire these alerts in the Alertmanager for the next 5 minutes, as Prometheus would."""
     import datetime
     import urllib.request
 
     now = datetime.datetime.now(datetime.timezone.utc)
     until = (now + datetime.timedelta(minutes=5)).isoformat()
-    alerts = [{"labels": {"alertname": alertname, "job_id": job_id, "severity": severity},
-               "startsAt": now.isoformat(), "endsAt": until}
-              for alertname, job_id, severity in (("TrainerHang", "hung", "critical"),
-                                                  ("TrainerJobStalled", "hung", "critical"),
-                                                  ("TrainerThroughputDropped", "hung", "warning"),
-                                                  ("TrainerJobStalled", "other", "critical"))]
+    alerts = [{"labels": alert, "startsAt": now.isoformat(), "endsAt": until} for alert in labels]
     request = urllib.request.Request(f"http://{alertmanager}/api/v2/alerts", data=json.dumps(alerts).encode(),
                                      headers={"Content-Type": "application/json"}, method="POST")
     urllib.request.urlopen(request, timeout=10)
+
+
+def test_a_hung_jobs_stalled_and_throughput_pages_are_held_back_while_its_hang_pages(alertmanager):
+    """A hung job (a deadlocked collective) makes no step: TrainerHang pages at once, and 5 to 10 minutes on its
+    TrainerThroughputDropped and TrainerJobStalled (critical too) fired for the same hang, each a page of its
+    own, repeated. Nothing inhibited them. They are now held back while the job's TrainerHang fires; another
+    job's stall still pages (and TrainerJobStalled alone, an evaluation or checkpoint that hangs, still does)."""
+    _post_alerts(alertmanager, [{"alertname": alertname, "job_id": job_id, "severity": severity}
+                                for alertname, job_id, severity in (("TrainerHang", "hung", "critical"),
+                                                                    ("TrainerJobStalled", "hung", "critical"),
+                                                                    ("TrainerThroughputDropped", "hung", "warning"),
+                                                                    ("TrainerJobStalled", "other", "critical"))])
 
     def notified() -> set[tuple[str, str]]:
         return {(alert["labels"]["alertname"], alert["labels"]["job_id"])
@@ -138,3 +142,46 @@ def test_a_hung_jobs_stalled_and_throughput_pages_are_held_back_while_its_hang_p
         time.sleep(0.5)
     time.sleep(2)                                    # the held-back ones' groups wait as long (group_wait 1s)
     assert notified() == {("TrainerHang", "hung"), ("TrainerJobStalled", "other")}
+
+
+def test_a_killed_multi_rank_jobs_dead_targets_page_once_not_once_per_rank(alertmanager):
+    """Each rank of a job announces a target of its own (host:port), and TargetDown's `up == 0` arm carries no
+    job_id: grouped by `instance` too, a killed 4-rank job paged 4 times (a notification per rank's target, each
+    repeated hourly) beside its vanished-job page. The dead targets are now one notification; the vanished job,
+    by its job_id, its own."""
+    ranks = [{"alertname": "TargetDown", "severity": "critical", "job": "trainer", "instance": f"10.0.0.{rank}:9400"}
+             for rank in range(4)]
+    vanished = {"alertname": "TargetDown", "severity": "critical", "job_id": "killed", "owner": "team-a"}
+    _post_alerts(alertmanager, ranks + [vanished])
+
+    def notifications() -> list[set[str]]:
+        return [{alert["labels"].get("instance") or alert["labels"]["job_id"] for alert in message["alerts"]}
+                for message in Webhook.received]
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and len(set().union(*notifications())) < 5:
+        time.sleep(0.5)
+    time.sleep(2)                                    # any further notification of the same alerts (group_wait 1s)
+    assert sorted(notifications(), key=len) == [{"killed"}, {rank["instance"] for rank in ranks}]
+
+
+def test_a_hung_jobs_goodput_and_idle_gpu_alerts_are_held_back_while_its_hang_fires(alertmanager):
+    """A job hung in its data wait (a stuck loader, a dead NFS mount: TrainerHang's own examples) spends none of
+    its time in steps and leaves its GPUs idle: 10 and about 12 minutes into the hang TrainerGPUUnderutilized and
+    TrainerGoodputLow told its owner of the same hang again, which the inhibit rule let through (it held back the
+    stall and the throughput drop only). Another job's low goodput still notifies."""
+    _post_alerts(alertmanager, [{"alertname": alertname, "job_id": job_id, "severity": severity}
+                                for alertname, job_id, severity in (("TrainerHang", "hung", "critical"),
+                                                                    ("TrainerGoodputLow", "hung", "warning"),
+                                                                    ("TrainerGPUUnderutilized", "hung", "info"),
+                                                                    ("TrainerGoodputLow", "other", "warning"))])
+
+    def notified() -> set[tuple[str, str]]:
+        return {(alert["labels"]["alertname"], alert["labels"]["job_id"])
+                for message in Webhook.received for alert in message["alerts"]}
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not {("TrainerHang", "hung"), ("TrainerGoodputLow", "other")} <= notified():
+        time.sleep(0.5)
+    time.sleep(2)                                    # the held-back ones' groups wait as long (group_wait 1s)
+    assert notified() == {("TrainerHang", "hung"), ("TrainerGoodputLow", "other")}
