@@ -1831,10 +1831,7 @@ def test_local_jobs_are_given_gpus_of_their_own_and_wait_for_free_ones(tmp_path,
         supervisor.tick()
         assert visible_gpus(supervisor.runs["waits"]) == "0"
     finally:
-        for run in supervisor.runs.values():
-            if run.process is not None and run.process.poll() is None:
-                run.process.kill()
-                run.process.wait()
+        stop_runs(supervisor)
         store.close()
 
 
@@ -1862,10 +1859,7 @@ def test_a_job_waiting_for_gpus_is_overtaken_by_no_gpu_job_queued_after_it(tmp_p
         assert visible_gpus(supervisor.runs["pair"]) == "0,1"
         assert supervisor.store.get_job("small").state == "queued"
     finally:
-        for run in supervisor.runs.values():
-            if run.process is not None and run.process.poll() is None:
-                run.process.kill()
-                run.process.wait()
+        stop_runs(supervisor)
         store.close()
 
 
