@@ -36,7 +36,12 @@ class _Deadline:
         self._lock = threading.Lock()
         self._timer = threading.Timer(seconds, self._cut)
         self._timer.daemon = True
-        self._timer.start()
+        try:
+            self._timer.start()
+        # No thread to be had: Python 3.12.0-3.12.1 start none in an exit hook, where JobMetrics withdraws a job
+        # left open, and the RuntimeError stopped the job's release there. The exchange goes on, its reads timed.
+        except RuntimeError:
+            pass
 
     def watch(self, sock: socket.socket) -> socket.socket:
         with self._lock:
@@ -115,8 +120,11 @@ class Registration:
         try:
             with _opener(deadline).open(request, timeout=TIMEOUT_SECONDS) as response:
                 answer = _answer(response)
-            # Cut at the deadline, headers or a body without a length end where the cut came: no answer at all.
-            if deadline.passed:
+            # A cut ends a body without a length (headers cut short have none) as its real end would: such an
+            # answer, cut, is none. One with a length, or chunked, raised IncompleteRead where the cut came: read,
+            # it is whole, even when the deadline passed since (the job server took it: a failure said here left
+            # its entry never withdrawn, and a file_sd target too, scraped twice).
+            if deadline.passed and response.length is None and not response.chunked:
                 raise TimeoutError
             return answer
         # http.client's own errors too: a port that answers no HTTP (BadStatusLine) or an answer cut short

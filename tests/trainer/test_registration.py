@@ -3,6 +3,8 @@ are not what a job server sends: a failure is said, never raised, and the job tr
 
 import logging
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -19,8 +21,9 @@ NOT_HTTP = b"-ERR unknown command 'POST'\r\n"            # a port that is no job
 CUT_SHORT = b"HTTP/1.1 201 Created\r\nContent-Length: 100\r\n\r\n{\"wat"     # a proxy that dropped the answer
 
 
-def serve(answers: dict[str, bytes]) -> socket.socket:
-    """A listening socket answering each request with the bytes given for its method, then closing."""
+def serve(answers: dict[str, bytes], requests: list[bytes] | None = None) -> socket.socket:
+    """A listening socket answering each request with the bytes given for its method, then closing; each
+    request's first bytes go to `requests` when given."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(8)
@@ -33,6 +36,8 @@ def serve(answers: dict[str, bytes]) -> socket.socket:
                 return
             with connection:
                 request = connection.recv(65536)
+                if requests is not None:
+                    requests.append(request)
                 connection.sendall(answers[request.split(b" ", 1)[0].decode()])
 
     threading.Thread(target=answer_all, daemon=True).start()
@@ -156,3 +161,55 @@ def test_a_redirect_is_not_followed_and_the_runs_secret_goes_nowhere_else(monkey
         elsewhere.close()
     assert not asked["ran_out"], "the redirect was followed"
     assert any("302" in record.getMessage() for record in caplog.records)
+
+
+def test_an_answer_read_whole_before_the_deadline_passes_is_a_registration(monkeypatch):
+    """The deadline passing between the answer's last byte and the check after it (a job server answering near
+    the end of the 15 s) turned a registration the job server had taken into a failure: the job never withdrew
+    its entry, and wrote its file_sd target too (the job scraped twice). Here the cut comes right after the read."""
+    monkeypatch.setattr(registration, "TOTAL_SECONDS", 0.2)
+    cut = threading.Event()
+    real_cut, real_answer = registration._Deadline._cut, registration._answer
+    monkeypatch.setattr(registration._Deadline, "_cut", lambda deadline: (real_cut(deadline), cut.set()))
+    monkeypatch.setattr(registration, "_answer", lambda response: (real_answer(response), cut.wait(30))[0])
+    listener = serve({"POST": REGISTERED})
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/api/internal/jobs/reg-1/endpoints"
+    try:
+        assert registration.Registration(url, 0).register("127.0.0.1:9", "http")
+    finally:
+        listener.close()
+    assert cut.is_set()
+
+
+EXIT_WITHOUT_THREADS = """
+import atexit, sys, threading
+from trainmetrics.trainer.metrics import JobMetrics
+from trainmetrics.trainer.telemetry import Publish
+
+def no_threads(thread):     # as Python 3.12.0-3.12.1 answer in an exit hook
+    raise RuntimeError("can't create new thread at interpreter shutdown")
+
+metrics = JobMetrics("reg-exit", publish=Publish(register_url=sys.argv[1], targets_dir=None, job_dir=None,
+                                                 linger_timeout=0))
+metrics.start()
+metrics.step(loss=0.5, samples=8)
+# Exit hooks run last registered first: threads are refused before JobMetrics closes the job left open.
+atexit.register(lambda: setattr(threading.Thread, "start", no_threads))
+"""
+
+
+def test_a_job_left_open_is_withdrawn_at_exit_where_no_thread_can_start(tmp_path):
+    """The exchange's deadline starts a thread: Python 3.12.0-3.12.1 refuse one in an exit hook, and the
+    RuntimeError came out of the withdrawal of a job left open: its entry stayed in the job server's service
+    discovery, and the rest of its release (its /metrics, its claims, its last OTLP push) never ran."""
+    requests: list[bytes] = []
+    answers = {"POST": REGISTERED, "DELETE": b"HTTP/1.1 204 No Content\r\n\r\n"}
+    listener = serve(answers, requests)
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/api/internal/jobs/reg-exit/endpoints"
+    try:
+        ended = subprocess.run([sys.executable, "-c", EXIT_WITHOUT_THREADS, url], capture_output=True, text=True,
+                               timeout=120)
+    finally:
+        listener.close()
+    assert ended.returncode == 0 and "Traceback" not in ended.stderr, ended.stderr
+    assert [request.split(b" ", 1)[0] for request in requests] == [b"POST", b"DELETE"], requests
