@@ -282,11 +282,15 @@ class RayExecutor:
                 log.warning("job %s: Ray no longer knows its submission %s: it ended", run.job_id, run.handle)
                 self._forget(run)
                 return True, None
-            self._went_quiet(error)
+            # Left alone only when it did not answer: an answer about this run the client could not read (a status
+            # Ray added that this client's model refuses) came at once, and other runs' ends and the starts must go on.
+            if unanswered(error):
+                self._went_quiet(error)
             if now - self._unanswered_said.get(run.handle, float("-inf")) >= UNANSWERED_LOG_SECONDS:
                 self._unanswered_said[run.handle] = now
-                log.warning("job %s: Ray did not answer about %s (%s); still taken for running", run.job_id,
-                            run.handle, _one_line(error))
+                how = "did not answer" if unanswered(error) else "answered in words this server cannot read"
+                log.warning("job %s: Ray %s about %s (%s); still taken for running", run.job_id, how, run.handle,
+                            _one_line(error))
             self._polled[run.handle] = (now, (False, None))
             return False, None
         answer = (info.status in FINISHED, info.driver_exit_code if info.status in FINISHED else None)
@@ -400,7 +404,8 @@ class RayExecutor:
         except Exception as error:
             if unknown_to_ray(error, run.handle):
                 return False
-            self._went_quiet(error)
+            if unanswered(error):       # (an answer it could not read came at once: see poll)
+                self._went_quiet(error)
             return True
 
     def _quiet(self) -> bool:

@@ -949,3 +949,52 @@ def test_a_submission_answered_in_words_the_client_cannot_read_is_taken_not_fail
         store.close()
     finally:
         head.close()
+
+
+class HeadWithStatuses(StandInHead):
+    """A stand-in for a Ray head whose job routes answer each submission with the status in `statuses` (as Ray's
+    dashboard does: a job's details, JSON), and take every submission."""
+
+    def __init__(self, statuses: dict[str, str]):
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def answer(self, body: dict):
+                text = json.dumps(body)
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(text)))
+                self.end_headers()
+                self.wfile.write(text.encode())
+
+            def do_GET(self):
+                if self.path == "/api/version":
+                    self.answer({"ray_version": "2.99.0", "version": "3"})
+                else:
+                    submission = self.path.rstrip("/").rsplit("/", 1)[-1]
+                    self.answer({"type": "SUBMISSION", "submission_id": submission, "entrypoint": "x",
+                                 "status": statuses[submission], "driver_exit_code": 0, "message": None})
+
+            def do_POST(self):
+                request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                self.answer({"submission_id": request["submission_id"], "job_id": None})
+
+            def log_message(self, *args):
+                pass
+
+        self.serve(Handler)
+
+
+def test_a_run_in_a_status_this_client_cannot_read_holds_up_neither_other_runs_nor_starts(tmp_path, monkeypatch):
+    """A head on a newer Ray answered one run's status in a word this client's model refuses (a status Ray added):
+    the answer, read as Ray not answering, left Ray alone for the quiet period, and the next poll of that run (the
+    first of each tick) did so again: the other runs were never seen to end and no queued job started, for as
+    long as that run stayed so."""
+    monkeypatch.setattr(ray_executor, "QUIET_SECONDS", 3600.0)
+    head = HeadWithStatuses({"odd-1": "SUSPENDED", "done-1": "SUCCEEDED"})
+    try:
+        ray = RayExecutor(head.address)
+        ray._client = ray_executor.TimedJobSubmissionClient(head.address)
+        assert ray.poll(Run("odd", "odd-1", tmp_path)) == (False, None)         # taken for running
+        assert ray.poll(Run("done", "done-1", tmp_path)) == (True, 0)
+        assert ray.start("next", 1, ["--model", "mlp"], tmp_path, {}).job_id == "next"
+    finally:
+        head.close()
