@@ -23,7 +23,7 @@ import requests
 from ray import exceptions as ray_exceptions
 from ray.job_submission import JobStatus, JobSubmissionClient
 
-from trainmetrics.contract import CONTROL_CHARACTERS
+from trainmetrics.contract import CONTROL_CHARACTERS, ExitCode
 from trainmetrics.jobfiles import (CONTROL_FILE_NAME, LOG_NAME, STACKS_REQUEST_NAME, read_small_text,
                                    replace_atomically)
 from trainmetrics.jobserver.executors import ExecutorUnavailable, Run, StartDeferred
@@ -302,7 +302,10 @@ class RayExecutor:
             said = ray_message(info.message) if info.status == JobStatus.FAILED else None
             run.end_said = f"Ray said: {said}" if said else None
             if said:
-                log.warning("job %s: Ray says its submission %s failed: %s", run.job_id, run.handle, said)
+                # Ray calls FAILED every nonzero exit, a pause's (4) and a cancel's (3) too: those are no failure.
+                stopped = info.driver_exit_code in (ExitCode.PAUSED, ExitCode.CANCELLED)
+                log.log(logging.INFO if stopped else logging.WARNING, "job %s: Ray says its submission %s %s: %s",
+                        run.job_id, run.handle, "ended" if stopped else "failed", said)
         else:
             self._polled[run.handle] = (now, answer)
             self._unanswered_said.pop(run.handle, None)

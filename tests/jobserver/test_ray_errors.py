@@ -955,7 +955,8 @@ class HeadWithStatuses(StandInHead):
     """A stand-in for a Ray head whose job routes answer each submission with the status in `statuses` (as Ray's
     dashboard does: a job's details, JSON), and take every submission."""
 
-    def __init__(self, statuses: dict[str, str]):
+    def __init__(self, statuses: dict[str, str], exits: dict[str, tuple[int, str]] | None = None):
+        exits = exits or {}
         class Handler(http.server.BaseHTTPRequestHandler):
             def answer(self, body: dict):
                 text = json.dumps(body)
@@ -970,8 +971,9 @@ class HeadWithStatuses(StandInHead):
                     self.answer({"ray_version": "2.99.0", "version": "3"})
                 else:
                     submission = self.path.rstrip("/").rsplit("/", 1)[-1]
+                    code, message = exits.get(submission, (0, None))
                     self.answer({"type": "SUBMISSION", "submission_id": submission, "entrypoint": "x",
-                                 "status": statuses[submission], "driver_exit_code": 0, "message": None})
+                                 "status": statuses[submission], "driver_exit_code": code, "message": message})
 
             def do_POST(self):
                 request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -996,5 +998,22 @@ def test_a_run_in_a_status_this_client_cannot_read_holds_up_neither_other_runs_n
         assert ray.poll(Run("odd", "odd-1", tmp_path)) == (False, None)         # taken for running
         assert ray.poll(Run("done", "done-1", tmp_path)) == (True, 0)
         assert ray.start("next", 1, ["--model", "mlp"], tmp_path, {}).job_id == "next"
+    finally:
+        head.close()
+
+
+def test_a_paused_or_cancelled_run_is_not_logged_as_a_failure(tmp_path, caplog):
+    """Ray calls every nonzero exit FAILED, a pause's 4 and a cancel's 3 too: each pause and cancel of a Ray job
+    was logged at warning level as "Ray says its submission ... failed"."""
+    ended = {f"{name}-1": (code, f"Job entrypoint command failed with exit code {code}")
+             for name, code in (("paused", 4), ("cancelled", 3), ("failed", 1))}
+    head = HeadWithStatuses(dict.fromkeys(ended, "FAILED"), ended)
+    try:
+        ray = RayExecutor(head.address)
+        ray._client = ray_executor.TimedJobSubmissionClient(head.address)
+        with caplog.at_level(logging.INFO, logger=ray_executor.log.name):
+            assert [ray.poll(Run(name, name, tmp_path)) for name in ended] == [(True, 4), (True, 3), (True, 1)]
+        warned = " ".join(record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING)
+        assert "failed-1 failed" in warned and "paused-1" not in warned and "cancelled-1" not in warned
     finally:
         head.close()
