@@ -406,21 +406,19 @@ def _from_plain(annotation, value):
     from a database anyone with the file could edit: a string where a number belongs would fail later)."""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if value is None:
-        # A block the shape always has (`duration`, `energy`...) is there with every figure null: answered null,
-        # against the schema, it failed the comparison's row (500). (An optional one, `X | None`, stays null.)
-        return from_plain(annotation, {}) if dataclasses.is_dataclass(annotation) else None
+        return _missing(annotation)
     if origin in (types.UnionType, typing.Union):
         (inner,) = [arg for arg in args if arg is not type(None)]
         return _from_plain(inner, value)
     if dataclasses.is_dataclass(annotation):
         return from_plain(annotation, value)
     if origin is list:
-        return [_from_plain(args[0], item) for item in value] if isinstance(value, list) else None
+        return [_from_plain(args[0], item) for item in value] if isinstance(value, list) else _missing(annotation)
     if origin is tuple:
         return tuple(_from_plain(arg, item) for arg, item in zip(args, value)) if isinstance(value, list) else None
     if origin is dict:
         return ({key: _from_plain(args[1], item) for key, item in value.items() if _text(key)}
-                if isinstance(value, dict) else None)
+                if isinstance(value, dict) else _missing(annotation))
     if annotation is float:
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             return None
@@ -436,6 +434,17 @@ def _from_plain(annotation, value):
     if annotation is bool:
         return value if isinstance(value, bool) else None
     return value
+
+
+def _missing(annotation):
+    """What a field a stored report lacks (a report from before the field, or an edited row) reads as: a block the
+    shape always has (`duration`, `energy`...) with every figure null, a list or map it always has (`evaluations`,
+    goodput's `step_seconds_by_part`...) empty, else null. Answered null, against the schema, a block failed the
+    comparison's row (500), and a list or map failed every client that reads the schema's array or object. (An
+    optional one, `X | None`, stays null.)"""
+    if dataclasses.is_dataclass(annotation):
+        return from_plain(annotation, {})
+    return {list: [], dict: {}}.get(typing.get_origin(annotation))
 
 
 def _text(value: str) -> bool:

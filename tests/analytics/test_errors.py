@@ -1089,3 +1089,28 @@ def test_a_range_answer_with_points_off_the_grid_asked_is_502_not_a_wrong_trend(
             assert all(trend["average"] == trend["peak"] == 1 for trend in trends), trends
         else:
             assert_error(response, 502, "prometheus_bad_answer", "off the grid asked")
+
+
+def test_a_stored_report_from_before_a_list_or_map_was_added_answers_it_empty_not_null(tmp_path):
+    """A stored report lacking a list or map the schema always has (one stored before goodput's
+    `step_seconds_by_part` was added, or without `evaluations`), or holding one of the wrong type, answered it
+    `null` where the OpenAPI document promises an array or object: every client that reads the schema failed on
+    it. Such a field reads as empty, and the stored report answers the current schema."""
+    import jsonschema_rs
+
+    from trainmetrics.analytics.openapi import openapi_document
+
+    document = openapi_document()
+    validator = jsonschema_rs.Draft202012Validator({"$ref": "#/components/schemas/JobAnalytics",
+                                                    "components": document["components"]})
+    text = ('{"job_id": "old-1", "status": "completed", "start_time": 100.0, "end_time": 160.0, '
+            '"evaluated_at": 170.0, "goodput": {"goodput_ratio": 0.5, "seconds": {"step": 30.0}, '
+            '"badput_percent": 7}}')
+    with serving_stored_reports(tmp_path, {"old-1": text}) as client:
+        answer = client.get("/api/training/old-1/analytics")
+        assert answer.status_code == 200, answer.text
+        report = answer.json()
+        assert report["source"] == "stored" and report["evaluations"] == []
+        assert report["goodput"]["step_seconds_by_part"] == {} and report["goodput"]["badput_percent"] == {}
+        assert report["goodput"]["seconds"] == {"step": 30.0}
+        assert not list(validator.iter_errors(report)), [error.message for error in validator.iter_errors(report)]

@@ -781,13 +781,14 @@ def test_a_stored_report_that_is_not_this_jobs_is_ignored(text, tmp_path):
 
 def test_a_stored_reports_fields_of_the_wrong_type_read_back_as_null():
     """A number field holding a string, a list holding a number: read back as they were, they failed later
-    (a comparison's arithmetic: 500)."""
+    (a comparison's arithmetic: 500). (A list or map of the wrong type reads as empty: the schema's array or
+    object.)"""
     from trainmetrics.analytics.shapes import JobAnalytics, from_plain
 
     analytics = from_plain(JobAnalytics, {"job_id": "j", "status": 3, "performance": {"total_samples": "lots",
                                           "average_samples_per_second": 12.5}, "evaluations": 7,
                                           "goodput": {"goodput_ratio": True, "seconds": {"step": 2.0}}})
-    assert analytics.job_id == "j" and analytics.status is None and analytics.evaluations is None
+    assert analytics.job_id == "j" and analytics.status is None and analytics.evaluations == []
     assert analytics.performance.total_samples is None and analytics.performance.average_samples_per_second == 12.5
     assert analytics.goodput.goodput_ratio is None and analytics.goodput.seconds == {"step": 2.0}
 
