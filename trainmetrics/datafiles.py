@@ -5,7 +5,6 @@ them without importing torch."""
 import array
 import csv
 import lzma
-import math
 import zipfile
 import zlib
 from pathlib import Path
@@ -37,7 +36,9 @@ SHOWN_COLUMNS = 8
 
 def first_columns(header: list[str]) -> str:
     """A header named in a message: its first SHOWN_COLUMNS names, then "..." when there are more."""
-    shown = ", ".join(name[:40] for name in header[:SHOWN_COLUMNS])
+    # A quoted name may hold a line break or another control character: escaped, as the message is one line.
+    shown = ", ".join("".join(c if c.isprintable() else repr(c)[1:-1] for c in name[:40])
+                      for name in header[:SHOWN_COLUMNS])
     return shown + (", ..." if len(header) > SHOWN_COLUMNS else "")
 
 
@@ -75,22 +76,9 @@ def read_csv(path: Path, target: str = DEFAULT_TARGET) -> tuple[np.ndarray, np.n
                 if len(row) != len(header):
                     raise DatasetError(f"{path}: line {line_number} has {len(row)} fields, "
                                        f"the header has {len(header)}")
-                try:
-                    if _spelled_oddly("".join(row)):      # float() reads them: one check for the row
-                        raise ValueError
-                    values = [float(cell) for cell in row]
-                except ValueError:
-                    bad = next(c for c in row if not _is_number(c))
-                    raise DatasetError(f"{path}: line {line_number}: non-numeric value {bad!r}") from None
-                if not all(math.isfinite(v) for v in values):
-                    raise DatasetError(f"{path}: line {line_number}: NaN or infinite value")
+                values = _row_values(path, line_number, header, row)
                 integral_target = integral_target and _is_integer(row[target_index])
                 label = values.pop(target_index)
-                # The target too, even written as an integer: a later row's fraction makes the column a float32
-                # regression target (a class label that large is refused anyway).
-                if any(abs(v) > FLOAT32_MAX for v in values) or abs(label) > FLOAT32_MAX:
-                    raise DatasetError(f"{path}: line {line_number}: a value beyond float32's range "
-                                       f"(±{FLOAT32_MAX:.4g}): infinite in training")
                 if bad_label is None and not 0 <= label < MAX_CLASSES:
                     bad_label = line_number, label
                 features.extend(values)
@@ -113,6 +101,42 @@ def read_csv(path: Path, target: str = DEFAULT_TARGET) -> tuple[np.ndarray, np.n
     x = np.frombuffer(features, dtype=np.float32).reshape(rows, len(header) - 1)
     # (checked as read: in int64 first, a label past it wrapped negative and was "not non-negative")
     return x, _target_array(np.frombuffer(targets, dtype=np.float64), labels=integral_target, where=path)
+
+
+def _row_values(path: Path, line_number: int, header: list[str], row: list[str]) -> list[float]:
+    """A row's numbers, or DatasetError naming the line, the column and the cell at fault: named by its line
+    alone (and NaN's by neither its column nor its value), a bad cell of a wide file was left to be searched for."""
+    try:
+        if _spelled_oddly("".join(row)):      # float() reads them: one check for the row
+            raise ValueError
+        values = [float(cell) for cell in row]
+    except ValueError:
+        index = next(i for i, cell in enumerate(row) if not _is_number(cell))
+        raise DatasetError(f"{path}: line {line_number}, column {_column(header, index)}: non-numeric value "
+                           f"{row[index][:40]!r}") from None
+    # The target too, even written as an integer: a later row's fraction makes the column a float32 regression
+    # target (a class label that large is refused anyway). `not <=` is also true of NaN.
+    index = next((i for i, value in enumerate(values) if not abs(value) <= FLOAT32_MAX), None)
+    if index is not None:
+        raise DatasetError(f"{path}: line {line_number}, column {_column(header, index)}: "
+                           f"{_value_problem(row[index].strip()[:40])}")
+    return values
+
+
+def _value_problem(text: str) -> str:
+    """What is wrong with a number that is not finite in float32. A number's spelling holds an `n` only as NaN
+    or infinity: any other (`1e400`, which float() makes infinite too) is one too large, not "NaN or infinite"."""
+    if "n" in text.lower():
+        return f"NaN or infinite value {text!r}"
+    return f"value {text!r} beyond float32's range (±{FLOAT32_MAX:.4g}): infinite in training"
+
+
+def _column(header: list[str], index: int) -> str:
+    """A column as a message names it: by its name, or by its position where the name is empty or not unique."""
+    name = header[index]
+    if name and header.count(name) == 1:
+        return repr(name[:40])
+    return f"{index + 1} ({repr(name[:40]) if name else 'unnamed'})"
 
 
 def _records(reader):

@@ -405,7 +405,7 @@ def test_a_bad_value_after_a_quoted_line_break_is_named_by_its_line_of_the_file(
     content = b'a,"b\nc",label\n1,2,0\n3,"4\n",1\n5,x,0\n'     # 'x' is on line 6
     response = server_only.client().post("/api/training/datasets", params={"name": "q.csv"}, content=content)
     assert response.status_code == 400, response.text
-    assert response.json()["error"]["message"] == "upload: line 6: non-numeric value 'x'"
+    assert response.json()["error"]["message"] == "upload: line 6, column 'b\\nc': non-numeric value 'x'"
     assert list((server_only.data_dir / "datasets").iterdir()) == []
 
 

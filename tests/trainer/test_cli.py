@@ -39,7 +39,7 @@ BAD_INPUTS = {
     "ragged csv": (lambda t: ["--dataset", bad_csv(t, "r.csv", "a,b,label\n1,2,0\n1,2\n3,4,1\n")],
                    "line 3 has 2 fields, the header has 3"),
     "non-numeric csv": (lambda t: ["--dataset", bad_csv(t, "n.csv", "a,b,label\n1,2,0\n1,x,1\n")],
-                        "line 3: non-numeric value 'x'"),
+                        "line 3, column 'b': non-numeric value 'x'"),
     "empty csv": (lambda t: ["--dataset", bad_csv(t, "e.csv", "")], "empty file"),
     # "--dataset: class labels must be non-negative integers": no file, line or column, nor the way out.
     "negative class label": (lambda t: ["--dataset", bad_csv(t, "n.csv", "a,label\n1,0\n2,-1\n3,1\n")],

@@ -37,7 +37,7 @@ def test_a_csv_value_beyond_float32_is_refused(tmp_path, row, column):
     trained on inf."""
     path = tmp_path / "big.csv"
     path.write_text(f"a,label\n1,0\n{row}\n2,0.5\n")
-    with pytest.raises(DatasetError, match="line 3: a value beyond float32's range"):
+    with pytest.raises(DatasetError, match=f"line 3, column '{column}': value '[^']+' beyond float32's range"):
         read_csv(path)
 
 
@@ -84,7 +84,7 @@ def test_a_csv_number_is_written_in_ascii_digits(tmp_path, cell):
     point, exponent; spaces around it), the header's names may be anything."""
     path = tmp_path / "odd.csv"
     path.write_text(f"\u00e9t\u00e9,label\n1,0\n{cell},1\n", encoding="utf-8")
-    with pytest.raises(DatasetError, match=re.escape(f"line 3: non-numeric value {cell!r}")):
+    with pytest.raises(DatasetError, match=re.escape(f"line 3, column '\u00e9t\u00e9': non-numeric value {cell!r}")):
         read_csv(path)
 
 
@@ -109,3 +109,32 @@ def test_a_target_of_one_class_is_refused(tmp_path, make):
         read = read_npz
     with pytest.raises(DatasetError, match="every sample is of class 3: one class, nothing to classify"):
         read(path)
+
+
+@pytest.mark.parametrize("row,said", [
+    ("1,2,3,4,nan,0", "line 3, column 'e': NaN or infinite value 'nan'"),
+    ("1,2,3,4,5, -inf ", "line 3, column 'label': NaN or infinite value '-inf'"),
+    ("1,2,3,4,5,", "line 3, column 'label': non-numeric value ''"),
+    ("1,x,3,4,5,0", "line 3, column 2 ('b'): non-numeric value 'x'"),        # 'b' names two columns
+    ("1,2,3,,5,0", "line 3, column 4 (unnamed): non-numeric value ''"),
+    # float() reads 1e400 as inf: it was "NaN or infinite value", for a number too large
+    ("1,2,3,4,1e400,0", "line 3, column 'e': value '1e400' beyond float32's range (±3.403e+38): infinite in "
+                        "training")])
+def test_a_bad_csv_cell_is_named_by_its_line_column_and_value(tmp_path, row, said):
+    """A NaN or infinite value was named by its line alone, and a non-numeric one by its line and value: which
+    of a wide file's columns was at fault was left to be searched for (the README promised its line and column)."""
+    path = tmp_path / "cells.csv"
+    path.write_text(f"a,b,b,,e,label\n1,2,3,4,5,0\n{row}\n")
+    with pytest.raises(DatasetError) as raised:
+        read_csv(path)
+    assert str(raised.value) == f"{path}: {said}"
+
+
+def test_a_header_name_with_a_line_break_is_said_on_one_line(tmp_path):
+    """A quoted header name may hold a line break: named as it was, a missing target's message (the trainer's
+    one-line error, its log) ran onto a second line."""
+    path = tmp_path / "header.csv"
+    path.write_text('"a\nb",c\tX,d\n1,2,3\n4,5,6\n')
+    with pytest.raises(DatasetError) as raised:
+        read_csv(path)
+    assert str(raised.value) == f"{path}: no target column 'label' among its 3 columns (a\\nb, c\\tX, d)"
