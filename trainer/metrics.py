@@ -418,6 +418,7 @@ class JobMetrics:
         self._warned_interval = False
         self._closed = False
         self.evaluations = EvaluationHistory()
+        self._pushed_evaluations: list[Evaluation] = []     # what the OTLP push being collected shows
         self._losses = _LossAccumulator()
         self._pending_lock = threading.Lock()
         self._pending_step_durations: list[float] = []
@@ -561,7 +562,8 @@ class JobMetrics:
         for spec, field in ((inst.EVAL_HISTORY_INDEX, "index"), (inst.EVAL_HISTORY_STEP, "step"),
                             (inst.EVAL_HISTORY_TIME, "time"), (inst.EVAL_HISTORY_LOSS, "loss"),
                             (inst.EVAL_HISTORY_ACCURACY, "accuracy")):
-            observe_each(spec, "slot", functools.partial(self._evaluation_history, field))
+            observe_each(spec, "slot", functools.partial(self._evaluation_history, field),
+                         pushed=functools.partial(self._pushed_evaluation_history, field))
 
     def _steps_at_collection(self) -> int:
         # Callbacks run at the start of every collection, before the histograms are read: the step times
@@ -599,6 +601,15 @@ class JobMetrics:
         shown = self._read_once_per_scrape(
             "evaluations", lambda scrape: self.evaluations.shown(None if scrape is None else scrape.scraper))
         return [(record.slot, getattr(record, field)) for record in shown if getattr(record, field) is not None]
+
+    def _pushed_evaluation_history(self, field: str) -> list[tuple[int, float]]:
+        # An OTLP push reads the five history series one callback after another, in the order they were created
+        # (index first), while the loop may evaluate in between: each read afresh, a slot showed one evaluation's
+        # number with the next one's step and loss. The first takes the push's evaluations, the others reuse them.
+        if field == "index":
+            self._pushed_evaluations = self.evaluations.shown(None)
+        return [(record.slot, getattr(record, field)) for record in self._pushed_evaluations
+                if getattr(record, field) is not None]
 
     def _scrape_delivered(self, scrape) -> None:
         shown = scrape.shown.get("evaluations")

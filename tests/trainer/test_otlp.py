@@ -5,6 +5,7 @@ import os
 import re
 import socket
 import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -318,3 +319,40 @@ def test_a_targets_directory_gone_read_only_still_gets_the_final_state_pushed_an
         make_read_only(targets, False)
     assert pushed_values("trainer_steps_total") == [1]
     assert list(jobs.glob("*.json")) == [] and metrics.metrics_port is None
+
+
+def pushed_history_slots(requests) -> list[dict[str, float]]:
+    """Each pushed history slot's five values (by metric name), one dict per slot per push."""
+    slots = []
+    for _, request in requests:
+        for resource in request.resource_metrics:
+            for scope in resource.scope_metrics:
+                pushed: dict[str, dict[str, float]] = {}
+                for metric in scope.metrics:
+                    if metric.name.startswith("trainer_eval_history_"):
+                        for point in metric.gauge.data_points:
+                            slot = next(a.value.string_value for a in point.attributes if a.key == "slot")
+                            pushed.setdefault(slot, {})[metric.name] = point.as_double or point.as_int
+                slots.extend(pushed.values())
+    return slots
+
+
+def test_a_pushed_history_slot_shows_one_evaluation_while_the_loop_evaluates_during_the_push(receiver, monkeypatch):
+    """Before: the push read each of a slot's five series afresh, so an evaluation made between two of them
+    gave a slot one evaluation's number with a later one's step and loss (seen: number 696, step 712)."""
+    monkeypatch.setenv("OTEL_METRIC_EXPORT_INTERVAL", "5")
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)         # the loop's thread runs between the push's callbacks often
+    try:
+        metrics = JobMetrics("otlp-eval-race", log_every=1)
+        with metrics:
+            while len(Receiver.requests) < 100 and metrics.steps < 100_000:
+                metrics.step(loss=0.5, samples=8)
+                metrics.eval(loss=float(metrics.steps), accuracy=0.5)     # its number, step and loss are equal
+    finally:
+        sys.setswitchinterval(switch)
+    slots = pushed_history_slots(Receiver.requests)
+    assert slots
+    mixed = [slot for slot in slots if len({slot["trainer_eval_history_index"], slot["trainer_eval_history_step"],
+                                             slot["trainer_eval_history_loss"]}) > 1]
+    assert mixed == []
