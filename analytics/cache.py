@@ -11,7 +11,7 @@ from trainmetrics.analytics.lookup import JobNotFound, fingerprint, owned_by
 from trainmetrics.analytics.prometheus import (DEFAULT_RETRY_AFTER_SECONDS, PrometheusClient, PrometheusError,
                                                 partial_answers)
 from trainmetrics.analytics.results import query_parts_many, rows
-from trainmetrics.analytics.shapes import JobAnalytics, from_plain
+from trainmetrics.analytics.shapes import STATUSES, JobAnalytics, from_plain
 from trainmetrics.contract import VANISHED
 from trainmetrics.reports import NotSettled, PartialAnswer, ReportArchive
 
@@ -228,6 +228,8 @@ async def stored_entry(archive: ReportArchive, job_id: str) -> Entry | None:
         return None
     owner, report = found
     analytics = from_plain(JobAnalytics, report)
+    if analytics.status not in STATUSES:    # (an edited row: null or any text broke the schema's enum of statuses)
+        analytics.status = "unknown"
     analytics.source = "stored"
     analytics.partial = False       # (never stored from a partial answer; a report from before the field lacks it)
     return Entry(analytics, frozenset({owner}), frozenset())

@@ -128,6 +128,8 @@ FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 def _cell(value):
     if value is None:
         return ""
+    if isinstance(value, bool):     # as JSON spells it: Python's writer wrote `True`, a text no JSON reader knows
+        return "true" if value else "false"
     if isinstance(value, str) and value.startswith(FORMULA_STARTS):
         return "'" + value
     return value

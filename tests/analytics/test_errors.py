@@ -1026,6 +1026,55 @@ def test_a_job_name_with_a_semicolon_stays_one_quoted_cell_of_the_csv(tmp_path):
     assert (row["job_id"], row["job_name"], row["task"]) == ("semi-1", name, "")
 
 
+@pytest.mark.parametrize("status", [None, "bogus", 7], ids=["missing", "no-status", "a-number"])
+def test_a_stored_report_without_a_known_status_answers_unknown_as_the_schema_has_it(status, tmp_path):
+    """A stored report (text anyone with the database may edit) whose `status` was missing, none of the statuses or
+    of the wrong type answered `status` null or that text, both outside the OpenAPI document's enum of statuses
+    (the job's analytics and its comparison row alike): a client validating answers against it failed."""
+    import jsonschema_rs
+
+    from trainmetrics.analytics.openapi import openapi_document
+
+    components = openapi_document()["components"]
+    report = {"job_id": "odd-status-1", "evaluated_at": 170.0}
+    if status is not None:
+        report["status"] = status
+    with serving_stored_reports(tmp_path, {"odd-status-1": json.dumps(report)}) as client:
+        answers = {"JobAnalytics": client.get("/api/training/odd-status-1/analytics"),
+                   "Comparison": client.get("/api/training/analytics/compare", params={"job_ids": "odd-status-1"})}
+    for name, answer in answers.items():
+        assert answer.status_code == 200, answer.text
+        validator = jsonschema_rs.Draft202012Validator({"$ref": f"#/components/schemas/{name}",
+                                                        "components": components})
+        assert not list(validator.iter_errors(answer.json())), [e.message for e in validator.iter_errors(answer.json())]
+    assert answers["JobAnalytics"].json()["status"] == answers["Comparison"].json()["jobs"][0]["status"] == "unknown"
+
+
+def test_a_csv_cell_is_spelled_as_the_json_field_it_holds_booleans_included(tmp_path):
+    """The comparison's CSV wrote its booleans (`efficiency_complete`, `energy_complete`, `goodput_complete`,
+    `partial`) as Python spells them, `True` and `False`, where its JSON says `true` and `false`: a reader that takes
+    the documented columns as the JSON fields got text no JSON reader knows."""
+    import csv
+    import io
+
+    report = {"job_id": "flags-1", "status": "completed", "job_name": "naïve, \"quoted\" ✓",
+              "duration": {"total_seconds": 12.5},
+              "performance": {"total_samples": 10, "average_samples_per_second": 1e-05},
+              "efficiency": {"overall_score": 50.0}}
+    with serving_stored_reports(tmp_path, {"flags-1": json.dumps(report)}) as client:
+        as_json = client.get("/api/training/analytics/compare", params={"job_ids": "flags-1"})
+        as_csv = client.get("/api/training/analytics/compare", params={"job_ids": "flags-1", "format": "csv"})
+    assert as_json.status_code == as_csv.status_code == 200, (as_json.text, as_csv.text)
+    (json_row,) = as_json.json()["jobs"]
+    (csv_row,) = csv.DictReader(io.StringIO(as_csv.text, newline=""))
+    assert list(csv_row) == list(json_row)
+    spelled = {key: "" if value is None else value if isinstance(value, str) else json.dumps(value)
+               for key, value in json_row.items()}
+    assert csv_row == spelled
+    assert {csv_row[key] for key in ("efficiency_complete", "energy_complete", "goodput_complete", "partial")} == {
+        "true", "false"}
+
+
 def test_an_answer_whose_content_encoding_does_not_decode_is_502_naming_it():
     """A backend or proxy that gzips its answer (the client asks for identity, which a proxy may ignore) and sends
     bytes that are no gzip: httpx's DecodingError is no transport error, so it escaped every mapping, a 500 with a
