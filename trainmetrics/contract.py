@@ -214,6 +214,7 @@ MAX_NAME_LENGTH = 200
 # (a batch of 10**20 failed the job in islice); a job that asks for more asks for more than it can run.
 MAX_COUNT = 2**31 - 1
 MAX_TEXT_LENGTH = 1000      # a text field of a job spec
+MAX_CUDA_INDEX = 127        # torch keeps a device index in one signed byte
 MAX_LR = 1e3                # far above any AdamW rate that trains; past float32's range torch fails the job
 # No text from outside (a request path, a job name) may carry these: a line break or an escape in a log, a
 # label, a CSV. The C1 controls and the line and paragraph separators too: str.splitlines() breaks a line at
@@ -249,9 +250,12 @@ def listen_problem(value: str) -> str | None:
 
 
 def _device_problem(value: str) -> str | None:
-    if value in ("auto", "cpu") or re.fullmatch(r"cuda(:[0-9]{1,3})?", value):
+    # The index as torch reads it: one byte (cuda:256 was cuda:0, cuda:255 the current GPU, cuda:128 cuda:-128) and
+    # no leading zero (cuda:01 is "Invalid device string"). Each was accepted, then trained elsewhere or failed.
+    index = re.fullmatch(r"cuda(?::(0|[1-9][0-9]{0,2}))?", value)
+    if value in ("auto", "cpu") or (index and int(index[1] or 0) <= MAX_CUDA_INDEX):
         return None
-    return f"must be auto, cpu or cuda[:N], got {value[:40]!r}"
+    return f"must be auto, cpu or cuda[:N] (N from 0 to {MAX_CUDA_INDEX}, no leading zero), got {value[:40]!r}"
 
 
 def device_for_ranks_problem(device: str, ranks_on_machine: int, ranks: int | None = None) -> str | None:

@@ -92,6 +92,17 @@ def test_a_job_body_that_does_not_say_it_is_json_is_415(content_type, owned_serv
     assert owned_server.client("alice").get("/api/training/jobs").json()["jobs"] == []
 
 
+@pytest.mark.parametrize("device", ["cuda:01", "cuda:00", "cuda:128", "cuda:255", "cuda:256", "cuda:999"])
+def test_a_gpu_index_torch_would_read_as_another_is_refused_naming_device(device, owned_server):
+    """torch keeps a device index in one signed byte and refuses a leading zero: `cuda:256` was accepted and
+    trained on cuda:0, `cuda:255` on the current GPU, `cuda:128` failed as cuda:-128, `cuda:01` as an invalid device
+    string, each a job stored and started on a spec the contract had passed."""
+    alice = owned_server.client("alice")
+    answer = alice.post("/api/training/jobs", json={"device": device, "epochs": 1})
+    assert json_error(answer, 400)["message"].startswith("device: "), answer.text
+    assert alice.get("/api/training/jobs").json()["jobs"] == []
+
+
 def raw_get(port: int, path: str, authorization: bytes) -> tuple[int, dict, bytes]:
     """A GET with an Authorization header of any bytes (HTTP clients refuse to send some of them)."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
