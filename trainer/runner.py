@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from trainmetrics.command import FlagError
 from trainmetrics.contract import STOP_VERBS, exit_code_for
 from trainmetrics.datafiles import FLOAT32_MAX, DatasetError
-from trainmetrics.jobfiles import ClaimedElsewhere
+from trainmetrics.jobfiles import ClaimedElsewhere, claim, unclaim
 from trainmetrics.jobmap import host_gpu
 from trainmetrics.trainer import distributed, faults
 from trainmetrics.trainer.checkpoint import (FINAL_MODEL_NAME, atomic_save, ensure_writable_dir, list_checkpoints,
@@ -508,23 +508,56 @@ def check_regression_targets(config: TrainConfig, dataset: Dataset) -> None:
                            "down")
 
 
-def open_checkpoint_dir(config: TrainConfig) -> Path | None:
-    """Create/verify the checkpoint dir; returns the dir if this call created it (to undo on bad input)."""
+# The lock file (`.checkpoints.lock`) of the one live job writing checkpoints into a directory.
+CHECKPOINT_CLAIM = "checkpoints"
+
+
+class CheckpointDir:
+    """A job's checkpoint directory, opened: whether this start created it (to undo on bad input) and the claim
+    its writer (rank 0) holds on it while it runs (None: another rank, or a filesystem without locks)."""
+
+    def __init__(self, directory: Path | None = None, created: bool = False, claim_fd: int | None = None):
+        self.directory, self.created, self.claim_fd = directory, created, claim_fd
+
+    def release(self) -> None:
+        """Give the claim up (at the job's end), so that a later run of it, or another job, may write there."""
+        if self.claim_fd is not None:
+            unclaim(self.directory, CHECKPOINT_CLAIM, self.claim_fd)
+            self.claim_fd = None
+
+
+def open_checkpoint_dir(config: TrainConfig, writer: bool = True) -> CheckpointDir:
+    """Create/verify the checkpoint dir and, for its writer (`writer`: rank 0), claim it for the run."""
     if config.checkpoint_dir is None:
-        return None
+        return CheckpointDir()
     directory = Path(config.checkpoint_dir)
-    created = None if directory.exists() else directory
+    created = not directory.exists()
     try:
         ensure_writable_dir(directory)
     except OSError as error:
         raise BadInput(f"--checkpoint-dir: {directory} is not writable: {error.strerror or error}") from None
+    claim_fd = claim_checkpoint_dir(directory) if writer else None
     found = list_checkpoints(directory)
     if found and not config.resume:
+        if claim_fd is not None:
+            unclaim(directory, CHECKPOINT_CLAIM, claim_fd)
         # A fresh run there would prune its own new checkpoints first (the older run's are at higher steps),
         # and a later --resume would continue the older run.
         raise BadInput(f"--checkpoint-dir: {directory} holds checkpoints already ({found[-1].path.name} the "
                        "newest): add --resume to continue from them, or give an empty directory")
-    return created
+    return CheckpointDir(directory, created, claim_fd)
+
+
+def claim_checkpoint_dir(directory: Path) -> int | None:
+    """One live job writing checkpoints into a directory. Two jobs started on an empty one (other job ids) both ran:
+    each overwrote the other's checkpoints of the same steps and pruned the rest as its own, so the job that finished
+    first had none left to resume from, and `model.pt` was whichever ended last."""
+    try:
+        return claim(directory, CHECKPOINT_CLAIM, f"a job writing its checkpoints to {directory}")
+    except ClaimedElsewhere as error:
+        raise BadInput(f"--checkpoint-dir: {error}: give each job a directory of its own") from None
+    except OSError as error:
+        raise BadInput(f"--checkpoint-dir: {directory} is not writable: {error.strerror or error}") from None
 
 
 def publish_error(config: TrainConfig, error: Exception) -> str:
@@ -569,7 +602,7 @@ def run_job(config: TrainConfig, stop: StopFlag | None = None) -> int:
         return bad_input(config, f"--dataset: its training split has {len(dataset.train)} row(s), fewer than the "
                                  f"job's {ranks.world_size} processes: no rank would train on anything")
     try:
-        created_dir = open_checkpoint_dir(config)
+        checkpoint_dir = open_checkpoint_dir(config, writer=ranks.is_main)
     except BadInput as error:
         return bad_input(config, str(error))
     device = distributed.rank_device(ranks, device)
@@ -595,8 +628,9 @@ def run_job(config: TrainConfig, stop: StopFlag | None = None) -> int:
                 loss_spike_warmup=config.loss_spike_warmup,
                 on_loss_spike=stop.pause_for_loss_spike if config.on_loss_spike == "pause" else None))
     except (OSError, ValueError) as error:
-        if created_dir is not None:
-            shutil.rmtree(created_dir, ignore_errors=True)
+        checkpoint_dir.release()
+        if checkpoint_dir.created:
+            shutil.rmtree(checkpoint_dir.directory, ignore_errors=True)
         for directory in new_dirs:          # made for the job's files; shared ones are left (rmdir: empty only)
             try:
                 directory.rmdir()
@@ -637,6 +671,7 @@ def run_job(config: TrainConfig, stop: StopFlag | None = None) -> int:
         outcome.error_type, outcome.error = type(error).__name__, f"{type(error).__name__}: {error}"[:500]
         metrics.finish("failed", error)
     finally:
+        checkpoint_dir.release()     # every write is done: not held through the linger for a last scrape
         stop.decided = True
         if stop.hurry:      # before the callback is set: a signal between the two is then not counted twice
             metrics.cut_linger_short()

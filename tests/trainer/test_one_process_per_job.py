@@ -76,3 +76,29 @@ def test_a_filesystem_without_locks_runs_the_job_unclaimed(tmp_path, monkeypatch
         assert [p.name for p in (tmp_path / "targets").iterdir()] == ["nolocks-1.rank0.json"]
     finally:
         metrics.close()
+
+
+def test_a_second_job_on_a_checkpoint_dir_in_use_is_refused_and_a_killed_ones_claim_is_free(tmp_path, spawn_train):
+    """Two jobs (other job ids) started on one empty checkpoint directory both ran: each overwrote the other's
+    checkpoints of the same steps and pruned the rest as its own, so the job that ended first had none left to
+    resume from, and model.pt was whichever job ended last."""
+    ckpt = tmp_path / "ckpt"
+    common = ["--dataset", "blobs", "--checkpoint-dir", str(ckpt), "--checkpoint-every", "1000000",
+              "--linger-timeout", "0"]
+    first = spawn_train("--job-id", "ckpt-a", "--epochs", "50", "--log-every", "20", *common)
+    try:
+        deadline = time.monotonic() + 120
+        while "step=" not in first.stderr.readline():
+            assert first.poll() is None and time.monotonic() < deadline, "the first job never trained"
+        second = run_train("--job-id", "ckpt-b", "--epochs", "1", *common)
+        assert second.returncode == 2, second.stderr
+        lines = second.stderr.strip().splitlines()
+        assert len(lines) == 1 and (f"--checkpoint-dir: a job writing its checkpoints to {ckpt} is already "
+                                    f"running: pid {first.pid} announces it") in lines[0], lines
+        assert first.poll() is None and not (ckpt / "model.pt").exists()
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=60)
+    third = run_train("--job-id", "ckpt-b", "--epochs", "1", *common)
+    assert third.returncode == 0, third.stderr      # a stale claim (kill -9) refuses nothing
+    assert [p.name for p in ckpt.iterdir()] == ["model.pt"]     # its claim gone with it
