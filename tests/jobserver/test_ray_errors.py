@@ -283,6 +283,20 @@ def test_after_one_unanswered_request_ray_is_left_alone_for_a_while(tmp_path, mo
         assert time.monotonic() - began < 2.5                                  # one timeout, not ten
 
 
+class JsonAnswers(http.server.BaseHTTPRequestHandler):
+    """A stand-in head's request handler: answers JSON text, logs nothing."""
+
+    def answer(self, code: int, text: str):
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(text)))
+        self.end_headers()
+        self.wfile.write(text.encode())
+
+    def log_message(self, *args):
+        pass
+
+
 class StandInHead:
     """A stand-in for a Ray head: an HTTP server on a free loopback port, its `address`, its handler the subclass's."""
 
@@ -877,14 +891,7 @@ class HeadAnswering(StandInHead):
     def __init__(self, status: int, body: str):
         submitted = self.submitted = []
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def answer(self, code: int, text: str):
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(text)))
-                self.end_headers()
-                self.wfile.write(text.encode())
-
+        class Handler(JsonAnswers):
             def do_GET(self):
                 if self.path == "/api/version":
                     self.answer(200, json.dumps({"ray_version": "2.99.0", "version": "3"}))
@@ -895,9 +902,6 @@ class HeadAnswering(StandInHead):
                 request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 submitted.append(request.get("submission_id"))
                 self.answer(status, body)
-
-            def log_message(self, *args):
-                pass
 
         self.serve(Handler)
 
@@ -957,30 +961,21 @@ class HeadWithStatuses(StandInHead):
 
     def __init__(self, statuses: dict[str, str], exits: dict[str, tuple[int, str]] | None = None):
         exits = exits or {}
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def answer(self, body: dict):
-                text = json.dumps(body)
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(text)))
-                self.end_headers()
-                self.wfile.write(text.encode())
 
+        class Handler(JsonAnswers):
             def do_GET(self):
                 if self.path == "/api/version":
-                    self.answer({"ray_version": "2.99.0", "version": "3"})
+                    self.answer(200, json.dumps({"ray_version": "2.99.0", "version": "3"}))
                 else:
                     submission = self.path.rstrip("/").rsplit("/", 1)[-1]
                     code, message = exits.get(submission, (0, None))
-                    self.answer({"type": "SUBMISSION", "submission_id": submission, "entrypoint": "x",
-                                 "status": statuses[submission], "driver_exit_code": code, "message": message})
+                    self.answer(200, json.dumps({"type": "SUBMISSION", "submission_id": submission, "entrypoint": "x",
+                                                 "status": statuses[submission], "driver_exit_code": code,
+                                                 "message": message}))
 
             def do_POST(self):
                 request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                self.answer({"submission_id": request["submission_id"], "job_id": None})
-
-            def log_message(self, *args):
-                pass
+                self.answer(200, json.dumps({"submission_id": request["submission_id"], "job_id": None}))
 
         self.serve(Handler)
 
