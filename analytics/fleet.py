@@ -173,12 +173,11 @@ async def _add_last_seen(client: PrometheusClient, processes: dict[tuple[str, st
     job_ids = []
     for (job_id, _), proc in processes.items():
         # (a process in its init, live or killed there, is a trainer's all the same: a resumed job's newest)
-        if job_id not in job_ids and ((proc.start is None and (proc.end is None or processes_of[job_id] > 1))
-                                      or (proc.end is None and not proc.live)):
-            try:
-                job_ids.append(validate_job_id(job_id))
-            except ValueError:     # not a trainer's job id: nothing of it enters a query
-                continue
+        # (not a trainer's job id: nothing of it enters a query)
+        if job_id not in job_ids and _trainer_job_id(job_id) and (
+                (proc.start is None and (proc.end is None or processes_of[job_id] > 1))
+                or (proc.end is None and not proc.live)):
+            job_ids.append(job_id)
     if not job_ids:
         return
     found = await query_parts(client, q.fleet_last_seen(job_ids, range_seconds, now), now)
@@ -191,7 +190,10 @@ async def _add_last_seen(client: PrometheusClient, processes: dict[tuple[str, st
 
 async def add_details(client: PrometheusClient, chosen: list[shapes.JobRow], speaking: dict[str, list[str]],
                       range_seconds: float, now: float, split: float | None) -> None:
-    """Fill in the metadata and final loss of chosen rows of fleet(details=False), in one request."""
+    """Fill in the metadata and final loss of chosen rows of fleet(details=False), in one request. A row whose job
+    id is no trainer's (a foreign series' job_id label) keeps none: as in _add_last_seen, nothing of it enters a
+    query (quote_job_id refuses it: the whole summary answered 500)."""
+    chosen = [row for row in chosen if _trainer_job_id(row.job_id)]
     if not chosen:
         return
     found = await query_parts(client, q.fleet_details([row.job_id for row in chosen], range_seconds, now, split), now)
@@ -204,6 +206,15 @@ async def add_details(client: PrometheusClient, chosen: list[shapes.JobRow], spe
             setattr(row, key, info.get(key))
         row.final_loss = final_loss(last_losses(found[f"loss_{index}"]), row.job_id,
                                     speaking.get(row.job_id, []))
+
+
+def _trainer_job_id(job_id: str) -> bool:
+    """Whether a job id read from Prometheus is one a trainer may have (contract.validate_job_id)."""
+    try:
+        validate_job_id(job_id)
+    except ValueError:
+        return False
+    return True
 
 
 def filter_jobs(table: list[shapes.JobRow], status: str | None, owner: str | None, since: float | None,
