@@ -9,7 +9,7 @@ functions the first time they are seen and kept; a scrape then only formats the 
 are bounded (series whose label values keep changing cannot grow them without end).
 
 One difference: a label value holding a lone surrogate (a byte of a file name or an argument that is not UTF-8,
-as Python decodes it: a dataset's file name, a mount point) is written with U+FFFD in its place, where
+as Python decodes it: a dataset's file name) is written with U+FFFD in its place, where
 generate_latest raises and every scrape of the endpoint failed.
 """
 

@@ -63,6 +63,13 @@ class Collector:
         """Release the source (NVML handles, files)."""
 
 
+def label_text(name: str) -> str:
+    """A host name (an interface's, a mountpoint's, a disk's) as a label value: its bytes that are not UTF-8, which
+    os.fsdecode keeps as lone surrogates, each written `\\xNN`. The exposition wrote every such byte as U+FFFD, so
+    two names differing in one (`eth\\xff`, `eth\\xfe`) were one series twice, a duplicate Prometheus drops."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
 def stat_fields(stat_text: bytes) -> list[bytes]:
     """The fields of a /proc/PID/stat after the command name (which may hold spaces and ')'): state, ppid, ..."""
     return stat_text[stat_text.rfind(b")") + 2:].split()

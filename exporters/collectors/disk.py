@@ -6,7 +6,7 @@ from pathlib import Path
 
 from prometheus_client.core import CounterMetricFamily
 
-from trainmetrics.exporters.collectors.base import Collector, CollectorContext, read_bytes
+from trainmetrics.exporters.collectors.base import Collector, CollectorContext, label_text, read_bytes
 
 # Skip RAM/loop devices and partitions, whose I/O their disk already counts: node_exporter's default, with
 # disk names of several letters (sdaa1, the 27th disk's) and md/nbd partitions; and any device the kernel
@@ -49,10 +49,10 @@ class DiskCollector(Collector):
             fields = line.split()
             if len(fields) < 10:
                 continue
-            device = fields[2].decode()
+            device = os.fsdecode(fields[2])   # strict UTF-8 failed every sample on one name that is not
             if self._is_ignored(device):
                 continue
-            devices.append((device, int(fields[3]), int(fields[5]), int(fields[7]), int(fields[9])))
+            devices.append((label_text(device), int(fields[3]), int(fields[5]), int(fields[7]), int(fields[9])))
         self._devices = devices
 
     def collect(self):

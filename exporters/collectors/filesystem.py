@@ -1,12 +1,13 @@
 """Filesystems: usage by state and size of real mounts (block devices, network filesystems, the root)."""
 
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
 from prometheus_client.core import GaugeMetricFamily
 
-from trainmetrics.exporters.collectors.base import Collector, CollectorContext, read_bytes
+from trainmetrics.exporters.collectors.base import Collector, CollectorContext, label_text, read_bytes
 
 # Kernel and in-memory filesystems: node_exporter's default exclusions plus tmpfs/ramfs (memory, which
 # the memory collector already counts) and squashfs/erofs (read-only images, always 100 % full).
@@ -20,10 +21,15 @@ PSEUDO_MOUNT_PREFIXES = ("/proc/", "/sys/", "/dev/", "/run/credentials/", "/var/
                          "/var/lib/containers/storage/", "/var/lib/kubelet/pods/")
 
 
+# The kernel writes space, tab, newline, backslash and (Linux 5.13 on) '#' in a mount's device, mountpoint and
+# type as octal escapes (`\040`); with '#' left escaped a mountpoint such as /mnt/run#1 was published as
+# /mnt/run\0431, and statvfs of that path, which does not exist, dropped the filesystem.
+OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
+
+
 def unescape_mount_field(field: str) -> str:
-    """/proc/mounts writes space, tab, newline and backslash in paths as octal escapes."""
-    return (field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n")
-            .replace("\\134", "\\"))
+    """A field of /proc/mounts as the text it stands for: each octal escape the character it names."""
+    return OCTAL_ESCAPE.sub(lambda escape: chr(int(escape.group(1), 8)), field)
 
 
 def real_mounts(mounts_text: str, is_directory: Callable[[str], bool] = lambda mountpoint: True
@@ -39,7 +45,7 @@ def real_mounts(mounts_text: str, is_directory: Callable[[str], bool] = lambda m
             continue
         mountpoint = unescape_mount_field(fields[1])
         by_mountpoint.pop(mountpoint, None)     # moved to the end: the order of the table is the order mounted
-        by_mountpoint[mountpoint] = (fields[0], fields[2])
+        by_mountpoint[mountpoint] = (fields[0], unescape_mount_field(fields[2]))
     mounts = []
     for mountpoint, (device, fs_type) in by_mountpoint.items():
         if mountpoint != "/" and (fs_type in PSEUDO_TYPES or (mountpoint + "/").startswith(PSEUDO_MOUNT_PREFIXES)):
@@ -73,7 +79,7 @@ class FilesystemCollector(Collector):
         (/etc/hosts, a host disk's shortest mountpoint), and none of the host's other disks."""
         source = "mounts" if os.path.realpath(self.rootfs) == "/" else "1/mounts"
         # Read as paths are: a mountpoint that is not UTF-8 failed every sample, every filesystem's series dropped;
-        # its bytes kept this way, statvfs reads that very mount (and its label shows U+FFFD).
+        # its bytes kept this way, statvfs reads that very mount (and its label writes such a byte `\xNN`).
         return os.fsdecode(read_bytes(f"{self.proc_root}/{source}"))
 
     def _host(self, mountpoint: str) -> str:
@@ -89,8 +95,8 @@ class FilesystemCollector(Collector):
             except OSError:
                 continue  # unmounted since /proc/mounts was read, or not ours to see
             block = stat.f_frsize or stat.f_bsize
-            usage.append(((device, fs_type, mountpoint), stat.f_blocks * block, stat.f_bfree * block,
-                          stat.f_bavail * block))
+            labels = (label_text(device), label_text(fs_type), label_text(mountpoint))
+            usage.append((labels, stat.f_blocks * block, stat.f_bfree * block, stat.f_bavail * block))
         self._usage = usage
 
     def collect(self):

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from prometheus_client.core import CounterMetricFamily
 
-from trainmetrics.exporters.collectors.base import Collector, CollectorContext, read_bytes
+from trainmetrics.exporters.collectors.base import Collector, CollectorContext, label_text, read_bytes
 
 # /proc/net/dev columns after "iface:": 8 receive columns, then 8 transmit columns.
 RECEIVE_BYTES, RECEIVE_PACKETS, RECEIVE_ERRORS = 0, 1, 2
@@ -33,8 +33,8 @@ class NetworkCollector(Collector):
             if not sep:
                 continue
             # An interface's name is bytes, any but '/', ':' and spaces: one not UTF-8 (`ip link add $'eth\xff'`)
-            # failed every sample, every interface's series dropped. Read as a path is (its byte U+FFFD in a label).
-            interfaces.append((os.fsdecode(name.strip()), [int(value) for value in counters.split()]))
+            # failed every sample, every interface's series dropped. Its label writes such a byte `\xNN`.
+            interfaces.append((label_text(os.fsdecode(name.strip())), [int(value) for value in counters.split()]))
         self._interfaces = interfaces
 
     def collect(self):

@@ -240,11 +240,58 @@ def test_an_interface_or_mountpoint_name_that_is_not_utf8_is_published_with_ever
     text = exporter.render()
     assert promtool_findings(text) == set()
     found = parse_exposition(text)
-    assert {dict(labels)["device"] for labels in found["system_network_io_bytes_total"]} == {"eth0", "eth\ufffd"}
-    assert {dict(labels)["mountpoint"] for labels in found["system_filesystem_limit_bytes"]} == {"/", "/mnt/da\ufffdt"}
+    assert {dict(labels)["device"] for labels in found["system_network_io_bytes_total"]} == {"eth0", "eth\\xff"}
+    assert {dict(labels)["mountpoint"] for labels in found["system_filesystem_limit_bytes"]} == {"/", "/mnt/da\\xfft"}
     assert b"/mnt/da\xfft" in seen         # statvfs asked about that very mount, by its bytes
     assert found["exporter_collector_success"] == {(("collector", "network"),): 1.0,
                                                    (("collector", "filesystem"),): 1.0}
+
+
+def test_names_differing_only_in_bytes_that_are_not_utf8_are_series_of_their_own(tmp_path):
+    """Each byte that is not UTF-8 was written U+FFFD: two interfaces, mountpoints or disks differing only in such
+    a byte were one series twice, a duplicate Prometheus drops; and a disk so named failed the disk collector."""
+    proc = tmp_path / "proc"
+    (proc / "net").mkdir(parents=True)
+    counters = b": " + b" ".join(b"7" for _ in range(16)) + b"\n"
+    (proc / "net" / "dev").write_bytes(b"Inter-|   Receive\n face |bytes\n" + b"eth\xff" + counters +
+                                       b"eth\xfe" + counters)
+    (proc / "mounts").write_bytes(b"/dev/sda1 / ext4 rw 0 0\n/dev/sdb1 /mnt/\xff xfs rw 0 0\n"
+                                  b"/dev/sdc1 /mnt/\xfe xfs rw 0 0\n")
+    (proc / "diskstats").write_bytes(b"   8  0 sd\xff 1 2 3 4 5 6 7 8 9 10 11\n"
+                                     b"   8 16 sd\xfe 1 2 3 4 5 6 7 8 9 10 11\n")
+    statvfs = statvfs_of({os.fsdecode(path): 4096 for path in (b"/", b"/mnt/\xff", b"/mnt/\xfe")})
+    exporter = Exporter([NetworkCollector(proc), DiskCollector(proc, sys_block=tmp_path / "no-sys"),
+                         FilesystemCollector(proc, statvfs=statvfs, is_directory=lambda path: True)])
+    exporter.sample(0.0)
+    exporter.sample_slow(0.0)
+    text = exporter.render()
+    assert promtool_findings(text) == set()
+    found = parse_exposition(text)
+    assert len(found["system_network_io_bytes_total"]) == text.count(b"\nsystem_network_io_bytes_total{") == 4
+    assert {dict(labels)["device"] for labels in found["system_disk_io_bytes_total"]} == {"sd\\xff", "sd\\xfe"}
+    assert {dict(labels)["mountpoint"] for labels in found["system_filesystem_limit_bytes"]} == {
+        "/", "/mnt/\\xff", "/mnt/\\xfe"}
+    assert text.count(b"\nsystem_filesystem_limit_bytes{") == 3
+
+
+def test_a_mount_field_is_read_with_every_octal_escape_the_kernel_writes(tmp_path):
+    """Only \\040, \\011, \\012 and \\134 were read: Linux 5.13 on also writes '#' as \\043, so /mnt/run#1 was
+    published as /mnt/run\\0431 and statvfs of that path failed (the filesystem was dropped); a fuse type's
+    escapes were published as they stand."""
+    proc = tmp_path / "proc"
+    proc.mkdir()
+    (proc / "mounts").write_text("/dev/sda1 / ext4 rw 0 0\n/dev/sdb1 /mnt/run\\0431 xfs rw 0 0\n"
+                                 "me@host:/a\\040b /mnt/my\\040disk\\012\\042x\\134 fuse.my\\040fs rw 0 0\n")
+    collector = FilesystemCollector(proc, statvfs=statvfs_of({"/": 4096, "/mnt/run#1": 4096,
+                                                              '/mnt/my disk\n"x\\': 4096}),
+                                    is_directory=lambda path: True)
+    collector.sample_slow(0.0)
+    text = _render(collector)
+    assert promtool_findings(text) == set()
+    limits = parse_exposition(text)["system_filesystem_limit_bytes"]
+    assert {tuple(value for _name, value in labels) for labels in limits} == {
+        ("/dev/sda1", "ext4", "/"), ("/dev/sdb1", "xfs", "/mnt/run#1"),
+        ("me@host:/a b", "fuse.my fs", '/mnt/my disk\n"x\\')}
 
 
 def test_a_cpu_taken_offline_between_two_samples_is_no_busy_host(tmp_path):
