@@ -6,7 +6,9 @@
 - When hung: a watchdog thread checks every few seconds whether a step has completed lately; past
   max(MIN_HANG_SECONDS, HANG_FACTOR x the p99 step time of the last 10 minutes) outside checkpoints and
   evaluations, it writes the stacks once (once per hang: a step that completes ends it). The same rule as the
-  TrainerHang alert.
+  TrainerHang alert. A hang that holds the GIL (native code that never lets go of it) stops that thread too:
+  faulthandler's own timer (dump_traceback_later), armed at each check for when the bound will have passed
+  plus two checks, writes them from C without the GIL, during the hang.
 """
 
 import errno
@@ -49,6 +51,7 @@ def _forget_in_child() -> None:
     """A forked child (a DataLoader worker) is not the rank: the job server's stacks request, sent to every
     process of the job, must not have it append its own dump to the rank's file, nor kill it (ignored)."""
     if _holding or _left_open:
+        faulthandler.cancel_dump_traceback_later()      # nor write the rank's hang dump (the parent's timer)
         _holding.clear()
         _left_open.clear()
         faulthandler.unregister(STACKS_SIGNAL)
@@ -155,6 +158,10 @@ class StackWatch:
         self._windows: deque[list[int]] = deque(maxlen=math.ceil(WINDOW_SECONDS / self.check_seconds) + 1)
         self._dumped_for: float | None = None      # the last step whose hang was dumped
         self._last_bound = self.min_hang_seconds
+        # When faulthandler's timer armed by this watch fires (perf_counter), or None; under the lock, which close()
+        # takes to cancel it (a check in flight must not arm it again after, to write into a closed file).
+        self._timer_due: float | None = None
+        self._timer_lock = threading.Lock()
         # From any thread: faulthandler's registration is the process's. Only on the main thread, a job created in
         # another (a training function a framework runs in a thread) left SIGUSR2 at its default action, and a
         # request for its stacks killed the process.
@@ -211,30 +218,76 @@ class StackWatch:
                 # How much later than due this check runs: a hang that holds the GIL (native code) stops this
                 # thread too, which then wakes when the hang is over.
                 late, checked = now - checked - self.check_seconds, now
-                self._windows.append(list(self.metrics.step_times.counts))
-                clock = self.metrics.phases
-                last = clock.progress
-                if self.metrics.state != "running" or clock.phase not in LOOP_PHASES or last is None:
-                    continue
-                stuck = now - last
-                if stuck > self.hang_bound() and self._dumped_for != last:
-                    self._dumped_for = last
-                    reason = f"no step completed for {stuck:.0f} s (phase {clock.phase})"
-                    if late > max(STARVED_SECONDS, 2 * self.check_seconds):
-                        reason += (f"; this watchdog could not run for {late:.0f} s of it (a hang holding the GIL, "
-                                   "in native code): the stacks below are from after it, not from the hang")
-                    self.dump(reason)
+                self._check(now, late)
             except Exception:
                 log.exception("job %s: the hang watchdog failed", self.metrics.job_id)
 
-    def dump(self, reason: str) -> None:
-        """Write every thread's stack now, under a header saying why and when."""
-        header = f"\n=== {time.strftime('%Y-%m-%dT%H:%M:%S%z')} {reason}\n"
+    def _check(self, now: float, late: float) -> None:
+        """One look at the loop: dump the stacks of a hang past the bound, else arm the timer for when it passes."""
+        self._windows.append(list(self.metrics.step_times.counts))
+        clock = self.metrics.phases
+        last = clock.progress
+        if self.metrics.state != "running" or clock.phase not in LOOP_PHASES or last is None:
+            self._disarm()      # an evaluation, a checkpoint, a pause: no hang, whatever holds the GIL in it
+            return
+        stuck, bound = now - last, self.hang_bound()
+        if self._dumped_for == last:
+            self._disarm()      # dumped once for this hang already
+            return
+        if stuck <= bound:
+            # Past the bound by two checks: a watchdog that can run dumps first (with its header); one stopped by a
+            # hang holding the GIL cannot, and the stacks of after the hang had lost the hung call.
+            self._arm(bound - stuck + 2 * self.check_seconds)
+            return
+        fired = self._disarm()
+        self._dumped_for = last
+        reason = f"no step completed for {stuck:.0f} s (phase {clock.phase})"
+        starved = late > max(STARVED_SECONDS, 2 * self.check_seconds)
+        if fired:
+            self._count_dump(f"the stacks above (after 'Timeout') are this hang's: {reason}; faulthandler wrote them "
+                             f"during it, this watchdog could not run for {late:.0f} s of it (a hang holding the "
+                             "GIL, in native code)" if starved else f"the stacks above (after 'Timeout'): {reason}")
+            return
+        if starved:
+            reason += (f"; this watchdog could not run for {late:.0f} s of it (a hang holding the GIL, "
+                       "in native code): the stacks below are from after it, not from the hang")
+        self.dump(reason)
+
+    def _arm(self, seconds: float) -> None:
+        """Have faulthandler write every thread's stack in `seconds`, from its own thread, without the GIL. The
+        timer is the process's: only the newest job's watch arms it (an older one's would replace it)."""
+        with self._timer_lock:
+            if self._stop.is_set() or not _holding or _holding[-1] is not self:
+                return
+            faulthandler.dump_traceback_later(seconds, repeat=False, file=self._file, exit=False)
+            self._timer_due = time.perf_counter() + seconds
+
+    def _disarm(self) -> bool:
+        """Cancel this watch's timer; True when it had fired already (its stacks are written)."""
+        with self._timer_lock:
+            due, self._timer_due = self._timer_due, None
+            if due is None:
+                return False
+            faulthandler.cancel_dump_traceback_later()      # (waits for a dump in progress)
+            return time.perf_counter() >= due
+
+    def _count_dump(self, note: str) -> None:
+        """Count the stacks faulthandler's timer wrote, and say after them what they are."""
+        self._write_line(note)
+        self.dumps += 1
+        log.warning("job %s: %s; thread stacks written to %s", self.metrics.job_id, note, self.path)
+
+    def _write_line(self, text: str) -> None:
         # Straight to the descriptor, as faulthandler writes the stacks: through the file's buffer, a header whose
         # write failed (a full disk) stayed there, to make close() raise, or to be written at the file's end once
         # there was room, after later dumps, heading none. (Flushed first: stderr's own buffer, the log's lines.)
         self._file.flush()
-        os.write(self._file.fileno(), header.encode("utf-8", "replace"))
+        line = f"\n=== {time.strftime('%Y-%m-%dT%H:%M:%S%z')} {text}\n"
+        os.write(self._file.fileno(), line.encode("utf-8", "replace"))
+
+    def dump(self, reason: str) -> None:
+        """Write every thread's stack now, under a header saying why and when."""
+        self._write_line(reason)
         faulthandler.dump_traceback(file=self._file, all_threads=True)
         self.dumps += 1
         log.warning("job %s: %s; thread stacks written to %s", self.metrics.job_id, reason, self.path)
@@ -243,6 +296,7 @@ class StackWatch:
         """Stop watching; SIGUSR2 goes to another job's watch in this process, else to the process's own handler,
         else is ignored from now on."""
         self._stop.set()
+        self._disarm()          # before its file closes: faulthandler's timer writes to its descriptor
         if self in _holding:
             _holding.remove(self)
             if _holding:
