@@ -140,6 +140,25 @@ def open_directory(base: Path, *names: str) -> int:
     return fd
 
 
+# The descriptors of the claims this process holds. A forked child (a DataLoader worker) shares each one's open
+# file, and with it the lock: a job killed -9 stayed claimed until its workers noticed (up to 5 s), and its restart
+# was refused as bad input, failed for good. The child closes its copies at the fork, so the lock is the holder's.
+_HELD_CLAIMS: set[int] = set()
+
+
+def _drop_claims_in_child() -> None:
+    """In a forked child: let go of the parent's claims (closing a copy leaves the parent's lock as it is)."""
+    for fd in _HELD_CLAIMS:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD_CLAIMS.clear()
+
+
+os.register_at_fork(after_in_child=_drop_claims_in_child)
+
+
 class ClaimedElsewhere(ValueError):
     """Another live process holds the claim: the same job id and rank run twice."""
 
@@ -184,6 +203,7 @@ def claim(directory: Path, name: str, what: str) -> int | None:
         if current:
             os.ftruncate(fd, 0)
             os.pwrite(fd, str(os.getpid()).encode(), 0)
+            _HELD_CLAIMS.add(fd)
             return fd
         os.close(fd)
 
@@ -195,6 +215,7 @@ def unclaim(directory: Path, name: str, fd: int | None) -> None:
     except OSError:
         pass    # gone, or its filesystem went read-only: a lock file left holds nothing once its descriptor closes
     if fd is not None:
+        _HELD_CLAIMS.discard(fd)
         os.close(fd)
 
 

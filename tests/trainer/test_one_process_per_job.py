@@ -102,3 +102,34 @@ def test_a_second_job_on_a_checkpoint_dir_in_use_is_refused_and_a_killed_ones_cl
     third = run_train("--job-id", "ckpt-b", "--epochs", "1", *common)
     assert third.returncode == 0, third.stderr      # a stale claim (kill -9) refuses nothing
     assert [p.name for p in ckpt.iterdir()] == ["model.pt"]     # its claim gone with it
+
+
+def test_a_job_killed_while_its_dataloader_workers_live_on_leaves_its_checkpoint_dir_free(tmp_path, spawn_train):
+    """A DataLoader worker, forked from rank 0, shared the claim's open file and so its lock: a job killed -9 kept
+    its checkpoint dir claimed until each worker noticed its parent gone (up to 5 s; here a worker held stopped),
+    and a restart in that time (the job server resuming it, torchrun restarting it) was refused as bad input."""
+    import psutil
+
+    ckpt = tmp_path / "ckpt"
+    common = ["--dataset", "blobs", "--checkpoint-dir", str(ckpt), "--checkpoint-every", "1000000",
+              "--linger-timeout", "0"]
+    first = spawn_train("--job-id", "ckpt-w", "--epochs", "50", "--log-every", "20", "--workers", "1", *common)
+    workers = []
+    try:
+        deadline = time.monotonic() + 120
+        while "step=" not in first.stderr.readline():
+            assert first.poll() is None and time.monotonic() < deadline, "the job never trained"
+        workers = psutil.Process(first.pid).children()
+        assert workers, "the job forked no DataLoader worker"
+        for worker in workers:
+            worker.suspend()        # a worker that has not yet seen its parent die
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=60)
+        restarted = run_train("--job-id", "ckpt-w", "--epochs", "1", "--resume", *common)
+        assert restarted.returncode == 0, restarted.stderr
+    finally:
+        for worker in workers:
+            try:
+                worker.kill()
+            except psutil.NoSuchProcess:
+                pass
