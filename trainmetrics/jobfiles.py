@@ -201,8 +201,12 @@ def claim(directory: Path, name: str, what: str) -> int | None:
         except FileNotFoundError:
             current = False
         if current:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, str(os.getpid()).encode(), 0)
+            except BaseException:       # (a full disk: the claim is not held, nor its descriptor left open)
+                os.close(fd)
+                raise
             _HELD_CLAIMS.add(fd)
             return fd
         os.close(fd)

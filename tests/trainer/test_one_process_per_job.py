@@ -2,12 +2,15 @@
 overwrote the first's file_sd target and job mapping, and whichever ended first removed both: the other went
 unscraped and unattributed for the rest of its run."""
 
+import errno
 import json
+import os
 import signal
 import time
 
 import pytest
 
+from trainmetrics import jobfiles
 from trainmetrics.jobfiles import ClaimedElsewhere
 from trainmetrics.trainer.metrics import JobMetrics
 from trainmetrics.trainer.telemetry import Publish
@@ -133,3 +136,20 @@ def test_a_job_killed_while_its_dataloader_workers_live_on_leaves_its_checkpoint
                 worker.kill()
             except psutil.NoSuchProcess:
                 pass
+
+
+def test_a_claim_whose_pid_cannot_be_written_holds_nothing_and_leaves_no_descriptor(tmp_path, monkeypatch):
+    """A claim that failed writing its pid (a full disk) raised with its descriptor left open: the lock stayed held
+    for the process's life, and the job's own retry was refused as another job."""
+    def full_disk(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    before = len(os.listdir("/proc/self/fd"))
+    with monkeypatch.context() as patched:
+        patched.setattr(jobfiles.os, "pwrite", full_disk)
+        with pytest.raises(OSError):
+            jobfiles.claim(tmp_path, "checkpoints", "a job")
+    assert len(os.listdir("/proc/self/fd")) == before
+    fd = jobfiles.claim(tmp_path, "checkpoints", "a job")
+    assert fd is not None
+    jobfiles.unclaim(tmp_path, "checkpoints", fd)
