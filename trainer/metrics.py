@@ -49,7 +49,7 @@ from trainmetrics.trainer.phases import (CHECKPOINT, COMPUTE, CURRENT_PHASES, DA
                                          SUMMED as MARKED_PHASES, CARRIED_SECONDS_MAX, PhaseClock, carried_seconds)
 from trainmetrics.trainer.spikes import LossSpikeDetector
 from trainmetrics.trainer.stopping import CANCEL_SIGNALS
-from trainmetrics.trainer.watchdog import StackWatch
+from trainmetrics.trainer.watchdog import LOOP_PHASES as WATCHED_PHASES, StackWatch
 from trainmetrics.trainer.telemetry import Publication, Publish, current_scrape
 
 log = logging.getLogger("trainmetrics.trainer")
@@ -828,6 +828,7 @@ class JobMetrics:
 
     def _ended(self, state: str) -> None:
         self.phases.end_loop(PAUSED if state == "paused" else ENDED)
+        self._quiet_hang_timer()
         self.end_time = time.time()
         self.state = state
         self._end_monotonic = time.monotonic()
@@ -1314,6 +1315,7 @@ class JobMetrics:
         previous = self.phases.phase
         if in_loop:
             self.phases.enter(CHECKPOINT, began)
+            self._quiet_hang_timer()
         opener, opened = threading.get_ident(), self._checkpoints_opened_on
         with self._checkpoint_lock:
             self._checkpoints_writing += 1
@@ -1359,12 +1361,20 @@ class JobMetrics:
             log.warning("job %s: phase %r is none of %s: its time counts as compute", self.job_id, name,
                         ", ".join(MARKED_PHASES))
         self.phases.enter(name if markable else COMPUTE)
+        if self.phases.phase not in WATCHED_PHASES:     # (eval, checkpoint, restore)
+            self._quiet_hang_timer()
         try:
             yield
         finally:
             self.phases.enter(_resumed_phase(previous))
             if markable and name in (EVAL, CHECKPOINT):     # nor is an evaluation or a wait for rank 0's write
                 self._leave_out_of_step(began, previous)
+
+    def _quiet_hang_timer(self) -> None:
+        """The loop leaves its phases (no hang from now): the watchdog's timer must not write the stacks of this
+        phase as a hang's before its next check, which a phase that holds the GIL keeps from running."""
+        if self._stack_watch is not None:
+            self._stack_watch.quiet()
 
     def _leave_out_of_step(self, began: float, previous: str) -> None:
         """An evaluation or checkpoint (or the wait for rank 0's) that began at `began` is not a training step's

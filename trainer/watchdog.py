@@ -158,9 +158,11 @@ class StackWatch:
         self._windows: deque[list[int]] = deque(maxlen=math.ceil(WINDOW_SECONDS / self.check_seconds) + 1)
         self._dumped_for: float | None = None      # the last step whose hang was dumped
         self._last_bound = self.min_hang_seconds
-        # When faulthandler's timer armed by this watch fires (perf_counter), or None; under the lock, which close()
-        # takes to cancel it (a check in flight must not arm it again after, to write into a closed file).
-        self._timer_due: float | None = None
+        # Faulthandler's timer armed by this watch: (when it fires (perf_counter), the progress and the phase it
+        # was armed for), or None; under the lock, which close() and quiet() take to cancel it (a check in flight
+        # must not arm it again after, to write into a closed file or during an evaluation).
+        self._timer: tuple[float, float, str] | None = None
+        self._fired: tuple[float, float, str] | None = None     # a timer that fired, not counted yet
         self._timer_lock = threading.Lock()
         # From any thread: faulthandler's registration is the process's. Only on the main thread, a job created in
         # another (a training function a framework runs in a thread) left SIGUSR2 at its default action, and a
@@ -227,49 +229,70 @@ class StackWatch:
         self._windows.append(list(self.metrics.step_times.counts))
         clock = self.metrics.phases
         last = clock.progress
-        if self.metrics.state != "running" or clock.phase not in LOOP_PHASES or last is None:
-            self._disarm()      # an evaluation, a checkpoint, a pause: no hang, whatever holds the GIL in it
-            return
+        self._disarm()
+        if self._fired is not None:
+            self._count_fired(now, late, last)
+        if not self._in_loop() or last is None:
+            return      # an evaluation, a checkpoint, a pause: no hang, whatever holds the GIL in it
         stuck, bound = now - last, self.hang_bound()
         if self._dumped_for == last:
-            self._disarm()      # dumped once for this hang already
-            return
+            return      # dumped once for this hang already
         if stuck <= bound:
             # Past the bound by two checks: a watchdog that can run dumps first (with its header); one stopped by a
             # hang holding the GIL cannot, and the stacks of after the hang had lost the hung call.
-            self._arm(bound - stuck + 2 * self.check_seconds)
+            self._arm(bound - stuck + 2 * self.check_seconds, last, clock.phase)
             return
-        fired = self._disarm()
         self._dumped_for = last
         reason = f"no step completed for {stuck:.0f} s (phase {clock.phase})"
-        starved = late > max(STARVED_SECONDS, 2 * self.check_seconds)
-        if fired:
-            self._count_dump(f"the stacks above (after 'Timeout') are this hang's: {reason}; faulthandler wrote them "
-                             f"during it, this watchdog could not run for {late:.0f} s of it (a hang holding the "
-                             "GIL, in native code)" if starved else f"the stacks above (after 'Timeout'): {reason}")
-            return
-        if starved:
+        if late > max(STARVED_SECONDS, 2 * self.check_seconds):
             reason += (f"; this watchdog could not run for {late:.0f} s of it (a hang holding the GIL, "
                        "in native code): the stacks below are from after it, not from the hang")
         self.dump(reason)
 
-    def _arm(self, seconds: float) -> None:
+    def _in_loop(self) -> bool:
+        return self.metrics.state == "running" and self.metrics.phases.phase in LOOP_PHASES
+
+    def _count_fired(self, now: float, late: float, last: float | None) -> None:
+        """Count the dump faulthandler's timer wrote, whether or not the hang is still on (a step that completed as
+        the GIL was let go, before this check, ended it: its dump was left uncounted)."""
+        due, hung_since, phase = self._fired
+        self._fired, self._dumped_for = None, hung_since
+        reason = f"no step completed for {due - hung_since:.0f} s (phase {phase})"
+        if last != hung_since:
+            reason += " until the loop moved on"
+        if late > max(STARVED_SECONDS, 2 * self.check_seconds):
+            self._count_dump(f"the stacks above (after 'Timeout') are this hang's: {reason}; faulthandler wrote them "
+                             f"during it, this watchdog could not run for {late:.0f} s of it (a hang holding the "
+                             "GIL, in native code)")
+        else:
+            self._count_dump(f"the stacks above (after 'Timeout'): {reason}")
+
+    def _arm(self, seconds: float, last: float, phase: str) -> None:
         """Have faulthandler write every thread's stack in `seconds`, from its own thread, without the GIL. The
         timer is the process's: only the newest job's watch arms it (an older one's would replace it)."""
         with self._timer_lock:
-            if self._stop.is_set() or not _holding or _holding[-1] is not self:
+            # The loop looked at again under the lock: an evaluation begun since the check's look has cancelled
+            # the timer (quiet()) already, and must not have it armed again after.
+            if self._stop.is_set() or not _holding or _holding[-1] is not self or not self._in_loop():
                 return
             faulthandler.dump_traceback_later(seconds, repeat=False, file=self._file, exit=False)
-            self._timer_due = time.perf_counter() + seconds
+            self._timer = (time.perf_counter() + seconds, last, phase)
 
-    def _disarm(self) -> bool:
-        """Cancel this watch's timer; True when it had fired already (its stacks are written)."""
+    def _disarm(self) -> None:
+        """Cancel this watch's timer; one that had fired already (its stacks are written) is kept in _fired, for
+        the next check to count."""
         with self._timer_lock:
-            due, self._timer_due = self._timer_due, None
-            if due is None:
-                return False
+            timer, self._timer = self._timer, None
+            if timer is None:
+                return
             faulthandler.cancel_dump_traceback_later()      # (waits for a dump in progress)
-            return time.perf_counter() >= due
+            if time.perf_counter() >= timer[0]:
+                self._fired = timer
+
+    def quiet(self) -> None:
+        """No hang from now (an evaluation, a checkpoint, the run's end begins): the timer is cancelled at once,
+        not at the next check, which one holding the GIL keeps from running (its stacks were written as a hang's)."""
+        self._disarm()
 
     def _count_dump(self, note: str) -> None:
         """Count the stacks faulthandler's timer wrote, and say after them what they are."""

@@ -391,6 +391,57 @@ def test_a_hang_that_holds_the_gil_has_its_own_stacks_written_once_during_it(tmp
     assert "hold_the_gil" in text and "faulthandler wrote them during it" in text, text[:500]     # the hung call
 
 
+def hold_the_gil(seconds: float) -> None:
+    """Hold the GIL for `seconds`, as a native call does: a switch interval longer than the hold keeps the loop from
+    letting go of it."""
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(seconds + 60)
+    try:
+        ends = time.perf_counter() + seconds
+        while time.perf_counter() < ends:
+            pass
+    finally:
+        sys.setswitchinterval(interval)
+
+
+def test_an_evaluation_that_holds_the_gil_past_the_hang_bound_gets_no_hang_dump(tmp_path):
+    """faulthandler's timer, armed at the last check before an evaluation, was cancelled only at the next check:
+    an evaluation holding the GIL (which stops the watchdog) past the bound had a `Timeout` dump written in it, a
+    hang that the watchdog's rule leaves out, counted nowhere."""
+    metrics = JobMetrics("eval-job", diagnostics=Diagnostics(stacks_dir=tmp_path, hang_seconds=0.4))
+    try:
+        metrics.start()
+        loop(metrics, 30, compute_seconds=0.01)     # checks in the loop arm the timer (the bound stays 0.4 s)
+        with metrics.phase("eval"):
+            hold_the_gil(1.5)
+        loop(metrics, 30, compute_seconds=0.01)
+        dumps = metrics._stack_watch.dumps
+    finally:
+        metrics.close()
+    text = (tmp_path / "stacks.rank0.txt").read_text()
+    assert dumps == 0 and "Timeout (" not in text, text[:500]
+
+
+def test_a_hang_holding_the_gil_whose_step_ends_before_the_watchdog_runs_has_its_dump_counted(tmp_path):
+    """The timer's dump was counted only by a check that still saw the hang: a step completed as the GIL was let go,
+    before the watchdog ran, left the hang's `Timeout` dump in the file with no note and trainer_stack_dumps_total
+    at 0."""
+    metrics = JobMetrics("gil-step-job", diagnostics=Diagnostics(stacks_dir=tmp_path, hang_seconds=0.4))
+    try:
+        metrics.start()
+        loop(metrics, 3, compute_seconds=0.01)
+        for _ in metrics.timed([None]):
+            time.sleep(0.3)                  # the watchdog looks at the step in progress (before the hang)
+            hold_the_gil(2.5)
+            metrics.step(loss=1.0, samples=1)       # at once: the watchdog has not run since the hang
+        loop(metrics, 3, compute_seconds=0.2)
+        dumps = metrics._stack_watch.dumps
+    finally:
+        metrics.close()
+    text = (tmp_path / "stacks.rank0.txt").read_text()
+    assert dumps == 1 and text.count("Timeout (") == 1 and text.count("no step completed for") == 1, text[:500]
+
+
 def seen_steps(metrics: JobMetrics, seconds: float, count: int = 5) -> None:
     """`count` steps of `seconds` each in the step histogram (its +Inf bucket past the scale's last bound), within the
     watchdog's window."""
