@@ -1571,7 +1571,7 @@ def test_a_job_on_ray_naming_a_gpu_past_cuda_0_is_refused_at_its_submission(tmp_
     store = JobStore(tmp_path / "db.sqlite")
     ray = JobService(ServerSettings(data_dir=tmp_path), store,
                      Supervisor(store, tmp_path, None, 0, executor=SimpleNamespace(name="ray")))
-    for device in ("cuda:1", "cuda:07"):
+    for device in ("cuda:1", "cuda:7"):
         with pytest.raises(ApiError, match="on Ray each rank is given a GPU") as refused:
             ray.submit(None, {"dataset": "blobs", "device": device})
         assert refused.value.status == 400
