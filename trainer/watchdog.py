@@ -244,13 +244,17 @@ class StackWatch:
             return
         self._dumped_for = last
         reason = f"no step completed for {stuck:.0f} s (phase {clock.phase})"
-        if late > max(STARVED_SECONDS, 2 * self.check_seconds):
+        if self._starved(late):
             reason += (f"; this watchdog could not run for {late:.0f} s of it (a hang holding the GIL, "
                        "in native code): the stacks below are from after it, not from the hang")
         self.dump(reason)
 
     def _in_loop(self) -> bool:
         return self.metrics.state == "running" and self.metrics.phases.phase in LOOP_PHASES
+
+    def _starved(self, late: float) -> bool:
+        """Whether this check came so late that the watchdog could not run meanwhile (a hang holding the GIL)."""
+        return late > max(STARVED_SECONDS, 2 * self.check_seconds)
 
     def _count_fired(self, now: float, late: float, last: float | None) -> None:
         """Count the dump faulthandler's timer wrote, whether or not the hang is still on (a step that completed as
@@ -260,7 +264,7 @@ class StackWatch:
         reason = f"no step completed for {due - hung_since:.0f} s (phase {phase})"
         if last != hung_since:
             reason += " until the loop moved on"
-        if late > max(STARVED_SECONDS, 2 * self.check_seconds):
+        if self._starved(late):
             self._count_dump(f"the stacks above (after 'Timeout') are this hang's: {reason}; faulthandler wrote them "
                              f"during it, this watchdog could not run for {late:.0f} s of it (a hang holding the "
                              "GIL, in native code)")
@@ -297,8 +301,11 @@ class StackWatch:
     def _count_dump(self, note: str) -> None:
         """Count the stacks faulthandler's timer wrote, and say after them what they are."""
         self._write_line(note)
+        self._counted(note)
+
+    def _counted(self, said: str) -> None:
         self.dumps += 1
-        log.warning("job %s: %s; thread stacks written to %s", self.metrics.job_id, note, self.path)
+        log.warning("job %s: %s; thread stacks written to %s", self.metrics.job_id, said, self.path)
 
     def _write_line(self, text: str) -> None:
         # Straight to the descriptor, as faulthandler writes the stacks: through the file's buffer, a header whose
@@ -312,8 +319,7 @@ class StackWatch:
         """Write every thread's stack now, under a header saying why and when."""
         self._write_line(reason)
         faulthandler.dump_traceback(file=self._file, all_threads=True)
-        self.dumps += 1
-        log.warning("job %s: %s; thread stacks written to %s", self.metrics.job_id, reason, self.path)
+        self._counted(reason)
 
     def close(self) -> None:
         """Stop watching; SIGUSR2 goes to another job's watch in this process, else to the process's own handler,
