@@ -360,20 +360,6 @@ def test_a_hang_that_holds_the_gil_has_its_own_stacks_written_once_during_it(tmp
     the stacks of then, the hung call gone from them, as the hang's (and a hang that never let go had none at all).
     faulthandler's timer, armed by the watchdog, writes them from C during the hang; the watchdog counts that dump
     and writes no second one."""
-    # The GIL held for a measured time: a loop that a switch interval longer than the hold keeps from letting
-    # go of it (a native call holds it so). A sum() over a range sized by a speed measured before it held it for
-    # less on a loaded host, where the measure was preempted: the watchdog ran in the sleep after it and dumped
-    # the stacks of a hang it saw in time.
-    def hold_the_gil(seconds: float) -> None:
-        interval = sys.getswitchinterval()
-        sys.setswitchinterval(seconds + 60)
-        try:
-            ends = time.perf_counter() + seconds
-            while time.perf_counter() < ends:
-                pass
-        finally:
-            sys.setswitchinterval(interval)
-
     metrics = JobMetrics("gil-job", diagnostics=Diagnostics(stacks_dir=tmp_path, hang_seconds=0.4))
     try:
         metrics.start()
@@ -393,7 +379,8 @@ def test_a_hang_that_holds_the_gil_has_its_own_stacks_written_once_during_it(tmp
 
 def hold_the_gil(seconds: float) -> None:
     """Hold the GIL for `seconds`, as a native call does: a switch interval longer than the hold keeps the loop from
-    letting go of it."""
+    letting go of it. (A sum() over a range sized by a speed measured before it held it for less on a loaded host,
+    where the measure was preempted: the watchdog ran in the sleep after it and dumped a hang it saw in time.)"""
     interval = sys.getswitchinterval()
     sys.setswitchinterval(seconds + 60)
     try:

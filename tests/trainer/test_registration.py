@@ -44,6 +44,19 @@ def serve(answers: dict[str, bytes], requests: list[bytes] | None = None) -> soc
     return listener
 
 
+def endpoints_url(listener: socket.socket, job_id: str = "reg-1") -> str:
+    """The job server's endpoints route of a job, as a stand-in listening at `listener` serves it."""
+    return f"http://127.0.0.1:{listener.getsockname()[1]}/api/internal/jobs/{job_id}/endpoints"
+
+
+def register_at(listener: socket.socket) -> bool:
+    """A rank 0's registration with the stand-in at `listener` (closed after): whether the job server took it."""
+    try:
+        return registration.Registration(endpoints_url(listener), 0).register("127.0.0.1:9", "http")
+    finally:
+        listener.close()
+
+
 @pytest.mark.parametrize("answers", [{"POST": NOT_HTTP}, {"POST": CUT_SHORT},
                                      {"POST": REGISTERED, "DELETE": NOT_HTTP}],
                          ids=["registration-not-http", "registration-cut-short", "withdrawal-not-http"])
@@ -52,7 +65,7 @@ def test_an_answer_that_is_no_http_or_is_cut_short_is_said_and_the_job_trains_an
     JobMetrics() raised and the job never started; raised out of the withdrawal, the job's end stopped there, its
     /metrics still served, its claim on its files held and its last OTLP push never sent."""
     listener = serve(answers)
-    url = f"http://127.0.0.1:{listener.getsockname()[1]}/api/internal/jobs/reg-1/endpoints"
+    url = endpoints_url(listener)
     try:
         with caplog.at_level(logging.WARNING, logger="trainmetrics.trainer"):
             metrics = JobMetrics("reg-1", publish=Publish(register_url=url, targets_dir=None, job_dir=None))
@@ -114,12 +127,8 @@ def test_a_job_server_trickling_its_answer_is_given_up_on_at_the_registrations_d
     start for as long as the server kept sending (here 30 s, for ever for a server that never stops)."""
     monkeypatch.setattr(registration, "TOTAL_SECONDS", 1.0)
     listener, seen = serve_once(trickle)
-    url = f"http://127.0.0.1:{listener.getsockname()[1]}/api/internal/jobs/reg-1/endpoints"
-    try:
-        with caplog.at_level(logging.WARNING, logger="trainmetrics.trainer"):
-            assert not registration.Registration(url, 0).register("127.0.0.1:9", "http")
-    finally:
-        listener.close()
+    with caplog.at_level(logging.WARNING, logger="trainmetrics.trainer"):
+        assert not register_at(listener)
     assert not seen["ran_out"] and seen["sent"] > 0, seen
     assert any("no whole answer within 1 s" in record.getMessage() for record in caplog.records)
 
@@ -128,12 +137,8 @@ def test_a_job_server_answering_a_huge_body_is_not_read_whole_into_the_jobs_memo
     """The answer was read whole (response.read()): a body of gigabytes, or one without end, took the job's
     memory at its start. Now at most MAX_ANSWER_BYTES are read, and the connection is closed."""
     listener, seen = serve_once(flood)
-    url = f"http://127.0.0.1:{listener.getsockname()[1]}/api/internal/jobs/reg-1/endpoints"
-    try:
-        with caplog.at_level(logging.WARNING, logger="trainmetrics.trainer"):
-            assert not registration.Registration(url, 0).register("127.0.0.1:9", "http")
-    finally:
-        listener.close()
+    with caplog.at_level(logging.WARNING, logger="trainmetrics.trainer"):
+        assert not register_at(listener)
     deadline = time.monotonic() + 30
     while not seen["ran_out"] and time.monotonic() < deadline and seen["sent"] < (64 << 20):
         previous = seen["sent"]
@@ -152,12 +157,10 @@ def test_a_redirect_is_not_followed_and_the_runs_secret_goes_nowhere_else(monkey
     moved = (b"HTTP/1.1 302 Found\r\nContent-Length: 0\r\nLocation: http://127.0.0.1:%d/steal\r\n\r\n"
              % elsewhere.getsockname()[1])
     listener = serve({"POST": moved})
-    url = f"http://127.0.0.1:{listener.getsockname()[1]}/api/internal/jobs/reg-1/endpoints"
     try:
         with caplog.at_level(logging.WARNING, logger="trainmetrics.trainer"):
-            assert not registration.Registration(url, 0).register("127.0.0.1:9", "http")
+            assert not register_at(listener)
     finally:
-        listener.close()
         elsewhere.close()
     assert not asked["ran_out"], "the redirect was followed"
     assert any("302" in record.getMessage() for record in caplog.records)
@@ -173,11 +176,7 @@ def test_an_answer_read_whole_before_the_deadline_passes_is_a_registration(monke
     monkeypatch.setattr(registration._Deadline, "_cut", lambda deadline: (real_cut(deadline), cut.set()))
     monkeypatch.setattr(registration, "_answer", lambda response: (real_answer(response), cut.wait(30))[0])
     listener = serve({"POST": REGISTERED})
-    url = f"http://127.0.0.1:{listener.getsockname()[1]}/api/internal/jobs/reg-1/endpoints"
-    try:
-        assert registration.Registration(url, 0).register("127.0.0.1:9", "http")
-    finally:
-        listener.close()
+    assert register_at(listener)
     assert cut.is_set()
 
 
@@ -205,7 +204,7 @@ def test_a_job_left_open_is_withdrawn_at_exit_where_no_thread_can_start(tmp_path
     requests: list[bytes] = []
     answers = {"POST": REGISTERED, "DELETE": b"HTTP/1.1 204 No Content\r\n\r\n"}
     listener = serve(answers, requests)
-    url = f"http://127.0.0.1:{listener.getsockname()[1]}/api/internal/jobs/reg-exit/endpoints"
+    url = endpoints_url(listener, "reg-exit")
     try:
         ended = subprocess.run([sys.executable, "-c", EXIT_WITHOUT_THREADS, url], capture_output=True, text=True,
                                timeout=120)
