@@ -83,6 +83,8 @@ PROCESS_LOSS_NONFINITE = Instrument(T.PROCESS_LOSS_NONFINITE, "1", "Log interval
 PROCESS_LOSS_SPIKES = Instrument(T.PROCESS_LOSS_SPIKES, "1", "Log intervals of this process whose loss spiked far "
                                  "above its running mean (0 at its start, a resume's included).")
 STACK_DUMPS = Instrument(T.STACK_DUMPS, "1", "Thread stack dumps the hang watchdog wrote.")
+HANG_MIN = Instrument(T.HANG_MIN, "s", "The least time without progress that is a hang (the job's hang_seconds): "
+                                      "the floor of the hang watchdog's bound and of TrainerHang's.")
 
 # Seconds. Steps run from ~1 ms (small CPU models) to minutes (large models, gradient accumulation); data
 # waits can be far shorter, so the scale starts at 100 µs. The SDK default (0..10,000) is shaped for

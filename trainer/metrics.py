@@ -559,6 +559,7 @@ class JobMetrics:
         observe(inst.PROCESS_LOSS_NONFINITE, lambda: self.process_nonfinite_losses, counter=True)
         observe(inst.PROCESS_LOSS_SPIKES, lambda: self.process_loss_spikes, counter=True)
         observe(inst.STACK_DUMPS, lambda: self._stack_watch.dumps if self._stack_watch else None, counter=True)
+        observe(inst.HANG_MIN, lambda: self.diagnostics.hang_seconds)
         for spec, field in ((inst.EVAL_HISTORY_INDEX, "index"), (inst.EVAL_HISTORY_STEP, "step"),
                             (inst.EVAL_HISTORY_TIME, "time"), (inst.EVAL_HISTORY_LOSS, "loss"),
                             (inst.EVAL_HISTORY_ACCURACY, "accuracy")):

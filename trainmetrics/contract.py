@@ -182,6 +182,7 @@ class Trainer:
     PROCESS_LOSS_NONFINITE = "trainer_process_loss_nonfinite_total"
     PROCESS_LOSS_SPIKES = "trainer_process_loss_spikes_total"
     STACK_DUMPS = "trainer_stack_dumps_total"
+    HANG_MIN = "trainer_hang_min_seconds"
 
 
 class Node:
@@ -442,7 +443,7 @@ TRAIN_OPTIONS: tuple[Option, ...] = (
            "and once when the job seems hung (default: stderr)", "telemetry", api="the job's directory"),
     Option("hang_seconds", float, 60.0, "the trainer's hang watchdog writes the thread stacks once no step has "
            "completed for max(this, 10 x the p99 step time over 10 minutes), outside evaluations and "
-           "checkpoints",
+           "checkpoints; TrainerHang pages by the same bound (raise it for a first step of minutes)",
            "telemetry", minimum=1),
     Option("result_file", Path, None, "write the job's outcome here as JSON when it ends (atomically)",
            "telemetry", api=_SERVER_SETS),

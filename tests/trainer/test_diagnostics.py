@@ -14,6 +14,7 @@ import threading
 import time
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from trainmetrics.trainer import faults
 from trainmetrics.trainer.metrics import Diagnostics, JobMetrics
@@ -353,6 +354,19 @@ def test_the_hang_watchdog_writes_every_threads_stack_once_per_hang(tmp_path):
     assert dumps == 1 and text.count("no step completed for") == 1
     assert "(phase compute)" in text
     assert "test_the_hang_watchdog_writes_every_threads_stack_once_per_hang" in text     # this very frame
+
+
+def test_the_jobs_hang_seconds_is_published_for_the_hang_alert_to_read(tmp_path):
+    """TrainerHang's least bound was a fixed 60 s: a job told to wait 10 minutes for a first step that compiles
+    (--hang-seconds 600) kept its watchdog quiet and was paged all the same. The trainer publishes its own."""
+    for diagnostics, published in ((Diagnostics(stacks_dir=tmp_path, hang_seconds=600), 600.0), (Diagnostics(), 60.0)):
+        metrics = JobMetrics("hang-floor", diagnostics=diagnostics)
+        try:
+            found = [sample.value for family in text_string_to_metric_families(metrics.collect().decode())
+                     for sample in family.samples if sample.name == "trainer_hang_min_seconds"]
+        finally:
+            metrics.close()
+        assert found == [published]
 
 
 def test_a_hang_that_holds_the_gil_has_its_own_stacks_written_once_during_it(tmp_path):
