@@ -30,6 +30,10 @@ DEFAULT_TARGET = "label"
 # first column's name.
 CSV_ENCODING = "utf-8-sig"
 
+# The most characters one record of a CSV (its header, a row) may have. The csv module builds a record whole, each
+# cell a Python string of ~50 bytes: a row of short cells ("1,") took ~30 times its size in memory, and a 256 MiB
+# upload of a header and one row ~8 GB in the job server. Room for ~200,000 columns of 20-character numbers.
+MAX_RECORD_CHARS = 4 << 20
 # A header named in a message: its first columns and a count, not all of them (a CSV may have thousands).
 SHOWN_COLUMNS = 8
 
@@ -52,7 +56,8 @@ def read_csv(path: Path, target: str = DEFAULT_TARGET) -> tuple[np.ndarray, np.n
     """Read a numeric CSV with a header; returns (features, target) or raises DatasetError."""
     try:
         with open(path, newline="", encoding=CSV_ENCODING) as handle:
-            reader = csv.reader(handle)
+            lines = _BoundedRecordLines(handle, path)
+            reader = csv.reader(lines)
             header = next(reader, None)
             if not header or all(not cell.strip() for cell in header):
                 raise DatasetError(f"{path}: empty file (expected a header row)")
@@ -70,7 +75,7 @@ def read_csv(path: Path, target: str = DEFAULT_TARGET) -> tuple[np.ndarray, np.n
             rows = 0
             integral_target = True
             bad_label = None        # the first target out of class labels' range, refused if the column is labels
-            for line_number, row in _records(reader):
+            for line_number, row in _records(reader, lines):
                 if not row or all(not cell.strip() for cell in row):
                     continue
                 if len(row) != len(header):
@@ -139,13 +144,41 @@ def _column(header: list[str], index: int) -> str:
     return f"{index + 1} ({repr(name[:40]) if name else 'unnamed'})"
 
 
-def _records(reader):
+class _BoundedRecordLines:
+    """A CSV file's lines for csv.reader, refusing a record (one line, or several: a quoted cell may hold line
+    breaks) of more than MAX_RECORD_CHARS characters before the reader builds it; next_record() starts a record."""
+
+    def __init__(self, handle, path: Path):
+        self.handle, self.path = handle, path
+        self.record_start, self.taken = 1, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        line = self.handle.readline(MAX_RECORD_CHARS + 1)       # never more of one line than could be kept
+        if not line:
+            raise StopIteration
+        self.taken += len(line)
+        if self.taken > MAX_RECORD_CHARS:
+            raise DatasetError(f"{self.path}: line {self.record_start} starts a row of more than {MAX_RECORD_CHARS} "
+                               "characters (too many or too long columns)")
+        return line
+
+    def next_record(self, start: int) -> None:
+        """The next record starts at line `start`."""
+        self.record_start, self.taken = start, 0
+
+
+def _records(reader, lines: _BoundedRecordLines):
     """Each row of a CSV reader with the line of the file it starts on: a quoted cell may hold line breaks, so rows
     are not lines (counted as lines, a problem after one was named at a line before the one at fault)."""
     start = reader.line_num + 1
+    lines.next_record(start)
     for row in reader:
         yield start, row
         start = reader.line_num + 1
+        lines.next_record(start)
 
 
 def _is_integer(text: str) -> bool:

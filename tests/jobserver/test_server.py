@@ -787,6 +787,27 @@ def test_a_job_learns_the_target_column_its_upload_named_unless_its_spec_names_a
         server.stop()
 
 
+def test_an_upload_with_a_row_too_wide_to_check_is_a_bad_dataset_and_leaves_nothing(tmp_path):
+    """The check built each row whole, a Python string per cell (~30 times the file in memory: a 256 MiB upload of
+    a header and one row of short cells took ~8 GB of the server, two checked at once). A header, or a row, over
+    4 Mi characters is refused before it is read whole."""
+    from trainmetrics.datafiles import MAX_RECORD_CHARS
+
+    server = Server(tmp_path, extra=("--prometheus-url", f"http://127.0.0.1:{free_port()}"))
+    server.start()
+    try:
+        columns = MAX_RECORD_CHARS // 8
+        header = ",".join(f"c{i:06}" for i in range(columns)) + ",label\n"
+        content = (header + "0," * columns + "0\n" + "1," * columns + "1\n").encode()
+        answer = server.client().post("/api/training/datasets", params={"name": "wide.csv"}, content=content)
+        assert answer.status_code == 400, answer.text
+        assert answer.json()["error"] == {"code": "bad_dataset", "message": f"upload: line 1 starts a row of more "
+                                          f"than {MAX_RECORD_CHARS} characters (too many or too long columns)"}
+        assert list((tmp_path / "datasets").iterdir()) == []
+    finally:
+        server.stop()
+
+
 def test_a_dataset_file_no_record_names_is_removed_at_the_start(tmp_path):
     """An upload's file is moved into place, then recorded: a server killed between the two left the file for good,
     listed nowhere. The next start removes it; a recorded dataset stays."""

@@ -7,7 +7,8 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from trainmetrics.datafiles import DatasetError, read_csv, read_npz
+from trainmetrics import datafiles
+from trainmetrics.datafiles import MAX_RECORD_CHARS, DatasetError, read_csv, read_npz
 
 
 def peak_bytes(read, *args) -> int:
@@ -27,6 +28,28 @@ def test_a_csv_of_short_rows_costs_a_few_times_its_size(tmp_path):
     x, y = read_csv(path)
     assert x.shape == (50_000, 1) and x.dtype == np.float32 and y.dtype == np.int64 and y.sum() == 25_000
     assert peak_bytes(read_csv, path) < 8 * path.stat().st_size
+
+
+def test_a_csv_row_too_wide_to_keep_is_refused_before_it_is_read_whole(tmp_path):
+    """The csv module builds a row whole, each cell a Python string: a header and one row of two-character cells
+    took ~30 times the file in memory (a 256 MiB upload: ~8 GB in the job server, two checked at once)."""
+    path = tmp_path / "wide.csv"
+    columns = MAX_RECORD_CHARS // 3 + 1
+    path.write_text(",".join(f"{i % 100:02}" for i in range(columns)) + ",label\n" + "10," * columns + "1\n")
+    with pytest.raises(DatasetError, match=f"line 1 starts a row of more than {MAX_RECORD_CHARS} characters"):
+        read_csv(path)
+    assert peak_bytes(lambda: pytest.raises(DatasetError, read_csv, path)) < 4 * path.stat().st_size
+
+
+def test_a_csv_row_over_many_lines_counts_every_line_of_it(tmp_path, monkeypatch):
+    """A quoted cell may hold line breaks: a row of many short lines is as wide as their sum."""
+    monkeypatch.setattr(datafiles, "MAX_RECORD_CHARS", 100)
+    path = tmp_path / "lines.csv"
+    path.write_text("a,label\n1,0\n" + ",".join(['"1\n"'] * 40) + "\n2,1\n")
+    with pytest.raises(DatasetError, match="line 3 starts a row of more than 100 characters"):
+        read_csv(path)
+    path.write_text("a,label\n" + "1,0\n2,1\n" * 50)          # many lines, each row short: no limit in all
+    assert read_csv(path)[0].shape == (100, 1)
 
 
 @pytest.mark.parametrize("row,column", [("1e300,1", "a"), ("1,1e300", "label"), ("-4e38,0", "a"),
