@@ -106,24 +106,30 @@ class JobEnergy:
     def publish(self) -> None:
         """Forget jobs gone for longer than the retention, save the accounts, then publish those of the jobs
         seen within the hold."""
-        now = self.clock()
         with self._lock:
+            # Read under the lock: an add from another thread (a slow sample the watchdog gave up on) between the
+            # read and the lock left a job seen after `now`, saved with a negative `idle`, and a restart then
+            # refused the whole state file: every job's count started from 0.
+            now = self.clock()
             gone = [job_id for job_id, seen in self._seen.items() if now - seen > RETENTION_SECONDS]
             if len(self._seen) - len(gone) > MAX_JOBS:
                 gone = sorted(self._seen, key=self._seen.get)[:len(self._seen) - MAX_JOBS]
             for job_id in gone:
                 del self._joules[job_id], self._seen[job_id]
             if self._changed or gone or (self._joules and now - self._saved_at >= RESAVE_SECONDS):
-                self._save(now)
-                self._changed, self._saved_at = False, now
+                # A failed save is tried again at the next publication: else counts published since the last
+                # good save (a job's last ones) were saved only an hour later, and a restart before took them back.
+                self._changed = not self._save(now)
+                self._saved_at = now
             self.published = {(job_id, source): joules for job_id, account in self._joules.items()
                               if now - self._seen[job_id] <= HOLD_SECONDS for source, joules in account.items()}
 
-    def _save(self, now: float) -> None:
+    def _save(self, now: float) -> bool:
         """Write the accounts, each with `idle`, the seconds since the job was last seen (what the retention
-        counts), and `seen`, that time by the wall clock (what an exporter before `idle` reads)."""
+        counts), and `seen`, that time by the wall clock (what an exporter before `idle` reads). False when the
+        file could not be written."""
         if self.state_file is None:
-            return
+            return True
         wall = self.wall_clock()
         state = {job_id: {**account, "seen": max(0.0, wall - (now - self._seen[job_id])),
                           "idle": now - self._seen[job_id]} for job_id, account in self._joules.items()}
@@ -141,10 +147,11 @@ class JobEnergy:
                 log.warning("cannot write the energy state file %s (%s): the per-job energy counters will "
                             "start again from 0 if the exporter restarts", self.state_file, error)
             self._save_failed = True
-            return
+            return False
         if self._save_failed:
             log.info("energy state file %s written again", self.state_file)
         self._save_failed = False
+        return True
 
     def _load(self, path: Path) -> None:
         """Take the accounts over from the state file; a missing one is a first start, a bad one is logged

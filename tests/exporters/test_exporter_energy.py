@@ -628,6 +628,59 @@ def test_an_unwritable_state_file_is_logged_once_and_the_counts_go_on(tmp_path, 
     assert len([record for record in caplog.records if "cannot write" in record.getMessage()]) == 1
 
 
+def test_a_state_file_that_could_not_be_written_is_written_at_the_next_publication(tmp_path):
+    """A failed save was tried again only at the next change or an hour later: a job whose last counts were
+    published while the directory was gone, and that added nothing after, had them missing from the file, and an
+    exporter restarted within the hour took its counter back (a reset to Prometheus, a figure too low)."""
+    directory = tmp_path / "state"
+    directory.mkdir()
+    state = directory / "jobs.energy.json"
+    energy = JobEnergy(state)
+    energy.add("a", "gpu", 5.0)
+    energy.publish()
+    directory.rename(tmp_path / "moved")            # gone for a moment: this save fails
+    energy.add("a", "gpu", 7.0)
+    energy.publish()
+    directory.mkdir()                               # back; the job ended, nothing more is added
+    energy.publish()
+    assert energy.published == {("a", "gpu"): 12.0}
+    assert JobEnergy(state)._joules == {"a": {"gpu": 12.0}}
+
+
+class LateAddClock(Clock):
+    """A clock that, at the read it is armed for, lets another thread's add land first when JobEnergy's lock is
+    free: the watchdog's abandoned slow sample returning in the middle of a publication."""
+
+    def __init__(self):
+        super().__init__()
+        self.energy: JobEnergy | None = None
+        self.armed = False
+
+    def __call__(self) -> float:
+        self.now += 1.0
+        read = self.now
+        if self.armed and not self.energy._lock.locked():
+            self.armed = False
+            self.energy.add("late", "gpu", 1.0)    # seen at a later reading than the one returned here
+        return read
+
+
+def test_an_add_from_another_thread_during_a_publication_never_spoils_the_state_file(tmp_path):
+    """publish() read its clock before taking the lock: an add landing between saw the job at a later time, the
+    file held a negative `idle`, and a restarted exporter refused the whole file: every job's count from 0."""
+    state = tmp_path / "jobs.energy.json"
+    clock = LateAddClock()
+    energy = clock.energy = JobEnergy(state, clock=clock)
+    energy.add("a", "gpu", 5.0)
+    energy.add("late", "gpu", 2.0)
+    energy.publish()
+    energy.add("a", "gpu", 5.0)
+    clock.armed = True
+    energy.publish()
+    assert all(account["idle"] >= 0 for account in json.loads(state.read_text())["jobs"].values())
+    assert JobEnergy(state)._joules["a"] == {"gpu": 10.0}
+
+
 def test_an_interval_whose_process_list_failed_counts_with_the_next_not_for_the_declared_jobs_alone(tmp_path):
     """A process list that fails once (NVML_ERROR_UNKNOWN) left only the jobs declaring the GPU as its holders:
     eval-2 took the whole interval, mnist-1 (on it by its process) nothing. The GPU now keeps its reading."""
