@@ -246,7 +246,9 @@ class Trainer:
     def on_rank_0(self, work: Callable[[], None], phase: str) -> None:
         """Rank 0 does `work`; the other ranks wait for it at a barrier, in `phase`. Without the barrier they
         would wait in the next step's all-reduce: that step's time would hold rank 0's work, and the hang
-        watchdog, the hang alerts and the per-rank phases would take it for a collective that does not finish."""
+        watchdog, the hang alerts and the per-rank phases would take it for a collective that does not finish.
+        Rank 0 waits there for the others as `collective`: in `compute`, a peer stuck after the step's all-reduce
+        (in its optimizer) was named by no TrainerRankStuck, and rank 0 read as the rank stuck in its loop."""
         if not self.dist.is_main:
             with self.metrics.phase(phase):
                 distributed.barrier(self.dist)
@@ -254,7 +256,8 @@ class Trainer:
         try:
             work()
         finally:
-            distributed.barrier(self.dist)
+            with self.metrics.phase(COLLECTIVE):
+                distributed.barrier(self.dist)
 
     # ----- the loop ----------------------------------------------------------------------------------
     def start(self) -> None:

@@ -276,3 +276,30 @@ def test_ranks_that_loaded_different_data_fail_at_once_saying_so(tmp_path):
         said = read_result(path)
         assert said["state"] == "failed" and "the ranks loaded different data" in said["error"]
         assert "rank 0: 80 training rows" in said["error"] and "rank 1: 128 training rows" in said["error"]
+
+
+def test_rank_0_waits_for_its_peers_after_an_evaluation_or_checkpoint_as_collective(monkeypatch):
+    """Rank 0, done with an evaluation or checkpoint write, waited at the barrier for the other ranks in `compute`: a
+    peer stuck after the step's all-reduce (in its optimizer) was named by nobody (TrainerRankStuck looks for a rank
+    in `collective`), and rank 0 read as the one stuck in its loop."""
+    from types import SimpleNamespace
+
+    from trainmetrics.trainer import distributed
+    from trainmetrics.trainer.metrics import JobMetrics
+    from trainmetrics.trainer.phases import EVAL
+    from trainmetrics.trainer.runner import Trainer
+
+    metrics, seen = JobMetrics("rank-0-barrier"), []
+    monkeypatch.setattr(distributed, "barrier", lambda ctx: seen.append(metrics.phases.phase))
+    trainer = SimpleNamespace(metrics=metrics, dist=SimpleNamespace(enabled=True, is_main=True))
+
+    def evaluation():
+        with metrics.phase(EVAL):
+            seen.append(metrics.phases.phase)
+
+    try:
+        metrics.start()
+        Trainer.on_rank_0(trainer, evaluation, EVAL)
+        assert seen == ["eval", "collective"] and metrics.phases.phase == "compute"
+    finally:
+        metrics.close()
