@@ -49,6 +49,11 @@ UNAVAILABLE_LOG_SECONDS = 60.0
 # for, and would hold its slot until the collective's own timeout (30 minutes for gloo). A pause is never
 # killed: it exists to leave a checkpoint.
 CANCEL_GRACE_SECONDS = 60.0
+# One tick polls (and kills) runs until this long has gone on them, and starts queued jobs until this long has gone
+# on starts (one at least, whatever the polls took): the rest wait for the next tick, the runs polled longest ago
+# first. A Ray head answering each request in 9 s held the state thread (every API request behind it) for 9 s per
+# run and per start, a minute and more a tick; a local executor never reaches it.
+TICK_BUDGET_SECONDS = 2.0
 CUDA_VISIBLE_DEVICES = "CUDA_VISIBLE_DEVICES"
 # The largest gpus file read: 64 ranks' UUIDs are under 6 KiB.
 MAX_GPUS_FILE_BYTES = 64 * 1024
@@ -123,6 +128,7 @@ class Supervisor:
         # Runs whose stop went out though the store still marks it unsent (the write that clears the mark failed):
         # the mark is cleared again at each tick (JobRecord.stop_unsent).
         self._sent_unmarked: set[str] = set()
+        self._polled_at: dict[str, float] = {}      # job id -> when a tick last polled its run (monotonic)
 
     def job_path(self, job_id: str) -> Path:
         """The job's own directory (checkpoints, final model, log, result)."""
@@ -303,7 +309,13 @@ class Supervisor:
         """Kill cancelled runs past their grace, reap ended ones, then start queued jobs while there is room."""
         for job_id in list(self._sent_unmarked):
             self._mark_sent(job_id)
-        for job_id, run in list(self.runs.items()):
+        polls_began = time.monotonic()
+        self._polled_at = {job_id: self._polled_at.get(job_id, float("-inf")) for job_id in self.runs}
+        for job_id in sorted(self._polled_at, key=self._polled_at.get):
+            if time.monotonic() - polls_began >= TICK_BUDGET_SECONDS:
+                break
+            self._polled_at[job_id] = time.monotonic()
+            run = self.runs[job_id]
             self._kill_if_cancel_overdue(job_id, run)
             ended, code = self.executor.poll(run)
             if ended:
@@ -311,10 +323,13 @@ class Supervisor:
         queued = self.store.queued_jobs()
         self._deferred = {job.id: self._deferred[job.id] for job in queued if job.id in self._deferred}
         held_back = False       # this pass's start found the executor unable to start any
+        starts_began = time.monotonic()
         gpus_owed = None        # the GPUs the first job of this pass to wait for them needs, and its owner
         for job in queued:
             if self.running_count() >= self.max_concurrent:
                 break
+            if time.monotonic() - starts_began >= TICK_BUDGET_SECONDS:
+                return          # not a held back: this pass tried no more (nor a reset of one: _held_back kept)
             try:
                 self.start(job, gpus_owed)
             except StartDeferred as why:     # not yet: it stays queued; the jobs behind it may start

@@ -21,7 +21,7 @@ import requests
 
 from trainmetrics.contract import REGISTER_TOKEN_VARIABLE
 from trainmetrics.jobfiles import CONTROL_FILE_NAME
-from trainmetrics.jobserver import ray_executor
+from trainmetrics.jobserver import ray_executor, supervisor as supervision
 from trainmetrics.jobserver.executors import ExecutorUnavailable, Run
 from trainmetrics.jobserver.jobs import JobService, ServerSettings
 from trainmetrics.jobserver.ray_executor import RayExecutor
@@ -141,6 +141,56 @@ def supervised_on_ray(tmp_path, client, *job_ids: str, max_concurrent: int = 1) 
         store.add_job(JobRecord(id=job_id, owner="default", name=job_id, state="queued",
                                 spec={"model": "mlp", "dataset": "blobs", "nproc": 1}))
     return store, supervisor
+
+
+class SlowAnswers(Submissions):
+    """A Jobs API client that answers every submission and question about a run after `seconds` (a loaded head)."""
+
+    def __init__(self):
+        super().__init__()
+        self.answering, self.seconds, self.asked = True, 0.0, []
+
+    def submit_job(self, **request):
+        time.sleep(self.seconds)
+        return super().submit_job(**request)
+
+    def get_job_info(self, submission):
+        self.asked.append(submission)
+        time.sleep(self.seconds)
+        return SimpleNamespace(status=ray_executor.JobStatus.RUNNING, driver_exit_code=None, message="")
+
+
+def test_a_slow_ray_head_holds_a_tick_for_its_budget_only_and_every_job_gets_its_turn(tmp_path, monkeypatch):
+    """Each tick polled every run and started every queued job it had room for, on the state thread that answers
+    the API: a head answering in 9 s held it (every request behind it) for 9 s per run and per start. A tick now
+    stops asking once its budget is spent, and the next asks the runs polled longest ago first."""
+    monkeypatch.setattr(supervision, "TICK_BUDGET_SECONDS", 1.0)
+    monkeypatch.setattr(ray_executor, "POLL_SECONDS", 0.0)
+    client = SlowAnswers()
+    store, supervisor = supervised_on_ray(tmp_path, client, *(f"run-{i}" for i in range(6)), max_concurrent=10)
+    supervisor.tick()
+    assert len(supervisor.runs) == 6
+    client.seconds = 0.5
+    polled = []
+    for _ in range(3):
+        asked_before = len(client.asked)
+        supervisor.tick()
+        polled.append(client.asked[asked_before:])
+    assert all(1 <= len(tick) <= 2 for tick in polled), polled
+    every = [submission for tick in polled for submission in tick]
+    assert len(set(every)) == len(every)            # no run asked about twice before each was asked once
+
+    for job_id in ("late-1", "late-2", "late-3", "late-4"):
+        store.add_job(JobRecord(id=job_id, owner="default", name=job_id, state="queued",
+                                spec={"model": "mlp", "dataset": "blobs", "nproc": 1}))
+    supervisor.runs.clear()
+    supervisor.tick()
+    assert 1 <= len(supervisor.runs) <= 2
+    for _ in range(4):
+        supervisor.tick()
+    assert {job.state for job in store.list_jobs() if job.id.startswith("late")} == {"running"}
+    assert supervisor.held_back_since is None
+    store.close()
 
 
 @pytest.mark.parametrize("received", [False, True], ids=["refused", "answer-lost"])
