@@ -657,6 +657,21 @@ class JobMetrics:
         a mapping of seconds) is refused whole, said once: nothing of it is taken."""
         if self.start_time is not None:
             raise ValueError("load_state_dict() after start(): the job's counters would go back")
+        self._take(self._checked(state))
+
+    def refusal(self, state) -> str | None:
+        """Why load_state_dict() would refuse `state` whole (nothing of it taken), or None: a trainer resuming
+        from a checkpoint asks before it takes the checkpoint's position in the data."""
+        try:
+            self._checked(state)
+        except Exception as error:      # (what load_state_dict's guard would have logged)
+            return f"{type(error).__name__}: {str(error)[:200]}"
+        return None
+
+    def _checked(self, state: dict) -> dict:
+        """What load_state_dict() takes of `state`, every value checked (ValueError for one that is none)."""
+        if not isinstance(state, dict):
+            raise ValueError(f"a state is a mapping, not {type(state).__name__}")
 
         def count(key: str) -> int:
             value = state.get(key, 0)
@@ -672,6 +687,11 @@ class JobMetrics:
                 raise ValueError(f"{key} must be a finite number, got {str(value)[:40]!r}")
             return float(value)
 
+        loss_sum = state.get("loss_sum", 0.0)
+        # Infinite when finite interval means overflowed their sum (1.5e308 three times), as state_dict() wrote it:
+        # refused, the job's own checkpoint lost every counter it carries. No sum of finite losses is NaN.
+        if isinstance(loss_sum, bool) or not isinstance(loss_sum, (int, float)) or math.isnan(loss_sum):
+            raise ValueError(f"loss_sum must be a number, got {str(loss_sum)[:40]!r}")
         last_loss = state.get("last_loss")     # the last interval's mean: NaN or infinite for a diverged job
         if last_loss is not None and (isinstance(last_loss, bool) or not isinstance(last_loss, (int, float))):
             raise ValueError(f"last_loss must be a number, got {str(last_loss)[:40]!r}")
@@ -684,7 +704,7 @@ class JobMetrics:
                                  f"{CARRIED_SECONDS_MAX:g}")
         taken = {"steps": count("steps"), "samples": count("samples"), "checkpoints": count("checkpoints"),
                  "loss_first": number("loss_first"), "loss_min": number("loss_min"),
-                 "_loss_totals": (number("loss_sum", 0.0), count("loss_intervals")),
+                 "_loss_totals": (float(loss_sum), count("loss_intervals")),
                  # A resumed run that trains no step (paused or killed at the last one) still has a final loss.
                  "loss": number("loss"), "last_loss": None if last_loss is None else float(last_loss),
                  "nonfinite_losses": count("nonfinite_losses"), "eval_loss_min": number("eval_loss_min"),
@@ -705,6 +725,14 @@ class JobMetrics:
                 raise ValueError("loss_spike_detector must be a mapping")
             probe = type(self.spikes)()
             probe.load_state_dict(detector)
+        return {"taken": taken, "evaluations": evaluations, "spikes": spikes, "hang_bound": hang_bound,
+                "last_evaluation": last_evaluation, "detector": detector, "phases": phases}
+
+    def _take(self, checked: dict) -> None:
+        """Take over a state _checked() passed: nothing in here refuses it."""
+        taken, evaluations, spikes = checked["taken"], checked["evaluations"], checked["spikes"]
+        hang_bound, last_evaluation, detector = checked["hang_bound"], checked["last_evaluation"], checked["detector"]
+        phases = checked["phases"]
         for name, value in taken.items():
             setattr(self, name, value)
         self.evaluations = EvaluationHistory(first_index=evaluations + 1)

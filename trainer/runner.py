@@ -124,12 +124,37 @@ class Trainer:
         missing = [key for key in RESTORED_KEYS if key not in state]
         if missing:
             return f"it has no {', '.join(map(repr, missing))}"
+        # Refused, the metrics state took none of its counters: the run went on at the checkpoint's position in the
+        # data from step 0, and wrote its next checkpoints under steps the older ones already held.
+        for key in ("epoch", "batch_in_epoch"):     # (one that is not failed the job, its weights already taken)
+            if isinstance(state[key], bool) or not isinstance(state[key], int) or state[key] < 0:
+                return f"its {key} is {str(state[key])[:40]!r}, not a whole number >= 0"
+        # Every rank's, not this rank's alone: ranks that took different checkpoints would train on from different
+        # places in the data.
+        for rank in range(self.dist.world_size):
+            refusal = self.metrics.refusal(self._carried_metrics(state, rank))
+            if refusal is not None:
+                whose = f"rank {rank}'s" if self.dist.world_size > 1 else "its"
+                return f"{whose} metrics state is none ({refusal})"
         for key, own in (("job_id", self.config.job_id), ("model_name", self.config.model)):
             if key == "job_id" and self.config.job_id_made_up:     # no --job-id: any job id is this job's
                 continue
             if key in state and state[key] != own:
                 return f"its {key} is {str(state[key])[:80]!r}, not {own!r}"
         return self._misfit(state)
+
+    def _carried_metrics(self, state: dict, rank: int | None = None) -> dict:
+        """A rank's metrics state in a checkpoint (this rank's by default), with the job's steps and samples (the
+        states are not counted here: at another world size restore() refuses the checkpoint, naming the nproc to
+        resume with)."""
+        rank = self.dist.rank if rank is None else rank
+        by_rank = state.get("metrics_by_rank") or []
+        if len(by_rank) != self.dist.world_size:
+            by_rank = []
+        own = by_rank[rank] if by_rank else {"checkpoints": 1 if rank == 0 else 0}
+        if not isinstance(own, dict):
+            return own      # no state: refused as one
+        return {**own, "steps": state["step"], "samples": state["samples"]}
 
     def _misfit(self, state: dict) -> str | None:
         """Why a checkpoint's weights do not load into this model (as strictly as restore() loads them), or None.
@@ -161,8 +186,7 @@ class Trainer:
             raise ValueError(f"the checkpoint was written by {len(by_rank)} process(es) and this run has "
                              f"{self.dist.world_size}: each one's position and counts are its own shard's; "
                              f"resume with {len(by_rank)} (torchrun --nproc-per-node {len(by_rank)}, or nproc)")
-        own = by_rank[self.dist.rank] if by_rank else {"checkpoints": 1 if self.dist.is_main else 0}
-        self.metrics.load_state_dict({**own, "steps": int(state["step"]), "samples": int(state["samples"])})
+        self.metrics.load_state_dict(self._carried_metrics(state))
         # Its position in the data counts batches of that size, of that data, in that shuffle: another would train
         # some samples twice and skip others (another dataset of 7 batches an epoch skipped its first epoch whole).
         for key, flag, this_run, what in (("batch_size", "--batch-size", self.config.batch_size, "size"),

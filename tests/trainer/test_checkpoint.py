@@ -302,6 +302,56 @@ def test_a_checkpoint_that_loads_without_what_a_resume_needs_falls_back_to_the_o
     assert resumed.metrics.steps == 5
 
 
+@pytest.mark.parametrize("spoil,why", [
+    (lambda state: state["metrics_by_rank"][0].update(loss_first=float("nan")), "its metrics state is none ("),
+    (lambda state: state["metrics_by_rank"][0].update(phases={"compute": -1.0}), "its metrics state is none ("),
+    (lambda state: state.update(samples=-64), "its metrics state is none (ValueError: samples"),
+    (lambda state: state.update(metrics_by_rank=["not a state"]), "its metrics state is none ("),
+    (lambda state: state.update(epoch="x"), "its epoch is 'x', not a whole number >= 0")])
+def test_a_checkpoint_whose_metrics_state_is_refused_falls_back_to_the_one_before(spoil, why, make_trainer, tmp_path,
+                                                                                     caplog):
+    """A newest checkpoint whose metrics state the metrics refuse whole (a NaN loss, a negative phase or sample
+    count) was resumed from with none of its counters: the run went on at its position in the data from step 0,
+    ended at 18 steps for 23, and wrote its checkpoints under steps the older ones held. Skipped as a damaged one
+    is, the resume continues from the checkpoint before it, its counters those of that checkpoint. One whose epoch
+    was no number failed the job (`ValueError: invalid literal for int()`), its weights already taken."""
+    common = dict(model="mlp", dataset="digits", epochs=1, batch_size=64, seed=3)
+    straight = make_trainer(**common)
+    straight.run()
+    first = make_trainer(**common, checkpoint_dir=tmp_path, checkpoint_every=3)
+    assert stopped_at(first, 5) == "cancelled"
+    newest = ckpt.list_checkpoints(tmp_path)[-1].path
+    state = torch.load(newest, weights_only=True)
+    spoil(state)
+    ckpt.atomic_save(state, newest)
+    resumed = make_trainer(**common, checkpoint_dir=tmp_path)
+    restored = ckpt.load_latest(tmp_path, foreign=resumed.foreign)
+    assert restored["step"] == 3
+    assert f"checkpoint {newest} is not this job's ({why}" in caplog.text
+    resumed.restore(restored)
+    assert (resumed.metrics.steps, resumed.metrics.samples) == (3, 3 * 64)
+    assert resumed.run() == "completed"
+    assert (resumed.metrics.steps, resumed.metrics.samples) == (straight.metrics.steps, straight.metrics.samples)
+
+
+def test_a_checkpoint_whose_other_ranks_metrics_state_is_refused_is_skipped_by_every_rank(make_trainer, tmp_path):
+    """Each rank asked of its own state only: where rank 1's was refused and rank 0's not, rank 0 resumed from the
+    newest checkpoint and rank 1 from the one before, the two training on from different places."""
+    from types import SimpleNamespace
+
+    trainer = make_trainer(model="mlp", dataset="digits", epochs=1, batch_size=64, checkpoint_dir=tmp_path,
+                           checkpoint_every=3)
+    assert stopped_at(trainer, 3) == "cancelled"
+    state = torch.load(ckpt.list_checkpoints(tmp_path)[-1].path, weights_only=True)
+    good = state["metrics_by_rank"][0]
+    state["metrics_by_rank"] = [good, {**good, "checkpoints": 0, "loss_first": float("nan")}]
+    for rank in (0, 1):
+        trainer.dist = SimpleNamespace(world_size=2, rank=rank, is_main=rank == 0, enabled=True)
+        assert trainer.foreign(state).startswith("rank 1's metrics state is none (ValueError: loss_first")
+    state["metrics_by_rank"][1]["loss_first"] = good["loss_first"]
+    assert trainer.foreign(state) is None
+
+
 def test_a_resume_with_another_batch_size_fails_instead_of_training_samples_twice(make_trainer, tmp_path):
     """The position is a count of batches: 12 batches of 64 resumed with --batch-size 16 skipped 192 samples
     only, and trained 576 of the epoch again."""

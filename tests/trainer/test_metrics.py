@@ -646,6 +646,25 @@ def test_a_state_that_is_not_one_is_refused_whole():
         metrics.close()
 
 
+def test_a_state_whose_finite_losses_overflowed_their_sum_is_taken_back_whole():
+    """Three finite interval losses of 1.5e308 sum to infinity, and state_dict() wrote loss_sum inf, which
+    load_state_dict() refused whole: the job's own checkpoint carried none of its counters (a resumed trainer went
+    on from step 0 at the checkpoint's position in the data)."""
+    with JobMetrics("lib-overflowed-sum", log_every=1) as first:
+        first.start()
+        for _ in range(3):
+            first.step(loss=1.5e308, samples=4)
+        state = first.state_dict()
+    assert state["loss_sum"] == float("inf")
+    resumed = JobMetrics("lib-overflowed-sum", log_every=1)
+    try:
+        resumed.load_state_dict(state)
+        assert (resumed.steps, resumed.samples, resumed.loss_intervals) == (3, 12, 3)
+        assert resumed.loss_sum == float("inf") and resumed.loss_first == 1.5e308
+    finally:
+        resumed.close()
+
+
 def test_a_failure_is_said_once_per_job_not_once_per_process(caplog):
     first, second = JobMetrics("lib-first"), JobMetrics("lib-second")
     try:
