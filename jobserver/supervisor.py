@@ -470,14 +470,19 @@ class Supervisor:
             published = state if result.get(RESULT_PUBLISHED) is not False else None
             code = _code_of(state, result.get("exit_code"), code)
             reason = result["reason"][:500] if result.get("reason") is not None else None
+        elif job.requested in ("paused", "cancelled") and (code is None or code < 0):
+            # Lost (Ray's head gone, an adopted process), or killed without a result by a signal the server did not
+            # send (the OOM killer, a person; it was `failed` then) or by its cancel's kill, after a stop was
+            # accepted with a 202: that stop stands, as at a server restart (_resume_or_fail); a pause resumes from
+            # the last checkpoint.
+            state, error = job.requested, None
+            if code is not None and not killed:     # (its cancel's kill was said as it went out)
+                log.warning("job %s: killed by %s without a result; %s as requested before", job_id,
+                            _signal_name(-code), state)
         elif code is not None and code < 0:
             state, error = "failed", f"killed by {_signal_name(-code)} without a result"
         elif code is not None:
             state, error = "failed", f"exit code {code} without a result"
-        elif job.requested in ("paused", "cancelled"):
-            # Lost (Ray's head gone, an adopted process) after a stop was accepted with a 202: that stop stands,
-            # as at a server restart (_resume_or_fail); a pause resumes from the last checkpoint.
-            state, error = job.requested, None
         else:
             state, error = "failed", ("its process ended without a result or an exit code (adopted after a server "
                                       "restart, or its Ray submission stopped or lost)")

@@ -519,3 +519,29 @@ def test_the_event_loop_keeps_answering_under_password_guessing_and_submissions(
           f"({counts['checked']} checked), {counts['submits']} submissions")
     assert counts["checked"] >= 2 and counts["submits"] >= 5, counts     # a check at most every 1.4 s or so
     assert p99 < 0.3, p99          # loose; a blocked loop would wait out whole bcrypt checks (0.4 s each)
+
+
+@pytest.mark.parametrize("verb, state", [("cancel", "cancelled"), ("pause", "paused")])
+def test_a_stop_accepted_before_a_kill_the_server_did_not_send_stands(tmp_path, verb, state):
+    """A run killed -9 by someone else (the OOM killer, a person) while the checkpoint of its accepted stop was being
+    written ended `failed`, "killed by SIGKILL without a result", though the 202 promised the stop: the same death
+    while the server was down ended as the stop asked at the restart."""
+    faults = {"slow_checkpoint": {"seconds": 60}}      # the stop's checkpoint is being written when the kill comes
+    server = Server(tmp_path, env={"TRAINMETRICS_FAULTS": json.dumps(faults)}).start()
+    try:
+        client = server.client()
+        job = {**LONG_JOB, "checkpoint_every": 100000, "job_id": "killed-stopping"}
+        assert client.post("/api/training/jobs", json=job).status_code == 201
+        wait_job(client, "killed-stopping", lambda j: j["state"] == "running")
+        job_dir = tmp_path / "jobs" / "killed-stopping"
+        deadline = time.monotonic() + 60
+        while "step=10 " not in (job_dir / "train.log").read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert client.post(f"/api/training/jobs/killed-stopping/{verb}").json()["stop_requested"] == state
+        while not list((job_dir / "checkpoints").glob(".*.tmp")) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(pid_of(tmp_path, "killed-stopping"), signal.SIGKILL)
+        ended = wait_job(client, "killed-stopping", lambda j: j["state"] != "running")
+        assert (ended["state"], ended["error"]) == (state, None), ended
+    finally:
+        server.stop()
