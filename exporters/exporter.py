@@ -5,7 +5,8 @@ peaks), the slow loop every --slow-interval (process scans, statvfs, slow NVML c
 own for each collector whose source may answer slower than the interval (NVML utilisation and memory: a busy
 driver must not slow the host's sampling). After each fast pass the fast thread renders the exposition text,
 re-rendering only the collectors whose data changed (a collector with a loop of its own is rendered there,
-after its sample, never while it samples), and swaps in the new bytes. A scrape returns those bytes: it never
+after its sample, never while it samples, and swaps its new text in from there too: a host sample that hangs
+holds no GPU reading back), and swaps in the new bytes. A scrape returns those bytes: it never
 waits on /proc, psutil or NVML, so its latency is that of a small HTTP response.
 
 A sample that hangs (a dead network mount, a wedged driver) must neither pass for success nor freeze the
@@ -212,6 +213,7 @@ class Exporter:
         self._snapshot = b""
         self._stop = threading.Event()
         self._lock = threading.Lock()  # guards _loops and every runner's `running`
+        self._publishing = threading.Lock()     # the host's and the own loops publish snapshots (_publish)
         self._loops: dict[str, threading.Thread] = {}  # the thread that owns each loop now
         self._watchdog: threading.Thread | None = None
         # The fast loops: the host's, then one per collector with a loop of its own.
@@ -241,22 +243,35 @@ class Exporter:
             runner.sample_slow(now)
 
     def render(self) -> bytes:
-        """Render the exposition text, reusing each collector's text while its data is unchanged and leaving
-        out the collectors whose sample is stalled. A collector sampled in a loop of its own is rendered there
-        (while that loop runs): here its latest text is taken."""
-        chunks = []
-        stalled = set()
+        """Render the exposition text, reusing each collector's text while its data is unchanged, and publish it
+        (see _publish). A collector sampled in a loop of its own is rendered there (while that loop runs): here its
+        latest text is taken."""
         for runner in self.runners:
-            if runner.stalled:
-                stalled.add(runner.name)
-            elif runner.loop_of["fast"] != "fast" and runner.loop_of["fast"] in self._loops:
-                chunks.append(self._chunks.get(runner.name, (None, b""))[1])
-            else:
-                chunks.append(self._render_chunk(runner))
-        self.self_metrics.stalled = stalled
-        chunks.append(self._self_writer.render(self.self_metrics))
-        self._snapshot = b"".join(chunks)
-        return self._snapshot
+            if not runner.stalled and not self._in_own_loop(runner):
+                self._render_chunk(runner)
+        return self._publish()
+
+    def _in_own_loop(self, runner: CollectorRunner) -> bool:
+        """True when the collector's text is made in a fast loop of its own, one that runs."""
+        return runner.loop_of["fast"] != "fast" and runner.loop_of["fast"] in self._loops
+
+    def _publish(self) -> bytes:
+        """Swap in a snapshot of every collector's latest text, leaving out the collectors whose sample is stalled.
+        The host's fast loop publishes after each pass, and so does each collector's own loop after its sample:
+        published by the host's loop alone, a GPU's readings waited for it, and while a host sample hung (up to its
+        stall bound and the watchdog's look) a GPU spike left its peak window before any scrape saw it."""
+        with self._publishing:
+            chunks = []
+            stalled = set()
+            for runner in self.runners:
+                if runner.stalled:
+                    stalled.add(runner.name)
+                else:
+                    chunks.append(self._chunks.get(runner.name, (None, b""))[1])
+            self.self_metrics.stalled = stalled
+            chunks.append(self._self_writer.render(self.self_metrics))
+            self._snapshot = b"".join(chunks)
+            return self._snapshot
 
     def _render_chunk(self, runner: CollectorRunner) -> bytes:
         """The collector's text: rendered again only when its data may have changed."""
@@ -360,6 +375,8 @@ class Exporter:
                 for runner, _ in runners:
                     if runner.running["fast"] is None:      # not while its stalled sample runs on elsewhere
                         self._render_chunk(runner)
+                if self._passed["fast"].is_set():   # not before the host's first pass: its collectors had no text
+                    self._publish()
                 if slow_passed:
                     self._own_saw_slow.add(loop)
             self._passed[loop].set()

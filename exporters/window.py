@@ -34,9 +34,11 @@ class SampleWindow:
         while maxima and maxima[-1][1] <= value:
             maxima.pop()
         maxima.append((now, value))
-        self._expire(now)
+        self.expire(now)
 
-    def _expire(self, now: float) -> None:
+    def expire(self, now: float) -> None:
+        """Forget the samples older than the window at monotonic time now, with no new sample: a source whose
+        reading failed must not keep its earlier readings in the window past their time."""
         horizon = now - self.window
         values = self._values
         while values and values[0][0] <= horizon:

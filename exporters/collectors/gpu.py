@@ -9,7 +9,8 @@ Each GPU fails on its own. A GPU that is lost ("GPU is lost", one that needs a r
 out, is said once at warning level and is asked for again by index with backoff, while the others carry on.
 A query a GPU or its driver cannot answer (not supported, a function the driver lacks, no permission) is
 left out for that GPU for good, said once; any other failed query leaves out that one series for that
-sample. Only when no GPU answers (driver gone, NVML itself failing) does the collector report failure, shut
+sample (utilisation and memory, windowed: once no reading is left in their window). Only when no GPU
+answers (driver gone, NVML itself failing) does the collector report failure, shut
 NVML down and re-initialise it with exponential backoff. Nonsense readings (NaN, negative) are left out for
 that sample; utilisation is clamped to 0..1 and memory in use to the memory size.
 
@@ -99,7 +100,6 @@ class Gpu:
     utilization: SampleWindow
     memory_used: SampleWindow
     memory_total: int = 0
-    read_at: dict[str, float] = field(default_factory=dict)   # window name -> time of its latest reading
     xid_events: bool = False       # registered for XID events
     slow: SlowReadings | None = None
     unanswerable: set[str] = field(default_factory=set)       # NVML functions never asked again
@@ -339,15 +339,13 @@ class GpuCollector(Collector):
         self._add_reading(gpu, "memory_used", now, used)
 
     def _add_reading(self, gpu: Gpu, window: str, now: float, value: float | None) -> None:
-        """Add the reading to the GPU's window. Without one (failed or nonsense), the window is emptied once
-        its latest reading is older than the window, so a query that keeps failing leaves its series out
-        rather than frozen."""
+        """Add the reading to the GPU's window. Without one (failed or nonsense), the window still moves on to now:
+        kept whole until its latest reading was a window old, it showed a spike up to twice the window old as the
+        peak of the last window. A query that keeps failing leaves its series out (an empty window), not frozen."""
         if value is not None:
             getattr(gpu, window).add(now, value)
-            gpu.read_at[window] = now
-        elif now - gpu.read_at.get(window, now) >= self.peak_window:
-            setattr(gpu, window, SampleWindow(self.peak_window))
-            del gpu.read_at[window]
+        else:
+            getattr(gpu, window).expire(now)
 
     def _fail_if_no_gpu_answers(self, gpus: list[Gpu], now: float) -> None:
         """With every GPU lost, NVML itself is suspect (driver gone, all GPUs reset): the collector fails, and

@@ -2,13 +2,16 @@
 
 import logging
 import shutil
+import threading
 import time
 import urllib.error
 import urllib.request
 
 from trainmetrics.exporters.collectors.base import Collector
+from trainmetrics.exporters.collectors.gpu import GpuCollector
 from trainmetrics.exporters.exporter import Exporter
-from tests.exporters.exporter_fixtures import PROC_T1, FakeNvml, build_fixture_host, parse_exposition, scrape, two_gpus
+from tests.exporters.exporter_fixtures import (GIB, PROC_T1, FakeGpu, FakeNvml, build_fixture_host, parse_exposition,
+                                              scrape, two_gpus)
 
 
 def gpu_series(metrics: dict) -> set[str]:
@@ -193,3 +196,44 @@ def test_a_loop_slower_than_its_interval_by_less_than_one_interval_a_pass_counts
     missed = missed_samples(0.16, 2.0)
     # ~12 passes in 2 s where 20 were due: ~7 missed (0 before, a busy host aside).
     assert missed[(("loop", "fast"),)] >= 4, missed
+
+
+class HostSampleHanging(Collector):
+    """A host collector (the shared fast loop) whose sample hangs once `hang` is set, until `release`."""
+
+    name = "hanging"
+    fast = True
+
+    def __init__(self):
+        self.hang, self.hanging, self.release = threading.Event(), threading.Event(), threading.Event()
+
+    def sample(self, now: float) -> None:
+        if self.hang.is_set():
+            self.hanging.set()
+            self.release.wait(10)
+
+
+def test_a_gpu_spike_is_published_while_the_hosts_fast_loop_hangs(serve):
+    """The GPU's own loop rendered its text but only the host's fast loop swapped a new snapshot in: while a host
+    sample hung (a dead NFS mount in /proc reads, up to its 1 s stall bound and the watchdog's look), no GPU reading
+    reached a scrape, and a one-sample spike left its 0.5 s peak window before any scrape could see it, with the
+    gpu collector saying success 1 and its loop nothing missed."""
+    nvml = FakeNvml([FakeGpu("GPU-spike", utilization=[0], memory_used=[GIB])])
+    hanging = HostSampleHanging()
+    exporter = Exporter([hanging, GpuCollector(nvml=nvml, peak_window=0.5)], sample_interval=0.1,
+                        slow_interval=0.5).start()
+    url = serve(exporter)
+    peak = ("hw_gpu_utilization_peak_ratio", (("gpu", "0"), ("uuid", "GPU-spike")))
+    try:
+        hanging.hang.set()
+        assert hanging.hanging.wait(5)
+        nvml.gpus[0].utilization = [100, 0]     # one sample at 100 %, then idle again
+        seen = []
+        for _ in range(30):                     # scrapes every 50 ms through the hang and past the window
+            metrics = parse_exposition(scrape(url)[2])
+            seen.append(metrics.get(peak[0], {}).get(peak[1]))
+            time.sleep(0.05)
+    finally:
+        hanging.release.set()
+        exporter.stop()
+    assert 1.0 in seen, seen

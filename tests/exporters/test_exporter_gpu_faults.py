@@ -306,3 +306,23 @@ def test_nvml_giving_handles_of_gpus_that_answer_nothing_is_re_initialised_with_
         exporter.sample(tenth / 10)
     assert {dict(labels)["gpu"] for labels in parse_exposition(exporter.render())["hw_gpu_utilization_ratio"]} \
         == {"0", "1"}
+
+
+def test_a_utilisation_query_that_starts_failing_shows_no_peak_older_than_the_window():
+    """While the utilisation query failed (an NVML error of no stated kind), the window kept every reading until the
+    latest one was a whole window old: 1.4 s after a spike, 0.9 s into the failure, the 1 s peak still showed it and
+    the mean held readings 1.4 s old. The window now moves on with each sample, read or not."""
+    from tests.exporters.exporter_fixtures import FakeGpu
+
+    nvml = FakeNvml([FakeGpu("GPU-failing", utilization=[100, 0], memory_used=[GIB])])
+    exporter = Exporter([GpuCollector(nvml=nvml, peak_window=1.0)])
+    for now in (100.0, 100.1, 100.2, 100.3, 100.4, 100.5):     # the spike, then idle
+        exporter.sample(now)
+    nvml.gpus[0].errors["nvmlDeviceGetUtilizationRates"] = pynvml.NVML_ERROR_UNKNOWN
+    for now in (100.6, 100.8, 101.0, 101.2, 101.4):
+        exporter.sample(now)
+    metrics = parse_exposition(exporter.render())
+    assert value_of(metrics, "hw_gpu_utilization_peak_ratio", "0") == 0.0       # the spike is 1.4 s old
+    assert value_of(metrics, "hw_gpu_utilization_ratio", "0") == 0.0
+    exporter.sample(101.6)                                                       # no reading in the last 1 s
+    assert value_of(parse_exposition(exporter.render()), "hw_gpu_utilization_peak_ratio", "0") is None
