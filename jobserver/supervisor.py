@@ -129,6 +129,7 @@ class Supervisor:
         # the mark is cleared again at each tick (JobRecord.stop_unsent).
         self._sent_unmarked: set[str] = set()
         self._polled_at: dict[str, float] = {}      # job id -> when a tick last polled its run (monotonic)
+        self._put_off_cut: set[str] = set()         # queued jobs the next pass skips (tick)
 
     def job_path(self, job_id: str) -> Path:
         """The job's own directory (checkpoints, final model, log, result)."""
@@ -310,7 +311,11 @@ class Supervisor:
         for job_id in list(self._sent_unmarked):
             self._mark_sent(job_id)
         polls_began = time.monotonic()
-        self._polled_at = {job_id: self._polled_at.get(job_id, float("-inf")) for job_id in self.runs}
+        # A run this tick sees first counts as polled now, behind the runs polled before: taken for one polled
+        # longest ago, each run started since went first, and on a slow head, whose tick polls one run and starts
+        # one, the runs started the tick before took every poll while the queue lasted (an older run's end, and
+        # its cancel's kill, never came).
+        self._polled_at = {job_id: self._polled_at.get(job_id, polls_began) for job_id in self.runs}
         for job_id in sorted(self._polled_at, key=self._polled_at.get):
             if time.monotonic() - polls_began >= TICK_BUDGET_SECONDS:
                 break
@@ -325,11 +330,19 @@ class Supervisor:
         held_back = False       # this pass's start found the executor unable to start any
         starts_began = time.monotonic()
         gpus_owed = None        # the GPUs the first job of this pass to wait for them needs, and its owner
+        # The jobs the executor put off in passes the budget cut short: skipped until a pass is not cut short.
+        skipped, put_off = self._put_off_cut, set()
         for job in queued:
             if self.running_count() >= self.max_concurrent:
                 break
+            if job.id in skipped:
+                continue
             if time.monotonic() - starts_began >= TICK_BUDGET_SECONDS:
-                return          # not a held back: this pass tried no more (nor a reset of one: _held_back kept)
+                # Not a held back: this pass tried no more (nor a reset of one: _held_back kept). The jobs it put
+                # off wait for the jobs behind them to have their try: tried first at every pass, a job the executor
+                # kept putting off spent each budget, and the jobs behind it never started.
+                self._put_off_cut = (skipped | put_off) & {waiting.id for waiting in queued}
+                return
             try:
                 self.start(job, gpus_owed)
             except StartDeferred as why:     # not yet: it stays queued; the jobs behind it may start
@@ -339,7 +352,9 @@ class Supervisor:
                     gpus_owed = (why.nproc, job.owner) if gpus_owed is None else gpus_owed
                     # Put off before the executor was asked: no answer of its. (Taken as one, a job waiting for
                     # GPUs began the held back anew at each pass, which JobServerNotStartingJobs then never saw.)
+                    # (Never skipped: it keeps its place, the GPUs freed going to it first.)
                     continue
+                put_off.add(job.id)
             except ExecutorUnavailable as error:     # not the job's failure: it stays queued, tried again later
                 self._executor_unavailable(job, error)
                 held_back = True
@@ -355,6 +370,7 @@ class Supervisor:
             else:
                 self._deferred.pop(job.id, None)
             self._held_back = None          # the executor answered this start
+        self._put_off_cut = set()       # a pass not cut short (all tried, or no slot left): each is tried again
         if not held_back:
             # No start of this pass failed: none was tried (the queue emptied, a cancel took the job that failed;
             # every slot taken) or one got through. Kept, a held back with no job queued stayed published and

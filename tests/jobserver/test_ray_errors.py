@@ -159,6 +159,14 @@ class SlowAnswers(Submissions):
         time.sleep(self.seconds)
         return SimpleNamespace(status=ray_executor.JobStatus.RUNNING, driver_exit_code=None, message="")
 
+    def get_job_status(self, submission):
+        time.sleep(self.seconds)
+        return ray_executor.JobStatus.RUNNING
+
+    def list_jobs(self):
+        time.sleep(self.seconds)
+        return super().list_jobs()
+
 
 def test_a_slow_ray_head_holds_a_tick_for_its_budget_only_and_every_job_gets_its_turn(tmp_path, monkeypatch):
     """Each tick polled every run and started every queued job it had room for, on the state thread that answers
@@ -190,6 +198,57 @@ def test_a_slow_ray_head_holds_a_tick_for_its_budget_only_and_every_job_gets_its
         supervisor.tick()
     assert {job.state for job in store.list_jobs() if job.id.startswith("late")} == {"running"}
     assert supervisor.held_back_since is None
+    store.close()
+
+
+def test_a_run_polled_before_is_polled_before_runs_started_since_and_its_overdue_cancel_is_killed(tmp_path,
+                                                                                                   monkeypatch):
+    """A run never polled was taken for one polled longest ago: on a slow head, while queued jobs kept starting,
+    each tick spent its polls on the runs the tick before had started, and an older run went unpolled as long as
+    the queue lasted (its cancel past its grace was never killed, its end never seen). A run started since counts
+    as polled when the tick first sees it: the older run's turn comes first."""
+    monkeypatch.setattr(supervision, "TICK_BUDGET_SECONDS", 0.5)
+    monkeypatch.setattr(ray_executor, "POLL_SECONDS", 0.0)
+    client = SlowAnswers()
+    store, supervisor = supervised_on_ray(tmp_path, client, "old", max_concurrent=20)
+    supervisor.tick()
+    supervisor.request_stop(store.get_job("old"), "cancelled")
+    for job_id in (f"new-{i}" for i in range(8)):
+        store.add_job(JobRecord(id=job_id, owner="default", name=job_id, state="queued",
+                                spec={"model": "mlp", "dataset": "blobs", "nproc": 1}))
+    client.seconds = 0.5                                # a tick's budget: one poll and one start a tick
+    supervisor.tick()                                   # "old" polled, "new-0" started
+    assert client.asked == [store.get_job("old").handle] and store.get_job("new-0").state == "running"
+    supervisor.cancel_grace = 0.0                       # its cancel's grace runs out
+    for _ in range(3):
+        supervisor.tick()
+    assert client.stopped == [store.get_job("old").handle]
+    store.close()
+
+
+def test_a_job_whose_start_a_slow_head_puts_off_lets_the_jobs_behind_it_start(tmp_path, monkeypatch):
+    """A job at the head of the queue whose start Ray put off (a run of it no server recorded, still stopping)
+    spent each tick's start budget on a slow head: every tick tried it first and stopped there, and the jobs
+    queued behind it never started while it waited (docs/api.md: a job put off lets the jobs behind it start).
+    A job put off in a tick its budget cut short waits for the jobs behind it to have their try."""
+    monkeypatch.setattr(supervision, "TICK_BUDGET_SECONDS", 0.5)
+    monkeypatch.setattr(ray_executor, "STRAY_SETTLE_SECONDS", 0.0)
+    client = SlowAnswers()
+    store, supervisor = supervised_on_ray(tmp_path, client, "lost", "behind-1", "behind-2", max_concurrent=5)
+    entrypoint = supervisor.executor.entrypoint(1, supervisor.train_args(store.get_job("lost")),
+                                                supervisor.job_path("lost"))
+    stray = SimpleNamespace(submission_id="lost-1", status="RUNNING", metadata={"trainmetrics_job_id": "lost"},
+                            entrypoint=entrypoint)
+    client.listed, client.seconds = [stray], 0.5        # a stray whose stop takes long, on a head slow to answer
+    for _ in range(4):
+        supervisor.tick()
+    assert [store.get_job(job_id).state for job_id in ("lost", "behind-1", "behind-2")] == ["queued", "running",
+                                                                                           "running"]
+    assert supervisor.waiting_for(store.get_job("lost")).startswith("its start, put off: its Ray submission lost-1")
+    stray.status = "STOPPED"
+    for _ in range(2):
+        supervisor.tick()
+    assert store.get_job("lost").state == "running"     # tried again in its turn
     store.close()
 
 
