@@ -85,6 +85,7 @@ class CollectorRunner:
         self.backoff = {"fast": 0.0, "slow": 0.0}       # seconds left out after its last stalled sample returned
         self.resume_at = {"fast": 0.0, "slow": 0.0}     # monotonic time it is sampled again
         self.generation = 0  # changes whenever a sample may have changed what collect() yields
+        self.shown = False   # whether its latest collect() yielded its series (its samples had succeeded)
         collector.progressed = self.progressed
 
     def progressed(self) -> None:
@@ -148,18 +149,14 @@ class CollectorRunner:
         return self.errors["fast"] is None and self.errors["slow"] is None
 
     @property
-    def success(self) -> bool:
-        """True when the latest samples succeeded and their series rendered."""
-        return self.sampled and self.errors["render"] is None
-
-    @property
     def duration(self) -> float:
         """Seconds the latest fast and slow samples took together."""
         return sum(self.durations.values())
 
     def collect(self) -> Iterable:
-        """The collector's families, or nothing while its source fails."""
-        if not self.sampled:
+        """The collector's families, or nothing while its source fails (said in `shown`: its success as rendered)."""
+        self.shown = self.sampled
+        if not self.shown:
             return
         for family in self.collector.collect():
             if family.samples:
@@ -173,7 +170,9 @@ class SelfMetrics:
     def __init__(self, runners: list[CollectorRunner], loops: list[str]):
         self.runners = runners
         self.missed = dict.fromkeys(loops, 0)   # fixed keys: each loop's thread adds to its own
-        self.stalled: set[str] = set()  # set by each render, so success and the dropped series agree
+        # Per collector, its success as its published text shows it (set by each publish): read when the snapshot is
+        # made, a collector whose sample had just come back said 1 beside the text of its failure, with no series.
+        self.success: dict[str, bool] = {}
 
     def collect(self):
         success = GaugeMetricFamily("exporter_collector_success",
@@ -182,7 +181,7 @@ class SelfMetrics:
                                      "Seconds the collector's latest fast and slow samples took.",
                                      labels=["collector"])
         for runner in self.runners:
-            success.add_metric([runner.name], 1 if runner.success and runner.name not in self.stalled else 0)
+            success.add_metric([runner.name], 1 if self.success.get(runner.name) else 0)
             duration.add_metric([runner.name], runner.duration)
         yield success
         yield duration
@@ -206,7 +205,7 @@ class Exporter:
                             for part, interval in self.intervals.items()}
         self.runners = [CollectorRunner(collector, self.stall_after) for collector in collectors]
         self.clock = clock
-        self._chunks: dict[str, tuple[int, bytes]] = {}
+        self._chunks: dict[str, tuple[int, bytes, bool]] = {}    # per collector: (generation, text, success)
         # generate_latest's text with each series' escaped name and labels kept: one writer per collector.
         self._writers = {runner.name: TextExposition() for runner in self.runners}
         self._self_writer = TextExposition()
@@ -261,14 +260,15 @@ class Exporter:
         published by the host's loop alone, a GPU's readings waited for it, and while a host sample hung (up to its
         stall bound and the watchdog's look) a GPU spike left its peak window before any scrape saw it."""
         with self._publishing:
-            chunks = []
-            stalled = set()
+            chunks, success = [], {}
             for runner in self.runners:
+                # Its text and success from the same render: another loop publishes while this one's pass runs.
+                _, text, success[runner.name] = self._chunks.get(runner.name, (None, b"", False))
                 if runner.stalled:
-                    stalled.add(runner.name)
+                    success[runner.name] = False
                 else:
-                    chunks.append(self._chunks.get(runner.name, (None, b""))[1])
-            self.self_metrics.stalled = stalled
+                    chunks.append(text)
+            self.self_metrics.success = success
             chunks.append(self._self_writer.render(self.self_metrics))
             self._snapshot = b"".join(chunks)
             return self._snapshot
@@ -287,7 +287,7 @@ class Exporter:
             text = b""
         else:
             runner.errors["render"] = None
-        self._chunks[runner.name] = (generation, text)
+        self._chunks[runner.name] = (generation, text, runner.shown and runner.errors["render"] is None)
         return text
 
     def snapshot(self) -> bytes:

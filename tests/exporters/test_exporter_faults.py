@@ -7,6 +7,8 @@ import time
 import urllib.error
 import urllib.request
 
+from prometheus_client.core import GaugeMetricFamily
+
 from trainmetrics.exporters.collectors.base import Collector
 from trainmetrics.exporters.collectors.gpu import GpuCollector
 from trainmetrics.exporters.exporter import Exporter
@@ -237,3 +239,64 @@ def test_a_gpu_spike_is_published_while_the_hosts_fast_loop_hangs(serve):
         hanging.release.set()
         exporter.stop()
     assert 1.0 in seen, seen
+
+
+class HostSourceBack(Collector):
+    """A host collector (the shared fast loop) failing until `back` is set, then showing one series."""
+
+    name = "flaky"
+    fast = True
+
+    def __init__(self):
+        self.back = threading.Event()
+
+    def sample(self, now: float) -> None:
+        if not self.back.is_set():
+            raise OSError("not there yet")
+
+    def collect(self):
+        gauge = GaugeMetricFamily("flaky_value", "A series of a source that came back.")
+        gauge.add_metric([], 1.0)
+        yield gauge
+
+
+class HostSampleAfter(Collector):
+    """A host collector sampled after `flaky` in the same pass: once `armed`, its sample waits (within the stall
+    bound) for two snapshots published meanwhile by the GPU's own loop and keeps the latest."""
+
+    name = "after"
+    fast = True
+
+    def __init__(self):
+        self.armed, self.exporter, self.seen = threading.Event(), None, []
+
+    def sample(self, now: float) -> None:
+        if not self.armed.is_set() or self.seen:
+            return
+        snapshot, published, deadline = self.exporter.snapshot(), 0, time.monotonic() + 0.6
+        while published < 2 and time.monotonic() < deadline:
+            time.sleep(0.005)
+            if self.exporter.snapshot() is not snapshot:
+                snapshot, published = self.exporter.snapshot(), published + 1
+        self.seen.append(snapshot)
+
+
+def test_a_snapshot_published_by_the_gpus_loop_mid_pass_says_success_only_of_series_it_holds():
+    """The GPU's own loop swapped in snapshots while the host's fast pass was under way, with each host collector's
+    success read then but its text from its latest render: a source back since this pass's sample showed
+    exporter_collector_success 1 with none of its series (and one that just failed, 0 with its old ones)."""
+    flaky, after = HostSourceBack(), HostSampleAfter()
+    nvml = FakeNvml([FakeGpu("GPU-a", utilization=[50], memory_used=[GIB])])
+    exporter = Exporter([flaky, after, GpuCollector(nvml=nvml)], sample_interval=0.1, slow_interval=0.5).start()
+    after.exporter = exporter
+    try:
+        assert success(parse_exposition(exporter.snapshot()))["flaky"] == 0
+        flaky.back.set()
+        after.armed.set()
+        deadline = time.monotonic() + 5
+        while not after.seen and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        exporter.stop()
+    metrics = parse_exposition(after.seen[0])
+    assert ("flaky_value" in metrics) == (success(metrics)["flaky"] == 1), metrics.get("exporter_collector_success")
