@@ -14,6 +14,10 @@ from trainmetrics.analytics.lookup import JobFacts, find_jobs, owned_by
 from trainmetrics.analytics.prometheus import PrometheusClient, partial_answers
 from trainmetrics.analytics.results import (mib, minus, percent, process_of, query_parts_many, ratio, rounded, rows,
                                            scalar)
+from trainmetrics.contract import STEP_PHASES
+
+# The training loop's phases: the data-wait share's whole.
+LOOP_PHASES = ("data_wait", *STEP_PHASES)
 
 
 @dataclass
@@ -96,10 +100,14 @@ class Totals:
             seen = last_seen.get((key, rank))
             return (1, seen) if seen is not None else (0, place.get(key, -1))
 
-        self._values = {name: sorted((_Value(order(labels), labels.get("rank", "0"), value)
-                                      for labels, value in rows(found.get(name, [])) if value is not None),
-                                     key=lambda v: (v.order, v.rank))
-                        for name in q.TOTALS}
+        def values(name: str, phase: str | None = None) -> list[_Value]:
+            return sorted((_Value(order(labels), labels.get("rank", "0"), value)
+                           for labels, value in rows(found.get(name, []))
+                           if value is not None and labels.get("phase") == phase), key=lambda v: (v.order, v.rank))
+
+        self._values = {name: values(name) for name in q.TOTALS}
+        # The loop's phases (trainer_phase_seconds_total), carried over a resume as the counters are.
+        self._values.update({f"{phase}_phase": values("phase_seconds", phase) for phase in LOOP_PHASES})
 
     def _rank0(self, name: str) -> list[float]:
         return [v.value for v in self._values[name] if v.rank == "0"]
@@ -132,6 +140,13 @@ class Totals:
         for v in self._values[name]:        # oldest process first
             newest[v.rank] = v.value
         return combine(newest.values()) if newest else None
+
+    def data_wait_share(self) -> float | None:
+        """The data_wait phase's share of the loop phases' seconds, every rank's newest process's (the job's totals).
+        Not the data-wait histogram over the step-time one: the wait that ends a pass (the loader joining its workers)
+        is data wait in no step, and a job of one or two steps a pass read over 100 %."""
+        loop = [self.per_rank(f"{phase}_phase") for phase in LOOP_PHASES]
+        return ratio(loop[0], sum(seconds for seconds in loop if seconds is not None))
 
     def mean_loss(self) -> float | None:
         """The mean of every logged loss: the newest sum and count of them (rank 0's, from one process)."""
@@ -296,7 +311,7 @@ def _assemble(facts: JobFacts, found: dict[str, list[dict]], peak: dict[str, Pea
             peak_window_seconds=peak_window,
             average_step_seconds=rounded(ratio(step_seconds, totals.total("step_count"))),
             peak_step_seconds=rounded(totals.highest("step_max", every_rank=True)),
-            data_wait_percent=rounded(percent(ratio(totals.total("data_wait_seconds"), step_seconds)))),
+            data_wait_percent=rounded(percent(totals.data_wait_share()))),
         resource_utilization=shapes.ResourceUtilization(
             average_gpu_utilization_percent=rounded(average_gpu),
             peak_gpu_utilization_percent=rounded(percent(peak_value("gpu_utilization"))),

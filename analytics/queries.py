@@ -247,7 +247,6 @@ TOTALS = {
     "step_seconds": ("max_over_time", f"{Trainer.STEP_DURATION}_sum"),
     "step_count": ("max_over_time", f"{Trainer.STEP_DURATION}_count"),
     "step_max": ("last_over_time", Trainer.STEP_DURATION_MAX),
-    "data_wait_seconds": ("max_over_time", f"{Trainer.DATA_WAIT}_sum"),
     "loss_last": ("last_over_time", Trainer.LOSS),
     # 0 when the last logged interval's loss was NaN or infinite (trainer_loss keeps the last finite one).
     "loss_finite": ("last_over_time", Trainer.LOSS_FINITE),

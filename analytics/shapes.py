@@ -64,7 +64,8 @@ class Performance:
     peak_window_seconds: float | None = described("the window of the sampled peaks (throughput, CPU)")
     average_step_seconds: float | None = described("step-time histogram sum / count")
     peak_step_seconds: float | None = described("the longest step")
-    data_wait_percent: float | None = described("data-wait histogram sum / step-time histogram sum")
+    data_wait_percent: float | None = described(
+        "data_wait phase seconds / the loop phases' (data_wait, compute, optimizer, collective), every rank's")
 
 
 @dataclass(slots=True)

@@ -1,5 +1,7 @@
 """How the job analytics assemble figures that more than one series carries (analytics/job.py)."""
 
+import pytest
+
 from trainmetrics.analytics.job import _assemble
 from trainmetrics.analytics.lookup import JobFacts, Process, Timeline
 from trainmetrics.analytics.shapes import Evaluation
@@ -79,3 +81,33 @@ def test_a_stored_report_missing_parts_is_not_taken_for_more_of_the_job():
     assert not holds_less(answer, from_plain(JobAnalytics, {"job_id": "j", "start_time": 100.0}))
     assert holds_less(answer, from_plain(JobAnalytics, {"job_id": "j", "start_time": 90.0,
                                                         "duration": {"total_seconds": 60.0}}))
+
+
+def test_the_data_wait_share_is_the_loops_newest_totals_and_never_over_100_percent():
+    """The share was the data-wait histogram over the step-time one, every process's: the wait that ends each pass (a
+    DataLoader joining its workers) is data wait in no step, and a job of one step a pass read 120 % (109 % from a real
+    `trainmetrics train --workers 2` on a 40-row CSV). It is the data_wait phase's share of the loop phases' seconds,
+    each rank's newest process's totals (a resumed process carries the job's on from its checkpoint)."""
+    killed = Process("127.0.0.1:9000", start=100.0, end=None, state="running")
+    resumed = Process("127.0.0.1:9001", start=200.0, end=230.0, state="completed")
+    facts = JobFacts(job_id="j", info={}, status="completed", processes=[killed, resumed],
+                     timeline=Timeline.of([(100.0, 150.0), (200.0, 230.0)]), upload_seconds=None,
+                     owners=frozenset(), fingerprint=frozenset(), now=240.0)
+    rank_1 = "127.0.0.1:9100"
+
+    def sample(instance: str, rank: str, value: float, **labels) -> dict:
+        return {"metric": {"instance": instance, "rank": rank, **labels}, "value": [230, str(value)]}
+
+    phases = {(killed.key, "0"): {"data_wait": 0.3, "compute": 0.1, "optimizer": 0.02, "collective": 0.0},
+              (resumed.key, "0"): {"data_wait": 0.45, "compute": 0.08, "optimizer": 0.03, "collective": 0.0},
+              (rank_1, "1"): {"data_wait": 0.4, "compute": 0.1, "optimizer": 0.05, "collective": 0.0,
+                              "eval": 3.0, "init": 5.0}}
+    found = {"phase_seconds": [sample(instance, rank, value, phase=phase)
+                               for (instance, rank), totals in phases.items() for phase, value in totals.items()],
+             # The histograms (each process's own): what the share was read from.
+             "data_wait_seconds": [sample(killed.key, "0", 0.3), sample(resumed.key, "0", 0.2),
+                                   sample(rank_1, "1", 0.4)],
+             "step_seconds": [sample(killed.key, "0", 0.25), sample(resumed.key, "0", 0.15),
+                              sample(rank_1, "1", 0.35)]}
+    body = _assemble(facts, found, {}, [], None)
+    assert body.performance.data_wait_percent == pytest.approx(100 * (0.45 + 0.4) / (0.56 + 0.55), rel=1e-5)

@@ -368,31 +368,39 @@ def test_the_counts_of_a_job_resumed_after_a_kill_are_its_newest_runs(tmp_path):
     promtool_passes(tmp_path / "killed_test.yml", KILLED_SERIES, tests)
 
 
-def test_the_data_wait_share_has_no_point_where_no_step_completed(tmp_path):
-    """A window with data waits and no completed step (an evaluation, the start) was +Inf, one with neither NaN."""
+def test_the_data_wait_share_is_of_the_loop_and_has_no_point_where_no_step_completed(tmp_path):
+    """The share was the data-wait histogram over the step-time one: a job of one step a pass, whose wait for the end
+    of each pass (the loader joining its workers) is in no step, read 150 %. A window with data waits and no completed
+    step (an evaluation, the start) was +Inf, one with neither NaN."""
     (target,) = [panel["targets"][0] for panel in all_dashboards()["training-job.json"]["panels"]
                  if panel["title"] == "Data wait"]
-    expr = target["expr"].replace("$job_id", "w1").replace("$__rate_interval", "2m")
+    expr = target["expr"].replace("$job_id", "w1").replace("$__rate_interval", "1m")
+    rules = ROOT / "deploy" / "prometheus" / "rules" / "trainmetrics.rules.yml"
     config = tmp_path / "data_wait_test.yml"
-    config.write_text(f"""evaluation_interval: 1m
+    # Each second a pass: 0.25 s for the workers' start, 0.25 s of compute, 0.5 s for their join; then no step.
+    config.write_text(f"""rule_files: ['{rules}']
+evaluation_interval: 1s
 tests:
-  - interval: 1m
+  - interval: 1s
     input_series:
-      - series: 'trainer_data_wait_seconds_sum{{job_id="w1"}}'
-        values: '0 6 12 18 24 30 30 30'
-      - series: 'trainer_step_duration_seconds_sum{{job_id="w1"}}'
-        values: '0 60 120 180 180 180 180 180'
+      - series: 'trainer_steps_total{{job_id="w1",rank="0"}}'
+        values: '0+1x120 120x120'
+      - series: 'trainer_data_wait_seconds_sum{{job_id="w1",rank="0"}}'
+        values: '0+0.75x120 90+0.5x120'
+      - series: 'trainer_step_duration_seconds_sum{{job_id="w1",rank="0"}}'
+        values: '0+0.5x120 60x120'
+      - series: 'trainer_phase_seconds_total{{job_id="w1",rank="0",phase="data_wait"}}'
+        values: '0+0.75x120 90+0.5x120'
+      - series: 'trainer_phase_seconds_total{{job_id="w1",rank="0",phase="compute"}}'
+        values: '0+0.25x120 30+0.5x120'
     promql_expr_test:
       - expr: '{expr}'
-        eval_time: 2m
+        eval_time: 90s
         exp_samples:
-          - labels: '{{}}'
-            value: 0.1
+          - labels: 'job_id:trainer_data_wait:ratio_rate1m{{job_id="w1"}}'
+            value: 0.75
       - expr: '{expr}'
-        eval_time: 5m
-        exp_samples: []
-      - expr: '{expr}'
-        eval_time: 7m
+        eval_time: 200s
         exp_samples: []
 """)
     result = subprocess.run(["promtool", "test", "rules", str(config)], capture_output=True, text=True)

@@ -89,12 +89,12 @@ def build():
                                        for quantile, percent, ref_id in (("0.5", 50, "A"), ("0.9", 90, "B"),
                                                                          ("0.99", 99, "C")))))
         # (No point where no step completed in the window, at the start or in an evaluation: it was +Inf or NaN.)
-        .with_panel(timeseries_panel("Data wait", "Share of step time spent waiting for the next batch (no point "
+        .with_panel(timeseries_panel("Data wait", "Share of the training loop (data wait, compute, optimizer, "
+                                                  "collective) spent waiting for the next batch, over 1 m (no point "
                                                   "where no step completed: an evaluation, a checkpoint).",
                                      "percentunit",
-                                     query(f"sum(rate(trainer_data_wait_seconds_sum{{{JOB}}}[$__rate_interval])) / "
-                                           f"(sum(rate(trainer_step_duration_seconds_sum{{{JOB}}}[$__rate_interval]))"
-                                           " > 0)", "data wait"), min_value=0, max_value=1))
+                                     query(f"job_id:trainer_data_wait:ratio_rate1m{{{JOB}}}", "data wait"),
+                                     min_value=0, max_value=1))
         .with_panel(timeseries_panel("Model FLOPs utilisation", "Achieved FLOP/s ÷ device peak (where known).",
                                      "percentunit", query(f"trainer_model_flops_utilization_ratio{{{JOB}}}",
                                                           "MFU {{rank}}"), min_value=0))
@@ -102,8 +102,8 @@ def build():
                                      "jobs; one line for a single process).", "s",
                                      query(f"job_id_rank:trainer_step_duration_seconds:mean_rate1m{{{JOB}}}",
                                            "rank {{rank}}")))
-        .with_panel(timeseries_panel("Ranks: data wait", "Each rank's share of step time waiting for data: a "
-                                     "rank far above the others is a straggler.", "percentunit",
+        .with_panel(timeseries_panel("Ranks: data wait", "Each rank's share of its training loop waiting for "
+                                     "data: a rank far above the others is a straggler.", "percentunit",
                                      query(f"job_id_rank:trainer_data_wait:ratio_rate1m{{{JOB}}}", "rank {{rank}}"),
                                      min_value=0, max_value=1))
         .with_row(row("Goodput"))
