@@ -427,6 +427,10 @@ class JobMetrics:
         # The loader a batch came from (timed()) since the last step(), else None: a new pass over the same one
         # begins inside a step (gradient accumulation across the end of a pass), whose time so far stays the step's.
         self._fed_by: Iterable | None = None
+        # The loader whose pass ended last (timed()), until a pass begins: a batch since the last step from a loader
+        # whose pass is still open (the other of two zipped loaders) is the step's too, as is one from the same
+        # loader begun again; only one from another loader's ended pass (an unmarked evaluation's) is not.
+        self._ended_pass: Iterable | None = None
         self._new_interval(time.perf_counter())
         self._hurried_at: float | None = None      # when a stop signal came during the final linger
         # When a checkpoint written after the end (a pause's last save, an asynchronous writer's) was counted:
@@ -1016,8 +1020,10 @@ class JobMetrics:
         back = phases.mark[0]
         ours = back in LOOP_PHASES
         if ours:
-            if self._fed_by is not batches:     # the time between passes (an evaluation's) is no step's
-                self._last_step_end = began
+            fed_by = self._fed_by
+            if fed_by is None or (fed_by is not batches and fed_by is self._ended_pass):
+                self._last_step_end = began     # the time between passes (an evaluation's) is no step's
+            self._ended_pass = None
             phases.mark = (DATA, began, waits.sum, phases.mark[3])
         iterator = None
         while True:
@@ -1027,6 +1033,7 @@ class JobMetrics:
                 batch = next(iterator)
             except BaseException as error:      # the pass ended, or the loader failed: its wait was data wait
                 if ours:
+                    self._ended_pass = batches
                     self._waited_without_batch(began, back)
                 if isinstance(error, StopIteration):
                     return
@@ -1280,7 +1287,9 @@ class JobMetrics:
             elapsed = max(now - began - (self.phases.outside_training(now) - outside_before), 1e-9)
             throughput = (self.samples - samples_before) / elapsed
             mfu = None
-            if self.flops_per_sample and self.peak_flops:
+            # An interval that counted no samples (step() without them) measured no FLOPs: its utilisation is
+            # unknown, not 0 (published as 0, a loop that never passed samples read as an idle device).
+            if self.flops_per_sample and self.peak_flops and self.samples > samples_before:
                 mfu = self.mfu = throughput * self.flops_per_sample / self.peak_flops
             if self._cuda:
                 import torch

@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 import torch
 
 from trainmetrics.trainer.metrics import LOSS_FOLD_LIMIT, Diagnostics, JobInfo, JobMetrics
@@ -833,6 +834,24 @@ def test_an_intervals_throughput_and_mfu_leave_out_its_evaluation_and_checkpoint
     finally:
         ended(metrics)
 
+
+
+def test_a_loop_that_passes_no_samples_publishes_no_mfu_rather_than_zero():
+    """MFU is samples x FLOPs per sample over the interval's time: a loop calling step() without samples counted
+    none, and trainer_model_flops_utilization_ratio read 0, an idle device, for a device the loop kept busy."""
+    logged = []
+    metrics = started("no-samples-mfu", log_every=2, on_log=logged.append, flops_per_sample=1e6, peak_flops=1e9)
+    try:
+        for _ in range(4):
+            time.sleep(0.01)
+            metrics.step(loss=1.0)
+        names = {sample.name for family in text_string_to_metric_families(metrics.collect().decode())
+                 for sample in family.samples}
+        assert [stats.mfu for stats in logged] == [None, None]
+        assert "trainer_model_flops_utilization_ratio" not in names
+        assert "trainer_steps_total" in names
+    finally:
+        ended(metrics)
 
 def test_an_unusable_evaluation_or_learning_rate_is_said_once_per_kind(caplog):
     """README: a value the library cannot use "is left out and said once in the log". An evaluation result or a

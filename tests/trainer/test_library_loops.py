@@ -295,3 +295,25 @@ def test_steps_counted_before_start_are_not_mixed_into_the_first_intervals_loss(
         assert metrics.loss_sum == pytest.approx(21.0)
     finally:
         metrics.close()
+
+
+def test_a_step_over_two_zipped_loaders_keeps_the_first_loaders_wait():
+    """`for a, b in zip(timed(first), timed(second))`: the second loader's pass began after the first's batch had
+    arrived, and was taken for a new pass between steps, restarting the step's clock there: each pass's first step
+    lost the first loader's wait (its workers' start), the step times short of the loop's by as much."""
+    metrics = JobMetrics("loops-zip")
+    metrics.start()
+    try:
+        began = time.perf_counter()
+        for _ in range(2):
+            for _ in zip(metrics.timed(batches(3, WAIT)), metrics.timed(batches(3, WAIT / 2))):
+                time.sleep(COMPUTE)
+                metrics.step(samples=2)
+        trained = time.perf_counter() - began
+    finally:
+        metrics.close()
+    assert sum(metrics.step_times.counts) == 6
+    assert metrics.step_duration_max == pytest.approx(WAIT * 1.5 + COMPUTE, abs=0.03)
+    # The steps follow one another: their times add up to the loop's, the data wait inside them.
+    assert metrics.step_times.sum == pytest.approx(trained, abs=0.05)
+    assert metrics.step_times.sum >= metrics.data_waits.sum
