@@ -189,6 +189,7 @@ class PrometheusClient:
             limits=httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency))
         self._metrics = metrics if metrics is not None else ClientMetrics(CollectorRegistry())
         self._answer_delay: float | None = None     # read once (answer_delay)
+        self._reading: asyncio.Future | None = None     # the answer delay's read under way
 
     async def aclose(self) -> None:
         """Close the shared connection pool."""
@@ -214,15 +215,20 @@ class PrometheusClient:
         """How far behind now the backend's answers may be: a VictoriaMetrics' -search.latencyOffset (read once
         from its /flags page), 0 for Prometheus and any backend without that page. A job is not settled (its
         analytics not cached, its report not stored) until its newest sample is this far behind: read sooner, the
-        range reads missed its last seconds, and the cache kept that answer. Asked again when the page could not be
-        reached."""
+        range reads missed its last seconds, and the cache kept that answer. Infinite while the page cannot be read
+        (5xx, 429, unreachable, no answer in time), and asked again: read as 0 then, a VictoriaMetrics' job read
+        within its offset of its end was cached, and its report stored for good, without its last seconds."""
         if self._answer_delay is None:
-            reading = asyncio.ensure_future(self._read_answer_delay())      # no caller's cancellation reaches it
-            self._sending.add(reading)
-            reading.add_done_callback(self._sent)
-            delay = await asyncio.shield(reading)
+            # One read at a time, shared by every caller waiting for it: each caller's own read, with the page not
+            # answering, queued for a slot after its caller had gone and held it for a whole deadline, the queries
+            # behind them timing out long after the burst.
+            if self._reading is None or self._reading.done():
+                self._reading = asyncio.ensure_future(self._read_answer_delay())    # no caller's cancellation
+                self._sending.add(self._reading)
+                self._reading.add_done_callback(self._sent)
+            delay = await asyncio.shield(self._reading)
             if delay is None:
-                return 0.0
+                return math.inf
             self._answer_delay = delay
         return self._answer_delay
 
