@@ -427,9 +427,10 @@ class JobMetrics:
         # The loader a batch came from (timed()) since the last step(), else None: a new pass over the same one
         # begins inside a step (gradient accumulation across the end of a pass), whose time so far stays the step's.
         self._fed_by: Iterable | None = None
-        # The loader whose pass ended last (timed()), until a pass begins: a batch since the last step from a loader
-        # whose pass is still open (the other of two zipped loaders) is the step's too, as is one from the same
-        # loader begun again; only one from another loader's ended pass (an unmarked evaluation's) is not.
+        # The loader whose pass ended last (timed(), or the loop left it: a break), until a pass begins: a batch
+        # since the last step from a loader whose pass is still open (the other of two zipped loaders) is the step's
+        # too, as is one from the same loader begun again; only one from another loader's ended pass (an unmarked
+        # evaluation's) is not.
         self._ended_pass: Iterable | None = None
         self._new_interval(time.perf_counter())
         self._hurried_at: float | None = None      # when a stop signal came during the final linger
@@ -1047,7 +1048,14 @@ class JobMetrics:
                 self._fed_by = batches
                 if pushed:
                     self._buffer(self._pending_data_waits, waited)
-            yield batch
+            try:
+                yield batch
+            except GeneratorExit:       # the loop left the pass (a break, islice): it ended there, as a finished one
+                # Unmarked, an evaluation over a loader's first batches, or a pass left at a stop, made the time up
+                # to the next pass's first step that step's (its whole evaluation in one step's time).
+                if self._fed_by is batches:
+                    self._ended_pass = batches
+                raise
             began = clock()
             back = phases.mark[0]
             ours = back in LOOP_PHASES

@@ -129,6 +129,9 @@ class Trainer:
         for key in ("epoch", "batch_in_epoch"):     # (one that is not failed the job, its weights already taken)
             if isinstance(state[key], bool) or not isinstance(state[key], int) or state[key] < 0:
                 return f"its {key} is {str(state[key])[:40]!r}, not a whole number >= 0"
+        by_rank = state.get("metrics_by_rank")     # (none: a checkpoint from before the ranks' states)
+        if by_rank and not isinstance(by_rank, (list, tuple)):     # (one that is not failed the job: no len(), [0])
+            return f"its metrics_by_rank is {str(by_rank)[:40]}, not a list of states"
         # Every rank's, not this rank's alone: ranks that took different checkpoints would train on from different
         # places in the data.
         for rank in range(self.dist.world_size):

@@ -307,6 +307,8 @@ def test_a_checkpoint_that_loads_without_what_a_resume_needs_falls_back_to_the_o
     (lambda state: state["metrics_by_rank"][0].update(phases={"compute": -1.0}), "its metrics state is none ("),
     (lambda state: state.update(samples=-64), "its metrics state is none (ValueError: samples"),
     (lambda state: state.update(metrics_by_rank=["not a state"]), "its metrics state is none ("),
+    (lambda state: state.update(metrics_by_rank=7), "its metrics_by_rank is 7, not a list of states"),
+    (lambda state: state.update(metrics_by_rank={"rank 0": {}}), "its metrics_by_rank is {'rank 0': {}}, not a list"),
     (lambda state: state.update(epoch="x"), "its epoch is 'x', not a whole number >= 0")])
 def test_a_checkpoint_whose_metrics_state_is_refused_falls_back_to_the_one_before(spoil, why, make_trainer, tmp_path,
                                                                                      caplog):
@@ -314,7 +316,8 @@ def test_a_checkpoint_whose_metrics_state_is_refused_falls_back_to_the_one_befor
     count) was resumed from with none of its counters: the run went on at its position in the data from step 0,
     ended at 18 steps for 23, and wrote its checkpoints under steps the older ones held. Skipped as a damaged one
     is, the resume continues from the checkpoint before it, its counters those of that checkpoint. One whose epoch
-    was no number failed the job (`ValueError: invalid literal for int()`), its weights already taken."""
+    was no number failed the job (`ValueError: invalid literal for int()`), its weights already taken, and so did
+    one whose metrics_by_rank was no list (`TypeError: object of type 'int' has no len()`, `KeyError: 0`)."""
     common = dict(model="mlp", dataset="digits", epochs=1, batch_size=64, seed=3)
     straight = make_trainer(**common)
     straight.run()

@@ -1,6 +1,7 @@
 """`JobMetrics` in the training loops people write: an evaluation or checkpoint in the middle of a step, a loader
 wrapped in `timed()` twice, evaluation results given as text, a checkpoint written on a thread of its own."""
 
+import itertools
 import threading
 import time
 
@@ -317,3 +318,27 @@ def test_a_step_over_two_zipped_loaders_keeps_the_first_loaders_wait():
     # The steps follow one another: their times add up to the loop's, the data wait inside them.
     assert metrics.step_times.sum == pytest.approx(trained, abs=0.05)
     assert metrics.step_times.sum >= metrics.data_waits.sum
+
+
+@pytest.mark.parametrize("leave", ["evaluation over its first batches", "pass left at a stop"])
+def test_a_pass_the_loop_leaves_early_is_ended_and_the_time_after_it_is_no_steps(leave):
+    """A pass left with a break (or through islice) never ended in timed(): its loader was taken for one whose pass
+    is still open (a zipped loader's), and the next pass's first step was timed from the last batch of the pass
+    left, an unmarked evaluation over an eval loader's first batches (or the time after a pass left at a stop)
+    charged to that one step (0.3 s of a 0.02 s step)."""
+    metrics = JobMetrics("loops-left")
+    metrics.start()
+    try:
+        for _ in range(2):
+            for index, _ in enumerate(metrics.timed(batches(4, 0.02))):
+                if leave == "pass left at a stop" and index == 2:
+                    break           # this batch is not trained: no step() after it
+                metrics.step(samples=1)
+            if leave == "evaluation over its first batches":
+                for _ in itertools.islice(metrics.timed(batches(5, 0.01)), 2):     # an evaluation, not marked
+                    pass
+            time.sleep(0.3)
+    finally:
+        metrics.close()
+    assert sum(metrics.step_times.counts) == (8 if leave == "evaluation over its first batches" else 4)
+    assert metrics.step_duration_max < 0.15

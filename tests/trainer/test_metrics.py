@@ -21,7 +21,7 @@ from trainmetrics.prometheus_process import find_binary
 from trainmetrics.trainer import evaluations, instruments
 from trainmetrics.trainer import metrics as metrics_module
 from trainmetrics.trainer.histograms import DurationHistogram
-from trainmetrics.trainer.metrics import JobInfo, JobMetrics
+from trainmetrics.trainer.metrics import Diagnostics, JobInfo, JobMetrics
 from trainmetrics.trainer.models import device_peak_flops
 from trainmetrics.trainer.phases import COMPUTE, OPTIMIZER
 from trainmetrics.trainer.telemetry import Publish
@@ -1359,3 +1359,48 @@ def test_a_scrape_during_a_log_interval_shows_a_loss_sum_and_interval_count_of_t
     metrics.finish("completed")
     metrics.close()
     assert all(total == 2.0 * intervals for total, intervals in seen), seen
+
+
+def test_a_state_the_metrics_refuse_is_one_load_state_dict_takes_nothing_of_and_any_other_is_taken_whole():
+    """refusal() is what a resuming trainer asks before it takes a checkpoint's position in the data: a state it
+    passed but load_state_dict() refused (or took in part) resumed at that position with none of the counters, and
+    one it refused but load_state_dict() took was skipped for nothing. Every value of a real state, and of its
+    loss-spike detector and phases, spoiled in turn, at several spike warm-ups (the detector's check depends on it)."""
+    import copy
+
+    with JobMetrics("lib-refusal-source", log_every=1) as source:
+        source.start()
+        for index in range(12):
+            source.step(loss=1.0 + index % 3, samples=4)
+        source.eval(loss=0.5, accuracy=0.9)
+        base = source.state_dict()
+    spoils = [-1, 1.5, float("nan"), float("inf"), "x", None, True, [], {}, 10**400, 2**70, [1.0, "x"]]
+    states = [base, None, [], "x", 3]
+    for where in (None, "loss_spike_detector", "phases"):
+        for key in [*(base if where is None else base[where]), "early", "unknown"]:
+            for spoil in [*spoils, "left out"]:
+                state = copy.deepcopy(base)
+                part = state if where is None else state[where]
+                if spoil == "left out":
+                    part.pop(key, None)
+                else:
+                    part[key] = spoil
+                states.append(state)
+    disagreements = []
+    for warmup in (3, 40):
+        judge = JobMetrics("lib-refusal-judge", diagnostics=Diagnostics(loss_spike_warmup=warmup))
+        try:
+            for state in states:
+                refusal = judge.refusal(state)
+                taker = JobMetrics("lib-refusal-taker", diagnostics=Diagnostics(loss_spike_warmup=warmup))
+                try:
+                    taker.load_state_dict(state)
+                    refused = "load_state_dict" in taker.__dict__.get("_failed_calls", set())
+                    if (refusal is None) == refused or (refused and (taker.steps, taker.samples) != (0, 0)):
+                        disagreements.append((warmup, refusal, refused, repr(state)[:200]))
+                finally:
+                    taker.close()
+        finally:
+            judge.close()
+    assert disagreements == []
+    assert len(states) > 500
