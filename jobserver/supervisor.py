@@ -38,6 +38,10 @@ log = logging.getLogger("trainmetrics.server")
 # so that whenever the job is seen paused by it (at once, or after the next start adopted it) it is queued to
 # resume, while a user's pause stays paused.
 SHUTDOWN_PAUSE = "shutdown"
+# Signals a process dies of by its own fault (a native crash, an abort), not a kill from outside: a run that dies of one
+# while its accepted stop is under way failed (it was `paused` with no error, its crash unsaid).
+CRASHES = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT, signal.SIGSYS,
+                     signal.SIGTRAP})
 # How strongly each stop binds: a cancel accepted after a pause wins, a pause never undoes a cancel, and a
 # user's pause or cancel takes over from the server's own shutdown pause.
 STOP_STRENGTH = {None: 0, SHUTDOWN_PAUSE: 0, "paused": 1, "cancelled": 2}
@@ -486,11 +490,11 @@ class Supervisor:
             published = state if result.get(RESULT_PUBLISHED) is not False else None
             code = _code_of(state, result.get("exit_code"), code)
             reason = result["reason"][:500] if result.get("reason") is not None else None
-        elif job.requested in ("paused", "cancelled") and (code is None or code < 0):
+        elif job.requested in ("paused", "cancelled") and (code is None or (code < 0 and -code not in CRASHES)):
             # Lost (Ray's head gone, an adopted process), or killed without a result by a signal the server did not
             # send (the OOM killer, a person; it was `failed` then) or by its cancel's kill, after a stop was
             # accepted with a 202: that stop stands, as at a server restart (_resume_or_fail); a pause resumes from
-            # the last checkpoint.
+            # the last checkpoint. Not a crash of its own (CRASHES): that is the run's failure, said as such.
             state, error = job.requested, None
             if code is not None and not killed:     # (its cancel's kill was said as it went out)
                 log.warning("job %s: killed by %s without a result; %s as requested before", job_id,

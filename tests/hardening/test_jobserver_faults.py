@@ -545,3 +545,29 @@ def test_a_stop_accepted_before_a_kill_the_server_did_not_send_stands(tmp_path, 
         assert (ended["state"], ended["error"]) == (state, None), ended
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("crash", [signal.SIGSEGV, signal.SIGABRT])
+def test_a_run_that_crashes_while_its_accepted_pause_is_written_fails(tmp_path, crash):
+    """A run that died of a fault signal of its own (a native crash, an abort) while its pause's checkpoint was being
+    written ended `paused`, `error: null`, as a kill from outside does: the crash went unsaid and the checkpoint
+    the pause was asked for was never written."""
+    faults = {"slow_checkpoint": {"seconds": 60}}      # the pause's checkpoint is being written when the crash comes
+    server = Server(tmp_path, env={"TRAINMETRICS_FAULTS": json.dumps(faults)}).start()
+    try:
+        client = server.client()
+        job = {**LONG_JOB, "checkpoint_every": 100000, "job_id": "crashed-pausing"}
+        assert client.post("/api/training/jobs", json=job).status_code == 201
+        wait_job(client, "crashed-pausing", lambda j: j["state"] == "running")
+        job_dir = tmp_path / "jobs" / "crashed-pausing"
+        deadline = time.monotonic() + 60
+        while "step=10 " not in (job_dir / "train.log").read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert client.post("/api/training/jobs/crashed-pausing/pause").json()["stop_requested"] == "paused"
+        while not list((job_dir / "checkpoints").glob(".*.tmp")) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(pid_of(tmp_path, "crashed-pausing"), crash)
+        ended = wait_job(client, "crashed-pausing", lambda j: j["state"] != "running")
+        assert (ended["state"], ended["error"]) == ("failed", f"killed by {crash.name} without a result"), ended
+    finally:
+        server.stop()
