@@ -3,7 +3,8 @@ cluster's nodes), each running `trainmetrics train` with torch.distributed's ren
 WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) and serving its /metrics on its node's address.
 
 It watches the job's control file and turns "paused"/"cancelled" into SIGUSR1/SIGTERM for every rank, and its
-stacks request file into SIGUSR2 for every rank; a SIGTERM to itself (Ray's stop) becomes a cancel. Each rank
+stacks request file into SIGUSR2 for every rank; a SIGTERM to itself (Ray's stop; SIGINT where the cluster sets
+RAY_JOB_STOP_SIGNAL=SIGINT) becomes a cancel. Each rank
 asks Ray for one CPU, and one GPU when the job may use one (gpus_per_rank). A stop that comes while Ray cannot
 place the ranks yet (a busy cluster, or more ranks than it has CPUs or GPUs) ends the run at once. The ranks
 still running LOST_RANK_GRACE_SECONDS after a rank's actor died (its node lost), or after a rank failed, are
@@ -45,6 +46,10 @@ PLACEMENT_SAY_SECONDS = 10.0
 # rank failed: one that failed before it joined the others (its node without the job's data) left them waiting
 # in the rendezvous for its timeout, 30 minutes, where torchrun stops a job's workers when one fails.
 LOST_RANK_GRACE_SECONDS = 10.0
+# The signals Ray's stop of a submission sends its entrypoint: SIGTERM, or SIGINT where the cluster sets
+# RAY_JOB_STOP_SIGNAL=SIGINT (Ray's job supervisor then unblocks it for the entrypoint). Unhandled, SIGINT was a
+# KeyboardInterrupt: the launcher died with a traceback, its ranks killed with their actors, without a checkpoint.
+RAY_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 @ray.remote(num_cpus=1, max_concurrency=4)
@@ -217,6 +222,12 @@ def exit_as(code: int) -> None:
     sys.exit(code)
 
 
+def take_ray_stops(handler) -> None:
+    """Route each of RAY_STOP_SIGNALS to `handler`."""
+    for signum in RAY_STOP_SIGNALS:
+        signal.signal(signum, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Place the ranks, run them, pass stops on, and return rank 0's exit code."""
     parser = argparse.ArgumentParser(prog="trainmetrics.jobserver.ray_launch")
@@ -227,10 +238,10 @@ def main(argv: list[str] | None = None) -> int:
     train_args = [a for a in args.train_args if a != "--"] if args.train_args[:1] == ["--"] else args.train_args
     stopped: list[str] = []
 
-    def on_sigterm(*_) -> None:             # Ray's stop_job
+    def on_ray_stop(*_) -> None:             # Ray's stop_job
         stopped.append("cancelled")
 
-    signal.signal(signal.SIGTERM, on_sigterm)
+    take_ray_stops(on_ray_stop)
     (args.job_dir / PLACEMENT_WAIT_NAME).unlink(missing_ok=True)     # an earlier launcher's, killed while it waited
     already = control_request(args.job_dir)
     if already is not None:              # stopped before anything started: the outcome at once
@@ -239,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     ray.init(address="auto", log_to_driver=False, logging_level="ERROR")
     # Again: ray.init put its own failure-signal handler over ours, and Ray's stop killed the launcher (the job
     # failed without a result, its ranks killed without a checkpoint) instead of cancelling the job.
-    signal.signal(signal.SIGTERM, on_sigterm)
+    take_ray_stops(on_ray_stop)
     gpus = gpus_per_rank(requested_device(train_args), ray.cluster_resources().get("GPU", 0))
     group = placement_group([{"CPU": 1, "GPU": gpus} if gpus else {"CPU": 1}] * args.nproc, strategy="SPREAD")
     try:

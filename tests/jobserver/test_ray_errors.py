@@ -644,6 +644,40 @@ def test_a_rank_whose_run_raised_has_its_peers_killed_as_a_failed_one(monkeypatc
     assert why is not None and why.startswith("rank 1 failed (its run raised FileNotFoundError: "), why
 
 
+@pytest.mark.parametrize("stop_signal", ["SIGTERM", "SIGINT"])
+def test_rays_stop_by_either_of_its_stop_signals_cancels_a_run_waiting_for_placement(stop_signal, tmp_path,
+                                                                                       monkeypatch):
+    """Ray's stop of a submission sends its entrypoint SIGINT where the cluster sets RAY_JOB_STOP_SIGNAL=SIGINT:
+    the launcher took SIGTERM only, so `ray job stop` there was a KeyboardInterrupt (a traceback, its ranks killed
+    with their actors without a checkpoint) where the docs promise a cancel. Driven without Ray: its placement,
+    which never comes, stands in for Ray's."""
+    import signal as signals
+
+    from trainmetrics.jobfiles import read_result
+    from trainmetrics.jobserver import ray_launch
+
+    sent = []
+
+    def wait(refs, timeout):
+        if not sent:            # Ray's stop, while the launcher waits for the placement
+            sent.append(True)
+            os.kill(os.getpid(), getattr(signals, stop_signal))
+        return [], refs
+
+    monkeypatch.setattr(ray_launch.ray, "init", lambda **_: None)
+    monkeypatch.setattr(ray_launch.ray, "cluster_resources", lambda: {"CPU": 1.0})
+    monkeypatch.setattr(ray_launch.ray, "wait", wait)
+    monkeypatch.setattr(ray_launch, "placement_group", lambda *_, **__: SimpleNamespace(ready=lambda: "ready"))
+    monkeypatch.setattr(ray_launch, "remove_placement_group", lambda group: None)
+    previous = {signum: signals.getsignal(signum) for signum in (signals.SIGTERM, signals.SIGINT)}
+    try:
+        code = ray_launch.main(["--nproc", "2", "--job-dir", str(tmp_path), "--", "--device", "cpu"])
+    finally:
+        for signum, handler in previous.items():
+            signals.signal(signum, handler)
+    assert code == 3 and read_result(tmp_path / "result.json")["state"] == "cancelled"
+
+
 def test_a_job_submitted_while_rays_head_has_no_job_agent_yet_waits_queued(tmp_path):
     """A head restarting (or its job agent not up yet) answers a submission 500, "No available agent to submit
     job, please try again later.": the job was failed for good ("could not start"), for the cluster's state, not
