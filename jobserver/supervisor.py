@@ -45,6 +45,9 @@ CRASHES = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE
 # How strongly each stop binds: a cancel accepted after a pause wins, a pause never undoes a cancel, and a
 # user's pause or cancel takes over from the server's own shutdown pause.
 STOP_STRENGTH = {None: 0, SHUTDOWN_PAUSE: 0, "paused": 1, "cancelled": 2}
+# The stopped states a run may tell by a stop the server sent, for each stop under way: another (a rank stopped by
+# torchrun's SIGTERM after a peer died) is its launcher's.
+SENT_STOPS = {None: (), SHUTDOWN_PAUSE: ("paused",), "paused": ("paused",), "cancelled": ("paused", "cancelled")}
 # When the executor cannot be asked to start a run (Ray's head down; the executor itself waits before it
 # asks again), the outage is said at most once per this many seconds.
 UNAVAILABLE_LOG_SECONDS = 60.0
@@ -490,12 +493,13 @@ class Supervisor:
             published = state if result.get(RESULT_PUBLISHED) is not False else None
             code = _code_of(state, result.get("exit_code"), code)
             reason = result["reason"][:500] if result.get("reason") is not None else None
-        elif job.requested in ("paused", "cancelled") and (code is None or (code < 0 and -code not in CRASHES)):
+        elif self._stop_stands(job) and (code is None or (code < 0 and -code not in CRASHES)):
             # Lost (Ray's head gone, an adopted process), or killed without a result by a signal the server did not
             # send (the OOM killer, a person; it was `failed` then) or by its cancel's kill, after a stop was
             # accepted with a 202: that stop stands, as at a server restart (_resume_or_fail); a pause resumes from
-            # the last checkpoint. Not a crash of its own (CRASHES): that is the run's failure, said as such.
-            state, error = job.requested, None
+            # the last checkpoint. Not a crash of its own (CRASHES): that is the run's failure, said as such. The
+            # server's own shutdown pause stands as the restart keeps it: queued to resume (below).
+            state, error = ("paused" if job.requested == SHUTDOWN_PAUSE else job.requested), None
             if code is not None and not killed:     # (its cancel's kill was said as it went out)
                 log.warning("job %s: killed by %s without a result; %s as requested before", job_id,
                             _signal_name(-code), state)
@@ -510,7 +514,8 @@ class Supervisor:
         # its entrypoint's exit code again and the log's tail (500 characters of it, after "killed by SIGKILL").
         if said and not told and state == "failed" and (code is None or code >= 0):
             error = f"{error}; {said}"
-        if told and state in ("paused", "cancelled") and job.requested is None and self._another_rank_failed(job):
+        if told and state not in SENT_STOPS[job.requested] and state in ("paused", "cancelled") \
+                and self._another_rank_failed(job):
             # A stop the server never sent: torchrun stops the other ranks (SIGTERM) when one fails, and rank 0,
             # stopped so before it noticed the failure (waiting for the ranks to join), said `cancelled`: the job
             # read as cancelled by its user, the failure unsaid.
@@ -524,6 +529,10 @@ class Supervisor:
             state, code, reason = "queued", None, None
         if killed and state == "failed":
             state = "cancelled"      # the kill (or the hang it ended) failed it: the cancel was accepted first
+        if state in ("completed", "paused", "cancelled") and code is not None and EXIT_STATES.get(code) != state:
+            # A code that stands for the state the job ends in: a paused or cancelled job killed (-9) while its
+            # stop's checkpoint was written, or a cancel accepted after the pause the run said (4), kept the run's.
+            code = int(exit_code_for(state))
         if state != "failed":
             error = None
         elif job.spec.get("nproc", 1) > 1:
@@ -554,10 +563,19 @@ class Supervisor:
             error = error.replace(data_dir, DATA_DIR_SHOWN)       # the longer first: one may hold the other
         return storable_text(error)
 
+    def _stop_stands(self, job: JobRecord) -> bool:
+        """True when the job's accepted stop decides a run's end that left no result: a user's pause or cancel, or
+        the server's own shutdown pause where the job has a checkpoint to resume from (as _resume_or_fail keeps
+        it at a restart; one without fails)."""
+        if job.requested == SHUTDOWN_PAUSE:
+            return bool(list_checkpoints(self.checkpoint_dir(job.id)))
+        return job.requested in ("paused", "cancelled")
+
     def _another_rank_failed(self, job: JobRecord) -> bool:
-        """True when a rank other than 0 of a multi-rank run says it failed."""
+        """True when a rank other than 0 of a multi-rank run says it failed, or left no result at all: every rank
+        writes one as it ends, so a silent rank was killed (the OOM killer, a crash) before it could."""
         path = self.result_path(job.id)
-        return any((read_result(rank_result_path(path, rank)) or {}).get("state") == "failed"
+        return any((read_result(rank_result_path(path, rank)) or {"state": "failed"}).get("state") == "failed"
                    for rank in range(1, job.spec.get("nproc", 1)))
 
     def _ranks_said(self, job: JobRecord, result: dict | None, error: str | None) -> str:

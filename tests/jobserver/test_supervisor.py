@@ -2154,3 +2154,82 @@ def test_a_job_waiting_behind_another_owners_gpu_job_is_not_told_what_that_job_n
     finally:
         stop_runs(supervisor)
         store.close()
+
+
+def _killed_while_stopping(supervisor: Supervisor, job_id: str, stop: str) -> JobRecord:
+    """Start the job, have its stop under way (a user's, or the server's shutdown pause), then SIGKILL it from outside
+    before it writes a result (the OOM killer while the stop's checkpoint is written)."""
+    from trainmetrics.jobserver.supervisor import SHUTDOWN_PAUSE
+
+    # Started with the stop signals blocked, as the server starts a trainer: one before its handlers waits for them.
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGUSR1, signal.SIGTERM))
+    try:
+        job = submit(supervisor, job_id, "transformer")
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    (supervisor.checkpoint_dir(job_id) / "step-000000005.pt").write_bytes(b"earlier")
+    if stop == SHUTDOWN_PAUSE:
+        supervisor._pause_for_shutdown(job_id)
+    else:
+        supervisor.request_stop(job, stop)
+    os.kill(supervisor.runs[job_id].pid, signal.SIGKILL)
+    supervisor.runs[job_id].process.wait(timeout=10)
+    supervisor.max_concurrent = 0       # a job queued to resume is looked at, not started again
+    return settle(supervisor, job_id)
+
+
+def test_a_run_killed_from_outside_during_the_servers_shutdown_pause_is_queued_to_resume(supervisor):
+    """The server's own shutdown pause of a run the OOM killer killed while the pause's checkpoint was written ended
+    the job `failed` ("killed by SIGKILL without a result"), not resumed at the next start, though the same death
+    while the server was down queued it to resume from its last checkpoint (and a user's pause stood)."""
+    ended = _killed_while_stopping(supervisor, "shut", "shutdown")
+    assert (ended.state, ended.resume, ended.error, ended.exit_code) == ("queued", True, None, None)
+
+
+@pytest.mark.parametrize("stop, code", [("paused", 4), ("cancelled", 3)])
+def test_a_stop_that_stands_over_a_kill_ends_with_the_exit_code_of_its_state(supervisor, stop, code):
+    """A pause or cancel accepted before a SIGKILL the server did not send stands, but its job kept the process's -9:
+    `paused` with exit code -9, where an ended job's exit code is always one that stands for its state."""
+    ended = _killed_while_stopping(supervisor, "stood", stop)
+    assert (ended.state, ended.exit_code, ended.error) == (stop, code, None)
+
+
+def test_a_cancel_accepted_after_the_pause_a_run_said_ends_with_a_cancels_exit_code(tmp_path):
+    """A cancel accepted after a pause wins over the `paused` the run wrote, but the job kept its exit code 4:
+    `cancelled` with a pause's exit code."""
+    from trainmetrics.jobfiles import write_result
+
+    store = JobStore(tmp_path / "db.sqlite")
+    supervisor = Supervisor(store, tmp_path, None, max_concurrent=1, executor=Ending())
+    queue(supervisor, "both")
+    supervisor.start(store.get_job("both"))
+    store.update_job("both", requested="cancelled")
+    write_result(supervisor.result_path("both"), {"state": "paused", "exit_code": 4})
+    supervisor.tick()
+    assert (store.get_job("both").state, store.get_job("both").exit_code) == ("cancelled", 3)
+    store.close()
+
+
+@pytest.mark.parametrize("requested, told, state", [(None, "cancelled", "failed"), (None, "paused", "failed"),
+                                                    ("paused", "cancelled", "failed"), ("paused", "paused", "paused"),
+                                                    ("cancelled", "cancelled", "cancelled")])
+def test_a_multi_rank_job_whose_rank_0_was_stopped_after_another_rank_was_killed_without_a_result_failed(
+        tmp_path, requested, told, state):
+    """Rank 1 killed (the OOM killer, a crash) before it wrote a result; torchrun then stops rank 0 (SIGTERM), which
+    says `cancelled`. Only a rank that said `failed` was taken for the cause: the job read as cancelled (or, its user
+    having asked for a pause, cancelled for good), though nobody asked, rank 1's death unsaid. A stop the server sent
+    stands."""
+    from trainmetrics.jobfiles import write_result
+
+    store = JobStore(tmp_path / "db.sqlite")
+    supervisor = Supervisor(store, tmp_path, None, max_concurrent=1, executor=Ending())
+    queue(supervisor, "two", nproc=2)
+    supervisor.start(store.get_job("two"))
+    store.update_job("two", requested=requested)
+    write_result(supervisor.result_path("two"), {"state": told, "exit_code": {"paused": 4, "cancelled": 3}[told]})
+    supervisor.tick()
+    ended = store.get_job("two")
+    assert ended.state == state
+    if state == "failed":
+        assert ended.exit_code == 1 and ended.error.startswith("rank 1 ended without a result (killed or lost"), ended
+    store.close()
