@@ -34,6 +34,11 @@ FIRST_DUMP_END = re.compile(rb" in _run_module_as_main\n")
 # otherwise is the rest of a dump that was being written when the ranks were asked (a rank slow to answer the
 # request before, or its own watchdog's): its end is not this request's.
 DUMP_START = re.compile(rb"\n?(=== |Thread 0x|Current thread 0x|Stack \(most recent call first\))")
+# The hang watchdog's dump, written whole in one append (its header, then every thread): one that lands inside a
+# dump being written from the signal handler (a stacks request at the moment of the hang, as TrainerHang's is) is
+# no part of it, and its end is not that dump's.
+WATCHDOG_DUMP = re.compile(rb"\n=== [^\n]*\n(Current thread|Thread) 0x")
+ANY_DUMP_START = re.compile(rb"(Current thread|Thread) 0x|Stack \(most recent call first\)|Timeout \(")
 # A dump that ends otherwise (a main thread deeper than faulthandler's 100 frames ends with "  ...") is taken as
 # it is once its file has not grown for this long, marked incomplete.
 QUIET_SECONDS = 2.0
@@ -82,16 +87,27 @@ def _read(job_path: Path, rank: int, start: int, first_dump: bool = False) -> st
         with os.fdopen(_open_stacks_file(job_path, rank, os.O_RDONLY), "rb") as file:
             if first_dump:
                 file.seek(start)
-                head = _past_a_dump_begun_before(file.read(MAX_STACK_BYTES))
-                ended = FIRST_DUMP_END.search(head)
-                if ended is not None:
-                    return head[:ended.end()].decode("utf-8", "replace")
+                first = _first_dump(_past_a_dump_begun_before(file.read(MAX_STACK_BYTES)))
+                if first is not None:
+                    return first.decode("utf-8", "replace")
             end = file.seek(0, 2)
             file.seek(max(start, end - MAX_STACK_BYTES))
             # Not to the end: a job's process may append as fast as it likes, and the read chased the file's end.
             return file.read(MAX_STACK_BYTES).decode("utf-8", "replace")
     except OSError:
         return None
+
+
+def _first_dump(gained: bytes) -> bytes | None:
+    """The first whole dump in what a file gained, less any hang watchdog's dump that landed inside it; None when
+    it has not ended. Served as it was, a request's dump that the watchdog's split was cut at the watchdog's end:
+    the request's first threads, then the watchdog's, marked complete."""
+    while (ended := FIRST_DUMP_END.search(gained)) is not None:
+        begun = gained.rfind(b"\n=== ", 0, ended.start())
+        if begun <= 0 or not WATCHDOG_DUMP.match(gained, begun) or not ANY_DUMP_START.search(gained, 0, begun):
+            return gained[:ended.end()]
+        gained = gained[:begun] + gained[ended.end():]
+    return None
 
 
 def _past_a_dump_begun_before(gained: bytes) -> bytes:
@@ -135,14 +151,17 @@ async def collect(job_path: Path, before: dict[int, int], asked_at: float | None
     deadline = time.monotonic() + ANSWER_SECONDS
     last = dict(before)
     grown_at: dict[int, float] = {}
+    answered: set[int] = set()
     while time.monotonic() < deadline:
         now = time.monotonic()
         for rank in before:
             size = _size(stacks_file(job_path, rank))
             if size != last[rank]:
                 last[rank], grown_at[rank] = size, now
+        answered.update(rank for rank in before if rank not in answered and last[rank] > before[rank] and
+                        _ends_a_dump(stacks_file(job_path, rank)) and _first_dump_ended(job_path, rank, before[rank]))
         waiting = [rank for rank in before if last[rank] <= before[rank] or
-                   (now - grown_at[rank] < QUIET_SECONDS and not _ends_a_dump(stacks_file(job_path, rank)))]
+                   (now - grown_at[rank] < QUIET_SECONDS and rank not in answered)]
         if not waiting:
             break
         await asyncio.sleep(POLL_SECONDS)
@@ -160,6 +179,17 @@ def _ends_a_dump(path: Path) -> bool:
             # 256 bytes, not to the end: read() chased a file its job's process extended after it was measured
             # (an ftruncate adds a GiB at once), all of it read into memory, on the event loop.
             return DUMP_END.search(file.read(256)) is not None
+    except OSError:
+        return False
+
+
+def _first_dump_ended(job_path: Path, rank: int, start: int) -> bool:
+    """Whether the first dump the rank's file gained from `start` has ended (read only once the file's last line
+    ends a dump: that end may be a hang watchdog's dump that landed inside the request's, which goes on after it)."""
+    try:
+        with os.fdopen(_open_stacks_file(job_path, rank, os.O_RDONLY), "rb") as file:
+            file.seek(start)
+            return _first_dump(_past_a_dump_begun_before(file.read(MAX_STACK_BYTES))) is not None
     except OSError:
         return False
 

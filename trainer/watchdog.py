@@ -18,6 +18,7 @@ import math
 import os
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections import deque
@@ -307,18 +308,26 @@ class StackWatch:
         self.dumps += 1
         log.warning("job %s: %s; thread stacks written to %s", self.metrics.job_id, said, self.path)
 
-    def _write_line(self, text: str) -> None:
+    def _write_line(self, text: str, stacks: bytes = b"") -> None:
         # Straight to the descriptor, as faulthandler writes the stacks: through the file's buffer, a header whose
         # write failed (a full disk) stayed there, to make close() raise, or to be written at the file's end once
         # there was room, after later dumps, heading none. (Flushed first: stderr's own buffer, the log's lines.)
+        # The header and its stacks in one write, which an append makes whole: a stacks request's dump (SIGUSR2,
+        # which TrainerHang sends at the same moment) is written from the signal handler meanwhile, and the two
+        # dumps, each written in hundreds of small pieces, were shuffled line into line.
         self._file.flush()
         line = f"\n=== {time.strftime('%Y-%m-%dT%H:%M:%S%z')} {text}\n"
-        os.write(self._file.fileno(), line.encode("utf-8", "replace"))
+        os.write(self._file.fileno(), line.encode("utf-8", "replace") + stacks)
 
     def dump(self, reason: str) -> None:
-        """Write every thread's stack now, under a header saying why and when."""
-        self._write_line(reason)
-        faulthandler.dump_traceback(file=self._file, all_threads=True)
+        """Write every thread's stack now, under a header saying why and when, in one piece (_write_line)."""
+        try:
+            stacks = _every_stack()
+        except OSError:     # no memory file nor temp file to gather them in: written as they come
+            self._write_line(reason)
+            faulthandler.dump_traceback(file=self._file, all_threads=True)
+        else:
+            self._write_line(reason, stacks)
         self._counted(reason)
 
     def close(self) -> None:
@@ -346,3 +355,13 @@ class StackWatch:
                 return
         if self._owns_file:
             self._file.close()
+
+
+def _every_stack() -> bytes:
+    """Every thread's stack as faulthandler writes them, gathered in memory (a memfd: a full or read-only temp
+    directory must not cost a hang its stacks), else in a temp file."""
+    memory = os.memfd_create("trainmetrics-stacks") if hasattr(os, "memfd_create") else None
+    with os.fdopen(memory, "w+b") if memory is not None else tempfile.TemporaryFile() as scratch:
+        faulthandler.dump_traceback(file=scratch, all_threads=True)
+        scratch.seek(0)
+        return scratch.read()

@@ -196,3 +196,16 @@ def test_the_rest_of_a_dump_half_written_when_the_ranks_were_asked_is_not_the_an
         file.write(earlier[40:] + answer)
     served = asyncio.run(stacks.collect(job, before))["ranks"][0]
     assert served["stacks"] == answer.decode() and served["complete"]
+
+
+def test_a_hang_watchdogs_dump_landing_inside_a_requests_dump_is_left_out_of_its_answer(tmp_path):
+    """The hang watchdog and TrainerHang's request dump at the same moment: the watchdog's dump (one append) lands
+    mid-line inside the request's, written from the signal handler in pieces. The answer was cut at the watchdog's
+    end, before the request's dump went on: its first threads, then the watchdog's, served as complete."""
+    dump = real_dump(tmp_path)
+    watchdogs = b"\n=== 2026-12-07T01:00:00+0000 no step completed for 60 s (phase compute)\n" + dump
+    middle = dump.index(b"  File ") + len(b"  File ")
+    before = stacks.sizes(tmp_path, 1)
+    write_in_pieces(tmp_path / "stacks.rank0.txt", [dump[:middle], watchdogs, dump[middle:]], pause=0.3).join()
+    answer = asyncio.run(stacks.collect(tmp_path, before))
+    assert answer["ranks"] == [{"rank": 0, "stacks": dump.decode(), "complete": True}]

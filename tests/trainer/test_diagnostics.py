@@ -7,6 +7,7 @@ import io
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -367,6 +368,52 @@ def test_the_jobs_hang_seconds_is_published_for_the_hang_alert_to_read(tmp_path)
         finally:
             metrics.close()
         assert found == [published]
+
+
+HUNG_WITH_THREADS = """
+import sys, threading, time
+from pathlib import Path
+from trainmetrics.trainer.metrics import Diagnostics, JobMetrics
+
+def deep(depth):
+    return deep(depth - 1) if depth else time.sleep(60)
+
+for _ in range(20):
+    threading.Thread(target=deep, args=(30,), daemon=True).start()
+metrics = JobMetrics("hung-asked", diagnostics=Diagnostics(stacks_dir=Path(sys.argv[1]), hang_seconds=0.4))
+metrics.start()
+for _ in metrics.timed([None]):
+    time.sleep(3)                    # a hang, its stacks asked for meanwhile
+    metrics.step(loss=1.0, samples=1)
+metrics.close()
+"""
+
+
+def test_the_hang_watchdogs_dump_is_whole_while_stacks_requests_are_written_beside_it(tmp_path):
+    """The watchdog wrote its header and then its dump in hundreds of small writes, as faulthandler's signal
+    handler writes a stacks request's (TrainerHang's comes at the same moment): the two were shuffled line into
+    line, the same thread twice in the watchdog's dump and lines cut in two. Here requests come every few
+    milliseconds until the watchdog has written."""
+    (tmp_path / "hung_with_threads.py").write_text(HUNG_WITH_THREADS)
+    path = tmp_path / "stacks.rank0.txt"
+    job = subprocess.Popen([sys.executable, "-m", "hung_with_threads", str(tmp_path)], cwd=tmp_path,
+                           stderr=subprocess.DEVNULL)
+    try:
+        while not path.exists():
+            time.sleep(0.01)
+        time.sleep(0.3)
+        while b"=== " not in path.read_bytes() and job.poll() is None:
+            os.kill(job.pid, signal.SIGUSR2)
+            time.sleep(0.003)
+    finally:
+        job.wait(timeout=120)
+    text = path.read_text()
+    begun = text.index("\n=== ")
+    watchdogs = text[begun:text.index(" in _run_module_as_main\n", begun) + 23].splitlines()[2:]
+    threads = re.findall(r"(?:Current thread|Thread) (0x[0-9a-f]+) \(most recent call first\)", "\n".join(watchdogs))
+    cut = [line for line in watchdogs if line and not re.fullmatch(
+        r'(Current thread|Thread) 0x[0-9a-f]+ \(most recent call first\):|  File ".*", line \d+ in \S+', line)]
+    assert len(threads) >= 22 and len(set(threads)) == len(threads) and cut == [], watchdogs[:40]
 
 
 def test_a_hang_that_holds_the_gil_has_its_own_stacks_written_once_during_it(tmp_path):
