@@ -515,7 +515,7 @@ class Supervisor:
         if said and not told and state == "failed" and (code is None or code >= 0):
             error = f"{error}; {said}"
         if told and state not in SENT_STOPS[job.requested] and state in ("paused", "cancelled") \
-                and self._another_rank_failed(job):
+                and self._another_rank_failed(job, result):
             # A stop the server never sent: torchrun stops the other ranks (SIGTERM) when one fails, and rank 0,
             # stopped so before it noticed the failure (waiting for the ranks to join), said `cancelled`: the job
             # read as cancelled by its user, the failure unsaid.
@@ -571,9 +571,13 @@ class Supervisor:
             return bool(list_checkpoints(self.checkpoint_dir(job.id)))
         return job.requested in ("paused", "cancelled")
 
-    def _another_rank_failed(self, job: JobRecord) -> bool:
+    def _another_rank_failed(self, job: JobRecord, result: dict) -> bool:
         """True when a rank other than 0 of a multi-rank run says it failed, or left no result at all: every rank
-        writes one as it ends, so a silent rank was killed (the OOM killer, a crash) before it could."""
+        writes one as it ends, so a silent rank was killed (the OOM killer, a crash) before it could. Not where rank
+        0's `result` says no rank started (a Ray run stopped while Ray placed its ranks, `ray job stop` included):
+        no rank wrote one, and the job ended `failed`."""
+        if result.get(RESULT_STARTED) is False:
+            return False
         path = self.result_path(job.id)
         return any((read_result(rank_result_path(path, rank)) or {"state": "failed"}).get("state") == "failed"
                    for rank in range(1, job.spec.get("nproc", 1)))

@@ -2233,3 +2233,22 @@ def test_a_multi_rank_job_whose_rank_0_was_stopped_after_another_rank_was_killed
     if state == "failed":
         assert ended.exit_code == 1 and ended.error.startswith("rank 1 ended without a result (killed or lost"), ended
     store.close()
+
+
+@pytest.mark.parametrize("outcome", ["cancelled", "paused"])
+def test_a_multi_rank_ray_run_stopped_before_ray_placed_its_ranks_ends_as_stopped_not_failed(tmp_path, outcome):
+    """Stopped while Ray placed its ranks by a stop the server did not record as sent (`ray job stop`, a cancel; a
+    server's pause whose record kept its mark of a stop not sent, the server killed before it cleared it), the
+    launcher writes rank 0's result with no rank started, so no other rank writes one: that silence was taken for
+    a rank killed without a result, and the job ended `failed` "cancelled by a stop the server did not send"."""
+    from trainmetrics.jobserver.ray_launch import ended_before_start
+
+    store = JobStore(tmp_path / "db.sqlite")
+    supervisor = Supervisor(store, tmp_path, None, max_concurrent=1, executor=Ending())
+    queue(supervisor, "two", nproc=2)
+    supervisor.start(store.get_job("two"))
+    ended_before_start(supervisor.job_path("two"), outcome)
+    supervisor.tick()
+    ended = store.get_job("two")
+    assert (ended.state, ended.exit_code, ended.error) == (outcome, {"cancelled": 3, "paused": 4}[outcome], None)
+    store.close()
