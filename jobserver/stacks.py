@@ -36,12 +36,17 @@ FIRST_DUMP_END = re.compile(rb" in _run_module_as_main\n")
 DUMP_START = re.compile(rb"\n?(=== |Thread 0x|Current thread 0x|Stack \(most recent call first\))")
 # The hang watchdog's dump, written whole in one append (its header, then every thread): one that lands inside a
 # dump being written from the signal handler (a stacks request at the moment of the hang, as TrainerHang's is) is
-# no part of it, and its end is not that dump's.
-WATCHDOG_DUMP = re.compile(rb"\n=== [^\n]*\n(Current thread|Thread) 0x")
+# no part of it, and its end is not that dump's. Not its note after a faulthandler timer's dump (a header line
+# alone, "the stacks above (after 'Timeout')"): one that landed between two of a request's threads read as a dump,
+# and the request's last threads were cut with it.
+WATCHDOG_DUMP = re.compile(rb"\n=== \S+ (?!the stacks above \(after 'Timeout'\))[^\n]*\n(Current thread|Thread) 0x")
 ANY_DUMP_START = re.compile(rb"(Current thread|Thread) 0x|Stack \(most recent call first\)|Timeout \(")
 # A dump that ends otherwise (a main thread deeper than faulthandler's 100 frames ends with "  ...") is taken as
 # it is once its file has not grown for this long, marked incomplete.
 QUIET_SECONDS = 2.0
+# A watchdog dumps once a hang: more than this many inside one dump are a file its job's process wrote, and cutting
+# each out copied all that the file gained (a 256 KiB file of tiny fake dumps held the event loop 0.16 s a poll).
+MAX_CUT_DUMPS = 4
 # At most this much of each rank's stacks is returned (a dump of a few hundred threads is far less).
 MAX_STACK_BYTES = 256 * 1024
 # A rank's stacks file holding more than this is emptied before its rank is asked again: every request appends a
@@ -102,12 +107,14 @@ def _first_dump(gained: bytes) -> bytes | None:
     """The first whole dump in what a file gained, less any hang watchdog's dump that landed inside it; None when
     it has not ended. Served as it was, a request's dump that the watchdog's split was cut at the watchdog's end:
     the request's first threads, then the watchdog's, marked complete."""
-    while (ended := FIRST_DUMP_END.search(gained)) is not None:
+    for _ in range(MAX_CUT_DUMPS + 1):
+        if (ended := FIRST_DUMP_END.search(gained)) is None:
+            return None
         begun = gained.rfind(b"\n=== ", 0, ended.start())
         if begun <= 0 or not WATCHDOG_DUMP.match(gained, begun) or not ANY_DUMP_START.search(gained, 0, begun):
             return gained[:ended.end()]
         gained = gained[:begun] + gained[ended.end():]
-    return None
+    return None     # (not whole: served as the file's end, once it has not grown for QUIET_SECONDS)
 
 
 def _past_a_dump_begun_before(gained: bytes) -> bytes:

@@ -360,8 +360,16 @@ class StackWatch:
 def _every_stack() -> bytes:
     """Every thread's stack as faulthandler writes them, gathered in memory (a memfd: a full or read-only temp
     directory must not cost a hang its stacks), else in a temp file."""
-    memory = os.memfd_create("trainmetrics-stacks") if hasattr(os, "memfd_create") else None
-    with os.fdopen(memory, "w+b") if memory is not None else tempfile.TemporaryFile() as scratch:
+    with _memory_file() or tempfile.TemporaryFile() as scratch:
         faulthandler.dump_traceback(file=scratch, all_threads=True)
         scratch.seek(0)
         return scratch.read()
+
+
+def _memory_file():
+    """A file in memory; None where there is none to have (no memfd_create, or a kernel or sandbox refusing it:
+    its OSError went past the temp file, and the stacks were written in pieces as they came)."""
+    try:
+        return os.fdopen(os.memfd_create("trainmetrics-stacks"), "w+b")
+    except (AttributeError, OSError):
+        return None

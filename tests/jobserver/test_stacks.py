@@ -209,3 +209,41 @@ def test_a_hang_watchdogs_dump_landing_inside_a_requests_dump_is_left_out_of_its
     write_in_pieces(tmp_path / "stacks.rank0.txt", [dump[:middle], watchdogs, dump[middle:]], pause=0.3).join()
     answer = asyncio.run(stacks.collect(tmp_path, before))
     assert answer["ranks"] == [{"rank": 0, "stacks": dump.decode(), "complete": True}]
+
+
+def test_the_watchdogs_note_between_two_of_a_requests_threads_is_not_taken_for_a_dump(tmp_path):
+    """The watchdog's note after a faulthandler timer's dump is a header line alone: landed between two of a
+    request's threads, it read as a watchdog's dump, cut out with the request's last threads; the answer ran on
+    into the dump after it (the watchdog's next), served as the request's, complete."""
+    dump = real_dump(tmp_path)
+    note = b"\n=== 2026-12-07T01:00:00+0000 the stacks above (after 'Timeout'): no step completed for 60 s\n"
+    between = dump.index(b"Thread 0x", 1) if dump.startswith(b"Current") else dump.index(b"Current thread 0x")
+    request = dump[:between] + note + dump[between:]
+    watchdogs = b"\n=== 2026-12-07T01:00:05+0000 no step completed for 65 s (phase compute)\n" + dump
+    before = stacks.sizes(tmp_path, 1)
+    write_in_pieces(tmp_path / "stacks.rank0.txt", [request + watchdogs], pause=0).join()
+    answer = asyncio.run(stacks.collect(tmp_path, before))
+    assert answer["ranks"] == [{"rank": 0, "stacks": request.decode(), "complete": True}]
+
+
+class CountingSearches:
+    """A pattern that counts its searches."""
+
+    def __init__(self, pattern):
+        self.pattern, self.searches = pattern, 0
+
+    def search(self, *args):
+        self.searches += 1
+        return self.pattern.search(*args)
+
+
+def test_a_file_of_many_tiny_watchdog_dumps_is_not_cut_one_by_one(tmp_path, monkeypatch):
+    """A job's process can write what it likes to its stacks file: 256 KiB of tiny fake watchdog dumps inside one
+    dump were cut out one at a time, each cut copying all the file gained (thousands of times, every poll, on the
+    server's event loop)."""
+    fake = b"\n=== 2026-12-07T01:00:00+0000 x\nThread 0x1 in _run_module_as_main\n"
+    (tmp_path / "stacks.rank0.txt").write_bytes(b"Thread 0x2\n" + fake * (200 * 1024 // len(fake)))
+    ends = CountingSearches(stacks.FIRST_DUMP_END)
+    monkeypatch.setattr(stacks, "FIRST_DUMP_END", ends)
+    stacks._read(tmp_path, 0, 0, first_dump=True)
+    assert ends.searches < 20

@@ -3,6 +3,7 @@ the stacks signal, and the faults used to drill them. Real loops, real training,
 
 import bisect
 import contextlib
+import errno
 import io
 import json
 import math
@@ -962,3 +963,16 @@ def test_a_state_whose_phase_totals_overflow_their_sum_is_refused_naming_the_pha
     finally:
         metrics.close()
     assert metrics.steps == 3 and totals["eval"] == 2.0 and 5.0 <= totals["compute"] < 6.0, totals
+
+
+def test_the_hang_watchdog_gathers_its_dump_in_a_temp_file_where_memfd_is_refused(monkeypatch):
+    """A kernel or sandbox refusing memfd_create (ENOSYS, EPERM) raised past the temp file the dump was to be
+    gathered in otherwise: the watchdog wrote its stacks in pieces, to be shuffled with a request's."""
+    from trainmetrics.trainer import watchdog
+
+    def refused(*args, **kwargs):
+        raise OSError(errno.ENOSYS, "memfd_create refused")
+
+    monkeypatch.setattr(os, "memfd_create", refused)
+    stacks = watchdog._every_stack().decode()
+    assert "test_the_hang_watchdog_gathers_its_dump_in_a_temp_file_where_memfd_is_refused" in stacks
