@@ -244,6 +244,7 @@ def server_only(tmp_path_factory):
     ("../escape.csv", b"a,label\n1,0\n2,1\n", 400, "bad_request"),
     ("bad.npz", b"PK not really a zip", 400, "bad_dataset"),
     ("bomb.npz", "zip-bomb", 400, "bad_dataset"),
+    ("twice.npz", "x-twice", 400, "bad_dataset"),
 ])
 def test_bad_uploads_are_rejected_and_leave_nothing(name, content, status, code, server_only, tmp_path):
     if content == "zip-bomb":    # 1 MiB of zeros in about 1 KB: over 4 x this server's 2000-byte upload limit
@@ -257,10 +258,43 @@ def test_bad_uploads_are_rejected_and_leave_nothing(name, content, status, code,
                 member.write(bytes(1 << 20))
         content = bomb.read_bytes()
         assert len(content) < 2000
+    if content == "x-twice":     # np.load took the second x.npy, unsaid: accepted before
+        from tests.trainer.test_cli import npz_members
+
+        npz_members(tmp_path / "twice.npz", x=np.ones((4, 2)), y=np.array([0, 1, 0, 1]),
+                    extra=[("x.npy", np.full((4, 2), 2.0))])
+        content = (tmp_path / "twice.npz").read_bytes()
     response = server_only.client().post("/api/training/datasets", params={"name": name}, content=content)
     assert response.status_code == status, response.text
     assert response.json()["error"]["code"] == code
     assert list((server_only.data_dir / "datasets").iterdir()) == []
+
+
+def peak_rss_bytes(pid: int) -> int:
+    """A process's peak resident memory (VmHWM), from /proc."""
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+
+
+def test_an_npz_listing_a_million_members_is_refused_in_bounded_memory(tmp_path):
+    """zipfile parsed the upload's whole list of members before any check, ~700 bytes of memory a member: a
+    47 MB upload took the server ~700 MB for ~20 s (a 256 MiB one, ~4 GB), then a 400 of megabytes."""
+    from tests.trainmetrics.test_datafiles import zip_listing_many_members
+
+    content = zip_listing_many_members(tmp_path / "many.npz", 1_000_000).read_bytes()
+    server = Server(tmp_path / "data", extra=("--max-upload-bytes", str(64 << 20)))
+    server.data_dir.mkdir()
+    server.start()
+    try:
+        before = peak_rss_bytes(server.process.pid)
+        response = server.client().post("/api/training/datasets", params={"name": "many.npz"}, content=content)
+        assert response.status_code == 400, response.text[:300]
+        assert response.json()["error"]["code"] == "bad_dataset"
+        assert "list of members takes 47000000 bytes" in response.json()["error"]["message"]
+        assert len(response.text) < 1000
+        assert peak_rss_bytes(server.process.pid) - before < 200 << 20
+    finally:
+        server.stop()
 
 
 def test_downloads_never_leave_the_job_dir(tmp_path):
