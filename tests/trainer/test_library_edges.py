@@ -3,6 +3,7 @@ never lost, the job can always be stopped), the user's own SIGUSR2 handler, a se
 data wait of a real loader's start and end, start() twice, odd sample counts."""
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -11,6 +12,7 @@ import sys
 import textwrap
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -34,6 +36,22 @@ PRELUDE = textwrap.dedent("""
 def run_script(body: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", PRELUDE + textwrap.dedent(body), *args], capture_output=True,
                           text=True, timeout=timeout)
+
+
+@contextlib.contextmanager
+def announced_script(body: str, targets: Path, jobs: Path):
+    """The script run with the targets and job-mapping directories as its arguments, and a scraper of the job it
+    announced, which has read it once (start() waits for a first scrape); the script killed if it still runs."""
+    process = subprocess.Popen([sys.executable, "-c", PRELUDE + textwrap.dedent(body), str(targets), str(jobs)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        scraper = scraper_of_announced_job(targets)
+        scraper.scrape()
+        yield process, scraper
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
 
 
 SWALLOWED = """
@@ -107,21 +125,13 @@ RAISING_HANDLER = """
 def test_an_exception_from_a_signal_handler_does_not_end_the_final_linger(tmp_path):
     """The linger gave up at once: the files went and the scraper never read `completed`."""
     targets, jobs = tmp_path / "targets", tmp_path / "jobs"
-    process = subprocess.Popen([sys.executable, "-c", PRELUDE + textwrap.dedent(RAISING_HANDLER), str(targets),
-                                str(jobs)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        scraper = scraper_of_announced_job(targets)
-        scraper.scrape()                                    # the block starts once a scraper has seen the job
+    with announced_script(RAISING_HANDLER, targets, jobs) as (process, scraper):
         assert process.stdout.readline() == "training\n"
         time.sleep(1.5)                                     # the handler raised 0.3 s into the linger
         assert process.poll() is None, process.communicate()
         states = [s.labels["state"] for s in scraper.scrape()["trainer_job_state"] if s.value == 1]
         scraper.close()
         out, err = finish_reading(process, timeout=20)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
     assert states == ["completed"] and out.endswith("ended completed\n"), err[-2000:]
     assert "RuntimeError" in err and "it waits on" in err
 
@@ -140,11 +150,7 @@ def test_a_job_finished_but_never_closed_is_closed_as_the_process_exits(tmp_path
     """The process exited at once: its final state was never waited for, and its target and job-mapping files
     stayed (Prometheus went on scraping a dead port, and the completed job ended `vanished`)."""
     targets, jobs = tmp_path / "targets", tmp_path / "jobs"
-    process = subprocess.Popen([sys.executable, "-c", PRELUDE + textwrap.dedent(NEVER_CLOSED), str(targets),
-                                str(jobs)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        scraper = scraper_of_announced_job(targets)
-        scraper.scrape()                                    # start() waits for a first scrape
+    with announced_script(NEVER_CLOSED, targets, jobs) as (process, scraper):
         assert process.stdout.readline() == "ended\n"
         try:
             states = [s.labels["state"] for s in scraper.scrape()["trainer_job_state"] if s.value == 1]
@@ -152,10 +158,6 @@ def test_a_job_finished_but_never_closed_is_closed_as_the_process_exits(tmp_path
             states = []
         scraper.close()
         out, err = finish_reading(process, timeout=30)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
     assert process.returncode == 0, err[-2000:]
     assert list(targets.glob("*.json")) == [] and list(jobs.glob("*.json")) == [], err[-2000:]
     assert states == ["completed"]
@@ -175,11 +177,7 @@ def test_a_job_left_running_when_its_program_dies_of_an_exception_ends_failed_wi
     """Closed at the exit while still `running`, it published no final state and removed its files: an
     ordinary traceback ended the job `vanished`, as a kill -9 does (TargetDown fired), its error class nowhere."""
     targets, jobs = tmp_path / "targets", tmp_path / "jobs"
-    process = subprocess.Popen([sys.executable, "-c", PRELUDE + textwrap.dedent(DIES_OF_AN_EXCEPTION), str(targets),
-                                str(jobs)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        scraper = scraper_of_announced_job(targets)
-        scraper.scrape()                                    # start() waits for a first scrape
+    with announced_script(DIES_OF_AN_EXCEPTION, targets, jobs) as (process, scraper):
         assert process.stdout.readline() == "raising\n"
         found = {}
         while process.poll() is None and "trainer_job_end_timestamp_seconds" not in found:
@@ -189,10 +187,6 @@ def test_a_job_left_running_when_its_program_dies_of_an_exception_ends_failed_wi
                 break
         scraper.close()
         out, err = finish_reading(process, timeout=30)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
     assert process.returncode == 1 and "MemoryError: out of memory" in err, err[-2000:]
     states = [s.labels["state"] for s in found.get("trainer_job_state", []) if s.value == 1]
     assert states == ["failed"], err[-2000:]
