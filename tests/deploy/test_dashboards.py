@@ -544,18 +544,25 @@ PEAK_SERIES += "".join(f"""
     "instance:system_cpu_utilization_peak:max1m", "instance:hw_gpu_utilization_peak:max1m"))
 
 
+def panel_tests_at_4m(pattern: str, rate_interval: str, value: float) -> list[str]:
+    """A promtool test for each panel query that matches `pattern` (on instance n1, job j1, `$__rate_interval`
+    as given): its max reads `value` at 4 m."""
+    tests = []
+    for dashboard, title, target in panel_targets():
+        if re.search(pattern, target["expr"]):
+            expr = (target["expr"].replace("$instance", "n1").replace("$job_id", "j1")
+                    .replace("$__rate_interval", rate_interval))
+            tests.append(f"      - expr: 'max({expr})'\n        eval_time: 4m\n        exp_samples:\n"
+                         f"          - labels: '{{}}'\n            value: {value}")
+    return tests
+
+
 def test_the_peak_lines_show_a_spike_between_two_points(tmp_path):
     """The peak lines read the exporter's 1 s peak series as they stood at each point's time: over an hour or
     more, a point every few seconds to minutes, a spike between two points (most of them) was not drawn,
     though the panels promise the spikes the scrapes catch. The Fleet dashboard's node peaks read the minute
     before each point: over a day, a point every minute and a half or more, most spikes fell between them."""
-    tests = []
-    for dashboard, title, target in panel_targets():
-        if re.search(r"\b(?:system|hw)_\w*_peak[_:]", target["expr"]):
-            expr = (target["expr"].replace("$instance", "n1").replace("$job_id", "j1")
-                    .replace("$__rate_interval", "2m"))
-            tests.append(f"      - expr: 'max({expr})'\n        eval_time: 4m\n        exp_samples:\n"
-                         f"          - labels: '{{}}'\n            value: 0.9")
+    tests = panel_tests_at_4m(r"\b(?:system|hw)_\w*_peak[_:]", "2m", 0.9)
     assert len(tests) == 7
     promtool_passes(tmp_path / "peak_test.yml", PEAK_SERIES + "\n", tests)
 
@@ -577,13 +584,7 @@ def test_the_mean_lines_are_the_mean_over_each_point(tmp_path):
     hour or more, one second's mean a point, so a CPU or GPU busy every other stretch read busy or idle by
     chance (here 0.9 at 4 m), never the half it was over the point, while the peak line beside it is the max
     over the whole point."""
-    tests = []
-    for dashboard, title, target in panel_targets():
-        if re.search(r"\b(?:system_cpu|hw_gpu)_utilization_ratio\b", target["expr"]):
-            expr = (target["expr"].replace("$instance", "n1").replace("$job_id", "j1")
-                    .replace("$__rate_interval", "90s"))
-            tests.append(f"      - expr: 'max({expr})'\n        eval_time: 4m\n        exp_samples:\n"
-                         f"          - labels: '{{}}'\n            value: 0.5")
+    tests = panel_tests_at_4m(r"\b(?:system_cpu|hw_gpu)_utilization_ratio\b", "90s", 0.5)
     assert len(tests) == 3
     promtool_passes(tmp_path / "mean_test.yml", MEAN_SERIES + "\n", tests)
 
