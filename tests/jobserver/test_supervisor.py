@@ -100,6 +100,11 @@ def supervisor(tmp_path):
     store.close()
 
 
+def gpu_supervisor(store: JobStore, data_dir, gpus: tuple[str, ...]) -> Supervisor:
+    """A supervisor of scripted runs on the store, giving `gpus` to its jobs (room for 8)."""
+    return Supervisor(store, data_dir, None, max_concurrent=8, executor=ScriptedExecutor(), gpus=gpus)
+
+
 def queue(supervisor: Supervisor, job_id: str, model: str = "mlp", **spec) -> None:
     supervisor.store.add_job(JobRecord(id=job_id, owner="default", name=job_id, state="queued",
                                        spec={"model": model, "dataset": "blobs", "dataset_path": "blobs", "nproc": 1,
@@ -1908,8 +1913,7 @@ def test_a_run_given_no_gpu_is_not_adopted_with_the_gpus_of_an_earlier_run(tmp_p
     that run's GPU, which no job could be given while it ran on the CPU."""
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     store = JobStore(tmp_path / "db.sqlite")
-    supervisors = [Supervisor(store, tmp_path, None, max_concurrent=8, executor=ScriptedExecutor(), gpus=gpus)
-                   for gpus in (("0", "1"), (), ("0", "1"))]
+    supervisors = [gpu_supervisor(store, tmp_path, gpus) for gpus in (("0", "1"), (), ("0", "1"))]
     first, without_gpus, adopting = supervisors
     try:
         queue(first, "resumed")
@@ -1949,8 +1953,8 @@ def test_an_adopted_runs_damaged_gpus_file_gives_its_gpus_to_no_other_job(plante
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     store = JobStore(tmp_path / "db.sqlite")
     gpus = ("0", "1")
-    first = Supervisor(store, tmp_path, None, max_concurrent=8, executor=ScriptedExecutor(), gpus=gpus)
-    again = Supervisor(store, tmp_path, None, max_concurrent=8, executor=ScriptedExecutor(), gpus=gpus)
+    first = gpu_supervisor(store, tmp_path, gpus)
+    again = gpu_supervisor(store, tmp_path, gpus)
     try:
         queue(first, "adopted")
         first.tick()
@@ -1991,8 +1995,8 @@ def test_an_adopted_run_holds_the_gpus_its_file_names_that_the_server_gives(tmp_
     digits, which int() refuses) holds those it does give, in any spelling of them ('01' is GPU 1)."""
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     store = JobStore(tmp_path / "db.sqlite")
-    first = Supervisor(store, tmp_path, None, max_concurrent=8, executor=ScriptedExecutor(), gpus=("0",))
-    again = Supervisor(store, tmp_path, None, max_concurrent=8, executor=ScriptedExecutor(), gpus=("0", "1", "2"))
+    first = gpu_supervisor(store, tmp_path, ("0",))
+    again = gpu_supervisor(store, tmp_path, ("0", "1", "2"))
     try:
         queue(first, "adopted")
         first.tick()
@@ -2011,7 +2015,7 @@ def test_a_gpus_file_is_written_over_a_link_at_its_name_never_through_it(tmp_pat
     server's user may write) was overwritten with the run's GPUs."""
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     store = JobStore(tmp_path / "db.sqlite")
-    supervisor = Supervisor(store, tmp_path, None, max_concurrent=8, executor=ScriptedExecutor(), gpus=("0",))
+    supervisor = gpu_supervisor(store, tmp_path, ("0",))
     elsewhere = tmp_path / "precious.txt"
     elsewhere.write_text("keep me")
     try:
@@ -2039,7 +2043,7 @@ def test_a_job_with_more_ranks_than_the_servers_gpus_fails_at_its_start_saying_s
 
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     store = JobStore(tmp_path / "db.sqlite")
-    supervisor = Supervisor(store, tmp_path, None, max_concurrent=8, executor=ScriptedExecutor(), gpus=("0", "1"))
+    supervisor = gpu_supervisor(store, tmp_path, ("0", "1"))
     service = JobService(ServerSettings(data_dir=tmp_path, gpus=("0", "1")), store, supervisor)
     try:
         with pytest.raises(ApiError) as refused:
@@ -2093,7 +2097,7 @@ def test_a_job_waiting_for_gpus_keeps_when_the_executor_stopped_starting_jobs_si
 
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     store = JobStore(tmp_path / "db.sqlite")
-    supervisor = Supervisor(store, tmp_path, None, max_concurrent=8, executor=ScriptedExecutor(), gpus=("0", "1"))
+    supervisor = gpu_supervisor(store, tmp_path, ("0", "1"))
     try:
         queue(supervisor, "first")
         supervisor.tick()
@@ -2118,8 +2122,8 @@ def test_an_adopted_run_holds_its_gpu_under_another_spelling_of_its_uuid(tmp_pat
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     full, prefix = "GPU-5d2f9e81-0c4b-4e1a-9d3e-0123456789ab", "GPU-5d2f9e81"
     store = JobStore(tmp_path / "db.sqlite")
-    first = Supervisor(store, tmp_path, None, max_concurrent=8, executor=ScriptedExecutor(), gpus=(full, "1"))
-    again = Supervisor(store, tmp_path, None, max_concurrent=8, executor=ScriptedExecutor(), gpus=(prefix, "1"))
+    first = gpu_supervisor(store, tmp_path, (full, "1"))
+    again = gpu_supervisor(store, tmp_path, (prefix, "1"))
     try:
         queue(first, "adopted")
         first.tick()
@@ -2138,7 +2142,7 @@ def test_a_job_waiting_behind_another_owners_gpu_job_is_not_told_what_that_job_n
     waits for: a detail of a job its owner alone may read (to the others it is "not found")."""
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     store = JobStore(tmp_path / "db.sqlite")
-    supervisor = Supervisor(store, tmp_path, None, max_concurrent=8, executor=ScriptedExecutor(), gpus=("0", "1"))
+    supervisor = gpu_supervisor(store, tmp_path, ("0", "1"))
     try:
         queue(supervisor, "first")
         supervisor.tick()
