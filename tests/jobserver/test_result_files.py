@@ -12,12 +12,10 @@ import time
 import pytest
 
 from trainmetrics.jobfiles import rank_result_path, read_result
-from trainmetrics.jobserver.store import JobRecord, JobStore
-from trainmetrics.jobserver.supervisor import Supervisor
 
 from .server_process import Server, wait_job
 from .test_server import job_pid, wait_logged
-from .test_supervisor import Ending
+from .test_supervisor import odd_job_and_one_behind
 
 # A result's text as the file holds it (escaped), and as the job's error shows it: the escape, as text.
 LONE = "\\udcff"
@@ -35,12 +33,7 @@ def lone_surrogate_result(field: str) -> str:
 def test_a_results_text_with_a_lone_surrogate_ends_its_job_and_the_queue_goes_on(field, rank, tmp_path):
     """Recording the run's end raised UnicodeEncodeError at every tick: the job stayed `running` for good and no
     queued job behind it started."""
-    store = JobStore(tmp_path / "db.sqlite")
-    supervisor = Supervisor(store, tmp_path, None, max_concurrent=1, executor=Ending())
-    for job_id in ("odd", "behind"):
-        store.add_job(JobRecord(id=job_id, owner="default", name=job_id, state="queued",
-                                spec={"model": "mlp", "dataset": "blobs", "nproc": 2 if rank else 1}))
-    supervisor.tick()
+    store, supervisor = odd_job_and_one_behind(tmp_path, 2 if rank else 1)
     path = supervisor.result_path("odd")
     (path if rank == 0 else rank_result_path(path, rank)).write_text(lone_surrogate_result(field))
     assert json.loads(lone_surrogate_result(field))[field].endswith("\udcff.csv")        # what json reads

@@ -855,6 +855,18 @@ class Ending(LocalExecutor):
         return True, 1
 
 
+def odd_job_and_one_behind(tmp_path, nproc: int) -> tuple[JobStore, Supervisor]:
+    """A supervisor with one slot whose runs end at once (Ending), job `odd` (of `nproc` ranks) started and job
+    `behind` queued after it: the test writes odd's result, and the next tick must record its end."""
+    store = JobStore(tmp_path / "db.sqlite")
+    supervisor = Supervisor(store, tmp_path, None, max_concurrent=1, executor=Ending())
+    for job_id in ("odd", "behind"):
+        store.add_job(JobRecord(id=job_id, owner="default", name=job_id, state="queued",
+                                spec={"model": "mlp", "dataset": "blobs", "nproc": nproc}))
+    supervisor.tick()
+    return store, supervisor
+
+
 @pytest.mark.parametrize("killed_rank", [1, 0])
 def test_a_failed_multi_rank_job_names_the_rank_that_died(killed_rank, tmp_path):
     """A rank killed (-9, the OOM killer) writes nothing; the others then fail in the all-reduce ("connection
@@ -940,12 +952,7 @@ def test_a_result_with_a_field_of_the_wrong_type_ends_its_job_and_the_queue_goes
     `running` for good and no queued job behind it started. (An error of any length was stored whole.)"""
     from trainmetrics.jobfiles import rank_result_path, write_result
 
-    store = JobStore(tmp_path / "db.sqlite")
-    supervisor = Supervisor(store, tmp_path, None, max_concurrent=1, executor=Ending())
-    for job_id in ("odd", "behind"):
-        store.add_job(JobRecord(id=job_id, owner="default", name=job_id, state="queued",
-                                spec={"model": "mlp", "dataset": "blobs", "nproc": 2 if rank1 else 1}))
-    supervisor.tick()
+    store, supervisor = odd_job_and_one_behind(tmp_path, 2 if rank1 else 1)
     path = supervisor.result_path("odd")
     for written, at in ((rank0, path), (rank1, rank_result_path(path, 1))):
         if written is not None:
