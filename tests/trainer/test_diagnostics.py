@@ -417,6 +417,19 @@ def test_the_hang_watchdogs_dump_is_whole_while_stacks_requests_are_written_besi
     assert len(threads) >= 22 and len(set(threads)) == len(threads) and cut == [], watchdogs[:40]
 
 
+def run_a_step_holding_the_gil(metrics: JobMetrics, then: float) -> None:
+    """Start, three steps, then one in which native code holds the GIL for 2.5 s (the watchdog having looked at the
+    step before the hang), ending `then` seconds after the GIL is let go."""
+    metrics.start()
+    loop(metrics, 3, compute_seconds=0.01)
+    for _ in metrics.timed([None]):
+        time.sleep(0.3)
+        hold_the_gil(2.5)
+        if then:        # (not sleep(0): it lets the GIL go, and the watchdog waiting for it would run first)
+            time.sleep(then)
+        metrics.step(loss=1.0, samples=1)
+
+
 def test_a_hang_that_holds_the_gil_has_its_own_stacks_written_once_during_it(tmp_path):
     """A hang in native code that holds the GIL stops the watchdog too: it woke when the hang was over and wrote
     the stacks of then, the hung call gone from them, as the hang's (and a hang that never let go had none at all).
@@ -424,13 +437,7 @@ def test_a_hang_that_holds_the_gil_has_its_own_stacks_written_once_during_it(tmp
     and writes no second one."""
     metrics = JobMetrics("gil-job", diagnostics=Diagnostics(stacks_dir=tmp_path, hang_seconds=0.4))
     try:
-        metrics.start()
-        loop(metrics, 3, compute_seconds=0.01)
-        for _ in metrics.timed([None]):
-            time.sleep(0.3)                  # the watchdog looks at the step in progress (before the hang)
-            hold_the_gil(2.5)
-            time.sleep(0.5)                  # the watchdog runs again, the step not yet done
-            metrics.step(loss=1.0, samples=1)
+        run_a_step_holding_the_gil(metrics, then=0.5)    # the watchdog runs again, the step not yet done
         dumps = metrics._stack_watch.dumps
     finally:
         metrics.close()
@@ -477,12 +484,7 @@ def test_a_hang_holding_the_gil_whose_step_ends_before_the_watchdog_runs_has_its
     at 0."""
     metrics = JobMetrics("gil-step-job", diagnostics=Diagnostics(stacks_dir=tmp_path, hang_seconds=0.4))
     try:
-        metrics.start()
-        loop(metrics, 3, compute_seconds=0.01)
-        for _ in metrics.timed([None]):
-            time.sleep(0.3)                  # the watchdog looks at the step in progress (before the hang)
-            hold_the_gil(2.5)
-            metrics.step(loss=1.0, samples=1)       # at once: the watchdog has not run since the hang
+        run_a_step_holding_the_gil(metrics, then=0.0)    # the step ends at once: no watchdog run since the hang
         loop(metrics, 3, compute_seconds=0.2)
         dumps = metrics._stack_watch.dumps
     finally:
