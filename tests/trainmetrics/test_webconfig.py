@@ -3,6 +3,7 @@ exporter and job server processes."""
 
 import base64
 import re
+import shutil
 import ssl
 import subprocess
 import sys
@@ -34,6 +35,16 @@ def issue(name: str, ca: str | None, cwd, san: str | None = None) -> None:
     else:
         openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key",
                 "-CAcreateserial", "-out", f"{name}.crt", "-days", "2", "-extfile", extension.name, cwd=cwd)
+
+
+def live_pair_and_its_renewal(pki, directory) -> None:
+    """In `directory`: the CA (its key too, to issue more), the server's pair as live.crt/live.key (what a web
+    config names), and renewed.crt/renewed.key from the same CA (what a renewal writes over them)."""
+    for name in ("ca.crt", "ca.key"):
+        shutil.copy(pki / name, directory / name)
+    shutil.copy(pki / "server.crt", directory / "live.crt")
+    shutil.copy(pki / "server.key", directory / "live.key")
+    issue("renewed", "ca", directory, san="IP:127.0.0.1")
 
 
 @pytest.fixture(scope="module")
@@ -430,14 +441,9 @@ def test_over_tls_a_request_whose_client_hung_up_while_it_waited_its_turn_is_not
 def test_a_renewed_certificate_is_served_without_a_restart_and_a_half_renewed_pair_is_not(pki, tmp_path, command):
     """The certificate and key were read once, at the start: a renewed certificate (cert-manager, certbot) was
     served only after a restart, the expiring one until then. exporter-toolkit reads them on each request."""
-    import shutil
     import socket
 
-    for name in ("ca.crt", "ca.key"):
-        shutil.copy(pki / name, tmp_path / name)
-    shutil.copy(pki / "server.crt", tmp_path / "live.crt")
-    shutil.copy(pki / "server.key", tmp_path / "live.key")
-    issue("renewed", "ca", tmp_path, san="IP:127.0.0.1")
+    live_pair_and_its_renewal(pki, tmp_path)
     config = tmp_path / "web.yml"
     config.write_text("tls_server_config:\n  cert_file: live.crt\n  key_file: live.key\n  client_ca_file: ca.crt\n"
                       "  client_auth_type: RequireAndVerifyClientCert\n")
@@ -484,16 +490,11 @@ def test_a_certificate_renewed_between_loading_the_config_and_starting_the_serve
     """The files' state the first check compared with was taken when the server started, after the pair had
     been read: a renewal in between (an exporter building its collectors, a service importing its app) was
     never loaded, and the certificate before it was served until the next renewal, expired by then."""
-    import shutil
     import socket
 
     from trainmetrics.metrics_http import MetricsHTTPServer
 
-    shutil.copy(pki / "ca.crt", tmp_path / "ca.crt")
-    shutil.copy(pki / "ca.key", tmp_path / "ca.key")
-    shutil.copy(pki / "server.crt", tmp_path / "live.crt")
-    shutil.copy(pki / "server.key", tmp_path / "live.key")
-    issue("renewed", "ca", tmp_path, san="IP:127.0.0.1")
+    live_pair_and_its_renewal(pki, tmp_path)
     config = tmp_path / "web.yml"
     config.write_text("tls_server_config:\n  cert_file: live.crt\n  key_file: live.key\n")
     web_config = load_web_config(config)
@@ -559,7 +560,6 @@ def test_a_renewed_certificate_out_of_its_dates_never_takes_a_valid_ones_place(p
     stays, each said once however many clients connect; the one not valid yet is served from its time on. An empty
     file said `no PEM certificate (None)`."""
     import logging
-    import shutil
 
     from trainmetrics.metrics_http import MetricsHTTPServer
 
@@ -611,8 +611,6 @@ def test_a_renewed_certificate_out_of_its_dates_never_takes_a_valid_ones_place(p
 def test_a_changed_client_ca_file_is_read_without_a_renewed_pair(pki, tmp_path):
     """The client CA file was read again only with a renewed server certificate: a CA added to it (client
     certificates moving to a new CA) let no client of the new CA in until the next renewal or a restart."""
-    import shutil
-
     from trainmetrics.metrics_http import MetricsHTTPServer
 
     other = tmp_path / "other"
@@ -649,13 +647,7 @@ def test_a_service_started_while_its_pair_is_half_renewed_serves_the_pair_it_loa
     """uvicorn was given the files' paths too, and read them again itself: a renewal caught half-way between the
     web config's load and the service's start (the new certificate written, its key not yet) was a
     KEY_VALUES_MISMATCH traceback and exit 1, not the loaded pair served and the new one once whole."""
-    import shutil
-
-    for name in ("ca.crt", "ca.key"):
-        shutil.copy(pki / name, tmp_path / name)
-    shutil.copy(pki / "server.crt", tmp_path / "live.crt")
-    shutil.copy(pki / "server.key", tmp_path / "live.key")
-    issue("renewed", "ca", tmp_path, san="IP:127.0.0.1")
+    live_pair_and_its_renewal(pki, tmp_path)
     config = tmp_path / "web.yml"
     config.write_text("tls_server_config:\n  cert_file: live.crt\n  key_file: live.key\n")
     port = free_port()
