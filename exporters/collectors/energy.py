@@ -4,11 +4,12 @@ Slow loop: the energy counter of each CPU package (powercap zones `intel-rapl:N`
 included), the host's busy CPU time (/proc/stat) and each job's CPU time (the job tracker). An interval's
 package energy goes to the jobs in proportion to their share of the host's busy CPU time in it: an
 estimate (a busy core does not draw what the average one does, and the packages' idle power is shared out
-with the rest). A job's first interval only takes its baseline. A zone's counter wraps at
-max_energy_range_uj: a reading below the previous one has wrapped when the previous one was within that range
-and the step up to it is one a package can use in the interval (MAX_PACKAGE_WATTS); any other step back is a
-reset (a resume from suspend, a driver that starts the counter again), which counts its new value, as a GPU
-counter's reset does. A step up by more than a package can use is no energy used: the reading is a new baseline.
+with the rest). A job's first interval only takes its baseline, as does one in which it was resumed (its CPU
+time counted again from 0). A zone's counter wraps at max_energy_range_uj: a reading below the previous one has
+wrapped when the previous one was within that range and the step up to it is one a package can use in the interval
+(MAX_PACKAGE_WATTS); any other step back is a reset (a resume from suspend, a driver that starts the counter
+again), which counts its new value, as a GPU counter's reset does. A step up by more than a package can use is
+no energy used: the reading is a new baseline.
 The interval is the longer of the time between the two reads and between their passes' starts.
 
 Since Linux 5.10 (CVE-2020-8694) energy_uj is readable by root only. Where no package zone is readable
@@ -170,7 +171,11 @@ class EnergyCollector(Collector):
         for path, value in readings.items():
             previous = last_readings.get(path, value)      # a zone not read last round: this is its baseline
             microjoules += self._step(path, previous, value, most)
-        used = {job_id: seconds - last_jobs[job_id] for job_id, seconds in jobs.items() if job_id in last_jobs}
+        # A job whose CPU time went back ended and was resumed within the interval (its count starts again): that
+        # is its new baseline. Its negative step lowered the jobs' sum below theirs, and with it the whole they
+        # were shared out by: the others got more than the interval's energy.
+        used = {job_id: max(seconds - last_jobs[job_id], 0.0) for job_id, seconds in jobs.items()
+                if job_id in last_jobs}
         # Reads of the trees and of /proc/stat are not atomic: never share out more than the interval's energy.
         whole = max(busy - last_busy, sum(used.values()))
         if whole <= 0:

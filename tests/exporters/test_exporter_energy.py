@@ -4,6 +4,7 @@ after a job leaves, and the state file that carries the counts over an exporter 
 
 import json
 import logging
+import shutil
 
 import pynvml
 import pytest
@@ -171,6 +172,33 @@ def test_cpu_package_energy_is_shared_by_cpu_time_and_survives_a_wrap(tmp_path):
     write_proc(proc, host_busy=10_500, host_idle=50_700, processes={100: 1_250, 200: 2_200})
     write_zone(powercap, "intel-rapl:0", "package-0", 23_000_000)
     assert slow_pass(3.0) == {("a", "cpu"): 7.0, ("b", "cpu"): 8.0}
+
+
+def test_a_job_resumed_within_an_interval_never_gives_the_others_more_than_the_intervals_energy(tmp_path):
+    """A job that ended and was resumed between two slow samples counts its CPU time again from its new process: its
+    step back (10 s to 1 s) was added into the jobs' sum, which the shares are divided by where the jobs read more
+    than the host's busy time. Job b, seen using 1.5 s of the host's 1 busy second, got 15 J of the packages' 10 J."""
+    proc, powercap, job_dir = tmp_path / "proc", tmp_path / "powercap", tmp_path / "jobs"
+    write_proc(proc, host_busy=10_000, host_idle=50_000, processes={100: 1_000, 200: 2_000})
+    write_job_mapping(job_dir, JobMapping(job_id="a", pid=100, start_ticks=1100))
+    write_job_mapping(job_dir, JobMapping(job_id="b", pid=200, start_ticks=1200))
+    write_zone(powercap, "intel-rapl:0", "package-0", 10_000_000)
+    tracker = JobTracker(job_dir, proc_root=proc, descendants=lambda pid: [], clock_ticks=100)
+    exporter = Exporter([EnergyCollector(JobEnergy(), tracker, proc, powercap, clock_ticks=100)])
+    tracker.update(1.0)
+    exporter.sample_slow(1.0)
+    # Job a's process ends (a fast pass sees it gone), then the job is resumed as pid 300.
+    shutil.rmtree(proc / "100")
+    write_proc(proc, host_busy=10_050, host_idle=50_000, processes={200: 2_050})
+    tracker.update(1.5)
+    write_job_mapping(job_dir, JobMapping(job_id="a", pid=300, start_ticks=1300))
+    write_proc(proc, host_busy=10_100, host_idle=50_000, processes={200: 2_150, 300: 100})
+    write_zone(powercap, "intel-rapl:0", "package-0", 20_000_000)
+    tracker.update(2.0)
+    exporter.sample_slow(2.0)
+    # b is read using more than the host's busy time (reads are not atomic): the whole 10 J, never more. The
+    # resumed job's first interval takes its baseline.
+    assert energy_series(exporter.render()) == {("a", "cpu"): 0.0, ("b", "cpu"): 10.0}
 
 
 def test_a_package_counter_that_went_back_further_than_a_wrap_allows_is_a_reset_not_a_wrap(tmp_path):
