@@ -17,8 +17,9 @@ from trainmetrics.contract import (BUILTIN_DATASETS, FINAL_STATES, JOB_STATES, S
                                   WAITING_STATES, new_job_id, parse_spec, validate_job_id)
 from trainmetrics.datafiles import csv_columns, first_columns
 from trainmetrics.edge import ApiError
-from trainmetrics.jobfiles import (CHECKPOINT_PATTERN, FINAL_MODEL_NAME, PLACEMENT_WAIT_NAME, list_checkpoints,
-                                   open_directory, open_regular, read_small_text)
+from trainmetrics.jobfiles import (CHECKPOINT_PATTERN, FINAL_MODEL_NAME, MAX_LISTED_ENTRIES, PLACEMENT_WAIT_NAME,
+                                   may_hold_checkpoints, open_directory, open_regular, read_small_text,
+                                   scan_checkpoints)
 from trainmetrics.jobserver import stacks
 from trainmetrics.hangs import HangFeed
 from trainmetrics.reports import ReportArchive
@@ -188,11 +189,12 @@ class JobService:
         return [self._view(job) for job in self.store.list_jobs(self.owner(caller), (state,) if state else None)]
 
     def get(self, caller: str | None, job_id: str) -> dict:
-        """One job, with its checkpoint count and whether its analytics report is stored."""
+        """One job, with its checkpoint count (of a bounded listing: _checkpoints) and whether its analytics report
+        is stored."""
         job = self.job(caller, job_id)
         stored = self.store.get_report(job.id)
         # A report the analytics would serve: one that cannot be read (an edited row) is ignored there, so none.
-        return {**self._view(job), "checkpoints": len(self._checkpoints(job.id)),
+        return {**self._view(job), "checkpoints": len(self._checkpoints(job.id)[0]),
                 "report_stored": stored is not None and readable_report(job.id, stored[1]) is not None}
 
     def stop(self, caller: str | None, job_id: str, outcome: str) -> tuple[int, dict]:
@@ -215,7 +217,7 @@ class JobService:
     def resume(self, caller: str | None, job_id: str) -> dict:
         """Paused, or failed with a checkpoint: queued again, to continue from its last checkpoint."""
         job = self.job(caller, job_id)
-        has_checkpoint = bool(list_checkpoints(self.supervisor.checkpoint_dir(job.id)))
+        has_checkpoint = may_hold_checkpoints(self.supervisor.checkpoint_dir(job.id))
         if not (job.state == "paused" or (job.state == "failed" and has_checkpoint)):
             raise ApiError(409, "conflict", f"job {job.id} is {job.state}: only paused jobs, or failed ones with "
                                             "a checkpoint, resume")
@@ -258,22 +260,26 @@ class JobService:
 
     # ----- checkpoints and downloads -----------------------------------------------------------------
     def checkpoints(self, caller: str | None, job_id: str) -> dict:
-        """The job's checkpoints, oldest first."""
+        """The job's checkpoints, oldest first, and whether the listing stopped before the directory's end."""
         job = self.job(caller, job_id)
-        return {"job_id": job.id, "checkpoints": self._checkpoints(job.id)}
+        checkpoints, truncated = self._checkpoints(job.id)
+        return {"job_id": job.id, "checkpoints": checkpoints, "truncated": truncated}
 
-    def _checkpoints(self, job_id: str) -> list[dict]:
+    def _checkpoints(self, job_id: str) -> tuple[list[dict], bool]:
         """The regular checkpoint files in the job's own checkpoint directory, oldest first (none when that
-        directory, or the job's, is a symlink: open_directory)."""
+        directory, or the job's, is a symlink: open_directory), and whether the listing was cut. Read on the state
+        thread, so from MAX_LISTED_ENTRIES entries of it at most: a job's process can fill it, and 300,000 files
+        held every owner's requests 4 s a listing."""
         try:
             directory = self._checkpoint_dir_fd(job_id)
         except OSError:
-            return []
+            return [], False
         try:
-            return [{"name": checkpoint.path.name, "step": checkpoint.step, "size_bytes": checkpoint.size_bytes,
-                     "modified": checkpoint.modified} for checkpoint in list_checkpoints(directory)]
+            found, truncated = scan_checkpoints(directory, MAX_LISTED_ENTRIES)
         finally:
             os.close(directory)
+        return [{"name": checkpoint.path.name, "step": checkpoint.step, "size_bytes": checkpoint.size_bytes,
+                 "modified": checkpoint.modified} for checkpoint in found], truncated
 
     def _checkpoint_dir_fd(self, job_id: str) -> int:
         """The job's checkpoint directory, opened through neither a symlinked job directory nor a symlinked

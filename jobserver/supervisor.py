@@ -24,7 +24,7 @@ from trainmetrics.contract import (BUILTIN_DATASETS, EXIT_STATES, REGISTER_TOKEN
                                   train_args)
 from trainmetrics.edge import storage_full
 from trainmetrics.jobfiles import (CONTROL_FILE_NAME, FINAL_MODEL_NAME, GPUS_FILE_NAME, LOG_NAME,
-                                   PLACEMENT_WAIT_NAME, RESULT_FILE_NAME, list_checkpoints, rank_result_path,
+                                   PLACEMENT_WAIT_NAME, RESULT_FILE_NAME, may_hold_checkpoints, rank_result_path,
                                    read_result, read_small, replace_atomically, storable_text)
 from trainmetrics.jobmap import gpu_spelling, same_gpu
 from trainmetrics.jobserver.executors import Executor, ExecutorUnavailable, Run, StartDeferred
@@ -189,7 +189,8 @@ class Supervisor:
                   "job_dir": self.job_dir, "linger_timeout": self.linger_timeout,
                   # A job whose directory holds checkpoints continues from them: a run this server lost before
                   # recording it (killed at the next start) wrote them, and a fresh run refuses such a directory.
-                  "resume": job.resume or bool(list_checkpoints(self.checkpoint_dir(job.id))),
+                  # (Read bounded, on the state thread: one too full to tell resumes, its run reading them all.)
+                  "resume": job.resume or may_hold_checkpoints(self.checkpoint_dir(job.id)),
                   "submitted_at": job.created, "diagnostics_dir": self.job_path(job.id),
                   "register_url": f"{self.advertise_url}/api/internal/jobs/{job.id}/endpoints"
                   if self.advertise_url else None}
@@ -568,7 +569,7 @@ class Supervisor:
         the server's own shutdown pause where the job has a checkpoint to resume from (as _resume_or_fail keeps
         it at a restart; one without fails)."""
         if job.requested == SHUTDOWN_PAUSE:
-            return bool(list_checkpoints(self.checkpoint_dir(job.id)))
+            return may_hold_checkpoints(self.checkpoint_dir(job.id))
         return job.requested in ("paused", "cancelled")
 
     def _another_rank_failed(self, job: JobRecord, result: dict) -> bool:
@@ -618,7 +619,7 @@ class Supervisor:
             self.store.update_job(job.id, state=job.requested, resume=paused, pid=None, handle=None, requested=None,
                                   run_token=None, error=None, ended=None if paused else time.time())
             log.warning("job %s: %s; %s as requested before", job.id, why, job.requested)
-        elif list_checkpoints(self.checkpoint_dir(job.id)):
+        elif may_hold_checkpoints(self.checkpoint_dir(job.id)):
             self.store.update_job(job.id, state="queued", resume=True, pid=None, requested=None, run_token=None)
             log.warning("job %s: %s; queued to resume from its last checkpoint", job.id, why)
         else:

@@ -40,6 +40,11 @@ GPUS_FILE_NAME = "gpus"
 MAX_RESULT_BYTES = 1 << 20
 # The result's fields read as text (a job's error, and why it stopped): read_result drops one of another type.
 RESULT_TEXT_FIELDS = ("error", "error_type", "reason")
+# The entries of a job's checkpoint directory (any name) the job server reads at most to list or count its
+# checkpoints. It reads them on its one state thread, where every owner's requests wait, and a job's process can
+# fill the directory: 300,000 files planted there took 4 s a listing. A job keeps a few checkpoints
+# (keep_checkpoints, 3 by default), far within the bound.
+MAX_LISTED_ENTRIES = 10_000
 
 
 @dataclass(frozen=True)
@@ -64,23 +69,48 @@ def checkpoint_name(step: int) -> str:
 
 def list_checkpoints(directory: Path | int) -> list[Checkpoint]:
     """Checkpoints in the directory (a path, or a descriptor open on it: each path is then its name alone),
-    oldest first. Temp files, other names and anything but a regular file are left out, stated without following
-    a symlink (one swapped in would show its target's size); a file pruned while listed is left out too."""
+    oldest first, every entry of it read: the trainer's choice of the newest, in the job's own process. Temp
+    files, other names and anything but a regular file are left out, stated without following a symlink (one
+    swapped in would show its target's size); a file pruned while listed is left out too."""
+    return scan_checkpoints(directory)[0]
+
+
+def scan_checkpoints(directory: Path | int, max_entries: int | None = None) -> tuple[list[Checkpoint], bool]:
+    """list_checkpoints reading at most `max_entries` entries of the directory (any name), and whether it stopped
+    before the end: then any checkpoint may be left out, the newest included (directory order is arbitrary)."""
     if not isinstance(directory, int) and not Path(directory).is_dir():
-        return []
+        return [], False
     found = []
     with os.scandir(directory) as entries:
-        for entry in entries:
-            match = CHECKPOINT_PATTERN.fullmatch(entry.name)
-            if not match:
-                continue
-            try:
-                info = entry.stat(follow_symlinks=False)
-            except OSError:
-                continue
-            if stat.S_ISREG(info.st_mode):
-                found.append(Checkpoint(Path(entry.path), int(match.group(1)), info.st_size, info.st_mtime))
-    return sorted(found, key=lambda checkpoint: checkpoint.step)
+        for read, entry in enumerate(entries):
+            if max_entries is not None and read >= max_entries:
+                return sorted(found, key=lambda checkpoint: checkpoint.step), True
+            if (checkpoint := _checkpoint_of(entry)) is not None:
+                found.append(checkpoint)
+    return sorted(found, key=lambda checkpoint: checkpoint.step), False
+
+
+def may_hold_checkpoints(directory: Path | int) -> bool:
+    """Whether the job server takes the directory to hold a checkpoint: one found within MAX_LISTED_ENTRIES, or
+    more entries than that (unknown: the job's run, resumed, reads them all itself and trains afresh without
+    one). Answering no there would leave a failed job whose checkpoints lie past the bound unresumable."""
+    checkpoints, truncated = scan_checkpoints(directory, MAX_LISTED_ENTRIES)
+    return bool(checkpoints) or truncated
+
+
+def _checkpoint_of(entry: os.DirEntry) -> Checkpoint | None:
+    """The checkpoint a directory entry is: a regular file of a checkpoint's name, stated without following a
+    symlink; None for anything else, or one gone since it was read."""
+    match = CHECKPOINT_PATTERN.fullmatch(entry.name)
+    if not match:
+        return None
+    try:
+        info = entry.stat(follow_symlinks=False)
+    except OSError:
+        return None
+    if not stat.S_ISREG(info.st_mode):
+        return None
+    return Checkpoint(Path(entry.path), int(match.group(1)), info.st_size, info.st_mtime)
 
 
 def finite_or_none(value):

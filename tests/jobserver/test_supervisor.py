@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from trainmetrics.jobfiles import GPUS_FILE_NAME
+from trainmetrics.jobfiles import GPUS_FILE_NAME, MAX_LISTED_ENTRIES
 from trainmetrics.jobserver.executors import Run
 from trainmetrics.jobserver.local import LocalExecutor
 from trainmetrics.jobserver.store import JobRecord, JobStore
@@ -364,6 +364,19 @@ def test_a_job_gone_with_the_server_before_its_first_checkpoint_fails_and_leaves
     restarted(supervisor)
     assert supervisor.store.get_job(job.id).state == "failed"
     assert supervisor.store.endpoints() == []
+
+
+def test_a_job_gone_with_the_server_whose_checkpoint_directory_is_too_full_to_read_through_resumes(supervisor):
+    """The restart read the job's whole checkpoint directory on the state thread, which a job's process can fill
+    (every owner's requests waited). Read up to a bound now, its checkpoints may lie past it: such a directory
+    counts as holding one (the job failed "before its first checkpoint"), queued to resume, and its run looks."""
+    job = submit(supervisor, "too-full")
+    for index in range(MAX_LISTED_ENTRIES + 100):
+        os.close(os.open(supervisor.checkpoint_dir(job.id) / f"junk-{index}", os.O_WRONLY | os.O_CREAT, 0o644))
+    crash(supervisor, job.id)
+    restarted(supervisor, max_concurrent=0)
+    ended = supervisor.store.get_job(job.id)
+    assert (ended.state, ended.resume) == ("queued", True)
 
 
 @pytest.mark.parametrize("outcome", ["paused", "cancelled"])
