@@ -1307,12 +1307,13 @@ def test_a_close_inside_its_own_threads_checkpoint_block_does_not_wait_for_that_
         scraper.close()
 
 
-def test_a_checkpoint_block_ended_on_another_thread_than_it_began_on_is_counted(tmp_path):
+def test_a_checkpoint_block_ended_on_another_thread_than_it_began_on_is_counted():
     """An asynchronous save may enter checkpoint() where it starts the write and leave it in the callback that
     ends it, on the writer's thread. The block's count of open blocks per thread was a threading.local: its exit
     on the other thread found no count there and raised AttributeError inside the lock, the write never counted
     and the callback failed. Counted now, and no block is left open."""
-    metrics = JobMetrics("lib-ckpt-split", publish=Publish(targets_dir=tmp_path, linger_timeout=30))
+    # Not announced: no first scrape to wait for (announced, its start waited the 30 s out).
+    metrics = JobMetrics("lib-ckpt-split", publish=Publish(listen=None, targets_dir=None, job_dir=None))
     try:
         metrics.start()
         metrics.step(loss=1.0, samples=4)
