@@ -10,7 +10,7 @@ process_energy_joules_total{job_id,source}.
   job's account at the next slow pass. Across a restart the file carries each job's seconds idle at its save (it
   is rewritten at least every RESAVE_SECONDS); the time since the save counts up to RESAVE_SECONDS (by the wall
   clock, which may have been stepped meanwhile).
-- The accounts are written to a state file before they are published: a restarted exporter carries every
+- The accounts are written to a state file, durably, before they are published: a restarted exporter carries every
   count on from at least the last value any scraper read, so a restart never looks like a counter reset
   and nothing is counted twice. (It takes new baselines: energy used while no exporter ran is not counted.)
 - A job's series stay HOLD_SECONDS after it was last seen, so every scraper reads its final values.
@@ -20,13 +20,13 @@ import json
 import logging
 import os
 import stat
-import tempfile
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from trainmetrics.contract import validate_job_id
+from trainmetrics.jobfiles import replace_atomically
 
 log = logging.getLogger(__name__)
 
@@ -134,14 +134,10 @@ class JobEnergy:
         state = {job_id: {**account, "seen": max(0.0, wall - (now - self._seen[job_id])),
                           "idle": now - self._seen[job_id]} for job_id, account in self._joules.items()}
         try:
-            fd, tmp = tempfile.mkstemp(dir=self.state_file.parent, prefix=f".{self.state_file.name}.")
-            try:
-                with os.fdopen(fd, "w") as handle:
-                    json.dump({"jobs": state}, handle)
-                os.replace(tmp, self.state_file)
-            except BaseException:
-                os.unlink(tmp)
-                raise
+            # Durable before the counts are published: a power cut after left the old file (its rename never
+            # synced) or an empty one, and the restarted exporter's counters went back (a scraper took the drop
+            # for a reset and counted the job's energy twice) or started from 0.
+            replace_atomically(self.state_file, json.dumps({"jobs": state}), durable=True)
         except OSError as error:
             if not self._save_failed:
                 log.warning("cannot write the energy state file %s (%s): the per-job energy counters will "

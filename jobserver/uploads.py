@@ -1,5 +1,6 @@
 """Dataset uploads: the raw body streamed to a temp file (off the event loop, bounded), checked with the
-numpy readers the trainer uses (trainmetrics.datafiles, no torch), then moved into place."""
+numpy readers the trainer uses (trainmetrics.datafiles, no torch), then moved into place durably (synced, with its
+directory, before the upload is recorded and answered)."""
 
 import contextlib
 import logging
@@ -16,6 +17,7 @@ from starlette.requests import Request
 from trainmetrics.contract import CONTROL_CHARACTERS
 from trainmetrics.datafiles import DEFAULT_TARGET, DatasetError, TargetColumnError, read_csv, read_npz
 from trainmetrics.edge import ApiError
+from trainmetrics.jobfiles import rename_durably
 
 DATASET_FORMATS = {".csv": "csv", ".npz": "npz"}
 DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -115,7 +117,10 @@ async def receive_dataset(request: Request, name: str, target: str | None, datas
                                                         NPZ_INFLATION_LIMIT * max_bytes, target, limiter=inspections)
         dataset_id, final_path = _claim_dataset_name(datasets_dir, suffix)
         try:
-            os.replace(tmp_name, final_path)
+            # Synced before it is recorded and answered 201: a power cut after left the dataset's file empty or
+            # missing (never synced), and every job submitted on it failed. (A thread: an upload's fsync takes as
+            # long as writing it to the disk.)
+            await anyio.to_thread.run_sync(rename_durably, tmp_name, final_path)
         except BaseException:
             final_path.unlink(missing_ok=True)
             raise

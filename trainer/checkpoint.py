@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from trainmetrics.jobfiles import FINAL_MODEL_NAME, Checkpoint, checkpoint_name, list_checkpoints
+from trainmetrics.jobfiles import FINAL_MODEL_NAME, Checkpoint, checkpoint_name, list_checkpoints, sync_directory
 
 __all__ = ["FINAL_MODEL_NAME", "NoReadableCheckpoint", "atomic_save", "ensure_writable_dir", "list_checkpoints",
            "load_latest", "save_checkpoint"]
@@ -84,11 +84,7 @@ def atomic_save(obj, path: Path) -> Path:
         except FileNotFoundError:
             pass
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    sync_directory(path.parent)
     return path
 
 

@@ -260,17 +260,14 @@ def replace_atomically(path: Path, text: str, *, mode: int = 0o600, durable: boo
     shared directory (a FIFO that would block the writer, a symlink to a file of the writer's) can take its
     place; the rename replaces whatever sits at `path` itself, never what a symlink there points to. A
     directory at `path` still fails (IsADirectoryError), as any other real error does, and leaves no temp
-    file behind. `durable`: fsync before the rename (a crash then leaves the old file or the new one)."""
+    file behind. `durable`: as rename_durably (a power cut then leaves the old file or the new one, whole)."""
     path = Path(path)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             os.fchmod(handle.fileno(), mode)
             handle.write(text)
-            handle.flush()
-            if durable:
-                os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
+        (rename_durably if durable else os.replace)(tmp_name, path)
     except BaseException:
         try:
             os.unlink(tmp_name)
@@ -279,8 +276,33 @@ def replace_atomically(path: Path, text: str, *, mode: int = 0o600, durable: boo
         raise
 
 
+def rename_durably(source: str | Path, path: Path) -> None:
+    """Move the written file `source` over `path` (in the same directory) so that a power cut or a kernel crash
+    after the return leaves the new file, whole: its data synced, the rename, then the directory synced (the
+    file's fsync saves its data, not the name the rename gave it: without the directory's, a crash could still
+    leave the old file, or none). `source` is reopened with open_regular: nothing planted at its name since the
+    write (a symlink, a FIFO) is followed or waited on."""
+    fd = open_regular(Path(source), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(source, path)
+    sync_directory(Path(path).parent)
+
+
+def sync_directory(directory: Path) -> None:
+    """fsync a directory: the names renamed or created in it survive a crash from then on."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_result(path: Path, result: dict) -> None:
-    """Write the job's result atomically and durably (temp file in the same dir, fsync, rename)."""
+    """Write the job's result atomically and durably (temp file in the same dir, fsync, rename, fsync the dir):
+    a result lost to a crash after the job ended failed the job ("ended without a result")."""
     replace_atomically(path, strict_json(result), durable=True)
 
 
