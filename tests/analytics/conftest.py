@@ -136,6 +136,17 @@ def backfilled_prometheus(work: Path, history: str) -> PrometheusServer:
     return prometheus
 
 
+@contextmanager
+def running(prometheus: PrometheusServer, timeout: float = 60):
+    """`prometheus` started, and stopped after. Given a minute to be ready: a store of backfilled blocks takes a
+    while to load beside a parallel run's other servers."""
+    prometheus.start(timeout=timeout)
+    try:
+        yield prometheus
+    finally:
+        prometheus.stop()
+
+
 def import_to_victoria(victoria: VictoriaMetricsServer, history: str) -> None:
     """History (OpenMetrics, as_openmetrics) imported into a started VictoriaMetrics (Prometheus text format,
     millisecond timestamps) and flushed, for queries to see it."""
@@ -150,13 +161,11 @@ def import_to_victoria(victoria: VictoriaMetricsServer, history: str) -> None:
 def backfilled_backend(kind: str, work: Path, history: str):
     """A started Prometheus ("prometheus": promtool's blocks) or VictoriaMetrics ("victoria": imported) holding
     `history`, stopped after."""
-    backend = (VictoriaMetricsServer(work) if kind == "victoria" else backfilled_prometheus(work, history)).start()
-    try:
+    server = VictoriaMetricsServer(work) if kind == "victoria" else backfilled_prometheus(work, history)
+    with running(server) as backend:
         if kind == "victoria":
             import_to_victoria(backend, history)
         yield backend
-    finally:
-        backend.stop()
 
 
 def backfilled_history(history: Callable[[float], str], name: str):

@@ -18,7 +18,7 @@ from trainmetrics.prometheus_process import PrometheusServer, VictoriaMetricsSer
 from trainmetrics.reports import NotSettled
 
 from tests.prometheus_proxy import Relay
-from .conftest import as_openmetrics, backfilled_prometheus, finish, scraped_job, serve, start_job
+from .conftest import as_openmetrics, backfilled_prometheus, finish, running, scraped_job, serve, start_job
 
 pytestmark = pytest.mark.slow
 
@@ -136,7 +136,6 @@ def test_a_job_read_while_the_backends_answer_delay_cannot_be_read_is_not_settle
     base, info = 'job_id="lag-2",instance="h:1",job="trainer",rank="0"', 'job_name="lag",owner="a",device="cpu"'
     lines = [line for t in [end - 60 + 5.0 * i for i in range(13)] + [end + 0.25]
              for line in scraped_job(base, info, end - 60, end, t)]
-    prometheus = backfilled_prometheus(tmp_path, as_openmetrics(lines)).start(timeout=60)
     cache = AnalyticsCache()
 
     async def settle() -> None:
@@ -149,12 +148,10 @@ def test_a_job_read_while_the_backends_answer_delay_cannot_be_read_is_not_settle
         finally:
             await client.aclose()
 
-    try:
-        with LaggedBackend(prometheus.url, failure).running() as backend:
-            asyncio.run(settle())
-        assert len(cache) == 0
-    finally:
-        prometheus.stop()
+    with running(backfilled_prometheus(tmp_path, as_openmetrics(lines))) as prometheus, \
+            LaggedBackend(prometheus.url, failure).running() as backend:
+        asyncio.run(settle())
+    assert len(cache) == 0
 
 
 class FrozenFlags(BaseHTTPRequestHandler):

@@ -7,7 +7,7 @@ import pytest
 
 from trainmetrics.analytics.app import Settings
 
-from .conftest import as_openmetrics, backfilled_prometheus, serve
+from .conftest import as_openmetrics, backfilled_prometheus, running, serve
 from .test_fleet_agrees import process
 
 pytestmark = pytest.mark.slow
@@ -32,12 +32,8 @@ def history(written: float) -> str:
 
 @pytest.fixture(scope="module")
 def backfilled(tmp_path_factory):
-    prometheus = backfilled_prometheus(tmp_path_factory.mktemp("compare-tasks"), history(time.time()))
-    prometheus.start(timeout=60)
-    try:
+    with running(backfilled_prometheus(tmp_path_factory.mktemp("compare-tasks"), history(time.time()))) as prometheus:
         yield prometheus
-    finally:
-        prometheus.stop()
 
 
 def compare(backend, *job_ids: str) -> dict:

@@ -608,7 +608,7 @@ def test_a_stored_report_holds_nothing_of_another_owners_job_that_shares_its_id(
     from trainmetrics.jobserver.store import JobRecord, JobStore
     from trainmetrics.reports import ReportArchive
 
-    from .conftest import as_openmetrics, backfilled_prometheus
+    from .conftest import as_openmetrics, backfilled_prometheus, running
 
     end = round(time.time() - 600)
     runs = {"h:1": ("alice-1", "alice", end - 120, end - 60), "h:2": ("alice-1", "bob", end - 50, end),
@@ -628,7 +628,6 @@ def test_a_stored_report_holds_nothing_of_another_owners_job_that_shares_its_id(
             if final:
                 lines.append(f"trainer_job_end_timestamp_seconds{{{base}}} {stop:.3f} {t:.3f}")
     prometheus = backfilled_prometheus(tmp_path, as_openmetrics(lines))
-    prometheus.start(timeout=60)
     store = JobStore(tmp_path / "db.sqlite")
     for job_id in ("alice-1", "alice-2"):
         store.add_job(JobRecord(id=job_id, owner="alice", name=job_id, state="completed", spec={},
@@ -642,10 +641,8 @@ def test_a_stored_report_holds_nothing_of_another_owners_job_that_shares_its_id(
         async with build_component(Settings(prometheus_url=prometheus.url, archive=archive)).lifespan():
             await reports.ReportKeeper(archive, call, store, reports.UpTime(store), owners=True).round()
 
-    try:
+    with running(prometheus):
         asyncio.run(keep_reports())
-    finally:
-        prometheus.stop()
     assert json.loads(store.get_report("alice-2")[1])["owner"] == "alice"
     assert store.get_report("alice-1") is None
     store.close()

@@ -7,7 +7,7 @@ import pytest
 
 from trainmetrics.analytics.app import Settings
 
-from .conftest import as_openmetrics, backfilled_backend, backfilled_prometheus, serve
+from .conftest import as_openmetrics, backfilled_backend, backfilled_prometheus, running, serve
 
 pytestmark = pytest.mark.slow
 
@@ -112,12 +112,8 @@ def history(now):
 
 @pytest.fixture(scope="module")
 def backfilled(tmp_path_factory):
-    prometheus = backfilled_prometheus(tmp_path_factory.mktemp("fleet-agrees"), history(time.time() - 600))
-    prometheus.start(timeout=60)
-    try:
-        yield prometheus
-    finally:
-        prometheus.stop()
+    with running(backfilled_prometheus(tmp_path_factory.mktemp("fleet-agrees"), history(time.time() - 600))) as server:
+        yield server
 
 
 def get(client, path, **params):
@@ -243,14 +239,10 @@ def test_the_job_list_names_a_job_as_its_newest_process_that_failed_in_its_resto
     """The job list took a process with an end and no start (one that failed in its restore) for the job
     server's entry, and let the run before it speak for the job (lookup.speakers): its old name, where the job's
     own analytics give the new one."""
-    prometheus = backfilled_prometheus(tmp_path, restore_died_history(time.time() - 600))
-    prometheus.start(timeout=60)
-    try:
-        with serve(Settings(prometheus_url=prometheus.url, recorded_series=False)) as client:
-            _, body = get(client, "/api/training/restore-renamed/analytics")
-            _, listed = get(client, "/api/training/analytics/jobs", range="2h")
-        row = next(r for r in listed["jobs"] if r["job_id"] == "restore-renamed")
-        assert (body["status"], row["status"]) == ("failed", "failed")
-        assert body["job_name"] == row["job_name"] == "second-name", (body["job_name"], row["job_name"])
-    finally:
-        prometheus.stop()
+    with running(backfilled_prometheus(tmp_path, restore_died_history(time.time() - 600))) as prometheus, \
+            serve(Settings(prometheus_url=prometheus.url, recorded_series=False)) as client:
+        _, body = get(client, "/api/training/restore-renamed/analytics")
+        _, listed = get(client, "/api/training/analytics/jobs", range="2h")
+    row = next(r for r in listed["jobs"] if r["job_id"] == "restore-renamed")
+    assert (body["status"], row["status"]) == ("failed", "failed")
+    assert body["job_name"] == row["job_name"] == "second-name", (body["job_name"], row["job_name"])

@@ -8,7 +8,7 @@ import pytest
 
 from trainmetrics.analytics.app import Settings
 
-from .conftest import as_openmetrics, backfilled_prometheus, serve
+from .conftest import as_openmetrics, backfilled_prometheus, running, serve
 from .test_fleet_agrees import STATES, process
 
 pytestmark = pytest.mark.slow
@@ -51,12 +51,8 @@ def never_ran(job_id: str, first: float, last: float, cancelled: float | None) -
 @pytest.fixture(scope="module")
 def backfilled(tmp_path_factory):
     written = time.time()
-    prometheus = backfilled_prometheus(tmp_path_factory.mktemp("fleet-range"), history(written))
-    prometheus.start(timeout=60)
-    try:
+    with running(backfilled_prometheus(tmp_path_factory.mktemp("fleet-range"), history(written))) as prometheus:
         yield prometheus, written
-    finally:
-        prometheus.stop()
 
 
 def summary_of(backend, owner: str | None, **params) -> dict:

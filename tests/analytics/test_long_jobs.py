@@ -9,7 +9,7 @@ import pytest
 from trainmetrics.analytics import queries as q
 from trainmetrics.analytics.app import Settings
 
-from .conftest import as_openmetrics, backfilled_prometheus, scraped_evaluations, scraped_job, serve
+from .conftest import as_openmetrics, backfilled_prometheus, running, scraped_evaluations, scraped_job, serve
 
 pytestmark = pytest.mark.slow
 
@@ -46,15 +46,11 @@ def test_a_long_jobs_last_evaluation_shown_only_in_its_final_scrape_is_listed(tm
     end = end_ms / 1000
     _, last, _ = q.peak_grid(DURATION + q.FINAL_SCRAPE_GRACE_SECONDS, end + q.FINAL_SCRAPE_GRACE_SECONDS)
     assert last == end - 5.0            # the premise
-    prometheus = backfilled_prometheus(tmp_path, history(end))
-    prometheus.start(timeout=60)
-    try:
-        with serve(Settings(prometheus_url=prometheus.url)) as client:
-            response = client.get("/api/training/long-1/analytics")
-            assert response.status_code == 200, response.text
-            body = response.json()
-    finally:
-        prometheus.stop()
+    with running(backfilled_prometheus(tmp_path, history(end))) as prometheus, \
+            serve(Settings(prometheus_url=prometheus.url)) as client:
+        response = client.get("/api/training/long-1/analytics")
+        assert response.status_code == 200, response.text
+        body = response.json()
     assert (body["status"], body["end_time"]) == ("completed", end)
     assert [e["loss"] for e in body["evaluations"]] == [FIRST_EVAL_LOSS, LAST_EVAL_LOSS]
     assert body["losses"]["final_eval_loss"] == LAST_EVAL_LOSS
@@ -87,8 +83,7 @@ def test_a_long_run_whose_first_part_retention_removed_answers_from_its_stored_r
         lines += scraped_evaluations(base, t, shown, 100)
     prometheus = backfilled_prometheus(tmp_path, as_openmetrics(lines))
     prometheus.extra_args = ["--web.enable-admin-api"]
-    prometheus.start(timeout=60)
-    try:
+    with running(prometheus):
         async def stored_report() -> dict:         # what the job server stores once the job settled
             client = PrometheusClient(prometheus.url)
             try:
@@ -107,7 +102,5 @@ def test_a_long_run_whose_first_part_retention_removed_answers_from_its_stored_r
 
         with serve(Settings(prometheus_url=prometheus.url, archive=ReportArchive(load=load))) as client:
             body = client.get("/api/training/cut-1/analytics").json()
-    finally:
-        prometheus.stop()
     assert body["source"] == "stored"
     assert {**body, "source": None} == {**stored, "source": None}

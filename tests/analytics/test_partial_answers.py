@@ -17,7 +17,7 @@ from trainmetrics.analytics.prometheus import PrometheusClient, partial_warnings
 from trainmetrics.reports import PartialAnswer
 
 from tests.prometheus_proxy import Relay
-from .conftest import as_openmetrics, backfilled_prometheus, scraped_evaluations, scraped_job, serve
+from .conftest import as_openmetrics, backfilled_prometheus, running, scraped_evaluations, scraped_job, serve
 
 pytestmark = pytest.mark.slow
 
@@ -96,13 +96,9 @@ class Proxy(Relay):
 def proxied_prometheus(tmp_path_factory):
     """A real Prometheus holding the jobs, ended ten minutes ago, behind a Proxy."""
     end = round(time.time() - 600)
-    prometheus = backfilled_prometheus(tmp_path_factory.mktemp("partial"), history(end))
-    prometheus.start(timeout=60)
-    try:
-        with Proxy(prometheus.url).running() as proxy:
-            yield proxy
-    finally:
-        prometheus.stop()
+    with running(backfilled_prometheus(tmp_path_factory.mktemp("partial"), history(end))) as prometheus, \
+            Proxy(prometheus.url).running() as proxy:
+        yield proxy
 
 
 @pytest.fixture

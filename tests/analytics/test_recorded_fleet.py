@@ -8,7 +8,9 @@ import asyncio
 import math
 import subprocess
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -17,7 +19,7 @@ from trainmetrics.analytics import queries as q
 from trainmetrics.analytics.prometheus import PrometheusClient
 from trainmetrics.prometheus_process import PrometheusServer, find_binary
 
-from .conftest import as_openmetrics, backfilled_prometheus, take_blocks
+from .conftest import as_openmetrics, backfilled_prometheus, running, take_blocks
 
 pytestmark = pytest.mark.slow
 
@@ -106,32 +108,36 @@ def backfill_rules(prometheus: PrometheusServer, start: float, end: float, outpu
                           check=True, capture_output=True, text=True)
 
 
+@contextmanager
+def recorded_prometheus(work: Path, history: str, record: Callable[[PrometheusServer, Path], None]):
+    """A started Prometheus holding `history` and the blocks `record(prometheus, output)` wrote to output while it
+    held the history alone (backfill_rules'), stopped after. No live rule evaluation: the recorded series end with
+    the backfill, and the recent raw part after it."""
+    prometheus = backfilled_prometheus(work, history)
+    with running(prometheus):
+        record(prometheus, work / "rule-blocks")
+    take_blocks(prometheus, work / "rule-blocks")
+    with running(prometheus):
+        yield prometheus
+
+
 @pytest.fixture(scope="module")
 def backfilled(tmp_path_factory):
-    work = tmp_path_factory.mktemp("recorded")
     now = time.time() - 660     # the history ends 11 minutes before the fixture starts the service
-    prometheus = backfilled_prometheus(work, history(now))
-    prometheus.start(timeout=60)
-    try:
+
+    def record(prometheus: PrometheusServer, output: Path) -> None:
         # The rules evaluated over the history through Prometheus' API. Once in a full parallel run the answer was
         # empty (no block written, the history there): asked again, and what promtool said is kept if it stays so.
         for _ in range(3):
-            said = backfill_rules(prometheus, now - RULES_SINCE, time.time(), work / "rule-blocks")
-            if (work / "rule-blocks").is_dir() and any((work / "rule-blocks").iterdir()):
-                break
+            said = backfill_rules(prometheus, now - RULES_SINCE, time.time(), output)
+            if output.is_dir() and any(output.iterdir()):
+                return
             time.sleep(2)
-        else:
-            raise AssertionError(f"no recorded blocks: {said.stdout[-2000:]} {said.stderr[-2000:]} "
-                                 f"{prometheus.query('count(count_over_time(trainer_samples_total[4h]))')}")
-    finally:
-        prometheus.stop()
-    take_blocks(prometheus, work / "rule-blocks")
-    # No live rule evaluation: the recorded series end with the backfill, and the recent raw part after it.
-    prometheus.start(timeout=60)
-    try:
+        raise AssertionError(f"no recorded blocks: {said.stdout[-2000:]} {said.stderr[-2000:]} "
+                             f"{prometheus.query('count(count_over_time(trainer_samples_total[4h]))')}")
+
+    with recorded_prometheus(tmp_path_factory.mktemp("recorded"), history(now), record) as prometheus:
         yield prometheus
-    finally:
-        prometheus.stop()
 
 
 def both_ways(prometheus: PrometheusServer, range_seconds: float):
@@ -325,24 +331,17 @@ def missed_evaluation(tmp_path_factory):
     accepts a gap of up to 4 minutes). All inside one 2-hour block of the past: promtool backfills each block
     apart, and drops an evaluation at their boundary where the group's offset is in the last second of a minute.
     Yields the Prometheus, the time to read the trends at and `hole`."""
-    work = tmp_path_factory.mktemp("missed")
     block = math.floor(time.time() / 7200) * 7200 - 7200
-    prometheus = backfilled_prometheus(work, as_openmetrics(process_lines(
-        "steady", "h:1", block + 600, block + 6600, "completed", "alice")))
     hole = block + 4200      # a multiple of the 300 s step, inside the hour to block + 6000
-    prometheus.start(timeout=60)
-    try:
+
+    def record(prometheus: PrometheusServer, output: Path) -> None:
         # (hole - 61, hole): longer than an interval, so an evaluation falls in it whatever the group's offset.
-        backfill_rules(prometheus, block + 300, hole - 61, work / "rule-blocks")
-        backfill_rules(prometheus, hole, block + 6900, work / "rule-blocks")
-    finally:
-        prometheus.stop()
-    take_blocks(prometheus, work / "rule-blocks")
-    prometheus.start(timeout=60)
-    try:
+        backfill_rules(prometheus, block + 300, hole - 61, output)
+        backfill_rules(prometheus, hole, block + 6900, output)
+
+    history = as_openmetrics(process_lines("steady", "h:1", block + 600, block + 6600, "completed", "alice"))
+    with recorded_prometheus(tmp_path_factory.mktemp("missed"), history, record) as prometheus:
         yield prometheus, block + 6150, hole
-    finally:
-        prometheus.stop()
 
 
 def test_a_missed_rule_evaluation_delays_the_recorded_throughput_and_loses_none(missed_evaluation):

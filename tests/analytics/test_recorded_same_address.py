@@ -13,9 +13,9 @@ from trainmetrics.analytics import fleet, shapes
 from trainmetrics.analytics import queries as q
 from trainmetrics.analytics.prometheus import PrometheusClient
 
-from .conftest import as_openmetrics, backfilled_backend, backfilled_prometheus, same_answer, take_blocks
+from .conftest import as_openmetrics, backfilled_backend, same_answer
 from .test_fleet_goodput_waits import trainer
-from .test_recorded_fleet import backfill_rules
+from .test_recorded_fleet import backfill_rules, recorded_prometheus
 
 pytestmark = pytest.mark.slow
 
@@ -68,20 +68,13 @@ def history(now: float) -> str:
 @pytest.fixture(scope="module")
 def backfilled(tmp_path_factory):
     """The Prometheus, and the history's end."""
-    work = tmp_path_factory.mktemp("recorded-same-address")
     now = time.time()
-    prometheus = backfilled_prometheus(work, history(now))
-    prometheus.start(timeout=60)
-    try:
-        backfill_rules(prometheus, now - RULES_SINCE, now - RULES_UNTIL, work / "rule-blocks")
-    finally:
-        prometheus.stop()
-    take_blocks(prometheus, work / "rule-blocks")
-    prometheus.start(timeout=60)
-    try:
+
+    def record(prometheus, output) -> None:
+        backfill_rules(prometheus, now - RULES_SINCE, now - RULES_UNTIL, output)
+
+    with recorded_prometheus(tmp_path_factory.mktemp("recorded-same-address"), history(now), record) as prometheus:
         yield prometheus, now
-    finally:
-        prometheus.stop()
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import pytest
 
 from trainmetrics.analytics.app import Settings
 
-from .conftest import as_openmetrics, backfilled_prometheus, serve
+from .conftest import as_openmetrics, backfilled_prometheus, running, serve
 
 pytestmark = pytest.mark.slow
 
@@ -53,16 +53,12 @@ def history(start: float) -> tuple[str, dict]:
 
 def test_a_rank_unscraped_long_before_the_end_counts_its_samples(tmp_path):
     text, trainer = history(time.time() - 3600)
-    prometheus = backfilled_prometheus(tmp_path, text)
-    prometheus.start(timeout=60)
-    try:
-        with serve(Settings(prometheus_url=prometheus.url, recorded_series=False)) as client:
-            response = client.get("/api/training/ranks-1/analytics")
-            assert response.status_code == 200, response.text
-            body = response.json()
-            listed = client.get("/api/training/analytics/jobs", params={"range": "2h"}).json()["jobs"]
-    finally:
-        prometheus.stop()
+    with running(backfilled_prometheus(tmp_path, text)) as prometheus, \
+            serve(Settings(prometheus_url=prometheus.url, recorded_series=False)) as client:
+        response = client.get("/api/training/ranks-1/analytics")
+        assert response.status_code == 200, response.text
+        body = response.json()
+        listed = client.get("/api/training/analytics/jobs", params={"range": "2h"}).json()["jobs"]
     row = next(row for row in listed if row["job_id"] == "ranks-1")
     performance = body["performance"]
     assert body["status"] == "failed"
