@@ -8,24 +8,50 @@ the values also go to the OpenTelemetry histograms (in batches, off the hot path
 
 from bisect import bisect_left
 
+# Reads a snapshot makes before it takes what it read (the loop counting many values between two of its reads).
+READS = 3
+
 
 class DurationHistogram:
     """Counts of durations per bucket (le semantics: a value lands in the first bucket whose bound is >= it),
-    their sum and count. One writer (the training loop); readers copy."""
+    their sum and count. One writer (the training loop); readers take a snapshot()."""
 
-    __slots__ = ("bounds", "counts", "sum")
+    __slots__ = ("bounds", "counts", "totals")
 
     def __init__(self, bounds: tuple[float, ...]):
         self.bounds = bounds
         self.counts = [0] * (len(bounds) + 1)       # the last one is +Inf
-        self.sum = 0.0
+        # (values, their sum, the sum before the last value), stored in one go before the value's bucket is
+        # counted: a reader between the two stores can tell, and take the sum its buckets agree with.
+        self.totals: tuple[int, float, float] = (0, 0.0, 0.0)
 
     def observe(self, value: float) -> None:
         """Count one duration."""
+        count, total, _ = self.totals
+        self.totals = (count + 1, total + value, total)
         self.counts[bisect_left(self.bounds, value)] += 1
-        self.sum += value
+
+    @property
+    def sum(self) -> float:
+        """The durations' sum."""
+        return self.totals[1]
 
     @property
     def count(self) -> int:
         """Durations counted."""
         return sum(self.counts)
+
+    def snapshot(self) -> tuple[list[int], float]:
+        """The bucket counts and the sum of the same values, read while the loop may be counting one: read
+        separately, a scrape between the loop's two stores wrote a _sum of one value more or less than its
+        _count and buckets."""
+        for _ in range(READS):
+            counts = list(self.counts)      # one copy: the buckets and the count agree
+            count, total, before = self.totals
+            counted = sum(counts)
+            if count == counted + 1:        # the last value is in the sum, not yet in its bucket
+                return counts, before
+            if count == counted:
+                break
+            # The loop counted whole values between the two reads: read again.
+        return counts, total

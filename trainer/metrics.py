@@ -23,7 +23,6 @@ import _thread
 import atexit
 import functools
 import logging
-from bisect import bisect_left
 import math
 import numbers
 import operator
@@ -1016,7 +1015,6 @@ class JobMetrics:
         loop marked (an evaluation's loader iterated in `phase("eval")`) is that phase's time, not data wait. A wait
         ends in the phase it began in: compute, or init before start() (the time is init's, so is the phase)."""
         clock, waits, pushed, phases = time.perf_counter, self.data_waits, self._pushed, self.phases
-        counts, bounds = waits.counts, waits.bounds
         began = clock()
         back = phases.mark[0]
         ours = back in LOOP_PHASES
@@ -1042,8 +1040,7 @@ class JobMetrics:
             if ours:
                 arrived = clock()
                 waited = arrived - began
-                counts[bisect_left(bounds, waited)] += 1
-                waits.sum += waited
+                waits.observe(waited)
                 phases.mark = (back, arrived, waits.sum, phases.mark[3])
                 self._fed_by = batches
                 if pushed:
@@ -1067,8 +1064,7 @@ class JobMetrics:
         same; what follows it is not (it is `back`, the phase the wait began in)."""
         ended = time.perf_counter()
         waits, phases = self.data_waits, self.phases
-        waits.counts[bisect_left(waits.bounds, ended - began)] += 1
-        waits.sum += ended - began
+        waits.observe(ended - began)
         phases.mark = (back, ended, waits.sum, phases.mark[3])
         if self._pushed:
             self._buffer(self._pending_data_waits, ended - began)
@@ -1106,9 +1102,7 @@ class JobMetrics:
                 duration = now - last
                 if duration > self.step_duration_max:
                     self.step_duration_max = duration
-                times = self.step_times
-                times.counts[bisect_left(times.bounds, duration)] += 1
-                times.sum += duration
+                self.step_times.observe(duration)
                 if self._pushed:
                     self._buffer(self._pending_step_durations, duration)
             if samples.__class__ is int and samples >= 0:

@@ -127,9 +127,7 @@ class _Histogram:
         self._last: tuple[list[int], float, str] | None = None
 
     def render(self, output: list[str]) -> None:
-        histogram = self.histogram
-        counts = list(histogram.counts)          # one copy: the buckets and the count agree
-        total = histogram.sum
+        counts, total = self.histogram.snapshot()      # the sum of the values the buckets count
         last = self._last
         if last is not None and last[0] == counts and last[1] == total:
             output.append(last[2])

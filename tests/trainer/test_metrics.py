@@ -735,15 +735,15 @@ def test_a_scrape_between_the_loops_stores_counts_a_finished_data_wait_once(monk
     jobs, read_at_the_store = [], []
 
     class ReadOnStore(DurationHistogram):
-        __slots__ = ("_sum",)
+        __slots__ = ("_totals",)
 
         @property
-        def sum(self):
-            return self._sum
+        def totals(self):
+            return self._totals
 
-        @sum.setter
-        def sum(self, value):
-            self._sum = value
+        @totals.setter
+        def totals(self, value):
+            self._totals = value
             if jobs:
                 read_at_the_store.append(sum(jobs[0].phases.totals().values()))
 

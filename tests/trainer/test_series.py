@@ -218,3 +218,37 @@ def test_a_histogram_with_counts_past_a_million_and_its_kept_text_follow_the_cou
     # Go's (and floatToGoString's) spelling from 1e6 on, as the exporter writes it.
     assert 'trainer_step_duration_seconds_bucket{job_id="series-5",le="0.0001"} 1.5e+06' in text
     assert 'trainer_step_duration_seconds_count{job_id="series-5"} 1.500003e+06' in text
+
+
+def test_a_scrape_while_the_loop_counts_a_value_writes_the_sum_of_the_values_its_buckets_count():
+    """The histogram's buckets and its sum were two stores of the loop, read by a scrape one after the other: a
+    scrape between them wrote a _count of one value more than its _sum held (or the other way round). Here a scrape
+    is made at every point of each count the value itself can see (the bucket's search, the sum's addition)."""
+    durations = DurationHistogram(inst.DURATION_BUCKETS)
+    series = JobSeries({"job_id": "series-6"})
+    series.histogram(inst.STEP_DURATION, durations)
+    scrapes = []
+
+    class Scraped(float):
+        """A duration that has the job scraped whenever the histogram compares or adds it."""
+
+        def __gt__(self, other):
+            scrapes.append(series.render().decode())
+            return float(self) > other
+
+        def __radd__(self, other):
+            scrapes.append(series.render().decode())
+            return other + float(self)
+
+    values = [0.5, 0.25, 2.0]
+    for value in values:
+        durations.observe(Scraped(value))
+    scrapes.append(series.render().decode())
+    consistent = {(count, sum(values[:count])) for count in range(len(values) + 1)}
+    for text in scrapes:
+        samples = {sample.name: sample.value for family in text_string_to_metric_families(text)
+                   for sample in family.samples if "le" not in sample.labels or sample.labels["le"] == "+Inf"}
+        name = inst.STEP_DURATION.name
+        assert samples[name + "_bucket"] == samples[name + "_count"]
+        assert (samples[name + "_count"], samples[name + "_sum"]) in consistent, text
+    assert len(scrapes) > len(values)
