@@ -41,7 +41,14 @@ class MLP(nn.Module):
             self.output_mean, self.output_std = _moments(targets)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net((x.flatten(1) - self.input_mean) / self.input_std) * self.output_std + self.output_mean
+        return self.net(self._standardised(x.flatten(1))) * self.output_std + self.output_mean
+
+    def _standardised(self, x: torch.Tensor) -> torch.Tensor:
+        """(x - mean) / std, taken at half scale: a column spanning more than float32's range (-3e38 and 3e38, each
+        finite and accepted) overflowed x - mean to infinity, and every loss was NaN from the first step. Halving is
+        exact in binary floating point, so the result is the plain form's, rounding included, wherever that one was
+        finite."""
+        return (x * 0.5 - self.input_mean * 0.5) / (self.input_std * 0.5)
 
     def flops_per_sample(self) -> float:
         """Training FLOPs for one sample."""

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 
 MAX_CLASSES = 10_000
+# numpy's kinds of number: signed and unsigned integers, floats, complex (refused with a message of its own).
+NUMBER_KINDS = "iufc"
 # Features and regression targets are float32 in training: a larger value would be infinite there.
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
@@ -252,7 +254,9 @@ def read_npz(path: Path, max_uncompressed_bytes: int | None = None) -> tuple[np.
         raise DatasetError(f"{path}: need at least 2 samples, found {len(x)}")
     if 0 in x.shape[1:]:
         raise DatasetError(f"{path}: x has no features: shape {x.shape}")
-    if not (np.issubdtype(x.dtype, np.number) and np.issubdtype(y.dtype, np.number)):
+    # By kind, not np.number: numpy files timedelta64 under the integers, so a y of durations was class labels
+    # (counts of its unit) and an x of them trained on as such; datetime64 and bool were refused.
+    if x.dtype.kind not in NUMBER_KINDS or y.dtype.kind not in NUMBER_KINDS:
         raise DatasetError(f"{path}: x and y must be numeric; got {x.dtype} and {y.dtype}")
     if np.iscomplexobj(x) or np.iscomplexobj(y):      # float32 would keep the real parts and drop the rest
         raise DatasetError(f"{path}: x and y must be real numbers; got {x.dtype} and {y.dtype}")

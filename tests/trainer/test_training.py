@@ -164,6 +164,25 @@ def test_a_csv_feature_in_the_millions_does_not_keep_the_mlp_at_chance(make_trai
     assert trainer.eval_accuracy > 0.9
 
 
+def test_a_feature_spanning_more_than_float32s_range_trains_to_a_finite_loss(make_trainer, tmp_path):
+    """Before, the mlp standardised a feature as (x - mean) / std in float32: a column holding -3.4e38 and 3.4e38
+    (each finite, accepted by the upload) overflowed x - mean to infinity, and the loss was NaN from the first
+    step while the job "completed"; the label, decided by the column's sign, was not learnt."""
+    import math
+
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(300, 3))
+    y = (x[:, 0] > 0).astype(np.int64)
+    rows = ["a,b,label"] + [f"{3.4e38 if a > 0 else -3.4e38:.6g},{b:.5f},{t}" for (a, b, _), t in zip(x, y)]
+    (tmp_path / "span.csv").write_text("\n".join(rows) + "\n")
+    trainer = make_trainer(model="mlp", dataset=str(tmp_path / "span.csv"), epochs=5, batch_size=32,
+                           log_every=5)
+    trainer.run()
+    assert trainer.metrics.nonfinite_losses == 0
+    assert math.isfinite(trainer.eval_loss)
+    assert trainer.eval_accuracy > 0.9
+
+
 def test_a_regression_target_of_large_magnitude_is_learnt_and_its_loss_is_in_its_own_units(make_trainer, tmp_path):
     """Before, an output that starts near 0 and moves about --lr a step never reached targets around 1e5: the eval
     loss stayed at ~1e10, the targets' squared size, after every epoch. The loss published is still the squared

@@ -92,6 +92,17 @@ def test_an_npz_target_beyond_float32_is_refused(tmp_path):
         read_npz(path)
 
 
+@pytest.mark.parametrize("array,durations", [("x", np.ones((10, 2), dtype="timedelta64[s]")),
+                                              ("y", np.array([3, 7] * 5, dtype="timedelta64[s]"))])
+def test_an_npz_array_of_durations_is_refused_as_not_numeric(tmp_path, array, durations):
+    """numpy files timedelta64 under the integers (np.number), so a y of durations was taken for class labels,
+    counts of its unit, and an x of them trained on as such; datetime64 and bool arrays were refused."""
+    arrays = {"x": np.ones((10, 2)), "y": np.array([0, 1] * 5), array: durations}
+    np.savez(tmp_path / "durations.npz", **arrays)
+    with pytest.raises(DatasetError, match="must be numeric.*timedelta64"):
+        read_npz(tmp_path / "durations.npz")
+
+
 def test_an_npz_is_limited_by_what_it_takes_as_float32(tmp_path):
     """The limit counted the bytes stored: 200 MiB of uint8 (a 200 KB upload, compressed) took 1 GiB once
     made float32 and checked."""
