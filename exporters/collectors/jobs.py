@@ -7,7 +7,8 @@ workers, compile workers, anything it spawns).
 CPU time of a tree is the sum over its live processes of utime + stime + cutime + cstime. When a process
 in the tree exits and its parent (also in the tree) reaps it, the kernel moves its whole time into the
 parent's cutime/cstime, so the sum carries on without a dip and without counting anything twice. A rank
-that joins a job already counted is counted from its first sample, as the job's first ranks are. Lost is
+that joins a job already counted is counted from its first sample, as the job's first ranks are (its processes
+the job counted already, in the tree of the rank that started it, keep their time). Lost is
 the time of a process that leaves the tree before it exits (re-parented to init: a daemonised grandchild,
 a worker whose parent died first); it drops out at the next tree walk; and the time of a child of a process
 that ignores SIGCHLD (the kernel reaps it, into no cutime). A rank (a mapped process of a job
@@ -182,6 +183,8 @@ class JobTracker:
         # too (_reaped_jobs).
         self._nested: dict[tuple[int, int], tuple[str, dict[tuple[int, int], float]]] = {}
         self._reaped_jobs_cpu: dict[str, float] = {}
+        # Each process counted at the last pass, by (pid, start ticks): its job (see _measure_pass's base).
+        self._counted: dict[tuple[int, int], str] = {}
         self._lock = threading.Lock()           # guards _live between the fast and the slow thread
         self._updating = threading.Lock()       # one update at a time (jobs, gpu and energy collectors share it)
         self._updated_at: float | None = None
@@ -301,6 +304,9 @@ class JobTracker:
         if fields is None or int(fields[19]) != mapping.start_ticks:
             log.debug("job mapping %s: pid %d is gone or another process now: stale", path, mapping.pid)
             return _Tree(mapping, {}, dead=True)
+        if not self._leads_its_process(mapping.pid):
+            log.warning("ignoring job mapping %s: %d is a thread's id, not a process's", path, mapping.pid)
+            return None
         if owner != 0 and owner != self._process_uid(mapping.pid):
             log.warning("ignoring job mapping %s: owned by uid %d, which does not own pid %d", path, owner,
                         mapping.pid)
@@ -320,6 +326,18 @@ class JobTracker:
                 break
             parent = int(fields[1])
         return tuple(ancestors)
+
+    def _leads_its_process(self, pid: int) -> bool:
+        """False when the pid is a thread's (not its process's first): /proc/TID/stat, not listed in /proc but there
+        to read, holds the whole process's times, memory and cutime, and a start of its own, so a file naming a thread
+        counted the process a second time (in another job too: the one-job-per-process check goes by pid and start).
+        True where it cannot tell (gone: the next sample finds it stale)."""
+        try:
+            status = read_bytes(f"{self.proc_root}/{pid}/status")
+        except NO_PROCESS:
+            return True
+        start = status.find(b"\nTgid:")
+        return start < 0 or int(status[start + 6:status.index(b"\n", start + 1)]) == pid
 
     def _process_uid(self, pid: int) -> int | None:
         """The effective uid of a process (the owner of /proc/PID), or None when it is gone."""
@@ -393,11 +411,13 @@ class JobTracker:
         depth = Counter(pid for tree in self._live for pid in roots & tree.members.keys())
         root_parents: dict[int, int] = {}                 # a live root's parent pid
         tree_times: dict[int, dict[tuple[int, int], float]] = {}    # per live root: its processes' whole CPU time
+        counted_in: dict[tuple[int, int], str] = {}       # each process counted in this pass: its job
         for tree in sorted(self._live, key=lambda tree: -depth[tree.mapping.pid]):
             job_id = tree.mapping.job_id
             job = usage.setdefault(job_id, JobUsage())
             gpus.setdefault(job_id, set()).update(tree.mapping.gpus)
             counted, gone = 0.0, False
+            joining = 0.0       # the time of its processes that its job did not count at the last pass
             times = tree_times.setdefault(tree.mapping.pid, {})
             for pid, start_ticks in tree.members.items():
                 if pid in claimed:
@@ -419,6 +439,9 @@ class JobTracker:
                 seconds = (int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])) / ticks
                 counted += seconds
                 times[pid, start_ticks] = seconds
+                counted_in[pid, start_ticks] = job_id
+                if self._counted.get((pid, start_ticks)) != job_id:
+                    joining += seconds
                 if pid == tree.mapping.pid:
                     root_parents[pid] = int(fields[1])
                 job.rss_bytes += int(fields[21]) * self.page_bytes
@@ -432,8 +455,10 @@ class JobTracker:
                     # A rank that joins a job already counted is counted from its first sample, as the job's
                     # first ranks are (a counter's increase starts at its series' first sample): its time until
                     # then (imports, start-up, seconds of it) came in one sample, a rate of several times the
-                    # host's cores in the job's CPU and its share of the CPU energy.
-                    base = counted if job_id in self._cpu_floor else 0.0
+                    # host's cores in the job's CPU and its share of the CPU energy. Its processes that the job
+                    # counted already (a rank started by another rank, in that rank's tree until its own file was
+                    # read) keep their time: left out, the job's counter lost it (held flat until made up).
+                    base = joining if job_id in self._cpu_floor else 0.0
                 alive.append((tree, counted, base))
                 job.cpu_seconds += counted - base
         nested, reaped = self._reaped_jobs([tree for tree, _counted, _base in alive], root_parents, tree_times,
@@ -454,6 +479,7 @@ class JobTracker:
             with self._lock:
                 self._live = [tree for tree in self._live if not tree.dead]
         self._departed = {}
+        self._counted = counted_in
         self._nested = nested
         for outer, seconds in reaped.items():
             self._reaped_jobs_cpu[outer] = self._reaped_jobs_cpu.get(outer, 0.0) + seconds

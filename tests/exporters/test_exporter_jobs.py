@@ -17,6 +17,7 @@ from trainmetrics.exporters.collectors.jobs import (MAX_MAPPING_BYTES, MAX_SCAN_
 from trainmetrics.exporters.exporter import Exporter
 from trainmetrics.exporters.job_energy import JobEnergy
 from tests.exporters.exporter_fixtures import parse_exposition, write_proc, write_zone
+from trainmetrics.exporters.collectors.base import stat_fields
 from trainmetrics.jobmap import JobMapping, process_start_ticks, write_job_mapping
 
 # A job process that spawns a long-lived worker (like a DataLoader worker), optionally burns CPU in
@@ -218,6 +219,63 @@ def test_a_rank_that_joins_a_job_already_counted_is_counted_from_its_first_sampl
     finally:
         for process in ranks:
             process.communicate(timeout=10)
+
+
+# A rank that starts the job's other rank (BURNER) itself and asks it to burn 0.3 s per line of its own stdin.
+SPAWNING_RANK = f"""
+import subprocess, sys
+rank1 = subprocess.Popen([sys.executable, "-c", {BURNER!r}], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+rank1.stdout.readline()
+print(rank1.pid, flush=True)
+for line in sys.stdin:
+    rank1.stdin.write(line); rank1.stdin.flush()
+    print(rank1.stdout.readline().strip(), flush=True)
+rank1.stdin.close(); rank1.wait()
+"""
+
+
+def tree_cpu_seconds(*pids: int) -> float:
+    """utime + stime + cutime + cstime of the given processes, from /proc."""
+    return sum(sum(int(field) for field in stat_fields(Path(f"/proc/{pid}/stat").read_bytes())[11:15])
+               for pid in pids) / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_rank_the_job_already_counted_in_another_ranks_tree_keeps_its_time_when_its_file_is_read(tmp_path):
+    """Rank 0 starts rank 1, counted in rank 0's tree until rank 1's own file was read: rank 1 then joined as a new
+    rank, counted from that sample, and the time the job had counted for it was taken off again, the job's counter
+    held flat until its ranks had used as much again (0.3 s of rank 1's CPU after it joined never showed)."""
+    rank0 = subprocess.Popen([sys.executable, "-c", SPAWNING_RANK], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             text=True)
+    try:
+        rank1_pid = int(rank0.stdout.readline())
+        write_job_mapping(tmp_path, JobMapping(job_id="spawned", pid=rank0.pid, rank=0))
+        sample = cpu_sampler(JobTracker(tmp_path))
+        assert sample()["spawned"] == pytest.approx(tree_cpu_seconds(rank0.pid, rank1_pid), abs=0.02)
+        write_job_mapping(tmp_path, JobMapping(job_id="spawned", pid=rank1_pid, rank=1))
+        joined = sample()["spawned"]
+        rank0.stdin.write("burn\n")
+        rank0.stdin.flush()
+        assert rank0.stdout.readline().strip() == "burned"
+        after = sample()["spawned"]
+        assert after - joined >= 0.28
+        assert after == pytest.approx(tree_cpu_seconds(rank0.pid, rank1_pid), abs=0.02)
+    finally:
+        rank0.communicate(timeout=10)
+
+
+def test_a_mapping_naming_a_thread_of_a_process_counts_nothing(tmp_path):
+    """/proc/TID/stat of a thread holds its whole process's CPU time and memory, with a start of its own: a file naming
+    a thread of a process another job counts was taken as a process of its own, and the process counted in both."""
+    process = subprocess.Popen([sys.executable, "-c", "import sys, threading\nthread = threading.Thread(target="
+                                "sys.stdin.read)\nthread.start()\nprint(thread.native_id, flush=True)"],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        thread_id = int(process.stdout.readline())
+        write_job_mapping(tmp_path, JobMapping(job_id="owner", pid=process.pid))
+        write_job_mapping(tmp_path, JobMapping(job_id="by-thread", pid=thread_id))
+        assert set(JobTracker(tmp_path).update(1.0).usage) == {"owner"}
+    finally:
+        process.communicate(timeout=10)
 
 
 def test_a_mapping_file_rewritten_for_the_same_process_is_no_departure(tmp_path):
