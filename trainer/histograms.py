@@ -16,7 +16,7 @@ class DurationHistogram:
     """Counts of durations per bucket (le semantics: a value lands in the first bucket whose bound is >= it),
     their sum and count. One writer (the training loop); readers take a snapshot()."""
 
-    __slots__ = ("bounds", "counts", "totals")
+    __slots__ = ("bounds", "counts", "totals", "agreed")
 
     def __init__(self, bounds: tuple[float, ...]):
         self.bounds = bounds
@@ -24,6 +24,8 @@ class DurationHistogram:
         # (values, their sum, the sum before the last value), stored in one go before the value's bucket is
         # counted: a reader between the two stores can tell, and take the sum its buckets agree with.
         self.totals: tuple[int, float, float] = (0, 0.0, 0.0)
+        # The last snapshot whose buckets and sum agreed (readers only): what a snapshot that found none gives.
+        self.agreed: tuple[list[int], float] = (list(self.counts), 0.0)
 
     def observe(self, value: float) -> None:
         """Count one duration."""
@@ -50,8 +52,16 @@ class DurationHistogram:
             count, total, before = self.totals
             counted = sum(counts)
             if count == counted + 1:        # the last value is in the sum, not yet in its bucket
-                return counts, before
-            if count == counted:
-                break
+                return self._agree(counts, before)
+            if count <= counted:            # (fewer only for buckets set directly: no later values to wait for)
+                return self._agree(counts, total)
             # The loop counted whole values between the two reads: read again.
+        # Every read found the loop values on: the newest pair that agreed (older, never wrong). This read's buckets
+        # with its sum wrote a _sum values past _count, and the next scrape's took the sum back (a counter reset).
+        return self.agreed
+
+    def _agree(self, counts: list[int], total: float) -> tuple[list[int], float]:
+        """Keep a pair that agrees (the newest of those read) and return it."""
+        if sum(counts) >= sum(self.agreed[0]):
+            self.agreed = (counts, total)
         return counts, total

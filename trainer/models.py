@@ -32,11 +32,18 @@ class MLP(nn.Module):
         self.register_buffer("input_std", torch.ones(in_features))
         self.register_buffer("output_mean", torch.zeros(num_outputs))
         self.register_buffer("output_std", torch.ones(num_outputs))
+        self.wide_inputs = False        # fit_scales
 
     def fit_scales(self, dataset: Dataset) -> None:
         """Standardise by the training split (never the held-out one): its inputs, and its targets for regression."""
         inputs, targets = dataset.train.tensors
         self.input_mean, self.input_std = _moments(inputs)
+        # x - mean overflows float32 only where |x| + |mean| passes its largest value (a column of -3e38 and 3e38,
+        # each finite and accepted: every loss was NaN from the first step). Only such data pays for _standardised's
+        # guard; a model loaded from model.pt without fit_scales takes the plain form.
+        largest = max(max(-float(split.tensors[0].amin()), float(split.tensors[0].amax()))     # (abs() copies it)
+                      for split in (dataset.train, dataset.eval) if len(split))
+        self.wide_inputs = largest + float(self.input_mean.abs().max()) > torch.finfo(torch.float32).max
         if dataset.task == "regression":
             self.output_mean, self.output_std = _moments(targets)
 
@@ -44,11 +51,14 @@ class MLP(nn.Module):
         return self.net(self._standardised(x.flatten(1))) * self.output_std + self.output_mean
 
     def _standardised(self, x: torch.Tensor) -> torch.Tensor:
-        """(x - mean) / std, taken at half scale: a column spanning more than float32's range (-3e38 and 3e38, each
-        finite and accepted) overflowed x - mean to infinity, and every loss was NaN from the first step. Halving is
-        exact in binary floating point, so the result is the plain form's, rounding included, wherever that one was
-        finite."""
-        return (x * 0.5 - self.input_mean * 0.5) / (self.input_std * 0.5)
+        """(x - mean) / std; for wide inputs (fit_scales), taken at half scale where x - mean overflowed. Only there:
+        halving is not exact below float32's smallest normal number (a column of 0 and 2.8e-45, its std 1.4e-45
+        halved to 0, divided by 0 at half scale everywhere)."""
+        difference = x - self.input_mean
+        if not self.wide_inputs:
+            return difference / self.input_std
+        halves = (x * 0.5 - self.input_mean * 0.5) / (self.input_std * 0.5)
+        return torch.where(difference.isinf(), halves, difference / self.input_std)
 
     def flops_per_sample(self) -> float:
         """Training FLOPs for one sample."""

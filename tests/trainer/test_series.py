@@ -252,3 +252,38 @@ def test_a_scrape_while_the_loop_counts_a_value_writes_the_sum_of_the_values_its
         assert samples[name + "_bucket"] == samples[name + "_count"]
         assert (samples[name + "_count"], samples[name + "_sum"]) in consistent, text
     assert len(scrapes) > len(values)
+
+
+def test_a_scrape_while_the_loop_counts_two_values_between_each_of_its_reads_writes_a_pair_it_read_before():
+    """After READS tries that each found the loop two values on between the bucket copy and the totals read,
+    snapshot() gave up and wrote the last copy's buckets with the later sum: a _sum two values past its _count,
+    which the next scrape (the loop at rest) took back, a drop Prometheus reads as a counter reset."""
+    durations = DurationHistogram(inst.DURATION_BUCKETS)
+    durations.observe(0.5)
+    series = JobSeries({"job_id": "series-7"})
+    series.histogram(inst.STEP_DURATION, durations)
+    name = inst.STEP_DURATION.name
+
+    def read() -> tuple[float, float]:
+        samples = {sample.name: sample.value for family in text_string_to_metric_families(series.render().decode())
+                   for sample in family.samples}
+        return samples[name + "_count"], samples[name + "_sum"]
+
+    assert read() == (1, 0.5)
+
+    class Counted(list):
+        """The buckets, the loop counting two values each time a scrape copies them."""
+
+        def __iter__(self):
+            copy = list(super().__iter__())
+            durations.observe(0.25)
+            durations.observe(0.25)
+            return iter(copy)
+
+    durations.counts = Counted(durations.counts)
+    during = read()
+    durations.counts = list(durations.counts)
+    after = read()
+    count, total = during
+    assert total == 0.5 + 0.25 * (count - 1)         # the sum of the values its buckets count
+    assert after[0] >= count and after[1] >= total

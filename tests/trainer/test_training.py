@@ -183,6 +183,25 @@ def test_a_feature_spanning_more_than_float32s_range_trains_to_a_finite_loss(mak
     assert trainer.eval_accuracy > 0.9
 
 
+def test_a_feature_of_subnormal_float32_values_trains_to_a_finite_loss(make_trainer, tmp_path):
+    """Before, the mlp took every feature at half scale to keep x - mean from overflowing: halving a subnormal
+    float32 is not exact, and a column of 0 and 2.8e-45 (its std 1.4e-45, half of which rounds to 0) divided by 0:
+    the loss was NaN from the first step, where the plain (x - mean) / std was -1 and 1."""
+    import math
+
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(300, 2))
+    y = (x[:, 0] > 0).astype(np.int64)
+    rows = ["a,b,label"] + [f"{2.8e-45 if a > 0 else 0.0:.2g},{b:.5f},{t}" for (a, b), t in zip(x, y)]
+    (tmp_path / "tiny.csv").write_text("\n".join(rows) + "\n")
+    trainer = make_trainer(model="mlp", dataset=str(tmp_path / "tiny.csv"), epochs=5, batch_size=32,
+                           log_every=5)
+    trainer.run()
+    assert trainer.metrics.nonfinite_losses == 0
+    assert math.isfinite(trainer.eval_loss)
+    assert trainer.eval_accuracy > 0.9
+
+
 def test_a_regression_target_of_large_magnitude_is_learnt_and_its_loss_is_in_its_own_units(make_trainer, tmp_path):
     """Before, an output that starts near 0 and moves about --lr a step never reached targets around 1e5: the eval
     loss stayed at ~1e10, the targets' squared size, after every epoch. The loss published is still the squared
