@@ -137,6 +137,7 @@ class Supervisor:
         self._sent_unmarked: set[str] = set()
         self._polled_at: dict[str, float] = {}      # job id -> when a tick last polled its run (monotonic)
         self._put_off_cut: set[str] = set()         # queued jobs the next pass skips (tick)
+        self._not_reached: set[str] = set()         # queued jobs the last pass ran out of its budget before
 
     def job_path(self, job_id: str) -> Path:
         """The job's own directory (checkpoints, final model, log, result)."""
@@ -340,7 +341,7 @@ class Supervisor:
         gpus_owed = None        # the GPUs the first job of this pass to wait for them needs, and its owner
         # The jobs the executor put off in passes the budget cut short: skipped until a pass is not cut short.
         skipped, put_off = self._put_off_cut, set()
-        for job in queued:
+        for position, job in enumerate(queued):
             if self.running_count() >= self.max_concurrent:
                 break
             if job.id in skipped:
@@ -350,6 +351,7 @@ class Supervisor:
                 # off wait for the jobs behind them to have their try: tried first at every pass, a job the executor
                 # kept putting off spent each budget, and the jobs behind it never started.
                 self._put_off_cut = (skipped | put_off) & {waiting.id for waiting in queued}
+                self._not_reached = {waiting.id for waiting in queued[position:]}
                 return
             try:
                 self.start(job, gpus_owed)
@@ -379,6 +381,7 @@ class Supervisor:
                 self._deferred.pop(job.id, None)
             self._held_back = None          # the executor answered this start
         self._put_off_cut = set()       # a pass not cut short (all tried, or no slot left): each is tried again
+        self._not_reached = set()
         if not held_back:
             # No start of this pass failed: none was tried (the queue emptied, a cancel took the job that failed;
             # every slot taken) or one got through. Kept, a held back with no job queued stayed published and
@@ -394,8 +397,8 @@ class Supervisor:
     def waiting_for(self, job: JobRecord) -> str | None:
         """What a queued job waits for, as the last pass over the queue found, in words that follow "waiting
         for": the executor to start jobs again (it could not start one: a permanent Ray 500 kept every job queued
-        with nothing but a log line to say why), its own start the executor put off, or a free slot; None when
-        it starts at the next pass."""
+        with nothing but a log line to say why), its own start the executor put off, its turn in a pass that ran out
+        of its budget before it, or a free slot; None when it starts at the next pass."""
         if job.state != "queued":
             return None
         if self._held_back is not None:
@@ -408,6 +411,10 @@ class Supervisor:
                     f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(since))}; tried again until it does)")
         if job.id in self._deferred:
             return f"its start, put off: {self._deferred[job.id]}"
+        if job.id in self._not_reached:
+            # (Said as None, "starts at the next pass", while a slow head took every pass's budget before it.)
+            return (f"its turn: the last pass over the queue spent its {TICK_BUDGET_SECONDS:g} s starting the jobs "
+                    f"before it (the {self.executor.name} executor is slow to start jobs)")
         if self.running_count() >= self.max_concurrent:
             return (f"a free slot: {self.running_count()} job(s) running, at most {self.max_concurrent} at once "
                     "(--max-concurrent)")

@@ -171,7 +171,8 @@ class SlowAnswers(Submissions):
 def test_a_slow_ray_head_holds_a_tick_for_its_budget_only_and_every_job_gets_its_turn(tmp_path, monkeypatch):
     """Each tick polled every run and started every queued job it had room for, on the state thread that answers
     the API: a head answering in 9 s held it (every request behind it) for 9 s per run and per start. A tick now
-    stops asking once its budget is spent, and the next asks the runs polled longest ago first."""
+    stops asking once its budget is spent, and the next asks the runs polled longest ago first; the queued jobs it
+    did not reach say so in waiting_for (it said null: "starts at the next pass")."""
     monkeypatch.setattr(supervision, "TICK_BUDGET_SECONDS", 1.0)
     monkeypatch.setattr(ray_executor, "POLL_SECONDS", 0.0)
     client = SlowAnswers()
@@ -194,9 +195,14 @@ def test_a_slow_ray_head_holds_a_tick_for_its_budget_only_and_every_job_gets_its
     supervisor.runs.clear()
     supervisor.tick()
     assert 1 <= len(supervisor.runs) <= 2
+    # The jobs the pass did not reach said None ("starts at the next pass") while a slow head took its budget.
+    unreached = [job for job in store.list_jobs() if job.state == "queued"]
+    assert unreached and all(supervisor.waiting_for(job).startswith("its turn: the last pass over the queue spent "
+                                                                     "its 1 s") for job in unreached)
     for _ in range(4):
         supervisor.tick()
     assert {job.state for job in store.list_jobs() if job.id.startswith("late")} == {"running"}
+    assert supervisor._not_reached == set()
     assert supervisor.held_back_since is None
     store.close()
 
