@@ -204,8 +204,9 @@ class JobService:
         if outcome == "cancelled" and job.state in WAITING_STATES:
             # No process publishes this end: the server does (waiting_jobs), for a job without a run handle.
             # (`resume` kept: the server says whether the job it ended had run and waited to resume, the end of that
-            # wait, not a run's: WaitingJob.resuming.)
-            self.store.update_job(job.id, state="cancelled", ended=time.time(), pid=None, handle=None)
+            # wait, not a run's: WaitingJob.resuming.) No run of it ended cancelled: a paused job's exit code 4 stood
+            # under `cancelled`, a code of another state. Its `reason` stays: why its last run stopped.
+            self.store.update_job(job.id, state="cancelled", ended=time.time(), exit_code=None, pid=None, handle=None)
             self.supervisor.abandon(job)
             return 200, self._view(self.store.get_job(job.id))
         try:

@@ -1133,6 +1133,24 @@ def test_a_resume_clears_the_previous_runs_outcome(tmp_path):
     store.close()
 
 
+def test_a_paused_job_cancelled_shows_no_exit_code_of_its_pause(tmp_path):
+    """A paused job cancelled at once (200) kept its pause's exit code 4 under `cancelled`, an exit code that
+    stands for another state (docs/api.md: 3 cancelled, 4 paused), as a resumed job cancelled while it waited did;
+    no run of it ended cancelled, so it has none. Why its last run paused (`reason`) stays."""
+    from trainmetrics.jobserver.jobs import JobService, ServerSettings
+
+    store = JobStore(tmp_path / "db.sqlite")
+    supervisor = Supervisor(store, tmp_path, None, 0)
+    store.add_job(JobRecord(id="spiked", owner="default", name="spiked", state="paused", spec={}, exit_code=4))
+    store.update_job("spiked", reason="loss spike at step 85")
+    code, cancelled = JobService(ServerSettings(data_dir=tmp_path), store, supervisor).stop(None, "spiked",
+                                                                                             "cancelled")
+    assert (code, cancelled["state"], cancelled["exit_code"], cancelled["reason"], cancelled["stop_requested"]) == \
+        (200, "cancelled", None, "loss spike at step 85", None)
+    assert cancelled["ended"] is not None
+    store.close()
+
+
 def test_a_job_queued_again_to_resume_is_published_as_resuming(tmp_path):
     """A resumed job that waits for a slot is `queued` (as the job API says) from its first submission: the fleet's
     ledger, over a range starting after the resume, counted its wait as queued, where the job's own ledger counts
