@@ -207,9 +207,12 @@ class JobFacts:
 
     @property
     def finals(self) -> list[float] | None:
-        """Each process's final instant (its stop plus the linger, never past now), newest first; None when a
-        process's stop is unknown."""
-        stops = [p.stop(self.now) for p in self.started]
+        """Each trainer process's final instant (its stop plus the linger, never past now), newest first; None when
+        a process's stop is unknown. Those that never started training too: a resumed run that failed its restore
+        publishes the job's totals, its own init and restore in them, and read only at the runs' finals that had
+        started, its last values lay past their windows when it failed 15 s after its predecessor's end (a busy
+        host's imports): the goodput ledger left it out, and its restore with it."""
+        stops = [p.stop(self.now) for p in self.processes if p.trainer]
         if None in stops:
             return None
         return sorted({min(self.now, stop + q.FINAL_SCRAPE_GRACE_SECONDS) for stop in stops}, reverse=True)

@@ -516,3 +516,14 @@ def test_the_ledger_of_a_real_run_whose_resume_failed_before_it_read_the_jobs_to
     assert body.seconds["paused"] == pytest.approx(b.phases.process_start - a.end_time, abs=0.02)
     b_life = b.end_time - b.phases.process_start
     assert body.seconds["init"] == pytest.approx(a.phases.totals()["init"] + b_life, abs=0.02)
+
+
+def test_the_last_values_of_a_resumed_run_that_failed_its_restore_are_read_at_its_own_final_instant():
+    """Each process's last values (its totals, the ledger's phases) are read in the minute before some process's
+    final instant, and those instants were the processes' that started training only. A resumed run that failed
+    its restore never did: failing more than 15 s after its predecessor's end (its imports on a busy host), it lay
+    past every window read, and the ledger left it out, its init and restore with it (restore 0)."""
+    paused = Process("a:1 run_id=1", start=100.0, end=110.0, state="paused", last_seen=110.5, process_start=90.0)
+    failed = Process("a:2 run_id=2", start=None, end=140.0, state="failed", error_type="ValueError",
+                     last_seen=140.5, process_start=115.0)
+    assert facts(paused, failed).finals == [155.0, 125.0]
