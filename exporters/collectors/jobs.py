@@ -8,7 +8,7 @@ CPU time of a tree is the sum over its live processes of utime + stime + cutime 
 in the tree exits and its parent (also in the tree) reaps it, the kernel moves its whole time into the
 parent's cutime/cstime, so the sum carries on without a dip and without counting anything twice. A rank
 that joins a job already counted is counted from its first sample, as the job's first ranks are (its processes
-the job counted already, in the tree of the rank that started it, keep their time). Lost is
+the job counted already, in the tree of the rank that started it, keep their time, counted once: see _base). Lost is
 the time of a process that leaves the tree before it exits (re-parented to init: a daemonised grandchild,
 a worker whose parent died first); it drops out at the next tree walk; and the time of a child of a process
 that ignores SIGCHLD (the kernel reaps it, into no cutime). A rank (a mapped process of a job
@@ -183,8 +183,9 @@ class JobTracker:
         # too (_reaped_jobs).
         self._nested: dict[tuple[int, int], tuple[str, dict[tuple[int, int], float]]] = {}
         self._reaped_jobs_cpu: dict[str, float] = {}
-        # Each process counted at the last pass, by (pid, start ticks): its job (see _measure_pass's base).
-        self._counted: dict[tuple[int, int], str] = {}
+        # Each process counted at the last pass, by (pid, start ticks): its job, the root (pid, start ticks) of the
+        # tree that counted it, and its whole CPU time then (see _base).
+        self._counted: dict[tuple[int, int], tuple[str, tuple[int, int], float]] = {}
         self._lock = threading.Lock()           # guards _live between the fast and the slow thread
         self._updating = threading.Lock()       # one update at a time (jobs, gpu and energy collectors share it)
         self._updated_at: float | None = None
@@ -337,7 +338,9 @@ class JobTracker:
         except NO_PROCESS:
             return True
         start = status.find(b"\nTgid:")
-        return start < 0 or int(status[start + 6:status.index(b"\n", start + 1)]) == pid
+        tgid = status[start + 6:].partition(b"\n")[0].strip()
+        # Unreadable as a number (a /proc that is not the kernel's): a ValueError here failed every listing.
+        return start < 0 or not tgid.isdigit() or int(tgid) == pid
 
     def _process_uid(self, pid: int) -> int | None:
         """The effective uid of a process (the owner of /proc/PID), or None when it is gone."""
@@ -403,7 +406,8 @@ class JobTracker:
         gpus: dict[str, set[int | str]] = {}
         ticks = self.clock_ticks
         dead: list[_Tree] = []
-        alive: list[tuple[_Tree, float, float]] = []      # a live tree, its CPU time and the base left out of it
+        alive: list[tuple[_Tree, float]] = []             # a live tree and its CPU time
+        earlier: dict[int, list[tuple[str | None, tuple[int, int], float, float]]] = {}    # per tree: see _base
         ended = dict(self._departed)
         # A job's processes are its own, not those of a job around it (a trial run by a sweep's driver, each a
         # job): trees whose root is in another tree go first, and a process counts once, in the innermost job.
@@ -411,13 +415,12 @@ class JobTracker:
         depth = Counter(pid for tree in self._live for pid in roots & tree.members.keys())
         root_parents: dict[int, int] = {}                 # a live root's parent pid
         tree_times: dict[int, dict[tuple[int, int], float]] = {}    # per live root: its processes' whole CPU time
-        counted_in: dict[tuple[int, int], str] = {}       # each process counted in this pass: its job
+        counted_in: dict[tuple[int, int], tuple[str, tuple[int, int], float]] = {}     # the next pass's _counted
         for tree in sorted(self._live, key=lambda tree: -depth[tree.mapping.pid]):
             job_id = tree.mapping.job_id
             job = usage.setdefault(job_id, JobUsage())
             gpus.setdefault(job_id, set()).update(tree.mapping.gpus)
             counted, gone = 0.0, False
-            joining = 0.0       # the time of its processes that its job did not count at the last pass
             times = tree_times.setdefault(tree.mapping.pid, {})
             for pid, start_ticks in tree.members.items():
                 if pid in claimed:
@@ -439,9 +442,10 @@ class JobTracker:
                 seconds = (int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])) / ticks
                 counted += seconds
                 times[pid, start_ticks] = seconds
-                counted_in[pid, start_ticks] = job_id
-                if self._counted.get((pid, start_ticks)) != job_id:
-                    joining += seconds
+                root = (tree.mapping.pid, tree.mapping.start_ticks)
+                counted_in[pid, start_ticks] = (job_id, root, seconds)
+                last = self._counted.get((pid, start_ticks), (None, root, 0.0))      # None: not counted then
+                earlier.setdefault(id(tree), []).append((*last, seconds))
                 if pid == tree.mapping.pid:
                     root_parents[pid] = int(fields[1])
                 job.rss_bytes += int(fields[21]) * self.page_bytes
@@ -450,17 +454,11 @@ class JobTracker:
                 dead.append(tree)
                 ended[job_id] = ended.get(job_id, 0.0) + tree.cpu_seconds
             else:
-                base = tree.cpu_base
-                if base is None:
-                    # A rank that joins a job already counted is counted from its first sample, as the job's
-                    # first ranks are (a counter's increase starts at its series' first sample): its time until
-                    # then (imports, start-up, seconds of it) came in one sample, a rate of several times the
-                    # host's cores in the job's CPU and its share of the CPU energy. Its processes that the job
-                    # counted already (a rank started by another rank, in that rank's tree until its own file was
-                    # read) keep their time: left out, the job's counter lost it (held flat until made up).
-                    base = joining if job_id in self._cpu_floor else 0.0
-                alive.append((tree, counted, base))
-                job.cpu_seconds += counted - base
+                alive.append((tree, counted))
+        alive_roots = {(tree.mapping.pid, tree.mapping.start_ticks) for tree, _counted in alive}
+        alive = [(tree, counted, self._base(tree, earlier.get(id(tree), []), alive_roots)) for tree, counted in alive]
+        for tree, counted, base in alive:
+            usage[tree.mapping.job_id].cpu_seconds += counted - base
         nested, reaped = self._reaped_jobs([tree for tree, _counted, _base in alive], root_parents, tree_times,
                                            job_of_pid)
         # Inner trees are read before outer ones (the innermost job claims a process), so a nested root reaped by
@@ -497,6 +495,30 @@ class JobTracker:
                                  if job_id in usage}
         return JobsSnapshot(usage, job_of_pid,
                             {job_id: frozenset(indices) for job_id, indices in gpus.items() if job_id in usage})
+
+    def _base(self, tree: _Tree, earlier: list[tuple[str | None, tuple[int, int], float, float]],
+              alive_roots: set[tuple[int, int]]) -> float:
+        """The CPU time a live tree leaves out of its job's counter: the one it left out at its first sample (kept
+        after). A rank that joins a job already counted is counted from its first sample, as the job's first ranks
+        are (a counter's increase starts at its series' first sample): its time until then (imports, start-up,
+        seconds of it) came in one sample, a rate of several times the host's cores in the job's CPU and its share of
+        the CPU energy. `earlier` holds each of its processes' job, counting tree's root and time at the last pass,
+        and its time now. One its job counted then in a tree that counts now (a rank started by another rank, in
+        that rank's tree until its own file was read) keeps its time: that tree no longer counts it (left out, the
+        job's counter lost it, held flat until made up). One its job counted in a tree that ended since (the rank
+        that started it), whose time as of then the job keeps, is counted from then (its whole time counted it
+        twice)."""
+        if tree.cpu_base is not None:
+            return tree.cpu_base
+        if tree.mapping.job_id not in self._cpu_floor:
+            return 0.0
+        base = 0.0
+        for job_id, root, then, now in earlier:
+            if job_id != tree.mapping.job_id:
+                base += now         # not its job's at the last pass: counted from its first sample
+            elif root not in alive_roots:
+                base += then        # in the time its job keeps for the tree that ended
+        return base
 
     def _reaped_jobs(self, live: list[_Tree], root_parents: dict[int, int],
                      tree_times: dict[int, dict[tuple[int, int], float]], job_of_pid: dict[int, str]

@@ -263,6 +263,32 @@ def test_a_rank_the_job_already_counted_in_another_ranks_tree_keeps_its_time_whe
         rank0.communicate(timeout=10)
 
 
+@pytest.mark.parametrize("rank0_file", ["left behind", "removed"])
+def test_a_rank_whose_spawning_rank_ended_in_the_same_pass_is_counted_once(rank0_file, tmp_path):
+    """Rank 0 started rank 1 and ended in the pass that first read rank 1's own file: rank 0's time as of its last
+    sample (rank 1's 20 s in it) stays the job's, and rank 1, counted by the job at that sample, kept its whole time
+    too. The job's counter went from 30 s to 51 s: rank 1's 20 s twice, a rate of many cores, held for good."""
+    proc, jobs = tmp_path / "proc", tmp_path / "jobs"
+    jobs.mkdir()
+
+    def write_stat(pid: int, parent: int, start_ticks: int, utime: int) -> None:
+        (proc / str(pid)).mkdir(parents=True, exist_ok=True)
+        fields = ["S", parent, pid, pid, 0, -1, 0, 0, 0, 0, 0, utime, 0, 0, 0, 20, 0, 1, 0, start_ticks, 0, 10]
+        (proc / str(pid) / "stat").write_text(f"{pid} (p{pid}) " + " ".join(map(str, fields)) + "\n")
+
+    write_stat(100, 1, 500, 1000)           # rank 0: 10 s
+    write_stat(101, 100, 600, 2000)         # rank 1, which rank 0 started: 20 s
+    rank0 = write_job_mapping(jobs, JobMapping(job_id="spawned", pid=100, rank=0, start_ticks=500))
+    tracker = JobTracker(jobs, proc_root=proc, descendants=lambda pid: [101] if pid == 100 else [], clock_ticks=100)
+    assert tracker.update(0.0).usage["spawned"].cpu_seconds == 30.0
+    shutil.rmtree(proc / "100")             # rank 0 ended; rank 1 goes on (1 s more) and its own file is read
+    if rank0_file == "removed":
+        Path(rank0).unlink()
+    write_stat(101, 1, 600, 2100)
+    write_job_mapping(jobs, JobMapping(job_id="spawned", pid=101, rank=1, start_ticks=600))
+    assert tracker.update(1.0).usage["spawned"].cpu_seconds == 31.0
+
+
 def test_a_mapping_naming_a_thread_of_a_process_counts_nothing(tmp_path):
     """/proc/TID/stat of a thread holds its whole process's CPU time and memory, with a start of its own: a file naming
     a thread of a process another job counts was taken as a process of its own, and the process counted in both."""
@@ -276,6 +302,21 @@ def test_a_mapping_naming_a_thread_of_a_process_counts_nothing(tmp_path):
         assert set(JobTracker(tmp_path).update(1.0).usage) == {"owner"}
     finally:
         process.communicate(timeout=10)
+
+
+@pytest.mark.parametrize("status", ["Name:\tp100\nTgid:\t?\n", "Name:\tp100\nTgid:\t100"],
+                         ids=["not a number", "no end of line"])
+def test_a_status_file_whose_tgid_cannot_be_read_fails_no_listing(status, tmp_path):
+    """A /proc/PID/status whose Tgid line was no number, or had no end of line, raised ValueError out of the
+    listing: every update failed, and no job was counted."""
+    proc, jobs = tmp_path / "proc", tmp_path / "jobs"
+    (proc / "100").mkdir(parents=True)
+    fields = ["S", 1, 100, 100, 0, -1, 0, 0, 0, 0, 0, 1000, 0, 0, 0, 20, 0, 1, 0, 500, 0, 10]
+    (proc / "100" / "stat").write_text("100 (p100) " + " ".join(map(str, fields)) + "\n")
+    (proc / "100" / "status").write_text(status)
+    write_job_mapping(jobs, JobMapping(job_id="job", pid=100, start_ticks=500))
+    tracker = JobTracker(jobs, proc_root=proc, descendants=lambda pid: [], clock_ticks=100)
+    assert tracker.update(0.0).usage["job"].cpu_seconds == 10.0
 
 
 def test_a_mapping_file_rewritten_for_the_same_process_is_no_departure(tmp_path):
