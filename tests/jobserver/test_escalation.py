@@ -105,6 +105,26 @@ def test_a_cancel_a_hung_job_does_not_act_on_kills_it_after_the_grace_and_it_end
     assert supervisor.running_count() == 0
 
 
+def test_a_cancel_accepted_before_a_server_restart_is_killed_a_grace_after_the_adoption(supervisor, caplog):
+    """No test held that the cancel's grace counts again from the adoption: a job cancelled before the server
+    restarted, hung past its grace, must be neither killed by the restarted server at once nor left running."""
+    processes = start_hung(supervisor, "hung-restart")
+    supervisor.request_stop(supervisor.store.get_job("hung-restart"), "cancelled")
+    time.sleep(1.2)                      # the grace since the cancel runs out while no server watches the job
+    again = Supervisor(supervisor.store, supervisor.data_dir, None, max_concurrent=0, executor=HungTorchrun(),
+                       cancel_grace=1.0)
+    again.recover()
+    assert "hung-restart" in again.runs
+    again.tick()
+    assert again.store.get_job("hung-restart").state == "running"       # a fresh grace from the adoption
+    assert len(processes_naming(supervisor.job_path("hung-restart"))) == len(processes)
+    with caplog.at_level("INFO", logger="trainmetrics.server"):
+        ended = tick_until(again, "hung-restart", 10)
+    assert (ended.state, ended.error, ended.requested) == ("cancelled", None, None)
+    assert processes_naming(supervisor.job_path("hung-restart")) == []
+    assert "killed after it did not stop within 1 s of its cancel" in caplog.text
+
+
 def test_a_pause_is_never_killed(supervisor):
     start_hung(supervisor, "hung-pause")
     supervisor.request_stop(supervisor.store.get_job("hung-pause"), "paused")

@@ -11,6 +11,7 @@ import sys
 import textwrap
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -203,6 +204,14 @@ def restarted(supervisor: Supervisor, max_concurrent: int = 4) -> Supervisor:
     return again
 
 
+def pending_signals(pid: int) -> set[int]:
+    """The signals sent to the process that it has not taken yet (Linux's /proc/PID/status)."""
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    fields = dict(line.split(":\t", 1) for line in lines if ":\t" in line)
+    mask = int(fields["SigPnd"], 16) | int(fields["ShdPnd"], 16)
+    return {signum for signum in range(1, 65) if mask >> (signum - 1) & 1}
+
+
 def crash(supervisor: Supervisor, job_id: str) -> None:
     """The job's process dies with the server (kill -9 of both): nothing is reaped or recorded."""
     process = supervisor.runs.pop(job_id).process
@@ -257,6 +266,42 @@ def test_the_shutdown_pause_of_a_job_that_stops_after_the_shutdown_is_kept_to_re
     # Queued to resume, as a resume queues it: the run's outcome (a pause's exit code 4) is not the job's; it
     # stayed, and a job then cancelled while it waited showed exit code 4.
     assert (ended.state, ended.resume, ended.requested, ended.exit_code) == ("queued", True, None, None)
+
+
+@pytest.mark.parametrize("outcome, state, resume, code", [("paused", "paused", True, 4),
+                                                          ("cancelled", "cancelled", False, 3)])
+def test_a_users_stop_during_the_servers_shutdown_pause_of_an_adopted_job_ends_it_as_the_user_asked(
+        supervisor, tmp_path, outcome, state, resume, code):
+    """No test held the job control table's shutdown-pause row: a user's pause of a job whose shutdown pause is
+    under way (adopted after the restart) must end it paused as theirs, with no second signal, never queued to
+    resume at the next start; a user's cancel must win over the shutdown's pause."""
+    from trainmetrics.jobserver.jobs import JobService, ServerSettings
+
+    job = submit(supervisor, f"shutdown-then-{outcome}")
+    time.sleep(0.3)                                     # its handlers are installed
+    pid = supervisor.runs[job.id].pid
+    supervisor.shutdown(timeout=0.05)
+    deadline = time.monotonic() + 10
+    while signal.SIGUSR1 in pending_signals(pid):       # the shutdown's pause reaches the run
+        assert time.monotonic() < deadline, "the run never took the shutdown's pause"
+        time.sleep(0.01)
+    # Frozen (within the 0.5 s it takes to pause), the run cannot end before the user's stop; a second signal
+    # sent meanwhile waits for it, and is counted.
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        adopting = restarted(supervisor, max_concurrent=0)
+        assert adopting.store.get_job(job.id).requested == "shutdown"
+        service = JobService(ServerSettings(data_dir=tmp_path), adopting.store, adopting)
+        status, view = service.stop(None, job.id, outcome)
+        assert (status, view["state"], view["stop_requested"]) == (202, "running", outcome)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    ended = settle(adopting, job.id)
+    assert (ended.state, ended.resume, ended.exit_code, ended.requested, ended.error) == (state, resume, code, None,
+                                                                                         None)
+    assert json.loads(supervisor.result_path(job.id).read_text())["signals"] == (1 if outcome == "paused" else 2)
+    restarted(supervisor).tick()                        # the next start runs no job the user stopped
+    assert supervisor.store.get_job(job.id).state == state
 
 
 @pytest.mark.parametrize("outcome", ["paused", "cancelled"])
@@ -526,6 +571,15 @@ def test_a_job_killed_by_a_signal_without_a_name_ends_failed(supervisor):
     run.process.wait(timeout=10)
     ended = settle(supervisor, "realtime")
     assert (ended.state, ended.error) == ("failed", f"killed by signal {int(signum)} without a result")
+
+
+def test_a_local_run_killed_from_outside_with_sigkill_keeps_exit_code_minus_9(supervisor):
+    """Only the Ray tests held that a failure without a result keeps its process's code: a local run killed with
+    SIGKILL must end `failed` with exit code -9, not its state's 1 or none."""
+    job = submit(supervisor, "sigkilled", "transformer")      # sleeps until a signal, and writes no result
+    os.kill(supervisor.runs[job.id].pid, signal.SIGKILL)
+    ended = settle(supervisor, job.id)
+    assert (ended.state, ended.exit_code, ended.error) == ("failed", -9, "killed by SIGKILL without a result")
 
 
 def test_the_exit_code_is_the_results_when_a_signal_killed_the_process_after_it(supervisor):
