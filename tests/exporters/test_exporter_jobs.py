@@ -38,6 +38,14 @@ worker.wait()
 """
 
 
+def write_pid_stat(proc: Path, pid: int, parent: int, start_ticks: int, utime: int = 0, rss_pages: int = 10) -> None:
+    """A planted /proc/PID/stat: its parent, its start and user time (clock ticks), its resident pages."""
+    (proc / str(pid)).mkdir(parents=True, exist_ok=True)
+    fields = ["S", parent, pid, pid, 0, -1, 0, 0, 0, 0, 0, utime, 0, 0, 0, 20, 0, 1, 0, start_ticks, 0, rss_pages]
+    (proc / str(pid) / "stat").write_text(f"{pid} (p{pid}) " + " ".join(map(str, fields)) + "\n")
+
+
+
 @pytest.fixture
 def start_job():
     """start_job(burn_seconds) -> (Popen, worker pid); every job is ended after the test."""
@@ -271,20 +279,15 @@ def test_a_rank_whose_spawning_rank_ended_in_the_same_pass_is_counted_once(rank0
     proc, jobs = tmp_path / "proc", tmp_path / "jobs"
     jobs.mkdir()
 
-    def write_stat(pid: int, parent: int, start_ticks: int, utime: int) -> None:
-        (proc / str(pid)).mkdir(parents=True, exist_ok=True)
-        fields = ["S", parent, pid, pid, 0, -1, 0, 0, 0, 0, 0, utime, 0, 0, 0, 20, 0, 1, 0, start_ticks, 0, 10]
-        (proc / str(pid) / "stat").write_text(f"{pid} (p{pid}) " + " ".join(map(str, fields)) + "\n")
-
-    write_stat(100, 1, 500, 1000)           # rank 0: 10 s
-    write_stat(101, 100, 600, 2000)         # rank 1, which rank 0 started: 20 s
+    write_pid_stat(proc, 100, 1, 500, 1000)           # rank 0: 10 s
+    write_pid_stat(proc, 101, 100, 600, 2000)         # rank 1, which rank 0 started: 20 s
     rank0 = write_job_mapping(jobs, JobMapping(job_id="spawned", pid=100, rank=0, start_ticks=500))
     tracker = JobTracker(jobs, proc_root=proc, descendants=lambda pid: [101] if pid == 100 else [], clock_ticks=100)
     assert tracker.update(0.0).usage["spawned"].cpu_seconds == 30.0
     shutil.rmtree(proc / "100")             # rank 0 ended; rank 1 goes on (1 s more) and its own file is read
     if rank0_file == "removed":
         Path(rank0).unlink()
-    write_stat(101, 1, 600, 2100)
+    write_pid_stat(proc, 101, 1, 600, 2100)
     write_job_mapping(jobs, JobMapping(job_id="spawned", pid=101, rank=1, start_ticks=600))
     assert tracker.update(1.0).usage["spawned"].cpu_seconds == 31.0
 
@@ -549,20 +552,15 @@ def test_a_pid_reused_since_the_walks_parents_reading_is_not_the_jobs(tmp_path):
     proc.mkdir()
     jobs.mkdir()
 
-    def write_stat(pid: int, parent: int, start_ticks: int, rss_pages: int) -> None:
-        (proc / str(pid)).mkdir(exist_ok=True)
-        fields = ["S", parent, pid, pid, 0, -1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 20, 0, 1, 0, start_ticks, 0, rss_pages]
-        (proc / str(pid) / "stat").write_text(f"{pid} (p{pid}) " + " ".join(map(str, fields)) + "\n")
-
-    write_stat(1, 0, 1, 100)
-    write_stat(100, 1, 500, 1000)           # the job's process
-    write_stat(101, 100, 600, 1000)         # its worker
+    write_pid_stat(proc, 1, 0, 1, rss_pages=100)
+    write_pid_stat(proc, 100, 1, 500, rss_pages=1000)           # the job's process
+    write_pid_stat(proc, 101, 100, 600, rss_pages=1000)         # its worker
     write_job_mapping(jobs, JobMapping(job_id="job-a", pid=100, start_ticks=500))
     clock = [0.0]
     tracker = JobTracker(jobs, proc_root=proc, descendants=ProcessFamilies(str(proc), clock=lambda: clock[0]),
                          clock_ticks=100, page_bytes=4096)
     assert tracker.update(0.0).usage["job-a"].processes == 2
-    write_stat(101, 1, 900, 10_000_000)     # the worker gone, its pid another's: parent 1, a later start
+    write_pid_stat(proc, 101, 1, 900, rss_pages=10_000_000)  # the worker gone, its pid a later process's
     clock[0] = 0.3
     tracker.refresh_trees(0.3)              # the walk from the parents read 0.3 s ago
     usage = tracker.update(0.4).usage["job-a"]
@@ -601,19 +599,14 @@ def test_a_ranks_pid_taken_by_another_jobs_root_ends_the_rank(listed_first, tmp_
     proc, jobs = tmp_path / "proc", tmp_path / "jobs"
     jobs.mkdir()
 
-    def write_stat(pid: int, start_ticks: int, utime: int) -> None:
-        (proc / str(pid)).mkdir(parents=True, exist_ok=True)
-        fields = ["S", 1, pid, pid, 0, -1, 0, 0, 0, 0, 0, utime, 0, 0, 0, 20, 0, 1, 0, start_ticks, 0, 10]
-        (proc / str(pid) / "stat").write_text(f"{pid} (p{pid}) " + " ".join(map(str, fields)) + "\n")
-
-    write_stat(100, 500, 1000)      # job a's rank 0: 10 s
-    write_stat(101, 600, 2000)      # job a's rank 1: 20 s
+    write_pid_stat(proc, 100, 1, 500, 1000)      # job a's rank 0: 10 s
+    write_pid_stat(proc, 101, 1, 600, 2000)      # job a's rank 1: 20 s
     write_job_mapping(jobs, JobMapping(job_id="a", pid=100, rank=0, start_ticks=500))
     write_job_mapping(jobs, JobMapping(job_id="a", pid=101, rank=1, start_ticks=600))
     tracker = JobTracker(jobs, proc_root=proc, descendants=lambda pid: [], clock_ticks=100)
     assert tracker.update(0.0).usage["a"].cpu_seconds == 30.0
-    write_stat(101, 900, 500)       # rank 1 killed; job b's process, 5 s in, has its pid
-    write_stat(100, 500, 1100)      # rank 0 used 1 s more
+    write_pid_stat(proc, 101, 1, 900, 500)       # rank 1 killed; job b's process, 5 s in, has its pid
+    write_pid_stat(proc, 100, 1, 500, 1100)      # rank 0 used 1 s more
     write_job_mapping(jobs, JobMapping(job_id="b", pid=101, start_ticks=900))
     tracker.refresh_trees(20.0)
     usage = tracker.update(20.0).usage
@@ -815,13 +808,8 @@ def test_files_naming_a_process_already_named_cost_nothing_per_sample_and_move_n
     proc, jobs = tmp_path / "proc", tmp_path / "jobs"
     jobs.mkdir()
 
-    def write_stat(pid: int, parent: int, start_ticks: int, utime: int) -> None:
-        (proc / str(pid)).mkdir(parents=True, exist_ok=True)
-        fields = ["S", parent, pid, pid, 0, -1, 0, 0, 0, 0, 0, utime, 0, 0, 0, 20, 0, 1, 0, start_ticks, 0, 10]
-        (proc / str(pid) / "stat").write_text(f"{pid} (p{pid}) " + " ".join(map(str, fields)) + "\n")
-
-    write_stat(100, 1, 500, 1000)           # the job's process: 10 s
-    write_stat(101, 100, 600, 200)          # its worker: 2 s
+    write_pid_stat(proc, 100, 1, 500, 1000)           # the job's process: 10 s
+    write_pid_stat(proc, 101, 100, 600, 200)          # its worker: 2 s
     write_job_mapping(jobs, JobMapping(job_id="real", pid=100, start_ticks=500))
     tracker = JobTracker(jobs, proc_root=proc, descendants=lambda pid: [101] if pid == 100 else [],
                          clock_ticks=100)

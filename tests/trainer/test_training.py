@@ -164,37 +164,21 @@ def test_a_csv_feature_in_the_millions_does_not_keep_the_mlp_at_chance(make_trai
     assert trainer.eval_accuracy > 0.9
 
 
-def test_a_feature_spanning_more_than_float32s_range_trains_to_a_finite_loss(make_trainer, tmp_path):
+@pytest.mark.parametrize("negative, positive", [(-3.4e38, 3.4e38), (0.0, 2.8e-45)], ids=["past-float32", "subnormal"])
+def test_a_feature_at_float32s_edges_trains_to_a_finite_loss(negative, positive, make_trainer, tmp_path):
     """Before, the mlp standardised a feature as (x - mean) / std in float32: a column holding -3.4e38 and 3.4e38
     (each finite, accepted by the upload) overflowed x - mean to infinity, and the loss was NaN from the first
-    step while the job "completed"; the label, decided by the column's sign, was not learnt."""
+    step while the job "completed"; the label, decided by the column's sign, was not learnt. Taken at half scale
+    instead, a column of 0 and 2.8e-45 (its std 1.4e-45, half of which rounds to 0) divided by 0: half scale is
+    taken only where x - mean overflowed."""
     import math
 
     rng = np.random.default_rng(6)
-    x = rng.normal(size=(300, 3))
-    y = (x[:, 0] > 0).astype(np.int64)
-    rows = ["a,b,label"] + [f"{3.4e38 if a > 0 else -3.4e38:.6g},{b:.5f},{t}" for (a, b, _), t in zip(x, y)]
-    (tmp_path / "span.csv").write_text("\n".join(rows) + "\n")
-    trainer = make_trainer(model="mlp", dataset=str(tmp_path / "span.csv"), epochs=5, batch_size=32,
-                           log_every=5)
-    trainer.run()
-    assert trainer.metrics.nonfinite_losses == 0
-    assert math.isfinite(trainer.eval_loss)
-    assert trainer.eval_accuracy > 0.9
-
-
-def test_a_feature_of_subnormal_float32_values_trains_to_a_finite_loss(make_trainer, tmp_path):
-    """Before, the mlp took every feature at half scale to keep x - mean from overflowing: halving a subnormal
-    float32 is not exact, and a column of 0 and 2.8e-45 (its std 1.4e-45, half of which rounds to 0) divided by 0:
-    the loss was NaN from the first step, where the plain (x - mean) / std was -1 and 1."""
-    import math
-
-    rng = np.random.default_rng(7)
     x = rng.normal(size=(300, 2))
     y = (x[:, 0] > 0).astype(np.int64)
-    rows = ["a,b,label"] + [f"{2.8e-45 if a > 0 else 0.0:.2g},{b:.5f},{t}" for (a, b), t in zip(x, y)]
-    (tmp_path / "tiny.csv").write_text("\n".join(rows) + "\n")
-    trainer = make_trainer(model="mlp", dataset=str(tmp_path / "tiny.csv"), epochs=5, batch_size=32,
+    rows = ["a,b,label"] + [f"{positive if a > 0 else negative:.6g},{b:.5f},{t}" for (a, b), t in zip(x, y)]
+    (tmp_path / "edges.csv").write_text("\n".join(rows) + "\n")
+    trainer = make_trainer(model="mlp", dataset=str(tmp_path / "edges.csv"), epochs=5, batch_size=32,
                            log_every=5)
     trainer.run()
     assert trainer.metrics.nonfinite_losses == 0
