@@ -34,7 +34,7 @@ class _Window:
     def of(cls, facts: JobFacts, now: float) -> "_Window":
         end = facts.end if facts.end is not None else now
         final_time = min(now, end + q.FINAL_SCRAPE_GRACE_SECONDS) if facts.end is not None else now
-        return cls(end, max(end - facts.start, 1e-3), final_time, max(final_time - facts.start, 1e-3))
+        return cls(end, max(end - facts.began, 1e-3), final_time, max(final_time - facts.began, 1e-3))
 
 
 @dataclass(frozen=True)
@@ -180,25 +180,27 @@ async def jobs_analytics(client: PrometheusClient, job_ids: list[str], lookback:
     there leaves the others whole (and cached)."""
     now = time.time()
     all_facts, shared = await _noting_partial(find_jobs(client, job_ids, lookback, now, strict))
-    started = [(facts, _Window.of(facts, now)) for facts in all_facts     # not queued, and the caller's
-               if facts is not None and facts.start is not None and owned_by(facts.owners, owner)]
+    # Jobs that ran (not queued), and the caller's: a run that failed in its init never started training, but its
+    # phase totals are read all the same (read only for jobs that started, its ledger said it had none).
+    ran = [(facts, _Window.of(facts, now)) for facts in all_facts
+           if facts is not None and facts.began is not None and owned_by(facts.owners, owner)]
 
     async def instant() -> list[dict[str, list[dict]]]:
         def parts(facts: JobFacts, w: _Window) -> dict[str, str]:
             return {**q.job_totals(facts.job_id, w.final_window, w.final_time, facts.finals),
                     **q.job_energy(facts.job_id, w.final_window, w.final_time, now, facts.finals),
                     **q.job_rates(facts.job_id, w.window, w.end, facts.segments),
-                    **q.host(w.window, facts.start, w.end)}
+                    **q.host(w.window, facts.began, w.end)}
 
-        found = await query_parts_many(client, [parts(facts, w) for facts, w in started], now)
+        found = await query_parts_many(client, [parts(facts, w) for facts, w in ran], now)
         # Last values come from each process's last minute; where that held no samples (scrapes failed
         # through it), or none of a rank of the job (one frozen or lost long before rank 0's end, which the
         # other ranks waited for in a collective), read the whole window.
-        again = [i for i, (facts, _) in enumerate(started)
+        again = [i for i, (facts, _) in enumerate(ran)
                  if facts.finals and (not found[i]["samples"] or _ranks_missing(facts, found[i]))]
         if again:
-            whole = await query_parts_many(client, [q.job_totals(started[i][0].job_id, started[i][1].final_window,
-                                                                 started[i][1].final_time) for i in again], now)
+            whole = await query_parts_many(client, [q.job_totals(ran[i][0].job_id, ran[i][1].final_window,
+                                                                 ran[i][1].final_time) for i in again], now)
             for i, parts in zip(again, whole):
                 found[i].update(parts)
         return found
@@ -208,13 +210,13 @@ async def jobs_analytics(client: PrometheusClient, job_ids: list[str], lookback:
         return await asyncio.gather(
             peaks(client, {**q.job_peaks(facts.job_id, w.window, gpus=facts.info.get("device") != "cpu"),
                            **q.host_peaks(w.window)}, w.window, w.end, q.JOB_PEAK_COUNTERS, w.final_time),
-            evaluation_history(client, facts.job_id, facts.start, w.final_time,
+            evaluation_history(client, facts.job_id, facts.began, w.final_time,
                                [(p.key, p.start) for p in facts.processes if p.start is not None]))
 
     (instants, instant_partial), *per_job = await asyncio.gather(
-        _noting_partial(instant()), *(_noting_partial(own(facts, w)) for facts, w in started))
+        _noting_partial(instant()), *(_noting_partial(own(facts, w)) for facts, w in ran))
     answers = {}
-    for (facts, w), found, ((peak, history), partial) in zip(started, instants, per_job):
+    for (facts, w), found, ((peak, history), partial) in zip(ran, instants, per_job):
         facts.partial = instant_partial or partial
         answers[facts.job_id] = (_assemble(facts, found, peak, history, w), facts)
     results = [None if facts is None else (None, facts) if not owned_by(facts.owners, owner)

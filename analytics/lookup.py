@@ -165,6 +165,15 @@ class JobFacts:
         return min(starts) if starts else None
 
     @property
+    def began(self) -> float | None:
+        """When the job first ran: its first start of training, else its first process's start (a run that failed or
+        was killed in its init, a bad dataset's, ran all the same: its phase totals, the ledger's init, are its)."""
+        if self.start is not None:
+            return self.start
+        spawned = [p.process_start for p in self.processes if p.trainer and p.process_start is not None]
+        return min(spawned) if spawned else None
+
+    @property
     def end(self) -> float | None:
         """The last stop of a job that stopped (final, paused or vanished); None while it runs."""
         if self.status not in ENDED or self.latest is None:

@@ -1,10 +1,13 @@
 """How the job analytics assemble figures that more than one series carries (analytics/job.py)."""
 
+import time
+
 import pytest
 
 from trainmetrics.analytics.job import _assemble
 from trainmetrics.analytics.lookup import JobFacts, Process, Timeline
 from trainmetrics.analytics.shapes import Evaluation
+from trainmetrics.contract import JOB_STATES
 
 
 def test_the_last_evaluation_is_one_number_wherever_the_answer_gives_it():
@@ -111,3 +114,36 @@ def test_the_data_wait_share_is_the_loops_newest_totals_and_never_over_100_perce
                               sample(rank_1, "1", 0.35)]}
     body = _assemble(facts, found, {}, [], None)
     assert body.performance.data_wait_percent == pytest.approx(100 * (0.45 + 0.4) / (0.56 + 0.55), rel=1e-5)
+
+
+def test_a_fresh_run_that_failed_in_its_init_has_its_queue_and_init_in_its_ledger(tmp_path):
+    """A job whose only run failed in its init (a bad dataset: no start of training) had none of its last values
+    read, the analytics reading them for jobs that started training only: its goodput ledger said the trainer
+    published no phase totals ("a trainer before the ledger"), where its run published its init's seconds and the
+    job server its submission."""
+    from .conftest import as_openmetrics, asked, backfilled_prometheus, running
+    from trainmetrics.analytics.job import job_analytics
+
+    spawned = time.time() - 600
+    end = spawned + 8.0
+    base = 'job_id="init-failed",instance="h:1",job="trainer",rank="0"'
+    lines = []
+    for t in [spawned + 0.5 + i for i in range(9)]:     # scraped each second, its final scrape after its end
+        final = t > end
+        lines += [f'trainer_job_info{{{base},job_name="x",owner="carol",device="cpu"}} 1 {t:.3f}',
+                  f"trainer_process_start_timestamp_seconds{{{base}}} {spawned:.3f} {t:.3f}",
+                  f"trainer_job_submitted_timestamp_seconds{{{base}}} {spawned - 5:.3f} {t:.3f}",
+                  f"trainer_heartbeat_timestamp_seconds{{{base}}} {min(t, end):.3f} {t:.3f}",
+                  f'trainer_phase_seconds_total{{{base},phase="init"}} {min(t, end) - spawned:.3f} {t:.3f}']
+        lines += [f'trainer_job_state{{{base},state="{s}"}} {int(s == ("failed" if final else "running"))} {t:.3f}'
+                  for s in JOB_STATES]
+        if final:
+            lines += [f"trainer_job_end_timestamp_seconds{{{base}}} {end:.3f} {t:.3f}",
+                      f'trainer_job_failure_info{{{base},error_type="FileNotFoundError"}} 1 {t:.3f}']
+    with running(backfilled_prometheus(tmp_path, as_openmetrics(lines))) as prometheus:
+        body = asked(prometheus.url, lambda client: job_analytics(client, "init-failed", 3600.0))
+    assert (body.status, body.start_time, body.end_time) == ("failed", None, pytest.approx(end))
+    goodput = body.goodput
+    assert goodput.unavailable_reason is None and goodput.goodput_ratio == 0.0
+    assert (goodput.seconds["queued"], goodput.seconds["init"]) == (pytest.approx(5.0), pytest.approx(8.0))
+    assert goodput.wall_clock_seconds == pytest.approx(13.0) and abs(goodput.unaccounted_seconds) < 0.01
