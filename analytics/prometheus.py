@@ -205,9 +205,9 @@ class PrometheusClient:
 
     async def query_range(self, expr: str, start: float, end: float, step: float | str) -> list[dict]:
         """Range query; returns the result matrix. step: seconds, or a duration literal such as "3600ms"
-        (exact where a float number of seconds might round to a neighbouring millisecond)."""
-        step_text = step if isinstance(step, str) else f"{step:.3f}"
-        params = {"query": expr, "start": f"{start:.3f}", "end": f"{end:.3f}", "step": step_text}
+        (exact where a float number of seconds might round to a neighbouring millisecond), sent in the form both
+        backends read to the millisecond (_step_text)."""
+        params = {"query": expr, "start": f"{start:.3f}", "end": f"{end:.3f}", "step": _step_text(step)}
         return _on_grid(_result(await self._get("/api/v1/query_range", params), ("matrix",), expr),
                         params, expr)
 
@@ -512,6 +512,22 @@ def _result(data, kinds: tuple[str, ...], expr: str) -> list[dict]:
     log.warning("Prometheus answered a %s result of an unexpected shape to: %s", str(kind)[:40], expr[:200])
     raise PrometheusError("bad_answer", f"Prometheus answered success with a {str(kind)[:40]} result of an "
                                         f"unexpected shape (expected {' or '.join(kinds)} samples)")
+
+
+def _step_text(step: float | str) -> str:
+    """A range query's step, to the millisecond, as seconds a tenth of a millisecond past its whole milliseconds:
+    VictoriaMetrics (1.79) read "1473ms" as 1472 ms and "1.001" as 1000 ms, Prometheus "1.001" as 1000 ms too
+    (each truncates a float), and answered on that grid; both read 1.4731 as 1473 ms. Another duration literal
+    ("1h": no fraction to lose) and a step under a millisecond (refused as it was) are sent as they were."""
+    if isinstance(step, str):
+        if not (step.endswith("ms") and step[:-2].isdigit()):
+            return step
+        ms = int(step[:-2])
+    else:
+        ms = round(step * 1000)
+    if ms < 1:
+        return step if isinstance(step, str) else f"{step:.3f}"
+    return f"{ms // 1000}.{ms % 1000:03d}1"
 
 
 def _on_grid(result: list[dict], params: dict, expr: str) -> list[dict]:
