@@ -14,10 +14,7 @@ from trainmetrics.analytics.lookup import JobFacts, find_jobs, owned_by
 from trainmetrics.analytics.prometheus import PrometheusClient, partial_answers
 from trainmetrics.analytics.results import (mib, minus, percent, process_of, query_parts_many, ratio, rounded, rows,
                                            scalar)
-from trainmetrics.contract import STEP_PHASES
-
-# The training loop's phases: the data-wait share's whole.
-LOOP_PHASES = ("data_wait", *STEP_PHASES)
+from trainmetrics.contract import TRAINING_LOOP_PHASES
 
 
 @dataclass
@@ -107,7 +104,7 @@ class Totals:
 
         self._values = {name: values(name) for name in q.TOTALS}
         # The loop's phases (trainer_phase_seconds_total), carried over a resume as the counters are.
-        self._values.update({f"{phase}_phase": values("phase_seconds", phase) for phase in LOOP_PHASES})
+        self._values.update({f"{phase}_phase": values("phase_seconds", phase) for phase in TRAINING_LOOP_PHASES})
 
     def _rank0(self, name: str) -> list[float]:
         return [v.value for v in self._values[name] if v.rank == "0"]
@@ -145,7 +142,7 @@ class Totals:
         """The data_wait phase's share of the loop phases' seconds, every rank's newest process's (the job's totals).
         Not the data-wait histogram over the step-time one: the wait that ends a pass (the loader joining its workers)
         is data wait in no step, and a job of one or two steps a pass read over 100 %."""
-        loop = [self.per_rank(f"{phase}_phase") for phase in LOOP_PHASES]
+        loop = [self.per_rank(f"{phase}_phase") for phase in TRAINING_LOOP_PHASES]
         return ratio(loop[0], sum(seconds for seconds in loop if seconds is not None))
 
     def mean_loss(self) -> float | None:

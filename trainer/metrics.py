@@ -39,7 +39,7 @@ from typing import Callable, Iterable, Iterator
 
 from opentelemetry.metrics import Observation
 
-from trainmetrics.contract import FINAL_STATES, JOB_STATES, validate_job_id
+from trainmetrics.contract import FINAL_STATES, JOB_STATES, TRAINING_LOOP_PHASES, validate_job_id
 from trainmetrics.signals import signals_to_take
 from trainmetrics.trainer import instruments as inst
 from trainmetrics.trainer.evaluations import Evaluation, EvaluationHistory
@@ -48,7 +48,7 @@ from trainmetrics.trainer.phases import (CHECKPOINT, COMPUTE, CURRENT_PHASES, DA
                                          SUMMED as MARKED_PHASES, CARRIED_SECONDS_MAX, PhaseClock, carried_seconds)
 from trainmetrics.trainer.spikes import LossSpikeDetector
 from trainmetrics.trainer.stopping import CANCEL_SIGNALS
-from trainmetrics.trainer.watchdog import LOOP_PHASES as WATCHED_PHASES, StackWatch
+from trainmetrics.trainer.watchdog import StackWatch
 from trainmetrics.trainer.telemetry import Publication, Publish, current_scrape
 
 log = logging.getLogger("trainmetrics.trainer")
@@ -1401,7 +1401,7 @@ class JobMetrics:
             log.warning("job %s: phase %r is none of %s: its time counts as compute", self.job_id, name,
                         ", ".join(MARKED_PHASES))
         self.phases.enter(name if markable else COMPUTE)
-        if self.phases.phase not in WATCHED_PHASES:     # (eval, checkpoint, restore)
+        if self.phases.phase not in TRAINING_LOOP_PHASES:     # (eval, checkpoint, restore)
             self._quiet_hang_timer()
         try:
             yield

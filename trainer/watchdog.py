@@ -24,9 +24,8 @@ import time
 from collections import deque
 from pathlib import Path
 
-from trainmetrics.contract import STACKS_SIGNAL
+from trainmetrics.contract import STACKS_SIGNAL, TRAINING_LOOP_PHASES
 from trainmetrics.jobfiles import open_regular, stacks_path
-from trainmetrics.trainer.phases import COLLECTIVE, COMPUTE, DATA, OPTIMIZER
 
 log = logging.getLogger("trainmetrics.trainer")
 
@@ -39,7 +38,6 @@ STARVED_SECONDS = 1.0
 # check. A minute's p99 lost the rarer slow steps that the rule counts: a job with a 70 s step among every 40 of 2 s
 # had its stacks dumped a minute into each as a hang, which the alert (its bound over 900 s) never saw.
 WINDOW_SECONDS = 600.0
-LOOP_PHASES = (DATA, COMPUTE, OPTIMIZER, COLLECTIVE)
 # The watches that hold SIGUSR2 in this process, oldest first (several jobs in one process: a notebook, tests).
 # faulthandler keeps one file per signal: the newest watch's; closing it hands the signal back to the one before.
 _holding: list["StackWatch"] = []
@@ -251,7 +249,7 @@ class StackWatch:
         self.dump(reason)
 
     def _in_loop(self) -> bool:
-        return self.metrics.state == "running" and self.metrics.phases.phase in LOOP_PHASES
+        return self.metrics.state == "running" and self.metrics.phases.phase in TRAINING_LOOP_PHASES
 
     def _starved(self, late: float) -> bool:
         """Whether this check came so late that the watchdog could not run meanwhile (a hang holding the GIL)."""

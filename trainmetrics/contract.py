@@ -84,6 +84,8 @@ SPAWN_BLOCKED_SIGNALS = (*STOP_SIGNALS.values(), STACKS_SIGNAL)
 # analytics `paused` (between runs) and `lost` (trained, then thrown away by a resume from an older checkpoint).
 ACCOUNTED_PHASES = ("init", "restore", "data_wait", "compute", "optimizer", "collective", "eval", "checkpoint")
 STEP_PHASES = ("compute", "optimizer", "collective")
+# The training loop's: the step's and the data wait for it (the data-wait share's whole, the hang watchdog's watch).
+TRAINING_LOOP_PHASES = ("data_wait", *STEP_PHASES)
 
 
 class ExitCode(IntEnum):
