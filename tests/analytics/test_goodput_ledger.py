@@ -389,6 +389,7 @@ def test_the_ledger_of_a_real_run_resumed_from_an_older_checkpoint(tmp_path, mon
     did after checkpoint 20's write; its steps 21-30 were counted as checkpoint time (the newest write's end
     taken for the end of the write the successor resumed from)."""
     import json
+    import time
 
     from trainmetrics.jobfiles import list_checkpoints
     from trainmetrics.trainer import faults, phases
@@ -402,9 +403,10 @@ def test_the_ledger_of_a_real_run_resumed_from_an_older_checkpoint(tmp_path, mon
     monkeypatch.setattr(trainer_metrics.JobMetrics, "close", lambda self, *a, **k: (seen.append(self), close(self))[1])
     checkpoint, loss = Trainer.checkpoint, Trainer.loss
 
-    def noting(self):       # the job's totals when each checkpoint's write ended
+    def noting(self):       # the job's totals when each checkpoint's write ended, and how long it took at most
+        began = time.perf_counter()
         done = checkpoint(self)
-        written[self.metrics.steps] = self.metrics.phases.checkpointed
+        written[self.metrics.steps] = (self.metrics.phases.checkpointed, time.perf_counter() - began)
         return done
 
     def failing_at_31(self, outputs, targets):
@@ -444,7 +446,11 @@ def test_the_ledger_of_a_real_run_resumed_from_an_older_checkpoint(tmp_path, mon
                    timeline=Timeline.of([(p.start, p.end) for p in processes]), upload_seconds=None,
                    owners=frozenset(), fingerprint=frozenset(), now=b.end_time + 1)
     lost = ledger(job, answers).seconds["lost"]
-    assert lost == pytest.approx(sum(a.phases.totals().values()) - written[20], abs=0.05)
+    # From checkpoint 20's snapshot, taken before its write (what the successor carried in), so over by that write
+    # at most (docs/api.md): a clean run beside the full suite read 0.086 s over, past the fixed 0.05 s it had.
+    after_write, write = written[20]
+    expected = sum(a.phases.totals().values()) - after_write
+    assert expected - 0.05 <= lost <= expected + write + 0.05, (lost, expected, write)
 
 
 def test_the_ledger_of_a_real_run_whose_resume_failed_before_it_read_the_jobs_totals(tmp_path, monkeypatch):
