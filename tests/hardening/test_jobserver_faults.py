@@ -20,6 +20,7 @@ import pytest
 from tests.jobserver.server_process import TOKENS, Server, wait_job, write_tokens
 from trainmetrics.edge import MAX_JSON_BYTES
 from trainmetrics.prometheus_process import free_port
+from trainmetrics.trainer.checkpoint import list_checkpoints
 
 LONG_JOB = {"dataset": "blobs", "epochs": 300, "batch_size": 16, "log_every": 10, "checkpoint_every": 20}
 
@@ -530,7 +531,10 @@ def test_a_stop_accepted_before_a_kill_the_server_did_not_send_stands_and_a_cras
     written ended `failed`, "killed by SIGKILL without a result", though the 202 promised the stop: the same death
     while the server was down ended as the stop asked at the restart. A fault signal of its own (a native crash)
     is the run's failure all the same (taken for a kill from outside, it ended `paused`, the crash unsaid)."""
-    faults = {"slow_checkpoint": {"seconds": 60}}      # the stop's checkpoint is being written when the kill comes
+    # The stop's checkpoint is being written when the kill comes: the fault waits inside the checkpoint's phase,
+    # after the file is in place (the test waited for a temp file there for a few ms, mostly in vain, and killed
+    # at its 60 s deadline).
+    faults = {"slow_checkpoint": {"seconds": 60}}
     server = Server(tmp_path, env={"TRAINMETRICS_FAULTS": json.dumps(faults)}).start()
     try:
         client = server.client()
@@ -543,8 +547,9 @@ def test_a_stop_accepted_before_a_kill_the_server_did_not_send_stands_and_a_cras
             time.sleep(0.1)
         stop = client.post(f"/api/training/jobs/killed-stopping/{verb}").json()["stop_requested"]
         assert stop == ("cancelled" if verb == "cancel" else "paused")
-        while not list((job_dir / "checkpoints").glob(".*.tmp")) and time.monotonic() < deadline:
+        while not list_checkpoints(job_dir / "checkpoints") and time.monotonic() < deadline:
             time.sleep(0.01)
+        assert list_checkpoints(job_dir / "checkpoints"), "the stop's checkpoint was not written within 60 s"
         os.kill(pid_of(tmp_path, "killed-stopping"), signum)
         ended = wait_job(client, "killed-stopping", lambda j: j["state"] != "running")
         assert (ended["state"], ended["error"]) == ends, ended
