@@ -355,8 +355,15 @@ class _Handler(BaseHTTPRequestHandler):
                 log.exception("rendering /metrics failed")
                 self._send("500 Internal Server Error", b"internal error\n", "text/plain; charset=utf-8", send_body)
                 return
+            # A scraper that hung up before its answer was written gave the scrape up, however soon by our clock:
+            # that starts when this thread reads the request, which sat unread in the kernel past the scraper's
+            # timeout while the process was frozen or starved. (Asked before the write: after it, a scraper
+            # without keep-alive may have read its answer and closed.)
+            gave_up = scrape.counting and not self._kept_open(time.monotonic())
             self._send("200 OK", body, CONTENT_TYPE, send_body)
-            if send_body and self._reached_its_scraper(scrape):
+            if gave_up:
+                self.close_connection = True
+            elif send_body and self._reached_its_scraper(scrape):
                 server.delivered(scrape)
         elif path == "/":
             self._send("200 OK", server.index_page, "text/html; charset=utf-8", send_body)

@@ -199,6 +199,40 @@ def test_an_answer_written_late_in_its_timeout_counts_only_when_its_scraper_stay
     assert sum(scrape.counting for scrape in delivered) == (1 if counted else 0)
 
 
+@pytest.mark.parametrize("scraper, counted", [("gave up", 0), ("waited for it", 1)])
+def test_an_answer_whose_scraper_hung_up_before_it_was_written_counts_none_however_soon_it_was_read(
+        monkeypatch, scraper, counted):
+    """A scrape's time runs from when its thread reads the request: on a busy host (a lazy import holding the GIL,
+    a starved process) a request sat unread past its scraper's timeout, the scraper hung up, and the answer, written
+    at once by our clock, counted as read. Right after a job's end, both Prometheus servers of the diagnosis e2e
+    test were so answered, and the final linger ended on it: neither had the job's end (its loss-spike count read
+    0). Here the connection's thread is held back, as a busy host's scheduler holds it, until the scraper gave up."""
+    release = threading.Event()
+    setup = metrics_http._Handler.setup
+
+    def held_back(handler) -> None:
+        release.wait(5)
+        setup(handler)
+
+    monkeypatch.setattr(metrics_http._Handler, "setup", held_back)
+    delivered, closed = [], threading.Event()
+    server = MetricsHTTPServer(("127.0.0.1", 0), lambda scrape: b"up 1\n", delivered=delivered.append,
+                               closed=lambda scraper: closed.set()).serve_in_background()
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as connection:
+            connection.sendall(OK + f"{SCRAPE_TIMEOUT_HEADER}: 0.2\r\n\r\n".encode())
+            if scraper == "gave up":
+                connection.close()
+            release.set()
+            if scraper == "waited for it":
+                assert connection.recv(4096).startswith(b"HTTP/1.1 200")
+        assert closed.wait(5)       # (the connection's thread is over: it counted the scrape or not)
+    finally:
+        release.set()
+        server.close()
+    assert sum(scrape.counting for scrape in delivered) == counted
+
+
 def test_a_pipelined_scrapes_time_runs_from_before_its_password_check(monkeypatch):
     """A request read ahead with the one before it (pipelined) has no first bytes of its own: its time was taken
     as "now" after its password check, so a 0.3 s first check of its header counted its answer, written past its

@@ -355,6 +355,52 @@ def test_over_tls_an_answer_written_late_in_its_timeout_counts_only_when_its_scr
     assert sum(scrape.counting for scrape in delivered) == (1 if counted else 0)
 
 
+@pytest.mark.parametrize("scraper, counted", [("gave up", 1), ("waited for it", 2)])
+def test_over_tls_an_answer_whose_scraper_hung_up_before_it_was_written_counts_none(
+        pki, tmp_path, monkeypatch, scraper, counted):
+    """As over plain HTTP (test_metrics_http): the connection's thread held back before its second request (the
+    first made the handshake) until the scraper gave that one up as Go's does, its close_notify and its FIN."""
+    import socket
+    import threading
+
+    from tests.trainmetrics.test_metrics_http import OK
+    from trainmetrics import metrics_http
+    from trainmetrics.metrics_http import SCRAPE_TIMEOUT_HEADER, MetricsHTTPServer
+
+    release, requests = threading.Event(), []
+    handle_one_request = metrics_http._Handler.handle_one_request
+
+    def second_held_back(handler) -> None:
+        requests.append(handler)
+        if len(requests) == 2:
+            release.wait(5)
+        handle_one_request(handler)
+
+    monkeypatch.setattr(metrics_http._Handler, "handle_one_request", second_held_back)
+    config = tmp_path / "web.yml"
+    config.write_text(f"tls_server_config:\n  cert_file: {pki / 'server.crt'}\n  key_file: {pki / 'server.key'}\n")
+    delivered, closed = [], threading.Event()
+    server = MetricsHTTPServer(("127.0.0.1", 0), lambda scrape: b"up 1\n", web_config=load_web_config(config),
+                               delivered=delivered.append, closed=lambda name: closed.set()).serve_in_background()
+    scrape = OK + f"{SCRAPE_TIMEOUT_HEADER}: 0.2\r\n\r\n".encode()
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw, \
+                context(pki).wrap_socket(raw, server_hostname="127.0.0.1") as connection:
+            connection.sendall(scrape)
+            assert connection.recv(4096).startswith(b"HTTP/1.1 200")
+            connection.sendall(scrape)
+            if scraper == "gave up":
+                says_close_notify_and_closes(connection)
+            release.set()
+            if scraper == "waited for it":
+                assert connection.recv(4096).startswith(b"HTTP/1.1 200")
+        assert closed.wait(5)       # (the connection's thread is over: it counted the scrape or not)
+    finally:
+        release.set()
+        server.close()
+    assert sum(scrape.counting for scrape in delivered) == counted
+
+
 def test_over_tls_a_scrapers_next_request_is_answered_while_its_last_answer_is_still_in_doubt(pki, tmp_path):
     """An answer written past half its scraper's timeout is in doubt until the scraper keeps its connection open
     past the timeout or asks again. Over TLS the wait read the kernel's TCP state only, so a next request that came
