@@ -5,6 +5,7 @@ Exit codes (trainmetrics.contract.ExitCode): 0 completed, 1 failed, 2 bad input 
 the next step boundary. With --result-file the outcome is also written there, atomically, as JSON.
 """
 
+import inspect
 import logging
 import math
 import os
@@ -15,6 +16,9 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+# The optimizer's and DDP's constructors import torch._dynamo lazily (1-1.5 s holding the GIL: sympy, onnx, ...):
+# imported here, before the job's endpoint serves, or every job's scrapes timed out through that second.
+import torch._dynamo  # noqa: F401
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -79,6 +83,13 @@ def physical_gpus(device: torch.device) -> list[int | str]:
 RESTORED_KEYS = ("step", "samples", "epoch", "batch_in_epoch", "model", "optimizer")
 
 
+# DDP's "no buffer sync at each forward": torch 2.13 deprecates broadcast_buffers=False for this (a FutureWarning in
+# every multi-rank job's log); older torch, within [train]'s range, has no forward_sync_buffers.
+NO_BUFFER_SYNC = ({"forward_sync_buffers": False}
+                  if "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel).parameters
+                  else {"broadcast_buffers": False})
+
+
 class Trainer:
     """One job: data, model, optimizer, checkpoints and the loop."""
 
@@ -89,11 +100,12 @@ class Trainer:
         self.net = model.to(device)          # the bare module: checkpoints, evaluation
         self.model = self.net                # what the loop calls: DDP-wrapped in a multi-process job
         if self.dist.enabled:
-            # No buffer broadcast: the models' buffers (the MLP's input and target scales) are fit on the whole
-            # training split, the same on every rank, and never change; broadcast at every forward, they put a
-            # collective inside it, where a rank waiting for a slow peer read as `compute`, not `collective`.
+            # No buffer broadcast at each forward (one at the start, as DDP syncs its parameters, is harmless): the
+            # models' buffers (the MLP's input and target scales) are fit on the whole training split, the same on
+            # every rank, and never change; broadcast at every forward, they put a collective inside it, where a
+            # rank waiting for a slow peer read as `compute`, not `collective`.
             self.model = nn.parallel.DistributedDataParallel(
-                self.net, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+                self.net, device_ids=[device.index] if device.type == "cuda" else None, **NO_BUFFER_SYNC)
             distributed.mark_collectives(self.model, metrics.phases)
         self.faults = faults.from_environment(self.dist.rank, config.job_id)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr)

@@ -43,6 +43,7 @@ def finished_ddp_job(tmp_path_factory):
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         # The ranks share one log (the job server's train.log): each line says whose it is.
         assert all(f"trainmetrics.trainer rank {rank}: job {JOB_ID}: step=" in result.stderr for rank in (0, 1))
+        (work / "ranks.log").write_text(result.stderr)
         yield prometheus, summaries, work
     finally:
         prometheus.stop()
@@ -72,6 +73,14 @@ def test_both_ranks_publish_and_the_job_completes_once(finished_ddp_job):
     assert summaries[0]["checkpoints"] == 3 and summaries[1]["checkpoints"] == 0
     assert summaries[0]["eval_accuracy"] > 0.8 and summaries[1]["eval_accuracy"] is None
     assert (work / "ckpt" / "model.pt").exists()
+
+
+def test_the_ranks_log_no_warning_of_torchs(finished_ddp_job):
+    """torch 2.13 deprecates DDP's broadcast_buffers=False: every multi-rank job's log began with a FutureWarning of
+    five lines telling the user to change our code."""
+    _, _, work = finished_ddp_job
+    log = (work / "ranks.log").read_text()
+    assert "Warning" not in log, log[log.index("Warning") - 200:][:1000]
 
 
 def test_a_rank_waits_for_a_late_one_before_training_and_that_wait_is_init(finished_ddp_job):

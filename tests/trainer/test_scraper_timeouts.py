@@ -1,6 +1,8 @@
 """What a scraper slower than MIN_ACTIVE_SECONDS, or one that timed a scrape out, is shown of a job: the final
 state and every evaluation (docs/metrics.md: "held until every scraper has read it", "every one")."""
 
+import subprocess
+import sys
 import threading
 import time
 
@@ -127,3 +129,37 @@ def test_an_answer_its_scraper_timed_out_on_is_not_the_final_state_read(tmp_path
         closer.join(timeout=20)
         second.close()
     assert [s.labels["state"] for s in found["trainer_job_state"] if s.value == 1] == ["completed"]
+
+
+# Runs `trainmetrics train`, noting every module imported once the job's endpoint serves (the "import" audit event
+# comes for a module not yet imported).
+IMPORTS_WHILE_SERVING = """
+import runpy, sys
+from trainmetrics import metrics_http
+serving, late = [], []
+serve = metrics_http.MetricsHTTPServer.serve_in_background
+def noted(server, *args, **kwargs):
+    serving.append(True)
+    return serve(server, *args, **kwargs)
+metrics_http.MetricsHTTPServer.serve_in_background = noted
+sys.addaudithook(lambda event, args: late.append(args[0]) if event == "import" and serving else None)
+sys.argv = ["trainmetrics", *sys.argv[1:]]
+try:
+    runpy.run_module("trainmetrics", run_name="__main__")
+finally:
+    print("imported while serving:", *sorted(set(late)))
+"""
+
+
+def test_a_job_imports_nothing_heavy_once_its_endpoint_serves(tmp_path):
+    """The optimizer's constructor imported torch._dynamo (sympy, onnx and all: 1-1.5 s holding the GIL) after the
+    job's endpoint served: every job's scrapes of its start timed out through it, Prometheus's series of it went
+    stale, and on a busy host the answers to those abandoned scrapes came late enough to look read."""
+    result = subprocess.run([sys.executable, "-c", IMPORTS_WHILE_SERVING, "train", "--dataset", "blobs",
+                             "--epochs", "1", "--metrics-listen", "127.0.0.1:0", "--linger-timeout", "0",
+                             "--job-dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    late = result.stdout.split("imported while serving:")[1].split()
+    assert "trainmetrics.trainer.runner" not in late        # (the probe saw the endpoint start before the loop)
+    heavy = [name for name in late if name.split(".")[0] == "sympy" or name.startswith(("torch._dynamo", "torch.onnx"))]
+    assert heavy == [], heavy
