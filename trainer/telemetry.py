@@ -214,7 +214,7 @@ class _Scraper:
     last_began: float
     last_delivered_began: float = float("-inf")
     interval: float | None = None
-    closed: bool = False            # its connection closed: it scrapes no more under this name
+    closed_at: float | None = None  # when its connection was seen closed: it scrapes no more under this name
     # Its scrape timeout, which its interval is at least (Prometheus refuses a timeout longer than the interval):
     # the interval's stand-in until a second scrape measures it. Without it a scraper slower than
     # MIN_ACTIVE_SECONDS (a second Prometheus at 15 s) counted as gone between its first two scrapes: the linger
@@ -223,11 +223,14 @@ class _Scraper:
 
     def idle_past(self, now: float, at_least: float) -> bool:
         """True when its last scrape began longer ago than `at_least` and ACTIVE_INTERVALS of its own intervals
-        (its scrape timeout before one is measured; a closed one: `at_least` alone, its last interval may be a
-        freeze's)."""
+        (its scrape timeout before one is measured). A closed one: `at_least` alone (its last interval may be a
+        freeze's), from its close if that was seen later: a process frozen past `at_least` sees its scrapers'
+        closes only when it wakes, and took them for gone at once, before they could come back on new
+        connections (the final linger then ended on whichever came back first)."""
+        if self.closed_at is not None:
+            return now - max(self.last_began, self.closed_at) > at_least
         interval = self.interval if self.interval is not None else self.timeout
-        window = at_least if self.closed else max(at_least, ACTIVE_INTERVALS * (interval or 0))
-        return now - self.last_began > window
+        return now - self.last_began > max(at_least, ACTIVE_INTERVALS * (interval or 0))
 
 
 class ScraperLog:
@@ -259,14 +262,14 @@ class ScraperLog:
 
     def closed(self, scraper: str) -> None:
         """`scraper`'s connection closed: it scrapes no more under this name. It stays active for
-        MIN_ACTIVE_SECONDS after its last scrape, so the final linger waits that long for it to come back on a
+        MIN_ACTIVE_SECONDS after its last scrape or this close, whichever came later, so the final linger waits that long for it to come back on a
         new connection (one Prometheus of an HA pair whose connection closed near the end), but no longer: its
         last interval may be stale (a request queued while this process was frozen, its scraper gone to a new
         connection meanwhile, is answered after the freeze, which makes the freeze its interval)."""
         with self._changed:
             known = self._scrapers.get(scraper)
             if known is not None:
-                known.closed = True
+                known.closed_at = self._clock()
                 self._changed.notify_all()
 
     def _forget_gone(self) -> None:

@@ -573,6 +573,24 @@ def test_scrapers_without_keep_alive_are_forgotten_once_gone():
     assert log.any_since(now[0] - 1)
 
 
+def test_a_scraper_whose_close_a_frozen_job_saw_late_is_still_owed_a_read_on_a_new_connection():
+    """A job frozen (a lazy import holding the GIL, a starved process) past MIN_ACTIVE_SECONDS sees its scrapers'
+    closes only when it wakes: timed from their last scrapes, both counted as gone at once, and the final linger
+    ended on whichever Prometheus came back first; the other never read the end."""
+    from trainmetrics.metrics_http import Scrape
+    from trainmetrics.trainer.telemetry import MIN_ACTIVE_SECONDS, ScraperLog
+
+    now = [0.0]
+    log = ScraperLog(clock=lambda: now[0])
+    log.delivered(Scrape("127.0.0.1:1", 0.0))
+    now[0] = MIN_ACTIVE_SECONDS + 0.5         # the freeze: the scraper timed its scrape out and hung up meanwhile
+    log.closed("127.0.0.1:1")
+    now[0] += 0.25
+    assert log.active() == {"127.0.0.1:1"}     # owed a read until it can have come back on a new connection
+    now[0] += MIN_ACTIVE_SECONDS
+    assert log.active() == set()
+
+
 def test_the_metrics_server_sleeps_until_a_connection_or_close(monkeypatch):
     # No poll: socketserver's serve_forever woke 10 times a second (~1.6 ms of CPU a second on an idle job).
     import selectors
