@@ -206,10 +206,10 @@ COMPARE_EXPECTED = {"samples": {"m2": 4000}, "best_loss": {"m2": 0.7, "r1": 0.45
                     "accuracy": {"r1": 0.6}, "duration_seconds": {"r1": 1200, "d1": 1200}}
 
 
-def promtool_passes(path: Path, series: str, tests: list[str]) -> None:
-    """promtool's unit test of the expressions (`promql_expr_test` entries) over the input series, at 1-minute
+def promtool_passes(path: Path, series: str, tests: list[str], interval: str = "1m") -> None:
+    """promtool's unit test of the expressions (`promql_expr_test` entries) over the input series, at `interval`
     steps, passes."""
-    path.write_text("evaluation_interval: 1m\ntests:\n  - interval: 1m\n    input_series:" + series
+    path.write_text(f"evaluation_interval: {interval}\ntests:\n  - interval: {interval}\n    input_series:" + series
                     + "    promql_expr_test:\n" + "\n".join(test.rstrip("\n") for test in tests) + "\n")
     result = subprocess.run(["promtool", "test", "rules", str(path)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -721,3 +721,28 @@ def test_the_loss_counts_are_the_jobs_not_every_ranks(tmp_path):
              for target in panel["targets"]]
     assert len(tests) == 3
     promtool_passes(tmp_path / "loss_counts_test.yml", series + "\n", tests)
+
+
+# The recorded 10 s throughput (job_id:trainer_samples:rate10s; a value a minute here, the rule records one a second)
+# of a job that trains a minute at 100 samples a second, then evaluates for a minute, and again: 50 a second over a
+# point of a minute and a half (a range of a few hours), as over any longer stretch.
+BURSTS_SERIES = """
+      - series: 'job_id:trainer_samples:rate10s{job_id="j1"}'
+        values: '100 0 100 0 100 0'
+      - series: 'job_id:trainer_job_running:max{job_id="j1"}'
+        values: '1x5'
+"""
+
+
+@pytest.mark.parametrize("dashboard,title", [("training-job.json", "Samples per second"),
+                                             ("compare.json", "Samples per second"),
+                                             ("fleet.json", "Throughput of running jobs")])
+def test_the_throughput_lines_are_the_mean_over_each_point(dashboard, title, tmp_path):
+    """The throughput lines read the recorded 10 s rate at each point's instant: over a range of hours, a point
+    every half minute or more, most of each point's samples were not read, and a job that evaluates every other
+    minute read 100 or 0 samples a second by chance (here 100 at 4 m, 0 at 3 m), never the 50 it averaged."""
+    (panel,) = [panel for panel in all_dashboards()[dashboard]["panels"] if panel["title"] == title]
+    expr = panel["targets"][0]["expr"].replace("$job_id", "j1").replace("$__rate_interval", "90s")
+    tests = [f"      - expr: '{expr}'\n        eval_time: {at}\n        exp_samples:\n"
+             f"          - labels: '{{job_id=\"j1\"}}'\n            value: 50" for at in ("4m", "3m")]
+    promtool_passes(tmp_path / "throughput_test.yml", BURSTS_SERIES, tests)

@@ -1,7 +1,7 @@
 """Compare: several jobs side by side: learning curves and throughput overlaid, and a summary table."""
 
-from panels import (RANK0, duration, finite_loss, label_variable, new_dashboard, newest_counts, newest_run, query,
-                    row, table_panel, timeseries_panel)
+from panels import (RANK0, duration, finite_loss, label_variable, mean, new_dashboard, newest_counts, newest_run,
+                    query, row, table_panel, timeseries_panel)
 
 JOBS = 'job_id=~"$job_id"'
 
@@ -28,8 +28,9 @@ def build():
                                      query(f"max by (job_id) (last_over_time(trainer_eval_accuracy_ratio{{{JOBS}}}"
                                            "[$__rate_interval]))", "{{job_id}}"),
                                      min_value=0, max_value=1))
-        .with_panel(timeseries_panel("Samples per second", "Throughput of each job.", "short",
-                                     query(f"job_id:trainer_samples:rate10s{{{JOBS}}}", "{{job_id}}")))
+        .with_panel(timeseries_panel("Samples per second", "Throughput of each job: the mean over each point of "
+                                     "its 10-second rates.", "short",
+                                     query(mean(f"job_id:trainer_samples:rate10s{{{JOBS}}}"), "{{job_id}}")))
         .with_panel(timeseries_panel("Median step time", "p50 step time of each job.", "s",
                                      query(f'job_id:trainer_step_duration_seconds:histogram_quantile{{{JOBS},quantile="0.5"}}',
                                            "{{job_id}}")))

@@ -1,6 +1,7 @@
 """Fleet: every job at once: how many in each state, who is running how fast, what failed."""
 
-from panels import new_dashboard, peak, query, rate_within_process, row, stat_panel, table_panel, timeseries_panel
+from panels import (mean, new_dashboard, peak, query, rate_within_process, row, stat_panel, table_panel,
+                    timeseries_panel)
 
 
 def build():
@@ -23,9 +24,10 @@ def build():
         .with_panel(timeseries_panel("Jobs by state", "Live jobs in each state.", "short",
                                      query("count by (state) (max by (job_id, state) (trainer_job_state) == 1)",
                                            "{{state}}")))
-        .with_panel(timeseries_panel("Throughput of running jobs", "Samples per second per job.", "short",
-                                     query("job_id:trainer_samples:rate10s and on (job_id) job_id:trainer_job_running:max",
-                                           "{{job_id}}")))
+        .with_panel(timeseries_panel("Throughput of running jobs", "Samples per second per job: the mean over "
+                                     "each point of its 10-second rates.", "short",
+                                     query(f"{mean('job_id:trainer_samples:rate10s')} and on (job_id) "
+                                           "job_id:trainer_job_running:max", "{{job_id}}")))
         .with_panel(table_panel("Top jobs by throughput", "The ten fastest jobs in the time range (peak of the "
                                 "10-second samples/s: a 1-minute rate divided a job shorter than a minute's "
                                 "samples by the whole minute).",

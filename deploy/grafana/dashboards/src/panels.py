@@ -48,10 +48,11 @@ def peak(selector: str) -> str:
 
 
 def mean(selector: str) -> str:
-    """The mean of a mean-utilisation series (the exporter's 1 s window's mean) over each point's interval, beside
-    peak()'s max: read at the point's instant alone, the mean line was one 1 s window's mean a point, a minute apart
-    over a day, so a GPU busy 2 s of every 4 read anywhere from 0 to 1 by chance, not its 0.5 (and sat on or under
-    the peak line at random)."""
+    """The mean of a series that is a mean over a short window (the exporter's 1 s mean utilisation, a recorded
+    10 s rate) over each point's interval, beside peak()'s max: read at the point's instant alone, the mean line
+    was one 1 s window's mean a point, a minute apart over a day, so a GPU busy 2 s of every 4 read anywhere from 0
+    to 1 by chance, not its 0.5 (and sat on or under the peak line at random); a job's throughput likewise read
+    its 10 s before each point, full speed or none by chance for a job that evaluates every other minute."""
     return f"avg_over_time({selector}[$__rate_interval])"
 
 

@@ -81,8 +81,9 @@ def build():
                                            "accuracy"),
                                      min_value=0, max_value=1))
         .with_row(row("Speed"))
-        .with_panel(timeseries_panel("Samples per second", "Throughput, all ranks summed.", "short",
-                                     query(f"job_id:trainer_samples:rate10s{{{JOB}}}", "samples/s")))
+        .with_panel(timeseries_panel("Samples per second", "Throughput, all ranks summed: the mean over each point "
+                                     "of the 10-second rates.", "short",
+                                     query(mean(f"job_id:trainer_samples:rate10s{{{JOB}}}"), "samples/s")))
         .with_panel(timeseries_panel("Step time", "Step-time quantiles over 30 s (all ranks pooled).", "s",
                                      *(query(f'job_id:trainer_step_duration_seconds:histogram_quantile{{{JOB},'
                                              f'quantile="{quantile}"}}', f"p{percent}", ref_id)
