@@ -746,3 +746,19 @@ def test_the_throughput_lines_are_the_mean_over_each_point(dashboard, title, tmp
     tests = [f"      - expr: '{expr}'\n        eval_time: {at}\n        exp_samples:\n"
              f"          - labels: '{{job_id=\"j1\"}}'\n            value: 50" for at in ("4m", "3m")]
     promtool_passes(tmp_path / "throughput_test.yml", BURSTS_SERIES, tests)
+
+
+def test_the_seconds_without_progress_show_a_stall_between_two_points(tmp_path):
+    """The line read each rank's seconds without progress at each point's instant: a rank stalled 50 s inside its
+    loop (its hang bound 60 s) between two points 90 s apart, and stepping again at both, read 0.2 s at each: the
+    stall that came within 10 s of TrainerHang was not drawn."""
+    (panel,) = [panel for panel in all_dashboards()["training-job.json"]["panels"]
+                if panel["title"] == "Seconds without progress"]
+    expr = panel["targets"][0]["expr"].replace("$job_id", "j1").replace("$__rate_interval", "90s")
+    series = """
+      - series: 'job_id_rank:trainer_no_progress_seconds{job_id="j1",rank="0"}'
+        values: '0.2x99 1+1x49 0.2x59'
+"""
+    tests = [f"      - expr: '{expr}'\n        eval_time: 170s\n        exp_samples:\n"
+             f"          - labels: '{{job_id=\"j1\",rank=\"0\"}}'\n            value: 50"]
+    promtool_passes(tmp_path / "no_progress_test.yml", series, tests, interval="1s")

@@ -125,9 +125,9 @@ def build():
                                      query(f"max by (rank, phase) (trainer_phase{{{JOB}}}) == 1",
                                            "rank {{rank}} {{phase}}"), min_value=0, max_value=1))
         .with_panel(timeseries_panel("Seconds without progress", "Per rank, since its last step (or the end of "
-                                     "an evaluation or checkpoint), inside the loop; TrainerHang past the "
-                                     "job's bound.", "s",
-                                     query(f"job_id_rank:trainer_no_progress_seconds{{{JOB}}}", "rank {{rank}}"),
+                                     "an evaluation or checkpoint), inside the loop: the most over each point; "
+                                     "TrainerHang past the job's bound.", "s",
+                                     query(peak(f"job_id_rank:trainer_no_progress_seconds{{{JOB}}}"), "rank {{rank}}"),
                                      query(f"job_id:trainer_hang_bound_seconds{{{JOB}}}", "hang bound", "B"),
                                      min_value=0))
         .with_panel(timeseries_panel("Straggler score", "Each rank's own work per step (all but the "
