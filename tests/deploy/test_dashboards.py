@@ -762,3 +762,23 @@ def test_the_seconds_without_progress_show_a_stall_between_two_points(tmp_path):
     tests = [f"      - expr: '{expr}'\n        eval_time: 170s\n        exp_samples:\n"
              f"          - labels: '{{job_id=\"j1\",rank=\"0\"}}'\n            value: 50"]
     promtool_passes(tmp_path / "no_progress_test.yml", series, tests, interval="1s")
+
+
+# The exporter's count of a job's CPU time, one core's worth a minute, falls by 10 s at 4 m: the exporter restarted
+# after one of the job's ranks ended (the ended rank's time lived in the exporter), its count now the live rank's.
+JOB_CPU_SERIES = """
+      - series: 'process_cpu_time_seconds_total{job_id="j1",instance="n1"}'
+        values: '36000+60x3 35990+60x3'
+"""
+
+
+def test_the_job_cpu_has_no_point_across_a_fall_of_the_exporters_count(tmp_path):
+    """rate() took the fall for a reset to 0 and the job's whole CPU time, 10 hours, for the window's increase: the
+    panel drew 300 cores for a job of one, flattening every other point (a real exporter restarted so drew 6 cores
+    for a busy loop 13 s old)."""
+    (panel,) = [panel for panel in all_dashboards()["training-job.json"]["panels"] if panel["title"] == "Job CPU"]
+    expr = panel["targets"][0]["expr"].replace("$job_id", "j1").replace("$__rate_interval", "2m")
+    tests = [f"      - expr: '{expr}'\n        eval_time: 4m\n        exp_samples: []",
+             f"      - expr: '{expr}'\n        eval_time: 7m\n        exp_samples:\n"
+             f"          - labels: '{{}}'\n            value: 1"]
+    promtool_passes(tmp_path / "job_cpu_test.yml", JOB_CPU_SERIES, tests)

@@ -1,6 +1,6 @@
 """Fleet: every job at once: how many in each state, who is running how fast, what failed."""
 
-from panels import (mean, new_dashboard, peak, query, rate_within_process, row, stat_panel, table_panel,
+from panels import (mean, new_dashboard, peak, query, rate_without_falls, row, stat_panel, table_panel,
                     timeseries_panel)
 
 
@@ -40,7 +40,7 @@ def build():
                                      "phase (rank 0): step is goodput (the summary's goodput adds queued and "
                                      "paused).", "short",
                                      query("sum by (phase) "
-                                           + rate_within_process('trainer_phase_seconds_total{rank=~"0|"}'),
+                                           + rate_without_falls('trainer_phase_seconds_total{rank=~"0|"}'),
                                            "{{phase}}"), stacked=True, min_value=0))
         .with_panel(timeseries_panel("Goodput per job over 15 minutes", "Each running job's share of time in "
                                      "steps (TrainerGoodputLow below 50 %).", "percentunit",

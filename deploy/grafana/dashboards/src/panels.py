@@ -56,10 +56,12 @@ def mean(selector: str) -> str:
     return f"avg_over_time({selector}[$__rate_interval])"
 
 
-def rate_within_process(selector: str) -> str:
-    """rate() of a trainer counter carried across resumes, none over a window in which it fell (as the recording
-    rules): a process restarted at the same address resumes from its checkpoint's count, below the killed one's,
-    which rate() takes for a reset and the whole carried count for the window's increase."""
+def rate_without_falls(selector: str) -> str:
+    """rate() of a counter whose fall is no restart from 0, none over a window in which it fell (as the recording
+    rules): rate() takes a fall for a reset and the whole count for the window's increase. A trainer's counts
+    carried across resumes (a process restarted at the same address resumes from its checkpoint's, below the killed
+    one's), and the exporter's count of a job's CPU time (restarted, it counts the live ranks' trees alone: an ended
+    rank's time, or a departed process's, is no longer in it)."""
     return f"(rate({selector}[$__rate_interval]) unless resets({selector}[$__rate_interval]) > 0)"
 
 

@@ -3,7 +3,7 @@
 from grafana_foundation_sdk.models.common import BigValueTextMode
 
 from panels import (alert_annotation, duration, finite_loss, label_variable, mean, new_dashboard, newest_counts,
-                    newest_run, peak, query, rate_within_process, row, stat_panel, timeseries_panel)
+                    newest_run, peak, query, rate_without_falls, row, stat_panel, timeseries_panel)
 
 JOB = 'job_id="$job_id"'
 
@@ -112,7 +112,7 @@ def build():
                                      "(compute, optimizer, collective) is goodput; the job's analytics add "
                                      "queued, paused and lost (docs/api.md, Goodput); no point across a process "
                                      "restarted at the same address, whose counts fell.", "percentunit",
-                                     query("sum by (phase) " + rate_within_process(
+                                     query("sum by (phase) " + rate_without_falls(
                                          f'trainer_phase_seconds_total{{{JOB},rank=~"0|"}}'), "{{phase}}"),
                                      stacked=True, min_value=0))
         .with_panel(timeseries_panel("Goodput over 15 minutes", "Share of the job's time spent in steps over the "
@@ -169,8 +169,9 @@ def build():
                                      query(f"trainer_gpu_memory_peak_bytes{{{JOB}}}", "allocator peak {{rank}}",
                                            "B")))
         .with_panel(timeseries_panel("Job CPU", "CPU cores used by the job's process tree (DataLoader workers "
-                                     "included).", "short",
-                                     query(f"sum(rate(process_cpu_time_seconds_total{{{JOB}}}[$__rate_interval]))",
+                                     "included); none from a node across a fall of its count (its exporter "
+                                     "restarted after a rank of the job ended).", "short",
+                                     query("sum" + rate_without_falls(f"process_cpu_time_seconds_total{{{JOB}}}"),
                                            "cores")))
         .with_panel(timeseries_panel("Job memory", "Resident memory of the job's process trees (every rank's).",
                                      "bytes", query(f"sum(process_memory_rss_bytes{{{JOB}}})", "rss"), width=6))
