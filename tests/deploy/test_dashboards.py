@@ -17,6 +17,8 @@ ROOT = Path(__file__).resolve().parents[2]
 DASHBOARDS = ROOT / "deploy" / "grafana" / "dashboards"
 GENERATOR = DASHBOARDS / "src" / "generate.py"
 JOB_ID = "dash-job-1"
+# The recording rules the analytics and the dashboards read a job's past runs from.
+ANALYTICS_RULES = ROOT / "deploy" / "prometheus" / "rules" / "analytics.rules.yml"
 # No GPU on the test machines: these series exist only where NVML finds a GPU or CUDA trains.
 GPU_ONLY = re.compile(r"hw_gpu_|trainer_gpu_memory_peak")
 
@@ -206,11 +208,13 @@ COMPARE_EXPECTED = {"samples": {"m2": 4000}, "best_loss": {"m2": 0.7, "r1": 0.45
                     "accuracy": {"r1": 0.6}, "duration_seconds": {"r1": 1200, "d1": 1200}}
 
 
-def promtool_passes(path: Path, series: str, tests: list[str], interval: str = "1m") -> None:
+def promtool_passes(path: Path, series: str, tests: list[str], interval: str = "1m", rules: Path | None = None) -> None:
     """promtool's unit test of the expressions (`promql_expr_test` entries) over the input series, at `interval`
-    steps, passes."""
-    path.write_text(f"evaluation_interval: {interval}\ntests:\n  - interval: {interval}\n    input_series:" + series
-                    + "    promql_expr_test:\n" + "\n".join(test.rstrip("\n") for test in tests) + "\n")
+    steps (the rules of the file `rules` recorded at that interval too), passes."""
+    rule_files = f"rule_files: ['{rules}']\n" if rules else ""
+    path.write_text(f"{rule_files}evaluation_interval: {interval}\ntests:\n  - interval: {interval}\n"
+                    "    input_series:" + series + "    promql_expr_test:\n"
+                    + "\n".join(test.rstrip("\n") for test in tests) + "\n")
     result = subprocess.run(["promtool", "test", "rules", str(path)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -316,6 +320,22 @@ def test_the_job_stats_show_a_finished_resumed_jobs_final_figures(tmp_path):
         tests.append(f"      - expr: '{expr}'\n        eval_time: 20m\n        exp_samples:\n"
                      f"          - labels: '{labels}'\n            value: {value}")
     promtool_passes(tmp_path / "job_test.yml", JOB_SERIES, tests)
+
+
+@pytest.mark.parametrize("dashboard,title,ref_id,labels", [("training-job.json", "Duration", "A", "{}"),
+                                                          ("compare.json", "Summary", "duration_seconds",
+                                                           '{job_id="t1"}')])
+def test_the_duration_of_a_resumed_job_counts_from_a_first_run_older_than_the_range(dashboard, title, ref_id, labels,
+                                                                                      tmp_path):
+    """The duration read the job's first start in the time range: over the default 15 minutes, a job whose first run
+    ended before them (here paused at 5 m, resumed at 10 m, ended at 15 m, read at 21 m) was as old as its newest
+    run, 300 s of its 900 (the analytics, which look 30 days back, said 900)."""
+    (target,) = [target for panel in all_dashboards()[dashboard]["panels"] if panel["title"] == title
+                 for target in panel.get("targets", []) if target["refId"] == ref_id]
+    expr = target["expr"].replace("$job_id", "t1").replace("$__range", "15m")
+    tests = [f"      - expr: '{expr}'\n        eval_time: 21m\n        exp_samples:\n"
+             f"          - labels: '{labels}'\n            value: 900"]
+    promtool_passes(tmp_path / "duration_test.yml", JOB_SERIES, tests, rules=ANALYTICS_RULES)
 
 
 # A job killed at 4 m, 10 steps past its checkpoint at 30 (its counts 40 steps, 400 samples), and resumed at its

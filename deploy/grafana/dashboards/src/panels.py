@@ -72,13 +72,22 @@ def finite_loss(selector: str, window: str) -> str:
             f"(last_over_time(trainer_loss_finite{{{selector}}}[{window}]) == 0)")
 
 
+def first_start(jobs: str) -> str:
+    """Each job's first start of training, looked for as far back as the analytics look for a job (their --lookback,
+    30 days: the deployed Prometheus' retention), in the start each run's process had when the analytics rules
+    recorded it (a minute apart: cheap over days), and in the time range (a run too new to be recorded). In the
+    time range alone, a job resumed after its first run had left the range (a pause longer than the range: the
+    default 15 minutes) was as old as its newest run."""
+    return (f"min by (job_id) (min_over_time(job_process:trainer_job_start_timestamp_seconds:last5m{{{jobs}}}[30d]) "
+            f"or last_over_time(trainer_job_start_timestamp_seconds{{{jobs}}}[$__range]))")
+
+
 def duration(jobs: str) -> str:
     """Each job's first start to its last end, or to rank 0's last heartbeat while its newest run has not ended
     (a resumed job's pauses included)."""
     last_end = f"max by (job_id) (last_over_time(trainer_job_end_timestamp_seconds{{{jobs}}}[$__range]))"
     return (f"({last_end} >= on (job_id) {last_start(jobs)} or on (job_id) max by (job_id) (last_over_time("
-            f"trainer_heartbeat_timestamp_seconds{{{jobs},{RANK0}}}[$__range]))) - on (job_id) min by (job_id) "
-            f"(last_over_time(trainer_job_start_timestamp_seconds{{{jobs}}}[$__range]))")
+            f"trainer_heartbeat_timestamp_seconds{{{jobs},{RANK0}}}[$__range]))) - on (job_id) {first_start(jobs)}")
 
 
 def new_dashboard(title: str, uid: str, description: str, tags: list[str]) -> dashboard.Dashboard:

@@ -63,7 +63,8 @@ def build():
                                      f"{newest_run(JOB)}) or max(last_over_time(trainer_eval_accuracy_ratio{{{JOB}}}"
                                      "[$__range]))", instant=True)))
         .with_panel(stat_panel("Duration", "Running time so far, or first start to last end for a finished job "
-                                           "(a paused and resumed job's pauses included).", "s",
+                                           "(a paused and resumed job's pauses included, its first run found up to "
+                                           "30 days back, as the analytics find it).", "s",
                                query(f"max({duration(JOB)})", instant=True)))
         .with_panel(stat_panel("Checkpoints", "Checkpoints written, as the job's newest run counts them.", "short",
                                query(newest_counts("trainer_checkpoints_total", JOB), instant=True)))
