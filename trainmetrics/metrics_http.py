@@ -202,10 +202,23 @@ class _RequestDeadline(io.RawIOBase):
         self.first_bytes: float | None = None
         self.early = b""                    # the next request's bytes read already (unread()), and when they came
         self.early_came: float | None = None
+        self._reads_held = False            # (holds_next_request: the reader's look reads nothing new)
 
     def unread(self, data: bytes) -> None:
         """Bytes of the next request, read already (TLS records read to tell a request from a close): its first."""
         self.early, self.early_came = self.early + data, time.monotonic()
+
+    def holds_next_request(self, reader: io.BufferedReader) -> bool:
+        """Whether bytes read from the connection wait unparsed, here, in `reader` (its buffer) or over TLS in
+        OpenSSL's (the rest of a record longer than the reader's read): a next request read with the one before it,
+        or by a look at the connection. Told without reading from the connection."""
+        if self.early or (isinstance(self.connection, ssl.SSLSocket) and self.connection.pending()):
+            return True
+        self._reads_held = True
+        try:
+            return bool(reader.peek(1))     # (a read held gives None: the reader's buffer alone is looked at)
+        finally:
+            self._reads_held = False
 
     def readable(self) -> bool:
         return True
@@ -222,7 +235,9 @@ class _RequestDeadline(io.RawIOBase):
         as read."""
         return self.first_bytes if self.first_bytes is not None else time.monotonic()
 
-    def readinto(self, buffer) -> int:
+    def readinto(self, buffer) -> int | None:
+        if self._reads_held:
+            return None
         if self.early:
             count = min(len(buffer), len(self.early))
             buffer[:count], self.early = self.early[:count], self.early[count:]
@@ -392,8 +407,12 @@ class _Handler(BaseHTTPRequestHandler):
         return kept
 
     def _kept_open(self, moment: float) -> bool:
-        """Whether the client keeps the connection open until `moment` (_kept_open_until); the bytes of its next
-        request read to tell are left for the request's reader."""
+        """Whether the client keeps the connection open until `moment` (_kept_open_until) or has asked again; the
+        bytes of its next request read to tell are left for the request's reader. A next request read already
+        (with the request before it, or over TLS by the look before that one's answer) is not on the connection:
+        waited for there, it was held unanswered to the end of the wait."""
+        if self._deadline.holds_next_request(self.rfile):
+            return True
         kept, request = _kept_open_until(self.connection, moment)
         if request:
             self._deadline.unread(request)

@@ -2,6 +2,7 @@
 without its email parser for the headers; a scrape is counted from its header whatever its case."""
 
 import http.server
+import io
 import socket
 import threading
 import time
@@ -231,6 +232,67 @@ def test_an_answer_whose_scraper_hung_up_before_it_was_written_counts_none_howev
         release.set()
         server.close()
     assert sum(scrape.counting for scrape in delivered) == counted
+
+
+class FirstRenderHeld:
+    """A renderer holding the first render until told (`go_on`)."""
+
+    def __init__(self):
+        self.rendering, self.go_on = threading.Event(), threading.Event()
+
+    def __call__(self, scrape) -> bytes:
+        if not self.rendering.is_set():
+            self.rendering.set()
+            self.go_on.wait(5)
+        return b"up 1\n"
+
+
+def pipelined_scrapes(connection, render: FirstRenderHeld, sent: str) -> list[bytes]:
+    """The status lines of the answers to two scrapes with a 60 s timeout, the second sent without waiting for
+    the first's answer (`sent`: "with the first", in one write; "with a first that fills the reader's buffer", as
+    long as the reader's reads; or "while the first is rendered"). The client gives up after its connection's
+    timeout."""
+    scrape = OK + f"{SCRAPE_TIMEOUT_HEADER}: 60\r\n\r\n".encode()
+    first = scrape
+    if sent == "with a first that fills the reader's buffer":
+        padding = io.DEFAULT_BUFFER_SIZE - len(scrape) - len(b"X-Padding: \r\n")
+        first = OK + b"X-Padding: " + b"p" * padding + b"\r\n" + scrape[len(OK):]
+    connection.sendall(first + scrape if sent.startswith("with") else scrape)
+    if sent == "while the first is rendered":
+        assert render.rendering.wait(5)
+        connection.sendall(scrape)
+    render.go_on.set()
+    reader, statuses = connection.makefile("rb"), []
+    try:
+        for _ in range(2):
+            statuses.append(reader.readline())
+            while reader.readline() not in (b"\r\n", b""):
+                pass
+            reader.read(len(b"up 1\n"))
+    except (TimeoutError, OSError):
+        pass
+    return statuses
+
+
+@pytest.mark.parametrize("sent", ["with the first", "while the first is rendered"])
+def test_a_pipelined_next_request_is_answered_while_the_answer_before_it_is_still_in_doubt(monkeypatch, sent):
+    """A next request read already with the one before it (in the reader's buffer) was not seen by the wait over
+    the answer before it, which looks at the connection alone: held unanswered until that answer's doubt ended
+    (its scraper's timeout and 0.1 s), its own time running meanwhile. Here every answer is in doubt for its whole
+    60 s timeout (CERTAIN_FRACTION 0), and the client gives up on an answer after 5 s."""
+    monkeypatch.setattr(metrics_http, "CERTAIN_FRACTION", 0.0)
+    render, delivered, closed = FirstRenderHeld(), [], threading.Event()
+    server = MetricsHTTPServer(("127.0.0.1", 0), render, delivered=delivered.append,
+                               closed=lambda scraper: closed.set()).serve_in_background()
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as connection:
+            statuses = pipelined_scrapes(connection, render, sent)
+        assert closed.wait(5)
+    finally:
+        render.go_on.set()
+        server.close()
+    assert [status[:12] for status in statuses] == [b"HTTP/1.1 200"] * 2
+    assert len(delivered) == 1      # the first (its scraper asked again), not the second (it hung up in doubt)
 
 
 def test_a_pipelined_scrapes_time_runs_from_before_its_password_check(monkeypatch):

@@ -447,6 +447,40 @@ def test_over_tls_a_scrapers_next_request_is_answered_while_its_last_answer_is_s
     assert sum(scrape.counting for scrape in delivered) == 2
 
 
+@pytest.mark.parametrize("sent", ["with the first", "with a first that fills the reader's buffer",
+                                  "while the first is rendered"])
+def test_over_tls_a_pipelined_next_request_is_answered_while_the_answer_before_it_is_still_in_doubt(
+        pki, tmp_path, monkeypatch, sent):
+    """As over plain HTTP (test_metrics_http). Over TLS a next request that came while the first was rendered is
+    read too, by the look at the connection before the first's answer is written (did its scraper hang up?), and
+    kept for the request's reader; one in the TLS record of a first as long as the reader's reads is left in
+    OpenSSL's buffer. The wait over the first answer saw neither on the connection and held the next request
+    unanswered to the end of the first's doubt."""
+    import socket
+    import threading
+
+    from tests.trainmetrics.test_metrics_http import FirstRenderHeld, pipelined_scrapes
+    from trainmetrics import metrics_http
+    from trainmetrics.metrics_http import MetricsHTTPServer
+
+    monkeypatch.setattr(metrics_http, "CERTAIN_FRACTION", 0.0)
+    config = tmp_path / "web.yml"
+    config.write_text(f"tls_server_config:\n  cert_file: {pki / 'server.crt'}\n  key_file: {pki / 'server.key'}\n")
+    render, delivered, closed = FirstRenderHeld(), [], threading.Event()
+    server = MetricsHTTPServer(("127.0.0.1", 0), render, web_config=load_web_config(config),
+                               delivered=delivered.append, closed=lambda name: closed.set()).serve_in_background()
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw, \
+                context(pki).wrap_socket(raw, server_hostname="127.0.0.1") as connection:
+            statuses = pipelined_scrapes(connection, render, sent)
+        assert closed.wait(5)
+    finally:
+        render.go_on.set()
+        server.close()
+    assert [status[:12] for status in statuses] == [b"HTTP/1.1 200"] * 2
+    assert len(delivered) == 1      # the first (its scraper asked again), not the second (it hung up in doubt)
+
+
 def says_close_notify_and_closes(connection) -> None:
     connection.settimeout(0.05)
     try:
