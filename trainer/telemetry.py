@@ -214,7 +214,13 @@ class _Scraper:
     last_began: float
     last_delivered_began: float = float("-inf")
     interval: float | None = None
-    closed_at: float | None = None  # when its connection was seen closed: it scrapes no more under this name
+    last_asked_began: float = float("-inf")     # its last request read, its answer delivered or not
+    closed: bool = False            # its connection closed: it scrapes no more under this name
+    # When its connection was seen closed on a scrape it gave up (its last request read, no answer delivered): it
+    # comes back on a new connection, as Prometheus does after a timeout, and a process frozen past
+    # MIN_ACTIVE_SECONDS sees that close only when it wakes. None after an idle connection's close (the idle timeout,
+    # an eviction, its client closing it): its last scrape was its last sign.
+    gave_up_seen: float | None = None
     # Its scrape timeout, which its interval is at least (Prometheus refuses a timeout longer than the interval):
     # the interval's stand-in until a second scrape measures it. Without it a scraper slower than
     # MIN_ACTIVE_SECONDS (a second Prometheus at 15 s) counted as gone between its first two scrapes: the linger
@@ -224,11 +230,13 @@ class _Scraper:
     def idle_past(self, now: float, at_least: float) -> bool:
         """True when its last scrape began longer ago than `at_least` and ACTIVE_INTERVALS of its own intervals
         (its scrape timeout before one is measured). A closed one: `at_least` alone (its last interval may be a
-        freeze's), from its close if that was seen later: a process frozen past `at_least` sees its scrapers'
-        closes only when it wakes, and took them for gone at once, before they could come back on new
-        connections (the final linger then ended on whichever came back first)."""
-        if self.closed_at is not None:
-            return now - max(self.last_began, self.closed_at) > at_least
+        freeze's), from the close of a scrape it gave up if that was seen later: a process frozen past `at_least`
+        sees its scrapers' closes only when it wakes, and took them for gone at once, before they could come back
+        on new connections (the final linger then ended on whichever came back first). Not from an idle
+        connection's close: owed a read again from it, a scraper long gone held the linger."""
+        if self.closed:
+            since = self.last_began if self.gave_up_seen is None else max(self.last_began, self.gave_up_seen)
+            return now - since > at_least
         interval = self.interval if self.interval is not None else self.timeout
         return now - self.last_began > max(at_least, ACTIVE_INTERVALS * (interval or 0))
 
@@ -260,16 +268,26 @@ class ScraperLog:
                 known.last_delivered_began = max(known.last_delivered_began, scrape.began)
             self._changed.notify_all()
 
+    def asked(self, scrape: Scrape) -> None:
+        """A counting scrape's request was read: its answer may never reach its scraper (one that gave it up)."""
+        with self._changed:
+            known = self._scrapers.get(scrape.scraper)
+            if known is not None:
+                known.last_asked_began = max(known.last_asked_began, scrape.began)
+
     def closed(self, scraper: str) -> None:
         """`scraper`'s connection closed: it scrapes no more under this name. It stays active for
-        MIN_ACTIVE_SECONDS after its last scrape or this close, whichever came later, so the final linger waits that long for it to come back on a
-        new connection (one Prometheus of an HA pair whose connection closed near the end), but no longer: its
-        last interval may be stale (a request queued while this process was frozen, its scraper gone to a new
-        connection meanwhile, is answered after the freeze, which makes the freeze its interval)."""
+        MIN_ACTIVE_SECONDS after its last scrape, or after this close when it ended a scrape the scraper gave up
+        (whichever came later), so the final linger waits that long for it to come back on a new connection (one
+        Prometheus of an HA pair whose connection closed near the end), but no longer: its last interval may be
+        stale (a request queued while this process was frozen, its scraper gone to a new connection meanwhile, is
+        answered after the freeze, which makes the freeze its interval)."""
         with self._changed:
             known = self._scrapers.get(scraper)
             if known is not None:
-                known.closed_at = self._clock()
+                known.closed = True
+                if known.last_asked_began > known.last_delivered_began:
+                    known.gave_up_seen = self._clock()
                 self._changed.notify_all()
 
     def _forget_gone(self) -> None:
@@ -342,6 +360,7 @@ class Publication:
                 host, port = parse_listen(publish.listen)
                 self.server = MetricsHTTPServer((host, port), self._render, web_config=publish.web_config,
                                                 delivered=self._delivered, closed=self.scrapers.closed,
+                                                asked=self.scrapers.asked,
                                                 title=f"trainmetrics job {self._job_id}")
                 self.server.serve_in_background(name="trainmetrics-metrics")
                 address = reachable_address(host, self.server.port)

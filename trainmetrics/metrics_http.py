@@ -354,16 +354,18 @@ class _Handler(BaseHTTPRequestHandler):
             return
         path = self.path.partition("?")[0]
         timeout = self.headers.get(SCRAPE_TIMEOUT_HEADER)
+        scraper = scraper_name(self.client_address) if path == "/metrics" and timeout is not None else None
+        scrape = Scrape(scraper, arrived, timeout=scrape_timeout(timeout))
+        if scrape.counting:
+            server.asked(scrape)        # (before its turn: one given up while it waits was asked all the same)
         # Every answer waits its turn, not a render alone: a flood of requests for / or a 404 took the GIL the
         # same way (the loop at 0.3 of its speed). A scraper's goes before the others' (a flood's queue held each
         # scrape 0.45 s, past its timeout: the job went dark).
-        if not server.wait_turn(self.connection, scraper=path == "/metrics" and timeout is not None,
+        if not server.wait_turn(self.connection, scraper=scrape.counting,
                                 still_there=lambda: self._kept_open(time.monotonic())):
             self.close_connection = True
             return
         if path == "/metrics":
-            scrape = Scrape(scraper_name(self.client_address) if timeout is not None else None,
-                            arrived, timeout=scrape_timeout(timeout))
             try:
                 body = server.render(scrape)
             except Exception:   # a renderer bug must not take the endpoint down
@@ -455,8 +457,10 @@ class RenderPacer:
 
 class MetricsHTTPServer(ThreadingHTTPServer):
     """Serves `render(scrape) -> bytes` on /metrics; binds in the constructor (OSError when it cannot).
-    `delivered(scrape)` hears of each answer written, `closed(scraper)` of each connection's end (by the
-    client, on an error or an idle timeout, or by close()), under the name a scraper on it had."""
+    `asked(scrape)` hears of each counting scrape's request once read (its password checked), before its turn and
+    whether or not its answer reaches its scraper; `delivered(scrape)` of each answer written, `closed(scraper)` of
+    each connection's end (by the client, on an error or an idle timeout, or by close()), under the name a scraper
+    on it had."""
 
     daemon_threads = True
     allow_reuse_address = True      # restart at once after a crash, whatever TIME_WAIT the scrapes left
@@ -465,13 +469,15 @@ class MetricsHTTPServer(ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int], render: Callable[[Scrape], bytes], *,
                  web_config: WebConfig | None = None, delivered: Callable[[Scrape], None] | None = None,
-                 closed: Callable[[str], None] | None = None, max_connections: int = DEFAULT_MAX_CONNECTIONS,
+                 closed: Callable[[str], None] | None = None, asked: Callable[[Scrape], None] | None = None,
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS,
                  idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
                  title: str = "trainmetrics"):
         self.render = render
         self.pacer = RenderPacer()
         self._delivered = delivered
         self._closed = closed
+        self._asked = asked
         self.web_config = web_config or WebConfig()
         self.idle_timeout = idle_timeout
         self.index_page = (f'<html><body><h1>{title}</h1><a href="/metrics">/metrics</a></body></html>\n').encode()
@@ -504,6 +510,14 @@ class MetricsHTTPServer(ThreadingHTTPServer):
     def port(self) -> int:
         """The port actually bound (for port 0)."""
         return self.server_address[1]
+
+    def asked(self, scrape: Scrape) -> None:
+        """A counting scrape's request has been read."""
+        if self._asked is not None:
+            try:
+                self._asked(scrape)
+            except Exception:
+                log.exception("scrape request hook failed")
 
     def delivered(self, scrape: Scrape) -> None:
         """A scrape's answer has been written to its connection."""

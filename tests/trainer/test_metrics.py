@@ -584,10 +584,26 @@ def test_a_scraper_whose_close_a_frozen_job_saw_late_is_still_owed_a_read_on_a_n
     log = ScraperLog(clock=lambda: now[0])
     log.delivered(Scrape("127.0.0.1:1", 0.0))
     now[0] = MIN_ACTIVE_SECONDS + 0.5         # the freeze: the scraper timed its scrape out and hung up meanwhile
+    log.asked(Scrape("127.0.0.1:1", now[0]))   # (that scrape's request, read when the job woke, never answered)
     log.closed("127.0.0.1:1")
     now[0] += 0.25
     assert log.active() == {"127.0.0.1:1"}     # owed a read until it can have come back on a new connection
     now[0] += MIN_ACTIVE_SECONDS
+    assert log.active() == set()
+
+
+def test_a_scraper_whose_idle_connection_closed_past_its_window_is_not_owed_a_read_again():
+    """A close seen late is a scrape given up by a frozen job's scraper only when the connection carried one: an
+    idle connection closed long after its last scrape (our idle timeout, an eviction, its client) was owed a read
+    again for MIN_ACTIVE_SECONDS from that close, and the final linger waited for a scraper gone long before."""
+    from trainmetrics.metrics_http import DEFAULT_IDLE_TIMEOUT, Scrape
+    from trainmetrics.trainer.telemetry import ScraperLog
+
+    now = [0.0]
+    log = ScraperLog(clock=lambda: now[0])
+    log.delivered(Scrape("127.0.0.1:1", 0.0, timeout=0.2))
+    now[0] = DEFAULT_IDLE_TIMEOUT
+    log.closed("127.0.0.1:1")
     assert log.active() == set()
 
 

@@ -7,13 +7,14 @@ that connection's interval, and the final linger waited three such intervals for
 """
 
 import http.client
+import queue
 import threading
 import time
 import urllib.request
 
 from trainmetrics.metrics_http import SCRAPE_TIMEOUT_HEADER
 from trainmetrics.trainer.metrics import JobMetrics
-from trainmetrics.trainer.telemetry import MIN_ACTIVE_SECONDS, Publish
+from trainmetrics.trainer.telemetry import MIN_ACTIVE_SECONDS, Publication, Publish, ScraperLog
 
 COUNTING = {SCRAPE_TIMEOUT_HEADER: "0.5"}      # (0.5 s: see test_metrics.Scraper)
 
@@ -117,3 +118,64 @@ def test_scrapers_without_keep_alive_end_the_linger_at_their_first_scrape_after_
     # Each scrape's connection closes after it: owed a read for MIN_ACTIVE_SECONDS at most, which the first
     # scrape after the end pays for all of them (from the same client).
     assert linger_seconds(metrics, lambda: scrape_once(port)) < MIN_ACTIVE_SECONDS + 0.5
+
+
+class HeldRender:
+    """Publication's render, held when armed until told to go on: a scrape whose scraper hangs up meanwhile."""
+
+    def __init__(self, monkeypatch):
+        self.armed, self.rendering, self.go_on = threading.Event(), threading.Event(), threading.Event()
+        render = Publication._render
+
+        def held(publication, scrape):
+            if self.armed.is_set():
+                self.rendering.set()
+                self.go_on.wait(5)
+            return render(publication, scrape)
+
+        monkeypatch.setattr(Publication, "_render", held)
+
+
+def closes_seen(monkeypatch) -> queue.Queue:
+    """The names of the scrapers whose connection's close the job has seen, in turn."""
+    seen, closed = queue.Queue(), ScraperLog.closed
+
+    def noted(log, scraper: str) -> None:
+        closed(log, scraper)
+        seen.put(scraper)
+
+    monkeypatch.setattr(ScraperLog, "closed", noted)
+    return seen
+
+
+def test_a_closed_connection_is_owed_a_read_from_its_close_only_when_it_closed_on_a_scrape_given_up(
+        tmp_path, monkeypatch):
+    """A scraper that gave a scrape up comes back on a new connection: owed the final state for MIN_ACTIVE_SECONDS
+    from its connection's close (seen late by a job frozen past them). Owed so from every close, a connection left
+    idle past its scraper's window and closed then (the idle timeout, an eviction, its client) was owed a read
+    again: a client leaving a connection open per scrape, each evicted in turn by its next, held a job's final
+    linger 9.9 s instead of 1.8 s (at 250 ms), to its timeout at 500 ms."""
+    render, seen = HeldRender(monkeypatch), closes_seen(monkeypatch)
+    metrics = JobMetrics("closes", publish=Publish(targets_dir=tmp_path, linger_timeout=0.2))
+    idle, giving_up, live = (KeepAliveScraper(metrics.metrics_port) for _ in range(3))
+    try:
+        idle.scrape(), giving_up.scrape()
+        metrics.start()
+        time.sleep(MIN_ACTIVE_SECONDS + 0.3)       # both past their window: owed nothing now
+        metrics.finish("completed")
+        live.scrape()
+        assert metrics.final_state_read()
+        idle.close()
+        seen.get(timeout=5)
+        assert metrics.final_state_read()           # (owed a read again, before, for MIN_ACTIVE_SECONDS)
+        render.armed.set()
+        giving_up.connection.request("GET", "/metrics", headers=COUNTING)
+        assert render.rendering.wait(5)
+        giving_up.close()                           # its timeout ran out: it hangs up before the answer
+        render.go_on.set()
+        seen.get(timeout=5)
+        assert not metrics.final_state_read()       # owed a read until it can have come back
+    finally:
+        render.go_on.set()
+        idle.close(), giving_up.close(), live.close()
+        metrics.close()
