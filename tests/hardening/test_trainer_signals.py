@@ -231,9 +231,11 @@ def test_a_job_whose_stdout_is_gone_ends_as_it_was_and_removes_its_files(tmp_pat
     targets, jobs = tmp_path / "targets", tmp_path / "jobs"
     read_end, write_end = os.pipe()
     os.close(read_end)
+    # Announced for its files, which nothing scrapes: no linger (one of 1 s was waited out twice, for a first scrape
+    # and for the final state's).
     process = subprocess.Popen(
         [sys.executable, "-m", "trainmetrics", "train", "--job-id", "closed-pipe", "--epochs", "1", "--targets-dir",
-         str(targets), "--job-dir", str(jobs), "--linger-timeout", "1"], stdout=write_end, stderr=subprocess.PIPE,
+         str(targets), "--job-dir", str(jobs), "--linger-timeout", "0"], stdout=write_end, stderr=subprocess.PIPE,
         text=True, preexec_fn=(lambda: os.close(1)) if stdout == "none" else None)
     os.close(write_end)
     _, stderr = process.communicate(timeout=120)
@@ -256,10 +258,12 @@ def test_a_closed_terminal_cancels_the_job_with_its_exit_code_and_removes_its_fi
     def controlling_terminal():
         fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
+    # Announced for its files, which nothing scrapes: no linger (one of 1 s was waited out twice, for a first scrape
+    # and for the final state's).
     process = subprocess.Popen(
         [sys.executable, "-m", "trainmetrics", "train", "--job-id", "hung-up", "--epochs", "500", "--log-every", "5",
          "--checkpoint-dir", str(work / "ckpt"), "--targets-dir", str(work / "targets"), "--job-dir",
-         str(work / "jobs"), "--linger-timeout", "1"],
+         str(work / "jobs"), "--linger-timeout", "0"],
         stdin=secondary, stdout=secondary, stderr=secondary, start_new_session=True, preexec_fn=controlling_terminal)
     os.close(secondary)
     output, deadline = b"", time.monotonic() + 120

@@ -1133,12 +1133,14 @@ def test_a_stop_while_waiting_for_the_first_scrape_ends_the_job_and_leaves_nothi
     assert not list(targets.glob("*")) and not list(jobs.glob("*"))
 
 
+# Announced for its files, which nothing scrapes: no linger (one of 2 s was waited out twice, for a first scrape
+# and for the final state's).
 FORKED_CHILD = textwrap.dedent("""
     import os, sys, time
     from trainmetrics.trainer.metrics import JobMetrics
     from trainmetrics.trainer.telemetry import Publish
 
-    with JobMetrics("forked", publish=Publish(targets_dir=sys.argv[1], job_dir=sys.argv[2], linger_timeout=2)) as m:
+    with JobMetrics("forked", publish=Publish(targets_dir=sys.argv[1], job_dir=sys.argv[2], linger_timeout=0)) as m:
         child = os.fork()
         if child == 0:
             sys.exit(0)                  # the child leaves the block: its copy must not end the parent's job
