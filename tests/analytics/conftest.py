@@ -149,12 +149,34 @@ def running(prometheus: PrometheusServer, timeout: float = 60):
 
 def import_to_victoria(victoria: VictoriaMetricsServer, history: str) -> None:
     """History (OpenMetrics, as_openmetrics) imported into a started VictoriaMetrics (Prometheus text format,
-    millisecond timestamps) and flushed, for queries to see it."""
-    samples = [f"{series} {value} {round(float(at) * 1000)}" for series, value, at in
-               (line.rsplit(" ", 2) for line in history.splitlines() if line and not line.startswith("#"))]
-    httpx.post(f"{victoria.url}/api/v1/import/prometheus", content="\n".join(samples) + "\n").raise_for_status()
+    millisecond timestamps) and flushed; returns once a query counts every sample, 2 s past the newest."""
+    rows = [(series, value, round(float(at) * 1000)) for series, value, at in
+            (line.rsplit(" ", 2) for line in history.splitlines() if line and not line.startswith("#"))]
+    httpx.post(f"{victoria.url}/api/v1/import/prometheus",
+               content="".join(f"{series} {value} {at}\n" for series, value, at in rows)).raise_for_status()
     httpx.get(f"{victoria.url}/internal/force_flush").raise_for_status()
-    time.sleep(2)
+    wait_until_counted(victoria, rows)
+    # The goodput waits' histories end now, a run's last samples exactly Prometheus' lookback (5 minutes) before:
+    # within a second of their end VictoriaMetrics' job list still has that run's state. The fixed 2 s sleep after
+    # the import gave them that margin (and histories that ended long ago 2 s for nothing).
+    time.sleep(max(0.0, max(at for *_, at in rows) / 1000 + 2 - time.time()))
+
+
+def wait_until_counted(victoria: VictoriaMetricsServer, rows: list[tuple[str, str, int]]) -> None:
+    """Return once VictoriaMetrics counts every imported (series, value, milliseconds) sample: some of a flushed
+    import is searchable a moment later only (up to 0.9 s here), and the fixed sleep that waited for it went on
+    either way. The count bypasses the rollup cache: one cached while samples were missing would stay short."""
+    expected = len({(series, at) for series, _, at in rows})
+    first, last = min(at for *_, at in rows), max(at for *_, at in rows)
+    count = f'sum(count_over_time({{__name__=~".+"}}[{(last - first) // 1000 + 1}s]))'
+    deadline, counted = time.monotonic() + 30, None
+    while counted != expected and time.monotonic() < deadline:
+        answer = httpx.get(f"{victoria.url}/api/v1/query", params={"query": count, "time": last / 1000, "nocache": 1})
+        result = answer.raise_for_status().json()["data"]["result"]
+        counted = round(float(result[0]["value"][1])) if result else 0
+        if counted != expected:
+            time.sleep(0.05)
+    assert counted == expected, f"VictoriaMetrics counts {counted} of the {expected} samples imported"
 
 
 @contextmanager
