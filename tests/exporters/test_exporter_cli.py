@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -101,14 +102,17 @@ def test_a_relative_job_dir_is_resolved_and_the_root_refused(tmp_path):
                                                 "--no-collector.gpu"), cwd=jobs, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     said = []
+    hung = threading.Timer(30, process.kill)      # (one that neither says it listens nor exits: readline's end)
+    hung.start()
     try:
         # Through its start (where `.` raised) once it says where it listens, about 0.4 s in: a fixed 3 s sleep
         # waited 2.6 s more for nothing.
         while not said or "listening on" not in said[-1]:
             said.append(process.stderr.readline())
-            assert said[-1], "it exited without listening: " + "".join(said)
+            assert said[-1], "it exited without listening within 30 s: " + "".join(said)
         assert process.poll() is None, "".join(said)
     finally:
+        hung.cancel()
         process.send_signal(signal.SIGTERM)
         stderr = "".join(said) + finish_reading(process, timeout=30)[1]
     assert process.returncode == 0 and "Traceback" not in stderr, stderr
