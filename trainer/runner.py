@@ -5,6 +5,7 @@ Exit codes (trainmetrics.contract.ExitCode): 0 completed, 1 failed, 2 bad input 
 the next step boundary. With --result-file the outcome is also written there, atomically, as JSON.
 """
 
+import importlib
 import inspect
 import logging
 import math
@@ -16,9 +17,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-# The optimizer's and DDP's constructors import torch._dynamo lazily (1-1.5 s holding the GIL: sympy, onnx, ...):
-# imported here, before the job's endpoint serves, or every job's scrapes timed out through that second.
-import torch._dynamo  # noqa: F401
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -651,6 +649,10 @@ def run_job(config: TrainConfig, stop: StopFlag | None = None) -> int:
     total_steps = config.epochs * steps_per_epoch(len(dataset.train), ranks.world_size, config.batch_size)
     progress = ProgressReporter(config, total_steps)
     new_dirs = [Path(d) for d in (config.targets_dir, config.job_dir) if d is not None and not Path(d).exists()]
+    # The optimizer's and DDP's constructors import torch._dynamo lazily (1-1.5 s holding the GIL: sympy, onnx, ...):
+    # imported before the job's endpoint serves, or every job's scrapes timed out through it; after the checks of
+    # the job's input, which refuse bad input that much sooner.
+    importlib.import_module("torch._dynamo")
     try:
         web_config = load_web_config(config.web_config_file)
         metrics = JobMetrics(

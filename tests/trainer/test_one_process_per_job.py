@@ -44,7 +44,8 @@ def test_a_second_live_process_with_the_same_job_id_is_refused_and_the_first_kee
 def test_the_claim_of_a_killed_process_is_free_at_once(tmp_path, spawn_train):
     # Announced for the claim, and nothing scrapes: no linger (a 1 s one ran out three times: the first and the
     # last run waiting for a first scrape, the last for its final state's).
-    args = ["--job-id", "dup-1", "--dataset", "blobs", "--epochs", "50", "--log-every", "20",
+    # (The first long enough to be training still when the second is refused on a loaded host: killed at the end.)
+    args = ["--job-id", "dup-1", "--dataset", "blobs", "--epochs", "1000", "--log-every", "20",
             "--targets-dir", str(tmp_path / "targets"), "--job-dir", str(tmp_path / "jobs"), "--linger-timeout", "0"]
     first = spawn_train(*args)
     target = tmp_path / "targets" / "dup-1.rank0.json"
@@ -90,7 +91,8 @@ def test_a_second_job_on_a_checkpoint_dir_in_use_is_refused_and_a_killed_ones_cl
     ckpt = tmp_path / "ckpt"
     common = ["--dataset", "blobs", "--checkpoint-dir", str(ckpt), "--checkpoint-every", "1000000",
               "--linger-timeout", "0"]
-    first = spawn_train("--job-id", "ckpt-a", "--epochs", "50", "--log-every", "20", *common)
+    # Long enough to be training still when the second is refused on a loaded host (killed at the end).
+    first = spawn_train("--job-id", "ckpt-a", "--epochs", "1000", "--log-every", "20", *common)
     try:
         deadline = time.monotonic() + 120
         while "step=" not in first.stderr.readline():
