@@ -40,7 +40,7 @@ import time
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable
+from typing import Any, Callable
 
 from trainmetrics.webconfig import FAILED_CHECK_BACKOFF, PasswordChecks, WebConfig
 
@@ -115,6 +115,15 @@ def _kept_open_until(connection: socket.socket, moment: float) -> tuple[bool, by
                 return bool(connection.recv(1, socket.MSG_PEEK)), b""
             except OSError:
                 return False, b""
+
+
+def _tell(hook: Callable[[Any], None] | None, argument, what: str) -> None:
+    """Call one of the server's hooks (none: nothing); a hook that raises is logged, never the connection's end."""
+    if hook is not None:
+        try:
+            hook(argument)
+        except Exception:
+            log.exception("%s hook failed", what)
 
 
 def scraper_name(client_address: tuple) -> str:
@@ -513,27 +522,15 @@ class MetricsHTTPServer(ThreadingHTTPServer):
 
     def asked(self, scrape: Scrape) -> None:
         """A counting scrape's request has been read."""
-        if self._asked is not None:
-            try:
-                self._asked(scrape)
-            except Exception:
-                log.exception("scrape request hook failed")
+        _tell(self._asked, scrape, "scrape request")
 
     def delivered(self, scrape: Scrape) -> None:
         """A scrape's answer has been written to its connection."""
-        if self._delivered is not None:
-            try:
-                self._delivered(scrape)
-            except Exception:
-                log.exception("scrape delivery hook failed")
+        _tell(self._delivered, scrape, "scrape delivery")
 
     def connection_closed(self, client_address) -> None:
         """A connection has ended: whichever scraper it carried scrapes no more."""
-        if self._closed is not None:
-            try:
-                self._closed(scraper_name(client_address))
-            except Exception:
-                log.exception("connection close hook failed")
+        _tell(self._closed, scraper_name(client_address), "connection close")
 
     def waiting(self, connection: socket.socket, writing: bool = False) -> None:
         """The connection waits on its client from now, unless it already did (since its accept, or its last
