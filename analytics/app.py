@@ -19,7 +19,7 @@ from trainmetrics.analytics import endpoints, shapes
 from trainmetrics.analytics import queries as q
 from trainmetrics.analytics.cache import AnalyticsCache, settled_job_analytics
 from trainmetrics.analytics.prometheus import ClientMetrics, PrometheusClient
-from trainmetrics.command import DEFAULT_MAX_ANSWER_BYTES
+from trainmetrics.command import DEFAULT_LOOKBACK_DAYS, DEFAULT_MAX_ANSWER_BYTES
 from trainmetrics.edge import ApiError, Component, build_app, error_response
 from trainmetrics.hangs import HangFeed
 from trainmetrics.reports import ReportArchive
@@ -38,7 +38,7 @@ class Settings:
     """How the service reaches Prometheus, how long it waits, and whose jobs a request may see."""
 
     prometheus_url: str = "http://127.0.0.1:9090"
-    lookback_seconds: float = 30 * 86400          # how far back a job is looked up by id
+    lookback_seconds: float = DEFAULT_LOOKBACK_DAYS * 86400     # how far back a job is looked up by id
     prometheus_deadline: float = 8.0              # per request to Prometheus
     service_deadline: float = 10.0                # per request to this service; above the client's
     # Requests in flight to Prometheus. Each runs on one Prometheus core; more than its cores only queue

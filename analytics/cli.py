@@ -5,8 +5,8 @@ import argparse
 import logging
 import math
 
-from trainmetrics.command import (DEFAULT_ANALYTICS_PORT, DEFAULT_MAX_ANSWER_BYTES, DEFAULT_PROMETHEUS_PORT,
-                                  FlagError, listen_flag, listening_socket, say_listening)
+from trainmetrics.command import (DEFAULT_ANALYTICS_PORT, DEFAULT_LOOKBACK_DAYS, DEFAULT_MAX_ANSWER_BYTES,
+                                  DEFAULT_PROMETHEUS_PORT, FlagError, listen_flag, listening_socket, say_listening)
 from trainmetrics.contract import http_url_problem
 from trainmetrics.webconfig import web_config_flag
 
@@ -25,7 +25,7 @@ def add_analytics_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--prometheus-header", metavar="'NAME: VALUE'", action="append", default=None,
                        help="a header sent with every request to the backend, e.g. 'X-Scope-OrgID: team-a' for a "
                             "Mimir or Cortex tenant (repeatable)")
-    group.add_argument("--lookback", default="30d", help="how far back a job is found by id")
+    group.add_argument("--lookback", default=f"{DEFAULT_LOOKBACK_DAYS}d", help="how far back a job is found by id")
     group.add_argument("--prometheus-timeout", type=float, default=8.0,
                        help="seconds per request to Prometheus (below --request-timeout)")
     group.add_argument("--request-timeout", type=float, default=10.0,

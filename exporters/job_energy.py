@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from trainmetrics.command import DEFAULT_LOOKBACK_DAYS
 from trainmetrics.contract import validate_job_id
 from trainmetrics.jobfiles import replace_atomically
 
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 
 SOURCES = ("gpu", "cpu")
 HOLD_SECONDS = 60.0                 # Prometheus' default scrape interval, so even such a scraper reads them
-RETENTION_SECONDS = 30 * 86400.0    # the analytics' default --lookback (of the exporter's running time)
+RETENTION_SECONDS = DEFAULT_LOOKBACK_DAYS * 86400.0    # the analytics' default --lookback (exporter running time)
 MAX_JOBS = 1_000                    # accounts kept (least recently seen out): the file is rewritten every
                                     # slow interval while a job runs, ~4 ms of CPU at 1,000 jobs
 MAX_STATE_BYTES = 1 << 20           # ~130 bytes a job: a larger file is not ours

@@ -16,6 +16,9 @@ DEFAULT_EXPORTER_PORT = 9105
 DEFAULT_PROMETHEUS_PORT = 9090
 # The largest answer the analytics read from Prometheus (analytics.prometheus says why there is one).
 DEFAULT_MAX_ANSWER_BYTES = 64 << 20
+# How far back the analytics find a job by id, and how long the exporter keeps an ended job's energy account:
+# the deployed Prometheus' retention (deploy/docker-compose.yml: --storage.tsdb.retention.time=30d).
+DEFAULT_LOOKBACK_DAYS = 30
 EXIT_BAD_INPUT = 2
 
 
