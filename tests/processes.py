@@ -60,13 +60,14 @@ def wait_answering(url: str, process: subprocess.Popen, seconds: float, what: st
     import httpx
 
     deadline = time.monotonic() + seconds
-    while True:
-        try:
-            httpx.get(url, timeout=5)
-            return
-        except httpx.TransportError:
-            assert process.poll() is None and time.monotonic() < deadline, f"{what} did not start"
-            time.sleep(interval)
+    with httpx.Client(timeout=5) as poller:     # one for every poll: httpx.get() builds a TLS context each time
+        while True:
+            try:
+                poller.get(url)
+                return
+            except httpx.TransportError:
+                assert process.poll() is None and time.monotonic() < deadline, f"{what} did not start"
+                time.sleep(interval)
 
 
 @contextlib.contextmanager

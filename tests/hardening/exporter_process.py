@@ -105,11 +105,12 @@ def start_exporter(workdir: Path, *args: str) -> ExporterProcess:
                                     *args], stdout=handle, stderr=subprocess.STDOUT)
     exporter = ExporterProcess(process, port, job_dir, log)
     deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(exporter.url, timeout=1).status_code == 200:
-                return exporter
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline and process.poll() is None, log.read_text()
-        time.sleep(0.05)
+    with httpx.Client(timeout=1) as poller:     # one for every poll: httpx.get() builds a TLS context each time
+        while True:
+            try:
+                if poller.get(exporter.url).status_code == 200:
+                    return exporter
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline and process.poll() is None, log.read_text()
+            time.sleep(0.05)
