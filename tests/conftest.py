@@ -2,6 +2,7 @@
 
 import os
 import signal
+import sys
 
 import pytest
 
@@ -10,6 +11,12 @@ import pytest
 # OpenMP threads, one per core in each process, spin waiting for each other's cores (a fifth of the time of
 # the training-heavy tests). Before torch is imported: OpenMP reads it once.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Bytecode written, here and in every process the tests start, whatever the environment says: with
+# PYTHONDONTWRITEBYTECODE set (these machines' containers set it) each of the run's hundreds of Python processes
+# compiled the project's sources again, and each xdist worker rewrote and compiled every test module (6 s of its
+# 10 s of CPU collecting). Set here, before the workers start and before any test module is collected.
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+sys.dont_write_bytecode = False
 
 from trainmetrics.trainer.stopping import STOP_SIGNALS
 from trainmetrics.prometheus_process import PrometheusServer
