@@ -18,10 +18,10 @@ from starlette.routing import Route
 from trainmetrics.analytics import endpoints, shapes
 from trainmetrics.analytics import queries as q
 from trainmetrics.analytics.cache import AnalyticsCache, settled_job_analytics
-from trainmetrics.analytics.prometheus import ClientMetrics, PrometheusClient
+from trainmetrics.analytics.prometheus import ClientMetrics, PrometheusClient, partial_answers
 from trainmetrics.command import DEFAULT_LOOKBACK_DAYS, DEFAULT_MAX_ANSWER_BYTES
 from trainmetrics.edge import ApiError, Component, build_app, error_response
-from trainmetrics.hangs import HangFeed
+from trainmetrics.hangs import HangFeed, HungJobs
 from trainmetrics.reports import ReportArchive
 from trainmetrics.webconfig import WebConfig
 
@@ -127,8 +127,11 @@ def build_component(settings: Settings) -> Component:
                                                                 owner))
             settings.archive.compute = compute
         if settings.hangs is not None:
-            async def hung_jobs() -> set[str]:
-                return {sample["metric"].get("job_id", "") for sample in await client.query(q.HUNG_JOBS)} - {""}
+            async def hung_jobs() -> HungJobs:
+                with partial_answers() as partial:
+                    samples = await client.query(q.HUNG_JOBS)
+                return HungJobs(frozenset(sample["metric"].get("job_id", "") for sample in samples) - {""},
+                                whole=not partial)
             settings.hangs.hung_jobs = hung_jobs
         try:
             yield {"prometheus": client, "cache": cache, "analytics_settings": settings}

@@ -1,7 +1,7 @@
 """Stacks of hung jobs, taken by the job server itself: when TrainerHang fires for one of its running jobs, the
 server asks every rank for its thread stacks once (as `GET .../stacks` does), so they are on disk in the job's
 directory (`stacks.rank<N>.txt`) before anyone looks. Once per hang: a job is asked again only after the
-alert has stopped firing for it and fired anew.
+alert has stopped firing for it (as an answer with all of the backend's data says) and fired anew.
 
 The alert is read through the analytics (trainmetrics.hangs), from the Prometheus they read, which must
 evaluate the deployable rules. The trainer's own watchdog (trainer/watchdog.py) applies the same bound from
@@ -51,10 +51,13 @@ class HangStacks:
             self._unreachable = True
             return
         self._unreachable = False
-        self.taken &= hung                  # a hang that ended: the next one is taken again
-        self._failing &= hung
+        if hung.whole:
+            # A hang that ended: the next one is taken again. Not on a partial answer: the job it leaves out may
+            # hang still, and was asked again at the next whole answer (a flapping store: once per flap).
+            self.taken &= hung.ids
+            self._failing &= hung.ids
         asked = []
-        for job_id in sorted(hung - self.taken):
+        for job_id in sorted(hung.ids - self.taken):
             try:
                 found = await self.call(self._ask, job_id)
             except Exception as error:

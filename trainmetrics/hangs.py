@@ -11,8 +11,18 @@ from dataclasses import dataclass
 from typing import Awaitable, Callable
 
 
+@dataclass(frozen=True)
+class HungJobs:
+    """The ids of the jobs TrainerHang fires for now, and whether the backend said so with all of its data: a
+    partial answer (a Thanos store or a VictoriaMetrics node that did not answer) may leave out a job whose hang
+    goes on, which is no sign that it ended."""
+
+    ids: frozenset[str]
+    whole: bool = True
+
+
 @dataclass
 class HangFeed:
-    """The analytics' half: the ids of the jobs TrainerHang fires for now (raises when Prometheus cannot say)."""
+    """The analytics' half: the jobs TrainerHang fires for now (raises when Prometheus cannot say)."""
 
-    hung_jobs: Callable[[], Awaitable[set[str]]] | None = None
+    hung_jobs: Callable[[], Awaitable[HungJobs]] | None = None

@@ -2,10 +2,18 @@
 round, then their answers are awaited together."""
 
 import asyncio
+import json
+import urllib.parse
 from pathlib import Path
 from types import SimpleNamespace
 
+from trainmetrics.analytics.app import Settings as AnalyticsSettings, build_component as analytics_component
+from trainmetrics.analytics.queries import HUNG_JOBS
+from trainmetrics.hangs import HangFeed, HungJobs
 from trainmetrics.jobserver import hangs, stacks
+from trainmetrics.prometheus_process import PrometheusServer
+
+from tests.prometheus_proxy import Relay
 
 
 class Service:
@@ -23,7 +31,7 @@ class Service:
 def three_hung_jobs(monkeypatch, service: Service, collect) -> hangs.HangStacks:
     """A HangStacks for which TrainerHang fires for job-a, job-b and job-c, its ranks' answers from `collect`."""
     async def hung_jobs():
-        return {"job-a", "job-b", "job-c"}
+        return HungJobs(frozenset({"job-a", "job-b", "job-c"}))
 
     async def call(operation, *args):
         return operation(*args)
@@ -71,3 +79,66 @@ def test_a_job_whose_ask_fails_does_not_keep_the_others_from_being_asked(monkeyp
     assert events == ["asked job-a", "asked job-c"]
     assert taker.taken == {"job-a", "job-c"}
     assert caplog.text.count("job job-b: TrainerHang fires: cannot ask its ranks for their stacks") == 1
+
+
+# A rule of TrainerHang's name that fires for job-a from its first evaluation on, for as long as Prometheus runs.
+HANG_FIRING = """groups:
+  - name: hang
+    interval: 1s
+    rules:
+      - alert: TrainerHang
+        expr: label_replace(vector(1), "job_id", "job-a", "", "")
+"""
+# Thanos Query's warning for a store that did not answer (partial response on, its default).
+STORE_DOWN = "receive series from Addr: 10.0.0.7:10901: rpc error: code = Unavailable"
+
+
+class PartialHungJobs(Relay):
+    """A proxy before a real Prometheus that, while `partial` is set, answers the hung-jobs query as Thanos Query
+    does when the store holding the alert did not answer: success, without its series, with a warning."""
+
+    partial = False
+
+    def relay(self, method: str, path: str, headers, body: bytes) -> tuple[int, str, bytes]:
+        status, kind, content = self.forward(method, path, headers, body)
+        query = dict(urllib.parse.parse_qsl(body.decode())).get("query", "")
+        if self.partial and query == HUNG_JOBS:
+            answer = json.loads(content)
+            content = json.dumps({**answer, "data": {**answer["data"], "result": []},
+                                  "warnings": [STORE_DOWN]}).encode()
+        return status, kind, content
+
+
+def test_a_hang_left_out_of_a_partial_answer_is_not_taken_again(tmp_path, monkeypatch):
+    """A backend answering with part of its data (a Thanos store that did not answer) left a hung job out: the
+    round took that for the hang's end, and at the next whole answer asked the job's ranks again, the same hang's
+    stacks taken twice (a flapping store: every time). Real Prometheus, the analytics' own feed of hung jobs."""
+    (tmp_path / "hang.yml").write_text(HANG_FIRING)
+    prometheus = PrometheusServer(tmp_path / "prometheus", rule_files=[str(tmp_path / "hang.yml")]).start()
+    events: list[str] = []
+
+    async def collect(path, before, asked_at):
+        return {"ranks": [], "missing_ranks": [0]}
+
+    async def call(operation, *args):
+        return operation(*args)
+
+    async def rounds(proxy: PartialHungJobs) -> None:
+        feed = HangFeed()
+        component = analytics_component(AnalyticsSettings(prometheus_url=proxy.url, hangs=feed))
+        async with component.lifespan():
+            taker = hangs.HangStacks(feed, call, Service(events))
+            await taker.round()
+            proxy.partial = True
+            await taker.round()
+            proxy.partial = False
+            await taker.round()
+
+    monkeypatch.setattr(stacks, "collect", collect)
+    try:
+        prometheus.wait_for('ALERTS{alertname="TrainerHang",alertstate="firing"}', timeout=30)
+        with PartialHungJobs(prometheus.url).running() as proxy:
+            asyncio.run(rounds(proxy))
+    finally:
+        prometheus.stop()
+    assert events == ["asked job-a"]
