@@ -94,13 +94,38 @@ def _read(job_path: Path, rank: int, start: int, first_dump: bool = False) -> st
                 file.seek(start)
                 first = _first_dump(_past_a_dump_begun_before(file.read(MAX_STACK_BYTES)))
                 if first is not None:
-                    return first.decode("utf-8", "replace")
+                    return _servable(first)
             end = file.seek(0, 2)
             file.seek(max(start, end - MAX_STACK_BYTES))
             # Not to the end: a job's process may append as fast as it likes, and the read chased the file's end.
-            return file.read(MAX_STACK_BYTES).decode("utf-8", "replace")
+            return _servable(file.read(MAX_STACK_BYTES))
     except OSError:
         return None
+
+
+# Characters JSON escapes in six bytes (\u0000): every control character but the newline and the tab.
+CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def _json_bytes(text: str) -> int:
+    """What `text` takes in the answer's JSON (UTF-8, non-ASCII as is): its UTF-8 bytes and one escaping backslash
+    for each quote, backslash, newline and tab (control characters are gone: _servable)."""
+    return len(text.encode()) + sum(map(text.count, ('"', "\\", "\n", "\t")))
+
+
+def _servable(raw: bytes) -> str:
+    """A rank's stacks as served: decoded as UTF-8, anything else and every control character but the newline and
+    the tab replaced by U+FFFD, and its tail whose JSON takes MAX_STACK_BYTES at most. faulthandler writes ASCII
+    alone (a file name's other characters escaped); a job's process can write what it likes, and 256 KiB of NUL
+    bytes were 1.5 MiB of JSON (\u0000 each), 96 MiB for a 64-rank job's answer."""
+    text = CONTROL.sub("\ufffd", raw.decode("utf-8", "replace"))
+    if _json_bytes(text) <= MAX_STACK_BYTES:
+        return text
+    kept, cut = 0, len(text)           # the longest tail that fits, searched for: len(text) - cut characters
+    while kept < cut:
+        middle = (kept + cut + 1) // 2
+        kept, cut = (middle, cut) if _json_bytes(text[-middle:]) <= MAX_STACK_BYTES else (kept, middle - 1)
+    return text[len(text) - kept:]
 
 
 def _first_dump(gained: bytes) -> bytes | None:

@@ -247,3 +247,25 @@ def test_a_file_of_many_tiny_watchdog_dumps_is_not_cut_one_by_one(tmp_path, monk
     monkeypatch.setattr(stacks, "FIRST_DUMP_END", ends)
     stacks._read(tmp_path, 0, 0, first_dump=True)
     assert ends.searches < 20
+
+
+def test_a_stacks_file_of_control_bytes_and_no_utf_8_is_served_within_its_bound_as_json(tmp_path):
+    """A job's process can fill its stacks files with what it likes: 256 KiB of NUL bytes were 1.5 MiB of the
+    answer's JSON (`\\u0000` each), and bytes that are no UTF-8 3 bytes each (U+FFFD): 96 MiB for a 64-rank job.
+    The answer as the route sends it (Starlette's JSONResponse) holds MAX_STACK_BYTES of each rank at most, its
+    tail, newlines, tabs and a real dump's text kept."""
+    from starlette.responses import JSONResponse
+
+    dump = real_dump(tmp_path)
+    hostile = {0: b"\0" * stacks.MAX_STACK_BYTES, 1: b"\xff" * stacks.MAX_STACK_BYTES,
+               2: b'"\\\n\t' * (stacks.MAX_STACK_BYTES // 4), 3: b"\0\x1b\x7f" * 1000 + dump}
+    for rank, content in hostile.items():
+        (tmp_path / f"stacks.rank{rank}.txt").write_bytes(content)
+    answer = stacks.earlier(tmp_path, len(hostile))
+    for rank in answer["ranks"]:
+        served = len(JSONResponse(rank["stacks"]).body)
+        assert served <= stacks.MAX_STACK_BYTES + 2, (rank["rank"], served)      # (+2: the string's quotes)
+    texts = {rank["rank"]: rank["stacks"] for rank in answer["ranks"]}
+    assert set(texts[0]) == set(texts[1]) == {"\ufffd"} and len(texts[1]) == stacks.MAX_STACK_BYTES // 3
+    assert texts[2].endswith('"\\\n\t') and len(texts[2]) == stacks.MAX_STACK_BYTES // 2
+    assert texts[3] == "\ufffd" * 3000 + dump.decode()                  # fits: cut nowhere, the dump as it is
