@@ -190,15 +190,12 @@ async def jobs_analytics(client: PrometheusClient, job_ids: list[str], lookback:
                     **q.host(w.window, facts.began, w.end)}
 
         found = await query_parts_many(client, [parts(facts, w) for facts, w in ran], now)
-        # Last values come from each process's last minute; where that held no samples (scrapes failed
-        # through it), or none of a rank of the job (one frozen or lost long before rank 0's end, which the
-        # other ranks waited for in a collective), read the whole window.
-        again = [i for i, (facts, _) in enumerate(ran)
-                 if facts.finals and (not found[i]["samples"] or _ranks_missing(facts, found[i]))]
+        again = {i: parts for i, (facts, w) in enumerate(ran) if (parts := _read_again(facts, w, found[i], now))}
         if again:
-            whole = await query_parts_many(client, [q.job_totals(ran[i][0].job_id, ran[i][1].final_window,
-                                                                 ran[i][1].final_time) for i in again], now)
+            whole = await query_parts_many(client, list(again.values()), now)
             for i, parts in zip(again, whole):
+                # The hosts' energy read again is theirs alone: the others' stays as their final minutes said.
+                found[i]["energy"] = found[i]["energy"] + parts.pop("energy", [])
                 found[i].update(parts)
         return found
 
@@ -229,6 +226,26 @@ async def _noting_partial(awaitable):
     """What `awaitable` gives, and whether the backend answered any of its requests with part of its data."""
     with partial_answers() as warnings:
         return await awaitable, bool(warnings)
+
+
+def _read_again(facts: JobFacts, w: _Window, found: dict[str, list[dict]], now: float) -> dict[str, str]:
+    """What is read over the whole window after the reads at the final instants (rank 0's processes').
+
+    Last values come from each process's last minute; where that held no samples (scrapes failed through it), or
+    none of a rank of the job (one frozen or lost long before rank 0's end, which the other ranks waited for in a
+    collective), the totals are read over the whole window. So are the energy counts of the hosts that attributed
+    the job but showed none then: its processes there ended first (another rank's, which failed or finished
+    first), and their exporter had stopped showing its counts a minute after. They were left out, and the job's
+    energy read as partial, those hosts as having no readable RAPL."""
+    if not facts.finals:
+        return {}       # every part was read over the whole window
+    parts = {}
+    if not found["samples"] or _ranks_missing(facts, found):
+        parts.update(q.job_totals(facts.job_id, w.final_window, w.final_time))
+    counted = {labels.get("instance", "") for labels, _ in rows(found.get("energy", []))}
+    if unread := sorted({labels.get("instance", "") for labels, _ in rows(found.get("cpu_hosts", []))} - counted):
+        parts.update(q.job_energy_on_hosts(facts.job_id, unread, w.final_window, w.final_time, now))
+    return parts
 
 
 def _ranks_missing(facts: JobFacts, found: dict[str, list[dict]]) -> bool:

@@ -314,6 +314,22 @@ def job_energy(job_id: str, window: float, final: float, now: float,
     return {"energy": " or ".join(last(min(LAST_VALUES_SECONDS, window), at) for at in finals)}
 
 
+def job_energy_on_hosts(job_id: str, instances: list[str], window: float, final: float, now: float) -> dict[str, str]:
+    """job_energy over the whole window, of the named exporters (instances) only: those whose last values lay
+    before every final instant's minute (the job's processes there ended first: another rank's). Only theirs, so
+    that an exporter without an energy source costs no read of the other exporters' every sample."""
+    hosts = "|".join(_regex_literal(instance) for instance in instances)
+    selector = job_selector(Node.JOB_ENERGY, job_id, f",instance=~{quote_label_value(hosts)}")
+    until = min(now, final + FINAL_SCRAPE_GRACE_SECONDS)
+    return {"energy": f"max_over_time({selector}{over(window + until - final, until)})"}
+
+
+def _regex_literal(text: str) -> str:
+    """text as a Go regexp matching itself: an escaped ASCII punctuation mark or space is itself there."""
+    return "".join("\\" + character if character.isascii() and not character.isalnum() else character
+                   for character in text)
+
+
 HISTORY = {"index": Trainer.EVAL_HISTORY_INDEX, "step": Trainer.EVAL_HISTORY_STEP,
            "time": Trainer.EVAL_HISTORY_TIME, "loss": Trainer.EVAL_HISTORY_LOSS,
            "accuracy": Trainer.EVAL_HISTORY_ACCURACY}

@@ -1,14 +1,15 @@
 """A two-rank job one rank of which went unscraped minutes before the job's end (frozen, its node lost: the other
 rank waits in the collective until it times out), on backfilled history (promtool) in a real Prometheus: every
-rank's own figures count, as the trainer counted them."""
+rank's own figures count, as the trainer counted them, and every host's energy as its node exporter counted it."""
 
 import time
 
 import pytest
 
 from trainmetrics.analytics.app import Settings
+from trainmetrics.analytics.job import NO_GPU_ENERGY
 
-from .conftest import as_openmetrics, backfilled_prometheus, running, serve
+from .conftest import as_openmetrics, backfilled_backend, backfilled_prometheus, running, serve
 
 pytestmark = pytest.mark.slow
 
@@ -16,6 +17,8 @@ STATES = ("queued", "running", "paused", "completed", "failed", "cancelled")
 RATE = 16           # samples per second and rank while both step
 FROZEN_AFTER = 300.0
 WAITED = 600.0      # rank 0 in the collective until it timed out
+HOLD = 60.0         # a node exporter publishes a job's energy this long after it last attributed it
+CPU_WATTS = 3       # each host's share of its packages' energy for the job (process_energy_joules_total)
 
 
 def history(start: float) -> tuple[str, dict]:
@@ -46,9 +49,22 @@ def history(start: float) -> tuple[str, dict]:
                       for s in STATES]
             if final:
                 lines.append(f"trainer_job_end_timestamp_seconds{{{base}}} {end:.3f} {t:.3f}")
+    energy = {}
+    for rank in ("0", "1"):
+        # Each rank's host's node exporter: the job's CPU time while its process runs there (rank 1's ended with
+        # its freeze), its energy for the hold after.
+        base = f'job_id="ranks-1",instance="n{rank}:9101",job="exporter"'
+        last = end if rank == "0" else frozen
+        energy[rank] = CPU_WATTS * (last - start)
+        for t in (start + 10.0 * i for i in range(int((last + HOLD - start) // 10) + 1)):
+            ran = min(t, last) - start
+            lines.append(f"process_energy_joules_total{{{base},source=\"cpu\"}} {CPU_WATTS * ran:.3f} {t:.3f}")
+            if t <= last:
+                lines.append(f"process_cpu_time_seconds_total{{{base}}} {ran:.3f} {t:.3f}")
     samples = int(RATE * FROZEN_AFTER)
     return as_openmetrics(lines), {"total_samples": 2 * samples, "total_steps": samples // 8,
-                                   "average_step_seconds": FROZEN_AFTER * 1.5 / (2 * (samples // 8))}
+                                   "average_step_seconds": FROZEN_AFTER * 1.5 / (2 * (samples // 8)),
+                                   "cpu_joules": energy["0"] + energy["1"]}
 
 
 def test_a_rank_unscraped_long_before_the_end_counts_its_samples(tmp_path):
@@ -65,3 +81,18 @@ def test_a_rank_unscraped_long_before_the_end_counts_its_samples(tmp_path):
     assert performance["total_samples"] == trainer["total_samples"] == row["total_samples"]
     assert performance["total_steps"] == trainer["total_steps"]
     assert performance["average_step_seconds"] == pytest.approx(trainer["average_step_seconds"], rel=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["prometheus", "victoria"])
+def test_a_host_whose_rank_ended_long_before_the_end_counts_its_energy(tmp_path, kind):
+    """Energy was read in the minute before rank 0's end alone: rank 1's host had stopped publishing the job's
+    energy (the exporter holds it a minute after the job leaves it) ten minutes before, so its 900 J were left
+    out, and the job read as one whose other host had no readable RAPL. (Both backends: that host's read names its
+    instance in a regular expression, which each parses itself.)"""
+    text, trainer = history(time.time() - 3600)
+    with backfilled_backend(kind, tmp_path, text) as backend, \
+            serve(Settings(prometheus_url=backend.url, recorded_series=False)) as client:
+        response = client.get("/api/training/ranks-1/analytics")
+    assert response.status_code == 200, response.text
+    energy = response.json()["energy"]
+    assert (energy["cpu_joules"], energy["unavailable_reason"]) == (trainer["cpu_joules"], NO_GPU_ENERGY)
