@@ -10,6 +10,7 @@ import hashlib
 import logging
 import os
 import re
+import stat
 import time
 from pathlib import Path
 
@@ -27,6 +28,9 @@ LINE_BREAK = re.compile(r"\r\n|\r|\n")
 # How often a request may look at the tokens file (one stat): a token removed or added takes effect this soon,
 # with no restart (a restart pauses every running job).
 RELOAD_CHECK_SECONDS = 1.0
+# A tokens file is a line per owner: anything larger is no tokens file (a path mistyped to a log, a disk image), and
+# it is read again on a request's thread when it changes (a 200 MB file held every request, /healthz too, for 4 s).
+MAX_TOKENS_FILE_BYTES = 4 << 20
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +40,7 @@ def load_tokens(path: Path, *, none_allowed: bool = False) -> dict[bytes, str]:
     ValueError naming the bad line, and when it holds no token unless none_allowed."""
     tokens: dict[bytes, str] = {}
     lines: dict[bytes, int] = {}
-    raw = Path(path).read_bytes()
+    raw = _read_bounded(Path(path))
     try:
         # utf-8-sig: an editor's byte-order mark is not part of the first token.
         text = raw.decode("utf-8-sig")
@@ -63,6 +67,19 @@ def load_tokens(path: Path, *, none_allowed: bool = False) -> dict[bytes, str]:
     if not tokens and not none_allowed:
         raise ValueError(f"{path}: no tokens")
     return tokens
+
+
+def _read_bounded(path: Path) -> bytes:
+    """The file's bytes, MAX_TOKENS_FILE_BYTES at most; ValueError for anything but a regular file (symlinks
+    followed: a Kubernetes secret's file is one). Opened without waiting: a FIFO at the path held the start, or
+    a request's reload, until something wrote to it; /dev/zero was read without end."""
+    with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as handle:
+        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            raise ValueError(f"{path}: not a regular file")
+        raw = handle.read(MAX_TOKENS_FILE_BYTES + 1)
+    if len(raw) > MAX_TOKENS_FILE_BYTES:
+        raise ValueError(f"{path}: larger than {MAX_TOKENS_FILE_BYTES >> 20} MiB: no tokens file")
+    return raw
 
 
 def exposure(path: Path) -> str | None:

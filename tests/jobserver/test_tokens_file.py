@@ -174,3 +174,33 @@ def test_the_last_token_revoked_lets_no_one_in_and_an_exposed_replacement_is_sai
 
     path.write_text(f"{BOB} bob\nnot a tokens line\n")     # a bad line still leaves the tokens as they were
     assert tokens.owner(f"Bearer {ALICE}") == "alice"
+
+
+def test_a_fifo_a_device_or_a_huge_file_at_the_tokens_path_is_refused_at_once(tmp_path):
+    """A FIFO at the path held the server's start (or a request's reload of the file) until something wrote to
+    it, /dev/zero was read without end, and a 200 MB file held every request 4 s on each change (found in
+    review)."""
+    import os
+    import threading
+
+    from trainmetrics.jobserver import auth
+
+    fifo, huge = tmp_path / "fifo", tmp_path / "huge"
+    os.mkfifo(fifo)
+    huge.write_text((f"{ALICE} alice\n" + "# " + "x" * 100 + "\n") * (auth.MAX_TOKENS_FILE_BYTES // 100))
+    for path, said in ((fifo, "not a regular file"), ("/dev/zero", "not a regular file"), (huge, "larger than")):
+        outcome = []
+
+        def load_it():
+            try:
+                load_tokens(path)
+            except ValueError as error:
+                outcome.append(str(error))
+
+        reader = threading.Thread(target=load_it, daemon=True)
+        reader.start()
+        reader.join(timeout=5)
+        assert outcome and said in outcome[0], (path, outcome)
+    (tmp_path / "linked").symlink_to(huge)
+    huge.write_text(f"{ALICE} alice\n")
+    assert load_tokens(tmp_path / "linked") == {ALICE.encode(): "alice"}    # a symlink is followed (secrets are)
