@@ -40,6 +40,7 @@ def load_tokens(path: Path, *, none_allowed: bool = False) -> dict[bytes, str]:
     ValueError naming the bad line, and when it holds no token unless none_allowed."""
     tokens: dict[bytes, str] = {}
     lines: dict[bytes, int] = {}
+    owners: dict[str, str] = {}         # each owner by its name in lower case
     raw = _read_bounded(Path(path))
     try:
         # utf-8-sig: an editor's byte-order mark is not part of the first token.
@@ -63,6 +64,11 @@ def load_tokens(path: Path, *, none_allowed: bool = False) -> dict[bytes, str]:
         if token in lines:      # one token, two owners: whoever held it would act as the last one, unsaid
             raise ValueError(f"{path}: line {number}: the token of line {lines[token]} again: each owner needs a "
                              "token of its own")
+        if (twin := owners.setdefault(parts[1].lower(), parts[1])) != parts[1]:
+            # Their job ids (`OWNER-...`) would differ in case alone, and name one directory on a case-insensitive
+            # file system: one owner's downloads and resumes would be the other's checkpoints.
+            raise ValueError(f"{path}: line {number}: owner {parts[1]!r} and owner {twin!r} differ in case alone: "
+                             "name them apart")
         tokens[token], lines[token] = parts[1], number
     if not tokens and not none_allowed:
         raise ValueError(f"{path}: no tokens")

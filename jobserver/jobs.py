@@ -154,6 +154,10 @@ class JobService:
         values.setdefault("nproc", 1)
         job = JobRecord(id=job_id, owner=owner, name=name, spec=values, state="queued")
         if not self.store.add_job(job):
+            if self.store.get_job(job_id) is None:      # (another owner's ids differ from the caller's: auth.py)
+                raise ApiError(409, "conflict", f"job_id: a job whose id differs from {job_id!r} in case alone "
+                                                "exists: the two would share a directory on a case-insensitive "
+                                                "file system")
             raise ApiError(409, "conflict", f"job_id: {job_id!r} exists")
         self._start_queued()
         return self._view(self.store.get_job(job_id))

@@ -180,6 +180,11 @@ class JobStore:
         with self._lock:
             return self._db.execute(sql, params).fetchall()
 
+    def _changes(self, sql: str, params: tuple = ()) -> int:
+        """Run a statement that changes rows; how many it changed."""
+        with self._lock:
+            return self._db.execute(sql, params).rowcount
+
     # ----- the server's own life ---------------------------------------------------------------------
     def last_alive(self) -> float | None:
         """When a server last noted that it was up (None: no server has run on this store)."""
@@ -229,16 +234,21 @@ class JobStore:
         return JobRecord(**values)
 
     def add_job(self, job: JobRecord) -> bool:
-        """Persist a new job; False when the id is taken."""
+        """Persist a new job; False when the id is taken, in any case of its letters: a job's directory is named by
+        its id, and on a case-insensitive file system (macOS's by default, SMB, ext4's casefold) `a-Run` and
+        `a-run` shared one (checkpoints, result, log). (One statement: no other insert between the check and this
+        one.)"""
         try:
-            self._execute("INSERT INTO jobs (id, owner, name, spec, state, pid, exit_code, error, resume, created, "
-                          "started, ended, requested, run_token, handle) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                          (job.id, job.owner, job.name, json.dumps(job.spec), job.state, job.pid, job.exit_code,
-                           job.error, int(job.resume), job.created, job.started, job.ended, job.requested,
-                           job.run_token, job.handle))
+            added = self._changes("INSERT INTO jobs (id, owner, name, spec, state, pid, exit_code, error, resume, "
+                                  "created, started, ended, requested, run_token, handle) "
+                                  "SELECT ?,?,?,?,?,?,?,?,?,?,?,?,?,?,? "
+                                  "WHERE NOT EXISTS (SELECT 1 FROM jobs WHERE id = ? COLLATE NOCASE)",
+                                  (job.id, job.owner, job.name, json.dumps(job.spec), job.state, job.pid,
+                                   job.exit_code, job.error, int(job.resume), job.created, job.started, job.ended,
+                                   job.requested, job.run_token, job.handle, job.id))
         except sqlite3.IntegrityError:
             return False
-        return True
+        return added == 1
 
     def get_job(self, job_id: str, owner: str | None = None) -> JobRecord | None:
         """The job, if it exists and (when owner is given) belongs to owner."""

@@ -204,3 +204,10 @@ def test_a_fifo_a_device_or_a_huge_file_at_the_tokens_path_is_refused_at_once(tm
     (tmp_path / "linked").symlink_to(huge)
     huge.write_text(f"{ALICE} alice\n")
     assert load_tokens(tmp_path / "linked") == {ALICE.encode(): "alice"}    # a symlink is followed (secrets are)
+
+
+def test_owners_whose_names_differ_in_case_alone_are_refused(tmp_path):
+    """`alice-run` and `Alice-run`, each owner's own job id, name one directory on a case-insensitive file system:
+    one owner's downloads and resumes would read the other's checkpoints. (Two tokens of one owner are fine.)"""
+    with pytest.raises(ValueError, match="line 3: owner 'Alice' and owner 'alice' differ in case alone"):
+        load(tmp_path, f"{ALICE} alice\n{BOB} alice\nalice-token-other-0123 Alice\n")
