@@ -190,13 +190,13 @@ async def jobs_analytics(client: PrometheusClient, job_ids: list[str], lookback:
                     **q.host(w.window, facts.began, w.end)}
 
         found = await query_parts_many(client, [parts(facts, w) for facts, w in ran], now)
-        again = {i: parts for i, (facts, w) in enumerate(ran) if (parts := _read_again(facts, w, found[i], now))}
+        again = {i: reread for i, (facts, w) in enumerate(ran) if (reread := _read_again(facts, w, found[i], now))}
         if again:
             whole = await query_parts_many(client, list(again.values()), now)
-            for i, parts in zip(again, whole):
+            for i, answers in zip(again, whole):
                 # The hosts' energy read again is theirs alone: the others' stays as their final minutes said.
-                found[i]["energy"] = found[i]["energy"] + parts.pop("energy", [])
-                found[i].update(parts)
+                found[i]["energy"] = found[i]["energy"] + answers.pop("energy", [])
+                found[i].update(answers)
         return found
 
     async def own(facts: JobFacts, w: _Window) -> tuple[dict[str, Peak], list[shapes.Evaluation]]:
