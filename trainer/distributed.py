@@ -142,6 +142,27 @@ def check_same_data(ctx: Distributed, rows: int, digest: str) -> None:
                          "--dataset (the same file on every node)")
 
 
+def check_same_checkpoint(ctx: Distributed, step: int | None, failure: str | None) -> None:
+    """Raise ValueError, on every rank alike, unless every rank found the same checkpoint to resume from (`step`,
+    None for none) or failed alike (`failure`: why none of its checkpoints loads, or why it could not read them).
+    Each rank reads the checkpoint directory itself: one that found another (a --checkpoint-dir local to each node,
+    rank 0's checkpoints on its node alone; a network filesystem's stale listing, without the newest) trained on
+    from other weights and another place in the data, rank 1 silently from step 0, their collectives out of step
+    until the job hung (the process group's 30 minutes)."""
+    said = gather_objects(ctx, (step, failure))
+    if len(set(said)) > 1:
+        found = ", ".join(f"rank {rank}: {_found(*found)}" for rank, found in enumerate(said))
+        raise ValueError(f"the ranks found different checkpoints to resume from ({found}): every rank must read "
+                         "the same --checkpoint-dir (one filesystem shared by every node)")
+
+
+def _found(step: int | None, failure: str | None) -> str:
+    """What one rank found to resume from, in a few words."""
+    if failure is not None:
+        return f"none it could load ({failure[:200]})"
+    return "none" if step is None else f"step {step}"
+
+
 def gather_objects(ctx: Distributed, value) -> list:
     """Every rank's `value`, in rank order (on the gloo control group; every rank must call it)."""
     if not ctx.enabled:

@@ -184,6 +184,20 @@ class Trainer:
                 return f"its model weight {name} has shape {shape}, not {list(tensor.shape)}"
         return None
 
+    def latest_checkpoint(self) -> dict | None:
+        """The newest checkpoint of the job's to resume from (load_latest), the same one on every rank (each reads
+        the directory itself): ValueError on every rank alike when they found others."""
+        try:
+            state = load_latest(self.config.checkpoint_dir, map_location=self.device, foreign=self.foreign)
+        except Exception as error:
+            if not self.dist.enabled:
+                raise
+            # Said to the other ranks before it is raised: they would wait for this one in the check forever.
+            distributed.check_same_checkpoint(self.dist, None, f"{type(error).__name__}: {error}")
+            raise
+        distributed.check_same_checkpoint(self.dist, None if state is None else state["step"], None)
+        return state
+
     def restore(self, state: dict) -> None:
         """Continue from a checkpoint: weights, optimizer, counters and data position, and this rank's own
         metrics state (its losses, evaluations and phases are its own).
@@ -697,7 +711,7 @@ def run_job(config: TrainConfig, stop: StopFlag | None = None) -> int:
             trainer = Trainer(config, dataset, model, device, metrics, stop, ranks)
             if config.resume:
                 with metrics.phase("restore"):
-                    resume_state = load_latest(config.checkpoint_dir, map_location=device, foreign=trainer.foreign)
+                    resume_state = trainer.latest_checkpoint()
                     if resume_state is not None:
                         trainer.restore(resume_state)
             trainer.start()

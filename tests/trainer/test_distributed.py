@@ -312,3 +312,53 @@ def test_rank_0_waits_for_its_peers_after_an_evaluation_or_checkpoint_as_collect
         assert seen == ["eval", "collective"] and metrics.phases.phase == "compute"
     finally:
         metrics.close()
+
+
+def _two_ranks_on_own_dirs(tmp_path, data, *args: str) -> list[int]:
+    """One job as 2 ranks started by hand, each with a checkpoint directory of its own (as on two nodes whose
+    --checkpoint-dir is no shared filesystem); their exit codes (None: still running after 90 s, then killed)."""
+    deadline = time.monotonic() + 90
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    processes = [subprocess.Popen(
+        [sys.executable, "-m", "trainmetrics", "train", "--job-id", "own-dirs-1", "--dataset", str(data),
+         "--batch-size", "8", "--device", "cpu", "--linger-timeout", "0", "--checkpoint-every", "5",
+         "--keep-checkpoints", "0", "--checkpoint-dir", str(tmp_path / f"node{rank}" / "ckpt"),
+         "--result-file", str(tmp_path / "result.json"), *args],
+        env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL) for rank in (0, 1)]
+    codes = []
+    try:
+        for process in processes:
+            try:
+                codes.append(process.wait(timeout=max(deadline - time.monotonic(), 0.1)))
+            except subprocess.TimeoutExpired:
+                codes.append(None)
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    return codes
+
+
+@pytest.mark.parametrize("rank_1_sees", ["none", "the one before"])
+def test_ranks_that_found_different_checkpoints_fail_the_resume_at_once_saying_so(tmp_path, rank_1_sees):
+    """Each rank resumes from the newest checkpoint it finds itself. One that found another (a --checkpoint-dir
+    local to each node: rank 0's checkpoints on its own; a network filesystem's stale listing: the one before)
+    went on from there, rank 1 silently from step 0: the ranks trained on from other weights and other places in
+    the data, their collectives out of step, and the job hung."""
+    data = tmp_path / "data.csv"
+    data.write_text("x,label\n" + "".join(f"{i / 200:.4f},{i % 2}\n" for i in range(200)))
+    assert _two_ranks_on_own_dirs(tmp_path, data, "--epochs", "1") == [0, 0]      # 10 steps: checkpoints 5, 10
+    written = list_checkpoints(tmp_path / "node0" / "ckpt")
+    assert [checkpoint.step for checkpoint in written] == [5, 10]
+    assert list_checkpoints(tmp_path / "node1" / "ckpt") == []
+    if rank_1_sees == "the one before":
+        (tmp_path / "node1" / "ckpt" / written[0].path.name).write_bytes(written[0].path.read_bytes())
+
+    assert _two_ranks_on_own_dirs(tmp_path, data, "--epochs", "3", "--resume") == [1, 1]
+    rank_1_found = "none" if rank_1_sees == "none" else "step 5"
+    for path in (tmp_path / "result.json", tmp_path / "result.rank1.json"):
+        said = read_result(path)
+        assert said["state"] == "failed" and "the ranks found different checkpoints" in said["error"], said
+        assert f"rank 0: step 10, rank 1: {rank_1_found}" in said["error"]
