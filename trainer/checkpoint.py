@@ -13,7 +13,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from trainmetrics.jobfiles import FINAL_MODEL_NAME, Checkpoint, checkpoint_name, list_checkpoints, sync_directory
+from trainmetrics.jobfiles import (FINAL_MODEL_NAME, Checkpoint, checkpoint_name, list_checkpoints, open_regular,
+                                   sync_directory)
 
 __all__ = ["FINAL_MODEL_NAME", "NoReadableCheckpoint", "atomic_save", "ensure_writable_dir", "list_checkpoints",
            "load_latest", "save_checkpoint"]
@@ -38,10 +39,12 @@ def _remove_unless_being_written(leftover: Path) -> None:
     """Remove an atomic_save temp file no live writer holds. Its writer locks it while writing (the kernel drops
     the lock when the writer dies): a second start of the job on the directory (refused later, its job id claimed
     by the live process) removed the running job's checkpoint as it was written, and that job failed on the rename
-    (FileNotFoundError)."""
+    (FileNotFoundError). Only a regular file is one of ours (open_regular): a FIFO planted at such a name in a
+    shared directory blocked the open, and the job's start, for good; a directory failed every start as bad input
+    (unlink: `Is a directory`)."""
     try:
-        fd = os.open(leftover, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:         # gone already, or no file of ours (a link)
+        fd = open_regular(leftover, os.O_RDONLY)
+    except OSError:         # gone already, or no file of ours (a link, a FIFO, a directory)
         return
     try:
         try:

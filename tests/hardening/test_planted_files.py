@@ -16,6 +16,7 @@ import pytest
 
 from trainmetrics.jobmap import JobMapping, write_job_mapping
 from trainmetrics.jobserver import stacks
+from trainmetrics.trainer.checkpoint import ensure_writable_dir
 from trainmetrics.trainer.discovery import write_target_file
 from trainmetrics.trainer.watchdog import open_stacks_file
 
@@ -23,11 +24,16 @@ DEADLINE_SECONDS = 3
 VICTIM_TEXT = "the victim's own file\n"
 
 
+class Blocked(Exception):
+    """A call still blocked at its deadline. No OSError (TimeoutError is one): code that takes a failed open for
+    a file to pass over caught it, and a call that blocked passed its test."""
+
+
 @contextlib.contextmanager
 def deadline(seconds: float = DEADLINE_SECONDS):
-    """Raise TimeoutError in the block after `seconds` (a blocked open is interrupted and not retried)."""
+    """Raise Blocked in the block after `seconds` (a blocked open is interrupted and not retried)."""
     def expire(signum, frame):
-        raise TimeoutError(f"still blocked after {seconds} s")
+        raise Blocked(f"still blocked after {seconds} s")
 
     previous = signal.signal(signal.SIGALRM, expire)
     signal.setitimer(signal.ITIMER_REAL, seconds)
@@ -122,6 +128,27 @@ def test_a_planted_stacks_file_sends_the_stacks_to_stderr_without_blocking_the_j
     assert (file, name, owned) == (sys.stderr, "stderr", False)
     assert "stacks.rank0.txt" in caplog.text
     assert victim.read_text() == VICTIM_TEXT
+
+
+@pytest.mark.parametrize("kind", ["fifo", "symlink", "directory", "hard link"])
+@pytest.mark.parametrize("temp_name", [".step-000000010.pt.0123456789abcdef.tmp", ".model.pt.0123456789abcdef.tmp"])
+def test_a_file_planted_at_a_checkpoints_temp_name_neither_blocks_nor_fails_the_jobs_start(tmp_path, victim, kind,
+                                                                                           temp_name):
+    """A job's start removes the temp files a writer killed mid-checkpoint left: it opened whatever was at such a
+    name to see whether a live writer locked it, so a FIFO there blocked the start for good (before the job served
+    its metrics or wrote a result), and a directory failed every start as bad input (`--checkpoint-dir: ... is not
+    writable: Is a directory`). Only a regular file is one of ours; the killed writer's own is still removed."""
+    checkpoints = tmp_path / "ckpt"
+    checkpoints.mkdir()
+    plant(checkpoints / temp_name, kind, victim)
+    killed_writers = checkpoints / ".step-000000020.pt.fedcba9876543210.tmp"
+    killed_writers.write_bytes(b"half a checkpoint")
+    with deadline():
+        ensure_writable_dir(checkpoints)
+    assert not killed_writers.exists()
+    assert victim.read_text() == VICTIM_TEXT
+    if kind != "hard link":         # (the victim under a temp name: its name may go, the victim stays)
+        assert os.path.lexists(checkpoints / temp_name)
 
 
 def test_a_fifo_with_a_reader_is_refused_too(tmp_path):
