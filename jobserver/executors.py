@@ -72,6 +72,10 @@ class Executor(Protocol):
     def request_stacks(self, run: Run) -> bool:
         """Ask every rank of the run to write its thread stacks (SIGUSR2); True when the request went out."""
 
+    def reap(self) -> None:
+        """At each tick, after the polls: collect the exits of the server's children that no run's poll reads (the
+        orphans of local jobs' processes, where the server is pid 1 or a subreaper)."""
+
     def check(self) -> dict:
         """For /healthz: what the executor says of itself; raises when it cannot run jobs now."""
 

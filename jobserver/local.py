@@ -7,6 +7,7 @@ their command line (run_processes), and a launcher's end kills the workers it le
 restart or stop them, and a resume must never train beside them)."""
 
 import contextlib
+import ctypes
 import logging
 import os
 import subprocess
@@ -26,12 +27,19 @@ log = logging.getLogger("trainmetrics.server")
 JOB_DIR_FLAG = "--diagnostics-dir"
 # A killed process is waited for this long (SIGKILL takes effect at once, except in an uninterruptible wait).
 KILL_WAIT_SECONDS = 2.0
+# prctl(2): whether this process is a child subreaper (its descendants' orphans become its children; Linux).
+PR_GET_CHILD_SUBREAPER = 37
 
 
 class LocalExecutor:
     """Starts, polls and signals job processes on this machine."""
 
     name = "local"
+
+    def __init__(self):
+        # The launchers this executor started whose exit no Popen has collected yet, by pid (reap()).
+        self._launchers: dict[int, subprocess.Popen] = {}
+        self._reaper = _orphans_come_here()
 
     def command(self, nproc: int, train_args: list[str]) -> list[str]:
         """The full command line: `trainmetrics train ARGS`, under torchrun for several processes."""
@@ -57,6 +65,7 @@ class LocalExecutor:
         with open(job_dir / LOG_NAME, "ab") as log_file:
             process = subprocess.Popen(self.command(nproc, train_args), stdout=log_file, stderr=subprocess.STDOUT,
                                        stdin=subprocess.DEVNULL, start_new_session=True, env={**os.environ, **env})
+        self._launchers[process.pid] = process
         return Run(job_id, str(process.pid), job_dir, process.pid, process)
 
     def check(self) -> dict:
@@ -82,6 +91,8 @@ class LocalExecutor:
         if run.process is not None:
             code = run.process.poll()
             ended = code is not None
+            if ended:
+                self._launchers.pop(run.process.pid, None)
         else:
             ended, code = _job_process(run.pid, run.job_id, run.job_dir) is None, None
         if ended and not _kill_leftovers(run):
@@ -118,6 +129,29 @@ class LocalExecutor:
     def request_stacks(self, run: Run) -> bool:
         """SIGUSR2 to every trainer process of the job (never to torchrun, which it would kill)."""
         return _send(run, STACKS_SIGNAL)
+
+    def reap(self) -> None:
+        """Collect the exit of every process of a job that ended as this server's child without being one it
+        started: where the server is pid 1 (a container's first process) or a subreaper, the ranks a killed
+        torchrun leaves and a killed rank's DataLoader workers become its children, and each one that ended (the
+        kill of a cancel past its grace, of a dead launcher's leftovers) stayed a zombie for the server's life,
+        one pid each. A launcher's exit is left to its Popen (poll reads its exit code there). Nothing to do
+        elsewhere: orphans go to init, and the server's only children are the launchers."""
+        if not self._reaper:
+            return
+        while True:
+            try:
+                ended = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)     # looked at, not collected
+            except ChildProcessError:
+                return
+            if ended is None:
+                return
+            launcher = self._launchers.pop(ended.si_pid, None)
+            if launcher is not None:
+                launcher.poll()
+            else:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(ended.si_pid, os.WNOHANG)
 
 
 def run_processes(run: Run) -> list[psutil.Process]:
@@ -196,6 +230,19 @@ def _hold(run: Run, outcome: str | None) -> None:
         run.undelivered = None
         with contextlib.suppress(OSError):      # gone already, or a directory the job put there (no stop)
             path.unlink()
+
+
+def _orphans_come_here() -> bool:
+    """True when the orphans of this process's descendants become its children: it is pid 1 (of its pid
+    namespace: a container's first process) or a child subreaper."""
+    if os.getpid() == 1:
+        return True
+    try:
+        flag = ctypes.c_int(0)
+        return ctypes.CDLL(None, use_errno=True).prctl(PR_GET_CHILD_SUBREAPER, ctypes.byref(flag)) == 0 and \
+            flag.value != 0
+    except (AttributeError, OSError):        # no prctl (not Linux)
+        return False
 
 
 def _alive(process: psutil.Process) -> bool:

@@ -385,6 +385,9 @@ class RayExecutor:
         _replace(path, str(number + 1))
         return True
 
+    def reap(self) -> None:
+        """Nothing to collect: a Ray job's processes are no children of the server."""
+
     def check(self) -> dict:
         """Ray's head answers its version (one request, not through the client the state thread uses)."""
         try:

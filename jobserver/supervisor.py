@@ -334,6 +334,7 @@ class Supervisor:
             ended, code = self.executor.poll(run)
             if ended:
                 self._reap(job_id, code)
+        self.executor.reap()
         queued = self.store.queued_jobs()
         self._deferred = {job.id: self._deferred[job.id] for job in queued if job.id in self._deferred}
         held_back = False       # this pass's start found the executor unable to start any

@@ -151,6 +151,50 @@ def test_the_workers_of_a_launcher_gone_with_the_server_are_killed_at_the_restar
     assert processes_naming(supervisor.job_path("gone-with-server")) == []
 
 
+# A server that orphans come to (a container's pid 1; here a subreaper, which the kernel treats alike): it
+# cancels a hung 2-rank job, kills it after the grace, ticks on, and prints its children that are zombies.
+REAPER_SERVER = textwrap.dedent("""
+    import ctypes, sys, time
+    from pathlib import Path
+    import psutil
+    from tests.jobserver.test_escalation import HungTorchrun
+    from trainmetrics.jobserver.store import JobRecord, JobStore
+    from trainmetrics.jobserver.supervisor import Supervisor
+
+    assert ctypes.CDLL(None, use_errno=True).prctl(36, 1) == 0      # PR_SET_CHILD_SUBREAPER
+    store = JobStore(Path(sys.argv[1]) / "db.sqlite")
+    supervisor = Supervisor(store, Path(sys.argv[1]), None, max_concurrent=1, executor=HungTorchrun(),
+                            cancel_grace=0.5)
+    store.add_job(JobRecord(id="hung", owner="default", name="hung", state="queued",
+                            spec={"model": "mlp", "dataset": "blobs", "nproc": 2}))
+    supervisor.tick()
+    while len(psutil.Process(supervisor.runs["hung"].pid).children()) < 2:
+        time.sleep(0.05)
+    supervisor.request_stop(store.get_job("hung"), "cancelled")
+    deadline = time.monotonic() + 20
+    while store.get_job("hung").state == "running" and time.monotonic() < deadline:
+        supervisor.tick()
+        time.sleep(0.05)
+    supervisor.tick()
+    print(store.get_job("hung").state, [child.pid for child in psutil.Process().children()
+                                        if child.status() == psutil.STATUS_ZOMBIE])
+""")
+
+
+def test_a_server_that_orphans_come_to_leaves_no_zombie_of_a_killed_job(tmp_path):
+    """A job server that is pid 1 (the first process of a container) gets the orphans of its jobs: the ranks a
+    killed torchrun leaves. Killed by the server (a cancel past its grace), each stayed a zombie for the server's
+    life, as nothing but the launchers' Popen was ever waited for."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("child subreapers are Linux's")
+    repository = Path(__file__).resolve().parents[2]
+    said = subprocess.run([sys.executable, "-c", REAPER_SERVER, str(tmp_path)], cwd=repository, timeout=60,
+                          capture_output=True, text=True)
+    assert said.returncode == 0, said.stderr
+    assert said.stdout.split(None, 1) == ["cancelled", "[]\n"]
+    assert processes_naming(tmp_path / "jobs" / "hung") == []
+
+
 # A trainer with a forked child, as a DataLoader worker is: the same command line, its parent the trainer.
 FORKING_TRAINER = textwrap.dedent("""
     import os, time
