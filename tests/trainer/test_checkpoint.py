@@ -502,3 +502,22 @@ def test_a_checkpoint_being_written_is_no_leftover_for_another_start_of_the_job(
     assert failures == []
     assert [c.step for c in ckpt.list_checkpoints(tmp_path)] == [3]
     assert [p.name for p in tmp_path.iterdir()] == [ckpt.checkpoint_name(3)]
+
+
+def test_a_checkpoint_with_a_compressed_entry_is_skipped_when_resuming(tmp_path, caplog):
+    """torch.save stores every entry as it is; torch.load inflates a deflated one: a planted file of 290 KB (one
+    tensor of zeros, deflated) took 300 MB of the resuming process's memory, a larger one the OOM killer's at every
+    resume (found in review). A compressed entry is no trainer's checkpoint: the one before it is taken."""
+    import zipfile
+
+    ckpt.save_checkpoint(tmp_path, {"step": 1, "w": torch.ones(2)})
+    ckpt.save_checkpoint(tmp_path, {"step": 2, "w": torch.zeros(1 << 16)})
+    stored = tmp_path / ckpt.checkpoint_name(2)
+    with zipfile.ZipFile(stored) as archive:
+        entries = {entry.filename: archive.read(entry) for entry in archive.infolist()}
+    with zipfile.ZipFile(stored, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in entries.items():
+            archive.writestr(name, data)
+    assert stored.stat().st_size < 4096 and torch.load(stored, weights_only=True)["step"] == 2     # it would load
+    assert ckpt.load_latest(tmp_path)["step"] == 1
+    assert f"{ckpt.checkpoint_name(2)} holds a compressed entry" in caplog.text
