@@ -229,15 +229,16 @@ def wait_http(url: str, process: subprocess.Popen, timeout: float = 60) -> None:
     import httpx
 
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"it exited with code {process.returncode}")
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
+    with httpx.Client(timeout=1) as poller:     # one for every poll: httpx.get() builds a TLS context each time
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"it exited with code {process.returncode}")
+            try:
+                if poller.get(url).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
     raise RuntimeError(f"{url} did not answer within {timeout}s")
 
 
