@@ -243,9 +243,24 @@ def _read_again(facts: JobFacts, w: _Window, found: dict[str, list[dict]], now: 
     if not found["samples"] or _ranks_missing(facts, found):
         parts.update(q.job_totals(facts.job_id, w.final_window, w.final_time))
     counted = {labels.get("instance", "") for labels, _ in rows(found.get("energy", []))}
-    if unread := sorted({labels.get("instance", "") for labels, _ in rows(found.get("cpu_hosts", []))} - counted):
+    if unread := sorted(_hosts(found) - counted - _shown_at_a_final(facts)):
         parts.update(q.job_energy_on_hosts(facts.job_id, unread, w.final_window, w.final_time, now))
     return parts
+
+
+def _hosts(found: dict[str, list[dict]]) -> set[str]:
+    """The node exporters (instances) that attributed the job over its window."""
+    return {labels.get("instance", "") for labels, _ in rows(found.get("cpu_hosts", []))}
+
+
+def _shown_at_a_final(facts: JobFacts) -> set[str]:
+    """The exporters attributing the job now whose CPU time was sampled in a final instant's last minute, where
+    its energy is read: an exporter publishes the job's energy count beside its CPU time as long as it counts any,
+    so one of these without a count there has no energy source (no RAPL readable, no GPU counter: a cloud VM's, a
+    container's), and its whole run holds none either. Read again, it cost every request of a running job there
+    one more round of requests."""
+    return {instance for instance, at in facts.attributing.items()
+            if any(final - q.LAST_VALUES_SECONDS < at <= final for final in facts.finals or ())}
 
 
 def _ranks_missing(facts: JobFacts, found: dict[str, list[dict]]) -> bool:

@@ -1,7 +1,7 @@
 """Finding a job by id over the lookback window: its processes (rank 0's: a resumed job has one per run), its
 state, when it ran and when it stopped (JobFacts). Queries come from queries.py only."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from trainmetrics.analytics import queries as q
 from trainmetrics.analytics.prometheus import PrometheusClient
@@ -139,6 +139,8 @@ class JobFacts:
     now: float
     # A node exporter attributes the job's processes now: its energy counts may still grow.
     attributed_now: bool = False
+    # When each node exporter (instance) that attributes the job's processes now last showed its CPU time.
+    attributing: dict[str, float] = field(default_factory=dict)
     # Some process of the job, of any rank, is scraped now (`processes` are rank 0's only): one of another rank
     # may still have its final scrape, with its last counts, to come.
     any_rank_live: bool = False
@@ -339,6 +341,7 @@ class _Lookup:
         self.ended: list[Process] = []
         self.fingerprint: frozenset = frozenset()
         self.attributed_now = False
+        self.attributing: dict[str, float] = {}
         self.started_keys: set[str] = set()     # every process that started over the lookback (rank 0)
         self.spawned_keys: set[str] = set()     # every process that began over the lookback (rank 0)
         self.any_rank_live = False              # some process of the job, of any rank, is scraped now
@@ -387,6 +390,8 @@ class _Lookup:
         staleness window, or are going stale (read just before their final scrape), None when there are none."""
         self.absorb(found, live=True)
         self.fingerprint = fingerprint(found)
+        self.attributing = {labels.get("instance", ""): value for labels, value in rows(found.get("attributed", []))
+                            if value is not None}
         self.attributed_now = bool(found.get("attributed"))
         self.any_rank_live = any(rows(found.get(part, [])) for part in ("heartbeat", "start"))
         self.started_keys = {process_of(labels) for labels, _ in rows(found.get("starts", []))
@@ -432,7 +437,7 @@ class _Lookup:
                         upload_seconds=max(self.upload) if self.upload else None,
                         owners=frozenset(labels.get("owner", "") for labels in self.info),
                         fingerprint=self.fingerprint, now=now, attributed_now=self.attributed_now,
-                        any_rank_live=self.any_rank_live)
+                        attributing=self.attributing, any_rank_live=self.any_rank_live)
 
 
 def owned_by(owners: frozenset[str], owner: str | None) -> bool:

@@ -200,7 +200,10 @@ def job_recent(job_id: str, lookback: float, now: float) -> dict[str, str]:
         "spawns": f"last_over_time({job_selector(Trainer.PROCESS_START, job_id)}{over(lookback, now)})",
         # A node exporter that still attributes the job's processes (its CPU series live): its energy counts
         # for the job are final only in its first scrape without them.
-        "attributed": f"count by (instance) ({job_selector(Node.JOB_CPU_SECONDS, job_id)} @ {timestamp_literal(now)})",
+        # (Its CPU time's last sample, when: one within a final's last minute shows the job's energy count there
+        # if the exporter counts any, and one without has no energy source: job._read_again.)
+        "attributed": f"max by (instance) (timestamp({job_selector(Node.JOB_CPU_SECONDS, job_id)} "
+                      f"@ {timestamp_literal(now)}))",
         **_lookup(job_id, f"@ {timestamp_literal(now)}", instant=True),
     }
 

@@ -9,7 +9,8 @@ import pytest
 from trainmetrics.analytics.app import Settings
 from trainmetrics.analytics.job import NO_GPU_ENERGY
 
-from .conftest import as_openmetrics, backfilled_backend, backfilled_prometheus, running, serve
+from .conftest import (as_openmetrics, backfilled_backend, backfilled_prometheus, running, scraped_job,
+                       serve)
 
 pytestmark = pytest.mark.slow
 
@@ -96,3 +97,45 @@ def test_a_host_whose_rank_ended_long_before_the_end_counts_its_energy(tmp_path,
     assert response.status_code == 200, response.text
     energy = response.json()["energy"]
     assert (energy["cpu_joules"], energy["unavailable_reason"]) == (trainer["cpu_joules"], NO_GPU_ENERGY)
+
+
+def running_jobs(written: float) -> str:
+    """Two one-process jobs training now, each on a host of its own whose node exporter attributes it (its CPU
+    time): `rapl-1`'s exporter counts its energy, `cpuonly-1`'s has no energy source (no RAPL readable, no GPU: a
+    cloud VM's, a container's) and so publishes no energy count at all."""
+    start, lines = written - 600.0, []
+    for job_id, host, energy in (("rapl-1", "n0:9101", True), ("cpuonly-1", "n1:9101", False)):
+        base = f'job_id="{job_id}",instance="h:{host}",job="trainer",rank="0"'
+        exporter = f'job_id="{job_id}",instance="{host}",job="exporter"'
+        for t in (start + 10.0 * i for i in range(61)):
+            lines += scraped_job(base, 'job_name="r",model="mlp",dataset="blobs",owner="a",device="cpu"',
+                                 start, written + 3600, t)
+            lines.append(f"process_cpu_time_seconds_total{{{exporter}}} {t - start:.3f} {t:.3f}")
+            if energy:
+                lines.append(f'process_energy_joules_total{{{exporter},source="cpu"}} {CPU_WATTS * (t - start):.3f} '
+                             f"{t:.3f}")
+    return as_openmetrics(lines)
+
+
+def prometheus_requests(client) -> float:
+    """The requests the analytics made to their backend so far (their own counter)."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in client.get("/metrics").text.splitlines()
+               if line.startswith("analytics_prometheus_requests_total{"))
+
+
+@pytest.mark.parametrize("kind", ["prometheus", "victoria"])
+def test_a_running_job_on_a_host_without_an_energy_source_costs_no_extra_read(tmp_path, kind):
+    """A host that attributes the job now and shows no energy count has no energy source: its exporter publishes
+    the job's energy beside its CPU time as long as it counts any. Read again over the whole run, as a host whose
+    processes ended first is, every analytics request of a running job on such a host (a cloud VM's, a
+    container's: no readable RAPL) made one more round of requests to the backend after the first, for nothing."""
+    with backfilled_backend(kind, tmp_path, running_jobs(time.time())) as backend, \
+            serve(Settings(prometheus_url=backend.url, recorded_series=False)) as client:
+        made = {}
+        for job_id in ("rapl-1", "cpuonly-1"):
+            before = prometheus_requests(client)
+            response = client.get(f"/api/training/{job_id}/analytics")
+            assert response.status_code == 200, response.text
+            assert response.json()["status"] == "running"
+            made[job_id] = prometheus_requests(client) - before
+    assert made["cpuonly-1"] == made["rapl-1"], made
