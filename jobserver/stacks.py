@@ -49,6 +49,10 @@ QUIET_SECONDS = 2.0
 MAX_CUT_DUMPS = 4
 # At most this much of each rank's stacks is returned (a dump of a few hundred threads is far less).
 MAX_STACK_BYTES = 256 * 1024
+# What a rank's text may take of the answer's JSON: twice what was read, what the read's ASCII text takes at most
+# (a quote, a backslash, a newline or a tab escaped in two bytes). Bounded at MAX_STACK_BYTES, a real dump read
+# whole (faulthandler's ASCII, its lines' newlines and file names' quotes escaped: a few percent more) was cut.
+MAX_STACK_JSON_BYTES = 2 * MAX_STACK_BYTES
 # A rank's stacks file holding more than this is emptied before its rank is asked again: every request appends a
 # dump (2.3 KB for a CPU trainer's threads, more with many), and a client asking every 5 s (the most that asks the
 # ranks anew) added ~40 MB a day to each rank's file, without end. The rank writes with O_APPEND: its next dump
@@ -115,16 +119,16 @@ def _json_bytes(text: str) -> int:
 
 def _servable(raw: bytes) -> str:
     """A rank's stacks as served: decoded as UTF-8, anything else and every control character but the newline and
-    the tab replaced by U+FFFD, and its tail whose JSON takes MAX_STACK_BYTES at most. faulthandler writes ASCII
-    alone (a file name's other characters escaped); a job's process can write what it likes, and 256 KiB of NUL
-    bytes were 1.5 MiB of JSON (\u0000 each), 96 MiB for a 64-rank job's answer."""
+    the tab replaced by U+FFFD, and its tail whose JSON takes MAX_STACK_JSON_BYTES at most. faulthandler writes
+    ASCII alone (a file name's other characters escaped), never cut so; a job's process can write what it likes,
+    and 256 KiB of NUL bytes were 1.5 MiB of JSON (\u0000 each), 96 MiB for a 64-rank job's answer."""
     text = CONTROL.sub("\ufffd", raw.decode("utf-8", "replace"))
-    if _json_bytes(text) <= MAX_STACK_BYTES:
+    if _json_bytes(text) <= MAX_STACK_JSON_BYTES:
         return text
     kept, cut = 0, len(text)           # the longest tail that fits, searched for: len(text) - cut characters
     while kept < cut:
         middle = (kept + cut + 1) // 2
-        kept, cut = (middle, cut) if _json_bytes(text[-middle:]) <= MAX_STACK_BYTES else (kept, middle - 1)
+        kept, cut = (middle, cut) if _json_bytes(text[-middle:]) <= MAX_STACK_JSON_BYTES else (kept, middle - 1)
     return text[len(text) - kept:]
 
 

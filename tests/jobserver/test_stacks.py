@@ -252,8 +252,8 @@ def test_a_file_of_many_tiny_watchdog_dumps_is_not_cut_one_by_one(tmp_path, monk
 def test_a_stacks_file_of_control_bytes_and_no_utf_8_is_served_within_its_bound_as_json(tmp_path):
     """A job's process can fill its stacks files with what it likes: 256 KiB of NUL bytes were 1.5 MiB of the
     answer's JSON (`\\u0000` each), and bytes that are no UTF-8 3 bytes each (U+FFFD): 96 MiB for a 64-rank job.
-    The answer as the route sends it (Starlette's JSONResponse) holds MAX_STACK_BYTES of each rank at most, its
-    tail, newlines, tabs and a real dump's text kept."""
+    The answer as the route sends it (Starlette's JSONResponse) holds MAX_STACK_JSON_BYTES of each rank at most
+    (twice the read: the read's ASCII text, escaped, fits), its tail, newlines, tabs and a real dump's text kept."""
     from starlette.responses import JSONResponse
 
     dump = real_dump(tmp_path)
@@ -264,8 +264,49 @@ def test_a_stacks_file_of_control_bytes_and_no_utf_8_is_served_within_its_bound_
     answer = stacks.earlier(tmp_path, len(hostile))
     for rank in answer["ranks"]:
         served = len(JSONResponse(rank["stacks"]).body)
-        assert served <= stacks.MAX_STACK_BYTES + 2, (rank["rank"], served)      # (+2: the string's quotes)
+        assert served <= stacks.MAX_STACK_JSON_BYTES + 2, (rank["rank"], served)      # (+2: the string's quotes)
     texts = {rank["rank"]: rank["stacks"] for rank in answer["ranks"]}
-    assert set(texts[0]) == set(texts[1]) == {"\ufffd"} and len(texts[1]) == stacks.MAX_STACK_BYTES // 3
-    assert texts[2].endswith('"\\\n\t') and len(texts[2]) == stacks.MAX_STACK_BYTES // 2
+    assert set(texts[0]) == set(texts[1]) == {"\ufffd"} and len(texts[1]) == stacks.MAX_STACK_JSON_BYTES // 3
+    assert texts[2].endswith('"\\\n\t') and len(texts[2]) == stacks.MAX_STACK_BYTES      # all escaped: it fits
     assert texts[3] == "\ufffd" * 3000 + dump.decode()                  # fits: cut nowhere, the dump as it is
+
+
+# A program run as `python -m`, its threads each deep in a recursion (past faulthandler's 100 frames), dumping
+# them all as a rank's signal handler does; its size: the number of threads.
+DEEP_DUMPER = """
+import faulthandler, sys, threading
+
+threads = int(sys.argv[1])
+ready, done = threading.Barrier(threads + 1), threading.Event()
+
+def down(depth):
+    if depth:
+        return down(depth - 1)
+    ready.wait()
+    done.wait()
+
+for _ in range(threads):
+    threading.Thread(target=down, args=(120,), daemon=True).start()
+ready.wait()
+faulthandler.dump_traceback(file=sys.stdout, all_threads=True)
+"""
+
+
+def deep_dump(tmp_path, threads: int) -> bytes:
+    (tmp_path / "deep_dumper.py").write_text(DEEP_DUMPER)
+    return subprocess.run([sys.executable, "-m", "deep_dumper", str(threads)], cwd=tmp_path, capture_output=True,
+                          check=True).stdout
+
+
+def test_a_real_dump_that_fits_the_read_is_served_whole(tmp_path):
+    """A dump of many deep threads within the MAX_STACK_BYTES read (faulthandler's ASCII) takes a few percent more
+    in JSON (each line's newline and its file name's quotes escaped): bounded at MAX_STACK_BYTES of JSON, such a
+    real dump, whole in the read, was served cut mid-line at its head, its first threads gone, and still marked
+    complete."""
+    one, two = len(deep_dump(tmp_path, 1)), len(deep_dump(tmp_path, 2))
+    dump = deep_dump(tmp_path, 1 + (stacks.MAX_STACK_BYTES - one) // (two - one))
+    assert len(dump) <= stacks.MAX_STACK_BYTES < stacks._json_bytes(dump.decode())       # the case in question
+    before = stacks.sizes(tmp_path, 1)
+    (tmp_path / "stacks.rank0.txt").write_bytes(dump)
+    answer = asyncio.run(stacks.collect(tmp_path, before))
+    assert answer["ranks"] == [{"rank": 0, "stacks": dump.decode(), "complete": True}]
