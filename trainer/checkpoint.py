@@ -129,12 +129,15 @@ def _compressed_entry(path: Path) -> str | None:
     """The name of an entry of the checkpoint's zip archive that is compressed, if one is. torch.save stores every
     entry as it is, and torch.load inflates what it finds: a file planted in a checkpoint directory, 290 KB of one
     deflated tensor, took 300 MB of the resuming process's memory (the OOM killer's, for a larger one, at every
-    resume). Not a zip archive (truncated, another format): torch.load says what it is."""
+    resume). Not a zip archive (truncated, another format): torch.load says what it is. So for whatever else
+    zipfile refuses in a damaged file: a "version needed to extract" past its own raised NotImplementedError out
+    of load_latest, the resume failed whole where torch.load (miniz, which ignores that field) loaded the file,
+    and any failure of it only sends the resume to the checkpoint before."""
     try:
         with zipfile.ZipFile(path) as archive:
             return next((entry.filename[:80] for entry in archive.infolist()
                          if entry.compress_type != zipfile.ZIP_STORED), None)
-    except (OSError, zipfile.BadZipFile, ValueError, EOFError):      # (ValueError: a negative offset in a header)
+    except Exception:       # (BadZipFile, OSError, ValueError: a negative offset, NotImplementedError, EOFError...)
         return None
 
 
