@@ -25,6 +25,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY, owner TEXT NOT NULL, name TEXT NOT NULL, spec TEXT NOT NULL, state TEXT NOT NULL,
     pid INTEGER, exit_code INTEGER, error TEXT, resume INTEGER NOT NULL DEFAULT 0,
     created REAL NOT NULL, started REAL, ended REAL);
+-- add_job's look for an id in any case of its letters (not unique: a database may hold such ids from before)
+CREATE INDEX IF NOT EXISTS jobs_by_id_in_any_case ON jobs (id COLLATE NOCASE);
 CREATE TABLE IF NOT EXISTS endpoints (
     job_id TEXT NOT NULL, rank INTEGER NOT NULL, address TEXT NOT NULL, scheme TEXT NOT NULL,
     PRIMARY KEY (job_id, rank));
@@ -147,6 +149,7 @@ class JobStore:
 
     def __init__(self, path: Path):
         self._lock = threading.Lock()
+        self._adding = threading.Lock()     # add_job's check and insert, together
         try:
             self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
             self._db.row_factory = sqlite3.Row
@@ -179,11 +182,6 @@ class JobStore:
     def _execute(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
         with self._lock:
             return self._db.execute(sql, params).fetchall()
-
-    def _changes(self, sql: str, params: tuple = ()) -> int:
-        """Run a statement that changes rows; how many it changed."""
-        with self._lock:
-            return self._db.execute(sql, params).rowcount
 
     # ----- the server's own life ---------------------------------------------------------------------
     def last_alive(self) -> float | None:
@@ -236,19 +234,20 @@ class JobStore:
     def add_job(self, job: JobRecord) -> bool:
         """Persist a new job; False when the id is taken, in any case of its letters: a job's directory is named by
         its id, and on a case-insensitive file system (macOS's by default, SMB, ext4's casefold) `a-Run` and
-        `a-run` shared one (checkpoints, result, log). (One statement: no other insert between the check and this
-        one.)"""
-        try:
-            added = self._changes("INSERT INTO jobs (id, owner, name, spec, state, pid, exit_code, error, resume, "
-                                  "created, started, ended, requested, run_token, handle) "
-                                  "SELECT ?,?,?,?,?,?,?,?,?,?,?,?,?,?,? "
-                                  "WHERE NOT EXISTS (SELECT 1 FROM jobs WHERE id = ? COLLATE NOCASE)",
-                                  (job.id, job.owner, job.name, json.dumps(job.spec), job.state, job.pid,
-                                   job.exit_code, job.error, int(job.resume), job.created, job.started, job.ended,
-                                   job.requested, job.run_token, job.handle, job.id))
-        except sqlite3.IntegrityError:
-            return False
-        return added == 1
+        `a-run` shared one (checkpoints, result, log). The check and the insert under one lock, so that no other
+        insert of this server comes between them (one server per data dir: its lock file)."""
+        with self._adding:
+            if self._execute("SELECT 1 FROM jobs WHERE id = ? COLLATE NOCASE LIMIT 1", (job.id,)):
+                return False
+            try:
+                self._execute("INSERT INTO jobs (id, owner, name, spec, state, pid, exit_code, error, resume, created, "
+                              "started, ended, requested, run_token, handle) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                              (job.id, job.owner, job.name, json.dumps(job.spec), job.state, job.pid, job.exit_code,
+                               job.error, int(job.resume), job.created, job.started, job.ended, job.requested,
+                               job.run_token, job.handle))
+            except sqlite3.IntegrityError:
+                return False
+        return True
 
     def get_job(self, job_id: str, owner: str | None = None) -> JobRecord | None:
         """The job, if it exists and (when owner is given) belongs to owner."""
