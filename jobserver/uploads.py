@@ -15,7 +15,8 @@ import anyio
 from starlette.requests import Request
 
 from trainmetrics.contract import CONTROL_CHARACTERS
-from trainmetrics.datafiles import DEFAULT_TARGET, DatasetError, TargetColumnError, read_csv, read_npz
+from trainmetrics.datafiles import (DEFAULT_TARGET, DatasetError, TargetColumnError, read_csv, read_npz,
+                                    regression_target_problem, smallest_batch)
 from trainmetrics.edge import ApiError
 from trainmetrics.jobfiles import rename_durably
 
@@ -153,11 +154,18 @@ def _claim_dataset_name(datasets_dir: Path, suffix: str) -> tuple[str, Path]:
 def inspect_dataset(path: Path, fmt: str, max_uncompressed_bytes: int, target: str | None) -> tuple[int, int]:
     """(rows, features) of an uploaded file, or ApiError 400 naming what is wrong."""
     try:
-        x, _ = read_csv(path, target) if fmt == "csv" else read_npz(path, max_uncompressed_bytes)
+        x, y = read_csv(path, target) if fmt == "csv" else read_npz(path, max_uncompressed_bytes)
     except TargetColumnError as error:
         raise ApiError(400, "bad_dataset", "target: " + str(error).replace(f"{path}: ", "")) from None
     except DatasetError as error:
         raise ApiError(400, "bad_dataset", str(error).replace(str(path), "upload")) from None
+    if y.dtype.kind == "f":
+        # The trainer refuses such targets at every job's start (trainer/runner.py: check_regression_targets), for
+        # the largest batch the job forms, never smaller than its evaluation's: accepted, every job on it failed.
+        batch = smallest_batch(len(y))
+        if problem := regression_target_problem(max(float(y.max()), -float(y.min())), batch):
+            raise ApiError(400, "bad_dataset", f"upload: {problem} (a job evaluates {batch} rows at once, "
+                                               "whatever its batch size)")
     features = 1
     for size in x.shape[1:]:
         features *= size

@@ -20,10 +20,9 @@ import torch
 from torch.utils.data import TensorDataset
 
 from trainmetrics.contract import BUILTIN_DATASETS
-from trainmetrics.datafiles import DatasetError, TargetColumnError, read_csv, read_npz
+from trainmetrics.datafiles import DatasetError, TargetColumnError, eval_rows, read_csv, read_npz
 
 CORPUS_PATH = Path(__file__).parent / "corpus" / "python_reference.txt"
-EVAL_FRACTION = 0.2
 LM_BLOCK_SIZE = 64
 
 
@@ -120,7 +119,7 @@ def _digits(seed: int) -> Dataset:
 
 def _split(name: str, x: np.ndarray, y: np.ndarray, seed: int) -> Dataset:
     order = np.random.default_rng(seed).permutation(len(x))
-    n_eval = max(1, int(len(x) * EVAL_FRACTION))
+    n_eval = eval_rows(len(x))
     eval_idx, train_idx = order[:n_eval], order[n_eval:]
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     classification = y.dtype == np.int64
@@ -150,7 +149,7 @@ def _language(name: str, text: str, block_size: int = LM_BLOCK_SIZE, where: str 
     windows = tokens[: (len(tokens) - 1) // block_size * block_size + 1]
     x = windows[:-1].view(-1, block_size)
     y = windows[1:].view(-1, block_size)
-    n_eval = max(1, int(len(x) * EVAL_FRACTION))
+    n_eval = eval_rows(len(x))
     # Held-out text is the end of the corpus, not a shuffle, so eval text is unseen.
     return Dataset(name=name, task="language", train=TensorDataset(x[:-n_eval], y[:-n_eval]),
                    eval=TensorDataset(x[-n_eval:], y[-n_eval:]), input_shape=(block_size,),

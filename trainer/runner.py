@@ -8,7 +8,6 @@ the next step boundary. With --result-file the outcome is also written there, at
 import importlib
 import inspect
 import logging
-import math
 import os
 import shutil
 import sys
@@ -22,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from trainmetrics.command import FlagError
 from trainmetrics.contract import STOP_VERBS, exit_code_for
-from trainmetrics.datafiles import FLOAT32_MAX, DatasetError
+from trainmetrics.datafiles import EVAL_BATCH_SIZE, DatasetError, regression_target_problem
 from trainmetrics.jobfiles import ClaimedElsewhere, claim, unclaim
 from trainmetrics.jobmap import host_gpu
 from trainmetrics.trainer import distributed, faults
@@ -37,8 +36,6 @@ from trainmetrics.trainer.outcome import Outcome, bad_input
 from trainmetrics.trainer.stopping import StopFlag
 from trainmetrics.trainer.telemetry import Publish
 from trainmetrics.webconfig import load_web_config
-
-EVAL_BATCH_SIZE = 512
 
 log = logging.getLogger("trainmetrics.trainer")
 
@@ -555,11 +552,8 @@ def check_regression_targets(config: TrainConfig, dataset: Dataset) -> None:
     # The largest batch it forms (a small file's are its rows: 3 rows of 1e18 were refused for a batch of 512)
     batch = max(min(config.batch_size, len(dataset.train)), min(EVAL_BATCH_SIZE, len(dataset.eval)))
     largest = max(float(part.tensors[1].abs().max()) for part in (dataset.train, dataset.eval))
-    bound = math.sqrt(FLOAT32_MAX / batch)
-    if largest > bound:
-        raise DatasetError(f"--dataset: {config.dataset}: regression targets up to {largest:.3g}: their squared "
-                           f"error overflows float32 in a batch of {batch} (at most {bound:.3g}): scale the target "
-                           "down")
+    if problem := regression_target_problem(largest, batch):
+        raise DatasetError(f"--dataset: {config.dataset}: {problem}")
 
 
 # The lock file (`.checkpoints.lock`) of the one live job writing checkpoints into a directory.

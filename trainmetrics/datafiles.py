@@ -5,6 +5,7 @@ them without importing torch."""
 import array
 import csv
 import lzma
+import math
 import zipfile
 import zlib
 from pathlib import Path
@@ -16,6 +17,10 @@ MAX_CLASSES = 10_000
 NUMBER_KINDS = "iufc"
 # Features and regression targets are float32 in training: a larger value would be infinite there.
 FLOAT32_MAX = float(np.finfo(np.float32).max)
+# A job holds out this share of the rows (at least one) and evaluates them in batches of up to EVAL_BATCH_SIZE rows
+# (trainer/data.py, trainer/runner.py): here, as they bound a regression target, which the job server checks too.
+EVAL_FRACTION = 0.2
+EVAL_BATCH_SIZE = 512
 
 
 class DatasetError(ValueError):
@@ -268,6 +273,28 @@ def read_npz(path: Path, max_uncompressed_bytes: int | None = None) -> tuple[np.
     if not np.issubdtype(y.dtype, np.integer) and (y.max() > FLOAT32_MAX or y.min() < -FLOAT32_MAX):
         raise DatasetError(f"{path}: y has values beyond float32's range (±{FLOAT32_MAX:.4g}): infinite in training")
     return x, _target_array(y, labels=np.issubdtype(y.dtype, np.integer), where=path)
+
+
+def eval_rows(rows: int) -> int:
+    """How many of a data set's `rows` (samples) a job holds out for its evaluations."""
+    return max(1, int(rows * EVAL_FRACTION))
+
+
+def smallest_batch(rows: int) -> int:
+    """The smallest of the largest batches every job on `rows` rows forms, whatever its batch size: its evaluation's
+    (the held-out rows, at most EVAL_BATCH_SIZE of them)."""
+    return min(EVAL_BATCH_SIZE, eval_rows(rows))
+
+
+def regression_target_problem(largest: float, batch: int) -> str | None:
+    """What is wrong with regression targets up to `largest` (in magnitude) whose squared error, summed over a batch
+    of `batch` rows, overflows float32 (an untrained model answers about 0): the loss is inf from the first step.
+    None when it does not."""
+    bound = math.sqrt(FLOAT32_MAX / batch)
+    if largest <= bound:
+        return None
+    return (f"regression targets up to {largest:.3g}: their squared error overflows float32 in a batch of {batch} "
+            f"(at most {bound:.3g}): scale the target down")
 
 
 def _check_npz_directory(path: Path) -> None:

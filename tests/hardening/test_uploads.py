@@ -178,6 +178,12 @@ UNUSABLE = {
                                    problem="target: no target column 'y'"),
     "a target with a control character": dict(name="t.csv", params={"target": "la\tbel"},
                                               content=b"a,la\tbel\n1,0\n2,1\n", problem="target: a column name"),
+    # Accepted (201), then every job on it failed at its start: a target's squared error overflows float32 summed
+    # over the evaluation's batch of 512 rows, whatever the job's own batch size (the trainer's own check).
+    "a regression target that overflows any job's loss": dict(
+        name="huge.csv", problem="upload: regression targets up to 1e+18: their squared error overflows float32 in "
+                                 "a batch of 512", content=lambda: b"a,y\n" + b"".join(
+            b"%d,%s\n" % (i, b"1e18" if i == 7 else b"2.5") for i in range(3000)), params={"target": "y"}),
 }
 
 
