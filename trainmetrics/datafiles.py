@@ -47,6 +47,8 @@ SHOWN_COLUMNS = 8
 # when it opens the archive, ~700 bytes of memory a member: a 94 MB upload listing 2 million members took 1.4 GB
 # and 34 s before any check. An NPZ of a few arrays lists a few hundred bytes; this allows some 20,000 members.
 MAX_NPZ_DIRECTORY_BYTES = 1 << 20
+# How an NPZ starts, as np.load tells one: a zip's first member, or the end record of an empty zip.
+NPZ_STARTS = (b"PK\x03\x04", b"PK\x05\x06")
 
 
 def first_columns(header: list[str]) -> str:
@@ -225,6 +227,7 @@ def read_npz(path: Path, max_uncompressed_bytes: int | None = None) -> tuple[np.
     whose arrays, loaded and made float32 for training, would take more memory than that (200 MiB of bytes
     became 1 GiB checked: a 200 KB upload)."""
     try:
+        _check_npz_start(path)
         _check_npz_directory(path)
         with zipfile.ZipFile(path) as archive:
             _check_array_names(path, archive)
@@ -295,6 +298,18 @@ def regression_target_problem(largest: float, batch: int) -> str | None:
         return None
     return (f"regression targets up to {largest:.3g}: their squared error overflows float32 in a batch of {batch} "
             f"(at most {bound:.3g}): scale the target down")
+
+
+def _check_npz_start(path: Path) -> None:
+    """Refuse a file that np.load would not open as a zip. zipfile finds an archive by its end records, whatever comes
+    before it; np.load decides by the first bytes: a .npy array with an NPZ after it had the NPZ checked, then the
+    array loaded (a TypeError, a 500 at upload), and other bytes before it were read as a pickle."""
+    with open(path, "rb") as handle:
+        start = handle.read(len(np.lib.format.MAGIC_PREFIX))
+    if start == np.lib.format.MAGIC_PREFIX:
+        raise DatasetError(f"{path}: a .npy array (np.save's), not an NPZ archive of arrays x and y (np.savez's)")
+    if not start.startswith(NPZ_STARTS):
+        raise DatasetError(f"{path}: not a readable NPZ archive (no zip at its start, where np.savez writes one)")
 
 
 def _check_npz_directory(path: Path) -> None:

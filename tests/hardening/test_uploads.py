@@ -70,6 +70,14 @@ def altered_npz(change: str) -> bytes:
     return bytes(data)
 
 
+def npy_then_npz() -> bytes:
+    """A .npy array with a valid NPZ after it: zipfile finds the archive by its end (data before it is allowed), and
+    np.load decides by the first bytes, an array's."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.arange(6.0).reshape(3, 2))
+    return buffer.getvalue() + npz_bytes({"x": np.ones((8, 2)), "y": np.arange(8) % 2})
+
+
 def deflate_bomb() -> bytes:
     """64 MiB of zeros as x (compresses to ~64 KiB): honest sizes, 64x the upload limit uncompressed."""
     return npz_bytes({"x": np.zeros((8 << 20, 1)), "y": np.zeros(8 << 20)})
@@ -107,6 +115,8 @@ CASES = {
     "npz header claims 4 GB": dict(name="liar2.npz", content=lambda: lying_npz((1 << 29, 1)), status=400),
     "npz header claims negative shape": dict(name="neg.npz", content=lambda: lying_npz((-1, 4)), status=400),
     "not a zip": dict(name="x.npz", content=b"PK\x03\x04" + b"\x00" * 100, status=400),
+    # Checked as the zip at its end, then loaded as the array at its start: a TypeError, a 500.
+    "npy array before an npz": dict(name="two.npz", content=npy_then_npz, status=400),
     "binary as csv": dict(name="x.csv", content=bytes(range(256)) * 8, status=400),
 }
 
