@@ -389,4 +389,8 @@ def _target_array(y: np.ndarray, labels: bool, where: Path) -> np.ndarray:
             raise DatasetError(f"{where}: every sample is of class {int(y.min())}: one class, nothing to classify "
                                "(is the target column the right one?)")
         return y.astype(np.int64)
-    return y.astype(np.float32)
+    y = y.astype(np.float32)
+    if len(y) and y.min() == y.max():      # as one class: loss ~0 from the first step, the job "completed" unsaid
+        raise DatasetError(f"{where}: every sample's target is {float(y.min()):g}: one value, nothing to learn "
+                           "(is the target column the right one?)")
+    return y

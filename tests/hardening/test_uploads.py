@@ -194,6 +194,11 @@ UNUSABLE = {
         name="huge.csv", problem="upload: regression targets up to 1e+18: their squared error overflows float32 in "
                                  "a batch of 512", content=lambda: b"a,y\n" + b"".join(
             b"%d,%s\n" % (i, b"1e18" if i == 7 else b"2.5") for i in range(3000)), params={"target": "y"}),
+    # As one class: accepted, and a job on it "completed" at a loss of 0.001 from its first step, nothing learnt.
+    "a regression target of one value": dict(name="flat.csv", content=b"a,b,label\n1,2,2.5\n3,4,2.5\n5,6,2.5\n",
+                                             problem="upload: every sample's target is 2.5"),
+    "an npz whose float y is one value": dict(name="flat.npz", problem="upload: every sample's target is 0",
+                                              content=lambda: npz_bytes({"x": np.eye(4), "y": np.zeros(4)})),
 }
 
 
