@@ -59,10 +59,17 @@ def first_columns(header: list[str]) -> str:
     return shown + (", ..." if len(header) > SHOWN_COLUMNS else "")
 
 
+def _header(reader) -> list[str] | None:
+    """A CSV's header: its first row that is not blank (blank lines are skipped before it, as between its rows: a
+    file starting with one was refused as "empty"), its cells stripped; None when there is none."""
+    row = next((row for row in reader if any(cell.strip() for cell in row)), None)
+    return None if row is None else [cell.strip() for cell in row]
+
+
 def csv_columns(path: Path) -> list[str]:
     """The column names of a CSV that read_csv accepted."""
     with open(path, newline="", encoding=CSV_ENCODING) as handle:
-        return [cell.strip() for cell in next(csv.reader(handle), [])]
+        return _header(csv.reader(handle)) or []
 
 
 def read_csv(path: Path, target: str = DEFAULT_TARGET) -> tuple[np.ndarray, np.ndarray]:
@@ -71,10 +78,9 @@ def read_csv(path: Path, target: str = DEFAULT_TARGET) -> tuple[np.ndarray, np.n
         with open(path, newline="", encoding=CSV_ENCODING) as handle:
             lines = _BoundedRecordLines(handle, path)
             reader = csv.reader(lines)
-            header = next(reader, None)
-            if not header or all(not cell.strip() for cell in header):
+            header = _header(reader)
+            if header is None:
                 raise DatasetError(f"{path}: empty file (expected a header row)")
-            header = [cell.strip() for cell in header]
             if header.count(target) > 1:        # which one is the target? (the first was, unsaid)
                 raise DatasetError(f"{path}: {header.count(target)} columns are named {target[:40]!r}: the target "
                                    "column's name must be unique")

@@ -225,3 +225,17 @@ def test_an_npz_holding_array_x_twice_is_refused(tmp_path, second):
             archive.writestr(name, buffer.getvalue())
     with pytest.raises(DatasetError, match=f"array 'x' is stored twice \\(members 'x.npy' and '{second}'\\)"):
         read_npz(tmp_path / "twice.npz")
+
+
+def test_blank_lines_before_a_csvs_header_are_skipped_as_between_its_rows(tmp_path):
+    """A file starting with a blank line (an export's, a hand edit's) was refused as "empty file (expected a header
+    row)" though its blank lines between rows were skipped; the job server's column list read the blank line as
+    the header too. A line of spaces or commas is blank alike."""
+    path = tmp_path / "lead.csv"
+    path.write_text("\n  \n,,\nx,label\n1,0\n\n2,1\n")
+    features, target = read_csv(path)
+    assert features.tolist() == [[1.0], [2.0]] and target.tolist() == [0, 1]
+    assert datafiles.csv_columns(path) == ["x", "label"]
+    (tmp_path / "blank.csv").write_text("\n\n")
+    with pytest.raises(DatasetError, match="empty file"):
+        read_csv(tmp_path / "blank.csv")
