@@ -139,16 +139,23 @@ class LocalExecutor:
         elsewhere: orphans go to init, and the server's only children are the launchers."""
         if not self._reaper:
             return
+        seen = set()
         while True:
             try:
                 ended = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)     # looked at, not collected
             except ChildProcessError:
                 return
-            if ended is None:
+            # (One seen again was not collected: a launcher whose Popen another thread was waiting for. Looked at
+            # again, it would be found first for ever: this tick's reaping stops there, the next one tries again.)
+            if ended is None or ended.si_pid in seen:
                 return
-            launcher = self._launchers.pop(ended.si_pid, None)
+            seen.add(ended.si_pid)
+            launcher = self._launchers.get(ended.si_pid)
             if launcher is not None:
-                launcher.poll()
+                # Forgotten only once its Popen has its exit: collected here as an orphan's, its code would be lost
+                # (Popen reads a child already collected as exit code 0).
+                if launcher.poll() is not None:
+                    del self._launchers[ended.si_pid]
             else:
                 with contextlib.suppress(ChildProcessError):
                     os.waitpid(ended.si_pid, os.WNOHANG)

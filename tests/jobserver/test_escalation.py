@@ -364,3 +364,34 @@ def test_ray_kills_a_run_by_its_stop_and_is_asked_again_when_it_did_not_answer(t
     assert ray.kill(run) is True                # gone from Ray: polling ends it
     ray._client = Stopping(requests.exceptions.ConnectionError("Connection refused"))
     assert ray.kill(run) is False               # the supervisor asks again at a later tick
+
+
+# A reaping server whose launcher's Popen cannot collect its exit now (another thread waits for it): reap() looked
+# at that launcher again and again (waitid without collecting finds it first every time), and, having forgotten it,
+# collected it at the next tick as an orphan's, its exit code lost (Popen reads a child collected elsewhere as 0).
+BUSY_LAUNCHER = textwrap.dedent("""
+    import os, subprocess, sys, threading
+    from trainmetrics.jobserver.local import LocalExecutor
+
+    executor = LocalExecutor()
+    executor._reaper = True                 # as in a container's pid 1: its children are ours to collect
+    launcher = subprocess.Popen([sys.executable, "-c", "raise SystemExit(7)"])
+    executor._launchers[launcher.pid] = launcher
+    os.waitid(os.P_PID, launcher.pid, os.WEXITED | os.WNOWAIT)     # ended, not collected
+    launcher.poll = lambda: None            # its Popen busy in another thread's wait
+    for _ in range(2):                      # two ticks
+        tick = threading.Thread(target=executor.reap, daemon=True)
+        tick.start()
+        tick.join(timeout=5)
+        assert not tick.is_alive(), "reap() went round for ever"
+    del launcher.poll
+    print(launcher.wait(timeout=5))
+""")
+
+
+def test_a_launcher_whose_exit_its_popen_cannot_collect_now_is_left_to_it(tmp_path):
+    repository = Path(__file__).resolve().parents[2]
+    said = subprocess.run([sys.executable, "-c", BUSY_LAUNCHER], cwd=repository, timeout=60, capture_output=True,
+                          text=True)
+    assert said.returncode == 0, said.stderr[-2000:]
+    assert said.stdout == "7\n"
