@@ -20,7 +20,7 @@ def _check(self) -> None:
         try:
             option.check(getattr(self, option.name))
         except ValueError as error:
-            raise ValueError(f"{option.cli_flag} {error}") from None
+            raise ValueError(f"{option.cli_flag}: {error}") from None    # (every command's style: FLAG: why)
     if self.resume and self.checkpoint_dir is None:
         raise ValueError("--resume needs --checkpoint-dir")
     if self.checkpoint_every and self.checkpoint_dir is None:     # taken, no checkpoint was written, unsaid

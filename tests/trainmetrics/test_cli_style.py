@@ -121,7 +121,7 @@ BAD = [
        "--listen: invalid listen address") for command in ("exporter", "analytics", "server")
       for address in ("::1", "::1:9400")],
     (["analytics", "--listen", "::1"], "an IPv6 address goes in brackets: write [::1]:PORT"),
-    (["train", "--metrics-listen", "::1"], "--metrics-listen invalid listen address '::1': an IPv6 address goes in "
+    (["train", "--metrics-listen", "::1"], "--metrics-listen: invalid listen address '::1': an IPv6 address goes in "
                                            "brackets: write [::1]:PORT"),
     (["exporter", "--job-dir", "/sys/nope"], "--job-dir: '/sys/nope' cannot be created: "),   # was "not readable"
     (["exporter", "--web.config.file", "/nonexistent.yml"], "--web.config.file: "),
@@ -173,7 +173,7 @@ def test_bad_input_is_one_line_naming_the_flag(args, flag):
 @pytest.mark.parametrize("args,said", [
     (["analytics", "--lookback", "-1d"], "--lookback: expected a duration like 30m, 24h or 7d (1ms to 90d), "
                                          "got '-1d'"),
-    (["train", "--lr", "-1e-3"], "--lr must be above 0, got -0.001"),
+    (["train", "--lr", "-1e-3"], "--lr: must be above 0, got -0.001"),
 ])
 def test_a_value_starting_with_a_minus_is_the_flags_value(args, said):
     """argparse took `-1d` and `-1e-3` for flags of their own ("argument --lookback: expected one argument"):
