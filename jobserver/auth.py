@@ -6,15 +6,16 @@ owner can claim, or probe for, another's. The reserved owner `@metrics` is a scr
 /metrics (which lists every owner's queued and paused jobs) and the HTTP service discovery, and nothing else.
 """
 
+import errno
 import hashlib
 import logging
 import os
 import re
-import stat
 import time
 from pathlib import Path
 
 from trainmetrics.edge import ApiError
+from trainmetrics.jobfiles import open_regular
 
 METRICS_READER = "@metrics"
 SCRAPER_PATHS = ("/metrics", "/api/training/sd")
@@ -79,9 +80,13 @@ def _read_bounded(path: Path) -> bytes:
     """The file's bytes, MAX_TOKENS_FILE_BYTES at most; ValueError for anything but a regular file (symlinks
     followed: a Kubernetes secret's file is one). Opened without waiting: a FIFO at the path held the start, or
     a request's reload, until something wrote to it; /dev/zero was read without end."""
-    with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as handle:
-        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
-            raise ValueError(f"{path}: not a regular file")
+    try:
+        fd = open_regular(path, os.O_RDONLY, follow_symlinks=True)
+    except OSError as error:
+        if error.errno == errno.EINVAL:
+            raise ValueError(f"{path}: not a regular file") from None
+        raise
+    with open(fd, "rb") as handle:
         raw = handle.read(MAX_TOKENS_FILE_BYTES + 1)
     if len(raw) > MAX_TOKENS_FILE_BYTES:
         raise ValueError(f"{path}: larger than {MAX_TOKENS_FILE_BYTES >> 20} MiB: no tokens file")

@@ -130,16 +130,18 @@ def strict_json(value) -> str:
 
 
 def open_regular(path: Path, flags: int, mode: int = 0o644, dir_fd: int | None = None,
-                 one_name: bool = False) -> int:
+                 one_name: bool = False, follow_symlinks: bool = False) -> int:
     """A descriptor for `path` (relative to `dir_fd` when given) opened with `flags`, only if it is a regular
-    file (and, `one_name`, one with no other name); OSError otherwise.
+    file (and, `one_name`, one with no other name); OSError otherwise (errno EINVAL: not a regular file).
 
     The directories these files live in may be shared, and anyone who can write there may have planted
     something at the name: never follow a symlink (O_NOFOLLOW), never wait on a FIFO or a device
     (O_NONBLOCK: a FIFO without a reader fails at once, one with a reader opens and is refused below),
     never leak the descriptor into a child (O_CLOEXEC). A hard link is a file of another name, which O_NOFOLLOW
-    does not see: where what is read is served or what is written appended (a rank's stacks), `one_name`."""
-    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode, dir_fd=dir_fd)
+    does not see: where what is read is served or what is written appended (a rank's stacks), `one_name`. A file
+    an administrator names (`follow_symlinks`: a Kubernetes secret's is a symlink) is followed, never waited on."""
+    nofollow = 0 if follow_symlinks else os.O_NOFOLLOW
+    fd = os.open(path, flags | nofollow | os.O_NONBLOCK | os.O_CLOEXEC, mode, dir_fd=dir_fd)
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
