@@ -200,6 +200,17 @@ def test_an_answer_written_late_in_its_timeout_counts_only_when_its_scraper_stay
     assert sum(scrape.counting for scrape in delivered) == (1 if counted else 0)
 
 
+def gives_up_or_waits(connection, scraper: str, hang_up, release: threading.Event) -> None:
+    """A scraper's part once its request is sent while the connection's thread is held back: it hangs up
+    (`hang_up(connection)`) when it "gave up", then the thread goes on (`release`), and one that "waited for it"
+    reads its answer."""
+    if scraper == "gave up":
+        hang_up(connection)
+    release.set()
+    if scraper == "waited for it":
+        assert connection.recv(4096).startswith(b"HTTP/1.1 200")
+
+
 @pytest.mark.parametrize("scraper, counted", [("gave up", 0), ("waited for it", 1)])
 def test_an_answer_whose_scraper_hung_up_before_it_was_written_counts_none_however_soon_it_was_read(
         monkeypatch, scraper, counted):
@@ -222,11 +233,7 @@ def test_an_answer_whose_scraper_hung_up_before_it_was_written_counts_none_howev
     try:
         with socket.create_connection(("127.0.0.1", server.port), timeout=5) as connection:
             connection.sendall(OK + f"{SCRAPE_TIMEOUT_HEADER}: 0.2\r\n\r\n".encode())
-            if scraper == "gave up":
-                connection.close()
-            release.set()
-            if scraper == "waited for it":
-                assert connection.recv(4096).startswith(b"HTTP/1.1 200")
+            gives_up_or_waits(connection, scraper, socket.socket.close, release)
         assert closed.wait(5)       # (the connection's thread is over: it counted the scrape or not)
     finally:
         release.set()
@@ -247,6 +254,15 @@ class FirstRenderHeld:
         return b"up 1\n"
 
 
+def read_answer(reader) -> bytes:
+    """One answer of a server rendering `up 1` read from `reader` (the connection's file): its status line."""
+    status = reader.readline()
+    while reader.readline() not in (b"\r\n", b""):
+        pass
+    reader.read(len(b"up 1\n"))
+    return status
+
+
 def pipelined_scrapes(connection, render: FirstRenderHeld, sent: str) -> list[bytes]:
     """The status lines of the answers to two scrapes with a 60 s timeout, the second sent without waiting for
     the first's answer (`sent`: "with the first", in one write; "with a first that fills the reader's buffer", as
@@ -265,13 +281,25 @@ def pipelined_scrapes(connection, render: FirstRenderHeld, sent: str) -> list[by
     reader, statuses = connection.makefile("rb"), []
     try:
         for _ in range(2):
-            statuses.append(reader.readline())
-            while reader.readline() not in (b"\r\n", b""):
-                pass
-            reader.read(len(b"up 1\n"))
+            statuses.append(read_answer(reader))
     except (TimeoutError, OSError):
         pass
     return statuses
+
+
+def both_answered_the_first_counted(server, render, delivered, closed, connection_to, sent: str) -> None:
+    """Two pipelined scrapes (pipelined_scrapes) on `connection_to(port)` (a context manager: the client's
+    connection), then the server closed: both answered, and only the first counted (its scraper asked again), not
+    the second (its scraper hung up while it was in doubt)."""
+    try:
+        with connection_to(server.port) as connection:
+            statuses = pipelined_scrapes(connection, render, sent)
+        assert closed.wait(5)
+    finally:
+        render.go_on.set()
+        server.close()
+    assert [status[:12] for status in statuses] == [b"HTTP/1.1 200"] * 2
+    assert len(delivered) == 1
 
 
 @pytest.mark.parametrize("sent", ["with the first", "while the first is rendered"])
@@ -284,15 +312,8 @@ def test_a_pipelined_next_request_is_answered_while_the_answer_before_it_is_stil
     render, delivered, closed = FirstRenderHeld(), [], threading.Event()
     server = MetricsHTTPServer(("127.0.0.1", 0), render, delivered=delivered.append,
                                closed=lambda scraper: closed.set()).serve_in_background()
-    try:
-        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as connection:
-            statuses = pipelined_scrapes(connection, render, sent)
-        assert closed.wait(5)
-    finally:
-        render.go_on.set()
-        server.close()
-    assert [status[:12] for status in statuses] == [b"HTTP/1.1 200"] * 2
-    assert len(delivered) == 1      # the first (its scraper asked again), not the second (it hung up in doubt)
+    both_answered_the_first_counted(server, render, delivered, closed,
+                                    lambda port: socket.create_connection(("127.0.0.1", port), timeout=5), sent)
 
 
 def test_a_pipelined_scrapes_time_runs_from_before_its_password_check(monkeypatch):

@@ -2,8 +2,10 @@
 exporter and job server processes."""
 
 import base64
+import contextlib
 import re
 import shutil
+import socket
 import ssl
 import subprocess
 import sys
@@ -363,7 +365,7 @@ def test_over_tls_an_answer_whose_scraper_hung_up_before_it_was_written_counts_n
     import socket
     import threading
 
-    from tests.trainmetrics.test_metrics_http import OK
+    from tests.trainmetrics.test_metrics_http import OK, gives_up_or_waits
     from trainmetrics import metrics_http
     from trainmetrics.metrics_http import SCRAPE_TIMEOUT_HEADER, MetricsHTTPServer
 
@@ -389,11 +391,7 @@ def test_over_tls_an_answer_whose_scraper_hung_up_before_it_was_written_counts_n
             connection.sendall(scrape)
             assert connection.recv(4096).startswith(b"HTTP/1.1 200")
             connection.sendall(scrape)
-            if scraper == "gave up":
-                says_close_notify_and_closes(connection)
-            release.set()
-            if scraper == "waited for it":
-                assert connection.recv(4096).startswith(b"HTTP/1.1 200")
+            gives_up_or_waits(connection, scraper, says_close_notify_and_closes, release)
         assert closed.wait(5)       # (the connection's thread is over: it counted the scrape or not)
     finally:
         release.set()
@@ -409,7 +407,7 @@ def test_over_tls_a_scrapers_next_request_is_answered_while_its_last_answer_is_s
     nor the one it had read counted."""
     import socket
 
-    from tests.trainmetrics.test_metrics_http import OK
+    from tests.trainmetrics.test_metrics_http import OK, read_answer
     from trainmetrics.metrics_http import SCRAPE_TIMEOUT_HEADER, MetricsHTTPServer
 
     renders = []
@@ -433,10 +431,7 @@ def test_over_tls_a_scrapers_next_request_is_answered_while_its_last_answer_is_s
                 connection.sendall(OK + f"{SCRAPE_TIMEOUT_HEADER}: {timeout}\r\n\r\n".encode())
                 connection.settimeout(float(timeout))   # it gives up as a scraper does: closing the connection
                 try:
-                    answers.append(reader.readline())
-                    while reader.readline() not in (b"\r\n", b""):
-                        pass
-                    reader.read(len(b"up 1\n"))
+                    answers.append(read_answer(reader))
                 except (TimeoutError, OSError):
                     break
             assert [answer[:12] for answer in answers] == [b"HTTP/1.1 200"] * 2
@@ -456,10 +451,9 @@ def test_over_tls_a_pipelined_next_request_is_answered_while_the_answer_before_i
     kept for the request's reader; one in the TLS record of a first as long as the reader's reads is left in
     OpenSSL's buffer. The wait over the first answer saw neither on the connection and held the next request
     unanswered to the end of the first's doubt."""
-    import socket
     import threading
 
-    from tests.trainmetrics.test_metrics_http import FirstRenderHeld, pipelined_scrapes
+    from tests.trainmetrics.test_metrics_http import FirstRenderHeld, both_answered_the_first_counted
     from trainmetrics import metrics_http
     from trainmetrics.metrics_http import MetricsHTTPServer
 
@@ -469,16 +463,15 @@ def test_over_tls_a_pipelined_next_request_is_answered_while_the_answer_before_i
     render, delivered, closed = FirstRenderHeld(), [], threading.Event()
     server = MetricsHTTPServer(("127.0.0.1", 0), render, web_config=load_web_config(config),
                                delivered=delivered.append, closed=lambda name: closed.set()).serve_in_background()
-    try:
-        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw, \
-                context(pki).wrap_socket(raw, server_hostname="127.0.0.1") as connection:
-            statuses = pipelined_scrapes(connection, render, sent)
-        assert closed.wait(5)
-    finally:
-        render.go_on.set()
-        server.close()
-    assert [status[:12] for status in statuses] == [b"HTTP/1.1 200"] * 2
-    assert len(delivered) == 1      # the first (its scraper asked again), not the second (it hung up in doubt)
+    both_answered_the_first_counted(server, render, delivered, closed, lambda port: tls_connection(pki, port), sent)
+
+
+@contextlib.contextmanager
+def tls_connection(pki, port: int):
+    """A client's TLS connection to the server on `port` (its certificate checked against the test CA)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
+            context(pki).wrap_socket(raw, server_hostname="127.0.0.1") as connection:
+        yield connection
 
 
 def says_close_notify_and_closes(connection) -> None:
