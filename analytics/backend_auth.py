@@ -3,6 +3,7 @@
 X-Scope-OrgID). Basic auth is the --prometheus-url's user part (httpx sends it). Each is checked where it is given:
 a flag error (FlagError) names what is wrong with it, and no token is ever logged or shown."""
 
+import errno
 import logging
 import os
 import re
@@ -14,6 +15,7 @@ from pathlib import Path
 import httpx
 
 from trainmetrics.command import FlagError
+from trainmetrics.jobfiles import open_regular, read_named_file
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +31,12 @@ UNREADABLE_LOG_SECONDS = 60.0
 
 def read_token(path: Path) -> str:
     """The token in `path`, without the white space around it; ValueError or OSError saying why it is none."""
-    with open(path, "rb") as handle:        # (symlinks followed: a Kubernetes secret's file is one)
-        content = handle.read(MAX_TOKEN_BYTES + 1)
-    if len(content) > MAX_TOKEN_BYTES:
-        raise ValueError(f"is larger than {MAX_TOKEN_BYTES} bytes: no token file")
+    try:
+        content = read_named_file(path, MAX_TOKEN_BYTES)
+    except OSError as error:
+        if error.errno == errno.EFBIG:
+            raise ValueError(f"is larger than {MAX_TOKEN_BYTES} bytes: no token file") from None
+        raise
     token = content.decode("ascii", errors="replace").strip()
     if not token:
         raise ValueError("is empty")
@@ -94,10 +98,14 @@ def ca_file_flag(path: str | None) -> ssl.SSLContext | None:
     tls_config.ca_file); FlagError where it holds none."""
     if path is None:
         return None
-    try:
-        return ssl.create_default_context(cafile=path)
+    try:        # (OpenSSL opens it as any file: a FIFO held the start until something wrote to it)
+        os.close(open_regular(Path(path), os.O_RDONLY, follow_symlinks=True))
     except FileNotFoundError:
         raise FlagError("--prometheus-ca-file", f"{path!r}: no such file") from None
+    except OSError as error:
+        raise FlagError("--prometheus-ca-file", f"{path!r}: {error.strerror or error}") from None
+    try:
+        return ssl.create_default_context(cafile=path)
     except (OSError, ssl.SSLError) as error:
         reason = getattr(error, "strerror", None) or getattr(error, "reason", None) or str(error)
         raise FlagError("--prometheus-ca-file", f"{path!r} holds no CA certificate in PEM ({reason})") from None

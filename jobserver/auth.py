@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from trainmetrics.edge import ApiError
-from trainmetrics.jobfiles import open_regular
+from trainmetrics.jobfiles import read_named_file
 
 METRICS_READER = "@metrics"
 SCRAPER_PATHS = ("/metrics", "/api/training/sd")
@@ -78,19 +78,15 @@ def load_tokens(path: Path, *, none_allowed: bool = False) -> dict[bytes, str]:
 
 def _read_bounded(path: Path) -> bytes:
     """The file's bytes, MAX_TOKENS_FILE_BYTES at most; ValueError for anything but a regular file (symlinks
-    followed: a Kubernetes secret's file is one). Opened without waiting: a FIFO at the path held the start, or
-    a request's reload, until something wrote to it; /dev/zero was read without end."""
+    followed: a Kubernetes secret's file is one): jobfiles.read_named_file."""
     try:
-        fd = open_regular(path, os.O_RDONLY, follow_symlinks=True)
+        return read_named_file(path, MAX_TOKENS_FILE_BYTES)
     except OSError as error:
         if error.errno == errno.EINVAL:
             raise ValueError(f"{path}: not a regular file") from None
+        if error.errno == errno.EFBIG:
+            raise ValueError(f"{path}: larger than {MAX_TOKENS_FILE_BYTES >> 20} MiB: no tokens file") from None
         raise
-    with open(fd, "rb") as handle:
-        raw = handle.read(MAX_TOKENS_FILE_BYTES + 1)
-    if len(raw) > MAX_TOKENS_FILE_BYTES:
-        raise ValueError(f"{path}: larger than {MAX_TOKENS_FILE_BYTES >> 20} MiB: no tokens file")
-    return raw
 
 
 def exposure(path: Path) -> str | None:

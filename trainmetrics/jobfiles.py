@@ -155,6 +155,18 @@ def open_regular(path: Path, flags: int, mode: int = 0o644, dir_fd: int | None =
     return fd
 
 
+def read_named_file(path: Path | str, max_bytes: int) -> bytes:
+    """The bytes of a file an administrator names by a flag or in a config (symlinks followed: a Kubernetes
+    secret's file is one); OSError for anything but a regular file (errno EINVAL: a FIFO held the program's start
+    until something wrote to it, /dev/zero was read without end) and for one larger than `max_bytes` (errno
+    EFBIG: a path mistyped to a log file)."""
+    with open(open_regular(Path(path), os.O_RDONLY, follow_symlinks=True), "rb") as handle:
+        content = handle.read(max_bytes + 1)
+    if len(content) > max_bytes:
+        raise OSError(errno.EFBIG, f"larger than {max_bytes} bytes", str(path))
+    return content
+
+
 def open_directory(base: Path, *names: str) -> int:
     """A descriptor for the directory `base/names[0]/names[1]/...`, each of `names` opened without following a
     symlink; OSError when one is a symlink, or anything but a directory. O_NOFOLLOW at the last name only

@@ -29,12 +29,16 @@ from pathlib import Path
 import yaml
 
 from trainmetrics.command import FlagError
+from trainmetrics.jobfiles import open_regular, read_named_file
 
 log = logging.getLogger("trainmetrics.webconfig")
 
 # How often a TLS server looks at its certificate, key and client CA files (a stat each, in a thread of its own:
 # never per connection): a renewed certificate (cert-manager, certbot) is served this soon, with no restart.
 CERTIFICATE_CHECK_SECONDS = 1.0
+# A web config is a few settings and users' hashes (~70 bytes each): anything larger is no web config (a path
+# mistyped to a log file, /dev/zero: read without end before).
+MAX_WEB_CONFIG_BYTES = 4 << 20
 
 # Refusals remembered (a client repeating a wrong password costs one bcrypt check), the oldest forgotten first.
 MAX_REMEMBERED_REFUSALS = 4096
@@ -303,9 +307,9 @@ def load_web_config(path: Path | None) -> WebConfig:
         return WebConfig()
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(read_named_file(path, MAX_WEB_CONFIG_BYTES)) or {}
     except OSError as error:
-        raise ValueError(f"web config {path}: {error}") from None
+        raise ValueError(f"web config {path}: {error.strerror or error}") from None
     except yaml.YAMLError as error:     # its text spans lines (the line quoted, a caret): one line here
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -371,9 +375,8 @@ def _ssl_context(tls: dict, path: Path) -> ssl.SSLContext:
         resolved = path.parent / name
         if not resolved.exists():
             raise wrong(key, f"{resolved} not found")
-        try:
-            with open(resolved, "rb"):      # (a directory, a file this user cannot read: said here, by name)
-                pass
+        try:    # (a directory, a file this user cannot read, a FIFO OpenSSL would wait on: said here, by name)
+            os.close(open_regular(resolved, os.O_RDONLY, follow_symlinks=True))
         except OSError as error:
             raise wrong(key, f"{resolved}: {error.strerror or error}") from None
         return str(resolved)

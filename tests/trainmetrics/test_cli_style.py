@@ -2,6 +2,7 @@
 one line on stderr naming the flag as typed, exit code 2; a server says where it listens."""
 
 import contextlib
+import os
 import re
 import signal
 import socket
@@ -47,9 +48,9 @@ def test_help_explains_every_option_and_says_each_default_once(command):
 WITHOUT_TORCH = "import sys; sys.modules['torch'] = None; from trainmetrics.cli import main; sys.exit(main())"
 
 
-def one_line_error(args: list[str], mentions: str) -> None:
+def one_line_error(args: list[str], mentions: str, timeout: float = 120) -> None:
     command = ["-c", WITHOUT_TORCH] if args[0] == "train" else ["-m", "trainmetrics"]
-    result = subprocess.run([sys.executable, *command, *args], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, *command, *args], capture_output=True, text=True, timeout=timeout)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2, (args, result.stderr[-1500:])
     assert len(lines) == 1 and mentions in lines[0], (args, result.stderr)
@@ -168,6 +169,24 @@ def test_version_says_the_installed_packages_version():
 @pytest.mark.parametrize("args,flag", BAD, ids=[" ".join(args) for args, _ in BAD])
 def test_bad_input_is_one_line_naming_the_flag(args, flag):
     one_line_error(args, flag)
+
+
+@pytest.mark.parametrize("args,said", [
+    (["analytics", "--prometheus-bearer-token-file", "{fifo}"], "--prometheus-bearer-token-file: '{fifo}': not a "
+                                                                "regular file"),
+    (["analytics", "--prometheus-ca-file", "{fifo}"], "--prometheus-ca-file: '{fifo}': not a regular file"),
+    (["exporter", "--web.config.file", "{fifo}"], "--web.config.file: web config {fifo}: not a regular file"),
+    (["exporter", "--web.config.file", "/dev/zero"], "--web.config.file: web config /dev/zero: not a regular file"),
+    (["exporter", "--web.config.file", "{fifo_cert}"], "tls_server_config.cert_file: {fifo}: not a regular file"),
+], ids=["token file", "CA file", "web config", "web config /dev/zero", "web config's certificate"])
+def test_a_file_named_by_a_flag_that_is_no_regular_file_is_one_line_not_a_wait(args, said, tmp_path):
+    """Each was opened as any file: a FIFO at the path held the command's start until something wrote to it (the
+    CA file and the certificate: OpenSSL's open), and /dev/zero as the web config was read without end."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    fifo_cert = tmp_path / "web.yml"
+    fifo_cert.write_text(f"tls_server_config:\n  cert_file: {fifo}\n  key_file: {fifo}\n")
+    one_line_error([arg.format(fifo=fifo, fifo_cert=fifo_cert) for arg in args], said.format(fifo=fifo), timeout=60)
 
 
 @pytest.mark.parametrize("args,said", [
