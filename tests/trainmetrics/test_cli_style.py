@@ -352,8 +352,11 @@ def test_a_database_another_process_holds_locked_is_one_line_naming_it(tmp_path)
 
 
 # A Ctrl-C while `trainmetrics` builds its parser, which imports every command's module (most of a start-up), or
-# while the analytics check their flags, before they take the stop signals themselves.
-INTERRUPTED_AT_START = ("import signal, sys, trainmetrics.demo as demo, trainmetrics.analytics.cli as analytics\n"
+# while the analytics check their flags, before they take the stop signals themselves. Python's own SIGINT handler
+# set first: a test run started in the background by a shell without job control (`pytest ... &`) has SIGINT
+# ignored, which its children inherit, and Python then keeps (the Ctrl-C lost, the server started).
+INTERRUPTED_AT_START = ("import signal, sys\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+                        "import trainmetrics.demo as demo, trainmetrics.analytics.cli as analytics\n"
                         "interrupt = lambda *args: signal.raise_signal(signal.SIGINT)\n"
                         "setattr(demo if sys.argv[1] == 'parser' else analytics, sys.argv[2], interrupt)\n"
                         "from trainmetrics.cli import main; sys.exit(main(sys.argv[3:]))")
