@@ -1,5 +1,6 @@
 """Settled jobs' analytics kept in memory, each valid while the cheap lookup sees the job as it did."""
 
+import asyncio
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -9,7 +10,7 @@ from trainmetrics.analytics.goodput import EARLIER_RUNS_GONE
 from trainmetrics.analytics.job import jobs_analytics
 from trainmetrics.analytics.lookup import JobNotFound, fingerprint, owned_by
 from trainmetrics.analytics.prometheus import (DEFAULT_RETRY_AFTER_SECONDS, PrometheusClient, PrometheusError,
-                                                partial_answers)
+                                                note_partial, partial_answers)
 from trainmetrics.analytics.results import query_parts_many, rows
 from trainmetrics.analytics.shapes import STATUSES, JobAnalytics, from_plain
 from trainmetrics.contract import VANISHED
@@ -34,6 +35,9 @@ class AnalyticsCache:
         self.max_entries = max_entries
         self._entries: OrderedDict[str, Entry] = OrderedDict()
         self.hits = self.misses = 0
+        # The computations under way, by (job id, owner scope): a request for a job another is computing waits
+        # for that one (computed_together).
+        self.computing: dict[tuple[str, str | None], _Computation] = {}
 
     def get(self, job_id: str) -> Entry | None:
         """The job's entry, or None."""
@@ -122,7 +126,7 @@ async def _from_prometheus(client: PrometheusClient, cache: AnalyticsCache, entr
                 cache.drop(job_id)
             entries[job_id] = None
     missing = [job_id for job_id, entry in entries.items() if entry is None]
-    for result in await jobs_analytics(client, missing, lookback, strict=False, owner=owner) if missing else []:
+    for result in await computed_together(client, cache, missing, lookback, owner) if missing else []:
         if result is not None:
             analytics, facts = result
             if analytics is None:
@@ -135,6 +139,60 @@ async def _from_prometheus(client: PrometheusClient, cache: AnalyticsCache, entr
             entries[facts.job_id] = Entry(analytics, facts.owners, facts.fingerprint)
             if facts.settled and not facts.partial:
                 cache.put(facts.job_id, entries[facts.job_id])
+
+
+class _Computation:
+    """jobs_analytics of some jobs under way in a task of its own, and how many requests wait for it."""
+
+    def __init__(self, task: asyncio.Task):
+        self.task = task
+        self.waiting = 0
+
+
+async def _compute(client: PrometheusClient, job_ids: list[str], lookback: float, owner: str | None):
+    """jobs_analytics (not strict) by job id, and the warnings of the partial answers among them."""
+    with partial_answers() as partial:
+        results = await jobs_analytics(client, job_ids, lookback, strict=False, owner=owner)
+    return dict(zip(job_ids, results)), list(partial)
+
+
+async def computed_together(client: PrometheusClient, cache: AnalyticsCache, job_ids: list[str], lookback: float,
+                            owner: str | None) -> list:
+    """jobs_analytics of the jobs (not strict), in order; a job another request of the same owner scope is computing
+    now is that computation's. Each request computed its own: a dashboard's 8 viewers opening a finished job that was
+    not cached yet cost 8 times its queries, queued behind --max-concurrency (a long job's past --request-timeout).
+    A computation runs in a task of its own, so that one waiting request that gives up (its deadline, its client
+    gone) leaves it to the others; the last to give up ends it, freeing its slots as a lone request's end did."""
+    new = [job_id for job_id in job_ids if (job_id, owner) not in cache.computing]
+    if new:
+        computation = _Computation(asyncio.get_running_loop().create_task(_compute(client, new, lookback, owner)))
+        keys = [(job_id, owner) for job_id in new]
+        cache.computing.update(dict.fromkeys(keys, computation))
+        computation.task.add_done_callback(lambda task: _computed(cache, keys, computation))
+    computations = list(dict.fromkeys(cache.computing[(job_id, owner)] for job_id in job_ids))
+    for computation in computations:
+        computation.waiting += 1
+    try:
+        found = {}
+        for computation in computations:
+            results, warnings = await asyncio.shield(computation.task)
+            note_partial(warnings)      # (this request's answer is partial as the computation's is)
+            found.update(results)
+    finally:
+        for computation in computations:
+            computation.waiting -= 1
+            if computation.waiting == 0:
+                computation.task.cancel()
+    return [found[job_id] for job_id in job_ids]
+
+
+def _computed(cache: AnalyticsCache, keys: list[tuple[str, str | None]], computation: _Computation) -> None:
+    """A computation is over: later requests start their own (or use the cache it filled)."""
+    for key in keys:
+        if cache.computing.get(key) is computation:
+            del cache.computing[key]
+    if not computation.task.cancelled():
+        computation.task.exception()    # (retrieved: no "never retrieved" log where every waiter gave up)
 
 
 def _check(job_id: str, entry: Entry, lookback: float, now: float) -> dict[str, str]:

@@ -124,6 +124,14 @@ def partial_answers() -> Iterator[list[str]]:
             outer.extend(found)
 
 
+def note_partial(warnings: list[str]) -> None:
+    """Note partial answers' warnings for the partial_answers() this runs within (none: nothing to do): those of a
+    computation shared with another request (cache.computed_together), which noted them in its own."""
+    collecting = _PARTIAL.get()
+    if collecting is not None:
+        collecting.extend(warnings)
+
+
 def _tls_failure(error: BaseException) -> str:
     """Why the TLS handshake under a transport error failed, for its message ('' where none did): "unreachable:
     ConnectError" alone sent one whose backend's certificate a private CA signed looking for a network fault."""
@@ -296,9 +304,7 @@ class PrometheusClient:
     def _partial(self, warnings: list[str], expr: str) -> None:
         """Note a partial answer for the partial_answers() it was asked within, and log it (at most once a
         PARTIAL_LOG_SECONDS)."""
-        collecting = _PARTIAL.get()
-        if collecting is not None:
-            collecting.extend(warnings)
+        note_partial(warnings)
         if time.monotonic() - self._partial_logged >= PARTIAL_LOG_SECONDS:
             self._partial_logged = time.monotonic()
             log.warning("Prometheus at %s answered with part of its data (%s); not cached, asked again next time "

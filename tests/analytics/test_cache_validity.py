@@ -6,9 +6,11 @@ import asyncio
 import time
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from trainmetrics.analytics.cache import AnalyticsCache, cached_job_analytics, settled_job_analytics
-from trainmetrics.analytics.prometheus import PrometheusClient
+from trainmetrics.analytics.lookup import JobNotFound
+from trainmetrics.analytics.prometheus import ClientMetrics, PrometheusClient
 from trainmetrics.analytics.shapes import plain
 from trainmetrics.contract import ACCOUNTED_PHASES, JOB_STATES
 from trainmetrics.reports import NotSettled, ReportArchive
@@ -157,3 +159,41 @@ def test_a_job_whose_rank_0_ended_while_another_rank_is_still_scraped_is_neither
     with backfilled_backend("prometheus", tmp_path / "later", gone) as later:
         assert asyncio.run(read(later.url, cache, job)).status == "completed"
     assert len(cache) == 1
+
+
+async def read_together(url: str, readers: list[str | None], job_id: str,
+                        first_gives_up: float | None = None) -> tuple[list, float]:
+    """The job's analytics read at once by one request per owner scope in `readers` (None: everyone), through one
+    client and one cache as the service's requests are (each its answer or its error; the first's TimeoutError
+    where it gives up after `first_gives_up` seconds), and the requests they cost Prometheus."""
+    registry = CollectorRegistry()
+    client, cache = PrometheusClient(url, metrics=ClientMetrics(registry)), AnalyticsCache()
+    reads = [cached_job_analytics(client, cache, job_id, LOOKBACK_SECONDS, owner) for owner in readers]
+    if first_gives_up is not None:
+        reads[0] = asyncio.wait_for(reads[0], first_gives_up)
+    try:
+        answers = await asyncio.gather(*reads, return_exceptions=True)
+    finally:
+        await client.aclose()
+    assert cache.computing == {}
+    return answers, registry.get_sample_value("analytics_prometheus_requests_total", {"outcome": "success"})
+
+
+def test_requests_at_once_for_one_job_share_its_computation_within_an_owner_scope(tmp_path):
+    """Eight requests at once for a finished job not cached yet (a dashboard's viewers opening it): each computed it,
+    eight times one request's queries, queued behind --max-concurrency. They share one computation now; a request
+    of another owner scope at the same time has its own, and is told what an unknown job would be. The request that
+    started the computation giving up (its deadline) leaves it to the others."""
+    now = time.time()
+    job = "read-at-once"
+    with backfilled_backend("prometheus", tmp_path, as_openmetrics(trainer(job, "h:1", now - 900, now - 300,
+                                                                           "completed", None))) as prometheus:
+        (alone,), cost = asyncio.run(read_together(prometheus.url, [job], job))
+        answers, together = asyncio.run(read_together(prometheus.url, [job] * 8 + ["someone-else"], job))
+        left, _ = asyncio.run(read_together(prometheus.url, [job] * 2, job, first_gives_up=0.005))
+    assert alone.status == "completed" and cost >= 3
+    assert together <= cost + 3, f"8 requests of one owner and 1 of another cost {together}, one alone {cost}"
+    assert [plain(answer) for answer in answers[:8]] == [plain(answers[0])] * 8
+    assert (answers[0].status, answers[0].end_time) == (alone.status, alone.end_time)
+    assert isinstance(answers[8], JobNotFound)
+    assert isinstance(left[0], TimeoutError) and left[1].status == "completed", left
