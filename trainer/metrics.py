@@ -27,6 +27,7 @@ import math
 import numbers
 import operator
 import os
+import re
 import signal
 import sys
 import threading
@@ -357,6 +358,10 @@ class JobMetrics:
         self.on_log = on_log
         self.flops_per_sample, self.peak_flops = flops_per_sample, peak_flops
         self._cuda = self.info.device.startswith("cuda")
+        # The GPU whose peak trainer_gpu_memory_peak_bytes shows: the one the job's device names (cuda:1), else the
+        # current one. Read as the current one, a job on cuda:1 (a model.to("cuda:1"), --device cuda:1: neither makes
+        # it current) published GPU 0's peak.
+        self._cuda_index = _cuda_index(self.info.device)
         # In a multi-process job only rank 0 publishes the job's lifecycle (info, state, start/end, failure,
         # upload): the state is the job's, not a rank's. Every rank publishes its own progress.
         self._lifecycle = self.info.rank == 0
@@ -1296,7 +1301,7 @@ class JobMetrics:
             if self._cuda:
                 import torch
 
-                self.gpu_memory_peak = torch.cuda.max_memory_allocated()
+                self.gpu_memory_peak = torch.cuda.max_memory_allocated(self._cuda_index)
             return IntervalStats(self.steps, self.samples, loss, throughput, mfu)
         except Exception:
             self._interval_failed()
@@ -1465,6 +1470,13 @@ def _whole_count(value) -> int:
     if count < 0:
         raise ValueError("a negative count")
     return count
+
+
+def _cuda_index(device: str) -> int | None:
+    """The index of the GPU a device label names (`cuda:1`: 1); None for the current one (`cuda`, or a label that
+    names no GPU of torch's)."""
+    match = re.fullmatch(r"cuda:([0-9]+)", device)      # ([0-9]: \d takes every script's digits)
+    return int(match.group(1)) if match else None
 
 
 def _stopped_by_caller(exc_type: type) -> bool:

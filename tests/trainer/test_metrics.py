@@ -398,6 +398,31 @@ def test_a_mig_slice_has_no_known_peak(monkeypatch, name):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     assert device_peak_flops(torch.device("cuda", 0)) is None
 
+@pytest.mark.parametrize("device, peak", [("cuda:1", 3 * 2**30), ("cuda", 2**30), ("cuda-a100", 2**30)])
+def test_a_jobs_gpu_memory_peak_is_its_own_gpus_not_the_current_ones(monkeypatch, device, peak):
+    """trainer_gpu_memory_peak_bytes was torch.cuda.max_memory_allocated() of the calling thread's current device: a
+    job on cuda:1 (`trainmetrics train --device cuda:1`, or a loop's model.to("cuda:1"): neither makes it current)
+    published GPU 0's peak. No GPU here: the allocator's peaks are stood in for per device, the current one 0 as in a
+    process that never set another. `cuda` alone, or a label torch reads as no device, is the current one."""
+    peaks = {0: 2**30, 1: 3 * 2**30}
+
+    def max_memory_allocated(device=None):
+        index = device if isinstance(device, int) else None if device is None else torch.device(device).index
+        return peaks[0 if index is None else index]
+
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", max_memory_allocated)
+    metrics = JobMetrics("gpu-peak", JobInfo(model="mlp", device=device),
+                         Publish(listen=None, targets_dir=None, job_dir=None), log_every=2)
+    try:
+        metrics.start()
+        for _ in range(2):
+            metrics.step(loss=1.0, samples=8)
+        assert value(metrics, "trainer_gpu_memory_peak_bytes") == peak
+    finally:
+        metrics.finish("completed")
+        metrics.close()
+
+
 
 def test_served_metrics_pass_promtool_check():
     metrics = JobMetrics("lib-7", JobInfo(model="cnn", dataset="digits", upload_seconds=0.1), Publish(),
