@@ -162,17 +162,19 @@ def _sum(values: list[float]) -> float:
 
 
 def _device_sum(tensors: list):
-    """The sum of loss tensors in float64, as a tensor where they live: on an accelerator one stacked sum
-    (no host sync until it is read); on the CPU, where reading costs no sync, the values read one by one
-    (cheaper than a stack)."""
+    """The sum of loss tensors in float64 (float32 on Apple's MPS, which has no float64: asked for one, it raised,
+    and no interval's loss was ever published on a Mac), as a tensor where they live: on an accelerator one
+    stacked sum (no host sync until it is read); on the CPU, where reading costs no sync, the values read one by
+    one (cheaper than a stack)."""
     import torch
 
     if tensors[0].is_cpu:
         return torch.tensor(_sum([t.item() for t in tensors]), dtype=torch.float64)
+    dtype = torch.float32 if tensors[0].device.type == "mps" else torch.float64
     try:
-        return torch.stack(tensors).sum(dtype=torch.float64)
+        return torch.stack(tensors).sum(dtype=dtype)
     except RuntimeError:     # losses of different shapes (a scalar and a one-element tensor): one by one
-        return torch.stack([t.reshape(()) for t in tensors]).sum(dtype=torch.float64)
+        return torch.stack([t.reshape(()) for t in tensors]).sum(dtype=dtype)
 
 
 class _LossAccumulator:

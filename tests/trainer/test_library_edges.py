@@ -614,6 +614,22 @@ class OnAccelerator(torch.Tensor):
         return False
 
 
+class OnMps(OnAccelerator):
+    """A tensor on Apple's MPS as far as the library sees it (no Mac here): its device, and MPS's refusal of float64
+    in its own words."""
+
+    @property
+    def device(self):
+        return torch.device("mps")
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if any(value is torch.float64 for value in (*args, *(kwargs or {}).values())):
+            raise TypeError("Cannot convert a MPS Tensor to float64 dtype as the MPS framework doesn't support "
+                            "float64. Please use float32 instead.")
+        return super().__torch_function__(func, types, args, kwargs)
+
+
 def started(job_id: str, **kwargs) -> JobMetrics:
     metrics = JobMetrics(job_id, **kwargs)
     metrics.start()
@@ -649,6 +665,19 @@ def test_a_loss_of_many_values_is_refused_on_every_device(where, caplog):
         assert len(endless._losses.tensors) <= LOSS_FOLD_LIMIT
     finally:
         ended(endless)
+
+
+def test_losses_on_apples_mps_are_summed_in_a_type_it_has(caplog):
+    """Every interval's losses were summed on their device in float64, which MPS refuses: no trainer_loss was ever
+    published on a Mac (the failure logged once). The fold of a long interval's losses (LOSS_FOLD_LIMIT) too."""
+    steps = LOSS_FOLD_LIMIT + 4
+    metrics = started("mps-losses", log_every=steps)
+    try:
+        for index in range(steps):
+            metrics.step(loss=torch.tensor(1.0 + index % 2).as_subclass(OnMps), samples=8)
+        assert metrics.loss == pytest.approx(1.5), caplog.text
+    finally:
+        ended(metrics)
 
 
 def test_a_numpy_loss_of_one_element_is_read_as_a_tensor_of_one_is(caplog):
