@@ -247,8 +247,7 @@ async def jobs(request: Request) -> Response:
     with partial_answers() as partial:
         split = await fleet.recorded_split(request.state.prometheus, range_seconds, now,
                                            _settings(request).recorded_series)
-        table = await fleet.fleet(request.state.prometheus, range_seconds, now, split, owner=owner)
-    table = fleet.filter_jobs(table, status, owner, since, until, now)
+        table = await fleet.job_list(request.state.prometheus, range_seconds, now, split, status, owner, since, until)
     if fmt == "csv":
         return _csv(table, shapes.JobRow, "jobs.csv", bool(partial))
     return JSONResponse(shapes.plain(shapes.JobList(range_seconds=range_seconds, count=len(table), jobs=table,

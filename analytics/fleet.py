@@ -10,8 +10,8 @@ from trainmetrics.analytics import queries as q
 from trainmetrics.analytics import goodput, scoring, shapes
 from trainmetrics.analytics.cache import AnalyticsCache, cached_jobs_analytics
 from trainmetrics.analytics.job import NO_GPU_ENERGY
-from trainmetrics.analytics.lookup import (ENDED, Process, hold_missed_scrapes, hold_while_a_rank_runs, in_order,
-                                          job_status, killed_run, speakers, timeline_of)
+from trainmetrics.analytics.lookup import (ENDED, Process, Timeline, hold_missed_scrapes, hold_while_a_rank_runs,
+                                          in_order, job_status, killed_run, speakers, timeline_of)
 from trainmetrics.analytics.prometheus import PrometheusClient, partial_answers
 from trainmetrics.analytics.results import number, process_of, query_parts, ratio, rounded, rows, scalar
 from trainmetrics.contract import FINAL_STATES, validate_job_id
@@ -40,10 +40,10 @@ async def fleet(client: PrometheusClient, range_seconds: float, now: float, spli
 async def _fleet(client: PrometheusClient, range_seconds: float, now: float, split: float | None,
                  details: bool, owner: str | None = None
                  ) -> tuple[list[shapes.JobRow], dict[str, list[str]], dict[tuple[str, str], Process],
-                            dict[str, float]]:
+                            dict[str, Timeline]]:
     """The fleet's rows, each job's processes (results.process_of; those that speak for it first:
-    lookup.speakers), every process by (job id, process), and each row's training seconds within the range
-    (its training_seconds are its whole runs', before the range too)."""
+    lookup.speakers), every process by (job id, process), and each row's runs (lookup.Timeline: its
+    training_seconds are its whole runs', before the range too)."""
     state_expr = q.fleet_state(range_seconds, now, split)
     state_parts = state_expr if isinstance(state_expr, dict) else {"raw": state_expr}
 
@@ -111,7 +111,7 @@ async def _fleet(client: PrometheusClient, range_seconds: float, now: float, spl
     by_job: dict[str, list[Process]] = {}
     for (job_id, _), proc in processes.items():
         by_job.setdefault(job_id, []).append(proc)
-    table, speaking, trained_in_range = [], {}, {}
+    table, speaking, timelines = [], {}, {}
     # (Not by the job server's entry of a job: scraped while the job waits to resume, it held a killed run live.)
     jobs_scraped_now = {key[0] for key in scraped_now if key not in processes or processes[key].trainer}
     for job_id, procs in sorted(by_job.items()):
@@ -132,9 +132,7 @@ async def _fleet(client: PrometheusClient, range_seconds: float, now: float, spl
                     {})
         if owner is not None and owners_by_job.get(job_id) != {owner}:
             continue
-        in_range = timeline.training_seconds_within(now - range_seconds, now)
-        if in_range is not None:
-            trained_in_range[job_id] = in_range
+        timelines[job_id] = timeline
         table.append(shapes.JobRow(
             job_id=job_id, **{key: info.get(key) for key in METADATA}, status=status,
             start_time=min(starts_known) if starts_known else None,
@@ -144,7 +142,7 @@ async def _fleet(client: PrometheusClient, range_seconds: float, now: float, spl
             total_samples=int(total) if total is not None else None,
             average_samples_per_second=rounded(ratio(total, timeline.training_seconds)),
             final_loss=final_loss(loss_by_process, job_id, speaking[job_id])))
-    return table, speaking, processes, trained_in_range
+    return table, speaking, processes, timelines
 
 
 def last_losses(answer: list[dict]) -> dict[tuple[str, str], float | None]:
@@ -217,26 +215,44 @@ def _trainer_job_id(job_id: str) -> bool:
     return True
 
 
-def filter_jobs(table: list[shapes.JobRow], status: str | None, owner: str | None, since: float | None,
-                until: float | None, now: float) -> list[shapes.JobRow]:
-    """Jobs matching every given filter; since/until keep jobs that ran at some time in [since, until]."""
+async def job_list(client: PrometheusClient, range_seconds: float, now: float, split: float | None,
+                   status: str | None = None, owner: str | None = None, since: float | None = None,
+                   until: float | None = None) -> list[shapes.JobRow]:
+    """The job list: fleet()'s rows over the range that match every given filter (filter_jobs)."""
+    table, _, _, timelines = await _fleet(client, range_seconds, now, split, details=True, owner=owner)
+    return filter_jobs(table, timelines, status, owner, since, until, now)
+
+
+def filter_jobs(table: list[shapes.JobRow], timelines: dict[str, Timeline], status: str | None, owner: str | None,
+                since: float | None, until: float | None, now: float) -> list[shapes.JobRow]:
+    """Jobs matching every given filter; since/until keep jobs that ran at some time in [since, until]: a run of
+    theirs (timelines, by job id) overlaps it."""
     kept = []
     for row in table:
         if status is not None and row.status != status:
             continue
         if owner is not None and row.owner != owner:
             continue
-        # A job that never ran (queued, cancelled in the queue) ran at no time: `since` kept it (its end, or now,
-        # was after it) where `until` left it out (no start), so each filter needs a start.
-        if (since is not None or until is not None) and row.start_time is None:
-            continue
-        end = row.end_time if row.end_time is not None else now
-        if since is not None and end < since:
-            continue
-        if until is not None and row.start_time > until:
+        if (since is not None or until is not None) and not _ran_within(row, timelines.get(row.job_id), since,
+                                                                        until, now):
             continue
         kept.append(row)
     return kept
+
+
+def _ran_within(row: shapes.JobRow, timeline: Timeline | None, since: float | None, until: float | None,
+                now: float) -> bool:
+    """Whether the job ran at some time in [since, until] (either bound open when None): by its runs, since its first
+    start and last end (or now) enclose its pauses too, and kept a job paused, or waiting to resume, throughout the
+    span. A zero-length run is a stop before any step (a failed restore, the server's cancel of a paused job)."""
+    runs = [(start, stop) for start, stop in (timeline.runs if timeline else ()) if stop > start]
+    if not runs:
+        # A job that never ran (queued, cancelled in the queue) ran at no time. One whose stop is unknown (a trainer
+        # from before the heartbeat, vanished) ran from its start to its end, or now.
+        if row.start_time is None:
+            return False
+        runs = [(row.start_time, row.end_time if row.end_time is not None else now)]
+    return any((since is None or stop >= since) and (until is None or start <= until) for start, stop in runs)
 
 
 async def resource_trends(client: PrometheusClient, range_seconds: float, step: float, now: float,
@@ -286,7 +302,7 @@ async def _summary(client: PrometheusClient, range_seconds: float, step: float, 
     recorded_trends = (split is not None and split <= now - range_seconds + q.RULE_WINDOW_SECONDS
                        and step >= q.RECORDED_TREND_MIN_STEP_SECONDS)
     # Metadata and final losses only where shown (the top 5), unless the owner filter needs everyone's.
-    (table, speaking, processes, trained_in_range), trends, ledger = await asyncio.gather(
+    (table, speaking, processes, timelines), trends, ledger = await asyncio.gather(
         _fleet(client, range_seconds, now, split, details=owner is not None, owner=owner),
         resource_trends(client, range_seconds, step, now, recorded_trends, owner, split),
         query_parts(client, q.fleet_goodput(range_seconds, now), now))
@@ -300,11 +316,13 @@ async def _summary(client: PrometheusClient, range_seconds: float, step: float, 
                  key=lambda row: (-row.average_samples_per_second, row.job_id))[:5]
     if owner is None:
         await add_details(client, top, speaking, range_seconds, now, split)
+    # Within the range, as the goodput beside it: a job that began before the range counts from its start.
+    in_range = [timeline.training_seconds_within(now - range_seconds, now) for timeline in timelines.values()]
+    trained_in_range = [seconds for seconds in in_range if seconds is not None]
     return shapes.Summary(
         range_seconds=range_seconds, evaluated_at=round(now, 3), total_jobs=len(table), jobs_by_status=by_status,
         average_duration_seconds=rounded(sum(finished) / len(finished)) if finished else None,
-        # Within the range, as the goodput beside it: a job that began before the range counts from its start.
-        total_training_seconds=rounded(sum(trained_in_range.values())) if trained_in_range else 0.0,
+        total_training_seconds=rounded(sum(trained_in_range)) if trained_in_range else 0.0,
         average_throughput_samples_per_sec=rounded(sum(throughputs) / len(throughputs)) if throughputs else None,
         top_performing_jobs=[shapes.TopJob(**{key: getattr(row, key) for key in shapes.columns(shapes.TopJob)})
                              for row in top],

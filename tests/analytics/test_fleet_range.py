@@ -121,3 +121,16 @@ def test_since_and_until_keep_only_the_jobs_that_ran_between_them(backfilled):
     assert set(listed(backend, since=f"{since:.3f}")) == ran
     assert set(listed(backend, until=f"{until:.3f}")) == ran
     assert set(listed(backend, since=f"{since:.3f}", until=f"{until:.3f}")) == ran
+
+
+def test_since_and_until_leave_out_a_job_paused_throughout_them(backfilled):
+    """shared-2 ran from 50 to 40 minutes ago, was paused, and ran again from 33 to 23 minutes ago: between 38 and 35
+    minutes ago it ran at no time. Its first start and last end enclose that span, and the list kept it, where the
+    docs keep the jobs that ran at some time between since and until. Its runs either side of the pause still
+    count."""
+    backend, written = backfilled
+    paused = listed(backend, since=f"{written - 2300:.3f}", until=f"{written - 2100:.3f}")
+    print("listed while shared-2 was paused:", paused)
+    assert "shared-2" not in paused
+    assert "shared-2" in listed(backend, since=f"{written - 2500:.3f}", until=f"{written - 2450:.3f}")
+    assert "shared-2" in listed(backend, since=f"{written - 2100:.3f}", until=f"{written - 1900:.3f}")
