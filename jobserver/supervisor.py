@@ -532,9 +532,11 @@ class Supervisor:
             state, code, reason = "failed", int(ExitCode.FAILED), None
         if state in ("paused", "cancelled") and STOP_STRENGTH[job.requested] > STOP_STRENGTH[state]:
             state = job.requested    # a cancel accepted after the pause that stopped the process
-        if state == "paused" and job.requested == SHUTDOWN_PAUSE:
+        if state == "paused" and job.requested == SHUTDOWN_PAUSE and reason is None:
             # Paused by a server's stop: it resumes at this (or the next) start, queued as a resume queues it,
-            # without the run's outcome (a pause's exit code 4 showed on the job cancelled while it waited).
+            # without the run's outcome (a pause's exit code 4 showed on the job cancelled while it waited). Not a
+            # run that paused itself meanwhile (its reason: a loss spike), which waits for its user: it was
+            # resumed at the next start, the spike's reason dropped.
             state, code, reason = "queued", None, None
         if killed and state == "failed":
             state = "cancelled"      # the kill (or the hang it ended) failed it: the cancel was accepted first

@@ -2306,6 +2306,27 @@ def test_a_cancel_accepted_after_the_pause_a_run_said_ends_with_a_cancels_exit_c
     store.close()
 
 
+def test_a_run_that_paused_itself_for_a_loss_spike_during_the_servers_shutdown_pause_stays_paused(tmp_path):
+    """A run that paused itself (a loss spike, its result's reason) while the server's shutdown pause was under way
+    was taken for paused by the server: queued to resume at the next start, the spike's reason dropped, where a
+    spike's pause waits for its user."""
+    from trainmetrics.jobfiles import write_result
+    from trainmetrics.jobserver.supervisor import SHUTDOWN_PAUSE
+
+    store = JobStore(tmp_path / "db.sqlite")
+    supervisor = Supervisor(store, tmp_path, None, max_concurrent=1, executor=Ending())
+    queue(supervisor, "spiked")
+    supervisor.start(store.get_job("spiked"))
+    store.update_job("spiked", requested=SHUTDOWN_PAUSE)
+    write_result(supervisor.result_path("spiked"), {"state": "paused", "exit_code": 4,
+                                                    "reason": "loss spike at step 85"})
+    supervisor.max_concurrent = 0       # a job queued to resume is looked at, not started again
+    supervisor.tick()
+    ended = store.get_job("spiked")
+    assert (ended.state, ended.resume, ended.exit_code, ended.reason) == ("paused", True, 4, "loss spike at step 85")
+    store.close()
+
+
 @pytest.mark.parametrize("requested, told, state", [(None, "cancelled", "failed"), (None, "paused", "failed"),
                                                     ("paused", "cancelled", "failed"), ("paused", "paused", "paused"),
                                                     ("cancelled", "cancelled", "cancelled")])
