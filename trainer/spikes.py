@@ -8,9 +8,10 @@ intervals of warm-up (docs/metrics.md). An interval cut short (by a checkpoint, 
 mean: it is judged, and learnt, by its share of a full interval's steps.
 
 The warm-up intervals have nothing before them to be judged against: once there are `warmup` of them, the
-running mean and variance are learnt again from those within WARMUP_OUTLIER_MADS median absolute deviations
-of their median, so a spike among them (a bad first shard) does not widen the spread for the intervals after
-it (it hid a second spike of the same size for 25 intervals more)."""
+detector starts from those within WARMUP_OUTLIER_MADS median absolute deviations of their median, so a spike among
+them (a bad first shard) does not widen the spread for the intervals after it (it hid a second spike of the same
+size for 25 intervals more): its mean at their last ones' level, its deviation their wobble from one interval to the
+next, not their fall (_start_from)."""
 
 import math
 import statistics
@@ -21,6 +22,8 @@ ALPHA = 0.1
 # A warm-up interval this many (normal-scaled) median absolute deviations above the warm-up's median is left out
 # of what the detector starts from.
 WARMUP_OUTLIER_MADS = 6.0
+# The warm-up's last intervals (its outliers left out) whose median is the level the detector starts from.
+WARMUP_LEVEL_INTERVALS = 3
 # The least spread a loss is judged against, relative to its level (and absolute, for a loss at 0): a loss flat to
 # the last digit has none, and then no rise was a spike (spread 0), or one of 1e-4 was (a spread of 1e-5).
 SPREAD_FLOOR_RELATIVE, SPREAD_FLOOR_ABSOLUTE = 1e-3, 1e-8
@@ -84,14 +87,25 @@ class LossSpikeDetector:
         return False
 
     def _start_from(self, early: list[float]) -> None:
-        """Learn the running mean and deviation again from the warm-up intervals, their outliers left out."""
+        """Start the running mean and deviation from the warm-up intervals, their outliers left out: the mean at
+        where the loss is at the warm-up's end (the median of its last WARMUP_LEVEL_INTERVALS kept), the deviation
+        its wobble from one interval to the next around their typical change (the root mean square of the changes
+        less their median, over √2: the deviation of one interval's noise), so a loss that falls in its warm-up
+        (most do: a language model's from 10 to 2 in its first hundreds of steps) is not taken for one that
+        wobbles by its fall. Learnt in order, from the first interval on, the mean started at 6 and the deviation
+        at 3 for such a loss, and a rise from 2 to 10 after the warm-up was no spike for 25 intervals."""
         middle = statistics.median(early)
         spread = max(1.4826 * statistics.median(abs(value - middle) for value in early), _floor(middle))
         kept = [value for value in early if value - middle <= WARMUP_OUTLIER_MADS * spread]
-        self.mean, self.deviation, self.seen, self._early = None, 0.0, 0, None
-        for value in kept:
-            self._learn(value)
-        self.seen = len(early)
+        # Halves of the changes, and halves of those less their median: no difference of losses near a float's
+        # largest overflows (hypot squares nothing; a sum past a float saturates below).
+        halves = [later / 2 - earlier / 2 for earlier, later in zip(kept, kept[1:])]
+        wobble = 0.0
+        if halves:
+            typical = statistics.median(halves)
+            wobble = 4 * math.hypot(*(half / 2 - typical / 2 for half in halves)) / math.sqrt(2 * len(halves))
+        self.mean = statistics.median(kept[-WARMUP_LEVEL_INTERVALS:])
+        self.deviation, self.seen, self._early = min(wobble, DEVIATION_MAX), len(early), None
 
     def state_dict(self) -> dict:
         """What a resumed process needs to watch on at once (without it, a resume was blind for `warmup`

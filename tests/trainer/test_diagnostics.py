@@ -204,6 +204,31 @@ def test_a_spike_in_the_warmup_does_not_blind_the_detector_to_the_next_and_survi
         [carried.observe(loss) for loss in [*losses[4:12], 32.5]] == [False] * 8 + [True]
 
 
+def test_a_loss_that_falls_fast_in_its_warmup_leaves_the_detector_watching_at_its_level():
+    """A loss falling from 10 to 2.5 in its 10 warm-up intervals (a language model's first minutes), its interval
+    means +- 0.014: the detector learnt its running mean and spread from the warm-up in order, from the first
+    interval on, so it started at a mean of 5.5 and a spread of 2.8 (the fall, not the wobble): a rise to 10 was
+    below the 22 a spike took, and was no spike for the 24 intervals after the warm-up."""
+    import random
+
+    rng = random.Random(0)
+    metrics = JobMetrics("falling-warmup", log_every=50)
+    try:
+        metrics.start()
+        for step in range(1, 15 * 50 + 1):          # 10 warm-up intervals, then 5 watched ones
+            metrics.step(loss=2.0 + 8.0 * math.exp(-step / 150) + rng.gauss(0.0, 0.1), samples=1)
+        assert metrics.spikes.spikes == 0           # a falling loss is no spike
+        for _ in range(50):
+            metrics.step(loss=10.0 + rng.gauss(0.0, 0.1), samples=1)
+        assert metrics.spikes.spikes == 1
+        for step in range(1, 20 * 50 + 1):          # back at its level: no spike, and none in the noise after
+            metrics.step(loss=2.0 + rng.gauss(0.0, 0.1), samples=1)
+        assert metrics.spikes.spikes == 1
+        metrics.finish("completed")
+    finally:
+        metrics.close()
+
+
 def test_a_lasting_rise_is_flagged_for_warmup_intervals_then_learnt_as_the_new_level():
     # Before, every interval after a lasting shift (a new data mix, a learning-rate restart) was a spike until
     # the job ended: a warning per interval and TrainerLossSpike firing for ever.
