@@ -2,10 +2,10 @@
 standard deviations above the running mean of the intervals before it (exponentially weighted, so the
 mean follows a falling loss) is a spike. Spikes do not enter the running mean, so one does not hide the
 next; but a rise that lasts `warmup` intervals in a row is the loss's new level, not a spike that goes on for
-ever: the detector learns again from those intervals (otherwise every interval after a lasting shift, a new
-data mix or a learning-rate restart, would be flagged until the job ends). Defaults: z = 6, after 10
-intervals of warm-up (docs/metrics.md). An interval cut short (by a checkpoint, the run's end) has a noisier
-mean: it is judged, and learnt, by its share of a full interval's steps.
+ever: the detector starts again from those intervals, as from a warm-up's (otherwise every interval after a
+lasting shift, a new data mix or a learning-rate restart, would be flagged until the job ends). Defaults:
+z = 6, after 10 intervals of warm-up (docs/metrics.md). An interval cut short (by a checkpoint, the run's end)
+has a noisier mean: it is judged, and learnt, by its share of a full interval's steps.
 
 The warm-up intervals have nothing before them to be judged against: once there are `warmup` of them, the
 detector starts from those within WARMUP_OUTLIER_MADS median absolute deviations of their median, so a spike among
@@ -67,10 +67,9 @@ class LossSpikeDetector:
             if (loss - self.mean) / spread > self.z:
                 self.spikes += 1
                 self._run.append(loss)
-                if len(self._run) >= self.warmup:      # a lasting rise: the new level, learnt from its intervals
-                    run, self.mean, self.deviation, self.seen, self._run = self._run, None, 0.0, 0, []
-                    for value in run:
-                        self._learn(value)
+                if len(self._run) >= self.warmup:      # a lasting rise: the new level, started from its intervals
+                    run, self._run = self._run, []
+                    self._start_from(run)
                 return True
             # A drop is learnt (a falling loss is no spike) as one of z spreads at most: an interval far below (a
             # batch of padding at loss 0) widened the spread by its whole fall, hiding the spikes after it, and

@@ -229,6 +229,17 @@ def test_a_loss_that_falls_fast_in_its_warmup_leaves_the_detector_watching_at_it
         metrics.close()
 
 
+def test_a_lasting_rise_that_falls_back_is_watched_at_its_level_once_learnt():
+    """A learning-rate restart: the loss jumps from 2 to 6 and falls back towards 3. Its 10 intervals in a row are
+    the new level, learnt again in order from the first (6): 5 intervals later the running mean was 4.1 and the
+    deviation 1.2, and the loss doubling from 3.1 to 6.1 was no spike (nor 15 intervals later)."""
+    detector = LossSpikeDetector(z=6.0, warmup=10)
+    assert not any(detector.observe(2.0 + 0.01 * ((-1) ** i)) for i in range(40))
+    restart = [3.0 + 3.0 * math.exp(-i / 4) + 0.01 * ((-1) ** i) for i in range(15)]
+    assert [detector.observe(loss) for loss in restart] == [True] * 10 + [False] * 5
+    assert detector.observe(2 * restart[-1])
+
+
 def test_a_lasting_rise_is_flagged_for_warmup_intervals_then_learnt_as_the_new_level():
     # Before, every interval after a lasting shift (a new data mix, a learning-rate restart) was a spike until
     # the job ended: a warning per interval and TrainerLossSpike firing for ever.
