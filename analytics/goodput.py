@@ -167,7 +167,7 @@ def ledger(facts: JobFacts, found: dict[str, list[dict]]) -> shapes.Goodput:
             checkpoint_writes += written
             lost += after_snapshot - written
     unread = [(started, as_of) for started, as_of in unread if started > runs[0].started]
-    spans = sorted([(run.started, run.as_of) for run in runs] + unread)
+    spans = sorted([(run.started, _lived_to(run, after)) for run, after in zip(runs, [*runs[1:], None])] + unread)
     paused = sum(max(0.0, after[0] - before[1]) for before, after in zip(spans, spans[1:]))
     end = spans[-1][1]
     # (Not after a run that was killed: the server's end is its notice of the death; the job ended with the run.)
@@ -212,6 +212,18 @@ def ledger(facts: JobFacts, found: dict[str, list[dict]]) -> shapes.Goodput:
         unaccounted_seconds=round(wall - sum(seconds.values()), 3),
         unavailable_reason=(EARLIER_RUNS_GONE if submitted is not None else EARLIER_RUNS_GONE_UNSUBMITTED)
         if earlier_runs_gone else CLOCK_SET_BACK if set_back else None if submitted is not None else NO_SUBMISSION)
+
+
+def _lived_to(run: _Run, after: _Run | None) -> float:
+    """When the run stopped, as far as the ledger can tell: its end, else its last scrape; or later, up to its
+    successor's start, where the successor carried in more of the run's life than that (the checkpoint it resumed
+    from was taken after the run's last scrape: Prometheus down across the run's end, a kill within a scrape
+    interval of a checkpoint). Those seconds are in the successor's totals: counted as paused too, the phases went
+    past the wall clock, and the ledger read as a host clock set back."""
+    if after is None:
+        return run.as_of
+    shown = run.started + (after.carried - run.carried)     # the snapshot, on the run's own clock
+    return max(run.as_of, min(shown, after.started))
 
 
 def complete(ledger: shapes.Goodput) -> bool:

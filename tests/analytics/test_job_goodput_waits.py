@@ -48,6 +48,11 @@ def history(now: float) -> str:
     # Paused, and paused still: the server's `paused` since.
     lines += trainer("paused-now", "h:6", now - 475, now - 300, "paused", now - 500, checkpoints=(2, 2))
     lines += server("paused-now", [(now - 295, now, "paused", None)], now - 500)
+    # Paused at its stop checkpoint (snapshot at now - 291) while Prometheus was down (last scraped at now - 300,
+    # running), resumed from that checkpoint: the resumed run carried 189 s in, 9 s past the paused one's last scrape.
+    lines += trainer("unscraped-pause", "h:7", now - 475, now - 300, None, now - 500, checkpoints=(2, 2))
+    lines += trainer("unscraped-pause", "h:8", now - 250, now - 100, "completed", now - 500, carried=189.0,
+                     checkpoints=(3, 1))
     # Never ran: in the queue since its submission.
     lines += server("never-ran", [(now - 100, now, "queued", None)], now - 100)
     return as_openmetrics(lines)
@@ -109,6 +114,17 @@ def test_a_killed_runs_notice_after_a_wait_to_resume_is_still_the_notice(backfil
     assert report.status == "failed" and report.end_time == pytest.approx(now - 350, abs=1e-3)
     assert report.goodput.wall_clock_seconds == pytest.approx(650.0, abs=1e-3)
     assert report.goodput.seconds["paused"] == pytest.approx(400.0, abs=1e-3)     # the pause, to the resumed run
+
+
+def test_a_run_whose_end_prometheus_missed_lived_to_the_checkpoint_its_successor_carried_in(backfilled):
+    """Its last 9 s, to the snapshot its successor resumed from, were unscraped: they were in the successor's
+    carried totals and paused too, the phases 9 s past the wall clock, read as a host clock set back (the wall clock
+    taken for the phases' sum, 409 s)."""
+    backend, now = backfilled
+    goodput = analytics(backend, "unscraped-pause").goodput
+    assert goodput.unavailable_reason is None and goodput.wall_clock_seconds == pytest.approx(400.0, abs=1e-3)
+    assert goodput.seconds["paused"] == pytest.approx(36.0, abs=1e-3) and goodput.seconds["lost"] == 0
+    assert goodput.unaccounted_seconds == pytest.approx(0.0, abs=1e-3)
 
 
 def test_a_job_that_never_ran_is_queued_from_its_submission_to_now(backfilled):
