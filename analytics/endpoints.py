@@ -191,7 +191,7 @@ async def summary(request: Request) -> Response:
         step = math.ceil(max(minimum_step, range_seconds / DEFAULT_TREND_POINTS) * 1000) / 1000
     owner = _owner_filter(request)
     body = await fleet.summary(request.state.prometheus, range_seconds, step, owner,
-                               recorded=_settings(request).recorded_series)
+                               recorded=_settings(request).recorded_series, lookback=_settings(request).lookback)
     if fmt == "csv":
         return _csv(body.top_performing_jobs, shapes.TopJob, "top_jobs.csv", body.partial)
     return JSONResponse(shapes.plain(body))
@@ -247,7 +247,8 @@ async def jobs(request: Request) -> Response:
     with partial_answers() as partial:
         split = await fleet.recorded_split(request.state.prometheus, range_seconds, now,
                                            _settings(request).recorded_series)
-        table = await fleet.job_list(request.state.prometheus, range_seconds, now, split, status, owner, since, until)
+        table = await fleet.job_list(request.state.prometheus, range_seconds, now, split, status, owner, since, until,
+                                     _settings(request).lookback)
     if fmt == "csv":
         return _csv(table, shapes.JobRow, "jobs.csv", bool(partial))
     return JSONResponse(shapes.plain(shapes.JobList(range_seconds=range_seconds, count=len(table), jobs=table,

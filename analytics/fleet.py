@@ -10,13 +10,17 @@ from trainmetrics.analytics import queries as q
 from trainmetrics.analytics import goodput, scoring, shapes
 from trainmetrics.analytics.cache import AnalyticsCache, cached_jobs_analytics
 from trainmetrics.analytics.job import NO_GPU_ENERGY
-from trainmetrics.analytics.lookup import (ENDED, Process, Timeline, hold_missed_scrapes, hold_while_a_rank_runs,
-                                          in_order, job_status, killed_run, speakers, timeline_of)
+from trainmetrics.analytics.lookup import (ENDED, Process, Timeline, find_jobs, hold_missed_scrapes,
+                                          hold_while_a_rank_runs, in_order, job_status, killed_run, speakers,
+                                          timeline_of)
 from trainmetrics.analytics.prometheus import PrometheusClient, partial_answers
 from trainmetrics.analytics.results import number, process_of, query_parts, ratio, rounded, rows, scalar
+from trainmetrics.command import DEFAULT_LOOKBACK_DAYS
 from trainmetrics.contract import FINAL_STATES, validate_job_id
 
 METADATA = ("job_name", "model", "dataset", "owner", "device")
+# How far back a resumed job's earlier runs are looked for (the service's --lookback, as its own analytics do).
+DEFAULT_LOOKBACK = DEFAULT_LOOKBACK_DAYS * 86400.0
 
 
 async def recorded_split(client: PrometheusClient, range_seconds: float, now: float,
@@ -29,21 +33,24 @@ async def recorded_split(client: PrometheusClient, range_seconds: float, now: fl
 
 
 async def fleet(client: PrometheusClient, range_seconds: float, now: float, split: float | None = None,
-                details: bool = True, owner: str | None = None) -> list[shapes.JobRow]:
+                details: bool = True, owner: str | None = None,
+                lookback: float = DEFAULT_LOOKBACK) -> list[shapes.JobRow]:
     """One row per job seen in the last range_seconds: metadata, status, times, samples, throughput.
 
     split (recorded_split): read the recorded per-process series there, raw ones before and after it.
-    details=False: leave metadata and final loss out (None) for add_details to fill in for a few rows."""
-    return (await _fleet(client, range_seconds, now, split, details, owner))[0]
+    details=False: leave metadata and final loss out (None) for add_details to fill in for a few rows.
+    lookback: how far back a resumed job's earlier runs are found (_whole_resumed)."""
+    return (await _fleet(client, range_seconds, now, split, details, owner, lookback))[0]
 
 
 async def _fleet(client: PrometheusClient, range_seconds: float, now: float, split: float | None,
-                 details: bool, owner: str | None = None
+                 details: bool, owner: str | None = None, lookback: float = DEFAULT_LOOKBACK
                  ) -> tuple[list[shapes.JobRow], dict[str, list[str]], dict[tuple[str, str], Process],
                             dict[str, Timeline]]:
     """The fleet's rows, each job's processes (results.process_of; those that speak for it first:
     lookup.speakers), every process by (job id, process), and each row's runs (lookup.Timeline: its
-    training_seconds are its whole runs', before the range too)."""
+    training_seconds are its whole runs', before the range too; a resumed job's runs before the range too:
+    _whole_resumed)."""
     state_expr = q.fleet_state(range_seconds, now, split)
     state_parts = state_expr if isinstance(state_expr, dict) else {"raw": state_expr}
 
@@ -137,12 +144,57 @@ async def _fleet(client: PrometheusClient, range_seconds: float, now: float, spl
             job_id=job_id, **{key: info.get(key) for key in METADATA}, status=status,
             start_time=min(starts_known) if starts_known else None,
             end_time=latest.stop(now) if status in ENDED else None,
-            duration_seconds=rounded(timeline.total_seconds), paused_seconds=rounded(timeline.paused_seconds),
-            training_seconds=rounded(timeline.training_seconds),
-            total_samples=int(total) if total is not None else None,
-            average_samples_per_second=rounded(ratio(total, timeline.training_seconds)),
+            **_times(timeline, total), total_samples=int(total) if total is not None else None,
             final_loss=final_loss(loss_by_process, job_id, speaking[job_id])))
+    await _whole_resumed(client, table, processes, timelines, lookback, now)
     return table, speaking, processes, timelines
+
+
+def _times(timeline: Timeline, samples: float | None) -> dict[str, float | None]:
+    """A row's times and throughput from the job's runs and samples, as its own analytics give them."""
+    return dict(duration_seconds=rounded(timeline.total_seconds), paused_seconds=rounded(timeline.paused_seconds),
+                training_seconds=rounded(timeline.training_seconds),
+                average_samples_per_second=rounded(ratio(samples, timeline.training_seconds)))
+
+
+async def _whole_resumed(client: PrometheusClient, table: list[shapes.JobRow],
+                         processes: dict[tuple[str, str], Process], timelines: dict[str, Timeline], lookback: float,
+                         now: float) -> None:
+    """Tell the rows of the jobs resumed from runs before the range as their own analytics do. The range holds only
+    their later runs, while a resumed process carries the job's sample count on: their rows' times were those runs'
+    alone, their throughput overstated by the earlier runs' samples (23 hours before the range and a minute in it
+    topped the summary's ranking). Such a job's earliest process in the range took its checkpoint count over from a
+    run (Process.resumed: how the job lookup notices a run it did not find); those jobs are found as the job's own
+    analytics find them (lookup.find_jobs over the lookback), each step one request for all of them, and their rows
+    take the whole job's runs (the summary cuts its training seconds to the range: Timeline.training_seconds_within)."""
+    earliest: dict[str, Process] = {}
+    for (job_id, _), proc in processes.items():
+        if job_id in timelines and proc.start is not None and (
+                job_id not in earliest or proc.start < earliest[job_id].start):
+            earliest[job_id] = proc
+    # (not a trainer's job id: nothing of it enters a query)
+    stops = [(job_id, proc.stop(now)) for job_id, proc in earliest.items() if _trainer_job_id(job_id)]
+    stops = [(job_id, stop) for job_id, stop in stops if stop is not None]
+    if not stops:
+        return
+    found = await query_parts(client, q.fleet_checkpoints(stops, now), now)
+    for index, (job_id, _) in enumerate(stops):
+        proc = earliest[job_id]
+        for part, attribute in (("counted", "checkpoints"), ("written", "written")):
+            for labels, value in rows(found[f"{part}_{index}"]):
+                if labels.get("rank", "0") == "0" and process_of(labels) == proc.key:
+                    setattr(proc, attribute, value)
+    resumed = [job_id for job_id, _ in stops if earliest[job_id].resumed]
+    if not resumed:
+        return
+    by_id = {row.job_id: row for row in table}
+    for job_id, facts in zip(resumed, await find_jobs(client, resumed, lookback, now, strict=False)):
+        if facts is None:
+            continue
+        row, timelines[job_id] = by_id[job_id], facts.timeline
+        row.start_time = facts.start
+        for key, value in _times(facts.timeline, row.total_samples).items():
+            setattr(row, key, value)
 
 
 def last_losses(answer: list[dict]) -> dict[tuple[str, str], float | None]:
@@ -217,9 +269,10 @@ def _trainer_job_id(job_id: str) -> bool:
 
 async def job_list(client: PrometheusClient, range_seconds: float, now: float, split: float | None,
                    status: str | None = None, owner: str | None = None, since: float | None = None,
-                   until: float | None = None) -> list[shapes.JobRow]:
+                   until: float | None = None, lookback: float = DEFAULT_LOOKBACK) -> list[shapes.JobRow]:
     """The job list: fleet()'s rows over the range that match every given filter (filter_jobs)."""
-    table, _, _, timelines = await _fleet(client, range_seconds, now, split, details=True, owner=owner)
+    table, _, _, timelines = await _fleet(client, range_seconds, now, split, details=True, owner=owner,
+                                          lookback=lookback)
     return filter_jobs(table, timelines, status, owner, since, until, now)
 
 
@@ -284,18 +337,18 @@ async def resource_trends(client: PrometheusClient, range_seconds: float, step: 
 
 
 async def summary(client: PrometheusClient, range_seconds: float, step: float, owner: str | None = None,
-                  recorded: bool = True) -> shapes.Summary:
+                  recorded: bool = True, lookback: float = DEFAULT_LOOKBACK) -> shapes.Summary:
     """The fleet summary over the last range_seconds (one owner's jobs when given), with the hosts'
     resource trends at `step` resolution. recorded: read the analytics recording rules' series where they
-    cover the range."""
+    cover the range; lookback: how far back a resumed job's earlier runs are found (_whole_resumed)."""
     with partial_answers() as partial:
-        body = await _summary(client, range_seconds, step, owner, recorded)
+        body = await _summary(client, range_seconds, step, owner, recorded, lookback)
     body.partial = bool(partial)
     return body
 
 
 async def _summary(client: PrometheusClient, range_seconds: float, step: float, owner: str | None,
-                   recorded: bool) -> shapes.Summary:
+                   recorded: bool, lookback: float) -> shapes.Summary:
     now = time.time()
     split = await recorded_split(client, range_seconds, now, recorded)
     # Trends from recorded series only where they cover the whole range and each point spans several.
@@ -303,7 +356,7 @@ async def _summary(client: PrometheusClient, range_seconds: float, step: float, 
                        and step >= q.RECORDED_TREND_MIN_STEP_SECONDS)
     # Metadata and final losses only where shown (the top 5), unless the owner filter needs everyone's.
     (table, speaking, processes, timelines), trends, ledger = await asyncio.gather(
-        _fleet(client, range_seconds, now, split, details=owner is not None, owner=owner),
+        _fleet(client, range_seconds, now, split, details=owner is not None, owner=owner, lookback=lookback),
         resource_trends(client, range_seconds, step, now, recorded_trends, owner, split),
         query_parts(client, q.fleet_goodput(range_seconds, now), now))
     by_status = {status: 0 for status in shapes.STATES}

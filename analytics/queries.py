@@ -656,6 +656,18 @@ def fleet_last_seen(job_ids: list[str], range_seconds: float, now: float) -> dic
             for index, job_id in enumerate(job_ids)}
 
 
+def fleet_checkpoints(stops: list[tuple[str, float]], now: float) -> dict[str, str]:
+    """Checkpoints counted (counted_<i>) and written (written_<i>) by the processes of a few jobs, each (job id, when
+    its process of interest stopped) read in the last values window to that process's final scrape (or now), as the
+    job lookup reads an ended process's (job_ended): whether it resumed a run from before it (Process.resumed).
+    Cheap: a minute of two series per job, where reading them over the range read every sample of every process."""
+    parts = {}
+    for index, (job_id, stop) in enumerate(stops):
+        found = _lookup(job_id, over(LAST_VALUES_SECONDS, min(now, stop + FINAL_SCRAPE_GRACE_SECONDS)), instant=False)
+        parts[f"counted_{index}"], parts[f"written_{index}"] = found["counted"], found["written"]
+    return parts
+
+
 def fleet_state(range_seconds: float, now: float | None = None, split: float | None = None) -> str | dict[str, str]:
     """Last state of every job process in the range: one expression (raw only), or the parts recent,
     recorded and older; a process's recorded states are valued with when they were last seen, so the

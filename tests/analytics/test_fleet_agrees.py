@@ -107,6 +107,11 @@ def history(now):
         lines.append(f"trainer_job_submitted_timestamp_seconds{{{server}}} {now - 3100:.3f} {t:.3f}")
         if current == "cancelled":
             lines.append(f"trainer_job_end_timestamp_seconds{{{server}}} {now - 1900:.3f} {t:.3f}")
+    # Paused long before the lists' 2-hour range (which begins about 6600 s before `now`), resumed within it: its
+    # resumed process carries the first run's 60,000 samples and 3 checkpoints on.
+    lines += process("a-resumed", "h:12", now - 9000, now - 7800, "paused", {**info, "owner": "erin"})
+    lines += process("a-resumed", "h:13", now - 1800, now - 1200, "completed", {**info, "owner": "erin"},
+                     samples_from=60000, checkpoints_from=3)
     return as_openmetrics(lines)
 
 
@@ -206,6 +211,22 @@ def test_a_job_cancelled_while_paused_has_its_final_loss_in_the_list(backfilled)
           "| summary top:", top["status"], top["final_loss"])
     assert row["status"] == body["status"] == "cancelled"
     assert row["final_loss"] == top["final_loss"] == body["losses"]["final"] is not None
+
+
+def test_a_resumed_job_whose_first_run_ended_before_the_range_is_told_whole(backfilled):
+    """a-resumed ran 20 minutes long before the range and 10 within it: its rows took their times from the run in
+    the range and its samples from the whole job (the resumed process carries them on), 150 samples/s where it
+    trained at 50, and it topped the summary's ranking. Its rows give the job's own figures."""
+    body, row, top = three_views(backfilled, "a-resumed")
+    duration, performance = body["duration"], body["performance"]
+    own = {"start_time": body["start_time"], "duration_seconds": duration["total_seconds"],
+           "paused_seconds": duration["paused_seconds"], "training_seconds": duration["training_seconds"],
+           "total_samples": performance["total_samples"],
+           "average_samples_per_second": performance["average_samples_per_second"]}
+    print("analytics:", own, "\n job list:", row, "\n summary top:", top)
+    assert own["training_seconds"] == 1800.0 and own["average_samples_per_second"] == 50.0
+    assert {key: row[key] for key in own} == own
+    assert {key: top[key] for key in own if key != "start_time"} == {k: v for k, v in own.items() if k != "start_time"}
 
 
 def test_every_row_tells_its_job_as_the_jobs_own_analytics_do(backfilled):

@@ -27,6 +27,10 @@ def history(written: float) -> str:
                      samples_from=30000)
     # alice's own job: 50 samples/s for 10 minutes.
     lines += process("alice-own", "h:5", written - 1200, written - 600, "completed", {**INFO, "owner": "alice"})
+    # erin's, paused 80 minutes ago and resumed within the range: its first run counts nowhere in the range.
+    lines += process("resumed-3", "h:6", written - 6000, written - 4800, "paused", {**INFO, "owner": "erin"})
+    lines += process("resumed-3", "h:7", written - 1000, written - 700, "completed", {**INFO, "owner": "erin"},
+                     samples_from=60000, checkpoints_from=2)
     # dave's two jobs that never ran: one still in the job server's queue, one cancelled there 25 minutes ago.
     lines += never_ran("waiting-1", written - 1200, written, None)
     lines += never_ran("dropped-1", written - 1800, written - 1200, written - 1500)
@@ -74,7 +78,7 @@ def test_total_training_seconds_counts_only_the_range(backfilled, owner):
     assert 500 < straddled < 600                  # (the range's start is within its run)
     expected = straddled + 600.0                  # inside-1
     if owner is None:
-        expected += 600.0 + 600.0 + 600.0         # shared-2's two runs, alice-own
+        expected += 600.0 + 600.0 + 600.0 + 300.0  # shared-2's two runs, alice-own, resumed-3's run in the range
     print(owner, "total_training_seconds:", body["total_training_seconds"], "expected:", expected)
     assert body["total_training_seconds"] == pytest.approx(expected, abs=0.01)
 
@@ -116,7 +120,7 @@ def test_since_and_until_keep_only_the_jobs_that_ran_between_them(backfilled):
     everyone = listed(backend)
     print("listed:", everyone)
     assert (everyone["waiting-1"], everyone["dropped-1"]) == ("queued", "cancelled")
-    ran = {"straddled-1", "inside-1", "shared-2", "alice-own"}
+    ran = {"straddled-1", "inside-1", "shared-2", "alice-own", "resumed-3"}
     since, until = written - 3600, written + 60
     assert set(listed(backend, since=f"{since:.3f}")) == ran
     assert set(listed(backend, until=f"{until:.3f}")) == ran
