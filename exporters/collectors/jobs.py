@@ -10,7 +10,8 @@ parent's cutime/cstime, so the sum carries on without a dip and without counting
 that joins a job already counted is counted from its first sample, as the job's first ranks are (its processes
 the job counted already, in the tree of the rank that started it, keep their time, counted once: see _base). Lost is
 the time of a process that leaves the tree before it exits (re-parented to init: a daemonised grandchild,
-a worker whose parent died first); it drops out at the next tree walk; and the time of a child of a process
+a worker whose parent died first); it drops out at the next sample (a member counts while its parent, read then,
+is one too); and the time of a child of a process
 that ignores SIGCHLD (the kernel reaps it, into no cutime). A rank (a mapped process of a job
 with several) that ends before the others keeps the time of its last sample in its job's counter. The
 exported counter never decreases: reads of a tree are not atomic, and a reap between two reads (or such a
@@ -422,6 +423,7 @@ class JobTracker:
             gpus.setdefault(job_id, set()).update(tree.mapping.gpus)
             counted, gone = 0.0, False
             times = tree_times.setdefault(tree.mapping.pid, {})
+            in_tree: set[int] = set()     # its members found in it now (parents come first in members)
             for pid, start_ticks in tree.members.items():
                 if pid in claimed:
                     # A process in two trees counts once. But a root whose pid another tree's process holds now (a
@@ -430,6 +432,8 @@ class JobTracker:
                     if pid == tree.mapping.pid and claimed[pid] != start_ticks:
                         gone = True
                         break
+                    if claimed[pid] == start_ticks:
+                        in_tree.add(pid)
                     continue
                 fields = self._read_stat(pid)
                 if fields is None or int(fields[19]) != start_ticks:
@@ -437,6 +441,12 @@ class JobTracker:
                         gone = True  # the job process is gone; its leftover file is stale
                         break
                     continue
+                # A member whose parent is no longer in the tree left it (orphaned: its parent, a launcher or a shell,
+                # died): counted until the next walk, a nested job's root orphaned so and ending then (its file gone)
+                # came back whole in this job, as _reaped_jobs, which reads its parent now, took nothing off.
+                if pid != tree.mapping.pid and int(fields[1]) not in in_tree:
+                    continue
+                in_tree.add(pid)
                 job_of_pid[pid] = job_id
                 claimed[pid] = start_ticks
                 seconds = (int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])) / ticks

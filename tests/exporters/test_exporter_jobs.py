@@ -4,6 +4,7 @@ import errno
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -796,6 +797,51 @@ def test_a_short_job_run_through_a_shell_by_another_job_counts_in_its_own_job_on
         stop_driver(driver)
     assert burnt >= 0.9
     assert after - before < 0.3, (before, burnt, after)        # the driver itself did little
+
+
+# Runs the trial given as its argument through a launcher of its own (a shell, torchrun), then waits; the trial says
+# its pid and shares the driver's stdin and stdout.
+LAUNCHING_DRIVER = r"""
+import subprocess, sys, time
+launcher = subprocess.Popen([sys.executable, "-c", "import subprocess, sys; subprocess.run(sys.argv[1:])",
+                             sys.executable, "-c", "import os; print(os.getpid(), flush=True)\n" + sys.argv[1]])
+launcher.wait()
+time.sleep(600)
+"""
+
+
+def parent_of(pid: int) -> int:
+    return int(stat_fields(Path(f"/proc/{pid}/stat").read_bytes())[1])
+
+
+def test_a_trial_orphaned_by_its_launcher_is_not_counted_again_in_the_job_that_ran_it(tmp_path):
+    """A sweep driver's trial whose launcher died (a shell killed by the driver's cancel, which the trial outlives to
+    end cleanly): until the next walk of the driver's tree the trial was still one of its members, so once its file
+    went as it ended (its JobMetrics removes it first), the driver's job counted the trial's whole time, for good
+    (its counter floor), and took nothing off (the trial's parent was no longer the driver's)."""
+    driver = subprocess.Popen([sys.executable, "-c", LAUNCHING_DRIVER, BURNING_TRIAL], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        trial_pid = int(driver.stdout.readline())
+        launcher_pid = parent_of(trial_pid)
+        write_job_mapping(tmp_path, JobMapping(job_id="sweep", pid=driver.pid))
+        trial_file = write_job_mapping(tmp_path, JobMapping(job_id="trial", pid=trial_pid))
+        tracker = JobTracker(tmp_path)
+        sample = cpu_sampler(tracker)
+        before = sample()
+        driver.stdin.write("go\n")
+        driver.stdin.flush()
+        assert driver.stdout.readline().strip() == "burnt"
+        burnt = sample()                    # the last walk of the trees: the trial is in the driver's tree
+        os.kill(launcher_pid, signal.SIGKILL)
+        while parent_of(trial_pid) == launcher_pid:
+            time.sleep(0.01)
+        trial_file.unlink()
+        after = {job_id: usage.cpu_seconds for job_id, usage in tracker.update(10.0).usage.items()}  # no walk
+    finally:
+        stop_driver(driver)
+    assert burnt["trial"] - before["trial"] >= 0.9
+    assert set(after) == {"sweep"} and after["sweep"] - burnt["sweep"] < 0.3, (before, burnt, after)
 
 
 def test_files_naming_a_process_already_named_cost_nothing_per_sample_and_move_nothing(tmp_path, monkeypatch):
