@@ -267,23 +267,25 @@ class JobTracker:
         """Trees whose mapping file is gone (a rank that ended normally removes its own) keep their time for
         their job as of their last sample, as a rank that died with its file left behind does: without this the
         job's counter dropped by that rank's time (held flat by the floor until the other ranks made it up). A
-        file rewritten for the same process is no departure (its new tree counts the process from its start)."""
+        file rewritten for the same process of the same job is no departure (its new tree counts the process from
+        its start); one naming it for another job is (see _job_process)."""
         kept = {id(tree) for _key, tree in files.values() if tree is not None}
-        roots = {(tree.mapping.pid, tree.mapping.start_ticks) for _key, tree in files.values() if tree is not None}
+        roots = {_job_process(tree) for _key, tree in files.values() if tree is not None}
         for _key, tree in self._files.values():
-            if tree is None or tree.dead or id(tree) in kept or (tree.mapping.pid, tree.mapping.start_ticks) in roots:
+            if tree is None or tree.dead or id(tree) in kept or _job_process(tree) in roots:
                 continue
             job_id = tree.mapping.job_id
             self._departed[job_id] = self._departed.get(job_id, 0.0) + tree.cpu_seconds
 
     def _carry_bases(self, files: dict) -> None:
-        """A file rewritten for the same process: its new tree leaves out what the old one left out (counted
-        from the start instead, the process's time until its first sample would come back in one sample)."""
-        bases = {(tree.mapping.pid, tree.mapping.start_ticks): tree.cpu_base
+        """A file rewritten for the same process of the same job: its new tree leaves out what the old one left out
+        (counted from the start instead, the process's time until its first sample would come back in one sample).
+        Not one for another job (see _job_process): _base decides what that job leaves out."""
+        bases = {_job_process(tree): tree.cpu_base
                  for _key, tree in self._files.values() if tree is not None and tree.cpu_base is not None}
         for _key, tree in files.values():
             if tree is not None and tree.cpu_base is None:
-                tree.cpu_base = bases.get((tree.mapping.pid, tree.mapping.start_ticks))
+                tree.cpu_base = bases.get(_job_process(tree))
 
     def _admit(self, path: str, info: os.stat_result) -> _Tree | None:
         """The tree of a new or changed mapping file, dead when its process is gone; None when refused. Raises
@@ -579,6 +581,14 @@ class JobTracker:
         # The members found are measured at the next update, even one of this same `now` (the GPU collector's
         # slow sample may have updated before the energy collector walks and updates).
         self._updated_at = None
+
+
+def _job_process(tree: _Tree) -> tuple[str, int, int]:
+    """Which job's process a tree is: its job id, pid and start ticks. A process whose file for one job went as one for
+    another job came (a long-lived worker that serves one job, then a rank of another: in one listing) was taken for
+    the same file rewritten: its first job lost its time (no departure), and the other job, counting already, took
+    its whole time in one sample (the first job's base, 0: counted twice)."""
+    return tree.mapping.job_id, tree.mapping.pid, tree.mapping.start_ticks
 
 
 class ProcessFamilies:

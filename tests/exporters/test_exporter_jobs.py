@@ -138,6 +138,35 @@ def test_a_rank_that_ends_first_keeps_its_cpu_time_in_the_jobs_counter(tmp_path,
                 process.communicate(timeout=10)
 
 
+def test_a_process_that_serves_a_job_then_another_counts_in_each_once(tmp_path):
+    """A long-lived worker (a pool's, a Ray worker's) that ran rank 1 of job A, then rank 1 of job B, already counted
+    by its rank 0: its A file went and its B file came within one listing. Taken for one file rewritten, A lost the
+    worker's time (no departure) and B, carrying A's base of 0, took the worker's whole time in one sample."""
+    ranks = [subprocess.Popen([sys.executable, "-c", BURNER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True) for _ in range(3)]
+    a0, worker, b0 = ranks
+    try:
+        write_job_mapping(tmp_path, JobMapping(job_id="a", pid=a0.pid, rank=0))
+        a1 = write_job_mapping(tmp_path, JobMapping(job_id="a", pid=worker.pid, rank=1))
+        write_job_mapping(tmp_path, JobMapping(job_id="b", pid=b0.pid, rank=0))
+        tracker = JobTracker(tmp_path)
+        tracker.update(1.0)
+        assert [process.stdout.readline().strip() for process in ranks] == ["burned"] * 3
+        before = tracker.update(2.0).usage
+        a1.unlink()
+        write_job_mapping(tmp_path, JobMapping(job_id="b", pid=worker.pid, rank=1))
+        moved = tracker.update(3.0 + max(MAX_SCAN_PAUSE, SETTLE_SECONDS)).usage
+        a0.stdin.write("again\n")
+        a0.stdin.flush()
+        assert a0.stdout.readline().strip() == "burned"
+        after = tracker.update(4.0 + max(MAX_SCAN_PAUSE, SETTLE_SECONDS)).usage
+    finally:
+        for process in ranks:
+            process.communicate(timeout=10)
+    assert moved["b"].processes == 2 and moved["b"].cpu_seconds - before["b"].cpu_seconds < 0.1, (before, moved)
+    assert after["a"].cpu_seconds - before["a"].cpu_seconds >= 0.28, (before, after)      # a0's second burn
+
+
 def test_stale_malformed_and_reused_pid_files_are_ignored(tmp_path, start_job):
     job, _ = start_job()
     ticks = process_start_ticks(job.pid)
