@@ -802,3 +802,21 @@ def test_the_job_cpu_has_no_point_across_a_fall_of_the_exporters_count(tmp_path)
              f"      - expr: '{expr}'\n        eval_time: 7m\n        exp_samples:\n"
              f"          - labels: '{{}}'\n            value: 1"]
     promtool_passes(tmp_path / "job_cpu_test.yml", JOB_CPU_SERIES, tests)
+
+
+def test_the_step_time_quantiles_show_a_slow_stretch_between_two_points(tmp_path):
+    """The quantile lines read the recorded 30 s quantiles at each point's instant: over a day, a point every minute
+    and a half, most 30 s windows were read by no point, and 30 s of 2 s steps (a job 20 times slower) between two
+    points 90 s apart read 0.1 s at both: the tail the p99 line is there for was not drawn."""
+    (panel,) = [panel for panel in all_dashboards()["training-job.json"]["panels"] if panel["title"] == "Step time"]
+    series, tests = "\n", []
+    for target in panel["targets"]:
+        quantile = re.search(r'quantile="([0-9.]+)"', target["expr"]).group(1)
+        labels = f'job_id="j1",quantile="{quantile}"'
+        series += (f"      - series: 'job_id:trainer_step_duration_seconds:histogram_quantile{{{labels}}}'\n"
+                   "        values: '0.1x99 2x29 0.1x59'\n")
+        expr = target["expr"].replace("$job_id", "j1").replace("$__rate_interval", "90s")
+        tests.append(f"      - expr: '{expr}'\n        eval_time: 170s\n        exp_samples:\n"
+                     f"          - labels: '{{{labels}}}'\n            value: 2")
+    assert len(tests) == 3
+    promtool_passes(tmp_path / "step_time_test.yml", series, tests, interval="1s")

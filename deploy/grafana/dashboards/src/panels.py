@@ -40,8 +40,9 @@ def newest_counts(metric: str, jobs: str, by: str = "", combine: str = "max") ->
 
 def peak(selector: str) -> str:
     """The highest of a peak series (the exporter's 1 s window's max, a recording rule's 1-minute one), or of a
-    figure whose highs are the point (a rank's seconds without progress), over each point's interval: read at the
-    point's instant alone, a spike or a stall between two points (most, once a point spans seconds) was not drawn.
+    figure whose highs are the point (a rank's seconds without progress, a job's step-time quantiles), over each
+    point's interval: read at the point's instant alone, a spike or a stall between two points (most, once a point
+    spans seconds) was not drawn.
     $__rate_interval: the point's interval and a scrape more, at least 1 s (a 250 ms $__interval window can hold
     no sample, a scrape's jitter: a gap in the line)."""
     return f"max_over_time({selector}[$__rate_interval])"
