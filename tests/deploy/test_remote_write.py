@@ -50,7 +50,12 @@ def central_and_single(tmp_path_factory):
             # yet when its loss was, and the central answer's final_eval_accuracy was null; integers: a stored float
             # keeps fewer digits there)
             "sum(round(last_over_time(trainer_eval_loss[5m]) * 1e6))",
-            "sum(round(last_over_time(trainer_eval_accuracy_ratio[5m]) * 1e6))"))
+            "sum(round(last_over_time(trainer_eval_accuracy_ratio[5m]) * 1e6))",
+            # (the history's slot 0 first shows the 8th evaluation, the last: its five series are new at the job's
+            # end, each found on its own: its accuracy was once not found yet when its number was, and the last
+            # evaluation's accuracy, the answer's final_eval_accuracy, read null)
+            'count(last_over_time({__name__=~"trainer_eval_history_.+"}[5m]))',
+            "sum(round(last_over_time(trainer_eval_history_accuracy_ratio[5m]) * 1e6))"))
         yield victoria, single
     finally:
         for server in (single, *agents, victoria):
