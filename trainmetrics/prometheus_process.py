@@ -165,7 +165,8 @@ class PrometheusServer:
                  rule_files: list[str] | None = None, port: int | None = None,
                  extra_args: list[str] | None = None, alertmanagers: list[str] | None = None,
                  remote_write: list[str] | None = None, job_server: str | None = None,
-                 job_server_token: str | None = None, extra_target_dirs: list[Path] = (), agent: bool = False):
+                 job_server_token: str | None = None, extra_target_dirs: list[Path] = (), agent: bool = False,
+                 process_group: int | None = None):
         self.workdir = Path(workdir)
         self.targets_dir = self.workdir / "targets"
         self.data_dir = self.workdir / "data"
@@ -180,6 +181,7 @@ class PrometheusServer:
         self.job_server, self.job_server_token = job_server, job_server_token
         self.extra_target_dirs, self.agent = list(extra_target_dirs), agent
         self.extra_args = extra_args or []
+        self.process_group = process_group      # Popen's: 0 keeps it out of its starter's terminal signals
         self.process: subprocess.Popen | None = None
         self.log_path = self.workdir / "prometheus.log"
 
@@ -210,7 +212,8 @@ class PrometheusServer:
         answered for this one while this one exited; a port this object chose is then chosen again)."""
         name = Path(command[0]).name
         with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                            process_group=self.process_group)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

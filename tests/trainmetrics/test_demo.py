@@ -113,6 +113,36 @@ def test_a_stop_signal_stops_the_demo_and_everything_it_started(tmp_path, stop, 
         kill_all(demo, started)
 
 
+def test_a_terminals_ctrl_c_while_the_job_trains_stops_prometheus_last(tmp_path):
+    """Ctrl-C on a terminal goes to the whole foreground process group: Prometheus, stopped along with the demo,
+    was gone before the job server paused the job, which then waited its whole 15 s linger for a scrape of its
+    final state that never came (the demo took some 16 s to stop). Only the demo takes it now, and stops
+    Prometheus last. (start_new_session: the demo leads its group, as a shell's foreground job does.)"""
+    import signal
+
+    import psutil
+
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "trainmetrics", "demo", "--epochs", "200", "--workdir", str(tmp_path),
+         "--prometheus-port", "0", "--exporter-port", "0", "--server-port", "0"], stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    started = []
+    try:
+        for line in demo.stdout:
+            if "eval after step" in line:           # the job trains
+                break
+        started = psutil.Process(demo.pid).children()
+        os.killpg(demo.pid, signal.SIGINT)
+        rest, _ = finish_reading(demo, timeout=90)
+        assert demo.returncode == 0 and "stopping" in rest, rest[-1500:]
+        assert psutil.wait_procs(started, timeout=10)[1] == []
+        [log] = (tmp_path / "server" / "jobs").glob("*/train.log")
+        assert '"state": "paused"' in log.read_text()
+        assert "not read by every scraper" not in log.read_text()
+    finally:
+        kill_all(demo, started)
+
+
 def test_a_wrong_prometheus_bin_is_one_line_and_leaves_no_work_dir(tmp_path):
     """PROMETHEUS_BIN naming no file was a FileNotFoundError traceback from Popen, after the demo had made its
     temporary work dir."""
