@@ -217,6 +217,24 @@ def _last_line(path: Path) -> str:
     return lines[-1][:300] if lines else ""
 
 
+def why_prometheus_did_not_start(prometheus, error: Exception) -> str:
+    """What stopped Prometheus at its start, in one line: how it exited and the line of its log that says why. The
+    first line of the log's tail, which said so once, was a scrap of the usage text Prometheus prints after a flag
+    it refuses ("exited with 2:    metrics during expression evaluations and"), or nothing at all."""
+    process = prometheus.process
+    name = Path(process.args[0]).name if process is not None else ""
+    if not str(error).startswith(f"{name} exited with "):      # not started (OSError), or not ready in time
+        return str(error).splitlines()[0]
+    try:
+        lines = [line.strip() for line in prometheus.log_path.read_text(errors="replace").splitlines()]
+    except OSError:
+        lines = []
+    lines = [line for line in lines if line]
+    # Its own `level=error` record, or the "Error parsing commandline arguments" above its usage; else its last.
+    said = next((line for line in lines if "error" in line.lower()), lines[-1] if lines else "")
+    return f"{name} exited with {process.returncode}" + (f": {said[:300]}" if said else "")
+
+
 # Every process the demo starts runs in a process group of its own, so that a Ctrl-C on the terminal, which the
 # kernel sends to the whole foreground group, reaches the demo alone and the demo stops them in order: the job
 # server first (it pauses a running job, which lingers until Prometheus has scraped its final state), Prometheus
@@ -347,8 +365,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"trainmetrics demo: error: {error}", file=sys.stderr)
             return 2
         except (OSError, RuntimeError) as error:        # it exited at its start (a release that refuses the config)
-            print(f"trainmetrics demo: error: Prometheus did not start: {str(error).splitlines()[0]} "
-                  f"(its log: {prometheus.log_path})", file=sys.stderr)
+            print(f"trainmetrics demo: error: Prometheus did not start: "
+                  f"{why_prometheus_did_not_start(prometheus, error)} (its log: {prometheus.log_path})",
+                  file=sys.stderr)
             return 1
         print(f"Prometheus       {prometheus.url}   (data in {prometheus.data_dir})")
         trainmetrics = [sys.executable, "-m", "trainmetrics"]

@@ -6,6 +6,7 @@ import re
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -154,16 +155,34 @@ def test_a_wrong_prometheus_bin_is_one_line_and_leaves_no_work_dir(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_prometheus_that_exits_at_its_start_is_one_line_naming_its_log(tmp_path):
-    """An older Prometheus refusing the config (here /bin/false) ended the demo in a RuntimeError traceback."""
-    env = {**os.environ, "PROMETHEUS_BIN": "/bin/false"}
+REFUSES_A_FLAG = """#!/bin/sh
+echo "Error parsing commandline arguments: unknown long flag '--web.enable-lifecycle'" >&2
+yes '      --flag=VALUE  what the usage text, 10 KB of it, says of each flag' | head -n 150 >&2
+exit 2
+"""
+
+
+@pytest.mark.parametrize("prometheus,said", [
+    (None, "false exited with 1 "),
+    (REFUSES_A_FLAG, "prometheus exited with 2: Error parsing commandline arguments: unknown long flag "
+                     "'--web.enable-lifecycle' ")])
+def test_a_prometheus_that_exits_at_its_start_is_one_line_naming_its_log(tmp_path, prometheus, said):
+    """An older Prometheus refusing the config (here /bin/false) ended the demo in a RuntimeError traceback. One
+    refusing a flag prints its usage after the error: the line said a scrap of that usage instead."""
+    binary = Path("/bin/false")
+    if prometheus:
+        binary = tmp_path / "bin" / "prometheus"
+        binary.parent.mkdir()
+        binary.write_text(prometheus)
+        binary.chmod(0o755)
+    env = {**os.environ, "PROMETHEUS_BIN": str(binary)}
     result = subprocess.run([sys.executable, "-m", "trainmetrics", "demo", "--exit-after-job", "--workdir",
                              str(tmp_path), "--prometheus-port", "0"], env=env, capture_output=True, text=True,
                             timeout=120)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 1 and len(lines) == 1, result.stderr
-    assert lines[0].startswith("trainmetrics demo: error: Prometheus did not start: ")
-    assert lines[0].endswith(f"(its log: {tmp_path / 'prometheus' / 'prometheus.log'})")
+    assert lines[0] == (f"trainmetrics demo: error: Prometheus did not start: {said}"
+                        f"(its log: {tmp_path / 'prometheus' / 'prometheus.log'})")
 
 
 def test_a_job_server_that_exits_at_its_start_is_one_line_naming_its_log(tmp_path):
