@@ -399,11 +399,16 @@ def peak_grid_end_past(seconds: float, at: float, final_time: float) -> float:
 
 
 def increase_per_second(selector: str, window: float) -> str:
-    """Per series, the counter's increase over the grid point's window divided by the window: its newest
-    sample now minus its newest sample one window ago. Not rate(): Prometheus extrapolates to the window's
-    edges and VictoriaMetrics does not, so rate() answers differ between the two; this one does not."""
+    """Per series, the counter's increase over the grid point's window per second: its newest sample now minus
+    its newest sample one window ago, divided by the time between those two samples, at least the window. Not
+    by the window alone: samples further apart than it (trainer scrapes 15 s apart, or none for a minute while
+    Prometheus was down, which marks nothing stale) put all they counted in between into one window (62.5
+    samples/s for 10), and at 250 ms the two samples a 2.4 s window apart may be 2.5 s apart. No new sample
+    since a window ago is 0. Not rate(): Prometheus extrapolates to the window's edges and VictoriaMetrics does
+    not, so rate() answers differ between the two; this one does not."""
     w = step_window(window)
-    return f"({selector} - {selector} offset {w}) / {rate_window_ms(peak_step(window)) / 1000!r}"
+    return (f"({selector} - {selector} offset {w}) / clamp_min(timestamp({selector}) - timestamp({selector} "
+            f"offset {w}), {rate_window_ms(peak_step(window)) / 1000!r})")
 
 
 # The job_peaks that are rates of a counter's growth: read on past the job's end (job.peaks).
