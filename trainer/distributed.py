@@ -172,6 +172,11 @@ def gather_objects(ctx: Distributed, value) -> list:
     return gathered
 
 
+class RankZeroFailed(Exception):
+    """What rank 0 did for every rank (a checkpoint write, an evaluation) failed: the other ranks end with its
+    cause (Trainer.on_rank_0)."""
+
+
 def barrier(ctx: Distributed) -> None:
     """Wait until every rank is here (on the gloo control group; every rank must call it)."""
     if ctx.enabled:

@@ -296,16 +296,27 @@ class Trainer:
         would wait in the next step's all-reduce: that step's time would hold rank 0's work, and the hang
         watchdog, the hang alerts and the per-rank phases would take it for a collective that does not finish.
         Rank 0 waits there for the others as `collective`: in `compute`, a peer stuck after the step's all-reduce
-        (in its optimizer) was named by no TrainerRankStuck, and rank 0 read as the rank stuck in its loop."""
+        (in its optimizer) was named by no TrainerRankStuck, and rank 0 read as the rank stuck in its loop.
+
+        Rank 0 says there whether its work failed, and the other ranks then fail with its cause (RankZeroFailed):
+        they went on to the next step's all-reduce and failed there once rank 0 had exited (after its final
+        linger, up to 15 s), with gloo's "Connection closed by peer" for their error."""
         if not self.dist.is_main:
             with self.metrics.phase(phase):
-                distributed.barrier(self.dist)
+                failure = distributed.gather_objects(self.dist, None)[0]
+            if failure is not None:
+                raise distributed.RankZeroFailed(f"rank 0's {phase} failed: {failure}")
             return
+        failure = "interrupted"
         try:
             work()
+            failure = None
+        except Exception as error:
+            failure = f"{type(error).__name__}: {error}"[:300]
+            raise
         finally:
             with self.metrics.phase(COLLECTIVE):
-                distributed.barrier(self.dist)
+                distributed.gather_objects(self.dist, failure)
 
     # ----- the loop ----------------------------------------------------------------------------------
     def start(self) -> None:

@@ -149,6 +149,22 @@ def test_a_loss_spike_on_one_rank_pauses_every_rank_without_a_checkpoint_after_i
     assert max(c.step for c in list_checkpoints(tmp_path / "ckpt")) == kept
 
 
+def test_when_rank_0s_checkpoint_write_fails_every_rank_fails_with_its_cause(tmp_path):
+    """Rank 1 passed the checkpoint's barrier whatever rank 0's write did, went on to the next step's all-reduce and
+    failed there once rank 0 had exited (after its final linger), with gloo's "Connection closed by peer" for its
+    error: the job's cause was rank 0's alone. (A directory at the checkpoint's name: the write fails.)"""
+    (tmp_path / "ckpt" / "step-000000005.pt").mkdir(parents=True)
+    result, summaries = run_two_ranks(
+        "--job-id", "ddp-write-fails", "--dataset", "blobs", "--epochs", "1", "--batch-size", "32",
+        "--checkpoint-every", "5", "--checkpoint-dir", str(tmp_path / "ckpt"), "--linger-timeout", "0",
+        "--result-file", str(tmp_path / "result.json"), timeout=120)
+    assert [(s["rank"], s["state"]) for s in summaries] == [(0, "failed"), (1, "failed")], \
+        result.stdout[-3000:] + result.stderr[-3000:]
+    assert read_result(tmp_path / "result.json")["error"].startswith("IsADirectoryError")
+    said = read_result(tmp_path / "result.rank1.json")
+    assert said["error"].startswith("RankZeroFailed: rank 0's checkpoint failed: IsADirectoryError"), said
+
+
 BACKWARD_PHASES = """
 import sys, torch, torch.distributed as dist
 from torch import nn
@@ -299,7 +315,7 @@ def test_rank_0_waits_for_its_peers_after_an_evaluation_or_checkpoint_as_collect
     from trainmetrics.trainer.runner import Trainer
 
     metrics, seen = JobMetrics("rank-0-barrier"), []
-    monkeypatch.setattr(distributed, "barrier", lambda ctx: seen.append(metrics.phases.phase))
+    monkeypatch.setattr(distributed, "gather_objects", lambda ctx, value: seen.append(metrics.phases.phase))
     trainer = SimpleNamespace(metrics=metrics, dist=SimpleNamespace(enabled=True, is_main=True))
 
     def evaluation():
