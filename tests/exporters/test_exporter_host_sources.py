@@ -2,6 +2,8 @@
 host's are read through --path.rootfs, and partitions are never counted beside their disk."""
 
 import os
+import threading
+import time
 
 import pytest
 
@@ -336,3 +338,35 @@ def test_meminfo_without_slab_lines_is_read_with_no_reclaimable_slab(tmp_path):
     assert usage == {"used": 500 * 1024, "free": 400 * 1024, "buffers": 0, "cached": 100 * 1024,
                      "slab_reclaimable": 0}
     assert series["system_memory_used_peak_bytes"][()] == 500 * 1024
+
+
+def test_a_dead_network_mount_leaves_out_that_mount_alone(tmp_path):
+    """statvfs of a hard NFS mount whose server is gone never returns: the whole filesystem sample stalled, so the
+    collector said 0 and dropped every filesystem's series, `/` with them (its disk-full alerts silenced), for as
+    long as that server stayed away. Now only that mount is left out, until its call returns."""
+    proc = tmp_path / "proc"
+    proc.mkdir()
+    (proc / "mounts").write_text("/dev/sda1 / ext4 rw 0 0\nnas:/export /mnt/nfs nfs4 rw 0 0\n")
+    healthy, release = statvfs_of({"/": 100 * 4096, "/mnt/nfs": 4096}), threading.Event()
+
+    def statvfs(path: str) -> os.statvfs_result:
+        if path == "/mnt/nfs":
+            release.wait(30)    # the server is gone
+        return healthy(path)
+
+    exporter = Exporter([FilesystemCollector(proc, statvfs=statvfs, is_directory=lambda path: True)],
+                        sample_interval=0.05, slow_interval=0.1).start()
+    def mountpoints() -> set[str]:
+        found = parse_exposition(exporter.snapshot())
+        assert found["exporter_collector_success"] == {(("collector", "filesystem"),): 1.0}
+        return {dict(labels)["mountpoint"] for labels in found["system_filesystem_limit_bytes"]}
+
+    try:
+        time.sleep(2.5)         # past the slow loop's stall bound (1 s) and the mount's timeout
+        assert mountpoints() == {"/"}
+        release.set()           # the server is back
+        time.sleep(1.0)
+        assert mountpoints() == {"/", "/mnt/nfs"}
+    finally:
+        release.set()
+        exporter.stop()
