@@ -458,20 +458,23 @@ sys.stdin.readline()
 """
 
 
+def tell(driver: subprocess.Popen, line: str, answer: str) -> None:
+    """Send a driver its next line and read that it answered `answer`."""
+    driver.stdin.write(line + "\n")
+    driver.stdin.flush()
+    assert driver.stdout.readline().strip() == answer
+
+
 def burn_and_reap(driver: subprocess.Popen, sample, remove_first: Path | None) -> tuple:
     """NESTED_DRIVER's child burns 1 s of CPU, `remove_first` goes (as a JobMetrics removes its file at its
     end) when given, then the driver reaps the child: the samples before, after the burn, and after the reap."""
     before = sample()
-    driver.stdin.write("go\n")
-    driver.stdin.flush()
-    assert driver.stdout.readline().strip() == "burnt"
+    tell(driver, "go", "burnt")
     burnt = sample()
     if remove_first is not None:
         remove_first.unlink()
         sample()
-    driver.stdin.write("end\n")
-    driver.stdin.flush()
-    assert driver.stdout.readline().strip() == "reaped"
+    tell(driver, "end", "reaped")
     return before, burnt, [sample() for _ in range(3)][-1]
 
 
@@ -749,9 +752,7 @@ def test_a_nested_root_reaped_between_its_reading_and_its_reapers_counts_once(ki
         sample = cpu_sampler(tracker)
 
         before = sample()
-        driver.stdin.write("go\n")
-        driver.stdin.flush()
-        assert driver.stdout.readline().strip() == "burnt"
+        tell(driver, "go", "burnt")
         burnt = sample()
         read_stat, measure, racing, measuring = tracker._read_stat, tracker._measure, [True], [False]
 
@@ -766,9 +767,7 @@ def test_a_nested_root_reaped_between_its_reading_and_its_reapers_counts_once(ki
             fields = read_stat(pid)
             if racing[0] and measuring[0] and pid == trial_pid:     # its reading: its driver reaps it now
                 racing[0] = False
-                driver.stdin.write("end\n")
-                driver.stdin.flush()
-                assert driver.stdout.readline().strip() == "reaped"
+                tell(driver, "end", "reaped")
             return fields
 
         tracker._read_stat, tracker._measure = reaped_after_its_reading, measured
@@ -816,9 +815,7 @@ def test_a_short_job_run_through_a_shell_by_another_job_counts_in_its_own_job_on
             assert driver.stdout.readline().strip() in ("mapped", "burnt")
             tracker.update(now)
         burnt = tracker.snapshot.usage["trial"].cpu_seconds
-        driver.stdin.write("end\n")
-        driver.stdin.flush()
-        assert driver.stdout.readline().strip() == "reaped"
+        tell(driver, "end", "reaped")
         for now in (0.4, 0.5, 0.6):
             tracker.refresh_trees(now)
             after = tracker.update(now).usage["sweep"].cpu_seconds
@@ -858,9 +855,7 @@ def test_a_trial_orphaned_by_its_launcher_is_not_counted_again_in_the_job_that_r
         tracker = JobTracker(tmp_path)
         sample = cpu_sampler(tracker)
         before = sample()
-        driver.stdin.write("go\n")
-        driver.stdin.flush()
-        assert driver.stdout.readline().strip() == "burnt"
+        tell(driver, "go", "burnt")
         burnt = sample()                    # the last walk of the trees: the trial is in the driver's tree
         os.kill(launcher_pid, signal.SIGKILL)
         while parent_of(trial_pid) == launcher_pid:
