@@ -102,6 +102,9 @@ EXCLUDED = {
 # Category -> the row's flag a job must have to win it (a job whose figure is partial would win on what is missing).
 COMPLETE = {"most_efficient": "efficiency_complete", "most_energy_efficient": "energy_complete",
             "best_goodput": "goodput_complete"}
+# Why a category has no winner when every job that would count was read from a partial backend answer (its row's
+# `partial`): a store or shard that did not answer may hold the rest of its figures, which could lose.
+PARTIAL = "the backend answered with part of the data of every job that counts (partial)"
 
 
 def winners(rows: list[dict]) -> tuple[dict, dict, dict]:
@@ -114,16 +117,20 @@ def winners(rows: list[dict]) -> tuple[dict, dict, dict]:
     jobs scored on every score they should have (`efficiency_complete`); `best_goodput` only jobs whose ratio is
     not an upper bound (`goodput_complete`); `best_loss` has a winner only where every
     job with a loss has the same task (jobs whose trainer said none are of one unknown task, compared with each
-    other only)."""
+    other only). A row read from a partial backend answer (`partial`) wins nothing: its figures may be short."""
     winner, ties, reasons = {}, {}, {}
     for category, (field, higher_wins) in CATEGORIES.items():
-        candidates = [row for row in rows if _finite(row.get(field))
-                      and (category != "fastest" or row.get("status") == "completed")
-                      and (category not in COMPLETE or row.get(COMPLETE[category]))]
+        counted = [row for row in rows if _finite(row.get(field))
+                   and (category != "fastest" or row.get("status") == "completed")
+                   and (category not in COMPLETE or row.get(COMPLETE[category]))]
+        candidates = [row for row in counted if not row.get("partial")]
         if not candidates:
             winner[category] = None
             valued = [row["job_id"] for row in rows if _finite(row.get(field))]
-            if valued:     # the jobs have the value, yet none may win: say why, as for mixed tasks
+            # the jobs have the value, yet none may win: say why, as for mixed tasks
+            if counted:
+                reasons[category] = f"{PARTIAL}: {', '.join(row['job_id'] for row in counted)}"
+            elif valued:
                 reasons[category] = f"{EXCLUDED[category]}: {', '.join(valued)}"
             continue
         tasks: dict[str | None, list[str]] = {}

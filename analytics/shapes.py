@@ -360,8 +360,8 @@ class CompareRow:
 Winner = dataclasses.make_dataclass("Winner", [(category, str | None) for category in scoring.CATEGORIES], slots=True)
 Winner.__doc__ = ("Winning job id per category (first in request order among equals); fastest counts completed "
                   "jobs only, most_efficient those whose efficiency_complete, most_energy_efficient those whose "
-                  "energy_complete, best_goodput those whose goodput_complete; null when no job has the value, or "
-                  "none of those that have it counts.")
+                  "energy_complete, best_goodput those whose goodput_complete, and none a partial row; null when "
+                  "no job has the value, or none of those that have it counts.")
 
 
 @dataclass(slots=True)
@@ -373,7 +373,8 @@ class Comparison:
     ties: dict[str, list[str]] = described("for each tied category, every job id sharing the best value")
     no_winner_reasons: dict[str, str] = described(
         "for each category whose winner is null although jobs have the value, why (best_loss: the jobs' losses "
-        f"are of different tasks; {', '.join(scoring.EXCLUDED)}: no job with the value counts)")
+        f"are of different tasks; {', '.join(scoring.EXCLUDED)}: no job with the value counts; any: every job "
+        "that counts is partial)")
     partial: bool = described("true when any row is partial")
 
 

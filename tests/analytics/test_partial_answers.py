@@ -194,6 +194,10 @@ def test_the_fleet_and_a_comparison_say_a_partial_answer(backend):
     assert [row["partial"] for row in partial[2].json()["jobs"]] == [True, True]
     assert [row["partial"] for row in whole[2].json()["jobs"]] == [False, False]
     assert whole[1].json()["count"] == 2
+    # Every row partial: no winner from figures that may be short, and the comparison says why.
+    assert set(partial[2].json()["winner"].values()) == {None}
+    assert "part of the data" in partial[2].json()["no_winner_reasons"]["best_throughput"]
+    assert whole[2].json()["winner"]["best_throughput"] == "part-1"
 
 
 def test_a_csv_answer_says_a_partial_answer_in_its_header(backend):
@@ -255,3 +259,17 @@ def test_a_cached_job_a_partial_check_lacks_is_answered_from_the_cache(backend):
     assert again.status_code == 200, again.text
     assert again.json() == whole
 
+
+
+def test_a_partial_row_wins_nothing(backend):
+    """A job whose own queries were answered with part of the data (its peaks short, evaluations missing) won every
+    category it tied in, listed first: its figures may be short of the job's, so a winner from them is a guess."""
+    with serve(Settings(prometheus_url=backend.url)) as client:
+        try:
+            backend.mode, backend.only = "thanos", "part-2"
+            body = client.get("/api/training/analytics/compare?job_ids=part-2,part-1").json()
+        finally:
+            backend.mode = backend.only = None
+    assert [row["partial"] for row in body["jobs"]] == [True, False]
+    assert set(body["winner"].values()) <= {"part-1", None} and body["ties"] == {}, body
+    assert body["winner"]["best_throughput"] == "part-1"
