@@ -1,12 +1,13 @@
 """Stored reports: once a job has ended (completed, failed or cancelled) and settled in Prometheus, the job
 server asks the analytics for its report and keeps it in the job's row, so its analytics outlive Prometheus'
 retention (trainmetrics.reports). A job whose report cannot be computed yet (Prometheus down) is asked for
-again later, up to an hour of the server's up time after its end (the time it was down before its start does
-not count); a resumed job's stored report is dropped (its new runs change it).
+again later, up to an hour of the server's up time after its end (the times it was down do not
+count); a resumed job's stored report is dropped (its new runs change it).
 """
 
 import json
 import logging
+import math
 import sqlite3
 import time
 
@@ -33,7 +34,7 @@ STILL_GOING = ("queued", "running")
 # of the server's up time since its end (UpTime).
 GIVE_UP_SECONDS = 3600.0
 # How often a running server notes in its store that it is up; its next start takes its down time from the last
-# note (a little more than it was: the hour is that much longer).
+# note (a little more than it was: the hour is that much longer), and notes it in the store for the starts after.
 ALIVE_NOTE_SECONDS = 30.0
 RETRY_SECONDS = 30.0
 # Reports computed per round at most, so a backlog after a restart does not hold up a round for long.
@@ -41,17 +42,29 @@ PER_ROUND = 4
 
 
 class UpTime:
-    """The server's down time before this start, from the last note of a server up on the same store, so that
-    the hour a job's report is asked for counts the server's up time: a server down for an hour just after a
+    """The server's stops within the hour its reports are asked for, from its notes that it was up on the same store,
+    so that the hour a job's report is asked for counts the server's up time: a server down for an hour just after a
     job's end (its report not stored yet: Prometheus down, or the server stopped within seconds of it) gave the
-    job up at its start, and the job's analytics were lost with Prometheus' retention."""
+    job up at its start, and the job's analytics were lost with Prometheus' retention. Every stop counts, not only
+    the last: a server stopped twice in a job's hour gave it up at its second start."""
 
     def __init__(self, store):
         self._store, self._noted, self._failing = store, None, False
-        self.began = time.monotonic()       # this start
+        self.began, now = time.monotonic(), time.time()       # this start
         last = store.last_alive()
         # (Not a number: a hand-edited row, SQLite keeps text in a REAL column. No server's note then.)
-        self.downtime = max(0.0, time.time() - last) if isinstance(last, (int, float)) else 0.0
+        self.downtime = max(0.0, now - last) if _number(last) else 0.0     # this stop's
+        self._down = [(last, now)] if self.downtime > 0 else []
+        # The earlier stops, before this one (a row of this stop's, from a start that failed, is this one).
+        before = last if self.downtime > 0 else now
+        self._down += [(began, ended) for began, ended in _read(store.downtimes)
+                       if _number(began) and _number(ended) and began < ended < before]
+        if self.downtime > 0:
+            try:        # (those before the hour no job still asked for can reach are forgotten)
+                store.note_downtime(last, now, self.back(now, GIVE_UP_SECONDS))
+            except sqlite3.Error as error:
+                log.warning("cannot note that the server was down (%s): a restart within the hour its reports "
+                            "are asked for shortens it by this down time", error)
 
     def note(self) -> None:
         """Note that the server is up (at most every ALIVE_NOTE_SECONDS); on the state thread. A note that fails (a
@@ -76,13 +89,33 @@ class UpTime:
 
     def asked_after(self, now: float) -> float:
         """The end after which a job's report is still asked for."""
-        return now - GIVE_UP_SECONDS - self.downtime
+        return self.back(now, GIVE_UP_SECONDS)
 
     def back(self, now: float, seconds: float) -> float:
-        """The end `seconds` of the server's up time before `now`: further back by the down time before this start
-        while the start is less than `seconds` ago (a run that ended while the server was down has its result's
-        end, not the restart's)."""
-        return now - seconds - (self.downtime if time.monotonic() - self.began < seconds else 0.0)
+        """The end `seconds` of the server's up time before `now`: further back by each stop within them (a run that
+        ended while the server was down has its result's end, not the restart's)."""
+        # The stretches of up time, the newest first: this start's, then each between two stops.
+        ups = [time.monotonic() - self.began] + [max(0.0, later[0] - earlier[1])
+                                                  for later, earlier in zip(self._down, self._down[1:])]
+        at, left = now, seconds
+        for up, (began, ended) in zip(ups, self._down):
+            if up >= left:
+                break
+            at, left = at - up - (ended - began), left - up
+        return at - left
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _read(read):
+    """A list from the store, or none where it cannot be read (the server starts all the same)."""
+    try:
+        return read()
+    except sqlite3.Error as error:
+        log.warning("cannot read the server's earlier stops (%s): only the last one counts", error)
+        return []
 
 
 def readable_report(job_id: str, text: str) -> dict | None:

@@ -31,6 +31,8 @@ CREATE TABLE IF NOT EXISTS endpoints (
     job_id TEXT NOT NULL, rank INTEGER NOT NULL, address TEXT NOT NULL, scheme TEXT NOT NULL,
     PRIMARY KEY (job_id, rank));
 CREATE TABLE IF NOT EXISTS server (name TEXT PRIMARY KEY, value REAL NOT NULL);
+-- the server's stops still within the hour its reports are asked for: from its last note that it was up to a start
+CREATE TABLE IF NOT EXISTS downtimes (began REAL PRIMARY KEY, ended REAL NOT NULL);
 """
 # Columns added since the first schema: table -> (name, SQL type); an older database gains them at open.
 ADDED_COLUMNS = {"jobs": (("requested", "TEXT"), ("run_token", "TEXT"), ("handle", "TEXT"), ("report", "TEXT"),
@@ -193,6 +195,17 @@ class JobStore:
         """Note that the server is up at `at` (Unix time)."""
         self._execute("INSERT INTO server (name, value) VALUES ('alive', ?) "
                       "ON CONFLICT (name) DO UPDATE SET value = excluded.value", (at,))
+
+    def downtimes(self) -> list[tuple[float, float]]:
+        """(last note that the server was up, next start) of each stop noted (note_downtime), the newest first."""
+        return [(row["began"], row["ended"]) for row in
+                self._execute("SELECT began, ended FROM downtimes ORDER BY ended DESC")]
+
+    def note_downtime(self, began: float, ended: float, forget_before: float) -> None:
+        """Note a stop (a start from the same last note, a server that failed to start, stands for both) and forget
+        those that ended before `forget_before`."""
+        self._execute("INSERT OR REPLACE INTO downtimes VALUES (?, ?)", (began, ended))
+        self._execute("DELETE FROM downtimes WHERE ended < ?", (forget_before,))
 
     # ----- datasets ----------------------------------------------------------------------------------
     def add_dataset(self, record: DatasetRecord) -> None:

@@ -1706,7 +1706,7 @@ def test_an_end_the_server_publishes_is_held_until_the_jobs_report_is_stored(tmp
     store.close()
 
 
-def test_the_hour_a_report_is_asked_for_counts_the_servers_up_time(tmp_path):
+def test_the_hour_a_report_is_asked_for_counts_the_servers_up_time(tmp_path, monkeypatch):
     """A server down for an hour just after a job's end, its report not stored yet (Prometheus down, or the server
     stopped seconds after the end), gave the job up at its next start: no report was ever stored, its analytics
     lost with Prometheus' retention, and its end (one the server gave it) no longer published. The hour counts
@@ -1744,12 +1744,39 @@ def test_the_hour_a_report_is_asked_for_counts_the_servers_up_time(tmp_path):
     service.uptime.note()
     assert abs(store.last_alive() - time.time()) < 5
     # Past the 10 minutes left, given up (and the next start finds this one's note: no down time).
-    service.uptime.downtime -= 11 * 60
+    service.uptime.began -= 11 * 60        # up 11 minutes later
     store.update_job("cancelled-1", report=None)
+    later = time.time() + 11 * 60
+    monkeypatch.setattr(time, "time", lambda: later)
     assert service.waiting_jobs() == []
+    monkeypatch.undo()
     assert reports.UpTime(store).downtime < 5
     store._execute("UPDATE server SET value = 'yesterday' WHERE name = 'alive'")     # edited by hand
     assert reports.UpTime(store).downtime == 0.0
+    store.close()
+
+
+def test_the_hour_a_report_is_asked_for_counts_every_restart_within_it(tmp_path, monkeypatch):
+    """Only the last stop's down time counted: a job whose report waited through two stops of the server (Prometheus
+    down meanwhile), 15 minutes of up time in all since its end, was given up at the second restart; its report was
+    never stored. Every stop within the job's hour counts."""
+    from trainmetrics.jobserver import reports
+    from trainmetrics.jobserver.jobs import JobService, ServerSettings
+    from trainmetrics.reports import ReportArchive
+
+    store = JobStore(tmp_path / "db.sqlite")
+    now = time.time()
+    store.add_job(JobRecord(id="failed-1", owner="default", name="failed-1", state="failed", spec={},
+                            ended=now - 100 * 60))
+    store.note_alive(now - 95 * 60)                     # up 5 minutes after the end, then down 50,
+    monkeypatch.setattr(time, "time", lambda: now - 45 * 60)
+    reports.UpTime(store)
+    monkeypatch.undo()
+    store.note_alive(now - 35 * 60)                     # up 10 minutes, then down 35 until now
+    service = JobService(ServerSettings(data_dir=tmp_path, archive=ReportArchive()), store,
+                         Supervisor(store, tmp_path, None, 1))
+    assert [waiting.job.id for waiting in service.waiting_jobs()] == ["failed-1"]
+    assert service.uptime.asked_after(time.time()) < now - 100 * 60
     store.close()
 
 
