@@ -171,7 +171,8 @@ class ReportKeeper:
                        if self._retry_at.get((job_id, end), 0.0) <= clock][:PER_ROUND]:
             end, state, owner = ended[job_id]
             key = (job_id, end)
-            # The wait counts from the first answer that said "not settled" (not from a try Prometheus failed).
+            # The wait counts from the first answer that said "not settled" (not from a try Prometheus failed), of
+            # those in a row since the last failed try.
             waited = clock - self._unsettled_since.get(key, clock)
             try:
                 found = await self.archive.compute(job_id, settled=waited < UNSETTLED_LIMIT_SECONDS,
@@ -193,6 +194,9 @@ class ReportKeeper:
                 continue
             except Exception as error:
                 self._retry_at[key] = clock + RETRY_SECONDS
+                # The wait counts "not settled" answers in a row: run on while Prometheus was down, a job not settled
+                # before (an exporter's last energy counts not in) was stored as it stood at the first answer after.
+                self._unsettled_since.pop(key, None)
                 log.info("job %s: its report cannot be stored yet: %s", job_id, getattr(error, "message", error))
                 continue
             self._retry_at.pop(key, None)

@@ -691,6 +691,43 @@ def test_a_report_that_says_the_ended_job_goes_on_is_never_stored_and_a_failed_t
     store.close()
 
 
+def test_a_failed_try_between_two_not_settled_answers_starts_the_wait_afresh(tmp_path, monkeypatch):
+    """The wait for a job to settle ran on while Prometheus was down: a job first not settled (an exporter's last
+    energy counts not in), then Prometheus down past the 2-minute limit, was stored as it stood at the first answer
+    after, its energy short for good. Only answers that say "not settled" in a row count."""
+    import asyncio
+
+    from trainmetrics.jobserver import reports
+    from trainmetrics.reports import NotSettled, ReportArchive
+
+    store = JobStore(tmp_path / "db.sqlite")
+    store.add_job(JobRecord(id="ended-1", owner="default", name="ended-1", state="completed", spec={},
+                            ended=time.time() - 10))
+    answers = [NotSettled("ended-1"), ConnectionError("Prometheus is down"), NotSettled("ended-1")]
+    asked = []
+
+    async def compute(job_id, settled=True, owner=None):
+        asked.append(settled)
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    async def call(operation, *args):
+        return operation(*args)
+
+    keeper = reports.ReportKeeper(ReportArchive(compute=compute), call, store, reports.UpTime(store))
+    for name in ("SETTLE_RETRY_SECONDS", "RETRY_SECONDS"):
+        monkeypatch.setattr(reports, name, 0.0)
+    monkeypatch.setattr(reports, "UNSETTLED_LIMIT_SECONDS", 0.05)
+    asyncio.run(keeper.round())             # not settled: the clock starts
+    asyncio.run(keeper.round())             # Prometheus down
+    time.sleep(0.1)                         # (past the limit while it is down)
+    asyncio.run(keeper.round())             # back, and still not settled: asked as settled, not as it stands
+    assert asked == [True, True, True] and store.get_report("ended-1") is None
+    store.close()
+
+
 def test_the_keeper_forgets_the_retries_of_jobs_no_longer_waiting_for_a_report(tmp_path):
     """Every job that ever failed a try (Prometheus down) kept its retry time for the server's life, and a job
     resumed after one waited that retry out at its next end (its report asked up to 30 s late)."""
