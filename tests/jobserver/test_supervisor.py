@@ -605,6 +605,32 @@ def test_a_data_dir_from_before_upload_targets_opens_and_its_csvs_keep_the_defau
         store.close()
 
 
+def keeper_of(store: JobStore, compute):
+    """A ReportKeeper over `store` whose analytics are `compute` (a stand-in for them), its store calls inline."""
+    from trainmetrics.jobserver import reports
+    from trainmetrics.reports import ReportArchive
+
+    async def call(operation, *args):
+        return operation(*args)
+
+    return reports.ReportKeeper(ReportArchive(compute=compute), call, store, reports.UpTime(store))
+
+
+def scripted_analytics(answers: list) -> tuple[list[bool], object]:
+    """(asked, compute): compute answers each call with the next of `answers` (raised where it is an exception),
+    and notes in `asked` whether it was asked for a settled job."""
+    asked = []
+
+    async def compute(job_id, settled=True, owner=None):
+        asked.append(settled)
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    return asked, compute
+
+
 def test_a_report_waits_for_the_job_to_settle_then_is_stored_as_it_stands(tmp_path, monkeypatch):
     """The keeper's reading of the analytics' answers (a stand-in for them): not settled yet (an exporter still
     attributes the job) is asked again soon, not given up; after the limit the report is stored as it stands."""
@@ -612,7 +638,7 @@ def test_a_report_waits_for_the_job_to_settle_then_is_stored_as_it_stands(tmp_pa
     import json as json_module
 
     from trainmetrics.jobserver import reports
-    from trainmetrics.reports import NotSettled, ReportArchive
+    from trainmetrics.reports import NotSettled
 
     store = JobStore(tmp_path / "db.sqlite")
     store.add_job(JobRecord(id="ended-1", owner="default", name="ended-1", state="completed", spec={},
@@ -625,10 +651,7 @@ def test_a_report_waits_for_the_job_to_settle_then_is_stored_as_it_stands(tmp_pa
             raise NotSettled(job_id)
         return {"job_id": job_id}
 
-    async def call(operation, *args):
-        return operation(*args)
-
-    keeper = reports.ReportKeeper(ReportArchive(compute=compute), call, store, reports.UpTime(store))
+    keeper = keeper_of(store, compute)
     monkeypatch.setattr(reports, "SETTLE_RETRY_SECONDS", 0.0)
     asyncio.run(keeper.round())
     assert asked == [True] and store.get_report("ended-1") is None
@@ -656,26 +679,15 @@ def test_a_report_that_says_the_ended_job_goes_on_is_never_stored_and_a_failed_t
     import asyncio
 
     from trainmetrics.jobserver import reports
-    from trainmetrics.reports import NotSettled, ReportArchive
+    from trainmetrics.reports import NotSettled
 
     store = JobStore(tmp_path / "db.sqlite")
     store.add_job(JobRecord(id="ended-1", owner="default", name="ended-1", state="completed", spec={},
                             ended=time.time() - 10))
     answers = [ConnectionError("Prometheus is down"), NotSettled("ended-1"), {"job_id": "ended-1", "status": "running"},
                {"job_id": "ended-1", "status": "vanished"}]
-    asked = []
-
-    async def compute(job_id, settled=True, owner=None):
-        asked.append(settled)
-        answer = answers.pop(0)
-        if isinstance(answer, Exception):
-            raise answer
-        return answer
-
-    async def call(operation, *args):
-        return operation(*args)
-
-    keeper = reports.ReportKeeper(ReportArchive(compute=compute), call, store, reports.UpTime(store))
+    asked, compute = scripted_analytics(answers)
+    keeper = keeper_of(store, compute)
     for name in ("SETTLE_RETRY_SECONDS", "RETRY_SECONDS"):
         monkeypatch.setattr(reports, name, 0.0)
     monkeypatch.setattr(reports, "UNSETTLED_LIMIT_SECONDS", 0.05)
@@ -698,25 +710,14 @@ def test_a_failed_try_between_two_not_settled_answers_starts_the_wait_afresh(tmp
     import asyncio
 
     from trainmetrics.jobserver import reports
-    from trainmetrics.reports import NotSettled, ReportArchive
+    from trainmetrics.reports import NotSettled
 
     store = JobStore(tmp_path / "db.sqlite")
     store.add_job(JobRecord(id="ended-1", owner="default", name="ended-1", state="completed", spec={},
                             ended=time.time() - 10))
     answers = [NotSettled("ended-1"), ConnectionError("Prometheus is down"), NotSettled("ended-1")]
-    asked = []
-
-    async def compute(job_id, settled=True, owner=None):
-        asked.append(settled)
-        answer = answers.pop(0)
-        if isinstance(answer, Exception):
-            raise answer
-        return answer
-
-    async def call(operation, *args):
-        return operation(*args)
-
-    keeper = reports.ReportKeeper(ReportArchive(compute=compute), call, store, reports.UpTime(store))
+    asked, compute = scripted_analytics(answers)
+    keeper = keeper_of(store, compute)
     for name in ("SETTLE_RETRY_SECONDS", "RETRY_SECONDS"):
         monkeypatch.setattr(reports, name, 0.0)
     monkeypatch.setattr(reports, "UNSETTLED_LIMIT_SECONDS", 0.05)
@@ -734,7 +735,6 @@ def test_the_keeper_forgets_the_retries_of_jobs_no_longer_waiting_for_a_report(t
     import asyncio
 
     from trainmetrics.jobserver import reports
-    from trainmetrics.reports import ReportArchive
 
     store = JobStore(tmp_path / "db.sqlite")
     for job_id in ("resumed-1", "given-up-1"):
@@ -748,10 +748,7 @@ def test_the_keeper_forgets_the_retries_of_jobs_no_longer_waiting_for_a_report(t
             raise ConnectionError("Prometheus is down")
         return {"job_id": job_id, "status": store.get_job(job_id).state}       # as the job API says
 
-    async def call(operation, *args):
-        return operation(*args)
-
-    keeper = reports.ReportKeeper(ReportArchive(compute=compute), call, store, reports.UpTime(store))
+    keeper = keeper_of(store, compute)
     asyncio.run(keeper.round())
     assert sorted(asked) == ["given-up-1", "resumed-1"] and len(keeper._retry_at) == 2
     store.update_job("resumed-1", state="queued", resume=True, ended=None)
@@ -773,7 +770,7 @@ def test_a_job_resumed_and_ended_again_between_two_rounds_waits_afresh_for_its_n
     import asyncio
 
     from trainmetrics.jobserver import reports
-    from trainmetrics.reports import NotSettled, ReportArchive
+    from trainmetrics.reports import NotSettled
 
     store = JobStore(tmp_path / "db.sqlite")
     store.add_job(JobRecord(id="again-1", owner="default", name="again-1", state="failed", spec={},
@@ -786,10 +783,7 @@ def test_a_job_resumed_and_ended_again_between_two_rounds_waits_afresh_for_its_n
             raise NotSettled(job_id)
         return {"job_id": job_id, "status": "failed"}       # the server's cancel not scraped yet
 
-    async def call(operation, *args):
-        return operation(*args)
-
-    keeper = reports.ReportKeeper(ReportArchive(compute=compute), call, store, reports.UpTime(store))
+    keeper = keeper_of(store, compute)
     monkeypatch.setattr(reports, "SETTLE_RETRY_SECONDS", 0.0)
     monkeypatch.setattr(reports, "UNSETTLED_LIMIT_SECONDS", 0.05)
     asyncio.run(keeper.round())             # not settled: the failed end's wait starts
@@ -807,9 +801,6 @@ def test_a_report_computed_while_its_job_was_resumed_is_not_kept(tmp_path):
     ended (the job had a report): a job Prometheus no longer held was that old run for good."""
     import asyncio
 
-    from trainmetrics.jobserver import reports
-    from trainmetrics.reports import ReportArchive
-
     store = JobStore(tmp_path / "db.sqlite")
     store.add_job(JobRecord(id="resumed-1", owner="default", name="resumed-1", state="failed", spec={},
                             ended=time.time() - 10))
@@ -818,10 +809,7 @@ def test_a_report_computed_while_its_job_was_resumed_is_not_kept(tmp_path):
         store.update_job(job_id, state="queued", resume=True, ended=None, error=None, report=None)    # resumed
         return {"job_id": job_id, "status": "failed"}
 
-    async def call(operation, *args):
-        return operation(*args)
-
-    asyncio.run(reports.ReportKeeper(ReportArchive(compute=compute), call, store, reports.UpTime(store)).round())
+    asyncio.run(keeper_of(store, compute).round())
     assert store.get_report("resumed-1") is None and store.get_job("resumed-1").state == "queued"
     store.update_job("resumed-1", state="completed", ended=time.time() - 10)         # its next run ended
     assert store.jobs_to_report(("completed",), 0, time.time()) == [("resumed-1", store.get_job("resumed-1").ended,
@@ -838,7 +826,6 @@ def test_a_report_that_does_not_say_the_end_the_job_api_says_waits_for_the_serve
     import asyncio
 
     from trainmetrics.jobserver import reports
-    from trainmetrics.reports import ReportArchive
 
     store = JobStore(tmp_path / "db.sqlite")
     for job_id in ("killed-1", "unheard-1"):
@@ -851,10 +838,7 @@ def test_a_report_that_does_not_say_the_end_the_job_api_says_waits_for_the_serve
         asked.append((job_id, settled))
         return {"job_id": job_id, "status": said[job_id].pop(0)}
 
-    async def call(operation, *args):
-        return operation(*args)
-
-    keeper = reports.ReportKeeper(ReportArchive(compute=compute), call, store, reports.UpTime(store))
+    keeper = keeper_of(store, compute)
     monkeypatch.setattr(reports, "SETTLE_RETRY_SECONDS", 0.0)
     asyncio.run(keeper.round())
     assert store.get_report("killed-1") is None and store.get_report("unheard-1") is None
