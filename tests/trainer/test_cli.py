@@ -44,7 +44,8 @@ def npz_members(path, extra=(), **arrays) -> None:
 
 
 BAD_INPUTS = {
-    "unknown model": (lambda t: ["--model", "resnet9000"], "--model: must be one of mlp, cnn, transformer, got 'resnet9000'"),
+    "unknown model": (lambda t: ["--model", "resnet9000"],
+                      "--model: must be one of mlp, cnn, transformer, got 'resnet9000'"),
     "unknown dataset": (lambda t: ["--dataset", "imagenet"], "--dataset: unknown dataset 'imagenet'"),
     "missing file": (lambda t: ["--dataset", str(t / "nope.csv")], ("--dataset: dataset ", "nope.csv: file not found")),
     # A directory named like a dataset file was "not found" (it is there, and not a file).
@@ -112,14 +113,18 @@ BAD_INPUTS = {
     "dataset that cannot be read": (lambda t: ((t / "mem.csv").symlink_to("/proc/self/mem"),
                                                ["--dataset", str(t / "mem.csv")])[1],
                                     ("--dataset: ", "mem.csv: cannot be read: ")),
-    "bad job id": (lambda t: ["--job-id", "../etc"], "--job-id: must be letters, digits, '.', '_', '-' (first a letter or digit; at most 64), got '../etc'"),
+    "bad job id": (lambda t: ["--job-id", "../etc"],
+                   "--job-id: must be letters, digits, '.', '_', '-' (first a letter or digit; at most 64), "
+                   "got '../etc'"),
     "bad epochs": (lambda t: ["--epochs", "0"], "--epochs: must be at least 1"),
     # Accepted before: the job failed in islice ("Stop argument for islice() must be None or an integer").
     "huge batch": (lambda t: ["--batch-size", str(10**20)], f"--batch-size: must be at most {2**31 - 1}, got {10**20}"),
     "huge lr": (lambda t: ["--lr", "1e308"], "--lr: must be at most 1000, got 1e+308"),
     # Accepted before, and spike detection was off in silence (on_loss_spike: pause never acted).
-    "infinite spike threshold": (lambda t: ["--loss-spike-z", "inf"], "--loss-spike-z: must be a finite number, got inf"),
-    "checkpoint dir under a file": (lambda t: (bad_csv(t, "file", "x"), ["--checkpoint-dir", str(t / "file" / "ck")])[1],
+    "infinite spike threshold": (lambda t: ["--loss-spike-z", "inf"],
+                                 "--loss-spike-z: must be a finite number, got inf"),
+    "checkpoint dir under a file": (lambda t: (bad_csv(t, "file", "x"),
+                                               ["--checkpoint-dir", str(t / "file" / "ck")])[1],
                                     "/file/ck' is not a directory ("),
     # "is not writable: File exists" before (mkdir of a link to nothing).
     "checkpoint dir a dangling link": (lambda t: ((t / "ck").symlink_to(t / "gone"),
@@ -135,7 +140,8 @@ BAD_INPUTS = {
                                     "/inputs/gone', which does not exist"))
        for flag in ("--targets-dir", "--job-dir", "--diagnostics-dir")},
     # A file where an output directory goes: named by its own flag, before anything is written.
-    **{f"{flag} a file": (lambda t, flag=flag: [flag, bad_csv(t, "file", "x")], (f"{flag}: '", "/file' is not a directory"))
+    **{f"{flag} a file": (lambda t, flag=flag: [flag, bad_csv(t, "file", "x")],
+                          (f"{flag}: '", "/file' is not a directory"))
        for flag in ("--targets-dir", "--job-dir", "--diagnostics-dir")},
     # A directory where the job's own file goes in a shared directory: blamed on --metrics-listen before.
     **{f"a directory at the job's file in {flag}": (
@@ -143,14 +149,17 @@ BAD_INPUTS = {
                               ["--job-id", "planted", flag, str(t / "shared")])[1],
         (f"{flag}: cannot write ", "Is a directory")) for flag in ("--targets-dir", "--job-dir")},
     "result file a directory": (lambda t: ["--result-file", str(t)], ("--result-file: '", "/inputs' is a directory")),
-    "result file in no directory": (lambda t: ["--result-file", str(t / "nope" / "r.json")], "/nope/r.json': no directory"),
+    "result file in no directory": (lambda t: ["--result-file", str(t / "nope" / "r.json")],
+                                    "/nope/r.json': no directory"),
     # Blamed on --metrics-listen before ("cannot serve metrics on 127.0.0.1:0: unknown url type").
-    "register url not a url": (lambda t: ["--register-url", "notaurl"], "--register-url: must be an http(s) URL, got 'notaurl'"),
+    "register url not a url": (lambda t: ["--register-url", "notaurl"],
+                               "--register-url: must be an http(s) URL, got 'notaurl'"),
     # Refused with the flags, before the data is loaded (it was found binding, after).
     "bad listen address": (lambda t: ["--metrics-listen", "127.0.0.1:99999"],
                            "--metrics-listen: invalid listen address '127.0.0.1:99999'"),
     "IPv6 listen address without brackets": (lambda t: ["--metrics-listen", "::1"], "write [::1]:PORT"),
-    "bad web config": (lambda t: (bad_csv(t, "web.yml", "tls_config: {}\n"), ["--web.config.file", str(t / "web.yml")])[1],
+    "bad web config": (lambda t: (bad_csv(t, "web.yml", "tls_config: {}\n"),
+                                  ["--web.config.file", str(t / "web.yml")])[1],
                        ("--web.config.file: ", "unknown key(s) ['tls_config']")),
     "missing web config": (lambda t: ["--web.config.file", str(t / "nope.yml")],
                            ("trainmetrics train: error: --web.config.file: ", "nope.yml")),
